@@ -1,0 +1,108 @@
+"""Every non-2xx answer is {"error": {"message", "type", "param", "code"}}, OpenAI's envelope.
+
+Validation errors name the offending field; unexpected exceptions are logged with the request
+id and answered with a generic 500 that carries no exception text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api.protocol import ErrorInfo, ErrorResponse
+from server.exceptions import ServerError
+
+logger = logging.getLogger(__name__)
+
+HTTP_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'content', 'list[...]', 1) -> 'messages[0].content[1]'."""
+    param = ""
+    for item in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(item, int):
+            param += f"[{item}]"
+        elif isinstance(item, str) and ("[" in item or item in ("str", "function-after")):
+            continue  # a union branch pydantic tried, not a field
+        elif (
+            isinstance(item, str)
+            and item in ("text", "image_url", "video_url")
+            and param.endswith("]")
+        ):
+            param += f".{item}"
+        else:
+            param += f".{item}" if param else str(item)
+    return param or None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None, "invalid_json"
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    if first.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
+    if first.get("type") == "union_tag_invalid":
+        ctx = first.get("ctx", {})
+        message = (
+            f"Invalid content part type {ctx.get('tag')} at {param}; expected one of "
+            f"{ctx.get('expected_tags')}."
+        )
+        return message, param, "invalid_value"
+    if first.get("type") == "missing" and param is None:
+        return "The request body is missing.", None, "invalid_value"
+    where = f" at {param}" if param else ""
+    return f"Invalid request{where}: {first.get('msg', 'invalid value')}.", param, "invalid_value"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.error("%s: %s", type(exc).__name__, exc.message)
+        return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, code = _validation_message(exc)
+        return error_response(400, message, "invalid_request_error", param, code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        if status == 404 and message == "Not Found":
+            message = f"Unknown route: {request.method} {request.url.path}"
+        error_type = HTTP_ERROR_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
+        return error_response(status, message, error_type, None, None, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "Internal server error; see the server log.", "server_error")

@@ -1,0 +1,305 @@
+"""The wire protocol: every request and response body, as pydantic models.
+
+Fields follow OpenAI's order; our extensions are marked `# extension`. A field OpenAI defines
+that we do not support yet is accepted by the schema but refused with a 400 naming it
+(`unsupported_fields`), never silently dropped. Unknown fields are refused too, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.engine.sampling import SamplingParams
+from server.exceptions import InvalidRequest
+from server.pipelines.chat import ChatMessage, ChatResult, ImagePart, TextPart
+
+MAX_STOP_SEQUENCES = 16
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+ANIMUS_DEFAULT_TEMPERATURE = 0.1
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- request: messages ------------------------------------------------------------------------
+
+
+class TextContentPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(StrictModel):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImageContentPart(StrictModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _accept_bare_url(cls, value: Any) -> Any:
+        # Some clients send "image_url": "https://..." instead of {"url": ...}.
+        return {"url": value} if isinstance(value, str) else value
+
+
+class VideoURL(StrictModel):
+    url: str = Field(min_length=1)
+
+
+class VideoContentPart(StrictModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[
+    TextContentPart | ImageContentPart | VideoContentPart, Field(discriminator="type")
+]
+
+
+class ChatMessageParam(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+# -- request: chat completions ----------------------------------------------------------------
+
+# OpenAI fields we accept in the schema but do not support yet: name -> "is this value a use?".
+UNSUPPORTED_WHEN = {
+    "audio": lambda v: v is not None,
+    "frequency_penalty": lambda v: v not in (None, 0, 0.0),
+    "function_call": lambda v: v is not None,
+    "functions": lambda v: bool(v),
+    "logit_bias": lambda v: bool(v),
+    "logprobs": lambda v: bool(v),
+    "modalities": lambda v: v not in (None, ["text"]),
+    "n": lambda v: v not in (None, 1),
+    "prediction": lambda v: v is not None,
+    "presence_penalty": lambda v: v not in (None, 0, 0.0),
+    "reasoning_effort": lambda v: v is not None,
+    "response_format": lambda v: v not in (None, {"type": "text"}),
+    "store": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "tools": lambda v: bool(v),
+    "top_logprobs": lambda v: v not in (None, 0),
+}
+
+
+class ChatCompletionRequest(StrictModel):
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    model: str
+    audio: Any | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    function_call: Any | None = None
+    functions: list[Any] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, str] | None = None
+    modalities: list[str] | None = None
+    n: int | None = Field(default=None, ge=1)
+    parallel_tool_calls: bool | None = None
+    prediction: Any | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    reasoning_effort: str | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    service_tier: str | None = None
+    stop: str | list[str] | None = None
+    store: bool | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    tool_choice: Any | None = None
+    tools: list[Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    user: str | None = None
+    top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's; -1 or 0: disabled)
+    stop_token_ids: list[int] | None = None  # extension (vLLM's)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return value
+
+    def unsupported_fields(self) -> list[str]:
+        return [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
+
+    def to_sampling_params(self, default_temperature: float) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        temperature = default_temperature if self.temperature is None else self.temperature
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            seed=self.seed,
+            stop=tuple(s for s in stop if s),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+        )
+
+    def to_messages(self) -> list[ChatMessage]:
+        return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+
+
+def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
+    # "developer" is OpenAI's newer name for the system role.
+    role = "system" if message.role == "developer" else message.role
+    if message.content is None or isinstance(message.content, str):
+        return ChatMessage(role=role, content=message.content or "")
+    parts: list[TextPart | ImagePart] = []
+    for j, part in enumerate(message.content):
+        param = f"messages[{index}].content[{j}]"
+        if isinstance(part, TextContentPart):
+            parts.append(TextPart(part.text))
+        elif role != "user":
+            raise InvalidRequest(
+                f"Only user messages may carry media; {param} is in a {message.role} message.",
+                param=param,
+                code="unsupported_content",
+            )
+        elif isinstance(part, ImageContentPart):
+            parts.append(ImagePart(part.image_url.url, part.image_url.detail, param))
+        else:
+            raise InvalidRequest(
+                f"video_url parts ({param}) are not supported by this server yet.",
+                param=param,
+                code="unsupported_content",
+            )
+    return ChatMessage(role=role, content=parts)
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str
+    stop_reason: str | int | None = None  # extension (vLLM's, shown in the Animus reference)
+
+
+class PromptTokensDetails(BaseModel):
+    image_tokens: int
+    text_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, num_prompt: int, num_image: int, num_completion: int) -> Usage:
+        return cls(
+            prompt_tokens=num_prompt,
+            completion_tokens=num_completion,
+            total_tokens=num_prompt + num_completion,
+            prompt_tokens_details=PromptTokensDetails(
+                image_tokens=num_image, text_tokens=num_prompt - num_image
+            ),
+        )
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    prompt_logprobs: None = None  # shown in the Animus reference
+
+    @classmethod
+    def from_result(cls, request_id: str, model: str, result: ChatResult) -> ChatCompletionResponse:
+        return cls(
+            id=request_id,
+            created=int(time.time()),
+            model=model,
+            choices=[
+                ChatCompletionChoice(
+                    index=0,
+                    message=ChatCompletionMessage(content=result.text),
+                    finish_reason=result.finish_reason,
+                    stop_reason=result.stop_reason,
+                )
+            ],
+            usage=Usage.of(
+                result.num_prompt_tokens, result.num_image_tokens, result.num_completion_tokens
+            ),
+        )
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # extension
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vlm-server"
+    root: str  # extension: the checkpoint this name serves
+    max_model_len: int  # extension
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,126 @@
+"""POST /v1/chat/completions, /chat/completions (router style), /v2/media/completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import require_api_key
+from server.api.protocol import (
+    ANIMUS_DEFAULT_TEMPERATURE,
+    OPENAI_DEFAULT_TEMPERATURE,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    Usage,
+    completion_id,
+)
+from server.api.services import Services, get_services
+from server.engine.sequence import Sequence
+from server.exceptions import InvalidRequest, ServerError
+from server.pipelines.chat import ChatRequest
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
+async def chat_completions(
+    body: ChatCompletionRequest, services: Services = Depends(get_services)
+) -> ChatCompletionResponse | StreamingResponse:
+    return await _complete(body, services, OPENAI_DEFAULT_TEMPERATURE)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
+async def chat_completions_alias(
+    body: ChatCompletionRequest, services: Services = Depends(get_services)
+) -> ChatCompletionResponse | StreamingResponse:
+    return await _complete(body, services, OPENAI_DEFAULT_TEMPERATURE)
+
+
+@router.post("/v2/media/completions", response_model=ChatCompletionResponse, tags=["media"])
+async def media_completions(
+    body: ChatCompletionRequest, services: Services = Depends(get_services)
+) -> ChatCompletionResponse | StreamingResponse:
+    """Animus media completions: the chat contract with temperature defaulting to 0.1."""
+    return await _complete(body, services, ANIMUS_DEFAULT_TEMPERATURE)
+
+
+async def _complete(
+    body: ChatCompletionRequest, services: Services, default_temperature: float
+) -> ChatCompletionResponse | StreamingResponse:
+    services.check_model(body.model)
+    if unsupported := body.unsupported_fields():
+        raise InvalidRequest(
+            f"`{unsupported[0]}` is not supported by this server yet.",
+            param=unsupported[0],
+            code="unsupported_parameter",
+        )
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequest(
+            "stream_options is only allowed when stream is true.", param="stream_options"
+        )
+    request = ChatRequest(
+        request_id=completion_id(),
+        messages=body.to_messages(),
+        sampling=body.to_sampling_params(default_temperature),
+    )
+    if not body.stream:
+        result = await services.chat.complete(request)
+        return ChatCompletionResponse.from_result(request.request_id, body.model, result)
+    seq = await services.chat.start(request)  # request errors still answer 4xx, not SSE
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(
+        _sse_events(services, seq, body.model, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse_events(
+    services: Services, seq: Sequence, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=seq.request_id, created=created, model=model, choices=choices, usage=usage
+        )
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    yield event([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    try:
+        async for output in services.chat.outputs(seq):
+            if output.text_delta:
+                yield event(
+                    [ChatCompletionChunkChoice(delta=DeltaMessage(content=output.text_delta))]
+                )
+            if output.finished:
+                yield event(
+                    [
+                        ChatCompletionChunkChoice(
+                            delta=DeltaMessage(),
+                            finish_reason=output.finish_reason,
+                            stop_reason=output.stop_reason,
+                        )
+                    ]
+                )
+    except ServerError as exc:
+        error = ErrorResponse(
+            error=ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code)
+        )
+        yield f"data: {error.model_dump_json()}\n\n"
+    else:
+        if include_usage:
+            usage = Usage.of(
+                seq.inputs.num_prompt_tokens, seq.inputs.num_image_tokens, seq.num_completion_tokens
+            )
+            yield event([], usage)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from server.api.auth import require_api_key
+from server.api.protocol import ModelCard, ModelList
+from server.api.services import Services, get_services
+
+router = APIRouter()
+
+
+@router.get("/health", tags=["server"])
+async def health(services: Services = Depends(get_services)) -> JSONResponse:
+    if not services.engine.is_running:
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get(
+    "/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)], tags=["models"]
+)
+async def list_models(services: Services = Depends(get_services)) -> ModelList:
+    cards = [
+        ModelCard(
+            id=name,
+            created=services.started_at,
+            root=str(services.loaded.path),
+            max_model_len=services.loaded.context_length,
+        )
+        for name in services.served_model_names
+    ]
+    return ModelList(data=cards)

@@ -1,0 +1,134 @@
+"""vlm-server serve | make-tiny-model.
+
+`serve` flags are generated from Settings, so each one also works as a VLM_* env var; a flag
+given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from server.config import Settings
+from server.exceptions import ModelLoadError
+
+logger = logging.getLogger("server.cli")
+
+FLAG_HELP = {
+    "model": "checkpoint directory, hub id (looked up in models/, then the HF cache) or 'tiny'",
+    "served_model_name": "name clients send as `model` (repeatable); default: --model",
+    "api_keys": "Bearer key clients must send (repeatable); env VLM_API_KEYS=a,b",
+    "quantization": "load weights with bitsandbytes (CUDA only)",
+    "quantize_vision": "also quantise the vision tower (kept in full precision by default)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "dtype": "auto: bfloat16 on CUDA, float32 on CPU",
+    "attn_implementation": "auto: flash_attention_2 when installed on CUDA, else sdpa",
+    "default_max_tokens": "max_tokens for requests that give none (bounded by the context)",
+}
+FLAG_ALIASES = {"api_keys": "--api-key"}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    for name, field in Settings.model_fields.items():
+        flag = FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": FLAG_HELP.get(name, f"(default: {field.default})"),
+        }
+        hint = hints[name]
+        base = get_args(hint)[0] if get_origin(hint) is typing.Annotated else hint
+        choices = get_args(hint) if get_origin(hint) is typing.Literal else None
+        if get_origin(base) is list:
+            kwargs["action"] = "append"
+        elif hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices:
+            kwargs["choices"] = choices
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-server", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    _add_settings_flags(serve)
+    tiny = commands.add_parser("make-tiny-model", help="write a random-weight checkpoint offline")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--family", choices=["qwen2-vl", "qwen2.5-vl"], default="qwen2-vl")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--num-layers", type=int, default=2)
+    tiny.add_argument("--num-heads", type=int, default=4)
+    tiny.add_argument("--num-kv-heads", type=int, default=2)
+    tiny.add_argument("--intermediate-size", type=int, default=128)
+    tiny.add_argument("--vision-depth", type=int, default=2)
+    tiny.add_argument("--vision-embed-dim", type=int, default=32)
+    tiny.add_argument("--vision-heads", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.log import configure_logging
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=30,
+        )
+    except ModelLoadError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from server.engine.tiny import TinySpec, make_tiny_checkpoint
+    from server.log import configure_logging
+
+    configure_logging("info")
+    spec = TinySpec(
+        family=args.family,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        intermediate_size=args.intermediate_size,
+        vision_depth=args.vision_depth,
+        vision_embed_dim=args.vision_embed_dim,
+        vision_heads=args.vision_heads,
+        seed=args.seed,
+    )
+    try:
+        make_tiny_checkpoint(args.directory, spec)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _make_tiny(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

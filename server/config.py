@@ -1,0 +1,97 @@
+"""Server settings: one pydantic-settings class (flags and VLM_* env vars), split into
+frozen dataclasses for the parts of the server that consume them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+# A comma-separated env var (VLM_API_KEYS=a,b) or a repeated CLI flag both become a list.
+StrList = Annotated[list[str], NoDecode]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    models_dir: Path
+    device: str
+    dtype: DType
+    quantization: Quantization
+    quantize_vision: bool
+    attn_implementation: str
+    default_max_tokens: int
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_image_bytes: int
+    max_images_per_request: int
+    fetch_timeout_s: float
+
+
+class Settings(BaseSettings):
+    """Every field is also a `vlm-server serve` flag (underscores become dashes)."""
+
+    model_config = SettingsConfigDict(env_prefix="VLM_", extra="ignore")
+
+    model: str = "tiny"
+    served_model_name: StrList = []
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: StrList = []
+    quantization: Quantization = "none"
+    quantize_vision: bool = False
+    dtype: DType = "auto"
+    device: str = "auto"
+    attn_implementation: str = "auto"
+    models_dir: Path = Path("models")
+    data_dir: Path = Path("data")
+    default_max_tokens: int = 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_images_per_request: int = 16
+    media_fetch_timeout: float = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("served_model_name", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    def served_model_names(self) -> list[str]:
+        """The names clients may send as `model`; the model path/id when none are given."""
+        return list(self.served_model_name) or [self.model]
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            models_dir=self.models_dir,
+            device=self.device,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            quantize_vision=self.quantize_vision,
+            attn_implementation=self.attn_implementation,
+            default_max_tokens=self.default_max_tokens,
+        )
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(
+            max_image_bytes=self.max_image_bytes,
+            max_images_per_request=self.max_images_per_request,
+            fetch_timeout_s=self.media_fetch_timeout,
+        )

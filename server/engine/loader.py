@@ -1,0 +1,225 @@
+"""Find a Qwen2-VL checkpoint and put it on the configured device.
+
+`--model` may be a local directory, the name of a folder under `--models-dir`, a Hugging Face hub
+id (looked up in models/, then the HF cache, downloaded only when online), or `tiny` /
+`tiny-qwen2.5-vl` for a random-weight checkpoint built offline on first use.
+Only safetensors are read and remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.config import EngineConfig
+from server.exceptions import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
+TINY_MODELS = {"tiny": "qwen2-vl", "tiny-qwen2-vl": "qwen2-vl", "tiny-qwen2.5-vl": "qwen2.5-vl"}
+# What a checkpoint needs from the hub: configs, tokenizer, template, safetensors weights.
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Keep the vision tower and output head in full precision under bitsandbytes: both are small
+# and quantising them costs accuracy far more than it saves memory.
+BNB_SKIP_MODULES = ["visual", "lm_head"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the facts the engine needs about it."""
+
+    model: Any
+    processor: Any
+    path: Path
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    image_token_id: int
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+def resolve_model_path(name: str, models_dir: Path) -> Path:
+    """Map --model to a checkpoint directory, building the tiny one if asked for."""
+    if name in TINY_MODELS:
+        from server.engine.tiny import TinySpec, make_tiny_checkpoint
+
+        path = models_dir / f"tiny-{TINY_MODELS[name]}"
+        if not (path / "config.json").is_file():
+            logger.info("building tiny %s checkpoint under %s", TINY_MODELS[name], path)
+            make_tiny_checkpoint(path, TinySpec(family=TINY_MODELS[name]))  # type: ignore[arg-type]
+        return path
+    for candidate in (Path(name).expanduser(), models_dir / name):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return _from_hub(name, models_dir)
+
+
+def _from_hub(repo_id: str, models_dir: Path) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    how_to_get = (
+        f"On a machine with internet access run `hf download {repo_id} --local-dir "
+        f"{models_dir / repo_id}`, copy that folder here, and start again with "
+        f"--model {repo_id} (or --model {models_dir / repo_id})."
+    )
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS, local_files_only=True)
+        )
+    except Exception:
+        logger.debug("%s not in the Hugging Face cache", repo_id, exc_info=True)
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"Model '{repo_id}' was not found: it is not a directory, not under {models_dir}/ and "
+            f"not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it. "
+            + how_to_get
+        )
+    try:
+        logger.info("downloading %s from the Hugging Face hub", repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Model '{repo_id}' was not found locally and could not be downloaded "
+            f"({type(exc).__name__}). " + how_to_get
+        ) from None
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {requested} was asked for but no CUDA device is visible")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def quantization_config(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    if cfg.quantization == "none":
+        return None
+    # bitsandbytes has a CPU backend that would "work" very slowly; refuse rather than surprise.
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"--quantization {cfg.quantization} needs a CUDA device (--device cuda)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("--quantization needs bitsandbytes: pip install 'vlm-server[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    skip = [] if cfg.quantize_vision else BNB_SKIP_MODULES
+    if cfg.quantization == "bnb-4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=skip,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _check_checkpoint(path: Path) -> str:
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{path} is a '{model_type}' checkpoint; this server runs "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no .safetensors weights (other formats are not loaded)")
+    return SUPPORTED_MODEL_TYPES[model_type]
+
+
+def load_model(cfg: EngineConfig) -> LoadedModel:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    started = time.perf_counter()
+    path = resolve_model_path(cfg.model, cfg.models_dir)
+    family = _check_checkpoint(path)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    attention = resolve_attention(cfg.attn_implementation, device)
+    quant = quantization_config(cfg, device, dtype)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=attention,
+            device_map={"": str(device)},
+            quantization_config=quant,
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the checkpoint in {path}: {exc}") from exc
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        processor=processor,
+        path=path,
+        family=family,
+        device=device,
+        dtype=dtype,
+        context_length=model.config.text_config.max_position_embeddings,
+        eos_token_ids=_eos_token_ids(model, processor),
+        image_token_id=model.config.image_token_id,
+    )
+    _log_loaded(loaded, attention, cfg.quantization, time.perf_counter() - started)
+    return loaded
+
+
+def _eos_token_ids(model: Any, processor: Any) -> tuple[int, ...]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = processor.tokenizer.eos_token_id
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def _log_loaded(loaded: LoadedModel, attention: str, quantization: str, seconds: float) -> None:
+    footprint_mb = loaded.model.get_memory_footprint() / 2**20
+    extra = ""
+    if loaded.device.type == "cuda":
+        extra = f", cuda allocated {torch.cuda.max_memory_allocated(loaded.device) / 2**30:.2f} GiB"
+    logger.info(
+        "loaded %s (%s) on %s as %s, attention=%s, quantization=%s in %.1fs: weights %.1f MiB%s",
+        loaded.path,
+        loaded.family,
+        loaded.device,
+        str(loaded.dtype).removeprefix("torch."),
+        attention,
+        quantization,
+        seconds,
+        footprint_mb,
+        extra,
+    )

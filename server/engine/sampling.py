@@ -1,0 +1,23 @@
+"""Per-request sampling parameters, validated at the API edge and carried by each Sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Below this temperature sampling is indistinguishable from argmax; treat it as greedy.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: the server's default, bounded by the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE

@@ -1,0 +1,54 @@
+"""Sequence: the whole state of one request inside the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+from server.engine.inputs import ModelInputs
+from server.engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SequenceOutput:
+    """One event from the engine to the request's handler."""
+
+    text_delta: str
+    num_completion_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    inputs: ModelInputs
+    sampling: SamplingParams
+    max_tokens: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    is_aborted: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    # Filled by the engine thread through loop.call_soon_threadsafe; read by the request handler.
+    outputs: asyncio.Queue[SequenceOutput] = field(default_factory=asyncio.Queue)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

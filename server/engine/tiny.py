@@ -1,0 +1,361 @@
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL checkpoints, built offline.
+
+Model weights cannot be downloaded on CI or in air-gapped installs, yet every test must load a
+checkpoint through the same code a real one takes. So this module writes a complete checkpoint
+directory: a byte-level BPE tokenizer trained locally (Qwen's pre-tokenizer, Qwen's special tokens
+in Qwen's order), the verbatim Qwen2-VL chat template, image and video processors, a config whose
+token ids match the tokenizer, safetensors weights and a generation config. It loads with
+`AutoProcessor` / `AutoModelForImageTextToText.from_pretrained` exactly like a hub checkpoint.
+
+Everything is seeded, so the same arguments give the same bytes on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Family = Literal["qwen2-vl", "qwen2.5-vl"]
+FAMILIES: tuple[Family, ...] = ("qwen2-vl", "qwen2.5-vl")
+
+logger = logging.getLogger(__name__)
+
+# Qwen2's special tokens, in the order Qwen's tokenizer assigns them ids (151643 onwards there).
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Qwen2.5 appends these (not special: they may appear in generated text).
+QWEN25_EXTRA_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+# The chat template shipped with Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct processors.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen's pre-tokenizer split (from the Qwen2 tokenizer.json).
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The processors' pixel limits as in the public Qwen2-VL-Instruct preprocessor_config.json.
+IMAGE_MIN_PIXELS = 56 * 56
+IMAGE_MAX_PIXELS = 28 * 28 * 16384
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+VOCAB_PAD_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny checkpoint; the defaults give about 1 MB of weights."""
+
+    family: Family = "qwen2-vl"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_depth: int = 2
+    vision_embed_dim: int = 32
+    vision_heads: int = 2
+    bpe_vocab_size: int = 1024
+    max_position_embeddings: int = 8192
+    seed: int = 0
+
+    def validate(self) -> None:
+        head_dim, rem = divmod(self.hidden_size, self.num_heads)
+        if rem or head_dim % 2:
+            raise ValueError("hidden_size / num_heads must be an even integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        vision_head_dim, rem = divmod(self.vision_embed_dim, self.vision_heads)
+        # The vision rotary embedding splits each head into 4 parts (2D rope, cos/sin).
+        if rem or vision_head_dim % 4:
+            raise ValueError("vision_embed_dim / vision_heads must be divisible by 4")
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies into (temporal, height, width) like Qwen's 16/24/24."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal + 1) // 2
+    return [temporal, height, half - temporal - height]
+
+
+def special_tokens(family: Family) -> tuple[str, ...]:
+    extra = QWEN25_EXTRA_TOKENS if family == "qwen2.5-vl" else ()
+    return QWEN2_VL_SPECIAL_TOKENS + extra
+
+
+def _training_corpus() -> list[str]:
+    """A fixed, varied English corpus so the BPE merges look like a real tokenizer's."""
+    subjects = [
+        "a dog",
+        "the cat",
+        "two people",
+        "a red car",
+        "an old building",
+        "the sky",
+        "a small boat",
+        "green trees",
+        "a wooden table",
+        "the city street",
+    ]
+    verbs = [
+        "is standing near",
+        "is sitting on",
+        "looks at",
+        "moves toward",
+        "is next to",
+        "appears behind",
+        "is in front of",
+        "covers",
+        "reflects",
+        "is painted on",
+    ]
+    objects = [
+        "the water.",
+        "a bench.",
+        "the window.",
+        "some flowers.",
+        "the mountain.",
+        "a white wall.",
+        "the road.",
+        "a blue sign.",
+        "the grass.",
+        "a large image.",
+    ]
+    lines = []
+    for i, subject in enumerate(subjects):
+        for j, verb in enumerate(verbs):
+            obj = objects[(i + j) % len(objects)]
+            lines.append(f"In this image, {subject} {verb} {obj} Frame {i * 10 + j} at {j}.{i}s")
+    lines += [
+        "What is in this image? Describe the scene, the people, the objects and the colors.",
+        '{"categories": ["outdoor", "nature"], "scene": "a park", "tags": ["tree", "sky"]}',
+        "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:()[]{}<>-_=+*/\\'\"",
+        "Compare the common features of these two images. Is there any difference?",
+    ]
+    return lines
+
+
+def build_tokenizer(spec: TinySpec):
+    """Train a byte-level BPE with Qwen's pre-tokenizer; special tokens get the ids after it."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import Qwen2Tokenizer
+
+    def pipeline(model: BPE) -> Tokenizer:
+        tok = Tokenizer(model)
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    trainer_tok = pipeline(BPE())
+    trainer = BpeTrainer(
+        vocab_size=spec.bpe_vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    trainer_tok.train_from_iterator(_training_corpus() * 4, trainer=trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    vocab: dict[str, int] = dict(trained["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+
+    # Specials sit right after the BPE vocab, in Qwen's order, at ids fixed by that order.
+    first_special_id = len(vocab)
+    specials = special_tokens(spec.family)
+    for offset, token in enumerate(specials):
+        vocab[token] = first_special_id + offset
+    backend = pipeline(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.add_special_tokens(
+        [AddedToken(t, special=t in QWEN2_VL_SPECIAL_TOKENS, normalized=False) for t in specials]
+    )
+    tokenizer = Qwen2Tokenizer(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=spec.max_position_embeddings,
+        errors="replace",
+        split_special_tokens=False,
+    )
+    for offset, token in enumerate(specials):
+        actual = tokenizer.convert_tokens_to_ids(token)
+        if actual != first_special_id + offset:
+            raise RuntimeError(f"special token {token} got id {actual}")
+    return tokenizer
+
+
+def build_config(spec: TinySpec, tokenizer):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    head_dim = spec.hidden_size // spec.num_heads
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": mrope_section(head_dim),
+            "rope_theta": 1000000.0,
+        },
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    token_ids = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    if spec.family == "qwen2-vl":
+        vision_config = {
+            "depth": spec.vision_depth,
+            "embed_dim": spec.vision_embed_dim,
+            "hidden_size": spec.hidden_size,  # the merger projects into the text model's width
+            "mlp_ratio": 4,
+            "num_heads": spec.vision_heads,
+        }
+        config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
+    else:
+        vision_config = {
+            "depth": spec.vision_depth,
+            "hidden_size": spec.vision_embed_dim,
+            "intermediate_size": spec.vision_embed_dim * 4,
+            "num_heads": spec.vision_heads,
+            "out_hidden_size": spec.hidden_size,
+            "fullatt_block_indexes": [spec.vision_depth - 1],
+        }
+        config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
+    return config
+
+
+def build_processor(spec: TinySpec, tokenizer):
+    from transformers import (
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=IMAGE_MIN_PIXELS,
+        max_pixels=IMAGE_MAX_PIXELS,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=VIDEO_MIN_PIXELS,
+        max_pixels=VIDEO_MAX_PIXELS,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    cls = Qwen2VLProcessor if spec.family == "qwen2-vl" else Qwen2_5_VLProcessor
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+
+
+def build_generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    eos = [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
+    return GenerationConfig(
+        bos_token_id=eos[1],
+        eos_token_id=eos,
+        pad_token_id=eos[1],
+        do_sample=False,
+    )
+
+
+def make_tiny_checkpoint(out_dir: Path | str, spec: TinySpec | None = None) -> Path:
+    """Write a complete random-weight checkpoint into out_dir (replaced atomically)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    spec = spec or TinySpec()
+    spec.validate()
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(spec)
+    config = build_config(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = build_generation_config(tokenizer)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        build_processor(spec, tokenizer).save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote tiny %s checkpoint to %s", spec.family, out_dir)
+    return out_dir

@@ -1,0 +1,53 @@
+"""Domain errors raised below the API layer; api/errors.py turns them into HTTP responses.
+
+Messages are written for the client: they name what was wrong and never carry an
+exception's text from a decoder, torch or the OS.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error the API layer knows how to answer."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(ServerError):
+    """The request is well-formed JSON but asks for something we cannot do (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class MediaError(InvalidRequest):
+    """A media part could not be fetched or decoded (400)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_media"):
+        super().__init__(message, param=param, code=code)
+
+
+class ModelNotFound(ServerError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model `{model}` does not exist.", param="model", code="model_not_found"
+        )
+
+
+class ModelLoadError(Exception):
+    """The checkpoint cannot be found or loaded; raised at start-up, shown to the operator."""
+
+
+class EngineStopped(ServerError):
+    status_code = 503
+    error_type = "server_error"

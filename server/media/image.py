@@ -1,0 +1,101 @@
+"""Decode images safely and size them to the pixel budget a request's `detail` asks for.
+
+Qwen2-VL turns every 28x28 pixel block into one visual token (14-pixel patches, merged 2x2), so
+a pixel budget is a token budget:
+
+    detail   max pixels              max visual tokens   roughly
+    low      256 * 28 * 28 = 200,704          256         448 x 448
+    auto   1,280 * 28 * 28 = 1,003,520      1,280       1000 x 1000 (Qwen's recommended default)
+    high   the checkpoint's processor max (12,845,056 = 16,384 tokens for Qwen2-VL-Instruct)
+
+Every image keeps its aspect ratio and is resized to multiples of 28 by Qwen's own
+`smart_resize` (the processor then leaves it as it is).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from server.exceptions import MediaError
+
+Detail = Literal["low", "high", "auto"]
+
+PIXELS_PER_TOKEN = 28 * 28
+MIN_PIXELS = 4 * PIXELS_PER_TOKEN
+LOW_DETAIL_MAX_PIXELS = 256 * PIXELS_PER_TOKEN
+AUTO_DETAIL_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
+# Qwen's smart_resize refuses more extreme aspect ratios.
+MAX_ASPECT_RATIO = 200
+# Decoders we trust for untrusted input; everything else is refused before decoding.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+# A decoded image larger than this (from a small file) is a decompression bomb.
+MAX_DECODED_PIXELS = 64 * 1024 * 1024
+
+
+def max_pixels_for(detail: Detail, model_max_pixels: int) -> int:
+    if detail == "low":
+        return min(LOW_DETAIL_MAX_PIXELS, model_max_pixels)
+    if detail == "high":
+        return model_max_pixels
+    return min(AUTO_DETAIL_MAX_PIXELS, model_max_pixels)
+
+
+def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height): multiples of 28, aspect ratio kept, area within [MIN_PIXELS, max_pixels]."""
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio above {MAX_ASPECT_RATIO}")
+    new_height, new_width = smart_resize(
+        height, width, factor=28, min_pixels=MIN_PIXELS, max_pixels=max_pixels
+    )
+    return new_width, new_height
+
+
+def decode_image(data: bytes, *, param: str) -> Image.Image:
+    """Bytes -> RGB image, refusing unknown formats and decompression bombs before decoding."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
+            width, height = probe.size
+            if width * height > MAX_DECODED_PIXELS:
+                raise MediaError(
+                    f"The image at {param} is {width}x{height}, above the server's limit of "
+                    f"{MAX_DECODED_PIXELS} pixels.",
+                    param=param,
+                    code="image_too_large",
+                )
+            probe.load()
+            image = ImageOps.exif_transpose(probe).convert("RGB")
+    except MediaError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise MediaError(
+            f"The data at {param} is not a valid image (supported: "
+            f"{', '.join(f.lower() for f in ALLOWED_FORMATS)}).",
+            param=param,
+        ) from None
+    if min(image.size) < 1:
+        raise MediaError(f"The image at {param} is empty.", param=param)
+    return image
+
+
+def fit_to_budget(image: Image.Image, max_pixels: int, *, param: str) -> Image.Image:
+    try:
+        size = target_size(image.width, image.height, max_pixels)
+    except ValueError:
+        raise MediaError(
+            f"The image at {param} is {image.width}x{image.height}; its aspect ratio is above "
+            f"{MAX_ASPECT_RATIO}:1.",
+            param=param,
+        ) from None
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def load_image(data: bytes, detail: Detail, model_max_pixels: int, *, param: str) -> Image.Image:
+    """Blocking: call it from a worker thread."""
+    image = decode_image(data, param=param)
+    return fit_to_budget(image, max_pixels_for(detail, model_max_pixels), param=param)

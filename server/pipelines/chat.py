@@ -1,0 +1,137 @@
+"""Chat completions: fetch and size the images, build the prompt, run it through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from server.config import MediaLimits
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import InputBuilder
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence, SequenceOutput
+from server.exceptions import InvalidRequest, ServerError
+from server.media.fetch import MediaFetcher
+from server.media.image import Detail, load_image
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    url: str
+    detail: Detail
+    param: str  # where the part sits in the request, for error messages
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant
+    content: str | list[TextPart | ImagePart]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    request_id: str
+    messages: list[ChatMessage]
+    sampling: SamplingParams
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_image_tokens: int
+    num_completion_tokens: int
+
+
+class GenerationFailed(ServerError):
+    def __init__(self) -> None:
+        super().__init__("The model failed while generating; see the server log.")
+
+
+class ChatPipeline:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        input_builder: InputBuilder,
+        fetcher: MediaFetcher,
+        limits: MediaLimits,
+        model_max_pixels: int,
+    ):
+        self.engine = engine
+        self.input_builder = input_builder
+        self.fetcher = fetcher
+        self.limits = limits
+        self.model_max_pixels = model_max_pixels
+
+    async def start(self, request: ChatRequest) -> Sequence:
+        """Everything that can fail because of the request happens here, before any output."""
+        images = await self._load_images(request.messages)
+        hf_messages = [_to_hf_message(m) for m in request.messages]
+        inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
+        return self.engine.add_request(request.request_id, inputs, request.sampling)
+
+    async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
+        async for output in self.engine.stream(seq):
+            if output.finish_reason == "error":
+                raise GenerationFailed()
+            yield output
+
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        seq = await self.start(request)
+        pieces = [output.text_delta async for output in self.outputs(seq)]
+        return ChatResult(
+            text="".join(pieces),
+            finish_reason=seq.finish_reason or "stop",
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.inputs.num_prompt_tokens,
+            num_image_tokens=seq.inputs.num_image_tokens,
+            num_completion_tokens=seq.num_completion_tokens,
+        )
+
+    async def _load_images(self, messages: list[ChatMessage]) -> list[Image.Image]:
+        parts = [
+            part
+            for message in messages
+            if not isinstance(message.content, str)
+            for part in message.content
+            if isinstance(part, ImagePart)
+        ]
+        if len(parts) > self.limits.max_images_per_request:
+            raise InvalidRequest(
+                f"{len(parts)} images in one request; the limit is "
+                f"{self.limits.max_images_per_request}.",
+                param="messages",
+                code="too_many_images",
+            )
+        # Fetch concurrently; decode and resize in threads (Pillow releases the GIL).
+        return list(await asyncio.gather(*(self._load_image(part) for part in parts)))
+
+    async def _load_image(self, part: ImagePart) -> Image.Image:
+        fetched = await self.fetcher.fetch(
+            part.url, max_bytes=self.limits.max_image_bytes, kind="image", param=part.param
+        )
+        return await asyncio.to_thread(
+            load_image, fetched.data, part.detail, self.model_max_pixels, param=part.param
+        )
+
+
+def _to_hf_message(message: ChatMessage) -> dict[str, Any]:
+    """Our message -> the chat template's format; images become {"type": "image"} markers."""
+    if isinstance(message.content, str):
+        return {"role": message.role, "content": message.content}
+    content = [
+        {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+        for part in message.content
+    ]
+    return {"role": message.role, "content": content}
