@@ -60,7 +60,11 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    # Where a union failed (content: str | list[part]) pydantic reports every branch; the
+    # deepest error is the one that names the actual mistake.
+    first = max(
+        errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "", "type": ""}
+    )
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None, "invalid_json"
     param = _loc_to_param(tuple(first.get("loc", ())))

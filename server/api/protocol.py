@@ -170,7 +170,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
             parts.append(TextPart(part.text))
         elif role != "user":
             raise InvalidRequest(
-                f"Only user messages may carry media; {param} is in a {message.role} message.",
+                f"Only user messages may carry media; {param} is in the {message.role} message.",
                 param=param,
                 code="unsupported_content",
             )

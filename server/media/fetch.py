@@ -97,7 +97,7 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     mime = (match.group("mime") or "").lower()
     if not mime.startswith(f"{kind}/"):
         raise MediaError(
-            f"The data URI at {param} declares '{mime or 'no media type'}', not a {kind} type.",
+            f"The data URI at {param} declares '{mime or 'no media type'}'; expected {kind}/*.",
             param=param,
         )
     payload = match.group("data")

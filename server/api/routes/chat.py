@@ -65,7 +65,9 @@ async def _complete(
         )
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest(
-            "stream_options is only allowed when stream is true.", param="stream_options"
+            "stream_options is only allowed when stream is true.",
+            param="stream_options",
+            code="invalid_value",
         )
     request = ChatRequest(
         request_id=completion_id(),

@@ -1,0 +1,253 @@
+"""Bad inputs: each gets a 4xx in OpenAI's error envelope, and the server keeps serving."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+
+
+def user(*parts: dict) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+TEXT = {"type": "text", "text": "What is this?"}
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/image.jpg"
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, code=None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+BAD_BODIES = {
+    "invalid base64": (
+        {"model": "tiny", "messages": user(TEXT, image("data:image/png;base64,@@not base64@@"))},
+        "messages[0].content[1]",
+        "invalid_media",
+    ),
+    "non-image data URI": (
+        {"model": "tiny", "messages": user(image("data:text/plain;base64,aGVsbG8="))},
+        "messages[0].content[0]",
+        "invalid_media",
+    ),
+    "image data URI with non-image bytes": (
+        {"model": "tiny", "messages": user(image("data:image/png;base64,aGVsbG8gd29ybGQ="))},
+        "messages[0].content[0]",
+        "invalid_media",
+    ),
+    "unsupported URL scheme": (
+        {"model": "tiny", "messages": user(image("ftp://example.com/a.png"))},
+        "messages[0].content[0]",
+        "invalid_media",
+    ),
+    "unknown part type": (
+        {"model": "tiny", "messages": user({"type": "input_audio", "input_audio": {}})},
+        "messages[0].content[0]",
+        "invalid_value",
+    ),
+    "video part (not yet supported)": (
+        {"model": "tiny", "messages": user({"type": "video_url", "video_url": {"url": "x"}})},
+        "messages[0].content[0]",
+        "unsupported_content",
+    ),
+    "image in an assistant message": (
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "assistant", "content": [image(data_uri(make_image()))]},
+                {"role": "user", "content": "hi"},
+            ],
+        },
+        "messages[0].content[0]",
+        "unsupported_content",
+    ),
+    "empty messages": ({"model": "tiny", "messages": []}, "messages", "invalid_value"),
+    "missing messages": ({"model": "tiny"}, "messages", "invalid_value"),
+    "missing model": ({"messages": user(TEXT)}, "model", "invalid_value"),
+    "messages of the wrong type": ({"model": "tiny", "messages": "hi"}, "messages", None),
+    "max_tokens of the wrong type": (
+        {"model": "tiny", "messages": user(TEXT), "max_tokens": "many"},
+        "max_tokens",
+        "invalid_value",
+    ),
+    "temperature out of range": (
+        {"model": "tiny", "messages": user(TEXT), "temperature": 5},
+        "temperature",
+        "invalid_value",
+    ),
+    "unknown role": (
+        {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]},
+        "messages[0].role",
+        "invalid_value",
+    ),
+    "unknown field": (
+        {"model": "tiny", "messages": user(TEXT), "frobnicate": True},
+        "frobnicate",
+        "unknown_parameter",
+    ),
+    "n > 1": (
+        {"model": "tiny", "messages": user(TEXT), "n": 2},
+        "n",
+        "unsupported_parameter",
+    ),
+    "tools": (
+        {"model": "tiny", "messages": user(TEXT), "tools": [{"type": "function"}]},
+        "tools",
+        "unsupported_parameter",
+    ),
+    "logprobs": (
+        {"model": "tiny", "messages": user(TEXT), "logprobs": True},
+        "logprobs",
+        "unsupported_parameter",
+    ),
+    "response_format json": (
+        {"model": "tiny", "messages": user(TEXT), "response_format": {"type": "json_object"}},
+        "response_format",
+        "unsupported_parameter",
+    ),
+    "stream_options without stream": (
+        {"model": "tiny", "messages": user(TEXT), "stream_options": {"include_usage": True}},
+        "stream_options",
+        None,
+    ),
+    "max_tokens beyond the context": (
+        {"model": "tiny", "messages": user(TEXT), "max_tokens": 10_000_000},
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_BODIES)
+async def test_bad_body_gets_400(client: httpx.AsyncClient, name: str) -> None:
+    body, param, code = BAD_BODIES[name]
+    response = await client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, param, code)
+    assert (await client.get("/health")).status_code == 200
+
+
+async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "nope/nope", "messages": user(TEXT)}
+    )
+    error = assert_error(response, 404, "model", "model_not_found")
+    assert "nope/nope" in error["message"]
+
+
+async def test_malformed_json(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [',
+        headers={"content-type": "application/json"},
+    )
+    assert_error(response, 400, None, "invalid_json")
+
+
+async def test_unreachable_url(client: httpx.AsyncClient) -> None:
+    body = {"model": "tiny", "messages": user(TEXT, image(closed_port_url()))}
+    response = await client.post("/v1/chat/completions", json=body)
+    error = assert_error(response, 400, "messages[0].content[1]", "media_fetch_failed")
+    assert "messages[0].content[1]" in error["message"]
+
+
+async def test_url_answering_404(client: httpx.AsyncClient, media_server: MediaServer) -> None:
+    body = {"model": "tiny", "messages": user(image(media_server.url("/missing.jpg")))}
+    response = await client.post("/chat/completions", json=body)
+    error = assert_error(response, 400, "messages[0].content[0]", "media_fetch_failed")
+    assert "404" in error["message"]
+
+
+async def test_url_with_non_image_bytes(client: httpx.AsyncClient, media_server: MediaServer):
+    url = media_server.add("/fake.jpg", b"<html>not an image</html>", "text/html")
+    response = await client.post(
+        "/chat/completions", json={"model": "tiny", "messages": user(image(url))}
+    )
+    assert_error(response, 400, "messages[0].content[0]", "invalid_media")
+
+
+async def test_truncated_jpeg(client: httpx.AsyncClient) -> None:
+    truncated = make_image(320, 240)[:300]
+    body = {"model": "tiny", "messages": user(image(data_uri(truncated)))}
+    response = await client.post("/chat/completions", json=body)
+    assert_error(response, 400, "messages[0].content[0]", "invalid_media")
+
+
+async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/v1/nothing-here"), 404)
+    assert_error(await client.get("/v1/chat/completions"), 405)
+
+
+async def test_stream_request_errors_before_streaming(client: httpx.AsyncClient) -> None:
+    body = {"model": "tiny", "stream": True, "messages": user(image("data:image/png;base64,!!"))}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, "messages[0].content[0]")
+
+
+async def test_api_keys(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, api_keys=["sk-one", "sk-two"])
+    body = {"model": "tiny", "messages": user(TEXT), "max_tokens": 2}
+    async for client in start_client(settings):
+        assert_error(await client.post("/v1/chat/completions", json=body), 401)
+        assert_error(await client.get("/v1/models"), 401)
+        wrong = {"Authorization": "Bearer sk-three"}
+        assert_error(await client.post("/v1/chat/completions", json=body, headers=wrong), 401)
+        ok = await client.post(
+            "/v2/media/completions", json=body, headers={"Authorization": "Bearer sk-two"}
+        )
+        assert ok.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_too_many_images(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, max_images_per_request=2)
+    small = image(data_uri(make_image(56, 56)))
+    async for client in start_client(settings):
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": user(small, small, small)}
+        )
+        assert_error(response, 400, "messages", "too_many_images")
+
+
+async def test_image_over_byte_cap(tiny_model_dir: Path, media_server: MediaServer) -> None:
+    big = make_image(800, 800, fmt="PNG")
+    url = media_server.add("/big.png", big, "image/png")
+    settings = make_settings(tiny_model_dir, max_image_bytes=len(big) // 2)
+    async for client in start_client(settings):
+        for part in (image(url), image(data_uri(big, "image/png"))):
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "tiny", "messages": user(part)}
+            )
+            assert_error(response, 400, "messages[0].content[0]", "media_too_large")
+
+
+async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert len((await client.get("/health")).headers["x-request-id"]) == 32

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny checkpoints (built once per run through the real builder), a real
+local HTTP server for media URLs, and the app with its real lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.engine.tiny import TinySpec, make_tiny_checkpoint
+from tests.helpers import MediaServer, make_settings, start_client
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny25_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl", TinySpec(family="qwen2.5-vl")
+    )
+
+
+@pytest.fixture(scope="session")
+def media_server() -> Iterator[MediaServer]:
+    server = MediaServer()
+    server.thread.start()
+    yield server
+    server.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+async def client(tiny_model_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in start_client(make_settings(tiny_model_dir)):
+        yield c

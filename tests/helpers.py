@@ -1,0 +1,86 @@
+"""Test helpers: images, data URIs, a real local HTTP media server, the app in-process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+from asgi_lifespan import LifespanManager
+from PIL import Image
+
+from server.api.app import create_app
+from server.config import Settings
+
+
+def make_image(width: int = 320, height: int = 240, fmt: str = "JPEG", seed: int = 0) -> bytes:
+    """A deterministic image with some structure (gradients and a block), encoded as fmt."""
+    image = Image.new("RGB", (width, height))
+    pixels = [
+        ((x * 255) // width, (y * 255) // height, ((x + y + seed * 40) * 7) % 256)
+        for y in range(height)
+        for x in range(width)
+    ]
+    image.putdata(pixels)
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+class MediaServer:
+    """A real HTTP server on loopback serving fixed bytes per path."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        files = self.files
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path not in files:
+                    self.send_error(404)
+                    return
+                body, content_type = files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def add(self, path: str, body: bytes, content_type: str = "image/jpeg") -> str:
+        self.files[path] = (body, content_type)
+        return self.url(path)
+
+
+def make_settings(model_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "model": str(model_dir),
+        "served_model_name": ["animuslabs/Qwen2-VL-NSFW-Vision-1.2", "gpt-4o", "tiny"],
+        "default_max_tokens": 16,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def start_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client
