@@ -1,0 +1,151 @@
+"""A real `vlm-server serve --model tiny` process, called with the official openai client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import data_uri, make_image, make_settings, start_client
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(make_image(300, 200))}},
+            {"type": "text", "text": "Describe the main buildings in the image."},
+        ],
+    }
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_command() -> list[str]:
+    script = Path(sys.executable).with_name("vlm-server")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "server"]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    models_dir = tmp_path_factory.mktemp("e2e-models")
+    log = (tmp_path_factory.mktemp("e2e-log") / "server.log").open("w")
+    command = server_command() + [
+        "serve",
+        "--model",
+        "tiny",
+        "--models-dir",
+        str(models_dir),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        "--served-model-name",
+        "qwen/qwen2.5-vl-72b-instruct",
+        "--default-max-tokens",
+        "16",
+    ]
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}: see {log.name}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("server did not become healthy in time")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_completion_with_image(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=8, temperature=0
+    )
+    assert response.object == "chat.completion"
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens <= 8
+    details = response.usage.prompt_tokens_details
+    assert details.image_tokens > 0  # our field, kept by the SDK as an extra
+    assert details.image_tokens + details.text_tokens == response.usage.prompt_tokens
+
+
+def test_streaming_through_the_sdk_matches_non_streaming(client: openai.OpenAI) -> None:
+    model = "qwen/qwen2.5-vl-72b-instruct"  # seed 004's name, served as an alias
+    full = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0)
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish_reason, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish_reason = choice.finish_reason or finish_reason
+    assert "".join(pieces) == full.choices[0].message.content
+    assert finish_reason == full.choices[0].finish_reason
+    assert usage is not None and usage.total_tokens == full.usage.total_tokens
+
+
+def test_sdk_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    assert not_found.value.body["code"] == "model_not_found"
+    bad_image = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+        }
+    ]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny", messages=bad_image)
+    assert bad.value.body["param"] == "messages[0].content[0]"
+    assert [m.id for m in client.models.list()] == ["tiny", "qwen/qwen2.5-vl-72b-instruct"]
+
+
+@pytest.mark.anyio
+async def test_greedy_output_is_the_same_across_processes(
+    client: openai.OpenAI, tiny_model_dir: Path
+) -> None:
+    """The server process built its own tiny checkpoint; same bytes, so the same answer."""
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    remote = client.chat.completions.create(**body).choices[0].message.content
+    async for local in start_client(make_settings(tiny_model_dir)):
+        response = await local.post("/v1/chat/completions", json=body)
+        assert response.json()["choices"][0]["message"]["content"] == remote

@@ -1,0 +1,53 @@
+"""Incremental detokenization: no broken UTF-8, stop strings never leak into the output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from server.engine.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def run(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], str, str | None]:
+    detok = IncrementalDetokenizer(tokenizer, stop)
+    deltas, hit = [], None
+    for token_id in tokenizer(text)["input_ids"]:
+        hit = detok.add_token(token_id)
+        if hit:
+            break
+        deltas.append(detok.delta())
+    deltas.append(detok.flush())
+    return deltas, "".join(deltas), hit
+
+
+def test_multibyte_characters_are_never_split(tokenizer) -> None:
+    text = "héllo 🙂 wörld 日本"
+    # The tiny BPE has no merges for these: each one is several byte-level tokens.
+    assert len(tokenizer(text)["input_ids"]) > len(text)
+    deltas, joined, _ = run(tokenizer, text)
+    assert joined == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_string_truncates_and_is_not_streamed(tokenizer) -> None:
+    deltas, joined, hit = run(tokenizer, "The cat sat. STOP here and more", stop=("STOP",))
+    assert hit == "STOP"
+    assert joined == "The cat sat. "
+    assert "S" not in "".join(deltas)
+
+
+def test_earliest_stop_string_wins(tokenizer) -> None:
+    _, joined, hit = run(tokenizer, "one two three four", stop=("four", "two"))
+    assert hit == "two" and joined == "one "
+
+
+def test_no_stop_emits_everything(tokenizer) -> None:
+    _, joined, hit = run(tokenizer, "a plain sentence", stop=("zzz",))
+    assert hit is None and joined == "a plain sentence"

@@ -1,0 +1,126 @@
+"""AsyncEngine with a real tiny checkpoint: output matches HF generate, sampling controls work,
+abort frees the engine, and context limits are enforced."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from server.config import Settings
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import InputBuilder
+from server.engine.loader import LoadedModel, load_model
+from server.engine.runner import ModelRunner
+from server.engine.sampling import SamplingParams
+from server.exceptions import InvalidRequest
+from tests.helpers import make_image
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(Settings(model=str(tiny_model_dir)).engine_config())
+
+
+@pytest.fixture(scope="module")
+def prompt(loaded: LoadedModel):
+    builder = InputBuilder(loaded.processor, loaded.image_token_id)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    return builder.build(messages, [Image.open(io.BytesIO(make_image(96, 64)))])
+
+
+def make_engine(loaded: LoadedModel, context_length: int | None = None) -> AsyncEngine:
+    return AsyncEngine(
+        ModelRunner(loaded),
+        loaded.tokenizer,
+        context_length or loaded.context_length,
+        loaded.eos_token_ids,
+        default_max_tokens=16,
+    )
+
+
+async def run(engine: AsyncEngine, request_id: str, prompt, sampling: SamplingParams):
+    seq = engine.add_request(request_id, prompt, sampling)
+    text = "".join([out.text_delta async for out in engine.stream(seq)])
+    return seq, text
+
+
+async def test_greedy_matches_hf_generate(loaded: LoadedModel, prompt) -> None:
+    engine = make_engine(loaded)
+    engine.start()
+    seq, text = await run(engine, "a", prompt, SamplingParams(max_tokens=12, temperature=0))
+    await engine.stop()
+    with torch.inference_mode():
+        reference = loaded.model.generate(**prompt.tensors, max_new_tokens=12, do_sample=False)
+    expected = reference[0, prompt.num_prompt_tokens :].tolist()
+    assert seq.output_token_ids == expected
+    assert text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    finished_on_eos = expected[-1] in loaded.eos_token_ids
+    assert seq.finish_reason == ("stop" if finished_on_eos else "length")
+
+
+async def test_seeded_sampling_is_reproducible(loaded: LoadedModel, prompt) -> None:
+    engine = make_engine(loaded)
+    engine.start()
+    outputs = []
+    for request_id, seed in (("a", 1), ("b", 1), ("c", 2)):
+        sampling = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
+        seq, _ = await run(engine, request_id, prompt, sampling)
+        outputs.append(seq.output_token_ids)
+    await engine.stop()
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+async def test_stop_token_id_and_max_tokens(loaded: LoadedModel, prompt) -> None:
+    engine = make_engine(loaded)
+    engine.start()
+    greedy, _ = await run(engine, "a", prompt, SamplingParams(max_tokens=8, temperature=0))
+    assert greedy.finish_reason == "length" and greedy.num_completion_tokens == 8
+    stop_id = greedy.output_token_ids[3]
+    first = greedy.output_token_ids.index(stop_id)
+    sampling = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(stop_id,))
+    stopped, _ = await run(engine, "b", prompt, sampling)
+    await engine.stop()
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_id
+    assert stopped.output_token_ids == greedy.output_token_ids[: first + 1]
+
+
+async def test_abort_stops_within_a_token_and_frees_the_engine(loaded: LoadedModel, prompt):
+    engine = make_engine(loaded)
+    engine.start()
+    seq = engine.add_request("long", prompt, SamplingParams(max_tokens=5000, temperature=0))
+    stream = engine.stream(seq)
+    await anext(stream)  # at least one token out
+    engine.abort("long")
+    outputs = [out async for out in stream]
+    assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+    assert seq.num_completion_tokens < 5000
+    after, _ = await asyncio.wait_for(
+        run(engine, "next", prompt, SamplingParams(max_tokens=3, temperature=0)), timeout=30
+    )
+    await engine.stop()
+    assert after.num_completion_tokens == 3
+
+
+async def test_prompt_longer_than_context(loaded: LoadedModel, prompt) -> None:
+    engine = make_engine(loaded, context_length=prompt.num_prompt_tokens)
+    engine.start()
+    with pytest.raises(InvalidRequest) as info:
+        engine.add_request("a", prompt, SamplingParams())
+    await engine.stop()
+    assert info.value.code == "context_length_exceeded"
+
+
+async def test_default_max_tokens_bounded_by_context(loaded: LoadedModel, prompt) -> None:
+    engine = make_engine(loaded, context_length=prompt.num_prompt_tokens + 5)
+    engine.start()
+    seq = engine.add_request("a", prompt, SamplingParams(temperature=0))
+    await engine.stop()
+    assert seq.max_tokens == 5

@@ -1,0 +1,112 @@
+"""The loader: model resolution, device/dtype choice, refusals with clear messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.config import Settings
+from server.engine.loader import (
+    load_model,
+    resolve_attention,
+    resolve_dtype,
+    resolve_model_path,
+)
+from server.exceptions import ModelLoadError
+
+
+def engine_config(model: str, models_dir: Path, **overrides: object):
+    return Settings(model=model, models_dir=models_dir, **overrides).engine_config()
+
+
+@pytest.mark.parametrize(
+    "fixture,family", [("tiny_model_dir", "qwen2-vl"), ("tiny25_model_dir", "qwen2.5-vl")]
+)
+def test_loads_both_families(fixture: str, family: str, request: pytest.FixtureRequest) -> None:
+    path: Path = request.getfixturevalue(fixture)
+    loaded = load_model(engine_config(str(path), path.parent))
+    assert loaded.family == family
+    assert loaded.device == torch.device("cpu")
+    assert loaded.dtype == torch.float32  # auto on CPU
+    assert loaded.context_length == 8192
+    assert loaded.image_token_id == loaded.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert loaded.model.config._attn_implementation == "sdpa"
+    assert not loaded.model.training
+
+
+def test_model_name_found_under_models_dir(tiny_model_dir: Path, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models_dir / "acme" / "Qwen2-VL-Tiny")
+    path = resolve_model_path("acme/Qwen2-VL-Tiny", models_dir)
+    assert path == models_dir / "acme" / "Qwen2-VL-Tiny"
+
+
+def test_tiny_is_built_once_under_models_dir(tmp_path: Path) -> None:
+    path = resolve_model_path("tiny", tmp_path)
+    assert path == tmp_path / "tiny-qwen2-vl" and (path / "model.safetensors").is_file()
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path("tiny", tmp_path) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_missing_hub_model_offline_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model_path("Qwen/Qwen2-VL-2B-Instruct", tmp_path / "models")
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE" in message
+    assert "hf download Qwen/Qwen2-VL-2B-Instruct" in message
+
+
+def test_quantization_refused_without_cuda(tiny_model_dir: Path) -> None:
+    config = engine_config(
+        str(tiny_model_dir), tiny_model_dir.parent, quantization="bnb-4bit", device="cpu"
+    )
+    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+        load_model(config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_cuda_requested_without_gpu(tiny_model_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        load_model(engine_config(str(tiny_model_dir), tiny_model_dir.parent, device="cuda"))
+
+
+def test_refuses_non_qwen_checkpoints(tiny_model_dir: Path, tmp_path: Path) -> None:
+    other = shutil.copytree(tiny_model_dir, tmp_path / "llama")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ModelLoadError, match="'llama' checkpoint"):
+        load_model(engine_config(str(other), tmp_path))
+
+
+def test_refuses_checkpoints_without_safetensors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pickled = shutil.copytree(tiny_model_dir, tmp_path / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(engine_config(str(pickled), tmp_path))
+
+
+def test_dtype_and_attention_choice() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("float16", cuda) == torch.float16
+    assert resolve_attention("auto", cpu) == "sdpa"
+    assert resolve_attention("eager", cpu) == "eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loads_on_cuda_in_bfloat16(tiny_model_dir: Path) -> None:
+    loaded = load_model(engine_config(str(tiny_model_dir), tiny_model_dir.parent, device="cuda"))
+    assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16

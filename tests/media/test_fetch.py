@@ -1,0 +1,60 @@
+"""Fetching media: data URIs and http(s) against a real local server, caps and failures."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from server.exceptions import MediaError
+from server.media.fetch import MediaFetcher, decode_data_uri
+from tests.helpers import MediaServer
+
+pytestmark = pytest.mark.anyio
+
+
+def test_data_uri_roundtrip() -> None:
+    payload = b"\x89PNG fake"
+    uri = "data:image/png;base64," + base64.b64encode(payload).decode()
+    fetched = decode_data_uri(uri, max_bytes=1000, kind="image", param="p")
+    assert fetched.data == payload and fetched.mime_type == "image/png"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "data:image/png,notbase64",  # no ;base64
+        "data:text/plain;base64,aGk=",  # wrong media type
+        "data:;base64,aGk=",  # no media type
+        "data:image/png;base64,!!!",  # invalid characters
+        "data:image/png;base64,",  # empty
+        "data:image/png;base64,aGk",  # bad padding
+    ],
+)
+def test_bad_data_uris(uri: str) -> None:
+    with pytest.raises(MediaError):
+        decode_data_uri(uri, max_bytes=1000, kind="image", param="p")
+
+
+def test_data_uri_size_checked_before_decoding() -> None:
+    uri = "data:image/png;base64," + "A" * 4000
+    with pytest.raises(MediaError) as info:
+        decode_data_uri(uri, max_bytes=1000, kind="image", param="p")
+    assert info.value.code == "media_too_large"
+
+
+async def test_http_fetch_and_caps(media_server: MediaServer) -> None:
+    url = media_server.add("/fetch-ok.bin", b"x" * 5000, "image/png")
+    fetcher = MediaFetcher(timeout_s=5)
+    try:
+        fetched = await fetcher.fetch(url, max_bytes=10_000, kind="image", param="p")
+        assert fetched.data == b"x" * 5000 and fetched.mime_type == "image/png"
+        with pytest.raises(MediaError) as info:
+            await fetcher.fetch(url, max_bytes=1000, kind="image", param="p")
+        assert info.value.code == "media_too_large"
+        with pytest.raises(MediaError, match="HTTP 404"):
+            await fetcher.fetch(media_server.url("/none"), max_bytes=10, kind="image", param="p")
+        with pytest.raises(MediaError, match="scheme"):
+            await fetcher.fetch("file:///etc/passwd", max_bytes=10, kind="image", param="p")
+    finally:
+        await fetcher.aclose()

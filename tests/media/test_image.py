@@ -1,0 +1,98 @@
+"""Pixel budgets (pure math) and safe decoding."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from server.exceptions import MediaError
+from server.media.image import (
+    AUTO_DETAIL_MAX_PIXELS,
+    LOW_DETAIL_MAX_PIXELS,
+    MIN_PIXELS,
+    decode_image,
+    load_image,
+    max_pixels_for,
+    target_size,
+)
+from tests.helpers import make_image
+
+MODEL_MAX = 16384 * 28 * 28
+SIZES = [1, 2, 27, 28, 29, 55, 56, 100, 224, 333, 480, 640, 1000, 1920, 4000, 8000]
+
+
+@pytest.mark.parametrize("detail", ["low", "auto", "high"])
+def test_target_size_invariants(detail: str) -> None:
+    budget = max_pixels_for(detail, MODEL_MAX)
+    for width, height in itertools.product(SIZES, SIZES):
+        if max(width, height) / min(width, height) > 200:
+            continue
+        new_w, new_h = target_size(width, height, budget)
+        assert new_w % 28 == 0 and new_h % 28 == 0
+        assert new_w * new_h <= max(budget, 28 * 28)
+        assert new_w * new_h >= MIN_PIXELS
+        rounded_w, rounded_h = round(width / 28) * 28, round(height / 28) * 28
+        if MIN_PIXELS <= rounded_w * rounded_h <= budget:
+            # Within budget: only rounding to the 28-grid, never a real rescale.
+            assert (new_w, new_h) == (rounded_w, rounded_h)
+
+
+def test_detail_budgets() -> None:
+    assert max_pixels_for("low", MODEL_MAX) == LOW_DETAIL_MAX_PIXELS == 256 * 28 * 28
+    assert max_pixels_for("auto", MODEL_MAX) == AUTO_DETAIL_MAX_PIXELS == 1280 * 28 * 28
+    assert max_pixels_for("high", MODEL_MAX) == MODEL_MAX
+    assert max_pixels_for("auto", 100 * 28 * 28) == 100 * 28 * 28  # never above the model's
+
+
+def test_extreme_aspect_ratio_is_refused() -> None:
+    image = make_image(2010, 10, fmt="PNG")
+    with pytest.raises(MediaError, match="aspect ratio"):
+        load_image(image, "auto", MODEL_MAX, param="p")
+
+
+def test_load_image_sizes_to_budget() -> None:
+    image = load_image(make_image(1920, 1080), "low", MODEL_MAX, param="p")
+    assert image.mode == "RGB"
+    assert image.width * image.height <= LOW_DETAIL_MAX_PIXELS
+    assert image.width % 28 == 0 and image.height % 28 == 0
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+def test_supported_formats(fmt: str) -> None:
+    assert decode_image(make_image(64, 48, fmt=fmt), param="p").size == (64, 48)
+
+
+def test_unsupported_format_is_refused() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "TIFF")
+    with pytest.raises(MediaError, match="not a valid image"):
+        decode_image(out.getvalue(), param="p")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a tiny (invalid) body: a bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def test_decompression_bomb_refused_from_header() -> None:
+    with pytest.raises(MediaError) as info:
+        decode_image(png_header_only(50_000, 50_000), param="messages[0].content[0]")
+    assert info.value.code in ("image_too_large", "invalid_media")
+    assert "messages[0].content[0]" in info.value.message
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 10, b"GIF89a", make_image()[:200]])
+def test_garbage_and_truncated(data: bytes) -> None:
+    with pytest.raises(MediaError):
+        decode_image(data, param="p")
