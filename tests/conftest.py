@@ -3,6 +3,7 @@ local HTTP server for media URLs, and the app with its real lifespan."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +12,17 @@ import pytest
 
 from server.engine.tiny import TinySpec, make_tiny_checkpoint
 from tests.helpers import MediaServer, make_settings, start_client
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device", default="cpu", help="device the server-side tests load models on (cpu, cuda)"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Settings read VLM_DEVICE, so every app and engine the tests build lands on this device.
+    os.environ["VLM_DEVICE"] = config.getoption("--device")
 
 
 @pytest.fixture(scope="session")

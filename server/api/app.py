@@ -57,6 +57,7 @@ class RequestIdMiddleware:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         loaded = await asyncio.to_thread(load_model, settings.engine_config())
         engine = AsyncEngine.from_loaded(loaded, settings.default_max_tokens)
         engine.start()

@@ -57,7 +57,8 @@ async def test_greedy_matches_hf_generate(loaded: LoadedModel, prompt) -> None:
     seq, text = await run(engine, "a", prompt, SamplingParams(max_tokens=12, temperature=0))
     await engine.stop()
     with torch.inference_mode():
-        reference = loaded.model.generate(**prompt.tensors, max_new_tokens=12, do_sample=False)
+        tensors = {name: t.to(loaded.device) for name, t in prompt.tensors.items()}
+        reference = loaded.model.generate(**tensors, max_new_tokens=12, do_sample=False)
     expected = reference[0, prompt.num_prompt_tokens :].tolist()
     assert seq.output_token_ids == expected
     assert text == loaded.tokenizer.decode(expected, skip_special_tokens=True)

@@ -30,8 +30,10 @@ def test_loads_both_families(fixture: str, family: str, request: pytest.FixtureR
     path: Path = request.getfixturevalue(fixture)
     loaded = load_model(engine_config(str(path), path.parent))
     assert loaded.family == family
-    assert loaded.device == torch.device("cpu")
-    assert loaded.dtype == torch.float32  # auto on CPU
+    if loaded.device.type == "cpu":
+        assert loaded.dtype == torch.float32  # auto on CPU
+    else:
+        assert loaded.dtype == torch.bfloat16  # auto on CUDA
     assert loaded.context_length == 8192
     assert loaded.image_token_id == loaded.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert loaded.model.config._attn_implementation == "sdpa"
@@ -110,3 +112,20 @@ def test_dtype_and_attention_choice() -> None:
 def test_loads_on_cuda_in_bfloat16(tiny_model_dir: Path) -> None:
     loaded = load_model(engine_config(str(tiny_model_dir), tiny_model_dir.parent, device="cuda"))
     assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bnb_4bit_keeps_the_vision_tower_unquantized(tiny_model_dir: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    config = engine_config(
+        str(tiny_model_dir), tiny_model_dir.parent, device="cuda", quantization="bnb-4bit"
+    )
+    model = load_model(config).model
+    linears = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    text = [t for name, t in linears.items() if "language_model" in name]
+    vision = [t for name, t in linears.items() if "visual" in name]
+    assert text and all(issubclass(t, bnb.nn.Linear4bit) for t in text)
+    assert vision and not any(issubclass(t, bnb.nn.Linear4bit) for t in vision)
