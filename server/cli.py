@@ -7,6 +7,7 @@ given on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import typing
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from server.config import Settings
+from server.engine.tiny import FAMILIES, TinySpec
 from server.exceptions import ModelLoadError
 
 logger = logging.getLogger("server.cli")
@@ -60,17 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve)
     tiny = commands.add_parser("make-tiny-model", help="write a random-weight checkpoint offline")
     tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--family", choices=["qwen2-vl", "qwen2.5-vl"], default="qwen2-vl")
-    tiny.add_argument("--hidden-size", type=int, default=64)
-    tiny.add_argument("--num-layers", type=int, default=2)
-    tiny.add_argument("--num-heads", type=int, default=4)
-    tiny.add_argument("--num-kv-heads", type=int, default=2)
-    tiny.add_argument("--intermediate-size", type=int, default=128)
-    tiny.add_argument("--vision-depth", type=int, default=2)
-    tiny.add_argument("--vision-embed-dim", type=int, default=32)
-    tiny.add_argument("--vision-heads", type=int, default=2)
-    tiny.add_argument("--seed", type=int, default=0)
+    for spec_field in dataclasses.fields(TinySpec):
+        flag = "--" + spec_field.name.replace("_", "-")
+        if spec_field.name == "family":
+            tiny.add_argument(flag, choices=FAMILIES, default=spec_field.default)
+        else:
+            tiny.add_argument(flag, type=int, default=spec_field.default)
     return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line, then VLM_* env vars, then defaults."""
+    return Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -79,8 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
     from server.log import configure_logging
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
-    settings = Settings(**overrides)
+    settings = settings_from_args(args)
     configure_logging(settings.log_level)
     app = create_app(settings)
     try:
@@ -99,22 +101,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from server.engine.tiny import TinySpec, make_tiny_checkpoint
+    from server.engine.tiny import make_tiny_checkpoint
     from server.log import configure_logging
 
     configure_logging("info")
-    spec = TinySpec(
-        family=args.family,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        num_heads=args.num_heads,
-        num_kv_heads=args.num_kv_heads,
-        intermediate_size=args.intermediate_size,
-        vision_depth=args.vision_depth,
-        vision_embed_dim=args.vision_embed_dim,
-        vision_heads=args.vision_heads,
-        seed=args.seed,
-    )
+    spec = TinySpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinySpec)})
     try:
         make_tiny_checkpoint(args.directory, spec)
     except ValueError as exc:
