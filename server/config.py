@@ -27,6 +27,12 @@ class EngineConfig:
     quantize_vision: bool
     attn_implementation: str
     default_max_tokens: int
+    max_model_len: int  # 0: the model's context length
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_memory_gib: float  # 0: automatic
+    max_queued_requests: int
+    queue_timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,12 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     data_dir: Path = Path("data")
     default_max_tokens: int = 1024
+    max_model_len: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 16384
+    kv_cache_memory: float = 0.0
+    max_queued_requests: int = 256
+    queue_timeout: float = 60.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 16
     media_fetch_timeout: float = 10.0
@@ -87,6 +99,12 @@ class Settings(BaseSettings):
             quantize_vision=self.quantize_vision,
             attn_implementation=self.attn_implementation,
             default_max_tokens=self.default_max_tokens,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            kv_cache_memory_gib=self.kv_cache_memory,
+            max_queued_requests=self.max_queued_requests,
+            queue_timeout_s=self.queue_timeout,
         )
 
     def media_limits(self) -> MediaLimits:

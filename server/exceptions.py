@@ -51,3 +51,14 @@ class ModelLoadError(Exception):
 class EngineStopped(ServerError):
     status_code = 503
     error_type = "server_error"
+
+
+class EngineOverloaded(ServerError):
+    """The request queue is full, or the request waited too long in it (503 + Retry-After)."""
+
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str = "server_overloaded"):
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s

@@ -59,7 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         loaded = await asyncio.to_thread(load_model, settings.engine_config())
-        engine = AsyncEngine.from_loaded(loaded, settings.default_max_tokens)
+        engine = AsyncEngine.build(loaded, settings.engine_config())
         engine.start()
         fetcher = MediaFetcher(settings.media_fetch_timeout)
         image_processor = loaded.processor.image_processor

@@ -88,7 +88,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
         if exc.status_code >= 500:
             logger.error("%s: %s", type(exc).__name__, exc.message)
-        return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+        retry_after = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return error_response(
+            exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

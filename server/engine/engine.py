@@ -1,8 +1,10 @@
-"""AsyncEngine: the engine surface the pipelines use.
+"""AsyncEngine: the engine surface the pipelines use, and the continuous-batching loop.
 
-`add_request` -> `stream`/`generate` (async) and `abort`. Inference runs on one worker thread
-so the event loop never blocks; results come back through each Sequence's asyncio queue.
-For now the worker runs one sequence at a time, first come first served.
+`add_request` -> `stream` / `abort`, all called on the event loop. The loop itself runs on one
+worker thread: each iteration takes new requests and aborts from the inbox, lets the scheduler
+admit what fits, prefills the admitted sequences, runs one decode step for everything that was
+running, and post-processes the new tokens (detokenize, stop checks, stream out, free finished
+sequences at once). Outputs travel back through each Sequence's asyncio queue.
 """
 
 from __future__ import annotations
@@ -13,81 +15,112 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
+from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
-from server.engine.runner import ModelRunner
+from server.engine.runner import ModelRunner, kv_cache_shape
 from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
-from server.exceptions import EngineStopped, InvalidRequest
+from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest, ModelLoadError
 from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
+
+# Without --kv-cache-memory: this share of the GPU memory left after loading the weights
+# (the rest is for activations, vision-tower work above all), or this much RAM on a CPU.
+AUTO_KV_GPU_FRACTION = 0.7
+AUTO_KV_CPU_GIB = 2.0
+# Seconds a client is told to wait (Retry-After) when the queue is full or timed out.
+RETRY_AFTER_S = 1
 
 
 class AsyncEngine:
     def __init__(
         self,
         runner: ModelRunner,
-        tokenizer: Any,
-        context_length: int,
-        eos_token_ids: tuple[int, ...],
+        scheduler: Scheduler,
+        tokenizer: object,
+        max_seq_len: int,
         default_max_tokens: int,
     ):
         self.runner = runner
+        self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self.context_length = context_length
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_seq_len = max_seq_len
         self.default_max_tokens = default_max_tokens
-        self._waiting: queue.Queue[Sequence | None] = queue.Queue()
+        self.eos_token_ids = frozenset(runner.eos_token_ids)
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._sequences: dict[str, Sequence] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._num_queued = 0  # accepted but not yet running; guarded by _lock
+        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, default_max_tokens: int) -> AsyncEngine:
-        return cls(
-            ModelRunner(loaded),
-            loaded.tokenizer,
-            loaded.context_length,
-            loaded.eos_token_ids,
-            default_max_tokens,
+    def build(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
+        max_seq_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
+        num_slots = kv_cache_slots(loaded, config, max_seq_len)
+        scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=num_slots,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_queued_requests=config.max_queued_requests,
+                queue_timeout_s=config.queue_timeout_s,
+            )
         )
+        runner = ModelRunner(loaded, num_slots, max_seq_len)
+        return cls(runner, scheduler, loaded.tokenizer, max_seq_len, config.default_max_tokens)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._worker, name="engine", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="engine", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
+        self._stopping = True
         for seq in list(self._sequences.values()):
             seq.is_aborted = True
-        self._waiting.put(None)
+        self._inbox.put(None)
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+            await asyncio.to_thread(self._thread.join, 60)
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    # -- requests --------------------------------------------------------------------------
+    @property
+    def num_queued(self) -> int:
+        return self._num_queued
+
+    # -- requests (event loop) -------------------------------------------------------------
     def add_request(
         self, request_id: str, inputs: ModelInputs, sampling: SamplingParams
     ) -> Sequence:
         if not self.is_running:
             raise EngineStopped("The engine is not running.")
         seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
+        with self._lock:
+            if self._num_queued >= self.scheduler.config.max_queued_requests:
+                raise EngineOverloaded(
+                    "The server is at capacity (request queue full); retry shortly.",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            self._num_queued += 1
         self._sequences[request_id] = seq
-        self._waiting.put(seq)
+        self._inbox.put(seq)
         return seq
 
     def abort(self, request_id: str) -> None:
         seq = self._sequences.get(request_id)
-        if seq is not None:
-            seq.is_aborted = True  # the worker notices before the next token
+        if seq is not None and not seq.is_finished:
+            seq.is_aborted = True  # the loop drops it before its next step
+            self._inbox.put(None)  # wake the loop if it is idle
 
     async def stream(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
         """Yields outputs until the sequence finishes; leaving early aborts it."""
@@ -103,10 +136,10 @@ class AsyncEngine:
 
     def _max_tokens(self, inputs: ModelInputs, sampling: SamplingParams) -> int:
         num_prompt = inputs.num_prompt_tokens
-        room = self.context_length - num_prompt
+        room = self.max_seq_len - num_prompt
         if room <= 0:
             raise InvalidRequest(
-                f"This model's maximum context length is {self.context_length} tokens. However, "
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, "
                 f"your messages resulted in {num_prompt} tokens. Please reduce the length of the "
                 "messages or the size of the images.",
                 param="messages",
@@ -116,7 +149,7 @@ class AsyncEngine:
             return min(self.default_max_tokens, room)
         if sampling.max_tokens > room:
             raise InvalidRequest(
-                f"This model's maximum context length is {self.context_length} tokens. However, "
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, "
                 f"you requested {num_prompt + sampling.max_tokens} tokens ({num_prompt} in the "
                 f"messages, {sampling.max_tokens} in the completion). Please reduce the length "
                 "of the messages or completion.",
@@ -125,66 +158,90 @@ class AsyncEngine:
             )
         return sampling.max_tokens
 
-    # -- worker thread ---------------------------------------------------------------------
-    def _worker(self) -> None:
-        while (seq := self._waiting.get()) is not None:
-            request_id_var.set(seq.request_id)
-            self._run(seq)
+    # -- the loop (worker thread) ----------------------------------------------------------
+    def _run_loop(self) -> None:
+        while not self._stopping:
+            self._take_inbox(block=not self.scheduler.has_work)
+            self._drop_aborted_and_expired()
+            step = self.scheduler.schedule()
+            if step.is_empty:
+                continue
+            try:
+                if step.prefill:
+                    self._mark_admitted(step.prefill)
+                    self._process(step.prefill, self.runner.prefill(step.prefill))
+                decode = [s for s in step.decode if not s.is_finished]
+                if decode:
+                    self._process(decode, self.runner.decode(decode))
+            except Exception:
+                logger.exception("engine step failed; failing its sequences")
+                for seq in step.prefill + step.decode:
+                    if not seq.is_finished:
+                        self._finish(seq, "error")
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "abort")
 
-    def _run(self, seq: Sequence) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, seq.sampling.stop)
-        if seq.is_aborted:
-            self._finish(seq, detok, "abort")
-            return
-        seq.status = SequenceStatus.RUNNING
+    def _take_inbox(self, block: bool) -> None:
         try:
-            self.runner.generate(
-                seq.inputs, seq.sampling, seq.max_tokens, lambda t: self._on_token(seq, detok, t)
-            )
-        except Exception:
-            logger.exception("generation failed")
-            self._finish(seq, detok, "error")
-            return
-        if not seq.is_finished:  # generate stopped on its own length limit
-            self._finish(seq, detok, "length")
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    self._detokenizers[item.request_id] = IncrementalDetokenizer(
+                        self.tokenizer, item.sampling.stop
+                    )
+                    self.scheduler.add(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
 
-    def _on_token(self, seq: Sequence, detok: IncrementalDetokenizer, token_id: int) -> bool:
-        """Post-processes one generated token; returns True when the sequence is done."""
-        if seq.is_aborted:
-            self._finish(seq, detok, "abort")
-            return True
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        seq.output_token_ids.append(token_id)
-        if token_id in self.eos_token_ids:
-            self._finish(seq, detok, "stop")
-            return True
-        if token_id in seq.sampling.stop_token_ids:
-            self._finish(seq, detok, "stop", stop_reason=token_id)
-            return True
-        if (stop := detok.add_token(token_id)) is not None:
-            self._finish(seq, detok, "stop", stop_reason=stop)
-            return True
-        if seq.num_completion_tokens >= seq.max_tokens:
-            self._finish(seq, detok, "length")
-            return True
-        if delta := detok.delta():
-            self._emit(seq, SequenceOutput(delta, seq.num_completion_tokens))
-        return False
+    def _drop_aborted_and_expired(self) -> None:
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            if seq.is_aborted:
+                self._finish(seq, "abort")
+        for seq in self.scheduler.expire_waiting():
+            self._finish(seq, "queue_timeout")
 
-    def _finish(
-        self,
-        seq: Sequence,
-        detok: IncrementalDetokenizer,
-        reason: str,
-        stop_reason: str | int | None = None,
-    ) -> None:
+    def _mark_admitted(self, seqs: list[Sequence]) -> None:
+        with self._lock:
+            self._num_queued -= len(seqs)
+
+    def _process(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Post-process one step: append tokens, detokenize, check stops, stream, free."""
+        now = time.monotonic()
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            request_id_var.set(seq.request_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.output_token_ids.append(token_id)
+            detok = self._detokenizers[seq.request_id]
+            params = seq.sampling
+            if token_id in self.eos_token_ids and not params.ignore_eos:
+                self._finish(seq, "stop")
+            elif token_id in params.stop_token_ids:
+                self._finish(seq, "stop", stop_reason=token_id)
+            elif (stop := detok.add_token(token_id)) is not None:
+                self._finish(seq, "stop", stop_reason=stop)
+            elif seq.num_completion_tokens >= seq.max_tokens:
+                self._finish(seq, "length")
+            elif delta := detok.delta():
+                self._emit(seq, SequenceOutput(delta, seq.num_completion_tokens))
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        was_queued = seq.status is SequenceStatus.WAITING
+        move = self.scheduler.remove(seq)
+        if move is not None:
+            self.runner.move_slot(move)
+        self.runner.release(seq)
+        if was_queued:
+            with self._lock:
+                self._num_queued -= 1
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.finish_time = time.monotonic()
         self._sequences.pop(seq.request_id, None)
-        output = SequenceOutput(detok.flush(), seq.num_completion_tokens, True, reason, stop_reason)
-        self._emit(seq, output)
+        detok = self._detokenizers.pop(seq.request_id, None)
+        text = detok.flush() if detok is not None else ""
+        self._emit(seq, SequenceOutput(text, seq.num_completion_tokens, True, reason, stop_reason))
         logger.info(
             "finished: %s, %d prompt + %d completion tokens in %.2fs",
             reason,
@@ -194,5 +251,33 @@ class AsyncEngine:
         )
 
     def _emit(self, seq: Sequence, output: SequenceOutput) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(seq.outputs.put_nowait, output)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(seq.outputs.put_nowait, output)
+
+
+def kv_cache_slots(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
+    """How many sequences of max_seq_len tokens fit the KV-cache budget (capped by max_num_seqs)."""
+    import torch
+
+    per_slot = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype) * max_seq_len
+    if config.kv_cache_memory_gib > 0:
+        budget = config.kv_cache_memory_gib * 2**30
+    elif loaded.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(loaded.device)
+        budget = free * AUTO_KV_GPU_FRACTION
+    else:
+        budget = AUTO_KV_CPU_GIB * 2**30
+    num_slots = min(config.max_num_seqs, int(budget // per_slot))
+    if num_slots < 1:
+        raise ModelLoadError(
+            f"The KV cache budget ({budget / 2**30:.1f} GiB) cannot hold one sequence of "
+            f"{max_seq_len} tokens ({per_slot / 2**30:.2f} GiB): raise --kv-cache-memory or "
+            "lower --max-model-len."
+        )
+    logger.info(
+        "KV cache: %d slots of %d tokens, %.2f GiB",
+        num_slots,
+        max_seq_len,
+        num_slots * per_slot / 2**30,
+    )
+    return num_slots

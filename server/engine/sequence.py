@@ -24,7 +24,7 @@ class SequenceOutput:
     text_delta: str
     num_completion_tokens: int
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "queue_timeout"
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
 
 
@@ -39,6 +39,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     is_aborted: bool = False
+    slot: int = -1  # KV-cache slot while running
+    rope_delta: int = 0  # Qwen2-VL mrope: position of the next token minus its index
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -48,6 +50,15 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inputs.num_prompt_tokens + len(self.output_token_ids)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Tokens whose keys/values are in the KV cache: all but the last sampled one."""
+        return self.num_tokens - 1 if self.output_token_ids else 0
 
     @property
     def is_finished(self) -> bool:

@@ -15,7 +15,6 @@ from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
-from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.exceptions import InvalidRequest
 from tests.helpers import make_image
@@ -35,14 +34,11 @@ def prompt(loaded: LoadedModel):
     return builder.build(messages, [Image.open(io.BytesIO(make_image(96, 64)))])
 
 
-def make_engine(loaded: LoadedModel, context_length: int | None = None) -> AsyncEngine:
-    return AsyncEngine(
-        ModelRunner(loaded),
-        loaded.tokenizer,
-        context_length or loaded.context_length,
-        loaded.eos_token_ids,
-        default_max_tokens=16,
-    )
+def make_engine(loaded: LoadedModel, context_length: int = 2048, **settings: object) -> AsyncEngine:
+    config = Settings(
+        model="unused", max_model_len=context_length, default_max_tokens=16, **settings
+    ).engine_config()
+    return AsyncEngine.build(loaded, config)
 
 
 async def run(engine: AsyncEngine, request_id: str, prompt, sampling: SamplingParams):
@@ -96,13 +92,13 @@ async def test_stop_token_id_and_max_tokens(loaded: LoadedModel, prompt) -> None
 async def test_abort_stops_within_a_token_and_frees_the_engine(loaded: LoadedModel, prompt):
     engine = make_engine(loaded)
     engine.start()
-    seq = engine.add_request("long", prompt, SamplingParams(max_tokens=5000, temperature=0))
+    seq = engine.add_request("long", prompt, SamplingParams(max_tokens=1500, temperature=0))
     stream = engine.stream(seq)
     await anext(stream)  # at least one token out
     engine.abort("long")
     outputs = [out async for out in stream]
     assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
-    assert seq.num_completion_tokens < 5000
+    assert seq.num_completion_tokens < 1500
     after, _ = await asyncio.wait_for(
         run(engine, "next", prompt, SamplingParams(max_tokens=3, temperature=0)), timeout=30
     )
