@@ -28,7 +28,8 @@ FLAG_HELP = {
     "quantize_vision": "also quantise the vision tower (kept in full precision by default)",
     "device": "auto | cpu | cuda | cuda:N",
     "dtype": "auto: bfloat16 on CUDA, float32 on CPU",
-    "attn_implementation": "auto: flash_attention_2 when installed on CUDA, else sdpa",
+    "attn_implementation": "vision tower attention; auto: flash_attention_2 when installed on "
+    "CUDA, else sdpa (the text model always uses sdpa)",
     "default_max_tokens": "max_tokens for requests that give none (bounded by the context)",
 }
 FLAG_ALIASES = {"api_keys": "--api-key"}

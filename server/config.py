@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     quantize_vision: bool = False
     dtype: DType = "auto"
     device: str = "auto"
-    attn_implementation: str = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = "auto"
     models_dir: Path = Path("models")
     data_dir: Path = Path("data")
     default_max_tokens: int = 1024
@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     queue_timeout: float = 60.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 16
+    max_concurrent_preprocessing: int = 8
     media_fetch_timeout: float = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -62,3 +62,13 @@ class EngineOverloaded(ServerError):
     def __init__(self, message: str, *, retry_after_s: int, code: str = "server_overloaded"):
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+
+
+class ClientDisconnected(ServerError):
+    """The client went away before its answer was ready; nobody reads this response."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("The client disconnected.")

@@ -69,6 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
             fetcher,
             settings.media_limits(),
             model_max_pixels=image_processor.size["longest_edge"],
+            max_concurrent_preprocessing=settings.max_concurrent_preprocessing,
         )
         app.state.services = Services(
             loaded=loaded,

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine.sampling import SamplingParams
 from server.exceptions import InvalidRequest
@@ -79,7 +79,6 @@ class StreamOptions(StrictModel):
 # OpenAI fields we accept in the schema but do not support yet: name -> "is this value a use?".
 UNSUPPORTED_WHEN = {
     "audio": lambda v: v is not None,
-    "frequency_penalty": lambda v: v not in (None, 0, 0.0),
     "function_call": lambda v: v is not None,
     "functions": lambda v: bool(v),
     "logit_bias": lambda v: bool(v),
@@ -87,7 +86,6 @@ UNSUPPORTED_WHEN = {
     "modalities": lambda v: v not in (None, ["text"]),
     "n": lambda v: v not in (None, 1),
     "prediction": lambda v: v is not None,
-    "presence_penalty": lambda v: v not in (None, 0, 0.0),
     "reasoning_effort": lambda v: v is not None,
     "response_format": lambda v: v not in (None, {"type": "text"}),
     "store": lambda v: bool(v),
@@ -130,6 +128,9 @@ class ChatCompletionRequest(StrictModel):
     user: str | None = None
     top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's; -1 or 0: disabled)
     stop_token_ids: list[int] | None = None  # extension (vLLM's)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
+    min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
+    ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
 
     @field_validator("stop")
     @classmethod
@@ -137,6 +138,13 @@ class ChatCompletionRequest(StrictModel):
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return value
+
+    @model_validator(mode="after")
+    def _check_min_tokens(self) -> ChatCompletionRequest:
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        if self.min_tokens and max_tokens and self.min_tokens > max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
 
     def unsupported_fields(self) -> list[str]:
         return [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
@@ -152,6 +160,11 @@ class ChatCompletionRequest(StrictModel):
             seed=self.seed,
             stop=tuple(s for s in stop if s),
             stop_token_ids=tuple(self.stop_token_ids or ()),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            min_tokens=self.min_tokens or 0,
+            ignore_eos=bool(self.ignore_eos),
         )
 
     def to_messages(self) -> list[ChatMessage]:

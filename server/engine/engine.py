@@ -98,7 +98,18 @@ class AsyncEngine:
     def num_queued(self) -> int:
         return self._num_queued
 
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
     # -- requests (event loop) -------------------------------------------------------------
+    def check_capacity(self) -> None:
+        if self._num_queued >= self.scheduler.config.max_queued_requests:
+            raise EngineOverloaded(
+                "The server is at capacity (request queue full); retry shortly.",
+                retry_after_s=RETRY_AFTER_S,
+            )
+
     def add_request(
         self, request_id: str, inputs: ModelInputs, sampling: SamplingParams
     ) -> Sequence:
@@ -106,11 +117,7 @@ class AsyncEngine:
             raise EngineStopped("The engine is not running.")
         seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
         with self._lock:
-            if self._num_queued >= self.scheduler.config.max_queued_requests:
-                raise EngineOverloaded(
-                    "The server is at capacity (request queue full); retry shortly.",
-                    retry_after_s=RETRY_AFTER_S,
-                )
+            self.check_capacity()
             self._num_queued += 1
         self._sequences[request_id] = seq
         self._inbox.put(seq)

@@ -113,12 +113,16 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def resolve_attention(requested: str, device: torch.device) -> str | dict[str, str]:
+    """The text model always uses sdpa: the batching runner hands it explicit KV views and
+    masks. The vision tower, where long patch sequences make it pay, may use flash-attention-2."""
+    vision = requested
+    if requested == "auto":
+        has_flash = importlib.util.find_spec("flash_attn") is not None
+        vision = "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if vision == "sdpa":
+        return "sdpa"
+    return {"": "sdpa", "text_config": "sdpa", "vision_config": vision}
 
 
 def quantization_config(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> Any:
@@ -206,7 +210,7 @@ def _eos_token_ids(model: Any, processor: Any) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
 
 
-def _log_loaded(loaded: LoadedModel, attention: str, quantization: str, seconds: float) -> None:
+def _log_loaded(loaded: LoadedModel, attention: object, quantization: str, seconds: float) -> None:
     footprint_mb = loaded.model.get_memory_footprint() / 2**20
     extra = ""
     if loaded.device.type == "cuda":

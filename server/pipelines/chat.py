@@ -10,11 +10,11 @@ from typing import Any
 from PIL import Image
 
 from server.config import MediaLimits
-from server.engine.engine import AsyncEngine
+from server.engine.engine import RETRY_AFTER_S, AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import InvalidRequest, ServerError
+from server.exceptions import EngineOverloaded, InvalidRequest, ServerError
 from server.media.fetch import MediaFetcher
 from server.media.image import Detail, load_image
 
@@ -59,6 +59,17 @@ class GenerationFailed(ServerError):
         super().__init__("The model failed while generating; see the server log.")
 
 
+def raise_for_finish(output: SequenceOutput) -> None:
+    if output.finish_reason == "error":
+        raise GenerationFailed()
+    if output.finish_reason == "queue_timeout":
+        raise EngineOverloaded(
+            "The request waited too long for a free slot; retry shortly.",
+            retry_after_s=RETRY_AFTER_S,
+            code="queue_timeout",
+        )
+
+
 class ChatPipeline:
     def __init__(
         self,
@@ -67,8 +78,12 @@ class ChatPipeline:
         fetcher: MediaFetcher,
         limits: MediaLimits,
         model_max_pixels: int,
+        max_concurrent_preprocessing: int,
     ):
         self.engine = engine
+        # Fetching and decoding are bounded per request (caps, timeouts) and here in number, so
+        # a burst cannot spend the CPU preparing requests the queue will then refuse.
+        self.preprocessing = asyncio.Semaphore(max_concurrent_preprocessing)
         self.input_builder = input_builder
         self.fetcher = fetcher
         self.limits = limits
@@ -76,15 +91,16 @@ class ChatPipeline:
 
     async def start(self, request: ChatRequest) -> Sequence:
         """Everything that can fail because of the request happens here, before any output."""
-        images = await self._load_images(request.messages)
-        hf_messages = [_to_hf_message(m) for m in request.messages]
-        inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
+        self.engine.check_capacity()  # refuse early, before spending work on the request
+        async with self.preprocessing:
+            images = await self._load_images(request.messages)
+            hf_messages = [_to_hf_message(m) for m in request.messages]
+            inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
         return self.engine.add_request(request.request_id, inputs, request.sampling)
 
     async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
         async for output in self.engine.stream(seq):
-            if output.finish_reason == "error":
-                raise GenerationFailed()
+            raise_for_finish(output)
             yield output
 
     async def complete(self, request: ChatRequest) -> ChatResult:

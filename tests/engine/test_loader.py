@@ -104,7 +104,12 @@ def test_dtype_and_attention_choice() -> None:
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("float16", cuda) == torch.float16
     assert resolve_attention("auto", cpu) == "sdpa"
-    assert resolve_attention("eager", cpu) == "eager"
+    assert resolve_attention("sdpa", cuda) == "sdpa"
+    assert resolve_attention("flash_attention_2", cuda) == {
+        "": "sdpa",
+        "text_config": "sdpa",
+        "vision_config": "flash_attention_2",
+    }
 
 
 @pytest.mark.gpu

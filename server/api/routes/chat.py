@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import require_api_key
@@ -23,38 +26,42 @@ from server.api.protocol import (
     completion_id,
 )
 from server.api.services import Services, get_services
-from server.engine.sequence import Sequence
-from server.exceptions import InvalidRequest, ServerError
+from server.engine.sequence import Sequence, SequenceOutput
+from server.exceptions import ClientDisconnected, InvalidRequest, ServerError
 from server.pipelines.chat import ChatRequest
 
+T = TypeVar("T")
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
 async def chat_completions(
-    body: ChatCompletionRequest, services: Services = Depends(get_services)
+    body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
-    return await _complete(body, services, OPENAI_DEFAULT_TEMPERATURE)
+    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
 async def chat_completions_alias(
-    body: ChatCompletionRequest, services: Services = Depends(get_services)
+    body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
-    return await _complete(body, services, OPENAI_DEFAULT_TEMPERATURE)
+    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE)
 
 
 @router.post("/v2/media/completions", response_model=ChatCompletionResponse, tags=["media"])
 async def media_completions(
-    body: ChatCompletionRequest, services: Services = Depends(get_services)
+    body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
     """Animus media completions: the chat contract with temperature defaulting to 0.1."""
-    return await _complete(body, services, ANIMUS_DEFAULT_TEMPERATURE)
+    return await _complete(body, request, services, ANIMUS_DEFAULT_TEMPERATURE)
 
 
 async def _complete(
-    body: ChatCompletionRequest, services: Services, default_temperature: float
+    body: ChatCompletionRequest,
+    request: Request,
+    services: Services,
+    default_temperature: float,
 ) -> ChatCompletionResponse | StreamingResponse:
     services.check_model(body.model)
     if unsupported := body.unsupported_fields():
@@ -69,25 +76,56 @@ async def _complete(
             param="stream_options",
             code="invalid_value",
         )
-    request = ChatRequest(
+    chat_request = ChatRequest(
         request_id=completion_id(),
         messages=body.to_messages(),
         sampling=body.to_sampling_params(default_temperature),
     )
     if not body.stream:
-        result = await services.chat.complete(request)
-        return ChatCompletionResponse.from_result(request.request_id, body.model, result)
-    seq = await services.chat.start(request)  # request errors still answer 4xx, not SSE
+        result = await until_disconnected(request, services.chat.complete(chat_request))
+        return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)
+    seq = await services.chat.start(chat_request)
+    outputs = services.chat.outputs(seq)
+    # Wait for the first token before answering 200, so a queue timeout is still a 503.
+    first = await until_disconnected(request, anext(outputs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        _sse_events(services, seq, body.model, include_usage),
+        _sse_events(seq, first, outputs, body.model, include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs work, cancelling it (which aborts its sequence) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body is already read, so the next message is the disconnect (or nothing, ever).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _sse_events(
-    services: Services, seq: Sequence, model: str, include_usage: bool
+    seq: Sequence,
+    first: SequenceOutput,
+    outputs: AsyncIterator[SequenceOutput],
+    model: str,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     created = int(time.time())
 
@@ -99,7 +137,7 @@ async def _sse_events(
 
     yield event([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
     try:
-        async for output in services.chat.outputs(seq):
+        async for output in _prepend(first, outputs):
             if output.text_delta:
                 yield event(
                     [ChatCompletionChunkChoice(delta=DeltaMessage(content=output.text_delta))]
@@ -126,3 +164,12 @@ async def _sse_events(
             )
             yield event([], usage)
     yield "data: [DONE]\n\n"
+
+
+async def _prepend(
+    first: SequenceOutput, rest: AsyncIterator[SequenceOutput]
+) -> AsyncIterator[SequenceOutput]:
+    yield first
+    if not first.finished:
+        async for output in rest:
+            yield output

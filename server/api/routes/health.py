@@ -12,9 +12,12 @@ router = APIRouter()
 
 @router.get("/health", tags=["server"])
 async def health(services: Services = Depends(get_services)) -> JSONResponse:
-    if not services.engine.is_running:
+    engine = services.engine
+    if not engine.is_running:
         return JSONResponse({"status": "unavailable"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse(
+        {"status": "ok", "num_running": engine.num_running, "num_queued": engine.num_queued}
+    )
 
 
 @router.get(
