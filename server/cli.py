@@ -81,12 +81,15 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.api.app import create_app
+    from server.engine.loader import load_model
     from server.log import configure_logging
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
-    app = create_app(settings)
     try:
+        # Load before serving, so a missing or broken checkpoint is one clear line, not a trace.
+        loaded = load_model(settings.engine_config())
+        app = create_app(settings, loaded)
         uvicorn.run(
             app,
             host=settings.host,

@@ -19,7 +19,7 @@ from server.api.services import Services
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
-from server.engine.loader import load_model
+from server.engine.loader import LoadedModel, load_model
 from server.log import request_id_var
 from server.media.fetch import MediaFetcher
 from server.pipelines.chat import ChatPipeline
@@ -54,11 +54,15 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
+    """loaded: a model the caller already loaded (the CLI does, to fail before serving)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal loaded
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        loaded = await asyncio.to_thread(load_model, settings.engine_config())
+        if loaded is None:
+            loaded = await asyncio.to_thread(load_model, settings.engine_config())
         engine = AsyncEngine.build(loaded, settings.engine_config())
         engine.start()
         fetcher = MediaFetcher(settings.media_fetch_timeout)

@@ -11,13 +11,22 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from server.engine.sampling import SamplingParams
 from server.exceptions import InvalidRequest
 from server.pipelines.chat import ChatMessage, ChatResult, ImagePart, TextPart
 
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256  # a stop string's tail is held back while streaming: keep it short
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 ANIMUS_DEFAULT_TEMPERATURE = 0.1
 
@@ -26,12 +35,27 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _no_lone_surrogates(value: str) -> str:
+    # JSON may carry "\ud83d" alone; it is not text and the tokenizer cannot encode it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text contains an invalid unicode escape (a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH), AfterValidator(_no_lone_surrogates)]
+# torch.Generator.manual_seed takes any 64-bit value, signed or not.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 # -- request: messages ------------------------------------------------------------------------
 
 
 class TextContentPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(StrictModel):
@@ -66,8 +90,8 @@ ContentPart = Annotated[
 
 class ChatMessageParam(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: str | None = None  # accepted as OpenAI does; Qwen's chat template has no use for it
 
 
 class StreamOptions(StrictModel):
@@ -114,11 +138,11 @@ class ChatCompletionRequest(StrictModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     reasoning_effort: str | None = None
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     service_tier: str | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = None
     store: bool | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     tool_choice: Any | None = None
@@ -127,7 +151,7 @@ class ChatCompletionRequest(StrictModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     user: str | None = None
     top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's; -1 or 0: disabled)
-    stop_token_ids: list[int] | None = None  # extension (vLLM's)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = None  # extension (vLLM's)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)

@@ -1,8 +1,12 @@
-"""Token ids -> text deltas for one sequence, with stop strings.
+"""Token ids -> text deltas for one sequence, with stop strings, in linear time.
+
+Byte-level BPE tokens are not characters: a character may span tokens and a token's text may
+depend on its neighbours. Like vLLM, we decode a short window of recent tokens twice (with and
+without the newest) and take the difference, so each step costs O(window), not O(output).
 
 Two rules make streamed text equal the final text: never emit a partial UTF-8 character (the
-tokenizer decodes it as U+FFFD until the rest arrives), and hold back the last few characters
-that could still turn out to be the start of a stop string.
+window decodes to U+FFFD until the rest arrives), and hold back the last characters that could
+still turn out to be the start of a stop string.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
+# Tokens decoded before the new ones, so merges and spacing at the boundary come out right.
+CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
@@ -21,19 +27,28 @@ class IncrementalDetokenizer:
         self.text = ""
         self.num_emitted_chars = 0
         self.stop_hit: str | None = None
+        self._prefix_offset = 0  # window start
+        self._read_offset = 0  # tokens before this are already in self.text
 
     def add_token(self, token_id: int) -> str | None:
         """Append one generated token; returns the stop string if the text now contains one."""
         self.token_ids.append(token_id)
-        # Decoding the whole output keeps byte-level BPE merges right across token boundaries.
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if text.endswith(REPLACEMENT_CHAR):
-            return None  # wait for the rest of the character
-        self.text = text
-        return self._truncate_at_stop()
+        window = self.token_ids[self._prefix_offset :]
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(window)
+        if full.endswith(REPLACEMENT_CHAR) or len(full) <= len(prefix):
+            return None  # an incomplete character (or nothing visible yet): wait
+        searched_from = max(0, len(self.text) - self.holdback)
+        self.text += full[len(prefix) :]
+        self._read_offset = len(self.token_ids)
+        self._prefix_offset = max(0, self._read_offset - CONTEXT_TOKENS)
+        return self._truncate_at_stop(searched_from)
 
-    def _truncate_at_stop(self) -> str | None:
-        hits = [(self.text.find(s), s) for s in self.stop if s in self.text]
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if token_ids else ""
+
+    def _truncate_at_stop(self, start: int) -> str | None:
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if not hits:
             return None
         index, self.stop_hit = min(hits)
@@ -42,8 +57,11 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end, whatever is left, even an incomplete character (shown as U+FFFD)."""
-        if self.token_ids and self.stop_hit is None:
-            self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if self.stop_hit is None and self._read_offset < len(self.token_ids):
+            prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self.token_ids[self._prefix_offset :])
+            self.text += full[len(prefix) :]
+            self._read_offset = len(self.token_ids)
         return self._emit(len(self.text))
 
     def delta(self) -> str:

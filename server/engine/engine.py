@@ -116,6 +116,7 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineStopped("The engine is not running.")
         seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
+        seq.log_id = request_id_var.get()
         with self._lock:
             self.check_capacity()
             self._num_queued += 1
@@ -167,39 +168,51 @@ class AsyncEngine:
 
     # -- the loop (worker thread) ----------------------------------------------------------
     def _run_loop(self) -> None:
+        self.runner.bind_thread()
         while not self._stopping:
-            self._take_inbox(block=not self.scheduler.has_work)
-            self._drop_aborted_and_expired()
-            step = self.scheduler.schedule()
-            if step.is_empty:
-                continue
             try:
-                if step.prefill:
-                    self._mark_admitted(step.prefill)
-                    self._process(step.prefill, self.runner.prefill(step.prefill))
-                decode = [s for s in step.decode if not s.is_finished]
-                if decode:
-                    self._process(decode, self.runner.decode(decode))
-            except Exception:
-                logger.exception("engine step failed; failing its sequences")
-                for seq in step.prefill + step.decode:
-                    if not seq.is_finished:
-                        self._finish(seq, "error")
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self._step()
+            except Exception as exc:
+                logger.exception("engine step failed; failing the running sequences")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error")
+                if is_fatal_device_error(exc):
+                    # A CUDA error poisons the context: stop (health turns 503) rather than
+                    # answer every later request with garbage or another error.
+                    self._stopping = True
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._finish(seq, "abort")
+        while (item := self._take_one()) is not False:
+            if item is not None:
+                self._finish(item, "abort")
+
+    def _step(self) -> None:
+        self._take_inbox(block=not self.scheduler.has_work)
+        self._drop_aborted_and_expired()
+        step = self.scheduler.schedule()
+        if step.prefill:
+            self._mark_admitted(step.prefill)
+            self._process(step.prefill, self.runner.prefill(step.prefill))
+        decode = [s for s in step.decode if not s.is_finished]
+        if decode:
+            self._process(decode, self.runner.decode(decode))
+
+    def _take_one(self) -> Sequence | None | bool:
+        """The next inbox item without waiting; False when the inbox is empty."""
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return False
 
     def _take_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(block=block)
-            while True:
-                if item is not None:
-                    self._detokenizers[item.request_id] = IncrementalDetokenizer(
-                        self.tokenizer, item.sampling.stop
-                    )
-                    self.scheduler.add(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
+        """Move new requests to the scheduler; when idle, sleep until one (or an abort) comes."""
+        item = self._inbox.get() if block else self._take_one()
+        while item is not False:
+            if item is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, item.sampling.stop)
+                self._detokenizers[item.request_id] = detok
+                self.scheduler.add(item)
+            item = self._take_one()
 
     def _drop_aborted_and_expired(self) -> None:
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
@@ -216,7 +229,7 @@ class AsyncEngine:
         """Post-process one step: append tokens, detokenize, check stops, stream, free."""
         now = time.monotonic()
         for seq, token_id in zip(seqs, token_ids, strict=True):
-            request_id_var.set(seq.request_id)
+            request_id_var.set(seq.log_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.output_token_ids.append(token_id)
@@ -234,6 +247,7 @@ class AsyncEngine:
                 self._emit(seq, SequenceOutput(delta, seq.num_completion_tokens))
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        request_id_var.set(seq.log_id)
         was_queued = seq.status is SequenceStatus.WAITING
         move = self.scheduler.remove(seq)
         if move is not None:
@@ -260,6 +274,10 @@ class AsyncEngine:
     def _emit(self, seq: Sequence, output: SequenceOutput) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(seq.outputs.put_nowait, output)
+
+
+def is_fatal_device_error(exc: Exception) -> bool:
+    return "CUDA error" in str(exc) or "device-side assert" in str(exc)
 
 
 def kv_cache_slots(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:

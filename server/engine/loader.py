@@ -113,13 +113,16 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attention(requested: str, device: torch.device) -> str | dict[str, str]:
+def resolve_attention(
+    requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> str | dict[str, str]:
     """The text model always uses sdpa: the batching runner hands it explicit KV views and
     masks. The vision tower, where long patch sequences make it pay, may use flash-attention-2."""
     vision = requested
     if requested == "auto":
         has_flash = importlib.util.find_spec("flash_attn") is not None
-        vision = "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+        half = dtype in (torch.bfloat16, torch.float16)  # flash-attention has no fp32 kernels
+        vision = "flash_attention_2" if device.type == "cuda" and has_flash and half else "sdpa"
     if vision == "sdpa":
         return "sdpa"
     return {"": "sdpa", "text_config": "sdpa", "vision_config": vision}
@@ -172,7 +175,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     family = _check_checkpoint(path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    attention = resolve_attention(cfg.attn_implementation, device)
+    attention = resolve_attention(cfg.attn_implementation, device, dtype)
     quant = quantization_config(cfg, device, dtype)
     try:
         model = AutoModelForImageTextToText.from_pretrained(

@@ -44,6 +44,11 @@ class ModelRunner:
         )
         self.states: dict[str, SamplingState] = {}
 
+    def bind_thread(self) -> None:
+        """Called on the engine thread: CUDA's current device is per thread."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     # -- sequence lifecycle ----------------------------------------------------------------
     def release(self, seq: Sequence) -> None:
         self.states.pop(seq.request_id, None)

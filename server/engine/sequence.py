@@ -39,6 +39,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     is_aborted: bool = False
+    log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
     slot: int = -1  # KV-cache slot while running
     rope_delta: int = 0  # Qwen2-VL mrope: position of the next token minus its index
     arrival_time: float = field(default_factory=time.monotonic)

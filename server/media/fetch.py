@@ -6,6 +6,7 @@ size is checked before it is decoded.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -33,6 +34,7 @@ class MediaFetcher:
     """One shared httpx client; created and closed by the app's lifespan."""
 
     def __init__(self, timeout_s: float, user_agent: str = "vlm-server"):
+        self.timeout_s = timeout_s  # for the whole fetch, not per read: a slow drip ends too
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
             follow_redirects=False,
@@ -45,7 +47,10 @@ class MediaFetcher:
     async def fetch(self, url: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
         """kind is "image" or "video": the media type a data: URI must declare."""
         if url.startswith("data:"):
-            return decode_data_uri(url, max_bytes=max_bytes, kind=kind, param=param)
+            # Decoding megabytes of base64 is CPU work: keep it off the event loop.
+            return await asyncio.to_thread(
+                decode_data_uri, url, max_bytes=max_bytes, kind=kind, param=param
+            )
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme not in ("http", "https"):
             raise MediaError(
@@ -53,7 +58,13 @@ class MediaFetcher:
                 f"data:{kind}/...;base64 URI.",
                 param=param,
             )
-        return await self._fetch_http(url, max_bytes=max_bytes, kind=kind, param=param)
+        try:
+            return await asyncio.wait_for(
+                self._fetch_http(url, max_bytes=max_bytes, kind=kind, param=param),
+                self.timeout_s,
+            )
+        except TimeoutError:
+            raise _timed_out(kind, param) from None
 
     async def _fetch_http(self, url: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
         try:
@@ -77,10 +88,8 @@ class MediaFetcher:
                 mime = response.headers.get("content-type", "").split(";")[0].strip() or None
                 return FetchedMedia(b"".join(chunks), mime)
         except httpx.TimeoutException:
-            raise MediaError(
-                f"Timed out fetching the {kind} at {param}.", param=param, code="media_fetch_failed"
-            ) from None
-        except (httpx.HTTPError, ValueError):
+            raise _timed_out(kind, param) from None
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError):
             raise MediaError(
                 f"Could not fetch the {kind} at {param}: the URL is invalid or unreachable.",
                 param=param,
@@ -111,6 +120,12 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     if not data:
         raise MediaError(f"The data URI at {param} is empty.", param=param)
     return FetchedMedia(data, mime)
+
+
+def _timed_out(kind: str, param: str) -> MediaError:
+    return MediaError(
+        f"Timed out fetching the {kind} at {param}.", param=param, code="media_fetch_failed"
+    )
 
 
 def _too_large(kind: str, max_bytes: int, param: str) -> MediaError:

@@ -36,6 +36,18 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MAX_DECODED_PIXELS = 64 * 1024 * 1024
 
 
+# Pillow's own bomb check, set explicitly: it fires inside Image.open for absurd headers.
+Image.MAX_IMAGE_PIXELS = MAX_DECODED_PIXELS
+
+
+def _too_large(param: str, size: str) -> MediaError:
+    return MediaError(
+        f"The image at {param} is {size}, above the server's limit of {MAX_DECODED_PIXELS} pixels.",
+        param=param,
+        code="image_too_large",
+    )
+
+
 def max_pixels_for(detail: Detail, model_max_pixels: int) -> int:
     if detail == "low":
         return min(LOW_DETAIL_MAX_PIXELS, model_max_pixels)
@@ -60,17 +72,14 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
             width, height = probe.size
             if width * height > MAX_DECODED_PIXELS:
-                raise MediaError(
-                    f"The image at {param} is {width}x{height}, above the server's limit of "
-                    f"{MAX_DECODED_PIXELS} pixels.",
-                    param=param,
-                    code="image_too_large",
-                )
+                raise _too_large(param, f"{width}x{height}")
             probe.load()
             image = ImageOps.exif_transpose(probe).convert("RGB")
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_large(param, "too large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise MediaError(
             f"The data at {param} is not a valid image (supported: "
             f"{', '.join(f.lower() for f in ALLOWED_FORMATS)}).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 
 from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
+from tests.media.test_image import png_header_only
 
 pytestmark = pytest.mark.anyio
 
@@ -137,6 +139,44 @@ BAD_BODIES = {
         "stream_options",
         None,
     ),
+    "seed out of range": (
+        {"model": "tiny", "messages": user(TEXT), "seed": 2**64},
+        "seed",
+        "invalid_value",
+    ),
+    "lone surrogate in text": (
+        {"model": "tiny", "messages": [{"role": "user", "content": "\ud83d"}]},
+        "messages[0].content",
+        "invalid_value",
+    ),
+    "stop string too long": (
+        {"model": "tiny", "messages": user(TEXT), "stop": "x" * 1000},
+        "stop",
+        "invalid_value",
+    ),
+    "stream as a string": (
+        {"model": "tiny", "messages": user(TEXT), "stream": "yes"},
+        "stream",
+        "invalid_value",
+    ),
+    "negative stop token id": (
+        {"model": "tiny", "messages": user(TEXT), "stop_token_ids": [-1]},
+        "stop_token_ids[0]",
+        "invalid_value",
+    ),
+    "malformed URL": (
+        {"model": "tiny", "messages": user(image("http://[::1"))},
+        "messages[0].content[0]",
+        "media_fetch_failed",
+    ),
+    "decompression bomb": (
+        {
+            "model": "tiny",
+            "messages": user(image(data_uri(png_header_only(60_000, 60_000), "image/png"))),
+        },
+        "messages[0].content[0]",
+        "image_too_large",
+    ),
     "max_tokens beyond the context": (
         {"model": "tiny", "messages": user(TEXT), "max_tokens": 10_000_000},
         "max_tokens",
@@ -148,7 +188,12 @@ BAD_BODIES = {
 @pytest.mark.parametrize("name", BAD_BODIES)
 async def test_bad_body_gets_400(client: httpx.AsyncClient, name: str) -> None:
     body, param, code = BAD_BODIES[name]
-    response = await client.post("/v1/chat/completions", json=body)
+    # json.dumps escapes non-ASCII, so a lone surrogate travels as the JSON text "\ud83d".
+    response = await client.post(
+        "/v1/chat/completions",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+    )
     assert_error(response, 400, param, code)
     assert (await client.get("/health")).status_code == 200
 

@@ -51,3 +51,33 @@ def test_earliest_stop_string_wins(tokenizer) -> None:
 def test_no_stop_emits_everything(tokenizer) -> None:
     _, joined, hit = run(tokenizer, "a plain sentence", stop=("zzz",))
     assert hit is None and joined == "a plain sentence"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Plain English, with punctuation; and numbers 12345.",
+        "Mixed 🙂 emoji 👩‍👩‍👧 and accents: déjà vu, naïve, Zürich — «quotes».",
+        "中文和日本語のテキスト、한국어도。",
+        "  leading spaces\n\nnew lines\ttabs  ",
+    ],
+)
+def test_streamed_text_equals_the_full_decode(tokenizer, text: str) -> None:
+    deltas, joined, _ = run(tokenizer, text * 5)
+    assert joined == tokenizer.decode(tokenizer(text * 5)["input_ids"])
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_long_outputs_cost_linear_time(tokenizer) -> None:
+    """Each step decodes a short window, never the whole output."""
+    calls: list[int] = []
+
+    class CountingTokenizer:
+        def decode(self, ids, **kwargs):
+            calls.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    detok = IncrementalDetokenizer(CountingTokenizer())
+    for token_id in tokenizer("word " * 2000)["input_ids"]:
+        detok.add_token(token_id)
+    assert max(calls) <= 16
