@@ -57,6 +57,7 @@ class AsyncEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._num_queued = 0  # accepted but not yet running; guarded by _lock
         self._lock = threading.Lock()
+        self._pending: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -135,6 +136,9 @@ class AsyncEngine:
         try:
             while True:
                 output = await seq.outputs.get()
+                # A reader that fell behind gets what piled up as one output, not many.
+                while not output.finished and not seq.outputs.empty():
+                    output = output.merge(seq.outputs.get_nowait())
                 yield output
                 if output.finished:
                     return
@@ -172,6 +176,7 @@ class AsyncEngine:
         while not self._stopping:
             try:
                 self._step()
+                self._deliver()
             except Exception as exc:
                 logger.exception("engine step failed; failing the running sequences")
                 for seq in list(self.scheduler.running):
@@ -180,11 +185,13 @@ class AsyncEngine:
                     # A CUDA error poisons the context: stop (health turns 503) rather than
                     # answer every later request with garbage or another error.
                     self._stopping = True
+                self._deliver()
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._finish(seq, "abort")
         while (item := self._take_one()) is not False:
             if item is not None:
                 self._finish(item, "abort")
+        self._deliver()
 
     def _step(self) -> None:
         self._take_inbox(block=not self.scheduler.has_work)
@@ -193,6 +200,7 @@ class AsyncEngine:
         if step.prefill:
             self._mark_admitted(step.prefill)
             self._process(step.prefill, self.runner.prefill(step.prefill))
+            self._deliver()  # first tokens out now, not after this iteration's decode
         decode = [s for s in step.decode if not s.is_finished]
         if decode:
             self._process(decode, self.runner.decode(decode))
@@ -272,8 +280,18 @@ class AsyncEngine:
         )
 
     def _emit(self, seq: Sequence, output: SequenceOutput) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(seq.outputs.put_nowait, output)
+        self._pending.append((seq, output))
+
+    def _deliver(self) -> None:
+        """Hand this step's outputs to the event loop in one wake-up, not one per token."""
+        if self._pending and self._loop is not None:
+            batch, self._pending = self._pending, []
+            self._loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[Sequence, SequenceOutput]]) -> None:
+    for seq, output in batch:
+        seq.outputs.put_nowait(output)
 
 
 def is_fatal_device_error(exc: Exception) -> bool:

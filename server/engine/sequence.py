@@ -27,6 +27,16 @@ class SequenceOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "queue_timeout"
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
 
+    def merge(self, later: SequenceOutput) -> SequenceOutput:
+        """This output followed by a later one, as a single output."""
+        return SequenceOutput(
+            self.text_delta + later.text_delta,
+            later.num_completion_tokens,
+            later.finished,
+            later.finish_reason,
+            later.stop_reason,
+        )
+
 
 @dataclass
 class Sequence:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -15,19 +14,14 @@ from server.api.auth import require_api_key
 from server.api.protocol import (
     ANIMUS_DEFAULT_TEMPERATURE,
     OPENAI_DEFAULT_TEMPERATURE,
-    ChatCompletionChunk,
-    ChatCompletionChunkChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    DeltaMessage,
-    ErrorInfo,
     ErrorResponse,
-    Usage,
     completion_id,
 )
 from server.api.services import Services, get_services
-from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import ClientDisconnected, InvalidRequest, ServerError
+from server.api.sse import chat_stream
+from server.exceptions import ClientDisconnected, InvalidRequest
 from server.pipelines.chat import ChatRequest
 
 T = TypeVar("T")
@@ -90,7 +84,7 @@ async def _complete(
     first = await until_disconnected(request, anext(outputs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        _sse_events(seq, first, outputs, body.model, include_usage),
+        chat_stream(seq, first, outputs, body.model, include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -118,58 +112,3 @@ async def _wait_for_disconnect(request: Request) -> None:
     # The body is already read, so the next message is the disconnect (or nothing, ever).
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _sse_events(
-    seq: Sequence,
-    first: SequenceOutput,
-    outputs: AsyncIterator[SequenceOutput],
-    model: str,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    created = int(time.time())
-
-    def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
-        chunk = ChatCompletionChunk(
-            id=seq.request_id, created=created, model=model, choices=choices, usage=usage
-        )
-        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-
-    yield event([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-    try:
-        async for output in _prepend(first, outputs):
-            if output.text_delta:
-                yield event(
-                    [ChatCompletionChunkChoice(delta=DeltaMessage(content=output.text_delta))]
-                )
-            if output.finished:
-                yield event(
-                    [
-                        ChatCompletionChunkChoice(
-                            delta=DeltaMessage(),
-                            finish_reason=output.finish_reason,
-                            stop_reason=output.stop_reason,
-                        )
-                    ]
-                )
-    except ServerError as exc:
-        error = ErrorResponse(
-            error=ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code)
-        )
-        yield f"data: {error.model_dump_json()}\n\n"
-    else:
-        if include_usage:
-            usage = Usage.of(
-                seq.inputs.num_prompt_tokens, seq.inputs.num_image_tokens, seq.num_completion_tokens
-            )
-            yield event([], usage)
-    yield "data: [DONE]\n\n"
-
-
-async def _prepend(
-    first: SequenceOutput, rest: AsyncIterator[SequenceOutput]
-) -> AsyncIterator[SequenceOutput]:
-    yield first
-    if not first.finished:
-        async for output in rest:
-            yield output
