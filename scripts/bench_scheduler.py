@@ -67,7 +67,6 @@ def request_body(i: int, tokens: int, image_size: int, stream: bool = True) -> d
             }
         ],
         "max_tokens": tokens,
-        "min_tokens": tokens,
         "ignore_eos": True,
         "temperature": 0,
         "stream": stream,
@@ -249,11 +248,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=3, help="requests per client")
     parser.add_argument("--num-long", type=int, default=16)
     parser.add_argument("--long-tokens", type=int, default=256)
     parser.add_argument("--num-short", type=int, default=8)
     parser.add_argument("--short-tokens", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--skip-ceiling", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # Without --kv-cache-memory: this share of the GPU memory left after loading the weights
 # (the rest is for activations, vision-tower work above all), or this much RAM on a CPU.
 AUTO_KV_GPU_FRACTION = 0.7
-AUTO_KV_CPU_GIB = 2.0
+AUTO_KV_CPU_GIB = 4.0
 # Seconds a client is told to wait (Retry-After) when the queue is full or timed out.
 RETRY_AFTER_S = 1
 
@@ -316,6 +316,14 @@ def kv_cache_slots(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) 
             f"The KV cache budget ({budget / 2**30:.1f} GiB) cannot hold one sequence of "
             f"{max_seq_len} tokens ({per_slot / 2**30:.2f} GiB): raise --kv-cache-memory or "
             "lower --max-model-len."
+        )
+    if num_slots < config.max_num_seqs:
+        logger.warning(
+            "The KV cache budget holds only %d sequences of %d tokens (--max-num-seqs %d): "
+            "lower --max-model-len or raise --kv-cache-memory to run more at once.",
+            num_slots,
+            max_seq_len,
+            config.max_num_seqs,
         )
     logger.info(
         "KV cache: %d slots of %d tokens, %.2f GiB",

@@ -58,10 +58,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def sample_one(logits: torch.Tensor, state: SamplingState) -> int:
-    """logits: [vocab] float32 for one sequence."""
+    """logits: [vocab] float32 for one sequence (banned tokens already masked)."""
     params = state.params
-    if state.banned_token_ids:
-        logits[list(state.banned_token_ids)] = float("-inf")
     logits = apply_penalties(logits, state)
     if params.is_greedy:
         return int(torch.argmax(logits))
@@ -71,11 +69,14 @@ def sample_one(logits: torch.Tensor, state: SamplingState) -> int:
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
-    """logits: [batch, vocab]. Greedy rows without penalties share one argmax."""
+    """logits: [batch, vocab]. Greedy rows without penalties share one batched argmax; the
+    others (sampling, penalties) are done row by row with their own generator."""
     logits = logits.float()
-    plain_greedy = [
-        s.params.is_greedy and not s.banned_token_ids and not s.params.has_penalties for s in states
-    ]
+    banned = [(row, token) for row, s in enumerate(states) for token in s.banned_token_ids]
+    if banned:
+        rows, tokens = zip(*banned, strict=True)
+        logits[list(rows), list(tokens)] = float("-inf")
+    plain_greedy = [s.params.is_greedy and not s.params.has_penalties for s in states]
     argmax = torch.argmax(logits, dim=-1).tolist() if any(plain_greedy) else []
     return [
         argmax[i] if plain else sample_one(logits[i].clone(), state)
