@@ -143,7 +143,9 @@ def start_server(checkpoint: Path, port: int, args: argparse.Namespace) -> subpr
         "--device",
         args.device,
         "--max-num-seqs",
-        str(max(args.concurrency) + 16),
+        str(max(args.concurrency) + args.num_long),
+        "--max-model-len",
+        str(args.max_model_len),
         "--log-level",
         "warning",
     ]

@@ -21,9 +21,11 @@ from tests.helpers import make_image
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(Settings(model=str(tiny_model_dir)).engine_config())
+@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir"])
+def loaded(request: pytest.FixtureRequest) -> LoadedModel:
+    """Both families: Qwen2-VL and Qwen2.5-VL (whose vision tower and rope differ)."""
+    path: Path = request.getfixturevalue(request.param)
+    return load_model(Settings(model=str(path)).engine_config())
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:

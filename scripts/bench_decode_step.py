@@ -1,0 +1,77 @@
+"""Time one decode step of the batching runner against HF's own forward with a DynamicCache.
+
+    python scripts/bench_decode_step.py [--checkpoint models/bench-qwen2-vl] [--device cpu]
+
+For each batch size: prefill that many image prompts, decode 150 steps to grow the cache, then
+time 30 steps of `ModelRunner.decode` and 30 of `model(...)` with the model's own cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.config import Settings  # noqa: E402
+from server.engine.inputs import InputBuilder  # noqa: E402
+from server.engine.loader import load_model  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.sequence import Sequence  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "bench-qwen2-vl"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 17, 32])
+    args = parser.parse_args()
+    loaded = load_model(Settings(model=args.checkpoint, device=args.device).engine_config())
+    builder = InputBuilder(loaded.processor, loaded.image_token_id)
+    runner = ModelRunner(loaded, max(args.batch_sizes), 2048)
+    steps = 30
+
+    def step(seqs: list[Sequence]) -> None:
+        for seq, token in zip(seqs, runner.decode(seqs), strict=True):
+            seq.output_token_ids.append(token)
+
+    print("| batch | runner decode step | HF forward + DynamicCache |\n| --- | --- | --- |")
+    for batch in args.batch_sizes:
+        seqs = []
+        for i in range(batch):
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}
+            ]
+            inputs = builder.build(messages, [Image.new("RGB", (224, 224), (i * 30 % 256, 40, 50))])
+            seq = Sequence(f"s{i}", inputs, SamplingParams(temperature=0), 500)
+            seq.slot = i
+            seqs.append(seq)
+        for seq, token in zip(seqs, runner.prefill(seqs), strict=True):
+            seq.output_token_ids.append(token)
+        for _ in range(150):
+            step(seqs)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(seqs)
+        ours = (time.perf_counter() - started) / steps
+        ids = torch.randint(0, 500, (batch, seqs[0].num_tokens), device=loaded.device)
+        with torch.inference_mode():
+            cache = loaded.model(input_ids=ids, use_cache=True).past_key_values
+            started = time.perf_counter()
+            for _ in range(steps):
+                loaded.model(input_ids=ids[:, :1], past_key_values=cache, logits_to_keep=1)
+            theirs = (time.perf_counter() - started) / steps
+        print(f"| {batch} | {ours * 1000:.1f} ms | {theirs * 1000:.1f} ms |")
+        for seq in seqs:
+            runner.release(seq)
+
+
+if __name__ == "__main__":
+    main()
