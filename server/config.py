@@ -70,9 +70,12 @@ class Settings(BaseSettings):
     max_images_per_request: int = 16
     max_concurrent_preprocessing: int = 8
     media_fetch_timeout: float = 10.0
+    allowed_media_domains: StrList = []
+    allowed_local_media_path: Path | None = None
+    media_follow_redirects: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("served_model_name", "api_keys", mode="before")
+    @field_validator("served_model_name", "api_keys", "allowed_media_domains", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -44,10 +44,19 @@ class MediaServer:
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
-        files = self.files
+        self.redirects: dict[str, str] = {}
+        self.requested: list[str] = []
+        files, redirects, requested = self.files, self.redirects, self.requested
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
+                requested.append(self.path)
+                if self.path in redirects:
+                    self.send_response(302)
+                    self.send_header("Location", redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path not in files:
                     self.send_error(404)
                     return
@@ -77,6 +86,8 @@ def make_settings(model_dir: Path, **overrides: object) -> Settings:
         "model": str(model_dir),
         "served_model_name": ["animuslabs/Qwen2-VL-NSFW-Vision-1.2", "gpt-4o", "tiny"],
         "default_max_tokens": 16,
+        # The tests' media server is on loopback: allow it as an operator allows an internal store.
+        "allowed_media_domains": ["127.0.0.1"],
     }
     values.update(overrides)
     return Settings(**values)

@@ -21,7 +21,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
 from server.log import request_id_var
-from server.media.fetch import MediaFetcher
+from server.media.fetch import FetchPolicy, MediaFetcher
 from server.pipelines.chat import ChatPipeline
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,14 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             loaded = await asyncio.to_thread(load_model, settings.engine_config())
         engine = AsyncEngine.build(loaded, settings.engine_config())
         engine.start()
-        fetcher = MediaFetcher(settings.media_fetch_timeout)
+        fetcher = MediaFetcher(
+            FetchPolicy(
+                timeout_s=settings.media_fetch_timeout,
+                allowed_hosts=tuple(settings.allowed_media_domains),
+                follow_redirects=settings.media_follow_redirects,
+                local_media_root=settings.allowed_local_media_path,
+            )
+        )
         image_processor = loaded.processor.image_processor
         pipeline = ChatPipeline(
             engine,

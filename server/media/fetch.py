@@ -1,7 +1,10 @@
-"""Fetch media bytes from http(s) URLs and data: URIs, with a byte cap and a timeout.
+"""Fetch media bytes from http(s) URLs, data: URIs and allowed local files.
 
-The cap is enforced while streaming, so an oversized body is never read whole; a data: URI's
-size is checked before it is decoded.
+Every http(s) hop goes through netguard (one resolution, public addresses only unless the host
+is allow-listed, connect to the checked address); redirects are refused unless enabled, and then
+each is checked again. The byte cap is enforced while streaming, so an oversized body is never
+read whole; a data: URI's size is checked before it is decoded; the timeout covers the whole
+fetch. Error messages name the request part, never the exception text.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 
 from server.exceptions import MediaError
+from server.media.netguard import AddressRefused, resolve_checked
 
 DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)"
@@ -30,15 +36,26 @@ class FetchedMedia:
     mime_type: str | None  # as declared by the data: URI or the Content-Type header
 
 
-class MediaFetcher:
-    """One shared httpx client; created and closed by the app's lifespan."""
+@dataclass(frozen=True)
+class FetchPolicy:
+    timeout_s: float  # for the whole fetch, not per read: a slow drip ends too
+    allowed_hosts: tuple[str, ...] = ()  # empty: any host with only public addresses
+    follow_redirects: bool = False
+    max_redirects: int = 5
+    local_media_root: Path | None = None  # file:// URLs only below it; None: refused
 
-    def __init__(self, timeout_s: float, user_agent: str = "vlm-server"):
-        self.timeout_s = timeout_s  # for the whole fetch, not per read: a slow drip ends too
+
+class MediaFetcher:
+    """Fetches http(s), data: and (when enabled) file:// media; one shared httpx client,
+    created and closed by the app's lifespan. URLs are parsed once, by httpx."""
+
+    def __init__(self, policy: FetchPolicy, user_agent: str = "vlm-server"):
+        self.policy = policy
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            follow_redirects=False,
+            timeout=httpx.Timeout(policy.timeout_s),
+            follow_redirects=False,  # each hop is checked here, never followed blindly
             headers={"User-Agent": user_agent},
+            trust_env=False,  # no proxy from the environment may bypass the address check
         )
 
     async def aclose(self) -> None:
@@ -51,50 +68,131 @@ class MediaFetcher:
             return await asyncio.to_thread(
                 decode_data_uri, url, max_bytes=max_bytes, kind=kind, param=param
             )
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme not in ("http", "https"):
-            raise MediaError(
-                f"Unsupported {kind} URL scheme '{scheme or url[:16]}': use http(s) or a "
-                f"data:{kind}/...;base64 URI.",
-                param=param,
-            )
+        parsed = _parse(url, kind, param)
+        if parsed.scheme == "file":
+            return await self._fetch_file(parsed, max_bytes=max_bytes, kind=kind, param=param)
         try:
             return await asyncio.wait_for(
-                self._fetch_http(url, max_bytes=max_bytes, kind=kind, param=param),
-                self.timeout_s,
+                self._fetch_http(parsed, max_bytes=max_bytes, kind=kind, param=param),
+                self.policy.timeout_s,
             )
         except TimeoutError:
             raise _timed_out(kind, param) from None
 
-    async def _fetch_http(self, url: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
-        try:
-            async with self.client.stream("GET", url) as response:
-                if response.status_code != 200:
+    async def _fetch_http(
+        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str
+    ) -> FetchedMedia:
+        for _ in range(self.policy.max_redirects + 1):
+            response = await self._send_checked(url, kind, param)
+            try:
+                if not response.is_redirect:
+                    return await _read_capped(response, max_bytes, kind, param)
+                if not self.policy.follow_redirects:
                     raise MediaError(
-                        f"Could not fetch the {kind} at {param}: the server answered HTTP "
-                        f"{response.status_code}.",
+                        f"The {kind} URL at {param} redirects; redirects are not followed.",
                         param=param,
                         code="media_fetch_failed",
                     )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise _too_large(kind, max_bytes, param)
-                chunks, total = [], 0
-                async for chunk in response.aiter_bytes(CHUNK_SIZE):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise _too_large(kind, max_bytes, param)
-                    chunks.append(chunk)
-                mime = response.headers.get("content-type", "").split(";")[0].strip() or None
-                return FetchedMedia(b"".join(chunks), mime)
+                # Every hop is parsed and checked again like the first URL.
+                url = _parse(str(url.join(response.headers.get("location", ""))), kind, param)
+            finally:
+                await response.aclose()
+        raise MediaError(
+            f"The {kind} URL at {param} redirects too many times.",
+            param=param,
+            code="media_fetch_failed",
+        )
+
+    async def _send_checked(self, url: httpx.URL, kind: str, param: str) -> httpx.Response:
+        """Resolve and check the host once, then connect to exactly that address."""
+        if url.scheme not in ("http", "https"):
+            raise _bad_scheme(url.scheme, kind, param)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            address = await resolve_checked(url.host, port, self.policy.allowed_hosts)
+        except AddressRefused as refused:
+            raise MediaError(
+                f"The {kind} URL at {param} is not allowed: {refused}.",
+                param=param,
+                code="media_url_not_allowed",
+            ) from None
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        request = self.client.build_request(
+            "GET",
+            url.copy_with(host=address),
+            headers={"Host": url.netloc.decode("ascii")},
+            extensions=extensions,
+        )
+        try:
+            return await self.client.send(request, stream=True)
         except httpx.TimeoutException:
             raise _timed_out(kind, param) from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError):
+            raise _unreachable(kind, param) from None
+
+    async def _fetch_file(
+        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str
+    ) -> FetchedMedia:
+        root = self.policy.local_media_root
+        if root is None:
             raise MediaError(
-                f"Could not fetch the {kind} at {param}: the URL is invalid or unreachable.",
+                f"file:// URLs ({param}) are not enabled on this server.",
                 param=param,
-                code="media_fetch_failed",
-            ) from None
+                code="media_url_not_allowed",
+            )
+        # resolve() follows symlinks and folds "..": what is checked is where the bytes are.
+        path = Path(unquote(url.path)).resolve()
+        if url.host not in ("", "localhost") or not path.is_relative_to(root.resolve()):
+            raise MediaError(
+                f"The file at {param} is outside the server's allowed local media path.",
+                param=param,
+                code="media_url_not_allowed",
+            )
+        if not path.is_file():
+            raise MediaError(f"No file at {param}.", param=param, code="media_fetch_failed")
+        if path.stat().st_size > max_bytes:
+            raise _too_large(kind, max_bytes, param)
+        return FetchedMedia(await asyncio.to_thread(path.read_bytes), None)
+
+
+def _parse(url: str, kind: str, param: str) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise _unreachable(kind, param) from None
+    if parsed.scheme not in ("http", "https", "file"):
+        raise _bad_scheme(parsed.scheme or url[:16], kind, param)
+    if parsed.scheme != "file" and not parsed.host:
+        raise _unreachable(kind, param)
+    return parsed
+
+
+async def _read_capped(
+    response: httpx.Response, max_bytes: int, kind: str, param: str
+) -> FetchedMedia:
+    if response.status_code != 200:
+        raise MediaError(
+            f"Could not fetch the {kind} at {param}: the server answered HTTP "
+            f"{response.status_code}.",
+            param=param,
+            code="media_fetch_failed",
+        )
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(kind, max_bytes, param)
+    chunks, total = [], 0
+    try:
+        async for chunk in response.aiter_bytes(CHUNK_SIZE):
+            total += len(chunk)
+            if total > max_bytes:
+                raise _too_large(kind, max_bytes, param)
+            chunks.append(chunk)
+    except httpx.TimeoutException:
+        raise _timed_out(kind, param) from None
+    except httpx.HTTPError:
+        raise _unreachable(kind, param) from None
+    mime = response.headers.get("content-type", "").split(";")[0].strip() or None
+    return FetchedMedia(b"".join(chunks), mime)
 
 
 def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
@@ -120,6 +218,23 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     if not data:
         raise MediaError(f"The data URI at {param} is empty.", param=param)
     return FetchedMedia(data, mime)
+
+
+def _bad_scheme(scheme: str, kind: str, param: str) -> MediaError:
+    return MediaError(
+        f"Unsupported {kind} URL scheme '{scheme}' at {param}: use http(s) or a "
+        f"data:{kind}/...;base64 URI.",
+        param=param,
+        code="media_url_not_allowed",
+    )
+
+
+def _unreachable(kind: str, param: str) -> MediaError:
+    return MediaError(
+        f"Could not fetch the {kind} at {param}: the URL is invalid or unreachable.",
+        param=param,
+        code="media_fetch_failed",
+    )
 
 
 def _timed_out(kind: str, param: str) -> MediaError:

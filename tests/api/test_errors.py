@@ -67,7 +67,7 @@ BAD_BODIES = {
     "unsupported URL scheme": (
         {"model": "tiny", "messages": user(image("ftp://example.com/a.png"))},
         "messages[0].content[0]",
-        "invalid_media",
+        "media_url_not_allowed",
     ),
     "unknown part type": (
         {"model": "tiny", "messages": user({"type": "input_audio", "input_audio": {}})},

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from server.exceptions import MediaError
-from server.media.fetch import MediaFetcher, decode_data_uri
+from server.media.fetch import FetchPolicy, MediaFetcher, decode_data_uri
 from tests.helpers import MediaServer
 
 pytestmark = pytest.mark.anyio
@@ -45,7 +45,7 @@ def test_data_uri_size_checked_before_decoding() -> None:
 
 async def test_http_fetch_and_caps(media_server: MediaServer) -> None:
     url = media_server.add("/fetch-ok.bin", b"x" * 5000, "image/png")
-    fetcher = MediaFetcher(timeout_s=5)
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=5, allowed_hosts=("127.0.0.1",)))
     try:
         fetched = await fetcher.fetch(url, max_bytes=10_000, kind="image", param="p")
         assert fetched.data == b"x" * 5000 and fetched.mime_type == "image/png"
@@ -54,7 +54,7 @@ async def test_http_fetch_and_caps(media_server: MediaServer) -> None:
         assert info.value.code == "media_too_large"
         with pytest.raises(MediaError, match="HTTP 404"):
             await fetcher.fetch(media_server.url("/none"), max_bytes=10, kind="image", param="p")
-        with pytest.raises(MediaError, match="scheme"):
+        with pytest.raises(MediaError, match="not enabled"):
             await fetcher.fetch("file:///etc/passwd", max_bytes=10, kind="image", param="p")
     finally:
         await fetcher.aclose()

@@ -1,0 +1,70 @@
+"""Which network addresses a media URL may reach (SSRF protection).
+
+A URL's host is resolved once, here; every address it resolves to must be public (not loopback,
+private, link-local, CGNAT, multicast, reserved or unspecified, also when hidden inside an IPv6
+form: IPv4-mapped, 6to4, Teredo, NAT64), and the fetch then connects to the address that was
+checked, so a second DNS answer cannot send it elsewhere. Numeric spellings such as 2130706433 or
+0x7f000001 resolve to 127.0.0.1 and are refused like it. Hosts the operator lists in
+--allowed-media-domains skip the address check: that is how an internal media store is allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+CGNAT = ipaddress.ip_network("100.64.0.0/10")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class AddressRefused(Exception):
+    """The host resolves to an address media fetches may not reach (or does not resolve)."""
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def is_public(ip: IPAddress) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and (inner := embedded_ipv4(ip)) is not None:
+        return is_public(inner)
+    if ip.is_multicast or ip.is_unspecified or ip.is_reserved or ip.is_loopback:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address) and ip in CGNAT:
+        return False
+    return ip.is_global
+
+
+def host_is_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
+    return host.lower().rstrip(".") in {h.lower().rstrip(".") for h in allowed_hosts}
+
+
+async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) -> str:
+    """The address to connect to for host: resolved once and checked.
+
+    With an allow-list, only listed hosts pass (whatever they resolve to); without one, any host
+    whose every address is public."""
+    listed = host_is_allowed(host, allowed_hosts)
+    if allowed_hosts and not listed:
+        raise AddressRefused(f"the host {host} is not in the server's allowed media domains")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise AddressRefused(f"the host {host} does not resolve") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addresses:
+        raise AddressRefused(f"the host {host} does not resolve")
+    if not listed and not all(is_public(ip) for ip in addresses):
+        raise AddressRefused(f"the host {host} resolves to a private, loopback or reserved address")
+    return str(addresses[0])

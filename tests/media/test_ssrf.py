@@ -1,0 +1,156 @@
+"""SSRF: media URLs never reach loopback, private, link-local or metadata addresses, however they
+are spelled, through redirects, or through file://; allow-listed hosts are the exception."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+from server.exceptions import MediaError
+from server.media.fetch import FetchPolicy, MediaFetcher
+from server.media.netguard import is_public
+from tests.helpers import MediaServer
+
+pytestmark = pytest.mark.anyio
+
+SECRET = b"internal secret"
+
+
+@pytest.fixture
+def secret_url(media_server: MediaServer) -> str:
+    return media_server.add("/secret.png", SECRET, "image/png")
+
+
+async def fetch(url: str, **policy: object) -> bytes:
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=5, **policy))  # type: ignore[arg-type]
+    try:
+        fetched = await fetcher.fetch(url, max_bytes=10_000, kind="image", param="p")
+        return fetched.data
+    finally:
+        await fetcher.aclose()
+
+
+def port_of(url: str) -> int:
+    return int(url.split(":")[2].split("/")[0])
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost.",
+        "127.0.0.1",
+        "127.1",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "2130706433",
+        "0x7f000001",
+        "0177.0.0.1",
+    ],
+)
+async def test_loopback_in_every_spelling_is_refused(
+    host: str, secret_url: str, media_server: MediaServer
+) -> None:
+    before = len(media_server.requested)
+    with pytest.raises(MediaError) as info:
+        await fetch(f"http://{host}:{port_of(secret_url)}/secret.png")
+    assert info.value.code in ("media_url_not_allowed", "media_fetch_failed")
+    assert len(media_server.requested) == before  # never connected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/image.png",
+        "http://192.168.1.1/image.png",
+        "http://100.64.0.1/image.png",
+        "http://[fd00::1]/image.png",
+        "http://0.0.0.0/image.png",
+        "gopher://127.0.0.1:70/_x",
+        "file:///etc/passwd",
+        "ftp://example.com/a.png",
+    ],
+)
+async def test_private_metadata_and_other_schemes_are_refused(url: str) -> None:
+    with pytest.raises(MediaError) as info:
+        await fetch(url)
+    assert info.value.code == "media_url_not_allowed"
+
+
+async def test_allow_list_admits_a_private_host_and_only_it(
+    secret_url: str, media_server: MediaServer
+) -> None:
+    assert await fetch(secret_url, allowed_hosts=("127.0.0.1",)) == SECRET
+    port = port_of(secret_url)
+    with pytest.raises(MediaError, match="not in the server's allowed media domains"):
+        await fetch(f"http://localhost:{port}/secret.png", allowed_hosts=("127.0.0.1",))
+
+
+async def test_redirects_are_refused_by_default_and_rechecked_when_followed(
+    secret_url: str, media_server: MediaServer
+) -> None:
+    port = port_of(secret_url)
+    hop = media_server.url("/hop.png")
+    media_server.redirects["/hop.png"] = f"http://localhost:{port}/secret.png"
+    with pytest.raises(MediaError, match="redirects"):
+        await fetch(hop, allowed_hosts=("127.0.0.1",))
+    before = media_server.requested.count("/secret.png")
+    with pytest.raises(MediaError, match="not in the server's allowed media domains"):
+        await fetch(hop, allowed_hosts=("127.0.0.1",), follow_redirects=True)
+    assert media_server.requested.count("/secret.png") == before
+    # A redirect to an allowed place is followed.
+    media_server.redirects["/hop2.png"] = "/secret.png"
+    assert (
+        await fetch(
+            media_server.url("/hop2.png"), allowed_hosts=("127.0.0.1",), follow_redirects=True
+        )
+        == SECRET
+    )
+
+
+async def test_local_files_only_below_the_allowed_path(tmp_path: Path) -> None:
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "ok.png").write_bytes(b"png bytes")
+    (tmp_path / "outside.png").write_bytes(b"outside")
+    os.symlink(tmp_path / "outside.png", root / "link.png")
+    os.symlink("/etc/passwd", root / "passwd.png")
+    assert await fetch(f"file://{root}/ok.png", local_media_root=root) == b"png bytes"
+    for url in (
+        f"file://{root}/../outside.png",
+        f"file://{root}/link.png",
+        f"file://{root}/passwd.png",
+        "file:///etc/passwd",
+        f"file://otherhost{root}/ok.png",
+    ):
+        with pytest.raises(MediaError) as info:
+            await fetch(url, local_media_root=root)
+        assert info.value.code == "media_url_not_allowed", url
+
+
+@pytest.mark.parametrize(
+    "address,public",
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("100.64.0.1", False),
+        ("169.254.169.254", False),
+        ("224.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("::ffff:10.0.0.1", False),
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("2002:a00:1::1", False),  # 6to4 of 10.0.0.1
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+    ],
+)
+def test_address_classification(address: str, public: bool) -> None:
+    assert is_public(ipaddress.ip_address(address)) is public
