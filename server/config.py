@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: StrList = []
+    api_key_file: Path | None = None
+    metrics_require_api_key: bool = False
+    max_request_body_bytes: int = 64 * 1024 * 1024
     quantization: Quantization = "none"
     quantize_vision: bool = False
     dtype: DType = "auto"
@@ -88,6 +91,15 @@ class Settings(BaseSettings):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return value
+
+    def all_api_keys(self) -> tuple[str, ...]:
+        """--api-key values plus the lines of --api-key-file (skipping blanks and # comments)."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            for line in self.api_key_file.read_text().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    keys.append(line.strip())
+        return tuple(keys)
 
     def served_model_names(self) -> list[str]:
         """The names clients may send as `model`; the model path/id when none are given."""

@@ -4,54 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.errors import install_error_handlers
+from server.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
 from server.api.routes import chat, health
 from server.api.services import Services
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
-from server.log import request_id_var
 from server.media.fetch import FetchPolicy, MediaFetcher
 from server.pipelines.chat import ChatPipeline
 
 logger = logging.getLogger(__name__)
-
-# A client's X-Request-ID is echoed and logged only if it looks like an id, never arbitrary text.
-CLIENT_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (the client's X-Request-ID or a new one), logs with it and
-    echoes it in the response."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers", []))
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
-        request_id_var.set(request_id)
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
@@ -87,7 +57,6 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             engine=engine,
             chat=pipeline,
             served_model_names=tuple(settings.served_model_names()),
-            api_keys=tuple(settings.api_keys),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))
         try:
@@ -105,5 +74,12 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(chat.router)
+    # Added last = outermost: ids first, then the body cap, then keys.
+    open_paths = frozenset(
+        {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
+    )
+    keys = settings.all_api_keys()
+    app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -19,7 +19,6 @@ class Services:
     engine: AsyncEngine
     chat: ChatPipeline
     served_model_names: tuple[str, ...]
-    api_keys: tuple[str, ...]
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, name: str) -> None:

@@ -10,7 +10,6 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.auth import require_api_key
 from server.api.protocol import (
     ANIMUS_DEFAULT_TEMPERATURE,
     OPENAI_DEFAULT_TEMPERATURE,
@@ -26,7 +25,7 @@ from server.pipelines.chat import ChatRequest
 
 T = TypeVar("T")
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])

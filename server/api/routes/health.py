@@ -3,7 +3,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from server.api.auth import require_api_key
 from server.api.protocol import ModelCard, ModelList
 from server.api.services import Services, get_services
 
@@ -20,9 +19,7 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
     )
 
 
-@router.get(
-    "/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)], tags=["models"]
-)
+@router.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(services: Services = Depends(get_services)) -> ModelList:
     cards = [
         ModelCard(
