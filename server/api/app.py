@@ -19,6 +19,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
 from server.media.fetch import FetchPolicy, MediaFetcher
+from server.metrics import Metrics, MetricsMiddleware
 from server.pipelines.chat import ChatPipeline
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             settings.media_limits(),
             model_max_pixels=image_processor.size["longest_edge"],
             max_concurrent_preprocessing=settings.max_concurrent_preprocessing,
+            metrics=metrics,
         )
+        metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running)
         app.state.services = Services(
             loaded=loaded,
             engine=engine,
@@ -65,6 +68,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             await engine.stop()
             await fetcher.aclose()
 
+    metrics = Metrics()
     app = FastAPI(
         title="vlm-server",
         version=__version__,
@@ -74,12 +78,14 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(chat.router)
-    # Added last = outermost: ids first, then the body cap, then keys.
+    # Added last = outermost: ids, metrics (which see every refusal too), body cap, keys.
     open_paths = frozenset(
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
     )
     keys = settings.all_api_keys()
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
+    app.state.metrics = metrics
     return app

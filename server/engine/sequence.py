@@ -52,7 +52,8 @@ class Sequence:
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
     slot: int = -1  # KV-cache slot while running
     rope_delta: int = 0  # Qwen2-VL mrope: position of the next token minus its index
-    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_time: float = field(default_factory=time.monotonic)  # entered the engine
+    received_time: float = field(default_factory=time.monotonic)  # the HTTP request arrived
     first_token_time: float | None = None
     finish_time: float | None = None
     # Filled by the engine thread through loop.call_soon_threadsafe; read by the request handler.

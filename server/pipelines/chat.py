@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -17,6 +18,7 @@ from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import EngineOverloaded, InvalidRequest, ServerError
 from server.media.fetch import MediaFetcher
 from server.media.image import Detail, load_image
+from server.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ChatRequest:
     request_id: str
     messages: list[ChatMessage]
     sampling: SamplingParams
+    received_time: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -79,8 +82,10 @@ class ChatPipeline:
         limits: MediaLimits,
         model_max_pixels: int,
         max_concurrent_preprocessing: int,
+        metrics: Metrics,
     ):
         self.engine = engine
+        self.metrics = metrics
         # Fetching and decoding are bounded per request (caps, timeouts) and here in number, so
         # a burst cannot spend the CPU preparing requests the queue will then refuse.
         self.preprocessing = asyncio.Semaphore(max_concurrent_preprocessing)
@@ -96,12 +101,26 @@ class ChatPipeline:
             images = await self._load_images(request.messages)
             hf_messages = [_to_hf_message(m) for m in request.messages]
             inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
-        return self.engine.add_request(request.request_id, inputs, request.sampling)
+        seq = self.engine.add_request(request.request_id, inputs, request.sampling)
+        seq.received_time = request.received_time
+        return seq
 
     async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
+        first = True
         async for output in self.engine.stream(seq):
+            if output.finished:
+                self._record_finished(seq, output)
             raise_for_finish(output)
+            if first and seq.num_completion_tokens:
+                self.metrics.time_to_first_token.observe(time.monotonic() - seq.received_time)
+                first = False
             yield output
+
+    def _record_finished(self, seq: Sequence, output: SequenceOutput) -> None:
+        self.metrics.finished.labels(output.finish_reason or "unknown").inc()
+        self.metrics.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
+        self.metrics.image_tokens.inc(seq.inputs.num_image_tokens)
+        self.metrics.generated_tokens.inc(seq.num_completion_tokens)
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         seq = await self.start(request)
@@ -137,9 +156,11 @@ class ChatPipeline:
         fetched = await self.fetcher.fetch(
             part.url, max_bytes=self.limits.max_image_bytes, kind="image", param=part.param
         )
-        return await asyncio.to_thread(
+        image = await asyncio.to_thread(
             load_image, fetched.data, part.detail, self.model_max_pixels, param=part.param
         )
+        self.metrics.images.inc()
+        return image
 
 
 def _to_hf_message(message: ChatMessage) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.protocol import ModelCard, ModelList
 from server.api.services import Services, get_services
@@ -31,3 +32,9 @@ async def list_models(services: Services = Depends(get_services)) -> ModelList:
         for name in services.served_model_names
     ]
     return ModelList(data=cards)
+
+
+@router.get("/metrics", tags=["server"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (open unless --metrics-require-api-key)."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,84 @@
+"""Prometheus metrics, one registry per app (no module globals, so tests can build many apps).
+
+HTTP-level numbers are recorded by MetricsMiddleware; request-level ones (tokens, time to first
+token, images) by the pipelines; engine state (queue depth, running batch) is read at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vlm_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "vlm_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "vlm_time_to_first_token_seconds",
+            "From request arrival to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens", registry=r)
+        self.image_tokens = Counter("vlm_image_tokens", "Prompt tokens from images", registry=r)
+        self.generated_tokens = Counter("vlm_generated_tokens", "Generated tokens", registry=r)
+        self.images = Counter("vlm_images_decoded", "Images fetched and decoded", registry=r)
+        self.finished = Counter(
+            "vlm_sequences_finished", "Finished sequences by reason", ["reason"], registry=r
+        )
+        self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
+        self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
+
+    def watch_engine(self, num_queued: Callable[[], int], num_running: Callable[[], int]) -> None:
+        self.queue_depth.set_function(num_queued)
+        self.running.set_function(num_running)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template (not raw path) and status, with its latency."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)

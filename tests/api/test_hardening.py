@@ -1,0 +1,117 @@
+"""Hardening at the HTTP edge: API keys everywhere, body cap, metrics, hostile media."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import data_uri, make_image, make_settings, start_client
+from tests.media.test_image import png_header_only
+
+pytestmark = pytest.mark.anyio
+
+
+def chat(content: list[dict] | str, **extra: object) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+async def test_api_key_file_and_protected_routes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("# operators\nsk-file-key\n\n")
+    settings = make_settings(tiny_model_dir, api_key_file=key_file)
+    async for client in start_client(settings):
+        for path in ("/v1/models", "/docs", "/openapi.json", "/nowhere"):
+            response = await client.get(path)
+            assert response.status_code == 401, path
+            assert response.json()["error"]["type"] == "authentication_error"
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+        ok = await client.get("/v1/models", headers={"Authorization": "Bearer sk-file-key"})
+        assert ok.status_code == 200
+
+
+async def test_metrics_can_require_the_key(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, api_keys=["k"], metrics_require_api_key=True)
+    async for client in start_client(settings):
+        assert (await client.get("/metrics")).status_code == 401
+        assert (
+            await client.get("/metrics", headers={"Authorization": "Bearer k"})
+        ).status_code == 200
+
+
+async def test_oversized_bodies_get_413(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, max_request_body_bytes=1024 * 1024)
+    big = chat([image_part("data:image/png;base64," + "A" * (2 * 1024 * 1024))])
+    async for client in start_client(settings):
+        response = await client.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+            for _ in range(40):
+                yield b" " * 65536
+
+        response = await client.post(
+            "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_80_mb_base64_body_is_refused(client: httpx.AsyncClient) -> None:
+    payload = base64.b64encode(b"\0" * (60 * 1024 * 1024)).decode()  # 80 MiB of base64
+    response = await client.post(
+        "/v1/chat/completions", json=chat([image_part("data:image/png;base64," + payload)])
+    )
+    assert response.status_code == 413
+    assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "data,mime",
+    [
+        (png_header_only(40_000, 40_000), "image/png"),  # decompression bomb
+        (make_image(320, 240)[:500], "image/jpeg"),  # truncated JPEG
+        (b"\0\0\0\x18ftypmp42" + b"\0" * 100, "image/jpeg"),  # an MP4 header as an image
+        (b"", "image/png"),  # zero bytes
+    ],
+)
+async def test_hostile_images_get_4xx(client: httpx.AsyncClient, data: bytes, mime: str) -> None:
+    uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    response = await client.post("/v1/chat/completions", json=chat([image_part(uri)]))
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert (await client.get("/health")).status_code == 200
+
+
+async def test_loopback_media_url_is_refused_without_allow_list(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, allowed_media_domains=[])
+    async for client in start_client(settings):
+        for url in ("http://127.0.0.1:9/x.png", "http://169.254.169.254/", "file:///etc/passwd"):
+            response = await client.post("/v1/chat/completions", json=chat([image_part(url)]))
+            assert response.status_code == 400
+            assert response.json()["error"]["code"] == "media_url_not_allowed"
+
+
+async def test_metrics_count_requests_tokens_and_ttft(client: httpx.AsyncClient) -> None:
+    body = chat([image_part(data_uri(make_image())), {"type": "text", "text": "Hi"}], max_tokens=3)
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    await client.post("/v1/chat/completions", json=chat("hi", n=3))  # a 400
+    text = (await client.get("/metrics")).text
+    assert 'vlm_http_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'vlm_http_requests_total{route="/v1/chat/completions",status="400"}' in text
+    assert "vlm_time_to_first_token_seconds_count" in text
+    assert "vlm_queue_depth 0.0" in text and "vlm_running_sequences" in text
+    generated = next(
+        line for line in text.splitlines() if line.startswith("vlm_generated_tokens_total")
+    )
+    assert float(generated.split()[-1]) >= 3
+    assert 'vlm_sequences_finished_total{reason="length"}' in text
