@@ -82,9 +82,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.api.app import create_app
+    from server.api.server import serve
     from server.engine.loader import load_model
     from server.log import configure_logging
 
@@ -94,14 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Load before serving, so a missing or broken checkpoint is one clear line, not a trace.
         loaded = load_model(settings.engine_config())
         app = create_app(settings, loaded)
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=30,
-        )
+        serve(app, settings.host, settings.port, settings.log_level, settings.shutdown_timeout)
     except ModelLoadError as exc:
         logger.error("%s", exc)
         return 2

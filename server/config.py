@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     allowed_media_domains: StrList = []
     allowed_local_media_path: Path | None = None
     media_follow_redirects: bool = False
+    shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("served_model_name", "api_keys", "allowed_media_domains", mode="before")

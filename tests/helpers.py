@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -127,3 +130,37 @@ def serve_in_thread(settings: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def server_process(log_path: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `vlm-server serve ARGS` process on a free port; yields (base URL, process)."""
+    port = free_port()
+    script = Path(sys.executable).with_name("vlm-server")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "server"]
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [*command, "serve", "--port", str(port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}: see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become healthy in time")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
+        log.close()

@@ -11,7 +11,12 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.api.errors import install_error_handlers
-from server.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
+from server.api.middleware import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    DrainMiddleware,
+    RequestIdMiddleware,
+)
 from server.api.routes import chat, health
 from server.api.services import Services
 from server.config import Settings
@@ -85,7 +90,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     keys = settings.all_api_keys()
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(DrainMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     app.state.metrics = metrics
+    app.state.draining = False
     return app

@@ -139,3 +139,23 @@ class ApiKeyMiddleware:
             "invalid_api_key",
             [(b"www-authenticate", b"Bearer")],
         )
+
+
+class DrainMiddleware:
+    """While the server shuts down (app.state.draining), new requests get a 503 at once."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and getattr(scope["app"].state, "draining", False):
+            await send_error(
+                send,
+                503,
+                "The server is shutting down; retry on another instance or later.",
+                "server_error",
+                "shutting_down",
+                [(b"retry-after", b"5")],
+            )
+            return
+        await self.app(scope, receive, send)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.helpers import data_uri, make_image, make_settings, start_client
+from tests.helpers import data_uri, make_image, make_settings, server_process, start_client
 
 pytestmark = pytest.mark.slow
 
@@ -29,30 +23,15 @@ MESSAGES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_command() -> list[str]:
-    script = Path(sys.executable).with_name("vlm-server")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server"]
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     models_dir = tmp_path_factory.mktemp("e2e-models")
-    log = (tmp_path_factory.mktemp("e2e-log") / "server.log").open("w")
-    command = server_command() + [
-        "serve",
+    log = tmp_path_factory.mktemp("e2e-log") / "server.log"
+    args = [
         "--model",
         "tiny",
         "--models-dir",
         str(models_dir),
-        "--port",
-        str(port),
         "--served-model-name",
         "tiny",
         "--served-model-name",
@@ -60,26 +39,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--default-max-tokens",
         "16",
     ]
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}: see {log.name}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("server did not become healthy in time")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    with server_process(log, *args) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
