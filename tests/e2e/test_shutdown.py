@@ -59,4 +59,7 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
             pass  # the listening socket is already closed: refused at connect
         reader.join(timeout=120)
         assert done.is_set() and finish_reasons == ["length"]
-        assert process.wait(timeout=60) == 0
+        # uvicorn re-raises the signal after its clean shutdown, so the status may be -SIGTERM.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = (tmp_path / "server.log").read_text()
+        assert "Application shutdown complete" in log and "Traceback" not in log
