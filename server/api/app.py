@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from server import __version__
 from server.api.errors import install_error_handlers
@@ -81,6 +82,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.openapi = lambda: _openapi(app, settings.served_model_names())
     app.include_router(health.router)
     app.include_router(chat.router)
     # Added last = outermost: ids, metrics (which see every refusal too), body cap, keys.
@@ -96,3 +98,19 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.state.metrics = metrics
     app.state.draining = False
     return app
+
+
+def _openapi(app: FastAPI, served_names: list[str]) -> dict:
+    """FastAPI's document, made exact: `model` takes the served names only, and the 422 FastAPI
+    documents for every body is gone (validation errors are 400s here)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        request = schema["components"]["schemas"]["ChatCompletionRequest"]
+        request["properties"]["model"]["enum"] = served_names
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -32,7 +32,8 @@ ANIMUS_DEFAULT_TEMPERATURE = 0.1
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No unknown fields, and no coercion: "stream": "yes" or "ignore_eos": 0 are type errors.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _no_lone_surrogates(value: str) -> str:
@@ -46,8 +47,8 @@ def _no_lone_surrogates(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH), AfterValidator(_no_lone_surrogates)]
-# torch.Generator.manual_seed takes any 64-bit value, signed or not.
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
+SEED_MODULUS = 2**64
 
 
 # -- request: messages ------------------------------------------------------------------------
@@ -107,7 +108,7 @@ UNSUPPORTED_WHEN = {
     "functions": lambda v: bool(v),
     "logit_bias": lambda v: bool(v),
     "logprobs": lambda v: bool(v),
-    "modalities": lambda v: v not in (None, ["text"]),
+    "modalities": lambda v: v not in (None, [], ["text"]),
     "n": lambda v: v not in (None, 1),
     "prediction": lambda v: v is not None,
     "reasoning_effort": lambda v: v is not None,
@@ -138,7 +139,7 @@ class ChatCompletionRequest(StrictModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     reasoning_effort: str | None = None
     response_format: dict[str, Any] | None = None
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = None
     service_tier: str | None = None
     stop: StopString | list[StopString] | None = None
     store: bool | None = None
@@ -181,7 +182,7 @@ class ChatCompletionRequest(StrictModel):
             temperature=temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0),
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed % SEED_MODULUS,
             stop=tuple(s for s in stop if s),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             presence_penalty=self.presence_penalty or 0.0,

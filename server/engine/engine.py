@@ -116,6 +116,12 @@ class AsyncEngine:
     ) -> Sequence:
         if not self.is_running:
             raise EngineStopped("The engine is not running.")
+        if any(t >= self.runner.vocab_size for t in sampling.stop_token_ids):
+            raise InvalidRequest(
+                f"stop_token_ids must be below the vocabulary size ({self.runner.vocab_size}).",
+                param="stop_token_ids",
+                code="invalid_value",
+            )
         seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
         seq.log_id = request_id_var.get()
         with self._lock:

@@ -43,6 +43,7 @@ class ModelRunner:
             kv_cache_shape(self.model), num_slots, max_seq_len, loaded.dtype, loaded.device
         )
         self.states: dict[str, SamplingState] = {}
+        self.vocab_size = self.model.config.text_config.vocab_size
 
     def bind_thread(self) -> None:
         """Called on the engine thread: CUDA's current device is per thread."""

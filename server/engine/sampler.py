@@ -63,8 +63,12 @@ def sample_one(logits: torch.Tensor, state: SamplingState) -> int:
     logits = apply_penalties(logits, state)
     if params.is_greedy:
         return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    scaled = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    # Extreme (schema-valid) parameters can overflow: a row must never fail the whole batch.
+    scaled = torch.nan_to_num(scaled, nan=float("-inf"), posinf=torch.finfo(scaled.dtype).max)
+    probs = torch.softmax(scaled, dim=-1)
+    if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
+        return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
     return int(torch.multinomial(probs, 1, generator=state.generator))
 
 

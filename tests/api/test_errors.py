@@ -139,9 +139,14 @@ BAD_BODIES = {
         "stream_options",
         None,
     ),
-    "seed out of range": (
-        {"model": "tiny", "messages": user(TEXT), "seed": 2**64},
+    "seed as a float": (
+        {"model": "tiny", "messages": user(TEXT), "seed": 1.5},
         "seed",
+        "invalid_value",
+    ),
+    "ignore_eos as a number": (
+        {"model": "tiny", "messages": user(TEXT), "ignore_eos": 0},
+        "ignore_eos",
         "invalid_value",
     ),
     "lone surrogate in text": (
@@ -296,3 +301,14 @@ async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
     response = await client.get("/health", headers={"X-Request-ID": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"
     assert len((await client.get("/health")).headers["x-request-id"]) == 32
+
+
+async def test_any_integer_seed_is_folded_into_64_bits(client: httpx.AsyncClient) -> None:
+    async def content(seed: int) -> str:
+        body = {"model": "tiny", "messages": user(TEXT), "seed": seed, "max_tokens": 8}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert await content(2**70 + 5) == await content(5)
+    assert await content(-1) == await content(2**64 - 1)

@@ -96,6 +96,7 @@ class FakeRunner:
     predictable; records every batch it was given."""
 
     eos_token_ids = (99,)
+    vocab_size = 100
 
     def __init__(self) -> None:
         self.prefills: list[list[str]] = []

@@ -24,8 +24,17 @@ from server.exceptions import ClientDisconnected, InvalidRequest
 from server.pipelines.chat import ChatRequest
 
 T = TypeVar("T")
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
-router = APIRouter(responses=ERROR_RESPONSES)
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+RESPONSES: dict[int | str, dict] = {
+    # stream: true -> server-sent events; each `data` is a chat.completion.chunk JSON or [DONE].
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
+    **{status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)},
+}
+router = APIRouter(responses=RESPONSES)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
