@@ -39,6 +39,7 @@ class EngineConfig:
 class MediaLimits:
     max_image_bytes: int
     max_images_per_request: int
+    max_media_bytes_per_request: int
     fetch_timeout_s: float
 
 
@@ -71,6 +72,7 @@ class Settings(BaseSettings):
     queue_timeout: float = 60.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 16
+    max_media_bytes_per_request: int = 64 * 1024 * 1024
     max_concurrent_preprocessing: int = 8
     media_fetch_timeout: float = 10.0
     allowed_media_domains: StrList = []
@@ -128,5 +130,6 @@ class Settings(BaseSettings):
         return MediaLimits(
             max_image_bytes=self.max_image_bytes,
             max_images_per_request=self.max_images_per_request,
+            max_media_bytes_per_request=self.max_media_bytes_per_request,
             fetch_timeout_s=self.media_fetch_timeout,
         )

@@ -15,7 +15,7 @@ from server.engine.engine import RETRY_AFTER_S, AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import EngineOverloaded, InvalidRequest, ServerError
+from server.exceptions import EngineOverloaded, InvalidRequest, MediaError, ServerError
 from server.media.fetch import MediaFetcher
 from server.media.image import Detail, load_image
 from server.metrics import Metrics
@@ -149,18 +149,39 @@ class ChatPipeline:
                 param="messages",
                 code="too_many_images",
             )
+        budget = MediaBudget(self.limits.max_media_bytes_per_request)
         # Fetch concurrently; decode and resize in threads (Pillow releases the GIL).
-        return list(await asyncio.gather(*(self._load_image(part) for part in parts)))
+        return list(await asyncio.gather(*(self._load_image(p, budget) for p in parts)))
 
-    async def _load_image(self, part: ImagePart) -> Image.Image:
+    async def _load_image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
         fetched = await self.fetcher.fetch(
             part.url, max_bytes=self.limits.max_image_bytes, kind="image", param=part.param
         )
+        budget.spend(len(fetched.data), part.param)
         image = await asyncio.to_thread(
             load_image, fetched.data, part.detail, self.model_max_pixels, param=part.param
         )
         self.metrics.images.inc()
         return image
+
+
+class MediaBudget:
+    """All media of one request together may not exceed max_bytes (each item has its own cap
+    too): many medium images must not add up to an unbounded request."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.spent = 0
+
+    def spend(self, num_bytes: int, param: str) -> None:
+        self.spent += num_bytes
+        if self.spent > self.max_bytes:
+            raise MediaError(
+                f"The request's media add up to more than the server's limit of "
+                f"{self.max_bytes} bytes (reached at {param}).",
+                param=param,
+                code="media_budget_exceeded",
+            )
 
 
 def _to_hf_message(message: ChatMessage) -> dict[str, Any]:

@@ -312,3 +312,18 @@ async def test_any_integer_seed_is_folded_into_64_bits(client: httpx.AsyncClient
 
     assert await content(2**70 + 5) == await content(5)
     assert await content(-1) == await content(2**64 - 1)
+
+
+async def test_media_budget_per_request(tiny_model_dir: Path) -> None:
+    png = make_image(300, 300, fmt="PNG")
+    settings = make_settings(tiny_model_dir, max_media_bytes_per_request=int(len(png) * 2.5))
+    part = image(data_uri(png, "image/png"))
+    async for client in start_client(settings):
+        ok = await client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": user(part, part)}
+        )
+        assert ok.status_code == 200
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": user(part, part, part)}
+        )
+        assert_error(response, 400, None, "media_budget_exceeded")
