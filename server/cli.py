@@ -88,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.log import configure_logging
 
     settings = settings_from_args(args)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         # Load before serving, so a missing or broken checkpoint is one clear line, not a trace.
         loaded = load_model(settings.engine_config())

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     media_follow_redirects: bool = False
     shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("served_model_name", "api_keys", "allowed_media_domains", mode="before")
     @classmethod

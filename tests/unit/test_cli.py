@@ -56,3 +56,22 @@ def test_make_tiny_model(tmp_path: Path) -> None:
     assert config["model_type"] == "qwen2_5_vl"
     assert config["text_config"]["hidden_size"] == 32
     assert main(["make-tiny-model", str(tmp_path / "bad"), "--vision-heads", "3"]) == 2
+
+
+def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from server.log import configure_logging, request_id_var
+
+    configure_logging("info", "json")
+    request_id_var.set("req-42")
+    logging.getLogger("server.test").info("hello %s", "there")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert json.loads(line) | {"time": None} == {
+        "time": None,
+        "level": "INFO",
+        "logger": "server.test",
+        "request_id": "req-42",
+        "message": "hello there",
+    }
+    logging.getLogger().handlers = []
