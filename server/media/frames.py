@@ -1,0 +1,179 @@
+"""Frame planning: which frames of a video to read, and at what resolution, so that the
+answer fits the model's context. Pure functions; no decoding here.
+
+Two ways to use a video (see pipelines):
+
+native    the frames go to Qwen2-VL as one video input. Frames are grouped in temporal patches of
+          FRAME_FACTOR (2), and each patch of h x w pixels costs (h/28) * (w/28) tokens, so
+          video tokens = N/2 * (h/28) * (w/28). Resolution is lowered first (down to
+          VIDEO_MIN_PIXELS), then the frame count.
+captions  every frame is captioned on its own (about caption_tokens each), and the question is
+          answered over the timestamped captions: N * caption_tokens + prompt + answer must fit.
+
+Always at most MAX_FRAMES (60) frames and at most the requested / server fps; a request's fps,
+max_frames, min_pixels and max_pixels can only lower the server's ceilings, never raise them.
+Frames are spread uniformly: frame i is taken at the middle of the i-th of N equal segments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+VideoMode = Literal["native", "captions"]
+
+MAX_FRAMES = 60  # the Animus contract: at most 60 frames per video
+FRAME_FACTOR = 2  # Qwen2-VL's temporal patch: native frame counts are even
+PIXELS_PER_TOKEN = 28 * 28
+VIDEO_MIN_PIXELS = 128 * PIXELS_PER_TOKEN  # Qwen2-VL's video processor defaults
+VIDEO_MAX_PIXELS = 768 * PIXELS_PER_TOKEN
+CAPTION_FRAME_MAX_PIXELS = 256 * PIXELS_PER_TOKEN  # a captioned frame is a "low detail" image
+DEFAULT_FPS = 2.0  # sample at most 2 frames per second of video (qwen-vl-utils' default)
+DEFAULT_CAPTION_TOKENS = 256
+VISION_WRAPPER_TOKENS = 2  # <|vision_start|> ... <|vision_end|>
+
+
+class PlanError(ValueError):
+    """The video cannot be planned within the limits (the message says why)."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration_s: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """Per-request wishes; each only lowers the server's ceiling."""
+
+    mode: VideoMode = "native"
+    fps: float | None = None
+    max_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    context_length: int
+    prompt_tokens: int  # the text of the prompt, without the video
+    max_tokens: int  # the answer
+    caption_tokens: int = DEFAULT_CAPTION_TOKENS
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    frame_indices: tuple[int, ...]
+    timestamps: tuple[float, ...]
+    width: int  # every frame is resized to width x height (multiples of 28)
+    height: int
+    video_tokens: int  # native: tokens of the video input; captions: N * caption_tokens
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_indices)
+
+
+def uniform_timestamps(duration_s: float, count: int) -> list[float]:
+    """The middle of each of `count` equal segments of the video."""
+    return [(i + 0.5) * duration_s / count for i in range(count)]
+
+
+def frame_indices(timestamps: list[float], info: VideoInfo) -> tuple[int, ...]:
+    last = max(info.num_frames - 1, 0)
+    return tuple(min(last, max(0, int(t * info.fps))) for t in timestamps)
+
+
+def frame_ceiling(info: VideoInfo, request: FrameRequest, server_fps: float) -> int:
+    """At most MAX_FRAMES, the request's max_frames, fps x duration and the frames there are."""
+    fps = min(request.fps or server_fps, server_fps)
+    by_rate = max(1, math.floor(info.duration_s * fps))
+    wished = request.max_frames or MAX_FRAMES
+    return max(1, min(MAX_FRAMES, wished, by_rate, max(info.num_frames, 1)))
+
+
+def pixel_range(request: FrameRequest, ceiling: int) -> tuple[int, int]:
+    max_pixels = min(request.max_pixels or ceiling, ceiling)
+    min_pixels = min(max(request.min_pixels or VIDEO_MIN_PIXELS, PIXELS_PER_TOKEN), max_pixels)
+    return min_pixels, max_pixels
+
+
+def resized(info: VideoInfo, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    height, width = smart_resize(
+        info.height, info.width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    return width, height
+
+
+def tokens_per_patch(width: int, height: int) -> int:
+    return (width // 28) * (height // 28)
+
+
+def plan_frames(
+    info: VideoInfo,
+    budget: TokenBudget,
+    request: FrameRequest,
+    server_fps: float = DEFAULT_FPS,
+) -> FramePlan:
+    if info.duration_s <= 0 or info.num_frames <= 0 or min(info.width, info.height) <= 0:
+        raise PlanError("the video has no frames")
+    available = budget.context_length - budget.prompt_tokens - budget.max_tokens
+    available -= VISION_WRAPPER_TOKENS
+    ceiling = frame_ceiling(info, request, server_fps)
+    if request.mode == "captions":
+        return _plan_captions(info, budget, request, available, ceiling)
+    return _plan_native(info, request, available, ceiling)
+
+
+def _plan_native(
+    info: VideoInfo, request: FrameRequest, available: int, ceiling: int
+) -> FramePlan:
+    count = max(FRAME_FACTOR, ceiling - ceiling % FRAME_FACTOR)
+    patches = count // FRAME_FACTOR
+    min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_PIXELS)
+    width, height = resized(info, min_pixels, max_pixels)
+    if patches * tokens_per_patch(width, height) > available:
+        # Lower the resolution first: spread what is available over the patches.
+        affordable = max(available // patches, 1) * PIXELS_PER_TOKEN
+        width, height = resized(info, min_pixels, max(min_pixels, min(max_pixels, affordable)))
+    per_patch = tokens_per_patch(width, height)
+    if patches * per_patch > available:
+        # Then fewer frames at the lowest resolution.
+        patches = available // per_patch
+        if patches < 1:
+            raise PlanError(
+                "the video does not fit the model's context even at the lowest resolution; "
+                "shorten the prompt or max_tokens"
+            )
+        count = patches * FRAME_FACTOR
+    timestamps = uniform_timestamps(info.duration_s, count)
+    return FramePlan(
+        frame_indices(timestamps, info), tuple(timestamps), width, height, patches * per_patch
+    )
+
+
+def _plan_captions(
+    info: VideoInfo, budget: TokenBudget, request: FrameRequest, available: int, ceiling: int
+) -> FramePlan:
+    count = min(ceiling, available // max(budget.caption_tokens, 1))
+    if count < 1:
+        raise PlanError(
+            "no frame caption fits the model's context; shorten the prompt or max_tokens"
+        )
+    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_PIXELS)
+    width, height = resized(info, min(min_pixels, max_pixels), max_pixels)
+    timestamps = uniform_timestamps(info.duration_s, count)
+    return FramePlan(
+        frame_indices(timestamps, info),
+        tuple(timestamps),
+        width,
+        height,
+        count * budget.caption_tokens,
+    )

@@ -1,0 +1,122 @@
+"""The frame planner: invariants over a grid of videos, budgets and requests, plus examples."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from server.media.frames import (
+    CAPTION_FRAME_MAX_PIXELS,
+    MAX_FRAMES,
+    VIDEO_MAX_PIXELS,
+    VISION_WRAPPER_TOKENS,
+    FrameRequest,
+    PlanError,
+    TokenBudget,
+    VideoInfo,
+    plan_frames,
+)
+
+VIDEOS = [
+    VideoInfo(duration, fps, max(1, int(duration * fps)), width, height)
+    for duration, fps, (width, height) in itertools.product(
+        [0.3, 1, 10, 60, 600, 3600],
+        [12, 24, 30, 60],
+        [(320, 240), (1280, 720), (1920, 1080), (3840, 2160), (100, 2000)],
+    )
+]
+BUDGETS = [
+    TokenBudget(context, prompt, answer)
+    for context, prompt, answer in [
+        (4096, 50, 256),
+        (8192, 200, 1024),
+        (32768, 100, 512),
+        (2048, 100, 1500),
+    ]
+]
+REQUESTS = [FrameRequest(mode) for mode in ("native", "captions")] + [
+    FrameRequest("native", fps=100, max_frames=10_000, max_pixels=10**9),  # greedy client
+    FrameRequest("native", fps=0.5, max_frames=8, min_pixels=28 * 28, max_pixels=200_000),
+    FrameRequest("captions", max_frames=5),
+]
+
+
+def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> None:
+    try:
+        plan = plan_frames(video, budget, request)
+    except PlanError:
+        # Only when even the smallest plan cannot fit.
+        room = budget.context_length - budget.prompt_tokens - budget.max_tokens
+        assert (
+            room - VISION_WRAPPER_TOKENS
+            < (budget.caption_tokens if request.mode == "captions" else 4 * 4) * 2
+        )
+        return
+    n = plan.num_frames
+    assert 1 <= n <= MAX_FRAMES
+    assert n <= (request.max_frames or MAX_FRAMES)
+    assert n <= max(1, int(video.duration_s * min(request.fps or 2.0, 2.0))) or n <= 2
+    assert list(plan.frame_indices) == sorted(plan.frame_indices)
+    assert all(0 <= i < video.num_frames for i in plan.frame_indices)
+    assert all(0 <= t <= video.duration_s for t in plan.timestamps)
+    assert plan.width % 28 == 0 and plan.height % 28 == 0
+    used = budget.prompt_tokens + budget.max_tokens + VISION_WRAPPER_TOKENS + plan.video_tokens
+    assert used <= budget.context_length
+    if request.mode == "native":
+        assert n % 2 == 0
+        assert plan.video_tokens == n // 2 * (plan.width // 28) * (plan.height // 28)
+        assert plan.width * plan.height <= VIDEO_MAX_PIXELS
+        if request.max_pixels:
+            assert plan.width * plan.height <= max(request.max_pixels, request.min_pixels or 0)
+    else:
+        assert plan.video_tokens == n * budget.caption_tokens
+        assert plan.width * plan.height <= CAPTION_FRAME_MAX_PIXELS
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: f"{r.mode}-{r.fps}-{r.max_frames}")
+def test_plan_invariants(request_: FrameRequest) -> None:
+    for video, budget in itertools.product(VIDEOS, BUDGETS):
+        check_plan(video, budget, request_)
+
+
+def test_ten_seconds_at_two_fps() -> None:
+    plan = plan_frames(
+        VideoInfo(10, 30, 300, 640, 360), TokenBudget(32768, 50, 256), FrameRequest()
+    )
+    assert plan.num_frames == 20
+    assert plan.timestamps[0] == pytest.approx(0.25) and plan.timestamps[-1] == pytest.approx(9.75)
+    assert plan.frame_indices[:3] == (7, 22, 37)
+
+
+def test_long_video_is_capped_at_sixty_frames() -> None:
+    plan = plan_frames(
+        VideoInfo(600, 30, 18000, 1280, 720),
+        TokenBudget(32768, 50, 256),
+        FrameRequest(max_frames=500, fps=30),
+    )
+    assert plan.num_frames == 60
+
+
+def test_resolution_is_lowered_before_the_frame_count() -> None:
+    video = VideoInfo(30, 30, 900, 1920, 1080)
+    roomy = plan_frames(video, TokenBudget(200_000, 50, 256), FrameRequest())
+    tight = plan_frames(video, TokenBudget(8192, 50, 256), FrameRequest())
+    assert roomy.num_frames == tight.num_frames == 60
+    assert tight.width * tight.height < roomy.width * roomy.height
+
+
+def test_captions_count_is_bounded_by_caption_tokens() -> None:
+    plan = plan_frames(
+        VideoInfo(600, 30, 18000, 1280, 720),
+        TokenBudget(4096, 100, 512, caption_tokens=256),
+        FrameRequest("captions"),
+    )
+    assert plan.num_frames == (4096 - 100 - 512 - VISION_WRAPPER_TOKENS) // 256
+
+
+def test_no_room_is_an_error() -> None:
+    with pytest.raises(PlanError):
+        plan_frames(VideoInfo(10, 30, 300, 640, 360), TokenBudget(1000, 500, 499), FrameRequest())
+    with pytest.raises(PlanError):
+        plan_frames(VideoInfo(0, 30, 0, 640, 360), TokenBudget(8192, 5, 5), FrameRequest())
