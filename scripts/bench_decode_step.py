@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 17, 32])
     args = parser.parse_args()
     loaded = load_model(Settings(model=args.checkpoint, device=args.device).engine_config())
-    builder = InputBuilder(loaded.processor, loaded.image_token_id)
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
     runner = ModelRunner(loaded, max(args.batch_sizes), 2048)
     steps = 30
 

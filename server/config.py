@@ -40,6 +40,8 @@ class MediaLimits:
     max_image_bytes: int
     max_images_per_request: int
     max_media_bytes_per_request: int
+    max_video_bytes: int
+    max_videos_per_request: int
     fetch_timeout_s: float
 
 
@@ -55,7 +57,7 @@ class Settings(BaseSettings):
     api_keys: StrList = []
     api_key_file: Path | None = None
     metrics_require_api_key: bool = False
-    max_request_body_bytes: int = 64 * 1024 * 1024
+    max_request_body_bytes: int = 300 * 1024 * 1024  # base64 of a 200 MiB video
     quantization: Quantization = "none"
     quantize_vision: bool = False
     dtype: DType = "auto"
@@ -72,7 +74,12 @@ class Settings(BaseSettings):
     queue_timeout: float = 60.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 16
-    max_media_bytes_per_request: int = 64 * 1024 * 1024
+    max_media_bytes_per_request: int = 256 * 1024 * 1024
+    max_video_bytes: int = 200 * 1024 * 1024
+    max_videos_per_request: int = 1
+    video_decode_workers: int = 2
+    video_decode_timeout: float = 60.0
+    caption_tokens: int = 256
     max_concurrent_preprocessing: int = 8
     media_fetch_timeout: float = 10.0
     allowed_media_domains: StrList = []
@@ -132,5 +139,7 @@ class Settings(BaseSettings):
             max_image_bytes=self.max_image_bytes,
             max_images_per_request=self.max_images_per_request,
             max_media_bytes_per_request=self.max_media_bytes_per_request,
+            max_video_bytes=self.max_video_bytes,
+            max_videos_per_request=self.max_videos_per_request,
             fetch_timeout_s=self.media_fetch_timeout,
         )

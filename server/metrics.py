@@ -42,6 +42,7 @@ class Metrics:
         self.image_tokens = Counter("vlm_image_tokens", "Prompt tokens from images", registry=r)
         self.generated_tokens = Counter("vlm_generated_tokens", "Generated tokens", registry=r)
         self.images = Counter("vlm_images_decoded", "Images fetched and decoded", registry=r)
+        self.video_frames = Counter("vlm_video_frames_decoded", "Video frames decoded", registry=r)
         self.finished = Counter(
             "vlm_sequences_finished", "Finished sequences by reason", ["reason"], registry=r
         )

@@ -38,6 +38,34 @@ def make_image(width: int = 320, height: int = 240, fmt: str = "JPEG", seed: int
     return out.getvalue()
 
 
+def make_video(
+    seconds: float = 2.0,
+    fps: int = 12,
+    width: int = 160,
+    height: int = 120,
+    container: str = "mp4",
+    codec: str = "libx264",
+) -> bytes:
+    """A small real video encoded with PyAV (no ffmpeg binary needed): a moving bar."""
+    import av
+    import numpy as np
+
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as video:
+        stream = video.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            frame = np.zeros((height, width, 3), np.uint8)
+            frame[:, :, 0] = (i * 7) % 256
+            x = (i * 5) % width
+            frame[:, x : x + 10, 1] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                video.mux(packet)
+        for packet in stream.encode():
+            video.mux(packet)
+    return out.getvalue()
+
+
 def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -101,6 +129,7 @@ async def start_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            client.app = app  # type: ignore[attr-defined]  # tests may look at the services
             yield client
 
 

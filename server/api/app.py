@@ -25,8 +25,10 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
 from server.media.fetch import FetchPolicy, MediaFetcher
+from server.media.video import VideoDecoder
 from server.metrics import Metrics, MetricsMiddleware
 from server.pipelines.chat import ChatPipeline
+from server.pipelines.media_loader import MediaLoader
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +52,21 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
                 local_media_root=settings.allowed_local_media_path,
             )
         )
-        image_processor = loaded.processor.image_processor
+        decoder = VideoDecoder(settings.video_decode_workers, settings.video_decode_timeout)
+        await decoder.start()
+        media = MediaLoader(
+            fetcher,
+            decoder,
+            settings.media_limits(),
+            model_max_pixels=loaded.processor.image_processor.size["longest_edge"],
+            metrics=metrics,
+        )
         pipeline = ChatPipeline(
             engine,
-            InputBuilder(loaded.processor, loaded.image_token_id),
-            fetcher,
-            settings.media_limits(),
-            model_max_pixels=image_processor.size["longest_edge"],
+            InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id),
+            media,
             max_concurrent_preprocessing=settings.max_concurrent_preprocessing,
+            caption_tokens=settings.caption_tokens,
             metrics=metrics,
         )
         metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running)
@@ -73,6 +82,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         finally:
             await engine.stop()
             await fetcher.aclose()
+            await decoder.close()
 
     metrics = Metrics()
     app = FastAPI(

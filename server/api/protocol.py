@@ -23,7 +23,9 @@ from pydantic import (
 
 from server.engine.sampling import SamplingParams
 from server.exceptions import InvalidRequest
-from server.pipelines.chat import ChatMessage, ChatResult, ImagePart, TextPart
+from server.media.frames import FrameRequest
+from server.pipelines.chat import ChatResult
+from server.pipelines.messages import ChatMessage, ImagePart, Part, TextPart, VideoPart
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256  # a stop string's tail is held back while streaming: keep it short
@@ -77,6 +79,12 @@ class ImageContentPart(StrictModel):
 
 class VideoURL(StrictModel):
     url: str = Field(min_length=1)
+    # Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
+    # the video pixel range); see media/frames.py.
+    fps: float | None = Field(default=None, gt=0)
+    max_frames: int | None = Field(default=None, ge=1)
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
 
 
 class VideoContentPart(StrictModel):
@@ -156,6 +164,8 @@ class ChatCompletionRequest(StrictModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
+    # extension (ours): how videos are read; default native on /v1, captions on /v2/media
+    video_mode: Literal["native", "captions"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -173,6 +183,11 @@ class ChatCompletionRequest(StrictModel):
 
     def unsupported_fields(self) -> list[str]:
         return [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
+
+    def to_video_mode(
+        self, default: Literal["native", "captions"]
+    ) -> Literal["native", "captions"]:
+        return self.video_mode or default
 
     def to_sampling_params(self, default_temperature: float) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -201,7 +216,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
     role = "system" if message.role == "developer" else message.role
     if message.content is None or isinstance(message.content, str):
         return ChatMessage(role=role, content=message.content or "")
-    parts: list[TextPart | ImagePart] = []
+    parts: list[Part] = []
     for j, part in enumerate(message.content):
         param = f"messages[{index}].content[{j}]"
         if isinstance(part, TextContentPart):
@@ -215,11 +230,14 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
         elif isinstance(part, ImageContentPart):
             parts.append(ImagePart(part.image_url.url, part.image_url.detail, param))
         else:
-            raise InvalidRequest(
-                f"video_url parts ({param}) are not supported by this server yet.",
-                param=param,
-                code="unsupported_content",
+            video = part.video_url
+            wishes = FrameRequest(
+                fps=video.fps,
+                max_frames=video.max_frames,
+                min_pixels=video.min_pixels,
+                max_pixels=video.max_pixels,
             )
+            parts.append(VideoPart(video.url, wishes, param))
     return ChatMessage(role=role, content=parts)
 
 
@@ -246,6 +264,7 @@ class ChatCompletionChoice(BaseModel):
 class PromptTokensDetails(BaseModel):
     image_tokens: int
     text_tokens: int
+    video_tokens: int = 0  # extension: tokens of video frames (or of captioned frames)
 
 
 class Usage(BaseModel):
@@ -255,15 +274,22 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, num_prompt: int, num_image: int, num_completion: int) -> Usage:
+    def of(cls, num_prompt: int, num_image: int, num_video: int, num_completion: int) -> Usage:
         return cls(
             prompt_tokens=num_prompt,
             completion_tokens=num_completion,
             total_tokens=num_prompt + num_completion,
             prompt_tokens_details=PromptTokensDetails(
-                image_tokens=num_image, text_tokens=num_prompt - num_image
+                image_tokens=num_image,
+                text_tokens=num_prompt - num_image - num_video,
+                video_tokens=num_video,
             ),
         )
+
+
+class FrameCaptionOut(BaseModel):
+    timestamp: float  # seconds from the start of the video
+    caption: str
 
 
 class ChatCompletionResponse(BaseModel):
@@ -275,6 +301,7 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     prompt_logprobs: None = None  # shown in the Animus reference
+    frames: list[FrameCaptionOut] | None = None  # extension: captions mode's per-frame captions
 
     @classmethod
     def from_result(cls, request_id: str, model: str, result: ChatResult) -> ChatCompletionResponse:
@@ -290,9 +317,12 @@ class ChatCompletionResponse(BaseModel):
                     stop_reason=result.stop_reason,
                 )
             ],
-            usage=Usage.of(
-                result.num_prompt_tokens, result.num_image_tokens, result.num_completion_tokens
-            ),
+            usage=Usage.of(*result.run.usage()),
+            frames=None
+            if result.run.frames is None
+            else [
+                FrameCaptionOut(timestamp=f.timestamp, caption=f.caption) for f in result.run.frames
+            ],
         )
 
 

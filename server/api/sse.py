@@ -16,8 +16,9 @@ from server.api.protocol import (
     ErrorResponse,
     Usage,
 )
-from server.engine.sequence import Sequence, SequenceOutput
+from server.engine.sequence import SequenceOutput
 from server.exceptions import ServerError
+from server.pipelines.chat import ChatRun
 
 DONE = "data: [DONE]\n\n"
 
@@ -78,13 +79,13 @@ class ChatChunkWriter:
 
 
 async def chat_stream(
-    seq: Sequence,
+    run: ChatRun,
     first: SequenceOutput,
     rest: AsyncIterator[SequenceOutput],
     model: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    writer = ChatChunkWriter(seq.request_id, model)
+    writer = ChatChunkWriter(run.seq.request_id, model)
     yield writer.role()
     try:
         async for output in _prepend(first, rest):
@@ -96,12 +97,7 @@ async def chat_stream(
         yield writer.error(exc)
     else:
         if include_usage:
-            inputs = seq.inputs
-            yield writer.usage(
-                Usage.of(
-                    inputs.num_prompt_tokens, inputs.num_image_tokens, seq.num_completion_tokens
-                )
-            )
+            yield writer.usage(Usage.of(*run.usage()))
     yield DONE
 
 

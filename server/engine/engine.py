@@ -52,7 +52,8 @@ class AsyncEngine:
         self.max_seq_len = max_seq_len
         self.default_max_tokens = default_max_tokens
         self.eos_token_ids = frozenset(runner.eos_token_ids)
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence | list[Sequence] | None] = queue.SimpleQueue()
+        self.num_batched_adds = 0  # add_requests calls (tests check captions use one)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._num_queued = 0  # accepted but not yet running; guarded by _lock
@@ -114,6 +115,17 @@ class AsyncEngine:
     def add_request(
         self, request_id: str, inputs: ModelInputs, sampling: SamplingParams
     ) -> Sequence:
+        seq = self._new_sequence(request_id, inputs, sampling)
+        with self._lock:
+            self.check_capacity()
+            self._num_queued += 1
+        self._sequences[request_id] = seq
+        self._inbox.put(seq)
+        return seq
+
+    def _new_sequence(
+        self, request_id: str, inputs: ModelInputs, sampling: SamplingParams
+    ) -> Sequence:
         if not self.is_running:
             raise EngineStopped("The engine is not running.")
         if any(t >= self.runner.vocab_size for t in sampling.stop_token_ids):
@@ -124,12 +136,26 @@ class AsyncEngine:
             )
         seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
         seq.log_id = request_id_var.get()
-        with self._lock:
-            self.check_capacity()
-            self._num_queued += 1
-        self._sequences[request_id] = seq
-        self._inbox.put(seq)
         return seq
+
+    def add_requests(
+        self, requests: list[tuple[str, ModelInputs, SamplingParams]]
+    ) -> list[Sequence]:
+        """Several sequences at once (e.g. every frame of a video): all are validated first,
+        then enter the queue together, so the scheduler can prefill them as one batch."""
+        seqs = [self._new_sequence(*request) for request in requests]
+        with self._lock:
+            if self._num_queued + len(seqs) > self.scheduler.config.max_queued_requests:
+                raise EngineOverloaded(
+                    "The server is at capacity (request queue full); retry shortly.",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            self._num_queued += len(seqs)
+        for seq in seqs:
+            self._sequences[seq.request_id] = seq
+        self._inbox.put(seqs)
+        self.num_batched_adds += 1
+        return seqs
 
     def abort(self, request_id: str) -> None:
         seq = self._sequences.get(request_id)
@@ -195,8 +221,8 @@ class AsyncEngine:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._finish(seq, "abort")
         while (item := self._take_one()) is not False:
-            if item is not None:
-                self._finish(item, "abort")
+            for seq in _as_list(item):
+                self._finish(seq, "abort")
         self._deliver()
 
     def _step(self) -> None:
@@ -211,7 +237,7 @@ class AsyncEngine:
         if decode:
             self._process(decode, self.runner.decode(decode))
 
-    def _take_one(self) -> Sequence | None | bool:
+    def _take_one(self) -> Sequence | list[Sequence] | None | bool:
         """The next inbox item without waiting; False when the inbox is empty."""
         try:
             return self._inbox.get_nowait()
@@ -222,10 +248,10 @@ class AsyncEngine:
         """Move new requests to the scheduler; when idle, sleep until one (or an abort) comes."""
         item = self._inbox.get() if block else self._take_one()
         while item is not False:
-            if item is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, item.sampling.stop)
-                self._detokenizers[item.request_id] = detok
-                self.scheduler.add(item)
+            for seq in _as_list(item):
+                detok = IncrementalDetokenizer(self.tokenizer, seq.sampling.stop)
+                self._detokenizers[seq.request_id] = detok
+                self.scheduler.add(seq)
             item = self._take_one()
 
     def _drop_aborted_and_expired(self) -> None:
@@ -293,6 +319,13 @@ class AsyncEngine:
         if self._pending and self._loop is not None:
             batch, self._pending = self._pending, []
             self._loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _as_list(item: Sequence | list[Sequence] | None) -> list[Sequence]:
+    """An inbox item: one sequence, several added together, or None (a wake-up)."""
+    if item is None:
+        return []
+    return item if isinstance(item, list) else [item]
 
 
 def _put_all(batch: list[tuple[Sequence, SequenceOutput]]) -> None:

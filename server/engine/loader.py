@@ -45,6 +45,7 @@ class LoadedModel:
     context_length: int
     eos_token_ids: tuple[int, ...]
     image_token_id: int
+    video_token_id: int
 
     @property
     def tokenizer(self) -> Any:
@@ -201,6 +202,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         context_length=model.config.text_config.max_position_embeddings,
         eos_token_ids=_eos_token_ids(model, processor),
         image_token_id=model.config.image_token_id,
+        video_token_id=model.config.video_token_id,
     )
     _log_loaded(loaded, attention, cfg.quantization, time.perf_counter() - started)
     return loaded

@@ -24,7 +24,14 @@ from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+VISION_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",  # Qwen2.5-VL: seconds per temporal patch of each video
+)
+ROPE_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
 def kv_cache_shape(model: Any) -> KVCacheShape:
@@ -130,7 +137,7 @@ class ModelRunner:
         """[3, width] mrope positions of the prompt (padding continues the count); sets the
         sequence's rope delta for its decode steps."""
         tensors = seq.inputs.tensors
-        kwargs = {k: tensors[k] for k in ("image_grid_thw", "video_grid_thw") if k in tensors}
+        kwargs = {k: tensors[k] for k in ROPE_INPUTS if k in tensors}
         token_types = tensors.get("mm_token_type_ids")
         if token_types is None:
             token_types = torch.zeros_like(tensors["input_ids"])

@@ -21,8 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
 VideoMode = Literal["native", "captions"]
 
 MAX_FRAMES = 60  # the Animus contract: at most 60 frames per video
@@ -81,6 +79,23 @@ class FramePlan:
         return len(self.frame_indices)
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+    """Qwen's resize rule (same as transformers' and qwen-vl-utils'), kept here so the video
+    worker process need not import transformers: both sides multiples of `factor`, area within
+    [min_pixels, max_pixels], aspect ratio kept as closely as possible."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def uniform_timestamps(duration_s: float, count: int) -> list[float]:
     """The middle of each of `count` equal segments of the video."""
     return [(i + 0.5) * duration_s / count for i in range(count)]
@@ -132,9 +147,7 @@ def plan_frames(
     return _plan_native(info, request, available, ceiling)
 
 
-def _plan_native(
-    info: VideoInfo, request: FrameRequest, available: int, ceiling: int
-) -> FramePlan:
+def _plan_native(info: VideoInfo, request: FrameRequest, available: int, ceiling: int) -> FramePlan:
     count = max(FRAME_FACTOR, ceiling - ceiling % FRAME_FACTOR)
     patches = count // FRAME_FACTOR
     min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_PIXELS)

@@ -1,42 +1,34 @@
-"""Chat completions: fetch and size the images, build the prompt, run it through the engine."""
+"""Chat completions: load the media, build the prompt, run it through the engine.
+
+Videos are used in one of two ways (per request; see media/frames.py for the budgets):
+native (the frames go to the model as a video input) or captions (each frame captioned in one
+batched engine call, then the question answered over the timestamped captions)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from server.config import MediaLimits
-from server.engine.engine import RETRY_AFTER_S, AsyncEngine
-from server.engine.inputs import InputBuilder
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import InputBuilder, ModelInputs, VideoFrames
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import EngineOverloaded, InvalidRequest, MediaError, ServerError
-from server.media.fetch import MediaFetcher
-from server.media.image import Detail, load_image
+from server.media.frames import TokenBudget, VideoMode
+from server.media.video import DecodedVideo
 from server.metrics import Metrics
-
-
-@dataclass(frozen=True)
-class TextPart:
-    text: str
-
-
-@dataclass(frozen=True)
-class ImagePart:
-    url: str
-    detail: Detail
-    param: str  # where the part sits in the request, for error messages
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str  # system | user | assistant
-    content: str | list[TextPart | ImagePart]
+from server.pipelines.finish import raise_for_finish
+from server.pipelines.media_loader import MediaBudget, MediaLoader
+from server.pipelines.messages import ChatMessage, TextPart, VideoPart, parts_of, to_hf_message
+from server.pipelines.video_captions import (
+    CaptionUsage,
+    FrameCaption,
+    FrameCaptioner,
+    captions_text,
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +36,27 @@ class ChatRequest:
     request_id: str
     messages: list[ChatMessage]
     sampling: SamplingParams
+    video_mode: VideoMode = "native"
     received_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ChatRun:
+    """A started request: its sequence, plus what captions mode did before it."""
+
+    seq: Sequence
+    frames: list[FrameCaption] | None = None
+    caption_usage: CaptionUsage = CaptionUsage(0, 0, 0)
+
+    def usage(self) -> tuple[int, int, int, int]:
+        """(prompt, image, video, completion) tokens, captioning included."""
+        inputs, extra = self.seq.inputs, self.caption_usage
+        return (
+            inputs.num_prompt_tokens + extra.num_prompt_tokens,
+            inputs.num_image_tokens,
+            inputs.num_video_tokens + extra.num_image_tokens,
+            self.seq.num_completion_tokens + extra.num_completion_tokens,
+        )
 
 
 @dataclass
@@ -52,25 +64,7 @@ class ChatResult:
     text: str
     finish_reason: str
     stop_reason: str | int | None
-    num_prompt_tokens: int
-    num_image_tokens: int
-    num_completion_tokens: int
-
-
-class GenerationFailed(ServerError):
-    def __init__(self) -> None:
-        super().__init__("The model failed while generating; see the server log.")
-
-
-def raise_for_finish(output: SequenceOutput) -> None:
-    if output.finish_reason == "error":
-        raise GenerationFailed()
-    if output.finish_reason == "queue_timeout":
-        raise EngineOverloaded(
-            "The request waited too long for a free slot; retry shortly.",
-            retry_after_s=RETRY_AFTER_S,
-            code="queue_timeout",
-        )
+    run: ChatRun
 
 
 class ChatPipeline:
@@ -78,32 +72,88 @@ class ChatPipeline:
         self,
         engine: AsyncEngine,
         input_builder: InputBuilder,
-        fetcher: MediaFetcher,
-        limits: MediaLimits,
-        model_max_pixels: int,
+        media: MediaLoader,
         max_concurrent_preprocessing: int,
+        caption_tokens: int,
         metrics: Metrics,
     ):
         self.engine = engine
+        self.input_builder = input_builder
+        self.media = media
+        self.captioner = FrameCaptioner(engine, input_builder)
+        self.caption_tokens = caption_tokens
         self.metrics = metrics
         # Fetching and decoding are bounded per request (caps, timeouts) and here in number, so
         # a burst cannot spend the CPU preparing requests the queue will then refuse.
         self.preprocessing = asyncio.Semaphore(max_concurrent_preprocessing)
-        self.input_builder = input_builder
-        self.fetcher = fetcher
-        self.limits = limits
-        self.model_max_pixels = model_max_pixels
 
-    async def start(self, request: ChatRequest) -> Sequence:
+    async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
         self.engine.check_capacity()  # refuse early, before spending work on the request
         async with self.preprocessing:
-            images = await self._load_images(request.messages)
-            hf_messages = [_to_hf_message(m) for m in request.messages]
-            inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
-        seq = self.engine.add_request(request.request_id, inputs, request.sampling)
-        seq.received_time = request.received_time
-        return seq
+            budget = self.media.check_counts(request.messages)
+            images = await self.media.images(request.messages, budget)
+            run = await self._prepare(request, images, budget)
+        run.seq.received_time = request.received_time
+        return run
+
+    async def _prepare(
+        self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
+    ) -> ChatRun:
+        video_parts = parts_of(request.messages, VideoPart)
+        messages = request.messages
+        videos: list[DecodedVideo] = []
+        if video_parts:
+            tokens = await self._video_budget(request, images, len(video_parts))
+            mode = request.video_mode
+            videos = [
+                await self.media.video(p, budget, tokens, replace(p.frames, mode=mode))
+                for p in video_parts
+            ]
+        if videos and request.video_mode == "captions":
+            return await self._captioned(request, images, videos)
+        frames = [VideoFrames(v.frames, v.plan.timestamps, v.info.duration_s) for v in videos]
+        hf_messages = [to_hf_message(m) for m in messages]
+        inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images, frames)
+        return ChatRun(self._add(request, inputs))
+
+    async def _captioned(
+        self, request: ChatRequest, images: list[Image.Image], videos: list[DecodedVideo]
+    ) -> ChatRun:
+        all_captions: list[FrameCaption] = []
+        usage = CaptionUsage(0, 0, 0)
+        texts = []
+        for video in videos:
+            captions, used = await self.captioner.caption(
+                request.request_id, video, request.sampling, self.caption_tokens
+            )
+            all_captions += captions
+            texts.append(captions_text(captions, video.info.duration_s))
+            usage = CaptionUsage(
+                *(a + b for a, b in zip(_fields(usage), _fields(used), strict=True))
+            )
+        messages = _replace_videos(request.messages, texts)
+        hf_messages = [to_hf_message(m) for m in messages]
+        inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
+        return ChatRun(self._add(request, inputs), all_captions, usage)
+
+    async def _video_budget(
+        self, request: ChatRequest, images: list[Image.Image], num_videos: int
+    ) -> TokenBudget:
+        """What the videos may use: the context minus the text, the images and the answer,
+        shared equally between the videos."""
+        hf_messages = [to_hf_message(m) for m in request.messages]
+        text_tokens = await asyncio.to_thread(self.input_builder.count_text_tokens, hf_messages)
+        image_tokens = sum((img.width // 28) * (img.height // 28) + 2 for img in images)
+        max_tokens = request.sampling.max_tokens or self.engine.default_max_tokens
+        fixed = text_tokens + image_tokens + max_tokens
+        share = max(self.engine.max_seq_len - fixed, 0) // num_videos
+        return TokenBudget(
+            fixed + share, text_tokens + image_tokens, max_tokens, self.caption_tokens
+        )
+
+    def _add(self, request: ChatRequest, inputs: ModelInputs) -> Sequence:
+        return self.engine.add_request(request.request_id, inputs, request.sampling)
 
     async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
         first = True
@@ -123,73 +173,30 @@ class ChatPipeline:
         self.metrics.generated_tokens.inc(seq.num_completion_tokens)
 
     async def complete(self, request: ChatRequest) -> ChatResult:
-        seq = await self.start(request)
-        pieces = [output.text_delta async for output in self.outputs(seq)]
+        run = await self.start(request)
+        pieces = [output.text_delta async for output in self.outputs(run.seq)]
         return ChatResult(
             text="".join(pieces),
-            finish_reason=seq.finish_reason or "stop",
-            stop_reason=seq.stop_reason,
-            num_prompt_tokens=seq.inputs.num_prompt_tokens,
-            num_image_tokens=seq.inputs.num_image_tokens,
-            num_completion_tokens=seq.num_completion_tokens,
+            finish_reason=run.seq.finish_reason or "stop",
+            stop_reason=run.seq.stop_reason,
+            run=run,
         )
 
-    async def _load_images(self, messages: list[ChatMessage]) -> list[Image.Image]:
+
+def _fields(usage: CaptionUsage) -> tuple[int, int, int]:
+    return usage.num_prompt_tokens, usage.num_image_tokens, usage.num_completion_tokens
+
+
+def _replace_videos(messages: list[ChatMessage], texts: list[str]) -> list[ChatMessage]:
+    """Each video part becomes the text of its captions, in order."""
+    remaining = iter(texts)
+    replaced = []
+    for message in messages:
+        if isinstance(message.content, str):
+            replaced.append(message)
+            continue
         parts = [
-            part
-            for message in messages
-            if not isinstance(message.content, str)
-            for part in message.content
-            if isinstance(part, ImagePart)
+            TextPart(next(remaining)) if isinstance(p, VideoPart) else p for p in message.content
         ]
-        if len(parts) > self.limits.max_images_per_request:
-            raise InvalidRequest(
-                f"{len(parts)} images in one request; the limit is "
-                f"{self.limits.max_images_per_request}.",
-                param="messages",
-                code="too_many_images",
-            )
-        budget = MediaBudget(self.limits.max_media_bytes_per_request)
-        # Fetch concurrently; decode and resize in threads (Pillow releases the GIL).
-        return list(await asyncio.gather(*(self._load_image(p, budget) for p in parts)))
-
-    async def _load_image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
-        fetched = await self.fetcher.fetch(
-            part.url, max_bytes=self.limits.max_image_bytes, kind="image", param=part.param
-        )
-        budget.spend(len(fetched.data), part.param)
-        image = await asyncio.to_thread(
-            load_image, fetched.data, part.detail, self.model_max_pixels, param=part.param
-        )
-        self.metrics.images.inc()
-        return image
-
-
-class MediaBudget:
-    """All media of one request together may not exceed max_bytes (each item has its own cap
-    too): many medium images must not add up to an unbounded request."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.spent = 0
-
-    def spend(self, num_bytes: int, param: str) -> None:
-        self.spent += num_bytes
-        if self.spent > self.max_bytes:
-            raise MediaError(
-                f"The request's media add up to more than the server's limit of "
-                f"{self.max_bytes} bytes (reached at {param}).",
-                param=param,
-                code="media_budget_exceeded",
-            )
-
-
-def _to_hf_message(message: ChatMessage) -> dict[str, Any]:
-    """Our message -> the chat template's format; images become {"type": "image"} markers."""
-    if isinstance(message.content, str):
-        return {"role": message.role, "content": message.content}
-    content = [
-        {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
-        for part in message.content
-    ]
-    return {"role": message.role, "content": content}
+        replaced.append(ChatMessage(message.role, parts))
+    return replaced

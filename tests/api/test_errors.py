@@ -74,10 +74,20 @@ BAD_BODIES = {
         "messages[0].content[0]",
         "invalid_value",
     ),
-    "video part (not yet supported)": (
+    "video part with a URL that is not one": (
         {"model": "tiny", "messages": user({"type": "video_url", "video_url": {"url": "x"}})},
         "messages[0].content[0]",
-        "unsupported_content",
+        "media_url_not_allowed",
+    ),
+    "non-video data URI in a video part": (
+        {
+            "model": "tiny",
+            "messages": user(
+                {"type": "video_url", "video_url": {"url": "data:image/png;base64,aGk="}}
+            ),
+        },
+        "messages[0].content[0]",
+        "invalid_media",
     ),
     "image in an assistant message": (
         {

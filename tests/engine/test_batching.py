@@ -34,7 +34,7 @@ def image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def prompts(loaded: LoadedModel) -> list[ModelInputs]:
-    builder = InputBuilder(loaded.processor, loaded.image_token_id)
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
 
     def user(*parts: dict) -> list[dict]:
         return [{"role": "user", "content": list(parts)}]

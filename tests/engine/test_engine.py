@@ -31,7 +31,7 @@ def loaded(request: pytest.FixtureRequest) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def prompt(loaded: LoadedModel):
-    builder = InputBuilder(loaded.processor, loaded.image_token_id)
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     return builder.build(messages, [Image.open(io.BytesIO(make_image(96, 64)))])
 

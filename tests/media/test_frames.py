@@ -120,3 +120,15 @@ def test_no_room_is_an_error() -> None:
         plan_frames(VideoInfo(10, 30, 300, 640, 360), TokenBudget(1000, 500, 499), FrameRequest())
     with pytest.raises(PlanError):
         plan_frames(VideoInfo(0, 30, 0, 640, 360), TokenBudget(8192, 5, 5), FrameRequest())
+
+
+def test_smart_resize_matches_qwen() -> None:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen
+
+    from server.media.frames import smart_resize
+
+    for height, width in itertools.product([28, 100, 240, 333, 720, 1080, 2160], repeat=2):
+        for min_pixels, max_pixels in [(3136, 12845056), (100352, 602112), (3136, 200704)]:
+            assert smart_resize(height, width, 28, min_pixels, max_pixels) == qwen(
+                height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels
+            )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -41,14 +41,14 @@ router = APIRouter(responses=RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
-    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE)
+    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE, "native")
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
 async def chat_completions_alias(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
-    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE)
+    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE, "native")
 
 
 @router.post("/v2/media/completions", response_model=ChatCompletionResponse, tags=["media"])
@@ -56,7 +56,7 @@ async def media_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
     """Animus media completions: the chat contract with temperature defaulting to 0.1."""
-    return await _complete(body, request, services, ANIMUS_DEFAULT_TEMPERATURE)
+    return await _complete(body, request, services, ANIMUS_DEFAULT_TEMPERATURE, "captions")
 
 
 async def _complete(
@@ -64,6 +64,7 @@ async def _complete(
     request: Request,
     services: Services,
     default_temperature: float,
+    default_video_mode: Literal["native", "captions"],
 ) -> ChatCompletionResponse | StreamingResponse:
     services.check_model(body.model)
     if unsupported := body.unsupported_fields():
@@ -82,17 +83,18 @@ async def _complete(
         request_id=completion_id(),
         messages=body.to_messages(),
         sampling=body.to_sampling_params(default_temperature),
+        video_mode=body.to_video_mode(default_video_mode),
     )
     if not body.stream:
         result = await until_disconnected(request, services.chat.complete(chat_request))
         return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)
-    seq = await services.chat.start(chat_request)
-    outputs = services.chat.outputs(seq)
+    run = await services.chat.start(chat_request)
+    outputs = services.chat.outputs(run.seq)
     # Wait for the first token before answering 200, so a queue timeout is still a 503.
     first = await until_disconnected(request, anext(outputs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        chat_stream(seq, first, outputs, body.model, include_usage),
+        chat_stream(run, first, outputs, body.model, include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

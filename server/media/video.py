@@ -1,0 +1,214 @@
+"""Video decoding in worker processes: probe, plan, read only the planned frames, resize.
+
+Decoders crash and hang on hostile files (decord#229), so decoding never runs in the server
+process: a small pool of spawned worker processes does it, each job with a deadline. A worker
+that dies or overruns is killed and replaced, and only its request gets a 4xx.
+
+Inside a worker: PyAV opens the container first (cheap: headers only) to check the format and
+read duration, fps, frame count and size; the planner picks the frames; decord reads exactly
+those (`get_batch`, seeking, never the whole video) and PyAV is the fallback reader. Peak memory
+is the encoded bytes plus the planned frames, whatever the video's length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import multiprocessing
+import multiprocessing.connection
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+
+import numpy as np
+
+from server.media.frames import (
+    FramePlan,
+    FrameRequest,
+    PlanError,
+    TokenBudget,
+    VideoInfo,
+    plan_frames,
+)
+
+logger = logging.getLogger(__name__)
+
+# Containers we read: mp4/mov (H.264, H.265...), matroska/webm (VP8/VP9/AV1...), avi.
+ALLOWED_CONTAINERS = ("mp4", "mov", "matroska", "webm", "avi")
+
+
+class VideoDecodeError(Exception):
+    """The bytes are not a video we can read; the message is safe to show to the client."""
+
+
+@dataclass(frozen=True)
+class DecodedVideo:
+    info: VideoInfo
+    plan: FramePlan
+    frames: np.ndarray  # [num_frames, height, width, 3] uint8, already resized
+    backend: str
+
+
+# -- in the worker process ------------------------------------------------------------------
+
+
+def _probe(data: bytes) -> VideoInfo:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            names = set(container.format.name.split(","))
+            if not names & set(ALLOWED_CONTAINERS):
+                raise VideoDecodeError(f"unsupported container '{container.format.name}'")
+            if not container.streams.video:
+                raise VideoDecodeError("the file has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            duration = (
+                float(stream.duration * stream.time_base)
+                if stream.duration
+                else (container.duration or 0) / 1_000_000
+            )
+            num_frames = stream.frames or int(duration * fps)
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except VideoDecodeError:
+        raise
+    except Exception:
+        raise VideoDecodeError("the data is not a readable video") from None
+    if fps <= 0 or duration <= 0 or num_frames <= 0 or min(width, height) <= 0:
+        raise VideoDecodeError("the video has no decodable frames")
+    return VideoInfo(duration, fps, num_frames, width, height)
+
+
+def _read_decord(data: bytes, indices: list[int]) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    last = len(reader) - 1
+    return reader.get_batch([min(i, last) for i in indices]).asnumpy()
+
+
+def _read_pyav(data: bytes, timestamps: list[float]) -> np.ndarray:
+    import av
+
+    frames = []
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        for target in timestamps:
+            container.seek(int(target / stream.time_base), stream=stream, backward=True)
+            chosen = None
+            for frame in container.decode(stream):
+                chosen = frame
+                if frame.time is not None and frame.time >= target:
+                    break
+            if chosen is None:
+                raise VideoDecodeError("a planned frame could not be decoded")
+            frames.append(chosen.to_ndarray(format="rgb24"))
+    return np.stack(frames)
+
+
+def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
+            for f in frames
+        ]
+    )
+
+
+def decode_job(data: bytes, budget: TokenBudget, request: FrameRequest) -> DecodedVideo:
+    """Probe, plan and decode; runs in a worker process."""
+    info = _probe(data)
+    try:
+        plan = plan_frames(info, budget, request)
+    except PlanError as exc:
+        raise VideoDecodeError(str(exc)) from None
+    try:
+        frames, backend = _read_decord(data, list(plan.frame_indices)), "decord"
+    except Exception:
+        try:
+            frames, backend = _read_pyav(data, list(plan.timestamps)), "pyav"
+        except VideoDecodeError:
+            raise
+        except Exception:
+            raise VideoDecodeError("the video's frames could not be decoded") from None
+    return DecodedVideo(info, plan, _resize(frames, plan.width, plan.height), backend)
+
+
+def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", decode_job(*job)))
+        except VideoDecodeError as exc:
+            conn.send(("error", str(exc)))
+        except Exception:
+            conn.send(("error", "the video could not be decoded"))
+
+
+# -- in the server ---------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, context: multiprocessing.context.BaseContext):
+        self.conn, child = context.Pipe()
+        self.process: BaseProcess = context.Process(target=_worker_main, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class VideoDecoder:
+    """A pool of decode worker processes, each job with a deadline."""
+
+    def __init__(self, num_workers: int, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.context = multiprocessing.get_context("spawn")  # no torch state, no forked threads
+        self.num_workers = num_workers
+        self.idle: asyncio.Queue[_Worker] | None = None
+
+    async def start(self) -> None:
+        self.idle = asyncio.Queue()
+        workers = await asyncio.to_thread(
+            lambda: [_Worker(self.context) for _ in range(self.num_workers)]
+        )
+        for worker in workers:
+            self.idle.put_nowait(worker)
+
+    async def close(self) -> None:
+        while self.idle is not None and not self.idle.empty():
+            self.idle.get_nowait().kill()
+
+    async def decode(self, data: bytes, budget: TokenBudget, request: FrameRequest) -> DecodedVideo:
+        assert self.idle is not None, "VideoDecoder.start() was not awaited"
+        worker = await self.idle.get()
+        healthy = False
+        try:
+            worker.conn.send((data, budget, request))
+            ready = await asyncio.to_thread(worker.conn.poll, self.timeout_s)
+            if not ready:
+                raise VideoDecodeError(f"decoding took longer than {self.timeout_s:.0f} s")
+            status, result = worker.conn.recv()
+            healthy = True
+        except (EOFError, OSError, BrokenPipeError):
+            raise VideoDecodeError("the decoder crashed on this video") from None
+        finally:
+            if not healthy:
+                logger.warning("replacing a video decode worker (crashed or timed out)")
+                worker.kill()
+                worker = await asyncio.to_thread(_Worker, self.context)
+            self.idle.put_nowait(worker)
+        if status == "error":
+            raise VideoDecodeError(result)
+        return result

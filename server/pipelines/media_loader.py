@@ -1,0 +1,99 @@
+"""Fetch and decode a request's media: images in threads, videos in the decode workers.
+
+Every item has its own byte cap and the request a total budget; a part that cannot be used is
+a 4xx naming it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from PIL import Image
+
+from server.config import MediaLimits
+from server.exceptions import InvalidRequest, MediaError
+from server.media.fetch import MediaFetcher
+from server.media.frames import FrameRequest, TokenBudget
+from server.media.image import load_image
+from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder
+from server.metrics import Metrics
+from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of
+
+
+class MediaBudget:
+    """All media of one request together may not exceed max_bytes (each item has its own cap
+    too): many medium items must not add up to an unbounded request."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.spent = 0
+
+    def spend(self, num_bytes: int, param: str) -> None:
+        self.spent += num_bytes
+        if self.spent > self.max_bytes:
+            raise MediaError(
+                f"The request's media add up to more than the server's limit of "
+                f"{self.max_bytes} bytes (reached at {param}).",
+                param=param,
+                code="media_budget_exceeded",
+            )
+
+
+class MediaLoader:
+    def __init__(
+        self,
+        fetcher: MediaFetcher,
+        decoder: VideoDecoder,
+        limits: MediaLimits,
+        model_max_pixels: int,
+        metrics: Metrics,
+    ):
+        self.fetcher = fetcher
+        self.decoder = decoder
+        self.limits = limits
+        self.model_max_pixels = model_max_pixels
+        self.metrics = metrics
+
+    def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
+        for kind, name, limit in (
+            (ImagePart, "images", self.limits.max_images_per_request),
+            (VideoPart, "videos", self.limits.max_videos_per_request),
+        ):
+            count = len(parts_of(messages, kind))
+            if count > limit:
+                raise InvalidRequest(
+                    f"{count} {name} in one request; the limit is {limit}.",
+                    param="messages",
+                    code=f"too_many_{name}",
+                )
+        return MediaBudget(self.limits.max_media_bytes_per_request)
+
+    async def images(self, messages: list[ChatMessage], budget: MediaBudget) -> list[Image.Image]:
+        parts = parts_of(messages, ImagePart)
+        return list(await asyncio.gather(*(self._image(p, budget) for p in parts)))
+
+    async def _image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
+        fetched = await self.fetcher.fetch(
+            part.url, max_bytes=self.limits.max_image_bytes, kind="image", param=part.param
+        )
+        budget.spend(len(fetched.data), part.param)
+        image = await asyncio.to_thread(
+            load_image, fetched.data, part.detail, self.model_max_pixels, param=part.param
+        )
+        self.metrics.images.inc()
+        return image
+
+    async def video(
+        self, part: VideoPart, budget: MediaBudget, tokens: TokenBudget, frames: FrameRequest
+    ) -> DecodedVideo:
+        fetched = await self.fetcher.fetch(
+            part.url, max_bytes=self.limits.max_video_bytes, kind="video", param=part.param
+        )
+        budget.spend(len(fetched.data), part.param)
+        try:
+            decoded = await self.decoder.decode(fetched.data, tokens, frames)
+        except VideoDecodeError as exc:
+            raise MediaError(
+                f"The video at {part.param} cannot be used: {exc}.", param=part.param
+            ) from None
+        self.metrics.video_frames.inc(decoded.plan.num_frames)
+        return decoded

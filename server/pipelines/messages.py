@@ -1,0 +1,62 @@
+"""The internal form of a chat request's messages (the API layer converts its wire models)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.media.frames import FrameRequest
+from server.media.image import Detail
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    url: str
+    detail: Detail
+    param: str  # where the part sits in the request, for error messages
+
+
+@dataclass(frozen=True)
+class VideoPart:
+    url: str
+    frames: FrameRequest  # the request's fps / max_frames / pixel wishes (mode set later)
+    param: str
+
+
+Part = TextPart | ImagePart | VideoPart
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant
+    content: str | list[Part]
+
+
+def parts_of(messages: list[ChatMessage], kind: type) -> list[Any]:
+    return [
+        part
+        for message in messages
+        if not isinstance(message.content, str)
+        for part in message.content
+        if isinstance(part, kind)
+    ]
+
+
+def to_hf_message(message: ChatMessage) -> dict[str, Any]:
+    """Our message -> the chat template's format; media become {"type": "image"|"video"}."""
+    if isinstance(message.content, str):
+        return {"role": message.role, "content": message.content}
+    content: list[dict[str, Any]] = []
+    for part in message.content:
+        if isinstance(part, TextPart):
+            content.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            content.append({"type": "image"})
+        else:
+            content.append({"type": "video"})
+    return {"role": message.role, "content": content}

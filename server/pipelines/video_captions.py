@@ -1,0 +1,83 @@
+"""Captions mode (seed 000): every planned frame is captioned, all frames in one batched engine
+call, and the question is then answered over the timestamped captions."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import InputBuilder, ModelInputs
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence
+from server.media.video import DecodedVideo
+from server.pipelines.finish import raise_for_finish
+
+CAPTION_PROMPT = "Describe this video frame in detail."
+
+
+@dataclass(frozen=True)
+class FrameCaption:
+    timestamp: float
+    caption: str
+
+
+@dataclass(frozen=True)
+class CaptionUsage:
+    num_prompt_tokens: int
+    num_image_tokens: int
+    num_completion_tokens: int
+
+
+class FrameCaptioner:
+    def __init__(self, engine: AsyncEngine, input_builder: InputBuilder):
+        self.engine = engine
+        self.input_builder = input_builder
+
+    async def caption(
+        self, request_id: str, video: DecodedVideo, sampling: SamplingParams, caption_tokens: int
+    ) -> tuple[list[FrameCaption], CaptionUsage]:
+        inputs = await asyncio.to_thread(self._frame_inputs, video)
+        frame_sampling = replace(sampling, max_tokens=caption_tokens, stop=(), stop_token_ids=())
+        seqs = self.engine.add_requests(
+            [(f"{request_id}-frame{i}", frame, frame_sampling) for i, frame in enumerate(inputs)]
+        )
+        texts = await asyncio.gather(*(self._collect(seq) for seq in seqs))
+        captions = [
+            FrameCaption(round(t, 3), text.strip())
+            for t, text in zip(video.plan.timestamps, texts, strict=True)
+        ]
+        usage = CaptionUsage(
+            sum(s.inputs.num_prompt_tokens for s in seqs),
+            sum(s.inputs.num_image_tokens for s in seqs),
+            sum(s.num_completion_tokens for s in seqs),
+        )
+        return captions, usage
+
+    def _frame_inputs(self, video: DecodedVideo) -> list[ModelInputs]:
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}],
+            }
+        ]
+        return [
+            self.input_builder.build(messages, [Image.fromarray(frame)]) for frame in video.frames
+        ]
+
+    async def _collect(self, seq: Sequence) -> str:
+        pieces = []
+        async for output in self.engine.stream(seq):
+            raise_for_finish(output)
+            pieces.append(output.text_delta)
+        return "".join(pieces)
+
+
+def captions_text(captions: list[FrameCaption], duration_s: float) -> str:
+    lines = [f"[{c.timestamp:.2f} s] {c.caption}" for c in captions]
+    return (
+        f"A video of {duration_s:.1f} seconds, described frame by frame "
+        "(time: description):\n" + "\n".join(lines) + "\n"
+    )

@@ -1,0 +1,106 @@
+"""Video in chat (seed 003) and Animus media completions (seed 000's captions)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import MediaServer, make_image, make_settings, make_video, start_client
+
+pytestmark = pytest.mark.anyio
+
+
+def video_uri(data: bytes) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
+def video_body(url: str, **extra: object) -> dict:
+    content = [
+        {"type": "text", "text": "Describe this scene:"},
+        {"type": "video_url", "video_url": {"url": url, **extra.pop("video", {})}},
+    ]
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def engine_of(client: httpx.AsyncClient):
+    return client.app.state.services.engine  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+async def video_client(tiny_model_dir: Path):
+    settings = make_settings(tiny_model_dir, caption_tokens=6, default_max_tokens=8)
+    async for client in start_client(settings):
+        yield client
+
+
+async def test_seed_003_video_url_native(
+    video_client: httpx.AsyncClient, media_server: MediaServer
+) -> None:
+    url = media_server.add("/aimlapi.mp4", make_video(seconds=3), "video/mp4")
+    response = await video_client.post("/v1/chat/completions", json=video_body(url))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    details = body["usage"]["prompt_tokens_details"]
+    assert details["video_tokens"] > 0 and details["image_tokens"] == 0
+    assert details["video_tokens"] + details["text_tokens"] == body["usage"]["prompt_tokens"]
+    assert body["frames"] is None  # native mode: no captions
+
+
+async def test_native_video_is_deterministic(video_client: httpx.AsyncClient) -> None:
+    body = video_body(video_uri(make_video(seconds=2)), temperature=0, max_tokens=10)
+    first = await video_client.post("/v1/chat/completions", json=body)
+    second = await video_client.post("/v1/chat/completions", json=body)
+    assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
+
+
+async def test_media_completions_caption_every_frame_in_one_engine_call(
+    video_client: httpx.AsyncClient,
+) -> None:
+    engine = engine_of(video_client)
+    before = engine.num_batched_adds
+    body = video_body(
+        video_uri(make_video(seconds=60, fps=10)),
+        model="tiny",
+        video={"fps": 100, "max_frames": 1000},  # a greedy client: still at most 60 frames
+    )
+    response = await video_client.post("/v2/media/completions", json=body)
+    assert response.status_code == 200, response.text
+    frames = response.json()["frames"]
+    assert 1 < len(frames) <= 60
+    assert engine.num_batched_adds == before + 1  # every frame in one batched engine call
+    times = [f["timestamp"] for f in frames]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] <= 60
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens_details"]["video_tokens"] > 0
+    assert usage["completion_tokens"] >= len(frames)  # the captions count too
+
+
+async def test_video_mode_can_be_chosen(video_client: httpx.AsyncClient) -> None:
+    body = video_body(video_uri(make_video(seconds=2)), video_mode="captions")
+    response = await video_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and len(response.json()["frames"]) == 4
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00" * 1000, make_image(64, 64), make_video(seconds=3)[:2000]],
+    ids=["zero-length", "zeros", "an image", "truncated"],
+)
+async def test_bad_videos_get_4xx(video_client: httpx.AsyncClient, data: bytes) -> None:
+    response = await video_client.post("/v1/chat/completions", json=video_body(video_uri(data)))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages[0].content[1]"
+    assert "Traceback" not in response.text
+    assert (await video_client.get("/health")).status_code == 200
+
+
+async def test_more_videos_than_allowed(video_client: httpx.AsyncClient) -> None:
+    uri = video_uri(make_video(seconds=1))
+    body = video_body(uri)
+    body["messages"][0]["content"].append({"type": "video_url", "video_url": {"url": uri}})
+    response = await video_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "too_many_videos"

@@ -1,0 +1,93 @@
+"""Video decoding in worker processes: formats, hostile files, crashes and hangs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from server.media.frames import FrameRequest, TokenBudget
+from server.media.video import VideoDecodeError, VideoDecoder
+from tests.helpers import make_image, make_video
+
+pytestmark = pytest.mark.anyio
+
+BUDGET = TokenBudget(8192, 50, 256)
+
+
+@pytest.fixture
+async def decoder():
+    decoder = VideoDecoder(num_workers=1, timeout_s=30)
+    await decoder.start()
+    yield decoder
+    await decoder.close()
+
+
+@pytest.mark.parametrize(
+    "container,codec",
+    [("mp4", "libx264"), ("webm", "libvpx-vp9"), ("matroska", "libx264"), ("mov", "libx264")],
+)
+async def test_formats(decoder: VideoDecoder, container: str, codec: str) -> None:
+    decoded = await decoder.decode(
+        make_video(2, 12, container=container, codec=codec), BUDGET, FrameRequest()
+    )
+    assert decoded.info.duration_s == pytest.approx(2, abs=0.2)
+    assert decoded.plan.num_frames == 4  # 2 s at <= 2 fps
+    assert decoded.frames.shape == (4, decoded.plan.height, decoded.plan.width, 3)
+    assert decoded.frames.dtype == np.uint8
+
+
+async def test_only_planned_frames_are_read(decoder: VideoDecoder) -> None:
+    video = make_video(seconds=20, fps=10)
+    decoded = await decoder.decode(video, BUDGET, FrameRequest(max_frames=1000, fps=100))
+    assert decoded.plan.num_frames <= 60
+    assert len(decoded.frames) == decoded.plan.num_frames
+    # The bar moves 5 px a frame: frames taken at different times differ.
+    assert not np.array_equal(decoded.frames[0], decoded.frames[-1])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        os.urandom(20_000),
+        b"hello world " * 100,
+        make_image(64, 64),  # an image is not a video
+    ],
+    ids=["empty", "random", "text", "jpeg"],
+)
+async def test_not_a_video(decoder: VideoDecoder, data: bytes) -> None:
+    with pytest.raises(VideoDecodeError):
+        await decoder.decode(data, BUDGET, FrameRequest())
+
+
+async def test_truncated_video(decoder: VideoDecoder) -> None:
+    video = make_video(seconds=4)
+    with pytest.raises(VideoDecodeError):
+        await decoder.decode(video[: len(video) // 3], BUDGET, FrameRequest())
+    # The worker survived (or was replaced): the next video decodes.
+    assert (await decoder.decode(video, BUDGET, FrameRequest())).plan.num_frames > 0
+
+
+async def test_a_hung_worker_is_killed_and_replaced() -> None:
+    decoder = VideoDecoder(num_workers=1, timeout_s=0.001)
+    await decoder.start()
+    try:
+        with pytest.raises(VideoDecodeError, match="longer than"):
+            await decoder.decode(make_video(seconds=4), BUDGET, FrameRequest())
+        decoder.timeout_s = 30
+        assert (await decoder.decode(make_video(), BUDGET, FrameRequest())).plan.num_frames > 0
+    finally:
+        await decoder.close()
+
+
+async def test_a_crashed_worker_is_replaced(decoder: VideoDecoder) -> None:
+    assert decoder.idle is not None
+    worker = decoder.idle.get_nowait()
+    worker.process.kill()  # as if the decoder segfaulted
+    worker.process.join()
+    decoder.idle.put_nowait(worker)
+    with pytest.raises(VideoDecodeError, match="crashed"):
+        await decoder.decode(make_video(), BUDGET, FrameRequest())
+    assert (await decoder.decode(make_video(), BUDGET, FrameRequest())).plan.num_frames > 0
