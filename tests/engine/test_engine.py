@@ -123,3 +123,36 @@ async def test_default_max_tokens_bounded_by_context(loaded: LoadedModel, prompt
     seq = engine.add_request("a", prompt, SamplingParams(temperature=0))
     await engine.stop()
     assert seq.max_tokens == 5
+
+
+async def test_video_prompt_matches_hf_generate_alone_and_batched(
+    loaded: LoadedModel, prompt
+) -> None:
+    """Video inputs take Qwen's 3D rope (and, for Qwen2.5-VL, seconds per patch): the engine
+    must match HF's own generate, alone and batched with an image prompt."""
+    import numpy as np
+
+    from server.engine.inputs import VideoFrames
+
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    frames = np.stack(
+        [np.asarray(Image.open(io.BytesIO(make_image(112, 84, seed=i)))) for i in range(4)]
+    )
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}]
+    video = builder.build(messages, [], [VideoFrames(frames, (0.5, 1.5, 2.5, 3.5), 4.0)])
+    assert video.num_video_tokens > 0
+    with torch.inference_mode():
+        tensors = {name: t.to(loaded.device) for name, t in video.tensors.items()}
+        reference = loaded.model.generate(**tensors, max_new_tokens=10, do_sample=False)
+    expected = reference[0, video.num_prompt_tokens :].tolist()
+    engine = make_engine(loaded)
+    engine.start()
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    alone, _ = await run(engine, "alone", video, greedy)
+    together = [engine.add_request("v", video, greedy), engine.add_request("i", prompt, greedy)]
+    for seq in together:
+        async for _ in engine.stream(seq):
+            pass
+    await engine.stop()
+    assert alone.output_token_ids == expected[: len(alone.output_token_ids)]
+    assert together[0].output_token_ids == alone.output_token_ids
