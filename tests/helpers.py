@@ -45,18 +45,25 @@ def make_video(
     height: int = 120,
     container: str = "mp4",
     codec: str = "libx264",
+    cuts: tuple[float, ...] = (),
 ) -> bytes:
-    """A small real video encoded with PyAV (no ffmpeg binary needed): a moving bar."""
+    """A small real video encoded with PyAV (no ffmpeg binary needed): a moving bar, on a
+    background whose colour changes abruptly at each time in `cuts` (scene cuts)."""
     import av
     import numpy as np
 
+    palette = [(200, 30, 30), (30, 180, 40), (40, 40, 200), (230, 230, 230), (20, 20, 20)]
     out = io.BytesIO()
     with av.open(out, "w", format=container) as video:
         stream = video.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(int(seconds * fps)):
             frame = np.zeros((height, width, 3), np.uint8)
-            frame[:, :, 0] = (i * 7) % 256
+            if cuts:
+                scene = sum(1 for cut in cuts if i / fps >= cut)
+                frame[:, :] = palette[scene % len(palette)]
+            else:
+                frame[:, :, 0] = (i * 7) % 256
             x = (i * 5) % width
             frame[:, x : x + 10, 1] = 255
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

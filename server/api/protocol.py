@@ -166,6 +166,8 @@ class ChatCompletionRequest(StrictModel):
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
+    # extension (ours, Animus' name): one frame per detected scene instead of uniform frames
+    use_scenes: bool | None = None
 
     @field_validator("stop")
     @classmethod

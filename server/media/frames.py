@@ -56,6 +56,7 @@ class FrameRequest:
     max_frames: int | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    use_scenes: bool = False  # one frame per detected scene (media/scenes.py), within the budget
 
 
 @dataclass(frozen=True)
@@ -189,4 +190,21 @@ def _plan_captions(
         width,
         height,
         count * budget.caption_tokens,
+    )
+
+
+def at_timestamps(
+    plan: FramePlan, timestamps: list[float], info: VideoInfo, budget: TokenBudget, mode: VideoMode
+) -> FramePlan:
+    """The same budget and resolution at other timestamps (e.g. one per scene; never more
+    than the plan had). Native plans keep an even count by repeating the last frame."""
+    timestamps = sorted(timestamps)[: plan.num_frames]
+    if mode == "native" and len(timestamps) % FRAME_FACTOR:
+        timestamps.append(timestamps[-1])
+    if mode == "native":
+        tokens = len(timestamps) // FRAME_FACTOR * tokens_per_patch(plan.width, plan.height)
+    else:
+        tokens = len(timestamps) * budget.caption_tokens
+    return FramePlan(
+        frame_indices(timestamps, info), tuple(timestamps), plan.width, plan.height, tokens
     )

@@ -22,12 +22,14 @@ from multiprocessing.process import BaseProcess
 
 import numpy as np
 
+from server.media import scenes
 from server.media.frames import (
     FramePlan,
     FrameRequest,
     PlanError,
     TokenBudget,
     VideoInfo,
+    at_timestamps,
     plan_frames,
 )
 
@@ -80,10 +82,13 @@ def _probe(data: bytes) -> VideoInfo:
     return VideoInfo(duration, fps, num_frames, width, height)
 
 
-def _read_decord(data: bytes, indices: list[int]) -> np.ndarray:
+def _read_decord(data: bytes, indices: list[int], size: tuple[int, int] = (-1, -1)) -> np.ndarray:
+    """size (width, height): decord resizes while decoding (-1: as stored)."""
     import decord
 
-    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    reader = decord.VideoReader(
+        io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, width=size[0], height=size[1]
+    )
     last = len(reader) - 1
     return reader.get_batch([min(i, last) for i in indices]).asnumpy()
 
@@ -127,6 +132,8 @@ def decode_job(data: bytes, budget: TokenBudget, request: FrameRequest) -> Decod
         plan = plan_frames(info, budget, request)
     except PlanError as exc:
         raise VideoDecodeError(str(exc)) from None
+    if request.use_scenes:
+        plan = _plan_scenes(data, info, plan, budget, request)
     try:
         frames, backend = _read_decord(data, list(plan.frame_indices)), "decord"
     except Exception:
@@ -137,6 +144,21 @@ def decode_job(data: bytes, budget: TokenBudget, request: FrameRequest) -> Decod
         except Exception:
             raise VideoDecodeError("the video's frames could not be decoded") from None
     return DecodedVideo(info, plan, _resize(frames, plan.width, plan.height), backend)
+
+
+def _plan_scenes(
+    data: bytes, info: VideoInfo, plan: FramePlan, budget: TokenBudget, request: FrameRequest
+) -> FramePlan:
+    """One frame per scene (the middle of it), scenes found on a cheap low-resolution pass."""
+    times = scenes.sample_times(info.duration_s)
+    indices = [min(info.num_frames - 1, int(t * info.fps)) for t in times]
+    try:
+        low = _read_decord(data, indices, scenes.SCENE_SAMPLE_SIZE)
+    except Exception:
+        low = _resize(_read_pyav(data, times), *scenes.SCENE_SAMPLE_SIZE)
+    cuts = scenes.detect_cuts(low, times)
+    found = scenes.merge_to_budget(scenes.scenes_from_cuts(cuts, info.duration_s), plan.num_frames)
+    return at_timestamps(plan, [s.middle_s for s in found], info, budget, request.mode)
 
 
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:

@@ -37,6 +37,7 @@ class ChatRequest:
     messages: list[ChatMessage]
     sampling: SamplingParams
     video_mode: VideoMode = "native"
+    use_scenes: bool = False
     received_time: float = field(default_factory=time.monotonic)
 
 
@@ -105,9 +106,9 @@ class ChatPipeline:
         videos: list[DecodedVideo] = []
         if video_parts:
             tokens = await self._video_budget(request, images, len(video_parts))
-            mode = request.video_mode
+            wishes = {"mode": request.video_mode, "use_scenes": request.use_scenes}
             videos = [
-                await self.media.video(p, budget, tokens, replace(p.frames, mode=mode))
+                await self.media.video(p, budget, tokens, replace(p.frames, **wishes))
                 for p in video_parts
             ]
         if videos and request.video_mode == "captions":

@@ -104,3 +104,10 @@ async def test_more_videos_than_allowed(video_client: httpx.AsyncClient) -> None
     response = await video_client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_videos"
+
+
+async def test_use_scenes_gives_one_caption_per_scene(video_client: httpx.AsyncClient) -> None:
+    body = video_body(video_uri(make_video(seconds=10, cuts=(2.0, 5.0, 7.5))), use_scenes=True)
+    response = await video_client.post("/v2/media/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [round(f["timestamp"]) for f in response.json()["frames"]] == [1, 4, 6, 9]

@@ -84,6 +84,7 @@ async def _complete(
         messages=body.to_messages(),
         sampling=body.to_sampling_params(default_temperature),
         video_mode=body.to_video_mode(default_video_mode),
+        use_scenes=bool(body.use_scenes),
     )
     if not body.stream:
         result = await until_disconnected(request, services.chat.complete(chat_request))
