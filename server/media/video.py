@@ -82,15 +82,33 @@ def _probe(data: bytes) -> VideoInfo:
     return VideoInfo(duration, fps, num_frames, width, height)
 
 
-def _read_decord(data: bytes, indices: list[int], size: tuple[int, int] = (-1, -1)) -> np.ndarray:
-    """size (width, height): decord resizes while decoding (-1: as stored)."""
+def _decord_reader(data: bytes, size: tuple[int, int]):
+    """A decord reader on the GPU (NVDEC) when this decord was built with CUDA and a GPU is
+    there, else on the CPU (the PyPI wheel is CPU-only). Returns (reader, "gpu" | "cpu")."""
     import decord
 
+    if decord.gpu(0).exist:
+        try:
+            ctx = decord.gpu(0)
+            return decord.VideoReader(
+                io.BytesIO(data), ctx=ctx, width=size[0], height=size[1]
+            ), "gpu"
+        except Exception:
+            pass  # a CPU-only build: fall through
     reader = decord.VideoReader(
         io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, width=size[0], height=size[1]
     )
+    return reader, "cpu"
+
+
+def _read_decord(
+    data: bytes, indices: list[int], size: tuple[int, int] = (-1, -1)
+) -> tuple[np.ndarray, str]:
+    """(frames, "decord-gpu" | "decord-cpu"); size (width, height): decord resizes while
+    decoding (-1: as stored)."""
+    reader, device = _decord_reader(data, size)
     last = len(reader) - 1
-    return reader.get_batch([min(i, last) for i in indices]).asnumpy()
+    return reader.get_batch([min(i, last) for i in indices]).asnumpy(), f"decord-{device}"
 
 
 def _read_pyav(data: bytes, timestamps: list[float]) -> np.ndarray:
@@ -135,7 +153,7 @@ def decode_job(data: bytes, budget: TokenBudget, request: FrameRequest) -> Decod
     if request.use_scenes:
         plan = _plan_scenes(data, info, plan, budget, request)
     try:
-        frames, backend = _read_decord(data, list(plan.frame_indices)), "decord"
+        frames, backend = _read_decord(data, list(plan.frame_indices))
     except Exception:
         try:
             frames, backend = _read_pyav(data, list(plan.timestamps)), "pyav"
@@ -153,7 +171,7 @@ def _plan_scenes(
     times = scenes.sample_times(info.duration_s)
     indices = [min(info.num_frames - 1, int(t * info.fps)) for t in times]
     try:
-        low = _read_decord(data, indices, scenes.SCENE_SAMPLE_SIZE)
+        low, _ = _read_decord(data, indices, scenes.SCENE_SAMPLE_SIZE)
     except Exception:
         low = _resize(_read_pyav(data, times), *scenes.SCENE_SAMPLE_SIZE)
     cuts = scenes.detect_cuts(low, times)
@@ -199,6 +217,7 @@ class VideoDecoder:
         self.context = multiprocessing.get_context("spawn")  # no torch state, no forked threads
         self.num_workers = num_workers
         self.idle: asyncio.Queue[_Worker] | None = None
+        self.backends_seen: set[str] = set()
 
     async def start(self) -> None:
         self.idle = asyncio.Queue()
@@ -233,4 +252,7 @@ class VideoDecoder:
             self.idle.put_nowait(worker)
         if status == "error":
             raise VideoDecodeError(result)
+        if result.backend not in self.backends_seen:
+            self.backends_seen.add(result.backend)
+            logger.info("video frames are decoded with %s", result.backend)
         return result
