@@ -53,12 +53,20 @@ class DecodedVideo:
 
 # -- in the worker process ------------------------------------------------------------------
 
+VideoSource = bytes | str  # the encoded bytes, or a path the worker reads itself
 
-def _probe(data: bytes) -> VideoInfo:
+
+def _open(source: VideoSource):
+    """A path is handed to the decoders as is (they read it in pieces, so memory does not grow
+    with the file); bytes are wrapped in a file-like object."""
+    return source if isinstance(source, str) else io.BytesIO(source)
+
+
+def _probe(data: VideoSource) -> VideoInfo:
     import av
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(_open(data), mode="r") as container:
             names = set(container.format.name.split(","))
             if not names & set(ALLOWED_CONTAINERS):
                 raise VideoDecodeError(f"unsupported container '{container.format.name}'")
@@ -82,7 +90,7 @@ def _probe(data: bytes) -> VideoInfo:
     return VideoInfo(duration, fps, num_frames, width, height)
 
 
-def _decord_reader(data: bytes, size: tuple[int, int]):
+def _decord_reader(data: VideoSource, size: tuple[int, int]):
     """A decord reader on the GPU (NVDEC) when this decord was built with CUDA and a GPU is
     there, else on the CPU (the PyPI wheel is CPU-only). Returns (reader, "gpu" | "cpu")."""
     import decord
@@ -96,13 +104,13 @@ def _decord_reader(data: bytes, size: tuple[int, int]):
         except Exception:
             pass  # a CPU-only build: fall through
     reader = decord.VideoReader(
-        io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, width=size[0], height=size[1]
+        _open(data), ctx=decord.cpu(0), num_threads=1, width=size[0], height=size[1]
     )
     return reader, "cpu"
 
 
 def _read_decord(
-    data: bytes, indices: list[int], size: tuple[int, int] = (-1, -1)
+    data: VideoSource, indices: list[int], size: tuple[int, int] = (-1, -1)
 ) -> tuple[np.ndarray, str]:
     """(frames, "decord-gpu" | "decord-cpu"); size (width, height): decord resizes while
     decoding (-1: as stored)."""
@@ -111,11 +119,11 @@ def _read_decord(
     return reader.get_batch([min(i, last) for i in indices]).asnumpy(), f"decord-{device}"
 
 
-def _read_pyav(data: bytes, timestamps: list[float]) -> np.ndarray:
+def _read_pyav(data: VideoSource, timestamps: list[float]) -> np.ndarray:
     import av
 
     frames = []
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with av.open(_open(data), mode="r") as container:
         stream = container.streams.video[0]
         for target in timestamps:
             container.seek(int(target / stream.time_base), stream=stream, backward=True)
@@ -143,7 +151,7 @@ def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     )
 
 
-def decode_job(data: bytes, budget: TokenBudget, request: FrameRequest) -> DecodedVideo:
+def decode_job(data: VideoSource, budget: TokenBudget, request: FrameRequest) -> DecodedVideo:
     """Probe, plan and decode; runs in a worker process."""
     info = _probe(data)
     try:
@@ -165,7 +173,7 @@ def decode_job(data: bytes, budget: TokenBudget, request: FrameRequest) -> Decod
 
 
 def _plan_scenes(
-    data: bytes, info: VideoInfo, plan: FramePlan, budget: TokenBudget, request: FrameRequest
+    data: VideoSource, info: VideoInfo, plan: FramePlan, budget: TokenBudget, request: FrameRequest
 ) -> FramePlan:
     """One frame per scene (the middle of it), scenes found on a cheap low-resolution pass."""
     times = scenes.sample_times(info.duration_s)
@@ -231,7 +239,9 @@ class VideoDecoder:
         while self.idle is not None and not self.idle.empty():
             self.idle.get_nowait().kill()
 
-    async def decode(self, data: bytes, budget: TokenBudget, request: FrameRequest) -> DecodedVideo:
+    async def decode(
+        self, data: VideoSource, budget: TokenBudget, request: FrameRequest
+    ) -> DecodedVideo:
         assert self.idle is not None, "VideoDecoder.start() was not awaited"
         worker = await self.idle.get()
         healthy = False
