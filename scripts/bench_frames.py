@@ -125,6 +125,8 @@ def main() -> None:
         print(json.dumps(measure_once(args.one[0], Path(args.one[1]))))
         return
     args.clips_dir.mkdir(parents=True, exist_ok=True)
+    if not (args.clips_dir / "warmup.mp4").exists():
+        make_clip(args.clips_dir / "warmup.mp4", 1)
     rows = []
     for name, seconds in CLIPS.items():
         path = args.clips_dir / f"{name}-720p-h264.mp4"

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     max_videos_per_request: int = 1
     video_decode_workers: int = 2
     video_decode_timeout: float = 60.0
+    video_max_fps: float = 2.0
     caption_tokens: int = 256
     max_concurrent_preprocessing: int = 8
     media_fetch_timeout: float = 10.0

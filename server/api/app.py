@@ -52,7 +52,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
                 local_media_root=settings.allowed_local_media_path,
             )
         )
-        decoder = VideoDecoder(settings.video_decode_workers, settings.video_decode_timeout)
+        decoder = VideoDecoder(
+            settings.video_decode_workers, settings.video_decode_timeout, settings.video_max_fps
+        )
         await decoder.start()
         media = MediaLoader(
             fetcher,

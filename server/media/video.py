@@ -24,6 +24,7 @@ import numpy as np
 
 from server.media import scenes
 from server.media.frames import (
+    DEFAULT_FPS,
     FramePlan,
     FrameRequest,
     PlanError,
@@ -151,17 +152,21 @@ def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     )
 
 
-def decode_job(data: VideoSource, budget: TokenBudget, request: FrameRequest) -> DecodedVideo:
+def decode_job(
+    data: VideoSource, budget: TokenBudget, request: FrameRequest, max_fps: float
+) -> DecodedVideo:
     """Probe, plan and decode; runs in a worker process."""
     info = _probe(data)
     try:
-        plan = plan_frames(info, budget, request)
+        plan = plan_frames(info, budget, request, server_fps=max_fps)
     except PlanError as exc:
         raise VideoDecodeError(str(exc)) from None
     if request.use_scenes:
         plan = _plan_scenes(data, info, plan, budget, request)
     try:
-        frames, backend = _read_decord(data, list(plan.frame_indices))
+        # decord scales while decoding: full-size frames never exist in memory.
+        size = (plan.width, plan.height)
+        frames, backend = _read_decord(data, list(plan.frame_indices), size)
     except Exception:
         try:
             frames, backend = _read_pyav(data, list(plan.timestamps)), "pyav"
@@ -220,8 +225,9 @@ class _Worker:
 class VideoDecoder:
     """A pool of decode worker processes, each job with a deadline."""
 
-    def __init__(self, num_workers: int, timeout_s: float):
+    def __init__(self, num_workers: int, timeout_s: float, max_fps: float = DEFAULT_FPS):
         self.timeout_s = timeout_s
+        self.max_fps = max_fps
         self.context = multiprocessing.get_context("spawn")  # no torch state, no forked threads
         self.num_workers = num_workers
         self.idle: asyncio.Queue[_Worker] | None = None
@@ -246,7 +252,7 @@ class VideoDecoder:
         worker = await self.idle.get()
         healthy = False
         try:
-            worker.conn.send((data, budget, request))
+            worker.conn.send((data, budget, request, self.max_fps))
             ready = await asyncio.to_thread(worker.conn.poll, self.timeout_s)
             if not ready:
                 raise VideoDecodeError(f"decoding took longer than {self.timeout_s:.0f} s")
