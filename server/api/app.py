@@ -62,6 +62,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             settings.media_limits(),
             model_max_pixels=loaded.processor.image_processor.size["longest_edge"],
             metrics=metrics,
+            spool_dir=settings.data_dir / "spool",
         )
         pipeline = ChatPipeline(
             engine,

@@ -13,8 +13,11 @@ import asyncio
 import base64
 import binascii
 import re
+import tempfile
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote
 
 import httpx
@@ -32,8 +35,15 @@ CHUNK_SIZE = 64 * 1024
 
 @dataclass(frozen=True)
 class FetchedMedia:
-    data: bytes
+    data: bytes  # empty when the media is in a file (path)
     mime_type: str | None  # as declared by the data: URI or the Content-Type header
+    path: Path | None = None  # spooled download (is_temporary) or an allowed local file
+    size: int = 0
+    is_temporary: bool = False
+
+    def discard(self) -> None:
+        if self.is_temporary and self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,14 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, url: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
-        """kind is "image" or "video": the media type a data: URI must declare."""
+    async def fetch(
+        self, url: str, *, max_bytes: int, kind: str, param: str, spool_dir: Path | None = None
+    ) -> FetchedMedia:
+        """kind is "image" or "video": the media type a data: URI must declare.
+
+        With spool_dir, a download is written to a temporary file there instead of memory (the
+        caller discards it), and a local file is handed over by path, not read: big videos never
+        sit in the server's memory."""
         if url.startswith("data:"):
             # Decoding megabytes of base64 is CPU work: keep it off the event loop.
             return await asyncio.to_thread(
@@ -70,23 +86,50 @@ class MediaFetcher:
             )
         parsed = _parse(url, kind, param)
         if parsed.scheme == "file":
-            return await self._fetch_file(parsed, max_bytes=max_bytes, kind=kind, param=param)
-        try:
-            return await asyncio.wait_for(
-                self._fetch_http(parsed, max_bytes=max_bytes, kind=kind, param=param),
-                self.policy.timeout_s,
+            return await self._fetch_file(
+                parsed, max_bytes=max_bytes, kind=kind, param=param, by_path=spool_dir is not None
             )
+        return await self._download(
+            parsed, max_bytes=max_bytes, kind=kind, param=param, spool_dir=spool_dir
+        )
+
+    async def _download(
+        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, spool_dir: Path | None
+    ) -> FetchedMedia:
+        if spool_dir is None:
+            return await self._within_deadline(
+                self._fetch_http(url, max_bytes=max_bytes, kind=kind, param=param, sink=None),
+                kind,
+                param,
+            )
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool_dir, suffix=f".{kind}", delete=False) as sink:
+            try:
+                return await self._within_deadline(
+                    self._fetch_http(url, max_bytes=max_bytes, kind=kind, param=param, sink=sink),
+                    kind,
+                    param,
+                )
+            except BaseException:
+                Path(sink.name).unlink(missing_ok=True)
+                raise
+
+    async def _within_deadline(
+        self, fetch: Awaitable[FetchedMedia], kind: str, param: str
+    ) -> FetchedMedia:
+        try:
+            return await asyncio.wait_for(fetch, self.policy.timeout_s)
         except TimeoutError:
             raise _timed_out(kind, param) from None
 
     async def _fetch_http(
-        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str
+        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, sink: BinaryIO | None
     ) -> FetchedMedia:
         for _ in range(self.policy.max_redirects + 1):
             response = await self._send_checked(url, kind, param)
             try:
                 if not response.is_redirect:
-                    return await _read_capped(response, max_bytes, kind, param)
+                    return await _read_capped(response, max_bytes, kind, param, sink)
                 if not self.policy.follow_redirects:
                     raise MediaError(
                         f"The {kind} URL at {param} redirects; redirects are not followed.",
@@ -131,7 +174,7 @@ class MediaFetcher:
             raise _unreachable(kind, param) from None
 
     async def _fetch_file(
-        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str
+        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, by_path: bool
     ) -> FetchedMedia:
         root = self.policy.local_media_root
         if root is None:
@@ -152,7 +195,10 @@ class MediaFetcher:
             raise MediaError(f"No file at {param}.", param=param, code="media_fetch_failed")
         if path.stat().st_size > max_bytes:
             raise _too_large(kind, max_bytes, param)
-        return FetchedMedia(await asyncio.to_thread(path.read_bytes), None)
+        size = path.stat().st_size
+        if by_path:
+            return FetchedMedia(b"", None, path=path, size=size)
+        return FetchedMedia(await asyncio.to_thread(path.read_bytes), None, size=size)
 
 
 def _parse(url: str, kind: str, param: str) -> httpx.URL:
@@ -168,7 +214,7 @@ def _parse(url: str, kind: str, param: str) -> httpx.URL:
 
 
 async def _read_capped(
-    response: httpx.Response, max_bytes: int, kind: str, param: str
+    response: httpx.Response, max_bytes: int, kind: str, param: str, sink: BinaryIO | None = None
 ) -> FetchedMedia:
     if response.status_code != 200:
         raise MediaError(
@@ -186,13 +232,18 @@ async def _read_capped(
             total += len(chunk)
             if total > max_bytes:
                 raise _too_large(kind, max_bytes, param)
-            chunks.append(chunk)
+            if sink is None:
+                chunks.append(chunk)
+            else:
+                sink.write(chunk)
     except httpx.TimeoutException:
         raise _timed_out(kind, param) from None
     except httpx.HTTPError:
         raise _unreachable(kind, param) from None
     mime = response.headers.get("content-type", "").split(";")[0].strip() or None
-    return FetchedMedia(b"".join(chunks), mime)
+    if sink is not None:
+        return FetchedMedia(b"", mime, path=Path(sink.name), size=total, is_temporary=True)
+    return FetchedMedia(b"".join(chunks), mime, size=total)
 
 
 def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
@@ -217,7 +268,7 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
         raise MediaError(f"The data URI at {param} is not valid base64.", param=param) from None
     if not data:
         raise MediaError(f"The data URI at {param} is empty.", param=param)
-    return FetchedMedia(data, mime)
+    return FetchedMedia(data, mime, size=len(data))
 
 
 def _bad_scheme(scheme: str, kind: str, param: str) -> MediaError:

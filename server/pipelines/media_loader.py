@@ -6,6 +6,7 @@ a 4xx naming it."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from PIL import Image
 
@@ -46,7 +47,9 @@ class MediaLoader:
         limits: MediaLimits,
         model_max_pixels: int,
         metrics: Metrics,
+        spool_dir: Path,
     ):
+        self.spool_dir = spool_dir  # downloaded videos go to files here, not to memory
         self.fetcher = fetcher
         self.decoder = decoder
         self.limits = limits
@@ -75,7 +78,7 @@ class MediaLoader:
         fetched = await self.fetcher.fetch(
             part.url, max_bytes=self.limits.max_image_bytes, kind="image", param=part.param
         )
-        budget.spend(len(fetched.data), part.param)
+        budget.spend(fetched.size, part.param)
         image = await asyncio.to_thread(
             load_image, fetched.data, part.detail, self.model_max_pixels, param=part.param
         )
@@ -86,14 +89,21 @@ class MediaLoader:
         self, part: VideoPart, budget: MediaBudget, tokens: TokenBudget, frames: FrameRequest
     ) -> DecodedVideo:
         fetched = await self.fetcher.fetch(
-            part.url, max_bytes=self.limits.max_video_bytes, kind="video", param=part.param
+            part.url,
+            max_bytes=self.limits.max_video_bytes,
+            kind="video",
+            param=part.param,
+            spool_dir=self.spool_dir,
         )
-        budget.spend(len(fetched.data), part.param)
         try:
-            decoded = await self.decoder.decode(fetched.data, tokens, frames)
+            budget.spend(fetched.size, part.param)
+            source = str(fetched.path) if fetched.path is not None else fetched.data
+            decoded = await self.decoder.decode(source, tokens, frames)
         except VideoDecodeError as exc:
             raise MediaError(
                 f"The video at {part.param} cannot be used: {exc}.", param=part.param
             ) from None
+        finally:
+            fetched.discard()
         self.metrics.video_frames.inc(decoded.plan.num_frames)
         return decoded

@@ -111,3 +111,24 @@ async def test_use_scenes_gives_one_caption_per_scene(video_client: httpx.AsyncC
     response = await video_client.post("/v2/media/completions", json=body)
     assert response.status_code == 200, response.text
     assert [round(f["timestamp"]) for f in response.json()["frames"]] == [1, 4, 6, 9]
+
+
+async def test_videos_are_spooled_to_disk_and_removed(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    local = tmp_path / "media"
+    local.mkdir()
+    (local / "clip.mp4").write_bytes(make_video(seconds=2))
+    settings = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        allowed_local_media_path=local,
+        default_max_tokens=4,
+    )
+    url = media_server.add("/spooled.mp4", make_video(seconds=2), "video/mp4")
+    async for client in start_client(settings):
+        for video_url in (url, f"file://{local}/clip.mp4"):
+            response = await client.post("/v1/chat/completions", json=video_body(video_url))
+            assert response.status_code == 200, response.text
+        assert list((tmp_path / "data" / "spool").iterdir()) == []  # temporary files are gone
+        assert (local / "clip.mp4").exists()  # a local file is read in place, never removed
