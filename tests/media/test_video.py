@@ -91,3 +91,14 @@ async def test_a_crashed_worker_is_replaced(decoder: VideoDecoder) -> None:
     with pytest.raises(VideoDecodeError, match="crashed"):
         await decoder.decode(make_video(), BUDGET, FrameRequest())
     assert (await decoder.decode(make_video(), BUDGET, FrameRequest())).plan.num_frames > 0
+
+
+async def test_sparse_plans_read_keyframes_only(decoder: VideoDecoder) -> None:
+    video = make_video(seconds=60, fps=12)  # x264's default keyframe interval: 250 frames
+    wish = FrameRequest(max_frames=6)  # one frame per 10 s: far apart
+    decoded = await decoder.decode(video, BUDGET, wish)
+    assert decoded.backend == "pyav-keyframes"
+    assert decoded.plan.num_frames == len(decoded.frames) == 6
+    planned = [5.0 * (2 * i + 1) for i in range(6)]
+    for want, got in zip(planned, decoded.plan.timestamps, strict=True):
+        assert want - 250 / 12 - 0.01 <= got <= want  # the keyframe at or before the time
