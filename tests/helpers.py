@@ -46,6 +46,7 @@ def make_video(
     container: str = "mp4",
     codec: str = "libx264",
     cuts: tuple[float, ...] = (),
+    keyframe_interval_s: float | None = None,
 ) -> bytes:
     """A small real video encoded with PyAV (no ffmpeg binary needed): a moving bar, on a
     background whose colour changes abruptly at each time in `cuts` (scene cuts)."""
@@ -57,6 +58,9 @@ def make_video(
     with av.open(out, "w", format=container) as video:
         stream = video.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if keyframe_interval_s is not None:  # exactly this interval: no scene-cut keyframes
+            interval = max(1, int(keyframe_interval_s * fps))
+            stream.options = {"x264-params": f"keyint={interval}:min-keyint={interval}:scenecut=0"}
         for i in range(int(seconds * fps)):
             frame = np.zeros((height, width, 3), np.uint8)
             if cuts:

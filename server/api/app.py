@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -40,6 +41,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal loaded
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _empty_spool(settings.data_dir / "spool")
         if loaded is None:
             loaded = await asyncio.to_thread(load_model, settings.engine_config())
         engine = AsyncEngine.build(loaded, settings.engine_config())
@@ -98,13 +100,14 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.openapi = lambda: _openapi(app, settings.served_model_names())
     app.include_router(health.router)
     app.include_router(chat.router)
-    # Added last = outermost: ids, metrics (which see every refusal too), body cap, keys.
+    # Added last = outermost: ids, metrics (which see every refusal too), drain, keys, body cap.
     open_paths = frozenset(
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
     )
     keys = settings.all_api_keys()
-    app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    # Keys are checked before any body is buffered: no upload work for unauthenticated callers.
+    app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(DrainMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
@@ -127,3 +130,10 @@ def _openapi(app: FastAPI, served_names: list[str]) -> dict:
                 operation.get("responses", {}).pop("422", None)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _empty_spool(spool_dir: Path) -> None:
+    """Downloads a killed server left behind: nobody will read them."""
+    if spool_dir.is_dir():
+        for leftover in spool_dir.iterdir():
+            leftover.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import unquote
 
 import httpx
 
@@ -65,7 +64,12 @@ class MediaFetcher:
             timeout=httpx.Timeout(policy.timeout_s),
             follow_redirects=False,  # each hop is checked here, never followed blindly
             headers={"User-Agent": user_agent},
-            trust_env=False,  # no proxy from the environment may bypass the address check
+            trust_env=False,
+            # The pool is keyed by the address we connect to: never reuse a connection whose TLS
+            # session was verified for another host name on the same address.
+            limits=httpx.Limits(
+                max_keepalive_connections=0
+            ),  # no proxy from the environment may bypass the address check
         )
 
     async def aclose(self) -> None:
@@ -152,14 +156,16 @@ class MediaFetcher:
             raise _bad_scheme(url.scheme, kind, param)
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
-            address = await resolve_checked(url.host, port, self.policy.allowed_hosts)
+            # raw_host is the IDNA (ASCII) form the Host header uses too.
+            host = url.raw_host.decode("ascii")
+            address = await resolve_checked(host, port, self.policy.allowed_hosts)
         except AddressRefused as refused:
             raise MediaError(
                 f"The {kind} URL at {param} is not allowed: {refused}.",
                 param=param,
                 code="media_url_not_allowed",
             ) from None
-        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         request = self.client.build_request(
             "GET",
             url.copy_with(host=address),
@@ -184,7 +190,7 @@ class MediaFetcher:
                 code="media_url_not_allowed",
             )
         # resolve() follows symlinks and folds "..": what is checked is where the bytes are.
-        path = Path(unquote(url.path)).resolve()
+        path = Path(url.path).resolve()  # httpx's path is already percent-decoded
         if url.host not in ("", "localhost") or not path.is_relative_to(root.resolve()):
             raise MediaError(
                 f"The file at {param} is outside the server's allowed local media path.",

@@ -32,6 +32,9 @@ CAPTION_FRAME_MAX_PIXELS = 256 * PIXELS_PER_TOKEN  # a captioned frame is a "low
 DEFAULT_FPS = 2.0  # sample at most 2 frames per second of video (qwen-vl-utils' default)
 DEFAULT_CAPTION_TOKENS = 256
 VISION_WRAPPER_TOKENS = 2  # <|vision_start|> ... <|vision_end|>
+# Captions mode: each caption's line ("[12.34 s] ...\n") and the header around them.
+CAPTION_LINE_TOKENS = 12
+CAPTIONS_HEADER_TOKENS = 24
 
 
 class PlanError(ValueError):
@@ -176,7 +179,8 @@ def _plan_native(info: VideoInfo, request: FrameRequest, available: int, ceiling
 def _plan_captions(
     info: VideoInfo, budget: TokenBudget, request: FrameRequest, available: int, ceiling: int
 ) -> FramePlan:
-    count = min(ceiling, available // max(budget.caption_tokens, 1))
+    per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
+    count = min(ceiling, (available - CAPTIONS_HEADER_TOKENS) // per_frame)
     if count < 1:
         raise PlanError(
             "no frame caption fits the model's context; shorten the prompt or max_tokens"
@@ -189,7 +193,7 @@ def _plan_captions(
         tuple(timestamps),
         width,
         height,
-        count * budget.caption_tokens,
+        count * per_frame + CAPTIONS_HEADER_TOKENS,
     )
 
 
@@ -204,7 +208,8 @@ def at_timestamps(
     if mode == "native":
         tokens = len(timestamps) // FRAME_FACTOR * tokens_per_patch(plan.width, plan.height)
     else:
-        tokens = len(timestamps) * budget.caption_tokens
+        per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
+        tokens = len(timestamps) * per_frame + CAPTIONS_HEADER_TOKENS
     return FramePlan(
         frame_indices(timestamps, info), tuple(timestamps), plan.width, plan.height, tokens
     )

@@ -41,6 +41,8 @@ def is_public(ip: IPAddress) -> bool:
         return is_public(inner)
     if ip.is_multicast or ip.is_unspecified or ip.is_reserved or ip.is_loopback:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # fec0::/10, deprecated
+        return False
     if isinstance(ip, ipaddress.IPv4Address) and ip in CGNAT:
         return False
     return ip.is_global

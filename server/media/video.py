@@ -102,9 +102,7 @@ def _decord_reader(data: VideoSource, size: tuple[int, int]):
     if decord.gpu(0).exist:
         try:
             ctx = decord.gpu(0)
-            return decord.VideoReader(
-                io.BytesIO(data), ctx=ctx, width=size[0], height=size[1]
-            ), "gpu"
+            return decord.VideoReader(_open(data), ctx=ctx, width=size[0], height=size[1]), "gpu"
         except Exception:
             pass  # a CPU-only build: fall through
     reader = decord.VideoReader(
@@ -123,7 +121,9 @@ def _read_decord(
     return reader.get_batch([min(i, last) for i in indices]).asnumpy(), f"decord-{device}"
 
 
-def _read_pyav(data: VideoSource, timestamps: list[float]) -> np.ndarray:
+def _read_pyav(
+    data: VideoSource, timestamps: list[float], size: tuple[int, int] | None = None
+) -> np.ndarray:
     import av
 
     frames = []
@@ -138,12 +138,13 @@ def _read_pyav(data: VideoSource, timestamps: list[float]) -> np.ndarray:
                     break
             if chosen is None:
                 raise VideoDecodeError("a planned frame could not be decoded")
-            frames.append(chosen.to_ndarray(format="rgb24"))
+            scale = {"width": size[0], "height": size[1]} if size else {}
+            frames.append(chosen.to_ndarray(format="rgb24", **scale))
     return np.stack(frames)
 
 
 def _read_keyframes(
-    data: VideoSource, timestamps: list[float], size: tuple[int, int]
+    data: VideoSource, timestamps: list[float], size: tuple[int, int], max_shift_s: float
 ) -> tuple[np.ndarray, list[float]]:
     """The keyframe at or before each timestamp, decoding keyframes only (the decoder skips
     every other frame): for sparse plans on long videos this decodes N frames instead of
@@ -157,11 +158,12 @@ def _read_keyframes(
         for target in timestamps:
             container.seek(int(target / stream.time_base), stream=stream, backward=True)
             frame = next(iter(container.decode(stream)), None)
-            if frame is None:
-                raise VideoDecodeError("a planned frame could not be decoded")
+            if frame is None or frame.time is None or target - frame.time > max_shift_s:
+                # Keyframes too sparse here (or untimed): the caller reads exact frames instead.
+                raise VideoDecodeError("no keyframe close enough")
             # Scaled as it is converted: a full-size copy of each frame is never kept.
             frames.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
-            times.append(float(frame.time) if frame.time is not None else target)
+            times.append(float(frame.time))
     return np.stack(frames), times
 
 
@@ -189,10 +191,11 @@ def decode_job(
         raise VideoDecodeError(str(exc)) from None
     if request.use_scenes:
         plan = _plan_scenes(data, info, plan, budget, request)
-    if info.duration_s / plan.num_frames >= KEYFRAME_SNAP_MIN_GAP_S:
+    gap = info.duration_s / plan.num_frames
+    if gap >= KEYFRAME_SNAP_MIN_GAP_S:
         try:
             size = (plan.width, plan.height)
-            frames, times = _read_keyframes(data, list(plan.timestamps), size)
+            frames, times = _read_keyframes(data, list(plan.timestamps), size, gap / 2)
             plan = replace(plan, timestamps=tuple(times))
             return DecodedVideo(
                 info, plan, _resize(frames, plan.width, plan.height), "pyav-keyframes"
@@ -205,7 +208,8 @@ def decode_job(
         frames, backend = _read_decord(data, list(plan.frame_indices), size)
     except Exception:
         try:
-            frames, backend = _read_pyav(data, list(plan.timestamps)), "pyav"
+            size = (plan.width, plan.height)
+            frames, backend = _read_pyav(data, list(plan.timestamps), size), "pyav"
         except VideoDecodeError:
             raise
         except Exception:
@@ -222,7 +226,7 @@ def _plan_scenes(
     try:
         low, _ = _read_decord(data, indices, scenes.SCENE_SAMPLE_SIZE)
     except Exception:
-        low = _resize(_read_pyav(data, times), *scenes.SCENE_SAMPLE_SIZE)
+        low = _read_pyav(data, times, scenes.SCENE_SAMPLE_SIZE)
     cuts = scenes.detect_cuts(low, times)
     found = scenes.merge_to_budget(scenes.scenes_from_cuts(cuts, info.duration_s), plan.num_frames)
     return at_timestamps(plan, [s.middle_s for s in found], info, budget, request.mode)
@@ -253,9 +257,17 @@ class _Worker:
         child.close()
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
         self.conn.close()
+
+
+def _exchange(worker: _Worker, job: tuple, timeout_s: float) -> tuple[str, object]:
+    worker.conn.send(job)
+    if not worker.conn.poll(timeout_s):
+        raise TimeoutError
+    return worker.conn.recv()
 
 
 class VideoDecoder:
@@ -288,20 +300,21 @@ class VideoDecoder:
         worker = await self.idle.get()
         healthy = False
         try:
-            worker.conn.send((data, budget, request, self.max_fps))
-            ready = await asyncio.to_thread(worker.conn.poll, self.timeout_s)
-            if not ready:
-                raise VideoDecodeError(f"decoding took longer than {self.timeout_s:.0f} s")
-            status, result = worker.conn.recv()
+            if not worker.process.is_alive():  # replaced lazily: the pool never shrinks
+                worker = await asyncio.to_thread(_Worker, self.context)
+            job = (data, budget, request, self.max_fps)
+            # Sending a big video and receiving 60 frames are pipe copies: off the event loop.
+            status, result = await asyncio.to_thread(_exchange, worker, job, self.timeout_s)
             healthy = True
-        except (EOFError, OSError, BrokenPipeError):
+        except TimeoutError:
+            raise VideoDecodeError(f"decoding took longer than {self.timeout_s:.0f} s") from None
+        except (EOFError, OSError):
             raise VideoDecodeError("the decoder crashed on this video") from None
         finally:
             if not healthy:
-                logger.warning("replacing a video decode worker (crashed or timed out)")
+                logger.warning("killing a video decode worker (crashed, hung or cancelled)")
                 worker.kill()
-                worker = await asyncio.to_thread(_Worker, self.context)
-            self.idle.put_nowait(worker)
+            self.idle.put_nowait(worker)  # dead or alive: a dead one is respawned when next used
         if status == "error":
             raise VideoDecodeError(result)
         if result.backend not in self.backends_seen:

@@ -44,7 +44,12 @@ class FrameCaptioner:
         seqs = self.engine.add_requests(
             [(f"{request_id}-frame{i}", frame, frame_sampling) for i, frame in enumerate(inputs)]
         )
-        texts = await asyncio.gather(*(self._collect(seq) for seq in seqs))
+        try:
+            texts = await asyncio.gather(*(self._collect(seq) for seq in seqs))
+        except BaseException:
+            for seq in seqs:  # one frame failed (or the client left): stop the others too
+                self.engine.abort(seq.request_id)
+            raise
         captions = [
             FrameCaption(round(t, 3), text.strip())
             for t, text in zip(video.plan.timestamps, texts, strict=True)

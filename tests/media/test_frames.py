@@ -8,6 +8,8 @@ import pytest
 
 from server.media.frames import (
     CAPTION_FRAME_MAX_PIXELS,
+    CAPTION_LINE_TOKENS,
+    CAPTIONS_HEADER_TOKENS,
     MAX_FRAMES,
     VIDEO_MAX_PIXELS,
     VISION_WRAPPER_TOKENS,
@@ -48,10 +50,11 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
     except PlanError:
         # Only when even the smallest plan cannot fit.
         room = budget.context_length - budget.prompt_tokens - budget.max_tokens
-        assert (
-            room - VISION_WRAPPER_TOKENS
-            < (budget.caption_tokens if request.mode == "captions" else 4 * 4) * 2
-        )
+        if request.mode == "captions":
+            smallest = budget.caption_tokens + CAPTION_LINE_TOKENS + CAPTIONS_HEADER_TOKENS
+        else:
+            smallest = 2 * 128  # one temporal patch at the lowest video resolution
+        assert room - VISION_WRAPPER_TOKENS < smallest
         return
     n = plan.num_frames
     assert 1 <= n <= MAX_FRAMES
@@ -70,7 +73,8 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
         if request.max_pixels:
             assert plan.width * plan.height <= max(request.max_pixels, request.min_pixels or 0)
     else:
-        assert plan.video_tokens == n * budget.caption_tokens
+        per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
+        assert plan.video_tokens == n * per_frame + CAPTIONS_HEADER_TOKENS
         assert plan.width * plan.height <= CAPTION_FRAME_MAX_PIXELS
 
 
@@ -112,7 +116,8 @@ def test_captions_count_is_bounded_by_caption_tokens() -> None:
         TokenBudget(4096, 100, 512, caption_tokens=256),
         FrameRequest("captions"),
     )
-    assert plan.num_frames == (4096 - 100 - 512 - VISION_WRAPPER_TOKENS) // 256
+    room = 4096 - 100 - 512 - VISION_WRAPPER_TOKENS - CAPTIONS_HEADER_TOKENS
+    assert plan.num_frames == room // (256 + CAPTION_LINE_TOKENS)
 
 
 def test_no_room_is_an_error() -> None:

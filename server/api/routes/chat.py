@@ -89,7 +89,7 @@ async def _complete(
     if not body.stream:
         result = await until_disconnected(request, services.chat.complete(chat_request))
         return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)
-    run = await services.chat.start(chat_request)
+    run = await until_disconnected(request, services.chat.start(chat_request))
     outputs = services.chat.outputs(run.seq)
     # Wait for the first token before answering 200, so a queue timeout is still a 503.
     first = await until_disconnected(request, anext(outputs))
