@@ -36,8 +36,8 @@ from server.media.frames import (
 
 logger = logging.getLogger(__name__)
 
-# Planned frames this far apart (seconds) are read as the nearest keyframe at or before each
-# timestamp: a shift of at most one keyframe interval, for a fraction of the decoding work.
+# Planned frames this far apart (seconds) are read as the keyframe at or before each timestamp
+# (distinct keyframes, each less than one gap early), for a fraction of the decoding work.
 KEYFRAME_SNAP_MIN_GAP_S = 5.0
 # Containers we read: mp4/mov (H.264, H.265...), matroska/webm (VP8/VP9/AV1...), avi.
 ALLOWED_CONTAINERS = ("mp4", "mov", "matroska", "webm", "avi")
@@ -146,25 +146,38 @@ def _read_pyav(
 def _read_keyframes(
     data: VideoSource, timestamps: list[float], size: tuple[int, int], max_shift_s: float
 ) -> tuple[np.ndarray, list[float]]:
-    """The keyframe at or before each timestamp, decoding keyframes only (the decoder skips
-    every other frame): for sparse plans on long videos this decodes N frames instead of
-    everything between them. Returns the frames and their actual times."""
+    """For each timestamp, the keyframe at or before it, decoding keyframes only (the decoder
+    skips every other frame): for sparse plans on long videos, N decodes instead of everything
+    between them. Where that keyframe would repeat the previous one or lie a whole gap early,
+    that one frame is decoded exactly instead. Returns the frames and their actual times."""
     import av
 
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
         stream = container.streams.video[0]
-        stream.codec_context.skip_frame = "NONKEY"
         for target in timestamps:
-            container.seek(int(target / stream.time_base), stream=stream, backward=True)
-            frame = next(iter(container.decode(stream)), None)
-            if frame is None or frame.time is None or target - frame.time > max_shift_s:
-                # Keyframes too sparse here (or untimed): the caller reads exact frames instead.
-                raise VideoDecodeError("no keyframe close enough")
+            frame = _first_frame_from(container, stream, target, keyframes_only=True)
+            too_far = frame.time is None or target - frame.time > max_shift_s
+            if too_far or (times and frame.time <= times[-1]):
+                frame = _first_frame_from(container, stream, target, keyframes_only=False)
             # Scaled as it is converted: a full-size copy of each frame is never kept.
             frames.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
-            times.append(float(frame.time))
+            times.append(float(frame.time) if frame.time is not None else target)
     return np.stack(frames), times
+
+
+def _first_frame_from(container, stream, target: float, keyframes_only: bool):
+    """keyframes_only: the keyframe at or before target; else the first frame at or after it."""
+    stream.codec_context.skip_frame = "NONKEY" if keyframes_only else "DEFAULT"
+    container.seek(int(target / stream.time_base), stream=stream, backward=True)
+    chosen = None
+    for frame in container.decode(stream):
+        chosen = frame
+        if keyframes_only or frame.time is None or frame.time >= target:
+            break
+    if chosen is None:
+        raise VideoDecodeError("a planned frame could not be decoded")
+    return chosen
 
 
 def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -195,7 +208,7 @@ def decode_job(
     if gap >= KEYFRAME_SNAP_MIN_GAP_S:
         try:
             size = (plan.width, plan.height)
-            frames, times = _read_keyframes(data, list(plan.timestamps), size, gap / 2)
+            frames, times = _read_keyframes(data, list(plan.timestamps), size, gap)
             plan = replace(plan, timestamps=tuple(times))
             return DecodedVideo(
                 info, plan, _resize(frames, plan.width, plan.height), "pyav-keyframes"

@@ -115,7 +115,11 @@ async def test_sparse_plans_read_keyframes_only(decoder: VideoDecoder) -> None:
 
 
 async def test_sparse_keyframes_fall_back_to_exact_frames(decoder: VideoDecoder) -> None:
-    video = make_video(seconds=60, fps=12, keyframe_interval_s=30)  # keyframes 30 s apart
+    video = make_video(seconds=60, fps=12, keyframe_interval_s=30)  # keyframes at 0 and 30 s
     decoded = await decoder.decode(video, BUDGET, FrameRequest(max_frames=6))
-    assert decoded.backend.startswith("decord")  # snapping would repeat frames: exact reads
-    assert decoded.plan.timestamps == tuple(5.0 * (2 * i + 1) for i in range(6))
+    times = decoded.plan.timestamps
+    assert len(set(times)) == 6  # never the same keyframe twice
+    planned = [5.0 * (2 * i + 1) for i in range(6)]
+    for want, got in zip(planned, times, strict=True):
+        assert want - 10 <= got <= want + 0.1  # within one gap: keyframe, else the exact frame
+    assert times == (0.0, 15.0, 25.0, 30.0, 45.0, 55.0)
