@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from server.engine.sampling import SamplingParams
+from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.media.frames import FrameRequest
 from server.pipelines.chat import ChatResult
@@ -103,6 +104,31 @@ class ChatMessageParam(StrictModel):
     name: str | None = None  # accepted as OpenAI does; Qwen's chat template has no use for it
 
 
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput("json_object")
+        if self.json_schema is None:
+            raise InvalidRequest(
+                "response_format of type json_schema needs a json_schema object.",
+                param="response_format.json_schema",
+                code="invalid_value",
+            )
+        return StructuredOutput.json_schema(self.json_schema.schema_)
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -120,7 +146,6 @@ UNSUPPORTED_WHEN = {
     "n": lambda v: v not in (None, 1),
     "prediction": lambda v: v is not None,
     "reasoning_effort": lambda v: v is not None,
-    "response_format": lambda v: v not in (None, {"type": "text"}),
     "store": lambda v: bool(v),
     "tool_choice": lambda v: v not in (None, "none", "auto"),
     "tools": lambda v: bool(v),
@@ -146,7 +171,7 @@ class ChatCompletionRequest(StrictModel):
     prediction: Any | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     reasoning_effort: str | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     seed: int | None = None
     service_tier: str | None = None
     stop: StopString | list[StopString] | None = None
@@ -207,6 +232,7 @@ class ChatCompletionRequest(StrictModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             min_tokens=self.min_tokens or 0,
             ignore_eos=bool(self.ignore_eos),
+            structured=self.response_format.to_structured() if self.response_format else None,
         )
 
     def to_messages(self) -> list[ChatMessage]:

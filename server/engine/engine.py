@@ -24,6 +24,7 @@ from server.engine.runner import ModelRunner, kv_cache_shape
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
+from server.engine.structured import StructuredOutput
 from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest, ModelLoadError
 from server.log import request_id_var
 
@@ -137,6 +138,11 @@ class AsyncEngine:
         seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
         seq.log_id = request_id_var.get()
         return seq
+
+    def compile_grammar(self, spec: StructuredOutput) -> None:
+        """Compile (and cache) a schema's grammar; blocking: call it from a worker thread.
+        Raises InvalidSchema for a schema that cannot be compiled."""
+        self.runner.grammars.compile(spec)
 
     def add_requests(
         self, requests: list[tuple[str, ModelInputs, SamplingParams]]

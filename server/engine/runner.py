@@ -21,6 +21,7 @@ from server.engine.loader import LoadedModel
 from server.engine.sampler import SamplingState, make_generator, sample
 from server.engine.scheduler import SlotMove
 from server.engine.sequence import Sequence
+from server.engine.structured import GrammarCache
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class ModelRunner:
         )
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
+        self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
 
     def bind_thread(self) -> None:
         """Called on the engine thread: CUDA's current device is per thread."""
@@ -86,11 +88,14 @@ class ModelRunner:
             if "mm_token_type_ids" in tensors:
                 token_types[row, : lengths[row]] = tensors["mm_token_type_ids"][0]
             positions[:, row] = self._prompt_positions(seq, longest)
+            structured = seq.sampling.structured
             self.states[seq.request_id] = SamplingState(
                 params=seq.sampling,
                 generator=make_generator(seq.sampling.seed, self.device),
                 prompt_token_ids=tensors["input_ids"][0].to(self.device),
                 output_token_ids=seq.output_token_ids,
+                matcher=self.grammars.matcher(structured) if structured else None,
+                grammars=self.grammars,
             )
         vision = self._vision_inputs(seqs)
         first_slot = seqs[0].slot

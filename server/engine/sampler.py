@@ -9,10 +9,12 @@ over prompt and generated tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from server.engine.sampling import SamplingParams
+from server.engine.structured import GrammarCache
 
 
 @dataclass
@@ -24,6 +26,8 @@ class SamplingState:
     prompt_token_ids: torch.Tensor  # 1-D, on the model's device
     output_token_ids: list[int]
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS until min_tokens is reached
+    matcher: Any = None  # xgrammar GrammarMatcher for structured output
+    grammars: GrammarCache | None = None
 
 
 def apply_penalties(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
@@ -76,16 +80,23 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     """logits: [batch, vocab]. Greedy rows without penalties share one batched argmax; the
     others (sampling, penalties) are done row by row with their own generator."""
     logits = logits.float()
+    for row, state in enumerate(states):
+        if state.matcher is not None and state.grammars is not None:
+            state.grammars.mask_logits(state.matcher, logits[row])
     banned = [(row, token) for row, s in enumerate(states) for token in s.banned_token_ids]
     if banned:
         rows, tokens = zip(*banned, strict=True)
         logits[list(rows), list(tokens)] = float("-inf")
     plain_greedy = [s.params.is_greedy and not s.params.has_penalties for s in states]
     argmax = torch.argmax(logits, dim=-1).tolist() if any(plain_greedy) else []
-    return [
+    tokens = [
         argmax[i] if plain else sample_one(logits[i].clone(), state)
         for i, (plain, state) in enumerate(zip(plain_greedy, states, strict=True))
     ]
+    for token, state in zip(tokens, states, strict=True):
+        if state.matcher is not None and not state.matcher.is_terminated():
+            state.matcher.accept_token(token)
+    return tokens
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.engine.structured import StructuredOutput
+
 # Below this temperature sampling is indistinguishable from argmax; treat it as greedy.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -22,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0  # EOS and stop tokens are suppressed until this many tokens exist
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    structured: StructuredOutput | None = None  # JSON constrained while decoding
 
     @property
     def is_greedy(self) -> bool:

@@ -17,6 +17,8 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder, ModelInputs, VideoFrames
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
+from server.engine.structured import InvalidSchema, StructuredOutput
+from server.exceptions import InvalidRequest
 from server.media.frames import TokenBudget, VideoMode
 from server.media.video import DecodedVideo
 from server.metrics import Metrics
@@ -91,6 +93,8 @@ class ChatPipeline:
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
         self.engine.check_capacity()  # refuse early, before spending work on the request
+        if (structured := request.sampling.structured) is not None:
+            await compile_grammar(self.engine, structured)
         async with self.preprocessing:
             budget = self.media.check_counts(request.messages)
             images = await self.media.images(request.messages, budget)
@@ -182,6 +186,18 @@ class ChatPipeline:
             stop_reason=run.seq.stop_reason,
             run=run,
         )
+
+
+async def compile_grammar(engine: AsyncEngine, spec: StructuredOutput) -> None:
+    """Compiling can take seconds for a new schema: off the event loop, before queueing."""
+    try:
+        await asyncio.to_thread(engine.compile_grammar, spec)
+    except InvalidSchema as exc:
+        raise InvalidRequest(
+            f"response_format: the JSON schema cannot be used: {exc}",
+            param="response_format",
+            code="invalid_schema",
+        ) from None
 
 
 def _fields(usage: CaptionUsage) -> tuple[int, int, int]:

@@ -139,10 +139,22 @@ BAD_BODIES = {
         "logprobs",
         "unsupported_parameter",
     ),
-    "response_format json": (
-        {"model": "tiny", "messages": user(TEXT), "response_format": {"type": "json_object"}},
+    "response_format json_schema without a schema": (
+        {"model": "tiny", "messages": user(TEXT), "response_format": {"type": "json_schema"}},
+        "response_format.json_schema",
+        "invalid_value",
+    ),
+    "response_format with a schema that cannot compile": (
+        {
+            "model": "tiny",
+            "messages": user(TEXT),
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}},
+            },
+        },
         "response_format",
-        "unsupported_parameter",
+        "invalid_schema",
     ),
     "stream_options without stream": (
         {"model": "tiny", "messages": user(TEXT), "stream_options": {"include_usage": True}},
