@@ -19,7 +19,7 @@ from server.api.middleware import (
     DrainMiddleware,
     RequestIdMiddleware,
 )
-from server.api.routes import chat, health
+from server.api.routes import chat, health, media
 from server.api.services import Services
 from server.config import Settings
 from server.engine.engine import AsyncEngine
@@ -28,6 +28,7 @@ from server.engine.loader import LoadedModel, load_model
 from server.media.fetch import FetchPolicy, MediaFetcher
 from server.media.video import VideoDecoder
 from server.metrics import Metrics, MetricsMiddleware
+from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 from server.pipelines.media_loader import MediaLoader
 
@@ -66,9 +67,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             metrics=metrics,
             spool_dir=settings.data_dir / "spool",
         )
+        input_builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
         pipeline = ChatPipeline(
             engine,
-            InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id),
+            input_builder,
             media,
             max_concurrent_preprocessing=settings.max_concurrent_preprocessing,
             caption_tokens=settings.caption_tokens,
@@ -79,6 +81,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             loaded=loaded,
             engine=engine,
             chat=pipeline,
+            categories=CategoriesPipeline(engine, input_builder, media),
             served_model_names=tuple(settings.served_model_names()),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))
@@ -100,6 +103,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.openapi = lambda: _openapi(app, settings.served_model_names())
     app.include_router(health.router)
     app.include_router(chat.router)
+    app.include_router(media.router)
     # Added last = outermost: ids, metrics (which see every refusal too), drain, keys, body cap.
     open_paths = frozenset(
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
@@ -123,8 +127,8 @@ def _openapi(app: FastAPI, served_names: list[str]) -> dict:
         schema = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
-        request = schema["components"]["schemas"]["ChatCompletionRequest"]
-        request["properties"]["model"]["enum"] = served_names
+        for name in ("ChatCompletionRequest", "MediaCategoriesRequest"):
+            schema["components"]["schemas"][name]["properties"]["model"]["enum"] = served_names
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)

@@ -25,6 +25,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.media.frames import FrameRequest
+from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult
 from server.pipelines.messages import ChatMessage, ImagePart, Part, TextPart, VideoPart
 
@@ -399,3 +400,46 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# -- media categories (Animus) ----------------------------------------------------------------
+
+MetadataKey = Literal["categories", "participants", "actions", "scene", "tags"]
+
+
+class MediaCategoriesRequest(StrictModel):
+    model: str
+    media_url: str = Field(min_length=1)
+    metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
+    use_scenes: bool = False
+    # Accepted in the schema, refused with a 400 until asynchronous jobs exist:
+    webhook_url: str | None = None
+    async_: bool | None = Field(default=None, alias="async")
+
+    def keys(self) -> tuple[str, ...]:
+        """The requested keys in the canonical order (all five when none are given)."""
+        wanted = set(self.metadata or METADATA_KEYS)
+        return tuple(k for k in METADATA_KEYS if k in wanted)
+
+    def unsupported_fields(self) -> list[str]:
+        return [
+            name
+            for name, value in (("webhook_url", self.webhook_url), ("async", self.async_))
+            if value
+        ]
+
+
+class FrameMetadata(BaseModel):
+    timestamp: float
+    result: dict[str, Any]
+
+
+class MediaCategoriesResponse(BaseModel):
+    id: str
+    object: Literal["media.categories"] = "media.categories"
+    created: int
+    model: str
+    media_type: Literal["image", "video"]
+    result: dict[str, Any]  # exactly the requested keys
+    frames: list[FrameMetadata] | None = None  # videos: each analysed frame's own result
+    usage: Usage

@@ -10,6 +10,7 @@ from fastapi import Request
 from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel
 from server.exceptions import ModelNotFound
+from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 
 
@@ -18,6 +19,7 @@ class Services:
     loaded: LoadedModel
     engine: AsyncEngine
     chat: ChatPipeline
+    categories: CategoriesPipeline
     served_model_names: tuple[str, ...]
     started_at: int = field(default_factory=lambda: int(time.time()))
 

@@ -26,7 +26,8 @@ class StructuredOutput:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> StructuredOutput:
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        # Key order is kept: properties are generated in the order the schema lists them.
+        return cls("json_schema", json.dumps(schema))
 
 
 class InvalidSchema(ValueError):

@@ -1,0 +1,213 @@
+"""Media categories (Animus /v2/media/categories): structured metadata about an image or video.
+
+The model fills a JSON schema holding exactly the requested keys (categories, participants,
+actions and tags as short string arrays, scene as a string), constrained while decoding, so the
+result always parses and conforms, even from a random-weight model. A video's planned frames
+(one per scene with use_scenes) are each analysed, all in one batched engine call, and merged:
+values deduplicated and ordered by how many frames saw them, the most common scene; the
+per-frame results are kept as evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from PIL import Image
+
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import InputBuilder, ModelInputs
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence
+from server.engine.structured import StructuredOutput
+from server.exceptions import ServerError
+from server.media.frames import FrameRequest, TokenBudget
+from server.pipelines.chat import compile_grammar
+from server.pipelines.finish import raise_for_finish
+from server.pipelines.media_loader import MediaLoader
+from server.pipelines.messages import ChatMessage, ImagePart, VideoPart
+
+METADATA_KEYS = ("categories", "participants", "actions", "scene", "tags")
+DESCRIPTIONS = {
+    "categories": "general content categories",
+    "participants": "people or objects present",
+    "actions": "activities or motions",
+    "scene": "a short description of the setting",
+    "tags": "relevant keywords",
+}
+MAX_ITEMS = 5
+# Patterns, not maxLength: they also keep raw control characters, quotes and backslashes out.
+ITEM = {"type": "string", "pattern": '^[^\\x00-\\x1f"\\\\]{1,32}$'}
+SCENE = {
+    "type": "string",
+    "pattern": '^[^\\x00-\\x1f"\\\\]{1,120}$',
+}  # {1,160} trips xgrammar 0.2.8
+# Each token adds at least one character, and the schema bounds the JSON to fewer than this.
+MAX_JSON_TOKENS = 1024
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
+PARAM = "media_url"
+
+
+def categories_schema(keys: tuple[str, ...]) -> dict[str, Any]:
+    properties = {
+        key: SCENE if key == "scene" else {"type": "array", "items": ITEM, "maxItems": MAX_ITEMS}
+        for key in keys
+    }
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(keys),
+        "additionalProperties": False,
+    }
+
+
+def prompt_for(keys: tuple[str, ...], what: str) -> str:
+    wanted = "; ".join(f"{key}: {DESCRIPTIONS[key]}" for key in keys)
+    return f"Analyse this {what}. Answer with JSON holding {wanted}."
+
+
+def is_video_url(url: str) -> bool:
+    """data: URIs say what they are; other URLs are judged by their path's extension."""
+    if url.startswith("data:"):
+        return url[5:].lower().startswith("video/")
+    return PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def merge_results(results: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Values seen in more frames first (then in order of first appearance), deduplicated
+    case-insensitively; the most common scene."""
+    merged: dict[str, Any] = {}
+    for key in keys:
+        if key == "scene":
+            scenes = Counter(r[key] for r in results if r.get(key))
+            merged[key] = scenes.most_common(1)[0][0] if scenes else ""
+            continue
+        counts: Counter[str] = Counter()
+        first: dict[str, str] = {}
+        for result in results:
+            for value in dict.fromkeys(v.strip() for v in result.get(key, []) if v.strip()):
+                norm = value.lower()
+                counts[norm] += 1
+                first.setdefault(norm, value)
+        order = {norm: i for i, norm in enumerate(first)}
+        ranked = sorted(counts, key=lambda n: (-counts[n], order[n]))
+        merged[key] = [first[n] for n in ranked]
+    return merged
+
+
+@dataclass(frozen=True)
+class CategoriesRequest:
+    request_id: str
+    media_url: str
+    keys: tuple[str, ...]
+    use_scenes: bool = False
+
+
+@dataclass
+class FrameResult:
+    timestamp: float
+    result: dict[str, Any]
+
+
+@dataclass
+class CategoriesResult:
+    media_type: str  # "image" | "video"
+    result: dict[str, Any]
+    frames: list[FrameResult] | None = None
+    usage: list[int] = field(default_factory=lambda: [0, 0, 0])  # prompt, image, completion
+
+
+class IncompleteJson(ServerError):
+    def __init__(self) -> None:
+        super().__init__("The model's structured answer did not complete; see the server log.")
+
+
+class CategoriesPipeline:
+    def __init__(self, engine: AsyncEngine, input_builder: InputBuilder, media: MediaLoader):
+        self.engine = engine
+        self.input_builder = input_builder
+        self.media = media
+
+    async def run(self, request: CategoriesRequest) -> CategoriesResult:
+        self.engine.check_capacity()
+        spec = StructuredOutput.json_schema(categories_schema(request.keys))
+        await compile_grammar(self.engine, spec)
+        sampling = SamplingParams(max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec)
+        if is_video_url(request.media_url):
+            return await self._video(request, sampling)
+        return await self._image(request, sampling)
+
+    async def _image(
+        self, request: CategoriesRequest, sampling: SamplingParams
+    ) -> CategoriesResult:
+        messages = [ChatMessage("user", [ImagePart(request.media_url, "auto", PARAM)])]
+        budget = self.media.check_counts(messages)
+        (image,) = await self.media.images(messages, budget)
+        inputs = await asyncio.to_thread(self._inputs, image, request.keys, "image")
+        seq = self.engine.add_request(request.request_id, inputs, sampling)
+        result = _ordered(json.loads(await self._collect(seq)), request.keys)
+        return CategoriesResult("image", result, usage=_usage([seq]))
+
+    async def _video(
+        self, request: CategoriesRequest, sampling: SamplingParams
+    ) -> CategoriesResult:
+        part = VideoPart(request.media_url, FrameRequest("captions"), PARAM)
+        budget = self.media.check_counts([ChatMessage("user", [part])])
+        tokens = TokenBudget(
+            self.engine.max_seq_len, prompt_tokens=0, max_tokens=0, caption_tokens=MAX_JSON_TOKENS
+        )
+        wishes = FrameRequest("captions", use_scenes=request.use_scenes)
+        video = await self.media.video(part, budget, tokens, wishes)
+
+        def build_all() -> list[ModelInputs]:
+            return [
+                self._inputs(Image.fromarray(f), request.keys, "video frame") for f in video.frames
+            ]
+
+        inputs = await asyncio.to_thread(build_all)
+        seqs = self.engine.add_requests(
+            [(f"{request.request_id}-frame{i}", x, sampling) for i, x in enumerate(inputs)]
+        )
+        try:
+            texts = await asyncio.gather(*(self._collect(seq) for seq in seqs))
+        except BaseException:
+            for seq in seqs:
+                self.engine.abort(seq.request_id)
+            raise
+        per_frame = [_ordered(json.loads(text), request.keys) for text in texts]
+        frames = [
+            FrameResult(round(t, 3), r)
+            for t, r in zip(video.plan.timestamps, per_frame, strict=True)
+        ]
+        return CategoriesResult(
+            "video", merge_results(per_frame, request.keys), frames, _usage(seqs)
+        )
+
+    def _inputs(self, image: Image.Image, keys: tuple[str, ...], what: str) -> ModelInputs:
+        content = [{"type": "image"}, {"type": "text", "text": prompt_for(keys, what)}]
+        return self.input_builder.build([{"role": "user", "content": content}], [image])
+
+    async def _collect(self, seq: Sequence) -> str:
+        pieces = []
+        async for output in self.engine.stream(seq):
+            raise_for_finish(output)
+            pieces.append(output.text_delta)
+        if seq.finish_reason != "stop":
+            raise IncompleteJson()
+        return "".join(pieces)
+
+
+def _ordered(result: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: result[key] for key in keys}
+
+
+def _usage(seqs: list[Sequence]) -> list[int]:
+    return [
+        sum(s.inputs.num_prompt_tokens for s in seqs),
+        sum(s.inputs.num_image_tokens for s in seqs),
+        sum(s.num_completion_tokens for s in seqs),
+    ]

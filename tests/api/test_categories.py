@@ -1,0 +1,88 @@
+"""POST /v2/media/categories: schema-guaranteed JSON from a random-weight model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import pytest
+
+from server.pipelines.categories import MAX_ITEMS, METADATA_KEYS, merge_results
+from tests.helpers import data_uri, make_image, make_video
+
+pytestmark = pytest.mark.anyio
+
+
+def check(result: dict, keys: tuple[str, ...]) -> None:
+    assert tuple(result) == keys
+    for key in keys:
+        if key == "scene":
+            assert isinstance(result[key], str)
+        else:
+            assert isinstance(result[key], list) and len(result[key]) <= MAX_ITEMS
+            assert all(isinstance(v, str) and v for v in result[key])
+
+
+async def test_fifty_random_images_all_give_valid_json(client: httpx.AsyncClient) -> None:
+    async def one(i: int) -> httpx.Response:
+        body = {"model": "tiny", "media_url": data_uri(make_image(56 + 4 * i, 56, seed=i))}
+        return await client.post("/v2/media/categories", json=body)
+
+    responses = await asyncio.gather(*(one(i) for i in range(50)))
+    for response in responses:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "media.categories" and body["media_type"] == "image"
+        check(body["result"], METADATA_KEYS)
+        assert body["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+
+
+async def test_requested_keys_only(client: httpx.AsyncClient) -> None:
+    body = {"model": "tiny", "media_url": data_uri(make_image()), "metadata": ["tags", "scene"]}
+    response = await client.post("/v2/media/categories", json=body)
+    assert response.status_code == 200, response.text
+    check(response.json()["result"], ("scene", "tags"))
+
+
+async def test_video_with_scenes(client: httpx.AsyncClient) -> None:
+    video = make_video(seconds=10, cuts=(2.0, 5.0, 7.5))
+    body = {
+        "model": "tiny",
+        "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
+        "metadata": ["actions", "scene"],
+        "use_scenes": True,
+    }
+    response = await client.post("/v2/media/categories", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["media_type"] == "video"
+    assert [round(f["timestamp"]) for f in result["frames"]] == [1, 4, 6, 9]
+    check(result["result"], ("actions", "scene"))
+    for frame in result["frames"]:
+        check(frame["result"], ("actions", "scene"))
+
+
+@pytest.mark.parametrize(
+    "extra,code",
+    [
+        ({"webhook_url": "http://127.0.0.1:9/hook"}, "unsupported_parameter"),
+        ({"async": True}, "unsupported_parameter"),
+        ({"metadata": ["colours"]}, "invalid_value"),
+        ({"metadata": []}, "invalid_value"),
+    ],
+)
+async def test_refusals(client: httpx.AsyncClient, extra: dict, code: str) -> None:
+    body = {"model": "tiny", "media_url": data_uri(make_image()), **extra}
+    response = await client.post("/v2/media/categories", json=body)
+    assert response.status_code == 400 and response.json()["error"]["code"] == code
+
+
+def test_merge_orders_by_frequency_and_dedupes() -> None:
+    frames = [
+        {"tags": ["Tree", "sky"], "scene": "a park"},
+        {"tags": ["sky", "dog"], "scene": "a park"},
+        {"tags": ["tree ", "Sky"], "scene": "a street"},
+    ]
+    merged = merge_results(frames, ("scene", "tags"))
+    assert merged == {"scene": "a park", "tags": ["sky", "Tree", "dog"]}
