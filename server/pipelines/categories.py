@@ -202,7 +202,16 @@ class CategoriesPipeline:
 
 
 def _ordered(result: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {key: result[key] for key in keys}
+    """The requested keys in their canonical order; values trimmed, blank and repeated ones
+    dropped (the schema bounds lengths, but a value of only spaces still means nothing)."""
+    cleaned: dict[str, Any] = {}
+    for key in keys:
+        value = result[key]
+        if isinstance(value, str):
+            cleaned[key] = value.strip()
+        else:
+            cleaned[key] = list(dict.fromkeys(v.strip() for v in value if v.strip()))
+    return cleaned
 
 
 def _usage(seqs: list[Sequence]) -> list[int]:
