@@ -47,10 +47,10 @@ class GrammarCache:
 
     def compile(self, spec: StructuredOutput) -> Any:
         try:
-            if spec.kind == "json_object":
-                return self.compiler.compile_builtin_json_grammar()
+            # json_object is OpenAI's "some JSON object": an object, any keys.
+            schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
             # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
-            return self.compiler.compile_json_schema(spec.schema_json, any_whitespace=False)
+            return self.compiler.compile_json_schema(schema, any_whitespace=False)
         except Exception as exc:  # xgrammar raises several types for bad schemas
             raise InvalidSchema(str(exc).splitlines()[0][:200]) from None
 

@@ -65,4 +65,4 @@ async def test_json_schema_batched_with_unconstrained_requests(client: httpx.Asy
         if fmt["type"] == "json_schema":
             check_schema(value)
         else:
-            assert isinstance(value, dict | list | str | int | float | bool) or value is None
+            assert isinstance(value, dict)  # json_object: an object, whatever its keys
