@@ -27,6 +27,16 @@ class InvalidRequest(ServerError):
     error_type = "invalid_request_error"
 
 
+def refuse_unsupported(fields: list[str], what: str = "") -> None:
+    """An accepted-but-unsupported field is refused, naming it, never silently dropped."""
+    if fields:
+        raise InvalidRequest(
+            f"`{fields[0]}`{what} is not supported by this server yet.",
+            param=fields[0],
+            code="unsupported_parameter",
+        )
+
+
 class MediaError(InvalidRequest):
     """A media part could not be fetched or decoded (400)."""
 

@@ -20,7 +20,7 @@ from server.api.protocol import (
 )
 from server.api.services import Services, get_services
 from server.api.sse import chat_stream
-from server.exceptions import ClientDisconnected, InvalidRequest
+from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsupported
 from server.pipelines.chat import ChatRequest
 
 T = TypeVar("T")
@@ -67,12 +67,7 @@ async def _complete(
     default_video_mode: Literal["native", "captions"],
 ) -> ChatCompletionResponse | StreamingResponse:
     services.check_model(body.model)
-    if unsupported := body.unsupported_fields():
-        raise InvalidRequest(
-            f"`{unsupported[0]}` is not supported by this server yet.",
-            param=unsupported[0],
-            code="unsupported_parameter",
-        )
+    refuse_unsupported(body.unsupported_fields())
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest(
             "stream_options is only allowed when stream is true.",

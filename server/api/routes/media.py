@@ -16,7 +16,7 @@ from server.api.protocol import (
 )
 from server.api.routes.chat import until_disconnected
 from server.api.services import Services, get_services
-from server.exceptions import InvalidRequest
+from server.exceptions import refuse_unsupported
 from server.pipelines.categories import CategoriesRequest
 
 router = APIRouter(responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 500, 503)})
@@ -27,12 +27,7 @@ async def media_categories(
     body: MediaCategoriesRequest, request: Request, services: Services = Depends(get_services)
 ) -> MediaCategoriesResponse:
     services.check_model(body.model)
-    if unsupported := body.unsupported_fields():
-        raise InvalidRequest(
-            f"`{unsupported[0]}` (asynchronous jobs) is not supported by this server yet.",
-            param=unsupported[0],
-            code="unsupported_parameter",
-        )
+    refuse_unsupported(body.unsupported_fields(), " (asynchronous jobs)")
     job = CategoriesRequest(
         request_id=f"mcat-{uuid.uuid4().hex}",
         media_url=body.media_url,
