@@ -54,6 +54,14 @@ class ModelNotFound(ServerError):
         )
 
 
+class JobNotFound(ServerError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, job_id: str):
+        super().__init__(f"No job `{job_id}`.", param="id", code="job_not_found")
+
+
 class ModelLoadError(Exception):
     """The checkpoint cannot be found or loaded; raised at start-up, shown to the operator."""
 

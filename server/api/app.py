@@ -20,11 +20,14 @@ from server.api.middleware import (
     RequestIdMiddleware,
 )
 from server.api.routes import chat, health, media
+from server.api.routes.media import categories_job_handler
 from server.api.services import Services
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
+from server.jobs.store import JobStore
+from server.jobs.worker import JobWorker
 from server.media.fetch import FetchPolicy, MediaFetcher
 from server.media.video import VideoDecoder
 from server.metrics import Metrics, MetricsMiddleware
@@ -77,17 +80,26 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             metrics=metrics,
         )
         metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running)
+        categories = CategoriesPipeline(engine, input_builder, media)
+        jobs = JobStore(settings.data_dir / "jobs.sqlite3")
+        handlers = {"categories": categories_job_handler(categories, jobs.set_progress)}
+        job_worker = JobWorker(jobs, handlers)
+        job_worker.start()
         app.state.services = Services(
             loaded=loaded,
             engine=engine,
             chat=pipeline,
-            categories=CategoriesPipeline(engine, input_builder, media),
+            categories=categories,
+            jobs=jobs,
+            job_worker=job_worker,
             served_model_names=tuple(settings.served_model_names()),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))
         try:
             yield
         finally:
+            await job_worker.stop()  # unfinished jobs are re-queued at the next start
+            jobs.close()
             await engine.stop()
             await fetcher.aclose()
             await decoder.close()

@@ -412,8 +412,9 @@ class MediaCategoriesRequest(StrictModel):
     media_url: str = Field(min_length=1)
     metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
     use_scenes: bool = False
-    # Accepted in the schema, refused with a 400 until asynchronous jobs exist:
+    # Accepted in the schema, refused with a 400 until webhooks exist:
     webhook_url: str | None = None
+    # Run as a durable job: 202 at once, the answer at /v2/media/status/{id}.
     async_: bool | None = Field(default=None, alias="async")
 
     def keys(self) -> tuple[str, ...]:
@@ -422,11 +423,7 @@ class MediaCategoriesRequest(StrictModel):
         return tuple(k for k in METADATA_KEYS if k in wanted)
 
     def unsupported_fields(self) -> list[str]:
-        return [
-            name
-            for name, value in (("webhook_url", self.webhook_url), ("async", self.async_))
-            if value
-        ]
+        return ["webhook_url"] if self.webhook_url else []
 
 
 class FrameMetadata(BaseModel):
@@ -443,3 +440,16 @@ class MediaCategoriesResponse(BaseModel):
     result: dict[str, Any]  # exactly the requested keys
     frames: list[FrameMetadata] | None = None  # videos: each analysed frame's own result
     usage: Usage
+
+
+class MediaJob(BaseModel):
+    id: str
+    object: Literal["media.job"] = "media.job"
+    kind: str  # "categories"
+    status: Literal["queued", "processing", "completed", "failed"]
+    progress: float  # 0..1: frames done / planned
+    created_at: float
+    updated_at: float
+    status_url: str
+    result: dict[str, Any] | None = None  # the synchronous answer's body, once completed
+    error: dict[str, Any] | None = None  # {message, type, param, code}, once failed

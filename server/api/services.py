@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +11,8 @@ from fastapi import Request
 from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel
 from server.exceptions import ModelNotFound
+from server.jobs.store import Job, JobStore
+from server.jobs.worker import JobWorker
 from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 
@@ -21,7 +24,17 @@ class Services:
     chat: ChatPipeline
     categories: CategoriesPipeline
     served_model_names: tuple[str, ...]
+    jobs: JobStore
+    job_worker: JobWorker
     started_at: int = field(default_factory=lambda: int(time.time()))
+
+    async def submit_job(self, kind: str, request: dict, idempotency_key: str | None) -> Job:
+        job = await asyncio.to_thread(self.jobs.create, kind, request, idempotency_key)
+        self.job_worker.notify()
+        return job
+
+    async def get_job(self, job_id: str) -> Job | None:
+        return await asyncio.to_thread(self.jobs.get, job_id)
 
     def check_model(self, name: str) -> None:
         if name not in self.served_model_names:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -132,13 +133,16 @@ class CategoriesPipeline:
         self.input_builder = input_builder
         self.media = media
 
-    async def run(self, request: CategoriesRequest) -> CategoriesResult:
+    async def run(
+        self, request: CategoriesRequest, on_progress: Callable[[float], object] | None = None
+    ) -> CategoriesResult:
+        """on_progress(fraction of frames done) is called as frames finish (from the loop)."""
         self.engine.check_capacity()
         spec = StructuredOutput.json_schema(categories_schema(request.keys))
         await compile_grammar(self.engine, spec)
         sampling = SamplingParams(max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec)
         if is_video_url(request.media_url):
-            return await self._video(request, sampling)
+            return await self._video(request, sampling, on_progress)
         return await self._image(request, sampling)
 
     async def _image(
@@ -153,7 +157,10 @@ class CategoriesPipeline:
         return CategoriesResult("image", result, usage=_usage([seq]))
 
     async def _video(
-        self, request: CategoriesRequest, sampling: SamplingParams
+        self,
+        request: CategoriesRequest,
+        sampling: SamplingParams,
+        on_progress: Callable[[float], object] | None,
     ) -> CategoriesResult:
         part = VideoPart(request.media_url, FrameRequest("captions"), PARAM)
         budget = self.media.check_counts([ChatMessage("user", [part])])
@@ -172,8 +179,18 @@ class CategoriesPipeline:
         seqs = self.engine.add_requests(
             [(f"{request.request_id}-frame{i}", x, sampling) for i, x in enumerate(inputs)]
         )
+        done = 0
+
+        async def collect_counting(seq: Sequence) -> str:
+            nonlocal done
+            text = await self._collect(seq)
+            done += 1
+            if on_progress is not None:
+                await asyncio.to_thread(on_progress, done / len(seqs))
+            return text
+
         try:
-            texts = await asyncio.gather(*(self._collect(seq) for seq in seqs))
+            texts = await asyncio.gather(*(collect_counting(seq) for seq in seqs))
         except BaseException:
             for seq in seqs:
                 self.engine.abort(seq.request_id)

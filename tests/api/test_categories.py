@@ -68,7 +68,6 @@ async def test_video_with_scenes(client: httpx.AsyncClient) -> None:
     "extra,code",
     [
         ({"webhook_url": "http://127.0.0.1:9/hook"}, "unsupported_parameter"),
-        ({"async": True}, "unsupported_parameter"),
         ({"metadata": ["colours"]}, "invalid_value"),
         ({"metadata": []}, "invalid_value"),
     ],

@@ -1,51 +1,108 @@
-"""POST /v2/media/categories (Animus): structured metadata about an image or a video."""
+"""POST /v2/media/categories (Animus): structured metadata about an image or a video, answered
+at once or, with `"async": true`, as a durable job whose status is at /v2/media/status/{id}."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
 
 from server.api.protocol import (
     ErrorResponse,
     FrameMetadata,
     MediaCategoriesRequest,
     MediaCategoriesResponse,
+    MediaJob,
     Usage,
 )
 from server.api.routes.chat import until_disconnected
 from server.api.services import Services, get_services
-from server.exceptions import refuse_unsupported
-from server.pipelines.categories import CategoriesRequest
+from server.exceptions import JobNotFound, refuse_unsupported
+from server.jobs.store import Job
+from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
 
 router = APIRouter(responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 500, 503)})
 
 
-@router.post("/v2/media/categories", response_model=MediaCategoriesResponse, tags=["media"])
+@router.post(
+    "/v2/media/categories",
+    response_model=MediaCategoriesResponse,
+    responses={202: {"model": MediaJob}},
+    tags=["media"],
+)
 async def media_categories(
-    body: MediaCategoriesRequest, request: Request, services: Services = Depends(get_services)
-) -> MediaCategoriesResponse:
+    body: MediaCategoriesRequest,
+    request: Request,
+    services: Services = Depends(get_services),
+    idempotency_key: str | None = Header(default=None, max_length=200),
+) -> MediaCategoriesResponse | JSONResponse:
     services.check_model(body.model)
-    refuse_unsupported(body.unsupported_fields(), " (asynchronous jobs)")
-    job = CategoriesRequest(
-        request_id=f"mcat-{uuid.uuid4().hex}",
-        media_url=body.media_url,
-        keys=body.keys(),
-        use_scenes=body.use_scenes,
-    )
-    result = await until_disconnected(request, services.categories.run(job))
+    refuse_unsupported(body.unsupported_fields(), " (webhooks)")
+    if body.async_:
+        job = await services.submit_job(
+            "categories", body.model_dump(by_alias=True), idempotency_key
+        )
+        return JSONResponse(job_view(job).model_dump(), status_code=202)
+    job_id = f"mcat-{uuid.uuid4().hex}"
+    result = await until_disconnected(request, services.categories.run(to_job(job_id, body)))
+    return categories_response(job_id, body.model, result)
+
+
+@router.get("/v2/media/status/{job_id}", response_model=MediaJob, tags=["media"])
+async def media_status(job_id: str, services: Services = Depends(get_services)) -> MediaJob:
+    job = await services.get_job(job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job_view(job)
+
+
+def to_job(job_id: str, body: MediaCategoriesRequest) -> CategoriesRequest:
+    return CategoriesRequest(job_id, body.media_url, body.keys(), body.use_scenes)
+
+
+def categories_response(
+    job_id: str, model: str, result: CategoriesResult
+) -> MediaCategoriesResponse:
     prompt, image, completion = result.usage
     frames = None
     if result.frames is not None:
         frames = [FrameMetadata(timestamp=f.timestamp, result=f.result) for f in result.frames]
     video_tokens = image if result.media_type == "video" else 0
     return MediaCategoriesResponse(
-        id=job.request_id,
+        id=job_id,
         created=int(time.time()),
-        model=body.model,
+        model=model,
         media_type=result.media_type,  # type: ignore[arg-type]
         result=result.result,
         frames=frames,
         usage=Usage.of(prompt, image - video_tokens, video_tokens, completion),
     )
+
+
+def job_view(job: Job) -> MediaJob:
+    return MediaJob(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,  # type: ignore[arg-type]
+        progress=job.progress,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        status_url=f"/v2/media/status/{job.id}",
+        result=job.result,
+        error=job.error,
+    )
+
+
+def categories_job_handler(pipeline: CategoriesPipeline, set_progress):
+    """What the job worker runs for a `categories` job: the same pipeline, the same answer."""
+
+    async def handle(job: Job) -> dict:
+        body = MediaCategoriesRequest.model_validate(job.request)
+        result = await pipeline.run(
+            to_job(job.id, body), on_progress=lambda p: set_progress(job, p)
+        )
+        return categories_response(job.id, body.model, result).model_dump()
+
+    return handle

@@ -1,0 +1,155 @@
+"""Durable jobs in SQLite (WAL, synchronous=FULL) under --data-dir.
+
+A job is claimed with a lease and an attempt number; only the holder of the current attempt may
+write its progress or result, so a stale worker (its lease expired and the job was claimed again)
+can never overwrite a newer result. A server killed mid-job leaves it `processing`; on the next
+start `recover` puts it back in the queue and it runs again. One server process per data dir.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    request TEXT NOT NULL,
+    status TEXT NOT NULL,            -- queued | processing | completed | failed
+    progress REAL NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT UNIQUE
+)
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    request: dict[str, Any]
+    status: str
+    progress: float
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    attempt: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            id=row["id"],
+            kind=row["kind"],
+            request=json.loads(row["request"]),
+            status=row["status"],
+            progress=row["progress"],
+            result=json.loads(row["result"]) if row["result"] else None,
+            error=json.loads(row["error"]) if row["error"] else None,
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            attempt=row["attempt"],
+        )
+
+
+class JobStore:
+    """Blocking SQLite calls: the async side calls them through asyncio.to_thread."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(SCHEMA)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def create(self, kind: str, request: dict[str, Any], idempotency_key: str | None) -> Job:
+        """A new queued job, or the existing one for the same idempotency key."""
+        now = time.time()
+        with self.lock:
+            if idempotency_key is not None:
+                row = self.db.execute(
+                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+                if row is not None:
+                    return Job.from_row(row)
+            job_id = f"job-{uuid.uuid4().hex}"
+            self.db.execute(
+                "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
+                " idempotency_key) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, kind, json.dumps(request), now, now, idempotency_key),
+            )
+            return Job.from_row(self._row(job_id))
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            row = self._row(job_id)
+        return Job.from_row(row) if row is not None else None
+
+    def recover(self) -> int:
+        """At start: jobs a killed server left `processing` go back to the queue."""
+        with self.lock:
+            cursor = self.db.execute(
+                "UPDATE jobs SET status = 'queued', lease_until = 0, updated_at = ?"
+                " WHERE status = 'processing'",
+                (time.time(),),
+            )
+            return cursor.rowcount
+
+    def claim(self, lease_s: float) -> Job | None:
+        """The oldest queued job (or one whose lease expired), as a new attempt."""
+        now = time.time()
+        with self.lock:
+            row = self.db.execute(
+                "UPDATE jobs SET status = 'processing', attempt = attempt + 1,"
+                " lease_until = ?, updated_at = ? WHERE id = ("
+                "  SELECT id FROM jobs WHERE status = 'queued'"
+                "  OR (status = 'processing' AND lease_until < ?)"
+                "  ORDER BY created_at LIMIT 1) RETURNING *",
+                (now + lease_s, now, now),
+            ).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+    def renew(self, job: Job, lease_s: float) -> bool:
+        return self._update_if_current(job, "lease_until = ?", (time.time() + lease_s,))
+
+    def set_progress(self, job: Job, progress: float) -> bool:
+        return self._update_if_current(job, "progress = ?", (min(max(progress, 0.0), 1.0),))
+
+    def complete(self, job: Job, result: dict[str, Any]) -> bool:
+        return self._update_if_current(
+            job, "status = 'completed', progress = 1, result = ?", (json.dumps(result),)
+        )
+
+    def fail(self, job: Job, error: dict[str, Any]) -> bool:
+        return self._update_if_current(job, "status = 'failed', error = ?", (json.dumps(error),))
+
+    def _update_if_current(self, job: Job, assignments: str, values: tuple) -> bool:
+        """Writes only while this attempt still holds the job."""
+        with self.lock:
+            cursor = self.db.execute(
+                f"UPDATE jobs SET {assignments}, updated_at = ?"
+                " WHERE id = ? AND attempt = ? AND status = 'processing'",
+                (*values, time.time(), job.id, job.attempt),
+            )
+            return cursor.rowcount == 1
+
+    def _row(self, job_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
