@@ -46,12 +46,19 @@ class Metrics:
         self.finished = Counter(
             "vlm_sequences_finished", "Finished sequences by reason", ["reason"], registry=r
         )
+        self.jobs = Gauge("vlm_jobs", "Async jobs by status", ["status"], registry=r)
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
 
     def watch_engine(self, num_queued: Callable[[], int], num_running: Callable[[], int]) -> None:
         self.queue_depth.set_function(num_queued)
         self.running.set_function(num_running)
+
+    def watch_jobs(self, count_by_status: Callable[[], dict[str, int]]) -> None:
+        for status in ("queued", "processing", "completed", "failed"):
+            self.jobs.labels(status).set_function(
+                lambda status=status: count_by_status().get(status, 0)
+            )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

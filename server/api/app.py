@@ -84,6 +84,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         jobs = JobStore(settings.data_dir / "jobs.sqlite3")
         handlers = {"categories": categories_job_handler(categories, jobs.set_progress)}
         job_worker = JobWorker(jobs, handlers)
+        metrics.watch_jobs(jobs.count_by_status)
         job_worker.start()
         app.state.services = Services(
             loaded=loaded,

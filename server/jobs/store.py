@@ -103,6 +103,11 @@ class JobStore:
             row = self._row(job_id)
         return Job.from_row(row) if row is not None else None
 
+    def count_by_status(self) -> dict[str, int]:
+        with self.lock:
+            rows = self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {status: count for status, count in rows}
+
     def recover(self) -> int:
         """At start: jobs a killed server left `processing` go back to the queue."""
         with self.lock:

@@ -67,6 +67,16 @@ async def test_idempotency_key(client: httpx.AsyncClient) -> None:
     assert first.json()["id"] == second.json()["id"]
 
 
+async def test_job_states_in_metrics(client: httpx.AsyncClient) -> None:
+    body = {"model": "tiny", "media_url": data_uri(make_image(seed=9)), "async": True}
+    job = (await client.post("/v2/media/categories", json=body)).json()
+    await wait_done(client, job["status_url"])
+    text = (await client.get("/metrics")).text
+    prefix = 'vlm_jobs{status="completed"}'
+    completed = next(line for line in text.splitlines() if line.startswith(prefix))
+    assert float(completed.split()[-1]) >= 1
+
+
 async def test_unknown_job_is_404(client: httpx.AsyncClient) -> None:
     response = await client.get("/v2/media/status/job-nope")
     assert response.status_code == 404
