@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     allowed_local_media_path: Path | None = None
     media_follow_redirects: bool = False
     shutdown_timeout: float = 30.0
+    webhook_secret: str | None = None  # whsec_...; default: generated once under --data-dir
+    webhook_retry_delays: StrList = ["5", "30", "120", "600", "1800"]  # seconds, per retry
+    webhook_timeout: float = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -130,6 +131,8 @@ def make_settings(model_dir: Path, **overrides: object) -> Settings:
         "default_max_tokens": 16,
         # The tests' media server is on loopback: allow it as an operator allows an internal store.
         "allowed_media_domains": ["127.0.0.1"],
+        # Every app gets its own job store and spool, never the repository's data/.
+        "data_dir": Path(tempfile.mkdtemp(prefix="vlm-data-")),
     }
     values.update(overrides)
     return Settings(**values)
@@ -179,6 +182,8 @@ def server_process(log_path: Path, *args: str) -> Iterator[tuple[str, subprocess
     script = Path(sys.executable).with_name("vlm-server")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "server"]
     log = log_path.open("w")
+    if "--data-dir" not in args:  # never the repository's data/
+        args = (*args, "--data-dir", str(log_path.parent / f"data-{port}"))
     process = subprocess.Popen(
         [*command, "serve", "--port", str(port), *args],
         stdout=log,

@@ -27,6 +27,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
 from server.jobs.store import JobStore
+from server.jobs.webhooks import WebhookSender, load_or_create_secret
 from server.jobs.worker import JobWorker
 from server.media.fetch import FetchPolicy, MediaFetcher
 from server.media.video import VideoDecoder
@@ -86,6 +87,14 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         job_worker = JobWorker(jobs, handlers)
         metrics.watch_jobs(jobs.count_by_status)
         job_worker.start()
+        webhooks = WebhookSender(
+            jobs,
+            load_or_create_secret(settings.webhook_secret, settings.data_dir),
+            tuple(float(d) for d in settings.webhook_retry_delays),
+            settings.webhook_timeout,
+            tuple(settings.allowed_media_domains),
+        )
+        webhooks.start()
         app.state.services = Services(
             loaded=loaded,
             engine=engine,
@@ -100,6 +109,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             yield
         finally:
             await job_worker.stop()  # unfinished jobs are re-queued at the next start
+            await webhooks.stop()  # pending deliveries stay in the store
             jobs.close()
             await engine.stop()
             await fetcher.aclose()

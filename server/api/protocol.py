@@ -412,8 +412,8 @@ class MediaCategoriesRequest(StrictModel):
     media_url: str = Field(min_length=1)
     metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
     use_scenes: bool = False
-    # Accepted in the schema, refused with a 400 until webhooks exist:
-    webhook_url: str | None = None
+    # Run as a job and POST the finished job there (Standard Webhooks signatures).
+    webhook_url: str | None = Field(default=None, pattern="^https?://", max_length=2000)
     # Run as a durable job: 202 at once, the answer at /v2/media/status/{id}.
     async_: bool | None = Field(default=None, alias="async")
 
@@ -422,8 +422,9 @@ class MediaCategoriesRequest(StrictModel):
         wanted = set(self.metadata or METADATA_KEYS)
         return tuple(k for k in METADATA_KEYS if k in wanted)
 
-    def unsupported_fields(self) -> list[str]:
-        return ["webhook_url"] if self.webhook_url else []
+    def is_async(self) -> bool:
+        """A webhook implies a job: its answer comes by webhook (and at the status URL)."""
+        return bool(self.async_ or self.webhook_url)
 
 
 class FrameMetadata(BaseModel):
@@ -453,3 +454,4 @@ class MediaJob(BaseModel):
     status_url: str
     result: dict[str, Any] | None = None  # the synchronous answer's body, once completed
     error: dict[str, Any] | None = None  # {message, type, param, code}, once failed
+    webhooks: list[dict[str, Any]] = []  # deliveries: id, url, status, attempts, last_status

@@ -36,6 +36,9 @@ class Services:
     async def get_job(self, job_id: str) -> Job | None:
         return await asyncio.to_thread(self.jobs.get, job_id)
 
+    async def job_deliveries(self, job_id: str) -> list[dict]:
+        return await asyncio.to_thread(self.jobs.deliveries_of, job_id)
+
     def check_model(self, name: str) -> None:
         if name not in self.served_model_names:
             raise ModelNotFound(name)

@@ -31,6 +31,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT UNIQUE
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,             -- the webhook-id: the same on every retry
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    payload TEXT NOT NULL,           -- the exact body, so retries send the same bytes
+    status TEXT NOT NULL,            -- pending | delivered | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at REAL NOT NULL
 )
 """
 
@@ -47,6 +59,21 @@ class Job:
     created_at: float
     updated_at: float
     attempt: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The job as the status endpoint and webhooks show it."""
+        return {
+            "id": self.id,
+            "object": "media.job",
+            "kind": self.kind,
+            "status": self.status,
+            "progress": self.progress,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "status_url": f"/v2/media/status/{self.id}",
+            "result": self.result,
+            "error": self.error,
+        }
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -73,7 +100,7 @@ class JobStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute(SCHEMA)
+        self.db.executescript(SCHEMA)
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -139,12 +166,71 @@ class JobStore:
         return self._update_if_current(job, "progress = ?", (min(max(progress, 0.0), 1.0),))
 
     def complete(self, job: Job, result: dict[str, Any]) -> bool:
-        return self._update_if_current(
-            job, "status = 'completed', progress = 1, result = ?", (json.dumps(result),)
-        )
+        return self._finish(job, "status = 'completed', progress = 1, result = ?", result)
 
     def fail(self, job: Job, error: dict[str, Any]) -> bool:
-        return self._update_if_current(job, "status = 'failed', error = ?", (json.dumps(error),))
+        return self._finish(job, "status = 'failed', error = ?", error)
+
+    def _finish(self, job: Job, assignments: str, value: dict[str, Any]) -> bool:
+        """The job's end and, when it has a webhook, its pending delivery: one transaction, so
+        a crash cannot keep one without the other."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = self.db.execute(
+                    f"UPDATE jobs SET {assignments}, updated_at = ?"
+                    " WHERE id = ? AND attempt = ? AND status = 'processing'",
+                    (json.dumps(value), time.time(), job.id, job.attempt),
+                )
+                done = cursor.rowcount == 1
+                url = job.request.get("webhook_url")
+                if done and url:
+                    finished = Job.from_row(self._row(job.id))
+                    event = "media.completed" if finished.status == "completed" else "media.failed"
+                    payload = json.dumps({"type": event, "data": finished.as_dict()})
+                    self.db.execute(
+                        "INSERT INTO deliveries (id, job_id, url, payload, status,"
+                        " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                        (f"msg_{uuid.uuid4().hex}", job.id, url, payload, time.time(), time.time()),
+                    )
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return done
+
+    # -- webhook deliveries ---------------------------------------------------------------
+    def due_deliveries(self, limit: int = 16) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.db.execute(
+                "SELECT * FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (time.time(), limit),
+            ).fetchall()
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        status: str,
+        next_attempt_at: float,
+        last_status: int | None,
+        last_error: str | None,
+    ) -> None:
+        with self.lock:
+            self.db.execute(
+                "UPDATE deliveries SET status = ?, attempts = attempts + 1, next_attempt_at = ?,"
+                " last_status = ?, last_error = ? WHERE id = ?",
+                (status, next_attempt_at, last_status, last_error, delivery_id),
+            )
+
+    def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT id, url, status, attempts, last_status, last_error FROM deliveries"
+                " WHERE job_id = ? ORDER BY created_at",
+                (job_id,),
+            ).fetchall()
+        return [dict(row) for row in rows]
 
     def _update_if_current(self, job: Job, assignments: str, values: tuple) -> bool:
         """Writes only while this attempt still holds the job."""

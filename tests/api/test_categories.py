@@ -67,7 +67,7 @@ async def test_video_with_scenes(client: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     "extra,code",
     [
-        ({"webhook_url": "http://127.0.0.1:9/hook"}, "unsupported_parameter"),
+        ({"webhook_url": "ftp://127.0.0.1/hook"}, "invalid_value"),
         ({"metadata": ["colours"]}, "invalid_value"),
         ({"metadata": []}, "invalid_value"),
     ],

@@ -19,7 +19,7 @@ from server.api.protocol import (
 )
 from server.api.routes.chat import until_disconnected
 from server.api.services import Services, get_services
-from server.exceptions import JobNotFound, refuse_unsupported
+from server.exceptions import JobNotFound
 from server.jobs.store import Job
 from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
 
@@ -39,8 +39,7 @@ async def media_categories(
     idempotency_key: str | None = Header(default=None, max_length=200),
 ) -> MediaCategoriesResponse | JSONResponse:
     services.check_model(body.model)
-    refuse_unsupported(body.unsupported_fields(), " (webhooks)")
-    if body.async_:
+    if body.is_async():
         job = await services.submit_job(
             "categories", body.model_dump(by_alias=True), idempotency_key
         )
@@ -55,7 +54,9 @@ async def media_status(job_id: str, services: Services = Depends(get_services)) 
     job = await services.get_job(job_id)
     if job is None:
         raise JobNotFound(job_id)
-    return job_view(job)
+    view = job_view(job)
+    view.webhooks = await services.job_deliveries(job_id)
+    return view
 
 
 def to_job(job_id: str, body: MediaCategoriesRequest) -> CategoriesRequest:

@@ -1,0 +1,146 @@
+"""Webhook deliveries (Standard Webhooks v1) for finished jobs.
+
+Each delivery has a stable `webhook-id`; every attempt carries `webhook-timestamp` and
+`webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">` keyed with the `whsec_`
+secret (--webhook-secret, else one generated once and kept in the data dir). Failures, timeouts,
+5xx and 429 are retried on the configured schedule with jitter (Retry-After honoured); 410 stops;
+redirects are not followed. Pending deliveries live in the job store, so they survive restarts.
+Webhook URLs pass the same address check as media URLs (netguard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+import time
+from pathlib import Path
+
+import httpx
+
+from server.jobs.store import JobStore
+from server.media.netguard import AddressRefused, resolve_checked
+
+logger = logging.getLogger(__name__)
+
+SECRET_PREFIX = "whsec_"
+POLL_S = 0.2
+
+
+def load_or_create_secret(configured: str | None, data_dir: Path) -> str:
+    if configured:
+        return configured
+    path = data_dir / "webhook_secret"
+    if not path.exists():
+        path.write_text(SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.replace(".", "", 1).isdigit() else None
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        store: JobStore,
+        secret: str,
+        retry_delays_s: tuple[float, ...],
+        timeout_s: float,
+        allowed_hosts: tuple[str, ...],
+    ):
+        self.store = store
+        self.secret = secret
+        self.retry_delays_s = retry_delays_s
+        self.allowed_hosts = allowed_hosts
+        self.client = httpx.AsyncClient(
+            timeout=timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.client.aclose()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                due = await asyncio.to_thread(self.store.due_deliveries)
+                await asyncio.gather(*(self._attempt(row) for row in due))
+            except Exception:  # the sender must outlive any one delivery's trouble
+                logger.exception("webhook sender step failed")
+            await asyncio.sleep(POLL_S)
+
+    async def _attempt(self, row) -> None:
+        attempts = row["attempts"] + 1
+        status_code, error, retry_after = None, None, None
+        try:
+            response = await self._post(row["url"], row["id"], row["payload"])
+            status_code = response.status_code
+            retry_after = retry_after_s(response)
+        except AddressRefused as refused:
+            error = str(refused)
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            error = type(exc).__name__
+        if status_code is not None and 200 <= status_code < 300:
+            outcome, next_at = "delivered", 0.0
+        elif status_code == 410 or attempts > len(self.retry_delays_s):
+            outcome, next_at = "failed", 0.0
+        else:
+            delay = self.retry_delays_s[attempts - 1] * random.uniform(0.8, 1.2)
+            if retry_after is not None and status_code in (429, 503):
+                delay = max(delay, retry_after)
+            outcome, next_at = "pending", time.time() + delay
+        logger.info(
+            "webhook %s attempt %d: %s (%s)", row["id"], attempts, outcome, status_code or error
+        )
+        await asyncio.to_thread(
+            self.store.record_attempt, row["id"], outcome, next_at, status_code, error
+        )
+
+    async def _post(self, url: str, msg_id: str, body: str) -> httpx.Response:
+        target = httpx.URL(url)
+        if target.scheme not in ("http", "https"):
+            raise AddressRefused(f"unsupported scheme {target.scheme}")
+        host = target.raw_host.decode("ascii")
+        port = target.port or (443 if target.scheme == "https" else 80)
+        address = await resolve_checked(host, port, self.allowed_hosts)
+        timestamp = int(time.time())
+        headers = {
+            "Host": target.netloc.decode("ascii"),
+            "Content-Type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.secret, msg_id, timestamp, body),
+        }
+        extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+        request = self.client.build_request(
+            "POST",
+            target.copy_with(host=address),
+            headers=headers,
+            content=body,
+            extensions=extensions,
+        )
+        return await self.client.send(request)
