@@ -20,10 +20,6 @@ class ModelInputs:
     num_image_tokens: int
     num_video_tokens: int = 0
 
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.tensors["input_ids"][0].tolist()
-
 
 @dataclass(frozen=True)
 class VideoFrames:

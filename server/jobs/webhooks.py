@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from server.jobs.store import JobStore
-from server.media.netguard import AddressRefused, resolve_checked
+from server.media.netguard import AddressRefused, checked_request
 
 logger = logging.getLogger(__name__)
 
@@ -121,26 +121,14 @@ class WebhookSender:
         )
 
     async def _post(self, url: str, msg_id: str, body: str) -> httpx.Response:
-        target = httpx.URL(url)
-        if target.scheme not in ("http", "https"):
-            raise AddressRefused(f"unsupported scheme {target.scheme}")
-        host = target.raw_host.decode("ascii")
-        port = target.port or (443 if target.scheme == "https" else 80)
-        address = await resolve_checked(host, port, self.allowed_hosts)
         timestamp = int(time.time())
         headers = {
-            "Host": target.netloc.decode("ascii"),
             "Content-Type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(self.secret, msg_id, timestamp, body),
         }
-        extensions = {"sni_hostname": host} if target.scheme == "https" else {}
-        request = self.client.build_request(
-            "POST",
-            target.copy_with(host=address),
-            headers=headers,
-            content=body,
-            extensions=extensions,
+        request = await checked_request(
+            self.client, "POST", httpx.URL(url), self.allowed_hosts, headers=headers, content=body
         )
         return await self.client.send(request)

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import httpx
 
 from server.exceptions import MediaError
-from server.media.netguard import AddressRefused, resolve_checked
+from server.media.netguard import AddressRefused, checked_request
 
 DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)"
@@ -154,24 +154,14 @@ class MediaFetcher:
         """Resolve and check the host once, then connect to exactly that address."""
         if url.scheme not in ("http", "https"):
             raise _bad_scheme(url.scheme, kind, param)
-        port = url.port or (443 if url.scheme == "https" else 80)
         try:
-            # raw_host is the IDNA (ASCII) form the Host header uses too.
-            host = url.raw_host.decode("ascii")
-            address = await resolve_checked(host, port, self.policy.allowed_hosts)
+            request = await checked_request(self.client, "GET", url, self.policy.allowed_hosts)
         except AddressRefused as refused:
             raise MediaError(
                 f"The {kind} URL at {param} is not allowed: {refused}.",
                 param=param,
                 code="media_url_not_allowed",
             ) from None
-        extensions = {"sni_hostname": host} if url.scheme == "https" else {}
-        request = self.client.build_request(
-            "GET",
-            url.copy_with(host=address),
-            headers={"Host": url.netloc.decode("ascii")},
-            extensions=extensions,
-        )
         try:
             return await self.client.send(request, stream=True)
         except httpx.TimeoutException:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import Any
+
+import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -70,3 +73,24 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
     if not listed and not all(is_public(ip) for ip in addresses):
         raise AddressRefused(f"the host {host} resolves to a private, loopback or reserved address")
     return str(addresses[0])
+
+
+async def checked_request(
+    client: httpx.AsyncClient,
+    method: str,
+    url: httpx.URL,
+    allowed_hosts: tuple[str, ...],
+    **kwargs: Any,
+) -> httpx.Request:
+    """A request to exactly the address resolve_checked approved: the URL's host is replaced by
+    that address, the Host header and TLS SNI keep the name (its IDNA form, as DNS saw it)."""
+    if url.scheme not in ("http", "https"):
+        raise AddressRefused(f"the scheme {url.scheme or '(none)'} is not http(s)")
+    host = url.raw_host.decode("ascii")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    address = await resolve_checked(host, port, allowed_hosts)
+    headers = {**kwargs.pop("headers", {}), "Host": url.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+    return client.build_request(
+        method, url.copy_with(host=address), headers=headers, extensions=extensions, **kwargs
+    )

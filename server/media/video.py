@@ -180,19 +180,6 @@ def _first_frame_from(container, stream, target: float, keyframes_only: bool):
     return chosen
 
 
-def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
-    from PIL import Image
-
-    if frames.shape[1:3] == (height, width):
-        return frames
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
-            for f in frames
-        ]
-    )
-
-
 def decode_job(
     data: VideoSource, budget: TokenBudget, request: FrameRequest, max_fps: float
 ) -> DecodedVideo:
@@ -210,9 +197,7 @@ def decode_job(
             size = (plan.width, plan.height)
             frames, times = _read_keyframes(data, list(plan.timestamps), size, gap)
             plan = replace(plan, timestamps=tuple(times))
-            return DecodedVideo(
-                info, plan, _resize(frames, plan.width, plan.height), "pyav-keyframes"
-            )
+            return DecodedVideo(info, plan, frames, "pyav-keyframes")
         except Exception:
             pass  # an odd stream: read the exact frames below
     try:
@@ -227,7 +212,7 @@ def decode_job(
             raise
         except Exception:
             raise VideoDecodeError("the video's frames could not be decoded") from None
-    return DecodedVideo(info, plan, _resize(frames, plan.width, plan.height), backend)
+    return DecodedVideo(info, plan, frames, backend)
 
 
 def _plan_scenes(
