@@ -47,6 +47,15 @@ class Metrics:
             "vlm_sequences_finished", "Finished sequences by reason", ["reason"], registry=r
         )
         self.jobs = Gauge("vlm_jobs", "Async jobs by status", ["status"], registry=r)
+        self.webhook_attempts = Counter(
+            "vlm_webhook_attempts",
+            "Webhook delivery attempts by outcome (delivered, retrying, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_deliveries = Gauge(
+            "vlm_webhook_deliveries", "Webhook deliveries by status", ["status"], registry=r
+        )
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
 
@@ -54,14 +63,26 @@ class Metrics:
         self.queue_depth.set_function(num_queued)
         self.running.set_function(num_running)
 
-    def watch_jobs(self, count_by_status: Callable[[], dict[str, int]]) -> None:
-        for status in ("queued", "processing", "completed", "failed"):
-            self.jobs.labels(status).set_function(
-                lambda status=status: count_by_status().get(status, 0)
-            )
+    def watch_jobs(
+        self,
+        jobs_by_status: Callable[[], dict[str, int]],
+        deliveries_by_status: Callable[[], dict[str, int]],
+    ) -> None:
+        _watch_counts(self.jobs, ("queued", "processing", "completed", "failed"), jobs_by_status)
+        _watch_counts(
+            self.webhook_deliveries, ("pending", "delivered", "failed"), deliveries_by_status
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _watch_counts(
+    gauge: Gauge, statuses: tuple[str, ...], count_by_status: Callable[[], dict[str, int]]
+) -> None:
+    """Each status's child reads its count at scrape time."""
+    for status in statuses:
+        gauge.labels(status).set_function(lambda status=status: count_by_status().get(status, 0))
 
 
 class MetricsMiddleware:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.engine.tiny import TinySpec, make_tiny_checkpoint
-from tests.helpers import MediaServer, make_settings, start_client
+from tests.helpers import MediaServer, WebhookReceiver, make_settings, start_client
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -48,6 +48,20 @@ def media_server() -> Iterator[MediaServer]:
     server.thread.start()
     yield server
     server.server.shutdown()
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator:
+    """Makes real webhook receivers (scripted statuses in turn); all shut down afterwards."""
+    made: list[WebhookReceiver] = []
+
+    def make(statuses: list[int]) -> WebhookReceiver:
+        made.append(WebhookReceiver(statuses))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.server.shutdown()
 
 
 @pytest.fixture(scope="module")

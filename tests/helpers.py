@@ -124,6 +124,31 @@ class MediaServer:
         return self.url(path)
 
 
+class WebhookReceiver:
+    """A real HTTP receiver on loopback that answers with the scripted statuses in turn."""
+
+    def __init__(self, statuses: list[int]):
+        self.statuses = statuses
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.statuses[min(len(receiver.received), len(receiver.statuses)) - 1]
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/vlm"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 def make_settings(model_dir: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "model": str(model_dir),

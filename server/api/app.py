@@ -20,6 +20,7 @@ from server.api.middleware import (
     RequestIdMiddleware,
 )
 from server.api.routes import chat, health, media
+from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
 from server.api.services import Services
 from server.config import Settings
@@ -83,9 +84,12 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running)
         categories = CategoriesPipeline(engine, input_builder, media)
         jobs = JobStore(settings.data_dir / "jobs.sqlite3")
-        handlers = {"categories": categories_job_handler(categories, jobs.set_progress)}
+        handlers = {
+            "categories": categories_job_handler(categories, jobs.set_progress),
+            "completions": completions_job_handler(pipeline, jobs.set_progress),
+        }
         job_worker = JobWorker(jobs, handlers)
-        metrics.watch_jobs(jobs.count_by_status)
+        metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)
         job_worker.start()
         webhooks = WebhookSender(
             jobs,
@@ -93,6 +97,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             tuple(float(d) for d in settings.webhook_retry_delays),
             settings.webhook_timeout,
             tuple(settings.allowed_media_domains),
+            metrics.webhook_attempts,
         )
         webhooks.start()
         app.state.services = Services(

@@ -24,6 +24,7 @@ from pydantic import (
 from server.engine.sampling import SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
+from server.jobs.store import Job
 from server.media.frames import FrameRequest
 from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult
@@ -407,24 +408,39 @@ class ErrorResponse(BaseModel):
 MetadataKey = Literal["categories", "participants", "actions", "scene", "tags"]
 
 
-class MediaCategoriesRequest(StrictModel):
-    model: str
-    media_url: str = Field(min_length=1)
-    metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
-    use_scenes: bool = False
+class JobOptions(StrictModel):
+    """The Animus media endpoints' way to ask for a durable job instead of a waiting answer."""
+
     # Run as a job and POST the finished job there (Standard Webhooks signatures).
     webhook_url: str | None = Field(default=None, pattern="^https?://", max_length=2000)
     # Run as a durable job: 202 at once, the answer at /v2/media/status/{id}.
     async_: bool | None = Field(default=None, alias="async")
 
+    def is_async(self) -> bool:
+        """A webhook implies a job: its answer comes by webhook (and at the status URL)."""
+        return bool(self.async_ or self.webhook_url)
+
+
+class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
+    """/v2/media/completions: the chat request, optionally run as a job."""
+
+    @model_validator(mode="after")
+    def _check_job_stream(self) -> MediaCompletionRequest:
+        if self.stream and self.is_async():
+            raise ValueError("stream cannot be combined with async or webhook_url")
+        return self
+
+
+class MediaCategoriesRequest(JobOptions):
+    model: str
+    media_url: str = Field(min_length=1)
+    metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
+    use_scenes: bool = False
+
     def keys(self) -> tuple[str, ...]:
         """The requested keys in the canonical order (all five when none are given)."""
         wanted = set(self.metadata or METADATA_KEYS)
         return tuple(k for k in METADATA_KEYS if k in wanted)
-
-    def is_async(self) -> bool:
-        """A webhook implies a job: its answer comes by webhook (and at the status URL)."""
-        return bool(self.async_ or self.webhook_url)
 
 
 class FrameMetadata(BaseModel):
@@ -446,12 +462,18 @@ class MediaCategoriesResponse(BaseModel):
 class MediaJob(BaseModel):
     id: str
     object: Literal["media.job"] = "media.job"
-    kind: str  # "categories"
+    kind: Literal["categories", "completions"]
     status: Literal["queued", "processing", "completed", "failed"]
     progress: float  # 0..1: frames done / planned
     created_at: float
     updated_at: float
     status_url: str
-    result: dict[str, Any] | None = None  # the synchronous answer's body, once completed
+    # once completed: the body the synchronous request would have answered
+    # (media.categories or chat.completion)
+    result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None  # {message, type, param, code}, once failed
     webhooks: list[dict[str, Any]] = []  # deliveries: id, url, status, attempts, last_status
+
+    @classmethod
+    def from_job(cls, job: Job) -> MediaJob:
+        return cls.model_validate(job.as_dict())

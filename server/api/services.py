@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
+from server.api.protocol import MediaJob
 from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel
 from server.exceptions import ModelNotFound
@@ -46,3 +48,9 @@ class Services:
 
 def get_services(request: Request) -> Services:
     return request.app.state.services
+
+
+def job_accepted(job: Job) -> JSONResponse:
+    """202 with the job; Location points at its status."""
+    view = MediaJob.from_job(job)
+    return JSONResponse(view.model_dump(), status_code=202, headers={"Location": view.status_url})

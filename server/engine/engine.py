@@ -129,6 +129,8 @@ class AsyncEngine:
     ) -> Sequence:
         if not self.is_running:
             raise EngineStopped("The engine is not running.")
+        if request_id in self._sequences:  # ids key the runner's per-sequence state
+            raise ValueError(f"request id {request_id!r} is already in the engine")
         if any(t >= self.runner.vocab_size for t in sampling.stop_token_ids):
             raise InvalidRequest(
                 f"stop_token_ids must be below the vocabulary size ({self.runner.vocab_size}).",

@@ -131,9 +131,15 @@ class JobStore:
         return Job.from_row(row) if row is not None else None
 
     def count_by_status(self) -> dict[str, int]:
+        return self._count_by_status("jobs")
+
+    def count_deliveries_by_status(self) -> dict[str, int]:
+        return self._count_by_status("deliveries")
+
+    def _count_by_status(self, table: str) -> dict[str, int]:
         with self.lock:
-            rows = self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        return {status: count for status, count in rows}
+            rows = self.db.execute(f"SELECT status, COUNT(*) FROM {table} GROUP BY status")
+            return {status: count for status, count in rows.fetchall()}
 
     def recover(self) -> int:
         """At start: jobs a killed server left `processing` go back to the queue."""

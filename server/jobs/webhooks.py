@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client import Counter
 
 from server.jobs.store import JobStore
 from server.media.netguard import AddressRefused, checked_request
@@ -61,8 +62,10 @@ class WebhookSender:
         retry_delays_s: tuple[float, ...],
         timeout_s: float,
         allowed_hosts: tuple[str, ...],
+        attempts_metric: Counter | None = None,
     ):
         self.store = store
+        self.attempts_metric = attempts_metric
         self.secret = secret
         self.retry_delays_s = retry_delays_s
         self.allowed_hosts = allowed_hosts
@@ -116,6 +119,8 @@ class WebhookSender:
         logger.info(
             "webhook %s attempt %d: %s (%s)", row["id"], attempts, outcome, status_code or error
         )
+        if self.attempts_metric is not None:
+            self.attempts_metric.labels("retrying" if outcome == "pending" else outcome).inc()
         await asyncio.to_thread(
             self.store.record_attempt, row["id"], outcome, next_at, status_code, error
         )

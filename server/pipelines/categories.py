@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -28,7 +27,7 @@ from server.engine.structured import StructuredOutput
 from server.exceptions import ServerError
 from server.media.frames import FrameRequest, TokenBudget
 from server.pipelines.chat import compile_grammar
-from server.pipelines.finish import raise_for_finish
+from server.pipelines.finish import ProgressCallback, collect_all, raise_for_finish
 from server.pipelines.media_loader import MediaLoader
 from server.pipelines.messages import ChatMessage, ImagePart, VideoPart
 
@@ -134,7 +133,7 @@ class CategoriesPipeline:
         self.media = media
 
     async def run(
-        self, request: CategoriesRequest, on_progress: Callable[[float], object] | None = None
+        self, request: CategoriesRequest, on_progress: ProgressCallback | None = None
     ) -> CategoriesResult:
         """on_progress(fraction of frames done) is called as frames finish (from the loop)."""
         self.engine.check_capacity()
@@ -160,7 +159,7 @@ class CategoriesPipeline:
         self,
         request: CategoriesRequest,
         sampling: SamplingParams,
-        on_progress: Callable[[float], object] | None,
+        on_progress: ProgressCallback | None,
     ) -> CategoriesResult:
         part = VideoPart(request.media_url, FrameRequest("captions"), PARAM)
         budget = self.media.check_counts([ChatMessage("user", [part])])
@@ -179,22 +178,7 @@ class CategoriesPipeline:
         seqs = self.engine.add_requests(
             [(f"{request.request_id}-frame{i}", x, sampling) for i, x in enumerate(inputs)]
         )
-        done = 0
-
-        async def collect_counting(seq: Sequence) -> str:
-            nonlocal done
-            text = await self._collect(seq)
-            done += 1
-            if on_progress is not None:
-                await asyncio.to_thread(on_progress, done / len(seqs))
-            return text
-
-        try:
-            texts = await asyncio.gather(*(collect_counting(seq) for seq in seqs))
-        except BaseException:
-            for seq in seqs:
-                self.engine.abort(seq.request_id)
-            raise
+        texts = await collect_all(self.engine, seqs, self._collect, on_progress)
         per_frame = [_ordered(json.loads(text), request.keys) for text in texts]
         frames = [
             FrameResult(round(t, 3), r)

@@ -22,7 +22,7 @@ from server.exceptions import InvalidRequest
 from server.media.frames import TokenBudget, VideoMode
 from server.media.video import DecodedVideo
 from server.metrics import Metrics
-from server.pipelines.finish import raise_for_finish
+from server.pipelines.finish import ProgressCallback, raise_for_finish
 from server.pipelines.media_loader import MediaBudget, MediaLoader
 from server.pipelines.messages import ChatMessage, TextPart, VideoPart, parts_of, to_hf_message
 from server.pipelines.video_captions import (
@@ -41,6 +41,8 @@ class ChatRequest:
     video_mode: VideoMode = "native"
     use_scenes: bool = False
     received_time: float = field(default_factory=time.monotonic)
+    # Async jobs: called with the fraction of video frames captioned (captions mode).
+    on_progress: ProgressCallback | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -93,14 +95,19 @@ class ChatPipeline:
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
         self.engine.check_capacity()  # refuse early, before spending work on the request
-        if (structured := request.sampling.structured) is not None:
-            await compile_grammar(self.engine, structured)
+        budget = await self.check(request)
         async with self.preprocessing:
-            budget = self.media.check_counts(request.messages)
             images = await self.media.images(request.messages, budget)
             run = await self._prepare(request, images, budget)
         run.seq.received_time = request.received_time
         return run
+
+    async def check(self, request: ChatRequest) -> MediaBudget:
+        """The checks that need no media: an async job runs them before it is accepted, so a
+        request that can never succeed is a 400 at once rather than a failed job later."""
+        if (structured := request.sampling.structured) is not None:
+            await compile_grammar(self.engine, structured)
+        return self.media.check_counts(request.messages)
 
     async def _prepare(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
@@ -128,9 +135,14 @@ class ChatPipeline:
         all_captions: list[FrameCaption] = []
         usage = CaptionUsage(0, 0, 0)
         texts = []
-        for video in videos:
+        total = sum(len(v.frames) for v in videos)
+        for k, video in enumerate(videos):
             captions, used = await self.captioner.caption(
-                request.request_id, video, request.sampling, self.caption_tokens
+                f"{request.request_id}-video{k}",
+                video,
+                request.sampling,
+                self.caption_tokens,
+                _share(request.on_progress, len(all_captions) / total, len(video.frames) / total),
             )
             all_captions += captions
             texts.append(captions_text(captions, video.info.duration_s))
@@ -198,6 +210,15 @@ async def compile_grammar(engine: AsyncEngine, spec: StructuredOutput) -> None:
             param="response_format",
             code="invalid_schema",
         ) from None
+
+
+def _share(
+    on_progress: ProgressCallback | None, start: float, weight: float
+) -> ProgressCallback | None:
+    """One video's progress as its share of all the request's frames."""
+    if on_progress is None:
+        return None
+    return lambda fraction: on_progress(start + fraction * weight)
 
 
 def _fields(usage: CaptionUsage) -> tuple[int, int, int]:

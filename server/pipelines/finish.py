@@ -1,9 +1,13 @@
-"""How a sequence's end becomes an answer or an error for the client."""
+"""How a sequence's end becomes an answer or an error for the client, and how a batch of
+frame sequences is collected as one."""
 
 from __future__ import annotations
 
-from server.engine.engine import RETRY_AFTER_S
-from server.engine.sequence import SequenceOutput
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from server.engine.engine import RETRY_AFTER_S, AsyncEngine
+from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import EngineOverloaded, ServerError
 
 
@@ -21,3 +25,33 @@ def raise_for_finish(output: SequenceOutput) -> None:
             retry_after_s=RETRY_AFTER_S,
             code="queue_timeout",
         )
+
+
+ProgressCallback = Callable[[float], object]
+
+
+async def collect_all(
+    engine: AsyncEngine,
+    seqs: list[Sequence],
+    collect: Callable[[Sequence], Awaitable[str]],
+    on_progress: ProgressCallback | None = None,
+) -> list[str]:
+    """Every sequence's text, in order. on_progress(fraction done) is called in a worker thread
+    (it may block, e.g. write the job store) as each one finishes. If one fails, or the caller
+    is cancelled, the others are aborted: their slots are worth more to the next request."""
+    done = 0
+
+    async def counted(seq: Sequence) -> str:
+        nonlocal done
+        text = await collect(seq)
+        done += 1
+        if on_progress is not None:
+            await asyncio.to_thread(on_progress, done / len(seqs))
+        return text
+
+    try:
+        return list(await asyncio.gather(*(counted(seq) for seq in seqs)))
+    except BaseException:
+        for seq in seqs:
+            engine.abort(seq.request_id)
+        raise

@@ -13,7 +13,7 @@ from server.engine.inputs import InputBuilder, ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence
 from server.media.video import DecodedVideo
-from server.pipelines.finish import raise_for_finish
+from server.pipelines.finish import ProgressCallback, collect_all, raise_for_finish
 
 CAPTION_PROMPT = "Describe this video frame in detail."
 
@@ -37,19 +37,19 @@ class FrameCaptioner:
         self.input_builder = input_builder
 
     async def caption(
-        self, request_id: str, video: DecodedVideo, sampling: SamplingParams, caption_tokens: int
+        self,
+        request_id: str,
+        video: DecodedVideo,
+        sampling: SamplingParams,
+        caption_tokens: int,
+        on_progress: ProgressCallback | None = None,
     ) -> tuple[list[FrameCaption], CaptionUsage]:
         inputs = await asyncio.to_thread(self._frame_inputs, video)
         frame_sampling = replace(sampling, max_tokens=caption_tokens, stop=(), stop_token_ids=())
         seqs = self.engine.add_requests(
             [(f"{request_id}-frame{i}", frame, frame_sampling) for i, frame in enumerate(inputs)]
         )
-        try:
-            texts = await asyncio.gather(*(self._collect(seq) for seq in seqs))
-        except BaseException:
-            for seq in seqs:  # one frame failed (or the client left): stop the others too
-                self.engine.abort(seq.request_id)
-            raise
+        texts = await collect_all(self.engine, seqs, self._collect, on_progress)
         captions = [
             FrameCaption(round(t, 3), text.strip())
             for t, text in zip(video.plan.timestamps, texts, strict=True)

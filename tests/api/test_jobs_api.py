@@ -1,15 +1,18 @@
-"""Asynchronous categories jobs through the API: 202, status, idempotency, unknown ids."""
+"""Asynchronous jobs through the API (categories and media completions): 202, status, progress,
+idempotency, refusals at submit time, unknown ids."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import httpx
 import pytest
 
+from server.api.routes.chat import completions_job_handler
 from server.pipelines.categories import METADATA_KEYS
-from tests.helpers import data_uri, make_image, make_video
+from tests.helpers import data_uri, make_image, make_settings, make_video, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +84,105 @@ async def test_unknown_job_is_404(client: httpx.AsyncClient) -> None:
     response = await client.get("/v2/media/status/job-nope")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "job_not_found"
+
+
+def chat_body(media: list[dict], **extra: object) -> dict:
+    content = [*media, {"type": "text", "text": "Describe it."}]
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def image_part(seed: int = 0) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_uri(make_image(seed=seed))}}
+
+
+def video_part(video: bytes) -> dict:
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode()
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+async def test_async_media_completion_answers_as_the_synchronous_one(
+    client: httpx.AsyncClient,
+) -> None:
+    body = chat_body([image_part(seed=5)], temperature=0, max_tokens=12)
+    sync = (await client.post("/v2/media/completions", json=body)).json()
+    response = await client.post("/v2/media/completions", json={**body, "async": True})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["kind"] == "completions" and job["status"] == "queued"
+    assert response.headers["location"] == job["status_url"]
+    done = await wait_done(client, job["status_url"])
+    assert done["status"] == "completed" and done["progress"] == 1, done
+    result = done["result"]
+    assert result["object"] == "chat.completion" and result["id"].startswith("chatcmpl-")
+    assert result["choices"][0]["message"] == sync["choices"][0]["message"]
+    assert result["usage"] == sync["usage"]
+
+
+async def test_async_media_completion_of_a_video_keeps_its_frames(
+    client: httpx.AsyncClient,
+) -> None:
+    body = chat_body([video_part(make_video(seconds=6))], max_tokens=6, **{"async": True})
+    job = (await client.post("/v2/media/completions", json=body)).json()
+    done = await wait_done(client, job["status_url"])
+    assert done["status"] == "completed", done
+    assert done["result"]["frames"] and done["result"]["usage"]["prompt_tokens_details"]
+
+
+async def test_completions_job_progress_is_frames_captioned_over_planned(
+    tiny_model_dir: Path,
+) -> None:
+    """The worker's handler, run directly on two videos: every captioned frame of either moves
+    progress forward, and the last one reaches 1."""
+    two_videos = [video_part(make_video(seconds=4)), video_part(make_video(seconds=8))]
+    body = chat_body(two_videos, max_tokens=4, **{"async": True})
+    seen: list[float] = []
+    async for client in start_client(make_settings(tiny_model_dir, max_videos_per_request=2)):
+        services = client.app.state.services  # type: ignore[attr-defined]
+        job = services.jobs.create("completions", body, None)
+        handle = completions_job_handler(services.chat, lambda _job, f: seen.append(f))
+        result = await handle(job)
+    assert len(seen) == len(result["frames"]) >= 4
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    assert seen[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "code"),
+    [
+        ({"stream": True}, 400, None),
+        ({"model": "nope"}, 404, "model_not_found"),
+        ({"tools": [{"type": "function"}]}, 400, None),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
+            400,
+            None,
+        ),
+        ({"webhook_url": "ftp://example.com/hook"}, 400, None),
+    ],
+)
+async def test_async_media_completion_refused_at_submit(
+    client: httpx.AsyncClient, extra: dict, status: int, code: str | None
+) -> None:
+    body = {**chat_body([image_part()]), "async": True, **extra}
+    response = await client.post("/v2/media/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+
+
+async def test_too_many_images_refused_before_the_job(client: httpx.AsyncClient) -> None:
+    body = {**chat_body([image_part(seed=i) for i in range(40)]), "async": True}
+    response = await client.post("/v2/media/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "too_many_images"
+
+
+async def test_media_completion_idempotency_key(client: httpx.AsyncClient) -> None:
+    body = {**chat_body([image_part(seed=8)]), "max_tokens": 4, "async": True}
+    headers = {"Idempotency-Key": "completion-42"}
+    first = await client.post("/v2/media/completions", json=body, headers=headers)
+    second = await client.post("/v2/media/completions", json=body, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]

@@ -7,9 +7,6 @@ import asyncio
 import base64
 import json
 import secrets
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,49 +20,15 @@ pytestmark = pytest.mark.anyio
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-class Receiver:
-    """A real HTTP receiver on loopback that answers with the scripted statuses in turn."""
-
-    def __init__(self, statuses: list[int]):
-        self.statuses = statuses
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                status = receiver.statuses[min(len(receiver.received), len(receiver.statuses)) - 1]
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/vlm"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator:
-    made: list[Receiver] = []
-
-    def make(statuses: list[int]) -> Receiver:
-        made.append(Receiver(statuses))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.server.shutdown()
-
-
 async def wait_for(predicate, timeout: float = 30) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.05)
+
+
+def metric(text: str, name: str) -> float:
+    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
 
 
 def settings(tiny_model_dir: Path, tmp_path: Path):
@@ -78,9 +41,9 @@ def settings(tiny_model_dir: Path, tmp_path: Path):
 
 
 async def test_retried_until_delivered_with_the_same_signed_id(
-    tiny_model_dir: Path, tmp_path: Path, receiver_factory
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver
 ) -> None:
-    receiver = receiver_factory([500, 503, 200])
+    receiver = webhook_receiver([500, 503, 200])
     body = {"model": "tiny", "media_url": data_uri(make_image()), "webhook_url": receiver.url}
     async for client in start_client(settings(tiny_model_dir, tmp_path)):
         job = (await client.post("/v2/media/categories", json=body)).json()
@@ -91,7 +54,11 @@ async def test_retried_until_delivered_with_the_same_signed_id(
             if delivery["status"] == "delivered":
                 break
             await asyncio.sleep(0.05)
+        metrics = (await client.get("/metrics")).text
     assert delivery["status"] == "delivered" and delivery["attempts"] == 3
+    assert metric(metrics, 'vlm_webhook_attempts_total{outcome="retrying"}') == 2
+    assert metric(metrics, 'vlm_webhook_attempts_total{outcome="delivered"}') == 1
+    assert metric(metrics, 'vlm_webhook_deliveries{status="delivered"}') == 1
     verifier = Webhook(SECRET)
     ids = set()
     for headers, raw in receiver.received:
@@ -106,8 +73,8 @@ async def test_retried_until_delivered_with_the_same_signed_id(
         )
 
 
-async def test_410_stops_retrying(tiny_model_dir: Path, tmp_path: Path, receiver_factory) -> None:
-    receiver = receiver_factory([410])
+async def test_410_stops_retrying(tiny_model_dir: Path, tmp_path: Path, webhook_receiver) -> None:
+    receiver = webhook_receiver([410])
     body = {"model": "tiny", "media_url": data_uri(make_image()), "webhook_url": receiver.url}
     async for client in start_client(settings(tiny_model_dir, tmp_path)):
         job = (await client.post("/v2/media/categories", json=body)).json()
@@ -116,6 +83,37 @@ async def test_410_stops_retrying(tiny_model_dir: Path, tmp_path: Path, receiver
         delivery = (await client.get(job["status_url"])).json()["webhooks"][0]
     assert len(receiver.received) == 1
     assert delivery["status"] == "failed" and delivery["last_status"] == 410
+
+
+async def test_media_completions_job_is_delivered(
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver
+) -> None:
+    receiver = webhook_receiver([200])
+    body = {
+        "model": "tiny",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_uri(make_image())}},
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ],
+        "max_tokens": 8,
+        "webhook_url": receiver.url,
+    }
+    async for client in start_client(settings(tiny_model_dir, tmp_path)):
+        response = await client.post("/v2/media/completions", json=body)
+        assert response.status_code == 202, response.text
+        await wait_for(lambda: len(receiver.received) >= 1)
+    headers, raw = receiver.received[0]
+    event = Webhook(SECRET).verify(raw, headers)
+    assert event["type"] == "media.completed"
+    assert event["data"]["kind"] == "completions"
+    completion = event["data"]["result"]
+    assert completion["object"] == "chat.completion"
+    assert completion["usage"]["completion_tokens"] <= 8
 
 
 def test_pending_delivery_survives_reopening(tmp_path: Path) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.protocol import (
     ANIMUS_DEFAULT_TEMPERATURE,
@@ -16,12 +17,15 @@ from server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ErrorResponse,
+    MediaCompletionRequest,
+    MediaJob,
     completion_id,
 )
-from server.api.services import Services, get_services
+from server.api.services import Services, get_services, job_accepted
 from server.api.sse import chat_stream
 from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsupported
-from server.pipelines.chat import ChatRequest
+from server.jobs.store import Job
+from server.pipelines.chat import ChatPipeline, ChatRequest
 
 T = TypeVar("T")
 SSE_EVENT_SCHEMA = {
@@ -51,12 +55,70 @@ async def chat_completions_alias(
     return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE, "native")
 
 
-@router.post("/v2/media/completions", response_model=ChatCompletionResponse, tags=["media"])
+@router.post(
+    "/v2/media/completions",
+    response_model=ChatCompletionResponse,
+    responses={202: {"model": MediaJob}},
+    tags=["media"],
+)
 async def media_completions(
-    body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
-) -> ChatCompletionResponse | StreamingResponse:
-    """Animus media completions: the chat contract with temperature defaulting to 0.1."""
-    return await _complete(body, request, services, ANIMUS_DEFAULT_TEMPERATURE, "captions")
+    body: MediaCompletionRequest,
+    request: Request,
+    services: Services = Depends(get_services),
+    idempotency_key: str | None = Header(default=None, max_length=200),
+) -> ChatCompletionResponse | StreamingResponse | JSONResponse:
+    """Animus media completions: the chat contract with temperature defaulting to 0.1 and
+    videos read through frame captions; with `async` or `webhook_url`, a durable job."""
+    if not body.is_async():
+        return await _complete(body, request, services, ANIMUS_DEFAULT_TEMPERATURE, "captions")
+    # Everything that can be refused without fetching media is refused now, not in the job.
+    await services.chat.check(_chat_request(body, services, ANIMUS_DEFAULT_TEMPERATURE, "captions"))
+    request_body = body.model_dump(by_alias=True, exclude_unset=True)
+    job = await services.submit_job("completions", request_body, idempotency_key)
+    return job_accepted(job)
+
+
+def completions_job_handler(pipeline: ChatPipeline, set_progress: Callable[[Job, float], object]):
+    """What the job worker runs for a `completions` job: the answer the request would have got
+    synchronously, with progress = video frames captioned / planned."""
+
+    async def handle(job: Job) -> dict:
+        body = MediaCompletionRequest.model_validate(job.request)
+        chat_request = replace(
+            _chat_request(body, None, ANIMUS_DEFAULT_TEMPERATURE, "captions"),
+            request_id=f"{job.id}-attempt{job.attempt}",  # unique in the engine
+            on_progress=lambda fraction: set_progress(job, fraction),
+        )
+        result = await pipeline.complete(chat_request)
+        response_id = f"chatcmpl-{job.id.removeprefix('job-')}"  # the same on every attempt
+        return ChatCompletionResponse.from_result(response_id, body.model, result).model_dump()
+
+    return handle
+
+
+def _chat_request(
+    body: ChatCompletionRequest,
+    services: Services | None,
+    default_temperature: float,
+    default_video_mode: Literal["native", "captions"],
+) -> ChatRequest:
+    """The request checked against what this server serves and supports, as the pipeline's."""
+    if services is not None:
+        services.check_model(body.model)
+    refuse_unsupported(body.unsupported_fields())
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequest(
+            "stream_options is only allowed when stream is true.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    return ChatRequest(
+        request_id=completion_id(),
+        messages=body.to_messages(),
+        sampling=body.to_sampling_params(default_temperature),
+        video_mode=body.to_video_mode(default_video_mode),
+        use_scenes=bool(body.use_scenes),
+    )
 
 
 async def _complete(
@@ -66,21 +128,7 @@ async def _complete(
     default_temperature: float,
     default_video_mode: Literal["native", "captions"],
 ) -> ChatCompletionResponse | StreamingResponse:
-    services.check_model(body.model)
-    refuse_unsupported(body.unsupported_fields())
-    if body.stream_options is not None and not body.stream:
-        raise InvalidRequest(
-            "stream_options is only allowed when stream is true.",
-            param="stream_options",
-            code="invalid_value",
-        )
-    chat_request = ChatRequest(
-        request_id=completion_id(),
-        messages=body.to_messages(),
-        sampling=body.to_sampling_params(default_temperature),
-        video_mode=body.to_video_mode(default_video_mode),
-        use_scenes=bool(body.use_scenes),
-    )
+    chat_request = _chat_request(body, services, default_temperature, default_video_mode)
     if not body.stream:
         result = await until_disconnected(request, services.chat.complete(chat_request))
         return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)

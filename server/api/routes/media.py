@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
@@ -18,7 +19,7 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.routes.chat import until_disconnected
-from server.api.services import Services, get_services
+from server.api.services import Services, get_services, job_accepted
 from server.exceptions import JobNotFound
 from server.jobs.store import Job
 from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
@@ -43,9 +44,11 @@ async def media_categories(
         job = await services.submit_job(
             "categories", body.model_dump(by_alias=True), idempotency_key
         )
-        return JSONResponse(job_view(job).model_dump(), status_code=202)
+        return job_accepted(job)
     job_id = f"mcat-{uuid.uuid4().hex}"
-    result = await until_disconnected(request, services.categories.run(to_job(job_id, body)))
+    result = await until_disconnected(
+        request, services.categories.run(pipeline_request(job_id, body))
+    )
     return categories_response(job_id, body.model, result)
 
 
@@ -54,13 +57,13 @@ async def media_status(job_id: str, services: Services = Depends(get_services)) 
     job = await services.get_job(job_id)
     if job is None:
         raise JobNotFound(job_id)
-    view = job_view(job)
+    view = MediaJob.from_job(job)
     view.webhooks = await services.job_deliveries(job_id)
     return view
 
 
-def to_job(job_id: str, body: MediaCategoriesRequest) -> CategoriesRequest:
-    return CategoriesRequest(job_id, body.media_url, body.keys(), body.use_scenes)
+def pipeline_request(request_id: str, body: MediaCategoriesRequest) -> CategoriesRequest:
+    return CategoriesRequest(request_id, body.media_url, body.keys(), body.use_scenes)
 
 
 def categories_response(
@@ -82,27 +85,16 @@ def categories_response(
     )
 
 
-def job_view(job: Job) -> MediaJob:
-    return MediaJob(
-        id=job.id,
-        kind=job.kind,
-        status=job.status,  # type: ignore[arg-type]
-        progress=job.progress,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        status_url=f"/v2/media/status/{job.id}",
-        result=job.result,
-        error=job.error,
-    )
-
-
-def categories_job_handler(pipeline: CategoriesPipeline, set_progress):
+def categories_job_handler(
+    pipeline: CategoriesPipeline, set_progress: Callable[[Job, float], object]
+):
     """What the job worker runs for a `categories` job: the same pipeline, the same answer."""
 
     async def handle(job: Job) -> dict:
         body = MediaCategoriesRequest.model_validate(job.request)
+        engine_id = f"{job.id}-attempt{job.attempt}"  # unique in the engine
         result = await pipeline.run(
-            to_job(job.id, body), on_progress=lambda p: set_progress(job, p)
+            pipeline_request(engine_id, body), on_progress=lambda p: set_progress(job, p)
         )
         return categories_response(job.id, body.model, result).model_dump()
 
