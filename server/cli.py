@@ -35,6 +35,13 @@ FLAG_HELP = {
     "private, e.g. an internal media store; default: any host with public addresses only",
     "allowed_local_media_path": "serve file:// media URLs from below this directory",
     "media_follow_redirects": "follow media URL redirects (each hop is checked again)",
+    "data_dir": "where async jobs (jobs.sqlite3), pending webhooks, the generated webhook "
+    "secret and spooled videos live; keep it across restarts",
+    "webhook_secret": "whsec_<base64> key that signs webhooks (Standard Webhooks v1); default: "
+    "generated once and kept in DATA_DIR/webhook_secret",
+    "webhook_retry_delays": "seconds before each webhook retry, e.g. 5,30,120 (jittered; "
+    "Retry-After honoured); a delivery fails after the last one",
+    "webhook_timeout": "seconds one webhook attempt may take",
 }
 FLAG_ALIASES = {"api_keys": "--api-key"}
 

@@ -93,11 +93,31 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("served_model_name", "api_keys", "allowed_media_domains", mode="before")
+    @field_validator(
+        "served_model_name",
+        "api_keys",
+        "allowed_media_domains",
+        "webhook_retry_delays",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+        """`a,b` works in env vars and in each repeated flag."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+
+    @field_validator("webhook_retry_delays")
+    @classmethod
+    def _check_delays(cls, value: list[str]) -> list[str]:
+        for delay in value:
+            try:
+                seconds = float(delay)
+            except ValueError:
+                raise ValueError(f"webhook retry delay {delay!r} is not a number") from None
+            if not 0 <= seconds <= 86400:
+                raise ValueError(f"webhook retry delay {delay} s is outside 0..86400")
         return value
 
     @field_validator("device")

@@ -25,6 +25,7 @@ import httpx
 from prometheus_client import Counter
 
 from server.jobs.store import JobStore
+from server.log import request_id_var
 from server.media.netguard import AddressRefused, checked_request
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class WebhookSender:
             await asyncio.sleep(POLL_S)
 
     async def _attempt(self, row) -> None:
+        request_id_var.set(row["job_id"])  # this task's log lines carry the job's id
         attempts = row["attempts"] + 1
         status_code, error, retry_after = None, None, None
         try:
