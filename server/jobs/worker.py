@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.exceptions import ServerError
+from server.exceptions import EngineOverloaded, ServerError
 from server.jobs.store import Job, JobStore
 from server.log import request_id_var
 
@@ -60,7 +60,7 @@ class JobWorker:
         request_id_var.set(job.id)
         renewer = asyncio.create_task(self._keep_lease(job))
         try:
-            result = await self.handlers[job.kind](job)
+            result = await self._handle(job)
         except ServerError as exc:
             error = {
                 "message": exc.message,
@@ -85,6 +85,21 @@ class JobWorker:
                 )
         finally:
             renewer.cancel()
+
+    async def _handle(self, job: Job) -> dict[str, Any]:
+        """An accepted job is not failed for a busy engine (queue full or waited too long, the
+        503s a synchronous client would retry): it waits and tries again, holding its lease."""
+        while True:
+            try:
+                return await self.handlers[job.kind](job)
+            except EngineOverloaded as busy:
+                logger.info(
+                    "job %s: engine busy (%s); retrying in %d s",
+                    job.id,
+                    busy.code,
+                    busy.retry_after_s,
+                )
+                await asyncio.sleep(busy.retry_after_s)
 
     async def _keep_lease(self, job: Job) -> None:
         while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Literal, TypeVar
@@ -86,7 +87,7 @@ def completions_job_handler(pipeline: ChatPipeline, set_progress: Callable[[Job,
         body = MediaCompletionRequest.model_validate(job.request)
         chat_request = replace(
             _chat_request(body, None, ANIMUS_DEFAULT_TEMPERATURE, "captions"),
-            request_id=f"{job.id}-attempt{job.attempt}",  # unique in the engine
+            request_id=f"{job.id}-{uuid.uuid4().hex[:8]}",  # unique in the engine, per try
             on_progress=lambda fraction: set_progress(job, fraction),
         )
         result = await pipeline.complete(chat_request)

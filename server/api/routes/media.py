@@ -92,7 +92,7 @@ def categories_job_handler(
 
     async def handle(job: Job) -> dict:
         body = MediaCategoriesRequest.model_validate(job.request)
-        engine_id = f"{job.id}-attempt{job.attempt}"  # unique in the engine
+        engine_id = f"{job.id}-{uuid.uuid4().hex[:8]}"  # unique in the engine, per try
         result = await pipeline.run(
             pipeline_request(engine_id, body), on_progress=lambda p: set_progress(job, p)
         )
