@@ -155,7 +155,7 @@ def _openapi(app: FastAPI, served_names: list[str]) -> dict:
         schema = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
-        for name in ("ChatCompletionRequest", "MediaCategoriesRequest"):
+        for name in ("ChatCompletionRequest", "MediaCompletionRequest", "MediaCategoriesRequest"):
             schema["components"]["schemas"][name]["properties"]["model"]["enum"] = served_names
         for operations in schema["paths"].values():
             for operation in operations.values():
