@@ -31,8 +31,9 @@ FLAG_HELP = {
     "attn_implementation": "vision tower attention; auto: flash_attention_2 when installed on "
     "CUDA, else sdpa (the text model always uses sdpa)",
     "default_max_tokens": "max_tokens for requests that give none (bounded by the context)",
-    "allowed_media_domains": "only these media URL hosts (repeatable); listed hosts may be "
-    "private, e.g. an internal media store; default: any host with public addresses only",
+    "allowed_media_domains": "only these hosts for media URLs and webhook URLs (repeatable); "
+    "listed hosts may be private, e.g. an internal media store or webhook receiver; default: any "
+    "host with public addresses only",
     "allowed_local_media_path": "serve file:// media URLs from below this directory",
     "media_follow_redirects": "follow media URL redirects (each hop is checked again)",
     "data_dir": "where async jobs (jobs.sqlite3), pending webhooks, the generated webhook "

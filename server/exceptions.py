@@ -62,6 +62,21 @@ class JobNotFound(ServerError):
         super().__init__(f"No job `{job_id}`.", param="id", code="job_not_found")
 
 
+class IdempotencyKeyReused(ServerError):
+    """The Idempotency-Key already names a job made from a different request."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+
+    def __init__(self, key: str):
+        super().__init__(
+            f"Idempotency-Key `{key}` was already used for a different request; "
+            "use a new key for new work.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+
+
 class ModelLoadError(Exception):
     """The checkpoint cannot be found or loaded; raised at start-up, shown to the operator."""
 

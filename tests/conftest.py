@@ -55,8 +55,8 @@ def webhook_receiver() -> Iterator:
     """Makes real webhook receivers (scripted statuses in turn); all shut down afterwards."""
     made: list[WebhookReceiver] = []
 
-    def make(statuses: list[int]) -> WebhookReceiver:
-        made.append(WebhookReceiver(statuses))
+    def make(statuses: list[int], delay_s: float = 0.0) -> WebhookReceiver:
+        made.append(WebhookReceiver(statuses, delay_s))
         return made[-1]
 
     yield make

@@ -125,11 +125,13 @@ class MediaServer:
 
 
 class WebhookReceiver:
-    """A real HTTP receiver on loopback that answers with the scripted statuses in turn."""
+    """A real HTTP receiver on loopback that answers with the scripted statuses in turn, each
+    after delay_s; `received` and `answered_at` (monotonic times) record what happened."""
 
-    def __init__(self, statuses: list[int]):
+    def __init__(self, statuses: list[int], delay_s: float = 0.0):
         self.statuses = statuses
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.answered_at: list[float] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,6 +139,8 @@ class WebhookReceiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 status = receiver.statuses[min(len(receiver.received), len(receiver.statuses)) - 1]
+                time.sleep(delay_s)
+                receiver.answered_at.append(time.monotonic())
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -107,6 +107,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             categories=categories,
             jobs=jobs,
             job_worker=job_worker,
+            webhooks=webhooks,
             served_model_names=tuple(settings.served_model_names()),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))

@@ -422,13 +422,7 @@ class JobOptions(StrictModel):
 
 
 class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
-    """/v2/media/completions: the chat request, optionally run as a job."""
-
-    @model_validator(mode="after")
-    def _check_job_stream(self) -> MediaCompletionRequest:
-        if self.stream and self.is_async():
-            raise ValueError("stream cannot be combined with async or webhook_url")
-        return self
+    """/v2/media/completions: the chat request, optionally run as a job (not with stream)."""
 
 
 class MediaCategoriesRequest(JobOptions):
@@ -472,7 +466,8 @@ class MediaJob(BaseModel):
     # (media.categories or chat.completion)
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None  # {message, type, param, code}, once failed
-    webhooks: list[dict[str, Any]] = []  # deliveries: id, url, status, attempts, last_status
+    # deliveries: id, url, status, attempts, last_status, last_error, next_attempt_at (pending)
+    webhooks: list[dict[str, Any]] = []
 
     @classmethod
     def from_job(cls, job: Job) -> MediaJob:

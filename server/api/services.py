@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse
 from server.api.protocol import MediaJob
 from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel
-from server.exceptions import ModelNotFound
+from server.exceptions import InvalidRequest, ModelNotFound
 from server.jobs.store import Job, JobStore
+from server.jobs.webhooks import WebhookSender
 from server.jobs.worker import JobWorker
+from server.media.netguard import AddressRefused
 from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 
@@ -28,9 +30,19 @@ class Services:
     served_model_names: tuple[str, ...]
     jobs: JobStore
     job_worker: JobWorker
+    webhooks: WebhookSender
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     async def submit_job(self, kind: str, request: dict, idempotency_key: str | None) -> Job:
+        if url := request.get("webhook_url"):
+            try:
+                self.webhooks.check_url(url)
+            except AddressRefused as refused:
+                raise InvalidRequest(
+                    f"webhook_url cannot be delivered to: {refused}.",
+                    param="webhook_url",
+                    code="invalid_webhook_url",
+                ) from None
         job = await asyncio.to_thread(self.jobs.create, kind, request, idempotency_key)
         self.job_worker.notify()
         return job

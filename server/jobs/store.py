@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.exceptions import IdempotencyKeyReused
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -108,7 +110,8 @@ class JobStore:
             self.db.close()
 
     def create(self, kind: str, request: dict[str, Any], idempotency_key: str | None) -> Job:
-        """A new queued job, or the existing one for the same idempotency key."""
+        """A new queued job, or the existing one for the same idempotency key and request (the
+        same key with another request: IdempotencyKeyReused)."""
         now = time.time()
         with self.lock:
             if idempotency_key is not None:
@@ -116,7 +119,10 @@ class JobStore:
                     "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
                 if row is not None:
-                    return Job.from_row(row)
+                    existing = Job.from_row(row)
+                    if existing.kind != kind or existing.request != json.loads(json.dumps(request)):
+                        raise IdempotencyKeyReused(idempotency_key)
+                    return existing
             job_id = f"job-{uuid.uuid4().hex}"
             self.db.execute(
                 "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
@@ -232,11 +238,15 @@ class JobStore:
     def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
         with self.lock:
             rows = self.db.execute(
-                "SELECT id, url, status, attempts, last_status, last_error FROM deliveries"
-                " WHERE job_id = ? ORDER BY created_at",
+                "SELECT id, url, status, attempts, last_status, last_error, next_attempt_at"
+                " FROM deliveries WHERE job_id = ? ORDER BY created_at",
                 (job_id,),
             ).fetchall()
-        return [dict(row) for row in rows]
+        deliveries = [dict(row) for row in rows]
+        for delivery in deliveries:  # a time only while one is coming
+            if delivery["status"] != "pending":
+                delivery["next_attempt_at"] = None
+        return deliveries
 
     def _update_if_current(self, job: Job, assignments: str, values: tuple) -> bool:
         """Writes only while this attempt still holds the job."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import hashlib
 import hmac
 import logging
@@ -26,12 +27,13 @@ from prometheus_client import Counter
 
 from server.jobs.store import JobStore
 from server.log import request_id_var
-from server.media.netguard import AddressRefused, checked_request
+from server.media.netguard import AddressRefused, check_url_statically, checked_request
 
 logger = logging.getLogger(__name__)
 
 SECRET_PREFIX = "whsec_"
 POLL_S = 0.2
+MAX_IN_FLIGHT = 32
 
 
 def load_or_create_secret(configured: str | None, data_dir: Path) -> str:
@@ -51,8 +53,15 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
 
 
 def retry_after_s(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.replace(".", "", 1).isdigit() else None
+    """Retry-After as seconds or as an HTTP date; None when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 class WebhookSender:
@@ -77,27 +86,46 @@ class WebhookSender:
             limits=httpx.Limits(max_keepalive_connections=0),
         )
         self.task: asyncio.Task | None = None
+        # Attempts run side by side, so one slow receiver does not hold back the others.
+        self.in_flight: dict[str, asyncio.Task] = {}
+
+    def check_url(self, url: str) -> None:
+        """Refuses now (AddressRefused) a URL no attempt could ever reach, rather than retrying
+        it for the whole schedule."""
+        check_url_statically(url, self.allowed_hosts)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        """Attempts cut short are not recorded: they are sent again after the next start."""
+        for task in [self.task, *self.in_flight.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.client.aclose()
 
     async def _loop(self) -> None:
         while True:
             try:
-                due = await asyncio.to_thread(self.store.due_deliveries)
-                await asyncio.gather(*(self._attempt(row) for row in due))
+                due = await asyncio.to_thread(self.store.due_deliveries, MAX_IN_FLIGHT)
+                for row in due:
+                    if row["id"] not in self.in_flight and len(self.in_flight) < MAX_IN_FLIGHT:
+                        self.in_flight[row["id"]] = asyncio.create_task(self._attempt(row))
             except Exception:  # the sender must outlive any one delivery's trouble
                 logger.exception("webhook sender step failed")
             await asyncio.sleep(POLL_S)
 
     async def _attempt(self, row) -> None:
+        try:
+            await self._attempt_once(row)
+        except Exception:
+            logger.exception("webhook %s: attempt failed unexpectedly", row["id"])
+        finally:
+            self.in_flight.pop(row["id"], None)
+
+    async def _attempt_once(self, row) -> None:
         request_id_var.set(row["job_id"])  # this task's log lines carry the job's id
         attempts = row["attempts"] + 1
         status_code, error, retry_after = None, None, None
@@ -118,11 +146,17 @@ class WebhookSender:
             if retry_after is not None and status_code in (429, 503):
                 delay = max(delay, retry_after)
             outcome, next_at = "pending", time.time() + delay
+        said = "retrying" if outcome == "pending" else outcome  # the metric's word too
         logger.info(
-            "webhook %s attempt %d: %s (%s)", row["id"], attempts, outcome, status_code or error
+            "webhook %s attempt %d: %s (%s)%s",
+            row["id"],
+            attempts,
+            said,
+            status_code or error,
+            f" in {next_at - time.time():.1f} s" if outcome == "pending" else "",
         )
         if self.attempts_metric is not None:
-            self.attempts_metric.labels("retrying" if outcome == "pending" else outcome).inc()
+            self.attempts_metric.labels(said).inc()
         await asyncio.to_thread(
             self.store.record_attempt, row["id"], outcome, next_at, status_code, error
         )

@@ -6,6 +6,7 @@ form: IPv4-mapped, 6to4, Teredo, NAT64), and the fetch then connects to the addr
 checked, so a second DNS answer cannot send it elsewhere. Numeric spellings such as 2130706433 or
 0x7f000001 resolve to 127.0.0.1 and are refused like it. Hosts the operator lists in
 --allowed-media-domains skip the address check: that is how an internal media store is allowed.
+The same rules guard webhook URLs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,30 @@ def host_is_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
     return host.lower().rstrip(".") in {h.lower().rstrip(".") for h in allowed_hosts}
 
 
+def check_url_statically(url: str, allowed_hosts: tuple[str, ...]) -> None:
+    """What can be refused without DNS: a malformed URL, a scheme other than http(s), a host off
+    the allow-list, a literal private address. Raises AddressRefused. The resolved address is
+    still checked when the URL is used."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise AddressRefused(f"the URL is malformed ({exc})") from None
+    if parsed.scheme not in ("http", "https"):
+        raise AddressRefused(f"the scheme {parsed.scheme or '(none)'} is not http(s)")
+    host = parsed.raw_host.decode("ascii")
+    if not host:
+        raise AddressRefused("the URL has no host")
+    listed = host_is_allowed(host, allowed_hosts)
+    if allowed_hosts and not listed:
+        raise AddressRefused(f"the host {host} is not in the server's allow-list")
+    try:
+        literal = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return
+    if not listed and not is_public(literal):
+        raise AddressRefused(f"the address {host} is private, loopback or reserved")
+
+
 async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) -> str:
     """The address to connect to for host: resolved once and checked.
 
@@ -62,7 +87,7 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
     whose every address is public."""
     listed = host_is_allowed(host, allowed_hosts)
     if allowed_hosts and not listed:
-        raise AddressRefused(f"the host {host} is not in the server's allowed media domains")
+        raise AddressRefused(f"the host {host} is not in the server's allow-list")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):

@@ -1,18 +1,23 @@
 """Webhooks: Standard Webhooks signatures checked with the reference library, retries with the
-same webhook-id, 410 stops, deliveries survive a restart of the store."""
+same webhook-id, 410 stops, a slow receiver holds back no one else, URLs that can never be reached
+are refused at submit, deliveries survive a restart of the store."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import email.utils
 import json
 import secrets
 from pathlib import Path
 
+import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from server.jobs.store import JobStore
+from server.jobs.webhooks import retry_after_s
 from tests.helpers import data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
@@ -114,6 +119,69 @@ async def test_media_completions_job_is_delivered(
     completion = event["data"]["result"]
     assert completion["object"] == "chat.completion"
     assert completion["usage"]["completion_tokens"] <= 8
+
+
+async def test_a_slow_receiver_does_not_hold_back_the_others(
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver
+) -> None:
+    slow = webhook_receiver([200], delay_s=3.0)
+    fast = webhook_receiver([200])
+    image = data_uri(make_image())
+    async for client in start_client(settings(tiny_model_dir, tmp_path)):
+        for receiver in (slow, fast):
+            body = {"model": "tiny", "media_url": image, "webhook_url": receiver.url}
+            assert (await client.post("/v2/media/categories", json=body)).status_code == 202
+        await wait_for(lambda: fast.answered_at and slow.answered_at)
+    assert fast.answered_at[0] < slow.answered_at[0]  # fast did not wait for slow's 3 s
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://localhost:9/h", ["127.0.0.1"]),  # not on the allow-list
+        ("https://example.com/h", ["127.0.0.1"]),
+        ("http://10.1.2.3/h", []),  # a private literal without an allow-list
+        ("http://[::1]:9/h", []),
+        ("http://", []),  # no host
+        ("http://[::1/h", []),  # malformed
+    ],
+)
+async def test_unreachable_webhook_url_is_refused_at_submit(
+    tiny_model_dir: Path, tmp_path: Path, url: str, allowed: list[str]
+) -> None:
+    config = make_settings(
+        tiny_model_dir, data_dir=tmp_path / "data", allowed_media_domains=allowed
+    )
+    image = data_uri(make_image())
+    async for client in start_client(config):
+        for path, body in (
+            ("/v2/media/categories", {"model": "tiny", "media_url": image}),
+            (
+                "/v2/media/completions",
+                {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+            ),
+        ):
+            response = await client.post(path, json={**body, "webhook_url": url})
+            assert response.status_code == 400, (path, url, response.text)
+            error = response.json()["error"]
+            assert error["param"] == "webhook_url" and error["code"] == "invalid_webhook_url"
+        assert not services_jobs(client)
+
+
+def services_jobs(client) -> dict[str, int]:
+    return client.app.state.services.jobs.count_by_status()
+
+
+def test_retry_after_as_seconds_or_http_date() -> None:
+    def response(value: str) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": value})
+
+    assert retry_after_s(response("7")) == 7
+    in_a_minute = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60), usegmt=True
+    )
+    assert 55 <= retry_after_s(response(in_a_minute)) <= 61
+    assert retry_after_s(response("soon")) is None
 
 
 def test_pending_delivery_survives_reopening(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ async def test_allow_list_admits_a_private_host_and_only_it(
 ) -> None:
     assert await fetch(secret_url, allowed_hosts=("127.0.0.1",)) == SECRET
     port = port_of(secret_url)
-    with pytest.raises(MediaError, match="not in the server's allowed media domains"):
+    with pytest.raises(MediaError, match="not in the server's allow-list"):
         await fetch(f"http://localhost:{port}/secret.png", allowed_hosts=("127.0.0.1",))
 
 
@@ -99,7 +99,7 @@ async def test_redirects_are_refused_by_default_and_rechecked_when_followed(
     with pytest.raises(MediaError, match="redirects"):
         await fetch(hop, allowed_hosts=("127.0.0.1",))
     before = media_server.requested.count("/secret.png")
-    with pytest.raises(MediaError, match="not in the server's allowed media domains"):
+    with pytest.raises(MediaError, match="not in the server's allow-list"):
         await fetch(hop, allowed_hosts=("127.0.0.1",), follow_redirects=True)
     assert media_server.requested.count("/secret.png") == before
     # A redirect to an allowed place is followed.

@@ -59,7 +59,7 @@ async def chat_completions_alias(
 @router.post(
     "/v2/media/completions",
     response_model=ChatCompletionResponse,
-    responses={202: {"model": MediaJob}},
+    responses={202: {"model": MediaJob}, 409: {"model": ErrorResponse}},
     tags=["media"],
 )
 async def media_completions(
@@ -72,6 +72,13 @@ async def media_completions(
     videos read through frame captions; with `async` or `webhook_url`, a durable job."""
     if not body.is_async():
         return await _complete(body, request, services, ANIMUS_DEFAULT_TEMPERATURE, "captions")
+    if body.stream:
+        raise InvalidRequest(
+            "stream cannot be combined with async or webhook_url: a job's answer comes at its "
+            "status URL (and by webhook).",
+            param="stream",
+            code="invalid_value",
+        )
     # Everything that can be refused without fetching media is refused now, not in the job.
     await services.chat.check(_chat_request(body, services, ANIMUS_DEFAULT_TEMPERATURE, "captions"))
     request_body = body.model_dump(by_alias=True, exclude_unset=True)

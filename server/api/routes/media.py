@@ -24,7 +24,9 @@ from server.exceptions import JobNotFound
 from server.jobs.store import Job
 from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
 
-router = APIRouter(responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 500, 503)})
+router = APIRouter(
+    responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 409, 413, 500, 503)}
+)
 
 
 @router.post(
