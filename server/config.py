@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import field_validator
+from pydantic import ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
@@ -101,12 +101,14 @@ class Settings(BaseSettings):
         mode="before",
     )
     @classmethod
-    def _split_commas(cls, value: object) -> object:
-        """`a,b` works in env vars and in each repeated flag."""
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
+    def _split_commas(cls, value: object, info: ValidationInfo) -> object:
+        """`a,b` works in env vars, and in repeated flags too except for API keys (a key given
+        as a flag is kept whole: it may hold a comma)."""
+        if isinstance(value, str):
+            value = [value]
+        elif info.field_name == "api_keys" or not isinstance(value, list):
             return value
-        return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+        return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
 
     @field_validator("webhook_retry_delays")
     @classmethod

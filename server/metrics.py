@@ -58,6 +58,7 @@ class Metrics:
         )
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
+        self.refreshers: list[Callable[[], None]] = []
 
     def watch_engine(self, num_queued: Callable[[], int], num_running: Callable[[], int]) -> None:
         self.queue_depth.set_function(num_queued)
@@ -68,21 +69,28 @@ class Metrics:
         jobs_by_status: Callable[[], dict[str, int]],
         deliveries_by_status: Callable[[], dict[str, int]],
     ) -> None:
-        _watch_counts(self.jobs, ("queued", "processing", "completed", "failed"), jobs_by_status)
-        _watch_counts(
-            self.webhook_deliveries, ("pending", "delivered", "failed"), deliveries_by_status
+        """The job store is counted once per scrape (one query per table), in render."""
+        self.refreshers.append(
+            lambda: _set_counts(
+                self.jobs, ("queued", "processing", "completed", "failed"), jobs_by_status()
+            )
+        )
+        self.refreshers.append(
+            lambda: _set_counts(
+                self.webhook_deliveries, ("pending", "delivered", "failed"), deliveries_by_status()
+            )
         )
 
     def render(self) -> bytes:
+        """Blocking (database counts): call it from a worker thread."""
+        for refresh in self.refreshers:
+            refresh()
         return generate_latest(self.registry)
 
 
-def _watch_counts(
-    gauge: Gauge, statuses: tuple[str, ...], count_by_status: Callable[[], dict[str, int]]
-) -> None:
-    """Each status's child reads its count at scrape time."""
+def _set_counts(gauge: Gauge, statuses: tuple[str, ...], counts: dict[str, int]) -> None:
     for status in statuses:
-        gauge.labels(status).set_function(lambda status=status: count_by_status().get(status, 0))
+        gauge.labels(status).set(counts.get(status, 0))
 
 
 class MetricsMiddleware:

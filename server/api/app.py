@@ -85,8 +85,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         categories = CategoriesPipeline(engine, input_builder, media)
         jobs = JobStore(settings.data_dir / "jobs.sqlite3")
         handlers = {
-            "categories": categories_job_handler(categories, jobs.set_progress),
-            "completions": completions_job_handler(pipeline, jobs.set_progress),
+            "categories": categories_job_handler(categories),
+            "completions": completions_job_handler(pipeline),
         }
         job_worker = JobWorker(jobs, handlers)
         metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)

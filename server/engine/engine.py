@@ -131,15 +131,19 @@ class AsyncEngine:
             raise EngineStopped("The engine is not running.")
         if request_id in self._sequences:  # ids key the runner's per-sequence state
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        self.check_sampling(sampling)
+        seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
+        seq.log_id = request_id_var.get()
+        return seq
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """What only the model can tell about a request's sampling parameters."""
         if any(t >= self.runner.vocab_size for t in sampling.stop_token_ids):
             raise InvalidRequest(
                 f"stop_token_ids must be below the vocabulary size ({self.runner.vocab_size}).",
                 param="stop_token_ids",
                 code="invalid_value",
             )
-        seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
-        seq.log_id = request_id_var.get()
-        return seq
 
     def compile_grammar(self, spec: StructuredOutput) -> None:
         """Compile (and cache) a schema's grammar; blocking: call it from a worker thread.
@@ -152,8 +156,11 @@ class AsyncEngine:
         """Several sequences at once (e.g. every frame of a video): all are validated first,
         then enter the queue together, so the scheduler can prefill them as one batch."""
         seqs = [self._new_sequence(*request) for request in requests]
+        limit = self.scheduler.config.max_queued_requests
         with self._lock:
-            if self._num_queued + len(seqs) > self.scheduler.config.max_queued_requests:
+            # A batch larger than the whole queue (60 frames, a small limit) enters an empty
+            # queue: refusing it would refuse that video forever.
+            if self._num_queued and self._num_queued + len(seqs) > limit:
                 raise EngineOverloaded(
                     "The server is at capacity (request queue full); retry shortly.",
                     retry_after_s=RETRY_AFTER_S,

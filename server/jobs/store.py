@@ -45,7 +45,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_status INTEGER,
     last_error TEXT,
     created_at REAL NOT NULL
-)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_of_job ON deliveries (job_id)
 """
 
 
@@ -175,7 +178,13 @@ class JobStore:
         return self._update_if_current(job, "lease_until = ?", (time.time() + lease_s,))
 
     def set_progress(self, job: Job, progress: float) -> bool:
-        return self._update_if_current(job, "progress = ?", (min(max(progress, 0.0), 1.0),))
+        """Progress only moves forward, also across attempts."""
+        value = min(max(progress, 0.0), 1.0)
+        return self._update_if_current(job, "progress = MAX(progress, ?)", (value,))
+
+    def release(self, job: Job) -> bool:
+        """Back to the queue without a result (the engine stopped under it)."""
+        return self._update_if_current(job, "status = 'queued', lease_until = 0", ())
 
     def complete(self, job: Job, result: dict[str, Any]) -> bool:
         return self._finish(job, "status = 'completed', progress = 1, result = ?", result)

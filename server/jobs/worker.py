@@ -1,5 +1,10 @@
 """Runs queued jobs in the background: claim with a lease, renew it while working, write the
-result (or the error, in the OpenAI envelope's terms) only while still holding the job."""
+result (or the error, in the OpenAI envelope's terms) only while still holding the job.
+
+A handler gets the job and a progress callback (0..1, called on the event loop, never blocks);
+one writer per job saves the latest value a few times a second, so progress only moves forward
+and a 60-frame video costs a handful of database writes, not 60.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.exceptions import EngineOverloaded, ServerError
+from server.exceptions import EngineOverloaded, EngineStopped, ServerError
 from server.jobs.store import Job, JobStore
 from server.log import request_id_var
 
@@ -17,8 +22,11 @@ logger = logging.getLogger(__name__)
 
 LEASE_S = 60.0
 IDLE_POLL_S = 1.0
+PROGRESS_FLUSH_S = 0.25
+MAX_BUSY_BACKOFF_S = 30.0
 
-Handler = Callable[[Job], Awaitable[dict[str, Any]]]
+Progress = Callable[[float], None]
+Handler = Callable[[Job, Progress], Awaitable[dict[str, Any]]]
 
 
 class JobWorker:
@@ -54,54 +62,109 @@ class JobWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), IDLE_POLL_S)
                 continue
-            await self._run(job)
+            if not await self._run(job):
+                return
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job) -> bool:
+        """Runs one attempt; False when the engine has stopped (no job can run any more)."""
         request_id_var.set(job.id)
-        renewer = asyncio.create_task(self._keep_lease(job))
+        progress = ProgressWriter(self.store, job)
+        work = asyncio.create_task(self._handle(job, progress.update))
+        keeper = asyncio.create_task(self._keep_lease(job, work))
         try:
-            result = await self._handle(job)
+            result = await work
+        except EngineStopped:
+            # Not the job's fault: leave it for the next start rather than fail it.
+            await asyncio.to_thread(self.store.release, job)
+            logger.error("engine stopped; job %s goes back to the queue", job.id)
+            return False
+        except asyncio.CancelledError:
+            if keeper.done() and not keeper.cancelled():  # the keeper ends only on a lost lease
+                logger.warning(
+                    "job %s attempt %d lost its lease; work dropped", job.id, job.attempt
+                )
+                return True
+            raise
         except ServerError as exc:
-            error = {
-                "message": exc.message,
-                "type": exc.error_type,
-                "param": exc.param,
-                "code": exc.code,
-            }
-            await asyncio.to_thread(self.store.fail, job, error)
+            await asyncio.to_thread(self.store.fail, job, _error_object(exc))
         except Exception:
             logger.exception("job %s failed", job.id)
-            error = {
-                "message": "Internal error while processing the job; see the server log.",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-            await asyncio.to_thread(self.store.fail, job, error)
+            await asyncio.to_thread(self.store.fail, job, INTERNAL_ERROR)
         else:
+            await progress.close()
             if not await asyncio.to_thread(self.store.complete, job, result):
                 logger.warning(
                     "job %s attempt %d lost its lease; result dropped", job.id, job.attempt
                 )
         finally:
-            renewer.cancel()
+            keeper.cancel()
+            work.cancel()
+            await progress.close()
+        return True
 
-    async def _handle(self, job: Job) -> dict[str, Any]:
+    async def _handle(self, job: Job, progress: Progress) -> dict[str, Any]:
         """An accepted job is not failed for a busy engine (queue full or waited too long, the
-        503s a synchronous client would retry): it waits and tries again, holding its lease."""
+        503s a synchronous client would retry): it waits, backing off, and tries again."""
+        delay = 0.0
         while True:
             try:
-                return await self.handlers[job.kind](job)
+                return await self.handlers[job.kind](job, progress)
             except EngineOverloaded as busy:
+                delay = min(max(delay * 2, busy.retry_after_s, 0.05), MAX_BUSY_BACKOFF_S)
                 logger.info(
-                    "job %s: engine busy (%s); retrying in %d s",
-                    job.id,
-                    busy.code,
-                    busy.retry_after_s,
+                    "job %s: engine busy (%s); retrying in %.1f s", job.id, busy.code, delay
                 )
-                await asyncio.sleep(busy.retry_after_s)
+                await asyncio.sleep(delay)
 
-    async def _keep_lease(self, job: Job) -> None:
-        while True:
+    async def _keep_lease(self, job: Job, work: asyncio.Task) -> None:
+        """Renews the lease while the work runs; if another attempt took the job meanwhile,
+        cancels the work (its engine slots are better spent on the attempt that holds it)."""
+        while await asyncio.to_thread(self.store.renew, job, LEASE_S):
             await asyncio.sleep(LEASE_S / 3)
-            await asyncio.to_thread(self.store.renew, job, LEASE_S)
+        work.cancel()
+
+
+class ProgressWriter:
+    """Keeps the newest fraction on the event loop; one task writes it when it changed."""
+
+    def __init__(self, store: JobStore, job: Job):
+        self.store = store
+        self.job = job
+        self.latest = 0.0
+        self.saved = 0.0
+        self.task: asyncio.Task | None = None
+
+    def update(self, fraction: float) -> None:
+        self.latest = max(self.latest, min(fraction, 1.0))
+        if self.task is None:
+            self.task = asyncio.create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._save()
+            await asyncio.sleep(PROGRESS_FLUSH_S)
+
+    async def _save(self) -> None:
+        if self.latest > self.saved:
+            value = self.latest
+            await asyncio.to_thread(self.store.set_progress, self.job, value)
+            self.saved = value
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+
+INTERNAL_ERROR = {
+    "message": "Internal error while processing the job; see the server log.",
+    "type": "server_error",
+    "param": None,
+    "code": None,
+}
+
+
+def _error_object(exc: ServerError) -> dict[str, Any]:
+    return {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}

@@ -105,6 +105,7 @@ class ChatPipeline:
     async def check(self, request: ChatRequest) -> MediaBudget:
         """The checks that need no media: an async job runs them before it is accepted, so a
         request that can never succeed is a 400 at once rather than a failed job later."""
+        self.engine.check_sampling(request.sampling)
         if (structured := request.sampling.structured) is not None:
             await compile_grammar(self.engine, structured)
         return self.media.check_counts(request.messages)

@@ -27,7 +27,7 @@ def raise_for_finish(output: SequenceOutput) -> None:
         )
 
 
-ProgressCallback = Callable[[float], object]
+ProgressCallback = Callable[[float], object]  # fraction done, 0..1; must not block
 
 
 async def collect_all(
@@ -36,9 +36,9 @@ async def collect_all(
     collect: Callable[[Sequence], Awaitable[str]],
     on_progress: ProgressCallback | None = None,
 ) -> list[str]:
-    """Every sequence's text, in order. on_progress(fraction done) is called in a worker thread
-    (it may block, e.g. write the job store) as each one finishes. If one fails, or the caller
-    is cancelled, the others are aborted: their slots are worth more to the next request."""
+    """Every sequence's text, in order. on_progress(fraction done) is called as each one
+    finishes (on the event loop: it must not block). If one fails, or the caller is cancelled,
+    the others are aborted: their slots are worth more to the next request."""
     done = 0
 
     async def counted(seq: Sequence) -> str:
@@ -46,7 +46,7 @@ async def collect_all(
         text = await collect(seq)
         done += 1
         if on_progress is not None:
-            await asyncio.to_thread(on_progress, done / len(seqs))
+            on_progress(done / len(seqs))
         return text
 
     try:

@@ -41,6 +41,7 @@ def test_job_and_its_webhook_survive_sigkill(
         *("--model", str(tiny_model_dir), "--served-model-name", "tiny"),
         *("--data-dir", str(data_dir), "--allowed-media-domains", "127.0.0.1"),
         *("--webhook-retry-delays", "4"),  # long enough to kill the server while it waits
+        *("--max-num-seqs", "1"),  # frames one at a time: the job is part done for a while
     ]
     receiver = webhook_receiver([500, 200])
     video = make_video(seconds=20, fps=12, cuts=(4.0, 8.0, 12.0, 16.0))

@@ -168,6 +168,22 @@ async def test_full_queue_is_refused_with_retry_after(loaded, prompts) -> None:
     await engine.stop()
 
 
+async def test_a_batch_larger_than_the_queue_enters_an_empty_queue(loaded, prompts) -> None:
+    """Every frame of a video is one batch; a queue limit below the frame count must not refuse
+    that video forever (an async job would retry it for ever)."""
+    engine = make_engine(loaded, max_num_seqs=1, max_queued_requests=2)
+    engine.start()
+    sampling = SamplingParams(max_tokens=2, temperature=0)
+    frames = engine.add_requests([(f"f{i}", prompts[0], sampling) for i in range(5)])
+    with pytest.raises(EngineOverloaded):  # but nothing joins a queue already over its limit
+        engine.add_requests([("g0", prompts[0], sampling)])
+    with pytest.raises(ValueError, match="already in the engine"):
+        engine.add_request("f0", prompts[0], sampling)
+    outputs = await asyncio.gather(*(collect(engine, s) for s in frames))
+    await engine.stop()
+    assert all(outputs)
+
+
 async def test_queue_timeout(loaded, prompts) -> None:
     engine = make_engine(loaded, max_num_seqs=1, queue_timeout=0.05)
     engine.start()

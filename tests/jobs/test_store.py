@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from server.exceptions import IdempotencyKeyReused
 from server.jobs.store import JobStore
 
 
@@ -24,8 +27,12 @@ def test_create_claim_complete(tmp_path: Path) -> None:
 def test_idempotency_key_returns_the_same_job(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite3")
     first = store.create("categories", {"a": 1}, "key-1")
-    assert store.create("categories", {"a": 2}, "key-1").id == first.id
+    assert store.create("categories", {"a": 1}, "key-1").id == first.id
     assert store.create("categories", {"a": 1}, "key-2").id != first.id
+    with pytest.raises(IdempotencyKeyReused):  # the same key for other work
+        store.create("categories", {"a": 2}, "key-1")
+    with pytest.raises(IdempotencyKeyReused):
+        store.create("completions", {"a": 1}, "key-1")
 
 
 def test_stale_attempt_cannot_overwrite(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The job worker on a real store: a busy engine delays a job instead of failing it; errors are
-kept in the envelope's terms; a finished job's webhook delivery is queued with it."""
+"""The job worker on a real store: a busy engine delays a job instead of failing it, a stopped
+one puts it back in the queue; errors are kept in the envelope's terms; a finished job's webhook
+delivery is queued with it; progress is saved in order; a lost lease stops the work."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from server.exceptions import EngineOverloaded, InvalidRequest
+from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest
+from server.jobs import worker as worker_module
 from server.jobs.store import Job, JobStore
 from server.jobs.worker import JobWorker
 
 pytestmark = pytest.mark.anyio
 
 
-async def run_one(store: JobStore, handler) -> Job:
+async def run_one(store: JobStore, handler, until=("completed", "failed")) -> Job:
     job = store.create("test", {"webhook_url": "http://127.0.0.1:9/h"}, None)
     worker = JobWorker(store, {"test": handler}, concurrency=1)
     worker.start()
@@ -23,7 +25,7 @@ async def run_one(store: JobStore, handler) -> Job:
         for _ in range(400):
             current = store.get(job.id)
             assert current is not None
-            if current.status in ("completed", "failed"):
+            if current.status in until:
                 return current
             await asyncio.sleep(0.025)
         raise AssertionError("the job did not finish")
@@ -34,7 +36,7 @@ async def run_one(store: JobStore, handler) -> Job:
 async def test_busy_engine_delays_the_job_instead_of_failing_it(tmp_path: Path) -> None:
     tries = 0
 
-    async def handler(job: Job) -> dict:
+    async def handler(job: Job, progress) -> dict:
         nonlocal tries
         tries += 1
         if tries < 3:
@@ -46,7 +48,7 @@ async def test_busy_engine_delays_the_job_instead_of_failing_it(tmp_path: Path) 
 
 
 async def test_request_errors_fail_the_job_with_the_error_object(tmp_path: Path) -> None:
-    async def handler(job: Job) -> dict:
+    async def handler(job: Job, progress) -> dict:
         raise InvalidRequest("bad media", param="media_url", code="invalid_media")
 
     store = JobStore(tmp_path / "jobs.sqlite3")
@@ -63,9 +65,73 @@ async def test_request_errors_fail_the_job_with_the_error_object(tmp_path: Path)
 
 
 async def test_unexpected_errors_do_not_leak_details(tmp_path: Path) -> None:
-    async def handler(job: Job) -> dict:
+    async def handler(job: Job, progress) -> dict:
         raise RuntimeError("secret internal detail")
 
     job = await run_one(JobStore(tmp_path / "jobs.sqlite3"), handler)
     assert job.status == "failed" and job.error is not None
     assert "secret" not in job.error["message"] and job.error["type"] == "server_error"
+
+
+async def test_progress_is_saved_in_order_and_never_moves_back(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    saved: list[float] = []
+    set_progress = store.set_progress
+
+    def recording(job: Job, value: float) -> bool:
+        saved.append(value)
+        return set_progress(job, value)
+
+    store.set_progress = recording  # type: ignore[method-assign]
+
+    async def handler(job: Job, progress) -> dict:
+        for i in range(1, 61):  # 60 frames finishing in bursts
+            progress(i / 60)
+            if i % 10 == 0:
+                await asyncio.sleep(0.3)
+        progress(0.5)  # a late, smaller value is ignored
+        return {}
+
+    job = await run_one(store, handler)
+    assert job.status == "completed" and job.progress == 1
+    assert saved == sorted(saved) and len(saved) <= 12  # a few writes, not one per frame
+
+
+async def test_a_lost_lease_cancels_the_work(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    cancelled = asyncio.Event()
+
+    async def handler(job: Job, progress) -> dict:
+        # Another attempt takes the job (as after this lease expired) ...
+        with store.lock:
+            store.db.execute("UPDATE jobs SET attempt = attempt + 1 WHERE id = ?", (job.id,))
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {"stale": True}
+
+    worker_module.LEASE_S, saved_lease = 0.3, worker_module.LEASE_S
+    try:
+        job = store.create("test", {}, None)
+        worker = JobWorker(store, {"test": handler}, concurrency=1)
+        worker.start()
+        await asyncio.wait_for(cancelled.wait(), 10)  # ... so this one stops working on it
+        await worker.stop()
+    finally:
+        worker_module.LEASE_S = saved_lease
+    current = store.get(job.id)
+    assert current is not None and current.status == "processing" and current.result is None
+
+
+async def test_a_stopped_engine_puts_the_job_back(tmp_path: Path) -> None:
+    async def handler(job: Job, progress) -> dict:
+        raise EngineStopped("The engine is not running.")
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job = await run_one(store, handler, until=("queued",))
+    await asyncio.sleep(0.1)
+    current = store.get(job.id)
+    assert current is not None and current.status == "queued" and current.error is None
+    assert not store.due_deliveries()  # no failure announced

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Literal, TypeVar
 
@@ -26,6 +26,7 @@ from server.api.services import Services, get_services, job_accepted
 from server.api.sse import chat_stream
 from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsupported
 from server.jobs.store import Job
+from server.jobs.worker import Handler, Progress
 from server.pipelines.chat import ChatPipeline, ChatRequest
 
 T = TypeVar("T")
@@ -86,16 +87,17 @@ async def media_completions(
     return job_accepted(job)
 
 
-def completions_job_handler(pipeline: ChatPipeline, set_progress: Callable[[Job, float], object]):
+def completions_job_handler(pipeline: ChatPipeline) -> Handler:
     """What the job worker runs for a `completions` job: the answer the request would have got
-    synchronously, with progress = video frames captioned / planned."""
+    synchronously. Progress: video frames captioned / planned, held below 1 until the answer
+    over the captions is written too."""
 
-    async def handle(job: Job) -> dict:
+    async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCompletionRequest.model_validate(job.request)
         chat_request = replace(
             _chat_request(body, None, ANIMUS_DEFAULT_TEMPERATURE, "captions"),
             request_id=f"{job.id}-{uuid.uuid4().hex[:8]}",  # unique in the engine, per try
-            on_progress=lambda fraction: set_progress(job, fraction),
+            on_progress=lambda fraction: progress(min(fraction, 0.99)),
         )
         result = await pipeline.complete(chat_request)
         response_id = f"chatcmpl-{job.id.removeprefix('job-')}"  # the same on every attempt

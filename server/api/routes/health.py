@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -37,4 +39,5 @@ async def list_models(services: Services = Depends(get_services)) -> ModelList:
 @router.get("/metrics", tags=["server"], response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (open unless --metrics-require-api-key)."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    body = await asyncio.to_thread(request.app.state.metrics.render)  # it counts the job store
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
@@ -22,6 +21,7 @@ from server.api.routes.chat import until_disconnected
 from server.api.services import Services, get_services, job_accepted
 from server.exceptions import JobNotFound
 from server.jobs.store import Job
+from server.jobs.worker import Handler, Progress
 from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
 
 router = APIRouter(
@@ -87,17 +87,14 @@ def categories_response(
     )
 
 
-def categories_job_handler(
-    pipeline: CategoriesPipeline, set_progress: Callable[[Job, float], object]
-):
-    """What the job worker runs for a `categories` job: the same pipeline, the same answer."""
+def categories_job_handler(pipeline: CategoriesPipeline) -> Handler:
+    """What the job worker runs for a `categories` job: the same pipeline, the same answer;
+    progress is frames analysed / planned."""
 
-    async def handle(job: Job) -> dict:
+    async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCategoriesRequest.model_validate(job.request)
         engine_id = f"{job.id}-{uuid.uuid4().hex[:8]}"  # unique in the engine, per try
-        result = await pipeline.run(
-            pipeline_request(engine_id, body), on_progress=lambda p: set_progress(job, p)
-        )
+        result = await pipeline.run(pipeline_request(engine_id, body), on_progress=progress)
         return categories_response(job.id, body.model, result).model_dump()
 
     return handle
