@@ -43,6 +43,8 @@ FLAG_HELP = {
     "webhook_retry_delays": "seconds before each webhook retry, e.g. 5,30,120 (jittered; "
     "Retry-After honoured); a delivery fails after the last one",
     "webhook_timeout": "seconds one webhook attempt may take",
+    "job_retention_hours": "finished async jobs (and their webhook records) are deleted this "
+    "long after they end; their status is then a 404 (0: keep forever)",
 }
 FLAG_ALIASES = {"api_keys": "--api-key"}
 

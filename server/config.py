@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None  # whsec_...; default: generated once under --data-dir
     webhook_retry_delays: StrList = ["5", "30", "120", "600", "1800"]  # seconds, per retry
     webhook_timeout: float = 10.0
+    job_retention_hours: float = Field(default=168.0, ge=0)  # finished jobs; 0: keep forever
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

@@ -88,7 +88,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             "categories": categories_job_handler(categories),
             "completions": completions_job_handler(pipeline),
         }
-        job_worker = JobWorker(jobs, handlers)
+        job_worker = JobWorker(jobs, handlers, retention_s=settings.job_retention_hours * 3600)
         metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)
         job_worker.start()
         webhooks = WebhookSender(

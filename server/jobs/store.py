@@ -4,10 +4,14 @@ A job is claimed with a lease and an attempt number; only the holder of the curr
 write its progress or result, so a stale worker (its lease expired and the job was claimed again)
 can never overwrite a newer result. A server killed mid-job leaves it `processing`; on the next
 start `recover` puts it back in the queue and it runs again. One server process per data dir.
+A finished job keeps its result but not its request (a base64 video can be hundreds of MB; a
+hash of it still answers Idempotency-Key checks), and `prune` drops finished jobs after the
+retention time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -32,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     lease_until REAL NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 0,
-    idempotency_key TEXT UNIQUE
+    idempotency_key TEXT UNIQUE,
+    request_hash TEXT                -- sha256 of kind + request: idempotency survives slimming
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     id TEXT PRIMARY KEY,             -- the webhook-id: the same on every retry
@@ -96,6 +101,11 @@ class Job:
         )
 
 
+def request_digest(kind: str, request: dict[str, Any]) -> str:
+    canonical = json.dumps([kind, request], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 class JobStore:
     """Blocking SQLite calls: the async side calls them through asyncio.to_thread."""
 
@@ -106,6 +116,9 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "request_hash" not in columns:  # a data dir from before the column
+            self.db.execute("ALTER TABLE jobs ADD COLUMN request_hash TEXT")
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -116,21 +129,24 @@ class JobStore:
         """A new queued job, or the existing one for the same idempotency key and request (the
         same key with another request: IdempotencyKeyReused)."""
         now = time.time()
+        digest = request_digest(kind, request)
         with self.lock:
             if idempotency_key is not None:
                 row = self.db.execute(
                     "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
                 if row is not None:
-                    existing = Job.from_row(row)
-                    if existing.kind != kind or existing.request != json.loads(json.dumps(request)):
+                    stored = row["request_hash"] or request_digest(
+                        row["kind"], json.loads(row["request"])
+                    )
+                    if stored != digest:
                         raise IdempotencyKeyReused(idempotency_key)
-                    return existing
+                    return Job.from_row(row)
             job_id = f"job-{uuid.uuid4().hex}"
             self.db.execute(
                 "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
-                " idempotency_key) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, kind, json.dumps(request), now, now, idempotency_key),
+                " idempotency_key, request_hash) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, kind, json.dumps(request), now, now, idempotency_key, digest),
             )
             return Job.from_row(self._row(job_id))
 
@@ -214,11 +230,33 @@ class JobStore:
                         " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
                         (f"msg_{uuid.uuid4().hex}", job.id, url, payload, time.time(), time.time()),
                     )
+                if done:  # the request (maybe a base64 video) is not needed any more
+                    self.db.execute("UPDATE jobs SET request = '{}' WHERE id = ?", (job.id,))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
         return done
+
+    def prune(self, older_than_s: float) -> int:
+        """Deletes finished jobs last updated before older_than_s ago, with their deliveries;
+        a job with a delivery still pending is kept."""
+        cutoff = time.time() - older_than_s
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                old = (
+                    "SELECT id FROM jobs WHERE status IN ('completed', 'failed')"
+                    " AND updated_at < ? AND id NOT IN"
+                    " (SELECT job_id FROM deliveries WHERE status = 'pending')"
+                )
+                self.db.execute(f"DELETE FROM deliveries WHERE job_id IN ({old})", (cutoff,))
+                cursor = self.db.execute(f"DELETE FROM jobs WHERE id IN ({old})", (cutoff,))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return cursor.rowcount
 
     # -- webhook deliveries ---------------------------------------------------------------
     def due_deliveries(self, limit: int = 16) -> list[sqlite3.Row]:

@@ -24,16 +24,24 @@ LEASE_S = 60.0
 IDLE_POLL_S = 1.0
 PROGRESS_FLUSH_S = 0.25
 MAX_BUSY_BACKOFF_S = 30.0
+PRUNE_INTERVAL_S = 600.0
 
 Progress = Callable[[float], None]
 Handler = Callable[[Job, Progress], Awaitable[dict[str, Any]]]
 
 
 class JobWorker:
-    def __init__(self, store: JobStore, handlers: dict[str, Handler], concurrency: int = 2):
+    def __init__(
+        self,
+        store: JobStore,
+        handlers: dict[str, Handler],
+        concurrency: int = 2,
+        retention_s: float = 0.0,
+    ):
         self.store = store
         self.handlers = handlers
         self.concurrency = concurrency
+        self.retention_s = retention_s  # 0: finished jobs are kept forever
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
 
@@ -42,6 +50,8 @@ class JobWorker:
         if recovered:
             logger.info("re-queued %d job(s) left unfinished by the last run", recovered)
         self.tasks = [asyncio.create_task(self._loop()) for _ in range(self.concurrency)]
+        if self.retention_s > 0:
+            self.tasks.append(asyncio.create_task(self._prune_loop()))
 
     async def stop(self) -> None:
         """Unfinished jobs stay `processing`; the next start re-queues them."""
@@ -64,6 +74,16 @@ class JobWorker:
                 continue
             if not await self._run(job):
                 return
+
+    async def _prune_loop(self) -> None:
+        while True:
+            try:
+                pruned = await asyncio.to_thread(self.store.prune, self.retention_s)
+                if pruned:
+                    logger.info("deleted %d finished job(s) past the retention time", pruned)
+            except Exception:  # a failed clean-up must not stop the next one
+                logger.exception("pruning finished jobs failed")
+            await asyncio.sleep(PRUNE_INTERVAL_S)
 
     async def _run(self, job: Job) -> bool:
         """Runs one attempt; False when the engine has stopped (no job can run any more)."""
