@@ -116,10 +116,20 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
-        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        if "request_hash" not in columns:  # a data dir from before the column
-            self.db.execute("ALTER TABLE jobs ADD COLUMN request_hash TEXT")
+        self._add_request_hashes()
         self.lock = threading.Lock()
+
+    def _add_request_hashes(self) -> None:
+        """A data dir from before the request_hash column: add it and fill it in."""
+        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "request_hash" in columns:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("ALTER TABLE jobs ADD COLUMN request_hash TEXT")
+        for row in self.db.execute("SELECT id, kind, request FROM jobs").fetchall():
+            digest = request_digest(row["kind"], json.loads(row["request"]))
+            self.db.execute("UPDATE jobs SET request_hash = ? WHERE id = ?", (digest, row["id"]))
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         with self.lock:
@@ -130,25 +140,23 @@ class JobStore:
         same key with another request: IdempotencyKeyReused)."""
         now = time.time()
         digest = request_digest(kind, request)
+        row = None
         with self.lock:
             if idempotency_key is not None:
                 row = self.db.execute(
                     "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
-                if row is not None:
-                    stored = row["request_hash"] or request_digest(
-                        row["kind"], json.loads(row["request"])
-                    )
-                    if stored != digest:
-                        raise IdempotencyKeyReused(idempotency_key)
-                    return Job.from_row(row)
-            job_id = f"job-{uuid.uuid4().hex}"
-            self.db.execute(
-                "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
-                " idempotency_key, request_hash) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, kind, json.dumps(request), now, now, idempotency_key, digest),
-            )
-            return Job.from_row(self._row(job_id))
+                if row is not None and row["request_hash"] != digest:
+                    raise IdempotencyKeyReused(idempotency_key)
+            if row is None:
+                job_id = f"job-{uuid.uuid4().hex}"
+                self.db.execute(
+                    "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
+                    " idempotency_key, request_hash) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (job_id, kind, json.dumps(request), now, now, idempotency_key, digest),
+                )
+                row = self._row(job_id)
+        return Job.from_row(row)  # parsing a big request need not hold the lock
 
     def get(self, job_id: str) -> Job | None:
         with self.lock:
@@ -220,6 +228,8 @@ class JobStore:
                     (json.dumps(value), time.time(), job.id, job.attempt),
                 )
                 done = cursor.rowcount == 1
+                if done:  # the request (maybe a base64 video) is not needed any more
+                    self.db.execute("UPDATE jobs SET request = '{}' WHERE id = ?", (job.id,))
                 url = job.request.get("webhook_url")
                 if done and url:
                     finished = Job.from_row(self._row(job.id))
@@ -230,8 +240,6 @@ class JobStore:
                         " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
                         (f"msg_{uuid.uuid4().hex}", job.id, url, payload, time.time(), time.time()),
                     )
-                if done:  # the request (maybe a base64 video) is not needed any more
-                    self.db.execute("UPDATE jobs SET request = '{}' WHERE id = ?", (job.id,))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -270,17 +278,30 @@ class JobStore:
     def record_attempt(
         self,
         delivery_id: str,
+        attempt: int,
         status: str,
         next_attempt_at: float,
         last_status: int | None,
         last_error: str | None,
-    ) -> None:
+    ) -> bool:
+        """Records attempt number `attempt` (1-based); False if that attempt was already
+        recorded (a duplicate cannot move a delivered webhook back to pending)."""
         with self.lock:
-            self.db.execute(
-                "UPDATE deliveries SET status = ?, attempts = attempts + 1, next_attempt_at = ?,"
-                " last_status = ?, last_error = ? WHERE id = ?",
-                (status, next_attempt_at, last_status, last_error, delivery_id),
+            cursor = self.db.execute(
+                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"
+                " last_status = ?, last_error = ? WHERE id = ? AND status = 'pending'"
+                " AND attempts = ?",
+                (
+                    status,
+                    attempt,
+                    next_attempt_at,
+                    last_status,
+                    last_error,
+                    delivery_id,
+                    attempt - 1,
+                ),
             )
+            return cursor.rowcount == 1
 
     def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
         with self.lock:

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 SECRET_PREFIX = "whsec_"
 POLL_S = 0.2
 MAX_IN_FLIGHT = 32
+FORGET_AFTER_S = 60.0
 
 
 def load_or_create_secret(configured: str | None, data_dir: Path) -> str:
@@ -88,6 +89,9 @@ class WebhookSender:
         self.task: asyncio.Task | None = None
         # Attempts run side by side, so one slow receiver does not hold back the others.
         self.in_flight: dict[str, asyncio.Task] = {}
+        # Attempts made per delivery, as this process recorded them: a row read just before an
+        # attempt was recorded is stale, and must not start that attempt again.
+        self.attempts_made: dict[str, int] = {}
 
     def check_url(self, url: str) -> None:
         """Refuses now (AddressRefused) a URL no attempt could ever reach, rather than retrying
@@ -111,11 +115,18 @@ class WebhookSender:
             try:
                 due = await asyncio.to_thread(self.store.due_deliveries, MAX_IN_FLIGHT)
                 for row in due:
-                    if row["id"] not in self.in_flight and len(self.in_flight) < MAX_IN_FLIGHT:
+                    if self._may_start(row):
                         self.in_flight[row["id"]] = asyncio.create_task(self._attempt(row))
             except Exception:  # the sender must outlive any one delivery's trouble
                 logger.exception("webhook sender step failed")
             await asyncio.sleep(POLL_S)
+
+    def _may_start(self, row) -> bool:
+        return (
+            row["id"] not in self.in_flight
+            and row["attempts"] >= self.attempts_made.get(row["id"], 0)
+            and len(self.in_flight) < MAX_IN_FLIGHT
+        )
 
     async def _attempt(self, row) -> None:
         try:
@@ -158,8 +169,13 @@ class WebhookSender:
         if self.attempts_metric is not None:
             self.attempts_metric.labels(said).inc()
         await asyncio.to_thread(
-            self.store.record_attempt, row["id"], outcome, next_at, status_code, error
+            self.store.record_attempt, row["id"], attempts, outcome, next_at, status_code, error
         )
+        self.attempts_made[row["id"]] = attempts
+        if outcome != "pending":  # no further attempt; forget it once no stale read can remain
+            asyncio.get_running_loop().call_later(
+                FORGET_AFTER_S, self.attempts_made.pop, row["id"], None
+            )
 
     async def _post(self, url: str, msg_id: str, body: str) -> httpx.Response:
         timestamp = int(time.time())

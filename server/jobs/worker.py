@@ -90,7 +90,8 @@ class JobWorker:
         request_id_var.set(job.id)
         progress = ProgressWriter(self.store, job)
         work = asyncio.create_task(self._handle(job, progress.update))
-        keeper = asyncio.create_task(self._keep_lease(job, work))
+        lease_lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(job, work, lease_lost))
         try:
             result = await work
         except EngineStopped:
@@ -99,7 +100,8 @@ class JobWorker:
             logger.error("engine stopped; job %s goes back to the queue", job.id)
             return False
         except asyncio.CancelledError:
-            if keeper.done() and not keeper.cancelled():  # the keeper ends only on a lost lease
+            # Cancelled by the lease keeper (lease lost), unless this task is being stopped.
+            if lease_lost.is_set() and not _being_cancelled():
                 logger.warning(
                     "job %s attempt %d lost its lease; work dropped", job.id, job.attempt
                 )
@@ -136,11 +138,18 @@ class JobWorker:
                 )
                 await asyncio.sleep(delay)
 
-    async def _keep_lease(self, job: Job, work: asyncio.Task) -> None:
+    async def _keep_lease(self, job: Job, work: asyncio.Task, lost: asyncio.Event) -> None:
         """Renews the lease while the work runs; if another attempt took the job meanwhile,
-        cancels the work (its engine slots are better spent on the attempt that holds it)."""
-        while await asyncio.to_thread(self.store.renew, job, LEASE_S):
+        cancels the work (its engine slots are better spent on the attempt that holds it).
+        A failed renewal (a database error) is retried, not taken for a lost lease."""
+        while True:
+            try:
+                if not await asyncio.to_thread(self.store.renew, job, LEASE_S):
+                    break
+            except Exception:
+                logger.exception("job %s: renewing the lease failed; retrying", job.id)
             await asyncio.sleep(LEASE_S / 3)
+        lost.set()
         work.cancel()
 
 
@@ -153,10 +162,11 @@ class ProgressWriter:
         self.latest = 0.0
         self.saved = 0.0
         self.task: asyncio.Task | None = None
+        self.closed = False
 
     def update(self, fraction: float) -> None:
         self.latest = max(self.latest, min(fraction, 1.0))
-        if self.task is None:
+        if self.task is None and not self.closed:
             self.task = asyncio.create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
@@ -171,11 +181,12 @@ class ProgressWriter:
             self.saved = value
 
     async def close(self) -> None:
+        """Stops the writer. (asyncio.wait, not `await task`: a cancellation of the caller
+        itself, e.g. the worker being stopped, must not be swallowed here.)"""
+        self.closed = True
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
+            await asyncio.wait([self.task])
 
 
 INTERNAL_ERROR = {
@@ -184,6 +195,11 @@ INTERNAL_ERROR = {
     "param": None,
     "code": None,
 }
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _error_object(exc: ServerError) -> dict[str, Any]:

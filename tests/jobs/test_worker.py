@@ -135,3 +135,24 @@ async def test_a_stopped_engine_puts_the_job_back(tmp_path: Path) -> None:
     current = store.get(job.id)
     assert current is not None and current.status == "queued" and current.error is None
     assert not store.due_deliveries()  # no failure announced
+
+
+async def test_stop_during_a_job_returns_and_leaves_the_rest_queued(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    started = asyncio.Event()
+
+    async def handler(job: Job, progress) -> dict:
+        started.set()
+        for i in range(1000):
+            progress(i / 1000)
+            await asyncio.sleep(0.01)
+        return {}
+
+    jobs = [store.create("test", {}, None) for _ in range(3)]
+    worker = JobWorker(store, {"test": handler}, concurrency=1)
+    worker.start()
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0.3)  # progress writes are under way
+    await asyncio.wait_for(worker.stop(), 5)
+    statuses = [store.get(j.id).status for j in jobs]  # type: ignore[union-attr]
+    assert statuses == ["processing", "queued", "queued"]  # re-queued at the next start
