@@ -132,7 +132,9 @@ class AsyncEngine:
         if request_id in self._sequences:  # ids key the runner's per-sequence state
             raise ValueError(f"request id {request_id!r} is already in the engine")
         self.check_sampling(sampling)
-        seq = Sequence(request_id, inputs, sampling, self._max_tokens(inputs, sampling))
+        seq = Sequence(
+            request_id, inputs, sampling, self.max_tokens_for(inputs.num_prompt_tokens, sampling)
+        )
         seq.log_id = request_id_var.get()
         return seq
 
@@ -193,8 +195,9 @@ class AsyncEngine:
             if not seq.is_finished:
                 self.abort(seq.request_id)
 
-    def _max_tokens(self, inputs: ModelInputs, sampling: SamplingParams) -> int:
-        num_prompt = inputs.num_prompt_tokens
+    def max_tokens_for(self, num_prompt: int, sampling: SamplingParams) -> int:
+        """The completion budget of a prompt this long; a 400 when prompt and max_tokens cannot
+        fit the context."""
         room = self.max_seq_len - num_prompt
         if room <= 0:
             raise InvalidRequest(

@@ -110,6 +110,14 @@ class ChatPipeline:
             await compile_grammar(self.engine, structured)
         return self.media.check_counts(request.messages)
 
+    async def check_for_job(self, request: ChatRequest) -> None:
+        """check, and what a job would otherwise find out only when it runs: text (and
+        max_tokens) that alone overflow the context, whatever the media add."""
+        await self.check(request)
+        hf_messages = [to_hf_message(m) for m in request.messages]
+        text_tokens = await asyncio.to_thread(self.input_builder.count_text_tokens, hf_messages)
+        self.engine.max_tokens_for(text_tokens, request.sampling)
+
     async def _prepare(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
     ) -> ChatRun:

@@ -159,6 +159,7 @@ async def test_completions_job_progress_is_frames_captioned_over_planned(
         ),
         ({"webhook_url": "ftp://example.com/hook"}, 400, None),
         ({"stop_token_ids": [10**9]}, 400, "invalid_value"),
+        ({"max_tokens": 10**6}, 400, "context_length_exceeded"),
     ],
 )
 async def test_async_media_completion_refused_at_submit(
@@ -177,6 +178,14 @@ async def test_async_media_completion_refused_at_submit(
 
 def num_jobs(client: httpx.AsyncClient) -> int:
     return sum(client.app.state.services.jobs.count_by_status().values())  # type: ignore[attr-defined]
+
+
+async def test_text_over_the_context_refused_before_the_job(client: httpx.AsyncClient) -> None:
+    body = chat_body([image_part()], **{"async": True})
+    body["messages"][0]["content"][-1]["text"] = "word " * 40_000
+    response = await client.post("/v2/media/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
 
 
 async def test_too_many_images_refused_before_the_job(client: httpx.AsyncClient) -> None:

@@ -81,7 +81,9 @@ async def media_completions(
             code="invalid_value",
         )
     # Everything that can be refused without fetching media is refused now, not in the job.
-    await services.chat.check(_chat_request(body, services, ANIMUS_DEFAULT_TEMPERATURE, "captions"))
+    await services.chat.check_for_job(
+        _chat_request(body, services, ANIMUS_DEFAULT_TEMPERATURE, "captions")
+    )
     request_body = body.model_dump(by_alias=True, exclude_unset=True)
     job = await services.submit_job("completions", request_body, idempotency_key)
     return job_accepted(job)
