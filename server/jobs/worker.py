@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,12 @@ PRUNE_INTERVAL_S = 600.0
 
 Progress = Callable[[float], None]
 Handler = Callable[[Job, Progress], Awaitable[dict[str, Any]]]
+
+
+def engine_request_id(job: Job) -> str:
+    """The id a job's sequences carry in the engine: unique per try, since a retried try (a
+    busy engine, a re-run after a restart) must not meet its predecessor's ids there."""
+    return f"{job.id}-{uuid.uuid4().hex[:8]}"
 
 
 class JobWorker:
@@ -113,7 +120,6 @@ class JobWorker:
             logger.exception("job %s failed", job.id)
             await asyncio.to_thread(self.store.fail, job, INTERNAL_ERROR)
         else:
-            await progress.close()
             if not await asyncio.to_thread(self.store.complete, job, result):
                 logger.warning(
                     "job %s attempt %d lost its lease; result dropped", job.id, job.attempt

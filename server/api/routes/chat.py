@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Literal, TypeVar
@@ -26,7 +25,7 @@ from server.api.services import Services, get_services, job_accepted
 from server.api.sse import chat_stream
 from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsupported
 from server.jobs.store import Job
-from server.jobs.worker import Handler, Progress
+from server.jobs.worker import Handler, Progress, engine_request_id
 from server.pipelines.chat import ChatPipeline, ChatRequest
 
 T = TypeVar("T")
@@ -98,7 +97,7 @@ def completions_job_handler(pipeline: ChatPipeline) -> Handler:
         body = MediaCompletionRequest.model_validate(job.request)
         chat_request = replace(
             _chat_request(body, None, ANIMUS_DEFAULT_TEMPERATURE, "captions"),
-            request_id=f"{job.id}-{uuid.uuid4().hex[:8]}",  # unique in the engine, per try
+            request_id=engine_request_id(job),
             on_progress=lambda fraction: progress(min(fraction, 0.99)),
         )
         result = await pipeline.complete(chat_request)

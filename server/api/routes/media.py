@@ -21,7 +21,7 @@ from server.api.routes.chat import until_disconnected
 from server.api.services import Services, get_services, job_accepted
 from server.exceptions import JobNotFound
 from server.jobs.store import Job
-from server.jobs.worker import Handler, Progress
+from server.jobs.worker import Handler, Progress, engine_request_id
 from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
 
 router = APIRouter(
@@ -93,8 +93,8 @@ def categories_job_handler(pipeline: CategoriesPipeline) -> Handler:
 
     async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCategoriesRequest.model_validate(job.request)
-        engine_id = f"{job.id}-{uuid.uuid4().hex[:8]}"  # unique in the engine, per try
-        result = await pipeline.run(pipeline_request(engine_id, body), on_progress=progress)
+        request = pipeline_request(engine_request_id(job), body)
+        result = await pipeline.run(request, on_progress=progress)
         return categories_response(job.id, body.model, result).model_dump()
 
     return handle
