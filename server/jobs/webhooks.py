@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import email.utils
 import hashlib
 import hmac
@@ -26,6 +25,7 @@ import httpx
 from prometheus_client import Counter
 
 from server.jobs.store import JobStore
+from server.jobs.worker import cancel_and_wait
 from server.log import request_id_var
 from server.media.netguard import AddressRefused, check_url_statically, checked_request
 
@@ -103,11 +103,8 @@ class WebhookSender:
 
     async def stop(self) -> None:
         """Attempts cut short are not recorded: they are sent again after the next start."""
-        for task in [self.task, *self.in_flight.values()]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [*self.in_flight.values(), *([self.task] if self.task else [])]
+        await cancel_and_wait(tasks)
         await self.client.aclose()
 
     async def _loop(self) -> None:

@@ -31,6 +31,16 @@ Progress = Callable[[float], None]
 Handler = Callable[[Job, Progress], Awaitable[dict[str, Any]]]
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
+    """Cancels background tasks and waits until they have ended. (asyncio.wait, not `await
+    task`: a cancellation of the caller itself, e.g. a worker being stopped, must not be
+    swallowed as if it were the task's.)"""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
 def engine_request_id(job: Job) -> str:
     """The id a job's sequences carry in the engine: unique per try, since a retried try (a
     busy engine, a re-run after a restart) must not meet its predecessor's ids there."""
@@ -62,11 +72,7 @@ class JobWorker:
 
     async def stop(self) -> None:
         """Unfinished jobs stay `processing`; the next start re-queues them."""
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self.tasks)
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -187,12 +193,9 @@ class ProgressWriter:
             self.saved = value
 
     async def close(self) -> None:
-        """Stops the writer. (asyncio.wait, not `await task`: a cancellation of the caller
-        itself, e.g. the worker being stopped, must not be swallowed here.)"""
         self.closed = True
         if self.task is not None:
-            self.task.cancel()
-            await asyncio.wait([self.task])
+            await cancel_and_wait([self.task])
 
 
 INTERNAL_ERROR = {
