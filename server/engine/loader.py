@@ -99,11 +99,16 @@ def _from_hub(repo_id: str, models_dir: Path) -> Path:
 
 
 def resolve_device(requested: str) -> torch.device:
+    """The device to load on; a CUDA device always carries its index ("cuda" -> "cuda:0"):
+    `torch.cuda.set_device` and per-thread binding refuse an index-less device."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {requested} was asked for but no CUDA device is visible")
-    return torch.device(requested)
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:

@@ -57,7 +57,9 @@ class ModelRunner:
     def bind_thread(self) -> None:
         """Called on the engine thread: CUDA's current device is per thread."""
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            # An index-less "cuda" would raise here (resolve_device adds the index; this keeps a
+            # hand-built device from killing the engine thread).
+            torch.cuda.set_device(self.device.index or 0)
 
     # -- sequence lifecycle ----------------------------------------------------------------
     def release(self, seq: Sequence) -> None:

@@ -156,3 +156,22 @@ async def test_video_prompt_matches_hf_generate_alone_and_batched(
     await engine.stop()
     assert alone.output_token_ids == expected[: len(alone.output_token_ids)]
     assert together[0].output_token_ids == alone.output_token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", ["auto", "cuda", "cuda:0"])
+async def test_engine_starts_and_answers_on_cuda(tiny_model_dir: Path, device: str) -> None:
+    """Not just a load: the engine thread binds the device and decodes (it used to die at
+    start on --device auto / cuda)."""
+    loaded = load_model(Settings(model=str(tiny_model_dir), device=device).engine_config())
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    prompt = builder.build(messages, [Image.open(io.BytesIO(make_image(96, 64)))])
+    engine = make_engine(loaded)
+    engine.start()
+    seq, _ = await run(engine, "cuda", prompt, SamplingParams(max_tokens=4, temperature=0))
+    assert engine.is_running
+    await engine.stop()
+    assert loaded.device.type == "cuda" and loaded.device.index is not None
+    assert seq.finish_reason in ("stop", "length") and seq.output_token_ids

@@ -13,6 +13,7 @@ from server.config import Settings
 from server.engine.loader import (
     load_model,
     resolve_attention,
+    resolve_device,
     resolve_dtype,
     resolve_model_path,
 )
@@ -110,6 +111,23 @@ def test_dtype_and_attention_choice() -> None:
         "text_config": "sdpa",
         "vision_config": "flash_attention_2",
     }
+
+
+@pytest.mark.parametrize(
+    "requested,expected", [("auto", "cuda:0"), ("cuda", "cuda:0"), ("cuda:1", "cuda:1")]
+)
+def test_cuda_devices_carry_an_index(
+    requested: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine thread binds its device with torch.cuda.set_device, which refuses "cuda"
+    without an index (the engine died at start with --device auto on every GPU)."""
+    from torch.cuda._utils import _get_device_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    device = resolve_device(requested)
+    assert str(device) == expected
+    assert _get_device_index(device) == device.index  # what set_device calls: no ValueError
 
 
 @pytest.mark.gpu
