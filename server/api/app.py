@@ -156,8 +156,16 @@ def _openapi(app: FastAPI, served_names: list[str]) -> dict:
         schema = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
-        for name in ("ChatCompletionRequest", "MediaCompletionRequest", "MediaCategoriesRequest"):
-            schema["components"]["schemas"][name]["properties"]["model"]["enum"] = served_names
+        schemas = schema["components"]["schemas"]
+        for name in ("ChatCompletionRequest", "MediaCompletionRequest"):
+            schemas[name]["properties"]["model"]["enum"] = served_names
+        # Categories: optional (the first served name), but never null.
+        schemas["MediaCategoriesRequest"]["properties"]["model"] = {
+            "type": "string",
+            "enum": served_names,
+            "title": "Model",
+            "description": f"Defaults to {served_names[0]!r}.",
+        }
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)

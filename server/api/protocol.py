@@ -426,7 +426,8 @@ class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
 
 
 class MediaCategoriesRequest(JobOptions):
-    model: str
+    # Optional here only (seed 000's categories call has no model): the first served name.
+    model: str | None = None
     media_url: str = Field(min_length=1)
     metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
     use_scenes: bool = False

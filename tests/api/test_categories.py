@@ -86,3 +86,33 @@ def test_merge_orders_by_frequency_and_dedupes() -> None:
     ]
     merged = merge_results(frames, ("scene", "tags"))
     assert merged == {"scene": "a park", "tags": ["sky", "Tree", "dog"]}
+
+
+async def test_model_is_optional_as_in_seed_000(client: httpx.AsyncClient) -> None:
+    """Seed 000's categories parameters are media_url, metadata and use_scenes: no model. The
+    answer (and an async job's result) names the first served model."""
+    first = "animuslabs/Qwen2-VL-NSFW-Vision-1.2"
+    body = {"media_url": data_uri(make_image()), "metadata": ["tags"]}
+    response = await client.post("/v2/media/categories", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == first
+    check(response.json()["result"], ("tags",))
+    accepted = await client.post("/v2/media/categories", json={**body, "async": True})
+    assert accepted.status_code == 202, accepted.text
+    for _ in range(200):
+        job = (await client.get(accepted.json()["status_url"])).json()
+        if job["status"] in ("completed", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    assert job["status"] == "completed", job
+    assert job["result"]["model"] == first
+    null_model = await client.post("/v2/media/categories", json={**body, "model": None})
+    assert null_model.status_code == 200  # null is the same as leaving it out
+    unknown = await client.post("/v2/media/categories", json={**body, "model": "nope"})
+    assert unknown.status_code == 404
+
+
+async def test_chat_still_requires_model(client: httpx.AsyncClient) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    response = await client.post("/v1/chat/completions", json={"messages": messages})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"

@@ -41,6 +41,7 @@ async def media_categories(
     services: Services = Depends(get_services),
     idempotency_key: str | None = Header(default=None, max_length=200),
 ) -> MediaCategoriesResponse | JSONResponse:
+    body.model = body.model or services.served_model_names[0]
     services.check_model(body.model)
     if body.is_async():
         job = await services.submit_job(
