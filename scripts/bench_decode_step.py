@@ -3,7 +3,8 @@
     python scripts/bench_decode_step.py [--checkpoint models/bench-qwen2-vl] [--device cpu]
 
 For each batch size: prefill that many image prompts, decode 150 steps to grow the cache, then
-time 30 steps of `ModelRunner.decode` and 30 of `model(...)` with the model's own cache.
+time 30 decode steps of the scheduler + paged runner and 30 of `model(...)` with the model's
+own cache.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.config import Settings  # noqa: E402
+from server.engine.block_manager import BlockManager  # noqa: E402
 from server.engine.inputs import InputBuilder  # noqa: E402
 from server.engine.loader import load_model  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
+
+BLOCK_SIZE = 16
 
 
 def main() -> None:
@@ -35,11 +40,20 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model(Settings(model=args.checkpoint, device=args.device).engine_config())
     builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
-    runner = ModelRunner(loaded, max(args.batch_sizes), 2048)
+    num_blocks = max(args.batch_sizes) * 2048 // BLOCK_SIZE
+    runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, encoder_cache_bytes=0)
+    scheduler = Scheduler(
+        SchedulerConfig(max(args.batch_sizes), 1 << 20, 1 << 20, 3600.0),
+        BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=False),
+    )
     steps = 30
 
-    def step(seqs: list[Sequence]) -> None:
-        for seq, token in zip(seqs, runner.decode(seqs), strict=True):
+    def step() -> None:
+        batch = scheduler.schedule()
+        sampled = batch.sampled
+        tokens = runner.run(batch, sampled)
+        scheduler.commit(batch)
+        for seq, token in zip(sampled, tokens, strict=True):
             seq.output_token_ids.append(token)
 
     print("| batch | runner decode step | HF forward + DynamicCache |\n| --- | --- | --- |")
@@ -51,15 +65,13 @@ def main() -> None:
             ]
             inputs = builder.build(messages, [Image.new("RGB", (224, 224), (i * 30 % 256, 40, 50))])
             seq = Sequence(f"s{i}", inputs, SamplingParams(temperature=0), 500)
-            seq.slot = i
+            scheduler.add(seq)
             seqs.append(seq)
-        for seq, token in zip(seqs, runner.prefill(seqs), strict=True):
-            seq.output_token_ids.append(token)
-        for _ in range(150):
-            step(seqs)
+        for _ in range(151):  # the prefill, then 150 decodes
+            step()
         started = time.perf_counter()
         for _ in range(steps):
-            step(seqs)
+            step()
         ours = (time.perf_counter() - started) / steps
         ids = torch.randint(0, 500, (batch, seqs[0].num_tokens), device=loaded.device)
         with torch.inference_mode():
@@ -70,6 +82,7 @@ def main() -> None:
             theirs = (time.perf_counter() - started) / steps
         print(f"| {batch} | {ours * 1000:.1f} ms | {theirs * 1000:.1f} ms |")
         for seq in seqs:
+            scheduler.remove(seq)
             runner.release(seq)
 
 

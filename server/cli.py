@@ -31,6 +31,18 @@ FLAG_HELP = {
     "attn_implementation": "vision tower attention; auto: flash_attention_2 when installed on "
     "CUDA, else sdpa (the text model always uses sdpa)",
     "default_max_tokens": "max_tokens for requests that give none (bounded by the context)",
+    "max_num_seqs": "sequences running at once (continuous batching) (default: 64)",
+    "max_num_batched_tokens": "tokens computed in one engine step: every running decode, then "
+    "prompt chunks; a longer prompt is prefilled in chunks of this size (default: 8192)",
+    "kv_cache_memory": "KV cache size in GiB; 0 (default): measured, see "
+    "--gpu-memory-utilization (4 GiB on a CPU)",
+    "gpu_memory_utilization": "share of the GPU's memory this server may use: the KV cache gets "
+    "what is left after the weights and the measured peak of a worst-case step (default: 0.9)",
+    "block_size": "tokens per KV cache block; prefix-cache hits are whole blocks (default: 16)",
+    "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes, images and "
+    "videos included (default: on)",
+    "encoder_cache_memory": "GiB of vision-tower outputs kept for images and videos asked about "
+    "again; 0 turns it off (default: 1)",
     "allowed_media_domains": "only these hosts for media URLs and webhook URLs (repeatable); "
     "listed hosts may be private, e.g. an internal media store or webhook receiver; default: any "
     "host with public addresses only",

@@ -33,6 +33,10 @@ class EngineConfig:
     kv_cache_memory_gib: float  # 0: automatic
     max_queued_requests: int
     queue_timeout_s: float
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    encoder_cache_memory_gib: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,12 @@ class Settings(BaseSettings):
     default_max_tokens: int = 1024
     max_model_len: int = 0
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 16384
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
     kv_cache_memory: float = 0.0
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    block_size: int = Field(default=16, ge=1, le=1024)
+    enable_prefix_caching: bool = True
+    encoder_cache_memory: float = Field(default=1.0, ge=0)
     max_queued_requests: int = 256
     queue_timeout: float = 60.0
     max_image_bytes: int = 20 * 1024 * 1024
@@ -157,6 +165,10 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_memory_gib=self.kv_cache_memory,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            encoder_cache_memory_gib=self.encoder_cache_memory,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
         )

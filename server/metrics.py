@@ -7,9 +7,10 @@ token, images) by the pipelines; engine state (queue depth, running batch) is re
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -60,9 +61,15 @@ class Metrics:
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
         self.refreshers: list[Callable[[], None]] = []
 
-    def watch_engine(self, num_queued: Callable[[], int], num_running: Callable[[], int]) -> None:
+    def watch_engine(
+        self,
+        num_queued: Callable[[], int],
+        num_running: Callable[[], int],
+        stats: Callable[[], dict[str, float]],
+    ) -> None:
         self.queue_depth.set_function(num_queued)
         self.running.set_function(num_running)
+        self.registry.register(EngineCollector(stats))
 
     def watch_jobs(
         self,
@@ -86,6 +93,34 @@ class Metrics:
         for refresh in self.refreshers:
             refresh()
         return generate_latest(self.registry)
+
+
+class EngineCollector:
+    """KV cache, prefix cache and encoder cache figures, read from the engine at scrape time.
+    Hit rates: rate(..._hit_tokens_total) / rate(..._queried_tokens_total), and the same for
+    the encoder cache's hits and misses."""
+
+    COUNTERS = {
+        "prefix_cache_queried_tokens": "Prompt tokens looked up in the prefix cache",
+        "prefix_cache_hit_tokens": "Prompt tokens whose KV came from the prefix cache",
+        "encoder_cache_hits": "Images/videos whose vision-tower output was reused",
+        "encoder_cache_misses": "Images/videos that went through the vision tower",
+        "preemptions": "Sequences preempted (KV blocks ran out) and recomputed later",
+    }
+    GAUGES = {
+        "kv_cache_usage": "Share of the KV cache blocks in use (0..1)",
+        "kv_cache_blocks": "KV cache blocks in all",
+    }
+
+    def __init__(self, stats: Callable[[], dict[str, float]]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.stats()
+        for name, doc in self.COUNTERS.items():
+            yield CounterMetricFamily(f"vlm_{name}", doc, value=stats[name])
+        for name, doc in self.GAUGES.items():
+            yield GaugeMetricFamily(f"vlm_{name}", doc, value=stats[name])
 
 
 def _set_counts(gauge: Gauge, statuses: tuple[str, ...], counts: dict[str, int]) -> None:

@@ -81,7 +81,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             caption_tokens=settings.caption_tokens,
             metrics=metrics,
         )
-        metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running)
+        metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running, engine.stats)
         categories = CategoriesPipeline(engine, input_builder, media)
         jobs = JobStore(settings.data_dir / "jobs.sqlite3")
         handlers = {

@@ -292,6 +292,7 @@ class ChatCompletionChoice(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's field)
     image_tokens: int
     text_tokens: int
     video_tokens: int = 0  # extension: tokens of video frames (or of captioned frames)
@@ -304,12 +305,20 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, num_prompt: int, num_image: int, num_video: int, num_completion: int) -> Usage:
+    def of(
+        cls,
+        num_prompt: int,
+        num_image: int,
+        num_video: int,
+        num_completion: int,
+        num_cached: int = 0,
+    ) -> Usage:
         return cls(
             prompt_tokens=num_prompt,
             completion_tokens=num_completion,
             total_tokens=num_prompt + num_completion,
             prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=num_cached,
                 image_tokens=num_image,
                 text_tokens=num_prompt - num_image - num_video,
                 video_tokens=num_video,

@@ -17,6 +17,8 @@ import time
 from collections.abc import AsyncIterator
 
 from server.config import EngineConfig
+from server.engine import profile
+from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
@@ -30,9 +32,7 @@ from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
 
-# Without --kv-cache-memory: this share of the GPU memory left after loading the weights
-# (the rest is for activations, vision-tower work above all), or this much RAM on a CPU.
-AUTO_KV_GPU_FRACTION = 0.7
+# Without --kv-cache-memory on a CPU: this much RAM for the KV cache.
 AUTO_KV_CPU_GIB = 4.0
 # Seconds a client is told to wait (Retry-After) when the queue is full or timed out.
 RETRY_AFTER_S = 1
@@ -67,16 +67,31 @@ class AsyncEngine:
     @classmethod
     def build(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
         max_seq_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
-        num_slots = kv_cache_slots(loaded, config, max_seq_len)
+        num_blocks = kv_cache_blocks(loaded, config, max_seq_len)
+        capacity = num_blocks * config.block_size
+        if capacity < max_seq_len:
+            # A sequence must be able to finish alone, so the context is what the cache holds.
+            logger.warning(
+                "The KV cache holds %d tokens, less than the context (%d): serving a context of "
+                "%d tokens; raise --gpu-memory-utilization / --kv-cache-memory or lower "
+                "--max-model-len.",
+                capacity,
+                max_seq_len,
+                capacity,
+            )
+            max_seq_len = capacity
+        blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler = Scheduler(
             SchedulerConfig(
-                max_num_seqs=num_slots,
+                max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_queued_requests=config.max_queued_requests,
                 queue_timeout_s=config.queue_timeout_s,
-            )
+            ),
+            blocks,
         )
-        runner = ModelRunner(loaded, num_slots, max_seq_len)
+        encoder_bytes = int(config.encoder_cache_memory_gib * 2**30)
+        runner = ModelRunner(loaded, num_blocks, config.block_size, encoder_bytes)
         return cls(runner, scheduler, loaded.tokenizer, max_seq_len, config.default_max_tokens)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -104,6 +119,19 @@ class AsyncEngine:
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
+
+    def stats(self) -> dict[str, float]:
+        """Cache and memory figures for /metrics (plain counters; read from any thread)."""
+        blocks, encoder = self.scheduler.blocks, self.runner.encoder_cache
+        return {
+            "prefix_cache_queried_tokens": blocks.num_queried_tokens,
+            "prefix_cache_hit_tokens": blocks.num_hit_tokens,
+            "encoder_cache_hits": encoder.num_hits,
+            "encoder_cache_misses": encoder.num_misses,
+            "preemptions": self.scheduler.num_preemptions,
+            "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
+            "kv_cache_blocks": blocks.num_blocks,
+        }
 
     # -- requests (event loop) -------------------------------------------------------------
     def check_capacity(self) -> None:
@@ -246,14 +274,14 @@ class AsyncEngine:
     def _step(self) -> None:
         self._take_inbox(block=not self.scheduler.has_work)
         self._drop_aborted_and_expired()
-        step = self.scheduler.schedule()
-        if step.prefill:
-            self._mark_admitted(step.prefill)
-            self._process(step.prefill, self.runner.prefill(step.prefill))
-            self._deliver()  # first tokens out now, not after this iteration's decode
-        decode = [s for s in step.decode if not s.is_finished]
-        if decode:
-            self._process(decode, self.runner.decode(decode))
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return
+        self._mark_admitted(batch.admitted)
+        sampled = batch.sampled
+        token_ids = self.runner.run(batch, sampled)
+        self.scheduler.commit(batch)
+        self._process(sampled, token_ids)
 
     def _take_one(self) -> Sequence | list[Sequence] | None | bool:
         """The next inbox item without waiting; False when the inbox is empty."""
@@ -306,10 +334,8 @@ class AsyncEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         request_id_var.set(seq.log_id)
-        was_queued = seq.status is SequenceStatus.WAITING
-        move = self.scheduler.remove(seq)
-        if move is not None:
-            self.runner.move_slot(move)
+        was_queued = not seq.is_admitted and not seq.is_finished
+        self.scheduler.remove(seq)
         self.runner.release(seq)
         if was_queued:
             with self._lock:
@@ -355,37 +381,31 @@ def is_fatal_device_error(exc: Exception) -> bool:
     return "CUDA error" in str(exc) or "device-side assert" in str(exc)
 
 
-def kv_cache_slots(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
-    """How many sequences of max_seq_len tokens fit the KV-cache budget (capped by max_num_seqs)."""
-    import torch
-
-    per_slot = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype) * max_seq_len
+def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
+    """How many KV blocks the budget holds: --kv-cache-memory when given; on CUDA what
+    --gpu-memory-utilization leaves after the measured peak of a worst-case step; on a CPU a
+    fixed amount of RAM, no more than max_num_seqs full contexts."""
+    bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+    bytes_per_block = bytes_per_token * config.block_size
     if config.kv_cache_memory_gib > 0:
         budget = config.kv_cache_memory_gib * 2**30
     elif loaded.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(loaded.device)
-        budget = free * AUTO_KV_GPU_FRACTION
+        budget = profile.kv_budget_bytes(loaded, config)
     else:
-        budget = AUTO_KV_CPU_GIB * 2**30
-    num_slots = min(config.max_num_seqs, int(budget // per_slot))
-    if num_slots < 1:
+        most_needed = config.max_num_seqs * (max_seq_len + config.block_size) * bytes_per_token
+        budget = min(AUTO_KV_CPU_GIB * 2**30, most_needed)
+    num_blocks = int(budget // bytes_per_block)
+    if num_blocks < 1:
         raise ModelLoadError(
-            f"The KV cache budget ({budget / 2**30:.1f} GiB) cannot hold one sequence of "
-            f"{max_seq_len} tokens ({per_slot / 2**30:.2f} GiB): raise --kv-cache-memory or "
-            "lower --max-model-len."
-        )
-    if num_slots < config.max_num_seqs:
-        logger.warning(
-            "The KV cache budget holds only %d sequences of %d tokens (--max-num-seqs %d): "
-            "lower --max-model-len or raise --kv-cache-memory to run more at once.",
-            num_slots,
-            max_seq_len,
-            config.max_num_seqs,
+            f"The KV cache budget ({budget / 2**30:.2f} GiB) cannot hold one block of "
+            f"{config.block_size} tokens: raise --gpu-memory-utilization or --kv-cache-memory."
         )
     logger.info(
-        "KV cache: %d slots of %d tokens, %.2f GiB",
-        num_slots,
-        max_seq_len,
-        num_slots * per_slot / 2**30,
+        "KV cache: %d blocks of %d tokens (%d tokens), %.2f GiB; prefix caching %s",
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size,
+        num_blocks * bytes_per_block / 2**30,
+        "on" if config.enable_prefix_caching else "off",
     )
-    return num_slots
+    return num_blocks

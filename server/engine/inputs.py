@@ -3,12 +3,36 @@ checkpoint's own chat template and processor, so prompts match training)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """One image or video of a prompt: where its tokens are and what it is.
+
+    `key` is a content hash of the processed pixels and everything that shapes the item's
+    embeddings and rope positions (grid, seconds per temporal patch): it keys the encoder
+    cache and enters the prefix-cache hash of every KV block that holds the item's tokens, so
+    identical placeholder runs of different images never match."""
+
+    kind: str  # "image" | "video"
+    index: int  # among the prompt's items of this kind (its row in *_grid_thw)
+    start: int  # first placeholder token in the prompt
+    num_tokens: int
+    patch_start: int  # first row of this item in pixel_values / pixel_values_videos
+    num_patches: int
+    key: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
 
 
 @dataclass
@@ -19,6 +43,51 @@ class ModelInputs:
     num_prompt_tokens: int
     num_image_tokens: int
     num_video_tokens: int = 0
+    media: tuple[MediaItem, ...] = ()
+
+    @functools.cached_property
+    def token_ids(self) -> list[int]:
+        ids = self.tensors.get("input_ids")
+        return ids[0].tolist() if ids is not None else [0] * self.num_prompt_tokens
+
+
+def find_media(
+    tensors: dict[str, torch.Tensor], token_ids: dict[str, int]
+) -> tuple[MediaItem, ...]:
+    """The prompt's media items in prompt order; token_ids maps kind -> placeholder token id."""
+    ids = tensors["input_ids"][0]
+    items: list[MediaItem] = []
+    for kind, pixels_name in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        grids = tensors.get(f"{kind}_grid_thw")
+        if grids is None:
+            continue
+        positions = (ids == token_ids[kind]).nonzero().view(-1).tolist()
+        patch_counts = grids.prod(-1).tolist()
+        merge = len(positions) and sum(patch_counts) // len(positions)  # patches per token
+        pixels = tensors[pixels_name]
+        cursor = patch_start = 0
+        for index, num_patches in enumerate(patch_counts):
+            num_tokens = num_patches // merge
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(kind.encode() + str(grids[index].tolist()).encode())
+            if kind == "video" and "second_per_grid_ts" in tensors:
+                digest.update(str(float(tensors["second_per_grid_ts"][index])).encode())
+            patch = pixels[patch_start : patch_start + num_patches].contiguous()
+            digest.update(patch.numpy().tobytes())
+            items.append(
+                MediaItem(
+                    kind,
+                    index,
+                    positions[cursor],
+                    num_tokens,
+                    patch_start,
+                    num_patches,
+                    digest.hexdigest(),
+                )
+            )
+            cursor += num_tokens
+            patch_start += num_patches
+    return tuple(sorted(items, key=lambda item: item.start))
 
 
 @dataclass(frozen=True)
@@ -85,9 +154,11 @@ class InputBuilder:
         if "second_per_grid_ts" in encoded and "second_per_grid_ts" not in tensors:
             tensors["second_per_grid_ts"] = torch.tensor(encoded["second_per_grid_ts"])
         input_ids = tensors["input_ids"]
+        placeholders = {"image": self.image_token_id, "video": self.video_token_id}
         return ModelInputs(
             tensors=tensors,
             num_prompt_tokens=int(input_ids.shape[1]),
             num_image_tokens=int((input_ids == self.image_token_id).sum()),
             num_video_tokens=int((input_ids == self.video_token_id).sum()),
+            media=find_media(tensors, placeholders),
         )

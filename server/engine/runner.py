@@ -1,12 +1,13 @@
 """ModelRunner: the only engine code that touches torch devices.
 
-It runs the HF Qwen2-VL model's own forward pass on batches the scheduler picks:
-- prefill: newly admitted sequences together, right-padded to the longest prompt; their images
-  go through the vision tower in one call; each row's keys/values land in its KV slot.
-- decode: one token for every running sequence (slots 0..n-1) in one forward.
-Qwen2-VL's multimodal rope is computed per sequence (`get_rope_index` at prefill, then
-position = cache position + that sequence's rope delta), so text-only and image sequences mix
-freely. transformers' own continuous batching cannot do this: it takes token ids only.
+One `run` per engine step: the scheduled sequences' new tokens (decodes and prompt chunks)
+go through HF's Qwen2-VL text model as one flattened batch, attending over the paged KV cache
+(attention.py). Images and videos go through the vision tower once, when the first chunk
+that holds their tokens is prefilled (or not at all: the encoder cache has them); their
+embeddings are held until the prompt's last media token is prefilled. Qwen2-VL's multimodal
+rope is computed once per prompt (`get_rope_index`) and sliced per chunk; later tokens sit at
+their index plus the sequence's rope delta, so chunks, prefix hits and recomputation after a
+preemption all see exactly the positions a single prefill would.
 """
 
 from __future__ import annotations
@@ -16,23 +17,22 @@ from typing import Any
 
 import torch
 
-from server.engine.kv_cache import KVCache, KVCacheShape
+from server.engine import attention
+from server.engine.encoder_cache import EncoderCache
+from server.engine.inputs import MediaItem
+from server.engine.kv_cache import KVCacheShape, PagedKVCache, StepCache
 from server.engine.loader import LoadedModel
 from server.engine.sampler import SamplingState, make_generator, sample
-from server.engine.scheduler import SlotMove
+from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache
 
 logger = logging.getLogger(__name__)
 
-VISION_INPUTS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "second_per_grid_ts",  # Qwen2.5-VL: seconds per temporal patch of each video
-)
 ROPE_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+# The text model's layers get no mask: the paged attention knows each sequence's context.
+NO_MASKS = {"full_attention": None, "sliding_attention": None}
 
 
 def kv_cache_shape(model: Any) -> KVCacheShape:
@@ -42,14 +42,22 @@ def kv_cache_shape(model: Any) -> KVCacheShape:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_slots: int, max_seq_len: int):
+    def __init__(
+        self, loaded: LoadedModel, num_blocks: int, block_size: int, encoder_cache_bytes: int
+    ):
         self.model = loaded.model
+        self.text_model = loaded.model.model.language_model
         self.device = loaded.device
         self.eos_token_ids = loaded.eos_token_ids
-        self.pad_token_id = loaded.tokenizer.pad_token_id or 0
-        self.kv_cache = KVCache(
-            kv_cache_shape(self.model), num_slots, max_seq_len, loaded.dtype, loaded.device
+        attention.register()
+        self.model.config.text_config._attn_implementation = attention.ATTENTION_NAME
+        self.block_size = block_size
+        self.kv_cache = PagedKVCache(
+            kv_cache_shape(self.model), num_blocks, block_size, loaded.dtype, loaded.device
         )
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        # Vision-tower outputs of prompts still being prefilled: request id -> item -> embeds.
+        self.media_embeds: dict[str, dict[MediaItem, torch.Tensor]] = {}
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
         self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
@@ -64,106 +72,149 @@ class ModelRunner:
     # -- sequence lifecycle ----------------------------------------------------------------
     def release(self, seq: Sequence) -> None:
         self.states.pop(seq.request_id, None)
-
-    def move_slot(self, move: SlotMove) -> None:
-        self.kv_cache.move(move.src, move.dst, min(move.length, self.kv_cache.max_seq_len))
+        self.media_embeds.pop(seq.request_id, None)
 
     def _state(self, seq: Sequence) -> SamplingState:
-        state = self.states[seq.request_id]
-        params = state.params
-        # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough.
-        early = len(seq.output_token_ids) < params.min_tokens
-        state.banned_token_ids = tuple(self.eos_token_ids) + params.stop_token_ids if early else ()
-        return state
-
-    # -- forward passes --------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        lengths = [s.inputs.num_prompt_tokens for s in seqs]
-        longest = max(lengths)
-        input_ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
-        token_types = torch.zeros((len(seqs), longest), dtype=torch.long)
-        positions = torch.empty((3, len(seqs), longest), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tensors = seq.inputs.tensors
-            input_ids[row, : lengths[row]] = tensors["input_ids"][0]
-            if "mm_token_type_ids" in tensors:
-                token_types[row, : lengths[row]] = tensors["mm_token_type_ids"][0]
-            positions[:, row] = self._prompt_positions(seq, longest)
+        state = self.states.get(seq.request_id)
+        if state is None:
             structured = seq.sampling.structured
-            self.states[seq.request_id] = SamplingState(
+            state = self.states[seq.request_id] = SamplingState(
                 params=seq.sampling,
                 generator=make_generator(seq.sampling.seed, self.device),
-                prompt_token_ids=tensors["input_ids"][0].to(self.device),
+                prompt_token_ids=torch.tensor(seq.inputs.token_ids, device=self.device),
                 output_token_ids=seq.output_token_ids,
                 matcher=self.grammars.matcher(structured) if structured else None,
                 grammars=self.grammars,
             )
-        vision = self._vision_inputs(seqs)
-        first_slot = seqs[0].slot
-        hidden = self._forward(
-            input_ids=input_ids.to(self.device),
-            mm_token_type_ids=token_types.to(self.device),
-            position_ids=positions.to(self.device),
-            cache=self.kv_cache.step(first_slot, torch.zeros(len(seqs), dtype=torch.long), longest),
-            attention_mask=None,  # right padding + causal: every real query sees only real keys
-            **vision,
+        # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough.
+        early = len(seq.output_token_ids) < state.params.min_tokens
+        state.banned_token_ids = (
+            tuple(self.eos_token_ids) + state.params.stop_token_ids if early else ()
         )
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model.lm_head(hidden[torch.arange(len(seqs), device=self.device), last])
-        return sample(logits, [self._state(s) for s in seqs])
+        return state
 
+    # -- one step --------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> list[int]:
-        # The token sampled last step is not cached yet: it goes in at position num_tokens - 1.
-        cache_positions = torch.tensor([s.num_tokens - 1 for s in seqs], device=self.device)
-        rope_deltas = torch.tensor([s.rope_delta for s in seqs], device=self.device)
-        kv_len = int(cache_positions.max()) + 1
-        input_ids = torch.tensor([[s.output_token_ids[-1]] for s in seqs], device=self.device)
-        positions = (cache_positions + rope_deltas).view(1, -1, 1).expand(3, -1, -1)
-        # Row b attends to its own cached positions 0..cache_positions[b] only.
-        mask = torch.arange(kv_len, device=self.device)[None, :] <= cache_positions[:, None]
-        hidden = self._forward(
-            input_ids=input_ids,
-            position_ids=positions,
-            cache=self.kv_cache.step(0, cache_positions, kv_len),
-            attention_mask=mask[:, None, None, :],
+    def run(self, batch: ScheduledBatch, sampled: list[Sequence]) -> list[int]:
+        """Compute the batch's new tokens; returns the next token of each `sampled` sequence
+        (those whose step reaches their last token)."""
+        self._encode_media(batch)
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        pieces: list[tuple[int, torch.Tensor]] = []  # (row, media embeddings) to place
+        seq_lens: list[int] = []
+        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
+            pieces += [(len(token_ids) + offset, e) for offset, e in self._media(seq, start, end)]
+            token_ids += seq.token_ids(start, end)
+            positions.append(self._positions(seq, start, end))
+            seq_lens.append(end)
+        meta = attention.StepMetadata.build(
+            [s.block_table for s in batch.seqs],
+            batch.num_new_tokens,
+            seq_lens,
+            self.block_size,
+            self.device,
         )
-        logits = self.model.lm_head(hidden[:, -1])
-        return sample(logits, [self._state(s) for s in seqs])
+        embeds = self.text_model.embed_tokens(torch.tensor(token_ids, device=self.device))
+        for row, media in pieces:
+            embeds[row : row + media.shape[0]] = media.to(embeds.dtype)
+        hidden = self.text_model(
+            inputs_embeds=embeds[None],
+            position_ids=torch.cat(positions, dim=1)[:, None].to(self.device),
+            past_key_values=StepCache(self.kv_cache, meta.slot_mapping),
+            attention_mask=NO_MASKS,
+            use_cache=True,
+            paged_metadata=meta,
+        ).last_hidden_state[0]
+        self._drop_prefilled_media(batch)
+        if not sampled:
+            return []
+        index = {id(seq): i for i, seq in enumerate(batch.seqs)}
+        rows = [meta.query_start[index[id(seq)] + 1] - 1 for seq in sampled]
+        logits = self.model.lm_head(hidden[torch.tensor(rows, device=self.device)])
+        return sample(logits, [self._state(s) for s in sampled])
 
-    def _forward(self, cache: Any, attention_mask: torch.Tensor | None, **inputs: Any):
-        # A prepared mask mapping makes HF skip its own mask construction.
-        masks = {"full_attention": attention_mask, "sliding_attention": attention_mask}
-        out = self.model.model(
-            **inputs, past_key_values=cache, attention_mask=masks, use_cache=True
-        )
-        return out.last_hidden_state
+    def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """[3, end - start] mrope positions of tokens [start, end)."""
+        if seq.mrope_positions is None:
+            seq.mrope_positions, seq.rope_delta = self._prompt_positions(seq)
+        num_prompt = seq.inputs.num_prompt_tokens
+        parts = []
+        if start < num_prompt:
+            parts.append(seq.mrope_positions[:, start : min(end, num_prompt)])
+        if end > num_prompt:
+            later = torch.arange(max(start, num_prompt), end) + seq.rope_delta
+            parts.append(later.view(1, -1).expand(3, -1))
+        return torch.cat(parts, dim=1)
 
-    def _prompt_positions(self, seq: Sequence, width: int) -> torch.Tensor:
-        """[3, width] mrope positions of the prompt (padding continues the count); sets the
-        sequence's rope delta for its decode steps."""
+    def _prompt_positions(self, seq: Sequence) -> tuple[torch.Tensor, int]:
         tensors = seq.inputs.tensors
         kwargs = {k: tensors[k] for k in ROPE_INPUTS if k in tensors}
+        input_ids = torch.tensor([seq.inputs.token_ids])
         token_types = tensors.get("mm_token_type_ids")
         if token_types is None:
-            token_types = torch.zeros_like(tensors["input_ids"])
+            token_types = torch.zeros_like(input_ids)
         positions, deltas = self.model.model.get_rope_index(
-            input_ids=tensors["input_ids"], mm_token_type_ids=token_types, **kwargs
+            input_ids=input_ids, mm_token_type_ids=token_types, **kwargs
         )
-        seq.rope_delta = int(deltas.view(-1)[0])
-        length = positions.shape[-1]
-        if width > length:
-            start = int(positions.max()) + 1
-            pad = torch.arange(start, start + width - length).view(1, -1).expand(3, -1)
-            return torch.cat([positions[:, 0], pad], dim=1)
-        return positions[:, 0]
+        return positions[:, 0].cpu(), int(deltas.view(-1)[0])
 
-    def _vision_inputs(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
-        """Concatenate every sequence's images (and videos) for one vision-tower call."""
-        batched: dict[str, torch.Tensor] = {}
-        for name in VISION_INPUTS:
-            parts = [s.inputs.tensors[name] for s in seqs if name in s.inputs.tensors]
-            if parts:
-                batched[name] = torch.cat(parts).to(self.device)
-        return batched
+    # -- media -----------------------------------------------------------------------------
+    def _media(self, seq: Sequence, start: int, end: int) -> list[tuple[int, torch.Tensor]]:
+        """(offset in the chunk, embeddings) for the media tokens among tokens [start, end)."""
+        held = self.media_embeds.get(seq.request_id, {})
+        out = []
+        for item in seq.inputs.media:
+            first, last = max(start, item.start), min(end, item.end)
+            if first < last:
+                out.append((first - start, held[item][first - item.start : last - item.start]))
+        return out
+
+    def _encode_media(self, batch: ScheduledBatch) -> None:
+        """Vision-tower outputs for every media item the step's chunks need: from the encoder
+        cache, else from one vision-tower call per kind for all of them."""
+        missing: dict[str, list[tuple[Sequence, MediaItem]]] = {}
+        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
+            held = self.media_embeds.setdefault(seq.request_id, {})
+            for item in seq.inputs.media:
+                if item in held or not (item.start < end and item.end > start):
+                    continue
+                cached = self.encoder_cache.get(item.key)
+                if cached is not None:
+                    held[item] = cached
+                else:
+                    missing.setdefault(item.key, []).append((seq, item))
+        for kind in PIXELS:
+            wanted = [users for users in missing.values() if users[0][1].kind == kind]
+            if not wanted:
+                continue
+            embeds = self._vision_tower(kind, [users[0] for users in wanted])
+            for users, item_embeds in zip(wanted, embeds, strict=True):
+                self.encoder_cache.put(users[0][1].key, item_embeds)
+                for seq, item in users:
+                    self.media_embeds[seq.request_id][item] = item_embeds
+
+    def _vision_tower(
+        self, kind: str, items: list[tuple[Sequence, MediaItem]]
+    ) -> list[torch.Tensor]:
+        pixels = torch.cat(
+            [
+                s.inputs.tensors[PIXELS[kind]][m.patch_start : m.patch_start + m.num_patches]
+                for s, m in items
+            ]
+        ).to(self.device)
+        grids = torch.stack([s.inputs.tensors[f"{kind}_grid_thw"][m.index] for s, m in items])
+        features = (
+            self.model.model.get_image_features
+            if kind == "image"
+            else self.model.model.get_video_features
+        )
+        return list(features(pixels, grids.to(self.device), return_dict=True).pooler_output)
+
+    def _drop_prefilled_media(self, batch: ScheduledBatch) -> None:
+        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            media_end = max((item.end for item in seq.inputs.media), default=0)
+            if seq.num_computed_tokens + num >= media_end:
+                self.media_embeds.pop(seq.request_id, None)

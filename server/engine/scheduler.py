@@ -1,10 +1,13 @@
 """Scheduler: moves Sequences between `waiting` and `running`; no torch here.
 
-Every engine iteration: the sequences already running get one decode step together, and waiting
-sequences are admitted (first come, first served) while there is a free KV slot, room under
-max_num_seqs, and room in the prefill token budget. A running sequence's index in `running` is
-its KV-cache slot; when one finishes, the last one moves into its slot (the runner copies its
-cache), so running slots are always 0..n-1.
+Every engine step has one token budget (max_num_batched_tokens) that counts real tokens:
+1. every running sequence that is decoding gets its one token first (a new KV block when it
+   needs one; when none is free, the newest running sequence is preempted: its blocks are
+   freed and it waits at the front of the queue to be recomputed later);
+2. sequences part-way through their prompt get the next chunk of it;
+3. waiting sequences are admitted, first come first served, while the budget, max_num_seqs
+   and free KV blocks allow; a prompt's prefix already in the prefix cache is not recomputed.
+A long prompt thus never holds the running streams back by more than one chunk.
 """
 
 from __future__ import annotations
@@ -13,42 +16,52 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int  # KV slots: at most this many sequences run at once
-    max_num_batched_tokens: int  # prompt tokens prefilled in one iteration
+    max_num_seqs: int  # sequences running (holding KV blocks) at once
+    max_num_batched_tokens: int  # tokens (decodes + prompt chunks) in one step
     max_queued_requests: int
     queue_timeout_s: float
 
 
 @dataclass
-class ScheduledStep:
-    prefill: list[Sequence] = field(default_factory=list)  # admitted now, slots ascending
-    decode: list[Sequence] = field(default_factory=list)  # running before, slots 0..n-1
+class ScheduledBatch:
+    """One step's work: each sequence with how many of its uncomputed tokens to compute."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # first admission this step
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_tokens)
 
     @property
     def is_empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not self.seqs
 
-
-@dataclass(frozen=True)
-class SlotMove:
-    """The runner copies `length` cached positions from slot src to slot dst."""
-
-    src: int
-    dst: int
-    length: int
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences whose step ends at their last token: they get a new token."""
+        return [
+            seq
+            for seq, num in zip(self.seqs, self.num_new_tokens, strict=True)
+            if seq.num_computed_tokens + num == seq.num_tokens
+        ]
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.peak_num_running = 0  # for tests and metrics
+        self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
@@ -58,43 +71,78 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def schedule(self) -> ScheduledStep:
-        step = ScheduledStep(decode=list(self.running))
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            num_tokens = self.waiting[0].inputs.num_prompt_tokens
-            # A prompt bigger than the whole budget still runs, alone.
-            if num_tokens > budget and step.prefill:
+        num_preemptions = self.num_preemptions
+        for seq in list(self.running):
+            if budget and seq in self.running and not seq.is_prefilling and self._make_room(seq):
+                batch.add(seq, 1)
+                budget -= 1
+        for seq in self.running:
+            if budget and seq.is_prefilling:
+                num = min(seq.num_uncomputed_tokens, budget)
+                batch.add(seq, num)
+                budget -= num
+        # Nothing new joins a step that had to preempt: memory is short.
+        while budget and self.waiting and num_preemptions == self.num_preemptions:
+            seq = self.waiting[0]
+            if len(self.running) >= self.config.max_num_seqs or not self.blocks.can_allocate(seq):
                 break
-            seq = self.waiting.popleft()
-            budget -= num_tokens
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            if not seq.is_admitted:
+                seq.is_admitted = True
+                batch.admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
-            seq.slot = len(self.running)
             self.running.append(seq)
-            step.prefill.append(seq)
+            num = min(seq.num_uncomputed_tokens, budget)
+            batch.add(seq, num)
+            budget -= num
         self.peak_num_running = max(self.peak_num_running, len(self.running))
-        return step
+        return batch
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """A KV slot for the sequence's next token, preempting the newest sequences if need
+        be; False when the sequence itself had to be preempted."""
+        while not self.blocks.can_append(seq):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.append(seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_blocks(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """The step ran: its tokens are in the KV cache."""
+        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            self.blocks.commit(seq, num)
 
     def expire_waiting(self, now: float | None = None) -> list[Sequence]:
-        """Waiting sequences older than queue_timeout_s leave the queue (the engine answers 503)."""
+        """Queued sequences older than queue_timeout_s leave the queue (the engine answers 503);
+        a preempted sequence was accepted already and waits its turn."""
         now = time.monotonic() if now is None else now
-        expired = [s for s in self.waiting if now - s.arrival_time > self.config.queue_timeout_s]
+        expired = [
+            s
+            for s in self.waiting
+            if not s.is_admitted and now - s.arrival_time > self.config.queue_timeout_s
+        ]
         for seq in expired:
             self.waiting.remove(seq)
         return expired
 
-    def remove(self, seq: Sequence) -> SlotMove | None:
-        """Take a finished or aborted sequence out; returns the slot move that keeps slots dense."""
-        if seq.slot < 0:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-            return None
-        slot = seq.slot
-        last = self.running.pop()
-        seq.slot = -1
-        if last is seq:
-            return None
-        self.running[slot] = last
-        last.slot = slot
-        # num_tokens >= the cached positions whether or not this step's token is appended yet.
-        return SlotMove(src=len(self.running), dst=slot, length=last.num_tokens)
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.free_blocks(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.engine.inputs import ModelInputs
 from server.engine.sampling import SamplingParams
@@ -49,9 +50,19 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     is_aborted: bool = False
+    is_admitted: bool = False  # scheduled at least once (no longer counts as queued)
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
-    slot: int = -1  # KV-cache slot while running
-    rope_delta: int = 0  # Qwen2-VL mrope: position of the next token minus its index
+    # Paged KV cache: the blocks holding this sequence's keys/values, in order; how many of its
+    # tokens have their keys/values there; the prefix-cache hash of each full block.
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    num_preemptions: int = 0
+    # Qwen2-VL mrope: the prompt's [3, n] positions (set by the runner on first use), and the
+    # position of any later token minus its index.
+    mrope_positions: Any = None
+    rope_delta: int = 0
     arrival_time: float = field(default_factory=time.monotonic)  # entered the engine
     received_time: float = field(default_factory=time.monotonic)  # the HTTP request arrived
     first_token_time: float | None = None
@@ -68,9 +79,26 @@ class Sequence:
         return self.inputs.num_prompt_tokens + len(self.output_token_ids)
 
     @property
-    def num_cached_tokens(self) -> int:
-        """Tokens whose keys/values are in the KV cache: all but the last sampled one."""
-        return self.num_tokens - 1 if self.output_token_ids else 0
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to go through the model: a prompt (chunk by chunk), or the one token
+        sampled last step (a decode)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_uncomputed_tokens > 1
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of prompt + output."""
+        prompt = self.inputs.token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        outputs = self.output_token_ids[max(0, start - len(prompt)) : end - len(prompt)]
+        return prompt[start:end] + outputs
+
+    def media_keys(self, start: int, end: int) -> tuple[str, ...]:
+        """Content keys of the media whose tokens lie in [start, end)."""
+        return tuple(m.key for m in self.inputs.media if m.start < end and m.end > start)
 
     @property
     def is_finished(self) -> bool:

@@ -118,7 +118,8 @@ class CategoriesResult:
     media_type: str  # "image" | "video"
     result: dict[str, Any]
     frames: list[FrameResult] | None = None
-    usage: list[int] = field(default_factory=lambda: [0, 0, 0])  # prompt, image, completion
+    # prompt, image, completion, cached tokens
+    usage: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
 
 class IncompleteJson(ServerError):
@@ -220,4 +221,5 @@ def _usage(seqs: list[Sequence]) -> list[int]:
         sum(s.inputs.num_prompt_tokens for s in seqs),
         sum(s.inputs.num_image_tokens for s in seqs),
         sum(s.num_completion_tokens for s in seqs),
+        sum(s.num_cached_tokens for s in seqs),
     ]

@@ -53,14 +53,15 @@ class ChatRun:
     frames: list[FrameCaption] | None = None
     caption_usage: CaptionUsage = CaptionUsage(0, 0, 0)
 
-    def usage(self) -> tuple[int, int, int, int]:
-        """(prompt, image, video, completion) tokens, captioning included."""
+    def usage(self) -> tuple[int, int, int, int, int]:
+        """(prompt, image, video, completion, cached) tokens, captioning included."""
         inputs, extra = self.seq.inputs, self.caption_usage
         return (
             inputs.num_prompt_tokens + extra.num_prompt_tokens,
             inputs.num_image_tokens,
             inputs.num_video_tokens + extra.num_image_tokens,
             self.seq.num_completion_tokens + extra.num_completion_tokens,
+            self.seq.num_cached_tokens + extra.num_cached_tokens,
         )
 
 
@@ -142,7 +143,7 @@ class ChatPipeline:
         self, request: ChatRequest, images: list[Image.Image], videos: list[DecodedVideo]
     ) -> ChatRun:
         all_captions: list[FrameCaption] = []
-        usage = CaptionUsage(0, 0, 0)
+        usage = CaptionUsage(0, 0, 0, 0)
         texts = []
         total = sum(len(v.frames) for v in videos)
         for k, video in enumerate(videos):
@@ -230,8 +231,13 @@ def _share(
     return lambda fraction: on_progress(start + fraction * weight)
 
 
-def _fields(usage: CaptionUsage) -> tuple[int, int, int]:
-    return usage.num_prompt_tokens, usage.num_image_tokens, usage.num_completion_tokens
+def _fields(usage: CaptionUsage) -> tuple[int, int, int, int]:
+    return (
+        usage.num_prompt_tokens,
+        usage.num_image_tokens,
+        usage.num_completion_tokens,
+        usage.num_cached_tokens,
+    )
 
 
 def _replace_videos(messages: list[ChatMessage], texts: list[str]) -> list[ChatMessage]:

@@ -29,6 +29,7 @@ class CaptionUsage:
     num_prompt_tokens: int
     num_image_tokens: int
     num_completion_tokens: int
+    num_cached_tokens: int = 0
 
 
 class FrameCaptioner:
@@ -58,6 +59,7 @@ class FrameCaptioner:
             sum(s.inputs.num_prompt_tokens for s in seqs),
             sum(s.inputs.num_image_tokens for s in seqs),
             sum(s.num_completion_tokens for s in seqs),
+            sum(s.num_cached_tokens for s in seqs),
         )
         return captions, usage
 

@@ -158,7 +158,7 @@ async def test_full_queue_is_refused_with_retry_after(loaded, prompts) -> None:
     engine.start()
     sampling = SamplingParams(max_tokens=400, temperature=0)
     first = engine.add_request("a", prompts[1], sampling)
-    while first.slot < 0:  # wait until it runs, so it no longer counts as queued
+    while not first.is_admitted:  # wait until it runs, so it no longer counts as queued
         await asyncio.sleep(0.001)
     engine.add_request("b", prompts[1], sampling)
     engine.add_request("c", prompts[1], sampling)

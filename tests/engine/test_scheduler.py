@@ -1,4 +1,5 @@
-"""Scheduler and engine loop with a fake runner: no model, no torch, just the bookkeeping."""
+"""Scheduler, block manager and engine loop with a fake runner: no model, no torch, just the
+bookkeeping (token budget, chunks, blocks, prefix hits, preemption)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import asyncio
 
 import pytest
 
+from server.engine.block_manager import BlockManager
 from server.engine.engine import AsyncEngine
-from server.engine.inputs import ModelInputs
+from server.engine.inputs import MediaItem, ModelInputs
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
+
+BLOCK = 4
 
 
 def config(**overrides: float) -> SchedulerConfig:
@@ -24,66 +28,149 @@ def config(**overrides: float) -> SchedulerConfig:
     return SchedulerConfig(**values)  # type: ignore[arg-type]
 
 
-def make_seq(name: str, num_prompt: int = 10, max_tokens: int = 5) -> Sequence:
+def scheduler(num_blocks: int = 64, caching: bool = True, **overrides: float) -> Scheduler:
+    return Scheduler(config(**overrides), BlockManager(num_blocks, BLOCK, caching))
+
+
+def make_seq(
+    name: str, num_prompt: int = 10, max_tokens: int = 5, first: int = 0, media=()
+) -> Sequence:
     inputs = ModelInputs(tensors={}, num_prompt_tokens=num_prompt, num_image_tokens=0)
+    inputs.token_ids = list(range(first, first + num_prompt))  # cached_property: settable
+    inputs.media = tuple(media)
     return Sequence(name, inputs, SamplingParams(temperature=0), max_tokens)
 
 
+def run_step(sched: Scheduler, token: int = 7) -> ScheduledBatch:
+    """schedule + commit + a sampled token for each sequence that reached its end."""
+    batch = sched.schedule()
+    sampled = batch.sampled
+    sched.commit(batch)
+    for seq in sampled:
+        seq.output_token_ids.append(token)
+    return batch
+
+
+def scheduled(batch: ScheduledBatch) -> dict[str, int]:
+    return {s.request_id: n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)}
+
+
 def test_admits_fifo_up_to_max_num_seqs() -> None:
-    scheduler = Scheduler(config(max_num_seqs=2))
+    sched = scheduler(max_num_seqs=2)
     seqs = [make_seq(f"s{i}") for i in range(3)]
     for seq in seqs:
-        scheduler.add(seq)
-    step = scheduler.schedule()
-    assert step.prefill == seqs[:2] and step.decode == []
-    assert [s.slot for s in seqs] == [0, 1, -1]
+        sched.add(seq)
+    batch = run_step(sched)
+    assert scheduled(batch) == {"s0": 10, "s1": 10} and batch.admitted == seqs[:2]
     assert seqs[2].status is SequenceStatus.WAITING
-    step = scheduler.schedule()
-    assert step.prefill == [] and step.decode == seqs[:2]
+    assert scheduled(run_step(sched)) == {"s0": 1, "s1": 1}  # decodes
 
 
-def test_prefill_token_budget() -> None:
-    scheduler = Scheduler(config(max_num_batched_tokens=25))
-    big, small, other = make_seq("big", 20), make_seq("small", 10), make_seq("other", 3)
-    for seq in (big, small, other):
-        scheduler.add(seq)
-    assert scheduler.schedule().prefill == [big]  # 20 + 10 > 25: small waits its turn (FIFO)
-    assert scheduler.schedule().prefill == [small, other]
+def test_long_prompt_is_prefilled_in_chunks_and_decodes_go_first() -> None:
+    sched = scheduler(max_num_batched_tokens=8)
+    short = make_seq("short", 4)
+    sched.add(short)
+    run_step(sched)
+    long = make_seq("long", 30, first=100)
+    sched.add(long)
+    chunks = []
+    while long.is_prefilling or not long.output_token_ids:
+        batch = run_step(sched)
+        assert scheduled(batch)["short"] == 1  # the stream never waits more than one chunk
+        assert sum(batch.num_new_tokens) <= 8
+        chunks.append(scheduled(batch).get("long", 0))
+    assert chunks == [7, 7, 7, 7, 2] and long.num_computed_tokens == 30
+    assert len(long.output_token_ids) == 1  # sampled only after the last chunk
 
 
-def test_prompt_larger_than_the_budget_runs_alone() -> None:
-    scheduler = Scheduler(config(max_num_batched_tokens=8))
-    huge, after = make_seq("huge", 50), make_seq("after", 2)
-    scheduler.add(huge)
-    scheduler.add(after)
-    assert scheduler.schedule().prefill == [huge]
-    assert scheduler.schedule().prefill == [after]
+def test_prefix_blocks_are_shared_and_freed_by_reference_count() -> None:
+    sched = scheduler()
+    blocks = sched.blocks
+    first = make_seq("a", 10)
+    sched.add(first)
+    run_step(sched)  # 10 tokens: two full blocks are now cached
+    second = make_seq("b", 10)
+    sched.add(second)
+    batch = run_step(sched)
+    assert scheduled(batch)["b"] == 2 and second.num_cached_tokens == 8
+    assert second.block_table[:2] == first.block_table[:2]
+    assert blocks.blocks[first.block_table[0]].ref_count == 2
+    free_before = blocks.num_free_blocks
+    sched.remove(first)
+    assert blocks.num_free_blocks == free_before + 1  # only its own third block
+    sched.remove(second)
+    assert blocks.num_free_blocks == blocks.num_blocks
+    third = make_seq("c", 10)  # freed, but the hashes survive until the blocks are reused
+    sched.add(third)
+    run_step(sched)
+    assert third.num_cached_tokens == 8
 
 
-def test_removal_keeps_slots_dense() -> None:
-    scheduler = Scheduler(config())
-    seqs = [make_seq(f"s{i}") for i in range(4)]
-    for seq in seqs:
-        scheduler.add(seq)
-    scheduler.schedule()
-    seqs[3].output_token_ids = [1, 2]
-    move = scheduler.remove(seqs[1])
-    assert move is not None and (move.src, move.dst) == (3, 1)
-    assert move.length >= seqs[3].num_cached_tokens
-    assert [s.request_id for s in scheduler.running] == ["s0", "s3", "s2"]
-    assert [s.slot for s in scheduler.running] == [0, 1, 2]
-    assert scheduler.remove(seqs[2]) is None  # the last one: nothing to move
+def test_a_full_prompt_hit_still_computes_its_last_token() -> None:
+    sched = scheduler()
+    sched.add(make_seq("a", 8))
+    run_step(sched)
+    again = make_seq("b", 8)
+    sched.add(again)
+    assert scheduled(run_step(sched)) == {"a": 1, "b": 4}  # one block reused, not both
 
 
-def test_expire_waiting() -> None:
-    scheduler = Scheduler(config(max_num_seqs=1, queue_timeout_s=5))
+def test_same_tokens_with_other_media_never_match() -> None:
+    def image(key: str) -> MediaItem:
+        return MediaItem("image", 0, 2, 4, 0, 16, key)
+
+    sched = scheduler()
+    sched.add(make_seq("a", 10, media=[image("cat")]))
+    run_step(sched)
+    other = make_seq("b", 10, media=[image("dog")])
+    same = make_seq("c", 10, media=[image("cat")])
+    sched.add(other)
+    sched.add(same)
+    run_step(sched)
+    assert other.num_cached_tokens == 0 and same.num_cached_tokens == 8
+
+
+def test_prefix_caching_off() -> None:
+    sched = scheduler(caching=False)
+    sched.add(make_seq("a", 10))
+    run_step(sched)
+    again = make_seq("b", 10)
+    sched.add(again)
+    run_step(sched)
+    assert again.num_cached_tokens == 0
+
+
+def test_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
+    sched = scheduler(num_blocks=6, caching=False)
+    old, new = make_seq("old", 8, max_tokens=20), make_seq("new", 8, max_tokens=20, first=50)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # 2 + 2 blocks
+    for _ in range(4):
+        run_step(sched)  # tokens 9..12: a third block each
+    assert sched.blocks.num_free_blocks == 0 and sched.num_preemptions == 0
+    batch = run_step(sched)  # old needs a 4th block: new is preempted
+    assert sched.num_preemptions == 1 and new.status is SequenceStatus.WAITING
+    assert scheduled(batch) == {"old": 1} and new.block_table == []
+    assert sched.waiting[0] is new and new.num_computed_tokens == 0
+    sched.remove(old)
+    batch = run_step(sched)
+    assert scheduled(batch) == {"new": 13}  # prompt + outputs recomputed, then sampled
+    assert len(new.output_token_ids) == 6
+
+
+def test_expire_waiting_spares_preempted_sequences() -> None:
+    sched = scheduler(max_num_seqs=1, queue_timeout_s=5)
     first, second = make_seq("first"), make_seq("second")
-    scheduler.add(first)
-    scheduler.add(second)
-    scheduler.schedule()
-    assert scheduler.expire_waiting(now=second.arrival_time + 1) == []
-    assert scheduler.expire_waiting(now=second.arrival_time + 6) == [second]
-    assert not scheduler.waiting and scheduler.running == [first]
+    sched.add(first)
+    sched.add(second)
+    run_step(sched)
+    assert sched.expire_waiting(now=second.arrival_time + 1) == []
+    assert sched.expire_waiting(now=second.arrival_time + 6) == [second]
+    assert not sched.waiting and sched.running == [first]
+    first.is_admitted = True
+    sched.waiting.append(first)
+    assert sched.expire_waiting(now=first.arrival_time + 100) == []
 
 
 class FakeTokenizer:
@@ -92,31 +179,21 @@ class FakeTokenizer:
 
 
 class FakeRunner:
-    """Emits token (slot-independent) = number of tokens the sequence has, so outputs are
-    predictable; records every batch it was given."""
+    """Emits token = number of output tokens the sequence has, so outputs are predictable;
+    records every step it was given."""
 
     eos_token_ids = (99,)
     vocab_size = 100
 
     def __init__(self) -> None:
-        self.prefills: list[list[str]] = []
-        self.decodes: list[list[str]] = []
-        self.moves: list[tuple[int, int]] = []
+        self.steps: list[dict[str, int]] = []
 
     def bind_thread(self) -> None:
         pass
 
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        self.prefills.append([s.request_id for s in seqs])
-        return [0 for _ in seqs]
-
-    def decode(self, seqs: list[Sequence]) -> list[int]:
-        assert [s.slot for s in seqs] == list(range(len(seqs)))  # dense slots, in order
-        self.decodes.append([s.request_id for s in seqs])
-        return [len(s.output_token_ids) for s in seqs]
-
-    def move_slot(self, move) -> None:
-        self.moves.append((move.src, move.dst))
+    def run(self, batch: ScheduledBatch, sampled: list[Sequence]) -> list[int]:
+        self.steps.append(scheduled(batch))
+        return [len(s.output_token_ids) for s in sampled]
 
     def release(self, seq: Sequence) -> None:
         pass
@@ -125,7 +202,8 @@ class FakeRunner:
 @pytest.mark.anyio
 async def test_engine_loop_batches_and_frees_with_a_fake_runner() -> None:
     runner = FakeRunner()
-    engine = AsyncEngine(runner, Scheduler(config(max_num_seqs=3)), FakeTokenizer(), 1000, 16)
+    sched = scheduler(max_num_seqs=3)
+    engine = AsyncEngine(runner, sched, FakeTokenizer(), 1000, 16)
     engine.start()
     lengths = {"a": 2, "b": 6, "c": 4, "d": 3}
     seqs = {
@@ -140,6 +218,6 @@ async def test_engine_loop_batches_and_frees_with_a_fake_runner() -> None:
     await engine.stop()
     assert texts == ["ab", "abcdef", "abcd", "abc"]  # token k decodes to the k-th letter
     assert all(s.finish_reason == "length" for s in seqs.values())
-    assert max(len(batch) for batch in runner.decodes) == 3  # never above max_num_seqs
-    assert ["d"] in runner.prefills  # d joined once a slot was free
-    assert runner.moves  # a finished sequence's slot was filled by the last one
+    assert max(len(step) for step in runner.steps) == 3  # never above max_num_seqs
+    assert any(step.get("d", 0) > 1 for step in runner.steps[1:])  # d joined once one left
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks  # every block back

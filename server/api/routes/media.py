@@ -72,7 +72,7 @@ def pipeline_request(request_id: str, body: MediaCategoriesRequest) -> Categorie
 def categories_response(
     job_id: str, model: str, result: CategoriesResult
 ) -> MediaCategoriesResponse:
-    prompt, image, completion = result.usage
+    prompt, image, completion, cached = result.usage
     frames = None
     if result.frames is not None:
         frames = [FrameMetadata(timestamp=f.timestamp, result=f.result) for f in result.frames]
@@ -84,7 +84,7 @@ def categories_response(
         media_type=result.media_type,  # type: ignore[arg-type]
         result=result.result,
         frames=frames,
-        usage=Usage.of(prompt, image - video_tokens, video_tokens, completion),
+        usage=Usage.of(prompt, image - video_tokens, video_tokens, completion, cached),
     )
 
 

@@ -1,0 +1,97 @@
+"""How much GPU memory the KV cache may take, measured rather than guessed (vLLM's method).
+
+After the weights are loaded, the worst-case step is run once: a prompt chunk of
+max_num_batched_tokens tokens through the real runner path (embeddings, paged attention,
+MLPs, lm_head) and the vision tower on an image of that many tokens. The KV cache gets
+
+    total GPU memory * --gpu-memory-utilization
+      - the peak torch allocated during that step (weights included)
+      - memory torch does not manage (CUDA context, other processes)
+
+`worst_case_step` runs on any device, so CI exercises it on the CPU; only the measurement is
+CUDA's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.block_manager import BlockManager
+from server.engine.inputs import ModelInputs
+from server.engine.loader import LoadedModel
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def worst_case_step(loaded: LoadedModel, config: EngineConfig) -> None:
+    """One prefill chunk of max_num_batched_tokens tokens, then the vision tower on an image
+    of as many tokens (at most what the processor allows for one image)."""
+    from server.engine.runner import ModelRunner
+
+    num_tokens = config.max_num_batched_tokens
+    blocks = BlockManager(math.ceil(num_tokens / config.block_size), config.block_size, False)
+    runner = ModelRunner(loaded, blocks.num_blocks, config.block_size, encoder_cache_bytes=0)
+    inputs = ModelInputs(
+        {"input_ids": torch.zeros((1, num_tokens), dtype=torch.long)}, num_tokens, 0
+    )
+    seq = Sequence("profile", inputs, SamplingParams(temperature=0), max_tokens=1)
+    blocks.allocate(seq)
+    batch = ScheduledBatch()
+    batch.add(seq, num_tokens)
+    runner.run(batch, [seq])
+    blocks.free_blocks(seq)
+    del runner
+    _vision_step(loaded, min(num_tokens, _max_image_tokens(loaded)))
+
+
+def _vision_step(loaded: LoadedModel, num_tokens: int) -> None:
+    visual = loaded.model.model.visual
+    merge = loaded.model.config.vision_config.spatial_merge_size
+    proj = visual.patch_embed.proj
+    patch_dim = proj.in_channels * math.prod(proj.kernel_size)
+    side = max(1, math.isqrt(num_tokens)) * merge  # patches per side of a square image
+    pixels = torch.zeros((side * side, patch_dim), dtype=loaded.dtype, device=loaded.device)
+    grid = torch.tensor([[1, side, side]], device=loaded.device)
+    with torch.inference_mode():
+        loaded.model.model.get_image_features(pixels, grid, return_dict=True)
+
+
+def _max_image_tokens(loaded: LoadedModel) -> int:
+    processor = loaded.processor.image_processor
+    max_pixels = (getattr(processor, "size", None) or {}).get("longest_edge") or getattr(
+        processor, "max_pixels", 12_845_056
+    )
+    pixels_per_token = (processor.patch_size * processor.merge_size) ** 2
+    return max(1, int(max_pixels) // pixels_per_token)
+
+
+def kv_budget_bytes(loaded: LoadedModel, config: EngineConfig) -> float:
+    """Bytes the KV cache may take on the loaded model's CUDA device (see the module doc)."""
+    device = loaded.device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    worst_case_step(loaded, config)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    not_torch = total - free - torch.cuda.memory_reserved(device)
+    budget = total * config.gpu_memory_utilization - peak - not_torch
+    logger.info(
+        "memory profile: %.2f GiB total x %.2f utilisation - %.2f GiB peak of a %d-token step "
+        "(weights included) - %.2f GiB outside torch = %.2f GiB for the KV cache",
+        total / 2**30,
+        config.gpu_memory_utilization,
+        peak / 2**30,
+        config.max_num_batched_tokens,
+        not_torch / 2**30,
+        budget / 2**30,
+    )
+    return budget

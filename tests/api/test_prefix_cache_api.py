@@ -1,0 +1,66 @@
+"""Prefix and encoder caches seen by a client: usage.prompt_tokens_details.cached_tokens, the
+same answer either way, hit counters in /metrics, and a flag that turns caching off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import data_uri, make_image, make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+
+
+def body(seed: int, question: str = "What is in this image?") -> dict:
+    image = {"type": "image_url", "image_url": {"url": data_uri(make_image(160, 120, seed=seed))}}
+    content = [image, {"type": "text", "text": question}]
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+
+
+def metric(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[-1])
+
+
+async def ask(client: httpx.AsyncClient, payload: dict) -> dict:
+    response = await client.post("/v1/chat/completions", json=payload)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_cached_tokens_and_hit_metrics(tiny_model_dir: Path) -> None:
+    async for client in start_client(make_settings(tiny_model_dir, block_size=4)):
+        first = await ask(client, body(1))
+        again = await ask(client, body(1))
+        other = await ask(client, body(2))  # same size, other pixels
+        follow_up = await ask(client, body(1, "What is in this image? And its colours?"))
+        metrics = (await client.get("/metrics")).text
+    details = [r["usage"]["prompt_tokens_details"] for r in (first, again, other, follow_up)]
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    image_tokens = details[0]["image_tokens"]
+    assert details[0]["cached_tokens"] == 0
+    assert details[1]["cached_tokens"] == (prompt_tokens - 1) // 4 * 4  # all but the tail
+    assert details[2]["cached_tokens"] < prompt_tokens - image_tokens  # never the image's tokens
+    assert details[3]["cached_tokens"] > image_tokens  # the image and the text before the change
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
+    hits = metric(metrics, "vlm_prefix_cache_hit_tokens_total")
+    assert hits == sum(d["cached_tokens"] for d in details)
+    assert metric(metrics, "vlm_prefix_cache_queried_tokens_total") >= 4 * prompt_tokens
+    assert metric(metrics, "vlm_encoder_cache_misses_total") == 2  # two distinct images
+    assert 0 <= metric(metrics, "vlm_kv_cache_usage") <= 1
+
+
+async def test_prefix_caching_can_be_turned_off(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, enable_prefix_caching=False)
+    async for client in start_client(settings):
+        first = await ask(client, body(1))
+        again = await ask(client, body(1))
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]

@@ -1,0 +1,26 @@
+"""Engine tests: every engine a test builds must end with all of its KV blocks free."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from server.engine.engine import AsyncEngine
+
+
+@pytest.fixture(autouse=True)
+def every_block_is_freed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    built: list[AsyncEngine] = []
+    build = AsyncEngine.build.__func__  # type: ignore[attr-defined]
+
+    def recording_build(cls: type[AsyncEngine], *args: object, **kwargs: object) -> AsyncEngine:
+        built.append(build(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(AsyncEngine, "build", classmethod(recording_build))
+    yield
+    for engine in built:
+        blocks = engine.scheduler.blocks
+        assert blocks.num_free_blocks == blocks.num_blocks, "KV blocks leaked"
+        assert all(block.ref_count == 0 for block in blocks.blocks)

@@ -1,0 +1,166 @@
+"""The paged engine against HF's own generate (both families, greedy, token for token): with a
+16-token step budget (every prompt prefilled in chunks, media split across chunks), with
+prefix-cache and encoder-cache hits, and after preemption and recomputation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from server.config import Settings
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import InputBuilder, ModelInputs, VideoFrames
+from server.engine.loader import LoadedModel, load_model
+from server.engine.runner import kv_cache_shape
+from server.engine.sampling import SamplingParams
+from tests.helpers import make_image
+
+pytestmark = pytest.mark.anyio
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir"])
+def loaded(request: pytest.FixtureRequest) -> LoadedModel:
+    path: Path = request.getfixturevalue(request.param)
+    return load_model(Settings(model=str(path)).engine_config())
+
+
+def image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.open(io.BytesIO(make_image(width, height, seed=seed)))
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded: LoadedModel) -> dict[str, ModelInputs]:
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+
+    def user(*parts: dict) -> list[dict]:
+        return [{"role": "user", "content": list(parts)}]
+
+    img, vid = {"type": "image"}, {"type": "video"}
+
+    def text(t: str) -> dict:
+        return {"type": "text", "text": t}
+
+    frames = np.stack([np.asarray(image(112, 84, seed=i)) for i in range(4)])
+    return {
+        "text": builder.build(user(text("Tell me a story about paged memory.")), []),
+        "image": builder.build(user(img, text("What is this?")), [image(96, 64)]),
+        "images": builder.build(
+            user(text("Compare"), img, img, text("please.")),
+            [image(200, 150, 1), image(56, 112, 2)],
+        ),
+        "video": builder.build(
+            user(vid, text("What happens?")), [], [VideoFrames(frames, (0.5, 1.5, 2.5, 3.5), 4.0)]
+        ),
+    }
+
+
+def reference(loaded: LoadedModel, prompt: ModelInputs, num_tokens: int = 12) -> list[int]:
+    with torch.inference_mode():
+        tensors = {name: t.to(loaded.device) for name, t in prompt.tensors.items()}
+        out = loaded.model.generate(
+            **tensors, max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False
+        )
+    return out[0, prompt.num_prompt_tokens :].tolist()
+
+
+@pytest.fixture(scope="module")
+def expected(loaded: LoadedModel, prompts: dict[str, ModelInputs]) -> dict[str, list[int]]:
+    return {name: reference(loaded, prompt) for name, prompt in prompts.items()}
+
+
+def make_engine(loaded: LoadedModel, **settings: object) -> AsyncEngine:
+    values = {"model": "unused", "max_model_len": 2048, "max_num_batched_tokens": 16, **settings}
+    return AsyncEngine.build(loaded, Settings(**values).engine_config())
+
+
+async def generate(engine: AsyncEngine, requests: dict[str, ModelInputs]) -> dict[str, list[int]]:
+    seqs = {name: engine.add_request(name, prompt, GREEDY) for name, prompt in requests.items()}
+
+    async def drain(seq) -> list[int]:
+        async for _ in engine.stream(seq):
+            pass
+        return list(seq.output_token_ids)
+
+    outputs = await asyncio.gather(*(drain(s) for s in seqs.values()))
+    return dict(zip(seqs, outputs, strict=True))
+
+
+async def test_chunked_prefill_matches_hf_alone_and_mixed(loaded, prompts, expected) -> None:
+    assert all(p.num_prompt_tokens > 16 for p in prompts.values())  # every prompt is chunked
+    engine = make_engine(loaded)
+    engine.start()
+    alone = {}
+    for name, prompt in prompts.items():
+        alone.update(await generate(engine, {name: prompt}))
+    mixed = await generate(engine, {f"{name}-mixed": p for name, p in prompts.items()})
+    await engine.stop()
+    assert alone == expected
+    assert {name.removesuffix("-mixed"): out for name, out in mixed.items()} == expected
+
+
+async def test_prefix_and_encoder_cache_hits_give_the_same_answer(
+    loaded, prompts, expected
+) -> None:
+    engine = make_engine(loaded, max_num_batched_tokens=512)
+    engine.start()
+    first = engine.add_request("first", prompts["images"], GREEDY)
+    async for _ in engine.stream(first):
+        pass
+    vision_calls = engine.runner.encoder_cache.num_misses
+    again = engine.add_request("again", prompts["images"], GREEDY)
+    async for _ in engine.stream(again):
+        pass
+    await engine.stop()
+    assert first.num_cached_tokens == 0
+    block = engine.scheduler.blocks.block_size
+    assert again.num_cached_tokens == (prompts["images"].num_prompt_tokens - 1) // block * block
+    assert first.output_token_ids == again.output_token_ids == expected["images"]
+    assert engine.runner.encoder_cache.num_misses == vision_calls
+
+
+async def test_same_size_images_share_only_the_text_before_them(loaded) -> None:
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    cat = builder.build(messages, [image(96, 64, seed=1)])
+    dog = builder.build(messages, [image(96, 64, seed=2)])
+    assert cat.token_ids == dog.token_ids  # identical placeholder runs
+    engine = make_engine(loaded, max_num_batched_tokens=512, block_size=4)
+    engine.start()
+    outputs = {}
+    for name, prompt in (("cat", cat), ("dog", dog)):
+        outputs.update(await generate(engine, {name: prompt}))
+    await engine.stop()
+    first_image_token = cat.media[0].start
+    assert engine.scheduler.blocks.num_hit_tokens <= first_image_token
+    assert outputs["cat"] == reference(loaded, cat) and outputs["dog"] == reference(loaded, dog)
+
+
+async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts) -> None:
+    """A KV cache that holds the prompts but not what they generate: the newest sequences are
+    preempted, recomputed (prompt + what they had generated) and finish as if alone."""
+    requests = {name: prompts[name] for name in ("text", "image", "images")}
+    sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    blocks_for_prompts = sum(-(-p.num_prompt_tokens // 16) for p in requests.values())
+    bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+    engine = make_engine(
+        loaded,
+        max_num_batched_tokens=4096,
+        kv_cache_memory=(blocks_for_prompts + 1) * 16 * bytes_per_token / 2**30,
+        enable_prefix_caching=False,
+    )
+    engine.start()
+    seqs = [engine.add_request(name, p, sampling) for name, p in requests.items()]
+    for seq in seqs:
+        async for _ in engine.stream(seq):
+            pass
+    await engine.stop()
+    assert engine.scheduler.num_preemptions > 0
+    for seq, prompt in zip(seqs, requests.values(), strict=True):
+        assert seq.output_token_ids == reference(loaded, prompt, 40), seq.request_id
