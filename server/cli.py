@@ -41,6 +41,9 @@ FLAG_HELP = {
     "block_size": "tokens per KV cache block; prefix-cache hits are whole blocks (default: 16)",
     "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes, images and "
     "videos included (default: on)",
+    "attention_backend": "decode attention over the paged KV cache: reference (gather + sdpa, "
+    "exact everywhere) or triton (reads the block table in place; CUDA with bf16/fp16, "
+    "--block-size >= 16; off until verified on your GPU by scripts/gpu_check.sh)",
     "encoder_cache_memory": "GiB of vision-tower outputs kept for images and videos asked about "
     "again; 0 turns it off (default: 1)",
     "allowed_media_domains": "only these hosts for media URLs and webhook URLs (repeatable); "

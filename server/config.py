@@ -37,6 +37,7 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     encoder_cache_memory_gib: float = 1.0
+    attention_backend: str = "reference"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Settings(BaseSettings):
     block_size: int = Field(default=16, ge=1, le=1024)
     enable_prefix_caching: bool = True
     encoder_cache_memory: float = Field(default=1.0, ge=0)
+    attention_backend: Literal["reference", "triton"] = "reference"
     max_queued_requests: int = 256
     queue_timeout: float = 60.0
     max_image_bytes: int = 20 * 1024 * 1024
@@ -169,6 +171,7 @@ class Settings(BaseSettings):
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
             encoder_cache_memory_gib=self.encoder_cache_memory,
+            attention_backend=self.attention_backend,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
         )

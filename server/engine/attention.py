@@ -9,7 +9,8 @@ step are already in the cache (kv_cache.StepCache.update wrote them).
 The implementation here is the plain-torch reference: it gathers each sequence's context
 slots and runs sdpa, all one-token queries (decodes) together in one padded call, each prompt
 chunk on its own (causal, offset by what is already cached). It is exact and runs anywhere;
-it is what CPU runs use and the oracle a fused kernel is tested against.
+it is what CPU runs use and the oracle the Triton decode kernel (triton_attention.py, chosen
+with --attention-backend triton) is tested against.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class StepMetadata:
     decode_slots: torch.Tensor | None  # [num_decodes, longest] cache slots (padding: slot 0)
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, longest] real context positions
     prefills: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots)
+    # The Triton decode kernel (--attention-backend triton) reads block tables directly.
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, most blocks] int32
+    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] int32
+    block_size: int = 0
 
     @classmethod
     def build(
@@ -42,6 +47,7 @@ class StepMetadata:
         seq_lens: list[int],
         block_size: int,
         device: torch.device,
+        use_kernel: bool = False,
     ) -> StepMetadata:
         query_start = [0]
         for num in num_new_tokens:
@@ -51,8 +57,16 @@ class StepMetadata:
             for table, length in zip(block_tables, seq_lens, strict=True)
         ]
         decodes = [i for i, num in enumerate(num_new_tokens) if num == 1]
-        decode_rows = decode_slots = decode_mask = None
-        if decodes:
+        decode_rows = decode_slots = decode_mask = tables = lengths = None
+        if decodes and use_kernel:
+            widest = max(len(block_tables[i]) for i in decodes)
+            tables = torch.zeros((len(decodes), widest), dtype=torch.int32)
+            for row, i in enumerate(decodes):
+                tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i])
+            tables = tables.to(device)
+            lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32).to(device)
+            decode_rows = torch.tensor([query_start[i] for i in decodes], device=device)
+        elif decodes:
             longest = max(seq_lens[i] for i in decodes)
             decode_slots = torch.zeros((len(decodes), longest), dtype=torch.long)
             decode_mask = torch.zeros((len(decodes), 1, 1, longest), dtype=torch.bool)
@@ -73,7 +87,16 @@ class StepMetadata:
             ]
         ).to(device)
         return cls(
-            query_start, seq_lens, slot_mapping, decode_rows, decode_slots, decode_mask, prefills
+            query_start,
+            seq_lens,
+            slot_mapping,
+            decode_rows,
+            decode_slots,
+            decode_mask,
+            prefills,
+            tables,
+            lengths,
+            block_size,
         )
 
 
@@ -84,7 +107,7 @@ def context_slots(block_table: list[int], length: int, block_size: int) -> torch
     return table[positions // block_size] * block_size + positions % block_size
 
 
-def reference_paged_attention(
+def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -94,7 +117,19 @@ def reference_paged_attention(
     """query [num_heads, num_tokens, head_dim]; caches [num_slots, num_kv_heads, head_dim];
     returns [num_tokens, num_heads, head_dim]."""
     out = query.new_empty(query.shape[1], query.shape[0], query.shape[2])
-    if meta.decode_rows is not None:
+    if meta.decode_block_tables is not None:
+        from server.engine.triton_attention import decode_attention
+
+        out[meta.decode_rows] = decode_attention(
+            query[:, meta.decode_rows].transpose(0, 1).contiguous(),
+            key_cache,
+            value_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            meta.block_size,
+            scaling if scaling is not None else query.shape[-1] ** -0.5,
+        )
+    elif meta.decode_rows is not None:
         keys = key_cache[meta.decode_slots].transpose(1, 2)  # [decodes, kv_heads, longest, dim]
         values = value_cache[meta.decode_slots].transpose(1, 2)
         queries = (
@@ -147,7 +182,7 @@ def paged_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    out = reference_paged_attention(query[0], key, value, paged_metadata, scaling)
+    out = paged_attention(query[0], key, value, paged_metadata, scaling)
     return out.unsqueeze(0), None
 
 

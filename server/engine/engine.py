@@ -91,7 +91,9 @@ class AsyncEngine:
             blocks,
         )
         encoder_bytes = int(config.encoder_cache_memory_gib * 2**30)
-        runner = ModelRunner(loaded, num_blocks, config.block_size, encoder_bytes)
+        runner = ModelRunner(
+            loaded, num_blocks, config.block_size, encoder_bytes, config.attention_backend
+        )
         return cls(runner, scheduler, loaded.tokenizer, max_seq_len, config.default_max_tokens)
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ preemption all see exactly the positions a single prefill would.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from server.engine.sampler import SamplingState, make_generator, sample
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache
+from server.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +43,32 @@ def kv_cache_shape(model: Any) -> KVCacheShape:
     return KVCacheShape(text.num_hidden_layers, text.num_key_value_heads, head_dim)
 
 
+def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> bool:
+    """Whether decodes use the Triton kernel; refuses what it cannot serve, at start."""
+    if backend != "triton":
+        return False
+    # Tests run the kernel on the CPU through Triton's interpreter.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if loaded.device.type != "cuda" and not interpreted:
+        raise ModelLoadError("--attention-backend triton needs a CUDA device")
+    if loaded.device.type == "cuda" and loaded.dtype not in (torch.bfloat16, torch.float16):
+        raise ModelLoadError("--attention-backend triton needs --dtype bfloat16 or float16")
+    if block_size < 16:
+        raise ModelLoadError("--attention-backend triton needs --block-size 16 or more")
+    import server.engine.triton_attention  # noqa: F401  (fails now, not at the first decode)
+
+    logger.info("decode attention: Triton paged kernel")
+    return True
+
+
 class ModelRunner:
     def __init__(
-        self, loaded: LoadedModel, num_blocks: int, block_size: int, encoder_cache_bytes: int
+        self,
+        loaded: LoadedModel,
+        num_blocks: int,
+        block_size: int,
+        encoder_cache_bytes: int,
+        attention_backend: str = "reference",
     ):
         self.model = loaded.model
         self.text_model = loaded.model.model.language_model
@@ -52,6 +77,7 @@ class ModelRunner:
         attention.register()
         self.model.config.text_config._attn_implementation = attention.ATTENTION_NAME
         self.block_size = block_size
+        self.use_kernel = use_decode_kernel(attention_backend, loaded, block_size)
         self.kv_cache = PagedKVCache(
             kv_cache_shape(self.model), num_blocks, block_size, loaded.dtype, loaded.device
         )
@@ -115,6 +141,7 @@ class ModelRunner:
             seq_lens,
             self.block_size,
             self.device,
+            self.use_kernel,
         )
         embeds = self.text_model.embed_tokens(torch.tensor(token_ids, device=self.device))
         for row, media in pieces:

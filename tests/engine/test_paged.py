@@ -164,3 +164,29 @@ async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts) -> None
     assert engine.scheduler.num_preemptions > 0
     for seq, prompt in zip(seqs, requests.values(), strict=True):
         assert seq.output_token_ids == reference(loaded, prompt, 40), seq.request_id
+
+
+async def test_a_prompt_the_cache_cannot_hold_alone_is_refused_at_submit(loaded, prompts) -> None:
+    from server.exceptions import InvalidRequest
+
+    bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+    num_blocks = -(-(prompts["text"].num_prompt_tokens + GREEDY.max_tokens) // 16)
+    assert prompts["images"].num_prompt_tokens > num_blocks * 16
+    engine = make_engine(loaded, kv_cache_memory=num_blocks * 16 * bytes_per_token / 2**30)
+    engine.start()
+    assert engine.max_seq_len == num_blocks * 16  # the context is what the cache holds
+    with pytest.raises(InvalidRequest) as refused:
+        engine.add_request("big", prompts["images"], GREEDY)
+    fits = await generate(engine, {"text": prompts["text"]})
+    await engine.stop()
+    assert refused.value.code == "context_length_exceeded"
+    assert len(fits["text"]) == GREEDY.max_tokens
+
+
+def test_worst_case_step_runs_on_any_device(loaded) -> None:
+    """The memory profile's step (measured only on CUDA) goes through the real runner path."""
+    from server.engine.profile import _max_image_tokens, worst_case_step
+
+    config = Settings(model="unused", max_num_batched_tokens=64).engine_config()
+    worst_case_step(loaded, config)
+    assert _max_image_tokens(loaded) >= 1024

@@ -1,0 +1,70 @@
+"""Paged attention: the reference against dense causal sdpa (decodes, chunks over cached
+context, scattered blocks, GQA), and the Triton decode kernel against the reference (on the
+CPU through Triton's interpreter, in a subprocess: the interpreter is chosen at import)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.engine.attention_cases import GQA_SHAPES, make_case
+
+
+@pytest.mark.parametrize("shape", GQA_SHAPES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_reference_matches_dense_sdpa(shape: str, block_size: int) -> None:
+    heads, kv_heads = GQA_SHAPES[shape]
+    # A decode, a first chunk, a chunk on top of cached context, a one-block prompt.
+    case = make_case(
+        heads, kv_heads, 32, [40, 23, 70, 5], [1, 23, 30, 5], block_size, "cpu", torch.float32
+    )
+    torch.testing.assert_close(case.paged(False), case.dense(), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_decode_kernel_matches_the_reference_interpreted() -> None:
+    pytest.importorskip("triton")
+    code = (
+        "import torch\n"
+        "from tests.engine.attention_cases import max_kernel_error\n"
+        "print(max_kernel_error('cpu', torch.float32, head_dim=32))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_decode_kernel_on_cuda(dtype: torch.dtype) -> None:
+    from tests.engine.attention_cases import max_kernel_error
+
+    assert max_kernel_error("cuda", dtype) < 2e-2
+
+
+def test_engine_on_the_triton_backend_decodes_like_the_reference(tiny_model_dir) -> None:
+    pytest.importorskip("triton")
+    code = (
+        "import sys\n"
+        "from tests.engine.attention_cases import engine_tokens\n"
+        "print(engine_tokens(sys.argv[1], 'triton'))\n"
+        "print(engine_tokens(sys.argv[1], 'reference'))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    triton_tokens, reference_tokens = result.stdout.strip().splitlines()[-2:]
+    assert triton_tokens == reference_tokens and "[]" not in triton_tokens
