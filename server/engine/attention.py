@@ -142,25 +142,41 @@ def paged_attention(
     for start, end, slots in meta.prefills:
         keys = key_cache[slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
         values = value_cache[slots].transpose(0, 1).unsqueeze(0)
-        queries = query[:, start:end].unsqueeze(0)
-        num_queries, context = end - start, slots.shape[0]
-        # Query j sits at position context - num_queries + j and sees keys up to there.
-        mask = None
-        if context > num_queries:
-            key_pos = torch.arange(context, device=query.device)
-            query_pos = torch.arange(context - num_queries, context, device=query.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
-        attended = scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scaling,
-            enable_gqa=True,
-        )
-        out[start:end] = attended[0].transpose(0, 1)
+        out[start:end] = _chunk_attention(query[:, start:end], keys, values, scaling)
     return out
+
+
+def _chunk_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """A prompt chunk's queries [heads, n, dim] over its whole context (cached tokens, then
+    the chunk): query j sits at position context - n + j and sees keys up to there.
+
+    sdpa's fused kernels take `is_causal` but skip no work for an explicit mask (which costs
+    2x on the CPU), so a chunk whose cached part is no longer than itself is padded in front
+    with dummy queries to a plain causal square; a short chunk over a long cache (a question
+    after a cached video) is cheap either way and takes the mask."""
+    num_queries, context = queries.shape[1], keys.shape[2]
+    offset = context - num_queries
+    mask = None
+    if 0 < offset <= num_queries:
+        queries = torch.cat(
+            [queries.new_zeros(queries.shape[0], offset, queries.shape[2]), queries], 1
+        )
+    elif offset > 0:
+        key_pos = torch.arange(context, device=queries.device)
+        query_pos = torch.arange(offset, context, device=queries.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+    attended = scaled_dot_product_attention(
+        queries.unsqueeze(0),
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return attended[0, :, -num_queries:].transpose(0, 1)
 
 
 def paged_attention_forward(

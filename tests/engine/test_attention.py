@@ -18,9 +18,17 @@ from tests.engine.attention_cases import GQA_SHAPES, make_case
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_reference_matches_dense_sdpa(shape: str, block_size: int) -> None:
     heads, kv_heads = GQA_SHAPES[shape]
-    # A decode, a first chunk, a chunk on top of cached context, a one-block prompt.
+    # A decode, a first chunk, a chunk over a longer cached context (masked), one over a
+    # shorter cached context (padded to a causal square), a one-block prompt.
     case = make_case(
-        heads, kv_heads, 32, [40, 23, 70, 5], [1, 23, 30, 5], block_size, "cpu", torch.float32
+        heads,
+        kv_heads,
+        32,
+        [40, 23, 70, 50, 5],
+        [1, 23, 30, 30, 5],
+        block_size,
+        "cpu",
+        torch.float32,
     )
     torch.testing.assert_close(case.paged(False), case.dense(), rtol=1e-5, atol=1e-5)
 
