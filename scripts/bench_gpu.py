@@ -1,0 +1,331 @@
+"""The GPU half of scripts/gpu_check.sh: full-size random-weight Qwen2-VL-2B / -7B (public
+dimensions, built in memory: nothing is downloaded) through the engine's own scheduler and
+runner, against the HBM roofline.
+
+    python scripts/bench_gpu.py --device cuda                 # what gpu_check.sh runs
+    python scripts/bench_gpu.py --device cpu --sizes test     # the CPU smoke run CI does
+
+Prints one markdown table (and --json): for each size and attention backend, decode
+tokens/s and step time at each batch size against the roofline (the bytes one decode step must
+read, text weights + every sequence's KV, over the measured device-to-device copy bandwidth);
+the Triton kernel's largest difference from the reference at both GQA shapes; the memory
+profile's KV budget against the peak memory of a real run; the capacity and chunked-prefill
+benchmarks of bench_engine.py on the 2B model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from server.config import Settings  # noqa: E402
+from server.engine.block_manager import BlockManager  # noqa: E402
+from server.engine.inputs import InputBuilder, ModelInputs  # noqa: E402
+from server.engine.loader import LoadedModel  # noqa: E402
+from server.engine.runner import ModelRunner, kv_cache_shape  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from server.engine.sequence import Sequence  # noqa: E402
+
+# Qwen2-VL-2B/7B-Instruct's published dimensions (config.json); "test" is for CPU smoke runs.
+SIZES = {
+    "2b": dict(
+        hidden_size=1536,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        intermediate_size=8960,
+        vision_depth=32,
+        vision_embed_dim=1280,
+        vision_heads=16,
+        vocab_size=151936,
+        context=32768,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        vision_depth=32,
+        vision_embed_dim=1280,
+        vision_heads=16,
+        vocab_size=152064,
+        context=32768,
+    ),
+    "test": dict(
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=256,
+        vision_depth=1,
+        vision_embed_dim=32,
+        vision_heads=2,
+        vocab_size=4096,
+        context=4096,
+    ),
+}
+BLOCK_SIZE = 16
+CONTEXT_PER_SEQUENCE = 512  # prompt tokens each decoding sequence has in its KV cache
+
+
+def random_model(size: str, device: str) -> LoadedModel:
+    """A full-size random-weight model in memory, with the tiny checkpoint's tokenizer and
+    processor (same special tokens, patch and merge sizes)."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from server.engine.tiny import TinySpec, build_config, make_tiny_checkpoint, mrope_section
+
+    dims = SIZES[size]
+    tiny = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    processor = AutoProcessor.from_pretrained(tiny)
+    spec_fields = {k: v for k, v in dims.items() if k not in ("vocab_size", "context")}
+    spec = TinySpec(max_position_embeddings=dims["context"], **spec_fields)
+    config = build_config(spec, processor.tokenizer)
+    config.text_config.vocab_size = dims["vocab_size"]
+    config.text_config.rope_parameters["mrope_section"] = mrope_section(
+        dims["hidden_size"] // dims["num_heads"]
+    )
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(
+            config, dtype=dtype, attn_implementation="sdpa"
+        )
+    model.eval()
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        path=tiny,
+        family="qwen2-vl",
+        device=torch.device(device),
+        dtype=dtype,
+        context_length=dims["context"],
+        eos_token_ids=(config.text_config.eos_token_id,),
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, num_bytes: int = 2 << 30) -> float:
+    """Bytes per second of a device-to-device copy (bytes read + bytes written)."""
+    if device.type != "cuda":
+        num_bytes = 256 << 20
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * num_bytes * 10 / (time.perf_counter() - started)
+
+
+def text_weight_bytes(loaded: LoadedModel) -> int:
+    """What one decode step reads of the weights: the text layers, final norm and lm_head
+    (embedding rows and the vision tower are not read while decoding)."""
+    language = loaded.model.model.language_model
+    total = sum(p.numel() * p.element_size() for p in language.parameters())
+    embed = language.embed_tokens.weight
+    lm_head = loaded.model.lm_head.weight
+    return total - embed.numel() * embed.element_size() + lm_head.numel() * lm_head.element_size()
+
+
+def decode_step_time(loaded: LoadedModel, batch: int, backend: str, steps: int = 20) -> float:
+    """Median seconds of one engine decode step (scheduler + runner + sampling, one host sync)
+    with `batch` sequences of CONTEXT_PER_SEQUENCE cached tokens."""
+    per_seq = CONTEXT_PER_SEQUENCE + steps + 8
+    num_blocks = batch * (-(-per_seq // BLOCK_SIZE) + 1)
+    runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, 0, backend)
+    scheduler = Scheduler(
+        SchedulerConfig(batch, batch * CONTEXT_PER_SEQUENCE, 1 << 20, 3600.0),
+        BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=False),
+    )
+    vocab = loaded.model.config.text_config.vocab_size
+    generator = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        ids = torch.randint(0, min(vocab, 4096), (1, CONTEXT_PER_SEQUENCE), generator=generator)
+        inputs = ModelInputs({"input_ids": ids}, CONTEXT_PER_SEQUENCE, 0)
+        scheduler.add(
+            Sequence(f"s{i}", inputs, SamplingParams(temperature=0, ignore_eos=True), per_seq)
+        )
+
+    def step() -> None:
+        scheduled = scheduler.schedule()
+        sampled = scheduled.sampled
+        tokens = runner.run(scheduled, sampled)  # the sampled ids: the step's one host sync
+        scheduler.commit(scheduled)
+        for seq, token in zip(sampled, tokens, strict=True):
+            seq.output_token_ids.append(token)
+
+    step()  # the prefill
+    times = []
+    for _ in range(steps):
+        synchronize(loaded.device)
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[3:])
+
+
+def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: float) -> list:
+    weights = text_weight_bytes(loaded)
+    kv_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+    backends = ["reference"]
+    if loaded.device.type == "cuda":
+        backends.append("triton")
+    rows = []
+    for backend in backends:
+        for batch in batches:
+            seconds = decode_step_time(loaded, batch, backend)
+            roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
+            rows.append(
+                {
+                    "size": size,
+                    "backend": backend,
+                    "batch": batch,
+                    "step_ms": round(seconds * 1000, 2),
+                    "tok_s": round(batch / seconds, 1),
+                    "roofline_ms": round(roofline * 1000, 2),
+                    "of_roofline": f"{roofline / seconds:.0%}",
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def memory_row(loaded: LoadedModel) -> dict:
+    """The profiled KV budget, then the peak of a real run: 64 requests of 2k-token prompts."""
+    from server.engine.engine import AsyncEngine
+
+    device = loaded.device
+    config = Settings(model="bench", max_num_batched_tokens=8192).engine_config()
+    engine = AsyncEngine.build(loaded, config)
+    blocks = engine.scheduler.blocks
+    kv_bytes = (
+        blocks.num_blocks * BLOCK_SIZE * kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    async def run() -> None:
+        engine.start()
+        sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+        vocab = min(loaded.model.config.text_config.vocab_size, 4096)
+        seqs = []
+        for i in range(64):
+            ids = torch.randint(0, vocab, (1, 2048), generator=torch.Generator().manual_seed(i))
+            seqs.append(
+                engine.add_request(f"m{i}", ModelInputs({"input_ids": ids}, 2048, 0), sampling)
+            )
+        for seq in seqs:
+            async for _ in engine.stream(seq):
+                pass
+        await engine.stop()
+
+    asyncio.run(run())
+    row = {"kv_cache_gib": round(kv_bytes / 2**30, 2), "blocks": blocks.num_blocks}
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        peak = torch.cuda.max_memory_allocated(device)
+        row.update(
+            peak_gib=round(peak / 2**30, 2),
+            total_gib=round(total / 2**30, 2),
+            peak_of_total=f"{peak / total:.1%}",
+            limit=f"{config.gpu_memory_utilization:.0%}",
+        )
+    return row
+
+
+def engine_rows(loaded: LoadedModel) -> dict:
+    import bench_engine
+
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+
+    async def run() -> dict:
+        return {
+            "capacity": await bench_engine.capacity(loaded, builder),
+            "chunked": [await bench_engine.chunked(loaded, builder, b) for b in (16384, 2048)],
+        }
+
+    return asyncio.run(run())
+
+
+def kernel_rows(device: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from tests.engine.attention_cases import max_kernel_error
+
+    if device.startswith("cuda"):
+        return {
+            str(dtype): max_kernel_error(device, dtype) for dtype in (torch.bfloat16, torch.float16)
+        }
+    return {}
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| model | attention | batch | step ms | tok/s | roofline ms | of roofline |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in results["decode"]:
+        lines.append(
+            f"| {row['size']} | {row['backend']} | {row['batch']} | {row['step_ms']} | "
+            f"{row['tok_s']} | {row['roofline_ms']} | {row['of_roofline']} |"
+        )
+    lines.append("")
+    lines.append(f"copy bandwidth: {results['bandwidth_gb_s']} GB/s")
+    lines.append(f"Triton decode kernel, max |kernel - reference|: {results['kernel']}")
+    lines.append(f"memory: {results.get('memory')}")
+    lines.append(f"engine (2B): {json.dumps(results.get('engine'))}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sizes", nargs="+", default=["2b", "7b"], choices=list(SIZES))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--skip-engine", action="store_true", help="no capacity/chunked runs")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results: dict = {"bandwidth_gb_s": round(copy_bandwidth(device) / 1e9, 1), "decode": []}
+    results["kernel"] = kernel_rows(args.device)
+    for size in args.sizes:
+        loaded = random_model(size, args.device)
+        results["decode"] += decode_rows(
+            loaded, size, args.batches, results["bandwidth_gb_s"] * 1e9
+        )
+        if size == args.sizes[-1]:
+            results["memory"] = memory_row(loaded)
+        if size in ("2b", "test") and not args.skip_engine:
+            results["engine"] = engine_rows(loaded)
+        del loaded
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one command that proves the GPU path. Run it from anywhere on a CUDA machine:
+#
+#   bash scripts/gpu_check.sh                   # logs and JSON under $OUT (default /tmp/gpu_check)
+#
+# 1. pytest --device cuda over tests/engine: the engine started on --device auto/cuda/cuda:0,
+#    loader on CUDA (bf16, bitsandbytes when installed), paged engine vs HF generate, the Triton
+#    decode kernel vs the reference in bf16/fp16 at Qwen2-VL-2B (12:2) and -7B (28:4) shapes.
+# 2. scripts/bench_gpu.py: decode tokens/s of full-size random-weight 2B and 7B at batch
+#    1/8/32/64 against the HBM roofline (reference and Triton attention), the memory profile's
+#    budget against a real run's peak, the capacity and chunked-prefill benchmarks. One table.
+#
+# A machine without this server's Python packages (and no network) gets them as wheels in
+# .whl/ (scripts/fetch_gpu_wheels.sh makes them), installed into /tmp/site first.
+# Budget: about 8 minutes on one H200.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, transformers, triton; print('torch', torch.__version__, \
+'| transformers', transformers.__version__, '| triton', triton.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+status=0
+timeout 270 $PY -m pytest -q -p no:cacheprovider --device cuda tests/engine \
+  --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || status=1
+timeout 330 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
+  | tee "$OUT/bench.log" || status=1
+echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
+exit "$status"
