@@ -82,7 +82,7 @@ BLOCK_SIZE = 16
 CONTEXT_PER_SEQUENCE = 512  # prompt tokens each decoding sequence has in its KV cache
 
 
-def random_model(size: str, device: str) -> LoadedModel:
+def random_model(size: str, device: str, tiny: Path | None = None) -> LoadedModel:
     """A full-size random-weight model in memory, with the tiny checkpoint's tokenizer and
     processor (same special tokens, patch and merge sizes)."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
@@ -90,7 +90,7 @@ def random_model(size: str, device: str) -> LoadedModel:
     from server.engine.tiny import TinySpec, build_config, make_tiny_checkpoint, mrope_section
 
     dims = SIZES[size]
-    tiny = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    tiny = tiny or make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
     processor = AutoProcessor.from_pretrained(tiny)
     spec_fields = {k: v for k, v in dims.items() if k not in ("vocab_size", "context")}
     spec = TinySpec(max_position_embeddings=dims["context"], **spec_fields)

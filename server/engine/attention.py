@@ -65,7 +65,7 @@ class StepMetadata:
                 tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i])
             tables = tables.to(device)
             lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32).to(device)
-            decode_rows = torch.tensor([query_start[i] for i in decodes], device=device)
+            decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
         elif decodes:
             longest = max(seq_lens[i] for i in decodes)
             decode_slots = torch.zeros((len(decodes), longest), dtype=torch.long)
@@ -73,7 +73,7 @@ class StepMetadata:
             for row, i in enumerate(decodes):
                 decode_slots[row, : seq_lens[i]] = slots[i]
                 decode_mask[row, ..., : seq_lens[i]] = True
-            decode_rows = torch.tensor([query_start[i] for i in decodes], device=device)
+            decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
             decode_slots, decode_mask = decode_slots.to(device), decode_mask.to(device)
         prefills = [
             (query_start[i], query_start[i + 1], slots[i].to(device))

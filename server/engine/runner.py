@@ -107,7 +107,7 @@ class ModelRunner:
             state = self.states[seq.request_id] = SamplingState(
                 params=seq.sampling,
                 generator=make_generator(seq.sampling.seed, self.device),
-                prompt_token_ids=torch.tensor(seq.inputs.token_ids, device=self.device),
+                prompt_token_ids=torch.tensor(seq.inputs.token_ids).to(self.device),
                 output_token_ids=seq.output_token_ids,
                 matcher=self.grammars.matcher(structured) if structured else None,
                 grammars=self.grammars,
@@ -143,7 +143,7 @@ class ModelRunner:
             self.device,
             self.use_kernel,
         )
-        embeds = self.text_model.embed_tokens(torch.tensor(token_ids, device=self.device))
+        embeds = self.text_model.embed_tokens(torch.tensor(token_ids).to(self.device))
         for row, media in pieces:
             embeds[row : row + media.shape[0]] = media.to(embeds.dtype)
         hidden = self.text_model(
@@ -159,7 +159,7 @@ class ModelRunner:
             return []
         index = {id(seq): i for i, seq in enumerate(batch.seqs)}
         rows = [meta.query_start[index[id(seq)] + 1] - 1 for seq in sampled]
-        logits = self.model.lm_head(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.lm_head(hidden[rows])
         return sample(logits, [self._state(s) for s in sampled])
 
     def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
