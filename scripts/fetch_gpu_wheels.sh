@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv
-  annotated-types annotated-doc typing-inspection typing-extensions uvicorn asgi-lifespan
+  annotated-types annotated-doc typing-inspection typing-extensions uvicorn asgi-lifespan sniffio
   opentelemetry-api xgrammar apache-tvm-ffi transformers)
 PIP=".venv/bin/pip"
 pinned=()

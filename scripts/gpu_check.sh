@@ -12,7 +12,7 @@
 #
 # A machine without this server's Python packages (and no network) gets them as wheels in
 # .whl/ (scripts/fetch_gpu_wheels.sh makes them), installed into /tmp/site first.
-# Budget: about 8 minutes on one H200.
+# Budget: under 9 minutes on one H200 (the device tool allows 10 per call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -33,9 +33,11 @@ fi
 } 2>&1 | tee "$OUT/machine.txt"
 
 status=0
-timeout 270 $PY -m pytest -q -p no:cacheprovider --device cuda tests/engine \
+# float32 for the token-for-token comparisons with HF generate (bf16 rounds differently with
+# the batch shape); the bf16 paths are the kernel tests' and the benchmark's.
+timeout 200 $PY -m pytest -q -p no:cacheprovider --device cuda --dtype float32 tests/engine \
   --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || status=1
-timeout 330 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
+timeout 300 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" || status=1
 echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
 exit "$status"

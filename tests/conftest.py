@@ -18,11 +18,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--device", default="cpu", help="device the server-side tests load models on (cpu, cuda)"
     )
+    parser.addoption(
+        "--dtype",
+        default="auto",
+        help="dtype they load in; the GPU check uses float32, where token-for-token comparisons "
+        "with HF generate are meaningful (bf16 rounds differently with the batch shape)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Settings read VLM_DEVICE, so every app and engine the tests build lands on this device.
+    # Settings read VLM_DEVICE / VLM_DTYPE, so every app and engine the tests build uses them.
     os.environ["VLM_DEVICE"] = config.getoption("--device")
+    os.environ["VLM_DTYPE"] = config.getoption("--dtype")
+    if config.getoption("--device").startswith("cuda"):
+        import torch
+
+        # TF32 matmuls and convolutions (the vision tower's patch embedding) are not float32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ calls the function registered here (ATTENTION_NAME) in place of sdpa; the keys/v
 step are already in the cache (kv_cache.StepCache.update wrote them).
 
 The implementation here is the plain-torch reference: it gathers each sequence's context
-slots and runs sdpa, all one-token queries (decodes) together in one padded call, each prompt
-chunk on its own (causal, offset by what is already cached). It is exact and runs anywhere;
+slots and runs sdpa, one-token queries (decodes) together in padded groups, each prompt chunk
+on its own (causal, offset by what is already cached). It is exact and runs anywhere;
 it is what CPU runs use and the oracle the Triton decode kernel (triton_attention.py, chosen
 with --attention-backend triton) is tested against.
 """
@@ -19,9 +19,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
 ATTENTION_NAME = "vlm_paged"
+
+
+# Decodes are gathered in groups of at most this many context tokens (all rows padded to the
+# group's longest): a batch of long contexts never materialises all of its KV at once.
+MAX_GATHERED_TOKENS = 1 << 18
+
+
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor  # [n] rows of the step that are these decodes
+    slots: torch.Tensor  # [n, longest] cache slots of each context (padding: slot 0)
+    mask: torch.Tensor  # [n, 1, 1, longest] the real context positions
 
 
 @dataclass
@@ -29,12 +42,11 @@ class StepMetadata:
     query_start: list[int]  # [num_seqs + 1]: the sequences' queries in the flattened step
     seq_lens: list[int]  # context length of each sequence after this step
     slot_mapping: torch.Tensor  # [num_tokens]: the cache slot of each new token
-    # Reference path: all decodes in one padded call, each prefill chunk alone.
-    decode_rows: torch.Tensor | None  # [num_decodes] rows of the step that are decodes
-    decode_slots: torch.Tensor | None  # [num_decodes, longest] cache slots (padding: slot 0)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, longest] real context positions
+    # Reference path: decodes in padded groups, each prompt chunk alone.
+    decode_groups: list[DecodeGroup]
     prefills: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots)
     # The Triton decode kernel (--attention-backend triton) reads block tables directly.
+    decode_rows: torch.Tensor | None = None  # [num_decodes]
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, most blocks] int32
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] int32
     block_size: int = 0
@@ -56,48 +68,53 @@ class StepMetadata:
             context_slots(table, length, block_size)
             for table, length in zip(block_tables, seq_lens, strict=True)
         ]
-        decodes = [i for i, num in enumerate(num_new_tokens) if num == 1]
-        decode_rows = decode_slots = decode_mask = tables = lengths = None
-        if decodes and use_kernel:
-            widest = max(len(block_tables[i]) for i in decodes)
-            tables = torch.zeros((len(decodes), widest), dtype=torch.int32)
-            for row, i in enumerate(decodes):
-                tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i])
-            tables = tables.to(device)
-            lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32).to(device)
-            decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
-        elif decodes:
-            longest = max(seq_lens[i] for i in decodes)
-            decode_slots = torch.zeros((len(decodes), longest), dtype=torch.long)
-            decode_mask = torch.zeros((len(decodes), 1, 1, longest), dtype=torch.bool)
-            for row, i in enumerate(decodes):
-                decode_slots[row, : seq_lens[i]] = slots[i]
-                decode_mask[row, ..., : seq_lens[i]] = True
-            decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
-            decode_slots, decode_mask = decode_slots.to(device), decode_mask.to(device)
+        slot_mapping = torch.cat(
+            [s[length - n :] for s, length, n in zip(slots, seq_lens, num_new_tokens, strict=True)]
+        ).to(device)
         prefills = [
             (query_start[i], query_start[i + 1], slots[i].to(device))
             for i, num in enumerate(num_new_tokens)
             if num > 1
         ]
-        slot_mapping = torch.cat(
-            [
-                s[length - num :]
-                for s, length, num in zip(slots, seq_lens, num_new_tokens, strict=True)
+        meta = cls(query_start, seq_lens, slot_mapping, [], prefills, block_size=block_size)
+        decodes = [i for i, num in enumerate(num_new_tokens) if num == 1]
+        if decodes and use_kernel:
+            widest = max(len(block_tables[i]) for i in decodes)
+            tables = torch.zeros((len(decodes), widest), dtype=torch.int32)
+            for row, i in enumerate(decodes):
+                tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i])
+            meta.decode_block_tables = tables.to(device)
+            lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32)
+            meta.decode_seq_lens = lengths.to(device)
+            meta.decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
+        elif decodes:
+            meta.decode_groups = [
+                _decode_group([query_start[i] for i in group], [slots[i] for i in group], device)
+                for group in _gather_groups(sorted(decodes, key=seq_lens.__getitem__), seq_lens)
             ]
-        ).to(device)
-        return cls(
-            query_start,
-            seq_lens,
-            slot_mapping,
-            decode_rows,
-            decode_slots,
-            decode_mask,
-            prefills,
-            tables,
-            lengths,
-            block_size,
-        )
+        return meta
+
+
+def _gather_groups(decodes: list[int], seq_lens: list[int]) -> list[list[int]]:
+    """Decodes (shortest first) in groups whose padded gather stays under the cap."""
+    groups: list[list[int]] = [[]]
+    for i in decodes:
+        if groups[-1] and (len(groups[-1]) + 1) * seq_lens[i] > MAX_GATHERED_TOKENS:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def _decode_group(
+    rows: list[int], contexts: list[torch.Tensor], device: torch.device
+) -> DecodeGroup:
+    longest = max(len(c) for c in contexts)
+    slots = torch.zeros((len(rows), longest), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, 1, longest), dtype=torch.bool)
+    for row, context in enumerate(contexts):
+        slots[row, : len(context)] = context
+        mask[row, ..., : len(context)] = True
+    return DecodeGroup(torch.tensor(rows).to(device), slots.to(device), mask.to(device))
 
 
 def context_slots(block_table: list[int], length: int, block_size: int) -> torch.Tensor:
@@ -129,21 +146,36 @@ def paged_attention(
             meta.block_size,
             scaling if scaling is not None else query.shape[-1] ** -0.5,
         )
-    elif meta.decode_rows is not None:
-        keys = key_cache[meta.decode_slots].transpose(1, 2)  # [decodes, kv_heads, longest, dim]
-        values = value_cache[meta.decode_slots].transpose(1, 2)
-        queries = (
-            query[:, meta.decode_rows].transpose(0, 1).unsqueeze(2)
-        )  # [decodes, heads, 1, dim]
-        attended = scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
+    for group in meta.decode_groups:
+        out[group.rows] = _decode_attention(
+            query[:, group.rows], key_cache, value_cache, group, scaling
         )
-        out[meta.decode_rows] = attended[:, :, 0]
     for start, end, slots in meta.prefills:
         keys = key_cache[slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
         values = value_cache[slots].transpose(0, 1).unsqueeze(0)
         out[start:end] = _chunk_attention(query[:, start:end], keys, values, scaling)
     return out
+
+
+def _decode_attention(
+    queries: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group: DecodeGroup,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One query per sequence, [heads, n, dim] -> [n, heads, dim]. The query heads that share a
+    KV head go in as that head's query rows ([n, kv_heads, heads per kv, dim]), so GQA needs no
+    expanded copy of the keys and the padding mask broadcasts over them."""
+    num_heads, num_seqs, head_dim = queries.shape
+    num_kv_heads = key_cache.shape[1]
+    keys = key_cache[group.slots].transpose(1, 2)  # [n, kv_heads, longest, dim]
+    values = value_cache[group.slots].transpose(1, 2)
+    grouped = queries.transpose(0, 1).reshape(num_seqs, num_kv_heads, -1, head_dim)
+    attended = scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=group.mask, scale=scaling
+    )
+    return attended.reshape(num_seqs, num_heads, head_dim)
 
 
 def _chunk_attention(
@@ -152,29 +184,30 @@ def _chunk_attention(
     """A prompt chunk's queries [heads, n, dim] over its whole context (cached tokens, then
     the chunk): query j sits at position context - n + j and sees keys up to there.
 
-    sdpa's fused kernels take `is_causal` but skip no work for an explicit mask (which costs
-    2x on the CPU), so a chunk whose cached part is no longer than itself is padded in front
-    with dummy queries to a plain causal square; a short chunk over a long cache (a question
-    after a cached video) is cheap either way and takes the mask."""
-    num_queries, context = queries.shape[1], keys.shape[2]
+    No dense mask ever: sdpa's fused kernels skip no work for one (2x on the CPU) and, with
+    GQA, fall back to a kernel that materialises every score in float32 (tens of GiB for a
+    chunk of a 32k prompt on a GPU). A chunk whose cached part is no longer than itself is
+    padded in front with dummy queries to a plain causal square; a short chunk over a long
+    cache (a question after a cached video) takes sdpa's lower-right causal bias, with the
+    keys expanded to every query head (the bias does not take GQA)."""
+    num_heads, num_queries, _ = queries.shape
+    context = keys.shape[2]
     offset = context - num_queries
-    mask = None
-    if 0 < offset <= num_queries:
-        queries = torch.cat(
-            [queries.new_zeros(queries.shape[0], offset, queries.shape[2]), queries], 1
+    if offset > num_queries:
+        repeat = num_heads // keys.shape[1]
+        attended = scaled_dot_product_attention(
+            queries.unsqueeze(0),
+            keys.repeat_interleave(repeat, dim=1),
+            values.repeat_interleave(repeat, dim=1),
+            attn_mask=causal_lower_right(num_queries, context),
+            scale=scaling,
         )
-    elif offset > 0:
-        key_pos = torch.arange(context, device=queries.device)
-        query_pos = torch.arange(offset, context, device=queries.device)
-        mask = key_pos[None, :] <= query_pos[:, None]
+        return attended[0].transpose(0, 1)
+    if offset > 0:
+        padding = queries.new_zeros(num_heads, offset, queries.shape[2])
+        queries = torch.cat([padding, queries], 1)
     attended = scaled_dot_product_attention(
-        queries.unsqueeze(0),
-        keys,
-        values,
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scaling,
-        enable_gqa=True,
+        queries.unsqueeze(0), keys, values, is_causal=True, scale=scaling, enable_gqa=True
     )
     return attended[0, :, -num_queries:].transpose(0, 1)
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from server.engine.sequence import Sequence
 
-BlockContent = tuple[tuple[int, ...], tuple[str, ...]]  # token ids, media keys
+# The parent block's hash, token ids, media keys: compared in full on a hit, since a Python
+# hash can collide and the whole chain must match, not just this block.
+BlockContent = tuple[int | None, tuple[int, ...], tuple[str, ...]]
 
 
 @dataclass
@@ -83,8 +85,8 @@ class BlockManager:
         hits: list[int] = []
         parent: int | None = None
         for index in range((seq.num_tokens - 1) // self.block_size):
-            content = self._content(seq, index)
-            parent = hash((parent, content))
+            content = self._content(seq, index, parent)
+            parent = hash(content)
             block_id = self.cached.get(parent)
             if block_id is None or self.blocks[block_id].content != content:
                 break
@@ -117,18 +119,18 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         for index in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
-            content = self._content(seq, index)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            block_hash = hash((parent, content))
+            content = self._content(seq, index, parent)
+            block_hash = hash(content)
             block = self.blocks[seq.block_table[index]]
             block.hash, block.content = block_hash, content
             self.cached.setdefault(block_hash, block.block_id)  # the first copy stays the one
             seq.block_hashes.append(block_hash)
 
-    def _content(self, seq: Sequence, index: int) -> BlockContent:
+    def _content(self, seq: Sequence, index: int, parent: int | None) -> BlockContent:
         start = index * self.block_size
         end = start + self.block_size
-        return tuple(seq.token_ids(start, end)), seq.media_keys(start, end)
+        return parent, tuple(seq.token_ids(start, end)), seq.media_keys(start, end)
 
     # -- release -----------------------------------------------------------------------------
     def free_blocks(self, seq: Sequence) -> None:

@@ -392,7 +392,7 @@ def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig, max_seq_len: int)
     if config.kv_cache_memory_gib > 0:
         budget = config.kv_cache_memory_gib * 2**30
     elif loaded.device.type == "cuda":
-        budget = profile.kv_budget_bytes(loaded, config)
+        budget = profile.kv_budget_bytes(loaded, config, max_seq_len)
     else:
         most_needed = config.max_num_seqs * (max_seq_len + config.block_size) * bytes_per_token
         budget = min(AUTO_KV_CPU_GIB * 2**30, most_needed)

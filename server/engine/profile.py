@@ -1,11 +1,13 @@
 """How much GPU memory the KV cache may take, measured rather than guessed (vLLM's method).
 
-After the weights are loaded, the worst-case step is run once: a prompt chunk of
-max_num_batched_tokens tokens through the real runner path (embeddings, paged attention,
-MLPs, lm_head) and the vision tower on an image of that many tokens. The KV cache gets
+After the weights are loaded, the worst-case step is run once: the last chunk of
+max_num_batched_tokens tokens of a prompt as long as the context (so attention gathers the
+longest context there is) through the real runner path (embeddings, paged attention, MLPs,
+lm_head), and the vision tower on an image of that many tokens. The KV cache gets
 
     total GPU memory * --gpu-memory-utilization
-      - the peak torch allocated during that step (weights included)
+      - the peak torch allocated during that step (weights included; the step's own temporary
+        KV cache left out, the real one is what is being sized)
       - memory torch does not manage (CUDA context, other processes)
 
 `worst_case_step` runs on any device, so CI exercises it on the CPU; only the measurement is
@@ -30,25 +32,28 @@ from server.engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-def worst_case_step(loaded: LoadedModel, config: EngineConfig) -> None:
-    """One prefill chunk of max_num_batched_tokens tokens, then the vision tower on an image
-    of as many tokens (at most what the processor allows for one image)."""
+def worst_case_step(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
+    """The last chunk (max_num_batched_tokens tokens) of a max_seq_len-token prompt, then the
+    vision tower on an image of as many tokens (at most what the processor allows for one
+    image). Returns the bytes of the temporary KV cache it used."""
     from server.engine.runner import ModelRunner
 
-    num_tokens = config.max_num_batched_tokens
-    blocks = BlockManager(math.ceil(num_tokens / config.block_size), config.block_size, False)
+    chunk = min(config.max_num_batched_tokens, max_seq_len)
+    blocks = BlockManager(math.ceil(max_seq_len / config.block_size), config.block_size, False)
     runner = ModelRunner(loaded, blocks.num_blocks, config.block_size, encoder_cache_bytes=0)
-    inputs = ModelInputs(
-        {"input_ids": torch.zeros((1, num_tokens), dtype=torch.long)}, num_tokens, 0
-    )
-    seq = Sequence("profile", inputs, SamplingParams(temperature=0), max_tokens=1)
+    ids = torch.zeros((1, max_seq_len), dtype=torch.long)
+    seq = Sequence("profile", ModelInputs({"input_ids": ids}, max_seq_len, 0), SamplingParams(), 1)
     blocks.allocate(seq)
+    seq.num_computed_tokens = max_seq_len - chunk  # as if the rest were cached already
     batch = ScheduledBatch()
-    batch.add(seq, num_tokens)
+    batch.add(seq, chunk)
     runner.run(batch, [seq])
     blocks.free_blocks(seq)
-    del runner
-    _vision_step(loaded, min(num_tokens, _max_image_tokens(loaded)))
+    cache = runner.kv_cache
+    kv_bytes = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    del runner, cache
+    _vision_step(loaded, min(chunk, _max_image_tokens(loaded)))
+    return kv_bytes
 
 
 def _vision_step(loaded: LoadedModel, num_tokens: int) -> None:
@@ -72,14 +77,14 @@ def _max_image_tokens(loaded: LoadedModel) -> int:
     return max(1, int(max_pixels) // pixels_per_token)
 
 
-def kv_budget_bytes(loaded: LoadedModel, config: EngineConfig) -> float:
+def kv_budget_bytes(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> float:
     """Bytes the KV cache may take on the loaded model's CUDA device (see the module doc)."""
     device = loaded.device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    worst_case_step(loaded, config)
+    temporary_kv = worst_case_step(loaded, config, max_seq_len)
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device) - temporary_kv
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     not_torch = total - free - torch.cuda.memory_reserved(device)

@@ -53,8 +53,8 @@ def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> boo
         raise ModelLoadError("--attention-backend triton needs a CUDA device")
     if loaded.device.type == "cuda" and loaded.dtype not in (torch.bfloat16, torch.float16):
         raise ModelLoadError("--attention-backend triton needs --dtype bfloat16 or float16")
-    if block_size < 16:
-        raise ModelLoadError("--attention-backend triton needs --block-size 16 or more")
+    if block_size not in (16, 32, 64, 128):  # a power of two (tl.arange), in shared memory
+        raise ModelLoadError("--attention-backend triton needs --block-size 16, 32, 64 or 128")
     import server.engine.triton_attention  # noqa: F401  (fails now, not at the first decode)
 
     logger.info("decode attention: Triton paged kernel")
@@ -238,7 +238,10 @@ class ModelRunner:
             if kind == "image"
             else self.model.model.get_video_features
         )
-        return list(features(pixels, grids.to(self.device), return_dict=True).pooler_output)
+        embeds = features(pixels, grids.to(self.device), return_dict=True).pooler_output
+        # Views of one batched output would keep all of it alive (and the encoder cache would
+        # count only the view): each item gets its own copy.
+        return [e.clone() for e in embeds] if len(embeds) > 1 else list(embeds)
 
     def _drop_prefilled_media(self, batch: ScheduledBatch) -> None:
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):

@@ -5,7 +5,8 @@ the KV head (GQA: Qwen2-VL-2B has 6 per KV head, -7B 7), walks the sequence's bl
 with an online softmax, and writes their outputs. Nothing is gathered or copied: each key and
 value is read once per step, which is what a memory-bound decode step costs.
 
-Off unless `--attention-backend triton` (on CUDA with bf16/fp16 weights); prompt chunks always
+Off unless `--attention-backend triton` (on CUDA with bf16/fp16 weights, --block-size 16 to
+128, a power of two); prompt chunks always
 use the reference path (sdpa over the gathered context), where compute, not the gather, is the
 cost. The module imports Triton, so it is only imported when the kernel is used; tests run it
 on the CPU under TRITON_INTERPRET=1 against the reference.
@@ -104,8 +105,8 @@ def decode_attention(
     """query [num_decodes, num_heads, head_dim] -> attention output of the same shape."""
     num_decodes, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[1]
-    if block_size < MIN_DOT:
-        raise ValueError(f"the Triton decode kernel needs --block-size >= {MIN_DOT}")
+    if block_size < MIN_DOT or block_size & (block_size - 1):
+        raise ValueError(f"the Triton decode kernel needs a power-of-two block size >= {MIN_DOT}")
     heads_per_kv = num_heads // num_kv_heads
     out = torch.empty_like(query)
     _decode_kernel[(num_decodes, num_kv_heads)](

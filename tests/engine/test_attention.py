@@ -11,21 +11,27 @@ import sys
 import pytest
 import torch
 
+from server.engine import attention
 from tests.engine.attention_cases import GQA_SHAPES, make_case
 
 
 @pytest.mark.parametrize("shape", GQA_SHAPES)
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_reference_matches_dense_sdpa(shape: str, block_size: int) -> None:
+@pytest.mark.parametrize("gather_cap", [64, 1 << 18])  # decodes split into groups, or not
+def test_reference_matches_dense_sdpa(
+    shape: str, block_size: int, gather_cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attention, "MAX_GATHERED_TOKENS", gather_cap)
     heads, kv_heads = GQA_SHAPES[shape]
-    # A decode, a first chunk, a chunk over a longer cached context (masked), one over a
-    # shorter cached context (padded to a causal square), a one-block prompt.
+    # Decodes of several lengths, a first chunk, a chunk over a longer cached context
+    # (lower-right causal), one over a shorter cached context (padded to a causal square), a
+    # one-block prompt.
     case = make_case(
         heads,
         kv_heads,
         32,
-        [40, 23, 70, 50, 5],
-        [1, 23, 30, 30, 5],
+        [40, 23, 70, 50, 5, 9, 33],
+        [1, 23, 30, 30, 5, 1, 1],
         block_size,
         "cpu",
         torch.float32,

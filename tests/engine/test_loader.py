@@ -133,7 +133,8 @@ def test_cuda_devices_carry_an_index(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_loads_on_cuda_in_bfloat16(tiny_model_dir: Path) -> None:
-    loaded = load_model(engine_config(str(tiny_model_dir), tiny_model_dir.parent, device="cuda"))
+    config = engine_config(str(tiny_model_dir), tiny_model_dir.parent, device="cuda", dtype="auto")
+    loaded = load_model(config)
     assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16
 
 

@@ -188,5 +188,6 @@ def test_worst_case_step_runs_on_any_device(loaded) -> None:
     from server.engine.profile import _max_image_tokens, worst_case_step
 
     config = Settings(model="unused", max_num_batched_tokens=64).engine_config()
-    worst_case_step(loaded, config)
+    assert worst_case_step(loaded, config, max_seq_len=300) > 0  # a chunk over a long context
+    assert worst_case_step(loaded, config, max_seq_len=40) > 0  # a prompt shorter than a chunk
     assert _max_image_tokens(loaded) >= 1024
