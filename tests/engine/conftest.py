@@ -1,12 +1,23 @@
-"""Engine tests: every engine a test builds must end with all of its KV blocks free."""
+"""Engine tests: both families loaded once per module, and every engine a test builds must end
+with all of its KV blocks free."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from server.config import Settings
 from server.engine.engine import AsyncEngine
+from server.engine.loader import LoadedModel, load_model
+
+
+@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir"])
+def loaded(request: pytest.FixtureRequest) -> LoadedModel:
+    """Both families: Qwen2-VL and Qwen2.5-VL (whose vision tower and rope differ)."""
+    path: Path = request.getfixturevalue(request.param)
+    return load_model(Settings(model=str(path)).engine_config())
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,19 +12,12 @@ from PIL import Image
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder, ModelInputs
-from server.engine.loader import LoadedModel, load_model
+from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingParams
 from server.exceptions import EngineOverloaded
 from tests.helpers import make_image
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir"])
-def loaded(request: pytest.FixtureRequest) -> LoadedModel:
-    """Both families: Qwen2-VL and Qwen2.5-VL (whose vision tower and rope differ)."""
-    path: Path = request.getfixturevalue(request.param)
-    return load_model(Settings(model=str(path)).engine_config())
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:

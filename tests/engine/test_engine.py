@@ -22,13 +22,6 @@ from tests.helpers import make_image
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir"])
-def loaded(request: pytest.FixtureRequest) -> LoadedModel:
-    """Both families: Qwen2-VL and Qwen2.5-VL (whose vision tower and rope differ)."""
-    path: Path = request.getfixturevalue(request.param)
-    return load_model(Settings(model=str(path)).engine_config())
-
-
 @pytest.fixture(scope="module")
 def prompt(loaded: LoadedModel):
     builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +15,13 @@ from PIL import Image
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder, ModelInputs, VideoFrames
-from server.engine.loader import LoadedModel, load_model
+from server.engine.loader import LoadedModel
 from server.engine.runner import kv_cache_shape
 from server.engine.sampling import SamplingParams
 from tests.helpers import make_image
 
 pytestmark = pytest.mark.anyio
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir"])
-def loaded(request: pytest.FixtureRequest) -> LoadedModel:
-    path: Path = request.getfixturevalue(request.param)
-    return load_model(Settings(model=str(path)).engine_config())
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:
