@@ -23,6 +23,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
 from server.engine.runner import ModelRunner, kv_cache_shape
+from server.engine.sampler import FAILED
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
@@ -320,6 +321,9 @@ class AsyncEngine:
             request_id_var.set(seq.log_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            if token_id == FAILED:  # its grammar failed: this request alone
+                self._finish(seq, "error")
+                continue
             seq.output_token_ids.append(token_id)
             detok = self._detokenizers[seq.request_id]
             params = seq.sampling

@@ -23,7 +23,7 @@ from server.engine.encoder_cache import EncoderCache
 from server.engine.inputs import MediaItem
 from server.engine.kv_cache import KVCacheShape, PagedKVCache, StepCache
 from server.engine.loader import LoadedModel
-from server.engine.sampler import SamplingState, make_generator, sample
+from server.engine.sampler import SamplingState, make_generator, prompt_seen, sample
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache
@@ -107,7 +107,9 @@ class ModelRunner:
             state = self.states[seq.request_id] = SamplingState(
                 params=seq.sampling,
                 generator=make_generator(seq.sampling.seed, self.device),
-                prompt_token_ids=torch.tensor(seq.inputs.token_ids).to(self.device),
+                prompt_seen=prompt_seen(
+                    seq.sampling, seq.inputs.token_ids, self.vocab_size, self.device
+                ),
                 output_token_ids=seq.output_token_ids,
                 matcher=self.grammars.matcher(structured) if structured else None,
                 grammars=self.grammars,

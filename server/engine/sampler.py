@@ -1,13 +1,20 @@
-"""Sampler: last-position logits of a batch -> one next token per sequence.
+"""Sampler: last-position logits of a batch -> one next token per sequence, batched.
 
-Every sequence in a batch has its own parameters and, when it gives a seed, its own
-torch.Generator, so its output does not depend on what else shares the batch.
-Penalties follow OpenAI (presence / frequency, over generated tokens) and HF (repetition,
-over prompt and generated tokens).
+Every row keeps its own parameters, and a seeded row its own torch.Generator, so a request's
+output does not depend on what else shares the batch. The whole batch is handled with a fixed
+number of tensor operations (the per-row parameters become tensors once per step): grammar
+masks filled on the host and applied together, penalties from one scatter_add over the rows'
+tokens, one sort for top-k/top-p (skipped when no row asks), and sampling by the exponential
+race `argmax(p / Exp(1))`, which needs no host round trip. The step's only device->host
+transfer is the chosen ids.
+
+Penalties follow OpenAI (presence / frequency, over generated tokens) and HF (repetition, over
+prompt and generated tokens).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +23,10 @@ import torch
 from server.engine.sampling import SamplingParams
 from server.engine.structured import GrammarCache
 
+logger = logging.getLogger(__name__)
+
+FAILED = -1  # the token of a row whose grammar failed: the engine fails that request alone
+
 
 @dataclass
 class SamplingState:
@@ -23,80 +34,167 @@ class SamplingState:
 
     params: SamplingParams
     generator: torch.Generator | None
-    prompt_token_ids: torch.Tensor  # 1-D, on the model's device
+    # [vocab] bool on the model's device: the prompt's tokens (repetition penalty only)
+    prompt_seen: torch.Tensor | None
     output_token_ids: list[int]
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS until min_tokens is reached
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
     grammars: GrammarCache | None = None
 
 
-def apply_penalties(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
-    params = state.params
-    device = logits.device
-    output = torch.tensor(state.output_token_ids, dtype=torch.long, device=device)
-    if params.repetition_penalty != 1.0:
-        seen = torch.cat([state.prompt_token_ids, output]).unique()
-        scores = logits[seen]
-        scores = torch.where(
-            scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty
-        )
-        logits[seen] = scores
-    if (params.presence_penalty or params.frequency_penalty) and output.numel():
-        counts = torch.bincount(output, minlength=logits.shape[-1])[: logits.shape[-1]]
-        logits -= params.frequency_penalty * counts.to(logits.dtype)
-        logits -= params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+def prompt_seen(
+    params: SamplingParams, prompt: list[int], vocab: int, device: torch.device
+) -> torch.Tensor | None:
+    """The prompt's tokens as a [vocab] mask, made once per sequence; None without a
+    repetition penalty (the only thing that reads the prompt)."""
+    if params.repetition_penalty == 1.0:
+        return None
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[torch.tensor(prompt, dtype=torch.long)] = True
+    return seen.to(device)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the ones before it already reach top_p (the first always stays).
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
-
-
-def sample_one(logits: torch.Tensor, state: SamplingState) -> int:
-    """logits: [vocab] float32 for one sequence (banned tokens already masked)."""
-    params = state.params
-    logits = apply_penalties(logits, state)
-    if params.is_greedy:
-        return int(torch.argmax(logits))
-    scaled = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    # Extreme (schema-valid) parameters can overflow: a row must never fail the whole batch.
-    scaled = torch.nan_to_num(scaled, nan=float("-inf"), posinf=torch.finfo(scaled.dtype).max)
-    probs = torch.softmax(scaled, dim=-1)
-    if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
-        return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
-    return int(torch.multinomial(probs, 1, generator=state.generator))
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the copy (pinned, non-blocking on CUDA)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
-    """logits: [batch, vocab]. Greedy rows without penalties share one batched argmax; the
-    others (sampling, penalties) are done row by row with their own generator."""
+    """logits: [batch, vocab] -> one token per row (FAILED for a row whose grammar failed)."""
     logits = logits.float()
-    for row, state in enumerate(states):
-        if state.matcher is not None and state.grammars is not None:
-            state.grammars.mask_logits(state.matcher, logits[row])
+    failed = apply_grammars(logits, states)
+    ban_tokens(logits, states)
+    if any(s.params.has_penalties for s in states):
+        apply_penalties(logits, states)
+    chosen = choose(logits, states)
+    tokens = chosen.tolist()  # the step's one device -> host transfer
+    for row, (token, state) in enumerate(zip(tokens, states, strict=True)):
+        if row in failed:
+            tokens[row] = FAILED
+        elif state.matcher is not None and not state.matcher.is_terminated():
+            try:
+                state.matcher.accept_token(token)
+            except Exception:
+                logger.exception("grammar matcher failed to accept a token; failing its request")
+                tokens[row] = FAILED
+    return tokens
+
+
+def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int]:
+    """Every constrained row's bitmask filled on the host, copied once, applied together.
+    Returns the rows whose matcher failed (their request fails; the batch goes on)."""
+    rows = [i for i, s in enumerate(states) if s.matcher is not None and s.grammars is not None]
+    if not rows:
+        return set()
+    grammars = states[rows[0]].grammars
+    assert grammars is not None
+    bitmask = grammars.xgr.allocate_token_bitmask(len(states), grammars.vocab_size)
+    failed = set()
+    for row in rows:
+        try:
+            states[row].matcher.fill_next_token_bitmask(bitmask, row)
+        except Exception:
+            logger.exception("grammar matcher failed; failing its request")
+            failed.add(row)
+    applied = [row for row in rows if row not in failed]
+    if applied:
+        grammars.apply(logits, bitmask, applied)
+    return failed
+
+
+def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
     banned = [(row, token) for row, s in enumerate(states) for token in s.banned_token_ids]
     if banned:
         rows, tokens = zip(*banned, strict=True)
-        logits[list(rows), list(tokens)] = float("-inf")
-    plain_greedy = [s.params.is_greedy and not s.params.has_penalties for s in states]
-    argmax = torch.argmax(logits, dim=-1).tolist() if any(plain_greedy) else []
-    tokens = [
-        argmax[i] if plain else sample_one(logits[i].clone(), state)
-        for i, (plain, state) in enumerate(zip(plain_greedy, states, strict=True))
-    ]
-    for token, state in zip(tokens, states, strict=True):
-        if state.matcher is not None and not state.matcher.is_terminated():
-            state.matcher.accept_token(token)
-    return tokens
+        device = logits.device
+        logits[to_device(rows, torch.long, device), to_device(tokens, torch.long, device)] = float(
+            "-inf"
+        )
+
+
+def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Frequency/presence over each row's output tokens, repetition over prompt + output;
+    rows without penalties get coefficients that change nothing."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    outputs = token_counts(padded([s.output_token_ids for s in states], vocab, device), vocab)
+    frequency = to_device([s.params.frequency_penalty for s in states], torch.float32, device)
+    presence = to_device([s.params.presence_penalty for s in states], torch.float32, device)
+    logits -= frequency[:, None] * outputs + presence[:, None] * (outputs > 0)
+    if any(s.params.repetition_penalty != 1.0 for s in states):
+        nothing = torch.zeros(vocab, dtype=torch.bool, device=device)
+        masks = [s.prompt_seen if s.prompt_seen is not None else nothing for s in states]
+        seen = torch.cat(masks).view(len(states), vocab) | (outputs > 0)
+        penalty = to_device([s.params.repetition_penalty for s in states], torch.float32, device)
+        penalty = penalty[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(seen, penalised, logits))
+
+
+def padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """Host lists of token ids as one [batch, longest] tensor on the device (one copy)."""
+    longest = max(1, max(len(r) for r in rows))
+    return to_device([r + [pad] * (longest - len(r)) for r in rows], torch.long, device)
+
+
+def token_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[batch, vocab] float counts of each row's ids (ids == vocab is padding, dropped)."""
+    counts = torch.zeros((ids.shape[0], vocab + 1), dtype=torch.float32, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def choose(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """[batch] chosen ids on the device: argmax for greedy rows, the exponential race for the
+    others; a row whose distribution is empty or not finite falls back to its argmax."""
+    device = logits.device
+    params = [s.params for s in states]
+    greedy_ids = torch.argmax(torch.nan_to_num(logits, nan=float("-inf")), dim=-1)
+    if all(p.is_greedy for p in params):
+        return greedy_ids
+    temperature = to_device(
+        [1.0 if p.is_greedy else p.temperature for p in params], torch.float32, device
+    )
+    scaled = logits / temperature[:, None]
+    if any(0 < p.top_k < logits.shape[-1] or p.top_p < 1.0 for p in params):
+        scaled = top_k_top_p(scaled, params)
+    scaled = torch.nan_to_num(scaled, nan=float("-inf"), posinf=torch.finfo(scaled.dtype).max)
+    probs = torch.softmax(scaled, dim=-1)
+    noise = torch.empty_like(probs)
+    for row, state in enumerate(states):  # seeded rows draw from their own generator
+        if state.generator is not None:
+            noise[row].exponential_(generator=state.generator)
+    unseeded = [row for row, s in enumerate(states) if s.generator is None]
+    if len(unseeded) == len(states):
+        noise.exponential_()
+    elif unseeded:
+        fresh = torch.empty((len(unseeded), probs.shape[-1]), device=device).exponential_()
+        noise.index_copy_(0, to_device(unseeded, torch.long, device), fresh)
+    sampled = torch.argmax(probs / noise, dim=-1)
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    is_greedy = to_device([p.is_greedy for p in params], torch.bool, device)
+    return torch.where(is_greedy | ~usable, greedy_ids, sampled)
+
+
+def top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """One descending sort for the batch: keep each row's top_k (0: all) and the smallest
+    prefix whose probability reaches top_p (the first token always stays)."""
+    vocab = scaled.shape[-1]
+    device = scaled.device
+    top_k = to_device(
+        [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device
+    )
+    top_p = to_device([p.top_p for p in params], torch.float32, device)
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    ordered = ordered.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    # top_p over what top_k kept (renormalised), as HF and vLLM do.
+    probs = ordered.softmax(dim=-1)
+    ordered = ordered.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p[:, None], float("-inf"))
+    return torch.full_like(scaled, float("-inf")).scatter(-1, order, ordered)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

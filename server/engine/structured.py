@@ -57,10 +57,16 @@ class GrammarCache:
     def matcher(self, spec: StructuredOutput) -> Any:
         return self.xgr.GrammarMatcher(self.compile(spec))
 
-    def mask_logits(self, matcher: Any, logits: torch.Tensor) -> None:
-        """logits: [vocab] for one sequence, masked in place."""
-        bitmask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
-        matcher.fill_next_token_bitmask(bitmask)
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Mask the given rows of logits [batch, vocab] in place with their filled bitmask rows
+        (bitmask: [batch, words] on the host). On CUDA the plain-torch backend: xgrammar's
+        default there compiles a Triton kernel at first use, which needs a C compiler."""
+        if logits.is_cuda:
+            bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
         self.xgr.apply_token_bitmask_inplace(
-            logits.view(1, -1), bitmask.to(logits.device), vocab_size=self.vocab_size
+            logits,
+            bitmask,
+            vocab_size=self.vocab_size,
+            indices=rows,
+            backend="torch_native" if logits.is_cuda else "cpu",
         )

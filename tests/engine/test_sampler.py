@@ -1,0 +1,198 @@
+"""The batched sampler: exactly one host transfer per step, a number of tensor operations that
+does not grow with the batch, the distributions it samples, seeded rows reproducible whatever
+shares the batch, and a failing grammar that fails its own row only."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from server.engine.sampler import FAILED, SamplingState, make_generator, prompt_seen, sample
+from server.engine.sampling import SamplingParams
+from server.engine.structured import GrammarCache, StructuredOutput
+
+VOCAB = 64
+HOST_TRANSFERS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+def state(params: SamplingParams, outputs: tuple[int, ...] = (), **extra) -> SamplingState:
+    return SamplingState(
+        params=params,
+        generator=make_generator(params.seed, torch.device("cpu")),
+        prompt_seen=prompt_seen(params, [1, 2, 3, 5, 8], VOCAB, torch.device("cpu")),
+        output_token_ids=list(outputs),
+        **extra,
+    )
+
+
+def mixed_states(batch: int, seeded: bool = True) -> list[SamplingState]:
+    kinds = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=1.2, top_k=5),
+        SamplingParams(temperature=0.9, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(temperature=0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.8, seed=7 if seeded else None),
+    ]
+    states = [state(kinds[i % len(kinds)], outputs=(1, 4, 4, 9)) for i in range(batch)]
+    states[0].banned_token_ids = (3, 4)  # min_tokens: EOS and stop ids banned
+    return states
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_host_transfer_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    states = mixed_states(12)
+    states.append(state(SamplingParams(temperature=0.5), grammars=grammars))
+    states[-1].matcher = grammars.matcher(StructuredOutput("json_object"))
+    calls: Counter[str] = Counter()
+    for name in HOST_TRANSFERS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    tokens = sample(torch.randn(len(states), VOCAB), states)
+    monkeypatch.undo()
+    assert calls == {"tolist": 1}, calls
+    assert len(tokens) == len(states) and FAILED not in tokens
+
+
+def test_tensor_ops_do_not_grow_with_the_batch() -> None:
+    counts = {}
+    for batch in (6, 60):
+        states = mixed_states(batch, seeded=False)  # a seeded row draws from its own generator
+        logits = torch.randn(batch, VOCAB)
+        with CountOps() as ops:
+            sample(logits, states)
+        counts[batch] = ops.count
+    assert counts[60] == counts[6], counts
+
+
+def test_distributions() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05] + [1e-9] * (VOCAB - 4)))
+    draws = 4000
+    for params, allowed in (
+        (SamplingParams(temperature=1.0), {0, 1, 2, 3}),
+        (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
+        (SamplingParams(temperature=1.0, top_p=0.7), {0, 1}),  # 0.5 < 0.7 <= 0.8
+    ):
+        states = [state(params) for _ in range(draws)]
+        tokens = Counter(sample(logits.repeat(draws, 1), states))
+        assert set(tokens) <= allowed, tokens
+        if params.top_k == 0 and params.top_p == 1.0:
+            for token, p in enumerate((0.5, 0.3, 0.15, 0.05)):
+                assert abs(tokens[token] / draws - p) < 0.03, tokens
+        else:  # top-2 renormalised: 0.5 / 0.8 and 0.3 / 0.8
+            assert abs(tokens[0] / draws - 0.625) < 0.03, tokens
+
+
+def test_penalties_and_bans() -> None:
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 7] = 1.0
+    states = [
+        state(SamplingParams(temperature=0, frequency_penalty=2.0), outputs=(7,)),
+        state(SamplingParams(temperature=0, repetition_penalty=2.0), outputs=()),
+        state(SamplingParams(temperature=0)),
+    ]
+    states[1].prompt_seen = prompt_seen(states[1].params, [7], VOCAB, torch.device("cpu"))
+    logits[1, 9] = 0.6  # 7 halves to 0.5 once seen: 9 wins
+    states[2].banned_token_ids = (7,)
+    tokens = sample(logits, states)
+    assert tokens[0] != 7 and tokens[1] == 9 and tokens[2] != 7
+
+
+def test_seeded_rows_are_the_same_alone_and_in_any_batch() -> None:
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    logits = torch.randn(20, VOCAB)
+    alone_state = state(params)
+    alone = [sample(logits[i : i + 1], [alone_state])[0] for i in range(20)]
+    batched_state = state(params)
+    batched = []
+    for i in range(20):
+        others = mixed_states(5)
+        rows = torch.cat([torch.randn(2, VOCAB), logits[i : i + 1], torch.randn(3, VOCAB)])
+        states = [*others[:2], batched_state, *others[2:]]
+        batched.append(sample(rows, states)[2])
+    assert alone == batched
+
+
+class FailingMatcher:
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def fill_next_token_bitmask(self, bitmask, index=0):
+        raise RuntimeError("injected grammar failure")
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def test_a_failing_grammar_fails_its_row_only() -> None:
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    good = state(SamplingParams(temperature=0), grammars=grammars)
+    good.matcher = grammars.matcher(StructuredOutput("json_object"))
+    bad = state(SamplingParams(temperature=0), grammars=grammars)
+    bad.matcher = FailingMatcher(grammars.matcher(StructuredOutput("json_object")))
+    plain = state(SamplingParams(temperature=0.7))
+    tokens = sample(torch.randn(3, VOCAB), [good, bad, plain])
+    assert tokens[1] == FAILED and tokens[0] != FAILED and tokens[2] != FAILED
+
+
+@pytest.mark.anyio
+async def test_engine_fails_only_the_request_whose_grammar_fails(loaded, monkeypatch) -> None:
+    from server.config import Settings
+    from server.engine.engine import AsyncEngine
+    from server.engine.inputs import InputBuilder
+
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    prompt = builder.build([{"role": "user", "content": "Give me JSON."}], [])
+    engine = AsyncEngine.build(loaded, Settings(model="unused", max_model_len=1024).engine_config())
+    real_matcher = engine.runner.grammars.matcher
+    monkeypatch.setattr(
+        engine.runner.grammars, "matcher", lambda spec: FailingMatcher(real_matcher(spec))
+    )
+    engine.start()
+    structured = SamplingParams(max_tokens=8, structured=StructuredOutput("json_object"))
+    bad = engine.add_request("bad", prompt, structured)
+    good = engine.add_request("good", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    outputs = {}
+    for seq in (bad, good):
+        outputs[seq.request_id] = [o async for o in engine.stream(seq)][-1]
+    assert engine.is_running
+    await engine.stop()
+    assert outputs["bad"].finish_reason == "error"
+    assert outputs["good"].finish_reason == "length" and good.num_completion_tokens == 8
+
+
+def _tokenizer():
+    """A tiny real tokenizer for the grammar (the tiny checkpoint's)."""
+    from transformers import AutoTokenizer
+
+    from server.engine.tiny import make_tiny_checkpoint
+
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        import tempfile
+        from pathlib import Path
+
+        path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+        _TOKENIZER = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZER
+
+
+_TOKENIZER = None
