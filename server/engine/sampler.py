@@ -67,9 +67,14 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     logits = logits.float()
     failed = apply_grammars(logits, states)
     ban_tokens(logits, states)
-    if any(s.params.has_penalties for s in states):
-        apply_penalties(logits, states)
-    chosen = choose(logits, states)
+    rows = [i for i, s in enumerate(states) if s.params.has_penalties]
+    if rows:
+        on_rows(logits, rows, lambda sub: apply_penalties(sub, [states[i] for i in rows]))
+    chosen = torch.argmax(logits, dim=-1)
+    rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+    if rows:
+        drawn = draw(logits.index_select(0, index(rows, logits)), [states[i] for i in rows])
+        chosen.index_copy_(0, index(rows, logits), drawn)
     tokens = chosen.tolist()  # the step's one device -> host transfer
     for row, (token, state) in enumerate(zip(tokens, states, strict=True)):
         if row in failed:
@@ -81,6 +86,22 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
                 logger.exception("grammar matcher failed to accept a token; failing its request")
                 tokens[row] = FAILED
     return tokens
+
+
+def index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
+    return to_device(rows, torch.long, like.device)
+
+
+def on_rows(logits: torch.Tensor, rows: list[int], change) -> None:
+    """Apply `change` (in place, on a [len(rows), vocab] copy) to these rows only: the work
+    is proportional to the rows that ask for it, in the same few operations for any batch."""
+    if len(rows) == logits.shape[0]:
+        change(logits)
+        return
+    where = index(rows, logits)
+    sub = logits.index_select(0, where)
+    change(sub)
+    logits.index_copy_(0, where, sub)
 
 
 def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int]:
@@ -116,8 +137,8 @@ def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
-    """Frequency/presence over each row's output tokens, repetition over prompt + output;
-    rows without penalties get coefficients that change nothing."""
+    """In place, for rows that have penalties: frequency/presence over each row's output
+    tokens, repetition over prompt + output (a row's unused penalty changes nothing)."""
     vocab = logits.shape[-1]
     device = logits.device
     outputs = token_counts(padded([s.output_token_ids for s in states], vocab, device), vocab)
@@ -147,20 +168,20 @@ def token_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return counts[:, :vocab]
 
 
-def choose(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """[batch] chosen ids on the device: argmax for greedy rows, the exponential race for the
-    others; a row whose distribution is empty or not finite falls back to its argmax."""
+def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """[rows] sampled ids for rows that sample (temperature > 0), by the exponential race; a
+    row whose distribution is empty or not finite falls back to its argmax."""
     device = logits.device
     params = [s.params for s in states]
-    greedy_ids = torch.argmax(torch.nan_to_num(logits, nan=float("-inf")), dim=-1)
-    if all(p.is_greedy for p in params):
-        return greedy_ids
-    temperature = to_device(
-        [1.0 if p.is_greedy else p.temperature for p in params], torch.float32, device
-    )
+    temperature = to_device([p.temperature for p in params], torch.float32, device)
     scaled = logits / temperature[:, None]
-    if any(0 < p.top_k < logits.shape[-1] or p.top_p < 1.0 for p in params):
-        scaled = top_k_top_p(scaled, params)
+    vocab = logits.shape[-1]
+    top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    top_k_rows = [i for i, p in enumerate(params) if p.top_p >= 1.0 and 0 < p.top_k < vocab]
+    if top_p_rows:  # a sort, for these rows only
+        on_rows(scaled, top_p_rows, lambda sub: top_k_top_p(sub, [params[i] for i in top_p_rows]))
+    if top_k_rows:  # a top-k selection, cheaper than a sort
+        on_rows(scaled, top_k_rows, lambda sub: top_k(sub, [params[i].top_k for i in top_k_rows]))
     scaled = torch.nan_to_num(scaled, nan=float("-inf"), posinf=torch.finfo(scaled.dtype).max)
     probs = torch.softmax(scaled, dim=-1)
     noise = torch.empty_like(probs)
@@ -172,16 +193,23 @@ def choose(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         noise.exponential_()
     elif unseeded:
         fresh = torch.empty((len(unseeded), probs.shape[-1]), device=device).exponential_()
-        noise.index_copy_(0, to_device(unseeded, torch.long, device), fresh)
-    sampled = torch.argmax(probs / noise, dim=-1)
+        noise.index_copy_(0, index(unseeded, noise), fresh)
+    drawn = torch.argmax(probs.div_(noise), dim=-1)
     usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    is_greedy = to_device([p.is_greedy for p in params], torch.bool, device)
-    return torch.where(is_greedy | ~usable, greedy_ids, sampled)
+    return torch.where(usable, drawn, torch.argmax(scaled, dim=-1))
 
 
-def top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """One descending sort for the batch: keep each row's top_k (0: all) and the smallest
-    prefix whose probability reaches top_p (the first token always stays)."""
+def top_k(scaled: torch.Tensor, ks: list[int]) -> None:
+    """In place: keep each row's ks[row] largest values (ties at the k-th kept)."""
+    kth = torch.topk(scaled, max(ks), dim=-1).values  # [rows, largest k]
+    threshold = kth.gather(1, to_device(ks, torch.long, scaled.device)[:, None] - 1)
+    scaled.masked_fill_(scaled < threshold, float("-inf"))
+
+
+def top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> None:
+    """In place, with one descending sort: keep each row's top_k (0: all), then the smallest
+    prefix of what is left whose probability reaches top_p (the first token always stays),
+    as HF and vLLM do."""
     vocab = scaled.shape[-1]
     device = scaled.device
     top_k = to_device(
@@ -191,10 +219,9 @@ def top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
     ordered, order = torch.sort(scaled, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
     ordered = ordered.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    # top_p over what top_k kept (renormalised), as HF and vLLM do.
     probs = ordered.softmax(dim=-1)
     ordered = ordered.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p[:, None], float("-inf"))
-    return torch.full_like(scaled, float("-inf")).scatter(-1, order, ordered)
+    scaled.copy_(torch.full_like(scaled, float("-inf")).scatter(-1, order, ordered))
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
