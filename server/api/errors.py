@@ -42,19 +42,17 @@ def error_response(
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 0, 'content', 'list[...]', 1) -> 'messages[0].content[1]'."""
     param = ""
+    previous: Any = None
     for item in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(item, int):
             param += f"[{item}]"
         elif isinstance(item, str) and ("[" in item or item in ("str", "function-after")):
             continue  # a union branch pydantic tried, not a field
-        elif (
-            isinstance(item, str)
-            and item in ("text", "image_url", "video_url")
-            and param.endswith("]")
-        ):
-            param += f".{item}"
+        elif isinstance(previous, int) and item in ("text", "image_url", "video_url"):
+            pass  # a content part's type tag, which pydantic puts before the part's fields
         else:
             param += f".{item}" if param else str(item)
+        previous = item
     return param or None
 
 

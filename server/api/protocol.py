@@ -7,6 +7,7 @@ that we do not support yet is accepted by the schema but refused with a 400 nami
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult
 from server.pipelines.messages import ChatMessage, ImagePart, Part, TextPart, VideoPart
 
+logger = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256  # a stop string's tail is held back while streaming: keep it short
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -39,6 +41,23 @@ ANIMUS_DEFAULT_TEMPERATURE = 0.1
 class StrictModel(BaseModel):
     # No unknown fields, and no coercion: "stream": "yes" or "ignore_eos": 0 are type errors.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PartModel(BaseModel):
+    """Inside messages and content parts unknown keys are ignored (logged at debug), as vLLM
+    and SGLang do: clients put their own there (SGLang's "modalities", vLLM's "uuid"). Still
+    no coercion."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {f.alias or name for name, f in cls.model_fields.items()}
+            if unknown := sorted(str(k) for k in data if k not in known):
+                logger.debug("ignored unknown keys in a %s: %s", cls.__name__, ", ".join(unknown))
+        return data
 
 
 def _no_lone_surrogates(value: str) -> str:
@@ -59,17 +78,17 @@ SEED_MODULUS = 2**64
 # -- request: messages ------------------------------------------------------------------------
 
 
-class TextContentPart(StrictModel):
+class TextContentPart(PartModel):
     type: Literal["text"]
     text: Text
 
 
-class ImageURL(StrictModel):
+class ImageURL(PartModel):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] = "auto"
 
 
-class ImageContentPart(StrictModel):
+class ImageContentPart(PartModel):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -80,7 +99,7 @@ class ImageContentPart(StrictModel):
         return {"url": value} if isinstance(value, str) else value
 
 
-class VideoURL(StrictModel):
+class VideoURL(PartModel):
     url: str = Field(min_length=1)
     # Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
     # the video pixel range); see media/frames.py.
@@ -90,9 +109,14 @@ class VideoURL(StrictModel):
     max_pixels: int | None = Field(default=None, ge=1)
 
 
-class VideoContentPart(StrictModel):
+class VideoContentPart(PartModel):
     type: Literal["video_url"]
     video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _accept_bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
 
 
 ContentPart = Annotated[
@@ -100,10 +124,23 @@ ContentPart = Annotated[
 ]
 
 
-class ChatMessageParam(StrictModel):
+# OpenAI message fields this server does not support yet: refused, never ignored.
+UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "function_call", "audio")
+
+
+class ChatMessageParam(PartModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart] | None = None
     name: str | None = None  # accepted as OpenAI does; Qwen's chat template has no use for it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for field in UNSUPPORTED_MESSAGE_FIELDS:
+                if data.get(field) is not None:
+                    raise ValueError(f"the message field '{field}' is not supported")
+        return data
 
 
 class JsonSchemaFormat(StrictModel):

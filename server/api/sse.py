@@ -74,8 +74,14 @@ class ChatChunkWriter:
             model=self.model,
             choices=choices,
             usage=usage,
-        )
-        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+        ).model_dump(mode="json")
+        # As OpenAI streams: every choice carries logprobs and finish_reason (null until the
+        # end), a delta only what it says, and usage only in the usage chunk.
+        for choice in chunk["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if usage is None:
+            del chunk["usage"]
+        return f"data: {json.dumps(chunk)}\n\n"
 
 
 async def chat_stream(

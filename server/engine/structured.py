@@ -13,6 +13,7 @@ queued, and the engine thread only builds matchers from the cache.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +35,16 @@ class InvalidSchema(ValueError):
     """The JSON schema cannot be compiled to a grammar."""
 
 
+# xgrammar's messages start with its C++ log prefix: "[08:08:19] /project/cpp/x.cc:4944: ".
+_CPP_LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
+
+
+def schema_error_text(exc: Exception) -> str:
+    """The grammar library's complaint without its source location, first line, bounded."""
+    first = (str(exc).strip().splitlines() or ["invalid JSON schema"])[0]
+    return _CPP_LOG_PREFIX.sub("", first)[:200] or "invalid JSON schema"
+
+
 class GrammarCache:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]):
         import xgrammar as xgr
@@ -52,7 +63,7 @@ class GrammarCache:
             # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
             return self.compiler.compile_json_schema(schema, any_whitespace=False)
         except Exception as exc:  # xgrammar raises several types for bad schemas
-            raise InvalidSchema(str(exc).splitlines()[0][:200]) from None
+            raise InvalidSchema(schema_error_text(exc)) from None
 
     def matcher(self, spec: StructuredOutput) -> Any:
         return self.xgr.GrammarMatcher(self.compile(spec))

@@ -24,7 +24,7 @@ from server.engine.inputs import InputBuilder, ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence
 from server.engine.structured import StructuredOutput
-from server.exceptions import ServerError
+from server.exceptions import MediaError, ServerError
 from server.media.frames import FrameRequest, TokenBudget
 from server.pipelines.chat import compile_grammar
 from server.pipelines.finish import ProgressCallback, collect_all, raise_for_finish
@@ -49,6 +49,11 @@ SCENE = {
 # Each token adds at least one character, and the schema bounds the JSON to fewer than this.
 MAX_JSON_TOKENS = 1024
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
+# Video containers this server does not read: refused as such, not taken for a broken image.
+OTHER_VIDEO_EXTENSIONS = {
+    ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".mpg", ".mpeg",
+    ".ts", ".m2ts", ".mts", ".vob", ".rm", ".rmvb",
+}  # fmt: skip
 PARAM = "media_url"
 
 
@@ -71,10 +76,19 @@ def prompt_for(keys: tuple[str, ...], what: str) -> str:
 
 
 def is_video_url(url: str) -> bool:
-    """data: URIs say what they are; other URLs are judged by their path's extension."""
+    """data: URIs say what they are; other URLs are judged by their path's extension (a video
+    container this server does not read is a 400 that says so)."""
     if url.startswith("data:"):
         return url[5:].lower().startswith("video/")
-    return PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower() in VIDEO_EXTENSIONS
+    suffix = PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower()
+    if suffix in OTHER_VIDEO_EXTENSIONS:
+        supported = ", ".join(sorted(VIDEO_EXTENSIONS))
+        raise MediaError(
+            f"{suffix} videos are not supported; videos can be {supported}.",
+            param=PARAM,
+            code="unsupported_media_type",
+        )
+    return suffix in VIDEO_EXTENSIONS
 
 
 def merge_results(results: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:

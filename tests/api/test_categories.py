@@ -116,3 +116,12 @@ async def test_chat_still_requires_model(client: httpx.AsyncClient) -> None:
     messages = [{"role": "user", "content": "Hi"}]
     response = await client.post("/v1/chat/completions", json={"messages": messages})
     assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+
+
+async def test_a_video_format_the_server_does_not_read_is_named(client: httpx.AsyncClient) -> None:
+    body = {"media_url": "https://media.example/clip.ogv?sig=1", "metadata": ["tags"]}
+    response = await client.post("/v2/media/categories", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type" and error["param"] == "media_url"
+    assert ".ogv videos are not supported" in error["message"] and "image" not in error["message"]

@@ -349,3 +349,53 @@ async def test_media_budget_per_request(tiny_model_dir: Path) -> None:
             "/v1/chat/completions", json={"model": "tiny", "messages": user(part, part, part)}
         )
         assert_error(response, 400, None, "media_budget_exceeded")
+
+
+async def test_unknown_keys_inside_messages_and_parts_are_ignored(client) -> None:
+    """SGLang clients put "modalities" on image parts, vLLM's "uuid" sits in image_url; both
+    are ignored as those servers do. Unknown top-level fields stay a 400 naming the field."""
+    image = {
+        "type": "image_url",
+        "image_url": {"url": data_uri(make_image()), "uuid": "img-1"},
+        "modalities": "multi-images",
+    }
+    message = {"role": "user", "content": [image, {"type": "text", "text": "Hi"}], "x": 1}
+    body = {"model": "tiny", "messages": [message], "max_tokens": 2}
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    response = await client.post("/v1/chat/completions", json={**body, "surprise": 1})
+    assert_error(response, 400, "surprise", "unknown_parameter")
+
+
+async def test_param_paths_inside_parts_name_the_field_once(client) -> None:
+    image = {"type": "image_url", "image_url": {"url": data_uri(make_image()), "detail": "ultra"}}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [image]}]}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, "messages[0].content[0].image_url.detail", "invalid_value")
+
+
+async def test_unsupported_message_fields_are_refused_by_name(client) -> None:
+    message = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}, message]}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and "tool_calls" in response.json()["error"]["message"]
+
+
+async def test_bad_json_schema_error_has_no_library_internals(client) -> None:
+    schema = {"name": "x", "schema": {"type": "object", "properties": "not-an-object"}}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "json_schema", "json_schema": schema},
+    }
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert ".cc:" not in message and "/project" not in message and not message.startswith("[")
+
+
+async def test_models_retrieve_with_a_slash_in_the_id(client) -> None:
+    response = await client.get("/v1/models/animuslabs/Qwen2-VL-NSFW-Vision-1.2")
+    assert response.status_code == 200, response.text
+    card = response.json()
+    assert card["id"] == "animuslabs/Qwen2-VL-NSFW-Vision-1.2" and card["object"] == "model"
+    assert_error(await client.get("/v1/models/Qwen/nope"), 404, "model", "model_not_found")

@@ -132,3 +132,13 @@ async def test_videos_are_spooled_to_disk_and_removed(
             assert response.status_code == 200, response.text
         assert list((tmp_path / "data" / "spool").iterdir()) == []  # temporary files are gone
         assert (local / "clip.mp4").exists()  # a local file is read in place, never removed
+
+
+async def test_bare_string_video_url_like_image_url(video_client: httpx.AsyncClient) -> None:
+    body = video_body(video_uri(make_video(seconds=1.0)), max_tokens=2)
+    body["messages"][0]["content"][1]["video_url"] = body["messages"][0]["content"][1]["video_url"][
+        "url"
+    ]
+    response = await video_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens_details"]["video_tokens"] > 0

@@ -98,6 +98,12 @@ def test_sdk_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="tiny", messages=bad_image)
     assert bad.value.body["param"] == "messages[0].content[0]"
     assert [m.id for m in client.models.list()] == ["tiny", "qwen/qwen2.5-vl-72b-instruct"]
+    # models.retrieve with a hub-style id (a slash in the path)
+    assert (
+        client.models.retrieve("qwen/qwen2.5-vl-72b-instruct").id == "qwen/qwen2.5-vl-72b-instruct"
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("Qwen/Qwen2-VL-2B-Instruct")
 
 
 @pytest.mark.anyio

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.api.protocol import ModelCard, ModelList
+from server.api.protocol import ErrorResponse, ModelCard, ModelList
 from server.api.services import Services, get_services
 
 router = APIRouter()
@@ -24,16 +24,28 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(services: Services = Depends(get_services)) -> ModelList:
-    cards = [
-        ModelCard(
-            id=name,
-            created=services.started_at,
-            root=str(services.loaded.path),
-            max_model_len=services.loaded.context_length,
-        )
-        for name in services.served_model_names
-    ]
-    return ModelList(data=cards)
+    return ModelList(data=[model_card(services, name) for name in services.served_model_names])
+
+
+# `:path`: served names are often hub ids with a slash (Qwen/Qwen2-VL-2B-Instruct).
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=ModelCard,
+    responses={404: {"model": ErrorResponse}},
+    tags=["models"],
+)
+async def retrieve_model(model: str, services: Services = Depends(get_services)) -> ModelCard:
+    services.check_model(model)
+    return model_card(services, model)
+
+
+def model_card(services: Services, name: str) -> ModelCard:
+    return ModelCard(
+        id=name,
+        created=services.started_at,
+        root=str(services.loaded.path),
+        max_model_len=services.engine.max_seq_len,
+    )
 
 
 @router.get("/metrics", tags=["server"], response_class=Response)
