@@ -9,6 +9,8 @@ native    the frames go to Qwen2-VL as one video input. Frames are grouped in te
           VIDEO_MIN_PIXELS), then the frame count.
 captions  every frame is captioned on its own (about caption_tokens each), and the question is
           answered over the timestamped captions: N * caption_tokens + prompt + answer must fit.
+frames    every frame is analysed as a request of its own (media categories): as many frames as
+          the ceilings allow, each frame + prompt + answer fitting the context by itself.
 
 Always at most MAX_FRAMES (60) frames and at most the requested / server fps; a request's fps,
 max_frames, min_pixels and max_pixels can only lower the server's ceilings, never raise them.
@@ -21,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-VideoMode = Literal["native", "captions"]
+VideoMode = Literal["native", "captions", "frames"]
 
 MAX_FRAMES = 60  # the Animus contract: at most 60 frames per video
 FRAME_FACTOR = 2  # Qwen2-VL's temporal patch: native frame counts are even
@@ -148,6 +150,8 @@ def plan_frames(
     ceiling = frame_ceiling(info, request, server_fps)
     if request.mode == "captions":
         return _plan_captions(info, budget, request, available, ceiling)
+    if request.mode == "frames":
+        return _plan_frames(info, request, available, ceiling)
     return _plan_native(info, request, available, ceiling)
 
 
@@ -197,6 +201,26 @@ def _plan_captions(
     )
 
 
+def _plan_frames(info: VideoInfo, request: FrameRequest, available: int, ceiling: int) -> FramePlan:
+    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_PIXELS)
+    width, height = resized(info, min(min_pixels, max_pixels), max_pixels)
+    if frame_tokens(width, height) > available:
+        raise PlanError("a video frame does not fit the model's context next to the prompt")
+    timestamps = uniform_timestamps(info.duration_s, ceiling)
+    return FramePlan(
+        frame_indices(timestamps, info),
+        tuple(timestamps),
+        width,
+        height,
+        ceiling * frame_tokens(width, height),
+    )
+
+
+def frame_tokens(width: int, height: int) -> int:
+    """Tokens of one frame read as an image (its own request)."""
+    return width * height // PIXELS_PER_TOKEN + VISION_WRAPPER_TOKENS
+
+
 def at_timestamps(
     plan: FramePlan, timestamps: list[float], info: VideoInfo, budget: TokenBudget, mode: VideoMode
 ) -> FramePlan:
@@ -207,6 +231,8 @@ def at_timestamps(
         timestamps.append(timestamps[-1])
     if mode == "native":
         tokens = len(timestamps) // FRAME_FACTOR * tokens_per_patch(plan.width, plan.height)
+    elif mode == "frames":
+        tokens = len(timestamps) * frame_tokens(plan.width, plan.height)
     else:
         per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
         tokens = len(timestamps) * per_frame + CAPTIONS_HEADER_TOKENS

@@ -176,12 +176,16 @@ class CategoriesPipeline:
         sampling: SamplingParams,
         on_progress: ProgressCallback | None,
     ) -> CategoriesResult:
-        part = VideoPart(request.media_url, FrameRequest("captions"), PARAM)
+        part = VideoPart(request.media_url, FrameRequest("frames"), PARAM)
         budget = self.media.check_counts([ChatMessage("user", [part])])
+        # Each frame is a request of its own: up to 60 frames, each with the prompt and its
+        # JSON answer fitting the context by itself (seed 000: as many as the model allows).
+        prompt = [{"role": "user", "content": self._content(request.keys, "video frame")}]
+        prompt_tokens = self.input_builder.count_text_tokens(prompt)
         tokens = TokenBudget(
-            self.engine.max_seq_len, prompt_tokens=0, max_tokens=0, caption_tokens=MAX_JSON_TOKENS
+            self.engine.max_seq_len, prompt_tokens=prompt_tokens, max_tokens=MAX_JSON_TOKENS
         )
-        wishes = FrameRequest("captions", use_scenes=request.use_scenes)
+        wishes = FrameRequest("frames", use_scenes=request.use_scenes)
         video = await self.media.video(part, budget, tokens, wishes)
 
         def build_all() -> list[ModelInputs]:
@@ -204,8 +208,12 @@ class CategoriesPipeline:
         )
 
     def _inputs(self, image: Image.Image, keys: tuple[str, ...], what: str) -> ModelInputs:
-        content = [{"type": "image"}, {"type": "text", "text": prompt_for(keys, what)}]
+        content = self._content(keys, what)
         return self.input_builder.build([{"role": "user", "content": content}], [image])
+
+    @staticmethod
+    def _content(keys: tuple[str, ...], what: str) -> list[dict[str, str]]:
+        return [{"type": "image"}, {"type": "text", "text": prompt_for(keys, what)}]
 
     async def _collect(self, seq: Sequence) -> str:
         pieces = []

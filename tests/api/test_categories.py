@@ -125,3 +125,16 @@ async def test_a_video_format_the_server_does_not_read_is_named(client: httpx.As
     error = response.json()["error"]
     assert error["code"] == "unsupported_media_type" and error["param"] == "media_url"
     assert ".ogv videos are not supported" in error["message"] and "image" not in error["message"]
+
+
+async def test_video_frames_are_not_divided_by_the_context(client: httpx.AsyncClient) -> None:
+    """Seed 000: up to 60 frames, as many as the model allows; each frame is its own request,
+    so a 5-second clip gets its 2 frames a second (it used to be 7 for any video)."""
+    video = make_video(seconds=5)
+    body = {
+        "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
+        "metadata": ["scene"],
+    }
+    response = await client.post("/v2/media/categories", json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["frames"]) == 10

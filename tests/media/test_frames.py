@@ -137,3 +137,22 @@ def test_smart_resize_matches_qwen() -> None:
             assert smart_resize(height, width, 28, min_pixels, max_pixels) == qwen(
                 height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels
             )
+
+
+def test_frames_mode_takes_every_frame_the_ceilings_allow() -> None:
+    """Media categories: each frame is a request of its own, so the count is not divided by
+    the context (it used to be 7 frames for any video on an 8k context)."""
+    budget = TokenBudget(context_length=8192, prompt_tokens=120, max_tokens=1024)
+    ten_seconds = plan_frames(VideoInfo(10.0, 24.0, 240, 1280, 720), budget, FrameRequest("frames"))
+    ten_minutes = plan_frames(
+        VideoInfo(600.0, 24.0, 14400, 1280, 720), budget, FrameRequest("frames")
+    )
+    assert ten_seconds.num_frames == 20 and ten_minutes.num_frames == 60
+    per_frame = ten_minutes.width * ten_minutes.height // (28 * 28) + 2
+    assert per_frame + 120 + 1024 <= 8192 and ten_minutes.video_tokens == 60 * per_frame
+    with pytest.raises(PlanError):
+        plan_frames(
+            VideoInfo(10.0, 24.0, 240, 1280, 720),
+            TokenBudget(400, 120, 200),
+            FrameRequest("frames"),
+        )
