@@ -394,12 +394,15 @@ class ChatCompletionResponse(BaseModel):
                 )
             ],
             usage=Usage.of(*result.run.usage()),
-            frames=None
-            if result.run.frames is None
-            else [
-                FrameCaptionOut(timestamp=f.timestamp, caption=f.caption) for f in result.run.frames
-            ],
+            frames=frames_out(result.run.frames),
         )
+
+
+def frames_out(frames: list | None) -> list[FrameCaptionOut] | None:
+    """Captions mode's per-frame captions (extension), in a response or the first chunk."""
+    if frames is None:
+        return None
+    return [FrameCaptionOut(timestamp=f.timestamp, caption=f.caption) for f in frames]
 
 
 class DeltaMessage(BaseModel):
@@ -422,6 +425,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionChunkChoice]
     usage: Usage | None = None
+    # extension: captions mode's frames, on the first chunk (they exist before the answer)
+    frames: list[FrameCaptionOut] | None = None
 
 
 class ModelCard(BaseModel):

@@ -14,7 +14,9 @@ from server.api.protocol import (
     DeltaMessage,
     ErrorInfo,
     ErrorResponse,
+    FrameCaptionOut,
     Usage,
+    frames_out,
 )
 from server.engine.sequence import SequenceOutput
 from server.exceptions import ServerError
@@ -46,9 +48,10 @@ class ChatChunkWriter:
     def content(self, text: str) -> str:
         return self._content_prefix + json.dumps(text) + self._content_suffix
 
-    def role(self) -> str:
+    def role(self, frames: list[FrameCaptionOut] | None = None) -> str:
         return self._event(
-            [ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))]
+            [ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))],
+            frames=frames,
         )
 
     def finish(self, output: SequenceOutput) -> str:
@@ -67,13 +70,19 @@ class ChatChunkWriter:
         )
         return f"data: {error.model_dump_json()}\n\n"
 
-    def _event(self, choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
+    def _event(
+        self,
+        choices: list[ChatCompletionChunkChoice],
+        usage: Usage | None = None,
+        frames: list[FrameCaptionOut] | None = None,
+    ) -> str:
         chunk = ChatCompletionChunk(
             id=self.completion_id,
             created=self.created,
             model=self.model,
             choices=choices,
             usage=usage,
+            frames=frames,
         ).model_dump(mode="json")
         # As OpenAI streams: every choice carries logprobs and finish_reason (null until the
         # end), a delta only what it says, and usage only in the usage chunk.
@@ -81,6 +90,8 @@ class ChatChunkWriter:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
         if usage is None:
             del chunk["usage"]
+        if frames is None:
+            del chunk["frames"]
         return f"data: {json.dumps(chunk)}\n\n"
 
 
@@ -92,7 +103,7 @@ async def chat_stream(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     writer = ChatChunkWriter(run.seq.request_id, model)
-    yield writer.role()
+    yield writer.role(frames_out(run.frames))
     try:
         async for output in _prepend(first, rest):
             if output.text_delta:

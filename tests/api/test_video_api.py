@@ -142,3 +142,21 @@ async def test_bare_string_video_url_like_image_url(video_client: httpx.AsyncCli
     response = await video_client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens_details"]["video_tokens"] > 0
+
+
+async def test_streamed_captions_answer_carries_its_frames(video_client: httpx.AsyncClient) -> None:
+    """The frames (timestamps and captions) a non-streamed answer has come on the first
+    chunk of a streamed one: they exist before the answer starts."""
+    import json
+
+    body = video_body(video_uri(make_video(seconds=2)), temperature=0, stream=True)
+    chunks = []
+    async with video_client.stream("POST", "/v2/media/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line.removeprefix("data: ")))
+    full = (await video_client.post("/v2/media/completions", json={**body, "stream": False})).json()
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["frames"] == full["frames"] and len(full["frames"]) == 4
+    assert all("frames" not in chunk for chunk in chunks[1:])
