@@ -27,7 +27,16 @@ from server.engine.structured import StructuredOutput
 from server.exceptions import MediaError, ServerError
 from server.media.frames import FrameRequest, TokenBudget
 from server.pipelines.chat import compile_grammar
-from server.pipelines.finish import ProgressCallback, collect_all, raise_for_finish
+from server.pipelines.finish import (
+    FRAMES_DONE,
+    MEDIA_READY,
+    STARTED,
+    ProgressCallback,
+    collect_all,
+    raise_for_finish,
+    report,
+    share,
+)
 from server.pipelines.media_loader import MediaLoader
 from server.pipelines.messages import ChatMessage, ImagePart, VideoPart
 
@@ -186,7 +195,9 @@ class CategoriesPipeline:
             self.engine.max_seq_len, prompt_tokens=prompt_tokens, max_tokens=MAX_JSON_TOKENS
         )
         wishes = FrameRequest("frames", use_scenes=request.use_scenes)
+        report(on_progress, STARTED)
         video = await self.media.video(part, budget, tokens, wishes)
+        report(on_progress, MEDIA_READY)
 
         def build_all() -> list[ModelInputs]:
             return [
@@ -197,7 +208,8 @@ class CategoriesPipeline:
         seqs = self.engine.add_requests(
             [(f"{request.request_id}-frame{i}", x, sampling) for i, x in enumerate(inputs)]
         )
-        texts = await collect_all(self.engine, seqs, self._collect, on_progress)
+        frames_stage = share(on_progress, MEDIA_READY, FRAMES_DONE - MEDIA_READY)
+        texts = await collect_all(self.engine, seqs, self._collect, frames_stage)
         per_frame = [_ordered(json.loads(text), request.keys) for text in texts]
         frames = [
             FrameResult(round(t, 3), r)

@@ -22,7 +22,15 @@ from server.exceptions import InvalidRequest
 from server.media.frames import TokenBudget, VideoMode
 from server.media.video import DecodedVideo
 from server.metrics import Metrics
-from server.pipelines.finish import ProgressCallback, raise_for_finish
+from server.pipelines.finish import (
+    FRAMES_DONE,
+    MEDIA_READY,
+    STARTED,
+    ProgressCallback,
+    raise_for_finish,
+    report,
+    share,
+)
 from server.pipelines.media_loader import MediaBudget, MediaLoader
 from server.pipelines.messages import ChatMessage, TextPart, VideoPart, parts_of, to_hf_message
 from server.pipelines.video_captions import (
@@ -128,10 +136,13 @@ class ChatPipeline:
         if video_parts:
             tokens = await self._video_budget(request, images, len(video_parts))
             wishes = {"mode": request.video_mode, "use_scenes": request.use_scenes}
-            videos = [
-                await self.media.video(p, budget, tokens, replace(p.frames, **wishes))
-                for p in video_parts
-            ]
+            report(request.on_progress, STARTED)
+            videos = []
+            for k, part in enumerate(video_parts):
+                videos.append(
+                    await self.media.video(part, budget, tokens, replace(part.frames, **wishes))
+                )
+                report(request.on_progress, MEDIA_READY * (k + 1) / len(video_parts))
         if videos and request.video_mode == "captions":
             return await self._captioned(request, images, videos)
         frames = [VideoFrames(v.frames, v.plan.timestamps, v.info.duration_s) for v in videos]
@@ -146,13 +157,15 @@ class ChatPipeline:
         usage = CaptionUsage(0, 0, 0, 0)
         texts = []
         total = sum(len(v.frames) for v in videos)
+        frames_stage = FRAMES_DONE - MEDIA_READY
         for k, video in enumerate(videos):
+            start = MEDIA_READY + frames_stage * len(all_captions) / total
             captions, used = await self.captioner.caption(
                 f"{request.request_id}-video{k}",
                 video,
                 request.sampling,
                 self.caption_tokens,
-                _share(request.on_progress, len(all_captions) / total, len(video.frames) / total),
+                share(request.on_progress, start, frames_stage * len(video.frames) / total),
             )
             all_captions += captions
             texts.append(captions_text(captions, video.info.duration_s))
@@ -220,15 +233,6 @@ async def compile_grammar(engine: AsyncEngine, spec: StructuredOutput) -> None:
             param="response_format",
             code="invalid_schema",
         ) from None
-
-
-def _share(
-    on_progress: ProgressCallback | None, start: float, weight: float
-) -> ProgressCallback | None:
-    """One video's progress as its share of all the request's frames."""
-    if on_progress is None:
-        return None
-    return lambda fraction: on_progress(start + fraction * weight)
 
 
 def _fields(usage: CaptionUsage) -> tuple[int, int, int, int]:

@@ -29,6 +29,26 @@ def raise_for_finish(output: SequenceOutput) -> None:
 
 ProgressCallback = Callable[[float], object]  # fraction done, 0..1; must not block
 
+# A video request's stages, as shares of its progress: the media is fetched and decoded (scenes
+# detected) by MEDIA_READY, frames are analysed or captioned up to FRAMES_DONE, then the answer.
+STARTED = 0.01
+MEDIA_READY = 0.1
+FRAMES_DONE = 0.95
+
+
+def share(
+    on_progress: ProgressCallback | None, start: float, weight: float
+) -> ProgressCallback | None:
+    """A stage's own 0..1 progress as the part [start, start + weight] of the whole."""
+    if on_progress is None:
+        return None
+    return lambda fraction: on_progress(start + fraction * weight)
+
+
+def report(on_progress: ProgressCallback | None, fraction: float) -> None:
+    if on_progress is not None:
+        on_progress(fraction)
+
 
 async def collect_all(
     engine: AsyncEngine,

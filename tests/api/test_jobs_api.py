@@ -134,8 +134,11 @@ async def test_async_media_completion_of_a_video_keeps_its_frames(
 async def test_completions_job_progress_is_frames_captioned_over_planned(
     tiny_model_dir: Path,
 ) -> None:
-    """The worker's handler, run directly on two videos: every captioned frame of either moves
-    progress forward; it stays below 1 until the answer over the captions is done."""
+    """The worker's handler, run directly on two videos: started, each video fetched and
+    decoded, then every captioned frame of either moves progress forward; it stays below 1
+    until the answer over the captions is done."""
+    from server.pipelines.finish import FRAMES_DONE, MEDIA_READY, STARTED
+
     two_videos = [video_part(make_video(seconds=4)), video_part(make_video(seconds=8))]
     body = chat_body(two_videos, max_tokens=4, **{"async": True})
     seen: list[float] = []
@@ -144,9 +147,10 @@ async def test_completions_job_progress_is_frames_captioned_over_planned(
         job = services.jobs.create("completions", body, None)
         handle = completions_job_handler(services.chat)
         result = await handle(job, seen.append)
-    assert len(seen) == len(result["frames"]) >= 4
+    assert len(seen) == 3 + len(result["frames"]) and len(result["frames"]) >= 4
+    assert seen[:3] == [STARTED, MEDIA_READY / 2, MEDIA_READY]
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
-    assert seen[-1] == 0.99
+    assert seen[-1] == pytest.approx(FRAMES_DONE)
 
 
 @pytest.mark.parametrize(
@@ -219,3 +223,19 @@ async def test_idempotency_key_reused_for_another_request_is_409(client: httpx.A
         response = await client.post(path, json=body, headers=headers)
         assert response.status_code == 409, response.text
         assert response.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_progress_moves_through_every_stage(client: httpx.AsyncClient) -> None:
+    """Started, media fetched and decoded (scenes found), then frame by frame: a long video's
+    job no longer sits at 0 until its first frame is done."""
+    from server.pipelines.categories import CategoriesRequest
+    from server.pipelines.finish import FRAMES_DONE, MEDIA_READY, STARTED
+
+    video = make_video(seconds=3, cuts=(1.5,))
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode()
+    values: list[float] = []
+    pipeline = client.app.state.services.categories  # type: ignore[attr-defined]
+    await pipeline.run(CategoriesRequest("progress-1", url, ("tags",), True), values.append)
+    assert values[:2] == [STARTED, MEDIA_READY]
+    assert values == sorted(values) and MEDIA_READY < values[-1] <= FRAMES_DONE
+    assert len(values) == 2 + 2  # two scenes: one frame each
