@@ -39,6 +39,8 @@ class FetchedMedia:
     path: Path | None = None  # spooled download (is_temporary) or an allowed local file
     size: int = 0
     is_temporary: bool = False
+    # vLLM's video data URL: the frames as JPEGs, "data:video/jpeg;base64,<jpeg>,<jpeg>,..."
+    image_frames: tuple[bytes, ...] = ()
 
     def discard(self) -> None:
         if self.is_temporary and self.path is not None:
@@ -242,6 +244,10 @@ async def _read_capped(
     return FetchedMedia(b"".join(chunks), mime, size=total)
 
 
+# What vLLM's encode_video_url produces: a video as its frames, each a base64 JPEG, comma-joined.
+JPEG_FRAMES_TYPES = ("video/jpeg", "video/jpg")
+
+
 def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
     match = DATA_URI.match(uri)
     if match is None or not match.group("b64"):
@@ -258,13 +264,21 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise _too_large(kind, max_bytes, param)
+    if kind == "video" and mime in JPEG_FRAMES_TYPES and "," in payload:
+        frames = tuple(_b64decode(piece, param) for piece in payload.split(","))
+        return FetchedMedia(b"", mime, size=sum(map(len, frames)), image_frames=frames)
+    data = _b64decode(payload, param)
+    return FetchedMedia(data, mime, size=len(data))
+
+
+def _b64decode(payload: str, param: str) -> bytes:
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise MediaError(f"The data URI at {param} is not valid base64.", param=param) from None
     if not data:
         raise MediaError(f"The data URI at {param} is empty.", param=param)
-    return FetchedMedia(data, mime, size=len(data))
+    return data
 
 
 def _bad_scheme(scheme: str, kind: str, param: str) -> MediaError:

@@ -15,6 +15,7 @@ from server.exceptions import InvalidRequest, MediaError
 from server.media.fetch import MediaFetcher
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import load_image
+from server.media.image_frames import decode_image_frames
 from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder
 from server.metrics import Metrics
 from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of
@@ -97,8 +98,18 @@ class MediaLoader:
         )
         try:
             budget.spend(fetched.size, part.param)
-            source = str(fetched.path) if fetched.path is not None else fetched.data
-            decoded = await self.decoder.decode(source, tokens, frames)
+            if fetched.image_frames:  # a video sent as its frames (vLLM's JPEG data URL)
+                decoded = await asyncio.to_thread(
+                    decode_image_frames,
+                    fetched.image_frames,
+                    tokens,
+                    frames,
+                    self.decoder.max_fps,
+                    part.param,
+                )
+            else:
+                source = str(fetched.path) if fetched.path is not None else fetched.data
+                decoded = await self.decoder.decode(source, tokens, frames)
         except VideoDecodeError as exc:
             raise MediaError(
                 f"The video at {part.param} cannot be used: {exc}.", param=part.param

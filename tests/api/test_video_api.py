@@ -160,3 +160,30 @@ async def test_streamed_captions_answer_carries_its_frames(video_client: httpx.A
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[0]["frames"] == full["frames"] and len(full["frames"]) == 4
     assert all("frames" not in chunk for chunk in chunks[1:])
+
+
+def jpeg_frames_url(count: int) -> str:
+    """vLLM's video data URL (encode_video_url): the frames as base64 JPEGs, comma-joined."""
+    frames = [base64.b64encode(make_image(112, 84, seed=i)).decode() for i in range(count)]
+    return "data:video/jpeg;base64," + ",".join(frames)
+
+
+async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) -> None:
+    native = await video_client.post(
+        "/v1/chat/completions", json=video_body(jpeg_frames_url(4), max_tokens=2)
+    )
+    assert native.status_code == 200, native.text
+    assert native.json()["usage"]["prompt_tokens_details"]["video_tokens"] > 0
+    captions = await video_client.post(
+        "/v1/chat/completions",
+        json=video_body(jpeg_frames_url(4), max_tokens=2, video_mode="captions"),
+    )
+    assert captions.status_code == 200, captions.text
+    # No timing in the URL: one frame a second, each frame taken once.
+    assert [f["timestamp"] for f in captions.json()["frames"]] == [0.5, 1.5, 2.5, 3.5]
+    broken = jpeg_frames_url(2) + "," + base64.b64encode(b"not a jpeg").decode()
+    response = await video_client.post("/v1/chat/completions", json=video_body(broken))
+    assert (
+        response.status_code == 400
+        and response.json()["error"]["param"] == "messages[0].content[1]"
+    )
