@@ -62,6 +62,21 @@ class JobNotFound(ServerError):
         super().__init__(f"No job `{job_id}`.", param="id", code="job_not_found")
 
 
+class JobAlreadyEnded(ServerError):
+    """A cancel for a job that has already completed or failed."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+
+    def __init__(self, job_id: str, status: str):
+        super().__init__(
+            f"Job `{job_id}` has already {status}; only queued or processing jobs can be "
+            "cancelled.",
+            param="id",
+            code="job_not_cancellable",
+        )
+
+
 class IdempotencyKeyReused(ServerError):
     """The Idempotency-Key already names a job made from a different request."""
 

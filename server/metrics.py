@@ -79,7 +79,9 @@ class Metrics:
         """The job store is counted once per scrape (one query per table), in render."""
         self.refreshers.append(
             lambda: _set_counts(
-                self.jobs, ("queued", "processing", "completed", "failed"), jobs_by_status()
+                self.jobs,
+                ("queued", "processing", "completed", "failed", "cancelled"),
+                jobs_by_status(),
             )
         )
         self.refreshers.append(

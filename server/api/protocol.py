@@ -509,7 +509,7 @@ class MediaJob(BaseModel):
     id: str
     object: Literal["media.job"] = "media.job"
     kind: Literal["categories", "completions"]
-    status: Literal["queued", "processing", "completed", "failed"]
+    status: Literal["queued", "processing", "completed", "failed", "cancelled"]
     progress: float  # 0..1: frames done / planned
     created_at: float
     updated_at: float
@@ -524,3 +524,16 @@ class MediaJob(BaseModel):
     @classmethod
     def from_job(cls, job: Job) -> MediaJob:
         return cls.model_validate(job.as_dict())
+
+
+JobStatus = Literal["queued", "processing", "completed", "failed", "cancelled"]
+
+
+class MediaJobList(BaseModel):
+    """GET /v2/media/jobs: newest first, in OpenAI's list shape (the cursor: after=last_id)."""
+
+    object: Literal["list"] = "list"
+    data: list[MediaJob]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from server.api.protocol import MediaJob
 from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel
-from server.exceptions import InvalidRequest, ModelNotFound
+from server.exceptions import InvalidRequest, JobAlreadyEnded, JobNotFound, ModelNotFound
 from server.jobs.store import Job, JobStore
 from server.jobs.webhooks import WebhookSender
 from server.jobs.worker import JobWorker
@@ -49,6 +49,20 @@ class Services:
 
     async def get_job(self, job_id: str) -> Job | None:
         return await asyncio.to_thread(self.jobs.get, job_id)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        job = await asyncio.to_thread(self.jobs.cancel, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.status != "cancelled":
+            raise JobAlreadyEnded(job_id, job.status)
+        self.job_worker.cancel_running(job_id)  # its webhook goes out with the next poll
+        return job
+
+    async def list_jobs(
+        self, status: str | None, limit: int, after: str | None
+    ) -> tuple[list[Job], bool]:
+        return await asyncio.to_thread(self.jobs.list, status, limit, after)
 
     async def job_deliveries(self, job_id: str) -> list[dict]:
         return await asyncio.to_thread(self.jobs.deliveries_of, job_id)

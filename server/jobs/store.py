@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
     request TEXT NOT NULL,
-    status TEXT NOT NULL,            -- queued | processing | completed | failed
+    status TEXT NOT NULL,            -- queued | processing | completed | failed | cancelled
     progress REAL NOT NULL DEFAULT 0,
     result TEXT,
     error TEXT,
@@ -230,21 +230,68 @@ class JobStore:
                 done = cursor.rowcount == 1
                 if done:  # the request (maybe a base64 video) is not needed any more
                     self.db.execute("UPDATE jobs SET request = '{}' WHERE id = ?", (job.id,))
-                url = job.request.get("webhook_url")
-                if done and url:
-                    finished = Job.from_row(self._row(job.id))
-                    event = "media.completed" if finished.status == "completed" else "media.failed"
-                    payload = json.dumps({"type": event, "data": finished.as_dict()})
-                    self.db.execute(
-                        "INSERT INTO deliveries (id, job_id, url, payload, status,"
-                        " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                        (f"msg_{uuid.uuid4().hex}", job.id, url, payload, time.time(), time.time()),
-                    )
+                if done:
+                    self._queue_webhook(job)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
         return done
+
+    def cancel(self, job_id: str) -> Job | None:
+        """A queued or processing job is cancelled (and its webhook's `media.cancelled`
+        delivery queued in the same transaction); a job that has ended is left as it is.
+        Returns the job as it now is, None when there is no such job."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._row(job_id)
+                if row is not None and row["status"] in ("queued", "processing"):
+                    job = Job.from_row(row)
+                    self.db.execute(
+                        "UPDATE jobs SET status = 'cancelled', lease_until = 0, request = '{}',"
+                        " updated_at = ? WHERE id = ?",
+                        (time.time(), job_id),
+                    )
+                    self._queue_webhook(job)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return self.get(job_id)
+
+    def _queue_webhook(self, job: Job) -> None:
+        """Inside the transaction that ended the job: its delivery, if it has a webhook."""
+        url = job.request.get("webhook_url")
+        if not url:
+            return
+        ended = Job.from_row(self._row(job.id))
+        event = f"media.{ended.status}"  # media.completed | media.failed | media.cancelled
+        payload = json.dumps({"type": event, "data": ended.as_dict()})
+        self.db.execute(
+            "INSERT INTO deliveries (id, job_id, url, payload, status,"
+            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+            (f"msg_{uuid.uuid4().hex}", job.id, url, payload, time.time(), time.time()),
+        )
+
+    def list(self, status: str | None, limit: int, after: str | None) -> tuple[list[Job], bool]:
+        """Newest first, at most `limit`, after the job `after` (a cursor); and whether more
+        follow. Request bodies are left out (they can be whole videos)."""
+        columns = "id, kind, '{}' AS request, status, progress, result, error, created_at,"
+        query = f"SELECT {columns} updated_at, attempt FROM jobs"
+        where, values = [], []
+        if status is not None:
+            where.append("status = ?")
+            values.append(status)
+        if after is not None:
+            where.append("(created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ?)")
+            values.append(after)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        with self.lock:
+            rows = self.db.execute(query, (*values, limit + 1)).fetchall()
+        return [Job.from_row(row) for row in rows[:limit]], len(rows) > limit
 
     def prune(self, older_than_s: float) -> int:
         """Deletes finished jobs last updated before older_than_s ago, with their deliveries;
@@ -254,7 +301,7 @@ class JobStore:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 old = (
-                    "SELECT id FROM jobs WHERE status IN ('completed', 'failed')"
+                    "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
                     " AND updated_at < ? AND id NOT IN"
                     " (SELECT job_id FROM deliveries WHERE status = 'pending')"
                 )

@@ -61,6 +61,8 @@ class JobWorker:
         self.retention_s = retention_s  # 0: finished jobs are kept forever
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
+        self.running: dict[str, asyncio.Task] = {}  # job id -> its attempt's work, here
+        self.cancelled: set[str] = set()
 
     def start(self) -> None:
         recovered = self.store.recover()
@@ -76,6 +78,14 @@ class JobWorker:
 
     def notify(self) -> None:
         self.wakeup.set()
+
+    def cancel_running(self, job_id: str) -> None:
+        """The job was cancelled in the store: stop its work here now (its engine sequences
+        are aborted as the work unwinds) rather than at the next lease renewal."""
+        work = self.running.get(job_id)
+        if work is not None:
+            self.cancelled.add(job_id)
+            work.cancel()
 
     async def _loop(self) -> None:
         while True:
@@ -103,6 +113,7 @@ class JobWorker:
         request_id_var.set(job.id)
         progress = ProgressWriter(self.store, job)
         work = asyncio.create_task(self._handle(job, progress.update))
+        self.running[job.id] = work
         lease_lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lease(job, work, lease_lost))
         try:
@@ -113,6 +124,9 @@ class JobWorker:
             logger.error("engine stopped; job %s goes back to the queue", job.id)
             return False
         except asyncio.CancelledError:
+            if job.id in self.cancelled and not _being_cancelled():
+                logger.info("job %s cancelled; its work stopped", job.id)
+                return True
             # Cancelled by the lease keeper (lease lost), unless this task is being stopped.
             if lease_lost.is_set() and not _being_cancelled():
                 logger.warning(
@@ -131,6 +145,8 @@ class JobWorker:
                     "job %s attempt %d lost its lease; result dropped", job.id, job.attempt
                 )
         finally:
+            self.running.pop(job.id, None)
+            self.cancelled.discard(job.id)
             keeper.cancel()
             work.cancel()
             await progress.close()

@@ -193,3 +193,77 @@ def test_pending_delivery_survives_reopening(tmp_path: Path) -> None:
     reopened = JobStore(tmp_path / "jobs.sqlite3")
     (due,) = reopened.due_deliveries()
     assert due["job_id"] == job.id and json.loads(due["payload"])["type"] == "media.completed"
+
+
+async def test_cancelling_a_running_job_stops_it_and_reports_once(
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver
+) -> None:
+    """POST /v2/media/status/{id}/cancel on a job that is decoding: its sequence leaves the
+    engine, the job ends `cancelled` (and stays so), cancelling again (or DELETE) answers the
+    same, and the webhook reports `media.cancelled` exactly once."""
+    receiver = webhook_receiver([200])
+    content = [
+        {"type": "image_url", "image_url": {"url": data_uri(make_image())}},
+        {"type": "text", "text": "Describe it."},
+    ]
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4000,
+        "ignore_eos": True,  # a job that runs long enough to be cancelled mid-way
+        "webhook_url": receiver.url,
+    }
+    async for client in start_client(settings(tiny_model_dir, tmp_path)):
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        job = (await client.post("/v2/media/completions", json=body)).json()
+        await wait_for(lambda: engine.num_running == 1)  # noqa: B023  (awaited at once)
+        cancelled = await client.post(f"/v2/media/status/{job['id']}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        await wait_for(lambda: engine.num_running == 0, timeout=5)  # noqa: B023
+        again = await client.delete(f"/v2/media/status/{job['id']}")
+        assert again.status_code == 200 and again.json()["status"] == "cancelled"
+        await wait_for(lambda: len(receiver.received) >= 1)
+        await asyncio.sleep(1.5)  # no second delivery, no late result
+        status = (await client.get(job["status_url"])).json()
+        missing = await client.post("/v2/media/status/job-nope/cancel")
+    assert status["status"] == "cancelled" and status["result"] is None
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+    assert len(receiver.received) == 1
+    event = Webhook(SECRET).verify(receiver.received[0][1], receiver.received[0][0])
+    assert event["type"] == "media.cancelled" and event["data"]["id"] == job["id"]
+
+
+async def test_a_finished_job_cannot_be_cancelled(tiny_model_dir: Path, tmp_path: Path) -> None:
+    body = {"model": "tiny", "media_url": data_uri(make_image()), "async": True}
+    async for client in start_client(settings(tiny_model_dir, tmp_path)):
+        job = (await client.post("/v2/media/categories", json=body)).json()
+        for _ in range(200):
+            if (await client.get(job["status_url"])).json()["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        response = await client.post(f"/v2/media/status/{job['id']}/cancel")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "job_not_cancellable"
+
+
+async def test_jobs_are_listed_newest_first_in_pages(tiny_model_dir: Path, tmp_path: Path) -> None:
+    body = {"model": "tiny", "media_url": data_uri(make_image()), "async": True}
+    async for client in start_client(settings(tiny_model_dir, tmp_path)):
+        ids = [
+            (await client.post("/v2/media/categories", json=body)).json()["id"] for _ in range(3)
+        ]
+        first = (await client.get("/v2/media/jobs", params={"limit": 2})).json()
+        rest = await client.get("/v2/media/jobs", params={"limit": 2, "after": first["last_id"]})
+        for _ in range(200):
+            done = (await client.get("/v2/media/jobs", params={"status": "completed"})).json()
+            if len(done["data"]) == 3:
+                break
+            await asyncio.sleep(0.05)
+        bad = await client.get("/v2/media/jobs", params={"status": "lost"})
+    assert first["object"] == "list" and first["has_more"] is True
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["first_id"] == ids[2]
+    assert [j["id"] for j in rest.json()["data"]] == ids[:1] and rest.json()["has_more"] is False
+    assert {j["id"] for j in done["data"]} == set(ids)
+    assert all(j["status"] == "completed" for j in done["data"])
+    assert bad.status_code == 400

@@ -6,15 +6,17 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from server.api.protocol import (
     ErrorResponse,
     FrameMetadata,
+    JobStatus,
     MediaCategoriesRequest,
     MediaCategoriesResponse,
     MediaJob,
+    MediaJobList,
     Usage,
 )
 from server.api.routes.chat import until_disconnected
@@ -63,6 +65,27 @@ async def media_status(job_id: str, services: Services = Depends(get_services)) 
     view = MediaJob.from_job(job)
     view.webhooks = await services.job_deliveries(job_id)
     return view
+
+
+@router.post("/v2/media/status/{job_id}/cancel", response_model=MediaJob, tags=["media"])
+@router.delete("/v2/media/status/{job_id}", response_model=MediaJob, tags=["media"])
+async def cancel_job(job_id: str, services: Services = Depends(get_services)) -> MediaJob:
+    """A queued or processing job stops (its engine work is aborted; its webhook, if any,
+    reports `media.cancelled` once); cancelling it again answers the same; an ended job: 409."""
+    return MediaJob.from_job(await services.cancel_job(job_id))
+
+
+@router.get("/v2/media/jobs", response_model=MediaJobList, tags=["media"])
+async def list_jobs(
+    status: JobStatus | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, max_length=200, description="the last id seen"),
+    services: Services = Depends(get_services),
+) -> MediaJobList:
+    jobs, has_more = await services.list_jobs(status, limit, after)
+    data = [MediaJob.from_job(job) for job in jobs]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return MediaJobList(data=data, first_id=first, last_id=last, has_more=has_more)
 
 
 def pipeline_request(request_id: str, body: MediaCategoriesRequest) -> CategoriesRequest:
