@@ -19,7 +19,7 @@ from server.api.middleware import (
     DrainMiddleware,
     RequestIdMiddleware,
 )
-from server.api.routes import chat, health, media
+from server.api.routes import chat, completions, health, media
 from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
 from server.api.services import Services
@@ -35,6 +35,7 @@ from server.media.video import VideoDecoder
 from server.metrics import Metrics, MetricsMiddleware
 from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
+from server.pipelines.completions import TextCompletions
 from server.pipelines.media_loader import MediaLoader
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             loaded=loaded,
             engine=engine,
             chat=pipeline,
+            completions=TextCompletions(
+                engine, loaded.tokenizer, (loaded.image_token_id, loaded.video_token_id)
+            ),
             categories=categories,
             jobs=jobs,
             job_worker=job_worker,
@@ -132,6 +136,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.openapi = lambda: _openapi(app, settings.served_model_names())
     app.include_router(health.router)
     app.include_router(chat.router)
+    app.include_router(completions.router)
     app.include_router(media.router)
     # Added last = outermost: ids, metrics (which see every refusal too), drain, keys, body cap.
     open_paths = frozenset(
@@ -157,7 +162,7 @@ def _openapi(app: FastAPI, served_names: list[str]) -> dict:
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
         schemas = schema["components"]["schemas"]
-        for name in ("ChatCompletionRequest", "MediaCompletionRequest"):
+        for name in ("ChatCompletionRequest", "MediaCompletionRequest", "CompletionRequest"):
             schemas[name]["properties"]["model"]["enum"] = served_names
         # Categories: optional (the first served name), but never null.
         schemas["MediaCategoriesRequest"]["properties"]["model"] = {

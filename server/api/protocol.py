@@ -256,26 +256,37 @@ class ChatCompletionRequest(StrictModel):
         return self.video_mode or default
 
     def to_sampling_params(self, default_temperature: float) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        temperature = default_temperature if self.temperature is None else self.temperature
-        return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0),
-            seed=None if self.seed is None else self.seed % SEED_MODULUS,
-            stop=tuple(s for s in stop if s),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            min_tokens=self.min_tokens or 0,
-            ignore_eos=bool(self.ignore_eos),
-            structured=self.response_format.to_structured() if self.response_format else None,
-        )
+        structured = self.response_format.to_structured() if self.response_format else None
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return sampling_params(self, default_temperature, max_tokens, structured)
 
     def to_messages(self) -> list[ChatMessage]:
         return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+
+
+def sampling_params(
+    body: Any,
+    default_temperature: float,
+    max_tokens: int | None,
+    structured: StructuredOutput | None = None,
+) -> SamplingParams:
+    """The sampling fields chat and text completions share, as the engine's parameters."""
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=default_temperature if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        seed=None if body.seed is None else body.seed % SEED_MODULUS,
+        stop=tuple(s for s in stop if s),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        min_tokens=body.min_tokens or 0,
+        ignore_eos=bool(body.ignore_eos),
+        structured=structured,
+    )
 
 
 def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
@@ -537,3 +548,85 @@ class MediaJobList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+# -- POST /v1/completions (text prompts, OpenAI's legacy completions as vLLM serves them) -------
+
+COMPLETION_UNSUPPORTED_WHEN = {
+    "best_of": lambda v: v not in (None, 1),
+    "echo": lambda v: bool(v),
+    "logit_bias": lambda v: bool(v),
+    "logprobs": lambda v: v is not None,
+    "n": lambda v: v not in (None, 1),
+    "suffix": lambda v: v is not None,
+}
+OPENAI_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class CompletionRequest(StrictModel):
+    model: str
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    best_of: int | None = Field(default=None, ge=1)
+    echo: bool | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tokens: int | None = Field(default=OPENAI_COMPLETION_MAX_TOKENS, ge=1)
+    n: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    stop: StopString | list[StopString] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    user: str | None = None
+    top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's; -1 or 0: disabled)
+    stop_token_ids: list[TokenId] | None = None  # extension (vLLM's)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
+    min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
+    ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return value
+
+    def unsupported_fields(self) -> list[str]:
+        return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InvalidRequest("prompt must not be empty.", param="prompt", code="invalid_value")
+        return prompts  # type: ignore[return-value]
+
+    def to_sampling_params(self) -> SamplingParams:
+        return sampling_params(self, OPENAI_DEFAULT_TEMPERATURE, self.max_tokens)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+    stop_reason: str | int | None = None  # extension (vLLM's)
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: None = None

@@ -19,6 +19,7 @@ from server.jobs.worker import JobWorker
 from server.media.netguard import AddressRefused
 from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
+from server.pipelines.completions import TextCompletions
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Services:
     loaded: LoadedModel
     engine: AsyncEngine
     chat: ChatPipeline
+    completions: TextCompletions
     categories: CategoriesPipeline
     served_model_names: tuple[str, ...]
     jobs: JobStore
@@ -62,7 +64,14 @@ class Services:
     async def list_jobs(
         self, status: str | None, limit: int, after: str | None
     ) -> tuple[list[Job], bool]:
-        return await asyncio.to_thread(self.jobs.list, status, limit, after)
+        try:
+            return await asyncio.to_thread(self.jobs.list, status, limit, after)
+        except KeyError:
+            raise InvalidRequest(
+                f"No job `{after}` to list after (deleted, or never existed).",
+                param="after",
+                code="invalid_value",
+            ) from None
 
     async def job_deliveries(self, job_id: str) -> list[dict]:
         return await asyncio.to_thread(self.jobs.deliveries_of, job_id)

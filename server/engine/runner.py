@@ -114,8 +114,9 @@ class ModelRunner:
                 matcher=self.grammars.matcher(structured) if structured else None,
                 grammars=self.grammars,
             )
-        # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough.
-        early = len(seq.output_token_ids) < state.params.min_tokens
+        # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough;
+        # under a grammar the grammar says when the JSON ends (a ban would leave no token).
+        early = len(seq.output_token_ids) < state.params.min_tokens and state.matcher is None
         state.banned_token_ids = (
             tuple(self.eos_token_ids) + state.params.stop_token_ids if early else ()
         )

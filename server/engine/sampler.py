@@ -81,9 +81,12 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
             tokens[row] = FAILED
         elif state.matcher is not None and not state.matcher.is_terminated():
             try:
-                state.matcher.accept_token(token)
+                accepted = state.matcher.accept_token(token)
             except Exception:
                 logger.exception("grammar matcher failed to accept a token; failing its request")
+                accepted = False
+            if not accepted:  # e.g. min_tokens banned the only token the grammar allowed
+                logger.warning("the grammar refused the chosen token; failing its request")
                 tokens[row] = FAILED
     return tokens
 
@@ -107,7 +110,12 @@ def on_rows(logits: torch.Tensor, rows: list[int], change) -> None:
 def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int]:
     """Every constrained row's bitmask filled on the host, copied once, applied together.
     Returns the rows whose matcher failed (their request fails; the batch goes on)."""
-    rows = [i for i, s in enumerate(states) if s.matcher is not None and s.grammars is not None]
+    # A finished grammar (the JSON is complete; ignore_eos goes on) constrains nothing more.
+    rows = [
+        i
+        for i, s in enumerate(states)
+        if s.matcher is not None and s.grammars is not None and not s.matcher.is_terminated()
+    ]
     if not rows:
         return set()
     grammars = states[rows[0]].grammars
@@ -137,22 +145,26 @@ def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
-    """In place, for rows that have penalties: frequency/presence over each row's output
-    tokens, repetition over prompt + output (a row's unused penalty changes nothing)."""
+    """In place, for rows that have penalties: repetition over prompt + output first (HF's
+    and vLLM's order), then frequency/presence over the output (a row's unused penalty
+    changes nothing)."""
     vocab = logits.shape[-1]
     device = logits.device
     outputs = token_counts(padded([s.output_token_ids for s in states], vocab, device), vocab)
-    frequency = to_device([s.params.frequency_penalty for s in states], torch.float32, device)
-    presence = to_device([s.params.presence_penalty for s in states], torch.float32, device)
-    logits -= frequency[:, None] * outputs + presence[:, None] * (outputs > 0)
     if any(s.params.repetition_penalty != 1.0 for s in states):
         nothing = torch.zeros(vocab, dtype=torch.bool, device=device)
         masks = [s.prompt_seen if s.prompt_seen is not None else nothing for s in states]
         seen = torch.cat(masks).view(len(states), vocab) | (outputs > 0)
-        penalty = to_device([s.params.repetition_penalty for s in states], torch.float32, device)
-        penalty = penalty[:, None]
+        # A penalty too small for float32 would be 0, and a masked -inf * 0 is NaN.
+        smallest = torch.finfo(torch.float32).tiny
+        penalties = [max(s.params.repetition_penalty, smallest) for s in states]
+        penalty = to_device(penalties, torch.float32, device)[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, penalised, logits))
+    frequency = to_device([s.params.frequency_penalty for s in states], torch.float32, device)
+    presence = to_device([s.params.presence_penalty for s in states], torch.float32, device)
+    logits -= frequency[:, None] * outputs + presence[:, None] * (outputs > 0)
+    logits.nan_to_num_(nan=float("-inf"))  # extreme (schema-valid) values never pick NaN
 
 
 def padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:

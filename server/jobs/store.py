@@ -290,6 +290,8 @@ class JobStore:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY created_at DESC, id DESC LIMIT ?"
         with self.lock:
+            if after is not None and self._row(after) is None:
+                raise KeyError(after)  # a stale cursor must not look like the end of the list
             rows = self.db.execute(query, (*values, limit + 1)).fetchall()
         return [Job.from_row(row) for row in rows[:limit]], len(rows) > limit
 

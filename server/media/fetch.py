@@ -264,8 +264,11 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise _too_large(kind, max_bytes, param)
-    if kind == "video" and mime in JPEG_FRAMES_TYPES and "," in payload:
-        frames = tuple(_b64decode(piece, param) for piece in payload.split(","))
+    if kind == "video" and mime in JPEG_FRAMES_TYPES:
+        pieces = [piece for piece in payload.split(",") if piece.strip()]
+        frames = tuple(_b64decode(piece, param) for piece in pieces)
+        if not frames:
+            raise MediaError(f"The data URI at {param} is empty.", param=param)
         return FetchedMedia(b"", mime, size=sum(map(len, frames)), image_frames=frames)
     data = _b64decode(payload, param)
     return FetchedMedia(data, mime, size=len(data))

@@ -1,21 +1,25 @@
 """Videos sent as their frames: vLLM's video data URL, `data:video/jpeg;base64,<jpeg>,<jpeg>,...`
 (what its `encode_video_url` produces). The frame planner picks among the given frames as it
-would among a file's, and only the planned ones are decoded, with the image decoder's limits
-(formats, decompression bombs). Blocking: run it in a thread."""
+would among a file's, and only the planned ones are decoded: JPEG only, each at most
+MAX_FRAME_PIXELS, decoded at a reduced scale where JPEG allows (draft mode) and resized at
+once, so memory stays near the output frames. Blocking: run it in a thread."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from server.exceptions import MediaError
 from server.media.frames import FrameRequest, PlanError, TokenBudget, VideoInfo, plan_frames
-from server.media.image import decode_image
 from server.media.video import DecodedVideo, VideoDecodeError
 
 # The URL carries no timing: the frames are taken as one a second.
 ASSUMED_FPS = 1.0
+# A video frame above this (8K) is refused before it is decoded.
+MAX_FRAME_PIXELS = 7680 * 4320
 
 
 def decode_image_frames(
@@ -25,8 +29,7 @@ def decode_image_frames(
     max_fps: float,
     param: str,
 ) -> DecodedVideo:
-    first = decode_image(frames[0], param=param)
-    width, height = first.size
+    width, height = _open(frames[0], param).size
     info = VideoInfo(len(frames) / ASSUMED_FPS, ASSUMED_FPS, len(frames), width, height)
     try:
         # Scene detection reads a video stream; here every frame is already a choice.
@@ -34,6 +37,31 @@ def decode_image_frames(
     except PlanError as exc:
         raise VideoDecodeError(str(exc)) from None
     size = (plan.width, plan.height)
-    images = [first if i == 0 else decode_image(frames[i], param=param) for i in plan.frame_indices]
-    array = np.stack([np.asarray(image.resize(size, Image.Resampling.BICUBIC)) for image in images])
+    array = np.stack([_decode(frames[i], size, param) for i in plan.frame_indices])
     return DecodedVideo(info, plan, array, "jpeg-frames")
+
+
+def _open(data: bytes, param: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data), formats=["JPEG"])
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise MediaError(f"A frame of the video at {param} is not a JPEG.", param=param) from None
+    if image.width * image.height > MAX_FRAME_PIXELS:
+        raise MediaError(
+            f"A frame of the video at {param} is {image.width}x{image.height}, above "
+            f"{MAX_FRAME_PIXELS} pixels.",
+            param=param,
+            code="media_too_large",
+        )
+    return image
+
+
+def _decode(data: bytes, size: tuple[int, int], param: str) -> np.ndarray:
+    image = _open(data, param)
+    try:
+        image.draft("RGB", size)  # JPEG decodes at 1/2, 1/4 or 1/8 scale when that suffices
+        return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC))
+    except (OSError, ValueError):
+        raise MediaError(
+            f"A frame of the video at {param} is not a valid JPEG.", param=param
+        ) from None

@@ -66,3 +66,23 @@ async def test_json_schema_batched_with_unconstrained_requests(client: httpx.Asy
             check_schema(value)
         else:
             assert isinstance(value, dict)  # json_object: an object, whatever its keys
+
+
+async def test_min_tokens_does_not_fight_the_grammar(client) -> None:
+    """The grammar ends the JSON; min_tokens must not ban the only token it then allows (the
+    answer was invalid JSON, then a 500)."""
+    import json as json_module
+
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "JSON please"}],
+        "response_format": {"type": "json_object"},
+        "min_tokens": 200,
+        "max_tokens": 400,
+        "temperature": 0,
+    }
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        json_module.loads(choice["message"]["content"])

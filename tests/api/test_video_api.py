@@ -181,6 +181,10 @@ async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) 
     assert captions.status_code == 200, captions.text
     # No timing in the URL: one frame a second, each frame taken once.
     assert [f["timestamp"] for f in captions.json()["frames"]] == [0.5, 1.5, 2.5, 3.5]
+    one = await video_client.post(
+        "/v1/chat/completions", json=video_body(jpeg_frames_url(1) + ",", max_tokens=2)
+    )
+    assert one.status_code == 200, one.text  # one frame (no comma in vLLM's form), a stray comma
     broken = jpeg_frames_url(2) + "," + base64.b64encode(b"not a jpeg").decode()
     response = await video_client.post("/v1/chat/completions", json=video_body(broken))
     assert (

@@ -261,9 +261,11 @@ async def test_jobs_are_listed_newest_first_in_pages(tiny_model_dir: Path, tmp_p
                 break
             await asyncio.sleep(0.05)
         bad = await client.get("/v2/media/jobs", params={"status": "lost"})
+        stale = await client.get("/v2/media/jobs", params={"after": "job-pruned-long-ago"})
     assert first["object"] == "list" and first["has_more"] is True
     assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["first_id"] == ids[2]
     assert [j["id"] for j in rest.json()["data"]] == ids[:1] and rest.json()["has_more"] is False
     assert {j["id"] for j in done["data"]} == set(ids)
     assert all(j["status"] == "completed" for j in done["data"])
     assert bad.status_code == 400
+    assert stale.status_code == 400 and stale.json()["error"]["param"] == "after"

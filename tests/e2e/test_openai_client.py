@@ -116,3 +116,19 @@ async def test_greedy_output_is_the_same_across_processes(
     async for local in start_client(make_settings(tiny_model_dir)):
         response = await local.post("/v1/chat/completions", json=body)
         assert response.json()["choices"][0]["message"]["content"] == remote
+
+
+def test_text_completions_through_the_sdk(client: openai.OpenAI) -> None:
+    completion = client.completions.create(
+        model="tiny", prompt=["Once upon", "a time"], max_tokens=4, temperature=0
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert completion.usage is not None and completion.usage.completion_tokens <= 8
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model="tiny", prompt="Once upon", max_tokens=4, temperature=0, stream=True
+        )
+        if chunk.choices
+    )
+    assert streamed == completion.choices[0].text

@@ -14,7 +14,7 @@ from server.engine.sampler import FAILED, SamplingState, make_generator, prompt_
 from server.engine.sampling import SamplingParams
 from server.engine.structured import GrammarCache, StructuredOutput
 
-VOCAB = 64
+VOCAB = 2048  # at least the tiny tokenizer's, so a grammar can allow its tokens
 HOST_TRANSFERS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
 
@@ -196,3 +196,29 @@ def _tokenizer():
 
 
 _TOKENIZER = None
+
+
+def test_repetition_penalty_comes_before_presence() -> None:
+    """HF's and vLLM's order: 2.0 / 2 - 0.5 = 0.5 < 0.6 (the other order gives 0.75)."""
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 0], logits[0, 20] = 2.0, 0.6  # token 20 is not in the prompt
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5)
+    assert sample(logits, [state(params, outputs=(0,))]) == [20]
+
+
+class RefusingMatcher:
+    def fill_next_token_bitmask(self, bitmask, index=0):
+        return True  # allows everything
+
+    def accept_token(self, token: int) -> bool:
+        return False
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def test_a_token_the_grammar_refuses_fails_the_row() -> None:
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    refused = state(SamplingParams(temperature=0), grammars=grammars)
+    refused.matcher = RefusingMatcher()
+    assert sample(torch.randn(1, VOCAB), [refused]) == [FAILED]
