@@ -71,6 +71,15 @@ def _no_lone_surrogates(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH), AfterValidator(_no_lone_surrogates)]
+
+
+def _stop_count(value: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    return value
+
+
+Stop = Annotated[StopString | list[StopString] | None, AfterValidator(_stop_count)]
 # torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
 SEED_MODULUS = 2**64
 
@@ -213,7 +222,7 @@ class ChatCompletionRequest(StrictModel):
     response_format: ResponseFormat | None = None
     seed: int | None = None
     service_tier: str | None = None
-    stop: StopString | list[StopString] | None = None
+    stop: Stop = None
     store: bool | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -232,13 +241,6 @@ class ChatCompletionRequest(StrictModel):
     video_mode: Literal["native", "captions"] | None = None
     # extension (ours, Animus' name): one frame per detected scene instead of uniform frames
     use_scenes: bool | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        return value
 
     @model_validator(mode="after")
     def _check_min_tokens(self) -> ChatCompletionRequest:
@@ -262,6 +264,15 @@ class ChatCompletionRequest(StrictModel):
 
     def to_messages(self) -> list[ChatMessage]:
         return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+
+
+def check_stream_options(body: Any) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequest(
+            "stream_options is only allowed when stream is true.",
+            param="stream_options",
+            code="invalid_value",
+        )
 
 
 def sampling_params(
@@ -576,7 +587,7 @@ class CompletionRequest(StrictModel):
     n: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
-    stop: StopString | list[StopString] | None = None
+    stop: Stop = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None
@@ -588,13 +599,6 @@ class CompletionRequest(StrictModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        return value
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

@@ -19,6 +19,7 @@ from server.api.protocol import (
     ErrorResponse,
     MediaCompletionRequest,
     MediaJob,
+    check_stream_options,
     completion_id,
 )
 from server.api.services import Services, get_services, job_accepted
@@ -117,12 +118,7 @@ def _chat_request(
     if services is not None:
         services.check_model(body.model)
     refuse_unsupported(body.unsupported_fields())
-    if body.stream_options is not None and not body.stream:
-        raise InvalidRequest(
-            "stream_options is only allowed when stream is true.",
-            param="stream_options",
-            code="invalid_value",
-        )
+    check_stream_options(body)
     return ChatRequest(
         request_id=completion_id(),
         messages=body.to_messages(),

@@ -18,12 +18,13 @@ from server.api.protocol import (
     ErrorInfo,
     ErrorResponse,
     Usage,
+    check_stream_options,
 )
 from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
 from server.api.sse import DONE
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
+from server.exceptions import ServerError, refuse_unsupported
 
 router = APIRouter(responses=RESPONSES)
 
@@ -34,12 +35,7 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     services.check_model(body.model)
     refuse_unsupported(body.unsupported_fields())
-    if body.stream_options is not None and not body.stream:
-        raise InvalidRequest(
-            "stream_options is only allowed when stream is true.",
-            param="stream_options",
-            code="invalid_value",
-        )
+    check_stream_options(body)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     start = services.completions.start(response_id, body.prompts(), body.to_sampling_params())
     seqs = await until_disconnected(request, start)
