@@ -23,6 +23,14 @@ from server.exceptions import ServerError
 from server.pipelines.chat import ChatRun
 
 DONE = "data: [DONE]\n\n"
+# No caching, and no buffering by a proxy in front (nginx reads X-Accel-Buffering).
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_event(exc: ServerError) -> str:
+    """An error after the 200 went out: OpenAI's envelope as the stream's last event."""
+    error = ErrorResponse(error=ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code))
+    return f"data: {error.model_dump_json()}\n\n"
 
 
 class ChatChunkWriter:
@@ -62,13 +70,6 @@ class ChatChunkWriter:
 
     def usage(self, usage: Usage) -> str:
         return self._event([], usage)
-
-    @staticmethod
-    def error(exc: ServerError) -> str:
-        error = ErrorResponse(
-            error=ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code)
-        )
-        return f"data: {error.model_dump_json()}\n\n"
 
     def _event(
         self,
@@ -111,7 +112,7 @@ async def chat_stream(
             if output.finished:
                 yield writer.finish(output)
     except ServerError as exc:
-        yield writer.error(exc)
+        yield error_event(exc)
     else:
         if include_usage:
             yield writer.usage(Usage.of(*run.usage()))

@@ -64,16 +64,14 @@ class StepMetadata:
         query_start = [0]
         for num in num_new_tokens:
             query_start.append(query_start[-1] + num)
-        slots = [
-            context_slots(table, length, block_size)
-            for table, length in zip(block_tables, seq_lens, strict=True)
-        ]
+        steps = list(zip(block_tables, seq_lens, num_new_tokens, strict=True))
+        # Only the new tokens' slots here: a whole context's are made where it is read.
         slot_mapping = torch.cat(
-            [s[length - n :] for s, length, n in zip(slots, seq_lens, num_new_tokens, strict=True)]
+            [slots_of(table, length - num, length, block_size) for table, length, num in steps]
         ).to(device)
         prefills = [
-            (query_start[i], query_start[i + 1], slots[i].to(device))
-            for i, num in enumerate(num_new_tokens)
+            (query_start[i], query_start[i + 1], slots_of(table, 0, length, block_size).to(device))
+            for i, (table, length, num) in enumerate(steps)
             if num > 1
         ]
         meta = cls(query_start, seq_lens, slot_mapping, [], prefills, block_size=block_size)
@@ -88,8 +86,9 @@ class StepMetadata:
             meta.decode_seq_lens = lengths.to(device)
             meta.decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
         elif decodes:
+            contexts = {i: slots_of(block_tables[i], 0, seq_lens[i], block_size) for i in decodes}
             meta.decode_groups = [
-                _decode_group([query_start[i] for i in group], [slots[i] for i in group], device)
+                _decode_group([query_start[i] for i in group], [contexts[i] for i in group], device)
                 for group in _gather_groups(sorted(decodes, key=seq_lens.__getitem__), seq_lens)
             ]
         return meta
@@ -117,9 +116,9 @@ def _decode_group(
     return DecodeGroup(torch.tensor(rows).to(device), slots.to(device), mask.to(device))
 
 
-def context_slots(block_table: list[int], length: int, block_size: int) -> torch.Tensor:
-    """The cache slots of a sequence's first `length` tokens."""
-    positions = torch.arange(length)
+def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """The cache slots of a sequence's tokens [start, end)."""
+    positions = torch.arange(start, end)
     table = torch.tensor(block_table, dtype=torch.long)
     return table[positions // block_size] * block_size + positions % block_size
 

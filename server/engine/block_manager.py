@@ -52,17 +52,15 @@ class BlockManager:
         return len(self.free)
 
     # -- admission ---------------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Enough free blocks for all of the sequence's tokens (reused blocks held by others
-        cost nothing; reused blocks in the free list still take a free block)."""
-        hits = self._prefix_hits(seq)
-        held = sum(1 for block_id in hits if self.blocks[block_id].ref_count > 0)
-        return num_blocks_for(seq.num_tokens, self.block_size) - held <= self.num_free_blocks
-
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence) -> bool:
         """Blocks for every token the sequence has (prompt, and outputs after a preemption);
-        its computed tokens start after the reused prefix."""
-        hits = self._prefix_hits(seq)
+        its computed tokens start after the reused prefix. False, and nothing changed, when
+        the free blocks cannot hold them (reused blocks held by others cost nothing; reused
+        blocks in the free list still take a free block)."""
+        hits = self._prefix_hits(seq)  # one walk of the prompt's hash chain for both
+        held = sum(1 for block_id in hits if self.blocks[block_id].ref_count > 0)
+        if num_blocks_for(seq.num_tokens, self.block_size) - held > self.num_free_blocks:
+            return False
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -76,6 +74,7 @@ class BlockManager:
             seq.num_cached_tokens = seq.num_computed_tokens
             self.num_queried_tokens += seq.inputs.num_prompt_tokens
             self.num_hit_tokens += seq.num_computed_tokens
+        return True
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold the sequence's leading full blocks. At least one token is

@@ -73,8 +73,9 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     chosen = torch.argmax(logits, dim=-1)
     rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
     if rows:
-        drawn = draw(logits.index_select(0, index(rows, logits)), [states[i] for i in rows])
-        chosen.index_copy_(0, index(rows, logits), drawn)
+        where = index(rows, logits)
+        drawn = draw(logits.index_select(0, where), [states[i] for i in rows])
+        chosen.index_copy_(0, where, drawn)
     tokens = chosen.tolist()  # the step's one device -> host transfer
     for row, (token, state) in enumerate(zip(tokens, states, strict=True)):
         if row in failed:

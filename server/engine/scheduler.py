@@ -87,10 +87,9 @@ class Scheduler:
         # Nothing new joins a step that had to preempt: memory is short.
         while budget and self.waiting and num_preemptions == self.num_preemptions:
             seq = self.waiting[0]
-            if len(self.running) >= self.config.max_num_seqs or not self.blocks.can_allocate(seq):
+            if len(self.running) >= self.config.max_num_seqs or not self.blocks.allocate(seq):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)
             if not seq.is_admitted:
                 seq.is_admitted = True
                 batch.admitted.append(seq)

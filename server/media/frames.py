@@ -174,10 +174,7 @@ def _plan_native(info: VideoInfo, request: FrameRequest, available: int, ceiling
                 "shorten the prompt or max_tokens"
             )
         count = patches * FRAME_FACTOR
-    timestamps = uniform_timestamps(info.duration_s, count)
-    return FramePlan(
-        frame_indices(timestamps, info), tuple(timestamps), width, height, patches * per_patch
-    )
+    return _uniform(info, count, width, height, patches * per_patch)
 
 
 def _plan_captions(
@@ -189,31 +186,27 @@ def _plan_captions(
         raise PlanError(
             "no frame caption fits the model's context; shorten the prompt or max_tokens"
         )
-    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_PIXELS)
-    width, height = resized(info, min(min_pixels, max_pixels), max_pixels)
-    timestamps = uniform_timestamps(info.duration_s, count)
-    return FramePlan(
-        frame_indices(timestamps, info),
-        tuple(timestamps),
-        width,
-        height,
-        count * per_frame + CAPTIONS_HEADER_TOKENS,
-    )
+    width, height = _image_frame_size(info, request)
+    return _uniform(info, count, width, height, count * per_frame + CAPTIONS_HEADER_TOKENS)
 
 
 def _plan_frames(info: VideoInfo, request: FrameRequest, available: int, ceiling: int) -> FramePlan:
-    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_PIXELS)
-    width, height = resized(info, min(min_pixels, max_pixels), max_pixels)
+    width, height = _image_frame_size(info, request)
     if frame_tokens(width, height) > available:
         raise PlanError("a video frame does not fit the model's context next to the prompt")
-    timestamps = uniform_timestamps(info.duration_s, ceiling)
-    return FramePlan(
-        frame_indices(timestamps, info),
-        tuple(timestamps),
-        width,
-        height,
-        ceiling * frame_tokens(width, height),
-    )
+    return _uniform(info, ceiling, width, height, ceiling * frame_tokens(width, height))
+
+
+def _image_frame_size(info: VideoInfo, request: FrameRequest) -> tuple[int, int]:
+    """Captioned or analysed frames are read as images of "low detail" size."""
+    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_PIXELS)
+    return resized(info, min(min_pixels, max_pixels), max_pixels)
+
+
+def _uniform(info: VideoInfo, count: int, width: int, height: int, tokens: int) -> FramePlan:
+    """count frames spread uniformly over the video, all at width x height."""
+    timestamps = uniform_timestamps(info.duration_s, count)
+    return FramePlan(frame_indices(timestamps, info), tuple(timestamps), width, height, tokens)
 
 
 def frame_tokens(width: int, height: int) -> int:

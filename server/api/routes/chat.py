@@ -23,7 +23,7 @@ from server.api.protocol import (
     completion_id,
 )
 from server.api.services import Services, get_services, job_accepted
-from server.api.sse import chat_stream
+from server.api.sse import SSE_HEADERS, chat_stream
 from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsupported
 from server.jobs.store import Job
 from server.jobs.worker import Handler, Progress, engine_request_id
@@ -147,7 +147,7 @@ async def _complete(
     return StreamingResponse(
         chat_stream(run, first, outputs, body.model, include_usage),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=SSE_HEADERS,
     )
 
 

@@ -15,14 +15,12 @@ from server.api.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    ErrorInfo,
-    ErrorResponse,
     Usage,
     check_stream_options,
 )
 from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
-from server.api.sse import DONE
+from server.api.sse import DONE, SSE_HEADERS, error_event
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError, refuse_unsupported
 
@@ -61,7 +59,7 @@ async def completions(
     return StreamingResponse(
         stream(response_id, body.model, seqs, events, include_usage),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=SSE_HEADERS,
     )
 
 
@@ -135,10 +133,7 @@ async def stream(
                 }
                 yield chunk([choice])
     except ServerError as exc:
-        error = ErrorResponse(
-            error=ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code)
-        )
-        yield f"data: {error.model_dump_json()}\n\n"
+        yield error_event(exc)
     else:
         if include_usage:
             yield chunk([], usage_of(seqs))
