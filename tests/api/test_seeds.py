@@ -1,4 +1,6 @@
-"""Every image example in ../shared/seeds/ against the real app and lifespan (tiny checkpoint)."""
+"""Every image example of the hosted APIs this server reproduces (the Animus vision guide and
+media-completions reference, the AI/ML API vision pages, a router-style VLM guide: the "seed"
+examples the README cites) against the real app and lifespan (tiny checkpoint)."""
 
 from __future__ import annotations
 
