@@ -44,6 +44,9 @@ FLAG_HELP = {
     "attention_backend": "decode attention over the paged KV cache: reference (gather + sdpa, "
     "exact everywhere) or triton (reads the block table in place; CUDA with bf16/fp16, "
     "--block-size >= 16; off until verified on your GPU by scripts/gpu_check.sh)",
+    "enforce_eager": "run every step eagerly; --no-enforce-eager replays decode steps as CUDA "
+    "graphs, one per batch size 1, 2, 4, 8, 16, 32, ... (CUDA only; bitsandbytes stays eager) "
+    "(default: on, i.e. no graphs, until verified on your GPU by scripts/gpu_check.sh)",
     "encoder_cache_memory": "GiB of vision-tower outputs kept for images and videos asked about "
     "again; 0 turns it off (default: 1)",
     "allowed_media_domains": "only these hosts for media URLs and webhook URLs (repeatable); "

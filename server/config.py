@@ -38,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     encoder_cache_memory_gib: float = 1.0
     attention_backend: str = "reference"
+    enforce_eager: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = True
     encoder_cache_memory: float = Field(default=1.0, ge=0)
     attention_backend: Literal["reference", "triton"] = "reference"
+    # Decode steps as CUDA graphs stay off until scripts/gpu_check.sh has passed with them on.
+    enforce_eager: bool = True
     max_queued_requests: int = 256
     queue_timeout: float = 60.0
     max_image_bytes: int = 20 * 1024 * 1024
@@ -172,6 +175,7 @@ class Settings(BaseSettings):
             enable_prefix_caching=self.enable_prefix_caching,
             encoder_cache_memory_gib=self.encoder_cache_memory,
             attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
         )
