@@ -45,11 +45,39 @@ class StepMetadata:
     # Reference path: decodes in padded groups, each prompt chunk alone.
     decode_groups: list[DecodeGroup]
     prefills: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots)
-    # The Triton decode kernel (--attention-backend triton) reads block tables directly.
+    # Decodes read through their block tables: the Triton kernel (--attention-backend
+    # triton), or a fixed-width gather (the CUDA-graph step on the reference backend).
     decode_rows: torch.Tensor | None = None  # [num_decodes]
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, most blocks] int32
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] int32
     block_size: int = 0
+    use_kernel: bool = False
+
+    @classmethod
+    def for_decodes(
+        cls,
+        rows: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_size: int,
+        use_kernel: bool,
+    ) -> StepMetadata:
+        """A decode-only step from device tensors alone (what a CUDA graph captures): no
+        host-side lists, no shapes that depend on the contexts' lengths."""
+        num = rows.shape[0]
+        return cls(
+            list(range(num + 1)),
+            [],
+            slot_mapping,
+            [],
+            [],
+            rows,
+            block_tables,
+            seq_lens,
+            block_size,
+            use_kernel,
+        )
 
     @classmethod
     def build(
@@ -85,6 +113,7 @@ class StepMetadata:
             lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32)
             meta.decode_seq_lens = lengths.to(device)
             meta.decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
+            meta.use_kernel = True
         elif decodes:
             contexts = {i: slots_of(block_tables[i], 0, seq_lens[i], block_size) for i in decodes}
             meta.decode_groups = [
@@ -134,8 +163,10 @@ def paged_attention(
     returns [num_tokens, num_heads, head_dim]."""
     out = query.new_empty(query.shape[1], query.shape[0], query.shape[2])
     if meta.decode_block_tables is not None:
-        from server.engine.triton_attention import decode_attention
-
+        if meta.use_kernel:
+            from server.engine.triton_attention import decode_attention
+        else:
+            decode_attention = table_decode_attention
         out[meta.decode_rows] = decode_attention(
             query[:, meta.decode_rows].transpose(0, 1).contiguous(),
             key_cache,
@@ -174,6 +205,32 @@ def _decode_attention(
     attended = scaled_dot_product_attention(
         grouped, keys, values, attn_mask=group.mask, scale=scaling
     )
+    return attended.reshape(num_seqs, num_heads, head_dim)
+
+
+def table_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """The Triton kernel's contract in plain torch (query [n, heads, dim] -> same shape): every
+    row gathers its table's full width and masks past its length. The shapes depend only on
+    the table's width, so a CUDA graph can capture it; the cost is the width, not the context
+    (the kernel reads only the context)."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[1]
+    offsets = torch.arange(block_size, device=query.device)
+    slots = (block_tables.long()[:, :, None] * block_size + offsets).flatten(1)
+    keys = key_cache[slots].transpose(1, 2)  # [n, kv_heads, width, dim]
+    values = value_cache[slots].transpose(1, 2)
+    positions = torch.arange(slots.shape[1], device=query.device)
+    mask = (positions[None] < seq_lens[:, None])[:, None, None]  # [n, 1, 1, width]
+    grouped = query.reshape(num_seqs, num_kv_heads, -1, head_dim)
+    attended = scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return attended.reshape(num_seqs, num_heads, head_dim)
 
 

@@ -93,7 +93,12 @@ class AsyncEngine:
         )
         encoder_bytes = int(config.encoder_cache_memory_gib * 2**30)
         runner = ModelRunner(
-            loaded, num_blocks, config.block_size, encoder_bytes, config.attention_backend
+            loaded,
+            num_blocks,
+            config.block_size,
+            encoder_bytes,
+            config.attention_backend,
+            graph_batch_sizes=graph_batch_sizes(config, max_seq_len),
         )
         return cls(runner, scheduler, loaded.tokenizer, max_seq_len, config.default_max_tokens)
 
@@ -381,6 +386,16 @@ def _as_list(item: Sequence | list[Sequence] | None) -> list[Sequence]:
 def _put_all(batch: list[tuple[Sequence, SequenceOutput]]) -> None:
     for seq, output in batch:
         seq.outputs.put_nowait(output)
+
+
+def graph_batch_sizes(config: EngineConfig, max_seq_len: int) -> tuple[int, int] | None:
+    """(max_num_seqs, max_seq_len) for decode CUDA graphs, or None: every step eager."""
+    if config.enforce_eager:
+        return None
+    if config.quantization != "none":  # bitsandbytes kernels are not known to be capturable
+        logger.info("CUDA graphs are off for bitsandbytes checkpoints: decoding eagerly")
+        return None
+    return config.max_num_seqs, max_seq_len
 
 
 def is_fatal_device_error(exc: Exception) -> bool:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
 
 from server.engine import attention
+from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
 from server.engine.encoder_cache import EncoderCache
 from server.engine.inputs import MediaItem
 from server.engine.kv_cache import KVCacheShape, PagedKVCache, StepCache
@@ -69,7 +71,11 @@ class ModelRunner:
         block_size: int,
         encoder_cache_bytes: int,
         attention_backend: str = "reference",
+        *,
+        graph_batch_sizes: tuple[int, int] | None = None,
     ):
+        """graph_batch_sizes: (max_num_seqs, max_seq_len) to run decode steps through
+        DecodeGraphs (captured on CUDA); None: every step eagerly."""
         self.model = loaded.model
         self.text_model = loaded.model.model.language_model
         self.device = loaded.device
@@ -78,8 +84,9 @@ class ModelRunner:
         self.model.config.text_config._attn_implementation = attention.ATTENTION_NAME
         self.block_size = block_size
         self.use_kernel = use_decode_kernel(attention_backend, loaded, block_size)
+        # One block past the scheduler's: the scratch slots of CUDA-graph padding rows.
         self.kv_cache = PagedKVCache(
-            kv_cache_shape(self.model), num_blocks, block_size, loaded.dtype, loaded.device
+            kv_cache_shape(self.model), num_blocks + 1, block_size, loaded.dtype, loaded.device
         )
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         # Vision-tower outputs of prompts still being prefilled: request id -> item -> embeds.
@@ -87,6 +94,41 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
         self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
+        self.graphs = None
+        if graph_batch_sizes is not None:
+            self.graphs = self._build_graphs(*graph_batch_sizes, scratch_block=num_blocks)
+
+    def _build_graphs(
+        self, max_num_seqs: int, max_seq_len: int, scratch_block: int
+    ) -> DecodeGraphs:
+        max_blocks = -(-max_seq_len // self.block_size)
+        graphs = DecodeGraphs(
+            self._decode_forward,
+            max_num_seqs,
+            max_blocks,
+            scratch_block,
+            self.block_size,
+            self.device,
+        )
+        if self.device.type != "cuda":
+            logger.info("CUDA graphs need CUDA: decode steps run eagerly on their padded buffers")
+            return graphs
+        if not self.use_kernel:
+            logger.warning(
+                "CUDA graphs on the reference attention gather each decode's whole table width "
+                "(%d tokens) every step; --attention-backend triton reads only the context",
+                max_blocks * self.block_size,
+            )
+        free_before, started = torch.cuda.mem_get_info(self.device)[0], time.perf_counter()
+        with torch.inference_mode():
+            graphs.capture()
+        logger.info(
+            "decode CUDA graphs for batch sizes %s captured in %.1fs (%.2f GiB)",
+            graphs.buckets,
+            time.perf_counter() - started,
+            (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**30,
+        )
+        return graphs
 
     def bind_thread(self) -> None:
         """Called on the engine thread: CUDA's current device is per thread."""
@@ -127,6 +169,9 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, sampled: list[Sequence]) -> list[int]:
         """Compute the batch's new tokens; returns the next token of each `sampled` sequence
         (those whose step reaches their last token)."""
+        decodes = self._graph_decodes(batch)
+        if decodes is not None:  # decodes only, in order: every one is sampled
+            return sample(self.graphs.run(decodes), [self._state(s) for s in sampled])
         self._encode_media(batch)
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
@@ -149,14 +194,7 @@ class ModelRunner:
         embeds = self.text_model.embed_tokens(torch.tensor(token_ids).to(self.device))
         for row, media in pieces:
             embeds[row : row + media.shape[0]] = media.to(embeds.dtype)
-        hidden = self.text_model(
-            inputs_embeds=embeds[None],
-            position_ids=torch.cat(positions, dim=1)[:, None].to(self.device),
-            past_key_values=StepCache(self.kv_cache, meta.slot_mapping),
-            attention_mask=NO_MASKS,
-            use_cache=True,
-            paged_metadata=meta,
-        ).last_hidden_state[0]
+        hidden = self._text_forward(embeds, torch.cat(positions, dim=1).to(self.device), meta)
         self._drop_prefilled_media(batch)
         if not sampled:
             return []
@@ -164,6 +202,55 @@ class ModelRunner:
         rows = [meta.query_start[index[id(seq)] + 1] - 1 for seq in sampled]
         logits = self.model.lm_head(hidden[rows])
         return sample(logits, [self._state(s) for s in sampled])
+
+    def _text_forward(
+        self, embeds: torch.Tensor, positions: torch.Tensor, meta: attention.StepMetadata
+    ) -> torch.Tensor:
+        """The text model over one flattened step: embeds [n, hidden], positions [3, n]."""
+        return self.text_model(
+            inputs_embeds=embeds[None],
+            position_ids=positions[:, None],
+            past_key_values=StepCache(self.kv_cache, meta.slot_mapping),
+            attention_mask=NO_MASKS,
+            use_cache=True,
+            paged_metadata=meta,
+        ).last_hidden_state[0]
+
+    def _decode_forward(self, inputs: DecodeBuffers) -> torch.Tensor:
+        """A decode-only step from the graphs' static buffers to logits (what is captured)."""
+        meta = attention.StepMetadata.for_decodes(
+            inputs.rows,
+            inputs.slot_mapping,
+            inputs.block_tables,
+            inputs.seq_lens,
+            self.block_size,
+            self.use_kernel,
+        )
+        embeds = self.text_model.embed_tokens(inputs.token_ids)
+        # A generated token sits at the same position on all three mrope axes.
+        positions = inputs.positions.view(1, -1).expand(3, -1)
+        return self.model.lm_head(self._text_forward(embeds, positions, meta))
+
+    def _graph_decodes(self, batch: ScheduledBatch) -> list[DecodeRow] | None:
+        """The step as graph inputs when it is generated-token decodes only and fits a bucket."""
+        if self.graphs is None or self.graphs.bucket(len(batch.seqs)) is None:
+            return None
+        rows = []
+        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            position = seq.num_computed_tokens
+            if num != 1 or position < seq.inputs.num_prompt_tokens:
+                return None
+            block = seq.block_table[position // self.block_size]
+            rows.append(
+                DecodeRow(
+                    seq.token_ids(position, position + 1)[0],
+                    position + seq.rope_delta,
+                    block * self.block_size + position % self.block_size,
+                    seq.block_table,
+                    position + 1,
+                )
+            )
+        return rows
 
     def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """[3, end - start] mrope positions of tokens [start, end)."""

@@ -1,0 +1,170 @@
+"""Decode steps through DecodeGraphs' static, padded buffers (what a CUDA graph replays). The
+CPU runs the same padded step eagerly, so everything but the capture is checked here: the
+tokens equal the eager engine's, padding rows touch only the scratch block, the step makes no
+host sync (a graph cannot capture one), and the fixed-width attention matches the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from server.config import Settings
+from server.engine.attention import table_decode_attention
+from server.engine.cuda_graph import DecodeGraphs, DecodeRow, batch_buckets
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import InputBuilder
+from server.engine.loader import LoadedModel
+from server.engine.sampling import SamplingParams
+from tests.engine.attention_cases import decode_cases
+
+
+def test_batch_buckets() -> None:
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(1) == [1]
+
+
+@pytest.mark.parametrize("case", decode_cases("cpu", torch.float32, head_dim=32))
+def test_fixed_width_attention_matches_the_reference(case) -> None:
+    width = max(len(t) for t in case.tables) + 3  # wider than any context, like a graph's
+    tables = torch.full((len(case.tables), width), 7, dtype=torch.int32)  # stale entries
+    for row, table in enumerate(case.tables):
+        tables[row, : len(table)] = torch.tensor(table)
+    out = table_decode_attention(
+        case.query.transpose(0, 1).contiguous(),
+        case.keys,
+        case.values,
+        tables,
+        torch.tensor(case.seq_lens, dtype=torch.int32),
+        case.block_size,
+        case.scale,
+    )
+    torch.testing.assert_close(out, case.paged(False), rtol=1e-5, atol=1e-5)
+
+
+def build_engine(loaded: LoadedModel, enforce_eager: bool, **overrides: object) -> AsyncEngine:
+    settings = Settings(model="x", max_model_len=512, enforce_eager=enforce_eager, **overrides)
+    return AsyncEngine.build(loaded, settings.engine_config())
+
+
+def prompts(loaded: LoadedModel) -> list:
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    texts = ["Hi", "Tell me a story about a lighthouse.", "Count: one two three four five"]
+    return [builder.build([{"role": "user", "content": t}], []) for t in texts]
+
+
+async def generate(engine: AsyncEngine, inputs: list, sampling: list) -> list[list[int]]:
+    engine.start()
+    try:
+        seqs = [
+            engine.add_request(f"r{i}", p, s)
+            for i, (p, s) in enumerate(zip(inputs, sampling, strict=True))
+        ]
+        for seq in seqs:
+            async for _ in engine.stream(seq):
+                pass
+        return [seq.output_token_ids for seq in seqs]
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.anyio
+async def test_padded_graph_steps_decode_like_eager(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sampling = [
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=14, temperature=0, repetition_penalty=1.3, ignore_eos=True),
+    ]
+    inputs = prompts(loaded)
+    eager = await generate(build_engine(loaded, True), inputs, sampling)
+
+    sizes: list[int] = []
+    run = DecodeGraphs.run
+
+    def counting_run(self: DecodeGraphs, decodes: list[DecodeRow]) -> torch.Tensor:
+        sizes.append(len(decodes))
+        return run(self, decodes)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    graphs = await generate(build_engine(loaded, False), inputs, sampling)
+    assert graphs == eager
+    assert 3 in sizes and 1 in sizes  # three decodes padded to a bucket of 4, then fewer
+
+
+def test_eager_engine_builds_no_graphs(loaded: LoadedModel) -> None:
+    assert build_engine(loaded, True).runner.graphs is None
+    assert build_engine(loaded, False, quantization="none").runner.graphs is not None
+
+
+def fill(engine: AsyncEngine, decodes: list[DecodeRow]) -> None:
+    graphs = engine.runner.graphs
+    graphs._fill(decodes, graphs.bucket(len(decodes)))
+
+
+def some_decodes(engine: AsyncEngine) -> list[DecodeRow]:
+    """Three decodes on blocks 0-5, at positions that cross block boundaries."""
+    size = engine.runner.block_size
+    tables = [[0, 1], [2], [3, 4, 5]]
+    positions = [size + 2, 0, 2 * size + 5]
+    return [
+        DecodeRow(11 + i, p, t[p // size] * size + p % size, t, p + 1)
+        for i, (t, p) in enumerate(zip(tables, positions, strict=True))
+    ]
+
+
+def test_padding_rows_write_only_the_scratch_block(loaded: LoadedModel) -> None:
+    engine = build_engine(loaded, False)
+    runner = engine.runner
+    decodes = some_decodes(engine)
+    for layer in runner.kv_cache.keys:
+        layer.normal_()
+    before = [layer.clone() for layer in runner.kv_cache.keys]
+    with torch.inference_mode():
+        runner.graphs.run(decodes)
+    size = runner.block_size
+    written = {d.slot for d in decodes}
+    scratch = range(runner.graphs.scratch_block * size, (runner.graphs.scratch_block + 1) * size)
+    for old, new in zip(before, runner.kv_cache.keys, strict=True):
+        changed = set((old != new).any(-1).any(-1).nonzero().flatten().tolist())
+        assert written <= changed <= written | set(scratch)
+        assert changed - written  # the padding row did write, to the scratch block
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextmanager
+def no_host_syncs() -> Iterator[None]:
+    """Any read of a tensor's values by the host raises (a CUDA graph cannot capture one)."""
+
+    def refuse(name: str):
+        def refused(*args: object, **kwargs: object) -> None:
+            raise AssertionError(f"host sync in the decode step: Tensor.{name}")
+
+        return refused
+
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCS}
+    try:
+        for name in SYNCS:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_the_captured_step_makes_no_host_sync(loaded: LoadedModel) -> None:
+    engine = build_engine(loaded, False)
+    runner = engine.runner
+    fill(engine, some_decodes(engine))
+    buffers = runner.graphs.buffers.first(4)
+    with torch.inference_mode(), no_host_syncs():
+        logits = runner._decode_forward(buffers)
+    assert logits.shape == (4, runner.vocab_size)
+    assert torch.isfinite(logits).all()  # padding included
