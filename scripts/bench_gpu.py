@@ -150,24 +150,29 @@ def text_weight_bytes(loaded: LoadedModel) -> int:
     return total - embed.numel() * embed.element_size() + lm_head.numel() * lm_head.element_size()
 
 
-def decode_step_time(loaded: LoadedModel, batch: int, backend: str, steps: int = 20) -> float:
+def decode_step_time(
+    loaded: LoadedModel, batch: int, backend: str, graphs: bool, steps: int = 20
+) -> tuple[float, list[list[int]]]:
     """Median seconds of one engine decode step (scheduler + runner + sampling, one host sync)
-    with `batch` sequences of CONTEXT_PER_SEQUENCE cached tokens."""
+    with `batch` sequences of CONTEXT_PER_SEQUENCE cached tokens, and the greedy tokens."""
     per_seq = CONTEXT_PER_SEQUENCE + steps + 8
     num_blocks = batch * (-(-per_seq // BLOCK_SIZE) + 1)
-    runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, 0, backend)
+    sizes = (batch, per_seq) if graphs else None  # the largest bucket is the batch itself
+    runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, 0, backend, graph_batch_sizes=sizes)
     scheduler = Scheduler(
         SchedulerConfig(batch, batch * CONTEXT_PER_SEQUENCE, 1 << 20, 3600.0),
         BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=False),
     )
     vocab = loaded.model.config.text_config.vocab_size
     generator = torch.Generator().manual_seed(batch)
+    seqs = []
     for i in range(batch):
         ids = torch.randint(0, min(vocab, 4096), (1, CONTEXT_PER_SEQUENCE), generator=generator)
         inputs = ModelInputs({"input_ids": ids}, CONTEXT_PER_SEQUENCE, 0)
-        scheduler.add(
+        seqs.append(
             Sequence(f"s{i}", inputs, SamplingParams(temperature=0, ignore_eos=True), per_seq)
         )
+        scheduler.add(seqs[-1])
 
     def step() -> None:
         scheduled = scheduler.schedule()
@@ -184,7 +189,9 @@ def decode_step_time(loaded: LoadedModel, batch: int, backend: str, steps: int =
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    return statistics.median(times[3:])
+    if graphs and loaded.device.type == "cuda":
+        assert runner.graphs.num_replays >= steps, "the decode steps did not replay graphs"
+    return statistics.median(times[3:]), [seq.output_token_ids for seq in seqs]
 
 
 def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: float) -> list:
@@ -196,20 +203,26 @@ def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: f
     rows = []
     for backend in backends:
         for batch in batches:
-            seconds = decode_step_time(loaded, batch, backend)
-            roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
-            rows.append(
-                {
-                    "size": size,
-                    "backend": backend,
-                    "batch": batch,
-                    "step_ms": round(seconds * 1000, 2),
-                    "tok_s": round(batch / seconds, 1),
-                    "roofline_ms": round(roofline * 1000, 2),
-                    "of_roofline": f"{roofline / seconds:.0%}",
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            eager_tokens = None
+            for graphs in (False, True):
+                seconds, tokens = decode_step_time(loaded, batch, backend, graphs)
+                roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
+                rows.append(
+                    {
+                        "size": size,
+                        "backend": backend,
+                        "step": "graphs" if graphs else "eager",
+                        "batch": batch,
+                        "step_ms": round(seconds * 1000, 2),
+                        "tok_s": round(batch / seconds, 1),
+                        "roofline_ms": round(roofline * 1000, 2),
+                        "of_roofline": f"{roofline / seconds:.0%}",
+                        # greedy tokens of the graph replay == the eager step's (same shapes)
+                        "same_tokens": "" if eager_tokens is None else tokens == eager_tokens,
+                    }
+                )
+                eager_tokens = tokens
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -283,13 +296,15 @@ def kernel_rows(device: str) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| model | attention | batch | step ms | tok/s | roofline ms | of roofline |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | attention | step | batch | step ms | tok/s | roofline ms | of roofline "
+        "| tokens = eager |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["decode"]:
         lines.append(
-            f"| {row['size']} | {row['backend']} | {row['batch']} | {row['step_ms']} | "
-            f"{row['tok_s']} | {row['roofline_ms']} | {row['of_roofline']} |"
+            f"| {row['size']} | {row['backend']} | {row['step']} | {row['batch']} | "
+            f"{row['step_ms']} | {row['tok_s']} | {row['roofline_ms']} | {row['of_roofline']} "
+            f"| {row['same_tokens']} |"
         )
     lines.append("")
     lines.append(f"copy bandwidth: {results['bandwidth_gb_s']} GB/s")

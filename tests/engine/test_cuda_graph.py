@@ -5,6 +5,7 @@ host sync (a graph cannot capture one), and the fixed-width attention matches th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +19,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingParams
+from server.engine.structured import StructuredOutput
 from tests.engine.attention_cases import decode_cases
 
 
@@ -92,9 +94,12 @@ async def test_padded_graph_steps_decode_like_eager(
         return run(self, decodes)
 
     monkeypatch.setattr(DecodeGraphs, "run", counting_run)
-    graphs = await generate(build_engine(loaded, False), inputs, sampling)
-    assert graphs == eager
+    engine = build_engine(loaded, False)
+    assert await generate(engine, inputs, sampling) == eager
     assert 3 in sizes and 1 in sizes  # three decodes padded to a bucket of 4, then fewer
+    # On CUDA (the GPU check) those steps were graph replays; elsewhere the same padded step.
+    replayed = engine.runner.graphs.num_replays
+    assert replayed == len(sizes) if loaded.device.type == "cuda" else replayed == 0
 
 
 def test_eager_engine_builds_no_graphs(loaded: LoadedModel) -> None:
@@ -168,3 +173,31 @@ def test_the_captured_step_makes_no_host_sync(loaded: LoadedModel) -> None:
         logits = runner._decode_forward(buffers)
     assert logits.shape == (4, runner.vocab_size)
     assert torch.isfinite(logits).all()  # padding included
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("enforce_eager", [True, False])
+async def test_schema_constrained_decoding_on_the_engine_device(
+    loaded: LoadedModel, enforce_eager: bool
+) -> None:
+    """The grammar masks run where the logits are (CUDA in the GPU check), beside graph steps
+    and unconstrained rows: every constrained answer parses against its schema."""
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    structured = StructuredOutput.json_schema(schema)
+    engine = build_engine(loaded, enforce_eager)
+    engine.compile_grammar(structured)
+    sampling = [
+        SamplingParams(max_tokens=40, temperature=0, structured=structured),
+        SamplingParams(max_tokens=40, temperature=0.9, seed=1, structured=structured),
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+    ]
+    outputs = await generate(engine, prompts(loaded), sampling)
+    for tokens in outputs[:2]:
+        text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert json.loads(text)["answer"] in ("yes", "no")
+    assert len(outputs[2]) == 12
