@@ -6,11 +6,14 @@ host sync (a graph cannot capture one), and the fixed-width attention matches th
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from server.config import Settings
 from server.engine.attention import table_decode_attention
@@ -18,6 +21,7 @@ from server.engine.cuda_graph import DecodeGraphs, DecodeRow, batch_buckets
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel
+from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.structured import StructuredOutput
 from tests.engine.attention_cases import decode_cases
@@ -201,3 +205,30 @@ async def test_schema_constrained_decoding_on_the_engine_device(
         text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
         assert json.loads(text)["answer"] in ("yes", "no")
     assert len(outputs[2]) == 12
+
+
+@pytest.mark.parametrize("size", ["2b", "7b"])
+def test_full_size_graph_step_on_fake_cuda(
+    size: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen2-VL-2B/7B's real dimensions on "cuda" tensors that hold no memory (FakeTensorMode):
+    building the runner's graphs (the capture's warm-up forwards, every bucket) and a padded
+    step run with no device, dtype or shape error. Only the capture call itself is left out."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_gpu
+
+    def warm_up_only(self: DecodeGraphs) -> None:
+        for bucket in reversed(self.buckets):
+            self.outputs[bucket] = self.forward(self.buffers.first(bucket))
+
+    monkeypatch.setattr(DecodeGraphs, "capture", warm_up_only)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        loaded = bench_gpu.random_model(size, "cuda", tiny_model_dir)
+        runner = ModelRunner(loaded, 64, 16, 0, "reference", graph_batch_sizes=(8, 256))
+        rows = [DecodeRow(5 + i, 20, (3 + i) * 16 + 4, [2, 3 + i], 21) for i in range(3)]
+        with torch.inference_mode():
+            logits = runner.graphs.run(rows)
+    assert logits.device == torch.device("cuda", 0) and logits.dtype == torch.bfloat16
+    assert logits.shape == (3, loaded.model.config.text_config.vocab_size)
+    assert set(runner.graphs.outputs) == {1, 2, 4, 8}
