@@ -1,0 +1,154 @@
+"""Host cost of one whole decode step (scheduler + runner + sampler) where host work dominates.
+
+    python scripts/bench_step.py                                  # this checkout
+    VLM_CODE_ROOT=/path/to/old/checkout python scripts/bench_step.py   # the same, older code
+
+A random-weight Qwen2-VL text model 28 layers deep (the depth of Qwen2-VL-2B/7B, so the step
+launches as many kernels) but only 64 wide, with the real 151,936-token vocabulary: the
+arithmetic is negligible and what is left is what the host does per step. For batch 1/16/64,
+greedy and mixed sampling (bench_sampler.py's mix, one row under a json_schema grammar): the
+median milliseconds of a decode step, its aten ops and its host transfers (tolist, item, ...;
+each a queue-draining sync on a GPU). `--graphs` also runs the step through the decode-graph
+buffers (on a CPU: the padded step the graph would replay, not a capture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, os.environ.get("VLM_CODE_ROOT", str(ROOT)))
+
+import torch  # noqa: E402
+from bench_sampler import MIXED, TRANSFERS, CountOps, _counting  # noqa: E402
+
+from server.engine.block_manager import BlockManager  # noqa: E402
+from server.engine.inputs import ModelInputs  # noqa: E402
+from server.engine.loader import LoadedModel  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from server.engine.sequence import Sequence  # noqa: E402
+from server.engine.structured import StructuredOutput  # noqa: E402
+
+VOCAB = 151936
+PROMPT = 64
+BLOCK_SIZE = 16
+SCHEMA = StructuredOutput.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
+
+
+def deep_narrow_model() -> LoadedModel:
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from server.engine.tiny import TinySpec, build_config, make_tiny_checkpoint
+
+    tiny = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    processor = AutoProcessor.from_pretrained(tiny)
+    spec = TinySpec(hidden_size=64, num_layers=28, num_heads=4, num_kv_heads=2)
+    config = build_config(spec, processor.tokenizer)
+    config.text_config.vocab_size = VOCAB
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    return LoadedModel(
+        model=model.eval(),
+        processor=processor,
+        path=tiny,
+        family="qwen2-vl",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        context_length=4096,
+        eos_token_ids=(config.text_config.eos_token_id,),
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+    )
+
+
+def sampling_for(mix: str, batch: int) -> list[SamplingParams]:
+    if mix == "greedy":
+        return [SamplingParams(temperature=0, ignore_eos=True)] * batch
+    params = [MIXED[i % len(MIXED)] for i in range(batch)]
+    params = [SamplingParams(**{**vars(p), "ignore_eos": True}) for p in params]
+    params[-1] = SamplingParams(temperature=0.7, structured=SCHEMA, ignore_eos=True)
+    return params
+
+
+def measure(loaded: LoadedModel, mix: str, batch: int, graphs: bool, steps: int = 12) -> dict:
+    per_seq = PROMPT + steps + 8
+    num_blocks = batch * (-(-per_seq // BLOCK_SIZE) + 1)
+    kwargs = {"graph_batch_sizes": (batch, per_seq)} if graphs else {}
+    runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, 0, **kwargs)
+    runner.grammars.compile(SCHEMA)
+    scheduler = Scheduler(
+        SchedulerConfig(batch, batch * PROMPT, 1 << 20, 3600.0),
+        BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=False),
+    )
+    generator = torch.Generator().manual_seed(batch)
+    for i, params in enumerate(sampling_for(mix, batch)):
+        ids = torch.randint(0, 4096, (1, PROMPT), generator=generator)
+        inputs = ModelInputs({"input_ids": ids}, PROMPT, 0)
+        scheduler.add(Sequence(f"s{i}", inputs, params, per_seq))
+
+    def step() -> None:
+        scheduled = scheduler.schedule()
+        sampled = scheduled.sampled
+        tokens = runner.run(scheduled, sampled)
+        scheduler.commit(scheduled)
+        for seq, token in zip(sampled, tokens, strict=True):
+            seq.output_token_ids.append(token)
+
+    step()  # the prefill
+    times = []
+    for _ in range(steps - 1):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    calls: Counter[str] = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in TRANSFERS}
+    counter = CountOps()
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, _counting(original, name, calls))
+        with counter:
+            step()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return {
+        "ms": round(statistics.median(times[2:]) * 1000, 2),
+        "ops": counter.count,
+        "transfers": sum(calls.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graphs", action="store_true", help="also the decode-graph step")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # host cost, not intra-op parallelism
+    loaded = deep_narrow_model()
+    print(f"code: {Path(sys.modules['server'].__file__).parents[1]}")
+    print("| mix | batch | step | ms per step | aten ops per step | host transfers per step |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for mix in ("greedy", "mixed"):
+        for batch in args.batches:
+            for graphs in (False, True) if args.graphs else (False,):
+                row = measure(loaded, mix, batch, graphs)
+                name = "graph buffers" if graphs else "eager"
+                print(
+                    f"| {mix} | {batch} | {name} | {row['ms']} | {row['ops']} | "
+                    f"{row['transfers']} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
