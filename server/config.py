@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     webhook_retry_delays: StrList = ["5", "30", "120", "600", "1800"]  # seconds, per retry
     webhook_timeout: float = 10.0
     job_retention_hours: float = Field(default=168.0, ge=0)  # finished jobs; 0: keep forever
+    job_store: str | None = None  # sqlite:///PATH | postgresql://...; default: under data_dir
+    job_lease: float = Field(default=30.0, gt=0)  # seconds a job stays held without renewal
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

@@ -101,6 +101,21 @@ class EngineStopped(ServerError):
     error_type = "server_error"
 
 
+class JobStoreUnavailable(ServerError):
+    """The job store (its database) cannot be reached now; jobs and their status wait for it
+    (503 + Retry-After). Synchronous requests do not need it."""
+
+    status_code = 503
+    error_type = "server_error"
+    retry_after_s = 5
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The job store is unavailable; retry shortly (synchronous requests still work).",
+            code="job_store_unavailable",
+        )
+
+
 class EngineOverloaded(ServerError):
     """The request queue is full, or the request waited too long in it (503 + Retry-After)."""
 

@@ -27,7 +27,7 @@ from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
-from server.jobs.store import JobStore
+from server.jobs.store import open_job_store
 from server.jobs.webhooks import WebhookSender, load_or_create_secret
 from server.jobs.worker import JobWorker
 from server.media.fetch import FetchPolicy, MediaFetcher
@@ -84,17 +84,26 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         )
         metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running, engine.stats)
         categories = CategoriesPipeline(engine, input_builder, media)
-        jobs = JobStore(settings.data_dir / "jobs.sqlite3")
+        jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
         handlers = {
             "categories": categories_job_handler(categories),
             "completions": completions_job_handler(pipeline),
         }
-        job_worker = JobWorker(jobs, handlers, retention_s=settings.job_retention_hours * 3600)
+        job_worker = JobWorker(
+            jobs,
+            handlers,
+            retention_s=settings.job_retention_hours * 3600,
+            lease_s=settings.job_lease,
+            # No hoarding: a job is claimed only while the engine could start it now.
+            can_start=lambda: engine.num_queued == 0 and engine.num_running < settings.max_num_seqs,
+        )
         metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)
         job_worker.start()
         webhooks = WebhookSender(
             jobs,
-            load_or_create_secret(settings.webhook_secret, settings.data_dir),
+            await asyncio.to_thread(
+                load_or_create_secret, settings.webhook_secret, jobs, settings.data_dir
+            ),
             tuple(float(d) for d in settings.webhook_retry_delays),
             settings.webhook_timeout,
             tuple(settings.allowed_media_domains),
@@ -118,7 +127,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         try:
             yield
         finally:
-            await job_worker.stop()  # unfinished jobs are re-queued at the next start
+            await job_worker.stop()  # jobs running here go back to the queue
             await webhooks.stop()  # pending deliveries stay in the store
             jobs.close()
             await engine.stop()

@@ -1,60 +1,47 @@
-"""Durable jobs in SQLite (WAL, synchronous=FULL) under --data-dir.
+"""The job store: one interface, two backends (sqlite.py, the embedded single-node default, and
+postgres.py, shared by several replicas). The SQL below is written once for both.
 
-A job is claimed with a lease and an attempt number; only the holder of the current attempt may
-write its progress or result, so a stale worker (its lease expired and the job was claimed again)
-can never overwrite a newer result. A server killed mid-job leaves it `processing`; on the next
-start `recover` puts it back in the queue and it runs again. One server process per data dir.
+A job is claimed with a lease, an attempt number and an owner; only the holder of the current
+attempt may write its progress or result, so a stale worker (its lease expired and the job was
+claimed again) can never overwrite a newer result. A job whose holder stops renewing is taken
+over when its lease expires, by whichever process claims next; never because a process started.
 A finished job keeps its result but not its request (a base64 video can be hundreds of MB; a
 hash of it still answers Idempotency-Key checks), and `prune` drops finished jobs after the
-retention time.
+retention time. Connection trouble is JobStoreUnavailable (a 503 with Retry-After).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from server.exceptions import IdempotencyKeyReused
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    request TEXT NOT NULL,
-    status TEXT NOT NULL,            -- queued | processing | completed | failed | cancelled
-    progress REAL NOT NULL DEFAULT 0,
-    result TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    lease_until REAL NOT NULL DEFAULT 0,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    idempotency_key TEXT UNIQUE,
-    request_hash TEXT                -- sha256 of kind + request: idempotency survives slimming
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id TEXT PRIMARY KEY,             -- the webhook-id: the same on every retry
-    job_id TEXT NOT NULL,
-    url TEXT NOT NULL,
-    payload TEXT NOT NULL,           -- the exact body, so retries send the same bytes
-    status TEXT NOT NULL,            -- pending | delivered | failed
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_status INTEGER,
-    last_error TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
-CREATE INDEX IF NOT EXISTS deliveries_of_job ON deliveries (job_id)
-"""
+# Every column but the request, which only the worker (at claim) needs.
+SUMMARY = (
+    "id, kind, status, progress, result, error, created_at, updated_at, attempt, owner,"
+    " webhook_url, request_hash"
+)
+ENDED = ("completed", "failed", "cancelled")
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+Execute = Callable[[str, tuple], Cursor]  # SQL with ? placeholders; rows are dicts
 
 
 @dataclass(frozen=True)
@@ -69,6 +56,7 @@ class Job:
     created_at: float
     updated_at: float
     attempt: int
+    owner: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The job as the status endpoint and webhooks show it."""
@@ -86,11 +74,13 @@ class Job:
         }
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
+    def from_row(cls, row: Mapping[str, Any], request: dict[str, Any] | None = None) -> Job:
+        if request is None:
+            request = json.loads(row.get("request") or "{}")
         return cls(
             id=row["id"],
             kind=row["kind"],
-            request=json.loads(row["request"]),
+            request=request,
             status=row["status"],
             progress=row["progress"],
             result=json.loads(row["result"]) if row["result"] else None,
@@ -98,6 +88,7 @@ class Job:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             attempt=row["attempt"],
+            owner=row.get("owner"),
         )
 
 
@@ -106,62 +97,89 @@ def request_digest(kind: str, request: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class JobStore:
-    """Blocking SQLite calls: the async side calls them through asyncio.to_thread."""
+def open_job_store(url: str | None, data_dir: Path) -> JobStore:
+    """--job-store: sqlite:///PATH or postgresql://...; none: DATA_DIR/jobs.sqlite3."""
+    if url is None or url == "":
+        from server.jobs.sqlite import SqliteJobStore
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self._add_request_hashes()
-        self.lock = threading.Lock()
+        return SqliteJobStore(data_dir / "jobs.sqlite3")
+    if url.startswith(("postgresql://", "postgres://")):
+        from server.jobs.postgres import PostgresJobStore
 
-    def _add_request_hashes(self) -> None:
-        """A data dir from before the request_hash column: add it and fill it in."""
-        columns = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        if "request_hash" in columns:
-            return
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute("ALTER TABLE jobs ADD COLUMN request_hash TEXT")
-        for row in self.db.execute("SELECT id, kind, request FROM jobs").fetchall():
-            digest = request_digest(row["kind"], json.loads(row["request"]))
-            self.db.execute("UPDATE jobs SET request_hash = ? WHERE id = ?", (digest, row["id"]))
-        self.db.execute("COMMIT")
+        return PostgresJobStore(url)
+    if url.startswith("sqlite:///"):
+        from server.jobs.sqlite import SqliteJobStore
 
-    def close(self) -> None:
-        with self.lock:
-            self.db.close()
+        return SqliteJobStore(Path(url.removeprefix("sqlite:///")))
+    raise ValueError("--job-store must be sqlite:///PATH or postgresql://...")
 
+
+class JobStore(ABC):
+    """Blocking calls: the async side calls them through asyncio.to_thread."""
+
+    greatest = "MAX"  # the two-argument maximum
+    skip_locked = ""  # appended to the SELECT that picks rows to claim
+
+    @abstractmethod
+    def transaction(self, write: bool = True) -> AbstractContextManager[Execute]:
+        """One transaction; its statements go through the yielded function."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def now(self) -> float:
+        return time.time()
+
+    def watch(self, on_new_job: Callable[[], None]) -> None:
+        """Calls on_new_job (from any thread) when another process queues a job. By default
+        nothing does: the worker's polling finds it."""
+        return None
+
+    def _try_lock(self, execute: Execute, name: str) -> bool:
+        """A lock held until the transaction ends, for work one process at a time does."""
+        return True
+
+    def _announce(self, execute: Execute) -> None:
+        """Inside the transaction that queued a job: tell the other processes."""
+        return None
+
+    # -- jobs -----------------------------------------------------------------------------
     def create(self, kind: str, request: dict[str, Any], idempotency_key: str | None) -> Job:
         """A new queued job, or the existing one for the same idempotency key and request (the
         same key with another request: IdempotencyKeyReused)."""
-        now = time.time()
-        digest = request_digest(kind, request)
-        row = None
-        with self.lock:
-            if idempotency_key is not None:
-                row = self.db.execute(
-                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
-                ).fetchone()
-                if row is not None and row["request_hash"] != digest:
-                    raise IdempotencyKeyReused(idempotency_key)
+        now, digest = self.now(), request_digest(kind, request)
+        with self.transaction() as execute:
+            row = _job_with_key(execute, idempotency_key)
             if row is None:
-                job_id = f"job-{uuid.uuid4().hex}"
-                self.db.execute(
+                row = execute(
                     "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
-                    " idempotency_key, request_hash) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (job_id, kind, json.dumps(request), now, now, idempotency_key, digest),
-                )
-                row = self._row(job_id)
-        return Job.from_row(row)  # parsing a big request need not hold the lock
+                    " idempotency_key, request_hash, webhook_url)"
+                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
+                    f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {SUMMARY}",
+                    (
+                        f"job-{uuid.uuid4().hex}",
+                        kind,
+                        json.dumps(request),
+                        now,
+                        now,
+                        idempotency_key,
+                        digest,
+                        request.get("webhook_url"),
+                    ),
+                ).fetchone()
+                if row is not None:
+                    self._announce(execute)
+                else:  # another process took the key between the look-up and the insert
+                    row = _job_with_key(execute, idempotency_key)
+            if row["request_hash"] != digest:
+                raise IdempotencyKeyReused(idempotency_key or "")
+        return Job.from_row(row, request)
 
     def get(self, job_id: str) -> Job | None:
-        with self.lock:
-            row = self._row(job_id)
-        return Job.from_row(row) if row is not None else None
+        """The job without its request (which can be a whole video)."""
+        with self.transaction(write=False) as execute:
+            row = execute(f"SELECT {SUMMARY} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row, {}) if row is not None else None
 
     def count_by_status(self) -> dict[str, int]:
         return self._count_by_status("jobs")
@@ -170,45 +188,55 @@ class JobStore:
         return self._count_by_status("deliveries")
 
     def _count_by_status(self, table: str) -> dict[str, int]:
-        with self.lock:
-            rows = self.db.execute(f"SELECT status, COUNT(*) FROM {table} GROUP BY status")
-            return {status: count for status, count in rows.fetchall()}
+        with self.transaction(write=False) as execute:
+            rows = execute(f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status", ())
+            return {row["status"]: row["n"] for row in rows.fetchall()}
 
-    def recover(self) -> int:
-        """At start: jobs a killed server left `processing` go back to the queue."""
-        with self.lock:
-            cursor = self.db.execute(
-                "UPDATE jobs SET status = 'queued', lease_until = 0, updated_at = ?"
-                " WHERE status = 'processing'",
-                (time.time(),),
-            )
-            return cursor.rowcount
-
-    def claim(self, lease_s: float) -> Job | None:
-        """The oldest queued job (or one whose lease expired), as a new attempt."""
-        now = time.time()
-        with self.lock:
-            row = self.db.execute(
+    def claim(self, lease_s: float, owner: str = "") -> Job | None:
+        """The oldest queued job (or one whose lease expired), as a new attempt by `owner`."""
+        now = self.now()
+        with self.transaction() as execute:
+            row = execute(
                 "UPDATE jobs SET status = 'processing', attempt = attempt + 1,"
-                " lease_until = ?, updated_at = ? WHERE id = ("
+                " lease_until = ?, owner = ?, updated_at = ? WHERE id = ("
                 "  SELECT id FROM jobs WHERE status = 'queued'"
                 "  OR (status = 'processing' AND lease_until < ?)"
-                "  ORDER BY created_at LIMIT 1) RETURNING *",
-                (now + lease_s, now, now),
+                f"  ORDER BY created_at LIMIT 1{self.skip_locked}) RETURNING *",
+                (now + lease_s, owner, now, now),
             ).fetchone()
         return Job.from_row(row) if row is not None else None
 
+    def lease_owners(self) -> list[str]:
+        """Who holds the leases of processing jobs now."""
+        with self.transaction(write=False) as execute:
+            rows = execute(
+                "SELECT DISTINCT owner FROM jobs WHERE status = 'processing' AND owner IS NOT NULL",
+                (),
+            ).fetchall()
+        return [row["owner"] for row in rows]
+
+    def expire_leases(self, owner: str) -> int:
+        """Ends the leases `owner` holds (it is known to be gone): its jobs can be claimed."""
+        with self.transaction() as execute:
+            cursor = execute(
+                "UPDATE jobs SET lease_until = 0 WHERE status = 'processing' AND owner = ?",
+                (owner,),
+            )
+            if cursor.rowcount:
+                self._announce(execute)
+            return cursor.rowcount
+
     def renew(self, job: Job, lease_s: float) -> bool:
-        return self._update_if_current(job, "lease_until = ?", (time.time() + lease_s,))
+        return self._update_if_current(job, "lease_until = ?", (self.now() + lease_s,))
 
     def set_progress(self, job: Job, progress: float) -> bool:
         """Progress only moves forward, also across attempts."""
         value = min(max(progress, 0.0), 1.0)
-        return self._update_if_current(job, "progress = MAX(progress, ?)", (value,))
+        return self._update_if_current(job, f"progress = {self.greatest}(progress, ?)", (value,))
 
     def release(self, job: Job) -> bool:
         """Back to the queue without a result (the engine stopped under it)."""
-        return self._update_if_current(job, "status = 'queued', lease_until = 0", ())
+        return self._update_if_current(job, "status = 'queued', lease_until = 0", (), True)
 
     def complete(self, job: Job, result: dict[str, Any]) -> bool:
         return self._finish(job, "status = 'completed', progress = 1, result = ?", result)
@@ -218,67 +246,50 @@ class JobStore:
 
     def _finish(self, job: Job, assignments: str, value: dict[str, Any]) -> bool:
         """The job's end and, when it has a webhook, its pending delivery: one transaction, so
-        a crash cannot keep one without the other."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self.db.execute(
-                    f"UPDATE jobs SET {assignments}, updated_at = ?"
-                    " WHERE id = ? AND attempt = ? AND status = 'processing'",
-                    (json.dumps(value), time.time(), job.id, job.attempt),
-                )
-                done = cursor.rowcount == 1
-                if done:  # the request (maybe a base64 video) is not needed any more
-                    self.db.execute("UPDATE jobs SET request = '{}' WHERE id = ?", (job.id,))
-                if done:
-                    self._queue_webhook(job)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-        return done
+        a crash cannot keep one without the other. The request is not needed any more."""
+        with self.transaction() as execute:
+            row = execute(
+                f"UPDATE jobs SET {assignments}, request = '{{}}', lease_until = 0,"
+                " updated_at = ? WHERE id = ? AND attempt = ? AND status = 'processing'"
+                f" RETURNING {SUMMARY}",
+                (json.dumps(value), self.now(), job.id, job.attempt),
+            ).fetchone()
+            if row is not None:
+                self._queue_webhook(execute, row)
+        return row is not None
 
     def cancel(self, job_id: str) -> Job | None:
         """A queued or processing job is cancelled (and its webhook's `media.cancelled`
         delivery queued in the same transaction); a job that has ended is left as it is.
         Returns the job as it now is, None when there is no such job."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._row(job_id)
-                if row is not None and row["status"] in ("queued", "processing"):
-                    job = Job.from_row(row)
-                    self.db.execute(
-                        "UPDATE jobs SET status = 'cancelled', lease_until = 0, request = '{}',"
-                        " updated_at = ? WHERE id = ?",
-                        (time.time(), job_id),
-                    )
-                    self._queue_webhook(job)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction() as execute:
+            row = execute(
+                "UPDATE jobs SET status = 'cancelled', lease_until = 0, request = '{}',"
+                " updated_at = ? WHERE id = ? AND status IN ('queued', 'processing')"
+                f" RETURNING {SUMMARY}",
+                (self.now(), job_id),
+            ).fetchone()
+            if row is not None:
+                self._queue_webhook(execute, row)
         return self.get(job_id)
 
-    def _queue_webhook(self, job: Job) -> None:
+    def _queue_webhook(self, execute: Execute, ended: Mapping[str, Any]) -> None:
         """Inside the transaction that ended the job: its delivery, if it has a webhook."""
-        url = job.request.get("webhook_url")
-        if not url:
+        if not ended["webhook_url"]:
             return
-        ended = Job.from_row(self._row(job.id))
-        event = f"media.{ended.status}"  # media.completed | media.failed | media.cancelled
-        payload = json.dumps({"type": event, "data": ended.as_dict()})
-        self.db.execute(
+        event = f"media.{ended['status']}"  # media.completed | media.failed | media.cancelled
+        payload = json.dumps({"type": event, "data": Job.from_row(ended, {}).as_dict()})
+        now = self.now()
+        execute(
             "INSERT INTO deliveries (id, job_id, url, payload, status,"
             " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-            (f"msg_{uuid.uuid4().hex}", job.id, url, payload, time.time(), time.time()),
+            (f"msg_{uuid.uuid4().hex}", ended["id"], ended["webhook_url"], payload, now, now),
         )
 
     def list(self, status: str | None, limit: int, after: str | None) -> tuple[list[Job], bool]:
         """Newest first, at most `limit`, after the job `after` (a cursor); and whether more
         follow. Request bodies are left out (they can be whole videos)."""
-        columns = "id, kind, '{}' AS request, status, progress, result, error, created_at,"
-        query = f"SELECT {columns} updated_at, attempt FROM jobs"
+        query = f"SELECT {SUMMARY} FROM jobs"
         where, values = [], []
         if status is not None:
             where.append("status = ?")
@@ -289,40 +300,54 @@ class JobStore:
         if where:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        with self.lock:
-            if after is not None and self._row(after) is None:
+        with self.transaction(write=False) as execute:
+            if after is not None and not _exists(execute, after):
                 raise KeyError(after)  # a stale cursor must not look like the end of the list
-            rows = self.db.execute(query, (*values, limit + 1)).fetchall()
-        return [Job.from_row(row) for row in rows[:limit]], len(rows) > limit
+            rows = execute(query, (*values, limit + 1)).fetchall()
+        return [Job.from_row(row, {}) for row in rows[:limit]], len(rows) > limit
 
     def prune(self, older_than_s: float) -> int:
         """Deletes finished jobs last updated before older_than_s ago, with their deliveries;
-        a job with a delivery still pending is kept."""
-        cutoff = time.time() - older_than_s
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                old = (
-                    "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
-                    " AND updated_at < ? AND id NOT IN"
-                    " (SELECT job_id FROM deliveries WHERE status = 'pending')"
-                )
-                self.db.execute(f"DELETE FROM deliveries WHERE job_id IN ({old})", (cutoff,))
-                cursor = self.db.execute(f"DELETE FROM jobs WHERE id IN ({old})", (cutoff,))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-        return cursor.rowcount
+        a job with a delivery still pending is kept. One process at a time does it."""
+        cutoff = self.now() - older_than_s
+        old = (
+            "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
+            " AND updated_at < ? AND id NOT IN"
+            " (SELECT job_id FROM deliveries WHERE status = 'pending')"
+        )
+        with self.transaction() as execute:
+            if not self._try_lock(execute, "prune"):
+                return 0
+            execute(f"DELETE FROM deliveries WHERE job_id IN ({old})", (cutoff,))
+            return execute(f"DELETE FROM jobs WHERE id IN ({old})", (cutoff,)).rowcount
+
+    def _update_if_current(
+        self, job: Job, assignments: str, values: tuple, announce: bool = False
+    ) -> bool:
+        """Writes only while this attempt still holds the job."""
+        with self.transaction() as execute:
+            cursor = execute(
+                f"UPDATE jobs SET {assignments}, updated_at = ?"
+                " WHERE id = ? AND attempt = ? AND status = 'processing'",
+                (*values, self.now(), job.id, job.attempt),
+            )
+            if announce and cursor.rowcount:
+                self._announce(execute)
+            return cursor.rowcount == 1
 
     # -- webhook deliveries ---------------------------------------------------------------
-    def due_deliveries(self, limit: int = 16) -> list[sqlite3.Row]:
-        with self.lock:
-            return self.db.execute(
-                "SELECT * FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at LIMIT ?",
-                (time.time(), limit),
+    def due_deliveries(self, limit: int = 16, hold_s: float = 0.0) -> list[dict[str, Any]]:
+        """Pending deliveries whose time has come, held for hold_s: no other process starts
+        the same attempt meanwhile (one that dies mid-attempt leaves it due again after)."""
+        now = self.now()
+        with self.transaction() as execute:
+            rows = execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE id IN ("
+                " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                f" ORDER BY next_attempt_at LIMIT ?{self.skip_locked}) RETURNING *",
+                (now + hold_s, now, limit),
             ).fetchall()
+        return [dict(row) for row in rows]
 
     def record_attempt(
         self,
@@ -335,26 +360,19 @@ class JobStore:
     ) -> bool:
         """Records attempt number `attempt` (1-based); False if that attempt was already
         recorded (a duplicate cannot move a delivered webhook back to pending)."""
-        with self.lock:
-            cursor = self.db.execute(
+        with self.transaction() as execute:
+            cursor = execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"
                 " last_status = ?, last_error = ? WHERE id = ? AND status = 'pending'"
                 " AND attempts = ?",
-                (
-                    status,
-                    attempt,
-                    next_attempt_at,
-                    last_status,
-                    last_error,
-                    delivery_id,
-                    attempt - 1,
-                ),
+                (status, attempt, next_attempt_at, last_status, last_error, delivery_id)
+                + (attempt - 1,),
             )
             return cursor.rowcount == 1
 
     def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
-        with self.lock:
-            rows = self.db.execute(
+        with self.transaction(write=False) as execute:
+            rows = execute(
                 "SELECT id, url, status, attempts, last_status, last_error, next_attempt_at"
                 " FROM deliveries WHERE job_id = ? ORDER BY created_at",
                 (job_id,),
@@ -365,15 +383,27 @@ class JobStore:
                 delivery["next_attempt_at"] = None
         return deliveries
 
-    def _update_if_current(self, job: Job, assignments: str, values: tuple) -> bool:
-        """Writes only while this attempt still holds the job."""
-        with self.lock:
-            cursor = self.db.execute(
-                f"UPDATE jobs SET {assignments}, updated_at = ?"
-                " WHERE id = ? AND attempt = ? AND status = 'processing'",
-                (*values, time.time(), job.id, job.attempt),
+    # -- values every replica shares ------------------------------------------------------
+    def shared_value(self, name: str, candidate: str) -> str:
+        """The stored value of `name`; `candidate` becomes it if there is none yet (the first
+        process to ask wins, every later one gets the same)."""
+        with self.transaction() as execute:
+            execute(
+                "INSERT INTO shared_values (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, candidate),
             )
-            return cursor.rowcount == 1
+            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+        return row["value"]
 
-    def _row(self, job_id: str) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+def _exists(execute: Execute, job_id: str) -> bool:
+    return execute("SELECT id FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+
+def _job_with_key(execute: Execute, idempotency_key: str | None) -> Any:
+    if idempotency_key is None:
+        return None
+    return execute(
+        f"SELECT {SUMMARY} FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+    ).fetchone()

@@ -2,9 +2,12 @@
 
 Each delivery has a stable `webhook-id`; every attempt carries `webhook-timestamp` and
 `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">` keyed with the `whsec_`
-secret (--webhook-secret, else one generated once and kept in the data dir). Failures, timeouts,
-5xx and 429 are retried on the configured schedule with jitter (Retry-After honoured); 410 stops;
-redirects are not followed. Pending deliveries live in the job store, so they survive restarts.
+secret (--webhook-secret, else one generated once and kept in the job store, so every replica
+signs with the same one; a copy is written to DATA_DIR/webhook_secret for the operator).
+Failures, timeouts, 5xx and 429 are retried on the configured schedule with jitter (Retry-After
+honoured); 410 stops; redirects are not followed. Pending deliveries live in the job store, so
+they survive restarts and whichever replica is alive sends them; a replica holds a delivery while
+its attempt is in flight, so replicas do not send the same attempt side by side.
 Webhook URLs pass the same address check as media URLs (netguard).
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import httpx
 from prometheus_client import Counter
 
+from server.exceptions import JobStoreUnavailable
 from server.jobs.store import JobStore
 from server.jobs.worker import cancel_and_wait
 from server.log import request_id_var
@@ -35,16 +39,24 @@ SECRET_PREFIX = "whsec_"
 POLL_S = 0.2
 MAX_IN_FLIGHT = 32
 FORGET_AFTER_S = 60.0
+HOLD_MARGIN_S = 10.0
 
 
-def load_or_create_secret(configured: str | None, data_dir: Path) -> str:
+def load_or_create_secret(configured: str | None, store: JobStore, data_dir: Path) -> str:
+    """The flag's secret; else the store's, created once by the first process that asks (from
+    the copy in the data dir, where one was generated before the store kept it)."""
     if configured:
         return configured
     path = data_dir / "webhook_secret"
-    if not path.exists():
-        path.write_text(SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode())
+    copy = path.read_text().strip() if path.exists() else None
+    generated = SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+    secret = store.shared_value("webhook_secret", copy or generated)
+    if copy != secret:
+        if copy is not None:
+            logger.warning("%s differs from the shared webhook secret; replacing it", path)
+        path.write_text(secret)
         path.chmod(0o600)
-    return path.read_text().strip()
+    return secret
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
@@ -79,6 +91,7 @@ class WebhookSender:
         self.attempts_metric = attempts_metric
         self.secret = secret
         self.retry_delays_s = retry_delays_s
+        self.hold_s = timeout_s + HOLD_MARGIN_S  # an attempt's longest time in flight
         self.allowed_hosts = allowed_hosts
         self.client = httpx.AsyncClient(
             timeout=timeout_s,
@@ -108,12 +121,19 @@ class WebhookSender:
         await self.client.aclose()
 
     async def _loop(self) -> None:
+        store_down = False
         while True:
             try:
-                due = await asyncio.to_thread(self.store.due_deliveries, MAX_IN_FLIGHT)
+                room = MAX_IN_FLIGHT - len(self.in_flight)
+                due = await asyncio.to_thread(self.store.due_deliveries, room, self.hold_s)
+                store_down = False
                 for row in due:
                     if self._may_start(row):
                         self.in_flight[row["id"]] = asyncio.create_task(self._attempt(row))
+            except JobStoreUnavailable:  # deliveries wait in the store; said once per outage
+                if not store_down:
+                    logger.warning("job store unreachable; webhooks wait for it")
+                store_down = True
             except Exception:  # the sender must outlive any one delivery's trouble
                 logger.exception("webhook sender step failed")
             await asyncio.sleep(POLL_S)

@@ -1,6 +1,12 @@
 """Runs queued jobs in the background: claim with a lease, renew it while working, write the
 result (or the error, in the OpenAI envelope's terms) only while still holding the job.
 
+The worker claims a job only when the engine could start it now (a replica with no slot to
+spare leaves the queue to the others) and at most `concurrency` at once. A store that cannot be
+reached (the database is down) is waited for: claims pause, and a finished job's end is written
+when it returns (if the lease ran out meanwhile, another attempt has the job and this one's
+write is refused).
+
 A handler gets the job and a progress callback (0..1, called on the event loop, never blocks);
 one writer per job saves the latest value a few times a second, so progress only moves forward
 and a 60-frame video costs a handful of database writes, not 60.
@@ -15,14 +21,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.exceptions import EngineOverloaded, EngineStopped, ServerError
+from server.exceptions import EngineOverloaded, EngineStopped, JobStoreUnavailable, ServerError
+from server.jobs.owner import is_gone, new_owner
 from server.jobs.store import Job, JobStore
 from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
 
-LEASE_S = 60.0
+LEASE_S = 30.0
 IDLE_POLL_S = 1.0
+STORE_RETRY_S = (0.5, 1.0, 2.0, 5.0)  # waits between tries while the store is unreachable
 PROGRESS_FLUSH_S = 0.25
 MAX_BUSY_BACKOFF_S = 30.0
 PRUNE_INTERVAL_S = 600.0
@@ -54,27 +62,49 @@ class JobWorker:
         handlers: dict[str, Handler],
         concurrency: int = 2,
         retention_s: float = 0.0,
+        lease_s: float | None = None,
+        can_start: Callable[[], bool] = lambda: True,
     ):
         self.store = store
         self.handlers = handlers
         self.concurrency = concurrency
         self.retention_s = retention_s  # 0: finished jobs are kept forever
+        self.lease_s = lease_s or LEASE_S
+        self.can_start = can_start  # whether the engine has a slot for another job now
+        self.owner = new_owner()
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.running: dict[str, asyncio.Task] = {}  # job id -> its attempt's work, here
+        self.held: dict[str, Job] = {}  # job id -> the attempt this process holds
         self.cancelled: set[str] = set()
 
     def start(self) -> None:
-        recovered = self.store.recover()
-        if recovered:
-            logger.info("re-queued %d job(s) left unfinished by the last run", recovered)
+        self._take_over_from_gone_owners()
+        loop = asyncio.get_running_loop()
+        self.store.watch(lambda: loop.call_soon_threadsafe(self.notify))
         self.tasks = [asyncio.create_task(self._loop()) for _ in range(self.concurrency)]
         if self.retention_s > 0:
             self.tasks.append(asyncio.create_task(self._prune_loop()))
 
+    def _take_over_from_gone_owners(self) -> None:
+        """Jobs whose holder is provably gone (a crashed run of this server on this machine)
+        need not wait out their leases; any other holder's are left alone."""
+        try:
+            gone = [owner for owner in self.store.lease_owners() if is_gone(owner)]
+            expired = sum(self.store.expire_leases(owner) for owner in gone)
+        except JobStoreUnavailable:
+            return  # their leases expire by themselves
+        if expired:
+            logger.info("re-queued %d job(s) left unfinished by a stopped server", expired)
+
     async def stop(self) -> None:
-        """Unfinished jobs stay `processing`; the next start re-queues them."""
+        """Jobs running here go back to the queue, for another replica or the next start
+        (one that cannot be put back is taken over when its lease expires)."""
         await cancel_and_wait(self.tasks)
+        for job in list(self.held.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.release, job)
+        self.held.clear()
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -88,8 +118,17 @@ class JobWorker:
             work.cancel()
 
     async def _loop(self) -> None:
+        failures = 0
         while True:
-            job = await asyncio.to_thread(self.store.claim, LEASE_S)
+            job = None
+            if self.can_start():
+                try:
+                    job = await asyncio.to_thread(self.store.claim, self.lease_s, self.owner)
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    await self._store_trouble("claiming a job", failures)
+                    continue
             if job is None:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -97,6 +136,23 @@ class JobWorker:
                 continue
             if not await self._run(job):
                 return
+
+    async def _store_trouble(self, doing: str, failures: int) -> None:
+        """Logs (once per outage, then every few minutes) and waits before the next try."""
+        if failures == 1 or failures % 100 == 0:
+            logger.warning("job store unreachable while %s; retrying", doing)
+        await asyncio.sleep(STORE_RETRY_S[min(failures, len(STORE_RETRY_S)) - 1])
+
+    async def _write_end(self, write: Callable[..., bool], *args: Any) -> bool:
+        """A finished attempt's end is not dropped for a store outage: it is written once the
+        store is back (and refused then if another attempt has taken the job)."""
+        failures = 0
+        while True:
+            try:
+                return await asyncio.to_thread(write, *args)
+            except JobStoreUnavailable:
+                failures += 1
+                await self._store_trouble("writing a job's end", failures)
 
     async def _prune_loop(self) -> None:
         while True:
@@ -114,13 +170,14 @@ class JobWorker:
         progress = ProgressWriter(self.store, job)
         work = asyncio.create_task(self._handle(job, progress.update))
         self.running[job.id] = work
+        self.held[job.id] = job
         lease_lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lease(job, work, lease_lost))
         try:
             result = await work
         except EngineStopped:
             # Not the job's fault: leave it for the next start rather than fail it.
-            await asyncio.to_thread(self.store.release, job)
+            await self._write_end(self.store.release, job)
             logger.error("engine stopped; job %s goes back to the queue", job.id)
             return False
         except asyncio.CancelledError:
@@ -135,16 +192,18 @@ class JobWorker:
                 return True
             raise
         except ServerError as exc:
-            await asyncio.to_thread(self.store.fail, job, _error_object(exc))
+            await self._write_end(self.store.fail, job, _error_object(exc))
         except Exception:
             logger.exception("job %s failed", job.id)
-            await asyncio.to_thread(self.store.fail, job, INTERNAL_ERROR)
+            await self._write_end(self.store.fail, job, INTERNAL_ERROR)
         else:
-            if not await asyncio.to_thread(self.store.complete, job, result):
+            if not await self._write_end(self.store.complete, job, result):
                 logger.warning(
                     "job %s attempt %d lost its lease; result dropped", job.id, job.attempt
                 )
         finally:
+            if not _being_cancelled():  # a stopped worker puts back what it still holds
+                self.held.pop(job.id, None)
             self.running.pop(job.id, None)
             self.cancelled.discard(job.id)
             keeper.cancel()
@@ -172,11 +231,11 @@ class JobWorker:
         A failed renewal (a database error) is retried, not taken for a lost lease."""
         while True:
             try:
-                if not await asyncio.to_thread(self.store.renew, job, LEASE_S):
+                if not await asyncio.to_thread(self.store.renew, job, self.lease_s):
                     break
             except Exception:
-                logger.exception("job %s: renewing the lease failed; retrying", job.id)
-            await asyncio.sleep(LEASE_S / 3)
+                logger.warning("job %s: renewing the lease failed; retrying", job.id)
+            await asyncio.sleep(self.lease_s / 3)
         lost.set()
         work.cancel()
 
@@ -205,8 +264,9 @@ class ProgressWriter:
     async def _save(self) -> None:
         if self.latest > self.saved:
             value = self.latest
-            await asyncio.to_thread(self.store.set_progress, self.job, value)
-            self.saved = value
+            with contextlib.suppress(JobStoreUnavailable):  # a later save catches up
+                await asyncio.to_thread(self.store.set_progress, self.job, value)
+                self.saved = value
 
     async def close(self) -> None:
         self.closed = True

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from server.jobs.store import JobStore
+from server.jobs.sqlite import SqliteJobStore as JobStore
 from server.jobs.webhooks import retry_after_s
 from tests.helpers import data_uri, make_image, make_settings, start_client
 

@@ -1,32 +1,38 @@
-"""The job store: durable, idempotent, and a stale attempt can never overwrite a newer one."""
+"""The job store's contract, on both backends (SQLite and the real PostgreSQL): durable,
+idempotent across processes, leases with fencing (a stale attempt never overwrites a newer one,
+a live lease is never taken over), progress only forward, the webhook row in the job's end
+transaction, retention, values every process shares. A second `open_store()` is another
+process's view of the same data."""
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
+import threading
+from collections.abc import Callable
 
 import pytest
 
 from server.exceptions import IdempotencyKeyReused
-from server.jobs.store import SCHEMA, JobStore
+from server.jobs.store import JobStore
+
+OpenStore = Callable[[], JobStore]
 
 
-def test_create_claim_complete(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_create_claim_complete(store: JobStore) -> None:
     job = store.create("categories", {"media_url": "x"}, None)
     assert job.status == "queued" and job.attempt == 0
-    claimed = store.claim(lease_s=60)
+    claimed = store.claim(lease_s=60, owner="a")
     assert claimed is not None and claimed.id == job.id and claimed.attempt == 1
+    assert claimed.request == {"media_url": "x"} and claimed.owner == "a"
     assert store.claim(lease_s=60) is None  # leased: nobody else gets it
     assert store.set_progress(claimed, 0.5)
     assert store.complete(claimed, {"ok": True})
     done = store.get(job.id)
     assert done is not None and done.status == "completed" and done.result == {"ok": True}
     assert done.progress == 1
+    assert store.get("job-none") is None
 
 
-def test_idempotency_key_returns_the_same_job(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_idempotency_key_returns_the_same_job(store: JobStore) -> None:
     first = store.create("categories", {"a": 1}, "key-1")
     assert store.create("categories", {"a": 1}, "key-1").id == first.id
     assert store.create("categories", {"a": 1}, "key-2").id != first.id
@@ -36,39 +42,105 @@ def test_idempotency_key_returns_the_same_job(tmp_path: Path) -> None:
         store.create("completions", {"a": 1}, "key-1")
 
 
-def test_stale_attempt_cannot_overwrite(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_idempotency_key_is_one_job_across_processes(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    ids: list[str] = []
+    refused: list[Exception] = []
+
+    def submit(store: JobStore, body: dict) -> None:
+        try:
+            ids.append(store.create("categories", body, "shared-key").id)
+        except IdempotencyKeyReused as exc:
+            refused.append(exc)
+
+    threads = [
+        threading.Thread(target=submit, args=(stores[i % 2], {"a": 1})) for i in range(8)
+    ] + [threading.Thread(target=submit, args=(stores[0], {"a": 2}))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 1 and len(ids) + len(refused) == 9
+    assert len(refused) <= 1  # the other body is refused, unless it came first
+
+
+def test_stale_attempt_cannot_overwrite(store: JobStore) -> None:
     store.create("categories", {}, None)
     stale = store.claim(lease_s=-1)  # its lease is already over
     assert stale is not None
     fresh = store.claim(lease_s=60)  # so the job is claimed again
     assert fresh is not None and fresh.attempt == stale.attempt + 1
+    assert not store.renew(stale, 60) and not store.set_progress(stale, 0.9)
     assert not store.complete(stale, {"from": "stale"})
+    assert not store.fail(stale, {"message": "stale"}) and not store.release(stale)
     assert store.complete(fresh, {"from": "fresh"})
     final = store.get(fresh.id)
-    assert final is not None and final.result == {"from": "fresh"}
+    assert final is not None and final.result == {"from": "fresh"} and final.progress == 1
 
 
-def test_jobs_survive_reopening_and_processing_ones_are_requeued(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite3"
-    store = JobStore(path)
-    job = store.create("categories", {"media_url": "x"}, None)
-    assert store.claim(lease_s=600) is not None  # then the server dies
-    store.close()
-    reopened = JobStore(path)
-    assert reopened.recover() == 1
-    again = reopened.claim(lease_s=60)
-    assert again is not None and again.id == job.id and again.attempt == 2
+def test_a_live_lease_is_never_taken_over_by_another_process(open_store: OpenStore) -> None:
+    """A second server on the same store (started by mistake, or a replica) leaves a job whose
+    lease is live alone; once it expires, it is taken over as a new attempt."""
+    first, second = open_store(), open_store()
+    job = first.create("categories", {"x": 1}, None)
+    held = first.claim(lease_s=60, owner="first")
+    assert held is not None
+    assert second.claim(lease_s=60, owner="second") is None
+    assert first.renew(held, lease_s=-1)  # as if the holder stopped renewing and time passed
+    taken = second.claim(lease_s=60, owner="second")
+    assert taken is not None and taken.id == job.id and taken.attempt == 2
+    assert taken.request == {"x": 1}  # the whole request, for any process to run
+    assert not first.complete(held, {"from": "first"})
 
 
-def test_a_finished_job_drops_its_request_but_keeps_its_idempotency(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_expired_leases_of_a_gone_owner(store: JobStore) -> None:
+    store.create("categories", {}, None)
+    held = store.claim(lease_s=600, owner="gone")
+    assert held is not None and store.lease_owners() == ["gone"]
+    assert store.claim(lease_s=60) is None
+    assert store.expire_leases("other") == 0
+    assert store.expire_leases("gone") == 1
+    again = store.claim(lease_s=60, owner="new")
+    assert again is not None and again.attempt == 2
+
+
+def test_concurrent_claims_take_each_job_once(open_store: OpenStore) -> None:
+    stores = [open_store() for _ in range(3)]
+    created = {stores[0].create("test", {"n": n}, None).id for n in range(30)}
+    claimed: list[str] = []
+
+    def drain(store: JobStore) -> None:
+        while (job := store.claim(lease_s=60)) is not None:
+            claimed.append(job.id)
+            assert store.complete(job, {})
+
+    threads = [threading.Thread(target=drain, args=(s,)) for s in stores for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(created)
+
+
+def test_progress_only_moves_forward(store: JobStore) -> None:
+    store.create("categories", {}, None)
+    first = store.claim(lease_s=-1)
+    assert first is not None and store.set_progress(first, 0.6)
+    assert store.set_progress(first, 0.2)  # written, but the larger value stays
+    second = store.claim(lease_s=60)
+    assert second is not None and store.set_progress(second, 0.3)
+    current = store.get(second.id)
+    assert current is not None and current.progress == 0.6
+
+
+def test_a_finished_job_drops_its_request_but_keeps_its_idempotency(store: JobStore) -> None:
     request = {"media_url": "data:video/mp4;base64," + "A" * 100_000, "webhook_url": "http://h/"}
     job = store.create("categories", request, "key-1")
     claimed = store.claim(lease_s=60)
     assert claimed is not None and store.complete(claimed, {"ok": True})
-    size = store.db.execute("SELECT length(request) FROM jobs WHERE id = ?", (job.id,)).fetchone()
-    assert size[0] < 100
+    with store.transaction(write=False) as execute:
+        row = execute("SELECT length(request) AS n FROM jobs WHERE id = ?", (job.id,)).fetchone()
+    assert row["n"] < 100
     assert store.create("categories", request, "key-1").id == job.id  # still the same job
     with pytest.raises(IdempotencyKeyReused):
         store.create("categories", {**request, "use_scenes": True}, "key-1")
@@ -76,8 +148,41 @@ def test_a_finished_job_drops_its_request_but_keeps_its_idempotency(tmp_path: Pa
     assert delivery["url"] == "http://h/"
 
 
-def test_prune_deletes_old_finished_jobs_only(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+@pytest.mark.parametrize("end", ["complete", "fail", "cancel"])
+def test_the_webhook_row_is_written_with_the_end(store: JobStore, end: str) -> None:
+    job = store.create("categories", {"webhook_url": "http://h/"}, None)
+    claimed = store.claim(lease_s=60)
+    assert claimed is not None and store.due_deliveries() == []
+    if end == "complete":
+        assert store.complete(claimed, {"ok": True})
+    elif end == "fail":
+        assert store.fail(claimed, {"message": "bad"})
+    else:
+        cancelled = store.cancel(job.id)
+        assert cancelled is not None and cancelled.status == "cancelled"
+        assert not store.complete(claimed, {"late": True})  # the running attempt is fenced off
+    (delivery,) = store.due_deliveries()
+    assert delivery["job_id"] == job.id
+    event = {"complete": "completed", "fail": "failed", "cancel": "cancelled"}[end]
+    assert f'"type": "media.{event}"' in delivery["payload"]
+    assert store.cancel(job.id).status == event  # type: ignore[union-attr]  # ended: unchanged
+    assert len(store.deliveries_of(job.id)) == 1
+
+
+def test_a_held_delivery_is_not_handed_to_another_process(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    first.create("categories", {"webhook_url": "http://h/"}, None)
+    claimed = first.claim(lease_s=60)
+    assert claimed is not None and first.complete(claimed, {})
+    (taken,) = first.due_deliveries(hold_s=60)
+    assert second.due_deliveries(hold_s=60) == []  # in flight at the first
+    assert second.record_attempt(taken["id"], 1, "pending", 0.0, 500, None)
+    assert not first.record_attempt(taken["id"], 1, "delivered", 0.0, 200, None)  # a duplicate
+    (again,) = second.due_deliveries(hold_s=60)
+    assert again["id"] == taken["id"] and again["attempts"] == 1
+
+
+def test_prune_deletes_old_finished_jobs_only(store: JobStore) -> None:
     finished = store.create("categories", {}, None)
     with_pending_webhook = store.create("categories", {"webhook_url": "http://h/"}, None)
     for _ in range(2):
@@ -91,19 +196,26 @@ def test_prune_deletes_old_finished_jobs_only(tmp_path: Path) -> None:
     assert store.get(waiting.id) is not None  # not finished
 
 
-def test_a_data_dir_from_before_request_hashes_still_opens(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite3"
-    old = sqlite3.connect(path)
-    old.executescript(SCHEMA.replace("    request_hash TEXT", "    unused_column TEXT"))
-    old.execute(
-        "INSERT INTO jobs (id, kind, request, status, created_at, updated_at, idempotency_key)"
-        " VALUES ('job-old', 'categories', '{\"a\": 1}', 'queued', 0, 0, 'k')"
-    )
-    old.commit()
-    old.close()
-    store = JobStore(path)
-    claimed = store.claim(lease_s=60)  # it finishes (and drops its request) after the upgrade
-    assert claimed is not None and store.complete(claimed, {"ok": True})
-    assert store.create("categories", {"a": 1}, "k").id == "job-old"
-    with pytest.raises(IdempotencyKeyReused):
-        store.create("categories", {"a": 2}, "k")
+def test_list_newest_first_with_a_cursor(store: JobStore) -> None:
+    ids = [store.create("categories", {"n": n}, None).id for n in range(5)]
+    page, more = store.list(None, 2, None)
+    assert [job.id for job in page] == ids[:2:-1] and more
+    rest, more = store.list(None, 10, page[-1].id)
+    assert [job.id for job in rest] == ids[2::-1] and not more
+    assert store.list("completed", 10, None) == ([], False)
+    with pytest.raises(KeyError):
+        store.list(None, 10, "job-gone")
+
+
+def test_a_shared_value_is_the_first_one_stored(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    assert first.shared_value("webhook_secret", "whsec_a") == "whsec_a"
+    assert second.shared_value("webhook_secret", "whsec_b") == "whsec_a"
+    assert first.count_by_status() == {} and second.count_deliveries_by_status() == {}
+
+
+def test_jobs_survive_reopening(open_store: OpenStore) -> None:
+    job = open_store().create("categories", {"webhook_url": "http://h/"}, "k")
+    reopened = open_store()
+    assert reopened.get(job.id) is not None
+    assert reopened.count_by_status() == {"queued": 1}

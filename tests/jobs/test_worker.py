@@ -1,6 +1,8 @@
 """The job worker on a real store: a busy engine delays a job instead of failing it, a stopped
 one puts it back in the queue; errors are kept in the envelope's terms; a finished job's webhook
-delivery is queued with it; progress is saved in order; a lost lease stops the work."""
+delivery is queued with it; progress is saved in order; a lost lease stops the work; nothing is
+claimed without an engine slot; a store outage pauses claims and delays (never drops) a job's
+end; only the leases of provably gone processes are taken over at start."""
 
 from __future__ import annotations
 
@@ -9,9 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest
+from server.exceptions import (
+    EngineOverloaded,
+    EngineStopped,
+    InvalidRequest,
+    JobStoreUnavailable,
+)
 from server.jobs import worker as worker_module
-from server.jobs.store import Job, JobStore
+from server.jobs.owner import is_gone, new_owner
+from server.jobs.sqlite import SqliteJobStore as JobStore
+from server.jobs.store import Job
 from server.jobs.worker import JobWorker
 
 pytestmark = pytest.mark.anyio
@@ -155,4 +164,82 @@ async def test_stop_during_a_job_returns_and_leaves_the_rest_queued(tmp_path: Pa
     await asyncio.sleep(0.3)  # progress writes are under way
     await asyncio.wait_for(worker.stop(), 5)
     statuses = [store.get(j.id).status for j in jobs]  # type: ignore[union-attr]
-    assert statuses == ["processing", "queued", "queued"]  # re-queued at the next start
+    assert statuses == ["queued", "queued", "queued"]  # the running one was put back
+
+
+async def test_nothing_is_claimed_without_an_engine_slot(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    free = False
+
+    async def handler(job: Job, progress) -> dict:
+        return {}
+
+    job = store.create("test", {}, None)
+    worker = JobWorker(store, {"test": handler}, concurrency=2, can_start=lambda: free)
+    worker.start()
+    try:
+        await asyncio.sleep(0.5)
+        assert store.get(job.id).status == "queued"  # type: ignore[union-attr]  # left for others
+        free = True
+        worker.notify()
+        for _ in range(200):
+            if store.get(job.id).status == "completed":  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.025)
+        assert store.get(job.id).status == "completed"  # type: ignore[union-attr]
+    finally:
+        await worker.stop()
+
+
+async def test_a_store_outage_delays_the_end_but_never_drops_it(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    outages = {"claim": 2, "complete": 3}
+    for name in outages:
+        real = getattr(store, name)
+
+        def flaky(*args, _name=name, _real=real):
+            if outages[_name] > 0:
+                outages[_name] -= 1
+                raise JobStoreUnavailable()
+            return _real(*args)
+
+        setattr(store, name, flaky)
+
+    async def handler(job: Job, progress) -> dict:
+        return {"answer": 42}
+
+    worker_module.STORE_RETRY_S, saved = (0.01,), worker_module.STORE_RETRY_S
+    try:
+        job = await run_one(store, handler)
+    finally:
+        worker_module.STORE_RETRY_S = saved
+    assert job.status == "completed" and job.result == {"answer": 42}
+    assert outages == {"claim": 0, "complete": 0}
+
+
+async def test_only_a_gone_owners_leases_are_taken_over_at_start(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.create("test", {"n": 1}, None)
+    store.create("test", {"n": 2}, None)
+    live = store.claim(lease_s=600, owner=new_owner())  # this process: alive
+    gone_owner = new_owner().rsplit(":", 2)[0] + ":999999999:deadbeef"  # no such pid
+    gone = store.claim(lease_s=600, owner=gone_owner)
+    assert live is not None and gone is not None and is_gone(gone_owner)
+    ran: list[int] = []
+
+    async def handler(job: Job, progress) -> dict:
+        ran.append(job.request["n"])
+        return {}
+
+    worker = JobWorker(store, {"test": handler}, concurrency=1)
+    worker.start()
+    try:
+        for _ in range(200):
+            if ran:
+                break
+            await asyncio.sleep(0.025)
+        await asyncio.sleep(0.2)
+    finally:
+        await worker.stop()
+    assert ran == [2]  # the live holder's job is left to it
+    assert store.get(live.id).attempt == 1  # type: ignore[union-attr]

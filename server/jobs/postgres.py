@@ -1,0 +1,167 @@
+"""The shared job store: PostgreSQL (psycopg 3 with a connection pool), for several replicas.
+
+Claims take the oldest claimable row with FOR UPDATE SKIP LOCKED, so replicas never wait on
+each other's claims nor claim the same job; a queued job is announced with NOTIFY, so idle
+replicas wake at once instead of at their next poll. Times are the database's clock (each
+process measures its offset at start), so leases do not depend on the replicas' clocks agreeing.
+The schema is created and migrated at start under an advisory lock: replicas may start together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from server.exceptions import JobStoreUnavailable
+from server.jobs.store import Execute, JobStore
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "vlm_jobs"
+POOL_MAX_SIZE = 10
+CONNECT_TIMEOUT_S = 5
+WAIT_FOR_CONNECTION_S = 3.0  # then a request that needs the store is a 503
+LISTEN_RECONNECT_S = 2.0
+
+MIGRATIONS = [
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        request TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress DOUBLE PRECISION NOT NULL DEFAULT 0,
+        result TEXT,
+        error TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        idempotency_key TEXT UNIQUE,
+        request_hash TEXT,
+        owner TEXT,
+        webhook_url TEXT
+    );
+    CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        last_status INTEGER,
+        last_error TEXT,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE shared_values (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE INDEX jobs_by_status ON jobs (status, created_at);
+    CREATE INDEX jobs_claimable ON jobs (created_at) WHERE status IN ('queued', 'processing');
+    CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX deliveries_of_job ON deliveries (job_id)
+    """,
+]
+
+
+class PostgresJobStore(JobStore):
+    greatest = "GREATEST"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str):
+        self.url = url
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=POOL_MAX_SIZE,
+            kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S},
+            check=ConnectionPool.check_connection,  # a connection the database dropped
+            timeout=WAIT_FOR_CONNECTION_S,
+            open=False,
+        )
+        self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+        self.clock_offset_s = 0.0
+        self.stopping = threading.Event()
+        self.listener: threading.Thread | None = None
+        self._migrate()
+        self._measure_clock()
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.listener is not None:
+            self.listener.join(timeout=5)
+        self.pool.close()
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset_s
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Execute]:
+        try:
+            with self.pool.connection() as connection, connection.transaction():
+                yield lambda sql, values: connection.execute(_placeholders(sql), values)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise JobStoreUnavailable() from exc
+
+    def _try_lock(self, execute: Execute, name: str) -> bool:
+        row = execute("SELECT pg_try_advisory_xact_lock(hashtext(?)) AS held", (name,))
+        return row.fetchone()["held"]
+
+    def _announce(self, execute: Execute) -> None:
+        execute(f"NOTIFY {CHANNEL}", ())
+
+    def _migrate(self) -> None:
+        with self.transaction() as execute:
+            execute("SELECT pg_advisory_xact_lock(hashtext('vlm-server schema'))", ())
+            execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", ())
+            row = execute("SELECT MAX(version) AS version FROM schema_version", ()).fetchone()
+            current = row["version"] or 0
+            for version, script in enumerate(MIGRATIONS, start=1):
+                if version > current:
+                    for statement in script.split(";"):
+                        execute(statement, ())
+                    execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                    logger.info("job store schema migrated to version %d", version)
+
+    def _measure_clock(self) -> None:
+        """Offset of the database's clock from ours, halfway through the round trip."""
+        with self.transaction(write=False) as execute:
+            before = time.time()
+            row = execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS t", ())
+            database = row.fetchone()["t"]
+            after = time.time()
+        self.clock_offset_s = database - (before + after) / 2
+
+    def watch(self, on_new_job: Callable[[], None]) -> None:
+        self.listener = threading.Thread(
+            target=self._listen, args=(on_new_job,), name="job-store-listen", daemon=True
+        )
+        self.listener.start()
+
+    def _listen(self, on_new_job: Callable[[], None]) -> None:
+        """LISTEN on a connection of its own (a pooled one would hand it back); reconnects
+        for as long as the store is open."""
+        while not self.stopping.is_set():
+            try:
+                with psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                ) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    on_new_job()  # whatever was queued while not listening
+                    while not self.stopping.is_set():
+                        for _ in connection.notifies(timeout=1.0):
+                            on_new_job()
+            except psycopg.Error:
+                logger.warning("job store: listening for new jobs failed; reconnecting")
+                self.stopping.wait(LISTEN_RECONNECT_S)
+
+
+def _placeholders(sql: str) -> str:
+    """The shared SQL's ? placeholders in psycopg's style."""
+    return sql.replace("?", "%s")

@@ -1,0 +1,133 @@
+"""The embedded job store: one SQLite file (WAL, synchronous=FULL) under --data-dir, for one
+machine. Several processes may open it (a second server started by mistake on the same data
+dir): writes take SQLite's write lock, and a job is only taken over when its lease expired.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from server.exceptions import JobStoreUnavailable
+from server.jobs.store import Execute, JobStore, request_digest
+
+BUSY_TIMEOUT_S = 10.0  # another process's write transaction is waited for, this long
+
+# Version 1: the schema before versioning (CREATE IF NOT EXISTS: an old data dir is version 0).
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    request TEXT NOT NULL,
+    status TEXT NOT NULL,            -- queued | processing | completed | failed | cancelled
+    progress REAL NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT UNIQUE,
+    request_hash TEXT                -- sha256 of kind + request: idempotency survives slimming
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,             -- the webhook-id: the same on every retry
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    payload TEXT NOT NULL,           -- the exact body, so retries send the same bytes
+    status TEXT NOT NULL,            -- pending | delivered | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_of_job ON deliveries (job_id)
+"""
+
+# Version 2: who holds a lease, the webhook URL beside the request, values shared by processes.
+SCHEMA_2 = """
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+ALTER TABLE jobs ADD COLUMN webhook_url TEXT;
+CREATE TABLE shared_values (name TEXT PRIMARY KEY, value TEXT NOT NULL)
+"""
+
+
+def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
+    return {column[0]: value for column, value in zip(cursor.description, values, strict=True)}
+
+
+class SqliteJobStore(JobStore):
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
+        )
+        self.db.row_factory = _dict_row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.lock = threading.Lock()  # one connection, shared by threads
+        self._migrate()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Execute]:
+        """BEGIN IMMEDIATE for writes: the write lock from the start, so two processes never
+        both read a row as claimable and then both claim it."""
+        with self.lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk gone
+                raise JobStoreUnavailable() from exc
+            try:
+                yield self.db.execute
+                self.db.execute("COMMIT")
+            except BaseException as exc:
+                self.db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise JobStoreUnavailable() from exc
+                raise
+
+    def _migrate(self) -> None:
+        with self.transaction() as execute:
+            version = execute("PRAGMA user_version", ()).fetchone()["user_version"]
+            if version < 1:
+                for statement in SCHEMA.split(";"):
+                    execute(statement, ())
+                _add_request_hashes(execute)
+            if version < 2:
+                for statement in SCHEMA_2.split(";"):
+                    execute(statement, ())
+                _fill_webhook_urls(execute)
+            execute("PRAGMA user_version = 2", ())
+
+
+def _add_request_hashes(execute: Execute) -> None:
+    """A data dir from before the request_hash column: add it and fill it in."""
+    columns = {row["name"] for row in execute("PRAGMA table_info(jobs)", ()).fetchall()}
+    if "request_hash" in columns:
+        return
+    execute("ALTER TABLE jobs ADD COLUMN request_hash TEXT", ())
+    for row in execute("SELECT id, kind, request FROM jobs", ()).fetchall():
+        digest = request_digest(row["kind"], json.loads(row["request"]))
+        execute("UPDATE jobs SET request_hash = ? WHERE id = ?", (digest, row["id"]))
+
+
+def _fill_webhook_urls(execute: Execute) -> None:
+    """Unfinished jobs from before the webhook_url column (finished ones have no request)."""
+    rows = execute(
+        "SELECT id, request FROM jobs WHERE status IN ('queued', 'processing')", ()
+    ).fetchall()
+    for row in rows:
+        url = json.loads(row["request"]).get("webhook_url")
+        if url:
+            execute("UPDATE jobs SET webhook_url = ? WHERE id = ?", (url, row["id"]))

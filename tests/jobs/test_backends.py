@@ -1,0 +1,107 @@
+"""What only one backend has: SQLite data dirs from older versions open; on PostgreSQL, replicas
+that start together migrate the schema once, retention clean-up is one replica at a time, and a
+database that goes away is JobStoreUnavailable until it is back (then the same store works)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable
+from server.jobs.postgres import PostgresJobStore
+from server.jobs.sqlite import SCHEMA, SqliteJobStore
+from server.jobs.store import open_job_store
+from tests.jobs.pg import TcpProxy, fresh_database
+
+
+def test_a_data_dir_from_before_request_hashes_still_opens(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA.replace("    request_hash TEXT", "    unused_column TEXT"))
+    old.execute(
+        "INSERT INTO jobs (id, kind, request, status, created_at, updated_at, idempotency_key)"
+        " VALUES ('job-old', 'categories', '{\"a\": 1, \"webhook_url\": \"http://h/\"}',"
+        " 'queued', 0, 0, 'k')"
+    )
+    old.commit()
+    old.close()
+    store = SqliteJobStore(path)
+    claimed = store.claim(lease_s=60)  # it finishes (and drops its request) after the upgrade
+    assert claimed is not None and store.complete(claimed, {"ok": True})
+    assert store.create("categories", {"a": 1, "webhook_url": "http://h/"}, "k").id == "job-old"
+    with pytest.raises(IdempotencyKeyReused):
+        store.create("categories", {"a": 2}, "k")
+    (delivery,) = store.due_deliveries()  # its webhook URL was carried over
+    assert delivery["url"] == "http://h/"
+    store.close()
+    assert SqliteJobStore(path).get("job-old") is not None  # migrated once, opens again
+
+
+def test_the_default_store_is_under_the_data_dir(tmp_path: Path) -> None:
+    store = open_job_store(None, tmp_path)
+    assert isinstance(store, SqliteJobStore) and (tmp_path / "jobs.sqlite3").exists()
+    with pytest.raises(ValueError, match="job-store"):
+        open_job_store("mysql://x", tmp_path)
+
+
+def test_replicas_starting_together_migrate_once() -> None:
+    with fresh_database() as url:
+        stores: list[PostgresJobStore] = []
+        threads = [
+            threading.Thread(target=lambda: stores.append(PostgresJobStore(url))) for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(stores) == 4
+        with stores[0].transaction(write=False) as execute:
+            versions = execute("SELECT version FROM schema_version", ()).fetchall()
+        assert [row["version"] for row in versions] == [1]
+        for store in stores:
+            store.close()
+
+
+def test_one_replica_at_a_time_prunes() -> None:
+    with fresh_database() as url:
+        first, second = PostgresJobStore(url), PostgresJobStore(url)
+        first.create("categories", {}, None)
+        claimed = first.claim(lease_s=60)
+        assert claimed is not None and first.complete(claimed, {})
+        with first.transaction() as execute:
+            assert first._try_lock(execute, "prune")  # the first replica is pruning
+            assert second.prune(older_than_s=-1) == 0  # so the second skips its turn
+        assert second.prune(older_than_s=-1) == 1
+        first.close()
+        second.close()
+
+
+def test_a_database_that_goes_away_is_unavailable_then_back() -> None:
+    with fresh_database() as url:
+        proxy = TcpProxy()
+        store = PostgresJobStore(proxy.url(url))
+        try:
+            job = store.create("categories", {}, None)
+            proxy.cut()
+            started = time.monotonic()
+            with pytest.raises(JobStoreUnavailable):
+                store.get(job.id)
+            with pytest.raises(JobStoreUnavailable):
+                store.create("categories", {}, None)
+            assert time.monotonic() - started < 30  # a prompt 503, not a hang
+            proxy.restore()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert store.get(job.id) is not None
+                    break
+                except JobStoreUnavailable:
+                    assert time.monotonic() < deadline, "the store did not reconnect"
+                    time.sleep(0.2)
+        finally:
+            store.close()
+            proxy.close()
