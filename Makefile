@@ -10,7 +10,7 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install install-test serve test lint format clean
+.PHONY: install install-test serve test lint format readme-flags clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: install-test
 format: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The README's flag table, from the same source as `vlm-server serve --help`.
+readme-flags: install
+	$(BIN)/python scripts/update_readme_flags.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

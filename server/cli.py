@@ -8,73 +8,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
+import os
+import socket
 import sys
 import typing
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, NoReturn, get_args, get_origin
 
+from pydantic import ValidationError
+
+from server import __version__
 from server.config import Settings
 from server.engine.tiny import FAMILIES, TinySpec
 from server.exceptions import ModelLoadError
+from server.flag_help import ENV_PREFIX, env_names, field_for_flag, flag_name, help_text
 
 logger = logging.getLogger("server.cli")
 
-FLAG_HELP = {
-    "model": "checkpoint directory, hub id (looked up in models/, then the HF cache) or 'tiny'",
-    "served_model_name": "name clients send as `model` (repeatable); default: --model",
-    "api_keys": "Bearer key clients must send (repeatable); env VLM_API_KEYS=a,b",
-    "quantization": "load weights with bitsandbytes (CUDA only)",
-    "quantize_vision": "also quantise the vision tower (kept in full precision by default)",
-    "device": "auto | cpu | cuda | cuda:N",
-    "dtype": "auto: bfloat16 on CUDA, float32 on CPU",
-    "attn_implementation": "vision tower attention; auto: flash_attention_2 when installed on "
-    "CUDA, else sdpa (the text model always uses sdpa)",
-    "default_max_tokens": "max_tokens for requests that give none (bounded by the context)",
-    "max_num_seqs": "sequences running at once (continuous batching) (default: 64)",
-    "max_num_batched_tokens": "tokens computed in one engine step: every running decode, then "
-    "prompt chunks; a longer prompt is prefilled in chunks of this size (default: 8192)",
-    "kv_cache_memory": "KV cache size in GiB; 0 (default): measured, see "
-    "--gpu-memory-utilization (4 GiB on a CPU)",
-    "gpu_memory_utilization": "share of the GPU's memory this server may use: the KV cache gets "
-    "what is left after the weights and the measured peak of a worst-case step (default: 0.9)",
-    "block_size": "tokens per KV cache block; prefix-cache hits are whole blocks (default: 16)",
-    "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes, images and "
-    "videos included (default: on)",
-    "attention_backend": "decode attention over the paged KV cache: reference (gather + sdpa, "
-    "exact everywhere) or triton (reads the block table in place; CUDA with bf16/fp16, "
-    "--block-size >= 16; off until verified on your GPU by scripts/gpu_check.sh)",
-    "enforce_eager": "run every step eagerly; --no-enforce-eager replays decode steps as CUDA "
-    "graphs, one per batch size 1, 2, 4, 8, 16, 32, ... (CUDA only; bitsandbytes stays eager) "
-    "(default: on, i.e. no graphs, until verified on your GPU by scripts/gpu_check.sh)",
-    "encoder_cache_memory": "GiB of vision-tower outputs kept for images and videos asked about "
-    "again; 0 turns it off (default: 1)",
-    "allowed_media_domains": "only these hosts for media URLs and webhook URLs (repeatable); "
-    "listed hosts may be private, e.g. an internal media store or webhook receiver; default: any "
-    "host with public addresses only",
-    "allowed_local_media_path": "serve file:// media URLs from below this directory",
-    "media_follow_redirects": "follow media URL redirects (each hop is checked again)",
-    "data_dir": "where async jobs (jobs.sqlite3), pending webhooks, the generated webhook "
-    "secret and spooled videos live; keep it across restarts",
-    "webhook_secret": "whsec_<base64> key that signs webhooks (Standard Webhooks v1); default: "
-    "generated once and kept in DATA_DIR/webhook_secret",
-    "webhook_retry_delays": "seconds before each webhook retry, e.g. 5,30,120 (jittered; "
-    "Retry-After honoured); a delivery fails after the last one",
-    "webhook_timeout": "seconds one webhook attempt may take",
-    "job_retention_hours": "finished async jobs (and their webhook records) are deleted this "
-    "long after they end; their status is then a 404 (0: keep forever)",
+TINY_HELP = {
+    "family": "Model family whose architecture, processor and chat template are built.",
+    "hidden_size": "Text model hidden size.",
+    "num_layers": "Text model decoder layers.",
+    "num_heads": "Text model attention heads (hidden size / heads must be even).",
+    "num_kv_heads": "Text model key/value heads (a divisor of --num-heads).",
+    "intermediate_size": "Text model MLP width.",
+    "vision_depth": "Vision tower blocks.",
+    "vision_embed_dim": "Vision tower width.",
+    "vision_heads": "Vision tower heads (width / heads must be divisible by 4).",
+    "bpe_vocab_size": "Byte-level BPE vocabulary trained for the tokenizer.",
+    "max_position_embeddings": "Context length in tokens.",
+    "seed": "Random seed of the weights (same seed, same checkpoint).",
 }
-FLAG_ALIASES = {"api_keys": "--api-key"}
+# VLM_* names that are not serve settings but are read elsewhere (the benchmark scripts).
+OTHER_ENV_NAMES = ("VLM_CODE_ROOT",)
+# A value that starts like this is a local directory, never a hub id.
+PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+class ConfigError(Exception):
+    """A setting the server cannot start with; its message is one line for the operator."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (not the usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(Settings, include_extras=True)
     for name, field in Settings.model_fields.items():
-        flag = FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": argparse.SUPPRESS,
-            "help": FLAG_HELP.get(name, f"(default: {field.default})"),
+            "help": help_text(name, field),
         }
         hint = hints[name]
         base = get_args(hint)[0] if get_origin(hint) is typing.Annotated else hint
@@ -85,22 +75,37 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif choices:
             kwargs["choices"] = choices
-        parser.add_argument(flag, **kwargs)
+        if hint is not bool and not choices:
+            kwargs["metavar"] = flag_name(name).removeprefix("--").replace("-", "_").upper()
+        parser.add_argument(flag_name(name), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm-server", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="vlm-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vlm-server {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Serve a Qwen2-VL-family model over HTTP. Every flag is also an environment "
+        "variable VLM_<FLAG> (e.g. VLM_PORT=8001); a flag given here wins.",
+    )
     _add_settings_flags(serve)
-    tiny = commands.add_parser("make-tiny-model", help="write a random-weight checkpoint offline")
-    tiny.add_argument("directory", type=Path)
+    tiny = commands.add_parser(
+        "make-tiny-model",
+        help="write a random-weight checkpoint offline",
+        description="Write a tiny random-weight Qwen2-VL-family checkpoint (tokenizer, chat "
+        "template, processor, safetensors) without network access. Its answers are gibberish; "
+        "it exercises the same code as a real checkpoint.",
+    )
+    tiny.add_argument("directory", type=Path, help="Directory to write the checkpoint to.")
     for spec_field in dataclasses.fields(TinySpec):
         flag = "--" + spec_field.name.replace("_", "-")
+        hint = f"{TINY_HELP[spec_field.name]} Default: {spec_field.default}."
         if spec_field.name == "family":
-            tiny.add_argument(flag, choices=FAMILIES, default=spec_field.default)
+            tiny.add_argument(flag, choices=FAMILIES, default=spec_field.default, help=hint)
         else:
-            tiny.add_argument(flag, type=int, default=spec_field.default)
+            tiny.add_argument(flag, type=int, default=spec_field.default, help=hint)
     return parser
 
 
@@ -109,23 +114,124 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
 
 
+def load_settings(args: argparse.Namespace) -> Settings:
+    """settings_from_args, with each bad value explained in one line (ConfigError)."""
+    try:
+        return settings_from_args(args)
+    except ValidationError as exc:
+        given = vars(args)
+        raise ConfigError("\n".join(_explain(e, given) for e in exc.errors())) from None
+
+
+def _explain(error: Any, given: dict[str, Any]) -> str:
+    """'--port 'abc': must be a whole number (from VLM_PORT)'."""
+    name = field_for_flag(str(error["loc"][0])) if error["loc"] else ""
+    value = error.get("input")
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    source = ""
+    if name not in given:
+        env = next((e for e in env_names(name) if _getenv(e) is not None), None)
+        source = f" (from {env})" if env else ""
+    return f"{flag_name(name)} {value!r}{source}: {_allowed(error)}"
+
+
+def _allowed(error: Any) -> str:
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return "must be a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return "must be a number"
+    if kind == "bool_parsing":
+        return "must be true or false"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx['ge']}"
+    if kind == "greater_than":
+        return f"must be more than {ctx['gt']}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']}"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _getenv(name: str) -> str | None:
+    """Env vars are matched without regard to case, as pydantic-settings reads them."""
+    return next((v for k, v in os.environ.items() if k.upper() == name), None)
+
+
+def unknown_env_warnings(environ: typing.Mapping[str, str]) -> list[str]:
+    """A VLM_* variable that is no setting is ignored: say so, and name the closest one."""
+    known = {e for name in Settings.model_fields for e in env_names(name)}
+    known.update(OTHER_ENV_NAMES)
+    warnings = []
+    for key in sorted(environ):
+        upper = key.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            warnings.append(f"{key} is not a vlm-server setting and is ignored{hint}")
+    return warnings
+
+
+def check_model_path(model: str) -> None:
+    """A path-like --model must be a checkpoint directory: never looked up on the hub."""
+    if not model.startswith(PATH_PREFIXES):
+        return
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"--model {model!r}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--model {model!r}: not a checkpoint (no config.json in it)")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening address before the model loads (minutes), so a port already in use
+    is found at once. uvicorn starts listening on this socket once the app is ready."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        where = f"--host {host} --port {port}"
+        raise ConfigError(f"{where}: cannot listen there ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from server.log import configure_logging
+
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"vlm-server serve: error: {exc}\n")
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    # Imported after the settings are checked: a typo is reported before torch loads.
     from server.api.app import create_app
     from server.api.server import serve
     from server.engine.loader import load_model
-    from server.log import configure_logging
 
-    settings = settings_from_args(args)
-    configure_logging(settings.log_level, settings.log_format)
+    for warning in unknown_env_warnings(os.environ):
+        logger.warning("%s", warning)
     try:
+        check_model_path(settings.model)
+        sock = bind_socket(settings.host, settings.port)
         # Load before serving, so a missing or broken checkpoint is one clear line, not a trace.
         loaded = load_model(settings.engine_config())
         app = create_app(settings, loaded)
-        serve(app, settings.host, settings.port, settings.log_level, settings.shutdown_timeout)
-    except ModelLoadError as exc:
+        return serve(app, settings, sock)
+    except (ConfigError, ModelLoadError) as exc:
         logger.error("%s", exc)
         return 2
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to drain
+        logger.info("interrupted before the server started")
+        return 130
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
@@ -54,16 +54,20 @@ class MediaLimits:
 class Settings(BaseSettings):
     """Every field is also a `vlm-server serve` flag (underscores become dashes)."""
 
-    model_config = SettingsConfigDict(env_prefix="VLM_", extra="ignore")
+    # populate_by_name: the CLI passes fields by name; env vars may use the aliases below.
+    model_config = SettingsConfigDict(env_prefix="VLM_", extra="ignore", populate_by_name=True)
 
     model: str = "tiny"
     served_model_name: StrList = []
     host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: StrList = []
+    port: int = Field(default=8000, ge=1, le=65535)
+    # VLM_API_KEY is the flag's own name (--api-key); VLM_API_KEYS reads better for a list.
+    api_keys: StrList = Field(
+        default=[], validation_alias=AliasChoices("VLM_API_KEYS", "VLM_API_KEY")
+    )
     api_key_file: Path | None = None
     metrics_require_api_key: bool = False
-    max_request_body_bytes: int = 300 * 1024 * 1024  # base64 of a 200 MiB video
+    max_request_body_bytes: int = Field(default=300 * 1024 * 1024, ge=1)  # a 200 MiB video
     quantization: Quantization = "none"
     quantize_vision: bool = False
     dtype: DType = "auto"
@@ -71,11 +75,11 @@ class Settings(BaseSettings):
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = "auto"
     models_dir: Path = Path("models")
     data_dir: Path = Path("data")
-    default_max_tokens: int = 1024
-    max_model_len: int = 0
-    max_num_seqs: int = 64
+    default_max_tokens: int = Field(default=1024, ge=1)
+    max_model_len: int = Field(default=0, ge=0)
+    max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)
-    kv_cache_memory: float = 0.0
+    kv_cache_memory: float = Field(default=0.0, ge=0)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1, le=1024)
     enable_prefix_caching: bool = True
@@ -83,31 +87,32 @@ class Settings(BaseSettings):
     attention_backend: Literal["reference", "triton"] = "reference"
     # Decode steps as CUDA graphs stay off until scripts/gpu_check.sh has passed with them on.
     enforce_eager: bool = True
-    max_queued_requests: int = 256
-    queue_timeout: float = 60.0
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_images_per_request: int = 16
-    max_media_bytes_per_request: int = 256 * 1024 * 1024
-    max_video_bytes: int = 200 * 1024 * 1024
-    max_videos_per_request: int = 1
-    video_decode_workers: int = 2
-    video_decode_timeout: float = 60.0
-    video_max_fps: float = 2.0
-    caption_tokens: int = 256
-    max_concurrent_preprocessing: int = 8
-    media_fetch_timeout: float = 10.0
+    max_queued_requests: int = Field(default=256, ge=0)
+    queue_timeout: float = Field(default=60.0, gt=0)
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(default=16, ge=0)
+    max_media_bytes_per_request: int = Field(default=256 * 1024 * 1024, ge=1)
+    max_video_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    max_videos_per_request: int = Field(default=1, ge=0)
+    video_decode_workers: int = Field(default=2, ge=1)
+    video_decode_timeout: float = Field(default=60.0, gt=0)
+    video_max_fps: float = Field(default=2.0, gt=0)
+    caption_tokens: int = Field(default=256, ge=1)
+    max_concurrent_preprocessing: int = Field(default=8, ge=1)
+    media_fetch_timeout: float = Field(default=10.0, gt=0)
     allowed_media_domains: StrList = []
     allowed_local_media_path: Path | None = None
     media_follow_redirects: bool = False
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = Field(default=30.0, ge=0)
     webhook_secret: str | None = None  # whsec_...; default: generated once under --data-dir
     webhook_retry_delays: StrList = ["5", "30", "120", "600", "1800"]  # seconds, per retry
-    webhook_timeout: float = 10.0
+    webhook_timeout: float = Field(default=10.0, gt=0)
     job_retention_hours: float = Field(default=168.0, ge=0)  # finished jobs; 0: keep forever
     job_store: str | None = None  # sqlite:///PATH | postgresql://...; default: under data_dir
     job_lease: float = Field(default=30.0, gt=0)  # seconds a job stays held without renewal
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    playground: bool = True
 
     @field_validator(
         "served_model_name",

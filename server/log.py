@@ -1,14 +1,25 @@
-"""Logging set-up: every record carries the id of the request it belongs to.
+"""Logging set-up: every record carries the id of the request it belongs to, and times are
+ISO-8601 in UTC (log lines from several machines sort and compare as they are).
 
-`text` is for people; `json` (one object per line) is for log shippers."""
+`text` is for people; `json` (one object per line) is for log shippers. A record may carry
+structured `fields` (logger.info(..., extra={"fields": {...}})): JSON lines include them as keys."""
 
 from __future__ import annotations
 
 import json
 import logging
 from contextvars import ContextVar
+from datetime import datetime, timezone
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+def iso_time(created: float) -> str:
+    """2026-11-28T12:07:14.123Z"""
+    moment = datetime.fromtimestamp(created, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class RequestIdFilter(logging.Filter):
@@ -17,14 +28,20 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return iso_time(record.created)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record),
+            "time": iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
+            **getattr(record, "fields", {}),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -34,12 +51,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())

@@ -9,11 +9,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# `_created` series double every counter and histogram and few dashboards use them.
+disable_created_metrics()
 
 
 class Metrics:
@@ -153,6 +162,17 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_label(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+def route_label(scope: Scope) -> str:
+    """The route template (/v2/media/status/{id}, never a raw id); a mounted app (the docs'
+    and the playground's static files) by its mount path; "unmatched" for a 404."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    if "endpoint" in scope and scope.get("app_root_path") is not None:
+        return scope.get("root_path", "") or "unmatched"
+    return "unmatched"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from server import __version__
 from server.api.errors import install_error_handlers
@@ -19,7 +20,7 @@ from server.api.middleware import (
     DrainMiddleware,
     RequestIdMiddleware,
 )
-from server.api.routes import chat, completions, health, media
+from server.api.routes import chat, completions, health, media, playground
 from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
 from server.api.services import Services
@@ -135,7 +136,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             await decoder.close()
 
     metrics = Metrics()
-    app = FastAPI(
+    # Offline: /docs and /redoc load their JS and CSS from this server, never a CDN.
+    app = FastAPIOffline(
         title="vlm-server",
         version=__version__,
         summary="OpenAI-compatible inference server for Qwen2-VL vision-language models",
@@ -147,6 +149,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(media.router)
+    if settings.playground:
+        playground.mount(app)
     # Added last = outermost: ids, metrics (which see every refusal too), drain, keys, body cap.
     open_paths = frozenset(
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}

@@ -1,11 +1,14 @@
-"""ASGI middleware that must see every request, routed or not: request ids, the body-size cap
-and API keys. Each answers refusals itself, in the OpenAI error envelope."""
+"""ASGI middleware that must see every request, routed or not: request ids and the access log,
+the body-size cap, API keys and the shutdown drain. Each answers refusals itself, in the OpenAI
+error envelope."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,6 +17,17 @@ from server.log import request_id_var
 
 # A client's X-Request-ID is echoed and logged only if it looks like an id, never arbitrary text.
 CLIENT_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+# Open without an API key: they hold no secrets, and a browser cannot send a Bearer header to
+# open them (the docs and their assets, the playground, liveness and version).
+PUBLIC_PATHS = frozenset(
+    {"/", "/health", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+PUBLIC_PREFIXES = ("/static-offline-docs/", "/playground/")
+# An error body longer than this is not parsed for the access log (error envelopes are small).
+MAX_LOGGED_ERROR_BYTES = 4096
+MAX_LOGGED_REASON_CHARS = 300
+
+access_logger = logging.getLogger("server.access")
 
 
 async def send_error(
@@ -43,7 +57,9 @@ async def send_error(
 
 class RequestIdMiddleware:
     """Gives every request an id (the client's X-Request-ID or a new one), logs with it and
-    echoes it in the response."""
+    echoes it in the response; writes one access line per request (status, latency), which for
+    a 4xx/5xx also carries the error's code and message: the reason is in the log once, and
+    never the client's data (only our own error text)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -56,13 +72,58 @@ class RequestIdMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
         request_id_var.set(request_id)
+        started = time.perf_counter()
+        response = _ResponseRecord()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            response.record(message)
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _log_access(scope, response, time.perf_counter() - started)
+
+
+class _ResponseRecord:
+    """The status and, for an error, the start of the body (its error envelope)."""
+
+    def __init__(self) -> None:
+        self.status = 500  # what the client sees if the app raised before answering
+        self.error_body = b""
+
+    def record(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body" and self.status >= 400:
+            room = MAX_LOGGED_ERROR_BYTES - len(self.error_body)
+            self.error_body += message.get("body", b"")[: max(room, 0)]
+
+    def reason(self) -> tuple[str | None, str | None]:
+        try:
+            error = json.loads(self.error_body)["error"]
+            return error.get("code") or error.get("type"), str(error["message"])
+        except (ValueError, KeyError, TypeError):
+            return None, None
+
+
+def _log_access(scope: Scope, response: _ResponseRecord, seconds: float) -> None:
+    fields: dict[str, object] = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": response.status,
+        "duration_ms": round(seconds * 1000, 1),
+    }
+    line = f"{scope['method']} {scope['path']} {response.status} {seconds * 1000:.1f} ms"
+    if response.status >= 400:
+        code, message = response.reason()
+        if message is not None:
+            message = message[:MAX_LOGGED_REASON_CHARS]
+            fields |= {"error_code": code, "error_message": message}
+            line += f" {code}: {message}"
+    access_logger.info("%s", line, extra={"fields": fields})
 
 
 class BodySizeLimitMiddleware:
@@ -122,7 +183,7 @@ class ApiKeyMiddleware:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or not self.keys or self._is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         header = dict(scope.get("headers", [])).get(b"authorization", b"")
@@ -140,9 +201,13 @@ class ApiKeyMiddleware:
             [(b"www-authenticate", b"Bearer")],
         )
 
+    def _is_open(self, path: str) -> bool:
+        return path in self.open_paths or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
 
 class DrainMiddleware:
-    """While the server shuts down (app.state.draining), new requests get a 503 at once."""
+    """While the server shuts down (app.state.draining), new requests get a 503 at once; the
+    others are counted (app.state.num_in_flight), so the drain knows when they have finished."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -158,4 +223,12 @@ class DrainMiddleware:
                 [(b"retry-after", b"5")],
             )
             return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        state.num_in_flight = getattr(state, "num_in_flight", 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.num_in_flight -= 1

@@ -1,38 +1,130 @@
-"""The uvicorn server, with a graceful drain on SIGTERM / SIGINT."""
+"""The uvicorn server: listens on a socket bound before the model loaded, says once what it
+serves, and drains on SIGTERM / Ctrl-C with the listener still up."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import time
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from server.config import Settings
+from server.exceptions import ModelLoadError
+
 logger = logging.getLogger(__name__)
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT new requests get a 503 at once (DrainMiddleware), in-flight ones get up
-    to the config's timeout_graceful_shutdown to finish, then the lifespan stops the engine."""
+    """On SIGTERM/SIGINT new requests get a 503 `shutting_down` at once (DrainMiddleware) while
+    the listener stays open, so clients are answered rather than refused; in-flight requests get
+    up to the config's timeout_graceful_shutdown to finish; then uvicorn closes the listener and
+    the lifespan stops the engine. A second Ctrl-C ends the wait."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings):
         super().__init__(config)
         self.app = app
+        self.settings = settings
+        self.sockets: list[socket.socket] = []
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.app.state.draining:
-            logger.info("draining: refusing new requests, finishing in-flight ones")
+            logger.info("draining: new requests get 503, in-flight ones may finish")
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.sockets = sockets or []
+        await super().startup(sockets)
+        if self.started:
+            logger.info("%s", startup_summary(self.app, self.settings, self.sockets))
 
-def serve(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        deadline = time.monotonic() + self.config.timeout_graceful_shutdown
+        while (
+            getattr(self.app.state, "num_in_flight", 0) > 0
+            and not self.force_exit
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        await super().shutdown(sockets)
+
+
+class StartupErrorFilter(logging.Filter):
+    """A lifespan that fails with ModelLoadError (a KV cache budget that holds nothing, say) is
+    an operator's mistake: log its message as one line, not Starlette's traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_load_error: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        marker = f"{ModelLoadError.__module__}.{ModelLoadError.__name__}: "
+        if message.startswith("Traceback") and marker in message:
+            self.model_load_error = message.rsplit(marker, 1)[1].strip()
+            record.msg, record.args = self.model_load_error, ()
+        return True
+
+
+def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
+    """Runs until shut down; the process exit code (2: the model could not be served)."""
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_config=None,  # server.log configured logging already
-        log_level=log_level,
-        timeout_graceful_shutdown=shutdown_timeout,
+        log_level=settings.log_level,
+        access_log=False,  # AccessLogMiddleware writes one line per request, with its latency
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        lifespan="on",
     )
-    DrainingServer(config, app).run()
+    startup_errors = StartupErrorFilter()
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    uvicorn_logger.addFilter(startup_errors)
+    try:
+        DrainingServer(config, app, settings).run(sockets=[sock])
+    except SystemExit as exc:  # uvicorn exits this way when the lifespan fails
+        return 2 if startup_errors.model_load_error else int(exc.code or 1)
+    finally:
+        uvicorn_logger.removeFilter(startup_errors)
+    return 0
+
+
+def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socket]) -> str:
+    """One line with what an operator checks first."""
+    services = app.state.services
+    loaded, engine = services.loaded, services.engine
+    kv_tokens = int(engine.stats()["kv_cache_blocks"]) * settings.block_size
+    url = open_url(settings.host, sockets)
+    hosts = ", ".join(settings.allowed_media_domains) or "any public host"
+    num_keys = len(settings.all_api_keys())
+    parts = [
+        f"serving {', '.join(services.served_model_names)} ({loaded.family}, {loaded.path})",
+        f"device {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}",
+        f"context {engine.max_seq_len} tokens, KV cache {kv_tokens} tokens",
+        f"auth on ({num_keys} API key{'s' if num_keys > 1 else ''})" if num_keys else "auth off",
+        f"media hosts: {hosts}",
+        f"local media: {settings.allowed_local_media_path or 'off'}",
+        f"data dir {settings.data_dir} (jobs: {job_store_kind(settings)})",
+        f"open {url} (API docs: {url}docs)" if settings.playground else f"API docs: {url}docs",
+    ]
+    return "ready: " + "; ".join(parts)
+
+
+def job_store_kind(settings: Settings) -> str:
+    """The job store's kind only: a database URL may carry a password."""
+    store = str(getattr(settings, "job_store", "") or "")
+    return store.split("://", 1)[0] if "://" in store else (store or "sqlite")
+
+
+def open_url(host: str, sockets: list[socket.socket]) -> str:
+    port = sockets[0].getsockname()[1] if sockets else 8000
+    if host in WILDCARD_HOSTS:
+        host = "127.0.0.1"  # listening everywhere: this machine's own address always works
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"

@@ -138,7 +138,8 @@ class MediaFetcher:
                     return await _read_capped(response, max_bytes, kind, param, sink)
                 if not self.policy.follow_redirects:
                     raise MediaError(
-                        f"The {kind} URL at {param} redirects; redirects are not followed.",
+                        f"The {kind} URL at {param} redirects; redirects are not followed "
+                        "(--media-follow-redirects).",
                         param=param,
                         code="media_fetch_failed",
                     )
@@ -177,7 +178,8 @@ class MediaFetcher:
         root = self.policy.local_media_root
         if root is None:
             raise MediaError(
-                f"file:// URLs ({param}) are not enabled on this server.",
+                f"file:// URLs ({param}) are not enabled on this server (the operator enables them "
+                "with --allowed-local-media-path).",
                 param=param,
                 code="media_url_not_allowed",
             )
@@ -185,7 +187,8 @@ class MediaFetcher:
         path = Path(url.path).resolve()  # httpx's path is already percent-decoded
         if url.host not in ("", "localhost") or not path.is_relative_to(root.resolve()):
             raise MediaError(
-                f"The file at {param} is outside the server's allowed local media path.",
+                f"The file at {param} is outside the server's allowed local media path "
+                "(--allowed-local-media-path).",
                 param=param,
                 code="media_url_not_allowed",
             )

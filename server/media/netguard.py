@@ -24,6 +24,10 @@ CGNAT = ipaddress.ip_network("100.64.0.0/10")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
+# Refusals name the flag that allows what was refused, so an operator knows what to change.
+ALLOW_HINT = " (the server's --allowed-media-domains flag can allow a host)"
+
+
 class AddressRefused(Exception):
     """The host resolves to an address media fetches may not reach (or does not resolve)."""
 
@@ -71,13 +75,13 @@ def check_url_statically(url: str, allowed_hosts: tuple[str, ...]) -> None:
         raise AddressRefused("the URL has no host")
     listed = host_is_allowed(host, allowed_hosts)
     if allowed_hosts and not listed:
-        raise AddressRefused(f"the host {host} is not in the server's allow-list")
+        raise AddressRefused(f"the host {host} is not in the server's allow-list{ALLOW_HINT}")
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return
     if not listed and not is_public(literal):
-        raise AddressRefused(f"the address {host} is private, loopback or reserved")
+        raise AddressRefused(f"the address {host} is private, loopback or reserved{ALLOW_HINT}")
 
 
 async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) -> str:
@@ -87,7 +91,7 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
     whose every address is public."""
     listed = host_is_allowed(host, allowed_hosts)
     if allowed_hosts and not listed:
-        raise AddressRefused(f"the host {host} is not in the server's allow-list")
+        raise AddressRefused(f"the host {host} is not in the server's allow-list{ALLOW_HINT}")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -96,7 +100,9 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
     if not addresses:
         raise AddressRefused(f"the host {host} does not resolve")
     if not listed and not all(is_public(ip) for ip in addresses):
-        raise AddressRefused(f"the host {host} resolves to a private, loopback or reserved address")
+        raise AddressRefused(
+            f"the host {host} resolves to a private, loopback or reserved address{ALLOW_HINT}"
+        )
     return str(addresses[0])
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import socket
 from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, main, settings_from_args
+from server.cli import build_parser, main, settings_from_args, unknown_env_warnings
 
 
 def test_serve_flags_mirror_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,19 +62,100 @@ def test_make_tiny_model(tmp_path: Path) -> None:
 
 
 def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture[str]) -> None:
-    import logging
-
     from server.log import configure_logging, request_id_var
 
     configure_logging("info", "json")
     request_id_var.set("req-42")
     logging.getLogger("server.test").info("hello %s", "there")
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert json.loads(line) | {"time": None} == {
+    entry = json.loads(line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])  # ISO-8601 UTC
+    assert entry | {"time": None} == {
         "time": None,
         "level": "INFO",
         "logger": "server.test",
         "request_id": "req-42",
         "message": "hello there",
     }
+    logging.getLogger().handlers = []
+
+
+def test_vlm_api_key_is_the_flags_env_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLM_API_KEY", "secret")
+    assert settings_from_args(build_parser().parse_args(["serve"])).api_keys == ["secret"]
+    monkeypatch.delenv("VLM_API_KEY")
+    monkeypatch.setenv("API_KEYS", "not-ours")  # only VLM_-prefixed names are read
+    assert settings_from_args(build_parser().parse_args(["serve"])).api_keys == []
+
+
+def test_unknown_vlm_variables_are_named_with_the_closest_setting() -> None:
+    warnings = unknown_env_warnings({"VLM_MAX_NUM_SEQ": "3", "VLM_PORT": "1", "HOME": "/"})
+    assert warnings == [
+        "VLM_MAX_NUM_SEQ is not a vlm-server setting and is ignored; did you mean VLM_MAX_NUM_SEQS?"
+    ]
+    assert unknown_env_warnings({"VLM_API_KEY": "k", "VLM_CODE_ROOT": "/x"}) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--port", "abc"], "--port 'abc': must be a whole number"),
+        (["--device", "gpu"], "--device 'gpu': device must be auto, cpu, cuda or cuda:N"),
+        (["--kv-cache-memory", "lots"], "--kv-cache-memory 'lots': must be a number"),
+        (["--max-num-seqs", "0"], "--max-num-seqs '0': must be at least 1"),
+        (
+            ["--webhook-retry-delays", "abc"],
+            "--webhook-retry-delays 'abc': webhook retry delay 'abc' is not a number",
+        ),
+        (["--model", "/nonexistent/path"], "--model '/nonexistent/path': no such directory"),
+    ],
+)
+def test_a_bad_value_is_one_line_and_exit_code_2(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(line) and len(err.splitlines()) == 1
+    logging.getLogger().handlers = []
+
+
+def test_a_bad_env_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VLM_PORT", "http")
+    assert main(["serve"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--port 'http' (from VLM_PORT): must be a whole number")
+    )
+
+
+def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--quantization", "gptq"])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_found_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        # A model that does not exist: the port is checked first, so loading never starts.
+        argv = ["serve", "--port", port, "--model", "Qwen/not-here", "--models-dir", str(tmp_path)]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen there" in err and "Qwen/not-here" not in err
+    logging.getLogger().handlers = []
+
+
+def test_a_path_like_model_without_a_checkpoint_is_not_looked_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "not a checkpoint (no config.json in it)" in capsys.readouterr().err
     logging.getLogger().handlers = []

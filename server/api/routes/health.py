@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server import __version__
 from server.api.protocol import ErrorResponse, ModelCard, ModelList
 from server.api.services import Services, get_services
 
@@ -20,6 +21,12 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
     return JSONResponse(
         {"status": "ok", "num_running": engine.num_running, "num_queued": engine.num_queued}
     )
+
+
+@router.get("/version", tags=["server"])
+async def version() -> dict[str, str]:
+    """The server's version (open without an API key, like /health)."""
+    return {"version": __version__}
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])

@@ -1,0 +1,184 @@
+"""What each `serve` flag means, and its default in words and units.
+
+One source for `vlm-server serve --help` and the README's flag table (tests/unit/test_flags.py
+keeps the README in step), so the two cannot drift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.fields import FieldInfo
+
+from server.config import Settings
+
+ENV_PREFIX = "VLM_"
+# Flags whose name is not the field's (the field is plural: the flag is repeated).
+FLAG_NAMES = {"api_keys": "--api-key"}
+# Env names a field also answers to, beyond VLM_<FIELD>.
+ENV_ALIASES = {"api_keys": ("VLM_API_KEY",)}
+
+GIB = 2**30
+MIB = 2**20
+# How a default is shown: byte counts in MiB, durations in seconds, memory sizes in GiB.
+UNITS = {
+    "max_request_body_bytes": "bytes",
+    "max_image_bytes": "bytes",
+    "max_media_bytes_per_request": "bytes",
+    "max_video_bytes": "bytes",
+    "queue_timeout": "s",
+    "video_decode_timeout": "s",
+    "media_fetch_timeout": "s",
+    "shutdown_timeout": "s",
+    "webhook_timeout": "s",
+    "kv_cache_memory": "GiB",
+    "encoder_cache_memory": "GiB",
+    "job_retention_hours": "hours",
+    "job_lease": "s",
+    "video_max_fps": "frames/s",
+    "caption_tokens": "tokens",
+    "default_max_tokens": "tokens",
+    "max_num_batched_tokens": "tokens",
+    "block_size": "tokens",
+}
+# Defaults that mean something other than their value.
+DEFAULT_TEXT = {
+    "served_model_name": "the --model value",
+    "max_model_len": "0 = the model's context length",
+    "kv_cache_memory": "0 = measured (CUDA) or up to 4 GiB (CPU)",
+    "webhook_secret": "generated once, kept in the job store (a copy in DATA_DIR/webhook_secret)",
+    "job_store": "sqlite:///DATA_DIR/jobs.sqlite3",
+    "allowed_media_domains": "any host whose addresses are all public",
+    "api_keys": "none: no auth",
+}
+
+HELP = {
+    "model": "Checkpoint to serve: a directory (a value starting with /, ./, ../ or ~ is always "
+    "a path), a name under --models-dir, a Hugging Face hub id (found in --models-dir, then "
+    "the HF cache; downloaded only when online) or 'tiny' / 'tiny-qwen2.5-vl' (a random-weight "
+    "test model built offline).",
+    "served_model_name": "Name clients send as `model` (repeatable); other names get a 404.",
+    "host": "Address to listen on (0.0.0.0: every interface).",
+    "port": "TCP port to listen on; checked before the model loads.",
+    "api_keys": "Bearer key clients must send (repeatable; env VLM_API_KEY or VLM_API_KEYS, "
+    "comma-separated). /health, /version, /docs and the playground stay open.",
+    "api_key_file": "File of API keys, one per line (# comments), added to --api-key.",
+    "metrics_require_api_key": "Make /metrics need an API key too (open by default).",
+    "max_request_body_bytes": "Largest request body; larger ones get a 413 before they are read.",
+    "quantization": "Load the weights with bitsandbytes (CUDA only): bnb-4bit (NF4) or bnb-8bit.",
+    "quantize_vision": "Also quantise the vision tower (kept in full precision otherwise).",
+    "dtype": "Weight and compute dtype; auto: bfloat16 on CUDA (float16 without bf16), "
+    "float32 on a CPU.",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N.",
+    "attn_implementation": "Vision tower attention; auto: flash_attention_2 when installed on "
+    "CUDA, else sdpa (the text model always uses sdpa).",
+    "models_dir": "The local model store, searched for --model names.",
+    "data_dir": "Server state: async jobs (jobs.sqlite3), pending webhooks, the webhook secret, "
+    "spooled videos; keep it across restarts.",
+    "default_max_tokens": "max_tokens for requests that give none (always bounded by the context).",
+    "max_model_len": "Longest sequence, prompt plus answer, in tokens; capped at what the KV "
+    "cache holds, with a warning.",
+    "max_num_seqs": "Requests running (decoded together) at once; at least 1.",
+    "max_num_batched_tokens": "Tokens computed in one engine step: every running decode, then "
+    "prompt chunks (a longer prompt is prefilled in chunks of this size).",
+    "kv_cache_memory": "KV cache size in GiB, instead of measuring what "
+    "--gpu-memory-utilization leaves.",
+    "gpu_memory_utilization": "Share of the GPU's memory (0..1] this server may use: the KV cache "
+    "gets what the weights and the measured worst-case step leave.",
+    "block_size": "Tokens per KV cache block; prefix-cache hits are whole blocks.",
+    "enable_prefix_caching": "Reuse the KV blocks of identical prompt prefixes, images and "
+    "videos included.",
+    "encoder_cache_memory": "Vision-tower outputs kept for images and videos asked about again, "
+    "in GiB; 0 turns it off.",
+    "attention_backend": "Decode attention over the paged KV cache: reference (gather + sdpa, "
+    "exact everywhere) or triton (reads blocks in place; CUDA, bf16/fp16, --block-size >= 16; "
+    "verify it with scripts/gpu_check.sh first).",
+    "enforce_eager": "Decode without CUDA graphs (--no-enforce-eager captures them; turn that "
+    "on once scripts/gpu_check.sh has passed with it on your GPU).",
+    "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After.",
+    "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
+    "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",
+    "max_images_per_request": "Images in one request, all messages together.",
+    "max_media_bytes_per_request": "All media of one request together.",
+    "max_video_bytes": "Largest video.",
+    "max_videos_per_request": "Videos in one request.",
+    "video_decode_workers": "Video decode worker processes (a crashing decoder costs one "
+    "request, never the server).",
+    "video_decode_timeout": "Per video; a decoder that overruns is killed and replaced.",
+    "video_max_fps": "Most frames taken per second of video (at most 60 frames in all).",
+    "caption_tokens": "Caption length per frame in captions mode; the planner budgets frames "
+    "with it.",
+    "max_concurrent_preprocessing": "Requests fetching and decoding their media at once.",
+    "media_fetch_timeout": "For the whole download of one media URL.",
+    "allowed_media_domains": "Only these hosts for media and webhook URLs (repeatable or "
+    "comma-separated); listed hosts may be private (an internal media store).",
+    "allowed_local_media_path": "Serve file:// media URLs from below this directory (off when "
+    "not set).",
+    "media_follow_redirects": "Follow media URL redirects, each hop checked again.",
+    "shutdown_timeout": "On SIGTERM or Ctrl-C: new requests get a 503 and in-flight ones this "
+    "long to finish.",
+    "webhook_secret": "whsec_<base64> key that signs webhooks (Standard Webhooks v1).",
+    "webhook_retry_delays": "Seconds before each webhook retry, comma-separated (jittered; "
+    "Retry-After honoured); a delivery fails after the last one.",
+    "webhook_timeout": "Per webhook delivery attempt.",
+    "job_retention_hours": "Finished async jobs are deleted this long after they end (0: keep "
+    "them forever).",
+    "job_store": "Where async jobs, pending webhooks and the webhook secret live: sqlite:///PATH "
+    "(one machine) or postgresql://USER@HOST/DB, shared by several replicas (docs/DEPLOYMENT.md).",
+    "job_lease": "How long a replica holds a job without renewing it (it renews every third of "
+    "this); a replica that dies has its jobs taken over by another after this long.",
+    "log_level": "Least severe log level written.",
+    "log_format": "text for people; json: one object per line (time, level, logger, "
+    "request_id, message).",
+    "playground": "Serve the browser playground at / (--no-playground turns it off).",
+}
+
+
+def flag_name(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    return (ENV_PREFIX + name.upper(), *ENV_ALIASES.get(name, ()))
+
+
+def field_for_flag(name: str) -> str:
+    """The Settings field behind a pydantic error location (a field or one of its env names)."""
+    for field in Settings.model_fields:
+        if name == field or name.upper() in env_names(field):
+            return field
+    return name
+
+
+def default_text(name: str, field: FieldInfo) -> str:
+    if name in DEFAULT_TEXT:
+        return DEFAULT_TEXT[name]
+    return _with_unit(field.default, UNITS.get(name))
+
+
+def _with_unit(value: Any, unit: str | None) -> str:
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if unit == "bytes":
+        return f"{value / GIB:g} GiB" if value % GIB == 0 else f"{value / MIB:g} MiB"
+    if unit is not None:
+        return f"{value:g} {unit}"
+    return str(value)
+
+
+def help_text(name: str, field: FieldInfo) -> str:
+    sentence = HELP.get(name, field.description or "")
+    return f"{sentence} Default: {default_text(name, field)}."
+
+
+def markdown_table() -> str:
+    """The README's flag table."""
+    rows = ["| flag | env | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        env = ", ".join(f"`{e}`" for e in env_names(name))
+        sentence = HELP.get(name, field.description or "").replace("|", "\\|")
+        rows.append(f"| `{flag_name(name)}` | {env} | {default_text(name, field)} | {sentence} |")
+    return "\n".join(rows)

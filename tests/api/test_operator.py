@@ -1,0 +1,77 @@
+"""What an operator sees: offline docs open without a key, /version, the playground's page,
+access lines with latency and the reason of every 4xx, metrics labels."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import __version__
+from tests.helpers import make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+
+KEY = "operator-key"
+
+
+@pytest.fixture(scope="module")
+async def keyed(tiny_model_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in start_client(make_settings(tiny_model_dir, api_keys=[KEY])):
+        yield client
+
+
+async def test_docs_render_offline_and_open_without_a_key(keyed: httpx.AsyncClient) -> None:
+    for path in ("/docs", "/redoc"):
+        page = await keyed.get(path)
+        assert page.status_code == 200
+        assert not re.search(r"https?://", page.text), f"{path} would load from the network"
+        for asset in re.findall(r"""(?:src|href)=["']?(/[^"' >]+)""", page.text):
+            assert (await keyed.get(asset)).status_code == 200, asset
+    assert (await keyed.get("/openapi.json")).json()["info"]["version"] == __version__
+    assert (await keyed.get("/v1/models")).status_code == 401  # everything else needs the key
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert (await keyed.get("/v1/models", headers=auth)).status_code == 200
+
+
+async def test_version(keyed: httpx.AsyncClient) -> None:
+    assert (await keyed.get("/version")).json() == {"version": __version__}
+
+
+async def test_playground_page_is_served_and_can_be_turned_off(
+    keyed: httpx.AsyncClient, tiny_model_dir: Path
+) -> None:
+    page = await keyed.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert not re.search(r"(src|href)=[\"']?https?://", page.text)  # no CDN
+    async for client in start_client(make_settings(tiny_model_dir, playground=False)):
+        assert (await client.get("/")).status_code == 404
+
+
+async def test_a_4xx_is_logged_once_with_its_reason(
+    keyed: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.access")
+    response = await keyed.get("/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 404
+    lines = [r for r in caplog.records if r.name == "server.access"]
+    (line,) = [r for r in lines if r.fields["path"] == "/v1/models/nope"]  # type: ignore[attr-defined]
+    assert re.fullmatch(
+        r"GET /v1/models/nope 404 \d+\.\d ms model_not_found: .*nope.*", line.getMessage()
+    )
+    assert line.fields["status"] == 404  # type: ignore[attr-defined]
+
+
+async def test_metrics_label_every_route_and_have_no_created_series(
+    keyed: httpx.AsyncClient,
+) -> None:
+    await keyed.get("/docs")
+    await keyed.get("/static-offline-docs/swagger-ui.css")
+    text = (await keyed.get("/metrics")).text
+    assert 'vlm_http_requests_total{route="/docs",status="200"}' in text
+    assert 'vlm_http_requests_total{route="/static-offline-docs",status="200"}' in text
+    assert "_created" not in text
