@@ -7,9 +7,11 @@ that we do not support yet is accepted by the schema but refused with a 400 nami
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -28,8 +30,18 @@ from server.exceptions import InvalidRequest
 from server.jobs.store import Job
 from server.media.frames import FrameRequest
 from server.pipelines.categories import METADATA_KEYS
-from server.pipelines.chat import ChatResult
-from server.pipelines.messages import ChatMessage, ImagePart, Part, TextPart, VideoPart
+from server.pipelines.chat import ChatResult, ChoiceResult
+from server.pipelines.choices import SEED_MODULUS
+from server.pipelines.logprobs import TokenInfo, TokenLogprob
+from server.pipelines.messages import (
+    ChatMessage,
+    ImagePart,
+    Part,
+    TextPart,
+    ToolCall,
+    VideoPart,
+)
+from server.pipelines.tools import Tools
 
 logger = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 16
@@ -81,7 +93,6 @@ def _stop_count(value: str | list[str] | None) -> str | list[str] | None:
 
 Stop = Annotated[StopString | list[StopString] | None, AfterValidator(_stop_count)]
 # torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
-SEED_MODULUS = 2**64
 
 
 # -- request: messages ------------------------------------------------------------------------
@@ -133,14 +144,38 @@ ContentPart = Annotated[
 ]
 
 
-# OpenAI message fields this server does not support yet: refused, never ignored.
-UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "function_call", "audio")
+# OpenAI message fields this server does not support: refused, never ignored.
+UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
+
+
+class FunctionCallParam(PartModel):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("arguments must be JSON text of an object") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be JSON text of an object")
+        return value
+
+
+class ToolCallParam(PartModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
 
 
 class ChatMessageParam(PartModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: str | None = None  # accepted as OpenAI does; Qwen's chat template has no use for it
+    tool_calls: list[ToolCallParam] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages (Qwen's prompt format does not use it)
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +185,14 @@ class ChatMessageParam(PartModel):
                 if data.get(field) is not None:
                     raise ValueError(f"the message field '{field}' is not supported")
         return data
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> ChatMessageParam:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry tool_call_id")
+        return self
 
 
 class JsonSchemaFormat(StrictModel):
@@ -181,6 +224,30 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None  # arguments always follow the schema under a forced choice
+
+
+class ChatCompletionToolParam(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 # -- request: chat completions ----------------------------------------------------------------
 
 # OpenAI fields we accept in the schema but do not support yet: name -> "is this value a use?".
@@ -189,15 +256,10 @@ UNSUPPORTED_WHEN = {
     "function_call": lambda v: v is not None,
     "functions": lambda v: bool(v),
     "logit_bias": lambda v: bool(v),
-    "logprobs": lambda v: bool(v),
     "modalities": lambda v: v not in (None, [], ["text"]),
-    "n": lambda v: v not in (None, 1),
     "prediction": lambda v: v is not None,
     "reasoning_effort": lambda v: v is not None,
     "store": lambda v: bool(v),
-    "tool_choice": lambda v: v not in (None, "none", "auto"),
-    "tools": lambda v: bool(v),
-    "top_logprobs": lambda v: v not in (None, 0),
 }
 
 
@@ -227,8 +289,8 @@ class ChatCompletionRequest(StrictModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    tool_choice: Any | None = None
-    tools: list[Any] | None = None
+    tool_choice: ToolChoice | None = None
+    tools: list[ChatCompletionToolParam] | None = Field(default=None, max_length=128)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: float | None = Field(default=None, gt=0, le=1)
     user: str | None = None
@@ -252,6 +314,37 @@ class ChatCompletionRequest(StrictModel):
     def unsupported_fields(self) -> list[str]:
         return [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
 
+    def num_choices(self, max_n: int) -> int:
+        return check_n(self.n, max_n)
+
+    def to_tools(self) -> Tools | None:
+        """The tools and how they may be used; None when the request has none."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise InvalidRequest(
+                    "tool_choice needs tools.", param="tool_choice", code="invalid_value"
+                )
+            return None
+        definitions = tuple(t.model_dump(exclude_none=True) for t in self.tools)
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.function.name
+            if choice not in {t.function.name for t in self.tools}:
+                raise InvalidRequest(
+                    f"tool_choice names '{choice}', which is not among the tools.",
+                    param="tool_choice.function.name",
+                    code="invalid_value",
+                )
+        tools = Tools(definitions, choice, self.parallel_tool_calls is not False)
+        if tools.is_forced and self.response_format and self.response_format.type != "text":
+            raise InvalidRequest(
+                "response_format cannot be combined with a named or required tool_choice: "
+                "the answer is the tool call.",
+                param="response_format",
+                code="invalid_value",
+            )
+        return tools
+
     def to_video_mode(
         self, default: Literal["native", "captions"]
     ) -> Literal["native", "captions"]:
@@ -259,11 +352,31 @@ class ChatCompletionRequest(StrictModel):
 
     def to_sampling_params(self, default_temperature: float) -> SamplingParams:
         structured = self.response_format.to_structured() if self.response_format else None
+        tools = self.to_tools()
+        if tools is not None and tools.is_forced:
+            structured = tools.grammar()
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return sampling_params(self, default_temperature, max_tokens, structured)
+        params = sampling_params(self, default_temperature, max_tokens, structured)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "top_logprobs needs logprobs set to true.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        return replace(params, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     def to_messages(self) -> list[ChatMessage]:
         return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+
+
+def check_n(n: int | None, max_n: int) -> int:
+    if n is not None and n > max_n:
+        raise InvalidRequest(
+            f"n must be at most {max_n} on this server (--max-n).",
+            param="n",
+            code="invalid_value",
+        )
+    return n or 1
 
 
 def check_stream_options(body: Any) -> None:
@@ -303,8 +416,12 @@ def sampling_params(
 def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
     # "developer" is OpenAI's newer name for the system role.
     role = "system" if message.role == "developer" else message.role
+    calls = tuple(
+        ToolCall(c.id or "", c.function.name, c.function.arguments)
+        for c in message.tool_calls or ()
+    )
     if message.content is None or isinstance(message.content, str):
-        return ChatMessage(role=role, content=message.content or "")
+        return ChatMessage(role=role, content=message.content or "", tool_calls=calls)
     parts: list[Part] = []
     for j, part in enumerate(message.content):
         param = f"messages[{index}].content[{j}]"
@@ -327,7 +444,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
                 max_pixels=video.max_pixels,
             )
             parts.append(VideoPart(video.url, wishes, param))
-    return ChatMessage(role=role, content=parts)
+    return ChatMessage(role=role, content=parts, tool_calls=calls)
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -337,17 +454,80 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ToolCallOut:
+        return cls(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+    @classmethod
+    def of(cls, info: TokenInfo) -> TopLogprob:
+        return cls(token=info.token, logprob=info.logprob, bytes=list(info.bytes))
+
+
+class ChatCompletionTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, entry: TokenLogprob) -> ChatCompletionTokenLogprob:
+        return cls(
+            token=entry.token,
+            logprob=entry.logprob,
+            bytes=list(entry.bytes),
+            top_logprobs=[TopLogprob.of(t) for t in entry.top],
+        )
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatCompletionTokenLogprob] | None
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+        if entries is None:
+            return None
+        return cls(content=[ChatCompletionTokenLogprob.of(e) for e in entries])
 
 
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
     stop_reason: str | int | None = None  # extension (vLLM's, shown in the Animus reference)
+
+    @classmethod
+    def of(cls, choice: ChoiceResult) -> ChatCompletionChoice:
+        calls = [ToolCallOut.of(c) for c in choice.tool_calls] or None
+        return cls(
+            index=choice.index,
+            message=ChatCompletionMessage(content=choice.content, tool_calls=calls),
+            logprobs=ChoiceLogprobs.of(choice.logprobs),
+            finish_reason=choice.finish_reason,
+            stop_reason=choice.stop_reason,
+        )
 
 
 class PromptTokensDetails(BaseModel):
@@ -407,14 +587,7 @@ class ChatCompletionResponse(BaseModel):
             id=request_id,
             created=int(time.time()),
             model=model,
-            choices=[
-                ChatCompletionChoice(
-                    index=0,
-                    message=ChatCompletionMessage(content=result.text),
-                    finish_reason=result.finish_reason,
-                    stop_reason=result.stop_reason,
-                )
-            ],
+            choices=[ChatCompletionChoice.of(choice) for choice in result.choices],
             usage=Usage.of(*result.run.usage()),
             frames=frames_out(result.run.frames),
         )
@@ -427,15 +600,28 @@ def frames_out(frames: list | None) -> list[FrameCaptionOut] | None:
     return [FrameCaptionOut(timestamp=f.timestamp, caption=f.caption) for f in frames]
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # extension
 
@@ -565,10 +751,7 @@ class MediaJobList(BaseModel):
 
 COMPLETION_UNSUPPORTED_WHEN = {
     "best_of": lambda v: v not in (None, 1),
-    "echo": lambda v: bool(v),
     "logit_bias": lambda v: bool(v),
-    "logprobs": lambda v: v is not None,
-    "n": lambda v: v not in (None, 1),
     "suffix": lambda v: v is not None,
 }
 OPENAI_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
@@ -603,6 +786,18 @@ class CompletionRequest(StrictModel):
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
 
+    def num_choices(self, max_n: int) -> int:
+        """Choices per prompt; echo with logprobs is refused (it needs the prompt's logprobs,
+        which the engine does not compute)."""
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest(
+                "echo cannot be combined with logprobs: this server does not compute the "
+                "prompt's logprobs. Use one or the other.",
+                param="echo",
+                code="unsupported_value",
+            )
+        return check_n(self.n, max_n)
+
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
         prompt = self.prompt
@@ -615,13 +810,40 @@ class CompletionRequest(StrictModel):
         return prompts  # type: ignore[return-value]
 
     def to_sampling_params(self) -> SamplingParams:
-        return sampling_params(self, OPENAI_DEFAULT_TEMPERATURE, self.max_tokens)
+        params = sampling_params(self, OPENAI_DEFAULT_TEMPERATURE, self.max_tokens)
+        return replace(params, logprobs=self.logprobs)
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape (vLLM's): parallel lists, one entry per token; each top_logprobs
+    dict holds the sampled token and the `logprobs` most likely ones."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        """offset: where the first token's text starts in the choice's text."""
+        offsets = []
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry.token)
+        return cls(
+            text_offset=offsets,
+            token_logprobs=[e.logprob for e in entries],
+            tokens=[e.token for e in entries],
+            top_logprobs=[
+                {e.token: e.logprob, **{t.token: t.logprob for t in e.top}} for e in entries
+            ],
+        )
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     stop_reason: str | int | None = None  # extension (vLLM's)
 

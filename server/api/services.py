@@ -33,6 +33,7 @@ class Services:
     jobs: JobStore
     job_worker: JobWorker
     webhooks: WebhookSender
+    max_n: int = 8  # choices per request (n)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     async def submit_job(self, kind: str, request: dict, idempotency_key: str | None) -> Job:

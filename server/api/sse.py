@@ -1,26 +1,32 @@
 """Server-sent events for streamed chat completions, in the chunk format the OpenAI SDK reads:
-a role chunk, content chunks, a chunk with finish_reason, an optional usage chunk (empty
-choices), then `data: [DONE]`."""
+a role chunk per choice, content (or tool-call) chunks, a chunk with each choice's
+finish_reason, an optional usage chunk (empty choices), then `data: [DONE]`."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from server.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
+    ChoiceLogprobs,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     ErrorInfo,
     ErrorResponse,
     FrameCaptionOut,
     Usage,
     frames_out,
 )
-from server.engine.sequence import SequenceOutput
+from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
 from server.pipelines.chat import ChatRun
+from server.pipelines.logprobs import TokenTexts
+from server.pipelines.tools import CallStream, Event, ToolCallDelta, Tools, call_stream
 
 DONE = "data: [DONE]\n\n"
 # No caching, and no buffering by a proxy in front (nginx reads X-Accel-Buffering).
@@ -48,23 +54,41 @@ class ChatChunkWriter:
             "created": self.created,
             "model": model,
         }
-        self._content_prefix = 'data: {"choices":[{"index":0,"delta":{"content":'
         self._content_suffix = (
             '},"logprobs":null,"finish_reason":null}],' + json.dumps(head)[1:] + "\n\n"
         )
 
-    def content(self, text: str) -> str:
-        return self._content_prefix + json.dumps(text) + self._content_suffix
+    def content(self, text: str, index: int = 0) -> str:
+        prefix = 'data: {"choices":[{"index":' + str(index) + ',"delta":{"content":'
+        return prefix + json.dumps(text) + self._content_suffix
 
-    def role(self, frames: list[FrameCaptionOut] | None = None) -> str:
-        return self._event(
-            [ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))],
-            frames=frames,
-        )
+    def role(self, index: int = 0, frames: list[FrameCaptionOut] | None = None) -> str:
+        delta = DeltaMessage(role="assistant", content="")
+        return self._event([ChatCompletionChunkChoice(index=index, delta=delta)], frames=frames)
 
-    def finish(self, output: SequenceOutput) -> str:
+    def delta(self, index: int, event: Event, logprobs: ChoiceLogprobs | None) -> str:
+        """A content piece or a tool-call piece of choice `index`."""
+        if isinstance(event, str):
+            if logprobs is None:
+                return self.content(event, index)
+            delta = DeltaMessage(content=event)
+        else:
+            delta = DeltaMessage(tool_calls=[_tool_call_delta(event)])
+        return self._event([ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+
+    def finish(
+        self,
+        index: int,
+        output: SequenceOutput,
+        finish_reason: str | None,
+        logprobs: ChoiceLogprobs | None = None,
+    ) -> str:
         choice = ChatCompletionChunkChoice(
-            delta=DeltaMessage(), finish_reason=output.finish_reason, stop_reason=output.stop_reason
+            index=index,
+            delta=DeltaMessage(),
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            stop_reason=output.stop_reason,
         )
         return self._event([choice])
 
@@ -86,9 +110,10 @@ class ChatChunkWriter:
             frames=frames,
         ).model_dump(mode="json")
         # As OpenAI streams: every choice carries logprobs and finish_reason (null until the
-        # end), a delta only what it says, and usage only in the usage chunk.
-        for choice in chunk["choices"]:
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        # end), a delta only what it says (a tool call's later pieces: index and arguments),
+        # and usage only in the usage chunk.
+        for choice, model in zip(chunk["choices"], choices, strict=True):
+            choice["delta"] = model.delta.model_dump(mode="json", exclude_none=True)
         if usage is None:
             del chunk["usage"]
         if frames is None:
@@ -96,21 +121,73 @@ class ChatChunkWriter:
         return f"data: {json.dumps(chunk)}\n\n"
 
 
+def _tool_call_delta(event: ToolCallDelta) -> DeltaToolCall:
+    return DeltaToolCall(
+        index=event.index,
+        id=event.id,
+        type="function" if event.id else None,
+        function=DeltaFunctionCall(name=event.name, arguments=event.arguments),
+    )
+
+
+@dataclass
+class ChoiceStream:
+    """One choice's progress through the stream."""
+
+    index: int
+    seq: Sequence
+    calls: CallStream | None  # tools: the text becomes content and tool calls
+    num_logprobs_sent: int = 0
+    has_called: bool = False
+
+    def events(
+        self, output: SequenceOutput, writer: ChatChunkWriter, texts: TokenTexts
+    ) -> list[str]:
+        if self.calls is None:
+            pieces: list[Event] = [output.text_delta] if output.text_delta else []
+        else:
+            pieces = self.calls.feed(output.text_delta)
+            pieces += self.calls.finish() if output.finished else []
+        if not pieces and not output.finished:
+            return []  # the tokens' logprobs go with the next piece of text
+        logprobs = self._logprobs(output, texts)
+        chunks = []
+        for piece in pieces:
+            self.has_called |= isinstance(piece, ToolCallDelta)
+            chunks.append(writer.delta(self.index, piece, logprobs))
+            logprobs = None
+        if output.finished:
+            reason = output.finish_reason
+            if self.has_called and reason == "stop":
+                reason = "tool_calls"
+            chunks.append(writer.finish(self.index, output, reason, logprobs))
+        return chunks
+
+    def _logprobs(self, output: SequenceOutput, texts: TokenTexts) -> ChoiceLogprobs | None:
+        if self.seq.sampling.logprobs is None:
+            return None
+        start, self.num_logprobs_sent = self.num_logprobs_sent, output.num_completion_tokens
+        return ChoiceLogprobs.of(texts.logprobs(self.seq, start, output.num_completion_tokens))
+
+
 async def chat_stream(
     run: ChatRun,
-    first: SequenceOutput,
-    rest: AsyncIterator[SequenceOutput],
+    first: tuple[int, SequenceOutput],
+    rest: AsyncIterator[tuple[int, SequenceOutput]],
     model: str,
     include_usage: bool,
+    texts: TokenTexts,
+    tools: Tools | None = None,
 ) -> AsyncIterator[str]:
+    """first and rest: (choice index, output) of every choice, as they come."""
     writer = ChatChunkWriter(run.seq.request_id, model)
-    yield writer.role(frames_out(run.frames))
+    choices = [ChoiceStream(i, seq, call_stream(tools)) for i, seq in enumerate(run.seqs)]
+    for choice in choices:
+        yield writer.role(choice.index, frames_out(run.frames) if choice.index == 0 else None)
     try:
-        async for output in _prepend(first, rest):
-            if output.text_delta:
-                yield writer.content(output.text_delta)
-            if output.finished:
-                yield writer.finish(output)
+        async for index, output in _prepend(first, rest):
+            for chunk in choices[index].events(output, writer, texts):
+                yield chunk
     except ServerError as exc:
         yield error_event(exc)
     else:
@@ -120,9 +197,8 @@ async def chat_stream(
 
 
 async def _prepend(
-    first: SequenceOutput, rest: AsyncIterator[SequenceOutput]
-) -> AsyncIterator[SequenceOutput]:
+    first: tuple[int, SequenceOutput], rest: AsyncIterator[tuple[int, SequenceOutput]]
+) -> AsyncIterator[tuple[int, SequenceOutput]]:
     yield first
-    if not first.finished:
-        async for output in rest:
-            yield output
+    async for item in rest:
+        yield item

@@ -6,7 +6,11 @@ number of tensor operations (the per-row parameters become tensors once per step
 masks filled on the host and applied together, penalties from one scatter_add over the rows'
 tokens, one sort for top-k/top-p (skipped when no row asks), and sampling by the exponential
 race `argmax(p / Exp(1))`, which needs no host round trip. The step's only device->host
-transfer is the chosen ids.
+transfer is the chosen ids; rows that ask for logprobs add their values to that same
+transfer (one float tensor), computed for those rows only.
+
+Logprobs describe the model's raw distribution, log_softmax of the logits before grammars,
+bans, penalties, temperature and truncation (vLLM's default, `logprobs_mode=raw_logprobs`).
 
 Penalties follow OpenAI (presence / frequency, over generated tokens) and HF (repetition, over
 prompt and generated tokens).
@@ -20,12 +24,13 @@ from typing import Any
 
 import torch
 
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingParams, TokenLogprobs
 from server.engine.structured import GrammarCache
 
 logger = logging.getLogger(__name__)
 
 FAILED = -1  # the token of a row whose grammar failed: the engine fails that request alone
+MIN_LOGPROB = -9999.0  # JSON has no -inf: an impossible token's logprob, as OpenAI and vLLM send
 
 
 @dataclass
@@ -40,6 +45,7 @@ class SamplingState:
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS until min_tokens is reached
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
     grammars: GrammarCache | None = None
+    logprobs: TokenLogprobs | None = None  # the last sampled token's (params.logprobs set)
 
 
 def prompt_seen(
@@ -65,6 +71,9 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     """logits: [batch, vocab] -> one token per row (FAILED for a row whose grammar failed)."""
     logits = logits.float()
+    asking = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    # Before grammars, bans and penalties change the logits in place: the raw distribution.
+    raw = raw_logprobs(logits, asking) if asking else None
     failed = apply_grammars(logits, states)
     ban_tokens(logits, states)
     rows = [i for i, s in enumerate(states) if s.params.has_penalties]
@@ -76,7 +85,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
         where = index(rows, logits)
         drawn = draw(logits.index_select(0, where), [states[i] for i in rows])
         chosen.index_copy_(0, where, drawn)
-    tokens = chosen.tolist()  # the step's one device -> host transfer
+    tokens = to_host(chosen, raw, asking, states)  # the step's one device -> host transfer
     for row, (token, state) in enumerate(zip(tokens, states, strict=True)):
         if row in failed:
             tokens[row] = FAILED
@@ -90,6 +99,41 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
                 logger.warning("the grammar refused the chosen token; failing its request")
                 tokens[row] = FAILED
     return tokens
+
+
+def raw_logprobs(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """[len(rows), vocab] log_softmax of these rows' unprocessed logits."""
+    if len(rows) < logits.shape[0]:
+        logits = logits.index_select(0, index(rows, logits))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def to_host(
+    chosen: torch.Tensor, raw: torch.Tensor | None, rows: list[int], states: list[SamplingState]
+) -> list[int]:
+    """The chosen ids as host ints; rows that ask for logprobs get theirs (state.logprobs)
+    from the same transfer: ids, chosen logprobs, top-k values and top-k ids packed in one
+    float64 tensor (exact for any token id)."""
+    if raw is None:
+        return chosen.tolist()
+    num_top = max(states[row].params.logprobs or 0 for row in rows)
+    picked = raw.gather(1, chosen.index_select(0, index(rows, raw))[:, None])
+    parts = [chosen.double(), picked.view(-1).double()]
+    if num_top:
+        top = torch.topk(raw, num_top, dim=-1)
+        parts += [top.values.reshape(-1).double(), top.indices.reshape(-1).double()]
+    packed = torch.cat(parts).nan_to_num_(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
+    values = packed.tolist()
+    batch, num_rows = len(states), len(rows)
+    top_values = values[batch + num_rows : batch + num_rows * (1 + num_top)]
+    top_ids = values[batch + num_rows * (1 + num_top) :]
+    for j, row in enumerate(rows):
+        start = j * num_top
+        wanted = range(start, start + (states[row].params.logprobs or 0))
+        states[row].logprobs = TokenLogprobs(
+            values[batch + j], tuple((int(top_ids[m]), top_values[m]) for m in wanted)
+        )
+    return [int(v) for v in values[:batch]]
 
 
 def index(rows: list[int], like: torch.Tensor) -> torch.Tensor:

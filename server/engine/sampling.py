@@ -11,6 +11,14 @@ GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's logprob and the step's most likely tokens, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: the server's default, bounded by the context
     temperature: float = 1.0
@@ -25,6 +33,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop tokens are suppressed until this many tokens exist
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     structured: StructuredOutput | None = None  # JSON constrained while decoding
+    # None: no logprobs; k: the chosen token's logprob and the k most likely tokens' (0-20),
+    # from the model's raw distribution (log_softmax of the logits before any processing)
+    logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:

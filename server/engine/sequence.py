@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.inputs import ModelInputs
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class SequenceStatus(enum.Enum):
@@ -47,6 +47,9 @@ class Sequence:
     max_tokens: int
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
+    # One per output token when sampling.logprobs is set (appended on the engine thread before
+    # the output that counts the token is queued, so a reader may slice up to that count).
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     is_aborted: bool = False

@@ -22,6 +22,7 @@ from server.exceptions import InvalidRequest
 from server.media.frames import TokenBudget, VideoMode
 from server.media.video import DecodedVideo
 from server.metrics import Metrics
+from server.pipelines.choices import add_choices
 from server.pipelines.finish import (
     FRAMES_DONE,
     MEDIA_READY,
@@ -31,8 +32,17 @@ from server.pipelines.finish import (
     report,
     share,
 )
+from server.pipelines.logprobs import TokenLogprob, TokenTexts
 from server.pipelines.media_loader import MediaBudget, MediaLoader
-from server.pipelines.messages import ChatMessage, TextPart, VideoPart, parts_of, to_hf_message
+from server.pipelines.messages import (
+    ChatMessage,
+    TextPart,
+    ToolCall,
+    VideoPart,
+    parts_of,
+    to_hf_message,
+)
+from server.pipelines.tools import Tools, parse_answer, render
 from server.pipelines.video_captions import (
     CaptionUsage,
     FrameCaption,
@@ -48,6 +58,8 @@ class ChatRequest:
     sampling: SamplingParams
     video_mode: VideoMode = "native"
     use_scenes: bool = False
+    n: int = 1  # choices, each its own sequence over the one prefilled prompt
+    tools: Tools | None = None
     received_time: float = field(default_factory=time.monotonic)
     # Async jobs: called with the fraction of video frames captioned (captions mode).
     on_progress: ProgressCallback | None = field(default=None, compare=False)
@@ -55,30 +67,47 @@ class ChatRequest:
 
 @dataclass
 class ChatRun:
-    """A started request: its sequence, plus what captions mode did before it."""
+    """A started request: its sequences (one per choice), plus what captions mode did."""
 
-    seq: Sequence
+    seqs: list[Sequence]
     frames: list[FrameCaption] | None = None
     caption_usage: CaptionUsage = CaptionUsage(0, 0, 0)
 
+    @property
+    def seq(self) -> Sequence:
+        return self.seqs[0]
+
     def usage(self) -> tuple[int, int, int, int, int]:
-        """(prompt, image, video, completion, cached) tokens, captioning included."""
+        """(prompt, image, video, completion, cached) tokens, captioning included: the
+        prompt counted once, the completions of every choice summed."""
         inputs, extra = self.seq.inputs, self.caption_usage
         return (
             inputs.num_prompt_tokens + extra.num_prompt_tokens,
             inputs.num_image_tokens,
             inputs.num_video_tokens + extra.num_image_tokens,
-            self.seq.num_completion_tokens + extra.num_completion_tokens,
+            sum(s.num_completion_tokens for s in self.seqs) + extra.num_completion_tokens,
             self.seq.num_cached_tokens + extra.num_cached_tokens,
         )
 
 
 @dataclass
-class ChatResult:
-    text: str
+class ChoiceResult:
+    index: int
+    content: str | None
+    tool_calls: list[ToolCall]
     finish_reason: str
     stop_reason: str | int | None
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class ChatResult:
+    choices: list[ChoiceResult]
     run: ChatRun
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].content or ""
 
 
 class ChatPipeline:
@@ -95,6 +124,7 @@ class ChatPipeline:
         self.input_builder = input_builder
         self.media = media
         self.captioner = FrameCaptioner(engine, input_builder)
+        self.token_texts = TokenTexts(engine.tokenizer)
         self.caption_tokens = caption_tokens
         self.metrics = metrics
         # Fetching and decoding are bounded per request (caps, timeouts) and here in number, so
@@ -105,10 +135,12 @@ class ChatPipeline:
         """Everything that can fail because of the request happens here, before any output."""
         self.engine.check_capacity()  # refuse early, before spending work on the request
         budget = await self.check(request)
+        request = replace(request, messages=render(request.messages, request.tools))
         async with self.preprocessing:
             images = await self.media.images(request.messages, budget)
             run = await self._prepare(request, images, budget)
-        run.seq.received_time = request.received_time
+        for seq in run.seqs:
+            seq.received_time = request.received_time
         return run
 
     async def check(self, request: ChatRequest) -> MediaBudget:
@@ -116,14 +148,15 @@ class ChatPipeline:
         request that can never succeed is a 400 at once rather than a failed job later."""
         self.engine.check_sampling(request.sampling)
         if (structured := request.sampling.structured) is not None:
-            await compile_grammar(self.engine, structured)
+            forced = request.tools is not None and request.tools.is_forced
+            await compile_grammar(self.engine, structured, "tools" if forced else "response_format")
         return self.media.check_counts(request.messages)
 
     async def check_for_job(self, request: ChatRequest) -> None:
         """check, and what a job would otherwise find out only when it runs: text (and
         max_tokens) that alone overflow the context, whatever the media add."""
         await self.check(request)
-        hf_messages = [to_hf_message(m) for m in request.messages]
+        hf_messages = [to_hf_message(m) for m in render(request.messages, request.tools)]
         text_tokens = await asyncio.to_thread(self.input_builder.count_text_tokens, hf_messages)
         self.engine.max_tokens_for(text_tokens, request.sampling)
 
@@ -148,7 +181,7 @@ class ChatPipeline:
         frames = [VideoFrames(v.frames, v.plan.timestamps, v.info.duration_s) for v in videos]
         hf_messages = [to_hf_message(m) for m in messages]
         inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images, frames)
-        return ChatRun(self._add(request, inputs))
+        return ChatRun(await self._add(request, inputs))
 
     async def _captioned(
         self, request: ChatRequest, images: list[Image.Image], videos: list[DecodedVideo]
@@ -175,7 +208,7 @@ class ChatPipeline:
         messages = _replace_videos(request.messages, texts)
         hf_messages = [to_hf_message(m) for m in messages]
         inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
-        return ChatRun(self._add(request, inputs), all_captions, usage)
+        return ChatRun(await self._add(request, inputs), all_captions, usage)
 
     async def _video_budget(
         self, request: ChatRequest, images: list[Image.Image], num_videos: int
@@ -192,8 +225,10 @@ class ChatPipeline:
             fixed + share, text_tokens + image_tokens, max_tokens, self.caption_tokens
         )
 
-    def _add(self, request: ChatRequest, inputs: ModelInputs) -> Sequence:
-        return self.engine.add_request(request.request_id, inputs, request.sampling)
+    async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:
+        return await add_choices(
+            self.engine, request.request_id, inputs, request.sampling, request.n
+        )
 
     async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
         first = True
@@ -214,23 +249,45 @@ class ChatPipeline:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         run = await self.start(request)
-        pieces = [output.text_delta async for output in self.outputs(run.seq)]
-        return ChatResult(
-            text="".join(pieces),
-            finish_reason=run.seq.finish_reason or "stop",
-            stop_reason=run.seq.stop_reason,
-            run=run,
+        try:
+            texts = await asyncio.gather(*(self._text(seq) for seq in run.seqs))
+        except BaseException:
+            for seq in run.seqs:
+                self.engine.abort(seq.request_id)
+            raise
+        choices = [
+            self._choice(i, seq, text, request.tools)
+            for i, (seq, text) in enumerate(zip(run.seqs, texts, strict=True))
+        ]
+        return ChatResult(choices, run)
+
+    async def _text(self, seq: Sequence) -> str:
+        return "".join([output.text_delta async for output in self.outputs(seq)])
+
+    def _choice(self, index: int, seq: Sequence, text: str, tools: Tools | None) -> ChoiceResult:
+        answer = parse_answer(text, tools)
+        finish_reason = seq.finish_reason or "stop"
+        if answer.tool_calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        logprobs = None
+        if seq.sampling.logprobs is not None:
+            logprobs = self.token_texts.logprobs(seq, 0, seq.num_completion_tokens)
+        return ChoiceResult(
+            index, answer.content, answer.tool_calls, finish_reason, seq.stop_reason, logprobs
         )
 
 
-async def compile_grammar(engine: AsyncEngine, spec: StructuredOutput) -> None:
-    """Compiling can take seconds for a new schema: off the event loop, before queueing."""
+async def compile_grammar(
+    engine: AsyncEngine, spec: StructuredOutput, param: str = "response_format"
+) -> None:
+    """Compiling can take seconds for a new schema: off the event loop, before queueing.
+    param: where the schema came from (response_format, or the tools of a forced choice)."""
     try:
         await asyncio.to_thread(engine.compile_grammar, spec)
     except InvalidSchema as exc:
         raise InvalidRequest(
-            f"response_format: the JSON schema cannot be used: {exc}",
-            param="response_format",
+            f"{param}: the JSON schema cannot be used: {exc}",
+            param=param,
             code="invalid_schema",
         ) from None
 

@@ -1,5 +1,5 @@
 """Text completions (POST /v1/completions): prompts as text or token ids, no chat template,
-no media; each prompt is a sequence of its own, all added to the engine together."""
+no media; each prompt's n choices are sequences of their own (see choices.add_choices)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from server.engine.inputs import ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
+from server.pipelines.choices import add_choices
 from server.pipelines.finish import raise_for_finish
+from server.pipelines.logprobs import TokenTexts
 
 PARAM = "prompt"
 
@@ -24,19 +26,49 @@ class TextCompletions:
         self.engine = engine
         self.tokenizer = tokenizer
         self.media_token_ids = frozenset(media_token_ids)
+        self.token_texts = TokenTexts(tokenizer)
 
     async def start(
-        self, request_id: str, prompts: list[str | list[int]], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompts: list[str | list[int]],
+        sampling: SamplingParams,
+        n: int = 1,
     ) -> list[Sequence]:
+        """Every prompt's n choices, prompt by prompt (choice k of prompt p: p * n + k)."""
         self.engine.check_capacity()  # refuse early, before tokenizing
         inputs = await asyncio.to_thread(lambda: [self._inputs(p) for p in prompts])
-        requests = [(f"{request_id}-{i}", x, sampling) for i, x in enumerate(inputs)]
         try:
-            return self.engine.add_requests(requests)
+            if n == 1:  # all in one batch
+                requests = [(f"{request_id}-{i}", x, sampling) for i, x in enumerate(inputs)]
+                return self.engine.add_requests(requests)
+            return await self._add_choices(request_id, inputs, sampling, n)
         except ServerError as exc:  # the engine names chat's field
             if exc.param == "messages":
                 exc.param = PARAM
             raise
+
+    async def _add_choices(
+        self, request_id: str, inputs: list[ModelInputs], sampling: SamplingParams, n: int
+    ) -> list[Sequence]:
+        groups = await asyncio.gather(
+            *(
+                add_choices(self.engine, f"{request_id}-{i}", x, sampling, n)
+                for i, x in enumerate(inputs)
+            ),
+            return_exceptions=True,
+        )
+        failed = [g for g in groups if isinstance(g, BaseException)]
+        if failed:  # the other prompts' choices are not worth running alone
+            for group in groups:
+                for seq in group if isinstance(group, list) else []:
+                    self.engine.abort(seq.request_id)
+            raise failed[0]
+        return [seq for group in groups for seq in group]  # type: ignore[union-attr]
+
+    def prompt_text(self, prompt: str | list[int]) -> str:
+        """What echo shows of a prompt."""
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
     def _inputs(self, prompt: str | list[int]) -> ModelInputs:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -32,9 +32,19 @@ Part = TextPart | ImagePart | VideoPart
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made (in the history) or makes (in an answer)."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str | list[Part]
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant messages only
 
 
 def parts_of(messages: list[ChatMessage], kind: type) -> list[Any]:

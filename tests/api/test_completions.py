@@ -76,9 +76,10 @@ async def test_streaming_equals_non_streaming(client: httpx.AsyncClient) -> None
 @pytest.mark.parametrize(
     "extra,param",
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": 2}, "logprobs"),
-        ({"echo": True}, "echo"),
+        ({"n": 9}, "n"),  # above --max-n (8)
+        ({"logprobs": 21}, "logprobs"),
+        ({"echo": True, "logprobs": 1}, "echo"),  # needs the prompt's logprobs
+        ({"best_of": 2}, "best_of"),
         ({"suffix": "x"}, "suffix"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": "<|vision_start|><|image_pad|><|vision_end|>"}, "prompt"),
@@ -89,3 +90,74 @@ async def test_refusals_name_the_field(client: httpx.AsyncClient, extra: dict, p
     response = await complete(client, **{"prompt": "Hi", **extra})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+async def test_logprobs_in_vllms_legacy_shape(client: httpx.AsyncClient) -> None:
+    response = await complete(client, prompt="Once upon", max_tokens=5, logprobs=3, ignore_eos=True)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 5
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert logprobs["text_offset"][0] == 0
+    for token, logprob, top, offset, next_offset in zip(
+        logprobs["tokens"],
+        logprobs["token_logprobs"],
+        logprobs["top_logprobs"],
+        logprobs["text_offset"],
+        [*logprobs["text_offset"][1:], len(choice["text"])],
+        strict=True,
+    ):
+        assert logprob <= 0 and top[token] == logprob
+        assert 3 <= len(top) <= 4  # the 3 most likely, and the sampled token
+        assert max(top.values()) >= logprob
+        assert next_offset - offset == len(token)
+
+
+async def test_greedy_logprobs_pick_the_most_likely_token(client: httpx.AsyncClient) -> None:
+    response = await complete(client, prompt="Hello", max_tokens=4, logprobs=1, temperature=0)
+    logprobs = response.json()["choices"][0]["logprobs"]
+    for token, logprob, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        assert len(top) == 1 and top == {token: logprob}  # greedy: the sampled is the top one
+
+
+async def test_echo_and_n(client: httpx.AsyncClient) -> None:
+    body = {"prompt": ["The sky is", "Hi"], "max_tokens": 3, "temperature": 1.0, "seed": 5}
+    response = await complete(client, **body, n=3, echo=True, ignore_eos=True)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    choices = result["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    assert all(c["text"].startswith("The sky is") for c in choices[:3])
+    assert all(c["text"].startswith("Hi") for c in choices[3:])
+    alone = [(await complete(client, prompt=p, max_tokens=1)).json() for p in body["prompt"]]
+    usage = result["usage"]
+    assert usage["completion_tokens"] == 18
+    # each prompt counted once, not once per choice
+    assert usage["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert len({c["text"] for c in choices[:3]}) > 1  # choice i samples with seed + i
+    again = await complete(client, **body, n=3, echo=True, ignore_eos=True)
+    assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in choices]
+
+
+async def test_streamed_n_logprobs_and_echo(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "A", "max_tokens": 4, "temperature": 0.8, "seed": 3, "ignore_eos": True}
+    full = (await complete(client, **body, n=2, logprobs=2)).json()
+    texts, tokens, finished = {0: "", 1: ""}, {0: [], 1: []}, {}
+    payload = {"model": "tiny", **body, "n": 2, "logprobs": 2, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=payload) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                    texts[choice["index"]] += choice["text"]
+                    tokens[choice["index"]] += choice["logprobs"]["tokens"]
+                    finished[choice["index"]] = choice["finish_reason"]
+    for index, choice in enumerate(full["choices"]):
+        assert texts[index] == choice["text"] and tokens[index] == choice["logprobs"]["tokens"]
+    assert finished == {0: "length", 1: "length"}
+    echoed = await complete(client, **{**body, "stream": True}, echo=True)
+    assert echoed.status_code == 200
+    first = next(line for line in echoed.text.splitlines() if line.startswith("data: {"))
+    assert json.loads(first.removeprefix("data: "))["choices"][0]["text"].startswith("A")

@@ -124,19 +124,24 @@ BAD_BODIES = {
         "frobnicate",
         "unknown_parameter",
     ),
-    "n > 1": (
-        {"model": "tiny", "messages": user(TEXT), "n": 2},
+    "n above --max-n": (
+        {"model": "tiny", "messages": user(TEXT), "n": 9},
         "n",
-        "unsupported_parameter",
+        "invalid_value",
     ),
-    "tools": (
+    "a tool without its function": (
         {"model": "tiny", "messages": user(TEXT), "tools": [{"type": "function"}]},
-        "tools",
-        "unsupported_parameter",
+        "tools[0].function",
+        "invalid_value",
     ),
-    "logprobs": (
-        {"model": "tiny", "messages": user(TEXT), "logprobs": True},
-        "logprobs",
+    "top_logprobs without logprobs": (
+        {"model": "tiny", "messages": user(TEXT), "top_logprobs": 2},
+        "top_logprobs",
+        "invalid_value",
+    ),
+    "logit_bias": (
+        {"model": "tiny", "messages": user(TEXT), "logit_bias": {"5": 1.0}},
+        "logit_bias",
         "unsupported_parameter",
     ),
     "response_format json_schema without a schema": (
@@ -374,10 +379,11 @@ async def test_param_paths_inside_parts_name_the_field_once(client) -> None:
 
 
 async def test_unsupported_message_fields_are_refused_by_name(client) -> None:
-    message = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}
+    call = {"name": "f", "arguments": "{}"}
+    message = {"role": "assistant", "content": None, "function_call": call}
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}, message]}
     response = await client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 400 and "tool_calls" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "function_call" in response.json()["error"]["message"]
 
 
 async def test_bad_json_schema_error_has_no_library_internals(client) -> None:

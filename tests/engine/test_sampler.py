@@ -222,3 +222,36 @@ def test_a_token_the_grammar_refuses_fails_the_row() -> None:
     refused = state(SamplingParams(temperature=0), grammars=grammars)
     refused.matcher = RefusingMatcher()
     assert sample(torch.randn(1, VOCAB), [refused]) == [FAILED]
+
+
+def test_logprobs_ride_in_the_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that ask get the chosen token's raw logprob and the top k (log_softmax of the
+    unprocessed logits); rows that do not ask get nothing; still one host transfer."""
+    logits = torch.randn(4, VOCAB)
+    logits[2, 11] = 50.0  # a penalty below makes another token win, yet the raw logprob stays
+    states = mixed_states(4)
+    asking = {
+        1: SamplingParams(temperature=0.7, top_p=0.9, logprobs=3),
+        2: SamplingParams(temperature=0, frequency_penalty=2.0, logprobs=0),
+    }
+    for row, params in asking.items():
+        states[row] = state(params, outputs=(11,) * 30)
+    calls: Counter[str] = Counter()
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(
+        torch.Tensor, "tolist", lambda self: calls.update(["tolist"]) or original(self)
+    )
+    tokens = sample(logits.clone(), states)
+    monkeypatch.undo()
+    assert calls == {"tolist": 1}
+    raw = torch.log_softmax(logits, dim=-1)
+    assert states[0].logprobs is None and states[3].logprobs is None
+    one = states[1].logprobs
+    assert one is not None and len(one.top) == 3
+    assert abs(one.logprob - raw[1, tokens[1]].item()) < 1e-5
+    top = torch.topk(raw[1], 3)
+    assert [t for t, _ in one.top] == top.indices.tolist()
+    assert all(abs(lp - v) < 1e-5 for (_, lp), v in zip(one.top, top.values.tolist(), strict=True))
+    two = states[2].logprobs
+    assert tokens[2] != 11 and two is not None and two.top == ()
+    assert abs(two.logprob - raw[2, tokens[2]].item()) < 1e-5

@@ -28,6 +28,7 @@ from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsuppo
 from server.jobs.store import Job
 from server.jobs.worker import Handler, Progress, engine_request_id
 from server.pipelines.chat import ChatPipeline, ChatRequest
+from server.pipelines.choices import merged
 
 T = TypeVar("T")
 SSE_EVENT_SCHEMA = {
@@ -125,6 +126,9 @@ def _chat_request(
         sampling=body.to_sampling_params(default_temperature),
         video_mode=body.to_video_mode(default_video_mode),
         use_scenes=bool(body.use_scenes),
+        # a job's n was checked when it was accepted
+        n=body.num_choices(services.max_n) if services is not None else body.n or 1,
+        tools=body.to_tools(),
     )
 
 
@@ -140,12 +144,13 @@ async def _complete(
         result = await until_disconnected(request, services.chat.complete(chat_request))
         return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)
     run = await until_disconnected(request, services.chat.start(chat_request))
-    outputs = services.chat.outputs(run.seq)
+    outputs = merged([services.chat.outputs(seq) for seq in run.seqs])
     # Wait for the first token before answering 200, so a queue timeout is still a 503.
     first = await until_disconnected(request, anext(outputs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    texts, tools = services.chat.token_texts, chat_request.tools
     return StreamingResponse(
-        chat_stream(run, first, outputs, body.model, include_usage),
+        chat_stream(run, first, outputs, body.model, include_usage, texts, tools),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )

@@ -7,12 +7,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.protocol import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Usage,
@@ -23,6 +25,8 @@ from server.api.services import Services, get_services
 from server.api.sse import DONE, SSE_HEADERS, error_event
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError, refuse_unsupported
+from server.pipelines.choices import merged
+from server.pipelines.logprobs import TokenTexts
 
 router = APIRouter(responses=RESPONSES)
 
@@ -34,78 +38,98 @@ async def completions(
     services.check_model(body.model)
     refuse_unsupported(body.unsupported_fields())
     check_stream_options(body)
+    n = body.num_choices(services.max_n)
+    prompts = body.prompts()
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    start = services.completions.start(response_id, body.prompts(), body.to_sampling_params())
+    pipeline = services.completions
+    start = pipeline.start(response_id, prompts, body.to_sampling_params(), n)
     seqs = await until_disconnected(request, start)
+    # echo: each choice's text starts with its prompt (choice k answers prompt k // n)
+    echoes = [pipeline.prompt_text(prompts[k // n]) if body.echo else "" for k in range(len(seqs))]
     if not body.stream:
-        texts = await until_disconnected(
-            request, asyncio.gather(*(services.completions.text(s) for s in seqs))
-        )
+        texts = await until_disconnected(request, asyncio.gather(*(pipeline.text(s) for s in seqs)))
         choices = [
-            CompletionChoice(
-                index=i, text=t, finish_reason=s.finish_reason, stop_reason=s.stop_reason
-            )
-            for i, (s, t) in enumerate(zip(seqs, texts, strict=True))
+            _choice(k, seq, echoes[k], text, pipeline.token_texts)
+            for k, (seq, text) in enumerate(zip(seqs, texts, strict=True))
         ]
         return CompletionResponse(
             id=response_id,
             created=int(time.time()),
             model=body.model,
             choices=choices,
-            usage=usage_of(seqs),
+            usage=usage_of(seqs, n),
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = merged([services.completions.outputs(s) for s in seqs])
+    events = merged([pipeline.outputs(s) for s in seqs])
+    streams = [ChoiceStream(k, seq, echoes[k]) for k, seq in enumerate(seqs)]
     return StreamingResponse(
-        stream(response_id, body.model, seqs, events, include_usage),
+        stream(response_id, body.model, streams, events, include_usage, pipeline.token_texts, n),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
 
 
-def usage_of(seqs: list[Sequence]) -> Usage:
-    prompt = sum(s.inputs.num_prompt_tokens for s in seqs)
+def _choice(index: int, seq: Sequence, echo: str, text: str, texts: TokenTexts) -> CompletionChoice:
+    logprobs = None
+    if seq.sampling.logprobs is not None:
+        entries = texts.logprobs(seq, 0, seq.num_completion_tokens)
+        logprobs = CompletionLogprobs.of(entries, len(echo))
+    return CompletionChoice(
+        index=index,
+        text=echo + text,
+        logprobs=logprobs,
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )
+
+
+def usage_of(seqs: list[Sequence], n: int) -> Usage:
+    """Each prompt counted once (its n choices share it), every choice's completion."""
+    firsts = seqs[::n]
+    prompt = sum(s.inputs.num_prompt_tokens for s in firsts)
     completion = sum(s.num_completion_tokens for s in seqs)
-    return Usage.of(prompt, 0, 0, completion, sum(s.num_cached_tokens for s in seqs))
+    return Usage.of(prompt, 0, 0, completion, sum(s.num_cached_tokens for s in firsts))
 
 
-async def merged(
-    streams: list[AsyncIterator[SequenceOutput]],
-) -> AsyncIterator[tuple[int, SequenceOutput]]:
-    """(prompt index, output) from every stream as they come; the first error ends all."""
-    queue: asyncio.Queue[tuple[int, SequenceOutput | BaseException | None]] = asyncio.Queue()
+@dataclass
+class ChoiceStream:
+    """One choice's progress through the stream: echo not yet sent, text and logprobs sent."""
 
-    async def pump(index: int, outputs: AsyncIterator[SequenceOutput]) -> None:
-        try:
-            async for output in outputs:
-                queue.put_nowait((index, output))
-        except Exception as exc:
-            queue.put_nowait((index, exc))
-        finally:
-            queue.put_nowait((index, None))
+    index: int
+    seq: Sequence
+    echo: str
+    num_chars: int = 0
+    num_logprobs_sent: int = 0
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
+    def choice(self, output: SequenceOutput, texts: TokenTexts) -> dict | None:
+        text, self.echo = self.echo + output.text_delta, ""
+        if not text and not output.finished:
+            return None  # the tokens' logprobs go with the next piece of text
+        logprobs = None
+        if self.seq.sampling.logprobs is not None:
+            start, end = self.num_logprobs_sent, output.num_completion_tokens
+            offset = self.num_chars + len(text) - len(output.text_delta)
+            entries = texts.logprobs(self.seq, start, end)
+            logprobs = CompletionLogprobs.of(entries, offset).model_dump()
+            self.num_logprobs_sent = end
+        self.num_chars += len(text)
+        return {
+            "index": self.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": output.finish_reason if output.finished else None,
+            "stop_reason": output.stop_reason if output.finished else None,
+        }
 
 
 async def stream(
     response_id: str,
     model: str,
-    seqs: list[Sequence],
+    choices: list[ChoiceStream],
     events: AsyncIterator[tuple[int, SequenceOutput]],
     include_usage: bool,
+    texts: TokenTexts,
+    n: int,
 ) -> AsyncIterator[str]:
     created = int(time.time())
 
@@ -123,18 +147,11 @@ async def stream(
 
     try:
         async for index, output in events:
-            if output.text_delta or output.finished:
-                choice = {
-                    "index": index,
-                    "text": output.text_delta,
-                    "logprobs": None,
-                    "finish_reason": output.finish_reason if output.finished else None,
-                    "stop_reason": output.stop_reason if output.finished else None,
-                }
+            if (choice := choices[index].choice(output, texts)) is not None:
                 yield chunk([choice])
     except ServerError as exc:
         yield error_event(exc)
     else:
         if include_usage:
-            yield chunk([], usage_of(seqs))
+            yield chunk([], usage_of([c.seq for c in choices], n))
     yield DONE

@@ -1,0 +1,80 @@
+"""Several choices (`n`) for one prompt, and the streams of several sequences as one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from server.engine.engine import AsyncEngine
+from server.engine.inputs import ModelInputs
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence, SequenceOutput
+
+SEED_MODULUS = 2**64  # torch generators take 64-bit seeds
+# How often to look whether the first choice's prompt is in the KV cache. The engine thread
+# sets first_token_time after the prefill step; a short poll keeps the engine untouched.
+PREFILL_POLL_S = 0.005
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice i samples with seed + i: each choice differs, and each is reproducible."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index) % SEED_MODULUS)
+
+
+def choice_id(request_id: str, index: int) -> str:
+    return request_id if index == 0 else f"{request_id}-{index}"
+
+
+async def add_choices(
+    engine: AsyncEngine, request_id: str, inputs: ModelInputs, sampling: SamplingParams, n: int
+) -> list[Sequence]:
+    """n sequences of one prompt, prefilled once: the first goes alone, and once its prompt
+    is computed the others join and find its KV blocks in the prefix cache (all but the last,
+    partial block, which each computes again)."""
+    first = engine.add_request(choice_id(request_id, 0), inputs, sampling)
+    if n == 1:
+        return [first]
+    try:
+        while first.first_token_time is None and not first.is_finished:
+            await asyncio.sleep(PREFILL_POLL_S)
+        rest = [
+            (choice_id(request_id, i), inputs, choice_sampling(sampling, i)) for i in range(1, n)
+        ]
+        return [first, *engine.add_requests(rest)]
+    except BaseException:
+        engine.abort(first.request_id)
+        raise
+
+
+async def merged(
+    streams: list[AsyncIterator[SequenceOutput]],
+) -> AsyncIterator[tuple[int, SequenceOutput]]:
+    """(stream index, output) from every stream as they come; the first error ends all."""
+    queue: asyncio.Queue[tuple[int, SequenceOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, outputs: AsyncIterator[SequenceOutput]) -> None:
+        try:
+            async for output in outputs:
+                queue.put_nowait((index, output))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,76 @@
+"""Logprobs as clients read them: each sampled token's text, bytes and logprob, and the step's
+most likely alternatives. The values are the model's raw distribution (see engine/sampler.py)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine.sampling import TokenLogprobs
+from server.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob(TokenInfo):
+    top: tuple[TokenInfo, ...]  # the most likely tokens of that step, most likely first
+
+
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for bytes (GPT-2's table, which Qwen's uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenTexts:
+    """Token id -> (text, bytes), cached. A token may be part of a character: its bytes are
+    exact, its text then shows U+FFFD for the incomplete part (as vLLM's does)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        found = self._cache.get(token_id)
+        if found is None:
+            found = self._cache[token_id] = self._describe(token_id)
+        return found
+
+    def _describe(self, token_id: int) -> tuple[str, bytes]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:  # the model's vocabulary is padded past the tokenizer's
+            return "", b""
+        byte_of = _byte_of_char()
+        if token_id in self.tokenizer.added_tokens_decoder or not all(c in byte_of for c in piece):
+            raw = piece.encode()
+        else:
+            raw = bytes(byte_of[c] for c in piece)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def info(self, token_id: int, logprob: float) -> TokenInfo:
+        text, raw = self(token_id)
+        return TokenInfo(text, raw, logprob)
+
+    def logprobs(self, seq: Sequence, start: int, end: int) -> list[TokenLogprob]:
+        """The sequence's output tokens [start, end) with their logprobs."""
+        ids = seq.output_token_ids[start:end]
+        entries: list[TokenLogprobs] = seq.output_logprobs[start:end]
+        return [
+            TokenLogprob(*self(token_id), e.logprob, tuple(self.info(t, lp) for t, lp in e.top))
+            for token_id, e in zip(ids, entries, strict=True)
+        ]

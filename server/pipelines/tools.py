@@ -1,0 +1,305 @@
+"""Tool calling the way Qwen models do it (the "hermes" format vLLM parses for them).
+
+The tools go into the system prompt as Qwen2.5's chat template writes them (Qwen2-VL's and
+Qwen2.5-VL's templates do not render tools, so we render them for every checkpoint): a
+"# Tools" block listing each tool as JSON inside <tools></tools>. The model then answers
+`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, possibly several; earlier calls
+in the history are written the same way and tool results go back as a user turn of
+<tool_response> blocks. A named or `required` tool_choice decodes under a JSON-schema grammar
+(the arguments object of that function; a list of calls), so the arguments always parse.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from server.engine.structured import StructuredOutput
+from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
+
+QWEN2_VL_DEFAULT_SYSTEM = "You are a helpful assistant."  # what its template puts first
+TOOLS_HEADER = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass(frozen=True)
+class Tools:
+    definitions: tuple[dict[str, Any], ...]  # {"type": "function", "function": {...}} each
+    choice: str = "auto"  # none | auto | required | the name of the function to call
+    parallel: bool = True  # several calls in one answer
+
+    @property
+    def named(self) -> str | None:
+        return None if self.choice in ("none", "auto", "required") else self.choice
+
+    @property
+    def is_forced(self) -> bool:
+        return self.choice not in ("none", "auto")
+
+    def parameters(self, name: str) -> dict[str, Any]:
+        for tool in self.definitions:
+            if tool["function"]["name"] == name:
+                return tool["function"].get("parameters") or {"type": "object"}
+        raise KeyError(name)
+
+    def grammar(self) -> StructuredOutput | None:
+        """What a forced choice decodes under: the named function's arguments, or a list of
+        {"name", "parameters"} calls (vLLM's form for `required`)."""
+        if self.named is not None:
+            return StructuredOutput.json_schema(self.parameters(self.named))
+        if self.choice != "required":
+            return None
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [t["function"]["name"]]},
+                    "parameters": self.parameters(t["function"]["name"]),
+                },
+                "required": ["name", "parameters"],
+            }
+            for t in self.definitions
+        ]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return StructuredOutput.json_schema(schema)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# -- the prompt -------------------------------------------------------------------------------
+
+
+def render(messages: list[ChatMessage], tools: Tools | None) -> list[ChatMessage]:
+    """Messages as Qwen's tool-aware templates write them, for a template that knows only
+    system / user / assistant: the tools in the system prompt, calls and results as text."""
+    rendered: list[ChatMessage] = []
+    for message in messages:
+        if message.role == "tool":
+            block = f"<tool_response>\n{_text(message.content)}\n</tool_response>"
+            if rendered and rendered[-1].role == "user" and _is_tool_turn(rendered[-1]):
+                block = f"{rendered[-1].content}\n{block}"
+                rendered.pop()
+            rendered.append(ChatMessage("user", block))
+        elif message.tool_calls:
+            calls = "\n".join(_call_text(c) for c in message.tool_calls)
+            content = _text(message.content)
+            rendered.append(ChatMessage("assistant", f"{content}\n{calls}" if content else calls))
+        else:
+            rendered.append(message)
+    if tools is None or tools.choice == "none" or not tools.definitions:
+        return rendered
+    block = TOOLS_HEADER + "".join(
+        "\n" + json.dumps(t, ensure_ascii=False) for t in tools.definitions
+    )
+    block += TOOLS_FOOTER
+    if rendered and rendered[0].role == "system":
+        return [_append(rendered[0], block), *rendered[1:]]
+    return [ChatMessage("system", QWEN2_VL_DEFAULT_SYSTEM + block), *rendered]
+
+
+def _is_tool_turn(message: ChatMessage) -> bool:
+    return isinstance(message.content, str) and message.content.startswith("<tool_response>")
+
+
+def _call_text(call: ToolCall) -> str:
+    # Qwen's template: '{"name": "' + name + '", "arguments": ' + arguments | tojson + '}'
+    arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "{call.name}", "arguments": {arguments}}}\n</tool_call>'
+
+
+def _text(content: str | list[Part]) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content if isinstance(p, TextPart))
+
+
+def _append(message: ChatMessage, text: str) -> ChatMessage:
+    if isinstance(message.content, str):
+        return replace(message, content=message.content + text)
+    return replace(message, content=[*message.content, TextPart(text)])
+
+
+# -- the answer -------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of a streamed call, as OpenAI streams them: the first piece of call `index`
+    has its id and name, later pieces append to its arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+Event = str | ToolCallDelta  # content text, or a piece of a tool call
+
+
+class CallParser:
+    """Hermes-format calls out of free text (tool_choice auto), fed as the text streams.
+    Text outside <tool_call> blocks is content; a block whose JSON does not parse stays
+    content too; a partial "<tool_call>" tag is held back until it is known."""
+
+    def __init__(self, parallel: bool = True):
+        self.parallel = parallel
+        self.pending = ""
+        self.in_call = False
+        self.num_calls = 0
+
+    def feed(self, text: str) -> list[Event]:
+        self.pending += text
+        events: list[Event] = []
+        while True:
+            tag = CALL_CLOSE if self.in_call else CALL_OPEN
+            at = self.pending.find(tag)
+            if at < 0:
+                break
+            before, self.pending = self.pending[:at], self.pending[at + len(tag) :]
+            events += self._call(before) if self.in_call else self._content(before)
+            self.in_call = not self.in_call
+        if not self.in_call:
+            keep = _partial_tag_length(self.pending)
+            events += self._content(self.pending[: len(self.pending) - keep])
+            self.pending = self.pending[len(self.pending) - keep :]
+        return events
+
+    def finish(self) -> list[Event]:
+        """The end of the text: an unclosed call that parses still counts (vLLM's rule)."""
+        rest, self.pending = self.pending, ""
+        if self.in_call:
+            self.in_call = False
+            return self._call(rest, unclosed=True)
+        return self._content(rest)
+
+    def _content(self, text: str) -> list[Event]:
+        # Whitespace between and after calls is layout, not an answer.
+        return [text] if text and (not self.num_calls or text.strip()) else []
+
+    def _call(self, body: str, unclosed: bool = False) -> list[Event]:
+        call = parse_call(body)
+        if call is None:
+            raw = CALL_OPEN + body + ("" if unclosed else CALL_CLOSE)
+            return [raw]
+        if self.num_calls and not self.parallel:
+            return []  # parallel_tool_calls false: the first call only
+        self.num_calls += 1
+        return [ToolCallDelta(self.num_calls - 1, new_call_id(), *call)]
+
+
+def _partial_tag_length(text: str) -> int:
+    """How many trailing characters could be the start of "<tool_call>"."""
+    for length in range(min(len(text), len(CALL_OPEN) - 1), 0, -1):
+        if CALL_OPEN.startswith(text[-length:]):
+            return length
+    return 0
+
+
+def parse_call(body: str) -> tuple[str, str] | None:
+    """(name, arguments JSON) of a {"name": ..., "arguments": {...}} object, or None."""
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return call["name"], arguments
+
+
+class NamedCall:
+    """tool_choice names a function: the whole answer is its arguments (under a grammar),
+    streamed as they come."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.started = False
+
+    def feed(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        if self.started:
+            return [ToolCallDelta(0, arguments=text)]
+        self.started = True
+        return [ToolCallDelta(0, new_call_id(), self.name, text)]
+
+    def finish(self) -> list[Event]:
+        return []
+
+
+class RequiredCalls:
+    """tool_choice required: the answer is a JSON list of {"name", "parameters"} (under a
+    grammar); the calls go out once the list is complete."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def feed(self, text: str) -> list[Event]:
+        self.text += text
+        return []
+
+    def finish(self) -> list[Event]:
+        try:
+            calls = json.loads(self.text)
+            return [
+                ToolCallDelta(i, new_call_id(), c["name"], json.dumps(c["parameters"]))
+                for i, c in enumerate(calls)
+            ]
+        except (ValueError, TypeError, KeyError):  # cut short by max_tokens: as text
+            return [self.text] if self.text else []
+
+
+CallStream = CallParser | NamedCall | RequiredCalls
+
+
+def call_stream(tools: Tools | None) -> CallStream | None:
+    """How one choice's text becomes content and calls; None when tools play no part."""
+    if tools is None or tools.choice == "none":
+        return None
+    if tools.named is not None:
+        return NamedCall(tools.named)
+    if tools.choice == "required":
+        return RequiredCalls()
+    return CallParser(tools.parallel)
+
+
+@dataclass
+class ParsedAnswer:
+    content: str | None
+    tool_calls: list[ToolCall]
+
+
+def parse_answer(text: str, tools: Tools | None) -> ParsedAnswer:
+    """A whole answer's content and calls (the same parser the stream uses)."""
+    stream = call_stream(tools)
+    if stream is None:
+        return ParsedAnswer(text, [])
+    events = stream.feed(text) + stream.finish()
+    content = "".join(e for e in events if isinstance(e, str))
+    calls: dict[int, ToolCall] = {}
+    for event in events:
+        if isinstance(event, ToolCallDelta):
+            known = calls.get(event.index)
+            if known is None:
+                calls[event.index] = ToolCall(event.id or "", event.name or "", event.arguments)
+            else:
+                calls[event.index] = replace(known, arguments=known.arguments + event.arguments)
+    if calls and not content.strip():
+        return ParsedAnswer(None, list(calls.values()))
+    return ParsedAnswer(content, list(calls.values()))
