@@ -205,8 +205,11 @@ def serve_in_thread(settings: Settings) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def server_process(log_path: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real `vlm-server serve ARGS` process on a free port; yields (base URL, process)."""
+def server_process(
+    log_path: Path, *args: str, new_session: bool = False
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `vlm-server serve ARGS` process on a free port; yields (base URL, process).
+    new_session: in a process group of its own, as a terminal's Ctrl-C would reach it."""
     port = free_port()
     script = Path(sys.executable).with_name("vlm-server")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "server"]
@@ -218,6 +221,7 @@ def server_process(log_path: Path, *args: str) -> Iterator[tuple[str, subprocess
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=new_session,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

@@ -89,6 +89,8 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
         DrainingServer(config, app, settings).run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the lifespan fails
         return 2 if startup_errors.model_load_error else int(exc.code or 1)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has drained: a clean exit
+        return 130
     finally:
         uvicorn_logger.removeFilter(startup_errors)
     return 0

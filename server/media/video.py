@@ -17,6 +17,7 @@ import io
 import logging
 import multiprocessing
 import multiprocessing.connection
+import signal
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 
@@ -231,6 +232,9 @@ def _plan_scenes(
 
 
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+    # Ctrl-C reaches the terminal's whole process group: the server drains first and then
+    # closes its workers itself, so a worker must finish the video it is decoding.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             job = conn.recv()

@@ -1,65 +1,93 @@
-"""SIGTERM on a real server process: in-flight requests finish, new ones are refused, the
-process exits cleanly."""
+"""SIGTERM, and Ctrl-C as a terminal sends it (SIGINT to the whole process group, decode workers
+included), on a real server process: in-flight requests finish, new ones are answered 503
+`shutting_down` while the listener stays up, the process exits cleanly with no traceback."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import server_process
+from tests.helpers import data_uri, make_video, server_process
 
 pytestmark = pytest.mark.slow
 
+BODY = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": 600,
+    "ignore_eos": True,
+    "stream": True,
+}
+
+
+def drain_while_streaming(url: str, stop: Callable[[], None]) -> list[str]:
+    """Starts a long stream, calls stop() once it flows, checks a new request gets a 503;
+    returns the stream's finish reasons once it has ended."""
+    finish_reasons: list[str] = []
+    done = threading.Event()
+    first_chunk = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=BODY, timeout=120) as r:
+            for line in r.iter_lines():
+                first_chunk.set()
+                if line == "data: [DONE]":
+                    done.set()
+                elif line.startswith("data: "):
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0].get("finish_reason"):
+                        finish_reasons.append(choices[0]["finish_reason"])
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first_chunk.wait(60)
+    stop()
+    # The listener is still up while the stream finishes: answered, not refused.
+    refused = httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=10)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "shutting_down"
+    assert refused.headers["retry-after"]
+    reader.join(timeout=120)
+    assert done.is_set()
+    return finish_reasons
+
+
+def assert_clean_exit(process: object, log_path: Path) -> None:
+    # uvicorn re-raises the signal after its clean shutdown: -SIGTERM, or 130 after Ctrl-C.
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM, 130)  # type: ignore[attr-defined]
+    log = log_path.read_text()
+    assert "Application shutdown complete" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+
 
 def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
-    args = [
-        "--model",
-        str(tiny_model_dir),
-        "--served-model-name",
-        "tiny",
-        "--shutdown-timeout",
-        "60",
-    ]
-    body = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "max_tokens": 600,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    with server_process(tmp_path / "server.log", *args) as (url, process):
-        finish_reasons: list[str] = []
-        done = threading.Event()
-        first_chunk = threading.Event()
+    args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
+    log_path = tmp_path / "server.log"
+    with server_process(log_path, *args, "--shutdown-timeout", "60") as (url, process):
+        reasons = drain_while_streaming(url, lambda: process.send_signal(signal.SIGTERM))
+        assert reasons == ["length"]
+        assert_clean_exit(process, log_path)
 
-        def stream() -> None:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    first_chunk.set()
-                    if line == "data: [DONE]":
-                        done.set()
-                    elif line.startswith("data: "):
-                        choices = json.loads(line[6:])["choices"]
-                        if choices and choices[0].get("finish_reason"):
-                            finish_reasons.append(choices[0]["finish_reason"])
 
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first_chunk.wait(60)
-        process.send_signal(signal.SIGTERM)
-        try:
-            refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
-            assert refused.status_code == 503  # a request that still got in is told to go away
-        except httpx.TransportError:
-            pass  # the listening socket is already closed: refused at connect
-        reader.join(timeout=120)
-        assert done.is_set() and finish_reasons == ["length"]
-        # uvicorn re-raises the signal after its clean shutdown, so the status may be -SIGTERM.
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-        log = (tmp_path / "server.log").read_text()
-        assert "Application shutdown complete" in log and "Traceback" not in log
+def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
+    log_path = tmp_path / "server.log"
+    with server_process(log_path, *args, new_session=True) as (url, process):
+        video = {"type": "video_url", "video_url": {"url": data_uri(make_video(), "video/mp4")}}
+        question = {"type": "text", "text": "Describe it."}
+        messages = [{"role": "user", "content": [video, question]}]
+        body = {"model": "tiny", "max_tokens": 4, "messages": messages}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        # The terminal's Ctrl-C: SIGINT to the server and its decode workers at once.
+        reasons = drain_while_streaming(url, lambda: os.killpg(process.pid, signal.SIGINT))
+        assert reasons == ["length"]
+        assert_clean_exit(process, log_path)
