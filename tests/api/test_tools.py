@@ -1,0 +1,205 @@
+"""Tool calling through the official openai client: a named or required tool_choice decodes
+under the function's JSON schema, so even a random-weight model's arguments parse; auto
+renders the tools in the prompt; tool calls and results in the history; the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+
+pytestmark = pytest.mark.anyio
+
+SHORT_TEXT = {"type": "string", "pattern": '^[^\\x00-\\x1f"\\\\]{1,12}$'}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": SHORT_TEXT,
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": SHORT_TEXT},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture
+def sdk(client: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
+    )
+
+
+def check_weather(arguments: str) -> None:
+    value = json.loads(arguments)
+    assert set(value) == {"city", "unit"} and value["unit"] in ("celsius", "fahrenheit")
+    assert isinstance(value["city"], str) and 1 <= len(value["city"]) <= 12
+
+
+async def test_named_tool_choice(sdk: openai.AsyncOpenAI) -> None:
+    response = await sdk.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        tools=[WEATHER, TIME],
+        tool_choice=NAMED,
+        max_tokens=200,
+        temperature=0.8,
+        seed=1,
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    check_weather(call.function.arguments)
+
+
+async def test_named_tool_choice_streamed_as_the_sdk_accumulates(sdk: openai.AsyncOpenAI) -> None:
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "tools": [WEATHER, TIME],
+        "tool_choice": NAMED,
+        "max_tokens": 200,
+        "temperature": 0.8,
+        "seed": 2,
+    }
+    full = await sdk.chat.completions.create(**body)
+    state = ChatCompletionStreamState()
+    async for chunk in await sdk.chat.completions.create(**body, stream=True):
+        state.handle_chunk(chunk)
+    streamed = state.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    (call,) = streamed.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert call.function.arguments == full.choices[0].message.tool_calls[0].function.arguments
+    check_weather(call.function.arguments)
+
+
+async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
+    for stream in (False, True):
+        body = {
+            "model": "tiny",
+            "messages": MESSAGES,
+            "tools": [WEATHER, TIME],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": 300,
+            "temperature": 0.8,
+            "seed": 3,
+        }
+        if stream:
+            state = ChatCompletionStreamState()
+            async for chunk in await sdk.chat.completions.create(**body, stream=True):
+                state.handle_chunk(chunk)
+            choice = state.get_final_completion().choices[0]
+        else:
+            choice = (await sdk.chat.completions.create(**body)).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls  # parallel_tool_calls false: exactly one
+        assert call.function.name in ("get_weather", "get_time")
+        if call.function.name == "get_weather":
+            check_weather(call.function.arguments)
+        else:
+            assert set(json.loads(call.function.arguments)) == {"zone"}
+
+
+async def test_auto_renders_the_tools_and_none_does_not(sdk: openai.AsyncOpenAI) -> None:
+    base = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3}
+    plain = await sdk.chat.completions.create(**base)
+    auto = await sdk.chat.completions.create(**base, tools=[WEATHER])
+    none = await sdk.chat.completions.create(**base, tools=[WEATHER], tool_choice="none")
+    tools_tokens = auto.usage.prompt_tokens - plain.usage.prompt_tokens
+    assert tools_tokens > 50  # the "# Tools" block in the system prompt
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+async def test_tool_calls_and_results_in_the_history(sdk: openai.AsyncOpenAI) -> None:
+    call = {
+        "id": "call_abc",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'},
+    }
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "-3 C, snow"},
+    ]
+    response = await sdk.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], max_tokens=4
+    )
+    assert response.choices[0].message.role == "assistant"
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "tool_choice.function.name",
+        ),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+    ],
+)
+async def test_refusals_name_the_field(sdk: openai.AsyncOpenAI, extra: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.chat.completions.create(model="tiny", messages=MESSAGES, **extra)
+    assert refused.value.body["param"] == param
+
+
+async def test_bad_history_names_the_field(client: httpx.AsyncClient) -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+    bad_arguments = [*MESSAGES, {"role": "assistant", "tool_calls": [call]}]
+    good = {**call, "function": {"name": "f", "arguments": "{}"}}
+    tool_calls_on_user = [{"role": "user", "content": "hi", "tool_calls": [good]}]
+    for messages, param in (
+        (bad_arguments, "messages[1].tool_calls[0].function.arguments"),
+        (tool_calls_on_user, "messages[0]"),
+    ):
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": messages}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param

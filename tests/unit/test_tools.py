@@ -1,0 +1,143 @@
+"""Qwen's hermes tool-call format: the prompt block, and the parser (whole and streamed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.pipelines.messages import ChatMessage, TextPart, ToolCall
+from server.pipelines.tools import (
+    CallParser,
+    NamedCall,
+    RequiredCalls,
+    ToolCallDelta,
+    Tools,
+    parse_answer,
+    render,
+)
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+TOOLS = Tools((WEATHER,))
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+def test_tools_go_into_the_system_prompt_as_qwen_writes_them() -> None:
+    rendered = render([ChatMessage("user", "Weather?")], TOOLS)
+    assert [m.role for m in rendered] == ["system", "user"]
+    expected = (
+        "You are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to "
+        "assist with the user query.\n\nYou are provided with function signatures within "
+        "<tools></tools> XML tags:\n<tools>\n"
+        + json.dumps(WEATHER)
+        + "\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
+    assert rendered[0].content == expected
+    own = render([ChatMessage("system", [TextPart("Be brief.")]), ChatMessage("user", "Hi")], TOOLS)
+    assert own[0].content[0] == TextPart("Be brief.") and "# Tools" in own[0].content[1].text
+    assert render([ChatMessage("user", "Hi")], Tools((WEATHER,), "none"))[0].role == "user"
+
+
+def test_calls_and_results_in_the_history() -> None:
+    history = [
+        ChatMessage("user", "Weather in Oslo and Rome?"),
+        ChatMessage(
+            "assistant",
+            "",
+            (
+                ToolCall("call_1", "get_weather", '{"city":"Oslo"}'),
+                ToolCall("call_2", "get_weather", '{"city": "Rome"}'),
+            ),
+        ),
+        ChatMessage("tool", "-3 C"),
+        ChatMessage("tool", [TextPart("21 C")]),
+    ]
+    rendered = render(history, None)
+    assert [m.role for m in rendered] == ["user", "assistant", "user"]
+    assert rendered[1].content == CALL + "\n" + CALL.replace("Oslo", "Rome")
+    assert rendered[2].content == (
+        "<tool_response>\n-3 C\n</tool_response>\n<tool_response>\n21 C\n</tool_response>"
+    )
+
+
+def test_parse_content_and_calls() -> None:
+    answer = parse_answer(f"Let me look.\n{CALL}\n{CALL}", TOOLS)
+    assert answer.content == "Let me look.\n"
+    assert [(c.name, json.loads(c.arguments)) for c in answer.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})
+    ] * 2
+    assert all(c.id.startswith("call_") for c in answer.tool_calls)
+    assert len({c.id for c in answer.tool_calls}) == 2
+    only_call = parse_answer(CALL, TOOLS)
+    assert only_call.content is None and len(only_call.tool_calls) == 1
+    assert parse_answer("No tools needed.", TOOLS).tool_calls == []
+    assert parse_answer(CALL, None).content == CALL  # no tools: text stays text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<tool_call>\nnot json\n</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',  # no name
+        "a < b <tool_",  # a partial tag at the end is text after all
+    ],
+)
+def test_what_does_not_parse_stays_content(text: str) -> None:
+    answer = parse_answer(text, TOOLS)
+    assert answer.content == text and answer.tool_calls == []
+
+
+def test_an_unclosed_call_that_parses_counts() -> None:
+    answer = parse_answer('<tool_call>{"name": "get_weather", "arguments": {}}', TOOLS)
+    assert [(c.name, c.arguments) for c in answer.tool_calls] == [("get_weather", "{}")]
+
+
+def test_parallel_tool_calls_false_keeps_the_first() -> None:
+    answer = parse_answer(CALL + CALL.replace("Oslo", "Rome"), Tools((WEATHER,), parallel=False))
+    assert [json.loads(c.arguments) for c in answer.tool_calls] == [{"city": "Oslo"}]
+
+
+def test_streamed_character_by_character_equals_whole() -> None:
+    text = f"Checking <b>.\n{CALL}\n{CALL.replace('Oslo', 'Rome')}"
+    parser = CallParser()
+    events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+    content = "".join(e for e in events if isinstance(e, str))
+    calls = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert content == "Checking <b>.\n"
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in calls] == [
+        (0, "get_weather", {"city": "Oslo"}),
+        (1, "get_weather", {"city": "Rome"}),
+    ]
+
+
+def test_named_and_required_streams() -> None:
+    named = NamedCall("get_weather")
+    events = named.feed('{"city"') + named.feed(': "Oslo"}') + named.finish()
+    assert events[0].id.startswith("call_") and events[0].name == "get_weather"
+    assert events[1].id is None and events[1].name is None
+    assert "".join(e.arguments for e in events) == '{"city": "Oslo"}'
+    required = RequiredCalls()
+    assert required.feed('[{"name": "get_weather", "parameters": {"city": "Rome"}}]') == []
+    (call,) = required.finish()
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Rome"}
+    cut = RequiredCalls()
+    cut.feed('[{"name": "get_wea')
+    assert cut.finish() == ['[{"name": "get_wea']  # cut short by max_tokens: text
+
+
+def test_forced_choices_decode_under_a_schema() -> None:
+    named = json.loads(Tools((WEATHER,), "get_weather").grammar().schema_json)
+    assert named == WEATHER["function"]["parameters"]
+    required = json.loads(Tools((WEATHER,), "required", parallel=False).grammar().schema_json)
+    assert required["minItems"] == required["maxItems"] == 1
+    assert required["items"]["anyOf"][0]["properties"]["name"]["enum"] == ["get_weather"]
+    assert Tools((WEATHER,), "auto").grammar() is None
