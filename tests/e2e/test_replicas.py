@@ -1,0 +1,161 @@
+"""Two real `vlm-server` replicas on one PostgreSQL job store: a job submitted to one is seen at
+the other's status URL; the replica running it is SIGKILLed mid-job and the other takes it over
+when the lease expires and completes it; its webhook arrives (once or more) always with one
+webhook-id, signed with the secret the replicas share through the store. Then jobs submitted to
+both replicas at once each run exactly once."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import sqlite3
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from tests.e2e.test_job_durability import wait_until
+from tests.helpers import data_uri, make_image, make_video, server_process
+from tests.jobs.pg import fresh_database
+
+pytestmark = pytest.mark.slow
+
+LEASE_S = 4
+
+
+def holder_pid(database: str, job_id: str) -> int | None:
+    """The pid of the replica whose lease the job is under (owner = BOOT:PIDNS:PID:RANDOM)."""
+    with psycopg.connect(database) as connection:
+        row = connection.execute(
+            "SELECT owner FROM jobs WHERE id = %s AND status = 'processing'", (job_id,)
+        ).fetchone()
+    return int(row[0].split(":")[-2]) if row and row[0] else None
+
+
+def job_row(database: str, job_id: str) -> tuple:
+    with psycopg.connect(database) as connection:
+        return connection.execute(
+            "SELECT status, attempt FROM jobs WHERE id = %s", (job_id,)
+        ).fetchone()
+
+
+def test_two_replicas_share_jobs(tiny_model_dir: Path, tmp_path: Path, webhook_receiver) -> None:
+    receiver = webhook_receiver([200])
+    with fresh_database() as database, ExitStack() as stack:
+
+        def replica(name: str) -> tuple[str, subprocess.Popen]:
+            return stack.enter_context(
+                server_process(
+                    tmp_path / f"{name}.log",
+                    *("--model", str(tiny_model_dir), "--served-model-name", "tiny"),
+                    *("--data-dir", str(tmp_path / f"data-{name}")),
+                    *("--allowed-media-domains", "127.0.0.1"),
+                    *("--job-store", database, "--job-lease", str(LEASE_S)),
+                    *("--max-num-seqs", "1"),  # frames one at a time: the job runs a while
+                )
+            )
+
+        replicas = [replica("a"), replica("b")]
+        video = make_video(seconds=20, fps=12, cuts=(4.0, 8.0, 12.0, 16.0))
+        body = {
+            "model": "tiny",
+            "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
+            "use_scenes": True,
+            "webhook_url": receiver.url,
+        }
+        job = httpx.post(f"{replicas[0][0]}/v2/media/categories", json=body, timeout=60).json()
+
+        def part_done() -> bool:
+            now = httpx.get(f"{replicas[1][0]}{job['status_url']}", timeout=10).json()
+            return now["status"] == "processing" and 0 < now["progress"] < 1
+
+        wait_until(part_done, 120, "the job to be part done (read at the other replica)")
+        pid = holder_pid(database, job["id"])
+        (running,) = [r for r in replicas if r[1].pid == pid]
+        (other,) = [r for r in replicas if r[1].pid != pid]
+        running[1].send_signal(signal.SIGKILL)
+        running[1].wait(timeout=30)
+        killed_at = time.monotonic()
+
+        wait_until(lambda: receiver.received, 180, "the webhook from the surviving replica")
+        final = httpx.get(f"{other[0]}{job['status_url']}", timeout=10).json()
+        assert final["status"] == "completed" and final["result"]["frames"]
+        assert job_row(database, job["id"]) == ("completed", 2)  # taken over once
+        assert time.monotonic() - killed_at > LEASE_S - 1  # not before the lease expired
+
+        with psycopg.connect(database) as connection:
+            (secret,) = connection.execute(
+                "SELECT value FROM shared_values WHERE name = 'webhook_secret'"
+            ).fetchone()
+        assert (tmp_path / "data-a" / "webhook_secret").read_text() == secret
+        assert (tmp_path / "data-b" / "webhook_secret").read_text() == secret
+        ids = {headers["webhook-id"] for headers, _ in receiver.received}
+        assert len(ids) == 1
+        for headers, raw in receiver.received:
+            event = Webhook(secret).verify(raw, headers)
+            assert event["type"] == "media.completed" and event["data"]["id"] == job["id"]
+
+        # Both replicas up again; jobs submitted to both at once run exactly once each.
+        replicas = [other, replica("c")]
+        receiver.received.clear()
+        image_body = {"model": "tiny", "media_url": data_uri(make_image()), "async": True}
+        image_body["webhook_url"] = receiver.url
+
+        def submit(n: int) -> str:
+            url = replicas[n % 2][0]
+            response = httpx.post(f"{url}/v2/media/categories", json=image_body, timeout=60)
+            assert response.status_code == 202, response.text
+            return response.json()["id"]
+
+        with ThreadPoolExecutor(8) as pool:
+            job_ids = list(pool.map(submit, range(12)))
+
+        def all_done() -> bool:
+            return all(job_row(database, job_id)[0] == "completed" for job_id in job_ids)
+
+        wait_until(all_done, 240, "every job to complete")
+        assert {job_row(database, job_id) for job_id in job_ids} == {("completed", 1)}
+        wait_until(lambda: len(receiver.received) >= len(job_ids), 60, "every webhook")
+        events = [Webhook(secret).verify(raw, headers) for headers, raw in receiver.received]
+        assert sorted(event["data"]["id"] for event in events) == sorted(job_ids)
+
+
+def test_a_second_server_on_the_same_data_dir_does_not_take_a_running_job(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """SQLite: a second server started (by mistake) on the first one's data dir leaves the job
+    the first is running alone; the first completes it in its one attempt."""
+    args = [
+        *("--model", str(tiny_model_dir), "--served-model-name", "tiny"),
+        *("--data-dir", str(tmp_path / "data"), "--allowed-media-domains", "127.0.0.1"),
+        *("--max-num-seqs", "1"),
+    ]
+    video = make_video(seconds=40, fps=12, cuts=tuple(float(t) for t in range(4, 40, 4)))
+    body = {
+        "model": "tiny",
+        "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
+        "use_scenes": True,
+        "async": True,
+    }
+    with server_process(tmp_path / "first.log", *args) as (url, _):
+        job = httpx.post(f"{url}/v2/media/categories", json=body, timeout=60).json()
+
+        def status() -> dict:
+            return httpx.get(f"{url}{job['status_url']}", timeout=10).json()
+
+        wait_until(lambda: status()["status"] == "processing", 60, "the job to start")
+        with server_process(tmp_path / "second.log", *args):
+            assert status()["status"] == "processing"  # the second is up while the job runs
+            wait_until(lambda: status()["status"] == "completed", 180, "the job to complete")
+        database = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")
+        (attempt,) = database.execute(
+            "SELECT attempt FROM jobs WHERE id = ?", (job["id"],)
+        ).fetchone()
+        assert attempt == 1
+    assert "lost its lease" not in (tmp_path / "first.log").read_text()
