@@ -61,6 +61,8 @@ class AsyncEngine:
         self._num_queued = 0  # accepted but not yet running; guarded by _lock
         self._lock = threading.Lock()
         self._pending: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
+        # Tokens whose text is made while the device computes the next step.
+        self._undetokenized: list[tuple[Sequence, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -265,6 +267,7 @@ class AsyncEngine:
                 self._deliver()
             except Exception as exc:
                 logger.exception("engine step failed; failing the running sequences")
+                self._undetokenized.clear()
                 for seq in list(self.scheduler.running):
                     self._finish(seq, "error")
                 if is_fatal_device_error(exc):
@@ -280,16 +283,30 @@ class AsyncEngine:
         self._deliver()
 
     def _step(self) -> None:
-        self._take_inbox(block=not self.scheduler.has_work)
+        """One step. The device computes it while the host turns the previous step's tokens
+        into text (`_detokenize`): a stop string found there ends its sequence, whose token
+        from this step is then dropped. Everything else that decides what runs next (EOS,
+        stop tokens, max_tokens) is checked as soon as the tokens arrive (`_accept`)."""
+        self._take_inbox(block=not self.scheduler.has_work and not self._undetokenized)
         self._drop_aborted_and_expired()
         batch = self.scheduler.schedule()
         if batch.is_empty:
+            self._detokenize()
             return
         self._mark_admitted(batch.admitted)
         sampled = batch.sampled
-        token_ids = self.runner.run(batch, sampled)
+        logits = self.runner.forward(batch, sampled)  # queued on the device, no sync
+        self._detokenize()
+        live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
+        if logits is not None and live:
+            if len(live) < len(sampled):
+                logits = logits[live]
+            sampled = [sampled[i] for i in live]
+            token_ids = self.runner.sample(logits, sampled)
+        else:
+            sampled, token_ids = [], []
         self.scheduler.commit(batch)
-        self._process(sampled, token_ids)
+        self._accept(sampled, token_ids)
 
     def _take_one(self) -> Sequence | list[Sequence] | None | bool:
         """The next inbox item without waiting; False when the inbox is empty."""
@@ -319,8 +336,10 @@ class AsyncEngine:
         with self._lock:
             self._num_queued -= len(seqs)
 
-    def _process(self, seqs: list[Sequence], token_ids: list[int]) -> None:
-        """Post-process one step: append tokens, detokenize, check stops, stream, free."""
+    def _accept(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """A step's tokens, as soon as they arrive: append, then the checks that decide what
+        runs next. The text waits for `_detokenize`, except a sequence's first token (no
+        wait for the first text) and its last (max_tokens: its text ends the answer)."""
         now = time.monotonic()
         for seq, token_id in zip(seqs, token_ids, strict=True):
             request_id_var.set(seq.log_id)
@@ -330,20 +349,32 @@ class AsyncEngine:
                 self._finish(seq, "error")
                 continue
             seq.output_token_ids.append(token_id)
-            if seq.sampling.logprobs is not None:  # the sampler left them on the row's state
-                seq.output_logprobs.append(self.runner.states[seq.request_id].logprobs)
-            detok = self._detokenizers[seq.request_id]
             params = seq.sampling
             if token_id in self.eos_token_ids and not params.ignore_eos:
                 self._finish(seq, "stop")
             elif token_id in params.stop_token_ids:
                 self._finish(seq, "stop", stop_reason=token_id)
-            elif (stop := detok.add_token(token_id)) is not None:
-                self._finish(seq, "stop", stop_reason=stop)
-            elif seq.num_completion_tokens >= seq.max_tokens:
-                self._finish(seq, "length")
-            elif delta := detok.delta():
-                self._emit(seq, SequenceOutput(delta, seq.num_completion_tokens))
+            elif seq.num_completion_tokens in (1, seq.max_tokens):
+                self._add_text(seq, token_id)
+            else:
+                self._undetokenized.append((seq, token_id))
+
+    def _detokenize(self) -> None:
+        for seq, token_id in self._undetokenized:
+            if not seq.is_finished:  # aborted meanwhile
+                request_id_var.set(seq.log_id)
+                self._add_text(seq, token_id)
+        self._undetokenized.clear()
+
+    def _add_text(self, seq: Sequence, token_id: int) -> None:
+        """Detokenize one token: stop strings, max_tokens, or stream the new text."""
+        detok = self._detokenizers[seq.request_id]
+        if (stop := detok.add_token(token_id)) is not None:
+            self._finish(seq, "stop", stop_reason=stop)
+        elif seq.num_completion_tokens >= seq.max_tokens:
+            self._finish(seq, "length")
+        elif delta := detok.delta():
+            self._emit(seq, SequenceOutput(delta, seq.num_completion_tokens))
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         request_id_var.set(seq.log_id)

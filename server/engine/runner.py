@@ -165,13 +165,24 @@ class ModelRunner:
         return state
 
     # -- one step --------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch, sampled: list[Sequence]) -> list[int]:
         """Compute the batch's new tokens; returns the next token of each `sampled` sequence
         (those whose step reaches their last token)."""
+        logits = self.forward(batch, sampled)
+        return self.sample(logits, sampled) if sampled else []
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One token per row of `logits` (the rows of `seqs`); the step's one host sync."""
+        return sample(logits, [self._state(s) for s in seqs])
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, sampled: list[Sequence]) -> torch.Tensor | None:
+        """Queue the step on the device: the logits of each `sampled` sequence (None when
+        none is), with no host sync, so the host can work while the device computes."""
         decodes = self._graph_decodes(batch)
         if decodes is not None:  # decodes only, in order: every one is sampled
-            return sample(self.graphs.run(decodes), [self._state(s) for s in sampled])
+            return self.graphs.run(decodes)
         self._encode_media(batch)
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
@@ -197,11 +208,10 @@ class ModelRunner:
         hidden = self._text_forward(embeds, torch.cat(positions, dim=1).to(self.device), meta)
         self._drop_prefilled_media(batch)
         if not sampled:
-            return []
+            return None
         index = {id(seq): i for i, seq in enumerate(batch.seqs)}
         rows = [meta.query_start[index[id(seq)] + 1] - 1 for seq in sampled]
-        logits = self.model.lm_head(hidden[rows])
-        return sample(logits, [self._state(s) for s in sampled])
+        return self.model.lm_head(hidden[rows])
 
     def _text_forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, meta: attention.StepMetadata

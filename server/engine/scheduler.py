@@ -121,9 +121,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def commit(self, batch: ScheduledBatch) -> None:
-        """The step ran: its tokens are in the KV cache."""
+        """The step ran: its tokens are in the KV cache (a sequence that finished meanwhile
+        gave its blocks back; what the step wrote for it is dropped)."""
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            self.blocks.commit(seq, num)
+            if not seq.is_finished:
+                self.blocks.commit(seq, num)
 
     def expire_waiting(self, now: float | None = None) -> list[Sequence]:
         """Queued sequences older than queue_timeout_s leave the queue (the engine answers 503);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from server.engine.block_manager import BlockManager
 from server.engine.engine import AsyncEngine
@@ -191,9 +192,13 @@ class FakeRunner:
     def bind_thread(self) -> None:
         pass
 
-    def run(self, batch: ScheduledBatch, sampled: list[Sequence]) -> list[int]:
+    def forward(self, batch: ScheduledBatch, sampled: list[Sequence]) -> torch.Tensor | None:
         self.steps.append(scheduled(batch))
-        return [len(s.output_token_ids) for s in sampled]
+        return torch.zeros(len(sampled), 1) if sampled else None
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        assert logits.shape[0] == len(seqs)
+        return [len(s.output_token_ids) for s in seqs]
 
     def release(self, seq: Sequence) -> None:
         pass
@@ -221,3 +226,35 @@ async def test_engine_loop_batches_and_frees_with_a_fake_runner() -> None:
     assert max(len(step) for step in runner.steps) == 3  # never above max_num_seqs
     assert any(step.get("d", 0) > 1 for step in runner.steps[1:])  # d joined once one left
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks  # every block back
+
+
+@pytest.mark.anyio
+async def test_text_is_made_while_the_next_step_runs() -> None:
+    """Token v comes from step v + 1 (step 1 is the prefill). Its text is made during step
+    v + 2, after that step was queued on the device, except the first token (no wait for
+    the first text) and the last. A stop string found that way ends the sequence: the token
+    the step past it computed is dropped and its blocks go back."""
+    runner = FakeRunner()
+    decoded_at: dict[int, int] = {}
+
+    class Tokenizer(FakeTokenizer):
+        def decode(self, ids: list[int], **kwargs: object) -> str:
+            if ids:
+                decoded_at.setdefault(max(ids), len(runner.steps))
+            return super().decode(ids)
+
+    sched = scheduler()
+    engine = AsyncEngine(runner, sched, Tokenizer(), 1000, 16)
+    engine.start()
+    stopped = engine.add_request(
+        "s", make_seq("s").inputs, SamplingParams(max_tokens=10, stop=["d"])
+    )
+    outputs = [out async for out in engine.stream(stopped)]
+    await engine.stop()
+    assert "".join(o.text_delta for o in outputs) == "abc"
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == "d"
+    assert stopped.output_token_ids == [0, 1, 2, 3]  # not the 5th step's token
+    assert decoded_at[0] == 1  # the first token at once
+    assert all(decoded_at[v] == v + 2 for v in (1, 2, 3)), decoded_at  # during the next step
+    assert len(runner.steps) == 5
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
