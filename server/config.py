@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     data_dir: Path = Path("data")
     default_max_tokens: int = Field(default=1024, ge=1)
+    max_n: int = Field(default=8, ge=1)  # choices (`n`) per request
     max_model_len: int = Field(default=0, ge=0)
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)

@@ -75,6 +75,8 @@ HELP = {
     "data_dir": "Server state: async jobs (jobs.sqlite3), pending webhooks, the webhook secret, "
     "spooled videos; keep it across restarts.",
     "default_max_tokens": "max_tokens for requests that give none (always bounded by the context).",
+    "max_n": "Most choices (`n`) one chat or text completion may ask for; each is a sequence of "
+    "its own, sharing the prompt's KV blocks.",
     "max_model_len": "Longest sequence, prompt plus answer, in tokens; capped at what the KV "
     "cache holds, with a warning.",
     "max_num_seqs": "Requests running (decoded together) at once; at least 1.",

@@ -123,6 +123,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             job_worker=job_worker,
             webhooks=webhooks,
             served_model_names=tuple(settings.served_model_names()),
+            max_n=settings.max_n,
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))
         try:
