@@ -349,6 +349,8 @@ class AsyncEngine:
                 self._finish(seq, "error")
                 continue
             seq.output_token_ids.append(token_id)
+            if seq.sampling.logprobs is not None:  # the sampler left them on the row's state
+                seq.output_logprobs.append(self.runner.states[seq.request_id].logprobs)
             params = seq.sampling
             if token_id in self.eos_token_ids and not params.ignore_eos:
                 self._finish(seq, "stop")
