@@ -202,16 +202,19 @@ class ModelRunner:
             self.device,
             self.use_kernel,
         )
-        embeds = self.text_model.embed_tokens(torch.tensor(token_ids).to(self.device))
-        for row, media in pieces:
-            embeds[row : row + media.shape[0]] = media.to(embeds.dtype)
-        hidden = self._text_forward(embeds, torch.cat(positions, dim=1).to(self.device), meta)
-        self._drop_prefilled_media(batch)
-        if not sampled:
-            return None
+        # Every host-to-device copy before the first kernel: a copy from pageable memory
+        # waits for the kernels queued before it, which would make the host wait here.
         index = {id(seq): i for i, seq in enumerate(batch.seqs)}
         rows = [meta.query_start[index[id(seq)] + 1] - 1 for seq in sampled]
-        return self.model.lm_head(hidden[rows])
+        rows_on_device = torch.tensor(rows).to(self.device)
+        ids_on_device = torch.tensor(token_ids).to(self.device)
+        positions_on_device = torch.cat(positions, dim=1).to(self.device)
+        embeds = self.text_model.embed_tokens(ids_on_device)
+        for row, media in pieces:
+            embeds[row : row + media.shape[0]] = media.to(embeds.dtype)
+        hidden = self._text_forward(embeds, positions_on_device, meta)
+        self._drop_prefilled_media(batch)
+        return self.model.lm_head(hidden[rows_on_device]) if sampled else None
 
     def _text_forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, meta: attention.StepMetadata
