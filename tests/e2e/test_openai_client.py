@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,41 @@ def test_text_completions_through_the_sdk(client: openai.OpenAI) -> None:
         if chunk.choices
     )
     assert streamed == completion.choices[0].text
+
+
+def test_logprobs_n_and_a_named_tool_through_the_sdk(client: openai.OpenAI) -> None:
+    """Issue 12's surface on a real server process: n choices with logprobs, each a call of the
+    named function whose arguments parse (constrained decoding)."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "describe",
+            "parameters": {
+                "type": "object",
+                "properties": {"mood": {"type": "string", "enum": ["calm", "busy"]}},
+                "required": ["mood"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    response = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "describe"}},
+        n=2,
+        seed=9,
+        logprobs=True,
+        top_logprobs=2,
+        max_tokens=64,
+    )
+    assert [c.index for c in response.choices] == [0, 1]
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "describe"
+        assert json.loads(call.function.arguments)["mood"] in ("calm", "busy")
+        assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
+    assert response.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in response.choices
+    )
