@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     model: str = "tiny"
     served_model_name: StrList = []
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port (tests)
     # VLM_API_KEY is the flag's own name (--api-key); VLM_API_KEYS reads better for a list.
     api_keys: StrList = Field(
         default=[], validation_alias=AliasChoices("VLM_API_KEYS", "VLM_API_KEY")

@@ -20,6 +20,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.engine.sequence import Sequence
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # `_created` series double every counter and histogram and few dashboards use them.
 disable_created_metrics()
@@ -69,6 +71,14 @@ class Metrics:
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
         self.refreshers: list[Callable[[], None]] = []
+
+    def record_sequence(self, seq: Sequence) -> None:
+        """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
+        frame's caption or categories, a text completion)."""
+        self.finished.labels(seq.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
+        self.image_tokens.inc(seq.inputs.num_image_tokens)
+        self.generated_tokens.inc(seq.num_completion_tokens)
 
     def watch_engine(
         self,

@@ -84,7 +84,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             metrics=metrics,
         )
         metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running, engine.stats)
-        categories = CategoriesPipeline(engine, input_builder, media)
+        categories = CategoriesPipeline(engine, input_builder, media, metrics)
         jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
         handlers = {
             "categories": categories_job_handler(categories),
@@ -116,7 +116,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             engine=engine,
             chat=pipeline,
             completions=TextCompletions(
-                engine, loaded.tokenizer, (loaded.image_token_id, loaded.video_token_id)
+                engine,
+                loaded.tokenizer,
+                (loaded.image_token_id, loaded.video_token_id),
+                metrics,
             ),
             categories=categories,
             jobs=jobs,

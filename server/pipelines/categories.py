@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -26,6 +28,7 @@ from server.engine.sequence import Sequence
 from server.engine.structured import StructuredOutput
 from server.exceptions import MediaError, ServerError
 from server.media.frames import FrameRequest, TokenBudget
+from server.metrics import Metrics
 from server.pipelines.chat import compile_grammar
 from server.pipelines.finish import (
     FRAMES_DONE,
@@ -64,6 +67,8 @@ OTHER_VIDEO_EXTENSIONS = {
     ".ts", ".m2ts", ".mts", ".vob", ".rm", ".rmvb",
 }  # fmt: skip
 PARAM = "media_url"
+
+logger = logging.getLogger(__name__)
 
 
 def categories_schema(keys: tuple[str, ...]) -> dict[str, Any]:
@@ -151,10 +156,17 @@ class IncompleteJson(ServerError):
 
 
 class CategoriesPipeline:
-    def __init__(self, engine: AsyncEngine, input_builder: InputBuilder, media: MediaLoader):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        input_builder: InputBuilder,
+        media: MediaLoader,
+        metrics: Metrics | None = None,
+    ):
         self.engine = engine
         self.input_builder = input_builder
         self.media = media
+        self.metrics = metrics
 
     async def run(
         self, request: CategoriesRequest, on_progress: ProgressCallback | None = None
@@ -204,12 +216,22 @@ class CategoriesPipeline:
                 self._inputs(Image.fromarray(f), request.keys, "video frame") for f in video.frames
             ]
 
+        started = time.monotonic()
         inputs = await asyncio.to_thread(build_all)
         seqs = self.engine.add_requests(
             [(f"{request.request_id}-frame{i}", x, sampling) for i, x in enumerate(inputs)]
         )
         frames_stage = share(on_progress, MEDIA_READY, FRAMES_DONE - MEDIA_READY)
         texts = await collect_all(self.engine, seqs, self._collect, frames_stage)
+        num_prompt, _, num_completion, _ = _usage(seqs)
+        # One line for the video, not one per frame.
+        logger.info(
+            "analysed %d frames: %d prompt + %d completion tokens in %.2fs",
+            len(seqs),
+            num_prompt,
+            num_completion,
+            time.monotonic() - started,
+        )
         per_frame = [_ordered(json.loads(text), request.keys) for text in texts]
         frames = [
             FrameResult(round(t, 3), r)
@@ -230,6 +252,8 @@ class CategoriesPipeline:
     async def _collect(self, seq: Sequence) -> str:
         pieces = []
         async for output in self.engine.stream(seq):
+            if output.finished and self.metrics is not None:
+                self.metrics.record_sequence(seq)
             raise_for_finish(output)
             pieces.append(output.text_delta)
         if seq.finish_reason != "stop":

@@ -123,7 +123,7 @@ class ChatPipeline:
         self.engine = engine
         self.input_builder = input_builder
         self.media = media
-        self.captioner = FrameCaptioner(engine, input_builder)
+        self.captioner = FrameCaptioner(engine, input_builder, metrics)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.caption_tokens = caption_tokens
         self.metrics = metrics
@@ -242,10 +242,7 @@ class ChatPipeline:
             yield output
 
     def _record_finished(self, seq: Sequence, output: SequenceOutput) -> None:
-        self.metrics.finished.labels(output.finish_reason or "unknown").inc()
-        self.metrics.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
-        self.metrics.image_tokens.inc(seq.inputs.num_image_tokens)
-        self.metrics.generated_tokens.inc(seq.num_completion_tokens)
+        self.metrics.record_sequence(seq)
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         run = await self.start(request)

@@ -14,6 +14,7 @@ from server.engine.inputs import ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
+from server.metrics import Metrics
 from server.pipelines.choices import add_choices
 from server.pipelines.finish import raise_for_finish
 from server.pipelines.logprobs import TokenTexts
@@ -22,8 +23,15 @@ PARAM = "prompt"
 
 
 class TextCompletions:
-    def __init__(self, engine: AsyncEngine, tokenizer: Any, media_token_ids: tuple[int, ...]):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tokenizer: Any,
+        media_token_ids: tuple[int, ...],
+        metrics: Metrics | None = None,
+    ):
         self.engine = engine
+        self.metrics = metrics
         self.tokenizer = tokenizer
         self.media_token_ids = frozenset(media_token_ids)
         self.token_texts = TokenTexts(tokenizer)
@@ -89,6 +97,8 @@ class TextCompletions:
 
     async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
         async for output in self.engine.stream(seq):
+            if output.finished and self.metrics is not None:
+                self.metrics.record_sequence(seq)
             raise_for_finish(output)
             yield output
 

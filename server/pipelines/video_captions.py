@@ -4,6 +4,8 @@ call, and the question is then answered over the timestamped captions."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -13,9 +15,12 @@ from server.engine.inputs import InputBuilder, ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence
 from server.media.video import DecodedVideo
+from server.metrics import Metrics
 from server.pipelines.finish import ProgressCallback, collect_all, raise_for_finish
 
 CAPTION_PROMPT = "Describe this video frame in detail."
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,12 @@ class CaptionUsage:
 
 
 class FrameCaptioner:
-    def __init__(self, engine: AsyncEngine, input_builder: InputBuilder):
+    def __init__(
+        self, engine: AsyncEngine, input_builder: InputBuilder, metrics: Metrics | None = None
+    ):
         self.engine = engine
         self.input_builder = input_builder
+        self.metrics = metrics
 
     async def caption(
         self,
@@ -45,6 +53,7 @@ class FrameCaptioner:
         caption_tokens: int,
         on_progress: ProgressCallback | None = None,
     ) -> tuple[list[FrameCaption], CaptionUsage]:
+        started = time.monotonic()
         inputs = await asyncio.to_thread(self._frame_inputs, video)
         frame_sampling = replace(sampling, max_tokens=caption_tokens, stop=(), stop_token_ids=())
         seqs = self.engine.add_requests(
@@ -60,6 +69,16 @@ class FrameCaptioner:
             sum(s.inputs.num_image_tokens for s in seqs),
             sum(s.num_completion_tokens for s in seqs),
             sum(s.num_cached_tokens for s in seqs),
+        )
+        for seq in seqs if self.metrics is not None else []:
+            self.metrics.record_sequence(seq)
+        # One line for the video, not one per frame.
+        logger.info(
+            "captioned %d frames: %d prompt + %d completion tokens in %.2fs",
+            len(seqs),
+            usage.num_prompt_tokens,
+            usage.num_completion_tokens,
+            time.monotonic() - started,
         )
         return captions, usage
 

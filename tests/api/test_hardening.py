@@ -28,11 +28,13 @@ async def test_api_key_file_and_protected_routes(tiny_model_dir: Path, tmp_path:
     key_file.write_text("# operators\nsk-file-key\n\n")
     settings = make_settings(tiny_model_dir, api_key_file=key_file)
     async for client in start_client(settings):
-        for path in ("/v1/models", "/docs", "/openapi.json", "/nowhere"):
+        for path in ("/v1/models", "/v2/media/jobs", "/nowhere"):
             response = await client.get(path)
             assert response.status_code == 401, path
             assert response.json()["error"]["type"] == "authentication_error"
-        assert (await client.get("/health")).status_code == 200
+        # Open: they hold no secrets, and a browser cannot send a Bearer header to open them.
+        for path in ("/health", "/version", "/docs", "/redoc", "/openapi.json", "/"):
+            assert (await client.get(path)).status_code == 200, path
         assert (await client.get("/metrics")).status_code == 200
         ok = await client.get("/v1/models", headers={"Authorization": "Bearer sk-file-key"})
         assert ok.status_code == 200

@@ -3,6 +3,7 @@ access lines with latency and the reason of every 4xx, metrics labels."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from server import __version__
-from tests.helpers import make_settings, start_client
+from tests.helpers import make_settings, make_video, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +76,41 @@ async def test_metrics_label_every_route_and_have_no_created_series(
     assert 'vlm_http_requests_total{route="/docs",status="200"}' in text
     assert 'vlm_http_requests_total{route="/static-offline-docs",status="200"}' in text
     assert "_created" not in text
+
+
+def counter(metrics_text: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics_text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def token_counts(client: httpx.AsyncClient) -> tuple[float, float]:
+    text = (await client.get("/metrics")).text
+    return counter(text, "vlm_prompt_tokens_total"), counter(text, "vlm_generated_tokens_total")
+
+
+@pytest.mark.parametrize("endpoint", ["/v2/media/completions", "/v2/media/categories"])
+async def test_metrics_count_every_frames_engine_work(
+    tiny_model_dir: Path, endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    video = "data:video/mp4;base64," + base64.b64encode(make_video(seconds=2)).decode()
+    if endpoint == "/v2/media/categories":
+        body: dict = {"media_url": video, "metadata": ["scene"]}
+    else:
+        content = [
+            {"type": "text", "text": "Describe this scene:"},
+            {"type": "video_url", "video_url": {"url": video}},
+        ]
+        messages = [{"role": "user", "content": content}]
+        body = {"model": "tiny", "max_tokens": 4, "messages": messages}
+    settings = make_settings(tiny_model_dir, caption_tokens=6)
+    caplog.set_level(logging.INFO)
+    async for client in start_client(settings):
+        before = await token_counts(client)
+        response = await client.post(endpoint, json=body)
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        after = await token_counts(client)
+        assert after[0] - before[0] == usage["prompt_tokens"]
+        assert after[1] - before[1] == usage["completion_tokens"]
+    finished = [r for r in caplog.records if r.getMessage().startswith(("captioned", "analysed"))]
+    assert len(finished) == 1  # one line for the video, not one per frame
