@@ -225,7 +225,7 @@ class StreamOptions(StrictModel):
 
 
 class FunctionDefinition(StrictModel):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
     strict: bool | None = None  # arguments always follow the schema under a forced choice
@@ -357,7 +357,7 @@ class ChatCompletionRequest(StrictModel):
             structured = tools.grammar()
         max_tokens = self.max_completion_tokens or self.max_tokens
         params = sampling_params(self, default_temperature, max_tokens, structured)
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # 0 is neutral, as OpenAI takes it
             raise InvalidRequest(
                 "top_logprobs needs logprobs set to true.",
                 param="top_logprobs",
