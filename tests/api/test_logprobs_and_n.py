@@ -3,9 +3,14 @@ openai client against the in-process app."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
+
+from tests.api.test_batching_api import wait_for
+from tests.helpers import make_settings, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -138,3 +143,16 @@ async def test_n_above_the_maximum(sdk: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         await sdk.chat.completions.create(model="tiny", messages=MESSAGES, n=9)
     assert refused.value.body["param"] == "n"
+
+
+async def test_a_disconnect_aborts_every_choice(tiny_model_dir: Path) -> None:
+    long = {"model": "tiny", "messages": MESSAGES, "n": 3, "max_tokens": 3000, "ignore_eos": True}
+    with serve_in_thread(make_settings(tiny_model_dir)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/chat/completions", json=long, timeout=1)
+            await wait_for(client, "num_running", 0)
+            payload = {**long, "stream": True}
+            async with client.stream("POST", "/v1/chat/completions", json=payload):
+                await wait_for(client, "num_running", 3)
+            await wait_for(client, "num_running", 0)
