@@ -151,6 +151,16 @@ class Settings(BaseSettings):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return value
 
+    @field_validator("job_store")
+    @classmethod
+    def _check_job_store(cls, value: str | None) -> str | None:
+        """Empty means the default (an empty env var from a compose file)."""
+        if not value:
+            return None
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("job store must be sqlite:///PATH or postgresql://...")
+        return value
+
     def all_api_keys(self) -> tuple[str, ...]:
         """--api-key values plus the lines of --api-key-file (skipping blanks and # comments)."""
         keys = list(self.api_keys)

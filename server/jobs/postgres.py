@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -75,6 +76,7 @@ class PostgresJobStore(JobStore):
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str):
+        super().__init__()
         self.url = url
         self.pool = ConnectionPool(
             url,
@@ -85,7 +87,12 @@ class PostgresJobStore(JobStore):
             timeout=WAIT_FOR_CONNECTION_S,
             open=False,
         )
-        self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+        try:
+            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+        except psycopg.OperationalError:
+            self.pool.close()
+            logger.error("cannot reach the job store's database at %s", _where(url))
+            raise JobStoreUnavailable() from None
         self.clock_offset_s = 0.0
         self.stopping = threading.Event()
         self.listener: threading.Thread | None = None
@@ -157,9 +164,20 @@ class PostgresJobStore(JobStore):
                     while not self.stopping.is_set():
                         for _ in connection.notifies(timeout=1.0):
                             on_new_job()
+            except RuntimeError:  # the event loop it wakes has closed: the server has stopped
+                return
             except psycopg.Error:
                 logger.warning("job store: listening for new jobs failed; reconnecting")
                 self.stopping.wait(LISTEN_RECONNECT_S)
+
+
+def _where(url: str) -> str:
+    """host:port/dbname of a connection URL, without its password."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(an unreadable URL)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
 def _placeholders(sql: str) -> str:

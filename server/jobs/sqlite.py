@@ -65,6 +65,7 @@ def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
 
 class SqliteJobStore(JobStore):
     def __init__(self, path: Path):
+        super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.exceptions import IdempotencyKeyReused
+from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable
 
 # Every column but the request, which only the worker (at claim) needs.
 SUMMARY = (
@@ -120,6 +120,9 @@ class JobStore(ABC):
     greatest = "MAX"  # the two-argument maximum
     skip_locked = ""  # appended to the SELECT that picks rows to claim
 
+    def __init__(self) -> None:
+        self.last_counts: dict[str, dict[str, int]] = {}
+
     @abstractmethod
     def transaction(self, write: bool = True) -> AbstractContextManager[Execute]:
         """One transaction; its statements go through the yielded function."""
@@ -188,9 +191,15 @@ class JobStore(ABC):
         return self._count_by_status("deliveries")
 
     def _count_by_status(self, table: str) -> dict[str, int]:
-        with self.transaction(write=False) as execute:
-            rows = execute(f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status", ())
-            return {row["status"]: row["n"] for row in rows.fetchall()}
+        """For /metrics: while the store is unreachable, the last counts it gave (the scrape
+        still carries the engine's metrics)."""
+        try:
+            with self.transaction(write=False) as execute:
+                rows = execute(f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status", ())
+                self.last_counts[table] = {row["status"]: row["n"] for row in rows.fetchall()}
+        except JobStoreUnavailable:
+            pass
+        return self.last_counts.get(table, {})
 
     def claim(self, lease_s: float, owner: str = "") -> Job | None:
         """The oldest queued job (or one whose lease expired), as a new attempt by `owner`."""
