@@ -90,13 +90,22 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             "categories": categories_job_handler(categories),
             "completions": completions_job_handler(pipeline),
         }
+
+        def can_start_a_job() -> bool:
+            """No hoarding: a job is claimed only while the engine could start it now, and not
+            while this replica drains (another one takes it)."""
+            return (
+                not app.state.draining
+                and engine.num_queued == 0
+                and engine.num_running < settings.max_num_seqs
+            )
+
         job_worker = JobWorker(
             jobs,
             handlers,
             retention_s=settings.job_retention_hours * 3600,
             lease_s=settings.job_lease,
-            # No hoarding: a job is claimed only while the engine could start it now.
-            can_start=lambda: engine.num_queued == 0 and engine.num_running < settings.max_num_seqs,
+            can_start=can_start_a_job,
         )
         metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)
         job_worker.start()
