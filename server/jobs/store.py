@@ -14,34 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable
+from server.exceptions import IdempotencyKeyReused
+from server.jobs.deliveries import DeliveryStore, Execute
 
 # Every column but the request, which only the worker (at claim) needs.
 SUMMARY = (
     "id, kind, status, progress, result, error, created_at, updated_at, attempt, owner,"
     " webhook_url, request_hash"
 )
-ENDED = ("completed", "failed", "cancelled")
-
-
-class Cursor(Protocol):
-    rowcount: int
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-Execute = Callable[[str, tuple], Cursor]  # SQL with ? placeholders; rows are dicts
 
 
 @dataclass(frozen=True)
@@ -99,7 +85,7 @@ def request_digest(kind: str, request: dict[str, Any]) -> str:
 
 def open_job_store(url: str | None, data_dir: Path) -> JobStore:
     """--job-store: sqlite:///PATH or postgresql://...; none: DATA_DIR/jobs.sqlite3."""
-    if url is None or url == "":
+    if not url:
         from server.jobs.sqlite import SqliteJobStore
 
         return SqliteJobStore(data_dir / "jobs.sqlite3")
@@ -114,24 +100,10 @@ def open_job_store(url: str | None, data_dir: Path) -> JobStore:
     raise ValueError("--job-store must be sqlite:///PATH or postgresql://...")
 
 
-class JobStore(ABC):
+class JobStore(DeliveryStore):
     """Blocking calls: the async side calls them through asyncio.to_thread."""
 
     greatest = "MAX"  # the two-argument maximum
-    skip_locked = ""  # appended to the SELECT that picks rows to claim
-
-    def __init__(self) -> None:
-        self.last_counts: dict[str, dict[str, int]] = {}
-
-    @abstractmethod
-    def transaction(self, write: bool = True) -> AbstractContextManager[Execute]:
-        """One transaction; its statements go through the yielded function."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    def now(self) -> float:
-        return time.time()
 
     def watch(self, on_new_job: Callable[[], None]) -> None:
         """Calls on_new_job (from any thread) when another process queues a job. By default
@@ -186,20 +158,6 @@ class JobStore(ABC):
 
     def count_by_status(self) -> dict[str, int]:
         return self._count_by_status("jobs")
-
-    def count_deliveries_by_status(self) -> dict[str, int]:
-        return self._count_by_status("deliveries")
-
-    def _count_by_status(self, table: str) -> dict[str, int]:
-        """For /metrics: while the store is unreachable, the last counts it gave (the scrape
-        still carries the engine's metrics)."""
-        try:
-            with self.transaction(write=False) as execute:
-                rows = execute(f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status", ())
-                self.last_counts[table] = {row["status"]: row["n"] for row in rows.fetchall()}
-        except JobStoreUnavailable:
-            pass
-        return self.last_counts.get(table, {})
 
     def claim(self, lease_s: float, owner: str = "") -> Job | None:
         """The oldest queued job (or one whose lease expired), as a new attempt by `owner`."""
@@ -343,67 +301,6 @@ class JobStore(ABC):
             if announce and cursor.rowcount:
                 self._announce(execute)
             return cursor.rowcount == 1
-
-    # -- webhook deliveries ---------------------------------------------------------------
-    def due_deliveries(self, limit: int = 16, hold_s: float = 0.0) -> list[dict[str, Any]]:
-        """Pending deliveries whose time has come, held for hold_s: no other process starts
-        the same attempt meanwhile (one that dies mid-attempt leaves it due again after)."""
-        now = self.now()
-        with self.transaction() as execute:
-            rows = execute(
-                "UPDATE deliveries SET next_attempt_at = ? WHERE id IN ("
-                " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
-                f" ORDER BY next_attempt_at LIMIT ?{self.skip_locked}) RETURNING *",
-                (now + hold_s, now, limit),
-            ).fetchall()
-        return [dict(row) for row in rows]
-
-    def record_attempt(
-        self,
-        delivery_id: str,
-        attempt: int,
-        status: str,
-        next_attempt_at: float,
-        last_status: int | None,
-        last_error: str | None,
-    ) -> bool:
-        """Records attempt number `attempt` (1-based); False if that attempt was already
-        recorded (a duplicate cannot move a delivered webhook back to pending)."""
-        with self.transaction() as execute:
-            cursor = execute(
-                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"
-                " last_status = ?, last_error = ? WHERE id = ? AND status = 'pending'"
-                " AND attempts = ?",
-                (status, attempt, next_attempt_at, last_status, last_error, delivery_id)
-                + (attempt - 1,),
-            )
-            return cursor.rowcount == 1
-
-    def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
-        with self.transaction(write=False) as execute:
-            rows = execute(
-                "SELECT id, url, status, attempts, last_status, last_error, next_attempt_at"
-                " FROM deliveries WHERE job_id = ? ORDER BY created_at",
-                (job_id,),
-            ).fetchall()
-        deliveries = [dict(row) for row in rows]
-        for delivery in deliveries:  # a time only while one is coming
-            if delivery["status"] != "pending":
-                delivery["next_attempt_at"] = None
-        return deliveries
-
-    # -- values every replica shares ------------------------------------------------------
-    def shared_value(self, name: str, candidate: str) -> str:
-        """The stored value of `name`; `candidate` becomes it if there is none yet (the first
-        process to ask wins, every later one gets the same)."""
-        with self.transaction() as execute:
-            execute(
-                "INSERT INTO shared_values (name, value) VALUES (?, ?)"
-                " ON CONFLICT (name) DO NOTHING",
-                (name, candidate),
-            )
-            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
-        return row["value"]
 
 
 def _exists(execute: Execute, job_id: str) -> bool:

@@ -1,0 +1,116 @@
+"""The job store's other half: webhook deliveries and the values every process shares (the
+webhook secret), in the same database and with SQL written once for both backends. Each backend
+provides `transaction()`; rows come back as dicts.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from server.exceptions import JobStoreUnavailable
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+Execute = Callable[[str, tuple], Cursor]  # SQL with ? placeholders; rows are dicts
+
+
+class DeliveryStore(ABC):
+    skip_locked = ""  # appended to a SELECT that picks rows for one process only
+
+    def __init__(self) -> None:
+        self.last_counts: dict[str, dict[str, int]] = {}
+
+    @abstractmethod
+    def transaction(self, write: bool = True) -> AbstractContextManager[Execute]:
+        """One transaction; its statements go through the yielded function."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def now(self) -> float:
+        return time.time()
+
+    def count_deliveries_by_status(self) -> dict[str, int]:
+        return self._count_by_status("deliveries")
+
+    def _count_by_status(self, table: str) -> dict[str, int]:
+        """For /metrics: while the store is unreachable, the last counts it gave (the scrape
+        still carries the engine's metrics)."""
+        try:
+            with self.transaction(write=False) as execute:
+                rows = execute(f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status", ())
+                self.last_counts[table] = {row["status"]: row["n"] for row in rows.fetchall()}
+        except JobStoreUnavailable:
+            pass
+        return self.last_counts.get(table, {})
+
+    def due_deliveries(self, limit: int = 16, hold_s: float = 0.0) -> list[dict[str, Any]]:
+        """Pending deliveries whose time has come, held for hold_s: no other process starts
+        the same attempt meanwhile (one that dies mid-attempt leaves it due again after)."""
+        now = self.now()
+        with self.transaction() as execute:
+            rows = execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE id IN ("
+                " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                f" ORDER BY next_attempt_at LIMIT ?{self.skip_locked}) RETURNING *",
+                (now + hold_s, now, limit),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        attempt: int,
+        status: str,
+        next_attempt_at: float,
+        last_status: int | None,
+        last_error: str | None,
+    ) -> bool:
+        """Records attempt number `attempt` (1-based); False if that attempt was already
+        recorded (a duplicate cannot move a delivered webhook back to pending)."""
+        with self.transaction() as execute:
+            cursor = execute(
+                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"
+                " last_status = ?, last_error = ? WHERE id = ? AND status = 'pending'"
+                " AND attempts = ?",
+                (status, attempt, next_attempt_at, last_status, last_error, delivery_id)
+                + (attempt - 1,),
+            )
+            return cursor.rowcount == 1
+
+    def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
+        with self.transaction(write=False) as execute:
+            rows = execute(
+                "SELECT id, url, status, attempts, last_status, last_error, next_attempt_at"
+                " FROM deliveries WHERE job_id = ? ORDER BY created_at",
+                (job_id,),
+            ).fetchall()
+        deliveries = [dict(row) for row in rows]
+        for delivery in deliveries:  # a time only while one is coming
+            if delivery["status"] != "pending":
+                delivery["next_attempt_at"] = None
+        return deliveries
+
+    # -- values every replica shares ------------------------------------------------------
+    def shared_value(self, name: str, candidate: str) -> str:
+        """The stored value of `name`; `candidate` becomes it if there is none yet (the first
+        process to ask wins, every later one gets the same)."""
+        with self.transaction() as execute:
+            execute(
+                "INSERT INTO shared_values (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, candidate),
+            )
+            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+        return row["value"]
