@@ -1,0 +1,33 @@
+"""The webhook secret every replica signs with: the flag's, else one kept in the job store (the
+first replica's wins, on both backends), with a copy in each data dir; a secret an older version
+generated into the data dir becomes the store's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from server.jobs.store import JobStore
+from server.jobs.webhooks import SECRET_PREFIX, load_or_create_secret
+
+
+def test_replicas_share_the_stored_secret(open_store: Callable[[], JobStore], tmp_path: Path):
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    secret = load_or_create_secret(None, open_store(), first_dir)
+    assert secret.startswith(SECRET_PREFIX)
+    assert load_or_create_secret(None, open_store(), second_dir) == secret
+    assert (second_dir / "webhook_secret").read_text() == secret  # the operator's copy
+    assert (second_dir / "webhook_secret").stat().st_mode & 0o777 == 0o600
+    assert load_or_create_secret("whsec_flag", open_store(), second_dir) == "whsec_flag"
+
+
+def test_a_secret_from_an_older_data_dir_is_kept(open_store: Callable[[], JobStore], tmp_path):
+    (tmp_path / "webhook_secret").write_text("whsec_b2xk\n")
+    assert load_or_create_secret(None, open_store(), tmp_path) == "whsec_b2xk"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "webhook_secret").write_text("whsec_c3RhbGU=")  # a replica's own, from before
+    assert load_or_create_secret(None, open_store(), other) == "whsec_b2xk"
+    assert (other / "webhook_secret").read_text() == "whsec_b2xk"
