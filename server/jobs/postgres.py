@@ -20,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from server.exceptions import JobStoreUnavailable
+from server.exceptions import InvalidRequest, JobStoreUnavailable
 from server.jobs.store import Execute, JobStore
 
 logger = logging.getLogger(__name__)
@@ -110,9 +110,13 @@ class PostgresJobStore(JobStore):
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Execute]:
+        def execute(sql: str, values: tuple) -> psycopg.Cursor:
+            _refuse_nul(values)
+            return connection.execute(_placeholders(sql), values)
+
         try:
             with self.pool.connection() as connection, connection.transaction():
-                yield lambda sql, values: connection.execute(_placeholders(sql), values)
+                yield execute
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise JobStoreUnavailable() from exc
 
@@ -178,6 +182,16 @@ def _where(url: str) -> str:
     except psycopg.ProgrammingError:
         return "(an unreadable URL)"
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _refuse_nul(values: tuple) -> None:
+    """PostgreSQL text cannot hold NUL; a value from a client with one (an id in a URL, a webhook
+    URL) is that client's mistake: a 400, as SQLite (which stores it) would answer 404 or 400."""
+    if any(isinstance(value, str) and "\x00" in value for value in values):
+        raise InvalidRequest(
+            "The request contains a NUL character (\\u0000) where text is expected.",
+            code="invalid_value",
+        )
 
 
 def _placeholders(sql: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable
+from server.exceptions import IdempotencyKeyReused, InvalidRequest, JobStoreUnavailable
 from server.jobs.postgres import PostgresJobStore
 from server.jobs.sqlite import SCHEMA, SqliteJobStore
 from server.jobs.store import open_job_store
@@ -105,3 +105,22 @@ def test_a_database_that_goes_away_is_unavailable_then_back() -> None:
         finally:
             store.close()
             proxy.close()
+
+
+def test_a_nul_character_from_a_client_is_a_bad_request_on_postgres() -> None:
+    """PostgreSQL text cannot hold NUL: an id or cursor with one is the client's mistake (400),
+    never a 500."""
+    with fresh_database() as url:
+        store = PostgresJobStore(url)
+        try:
+            for call in (
+                lambda: store.get("job-\x00"),
+                lambda: store.cancel("job-\x00"),
+                lambda: store.list(None, 10, "job-\x00"),
+                lambda: store.create("categories", {"webhook_url": "http://h/\x00"}, None),
+            ):
+                with pytest.raises(InvalidRequest):
+                    call()
+            assert store.get("job-x") is None  # the store is fine afterwards
+        finally:
+            store.close()
