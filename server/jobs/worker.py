@@ -77,6 +77,7 @@ class JobWorker:
         self.running: dict[str, asyncio.Task] = {}  # job id -> its attempt's work, here
         self.held: dict[str, Job] = {}  # job id -> the attempt this process holds
         self.cancelled: set[str] = set()
+        self.claim_failures = 0  # in a row: the store is unreachable while this grows
 
     def start(self) -> None:
         self._take_over_from_gone_owners()
@@ -118,17 +119,8 @@ class JobWorker:
             work.cancel()
 
     async def _loop(self) -> None:
-        failures = 0
         while True:
-            job = None
-            if self.can_start():
-                try:
-                    job = await asyncio.to_thread(self.store.claim, self.lease_s, self.owner)
-                    failures = 0
-                except Exception:
-                    failures += 1
-                    await self._store_trouble("claiming a job", failures)
-                    continue
+            job = await self._claim() if self.can_start() else None
             if job is None:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -136,6 +128,22 @@ class JobWorker:
                 continue
             if not await self._run(job):
                 return
+
+    async def _claim(self) -> Job | None:
+        """The next job for this worker; None when there is none, or (after a wait) when the
+        store is in trouble."""
+        try:
+            job = await asyncio.to_thread(self.store.claim, self.lease_s, self.owner)
+        except JobStoreUnavailable:
+            self.claim_failures += 1
+            await self._store_trouble("claiming a job", self.claim_failures)
+            return None
+        except Exception:  # the loop must outlive any one claim's trouble
+            logger.exception("claiming a job failed")
+            await asyncio.sleep(STORE_RETRY_S[-1])
+            return None
+        self.claim_failures = 0
+        return job
 
     async def _store_trouble(self, doing: str, failures: int) -> None:
         """Logs (once per outage, then every few minutes) and waits before the next try."""
