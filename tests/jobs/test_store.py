@@ -178,8 +178,10 @@ def test_a_held_delivery_is_not_handed_to_another_process(open_store: OpenStore)
     assert second.due_deliveries(hold_s=60) == []  # in flight at the first
     assert second.record_attempt(taken["id"], 1, "pending", 0.0, 500, None)
     assert not first.record_attempt(taken["id"], 1, "delivered", 0.0, 200, None)  # a duplicate
-    (again,) = second.due_deliveries(hold_s=60)
+    (again,) = second.due_deliveries(hold_s=-1)  # ... and dies mid-attempt: its hold runs out
     assert again["id"] == taken["id"] and again["attempts"] == 1
+    (after_death,) = first.due_deliveries(hold_s=60)  # so a live process sends it, same id
+    assert after_death["id"] == taken["id"]
 
 
 def test_prune_deletes_old_finished_jobs_only(store: JobStore) -> None:
