@@ -56,6 +56,13 @@ def tiny25_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("models") / "tiny-qwen3-vl", TinySpec(family="qwen3-vl")
+    )
+
+
+@pytest.fixture(scope="session")
 def media_server() -> Iterator[MediaServer]:
     server = MediaServer()
     server.thread.start()

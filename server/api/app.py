@@ -66,6 +66,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             settings.video_decode_workers, settings.video_decode_timeout, settings.video_max_fps
         )
         await decoder.start()
+        input_builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
         media = MediaLoader(
             fetcher,
             decoder,
@@ -73,8 +74,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             model_max_pixels=loaded.processor.image_processor.size["longest_edge"],
             metrics=metrics,
             spool_dir=settings.data_dir / "spool",
+            token_side=input_builder.token_side,
         )
-        input_builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
         pipeline = ChatPipeline(
             engine,
             input_builder,

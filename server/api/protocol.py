@@ -472,6 +472,8 @@ class ToolCallOut(BaseModel):
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # extension (vLLM's and the hosted Qwen APIs'): a thinking checkpoint's reasoning
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -523,7 +525,11 @@ class ChatCompletionChoice(BaseModel):
         calls = [ToolCallOut.of(c) for c in choice.tool_calls] or None
         return cls(
             index=choice.index,
-            message=ChatCompletionMessage(content=choice.content, tool_calls=calls),
+            message=ChatCompletionMessage(
+                content=choice.content,
+                reasoning_content=choice.reasoning_content,
+                tool_calls=calls,
+            ),
             logprobs=ChoiceLogprobs.of(choice.logprobs),
             finish_reason=choice.finish_reason,
             stop_reason=choice.stop_reason,
@@ -615,6 +621,7 @@ class DeltaToolCall(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # extension: a thinking checkpoint's reasoning
     tool_calls: list[DeltaToolCall] | None = None
 
 

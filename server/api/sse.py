@@ -26,6 +26,7 @@ from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
 from server.pipelines.chat import ChatRun
 from server.pipelines.logprobs import TokenTexts
+from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import CallStream, Event, ToolCallDelta, Tools, call_stream
 
 DONE = "data: [DONE]\n\n"
@@ -66,12 +67,14 @@ class ChatChunkWriter:
         delta = DeltaMessage(role="assistant", content="")
         return self._event([ChatCompletionChunkChoice(index=index, delta=delta)], frames=frames)
 
-    def delta(self, index: int, event: Event, logprobs: ChoiceLogprobs | None) -> str:
-        """A content piece or a tool-call piece of choice `index`."""
+    def delta(self, index: int, event: Event | Reasoning, logprobs: ChoiceLogprobs | None) -> str:
+        """A content, reasoning or tool-call piece of choice `index`."""
         if isinstance(event, str):
             if logprobs is None:
                 return self.content(event, index)
             delta = DeltaMessage(content=event)
+        elif isinstance(event, Reasoning):
+            delta = DeltaMessage(reasoning_content=event.text)
         else:
             delta = DeltaMessage(tool_calls=[_tool_call_delta(event)])
         return self._event([ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs)])
@@ -137,16 +140,23 @@ class ChoiceStream:
     index: int
     seq: Sequence
     calls: CallStream | None  # tools: the text becomes content and tool calls
+    reasoning: ReasoningStream | None = None  # thinking checkpoints: reasoning, then content
     num_logprobs_sent: int = 0
     has_called: bool = False
 
     def events(
         self, output: SequenceOutput, writer: ChatChunkWriter, texts: TokenTexts
     ) -> list[str]:
+        pieces: list[Event | Reasoning] = []
+        text = output.text_delta
+        if self.reasoning is not None:
+            thought, text = self.reasoning.feed(text)
+            thought += self.reasoning.finish() if output.finished else ""
+            pieces += [Reasoning(thought)] if thought else []
         if self.calls is None:
-            pieces: list[Event] = [output.text_delta] if output.text_delta else []
+            pieces += [text] if text else []
         else:
-            pieces = self.calls.feed(output.text_delta)
+            pieces += self.calls.feed(text)
             pieces += self.calls.finish() if output.finished else []
         if not pieces and not output.finished:
             return []  # the tokens' logprobs go with the next piece of text
@@ -178,10 +188,14 @@ async def chat_stream(
     include_usage: bool,
     texts: TokenTexts,
     tools: Tools | None = None,
+    reasoning: bool = False,
 ) -> AsyncIterator[str]:
     """first and rest: (choice index, output) of every choice, as they come."""
     writer = ChatChunkWriter(run.seq.request_id, model)
-    choices = [ChoiceStream(i, seq, call_stream(tools)) for i, seq in enumerate(run.seqs)]
+    choices = [
+        ChoiceStream(i, seq, call_stream(tools), ReasoningStream() if reasoning else None)
+        for i, seq in enumerate(run.seqs)
+    ]
     for choice in choices:
         yield writer.role(choice.index, frames_out(run.frames) if choice.index == 0 else None)
     try:

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+VIDEO_PAD = "<|video_pad|>"
+VIDEO_WRAPPED = "<|vision_start|><|video_pad|><|vision_end|>"
+
 
 @dataclass(frozen=True)
 class MediaItem:
@@ -20,15 +23,20 @@ class MediaItem:
     `key` is a content hash of the processed pixels and everything that shapes the item's
     embeddings and rope positions (grid, seconds per temporal patch): it keys the encoder
     cache and enters the prefix-cache hash of every KV block that holds the item's tokens, so
-    identical placeholder runs of different images never match."""
+    identical placeholder runs of different images never match.
+
+    A Qwen3-VL video is several items, one per run of placeholders (its prompt puts a
+    timestamp before each temporal patch): each is encoded on its own, which gives the same
+    embeddings since the vision tower attends within one temporal patch only."""
 
     kind: str  # "image" | "video"
-    index: int  # among the prompt's items of this kind (its row in *_grid_thw)
+    index: int  # among the prompt's images or videos (its row in *_grid_thw)
     start: int  # first placeholder token in the prompt
     num_tokens: int
     patch_start: int  # first row of this item in pixel_values / pixel_values_videos
     num_patches: int
     key: str
+    grid: tuple[int, int, int] = (1, 1, 1)  # (temporal, height, width) patches of this item
 
     @property
     def end(self) -> int:
@@ -64,30 +72,55 @@ def find_media(
         positions = (ids == token_ids[kind]).nonzero().view(-1).tolist()
         patch_counts = grids.prod(-1).tolist()
         merge = len(positions) and sum(patch_counts) // len(positions)  # patches per token
-        pixels = tensors[pixels_name]
         cursor = patch_start = 0
-        for index, num_patches in enumerate(patch_counts):
+        for index, (num_patches, grid) in enumerate(zip(patch_counts, grids.tolist(), strict=True)):
             num_tokens = num_patches // merge
-            digest = hashlib.blake2b(digest_size=16)
-            digest.update(kind.encode() + str(grids[index].tolist()).encode())
-            if kind == "video" and "second_per_grid_ts" in tensors:
-                digest.update(str(float(tensors["second_per_grid_ts"][index])).encode())
-            patch = pixels[patch_start : patch_start + num_patches].contiguous()
-            digest.update(patch.numpy().tobytes())
-            items.append(
-                MediaItem(
-                    kind,
-                    index,
-                    positions[cursor],
-                    num_tokens,
-                    patch_start,
-                    num_patches,
-                    digest.hexdigest(),
+            for run_start, run_tokens in _runs(positions[cursor : cursor + num_tokens]):
+                run_patches = run_tokens * merge
+                temporal = run_patches // (grid[1] * grid[2])
+                items.append(
+                    MediaItem(
+                        kind,
+                        index,
+                        run_start,
+                        run_tokens,
+                        patch_start,
+                        run_patches,
+                        _content_key(tensors, kind, pixels_name, index, patch_start, run_patches),
+                        (temporal, grid[1], grid[2]),
+                    )
                 )
-            )
+                patch_start += run_patches
             cursor += num_tokens
-            patch_start += num_patches
     return tuple(sorted(items, key=lambda item: item.start))
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """(first position, length) of each run of consecutive positions."""
+    runs: list[tuple[int, int]] = []
+    for position in positions:
+        if runs and runs[-1][0] + runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((position, 1))
+    return runs
+
+
+def _content_key(
+    tensors: dict[str, torch.Tensor],
+    kind: str,
+    pixels_name: str,
+    index: int,
+    patch_start: int,
+    num_patches: int,
+) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(kind.encode() + str(tensors[f"{kind}_grid_thw"][index].tolist()).encode())
+    if kind == "video" and "second_per_grid_ts" in tensors:
+        digest.update(str(float(tensors["second_per_grid_ts"][index])).encode())
+    patch = tensors[pixels_name][patch_start : patch_start + num_patches].contiguous()
+    digest.update(patch.numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -105,11 +138,33 @@ class InputBuilder:
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
+        # Qwen3-VL's processor puts a "<t seconds>" text before each temporal patch.
+        self.timestamped_frames = hasattr(processor, "_calculate_timestamps")
+        # What the frame planner needs to know of the family: the pixels along one side of a
+        # visual token (28 for Qwen2-VL / 2.5-VL, 32 for Qwen3-VL), and the text tokens each
+        # native temporal patch adds (a long timestamp and its own vision start/end).
+        # A thinking checkpoint's template opens "<think>" at the end of the prompt: its
+        # answers start with reasoning (pipelines/reasoning.py splits them).
+        probe = self.prompt([{"role": "user", "content": "?"}])
+        self.reasoning = probe.rstrip("\n").endswith("<think>")
+        images = processor.image_processor
+        self.token_side = images.patch_size * images.merge_size
+        self.per_patch_tokens = (
+            len(self.tokenizer("<9999.9 seconds>")["input_ids"]) + 2
+            if self.timestamped_frames
+            else 0
+        )
 
     def prompt(self, messages: list[dict[str, Any]]) -> str:
-        return self.processor.apply_chat_template(
+        text = self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+        if self.timestamped_frames:
+            # Qwen3-VL's own processor (and vLLM) replace the template's whole video wrapper
+            # with "<t seconds><|vision_start|>...<|vision_end|>" per temporal patch, as the
+            # model was trained; transformers 5 would keep an outer start/end pair around it.
+            text = text.replace(VIDEO_WRAPPED, VIDEO_PAD)
+        return text
 
     def count_text_tokens(self, messages: list[dict[str, Any]]) -> int:
         """Tokens of the templated prompt with every image and video left out."""
@@ -121,6 +176,26 @@ class InputBuilder:
         ]
         return len(self.tokenizer(self.prompt(text_only))["input_ids"])
 
+    def _video_metadata(self, video: VideoFrames) -> Any:
+        from transformers.video_utils import VideoMetadata
+
+        if self.timestamped_frames:
+            # Qwen3-VL writes each temporal patch's time into the prompt as index / fps: the
+            # planner's own timestamps, to the millisecond.
+            fps, indices = 1000.0, [round(t * 1000) for t in video.timestamps]
+        else:
+            # Qwen2-VL / 2.5-VL: the rate the frames were taken at (2.5's rope is in seconds).
+            fps = len(video.frames) / max(video.duration_s, 1e-6)
+            indices = list(range(len(video.frames)))
+        return VideoMetadata(
+            total_num_frames=len(video.frames),
+            fps=fps,
+            width=video.frames.shape[2],
+            height=video.frames.shape[1],
+            duration=video.duration_s,
+            frames_indices=indices,
+        )
+
     def build(
         self,
         messages: list[dict[str, Any]],
@@ -131,22 +206,11 @@ class InputBuilder:
         {"type": "text" | "image" | "video"} parts, in the order of images and videos."""
         kwargs: dict[str, Any] = {}
         if videos:
-            from transformers.video_utils import VideoMetadata
-
             kwargs["videos"] = [v.frames for v in videos]
-            kwargs["video_metadata"] = [
-                VideoMetadata(
-                    total_num_frames=len(v.frames),
-                    fps=len(v.frames) / max(v.duration_s, 1e-6),  # the rate frames were taken at
-                    width=v.frames.shape[2],
-                    height=v.frames.shape[1],
-                    duration=v.duration_s,
-                    frames_indices=list(range(len(v.frames))),
-                )
-                for v in videos
-            ]
-            # The planner sized the frames already; keep them as they are.
+            kwargs["video_metadata"] = [self._video_metadata(v) for v in videos]
+            # The planner chose and sized the frames already; keep them as they are.
             kwargs["cap_pixels_per_frame"] = False
+            kwargs["do_sample_frames"] = False
         encoded = self.processor(
             text=[self.prompt(messages)], images=images or None, return_tensors="pt", **kwargs
         )

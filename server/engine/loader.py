@@ -22,8 +22,19 @@ from server.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
-TINY_MODELS = {"tiny": "qwen2-vl", "tiny-qwen2-vl": "qwen2-vl", "tiny-qwen2.5-vl": "qwen2.5-vl"}
+SUPPORTED_MODEL_TYPES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+# Known model types this server refuses, with the reason.
+REFUSED_MODEL_TYPES = {
+    "qwen3_vl_moe": "Qwen3-VL mixture-of-experts checkpoints (A3B, A22B) are not supported yet; "
+    "use a dense Qwen3-VL checkpoint (2B, 4B, 8B, 32B)",
+}
+TINY_MODELS = {
+    "tiny": "qwen2-vl",
+    "tiny-qwen2-vl": "qwen2-vl",
+    "tiny-qwen2.5-vl": "qwen2.5-vl",
+    "tiny-qwen3-vl": "qwen3-vl",
+    "tiny-qwen3-vl-thinking": "qwen3-vl-thinking",
+}
 # What a checkpoint needs from the hub: configs, tokenizer, template, safetensors weights.
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -163,6 +174,8 @@ def _check_checkpoint(path: Path) -> str:
 
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ModelLoadError(f"{path}: {REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"{path} is a '{model_type}' checkpoint; this server runs "

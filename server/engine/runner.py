@@ -209,15 +209,20 @@ class ModelRunner:
         rows_on_device = torch.tensor(rows).to(self.device)
         ids_on_device = torch.tensor(token_ids).to(self.device)
         positions_on_device = torch.cat(positions, dim=1).to(self.device)
+        deepstack = self._deepstack_inputs(pieces, len(token_ids))
         embeds = self.text_model.embed_tokens(ids_on_device)
         for row, media in pieces:
-            embeds[row : row + media.shape[0]] = media.to(embeds.dtype)
-        hidden = self._text_forward(embeds, positions_on_device, meta)
+            embeds[row : row + media.shape[1]] = media[0].to(embeds.dtype)
+        hidden = self._text_forward(embeds, positions_on_device, meta, **deepstack)
         self._drop_prefilled_media(batch)
         return self.model.lm_head(hidden[rows_on_device]) if sampled else None
 
     def _text_forward(
-        self, embeds: torch.Tensor, positions: torch.Tensor, meta: attention.StepMetadata
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        meta: attention.StepMetadata,
+        **deepstack: Any,
     ) -> torch.Tensor:
         """The text model over one flattened step: embeds [n, hidden], positions [3, n]."""
         return self.text_model(
@@ -227,7 +232,24 @@ class ModelRunner:
             attention_mask=NO_MASKS,
             use_cache=True,
             paged_metadata=meta,
+            **deepstack,
         ).last_hidden_state[0]
+
+    def _deepstack_inputs(
+        self, pieces: list[tuple[int, torch.Tensor]], num_tokens: int
+    ) -> dict[str, Any]:
+        """Qwen3-VL's DeepStack: vision features of several ViT layers, added to the first text
+        layers' outputs at the media tokens of this step (a chunk gets its own tokens')."""
+        if not pieces or pieces[0][1].shape[0] == 1:  # no media, or a family without it
+            return {}
+        mask = torch.zeros(num_tokens, dtype=torch.bool)
+        for row, media in pieces:
+            mask[row : row + media.shape[1]] = True
+        features = torch.cat([media[1:] for _, media in pieces], dim=1)  # rows in order
+        return {
+            "visual_pos_masks": mask[None].to(self.device),
+            "deepstack_visual_embeds": list(features.to(self.device)),
+        }
 
     def _decode_forward(self, inputs: DecodeBuffers) -> torch.Tensor:
         """A decode-only step from the graphs' static buffers to logits (what is captured)."""
@@ -298,7 +320,7 @@ class ModelRunner:
         for item in seq.inputs.media:
             first, last = max(start, item.start), min(end, item.end)
             if first < last:
-                out.append((first - start, held[item][first - item.start : last - item.start]))
+                out.append((first - start, held[item][:, first - item.start : last - item.start]))
         return out
 
     def _encode_media(self, batch: ScheduledBatch) -> None:
@@ -335,16 +357,18 @@ class ModelRunner:
                 for s, m in items
             ]
         ).to(self.device)
-        grids = torch.stack([s.inputs.tensors[f"{kind}_grid_thw"][m.index] for s, m in items])
+        grids = torch.tensor([m.grid for _, m in items])
         features = (
             self.model.model.get_image_features
             if kind == "image"
             else self.model.model.get_video_features
         )
-        embeds = features(pixels, grids.to(self.device), return_dict=True).pooler_output
-        # Views of one batched output would keep all of it alive (and the encoder cache would
-        # count only the view): each item gets its own copy.
-        return [e.clone() for e in embeds] if len(embeds) > 1 else list(embeds)
+        output = features(pixels, grids.to(self.device), return_dict=True)
+        layers = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
+        # Per item [1 + DeepStack layers, tokens, hidden], its own memory (a view of one
+        # batched output would keep all of it alive, and the encoder cache would count only
+        # the view).
+        return [torch.stack([layer[i] for layer in layers]) for i in range(len(items))]
 
     def _drop_prefilled_media(self, batch: ScheduledBatch) -> None:
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):

@@ -1,4 +1,4 @@
-"""Tiny random-weight Qwen2-VL / Qwen2.5-VL checkpoints, built offline.
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, built offline.
 
 Model weights cannot be downloaded on CI or in air-gapped installs, yet every test must load a
 checkpoint through the same code a real one takes. So this module writes a complete checkpoint
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Family = Literal["qwen2-vl", "qwen2.5-vl"]
-FAMILIES: tuple[Family, ...] = ("qwen2-vl", "qwen2.5-vl")
+# qwen3-vl-thinking: Qwen3-VL's architecture with the -Thinking checkpoints' chat template.
+Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-thinking"]
+FAMILIES: tuple[Family, ...] = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-thinking")
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ QWEN25_EXTRA_TOKENS = (
     "<|file_sep|>",
 )
 
+# Qwen3 appends these after Qwen2.5's (not special either).
+QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
+
 # The chat template shipped with Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct processors.
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -71,6 +75,11 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The chat templates shipped with Qwen/Qwen3-VL-*-Instruct and -Thinking, byte for byte.
+TEMPLATES = Path(__file__).parent / "templates"
+QWEN3_VL_CHAT_TEMPLATE = (TEMPLATES / "qwen3_vl_instruct.jinja").read_text()
+QWEN3_VL_THINKING_CHAT_TEMPLATE = (TEMPLATES / "qwen3_vl_thinking.jinja").read_text()
+
 # Qwen's pre-tokenizer split (from the Qwen2 tokenizer.json).
 QWEN_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
@@ -82,6 +91,11 @@ IMAGE_MIN_PIXELS = 56 * 56
 IMAGE_MAX_PIXELS = 28 * 28 * 16384
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
+# Qwen3-VL-Instruct's preprocessor_config.json / video_preprocessor_config.json (16 px patches).
+QWEN3_IMAGE_MIN_PIXELS = 65536
+QWEN3_IMAGE_MAX_PIXELS = 16777216
+QWEN3_VIDEO_MIN_PIXELS = 4096
+QWEN3_VIDEO_MAX_PIXELS = 25165824
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -125,9 +139,18 @@ def mrope_section(head_dim: int) -> list[int]:
     return [temporal, height, half - temporal - height]
 
 
+def qwen3_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's interleaved (temporal, height, width) split, 24/20/20 of 64 at any size."""
+    half = head_dim // 2
+    spatial = half * 20 // 64
+    return [half - 2 * spatial, spatial, spatial]
+
+
 def special_tokens(family: Family) -> tuple[str, ...]:
-    extra = QWEN25_EXTRA_TOKENS if family == "qwen2.5-vl" else ()
-    return QWEN2_VL_SPECIAL_TOKENS + extra
+    if family == "qwen2-vl":
+        return QWEN2_VL_SPECIAL_TOKENS
+    extra = QWEN3_EXTRA_TOKENS if family.startswith("qwen3-vl") else ()
+    return QWEN2_VL_SPECIAL_TOKENS + QWEN25_EXTRA_TOKENS + extra
 
 
 def _training_corpus() -> list[str]:
@@ -267,6 +290,8 @@ def build_config(spec: TinySpec, tokenizer):
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],
     }
+    if spec.family.startswith("qwen3-vl"):
+        return _qwen3_vl_config(spec, text_config, token_ids)
     if spec.family == "qwen2-vl":
         vision_config = {
             "depth": spec.vision_depth,
@@ -289,6 +314,71 @@ def build_config(spec: TinySpec, tokenizer):
     return config
 
 
+def _qwen3_vl_config(spec: TinySpec, text_config: dict, token_ids: dict):
+    """Qwen3-VL: 16-pixel patches, learned vision position embeddings, DeepStack features from
+    every vision layer into the first text layers, interleaved multimodal rope."""
+    from transformers import Qwen3VLConfig
+
+    head_dim = spec.hidden_size // spec.num_heads
+    text_config = {
+        **text_config,
+        "head_dim": head_dim,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": qwen3_mrope_section(head_dim),
+            "mrope_interleaved": True,
+        },
+    }
+    vision_config = {
+        "depth": spec.vision_depth,
+        "hidden_size": spec.vision_embed_dim,
+        "intermediate_size": spec.vision_embed_dim * 4,
+        "num_heads": spec.vision_heads,
+        "out_hidden_size": spec.hidden_size,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": list(range(min(spec.vision_depth, spec.num_layers))),
+    }
+    return Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        tie_word_embeddings=False,
+        **token_ids,
+    )
+
+
+def _qwen3_vl_processor(tokenizer, thinking: bool):
+    """The processors as the public Qwen3-VL-Instruct checkpoints configure them."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    half = [0.5, 0.5, 0.5]
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": QWEN3_IMAGE_MIN_PIXELS, "longest_edge": QWEN3_IMAGE_MAX_PIXELS},
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=half,
+        image_std=half,
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        size={"shortest_edge": QWEN3_VIDEO_MIN_PIXELS, "longest_edge": QWEN3_VIDEO_MAX_PIXELS},
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=half,
+        image_std=half,
+    )
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN3_VL_THINKING_CHAT_TEMPLATE if thinking else QWEN3_VL_CHAT_TEMPLATE,
+    )
+
+
 def build_processor(spec: TinySpec, tokenizer):
     from transformers import (
         Qwen2_5_VLProcessor,
@@ -309,6 +399,8 @@ def build_processor(spec: TinySpec, tokenizer):
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
+    if spec.family.startswith("qwen3-vl"):
+        return _qwen3_vl_processor(tokenizer, thinking=spec.family == "qwen3-vl-thinking")
     cls = Qwen2VLProcessor if spec.family == "qwen2-vl" else Qwen2_5_VLProcessor
     return cls(
         image_processor=image_processor,

@@ -3,10 +3,12 @@ answer fits the model's context. Pure functions; no decoding here.
 
 Two ways to use a video (see pipelines):
 
-native    the frames go to Qwen2-VL as one video input. Frames are grouped in temporal patches of
-          FRAME_FACTOR (2), and each patch of h x w pixels costs (h/28) * (w/28) tokens, so
-          video tokens = N/2 * (h/28) * (w/28). Resolution is lowered first (down to
-          VIDEO_MIN_PIXELS), then the frame count.
+native    the frames go to the model as one video input. Frames are grouped in temporal patches
+          of FRAME_FACTOR (2), and each patch of h x w pixels costs (h/s) * (w/s) tokens, s the
+          side of one visual token (28 px for Qwen2-VL and 2.5-VL, 32 for Qwen3-VL, which also
+          writes a timestamp before each patch: TokenBudget.per_patch_tokens), so video tokens =
+          N/2 * ((h/s) * (w/s) + per_patch_tokens). Resolution is lowered first (down to
+          VIDEO_MIN_TOKENS tokens a patch), then the frame count.
 captions  every frame is captioned on its own (about caption_tokens each), and the question is
           answered over the timestamped captions: N * caption_tokens + prompt + answer must fit.
 frames    every frame is analysed as a request of its own (media categories): as many frames as
@@ -27,10 +29,15 @@ VideoMode = Literal["native", "captions", "frames"]
 
 MAX_FRAMES = 60  # the Animus contract: at most 60 frames per video
 FRAME_FACTOR = 2  # Qwen2-VL's temporal patch: native frame counts are even
-PIXELS_PER_TOKEN = 28 * 28
-VIDEO_MIN_PIXELS = 128 * PIXELS_PER_TOKEN  # Qwen2-VL's video processor defaults
-VIDEO_MAX_PIXELS = 768 * PIXELS_PER_TOKEN
-CAPTION_FRAME_MAX_PIXELS = 256 * PIXELS_PER_TOKEN  # a captioned frame is a "low detail" image
+TOKEN_SIDE = 28  # Qwen2-VL's: 14-pixel patches merged 2 x 2 (Qwen3-VL: 16 x 2 = 32)
+PIXELS_PER_TOKEN = TOKEN_SIDE * TOKEN_SIDE
+# In tokens per frame (times the family's pixels per token): Qwen2-VL's video processor defaults.
+VIDEO_MIN_TOKENS = 128
+VIDEO_MAX_TOKENS = 768
+CAPTION_FRAME_MAX_TOKENS = 256  # a captioned frame is a "low detail" image
+VIDEO_MIN_PIXELS = VIDEO_MIN_TOKENS * PIXELS_PER_TOKEN
+VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * PIXELS_PER_TOKEN
+CAPTION_FRAME_MAX_PIXELS = CAPTION_FRAME_MAX_TOKENS * PIXELS_PER_TOKEN
 DEFAULT_FPS = 2.0  # sample at most 2 frames per second of video (qwen-vl-utils' default)
 DEFAULT_CAPTION_TOKENS = 256
 VISION_WRAPPER_TOKENS = 2  # <|vision_start|> ... <|vision_end|>
@@ -70,13 +77,19 @@ class TokenBudget:
     prompt_tokens: int  # the text of the prompt, without the video
     max_tokens: int  # the answer
     caption_tokens: int = DEFAULT_CAPTION_TOKENS
+    token_side: int = TOKEN_SIDE  # pixels along one side of a visual token
+    per_patch_tokens: int = 0  # text tokens a native temporal patch adds (Qwen3-VL's timestamp)
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.token_side * self.token_side
 
 
 @dataclass(frozen=True)
 class FramePlan:
     frame_indices: tuple[int, ...]
     timestamps: tuple[float, ...]
-    width: int  # every frame is resized to width x height (multiples of 28)
+    width: int  # every frame is resized to width x height (multiples of the token side)
     height: int
     video_tokens: int  # native: tokens of the video input; captions: N * caption_tokens
 
@@ -120,21 +133,23 @@ def frame_ceiling(info: VideoInfo, request: FrameRequest, server_fps: float) -> 
     return max(1, min(MAX_FRAMES, wished, by_rate, max(info.num_frames, 1)))
 
 
-def pixel_range(request: FrameRequest, ceiling: int) -> tuple[int, int]:
+def pixel_range(request: FrameRequest, ceiling_tokens: int, side: int) -> tuple[int, int]:
+    ceiling = ceiling_tokens * side * side
     max_pixels = min(request.max_pixels or ceiling, ceiling)
-    min_pixels = min(max(request.min_pixels or VIDEO_MIN_PIXELS, PIXELS_PER_TOKEN), max_pixels)
+    floor = VIDEO_MIN_TOKENS * side * side
+    min_pixels = min(max(request.min_pixels or floor, side * side), max_pixels)
     return min_pixels, max_pixels
 
 
-def resized(info: VideoInfo, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def resized(info: VideoInfo, min_pixels: int, max_pixels: int, side: int) -> tuple[int, int]:
     height, width = smart_resize(
-        info.height, info.width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels
+        info.height, info.width, factor=side, min_pixels=min_pixels, max_pixels=max_pixels
     )
     return width, height
 
 
-def tokens_per_patch(width: int, height: int) -> int:
-    return (width // 28) * (height // 28)
+def tokens_per_patch(width: int, height: int, side: int = TOKEN_SIDE) -> int:
+    return (width // side) * (height // side)
 
 
 def plan_frames(
@@ -151,20 +166,24 @@ def plan_frames(
     if request.mode == "captions":
         return _plan_captions(info, budget, request, available, ceiling)
     if request.mode == "frames":
-        return _plan_frames(info, request, available, ceiling)
-    return _plan_native(info, request, available, ceiling)
+        return _plan_frames(info, budget, request, available, ceiling)
+    return _plan_native(info, budget, request, available, ceiling)
 
 
-def _plan_native(info: VideoInfo, request: FrameRequest, available: int, ceiling: int) -> FramePlan:
+def _plan_native(
+    info: VideoInfo, budget: TokenBudget, request: FrameRequest, available: int, ceiling: int
+) -> FramePlan:
+    side, extra = budget.token_side, budget.per_patch_tokens
     count = max(FRAME_FACTOR, ceiling - ceiling % FRAME_FACTOR)
     patches = count // FRAME_FACTOR
-    min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_PIXELS)
-    width, height = resized(info, min_pixels, max_pixels)
-    if patches * tokens_per_patch(width, height) > available:
+    min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_TOKENS, side)
+    width, height = resized(info, min_pixels, max_pixels, side)
+    if patches * (tokens_per_patch(width, height, side) + extra) > available:
         # Lower the resolution first: spread what is available over the patches.
-        affordable = max(available // patches, 1) * PIXELS_PER_TOKEN
-        width, height = resized(info, min_pixels, max(min_pixels, min(max_pixels, affordable)))
-    per_patch = tokens_per_patch(width, height)
+        affordable = max(available // patches - extra, 1) * side * side
+        ceiling_pixels = max(min_pixels, min(max_pixels, affordable))
+        width, height = resized(info, min_pixels, ceiling_pixels, side)
+    per_patch = tokens_per_patch(width, height, side) + extra
     if patches * per_patch > available:
         # Then fewer frames at the lowest resolution.
         patches = available // per_patch
@@ -186,21 +205,24 @@ def _plan_captions(
         raise PlanError(
             "no frame caption fits the model's context; shorten the prompt or max_tokens"
         )
-    width, height = _image_frame_size(info, request)
+    width, height = _image_frame_size(info, request, budget.token_side)
     return _uniform(info, count, width, height, count * per_frame + CAPTIONS_HEADER_TOKENS)
 
 
-def _plan_frames(info: VideoInfo, request: FrameRequest, available: int, ceiling: int) -> FramePlan:
-    width, height = _image_frame_size(info, request)
-    if frame_tokens(width, height) > available:
+def _plan_frames(
+    info: VideoInfo, budget: TokenBudget, request: FrameRequest, available: int, ceiling: int
+) -> FramePlan:
+    side = budget.token_side
+    width, height = _image_frame_size(info, request, side)
+    if frame_tokens(width, height, side) > available:
         raise PlanError("a video frame does not fit the model's context next to the prompt")
-    return _uniform(info, ceiling, width, height, ceiling * frame_tokens(width, height))
+    return _uniform(info, ceiling, width, height, ceiling * frame_tokens(width, height, side))
 
 
-def _image_frame_size(info: VideoInfo, request: FrameRequest) -> tuple[int, int]:
+def _image_frame_size(info: VideoInfo, request: FrameRequest, side: int) -> tuple[int, int]:
     """Captioned or analysed frames are read as images of "low detail" size."""
-    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_PIXELS)
-    return resized(info, min(min_pixels, max_pixels), max_pixels)
+    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_TOKENS, side)
+    return resized(info, min(min_pixels, max_pixels), max_pixels, side)
 
 
 def _uniform(info: VideoInfo, count: int, width: int, height: int, tokens: int) -> FramePlan:
@@ -209,9 +231,9 @@ def _uniform(info: VideoInfo, count: int, width: int, height: int, tokens: int) 
     return FramePlan(frame_indices(timestamps, info), tuple(timestamps), width, height, tokens)
 
 
-def frame_tokens(width: int, height: int) -> int:
+def frame_tokens(width: int, height: int, side: int = TOKEN_SIDE) -> int:
     """Tokens of one frame read as an image (its own request)."""
-    return width * height // PIXELS_PER_TOKEN + VISION_WRAPPER_TOKENS
+    return (width // side) * (height // side) + VISION_WRAPPER_TOKENS
 
 
 def at_timestamps(
@@ -222,10 +244,12 @@ def at_timestamps(
     timestamps = sorted(timestamps)[: plan.num_frames]
     if mode == "native" and len(timestamps) % FRAME_FACTOR:
         timestamps.append(timestamps[-1])
+    side = budget.token_side
     if mode == "native":
-        tokens = len(timestamps) // FRAME_FACTOR * tokens_per_patch(plan.width, plan.height)
+        per_patch = tokens_per_patch(plan.width, plan.height, side) + budget.per_patch_tokens
+        tokens = len(timestamps) // FRAME_FACTOR * per_patch
     elif mode == "frames":
-        tokens = len(timestamps) * frame_tokens(plan.width, plan.height)
+        tokens = len(timestamps) * frame_tokens(plan.width, plan.height, side)
     else:
         per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
         tokens = len(timestamps) * per_frame + CAPTIONS_HEADER_TOKENS

@@ -8,7 +8,8 @@ a pixel budget is a token budget:
     auto   1,280 * 28 * 28 = 1,003,520      1,280       1000 x 1000 (Qwen's recommended default)
     high   the checkpoint's processor max (12,845,056 = 16,384 tokens for Qwen2-VL-Instruct)
 
-Every image keeps its aspect ratio and is resized to multiples of 28 by Qwen's own
+Qwen3-VL's tokens are 32x32 pixels (16-pixel patches): the same token budgets, in its pixels.
+Every image keeps its aspect ratio and is resized to multiples of the token side by Qwen's own
 `smart_resize` (the processor then leaves it as it is).
 """
 
@@ -24,10 +25,14 @@ from server.exceptions import MediaError
 
 Detail = Literal["low", "high", "auto"]
 
-PIXELS_PER_TOKEN = 28 * 28
-MIN_PIXELS = 4 * PIXELS_PER_TOKEN
-LOW_DETAIL_MAX_PIXELS = 256 * PIXELS_PER_TOKEN
-AUTO_DETAIL_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
+TOKEN_SIDE = 28  # Qwen2-VL / 2.5-VL (Qwen3-VL: 32)
+MIN_TOKENS = 4
+LOW_DETAIL_TOKENS = 256
+AUTO_DETAIL_TOKENS = 1280
+PIXELS_PER_TOKEN = TOKEN_SIDE * TOKEN_SIDE
+MIN_PIXELS = MIN_TOKENS * PIXELS_PER_TOKEN
+LOW_DETAIL_MAX_PIXELS = LOW_DETAIL_TOKENS * PIXELS_PER_TOKEN
+AUTO_DETAIL_MAX_PIXELS = AUTO_DETAIL_TOKENS * PIXELS_PER_TOKEN
 # Qwen's smart_resize refuses more extreme aspect ratios.
 MAX_ASPECT_RATIO = 200
 # Decoders we trust for untrusted input; everything else is refused before decoding.
@@ -48,20 +53,23 @@ def _too_large(param: str, size: str) -> MediaError:
     )
 
 
-def max_pixels_for(detail: Detail, model_max_pixels: int) -> int:
+def max_pixels_for(detail: Detail, model_max_pixels: int, side: int = TOKEN_SIDE) -> int:
     if detail == "low":
-        return min(LOW_DETAIL_MAX_PIXELS, model_max_pixels)
+        return min(LOW_DETAIL_TOKENS * side * side, model_max_pixels)
     if detail == "high":
         return model_max_pixels
-    return min(AUTO_DETAIL_MAX_PIXELS, model_max_pixels)
+    return min(AUTO_DETAIL_TOKENS * side * side, model_max_pixels)
 
 
-def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """(width, height): multiples of 28, aspect ratio kept, area within [MIN_PIXELS, max_pixels]."""
+def target_size(
+    width: int, height: int, max_pixels: int, side: int = TOKEN_SIDE
+) -> tuple[int, int]:
+    """(width, height): multiples of the token side, aspect ratio kept, area within
+    [MIN_TOKENS tokens, max_pixels]."""
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise ValueError(f"aspect ratio above {MAX_ASPECT_RATIO}")
     new_height, new_width = smart_resize(
-        height, width, factor=28, min_pixels=MIN_PIXELS, max_pixels=max_pixels
+        height, width, factor=side, min_pixels=MIN_TOKENS * side * side, max_pixels=max_pixels
     )
     return new_width, new_height
 
@@ -90,9 +98,11 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
     return image
 
 
-def fit_to_budget(image: Image.Image, max_pixels: int, *, param: str) -> Image.Image:
+def fit_to_budget(
+    image: Image.Image, max_pixels: int, *, param: str, side: int = TOKEN_SIDE
+) -> Image.Image:
     try:
-        size = target_size(image.width, image.height, max_pixels)
+        size = target_size(image.width, image.height, max_pixels, side)
     except ValueError:
         raise MediaError(
             f"The image at {param} is {image.width}x{image.height}; its aspect ratio is above "
@@ -104,7 +114,10 @@ def fit_to_budget(image: Image.Image, max_pixels: int, *, param: str) -> Image.I
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def load_image(data: bytes, detail: Detail, model_max_pixels: int, *, param: str) -> Image.Image:
-    """Blocking: call it from a worker thread."""
+def load_image(
+    data: bytes, detail: Detail, model_max_pixels: int, *, param: str, side: int = TOKEN_SIDE
+) -> Image.Image:
+    """Blocking: call it from a worker thread. side: pixels along a visual token's side."""
     image = decode_image(data, param=param)
-    return fit_to_budget(image, max_pixels_for(detail, model_max_pixels), param=param)
+    max_pixels = max_pixels_for(detail, model_max_pixels, side)
+    return fit_to_budget(image, max_pixels, param=param, side=side)

@@ -204,7 +204,10 @@ class CategoriesPipeline:
         prompt = [{"role": "user", "content": self._content(request.keys, "video frame")}]
         prompt_tokens = self.input_builder.count_text_tokens(prompt)
         tokens = TokenBudget(
-            self.engine.max_seq_len, prompt_tokens=prompt_tokens, max_tokens=MAX_JSON_TOKENS
+            self.engine.max_seq_len,
+            prompt_tokens=prompt_tokens,
+            max_tokens=MAX_JSON_TOKENS,
+            token_side=self.input_builder.token_side,
         )
         wishes = FrameRequest("frames", use_scenes=request.use_scenes)
         report(on_progress, STARTED)

@@ -42,6 +42,7 @@ from server.pipelines.messages import (
     parts_of,
     to_hf_message,
 )
+from server.pipelines.reasoning import split_reasoning
 from server.pipelines.tools import Tools, parse_answer, render
 from server.pipelines.video_captions import (
     CaptionUsage,
@@ -98,6 +99,7 @@ class ChoiceResult:
     finish_reason: str
     stop_reason: str | int | None
     logprobs: list[TokenLogprob] | None
+    reasoning_content: str | None = None  # thinking checkpoints only
 
 
 @dataclass
@@ -217,12 +219,18 @@ class ChatPipeline:
         shared equally between the videos."""
         hf_messages = [to_hf_message(m) for m in request.messages]
         text_tokens = await asyncio.to_thread(self.input_builder.count_text_tokens, hf_messages)
-        image_tokens = sum((img.width // 28) * (img.height // 28) + 2 for img in images)
+        side = self.input_builder.token_side
+        image_tokens = sum((img.width // side) * (img.height // side) + 2 for img in images)
         max_tokens = request.sampling.max_tokens or self.engine.default_max_tokens
         fixed = text_tokens + image_tokens + max_tokens
         share = max(self.engine.max_seq_len - fixed, 0) // num_videos
         return TokenBudget(
-            fixed + share, text_tokens + image_tokens, max_tokens, self.caption_tokens
+            fixed + share,
+            text_tokens + image_tokens,
+            max_tokens,
+            self.caption_tokens,
+            side,
+            self.input_builder.per_patch_tokens,
         )
 
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:
@@ -262,6 +270,9 @@ class ChatPipeline:
         return "".join([output.text_delta async for output in self.outputs(seq)])
 
     def _choice(self, index: int, seq: Sequence, text: str, tools: Tools | None) -> ChoiceResult:
+        reasoning = None
+        if self.input_builder.reasoning:
+            reasoning, text = split_reasoning(text)
         answer = parse_answer(text, tools)
         finish_reason = seq.finish_reason or "stop"
         if answer.tool_calls and finish_reason == "stop":
@@ -270,7 +281,13 @@ class ChatPipeline:
         if seq.sampling.logprobs is not None:
             logprobs = self.token_texts.logprobs(seq, 0, seq.num_completion_tokens)
         return ChoiceResult(
-            index, answer.content, answer.tool_calls, finish_reason, seq.stop_reason, logprobs
+            index,
+            answer.content,
+            answer.tool_calls,
+            finish_reason,
+            seq.stop_reason,
+            logprobs,
+            reasoning,
         )
 
 

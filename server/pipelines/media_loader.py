@@ -49,12 +49,14 @@ class MediaLoader:
         model_max_pixels: int,
         metrics: Metrics,
         spool_dir: Path,
+        token_side: int = 28,
     ):
         self.spool_dir = spool_dir  # downloaded videos go to files here, not to memory
         self.fetcher = fetcher
         self.decoder = decoder
         self.limits = limits
         self.model_max_pixels = model_max_pixels
+        self.token_side = token_side  # pixels along one side of a visual token (Qwen3-VL: 32)
         self.metrics = metrics
 
     def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
@@ -81,7 +83,12 @@ class MediaLoader:
         )
         budget.spend(fetched.size, part.param)
         image = await asyncio.to_thread(
-            load_image, fetched.data, part.detail, self.model_max_pixels, param=part.param
+            load_image,
+            fetched.data,
+            part.detail,
+            self.model_max_pixels,
+            param=part.param,
+            side=self.token_side,
         )
         self.metrics.images.inc()
         return image

@@ -5,19 +5,39 @@ examples the README cites) against the real app and lifespan (tiny checkpoint)."
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import MediaServer, data_uri, make_image
+from server.media.image import max_pixels_for, target_size
+from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny3_model_dir"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """Every seed example against a Qwen2-VL server and a Qwen3-VL one."""
+    model_dir: Path = request.getfixturevalue(request.param)
+    async for c in start_client(make_settings(model_dir)):
+        yield c
+
 
 ANIMUS_MODEL = "animuslabs/Qwen2-VL-NSFW-Vision-1.2"
 WIKIMEDIA_PATH = (
     "/wikipedia/commons/thumb/d/dd/Gfp-wisconsin-madison-the-nature-boardwalk.jpg/"
     "2560px-Gfp-wisconsin-madison-the-nature-boardwalk.jpg"
 )
+
+
+def image_tokens_at(client: httpx.AsyncClient, width: int, height: int) -> int:
+    """Visual tokens of a width x height image at "auto" detail on this server's family (one
+    token per 28 x 28 pixels on Qwen2-VL, 32 x 32 on Qwen3-VL)."""
+    side = client.app.state.services.chat.input_builder.token_side  # type: ignore[attr-defined]
+    new_width, new_height = target_size(width, height, max_pixels_for("auto", 1 << 30, side), side)
+    return (new_width // side) * (new_height // side)
 
 
 def image_message(*parts: dict) -> list[dict]:
@@ -151,7 +171,10 @@ async def test_seed_003_usage_details_on_v1(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200, response.text
     result = response.json()
     assert_chat_completion(result, "tiny")
-    assert result["usage"]["prompt_tokens_details"]["image_tokens"] == 391
+    # 640x480 -> 644x476 on Qwen2-VL: 23 * 17 = 391 tokens (Qwen3-VL: 20 * 15 = 300)
+    expected = image_tokens_at(client, 640, 480)
+    assert expected in (391, 300)
+    assert result["usage"]["prompt_tokens_details"]["image_tokens"] == expected
     assert result["usage"]["completion_tokens"] <= 16  # the test server's default max_tokens
 
 
@@ -172,8 +195,11 @@ async def test_seed_004_detail_low_costs_fewer_image_tokens(client: httpx.AsyncC
 
     low, auto, high = [await image_tokens(d) for d in ("low", "auto", "high")]
     assert low <= 256 < high
-    # 1024x768 -> 1036x756 at full resolution: 37 * 27 = 999 tokens, within auto's 1280.
-    assert high == auto == 999
+    # 1024x768 -> 1036x756 at full resolution: 37 * 27 = 999 tokens, within auto's 1280
+    # (Qwen3-VL: 32 * 24 = 768).
+    expected = image_tokens_at(client, 1024, 768)
+    assert expected in (999, 768)
+    assert high == auto == expected
 
 
 async def test_seed_004_multi_image_url_and_base64(

@@ -1,4 +1,4 @@
-"""Engine tests: both families loaded once per module, and every engine a test builds must end
+"""Engine tests: every family loaded once per module, and every engine a test builds must end
 with all of its KV blocks free."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel, load_model
 
 
-@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir"])
+@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir", "tiny3_model_dir"])
 def loaded(request: pytest.FixtureRequest) -> LoadedModel:
-    """Both families: Qwen2-VL and Qwen2.5-VL (whose vision tower and rope differ)."""
+    """Every family: Qwen2-VL, Qwen2.5-VL (window attention, rope in seconds) and Qwen3-VL
+    (16-pixel patches, DeepStack, interleaved rope, timestamped video frames)."""
     path: Path = request.getfixturevalue(request.param)
     return load_model(Settings(model=str(path)).engine_config())
 

@@ -1,0 +1,141 @@
+"""Every endpoint on a Qwen3-VL checkpoint, as on Qwen2-VL (the seed examples run on both in
+test_seeds.py): images with detail, native and captioned video, streaming, JSON schemas,
+media completions, categories, async jobs; and a thinking checkpoint's reasoning_content."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.engine.tiny import TinySpec, make_tiny_checkpoint
+from tests.api.test_jobs_api import wait_done
+from tests.helpers import data_uri, make_image, make_settings, make_video, start_client
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+async def qwen3(tiny3_model_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(tiny3_model_dir, caption_tokens=6, default_max_tokens=8)
+    async for client in start_client(settings):
+        yield client
+
+
+def video_uri(seconds: float = 4) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(make_video(seconds=seconds)).decode()
+
+
+def chat(*parts: dict, **extra: object) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": list(parts)}], **extra}
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+def image(detail: str = "auto", seed: int = 0) -> dict:
+    url = data_uri(make_image(320, 240, seed=seed))
+    return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+
+
+def video(url: str, **options: object) -> dict:
+    return {"type": "video_url", "video_url": {"url": url, **options}}
+
+
+async def test_images_with_detail(qwen3: httpx.AsyncClient) -> None:
+    body = chat(text("Compare"), image("low"), image("high", seed=1), max_tokens=5)
+    response = await qwen3.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    # 320x240 in 32-pixel tokens: 10 * 8 = 80 each (low's 256-token cap does not bite)
+    assert usage["prompt_tokens_details"]["image_tokens"] == 160
+
+
+async def test_native_video_counts_video_tokens(qwen3: httpx.AsyncClient) -> None:
+    body = chat(video(video_uri()), text("What happens?"), max_tokens=5)
+    response = await qwen3.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    details = response.json()["usage"]["prompt_tokens_details"]
+    assert details["video_tokens"] > 0 and details["image_tokens"] == 0
+    assert (
+        details["video_tokens"] + details["text_tokens"]
+        == response.json()["usage"]["prompt_tokens"]
+    )
+
+
+async def test_captioned_video_on_media_completions(qwen3: httpx.AsyncClient) -> None:
+    body = chat(video(video_uri(6)), text("Summarise."), max_tokens=5)
+    response = await qwen3.post("/v2/media/completions", json=body)
+    assert response.status_code == 200, response.text
+    frames = response.json()["frames"]
+    assert frames and all(f["caption"] is not None for f in frames)
+
+
+async def test_streaming_and_json_schema(qwen3: httpx.AsyncClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": ["cat", "dog"]}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    body = chat(image(), text("Which?"), max_tokens=40, response_format=response_format)
+    response = await qwen3.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = json.loads(response.json()["choices"][0]["message"]["content"])
+    assert answer["label"] in ("cat", "dog")
+    async with qwen3.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True}
+    ) as stream:
+        lines = [line async for line in stream.aiter_lines() if line.startswith("data: {")]
+    content = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines
+    )
+    assert json.loads(content)["label"] in ("cat", "dog")
+
+
+async def test_categories_sync_and_async(qwen3: httpx.AsyncClient) -> None:
+    body = {"media_url": video_uri(6), "metadata": ["tags"], "use_scenes": False}
+    response = await qwen3.post("/v2/media/categories", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["media_type"] == "video" and response.json()["frames"]
+    job = (await qwen3.post("/v2/media/categories", json={**body, "async": True})).json()
+    done = await wait_done(qwen3, job["status_url"])
+    assert done["status"] == "completed" and done["progress"] == 1
+
+
+@pytest.fixture(scope="module")
+async def thinking(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    path = make_tiny_checkpoint(
+        tmp_path_factory.mktemp("models") / "thinking", TinySpec(family="qwen3-vl-thinking")
+    )
+    async for client in start_client(make_settings(path, default_max_tokens=12)):
+        yield client
+
+
+async def test_a_thinking_checkpoint_answers_with_reasoning_content(
+    thinking: httpx.AsyncClient,
+) -> None:
+    """A random-weight model never writes "</think>": its whole answer is reasoning, as vLLM's
+    Qwen3 parser reads a thought cut off by max_tokens."""
+    body = chat(image(), text("Think first."), max_tokens=12, temperature=0, ignore_eos=True)
+    response = await thinking.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    assert message["reasoning_content"] and message["content"] == ""
+    async with thinking.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True}
+    ) as stream:
+        deltas = [
+            json.loads(line[6:])["choices"][0]["delta"]
+            async for line in stream.aiter_lines()
+            if line.startswith('data: {"choices":[{"index"') or '"delta"' in line
+        ]
+    streamed = "".join(d.get("reasoning_content") or "" for d in deltas)
+    assert streamed == message["reasoning_content"]
+    assert not "".join(d.get("content") or "" for d in deltas)

@@ -1,0 +1,130 @@
+"""Qwen3-VL specifics: the checkpoint as the public ones ship, video prompts with the planned
+frames' timestamps (one media item per temporal patch), the family's 32-pixel token budget,
+thinking checkpoints' reasoning split, MoE checkpoints refused in plain words. (Greedy
+equality with HF generate, chunked, cached and mixed, is in test_paged.py, which runs every
+family.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from server.config import Settings
+from server.engine.inputs import InputBuilder, VideoFrames
+from server.engine.loader import LoadedModel, load_model
+from server.engine.tiny import TinySpec, make_tiny_checkpoint
+from server.exceptions import ModelLoadError
+from server.media.frames import FrameRequest, TokenBudget, VideoInfo, plan_frames
+from server.pipelines.reasoning import ReasoningStream, split_reasoning
+
+INSTRUCT_TEMPLATE_SHA256 = "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
+THINKING_TEMPLATE_SHA256 = "36e042fe45641f067b1f2381fcc8955d10d956a3ed333ecdf7f7eb0916f68956"
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny3_model_dir: Path) -> LoadedModel:
+    return load_model(Settings(model=str(tiny3_model_dir)).engine_config())
+
+
+def builder_of(loaded: LoadedModel) -> InputBuilder:
+    return InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+
+
+def test_the_checkpoint_is_what_the_public_ones_ship(tiny3_model_dir: Path) -> None:
+    processor = AutoProcessor.from_pretrained(tiny3_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny3_model_dir)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    template = processor.chat_template.encode()
+    assert hashlib.sha256(template).hexdigest() == INSTRUCT_TEMPLATE_SHA256
+    tokenizer = processor.tokenizer
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "</think>")]
+    assert ids[1] - ids[0] == 151668 - 151643  # Qwen3's added tokens, in Qwen3's order
+    vision = model.config.vision_config
+    assert (vision.patch_size, vision.spatial_merge_size) == (16, 2)
+    assert (
+        vision.deepstack_visual_indexes
+        and model.config.text_config.rope_parameters["mrope_interleaved"]
+    )
+
+
+def test_same_bytes_on_every_run(tmp_path: Path) -> None:
+    def digest(path: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+    spec = TinySpec(family="qwen3-vl")
+    assert digest(make_tiny_checkpoint(tmp_path / "a", spec)) == digest(
+        make_tiny_checkpoint(tmp_path / "b", spec)
+    )
+
+
+def test_video_prompt_carries_the_planned_frames_timestamps(qwen3: LoadedModel) -> None:
+    builder = builder_of(qwen3)
+    frames = np.zeros((6, 96, 128, 3), dtype=np.uint8)
+    video = VideoFrames(frames, (0.5, 1.5, 7.25, 8.75, 20.0, 21.0), 30.0)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
+    inputs = builder.build(messages, [], [video])
+    text = qwen3.tokenizer.decode(inputs.tensors["input_ids"][0])
+    # One timestamp per temporal patch of two frames: the mean of the pair, as Qwen's processor
+    # prints it; and no outer <|vision_start|> around the whole video (as the model was trained).
+    stamps = ["<1.0 seconds>", "<8.0 seconds>", "<20.5 seconds>"]
+    assert all(text.count(s) == 1 for s in stamps)
+    assert text.index(stamps[0]) < text.index(stamps[1]) < text.index(stamps[2])
+    assert "<|vision_start|><1.0 seconds>" not in text
+    assert text.count("<|vision_start|>") == 3
+    # One media item per temporal patch, each a (1, h, w) grid over its own placeholders.
+    assert [item.grid[0] for item in inputs.media] == [1, 1, 1]
+    ids = inputs.tensors["input_ids"][0]
+    for item in inputs.media:
+        assert (ids[item.start : item.end] == qwen3.video_token_id).all()
+    assert sum(item.num_tokens for item in inputs.media) == inputs.num_video_tokens
+
+
+def test_the_planner_uses_32_pixel_tokens_and_counts_the_timestamps(qwen3: LoadedModel) -> None:
+    builder = builder_of(qwen3)
+    assert builder.token_side == 32 and builder.per_patch_tokens > 2
+    info = VideoInfo(duration_s=60.0, fps=30.0, num_frames=1800, width=1280, height=720)
+    budget = TokenBudget(
+        4096, 100, 200, token_side=builder.token_side, per_patch_tokens=builder.per_patch_tokens
+    )
+    plan = plan_frames(info, budget, FrameRequest("native"))
+    assert plan.width % 32 == 0 and plan.height % 32 == 0
+    patches = plan.num_frames // 2
+    per_patch = (plan.width // 32) * (plan.height // 32) + builder.per_patch_tokens
+    assert plan.video_tokens == patches * per_patch <= 4096 - 300
+    frames = np.zeros((plan.num_frames, plan.height, plan.width, 3), dtype=np.uint8)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
+    timestamps = tuple(float(t) for t in plan.timestamps)
+    inputs = builder.build(messages, [], [VideoFrames(frames, timestamps, 60.0)])
+    # The plan's count is what the processor makes of the frames (within the timestamps'
+    # estimate): the prompt fits where the planner said it would.
+    assert inputs.num_video_tokens == patches * (per_patch - builder.per_patch_tokens)
+    assert inputs.num_prompt_tokens <= 100 + plan.video_tokens + 2
+
+
+def test_thinking_checkpoints_split_reasoning_from_the_answer(tmp_path: Path) -> None:
+    path = make_tiny_checkpoint(tmp_path / "thinking", TinySpec(family="qwen3-vl-thinking"))
+    loaded = load_model(Settings(model=str(path)).engine_config())
+    template = loaded.processor.chat_template.encode()
+    assert hashlib.sha256(template).hexdigest() == THINKING_TEMPLATE_SHA256
+    assert builder_of(loaded).reasoning
+    assert split_reasoning("Let me see.\n</think>\n\nA cat.") == ("Let me see.", "A cat.")
+    assert split_reasoning("<think>\nStill thinking") == ("Still thinking", "")
+    stream = ReasoningStream()
+    pieces = [stream.feed(t) for t in ["Let me", " see.</th", "ink>\n\nA ", "cat."]]
+    assert "".join(r for r, _ in pieces) == "Let me see."
+    assert "".join(c for _, c in pieces) == "A cat."
+
+
+def test_instruct_checkpoints_have_no_reasoning(qwen3: LoadedModel) -> None:
+    assert not builder_of(qwen3).reasoning
+
+
+def test_moe_checkpoints_are_refused_in_plain_words(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
+    with pytest.raises(ModelLoadError, match="mixture-of-experts"):
+        load_model(Settings(model=str(tmp_path)).engine_config())
