@@ -9,8 +9,8 @@
 #    tests/engine/test_cuda_graph.py captures the decode CUDA graphs and checks replay == eager
 #    token for token (fp32); test_structured runs grammars on CUDA.
 # 2. scripts/bench_gpu.py: decode tokens/s of full-size random-weight 2B and 7B at batch
-#    1/8/32/64 against the HBM roofline (reference and Triton attention, each eager and as CUDA
-#    graphs, with graph tokens == eager tokens per row), the memory profile's
+#    1/8/32/64 against the HBM roofline (reference and Triton attention eager, Triton as CUDA
+#    graphs too, with graph tokens == eager tokens per row), the memory profile's
 #    budget against a real run's peak, the capacity and chunked-prefill benchmarks. One table.
 #
 # A machine without this server's Python packages (and no network) gets them as wheels in
