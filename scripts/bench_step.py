@@ -42,7 +42,11 @@ from server.engine.structured import StructuredOutput  # noqa: E402
 VOCAB = 151936
 PROMPT = 64
 BLOCK_SIZE = 16
-SCHEMA = StructuredOutput.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
+# A string long enough that the JSON never ends within the measured steps (older samplers
+# could not run a finished grammar on).
+SCHEMA = StructuredOutput.json_schema(
+    {"type": "object", "properties": {"a": {"type": "string", "minLength": 64}}, "required": ["a"]}
+)
 
 
 def deep_narrow_model() -> LoadedModel:
