@@ -43,6 +43,8 @@ TINY_HELP = {
 }
 # VLM_* names that are not serve settings but are read elsewhere (the benchmark scripts).
 OTHER_ENV_NAMES = ("VLM_CODE_ROOT",)
+# Values never echoed in an error line: keys, and URLs that may hold a password.
+SECRET_FIELDS = ("api_keys", "webhook_secret", "job_store")
 # A value that starts like this is a local directory, never a hub id.
 PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
@@ -129,6 +131,8 @@ def _explain(error: Any, given: dict[str, Any]) -> str:
     value = error.get("input")
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
+    if name in SECRET_FIELDS:
+        value = "(hidden)"
     source = ""
     if name not in given:
         env = next((e for e in env_names(name) if _getenv(e) is not None), None)

@@ -3,6 +3,7 @@ frozen dataclasses for the parts of the server that consume them."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -142,6 +143,32 @@ class Settings(BaseSettings):
                 raise ValueError(f"webhook retry delay {delay!r} is not a number") from None
             if not 0 <= seconds <= 86400:
                 raise ValueError(f"webhook retry delay {delay} s is outside 0..86400")
+        return value
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _check_key_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file")
+        return value
+
+    @field_validator("allowed_local_media_path")
+    @classmethod
+    def _check_local_media_path(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError("no such directory")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: str | None) -> str | None:
+        """Checked at start-up: a bad key would otherwise fail every delivery, later."""
+        try:
+            key = base64.b64decode((value or "whsec_AA==").removeprefix("whsec_"), validate=True)
+        except ValueError:
+            key = b""
+        if not key:
+            raise ValueError("must be whsec_ followed by a base64 key (Standard Webhooks)")
         return value
 
     @field_validator("device")

@@ -171,3 +171,19 @@ def test_a_kv_budget_that_holds_nothing_is_one_line_and_exit_code_2(
     assert "cannot hold one block of 16 tokens: raise --gpu-memory-utilization" in err
     assert "Traceback" not in err
     logging.getLogger().handlers = []
+
+
+def test_secrets_are_not_echoed_in_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--webhook-secret", "whsec_not-base64!"]) == 2
+    err = capsys.readouterr().err
+    assert "--webhook-secret '(hidden)': must be whsec_ followed by a base64 key" in err
+    assert "not-base64" not in err
+
+
+def test_files_and_directories_are_checked_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--api-key-file", str(tmp_path / "keys.txt")]) == 2
+    assert main(["serve", "--allowed-local-media-path", str(tmp_path / "media")]) == 2
+    err = capsys.readouterr().err
+    assert "keys.txt': no such file" in err and "media': no such directory" in err
