@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -53,8 +53,9 @@ class TcpProxy:
     """Forwards a local port to PostgreSQL; `cut()` drops every connection and refuses new ones
     (the database going away), `restore()` lets them through again."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 5432):
-        self.target = (host, port)
+    def __init__(self) -> None:
+        parts = urlsplit(BASE_URL)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.open = True
@@ -62,7 +63,11 @@ class TcpProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, base_url: str) -> str:
-        return base_url.replace("127.0.0.1:5432", f"127.0.0.1:{self.port}")
+        """base_url, through the proxy."""
+        parts = urlsplit(base_url)
+        user = parts.netloc.rpartition("@")[0]
+        netloc = f"{user}@127.0.0.1:{self.port}" if user else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def cut(self) -> None:
         self.open = False
