@@ -52,6 +52,8 @@ class DrainingServer(uvicorn.Server):
             and time.monotonic() < deadline
         ):
             await asyncio.sleep(0.05)
+        # uvicorn's own wait (connections, then tasks) gets what is left of the one timeout.
+        self.config.timeout_graceful_shutdown = max(deadline - time.monotonic(), 0.0)
         await super().shutdown(sockets)
 
 
