@@ -1,0 +1,66 @@
+"""deploy/: the compose file parses and wires two GPU replicas to one PostgreSQL job store behind
+nginx; the nginx configuration carries what docs/DEPLOYMENT.md says a balancer needs. Where
+docker-compose or nginx is installed, their own validators check the files too."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ENV = {**os.environ, "POSTGRES_PASSWORD": "pw", "VLM_MODEL": "/models/m"}
+
+
+def test_the_compose_file_wires_replicas_to_one_store() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "vlm-a", "vlm-b", "nginx"}
+    gpus = set()
+    for name in ("vlm-a", "vlm-b"):
+        replica = services[name]
+        assert replica["environment"]["VLM_JOB_STORE"].startswith("postgresql://")
+        assert replica["depends_on"]["postgres"]["condition"] == "service_healthy"
+        (device,) = replica["deploy"]["resources"]["reservations"]["devices"]
+        gpus.update(device["device_ids"])
+        assert any(volume.endswith(":/data") for volume in replica["volumes"])  # its own
+    assert gpus == {"0", "1"}  # one GPU each
+    assert "healthcheck" in services["postgres"]
+
+
+def test_the_nginx_configuration_covers_streaming_size_and_timeouts() -> None:
+    conf = (DEPLOY / "nginx.conf").read_text()
+    for upstream in ("vlm-a:8000", "vlm-b:8000"):
+        assert f"server {upstream}" in conf
+    assert re.search(r"proxy_buffering off;", conf)
+    assert re.search(r"client_max_body_size 300m;", conf)
+    assert re.search(r"proxy_read_timeout \d+s;", conf)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_accepts_the_file() -> None:
+    command = ["docker-compose", "-p", "vlm", "-f", str(DEPLOY / "compose.yaml"), "config", "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    """nginx -t resolves upstream names, so the replicas' names become loopback addresses."""
+    conf = (DEPLOY / "nginx.conf").read_text()
+    conf = conf.replace("vlm-a:8000", "127.0.0.1:18001").replace("vlm-b:8000", "127.0.0.1:18002")
+    conf = conf.replace("listen 80;", "listen 127.0.0.1:18080;")
+    (tmp_path / "default.conf").write_text(conf)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{ access_log off; client_body_temp_path {tmp_path}/body;"
+        f" proxy_temp_path {tmp_path}/proxy; include {tmp_path}/default.conf; }}\n"
+    )
+    command = ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
