@@ -49,6 +49,19 @@ SECRET_FIELDS = ("api_keys", "webhook_secret", "job_store")
 PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
+# What a value must be, in words, by pydantic error type (others: the validator's own message).
+ALLOWED = {
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "literal_error": "must be one of {expected}",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}",
+}
+
+
 class ConfigError(Exception):
     """A setting the server cannot start with; its message is one line for the operator."""
 
@@ -141,22 +154,9 @@ def _explain(error: Any, given: dict[str, Any]) -> str:
 
 
 def _allowed(error: Any) -> str:
-    ctx = error.get("ctx") or {}
-    kind = error["type"]
-    if kind in ("int_parsing", "int_from_float", "int_type"):
-        return "must be a whole number"
-    if kind in ("float_parsing", "float_type"):
-        return "must be a number"
-    if kind == "bool_parsing":
-        return "must be true or false"
-    if kind == "literal_error":
-        return f"must be one of {ctx['expected']}"
-    if kind == "greater_than_equal":
-        return f"must be at least {ctx['ge']}"
-    if kind == "greater_than":
-        return f"must be more than {ctx['gt']}"
-    if kind == "less_than_equal":
-        return f"must be at most {ctx['le']}"
+    template = ALLOWED.get(error["type"])
+    if template is not None:
+        return template.format(**(error.get("ctx") or {}))
     return str(error["msg"]).removeprefix("Value error, ")
 
 
