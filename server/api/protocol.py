@@ -32,7 +32,7 @@ from server.media.frames import FrameRequest
 from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult, ChoiceResult
 from server.pipelines.choices import SEED_MODULUS
-from server.pipelines.logprobs import TokenInfo, TokenLogprob
+from server.pipelines.logprobs import EchoedPrompt, TokenInfo, TokenLogprob
 from server.pipelines.messages import (
     ChatMessage,
     ImagePart,
@@ -794,15 +794,6 @@ class CompletionRequest(StrictModel):
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
 
     def num_choices(self, max_n: int) -> int:
-        """Choices per prompt; echo with logprobs is refused (it needs the prompt's logprobs,
-        which the engine does not compute)."""
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequest(
-                "echo cannot be combined with logprobs: this server does not compute the "
-                "prompt's logprobs. Use one or the other.",
-                param="echo",
-                code="unsupported_value",
-            )
         return check_n(self.n, max_n)
 
     def prompts(self) -> list[str | list[int]]:
@@ -818,7 +809,9 @@ class CompletionRequest(StrictModel):
 
     def to_sampling_params(self) -> SamplingParams:
         params = sampling_params(self, OPENAI_DEFAULT_TEMPERATURE, self.max_tokens)
-        return replace(params, logprobs=self.logprobs)
+        # echo with logprobs shows the prompt's tokens with their logprobs too (vLLM's way)
+        echoed = self.logprobs if self.echo else None
+        return replace(params, logprobs=self.logprobs, prompt_logprobs=echoed)
 
 
 class CompletionLogprobs(BaseModel):
@@ -831,19 +824,32 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None]
 
     @classmethod
-    def of(cls, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-        """offset: where the first token's text starts in the choice's text."""
-        offsets = []
+    def of(
+        cls, entries: list[TokenLogprob], offset: int, prompt: EchoedPrompt | None = None
+    ) -> CompletionLogprobs:
+        """offset: where the first entry's text starts in the choice's text. prompt: the echoed
+        prompt's tokens come first, from offset 0; its first token has no logprob (null, as in
+        vLLM)."""
+        logprobs = cls(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        if prompt is not None:
+            logprobs._add(prompt.first, None, None, 0)
+            at = len(prompt.first)
+            for entry in prompt.scored:
+                logprobs._add(entry.token, entry.logprob, entry.top, at)
+                at += len(entry.token)
         for entry in entries:
-            offsets.append(offset)
+            logprobs._add(entry.token, entry.logprob, entry.top, offset)
             offset += len(entry.token)
-        return cls(
-            text_offset=offsets,
-            token_logprobs=[e.logprob for e in entries],
-            tokens=[e.token for e in entries],
-            top_logprobs=[
-                {e.token: e.logprob, **{t.token: t.logprob for t in e.top}} for e in entries
-            ],
+        return logprobs
+
+    def _add(
+        self, token: str, logprob: float | None, top: tuple[TokenInfo, ...] | None, offset: int
+    ) -> None:
+        self.text_offset.append(offset)
+        self.tokens.append(token)
+        self.token_logprobs.append(logprob)
+        self.top_logprobs.append(
+            None if top is None else {token: logprob, **{t.token: t.logprob for t in top}}
         )
 
 

@@ -79,8 +79,8 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold the sequence's leading full blocks. At least one token is
         always left to compute: its logits give the next token."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
+            return []  # prompt logprobs need the logits of every prompt position
         hits: list[int] = []
         parent: int | None = None
         for index in range((seq.num_tokens - 1) // self.block_size):

@@ -305,6 +305,7 @@ class AsyncEngine:
             token_ids = self.runner.sample(logits, sampled)
         else:
             sampled, token_ids = [], []
+        self.runner.collect_prompt_logprobs()
         self.scheduler.commit(batch)
         self._accept(sampled, token_ids)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from server.engine import attention
+from server.engine import attention, prompt_logprobs
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
 from server.engine.encoder_cache import EncoderCache
 from server.engine.inputs import MediaItem
@@ -94,6 +94,9 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
         self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
+        # A step's prompt logprobs, on the device until collect_prompt_logprobs.
+        self.pending_prompt_logprobs: tuple[list[prompt_logprobs.Scored], torch.Tensor] | None
+        self.pending_prompt_logprobs = None
         self.graphs = None
         if graph_batch_sizes is not None:
             self.graphs = self._build_graphs(*graph_batch_sizes, scratch_block=num_blocks)
@@ -169,7 +172,16 @@ class ModelRunner:
         """Compute the batch's new tokens; returns the next token of each `sampled` sequence
         (those whose step reaches their last token)."""
         logits = self.forward(batch, sampled)
-        return self.sample(logits, sampled) if sampled else []
+        tokens = self.sample(logits, sampled) if sampled else []
+        self.collect_prompt_logprobs()
+        return tokens
+
+    def collect_prompt_logprobs(self) -> None:
+        """After the step's sampling: its prompt logprobs onto their sequences."""
+        if self.pending_prompt_logprobs is not None:
+            scored, packed = self.pending_prompt_logprobs
+            self.pending_prompt_logprobs = None
+            prompt_logprobs.store(scored, packed)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -215,6 +227,10 @@ class ModelRunner:
             embeds[row : row + media.shape[1]] = media[0].to(embeds.dtype)
         hidden = self._text_forward(embeds, positions_on_device, meta, **deepstack)
         self._drop_prefilled_media(batch)
+        scored = prompt_logprobs.scored_in(batch.seqs, batch.num_new_tokens, meta.query_start)
+        if scored:
+            packed = prompt_logprobs.compute(hidden, self.model.lm_head, scored)
+            self.pending_prompt_logprobs = (scored, packed)
         return self.model.lm_head(hidden[rows_on_device]) if sampled else None
 
     def _text_forward(

@@ -36,6 +36,9 @@ class SamplingParams:
     # None: no logprobs; k: the chosen token's logprob and the k most likely tokens' (0-20),
     # from the model's raw distribution (log_softmax of the logits before any processing)
     logprobs: int | None = None
+    # vLLM's prompt_logprobs (echo with logprobs): each prompt token's raw logprob given the
+    # tokens before it, and the k most likely there; such a prompt takes no prefix-cache hits
+    prompt_logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:

@@ -50,6 +50,9 @@ class Sequence:
     # One per output token when sampling.logprobs is set (appended on the engine thread before
     # the output that counts the token is queued, so a reader may slice up to that count).
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Prompt tokens 1.. (the first has none) when sampling.prompt_logprobs is set; complete
+    # once the prompt is prefilled, before its first output.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     is_aborted: bool = False

@@ -37,6 +37,15 @@ def _byte_of_char() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
+@dataclass(frozen=True)
+class EchoedPrompt:
+    """A prompt shown with its logprobs: the first token (nothing before it to score it by),
+    then every other token with its logprob given the ones before it."""
+
+    first: str
+    scored: list[TokenLogprob]
+
+
 class TokenTexts:
     """Token id -> (text, bytes), cached. A token may be part of a character: its bytes are
     exact, its text then shows U+FFFD for the incomplete part (as vLLM's does)."""
@@ -74,3 +83,14 @@ class TokenTexts:
             TokenLogprob(*self(token_id), e.logprob, tuple(self.info(t, lp) for t, lp in e.top))
             for token_id, e in zip(ids, entries, strict=True)
         ]
+
+    def prompt(self, seq: Sequence) -> EchoedPrompt:
+        """The sequence's prompt tokens with their logprobs (sampling.prompt_logprobs set)."""
+        ids = seq.inputs.token_ids
+        return EchoedPrompt(
+            self(ids[0])[0],
+            [
+                TokenLogprob(*self(t), e.logprob, tuple(self.info(i, lp) for i, lp in e.top))
+                for t, e in zip(ids[1:], seq.prompt_logprobs, strict=True)
+            ],
+        )

@@ -78,7 +78,6 @@ async def test_streaming_equals_non_streaming(client: httpx.AsyncClient) -> None
     [
         ({"n": 9}, "n"),  # above --max-n (8)
         ({"logprobs": 21}, "logprobs"),
-        ({"echo": True, "logprobs": 1}, "echo"),  # needs the prompt's logprobs
         ({"best_of": 2}, "best_of"),
         ({"suffix": "x"}, "suffix"),
         ({"prompt": ""}, "prompt"),
@@ -161,3 +160,51 @@ async def test_streamed_n_logprobs_and_echo(client: httpx.AsyncClient) -> None:
     assert echoed.status_code == 200
     first = next(line for line in echoed.text.splitlines() if line.startswith("data: {"))
     assert json.loads(first.removeprefix("data: "))["choices"][0]["text"].startswith("A")
+
+
+async def test_echo_with_logprobs_scores_the_prompt(client: httpx.AsyncClient) -> None:
+    """What ranking clients do: echo the prompt with logprobs and read each prompt token's
+    logprob. They are the model's own (a plain forward over the prompt), the first token's
+    is null, and they come the same streamed, twice (no prefix-cache hit skips them)."""
+    import torch
+
+    services = client.app.state.services  # type: ignore[attr-defined]
+    runner, tokenizer = services.engine.runner, services.engine.tokenizer
+    prompt = "The quick brown fox jumps over the lazy dog near the water."
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 3}
+    first, again = [(await complete(client, **body)).json() for _ in range(2)]
+    assert first["choices"] == again["choices"]
+    details = again["usage"].get("prompt_tokens_details") or {}
+    assert details.get("cached_tokens", 0) == 0
+    choice = first["choices"][0]
+    logprobs = choice["logprobs"]
+    ids = tokenizer.encode(prompt)
+    assert choice["text"].startswith(prompt)
+    assert len(logprobs["tokens"]) == len(ids) + first["usage"]["completion_tokens"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert "".join(logprobs["tokens"][: len(ids)]) == prompt
+    assert logprobs["text_offset"][:3] == [
+        0,
+        len(logprobs["tokens"][0]),
+        sum(len(t) for t in logprobs["tokens"][:2]),
+    ]
+    with torch.inference_mode():
+        logits = runner.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    got = torch.tensor(logprobs["token_logprobs"][1 : len(ids)])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for top, token, value in zip(
+        logprobs["top_logprobs"][1 : len(ids)],
+        logprobs["tokens"][1 : len(ids)],
+        logprobs["token_logprobs"][1 : len(ids)],
+        strict=True,
+    ):
+        assert top[token] == value and 3 <= len(top) <= 4  # the token and the 3 most likely
+    streamed = []
+    payload = {"model": "tiny", **body, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=payload) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                for part in json.loads(line.removeprefix("data: "))["choices"]:
+                    streamed += part["logprobs"]["token_logprobs"]
+    assert streamed == logprobs["token_logprobs"]

@@ -196,6 +196,9 @@ class FakeRunner:
         self.steps.append(scheduled(batch))
         return torch.zeros(len(sampled), 1) if sampled else None
 
+    def collect_prompt_logprobs(self) -> None:
+        pass
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         assert logits.shape[0] == len(seqs)
         return [len(s.output_token_ids) for s in seqs]

@@ -26,7 +26,7 @@ from server.api.sse import DONE, SSE_HEADERS, error_event
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError, refuse_unsupported
 from server.pipelines.choices import merged
-from server.pipelines.logprobs import TokenTexts
+from server.pipelines.logprobs import EchoedPrompt, TokenTexts
 
 router = APIRouter(responses=RESPONSES)
 
@@ -73,7 +73,7 @@ def _choice(index: int, seq: Sequence, echo: str, text: str, texts: TokenTexts) 
     logprobs = None
     if seq.sampling.logprobs is not None:
         entries = texts.logprobs(seq, 0, seq.num_completion_tokens)
-        logprobs = CompletionLogprobs.of(entries, len(echo))
+        logprobs = CompletionLogprobs.of(entries, len(echo), _echoed(seq, echo, texts))
     return CompletionChoice(
         index=index,
         text=echo + text,
@@ -81,6 +81,13 @@ def _choice(index: int, seq: Sequence, echo: str, text: str, texts: TokenTexts) 
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
     )
+
+
+def _echoed(seq: Sequence, echo: str, texts: TokenTexts) -> EchoedPrompt | None:
+    """The prompt's tokens and logprobs when the answer echoes its prompt with logprobs."""
+    if echo and seq.sampling.prompt_logprobs is not None:
+        return texts.prompt(seq)
+    return None
 
 
 def usage_of(seqs: list[Sequence], n: int) -> Usage:
@@ -102,6 +109,7 @@ class ChoiceStream:
     num_logprobs_sent: int = 0
 
     def choice(self, output: SequenceOutput, texts: TokenTexts) -> dict | None:
+        echoed = _echoed(self.seq, self.echo, texts)  # with the first chunk only
         text, self.echo = self.echo + output.text_delta, ""
         if not text and not output.finished:
             return None  # the tokens' logprobs go with the next piece of text
@@ -110,7 +118,7 @@ class ChoiceStream:
             start, end = self.num_logprobs_sent, output.num_completion_tokens
             offset = self.num_chars + len(text) - len(output.text_delta)
             entries = texts.logprobs(self.seq, start, end)
-            logprobs = CompletionLogprobs.of(entries, offset).model_dump()
+            logprobs = CompletionLogprobs.of(entries, offset, echoed).model_dump()
             self.num_logprobs_sent = end
         self.num_chars += len(text)
         return {

@@ -1,0 +1,71 @@
+"""Prompt logprobs (vLLM's `prompt_logprobs`; what /v1/completions' echo with logprobs shows):
+each prompt token's logprob given the tokens before it, and the k most likely tokens there,
+from the model's raw distribution like the sampled tokens' logprobs.
+
+A prompt chunk's hidden state at position p predicts token p + 1, so a chunk [start, end)
+scores prompt tokens start + 1 .. min(end, num_prompt - 1): the last prompt position predicts
+the first output token, which the sampler handles. Such a prompt takes no prefix-cache hits
+(every position's logits are needed). The values cross to the host after the step's sampled
+ids, in one more transfer, only in steps that hold such a chunk. After a preemption the prompt
+is computed again; what was recorded already is kept once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.sampler import MIN_LOGPROB
+from server.engine.sampling import TokenLogprobs
+from server.engine.sequence import Sequence
+
+
+@dataclass
+class Scored:
+    """The prompt tokens one sequence gets scored in a step."""
+
+    seq: Sequence
+    first: int  # prompt index of the first token scored
+    rows: range  # the step's rows whose hidden states predict them
+
+    @property
+    def targets(self) -> list[int]:
+        return self.seq.token_ids(self.first, self.first + len(self.rows))
+
+
+def scored_in(seqs: list[Sequence], num_new: list[int], query_start: list[int]) -> list[Scored]:
+    out = []
+    for i, (seq, num) in enumerate(zip(seqs, num_new, strict=True)):
+        start = seq.num_computed_tokens
+        last = min(start + num, seq.inputs.num_prompt_tokens - 1)
+        if seq.sampling.prompt_logprobs is not None and start < last:
+            out.append(Scored(seq, start + 1, range(query_start[i], query_start[i] + last - start)))
+    return out
+
+
+def compute(hidden: torch.Tensor, lm_head: torch.nn.Module, scored: list[Scored]) -> torch.Tensor:
+    """[rows, 1 + 2k] on the device: each scored token's logprob, the top k's, their ids."""
+    rows = torch.tensor([r for s in scored for r in s.rows], device=hidden.device)
+    targets = torch.tensor([t for s in scored for t in s.targets], device=hidden.device)
+    logprobs = torch.log_softmax(lm_head(hidden.index_select(0, rows)).float(), dim=-1)
+    chosen = logprobs.gather(1, targets[:, None])
+    k = max(s.seq.sampling.prompt_logprobs or 0 for s in scored)
+    top = logprobs.topk(k, dim=-1)
+    packed = torch.cat([chosen, top.values, top.indices.to(logprobs.dtype)], dim=1)
+    return packed.nan_to_num_(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
+
+
+def store(scored: list[Scored], packed: torch.Tensor) -> None:
+    """Host values onto each sequence (the step's second and last transfer)."""
+    values = packed.tolist()
+    k = (len(values[0]) - 1) // 2 if values else 0
+    row = 0
+    for item in scored:
+        wanted = item.seq.sampling.prompt_logprobs or 0
+        for index in range(item.first, item.first + len(item.rows)):
+            chosen, *rest = values[row]
+            row += 1
+            if index - 1 == len(item.seq.prompt_logprobs):  # not recorded before a preemption
+                top = tuple((int(rest[k + j]), rest[j]) for j in range(wanted))
+                item.seq.prompt_logprobs.append(TokenLogprobs(chosen, top))
