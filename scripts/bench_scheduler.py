@@ -54,7 +54,37 @@ def image_uri(seed: int, size: int) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-def request_body(i: int, tokens: int, image_size: int, stream: bool = True) -> dict:
+# --sampling mixed: requests cycle through these (bench_sampler.py's mix over HTTP); every 8th
+# is under a json_schema instead (its answer ends when the JSON does).
+MIXED_SAMPLING = [
+    {"temperature": 0.7, "top_p": 0.9},
+    {"temperature": 1.0, "top_k": 40},
+    {"temperature": 0.8, "frequency_penalty": 0.5, "presence_penalty": 0.5},
+    {"temperature": 0.8, "repetition_penalty": 1.1},
+    {"temperature": 0.9, "seed": 42},
+    {"temperature": 1.0},
+    {"temperature": 0.7, "top_p": 0.8, "top_k": 20},
+]
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "caption",
+        "schema": {"type": "object", "properties": {"caption": {"type": "string"}}},
+    },
+}
+
+
+def sampling_fields(i: int, sampling: str) -> dict:
+    if sampling == "greedy":
+        return {"temperature": 0, "ignore_eos": True}
+    if i % 8 == 7:
+        return {"temperature": 0.7, "response_format": SCHEMA_FORMAT}
+    return {**MIXED_SAMPLING[i % len(MIXED_SAMPLING)], "ignore_eos": True}
+
+
+def request_body(
+    i: int, tokens: int, image_size: int, stream: bool = True, sampling: str = "greedy"
+) -> dict:
     return {
         "model": "bench",
         "messages": [
@@ -67,8 +97,7 @@ def request_body(i: int, tokens: int, image_size: int, stream: bool = True) -> d
             }
         ],
         "max_tokens": tokens,
-        "ignore_eos": True,
-        "temperature": 0,
+        **sampling_fields(i, sampling),
         "stream": stream,
         **({"stream_options": {"include_usage": True}} if stream else {}),
     }
@@ -180,7 +209,8 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, flo
 
 async def run_concurrency(client: httpx.AsyncClient, concurrency: int, args) -> dict:
     bodies = [
-        request_body(i, args.tokens, args.image_size) for i in range(concurrency * args.rounds)
+        request_body(i, args.tokens, args.image_size, sampling=args.sampling)
+        for i in range(concurrency * args.rounds)
     ]
     queue: asyncio.Queue[dict] = asyncio.Queue()
     for body in bodies:
@@ -196,7 +226,8 @@ async def run_concurrency(client: httpx.AsyncClient, concurrency: int, args) -> 
     wall = time.perf_counter() - started
     latencies = [r[0] for r in results]
     total_tokens = sum(r[2] for r in results)
-    assert total_tokens == len(bodies) * args.tokens, "every request must produce --tokens tokens"
+    if args.sampling == "greedy":
+        assert total_tokens == len(bodies) * args.tokens, "every request must make --tokens"
     return {
         "concurrency": concurrency,
         "requests": len(bodies),
@@ -239,7 +270,7 @@ async def drive_server(port: int, args) -> tuple[list[dict], dict]:
     ) as client:
         await one_request(client, request_body(0, 4, args.image_size))  # warm up
         rows = [await run_concurrency(client, c, args) for c in args.concurrency]
-        mixed = await short_among_long(client, args)
+        mixed = None if args.skip_short_among_long else await short_among_long(client, args)
     return rows, mixed
 
 
@@ -257,6 +288,13 @@ def main() -> None:
     parser.add_argument("--short-tokens", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument(
+        "--sampling",
+        choices=["greedy", "mixed"],
+        default="greedy",
+        help="mixed: temperature/top_p/top_k, penalties, seeds; every 8th a json_schema",
+    )
+    parser.add_argument("--skip-short-among-long", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -296,10 +334,11 @@ def main() -> None:
             f"\nIn-process batched generate, {n} requests: {ceiling:.1f} tok/s; "
             f"server at c={rows[-1]['concurrency']}: {top / ceiling:.0%} of it"
         )
-    print(
-        f"\nShort among long: idle p50 {mixed['idle_p50_s']:.2f} s, with {args.num_long} long "
-        f"requests running {mixed['busy_p50_s']:.2f} s, ratio {mixed['ratio']:.2f}"
-    )
+    if mixed is not None:
+        print(
+            f"\nShort among long: idle p50 {mixed['idle_p50_s']:.2f} s, with {args.num_long} "
+            f"long requests running {mixed['busy_p50_s']:.2f} s, ratio {mixed['ratio']:.2f}"
+        )
     if args.json:
         args.json.write_text(
             json.dumps({"rows": rows, "ceiling": ceiling, "mixed": mixed}, indent=2)
