@@ -74,6 +74,9 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
         reasons = drain_while_streaming(url, lambda: process.send_signal(signal.SIGTERM))
         assert reasons == ["length"]
         assert_clean_exit(process, log_path)
+    (summary,) = [line for line in log_path.read_text().splitlines() if "ready: " in line]
+    for part in ("serving tiny (qwen2-vl", "device cpu", "KV cache", "auth off", f"open {url}/"):
+        assert part in summary, summary
 
 
 def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(
