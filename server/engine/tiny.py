@@ -354,22 +354,16 @@ def _qwen3_vl_processor(tokenizer, thinking: bool):
     """The processors as the public Qwen3-VL-Instruct checkpoints configure them."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    half = [0.5, 0.5, 0.5]
+    # 16-pixel patches, 2 x 2 merged, 2 frames a temporal patch, pixels scaled to [-1, 1].
+    shared = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
+    shared |= {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": QWEN3_IMAGE_MIN_PIXELS, "longest_edge": QWEN3_IMAGE_MAX_PIXELS},
-        patch_size=16,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=half,
-        image_std=half,
+        **shared,
     )
     video_processor = Qwen3VLVideoProcessor(
         size={"shortest_edge": QWEN3_VIDEO_MIN_PIXELS, "longest_edge": QWEN3_VIDEO_MAX_PIXELS},
-        patch_size=16,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=half,
-        image_std=half,
+        **shared,
     )
     return Qwen3VLProcessor(
         image_processor=image_processor,
