@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -32,6 +31,7 @@ from server.jobs.store import open_job_store
 from server.jobs.webhooks import WebhookSender, load_or_create_secret
 from server.jobs.worker import JobWorker
 from server.media.fetch import FetchPolicy, MediaFetcher
+from server.media.spool import Spool
 from server.media.video import VideoDecoder
 from server.metrics import Metrics, MetricsMiddleware
 from server.pipelines.categories import CategoriesPipeline
@@ -49,7 +49,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal loaded
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        _empty_spool(settings.data_dir / "spool")
+        spool = Spool(settings.data_dir / "spool")  # its own: never another server's files
         if loaded is None:
             loaded = await asyncio.to_thread(load_model, settings.engine_config())
         engine = AsyncEngine.build(loaded, settings.engine_config())
@@ -73,7 +73,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             settings.media_limits(),
             model_max_pixels=loaded.processor.image_processor.size["longest_edge"],
             metrics=metrics,
-            spool_dir=settings.data_dir / "spool",
+            spool_dir=spool.dir,
             token_side=input_builder.token_side,
         )
         pipeline = ChatPipeline(
@@ -148,6 +148,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             await engine.stop()
             await fetcher.aclose()
             await decoder.close()
+            spool.close()
 
     metrics = Metrics()
     # Offline: /docs and /redoc load their JS and CSS from this server, never a CDN.
@@ -203,10 +204,3 @@ def _openapi(app: FastAPI, served_names: list[str]) -> dict:
                 operation.get("responses", {}).pop("422", None)
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def _empty_spool(spool_dir: Path) -> None:
-    """Downloads a killed server left behind: nobody will read them."""
-    if spool_dir.is_dir():
-        for leftover in spool_dir.iterdir():
-            leftover.unlink(missing_ok=True)
