@@ -2,7 +2,7 @@
 the other's status URL; the replica running it is SIGKILLed mid-job and the other takes it over
 when the lease expires and completes it; its webhook arrives (once or more) always with one
 webhook-id, signed with the secret the replicas share through the store. Then jobs submitted to
-both replicas at once each run exactly once."""
+both replicas at once each run exactly once, and one Idempotency-Key is one job at either."""
 
 from __future__ import annotations
 
@@ -116,6 +116,28 @@ def test_two_replicas_share_jobs(tiny_model_dir: Path, tmp_path: Path, webhook_r
 
         with ThreadPoolExecutor(8) as pool:
             job_ids = list(pool.map(submit, range(12)))
+
+        # One Idempotency-Key means one job at every replica; another body with it is a 409.
+        keyed = [
+            httpx.post(
+                f"{url}/v2/media/categories",
+                json=image_body,
+                headers={"Idempotency-Key": "order-17"},
+                timeout=60,
+            )
+            for url, _ in replicas
+        ]
+        assert [r.status_code for r in keyed] == [202, 202]
+        assert keyed[0].json()["id"] == keyed[1].json()["id"]
+        reused = httpx.post(
+            f"{replicas[1][0]}/v2/media/categories",
+            json={**image_body, "use_scenes": True},
+            headers={"Idempotency-Key": "order-17"},
+            timeout=60,
+        )
+        assert reused.status_code == 409
+        assert reused.json()["error"]["code"] == "idempotency_key_reused"
+        job_ids.append(keyed[0].json()["id"])
 
         def all_done() -> bool:
             return all(job_row(database, job_id)[0] == "completed" for job_id in job_ids)
