@@ -4,7 +4,8 @@ postgres.py, shared by several replicas). The SQL below is written once for both
 A job is claimed with a lease, an attempt number and an owner; only the holder of the current
 attempt may write its progress or result, so a stale worker (its lease expired and the job was
 claimed again) can never overwrite a newer result. A job whose holder stops renewing is taken
-over when its lease expires, by whichever process claims next; never because a process started.
+over when its lease expires, by whichever process claims next (or at once when its holder is
+provably gone: owner.py); never because another process started.
 A finished job keeps its result but not its request (a base64 video can be hundreds of MB; a
 hash of it still answers Idempotency-Key checks), and `prune` drops finished jobs after the
 retention time. Connection trouble is JobStoreUnavailable (a 503 with Retry-After).
