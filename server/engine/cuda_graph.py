@@ -105,17 +105,22 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every bucket, largest first, into one memory pool (smaller graphs reuse
         the largest one's activations)."""
-        pool = None
-        for size in reversed(self.buckets):
-            inputs = self.buffers.first(size)
-            self.forward(inputs)  # warm-up: Triton compiles, cuBLAS picks its kernels
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.forward(inputs)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
+        device = self.buffers.token_ids.device
+        # The capture stream and the current device must be the model's (cuda:N), whatever
+        # thread builds the engine.
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            pool = None
+            for size in reversed(self.buckets):
+                inputs = self.buffers.first(size)
+                self.forward(inputs)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[size] = self.forward(inputs)
+                pool = graph.pool()
+                self.graphs[size] = graph
+            torch.cuda.synchronize(device)
 
     def run(self, decodes: list[DecodeRow]) -> torch.Tensor:
         """Logits [len(decodes), vocab] of one decode-only step."""

@@ -44,10 +44,21 @@ def scored_in(seqs: list[Sequence], num_new: list[int], query_start: list[int]) 
     return out
 
 
-def compute(hidden: torch.Tensor, lm_head: torch.nn.Module, scored: list[Scored]) -> torch.Tensor:
+def indices(scored: list[Scored], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step rows and target token ids, on the device (copied before the step's kernels)."""
+    rows = torch.tensor([r for s in scored for r in s.rows]).to(device)
+    targets = torch.tensor([t for s in scored for t in s.targets]).to(device)
+    return rows, targets
+
+
+def compute(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    scored: list[Scored],
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
     """[rows, 1 + 2k] on the device: each scored token's logprob, the top k's, their ids."""
-    rows = torch.tensor([r for s in scored for r in s.rows], device=hidden.device)
-    targets = torch.tensor([t for s in scored for t in s.targets], device=hidden.device)
     logprobs = torch.log_softmax(lm_head(hidden.index_select(0, rows)).float(), dim=-1)
     chosen = logprobs.gather(1, targets[:, None])
     k = max(s.seq.sampling.prompt_logprobs or 0 for s in scored)

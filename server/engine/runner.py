@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from server.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
+# CUDA graphs over the reference attention only while its largest gather stays this small.
+MAX_REFERENCE_GRAPH_GATHER = 512 * 2**20
 ROPE_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 # The text model's layers get no mask: the paged attention knows each sequence's context.
@@ -61,6 +64,24 @@ def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> boo
 
     logger.info("decode attention: Triton paged kernel")
     return True
+
+
+# A prompt chunk's media tokens: (row in the step, sequence, item, the item's tokens).
+Span = tuple[int, Sequence, MediaItem, slice]
+
+
+@dataclass
+class StepInputs:
+    """One eager step's inputs, already on the device."""
+
+    meta: attention.StepMetadata
+    token_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [3, tokens]
+    sampled_rows: torch.Tensor  # the rows whose logits are sampled
+    spans: list[Span]
+    media_mask: torch.Tensor | None  # [1, tokens]: media rows, for DeepStack
+    scored: list[prompt_logprobs.Scored]
+    scoring: tuple[torch.Tensor, torch.Tensor] | None  # prompt logprobs' rows and targets
 
 
 class ModelRunner:
@@ -93,6 +114,9 @@ class ModelRunner:
         self.media_embeds: dict[str, dict[MediaItem, torch.Tensor]] = {}
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
+        # Qwen3-VL adds vision features of several ViT layers into its first text layers.
+        vision = self.model.config.vision_config
+        self.has_deepstack = bool(getattr(vision, "deepstack_visual_indexes", None))
         self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
         # A step's prompt logprobs, on the device until collect_prompt_logprobs.
         self.pending_prompt_logprobs: tuple[list[prompt_logprobs.Scored], torch.Tensor] | None
@@ -103,7 +127,7 @@ class ModelRunner:
 
     def _build_graphs(
         self, max_num_seqs: int, max_seq_len: int, scratch_block: int
-    ) -> DecodeGraphs:
+    ) -> DecodeGraphs | None:
         max_blocks = -(-max_seq_len // self.block_size)
         graphs = DecodeGraphs(
             self._decode_forward,
@@ -117,6 +141,25 @@ class ModelRunner:
             logger.info("CUDA graphs need CUDA: decode steps run eagerly on their padded buffers")
             return graphs
         if not self.use_kernel:
+            # The reference attention gathers every row's whole table width, and the largest
+            # bucket's gather stays in the graphs' memory pool, which the KV budget (measured
+            # before) does not count.
+            shape = kv_cache_shape(self.model)
+            gather = (
+                max_num_seqs
+                * max_blocks
+                * self.block_size
+                * shape.bytes_per_token(self.kv_cache.keys[0].dtype)
+                // shape.num_layers
+            )
+            if gather > MAX_REFERENCE_GRAPH_GATHER:
+                logger.warning(
+                    "CUDA graphs are off: on the reference attention they would hold %.1f GiB "
+                    "(max-num-seqs x max-model-len of keys and values); use "
+                    "--attention-backend triton, or lower --max-num-seqs / --max-model-len",
+                    gather / 2**30,
+                )
+                return None
             logger.warning(
                 "CUDA graphs on the reference attention gather each decode's whole table width "
                 "(%d tokens) every step; --attention-backend triton reads only the context",
@@ -195,14 +238,35 @@ class ModelRunner:
         decodes = self._graph_decodes(batch)
         if decodes is not None:  # decodes only, in order: every one is sampled
             return self.graphs.run(decodes)
+        step = self._prepare(batch, sampled)
         self._encode_media(batch)
+        pieces = [
+            (row, self.media_embeds[seq.request_id][item][:, part])
+            for row, seq, item, part in step.spans
+        ]
+        embeds = self.text_model.embed_tokens(step.token_ids)
+        for row, media in pieces:
+            embeds[row : row + media.shape[1]] = media[0].to(embeds.dtype)
+        deepstack = self._deepstack_inputs(pieces, step.media_mask)
+        hidden = self._text_forward(embeds, step.positions, step.meta, **deepstack)
+        self._drop_prefilled_media(batch)
+        if step.scoring is not None:
+            packed = prompt_logprobs.compute(hidden, self.model.lm_head, step.scored, *step.scoring)
+            self.pending_prompt_logprobs = (step.scored, packed)
+        return self.model.lm_head(hidden[step.sampled_rows]) if sampled else None
+
+    def _prepare(self, batch: ScheduledBatch, sampled: list[Sequence]) -> StepInputs:
+        """The step's inputs, on the device before any of its kernels is queued: a copy from
+        pageable memory waits for the kernels queued before it, and the host with it."""
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
-        pieces: list[tuple[int, torch.Tensor]] = []  # (row, media embeddings) to place
+        spans: list[Span] = []
         seq_lens: list[int] = []
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
-            pieces += [(len(token_ids) + offset, e) for offset, e in self._media(seq, start, end)]
+            spans += [
+                (len(token_ids) + o, seq, item, part) for o, item, part in _spans(seq, start, end)
+            ]
             token_ids += seq.token_ids(start, end)
             positions.append(self._positions(seq, start, end))
             seq_lens.append(end)
@@ -214,24 +278,19 @@ class ModelRunner:
             self.device,
             self.use_kernel,
         )
-        # Every host-to-device copy before the first kernel: a copy from pageable memory
-        # waits for the kernels queued before it, which would make the host wait here.
         index = {id(seq): i for i, seq in enumerate(batch.seqs)}
         rows = [meta.query_start[index[id(seq)] + 1] - 1 for seq in sampled]
-        rows_on_device = torch.tensor(rows).to(self.device)
-        ids_on_device = torch.tensor(token_ids).to(self.device)
-        positions_on_device = torch.cat(positions, dim=1).to(self.device)
-        deepstack = self._deepstack_inputs(pieces, len(token_ids))
-        embeds = self.text_model.embed_tokens(ids_on_device)
-        for row, media in pieces:
-            embeds[row : row + media.shape[1]] = media[0].to(embeds.dtype)
-        hidden = self._text_forward(embeds, positions_on_device, meta, **deepstack)
-        self._drop_prefilled_media(batch)
         scored = prompt_logprobs.scored_in(batch.seqs, batch.num_new_tokens, meta.query_start)
-        if scored:
-            packed = prompt_logprobs.compute(hidden, self.model.lm_head, scored)
-            self.pending_prompt_logprobs = (scored, packed)
-        return self.model.lm_head(hidden[rows_on_device]) if sampled else None
+        return StepInputs(
+            meta,
+            torch.tensor(token_ids).to(self.device),
+            torch.cat(positions, dim=1).to(self.device),
+            torch.tensor(rows).to(self.device),
+            spans,
+            self._media_mask(spans, len(token_ids)),
+            scored,
+            prompt_logprobs.indices(scored, self.device) if scored else None,
+        )
 
     def _text_forward(
         self,
@@ -251,21 +310,24 @@ class ModelRunner:
             **deepstack,
         ).last_hidden_state[0]
 
+    def _media_mask(self, spans: list[Span], num_tokens: int) -> torch.Tensor | None:
+        """[1, step tokens] on the device: the media tokens' rows (for DeepStack)."""
+        if not spans or not self.has_deepstack:
+            return None
+        mask = torch.zeros(num_tokens, dtype=torch.bool)
+        for row, _, _, part in spans:
+            mask[row : row + part.stop - part.start] = True
+        return mask[None].to(self.device)
+
     def _deepstack_inputs(
-        self, pieces: list[tuple[int, torch.Tensor]], num_tokens: int
+        self, pieces: list[tuple[int, torch.Tensor]], mask: torch.Tensor | None
     ) -> dict[str, Any]:
         """Qwen3-VL's DeepStack: vision features of several ViT layers, added to the first text
         layers' outputs at the media tokens of this step (a chunk gets its own tokens')."""
-        if not pieces or pieces[0][1].shape[0] == 1:  # no media, or a family without it
+        if mask is None:  # no media, or a family without it
             return {}
-        mask = torch.zeros(num_tokens, dtype=torch.bool)
-        for row, media in pieces:
-            mask[row : row + media.shape[1]] = True
         features = torch.cat([media[1:] for _, media in pieces], dim=1)  # rows in order
-        return {
-            "visual_pos_masks": mask[None].to(self.device),
-            "deepstack_visual_embeds": list(features.to(self.device)),
-        }
+        return {"visual_pos_masks": mask, "deepstack_visual_embeds": list(features)}
 
     def _decode_forward(self, inputs: DecodeBuffers) -> torch.Tensor:
         """A decode-only step from the graphs' static buffers to logits (what is captured)."""
@@ -289,7 +351,9 @@ class ModelRunner:
         rows = []
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             position = seq.num_computed_tokens
-            if num != 1 or position < seq.inputs.num_prompt_tokens:
+            # A generated token's decode; not a 1-token chunk of a prompt, nor of outputs
+            # recomputed after a preemption (neither is sampled).
+            if num != 1 or position < seq.inputs.num_prompt_tokens or position + 1 < seq.num_tokens:
                 return None
             block = seq.block_table[position // self.block_size]
             rows.append(
@@ -329,16 +393,6 @@ class ModelRunner:
         return positions[:, 0].cpu(), int(deltas.view(-1)[0])
 
     # -- media -----------------------------------------------------------------------------
-    def _media(self, seq: Sequence, start: int, end: int) -> list[tuple[int, torch.Tensor]]:
-        """(offset in the chunk, embeddings) for the media tokens among tokens [start, end)."""
-        held = self.media_embeds.get(seq.request_id, {})
-        out = []
-        for item in seq.inputs.media:
-            first, last = max(start, item.start), min(end, item.end)
-            if first < last:
-                out.append((first - start, held[item][:, first - item.start : last - item.start]))
-        return out
-
     def _encode_media(self, batch: ScheduledBatch) -> None:
         """Vision-tower outputs for every media item the step's chunks need: from the encoder
         cache, else from one vision-tower call per kind for all of them."""
@@ -391,3 +445,13 @@ class ModelRunner:
             media_end = max((item.end for item in seq.inputs.media), default=0)
             if seq.num_computed_tokens + num >= media_end:
                 self.media_embeds.pop(seq.request_id, None)
+
+
+def _spans(seq: Sequence, start: int, end: int) -> list[tuple[int, MediaItem, slice]]:
+    """(offset in the chunk, item, the item's tokens) of the media among tokens [start, end)."""
+    out = []
+    for item in seq.inputs.media:
+        first, last = max(start, item.start), min(end, item.end)
+        if first < last:
+            out.append((first - start, item, slice(first - item.start, last - item.start)))
+    return out

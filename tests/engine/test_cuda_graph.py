@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from server.config import Settings
 from server.engine.attention import table_decode_attention
@@ -23,6 +24,8 @@ from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
 from server.engine.structured import StructuredOutput
 from tests.engine.attention_cases import decode_cases
 
@@ -146,11 +149,27 @@ def test_padding_rows_write_only_the_scratch_block(loaded: LoadedModel) -> None:
 
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+# Operators a CUDA graph cannot capture: a scalar read, an output shaped by the data, a tensor
+# made from host values (its copy to the device would be replayed from freed host memory).
+UNCAPTURABLE = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "lift_fresh_copy"}
+
+
+class RefuseUncapturable(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name.startswith("index") and len(args) > 1 else ()
+        masked = isinstance(indices, (list, tuple)) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices
+        )  # indexing by a boolean mask: its size is read on the host
+        if name in UNCAPTURABLE or masked:
+            raise AssertionError(f"uncapturable operator in the decode step: aten.{name}")
+        return func(*args, **(kwargs or {}))
 
 
 @contextmanager
 def no_host_syncs() -> Iterator[None]:
-    """Any read of a tensor's values by the host raises (a CUDA graph cannot capture one)."""
+    """Any read of a tensor's values by the host, at the Python level or inside an operator,
+    and any tensor made from host values, raises."""
 
     def refuse(name: str):
         def refused(*args: object, **kwargs: object) -> None:
@@ -162,10 +181,21 @@ def no_host_syncs() -> Iterator[None]:
     try:
         for name in SYNCS:
             setattr(torch.Tensor, name, refuse(name))
-        yield
+        with RefuseUncapturable():
+            yield
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
+
+
+def test_the_refusals_catch_what_they_should() -> None:
+    for bad in (
+        lambda: torch.tensor([1.0, 2.0]).sum().item(),
+        lambda: torch.tensor([0, 3]),
+        lambda: torch.arange(4)[torch.arange(4) > 1],
+    ):
+        with pytest.raises(AssertionError), no_host_syncs():
+            bad()
 
 
 def test_the_captured_step_makes_no_host_sync(loaded: LoadedModel) -> None:
@@ -232,3 +262,33 @@ def test_full_size_graph_step_on_fake_cuda(
     assert logits.device == torch.device("cuda", 0) and logits.dtype == torch.bfloat16
     assert logits.shape == (3, loaded.model.config.text_config.vocab_size)
     assert set(runner.graphs.outputs) == {1, 2, 4, 8}
+
+
+def test_a_one_token_chunk_of_recomputed_outputs_is_not_a_graph_decode(
+    loaded: LoadedModel,
+) -> None:
+    """After a preemption a sequence recomputes its outputs as prompt-like chunks; a 1-token
+    chunk of them (a tight token budget) is not sampled, so the step is not a graph decode:
+    the graph would return a row for it that no sampled sequence owns."""
+    engine = build_engine(loaded, False)
+    runner, blocks = engine.runner, engine.scheduler.blocks
+    inputs = prompts(loaded)[0]
+    decode = Sequence("d", inputs, SamplingParams(temperature=0), 8)
+    recompute = Sequence("r", inputs, SamplingParams(temperature=0), 8)
+    decode.output_token_ids = [5]
+    recompute.output_token_ids = [5, 6, 7]
+    for seq in (decode, recompute):
+        assert blocks.allocate(seq)
+    decode.num_computed_tokens = decode.num_tokens - 1
+    recompute.num_computed_tokens = inputs.num_prompt_tokens  # 2 more outputs to recompute
+    runner._positions(decode, 0, 1), runner._positions(recompute, 0, 1)  # the prompts' rope
+    batch = ScheduledBatch()
+    batch.add(decode, 1)
+    batch.add(recompute, 1)
+    assert batch.sampled == [decode]
+    assert runner._graph_decodes(batch) is None
+    with torch.inference_mode():
+        logits = runner.forward(batch, batch.sampled)
+    assert logits.shape[0] == 1
+    for seq in (decode, recompute):
+        blocks.free_blocks(seq)

@@ -261,3 +261,43 @@ async def test_text_is_made_while_the_next_step_runs() -> None:
     assert all(decoded_at[v] == v + 2 for v in (1, 2, 3)), decoded_at  # during the next step
     assert len(runner.steps) == 5
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+@pytest.mark.anyio
+async def test_a_sequence_stopped_in_flight_leaves_the_others_rows_in_place() -> None:
+    """The stop string of "s" is found while the next step runs: that step's row of "s" is
+    dropped before sampling, and every other sequence still samples its own row (each row
+    carries its sequence's own token)."""
+    offsets = {"s": 0, "p": 5, "q": 12}
+
+    class RowRunner(FakeRunner):
+        def forward(self, batch: ScheduledBatch, sampled: list[Sequence]) -> torch.Tensor | None:
+            super().forward(batch, sampled)
+            if not sampled:
+                return None
+            values = [len(s.output_token_ids) + offsets[s.request_id] for s in sampled]
+            return torch.tensor(values, dtype=torch.float)[:, None]
+
+        def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+            return [int(v) for v in logits[:, 0].tolist()]
+
+    sched = scheduler()
+    engine = AsyncEngine(RowRunner(), sched, FakeTokenizer(), 1000, 16)
+    engine.start()
+    seqs = {
+        name: engine.add_request(
+            name,
+            make_seq(name).inputs,
+            SamplingParams(max_tokens=6, stop=["c"] if name == "s" else []),
+        )
+        for name in offsets
+    }
+
+    async def text(seq: Sequence) -> str:
+        return "".join([out.text_delta async for out in engine.stream(seq)])
+
+    texts = dict(zip(seqs, await asyncio.gather(*map(text, seqs.values())), strict=True))
+    await engine.stop()
+    assert texts == {"s": "ab", "p": "fghijk", "q": "mnopqr"}
+    assert seqs["s"].output_token_ids == [0, 1, 2]
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
