@@ -394,7 +394,8 @@ class AsyncEngine:
         detok = self._detokenizers.pop(seq.request_id, None)
         text = detok.flush() if detok is not None else ""
         self._emit(seq, SequenceOutput(text, seq.num_completion_tokens, True, reason, stop_reason))
-        logger.info(
+        # Debug: a video's frames are sequences too; requests get their own summary lines.
+        logger.debug(
             "finished: %s, %d prompt + %d completion tokens in %.2fs",
             reason,
             seq.inputs.num_prompt_tokens,
