@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+# Appended to a thinking checkpoint's prompt (which ends inside "<think>") to answer at once,
+# as Qwen3's non-thinking prompts read: "<think>\n\n</think>\n\n".
+SKIP_THINKING = "\n</think>\n\n"
 VIDEO_PAD = "<|video_pad|>"
 VIDEO_WRAPPED = "<|vision_start|><|video_pad|><|vision_end|>"
 
@@ -52,6 +55,7 @@ class ModelInputs:
     num_image_tokens: int
     num_video_tokens: int = 0
     media: tuple[MediaItem, ...] = ()
+    thinks: bool = False  # the answer starts with reasoning (a thinking checkpoint's)
 
     @functools.cached_property
     def token_ids(self) -> list[int]:
@@ -145,6 +149,7 @@ class InputBuilder:
         # native temporal patch adds (a long timestamp and its own vision start/end).
         # A thinking checkpoint's template opens "<think>" at the end of the prompt: its
         # answers start with reasoning (pipelines/reasoning.py splits them).
+        self.reasoning = False
         probe = self.prompt([{"role": "user", "content": "?"}])
         self.reasoning = probe.rstrip("\n").endswith("<think>")
         images = processor.image_processor
@@ -155,10 +160,15 @@ class InputBuilder:
             else 0
         )
 
-    def prompt(self, messages: list[dict[str, Any]]) -> str:
+    def prompt(self, messages: list[dict[str, Any]], think: bool = True) -> str:
+        """The templated prompt; think=False closes a thinking checkpoint's reasoning at once
+        (internal prompts such as frame captions, and answers under a grammar: JSON cannot
+        wait for a "</think>" the grammar would never allow)."""
         text = self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+        if self.reasoning and not think:
+            text += SKIP_THINKING
         if self.timestamped_frames:
             # Qwen3-VL's own processor (and vLLM) replace the template's whole video wrapper
             # with "<t seconds><|vision_start|>...<|vision_end|>" per temporal patch, as the
@@ -201,6 +211,7 @@ class InputBuilder:
         messages: list[dict[str, Any]],
         images: list[Image.Image],
         videos: list[VideoFrames] | None = None,
+        think: bool = True,
     ) -> ModelInputs:
         """messages use the HF chat format: content is a string or a list of
         {"type": "text" | "image" | "video"} parts, in the order of images and videos."""
@@ -212,7 +223,10 @@ class InputBuilder:
             kwargs["cap_pixels_per_frame"] = False
             kwargs["do_sample_frames"] = False
         encoded = self.processor(
-            text=[self.prompt(messages)], images=images or None, return_tensors="pt", **kwargs
+            text=[self.prompt(messages, think)],
+            images=images or None,
+            return_tensors="pt",
+            **kwargs,
         )
         tensors = {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
         if "second_per_grid_ts" in encoded and "second_per_grid_ts" not in tensors:
@@ -225,4 +239,5 @@ class InputBuilder:
             num_image_tokens=int((input_ids == self.image_token_id).sum()),
             num_video_tokens=int((input_ids == self.video_token_id).sum()),
             media=find_media(tensors, placeholders),
+            thinks=self.reasoning and think,
         )

@@ -246,7 +246,8 @@ class CategoriesPipeline:
 
     def _inputs(self, image: Image.Image, keys: tuple[str, ...], what: str) -> ModelInputs:
         content = self._content(keys, what)
-        return self.input_builder.build([{"role": "user", "content": content}], [image])
+        messages = [{"role": "user", "content": content}]
+        return self.input_builder.build(messages, [image], think=False)  # the JSON at once
 
     @staticmethod
     def _content(keys: tuple[str, ...], what: str) -> list[dict[str, str]]:

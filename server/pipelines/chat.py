@@ -182,7 +182,9 @@ class ChatPipeline:
             return await self._captioned(request, images, videos)
         frames = [VideoFrames(v.frames, v.plan.timestamps, v.info.duration_s) for v in videos]
         hf_messages = [to_hf_message(m) for m in messages]
-        inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images, frames)
+        inputs = await asyncio.to_thread(
+            self.input_builder.build, hf_messages, images, frames, _thinks(request)
+        )
         return ChatRun(await self._add(request, inputs))
 
     async def _captioned(
@@ -209,7 +211,9 @@ class ChatPipeline:
             )
         messages = _replace_videos(request.messages, texts)
         hf_messages = [to_hf_message(m) for m in messages]
-        inputs = await asyncio.to_thread(self.input_builder.build, hf_messages, images)
+        inputs = await asyncio.to_thread(
+            self.input_builder.build, hf_messages, images, None, _thinks(request)
+        )
         return ChatRun(await self._add(request, inputs), all_captions, usage)
 
     async def _video_budget(
@@ -271,7 +275,7 @@ class ChatPipeline:
 
     def _choice(self, index: int, seq: Sequence, text: str, tools: Tools | None) -> ChoiceResult:
         reasoning = None
-        if self.input_builder.reasoning:
+        if seq.inputs.thinks:
             reasoning, text = split_reasoning(text)
         answer = parse_answer(text, tools)
         finish_reason = seq.finish_reason or "stop"
@@ -289,6 +293,12 @@ class ChatPipeline:
             logprobs,
             reasoning,
         )
+
+
+def _thinks(request: ChatRequest) -> bool:
+    """A thinking checkpoint reasons first, unless a grammar shapes the answer from its first
+    token (response_format, a forced tool): then its reasoning is closed at once."""
+    return request.sampling.structured is None
 
 
 async def compile_grammar(

@@ -90,7 +90,8 @@ class FrameCaptioner:
             }
         ]
         return [
-            self.input_builder.build(messages, [Image.fromarray(frame)]) for frame in video.frames
+            self.input_builder.build(messages, [Image.fromarray(frame)], think=False)
+            for frame in video.frames
         ]
 
     async def _collect(self, seq: Sequence) -> str:

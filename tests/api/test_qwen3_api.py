@@ -139,3 +139,20 @@ async def test_a_thinking_checkpoint_answers_with_reasoning_content(
     streamed = "".join(d.get("reasoning_content") or "" for d in deltas)
     assert streamed == message["reasoning_content"]
     assert not "".join(d.get("content") or "" for d in deltas)
+
+
+async def test_a_thinking_checkpoint_under_a_grammar_answers_at_once(
+    thinking: httpx.AsyncClient,
+) -> None:
+    """JSON cannot wait for a "</think>" the grammar would never allow: the reasoning is
+    closed in the prompt and the JSON is the content; frame captions answer at once too."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "enum": ["x", "y"]}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    body = chat(image(), text("JSON please"), max_tokens=40, response_format=response_format)
+    response = await thinking.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    assert json.loads(message["content"]) is not None and message["reasoning_content"] is None
+    categories = {"media_url": data_uri(make_image(320, 240)), "metadata": ["tags"]}
+    response = await thinking.post("/v2/media/categories", json=categories)
+    assert response.status_code == 200, response.text

@@ -111,7 +111,15 @@ def test_thinking_checkpoints_split_reasoning_from_the_answer(tmp_path: Path) ->
     loaded = load_model(Settings(model=str(path)).engine_config())
     template = loaded.processor.chat_template.encode()
     assert hashlib.sha256(template).hexdigest() == THINKING_TEMPLATE_SHA256
-    assert builder_of(loaded).reasoning
+    builder = builder_of(loaded)
+    assert builder.reasoning
+    messages = [{"role": "user", "content": "Hi"}]
+    assert builder.prompt(messages).endswith("<|im_start|>assistant\n<think>\n")
+    # Answering at once reads as Qwen3's non-thinking prompts do.
+    assert builder.prompt(messages, think=False).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert (
+        builder.build(messages, []).thinks and not builder.build(messages, [], think=False).thinks
+    )
     assert split_reasoning("Let me see.\n</think>\n\nA cat.") == ("Let me see.", "A cat.")
     assert split_reasoning("<think>\nStill thinking") == ("Still thinking", "")
     stream = ReasoningStream()

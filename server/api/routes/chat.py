@@ -149,7 +149,7 @@ async def _complete(
     first = await until_disconnected(request, anext(outputs))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     texts, tools = services.chat.token_texts, chat_request.tools
-    reasoning = services.chat.input_builder.reasoning
+    reasoning = run.seq.inputs.thinks
     return StreamingResponse(
         chat_stream(run, first, outputs, body.model, include_usage, texts, tools, reasoning),
         media_type="text/event-stream",
