@@ -75,6 +75,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             metrics=metrics,
             spool_dir=spool.dir,
             token_side=input_builder.token_side,
+            model_min_pixels=input_builder.min_image_pixels,
         )
         pipeline = ChatPipeline(
             engine,

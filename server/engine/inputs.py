@@ -154,6 +154,13 @@ class InputBuilder:
         self.reasoning = probe.rstrip("\n").endswith("<think>")
         images = processor.image_processor
         self.token_side = images.patch_size * images.merge_size
+        # Qwen3-VL's video processor bounds the pixels of all frames together.
+        videos = getattr(processor, "video_processor", None)
+        self.max_video_pixels = (
+            videos.size["longest_edge"] if self.timestamped_frames and videos else 0
+        )
+        # The processor's smallest image (Qwen3-VL: 65,536 pixels): smaller ones are enlarged.
+        self.min_image_pixels = getattr(images, "size", {}).get("shortest_edge", 0)
         self.per_patch_tokens = (
             len(self.tokenizer("<9999.9 seconds>")["input_ids"]) + 2
             if self.timestamped_frames

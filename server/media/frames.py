@@ -79,6 +79,9 @@ class TokenBudget:
     caption_tokens: int = DEFAULT_CAPTION_TOKENS
     token_side: int = TOKEN_SIDE  # pixels along one side of a visual token
     per_patch_tokens: int = 0  # text tokens a native temporal patch adds (Qwen3-VL's timestamp)
+    # Pixels of all a native video's frames together that the processor allows (Qwen3-VL's
+    # video processor shrinks frames beyond it); 0: a limit per frame only.
+    max_video_pixels: int = 0
 
     @property
     def pixels_per_token(self) -> int:
@@ -177,6 +180,9 @@ def _plan_native(
     count = max(FRAME_FACTOR, ceiling - ceiling % FRAME_FACTOR)
     patches = count // FRAME_FACTOR
     min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_TOKENS, side)
+    if budget.max_video_pixels:
+        max_pixels = max(min(max_pixels, budget.max_video_pixels // count), side * side)
+        min_pixels = min(min_pixels, max_pixels)
     width, height = resized(info, min_pixels, max_pixels, side)
     if patches * (tokens_per_patch(width, height, side) + extra) > available:
         # Lower the resolution first: spread what is available over the patches.

@@ -62,14 +62,15 @@ def max_pixels_for(detail: Detail, model_max_pixels: int, side: int = TOKEN_SIDE
 
 
 def target_size(
-    width: int, height: int, max_pixels: int, side: int = TOKEN_SIDE
+    width: int, height: int, max_pixels: int, side: int = TOKEN_SIDE, min_pixels: int = 0
 ) -> tuple[int, int]:
     """(width, height): multiples of the token side, aspect ratio kept, area within
-    [MIN_TOKENS tokens, max_pixels]."""
+    [min_pixels (at least MIN_TOKENS tokens), max_pixels]."""
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise ValueError(f"aspect ratio above {MAX_ASPECT_RATIO}")
+    floor = min(max(min_pixels, MIN_TOKENS * side * side), max_pixels)
     new_height, new_width = smart_resize(
-        height, width, factor=side, min_pixels=MIN_TOKENS * side * side, max_pixels=max_pixels
+        height, width, factor=side, min_pixels=floor, max_pixels=max_pixels
     )
     return new_width, new_height
 
@@ -99,10 +100,15 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
 
 
 def fit_to_budget(
-    image: Image.Image, max_pixels: int, *, param: str, side: int = TOKEN_SIDE
+    image: Image.Image,
+    max_pixels: int,
+    *,
+    param: str,
+    side: int = TOKEN_SIDE,
+    min_pixels: int = 0,
 ) -> Image.Image:
     try:
-        size = target_size(image.width, image.height, max_pixels, side)
+        size = target_size(image.width, image.height, max_pixels, side, min_pixels)
     except ValueError:
         raise MediaError(
             f"The image at {param} is {image.width}x{image.height}; its aspect ratio is above "
@@ -115,9 +121,16 @@ def fit_to_budget(
 
 
 def load_image(
-    data: bytes, detail: Detail, model_max_pixels: int, *, param: str, side: int = TOKEN_SIDE
+    data: bytes,
+    detail: Detail,
+    model_max_pixels: int,
+    *,
+    param: str,
+    side: int = TOKEN_SIDE,
+    model_min_pixels: int = 0,
 ) -> Image.Image:
-    """Blocking: call it from a worker thread. side: pixels along a visual token's side."""
+    """Blocking: call it from a worker thread. side: pixels along a visual token's side;
+    model_min_pixels: the processor's smallest image (it would enlarge a smaller one)."""
     image = decode_image(data, param=param)
     max_pixels = max_pixels_for(detail, model_max_pixels, side)
-    return fit_to_budget(image, max_pixels, param=param, side=side)
+    return fit_to_budget(image, max_pixels, param=param, side=side, min_pixels=model_min_pixels)

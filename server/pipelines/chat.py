@@ -235,6 +235,7 @@ class ChatPipeline:
             self.caption_tokens,
             side,
             self.input_builder.per_patch_tokens,
+            self.input_builder.max_video_pixels,
         )
 
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:

@@ -50,6 +50,7 @@ class MediaLoader:
         metrics: Metrics,
         spool_dir: Path,
         token_side: int = 28,
+        model_min_pixels: int = 0,
     ):
         self.spool_dir = spool_dir  # downloaded videos go to files here, not to memory
         self.fetcher = fetcher
@@ -57,6 +58,7 @@ class MediaLoader:
         self.limits = limits
         self.model_max_pixels = model_max_pixels
         self.token_side = token_side  # pixels along one side of a visual token (Qwen3-VL: 32)
+        self.model_min_pixels = model_min_pixels  # the processor's smallest image
         self.metrics = metrics
 
     def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
@@ -89,6 +91,7 @@ class MediaLoader:
             self.model_max_pixels,
             param=part.param,
             side=self.token_side,
+            model_min_pixels=self.model_min_pixels,
         )
         self.metrics.images.inc()
         return image

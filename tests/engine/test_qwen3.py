@@ -84,26 +84,56 @@ def test_video_prompt_carries_the_planned_frames_timestamps(qwen3: LoadedModel) 
     assert sum(item.num_tokens for item in inputs.media) == inputs.num_video_tokens
 
 
-def test_the_planner_uses_32_pixel_tokens_and_counts_the_timestamps(qwen3: LoadedModel) -> None:
+@pytest.mark.parametrize("context", [4096, 131072])  # the token budget binds, or the pixels
+def test_the_planner_uses_32_pixel_tokens_and_the_processors_limits(
+    qwen3: LoadedModel, context: int
+) -> None:
+    """What the planner says the video costs is what the processor makes of it: 32-pixel
+    tokens, a timestamp per temporal patch, and (with room) no more pixels over all frames
+    than the processor allows, which would otherwise shrink the frames behind its back."""
     builder = builder_of(qwen3)
     assert builder.token_side == 32 and builder.per_patch_tokens > 2
+    assert builder.max_video_pixels == qwen3.processor.video_processor.size["longest_edge"]
     info = VideoInfo(duration_s=60.0, fps=30.0, num_frames=1800, width=1280, height=720)
     budget = TokenBudget(
-        4096, 100, 200, token_side=builder.token_side, per_patch_tokens=builder.per_patch_tokens
+        context,
+        100,
+        200,
+        token_side=builder.token_side,
+        per_patch_tokens=builder.per_patch_tokens,
+        max_video_pixels=builder.max_video_pixels,
     )
     plan = plan_frames(info, budget, FrameRequest("native"))
     assert plan.width % 32 == 0 and plan.height % 32 == 0
+    assert plan.num_frames * plan.width * plan.height <= builder.max_video_pixels
     patches = plan.num_frames // 2
     per_patch = (plan.width // 32) * (plan.height // 32) + builder.per_patch_tokens
-    assert plan.video_tokens == patches * per_patch <= 4096 - 300
+    assert plan.video_tokens == patches * per_patch <= context - 300
     frames = np.zeros((plan.num_frames, plan.height, plan.width, 3), dtype=np.uint8)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
     timestamps = tuple(float(t) for t in plan.timestamps)
     inputs = builder.build(messages, [], [VideoFrames(frames, timestamps, 60.0)])
-    # The plan's count is what the processor makes of the frames (within the timestamps'
-    # estimate): the prompt fits where the planner said it would.
+    assert inputs.tensors["video_grid_thw"][0].tolist() == [
+        patches,
+        plan.height // 16,
+        plan.width // 16,
+    ]
     assert inputs.num_video_tokens == patches * (per_patch - builder.per_patch_tokens)
     assert inputs.num_prompt_tokens <= 100 + plan.video_tokens + 2
+
+
+def test_small_images_are_sized_to_what_the_processor_takes(qwen3: LoadedModel) -> None:
+    from PIL import Image
+
+    from server.media.image import max_pixels_for, target_size
+
+    builder = builder_of(qwen3)
+    side, floor = builder.token_side, builder.min_image_pixels
+    assert floor == 65536  # Qwen3-VL's processor: at least 256 x 256 pixels
+    width, height = target_size(96, 96, max_pixels_for("auto", 1 << 30, side), side, floor)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    inputs = builder.build(messages, [Image.new("RGB", (width, height))])
+    assert inputs.num_image_tokens == (width // side) * (height // side) == 64
 
 
 def test_thinking_checkpoints_split_reasoning_from_the_answer(tmp_path: Path) -> None:
