@@ -10,9 +10,11 @@ import base64
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -154,36 +156,65 @@ def test_two_replicas_share_jobs(tiny_model_dir: Path, tmp_path: Path, webhook_r
         assert len({headers["webhook-id"] for headers, _ in receiver.received}) == len(job_ids)
 
 
+class StalledVideo:
+    """A video URL whose download sends its first half, then waits for `release` (so a job is
+    surely mid-download, its video partly spooled, while a test does something else)."""
+
+    def __init__(self, video: bytes):
+        self.release = threading.Event()
+        stalled = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp4")
+                self.send_header("Content-Length", str(len(video)))
+                self.end_headers()
+                self.wfile.write(video[: len(video) // 2])
+                self.wfile.flush()
+                stalled.release.wait(300)
+                self.wfile.write(video[len(video) // 2 :])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/clip.mp4"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 def test_a_second_server_on_the_same_data_dir_does_not_take_a_running_job(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """SQLite: a second server started (by mistake) on the first one's data dir leaves the job
-    the first is running alone; the first completes it in its one attempt."""
+    """SQLite: a second server started (by mistake) on the first one's data dir while the first
+    is downloading a job's video leaves the job, and the spooled download, alone; the first
+    completes the job in its one attempt."""
     args = [
         *("--model", str(tiny_model_dir), "--served-model-name", "tiny"),
         *("--data-dir", str(tmp_path / "data"), "--allowed-media-domains", "127.0.0.1"),
-        *("--max-num-seqs", "1"),
+        *("--media-fetch-timeout", "300"),
     ]
-    video = make_video(seconds=40, fps=12, cuts=tuple(float(t) for t in range(4, 40, 4)))
-    body = {
-        "model": "tiny",
-        "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
-        "use_scenes": True,
-        "async": True,
-    }
-    with server_process(tmp_path / "first.log", *args) as (url, _):
-        job = httpx.post(f"{url}/v2/media/categories", json=body, timeout=60).json()
+    video = StalledVideo(make_video(seconds=10, fps=12, cuts=(3.0, 6.0)))
+    body = {"model": "tiny", "media_url": video.url, "use_scenes": True, "async": True}
+    try:
+        with server_process(tmp_path / "first.log", *args) as (url, _):
+            job = httpx.post(f"{url}/v2/media/categories", json=body, timeout=60).json()
 
-        def status() -> dict:
-            return httpx.get(f"{url}{job['status_url']}", timeout=10).json()
+            def status() -> dict:
+                return httpx.get(f"{url}{job['status_url']}", timeout=10).json()
 
-        wait_until(lambda: status()["status"] == "processing", 60, "the job to start")
-        with server_process(tmp_path / "second.log", *args):
-            assert status()["status"] == "processing"  # the second is up while the job runs
-            wait_until(lambda: status()["status"] == "completed", 180, "the job to complete")
-        database = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")
-        (attempt,) = database.execute(
-            "SELECT attempt FROM jobs WHERE id = ?", (job["id"],)
-        ).fetchone()
-        assert attempt == 1
-    assert "lost its lease" not in (tmp_path / "first.log").read_text()
+            wait_until(lambda: status()["status"] == "processing", 60, "the job to start")
+            with server_process(tmp_path / "second.log", *args):
+                assert status()["status"] == "processing"  # the download is still stalled
+                video.release.set()
+                wait_until(lambda: status()["status"] != "processing", 180, "the job to end")
+            assert status()["status"] == "completed", status()
+            database = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")
+            (attempt,) = database.execute(
+                "SELECT attempt FROM jobs WHERE id = ?", (job["id"],)
+            ).fetchone()
+            assert attempt == 1
+        assert "lost its lease" not in (tmp_path / "first.log").read_text()
+    finally:
+        video.release.set()
+        video.server.shutdown()
