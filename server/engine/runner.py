@@ -1,10 +1,10 @@
 """ModelRunner: the only engine code that touches torch devices.
 
-One `run` per engine step: the scheduled sequences' new tokens (decodes and prompt chunks)
-go through HF's Qwen2-VL text model as one flattened batch, attending over the paged KV cache
-(attention.py). Images and videos go through the vision tower once, when the first chunk
-that holds their tokens is prefilled (or not at all: the encoder cache has them); their
-embeddings are held until the prompt's last media token is prefilled. Qwen2-VL's multimodal
+One step: `forward` queues the scheduled sequences' new tokens (decodes and prompt chunks)
+through HF's text model as one flattened batch, attending over the paged KV cache
+(attention.py), or replays a decode-only step's CUDA graph (cuda_graph.py); `sample` then makes
+the step's one host sync. Media embeddings come from MediaEncoder (the vision tower, the
+encoder cache, Qwen3-VL's DeepStack features). The multimodal
 rope is computed once per prompt (`get_rope_index`) and sliced per chunk; later tokens sit at
 their index plus the sequence's rope delta, so chunks, prefix hits and recomputation after a
 preemption all see exactly the positions a single prefill would.
@@ -22,10 +22,10 @@ import torch
 
 from server.engine import attention, prompt_logprobs
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
-from server.engine.encoder_cache import EncoderCache
-from server.engine.inputs import MediaItem
 from server.engine.kv_cache import KVCacheShape, PagedKVCache, StepCache
 from server.engine.loader import LoadedModel
+from server.engine.media_encoder import MediaEncoder, Span
+from server.engine.media_encoder import spans as spans_of
 from server.engine.sampler import SamplingState, make_generator, prompt_seen, sample
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 # CUDA graphs over the reference attention only while its largest gather stays this small.
 MAX_REFERENCE_GRAPH_GATHER = 512 * 2**20
 ROPE_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 # The text model's layers get no mask: the paged attention knows each sequence's context.
 NO_MASKS = {"full_attention": None, "sliding_attention": None}
 
@@ -64,10 +63,6 @@ def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> boo
 
     logger.info("decode attention: Triton paged kernel")
     return True
-
-
-# A prompt chunk's media tokens: (row in the step, sequence, item, the item's tokens).
-Span = tuple[int, Sequence, MediaItem, slice]
 
 
 @dataclass
@@ -109,14 +104,10 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(
             kv_cache_shape(self.model), num_blocks + 1, block_size, loaded.dtype, loaded.device
         )
-        self.encoder_cache = EncoderCache(encoder_cache_bytes)
-        # Vision-tower outputs of prompts still being prefilled: request id -> item -> embeds.
-        self.media_embeds: dict[str, dict[MediaItem, torch.Tensor]] = {}
+        self.media = MediaEncoder(self.model, self.device, encoder_cache_bytes)
+        self.encoder_cache = self.media.cache
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
-        # Qwen3-VL adds vision features of several ViT layers into its first text layers.
-        vision = self.model.config.vision_config
-        self.has_deepstack = bool(getattr(vision, "deepstack_visual_indexes", None))
         self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
         # A step's prompt logprobs, on the device until collect_prompt_logprobs.
         self.pending_prompt_logprobs: tuple[list[prompt_logprobs.Scored], torch.Tensor] | None
@@ -186,7 +177,7 @@ class ModelRunner:
     # -- sequence lifecycle ----------------------------------------------------------------
     def release(self, seq: Sequence) -> None:
         self.states.pop(seq.request_id, None)
-        self.media_embeds.pop(seq.request_id, None)
+        self.media.release(seq.request_id)
 
     def _state(self, seq: Sequence) -> SamplingState:
         state = self.states.get(seq.request_id)
@@ -239,17 +230,14 @@ class ModelRunner:
         if decodes is not None:  # decodes only, in order: every one is sampled
             return self.graphs.run(decodes)
         step = self._prepare(batch, sampled)
-        self._encode_media(batch)
-        pieces = [
-            (row, self.media_embeds[seq.request_id][item][:, part])
-            for row, seq, item, part in step.spans
-        ]
+        self.media.encode(batch)
+        pieces = self.media.pieces(step.spans)
         embeds = self.text_model.embed_tokens(step.token_ids)
         for row, media in pieces:
             embeds[row : row + media.shape[1]] = media[0].to(embeds.dtype)
-        deepstack = self._deepstack_inputs(pieces, step.media_mask)
+        deepstack = self.media.deepstack_inputs(pieces, step.media_mask)
         hidden = self._text_forward(embeds, step.positions, step.meta, **deepstack)
-        self._drop_prefilled_media(batch)
+        self.media.drop_prefilled(batch)
         if step.scoring is not None:
             packed = prompt_logprobs.compute(hidden, self.model.lm_head, step.scored, *step.scoring)
             self.pending_prompt_logprobs = (step.scored, packed)
@@ -265,7 +253,7 @@ class ModelRunner:
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
             spans += [
-                (len(token_ids) + o, seq, item, part) for o, item, part in _spans(seq, start, end)
+                (len(token_ids) + o, seq, item, part) for o, item, part in spans_of(seq, start, end)
             ]
             token_ids += seq.token_ids(start, end)
             positions.append(self._positions(seq, start, end))
@@ -287,7 +275,7 @@ class ModelRunner:
             torch.cat(positions, dim=1).to(self.device),
             torch.tensor(rows).to(self.device),
             spans,
-            self._media_mask(spans, len(token_ids)),
+            self.media.mask(spans, len(token_ids)),
             scored,
             prompt_logprobs.indices(scored, self.device) if scored else None,
         )
@@ -309,25 +297,6 @@ class ModelRunner:
             paged_metadata=meta,
             **deepstack,
         ).last_hidden_state[0]
-
-    def _media_mask(self, spans: list[Span], num_tokens: int) -> torch.Tensor | None:
-        """[1, step tokens] on the device: the media tokens' rows (for DeepStack)."""
-        if not spans or not self.has_deepstack:
-            return None
-        mask = torch.zeros(num_tokens, dtype=torch.bool)
-        for row, _, _, part in spans:
-            mask[row : row + part.stop - part.start] = True
-        return mask[None].to(self.device)
-
-    def _deepstack_inputs(
-        self, pieces: list[tuple[int, torch.Tensor]], mask: torch.Tensor | None
-    ) -> dict[str, Any]:
-        """Qwen3-VL's DeepStack: vision features of several ViT layers, added to the first text
-        layers' outputs at the media tokens of this step (a chunk gets its own tokens')."""
-        if mask is None:  # no media, or a family without it
-            return {}
-        features = torch.cat([media[1:] for _, media in pieces], dim=1)  # rows in order
-        return {"visual_pos_masks": mask, "deepstack_visual_embeds": list(features)}
 
     def _decode_forward(self, inputs: DecodeBuffers) -> torch.Tensor:
         """A decode-only step from the graphs' static buffers to logits (what is captured)."""
@@ -391,67 +360,3 @@ class ModelRunner:
             input_ids=input_ids, mm_token_type_ids=token_types, **kwargs
         )
         return positions[:, 0].cpu(), int(deltas.view(-1)[0])
-
-    # -- media -----------------------------------------------------------------------------
-    def _encode_media(self, batch: ScheduledBatch) -> None:
-        """Vision-tower outputs for every media item the step's chunks need: from the encoder
-        cache, else from one vision-tower call per kind for all of them."""
-        missing: dict[str, list[tuple[Sequence, MediaItem]]] = {}
-        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
-            held = self.media_embeds.setdefault(seq.request_id, {})
-            for item in seq.inputs.media:
-                if item in held or not (item.start < end and item.end > start):
-                    continue
-                cached = self.encoder_cache.get(item.key)
-                if cached is not None:
-                    held[item] = cached
-                else:
-                    missing.setdefault(item.key, []).append((seq, item))
-        for kind in PIXELS:
-            wanted = [users for users in missing.values() if users[0][1].kind == kind]
-            if not wanted:
-                continue
-            embeds = self._vision_tower(kind, [users[0] for users in wanted])
-            for users, item_embeds in zip(wanted, embeds, strict=True):
-                self.encoder_cache.put(users[0][1].key, item_embeds)
-                for seq, item in users:
-                    self.media_embeds[seq.request_id][item] = item_embeds
-
-    def _vision_tower(
-        self, kind: str, items: list[tuple[Sequence, MediaItem]]
-    ) -> list[torch.Tensor]:
-        pixels = torch.cat(
-            [
-                s.inputs.tensors[PIXELS[kind]][m.patch_start : m.patch_start + m.num_patches]
-                for s, m in items
-            ]
-        ).to(self.device)
-        grids = torch.tensor([m.grid for _, m in items])
-        features = (
-            self.model.model.get_image_features
-            if kind == "image"
-            else self.model.model.get_video_features
-        )
-        output = features(pixels, grids.to(self.device), return_dict=True)
-        layers = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
-        # Per item [1 + DeepStack layers, tokens, hidden], its own memory (a view of one
-        # batched output would keep all of it alive, and the encoder cache would count only
-        # the view).
-        return [torch.stack([layer[i] for layer in layers]) for i in range(len(items))]
-
-    def _drop_prefilled_media(self, batch: ScheduledBatch) -> None:
-        for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            media_end = max((item.end for item in seq.inputs.media), default=0)
-            if seq.num_computed_tokens + num >= media_end:
-                self.media_embeds.pop(seq.request_id, None)
-
-
-def _spans(seq: Sequence, start: int, end: int) -> list[tuple[int, MediaItem, slice]]:
-    """(offset in the chunk, item, the item's tokens) of the media among tokens [start, end)."""
-    out = []
-    for item in seq.inputs.media:
-        first, last = max(start, item.start), min(end, item.end)
-        if first < last:
-            out.append((first - start, item, slice(first - item.start, last - item.start)))
-    return out
