@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from server.config import Settings  # noqa: E402
 from server.engine.block_manager import BlockManager  # noqa: E402
 from server.engine.inputs import InputBuilder, ModelInputs  # noqa: E402
+from server.engine.kv_cache import kv_cache_shape  # noqa: E402
 from server.engine.loader import LoadedModel  # noqa: E402
-from server.engine.runner import ModelRunner, kv_cache_shape  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402

@@ -22,19 +22,17 @@ from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
-from server.engine.runner import ModelRunner, kv_cache_shape
+from server.engine.runner import ModelRunner
 from server.engine.sampler import FAILED
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
 from server.engine.structured import StructuredOutput
-from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest, ModelLoadError
+from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest
 from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
 
-# Without --kv-cache-memory on a CPU: this much RAM for the KV cache.
-AUTO_KV_CPU_GIB = 4.0
 # Seconds a client is told to wait (Retry-After) when the queue is full or timed out.
 RETRY_AFTER_S = 1
 
@@ -70,7 +68,7 @@ class AsyncEngine:
     @classmethod
     def build(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
         max_seq_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
-        num_blocks = kv_cache_blocks(loaded, config, max_seq_len)
+        num_blocks = profile.kv_cache_blocks(loaded, config, max_seq_len)
         capacity = num_blocks * config.block_size
         if capacity < max_seq_len:
             # A sequence must be able to finish alone, so the context is what the cache holds.
@@ -437,33 +435,3 @@ def graph_batch_sizes(config: EngineConfig, max_seq_len: int) -> tuple[int, int]
 
 def is_fatal_device_error(exc: Exception) -> bool:
     return "CUDA error" in str(exc) or "device-side assert" in str(exc)
-
-
-def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
-    """How many KV blocks the budget holds: --kv-cache-memory when given; on CUDA what
-    --gpu-memory-utilization leaves after the measured peak of a worst-case step; on a CPU a
-    fixed amount of RAM, no more than max_num_seqs full contexts."""
-    bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
-    bytes_per_block = bytes_per_token * config.block_size
-    if config.kv_cache_memory_gib > 0:
-        budget = config.kv_cache_memory_gib * 2**30
-    elif loaded.device.type == "cuda":
-        budget = profile.kv_budget_bytes(loaded, config, max_seq_len)
-    else:
-        most_needed = config.max_num_seqs * (max_seq_len + config.block_size) * bytes_per_token
-        budget = min(AUTO_KV_CPU_GIB * 2**30, most_needed)
-    num_blocks = int(budget // bytes_per_block)
-    if num_blocks < 1:
-        raise ModelLoadError(
-            f"The KV cache budget ({budget / 2**30:.2f} GiB) cannot hold one block of "
-            f"{config.block_size} tokens: raise --gpu-memory-utilization or --kv-cache-memory."
-        )
-    logger.info(
-        "KV cache: %d blocks of %d tokens (%d tokens), %.2f GiB; prefix caching %s",
-        num_blocks,
-        config.block_size,
-        num_blocks * config.block_size,
-        num_blocks * bytes_per_block / 2**30,
-        "on" if config.enable_prefix_caching else "off",
-    )
-    return num_blocks

@@ -12,6 +12,7 @@ reads each sequence's blocks through its block table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,6 +26,12 @@ class KVCacheShape:
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+def kv_cache_shape(model: Any) -> KVCacheShape:
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return KVCacheShape(text.num_hidden_layers, text.num_key_value_heads, head_dim)
 
 
 class PagedKVCache:

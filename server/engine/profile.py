@@ -24,12 +24,17 @@ import torch
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.inputs import ModelInputs
+from server.engine.kv_cache import kv_cache_shape
 from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+# Without --kv-cache-memory on a CPU: this much RAM for the KV cache.
+AUTO_KV_CPU_GIB = 4.0
 
 
 def worst_case_step(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
@@ -100,3 +105,33 @@ def kv_budget_bytes(loaded: LoadedModel, config: EngineConfig, max_seq_len: int)
         budget / 2**30,
     )
     return budget
+
+
+def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
+    """How many KV blocks the budget holds: --kv-cache-memory when given; on CUDA what
+    --gpu-memory-utilization leaves after the measured peak of a worst-case step; on a CPU a
+    fixed amount of RAM, no more than max_num_seqs full contexts."""
+    bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+    bytes_per_block = bytes_per_token * config.block_size
+    if config.kv_cache_memory_gib > 0:
+        budget = config.kv_cache_memory_gib * 2**30
+    elif loaded.device.type == "cuda":
+        budget = kv_budget_bytes(loaded, config, max_seq_len)
+    else:
+        most_needed = config.max_num_seqs * (max_seq_len + config.block_size) * bytes_per_token
+        budget = min(AUTO_KV_CPU_GIB * 2**30, most_needed)
+    num_blocks = int(budget // bytes_per_block)
+    if num_blocks < 1:
+        raise ModelLoadError(
+            f"The KV cache budget ({budget / 2**30:.2f} GiB) cannot hold one block of "
+            f"{config.block_size} tokens: raise --gpu-memory-utilization or --kv-cache-memory."
+        )
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%d tokens), %.2f GiB; prefix caching %s",
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size,
+        num_blocks * bytes_per_block / 2**30,
+        "on" if config.enable_prefix_caching else "off",
+    )
+    return num_blocks

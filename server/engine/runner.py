@@ -22,7 +22,7 @@ import torch
 
 from server.engine import attention, prompt_logprobs
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
-from server.engine.kv_cache import KVCacheShape, PagedKVCache, StepCache
+from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
 from server.engine.loader import LoadedModel
 from server.engine.media_encoder import MediaEncoder, Span
 from server.engine.media_encoder import spans as spans_of
@@ -39,12 +39,6 @@ MAX_REFERENCE_GRAPH_GATHER = 512 * 2**20
 ROPE_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 # The text model's layers get no mask: the paged attention knows each sequence's context.
 NO_MASKS = {"full_attention": None, "sliding_attention": None}
-
-
-def kv_cache_shape(model: Any) -> KVCacheShape:
-    text = model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return KVCacheShape(text.num_hidden_layers, text.num_key_value_heads, head_dim)
 
 
 def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> bool:

@@ -15,8 +15,8 @@ from PIL import Image
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder, ModelInputs, VideoFrames
+from server.engine.kv_cache import kv_cache_shape
 from server.engine.loader import LoadedModel
-from server.engine.runner import kv_cache_shape
 from server.engine.sampling import SamplingParams
 from tests.helpers import make_image
 
