@@ -200,6 +200,10 @@ class JobWorker:
                 return True
             raise
         except ServerError as exc:
+            # Once, like an HTTP error's access line: its code and reason, never the input.
+            logger.info(
+                "job %s failed: %d %s: %s", job.id, exc.status_code, exc.code, exc.message[:300]
+            )
             await self._write_end(self.store.fail, job, _error_object(exc))
         except Exception:
             logger.exception("job %s failed", job.id)

@@ -7,6 +7,7 @@ end; only the leases of provably gone processes are taken over at start."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,18 @@ async def test_busy_engine_delays_the_job_instead_of_failing_it(tmp_path: Path) 
     assert job.status == "completed" and job.result == {"answer": 3}
 
 
-async def test_request_errors_fail_the_job_with_the_error_object(tmp_path: Path) -> None:
+async def test_request_errors_fail_the_job_with_the_error_object(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def handler(job: Job, progress) -> dict:
         raise InvalidRequest("bad media", param="media_url", code="invalid_media")
 
     store = JobStore(tmp_path / "jobs.sqlite3")
-    job = await run_one(store, handler)
+    with caplog.at_level(logging.INFO, logger="server.jobs.worker"):
+        job = await run_one(store, handler)
     assert job.status == "failed"
+    logged = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert logged == [f"job {job.id} failed: 400 invalid_media: bad media"]
     assert job.error == {
         "message": "bad media",
         "type": "invalid_request_error",
