@@ -848,8 +848,10 @@ class CompletionLogprobs(BaseModel):
         self.text_offset.append(offset)
         self.tokens.append(token)
         self.token_logprobs.append(logprob)
+        # The sampled token last: two tokens can share a text (pieces of one character), and
+        # the entry under the sampled token's text must be its own logprob.
         self.top_logprobs.append(
-            None if top is None else {token: logprob, **{t.token: t.logprob for t in top}}
+            None if top is None else {**{t.token: t.logprob for t in top}, token: logprob}
         )
 
 
