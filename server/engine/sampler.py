@@ -30,6 +30,8 @@ from server.engine.structured import GrammarCache
 logger = logging.getLogger(__name__)
 
 FAILED = -1  # the token of a row whose grammar failed: the engine fails that request alone
+# The exponential race on a CPU too (tests run both draws there); a GPU always races.
+RACE_ON_CPU = False
 MIN_LOGPROB = -9999.0  # JSON has no -inf: an impossible token's logprob, as OpenAI and vLLM send
 
 
@@ -226,8 +228,9 @@ def token_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """[rows] sampled ids for rows that sample (temperature > 0), by the exponential race; a
-    row whose distribution is empty or not finite falls back to its argmax."""
+    """[rows] sampled ids for rows that sample (temperature > 0): the exponential race on a
+    GPU, the inverse of the cumulative distribution on a CPU; a row whose distribution is
+    empty or not finite falls back to its argmax."""
     device = logits.device
     params = [s.params for s in states]
     temperature = to_device([p.temperature for p in params], torch.float32, device)
@@ -241,6 +244,17 @@ def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         on_rows(scaled, top_k_rows, lambda sub: top_k(sub, [params[i].top_k for i in top_k_rows]))
     scaled = torch.nan_to_num(scaled, nan=float("-inf"), posinf=torch.finfo(scaled.dtype).max)
     probs = torch.softmax(scaled, dim=-1)
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    if device.type == "cuda" or RACE_ON_CPU:
+        drawn = exponential_race(probs, states)
+    else:
+        drawn = inverse_cdf(probs, states, usable)
+    return torch.where(usable, drawn, torch.argmax(scaled, dim=-1))
+
+
+def exponential_race(probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """argmax(p / Exp(1)) per row: a draw from p for every row at once, with no sort and no
+    host sync (an exponential per vocabulary entry: cheap on a GPU, the bulk of a CPU step)."""
     noise = torch.empty_like(probs)
     for row, state in enumerate(states):  # seeded rows draw from their own generator
         if state.generator is not None:
@@ -249,11 +263,29 @@ def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     if len(unseeded) == len(states):
         noise.exponential_()
     elif unseeded:
-        fresh = torch.empty((len(unseeded), probs.shape[-1]), device=device).exponential_()
+        fresh = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device).exponential_()
         noise.index_copy_(0, index(unseeded, noise), fresh)
-    drawn = torch.argmax(probs.div_(noise), dim=-1)
-    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    return torch.where(usable, drawn, torch.argmax(scaled, dim=-1))
+    return torch.argmax(probs.div_(noise), dim=-1)
+
+
+def inverse_cdf(
+    probs: torch.Tensor, states: list[SamplingState], usable: torch.Tensor
+) -> torch.Tensor:
+    """The same draw on a CPU: one uniform number per row against the row's cumulative
+    distribution (torch's multinomial races exponentials too, one per vocabulary entry, which
+    was most of a CPU step). Rows that cannot be drawn from (their argmax is taken instead)
+    get a placeholder."""
+    safe = torch.where(usable[:, None], probs, torch.ones_like(probs))
+    cdf = safe.double().cumsum_(dim=-1)
+    uniform = torch.empty((len(states), 1), dtype=torch.float64)
+    for row, state in enumerate(states):  # seeded rows draw from their own generator
+        if state.generator is not None:
+            uniform[row].uniform_(generator=state.generator)
+    unseeded = [row for row, s in enumerate(states) if s.generator is None]
+    if unseeded:
+        uniform.index_copy_(0, index(unseeded, uniform), torch.rand(len(unseeded), 1).double())
+    drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)[:, 0]
+    return drawn.clamp_(max=probs.shape[-1] - 1)
 
 
 def top_k(scaled: torch.Tensor, ks: list[int]) -> None:

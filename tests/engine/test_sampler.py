@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from server.engine import sampler
 from server.engine.sampler import FAILED, SamplingState, make_generator, prompt_seen, sample
 from server.engine.sampling import SamplingParams
 from server.engine.structured import GrammarCache, StructuredOutput
@@ -52,6 +53,13 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture(params=[False, True], ids=["inverse-cdf", "race"])
+def draw(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both draws: a CPU's inverse CDF and the GPU's exponential race (forced on the CPU)."""
+    monkeypatch.setattr(sampler, "RACE_ON_CPU", request.param)
+
+
+@pytest.mark.usefixtures("draw")
 def test_one_host_transfer_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
     states = mixed_states(12)
@@ -72,6 +80,7 @@ def test_one_host_transfer_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(tokens) == len(states) and FAILED not in tokens
 
 
+@pytest.mark.usefixtures("draw")
 def test_tensor_ops_do_not_grow_with_the_batch() -> None:
     counts = {}
     for batch in (6, 60):
@@ -83,6 +92,7 @@ def test_tensor_ops_do_not_grow_with_the_batch() -> None:
     assert counts[60] == counts[6], counts
 
 
+@pytest.mark.usefixtures("draw")
 def test_distributions() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05] + [1e-9] * (VOCAB - 4)))
     draws = 4000
@@ -116,6 +126,7 @@ def test_penalties_and_bans() -> None:
     assert tokens[0] != 7 and tokens[1] == 9 and tokens[2] != 7
 
 
+@pytest.mark.usefixtures("draw")
 def test_seeded_rows_are_the_same_alone_and_in_any_batch() -> None:
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
     logits = torch.randn(20, VOCAB)
@@ -255,3 +266,12 @@ def test_logprobs_ride_in_the_one_transfer(monkeypatch: pytest.MonkeyPatch) -> N
     two = states[2].logprobs
     assert tokens[2] != 11 and two is not None and two.top == ()
     assert abs(two.logprob - raw[2, tokens[2]].item()) < 1e-5
+
+
+@pytest.mark.usefixtures("draw")
+def test_a_row_with_no_distribution_falls_back_to_its_argmax() -> None:
+    logits = torch.randn(3, VOCAB)
+    logits[1] = float("nan")  # a broken row: no distribution to draw from
+    states = [state(SamplingParams(temperature=1.0, seed=i)) for i in range(3)]
+    tokens = sample(logits, states)
+    assert len(tokens) == 3 and all(0 <= t < VOCAB for t in tokens)
