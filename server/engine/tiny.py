@@ -303,15 +303,22 @@ def build_config(spec: TinySpec, tokenizer):
         config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
     else:
         vision_config = {
-            "depth": spec.vision_depth,
-            "hidden_size": spec.vision_embed_dim,
-            "intermediate_size": spec.vision_embed_dim * 4,
-            "num_heads": spec.vision_heads,
-            "out_hidden_size": spec.hidden_size,
+            **_vision_tower(spec),
             "fullatt_block_indexes": [spec.vision_depth - 1],
         }
         config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
     return config
+
+
+def _vision_tower(spec: TinySpec) -> dict:
+    """Qwen2.5-VL's and Qwen3-VL's vision config: the tower's size and its output width."""
+    return {
+        "depth": spec.vision_depth,
+        "hidden_size": spec.vision_embed_dim,
+        "intermediate_size": spec.vision_embed_dim * 4,
+        "num_heads": spec.vision_heads,
+        "out_hidden_size": spec.hidden_size,  # the merger projects into the text model's width
+    }
 
 
 def _qwen3_vl_config(spec: TinySpec, text_config: dict, token_ids: dict):
@@ -331,11 +338,7 @@ def _qwen3_vl_config(spec: TinySpec, text_config: dict, token_ids: dict):
         },
     }
     vision_config = {
-        "depth": spec.vision_depth,
-        "hidden_size": spec.vision_embed_dim,
-        "intermediate_size": spec.vision_embed_dim * 4,
-        "num_heads": spec.vision_heads,
-        "out_hidden_size": spec.hidden_size,
+        **_vision_tower(spec),
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
