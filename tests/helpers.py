@@ -242,3 +242,15 @@ def server_process(
             process.terminate()
             process.wait(timeout=60)
         log.close()
+
+
+def scene_video_job(webhook_url: str) -> dict:
+    """An async categories job on a 20 s video with 5 scenes: long enough (one frame at a time,
+    --max-num-seqs 1) to kill a server while it runs."""
+    video = make_video(seconds=20, fps=12, cuts=(4.0, 8.0, 12.0, 16.0))
+    return {
+        "model": "tiny",
+        "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
+        "use_scenes": True,
+        "webhook_url": webhook_url,
+    }

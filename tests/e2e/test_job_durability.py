@@ -5,7 +5,6 @@ server is killed again while the retry is pending. Signatures are checked with t
 
 from __future__ import annotations
 
-import base64
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.helpers import make_video, server_process
+from tests.helpers import scene_video_job, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +43,7 @@ def test_job_and_its_webhook_survive_sigkill(
         *("--max-num-seqs", "1"),  # frames one at a time: the job is part done for a while
     ]
     receiver = webhook_receiver([500, 200])
-    video = make_video(seconds=20, fps=12, cuts=(4.0, 8.0, 12.0, 16.0))
-    body = {
-        "model": "tiny",
-        "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
-        "use_scenes": True,
-        "webhook_url": receiver.url,
-    }
+    body = scene_video_job(receiver.url)
     with server_process(tmp_path / "first.log", *args) as (url, process):
         job = httpx.post(f"{url}/v2/media/categories", json=body, timeout=60).json()
 

@@ -6,7 +6,6 @@ both replicas at once each run exactly once, and one Idempotency-Key is one job 
 
 from __future__ import annotations
 
-import base64
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.e2e.test_job_durability import wait_until
-from tests.helpers import data_uri, make_image, make_video, server_process
+from tests.helpers import data_uri, make_image, make_video, scene_video_job, server_process
 from tests.jobs.pg import fresh_database
 
 pytestmark = pytest.mark.slow
@@ -64,13 +63,7 @@ def test_two_replicas_share_jobs(tiny_model_dir: Path, tmp_path: Path, webhook_r
             )
 
         replicas = [replica("a"), replica("b")]
-        video = make_video(seconds=20, fps=12, cuts=(4.0, 8.0, 12.0, 16.0))
-        body = {
-            "model": "tiny",
-            "media_url": "data:video/mp4;base64," + base64.b64encode(video).decode(),
-            "use_scenes": True,
-            "webhook_url": receiver.url,
-        }
+        body = scene_video_job(receiver.url)
         job = httpx.post(f"{replicas[0][0]}/v2/media/categories", json=body, timeout=60).json()
 
         def part_done() -> bool:
