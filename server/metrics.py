@@ -76,8 +76,9 @@ class Metrics:
         """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
         frame's caption or categories, a text completion)."""
         self.finished.labels(seq.finish_reason or "unknown").inc()
-        self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
-        self.image_tokens.inc(seq.inputs.num_image_tokens)
+        if seq.choice_index == 0:  # n choices of one prompt: the prompt counts once
+            self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
+            self.image_tokens.inc(seq.inputs.num_image_tokens)
         self.generated_tokens.inc(seq.num_completion_tokens)
 
     def watch_engine(

@@ -56,6 +56,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     is_aborted: bool = False
+    choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
     is_admitted: bool = False  # scheduled at least once (no longer counts as queued)
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
     # Paged KV cache: the blocks holding this sequence's keys/values, in order; how many of its

@@ -43,7 +43,10 @@ async def add_choices(
         rest = [
             (choice_id(request_id, i), inputs, choice_sampling(sampling, i)) for i in range(1, n)
         ]
-        return [first, *engine.add_requests(rest)]
+        others = engine.add_requests(rest)
+        for i, seq in enumerate(others, start=1):
+            seq.choice_index = i
+        return [first, *others]
     except BaseException:
         engine.abort(first.request_id)
         raise

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from tests.api.test_batching_api import wait_for
+from tests.api.test_operator import token_counts
 from tests.helpers import make_settings, serve_in_thread
 
 pytestmark = pytest.mark.anyio
@@ -98,10 +99,14 @@ async def test_n_choices_share_the_prompt(
     engine = client.app.state.services.engine  # type: ignore[attr-defined]
     question = [{"role": "user", "content": "(n) " + QUESTION}]  # not cached yet
     hits_before = engine.stats()["prefix_cache_hit_tokens"]
+    counted_before = await token_counts(client)
     body = {"model": "tiny", "messages": question, "max_tokens": 5, "temperature": 1.0}
     response = await sdk.chat.completions.create(
         **body, n=3, seed=42, extra_body={"ignore_eos": True}
     )
+    # /metrics counts the shared prompt once and every choice's tokens, as usage does
+    counted = [a - b for a, b in zip(await token_counts(client), counted_before, strict=True)]
+    assert counted == [response.usage.prompt_tokens, response.usage.completion_tokens]
     assert [c.index for c in response.choices] == [0, 1, 2]
     assert all(c.finish_reason == "length" for c in response.choices)
     assert response.usage.completion_tokens == 15
