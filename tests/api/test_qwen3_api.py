@@ -156,3 +156,18 @@ async def test_a_thinking_checkpoint_under_a_grammar_answers_at_once(
     categories = {"media_url": data_uri(make_image(320, 240)), "metadata": ["tags"]}
     response = await thinking.post("/v2/media/categories", json=categories)
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("server", ["qwen3", "thinking"])
+async def test_a_named_tool_call(server: str, request: pytest.FixtureRequest) -> None:
+    """Tools on Qwen3-VL (its template renders them itself) and on a thinking checkpoint (the
+    forced call closes the reasoning first): the arguments parse against the schema."""
+    from tests.api.test_tools import NAMED, WEATHER, check_weather
+
+    client: httpx.AsyncClient = request.getfixturevalue(server)
+    body = chat(text("Weather in Oslo?"), max_tokens=60, tools=[WEATHER], tool_choice=NAMED)
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    (call,) = response.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    check_weather(call["function"]["arguments"])
