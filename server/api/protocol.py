@@ -828,8 +828,8 @@ class CompletionLogprobs(BaseModel):
         cls, entries: list[TokenLogprob], offset: int, prompt: EchoedPrompt | None = None
     ) -> CompletionLogprobs:
         """offset: where the first entry's text starts in the choice's text. prompt: the echoed
-        prompt's tokens come first, from offset 0; its first token has no logprob (null, as in
-        vLLM)."""
+        prompt's tokens come first, from offset 0 (its first token has no logprob: null, as in
+        vLLM), and the answer's follow them."""
         logprobs = cls(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
         if prompt is not None:
             logprobs._add(prompt.first, None, None, 0)
@@ -837,6 +837,9 @@ class CompletionLogprobs(BaseModel):
             for entry in prompt.scored:
                 logprobs._add(entry.token, entry.logprob, entry.top, at)
                 at += len(entry.token)
+            # The answer's offsets go on from the prompt tokens' own texts (as vLLM's do):
+            # the lists stay monotonic when a token is part of a character (U+FFFD).
+            offset = at
         for entry in entries:
             logprobs._add(entry.token, entry.logprob, entry.top, offset)
             offset += len(entry.token)

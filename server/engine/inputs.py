@@ -183,7 +183,7 @@ class InputBuilder:
             text = text.replace(VIDEO_WRAPPED, VIDEO_PAD)
         return text
 
-    def count_text_tokens(self, messages: list[dict[str, Any]]) -> int:
+    def count_text_tokens(self, messages: list[dict[str, Any]], think: bool = True) -> int:
         """Tokens of the templated prompt with every image and video left out."""
         text_only = [
             {**m, "content": [p for p in m["content"] if p.get("type") == "text"]}
@@ -191,7 +191,7 @@ class InputBuilder:
             else m
             for m in messages
         ]
-        return len(self.tokenizer(self.prompt(text_only))["input_ids"])
+        return len(self.tokenizer(self.prompt(text_only, think))["input_ids"])
 
     def _video_metadata(self, video: VideoFrames) -> Any:
         from transformers.video_utils import VideoMetadata

@@ -20,6 +20,10 @@ from server.engine.sampler import MIN_LOGPROB
 from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import Sequence
 
+# Prompt rows scored at once: their logits are [rows, vocabulary] in fp32 (256 x 151,936 x 4 B
+# = 156 MB, within what the memory profile's worst-case step leaves).
+ROWS_AT_ONCE = 256
+
 
 @dataclass
 class Scored:
@@ -58,12 +62,19 @@ def compute(
     rows: torch.Tensor,
     targets: torch.Tensor,
 ) -> torch.Tensor:
-    """[rows, 1 + 2k] on the device: each scored token's logprob, the top k's, their ids."""
-    logprobs = torch.log_softmax(lm_head(hidden.index_select(0, rows)).float(), dim=-1)
-    chosen = logprobs.gather(1, targets[:, None])
+    """[rows, 1 + 2k] on the device: each scored token's logprob, the top k's, their ids.
+    In slices of ROWS_AT_ONCE rows: a whole chunk's full-vocabulary logits (8192 x 151,936
+    in fp32 is 5 GB) are more than the memory profile leaves room for."""
     k = max(s.seq.sampling.prompt_logprobs or 0 for s in scored)
-    top = logprobs.topk(k, dim=-1)
-    packed = torch.cat([chosen, top.values, top.indices.to(logprobs.dtype)], dim=1)
+    parts = []
+    for start in range(0, rows.shape[0], ROWS_AT_ONCE):
+        part = slice(start, start + ROWS_AT_ONCE)
+        logits = lm_head(hidden.index_select(0, rows[part])).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, targets[part, None])
+        top = logprobs.topk(k, dim=-1)
+        parts.append(torch.cat([chosen, top.values, top.indices.to(logprobs.dtype)], dim=1))
+    packed = torch.cat(parts)
     return packed.nan_to_num_(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
 
 

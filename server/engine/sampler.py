@@ -245,10 +245,10 @@ def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     scaled = torch.nan_to_num(scaled, nan=float("-inf"), posinf=torch.finfo(scaled.dtype).max)
     probs = torch.softmax(scaled, dim=-1)
     usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    if device.type == "cuda" or RACE_ON_CPU:
-        drawn = exponential_race(probs, states)
-    else:
+    if device.type == "cpu" and not RACE_ON_CPU:
         drawn = inverse_cdf(probs, states, usable)
+    else:
+        drawn = exponential_race(probs, states)
     return torch.where(usable, drawn, torch.argmax(scaled, dim=-1))
 
 
@@ -283,7 +283,8 @@ def inverse_cdf(
             uniform[row].uniform_(generator=state.generator)
     unseeded = [row for row, s in enumerate(states) if s.generator is None]
     if unseeded:
-        uniform.index_copy_(0, index(unseeded, uniform), torch.rand(len(unseeded), 1).double())
+        fresh = torch.rand(len(unseeded), 1, dtype=torch.float64)
+        uniform.index_copy_(0, index(unseeded, uniform), fresh)
     drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)[:, 0]
     return drawn.clamp_(max=probs.shape[-1] - 1)
 

@@ -202,7 +202,7 @@ class CategoriesPipeline:
         # Each frame is a request of its own: up to 60 frames, each with the prompt and its
         # JSON answer fitting the context by itself (seed 000: as many as the model allows).
         prompt = [{"role": "user", "content": self._content(request.keys, "video frame")}]
-        prompt_tokens = self.input_builder.count_text_tokens(prompt)
+        prompt_tokens = self.input_builder.count_text_tokens(prompt, think=False)
         tokens = TokenBudget(
             self.engine.max_seq_len,
             prompt_tokens=prompt_tokens,

@@ -159,7 +159,9 @@ class ChatPipeline:
         max_tokens) that alone overflow the context, whatever the media add."""
         await self.check(request)
         hf_messages = [to_hf_message(m) for m in render(request.messages, request.tools)]
-        text_tokens = await asyncio.to_thread(self.input_builder.count_text_tokens, hf_messages)
+        text_tokens = await asyncio.to_thread(
+            self.input_builder.count_text_tokens, hf_messages, _thinks(request)
+        )
         self.engine.max_tokens_for(text_tokens, request.sampling)
 
     async def _prepare(
@@ -222,7 +224,9 @@ class ChatPipeline:
         """What the videos may use: the context minus the text, the images and the answer,
         shared equally between the videos."""
         hf_messages = [to_hf_message(m) for m in request.messages]
-        text_tokens = await asyncio.to_thread(self.input_builder.count_text_tokens, hf_messages)
+        text_tokens = await asyncio.to_thread(
+            self.input_builder.count_text_tokens, hf_messages, _thinks(request)
+        )
         side = self.input_builder.token_side
         image_tokens = sum((img.width // side) * (img.height // side) + 2 for img in images)
         max_tokens = request.sampling.max_tokens or self.engine.default_max_tokens

@@ -170,9 +170,11 @@ async def test_echo_with_logprobs_scores_the_prompt(client: httpx.AsyncClient) -
 
     services = client.app.state.services  # type: ignore[attr-defined]
     runner, tokenizer = services.engine.runner, services.engine.tokenizer
-    prompt = "The quick brown fox jumps over the lazy dog near the water."
+    # Long enough for prefix-cache hits (a 16-token block), with characters of several tokens.
+    prompt = "The quick brown fox jumps over the lazy dog near the water. " * 4 + "naïve café 🙂"
     body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 3}
     first, again = [(await complete(client, **body)).json() for _ in range(2)]
+    assert len(tokenizer.encode(prompt)) > 40
     assert first["choices"] == again["choices"]
     details = again["usage"].get("prompt_tokens_details") or {}
     assert details.get("cached_tokens", 0) == 0
@@ -182,12 +184,9 @@ async def test_echo_with_logprobs_scores_the_prompt(client: httpx.AsyncClient) -
     assert choice["text"].startswith(prompt)
     assert len(logprobs["tokens"]) == len(ids) + first["usage"]["completion_tokens"]
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
-    assert "".join(logprobs["tokens"][: len(ids)]) == prompt
-    assert logprobs["text_offset"][:3] == [
-        0,
-        len(logprobs["tokens"][0]),
-        sum(len(t) for t in logprobs["tokens"][:2]),
-    ]
+    offsets = logprobs["text_offset"]
+    # each token starts where the texts before it end, prompt and answer alike
+    assert offsets == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(len(offsets))]
     with torch.inference_mode():
         logits = runner.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
     expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
@@ -200,11 +199,16 @@ async def test_echo_with_logprobs_scores_the_prompt(client: httpx.AsyncClient) -
         strict=True,
     ):
         assert top[token] == value and 3 <= len(top) <= 4  # the token and the 3 most likely
-    streamed = []
+    streamed, streamed_offsets = [], []
     payload = {"model": "tiny", **body, "stream": True}
     async with client.stream("POST", "/v1/completions", json=payload) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 for part in json.loads(line.removeprefix("data: "))["choices"]:
                     streamed += part["logprobs"]["token_logprobs"]
-    assert streamed == logprobs["token_logprobs"]
+                    streamed_offsets += part["logprobs"]["text_offset"]
+    assert streamed == logprobs["token_logprobs"] and streamed_offsets == offsets
+    both = (await complete(client, **body, n=2)).json()["choices"]  # n choices, one prompt
+    assert [c["logprobs"]["token_logprobs"][: len(ids)] for c in both] == [
+        logprobs["token_logprobs"][: len(ids)]
+    ] * 2

@@ -105,22 +105,27 @@ class ChoiceStream:
     index: int
     seq: Sequence
     echo: str
-    num_chars: int = 0
     num_logprobs_sent: int = 0
+    # Where the next token's text_offset is: the tokens' own texts add up, as in the whole
+    # answer (a token that is part of a character counts its U+FFFD).
+    next_offset: int | None = None
 
     def choice(self, output: SequenceOutput, texts: TokenTexts) -> dict | None:
         echoed = _echoed(self.seq, self.echo, texts)  # with the first chunk only
-        text, self.echo = self.echo + output.text_delta, ""
+        text, echo, self.echo = self.echo + output.text_delta, self.echo, ""
         if not text and not output.finished:
             return None  # the tokens' logprobs go with the next piece of text
         logprobs = None
         if self.seq.sampling.logprobs is not None:
             start, end = self.num_logprobs_sent, output.num_completion_tokens
-            offset = self.num_chars + len(text) - len(output.text_delta)
+            offset = len(echo) if self.next_offset is None else self.next_offset
             entries = texts.logprobs(self.seq, start, end)
-            logprobs = CompletionLogprobs.of(entries, offset, echoed).model_dump()
+            shaped = CompletionLogprobs.of(entries, offset, echoed)
+            self.next_offset = (
+                shaped.text_offset[-1] + len(shaped.tokens[-1]) if shaped.tokens else offset
+            )
+            logprobs = shaped.model_dump()
             self.num_logprobs_sent = end
-        self.num_chars += len(text)
         return {
             "index": self.index,
             "text": text,
