@@ -75,6 +75,9 @@ class DecodeRow:
     slot: int
     block_table: list[int]
     seq_len: int
+    # The sequence and its allocation (a preempted sequence is given new blocks): its row of
+    # the table buffer is rewritten only when this changes, else only its new blocks are.
+    table_key: object = None
 
 
 class DecodeGraphs:
@@ -95,6 +98,8 @@ class DecodeGraphs:
         self.buffers = DecodeBuffers.allocate(self.buckets[-1], max_blocks, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # What each row of the table buffer holds: (table_key, blocks written), or None.
+        self.table_rows: list[tuple[object, int] | None] = [None] * self.buckets[-1]
         self._fill_padding(0, self.buckets[-1])
         self.num_replays = 0
 
@@ -140,16 +145,27 @@ class DecodeGraphs:
         ints = torch.tensor(
             [[d.token_id, d.position, d.slot, d.seq_len] for d in decodes], dtype=torch.long
         )
-        tables = torch.zeros((num, self.max_blocks), dtype=torch.int32)
-        for row, decode in enumerate(decodes):
-            tables[row, : len(decode.block_table)] = torch.tensor(decode.block_table)
         buffers = self.buffers
         buffers.token_ids[:num].copy_(ints[:, 0], non_blocking=True)
         buffers.positions[:num].copy_(ints[:, 1], non_blocking=True)
         buffers.slot_mapping[:num].copy_(ints[:, 2], non_blocking=True)
         buffers.seq_lens[:num].copy_(ints[:, 3], non_blocking=True)
-        buffers.block_tables[:num].copy_(tables, non_blocking=True)
+        for row, decode in enumerate(decodes):
+            self._fill_table(row, decode)
         self._fill_padding(num, size)
+
+    def _fill_table(self, row: int, decode: DecodeRow) -> None:
+        """Only what changed since the last step: a table grows a block every block_size
+        tokens, and a long context's table is thousands of entries (copying all of them every
+        step cost more than a decode step)."""
+        known = self.table_rows[row]
+        table = decode.block_table
+        reusable = known is not None and decode.table_key is not None
+        first = known[1] if reusable and known[0] == decode.table_key else 0
+        if first < len(table):
+            fresh = torch.tensor(table[first:], dtype=torch.int32)
+            self.buffers.block_tables[row, first : len(table)].copy_(fresh, non_blocking=True)
+        self.table_rows[row] = (decode.table_key, len(table))
 
     def _fill_padding(self, start: int, end: int) -> None:
         """Rows [start, end) write their keys to the scratch block and attend to it alone."""
@@ -160,3 +176,4 @@ class DecodeGraphs:
         self.buffers.slot_mapping[start:end] = self.scratch_block * self.block_size
         self.buffers.block_tables[start:end] = self.scratch_block
         self.buffers.seq_lens[start:end] = 1
+        self.table_rows[start:end] = [None] * (end - start)

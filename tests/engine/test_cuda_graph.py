@@ -292,3 +292,30 @@ def test_a_one_token_chunk_of_recomputed_outputs_is_not_a_graph_decode(
     assert logits.shape[0] == 1
     for seq in (decode, recompute):
         blocks.free_blocks(seq)
+
+
+def test_table_rows_are_rewritten_only_where_they_changed() -> None:
+    graphs = DecodeGraphs(lambda buffers: buffers.token_ids, 4, 64, 99, 16, torch.device("cpu"))
+
+    def rows_of(tables: list[list[int]], keys: list[object]) -> list[DecodeRow]:
+        return [DecodeRow(1, 0, 0, t, len(t) * 16, k) for t, k in zip(tables, keys, strict=True)]
+
+    def assert_buffer_holds(tables: list[list[int]]) -> None:
+        for row, table in enumerate(tables):
+            assert graphs.buffers.block_tables[row, : len(table)].tolist() == table
+
+    tables = [[1, 2, 3], [4, 5]]
+    graphs.run(rows_of(tables, ["a", "b"]))
+    assert_buffer_holds(tables)
+    tables[0].append(6)  # a new block: only it is written
+    graphs.buffers.block_tables[0, :3] = -1  # (what a full rewrite would have undone)
+    graphs.run(rows_of(tables, ["a", "b"]))
+    assert graphs.buffers.block_tables[0, :4].tolist() == [-1, -1, -1, 6]
+    other = [[7, 8, 9, 10], [4, 5]]  # another sequence (or new blocks) in row 0: all of it
+    graphs.run(rows_of(other, ["c", "b"]))
+    assert_buffer_holds(other)
+    three = [[7, 8, 9, 10], [4, 5], [11]]  # a bucket of 4: row 3 is padding
+    graphs.run(rows_of(three, ["c", "b", "d"]))
+    assert_buffer_holds(three)
+    assert graphs.table_rows[3] is None  # the padding overwrote it: rewritten when next used
+    assert graphs.buffers.block_tables[3, 0] == 99  # the scratch block

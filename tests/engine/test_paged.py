@@ -135,9 +135,11 @@ async def test_same_size_images_share_only_the_text_before_them(loaded) -> None:
     assert outputs["cat"] == reference(loaded, cat) and outputs["dog"] == reference(loaded, dog)
 
 
-async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts) -> None:
+@pytest.mark.parametrize("enforce_eager", [True, False])  # and through the decode graphs
+async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts, enforce_eager) -> None:
     """A KV cache that holds the prompts but not what they generate: the newest sequences are
-    preempted, recomputed (prompt + what they had generated) and finish as if alone."""
+    preempted, recomputed (prompt + what they had generated) and finish as if alone (a graph
+    step's table rows follow each sequence's new blocks)."""
     requests = {name: prompts[name] for name in ("text", "image", "images")}
     sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     blocks_for_prompts = sum(-(-p.num_prompt_tokens // 16) for p in requests.values())
@@ -147,6 +149,7 @@ async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts) -> None
         max_num_batched_tokens=4096,
         kv_cache_memory=(blocks_for_prompts + 1) * 16 * bytes_per_token / 2**30,
         enable_prefix_caching=False,
+        enforce_eager=enforce_eager,
     )
     engine.start()
     seqs = [engine.add_request(name, p, sampling) for name, p in requests.items()]
