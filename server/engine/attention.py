@@ -6,9 +6,10 @@ sequence's queries are in that batch and which cache slots hold its context. The
 calls the function registered here (ATTENTION_NAME) in place of sdpa; the keys/values of the
 step are already in the cache (kv_cache.StepCache.update wrote them).
 
-The implementation here is the plain-torch reference: it gathers each sequence's context
-slots and runs sdpa, one-token queries (decodes) together in padded groups, each prompt chunk
-on its own (causal, offset by what is already cached). It is exact and runs anywhere;
+The implementation here is the plain-torch reference: one-token queries (decodes) together in
+groups, each gathering its rows' contexts through their block tables on the device (the host
+sends a table entry per block, not a slot per token), and each prompt chunk on its own (causal,
+offset by what is already cached). It is exact and runs anywhere;
 it is what CPU runs use and the oracle the Triton decode kernel (triton_attention.py, chosen
 with --attention-backend triton) is tested against.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
@@ -33,8 +35,8 @@ MAX_GATHERED_TOKENS = 1 << 18
 @dataclass
 class DecodeGroup:
     rows: torch.Tensor  # [n] rows of the step that are these decodes
-    slots: torch.Tensor  # [n, longest] cache slots of each context (padding: slot 0)
-    mask: torch.Tensor  # [n, 1, 1, longest] the real context positions
+    block_tables: torch.Tensor  # [n, most blocks] int32 (the slots are made on the device)
+    seq_lens: torch.Tensor  # [n] int32
 
 
 @dataclass
@@ -105,19 +107,13 @@ class StepMetadata:
         meta = cls(query_start, seq_lens, slot_mapping, [], prefills, block_size=block_size)
         decodes = [i for i, num in enumerate(num_new_tokens) if num == 1]
         if decodes and use_kernel:
-            widest = max(len(block_tables[i]) for i in decodes)
-            tables = torch.zeros((len(decodes), widest), dtype=torch.int32)
-            for row, i in enumerate(decodes):
-                tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i])
-            meta.decode_block_tables = tables.to(device)
-            lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32)
-            meta.decode_seq_lens = lengths.to(device)
-            meta.decode_rows = torch.tensor([query_start[i] for i in decodes]).to(device)
+            group = _decode_group(decodes, query_start, block_tables, seq_lens, device)
+            meta.decode_rows = group.rows
+            meta.decode_block_tables, meta.decode_seq_lens = group.block_tables, group.seq_lens
             meta.use_kernel = True
         elif decodes:
-            contexts = {i: slots_of(block_tables[i], 0, seq_lens[i], block_size) for i in decodes}
             meta.decode_groups = [
-                _decode_group([query_start[i] for i in group], [contexts[i] for i in group], device)
+                _decode_group(group, query_start, block_tables, seq_lens, device)
                 for group in _gather_groups(sorted(decodes, key=seq_lens.__getitem__), seq_lens)
             ]
         return meta
@@ -134,22 +130,30 @@ def _gather_groups(decodes: list[int], seq_lens: list[int]) -> list[list[int]]:
 
 
 def _decode_group(
-    rows: list[int], contexts: list[torch.Tensor], device: torch.device
+    decodes: list[int],
+    query_start: list[int],
+    block_tables: list[list[int]],
+    seq_lens: list[int],
+    device: torch.device,
 ) -> DecodeGroup:
-    longest = max(len(c) for c in contexts)
-    slots = torch.zeros((len(rows), longest), dtype=torch.long)
-    mask = torch.zeros((len(rows), 1, 1, longest), dtype=torch.bool)
-    for row, context in enumerate(contexts):
-        slots[row, : len(context)] = context
-        mask[row, ..., : len(context)] = True
-    return DecodeGroup(torch.tensor(rows).to(device), slots.to(device), mask.to(device))
+    """These decodes' block tables (their blocks, not every context slot: the host's work per
+    step is a table entry per block_size tokens)."""
+    widest = max(len(block_tables[i]) for i in decodes)
+    tables = np.zeros((len(decodes), widest), dtype=np.int32)  # numpy: a list per row, fast
+    for row, i in enumerate(decodes):
+        tables[row, : len(block_tables[i])] = block_tables[i]
+    lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32)
+    rows = torch.tensor([query_start[i] for i in decodes])
+    return DecodeGroup(rows.to(device), torch.from_numpy(tables).to(device), lengths.to(device))
 
 
 def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
-    """The cache slots of a sequence's tokens [start, end)."""
+    """The cache slots of a sequence's tokens [start, end) (only their blocks are read: a
+    decode's one slot costs one table entry, not the whole table)."""
     positions = torch.arange(start, end)
-    table = torch.tensor(block_table, dtype=torch.long)
-    return table[positions // block_size] * block_size + positions % block_size
+    first = start // block_size
+    table = torch.tensor(block_table[first : -(-end // block_size)], dtype=torch.long)
+    return table[positions // block_size - first] * block_size + positions % block_size
 
 
 def paged_attention(
@@ -176,36 +180,22 @@ def paged_attention(
             meta.block_size,
             scaling if scaling is not None else query.shape[-1] ** -0.5,
         )
-    for group in meta.decode_groups:
-        out[group.rows] = _decode_attention(
-            query[:, group.rows], key_cache, value_cache, group, scaling
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    for group in meta.decode_groups:  # the reference: each group's contexts gathered at once
+        out[group.rows] = table_decode_attention(
+            query[:, group.rows].transpose(0, 1).contiguous(),
+            key_cache,
+            value_cache,
+            group.block_tables,
+            group.seq_lens,
+            meta.block_size,
+            scale,
         )
     for start, end, slots in meta.prefills:
         keys = key_cache[slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
         values = value_cache[slots].transpose(0, 1).unsqueeze(0)
         out[start:end] = _chunk_attention(query[:, start:end], keys, values, scaling)
     return out
-
-
-def _decode_attention(
-    queries: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    group: DecodeGroup,
-    scaling: float | None,
-) -> torch.Tensor:
-    """One query per sequence, [heads, n, dim] -> [n, heads, dim]. The query heads that share a
-    KV head go in as that head's query rows ([n, kv_heads, heads per kv, dim]), so GQA needs no
-    expanded copy of the keys and the padding mask broadcasts over them."""
-    num_heads, num_seqs, head_dim = queries.shape
-    num_kv_heads = key_cache.shape[1]
-    keys = key_cache[group.slots].transpose(1, 2)  # [n, kv_heads, longest, dim]
-    values = value_cache[group.slots].transpose(1, 2)
-    grouped = queries.transpose(0, 1).reshape(num_seqs, num_kv_heads, -1, head_dim)
-    attended = scaled_dot_product_attention(
-        grouped, keys, values, attn_mask=group.mask, scale=scaling
-    )
-    return attended.reshape(num_seqs, num_heads, head_dim)
 
 
 def table_decode_attention(
