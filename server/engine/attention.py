@@ -96,9 +96,7 @@ class StepMetadata:
             query_start.append(query_start[-1] + num)
         steps = list(zip(block_tables, seq_lens, num_new_tokens, strict=True))
         # Only the new tokens' slots here: a whole context's are made where it is read.
-        slot_mapping = torch.cat(
-            [slots_of(table, length - num, length, block_size) for table, length, num in steps]
-        ).to(device)
+        slot_mapping = new_token_slots(steps, block_size).to(device)
         prefills = [
             (query_start[i], query_start[i + 1], slots_of(table, 0, length, block_size).to(device))
             for i, (table, length, num) in enumerate(steps)
@@ -145,6 +143,26 @@ def _decode_group(
     lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32)
     rows = torch.tensor([query_start[i] for i in decodes])
     return DecodeGroup(rows.to(device), torch.from_numpy(tables).to(device), lengths.to(device))
+
+
+def new_token_slots(steps: list[tuple[list[int], int, int]], block_size: int) -> torch.Tensor:
+    """The slots of each (block table, context length, new tokens) step's new tokens, in order:
+    a decode's one slot as a plain int (no tensor work per sequence), a chunk's through
+    slots_of."""
+    parts: list[torch.Tensor] = []
+    pending: list[int] = []
+    for table, length, num in steps:
+        if num == 1:
+            position = length - 1
+            pending.append(table[position // block_size] * block_size + position % block_size)
+            continue
+        if pending:
+            parts.append(torch.tensor(pending, dtype=torch.long))
+            pending = []
+        parts.append(slots_of(table, length - num, length, block_size))
+    if pending:
+        parts.append(torch.tensor(pending, dtype=torch.long))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:

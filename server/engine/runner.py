@@ -241,7 +241,7 @@ class ModelRunner:
         """The step's inputs, on the device before any of its kernels is queued: a copy from
         pageable memory waits for the kernels queued before it, and the host with it."""
         token_ids: list[int] = []
-        positions: list[torch.Tensor] = []
+        positions: list[int | torch.Tensor] = []
         spans: list[Span] = []
         seq_lens: list[int] = []
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -250,7 +250,10 @@ class ModelRunner:
                 (len(token_ids) + o, seq, item, part) for o, item, part in spans_of(seq, start, end)
             ]
             token_ids += seq.token_ids(start, end)
-            positions.append(self._positions(seq, start, end))
+            if num == 1 and start >= seq.inputs.num_prompt_tokens:  # a generated token
+                positions.append(start + seq.rope_delta)  # the same on all three axes
+            else:
+                positions.append(self._positions(seq, start, end))
             seq_lens.append(end)
         meta = attention.StepMetadata.build(
             [s.block_table for s in batch.seqs],
@@ -266,7 +269,7 @@ class ModelRunner:
         return StepInputs(
             meta,
             torch.tensor(token_ids).to(self.device),
-            torch.cat(positions, dim=1).to(self.device),
+            _positions_tensor(positions).to(self.device),
             torch.tensor(rows).to(self.device),
             spans,
             self.media.mask(spans, len(token_ids)),
@@ -355,3 +358,20 @@ class ModelRunner:
             input_ids=input_ids, mm_token_type_ids=token_types, **kwargs
         )
         return positions[:, 0].cpu(), int(deltas.view(-1)[0])
+
+
+def _positions_tensor(parts: list[int | torch.Tensor]) -> torch.Tensor:
+    """[3, tokens] from each sequence's positions: a decode's one int (a run of them becomes
+    one tensor: no tensor work per decoding sequence) or a chunk's [3, n]."""
+    out: list[torch.Tensor] = []
+    decodes: list[int] = []
+    for part in [*parts, None]:
+        if isinstance(part, int):
+            decodes.append(part)
+            continue
+        if decodes:
+            out.append(torch.tensor(decodes).view(1, -1).expand(3, -1))
+            decodes = []
+        if part is not None:
+            out.append(part)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
