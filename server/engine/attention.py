@@ -44,14 +44,11 @@ class StepMetadata:
     query_start: list[int]  # [num_seqs + 1]: the sequences' queries in the flattened step
     seq_lens: list[int]  # context length of each sequence after this step
     slot_mapping: torch.Tensor  # [num_tokens]: the cache slot of each new token
-    # Reference path: decodes in padded groups, each prompt chunk alone.
+    # Decodes read through their block tables: by the Triton kernel (--attention-backend
+    # triton; one group), else gathered on the device (groups capped by MAX_GATHERED_TOKENS;
+    # the CUDA-graph step: one group of fixed width). Each prompt chunk alone.
     decode_groups: list[DecodeGroup]
     prefills: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots)
-    # Decodes read through their block tables: the Triton kernel (--attention-backend
-    # triton), or a fixed-width gather (the CUDA-graph step on the reference backend).
-    decode_rows: torch.Tensor | None = None  # [num_decodes]
-    decode_block_tables: torch.Tensor | None = None  # [num_decodes, most blocks] int32
-    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] int32
     block_size: int = 0
     use_kernel: bool = False
 
@@ -68,18 +65,8 @@ class StepMetadata:
         """A decode-only step from device tensors alone (what a CUDA graph captures): no
         host-side lists, no shapes that depend on the contexts' lengths."""
         num = rows.shape[0]
-        return cls(
-            list(range(num + 1)),
-            [],
-            slot_mapping,
-            [],
-            [],
-            rows,
-            block_tables,
-            seq_lens,
-            block_size,
-            use_kernel,
-        )
+        group = DecodeGroup(rows, block_tables, seq_lens)
+        return cls(list(range(num + 1)), [], slot_mapping, [group], [], block_size, use_kernel)
 
     @classmethod
     def build(
@@ -102,19 +89,19 @@ class StepMetadata:
             for i, (table, length, num) in enumerate(steps)
             if num > 1
         ]
-        meta = cls(query_start, seq_lens, slot_mapping, [], prefills, block_size=block_size)
         decodes = [i for i, num in enumerate(num_new_tokens) if num == 1]
-        if decodes and use_kernel:
-            group = _decode_group(decodes, query_start, block_tables, seq_lens, device)
-            meta.decode_rows = group.rows
-            meta.decode_block_tables, meta.decode_seq_lens = group.block_tables, group.seq_lens
-            meta.use_kernel = True
-        elif decodes:
-            meta.decode_groups = [
-                _decode_group(group, query_start, block_tables, seq_lens, device)
-                for group in _gather_groups(sorted(decodes, key=seq_lens.__getitem__), seq_lens)
-            ]
-        return meta
+        if not decodes:
+            groups = []
+        elif use_kernel:  # the kernel reads the cache in place: one group of every decode
+            groups = [decodes]
+        else:
+            groups = _gather_groups(sorted(decodes, key=seq_lens.__getitem__), seq_lens)
+        decode_groups = [
+            _decode_group(group, query_start, block_tables, seq_lens, device) for group in groups
+        ]
+        return cls(
+            query_start, seq_lens, slot_mapping, decode_groups, prefills, block_size, use_kernel
+        )
 
 
 def _gather_groups(decodes: list[int], seq_lens: list[int]) -> list[list[int]]:
@@ -184,23 +171,12 @@ def paged_attention(
     """query [num_heads, num_tokens, head_dim]; caches [num_slots, num_kv_heads, head_dim];
     returns [num_tokens, num_heads, head_dim]."""
     out = query.new_empty(query.shape[1], query.shape[0], query.shape[2])
-    if meta.decode_block_tables is not None:
-        if meta.use_kernel:
-            from server.engine.triton_attention import decode_attention
-        else:
-            decode_attention = table_decode_attention
-        out[meta.decode_rows] = decode_attention(
-            query[:, meta.decode_rows].transpose(0, 1).contiguous(),
-            key_cache,
-            value_cache,
-            meta.decode_block_tables,
-            meta.decode_seq_lens,
-            meta.block_size,
-            scaling if scaling is not None else query.shape[-1] ** -0.5,
-        )
+    decode_attention = table_decode_attention
+    if meta.use_kernel and meta.decode_groups:
+        from server.engine.triton_attention import decode_attention
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    for group in meta.decode_groups:  # the reference: each group's contexts gathered at once
-        out[group.rows] = table_decode_attention(
+    for group in meta.decode_groups:
+        out[group.rows] = decode_attention(
             query[:, group.rows].transpose(0, 1).contiguous(),
             key_cache,
             value_cache,
