@@ -16,6 +16,7 @@ with --attention-backend triton) is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,20 +137,36 @@ def new_token_slots(steps: list[tuple[list[int], int, int]], block_size: int) ->
     """The slots of each (block table, context length, new tokens) step's new tokens, in order:
     a decode's one slot as a plain int (no tensor work per sequence), a chunk's through
     slots_of."""
-    parts: list[torch.Tensor] = []
-    pending: list[int] = []
+    parts: list[int | torch.Tensor] = []
     for table, length, num in steps:
         if num == 1:
             position = length - 1
-            pending.append(table[position // block_size] * block_size + position % block_size)
+            parts.append(table[position // block_size] * block_size + position % block_size)
+        else:
+            parts.append(slots_of(table, length - num, length, block_size))
+    return join_runs(parts, lambda ints: torch.tensor(ints, dtype=torch.long))
+
+
+def join_runs(
+    parts: list[int | torch.Tensor],
+    run_tensor: Callable[[list[int]], torch.Tensor],
+    dim: int = 0,
+) -> torch.Tensor:
+    """Per-sequence parts of a step, in order, as one tensor: a run of plain ints (decodes:
+    no tensor work per sequence) becomes one tensor through run_tensor; tensors (chunks) go
+    as they are."""
+    out: list[torch.Tensor] = []
+    run: list[int] = []
+    for part in [*parts, None]:
+        if isinstance(part, int):
+            run.append(part)
             continue
-        if pending:
-            parts.append(torch.tensor(pending, dtype=torch.long))
-            pending = []
-        parts.append(slots_of(table, length - num, length, block_size))
-    if pending:
-        parts.append(torch.tensor(pending, dtype=torch.long))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if run:
+            out.append(run_tensor(run))
+            run = []
+        if part is not None:
+            out.append(part)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
 
 
 def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:

@@ -269,7 +269,8 @@ class ModelRunner:
         return StepInputs(
             meta,
             torch.tensor(token_ids).to(self.device),
-            _positions_tensor(positions).to(self.device),
+            # a decode's position is the same on all three mrope axes
+            attention.join_runs(positions, _same_on_three_axes, dim=1).to(self.device),
             torch.tensor(rows).to(self.device),
             spans,
             self.media.mask(spans, len(token_ids)),
@@ -360,18 +361,5 @@ class ModelRunner:
         return positions[:, 0].cpu(), int(deltas.view(-1)[0])
 
 
-def _positions_tensor(parts: list[int | torch.Tensor]) -> torch.Tensor:
-    """[3, tokens] from each sequence's positions: a decode's one int (a run of them becomes
-    one tensor: no tensor work per decoding sequence) or a chunk's [3, n]."""
-    out: list[torch.Tensor] = []
-    decodes: list[int] = []
-    for part in [*parts, None]:
-        if isinstance(part, int):
-            decodes.append(part)
-            continue
-        if decodes:
-            out.append(torch.tensor(decodes).view(1, -1).expand(3, -1))
-            decodes = []
-        if part is not None:
-            out.append(part)
-    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+def _same_on_three_axes(positions: list[int]) -> torch.Tensor:
+    return torch.tensor(positions).view(1, -1).expand(3, -1)
