@@ -20,6 +20,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine_step import engine_step  # noqa: E402
+
 from server.config import Settings  # noqa: E402
 from server.engine.block_manager import BlockManager  # noqa: E402
 from server.engine.inputs import InputBuilder  # noqa: E402
@@ -49,12 +51,7 @@ def main() -> None:
     steps = 30
 
     def step() -> None:
-        batch = scheduler.schedule()
-        sampled = batch.sampled
-        tokens = runner.run(batch, sampled)
-        scheduler.commit(batch)
-        for seq, token in zip(sampled, tokens, strict=True):
-            seq.output_token_ids.append(token)
+        engine_step(scheduler, runner)
 
     print("| batch | runner decode step | HF forward + DynamicCache |\n| --- | --- | --- |")
     for batch in args.batch_sizes:

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from engine_step import engine_step  # noqa: E402
+
 from server.config import Settings  # noqa: E402
 from server.engine.block_manager import BlockManager  # noqa: E402
 from server.engine.inputs import InputBuilder, ModelInputs  # noqa: E402
@@ -176,12 +178,7 @@ def decode_step_time(
         scheduler.add(seqs[-1])
 
     def step() -> None:
-        scheduled = scheduler.schedule()
-        sampled = scheduled.sampled
-        tokens = runner.run(scheduled, sampled)  # the sampled ids: the step's one host sync
-        scheduler.commit(scheduled)
-        for seq, token in zip(sampled, tokens, strict=True):
-            seq.output_token_ids.append(token)
+        engine_step(scheduler, runner)
 
     step()  # the prefill
     times = []

@@ -29,6 +29,7 @@ sys.path.insert(0, os.environ.get("VLM_CODE_ROOT", str(ROOT)))
 
 import torch  # noqa: E402
 from bench_sampler import MIXED, TRANSFERS, CountOps, _counting  # noqa: E402
+from engine_step import engine_step  # noqa: E402
 
 from server.engine.block_manager import BlockManager  # noqa: E402
 from server.engine.inputs import ModelInputs  # noqa: E402
@@ -101,12 +102,7 @@ def measure(loaded: LoadedModel, mix: str, batch: int, graphs: bool, steps: int 
         scheduler.add(Sequence(f"s{i}", inputs, params, per_seq))
 
     def step() -> None:
-        scheduled = scheduler.schedule()
-        sampled = scheduled.sampled
-        tokens = runner.run(scheduled, sampled)
-        scheduler.commit(scheduled)
-        for seq, token in zip(sampled, tokens, strict=True):
-            seq.output_token_ids.append(token)
+        engine_step(scheduler, runner)
 
     step()  # the prefill
     times = []
