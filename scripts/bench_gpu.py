@@ -8,6 +8,7 @@ runner, against the HBM roofline.
 Prints one markdown table (and --json): for each size and attention backend, decode
 tokens/s and step time at each batch size against the roofline (the bytes one decode step must
 read, text weights + every sequence's KV, over the measured device-to-device copy bandwidth);
+the 2B model's decode step through the whole engine loop with and without async scheduling;
 the Triton kernel's largest difference from the reference at both GQA shapes; the memory
 profile's KV budget against the peak memory of a real run; the capacity and chunked-prefill
 benchmarks of bench_engine.py on the 2B model.
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -271,6 +273,70 @@ def memory_row(loaded: LoadedModel) -> dict:
     return row
 
 
+def loop_rows(loaded: LoadedModel, size: str, batches: list[int]) -> list:
+    """Decode through the whole engine loop (thread, scheduler, runner, detokenizer) with and
+    without async scheduling, side by side: ms per decode step once every sequence has its
+    first token, and whether the greedy tokens are the same. On CUDA with the Triton kernel as
+    graphs (what async scheduling is for: a step short enough for the host to show)."""
+    from server.engine.engine import AsyncEngine
+
+    cuda = loaded.device.type == "cuda"
+    max_tokens, prompt_len = 64, 256
+    rows = []
+    for batch in batches:
+        sync_tokens = None
+        for async_scheduling in (False, True):
+            settings = Settings(
+                model="bench",
+                max_model_len=prompt_len + max_tokens + 16,
+                max_num_seqs=batch,
+                attention_backend="triton" if cuda else "reference",
+                enforce_eager=not cuda,
+                async_scheduling=async_scheduling,
+            )
+            engine = AsyncEngine.build(loaded, settings.engine_config())
+
+            seqs = asyncio.run(greedy_requests(engine, batch, prompt_len, max_tokens))
+            started = max(s.first_token_time or 0.0 for s in seqs)
+            ended = max(s.finish_time or 0.0 for s in seqs)
+            tokens = [s.output_token_ids for s in seqs]
+            rows.append(
+                {
+                    "size": size,
+                    "batch": batch,
+                    "async": async_scheduling,
+                    "step_ms": round((ended - started) / (max_tokens - 1) * 1000, 2),
+                    "same_tokens": "" if sync_tokens is None else tokens == sync_tokens,
+                }
+            )
+            sync_tokens = tokens
+            print(json.dumps(rows[-1]), flush=True)
+            del engine
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+async def greedy_requests(
+    engine: Any, batch: int, prompt_len: int, max_tokens: int
+) -> list[Sequence]:
+    """`batch` random prompts through a started-here engine, greedy, to max_tokens each."""
+    engine.start()
+    vocab = min(engine.runner.vocab_size, 4096)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    seqs = []
+    for i in range(batch):
+        ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(i))
+        seqs.append(
+            engine.add_request(f"l{i}", ModelInputs({"input_ids": ids}, prompt_len, 0), sampling)
+        )
+    for seq in seqs:
+        async for _ in engine.stream(seq):
+            pass
+    await engine.stop()
+    return seqs
+
+
 def engine_rows(loaded: LoadedModel) -> dict:
     import bench_engine
 
@@ -308,6 +374,13 @@ def table(results: dict) -> str:
             f"{row['step_ms']} | {row['tok_s']} | {row['roofline_ms']} | {row['of_roofline']} "
             f"| {row['same_tokens']} |"
         )
+    lines += ["", "| model | batch | async scheduling | engine loop ms/step | tokens = sync |"]
+    lines.append("| --- | --- | --- | --- | --- |")
+    for row in results.get("loop", []):
+        lines.append(
+            f"| {row['size']} | {row['batch']} | {row['async']} | {row['step_ms']} "
+            f"| {row['same_tokens']} |"
+        )
     lines.append("")
     lines.append(f"copy bandwidth: {results['bandwidth_gb_s']} GB/s")
     lines.append(f"Triton decode kernel, max |kernel - reference|: {results['kernel']}")
@@ -322,6 +395,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["2b", "7b"], choices=list(SIZES))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--skip-engine", action="store_true", help="no capacity/chunked runs")
+    parser.add_argument(
+        "--loop-batches", type=int, nargs="+", default=[32], help="engine loop, async vs sync"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -332,6 +408,8 @@ def main() -> None:
         results["decode"] += decode_rows(
             loaded, size, args.batches, results["bandwidth_gb_s"] * 1e9
         )
+        if size in ("2b", "test"):
+            results["loop"] = loop_rows(loaded, size, args.loop_batches)
         if size == args.sizes[-1]:
             results["memory"] = memory_row(loaded)
         if size in ("2b", "test") and not args.skip_engine:

@@ -7,10 +7,12 @@
 #    loader on CUDA (bf16, bitsandbytes when installed), paged engine vs HF generate, the Triton
 #    decode kernel vs the reference in bf16/fp16 at Qwen2-VL-2B (12:2) and -7B (28:4) shapes.
 #    tests/engine/test_cuda_graph.py captures the decode CUDA graphs and checks replay == eager
-#    token for token (fp32); test_structured runs grammars on CUDA.
+#    token for token (fp32); test_structured runs grammars on CUDA. Every engine test runs
+#    with and without async scheduling (step t+1 queued before step t's tokens are read).
 # 2. scripts/bench_gpu.py: decode tokens/s of full-size random-weight 2B and 7B at batch
 #    1/8/32/64 against the HBM roofline (reference and Triton attention eager, Triton as CUDA
-#    graphs too, with graph tokens == eager tokens per row), the memory profile's
+#    graphs too, with graph tokens == eager tokens per row), the 2B engine loop with and
+#    without async scheduling (ms per decode step, same tokens), the memory profile's
 #    budget against a real run's peak, the capacity and chunked-prefill benchmarks. One table.
 #
 # A machine without this server's Python packages (and no network) gets them as wheels in
@@ -40,7 +42,7 @@ status=0
 # the batch shape); the bf16 paths are the kernel tests' and the benchmark's.
 timeout 200 $PY -m pytest -q -p no:cacheprovider --device cuda --dtype float32 tests/engine \
   --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || status=1
-timeout 300 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
+timeout 320 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" || status=1
 echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
 exit "$status"

@@ -40,6 +40,7 @@ class EngineConfig:
     encoder_cache_memory_gib: float = 1.0
     attention_backend: str = "reference"
     enforce_eager: bool = True
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class Settings(BaseSettings):
     attention_backend: Literal["reference", "triton"] = "reference"
     # Decode steps as CUDA graphs stay off until scripts/gpu_check.sh has passed with them on.
     enforce_eager: bool = True
+    # Queue step t+1 before reading step t's tokens; off until scripts/gpu_check.sh has
+    # passed with it on.
+    async_scheduling: bool = False
     max_queued_requests: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=60.0, gt=0)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
@@ -221,6 +225,7 @@ class Settings(BaseSettings):
             encoder_cache_memory_gib=self.encoder_cache_memory,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
         )

@@ -96,6 +96,9 @@ HELP = {
     "verify it with scripts/gpu_check.sh first).",
     "enforce_eager": "Decode without CUDA graphs (--no-enforce-eager captures them; turn that "
     "on once scripts/gpu_check.sh has passed with it on your GPU).",
+    "async_scheduling": "Queue each step before the previous step's tokens reach the host, so "
+    "the host's work overlaps the GPU's (turn it on once scripts/gpu_check.sh has passed with "
+    "it on your GPU).",
     "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After.",
     "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",

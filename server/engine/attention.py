@@ -25,6 +25,8 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
+from server.engine.transfer import to_device
+
 ATTENTION_NAME = "vlm_paged"
 
 
@@ -84,9 +86,13 @@ class StepMetadata:
             query_start.append(query_start[-1] + num)
         steps = list(zip(block_tables, seq_lens, num_new_tokens, strict=True))
         # Only the new tokens' slots here: a whole context's are made where it is read.
-        slot_mapping = new_token_slots(steps, block_size).to(device)
+        slot_mapping = to_device(new_token_slots(steps, block_size), device)
         prefills = [
-            (query_start[i], query_start[i + 1], slots_of(table, 0, length, block_size).to(device))
+            (
+                query_start[i],
+                query_start[i + 1],
+                to_device(slots_of(table, 0, length, block_size), device),
+            )
             for i, (table, length, num) in enumerate(steps)
             if num > 1
         ]
@@ -130,7 +136,9 @@ def _decode_group(
         tables[row, : len(block_tables[i])] = block_tables[i]
     lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32)
     rows = torch.tensor([query_start[i] for i in decodes])
-    return DecodeGroup(rows.to(device), torch.from_numpy(tables).to(device), lengths.to(device))
+    return DecodeGroup(
+        to_device(rows, device), to_device(tables, device), to_device(lengths, device)
+    )
 
 
 def new_token_slots(steps: list[tuple[list[int], int, int]], block_size: int) -> torch.Tensor:

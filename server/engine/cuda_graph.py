@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -129,27 +131,36 @@ class DecodeGraphs:
 
     def run(self, decodes: list[DecodeRow]) -> torch.Tensor:
         """Logits [len(decodes), vocab] of one decode-only step."""
+        return self.replay(self.fill(decodes), len(decodes))
+
+    def fill(self, decodes: list[DecodeRow]) -> int:
+        """The buffers for these decodes (the caller may still change them on the device);
+        returns the bucket to replay."""
         size = self.bucket(len(decodes))
         if size is None:
             raise ValueError(f"{len(decodes)} decodes exceed the largest bucket")
         self._fill(decodes, size)
+        return size
+
+    def replay(self, size: int, num: int) -> torch.Tensor:
+        """Logits [num, vocab] of the step filled for bucket `size`."""
         graph = self.graphs.get(size)
         if graph is None:  # not captured (no CUDA): the same padded step, eagerly
-            return self.forward(self.buffers.first(size))[: len(decodes)]
+            return self.forward(self.buffers.first(size))[:num]
         graph.replay()
         self.num_replays += 1
-        return self.outputs[size][: len(decodes)]
+        return self.outputs[size][:num]
 
     def _fill(self, decodes: list[DecodeRow], size: int) -> None:
         num = len(decodes)
-        ints = torch.tensor(
-            [[d.token_id, d.position, d.slot, d.seq_len] for d in decodes], dtype=torch.long
-        )
+        device = self.buffers.token_ids.device
+        ints = [[d.token_id, d.position, d.slot, d.seq_len] for d in decodes]
+        columns = to_device(ints, device, torch.long)  # one copy for the four of them
         buffers = self.buffers
-        buffers.token_ids[:num].copy_(ints[:, 0], non_blocking=True)
-        buffers.positions[:num].copy_(ints[:, 1], non_blocking=True)
-        buffers.slot_mapping[:num].copy_(ints[:, 2], non_blocking=True)
-        buffers.seq_lens[:num].copy_(ints[:, 3], non_blocking=True)
+        buffers.token_ids[:num].copy_(columns[:, 0])
+        buffers.positions[:num].copy_(columns[:, 1])
+        buffers.slot_mapping[:num].copy_(columns[:, 2])
+        buffers.seq_lens[:num].copy_(columns[:, 3])
         for row, decode in enumerate(decodes):
             self._fill_table(row, decode)
         self._fill_padding(num, size)
@@ -163,8 +174,8 @@ class DecodeGraphs:
         reusable = known is not None and decode.table_key is not None
         first = known[1] if reusable and known[0] == decode.table_key else 0
         if first < len(table):
-            fresh = torch.tensor(table[first:], dtype=torch.int32)
-            self.buffers.block_tables[row, first : len(table)].copy_(fresh, non_blocking=True)
+            fresh = to_device(table[first:], self.buffers.block_tables.device, torch.int32)
+            self.buffers.block_tables[row, first : len(table)].copy_(fresh)
         self.table_rows[row] = (decode.table_key, len(table))
 
     def _fill_padding(self, start: int, end: int) -> None:

@@ -5,6 +5,12 @@ worker thread: each iteration takes new requests and aborts from the inbox, lets
 admit what fits, prefills the admitted sequences, runs one decode step for everything that was
 running, and post-processes the new tokens (detokenize, stop checks, stream out, free finished
 sequences at once). Outputs travel back through each Sequence's asyncio queue.
+
+With async scheduling (`--async-scheduling`) the host does not wait for a step's tokens before
+it queues the next step: step t+1 is scheduled and queued while step t's sampling and its copy
+to the host are still running, its decodes reading step t's tokens on the device. Step t's
+tokens are then read and post-processed while the device computes step t+1; a sequence that
+ended with them drops its row of step t+1 (nothing past its end is sampled or kept).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
 from server.engine.runner import ModelRunner
-from server.engine.sampler import FAILED
+from server.engine.sampler import FAILED, SampledTokens
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
 from server.engine.structured import StructuredOutput
+from server.engine.transfer import to_device
 from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest
 from server.log import request_id_var
 
@@ -45,12 +52,14 @@ class AsyncEngine:
         tokenizer: object,
         max_seq_len: int,
         default_max_tokens: int,
+        async_scheduling: bool = False,
     ):
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.default_max_tokens = default_max_tokens
+        self.async_scheduling = async_scheduling
         self.eos_token_ids = frozenset(runner.eos_token_ids)
         self._inbox: queue.SimpleQueue[Sequence | list[Sequence] | None] = queue.SimpleQueue()
         self.num_batched_adds = 0  # add_requests calls (tests check captions use one)
@@ -59,8 +68,8 @@ class AsyncEngine:
         self._num_queued = 0  # accepted but not yet running; guarded by _lock
         self._lock = threading.Lock()
         self._pending: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
-        # Tokens whose text is made while the device computes the next step.
-        self._undetokenized: list[tuple[Sequence, int]] = []
+        # The last step's sampled tokens, on their way to the host, and their sequences.
+        self._in_flight: tuple[list[Sequence], SampledTokens] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -100,7 +109,14 @@ class AsyncEngine:
             config.attention_backend,
             graph_batch_sizes=graph_batch_sizes(config, max_seq_len),
         )
-        return cls(runner, scheduler, loaded.tokenizer, max_seq_len, config.default_max_tokens)
+        return cls(
+            runner,
+            scheduler,
+            loaded.tokenizer,
+            max_seq_len,
+            config.default_max_tokens,
+            config.async_scheduling,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -265,14 +281,16 @@ class AsyncEngine:
                 self._deliver()
             except Exception as exc:
                 logger.exception("engine step failed; failing the running sequences")
-                self._undetokenized.clear()
-                for seq in list(self.scheduler.running):
-                    self._finish(seq, "error")
+                in_flight, self._in_flight = self._in_flight, None
+                for seq in [*self.scheduler.running, *(in_flight[0] if in_flight else [])]:
+                    if not seq.is_finished:
+                        self._finish(seq, "error")
                 if is_fatal_device_error(exc):
                     # A CUDA error poisons the context: stop (health turns 503) rather than
                     # answer every later request with garbage or another error.
                     self._stopping = True
                 self._deliver()
+        self._in_flight = None
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._finish(seq, "abort")
         while (item := self._take_one()) is not False:
@@ -281,31 +299,29 @@ class AsyncEngine:
         self._deliver()
 
     def _step(self) -> None:
-        """One step. The device computes it while the host turns the previous step's tokens
-        into text (`_detokenize`): a stop string found there ends its sequence, whose token
-        from this step is then dropped. Everything else that decides what runs next (EOS,
-        stop tokens, max_tokens) is checked as soon as the tokens arrive (`_accept`)."""
-        self._take_inbox(block=not self.scheduler.has_work and not self._undetokenized)
+        """One step: schedule, queue it on the device, then (while the device computes) read
+        the previous step's tokens (`_receive`: with async scheduling, the step before this
+        one; else nothing, it was read at the end of its own step), and queue this step's
+        sampling for the sequences still going."""
+        self._take_inbox(block=not self.scheduler.has_work and self._in_flight is None)
         self._drop_aborted_and_expired()
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            self._detokenize()
-            return
         self._mark_admitted(batch.admitted)
         sampled = batch.sampled
-        logits = self.runner.forward(batch, sampled)  # queued on the device, no sync
-        self._detokenize()
+        logits = None if batch.is_empty else self.runner.forward(batch, sampled)
+        self._receive()  # a sequence may end here: its row of this step is dropped below
+        self.scheduler.commit(batch)
         live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
         if logits is not None and live:
             if len(live) < len(sampled):
-                logits = logits[live]
-            sampled = [sampled[i] for i in live]
-            token_ids = self.runner.sample(logits, sampled)
-        else:
-            sampled, token_ids = [], []
+                logits = logits.index_select(0, to_device(live, logits.device))
+            seqs = [sampled[i] for i in live]
+            self._in_flight = (seqs, self.runner.sample(logits, seqs))
+            for seq in seqs:
+                seq.num_pending_tokens = 1
         self.runner.collect_prompt_logprobs()
-        self.scheduler.commit(batch)
-        self._accept(sampled, token_ids)
+        if not self.async_scheduling:
+            self._receive()
 
     def _take_one(self) -> Sequence | list[Sequence] | None | bool:
         """The next inbox item without waiting; False when the inbox is empty."""
@@ -335,12 +351,18 @@ class AsyncEngine:
         with self._lock:
             self._num_queued -= len(seqs)
 
-    def _accept(self, seqs: list[Sequence], token_ids: list[int]) -> None:
-        """A step's tokens, as soon as they arrive: append, then the checks that decide what
-        runs next. The text waits for `_detokenize`, except a sequence's first token (no
-        wait for the first text) and its last (max_tokens: its text ends the answer)."""
+    def _receive(self) -> None:
+        """The in-flight step's tokens, once they are on the host: append each, then the checks
+        that decide what runs next (EOS, stop tokens and strings, max_tokens) and its text."""
+        if self._in_flight is None:
+            return
+        (seqs, sampled), self._in_flight = self._in_flight, None
         now = time.monotonic()
-        for seq, token_id in zip(seqs, token_ids, strict=True):
+        tokens = sampled.tokens()
+        for seq, token_id, state in zip(seqs, tokens, sampled.states, strict=True):
+            seq.num_pending_tokens = 0
+            if seq.is_finished:  # aborted meanwhile: what was computed past its end is dropped
+                continue
             request_id_var.set(seq.log_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -349,23 +371,14 @@ class AsyncEngine:
                 continue
             seq.output_token_ids.append(token_id)
             if seq.sampling.logprobs is not None:  # the sampler left them on the row's state
-                seq.output_logprobs.append(self.runner.states[seq.request_id].logprobs)
+                seq.output_logprobs.append(state.logprobs)
             params = seq.sampling
             if token_id in self.eos_token_ids and not params.ignore_eos:
                 self._finish(seq, "stop")
             elif token_id in params.stop_token_ids:
                 self._finish(seq, "stop", stop_reason=token_id)
-            elif seq.num_completion_tokens in (1, seq.max_tokens):
-                self._add_text(seq, token_id)
             else:
-                self._undetokenized.append((seq, token_id))
-
-    def _detokenize(self) -> None:
-        for seq, token_id in self._undetokenized:
-            if not seq.is_finished:  # aborted meanwhile
-                request_id_var.set(seq.log_id)
                 self._add_text(seq, token_id)
-        self._undetokenized.clear()
 
     def _add_text(self, seq: Sequence, token_id: int) -> None:
         """Detokenize one token: stop strings, max_tokens, or stream the new text."""
@@ -386,6 +399,7 @@ class AsyncEngine:
             with self._lock:
                 self._num_queued -= 1
         seq.status = SequenceStatus.FINISHED
+        seq.num_pending_tokens = 0  # a token still on its way is dropped
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.finish_time = time.monotonic()
         self._sequences.pop(seq.request_id, None)

@@ -17,6 +17,7 @@ from server.engine.encoder_cache import EncoderCache
 from server.engine.inputs import MediaItem
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.engine.transfer import to_device
 
 PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 # A prompt chunk's media tokens: (row in the step, sequence, item, the item's tokens).
@@ -47,7 +48,7 @@ class MediaEncoder:
         mask = torch.zeros(num_tokens, dtype=torch.bool)
         for row, _, _, part in spans:
             mask[row : row + part.stop - part.start] = True
-        return mask[None].to(self.device)
+        return to_device(mask[None], self.device)
 
     def deepstack_inputs(
         self, pieces: list[tuple[int, torch.Tensor]], mask: torch.Tensor | None
@@ -92,14 +93,15 @@ class MediaEncoder:
                 s.inputs.tensors[PIXELS[kind]][m.patch_start : m.patch_start + m.num_patches]
                 for s, m in items
             ]
-        ).to(self.device)
+        )
+        pixels = to_device(pixels, self.device)
         grids = torch.tensor([m.grid for _, m in items])
         features = (
             self.model.model.get_image_features
             if kind == "image"
             else self.model.model.get_video_features
         )
-        output = features(pixels, grids.to(self.device), return_dict=True)
+        output = features(pixels, to_device(grids, self.device), return_dict=True)
         layers = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
         # Per item [1 + DeepStack layers, tokens, hidden], its own memory (a view of one
         # batched output would keep all of it alive, and the encoder cache would count only

@@ -19,6 +19,7 @@ import torch
 from server.engine.sampler import MIN_LOGPROB
 from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import Sequence
+from server.engine.transfer import to_device
 
 # Prompt rows scored at once: their logits are [rows, vocabulary] in fp32 (256 x 151,936 x 4 B
 # = 156 MB, within what the memory profile's worst-case step leaves).
@@ -50,8 +51,8 @@ def scored_in(seqs: list[Sequence], num_new: list[int], query_start: list[int]) 
 
 def indices(scored: list[Scored], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The step rows and target token ids, on the device (copied before the step's kernels)."""
-    rows = torch.tensor([r for s in scored for r in s.rows]).to(device)
-    targets = torch.tensor([t for s in scored for t in s.targets]).to(device)
+    rows = to_device([r for s in scored for r in s.rows], device, torch.long)
+    targets = to_device([t for s in scored for t in s.targets], device, torch.long)
     return rows, targets
 
 

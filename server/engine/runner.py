@@ -2,11 +2,13 @@
 
 One step: `forward` queues the scheduled sequences' new tokens (decodes and prompt chunks)
 through HF's text model as one flattened batch, attending over the paged KV cache
-(attention.py), or replays a decode-only step's CUDA graph (cuda_graph.py); `sample` then makes
-the step's one host sync. Media embeddings come from MediaEncoder (the vision tower, the
-encoder cache, Qwen3-VL's DeepStack features). The multimodal
-rope is computed once per prompt (`get_rope_index`) and sliced per chunk; later tokens sit at
-their index plus the sequence's rope delta, so chunks, prefix hits and recomputation after a
+(attention.py), or replays a decode-only step's CUDA graph (cuda_graph.py); `sample` queues the
+sampling, whose tokens the host reads later (the step's one transfer). A decode whose token
+the host has not read yet (async scheduling: `Sequence.num_pending_tokens`) takes it from the
+previous step's sampled ids, on the device. Media embeddings come from MediaEncoder (the
+vision tower, the encoder cache, Qwen3-VL's DeepStack features). The multimodal rope is
+computed once per prompt (`get_rope_index`) and sliced per chunk; later tokens sit at their
+index plus the sequence's rope delta, so chunks, prefix hits and recomputation after a
 preemption all see exactly the positions a single prefill would.
 """
 
@@ -26,10 +28,17 @@ from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
 from server.engine.loader import LoadedModel
 from server.engine.media_encoder import MediaEncoder, Span
 from server.engine.media_encoder import spans as spans_of
-from server.engine.sampler import SamplingState, make_generator, prompt_seen, sample
+from server.engine.sampler import (
+    SampledTokens,
+    SamplingState,
+    make_generator,
+    prompt_seen,
+    sample_async,
+)
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache
+from server.engine.transfer import to_device
 from server.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -67,6 +76,7 @@ class StepInputs:
     token_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [3, tokens]
     sampled_rows: torch.Tensor  # the rows whose logits are sampled
+    pending: list[tuple[int, int]]  # (row, row of the last sampled ids): tokens the host lacks
     spans: list[Span]
     media_mask: torch.Tensor | None  # [1, tokens]: media rows, for DeepStack
     scored: list[prompt_logprobs.Scored]
@@ -106,6 +116,8 @@ class ModelRunner:
         # A step's prompt logprobs, on the device until collect_prompt_logprobs.
         self.pending_prompt_logprobs: tuple[list[prompt_logprobs.Scored], torch.Tensor] | None
         self.pending_prompt_logprobs = None
+        # The last step's sampled ids on the device, and each sampled sequence's row in them.
+        self.last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
         self.graphs = None
         if graph_batch_sizes is not None:
             self.graphs = self._build_graphs(*graph_batch_sizes, scratch_block=num_blocks)
@@ -200,7 +212,7 @@ class ModelRunner:
         """Compute the batch's new tokens; returns the next token of each `sampled` sequence
         (those whose step reaches their last token)."""
         logits = self.forward(batch, sampled)
-        tokens = self.sample(logits, sampled) if sampled else []
+        tokens = self.sample(logits, sampled).tokens() if sampled else []
         self.collect_prompt_logprobs()
         return tokens
 
@@ -212,18 +224,40 @@ class ModelRunner:
             prompt_logprobs.store(scored, packed)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row of `logits` (the rows of `seqs`); the step's one host sync."""
-        return sample(logits, [self._state(s) for s in seqs])
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+        """Queue the sampling of one token per row of `logits` (the rows of `seqs`); the
+        host reads them with `.tokens()`, the next step's decodes on the device."""
+        sampled = sample_async(logits, [self._state(s) for s in seqs])
+        self.last_sampled = (sampled.ids, {id(seq): row for row, seq in enumerate(seqs)})
+        return sampled
+
+    def _pending_row(self, seq: Sequence, position: int) -> int | None:
+        """Where the last sampled ids hold the token at `position`, when the host lacks it."""
+        if position < seq.inputs.num_prompt_tokens + seq.num_completion_tokens:
+            return None
+        assert self.last_sampled is not None and seq.num_pending_tokens == 1
+        return self.last_sampled[1][id(seq)]
+
+    def _hand_off(self, token_ids: torch.Tensor, pending: list[tuple[int, int]]) -> None:
+        """Tokens the host has not read yet, copied into the step's inputs on the device."""
+        if pending:
+            assert self.last_sampled is not None
+            rows, sources = zip(*pending, strict=True)
+            picked = self.last_sampled[0].index_select(0, to_device(sources, self.device))
+            token_ids.index_copy_(0, to_device(rows, self.device), picked)
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, sampled: list[Sequence]) -> torch.Tensor | None:
         """Queue the step on the device: the logits of each `sampled` sequence (None when
         none is), with no host sync, so the host can work while the device computes."""
-        decodes = self._graph_decodes(batch)
-        if decodes is not None:  # decodes only, in order: every one is sampled
-            return self.graphs.run(decodes)
+        graph_step = self._graph_decodes(batch)
+        if graph_step is not None:  # decodes only, in order: every one is sampled
+            decodes, pending = graph_step
+            size = self.graphs.fill(decodes)
+            self._hand_off(self.graphs.buffers.token_ids, pending)
+            return self.graphs.replay(size, len(decodes))
         step = self._prepare(batch, sampled)
+        self._hand_off(step.token_ids, step.pending)
         self.media.encode(batch)
         pieces = self.media.pieces(step.spans)
         embeds = self.text_model.embed_tokens(step.token_ids)
@@ -244,12 +278,16 @@ class ModelRunner:
         positions: list[int | torch.Tensor] = []
         spans: list[Span] = []
         seq_lens: list[int] = []
+        pending: list[tuple[int, int]] = []
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
             spans += [
                 (len(token_ids) + o, seq, item, part) for o, item, part in spans_of(seq, start, end)
             ]
-            token_ids += seq.token_ids(start, end)
+            token_ids += seq.token_ids(start, end)  # the tokens the host has
+            if (source := self._pending_row(seq, end - 1)) is not None:
+                pending.append((len(token_ids), source))
+                token_ids.append(0)  # filled on the device (_hand_off)
             if num == 1 and start >= seq.inputs.num_prompt_tokens:  # a generated token
                 positions.append(start + seq.rope_delta)  # the same on all three axes
             else:
@@ -268,10 +306,11 @@ class ModelRunner:
         scored = prompt_logprobs.scored_in(batch.seqs, batch.num_new_tokens, meta.query_start)
         return StepInputs(
             meta,
-            torch.tensor(token_ids).to(self.device),
+            to_device(token_ids, self.device, torch.long),
             # a decode's position is the same on all three mrope axes
-            attention.join_runs(positions, _same_on_three_axes, dim=1).to(self.device),
-            torch.tensor(rows).to(self.device),
+            to_device(attention.join_runs(positions, _same_on_three_axes, dim=1), self.device),
+            to_device(rows, self.device, torch.long),
+            pending,
             spans,
             self.media.mask(spans, len(token_ids)),
             scored,
@@ -311,11 +350,14 @@ class ModelRunner:
         positions = inputs.positions.view(1, -1).expand(3, -1)
         return self.model.lm_head(self._text_forward(embeds, positions, meta))
 
-    def _graph_decodes(self, batch: ScheduledBatch) -> list[DecodeRow] | None:
-        """The step as graph inputs when it is generated-token decodes only and fits a bucket."""
+    def _graph_decodes(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[DecodeRow], list[tuple[int, int]]] | None:
+        """The step as graph inputs when it is generated-token decodes only and fits a bucket,
+        with the rows whose token is still on the device (see _prepare)."""
         if self.graphs is None or self.graphs.bucket(len(batch.seqs)) is None:
             return None
-        rows = []
+        rows, pending = [], []
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             position = seq.num_computed_tokens
             # A generated token's decode; not a 1-token chunk of a prompt, nor of outputs
@@ -323,9 +365,11 @@ class ModelRunner:
             if num != 1 or position < seq.inputs.num_prompt_tokens or position + 1 < seq.num_tokens:
                 return None
             block = seq.block_table[position // self.block_size]
+            if (source := self._pending_row(seq, position)) is not None:
+                pending.append((len(rows), source))
             rows.append(
                 DecodeRow(
-                    seq.token_ids(position, position + 1)[0],
+                    0 if source is not None else seq.token_ids(position, position + 1)[0],
                     position + seq.rope_delta,
                     block * self.block_size + position % self.block_size,
                     seq.block_table,
@@ -333,7 +377,7 @@ class ModelRunner:
                     (id(seq), seq.request_id, seq.num_preemptions),
                 )
             )
-        return rows
+        return rows, pending
 
     def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """[3, end - start] mrope positions of tokens [start, end)."""

@@ -7,7 +7,9 @@ masks filled on the host and applied together, penalties from one scatter_add ov
 tokens, one sort for top-k/top-p (skipped when no row asks), and sampling by the exponential
 race `argmax(p / Exp(1))`, which needs no host round trip. The step's only device->host
 transfer is the chosen ids; rows that ask for logprobs add their values to that same
-transfer (one float tensor), computed for those rows only.
+transfer (one float tensor), computed for those rows only. `sample_async` queues all of it
+and returns at once: the ids stay on the device for the next step's inputs (async
+scheduling) while they travel to the host.
 
 Logprobs describe the model's raw distribution, log_softmax of the logits before grammars,
 bans, penalties, temperature and truncation (vLLM's default, `logprobs_mode=raw_logprobs`).
@@ -26,6 +28,7 @@ import torch
 
 from server.engine.sampling import SamplingParams, TokenLogprobs
 from server.engine.structured import GrammarCache
+from server.engine.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +62,17 @@ def prompt_seen(
         return None
     seen = torch.zeros(vocab, dtype=torch.bool)
     seen[torch.tensor(prompt, dtype=torch.long)] = True
-    return seen.to(device)
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for the copy (pinned, non-blocking on CUDA)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return to_device(seen, device)
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     """logits: [batch, vocab] -> one token per row (FAILED for a row whose grammar failed)."""
+    return sample_async(logits, states).tokens()
+
+
+def sample_async(logits: torch.Tensor, states: list[SamplingState]) -> SampledTokens:
+    """Queue the step's sampling on the device; the host reads the tokens later
+    (`SampledTokens.tokens`), and the next step can read them on the device meanwhile."""
     logits = logits.float()
     asking = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     # Before grammars, bans and penalties change the logits in place: the raw distribution.
@@ -87,20 +88,52 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
         where = index(rows, logits)
         drawn = draw(logits.index_select(0, where), [states[i] for i in rows])
         chosen.index_copy_(0, where, drawn)
-    tokens = to_host(chosen, raw, asking, states)  # the step's one device -> host transfer
-    for row, (token, state) in enumerate(zip(tokens, states, strict=True)):
-        if row in failed:
-            tokens[row] = FAILED
-        elif state.matcher is not None and not state.matcher.is_terminated():
-            try:
-                accepted = state.matcher.accept_token(token)
-            except Exception:
-                logger.exception("grammar matcher failed to accept a token; failing its request")
-                accepted = False
-            if not accepted:  # e.g. min_tokens banned the only token the grammar allowed
-                logger.warning("the grammar refused the chosen token; failing its request")
+    return SampledTokens(chosen, pack(chosen, raw, asking, states), states, asking, failed)
+
+
+class SampledTokens:
+    """A step's sampled ids: on the device (`ids`, what the next step's decodes read), and
+    on their way to the host in one copy, the step's one device -> host transfer."""
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        packed: torch.Tensor,
+        states: list[SamplingState],
+        asking: list[int],
+        failed: set[int],
+    ):
+        self.ids = ids
+        self.states, self.asking, self.failed = states, asking, failed
+        self.ready: torch.cuda.Event | None = None
+        if packed.is_cuda:  # into pinned memory, without waiting; `ready` says when it is there
+            self.packed = packed.to("cpu", non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.packed = packed
+
+    def tokens(self) -> list[int]:
+        """Wait for the copy; then the rows' logprobs (state.logprobs), and each grammar
+        advanced by its row's token."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = unpack(self.packed.tolist(), self.asking, self.states)
+        for row, (token, state) in enumerate(zip(tokens, self.states, strict=True)):
+            if row in self.failed:
                 tokens[row] = FAILED
-    return tokens
+            elif state.matcher is not None and not state.matcher.is_terminated():
+                try:
+                    accepted = state.matcher.accept_token(token)
+                except Exception:
+                    logger.exception(
+                        "grammar matcher failed to accept a token; failing its request"
+                    )
+                    accepted = False
+                if not accepted:  # e.g. min_tokens banned the only token the grammar allowed
+                    logger.warning("the grammar refused the chosen token; failing its request")
+                    tokens[row] = FAILED
+        return tokens
 
 
 def raw_logprobs(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -110,23 +143,28 @@ def raw_logprobs(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def to_host(
+def pack(
     chosen: torch.Tensor, raw: torch.Tensor | None, rows: list[int], states: list[SamplingState]
-) -> list[int]:
-    """The chosen ids as host ints; rows that ask for logprobs get theirs (state.logprobs)
-    from the same transfer: ids, chosen logprobs, top-k values and top-k ids packed in one
-    float64 tensor (exact for any token id)."""
+) -> torch.Tensor:
+    """What the host needs of the step in one tensor: the chosen ids, and for rows that ask
+    for logprobs the chosen logprobs, top-k values and top-k ids (float64: exact for any id)."""
     if raw is None:
-        return chosen.tolist()
+        return chosen
     num_top = max(states[row].params.logprobs or 0 for row in rows)
     picked = raw.gather(1, chosen.index_select(0, index(rows, raw))[:, None])
     parts = [chosen.double(), picked.view(-1).double()]
     if num_top:
         top = torch.topk(raw, num_top, dim=-1)
         parts += [top.values.reshape(-1).double(), top.indices.reshape(-1).double()]
-    packed = torch.cat(parts).nan_to_num_(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
-    values = packed.tolist()
+    return torch.cat(parts).nan_to_num_(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
+
+
+def unpack(values: list, rows: list[int], states: list[SamplingState]) -> list[int]:
+    """`pack` read back: the chosen ids; rows that asked get their logprobs (state.logprobs)."""
     batch, num_rows = len(states), len(rows)
+    if not rows:
+        return [int(v) for v in values]
+    num_top = max(states[row].params.logprobs or 0 for row in rows)
     top_values = values[batch + num_rows : batch + num_rows * (1 + num_top)]
     top_ids = values[batch + num_rows * (1 + num_top) :]
     for j, row in enumerate(rows):
@@ -139,7 +177,7 @@ def to_host(
 
 
 def index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
-    return to_device(rows, torch.long, like.device)
+    return to_device(rows, like.device, torch.long)
 
 
 def on_rows(logits: torch.Tensor, rows: list[int], change) -> None:
@@ -186,7 +224,7 @@ def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
     if banned:
         rows, tokens = zip(*banned, strict=True)
         device = logits.device
-        logits[to_device(rows, torch.long, device), to_device(tokens, torch.long, device)] = float(
+        logits[to_device(rows, device, torch.long), to_device(tokens, device, torch.long)] = float(
             "-inf"
         )
 
@@ -205,11 +243,11 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
         # A penalty too small for float32 would be 0, and a masked -inf * 0 is NaN.
         smallest = torch.finfo(torch.float32).tiny
         penalties = [max(s.params.repetition_penalty, smallest) for s in states]
-        penalty = to_device(penalties, torch.float32, device)[:, None]
+        penalty = to_device(penalties, device, torch.float32)[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, penalised, logits))
-    frequency = to_device([s.params.frequency_penalty for s in states], torch.float32, device)
-    presence = to_device([s.params.presence_penalty for s in states], torch.float32, device)
+    frequency = to_device([s.params.frequency_penalty for s in states], device, torch.float32)
+    presence = to_device([s.params.presence_penalty for s in states], device, torch.float32)
     logits -= frequency[:, None] * outputs + presence[:, None] * (outputs > 0)
     logits.nan_to_num_(nan=float("-inf"))  # extreme (schema-valid) values never pick NaN
 
@@ -217,7 +255,7 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
 def padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     """Host lists of token ids as one [batch, longest] tensor on the device (one copy)."""
     longest = max(1, max(len(r) for r in rows))
-    return to_device([r + [pad] * (longest - len(r)) for r in rows], torch.long, device)
+    return to_device([r + [pad] * (longest - len(r)) for r in rows], device, torch.long)
 
 
 def token_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -233,7 +271,7 @@ def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     empty or not finite falls back to its argmax."""
     device = logits.device
     params = [s.params for s in states]
-    temperature = to_device([p.temperature for p in params], torch.float32, device)
+    temperature = to_device([p.temperature for p in params], device, torch.float32)
     scaled = logits / temperature[:, None]
     vocab = logits.shape[-1]
     top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
@@ -292,7 +330,7 @@ def inverse_cdf(
 def top_k(scaled: torch.Tensor, ks: list[int]) -> None:
     """In place: keep each row's ks[row] largest values (ties at the k-th kept)."""
     kth = torch.topk(scaled, max(ks), dim=-1).values  # [rows, largest k]
-    threshold = kth.gather(1, to_device(ks, torch.long, scaled.device)[:, None] - 1)
+    threshold = kth.gather(1, to_device(ks, scaled.device, torch.long)[:, None] - 1)
     scaled.masked_fill_(scaled < threshold, float("-inf"))
 
 
@@ -303,9 +341,9 @@ def top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> None:
     vocab = scaled.shape[-1]
     device = scaled.device
     top_k = to_device(
-        [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device
+        [p.top_k if 0 < p.top_k < vocab else vocab for p in params], device, torch.long
     )
-    top_p = to_device([p.top_p for p in params], torch.float32, device)
+    top_p = to_device([p.top_p for p in params], device, torch.float32)
     ordered, order = torch.sort(scaled, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
     ordered = ordered.masked_fill(ranks >= top_k[:, None], float("-inf"))

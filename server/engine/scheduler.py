@@ -3,7 +3,9 @@
 Every engine step has one token budget (max_num_batched_tokens) that counts real tokens:
 1. every running sequence that is decoding gets its one token first (a new KV block when it
    needs one; when none is free, the newest running sequence is preempted: its blocks are
-   freed and it waits at the front of the queue to be recomputed later);
+   freed and it waits at the front of the queue to be recomputed later). With async
+   scheduling the token may still be on its way from the device (`num_pending_tokens`); a
+   sequence whose pending token is its last is left out;
 2. sequences part-way through their prompt get the next chunk of it;
 3. waiting sequences are admitted, first come first served, while the budget, max_num_seqs
    and free KV blocks allow; a prompt's prefix already in the prefix cache is not recomputed.
@@ -76,6 +78,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         num_preemptions = self.num_preemptions
         for seq in list(self.running):
+            if seq.is_last_token_pending:  # it ends when that token arrives
+                continue
             if budget and seq in self.running and not seq.is_prefilling and self._make_room(seq):
                 batch.add(seq, 1)
                 budget -= 1

@@ -66,6 +66,10 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
     num_preemptions: int = 0
+    # Async scheduling: a token sampled on the device that the host has not read yet (0 or 1).
+    # It counts in num_tokens, so the scheduler plans its decode; the runner reads it from the
+    # device, and the engine appends it to output_token_ids once it arrives.
+    num_pending_tokens: int = 0
     # Qwen2-VL mrope: the prompt's [3, n] positions (set by the runner on first use), and the
     # position of any later token minus its index.
     mrope_positions: Any = None
@@ -83,7 +87,14 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return self.inputs.num_prompt_tokens + len(self.output_token_ids)
+        return self.inputs.num_prompt_tokens + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def is_last_token_pending(self) -> bool:
+        """Its pending token is its max_tokens-th: nothing more to compute."""
+        return bool(self.num_pending_tokens) and (
+            self.num_completion_tokens + self.num_pending_tokens >= self.max_tokens
+        )
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -96,7 +107,7 @@ class Sequence:
         return self.num_uncomputed_tokens > 1
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Token ids [start, end) of prompt + output."""
+        """Token ids [start, end) of prompt + output (those the host has)."""
         prompt = self.inputs.token_ids
         if end <= len(prompt):
             return prompt[start:end]

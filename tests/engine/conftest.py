@@ -1,5 +1,5 @@
-"""Engine tests: every family loaded once per module, and every engine a test builds must end
-with all of its KV blocks free."""
+"""Engine tests: every family loaded once per module, every test with and without async
+scheduling, and every engine a test builds must end with all of its KV blocks free."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def loaded(request: pytest.FixtureRequest) -> LoadedModel:
     (16-pixel patches, DeepStack, interleaved rope, timestamped video frames)."""
     path: Path = request.getfixturevalue(request.param)
     return load_model(Settings(model=str(path)).engine_config())
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def async_scheduling(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Engines built from Settings schedule both ways (--async-scheduling)."""
+    monkeypatch.setenv("VLM_ASYNC_SCHEDULING", "1" if request.param else "0")
+    return request.param
 
 
 @pytest.fixture(autouse=True)

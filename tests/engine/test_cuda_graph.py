@@ -94,13 +94,13 @@ async def test_padded_graph_steps_decode_like_eager(
     eager = await generate(build_engine(loaded, True), inputs, sampling)
 
     sizes: list[int] = []
-    run = DecodeGraphs.run
+    replay = DecodeGraphs.replay
 
-    def counting_run(self: DecodeGraphs, decodes: list[DecodeRow]) -> torch.Tensor:
-        sizes.append(len(decodes))
-        return run(self, decodes)
+    def counting_replay(self: DecodeGraphs, size: int, num: int) -> torch.Tensor:
+        sizes.append(num)
+        return replay(self, size, num)
 
-    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    monkeypatch.setattr(DecodeGraphs, "replay", counting_replay)
     engine = build_engine(loaded, False)
     assert await generate(engine, inputs, sampling) == eager
     assert 3 in sizes and 1 in sizes  # three decodes padded to a bucket of 4, then fewer
@@ -253,6 +253,8 @@ def test_full_size_graph_step_on_fake_cuda(
 
     monkeypatch.setattr(DecodeGraphs, "capture", warm_up_only)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
+    # FakeTensorMode has no pinned memory: the inputs' copies go from ordinary memory here.
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     with FakeTensorMode(allow_non_fake_inputs=True):
         loaded = bench_gpu.random_model(size, "cuda", tiny_model_dir)
         runner = ModelRunner(loaded, 64, 16, 0, "reference", graph_batch_sizes=(8, 256))

@@ -15,6 +15,7 @@ from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
+from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.exceptions import InvalidRequest
 from tests.helpers import make_image
@@ -55,6 +56,29 @@ async def test_greedy_matches_hf_generate(loaded: LoadedModel, prompt) -> None:
     assert text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
     finished_on_eos = expected[-1] in loaded.eos_token_ids
     assert seq.finish_reason == ("stop" if finished_on_eos else "length")
+
+
+async def test_async_decodes_read_their_token_on_the_device(
+    loaded: LoadedModel, prompt, async_scheduling: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With async scheduling every decode is queued before the host has read its input token:
+    the runner copies it from the last step's sampled ids, on the device. Without, none is."""
+    handed_off: list[int] = []
+    hand_off = ModelRunner._hand_off
+
+    def counting(self: ModelRunner, token_ids: torch.Tensor, pending: list) -> None:
+        handed_off.append(len(pending))
+        hand_off(self, token_ids, pending)
+
+    monkeypatch.setattr(ModelRunner, "_hand_off", counting)
+    engine = make_engine(loaded)
+    engine.start()
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    seq, _ = await run(engine, "a", prompt, sampling)
+    await engine.stop()
+    assert seq.num_completion_tokens == 8
+    # the prefill, then 7 decodes (none past the 8th token)
+    assert handed_off == [0] + [1 if async_scheduling else 0] * 7
 
 
 async def test_seeded_sampling_is_reproducible(loaded: LoadedModel, prompt) -> None:

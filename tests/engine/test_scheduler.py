@@ -199,19 +199,35 @@ class FakeRunner:
     def collect_prompt_logprobs(self) -> None:
         pass
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> FakeSampled:
         assert logits.shape[0] == len(seqs)
-        return [len(s.output_token_ids) for s in seqs]
+        return FakeSampled([len(s.output_token_ids) for s in seqs])
 
     def release(self, seq: Sequence) -> None:
         pass
 
 
+class FakeSampled:
+    """What the runner's sample returns: the tokens, read by the host when it wants them."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self._tokens = tokens
+        self.states = [None] * len(tokens)
+
+    def tokens(self) -> list[int]:
+        return self._tokens
+
+
+def fake_engine(runner: FakeRunner, sched: Scheduler, tokenizer: object, **kw: bool) -> AsyncEngine:
+    return AsyncEngine(runner, sched, tokenizer, 1000, 16, **kw)  # type: ignore[arg-type]
+
+
 @pytest.mark.anyio
-async def test_engine_loop_batches_and_frees_with_a_fake_runner() -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_engine_loop_batches_and_frees_with_a_fake_runner(async_scheduling: bool) -> None:
     runner = FakeRunner()
     sched = scheduler(max_num_seqs=3)
-    engine = AsyncEngine(runner, sched, FakeTokenizer(), 1000, 16)
+    engine = fake_engine(runner, sched, FakeTokenizer(), async_scheduling=async_scheduling)
     engine.start()
     lengths = {"a": 2, "b": 6, "c": 4, "d": 3}
     seqs = {
@@ -232,11 +248,12 @@ async def test_engine_loop_batches_and_frees_with_a_fake_runner() -> None:
 
 
 @pytest.mark.anyio
-async def test_text_is_made_while_the_next_step_runs() -> None:
-    """Token v comes from step v + 1 (step 1 is the prefill). Its text is made during step
-    v + 2, after that step was queued on the device, except the first token (no wait for
-    the first text) and the last. A stop string found that way ends the sequence: the token
-    the step past it computed is dropped and its blocks go back."""
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_tokens_are_read_while_the_next_step_runs(async_scheduling: bool) -> None:
+    """Token v comes from step v + 1 (step 1 is the prefill). With async scheduling the host
+    reads it (and makes its text) during step v + 2, after that step was queued on the device;
+    without, at the end of its own step. A stop string found during step v + 2 ends the
+    sequence: the token that step computed is dropped and the blocks go back."""
     runner = FakeRunner()
     decoded_at: dict[int, int] = {}
 
@@ -247,7 +264,7 @@ async def test_text_is_made_while_the_next_step_runs() -> None:
             return super().decode(ids)
 
     sched = scheduler()
-    engine = AsyncEngine(runner, sched, Tokenizer(), 1000, 16)
+    engine = fake_engine(runner, sched, Tokenizer(), async_scheduling=async_scheduling)
     engine.start()
     stopped = engine.add_request(
         "s", make_seq("s").inputs, SamplingParams(max_tokens=10, stop=["d"])
@@ -257,10 +274,25 @@ async def test_text_is_made_while_the_next_step_runs() -> None:
     assert "".join(o.text_delta for o in outputs) == "abc"
     assert stopped.finish_reason == "stop" and stopped.stop_reason == "d"
     assert stopped.output_token_ids == [0, 1, 2, 3]  # not the 5th step's token
-    assert decoded_at[0] == 1  # the first token at once
-    assert all(decoded_at[v] == v + 2 for v in (1, 2, 3)), decoded_at  # during the next step
-    assert len(runner.steps) == 5
+    lag = 2 if async_scheduling else 1
+    assert all(decoded_at[v] == v + lag for v in (0, 1, 2, 3)), decoded_at
+    assert len(runner.steps) == 3 + lag
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+@pytest.mark.anyio
+async def test_a_sequence_at_max_tokens_is_not_scheduled_past_it() -> None:
+    """With async scheduling a sequence whose token on its way is its last is left out of the
+    next step (its KV slot, and a new block, would be wasted)."""
+    runner = FakeRunner()
+    sched = scheduler()
+    engine = fake_engine(runner, sched, FakeTokenizer(), async_scheduling=True)
+    engine.start()
+    seq = engine.add_request("s", make_seq("s").inputs, SamplingParams(max_tokens=3))
+    outputs = [out async for out in engine.stream(seq)]
+    await engine.stop()
+    assert "".join(o.text_delta for o in outputs) == "abc" and seq.finish_reason == "length"
+    assert len(runner.steps) == 3  # prefill and two decodes: none past the third token
 
 
 @pytest.mark.anyio
@@ -275,14 +307,17 @@ async def test_a_sequence_stopped_in_flight_leaves_the_others_rows_in_place() ->
             super().forward(batch, sampled)
             if not sampled:
                 return None
-            values = [len(s.output_token_ids) + offsets[s.request_id] for s in sampled]
+            # the tokens before this step's, the one on its way included
+            values = [
+                s.num_tokens - s.inputs.num_prompt_tokens + offsets[s.request_id] for s in sampled
+            ]
             return torch.tensor(values, dtype=torch.float)[:, None]
 
-        def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-            return [int(v) for v in logits[:, 0].tolist()]
+        def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> FakeSampled:
+            return FakeSampled([int(v) for v in logits[:, 0].tolist()])
 
     sched = scheduler()
-    engine = AsyncEngine(RowRunner(), sched, FakeTokenizer(), 1000, 16)
+    engine = fake_engine(RowRunner(), sched, FakeTokenizer(), async_scheduling=True)
     engine.start()
     seqs = {
         name: engine.add_request(

@@ -20,6 +20,7 @@ def test_bench_gpu_runs_on_the_cpu_at_test_size(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--device", "cpu"]
     command += ["--sizes", "test", "--batches", "1", "4", "--skip-engine", "--json", str(out)]
+    command += ["--loop-batches", "4"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -33,4 +34,7 @@ def test_bench_gpu_runs_on_the_cpu_at_test_size(tmp_path: Path) -> None:
     # the padded graph step (eager on a CPU) decodes exactly what the eager step does
     assert all(row["same_tokens"] is True for row in results["decode"][1::2])
     assert results["memory"]["blocks"] > 0
+    # the engine loop with async scheduling decodes exactly what it does without
+    assert [(row["batch"], row["async"]) for row in results["loop"]] == [(4, False), (4, True)]
+    assert results["loop"][1]["same_tokens"] is True
     assert "| test | reference | graphs | 4 |" in result.stdout

@@ -1,0 +1,24 @@
+"""Host -> device copies that never make the host wait for the device.
+
+A plain `.to(device)` from ordinary (pageable) memory synchronizes the stream: the host waits
+for every kernel queued before it. With async scheduling the host builds step t+1 while the
+device still computes step t, so every copy of a step's inputs goes through pinned memory,
+non-blocking, ordered on the stream after what is already queued (torch keeps the pinned
+buffer alive until its copy is done).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def to_device(values: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list, numpy array or CPU tensor on the device, without waiting for the copy."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=dtype)
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
