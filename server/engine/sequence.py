@@ -39,7 +39,9 @@ class SequenceOutput:
         )
 
 
-@dataclass
+# eq=False: a sequence is itself, not its fields (the scheduler's `in` and `remove` compared
+# every field of every sequence before it: O(batch^2) tuples a step).
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     inputs: ModelInputs
