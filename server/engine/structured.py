@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import torch
 
+from server.engine.transfer import to_device
+
 
 @dataclass(frozen=True)
 class StructuredOutput:
@@ -70,14 +72,25 @@ class GrammarCache:
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Mask the given rows of logits [batch, vocab] in place with their filled bitmask rows
-        (bitmask: [batch, words] on the host). On CUDA the plain-torch backend: xgrammar's
-        default there compiles a Triton kernel at first use, which needs a C compiler."""
+        (bitmask: [batch, words] on the host)."""
         if logits.is_cuda:
-            bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+            self.apply_on_device(logits, bitmask, rows)
+        else:
+            self.xgr.apply_token_bitmask_inplace(
+                logits, bitmask, vocab_size=self.vocab_size, indices=rows, backend="cpu"
+            )
+
+    def apply_on_device(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """`apply` where the logits are (CUDA; any device in tests), with no host sync: the rows'
+        bitmask and their indices go through pinned, non-blocking copies, and the rows are
+        masked by xgrammar's plain-torch backend, whose own `indices` (a host list) torch would
+        copy to the device, waiting, at each use. (xgrammar's default backend on CUDA compiles
+        a Triton kernel at first use, which needs a C compiler.)"""
+        device = logits.device
+        where = to_device(rows, device, torch.long)
+        masks = to_device(bitmask[rows], device)  # only the constrained rows cross
+        masked = logits.index_select(0, where)
         self.xgr.apply_token_bitmask_inplace(
-            logits,
-            bitmask,
-            vocab_size=self.vocab_size,
-            indices=rows,
-            backend="torch_native" if logits.is_cuda else "cpu",
+            masked, masks, vocab_size=self.vocab_size, backend="torch_native"
         )
+        logits.index_copy_(0, where, masked)

@@ -167,6 +167,24 @@ def test_a_failing_grammar_fails_its_row_only() -> None:
     assert tokens[1] == FAILED and tokens[0] != FAILED and tokens[2] != FAILED
 
 
+def test_the_device_grammar_path_masks_what_xgrammar_masks() -> None:
+    """CUDA's grammar masking (`apply_on_device`: the constrained rows' bitmask and indices sent
+    through pinned copies, no host sync) masks exactly what xgrammar's CPU kernel does, on
+    the listed rows only."""
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    bitmask = grammars.xgr.allocate_token_bitmask(4, VOCAB)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    grammars.matcher(StructuredOutput("json_object")).fill_next_token_bitmask(bitmask, 1)
+    grammars.matcher(StructuredOutput.json_schema(schema)).fill_next_token_bitmask(bitmask, 3)
+    bitmask[0] = 0  # a row not listed is left alone, whatever its bits
+    logits = torch.randn(4, VOCAB)
+    expected = logits.clone()
+    grammars.apply(expected, bitmask, [1, 3])  # on the CPU: xgrammar's kernel
+    grammars.apply_on_device(logits, bitmask, [1, 3])
+    assert torch.equal(logits, expected)
+    assert torch.isinf(logits[[1, 3]]).any(dim=-1).all() and torch.isfinite(logits[[0, 2]]).all()
+
+
 @pytest.mark.anyio
 async def test_engine_fails_only_the_request_whose_grammar_fails(loaded, monkeypatch) -> None:
     from server.config import Settings
