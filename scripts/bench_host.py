@@ -2,6 +2,7 @@
 overlaps with the device.
 
     python scripts/bench_host.py                   # batch 1, 16, 64; greedy and mixed sampling
+    VLM_CODE_ROOT=/path/to/old/checkout python scripts/bench_host.py   # the same, older code
 
 The whole engine loop (its thread, scheduler, runner, detokenizer, streaming) over
 bench_step.py's model: Qwen2-VL's depth (28 layers) and vocabulary, 64 wide, so the model's
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -29,7 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("VLM_CODE_ROOT", str(ROOT)))
 
 import torch  # noqa: E402
 from bench_step import PROMPT, SCHEMA, deep_narrow_model, sampling_for  # noqa: E402

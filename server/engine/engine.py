@@ -67,7 +67,7 @@ class AsyncEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._num_queued = 0  # accepted but not yet running; guarded by _lock
         self._lock = threading.Lock()
-        self._pending: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
+        self._outbox: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
         # The last step's sampled tokens, on their way to the host, and their sequences.
         self._in_flight: tuple[list[Sequence], SampledTokens] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -356,7 +356,9 @@ class AsyncEngine:
         that decide what runs next (EOS, stop tokens and strings, max_tokens) and its text."""
         if self._in_flight is None:
             return
-        (seqs, sampled), self._in_flight = self._in_flight, None
+        # Cleared only once every token is in: if this raises, the error path fails all of
+        # them (one preempted in this step is waiting, not running, and would wait forever).
+        seqs, sampled = self._in_flight
         now = time.monotonic()
         tokens = sampled.tokens()
         for seq, token_id, state in zip(seqs, tokens, sampled.states, strict=True):
@@ -379,6 +381,7 @@ class AsyncEngine:
                 self._finish(seq, "stop", stop_reason=token_id)
             else:
                 self._add_text(seq, token_id)
+        self._in_flight = None
 
     def _add_text(self, seq: Sequence, token_id: int) -> None:
         """Detokenize one token: stop strings, max_tokens, or stream the new text."""
@@ -416,12 +419,12 @@ class AsyncEngine:
         )
 
     def _emit(self, seq: Sequence, output: SequenceOutput) -> None:
-        self._pending.append((seq, output))
+        self._outbox.append((seq, output))
 
     def _deliver(self) -> None:
         """Hand this step's outputs to the event loop in one wake-up, not one per token."""
-        if self._pending and self._loop is not None:
-            batch, self._pending = self._pending, []
+        if self._outbox and self._loop is not None:
+            batch, self._outbox = self._outbox, []
             self._loop.call_soon_threadsafe(_put_all, batch)
 
 

@@ -94,7 +94,9 @@ class MediaEncoder:
                 for s, m in items
             ]
         )
-        pixels = to_device(pixels, self.device)
+        # A plain copy: pinned memory is cached for good once allocated, and a video's pixels
+        # are hundreds of MB (HF's vision tower waits for the device anyway).
+        pixels = pixels.to(self.device)
         grids = torch.tensor([m.grid for _, m in items])
         features = (
             self.model.model.get_image_features

@@ -76,7 +76,8 @@ class StepInputs:
     token_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [3, tokens]
     sampled_rows: torch.Tensor  # the rows whose logits are sampled
-    pending: list[tuple[int, int]]  # (row, row of the last sampled ids): tokens the host lacks
+    # (row, row of the last sampled ids) of each token the host has not read yet
+    device_tokens: list[tuple[int, int]]
     spans: list[Span]
     media_mask: torch.Tensor | None  # [1, tokens]: media rows, for DeepStack
     scored: list[prompt_logprobs.Scored]
@@ -117,7 +118,7 @@ class ModelRunner:
         self.pending_prompt_logprobs: tuple[list[prompt_logprobs.Scored], torch.Tensor] | None
         self.pending_prompt_logprobs = None
         # The last step's sampled ids on the device, and each sampled sequence's row in them.
-        self.last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
+        self.last_sampled: tuple[torch.Tensor, dict[Sequence, int]] | None = None
         self.graphs = None
         if graph_batch_sizes is not None:
             self.graphs = self._build_graphs(*graph_batch_sizes, scratch_block=num_blocks)
@@ -228,21 +229,24 @@ class ModelRunner:
         """Queue the sampling of one token per row of `logits` (the rows of `seqs`); the
         host reads them with `.tokens()`, the next step's decodes on the device."""
         sampled = sample_async(logits, [self._state(s) for s in seqs])
-        self.last_sampled = (sampled.ids, {id(seq): row for row, seq in enumerate(seqs)})
+        self.last_sampled = (sampled.ids, {seq: row for row, seq in enumerate(seqs)})
         return sampled
 
-    def _pending_row(self, seq: Sequence, position: int) -> int | None:
-        """Where the last sampled ids hold the token at `position`, when the host lacks it."""
+    def _device_token_row(self, seq: Sequence, position: int) -> int | None:
+        """The row of the last sampled ids that holds the input token at `position`, when the
+        host has not read it yet (async scheduling); None when the host has it."""
         if position < seq.inputs.num_prompt_tokens + seq.num_completion_tokens:
             return None
-        assert self.last_sampled is not None and seq.num_pending_tokens == 1
-        return self.last_sampled[1][id(seq)]
+        assert self.last_sampled is not None and seq.num_pending_tokens == 1, (
+            f"token {position} of {seq.request_id} is neither on the host nor in the last sample"
+        )
+        return self.last_sampled[1][seq]
 
-    def _hand_off(self, token_ids: torch.Tensor, pending: list[tuple[int, int]]) -> None:
+    def _hand_off(self, token_ids: torch.Tensor, device_tokens: list[tuple[int, int]]) -> None:
         """Tokens the host has not read yet, copied into the step's inputs on the device."""
-        if pending:
+        if device_tokens:
             assert self.last_sampled is not None
-            rows, sources = zip(*pending, strict=True)
+            rows, sources = zip(*device_tokens, strict=True)
             picked = self.last_sampled[0].index_select(0, to_device(sources, self.device))
             token_ids.index_copy_(0, to_device(rows, self.device), picked)
 
@@ -252,12 +256,12 @@ class ModelRunner:
         none is), with no host sync, so the host can work while the device computes."""
         graph_step = self._graph_decodes(batch)
         if graph_step is not None:  # decodes only, in order: every one is sampled
-            decodes, pending = graph_step
+            decodes, device_tokens = graph_step
             size = self.graphs.fill(decodes)
-            self._hand_off(self.graphs.buffers.token_ids, pending)
+            self._hand_off(self.graphs.buffers.token_ids, device_tokens)
             return self.graphs.replay(size, len(decodes))
         step = self._prepare(batch, sampled)
-        self._hand_off(step.token_ids, step.pending)
+        self._hand_off(step.token_ids, step.device_tokens)
         self.media.encode(batch)
         pieces = self.media.pieces(step.spans)
         embeds = self.text_model.embed_tokens(step.token_ids)
@@ -278,15 +282,15 @@ class ModelRunner:
         positions: list[int | torch.Tensor] = []
         spans: list[Span] = []
         seq_lens: list[int] = []
-        pending: list[tuple[int, int]] = []
+        device_tokens: list[tuple[int, int]] = []
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
             spans += [
                 (len(token_ids) + o, seq, item, part) for o, item, part in spans_of(seq, start, end)
             ]
             token_ids += seq.token_ids(start, end)  # the tokens the host has
-            if (source := self._pending_row(seq, end - 1)) is not None:
-                pending.append((len(token_ids), source))
+            if (source := self._device_token_row(seq, end - 1)) is not None:
+                device_tokens.append((len(token_ids), source))
                 token_ids.append(0)  # filled on the device (_hand_off)
             if num == 1 and start >= seq.inputs.num_prompt_tokens:  # a generated token
                 positions.append(start + seq.rope_delta)  # the same on all three axes
@@ -310,7 +314,7 @@ class ModelRunner:
             # a decode's position is the same on all three mrope axes
             to_device(attention.join_runs(positions, _same_on_three_axes, dim=1), self.device),
             to_device(rows, self.device, torch.long),
-            pending,
+            device_tokens,
             spans,
             self.media.mask(spans, len(token_ids)),
             scored,
@@ -357,7 +361,7 @@ class ModelRunner:
         with the rows whose token is still on the device (see _prepare)."""
         if self.graphs is None or self.graphs.bucket(len(batch.seqs)) is None:
             return None
-        rows, pending = [], []
+        rows, device_tokens = [], []
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             position = seq.num_computed_tokens
             # A generated token's decode; not a 1-token chunk of a prompt, nor of outputs
@@ -365,8 +369,8 @@ class ModelRunner:
             if num != 1 or position < seq.inputs.num_prompt_tokens or position + 1 < seq.num_tokens:
                 return None
             block = seq.block_table[position // self.block_size]
-            if (source := self._pending_row(seq, position)) is not None:
-                pending.append((len(rows), source))
+            if (source := self._device_token_row(seq, position)) is not None:
+                device_tokens.append((len(rows), source))
             rows.append(
                 DecodeRow(
                     0 if source is not None else seq.token_ids(position, position + 1)[0],
@@ -377,7 +381,7 @@ class ModelRunner:
                     (id(seq), seq.request_id, seq.num_preemptions),
                 )
             )
-        return rows, pending
+        return rows, device_tokens
 
     def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """[3, end - start] mrope positions of tokens [start, end)."""

@@ -109,13 +109,13 @@ class SampledTokens:
         if packed.is_cuda:  # into pinned memory, without waiting; `ready` says when it is there
             self.packed = packed.to("cpu", non_blocking=True)
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(packed.device))  # the copy's stream
         else:
             self.packed = packed
 
     def tokens(self) -> list[int]:
         """Wait for the copy; then the rows' logprobs (state.logprobs), and each grammar
-        advanced by its row's token."""
+        advanced by its row's token (so: call it once)."""
         if self.ready is not None:
             self.ready.synchronize()
         tokens = unpack(self.packed.tolist(), self.asking, self.states)

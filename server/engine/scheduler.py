@@ -48,7 +48,8 @@ class ScheduledBatch:
 
     @property
     def sampled(self) -> list[Sequence]:
-        """The sequences whose step ends at their last token: they get a new token."""
+        """The sequences whose step ends at their last token: they get a new token. Read it
+        before `Scheduler.commit` (which moves num_computed_tokens past the step)."""
         return [
             seq
             for seq, num in zip(self.seqs, self.num_new_tokens, strict=True)

@@ -109,7 +109,8 @@ class Sequence:
         return self.num_uncomputed_tokens > 1
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Token ids [start, end) of prompt + output (those the host has)."""
+        """Token ids [start, end) of prompt + output (a token still on the device is not here:
+        the runner reads it there)."""
         prompt = self.inputs.token_ids
         if end <= len(prompt):
             return prompt[start:end]

@@ -66,9 +66,9 @@ async def test_async_decodes_read_their_token_on_the_device(
     handed_off: list[int] = []
     hand_off = ModelRunner._hand_off
 
-    def counting(self: ModelRunner, token_ids: torch.Tensor, pending: list) -> None:
-        handed_off.append(len(pending))
-        hand_off(self, token_ids, pending)
+    def counting(self: ModelRunner, token_ids: torch.Tensor, device_tokens: list) -> None:
+        handed_off.append(len(device_tokens))
+        hand_off(self, token_ids, device_tokens)
 
     monkeypatch.setattr(ModelRunner, "_hand_off", counting)
     engine = make_engine(loaded)

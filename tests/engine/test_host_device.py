@@ -186,10 +186,10 @@ class FakeEvent:
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """What a step under FakeTensorMode needs in place of a CUDA device: pinned memory (marked,
-    see _mark_pinned), events, the graphs' capture (the warm-up forwards only), a seeded row's
-    CUDA generator (fake random operators take no generator: the row still draws in its own
-    step of the per-row loop); and real memory where the host itself reads or writes values
-    on the CPU (the prompt's rope positions, the grammars' bitmask)."""
+    see _mark_pinned), events and streams, the graphs' capture (the warm-up forwards only), a
+    seeded row's CUDA generator (fake random operators take no generator: the row still draws
+    in its own step of the per-row loop); and real memory where the host itself reads or
+    writes values on the CPU (the prompt's rope positions, the grammars' bitmask)."""
 
     def warm_up_only(self: DecodeGraphs) -> None:
         for bucket in reversed(self.buckets):
@@ -222,6 +222,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(torch.Tensor, "pin_memory", _mark_pinned)
     monkeypatch.setattr(torch.Tensor, "exponential_", exponential_)
     monkeypatch.setattr(

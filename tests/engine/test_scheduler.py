@@ -296,6 +296,43 @@ async def test_a_sequence_at_max_tokens_is_not_scheduled_past_it() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_failed_step_fails_every_sequence_with_a_token_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A step that raises while reading tokens fails the sequences whose tokens were on their
+    way, a sequence preempted in that step (waiting, not running) included: none is left
+    waiting for a token that never comes (it would run on, then fail a later step). The engine
+    goes on with the next request."""
+    sched = scheduler(num_blocks=6)  # two 10-token prompts fill it: the 13th token preempts
+    runner = FakeRunner()
+    failed_at: list[int] = []
+
+    class Tokenizer(FakeTokenizer):
+        def decode(self, ids: list[int], **kwargs: object) -> str:
+            if sched.num_preemptions and not failed_at:
+                failed_at.append(len(runner.steps))
+                raise RuntimeError("injected")
+            return super().decode(ids)
+
+    engine = fake_engine(runner, sched, Tokenizer(), async_scheduling=True)
+    engine.start()
+    params = SamplingParams(max_tokens=8)
+    seqs = [engine.add_request(n, make_seq(n).inputs, params) for n in ("a", "b")]
+    for seq in seqs:
+        async for _ in engine.stream(seq):
+            pass
+    later = engine.add_request("c", make_seq("c").inputs, SamplingParams(max_tokens=4))
+    text = "".join([out.text_delta async for out in engine.stream(later)])
+    await engine.stop()
+    assert failed_at and sched.num_preemptions == 1
+    assert caplog.text.count("engine step failed") == 1
+    assert [s.finish_reason for s in seqs] == ["error", "error"]
+    assert not any("b" in step for step in runner.steps[failed_at[0] :])
+    assert later.finish_reason == "length" and text == "abcd"
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+@pytest.mark.anyio
 async def test_a_sequence_stopped_in_flight_leaves_the_others_rows_in_place() -> None:
     """The stop string of "s" is found while the next step runs: that step's row of "s" is
     dropped before sampling, and every other sequence still samples its own row (each row
