@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from server.config import EngineConfig
 from server.engine import profile
@@ -28,6 +29,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
+from server.engine.prompt_logprobs import PromptScores
 from server.engine.runner import ModelRunner
 from server.engine.sampler import FAILED, SampledTokens
 from server.engine.sampling import SamplingParams
@@ -68,8 +70,8 @@ class AsyncEngine:
         self._num_queued = 0  # accepted but not yet running; guarded by _lock
         self._lock = threading.Lock()
         self._outbox: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
-        # The last step's sampled tokens, on their way to the host, and their sequences.
-        self._in_flight: tuple[list[Sequence], SampledTokens] | None = None
+        # The last step's results on their way to the host.
+        self._in_flight: InFlight | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -282,7 +284,7 @@ class AsyncEngine:
             except Exception as exc:
                 logger.exception("engine step failed; failing the running sequences")
                 in_flight, self._in_flight = self._in_flight, None
-                for seq in [*self.scheduler.running, *(in_flight[0] if in_flight else [])]:
+                for seq in [*self.scheduler.running, *(in_flight.seqs if in_flight else [])]:
                     if not seq.is_finished:
                         self._finish(seq, "error")
                 if is_fatal_device_error(exc):
@@ -309,17 +311,19 @@ class AsyncEngine:
         self._mark_admitted(batch.admitted)
         sampled = batch.sampled
         logits = None if batch.is_empty else self.runner.forward(batch, sampled)
+        in_flight = InFlight([], None, self.runner.take_prompt_logprobs())
         self._receive()  # a sequence may end here: its row of this step is dropped below
         self.scheduler.commit(batch)
         live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
         if logits is not None and live:
             if len(live) < len(sampled):
                 logits = logits.index_select(0, to_device(live, logits.device))
-            seqs = [sampled[i] for i in live]
-            self._in_flight = (seqs, self.runner.sample(logits, seqs))
-            for seq in seqs:
+            in_flight.seqs = [sampled[i] for i in live]
+            in_flight.tokens = self.runner.sample(logits, in_flight.seqs)
+            for seq in in_flight.seqs:
                 seq.num_pending_tokens = 1
-        self.runner.collect_prompt_logprobs()
+        if in_flight.tokens is not None or in_flight.prompt_scores is not None:
+            self._in_flight = in_flight
         if not self.async_scheduling:
             self._receive()
 
@@ -358,10 +362,13 @@ class AsyncEngine:
             return
         # Cleared only once every token is in: if this raises, the error path fails all of
         # them (one preempted in this step is waiting, not running, and would wait forever).
-        seqs, sampled = self._in_flight
-        now = time.monotonic()
-        tokens = sampled.tokens()
-        for seq, token_id, state in zip(seqs, tokens, sampled.states, strict=True):
+        in_flight = self._in_flight
+        if in_flight.prompt_scores is not None:  # before the first token's output
+            in_flight.prompt_scores.store()
+        sampled, now = in_flight.tokens, time.monotonic()
+        tokens = sampled.tokens() if sampled is not None else []
+        states = sampled.states if sampled is not None else []
+        for seq, token_id, state in zip(in_flight.seqs, tokens, states, strict=True):
             seq.num_pending_tokens = 0
             if seq.is_finished:  # aborted meanwhile: what was computed past its end is dropped
                 continue
@@ -426,6 +433,16 @@ class AsyncEngine:
         if self._outbox and self._loop is not None:
             batch, self._outbox = self._outbox, []
             self._loop.call_soon_threadsafe(_put_all, batch)
+
+
+@dataclass
+class InFlight:
+    """A step's results on their way to the host: its sampled tokens (the sequences they
+    belong to) and its prompt logprobs."""
+
+    seqs: list[Sequence]
+    tokens: SampledTokens | None
+    prompt_scores: PromptScores | None
 
 
 def _as_list(item: Sequence | list[Sequence] | None) -> list[Sequence]:

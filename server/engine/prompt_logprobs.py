@@ -5,9 +5,10 @@ from the model's raw distribution like the sampled tokens' logprobs.
 A prompt chunk's hidden state at position p predicts token p + 1, so a chunk [start, end)
 scores prompt tokens start + 1 .. min(end, num_prompt - 1): the last prompt position predicts
 the first output token, which the sampler handles. Such a prompt takes no prefix-cache hits
-(every position's logits are needed). The values cross to the host after the step's sampled
-ids, in one more transfer, only in steps that hold such a chunk. After a preemption the prompt
-is computed again; what was recorded already is kept once.
+(every position's logits are needed). The values cross to the host beside the step's sampled
+ids, in one more non-blocking transfer (`PromptScores`), only in steps that hold such a chunk;
+the engine stores them when it reads that step's tokens, before their first output. After a
+preemption the prompt is computed again; what was recorded already is kept once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from server.engine.sampler import MIN_LOGPROB
 from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import Sequence
-from server.engine.transfer import to_device
+from server.engine.transfer import HostCopy, to_device
 
 # Prompt rows scored at once: their logits are [rows, vocabulary] in fp32 (256 x 151,936 x 4 B
 # = 156 MB, within what the memory profile's worst-case step leaves).
@@ -77,6 +78,17 @@ def compute(
         parts.append(torch.cat([chosen, top.values, top.indices.to(logprobs.dtype)], dim=1))
     packed = torch.cat(parts)
     return packed.nan_to_num_(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
+
+
+@dataclass
+class PromptScores:
+    """A step's prompt logprobs on their way to the host."""
+
+    scored: list[Scored]
+    packed: HostCopy
+
+    def store(self) -> None:
+        store(self.scored, self.packed.get())
 
 
 def store(scored: list[Scored], packed: torch.Tensor) -> None:

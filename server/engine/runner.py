@@ -38,7 +38,7 @@ from server.engine.sampler import (
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache
-from server.engine.transfer import to_device
+from server.engine.transfer import HostCopy, to_device
 from server.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ class ModelRunner:
         self.vocab_size = self.model.config.text_config.vocab_size
         self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
         # A step's prompt logprobs, on the device until collect_prompt_logprobs.
-        self.pending_prompt_logprobs: tuple[list[prompt_logprobs.Scored], torch.Tensor] | None
-        self.pending_prompt_logprobs = None
+        self.pending_prompt_logprobs: prompt_logprobs.PromptScores | None = None
         # The last step's sampled ids on the device, and each sampled sequence's row in them.
         self.last_sampled: tuple[torch.Tensor, dict[Sequence, int]] | None = None
         self.graphs = None
@@ -213,16 +212,16 @@ class ModelRunner:
         """Compute the batch's new tokens; returns the next token of each `sampled` sequence
         (those whose step reaches their last token)."""
         logits = self.forward(batch, sampled)
+        scores = self.take_prompt_logprobs()
         tokens = self.sample(logits, sampled).tokens() if sampled else []
-        self.collect_prompt_logprobs()
+        if scores is not None:
+            scores.store()
         return tokens
 
-    def collect_prompt_logprobs(self) -> None:
-        """After the step's sampling: its prompt logprobs onto their sequences."""
-        if self.pending_prompt_logprobs is not None:
-            scored, packed = self.pending_prompt_logprobs
-            self.pending_prompt_logprobs = None
-            prompt_logprobs.store(scored, packed)
+    def take_prompt_logprobs(self) -> prompt_logprobs.PromptScores | None:
+        """The last forward's prompt logprobs (on their way to the host), once."""
+        scores, self.pending_prompt_logprobs = self.pending_prompt_logprobs, None
+        return scores
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
@@ -272,7 +271,9 @@ class ModelRunner:
         self.media.drop_prefilled(batch)
         if step.scoring is not None:
             packed = prompt_logprobs.compute(hidden, self.model.lm_head, step.scored, *step.scoring)
-            self.pending_prompt_logprobs = (step.scored, packed)
+            self.pending_prompt_logprobs = prompt_logprobs.PromptScores(
+                step.scored, HostCopy(packed)
+            )
         return self.model.lm_head(hidden[step.sampled_rows]) if sampled else None
 
     def _prepare(self, batch: ScheduledBatch, sampled: list[Sequence]) -> StepInputs:

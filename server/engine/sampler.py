@@ -28,7 +28,7 @@ import torch
 
 from server.engine.sampling import SamplingParams, TokenLogprobs
 from server.engine.structured import GrammarCache
-from server.engine.transfer import to_device
+from server.engine.transfer import HostCopy, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -105,20 +105,12 @@ class SampledTokens:
     ):
         self.ids = ids
         self.states, self.asking, self.failed = states, asking, failed
-        self.ready: torch.cuda.Event | None = None
-        if packed.is_cuda:  # into pinned memory, without waiting; `ready` says when it is there
-            self.packed = packed.to("cpu", non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(torch.cuda.current_stream(packed.device))  # the copy's stream
-        else:
-            self.packed = packed
+        self.packed = HostCopy(packed)
 
     def tokens(self) -> list[int]:
         """Wait for the copy; then the rows' logprobs (state.logprobs), and each grammar
         advanced by its row's token (so: call it once)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        tokens = unpack(self.packed.tolist(), self.asking, self.states)
+        tokens = unpack(self.packed.get().tolist(), self.asking, self.states)
         for row, (token, state) in enumerate(zip(tokens, self.states, strict=True)):
             if row in self.failed:
                 tokens[row] = FAILED

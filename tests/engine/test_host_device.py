@@ -342,7 +342,8 @@ def run_steps(runner: ModelRunner, seqs: list[Sequence]) -> int:
         graph_steps += runner._graph_decodes(batch) is not None
         with HostWaitChecker() as checker:
             logits = runner.forward(batch, sampled)
-        assert (checker.offences, checker.downloads) == ([], 0)
+        # one non-blocking download in steps that score prompt logprobs (read with the tokens)
+        assert (checker.offences, checker.downloads) == ([], 1 if step < 2 else 0)
         assert checker.uploads > 0  # the step's inputs did go to the device, past the checker
         in_flight = receive(in_flight)  # the previous step's tokens, while this one computes
         scheduler.commit(batch)
@@ -352,10 +353,9 @@ def run_steps(runner: ModelRunner, seqs: list[Sequence]) -> int:
         for seq in sampled:
             seq.num_pending_tokens = 1
         in_flight = sampled
-        # Prompt logprobs are read after the sampled tokens, outside the step (engine.py);
+        # Prompt logprobs are stored when the engine reads the step's tokens (engine.py);
         # their values do not exist on fake tensors.
-        assert (runner.pending_prompt_logprobs is not None) == (step < 2)
-        runner.pending_prompt_logprobs = None
+        assert (runner.take_prompt_logprobs() is not None) == (step < 2)
         chunks = [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
         if step == 0:  # prompts (the long one's first chunk: it is not sampled)
             assert [n for _, n in chunks] == [12, 9, 8, 7, 6, 20] and len(sampled) == 5

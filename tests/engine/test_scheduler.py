@@ -196,8 +196,8 @@ class FakeRunner:
         self.steps.append(scheduled(batch))
         return torch.zeros(len(sampled), 1) if sampled else None
 
-    def collect_prompt_logprobs(self) -> None:
-        pass
+    def take_prompt_logprobs(self) -> None:
+        return None
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> FakeSampled:
         assert logits.shape[0] == len(seqs)
