@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from engine_step import engine_step  # noqa: E402
+from engine_step import engine_step, run_requests  # noqa: E402
 
 from server.config import Settings  # noqa: E402
 from server.engine.block_manager import BlockManager  # noqa: E402
@@ -230,6 +229,15 @@ def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: f
     return rows
 
 
+def random_prompts(loaded: LoadedModel, num: int, length: int) -> list[torch.Tensor]:
+    """`num` prompts of `length` random token ids, the same ones every run."""
+    vocab = min(loaded.model.config.text_config.vocab_size, 4096)
+    return [
+        torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(i))
+        for i in range(num)
+    ]
+
+
 def memory_row(loaded: LoadedModel) -> dict:
     """The profiled KV budget, then the peak of a real run: 64 requests of 2k-token prompts."""
     from server.engine.engine import AsyncEngine
@@ -244,22 +252,8 @@ def memory_row(loaded: LoadedModel) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    async def run() -> None:
-        engine.start()
-        sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-        vocab = min(loaded.model.config.text_config.vocab_size, 4096)
-        seqs = []
-        for i in range(64):
-            ids = torch.randint(0, vocab, (1, 2048), generator=torch.Generator().manual_seed(i))
-            seqs.append(
-                engine.add_request(f"m{i}", ModelInputs({"input_ids": ids}, 2048, 0), sampling)
-            )
-        for seq in seqs:
-            async for _ in engine.stream(seq):
-                pass
-        await engine.stop()
-
-    asyncio.run(run())
+    sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    asyncio.run(run_requests(engine, random_prompts(loaded, 64, 2048), [sampling] * 64))
     row = {"kv_cache_gib": round(kv_bytes / 2**30, 2), "blocks": blocks.num_blocks}
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
@@ -296,7 +290,9 @@ def loop_rows(loaded: LoadedModel, size: str, batches: list[int]) -> list:
             )
             engine = AsyncEngine.build(loaded, settings.engine_config())
 
-            seqs = asyncio.run(greedy_requests(engine, batch, prompt_len, max_tokens))
+            prompts = random_prompts(loaded, batch, prompt_len)
+            sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            seqs = asyncio.run(run_requests(engine, prompts, [sampling] * batch))
             started = max(s.first_token_time or 0.0 for s in seqs)
             ended = max(s.finish_time or 0.0 for s in seqs)
             tokens = [s.output_token_ids for s in seqs]
@@ -315,26 +311,6 @@ def loop_rows(loaded: LoadedModel, size: str, batches: list[int]) -> list:
             if cuda:
                 torch.cuda.empty_cache()
     return rows
-
-
-async def greedy_requests(
-    engine: Any, batch: int, prompt_len: int, max_tokens: int
-) -> list[Sequence]:
-    """`batch` random prompts through a started-here engine, greedy, to max_tokens each."""
-    engine.start()
-    vocab = min(engine.runner.vocab_size, 4096)
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    seqs = []
-    for i in range(batch):
-        ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(i))
-        seqs.append(
-            engine.add_request(f"l{i}", ModelInputs({"input_ids": ids}, prompt_len, 0), sampling)
-        )
-    for seq in seqs:
-        async for _ in engine.stream(seq):
-            pass
-    await engine.stop()
-    return seqs
 
 
 def engine_rows(loaded: LoadedModel) -> dict:

@@ -35,10 +35,10 @@ sys.path.insert(0, os.environ.get("VLM_CODE_ROOT", str(ROOT)))
 
 import torch  # noqa: E402
 from bench_step import PROMPT, SCHEMA, deep_narrow_model, sampling_for  # noqa: E402
+from engine_step import run_requests  # noqa: E402
 
 from server.config import Settings  # noqa: E402
 from server.engine.engine import AsyncEngine  # noqa: E402
-from server.engine.inputs import ModelInputs  # noqa: E402
 from server.engine.loader import LoadedModel  # noqa: E402
 
 PARTS = ("schedule", "inputs", "forward", "receive", "commit", "sample")
@@ -97,22 +97,10 @@ def measure(loaded: LoadedModel, mix: str, batch: int, max_tokens: int = 24) -> 
         original = getattr(owner, attr)
         setattr(owner, attr, lambda *a, _n=name, _o=original, **k: timed(current, _n, _o)(*a, **k))
 
-    async def run() -> None:
-        engine.start()
-        generator = torch.Generator().manual_seed(batch)
-        seqs = []
-        for i, params in enumerate(sampling_for(mix, batch)):
-            ids = torch.randint(0, 4096, (1, PROMPT), generator=generator)
-            params = dataclasses.replace(params, max_tokens=max_tokens)
-            seqs.append(
-                engine.add_request(f"s{i}", ModelInputs({"input_ids": ids}, PROMPT, 0), params)
-            )
-        for seq in seqs:
-            async for _ in engine.stream(seq):
-                pass
-        await engine.stop()
-
-    asyncio.run(run())
+    generator = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, 4096, (1, PROMPT), generator=generator) for _ in range(batch)]
+    params = [dataclasses.replace(p, max_tokens=max_tokens) for p in sampling_for(mix, batch)]
+    asyncio.run(run_requests(engine, prompts, params))
     decodes = [s for s in steps if s.get("decode_only")][2:]  # the first ones warm up
     return {part: statistics.median(s.get(part, 0.0) for s in decodes) * 1000 for part in PARTS}
 
