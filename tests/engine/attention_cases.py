@@ -100,9 +100,12 @@ def max_kernel_error(device: str, dtype: torch.dtype, head_dim: int = 128) -> fl
     )
 
 
-def engine_tokens(model_dir: str, backend: str, device: str = "cpu") -> list[list[int]]:
-    """Greedy tokens of three prompts decoded together by an engine on the given backend
-    (the image prompt's answer is checked against HF's generate by the caller)."""
+def engine_tokens(
+    model_dir: str, backend: str, device: str = "cpu", graphs: bool = False
+) -> list[list[int]]:
+    """Greedy tokens of three prompts decoded together by an engine on the given backend,
+    decode steps through the CUDA-graph buffers with `graphs` (the image prompt's answer is
+    checked against HF's generate by the caller)."""
     import asyncio
     import io
 
@@ -127,7 +130,9 @@ def engine_tokens(model_dir: str, backend: str, device: str = "cpu") -> list[lis
     sampling = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
     async def run() -> list[list[int]]:
-        settings = Settings(model="x", attention_backend=backend, max_model_len=1024)
+        settings = Settings(
+            model="x", attention_backend=backend, max_model_len=1024, enforce_eager=not graphs
+        )
         engine = AsyncEngine.build(loaded, settings.engine_config())
         engine.start()
         seqs = [engine.add_request(f"r{i}", p, sampling) for i, p in enumerate(prompts)]
