@@ -114,7 +114,7 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
         self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
-        # A step's prompt logprobs, on the device until collect_prompt_logprobs.
+        # The last forward's prompt logprobs, on their way to the host until taken.
         self.pending_prompt_logprobs: prompt_logprobs.PromptScores | None = None
         # The last step's sampled ids on the device, and each sampled sequence's row in them.
         self.last_sampled: tuple[torch.Tensor, dict[Sequence, int]] | None = None
