@@ -284,6 +284,7 @@ class AsyncEngine:
             except Exception as exc:
                 logger.exception("engine step failed; failing the running sequences")
                 in_flight, self._in_flight = self._in_flight, None
+                self.runner.take_prompt_logprobs()  # a failed step's, if it got that far
                 for seq in [*self.scheduler.running, *(in_flight.seqs if in_flight else [])]:
                     if not seq.is_finished:
                         self._finish(seq, "error")
@@ -292,7 +293,7 @@ class AsyncEngine:
                     # answer every later request with garbage or another error.
                     self._stopping = True
                 self._deliver()
-        self._in_flight = None
+        self._stop_in_flight()
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._finish(seq, "abort")
         while (item := self._take_one()) is not False:
@@ -327,6 +328,16 @@ class AsyncEngine:
         if not self.async_scheduling:
             self._receive()
 
+    def _stop_in_flight(self) -> None:
+        """At shutdown: a prompt scored by the last step keeps its logprobs (its request is
+        answered with what it has); the tokens in flight are dropped."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and in_flight.prompt_scores is not None:
+            try:
+                in_flight.prompt_scores.store()
+            except Exception:
+                logger.exception("could not read the last step's prompt logprobs")
+
     def _take_one(self) -> Sequence | list[Sequence] | None | bool:
         """The next inbox item without waiting; False when the inbox is empty."""
         try:
@@ -356,8 +367,9 @@ class AsyncEngine:
             self._num_queued -= len(seqs)
 
     def _receive(self) -> None:
-        """The in-flight step's tokens, once they are on the host: append each, then the checks
-        that decide what runs next (EOS, stop tokens and strings, max_tokens) and its text."""
+        """The in-flight step's results, once they are on the host: its prompt logprobs onto
+        their sequences, then each token appended, the checks that decide what runs next (EOS,
+        stop tokens and strings, max_tokens) and its text."""
         if self._in_flight is None:
             return
         # Cleared only once every token is in: if this raises, the error path fails all of

@@ -92,7 +92,7 @@ class PromptScores:
 
 
 def store(scored: list[Scored], packed: torch.Tensor) -> None:
-    """Host values onto each sequence (the step's second and last transfer)."""
+    """Host values onto each sequence."""
     values = packed.tolist()
     k = (len(values[0]) - 1) // 2 if values else 0
     row = 0

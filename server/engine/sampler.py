@@ -5,7 +5,7 @@ output does not depend on what else shares the batch. The whole batch is handled
 number of tensor operations (the per-row parameters become tensors once per step): grammar
 masks filled on the host and applied together, penalties from one scatter_add over the rows'
 tokens, one sort for top-k/top-p (skipped when no row asks), and sampling by the exponential
-race `argmax(p / Exp(1))`, which needs no host round trip. The step's only device->host
+race `argmax(p / Exp(1))`, which needs no host round trip. The sampler's only device->host
 transfer is the chosen ids; rows that ask for logprobs add their values to that same
 transfer (one float tensor), computed for those rows only. `sample_async` queues all of it
 and returns at once: the ids stay on the device for the next step's inputs (async

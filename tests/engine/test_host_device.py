@@ -103,7 +103,8 @@ class HostWaitChecker(TorchDispatchMode):
     """Raises HostWait (and records it, should the caller swallow the exception) on any
     operator that makes the host wait for a CUDA device, with the Python stack that ran it.
     Counts the non-blocking host->device copies it let through (`uploads`) and the
-    non-blocking device->host copies (`downloads`: only the sampled tokens' may exist)."""
+    non-blocking device->host copies (`downloads`: the sampled tokens', and the prompt
+    logprobs' in a step that scores some)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -59,3 +59,29 @@ def test_a_recomputed_prompt_keeps_its_logprobs_once(loaded: LoadedModel) -> Non
     prompt_logprobs.store([scored], packed - 1)  # the same positions again (a preemption)
     assert [e.logprob for e in seq.prompt_logprobs] == [-1.0, -2.0, -3.0, -4.0, -5.0]
     assert seq.prompt_logprobs[0].top == ((7, -0.5),)
+
+
+async def test_a_prompt_scored_in_the_last_step_before_a_stop_keeps_its_logprobs(
+    loaded: LoadedModel,
+) -> None:
+    """The engine stops during the step that scores a prompt's last chunk (its logprobs still
+    on their way to the host, with async scheduling): the prompt keeps them, as without."""
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    text = "Tell me a long story about paged memory and prefix caches, please."
+    inputs = builder.build([{"role": "user", "content": text}], [])
+    settings = Settings(model="x", max_model_len=512, max_num_batched_tokens=16)
+    engine = AsyncEngine.build(loaded, settings.engine_config())
+    sample = engine.runner.sample
+
+    def stop_in_this_step(logits: torch.Tensor, seqs: list) -> object:
+        engine._stopping = True  # what stop() does, landing in the step that ends the prompt
+        return sample(logits, seqs)
+
+    engine.runner.sample = stop_in_this_step  # type: ignore[method-assign]
+    engine.start()
+    sampling = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1)
+    seq = engine.add_request("s", inputs, sampling)
+    outputs = [out async for out in engine.stream(seq)]
+    await engine.stop()
+    assert outputs[-1].finished and seq.finish_reason in ("abort", "length")
+    assert len(seq.prompt_logprobs) == inputs.num_prompt_tokens - 1

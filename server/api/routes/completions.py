@@ -24,7 +24,7 @@ from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
 from server.api.sse import DONE, SSE_HEADERS, error_event
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import ServerError, refuse_unsupported
+from server.exceptions import EngineStopped, ServerError, refuse_unsupported
 from server.pipelines.choices import merged
 from server.pipelines.logprobs import EchoedPrompt, TokenTexts
 
@@ -86,6 +86,10 @@ def _choice(index: int, seq: Sequence, echo: str, text: str, texts: TokenTexts) 
 def _echoed(seq: Sequence, echo: str, texts: TokenTexts) -> EchoedPrompt | None:
     """The prompt's tokens and logprobs when the answer echoes its prompt with logprobs."""
     if echo and seq.sampling.prompt_logprobs is not None:
+        if len(seq.prompt_logprobs) < seq.inputs.num_prompt_tokens - 1:
+            # Stopped before its prompt was scored (only the engine stopping does that to a
+            # request someone still waits for): no half-echoed prompt.
+            raise EngineStopped("The server stopped before the prompt was scored; retry.")
         return texts.prompt(seq)
     return None
 
