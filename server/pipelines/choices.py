@@ -18,10 +18,13 @@ PREFILL_POLL_S = 0.005
 
 
 def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
-    """Choice i samples with seed + i: each choice differs, and each is reproducible."""
-    if sampling.seed is None or index == 0:
+    """Choice i samples with seed + i: each choice differs, and each is reproducible. Only the
+    first scores the prompt (prompt logprobs): the others share its scores and, so, can take
+    its prompt from the prefix cache."""
+    if index == 0:
         return sampling
-    return replace(sampling, seed=(sampling.seed + index) % SEED_MODULUS)
+    seed = None if sampling.seed is None else (sampling.seed + index) % SEED_MODULUS
+    return replace(sampling, seed=seed, prompt_logprobs=None)
 
 
 def choice_id(request_id: str, index: int) -> str:

@@ -234,3 +234,22 @@ def test_a_prompt_stopped_before_it_was_scored_is_not_echoed_in_half() -> None:
     seq.prompt_logprobs = [TokenLogprobs(-1.0, ())]  # 1 of the 3 scored tokens
     with pytest.raises(EngineStopped):
         _echoed(seq, "echo", texts=None)  # type: ignore[arg-type]
+
+
+async def test_n_choices_echo_one_scoring_of_the_prompt(client: httpx.AsyncClient) -> None:
+    """Echo with logprobs and n choices: the first choice scores the prompt, the others show
+    the same scores and take the prompt from the prefix cache instead of computing it again."""
+    blocks = client.app.state.services.engine.scheduler.blocks  # type: ignore[attr-defined]
+    prompt = "The quick brown fox jumps over the lazy dog near the water. " * 3
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0.7, "seed": 1, "echo": True}
+    alone = (await complete(client, **body, logprobs=1)).json()["choices"][0]["logprobs"]
+    hits = blocks.num_hit_tokens
+    response = await complete(client, **body, logprobs=1, n=3)
+    assert response.status_code == 200, response.text
+    num_prompt = response.json()["usage"]["prompt_tokens"]
+    for choice in response.json()["choices"]:
+        logprobs = choice["logprobs"]
+        assert logprobs["token_logprobs"][:num_prompt] == alone["token_logprobs"][:num_prompt]
+        assert logprobs["top_logprobs"][:num_prompt] == alone["top_logprobs"][:num_prompt]
+    block = blocks.block_size
+    assert blocks.num_hit_tokens - hits >= 2 * ((num_prompt - 1) // block) * block

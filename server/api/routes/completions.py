@@ -49,7 +49,7 @@ async def completions(
     if not body.stream:
         texts = await until_disconnected(request, asyncio.gather(*(pipeline.text(s) for s in seqs)))
         choices = [
-            _choice(k, seq, echoes[k], text, pipeline.token_texts)
+            _choice(k, seq, seqs[k - k % n], echoes[k], text, pipeline.token_texts)
             for k, (seq, text) in enumerate(zip(seqs, texts, strict=True))
         ]
         return CompletionResponse(
@@ -61,7 +61,7 @@ async def completions(
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = merged([pipeline.outputs(s) for s in seqs])
-    streams = [ChoiceStream(k, seq, echoes[k]) for k, seq in enumerate(seqs)]
+    streams = [ChoiceStream(k, seq, seqs[k - k % n], echoes[k]) for k, seq in enumerate(seqs)]
     return StreamingResponse(
         stream(response_id, body.model, streams, events, include_usage, pipeline.token_texts, n),
         media_type="text/event-stream",
@@ -69,11 +69,15 @@ async def completions(
     )
 
 
-def _choice(index: int, seq: Sequence, echo: str, text: str, texts: TokenTexts) -> CompletionChoice:
+def _choice(
+    index: int, seq: Sequence, first: Sequence, echo: str, text: str, texts: TokenTexts
+) -> CompletionChoice:
+    """Choice `index`, the sequence `seq`; `first` is its prompt's first choice (which scored
+    the prompt for all of them)."""
     logprobs = None
     if seq.sampling.logprobs is not None:
         entries = texts.logprobs(seq, 0, seq.num_completion_tokens)
-        logprobs = CompletionLogprobs.of(entries, len(echo), _echoed(seq, echo, texts))
+        logprobs = CompletionLogprobs.of(entries, len(echo), _echoed(first, echo, texts))
     return CompletionChoice(
         index=index,
         text=echo + text,
@@ -84,7 +88,8 @@ def _choice(index: int, seq: Sequence, echo: str, text: str, texts: TokenTexts) 
 
 
 def _echoed(seq: Sequence, echo: str, texts: TokenTexts) -> EchoedPrompt | None:
-    """The prompt's tokens and logprobs when the answer echoes its prompt with logprobs."""
+    """The prompt's tokens and logprobs when the answer echoes its prompt with logprobs (`seq`
+    is the prompt's first choice: the one that scored it)."""
     if echo and seq.sampling.prompt_logprobs is not None:
         if len(seq.prompt_logprobs) < seq.inputs.num_prompt_tokens - 1:
             # Stopped before its prompt was scored (only the engine stopping does that to a
@@ -108,6 +113,7 @@ class ChoiceStream:
 
     index: int
     seq: Sequence
+    first: Sequence  # its prompt's first choice, which scored the prompt
     echo: str
     num_logprobs_sent: int = 0
     # Where the next token's text_offset is: the tokens' own texts add up, as in the whole
@@ -115,7 +121,7 @@ class ChoiceStream:
     next_offset: int | None = None
 
     def choice(self, output: SequenceOutput, texts: TokenTexts) -> dict | None:
-        echoed = _echoed(self.seq, self.echo, texts)  # with the first chunk only
+        echoed = _echoed(self.first, self.echo, texts)  # with the first chunk only
         text, echo, self.echo = self.echo + output.text_delta, self.echo, ""
         if not text and not output.finished:
             return None  # the tokens' logprobs go with the next piece of text
