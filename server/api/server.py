@@ -8,12 +8,16 @@ import logging
 import socket
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
 
 from server.config import Settings
 from server.exceptions import ModelLoadError
+
+if TYPE_CHECKING:
+    from server.engine.engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +114,7 @@ def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socke
         f"serving {', '.join(services.served_model_names)} ({loaded.family}, {loaded.path})",
         f"device {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}",
         f"context {engine.max_seq_len} tokens, KV cache {kv_tokens} tokens",
+        decode_mode(engine),
         f"auth on ({num_keys} API key{'s' if num_keys > 1 else ''})" if num_keys else "auth off",
         f"media hosts: {hosts}",
         f"local media: {settings.allowed_local_media_path or 'off'}",
@@ -117,6 +122,18 @@ def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socke
         f"open {url} (API docs: {url}docs)" if settings.playground else f"API docs: {url}docs",
     ]
     return "ready: " + "; ".join(parts)
+
+
+def decode_mode(engine: AsyncEngine) -> str:
+    """The decode speed switches as they ended up (a CUDA graph needs CUDA to be captured)."""
+    runner = engine.runner
+    attention = "triton" if runner.use_kernel else "reference"
+    if runner.graphs is None:
+        steps = "eager"
+    else:
+        steps = "CUDA graphs" if runner.graphs.graphs else "graph buffers, not captured (no CUDA)"
+    scheduling = "async" if engine.async_scheduling else "sync"
+    return f"decode: {attention} attention, {steps}, {scheduling} scheduling"
 
 
 def job_store_kind(settings: Settings) -> str:

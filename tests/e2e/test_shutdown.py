@@ -75,7 +75,8 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
         assert reasons == ["length"]
         assert_clean_exit(process, log_path)
     (summary,) = [line for line in log_path.read_text().splitlines() if "ready: " in line]
-    for part in ("serving tiny (qwen2-vl", "device cpu", "KV cache", "auth off", f"open {url}/"):
+    parts = ("serving tiny (qwen2-vl", "device cpu", "KV cache", "auth off", f"open {url}/")
+    for part in (*parts, "decode: reference attention, eager, sync scheduling"):
         assert part in summary, summary
 
 
