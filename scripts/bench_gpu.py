@@ -284,6 +284,7 @@ def loop_rows(loaded: LoadedModel, size: str, batches: list[int]) -> list:
                 model="bench",
                 max_model_len=prompt_len + max_tokens + 16,
                 max_num_seqs=batch,
+                kv_cache_memory=0.5,  # holds every sequence (2B: 18k tokens); no profile run
                 attention_backend="triton" if cuda else "reference",
                 enforce_eager=not cuda,
                 async_scheduling=async_scheduling,
