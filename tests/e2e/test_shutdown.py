@@ -69,6 +69,7 @@ def assert_clean_exit(process: object, log_path: Path) -> None:
 
 def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
     args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
+    args += ["--enforce-eager", "--no-async-scheduling"]  # named in the summary, whatever VLM_*
     log_path = tmp_path / "server.log"
     with server_process(log_path, *args, "--shutdown-timeout", "60") as (url, process):
         reasons = drain_while_streaming(url, lambda: process.send_signal(signal.SIGTERM))
