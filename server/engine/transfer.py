@@ -20,8 +20,10 @@ def to_device(values: Any, device: torch.device, dtype: torch.dtype | None = Non
     tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=dtype)
     if dtype is not None and tensor.dtype != dtype:
         tensor = tensor.to(dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        # contiguous: pinning copies into the tensor's own layout, which an expanded tensor
+        # (a stride 0, e.g. a decode's position on all three mrope axes) cannot be written to
+        return tensor.contiguous().pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
 

@@ -86,7 +86,13 @@ def _pinned(tensor: torch.Tensor) -> bool:
 
 def _mark_pinned(tensor: torch.Tensor, device: object = None) -> torch.Tensor:
     """FakeTensorMode has no pinned memory: `pin_memory` returns the tensor itself, marked, so
-    the checker can tell a pinned source (copied without a wait) from a pageable one."""
+    the checker can tell a pinned source (copied without a wait) from a pageable one. It
+    refuses what the real one cannot pin: ATen's `_pin_memory` copies into pinned storage laid
+    out with the tensor's own strides, which an expanded tensor (a stride 0) cannot be
+    written to ("more than one element of the written-to tensor refers to a single memory
+    location")."""
+    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
+        raise RuntimeError("pin_memory of an expanded tensor: it cannot be copied into")
     tensor._pinned_in_test = True  # type: ignore[attr-defined]
     return tensor
 
