@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import sys
@@ -209,6 +210,7 @@ def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: f
             eager_tokens = None
             for graphs in steps:
                 seconds, tokens = decode_step_time(loaded, batch, backend, graphs)
+                gc.collect()  # that step's runner and graphs: a reference cycle
                 roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
                 rows.append(
                     {
@@ -310,6 +312,7 @@ def loop_rows(loaded: LoadedModel, size: str, batches: list[int]) -> list:
             print(json.dumps(rows[-1]), flush=True)
             del engine
             if cuda:
+                gc.collect()  # the runner and its decode graphs refer to each other
                 torch.cuda.empty_cache()
     return rows
 
@@ -393,6 +396,7 @@ def main() -> None:
             results["engine"] = engine_rows(loaded)
         del loaded
         if device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
     print(table(results))
     if args.json:

@@ -36,6 +36,11 @@ def pytest_configure(config: pytest.Config) -> None:
         # TF32 matmuls and convolutions (the vision tower's patch embedding) are not float32.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        # On CUDA the KV cache is sized by the memory profile: 90% of the card. For the tiny
+        # models that is ~16M blocks (a Python object each) and ~125 GiB per engine, and the
+        # tests build hundreds of engines. 0.1 GiB holds ~200k of their tokens, more than the
+        # CPU runs get; a test that sets kv_cache_memory itself still wins.
+        os.environ.setdefault("VLM_KV_CACHE_MEMORY", "0.1")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ CUDA's.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 
@@ -85,6 +86,9 @@ def _max_image_tokens(loaded: LoadedModel) -> int:
 def kv_budget_bytes(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> float:
     """Bytes the KV cache may take on the loaded model's CUDA device (see the module doc)."""
     device = loaded.device
+    # An engine dropped before this one may still hold its KV cache: its runner and decode
+    # graphs refer to each other, so only the cycle collector frees them.
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     temporary_kv = worst_case_step(loaded, config, max_seq_len)

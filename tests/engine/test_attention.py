@@ -63,7 +63,7 @@ def test_triton_decode_kernel_on_cuda(dtype: torch.dtype) -> None:
     assert max_kernel_error("cuda", dtype) < 2e-2
 
 
-def test_engine_on_the_triton_backend_decodes_like_the_reference(tiny_model_dir) -> None:
+def test_engine_on_triton_interpreted_decodes_like_the_reference(tiny_model_dir) -> None:
     pytest.importorskip("triton")
     code = (
         "import sys\n"

@@ -91,7 +91,8 @@ def _mark_pinned(tensor: torch.Tensor, device: object = None) -> torch.Tensor:
     out with the tensor's own strides, which an expanded tensor (a stride 0) cannot be
     written to ("more than one element of the written-to tensor refers to a single memory
     location")."""
-    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
+    layout = zip(tensor.shape, tensor.stride(), strict=True)
+    if any(stride == 0 and size > 1 for size, stride in layout):
         raise RuntimeError("pin_memory of an expanded tensor: it cannot be copied into")
     tensor._pinned_in_test = True  # type: ignore[attr-defined]
     return tensor
