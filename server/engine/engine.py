@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from server.config import EngineConfig
 from server.engine import profile
@@ -39,6 +40,9 @@ from server.engine.structured import StructuredOutput
 from server.engine.transfer import to_device
 from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest
 from server.log import request_id_var
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -310,23 +314,33 @@ class AsyncEngine:
         self._drop_aborted_and_expired()
         batch = self.scheduler.schedule()
         self._mark_admitted(batch.admitted)
-        sampled = batch.sampled
+        sampled = batch.sampled  # read before commit moves the sequences past this step
         logits = None if batch.is_empty else self.runner.forward(batch, sampled)
-        in_flight = InFlight([], None, self.runner.take_prompt_logprobs())
+        prompt_scores = self.runner.take_prompt_logprobs()
         self._receive()  # a sequence may end here: its row of this step is dropped below
         self.scheduler.commit(batch)
-        live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
-        if logits is not None and live:
-            if len(live) < len(sampled):
-                logits = logits.index_select(0, to_device(live, logits.device))
-            in_flight.seqs = [sampled[i] for i in live]
-            in_flight.tokens = self.runner.sample(logits, in_flight.seqs)
-            for seq in in_flight.seqs:
-                seq.num_pending_tokens = 1
-        if in_flight.tokens is not None or in_flight.prompt_scores is not None:
-            self._in_flight = in_flight
+        self._in_flight = self._sample(logits, sampled, prompt_scores)
         if not self.async_scheduling:
             self._receive()
+
+    def _sample(
+        self,
+        logits: torch.Tensor | None,
+        sampled: list[Sequence],
+        prompt_scores: PromptScores | None,
+    ) -> InFlight | None:
+        """Queue the sampling of the sequences still going (their rows of `logits`); returns
+        the step's results on their way to the host, for `_receive`."""
+        live = [i for i, seq in enumerate(sampled) if not seq.is_finished]
+        if logits is None or not live:
+            return None if prompt_scores is None else InFlight([], None, prompt_scores)
+        if len(live) < len(sampled):
+            logits = logits.index_select(0, to_device(live, logits.device))
+        seqs = [sampled[i] for i in live]
+        tokens = self.runner.sample(logits, seqs)
+        for seq in seqs:
+            seq.num_pending_tokens = 1
+        return InFlight(seqs, tokens, prompt_scores)
 
     def _stop_in_flight(self) -> None:
         """At shutdown: a prompt scored by the last step keeps its logprobs (its request is
