@@ -113,7 +113,9 @@ async def test_logprobs_in_vllms_legacy_shape(client: httpx.AsyncClient) -> None
         strict=True,
     ):
         assert logprob <= 0 and top[token] == logprob
-        assert 3 <= len(top) <= 4  # the 3 most likely, and the sampled token
+        # the 3 most likely and the sampled token, keyed by text (vLLM's legacy shape): tokens
+        # that are pieces of one character all read U+FFFD and share one entry
+        assert 3 <= len(top) <= 4 or "\ufffd" in top, top
         assert max(top.values()) >= logprob
         assert next_offset - offset == len(token)
 
