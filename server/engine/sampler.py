@@ -21,6 +21,7 @@ prompt and generated tokens).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,16 +286,7 @@ def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 def exponential_race(probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """argmax(p / Exp(1)) per row: a draw from p for every row at once, with no sort and no
     host sync (an exponential per vocabulary entry: cheap on a GPU, the bulk of a CPU step)."""
-    noise = torch.empty_like(probs)
-    for row, state in enumerate(states):  # seeded rows draw from their own generator
-        if state.generator is not None:
-            noise[row].exponential_(generator=state.generator)
-    unseeded = [row for row, s in enumerate(states) if s.generator is None]
-    if len(unseeded) == len(states):
-        noise.exponential_()
-    elif unseeded:
-        fresh = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device).exponential_()
-        noise.index_copy_(0, index(unseeded, noise), fresh)
+    noise = per_row_random(probs, states, lambda t, g: t.exponential_(generator=g))
     return torch.argmax(probs.div_(noise), dim=-1)
 
 
@@ -307,16 +299,31 @@ def inverse_cdf(
     get a placeholder."""
     safe = torch.where(usable[:, None], probs, torch.ones_like(probs))
     cdf = safe.double().cumsum_(dim=-1)
-    uniform = torch.empty((len(states), 1), dtype=torch.float64)
-    for row, state in enumerate(states):  # seeded rows draw from their own generator
-        if state.generator is not None:
-            uniform[row].uniform_(generator=state.generator)
-    unseeded = [row for row, s in enumerate(states) if s.generator is None]
-    if unseeded:
-        fresh = torch.rand(len(unseeded), 1, dtype=torch.float64)
-        uniform.index_copy_(0, index(unseeded, uniform), fresh)
+    shape = torch.empty((len(states), 1), dtype=torch.float64)
+    uniform = per_row_random(shape, states, lambda t, g: t.uniform_(generator=g))
     drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)[:, 0]
     return drawn.clamp_(max=probs.shape[-1] - 1)
+
+
+def per_row_random(
+    like: torch.Tensor,
+    states: list[SamplingState],
+    fill: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor],
+) -> torch.Tensor:
+    """Random numbers shaped like `like` ([rows, n]), made in place by `fill`: a seeded row's
+    from its own generator (reproducible whatever shares the batch), the others' together from
+    the global one."""
+    out = torch.empty_like(like)
+    unseeded = [row for row, s in enumerate(states) if s.generator is None]
+    if len(unseeded) == len(states):
+        return fill(out, None)
+    for row, state in enumerate(states):
+        if state.generator is not None:
+            fill(out[row], state.generator)
+    if unseeded:
+        fresh = fill(like.new_empty((len(unseeded), like.shape[-1])), None)
+        out.index_copy_(0, index(unseeded, out), fresh)
+    return out
 
 
 def top_k(scaled: torch.Tensor, ks: list[int]) -> None:
