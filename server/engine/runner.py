@@ -306,8 +306,8 @@ class ModelRunner:
             self.device,
             self.use_kernel,
         )
-        index = {id(seq): i for i, seq in enumerate(batch.seqs)}
-        rows = [meta.query_start[index[id(seq)] + 1] - 1 for seq in sampled]
+        index = {seq: i for i, seq in enumerate(batch.seqs)}
+        rows = [meta.query_start[index[seq] + 1] - 1 for seq in sampled]
         scored = prompt_logprobs.scored_in(batch.seqs, batch.num_new_tokens, meta.query_start)
         return StepInputs(
             meta,
