@@ -144,14 +144,15 @@ class InputBuilder:
         self.video_token_id = video_token_id
         # Qwen3-VL's processor puts a "<t seconds>" text before each temporal patch.
         self.timestamped_frames = hasattr(processor, "_calculate_timestamps")
-        # What the frame planner needs to know of the family: the pixels along one side of a
-        # visual token (28 for Qwen2-VL / 2.5-VL, 32 for Qwen3-VL), and the text tokens each
-        # native temporal patch adds (a long timestamp and its own vision start/end).
         # A thinking checkpoint's template opens "<think>" at the end of the prompt: its
-        # answers start with reasoning (pipelines/reasoning.py splits them).
+        # answers start with reasoning (pipelines/reasoning.py splits them). False while
+        # probing: prompt() reads it.
         self.reasoning = False
         probe = self.prompt([{"role": "user", "content": "?"}])
         self.reasoning = probe.rstrip("\n").endswith("<think>")
+        # What the frame planner needs to know of the family: the pixels along one side of a
+        # visual token (28 for Qwen2-VL / 2.5-VL, 32 for Qwen3-VL), and the text tokens each
+        # native temporal patch adds (a long timestamp and its own vision start/end).
         images = processor.image_processor
         self.token_side = images.patch_size * images.merge_size
         # Qwen3-VL's video processor bounds the pixels of all frames together.
