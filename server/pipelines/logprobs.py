@@ -77,20 +77,17 @@ class TokenTexts:
 
     def logprobs(self, seq: Sequence, start: int, end: int) -> list[TokenLogprob]:
         """The sequence's output tokens [start, end) with their logprobs."""
-        ids = seq.output_token_ids[start:end]
         entries: list[TokenLogprobs] = seq.output_logprobs[start:end]
-        return [
-            TokenLogprob(*self(token_id), e.logprob, tuple(self.info(t, lp) for t, lp in e.top))
-            for token_id, e in zip(ids, entries, strict=True)
-        ]
+        return self._shown(seq.output_token_ids[start:end], entries)
 
     def prompt(self, seq: Sequence) -> EchoedPrompt:
         """The sequence's prompt tokens with their logprobs (sampling.prompt_logprobs set)."""
         ids = seq.inputs.token_ids
-        return EchoedPrompt(
-            self(ids[0])[0],
-            [
-                TokenLogprob(*self(t), e.logprob, tuple(self.info(i, lp) for i, lp in e.top))
-                for t, e in zip(ids[1:], seq.prompt_logprobs, strict=True)
-            ],
-        )
+        return EchoedPrompt(self(ids[0])[0], self._shown(ids[1:], seq.prompt_logprobs))
+
+    def _shown(self, ids: list[int], entries: list[TokenLogprobs]) -> list[TokenLogprob]:
+        """Each token with its logprob and its top entries, as texts and bytes."""
+        return [
+            TokenLogprob(*self(token_id), e.logprob, tuple(self.info(t, lp) for t, lp in e.top))
+            for token_id, e in zip(ids, entries, strict=True)
+        ]
