@@ -22,10 +22,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from server.exceptions import MediaError
+from server.media.frames import TOKEN_SIDE  # Qwen2-VL / 2.5-VL's (Qwen3-VL: 32)
 
 Detail = Literal["low", "high", "auto"]
 
-TOKEN_SIDE = 28  # Qwen2-VL / 2.5-VL (Qwen3-VL: 32)
 MIN_TOKENS = 4
 LOW_DETAIL_TOKENS = 256
 AUTO_DETAIL_TOKENS = 1280
