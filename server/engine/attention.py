@@ -40,6 +40,7 @@ class DecodeGroup:
     rows: torch.Tensor  # [n] rows of the step that are these decodes
     block_tables: torch.Tensor  # [n, most blocks] int32 (the slots are made on the device)
     seq_lens: torch.Tensor  # [n] int32
+    every_row: bool = False  # rows are the step's rows 0..n-1 in order (a decode-only step)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class StepMetadata:
         """A decode-only step from device tensors alone (what a CUDA graph captures): no
         host-side lists, no shapes that depend on the contexts' lengths."""
         num = rows.shape[0]
-        group = DecodeGroup(rows, block_tables, seq_lens)
+        group = DecodeGroup(rows, block_tables, seq_lens, every_row=True)
         return cls(list(range(num + 1)), [], slot_mapping, [group], [], block_size, use_kernel)
 
     @classmethod
@@ -99,8 +100,8 @@ class StepMetadata:
         decodes = [i for i, num in enumerate(num_new_tokens) if num == 1]
         if not decodes:
             groups = []
-        elif use_kernel:  # the kernel reads the cache in place: one group of every decode
-            groups = [decodes]
+        elif use_kernel or len(decodes) * max(seq_lens) <= MAX_GATHERED_TOKENS:
+            groups = [decodes]  # the kernel reads the cache in place; else the gather fits
         else:
             groups = _gather_groups(sorted(decodes, key=seq_lens.__getitem__), seq_lens)
         decode_groups = [
@@ -135,9 +136,12 @@ def _decode_group(
     for row, i in enumerate(decodes):
         tables[row, : len(block_tables[i])] = block_tables[i]
     lengths = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int32)
-    rows = torch.tensor([query_start[i] for i in decodes])
+    rows = [query_start[i] for i in decodes]
     return DecodeGroup(
-        to_device(rows, device), to_device(tables, device), to_device(lengths, device)
+        to_device(rows, device, torch.long),
+        to_device(tables, device),
+        to_device(lengths, device),
+        every_row=rows == list(range(query_start[-1])),
     )
 
 
@@ -215,6 +219,28 @@ def paged_attention(
         values = value_cache[slots].transpose(0, 1).unsqueeze(0)
         out[start:end] = _chunk_attention(query[:, start:end], keys, values, scaling)
     return out
+
+
+def attend_decodes(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: StepMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """A decode-only step's attention in the fused decoder's layout: query [n, heads, dim]
+    -> the same shape. One group holding every row in order goes straight to the decode
+    function (no gather of the queries, no scatter of the outputs)."""
+    groups = meta.decode_groups
+    if len(groups) != 1 or not groups[0].every_row or meta.prefills:
+        return paged_attention(query.transpose(0, 1), key_cache, value_cache, meta, scale)
+    decode_attention = table_decode_attention
+    if meta.use_kernel:
+        from server.engine.triton_attention import decode_attention
+    group = groups[0]
+    return decode_attention(
+        query, key_cache, value_cache, group.block_tables, group.seq_lens, meta.block_size, scale
+    )
 
 
 def table_decode_attention(

@@ -24,6 +24,7 @@ import torch
 
 from server.engine import attention, prompt_logprobs
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
+from server.engine.decoder import FusedDecoder
 from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
 from server.engine.loader import LoadedModel
 from server.engine.media_encoder import MediaEncoder, Span
@@ -82,6 +83,7 @@ class StepInputs:
     media_mask: torch.Tensor | None  # [1, tokens]: media rows, for DeepStack
     scored: list[prompt_logprobs.Scored]
     scoring: tuple[torch.Tensor, torch.Tensor] | None  # prompt logprobs' rows and targets
+    generated_only: bool  # every row a generated token's decode (the fused decoder's steps)
 
 
 class ModelRunner:
@@ -94,9 +96,11 @@ class ModelRunner:
         attention_backend: str = "reference",
         *,
         graph_batch_sizes: tuple[int, int] | None = None,
+        fused_decoder: bool = True,
     ):
         """graph_batch_sizes: (max_num_seqs, max_seq_len) to run decode steps through
-        DecodeGraphs (captured on CUDA); None: every step eagerly."""
+        DecodeGraphs (captured on CUDA); None: every step eagerly. fused_decoder: steps of
+        generated tokens through FusedDecoder (where the model allows), else HF's forward."""
         self.model = loaded.model
         self.text_model = loaded.model.model.language_model
         self.device = loaded.device
@@ -109,6 +113,7 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(
             kv_cache_shape(self.model), num_blocks + 1, block_size, loaded.dtype, loaded.device
         )
+        self.decoder = FusedDecoder.build(self.model) if fused_decoder else None
         self.media = MediaEncoder(self.model, self.device, encoder_cache_bytes)
         self.encoder_cache = self.media.cache
         self.states: dict[str, SamplingState] = {}
@@ -261,6 +266,10 @@ class ModelRunner:
             return self.graphs.replay(size, len(decodes))
         step = self._prepare(batch, sampled)
         self._hand_off(step.token_ids, step.device_tokens)
+        if self.decoder is not None and step.generated_only:
+            positions = step.positions[0]  # the same on all three axes
+            hidden = self.decoder.hidden(step.token_ids, positions, step.meta, self.kv_cache)
+            return self.model.lm_head(hidden[step.sampled_rows]) if sampled else None
         self.media.encode(batch)
         pieces = self.media.pieces(step.spans)
         embeds = self.text_model.embed_tokens(step.token_ids)
@@ -284,6 +293,7 @@ class ModelRunner:
         spans: list[Span] = []
         seq_lens: list[int] = []
         device_tokens: list[tuple[int, int]] = []
+        generated_only = True
         for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
             spans += [
@@ -297,6 +307,7 @@ class ModelRunner:
                 positions.append(start + seq.rope_delta)  # the same on all three axes
             else:
                 positions.append(self._positions(seq, start, end))
+                generated_only = False
             seq_lens.append(end)
         meta = attention.StepMetadata.build(
             [s.block_table for s in batch.seqs],
@@ -320,6 +331,7 @@ class ModelRunner:
             self.media.mask(spans, len(token_ids)),
             scored,
             prompt_logprobs.indices(scored, self.device) if scored else None,
+            generated_only,
         )
 
     def _text_forward(
@@ -350,6 +362,8 @@ class ModelRunner:
             self.block_size,
             self.use_kernel,
         )
+        if self.decoder is not None:
+            return self.decoder.logits(inputs.token_ids, inputs.positions, meta, self.kv_cache)
         embeds = self.text_model.embed_tokens(inputs.token_ids)
         # A generated token sits at the same position on all three mrope axes.
         positions = inputs.positions.view(1, -1).expand(3, -1)

@@ -1,0 +1,171 @@
+"""The fused decoder (steps of generated tokens) against HF's forward: same logits in float32,
+same tokens through the engine (eager and through the decode-graph buffers), the weights
+shared rather than copied, fewer ops per step, and HF's forward kept where it must be."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from server.engine.decoder import FusedDecoder
+from server.engine.inputs import InputBuilder, ModelInputs
+from server.engine.loader import LoadedModel
+from server.engine.runner import ModelRunner
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
+from tests.engine.test_cuda_graph import build_engine, generate, prompts
+
+# Views, not kernels: what is left is roughly what a GPU launches.
+VIEWS = {
+    "view", "_unsafe_view", "transpose", "t", "unsqueeze", "squeeze", "expand", "slice",
+    "select", "permute", "alias", "reshape", "split", "split_with_sizes", "chunk", "unbind",
+    "detach", "as_strided", "narrow", "_reshape_alias", "lift_fresh",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def loaded(loaded: LoadedModel) -> LoadedModel:
+    """Each family with its norms' weights and its biases made random too (a random-weight
+    checkpoint leaves them ones and zeros, which would hide a weight or bias left out)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in loaded.model.model.language_model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    return loaded
+
+
+class CountKernels(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def image_prompt(loaded: LoadedModel) -> ModelInputs:
+    """An image before the question: the generated tokens' positions carry a rope delta."""
+    from PIL import Image
+
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    content = [{"type": "image"}, {"type": "text", "text": "What is this?"}]
+    image = Image.new("RGB", (96, 64), (200, 30, 90))
+    return builder.build([{"role": "user", "content": content}], [image])
+
+
+def decode_logits(runner: ModelRunner, seqs: list[Sequence]) -> torch.Tensor:
+    """Prefill the sequences (one step), give each a first token, then one decode step's
+    logits; the KV cache and sequences as the engine would leave them."""
+    prefill = ScheduledBatch(seqs, [s.inputs.num_prompt_tokens for s in seqs])
+    for seq in seqs:
+        seq.block_table = list(range(seq.index * 8, seq.index * 8 + 8))
+    runner.run(prefill, seqs)
+    for seq in seqs:
+        seq.num_computed_tokens = seq.inputs.num_prompt_tokens
+        seq.output_token_ids.append(7 + seq.index)
+    decode = ScheduledBatch(seqs, [1] * len(seqs))
+    with torch.inference_mode():
+        return runner.forward(decode, seqs)
+
+
+def new_seqs(loaded: LoadedModel, prompts_: list[ModelInputs]) -> list[Sequence]:
+    seqs = []
+    for index, inputs in enumerate(prompts_):
+        seq = Sequence(f"s{index}", inputs, SamplingParams(temperature=0), 64)
+        seq.index = index  # type: ignore[attr-defined]
+        seqs.append(seq)
+    return seqs
+
+
+def test_every_family_gets_the_fused_decoder(loaded: LoadedModel) -> None:
+    decoder = FusedDecoder.build(loaded.model)
+    assert decoder is not None
+    assert FusedDecoder.build(loaded.model) is decoder  # once per model: weights fused once
+
+
+def test_the_weights_are_shared_not_copied(loaded: LoadedModel) -> None:
+    decoder = FusedDecoder.build(loaded.model)
+    layer = loaded.model.model.language_model.layers[0]
+    fused = decoder.layers[0]
+    for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        assert module.weight.untyped_storage().data_ptr() == fused.qkv.untyped_storage().data_ptr()
+    gate = layer.mlp.gate_proj.weight
+    assert gate.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
+    rows = layer.mlp.up_proj.out_features
+    assert torch.equal(fused.gate_up[rows:], layer.mlp.up_proj.weight)
+
+
+def test_decode_logits_match_hf_forward(loaded: LoadedModel) -> None:
+    """Two text prompts of different lengths and one after an image (a rope delta): the same
+    decode step through HF's text model and through the fused decoder."""
+    inputs = [*prompts(loaded)[:2], image_prompt(loaded)]
+    logits = {}
+    for fused in (False, True):
+        runner = ModelRunner(loaded, 64, 16, 0, fused_decoder=fused)
+        assert (runner.decoder is not None) == fused
+        logits[fused] = decode_logits(runner, new_seqs(loaded, inputs))
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graph-buffers"])
+async def test_engine_tokens_equal_hf_forward(loaded: LoadedModel, enforce_eager: bool) -> None:
+    """Greedy tokens of text and image prompts: the fused decoder's engine against one whose
+    steps all run HF's forward."""
+    inputs = [*prompts(loaded), image_prompt(loaded)]
+    sampling = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(inputs)
+    outputs = []
+    for fused in (False, True):
+        engine = build_engine(loaded, enforce_eager, max_num_seqs=4)
+        if not fused:
+            engine.runner.decoder = None
+        outputs.append(await generate(engine, inputs, sampling))
+        if fused and not enforce_eager:
+            assert engine.runner.graphs is not None
+    assert outputs[1] == outputs[0]
+
+
+def test_a_decode_step_runs_fewer_kernels(loaded: LoadedModel) -> None:
+    """What bounds a decode step on a GPU is how many kernels it launches: the fused decoder's
+    step at most 70% of HF's here (two layers: the step's own ops weigh; ~45 a layer in HF)."""
+    inputs = prompts(loaded)[:2]
+    counts = {}
+    for fused in (False, True):
+        runner = ModelRunner(loaded, 64, 16, 0, fused_decoder=fused)
+        seqs = new_seqs(loaded, inputs)
+        decode_logits(runner, seqs)  # prefill and a first decode
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+            seq.output_token_ids.append(9)
+        counter = CountKernels()
+        with counter, torch.inference_mode():
+            runner.forward(ScheduledBatch(seqs, [1, 1]), seqs)
+        counts[fused] = sum(counter.ops.values())
+    assert counts[True] <= 0.7 * counts[False], counts
+
+
+def test_quantized_or_wrapped_layers_keep_hf_forward(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from server.config import Settings
+    from server.engine.loader import load_model
+
+    loaded = load_model(Settings(model=str(tiny_model_dir)).engine_config())
+
+    class Wrapped(nn.Linear):  # e.g. bitsandbytes' Linear4bit
+        pass
+
+    layer = loaded.model.model.language_model.layers[-1]
+    old = layer.mlp.down_proj
+    layer.mlp.down_proj = Wrapped(old.in_features, old.out_features, bias=False)
+    q_weight = layer.self_attn.q_proj.weight
+    assert FusedDecoder.build(loaded.model) is None
+    assert layer.self_attn.q_proj.weight is q_weight  # nothing was fused
