@@ -156,14 +156,16 @@ def text_weight_bytes(loaded: LoadedModel) -> int:
 
 
 def decode_step_time(
-    loaded: LoadedModel, batch: int, backend: str, graphs: bool, steps: int = 20
+    loaded: LoadedModel, batch: int, backend: str, graphs: bool, fused: bool, steps: int = 20
 ) -> tuple[float, list[list[int]]]:
     """Median seconds of one engine decode step (scheduler + runner + sampling, one host sync)
     with `batch` sequences of CONTEXT_PER_SEQUENCE cached tokens, and the greedy tokens."""
     per_seq = CONTEXT_PER_SEQUENCE + steps + 8
     num_blocks = batch * (-(-per_seq // BLOCK_SIZE) + 1)
     sizes = (batch, per_seq) if graphs else None  # the largest bucket is the batch itself
-    runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, 0, backend, graph_batch_sizes=sizes)
+    runner = ModelRunner(
+        loaded, num_blocks, BLOCK_SIZE, 0, backend, graph_batch_sizes=sizes, fused_decoder=fused
+    )
     scheduler = Scheduler(
         SchedulerConfig(batch, batch * CONTEXT_PER_SEQUENCE, 1 << 20, 3600.0),
         BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=False),
@@ -194,40 +196,57 @@ def decode_step_time(
     return statistics.median(times[3:]), [seq.output_token_ids for seq in seqs]
 
 
+# (attention, decoder, graphs): each decoder eager, then as graphs (tokens compared with the
+# eager run just before). HF = HF's text model, fused = decoder.FusedDecoder. On CUDA, graphs
+# only over the Triton kernel (over the reference attention they gather the whole table width:
+# a warned setup, not worth the time); HF's decoder only at batch 1 and 32 (the goal's batch).
+CUDA_MODES = [
+    ("reference", "hf", False),
+    ("reference", "fused", False),
+    ("triton", "hf", False),
+    ("triton", "hf", True),
+    ("triton", "fused", False),
+    ("triton", "fused", True),
+]
+CPU_MODES = [
+    ("reference", "hf", False),
+    ("reference", "fused", False),
+    ("reference", "fused", True),
+]
+HF_BATCHES = (1, 32)
+
+
 def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: float) -> list:
     weights = text_weight_bytes(loaded)
     kv_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
-    # On CUDA: both attention backends eager, and the Triton one as graphs too (graphs over the
-    # reference attention gather the whole table width: a warned setup, not worth the time).
-    # On a CPU (the smoke run): the reference eager and through the graph buffers.
-    if loaded.device.type == "cuda":
-        modes = {"reference": (False,), "triton": (False, True)}
-    else:
-        modes = {"reference": (False, True)}
+    cuda = loaded.device.type == "cuda"
     rows = []
-    for backend, steps in modes.items():
-        for batch in batches:
-            eager_tokens = None
-            for graphs in steps:
-                seconds, tokens = decode_step_time(loaded, batch, backend, graphs)
-                gc.collect()  # that step's runner and graphs: a reference cycle
-                roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
-                rows.append(
-                    {
-                        "size": size,
-                        "backend": backend,
-                        "step": "graphs" if graphs else "eager",
-                        "batch": batch,
-                        "step_ms": round(seconds * 1000, 2),
-                        "tok_s": round(batch / seconds, 1),
-                        "roofline_ms": round(roofline * 1000, 2),
-                        "of_roofline": f"{roofline / seconds:.0%}",
-                        # greedy tokens of the graph replay == the eager step's (same shapes)
-                        "same_tokens": "" if eager_tokens is None else tokens == eager_tokens,
-                    }
-                )
-                eager_tokens = tokens
-                print(json.dumps(rows[-1]), flush=True)
+    for batch in batches:
+        eager_tokens = None
+        for backend, decoder, graphs in CUDA_MODES if cuda else CPU_MODES:
+            if cuda and decoder == "hf" and batch not in HF_BATCHES:
+                continue
+            fused = decoder == "fused"
+            seconds, tokens = decode_step_time(loaded, batch, backend, graphs, fused)
+            gc.collect()  # that step's runner and graphs: a reference cycle
+            roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
+            rows.append(
+                {
+                    "size": size,
+                    "backend": backend,
+                    "decoder": decoder,
+                    "step": "graphs" if graphs else "eager",
+                    "batch": batch,
+                    "step_ms": round(seconds * 1000, 2),
+                    "tok_s": round(batch / seconds, 1),
+                    "roofline_ms": round(roofline * 1000, 2),
+                    "of_roofline": f"{roofline / seconds:.0%}",
+                    # greedy tokens of the graph replay == the same decoder's eager step's
+                    "same_tokens": tokens == eager_tokens if graphs else "",
+                }
+            )
+            eager_tokens = tokens
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -344,13 +363,14 @@ def kernel_rows(device: str) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| model | attention | step | batch | step ms | tok/s | roofline ms | of roofline "
-        "| tokens = eager |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | attention | decoder | step | batch | step ms | tok/s | roofline ms "
+        "| of roofline | tokens = eager |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["decode"]:
         lines.append(
-            f"| {row['size']} | {row['backend']} | {row['step']} | {row['batch']} | "
+            f"| {row['size']} | {row['backend']} | {row['decoder']} | {row['step']} "
+            f"| {row['batch']} | "
             f"{row['step_ms']} | {row['tok_s']} | {row['roofline_ms']} | {row['of_roofline']} "
             f"| {row['same_tokens']} |"
         )

@@ -36,7 +36,8 @@ def loaded(loaded: LoadedModel) -> LoadedModel:
     with torch.no_grad():
         for param in loaded.model.model.language_model.parameters():
             if param.ndim == 1:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+                noise = torch.randn(param.shape, generator=generator) * 0.2
+                param.add_(noise.to(param.device, param.dtype))
     return loaded
 
 

@@ -24,17 +24,17 @@ def test_bench_gpu_runs_on_the_cpu_at_test_size(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert [(row["batch"], row["step"]) for row in results["decode"]] == [
-        (1, "eager"),
-        (1, "graphs"),
-        (4, "eager"),
-        (4, "graphs"),
+    modes = [(row["batch"], row["decoder"], row["step"]) for row in results["decode"]]
+    assert modes == [
+        (batch, decoder, step)
+        for batch in (1, 4)
+        for decoder, step in (("hf", "eager"), ("fused", "eager"), ("fused", "graphs"))
     ]
     assert all(row["tok_s"] > 0 and row["roofline_ms"] > 0 for row in results["decode"])
     # the padded graph step (eager on a CPU) decodes exactly what the eager step does
-    assert all(row["same_tokens"] is True for row in results["decode"][1::2])
+    assert all(row["same_tokens"] is True for row in results["decode"][2::3])
     assert results["memory"]["blocks"] > 0
     # the engine loop with async scheduling decodes exactly what it does without
     assert [(row["batch"], row["async"]) for row in results["loop"]] == [(4, False), (4, True)]
     assert results["loop"][1]["same_tokens"] is True
-    assert "| test | reference | graphs | 4 |" in result.stdout
+    assert "| test | reference | fused | graphs | 4 |" in result.stdout
