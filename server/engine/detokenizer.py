@@ -19,9 +19,10 @@ CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), include_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
         self.text = ""
@@ -52,7 +53,7 @@ class IncrementalDetokenizer:
         if not hits:
             return None
         index, self.stop_hit = min(hits)
-        self.text = self.text[:index]
+        self.text = self.text[: index + (len(self.stop_hit) if self.include_stop else 0)]
         return self.stop_hit
 
     def flush(self) -> str:

@@ -364,7 +364,10 @@ class AsyncEngine:
         item = self._inbox.get() if block else self._take_one()
         while item is not False:
             for seq in _as_list(item):
-                detok = IncrementalDetokenizer(self.tokenizer, seq.sampling.stop)
+                params = seq.sampling
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, params.stop, params.include_stop_str_in_output
+                )
                 self._detokenizers[seq.request_id] = detok
                 self.scheduler.add(seq)
             item = self._take_one()

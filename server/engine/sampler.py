@@ -80,6 +80,7 @@ def sample_async(logits: torch.Tensor, states: list[SamplingState]) -> SampledTo
     raw = raw_logprobs(logits, asking) if asking else None
     failed = apply_grammars(logits, states)
     ban_tokens(logits, states)
+    restrict_and_bias(logits, states)
     rows = [i for i, s in enumerate(states) if s.params.has_penalties]
     if rows:
         on_rows(logits, rows, lambda sub: apply_penalties(sub, [states[i] for i in rows]))
@@ -222,6 +223,24 @@ def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
         )
 
 
+def restrict_and_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """In place: rows with allowed_token_ids keep only those, then every row's logit_bias is
+    added (OpenAI's and vLLM's order: before penalties and temperature; greedy rows too)."""
+    device = logits.device
+    rows = [i for i, s in enumerate(states) if s.params.allowed_token_ids]
+    if rows:
+        pairs = [(j, t) for j, i in enumerate(rows) for t in states[i].params.allowed_token_ids]
+        keep = torch.zeros((len(rows), logits.shape[-1]), dtype=torch.bool)
+        keep[tuple(torch.tensor(pairs, dtype=torch.long).T)] = True
+        keep = to_device(keep, device)
+        on_rows(logits, rows, lambda sub: sub.masked_fill_(~keep, float("-inf")))
+    biases = [(i, t, b) for i, s in enumerate(states) for t, b in s.params.logit_bias]
+    if biases:
+        rows_, tokens, values = zip(*biases, strict=True)
+        where = (to_device(rows_, device, torch.long), to_device(tokens, device, torch.long))
+        logits.index_put_(where, to_device(values, device, logits.dtype), accumulate=True)
+
+
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
     """In place, for rows that have penalties: repetition over prompt + output first (HF's
     and vLLM's order), then frequency/presence over the output (a row's unused penalty
@@ -267,6 +286,9 @@ def draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     temperature = to_device([p.temperature for p in params], device, torch.float32)
     scaled = logits / temperature[:, None]
     vocab = logits.shape[-1]
+    min_p_rows = [i for i, p in enumerate(params) if p.min_p > 0.0]
+    if min_p_rows:  # after the temperature, before top-k/top-p (vLLM's order)
+        on_rows(scaled, min_p_rows, lambda sub: min_p(sub, [params[i].min_p for i in min_p_rows]))
     top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
     top_k_rows = [i for i, p in enumerate(params) if p.top_p >= 1.0 and 0 < p.top_k < vocab]
     if top_p_rows:  # a sort, for these rows only
@@ -324,6 +346,13 @@ def per_row_random(
         fresh = fill(like.new_empty((len(unseeded), like.shape[-1])), None)
         out.index_copy_(0, index(unseeded, out), fresh)
     return out
+
+
+def min_p(scaled: torch.Tensor, values: list[float]) -> None:
+    """In place: drop each row's tokens less likely than values[row] x its likeliest."""
+    probs = scaled.softmax(dim=-1)
+    floor = to_device(values, scaled.device, torch.float32)[:, None] * probs.amax(-1, keepdim=True)
+    scaled.masked_fill_(probs < floor, float("-inf"))
 
 
 def top_k(scaled: torch.Tensor, ks: list[int]) -> None:

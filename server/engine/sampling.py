@@ -24,6 +24,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: disabled
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p x the likeliest (0: off)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -32,6 +33,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0  # EOS and stop tokens are suppressed until this many tokens exist
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # OpenAI's logit_bias: (token id, bias) added to the logits, greedy rows too
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be chosen (empty: any)
+    include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
     structured: StructuredOutput | None = None  # JSON constrained while decoding
     # None: no logprobs; k: the chosen token's logprob and the k most likely tokens' (0-20),
     # from the model's raw distribution (log_softmax of the logits before any processing)

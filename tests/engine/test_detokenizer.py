@@ -15,8 +15,10 @@ def tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def run(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], str, str | None]:
-    detok = IncrementalDetokenizer(tokenizer, stop)
+def run(
+    tokenizer, text: str, stop: tuple[str, ...] = (), include_stop: bool = False
+) -> tuple[list[str], str, str | None]:
+    detok = IncrementalDetokenizer(tokenizer, stop, include_stop)
     deltas, hit = [], None
     for token_id in tokenizer(text)["input_ids"]:
         hit = detok.add_token(token_id)
@@ -41,6 +43,11 @@ def test_stop_string_truncates_and_is_not_streamed(tokenizer) -> None:
     assert hit == "STOP"
     assert joined == "The cat sat. "
     assert "S" not in "".join(deltas)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_only(tokenizer) -> None:
+    _, joined, hit = run(tokenizer, "The cat sat. STOP here and more", ("STOP",), include_stop=True)
+    assert hit == "STOP" and joined == "The cat sat. STOP"
 
 
 def test_earliest_stop_string_wins(tokenizer) -> None:

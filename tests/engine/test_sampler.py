@@ -298,3 +298,44 @@ def test_broken_rows_still_give_a_token() -> None:
     states = [state(SamplingParams(temperature=1.0, seed=i)) for i in range(3)]
     tokens = sample(logits, states)
     assert tokens[1] == 17 and all(0 <= t < VOCAB for t in tokens)
+
+
+@pytest.mark.usefixtures("draw")
+def test_min_p_drops_the_unlikely_tokens() -> None:
+    """min_p 0.25: tokens under a quarter of the likeliest's probability (0.05 < 0.125, 0.1 <
+    0.125) are never drawn; the rest keep their relative odds."""
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.5, 0.35, 0.1, 0.05] + [1e-12] * (VOCAB - 4)))
+    draws = 3000
+    states = [state(SamplingParams(temperature=1.0, min_p=0.25)) for _ in range(draws)]
+    tokens = Counter(sample(logits.repeat(draws, 1), states))
+    assert set(tokens) == {0, 1}, tokens
+    assert abs(tokens[0] / draws - 0.5 / 0.85) < 0.03, tokens
+    # and without it, the third token does come up
+    states = [state(SamplingParams(temperature=1.0)) for _ in range(draws)]
+    assert 2 in Counter(sample(logits.repeat(draws, 1), states))
+
+
+def test_logit_bias_and_allowed_tokens() -> None:
+    logits = torch.zeros(4, VOCAB)
+    logits[:, 7] = 5.0
+    states = [
+        state(SamplingParams(temperature=0, logit_bias=((11, 100.0),))),
+        state(SamplingParams(temperature=0, logit_bias=((7, -100.0), (12, 1.0)))),
+        state(SamplingParams(temperature=0, allowed_token_ids=(20, 21))),
+        state(SamplingParams(temperature=0)),  # the batch's other rows change nothing here
+    ]
+    logits[2, 21] = 0.5
+    assert sample(logits.clone(), states) == [11, 12, 21, 7]
+    # sampled rows too: only the allowed tokens, whatever the logits say
+    draws = [state(SamplingParams(temperature=1.0, allowed_token_ids=(3, 900))) for _ in range(200)]
+    assert set(sample(torch.randn(200, VOCAB), draws)) == {3, 900}
+
+
+def test_logprobs_are_the_raw_distribution_before_the_bias() -> None:
+    logits = torch.randn(1, VOCAB)
+    raw = torch.log_softmax(logits, dim=-1)
+    params = SamplingParams(temperature=0, logprobs=0, logit_bias=((5, 100.0),))
+    states = [state(params)]
+    assert sample(logits.clone(), states) == [5]
+    assert states[0].logprobs.logprob == pytest.approx(float(raw[0, 5]), abs=1e-5)
