@@ -9,7 +9,8 @@ same weights with about half as many:
 - q/k/v as one matrix product and gate/up as one: the checkpoint's weights are concatenated
   once at start-up and HF's modules are given views into the concatenation (no second copy;
   prefills keep using HF's modules, now on those views);
-- each RMSNorm as torch's rms_norm (one fused kernel on CUDA) with HF's rounding around it;
+- each RMSNorm as torch's rms_norm (one fused kernel on CUDA, float32 inside, HF's rounding)
+  and the weight's product;
 - the rotary embedding computed once per step and applied to queries and keys together, with
   the sign of rotate_half folded into the sine;
 - attention straight on the decode kernel when the step's decodes are its rows in order.
@@ -154,10 +155,9 @@ class FusedDecoder:
 
 
 def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """HF's Qwen RMSNorm, rounding included: normalised in float32, rounded to the input's
-    dtype, then scaled by the weight."""
-    normed = F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon)
-    return norm.weight * normed.to(x.dtype)
+    """HF's Qwen RMSNorm, rounding included, in two kernels: rms_norm normalises in float32
+    and rounds to the input's dtype (as HF's casts do), then the weight scales it."""
+    return norm.weight * F.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon)
 
 
 def _unsupported(model: nn.Module) -> str | None:
