@@ -43,13 +43,25 @@ MIXED = [
 ]
 
 
+# Ops that only make views: what is left of a step's ops is roughly what a GPU launches.
+VIEW_OPS = {
+    "view", "_unsafe_view", "transpose", "t", "unsqueeze", "squeeze", "expand", "slice",
+    "select", "permute", "alias", "reshape", "split", "split_with_sizes", "chunk", "unbind",
+    "detach", "as_strided", "narrow", "_reshape_alias", "lift_fresh",
+}  # fmt: skip
+
+
 class CountOps(TorchDispatchMode):
+    """Aten ops dispatched (`count`) and those that are not views (`kernels`)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.kernels += func.overloadpacket.__name__ not in VIEW_OPS
         return func(*args, **(kwargs or {}))
 
 

@@ -9,7 +9,9 @@ arithmetic is negligible and what is left is what the host does per step. For ba
 greedy and mixed sampling (bench_sampler.py's mix, one row under a json_schema grammar): the
 median milliseconds of a decode step, its aten ops and its host transfers (tolist, item, ...;
 each a queue-draining sync on a GPU). `--graphs` also runs the step through the decode-graph
-buffers (on a CPU: the padded step the graph would replay, not a capture).
+buffers (on a CPU: the padded step the graph would replay, not a capture); `--decoders hf fused`
+runs HF's text model and the fused decoder (engine/decoder.py) side by side. "kernels" counts
+the ops that are not views: roughly what a GPU launches.
 """
 
 from __future__ import annotations
@@ -85,10 +87,14 @@ def sampling_for(mix: str, batch: int) -> list[SamplingParams]:
     return params
 
 
-def measure(loaded: LoadedModel, mix: str, batch: int, graphs: bool, steps: int = 12) -> dict:
+def measure(
+    loaded: LoadedModel, mix: str, batch: int, graphs: bool, decoder: str, steps: int = 12
+) -> dict:
     per_seq = PROMPT + steps + 8
     num_blocks = batch * (-(-per_seq // BLOCK_SIZE) + 1)
     kwargs = {"graph_batch_sizes": (batch, per_seq)} if graphs else {}
+    if decoder != "default":  # older checkouts have no fused decoder (and no such argument)
+        kwargs["fused_decoder"] = decoder == "fused"
     runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, 0, **kwargs)
     runner.grammars.compile(SCHEMA)
     scheduler = Scheduler(
@@ -124,6 +130,7 @@ def measure(loaded: LoadedModel, mix: str, batch: int, graphs: bool, steps: int 
     return {
         "ms": round(statistics.median(times[2:]) * 1000, 2),
         "ops": counter.count,
+        "kernels": counter.kernels,
         "transfers": sum(calls.values()),
     }
 
@@ -132,22 +139,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--graphs", action="store_true", help="also the decode-graph step")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument(
+        "--decoders", nargs="+", default=["default"], choices=["default", "hf", "fused"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # host cost, not intra-op parallelism
     loaded = deep_narrow_model()
     print(f"code: {Path(sys.modules['server'].__file__).parents[1]}")
-    print("| mix | batch | step | ms per step | aten ops per step | host transfers per step |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| mix | batch | step | decoder | ms per step | aten ops per step | kernels per step "
+        "| host transfers per step |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for mix in ("greedy", "mixed"):
         for batch in args.batches:
             for graphs in (False, True) if args.graphs else (False,):
-                row = measure(loaded, mix, batch, graphs)
-                name = "graph buffers" if graphs else "eager"
-                print(
-                    f"| {mix} | {batch} | {name} | {row['ms']} | {row['ops']} | "
-                    f"{row['transfers']} |",
-                    flush=True,
-                )
+                for decoder in args.decoders:
+                    row = measure(loaded, mix, batch, graphs, decoder)
+                    name = "graph buffers" if graphs else "eager"
+                    print(
+                        f"| {mix} | {batch} | {name} | {decoder} | {row['ms']} | {row['ops']} "
+                        f"| {row['kernels']} | {row['transfers']} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":
