@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from server.config import EngineConfig
 from server.engine import profile
 from server.engine.block_manager import BlockManager
+from server.engine.decoder import FusedDecoder
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
@@ -83,6 +84,8 @@ class AsyncEngine:
     @classmethod
     def build(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
         max_seq_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
+        # Before the memory profile: fusing the weights briefly holds a layer's twice.
+        FusedDecoder.build(loaded.model)
         num_blocks = profile.kv_cache_blocks(loaded, config, max_seq_len)
         capacity = num_blocks * config.block_size
         if capacity < max_seq_len:
