@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,38 @@ from PIL import Image
 SKIP_THINKING = "\n</think>\n\n"
 VIDEO_PAD = "<|video_pad|>"
 VIDEO_WRAPPED = "<|vision_start|><|video_pad|><|vision_end|>"
+# Template variables a request may not set: the ones apply_chat_template fills itself.
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TemplateError(ValueError):
+    """The request's messages cannot be rendered as asked (continue_final_message)."""
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How one request's messages are rendered (vLLM's chat-template request fields)."""
+
+    add_generation_prompt: bool = True
+    # The last (assistant) message is left open, to be continued: a prefill.
+    continue_final_message: bool = False
+    # chat_template_kwargs: only variables the template reads are passed (see
+    # InputBuilder.template_kwargs); enable_thinking=False closes a thinking checkpoint's
+    # reasoning at once, as Qwen3's hybrid templates render it.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def thinking_allowed(self) -> bool:
+        """Whether the answer may open with reasoning: it starts a new assistant turn and
+        enable_thinking is not false."""
+        return self.add_generation_prompt and self.kwargs.get("enable_thinking") is not False
+
+
+DEFAULT_TEMPLATE = TemplateOptions()
 
 
 @dataclass(frozen=True)
@@ -148,6 +181,7 @@ class InputBuilder:
         # answers start with reasoning (pipelines/reasoning.py splits them). False while
         # probing: prompt() reads it.
         self.reasoning = False
+        self.template_variables = _template_variables(processor.chat_template)
         probe = self.prompt([{"role": "user", "content": "?"}])
         self.reasoning = probe.rstrip("\n").endswith("<think>")
         # What the frame planner needs to know of the family: the pixels along one side of a
@@ -168,15 +202,40 @@ class InputBuilder:
             else 0
         )
 
-    def prompt(self, messages: list[dict[str, Any]], think: bool = True) -> str:
+    def thinks(self, think: bool, template: TemplateOptions) -> bool:
+        """Whether the answer starts inside a thinking checkpoint's reasoning."""
+        return self.reasoning and think and template.thinking_allowed
+
+    def template_kwargs(self, template: TemplateOptions) -> dict[str, Any]:
+        """The request's chat_template_kwargs that the template reads; the rest change
+        nothing (logged at debug). Never the variables the renderer sets itself."""
+        usable = self.template_variables - RESERVED_TEMPLATE_VARIABLES
+        kwargs = {k: v for k, v in template.kwargs.items() if k in usable}
+        if unused := sorted(set(template.kwargs) - set(kwargs)):
+            logger.debug("chat_template_kwargs the template does not read: %s", ", ".join(unused))
+        return kwargs
+
+    def prompt(
+        self,
+        messages: list[dict[str, Any]],
+        think: bool = True,
+        template: TemplateOptions = DEFAULT_TEMPLATE,
+    ) -> str:
         """The templated prompt; think=False closes a thinking checkpoint's reasoning at once
         (internal prompts such as frame captions, and answers under a grammar: JSON cannot
         wait for a "</think>" the grammar would never allow)."""
-        text = self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        if self.reasoning and not think:
-            text += SKIP_THINKING
+        try:
+            text = self.processor.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=template.add_generation_prompt,
+                continue_final_message=template.continue_final_message,
+                **self.template_kwargs(template),
+            )
+        except ValueError as exc:  # transformers' continue_final_message checks
+            raise TemplateError(str(exc).split("\n")[0]) from None
+        if self.reasoning and template.add_generation_prompt and not self.thinks(think, template):
+            text += SKIP_THINKING  # the template opened "<think>": close it
         if self.timestamped_frames:
             # Qwen3-VL's own processor (and vLLM) replace the template's whole video wrapper
             # with "<t seconds><|vision_start|>...<|vision_end|>" per temporal patch, as the
@@ -184,7 +243,12 @@ class InputBuilder:
             text = text.replace(VIDEO_WRAPPED, VIDEO_PAD)
         return text
 
-    def count_text_tokens(self, messages: list[dict[str, Any]], think: bool = True) -> int:
+    def count_text_tokens(
+        self,
+        messages: list[dict[str, Any]],
+        think: bool = True,
+        template: TemplateOptions = DEFAULT_TEMPLATE,
+    ) -> int:
         """Tokens of the templated prompt with every image and video left out."""
         text_only = [
             {**m, "content": [p for p in m["content"] if p.get("type") == "text"]}
@@ -192,7 +256,7 @@ class InputBuilder:
             else m
             for m in messages
         ]
-        return len(self.tokenizer(self.prompt(text_only, think))["input_ids"])
+        return len(self.tokenizer(self.prompt(text_only, think, template))["input_ids"])
 
     def _video_metadata(self, video: VideoFrames) -> Any:
         from transformers.video_utils import VideoMetadata
@@ -220,6 +284,7 @@ class InputBuilder:
         images: list[Image.Image],
         videos: list[VideoFrames] | None = None,
         think: bool = True,
+        template: TemplateOptions = DEFAULT_TEMPLATE,
     ) -> ModelInputs:
         """messages use the HF chat format: content is a string or a list of
         {"type": "text" | "image" | "video"} parts, in the order of images and videos."""
@@ -231,7 +296,7 @@ class InputBuilder:
             kwargs["cap_pixels_per_frame"] = False
             kwargs["do_sample_frames"] = False
         encoded = self.processor(
-            text=[self.prompt(messages, think)],
+            text=[self.prompt(messages, think, template)],
             images=images or None,
             return_tensors="pt",
             **kwargs,
@@ -247,5 +312,19 @@ class InputBuilder:
             num_image_tokens=int((input_ids == self.image_token_id).sum()),
             num_video_tokens=int((input_ids == self.video_token_id).sum()),
             media=find_media(tensors, placeholders),
-            thinks=self.reasoning and think,
+            thinks=self.thinks(think, template),
         )
+
+
+def _template_variables(template: Any) -> frozenset[str]:
+    """The variables a chat template reads (none if it cannot be parsed: then no
+    chat_template_kwargs are passed)."""
+    import jinja2
+    from jinja2 import meta
+
+    sources = template.values() if isinstance(template, dict) else [template or ""]
+    env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    try:
+        return frozenset().union(*(meta.find_undeclared_variables(env.parse(t)) for t in sources))
+    except jinja2.TemplateError:
+        return frozenset()

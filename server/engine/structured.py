@@ -24,13 +24,31 @@ from server.engine.transfer import to_device
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    kind: Literal["json_object", "json_schema"]
-    schema_json: str | None = None  # canonical JSON text of the schema (hashable, cache key)
+    kind: Literal["json_object", "json_schema", "regex", "grammar"]
+    # The constraint's text (hashable, the cache key): the schema's canonical JSON, the
+    # regex, or the EBNF grammar.
+    schema_json: str | None = None
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> StructuredOutput:
         # Key order is kept: properties are generated in the order the schema lists them.
         return cls("json_schema", json.dumps(schema))
+
+    @classmethod
+    def regex(cls, pattern: str) -> StructuredOutput:
+        return cls("regex", pattern)
+
+    @classmethod
+    def grammar(cls, ebnf: str) -> StructuredOutput:
+        """An EBNF grammar (xgrammar's GBNF dialect) whose start rule is `root`."""
+        return cls("grammar", ebnf)
+
+    @classmethod
+    def choice(cls, choices: list[str]) -> StructuredOutput:
+        """Exactly one of the strings, as plain text (vLLM's guided_choice, built as vLLM
+        builds it for xgrammar: an alternation of EBNF string literals)."""
+        literals = (re.sub(r'(["\\])', r"\\\1", c) for c in choices)
+        return cls.grammar("root ::= " + " | ".join(f'"{c}"' for c in literals))
 
 
 class InvalidSchema(ValueError):
@@ -60,6 +78,10 @@ class GrammarCache:
 
     def compile(self, spec: StructuredOutput) -> Any:
         try:
+            if spec.kind == "regex":
+                return self.compiler.compile_regex(spec.schema_json)
+            if spec.kind == "grammar":
+                return self.compiler.compile_grammar(spec.schema_json)
             # json_object is OpenAI's "some JSON object": an object, any keys.
             schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
             # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.

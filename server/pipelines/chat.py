@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from server.engine.engine import AsyncEngine
-from server.engine.inputs import InputBuilder, ModelInputs, VideoFrames
+from server.engine.inputs import (
+    DEFAULT_TEMPLATE,
+    InputBuilder,
+    ModelInputs,
+    TemplateError,
+    TemplateOptions,
+    VideoFrames,
+)
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.engine.structured import InvalidSchema, StructuredOutput
@@ -51,6 +59,8 @@ from server.pipelines.video_captions import (
     captions_text,
 )
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class ChatRequest:
@@ -61,6 +71,8 @@ class ChatRequest:
     use_scenes: bool = False
     n: int = 1  # choices, each its own sequence over the one prefilled prompt
     tools: Tools | None = None
+    template: TemplateOptions = DEFAULT_TEMPLATE  # the request's chat-template options
+    grammar_param: str = "response_format"  # the field the grammar came from, for its errors
     received_time: float = field(default_factory=time.monotonic)
     # Async jobs: called with the fraction of video frames captioned (captions mode).
     on_progress: ProgressCallback | None = field(default=None, compare=False)
@@ -151,7 +163,8 @@ class ChatPipeline:
         self.engine.check_sampling(request.sampling)
         if (structured := request.sampling.structured) is not None:
             forced = request.tools is not None and request.tools.is_forced
-            await compile_grammar(self.engine, structured, "tools" if forced else "response_format")
+            param = "tools" if forced else request.grammar_param
+            await compile_grammar(self.engine, structured, param)
         return self.media.check_counts(request.messages)
 
     async def check_for_job(self, request: ChatRequest) -> None:
@@ -159,8 +172,8 @@ class ChatPipeline:
         max_tokens) that alone overflow the context, whatever the media add."""
         await self.check(request)
         hf_messages = [to_hf_message(m) for m in render(request.messages, request.tools)]
-        text_tokens = await asyncio.to_thread(
-            self.input_builder.count_text_tokens, hf_messages, _thinks(request)
+        text_tokens = await _templated(
+            self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template
         )
         self.engine.max_tokens_for(text_tokens, request.sampling)
 
@@ -184,8 +197,13 @@ class ChatPipeline:
             return await self._captioned(request, images, videos)
         frames = [VideoFrames(v.frames, v.plan.timestamps, v.info.duration_s) for v in videos]
         hf_messages = [to_hf_message(m) for m in messages]
-        inputs = await asyncio.to_thread(
-            self.input_builder.build, hf_messages, images, frames, _thinks(request)
+        inputs = await _templated(
+            self.input_builder.build,
+            hf_messages,
+            images,
+            frames,
+            _thinks(request),
+            request.template,
         )
         return ChatRun(await self._add(request, inputs))
 
@@ -213,8 +231,8 @@ class ChatPipeline:
             )
         messages = _replace_videos(request.messages, texts)
         hf_messages = [to_hf_message(m) for m in messages]
-        inputs = await asyncio.to_thread(
-            self.input_builder.build, hf_messages, images, None, _thinks(request)
+        inputs = await _templated(
+            self.input_builder.build, hf_messages, images, None, _thinks(request), request.template
         )
         return ChatRun(await self._add(request, inputs), all_captions, usage)
 
@@ -224,8 +242,8 @@ class ChatPipeline:
         """What the videos may use: the context minus the text, the images and the answer,
         shared equally between the videos."""
         hf_messages = [to_hf_message(m) for m in request.messages]
-        text_tokens = await asyncio.to_thread(
-            self.input_builder.count_text_tokens, hf_messages, _thinks(request)
+        text_tokens = await _templated(
+            self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template
         )
         side = self.input_builder.token_side
         image_tokens = sum((img.width // side) * (img.height // side) + 2 for img in images)
@@ -300,6 +318,19 @@ class ChatPipeline:
         )
 
 
+async def _templated(render: Callable[..., T], *args: Any) -> T:
+    """Runs a prompt-rendering call off the event loop; a prefill the template cannot
+    continue (continue_final_message) is the request's fault: a 400."""
+    try:
+        return await asyncio.to_thread(render, *args)
+    except TemplateError as exc:
+        raise InvalidRequest(
+            f"The messages cannot be rendered as asked: {exc}",
+            param="continue_final_message",
+            code="invalid_value",
+        ) from None
+
+
 def _thinks(request: ChatRequest) -> bool:
     """A thinking checkpoint reasons first, unless a grammar shapes the answer from its first
     token (response_format, a forced tool): then its reasoning is closed at once."""
@@ -315,7 +346,7 @@ async def compile_grammar(
         await asyncio.to_thread(engine.compile_grammar, spec)
     except InvalidSchema as exc:
         raise InvalidRequest(
-            f"{param}: the JSON schema cannot be used: {exc}",
+            f"{param}: the constraint (JSON schema, regex or grammar) cannot be used: {exc}",
             param=param,
             code="invalid_schema",
         ) from None
