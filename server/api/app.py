@@ -17,6 +17,7 @@ from server.api.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
     DrainMiddleware,
+    JsonBodyMiddleware,
     RequestIdMiddleware,
 )
 from server.api.routes import chat, completions, health, media, playground
@@ -172,6 +173,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
     )
     keys = settings.all_api_keys()
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)

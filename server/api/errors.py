@@ -19,6 +19,12 @@ from server.exceptions import ServerError
 
 logger = logging.getLogger(__name__)
 
+TYPE_BRANCHES = frozenset({"str", "int", "float", "bool", "dict", "function-after"})
+# A content part's type tags, which pydantic puts in the loc before the part's fields.
+PART_TAGS = frozenset(
+    {"text", "input_text", "output_text", "refusal", "image_url", "input_image", "video_url"}
+)
+
 HTTP_ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -46,14 +52,21 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     for item in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(item, int):
             param += f"[{item}]"
-        elif isinstance(item, str) and ("[" in item or item in ("str", "function-after")):
+        elif isinstance(item, str) and _is_union_branch(item):
             continue  # a union branch pydantic tried, not a field
-        elif isinstance(previous, int) and item in ("text", "image_url", "video_url"):
+        elif isinstance(previous, int) and item in PART_TAGS:
             pass  # a content part's type tag, which pydantic puts before the part's fields
         else:
             param += f".{item}" if param else str(item)
         previous = item
     return param or None
+
+
+def _is_union_branch(item: str) -> bool:
+    """A branch of a union in pydantic's loc: a type ("str", "list[...]", "literal[...]"),
+    a validator ("function-after[...]") or a model's class name ("NamedToolChoice"). Field
+    names are snake_case, so a capital first letter is a class name."""
+    return "[" in item or item in TYPE_BRANCHES or item[:1].isupper()
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:

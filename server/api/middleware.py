@@ -173,6 +173,22 @@ class BodySizeLimitMiddleware:
         )
 
 
+class JsonBodyMiddleware:
+    """Every request body here is JSON: one sent with another Content-Type (curl's `-d` says
+    application/x-www-form-urlencoded) is read as JSON anyway, as most OpenAI-compatible
+    servers effectively do; if it is not JSON, that is the error the client gets."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            # In place: the outer middleware read what the router writes into this scope.
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        await self.app(scope, receive, send)
+
+
 class ApiKeyMiddleware:
     """When keys are configured, every route but the open ones needs 'Authorization: Bearer <key>'.
     Keys are compared in constant time, against all keys, so timing reveals nothing."""

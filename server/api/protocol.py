@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.engine.inputs import TemplateOptions
 from server.engine.sampling import SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
@@ -99,13 +100,26 @@ Stop = Annotated[StopString | list[StopString] | None, AfterValidator(_stop_coun
 
 
 class TextContentPart(PartModel):
-    type: Literal["text"]
+    # input_text is the Responses API's name (vLLM's parser reads it as text); output_text
+    # is how such clients write an earlier answer into the history.
+    type: Literal["text", "input_text", "output_text"]
     text: Text
+
+
+class RefusalContentPart(PartModel):
+    """An earlier refusal in an assistant message: read as its text, as vLLM does."""
+
+    type: Literal["refusal"]
+    refusal: Text
 
 
 class ImageURL(PartModel):
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] = "auto"
+    # "original" (OpenAI's newest level: the image as sent) is read as high, our largest.
+    detail: Literal["auto", "low", "high", "original"] = "auto"
+
+    def budget(self) -> Literal["auto", "low", "high"]:
+        return "high" if self.detail == "original" else self.detail
 
 
 class ImageContentPart(PartModel):
@@ -117,6 +131,18 @@ class ImageContentPart(PartModel):
     def _accept_bare_url(cls, value: Any) -> Any:
         # Some clients send "image_url": "https://..." instead of {"url": ...}.
         return {"url": value} if isinstance(value, str) else value
+
+
+class InputImageContentPart(PartModel):
+    """The Responses API's image part, {"type": "input_image", "image_url": "https://...",
+    "detail": ...}, which vLLM's parser accepts in chat messages too."""
+
+    type: Literal["input_image"]
+    image_url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high", "original"] = "auto"
+
+    def as_image_url(self) -> ImageURL:
+        return ImageURL(url=self.image_url, detail=self.detail)
 
 
 class VideoURL(PartModel):
@@ -140,7 +166,12 @@ class VideoContentPart(PartModel):
 
 
 ContentPart = Annotated[
-    TextContentPart | ImageContentPart | VideoContentPart, Field(discriminator="type")
+    TextContentPart
+    | RefusalContentPart
+    | ImageContentPart
+    | InputImageContentPart
+    | VideoContentPart,
+    Field(discriminator="type"),
 ]
 
 
@@ -221,7 +252,36 @@ class ResponseFormat(StrictModel):
 
 
 class StreamOptions(StrictModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    # OpenAI's random padding of deltas against length side channels: not sent by this
+    # server, so there is nothing to switch; accepted as the SDK sends it.
+    include_obfuscation: bool | None = None
+    # extension (vLLM's): with include_usage, the usage so far on every chunk too
+    continuous_usage_stats: bool | None = False
+
+    def usage_wanted(self) -> tuple[bool, bool]:
+        """(a final usage chunk, usage on every chunk), as vLLM reads them."""
+        final = bool(self.include_usage)
+        return final, final and bool(self.continuous_usage_stats)
+
+
+def usage_wanted(stream_options: StreamOptions | None) -> tuple[bool, bool]:
+    return stream_options.usage_wanted() if stream_options else (False, False)
+
+
+# A guided regex, grammar or choice: never empty (an answer that can only be empty is
+# nothing a grammar can generate).
+Constraint = Annotated[str, Field(min_length=1)]
+
+
+class StructuredOutputsParam(StrictModel):
+    """vLLM's `structured_outputs`: exactly one of its constraints."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: Constraint | None = None
+    choice: list[Constraint] | None = Field(default=None, min_length=1)
+    grammar: Constraint | None = None
+    json_object: bool | None = None
 
 
 class FunctionDefinition(StrictModel):
@@ -257,10 +317,32 @@ UNSUPPORTED_WHEN = {
     "functions": lambda v: bool(v),
     "logit_bias": lambda v: bool(v),
     "modalities": lambda v: v not in (None, [], ["text"]),
+    # Both ask for work the answer would silently lack: screening, or fresh web results.
+    "moderation": lambda v: v is not None,
     "prediction": lambda v: v is not None,
-    "reasoning_effort": lambda v: v is not None,
-    "store": lambda v: bool(v),
+    "web_search_options": lambda v: v is not None,
+    # vLLM's: the detokenizer always drops special tokens and joins them without spaces.
+    "skip_special_tokens": lambda v: v is False,
+    "spaces_between_special_tokens": lambda v: v is False,
 }
+# Accepted with no effect (logged at debug): hints for a hosted service (caching, abuse
+# tracking, tiers, storage, answer length) or for a reasoning level no Qwen-VL checkpoint has.
+IGNORED_FIELDS = (
+    "metadata",
+    "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
+    "reasoning_effort",
+    "safety_identifier",
+    "service_tier",
+    "store",
+    "user",
+    "verbosity",
+    "priority",
+    "request_id",
+)
+# vLLM's guided decoding fields: each maps onto the structured-output grammar.
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class ChatCompletionRequest(StrictModel):
@@ -276,17 +358,22 @@ class ChatCompletionRequest(StrictModel):
     max_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, str] | None = None
     modalities: list[str] | None = None
+    moderation: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1)
     parallel_tool_calls: bool | None = None
     prediction: Any | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
     reasoning_effort: str | None = None
     response_format: ResponseFormat | None = None
+    safety_identifier: str | None = None
     seed: int | None = None
     service_tier: str | None = None
     stop: Stop = None
     store: bool | None = None
-    stream: StrictBool = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     tool_choice: ToolChoice | None = None
@@ -294,11 +381,28 @@ class ChatCompletionRequest(StrictModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: float | None = Field(default=None, gt=0, le=1)
     user: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
     top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's; -1 or 0: disabled)
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = None  # extension (vLLM's)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
+    # extensions (vLLM's): the chat template's rendering
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    # extensions (vLLM's): guided decoding, onto the structured-output grammar
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: Constraint | None = None
+    guided_choice: list[Constraint] | None = Field(default=None, min_length=1)
+    guided_grammar: Constraint | None = None
+    structured_outputs: StructuredOutputsParam | None = None
+    # extensions (vLLM's) with nothing to change here (see UNSUPPORTED_WHEN, IGNORED_FIELDS)
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    priority: int | None = None
+    request_id: str | None = Field(default=None, max_length=256)
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
     # extension (ours, Animus' name): one frame per detected scene instead of uniform frames
@@ -311,11 +415,70 @@ class ChatCompletionRequest(StrictModel):
             raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
+    @model_validator(mode="after")
+    def _check_template_flags(self) -> ChatCompletionRequest:
+        # As vLLM: a prefill is continued, so no new assistant turn may be opened after it.
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        return self
+
     def unsupported_fields(self) -> list[str]:
         return [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
 
+    def ignored_fields(self) -> list[str]:
+        """Fields the request set that change nothing here (for the debug log)."""
+        ignored = [f for f in IGNORED_FIELDS if getattr(self, f) is not None]
+        if self.stream_options and self.stream_options.include_obfuscation is not None:
+            ignored.append("stream_options.include_obfuscation")
+        return ignored
+
     def num_choices(self, max_n: int) -> int:
         return check_n(self.n, max_n)
+
+    def to_template(self) -> TemplateOptions:
+        return TemplateOptions(
+            add_generation_prompt=self.add_generation_prompt is not False
+            and not self.continue_final_message,
+            continue_final_message=bool(self.continue_final_message),
+            kwargs=dict(self.chat_template_kwargs or {}),
+        )
+
+    def to_structured(self) -> StructuredOutput | None:
+        """The one grammar the answer follows: response_format, a vLLM guided_* field or
+        structured_outputs (more than one: 400, as vLLM)."""
+        given = self._constraints()
+        if len(given) > 1:
+            raise InvalidRequest(
+                f"Only one kind of structured output per request; got {', '.join(given)}.",
+                param=list(given)[1],
+                code="invalid_value",
+            )
+        if self.response_format is not None:
+            return self.response_format.to_structured()
+        if self.structured_outputs is not None:
+            return _guided(self.structured_outputs.model_dump(by_alias=True), "structured_outputs")
+        guided = {f.removeprefix("guided_"): getattr(self, f) for f in GUIDED_FIELDS}
+        return _guided(guided, next(iter(given), ""))
+
+    def structured_param(self) -> str:
+        """The field the grammar came from, for errors about it."""
+        return next(iter(self._constraints()), "response_format")
+
+    def _constraints(self) -> dict[str, Any]:
+        given = {
+            name: value
+            for name, value in (
+                ("response_format", self.response_format),
+                *((f, getattr(self, f)) for f in GUIDED_FIELDS),
+                ("structured_outputs", self.structured_outputs),
+            )
+            if value is not None
+        }
+        if self.response_format is not None and self.response_format.type == "text":
+            given.pop("response_format")
+        return given
 
     def to_tools(self) -> Tools | None:
         """The tools and how they may be used; None when the request has none."""
@@ -336,10 +499,10 @@ class ChatCompletionRequest(StrictModel):
                     code="invalid_value",
                 )
         tools = Tools(definitions, choice, self.parallel_tool_calls is not False)
-        if tools.is_forced and self.response_format and self.response_format.type != "text":
+        if tools.is_forced and self.to_structured() is not None:
             raise InvalidRequest(
-                "response_format cannot be combined with a named or required tool_choice: "
-                "the answer is the tool call.",
+                "response_format (or guided decoding) cannot be combined with a named or "
+                "required tool_choice: the answer is the tool call.",
                 param="response_format",
                 code="invalid_value",
             )
@@ -351,7 +514,7 @@ class ChatCompletionRequest(StrictModel):
         return self.video_mode or default
 
     def to_sampling_params(self, default_temperature: float) -> SamplingParams:
-        structured = self.response_format.to_structured() if self.response_format else None
+        structured = self.to_structured()
         tools = self.to_tools()
         if tools is not None and tools.is_forced:
             structured = tools.grammar()
@@ -367,6 +530,32 @@ class ChatCompletionRequest(StrictModel):
 
     def to_messages(self) -> list[ChatMessage]:
         return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+
+
+def _guided(fields: dict[str, Any], param: str) -> StructuredOutput | None:
+    """vLLM's constraint fields (json, regex, choice, grammar, json_object) -> the grammar."""
+    if len([v for v in fields.values() if v not in (None, False)]) > 1:
+        raise InvalidRequest(f"{param} takes one constraint.", param=param, code="invalid_value")
+    if (schema := fields.get("json")) is not None:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                raise InvalidRequest(
+                    f"{param}: the JSON schema is not valid JSON.",
+                    param=param,
+                    code="invalid_schema",
+                ) from None
+        return StructuredOutput.json_schema(schema)
+    if fields.get("regex") is not None:
+        return StructuredOutput.regex(fields["regex"])
+    if fields.get("choice") is not None:
+        return StructuredOutput.choice(fields["choice"])
+    if fields.get("grammar") is not None:
+        return StructuredOutput.grammar(fields["grammar"])
+    if fields.get("json_object"):
+        return StructuredOutput("json_object")
+    return None
 
 
 def check_n(n: int | None, max_n: int) -> int:
@@ -427,14 +616,17 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
         param = f"messages[{index}].content[{j}]"
         if isinstance(part, TextContentPart):
             parts.append(TextPart(part.text))
+        elif isinstance(part, RefusalContentPart):
+            parts.append(TextPart(part.refusal))
         elif role != "user":
             raise InvalidRequest(
                 f"Only user messages may carry media; {param} is in the {message.role} message.",
                 param=param,
                 code="unsupported_content",
             )
-        elif isinstance(part, ImageContentPart):
-            parts.append(ImagePart(part.image_url.url, part.image_url.detail, param))
+        elif isinstance(part, ImageContentPart | InputImageContentPart):
+            image = part.image_url if isinstance(part, ImageContentPart) else part.as_image_url()
+            parts.append(ImagePart(image.url, image.budget(), param))
         else:
             video = part.video_url
             wishes = FrameRequest(
@@ -472,7 +664,9 @@ class ToolCallOut(BaseModel):
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    # extension (vLLM's and the hosted Qwen APIs'): a thinking checkpoint's reasoning
+    # extension: a thinking checkpoint's reasoning, under current vLLM's name and under the
+    # older one that vLLM < 0.11 and the hosted Qwen APIs send (the same text in both)
+    reasoning: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
@@ -527,6 +721,7 @@ class ChatCompletionChoice(BaseModel):
             index=choice.index,
             message=ChatCompletionMessage(
                 content=choice.content,
+                reasoning=choice.reasoning_content,
                 reasoning_content=choice.reasoning_content,
                 tool_calls=calls,
             ),
@@ -621,7 +816,9 @@ class DeltaToolCall(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    reasoning_content: str | None = None  # extension: a thinking checkpoint's reasoning
+    # extension: a thinking checkpoint's reasoning, under both names (as in the message)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 
@@ -696,7 +893,7 @@ class MediaCategoriesRequest(JobOptions):
     model: str | None = None
     media_url: str = Field(min_length=1)
     metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
-    use_scenes: bool = False
+    use_scenes: bool | None = False
 
     def keys(self) -> tuple[str, ...]:
         """The requested keys in the canonical order (all five when none are given)."""
@@ -778,7 +975,7 @@ class CompletionRequest(StrictModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
     stop: Stop = None
-    stream: StrictBool = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from server.api.protocol import (
@@ -45,9 +45,13 @@ class ChatChunkWriter:
     step), so they are built from a precomputed prefix rather than through pydantic; the rest
     go through the protocol models."""
 
-    def __init__(self, completion_id: str, model: str):
+    def __init__(
+        self, completion_id: str, model: str, running_usage: Callable[[], Usage] | None = None
+    ):
         self.completion_id = completion_id
         self.model = model
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far.
+        self.running_usage = running_usage
         self.created = int(time.time())
         head = {
             "id": completion_id,
@@ -60,6 +64,10 @@ class ChatChunkWriter:
         )
 
     def content(self, text: str, index: int = 0) -> str:
+        if self.running_usage is not None:
+            return self._event(
+                [ChatCompletionChunkChoice(index=index, delta=DeltaMessage(content=text))]
+            )
         prefix = 'data: {"choices":[{"index":' + str(index) + ',"delta":{"content":'
         return prefix + json.dumps(text) + self._content_suffix
 
@@ -74,7 +82,7 @@ class ChatChunkWriter:
                 return self.content(event, index)
             delta = DeltaMessage(content=event)
         elif isinstance(event, Reasoning):
-            delta = DeltaMessage(reasoning_content=event.text)
+            delta = DeltaMessage(reasoning=event.text, reasoning_content=event.text)
         else:
             delta = DeltaMessage(tool_calls=[_tool_call_delta(event)])
         return self._event([ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs)])
@@ -104,6 +112,8 @@ class ChatChunkWriter:
         usage: Usage | None = None,
         frames: list[FrameCaptionOut] | None = None,
     ) -> str:
+        if usage is None and self.running_usage is not None:
+            usage = self.running_usage()
         chunk = ChatCompletionChunk(
             id=self.completion_id,
             created=self.created,
@@ -185,13 +195,16 @@ async def chat_stream(
     first: tuple[int, SequenceOutput],
     rest: AsyncIterator[tuple[int, SequenceOutput]],
     model: str,
-    include_usage: bool,
+    usage: tuple[bool, bool],
     texts: TokenTexts,
     tools: Tools | None = None,
     reasoning: bool = False,
 ) -> AsyncIterator[str]:
-    """first and rest: (choice index, output) of every choice, as they come."""
-    writer = ChatChunkWriter(run.seq.request_id, model)
+    """first and rest: (choice index, output) of every choice, as they come. usage: (a final
+    usage chunk, the usage so far on every chunk)."""
+    include_usage, continuous = usage
+    running = (lambda: Usage.of(*run.usage())) if continuous else None
+    writer = ChatChunkWriter(run.seq.request_id, model, running)
     choices = [
         ChoiceStream(i, seq, call_stream(tools), ReasoningStream() if reasoning else None)
         for i, seq in enumerate(run.seqs)

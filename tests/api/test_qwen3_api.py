@@ -128,6 +128,8 @@ async def test_a_thinking_checkpoint_answers_with_reasoning_content(
     assert response.status_code == 200, response.text
     message = response.json()["choices"][0]["message"]
     assert message["reasoning_content"] and message["content"] == ""
+    # current vLLM's name, with the same text (clients read one or the other)
+    assert message["reasoning"] == message["reasoning_content"]
     async with thinking.stream(
         "POST", "/v1/chat/completions", json={**body, "stream": True}
     ) as stream:
@@ -138,7 +140,25 @@ async def test_a_thinking_checkpoint_answers_with_reasoning_content(
         ]
     streamed = "".join(d.get("reasoning_content") or "" for d in deltas)
     assert streamed == message["reasoning_content"]
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
     assert not "".join(d.get("content") or "" for d in deltas)
+
+
+async def test_enable_thinking_false_closes_the_reasoning(thinking: httpx.AsyncClient) -> None:
+    """chat_template_kwargs.enable_thinking=false (vLLM clients send it for Qwen3) answers at
+    once, the way Qwen3's hybrid templates render it: "</think>" is in the prompt, and the
+    whole answer is content."""
+    body = chat(text("Quick."), max_tokens=6, temperature=0, ignore_eos=True)
+    thinks = await thinking.post("/v1/chat/completions", json=body)
+    off = {**body, "chat_template_kwargs": {"enable_thinking": False, "unknown_key": 1}}
+    answers = await thinking.post("/v1/chat/completions", json=off)
+    assert thinks.status_code == answers.status_code == 200, answers.text
+    assert thinks.json()["choices"][0]["message"]["reasoning"]
+    message = answers.json()["choices"][0]["message"]
+    assert message["reasoning"] is None and message["reasoning_content"] is None
+    assert message["content"]
+    usage = thinks.json()["usage"], answers.json()["usage"]
+    assert usage[1]["prompt_tokens"] > usage[0]["prompt_tokens"]  # the closing "</think>"
 
 
 async def test_a_thinking_checkpoint_under_a_grammar_answers_at_once(

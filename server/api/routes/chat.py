@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Literal, TypeVar
@@ -21,6 +22,7 @@ from server.api.protocol import (
     MediaJob,
     check_stream_options,
     completion_id,
+    usage_wanted,
 )
 from server.api.services import Services, get_services, job_accepted
 from server.api.sse import SSE_HEADERS, chat_stream
@@ -31,6 +33,7 @@ from server.pipelines.chat import ChatPipeline, ChatRequest
 from server.pipelines.choices import merged
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 SSE_EVENT_SCHEMA = {
     "type": "object",
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
@@ -120,6 +123,10 @@ def _chat_request(
         services.check_model(body.model)
     refuse_unsupported(body.unsupported_fields())
     check_stream_options(body)
+    if ignored := body.ignored_fields():
+        logger.debug("fields with no effect here, ignored: %s", ", ".join(ignored))
+    if body.request_id is not None:
+        logger.info("client request_id %s", body.request_id)
     return ChatRequest(
         request_id=completion_id(),
         messages=body.to_messages(),
@@ -129,6 +136,8 @@ def _chat_request(
         # a job's n was checked when it was accepted
         n=body.num_choices(services.max_n) if services is not None else body.n or 1,
         tools=body.to_tools(),
+        template=body.to_template(),
+        grammar_param=body.structured_param(),
     )
 
 
@@ -147,11 +156,11 @@ async def _complete(
     outputs = merged([services.chat.outputs(seq) for seq in run.seqs])
     # Wait for the first token before answering 200, so a queue timeout is still a 503.
     first = await until_disconnected(request, anext(outputs))
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    usage = usage_wanted(body.stream_options)
     texts, tools = services.chat.token_texts, chat_request.tools
     reasoning = run.seq.inputs.thinks
     return StreamingResponse(
-        chat_stream(run, first, outputs, body.model, include_usage, texts, tools, reasoning),
+        chat_stream(run, first, outputs, body.model, usage, texts, tools, reasoning),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )

@@ -19,6 +19,7 @@ from server.api.protocol import (
     CompletionResponse,
     Usage,
     check_stream_options,
+    usage_wanted,
 )
 from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
@@ -59,11 +60,11 @@ async def completions(
             choices=choices,
             usage=usage_of(seqs, n),
         )
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    usage = usage_wanted(body.stream_options)
     events = merged([pipeline.outputs(s) for s in seqs])
     streams = [ChoiceStream(k, seq, seqs[k - k % n], echoes[k]) for k, seq in enumerate(seqs)]
     return StreamingResponse(
-        stream(response_id, body.model, streams, events, include_usage, pipeline.token_texts, n),
+        stream(response_id, body.model, streams, events, usage, pipeline.token_texts, n),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
@@ -150,11 +151,14 @@ async def stream(
     model: str,
     choices: list[ChoiceStream],
     events: AsyncIterator[tuple[int, SequenceOutput]],
-    include_usage: bool,
+    usage: tuple[bool, bool],
     texts: TokenTexts,
     n: int,
 ) -> AsyncIterator[str]:
+    """usage: (a final usage chunk, the usage so far on every chunk: vLLM's
+    continuous_usage_stats)."""
     created = int(time.time())
+    include_usage, continuous = usage
 
     def chunk(choices: list[dict], usage: Usage | None = None) -> str:
         body = {
@@ -171,7 +175,8 @@ async def stream(
     try:
         async for index, output in events:
             if (choice := choices[index].choice(output, texts)) is not None:
-                yield chunk([choice])
+                running = usage_of([c.seq for c in choices], n) if continuous else None
+                yield chunk([choice], running)
     except ServerError as exc:
         yield error_event(exc)
     else:

@@ -89,7 +89,7 @@ async def list_jobs(
 
 
 def pipeline_request(request_id: str, body: MediaCategoriesRequest) -> CategoriesRequest:
-    return CategoriesRequest(request_id, body.media_url, body.keys(), body.use_scenes)
+    return CategoriesRequest(request_id, body.media_url, body.keys(), bool(body.use_scenes))
 
 
 def categories_response(

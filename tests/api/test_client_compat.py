@@ -1,0 +1,252 @@
+"""What real clients send: the current OpenAI SDK's fields, vLLM's extra_body parameters,
+Responses-style content parts, explicit nulls, curl's form Content-Type. Each is accepted (and
+honoured where it means something) or refused by name; truly unknown fields stay a 400."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from tests.api.test_errors import assert_error
+from tests.helpers import data_uri, make_image
+
+pytestmark = pytest.mark.anyio
+
+URL = "/v1/chat/completions"
+
+
+def chat(content: str | list = "Hi", **extra: object) -> dict:
+    messages = [{"role": "user", "content": content}]
+    return {"model": "tiny", "messages": messages, "max_tokens": 4, **extra}
+
+
+async def ok(client: httpx.AsyncClient, body: dict, url: str = URL) -> dict:
+    response = await client.post(url, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def sse(client: httpx.AsyncClient, body: dict, url: str = URL) -> list[dict]:
+    async with client.stream("POST", url, json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+# The OpenAI SDK's chat.completions.create fields with no effect here (sent as the SDK does).
+SDK_FIELDS = {
+    "prompt_cache_key": "user-42",
+    "prompt_cache_retention": "24h",
+    "prompt_cache_options": {"mode": "implicit"},
+    "safety_identifier": "hash-of-user",
+    "verbosity": "low",
+    "moderation": None,
+    "web_search_options": None,
+    "store": True,
+    "reasoning_effort": "high",
+    "service_tier": "auto",
+    # vLLM's
+    "priority": 3,
+    "request_id": "client-id-1",
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "add_generation_prompt": True,
+}
+
+
+async def test_sdk_fields_are_accepted(client: httpx.AsyncClient) -> None:
+    await ok(client, chat(**SDK_FIELDS))
+    options = {"include_usage": True, "include_obfuscation": False}
+    chunks = await sse(client, chat(**SDK_FIELDS, stream_options=options))
+    assert chunks[-1]["usage"]["total_tokens"] > 0
+
+
+async def test_the_openai_sdk_with_its_current_fields(client: httpx.AsyncClient) -> None:
+    """chat.completions.create's own keyword arguments, typed as the SDK types them, and
+    vLLM's extra_body parameters, as clients pass them."""
+    sdk = openai.AsyncOpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
+    )
+    stream = await sdk.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        prompt_cache_key="k",
+        prompt_cache_retention="in_memory",
+        safety_identifier="s",
+        verbosity="medium",
+        moderation=None,
+        store=True,
+        reasoning_effort="minimal",
+        stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}, "priority": 0},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    answer = await sdk.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Yes or no?"}],
+        extra_body={"guided_choice": ["yes", "no"]},
+    )
+    assert answer.choices[0].message.content in ("yes", "no")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("moderation", {"model": "omni-moderation-latest"}),
+        ("web_search_options", {}),
+        ("skip_special_tokens", False),
+        ("spaces_between_special_tokens", False),
+        ("min_p", 0.1),  # the engine's, not wired yet: still unknown
+        ("cache_salt", "tenant-a"),  # ignoring it would share the prefix cache across tenants
+    ],
+)
+async def test_fields_that_would_change_the_answer_are_refused_by_name(
+    client: httpx.AsyncClient, field: str, value: object
+) -> None:
+    response = await client.post(URL, json=chat(**{field: value}))
+    error = assert_error(response, 400, field)
+    assert error["code"] in ("unsupported_parameter", "unknown_parameter")
+
+
+async def test_explicit_nulls_are_the_defaults(client: httpx.AsyncClient) -> None:
+    body = chat(stream=None, n=None, logprobs=None, temperature=None, stream_options=None)
+    assert (await ok(client, body))["object"] == "chat.completion"
+    completion = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "stream": None, "echo": None}
+    assert (await ok(client, completion, "/v1/completions"))["object"] == "text_completion"
+
+
+async def test_continuous_usage_stats(client: httpx.AsyncClient) -> None:
+    """vLLM's: with include_usage, every chunk carries the usage so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = chat(max_tokens=5, ignore_eos=True, stream_options=options)
+    chunks = await sse(client, body)
+    assert all(chunk.get("usage") for chunk in chunks)
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == 5
+    assert chunks[-1]["choices"] == []
+    completion = {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
+    chunks = await sse(client, {**completion, "stream_options": options}, "/v1/completions")
+    assert all(chunk.get("usage") for chunk in chunks)
+    # Without it, only the final chunk has usage, as before.
+    chunks = await sse(client, chat(stream_options={"include_usage": True}))
+    assert [bool(c.get("usage")) for c in chunks].count(True) == 1
+
+
+async def test_param_has_no_class_names(client: httpx.AsyncClient) -> None:
+    response = await client.post(URL, json=chat(tool_choice={"type": "function"}))
+    assert_error(response, 400, "tool_choice.function", "invalid_value")
+
+
+async def test_json_body_with_curls_form_content_type(client: httpx.AsyncClient) -> None:
+    """curl -d sends application/x-www-form-urlencoded: the body is read as JSON anyway."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    response = await client.post(URL, content=json.dumps(chat()), headers=form)
+    assert response.status_code == 200, response.text
+    response = await client.post(URL, content=b"model=tiny&messages=hi", headers=form)
+    assert_error(response, 400, None, "invalid_json")
+
+
+async def test_responses_style_and_history_parts(client: httpx.AsyncClient) -> None:
+    """input_text / input_image (as vLLM's parser reads them), detail "original" (as high),
+    and refusal / output_text parts in the assistant's history: the same prompt as the plain
+    parts."""
+    url = data_uri(make_image(320, 240))
+
+    def conversation(image: dict, said: list[dict], question: dict) -> dict:
+        return {
+            "model": "tiny",
+            "max_tokens": 2,
+            "messages": [
+                {"role": "user", "content": [image, question]},
+                {"role": "assistant", "content": said},
+                {"role": "user", "content": "And now?"},
+            ],
+        }
+
+    plain = conversation(
+        {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+        [{"type": "text", "text": "No."}, {"type": "text", "text": "Sorry."}],
+        {"type": "text", "text": "What is it?"},
+    )
+    responses_style = conversation(
+        {"type": "input_image", "image_url": url, "detail": "original"},
+        [{"type": "refusal", "refusal": "No."}, {"type": "output_text", "text": "Sorry."}],
+        {"type": "input_text", "text": "What is it?"},
+    )
+    expected = (await ok(client, plain))["usage"]
+    assert (await ok(client, responses_style))["usage"]["prompt_tokens"] == expected[
+        "prompt_tokens"
+    ]
+
+
+async def test_chat_template_kwargs(client: httpx.AsyncClient) -> None:
+    """Passed to the template when it reads them (Qwen's read add_vision_id); others are
+    harmless."""
+    content = [{"type": "image_url", "image_url": data_uri(make_image(64, 64))}]
+    base = (await ok(client, chat(content)))["usage"]["prompt_tokens"]
+    kwargs = {"add_vision_id": True, "not_in_the_template": 1, "messages": []}
+    labelled = (await ok(client, chat(content, chat_template_kwargs=kwargs)))["usage"]
+    assert labelled["prompt_tokens"] > base  # "Picture 1: "
+
+
+async def test_add_generation_prompt_and_continue_final_message(client) -> None:
+    base = (await ok(client, chat()))["usage"]["prompt_tokens"]
+    bare = (await ok(client, chat(add_generation_prompt=False)))["usage"]["prompt_tokens"]
+    assert bare < base  # no "<|im_start|>assistant\n"
+    prefill = {
+        "model": "tiny",
+        "max_tokens": 2,
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+        ],
+    }
+    continued = (await ok(client, {**prefill, "continue_final_message": True}))["usage"]
+    closed = (await ok(client, prefill))["usage"]
+    # the prefill stays open: no "<|im_end|>\n" and no new assistant turn after it
+    assert continued["prompt_tokens"] < closed["prompt_tokens"]
+    both = {**prefill, "continue_final_message": True, "add_generation_prompt": True}
+    assert_error(await client.post(URL, json=both), 400, None, "invalid_value")
+    not_assistant = chat(continue_final_message=True)
+    assert_error(await client.post(URL, json=not_assistant), 400, None, "invalid_value")
+
+
+GUIDED = {
+    "guided_choice": (["yes", "no", 'say "maybe"'], lambda t: t in ("yes", "no", 'say "maybe"')),
+    "guided_regex": ("[ab]{3}", lambda t: re.fullmatch("[ab]{3}", t)),
+    "guided_json": (
+        {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]},
+        lambda t: json.loads(t)["a"] in ("x", "y"),
+    ),
+    "guided_grammar": ('root ::= "x" ("y" | "z")', lambda t: t in ("xy", "xz")),
+}
+
+
+@pytest.mark.parametrize("field", GUIDED)
+async def test_vllm_guided_decoding(client: httpx.AsyncClient, field: str) -> None:
+    """Onto the structured-output grammar: the answer is exactly the constrained text, from
+    a random-weight model too (guided_choice: the plain choice, as vLLM answers)."""
+    value, check = GUIDED[field]
+    for body in (chat(**{field: value}), chat(structured_outputs={field[7:]: value})):
+        body["max_tokens"] = 30
+        text = (await ok(client, body))["choices"][0]["message"]["content"]
+        assert check(text), text
+
+
+async def test_guided_decoding_refusals(client: httpx.AsyncClient) -> None:
+    two = chat(guided_regex="a+", response_format={"type": "json_object"})
+    assert_error(await client.post(URL, json=two), 400, None, "invalid_value")
+    two = chat(structured_outputs={"regex": "a", "choice": ["b"]})
+    assert_error(await client.post(URL, json=two), 400, "structured_outputs", "invalid_value")
+    bad = await client.post(URL, json=chat(guided_regex="(unclosed"))
+    assert_error(bad, 400, "guided_regex", "invalid_schema")
+    bad = await client.post(URL, json=chat(guided_json="{not json"))
+    assert_error(bad, 400, "guided_json", "invalid_schema")
