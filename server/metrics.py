@@ -184,6 +184,12 @@ def route_label(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None:
         return route.path
-    if "endpoint" in scope and scope.get("app_root_path") is not None:
+    if "endpoint" not in scope:
+        return "unmatched"
+    if scope.get("app_root_path") is not None:
         return scope.get("root_path", "") or "unmatched"
+    # A plain Starlette route (FastAPI's /openapi.json) records only its endpoint.
+    for candidate in getattr(scope.get("app"), "routes", ()):
+        if getattr(candidate, "endpoint", None) is scope["endpoint"]:
+            return candidate.path
     return "unmatched"

@@ -71,9 +71,11 @@ async def test_metrics_label_every_route_and_have_no_created_series(
     keyed: httpx.AsyncClient,
 ) -> None:
     await keyed.get("/docs")
+    await keyed.get("/openapi.json")
     await keyed.get("/static-offline-docs/swagger-ui.css")
     text = (await keyed.get("/metrics")).text
     assert 'vlm_http_requests_total{route="/docs",status="200"}' in text
+    assert 'vlm_http_requests_total{route="/openapi.json",status="200"}' in text
     assert 'vlm_http_requests_total{route="/static-offline-docs",status="200"}' in text
     assert "_created" not in text
 
