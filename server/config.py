@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     )
     api_key_file: Path | None = None
     metrics_require_api_key: bool = False
+    # Browser origins allowed to call the API (CORS); none by default, unlike vLLM's "*", so
+    # a web page the user visits cannot drive a server on their machine or network.
+    allowed_origins: StrList = []
     max_request_body_bytes: int = Field(default=300 * 1024 * 1024, ge=1)  # a 200 MiB video
     quantization: Quantization = "none"
     quantize_vision: bool = False
@@ -123,6 +126,7 @@ class Settings(BaseSettings):
     @field_validator(
         "served_model_name",
         "api_keys",
+        "allowed_origins",
         "allowed_media_domains",
         "webhook_retry_delays",
         mode="before",

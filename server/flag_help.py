@@ -49,6 +49,7 @@ DEFAULT_TEXT = {
     "job_store": "sqlite:///DATA_DIR/jobs.sqlite3",
     "allowed_media_domains": "any host whose addresses are all public",
     "api_keys": "none: no auth",
+    "allowed_origins": "none: browsers refuse cross-origin calls",
 }
 
 HELP = {
@@ -63,6 +64,9 @@ HELP = {
     "comma-separated). /health, /version, /docs and the playground stay open.",
     "api_key_file": "File of API keys, one per line (# comments), added to --api-key.",
     "metrics_require_api_key": "Make /metrics need an API key too (open by default).",
+    "allowed_origins": "Web origins a browser may call the API from (CORS; repeatable or "
+    "comma-separated, * for any): for a web app on another origin. Off by default, so a page "
+    "you visit cannot drive a server on your machine.",
     "max_request_body_bytes": "Largest request body; larger ones get a 413 before they are read.",
     "quantization": "Load the weights with bitsandbytes (CUDA only): bnb-4bit (NF4) or bnb-8bit.",
     "quantize_vision": "Also quantise the vision tower (kept in full precision otherwise).",

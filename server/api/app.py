@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
@@ -178,6 +179,15 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(DrainMiddleware)
+    if settings.allowed_origins:
+        # Outside the key check: a browser's preflight OPTIONS carries no Authorization.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location"],
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     app.state.metrics = metrics

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.api.test_errors import assert_error
-from tests.helpers import data_uri, make_image
+from tests.helpers import data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -250,3 +251,26 @@ async def test_guided_decoding_refusals(client: httpx.AsyncClient) -> None:
     assert_error(bad, 400, "guided_regex", "invalid_schema")
     bad = await client.post(URL, json=chat(guided_json="{not json"))
     assert_error(bad, 400, "guided_json", "invalid_schema")
+
+
+async def test_cors_is_opt_in(client: httpx.AsyncClient, tiny_model_dir: Path) -> None:
+    """A browser's preflight: refused by default (a web page cannot drive a local server);
+    with --allowed-origins, answered for those origins, before the API key is checked."""
+    preflight = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    response = await client.options(URL, headers=preflight)
+    assert "access-control-allow-origin" not in response.headers
+    settings = make_settings(tiny_model_dir, allowed_origins=["http://app.example"], api_keys=["k"])
+    async for cors in start_client(settings):
+        response = await cors.options(URL, headers=preflight)
+        assert response.status_code == 200, response.text
+        assert response.headers["access-control-allow-origin"] == "http://app.example"
+        headers = {"Origin": "http://app.example", "Authorization": "Bearer k"}
+        response = await cors.post(URL, json=chat(), headers=headers)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "http://app.example"
+        other = await cors.options(URL, headers={**preflight, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
