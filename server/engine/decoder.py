@@ -18,8 +18,9 @@ same weights with about half as many:
 Only steps whose every row is a generated token take it: such a token sits at the same
 position on all three multimodal-rope axes, so the rope is the plain one, and no media or
 DeepStack features are added. Everything else (prompts, media, bitsandbytes weights, rope
-scalings that change with the length) stays on HF's forward. In float32 the two agree token
-for token (tests/engine/test_decoder.py, all three families).
+scalings) stays on HF's forward. On the CPU the two give the same logits, bit for bit in
+bfloat16 (tests/engine/test_decoder.py, all three families); on a GPU the fused products may
+take other GEMM kernels than the separate ones, so bf16 logits can differ in the last bit.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class FusedDecoder:
         if (why := _unsupported(model)) is not None:
             logger.info("decode steps run HF's text model (%s)", why)
             return None
-        with torch.no_grad():
+        # Ordinary tensors even if the caller is in inference mode (inference tensors could not
+        # be updated in place later).
+        with torch.inference_mode(False), torch.no_grad():
             layers = [_fuse_layer(layer) for layer in text.layers]
         decoder = cls(model, layers)
         text._vlm_fused_decoder = decoder
@@ -161,22 +164,37 @@ def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 
 
 def _unsupported(model: nn.Module) -> str | None:
-    text = model.model.language_model
-    config = model.config.text_config
-    if getattr(text.rotary_emb, "rope_type", "default") != "default":
-        return f"rope type {text.rotary_emb.rope_type}"
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", [])):
-        return "sliding-window layers"
-    for layer in text.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if any(type(m) is not nn.Linear or type(m.weight) is not nn.Parameter for m in linears):
-            return "quantized or wrapped linear layers"
-        if len({m.bias is None for m in linears[:3]}) > 1:
-            return "q/k/v biases differ"
-        if attn.q_proj.weight.device.type == "meta":
-            return "weights not loaded"
+    """Why the fused decoder would not compute what HF's forward does, or None."""
+    try:
+        text = model.model.language_model
+        config = model.config.text_config
+        if getattr(text.rotary_emb, "rope_type", "default") != "default":
+            return f"rope type {text.rotary_emb.rope_type}"
+        if any(kind != "full_attention" for kind in getattr(config, "layer_types", [])):
+            return "sliding-window layers"
+        for layer in text.layers:
+            if (why := _unsupported_layer(layer)) is not None:
+                return why
+    except AttributeError as exc:  # a model laid out otherwise than the three families
+        return f"unexpected layer structure ({exc})"
+    return None
+
+
+def _unsupported_layer(layer: nn.Module) -> str | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if any(type(m) is not nn.Linear or type(m.weight) is not nn.Parameter for m in linears):
+        return "quantized or wrapped linear layers"
+    modules = [*layer.modules()]
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules):
+        return "hooks on the layers (offloading?)"  # they would be skipped
+    if any(p.device.type == "meta" for p in layer.parameters()):
+        return "weights not loaded"
+    if len({m.bias is None for m in linears[:3]}) > 1:
+        return "q/k/v biases differ"
+    if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+        return "gate/up biases"  # none of the three families has them
     return None
 
 

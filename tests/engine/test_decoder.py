@@ -28,10 +28,9 @@ VIEWS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def loaded(loaded: LoadedModel) -> LoadedModel:
-    """Each family with its norms' weights and its biases made random too (a random-weight
-    checkpoint leaves them ones and zeros, which would hide a weight or bias left out)."""
+def randomise_vectors(loaded: LoadedModel) -> LoadedModel:
+    """The text model's norms' weights and biases made random too (a random-weight checkpoint
+    leaves them ones and zeros, which would hide a weight or bias left out)."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in loaded.model.model.language_model.parameters():
@@ -39,6 +38,12 @@ def loaded(loaded: LoadedModel) -> LoadedModel:
                 noise = torch.randn(param.shape, generator=generator) * 0.2
                 param.add_(noise.to(param.device, param.dtype))
     return loaded
+
+
+@pytest.fixture(scope="module")
+def loaded(loaded: LoadedModel) -> LoadedModel:
+    """Each family, its vectors random (randomise_vectors)."""
+    return randomise_vectors(loaded)
 
 
 class CountKernels(TorchDispatchMode):
@@ -127,9 +132,11 @@ async def test_engine_tokens_equal_hf_forward(loaded: LoadedModel, enforce_eager
     sampling = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(inputs)
     outputs = []
     for fused in (False, True):
-        engine = build_engine(loaded, enforce_eager, max_num_seqs=4)
-        if not fused:
-            engine.runner.decoder = None
+        with pytest.MonkeyPatch.context() as patch:
+            if not fused:  # from the start: on CUDA the graphs are captured while building
+                patch.setattr(FusedDecoder, "build", classmethod(lambda cls, model: None))
+            engine = build_engine(loaded, enforce_eager, max_num_seqs=4)
+        assert (engine.runner.decoder is not None) == fused
         outputs.append(await generate(engine, inputs, sampling))
         if fused and not enforce_eager:
             assert engine.runner.graphs is not None
@@ -153,6 +160,48 @@ def test_a_decode_step_runs_fewer_kernels(loaded: LoadedModel) -> None:
             runner.forward(ScheduledBatch(seqs, [1, 1]), seqs)
         counts[fused] = sum(counter.ops.values())
     assert counts[True] <= 0.7 * counts[False], counts
+
+
+@pytest.mark.parametrize(
+    "family, text_config",
+    [
+        ("qwen2-vl", {}),
+        ("qwen2.5-vl", {"tie_word_embeddings": True}),
+        ("qwen3-vl", {}),
+        # a head_dim other than hidden / heads, biases on q/k/v and o_proj, tied embeddings
+        ("qwen3-vl", {"head_dim": 24, "attention_bias": True, "tie_word_embeddings": True}),
+    ],
+)
+def test_bf16_logits_are_hf_forward_bit_for_bit_on_the_cpu(
+    family: str, text_config: dict, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """HF's roundings (rope tables, norms, residuals) in bfloat16: the CPU's kernels give the
+    same bits (a GPU's fused products may round differently)."""
+    from server.config import Settings
+    from server.engine import tiny
+    from server.engine.loader import load_model
+
+    build_config = tiny.build_config
+
+    def with_overrides(spec, tokenizer):  # type: ignore[no-untyped-def]
+        config = build_config(spec, tokenizer)
+        for key, value in text_config.items():
+            target = config if key == "tie_word_embeddings" else config.text_config
+            setattr(target, key, value)
+        return config
+
+    monkeypatch.setattr(tiny, "build_config", with_overrides)
+    path = tiny.make_tiny_checkpoint(tmp_path / family, tiny.TinySpec(family=family))
+    settings = Settings(model=str(path), dtype="bfloat16", device="cpu")
+    model = load_model(settings.engine_config())
+    randomise_vectors(model)
+    inputs = [*prompts(model)[:2], image_prompt(model)]
+    logits = [
+        decode_logits(ModelRunner(model, 64, 16, 0, fused_decoder=fused), new_seqs(model, inputs))
+        for fused in (False, True)
+    ]
+    assert logits[0].dtype == torch.bfloat16
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_quantized_or_wrapped_layers_keep_hf_forward(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
