@@ -57,7 +57,6 @@ class FusedDecoder:
         text = model.model.language_model
         self.embed_tokens = text.embed_tokens
         self.final_norm = text.norm
-        self.lm_head = model.lm_head
         self.inv_freq = text.rotary_emb.inv_freq
         self.rope_scaling = text.rotary_emb.attention_scaling
         attn = text.layers[0].self_attn
@@ -86,15 +85,6 @@ class FusedDecoder:
         decoder = cls(model, layers)
         text._vlm_fused_decoder = decoder
         return decoder
-
-    def logits(
-        self,
-        token_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: attention.StepMetadata,
-        cache: PagedKVCache,
-    ) -> torch.Tensor:
-        return self.lm_head(self.hidden(token_ids, positions, meta, cache))
 
     def hidden(
         self,

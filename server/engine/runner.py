@@ -363,11 +363,13 @@ class ModelRunner:
             self.use_kernel,
         )
         if self.decoder is not None:
-            return self.decoder.logits(inputs.token_ids, inputs.positions, meta, self.kv_cache)
-        embeds = self.text_model.embed_tokens(inputs.token_ids)
-        # A generated token sits at the same position on all three mrope axes.
-        positions = inputs.positions.view(1, -1).expand(3, -1)
-        return self.model.lm_head(self._text_forward(embeds, positions, meta))
+            hidden = self.decoder.hidden(inputs.token_ids, inputs.positions, meta, self.kv_cache)
+        else:
+            embeds = self.text_model.embed_tokens(inputs.token_ids)
+            # A generated token sits at the same position on all three mrope axes.
+            positions = inputs.positions.view(1, -1).expand(3, -1)
+            hidden = self._text_forward(embeds, positions, meta)
+        return self.model.lm_head(hidden)
 
     def _graph_decodes(
         self, batch: ScheduledBatch
