@@ -41,6 +41,7 @@ class EngineConfig:
     attention_backend: str = "reference"
     enforce_eager: bool = True
     async_scheduling: bool = False
+    fused_decoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class Settings(BaseSettings):
     # Queue step t+1 before reading step t's tokens; off until scripts/gpu_check.sh has
     # passed with it on.
     async_scheduling: bool = False
+    # Steps of generated tokens through engine/decoder.py (HF's math, half the kernels).
+    fused_decoder: bool = True
     max_queued_requests: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=60.0, gt=0)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
@@ -230,6 +233,7 @@ class Settings(BaseSettings):
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
+            fused_decoder=self.fused_decoder,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
         )

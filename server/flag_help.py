@@ -103,6 +103,9 @@ HELP = {
     "async_scheduling": "Queue each step before the previous step's tokens reach the host, so "
     "the host's work overlaps the GPU's (turn it on once scripts/gpu_check.sh has passed with "
     "it on your GPU).",
+    "fused_decoder": "Decode steps of generated tokens through the server's fused text decoder "
+    "(HF's layers from the same weights in about half the GPU kernels; equal to HF's forward "
+    "on the CPU); --no-fused-decoder runs every step through HF's text model.",
     "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After.",
     "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",

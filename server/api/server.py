@@ -133,7 +133,8 @@ def decode_mode(engine: AsyncEngine) -> str:
     else:
         steps = "CUDA graphs" if runner.graphs.graphs else "graph buffers, not captured (no CUDA)"
     scheduling = "async" if engine.async_scheduling else "sync"
-    return f"decode: {attention} attention, {steps}, {scheduling} scheduling"
+    decoder = "fused decoder" if runner.decoder is not None else "HF text model"
+    return f"decode: {decoder}, {attention} attention, {steps}, {scheduling} scheduling"
 
 
 def job_store_kind(settings: Settings) -> str:

@@ -84,8 +84,8 @@ class AsyncEngine:
     @classmethod
     def build(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
         max_seq_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
-        # Before the memory profile: fusing the weights briefly holds a layer's twice.
-        FusedDecoder.build(loaded.model)
+        if config.fused_decoder:  # before the memory profile: fusing holds a layer twice
+            FusedDecoder.build(loaded.model)
         num_blocks = profile.kv_cache_blocks(loaded, config, max_seq_len)
         capacity = num_blocks * config.block_size
         if capacity < max_seq_len:
@@ -117,6 +117,7 @@ class AsyncEngine:
             encoder_bytes,
             config.attention_backend,
             graph_batch_sizes=graph_batch_sizes(config, max_seq_len),
+            fused_decoder=config.fused_decoder,
         )
         return cls(
             runner,

@@ -46,7 +46,13 @@ def worst_case_step(loaded: LoadedModel, config: EngineConfig, max_seq_len: int)
 
     chunk = min(config.max_num_batched_tokens, max_seq_len)
     blocks = BlockManager(math.ceil(max_seq_len / config.block_size), config.block_size, False)
-    runner = ModelRunner(loaded, blocks.num_blocks, config.block_size, encoder_cache_bytes=0)
+    runner = ModelRunner(
+        loaded,
+        blocks.num_blocks,
+        config.block_size,
+        encoder_cache_bytes=0,
+        fused_decoder=config.fused_decoder,
+    )
     ids = torch.zeros((1, max_seq_len), dtype=torch.long)
     seq = Sequence("profile", ModelInputs({"input_ids": ids}, max_seq_len, 0), SamplingParams(), 1)
     blocks.allocate(seq)

@@ -69,7 +69,8 @@ def assert_clean_exit(process: object, log_path: Path) -> None:
 
 def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
     args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
-    args += ["--enforce-eager", "--no-async-scheduling"]  # named in the summary, whatever VLM_*
+    # named in the summary, whatever VLM_*
+    args += ["--enforce-eager", "--no-async-scheduling", "--fused-decoder"]
     log_path = tmp_path / "server.log"
     with server_process(log_path, *args, "--shutdown-timeout", "60") as (url, process):
         reasons = drain_while_streaming(url, lambda: process.send_signal(signal.SIGTERM))
@@ -77,7 +78,7 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
         assert_clean_exit(process, log_path)
     (summary,) = [line for line in log_path.read_text().splitlines() if "ready: " in line]
     parts = ("serving tiny (qwen2-vl", "device cpu", "KV cache", "auth off", f"open {url}/")
-    for part in (*parts, "decode: reference attention, eager, sync scheduling"):
+    for part in (*parts, "decode: fused decoder, reference attention, eager, sync scheduling"):
         assert part in summary, summary
 
 

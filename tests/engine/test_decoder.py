@@ -219,3 +219,18 @@ def test_quantized_or_wrapped_layers_keep_hf_forward(tiny_model_dir) -> None:  #
     q_weight = layer.self_attn.q_proj.weight
     assert FusedDecoder.build(loaded.model) is None
     assert layer.self_attn.q_proj.weight is q_weight  # nothing was fused
+
+
+def test_no_fused_decoder_runs_hf_text_model(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """--no-fused-decoder: HF's text model decodes and the weights stay as loaded."""
+    from server.config import Settings
+    from server.engine.engine import AsyncEngine
+    from server.engine.loader import load_model
+
+    settings = Settings(model=str(tiny_model_dir), fused_decoder=False, max_model_len=512)
+    model = load_model(settings.engine_config())
+    attention = model.model.model.language_model.layers[0].self_attn
+    q_weight = attention.q_proj.weight
+    engine = AsyncEngine.build(model, settings.engine_config())
+    assert engine.runner.decoder is None
+    assert attention.q_proj.weight is q_weight
