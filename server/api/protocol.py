@@ -93,6 +93,9 @@ def _stop_count(value: str | list[str] | None) -> str | list[str] | None:
 
 
 Stop = Annotated[StopString | list[StopString] | None, AfterValidator(_stop_count)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+# OpenAI's logit_bias: token ids (as JSON object keys, so strings) -> -100..100
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 # torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
 
 
@@ -315,7 +318,6 @@ UNSUPPORTED_WHEN = {
     "audio": lambda v: v is not None,
     "function_call": lambda v: v is not None,
     "functions": lambda v: bool(v),
-    "logit_bias": lambda v: bool(v),
     "modalities": lambda v: v not in (None, [], ["text"]),
     # Both ask for work the answer would silently lack: screening, or fresh web results.
     "moderation": lambda v: v is not None,
@@ -352,7 +354,7 @@ class ChatCompletionRequest(StrictModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     function_call: Any | None = None
     functions: list[Any] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -388,6 +390,9 @@ class ChatCompletionRequest(StrictModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
+    min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM's)
+    allowed_token_ids: list[TokenId] | None = None  # extension (vLLM's)
+    include_stop_str_in_output: bool | None = None  # extension (vLLM's)
     # extensions (vLLM's): the chat template's rendering
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
@@ -599,7 +604,26 @@ def sampling_params(
         min_tokens=body.min_tokens or 0,
         ignore_eos=bool(body.ignore_eos),
         structured=structured,
+        min_p=body.min_p or 0.0,
+        logit_bias=logit_bias(body.logit_bias),
+        allowed_token_ids=tuple(body.allowed_token_ids or ()),
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
     )
+
+
+def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias (token id strings -> bias) as (id, bias) pairs; the ids' range
+    against the vocabulary is the engine's check."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= 2**31:
+            raise InvalidRequest(
+                f"logit_bias keys must be token ids (non-negative integers), not {key!r}.",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        pairs.append((int(key), value))
+    return tuple(pairs)
 
 
 def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
@@ -955,11 +979,9 @@ class MediaJobList(BaseModel):
 
 COMPLETION_UNSUPPORTED_WHEN = {
     "best_of": lambda v: v not in (None, 1),
-    "logit_bias": lambda v: bool(v),
     "suffix": lambda v: v is not None,
 }
 OPENAI_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class CompletionRequest(StrictModel):
@@ -968,7 +990,7 @@ class CompletionRequest(StrictModel):
     best_of: int | None = Field(default=None, ge=1)
     echo: bool | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int | None = Field(default=OPENAI_COMPLETION_MAX_TOKENS, ge=1)
     n: int | None = Field(default=None, ge=1)
@@ -986,6 +1008,9 @@ class CompletionRequest(StrictModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
+    min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM's)
+    allowed_token_ids: list[TokenId] | None = None  # extension (vLLM's)
+    include_stop_str_in_output: bool | None = None  # extension (vLLM's)
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

@@ -201,13 +201,21 @@ class AsyncEngine:
         return seq
 
     def check_sampling(self, sampling: SamplingParams) -> None:
-        """What only the model can tell about a request's sampling parameters."""
-        if any(t >= self.runner.vocab_size for t in sampling.stop_token_ids):
-            raise InvalidRequest(
-                f"stop_token_ids must be below the vocabulary size ({self.runner.vocab_size}).",
-                param="stop_token_ids",
-                code="invalid_value",
-            )
+        """What only the model can tell about a request's sampling parameters: token ids
+        within the vocabulary."""
+        vocab = self.runner.vocab_size
+        ids = {
+            "stop_token_ids": sampling.stop_token_ids,
+            "logit_bias": [token for token, _ in sampling.logit_bias],
+            "allowed_token_ids": sampling.allowed_token_ids,
+        }
+        for param, tokens in ids.items():
+            if any(t >= vocab for t in tokens):
+                raise InvalidRequest(
+                    f"{param} must hold token ids below the vocabulary size ({vocab}).",
+                    param=param,
+                    code="invalid_value",
+                )
 
     def compile_grammar(self, spec: StructuredOutput) -> None:
         """Compile (and cache) a schema's grammar; blocking: call it from a worker thread.

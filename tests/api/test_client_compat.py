@@ -105,7 +105,6 @@ async def test_the_openai_sdk_with_its_current_fields(client: httpx.AsyncClient)
         ("web_search_options", {}),
         ("skip_special_tokens", False),
         ("spaces_between_special_tokens", False),
-        ("min_p", 0.1),  # the engine's, not wired yet: still unknown
         ("cache_salt", "tenant-a"),  # ignoring it would share the prefix cache across tenants
     ],
 )

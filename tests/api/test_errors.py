@@ -139,10 +139,10 @@ BAD_BODIES = {
         "top_logprobs",
         "invalid_value",
     ),
-    "logit_bias": (
-        {"model": "tiny", "messages": user(TEXT), "logit_bias": {"5": 1.0}},
+    "logit_bias with a key that is not a token id": (
+        {"model": "tiny", "messages": user(TEXT), "logit_bias": {"five": 1.0}},
         "logit_bias",
-        "unsupported_parameter",
+        "invalid_value",
     ),
     "response_format json_schema without a schema": (
         {"model": "tiny", "messages": user(TEXT), "response_format": {"type": "json_schema"}},

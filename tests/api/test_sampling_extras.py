@@ -1,0 +1,90 @@
+"""OpenAI's logit_bias and vLLM's min_p, allowed_token_ids and include_stop_str_in_output,
+through the API on the tiny checkpoint (its answers are random; these fields make them not)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from tests.api.test_errors import assert_error
+
+pytestmark = pytest.mark.anyio
+
+
+def chat(**extra: object) -> dict:
+    messages = [{"role": "user", "content": "Say something."}]
+    return {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0, **extra}
+
+
+async def content(client: httpx.AsyncClient, body: dict) -> str:
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+async def test_logit_bias_forces_and_forbids_tokens(client: httpx.AsyncClient, tokenizer) -> None:
+    token = tokenizer.convert_tokens_to_ids("a")
+    text = await content(client, chat(logit_bias={str(token): 100}))
+    assert text == "aaaa"
+    free = await content(client, chat())
+    first = tokenizer(free)["input_ids"][0]
+    # -100 on the answer's first token: it never comes first again
+    again = await content(client, chat(logit_bias={str(first): -100}))
+    assert tokenizer(again)["input_ids"][0] != first
+
+
+async def test_logit_bias_on_text_completions(client: httpx.AsyncClient, tokenizer) -> None:
+    token = tokenizer.convert_tokens_to_ids("b")
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 3, "temperature": 0.9, "seed": 1}
+    response = await client.post("/v1/completions", json={**body, "logit_bias": {str(token): 100}})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "bbb"
+
+
+async def test_allowed_token_ids_limit_the_answer(client: httpx.AsyncClient, tokenizer) -> None:
+    allowed = [tokenizer.convert_tokens_to_ids(t) for t in ("x", "y")]
+    body = chat(allowed_token_ids=allowed, temperature=1.0, seed=3, max_tokens=12)
+    assert set(await content(client, body)) <= {"x", "y"}
+
+
+async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:
+    # min_p 1: only the likeliest token survives, so sampling is greedy
+    greedy = await content(client, chat(max_tokens=8))
+    assert await content(client, chat(max_tokens=8, temperature=1.0, min_p=1.0)) == greedy
+    response = await client.post("/v1/chat/completions", json=chat(min_p=1.5))
+    assert_error(response, 400, "min_p")
+
+
+async def test_include_stop_str_in_output(client: httpx.AsyncClient) -> None:
+    free = await content(client, chat(max_tokens=12))
+    stop = free[3:5]
+    assert stop and free.find(stop) == 3, free
+    assert await content(client, chat(max_tokens=12, stop=[stop])) == free[:3]
+    body = chat(max_tokens=12, stop=[stop], include_stop_str_in_output=True)
+    assert await content(client, body) == free[:5]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("logit_bias", {"abc": 1}, "logit_bias"),  # keys are token ids
+        ("logit_bias", {"\u00b2": 1}, "logit_bias"),  # a digit to str.isdigit, not to int()
+        ("logit_bias", {"5": 101}, "logit_bias.5"),  # OpenAI's range: -100..100
+        ("logit_bias", {"99999999": 1}, "logit_bias"),  # beyond the vocabulary
+        ("allowed_token_ids", [99999999], "allowed_token_ids"),
+        ("allowed_token_ids", [-1], "allowed_token_ids[0]"),
+    ],
+)
+async def test_bad_values_are_400s_naming_the_field(
+    client: httpx.AsyncClient, field: str, value: object, param: str
+) -> None:
+    response = await client.post("/v1/chat/completions", json=chat(**{field: value}))
+    assert_error(response, 400, param)
