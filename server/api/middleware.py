@@ -174,15 +174,24 @@ class BodySizeLimitMiddleware:
 
 
 class JsonBodyMiddleware:
-    """Every request body here is JSON: one sent with another Content-Type (curl's `-d` says
-    application/x-www-form-urlencoded) is read as JSON anyway, as most OpenAI-compatible
-    servers effectively do; if it is not JSON, that is the error the client gets."""
+    """Every request body here is JSON: one sent by a client that is not a browser with another
+    Content-Type (curl's `-d` says application/x-www-form-urlencoded) is read as JSON anyway, as
+    most OpenAI-compatible servers effectively do; if it is not JSON, that is the error.
+
+    Not for browsers (they send an Origin): a cross-site form or no-cors fetch may post
+    text/plain without asking first, and reading that as JSON would let any web page drive a
+    server that has no API key. A browser's request must say application/json, which a
+    cross-site page can only send after a CORS preflight (--allowed-origins)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("POST", "PUT", "PATCH")
+            and not any(k == b"origin" for k, _ in scope["headers"])
+        ):
             # In place: the outer middleware read what the router writes into this scope.
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope["headers"] = [*headers, (b"content-type", b"application/json")]

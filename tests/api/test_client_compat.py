@@ -154,6 +154,24 @@ async def test_json_body_with_curls_form_content_type(client: httpx.AsyncClient)
     assert_error(response, 400, None, "invalid_json")
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+async def test_a_browsers_simple_post_is_not_read_as_json(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    """A cross-site page may post text/plain or a form without a CORS preflight: with an Origin
+    (a browser), such a body is not read as JSON, so no page can drive a server without keys
+    (chat, or a media job that would send the answer to the page's webhook)."""
+    headers = {"content-type": content_type, "origin": "https://evil.example"}
+    jobs_before = (await client.get("/v2/media/jobs")).json()["data"]
+    for url, body in (
+        (URL, chat()),
+        ("/v2/media/completions", {**chat(), "async": True}),
+    ):
+        response = await client.post(url, content=json.dumps(body), headers=headers)
+        assert 400 <= response.status_code < 500, response.text
+    assert (await client.get("/v2/media/jobs")).json()["data"] == jobs_before
+
+
 async def test_responses_style_and_history_parts(client: httpx.AsyncClient) -> None:
     """input_text / input_image (as vLLM's parser reads them), detail "original" (as high),
     and refusal / output_text parts in the assistant's history: the same prompt as the plain
