@@ -191,7 +191,7 @@ class FunctionCallParam(PartModel):
     def _json_object(cls, value: str) -> str:
         try:
             parsed = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError("arguments must be JSON text of an object") from None
         if not isinstance(parsed, dict):
             raise ValueError("arguments must be JSON text of an object")
@@ -273,8 +273,23 @@ def usage_wanted(stream_options: StreamOptions | None) -> tuple[bool, bool]:
 
 
 # A guided regex, grammar or choice: never empty (an answer that can only be empty is
-# nothing a grammar can generate).
-Constraint = Annotated[str, Field(min_length=1)]
+# nothing a grammar can generate), and bounded: compiling grows with the text (a few choices
+# of 16k characters in all compile in under a second; 260k characters took 30 s), so one
+# request cannot hold the grammar compiler for minutes.
+MAX_CONSTRAINT_CHARS = 16384
+MAX_CHOICES = 256
+Constraint = Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]
+
+
+def _choices_size(choices: list[str] | None) -> list[str] | None:
+    if choices is not None and sum(len(c) for c in choices) > MAX_CONSTRAINT_CHARS:
+        raise ValueError(f"the choices may hold at most {MAX_CONSTRAINT_CHARS} characters in all")
+    return choices
+
+
+Choices = Annotated[
+    list[Constraint], Field(min_length=1, max_length=MAX_CHOICES), AfterValidator(_choices_size)
+]
 
 
 class StructuredOutputsParam(StrictModel):
@@ -282,7 +297,7 @@ class StructuredOutputsParam(StrictModel):
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: Constraint | None = None
-    choice: list[Constraint] | None = Field(default=None, min_length=1)
+    choice: Choices | None = None
     grammar: Constraint | None = None
     json_object: bool | None = None
 
@@ -400,7 +415,7 @@ class ChatCompletionRequest(StrictModel):
     # extensions (vLLM's): guided decoding, onto the structured-output grammar
     guided_json: dict[str, Any] | str | None = None
     guided_regex: Constraint | None = None
-    guided_choice: list[Constraint] | None = Field(default=None, min_length=1)
+    guided_choice: Choices | None = None
     guided_grammar: Constraint | None = None
     structured_outputs: StructuredOutputsParam | None = None
     # extensions (vLLM's) with nothing to change here (see UNSUPPORTED_WHEN, IGNORED_FIELDS)
@@ -460,7 +475,7 @@ class ChatCompletionRequest(StrictModel):
                 param=list(given)[1],
                 code="invalid_value",
             )
-        if self.response_format is not None:
+        if "response_format" in given:  # a text response_format leaves a guided field on
             return self.response_format.to_structured()
         if self.structured_outputs is not None:
             return _guided(self.structured_outputs.model_dump(by_alias=True), "structured_outputs")
@@ -545,7 +560,7 @@ def _guided(fields: dict[str, Any], param: str) -> StructuredOutput | None:
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the parser's depth: not a 500
                 raise InvalidRequest(
                     f"{param}: the JSON schema is not valid JSON.",
                     param=param,
@@ -560,6 +575,12 @@ def _guided(fields: dict[str, Any], param: str) -> StructuredOutput | None:
         return StructuredOutput.grammar(fields["grammar"])
     if fields.get("json_object"):
         return StructuredOutput("json_object")
+    if param == "structured_outputs":  # vLLM's form names its one constraint: {} is a mistake
+        raise InvalidRequest(
+            "structured_outputs takes one constraint: json, regex, choice, grammar or json_object.",
+            param=param,
+            code="invalid_value",
+        )
     return None
 
 

@@ -222,6 +222,10 @@ class AsyncEngine:
         Raises InvalidSchema for a schema that cannot be compiled."""
         self.runner.grammars.compile(spec)
 
+    def is_grammar_compiled(self, spec: StructuredOutput) -> bool:
+        """Whether compile_grammar(spec) is a cache lookup."""
+        return spec in self.runner.grammars.compiled
+
     def add_requests(
         self, requests: list[tuple[str, ModelInputs, SamplingParams]]
     ) -> list[Sequence]:

@@ -47,8 +47,10 @@ class StructuredOutput:
     def choice(cls, choices: list[str]) -> StructuredOutput:
         """Exactly one of the strings, as plain text (vLLM's guided_choice, built as vLLM
         builds it for xgrammar: an alternation of EBNF string literals)."""
-        literals = (re.sub(r'(["\\])', r"\\\1", c) for c in choices)
-        return cls.grammar("root ::= " + " | ".join(f'"{c}"' for c in literals))
+        # JSON string literals are EBNF string literals: quotes, backslashes, newlines and
+        # control characters escaped alike.
+        literals = (json.dumps(c, ensure_ascii=False) for c in choices)
+        return cls.grammar("root ::= " + " | ".join(literals))
 
 
 class InvalidSchema(ValueError):
@@ -75,19 +77,25 @@ class GrammarCache:
         )
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=True)
         self.vocab_size = vocab_size
+        self.compiled: set[StructuredOutput] = set()  # in xgrammar's cache: compiling is a lookup
 
     def compile(self, spec: StructuredOutput) -> Any:
         try:
-            if spec.kind == "regex":
-                return self.compiler.compile_regex(spec.schema_json)
-            if spec.kind == "grammar":
-                return self.compiler.compile_grammar(spec.schema_json)
-            # json_object is OpenAI's "some JSON object": an object, any keys.
-            schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
-            # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
-            return self.compiler.compile_json_schema(schema, any_whitespace=False)
+            grammar = self._compile(spec)
         except Exception as exc:  # xgrammar raises several types for bad schemas
             raise InvalidSchema(schema_error_text(exc)) from None
+        self.compiled.add(spec)
+        return grammar
+
+    def _compile(self, spec: StructuredOutput) -> Any:
+        if spec.kind == "regex":
+            return self.compiler.compile_regex(spec.schema_json)
+        if spec.kind == "grammar":
+            return self.compiler.compile_grammar(spec.schema_json)
+        # json_object is OpenAI's "some JSON object": an object, any keys.
+        schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
+        # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
+        return self.compiler.compile_json_schema(schema, any_whitespace=False)
 
     def matcher(self, spec: StructuredOutput) -> Any:
         return self.xgr.GrammarMatcher(self.compile(spec))

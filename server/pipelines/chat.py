@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from server.engine.inputs import (
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.engine.structured import InvalidSchema, StructuredOutput
-from server.exceptions import InvalidRequest
+from server.exceptions import EngineOverloaded, InvalidRequest
 from server.media.frames import TokenBudget, VideoMode
 from server.media.video import DecodedVideo
 from server.metrics import Metrics
@@ -337,13 +338,47 @@ def _thinks(request: ChatRequest) -> bool:
     return request.sampling.structured is None
 
 
+class GrammarCompiles:
+    """New grammars compile on threads of their own: a slow compile (a large schema or choice
+    list) must not hold the default pool that prompt templating and media work share, and past
+    MAX_WAITING new compiles running or waiting a request is told to retry (503) rather than
+    queue behind them. A grammar already compiled is a cache lookup and is never refused."""
+
+    THREADS = 2
+    MAX_WAITING = 8
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="grammar")
+        self.waiting = 0
+
+    async def run(self, engine: AsyncEngine, spec: StructuredOutput) -> None:
+        if engine.is_grammar_compiled(spec):
+            await asyncio.to_thread(engine.compile_grammar, spec)
+            return
+        if self.waiting >= self.MAX_WAITING:
+            raise EngineOverloaded(
+                "Too many new structured-output grammars are compiling; retry shortly.",
+                retry_after_s=5,
+            )
+        self.waiting += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.pool, engine.compile_grammar, spec
+            )
+        finally:
+            self.waiting -= 1
+
+
+GRAMMAR_COMPILES = GrammarCompiles()
+
+
 async def compile_grammar(
     engine: AsyncEngine, spec: StructuredOutput, param: str = "response_format"
 ) -> None:
     """Compiling can take seconds for a new schema: off the event loop, before queueing.
     param: where the schema came from (response_format, or the tools of a forced choice)."""
     try:
-        await asyncio.to_thread(engine.compile_grammar, spec)
+        await GRAMMAR_COMPILES.run(engine, spec)
     except InvalidSchema as exc:
         raise InvalidRequest(
             f"{param}: the constraint (JSON schema, regex or grammar) cannot be used: {exc}",

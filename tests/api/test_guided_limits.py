@@ -1,0 +1,70 @@
+"""Guided decoding's edges: bounded constraints (a compile grows with their text), new grammars
+refused with a 503 once too many compile (a cached one never is), choices with any character,
+and constraints that must not be lost or turn into 500s."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server.pipelines.chat import GRAMMAR_COMPILES
+from tests.api.test_errors import assert_error
+
+pytestmark = pytest.mark.anyio
+
+URL = "/v1/chat/completions"
+
+
+def chat(**extra: object) -> dict:
+    messages = [{"role": "user", "content": "Answer."}]
+    return {"model": "tiny", "messages": messages, "max_tokens": 24, **extra}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("guided_choice", [f"c{i}" for i in range(257)], "guided_choice"),
+        ("guided_choice", ["x" * 9000, "y" * 9000], "guided_choice"),
+        ("guided_regex", "a" * 16385, "guided_regex"),
+        ("guided_grammar", "root ::= " + '"a" ' * 5000, "guided_grammar"),
+        ("structured_outputs", {"choice": [f"c{i}" for i in range(300)]}, "structured_outputs"),
+        ("structured_outputs", {}, "structured_outputs"),
+        ("guided_json", '{"a":' * 5000 + "1" + "}" * 5000, "guided_json"),
+    ],
+    ids=["choices", "choice-chars", "regex", "grammar", "so-choices", "so-empty", "deep-json"],
+)
+async def test_oversized_or_empty_constraints_are_400s(
+    client: httpx.AsyncClient, field: str, value: object, param: str
+) -> None:
+    response = await client.post(URL, json=chat(**{field: value}))
+    error = assert_error(response, 400)
+    assert error["param"].startswith(param), error
+
+
+async def test_choices_with_newlines_quotes_and_control_characters(
+    client: httpx.AsyncClient,
+) -> None:
+    choices = ['say "hi"\nthen go', "tab\tand \\ backslash"]
+    response = await client.post(URL, json=chat(guided_choice=choices, max_tokens=64))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] in choices
+
+
+async def test_a_text_response_format_keeps_the_guided_field(client: httpx.AsyncClient) -> None:
+    body = chat(response_format={"type": "text"}, guided_regex="[ab]{5}", temperature=1.0)
+    response = await client.post(URL, json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()["choices"][0]["message"]["content"]
+    assert len(answer) == 5 and set(answer) <= {"a", "b"}, answer
+
+
+async def test_new_grammars_past_the_limit_are_503s_cached_ones_are_not(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = chat(guided_regex="(yes|no)")
+    assert (await client.post(URL, json=cached)).status_code == 200
+    monkeypatch.setattr(GRAMMAR_COMPILES, "waiting", GRAMMAR_COMPILES.MAX_WAITING)
+    response = await client.post(URL, json=chat(guided_regex="(maybe|never)"))
+    assert_error(response, 503)
+    assert response.headers["retry-after"]
+    assert (await client.post(URL, json=cached)).status_code == 200
