@@ -637,7 +637,8 @@ def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     against the vocabulary is the engine's check."""
     pairs = []
     for key, value in (bias or {}).items():
-        if not (key.isascii() and key.isdigit()) or int(key) >= 2**31:
+        # canonical only: "15" and "015" would be one token biased twice
+        if not (key.isascii() and key.isdigit()) or str(int(key)) != key or int(key) >= 2**31:
             raise InvalidRequest(
                 f"logit_bias keys must be token ids (non-negative integers), not {key!r}.",
                 param="logit_bias",

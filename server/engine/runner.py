@@ -32,9 +32,11 @@ from server.engine.media_encoder import spans as spans_of
 from server.engine.sampler import (
     SampledTokens,
     SamplingState,
+    allowed_tokens,
     make_generator,
     prompt_seen,
     sample_async,
+    token_bias,
 )
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
@@ -203,6 +205,8 @@ class ModelRunner:
                 output_token_ids=seq.output_token_ids,
                 matcher=self.grammars.matcher(structured) if structured else None,
                 grammars=self.grammars,
+                bias=token_bias(seq.sampling, self.vocab_size, self.device),
+                allowed=allowed_tokens(seq.sampling, self.vocab_size, self.device),
             )
         # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough;
         # under a grammar the grammar says when the JSON ends (a ban would leave no token).

@@ -48,6 +48,10 @@ class SamplingState:
     # [vocab] bool on the model's device: the prompt's tokens (repetition penalty only)
     prompt_seen: torch.Tensor | None
     output_token_ids: list[int]
+    # [vocab] on the model's device, made once per sequence (a step only stacks the rows'):
+    # the logit_bias as a dense bias, the allowed_token_ids as a mask
+    bias: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS until min_tokens is reached
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
     grammars: GrammarCache | None = None
@@ -64,6 +68,25 @@ def prompt_seen(
     seen = torch.zeros(vocab, dtype=torch.bool)
     seen[torch.tensor(prompt, dtype=torch.long)] = True
     return to_device(seen, device)
+
+
+def token_bias(params: SamplingParams, vocab: int, device: torch.device) -> torch.Tensor | None:
+    """The logit_bias as a [vocab] tensor, made once per sequence; None without one."""
+    if not params.logit_bias:
+        return None
+    ids, values = zip(*params.logit_bias, strict=True)
+    bias = torch.zeros(vocab, dtype=torch.float32)
+    bias[torch.tensor(ids, dtype=torch.long)] = torch.tensor(values, dtype=torch.float32)
+    return to_device(bias, device)
+
+
+def allowed_tokens(params: SamplingParams, vocab: int, device: torch.device) -> torch.Tensor | None:
+    """The allowed_token_ids as a [vocab] mask, made once per sequence; None: any token."""
+    if not params.allowed_token_ids:
+        return None
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[torch.tensor(params.allowed_token_ids, dtype=torch.long)] = True
+    return to_device(allowed, device)
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
@@ -225,20 +248,17 @@ def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
 
 def restrict_and_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
     """In place: rows with allowed_token_ids keep only those, then every row's logit_bias is
-    added (OpenAI's and vLLM's order: before penalties and temperature; greedy rows too)."""
-    device = logits.device
-    rows = [i for i, s in enumerate(states) if s.params.allowed_token_ids]
+    added (OpenAI's and vLLM's order: before penalties and temperature; greedy rows too). The
+    rows' masks and biases were made once per sequence: a step stacks them (no host work
+    that grows with how many ids a request lists)."""
+    rows = [i for i, s in enumerate(states) if s.allowed is not None]
     if rows:
-        pairs = [(j, t) for j, i in enumerate(rows) for t in states[i].params.allowed_token_ids]
-        keep = torch.zeros((len(rows), logits.shape[-1]), dtype=torch.bool)
-        keep[tuple(torch.tensor(pairs, dtype=torch.long).T)] = True
-        keep = to_device(keep, device)
+        keep = torch.stack([states[i].allowed for i in rows])
         on_rows(logits, rows, lambda sub: sub.masked_fill_(~keep, float("-inf")))
-    biases = [(i, t, b) for i, s in enumerate(states) for t, b in s.params.logit_bias]
-    if biases:
-        rows_, tokens, values = zip(*biases, strict=True)
-        where = (to_device(rows_, device, torch.long), to_device(tokens, device, torch.long))
-        logits.index_put_(where, to_device(values, device, logits.dtype), accumulate=True)
+    rows = [i for i, s in enumerate(states) if s.bias is not None]
+    if rows:
+        bias = torch.stack([states[i].bias for i in rows])
+        on_rows(logits, rows, lambda sub: sub.add_(bias))
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:

@@ -229,8 +229,9 @@ async def test_add_generation_prompt_and_continue_final_message(client) -> None:
     }
     continued = (await ok(client, {**prefill, "continue_final_message": True}))["usage"]
     closed = (await ok(client, prefill))["usage"]
-    # the prefill stays open: no "<|im_end|>\n" and no new assistant turn after it
-    assert continued["prompt_tokens"] < closed["prompt_tokens"]
+    no_turn = (await ok(client, {**prefill, "add_generation_prompt": False}))["usage"]
+    # the prefill stays open: no new assistant turn after it, and no "<|im_end|>\n" either
+    assert continued["prompt_tokens"] < no_turn["prompt_tokens"] < closed["prompt_tokens"]
     both = {**prefill, "continue_final_message": True, "add_generation_prompt": True}
     assert_error(await client.post(URL, json=both), 400, None, "invalid_value")
     not_assistant = chat(continue_final_message=True)

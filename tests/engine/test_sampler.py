@@ -20,11 +20,14 @@ HOST_TRANSFERS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__fl
 
 
 def state(params: SamplingParams, outputs: tuple[int, ...] = (), **extra) -> SamplingState:
+    cpu = torch.device("cpu")
     return SamplingState(
         params=params,
-        generator=make_generator(params.seed, torch.device("cpu")),
-        prompt_seen=prompt_seen(params, [1, 2, 3, 5, 8], VOCAB, torch.device("cpu")),
+        generator=make_generator(params.seed, cpu),
+        prompt_seen=prompt_seen(params, [1, 2, 3, 5, 8], VOCAB, cpu),
         output_token_ids=list(outputs),
+        bias=sampler.token_bias(params, VOCAB, cpu),
+        allowed=sampler.allowed_tokens(params, VOCAB, cpu),
         **extra,
     )
 
@@ -37,6 +40,8 @@ def mixed_states(batch: int, seeded: bool = True) -> list[SamplingState]:
         SamplingParams(temperature=0.9, frequency_penalty=0.5, presence_penalty=0.3),
         SamplingParams(temperature=0, repetition_penalty=1.3),
         SamplingParams(temperature=0.8, seed=7 if seeded else None),
+        SamplingParams(temperature=0.9, min_p=0.1, logit_bias=((5, 3.0),)),
+        SamplingParams(temperature=0, allowed_token_ids=tuple(range(0, 2000, 3))),
     ]
     states = [state(kinds[i % len(kinds)], outputs=(1, 4, 4, 9)) for i in range(batch)]
     states[0].banned_token_ids = (3, 4)  # min_tokens: EOS and stop ids banned
@@ -83,13 +88,13 @@ def test_one_host_transfer_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("draw")
 def test_tensor_ops_do_not_grow_with_the_batch() -> None:
     counts = {}
-    for batch in (6, 60):
+    for batch in (8, 80):  # every kind of row in both
         states = mixed_states(batch, seeded=False)  # a seeded row draws from its own generator
         logits = torch.randn(batch, VOCAB)
         with CountOps() as ops:
             sample(logits, states)
         counts[batch] = ops.count
-    assert counts[60] == counts[6], counts
+    assert counts[80] == counts[8], counts
 
 
 @pytest.mark.usefixtures("draw")

@@ -126,7 +126,7 @@ def _chat_request(
     if ignored := body.ignored_fields():
         logger.debug("fields with no effect here, ignored: %s", ", ".join(ignored))
     if body.request_id is not None:
-        logger.info("client request_id %s", body.request_id)
+        logger.info("client request_id %r", body.request_id)  # repr: no forged lines
     return ChatRequest(
         request_id=completion_id(),
         messages=body.to_messages(),
