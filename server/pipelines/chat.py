@@ -341,32 +341,34 @@ def _thinks(request: ChatRequest) -> bool:
 class GrammarCompiles:
     """New grammars compile on threads of their own: a slow compile (a large schema or choice
     list) must not hold the default pool that prompt templating and media work share, and past
-    MAX_WAITING new compiles running or waiting a request is told to retry (503) rather than
-    queue behind them. A grammar already compiled is a cache lookup and is never refused."""
+    MAX_WAITING distinct new grammars compiling or waiting a request is told to retry (503)
+    rather than queue behind them. Requests for a grammar already compiling wait for that one
+    compile (fifty first requests for one schema are one compile, not fifty); a grammar
+    compiled before is a cache lookup and is never refused."""
 
     THREADS = 2
     MAX_WAITING = 8
 
     def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="grammar")
-        self.waiting = 0
+        self.compiling: dict[StructuredOutput, asyncio.Future[None]] = {}
 
     async def run(self, engine: AsyncEngine, spec: StructuredOutput) -> None:
         if engine.is_grammar_compiled(spec):
             await asyncio.to_thread(engine.compile_grammar, spec)
             return
-        if self.waiting >= self.MAX_WAITING:
-            raise EngineOverloaded(
-                "Too many new structured-output grammars are compiling; retry shortly.",
-                retry_after_s=5,
-            )
-        self.waiting += 1
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self.pool, engine.compile_grammar, spec
-            )
-        finally:
-            self.waiting -= 1
+        compiling = self.compiling.get(spec)
+        if compiling is None:
+            if len(self.compiling) >= self.MAX_WAITING:
+                raise EngineOverloaded(
+                    "Too many new structured-output grammars are compiling; retry shortly.",
+                    retry_after_s=5,
+                )
+            loop = asyncio.get_running_loop()
+            compiling = loop.run_in_executor(self.pool, engine.compile_grammar, spec)
+            self.compiling[spec] = compiling
+            compiling.add_done_callback(lambda _: self.compiling.pop(spec, None))
+        await asyncio.shield(compiling)  # one waiter leaving does not cancel the others
 
 
 GRAMMAR_COMPILES = GrammarCompiles()

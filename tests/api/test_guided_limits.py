@@ -63,8 +63,20 @@ async def test_new_grammars_past_the_limit_are_503s_cached_ones_are_not(
 ) -> None:
     cached = chat(guided_regex="(yes|no)")
     assert (await client.post(URL, json=cached)).status_code == 200
-    monkeypatch.setattr(GRAMMAR_COMPILES, "waiting", GRAMMAR_COMPILES.MAX_WAITING)
+    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 0)
     response = await client.post(URL, json=chat(guided_regex="(maybe|never)"))
     assert_error(response, 503)
     assert response.headers["retry-after"]
     assert (await client.post(URL, json=cached)).status_code == 200
+
+
+async def test_many_first_requests_for_one_grammar_compile_it_once(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty requests at once for a grammar nobody asked for before: one compile, no 503."""
+    import asyncio
+
+    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 1)
+    body = chat(guided_regex="(first|second|third)", max_tokens=8)
+    responses = await asyncio.gather(*(client.post(URL, json=body) for _ in range(20)))
+    assert [r.status_code for r in responses] == [200] * 20
