@@ -86,7 +86,12 @@ async def test_the_openai_sdk_with_its_current_fields(client: httpx.AsyncClient)
         reasoning_effort="minimal",
         stream=True,
         stream_options={"include_usage": True, "include_obfuscation": False},
-        extra_body={"chat_template_kwargs": {"enable_thinking": False}, "priority": 0},
+        # ignore_eos: a random model may end before max_tokens
+        extra_body={
+            "chat_template_kwargs": {"enable_thinking": False},
+            "priority": 0,
+            "ignore_eos": True,
+        },
     )
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
