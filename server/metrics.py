@@ -71,6 +71,7 @@ class Metrics:
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
         self.refreshers: list[Callable[[], None]] = []
+        self.engine_collector: EngineCollector | None = None
 
     def record_sequence(self, seq: Sequence) -> None:
         """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
@@ -89,7 +90,8 @@ class Metrics:
     ) -> None:
         self.queue_depth.set_function(num_queued)
         self.running.set_function(num_running)
-        self.registry.register(EngineCollector(stats))
+        self.engine_collector = EngineCollector(stats)
+        self.registry.register(self.engine_collector)
 
     def watch_jobs(
         self,
@@ -109,6 +111,16 @@ class Metrics:
                 self.webhook_deliveries, ("pending", "delivered", "failed"), deliveries_by_status()
             )
         )
+
+    def unwatch(self) -> None:
+        """Forget the engine and the job store (the lifespan ended): the app outlives them, and
+        its gauges' callbacks must not keep a stopped engine and its KV cache in memory."""
+        self.queue_depth.set_function(lambda: 0)
+        self.running.set_function(lambda: 0)
+        if self.engine_collector is not None:
+            self.registry.unregister(self.engine_collector)
+            self.engine_collector = None
+        self.refreshers.clear()
 
     def render(self) -> bytes:
         """Blocking (database counts): call it from a worker thread."""

@@ -152,6 +152,11 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             await fetcher.aclose()
             await decoder.close()
             spool.close()
+            # The app object can outlive its lifespan (FastAPI's caches keep its routes' closures):
+            # let go of the model, the engine and its KV cache now, not when the process ends.
+            metrics.unwatch()
+            app.state.services = None
+            loaded = None
 
     metrics = Metrics()
     # Offline: /docs and /redoc load their JS and CSS from this server, never a CDN.
