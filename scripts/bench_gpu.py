@@ -156,15 +156,23 @@ def text_weight_bytes(loaded: LoadedModel) -> int:
 
 
 def decode_step_time(
-    loaded: LoadedModel, batch: int, backend: str, graphs: bool, fused: bool, steps: int = 20
+    loaded: LoadedModel, batch: int, backend: str, graphs: bool, decoder: str, steps: int = 20
 ) -> tuple[float, list[list[int]]]:
     """Median seconds of one engine decode step (scheduler + runner + sampling, one host sync)
-    with `batch` sequences of CONTEXT_PER_SEQUENCE cached tokens, and the greedy tokens."""
+    with `batch` sequences of CONTEXT_PER_SEQUENCE cached tokens, and the greedy tokens.
+    decoder: "hf", "fused" or "compiled" (the fused decoder through torch.compile)."""
     per_seq = CONTEXT_PER_SEQUENCE + steps + 8
     num_blocks = batch * (-(-per_seq // BLOCK_SIZE) + 1)
     sizes = (batch, per_seq) if graphs else None  # the largest bucket is the batch itself
     runner = ModelRunner(
-        loaded, num_blocks, BLOCK_SIZE, 0, backend, graph_batch_sizes=sizes, fused_decoder=fused
+        loaded,
+        num_blocks,
+        BLOCK_SIZE,
+        0,
+        backend,
+        graph_batch_sizes=sizes,
+        fused_decoder=decoder != "hf",
+        compile_decoder=decoder == "compiled",
     )
     scheduler = Scheduler(
         SchedulerConfig(batch, batch * CONTEXT_PER_SEQUENCE, 1 << 20, 3600.0),
@@ -214,39 +222,70 @@ CPU_MODES = [
     ("reference", "fused", True),
 ]
 HF_BATCHES = (1, 32)
+# --compile-decoder, measured last (compiling takes a while; a timeout loses only these rows):
+# graphs at the goal's batch, tokens compared with the fused decoder's graphs there.
+COMPILED_BATCHES = (1, 32)
+FUSED_GRAPH_TOKENS: dict[tuple[str, int], list[list[int]]] = {}
+
+
+def decode_row(
+    loaded: LoadedModel, size: str, batch: int, mode: tuple[str, str, bool], bandwidth: float
+) -> tuple[dict, list[list[int]]]:
+    backend, decoder, graphs = mode
+    seconds, tokens = decode_step_time(loaded, batch, backend, graphs, decoder)
+    gc.collect()  # that step's runner and graphs: a reference cycle
+    weights = text_weight_bytes(loaded)
+    kv_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+    roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
+    row = {
+        "size": size,
+        "backend": backend,
+        "decoder": decoder,
+        "step": "graphs" if graphs else "eager",
+        "batch": batch,
+        "step_ms": round(seconds * 1000, 2),
+        "tok_s": round(batch / seconds, 1),
+        "roofline_ms": round(roofline * 1000, 2),
+        "of_roofline": f"{roofline / seconds:.0%}",
+        "same_tokens": "",
+    }
+    return row, tokens
 
 
 def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: float) -> list:
-    weights = text_weight_bytes(loaded)
-    kv_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
     cuda = loaded.device.type == "cuda"
     rows = []
     for batch in batches:
         eager_tokens = None
-        for backend, decoder, graphs in CUDA_MODES if cuda else CPU_MODES:
+        for mode in CUDA_MODES if cuda else CPU_MODES:
+            backend, decoder, graphs = mode
             if cuda and decoder == "hf" and batch not in HF_BATCHES:
                 continue
-            fused = decoder == "fused"
-            seconds, tokens = decode_step_time(loaded, batch, backend, graphs, fused)
-            gc.collect()  # that step's runner and graphs: a reference cycle
-            roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
-            rows.append(
-                {
-                    "size": size,
-                    "backend": backend,
-                    "decoder": decoder,
-                    "step": "graphs" if graphs else "eager",
-                    "batch": batch,
-                    "step_ms": round(seconds * 1000, 2),
-                    "tok_s": round(batch / seconds, 1),
-                    "roofline_ms": round(roofline * 1000, 2),
-                    "of_roofline": f"{roofline / seconds:.0%}",
-                    # greedy tokens of the graph replay == the same decoder's eager step's
-                    "same_tokens": tokens == eager_tokens if graphs else "",
-                }
-            )
+            row, tokens = decode_row(loaded, size, batch, mode, bandwidth)
+            if graphs:  # greedy tokens of the graph replay == the same decoder's eager step's
+                row["same_tokens"] = tokens == eager_tokens
+                if decoder == "fused":
+                    FUSED_GRAPH_TOKENS[(size, batch)] = tokens
             eager_tokens = tokens
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def compiled_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: float) -> list:
+    """The compiled fused decoder as graphs (as replay on the CPU's padded buffers): its rows'
+    greedy tokens against the fused decoder's graphs (in bf16 a fused kernel rounds once where
+    HF's ops round each time, so a row can part ways with it: the share of equal rows)."""
+    backend = "triton" if loaded.device.type == "cuda" else "reference"
+    rows = []
+    for batch in (b for b in batches if b in COMPILED_BATCHES):
+        row, tokens = decode_row(loaded, size, batch, (backend, "compiled", True), bandwidth)
+        fused = FUSED_GRAPH_TOKENS.get((size, batch))
+        if fused is not None:
+            same = sum(a == b for a, b in zip(tokens, fused, strict=True))
+            row["same_tokens"] = f"{same}/{len(tokens)} rows = fused"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -383,7 +422,7 @@ def table(results: dict) -> str:
         )
     lines.append("")
     lines.append(f"copy bandwidth: {results['bandwidth_gb_s']} GB/s")
-    lines.append(f"Triton decode kernel, max |kernel - reference|: {results['kernel']}")
+    lines.append(f"Triton decode kernel, max |kernel - reference|: {results.get('kernel')}")
     lines.append(f"memory: {results.get('memory')}")
     lines.append(f"engine (2B): {json.dumps(results.get('engine'))}")
     return "\n".join(lines)
@@ -398,29 +437,41 @@ def main() -> None:
     parser.add_argument(
         "--loop-batches", type=int, nargs="+", default=[32], help="engine loop, async vs sync"
     )
+    parser.add_argument(
+        "--skip-compiled", action="store_true", help="no --compile-decoder rows (they compile)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
     results: dict = {"bandwidth_gb_s": round(copy_bandwidth(device) / 1e9, 1), "decode": []}
+    try:
+        measure(results, args, device)
+    except KeyboardInterrupt:  # gpu_check's time limit (SIGINT): keep what was measured
+        results["interrupted"] = True
+        print("bench_gpu: interrupted, the table holds what was measured", flush=True)
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def measure(results: dict, args: argparse.Namespace, device: torch.device) -> None:
     results["kernel"] = kernel_rows(args.device)
+    bandwidth = results["bandwidth_gb_s"] * 1e9
     for size in args.sizes:
         loaded = random_model(size, args.device)
-        results["decode"] += decode_rows(
-            loaded, size, args.batches, results["bandwidth_gb_s"] * 1e9
-        )
+        results["decode"] += decode_rows(loaded, size, args.batches, bandwidth)
         if size in ("2b", "test"):
             results["loop"] = loop_rows(loaded, size, args.loop_batches)
         if size == args.sizes[-1]:
             results["memory"] = memory_row(loaded)
         if size in ("2b", "test") and not args.skip_engine:
             results["engine"] = engine_rows(loaded)
+        if not args.skip_compiled:
+            results["decode"] += compiled_rows(loaded, size, args.batches, bandwidth)
         del loaded
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

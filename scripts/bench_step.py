@@ -9,9 +9,11 @@ arithmetic is negligible and what is left is what the host does per step. For ba
 greedy and mixed sampling (bench_sampler.py's mix, one row under a json_schema grammar): the
 median milliseconds of a decode step, its aten ops and its host transfers (tolist, item, ...;
 each a queue-draining sync on a GPU). `--graphs` also runs the step through the decode-graph
-buffers (on a CPU: the padded step the graph would replay, not a capture); `--decoders hf fused`
-runs HF's text model and the fused decoder (engine/decoder.py) side by side. "kernels" counts
-the ops that are not views: roughly what a GPU launches.
+buffers (on a CPU: the padded step the graph would replay, not a capture); `--decoders hf fused
+compiled` runs HF's text model, the fused decoder (engine/decoder.py) and the fused decoder
+through torch.compile side by side. "kernels" counts the ops that are not views: roughly what a
+GPU launches (not counted for the compiled decoder: its layer's generated kernels are listed
+under the table).
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ def measure(
     num_blocks = batch * (-(-per_seq // BLOCK_SIZE) + 1)
     kwargs = {"graph_batch_sizes": (batch, per_seq)} if graphs else {}
     if decoder != "default":  # older checkouts have no fused decoder (and no such argument)
-        kwargs["fused_decoder"] = decoder == "fused"
+        kwargs["fused_decoder"] = decoder in ("fused", "compiled")
+    if decoder == "compiled":
+        kwargs["compile_decoder"] = True
     runner = ModelRunner(loaded, num_blocks, BLOCK_SIZE, 0, **kwargs)
     runner.grammars.compile(SCHEMA)
     scheduler = Scheduler(
@@ -127,12 +131,43 @@ def measure(
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+    # Under a dispatch mode torch.compile steps aside: the compiled decoder's counted step ran
+    # eagerly (its kernels: the line under the table).
+    counted = decoder != "compiled"
     return {
         "ms": round(statistics.median(times[2:]) * 1000, 2),
-        "ops": counter.count,
-        "kernels": counter.kernels,
+        "ops": counter.count if counted else "-",
+        "kernels": counter.kernels if counted else "-",
         "transfers": sum(calls.values()),
     }
+
+
+def compiled_layer_kernels(loaded: LoadedModel, batch: int = 4) -> list[str]:
+    """The kernels one compiled layer of the fused decoder runs (besides its KV writes and
+    attention), read from Inductor's generated code for this device: its fused kernels and the
+    library calls (matrix products)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from server.engine import decoder as fused
+
+    built = fused.FusedDecoder.build(loaded.model)
+    layer = built.layers[0]
+    hidden = torch.randn(batch, layer.qkv.shape[1], dtype=layer.qkv.dtype)
+    cos, sin = built._rope(torch.arange(batch), hidden.dtype)
+    attended = torch.randn(batch, built.num_heads, built.head_dim, dtype=hidden.dtype)
+    calls = [
+        (fused.attention_inputs, (hidden, layer, cos, sin, built.num_heads, built.num_kv_heads)),
+        (fused.attention_output_and_mlp, (hidden, attended, layer)),
+    ]
+    kernels = []
+    for function, args in calls:
+        with torch.inference_mode():
+            _, codes = run_and_get_code(torch.compile(function, dynamic=True), *args)
+        call = "\n".join(codes).split("def call(", 1)[1]
+        kernels += re.findall(r"^\s+(\w+_fused_\w+|extern_kernels\.\w+|aten\.\w+)", call, re.M)
+    return kernels
 
 
 def main() -> None:
@@ -140,7 +175,7 @@ def main() -> None:
     parser.add_argument("--graphs", action="store_true", help="also the decode-graph step")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument(
-        "--decoders", nargs="+", default=["default"], choices=["default", "hf", "fused"]
+        "--decoders", nargs="+", default=["default"], choices=["default", "hf", "fused", "compiled"]
     )
     args = parser.parse_args()
     torch.set_num_threads(1)  # host cost, not intra-op parallelism
@@ -162,6 +197,12 @@ def main() -> None:
                         f"| {row['kernels']} | {row['transfers']} |",
                         flush=True,
                     )
+    if "compiled" in args.decoders:
+        kernels = compiled_layer_kernels(loaded)
+        print(
+            f"\na compiled layer (this device's generated code): {len(kernels)} kernels: ", end=""
+        )
+        print(", ".join(kernels), "+ its KV writes and attention")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@
 #    1/8/32/64 against the HBM roofline (reference and Triton attention eager, Triton as CUDA
 #    graphs too, with graph tokens == eager tokens per row), the 2B engine loop with and
 #    without async scheduling (ms per decode step, same tokens), the memory profile's
-#    budget against a real run's peak, the capacity and chunked-prefill benchmarks. One table.
+#    budget against a real run's peak, the capacity and chunked-prefill benchmarks, and last
+#    the compiled fused decoder (--compile-decoder) as graphs at batch 1 and 32. One table,
+#    printed also when the time limit stops it.
 #
 # A machine without this server's Python packages (and no network) gets them as wheels in
 # .whl/ (scripts/fetch_gpu_wheels.sh makes them), installed into /tmp/site first.

@@ -42,6 +42,7 @@ class EngineConfig:
     enforce_eager: bool = True
     async_scheduling: bool = False
     fused_decoder: bool = True
+    compile_decoder: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class Settings(BaseSettings):
     async_scheduling: bool = False
     # Steps of generated tokens through engine/decoder.py (HF's math, half the kernels).
     fused_decoder: bool = True
+    # Its layers compiled by torch.compile: GPU-only gain, off until gpu_check passes with it.
+    compile_decoder: bool = False
     max_queued_requests: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=60.0, gt=0)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
@@ -234,6 +237,7 @@ class Settings(BaseSettings):
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
             fused_decoder=self.fused_decoder,
+            compile_decoder=self.compile_decoder,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
         )

@@ -134,6 +134,8 @@ def decode_mode(engine: AsyncEngine) -> str:
         steps = "CUDA graphs" if runner.graphs.graphs else "graph buffers, not captured (no CUDA)"
     scheduling = "async" if engine.async_scheduling else "sync"
     decoder = "fused decoder" if runner.decoder is not None else "HF text model"
+    if runner.decoder is not None and runner.decoder.is_compiled:
+        decoder = "compiled fused decoder"
     return f"decode: {decoder}, {attention} attention, {steps}, {scheduling} scheduling"
 
 

@@ -57,6 +57,17 @@ class DecodeBuffers:
             torch.arange(num_rows, device=device),
         )
 
+    @classmethod
+    def scratch(
+        cls, num_rows: int, scratch_block: int, block_size: int, device: torch.device
+    ) -> DecodeBuffers:
+        """Rows that write to the scratch block and attend to it alone (as padding rows do)."""
+        buffers = cls.allocate(num_rows, 1, device)
+        buffers.slot_mapping.fill_(scratch_block * block_size)
+        buffers.block_tables.fill_(scratch_block)
+        buffers.seq_lens.fill_(1)
+        return buffers
+
     def first(self, num: int) -> DecodeBuffers:
         return DecodeBuffers(
             self.token_ids[:num],

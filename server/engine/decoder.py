@@ -25,7 +25,9 @@ take other GEMM kernels than the separate ones, so bf16 logits can differ in the
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,19 +39,29 @@ from server.engine.kv_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
 
+SILU_MODULES = ("SiLU", "SiLUActivation")  # torch's and transformers' (hidden_act "silu")
+
 
 @dataclass
 class FusedLayer:
-    input_norm: nn.Module  # HF's RMSNorm modules: their weights and epsilons
-    post_norm: nn.Module
+    """One layer's weights as the fused math reads them (HF's own tensors, or views of their
+    concatenation): tensors and plain values only, so one compiled function serves every layer."""
+
+    input_norm: torch.Tensor  # RMSNorm weights
+    post_norm: torch.Tensor
+    input_eps: float
+    post_eps: float
     qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]
     qkv_bias: torch.Tensor | None
-    o_proj: nn.Linear
-    q_norm: nn.Module | None  # Qwen3-VL normalises each head's query and key
-    k_norm: nn.Module | None
+    q_norm: torch.Tensor | None  # Qwen3-VL normalises each head's query and key
+    k_norm: torch.Tensor | None
+    qk_eps: float
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor | None
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    act: nn.Module
-    down: nn.Linear
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
 
 
 class FusedDecoder:
@@ -66,6 +78,10 @@ class FusedDecoder:
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.layers = layers
+        # A layer is these two around its attention; compiled() swaps in compiled versions.
+        self.attention_inputs = attention_inputs
+        self.attention_output_and_mlp = attention_output_and_mlp
+        self.is_compiled = False
 
     @classmethod
     def build(cls, model: nn.Module) -> FusedDecoder | None:
@@ -86,6 +102,21 @@ class FusedDecoder:
         text._vlm_fused_decoder = decoder
         return decoder
 
+    def compiled(self) -> FusedDecoder:
+        """This decoder with its two per-layer functions compiled by torch.compile (Inductor
+        fuses each norm, the rope, silu * up and the residual adds into single kernels: about
+        half a layer's kernels again). Dynamic in the batch size: one compile serves every batch
+        (plus one for a batch of one), done by the caller's first steps (a warm-up, or the CUDA
+        graphs' capture). Elementwise math in float32 inside a fused kernel rounds bf16 once,
+        where HF rounds after each operation: logits may differ in the last bits."""
+        if any(layer.act is not F.silu for layer in self.layers):
+            raise ValueError("only SiLU layers compile (each activation module would recompile)")
+        compiled = copy.copy(self)
+        compiled.attention_inputs = torch.compile(attention_inputs, dynamic=True)
+        compiled.attention_output_and_mlp = torch.compile(attention_output_and_mlp, dynamic=True)
+        compiled.is_compiled = True
+        return compiled
+
     def hidden(
         self,
         token_ids: torch.Tensor,
@@ -98,13 +129,15 @@ class FusedDecoder:
         slots of `cache`."""
         hidden = self.embed_tokens(token_ids)
         cos, sin = self._rope(positions, hidden.dtype)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
         for index, layer in enumerate(self.layers):
-            attended = self._attention(
-                layer, _norm(hidden, layer.input_norm), cos, sin, meta, cache, index
-            )
-            hidden = hidden + attended
-            hidden = hidden + self._mlp(layer, _norm(hidden, layer.post_norm))
-        return _norm(hidden, self.final_norm)
+            queries, keys, values = self.attention_inputs(hidden, layer, cos, sin, heads, kv_heads)
+            key_cache, value_cache = cache.keys[index], cache.values[index]
+            key_cache[meta.slot_mapping] = keys
+            value_cache[meta.slot_mapping] = values
+            attended = attention.attend_decodes(queries, key_cache, value_cache, meta, self.scaling)
+            hidden = self.attention_output_and_mlp(hidden, attended, layer)
+        return _norm(hidden, self.final_norm.weight, self.final_norm.variance_epsilon)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and signed sin [n, 1, head_dim] as HF's rotary embedding computes them for a
@@ -117,40 +150,46 @@ class FusedDecoder:
         sin = torch.cat((-sin, sin), dim=-1).to(dtype)
         return cos[:, None], sin[:, None]
 
-    def _attention(
-        self,
-        layer: FusedLayer,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: attention.StepMetadata,
-        cache: PagedKVCache,
-        index: int,
-    ) -> torch.Tensor:
-        n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-        qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
-        values = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim)
-        if layer.q_norm is not None:
-            queries, keys = _norm(qk[:, :heads], layer.q_norm), _norm(qk[:, heads:], layer.k_norm)
-            qk = torch.cat((queries, keys), dim=1)
-        half = dim // 2
-        qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
-        key_cache, value_cache = cache.keys[index], cache.values[index]
-        key_cache[meta.slot_mapping] = qk[:, heads:]
-        value_cache[meta.slot_mapping] = values
-        out = attention.attend_decodes(qk[:, :heads], key_cache, value_cache, meta, self.scaling)
-        return layer.o_proj(out.reshape(n, heads * dim))
 
-    def _mlp(self, layer: FusedLayer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-        return layer.down(layer.act(gate) * up)
+def attention_inputs(
+    hidden: torch.Tensor,
+    layer: FusedLayer,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's queries [n, heads, dim], keys and values [n, kv_heads, dim] for its input
+    hidden states [n, hidden]: the input norm, one q/k/v product, the rope on q and k."""
+    n = hidden.shape[0]
+    qkv = F.linear(_norm(hidden, layer.input_norm, layer.input_eps), layer.qkv, layer.qkv_bias)
+    dim = qkv.shape[1] // (heads + 2 * kv_heads)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
+    values = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim)
+    if layer.q_norm is not None and layer.k_norm is not None:
+        queries = _norm(qk[:, :heads], layer.q_norm, layer.qk_eps)
+        keys = _norm(qk[:, heads:], layer.k_norm, layer.qk_eps)
+        qk = torch.cat((queries, keys), dim=1)
+    half = dim // 2
+    qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+    return qk[:, :heads], qk[:, heads:], values
 
 
-def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def attention_output_and_mlp(
+    hidden: torch.Tensor, attended: torch.Tensor, layer: FusedLayer
+) -> torch.Tensor:
+    """The rest of a layer from its attention's output [n, heads, dim]: the output
+    projection and its residual, the post-attention norm, the MLP and its residual."""
+    hidden = hidden + F.linear(attended.reshape(hidden.shape[0], -1), layer.o_proj, layer.o_bias)
+    normed = _norm(hidden, layer.post_norm, layer.post_eps)
+    gate, up = F.linear(normed, layer.gate_up).chunk(2, dim=-1)
+    return hidden + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's Qwen RMSNorm, rounding included, in two kernels: rms_norm normalises in float32
     and rounds to the input's dtype (as HF's casts do), then the weight scales it."""
-    return norm.weight * F.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon)
+    return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 def _unsupported(model: nn.Module) -> str | None:
@@ -192,17 +231,25 @@ def _fuse_layer(layer: nn.Module) -> FusedLayer:
     attn, mlp = layer.self_attn, layer.mlp
     qkv, qkv_bias = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
     gate_up, _ = _concatenate([mlp.gate_proj, mlp.up_proj])
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     return FusedLayer(
-        layer.input_layernorm,
-        layer.post_attention_layernorm,
-        qkv,
-        qkv_bias,
-        attn.o_proj,
-        getattr(attn, "q_norm", None),
-        getattr(attn, "k_norm", None),
-        gate_up,
-        mlp.act_fn,
-        mlp.down_proj,
+        input_norm=layer.input_layernorm.weight,
+        post_norm=layer.post_attention_layernorm.weight,
+        input_eps=layer.input_layernorm.variance_epsilon,
+        post_eps=layer.post_attention_layernorm.variance_epsilon,
+        qkv=qkv,
+        qkv_bias=qkv_bias,
+        q_norm=None if q_norm is None else q_norm.weight,
+        k_norm=None if k_norm is None else k_norm.weight,
+        qk_eps=0.0 if q_norm is None else q_norm.variance_epsilon,
+        o_proj=attn.o_proj.weight,
+        o_bias=attn.o_proj.bias,
+        gate_up=gate_up,
+        down=mlp.down_proj.weight,
+        down_bias=mlp.down_proj.bias,
+        # F.silu is what both SiLU modules run; one function for every layer (a compile guards
+        # on it).
+        act=F.silu if type(mlp.act_fn).__name__ in SILU_MODULES else mlp.act_fn,
     )
 
 

@@ -118,6 +118,7 @@ class AsyncEngine:
             config.attention_backend,
             graph_batch_sizes=graph_batch_sizes(config, max_seq_len),
             fused_decoder=config.fused_decoder,
+            compile_decoder=config.compile_decoder,
         )
         return cls(
             runner,

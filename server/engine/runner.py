@@ -88,6 +88,18 @@ class StepInputs:
     generated_only: bool  # every row a generated token's decode (the fused decoder's steps)
 
 
+def compiled_decoder(decoder: FusedDecoder | None) -> FusedDecoder | None:
+    """`decoder` compiled, or as it is (with the reason logged) where it cannot be."""
+    if decoder is None:
+        logger.warning("--compile-decoder needs the fused decoder: decode steps stay eager")
+        return None
+    try:
+        return decoder.compiled()
+    except ValueError as exc:
+        logger.warning("the fused decoder is not compiled: %s", exc)
+        return decoder
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -99,10 +111,12 @@ class ModelRunner:
         *,
         graph_batch_sizes: tuple[int, int] | None = None,
         fused_decoder: bool = True,
+        compile_decoder: bool = False,
     ):
         """graph_batch_sizes: (max_num_seqs, max_seq_len) to run decode steps through
         DecodeGraphs (captured on CUDA); None: every step eagerly. fused_decoder: steps of
-        generated tokens through FusedDecoder (where the model allows), else HF's forward."""
+        generated tokens through FusedDecoder (where the model allows), else HF's forward;
+        compile_decoder: its layers compiled by torch.compile (compiled here, at start)."""
         self.model = loaded.model
         self.text_model = loaded.model.model.language_model
         self.device = loaded.device
@@ -116,6 +130,8 @@ class ModelRunner:
             kv_cache_shape(self.model), num_blocks + 1, block_size, loaded.dtype, loaded.device
         )
         self.decoder = FusedDecoder.build(self.model) if fused_decoder else None
+        if compile_decoder:
+            self.decoder = compiled_decoder(self.decoder)
         self.media = MediaEncoder(self.model, self.device, encoder_cache_bytes)
         self.encoder_cache = self.media.cache
         self.states: dict[str, SamplingState] = {}
@@ -128,6 +144,9 @@ class ModelRunner:
         self.graphs = None
         if graph_batch_sizes is not None:
             self.graphs = self._build_graphs(*graph_batch_sizes, scratch_block=num_blocks)
+        captured = self.graphs is not None and bool(self.graphs.graphs)  # (that compiled it)
+        if self.decoder is not None and self.decoder.is_compiled and not captured:
+            self._compile_decoder(scratch_block=num_blocks)
 
     def _build_graphs(
         self, max_num_seqs: int, max_seq_len: int, scratch_block: int
@@ -179,6 +198,18 @@ class ModelRunner:
             (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**30,
         )
         return graphs
+
+    def _compile_decoder(self, scratch_block: int) -> None:
+        """Compile the decoder's layers now, not in the first request's decode step: one step
+        of two rows (the compile for every batch size) and one of one, on the scratch block."""
+        started = time.perf_counter()
+        scratch = DecodeBuffers.scratch(2, scratch_block, self.block_size, self.device)
+        with torch.inference_mode():
+            for num in (2, 1):
+                self._decode_forward(scratch.first(num))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("fused decoder compiled in %.1fs", time.perf_counter() - started)
 
     def bind_thread(self) -> None:
         """Called on the engine thread: CUDA's current device is per thread."""

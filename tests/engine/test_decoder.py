@@ -143,6 +143,38 @@ async def test_engine_tokens_equal_hf_forward(loaded: LoadedModel, enforce_eager
     assert outputs[1] == outputs[0]
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graph-buffers"])
+async def test_compiled_decoder_gives_the_fused_decoders_tokens(
+    loaded: LoadedModel, enforce_eager: bool, async_scheduling: bool
+) -> None:
+    """--compile-decoder: the same greedy tokens as the eager fused decoder (float32: the
+    compiled kernels round alike), compiled while the engine is built (steps of 4, 3, 2 and 1
+    rows compile nothing more)."""
+    from torch._dynamo.utils import counters
+
+    if loaded.device.type == "cuda" and (
+        enforce_eager or async_scheduling or loaded.family == "qwen2.5-vl"
+    ):
+        # the GPU check's time: the capture, once per shape of decoder (2.5's is 2's)
+        pytest.skip("on CUDA: graphs, sync, Qwen2-VL and Qwen3-VL only")
+    inputs = [*prompts(loaded), image_prompt(loaded)]
+    sampling = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 8, 10, 12)
+    ]
+    outputs = []
+    for compile_decoder in (False, True):
+        engine = build_engine(
+            loaded, enforce_eager, max_num_seqs=4, compile_decoder=compile_decoder
+        )
+        assert engine.runner.decoder.is_compiled == compile_decoder
+        compiles = counters["stats"]["unique_graphs"]
+        outputs.append(await generate(engine, inputs, sampling))
+        assert counters["stats"]["unique_graphs"] == compiles, "compiled while serving"
+    assert outputs[1] == outputs[0]
+    assert FusedDecoder.build(loaded.model).is_compiled is False  # the cached one stays eager
+
+
 def test_a_decode_step_runs_fewer_kernels(loaded: LoadedModel) -> None:
     """What bounds a decode step on a GPU is how many kernels it launches: the fused decoder's
     step at most 70% of HF's here (two layers: the step's own ops weigh; ~45 a layer in HF)."""
