@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("VLM_CODE_ROOT", str(ROOT)))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from op_count import CountOps  # noqa: E402
 
 from server.engine import sampler  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
@@ -41,28 +41,6 @@ MIXED = [
     SamplingParams(temperature=0.9, seed=42),
     SamplingParams(temperature=1.0),
 ]
-
-
-# Ops that only make views: what is left of a step's ops is roughly what a GPU launches.
-VIEW_OPS = {
-    "view", "_unsafe_view", "transpose", "t", "unsqueeze", "squeeze", "expand", "slice",
-    "select", "permute", "alias", "reshape", "split", "split_with_sizes", "chunk", "unbind",
-    "detach", "as_strided", "narrow", "_reshape_alias", "lift_fresh",
-}  # fmt: skip
-
-
-class CountOps(TorchDispatchMode):
-    """Aten ops dispatched (`count`) and those that are not views (`kernels`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.kernels = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        self.kernels += func.overloadpacket.__name__ not in VIEW_OPS
-        return func(*args, **(kwargs or {}))
 
 
 def make_state(params: SamplingParams, grammars: GrammarCache | None) -> sampler.SamplingState:

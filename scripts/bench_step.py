@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, os.environ.get("VLM_CODE_ROOT", str(ROOT)))
 
 import torch  # noqa: E402
-from bench_sampler import MIXED, TRANSFERS, CountOps, _counting  # noqa: E402
+from bench_sampler import MIXED, TRANSFERS, _counting  # noqa: E402
 from engine_step import engine_step  # noqa: E402
+from op_count import CountOps  # noqa: E402
 
 from server.engine.block_manager import BlockManager  # noqa: E402
 from server.engine.inputs import ModelInputs  # noqa: E402

@@ -6,7 +6,6 @@ host sync (a graph cannot capture one), and the fixed-width attention matches th
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -244,7 +243,6 @@ def test_full_size_graph_step_on_fake_cuda(
     """Qwen2-VL-2B/7B's real dimensions on "cuda" tensors that hold no memory (FakeTensorMode):
     building the runner's graphs (the capture's warm-up forwards, every bucket) and a padded
     step run with no device, dtype or shape error. Only the capture call itself is left out."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     import bench_gpu
 
     def warm_up_only(self: DecodeGraphs) -> None:

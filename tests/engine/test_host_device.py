@@ -22,7 +22,6 @@ through the CUDA-graph buffers.
 
 from __future__ import annotations
 
-import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,7 +318,6 @@ def test_a_step_never_waits_for_the_device(
     step's inputs on the device), then step t's tokens reach the host, then step t+1's
     sampling is queued. Neither `forward` nor `sample` may make the host wait; `sample` makes
     exactly one non-blocking copy to the host (the sampled tokens)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     import bench_gpu
 
     seqs = mixed_sequences(bench_gpu.SIZES["test"]["vocab_size"])  # host objects: real tensors

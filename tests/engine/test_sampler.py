@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_count import CountOps
 
 from server.engine import sampler
 from server.engine.sampler import FAILED, SamplingState, make_generator, prompt_seen, sample
@@ -46,16 +46,6 @@ def mixed_states(batch: int, seeded: bool = True) -> list[SamplingState]:
     states = [state(kinds[i % len(kinds)], outputs=(1, 4, 4, 9)) for i in range(batch)]
     states[0].banned_token_ids = (3, 4)  # min_tokens: EOS and stop ids banned
     return states
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(params=[False, True], ids=["inverse-cdf", "race"])
