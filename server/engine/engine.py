@@ -203,7 +203,7 @@ class AsyncEngine:
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         """What only the model can tell about a request's sampling parameters: token ids
-        within the vocabulary."""
+        within the vocabulary, and allowed ids that leave a token to generate."""
         vocab = self.runner.vocab_size
         ids = {
             "stop_token_ids": sampling.stop_token_ids,
@@ -217,6 +217,16 @@ class AsyncEngine:
                     param=param,
                     code="invalid_value",
                 )
+        enders = self.eos_token_ids | set(sampling.stop_token_ids)
+        allowed = set(sampling.allowed_token_ids)
+        # Before min_tokens the enders are banned (unless a grammar decides when it ends).
+        if allowed and allowed <= enders and sampling.min_tokens and sampling.structured is None:
+            raise InvalidRequest(
+                "allowed_token_ids holds only tokens that end the text (EOS or stop_token_ids), "
+                "which min_tokens forbids: no token is left to generate.",
+                param="allowed_token_ids",
+                code="invalid_value",
+            )
 
     def compile_grammar(self, spec: StructuredOutput) -> None:
         """Compile (and cache) a schema's grammar; blocking: call it from a worker thread.

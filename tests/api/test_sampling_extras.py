@@ -50,6 +50,18 @@ async def test_allowed_token_ids_limit_the_answer(client: httpx.AsyncClient, tok
     assert set(await content(client, body)) <= {"x", "y"}
 
 
+async def test_allowed_token_ids_that_min_tokens_bans_are_a_400(
+    client: httpx.AsyncClient, tokenizer
+) -> None:
+    """Only enders allowed, and min_tokens bans the enders: no token is left to generate."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    x = tokenizer.convert_tokens_to_ids("x")
+    for extra in ({"allowed_token_ids": [eos]}, {"allowed_token_ids": [x], "stop_token_ids": [x]}):
+        response = await client.post("/v1/chat/completions", json=chat(min_tokens=2, **extra))
+        assert_error(response, 400, "allowed_token_ids")
+        assert await content(client, chat(**extra)) == ""  # without min_tokens: ends at once
+
+
 async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:
     # min_p 1: only the likeliest token survives, so sampling is greedy
     greedy = await content(client, chat(max_tokens=8))
