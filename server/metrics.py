@@ -144,6 +144,7 @@ class EngineCollector:
     GAUGES = {
         "kv_cache_usage": "Share of the KV cache blocks in use (0..1)",
         "kv_cache_blocks": "KV cache blocks in all",
+        "grammar_cache_bytes": "Memory of the cached structured-output grammars (bounded)",
     }
 
     def __init__(self, stats: Callable[[], dict[str, float]]):

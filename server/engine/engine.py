@@ -166,6 +166,7 @@ class AsyncEngine:
             "preemptions": self.scheduler.num_preemptions,
             "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
             "kv_cache_blocks": blocks.num_blocks,
+            "grammar_cache_bytes": self.runner.grammars.num_bytes,
         }
 
     # -- requests (event loop) -------------------------------------------------------------
@@ -235,7 +236,7 @@ class AsyncEngine:
 
     def is_grammar_compiled(self, spec: StructuredOutput) -> bool:
         """Whether compile_grammar(spec) is a cache lookup."""
-        return spec in self.runner.grammars.compiled
+        return self.runner.grammars.is_compiled(spec)
 
     def add_requests(
         self, requests: list[tuple[str, ModelInputs, SamplingParams]]

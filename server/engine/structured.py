@@ -6,14 +6,16 @@ end-of-text token is allowed only once the document is complete. So the output i
 schema-conformant even from a random-weight model, given max_tokens room to finish.
 
 Compiling a schema against a large vocabulary takes seconds, so compiled grammars are cached per
-schema (xgrammar's compiler cache); pipelines compile off the event loop before a request is
-queued, and the engine thread only builds matchers from the cache.
+schema (a bounded, least-recently-used cache); pipelines compile off the event loop before a
+request is queued, and the engine thread only builds matchers from the cache.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,6 +70,12 @@ def schema_error_text(exc: Exception) -> str:
 
 
 class GrammarCache:
+    """Compiled grammars by constraint, least recently used first out past MAX_BYTES (a server
+    answering per-request schemas, e.g. categories lists, would otherwise keep every one it ever
+    compiled). xgrammar's own cache is off: this one counts the bytes and is the only one."""
+
+    MAX_BYTES = 512 * 2**20
+
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]):
         import xgrammar as xgr
 
@@ -75,16 +83,38 @@ class GrammarCache:
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
         )
-        self.compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+        self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self.vocab_size = vocab_size
-        self.compiled: set[StructuredOutput] = set()  # in xgrammar's cache: compiling is a lookup
+        self.max_bytes = self.MAX_BYTES
+        # Pipelines compile on worker threads, the engine thread builds matchers: one lock.
+        self._lock = threading.Lock()
+        self._grammars: OrderedDict[StructuredOutput, Any] = OrderedDict()
+        self.num_bytes = 0
+
+    def is_compiled(self, spec: StructuredOutput) -> bool:
+        """Whether compile(spec) is a lookup."""
+        return spec in self._grammars
 
     def compile(self, spec: StructuredOutput) -> Any:
+        with self._lock:
+            grammar = self._grammars.get(spec)
+            if grammar is not None:
+                self._grammars.move_to_end(spec)
+                return grammar
         try:
             grammar = self._compile(spec)
         except Exception as exc:  # xgrammar raises several types for bad schemas
             raise InvalidSchema(schema_error_text(exc)) from None
-        self.compiled.add(spec)
+        with self._lock:
+            if spec not in self._grammars:
+                self._grammars[spec] = grammar
+                self.num_bytes += grammar.memory_size_bytes
+            # The newest stays, whatever its size: the request that compiled it is about to
+            # start. (An evicted grammar a queued request still needs is compiled again when
+            # it starts: rare with this budget, and slow, not wrong.)
+            while self.num_bytes > self.max_bytes and len(self._grammars) > 1:
+                _, oldest = self._grammars.popitem(last=False)
+                self.num_bytes -= oldest.memory_size_bytes
         return grammar
 
     def _compile(self, spec: StructuredOutput) -> Any:

@@ -162,6 +162,22 @@ def test_a_failing_grammar_fails_its_row_only() -> None:
     assert tokens[1] == FAILED and tokens[0] != FAILED and tokens[2] != FAILED
 
 
+def test_the_grammar_cache_is_bounded_least_recently_used_out() -> None:
+    """Per-request schemas (a categories list each) must not pile up for the server's life."""
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    specs = [StructuredOutput.choice([f"a{i}", f"b{i}"]) for i in range(6)]
+    size = grammars.compile(specs[0]).memory_size_bytes
+    grammars.max_bytes = 3 * size + size // 2  # room for three
+    for spec in specs[1:4]:
+        grammars.compile(spec)
+    assert grammars.compile(specs[1]) is grammars.compile(specs[1])  # a lookup, now recent
+    grammars.compile(specs[4])
+    assert [grammars.is_compiled(s) for s in specs] == [False, True, False, True, True, False]
+    assert grammars.num_bytes <= grammars.max_bytes
+    matcher = grammars.matcher(specs[0])  # evicted: compiled again, and it still works
+    assert matcher.accept_string("a0") and matcher.is_completed()
+
+
 def test_the_device_grammar_path_masks_what_xgrammar_masks() -> None:
     """CUDA's grammar masking (`apply_on_device`: the constrained rows' bitmask and indices sent
     through pinned copies, no host sync) masks exactly what xgrammar's CPU kernel does, on
