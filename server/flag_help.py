@@ -109,8 +109,8 @@ HELP = {
     "compile_decoder": "Compile the fused decoder's layers with torch.compile at start-up "
     "(about half the GPU kernels per decode step again; meant with --no-enforce-eager, whose "
     "graphs skip the compiled code's per-call checks; start-up takes longer, and bf16 logits "
-    "can differ from HF's in the last bits). Off until scripts/gpu_check.sh has passed with it "
-    "on your GPU.",
+    "can differ from HF's in the last bits; if compiling fails, the decoder runs uncompiled and "
+    "the log says why). Off until scripts/gpu_check.sh has passed with it on your GPU.",
     "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After.",
     "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",

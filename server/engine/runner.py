@@ -88,18 +88,6 @@ class StepInputs:
     generated_only: bool  # every row a generated token's decode (the fused decoder's steps)
 
 
-def compiled_decoder(decoder: FusedDecoder | None) -> FusedDecoder | None:
-    """`decoder` compiled, or as it is (with the reason logged) where it cannot be."""
-    if decoder is None:
-        logger.warning("--compile-decoder needs the fused decoder: decode steps stay eager")
-        return None
-    try:
-        return decoder.compiled()
-    except ValueError as exc:
-        logger.warning("the fused decoder is not compiled: %s", exc)
-        return decoder
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -131,7 +119,7 @@ class ModelRunner:
         )
         self.decoder = FusedDecoder.build(self.model) if fused_decoder else None
         if compile_decoder:
-            self.decoder = compiled_decoder(self.decoder)
+            self.decoder = self._compiled_decoder(scratch_block=num_blocks)
         self.media = MediaEncoder(self.model, self.device, encoder_cache_bytes)
         self.encoder_cache = self.media.cache
         self.states: dict[str, SamplingState] = {}
@@ -144,9 +132,6 @@ class ModelRunner:
         self.graphs = None
         if graph_batch_sizes is not None:
             self.graphs = self._build_graphs(*graph_batch_sizes, scratch_block=num_blocks)
-        captured = self.graphs is not None and bool(self.graphs.graphs)  # (that compiled it)
-        if self.decoder is not None and self.decoder.is_compiled and not captured:
-            self._compile_decoder(scratch_block=num_blocks)
 
     def _build_graphs(
         self, max_num_seqs: int, max_seq_len: int, scratch_block: int
@@ -199,17 +184,33 @@ class ModelRunner:
         )
         return graphs
 
-    def _compile_decoder(self, scratch_block: int) -> None:
-        """Compile the decoder's layers now, not in the first request's decode step: one step
-        of two rows (the compile for every batch size) and one of one, on the scratch block."""
+    def _compiled_decoder(self, scratch_block: int) -> FusedDecoder | None:
+        """The fused decoder compiled now, not in the first request's decode step (one step of
+        two rows: the compile for every batch size; one of one row), on the scratch block;
+        before any graph capture, whose warm-ups then find it compiled. Where it cannot be
+        compiled, the decoder as it was, with the reason logged."""
+        eager = self.decoder
+        if eager is None:
+            logger.warning("--compile-decoder needs the fused decoder: nothing is compiled")
+            return None
         started = time.perf_counter()
-        scratch = DecodeBuffers.scratch(2, scratch_block, self.block_size, self.device)
-        with torch.inference_mode():
-            for num in (2, 1):
-                self._decode_forward(scratch.first(num))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        try:
+            self.decoder = eager.compiled()
+            scratch = DecodeBuffers.scratch(2, scratch_block, self.block_size, self.device)
+            with torch.inference_mode():
+                for num in (2, 1):
+                    self._decode_forward(scratch.first(num))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:  # e.g. no C compiler for Inductor's kernels
+            logger.warning(
+                "--compile-decoder: torch.compile failed, decoding with the fused decoder "
+                "uncompiled (%s)",
+                f"{type(exc).__name__}: {exc}"[:500],
+            )
+            return eager
         logger.info("fused decoder compiled in %.1fs", time.perf_counter() - started)
+        return self.decoder
 
     def bind_thread(self) -> None:
         """Called on the engine thread: CUDA's current device is per thread."""

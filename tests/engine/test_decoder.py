@@ -154,6 +154,30 @@ async def test_compiled_decoder_gives_the_fused_decoders_tokens(
     assert FusedDecoder.build(loaded.model).is_compiled is False  # the cached one stays eager
 
 
+def test_a_decoder_that_fails_to_compile_decodes_uncompiled(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch.compile failing at start (e.g. no C compiler for Inductor): the server starts,
+    with the fused decoder uncompiled and the reason logged."""
+    compiled = FusedDecoder.compiled
+
+    def broken(self: FusedDecoder) -> FusedDecoder:
+        decoder = compiled(self)
+
+        def fails(*args: object) -> None:
+            raise RuntimeError("InductorError: no working C compiler")
+
+        decoder.attention_inputs = fails  # type: ignore[method-assign]
+        return decoder
+
+    monkeypatch.setattr(FusedDecoder, "compiled", broken)
+    runner = ModelRunner(loaded, 64, 16, 0, compile_decoder=True)
+    assert runner.decoder is FusedDecoder.build(loaded.model) and not runner.decoder.is_compiled
+    assert "no working C compiler" in caplog.text
+    logits = decode_logits(runner, new_seqs(loaded, prompts(loaded)[:2]))
+    assert torch.isfinite(logits).all()
+
+
 def test_a_decode_step_runs_fewer_kernels(loaded: LoadedModel) -> None:
     """What bounds a decode step on a GPU is how many kernels it launches: the fused decoder's
     step at most 70% of HF's here (two layers: the step's own ops weigh; ~45 a layer in HF)."""
