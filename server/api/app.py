@@ -145,18 +145,20 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         try:
             yield
         finally:
-            await job_worker.stop()  # jobs running here go back to the queue
-            await webhooks.stop()  # pending deliveries stay in the store
-            jobs.close()
-            await engine.stop()
-            await fetcher.aclose()
-            await decoder.close()
-            spool.close()
-            # The app object can outlive its lifespan (FastAPI's caches keep its routes' closures):
-            # let go of the model, the engine and its KV cache now, not when the process ends.
-            metrics.unwatch()
-            app.state.services = None
-            loaded = None
+            try:
+                await job_worker.stop()  # jobs running here go back to the queue
+                await webhooks.stop()  # pending deliveries stay in the store
+                jobs.close()
+                await engine.stop()
+                await fetcher.aclose()
+                await decoder.close()
+                spool.close()
+            finally:
+                # The app object can outlive its lifespan (FastAPI's caches keep its routes'
+                # closures): let go of the model, the engine and its KV cache now.
+                metrics.unwatch()
+                app.state.services = None
+                loaded = None
 
     metrics = Metrics()
     # Offline: /docs and /redoc load their JS and CSS from this server, never a CDN.

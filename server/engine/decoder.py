@@ -55,7 +55,8 @@ class FusedLayer:
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None  # Qwen3-VL normalises each head's query and key
     k_norm: torch.Tensor | None
-    qk_eps: float
+    q_eps: float
+    k_eps: float
     o_proj: torch.Tensor
     o_bias: torch.Tensor | None
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
@@ -110,7 +111,8 @@ class FusedDecoder:
         graphs' capture). Elementwise math in float32 inside a fused kernel rounds bf16 once,
         where HF rounds after each operation: logits may differ in the last bits."""
         if any(layer.act is not F.silu for layer in self.layers):
-            raise ValueError("only SiLU layers compile (each activation module would recompile)")
+            # (a module per layer could be guarded by identity: a compile per layer)
+            raise ValueError("only SiLU layers compile")
         compiled = copy.copy(self)
         compiled.attention_inputs = torch.compile(attention_inputs, dynamic=True)
         compiled.attention_output_and_mlp = torch.compile(attention_output_and_mlp, dynamic=True)
@@ -167,8 +169,8 @@ def attention_inputs(
     qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
     values = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim)
     if layer.q_norm is not None and layer.k_norm is not None:
-        queries = _norm(qk[:, :heads], layer.q_norm, layer.qk_eps)
-        keys = _norm(qk[:, heads:], layer.k_norm, layer.qk_eps)
+        queries = _norm(qk[:, :heads], layer.q_norm, layer.q_eps)
+        keys = _norm(qk[:, heads:], layer.k_norm, layer.k_eps)
         qk = torch.cat((queries, keys), dim=1)
     half = dim // 2
     qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -241,7 +243,8 @@ def _fuse_layer(layer: nn.Module) -> FusedLayer:
         qkv_bias=qkv_bias,
         q_norm=None if q_norm is None else q_norm.weight,
         k_norm=None if k_norm is None else k_norm.weight,
-        qk_eps=0.0 if q_norm is None else q_norm.variance_epsilon,
+        q_eps=0.0 if q_norm is None else q_norm.variance_epsilon,
+        k_eps=0.0 if k_norm is None else k_norm.variance_epsilon,
         o_proj=attn.o_proj.weight,
         o_bias=attn.o_proj.bias,
         gate_up=gate_up,
