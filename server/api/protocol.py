@@ -19,8 +19,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -784,11 +786,24 @@ class PromptTokensDetails(BaseModel):
     video_tokens: int = 0  # extension: tokens of video frames (or of captioned frames)
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int  # a thinking checkpoint's tokens before "</think>" (OpenAI's field)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    # Only for answers that start in reasoning (absent, not null, elsewhere).
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("completion_tokens_details") is None:
+            data.pop("completion_tokens_details", None)
+        return data
 
     @classmethod
     def of(
@@ -798,6 +813,7 @@ class Usage(BaseModel):
         num_video: int,
         num_completion: int,
         num_cached: int = 0,
+        num_reasoning: int | None = None,
     ) -> Usage:
         return cls(
             prompt_tokens=num_prompt,
@@ -808,6 +824,11 @@ class Usage(BaseModel):
                 image_tokens=num_image,
                 text_tokens=num_prompt - num_image - num_video,
                 video_tokens=num_video,
+            ),
+            completion_tokens_details=(
+                None
+                if num_reasoning is None
+                else CompletionTokensDetails(reasoning_tokens=num_reasoning)
             ),
         )
 

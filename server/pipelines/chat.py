@@ -51,7 +51,12 @@ from server.pipelines.messages import (
     parts_of,
     to_hf_message,
 )
-from server.pipelines.reasoning import split_reasoning
+from server.pipelines.reasoning import (
+    THINK_CLOSE,
+    count_reasoning_tokens,
+    single_token_id,
+    split_reasoning,
+)
 from server.pipelines.tools import Tools, parse_answer, render
 from server.pipelines.video_captions import (
     CaptionUsage,
@@ -86,21 +91,28 @@ class ChatRun:
     seqs: list[Sequence]
     frames: list[FrameCaption] | None = None
     caption_usage: CaptionUsage = CaptionUsage(0, 0, 0)
+    think_close_id: int | None = None  # the tokenizer's "</think>", where it has one
 
     @property
     def seq(self) -> Sequence:
         return self.seqs[0]
 
-    def usage(self) -> tuple[int, int, int, int, int]:
-        """(prompt, image, video, completion, cached) tokens, captioning included: the
-        prompt counted once, the completions of every choice summed."""
+    def usage(self) -> tuple[int, int, int, int, int, int | None]:
+        """(prompt, image, video, completion, cached, reasoning) tokens, captioning included:
+        the prompt counted once, the completions of every choice summed; reasoning: None
+        unless the answers started in reasoning (a thinking checkpoint's)."""
         inputs, extra = self.seq.inputs, self.caption_usage
+        reasoning = None
+        if inputs.thinks and self.think_close_id is not None:
+            close = self.think_close_id
+            reasoning = sum(count_reasoning_tokens(s.output_token_ids, close) for s in self.seqs)
         return (
             inputs.num_prompt_tokens + extra.num_prompt_tokens,
             inputs.num_image_tokens,
             inputs.num_video_tokens + extra.num_image_tokens,
             sum(s.num_completion_tokens for s in self.seqs) + extra.num_completion_tokens,
             self.seq.num_cached_tokens + extra.num_cached_tokens,
+            reasoning,
         )
 
 
@@ -140,6 +152,7 @@ class ChatPipeline:
         self.media = media
         self.captioner = FrameCaptioner(engine, input_builder, metrics)
         self.token_texts = TokenTexts(engine.tokenizer)
+        self.think_close_id = single_token_id(engine.tokenizer, THINK_CLOSE)
         self.caption_tokens = caption_tokens
         self.metrics = metrics
         # Fetching and decoding are bounded per request (caps, timeouts) and here in number, so
@@ -206,7 +219,7 @@ class ChatPipeline:
             _thinks(request),
             request.template,
         )
-        return ChatRun(await self._add(request, inputs))
+        return ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
 
     async def _captioned(
         self, request: ChatRequest, images: list[Image.Image], videos: list[DecodedVideo]
@@ -235,7 +248,7 @@ class ChatPipeline:
         inputs = await _templated(
             self.input_builder.build, hf_messages, images, None, _thinks(request), request.template
         )
-        return ChatRun(await self._add(request, inputs), all_captions, usage)
+        return ChatRun(await self._add(request, inputs), all_captions, usage, self.think_close_id)
 
     async def _video_budget(
         self, request: ChatRequest, images: list[Image.Image], num_videos: int

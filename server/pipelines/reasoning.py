@@ -9,6 +9,7 @@ is all reasoning. A "<think>" the model writes again at the start is dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -19,6 +20,21 @@ def split_reasoning(text: str) -> tuple[str, str]:
     reasoning, closed, content = text.partition(THINK_CLOSE)
     reasoning = reasoning.removeprefix(THINK_OPEN).strip("\n")
     return reasoning, content.lstrip("\n") if closed else ""
+
+
+def single_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of `text` where the tokenizer has it as one token (Qwen3's "</think>"), else
+    None."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def count_reasoning_tokens(output_token_ids: list[int], close_id: int) -> int:
+    """The answer's tokens before its first "</think>" (all of them if it never came)."""
+    try:
+        return output_token_ids.index(close_id)
+    except ValueError:
+        return len(output_token_ids)
 
 
 @dataclass

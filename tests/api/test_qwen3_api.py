@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from server.engine.tiny import TinySpec, make_tiny_checkpoint
 from tests.api.test_jobs_api import wait_done
@@ -142,6 +143,30 @@ async def test_a_thinking_checkpoint_answers_with_reasoning_content(
     assert streamed == message["reasoning_content"]
     assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
     assert not "".join(d.get("content") or "" for d in deltas)
+
+
+async def test_usage_counts_the_reasoning_tokens(
+    thinking: httpx.AsyncClient, tiny3_model_dir
+) -> None:
+    """OpenAI's usage.completion_tokens_details.reasoning_tokens: the tokens before
+    "</think>" (all of them when it never came), and absent where the answer did not start in
+    reasoning."""
+    close = AutoTokenizer.from_pretrained(tiny3_model_dir).convert_tokens_to_ids("</think>")
+    body = chat(text("Think."), max_tokens=5, temperature=0, ignore_eos=True)
+    cases = [
+        ({}, {"reasoning_tokens": 5}),  # the random model never closes its thought
+        ({"logit_bias": {str(close): 100}}, {"reasoning_tokens": 0}),  # closed at once
+        ({"chat_template_kwargs": {"enable_thinking": False}}, None),
+    ]
+    for extra, details in cases:
+        response = await thinking.post("/v1/chat/completions", json={**body, **extra})
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"].get("completion_tokens_details") == details
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with thinking.stream("POST", "/v1/chat/completions", json=stream) as response:
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: {")]
+    usage = json.loads(lines[-1][6:])["usage"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 5}
 
 
 async def test_enable_thinking_false_closes_the_reasoning(thinking: httpx.AsyncClient) -> None:
