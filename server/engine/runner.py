@@ -65,8 +65,25 @@ def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> boo
         raise ModelLoadError("--attention-backend triton needs --dtype bfloat16 or float16")
     if block_size not in (16, 32, 64, 128):  # a power of two (tl.arange), in shared memory
         raise ModelLoadError("--attention-backend triton needs --block-size 16, 32, 64 or 128")
-    import server.engine.triton_attention  # noqa: F401  (fails now, not at the first decode)
+    from server.engine import triton_attention  # (fails now, not at the first decode)
 
+    text = loaded.model.config.text_config
+    shape = kv_cache_shape(loaded.model)
+    try:
+        triton_attention.compile_now(
+            text.num_attention_heads,
+            shape.num_kv_heads,
+            shape.head_dim,
+            block_size,
+            loaded.dtype,
+            loaded.device,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            "--attention-backend triton: the decode kernel did not compile "
+            f"({type(exc).__name__}: {str(exc)[:300]}). Triton needs a C compiler and "
+            "Python's headers on the server (e.g. apt-get install gcc python3-dev)."
+        ) from exc
     logger.info("decode attention: Triton paged kernel")
     return True
 

@@ -133,3 +133,21 @@ def decode_attention(
         BLOCK_SIZE=block_size,
     )
     return out
+
+
+def compile_now(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Run the kernel once for the model's shapes on a one-block cache: Triton compiles it
+    (and builds its launcher, which needs a C compiler and Python's headers) at start, where a
+    failure stops the server with its reason, rather than inside the first decode step."""
+    query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    cache = torch.zeros(block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    decode_attention(query, cache, cache, table, seq_lens, block_size, 1.0)

@@ -85,3 +85,22 @@ def test_engine_on_triton_interpreted_decodes_like_the_reference(tiny_model_dir)
     # with and without async scheduling, as every engine test here)
     triton_tokens, graph_tokens, reference_tokens = result.stdout.strip().splitlines()[-3:]
     assert triton_tokens == graph_tokens == reference_tokens and "[]" not in triton_tokens
+
+
+def test_a_triton_kernel_that_cannot_compile_stops_the_start(
+    loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Triton builds its launcher with a C compiler at the kernel's first run: that run is at
+    start, so a machine without one fails there with the reason, not in the first decode."""
+    pytest.importorskip("triton")
+    from server.engine import triton_attention
+    from server.engine.runner import use_decode_kernel
+    from server.exceptions import ModelLoadError
+
+    def no_compiler(*args: object) -> None:
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the CUDA check, on this CPU
+    monkeypatch.setattr(triton_attention, "compile_now", no_compiler)
+    with pytest.raises(ModelLoadError, match="C compiler and Python's headers"):
+        use_decode_kernel("triton", loaded, 16)
