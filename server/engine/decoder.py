@@ -83,6 +83,7 @@ class FusedDecoder:
         self.attention_inputs = attention_inputs
         self.attention_output_and_mlp = attention_output_and_mlp
         self.is_compiled = False
+        self._mark_batch_dynamic = False
 
     @classmethod
     def build(cls, model: nn.Module) -> FusedDecoder | None:
@@ -106,18 +107,29 @@ class FusedDecoder:
     def compiled(self) -> FusedDecoder:
         """This decoder with its two per-layer functions compiled by torch.compile (Inductor
         fuses each norm, the rope, silu * up and the residual adds into single kernels: about
-        half a layer's kernels again). Dynamic in the batch size: one compile serves every batch
-        (plus one for a batch of one), done by the caller's first steps (a warm-up, or the CUDA
-        graphs' capture). Elementwise math in float32 inside a fused kernel rounds bf16 once,
-        where HF rounds after each operation: logits may differ in the last bits."""
+        half a layer's kernels again); compile it with warm_up before use. Elementwise math in
+        float32 inside a fused kernel rounds bf16 once, where HF rounds after each operation:
+        logits may differ in the last bits."""
         if any(layer.act is not F.silu for layer in self.layers):
             # (a module per layer could be guarded by identity: a compile per layer)
             raise ValueError("only SiLU layers compile")
         compiled = copy.copy(self)
-        compiled.attention_inputs = torch.compile(attention_inputs, dynamic=True)
-        compiled.attention_output_and_mlp = torch.compile(attention_output_and_mlp, dynamic=True)
+        compiled.attention_inputs = torch.compile(attention_inputs)
+        compiled.attention_output_and_mlp = torch.compile(attention_output_and_mlp)
         compiled.is_compiled = True
         return compiled
+
+    def warm_up(self, step: Callable[[int], object]) -> None:
+        """Compile a compiled() decoder by running `step(num_rows)`, a decode step through it:
+        two rows with the batch dimension marked dynamic (one compile for every batch of two
+        or more, every other dimension fixed: the model's shapes, the kernels made for them),
+        then one row (a batch of one is always its own compile)."""
+        self._mark_batch_dynamic = True
+        try:
+            step(2)
+        finally:
+            self._mark_batch_dynamic = False
+        step(1)
 
     def hidden(
         self,
@@ -132,12 +144,17 @@ class FusedDecoder:
         hidden = self.embed_tokens(token_ids)
         cos, sin = self._rope(positions, hidden.dtype)
         heads, kv_heads = self.num_heads, self.num_kv_heads
+        marking = self._mark_batch_dynamic  # (warm_up's first step: what compiles sees)
         for index, layer in enumerate(self.layers):
+            if marking:
+                _mark_batch_dynamic(hidden, cos, sin)
             queries, keys, values = self.attention_inputs(hidden, layer, cos, sin, heads, kv_heads)
             key_cache, value_cache = cache.keys[index], cache.values[index]
             key_cache[meta.slot_mapping] = keys
             value_cache[meta.slot_mapping] = values
             attended = attention.attend_decodes(queries, key_cache, value_cache, meta, self.scaling)
+            if marking:
+                _mark_batch_dynamic(attended)
             hidden = self.attention_output_and_mlp(hidden, attended, layer)
         return _norm(hidden, self.final_norm.weight, self.final_norm.variance_epsilon)
 
@@ -186,6 +203,11 @@ def attention_output_and_mlp(
     normed = _norm(hidden, layer.post_norm, layer.post_eps)
     gate, up = F.linear(normed, layer.gate_up).chunk(2, dim=-1)
     return hidden + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+
+
+def _mark_batch_dynamic(*tensors: torch.Tensor) -> None:
+    for tensor in tensors:
+        torch._dynamo.mark_dynamic(tensor, 0)
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

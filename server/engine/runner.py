@@ -202,9 +202,9 @@ class ModelRunner:
         return graphs
 
     def _compiled_decoder(self, scratch_block: int) -> FusedDecoder | None:
-        """The fused decoder compiled now, not in the first request's decode step (one step of
-        two rows: the compile for every batch size; one of one row), on the scratch block;
-        before any graph capture, whose warm-ups then find it compiled. Where it cannot be
+        """The fused decoder compiled now, not in the first request's decode step (its
+        warm_up's steps run on the scratch block), before any graph capture, whose warm-ups
+        then find it compiled. Where it cannot be
         compiled, the decoder as it was, with the reason logged."""
         eager = self.decoder
         if eager is None:
@@ -215,8 +215,7 @@ class ModelRunner:
             self.decoder = eager.compiled()
             scratch = DecodeBuffers.scratch(2, scratch_block, self.block_size, self.device)
             with torch.inference_mode():
-                for num in (2, 1):
-                    self._decode_forward(scratch.first(num))
+                self.decoder.warm_up(lambda num: self._decode_forward(scratch.first(num)))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as exc:  # e.g. no C compiler for Inductor's kernels
