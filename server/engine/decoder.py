@@ -21,6 +21,10 @@ DeepStack features are added. Everything else (prompts, media, bitsandbytes weig
 scalings) stays on HF's forward. On the CPU the two give the same logits, bit for bit in
 bfloat16 (tests/engine/test_decoder.py, all three families); on a GPU the fused products may
 take other GEMM kernels than the separate ones, so bf16 logits can differ in the last bit.
+
+A layer is two functions of tensors (`attention_inputs`, `attention_output_and_mlp`) around
+its KV writes and attention; `--compile-decoder` hands both to torch.compile (`compiled`,
+`warm_up`), which fuses their elementwise work into about half as many kernels again.
 """
 
 from __future__ import annotations
