@@ -144,7 +144,8 @@ class EngineCollector:
     GAUGES = {
         "kv_cache_usage": "Share of the KV cache blocks in use (0..1)",
         "kv_cache_blocks": "KV cache blocks in all",
-        "grammar_cache_bytes": "Memory of the cached structured-output grammars (bounded)",
+        "grammar_cache_bytes": "Memory of the cached structured-output grammars (at most 512 MiB; "
+        "a running request keeps its own grammar also once the cache lets go of it)",
     }
 
     def __init__(self, stats: Callable[[], dict[str, float]]):

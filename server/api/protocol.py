@@ -19,10 +19,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     StrictBool,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -796,14 +794,9 @@ class Usage(BaseModel):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
     # Only for answers that start in reasoning (absent, not null, elsewhere).
-    completion_tokens_details: CompletionTokensDetails | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_absent_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("completion_tokens_details") is None:
-            data.pop("completion_tokens_details", None)
-        return data
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        default=None, exclude_if=lambda details: details is None
+    )
 
     @classmethod
     def of(

@@ -200,6 +200,8 @@ class AsyncEngine:
             request_id, inputs, sampling, self.max_tokens_for(inputs.num_prompt_tokens, sampling)
         )
         seq.log_id = request_id_var.get()
+        if sampling.structured is not None:  # compiled by the pipeline just before
+            seq.grammar = self.runner.grammars.lookup(sampling.structured)
         return seq
 
     def check_sampling(self, sampling: SamplingParams) -> None:
@@ -235,8 +237,8 @@ class AsyncEngine:
         self.runner.grammars.compile(spec)
 
     def is_grammar_compiled(self, spec: StructuredOutput) -> bool:
-        """Whether compile_grammar(spec) is a cache lookup."""
-        return self.runner.grammars.is_compiled(spec)
+        """Whether spec's grammar is cached (a lookup: it is now the most recently used)."""
+        return self.runner.grammars.lookup(spec) is not None
 
     def add_requests(
         self, requests: list[tuple[str, ModelInputs, SamplingParams]]

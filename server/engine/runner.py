@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -79,10 +81,16 @@ def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> boo
             loaded.device,
         )
     except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+        hint = ""
+        if isinstance(exc, subprocess.CalledProcessError) or re.search(
+            r"compiler|Python\.h|\bcc\b|gcc", reason
+        ):
+            hint = (
+                " Triton needs a C compiler and Python's headers (apt-get install gcc python3-dev)."
+            )
         raise ModelLoadError(
-            "--attention-backend triton: the decode kernel did not compile "
-            f"({type(exc).__name__}: {str(exc)[:300]}). Triton needs a C compiler and "
-            "Python's headers on the server (e.g. apt-get install gcc python3-dev)."
+            f"--attention-backend triton: the decode kernel did not run ({reason}).{hint}"
         ) from exc
     logger.info("decode attention: Triton paged kernel")
     return True
@@ -251,7 +259,7 @@ class ModelRunner:
                     seq.sampling, seq.inputs.token_ids, self.vocab_size, self.device
                 ),
                 output_token_ids=seq.output_token_ids,
-                matcher=self.grammars.matcher(structured) if structured else None,
+                matcher=self.grammars.matcher(structured, seq.grammar) if structured else None,
                 grammars=self.grammars,
                 bias=token_bias(seq.sampling, self.vocab_size, self.device),
                 allowed=allowed_tokens(seq.sampling, self.vocab_size, self.device),

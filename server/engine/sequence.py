@@ -76,6 +76,9 @@ class Sequence:
     # position of any later token minus its index.
     mrope_positions: Any = None
     rope_delta: int = 0
+    # Structured output: the compiled grammar, held from add_request on (the grammar cache may
+    # let go of it meanwhile: a cache of many schemas is bounded).
+    grammar: Any = None
     arrival_time: float = field(default_factory=time.monotonic)  # entered the engine
     received_time: float = field(default_factory=time.monotonic)  # the HTTP request arrived
     first_token_time: float | None = None

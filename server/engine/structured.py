@@ -91,16 +91,17 @@ class GrammarCache:
         self._grammars: OrderedDict[StructuredOutput, Any] = OrderedDict()
         self.num_bytes = 0
 
-    def is_compiled(self, spec: StructuredOutput) -> bool:
-        """Whether compile(spec) is a lookup."""
-        return spec in self._grammars
-
-    def compile(self, spec: StructuredOutput) -> Any:
+    def lookup(self, spec: StructuredOutput) -> Any | None:
+        """The compiled grammar if it is cached (now the most recently used), else None."""
         with self._lock:
             grammar = self._grammars.get(spec)
             if grammar is not None:
                 self._grammars.move_to_end(spec)
-                return grammar
+            return grammar
+
+    def compile(self, spec: StructuredOutput) -> Any:
+        if (grammar := self.lookup(spec)) is not None:
+            return grammar
         try:
             grammar = self._compile(spec)
         except Exception as exc:  # xgrammar raises several types for bad schemas
@@ -110,8 +111,8 @@ class GrammarCache:
                 self._grammars[spec] = grammar
                 self.num_bytes += grammar.memory_size_bytes
             # The newest stays, whatever its size: the request that compiled it is about to
-            # start. (An evicted grammar a queued request still needs is compiled again when
-            # it starts: rare with this budget, and slow, not wrong.)
+            # start. (A queued request holds its grammar from the engine's add_request on; one
+            # evicted before that is compiled again when it starts: rare, slow, not wrong.)
             while self.num_bytes > self.max_bytes and len(self._grammars) > 1:
                 _, oldest = self._grammars.popitem(last=False)
                 self.num_bytes -= oldest.memory_size_bytes
@@ -127,8 +128,10 @@ class GrammarCache:
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         return self.compiler.compile_json_schema(schema, any_whitespace=False)
 
-    def matcher(self, spec: StructuredOutput) -> Any:
-        return self.xgr.GrammarMatcher(self.compile(spec))
+    def matcher(self, spec: StructuredOutput, grammar: Any = None) -> Any:
+        """A matcher of `grammar` (the sequence's own, held since it was queued), or of the
+        cache's grammar for `spec`, compiled again if it was evicted."""
+        return self.xgr.GrammarMatcher(grammar if grammar is not None else self.compile(spec))
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Mask the given rows of logits [batch, vocab] in place with their filled bitmask rows

@@ -21,7 +21,9 @@ import triton.language as tl
 MIN_DOT = 16  # tl.dot needs every dimension to be at least 16
 
 
-@triton.jit
+# stride_table (the widest block table of the step) not specialised on: one compiled kernel
+# serves every width, so the one compile_now makes at start is the one serving uses.
+@triton.jit(do_not_specialize=["stride_table"])
 def _decode_kernel(
     query,  # [num_decodes, num_heads, head_dim]
     key_cache,  # [num_slots, num_kv_heads, head_dim]

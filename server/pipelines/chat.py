@@ -368,7 +368,6 @@ class GrammarCompiles:
 
     async def run(self, engine: AsyncEngine, spec: StructuredOutput) -> None:
         if engine.is_grammar_compiled(spec):
-            await asyncio.to_thread(engine.compile_grammar, spec)
             return
         compiling = self.compiling.get(spec)
         if compiling is None:

@@ -167,6 +167,9 @@ async def test_usage_counts_the_reasoning_tokens(
         lines = [line async for line in response.aiter_lines() if line.startswith("data: {")]
     usage = json.loads(lines[-1][6:])["usage"]
     assert usage["completion_tokens_details"] == {"reasoning_tokens": 5}
+    # the OpenAPI document keeps Usage a typed object (clients generate their models from it)
+    schemas = (await thinking.get("/openapi.json")).json()["components"]["schemas"]
+    assert {"completion_tokens", "completion_tokens_details"} <= set(schemas["Usage"]["properties"])
 
 
 async def test_enable_thinking_false_closes_the_reasoning(thinking: httpx.AsyncClient) -> None:

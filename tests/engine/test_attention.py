@@ -104,3 +104,11 @@ def test_a_triton_kernel_that_cannot_compile_stops_the_start(
     monkeypatch.setattr(triton_attention, "compile_now", no_compiler)
     with pytest.raises(ModelLoadError, match="C compiler and Python's headers"):
         use_decode_kernel("triton", loaded, 16)
+
+    def out_of_resources(*args: object) -> None:
+        raise RuntimeError("out of resource: shared memory, Required: 262144")
+
+    monkeypatch.setattr(triton_attention, "compile_now", out_of_resources)
+    with pytest.raises(ModelLoadError, match="shared memory") as error:  # no compiler hint
+        use_decode_kernel("triton", loaded, 16)
+    assert "C compiler" not in str(error.value)

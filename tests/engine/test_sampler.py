@@ -172,7 +172,14 @@ def test_the_grammar_cache_is_bounded_least_recently_used_out() -> None:
         grammars.compile(spec)
     assert grammars.compile(specs[1]) is grammars.compile(specs[1])  # a lookup, now recent
     grammars.compile(specs[4])
-    assert [grammars.is_compiled(s) for s in specs] == [False, True, False, True, True, False]
+    assert [grammars.lookup(s) is not None for s in specs] == [
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
     assert grammars.num_bytes <= grammars.max_bytes
     matcher = grammars.matcher(specs[0])  # evicted: compiled again, and it still works
     assert matcher.accept_string("a0") and matcher.is_completed()
@@ -207,7 +214,9 @@ async def test_engine_fails_only_the_request_whose_grammar_fails(loaded, monkeyp
     engine = AsyncEngine.build(loaded, Settings(model="unused", max_model_len=1024).engine_config())
     real_matcher = engine.runner.grammars.matcher
     monkeypatch.setattr(
-        engine.runner.grammars, "matcher", lambda spec: FailingMatcher(real_matcher(spec))
+        engine.runner.grammars,
+        "matcher",
+        lambda spec, grammar=None: FailingMatcher(real_matcher(spec, grammar)),
     )
     engine.start()
     structured = SamplingParams(max_tokens=8, structured=StructuredOutput("json_object"))
@@ -220,6 +229,44 @@ async def test_engine_fails_only_the_request_whose_grammar_fails(loaded, monkeyp
     await engine.stop()
     assert outputs["bad"].finish_reason == "error"
     assert outputs["good"].finish_reason == "length" and good.num_completion_tokens == 8
+
+
+@pytest.mark.anyio
+async def test_a_queued_request_keeps_its_grammar_when_the_cache_lets_go(
+    loaded, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A request holds its compiled grammar from add_request on: evicted from the bounded
+    cache meanwhile, it is not compiled again on the engine thread (that would stall every
+    running sequence for as long as a compile takes)."""
+    from server.config import Settings
+    from server.engine.engine import AsyncEngine
+    from server.engine.inputs import InputBuilder
+    from server.engine.sequence import Sequence
+
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    prompt = builder.build([{"role": "user", "content": "Give me JSON."}], [])
+    engine = AsyncEngine.build(loaded, Settings(model="unused", max_model_len=1024).engine_config())
+    spec = StructuredOutput("json_object")
+    engine.compile_grammar(spec)
+    engine.start()
+    try:
+        seq = engine.add_request("r", prompt, SamplingParams(max_tokens=8, structured=spec))
+        grammars = engine.runner.grammars
+        assert seq.grammar is not None and seq.grammar is grammars.lookup(spec)
+        [o async for o in engine.stream(seq)]
+    finally:
+        await engine.stop()
+    grammars.max_bytes = 0
+    grammars.compile(StructuredOutput.choice(["a", "b"]))  # the newest stays, json_object goes
+    assert not engine.is_grammar_compiled(spec)
+
+    def no_compiling(spec: StructuredOutput) -> None:
+        raise AssertionError("compiled on the engine thread")
+
+    monkeypatch.setattr(grammars, "_compile", no_compiling)
+    queued = Sequence("q", prompt, SamplingParams(max_tokens=8, structured=spec), 64)
+    queued.grammar = seq.grammar
+    assert engine.runner._state(queued).matcher is not None
 
 
 def _tokenizer():
