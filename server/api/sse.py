@@ -46,11 +46,14 @@ class ChatChunkWriter:
     go through the protocol models."""
 
     def __init__(
-        self, completion_id: str, model: str, running_usage: Callable[[], Usage] | None = None
+        self,
+        completion_id: str,
+        model: str,
+        running_usage: Callable[[int], Usage] | None = None,
     ):
         self.completion_id = completion_id
         self.model = model
-        # vLLM's continuous_usage_stats: every chunk carries the usage so far.
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far of its choice.
         self.running_usage = running_usage
         self.created = int(time.time())
         head = {
@@ -113,7 +116,7 @@ class ChatChunkWriter:
         frames: list[FrameCaptionOut] | None = None,
     ) -> str:
         if usage is None and self.running_usage is not None:
-            usage = self.running_usage()
+            usage = self.running_usage(choices[0].index if choices else 0)
         chunk = ChatCompletionChunk(
             id=self.completion_id,
             created=self.created,
@@ -203,7 +206,7 @@ async def chat_stream(
     """first and rest: (choice index, output) of every choice, as they come. usage: (a final
     usage chunk, the usage so far on every chunk)."""
     include_usage, continuous = usage
-    running = (lambda: Usage.of(*run.usage())) if continuous else None
+    running = (lambda choice: Usage.of(*run.usage(choice))) if continuous else None
     writer = ChatChunkWriter(run.seq.request_id, model, running)
     choices = [
         ChoiceStream(i, seq, call_stream(tools), ReasoningStream() if reasoning else None)

@@ -97,20 +97,22 @@ class ChatRun:
     def seq(self) -> Sequence:
         return self.seqs[0]
 
-    def usage(self) -> tuple[int, int, int, int, int, int | None]:
+    def usage(self, choice: int | None = None) -> tuple[int, int, int, int, int, int | None]:
         """(prompt, image, video, completion, cached, reasoning) tokens, captioning included:
-        the prompt counted once, the completions of every choice summed; reasoning: None
-        unless the answers started in reasoning (a thinking checkpoint's)."""
+        the prompt counted once, the completions of every choice summed (of choice `choice`
+        only, where given: vLLM's continuous usage of a chunk); reasoning: None unless the
+        answers started in reasoning (a thinking checkpoint's)."""
         inputs, extra = self.seq.inputs, self.caption_usage
+        seqs = self.seqs if choice is None else [self.seqs[choice]]
         reasoning = None
         if inputs.thinks and self.think_close_id is not None:
             close = self.think_close_id
-            reasoning = sum(count_reasoning_tokens(s.output_token_ids, close) for s in self.seqs)
+            reasoning = sum(count_reasoning_tokens(s.output_token_ids, close) for s in seqs)
         return (
             inputs.num_prompt_tokens + extra.num_prompt_tokens,
             inputs.num_image_tokens,
             inputs.num_video_tokens + extra.num_image_tokens,
-            sum(s.num_completion_tokens for s in self.seqs) + extra.num_completion_tokens,
+            sum(s.num_completion_tokens for s in seqs) + extra.num_completion_tokens,
             self.seq.num_cached_tokens + extra.num_cached_tokens,
             reasoning,
         )

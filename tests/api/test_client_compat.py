@@ -145,6 +145,23 @@ async def test_continuous_usage_stats(client: httpx.AsyncClient) -> None:
     assert [bool(c.get("usage")) for c in chunks].count(True) == 1
 
 
+@pytest.mark.parametrize("path", [URL, "/v1/completions"])
+async def test_continuous_usage_stats_count_the_chunks_choice(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """As vLLM counts them: a chunk's usage is its own choice's tokens so far (each of n=2
+    choices reaches 4); the final usage chunk sums the choices."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = {"max_tokens": 4, "ignore_eos": True, "n": 2, "stream_options": options}
+    body = chat(**common) if path == URL else {"model": "tiny", "prompt": "Hi", **common}
+    chunks = await sse(client, body, path)
+    per_choice: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        per_choice[chunk["choices"][0]["index"]].append(chunk["usage"]["completion_tokens"])
+    assert all(c == sorted(c) and c[-1] == 4 for c in per_choice.values()), per_choice
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+
+
 async def test_param_has_no_class_names(client: httpx.AsyncClient) -> None:
     response = await client.post(URL, json=chat(tool_choice={"type": "function"}))
     assert_error(response, 400, "tool_choice.function", "invalid_value")

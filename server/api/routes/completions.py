@@ -175,7 +175,8 @@ async def stream(
     try:
         async for index, output in events:
             if (choice := choices[index].choice(output, texts)) is not None:
-                running = usage_of([c.seq for c in choices], n) if continuous else None
+                # vLLM's continuous usage: the chunk's choice and its prompt
+                running = usage_of([choices[index].seq], 1) if continuous else None
                 yield chunk([choice], running)
     except ServerError as exc:
         yield error_event(exc)
