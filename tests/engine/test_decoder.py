@@ -158,9 +158,13 @@ async def test_compiled_decoder_gives_the_fused_decoders_tokens(
     assert FusedDecoder.build(loaded.model).is_compiled is False  # the cached one stays eager
 
 
-def test_a_compiled_decode_step_runs_the_compiled_kernels(loaded: LoadedModel) -> None:
+def test_a_compiled_decode_step_runs_the_compiled_kernels(
+    loaded: LoadedModel, async_scheduling: bool
+) -> None:
     """The compiled code is what runs (not HF's ops under a compiled name): a profile of the
     decode step has no silu (fused into silu * up) where the eager one has one per layer."""
+    if loaded.device.type == "cuda" and (async_scheduling or loaded.family == "qwen2.5-vl"):
+        pytest.skip("on CUDA: sync scheduling, Qwen2-VL and Qwen3-VL only (the GPU check's time)")
     num_layers = len(loaded.model.model.language_model.layers)
     silu = {}
     for compile_decoder in (False, True):
