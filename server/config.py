@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     fused_decoder: bool = True
     # Its layers compiled by torch.compile: GPU-only gain, off until gpu_check passes with it.
     compile_decoder: bool = False
+    # What omitted sampling fields take on the OpenAI routes: OpenAI's defaults, or the
+    # checkpoint's generation_config (vLLM's default, its --generation-config auto).
+    generation_config: Literal["openai", "auto"] = "openai"
     max_queued_requests: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=60.0, gt=0)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)

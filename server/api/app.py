@@ -21,6 +21,7 @@ from server.api.middleware import (
     JsonBodyMiddleware,
     RequestIdMiddleware,
 )
+from server.api.protocol import OPENAI_DEFAULTS
 from server.api.routes import chat, completions, health, media, playground
 from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
@@ -29,6 +30,7 @@ from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
+from server.engine.sampling import SamplingDefaults
 from server.jobs.store import open_job_store
 from server.jobs.webhooks import WebhookSender, load_or_create_secret
 from server.jobs.worker import JobWorker
@@ -140,6 +142,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             webhooks=webhooks,
             served_model_names=tuple(settings.served_model_names()),
             max_n=settings.max_n,
+            sampling_defaults=sampling_defaults(settings, loaded),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))
         try:
@@ -200,6 +203,17 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.state.metrics = metrics
     app.state.draining = False
     return app
+
+
+def sampling_defaults(settings: Settings, loaded: LoadedModel) -> SamplingDefaults:
+    """OpenAI's, or with --generation-config auto the checkpoint's (logged, as vLLM does)."""
+    if settings.generation_config != "auto":
+        return OPENAI_DEFAULTS
+    defaults = SamplingDefaults.from_generation_config(
+        loaded.model.generation_config, OPENAI_DEFAULTS
+    )
+    logger.info("sampling defaults from the checkpoint's generation_config: %s", defaults)
+    return defaults
 
 
 def _openapi(app: FastAPI, served_names: list[str]) -> dict:

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from server.engine.inputs import TemplateOptions
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.jobs.store import Job
@@ -47,8 +47,8 @@ from server.pipelines.tools import Tools
 logger = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256  # a stop string's tail is held back while streaming: keep it short
-OPENAI_DEFAULT_TEMPERATURE = 1.0
-ANIMUS_DEFAULT_TEMPERATURE = 0.1
+OPENAI_DEFAULTS = SamplingDefaults()
+ANIMUS_DEFAULTS = SamplingDefaults(temperature=0.1)  # the Animus reference's default
 
 
 class StrictModel(BaseModel):
@@ -533,13 +533,13 @@ class ChatCompletionRequest(StrictModel):
     ) -> Literal["native", "captions"]:
         return self.video_mode or default
 
-    def to_sampling_params(self, default_temperature: float) -> SamplingParams:
+    def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
         structured = self.to_structured()
         tools = self.to_tools()
         if tools is not None and tools.is_forced:
             structured = tools.grammar()
         max_tokens = self.max_completion_tokens or self.max_tokens
-        params = sampling_params(self, default_temperature, max_tokens, structured)
+        params = sampling_params(self, defaults, max_tokens, structured)
         if self.top_logprobs and not self.logprobs:  # 0 is neutral, as OpenAI takes it
             raise InvalidRequest(
                 "top_logprobs needs logprobs set to true.",
@@ -605,27 +605,32 @@ def check_stream_options(body: Any) -> None:
 
 def sampling_params(
     body: Any,
-    default_temperature: float,
+    defaults: SamplingDefaults,
     max_tokens: int | None,
     structured: StructuredOutput | None = None,
 ) -> SamplingParams:
-    """The sampling fields chat and text completions share, as the engine's parameters."""
+    """The sampling fields chat and text completions share, as the engine's parameters;
+    `defaults` for those the request leaves out (or sends as null)."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=default_temperature if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(body.top_k or 0, 0),
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=defaults.top_k if body.top_k is None else max(body.top_k, 0),  # -1: off
         seed=None if body.seed is None else body.seed % SEED_MODULUS,
         stop=tuple(s for s in stop if s),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        repetition_penalty=(
+            defaults.repetition_penalty
+            if body.repetition_penalty is None
+            else body.repetition_penalty
+        ),
         min_tokens=body.min_tokens or 0,
         ignore_eos=bool(body.ignore_eos),
         structured=structured,
-        min_p=body.min_p or 0.0,
+        min_p=defaults.min_p if body.min_p is None else body.min_p,
         logit_bias=logit_bias(body.logit_bias),
         allowed_token_ids=tuple(body.allowed_token_ids or ()),
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
@@ -1065,8 +1070,8 @@ class CompletionRequest(StrictModel):
             raise InvalidRequest("prompt must not be empty.", param="prompt", code="invalid_value")
         return prompts  # type: ignore[return-value]
 
-    def to_sampling_params(self) -> SamplingParams:
-        params = sampling_params(self, OPENAI_DEFAULT_TEMPERATURE, self.max_tokens)
+    def to_sampling_params(self, defaults: SamplingDefaults = OPENAI_DEFAULTS) -> SamplingParams:
+        params = sampling_params(self, defaults, self.max_tokens)
         # echo with logprobs shows the prompt's tokens with their logprobs too (vLLM's way)
         echoed = self.logprobs if self.echo else None
         return replace(params, logprobs=self.logprobs, prompt_logprobs=echoed)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from server.api.protocol import MediaJob
 from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel
+from server.engine.sampling import SamplingDefaults
 from server.exceptions import InvalidRequest, JobAlreadyEnded, JobNotFound, ModelNotFound
 from server.jobs.store import Job, JobStore
 from server.jobs.webhooks import WebhookSender
@@ -34,6 +35,8 @@ class Services:
     job_worker: JobWorker
     webhooks: WebhookSender
     max_n: int = 8  # choices per request (n)
+    # What omitted sampling fields take on the OpenAI routes (--generation-config).
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     async def submit_job(self, kind: str, request: dict, idempotency_key: str | None) -> Job:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server.engine.structured import StructuredOutput
 
@@ -16,6 +16,31 @@ class TokenLogprobs:
 
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request's omitted sampling fields take: OpenAI's by default (temperature 1, no
+    top-p/top-k/min-p, no repetition penalty), an endpoint's own (Animus: temperature 0.1), or
+    the checkpoint's generation_config (`--generation-config auto`, as vLLM does)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, config: object, base: SamplingDefaults) -> SamplingDefaults:
+        """`base` with the sampling fields the checkpoint's generation_config sets (the ones
+        vLLM reads: temperature, top_p, top_k, min_p, repetition_penalty)."""
+        # Only what the file sets (older transformers fill unset fields with their defaults).
+        given = config.to_diff_dict() if hasattr(config, "to_diff_dict") else vars(config)
+        values = {}
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if given.get(name) is not None:
+                values[name] = type(getattr(base, name))(given[name])
+        return replace(base, **values)
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,61 @@ async def test_bad_values_are_400s_naming_the_field(
 ) -> None:
     response = await client.post("/v1/chat/completions", json=chat(**{field: value}))
     assert_error(response, 400, param)
+
+
+def test_sampling_defaults_from_a_generation_config() -> None:
+    """The fields vLLM reads from generation_config.json; the ones the file leaves out keep
+    the base (OpenAI's); a request's own values (null = left out) win over both."""
+    from transformers import GenerationConfig
+
+    from server.api.protocol import OPENAI_DEFAULTS, ChatCompletionRequest
+    from server.engine.sampling import SamplingDefaults
+
+    qwen = GenerationConfig(top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05)
+    defaults = SamplingDefaults.from_generation_config(qwen, OPENAI_DEFAULTS)
+    assert defaults == SamplingDefaults(0.1, 0.001, 1, 0.0, 1.05)
+    assert SamplingDefaults.from_generation_config(GenerationConfig(), OPENAI_DEFAULTS) == (
+        OPENAI_DEFAULTS
+    )
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    left_out = ChatCompletionRequest(**body, top_p=None).to_sampling_params(defaults)
+    assert (left_out.temperature, left_out.top_p, left_out.top_k) == (0.1, 0.001, 1)
+    assert left_out.repetition_penalty == 1.05
+    own = ChatCompletionRequest(**body, temperature=0.9, top_k=-1, repetition_penalty=1.0)
+    sampling = own.to_sampling_params(defaults)
+    assert (sampling.temperature, sampling.top_k, sampling.repetition_penalty) == (0.9, 0, 1.0)
+
+
+async def test_generation_config_auto_takes_the_checkpoints_defaults(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """--generation-config auto: a checkpoint asking for top_k 1 answers greedily whatever
+    the seed when the request leaves top_k out; the default (openai) samples at temperature 1."""
+    import json
+    import shutil
+
+    from tests.helpers import make_settings, start_client
+
+    path = tmp_path / "near-greedy"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "top_k": 1}))
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 8,
+        "ignore_eos": True,
+    }
+    for mode in ("auto", "openai"):
+        async for client in start_client(make_settings(path, generation_config=mode)):
+            answers = {await content(client, {**body, "seed": seed}) for seed in (1, 2, 3)}
+            greedy = await content(client, {**body, "temperature": 0})
+            if mode == "auto":
+                assert answers == {greedy}
+                # the request's own top_k wins: sampling again
+                assert (
+                    len({await content(client, {**body, "seed": s, "top_k": 0}) for s in (1, 2)})
+                    == 2
+                )
+            else:
+                assert len(answers) == 3

@@ -13,8 +13,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.protocol import (
-    ANIMUS_DEFAULT_TEMPERATURE,
-    OPENAI_DEFAULT_TEMPERATURE,
+    ANIMUS_DEFAULTS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ErrorResponse,
@@ -26,6 +25,7 @@ from server.api.protocol import (
 )
 from server.api.services import Services, get_services, job_accepted
 from server.api.sse import SSE_HEADERS, chat_stream
+from server.engine.sampling import SamplingDefaults
 from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsupported
 from server.jobs.store import Job
 from server.jobs.worker import Handler, Progress, engine_request_id
@@ -51,14 +51,14 @@ router = APIRouter(responses=RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
-    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE, "native")
+    return await _complete(body, request, services, services.sampling_defaults, "native")
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
 async def chat_completions_alias(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
-    return await _complete(body, request, services, OPENAI_DEFAULT_TEMPERATURE, "native")
+    return await _complete(body, request, services, services.sampling_defaults, "native")
 
 
 @router.post(
@@ -76,7 +76,7 @@ async def media_completions(
     """Animus media completions: the chat contract with temperature defaulting to 0.1 and
     videos read through frame captions; with `async` or `webhook_url`, a durable job."""
     if not body.is_async():
-        return await _complete(body, request, services, ANIMUS_DEFAULT_TEMPERATURE, "captions")
+        return await _complete(body, request, services, ANIMUS_DEFAULTS, "captions")
     if body.stream:
         raise InvalidRequest(
             "stream cannot be combined with async or webhook_url: a job's answer comes at its "
@@ -85,9 +85,7 @@ async def media_completions(
             code="invalid_value",
         )
     # Everything that can be refused without fetching media is refused now, not in the job.
-    await services.chat.check_for_job(
-        _chat_request(body, services, ANIMUS_DEFAULT_TEMPERATURE, "captions")
-    )
+    await services.chat.check_for_job(_chat_request(body, services, ANIMUS_DEFAULTS, "captions"))
     request_body = body.model_dump(by_alias=True, exclude_unset=True)
     job = await services.submit_job("completions", request_body, idempotency_key)
     return job_accepted(job)
@@ -101,7 +99,7 @@ def completions_job_handler(pipeline: ChatPipeline) -> Handler:
     async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCompletionRequest.model_validate(job.request)
         chat_request = replace(
-            _chat_request(body, None, ANIMUS_DEFAULT_TEMPERATURE, "captions"),
+            _chat_request(body, None, ANIMUS_DEFAULTS, "captions"),
             request_id=engine_request_id(job),
             on_progress=lambda fraction: progress(min(fraction, 0.99)),
         )
@@ -115,7 +113,7 @@ def completions_job_handler(pipeline: ChatPipeline) -> Handler:
 def _chat_request(
     body: ChatCompletionRequest,
     services: Services | None,
-    default_temperature: float,
+    defaults: SamplingDefaults,
     default_video_mode: Literal["native", "captions"],
 ) -> ChatRequest:
     """The request checked against what this server serves and supports, as the pipeline's."""
@@ -130,7 +128,7 @@ def _chat_request(
     return ChatRequest(
         request_id=completion_id(),
         messages=body.to_messages(),
-        sampling=body.to_sampling_params(default_temperature),
+        sampling=body.to_sampling_params(defaults),
         video_mode=body.to_video_mode(default_video_mode),
         use_scenes=bool(body.use_scenes),
         # a job's n was checked when it was accepted
@@ -145,10 +143,10 @@ async def _complete(
     body: ChatCompletionRequest,
     request: Request,
     services: Services,
-    default_temperature: float,
+    defaults: SamplingDefaults,
     default_video_mode: Literal["native", "captions"],
 ) -> ChatCompletionResponse | StreamingResponse:
-    chat_request = _chat_request(body, services, default_temperature, default_video_mode)
+    chat_request = _chat_request(body, services, defaults, default_video_mode)
     if not body.stream:
         result = await until_disconnected(request, services.chat.complete(chat_request))
         return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)

@@ -43,7 +43,9 @@ async def completions(
     prompts = body.prompts()
     response_id = f"cmpl-{uuid.uuid4().hex}"
     pipeline = services.completions
-    start = pipeline.start(response_id, prompts, body.to_sampling_params(), n)
+    start = pipeline.start(
+        response_id, prompts, body.to_sampling_params(services.sampling_defaults), n
+    )
     seqs = await until_disconnected(request, start)
     # echo: each choice's text starts with its prompt (choice k answers prompt k // n)
     echoes = [pipeline.prompt_text(prompts[k // n]) if body.echo else "" for k in range(len(seqs))]
