@@ -114,8 +114,8 @@ HELP = {
     "generation_config": "Defaults for the sampling fields a chat or text completion request "
     "leaves out: `openai` (temperature 1, top_p 1, no top_k/min_p/repetition penalty, as the "
     "hosted API) or `auto` (the checkpoint's generation_config.json values, as vLLM does by "
-    "default; Qwen's instruct checkpoints ask for near-greedy decoding). Logged at start; "
-    "/v2/media keeps its own defaults.",
+    "default; Qwen's instruct checkpoints ask for near-greedy decoding; the values taken are "
+    "logged at start). /v2/media keeps its own defaults.",
     "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After.",
     "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",

@@ -212,7 +212,11 @@ def sampling_defaults(settings: Settings, loaded: LoadedModel) -> SamplingDefaul
     defaults = SamplingDefaults.from_generation_config(
         loaded.model.generation_config, OPENAI_DEFAULTS
     )
-    logger.info("sampling defaults from the checkpoint's generation_config: %s", defaults)
+    taken = {k: v for k, v in vars(defaults).items() if v != getattr(OPENAI_DEFAULTS, k)}
+    logger.info(
+        "--generation-config auto: sampling defaults %s",
+        ", ".join(f"{k} {v}" for k, v in taken.items()) or "OpenAI's (the checkpoint sets none)",
+    )
     return defaults
 
 

@@ -406,7 +406,8 @@ class ChatCompletionRequest(StrictModel):
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
     min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM's)
-    allowed_token_ids: list[TokenId] | None = None  # extension (vLLM's)
+    # extension (vLLM's); an empty list would allow nothing (vLLM refuses it too)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     include_stop_str_in_output: bool | None = None  # extension (vLLM's)
     # extensions (vLLM's): the chat template's rendering
     chat_template_kwargs: dict[str, Any] | None = None
@@ -1050,7 +1051,8 @@ class CompletionRequest(StrictModel):
     min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
     ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
     min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM's)
-    allowed_token_ids: list[TokenId] | None = None  # extension (vLLM's)
+    # extension (vLLM's); an empty list would allow nothing (vLLM refuses it too)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     include_stop_str_in_output: bool | None = None  # extension (vLLM's)
 
     def unsupported_fields(self) -> list[str]:

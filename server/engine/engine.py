@@ -220,10 +220,19 @@ class AsyncEngine:
                     param=param,
                     code="invalid_value",
                 )
+        if sampling.allowed_token_ids and sampling.structured is not None:
+            # The grammar decides which tokens may come; two lists of allowed tokens can leave
+            # none (a failed request deep into its answer), so the two are not combined.
+            raise InvalidRequest(
+                "allowed_token_ids cannot be combined with a structured-output constraint "
+                "(response_format, guided_* / structured_outputs, a forced tool call).",
+                param="allowed_token_ids",
+                code="invalid_value",
+            )
         enders = self.eos_token_ids | set(sampling.stop_token_ids)
         allowed = set(sampling.allowed_token_ids)
-        # Before min_tokens the enders are banned (unless a grammar decides when it ends).
-        if allowed and allowed <= enders and sampling.min_tokens and sampling.structured is None:
+        # Before min_tokens the enders are banned.
+        if allowed and allowed <= enders and sampling.min_tokens:
             raise InvalidRequest(
                 "allowed_token_ids holds only tokens that end the text (EOS or stop_token_ids), "
                 "which min_tokens forbids: no token is left to generate.",
@@ -435,6 +444,7 @@ class AsyncEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if token_id == FAILED:  # its grammar failed: this request alone
+                logger.warning("%s: failing the request", state.failure or "its grammar failed")
                 self._finish(seq, "error")
                 continue
             seq.output_token_ids.append(token_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,22 @@ def resolve_attention(
     return {"": "sdpa", "text_config": "sdpa", "vision_config": vision}
 
 
+def check_attention_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, block_size: int
+) -> None:
+    """Refuse what the Triton decode kernel cannot serve before any weight is loaded."""
+    if backend != "triton":
+        return
+    # Tests run the kernel on the CPU through Triton's interpreter.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        raise ModelLoadError("--attention-backend triton needs a CUDA device")
+    if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
+        raise ModelLoadError("--attention-backend triton needs --dtype bfloat16 or float16")
+    if block_size not in (16, 32, 64, 128):  # a power of two (tl.arange), in shared memory
+        raise ModelLoadError("--attention-backend triton needs --block-size 16, 32, 64 or 128")
+
+
 def quantization_config(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> Any:
     if cfg.quantization == "none":
         return None
@@ -196,6 +213,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     attention = resolve_attention(cfg.attn_implementation, device, dtype)
     quant = quantization_config(cfg, device, dtype)
+    check_attention_backend(cfg.attention_backend, device, dtype, cfg.block_size)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path,

@@ -15,7 +15,6 @@ preemption all see exactly the positions a single prefill would.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import time
@@ -28,7 +27,7 @@ from server.engine import attention, prompt_logprobs
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
 from server.engine.decoder import FusedDecoder
 from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
-from server.engine.loader import LoadedModel
+from server.engine.loader import LoadedModel, check_attention_backend
 from server.engine.media_encoder import MediaEncoder, Span
 from server.engine.media_encoder import spans as spans_of
 from server.engine.sampler import (
@@ -59,14 +58,8 @@ def use_decode_kernel(backend: str, loaded: LoadedModel, block_size: int) -> boo
     """Whether decodes use the Triton kernel; refuses what it cannot serve, at start."""
     if backend != "triton":
         return False
-    # Tests run the kernel on the CPU through Triton's interpreter.
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if loaded.device.type != "cuda" and not interpreted:
-        raise ModelLoadError("--attention-backend triton needs a CUDA device")
-    if loaded.device.type == "cuda" and loaded.dtype not in (torch.bfloat16, torch.float16):
-        raise ModelLoadError("--attention-backend triton needs --dtype bfloat16 or float16")
-    if block_size not in (16, 32, 64, 128):  # a power of two (tl.arange), in shared memory
-        raise ModelLoadError("--attention-backend triton needs --block-size 16, 32, 64 or 128")
+    # (load_model checked it already; a model loaded otherwise, e.g. a benchmark's, here)
+    check_attention_backend(backend, loaded.device, loaded.dtype, block_size)
     from server.engine import triton_attention  # (fails now, not at the first decode)
 
     text = loaded.model.config.text_config

@@ -20,7 +20,6 @@ prompt and generated tokens).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,6 @@ import torch
 from server.engine.sampling import SamplingParams, TokenLogprobs
 from server.engine.structured import GrammarCache
 from server.engine.transfer import HostCopy, to_device
-
-logger = logging.getLogger(__name__)
 
 FAILED = -1  # the token of a row whose grammar failed: the engine fails that request alone
 # The exponential race on a CPU too (tests run both draws there); a GPU always races.
@@ -56,6 +53,8 @@ class SamplingState:
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
     grammars: GrammarCache | None = None
     logprobs: TokenLogprobs | None = None  # the last sampled token's (params.logprobs set)
+    # Why its row was FAILED (the engine logs it under the request's id and fails the request).
+    failure: str | None = None
 
 
 def prompt_seen(
@@ -142,13 +141,11 @@ class SampledTokens:
             elif state.matcher is not None and not state.matcher.is_terminated():
                 try:
                     accepted = state.matcher.accept_token(token)
-                except Exception:
-                    logger.exception(
-                        "grammar matcher failed to accept a token; failing its request"
-                    )
+                except Exception as exc:
+                    state.failure = f"the grammar matcher raised {type(exc).__name__}: {exc}"
                     accepted = False
-                if not accepted:  # e.g. min_tokens banned the only token the grammar allowed
-                    logger.warning("the grammar refused the chosen token; failing its request")
+                if not accepted:
+                    state.failure = state.failure or f"the grammar refused token {token}"
                     tokens[row] = FAILED
         return tokens
 
@@ -227,8 +224,8 @@ def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int
     for row in rows:
         try:
             states[row].matcher.fill_next_token_bitmask(bitmask, row)
-        except Exception:
-            logger.exception("grammar matcher failed; failing its request")
+        except Exception as exc:
+            states[row].failure = f"the grammar matcher raised {type(exc).__name__}: {exc}"
             failed.add(row)
     applied = [row for row in rows if row not in failed]
     if applied:

@@ -62,6 +62,22 @@ async def test_allowed_token_ids_that_min_tokens_bans_are_a_400(
         assert await content(client, chat(**extra)) == ""  # without min_tokens: ends at once
 
 
+async def test_allowed_token_ids_with_a_grammar_or_empty_are_400s(
+    client: httpx.AsyncClient, tokenizer
+) -> None:
+    """A grammar and a list of allowed tokens can leave no token to generate (a failure deep
+    into the answer): the two are not combined; an empty list would allow nothing."""
+    x = tokenizer.convert_tokens_to_ids("x")
+    json_object = {"response_format": {"type": "json_object"}}
+    for extra in (json_object, {"guided_choice": ["yes", "no"]}):
+        response = await client.post(
+            "/v1/chat/completions", json=chat(allowed_token_ids=[x], **extra)
+        )
+        assert_error(response, 400, "allowed_token_ids")
+    response = await client.post("/v1/chat/completions", json=chat(allowed_token_ids=[]))
+    assert_error(response, 400, "allowed_token_ids")
+
+
 async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:
     # min_p 1: only the likeliest token survives, so sampling is greedy
     greedy = await content(client, chat(max_tokens=8))

@@ -153,3 +153,19 @@ def test_bnb_4bit_keeps_the_vision_tower_unquantized(tiny_model_dir: Path) -> No
     vision = [t for name, t in linears.items() if "visual" in name]
     assert text and all(issubclass(t, bnb.nn.Linear4bit) for t in text)
     assert vision and not any(issubclass(t, bnb.nn.Linear4bit) for t in vision)
+
+
+def test_triton_attention_without_cuda_is_refused_before_loading(
+    tiny_model_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """An operator with a real checkpoint should not wait for its load to learn that."""
+    import transformers
+
+    def loads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded first")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", loads)
+    settings = Settings(model=str(tiny_model_dir), device="cpu", attention_backend="triton")
+    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+        load_model(settings.engine_config())

@@ -204,10 +204,15 @@ def test_the_device_grammar_path_masks_what_xgrammar_masks() -> None:
 
 
 @pytest.mark.anyio
-async def test_engine_fails_only_the_request_whose_grammar_fails(loaded, monkeypatch) -> None:
+async def test_engine_fails_only_the_request_whose_grammar_fails(
+    loaded, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
     from server.config import Settings
     from server.engine.engine import AsyncEngine
     from server.engine.inputs import InputBuilder
+    from server.log import RequestIdFilter, request_id_var
+
+    caplog.handler.addFilter(RequestIdFilter())  # the id each line is logged under
 
     builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
     prompt = builder.build([{"role": "user", "content": "Give me JSON."}], [])
@@ -220,7 +225,9 @@ async def test_engine_fails_only_the_request_whose_grammar_fails(loaded, monkeyp
     )
     engine.start()
     structured = SamplingParams(max_tokens=8, structured=StructuredOutput("json_object"))
+    request_id_var.set("req-bad")
     bad = engine.add_request("bad", prompt, structured)
+    request_id_var.set("req-good")
     good = engine.add_request("good", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     outputs = {}
     for seq in (bad, good):
@@ -229,6 +236,10 @@ async def test_engine_fails_only_the_request_whose_grammar_fails(loaded, monkeyp
     await engine.stop()
     assert outputs["bad"].finish_reason == "error"
     assert outputs["good"].finish_reason == "length" and good.num_completion_tokens == 8
+    # why, under the failed request's id (not whichever request the thread logged last)
+    failing = [r for r in caplog.records if "failing the request" in r.getMessage()]
+    assert [r.request_id for r in failing] == ["req-bad"]
+    assert "grammar matcher raised" in failing[0].getMessage()
 
 
 @pytest.mark.anyio
