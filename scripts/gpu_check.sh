@@ -9,6 +9,8 @@
 #    tests/engine/test_cuda_graph.py captures the decode CUDA graphs and checks replay == eager
 #    token for token (fp32); test_structured runs grammars on CUDA. Every engine test runs
 #    with and without async scheduling (step t+1 queued before step t's tokens are read).
+#    Then the --compile-decoder tests (compiled == eager fused, token for token), on their own
+#    clock.
 # 2. scripts/bench_gpu.py: decode tokens/s of full-size random-weight 2B and 7B at batch
 #    1/8/32/64 against the HBM roofline (reference and Triton attention eager, Triton as CUDA
 #    graphs too, with graph tokens == eager tokens per row), the 2B engine loop with and
@@ -46,11 +48,19 @@ status=0
 # XML. The GPU-only tests first; the Triton-interpreter tests are CPU ones (CI runs them).
 per_test=()
 if $PY -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 90); fi
-timeout -s INT -k 30 200 $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider \
-  --device cuda --dtype float32 "${per_test[@]}" -k "not interpreted" \
+# The --compile-decoder tests (torch.compile: tens of seconds of compiling) on their own
+# clock, so they cannot cut the others short; each part is reported on the last line.
+engine=PASSED compiled=PASSED bench=PASSED
+timeout -s INT -k 30 175 $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider \
+  --device cuda --dtype float32 "${per_test[@]}" -k "not interpreted and not compile" \
   tests/engine/test_cuda_graph.py tests/engine/test_host_device.py tests/engine \
-  --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || status=1
-timeout -s INT -k 30 320 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
-  | tee "$OUT/bench.log" || status=1
-echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
+  --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || engine=FAILED
+timeout -s INT -k 15 45 $PY -m pytest -q -rfE -p no:cacheprovider --device cuda \
+  --dtype float32 -k "compile and not interpreted" tests/engine/test_decoder.py \
+  --junitxml="$OUT/pytest_compile.xml" 2>&1 | tee "$OUT/pytest_compile.log" || compiled=FAILED
+timeout -s INT -k 30 300 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
+  | tee "$OUT/bench.log" || bench=FAILED
+[ "$engine$compiled$bench" = PASSEDPASSEDPASSED ] || status=1
+echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) (engine tests $engine," \
+  "--compile-decoder tests $compiled, benchmark $bench; logs in $OUT)"
 exit "$status"
