@@ -409,6 +409,8 @@ class ChatCompletionRequest(StrictModel):
     # extension (vLLM's); an empty list would allow nothing (vLLM refuses it too)
     allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     include_stop_str_in_output: bool | None = None  # extension (vLLM's)
+    # extension (vLLM's): logprobs' tokens as "token_id:{id}" (exact ids, whatever the text)
+    return_tokens_as_token_ids: bool | None = None
     # extensions (vLLM's): the chat template's rendering
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
@@ -1054,6 +1056,8 @@ class CompletionRequest(StrictModel):
     # extension (vLLM's); an empty list would allow nothing (vLLM refuses it too)
     allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     include_stop_str_in_output: bool | None = None  # extension (vLLM's)
+    # extension (vLLM's): logprobs' tokens as "token_id:{id}" (exact ids, whatever the text)
+    return_tokens_as_token_ids: bool | None = None
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

@@ -79,6 +79,7 @@ class ChatRequest:
     tools: Tools | None = None
     template: TemplateOptions = DEFAULT_TEMPLATE  # the request's chat-template options
     grammar_param: str = "response_format"  # the field the grammar came from, for its errors
+    tokens_as_ids: bool = False  # logprobs' tokens as "token_id:{id}" (vLLM's option)
     received_time: float = field(default_factory=time.monotonic)
     # Async jobs: called with the fraction of video frames captioned (captions mode).
     on_progress: ProgressCallback | None = field(default=None, compare=False)
@@ -154,6 +155,7 @@ class ChatPipeline:
         self.media = media
         self.captioner = FrameCaptioner(engine, input_builder, metrics)
         self.token_texts = TokenTexts(engine.tokenizer)
+        self.token_id_texts = self.token_texts.as_token_ids()
         self.think_close_id = single_token_id(engine.tokenizer, THINK_CLOSE)
         self.caption_tokens = caption_tokens
         self.metrics = metrics
@@ -304,7 +306,7 @@ class ChatPipeline:
                 self.engine.abort(seq.request_id)
             raise
         choices = [
-            self._choice(i, seq, text, request.tools)
+            self._choice(i, seq, text, request)
             for i, (seq, text) in enumerate(zip(run.seqs, texts, strict=True))
         ]
         return ChatResult(choices, run)
@@ -312,17 +314,21 @@ class ChatPipeline:
     async def _text(self, seq: Sequence) -> str:
         return "".join([output.text_delta async for output in self.outputs(seq)])
 
-    def _choice(self, index: int, seq: Sequence, text: str, tools: Tools | None) -> ChoiceResult:
+    def texts(self, request: ChatRequest) -> TokenTexts:
+        """How the request's logprobs show tokens."""
+        return self.token_id_texts if request.tokens_as_ids else self.token_texts
+
+    def _choice(self, index: int, seq: Sequence, text: str, request: ChatRequest) -> ChoiceResult:
         reasoning = None
         if seq.inputs.thinks:
             reasoning, text = split_reasoning(text)
-        answer = parse_answer(text, tools)
+        answer = parse_answer(text, request.tools)
         finish_reason = seq.finish_reason or "stop"
         if answer.tool_calls and finish_reason == "stop":
             finish_reason = "tool_calls"
         logprobs = None
         if seq.sampling.logprobs is not None:
-            logprobs = self.token_texts.logprobs(seq, 0, seq.num_completion_tokens)
+            logprobs = self.texts(request).logprobs(seq, 0, seq.num_completion_tokens)
         return ChoiceResult(
             index,
             answer.content,

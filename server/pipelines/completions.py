@@ -35,6 +35,7 @@ class TextCompletions:
         self.tokenizer = tokenizer
         self.media_token_ids = frozenset(media_token_ids)
         self.token_texts = TokenTexts(tokenizer)
+        self.token_id_texts = self.token_texts.as_token_ids()
 
     async def start(
         self,

@@ -71,6 +71,10 @@ class TokenTexts:
             raw = bytes(byte_of[c] for c in piece)
         return raw.decode("utf-8", errors="replace"), raw
 
+    def as_token_ids(self) -> TokenTexts:
+        """The same, each token shown as "token_id:{id}" (vLLM's return_tokens_as_token_ids)."""
+        return TokenIdTexts(self.tokenizer)
+
     def info(self, token_id: int, logprob: float) -> TokenInfo:
         text, raw = self(token_id)
         return TokenInfo(text, raw, logprob)
@@ -91,3 +95,12 @@ class TokenTexts:
             TokenLogprob(*self(token_id), e.logprob, tuple(self.info(t, lp) for t, lp in e.top))
             for token_id, e in zip(ids, entries, strict=True)
         ]
+
+
+class TokenIdTexts(TokenTexts):
+    """Tokens as "token_id:{id}": what a client that needs exact ids asks for (a token that is
+    part of a character, or special, shows no text of its own)."""
+
+    def _describe(self, token_id: int) -> tuple[str, bytes]:
+        text = f"token_id:{token_id}"
+        return text, text.encode()

@@ -3,6 +3,7 @@ through the API on the tiny checkpoint (its answers are random; these fields mak
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -168,3 +169,43 @@ async def test_generation_config_auto_takes_the_checkpoints_defaults(
                 )
             else:
                 assert len(answers) == 3
+
+
+async def test_return_tokens_as_token_ids(client: httpx.AsyncClient, tokenizer) -> None:
+    """vLLM's: every logprobs token as "token_id:{id}" (chat, streamed chat, text completions
+    with echo), the same ids the plain run's texts tokenize to."""
+    forced = str(tokenizer.convert_tokens_to_ids("a"))
+    body = chat(max_tokens=3, logprobs=True, top_logprobs=2, logit_bias={forced: 100})
+    response = await client.post("/v1/chat/completions", json=body)
+    plain = response.json()["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in plain] == ["a", "a", "a"]
+    response = await client.post(
+        "/v1/chat/completions", json={**body, "return_tokens_as_token_ids": True}
+    )
+    shown = response.json()["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in shown] == [f"token_id:{forced}"] * 3
+    assert shown[0]["bytes"] == list(f"token_id:{forced}".encode())
+    assert all(top["token"].startswith("token_id:") for t in shown for top in t["top_logprobs"])
+    assert [t["logprob"] for t in shown] == [t["logprob"] for t in plain]
+    async with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**body, "return_tokens_as_token_ids": True, "stream": True},
+    ) as stream:
+        lines = [line async for line in stream.aiter_lines() if line.startswith("data: {")]
+    choices = [c for line in lines for c in json.loads(line[6:])["choices"]]
+    streamed = [t["token"] for c in choices if c.get("logprobs") for t in c["logprobs"]["content"]]
+    assert streamed == [f"token_id:{forced}"] * 3
+    completion = {
+        "model": "tiny",
+        "prompt": "Hi",
+        "max_tokens": 2,
+        "logprobs": 1,
+        "echo": True,
+        "logit_bias": {forced: 100},
+        "return_tokens_as_token_ids": True,
+    }
+    response = await client.post("/v1/completions", json=completion)
+    tokens = response.json()["choices"][0]["logprobs"]["tokens"]
+    hi = tokenizer("Hi")["input_ids"]
+    assert tokens == [f"token_id:{t}" for t in hi] + [f"token_id:{forced}"] * 2

@@ -136,6 +136,7 @@ def _chat_request(
         tools=body.to_tools(),
         template=body.to_template(),
         grammar_param=body.structured_param(),
+        tokens_as_ids=bool(body.return_tokens_as_token_ids),
     )
 
 
@@ -155,7 +156,7 @@ async def _complete(
     # Wait for the first token before answering 200, so a queue timeout is still a 503.
     first = await until_disconnected(request, anext(outputs))
     usage = usage_wanted(body.stream_options)
-    texts, tools = services.chat.token_texts, chat_request.tools
+    texts, tools = services.chat.texts(chat_request), chat_request.tools
     reasoning = run.seq.inputs.thinks
     return StreamingResponse(
         chat_stream(run, first, outputs, body.model, usage, texts, tools, reasoning),

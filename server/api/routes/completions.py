@@ -49,10 +49,14 @@ async def completions(
     seqs = await until_disconnected(request, start)
     # echo: each choice's text starts with its prompt (choice k answers prompt k // n)
     echoes = [pipeline.prompt_text(prompts[k // n]) if body.echo else "" for k in range(len(seqs))]
+    # logprobs' tokens as "token_id:{id}" on request (vLLM's return_tokens_as_token_ids)
+    token_texts = (
+        pipeline.token_id_texts if body.return_tokens_as_token_ids else pipeline.token_texts
+    )
     if not body.stream:
         texts = await until_disconnected(request, asyncio.gather(*(pipeline.text(s) for s in seqs)))
         choices = [
-            _choice(k, seq, seqs[k - k % n], echoes[k], text, pipeline.token_texts)
+            _choice(k, seq, seqs[k - k % n], echoes[k], text, token_texts)
             for k, (seq, text) in enumerate(zip(seqs, texts, strict=True))
         ]
         return CompletionResponse(
@@ -66,7 +70,7 @@ async def completions(
     events = merged([pipeline.outputs(s) for s in seqs])
     streams = [ChoiceStream(k, seq, seqs[k - k % n], echoes[k]) for k, seq in enumerate(seqs)]
     return StreamingResponse(
-        stream(response_id, body.model, streams, events, usage, pipeline.token_texts, n),
+        stream(response_id, body.model, streams, events, usage, token_texts, n),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
