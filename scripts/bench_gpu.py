@@ -474,13 +474,13 @@ def measure(results: dict, args: argparse.Namespace, device: torch.device) -> No
     # Last, each model built again (the same seed: the same weights, so the fused decoder's
     # tokens compare): compiling takes a while, and a time limit then costs only these rows.
     for size in [] if args.skip_compiled else args.sizes:
-        loaded = random_model(size, args.device)
         try:
+            loaded = random_model(size, args.device)
             results["decode"] += compiled_rows(loaded, size, args.batches, bandwidth)
-        except Exception as exc:  # a compile that fails here must not cost the other rows
+            del loaded
+        except Exception as exc:  # a compile (or rebuild) failing must not cost the other rows
             traceback.print_exc()
             results.setdefault("compile_errors", []).append(f"{size}: {exc!r}"[:500])
-        del loaded
         free(device)
 
 

@@ -51,12 +51,12 @@ if $PY -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 90); fi
 # The --compile-decoder tests (torch.compile: tens of seconds of compiling) on their own
 # clock, so they cannot cut the others short; each part is reported on the last line.
 engine=PASSED compiled=PASSED bench=PASSED
-timeout -s INT -k 30 175 $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider \
-  --device cuda --dtype float32 "${per_test[@]}" -k "not interpreted and not compile" \
+timeout -s INT -k 30 160 $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider \
+  --device cuda --dtype float32 "${per_test[@]}" -k "not interpreted and not compiled" \
   tests/engine/test_cuda_graph.py tests/engine/test_host_device.py tests/engine \
   --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || engine=FAILED
-timeout -s INT -k 15 45 $PY -m pytest -q -rfE -p no:cacheprovider --device cuda \
-  --dtype float32 -k "compile and not interpreted" tests/engine/test_decoder.py \
+timeout -s INT -k 15 65 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider \
+  --device cuda --dtype float32 -k "compiled and not interpreted" tests/engine/test_decoder.py \
   --junitxml="$OUT/pytest_compile.xml" 2>&1 | tee "$OUT/pytest_compile.log" || compiled=FAILED
 timeout -s INT -k 30 300 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" || bench=FAILED

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 from server.engine.structured import StructuredOutput
+
+logger = logging.getLogger(__name__)
 
 # Below this temperature sampling is indistinguishable from argmax; treat it as greedy.
 GREEDY_TEMPERATURE = 1e-5
@@ -16,6 +19,17 @@ class TokenLogprobs:
 
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob)
+
+
+# The sampling fields a generation_config may set, with the ranges a request may ask for
+# (top_k: -1 and 0 are off, as vLLM reads them; top_p and repetition_penalty above 0).
+GENERATION_CONFIG_RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (1e-9, 1.0),
+    "top_k": (-1, 2**31 - 1),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (1e-9, 10.0),
+}
 
 
 @dataclass(frozen=True)
@@ -37,9 +51,14 @@ class SamplingDefaults:
         # Only what the file sets (older transformers fill unset fields with their defaults).
         given = config.to_diff_dict() if hasattr(config, "to_diff_dict") else vars(config)
         values = {}
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            if given.get(name) is not None:
-                values[name] = type(getattr(base, name))(given[name])
+        for name, (low, high) in GENERATION_CONFIG_RANGES.items():
+            value = given.get(name)
+            if value is None:
+                continue
+            if not low <= value <= high:  # what a request could not ask for either
+                logger.warning("generation_config %s=%r is out of range: not used", name, value)
+                continue
+            values[name] = max(int(value), 0) if name == "top_k" else float(value)
         return replace(base, **values)
 
 

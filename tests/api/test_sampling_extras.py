@@ -127,6 +127,13 @@ def test_sampling_defaults_from_a_generation_config() -> None:
     assert SamplingDefaults.from_generation_config(GenerationConfig(), OPENAI_DEFAULTS) == (
         OPENAI_DEFAULTS
     )
+
+    class Odd:  # what no request could ask for is not taken from a file either
+        def to_diff_dict(self) -> dict:
+            return {"temperature": 7.0, "top_p": 0.0, "top_k": -1, "min_p": 0.05}
+
+    odd = SamplingDefaults.from_generation_config(Odd(), OPENAI_DEFAULTS)
+    assert odd == SamplingDefaults(min_p=0.05)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
     left_out = ChatCompletionRequest(**body, top_p=None).to_sampling_params(defaults)
     assert (left_out.temperature, left_out.top_p, left_out.top_k) == (0.1, 0.001, 1)
