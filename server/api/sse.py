@@ -76,7 +76,15 @@ class ChatChunkWriter:
 
     def role(self, index: int = 0, frames: list[FrameCaptionOut] | None = None) -> str:
         delta = DeltaMessage(role="assistant", content="")
-        return self._event([ChatCompletionChunkChoice(index=index, delta=delta)], frames=frames)
+        usage = None
+        if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
+            so_far = self.running_usage(index)
+            usage = so_far.model_copy(
+                update={"completion_tokens": 0, "total_tokens": so_far.prompt_tokens}
+            )
+            usage.completion_tokens_details = None
+        choice = ChatCompletionChunkChoice(index=index, delta=delta)
+        return self._event([choice], usage, frames=frames)
 
     def delta(self, index: int, event: Event | Reasoning, logprobs: ChoiceLogprobs | None) -> str:
         """A content, reasoning or tool-call piece of choice `index`."""

@@ -159,6 +159,8 @@ async def test_continuous_usage_stats_count_the_chunks_choice(
     for chunk in chunks[:-1]:
         per_choice[chunk["choices"][0]["index"]].append(chunk["usage"]["completion_tokens"])
     assert all(c == sorted(c) and c[-1] == 4 for c in per_choice.values()), per_choice
+    if path == URL:  # each choice's role chunk comes before its first token
+        assert [c[0] for c in per_choice.values()] == [0, 0]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
 
 
