@@ -79,10 +79,8 @@ class ChatChunkWriter:
         usage = None
         if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
             so_far = self.running_usage(index)
-            usage = so_far.model_copy(
-                update={"completion_tokens": 0, "total_tokens": so_far.prompt_tokens}
-            )
-            usage.completion_tokens_details = None
+            nothing = {"completion_tokens": 0, "completion_tokens_details": None}
+            usage = so_far.model_copy(update={**nothing, "total_tokens": so_far.prompt_tokens})
         choice = ChatCompletionChunkChoice(index=index, delta=delta)
         return self._event([choice], usage, frames=frames)
 

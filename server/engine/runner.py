@@ -137,7 +137,7 @@ class ModelRunner:
         )
         self.decoder = FusedDecoder.build(self.model) if fused_decoder else None
         if compile_decoder:
-            self.decoder = self._compiled_decoder(scratch_block=num_blocks)
+            self._compile_decoder(scratch_block=num_blocks)
         self.media = MediaEncoder(self.model, self.device, encoder_cache_bytes)
         self.encoder_cache = self.media.cache
         self.states: dict[str, SamplingState] = {}
@@ -202,15 +202,15 @@ class ModelRunner:
         )
         return graphs
 
-    def _compiled_decoder(self, scratch_block: int) -> FusedDecoder | None:
-        """The fused decoder compiled now, not in the first request's decode step (its
+    def _compile_decoder(self, scratch_block: int) -> None:
+        """Swap in the fused decoder compiled now, not in the first request's decode step (its
         warm_up's steps run on the scratch block), before any graph capture, whose warm-ups
-        then find it compiled. Where it cannot be
-        compiled, the decoder as it was, with the reason logged."""
+        then find it compiled. Where it cannot be compiled, the decoder stays as it was, with
+        the reason logged."""
         eager = self.decoder
         if eager is None:
             logger.warning("--compile-decoder needs the fused decoder: nothing is compiled")
-            return None
+            return
         started = time.perf_counter()
         try:
             self.decoder = eager.compiled()
@@ -220,14 +220,14 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as exc:  # e.g. no C compiler for Inductor's kernels
+            self.decoder = eager
             logger.warning(
                 "--compile-decoder: torch.compile failed, decoding with the fused decoder "
                 "uncompiled (%s)",
                 f"{type(exc).__name__}: {exc}"[:500],
             )
-            return eager
+            return
         logger.info("fused decoder compiled in %.1fs", time.perf_counter() - started)
-        return self.decoder
 
     def bind_thread(self) -> None:
         """Called on the engine thread: CUDA's current device is per thread."""

@@ -142,7 +142,7 @@ class SampledTokens:
                 try:
                     accepted = state.matcher.accept_token(token)
                 except Exception as exc:
-                    state.failure = f"the grammar matcher raised {type(exc).__name__}: {exc}"
+                    state.failure = _matcher_raised(exc)
                     accepted = False
                 if not accepted:
                     state.failure = state.failure or f"the grammar refused token {token}"
@@ -225,12 +225,16 @@ def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int
         try:
             states[row].matcher.fill_next_token_bitmask(bitmask, row)
         except Exception as exc:
-            states[row].failure = f"the grammar matcher raised {type(exc).__name__}: {exc}"
+            states[row].failure = _matcher_raised(exc)
             failed.add(row)
     applied = [row for row in rows if row not in failed]
     if applied:
         grammars.apply(logits, bitmask, applied)
     return failed
+
+
+def _matcher_raised(exc: Exception) -> str:
+    return f"the grammar matcher raised {type(exc).__name__}: {exc}"
 
 
 def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
