@@ -94,6 +94,13 @@ def _stop_count(value: str | list[str] | None) -> str | list[str] | None:
 
 Stop = Annotated[StopString | list[StopString] | None, AfterValidator(_stop_count)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+# vLLM's bad_words: bounded as stop strings are (each is checked against every new token).
+MAX_BAD_WORDS = 64
+BadWords = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
+    Field(max_length=MAX_BAD_WORDS),
+]
+MAX_CACHE_SALT = 1024
 # OpenAI's logit_bias: token ids (as JSON object keys, so strings) -> -100..100
 LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 # torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
@@ -411,6 +418,9 @@ class ChatCompletionRequest(StrictModel):
     include_stop_str_in_output: bool | None = None  # extension (vLLM's)
     # extension (vLLM's): logprobs' tokens as "token_id:{id}" (exact ids, whatever the text)
     return_tokens_as_token_ids: bool | None = None
+    bad_words: BadWords | None = None  # extension (vLLM's): strings the answer must not hold
+    # extension (vLLM's): the prefix cache (and vision cache) shared only under the same salt
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     # extensions (vLLM's): the chat template's rendering
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
@@ -637,6 +647,8 @@ def sampling_params(
         logit_bias=logit_bias(body.logit_bias),
         allowed_token_ids=tuple(body.allowed_token_ids or ()),
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        bad_words=tuple(body.bad_words or ()),
+        cache_salt=body.cache_salt,
     )
 
 
@@ -1058,6 +1070,9 @@ class CompletionRequest(StrictModel):
     include_stop_str_in_output: bool | None = None  # extension (vLLM's)
     # extension (vLLM's): logprobs' tokens as "token_id:{id}" (exact ids, whatever the text)
     return_tokens_as_token_ids: bool | None = None
+    bad_words: BadWords | None = None  # extension (vLLM's): strings the answer must not hold
+    # extension (vLLM's): the prefix cache (and vision cache) shared only under the same salt
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

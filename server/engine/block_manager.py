@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from server.engine.sequence import Sequence
 
-# The parent block's hash, token ids, media keys: compared in full on a hit, since a Python
-# hash can collide and the whole chain must match, not just this block.
-BlockContent = tuple[int | None, tuple[int, ...], tuple[str, ...]]
+# The parent block's hash (the first block's: the request's cache_salt), token ids, media
+# keys: compared in full on a hit, since a Python hash can collide and the whole chain must
+# match, not just this block.
+BlockContent = tuple[int | str | None, tuple[int, ...], tuple[str, ...]]
 
 
 @dataclass
@@ -129,7 +130,9 @@ class BlockManager:
     def _content(self, seq: Sequence, index: int, parent: int | None) -> BlockContent:
         start = index * self.block_size
         end = start + self.block_size
-        return parent, tuple(seq.token_ids(start, end)), seq.media_keys(start, end)
+        # The first block chains to the request's cache_salt: hits only under the same salt.
+        root = parent if index else seq.sampling.cache_salt
+        return root, tuple(seq.token_ids(start, end)), seq.media_keys(start, end)
 
     # -- release -----------------------------------------------------------------------------
     def free_blocks(self, seq: Sequence) -> None:

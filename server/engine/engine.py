@@ -21,11 +21,11 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from server.config import EngineConfig
-from server.engine import profile
+from server.engine import bad_words, profile
 from server.engine.block_manager import BlockManager
 from server.engine.decoder import FusedDecoder
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -195,6 +195,7 @@ class AsyncEngine:
             raise EngineStopped("The engine is not running.")
         if request_id in self._sequences:  # ids key the runner's per-sequence state
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        sampling = self.with_bad_word_ids(sampling)
         self.check_sampling(sampling)
         seq = Sequence(
             request_id, inputs, sampling, self.max_tokens_for(inputs.num_prompt_tokens, sampling)
@@ -204,9 +205,25 @@ class AsyncEngine:
             seq.grammar = self.runner.grammars.lookup(sampling.structured)
         return seq
 
+    def with_bad_word_ids(self, sampling: SamplingParams) -> SamplingParams:
+        """`sampling` with its bad words' token sequences (a 400 for a word with no tokens)."""
+        if not sampling.bad_words or sampling.bad_word_ids:
+            return sampling
+        try:
+            ids = bad_words.token_sequences(sampling.bad_words, self.tokenizer)
+        except ValueError as exc:
+            raise InvalidRequest(
+                f"bad_words must hold words, not only whitespace ({exc}).",
+                param="bad_words",
+                code="invalid_value",
+            ) from exc
+        return replace(sampling, bad_word_ids=ids)
+
     def check_sampling(self, sampling: SamplingParams) -> None:
         """What only the model can tell about a request's sampling parameters: token ids
-        within the vocabulary, and allowed ids that leave a token to generate."""
+        within the vocabulary, allowed ids that leave a token to generate, bad words that
+        can be written down in tokens."""
+        sampling = self.with_bad_word_ids(sampling)
         vocab = self.runner.vocab_size
         ids = {
             "stop_token_ids": sampling.stop_token_ids,
@@ -229,13 +246,22 @@ class AsyncEngine:
                 param="allowed_token_ids",
                 code="invalid_value",
             )
-        enders = self.eos_token_ids | set(sampling.stop_token_ids)
-        allowed = set(sampling.allowed_token_ids)
-        # Before min_tokens the enders are banned.
-        if allowed and allowed <= enders and sampling.min_tokens:
+        if sampling.bad_words and sampling.structured is not None:
+            # As above: a banned token may be the only one the grammar allows.
             raise InvalidRequest(
-                "allowed_token_ids holds only tokens that end the text (EOS or stop_token_ids), "
-                "which min_tokens forbids: no token is left to generate.",
+                "bad_words cannot be combined with a structured-output constraint "
+                "(response_format, guided_* / structured_outputs, a forced tool call).",
+                param="bad_words",
+                code="invalid_value",
+            )
+        allowed = set(sampling.allowed_token_ids)
+        banned = bad_words.always_banned(sampling.bad_word_ids)
+        if sampling.min_tokens:  # before min_tokens the enders are banned
+            banned |= self.eos_token_ids | set(sampling.stop_token_ids)
+        if allowed and allowed <= banned:
+            raise InvalidRequest(
+                "allowed_token_ids leaves no token to generate: each one is a one-token bad "
+                "word, or ends the text (EOS or stop_token_ids), which min_tokens forbids.",
                 param="allowed_token_ids",
                 code="invalid_value",
             )

@@ -70,18 +70,19 @@ class MediaEncoder:
             for item in seq.inputs.media:
                 if item in held or not (item.start < end and item.end > start):
                     continue
-                cached = self.cache.get(item.key)
+                key = cache_key(seq, item)
+                cached = self.cache.get(key)
                 if cached is not None:
                     held[item] = cached
                 else:
-                    missing.setdefault(item.key, []).append((seq, item))
+                    missing.setdefault(key, []).append((seq, item))
         for kind in PIXELS:
-            wanted = [users for users in missing.values() if users[0][1].kind == kind]
+            wanted = [(key, users) for key, users in missing.items() if users[0][1].kind == kind]
             if not wanted:
                 continue
-            embeds = self._vision_tower(kind, [users[0] for users in wanted])
-            for users, item_embeds in zip(wanted, embeds, strict=True):
-                self.cache.put(users[0][1].key, item_embeds)
+            embeds = self._vision_tower(kind, [users[0] for _, users in wanted])
+            for (key, users), item_embeds in zip(wanted, embeds, strict=True):
+                self.cache.put(key, item_embeds)
                 for seq, item in users:
                     self.held[seq.request_id][item] = item_embeds
 
@@ -125,3 +126,10 @@ def spans(seq: Sequence, start: int, end: int) -> list[tuple[int, MediaItem, sli
         if first < last:
             out.append((first - start, item, slice(first - item.start, last - item.start)))
     return out
+
+
+def cache_key(seq: Sequence, item: MediaItem) -> str:
+    """The encoder cache's key of a sequence's item: its content key, under the request's
+    cache_salt when it has one (a cached image is found only by requests with the same salt)."""
+    salt = seq.sampling.cache_salt
+    return item.key if salt is None else f"{salt}\x00{item.key}"

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from server.engine import attention, prompt_logprobs
+from server.engine import attention, bad_words, prompt_logprobs
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
 from server.engine.decoder import FusedDecoder
 from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
@@ -260,9 +260,11 @@ class ModelRunner:
         # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough;
         # under a grammar the grammar says when the JSON ends (a ban would leave no token).
         early = len(seq.output_token_ids) < state.params.min_tokens and state.matcher is None
-        state.banned_token_ids = (
-            tuple(self.eos_token_ids) + state.params.stop_token_ids if early else ()
-        )
+        enders = tuple(self.eos_token_ids) + state.params.stop_token_ids if early else ()
+        # Bad words: the tokens that would complete one after the answer so far (with async
+        # scheduling too: the last step's token is on the host before this step samples).
+        words = bad_words.banned_next(state.params.bad_word_ids, seq.output_token_ids)
+        state.banned_token_ids = enders + words
         return state
 
     # -- one step --------------------------------------------------------------------------

@@ -88,6 +88,13 @@ class SamplingParams:
     # vLLM's prompt_logprobs (echo with logprobs): each prompt token's raw logprob given the
     # tokens before it, and the k most likely there; such a prompt takes no prefix-cache hits
     prompt_logprobs: int | None = None
+    # vLLM's bad_words: strings the answer must not contain; the engine (it has the tokenizer)
+    # fills bad_word_ids with their token sequences (see bad_words.py)
+    bad_words: tuple[str, ...] = ()
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    # vLLM's cache_salt: prefix-cache and vision-cache hits only between requests that send the
+    # same salt (tenants that must not learn, by timing, what another one asked)
+    cache_salt: str | None = None
 
     @property
     def is_greedy(self) -> bool:

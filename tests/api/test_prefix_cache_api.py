@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.test_errors import assert_error
 from tests.helpers import data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
@@ -64,3 +65,25 @@ async def test_prefix_caching_can_be_turned_off(tiny_model_dir: Path) -> None:
         again = await ask(client, body(1))
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert again["choices"][0]["message"] == first["choices"][0]["message"]
+
+
+async def test_cache_salt_isolates_the_caches(tiny_model_dir: Path) -> None:
+    """vLLM's cache_salt: prefix-cache blocks and vision-tower outputs are reused only by
+    requests with the same salt (none is a salt of its own); the answers stay the same."""
+
+    def salted(salt: str | None) -> dict:
+        return body(1) | ({} if salt is None else {"cache_salt": salt})
+
+    async for client in start_client(make_settings(tiny_model_dir, block_size=4)):
+        answers = [await ask(client, salted(salt)) for salt in ("a", "a", "b", None, "b", None)]
+        metrics = (await client.get("/metrics")).text
+        response = await client.post("/v1/chat/completions", json=body(1) | {"cache_salt": ""})
+        assert_error(response, 400, "cache_salt")
+        text = {"model": "tiny", "prompt": "x" * 40, "max_tokens": 1, "cache_salt": "a"}
+        completions = [(await client.post("/v1/completions", json=text)).json() for _ in "12"]
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in answers]
+    assert cached[0] == cached[2] == cached[3] == 0
+    assert cached[1] == cached[4] == cached[5] > answers[0]["usage"]["prompt_tokens"] // 2
+    assert len({r["choices"][0]["message"]["content"] for r in answers}) == 1
+    assert metric(metrics, "vlm_encoder_cache_misses_total") == 3  # once per salt
+    assert completions[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

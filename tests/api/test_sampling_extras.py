@@ -1,5 +1,6 @@
-"""OpenAI's logit_bias and vLLM's min_p, allowed_token_ids and include_stop_str_in_output,
-through the API on the tiny checkpoint (its answers are random; these fields make them not)."""
+"""OpenAI's logit_bias and vLLM's min_p, allowed_token_ids, bad_words and
+include_stop_str_in_output, through the API on the tiny checkpoint (its answers are random;
+these fields make them not)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,42 @@ async def test_allowed_token_ids_with_a_grammar_or_empty_are_400s(
         assert_error(response, 400, "allowed_token_ids")
     response = await client.post("/v1/chat/completions", json=chat(allowed_token_ids=[]))
     assert_error(response, 400, "allowed_token_ids")
+
+
+async def test_bad_words_are_never_completed(client: httpx.AsyncClient, tokenizer) -> None:
+    """vLLM's bad_words: a one-token word is never chosen; a longer one's last token is
+    banned only right after the rest of it (the forced answer "aaaa" becomes "abab")."""
+    a, b = (str(tokenizer.convert_tokens_to_ids(t)) for t in ("a", "b"))
+    forced = chat(logit_bias={a: 100, b: 99})
+    assert await content(client, forced) == "aaaa"
+    assert await content(client, {**forced, "bad_words": ["a"]}) == "bbbb"
+    assert await content(client, {**forced, "bad_words": ["aa"]}) == "abab"
+    assert await content(client, {**forced, "bad_words": ["ab", "ba"]}) == "aaaa"  # no such tokens
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "temperature": 0}
+    body |= {"logit_bias": {a: 100, b: 99}, "bad_words": [" aa"]}  # "aa" too, without the space
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "abab"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"bad_words": ["  "]}, "bad_words"),  # no tokens to ban
+        ({"bad_words": [""]}, "bad_words[0]"),
+        ({"bad_words": ["w"] * 65}, "bad_words"),
+        ({"bad_words": ["a"], "response_format": {"type": "json_object"}}, "bad_words"),
+        ({"bad_words": ["a"], "guided_choice": ["yes", "no"]}, "bad_words"),
+        ({"bad_words": ["x", "y"], "allowed_token_ids": "xy"}, "allowed_token_ids"),
+    ],
+)
+async def test_bad_words_that_cannot_be_honoured_are_400s(
+    client: httpx.AsyncClient, tokenizer, extra: dict, param: str
+) -> None:
+    if extra.get("allowed_token_ids") == "xy":  # banned entirely: nothing left to generate
+        extra = {**extra, "allowed_token_ids": [tokenizer.convert_tokens_to_ids(t) for t in "xy"]}
+    response = await client.post("/v1/chat/completions", json=chat(**extra))
+    assert_error(response, 400, param)
 
 
 async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:

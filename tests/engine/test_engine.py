@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,26 @@ async def test_abort_stops_within_a_token_and_frees_the_engine(loaded: LoadedMod
     )
     await engine.stop()
     assert after.num_completion_tokens == 3
+
+
+async def test_bad_word_ids_part_the_answer_where_they_would_complete(
+    loaded: LoadedModel, prompt
+) -> None:
+    """Banning the greedy answer's first two tokens as a word: the answer keeps the first and
+    changes at the second; banning its first token as a word: it never appears. With async
+    scheduling too, where the ban depends on the token sampled the step before."""
+    engine = make_engine(loaded)
+    engine.start()
+    plain = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    greedy = (await run(engine, "a", prompt, plain))[0].output_token_ids
+    pair = tuple(greedy[:2])
+    two, _ = await run(engine, "b", prompt, replace(plain, bad_word_ids=(pair,)))
+    one, _ = await run(engine, "c", prompt, replace(plain, bad_word_ids=(pair[:1],)))
+    await engine.stop()
+    parted = two.output_token_ids
+    assert parted[0] == greedy[0] and parted[1] != greedy[1]
+    assert all(tuple(parted[i : i + 2]) != pair for i in range(len(parted) - 1))
+    assert one.output_token_ids[0] != greedy[0] and greedy[0] not in one.output_token_ids
 
 
 async def test_prompt_longer_than_context(loaded: LoadedModel, prompt) -> None:

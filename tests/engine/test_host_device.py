@@ -285,7 +285,12 @@ def mixed_sequences(vocab: int) -> list[Sequence]:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     return [
         sequence("greedy", 12, SamplingParams(temperature=0, logprobs=2), vocab),
-        sequence("nucleus", 9, SamplingParams(temperature=0.8, top_p=0.9, top_k=50), vocab),
+        sequence(
+            "nucleus",
+            9,
+            SamplingParams(temperature=0.8, top_p=0.9, top_k=50, bad_word_ids=((101,), (7, 9))),
+            vocab,
+        ),
         sequence("top-k", 8, SamplingParams(temperature=1.1, top_k=20, seed=7), vocab),
         sequence(
             "penalties",
