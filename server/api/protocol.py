@@ -345,9 +345,6 @@ UNSUPPORTED_WHEN = {
     "moderation": lambda v: v is not None,
     "prediction": lambda v: v is not None,
     "web_search_options": lambda v: v is not None,
-    # vLLM's: the detokenizer always drops special tokens and joins them without spaces.
-    "skip_special_tokens": lambda v: v is False,
-    "spaces_between_special_tokens": lambda v: v is False,
 }
 # Accepted with no effect (logged at debug): hints for a hosted service (caching, abuse
 # tracking, tiers, storage, answer length) or for a reasoning level no Qwen-VL checkpoint has.
@@ -364,6 +361,9 @@ IGNORED_FIELDS = (
     "verbosity",
     "priority",
     "request_id",
+    # vLLM's: Qwen's (fast) tokenizers join special tokens without spaces either way, as
+    # vLLM's fast detokenizer does
+    "spaces_between_special_tokens",
 )
 # vLLM's guided decoding fields: each maps onto the structured-output grammar.
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -431,8 +431,8 @@ class ChatCompletionRequest(StrictModel):
     guided_choice: Choices | None = None
     guided_grammar: Constraint | None = None
     structured_outputs: StructuredOutputsParam | None = None
-    # extensions (vLLM's) with nothing to change here (see UNSUPPORTED_WHEN, IGNORED_FIELDS)
-    skip_special_tokens: bool | None = None
+    skip_special_tokens: bool | None = None  # extension (vLLM's): false keeps them in the text
+    # extensions (vLLM's) with nothing to change here (see IGNORED_FIELDS)
     spaces_between_special_tokens: bool | None = None
     priority: int | None = None
     request_id: str | None = Field(default=None, max_length=256)
@@ -647,6 +647,7 @@ def sampling_params(
         logit_bias=logit_bias(body.logit_bias),
         allowed_token_ids=tuple(body.allowed_token_ids or ()),
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        skip_special_tokens=body.skip_special_tokens is not False,
         bad_words=tuple(body.bad_words or ()),
         cache_salt=body.cache_salt,
     )
@@ -1073,6 +1074,10 @@ class CompletionRequest(StrictModel):
     bad_words: BadWords | None = None  # extension (vLLM's): strings the answer must not hold
     # extension (vLLM's): the prefix cache (and vision cache) shared only under the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
+    # extensions (vLLM's): special tokens kept in the text (false), and how they are joined
+    # (no effect: see IGNORED_FIELDS)
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

@@ -19,8 +19,15 @@ CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), include_stop: bool = False):
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: tuple[str, ...] = (),
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens  # vLLM's; EOS never reaches here
         self.stop = tuple(s for s in stop if s)
         self.include_stop = include_stop  # vLLM's include_stop_str_in_output
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
@@ -46,7 +53,9 @@ class IncrementalDetokenizer:
         return self._truncate_at_stop(searched_from)
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if token_ids else ""
+        if not token_ids:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
 
     def _truncate_at_stop(self, start: int) -> str | None:
         hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]

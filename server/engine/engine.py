@@ -431,7 +431,10 @@ class AsyncEngine:
             for seq in _as_list(item):
                 params = seq.sampling
                 detok = IncrementalDetokenizer(
-                    self.tokenizer, params.stop, params.include_stop_str_in_output
+                    self.tokenizer,
+                    params.stop,
+                    params.include_stop_str_in_output,
+                    params.skip_special_tokens,
                 )
                 self._detokenizers[seq.request_id] = detok
                 self.scheduler.add(seq)

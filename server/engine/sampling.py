@@ -81,6 +81,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be chosen (empty: any)
     include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens in the text
     structured: StructuredOutput | None = None  # JSON constrained while decoding
     # None: no logprobs; k: the chosen token's logprob and the k most likely tokens' (0-20),
     # from the model's raw distribution (log_softmax of the logits before any processing)

@@ -108,8 +108,6 @@ async def test_the_openai_sdk_with_its_current_fields(client: httpx.AsyncClient)
     [
         ("moderation", {"model": "omni-moderation-latest"}),
         ("web_search_options", {}),
-        ("skip_special_tokens", False),
-        ("spaces_between_special_tokens", False),
     ],
 )
 async def test_fields_that_would_change_the_answer_are_refused_by_name(

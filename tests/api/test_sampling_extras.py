@@ -116,6 +116,27 @@ async def test_bad_words_that_cannot_be_honoured_are_400s(
     assert_error(response, 400, param)
 
 
+async def test_skip_special_tokens_false_keeps_them_in_the_text(
+    client: httpx.AsyncClient, tokenizer
+) -> None:
+    """vLLM's skip_special_tokens: false shows the special tokens the answer holds (EOS, which
+    ends it, is never text); spaces_between_special_tokens changes nothing (fast tokenizers)."""
+    special = tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    a = tokenizer.convert_tokens_to_ids("a")
+    twice = ["<|vision_start|>" * 2]  # a bad word: the forced answer alternates
+    body = chat(logit_bias={str(special): 100, str(a): 99}, bad_words=twice)
+    assert await content(client, body) == "aa"  # the special tokens dropped
+    kept = "<|vision_start|>a" * 2  # the special token as text, as vLLM shows it
+    assert await content(client, {**body, "skip_special_tokens": False}) == kept
+    both = {**body, "skip_special_tokens": False, "spaces_between_special_tokens": False}
+    assert await content(client, both) == kept
+    completion = {"model": "tiny", "prompt": "x", "max_tokens": 4, "temperature": 0}
+    completion |= {"logit_bias": body["logit_bias"], "skip_special_tokens": False}
+    response = await client.post("/v1/completions", json=completion | {"bad_words": twice})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == kept
+
+
 async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:
     # min_p 1: only the likeliest token survives, so sampling is greedy
     greedy = await content(client, chat(max_tokens=8))
