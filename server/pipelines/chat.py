@@ -195,27 +195,51 @@ class ChatPipeline:
         )
         self.engine.max_tokens_for(text_tokens, request.sampling)
 
+    async def prompt(self, request: ChatRequest) -> ModelInputs:
+        """The prompt the request would run, built but not run (vLLM's /tokenize): its media
+        fetched and decoded as for an answer (videos read natively, as /v1 reads them)."""
+        budget = self.media.check_counts(request.messages)
+        messages = render(request.messages, request.tools)
+        request = replace(request, messages=messages, video_mode="native")
+        async with self.preprocessing:
+            images = await self.media.images(request.messages, budget)
+            videos = await self._videos(request, images, budget)
+            return await self._native_inputs(request, images, videos)
+
     async def _prepare(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
     ) -> ChatRun:
-        video_parts = parts_of(request.messages, VideoPart)
-        messages = request.messages
-        videos: list[DecodedVideo] = []
-        if video_parts:
-            tokens = await self._video_budget(request, images, len(video_parts))
-            wishes = {"mode": request.video_mode, "use_scenes": request.use_scenes}
-            report(request.on_progress, STARTED)
-            videos = []
-            for k, part in enumerate(video_parts):
-                videos.append(
-                    await self.media.video(part, budget, tokens, replace(part.frames, **wishes))
-                )
-                report(request.on_progress, MEDIA_READY * (k + 1) / len(video_parts))
+        videos = await self._videos(request, images, budget)
         if videos and request.video_mode == "captions":
             return await self._captioned(request, images, videos)
+        inputs = await self._native_inputs(request, images, videos)
+        return ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
+
+    async def _videos(
+        self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
+    ) -> list[DecodedVideo]:
+        """The request's videos, fetched and decoded within their share of the context."""
+        video_parts = parts_of(request.messages, VideoPart)
+        if not video_parts:
+            return []
+        tokens = await self._video_budget(request, images, len(video_parts))
+        wishes = {"mode": request.video_mode, "use_scenes": request.use_scenes}
+        report(request.on_progress, STARTED)
+        videos = []
+        for k, part in enumerate(video_parts):
+            videos.append(
+                await self.media.video(part, budget, tokens, replace(part.frames, **wishes))
+            )
+            report(request.on_progress, MEDIA_READY * (k + 1) / len(video_parts))
+        return videos
+
+    async def _native_inputs(
+        self, request: ChatRequest, images: list[Image.Image], videos: list[DecodedVideo]
+    ) -> ModelInputs:
+        """The prompt with its videos as the model's video input."""
         frames = [VideoFrames(v.frames, v.plan.timestamps, v.info.duration_s) for v in videos]
-        hf_messages = [to_hf_message(m) for m in messages]
-        inputs = await _templated(
+        hf_messages = [to_hf_message(m) for m in request.messages]
+        return await _templated(
             self.input_builder.build,
             hf_messages,
             images,
@@ -223,7 +247,6 @@ class ChatPipeline:
             _thinks(request),
             request.template,
         )
-        return ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
 
     async def _captioned(
         self, request: ChatRequest, images: list[Image.Image], videos: list[DecodedVideo]

@@ -1,0 +1,72 @@
+"""POST /tokenize and /detokenize, vLLM's: a prompt's token ids (and count, against the
+context) before sending it, and ids back to text. A chat body's images and videos are fetched
+and read as /v1/chat/completions reads them, so the count is the `prompt_tokens` its answer
+would report (with the server's default max_tokens, which sets how much of the context a
+video may take)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    completion_id,
+)
+from server.api.routes.chat import RESPONSES, until_disconnected
+from server.api.services import Services, get_services
+from server.engine.sampling import SamplingParams
+from server.exceptions import InvalidRequest
+from server.pipelines.chat import ChatRequest
+
+router = APIRouter(responses=RESPONSES)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenize"])
+async def tokenize(
+    body: TokenizeRequest, request: Request, services: Services = Depends(get_services)
+) -> TokenizeResponse:
+    if body.model is not None:
+        services.check_model(body.model)
+    tokenizer = services.engine.tokenizer
+    if isinstance(body, TokenizeChatRequest):
+        chat = ChatRequest(
+            request_id=completion_id(),
+            messages=body.to_messages(),
+            sampling=SamplingParams(),
+            tools=body.to_tools(),
+            template=body.to_template(),
+        )
+        inputs = await until_disconnected(request, services.chat.prompt(chat))
+        ids = inputs.token_ids
+    else:
+        special = body.add_special_tokens is not False
+        ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=special)
+    return TokenizeResponse(
+        count=len(ids),
+        max_model_len=services.engine.max_seq_len,
+        tokens=ids,
+        token_strs=tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None,
+    )
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, tags=["tokenize"])
+async def detokenize(
+    body: DetokenizeRequest, services: Services = Depends(get_services)
+) -> DetokenizeResponse:
+    if body.model is not None:
+        services.check_model(body.model)
+    vocab = services.engine.runner.vocab_size
+    if any(token >= vocab for token in body.tokens):
+        raise InvalidRequest(
+            f"tokens must be token ids below the vocabulary size ({vocab}).",
+            param="tokens",
+            code="invalid_value",
+        )
+    text = await asyncio.to_thread(services.engine.tokenizer.decode, body.tokens)
+    return DetokenizeResponse(prompt=text)
