@@ -96,11 +96,22 @@ def _stop_count(value: str | list[str] | None) -> str | list[str] | None:
 
 Stop = Annotated[StopString | list[StopString] | None, AfterValidator(_stop_count)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
-# vLLM's bad_words: bounded as stop strings are (each is checked against every new token).
+# vLLM's bad_words: bounded as stop strings are (each step compares the answer's tail with
+# the words its last token could be completing, on the engine's thread).
 MAX_BAD_WORDS = 64
+MAX_BAD_WORDS_CHARS = 4096
+
+
+def _bad_words_size(words: list[str] | None) -> list[str] | None:
+    if words is not None and sum(len(w) for w in words) > MAX_BAD_WORDS_CHARS:
+        raise ValueError(f"bad_words may hold at most {MAX_BAD_WORDS_CHARS} characters in all")
+    return words
+
+
 BadWords = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
     Field(max_length=MAX_BAD_WORDS),
+    AfterValidator(_bad_words_size),
 ]
 MAX_CACHE_SALT = 1024
 # OpenAI's logit_bias: token ids (as JSON object keys, so strings) -> -100..100
@@ -633,6 +644,8 @@ def sampling_params(
     """The sampling fields chat and text completions share, as the engine's parameters;
     `defaults` for those the request leaves out (or sends as null)."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if structured is not None and body.cache_salt is not None:
+        structured = replace(structured, cache_salt=body.cache_salt)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -1185,19 +1198,14 @@ class TokenizeCompletionRequest(StrictModel):
     return_token_strs: bool | None = None
 
 
-class TokenizeChatRequest(ChatPrompt):
-    """vLLM's /tokenize of chat messages: the prompt /v1/chat/completions would run, its
-    images and videos fetched and read as it reads them, so their tokens are counted."""
+class TokenizeChatRequest(ChatCompletionRequest):
+    """vLLM's /tokenize of chat messages: a chat completion's body (a client can send the one
+    it is about to send; what only changes the answer is ignored) -> the prompt it would run,
+    its images and videos fetched and read as /v1/chat/completions reads them."""
 
-    model: str | None = None
+    model: str | None = None  # type: ignore[assignment]  # optional here, as in vLLM
     add_special_tokens: bool | None = None  # vLLM's default false: the template writes them
     return_token_strs: bool | None = None
-
-    def to_tools(self) -> Tools | None:
-        """The tools as the template lists them (how they may be called changes no token)."""
-        if not self.tools:
-            return None
-        return Tools(tuple(t.model_dump(exclude_none=True) for t in self.tools))
 
 
 def _tokenize_kind(body: Any) -> str:

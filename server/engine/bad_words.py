@@ -34,18 +34,29 @@ def token_sequences(words: tuple[str, ...], tokenizer: Encoder) -> WordIds:
     return tuple(dict.fromkeys(sequences))  # in order, without repeats
 
 
-def banned_next(sequences: WordIds, output: list[int]) -> tuple[int, ...]:
-    """The tokens that would complete a bad word after `output` (the answer so far)."""
-    banned = []
-    for ids in sequences:
-        prefix = len(ids) - 1
-        if prefix > len(output):
-            continue
-        if prefix == 0 or tuple(output[-prefix:]) == ids[:-1]:
-            banned.append(ids[-1])
-    return tuple(banned)
+class BadWords:
+    """A request's bad words indexed for the step: the one-token words, and the longer
+    spellings by their next-to-last token, so a step looks only at the spellings the answer's
+    last token could be completing."""
 
+    def __init__(self, sequences: WordIds):
+        self.always = tuple(ids[0] for ids in sequences if len(ids) == 1)
+        self.after: dict[int, list[tuple[int, ...]]] = {}
+        for ids in sequences:
+            if len(ids) > 1:
+                self.after.setdefault(ids[-2], []).append(ids)
 
-def always_banned(sequences: WordIds) -> set[int]:
-    """Tokens banned at every step: the one-token words."""
-    return {ids[0] for ids in sequences if len(ids) == 1}
+    @classmethod
+    def of(cls, sequences: WordIds) -> BadWords | None:
+        return cls(sequences) if sequences else None
+
+    def banned_next(self, output: list[int]) -> tuple[int, ...]:
+        """The tokens that would complete a bad word after `output` (the answer so far)."""
+        if not output:
+            return self.always
+        banned = list(self.always)
+        for ids in self.after.get(output[-1], ()):
+            prefix = len(ids) - 1
+            if prefix <= len(output) and tuple(output[-prefix:]) == ids[:-1]:
+                banned.append(ids[-1])
+        return tuple(banned)

@@ -255,7 +255,7 @@ class AsyncEngine:
                 code="invalid_value",
             )
         allowed = set(sampling.allowed_token_ids)
-        banned = bad_words.always_banned(sampling.bad_word_ids)
+        banned = set(bad_words.BadWords(sampling.bad_word_ids).always)
         if sampling.min_tokens:  # before min_tokens the enders are banned
             banned |= self.eos_token_ids | set(sampling.stop_token_ids)
         if allowed and allowed <= banned:
@@ -480,10 +480,11 @@ class AsyncEngine:
             if seq.sampling.logprobs is not None:  # the sampler left them on the row's state
                 seq.output_logprobs.append(state.logprobs)
             params = seq.sampling
-            if token_id in self.eos_token_ids and not params.ignore_eos:
-                self._finish(seq, "stop")
-            elif token_id in params.stop_token_ids:
-                self._finish(seq, "stop", stop_reason=token_id)
+            eos = token_id in self.eos_token_ids and not params.ignore_eos
+            if eos or token_id in params.stop_token_ids:
+                if params.include_stop_str_in_output:  # vLLM's: the ending token's text too
+                    self._detokenizers[seq.request_id].add_token(token_id)
+                self._finish(seq, "stop", stop_reason=None if eos else token_id)
             else:
                 self._add_text(seq, token_id)
         self._in_flight = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 class TemplateError(ValueError):
-    """The request's messages cannot be rendered as asked (continue_final_message)."""
+    """The request's messages cannot be rendered as asked (continue_final_message), or hold
+    what the model would misread (a media placeholder written as text)."""
+
+    def __init__(self, message: str, param: str = "continue_final_message"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,10 @@ class InputBuilder:
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
+        # The text the template writes for each image and video ("<|image_pad|>"): in a
+        # message's own text it would be read as media the request does not have.
+        placeholders = (getattr(processor, f"{kind}_token", None) for kind in ("image", "video"))
+        self.placeholders = tuple(p for p in placeholders if p)
         # Qwen3-VL's processor puts a "<t seconds>" text before each temporal patch.
         self.timestamped_frames = hasattr(processor, "_calculate_timestamps")
         # A thinking checkpoint's template opens "<think>" at the end of the prompt: its
@@ -250,6 +260,7 @@ class InputBuilder:
         template: TemplateOptions = DEFAULT_TEMPLATE,
     ) -> int:
         """Tokens of the templated prompt with every image and video left out."""
+        self.check_placeholders(messages)
         text_only = [
             {**m, "content": [p for p in m["content"] if p.get("type") == "text"]}
             if isinstance(m["content"], list)
@@ -288,6 +299,7 @@ class InputBuilder:
     ) -> ModelInputs:
         """messages use the HF chat format: content is a string or a list of
         {"type": "text" | "image" | "video"} parts, in the order of images and videos."""
+        self.check_placeholders(messages)
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["videos"] = [v.frames for v in videos]
@@ -314,6 +326,18 @@ class InputBuilder:
             media=find_media(tensors, placeholders),
             thinks=self.thinks(think, template),
         )
+
+    def check_placeholders(self, messages: list[dict[str, Any]]) -> None:
+        """A media placeholder written in the messages' text (or tools) is refused: the
+        processor would count it as an image or video with no pixels behind it."""
+        text = json.dumps(messages, default=str, ensure_ascii=False)
+        for placeholder in self.placeholders:
+            if placeholder in text:
+                raise TemplateError(
+                    f"the messages hold the text {placeholder}, the model's own media "
+                    "placeholder; send images and videos as content parts",
+                    param="messages",
+                )
 
 
 def _template_variables(template: Any) -> frozenset[str]:

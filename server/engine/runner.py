@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from server.engine import attention, bad_words, prompt_logprobs
+from server.engine import attention, prompt_logprobs
+from server.engine.bad_words import BadWords
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
 from server.engine.decoder import FusedDecoder
 from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
@@ -256,6 +257,7 @@ class ModelRunner:
                 grammars=self.grammars,
                 bias=token_bias(seq.sampling, self.vocab_size, self.device),
                 allowed=allowed_tokens(seq.sampling, self.vocab_size, self.device),
+                bad_words=BadWords.of(seq.sampling.bad_word_ids),
             )
         # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough;
         # under a grammar the grammar says when the JSON ends (a ban would leave no token).
@@ -263,7 +265,7 @@ class ModelRunner:
         enders = tuple(self.eos_token_ids) + state.params.stop_token_ids if early else ()
         # Bad words: the tokens that would complete one after the answer so far (with async
         # scheduling too: the last step's token is on the host before this step samples).
-        words = bad_words.banned_next(state.params.bad_word_ids, seq.output_token_ids)
+        words = state.bad_words.banned_next(seq.output_token_ids) if state.bad_words else ()
         state.banned_token_ids = enders + words
         return state
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from server.engine.bad_words import BadWords
 from server.engine.sampling import SamplingParams, TokenLogprobs
 from server.engine.structured import GrammarCache
 from server.engine.transfer import HostCopy, to_device
@@ -50,6 +51,7 @@ class SamplingState:
     bias: torch.Tensor | None = None
     allowed: torch.Tensor | None = None
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS until min_tokens is reached
+    bad_words: BadWords | None = None  # the request's bad words, indexed (vLLM's bad_words)
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
     grammars: GrammarCache | None = None
     logprobs: TokenLogprobs | None = None  # the last sampled token's (params.logprobs set)

@@ -30,6 +30,9 @@ class StructuredOutput:
     # The constraint's text (hashable, the cache key): the schema's canonical JSON, the
     # regex, or the EBNF grammar.
     schema_json: str | None = None
+    # The request's cache_salt, part of the cache key only: a grammar another tenant compiled
+    # is not found (a fast answer would tell that it was used).
+    cache_salt: str | None = None
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> StructuredOutput:

@@ -371,7 +371,7 @@ async def _templated(render: Callable[..., T], *args: Any) -> T:
     except TemplateError as exc:
         raise InvalidRequest(
             f"The messages cannot be rendered as asked: {exc}",
-            param="continue_final_message",
+            param=exc.param,
             code="invalid_value",
         ) from None
 

@@ -55,7 +55,15 @@ class FrameCaptioner:
     ) -> tuple[list[FrameCaption], CaptionUsage]:
         started = time.monotonic()
         inputs = await asyncio.to_thread(self._frame_inputs, video)
-        frame_sampling = replace(sampling, max_tokens=caption_tokens, stop=(), stop_token_ids=())
+        # The captions become prompt text: special tokens in them would be read as control
+        # tokens (an image placeholder with no image), so they are always left out.
+        frame_sampling = replace(
+            sampling,
+            max_tokens=caption_tokens,
+            stop=(),
+            stop_token_ids=(),
+            skip_special_tokens=True,
+        )
         seqs = self.engine.add_requests(
             [(f"{request_id}-frame{i}", frame, frame_sampling) for i, frame in enumerate(inputs)]
         )

@@ -87,3 +87,16 @@ async def test_cache_salt_isolates_the_caches(tiny_model_dir: Path) -> None:
     assert len({r["choices"][0]["message"]["content"] for r in answers}) == 1
     assert metric(metrics, "vlm_encoder_cache_misses_total") == 3  # once per salt
     assert completions[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_cache_salt_keeps_compiled_grammars_apart(client: httpx.AsyncClient) -> None:
+    """A schema another tenant compiled is compiled again under a new salt (found at once, it
+    would tell that it had been used); under the same salt it is found."""
+    grammars = client.app.state.services.engine.runner.grammars  # type: ignore[attr-defined]
+    schema = {"type": "object", "properties": {"salted": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    before = len(grammars._grammars)
+    for salt in ("a", "b", "a", None):
+        payload = body(1) | {"response_format": fmt, "max_tokens": 2}
+        await ask(client, payload | ({} if salt is None else {"cache_salt": salt}))
+    assert len(grammars._grammars) == before + 3

@@ -88,7 +88,8 @@ async def test_bad_words_are_never_completed(client: httpx.AsyncClient, tokenize
     assert await content(client, forced) == "aaaa"
     assert await content(client, {**forced, "bad_words": ["a"]}) == "bbbb"
     assert await content(client, {**forced, "bad_words": ["aa"]}) == "abab"
-    assert await content(client, {**forced, "bad_words": ["ab", "ba"]}) == "aaaa"  # no such tokens
+    # "ab" and "ba" are one token each, neither of which the forced answer writes
+    assert await content(client, {**forced, "bad_words": ["ab", "ba"]}) == "aaaa"
     body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "temperature": 0}
     body |= {"logit_bias": {a: 100, b: 99}, "bad_words": [" aa"]}  # "aa" too, without the space
     response = await client.post("/v1/completions", json=body)
@@ -135,6 +136,22 @@ async def test_skip_special_tokens_false_keeps_them_in_the_text(
     response = await client.post("/v1/completions", json=completion | {"bad_words": twice})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == kept
+
+
+async def test_include_stop_str_in_output_keeps_an_ending_tokens_text(
+    client: httpx.AsyncClient, tokenizer
+) -> None:
+    """vLLM's: with include_stop_str_in_output the token that ended the answer is text too (a
+    stop_token_ids token; EOS, which is text only with skip_special_tokens false)."""
+    a = tokenizer.convert_tokens_to_ids("a")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    body = chat(logit_bias={str(a): 100}, stop_token_ids=[a])
+    assert await content(client, body) == ""
+    assert await content(client, {**body, "include_stop_str_in_output": True}) == "a"
+    ends = chat(logit_bias={str(eos): 100}, include_stop_str_in_output=True)
+    assert await content(client, ends) == ""
+    assert await content(client, {**ends, "skip_special_tokens": False}) == "<|im_end|>"
+    assert await content(client, {**ends, "include_stop_str_in_output": False}) == ""
 
 
 async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:

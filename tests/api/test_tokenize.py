@@ -75,6 +75,35 @@ async def test_chat_template_options_and_tools_change_the_prompt(
     assert '"name": "f"' in decode[2] and tools["count"] > plain["count"]
 
 
+async def test_a_chat_body_counts_as_the_chat_route_renders_it(client: httpx.AsyncClient) -> None:
+    """The body a client is about to send, whole: tool_choice "none" leaves the tools out of
+    the prompt, fields that only shape the answer change nothing."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = await post(client, "/tokenize", {"messages": messages})
+    extras = {"max_tokens": 3, "temperature": 0.2, "stream": True, "n": 2, "video_mode": "captions"}
+    assert await post(client, "/tokenize", {"messages": messages, **extras}) == plain
+    listed = await post(client, "/tokenize", {"messages": messages, "tools": [tool]})
+    none = {"messages": messages, "tools": [tool], "tool_choice": "none", "model": "tiny"}
+    assert (await post(client, "/tokenize", none))["count"] == plain["count"] < listed["count"]
+    chat = {**none, "max_tokens": 1}
+    usage = (await post(client, "/v1/chat/completions", chat))["usage"]
+    assert usage["prompt_tokens"] == plain["count"]
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/v1/chat/completions", "/v2/media/completions"])
+async def test_a_media_placeholder_written_as_text_is_a_400(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """ "<|image_pad|>" in a message's text would be read as an image with no pixels (the
+    processor raised: a 500); an async job is refused before it is accepted."""
+    messages = [{"role": "user", "content": "What is <|image_pad|>?"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 2}
+    if path.startswith("/v2"):
+        body["async"] = True
+    assert_error(await client.post(path, json=body), 400, "messages")
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [
@@ -83,6 +112,8 @@ async def test_chat_template_options_and_tools_change_the_prompt(
         ("/tokenize", {"messages": []}, 400, "messages"),
         ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "x"}]}]}, 400, None),
         ("/tokenize", {"prompt": "x", "messages_typo": []}, 400, "messages_typo"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "bogus": 1}, 400, "bogus"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
         ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
         ("/detokenize", {"tokens": [99999999]}, 400, "tokens"),
         ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),

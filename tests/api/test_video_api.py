@@ -192,3 +192,24 @@ async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) 
         response.status_code == 400
         and response.json()["error"]["param"] == "messages[0].content[1]"
     )
+
+
+async def test_captions_never_hold_special_tokens(video_client: httpx.AsyncClient) -> None:
+    """The captions become prompt text: with skip_special_tokens false and the image
+    placeholder forced, a caption holding "<|image_pad|>" would be read as an image with no
+    pixels (a 500); captions leave special tokens out whatever the request says."""
+    tokenizer = engine_of(video_client).tokenizer
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    body = video_body(
+        video_uri(make_video(seconds=2)),
+        max_tokens=3,
+        skip_special_tokens=False,
+        logit_bias={str(pad): 100},
+    )
+    response = await video_client.post("/v2/media/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert all("<|" not in frame["caption"] for frame in answer["frames"])
+    assert (
+        answer["choices"][0]["message"]["content"] == "<|image_pad|>" * 3
+    )  # the answer keeps them

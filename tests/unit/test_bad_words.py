@@ -7,16 +7,19 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from server.engine.bad_words import always_banned, banned_next, token_sequences
+from server.engine.bad_words import BadWords, token_sequences
 
 
 def test_banned_next_completes_only_after_the_rest_of_the_word() -> None:
-    words = ((5,), (1, 2), (1, 2, 3))
-    assert banned_next(words, []) == (5,)  # a longer word cannot end at the first token
-    assert banned_next(words, [1]) == (5, 2)
-    assert banned_next(words, [7, 1, 2]) == (5, 3)
-    assert banned_next(words, [1, 2, 1]) == (5, 2)
-    assert always_banned(words) == {5}
+    words = BadWords(((5,), (1, 2), (1, 2, 3), (4, 4, 2, 3), (9, 9, 9)))
+    assert words.banned_next([]) == (5,)  # a longer word cannot end at the first token
+    assert words.banned_next([1]) == (5, 2)
+    assert words.banned_next([7, 1, 2]) == (5, 3)
+    assert words.banned_next([4, 2]) == (5,)  # (4, 4, 2, 3) needs both 4s
+    assert words.banned_next([4, 4, 2]) == (5, 3)
+    assert words.banned_next([1, 2, 1]) == (5, 2)
+    assert words.banned_next([9]) == (5,) and words.banned_next([8, 9, 9]) == (5, 9)
+    assert words.always == (5,)
 
 
 def test_token_sequences_with_and_without_a_leading_space(tiny_model_dir: Path) -> None:

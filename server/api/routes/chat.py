@@ -39,10 +39,13 @@ SSE_EVENT_SCHEMA = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
     "required": ["data"],
 }
+ERRORS: dict[int | str, dict] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
+}
 RESPONSES: dict[int | str, dict] = {
     # stream: true -> server-sent events; each `data` is a chat.completion.chunk JSON or [DONE].
     200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
-    **{status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)},
+    **ERRORS,
 }
 router = APIRouter(responses=RESPONSES)
 
@@ -85,7 +88,7 @@ async def media_completions(
             code="invalid_value",
         )
     # Everything that can be refused without fetching media is refused now, not in the job.
-    await services.chat.check_for_job(_chat_request(body, services, ANIMUS_DEFAULTS, "captions"))
+    await services.chat.check_for_job(to_chat_request(body, services, ANIMUS_DEFAULTS, "captions"))
     request_body = body.model_dump(by_alias=True, exclude_unset=True)
     job = await services.submit_job("completions", request_body, idempotency_key)
     return job_accepted(job)
@@ -99,7 +102,7 @@ def completions_job_handler(pipeline: ChatPipeline) -> Handler:
     async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCompletionRequest.model_validate(job.request)
         chat_request = replace(
-            _chat_request(body, None, ANIMUS_DEFAULTS, "captions"),
+            to_chat_request(body, None, ANIMUS_DEFAULTS, "captions"),
             request_id=engine_request_id(job),
             on_progress=lambda fraction: progress(min(fraction, 0.99)),
         )
@@ -110,14 +113,14 @@ def completions_job_handler(pipeline: ChatPipeline) -> Handler:
     return handle
 
 
-def _chat_request(
+def to_chat_request(
     body: ChatCompletionRequest,
     services: Services | None,
     defaults: SamplingDefaults,
     default_video_mode: Literal["native", "captions"],
 ) -> ChatRequest:
     """The request checked against what this server serves and supports, as the pipeline's."""
-    if services is not None:
+    if services is not None and body.model is not None:  # optional on /tokenize only
         services.check_model(body.model)
     refuse_unsupported(body.unsupported_fields())
     check_stream_options(body)
@@ -147,7 +150,7 @@ async def _complete(
     defaults: SamplingDefaults,
     default_video_mode: Literal["native", "captions"],
 ) -> ChatCompletionResponse | StreamingResponse:
-    chat_request = _chat_request(body, services, defaults, default_video_mode)
+    chat_request = to_chat_request(body, services, defaults, default_video_mode)
     if not body.stream:
         result = await until_disconnected(request, services.chat.complete(chat_request))
         return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)

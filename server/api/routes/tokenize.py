@@ -16,35 +16,28 @@ from server.api.protocol import (
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
-    completion_id,
 )
-from server.api.routes.chat import RESPONSES, until_disconnected
+from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
 from server.api.services import Services, get_services
-from server.engine.sampling import SamplingParams
 from server.exceptions import InvalidRequest
-from server.pipelines.chat import ChatRequest
 
-router = APIRouter(responses=RESPONSES)
+router = APIRouter(responses=ERRORS)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenize"])
 async def tokenize(
     body: TokenizeRequest, request: Request, services: Services = Depends(get_services)
 ) -> TokenizeResponse:
-    if body.model is not None:
-        services.check_model(body.model)
     tokenizer = services.engine.tokenizer
     if isinstance(body, TokenizeChatRequest):
-        chat = ChatRequest(
-            request_id=completion_id(),
-            messages=body.to_messages(),
-            sampling=SamplingParams(),
-            tools=body.to_tools(),
-            template=body.to_template(),
-        )
+        # Built as the chat route builds it: the tools as tool_choice leaves them, and a
+        # constrained answer's prompt (a thinking checkpoint's reasoning closed at once).
+        chat = to_chat_request(body, services, services.sampling_defaults, "native")
         inputs = await until_disconnected(request, services.chat.prompt(chat))
         ids = inputs.token_ids
     else:
+        if body.model is not None:
+            services.check_model(body.model)
         special = body.add_special_tokens is not False
         ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=special)
     return TokenizeResponse(
