@@ -22,7 +22,15 @@ from server.api.middleware import (
     RequestIdMiddleware,
 )
 from server.api.protocol import OPENAI_DEFAULTS
-from server.api.routes import chat, completions, health, media, playground, tokenize
+from server.api.routes import (
+    chat,
+    completions,
+    health,
+    media,
+    playground,
+    responses,
+    tokenize,
+)
 from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
 from server.api.services import Services
@@ -177,6 +185,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(media.router)
+    app.include_router(responses.router)
     app.include_router(tokenize.router)
     if settings.playground:
         playground.mount(app)

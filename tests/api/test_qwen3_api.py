@@ -219,3 +219,27 @@ async def test_a_named_tool_call(server: str, request: pytest.FixtureRequest) ->
     (call,) = response.json()["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     check_weather(call["function"]["arguments"])
+
+
+async def test_responses_api_reasoning_items(thinking: httpx.AsyncClient) -> None:
+    """/v1/responses on a thinking checkpoint: the reasoning as a reasoning item before the
+    message (streamed as reasoning_text deltas), its tokens in output_tokens_details."""
+    question = [{"role": "user", "content": "Think."}]
+    chat_body = {"model": "tiny", "messages": question, "max_tokens": 6, "temperature": 0}
+    message = (await thinking.post("/v1/chat/completions", json=chat_body)).json()
+    reasoning = message["choices"][0]["message"]["reasoning_content"]
+    body = {"model": "tiny", "input": question, "max_output_tokens": 6, "temperature": 0}
+    response = (await thinking.post("/v1/responses", json=body)).json()
+    kinds = [item["type"] for item in response["output"]]
+    assert reasoning, "the tiny thinking model reasons first"  # what this test is about
+    assert kinds == ["reasoning", "message"]
+    assert response["output"][0]["content"] == [{"type": "reasoning_text", "text": reasoning}]
+    details = message["usage"]["completion_tokens_details"]
+    assert response["usage"]["output_tokens_details"] == details
+    async with thinking.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        events = [
+            json.loads(line[6:]) async for line in stream.aiter_lines() if line.startswith("data:")
+        ]
+    thought = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert thought == reasoning
+    assert [item["type"] for item in events[-1]["response"]["output"]] == kinds

@@ -1,0 +1,542 @@
+"""The Responses API (`POST /v1/responses`), OpenAI's newer interface, served as a chat
+completion: the request becomes a chat completion's body (so every check, limit and default of
+the chat route applies), the answer becomes a `response` object, and a streamed answer becomes
+the Responses events (`response.created` ... `response.completed`) the OpenAI SDK reads.
+
+Nothing is stored: a response cannot be continued by id (`previous_response_id`,
+`conversation`) or run in the background; a client sends the whole conversation as `input`
+(earlier outputs included), as it does with `store: false`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Discriminator, Field, StrictBool, Tag, ValidationError
+
+from server.api.protocol import (
+    ContentPart,
+    PartModel,
+    StrictModel,
+    Text,
+)
+from server.engine.sequence import SequenceOutput
+from server.exceptions import InvalidRequest
+from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
+from server.pipelines.reasoning import Reasoning, ReasoningStream
+from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
+
+# -- request ----------------------------------------------------------------------------------
+
+
+class InputMessage(PartModel):
+    """A message: the user's, the system's, or an earlier answer replayed (its id and status
+    are ignored)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ContentPart]
+
+
+class FunctionCallItem(PartModel):
+    """An earlier answer's function call."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class FunctionCallOutputItem(PartModel):
+    """The result of a function call, for the model to read."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: Text | list[ContentPart]
+
+
+class ReasoningItem(PartModel):
+    """An earlier answer's reasoning: not part of the next prompt (Qwen's templates drop
+    earlier reasoning, as chat drops reasoning_content)."""
+
+    type: Literal["reasoning"]
+
+
+def _item_kind(item: Any) -> str:
+    return item.get("type", "message") if isinstance(item, dict) else "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionTool(StrictModel):
+    """A function the model may call (the Responses API's flat form of chat's tool)."""
+
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def to_chat(self) -> dict[str, Any]:
+        function = self.model_dump(exclude={"type"}, exclude_none=True)
+        return {"type": "function", "function": function}
+
+
+class NamedFunction(StrictModel):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+class TextFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None  # json_schema's
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    def to_response_format(self) -> dict[str, Any]:
+        if self.type != "json_schema":
+            return {"type": self.type}
+        if self.schema_ is None or not self.name:
+            raise InvalidRequest(
+                "text.format of type json_schema needs a name and a schema.",
+                param="text.format",
+                code="invalid_value",
+            )
+        schema = {"name": self.name, "schema": self.schema_, "strict": self.strict}
+        return {"type": "json_schema", "json_schema": {k: v for k, v in schema.items() if v}}
+
+
+class TextConfig(StrictModel):
+    format: TextFormat | None = None
+    verbosity: str | None = None  # no Qwen-VL checkpoint has an answer-length level
+
+
+class ResponseStreamOptions(StrictModel):
+    # OpenAI's random padding of deltas against length side channels: not sent by this server.
+    include_obfuscation: bool | None = None
+
+
+# Fields that would need what is not here: stored responses, background runs, prompt templates
+# kept by the host, tools run by the host, logprobs in this shape.
+RESPONSES_UNSUPPORTED_WHEN = {
+    "previous_response_id": lambda v: v is not None,
+    "conversation": lambda v: v is not None,
+    "background": lambda v: bool(v),
+    "prompt": lambda v: v is not None,
+    "max_tool_calls": lambda v: v is not None,
+    "top_logprobs": lambda v: bool(v),
+    "include": lambda v: any(i != "reasoning.encrypted_content" for i in v or ()),
+}
+
+
+class ResponsesRequest(StrictModel):
+    model: str
+    input: Text | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    text: TextConfig | None = None
+    tools: list[FunctionTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    stream: StrictBool | None = False
+    stream_options: ResponseStreamOptions | None = None
+    # Accepted with no effect: nothing is stored (`store`), and hints for a hosted service.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
+    reasoning: dict[str, Any] | None = None  # a -Thinking checkpoint always reasons
+    truncation: Literal["auto", "disabled"] | None = None  # too long is a 400 either way
+    include: list[str] | None = None
+    # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
+    prompt: dict[str, Any] | None = None
+    max_tool_calls: int | None = None
+    top_logprobs: int | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+
+    def to_chat_body(self) -> dict[str, Any]:
+        """The chat completion's body this request is."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": self._messages(),
+            "max_completion_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
+        if self.tools:
+            body["tools"] = [tool.to_chat() for tool in self.tools]
+        if isinstance(self.tool_choice, NamedFunction):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        else:
+            body["tool_choice"] = self.tool_choice
+        if self.text is not None and self.text.format is not None:
+            body["response_format"] = self.text.format.to_response_format()
+        return {key: value for key, value in body.items() if value is not None}
+
+    def _messages(self) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            return [*messages, {"role": "user", "content": self.input}]
+        for item in self.input:
+            if isinstance(item, InputMessage):
+                messages.append({"role": item.role, "content": _dump(item.content)})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function"}
+                call["function"] = {"name": item.name, "arguments": item.arguments}
+                if not messages or messages[-1]["role"] != "assistant":
+                    messages.append({"role": "assistant", "content": None})
+                messages[-1].setdefault("tool_calls", []).append(call)
+            elif isinstance(item, FunctionCallOutputItem):
+                content = _dump(item.output)
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
+        if not messages:
+            raise InvalidRequest("input holds no message.", param="input", code="invalid_value")
+        return messages
+
+
+def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    return [part.model_dump(exclude_none=True) for part in content]
+
+
+def chat_body_error(exc: ValidationError) -> InvalidRequest:
+    """A chat-level check the Responses body failed (its own checks passed), named as input."""
+    first = exc.errors()[0]
+    return InvalidRequest(
+        f"The input cannot be read as a conversation: {first['msg']}.",
+        param="input",
+        code="invalid_value",
+    )
+
+
+def input_param(param: str | None) -> str | None:
+    """A chat error's field as the Responses body names it (messages[i] -> input)."""
+    if param is not None and param.startswith("messages"):
+        return "input"
+    return param
+
+
+# -- response ---------------------------------------------------------------------------------
+
+
+def response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponseObject(BaseModel):
+    """OpenAI's `response` object (the fields this server can fill)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    completed_at: int | None = None
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    output: list[dict[str, Any]]
+    parallel_tool_calls: bool
+    previous_response_id: None = None
+    reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
+    store: bool = False  # nothing is kept
+    temperature: float | None = None
+    text: dict[str, Any]
+    tool_choice: Any
+    tools: list[dict[str, Any]]
+    top_p: float | None = None
+    truncation: str = "disabled"
+    usage: dict[str, Any] | None = None
+    user: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def start(cls, rid: str, body: ResponsesRequest) -> ResponseObject:
+        """The response as it begins: in progress, no output yet."""
+        text = body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {}
+        return cls(
+            id=rid,
+            created_at=int(time.time()),
+            status="in_progress",
+            instructions=body.instructions,
+            max_output_tokens=body.max_output_tokens,
+            model=body.model,
+            output=[],
+            parallel_tool_calls=body.parallel_tool_calls is not False,
+            temperature=body.temperature,
+            text=text or {"format": {"type": "text"}},
+            tool_choice=_tool_choice(body.tool_choice),
+            tools=[t.model_dump(exclude_none=True) for t in body.tools or ()],
+            top_p=body.top_p,
+            user=body.user,
+            metadata=body.metadata or {},
+        )
+
+    def finish(self, output: list[dict[str, Any]], reason: str, run: ChatRun) -> ResponseObject:
+        """The response once the answer is in: its items, status and usage."""
+        incomplete = reason == "length"
+        self.output = output
+        self.status = "incomplete" if incomplete else "completed"
+        self.incomplete_details = {"reason": "max_output_tokens"} if incomplete else None
+        self.completed_at = int(time.time())
+        self.usage = usage_of(run)
+        return self
+
+
+def _tool_choice(choice: str | NamedFunction | None) -> Any:
+    if isinstance(choice, NamedFunction):
+        return choice.model_dump()
+    return choice or "auto"
+
+
+def usage_of(run: ChatRun) -> dict[str, Any]:
+    prompt, _, _, completion, cached, reasoning = run.usage()
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": reasoning or 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def output_items(choice: ChoiceResult) -> list[dict[str, Any]]:
+    """A whole answer as output items: its reasoning, its message, its function calls."""
+    status = _status(choice.finish_reason)
+    items = []
+    if choice.reasoning_content:
+        items.append(reasoning_item(_item_id("rs"), choice.reasoning_content))
+    if choice.content or not choice.tool_calls:
+        items.append(message_item(_item_id("msg"), choice.content or "", status))
+    for call in choice.tool_calls:
+        items.append(call_item(_item_id("fc"), call.id, call.name, call.arguments, "completed"))
+    return items
+
+
+def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}]
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content}
+
+
+def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [output_text(text)] if status != "in_progress" else []
+    return {
+        "type": "message",
+        "id": item_id,
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def completed(rid: str, body: ResponsesRequest, result: ChatResult) -> ResponseObject:
+    choice = result.choices[0]
+    response = ResponseObject.start(rid, body)
+    return response.finish(output_items(choice), choice.finish_reason, result.run)
+
+
+def event(kind: str, number: int, **fields: Any) -> str:
+    """One server-sent event, as OpenAI sends them: its type named twice."""
+    data = {"type": kind, "sequence_number": number, **fields}
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class ResponseEvents:
+    """A streamed answer as the Responses events, in the order the OpenAI SDK accumulates
+    them: the response created; each output item added, its deltas, its text and the item
+    done (reasoning, then the message, then each function call); the response completed (or
+    incomplete, at max_output_tokens)."""
+
+    def __init__(self, response: ResponseObject, tools: Tools | None, reasoning: bool):
+        self.response = response
+        self.number = 0
+        self.output: list[dict[str, Any]] = []
+        self.open: dict[str, Any] | None = None  # the item the deltas go to
+        self._buffer = ""  # the open item's text so far
+        self.calls = call_stream(tools)
+        self.reasoning = ReasoningStream() if reasoning else None
+
+    def begin(self) -> list[str]:
+        snapshot = self.response.model_dump()
+        return [self._event("response.created", response=snapshot)] + [
+            self._event("response.in_progress", response=snapshot)
+        ]
+
+    def feed(self, output: SequenceOutput) -> list[str]:
+        text = output.text_delta
+        pieces: list[Reasoning | Event] = []
+        if self.reasoning is not None:
+            thought, text = self.reasoning.feed(text)
+            thought += self.reasoning.finish() if output.finished else ""
+            pieces += [Reasoning(thought)] if thought else []
+        if self.calls is None:
+            pieces += [text] if text else []
+        else:
+            pieces += self.calls.feed(text)
+            pieces += self.calls.finish() if output.finished else []
+        events = [event for piece in pieces for event in self._piece(piece)]
+        if output.finished:
+            events += self._close(_status(output.finish_reason))
+        return events
+
+    def end(self, reason: str, run: ChatRun) -> list[str]:
+        """The last events, once the answer is in."""
+        events = []
+        if not any(item["type"] in ("message", "function_call") for item in self.output):
+            events = self._open_message() + self._close(_status(reason))  # an empty answer
+        final = self.response.finish(self.output, reason, run).model_dump()
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return events + [self._event(kind, response=final)]
+
+    def failed(self, error: dict[str, Any]) -> list[str]:
+        """An error after the stream began: the error, then the response failed."""
+        self.response.status, self.response.error = "failed", error
+        self.response.output = self.output
+        return [
+            self._event("error", **error),
+            self._event("response.failed", response=self.response.model_dump()),
+        ]
+
+    # -- items ---------------------------------------------------------------------------------
+    def _piece(self, piece: Reasoning | Event) -> list[str]:
+        if isinstance(piece, Reasoning):
+            return self._reasoning(piece.text)
+        if isinstance(piece, ToolCallDelta):
+            return self._call(piece)
+        return self._text(piece) if piece else []
+
+    def _reasoning(self, text: str) -> list[str]:
+        events = []
+        if self.open is None or self.open["type"] != "reasoning":
+            events += self._close() + self._add(reasoning_item(_item_id("rs"), ""))
+            self.open["content"] = []  # type: ignore[index]
+            self._buffer = ""
+        self._buffer += text
+        return events + [self._event("response.reasoning_text.delta", **self._where(), delta=text)]
+
+    def _text(self, text: str) -> list[str]:
+        events = []
+        if self.open is None or self.open["type"] != "message":
+            events += self._close() + self._open_message()
+        self._buffer += text
+        return events + [
+            self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+        ]
+
+    def _open_message(self) -> list[str]:
+        events = self._add(message_item(_item_id("msg"), "", "in_progress"))
+        self._buffer = ""
+        part = output_text("")
+        return events + [self._event("response.content_part.added", **self._where(), part=part)]
+
+    def _call(self, delta: ToolCallDelta) -> list[str]:
+        events = []
+        if delta.id is not None:  # a new call: its id and name come first
+            item = call_item(_item_id("fc"), delta.id, delta.name or "", "", "in_progress")
+            events += self._close() + self._add(item)
+            self._buffer = ""
+        if delta.arguments:
+            self._buffer += delta.arguments
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=self.open["id"],  # type: ignore[index]
+                    output_index=len(self.output) - 1,
+                    delta=delta.arguments,
+                )
+            )
+        return events
+
+    def _add(self, item: dict[str, Any]) -> list[str]:
+        self.output.append(item)
+        self.open = item
+        return [
+            self._event("response.output_item.added", output_index=len(self.output) - 1, item=item)
+        ]
+
+    def _close(self, status: str = "completed") -> list[str]:
+        """The open item's done events, its whole text in it."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        index = len(self.output) - 1
+        text = self._buffer
+        events = []
+        if item["type"] == "reasoning":
+            item["content"] = [{"type": "reasoning_text", "text": text}]
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            events.append(self._event("response.reasoning_text.done", **where, text=text))
+        elif item["type"] == "message":
+            part = output_text(text)
+            item["content"], item["status"] = [part], status
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            events.append(self._event("response.output_text.done", **where, text=text, logprobs=[]))
+            events.append(self._event("response.content_part.done", **where, part=part))
+        else:
+            item["arguments"], item["status"] = text, "completed"
+            where = {"item_id": item["id"], "output_index": index}
+            events.append(
+                self._event("response.function_call_arguments.done", **where, arguments=text)
+            )
+        return events + [self._event("response.output_item.done", output_index=index, item=item)]
+
+    def _where(self) -> dict[str, Any]:
+        assert self.open is not None
+        return {
+            "item_id": self.open["id"],
+            "output_index": len(self.output) - 1,
+            "content_index": 0,
+        }
+
+    def _event(self, kind: str, **fields: Any) -> str:
+        self.number += 1
+        return event(kind, self.number - 1, **fields)

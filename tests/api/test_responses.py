@@ -1,0 +1,204 @@
+"""OpenAI's Responses API through the official openai client: the same answer and usage as the
+chat completion it is, images, instructions, function calls (and their results in the next
+input), JSON output, the streamed events as the SDK accumulates them, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.api.test_errors import assert_error
+from tests.helpers import data_uri, make_image
+
+pytestmark = pytest.mark.anyio
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["n"],
+    "additionalProperties": False,
+}
+
+
+IMAGE_PART = {"type": "input_image", "image_url": "https://example.com/a.png"}
+
+
+@pytest.fixture
+def sdk(client: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
+    )
+
+
+def image_input(question: str) -> list[dict]:
+    image = {"type": "input_image", "image_url": data_uri(make_image(96, 64)), "detail": "low"}
+    return [{"role": "user", "content": [{"type": "input_text", "text": question}, image]}]
+
+
+async def test_the_answer_is_the_chat_completions(sdk: openai.AsyncOpenAI) -> None:
+    response = await sdk.responses.create(
+        model="tiny",
+        instructions="Be brief.",
+        input=image_input("What is in this image?"),
+        max_output_tokens=6,
+        temperature=0,
+    )
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": data_uri(make_image(96, 64)), "detail": "low"},
+                },
+            ],
+        },
+    ]
+    chat = await sdk.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0
+    )
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert response.model == "tiny" and response.instructions == "Be brief."
+    assert response.output_text == chat.choices[0].message.content
+    (message,) = response.output
+    assert message.type == "message" and message.role == "assistant"
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == chat.usage.completion_tokens
+    assert response.usage.total_tokens == chat.usage.total_tokens
+    if chat.choices[0].finish_reason == "length":
+        assert response.status == "incomplete" and message.status == "incomplete"
+        assert response.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert response.status == "completed"
+
+
+async def test_a_string_input_is_one_user_message(sdk: openai.AsyncOpenAI) -> None:
+    response = await sdk.responses.create(
+        model="tiny", input="Hi", max_output_tokens=3, temperature=0, store=False
+    )
+    chat = await sdk.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+    )
+    assert response.output_text == chat.choices[0].message.content
+
+
+async def test_function_calls_and_their_results(sdk: openai.AsyncOpenAI) -> None:
+    tool_choice = {"type": "function", "name": "get_weather"}
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    response = await sdk.responses.create(
+        model="tiny",
+        input=question,
+        tools=[WEATHER],
+        tool_choice=tool_choice,
+        temperature=0,
+        max_output_tokens=100,
+    )
+    assert response.status == "completed"
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert set(json.loads(call.arguments)) == {"city"}
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+    follow_up = await sdk.responses.create(
+        model="tiny",
+        input=[*question, call.model_dump(exclude_none=True), result],
+        tools=[WEATHER],
+        max_output_tokens=3,
+    )
+    assert follow_up.output[0].type == "message"
+    assert follow_up.usage.input_tokens > response.usage.input_tokens
+
+
+async def test_json_schema_output(sdk: openai.AsyncOpenAI) -> None:
+    text = {"format": {"type": "json_schema", "name": "n", "schema": SCHEMA, "strict": True}}
+    response = await sdk.responses.create(
+        model="tiny", input="A number?", text=text, max_output_tokens=40, temperature=0.7
+    )
+    assert response.status == "completed"
+    assert set(json.loads(response.output_text)) == {"n"}
+    assert response.text.format.type == "json_schema"
+
+
+async def test_streamed_events_as_the_sdk_accumulates_them(sdk: openai.AsyncOpenAI) -> None:
+    """The SDK's own accumulator (responses.stream) rebuilds the non-streamed response."""
+    body = {
+        "model": "tiny",
+        "input": "Weather in Oslo?",
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "temperature": 0,
+        "max_output_tokens": 100,
+    }
+    whole = await sdk.responses.create(**body)
+    async with sdk.responses.stream(**body) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.delta" in kinds
+    assert final.output[0].arguments == whole.output[0].arguments
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient) -> None:
+    body = {"model": "tiny", "input": image_input("Describe."), "max_output_tokens": 5}
+    whole = (await client.post("/v1/responses", json={**body, "temperature": 0})).json()
+    events = []
+    async with client.stream(
+        "POST", "/v1/responses", json={**body, "temperature": 0, "stream": True}
+    ) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert text == done["text"] == whole["output"][0]["content"][0]["text"]
+    last = events[-1]
+    assert last["type"] in ("response.completed", "response.incomplete")
+    assert last["response"]["output"][0]["content"][0]["text"] == text
+    usage, expected = last["response"]["usage"], whole["usage"]
+    for key in ("input_tokens", "output_tokens", "total_tokens"):  # (cached ones may differ)
+        assert usage[key] == expected[key]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"background": True}, "background"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": []}, "input"),
+        ({"input": [{"type": "reasoning"}]}, "input"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        (
+            {"input": [{"role": "assistant", "content": [IMAGE_PART]}]},
+            "input",
+        ),
+    ],
+)
+async def test_what_cannot_be_honoured_is_a_400(
+    client: httpx.AsyncClient, extra: dict, param: str
+) -> None:
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, **extra}
+    assert_error(await client.post("/v1/responses", json=body), 400, param)
