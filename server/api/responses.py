@@ -23,6 +23,7 @@ from server.api.protocol import (
     StrictModel,
     Text,
 )
+from server.api.sse import answer_pieces
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
@@ -412,17 +413,7 @@ class ResponseEvents:
         ]
 
     def feed(self, output: SequenceOutput) -> list[str]:
-        text = output.text_delta
-        pieces: list[Reasoning | Event] = []
-        if self.reasoning is not None:
-            thought, text = self.reasoning.feed(text)
-            thought += self.reasoning.finish() if output.finished else ""
-            pieces += [Reasoning(thought)] if thought else []
-        if self.calls is None:
-            pieces += [text] if text else []
-        else:
-            pieces += self.calls.feed(text)
-            pieces += self.calls.finish() if output.finished else []
+        pieces = answer_pieces(output, self.reasoning, self.calls)
         events = [event for piece in pieces for event in self._piece(piece)]
         if output.finished:
             events += self._close(_status(output.finish_reason))

@@ -152,6 +152,25 @@ def _tool_call_delta(event: ToolCallDelta) -> DeltaToolCall:
     )
 
 
+def answer_pieces(
+    output: SequenceOutput, reasoning: ReasoningStream | None, calls: CallStream | None
+) -> list[Event | Reasoning]:
+    """A streamed output's text as the pieces a client is sent: reasoning (thinking
+    checkpoints), content text, and pieces of tool calls (when tools play a part)."""
+    pieces: list[Event | Reasoning] = []
+    text = output.text_delta
+    if reasoning is not None:
+        thought, text = reasoning.feed(text)
+        thought += reasoning.finish() if output.finished else ""
+        pieces += [Reasoning(thought)] if thought else []
+    if calls is None:
+        pieces += [text] if text else []
+    else:
+        pieces += calls.feed(text)
+        pieces += calls.finish() if output.finished else []
+    return pieces
+
+
 @dataclass
 class ChoiceStream:
     """One choice's progress through the stream."""
@@ -166,17 +185,7 @@ class ChoiceStream:
     def events(
         self, output: SequenceOutput, writer: ChatChunkWriter, texts: TokenTexts
     ) -> list[str]:
-        pieces: list[Event | Reasoning] = []
-        text = output.text_delta
-        if self.reasoning is not None:
-            thought, text = self.reasoning.feed(text)
-            thought += self.reasoning.finish() if output.finished else ""
-            pieces += [Reasoning(thought)] if thought else []
-        if self.calls is None:
-            pieces += [text] if text else []
-        else:
-            pieces += self.calls.feed(text)
-            pieces += self.calls.finish() if output.finished else []
+        pieces = answer_pieces(output, self.reasoning, self.calls)
         if not pieces and not output.finished:
             return []  # the tokens' logprobs go with the next piece of text
         logprobs = self._logprobs(output, texts)

@@ -237,23 +237,16 @@ class AsyncEngine:
                     param=param,
                     code="invalid_value",
                 )
-        if sampling.allowed_token_ids and sampling.structured is not None:
-            # The grammar decides which tokens may come; two lists of allowed tokens can leave
-            # none (a failed request deep into its answer), so the two are not combined.
-            raise InvalidRequest(
-                "allowed_token_ids cannot be combined with a structured-output constraint "
-                "(response_format, guided_* / structured_outputs, a forced tool call).",
-                param="allowed_token_ids",
-                code="invalid_value",
-            )
-        if sampling.bad_words and sampling.structured is not None:
-            # As above: a banned token may be the only one the grammar allows.
-            raise InvalidRequest(
-                "bad_words cannot be combined with a structured-output constraint "
-                "(response_format, guided_* / structured_outputs, a forced tool call).",
-                param="bad_words",
-                code="invalid_value",
-            )
+        for param in ("allowed_token_ids", "bad_words"):
+            # The grammar decides which tokens may come; with a list of allowed tokens, or
+            # banned ones, that can leave none (a failed request deep into its answer).
+            if getattr(sampling, param) and sampling.structured is not None:
+                raise InvalidRequest(
+                    f"{param} cannot be combined with a structured-output constraint "
+                    "(response_format, guided_* / structured_outputs, a forced tool call).",
+                    param=param,
+                    code="invalid_value",
+                )
         allowed = set(sampling.allowed_token_ids)
         banned = set(bad_words.BadWords(sampling.bad_word_ids).always)
         if sampling.min_tokens:  # before min_tokens the enders are banned
