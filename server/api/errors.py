@@ -20,9 +20,11 @@ from server.exceptions import ServerError
 logger = logging.getLogger(__name__)
 
 TYPE_BRANCHES = frozenset({"str", "int", "float", "bool", "dict", "function-after"})
-# A content part's type tags, which pydantic puts in the loc before the part's fields.
+# A content part's (or a Responses input item's) type tags, which pydantic puts in the loc
+# before its fields.
 PART_TAGS = frozenset(
     {"text", "input_text", "output_text", "refusal", "image_url", "input_image", "video_url"}
+    | {"message", "function_call", "function_call_output", "reasoning", "item_reference"}
 )
 
 HTTP_ERROR_TYPES = {
@@ -84,8 +86,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     if first.get("type") == "union_tag_invalid":
         ctx = first.get("ctx", {})
         message = (
-            f"Invalid content part type {ctx.get('tag')} at {param}; expected one of "
-            f"{ctx.get('expected_tags')}."
+            f"Invalid type {ctx.get('tag')} at {param}; expected one of {ctx.get('expected_tags')}."
         )
         return message, param, "invalid_value"
     if first.get("type") == "missing" and param is None:

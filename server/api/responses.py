@@ -59,6 +59,13 @@ class FunctionCallOutputItem(PartModel):
     output: Text | list[ContentPart]
 
 
+class ItemReference(PartModel):
+    """An item of a stored response, by id: refused (nothing is stored)."""
+
+    type: Literal["item_reference"] = "item_reference"
+    id: str
+
+
 class ReasoningItem(PartModel):
     """An earlier answer's reasoning: not part of the next prompt (Qwen's templates drop
     earlier reasoning, as chat drops reasoning_content)."""
@@ -67,14 +74,19 @@ class ReasoningItem(PartModel):
 
 
 def _item_kind(item: Any) -> str:
-    return item.get("type", "message") if isinstance(item, dict) else "message"
+    if not isinstance(item, dict):
+        return "message"
+    if "type" not in item and "role" not in item and "id" in item:
+        return "item_reference"  # the SDK's {"id": ...} form
+    return item.get("type", "message")
 
 
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-    | Annotated[ReasoningItem, Tag("reasoning")],
+    | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[ItemReference, Tag("item_reference")],
     Discriminator(_item_kind),
 ]
 
@@ -114,7 +126,12 @@ class TextFormat(StrictModel):
                 param="text.format",
                 code="invalid_value",
             )
-        schema = {"name": self.name, "schema": self.schema_, "strict": self.strict}
+        schema = {
+            "name": self.name,
+            "description": self.description,
+            "schema": self.schema_,
+            "strict": self.strict,
+        }
         return {"type": "json_schema", "json_schema": {k: v for k, v in schema.items() if v}}
 
 
@@ -202,7 +219,14 @@ class ResponsesRequest(StrictModel):
             messages.append({"role": "system", "content": self.instructions})
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}]
-        for item in self.input:
+        for index, item in enumerate(self.input):
+            if isinstance(item, ItemReference):
+                raise InvalidRequest(
+                    f"input[{index}] refers to a stored item ({item.id}); nothing is stored "
+                    "here: send the item itself.",
+                    param=f"input[{index}]",
+                    code="unsupported_parameter",
+                )
             if isinstance(item, InputMessage):
                 messages.append({"role": item.role, "content": _dump(item.content)})
             elif isinstance(item, FunctionCallItem):
@@ -226,19 +250,28 @@ def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
 
 
 def chat_body_error(exc: ValidationError) -> InvalidRequest:
-    """A chat-level check the Responses body failed (its own checks passed), named as input."""
+    """A chat-level check the Responses body failed (its own checks passed)."""
     first = exc.errors()[0]
+    field = ".".join(str(part) for part in first.get("loc", ())) or "input"
     return InvalidRequest(
-        f"The input cannot be read as a conversation: {first['msg']}.",
-        param="input",
+        f"The request cannot be read as a conversation: {first['msg']}.",
+        param=responses_param(field),
         code="invalid_value",
     )
 
 
-def input_param(param: str | None) -> str | None:
-    """A chat error's field as the Responses body names it (messages[i] -> input)."""
-    if param is not None and param.startswith("messages"):
-        return "input"
+def responses_param(param: str | None) -> str | None:
+    """A chat error's field as the Responses body names it: messages[i] (the conversation's
+    index, not the input's) -> input, response_format -> text.format, max_tokens ->
+    max_output_tokens, tools[i].function.x -> tools[i].x."""
+    if param is None or param.startswith("messages"):
+        return None if param is None else "input"
+    if param.startswith("response_format"):
+        return "text.format"
+    if param in ("max_tokens", "max_completion_tokens"):
+        return "max_output_tokens"
+    if param.startswith(("tools", "tool_choice")):
+        return param.replace(".function.", ".", 1)
     return param
 
 
@@ -284,7 +317,9 @@ class ResponseObject(BaseModel):
     @classmethod
     def start(cls, rid: str, body: ResponsesRequest) -> ResponseObject:
         """The response as it begins: in progress, no output yet."""
-        text = body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {}
+        text = {"format": {"type": "text"}}
+        if body.text is not None:
+            text |= body.text.model_dump(by_alias=True, exclude_none=True)
         return cls(
             id=rid,
             created_at=int(time.time()),
@@ -295,7 +330,9 @@ class ResponseObject(BaseModel):
             output=[],
             parallel_tool_calls=body.parallel_tool_calls is not False,
             temperature=body.temperature,
-            text=text or {"format": {"type": "text"}},
+            text=text,
+            truncation=body.truncation or "disabled",
+            reasoning={"effort": None, "summary": None, **(body.reasoning or {})},
             tool_choice=_tool_choice(body.tool_choice),
             tools=[t.model_dump(exclude_none=True) for t in body.tools or ()],
             top_p=body.top_p,
@@ -324,7 +361,7 @@ def usage_of(run: ChatRun) -> dict[str, Any]:
     prompt, _, _, completion, cached, reasoning = run.usage()
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached},
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": reasoning or 0},
         "total_tokens": prompt + completion,
@@ -341,7 +378,7 @@ def output_items(choice: ChoiceResult) -> list[dict[str, Any]]:
     items = []
     if choice.reasoning_content:
         items.append(reasoning_item(_item_id("rs"), choice.reasoning_content))
-    if choice.content or not choice.tool_calls:
+    if choice.content or not (choice.tool_calls or choice.reasoning_content):
         items.append(message_item(_item_id("msg"), choice.content or "", status))
     for call in choice.tool_calls:
         items.append(call_item(_item_id("fc"), call.id, call.name, call.arguments, "completed"))
@@ -422,17 +459,19 @@ class ResponseEvents:
     def end(self, reason: str, run: ChatRun) -> list[str]:
         """The last events, once the answer is in."""
         events = []
-        if not any(item["type"] in ("message", "function_call") for item in self.output):
-            events = self._open_message() + self._close(_status(reason))  # an empty answer
+        if not self.output:  # an empty answer is still a message
+            events = self._open_message() + self._close(_status(reason))
         final = self.response.finish(self.output, reason, run).model_dump()
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return events + [self._event(kind, response=final)]
 
-    def failed(self, error: dict[str, Any]) -> list[str]:
-        """An error after the stream began: the error, then the response failed."""
+    def failed(self, error: dict[str, Any], run: ChatRun) -> list[str]:
+        """An error after the stream began: the open item closed as it stands, the error,
+        then the response failed (with what was sent, and its usage)."""
+        events = self._close("incomplete")
         self.response.status, self.response.error = "failed", error
-        self.response.output = self.output
-        return [
+        self.response.output, self.response.usage = self.output, usage_of(run)
+        return events + [
             self._event("error", **error),
             self._event("response.failed", response=self.response.model_dump()),
         ]

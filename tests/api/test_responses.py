@@ -9,7 +9,15 @@ import json
 import httpx
 import openai
 import pytest
+import torch
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
+from server.api.responses import ResponseEvents, ResponseObject, ResponsesRequest
+from server.engine.inputs import ModelInputs
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence, SequenceOutput
+from server.pipelines.chat import ChatRun
 from tests.api.test_errors import assert_error
 from tests.helpers import data_uri, make_image
 
@@ -86,6 +94,17 @@ async def test_the_answer_is_the_chat_completions(sdk: openai.AsyncOpenAI) -> No
         assert response.incomplete_details.reason == "max_output_tokens"
     else:
         assert response.status == "completed"
+
+
+async def test_the_sdks_own_types_validate_what_is_sent(client: httpx.AsyncClient) -> None:
+    """Strict validation with the SDK's models (the SDK itself builds them unchecked)."""
+    body = {"model": "tiny", "input": image_input("Describe."), "max_output_tokens": 4}
+    Response.model_validate((await client.post("/v1/responses", json=body)).json())
+    events = TypeAdapter(ResponseStreamEvent)
+    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        async for line in stream.aiter_lines():
+            if line.startswith("data: "):
+                events.validate_python(json.loads(line[6:]))
 
 
 async def test_a_string_input_is_one_user_message(sdk: openai.AsyncOpenAI) -> None:
@@ -191,6 +210,18 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
         ({"unknown_field": 1}, "unknown_field"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"max_output_tokens": 10**6}, "max_output_tokens"),  # past the context
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+        ({"input": [{"id": "msg_1"}]}, "input[0]"),  # the SDK's short form of a reference
+        ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input[0].content[0]"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
+            "tool_choice.name",
+        ),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}},
+            "text.format",
+        ),
         (
             {"input": [{"role": "assistant", "content": [IMAGE_PART]}]},
             "input",
@@ -202,3 +233,33 @@ async def test_what_cannot_be_honoured_is_a_400(
 ) -> None:
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, **extra}
     assert_error(await client.post("/v1/responses", json=body), 400, param)
+
+
+def test_a_failure_mid_stream_closes_what_was_sent() -> None:
+    """The open message is closed with the text sent so far, then `error` and
+    `response.failed` carry the output and its usage."""
+    seq = Sequence(
+        "r", ModelInputs({"input_ids": torch.tensor([[1, 2, 3]])}, 3, 0), SamplingParams(), 8
+    )
+    seq.output_token_ids += [5, 6]
+    body = ResponsesRequest(model="tiny", input="Hi")
+    events = ResponseEvents(ResponseObject.start("resp_x", body), None, reasoning=False)
+    sent = events.begin() + events.feed(SequenceOutput("Hel", 2))
+    error = {"code": "server_error", "message": "boom", "param": None}
+    sent += events.failed(error, ChatRun([seq]))
+    parsed = [json.loads(e.split("data: ", 1)[1]) for e in sent]
+    kinds = [p["type"] for p in parsed]
+    assert kinds[-5:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "error",
+        "response.failed",
+    ]
+    failed = parsed[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"] == error
+    assert failed["output"][0]["status"] == "incomplete"
+    assert failed["output"][0]["content"][0]["text"] == "Hel"
+    assert failed["usage"]["input_tokens"] == 3 and failed["usage"]["output_tokens"] == 2
+    for event in parsed:
+        TypeAdapter(ResponseStreamEvent).validate_python(event)

@@ -3,6 +3,7 @@ server/api/responses.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -16,8 +17,8 @@ from server.api.responses import (
     ResponsesRequest,
     chat_body_error,
     completed,
-    input_param,
     response_id,
+    responses_param,
 )
 from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
 from server.api.services import Services, get_services
@@ -26,6 +27,8 @@ from server.engine.sequence import SequenceOutput
 from server.exceptions import ServerError, refuse_unsupported
 from server.pipelines.chat import ChatRequest, ChatRun
 
+logger = logging.getLogger(__name__)
+SERVER_ERROR = "The server had an error while processing your request."
 SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
 
@@ -50,7 +53,7 @@ async def create_response(
         # Wait for the first token before answering 200, so a queue timeout is still a 503.
         first = await until_disconnected(request, anext(outputs))
     except ServerError as exc:  # the chat route names its own fields
-        exc.param = input_param(exc.param)
+        exc.param = responses_param(exc.param)
         raise
     stream = _events(ResponseObject.start(rid, body), chat, run, first, outputs)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -75,8 +78,12 @@ async def _events(
                 yield event
     except ServerError as exc:
         error = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
-        for event in events.failed(error):
+    except Exception:  # the status line went out: the stream says it failed
+        logger.exception("the response stream failed")
+        error = {"code": "server_error", "message": SERVER_ERROR, "param": None}
+    else:
+        for event in events.end(output.finish_reason or "stop", run):
             yield event
         return
-    for event in events.end(output.finish_reason or "stop", run):
+    for event in events.failed(error, run):
         yield event
