@@ -62,6 +62,21 @@ class JobNotFound(ServerError):
         super().__init__(f"No job `{job_id}`.", param="id", code="job_not_found")
 
 
+class ResponseNotFound(ServerError):
+    """A stored response asked for by id: none is ever stored (the Responses API)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, response_id: str):
+        super().__init__(
+            f"No response `{response_id}`: this server stores no responses (send the whole "
+            "conversation as input).",
+            param="response_id",
+            code="response_not_found",
+        )
+
+
 class JobAlreadyEnded(ServerError):
     """A cancel for a job that has already completed or failed."""
 

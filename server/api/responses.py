@@ -243,6 +243,18 @@ class ResponsesRequest(StrictModel):
         return messages
 
 
+class InputTokensRequest(ResponsesRequest):
+    """`POST /v1/responses/input_tokens`: a Responses body (model optional) -> the tokens its
+    input would take."""
+
+    model: str | None = None  # type: ignore[assignment]
+
+
+class InputTokens(BaseModel):
+    object: Literal["response.input_tokens"] = "response.input_tokens"
+    input_tokens: int
+
+
 def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content

@@ -96,6 +96,31 @@ async def test_the_answer_is_the_chat_completions(sdk: openai.AsyncOpenAI) -> No
         assert response.status == "completed"
 
 
+async def test_input_tokens_count_is_the_responses_input_tokens(sdk: openai.AsyncOpenAI) -> None:
+    """client.responses.input_tokens.count: the prompt built, its image read, nothing run."""
+    body = {"instructions": "Be brief.", "input": image_input("What is it?"), "tools": [WEATHER]}
+    counted = await sdk.responses.input_tokens.count(**body)  # model optional
+    assert counted.object == "response.input_tokens"
+    response = await sdk.responses.create(model="tiny", max_output_tokens=1, **body)
+    assert counted.input_tokens == response.usage.input_tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.responses.input_tokens.count(input="x", previous_response_id="resp_1")
+    assert refused.value.body["param"] == "previous_response_id"
+
+
+async def test_stored_responses_are_a_404_that_says_why(sdk: openai.AsyncOpenAI) -> None:
+    for call in (
+        sdk.responses.retrieve("resp_1"),
+        sdk.responses.delete("resp_1"),
+        sdk.responses.cancel("resp_1"),
+        sdk.responses.input_items.list("resp_1"),
+    ):
+        with pytest.raises(openai.NotFoundError) as missing:
+            await call
+        assert missing.value.body["code"] == "response_not_found"
+        assert "stores no responses" in missing.value.body["message"]
+
+
 async def test_the_sdks_own_types_validate_what_is_sent(client: httpx.AsyncClient) -> None:
     """Strict validation with the SDK's models (the SDK itself builds them unchecked)."""
     body = {"model": "tiny", "input": image_input("Describe."), "max_output_tokens": 4}

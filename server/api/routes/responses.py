@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
+    InputTokens,
+    InputTokensRequest,
     ResponseEvents,
     ResponseObject,
     ResponsesRequest,
@@ -24,7 +26,7 @@ from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
 from server.api.services import Services, get_services
 from server.api.sse import SSE_HEADERS
 from server.engine.sequence import SequenceOutput
-from server.exceptions import ServerError, refuse_unsupported
+from server.exceptions import ResponseNotFound, ServerError, refuse_unsupported
 from server.pipelines.chat import ChatRequest, ChatRun
 
 logger = logging.getLogger(__name__)
@@ -37,14 +39,9 @@ router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
 async def create_response(
     body: ResponsesRequest, request: Request, services: Services = Depends(get_services)
 ) -> ResponseObject | StreamingResponse:
-    refuse_unsupported(body.unsupported_fields())
-    try:
-        chat_body = ChatCompletionRequest.model_validate(body.to_chat_body())
-    except ValidationError as exc:
-        raise chat_body_error(exc) from None
     rid = response_id()
     try:
-        chat = to_chat_request(chat_body, services, services.sampling_defaults, "native")
+        chat = _chat_request(body, services)
         if not body.stream:
             result = await until_disconnected(request, services.chat.complete(chat))
             return completed(rid, body, result)
@@ -57,6 +54,42 @@ async def create_response(
         raise
     stream = _events(ResponseObject.start(rid, body), chat, run, first, outputs)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/v1/responses/input_tokens", response_model=InputTokens, tags=["responses"])
+async def count_input_tokens(
+    body: InputTokensRequest, request: Request, services: Services = Depends(get_services)
+) -> InputTokens:
+    """The tokens the input would take (`client.responses.input_tokens.count`): the prompt
+    built as /v1/responses builds it, images and videos read, nothing run."""
+    if body.model is None:  # optional here, as in OpenAI's
+        body = body.model_copy(update={"model": services.served_model_names[0]})
+    try:
+        chat = _chat_request(body, services)
+        inputs = await until_disconnected(request, services.chat.prompt(chat))
+    except ServerError as exc:
+        exc.param = responses_param(exc.param)
+        raise
+    return InputTokens(input_tokens=inputs.num_prompt_tokens)
+
+
+# A stored response asked for by id: a 404 that says why (nothing is stored here).
+@router.get("/v1/responses/{response_id}", tags=["responses"])
+@router.delete("/v1/responses/{response_id}", tags=["responses"])
+@router.post("/v1/responses/{response_id}/cancel", tags=["responses"])
+@router.get("/v1/responses/{response_id}/input_items", tags=["responses"])
+async def stored_response(response_id: str) -> None:
+    raise ResponseNotFound(response_id)
+
+
+def _chat_request(body: ResponsesRequest, services: Services) -> ChatRequest:
+    """The chat completion the Responses body describes, checked as the chat route checks it."""
+    refuse_unsupported(body.unsupported_fields())
+    try:
+        chat_body = ChatCompletionRequest.model_validate(body.to_chat_body())
+    except ValidationError as exc:
+        raise chat_body_error(exc) from None
+    return to_chat_request(chat_body, services, services.sampling_defaults, "native")
 
 
 async def _events(
