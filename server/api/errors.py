@@ -92,7 +92,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     if first.get("type") == "missing" and param is None:
         return "The request body is missing.", None, "invalid_value"
     where = f" at {param}" if param else ""
-    return f"Invalid request{where}: {first.get('msg', 'invalid value')}.", param, "invalid_value"
+    # pydantic prefixes a validator's own words with "Value error, ".
+    text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"Invalid request{where}: {text}.", param, "invalid_value"
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -202,20 +202,23 @@ ContentPart = Annotated[
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
 
 
+def _json_object_text(value: str) -> str:
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        raise ValueError("arguments must be JSON text of an object") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("arguments must be JSON text of an object")
+    return value
+
+
+# A call's arguments, as OpenAI sends them: JSON text of an object.
+JsonObjectText = Annotated[str, AfterValidator(_json_object_text)]
+
+
 class FunctionCallParam(PartModel):
     name: str = Field(min_length=1)
-    arguments: str  # JSON text, as OpenAI sends it
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, value: str) -> str:
-        try:
-            parsed = json.loads(value)
-        except (ValueError, RecursionError):
-            raise ValueError("arguments must be JSON text of an object") from None
-        if not isinstance(parsed, dict):
-            raise ValueError("arguments must be JSON text of an object")
-        return value
+    arguments: JsonObjectText
 
 
 class ToolCallParam(PartModel):

@@ -18,12 +18,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, StrictBool, Tag, ValidationError
 
 from server.api.protocol import (
+    MAX_CACHE_SALT,
     ContentPart,
+    JsonObjectText,
     PartModel,
     StrictModel,
     Text,
 )
 from server.api.sse import answer_pieces
+from server.engine.sampling import SamplingParams
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
@@ -48,7 +51,7 @@ class FunctionCallItem(PartModel):
     type: Literal["function_call"]
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
-    arguments: str
+    arguments: JsonObjectText  # a call cut off by max_output_tokens cannot be sent back
 
 
 class FunctionCallOutputItem(PartModel):
@@ -103,6 +106,22 @@ class FunctionTool(StrictModel):
     def to_chat(self) -> dict[str, Any]:
         function = self.model_dump(exclude={"type"}, exclude_none=True)
         return {"type": "function", "function": function}
+
+
+class HostedTool(PartModel):
+    """A tool the host runs (web search, file search, MCP, ...): refused, by name."""
+
+    type: str
+
+
+def _tool_kind(tool: Any) -> str:
+    return "function" if isinstance(tool, dict) and tool.get("type") == "function" else "hosted"
+
+
+Tool = Annotated[
+    Annotated[FunctionTool, Tag("function")] | Annotated[HostedTool, Tag("hosted")],
+    Discriminator(_tool_kind),
+]
 
 
 class NamedFunction(StrictModel):
@@ -166,7 +185,7 @@ class ResponsesRequest(StrictModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     text: TextConfig | None = None
-    tools: list[FunctionTool] | None = Field(default=None, max_length=128)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     stream: StrictBool | None = False
@@ -182,6 +201,9 @@ class ResponsesRequest(StrictModel):
     reasoning: dict[str, Any] | None = None  # a -Thinking checkpoint always reasons
     truncation: Literal["auto", "disabled"] | None = None  # too long is a 400 either way
     include: list[str] | None = None
+    # extension (vLLM's): the prefix cache (and vision cache, grammars) shared only under the
+    # same salt
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -193,8 +215,19 @@ class ResponsesRequest(StrictModel):
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
 
+    def refuse_hosted_tools(self) -> None:
+        for index, tool in enumerate(self.tools or ()):
+            if isinstance(tool, HostedTool):
+                raise InvalidRequest(
+                    f"The {tool.type} tool is not available on this server: it runs no hosted "
+                    "tools (web search, file search, MCP, ...); function tools only.",
+                    param=f"tools[{index}].type",
+                    code="unsupported_parameter",
+                )
+
     def to_chat_body(self) -> dict[str, Any]:
         """The chat completion's body this request is."""
+        self.refuse_hosted_tools()
         body: dict[str, Any] = {
             "model": self.model,
             "messages": self._messages(),
@@ -202,9 +235,12 @@ class ResponsesRequest(StrictModel):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "parallel_tool_calls": self.parallel_tool_calls,
+            "cache_salt": self.cache_salt,
         }
         if self.tools:
-            body["tools"] = [tool.to_chat() for tool in self.tools]
+            body["tools"] = [
+                tool.to_chat() for tool in self.tools if isinstance(tool, FunctionTool)
+            ]
         if isinstance(self.tool_choice, NamedFunction):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
         else:
@@ -219,6 +255,7 @@ class ResponsesRequest(StrictModel):
             messages.append({"role": "system", "content": self.instructions})
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}]
+        calls: set[str] = set()
         for index, item in enumerate(self.input):
             if isinstance(item, ItemReference):
                 raise InvalidRequest(
@@ -232,10 +269,18 @@ class ResponsesRequest(StrictModel):
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function"}
                 call["function"] = {"name": item.name, "arguments": item.arguments}
+                calls.add(item.call_id)
                 if not messages or messages[-1]["role"] != "assistant":
                     messages.append({"role": "assistant", "content": None})
                 messages[-1].setdefault("tool_calls", []).append(call)
             elif isinstance(item, FunctionCallOutputItem):
+                if item.call_id not in calls:
+                    raise InvalidRequest(
+                        f"No function call found for function call output with call_id "
+                        f"{item.call_id!r}: the function_call item goes before its output.",
+                        param=f"input[{index}].call_id",
+                        code="invalid_value",
+                    )
                 content = _dump(item.output)
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
         if not messages:
@@ -327,8 +372,8 @@ class ResponseObject(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
-    def start(cls, rid: str, body: ResponsesRequest) -> ResponseObject:
-        """The response as it begins: in progress, no output yet."""
+    def start(cls, rid: str, body: ResponsesRequest, sampling: SamplingParams) -> ResponseObject:
+        """The response as it begins: in progress, no output yet; the sampling it runs with."""
         text = {"format": {"type": "text"}}
         if body.text is not None:
             text |= body.text.model_dump(by_alias=True, exclude_none=True)
@@ -341,13 +386,13 @@ class ResponseObject(BaseModel):
             model=body.model,
             output=[],
             parallel_tool_calls=body.parallel_tool_calls is not False,
-            temperature=body.temperature,
+            temperature=sampling.temperature,
             text=text,
             truncation=body.truncation or "disabled",
             reasoning={"effort": None, "summary": None, **(body.reasoning or {})},
             tool_choice=_tool_choice(body.tool_choice),
             tools=[t.model_dump(exclude_none=True) for t in body.tools or ()],
-            top_p=body.top_p,
+            top_p=sampling.top_p,
             user=body.user,
             metadata=body.metadata or {},
         )
@@ -386,14 +431,17 @@ def _status(finish_reason: str | None) -> str:
 
 def output_items(choice: ChoiceResult) -> list[dict[str, Any]]:
     """A whole answer as output items: its reasoning, its message, its function calls."""
-    status = _status(choice.finish_reason)
+    status = _status(choice.finish_reason)  # of the last item: the one a cut-off ends
+    calls = choice.tool_calls
     items = []
     if choice.reasoning_content:
         items.append(reasoning_item(_item_id("rs"), choice.reasoning_content))
-    if choice.content or not (choice.tool_calls or choice.reasoning_content):
-        items.append(message_item(_item_id("msg"), choice.content or "", status))
-    for call in choice.tool_calls:
+    if choice.content or not (calls or choice.reasoning_content):
+        items.append(message_item(_item_id("msg"), choice.content or "", "completed"))
+    for call in calls:
         items.append(call_item(_item_id("fc"), call.id, call.name, call.arguments, "completed"))
+    if items and items[-1]["type"] != "reasoning":
+        items[-1]["status"] = status
     return items
 
 
@@ -430,7 +478,7 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 def completed(rid: str, body: ResponsesRequest, result: ChatResult) -> ResponseObject:
     choice = result.choices[0]
-    response = ResponseObject.start(rid, body)
+    response = ResponseObject.start(rid, body, result.run.seq.sampling)
     return response.finish(output_items(choice), choice.finish_reason, result.run)
 
 
@@ -564,7 +612,7 @@ class ResponseEvents:
             events.append(self._event("response.output_text.done", **where, text=text, logprobs=[]))
             events.append(self._event("response.content_part.done", **where, part=part))
         else:
-            item["arguments"], item["status"] = text, "completed"
+            item["arguments"], item["status"] = text, status
             where = {"item_id": item["id"], "output_index": index}
             events.append(
                 self._event("response.function_call_arguments.done", **where, arguments=text)

@@ -169,6 +169,51 @@ async def test_function_calls_and_their_results(sdk: openai.AsyncOpenAI) -> None
     assert follow_up.usage.input_tokens > response.usage.input_tokens
 
 
+async def test_a_call_cut_off_by_max_output_tokens_is_incomplete(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    """Its item says incomplete (streamed too), and sent back it is a 400 naming it: its
+    arguments are not JSON."""
+    body = {
+        "model": "tiny",
+        "input": "Weather?",
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 3,
+    }
+    response = await sdk.responses.create(**body)
+    (call,) = response.output
+    assert response.status == "incomplete" and call.status == "incomplete"
+    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        lines = [line async for line in stream.aiter_lines() if line.startswith("data: ")]
+    done = [json.loads(line[6:]) for line in lines]
+    item = next(e["item"] for e in done if e["type"] == "response.output_item.done")
+    assert item["status"] == "incomplete"
+    again = [{"role": "user", "content": "Weather?"}, call.model_dump(exclude_none=True)]
+    response = await client.post("/v1/responses", json={**body, "input": again})
+    assert_error(response, 400, "input[1].arguments")
+    assert "Value error" not in response.json()["error"]["message"]
+
+
+async def test_a_call_output_needs_its_call(client: httpx.AsyncClient) -> None:
+    output = {"type": "function_call_output", "call_id": "call_zz", "output": "sunny"}
+    body = {"model": "tiny", "input": [{"role": "user", "content": "w?"}, output]}
+    assert_error(await client.post("/v1/responses", json=body), 400, "input[1].call_id")
+
+
+async def test_sampling_and_cache_salt(client: httpx.AsyncClient) -> None:
+    """The temperature and top_p used are echoed (OpenAI's defaults when left out); vLLM's
+    cache_salt keeps the prefix cache apart here too."""
+    body = {"model": "tiny", "input": "x" * 80, "max_output_tokens": 1}
+    answers = [
+        (await client.post("/v1/responses", json={**body, "cache_salt": salt})).json()
+        for salt in ("s1", "s1", "s2")
+    ]
+    assert (answers[0]["temperature"], answers[0]["top_p"]) == (1.0, 1.0)
+    cached = [a["usage"]["input_tokens_details"]["cached_tokens"] for a in answers]
+    assert cached[1] > 0 and cached[2] == 0
+
+
 async def test_json_schema_output(sdk: openai.AsyncOpenAI) -> None:
     text = {"format": {"type": "json_schema", "name": "n", "schema": SCHEMA, "strict": True}}
     response = await sdk.responses.create(
@@ -230,6 +275,7 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [WEATHER, {"type": "file_search", "vector_store_ids": []}]}, "tools[1].type"),
         ({"input": []}, "input"),
         ({"input": [{"type": "reasoning"}]}, "input"),
         ({"unknown_field": 1}, "unknown_field"),
@@ -257,7 +303,9 @@ async def test_what_cannot_be_honoured_is_a_400(
     client: httpx.AsyncClient, extra: dict, param: str
 ) -> None:
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, **extra}
-    assert_error(await client.post("/v1/responses", json=body), 400, param)
+    error = assert_error(await client.post("/v1/responses", json=body), 400, param)
+    if param.startswith("tools"):  # a hosted tool: named as not available here
+        assert error["code"] == "unsupported_parameter" and "not available" in error["message"]
 
 
 def test_a_failure_mid_stream_closes_what_was_sent() -> None:
@@ -268,7 +316,9 @@ def test_a_failure_mid_stream_closes_what_was_sent() -> None:
     )
     seq.output_token_ids += [5, 6]
     body = ResponsesRequest(model="tiny", input="Hi")
-    events = ResponseEvents(ResponseObject.start("resp_x", body), None, reasoning=False)
+    events = ResponseEvents(
+        ResponseObject.start("resp_x", body, SamplingParams()), None, reasoning=False
+    )
     sent = events.begin() + events.feed(SequenceOutput("Hel", 2))
     error = {"code": "server_error", "message": "boom", "param": None}
     sent += events.failed(error, ChatRun([seq]))

@@ -52,7 +52,7 @@ async def create_response(
     except ServerError as exc:  # the chat route names its own fields
         exc.param = responses_param(exc.param)
         raise
-    stream = _events(ResponseObject.start(rid, body), chat, run, first, outputs)
+    stream = _events(ResponseObject.start(rid, body, chat.sampling), chat, run, first, outputs)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
