@@ -47,7 +47,7 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+def loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 0, 'content', 'list[...]', 1) -> 'messages[0].content[1]'."""
     param = ""
     previous: Any = None
@@ -80,7 +80,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     )
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None, "invalid_json"
-    param = _loc_to_param(tuple(first.get("loc", ())))
+    param = loc_to_param(tuple(first.get("loc", ())))
     if first.get("type") == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
     if first.get("type") == "union_tag_invalid":

@@ -11,12 +11,22 @@ Nothing is stored: a response cannot be continued by id (`previous_response_id`,
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, StrictBool, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    Tag,
+    ValidationError,
+)
 
+from server.api.errors import loc_to_param
 from server.api.protocol import (
     MAX_CACHE_SALT,
     ContentPart,
@@ -28,7 +38,7 @@ from server.api.protocol import (
 from server.api.sse import answer_pieces
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import SequenceOutput
-from server.exceptions import InvalidRequest
+from server.exceptions import InvalidRequest, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
@@ -212,8 +222,26 @@ class ResponsesRequest(StrictModel):
     max_tool_calls: int | None = None
     top_logprobs: int | None = None
 
+    # Where each message of the chat body came from ("input[3]", "instructions").
+    _origins: list[str] = PrivateAttr(default_factory=list)
+
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+
+    def name_error(self, exc: ServerError) -> None:
+        """A chat error as this body names things: its field (messages[k] -> the input item
+        the message came from, response_format -> text.format, ...) and the messages its
+        text names."""
+
+        def origin(match: re.Match[str]) -> str:
+            k = int(match.group(1))
+            return self._origins[k] if k < len(self._origins) else "input"
+
+        exc.message = MESSAGE_INDEX.sub(origin, exc.message)
+        if exc.param is not None and exc.param.startswith("messages"):
+            exc.param = MESSAGE_INDEX.sub(origin, exc.param).replace("messages", "input")
+        else:
+            exc.param = responses_param(exc.param)
 
     def refuse_hosted_tools(self) -> None:
         for index, tool in enumerate(self.tools or ()):
@@ -251,9 +279,12 @@ class ResponsesRequest(StrictModel):
 
     def _messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
+        self._origins = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
+            self._origins.append("instructions")
         if isinstance(self.input, str):
+            self._origins.append("input")
             return [*messages, {"role": "user", "content": self.input}]
         calls: set[str] = set()
         for index, item in enumerate(self.input):
@@ -266,12 +297,14 @@ class ResponsesRequest(StrictModel):
                 )
             if isinstance(item, InputMessage):
                 messages.append({"role": item.role, "content": _dump(item.content)})
+                self._origins.append(f"input[{index}]")
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function"}
                 call["function"] = {"name": item.name, "arguments": item.arguments}
                 calls.add(item.call_id)
                 if not messages or messages[-1]["role"] != "assistant":
                     messages.append({"role": "assistant", "content": None})
+                    self._origins.append(f"input[{index}]")
                 messages[-1].setdefault("tool_calls", []).append(call)
             elif isinstance(item, FunctionCallOutputItem):
                 if item.call_id not in calls:
@@ -283,6 +316,7 @@ class ResponsesRequest(StrictModel):
                     )
                 content = _dump(item.output)
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
+                self._origins.append(f"input[{index}].output")
         if not messages:
             raise InvalidRequest("input holds no message.", param="input", code="invalid_value")
         return messages
@@ -307,22 +341,25 @@ def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
 
 
 def chat_body_error(exc: ValidationError) -> InvalidRequest:
-    """A chat-level check the Responses body failed (its own checks passed)."""
+    """A chat-level check the Responses body failed (its own checks passed), with the chat
+    body's field (name_error renames it)."""
     first = exc.errors()[0]
-    field = ".".join(str(part) for part in first.get("loc", ())) or "input"
+    text = str(first["msg"]).removeprefix("Value error, ")
     return InvalidRequest(
-        f"The request cannot be read as a conversation: {first['msg']}.",
-        param=responses_param(field),
+        f"The request cannot be read as a conversation: {text}.",
+        param=loc_to_param(tuple(first.get("loc", ()))) or "messages",
         code="invalid_value",
     )
 
 
+MESSAGE_INDEX = re.compile(r"messages\[(\d+)\]")
+
+
 def responses_param(param: str | None) -> str | None:
-    """A chat error's field as the Responses body names it: messages[i] (the conversation's
-    index, not the input's) -> input, response_format -> text.format, max_tokens ->
-    max_output_tokens, tools[i].function.x -> tools[i].x."""
-    if param is None or param.startswith("messages"):
-        return None if param is None else "input"
+    """A chat field as the Responses body names it: response_format -> text.format,
+    max_tokens -> max_output_tokens, tools[i].function.x -> tools[i].x."""
+    if param is None:
+        return None
     if param.startswith("response_format"):
         return "text.format"
     if param in ("max_tokens", "max_completion_tokens"):

@@ -201,6 +201,25 @@ async def test_a_call_output_needs_its_call(client: httpx.AsyncClient) -> None:
     assert_error(await client.post("/v1/responses", json=body), 400, "input[1].call_id")
 
 
+async def test_errors_in_the_input_name_its_items(client: httpx.AsyncClient) -> None:
+    """An error found while reading the conversation names the input item it is in (not the
+    chat message it became: instructions and calls shift those)."""
+    bad_image = {"type": "input_image", "image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    body = {
+        "model": "tiny",
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": "first"},
+            call,
+            {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+            {"role": "user", "content": [{"type": "input_text", "text": "this:"}, bad_image]},
+        ],
+    }
+    error = assert_error(await client.post("/v1/responses", json=body), 400, "input[3].content[1]")
+    assert "input[3].content[1]" in error["message"] and "messages" not in error["message"]
+
+
 async def test_sampling_and_cache_salt(client: httpx.AsyncClient) -> None:
     """The temperature and top_p used are echoed (OpenAI's defaults when left out); vLLM's
     cache_salt keeps the prefix cache apart here too."""
@@ -295,7 +314,7 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
         ),
         (
             {"input": [{"role": "assistant", "content": [IMAGE_PART]}]},
-            "input",
+            "input[0].content[0]",
         ),
     ],
 )

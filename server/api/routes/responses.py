@@ -20,7 +20,6 @@ from server.api.responses import (
     chat_body_error,
     completed,
     response_id,
-    responses_param,
 )
 from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
 from server.api.services import Services, get_services
@@ -50,7 +49,7 @@ async def create_response(
         # Wait for the first token before answering 200, so a queue timeout is still a 503.
         first = await until_disconnected(request, anext(outputs))
     except ServerError as exc:  # the chat route names its own fields
-        exc.param = responses_param(exc.param)
+        body.name_error(exc)
         raise
     stream = _events(ResponseObject.start(rid, body, chat.sampling), chat, run, first, outputs)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -68,7 +67,7 @@ async def count_input_tokens(
         chat = _chat_request(body, services)
         inputs = await until_disconnected(request, services.chat.prompt(chat))
     except ServerError as exc:
-        exc.param = responses_param(exc.param)
+        body.name_error(exc)
         raise
     return InputTokens(input_tokens=inputs.num_prompt_tokens)
 
