@@ -25,6 +25,7 @@ TYPE_BRANCHES = frozenset({"str", "int", "float", "bool", "dict", "function-afte
 PART_TAGS = frozenset(
     {"text", "input_text", "output_text", "refusal", "image_url", "input_image", "video_url"}
     | {"message", "function_call", "function_call_output", "reasoning", "item_reference"}
+    | {"function_tool", "hosted_tool"}
 )
 
 HTTP_ERROR_TYPES = {

@@ -125,11 +125,13 @@ class HostedTool(PartModel):
 
 
 def _tool_kind(tool: Any) -> str:
-    return "function" if isinstance(tool, dict) and tool.get("type") == "function" else "hosted"
+    function = isinstance(tool, dict) and tool.get("type") == "function"
+    return "function_tool" if function else "hosted_tool"
 
 
+# (Tags the error handler leaves out of a field's name: tools[0].name, not tools[0].function...)
 Tool = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[HostedTool, Tag("hosted")],
+    Annotated[FunctionTool, Tag("function_tool")] | Annotated[HostedTool, Tag("hosted_tool")],
     Discriminator(_tool_kind),
 ]
 
@@ -235,13 +237,19 @@ class ResponsesRequest(StrictModel):
 
         def origin(match: re.Match[str]) -> str:
             k = int(match.group(1))
-            return self._origins[k] if k < len(self._origins) else "input"
+            if k >= len(self._origins):
+                return match.group(0)
+            item = self._origins[k]
+            # A tool message's content is the function_call_output's output.
+            return item if item.endswith(".output") else item + (match.group(2) or "")
 
+        if exc.param is None or not exc.param.startswith("messages"):
+            exc.param = responses_param(exc.param)  # (errors already in this body's names too)
+            return
         exc.message = MESSAGE_INDEX.sub(origin, exc.message)
-        if exc.param is not None and exc.param.startswith("messages"):
-            exc.param = MESSAGE_INDEX.sub(origin, exc.param).replace("messages", "input")
-        else:
-            exc.param = responses_param(exc.param)
+        exc.param = MESSAGE_INDEX.sub(origin, exc.param)
+        if exc.param == "messages":
+            exc.param = "input"
 
     def refuse_hosted_tools(self) -> None:
         for index, tool in enumerate(self.tools or ()):
@@ -352,7 +360,7 @@ def chat_body_error(exc: ValidationError) -> InvalidRequest:
     )
 
 
-MESSAGE_INDEX = re.compile(r"messages\[(\d+)\]")
+MESSAGE_INDEX = re.compile(r"messages\[(\d+)\](\.content)?")
 
 
 def responses_param(param: str | None) -> str | None:

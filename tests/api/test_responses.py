@@ -218,6 +218,14 @@ async def test_errors_in_the_input_name_its_items(client: httpx.AsyncClient) -> 
     }
     error = assert_error(await client.post("/v1/responses", json=body), 400, "input[3].content[1]")
     assert "input[3].content[1]" in error["message"] and "messages" not in error["message"]
+    image = {"type": "input_image", "image_url": data_uri(make_image(32, 32))}
+    body["input"][2] = {"type": "function_call_output", "call_id": "c1", "output": [image]}
+    assert_error(await client.post("/v1/responses", json=body), 400, "input[2].output[0]")
+    # a name of the client's own is left as it is
+    odd = {"type": "function_call_output", "call_id": "messages[0]", "output": "x"}
+    body["input"] = [{"role": "user", "content": "hi"}, odd]
+    error = assert_error(await client.post("/v1/responses", json=body), 400, "input[1].call_id")
+    assert "'messages[0]'" in error["message"]
 
 
 async def test_sampling_and_cache_salt(client: httpx.AsyncClient) -> None:
@@ -294,6 +302,8 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{**WEATHER, "bogus": 1}]}, "tools[0].bogus"),
+        ({"tools": [{"type": "function"}]}, "tools[0].name"),
         ({"tools": [WEATHER, {"type": "file_search", "vector_store_ids": []}]}, "tools[1].type"),
         ({"input": []}, "input"),
         ({"input": [{"type": "reasoning"}]}, "input"),
@@ -323,7 +333,7 @@ async def test_what_cannot_be_honoured_is_a_400(
 ) -> None:
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, **extra}
     error = assert_error(await client.post("/v1/responses", json=body), 400, param)
-    if param.startswith("tools"):  # a hosted tool: named as not available here
+    if param.startswith("tools") and param.endswith(".type"):  # a hosted tool: not here
         assert error["code"] == "unsupported_parameter" and "not available" in error["message"]
 
 
