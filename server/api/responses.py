@@ -29,6 +29,7 @@ from pydantic import (
 from server.api.errors import loc_to_param
 from server.api.protocol import (
     MAX_CACHE_SALT,
+    ChatCompletionTokenLogprob,
     ContentPart,
     JsonObjectText,
     PartModel,
@@ -37,9 +38,10 @@ from server.api.protocol import (
 )
 from server.api.sse import answer_pieces
 from server.engine.sampling import SamplingParams
-from server.engine.sequence import SequenceOutput
+from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
+from server.pipelines.logprobs import TokenLogprob, TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
 
@@ -176,16 +178,19 @@ class ResponseStreamOptions(StrictModel):
     include_obfuscation: bool | None = None
 
 
+LOGPROBS = "message.output_text.logprobs"
+# What `include` may ask for: the answer's logprobs; the reasoning's encrypted content (there
+# is none here: nothing to include).
+INCLUDABLE = frozenset({LOGPROBS, "reasoning.encrypted_content"})
 # Fields that would need what is not here: stored responses, background runs, prompt templates
-# kept by the host, tools run by the host, logprobs in this shape.
+# kept by the host, a cap on calls the host runs, other outputs to include.
 RESPONSES_UNSUPPORTED_WHEN = {
     "previous_response_id": lambda v: v is not None,
     "conversation": lambda v: v is not None,
     "background": lambda v: bool(v),
     "prompt": lambda v: v is not None,
     "max_tool_calls": lambda v: v is not None,
-    "top_logprobs": lambda v: bool(v),
-    "include": lambda v: any(i != "reasoning.encrypted_content" for i in v or ()),
+    "include": lambda v: any(i not in INCLUDABLE for i in v or ()),
 }
 
 
@@ -222,13 +227,18 @@ class ResponsesRequest(StrictModel):
     background: bool | None = None
     prompt: dict[str, Any] | None = None
     max_tool_calls: int | None = None
-    top_logprobs: int | None = None
+    # With include [LOGPROBS]: how many likeliest tokens each token's entry lists.
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     # Where each message of the chat body came from ("input[3]", "instructions").
     _origins: list[str] = PrivateAttr(default_factory=list)
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or ())
 
     def name_error(self, exc: ServerError) -> None:
         """A chat error as this body names things: its field (messages[k] -> the input item
@@ -273,6 +283,8 @@ class ResponsesRequest(StrictModel):
             "parallel_tool_calls": self.parallel_tool_calls,
             "cache_salt": self.cache_salt,
         }
+        if self.wants_logprobs:
+            body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         if self.tools:
             body["tools"] = [
                 tool.to_chat() for tool in self.tools if isinstance(tool, FunctionTool)
@@ -482,7 +494,9 @@ def output_items(choice: ChoiceResult) -> list[dict[str, Any]]:
     if choice.reasoning_content:
         items.append(reasoning_item(_item_id("rs"), choice.reasoning_content))
     if choice.content or not (calls or choice.reasoning_content):
-        items.append(message_item(_item_id("msg"), choice.content or "", "completed"))
+        message = message_item(_item_id("msg"), choice.content or "", "completed")
+        message["content"][0]["logprobs"] = logprobs_of(choice.logprobs or [])
+        items.append(message)
     for call in calls:
         items.append(call_item(_item_id("fc"), call.id, call.name, call.arguments, "completed"))
     if items and items[-1]["type"] != "reasoning":
@@ -506,8 +520,13 @@ def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     }
 
 
-def output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def logprobs_of(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Tokens' logprobs as the Responses API lists them (chat's entries, the same fields)."""
+    return [ChatCompletionTokenLogprob.of(entry).model_dump() for entry in entries]
 
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -539,7 +558,13 @@ class ResponseEvents:
     done (reasoning, then the message, then each function call); the response completed (or
     incomplete, at max_output_tokens)."""
 
-    def __init__(self, response: ResponseObject, tools: Tools | None, reasoning: bool):
+    def __init__(
+        self,
+        response: ResponseObject,
+        tools: Tools | None,
+        reasoning: bool,
+        logprobs: tuple[Sequence, TokenTexts] | None = None,
+    ):
         self.response = response
         self.number = 0
         self.output: list[dict[str, Any]] = []
@@ -547,6 +572,11 @@ class ResponseEvents:
         self._buffer = ""  # the open item's text so far
         self.calls = call_stream(tools)
         self.reasoning = ReasoningStream() if reasoning else None
+        # include [LOGPROBS]: the sequence's tokens' logprobs ride on the next text delta
+        self.logprobs = logprobs
+        self._scored = 0  # tokens whose logprobs were taken
+        self._pending: list[dict[str, Any]] = []  # taken, not sent yet
+        self._sent: list[dict[str, Any]] = []  # sent with the open message's deltas
 
     def begin(self) -> list[str]:
         snapshot = self.response.model_dump()
@@ -555,6 +585,11 @@ class ResponseEvents:
         ]
 
     def feed(self, output: SequenceOutput) -> list[str]:
+        if self.logprobs is not None:
+            seq, texts = self.logprobs
+            new = texts.logprobs(seq, self._scored, output.num_completion_tokens)
+            self._pending += logprobs_of(new)
+            self._scored = output.num_completion_tokens
         pieces = answer_pieces(output, self.reasoning, self.calls)
         events = [event for piece in pieces for event in self._piece(piece)]
         if output.finished:
@@ -603,13 +638,17 @@ class ResponseEvents:
         if self.open is None or self.open["type"] != "message":
             events += self._close() + self._open_message()
         self._buffer += text
+        logprobs, self._pending = self._pending, []
+        self._sent += logprobs
         return events + [
-            self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+            self._event(
+                "response.output_text.delta", **self._where(), delta=text, logprobs=logprobs
+            )
         ]
 
     def _open_message(self) -> list[str]:
         events = self._add(message_item(_item_id("msg"), "", "in_progress"))
-        self._buffer = ""
+        self._buffer, self._sent = "", []
         part = output_text("")
         return events + [self._event("response.content_part.added", **self._where(), part=part)]
 
@@ -651,10 +690,13 @@ class ResponseEvents:
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
             events.append(self._event("response.reasoning_text.done", **where, text=text))
         elif item["type"] == "message":
-            part = output_text(text)
+            # Tokens with no text of their own (the EOS that ended it) are the message's too.
+            self._sent, self._pending = self._sent + self._pending, []
+            part = output_text(text, self._sent)
             item["content"], item["status"] = [part], status
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            events.append(self._event("response.output_text.done", **where, text=text, logprobs=[]))
+            done = {"text": text, "logprobs": self._sent}
+            events.append(self._event("response.output_text.done", **where, **done))
             events.append(self._event("response.content_part.done", **where, part=part))
         else:
             item["arguments"], item["status"] = text, status

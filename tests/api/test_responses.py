@@ -124,6 +124,7 @@ async def test_stored_responses_are_a_404_that_says_why(sdk: openai.AsyncOpenAI)
 async def test_the_sdks_own_types_validate_what_is_sent(client: httpx.AsyncClient) -> None:
     """Strict validation with the SDK's models (the SDK itself builds them unchecked)."""
     body = {"model": "tiny", "input": image_input("Describe."), "max_output_tokens": 4}
+    body |= {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
     Response.model_validate((await client.post("/v1/responses", json=body)).json())
     events = TypeAdapter(ResponseStreamEvent)
     async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
@@ -241,6 +242,42 @@ async def test_sampling_and_cache_salt(client: httpx.AsyncClient) -> None:
     assert cached[1] > 0 and cached[2] == 0
 
 
+async def test_logprobs_as_chat_computes_them(client: httpx.AsyncClient) -> None:
+    """include message.output_text.logprobs (and top_logprobs): every answer token's entry,
+    the same as chat's; streamed, the deltas' entries add up to the done event's."""
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 5, "temperature": 0}
+    body |= {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    response = (await client.post("/v1/responses", json=body)).json()
+    logprobs = response["output"][0]["content"][0]["logprobs"]
+    assert len(logprobs) == response["usage"]["output_tokens"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in logprobs)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+    chat |= {"temperature": 0, "logprobs": True, "top_logprobs": 2}
+    expected = (await client.post("/v1/chat/completions", json=chat)).json()
+    assert logprobs == expected["choices"][0]["logprobs"]["content"]
+    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        events = [
+            json.loads(line[6:]) async for line in stream.aiter_lines() if line.startswith("data:")
+        ]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert [entry for d in deltas for entry in d["logprobs"]] == done["logprobs"] == logprobs
+    plain = (await client.post("/v1/responses", json={**body, "include": []})).json()
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+    # An answer that ends on EOS: its entry (a token with no text) is the message's too.
+    schema = {"type": "json_schema", "name": "n", "schema": SCHEMA}
+    ended = {**body, "text": {"format": schema}, "max_output_tokens": 40}
+    whole = (await client.post("/v1/responses", json=ended)).json()
+    assert whole["status"] == "completed"
+    async with client.stream("POST", "/v1/responses", json={**ended, "stream": True}) as stream:
+        lines = [line async for line in stream.aiter_lines() if line.startswith("data:")]
+    done = next(
+        e for e in map(lambda x: json.loads(x[6:]), lines) if e["type"].endswith("text.done")
+    )
+    assert done["logprobs"] == whole["output"][0]["content"][0]["logprobs"]
+    assert len(done["logprobs"]) == whole["usage"]["output_tokens"]
+
+
 async def test_json_schema_output(sdk: openai.AsyncOpenAI) -> None:
     text = {"format": {"type": "json_schema", "name": "n", "schema": SCHEMA, "strict": True}}
     response = await sdk.responses.create(
@@ -300,7 +337,8 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"background": True}, "background"),
-        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"include": ["file_search_call.results"]}, "include"),
+        ({"top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [{**WEATHER, "bogus": 1}]}, "tools[0].bogus"),
         ({"tools": [{"type": "function"}]}, "tools[0].name"),

@@ -51,7 +51,11 @@ async def create_response(
     except ServerError as exc:  # the chat route names its own fields
         body.name_error(exc)
         raise
-    stream = _events(ResponseObject.start(rid, body, chat.sampling), chat, run, first, outputs)
+    logprobs = (run.seq, services.chat.texts(chat)) if body.wants_logprobs else None
+    events = ResponseEvents(
+        ResponseObject.start(rid, body, chat.sampling), chat.tools, run.seq.inputs.thinks, logprobs
+    )
+    stream = _events(events, run, first, outputs)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -92,13 +96,11 @@ def _chat_request(body: ResponsesRequest, services: Services) -> ChatRequest:
 
 
 async def _events(
-    response: ResponseObject,
-    chat: ChatRequest,
+    events: ResponseEvents,
     run: ChatRun,
     first: SequenceOutput,
     rest: AsyncIterator[SequenceOutput],
 ) -> AsyncIterator[str]:
-    events = ResponseEvents(response, chat.tools, run.seq.inputs.thinks)
     for event in events.begin():
         yield event
     output = first
