@@ -164,6 +164,17 @@ class InputImageContentPart(PartModel):
     image_url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high", "original"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_file_ids(cls, data: Any) -> Any:
+        # The Responses API's other form, an uploaded file's id: there is no file store here.
+        if isinstance(data, dict) and "image_url" not in data and data.get("file_id"):
+            raise ValueError(
+                "file_id needs a file store, which this server has none of: send "
+                "the image as image_url (an http(s) URL or a data: URL)"
+            )
+        return data
+
     def as_image_url(self) -> ImageURL:
         return ImageURL(url=self.image_url, detail=self.detail)
 

@@ -580,9 +580,8 @@ class ResponseEvents:
 
     def begin(self) -> list[str]:
         snapshot = self.response.model_dump()
-        return [self._event("response.created", response=snapshot)] + [
-            self._event("response.in_progress", response=snapshot)
-        ]
+        created = self._event("response.created", response=snapshot)
+        return [created, self._event("response.in_progress", response=snapshot)]
 
     def feed(self, output: SequenceOutput) -> list[str]:
         if self.logprobs is not None:
