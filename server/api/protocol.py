@@ -396,39 +396,8 @@ IGNORED_FIELDS = (
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
-class ChatPrompt(StrictModel):
-    """What renders a chat prompt: the messages, the tools the template lists, the template's
-    options (chat completions, and vLLM's /tokenize of messages)."""
-
+class ChatCompletionRequest(StrictModel):
     messages: list[ChatMessageParam] = Field(min_length=1)
-    tools: list[ChatCompletionToolParam] | None = Field(default=None, max_length=128)
-    # extensions (vLLM's): the chat template's rendering
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool | None = None
-    continue_final_message: bool | None = None
-
-    @model_validator(mode="after")
-    def _check_template_flags(self) -> ChatPrompt:
-        # As vLLM: a prefill is continued, so no new assistant turn may be opened after it.
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        if self.continue_final_message and self.messages[-1].role != "assistant":
-            raise ValueError("continue_final_message needs the last message to be the assistant's")
-        return self
-
-    def to_messages(self) -> list[ChatMessage]:
-        return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
-
-    def to_template(self) -> TemplateOptions:
-        return TemplateOptions(
-            add_generation_prompt=self.add_generation_prompt is not False
-            and not self.continue_final_message,
-            continue_final_message=bool(self.continue_final_message),
-            kwargs=dict(self.chat_template_kwargs or {}),
-        )
-
-
-class ChatCompletionRequest(ChatPrompt):
     model: str
     audio: Any | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -459,6 +428,7 @@ class ChatCompletionRequest(ChatPrompt):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     tool_choice: ToolChoice | None = None
+    tools: list[ChatCompletionToolParam] | None = Field(default=None, max_length=128)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: float | None = Field(default=None, gt=0, le=1)
     user: str | None = None
@@ -478,6 +448,10 @@ class ChatCompletionRequest(ChatPrompt):
     bad_words: BadWords | None = None  # extension (vLLM's): strings the answer must not hold
     # extension (vLLM's): the prefix cache (and vision cache) shared only under the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
+    # extensions (vLLM's): the chat template's rendering
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
     # extensions (vLLM's): guided decoding, onto the structured-output grammar
     guided_json: dict[str, Any] | str | None = None
     guided_regex: Constraint | None = None
@@ -501,6 +475,15 @@ class ChatCompletionRequest(ChatPrompt):
             raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
+    @model_validator(mode="after")
+    def _check_template_flags(self) -> ChatCompletionRequest:
+        # As vLLM: a prefill is continued, so no new assistant turn may be opened after it.
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        return self
+
     def unsupported_fields(self) -> list[str]:
         return [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
 
@@ -513,6 +496,14 @@ class ChatCompletionRequest(ChatPrompt):
 
     def num_choices(self, max_n: int) -> int:
         return check_n(self.n, max_n)
+
+    def to_template(self) -> TemplateOptions:
+        return TemplateOptions(
+            add_generation_prompt=self.add_generation_prompt is not False
+            and not self.continue_final_message,
+            continue_final_message=bool(self.continue_final_message),
+            kwargs=dict(self.chat_template_kwargs or {}),
+        )
 
     def to_structured(self) -> StructuredOutput | None:
         """The one grammar the answer follows: response_format, a vLLM guided_* field or
@@ -596,6 +587,9 @@ class ChatCompletionRequest(ChatPrompt):
                 code="invalid_value",
             )
         return replace(params, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+    def to_messages(self) -> list[ChatMessage]:
+        return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
 
 
 def _guided(fields: dict[str, Any], param: str) -> StructuredOutput | None:
