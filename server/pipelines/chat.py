@@ -166,6 +166,8 @@ class ChatPipeline:
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
         self.engine.check_capacity()  # refuse early, before spending work on the request
+        # Bad words tokenized once for the request, not again for each choice.
+        request = replace(request, sampling=self.engine.with_bad_word_ids(request.sampling))
         budget = await self.check(request)
         request = replace(request, messages=render(request.messages, request.tools))
         async with self.preprocessing:

@@ -46,6 +46,7 @@ class TextCompletions:
     ) -> list[Sequence]:
         """Every prompt's n choices, prompt by prompt (choice k of prompt p: p * n + k)."""
         self.engine.check_capacity()  # refuse early, before tokenizing
+        sampling = self.engine.with_bad_word_ids(sampling)  # once, not per prompt and choice
         inputs = await asyncio.to_thread(lambda: [self._inputs(p) for p in prompts])
         try:
             if n == 1:  # all in one batch
