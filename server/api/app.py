@@ -27,6 +27,7 @@ from server.api.routes import (
     completions,
     health,
     media,
+    messages,
     playground,
     responses,
     tokenize,
@@ -186,6 +187,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(completions.router)
     app.include_router(media.router)
     app.include_router(responses.router)
+    app.include_router(messages.router)
     app.include_router(tokenize.router)
     if settings.playground:
         playground.mount(app)

@@ -1,4 +1,6 @@
-"""Every non-2xx answer is {"error": {"message", "type", "param", "code"}}, OpenAI's envelope.
+"""Every non-2xx answer is {"error": {"message", "type", "param", "code"}}, OpenAI's envelope;
+under /v1/messages (Anthropic's Messages API) it is Anthropic's:
+{"type": "error", "error": {"type", "message"}, "request_id"}.
 
 Validation errors name the offending field; unexpected exceptions are logged with the request
 id and answered with a generic 500 that carries no exception text.
@@ -16,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
 from server.exceptions import ServerError
+from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,8 @@ PART_TAGS = frozenset(
     {"text", "input_text", "output_text", "refusal", "image_url", "input_image", "video_url"}
     | {"message", "function_call", "function_call_output", "reasoning", "item_reference"}
     | {"function_tool", "hosted_tool"}
+    # the Messages API's blocks and tools
+    | {"image", "tool_use", "tool_result", "thinking", "other", "custom", "server"}
 )
 
 HTTP_ERROR_TYPES = {
@@ -35,8 +40,49 @@ HTTP_ERROR_TYPES = {
     429: "rate_limit_error",
 }
 
+# Anthropic's error types by status (its SDK raises its exception classes by status).
+ANTHROPIC_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether errors on this path go in Anthropic's envelope (its Messages API's routes)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_type(status: int) -> str:
+    return ANTHROPIC_ERROR_TYPES.get(
+        status, "api_error" if status >= 500 else "invalid_request_error"
+    )
+
+
+def error_body(
+    path: str,
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """An error's body in the envelope the path's clients read."""
+    if not speaks_anthropic(path):
+        info = ErrorInfo(message=message, type=error_type, param=param, code=code)
+        return ErrorResponse(error=info).model_dump()
+    if param and param not in message:  # Anthropic's envelope has no param: the message names it
+        message = f"{param}: {message}"
+    error = {"type": anthropic_error_type(status), "message": message}
+    return {"type": "error", "error": error, "request_id": request_id_var.get()}
+
 
 def error_response(
+    request: Request,
     status: int,
     message: str,
     error_type: str,
@@ -44,8 +90,8 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    body = error_body(request.url.path, status, message, error_type, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -106,13 +152,13 @@ def install_error_handlers(app: FastAPI) -> None:
         retry_after = getattr(exc, "retry_after_s", None)
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return error_response(
-            exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers
+            request, exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param, code = _validation_message(exc)
-        return error_response(400, message, "invalid_request_error", param, code)
+        return error_response(request, 400, message, "invalid_request_error", param, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -123,9 +169,13 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type = HTTP_ERROR_TYPES.get(
             status, "invalid_request_error" if status < 500 else "server_error"
         )
-        return error_response(status, message, error_type, None, None, dict(exc.headers or {}))
+        return error_response(
+            request, status, message, error_type, None, None, dict(exc.headers or {})
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "Internal server error; see the server log.", "server_error")
+        return error_response(
+            request, 500, "Internal server error; see the server log.", "server_error"
+        )

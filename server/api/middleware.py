@@ -13,6 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.errors import error_body
 from server.log import request_id_var
 
 # A client's X-Request-ID is echoed and logged only if it looks like an id, never arbitrary text.
@@ -31,6 +32,7 @@ access_logger = logging.getLogger("server.access")
 
 
 async def send_error(
+    scope: Scope,
     send: Send,
     status: int,
     message: str,
@@ -38,9 +40,7 @@ async def send_error(
     code: str | None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-    ).encode()
+    body = json.dumps(error_body(scope["path"], status, message, error_type, None, code)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -143,7 +143,7 @@ class BodySizeLimitMiddleware:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -153,7 +153,7 @@ class BodySizeLimitMiddleware:
             messages.append(message)
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
@@ -163,8 +163,9 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send) -> None:
         await send_error(
+            scope,
             send,
             413,
             f"The request body is larger than the server's limit of {self.max_bytes} bytes.",
@@ -199,7 +200,8 @@ class JsonBodyMiddleware:
 
 
 class ApiKeyMiddleware:
-    """When keys are configured, every route but the open ones needs 'Authorization: Bearer <key>'.
+    """When keys are configured, every route but the open ones needs 'Authorization: Bearer <key>'
+    or 'x-api-key: <key>'.
     Keys are compared in constant time, against all keys, so timing reveals nothing."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], open_paths: frozenset[str]):
@@ -211,20 +213,27 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.keys or self._is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        header = dict(scope.get("headers", [])).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-        if scheme.lower() == b"bearer" and any(matches):
+        headers = dict(scope.get("headers", []))
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        # Bearer (OpenAI's clients) or x-api-key (Anthropic's)
+        tokens = [token.strip()] if scheme.lower() == b"bearer" else []
+        tokens += [headers[b"x-api-key"].strip()] if b"x-api-key" in headers else []
+        if any(self._is_key(t) for t in tokens):
             await self.app(scope, receive, send)
             return
         await send_error(
+            scope,
             send,
             401,
-            "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+            "Invalid or missing API key. Send it as 'Authorization: Bearer <key>' (or "
+            "'x-api-key: <key>').",
             "authentication_error",
             "invalid_api_key",
             [(b"www-authenticate", b"Bearer")],
         )
+
+    def _is_key(self, token: bytes) -> bool:
+        return any([hmac.compare_digest(token, key) for key in self.keys])  # all compared
 
     def _is_open(self, path: str) -> bool:
         return path in self.open_paths or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
@@ -240,6 +249,7 @@ class DrainMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and getattr(scope["app"].state, "draining", False):
             await send_error(
+                scope,
                 send,
                 503,
                 "The server is shutting down; retry on another instance or later.",

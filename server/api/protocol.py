@@ -7,6 +7,7 @@ that we do not support yet is accepted by the schema but refused with a 400 nami
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -952,17 +953,40 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A served model, as OpenAI's clients and Anthropic's (`type`, `display_name`,
+    `created_at`) read it."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "vlm-server"
     root: str  # extension: the checkpoint this name serves
     max_model_len: int  # extension
+    type: Literal["model"] = "model"
+    display_name: str = ""
+    created_at: str = ""  # RFC 3339
+
+    @model_validator(mode="after")
+    def _anthropic_fields(self) -> ModelCard:
+        self.display_name = self.display_name or self.id
+        when = datetime.datetime.fromtimestamp(self.created, datetime.UTC)
+        self.created_at = self.created_at or when.isoformat().replace("+00:00", "Z")
+        return self
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    # Anthropic's page fields: every model is on the one page
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @model_validator(mode="after")
+    def _page(self) -> ModelList:
+        if self.data:
+            self.first_id, self.last_id = self.data[0].id, self.data[-1].id
+        return self
 
 
 class ErrorInfo(BaseModel):

@@ -243,3 +243,33 @@ async def test_responses_api_reasoning_items(thinking: httpx.AsyncClient) -> Non
     thought = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
     assert thought == reasoning
     assert [item["type"] for item in events[-1]["response"]["output"]] == kinds
+
+
+async def test_the_messages_api_sends_thinking_blocks(thinking: httpx.AsyncClient) -> None:
+    """Anthropic's Messages API: the reasoning is a thinking block (streamed as thinking
+    deltas); display "omitted" sends the block without its text; thinking disabled closes
+    the reasoning in the prompt (Qwen3's enable_thinking)."""
+    body = {
+        "model": "tiny",
+        "max_tokens": 6,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Think."}],
+    }
+    response = await thinking.post("/v1/messages", json=body)
+    assert response.status_code == 200, response.text
+    (block,) = response.json()["content"]  # the random model never closes its thought
+    assert block["type"] == "thinking" and block["thinking"] and block["signature"] == ""
+    async with thinking.stream("POST", "/v1/messages", json={**body, "stream": True}) as stream:
+        events = [
+            json.loads(line[6:]) async for line in stream.aiter_lines() if line[:6] == "data: "
+        ]
+    (start,) = [e for e in events if e["type"] == "content_block_start"]
+    assert start["content_block"]["type"] == "thinking"
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert {d["type"] for d in deltas} == {"thinking_delta"}
+    assert "".join(d["thinking"] for d in deltas) == block["thinking"]
+    omitted = {**body, "thinking": {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}}
+    response = await thinking.post("/v1/messages", json=omitted)
+    assert [b["thinking"] for b in response.json()["content"]] == [""]
+    response = await thinking.post("/v1/messages", json={**body, "thinking": {"type": "disabled"}})
+    assert [b["type"] for b in response.json()["content"]] == ["text"]

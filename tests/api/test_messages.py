@@ -1,0 +1,459 @@
+"""Anthropic's Messages API through the official anthropic client: the same answer and usage as
+the chat completion it is, images, the system prompt, prefill, stop sequences, tool use (and
+results in the next turn), JSON output, the streamed events as the SDK accumulates them, token
+counting, Anthropic's error envelope and its x-api-key header."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anthropic
+import httpx
+import httpx2
+import openai
+import pytest
+from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
+from pydantic import TypeAdapter
+
+from server.api.messages import content_blocks, stop_of
+from server.pipelines.chat import ChoiceResult
+from server.pipelines.messages import ToolCall
+from tests.helpers import data_uri, make_image, make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+# The current SDK has no temperature argument (newer Claude models take none); its older
+# versions and curl scripts send one, and clients reach it through extra_body.
+GREEDY = {"temperature": 0}
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["n"],
+    "additionalProperties": False,
+}
+
+
+def anthropic_sdk(client: httpx.AsyncClient, **auth: str) -> anthropic.AsyncAnthropic:
+    """The SDK on the test client's app (the SDK speaks httpx2, its own fork of httpx)."""
+    transport = httpx2.ASGITransport(app=client._transport.app)  # type: ignore[attr-defined]
+    http = httpx2.AsyncClient(transport=transport, base_url="http://testserver")
+    return anthropic.AsyncAnthropic(
+        base_url="http://testserver", http_client=http, max_retries=0, **auth
+    )
+
+
+@pytest.fixture
+def sdk(client: httpx.AsyncClient) -> anthropic.AsyncAnthropic:
+    return anthropic_sdk(client, api_key="unused")
+
+
+@pytest.fixture
+def oai(client: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
+    )
+
+
+def image_block() -> dict:
+    data = data_uri(make_image(96, 64)).split(",", 1)[1]
+    return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+
+
+def assert_anthropic_error(response: httpx.Response, status: int, error_type: str) -> str:
+    """Anthropic's envelope; returns the message."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["type"] == "error" and set(body) == {"type", "error", "request_id"}
+    assert set(body["error"]) == {"type", "message"} and body["error"]["type"] == error_type
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]["message"]
+
+
+async def test_the_answer_is_the_chat_completions(
+    sdk: anthropic.AsyncAnthropic, oai: openai.AsyncOpenAI
+) -> None:
+    # first, so the message reads the prompt from the prefix cache
+    chat = await oai.chat.completions.create(
+        model="tiny",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image_url", "image_url": {"url": data_uri(make_image(96, 64))}},
+                ],
+            },
+        ],
+        max_tokens=6,
+        temperature=0,
+    )
+    message = await sdk.messages.create(
+        model="tiny",
+        system="Be brief.",
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image_block()]}
+        ],
+        max_tokens=6,
+        extra_body=GREEDY,
+    )
+    assert message.id.startswith("msg_") and message.type == "message"
+    assert message.role == "assistant" and message.model == "tiny"
+    (block,) = message.content
+    assert block.type == "text" and block.text == chat.choices[0].message.content
+    usage = message.usage
+    # input_tokens are the ones not read from the prefix cache (the chat request warmed it)
+    assert usage.input_tokens + usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert usage.cache_read_input_tokens > 0 and usage.cache_creation_input_tokens == 0
+    assert usage.output_tokens == chat.usage.completion_tokens
+    finish = chat.choices[0].finish_reason
+    assert message.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[finish]
+    assert message.stop_sequence is None
+
+
+async def test_the_sdks_types_validate_what_is_sent(client: httpx.AsyncClient) -> None:
+    """Strict validation with the SDK's models (the SDK itself builds them unchecked)."""
+    body = {
+        "model": "tiny",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": [image_block(), {"type": "text", "text": "?"}]}],
+    }
+    response = await client.post("/v1/messages", json=body)
+    Message.model_validate(response.json())
+    events = TypeAdapter(RawMessageStreamEvent)
+    kinds = []
+    async with client.stream("POST", "/v1/messages", json={**body, "stream": True}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        async for line in stream.aiter_lines():
+            if line.startswith("event: "):
+                kinds.append(line[7:])
+            if line.startswith("data: "):
+                assert events.validate_python(json.loads(line[6:])).type == kinds[-1]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert kinds[1] == "content_block_start" and kinds[-3] == "content_block_stop"
+
+
+async def test_the_stream_accumulates_to_the_answer(sdk: anthropic.AsyncAnthropic) -> None:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8,
+        "extra_body": GREEDY,
+    }
+    whole = await sdk.messages.create(**body)
+    async with sdk.messages.stream(**body) as stream:
+        texts = [text async for text in stream.text_stream]
+        streamed = await stream.get_final_message()
+    assert "".join(texts) == whole.content[0].text == streamed.content[0].text
+    assert streamed.stop_reason == whole.stop_reason
+    assert streamed.usage.output_tokens == whole.usage.output_tokens
+    assert streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens == (
+        whole.usage.input_tokens + whole.usage.cache_read_input_tokens
+    )
+
+
+async def test_stop_sequences_say_which_one_matched(sdk: anthropic.AsyncAnthropic) -> None:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Count"}],
+        "extra_body": GREEDY,
+    }
+    whole = (await sdk.messages.create(**body, max_tokens=10)).content[0].text
+    stop = whole.strip()[-2:]
+    assert stop.strip(), f"the greedy answer has too little text to stop in: {whole!r}"
+    cut = await sdk.messages.create(**body, max_tokens=10, stop_sequences=["\u2603\u2603", stop])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert whole.startswith(cut.content[0].text) and stop not in cut.content[0].text
+    async with sdk.messages.stream(**body, max_tokens=10, stop_sequences=[stop]) as stream:
+        streamed = await stream.get_final_message()
+    assert streamed.stop_reason == "stop_sequence" and streamed.stop_sequence == stop
+
+
+async def test_prefill_continues_the_assistants_turn(
+    sdk: anthropic.AsyncAnthropic, oai: openai.AsyncOpenAI
+) -> None:
+    """A last assistant message is the answer's beginning: the content continues it (vLLM's
+    continue_final_message)."""
+    turns = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "The colour is"},
+    ]
+    message = await sdk.messages.create(
+        model="tiny", messages=turns, max_tokens=4, extra_body=GREEDY
+    )
+    chat = await oai.chat.completions.create(
+        model="tiny",
+        messages=turns,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert message.content[0].text == chat.choices[0].message.content
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == (
+        chat.usage.prompt_tokens
+    )
+
+
+async def test_tool_use_and_its_result(sdk: anthropic.AsyncAnthropic) -> None:
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    tool_choice = {"type": "tool", "name": "get_weather"}
+    message = await sdk.messages.create(
+        model="tiny",
+        messages=question,
+        tools=[WEATHER],
+        tool_choice=tool_choice,
+        extra_body=GREEDY,
+        max_tokens=100,
+    )
+    assert message.stop_reason == "tool_use"
+    (call,) = message.content
+    assert call.type == "tool_use" and call.name == "get_weather"
+    assert set(call.input) == {"city"} and isinstance(call.input["city"], str)
+    async with sdk.messages.stream(
+        model="tiny",
+        messages=question,
+        tools=[WEATHER],
+        tool_choice=tool_choice,
+        extra_body=GREEDY,
+        max_tokens=100,
+    ) as stream:
+        streamed = await stream.get_final_message()
+    assert streamed.stop_reason == "tool_use"
+    assert streamed.content[0].input == call.input  # rebuilt from the input_json deltas
+    result = {"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}
+    follow_up = await sdk.messages.create(
+        model="tiny",
+        messages=[
+            *question,
+            {"role": "assistant", "content": [b.model_dump() for b in message.content]},
+            {"role": "user", "content": [result, {"type": "text", "text": "And tomorrow?"}]},
+        ],
+        tools=[WEATHER],
+        max_tokens=3,
+    )
+    assert follow_up.content[0].type in ("text", "tool_use")
+    before = message.usage.input_tokens + message.usage.cache_read_input_tokens
+    after = follow_up.usage.input_tokens + follow_up.usage.cache_read_input_tokens
+    assert after > before
+
+
+async def test_a_tool_use_cut_off_by_max_tokens_keeps_what_was_written(
+    sdk: anthropic.AsyncAnthropic,
+) -> None:
+    message = await sdk.messages.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        max_tokens=3,
+    )
+    assert message.stop_reason == "max_tokens"
+    assert [b.type for b in message.content] == ["tool_use"]
+    assert isinstance(message.content[0].input, dict)
+
+
+async def test_thinking_is_accepted_where_the_checkpoint_has_none(
+    sdk: anthropic.AsyncAnthropic,
+) -> None:
+    """An -Instruct checkpoint never thinks: each thinking config answers with text only
+    (a Qwen3 thinking checkpoint's blocks: tests/api/test_qwen3_api.py)."""
+    for thinking in (
+        {"type": "enabled", "budget_tokens": 1024},
+        {"type": "disabled"},
+        {"type": "adaptive"},
+    ):
+        message = await sdk.messages.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=3,
+            thinking=thinking,
+        )
+        assert [b.type for b in message.content] == ["text"]
+
+
+async def test_json_output_follows_the_schema(sdk: anthropic.AsyncAnthropic) -> None:
+    for field in (
+        {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}},
+        {"output_format": {"type": "json_schema", "schema": SCHEMA}},
+    ):
+        message = await sdk.messages.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "A number?"}],
+            max_tokens=40,
+            extra_body=field,
+        )
+        if message.stop_reason == "end_turn":
+            assert set(json.loads(message.content[0].text)) == {"n"}
+
+
+async def test_count_tokens_is_the_messages_input(sdk: anthropic.AsyncAnthropic) -> None:
+    body = {
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": [image_block(), {"type": "text", "text": "?"}]}],
+        "tools": [WEATHER],
+    }
+    counted = await sdk.messages.count_tokens(model="tiny", **body)
+    assert isinstance(counted, MessageTokensCount)
+    message = await sdk.messages.create(model="tiny", max_tokens=1, **body)
+    usage = message.usage
+    assert counted.input_tokens == usage.input_tokens + usage.cache_read_input_tokens
+
+
+async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic) -> None:
+    page = await sdk.models.list()
+    assert "tiny" in [model.id for model in page.data]
+    for model in page.data:
+        assert model.type == "model" and model.display_name == model.id
+        assert model.created_at.year >= 2024
+    assert page.has_more is False
+    assert (page.first_id, page.last_id) == (page.data[0].id, page.data[-1].id)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"max_tokens": None}, "max_tokens"),  # required, as Anthropic's
+        ({"temperature": 1.5}, "temperature"),  # Anthropic's range: 0..1
+        ({"surprise": 1}, "surprise"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+        ({"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
+        ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+            "messages[0].content[0].type",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "?"},
+                            {"type": "image", "source": {"type": "file", "file_id": "file_1"}},
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[1].source.file_id",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].tool_use_id",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "hi"},
+                            {
+                                "type": "image",
+                                "source": {"type": "url", "url": "http://127.0.0.1:1/a.png"},
+                            },
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[1]",  # found by the chat route, named as this body has it
+        ),
+        ({"stop_sequences": ["x" * 1000]}, "stop_sequences"),
+    ],
+)
+async def test_bad_requests_are_400s_in_anthropics_envelope(
+    client: httpx.AsyncClient, change: dict, words: str
+) -> None:
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    body = {k: v for k, v in (body | change).items() if v is not None}
+    response = await client.post("/v1/messages", json=body)
+    message = assert_anthropic_error(response, 400, "invalid_request_error")
+    assert words in message
+
+
+async def test_the_sdk_raises_its_own_errors(sdk: anthropic.AsyncAnthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await sdk.messages.create(
+            model="nope", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        await sdk.messages.count_tokens(model="tiny", messages=[])
+    assert "messages" in bad.value.body["error"]["message"]
+
+
+async def test_other_routes_keep_openais_envelope(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json={"model": "tiny"})
+    assert set(response.json()) == {"error"}
+    response = await client.post("/v1/messagesx", json={})
+    assert set(response.json()) == {"error"}
+
+
+async def test_x_api_key_is_a_key(tiny_model_dir: Path) -> None:
+    """Anthropic's SDK sends its key as x-api-key; a wrong one is a 401 in its envelope."""
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    async for client in start_client(make_settings(tiny_model_dir, api_keys=["k"])):
+        good = anthropic_sdk(client, api_key="k")
+        assert (await good.messages.create(**body)).type == "message"
+        bearer = anthropic_sdk(client, auth_token="k")
+        assert (await bearer.messages.create(**body)).type == "message"
+        wrong = await client.post("/v1/messages", json=body, headers={"x-api-key": "bad"})
+        assert_anthropic_error(wrong, 401, "authentication_error")
+        chat = {"model": "tiny", "messages": body["messages"], "max_tokens": 2}
+        response = await client.post("/v1/chat/completions", json=chat, headers={"x-api-key": "k"})
+        assert response.status_code == 200
+
+
+def test_stop_reasons() -> None:
+    assert stop_of("length", None, True) == ("max_tokens", None)
+    assert stop_of("stop", "##", True) == ("tool_use", None)
+    assert stop_of("stop", "##", False) == ("stop_sequence", "##")
+    assert stop_of("stop", 7, False) == ("end_turn", None)  # a stop token is not a sequence
+    assert stop_of("stop", None, False) == ("end_turn", None)
+
+
+def test_thinking_becomes_a_thinking_block() -> None:
+    choice = ChoiceResult(
+        0,
+        "42",
+        [ToolCall("call_1", "f", '{"a": 1}')],
+        "tool_calls",
+        None,
+        None,
+        reasoning_content="Let me see.",
+    )
+    blocks = content_blocks(choice, omit_thinking=False)
+    assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use"]
+    assert blocks[0]["thinking"] == "Let me see." and blocks[2]["input"] == {"a": 1}
+    assert content_blocks(choice, omit_thinking=True)[0]["thinking"] == ""
+    cut = ChoiceResult(0, None, [ToolCall("call_1", "f", '{"a": "xy')], "length", None, None)
+    assert content_blocks(cut, omit_thinking=False)[0]["input"] == {"a": "xy"}
+
+
+async def test_a_block_whose_type_is_not_a_string_is_a_400(client: httpx.AsyncClient) -> None:
+    """(Found by the OpenAPI fuzz test: it was a 500.)"""
+    for block in ({"type": {}}, {"type": ["text"]}, {"type": None}, "text", {}):
+        body = {"model": "tiny", "max_tokens": 2}
+        body["messages"] = [{"role": "user", "content": [block]}]
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            response = await client.post(path, json=body)
+            assert_anthropic_error(response, 400, "invalid_request_error")
