@@ -34,6 +34,7 @@ class EngineConfig:
     kv_cache_memory_gib: float  # 0: automatic
     max_queued_requests: int
     queue_timeout_s: float
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -107,6 +108,9 @@ class Settings(BaseSettings):
     generation_config: Literal["openai", "auto"] = "openai"
     max_queued_requests: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=60.0, gt=0)
+    # vLLM's: fcfs, or priority (a request's `priority`: lower first, and it may preempt)
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    job_priority: int = Field(default=1, ge=-(2**31), lt=2**31)  # async jobs' requests
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(default=16, ge=0)
     max_media_bytes_per_request: int = Field(default=256 * 1024 * 1024, ge=1)
@@ -243,6 +247,7 @@ class Settings(BaseSettings):
             compile_decoder=self.compile_decoder,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
+            scheduling_policy=self.scheduling_policy,
         )
 
     def media_limits(self) -> MediaLimits:

@@ -118,6 +118,13 @@ HELP = {
     "logged at start). /v2/media keeps its own defaults.",
     "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After.",
     "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
+    "scheduling_policy": "Order of the request queue (vLLM's): `fcfs` (first come, first "
+    "served; a request's non-zero `priority` is a 400) or `priority` (lower `priority` values "
+    "first, ties first come; a request that outranks running ones and finds no room preempts "
+    "the lowest-ranked, which are recomputed later).",
+    "job_priority": "The `priority` of async jobs' requests under --scheduling-policy priority "
+    "(requests default to 0: by default interactive requests go before jobs, and may preempt "
+    "them).",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",
     "max_images_per_request": "Images in one request, all messages together.",
     "max_media_bytes_per_request": "All media of one request together.",
@@ -131,8 +138,9 @@ HELP = {
     "with it.",
     "max_concurrent_preprocessing": "Requests fetching and decoding their media at once.",
     "media_fetch_timeout": "For the whole download of one media URL.",
-    "allowed_media_domains": "Only these hosts for media and webhook URLs (repeatable or "
-    "comma-separated); listed hosts may be private (an internal media store).",
+    "allowed_media_domains": "An allow-list for media and webhook URLs (repeatable or "
+    "comma-separated): once set, only these hosts, which may be private (an internal media "
+    "store); every other host, public ones included, is refused.",
     "allowed_local_media_path": "Serve file:// media URLs from below this directory (off when "
     "not set).",
     "media_follow_redirects": "Follow media URL redirects, each hop checked again.",

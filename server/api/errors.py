@@ -14,10 +14,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
-from server.exceptions import ServerError
+from server.exceptions import InvalidRequest, ServerError
 from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ PART_TAGS = frozenset(
     # the Messages API's blocks and tools
     | {"image", "tool_use", "tool_result", "thinking", "other", "custom", "server"}
 )
+SOURCE_TAGS = frozenset({"base64", "url", "file"})
 
 HTTP_ERROR_TYPES = {
     401: "authentication_error",
@@ -105,6 +107,8 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
             continue  # a union branch pydantic tried, not a field
         elif isinstance(previous, int) and item in PART_TAGS:
             pass  # a content part's type tag, which pydantic puts before the part's fields
+        elif previous == "source" and item in SOURCE_TAGS:
+            pass  # an Anthropic image source's type tag (source.media_type, not .base64.)
         else:
             param += f".{item}" if param else str(item)
         previous = item
@@ -179,3 +183,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             request, 500, "Internal server error; see the server log.", "server_error"
         )
+
+
+def chat_body_error(exc: ValidationError) -> InvalidRequest:
+    """A chat-level check that another API's body (/v1/responses, /v1/messages) failed once
+    read as a chat completion (its own checks passed), naming the chat body's field (the
+    route renames it as its body has it)."""
+    first = exc.errors()[0]
+    text = str(first["msg"]).removeprefix("Value error, ")
+    return InvalidRequest(
+        f"The request cannot be read as a conversation: {text}.",
+        param=loc_to_param(tuple(first.get("loc", ()))) or "messages",
+        code="invalid_value",
+    )

@@ -23,18 +23,24 @@ from pydantic import (
     PrivateAttr,
     StrictBool,
     Tag,
-    ValidationError,
 )
 from pydantic_core import from_json
 
-from server.api.errors import loc_to_param
+from server.api.errors import anthropic_error_type
 from server.api.protocol import MAX_CACHE_SALT, PartModel, StopString, StrictModel, Text
 from server.api.sse import answer_pieces
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.reasoning import Reasoning, ReasoningStream
-from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
+from server.pipelines.tools import (
+    Event,
+    NamedCall,
+    ToolCallDelta,
+    Tools,
+    call_stream,
+    new_call_id,
+)
 
 # -- request ----------------------------------------------------------------------------------
 
@@ -284,6 +290,13 @@ class MessagesRequest(StrictModel):
     def omits_thinking(self) -> bool:
         return self.thinking is not None and self.thinking.display == "omitted"
 
+    @property
+    def forced_tools(self) -> frozenset[str] | None:
+        """The tools' names when tool_choice is "any" (one of them must be called)."""
+        if self.tool_choice is None or self.tool_choice.type != "any":
+            return None
+        return frozenset(t.name for t in self.tools or () if isinstance(t, CustomTool))
+
     def to_chat_body(self) -> dict[str, Any]:
         """The chat completion's body this request is."""
         self._refuse_server_tools()
@@ -343,8 +356,14 @@ class MessagesRequest(StrictModel):
             if isinstance(message.content, str):
                 chat.add(message.role, [(_text_part(message.content), where)], where)
                 continue
-            for j, block in enumerate(message.content):
+            # A user turn's tool results first (Anthropic's order: they answer the calls just
+            # before), then the rest of the turn.
+            blocks = sorted(
+                enumerate(message.content), key=lambda b: not isinstance(b[1], ToolResultBlock)
+            )
+            for j, block in blocks:
                 chat.add_block(message.role, block, f"{where}.content[{j}]")
+        chat.check_answered()
         self._origins = chat.origins
         if not chat.messages:
             raise InvalidRequest(
@@ -379,6 +398,7 @@ class MessagesRequest(StrictModel):
             exc.param = "stop_sequences"
 
 
+SERVER_ERROR = "The server had an error while processing your request."
 MESSAGE_PART = re.compile(r"messages\[(\d+)\](\.content(?:\[(\d+)\])?)?")
 
 
@@ -404,11 +424,12 @@ class ChatMessages:
         self.messages: list[dict[str, Any]] = []
         self.origins: list[list[str]] = []
         self.calls: set[str] = set()
+        self.unanswered: dict[str, str] = {}  # tool_use ids with no result yet -> where
 
     def add(self, role: str, parts: list[tuple[dict[str, Any], str]], where: str) -> None:
         """Parts for a turn of `role`: into the last message if it is that role's turn."""
         last = self.messages[-1] if self.messages else None
-        if last is None or last["role"] != role or "tool_calls" in last or role == "system":
+        if last is None or last["role"] != role or role == "system":
             self.messages.append({"role": role, "content": []})
             self.origins.append([where])
         self.messages[-1]["content"] += [part for part, _ in parts]
@@ -447,6 +468,18 @@ class ChatMessages:
         call["function"] = {"name": block.name, "arguments": arguments}
         self.messages[-1].setdefault("tool_calls", []).append(call)
         self.calls.add(block.id)
+        self.unanswered[block.id] = where
+
+    def check_answered(self) -> None:
+        """Every tool_use has its tool_result (as Anthropic requires): a conversation that
+        ends on a call is not a prefill to continue."""
+        for call_id, where in self.unanswered.items():
+            raise InvalidRequest(
+                f"tool_use block {call_id!r} has no tool_result block after it: send the "
+                "result in the user turn that follows.",
+                param=f"{where}.id",
+                code="invalid_value",
+            )
 
     def _result(self, role: str, block: ToolResultBlock, where: str) -> None:
         if role != "user":
@@ -455,6 +488,7 @@ class ChatMessages:
                 param=f"{where}.type",
                 code="invalid_value",
             )
+        self.unanswered.pop(block.tool_use_id, None)
         if block.tool_use_id not in self.calls:
             raise InvalidRequest(
                 f"tool_result block with tool_use_id {block.tool_use_id!r} has no tool_use "
@@ -469,12 +503,19 @@ class ChatMessages:
                 (_part(b, f"{where}.content[{i}]"), f"{where}.content[{i}]")
                 for i, b in enumerate(block.content)
             ]
+        # Qwen's templates write a tool result as text: its images go to the model in a user
+        # turn right after it.
+        texts = [(p, o) for p, o in parts if p["type"] == "text"]
+        images = [(p, o) for p, o in parts if p["type"] != "text"]
         if block.is_error:
-            parts.insert(0, (_text_part("Error: "), where))
+            texts.insert(0, (_text_part("Error: "), where))
+        content = [p for p, _ in texts] or ""
         self.messages.append(
-            {"role": "tool", "tool_call_id": block.tool_use_id, "content": [p for p, _ in parts]}
+            {"role": "tool", "tool_call_id": block.tool_use_id, "content": content}
         )
-        self.origins.append([where, *(origin for _, origin in parts)])
+        self.origins.append([where, *(origin for _, origin in texts)])
+        if images:
+            self.add("user", images, where)
 
 
 class CountTokensRequest(MessagesRequest):
@@ -486,18 +527,6 @@ class CountTokensRequest(MessagesRequest):
 
 class TokensCount(BaseModel):
     input_tokens: int
-
-
-def chat_body_error(exc: ValidationError) -> InvalidRequest:
-    """A chat-level check the Messages body failed (its own checks passed), with the chat
-    body's field (name_error renames it)."""
-    first = exc.errors()[0]
-    text = str(first["msg"]).removeprefix("Value error, ")
-    return InvalidRequest(
-        f"The request cannot be read as a conversation: {text}.",
-        param=loc_to_param(tuple(first.get("loc", ()))) or "messages",
-        code="invalid_value",
-    )
 
 
 # -- response ---------------------------------------------------------------------------------
@@ -564,26 +593,52 @@ def tool_use_block(call_id: str, name: str, arguments: dict[str, Any]) -> dict[s
     return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
 
 
-def content_blocks(choice: ChoiceResult, omit_thinking: bool) -> list[dict[str, Any]]:
-    """A whole answer as content blocks: its thinking, its text, its tool calls."""
+def content_blocks(
+    choice: ChoiceResult, omit_thinking: bool, forced: frozenset[str] | None = None
+) -> list[dict[str, Any]]:
+    """A whole answer as content blocks: its thinking, its text, its tool calls. `forced`:
+    the tools' names when tool_choice is "any" (whose calls, cut off by max_tokens, come as
+    text)."""
     blocks = []
     if choice.reasoning_content:
         blocks.append(thinking_block("" if omit_thinking else choice.reasoning_content))
-    if choice.content or not (choice.tool_calls or blocks):
-        blocks.append({"type": "text", "text": choice.content or ""})
-    for call in choice.tool_calls:
-        blocks.append(tool_use_block(call.id, call.name, _input(call.arguments)))
+    text, calls = choice.content, [(c.id, c.name, _input(c.arguments)) for c in choice.tool_calls]
+    if forced is not None and text and not calls and choice.finish_reason == "length":
+        calls = cut_off_calls(text, forced)
+        text = None if calls else text
+    if text or not (calls or blocks):
+        blocks.append({"type": "text", "text": text or ""})
+    blocks += [tool_use_block(*call) for call in calls]
     return blocks
 
 
 def _input(arguments: str) -> dict[str, Any]:
     """A call's arguments as its input; of a call cut off by max_tokens, what was written
     (as Anthropic's cut-off tool_use blocks)."""
-    try:
-        value = from_json(arguments, allow_partial="trailing-strings")
-    except ValueError:
-        return {}
+    value = _partial_json(arguments)
     return value if isinstance(value, dict) else {}
+
+
+def _partial_json(text: str) -> Any:
+    try:
+        return from_json(text, allow_partial="trailing-strings")
+    except ValueError:
+        return None
+
+
+def cut_off_calls(text: str, names: frozenset[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """tool_choice "any" cut off by max_tokens: its list of {"name", "parameters"} as far as
+    it was written, as (id, name, input) for each call whose name is complete."""
+    calls = _partial_json(text)
+    if not isinstance(calls, list):
+        return []
+    return [
+        (new_call_id(), call["name"], call.get("parameters") or {})
+        for call in calls
+        if isinstance(call, dict)
+        and call.get("name") in names
+        and isinstance(call.get("parameters", {}), dict)
+    ]
 
 
 def completed(body: MessagesRequest, result: ChatResult) -> MessageObject:
@@ -592,7 +647,7 @@ def completed(body: MessagesRequest, result: ChatResult) -> MessageObject:
     return MessageObject(
         id=message_id(),
         model=body.model,
-        content=content_blocks(choice, body.omits_thinking),
+        content=content_blocks(choice, body.omits_thinking, body.forced_tools),
         stop_reason=reason,
         stop_sequence=stop,
         usage=usage_of(result.run),
@@ -610,9 +665,17 @@ class MessageEvents:
     them: message_start; each content block started, its deltas, stopped (thinking, then
     text, then each tool call); message_delta with the stop reason and usage; message_stop."""
 
-    def __init__(self, message: MessageObject, tools: Tools | None, reasoning: bool, omit: bool):
+    def __init__(
+        self,
+        message: MessageObject,
+        tools: Tools | None,
+        reasoning: bool,
+        omit: bool,
+        forced: frozenset[str] | None = None,
+    ):
         self.message = message
         self.calls = call_stream(tools)
+        self.forced = forced  # tool_choice "any": text comes only from a cut-off call list
         self.reasoning = ReasoningStream() if reasoning else None
         self.omit_thinking = omit
         self.index = -1  # of the last block started
@@ -641,9 +704,13 @@ class MessageEvents:
             event("message_stop"),
         ]
 
-    def failed(self, error_type: str, message: str) -> list[str]:
-        """An error after the stream began: the open block stopped, then the error."""
-        return [*self._stop(), event("error", error={"type": error_type, "message": message})]
+    def failed(self, exc: ServerError | None, run: ChatRun) -> list[str]:
+        """An error after the stream began (None: the server's own fault): the open block
+        stopped, then the error."""
+        error = {"type": "api_error", "message": SERVER_ERROR}
+        if exc is not None:
+            error = {"type": anthropic_error_type(exc.status_code), "message": exc.message}
+        return [*self._stop(), event("error", error=error)]
 
     def _piece(self, piece: Reasoning | Event) -> list[str]:
         if isinstance(piece, Reasoning):
@@ -654,15 +721,25 @@ class MessageEvents:
             return events + [self._delta(delta)]
         if isinstance(piece, ToolCallDelta):
             events = []
+            arguments = piece.arguments
             if piece.id is not None:  # a new call: its id and name come first
                 self.called = True
                 events += self._start(tool_use_block(piece.id, piece.name or "", {}))
-            if piece.arguments:
-                delta = {"type": "input_json_delta", "partial_json": piece.arguments}
+                if not isinstance(self.calls, NamedCall):  # a whole call: its input, an object
+                    arguments = json.dumps(_input(arguments), ensure_ascii=False)
+            if arguments:
+                delta = {"type": "input_json_delta", "partial_json": arguments}
                 events.append(self._delta(delta))
             return events
         if not piece:
             return []
+        if self.forced is not None and (calls := cut_off_calls(piece, self.forced)):
+            events = []
+            for call_id, name, arguments in calls:
+                events += self._start(tool_use_block(call_id, name, {}))
+                delta = {"type": "input_json_delta", "partial_json": json.dumps(arguments)}
+                events.append(self._delta(delta))
+            return events
         events = [] if self.open == "text" else self._start({"type": "text", "text": ""})
         return events + [self._delta({"type": "text_delta", "text": piece})]
 

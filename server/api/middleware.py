@@ -13,7 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_body
+from server.api.errors import error_body, speaks_anthropic
 from server.log import request_id_var
 
 # A client's X-Request-ID is echoed and logged only if it looks like an id, never arbitrary text.
@@ -75,9 +75,14 @@ class RequestIdMiddleware:
         started = time.perf_counter()
         response = _ResponseRecord()
 
+        # Anthropic's clients read the id from request-id (its SDK's `_request_id`).
+        anthropic = speaks_anthropic(scope["path"])
+        names = [b"x-request-id", b"request-id"] if anthropic else [b"x-request-id"]
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                headers = message.setdefault("headers", [])
+                headers += [(name, request_id.encode()) for name in names]
             response.record(message)
             await send(message)
 
@@ -218,7 +223,7 @@ class ApiKeyMiddleware:
         # Bearer (OpenAI's clients) or x-api-key (Anthropic's)
         tokens = [token.strip()] if scheme.lower() == b"bearer" else []
         tokens += [headers[b"x-api-key"].strip()] if b"x-api-key" in headers else []
-        if any(self._is_key(t) for t in tokens):
+        if any(self._is_key(t) for t in tokens if t):  # an empty header is no key
             await self.app(scope, receive, send)
             return
         await send_error(

@@ -387,7 +387,6 @@ IGNORED_FIELDS = (
     "store",
     "user",
     "verbosity",
-    "priority",
     "request_id",
     # vLLM's: Qwen's (fast) tokenizers join special tokens without spaces either way, as
     # vLLM's fast detokenizer does
@@ -462,7 +461,8 @@ class ChatCompletionRequest(StrictModel):
     skip_special_tokens: bool | None = None  # extension (vLLM's): false keeps them in the text
     # extensions (vLLM's) with nothing to change here (see IGNORED_FIELDS)
     spaces_between_special_tokens: bool | None = None
-    priority: int | None = None
+    # extension (vLLM's): under --scheduling-policy priority, lower values are served first
+    priority: int | None = Field(default=None, ge=-(2**31), lt=2**31)
     request_id: str | None = Field(default=None, max_length=256)
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
@@ -680,6 +680,7 @@ def sampling_params(
         skip_special_tokens=body.skip_special_tokens is not False,
         bad_words=tuple(body.bad_words or ()),
         cache_salt=body.cache_salt,
+        priority=body.priority or 0,
     )
 
 
@@ -965,11 +966,14 @@ class ModelCard(BaseModel):
     type: Literal["model"] = "model"
     display_name: str = ""
     created_at: str = ""  # RFC 3339
+    lifecycle: Literal["active"] = "active"
+    max_input_tokens: int = 0
 
     @model_validator(mode="after")
     def _anthropic_fields(self) -> ModelCard:
         self.display_name = self.display_name or self.id
-        when = datetime.datetime.fromtimestamp(self.created, datetime.UTC)
+        self.max_input_tokens = self.max_input_tokens or self.max_model_len
+        when = datetime.datetime.fromtimestamp(self.created, datetime.timezone.utc)
         self.created_at = self.created_at or when.isoformat().replace("+00:00", "Z")
         return self
 
@@ -1131,6 +1135,8 @@ class CompletionRequest(StrictModel):
     # (no effect: see IGNORED_FIELDS)
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
+    # extension (vLLM's): under --scheduling-policy priority, lower values are served first
+    priority: int | None = Field(default=None, ge=-(2**31), lt=2**31)
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

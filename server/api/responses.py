@@ -23,10 +23,8 @@ from pydantic import (
     PrivateAttr,
     StrictBool,
     Tag,
-    ValidationError,
 )
 
-from server.api.errors import loc_to_param
 from server.api.protocol import (
     MAX_CACHE_SALT,
     ChatCompletionTokenLogprob,
@@ -360,18 +358,7 @@ def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
     return [part.model_dump(exclude_none=True) for part in content]
 
 
-def chat_body_error(exc: ValidationError) -> InvalidRequest:
-    """A chat-level check the Responses body failed (its own checks passed), with the chat
-    body's field (name_error renames it)."""
-    first = exc.errors()[0]
-    text = str(first["msg"]).removeprefix("Value error, ")
-    return InvalidRequest(
-        f"The request cannot be read as a conversation: {text}.",
-        param=loc_to_param(tuple(first.get("loc", ()))) or "messages",
-        code="invalid_value",
-    )
-
-
+SERVER_ERROR = "The server had an error while processing your request."
 MESSAGE_INDEX = re.compile(r"messages\[(\d+)\](\.content)?")
 
 
@@ -595,8 +582,9 @@ class ResponseEvents:
             events += self._close(_status(output.finish_reason))
         return events
 
-    def end(self, reason: str, run: ChatRun) -> list[str]:
+    def end(self, output: SequenceOutput, run: ChatRun) -> list[str]:
         """The last events, once the answer is in."""
+        reason = output.finish_reason or "stop"
         events = []
         if not self.output:  # an empty answer is still a message
             events = self._open_message() + self._close(_status(reason))
@@ -604,9 +592,13 @@ class ResponseEvents:
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return events + [self._event(kind, response=final)]
 
-    def failed(self, error: dict[str, Any], run: ChatRun) -> list[str]:
-        """An error after the stream began: the open item closed as it stands, the error,
-        then the response failed (with what was sent, and its usage)."""
+    def failed(self, exc: ServerError | None, run: ChatRun) -> list[str]:
+        """An error after the stream began (None: the server's own fault): the open item
+        closed as it stands, the error, then the response failed (with what was sent, and
+        its usage)."""
+        error = {"code": "server_error", "message": SERVER_ERROR, "param": None}
+        if exc is not None:
+            error = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
         events = self._close("incomplete")
         self.response.status, self.response.error = "failed", error
         self.response.output, self.response.usage = self.output, usage_of(run)

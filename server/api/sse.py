@@ -5,9 +5,11 @@ finish_reason, an optional usage chunk (empty choices), then `data: [DONE]`."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.api.protocol import (
     ChatCompletionChunk,
@@ -29,9 +31,12 @@ from server.pipelines.logprobs import TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import CallStream, Event, ToolCallDelta, Tools, call_stream
 
+logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 # No caching, and no buffering by a proxy in front (nginx reads X-Accel-Buffering).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The OpenAPI document's 200 of a route that may stream (stream: true)
+SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 
 def error_event(exc: ServerError) -> str:
@@ -247,3 +252,46 @@ async def _prepend(
     yield first
     async for item in rest:
         yield item
+
+
+class EventWriter(Protocol):
+    """A streamed answer as another API's events (/v1/responses, /v1/messages)."""
+
+    def begin(self) -> list[str]: ...
+
+    def feed(self, output: SequenceOutput) -> list[str]: ...
+
+    def end(self, output: SequenceOutput, run: ChatRun) -> list[str]: ...
+
+    def failed(self, error: ServerError | None, run: ChatRun) -> list[str]: ...
+
+
+async def event_stream(
+    events: EventWriter,
+    run: ChatRun,
+    first: SequenceOutput,
+    rest: AsyncIterator[SequenceOutput],
+) -> AsyncIterator[str]:
+    """The writer's events for a run's outputs; an error after the status line went out is
+    the writer's failure events (None: an unexpected one, logged here)."""
+    for event in events.begin():
+        yield event
+    output = first
+    error: ServerError | None
+    try:
+        for event in events.feed(first):
+            yield event
+        async for output in rest:
+            for event in events.feed(output):
+                yield event
+    except ServerError as exc:
+        error = exc
+    except Exception:
+        logger.exception("the event stream failed")
+        error = None
+    else:
+        for event in events.end(output, run):
+            yield event
+        return
+    for event in events.failed(error, run):
+        yield event

@@ -59,8 +59,7 @@ class BlockManager:
         the free blocks cannot hold them (reused blocks held by others cost nothing; reused
         blocks in the free list still take a free block)."""
         hits = self._prefix_hits(seq)  # one walk of the prompt's hash chain for both
-        held = sum(1 for block_id in hits if self.blocks[block_id].ref_count > 0)
-        if num_blocks_for(seq.num_tokens, self.block_size) - held > self.num_free_blocks:
+        if not self._fit(seq, hits):
             return False
         for block_id in hits:
             block = self.blocks[block_id]
@@ -76,6 +75,14 @@ class BlockManager:
             self.num_queried_tokens += seq.inputs.num_prompt_tokens
             self.num_hit_tokens += seq.num_computed_tokens
         return True
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Whether allocate(seq) would succeed now (nothing changed)."""
+        return self._fit(seq, self._prefix_hits(seq))
+
+    def _fit(self, seq: Sequence, hits: list[int]) -> bool:
+        held = sum(1 for block_id in hits if self.blocks[block_id].ref_count > 0)
+        return num_blocks_for(seq.num_tokens, self.block_size) - held <= self.num_free_blocks
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold the sequence's leading full blocks. At least one token is

@@ -106,6 +106,7 @@ class AsyncEngine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_queued_requests=config.max_queued_requests,
                 queue_timeout_s=config.queue_timeout_s,
+                policy=config.scheduling_policy,
             ),
             blocks,
         )
@@ -220,10 +221,17 @@ class AsyncEngine:
         return replace(sampling, bad_word_ids=ids)
 
     def check_sampling(self, sampling: SamplingParams) -> None:
-        """What only the model can tell about a request's sampling parameters: token ids
-        within the vocabulary, allowed ids that leave a token to generate, bad words that
-        can be written down in tokens."""
+        """What only the engine can tell about a request's sampling parameters: a priority
+        its policy looks at, token ids within the vocabulary, allowed ids that leave a token
+        to generate, bad words that can be written down in tokens."""
         sampling = self.with_bad_word_ids(sampling)
+        if sampling.priority and self.scheduler.config.policy != "priority":
+            raise InvalidRequest(
+                "priority needs the server started with --scheduling-policy priority (it "
+                "serves first come, first served).",
+                param="priority",
+                code="invalid_value",
+            )
         vocab = self.runner.vocab_size
         ids = {
             "stop_token_ids": sampling.stop_token_ids,

@@ -96,6 +96,9 @@ class SamplingParams:
     # vLLM's cache_salt: prefix-cache and vision-cache hits only between requests that send the
     # same salt (tenants that must not learn, by timing, what another one asked)
     cache_salt: str | None = None
+    # vLLM's priority (not a sampling parameter, but it rides with the request to the
+    # scheduler): under --scheduling-policy priority, lower values are served first
+    priority: int = 0
 
     @property
     def is_greedy(self) -> bool:

@@ -10,13 +10,20 @@ Every engine step has one token budget (max_num_batched_tokens) that counts real
 3. waiting sequences are admitted, first come first served, while the budget, max_num_seqs
    and free KV blocks allow; a prompt's prefix already in the prefix cache is not recomputed.
 A long prompt thus never holds the running streams back by more than one chunk.
+
+Under the "priority" policy (vLLM's) the queue is ordered by (priority, arrival): lower values
+first. A waiting sequence that outranks running ones and cannot fit beside them takes their
+place at the start of a step (the lowest-ranked, most recently admitted first, are preempted
+and recomputed later), and memory-pressure preemption also picks the lowest-ranked. Under
+"fcfs" priorities are not looked at: every sequence ranks the same.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
@@ -28,6 +35,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int  # tokens (decodes + prompt chunks) in one step
     max_queued_requests: int
     queue_timeout_s: float
+    policy: Literal["fcfs", "priority"] = "fcfs"
 
 
 @dataclass
@@ -61,7 +69,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []  # in (rank, arrival) order: the next to admit first
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.peak_num_running = 0  # for tests and metrics
         self.num_preemptions = 0
@@ -72,11 +80,22 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq)
+
+    def rank(self, seq: Sequence) -> int:
+        """Lower ranks are served first (the request's priority, under the priority policy)."""
+        return seq.sampling.priority if self.config.policy == "priority" else 0
+
+    def _enqueue(self, seq: Sequence) -> None:
+        # After those of equal rank that arrived first: first come, first served within a
+        # rank (a preempted sequence arrived before any that waits, so it goes first again).
+        bisect.insort(self.waiting, seq, key=lambda s: (self.rank(s), s.arrival_time))
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        if self.config.policy == "priority":
+            self._make_way_for_rank()
         num_preemptions = self.num_preemptions
         for seq in list(self.running):
             if seq.is_last_token_pending:  # it ends when that token arrives
@@ -94,7 +113,7 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) >= self.config.max_num_seqs or not self.blocks.allocate(seq):
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             if not seq.is_admitted:
                 seq.is_admitted = True
                 batch.admitted.append(seq)
@@ -107,15 +126,35 @@ class Scheduler:
         return batch
 
     def _make_room(self, seq: Sequence) -> bool:
-        """A KV slot for the sequence's next token, preempting the newest sequences if need
-        be; False when the sequence itself had to be preempted."""
+        """A KV slot for the sequence's next token, preempting the lowest-ranked, newest
+        sequences if need be; False when the sequence itself had to be preempted."""
         while not self.blocks.can_append(seq):
-            victim = self.running[-1]
+            victim = self._victim()
             self._preempt(victim)
             if victim is seq:
                 return False
         self.blocks.append(seq)
         return True
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt first: the lowest-ranked, most recently admitted."""
+        index = max(range(len(self.running)), key=lambda i: (self.rank(self.running[i]), i))
+        return self.running[index]
+
+    def _make_way_for_rank(self) -> None:
+        """The first waiting sequence, if it outranks running ones and cannot fit beside them,
+        takes their place (they wait, and are recomputed later)."""
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+        while self.running and not self._fits(head):
+            victim = self._victim()
+            if self.rank(victim) <= self.rank(head):
+                return
+            self._preempt(victim)
+
+    def _fits(self, seq: Sequence) -> bool:
+        return len(self.running) < self.config.max_num_seqs and self.blocks.can_allocate(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -123,7 +162,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
 
     def commit(self, batch: ScheduledBatch) -> None:
         """The step ran: its tokens are in the KV cache (a sequence that finished meanwhile

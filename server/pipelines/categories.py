@@ -133,6 +133,7 @@ class CategoriesRequest:
     media_url: str
     keys: tuple[str, ...]
     use_scenes: bool = False
+    priority: int = 0  # the scheduler's (async jobs': --job-priority)
 
 
 @dataclass
@@ -175,7 +176,9 @@ class CategoriesPipeline:
         self.engine.check_capacity()
         spec = StructuredOutput.json_schema(categories_schema(request.keys))
         await compile_grammar(self.engine, spec)
-        sampling = SamplingParams(max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec)
+        sampling = SamplingParams(
+            max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec, priority=request.priority
+        )
         if is_video_url(request.media_url):
             return await self._video(request, sampling, on_progress)
         return await self._image(request, sampling)

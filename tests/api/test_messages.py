@@ -13,12 +13,25 @@ import httpx
 import httpx2
 import openai
 import pytest
+import torch
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from server.api.messages import content_blocks, stop_of
-from server.pipelines.chat import ChoiceResult
+from server.api.messages import (
+    MessageEvents,
+    MessageObject,
+    MessagesRequest,
+    content_blocks,
+    stop_of,
+    usage_of,
+)
+from server.engine.inputs import ModelInputs
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence, SequenceOutput
+from server.exceptions import EngineOverloaded, InvalidRequest
+from server.pipelines.chat import ChatRun, ChoiceResult
 from server.pipelines.messages import ToolCall
+from server.pipelines.tools import Tools
 from tests.helpers import data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
@@ -36,6 +49,10 @@ WEATHER = {
 # The current SDK has no temperature argument (newer Claude models take none); its older
 # versions and curl scripts send one, and clients reach it through extra_body.
 GREEDY = {"temperature": 0}
+WEATHER_CHAT = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": WEATHER["input_schema"]},
+}
 SCHEMA = {
     "type": "object",
     "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -282,6 +299,69 @@ async def test_thinking_is_accepted_where_the_checkpoint_has_none(
         assert [b.type for b in message.content] == ["text"]
 
 
+async def test_any_tool_cut_off_by_max_tokens_is_a_partial_tool_use(
+    sdk: anthropic.AsyncAnthropic, client: httpx.AsyncClient
+) -> None:
+    """tool_choice "any" decodes a list of calls under a grammar; cut off, the calls whose
+    name was written are tool_use blocks with what their input got (not the list's text)."""
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "any"},
+        "max_tokens": 22,
+    }
+    message = await sdk.messages.create(**body, extra_body=GREEDY)
+    assert message.stop_reason == "max_tokens"
+    assert [b.type for b in message.content] == ["tool_use"], message.content
+    assert message.content[0].name == "get_weather"
+    assert isinstance(message.content[0].input, dict)
+    async with sdk.messages.stream(**body, extra_body=GREEDY) as stream:
+        streamed = await stream.get_final_message()
+    assert [b.type for b in streamed.content] == ["tool_use"]
+    assert streamed.content[0].input == message.content[0].input
+
+
+async def test_images_in_a_tool_result_reach_the_model(
+    sdk: anthropic.AsyncAnthropic, client: httpx.AsyncClient
+) -> None:
+    """Qwen's templates write tool results as text: an image in one goes in the user turn
+    right after it (so the prompt holds its image tokens)."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "oslo"}}
+    turns = [
+        {"role": "user", "content": "Show me the sky."},
+        {"role": "assistant", "content": [call]},
+    ]
+    text_only = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}
+    with_image = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_1",
+        "content": [{"type": "text", "text": "sunny"}, image_block()],
+    }
+    only_image = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [image_block()]}
+    counts = []
+    for result in (text_only, with_image, only_image):
+        counted = await sdk.messages.count_tokens(
+            model="tiny", messages=[*turns, {"role": "user", "content": [result]}], tools=[WEATHER]
+        )
+        counts.append(counted.input_tokens)
+    assert counts[1] > counts[0] and counts[2] > counts[0]
+    message = await sdk.messages.create(
+        model="tiny",
+        messages=[*turns, {"role": "user", "content": [with_image]}],
+        tools=[WEATHER],
+        max_tokens=2,
+    )
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == counts[1]
+
+
+async def test_the_request_id_is_where_the_sdk_reads_it(sdk: anthropic.AsyncAnthropic) -> None:
+    message = await sdk.messages.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+    )
+    assert message._request_id and len(message._request_id) >= 16
+
+
 async def test_json_output_follows_the_schema(sdk: anthropic.AsyncAnthropic) -> None:
     for field in (
         {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}},
@@ -346,6 +426,26 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
                 ]
             },
             "messages[0].content[1].source.file_id",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image",
+                                "source": {
+                                    "type": "base64",
+                                    "media_type": "image/tiff",
+                                    "data": "AAAA",
+                                },
+                            },
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].source.media_type",
         ),
         (
             {
@@ -457,3 +557,73 @@ async def test_a_block_whose_type_is_not_a_string_is_a_400(client: httpx.AsyncCl
         for path in ("/v1/messages", "/v1/messages/count_tokens"):
             response = await client.post(path, json=body)
             assert_anthropic_error(response, 400, "invalid_request_error")
+
+
+def test_a_failure_mid_stream_stops_the_open_block_then_sends_the_error() -> None:
+    seq = Sequence(
+        "r", ModelInputs({"input_ids": torch.tensor([[1, 2, 3]])}, 3, 0), SamplingParams(), 8
+    )
+    start = MessageObject(id="msg_x", model="tiny", content=[], usage=usage_of(ChatRun([seq])))
+    events = MessageEvents(start, None, reasoning=False, omit=False)
+    sent = events.begin() + events.feed(SequenceOutput("Hel", 1))
+    sent += events.failed(EngineOverloaded("busy", retry_after_s=1), ChatRun([seq]))
+    sent += events.failed(None, ChatRun([seq]))  # (a second failure: nothing left open)
+    parsed = [json.loads(e.split("data: ", 1)[1]) for e in sent]
+    kinds = [p["type"] for p in parsed]
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "error",
+        "error",
+    ]
+    assert parsed[4]["error"] == {"type": "overloaded_error", "message": "busy"}
+    assert parsed[5]["error"]["type"] == "api_error"
+    for event in parsed[:-2]:
+        TypeAdapter(RawMessageStreamEvent).validate_python(event)
+
+
+def test_a_streamed_whole_call_sends_its_input_as_an_object() -> None:
+    """A call the model wrote with arguments that are not an object: its input is {} in both
+    forms (the SDK's accumulator parses the input_json as an object)."""
+    tools = Tools((WEATHER_CHAT,), "auto", True)
+    start = MessageObject(id="msg_x", model="tiny", content=[], usage={})
+    events = MessageEvents(start, tools, reasoning=False, omit=False)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": "oslo"}\n</tool_call>'
+    sent = events.feed(SequenceOutput(text, 5, True, "stop"))
+    deltas = [json.loads(e.split("data: ", 1)[1]) for e in sent if "input_json_delta" in e]
+    assert [d["delta"]["partial_json"] for d in deltas] == ["{}"]
+
+
+def test_turns_pair_each_call_with_its_result() -> None:
+    """A user turn's tool results go first (they answer the calls just before); text after a
+    tool_use joins the assistant's message; a call without a result is a 400."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}
+    body = MessagesRequest.model_validate(
+        {
+            "model": "tiny",
+            "max_tokens": 4,
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [call, {"type": "text", "text": "after"}]},
+                {"role": "user", "content": [{"type": "text", "text": "note"}, result]},
+            ],
+        }
+    )
+    roles = [m["role"] for m in body.to_chat_body()["messages"]]
+    assert roles == ["user", "assistant", "tool", "user"]
+    unanswered = MessagesRequest.model_validate(
+        {
+            "model": "tiny",
+            "max_tokens": 4,
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [call]},
+            ],
+        }
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        unanswered.to_chat_body()
+    assert refused.value.param == "messages[1].content[0].id"

@@ -17,6 +17,7 @@ from server.api.responses import ResponseEvents, ResponseObject, ResponsesReques
 from server.engine.inputs import ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
+from server.exceptions import ServerError
 from server.pipelines.chat import ChatRun
 from tests.api.test_errors import assert_error
 from tests.helpers import data_uri, make_image
@@ -391,8 +392,8 @@ def test_a_failure_mid_stream_closes_what_was_sent() -> None:
         ResponseObject.start("resp_x", body, SamplingParams()), None, reasoning=False
     )
     sent = events.begin() + events.feed(SequenceOutput("Hel", 2))
+    sent += events.failed(ServerError("boom"), ChatRun([seq]))
     error = {"code": "server_error", "message": "boom", "param": None}
-    sent += events.failed(error, ChatRun([seq]))
     parsed = [json.loads(e.split("data: ", 1)[1]) for e in sent]
     kinds = [p["type"] for p in parsed]
     assert kinds[-5:] == [

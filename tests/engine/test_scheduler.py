@@ -34,12 +34,18 @@ def scheduler(num_blocks: int = 64, caching: bool = True, **overrides: float) ->
 
 
 def make_seq(
-    name: str, num_prompt: int = 10, max_tokens: int = 5, first: int = 0, media=()
+    name: str,
+    num_prompt: int = 10,
+    max_tokens: int = 5,
+    first: int = 0,
+    media=(),
+    priority: int = 0,
 ) -> Sequence:
     inputs = ModelInputs(tensors={}, num_prompt_tokens=num_prompt, num_image_tokens=0)
     inputs.token_ids = list(range(first, first + num_prompt))  # cached_property: settable
     inputs.media = tuple(media)
-    return Sequence(name, inputs, SamplingParams(temperature=0), max_tokens)
+    sampling = SamplingParams(temperature=0, priority=priority)
+    return Sequence(name, inputs, sampling, max_tokens)
 
 
 def run_step(sched: Scheduler, token: int = 7) -> ScheduledBatch:
@@ -373,3 +379,81 @@ async def test_a_sequence_stopped_in_flight_leaves_the_others_rows_in_place() ->
     assert texts == {"s": "ab", "p": "fghijk", "q": "mnopqr"}
     assert seqs["s"].output_token_ids == [0, 1, 2]
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+@pytest.mark.parametrize(("policy", "order"), [("priority", "cdb"), ("fcfs", "bcd")])
+def test_the_queue_is_served_by_priority_under_the_priority_policy(policy: str, order: str) -> None:
+    sched = scheduler(max_num_seqs=1, policy=policy)
+    a = make_seq("a", first=0)
+    sched.add(a)
+    run_step(sched)
+    for name, priority in (("b", 5), ("c", 1), ("d", 1)):
+        sched.add(make_seq(name, first=100 * ord(name), priority=priority))
+    admitted = ""
+    sched.remove(a)
+    while sched.waiting:
+        (seq,) = run_step(sched).admitted
+        admitted += seq.request_id
+        sched.remove(seq)
+    assert admitted == order
+
+
+@pytest.mark.parametrize("policy", ["priority", "fcfs"])
+def test_a_request_that_outranks_a_running_one_takes_its_place(policy: str) -> None:
+    """(By max_num_seqs here; by KV blocks below.) The preempted one is recomputed, prompt
+    and outputs, once the other is done."""
+    sched = scheduler(max_num_seqs=1, policy=policy)
+    low = make_seq("low", max_tokens=20, priority=3)
+    sched.add(low)
+    run_step(sched)
+    run_step(sched)
+    high = make_seq("high", first=50, priority=-1)
+    sched.add(high)
+    batch = run_step(sched)
+    if policy == "fcfs":  # priorities are not looked at
+        assert scheduled(batch) == {"low": 1} and sched.num_preemptions == 0
+        return
+    assert scheduled(batch) == {"high": 10} and sched.waiting == [low]
+    assert low.status is SequenceStatus.WAITING and low.num_preemptions == 1
+    sched.remove(high)
+    # its 10 prompt + 2 output tokens again: the first two blocks from the prefix cache
+    assert scheduled(run_step(sched)) == {"low": 4}
+
+
+def test_outranking_needs_a_strictly_higher_priority() -> None:
+    sched = scheduler(max_num_seqs=1, policy="priority")
+    sched.add(make_seq("first", priority=2))
+    run_step(sched)
+    sched.add(make_seq("second", first=50, priority=2))
+    assert scheduled(run_step(sched)) == {"first": 1} and sched.num_preemptions == 0
+
+
+def test_a_request_short_of_kv_blocks_preempts_lower_ranked_ones() -> None:
+    sched = scheduler(num_blocks=6, caching=False, policy="priority")
+    low_old = make_seq("low_old", 8, max_tokens=20, priority=1)
+    low_new = make_seq("low_new", 8, max_tokens=20, first=50, priority=1)
+    sched.add(low_old)
+    sched.add(low_new)
+    run_step(sched)  # 2 + 2 blocks of 6
+    high = make_seq("high", 12, first=90, priority=0)  # 3 blocks: one running one must go
+    sched.add(high)
+    batch = run_step(sched)
+    assert scheduled(batch) == {"low_old": 1, "high": 12}
+    assert sched.waiting == [low_new] and sched.num_preemptions == 1
+
+
+def test_memory_pressure_preempts_the_lowest_ranked_first() -> None:
+    """Out of blocks while decoding: the victim is the lowest-ranked sequence, even if it was
+    admitted first (under fcfs: the newest, test_out_of_blocks_preempts_the_newest...)."""
+    sched = scheduler(num_blocks=6, caching=False, policy="priority")
+    low = make_seq("low", 8, max_tokens=20, priority=1)
+    high = make_seq("high", 8, max_tokens=20, first=50, priority=0)
+    sched.add(low)
+    sched.add(high)
+    run_step(sched)  # high first (it ranks above), then low
+    for _ in range(4):
+        run_step(sched)
+    assert sched.blocks.num_free_blocks == 0 and sched.num_preemptions == 0
+    run_step(sched)
+    assert sched.num_preemptions == 1 and sched.waiting == [low]
+    assert high.status is SequenceStatus.RUNNING

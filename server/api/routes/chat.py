@@ -7,11 +7,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
+from server.api.errors import chat_body_error
 from server.api.protocol import (
     ANIMUS_DEFAULTS,
     ChatCompletionRequest,
@@ -94,16 +96,18 @@ async def media_completions(
     return job_accepted(job)
 
 
-def completions_job_handler(pipeline: ChatPipeline) -> Handler:
+def completions_job_handler(pipeline: ChatPipeline, priority: int = 0) -> Handler:
     """What the job worker runs for a `completions` job: the answer the request would have got
-    synchronously. Progress: video frames captioned / planned, held below 1 until the answer
-    over the captions is written too."""
+    synchronously, at the jobs' `priority`. Progress: video frames captioned / planned, held
+    below 1 until the answer over the captions is written too."""
 
     async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCompletionRequest.model_validate(job.request)
+        chat_request = to_chat_request(body, None, ANIMUS_DEFAULTS, "captions")
         chat_request = replace(
-            to_chat_request(body, None, ANIMUS_DEFAULTS, "captions"),
+            chat_request,
             request_id=engine_request_id(job),
+            sampling=replace(chat_request.sampling, priority=priority),
             on_progress=lambda fraction: progress(min(fraction, 0.99)),
         )
         result = await pipeline.complete(chat_request)
@@ -166,6 +170,25 @@ async def _complete(
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+class Translated(Protocol):
+    """Another API's body that is a chat completion (/v1/responses, /v1/messages)."""
+
+    def unsupported_fields(self) -> list[str]: ...
+
+    def to_chat_body(self) -> dict: ...
+
+
+def translated_request(body: Translated, services: Services) -> ChatRequest:
+    """The chat completion another API's body describes, checked as the chat route checks
+    it (the caller names the errors as its body has them)."""
+    refuse_unsupported(body.unsupported_fields())
+    try:
+        chat_body = ChatCompletionRequest.model_validate(body.to_chat_body())
+    except ValidationError as exc:
+        raise chat_body_error(exc) from None
+    return to_chat_request(chat_body, services, services.sampling_defaults, "native")
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
@@ -111,13 +112,13 @@ def categories_response(
     )
 
 
-def categories_job_handler(pipeline: CategoriesPipeline) -> Handler:
-    """What the job worker runs for a `categories` job: the same pipeline, the same answer;
-    progress is frames analysed / planned."""
+def categories_job_handler(pipeline: CategoriesPipeline, priority: int = 0) -> Handler:
+    """What the job worker runs for a `categories` job: the same pipeline, the same answer,
+    at the jobs' `priority`; progress is frames analysed / planned."""
 
     async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCategoriesRequest.model_validate(job.request)
-        request = pipeline_request(engine_request_id(job), body)
+        request = replace(pipeline_request(engine_request_id(job), body), priority=priority)
         result = await pipeline.run(request, on_progress=progress)
         return categories_response(job.id, body.model, result).model_dump()
 

@@ -3,34 +3,23 @@ server/api/responses.py)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 
-from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
     InputTokens,
     InputTokensRequest,
     ResponseEvents,
     ResponseObject,
     ResponsesRequest,
-    chat_body_error,
     completed,
     response_id,
 )
-from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
+from server.api.routes.chat import ERRORS, translated_request, until_disconnected
 from server.api.services import Services, get_services
-from server.api.sse import SSE_HEADERS
-from server.engine.sequence import SequenceOutput
-from server.exceptions import ResponseNotFound, ServerError, refuse_unsupported
-from server.pipelines.chat import ChatRequest, ChatRun
+from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
+from server.exceptions import ResponseNotFound, ServerError
 
-logger = logging.getLogger(__name__)
-SERVER_ERROR = "The server had an error while processing your request."
-SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
 
 
@@ -40,7 +29,7 @@ async def create_response(
 ) -> ResponseObject | StreamingResponse:
     rid = response_id()
     try:
-        chat = _chat_request(body, services)
+        chat = translated_request(body, services)
         if not body.stream:
             result = await until_disconnected(request, services.chat.complete(chat))
             return completed(rid, body, result)
@@ -55,7 +44,7 @@ async def create_response(
     events = ResponseEvents(
         ResponseObject.start(rid, body, chat.sampling), chat.tools, run.seq.inputs.thinks, logprobs
     )
-    stream = _events(events, run, first, outputs)
+    stream = event_stream(events, run, first, outputs)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -68,7 +57,7 @@ async def count_input_tokens(
     if body.model is None:  # optional here, as in OpenAI's
         body = body.model_copy(update={"model": services.served_model_names[0]})
     try:
-        chat = _chat_request(body, services)
+        chat = translated_request(body, services)
         inputs = await until_disconnected(request, services.chat.prompt(chat))
     except ServerError as exc:
         body.name_error(exc)
@@ -83,41 +72,3 @@ async def count_input_tokens(
 @router.get("/v1/responses/{response_id}/input_items", tags=["responses"])
 async def stored_response(response_id: str) -> None:
     raise ResponseNotFound(response_id)
-
-
-def _chat_request(body: ResponsesRequest, services: Services) -> ChatRequest:
-    """The chat completion the Responses body describes, checked as the chat route checks it."""
-    refuse_unsupported(body.unsupported_fields())
-    try:
-        chat_body = ChatCompletionRequest.model_validate(body.to_chat_body())
-    except ValidationError as exc:
-        raise chat_body_error(exc) from None
-    return to_chat_request(chat_body, services, services.sampling_defaults, "native")
-
-
-async def _events(
-    events: ResponseEvents,
-    run: ChatRun,
-    first: SequenceOutput,
-    rest: AsyncIterator[SequenceOutput],
-) -> AsyncIterator[str]:
-    for event in events.begin():
-        yield event
-    output = first
-    try:
-        for event in events.feed(first):
-            yield event
-        async for output in rest:
-            for event in events.feed(output):
-                yield event
-    except ServerError as exc:
-        error = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
-    except Exception:  # the status line went out: the stream says it failed
-        logger.exception("the response stream failed")
-        error = {"code": "server_error", "message": SERVER_ERROR, "param": None}
-    else:
-        for event in events.end(output.finish_reason or "stop", run):
-            yield event
-        return
-    for event in events.failed(error, run):
-        yield event

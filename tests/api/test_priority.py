@@ -1,0 +1,98 @@
+"""vLLM's priority scheduling through the API: `priority` on chat and text completions (lower
+first) under --scheduling-policy priority, a request that outranks the running one preempting
+it (whose answer is then the same as without the preemption), async jobs at --job-priority,
+and a non-zero priority refused under fcfs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.api.routes.chat import completions_job_handler
+from server.api.routes.media import categories_job_handler
+from server.jobs.store import Job
+from tests.api.test_errors import assert_error
+from tests.helpers import make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+
+
+def chat(max_tokens: int, **extra: object) -> dict:
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+async def test_a_higher_priority_request_overtakes_a_running_one(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, scheduling_policy="priority", max_num_seqs=1)
+    async for client in start_client(settings):
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        alone = await client.post("/v1/chat/completions", json=chat(300))
+        assert alone.status_code == 200, alone.text
+        low = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(300, priority=5)))
+        while engine.num_running == 0:  # the low one is decoding
+            await asyncio.sleep(0.005)
+        body = {**chat(4, priority=-1), "messages": [{"role": "user", "content": "Hi"}]}
+        high = await client.post("/v1/chat/completions", json=body)
+        assert high.status_code == 200, high.text
+        assert not low.done()  # it waits, preempted, while the high one runs
+        assert engine.scheduler.num_preemptions >= 1
+        answer = (await low).json()["choices"][0]["message"]["content"]
+        # recomputed after the preemption: the same greedy answer as without it
+        assert answer == alone.json()["choices"][0]["message"]["content"]
+        text = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "priority": 3}
+        assert (await client.post("/v1/completions", json=text)).status_code == 200
+
+
+async def test_priority_under_fcfs_is_a_400(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json=chat(2, priority=1))
+    assert_error(response, 400, "priority")
+    text = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "priority": -1}
+    assert_error(await client.post("/v1/completions", json=text), 400, "priority")
+    media = {**chat(2, priority=2), "model": "tiny"}
+    assert_error(await client.post("/v2/media/completions", json=media), 400, "priority")
+    assert (await client.post("/v1/chat/completions", json=chat(2, priority=0))).status_code == 200
+    response = await client.post("/v1/chat/completions", json=chat(2, priority=2**40))
+    assert_error(response, 400, "priority")
+
+
+class Captured(Exception):
+    """Raised by a stand-in pipeline once it has the request a job handler built."""
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.request = None
+
+    async def complete(self, request):  # ChatPipeline's
+        self.request = request
+        raise Captured
+
+    async def run(self, request, on_progress=None):  # CategoriesPipeline's
+        self.request = request
+        raise Captured
+
+
+def job(kind: str, request: dict) -> Job:
+    return Job("job-1", kind, request, "processing", 0.0, None, None, 0.0, 0.0, 1)
+
+
+async def test_jobs_run_at_the_job_priority() -> None:
+    recorder = Recorder()
+    handle = completions_job_handler(recorder, priority=7)  # type: ignore[arg-type]
+    with pytest.raises(Captured):
+        await handle(job("completions", chat(2)), lambda fraction: None)
+    assert recorder.request.sampling.priority == 7
+    handle = categories_job_handler(recorder, priority=7)  # type: ignore[arg-type]
+    body = {"media_url": "https://example.com/a.png", "model": "tiny"}
+    with pytest.raises(Captured):
+        await handle(job("categories", body), lambda fraction: None)
+    assert recorder.request.priority == 7
