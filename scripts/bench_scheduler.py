@@ -157,7 +157,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(checkpoint: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(
+    checkpoint: Path, port: int, args: argparse.Namespace, extra: list[str] | None = None
+) -> subprocess.Popen:
+    """A `vlm-server serve` process (extra: more flags), once /health answers."""
     command = [
         sys.executable,
         "-m",
@@ -177,6 +180,7 @@ def start_server(checkpoint: Path, port: int, args: argparse.Namespace) -> subpr
         str(args.max_model_len),
         "--log-level",
         "warning",
+        *(extra or []),
     ]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300

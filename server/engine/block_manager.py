@@ -11,6 +11,8 @@ again, so recently used prefixes survive while memory is not needed (LRU evictio
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from server.engine.sequence import Sequence
@@ -76,13 +78,25 @@ class BlockManager:
             self.num_hit_tokens += seq.num_computed_tokens
         return True
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Whether allocate(seq) would succeed now (nothing changed)."""
-        return self._fit(seq, self._prefix_hits(seq))
+    def can_allocate(
+        self, seq: Sequence, freeing: Iterable[Sequence] = (), reserve: int = 0
+    ) -> bool:
+        """Whether allocate(seq) would succeed once the `freeing` sequences' blocks were freed
+        and `reserve` free blocks kept for others (nothing changed here)."""
+        released = Counter(block_id for other in freeing for block_id in other.block_table)
+        return self._fit(seq, self._prefix_hits(seq), released, reserve)
 
-    def _fit(self, seq: Sequence, hits: list[int]) -> bool:
-        held = sum(1 for block_id in hits if self.blocks[block_id].ref_count > 0)
-        return num_blocks_for(seq.num_tokens, self.block_size) - held <= self.num_free_blocks
+    def _fit(
+        self, seq: Sequence, hits: list[int], released: Counter[int] | None = None, reserve: int = 0
+    ) -> bool:
+        released = released or Counter()
+
+        def held(block_id: int) -> bool:  # by a sequence that keeps it
+            return self.blocks[block_id].ref_count - released[block_id] > 0
+
+        freed = sum(1 for block_id in released if not held(block_id))
+        needed = num_blocks_for(seq.num_tokens, self.block_size) - sum(map(held, hits))
+        return needed <= self.num_free_blocks + freed - reserve
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold the sequence's leading full blocks. At least one token is
@@ -111,13 +125,16 @@ class BlockManager:
         return block_id
 
     # -- decoding ----------------------------------------------------------------------------
+    def needs_block(self, seq: Sequence) -> bool:
+        """Whether the token that goes in next (num_tokens - 1) starts a new block."""
+        return seq.num_tokens > len(seq.block_table) * self.block_size
+
     def can_append(self, seq: Sequence) -> bool:
-        """Room for the token that goes in next (num_tokens - 1), a new block if need be."""
-        needs_block = seq.num_tokens > len(seq.block_table) * self.block_size
-        return not needs_block or self.num_free_blocks > 0
+        """Room for the token that goes in next, a new block if need be."""
+        return not self.needs_block(seq) or self.num_free_blocks > 0
 
     def append(self, seq: Sequence) -> None:
-        if seq.num_tokens > len(seq.block_table) * self.block_size:
+        if self.needs_block(seq):
             seq.block_table.append(self._take_free())
 
     def commit(self, seq: Sequence, num_new_tokens: int) -> None:

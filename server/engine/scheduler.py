@@ -45,10 +45,20 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)  # first admission this step
+    num_tokens: int = 0  # of the step, all sequences together
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_tokens)
+        self.num_tokens += num_tokens
+
+    def drop(self, seq: Sequence) -> None:
+        """Out of this step (a sequence preempted after it was scheduled), if it is in it."""
+        for i, scheduled in enumerate(self.seqs):
+            if scheduled is seq:
+                del self.seqs[i]
+                self.num_tokens -= self.num_new_tokens.pop(i)
+                return
 
     @property
     def is_empty(self) -> bool:
@@ -80,16 +90,18 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self._enqueue(seq)
+        self._enqueue(seq, ahead=False)
 
     def rank(self, seq: Sequence) -> int:
         """Lower ranks are served first (the request's priority, under the priority policy)."""
         return seq.sampling.priority if self.config.policy == "priority" else 0
 
-    def _enqueue(self, seq: Sequence) -> None:
-        # After those of equal rank that arrived first: first come, first served within a
-        # rank (a preempted sequence arrived before any that waits, so it goes first again).
-        bisect.insort(self.waiting, seq, key=lambda s: (self.rank(s), s.arrival_time))
+    def _enqueue(self, seq: Sequence, ahead: bool) -> None:
+        """Into the queue by (rank, arrival): first come, first served within a rank. A
+        preempted sequence (ahead) arrived before any that waits, so it goes first again (and
+        before one that arrived at the very same time)."""
+        insort = bisect.insort_left if ahead else bisect.insort_right
+        insort(self.waiting, seq, key=lambda s: (self.rank(s), s.arrival_time))
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -100,9 +112,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq.is_last_token_pending:  # it ends when that token arrives
                 continue
-            if budget and seq in self.running and not seq.is_prefilling and self._make_room(seq):
-                batch.add(seq, 1)
-                budget -= 1
+            if budget and seq in self.running and not seq.is_prefilling:
+                if self._make_room(seq, batch):
+                    batch.add(seq, 1)
+                budget = self.config.max_num_batched_tokens - batch.num_tokens
         for seq in self.running:
             if budget and seq.is_prefilling:
                 num = min(seq.num_uncomputed_tokens, budget)
@@ -125,36 +138,56 @@ class Scheduler:
         self.peak_num_running = max(self.peak_num_running, len(self.running))
         return batch
 
-    def _make_room(self, seq: Sequence) -> bool:
+    def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """A KV slot for the sequence's next token, preempting the lowest-ranked, newest
-        sequences if need be; False when the sequence itself had to be preempted."""
+        sequences if need be (one already in this step's batch leaves it); False when the
+        sequence itself had to be preempted."""
         while not self.blocks.can_append(seq):
-            victim = self._victim()
+            victim = self._in_preemption_order()[0]
             self._preempt(victim)
+            batch.drop(victim)
             if victim is seq:
                 return False
         self.blocks.append(seq)
         return True
 
-    def _victim(self) -> Sequence:
-        """The running sequence to preempt first: the lowest-ranked, most recently admitted."""
-        index = max(range(len(self.running)), key=lambda i: (self.rank(self.running[i]), i))
-        return self.running[index]
+    def _in_preemption_order(self, seqs: list[Sequence] | None = None) -> list[Sequence]:
+        """Running sequences (or `seqs` among them), the one to preempt first first: the
+        lowest-ranked, most recently admitted (under fcfs: the newest)."""
+        order = {id(seq): i for i, seq in enumerate(self.running)}
+        return sorted(
+            self.running if seqs is None else seqs,
+            key=lambda s: (self.rank(s), order[id(s)]),
+            reverse=True,
+        )
 
     def _make_way_for_rank(self) -> None:
-        """The first waiting sequence, if it outranks running ones and cannot fit beside them,
-        takes their place (they wait, and are recomputed later)."""
-        if not self.waiting:
+        """The first waiting sequence, if it cannot fit beside the running ones but would in
+        the place of the fewest lower-ranked ones, takes their place (they wait, and are
+        recomputed later). Nobody is preempted in vain."""
+        if not self.waiting or self._fits(self.waiting[0], []):
             return
         head = self.waiting[0]
-        while self.running and not self._fits(head):
-            victim = self._victim()
-            if self.rank(victim) <= self.rank(head):
-                return
+        outranked = [s for s in self.running if self.rank(s) > self.rank(head)]
+        if not outranked or not self._fits(head, outranked):
+            return
+        victims = self._in_preemption_order(outranked)
+        count = next(n for n in range(1, len(victims) + 1) if self._fits(head, victims[:n]))
+        for victim in victims[:count]:
             self._preempt(victim)
 
-    def _fits(self, seq: Sequence) -> bool:
-        return len(self.running) < self.config.max_num_seqs and self.blocks.can_allocate(seq)
+    def _fits(self, seq: Sequence, victims: list[Sequence]) -> bool:
+        """Whether seq could be admitted once `victims` were preempted, with a block kept for
+        each other running sequence whose next token needs one this step."""
+        if len(self.running) - len(victims) >= self.config.max_num_seqs:
+            return False
+        gone = set(map(id, victims))
+        reserve = sum(
+            1
+            for s in self.running
+            if id(s) not in gone and not s.is_prefilling and self.blocks.needs_block(s)
+        )
+        return self.blocks.can_allocate(seq, victims, reserve)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -162,7 +195,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self._enqueue(seq)
+        self._enqueue(seq, ahead=True)
 
     def commit(self, batch: ScheduledBatch) -> None:
         """The step ran: its tokens are in the KV cache (a sequence that finished meanwhile

@@ -52,7 +52,7 @@ SDK_FIELDS = {
     "reasoning_effort": "high",
     "service_tier": "auto",
     # vLLM's
-    "priority": 3,
+    "priority": 0,  # (non-zero: test_priority.py)
     "request_id": "client-id-1",
     "skip_special_tokens": True,
     "spaces_between_special_tokens": True,

@@ -187,3 +187,49 @@ def test_worst_case_step_runs_on_any_device(loaded) -> None:
     assert worst_case_step(loaded, config, max_seq_len=300) > 0  # a chunk over a long context
     assert worst_case_step(loaded, config, max_seq_len=40) > 0  # a prompt shorter than a chunk
     assert _max_image_tokens(loaded) >= 1024
+
+
+@pytest.mark.parametrize("room", ["max_num_seqs", "blocks_for_none", "blocks_for_the_prompt"])
+async def test_priority_preemption_leaves_the_answers_unchanged(loaded, prompts, room) -> None:
+    """--scheduling-policy priority: a higher-priority request overtakes a long running one,
+    which is preempted: for want of a sequence slot (max_num_seqs 1), of KV blocks for the
+    prompt (it makes way at admission), or of blocks as both grow (memory pressure picks the
+    lower one, which may already be scheduled for that step). Both answers are the ones each
+    gets alone. (Compared with the engine's own unhurried answers: over hundreds of tokens
+    HF's cached generate drifts from its own full forward on Qwen3-VL.)"""
+    low_prompt, high_prompt = prompts["text"], prompts["image"]
+    low = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True, priority=5)
+    high = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, priority=0)
+    settings: dict = {"scheduling_policy": "priority", "enable_prefix_caching": False}
+    if room == "max_num_seqs":
+        settings["max_num_seqs"] = 1
+    else:  # the cache holds the low one's whole answer, not the high one's beside it
+        bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
+        blocks = -(-(low_prompt.num_prompt_tokens + 300) // 16)
+        settings["kv_cache_memory"] = blocks * 16 * bytes_per_token / 2**30
+    engine = make_engine(loaded, max_num_batched_tokens=4096, **settings)
+    engine.start()
+    alone = [
+        await collect(engine, engine.add_request(name, prompt, sampling))
+        for name, prompt, sampling in (("a", low_prompt, low), ("b", high_prompt, high))
+    ]
+    assert engine.scheduler.num_preemptions == 0
+    first = engine.add_request("low", low_prompt, low)
+    low_done = asyncio.ensure_future(collect(engine, first))
+    free = engine.scheduler.blocks
+    prompt_blocks = -(-high_prompt.num_prompt_tokens // 16)
+    target = {"blocks_for_none": prompt_blocks - 1, "blocks_for_the_prompt": prompt_blocks}
+    while first.num_completion_tokens < 3 or free.num_free_blocks > target.get(room, 1 << 30):
+        assert not first.is_finished
+        await asyncio.sleep(0.0005)
+    second = engine.add_request("high", high_prompt, high)
+    assert await collect(engine, second) == alone[1]
+    assert await low_done == alone[0]
+    await engine.stop()
+    assert engine.scheduler.num_preemptions > 0 and first.num_preemptions > 0
+
+
+async def collect(engine: AsyncEngine, seq) -> list[int]:
+    async for _ in engine.stream(seq):
+        pass
+    return list(seq.output_token_ids)

@@ -457,3 +457,59 @@ def test_memory_pressure_preempts_the_lowest_ranked_first() -> None:
     run_step(sched)
     assert sched.num_preemptions == 1 and sched.waiting == [low]
     assert high.status is SequenceStatus.RUNNING
+
+
+def assert_batch_is_runnable(sched: Scheduler, batch: ScheduledBatch) -> None:
+    """Every sequence in a step is running and holds a block for each token it will have."""
+    for seq, num in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        assert seq.status is SequenceStatus.RUNNING, seq.request_id
+        needed = seq.num_computed_tokens + num
+        assert len(seq.block_table) * BLOCK >= needed, seq.request_id
+
+
+@pytest.mark.parametrize("low_prompt", [3, 4, 5, 7])
+def test_a_victim_already_in_the_step_leaves_it(low_prompt: int) -> None:
+    """Memory pressure under the priority policy preempts the lowest-ranked sequence, which
+    may have been scheduled earlier in the same step: it leaves the batch (it was a step with
+    a preempted sequence and no blocks in it)."""
+    sched = scheduler(num_blocks=4, caching=False, policy="priority")
+    low = make_seq("low", low_prompt, max_tokens=20, priority=5)
+    sched.add(low)
+    run_step(sched)
+    sched.add(make_seq("high", 5, max_tokens=20, first=50, priority=0))
+    for _ in range(12):
+        batch = sched.schedule()
+        assert_batch_is_runnable(sched, batch)
+        sampled = batch.sampled
+        sched.commit(batch)
+        for seq in sampled:
+            seq.output_token_ids.append(7)
+        if sched.num_preemptions:
+            assert low not in batch.seqs or low.status is SequenceStatus.RUNNING
+
+
+def test_nobody_is_preempted_in_vain() -> None:
+    """A waiting sequence that would not fit even in the place of every lower-ranked one
+    preempts none of them."""
+    sched = scheduler(num_blocks=10, caching=False, policy="priority")
+    mid = make_seq("mid", 20, max_tokens=20, priority=0)  # 5 blocks, a 6th for its next token
+    low = make_seq("low", 8, max_tokens=20, first=100, priority=5)  # 2, a 3rd for its next
+    sched.add(mid)
+    sched.add(low)
+    run_step(sched)
+    # 5 blocks: with low gone, 3 free + 2 freed - 1 for mid's next token = 4
+    sched.add(make_seq("high", 20, max_tokens=20, first=200, priority=0))
+    run_step(sched)
+    assert sched.num_preemptions == 0 and low.status is SequenceStatus.RUNNING
+
+
+def test_a_preempted_sequence_goes_ahead_of_one_that_arrived_with_it() -> None:
+    """(fcfs as it was: a preempted sequence goes to the front of the queue.)"""
+    sched = scheduler(num_blocks=64, max_num_seqs=1)
+    a, b = make_seq("a"), make_seq("b", first=50)
+    b.arrival_time = a.arrival_time
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    sched._preempt(a)
+    assert [s.request_id for s in sched.waiting] == ["a", "b"]
