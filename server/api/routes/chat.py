@@ -7,13 +7,11 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 
-from server.api.errors import chat_body_error
 from server.api.protocol import (
     ANIMUS_DEFAULTS,
     ChatCompletionRequest,
@@ -170,25 +168,6 @@ async def _complete(
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
-
-
-class Translated(Protocol):
-    """Another API's body that is a chat completion (/v1/responses, /v1/messages)."""
-
-    def unsupported_fields(self) -> list[str]: ...
-
-    def to_chat_body(self) -> dict: ...
-
-
-def translated_request(body: Translated, services: Services) -> ChatRequest:
-    """The chat completion another API's body describes, checked as the chat route checks
-    it (the caller names the errors as its body has them)."""
-    refuse_unsupported(body.unsupported_fields())
-    try:
-        chat_body = ChatCompletionRequest.model_validate(body.to_chat_body())
-    except ValidationError as exc:
-        raise chat_body_error(exc) from None
-    return to_chat_request(chat_body, services, services.sampling_defaults, "native")
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

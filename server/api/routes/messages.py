@@ -17,10 +17,10 @@ from server.api.messages import (
     message_id,
     usage_of,
 )
-from server.api.routes.chat import translated_request, until_disconnected
 from server.api.services import Services, get_services
 from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
-from server.exceptions import ServerError
+from server.api.translated import prompt_tokens, run_translated
+from server.pipelines.chat import ChatResult
 
 ERRORS: dict[int | str, dict] = {
     status: {"model": AnthropicError} for status in (400, 401, 404, 413, 500, 503)
@@ -32,21 +32,14 @@ router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
 async def create_message(
     body: MessagesRequest, request: Request, services: Services = Depends(get_services)
 ) -> MessageObject | StreamingResponse:
-    try:
-        chat = translated_request(body, services)
-        if not body.stream:
-            return completed(body, await until_disconnected(request, services.chat.complete(chat)))
-        run = await until_disconnected(request, services.chat.start(chat))
-        outputs = services.chat.outputs(run.seq)
-        # Wait for the first token before answering 200, so a queue timeout is still a 503.
-        first = await until_disconnected(request, anext(outputs))
-    except ServerError as exc:  # the chat route names its own fields
-        body.name_error(exc)
-        raise
+    started = await run_translated(body, request, services)
+    if isinstance(started, ChatResult):
+        return completed(body, started)
+    run = started.run
     start = MessageObject(id=message_id(), model=body.model, content=[], usage=usage_of(run))
     thinks, forced = run.seq.inputs.thinks, body.forced_tools
-    events = MessageEvents(start, chat.tools, thinks, body.omits_thinking, forced)
-    stream = event_stream(events, run, first, outputs)
+    events = MessageEvents(start, started.chat.tools, thinks, body.omits_thinking, forced)
+    stream = event_stream(events, run, started.first, started.rest)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -56,10 +49,4 @@ async def count_tokens(
 ) -> TokensCount:
     """The tokens the messages would take (`client.messages.count_tokens`): the prompt built
     as /v1/messages builds it, images read, nothing run."""
-    try:
-        chat = translated_request(body, services)
-        inputs = await until_disconnected(request, services.chat.prompt(chat))
-    except ServerError as exc:
-        body.name_error(exc)
-        raise
-    return TokensCount(input_tokens=inputs.num_prompt_tokens)
+    return TokensCount(input_tokens=await prompt_tokens(body, request, services))

@@ -15,10 +15,12 @@ from server.api.responses import (
     completed,
     response_id,
 )
-from server.api.routes.chat import ERRORS, translated_request, until_disconnected
+from server.api.routes.chat import ERRORS
 from server.api.services import Services, get_services
 from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
-from server.exceptions import ResponseNotFound, ServerError
+from server.api.translated import prompt_tokens, run_translated
+from server.exceptions import ResponseNotFound
+from server.pipelines.chat import ChatResult
 
 router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
 
@@ -28,23 +30,15 @@ async def create_response(
     body: ResponsesRequest, request: Request, services: Services = Depends(get_services)
 ) -> ResponseObject | StreamingResponse:
     rid = response_id()
-    try:
-        chat = translated_request(body, services)
-        if not body.stream:
-            result = await until_disconnected(request, services.chat.complete(chat))
-            return completed(rid, body, result)
-        run = await until_disconnected(request, services.chat.start(chat))
-        outputs = services.chat.outputs(run.seq)
-        # Wait for the first token before answering 200, so a queue timeout is still a 503.
-        first = await until_disconnected(request, anext(outputs))
-    except ServerError as exc:  # the chat route names its own fields
-        body.name_error(exc)
-        raise
+    started = await run_translated(body, request, services)
+    if isinstance(started, ChatResult):
+        return completed(rid, body, started)
+    chat, run = started.chat, started.run
     logprobs = (run.seq, services.chat.texts(chat)) if body.wants_logprobs else None
     events = ResponseEvents(
         ResponseObject.start(rid, body, chat.sampling), chat.tools, run.seq.inputs.thinks, logprobs
     )
-    stream = event_stream(events, run, first, outputs)
+    stream = event_stream(events, run, started.first, started.rest)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -56,13 +50,7 @@ async def count_input_tokens(
     built as /v1/responses builds it, images and videos read, nothing run."""
     if body.model is None:  # optional here, as in OpenAI's
         body = body.model_copy(update={"model": services.served_model_names[0]})
-    try:
-        chat = translated_request(body, services)
-        inputs = await until_disconnected(request, services.chat.prompt(chat))
-    except ServerError as exc:
-        body.name_error(exc)
-        raise
-    return InputTokens(input_tokens=inputs.num_prompt_tokens)
+    return InputTokens(input_tokens=await prompt_tokens(body, request, services))
 
 
 # A stored response asked for by id: a 404 that says why (nothing is stored here).

@@ -1,0 +1,79 @@
+"""Another API's body served as a chat completion (OpenAI's Responses API, Anthropic's Messages
+API): its body becomes a chat completion's, checked as the chat route checks it, and the
+chat's errors are renamed as that body names its fields."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from server.api.errors import chat_body_error
+from server.api.protocol import ChatCompletionRequest
+from server.api.routes.chat import to_chat_request, until_disconnected
+from server.api.services import Services
+from server.engine.sequence import SequenceOutput
+from server.exceptions import ServerError, refuse_unsupported
+from server.pipelines.chat import ChatRequest, ChatResult, ChatRun
+
+
+class Translated(Protocol):
+    stream: bool | None
+
+    def unsupported_fields(self) -> list[str]: ...
+
+    def to_chat_body(self) -> dict: ...
+
+    def name_error(self, exc: ServerError) -> None: ...
+
+
+@dataclass
+class Started:
+    """A streamed answer under way: its first output is in (so a queue timeout was a 503)."""
+
+    chat: ChatRequest
+    run: ChatRun
+    first: SequenceOutput
+    rest: AsyncIterator[SequenceOutput]
+
+
+def translated_request(body: Translated, services: Services) -> ChatRequest:
+    """The chat completion the body describes, checked as the chat route checks it."""
+    refuse_unsupported(body.unsupported_fields())
+    try:
+        chat_body = ChatCompletionRequest.model_validate(body.to_chat_body())
+    except ValidationError as exc:
+        raise chat_body_error(exc) from None
+    return to_chat_request(chat_body, services, services.sampling_defaults, "native")
+
+
+async def run_translated(
+    body: Translated, request: Request, services: Services
+) -> ChatResult | Started:
+    """The body's whole answer, or (stream) its run started."""
+    try:
+        chat = translated_request(body, services)
+        if not body.stream:
+            return await until_disconnected(request, services.chat.complete(chat))
+        run = await until_disconnected(request, services.chat.start(chat))
+        outputs = services.chat.outputs(run.seq)
+        first = await until_disconnected(request, anext(outputs))
+    except ServerError as exc:  # the chat route named its own fields
+        body.name_error(exc)
+        raise
+    return Started(chat, run, first, outputs)
+
+
+async def prompt_tokens(body: Translated, request: Request, services: Services) -> int:
+    """The tokens the body's prompt takes: built as its answer's would be, media read,
+    nothing run."""
+    try:
+        chat = translated_request(body, services)
+        inputs = await until_disconnected(request, services.chat.prompt(chat))
+    except ServerError as exc:
+        body.name_error(exc)
+        raise
+    return inputs.num_prompt_tokens
