@@ -219,6 +219,8 @@ class ResponsesRequest(StrictModel):
     # extension (vLLM's): the prefix cache (and vision cache, grammars) shared only under the
     # same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
+    # extension (vLLM's): under --scheduling-policy priority, lower values are served first
+    priority: int | None = Field(default=None, ge=-(2**31), lt=2**31)
     # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -280,6 +282,7 @@ class ResponsesRequest(StrictModel):
             "top_p": self.top_p,
             "parallel_tool_calls": self.parallel_tool_calls,
             "cache_salt": self.cache_salt,
+            "priority": self.priority,
         }
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}

@@ -59,6 +59,8 @@ async def test_priority_under_fcfs_is_a_400(client: httpx.AsyncClient) -> None:
     assert_error(await client.post("/v1/completions", json=text), 400, "priority")
     media = {**chat(2, priority=2), "model": "tiny"}
     assert_error(await client.post("/v2/media/completions", json=media), 400, "priority")
+    responses = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "priority": 4}
+    assert_error(await client.post("/v1/responses", json=responses), 400, "priority")
     assert (await client.post("/v1/chat/completions", json=chat(2, priority=0))).status_code == 200
     response = await client.post("/v1/chat/completions", json=chat(2, priority=2**40))
     assert_error(response, 400, "priority")
