@@ -122,9 +122,9 @@ HELP = {
     "served; a request's non-zero `priority` is a 400) or `priority` (lower `priority` values "
     "first, ties first come; a request that outranks running ones and finds no room preempts "
     "the lowest-ranked, which are recomputed later).",
-    "job_priority": "The `priority` of async jobs' requests under --scheduling-policy priority "
-    "(requests default to 0: by default interactive requests go before jobs, and may preempt "
-    "them).",
+    "job_priority": "The `priority` of async jobs that name none, under --scheduling-policy "
+    "priority (requests default to 0: by default interactive requests go before jobs, and may "
+    "preempt them).",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",
     "max_images_per_request": "Images in one request, all messages together.",
     "max_media_bytes_per_request": "All media of one request together.",

@@ -139,7 +139,10 @@ class EngineCollector:
         "prefix_cache_hit_tokens": "Prompt tokens whose KV came from the prefix cache",
         "encoder_cache_hits": "Images/videos whose vision-tower output was reused",
         "encoder_cache_misses": "Images/videos that went through the vision tower",
-        "preemptions": "Sequences preempted (KV blocks ran out) and recomputed later",
+        "preemptions": (
+            "Sequences preempted (KV blocks ran out, or a higher-priority request took their "
+            "place) and recomputed later"
+        ),
     }
     GAUGES = {
         "kv_cache_usage": "Share of the KV cache blocks in use (0..1)",

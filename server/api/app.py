@@ -101,8 +101,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running, engine.stats)
         categories = CategoriesPipeline(engine, input_builder, media, metrics)
         jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
-        # Jobs' requests rank below interactive ones only where the policy looks at ranks.
-        job_priority = settings.job_priority if settings.scheduling_policy == "priority" else 0
+        # Jobs' requests rank below interactive ones where the policy looks at ranks.
+        job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
         handlers = {
             "categories": categories_job_handler(categories, job_priority),
             "completions": completions_job_handler(pipeline, job_priority),

@@ -35,6 +35,10 @@ PART_TAGS = frozenset(
 )
 SOURCE_TAGS = frozenset({"base64", "url", "file"})
 
+# What a stream that already sent its status line says of an unexpected failure (the details
+# are in the log, under the request id).
+SERVER_ERROR = "The server had an error while processing your request."
+
 HTTP_ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",

@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import from_json
 
-from server.api.errors import anthropic_error_type
+from server.api.errors import SERVER_ERROR, anthropic_error_type
 from server.api.protocol import MAX_CACHE_SALT, PartModel, StopString, StrictModel, Text
 from server.api.sse import answer_pieces
 from server.engine.sequence import SequenceOutput
@@ -398,7 +398,6 @@ class MessagesRequest(StrictModel):
             exc.param = "stop_sequences"
 
 
-SERVER_ERROR = "The server had an error while processing your request."
 MESSAGE_PART = re.compile(r"messages\[(\d+)\](\.content(?:\[(\d+)\])?)?")
 
 
@@ -597,13 +596,13 @@ def content_blocks(
     choice: ChoiceResult, omit_thinking: bool, forced: frozenset[str] | None = None
 ) -> list[dict[str, Any]]:
     """A whole answer as content blocks: its thinking, its text, its tool calls. `forced`:
-    the tools' names when tool_choice is "any" (whose calls, cut off by max_tokens, come as
-    text)."""
+    the tools' names when tool_choice is "any" (whose call list, cut off before it closed,
+    comes as text)."""
     blocks = []
     if choice.reasoning_content:
         blocks.append(thinking_block("" if omit_thinking else choice.reasoning_content))
     text, calls = choice.content, [(c.id, c.name, _input(c.arguments)) for c in choice.tool_calls]
-    if forced is not None and text and not calls and choice.finish_reason == "length":
+    if forced is not None and text and not calls:  # cut off (max_tokens, a stop sequence)
         calls = cut_off_calls(text, forced)
         text = None if calls else text
     if text or not (calls or blocks):

@@ -226,6 +226,8 @@ def _json_object_text(value: str) -> str:
 
 # A call's arguments, as OpenAI sends them: JSON text of an object.
 JsonObjectText = Annotated[str, AfterValidator(_json_object_text)]
+# vLLM's request priority: under --scheduling-policy priority, lower values are served first
+Priority = Annotated[int, Field(ge=-(2**31), lt=2**31)]
 
 
 class FunctionCallParam(PartModel):
@@ -461,8 +463,7 @@ class ChatCompletionRequest(StrictModel):
     skip_special_tokens: bool | None = None  # extension (vLLM's): false keeps them in the text
     # extensions (vLLM's) with nothing to change here (see IGNORED_FIELDS)
     spaces_between_special_tokens: bool | None = None
-    # extension (vLLM's): under --scheduling-policy priority, lower values are served first
-    priority: int | None = Field(default=None, ge=-(2**31), lt=2**31)
+    priority: Priority | None = None  # extension (vLLM's): see Priority
     request_id: str | None = Field(default=None, max_length=256)
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
@@ -1135,8 +1136,7 @@ class CompletionRequest(StrictModel):
     # (no effect: see IGNORED_FIELDS)
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    # extension (vLLM's): under --scheduling-policy priority, lower values are served first
-    priority: int | None = Field(default=None, ge=-(2**31), lt=2**31)
+    priority: Priority | None = None  # extension (vLLM's): see Priority
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

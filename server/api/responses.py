@@ -25,12 +25,14 @@ from pydantic import (
     Tag,
 )
 
+from server.api.errors import SERVER_ERROR
 from server.api.protocol import (
     MAX_CACHE_SALT,
     ChatCompletionTokenLogprob,
     ContentPart,
     JsonObjectText,
     PartModel,
+    Priority,
     StrictModel,
     Text,
 )
@@ -219,8 +221,7 @@ class ResponsesRequest(StrictModel):
     # extension (vLLM's): the prefix cache (and vision cache, grammars) shared only under the
     # same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
-    # extension (vLLM's): under --scheduling-policy priority, lower values are served first
-    priority: int | None = Field(default=None, ge=-(2**31), lt=2**31)
+    priority: Priority | None = None  # extension (vLLM's): see Priority
     # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -361,7 +362,6 @@ def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
     return [part.model_dump(exclude_none=True) for part in content]
 
 
-SERVER_ERROR = "The server had an error while processing your request."
 MESSAGE_INDEX = re.compile(r"messages\[(\d+)\](\.content)?")
 
 

@@ -60,7 +60,7 @@ class BlockManager:
         its computed tokens start after the reused prefix. False, and nothing changed, when
         the free blocks cannot hold them (reused blocks held by others cost nothing; reused
         blocks in the free list still take a free block)."""
-        hits = self._prefix_hits(seq)  # one walk of the prompt's hash chain for both
+        hits = self.prefix_hits(seq)  # one walk of the prompt's hash chain for both
         if not self._fit(seq, hits):
             return False
         for block_id in hits:
@@ -79,12 +79,13 @@ class BlockManager:
         return True
 
     def can_allocate(
-        self, seq: Sequence, freeing: Iterable[Sequence] = (), reserve: int = 0
+        self, seq: Sequence, hits: list[int], freeing: Iterable[Sequence] = (), reserve: int = 0
     ) -> bool:
-        """Whether allocate(seq) would succeed once the `freeing` sequences' blocks were freed
-        and `reserve` free blocks kept for others (nothing changed here)."""
+        """Whether allocate(seq) (its prefix_hits `hits`) would succeed once the `freeing`
+        sequences' blocks were freed and `reserve` free blocks kept for others (nothing
+        changed here)."""
         released = Counter(block_id for other in freeing for block_id in other.block_table)
-        return self._fit(seq, self._prefix_hits(seq), released, reserve)
+        return self._fit(seq, hits, released, reserve)
 
     def _fit(
         self, seq: Sequence, hits: list[int], released: Counter[int] | None = None, reserve: int = 0
@@ -98,7 +99,7 @@ class BlockManager:
         needed = num_blocks_for(seq.num_tokens, self.block_size) - sum(map(held, hits))
         return needed <= self.num_free_blocks + freed - reserve
 
-    def _prefix_hits(self, seq: Sequence) -> list[int]:
+    def prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold the sequence's leading full blocks. At least one token is
         always left to compute: its logits give the next token."""
         if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:

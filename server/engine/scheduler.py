@@ -2,13 +2,14 @@
 
 Every engine step has one token budget (max_num_batched_tokens) that counts real tokens:
 1. every running sequence that is decoding gets its one token first (a new KV block when it
-   needs one; when none is free, the newest running sequence is preempted: its blocks are
-   freed and it waits at the front of the queue to be recomputed later). With async
+   needs one; when none is free, the lowest-ranked, newest running sequence is preempted: its
+   blocks are freed and it waits at the head of its rank to be recomputed later). With async
    scheduling the token may still be on its way from the device (`num_pending_tokens`); a
    sequence whose pending token is its last is left out;
 2. sequences part-way through their prompt get the next chunk of it;
-3. waiting sequences are admitted, first come first served, while the budget, max_num_seqs
-   and free KV blocks allow; a prompt's prefix already in the prefix cache is not recomputed.
+3. waiting sequences are admitted in queue order (first come, first served within a rank),
+   while the budget, max_num_seqs and free KV blocks allow; a prompt's prefix already in the
+   prefix cache is not recomputed.
 A long prompt thus never holds the running streams back by more than one chunk.
 
 Under the "priority" policy (vLLM's) the queue is ordered by (priority, arrival): lower values
@@ -80,7 +81,7 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self.waiting: list[Sequence] = []  # in (rank, arrival) order: the next to admit first
-        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.running: list[Sequence] = []  # in admission order (see _in_preemption_order)
         self.peak_num_running = 0  # for tests and metrics
         self.num_preemptions = 0
 
@@ -162,23 +163,29 @@ class Scheduler:
         )
 
     def _make_way_for_rank(self) -> None:
-        """The first waiting sequence, if it cannot fit beside the running ones but would in
-        the place of the fewest lower-ranked ones, takes their place (they wait, and are
-        recomputed later). Nobody is preempted in vain."""
-        if not self.waiting or self._fits(self.waiting[0], []):
+        """The first waiting sequence, if it cannot fit beside the running ones but would once
+        lower-ranked ones left, takes the place of as many of them as it needs, in preemption
+        order (they wait, and are recomputed later). None is preempted when even all of them
+        would not make room (if the step's token budget then runs out before the admissions,
+        it is admitted a step later)."""
+        if not self.waiting:
             return
         head = self.waiting[0]
+        hits = self.blocks.prefix_hits(head)  # one walk of its hash chain for every try
+        if self._fits(head, [], hits):
+            return
         outranked = [s for s in self.running if self.rank(s) > self.rank(head)]
-        if not outranked or not self._fits(head, outranked):
+        if not outranked or not self._fits(head, outranked, hits):
             return
         victims = self._in_preemption_order(outranked)
-        count = next(n for n in range(1, len(victims) + 1) if self._fits(head, victims[:n]))
+        count = next(n for n in range(1, len(victims) + 1) if self._fits(head, victims[:n], hits))
         for victim in victims[:count]:
             self._preempt(victim)
 
-    def _fits(self, seq: Sequence, victims: list[Sequence]) -> bool:
-        """Whether seq could be admitted once `victims` were preempted, with a block kept for
-        each other running sequence whose next token needs one this step."""
+    def _fits(self, seq: Sequence, victims: list[Sequence], hits: list[int]) -> bool:
+        """Whether seq (whose prefix-cache hits are `hits`) could be admitted once `victims`
+        were preempted, a block kept for each other running sequence whose next token needs
+        one this step."""
         if len(self.running) - len(victims) >= self.config.max_num_seqs:
             return False
         gone = set(map(id, victims))
@@ -187,7 +194,7 @@ class Scheduler:
             for s in self.running
             if id(s) not in gone and not s.is_prefilling and self.blocks.needs_block(s)
         )
-        return self.blocks.can_allocate(seq, victims, reserve)
+        return self.blocks.can_allocate(seq, hits, victims, reserve)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

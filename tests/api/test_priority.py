@@ -87,14 +87,20 @@ def job(kind: str, request: dict) -> Job:
     return Job("job-1", kind, request, "processing", 0.0, None, None, 0.0, 0.0, 1)
 
 
-async def test_jobs_run_at_the_job_priority() -> None:
+@pytest.mark.parametrize(
+    ("job_priority", "body_priority", "expected"),
+    [(7, None, 7), (7, 2, 2), (None, None, 0)],  # None: the fcfs policy
+)
+async def test_jobs_run_at_their_own_priority_or_the_job_priority(
+    job_priority: int | None, body_priority: int | None, expected: int
+) -> None:
     recorder = Recorder()
-    handle = completions_job_handler(recorder, priority=7)  # type: ignore[arg-type]
+    handle = completions_job_handler(recorder, job_priority)  # type: ignore[arg-type]
     with pytest.raises(Captured):
-        await handle(job("completions", chat(2)), lambda fraction: None)
-    assert recorder.request.sampling.priority == 7
-    handle = categories_job_handler(recorder, priority=7)  # type: ignore[arg-type]
+        await handle(job("completions", chat(2, priority=body_priority)), lambda fraction: None)
+    assert recorder.request.sampling.priority == expected
+    handle = categories_job_handler(recorder, job_priority)  # type: ignore[arg-type]
     body = {"media_url": "https://example.com/a.png", "model": "tiny"}
     with pytest.raises(Captured):
         await handle(job("categories", body), lambda fraction: None)
-    assert recorder.request.priority == 7
+    assert recorder.request.priority == (job_priority or 0)

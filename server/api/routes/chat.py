@@ -94,10 +94,11 @@ async def media_completions(
     return job_accepted(job)
 
 
-def completions_job_handler(pipeline: ChatPipeline, priority: int = 0) -> Handler:
+def completions_job_handler(pipeline: ChatPipeline, job_priority: int | None = None) -> Handler:
     """What the job worker runs for a `completions` job: the answer the request would have got
-    synchronously, at the jobs' `priority`. Progress: video frames captioned / planned, held
-    below 1 until the answer over the captions is written too."""
+    synchronously, at the body's `priority` or else `job_priority` (None: priorities are not
+    looked at, all run at 0). Progress: video frames captioned / planned, held below 1 until
+    the answer over the captions is written too."""
 
     async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCompletionRequest.model_validate(job.request)
@@ -105,7 +106,7 @@ def completions_job_handler(pipeline: ChatPipeline, priority: int = 0) -> Handle
         chat_request = replace(
             chat_request,
             request_id=engine_request_id(job),
-            sampling=replace(chat_request.sampling, priority=priority),
+            sampling=replace(chat_request.sampling, priority=_priority(body, job_priority)),
             on_progress=lambda fraction: progress(min(fraction, 0.99)),
         )
         result = await pipeline.complete(chat_request)
@@ -168,6 +169,12 @@ async def _complete(
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+def _priority(body: MediaCompletionRequest, job_priority: int | None) -> int:
+    if job_priority is None:
+        return 0
+    return job_priority if body.priority is None else body.priority
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -112,13 +112,17 @@ def categories_response(
     )
 
 
-def categories_job_handler(pipeline: CategoriesPipeline, priority: int = 0) -> Handler:
+def categories_job_handler(
+    pipeline: CategoriesPipeline, job_priority: int | None = None
+) -> Handler:
     """What the job worker runs for a `categories` job: the same pipeline, the same answer,
-    at the jobs' `priority`; progress is frames analysed / planned."""
+    at `job_priority` (None: priorities are not looked at); progress is frames analysed /
+    planned."""
 
     async def handle(job: Job, progress: Progress) -> dict:
         body = MediaCategoriesRequest.model_validate(job.request)
-        request = replace(pipeline_request(engine_request_id(job), body), priority=priority)
+        request = pipeline_request(engine_request_id(job), body)
+        request = replace(request, priority=job_priority or 0)
         result = await pipeline.run(request, on_progress=progress)
         return categories_response(job.id, body.model, result).model_dump()
 
