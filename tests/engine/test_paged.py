@@ -198,14 +198,14 @@ async def test_priority_preemption_leaves_the_answers_unchanged(loaded, prompts,
     gets alone. (Compared with the engine's own unhurried answers: over hundreds of tokens
     HF's cached generate drifts from its own full forward on Qwen3-VL.)"""
     low_prompt, high_prompt = prompts["text"], prompts["image"]
-    low = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True, priority=5)
+    low = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True, priority=5)
     high = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, priority=0)
     settings: dict = {"scheduling_policy": "priority", "enable_prefix_caching": False}
     if room == "max_num_seqs":
         settings["max_num_seqs"] = 1
     else:  # the cache holds the low one's whole answer, not the high one's beside it
         bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
-        blocks = -(-(low_prompt.num_prompt_tokens + 300) // 16)
+        blocks = -(-(low_prompt.num_prompt_tokens + 150) // 16)
         settings["kv_cache_memory"] = blocks * 16 * bytes_per_token / 2**30
     engine = make_engine(loaded, max_num_batched_tokens=4096, **settings)
     engine.start()
