@@ -166,8 +166,8 @@ class Scheduler:
         """The first waiting sequence, if it cannot fit beside the running ones but would once
         lower-ranked ones left, takes the place of as many of them as it needs, in preemption
         order (they wait, and are recomputed later). None is preempted when even all of them
-        would not make room (if the step's token budget then runs out before the admissions,
-        it is admitted a step later)."""
+        would not make room, or when the others' decodes and prompt chunks take the step's
+        whole token budget (it could not be admitted in this step: the next one decides)."""
         if not self.waiting:
             return
         head = self.waiting[0]
@@ -179,8 +179,19 @@ class Scheduler:
             return
         victims = self._in_preemption_order(outranked)
         count = next(n for n in range(1, len(victims) + 1) if self._fits(head, victims[:n], hits))
+        if self._busy_tokens(victims[:count]) >= self.config.max_num_batched_tokens:
+            return
         for victim in victims[:count]:
             self._preempt(victim)
+
+    def _busy_tokens(self, victims: list[Sequence]) -> int:
+        """Tokens the step gives the running sequences but `victims` before any admission."""
+        gone = set(map(id, victims))
+        return sum(
+            s.num_uncomputed_tokens if s.is_prefilling else 1
+            for s in self.running
+            if id(s) not in gone and not s.is_last_token_pending
+        )
 
     def _fits(self, seq: Sequence, victims: list[Sequence], hits: list[int]) -> bool:
         """Whether seq (whose prefix-cache hits are `hits`) could be admitted once `victims`

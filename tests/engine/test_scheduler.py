@@ -513,3 +513,23 @@ def test_a_preempted_sequence_goes_ahead_of_one_that_arrived_with_it() -> None:
     run_step(sched)
     sched._preempt(a)
     assert [s.request_id for s in sched.waiting] == ["a", "b"]
+
+
+def test_nobody_is_preempted_for_a_request_the_step_has_no_tokens_for() -> None:
+    """The running prompt's chunk takes the step's whole token budget: the waiting request
+    could not be admitted in this step, so the lower-ranked one keeps its place until a step
+    has room for it."""
+    sched = scheduler(max_num_seqs=2, policy="priority", max_num_batched_tokens=8)
+    low = make_seq("low", 4, max_tokens=20, priority=5)
+    sched.add(low)
+    run_step(sched)
+    long_prompt = make_seq("long", 40, max_tokens=5, first=100, priority=0)
+    sched.add(long_prompt)
+    run_step(sched)  # admitted beside low: a chunk of its prompt, and low's decode
+    sched.add(make_seq("high", 4, max_tokens=5, first=300, priority=0))
+    batch = run_step(sched)  # long's next chunk (7) + low's decode (1): the whole budget
+    assert sched.num_preemptions == 0 and scheduled(batch) == {"low": 1, "long": 7}
+    while long_prompt.is_prefilling:
+        run_step(sched)
+    batch = run_step(sched)  # now there are tokens left for it: low makes way
+    assert sched.num_preemptions == 1 and "high" in scheduled(batch)
