@@ -14,11 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
-from server.exceptions import InvalidRequest, ServerError
+from server.exceptions import ServerError
 from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -187,16 +186,3 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             request, 500, "Internal server error; see the server log.", "server_error"
         )
-
-
-def chat_body_error(exc: ValidationError) -> InvalidRequest:
-    """A chat-level check that another API's body (/v1/responses, /v1/messages) failed once
-    read as a chat completion (its own checks passed), naming the chat body's field (the
-    route renames it as its body has it)."""
-    first = exc.errors()[0]
-    text = str(first["msg"]).removeprefix("Value error, ")
-    return InvalidRequest(
-        f"The request cannot be read as a conversation: {text}.",
-        param=loc_to_param(tuple(first.get("loc", ()))) or "messages",
-        code="invalid_value",
-    )

@@ -458,10 +458,7 @@ class ChatMessages:
                 param=f"{where}.type",
                 code="invalid_value",
             )
-        last = self.messages[-1] if self.messages else None
-        if last is None or last["role"] != "assistant":
-            self.messages.append({"role": "assistant", "content": []})
-            self.origins.append([where])
+        self.add(role, [], where)  # the assistant's message the call goes in
         arguments = json.dumps(block.input, ensure_ascii=False)
         call = {"id": block.id, "type": "function"}
         call["function"] = {"name": block.name, "arguments": arguments}
@@ -472,7 +469,8 @@ class ChatMessages:
     def check_answered(self) -> None:
         """Every tool_use has its tool_result (as Anthropic requires): a conversation that
         ends on a call is not a prefill to continue."""
-        for call_id, where in self.unanswered.items():
+        if self.unanswered:
+            call_id, where = next(iter(self.unanswered.items()))
             raise InvalidRequest(
                 f"tool_use block {call_id!r} has no tool_result block after it: send the "
                 "result in the user turn that follows.",
@@ -719,28 +717,27 @@ class MessageEvents:
             delta = {"type": "thinking_delta", "thinking": piece.text}
             return events + [self._delta(delta)]
         if isinstance(piece, ToolCallDelta):
-            events = []
-            arguments = piece.arguments
-            if piece.id is not None:  # a new call: its id and name come first
-                self.called = True
-                events += self._start(tool_use_block(piece.id, piece.name or "", {}))
-                if not isinstance(self.calls, NamedCall):  # a whole call: its input, an object
-                    arguments = json.dumps(_input(arguments), ensure_ascii=False)
-            if arguments:
-                delta = {"type": "input_json_delta", "partial_json": arguments}
-                events.append(self._delta(delta))
-            return events
+            if piece.id is None:  # more of a named call's arguments, as they come
+                return [self._input_delta(piece.arguments)] if piece.arguments else []
+            self.called = True
+            if isinstance(self.calls, NamedCall):  # its arguments stream from here on
+                events = self._start(tool_use_block(piece.id, piece.name or "", {}))
+                return events + ([self._input_delta(piece.arguments)] if piece.arguments else [])
+            return self._call(piece.id, piece.name or "", _input(piece.arguments))
         if not piece:
             return []
         if self.forced is not None and (calls := cut_off_calls(piece, self.forced)):
-            events = []
-            for call_id, name, arguments in calls:
-                events += self._start(tool_use_block(call_id, name, {}))
-                delta = {"type": "input_json_delta", "partial_json": json.dumps(arguments)}
-                events.append(self._delta(delta))
-            return events
+            return [e for call in calls for e in self._call(*call)]
         events = [] if self.open == "text" else self._start({"type": "text", "text": ""})
         return events + [self._delta({"type": "text_delta", "text": piece})]
+
+    def _call(self, call_id: str, name: str, arguments: dict[str, Any]) -> list[str]:
+        """A whole call: its block, its input (an object) in one delta."""
+        events = self._start(tool_use_block(call_id, name, {}))
+        return events + [self._input_delta(json.dumps(arguments, ensure_ascii=False))]
+
+    def _input_delta(self, partial_json: str) -> str:
+        return self._delta({"type": "input_json_delta", "partial_json": partial_json})
 
     def _start(self, block: dict[str, Any]) -> list[str]:
         events = self._stop()

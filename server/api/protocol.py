@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     StrictBool,
     Tag,
+    computed_field,
     field_validator,
     model_validator,
 )
@@ -965,18 +966,23 @@ class ModelCard(BaseModel):
     root: str  # extension: the checkpoint this name serves
     max_model_len: int  # extension
     type: Literal["model"] = "model"
-    display_name: str = ""
-    created_at: str = ""  # RFC 3339
     lifecycle: Literal["active"] = "active"
-    max_input_tokens: int = 0
 
-    @model_validator(mode="after")
-    def _anthropic_fields(self) -> ModelCard:
-        self.display_name = self.display_name or self.id
-        self.max_input_tokens = self.max_input_tokens or self.max_model_len
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def display_name(self) -> str:
+        return self.id
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def created_at(self) -> str:  # RFC 3339
         when = datetime.datetime.fromtimestamp(self.created, datetime.timezone.utc)
-        self.created_at = self.created_at or when.isoformat().replace("+00:00", "Z")
-        return self
+        return when.isoformat().replace("+00:00", "Z")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def max_input_tokens(self) -> int:
+        return self.max_model_len
 
 
 class ModelList(BaseModel):
@@ -984,14 +990,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
     # Anthropic's page fields: every model is on the one page
     has_more: bool = False
-    first_id: str | None = None
-    last_id: str | None = None
 
-    @model_validator(mode="after")
-    def _page(self) -> ModelList:
-        if self.data:
-            self.first_id, self.last_id = self.data[0].id, self.data[-1].id
-        return self
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def first_id(self) -> str | None:
+        return self.data[0].id if self.data else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def last_id(self) -> str | None:
+        return self.data[-1].id if self.data else None
 
 
 class ErrorInfo(BaseModel):

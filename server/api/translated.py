@@ -11,12 +11,12 @@ from typing import Protocol
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.api.errors import chat_body_error
+from server.api.errors import loc_to_param
 from server.api.protocol import ChatCompletionRequest
 from server.api.routes.chat import to_chat_request, until_disconnected
 from server.api.services import Services
 from server.engine.sequence import SequenceOutput
-from server.exceptions import ServerError, refuse_unsupported
+from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.chat import ChatRequest, ChatResult, ChatRun
 
 
@@ -38,6 +38,18 @@ class Started:
     run: ChatRun
     first: SequenceOutput
     rest: AsyncIterator[SequenceOutput]
+
+
+def chat_body_error(exc: ValidationError) -> InvalidRequest:
+    """A chat-level check the body failed once read as a chat completion (its own checks
+    passed), naming the chat body's field (name_error renames it as the body has it)."""
+    first = exc.errors()[0]
+    text = str(first["msg"]).removeprefix("Value error, ")
+    return InvalidRequest(
+        f"The request cannot be read as a conversation: {text}.",
+        param=loc_to_param(tuple(first.get("loc", ()))) or "messages",
+        code="invalid_value",
+    )
 
 
 def translated_request(body: Translated, services: Services) -> ChatRequest:

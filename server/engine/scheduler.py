@@ -171,11 +171,11 @@ class Scheduler:
         if not self.waiting:
             return
         head = self.waiting[0]
-        hits = self.blocks.prefix_hits(head)  # one walk of its hash chain for every try
-        if self._fits(head, [], hits):
-            return
         outranked = [s for s in self.running if self.rank(s) > self.rank(head)]
-        if not outranked or not self._fits(head, outranked, hits):
+        if not outranked:  # (the common case: no hash-chain walk in every step)
+            return
+        hits = self.blocks.prefix_hits(head)  # one walk of its hash chain for every try
+        if self._fits(head, [], hits) or not self._fits(head, outranked, hits):
             return
         victims = self._in_preemption_order(outranked)
         count = next(n for n in range(1, len(victims) + 1) if self._fits(head, victims[:n], hits))
