@@ -44,8 +44,10 @@ from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
+from server.engine.tiny import TinySpec  # noqa: E402
 
-# Qwen2-VL-2B/7B-Instruct's published dimensions (config.json); "test" is for CPU smoke runs.
+# Qwen2-VL-2B/7B-Instruct's and Qwen3-VL-30B-A3B-Instruct's published dimensions
+# (config.json); "test" and "test-moe" are for CPU smoke runs.
 SIZES = {
     "2b": dict(
         hidden_size=1536,
@@ -83,32 +85,81 @@ SIZES = {
         vocab_size=4096,
         context=4096,
     ),
+    # A mixture of experts: each token's MLP is 8 of 128 experts of 768 (3B of 31B active).
+    "30b-a3b": dict(
+        family="qwen3-vl-moe",
+        hidden_size=2048,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        intermediate_size=6144,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        vision_depth=27,
+        vision_embed_dim=1152,
+        vision_heads=16,
+        deepstack_visual_indexes=[8, 16, 24],
+        vocab_size=151936,
+        context=32768,
+    ),
+    "test-moe": dict(
+        family="qwen3-vl-moe",
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=256,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        vision_depth=1,
+        vision_embed_dim=32,
+        vision_heads=2,
+        vocab_size=4096,
+        context=4096,
+    ),
 }
+# Text-config values a size sets beyond TinySpec's fields.
+TEXT_CONFIG_KEYS = ("vocab_size", "head_dim", "num_experts", "num_experts_per_tok")
+TEXT_CONFIG_KEYS += ("moe_intermediate_size",)
 BLOCK_SIZE = 16
 CONTEXT_PER_SEQUENCE = 512  # prompt tokens each decoding sequence has in its KV cache
 
 
 def random_model(size: str, device: str, tiny: Path | None = None) -> LoadedModel:
-    """A full-size random-weight model in memory, with the tiny checkpoint's tokenizer and
-    processor (same special tokens, patch and merge sizes)."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    """A full-size random-weight model in memory, with the tokenizer and processor of a tiny
+    checkpoint of its family (same special tokens, patch and merge sizes): `tiny`, or one
+    built now."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from server.engine.tiny import TinySpec, build_config, make_tiny_checkpoint, mrope_section
+    from server.engine import tiny as tiny_checkpoint
 
     dims = SIZES[size]
-    tiny = tiny or make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
-    processor = AutoProcessor.from_pretrained(tiny)
-    spec_fields = {k: v for k, v in dims.items() if k not in ("vocab_size", "context")}
+    family = dims.get("family", "qwen2-vl")
+    spec_fields = {k: v for k, v in dims.items() if k in TinySpec.__dataclass_fields__}
     spec = TinySpec(max_position_embeddings=dims["context"], **spec_fields)
-    config = build_config(spec, processor.tokenizer)
-    config.text_config.vocab_size = dims["vocab_size"]
-    config.text_config.rope_parameters["mrope_section"] = mrope_section(
-        dims["hidden_size"] // dims["num_heads"]
+    tiny = tiny or tiny_checkpoint.make_tiny_checkpoint(
+        Path(tempfile.mkdtemp()) / "tiny", TinySpec(family=family)
     )
+    processor = AutoProcessor.from_pretrained(tiny)
+    config = tiny_checkpoint.build_config(spec, processor.tokenizer)
+    for key in TEXT_CONFIG_KEYS:
+        if key in dims:
+            setattr(config.text_config, key, dims[key])
+    if "deepstack_visual_indexes" in dims:
+        config.vision_config.deepstack_visual_indexes = dims["deepstack_visual_indexes"]
+    head_dim = dims.get("head_dim", dims["hidden_size"] // dims["num_heads"])
+    sections = tiny_checkpoint.mrope_section
+    if family.startswith("qwen3-vl"):
+        sections = tiny_checkpoint.qwen3_mrope_section
+    config.text_config.rope_parameters["mrope_section"] = sections(head_dim)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(
+        model = AutoModelForImageTextToText.from_config(
             config, dtype=dtype, attn_implementation="sdpa"
         )
     model.eval()
@@ -116,7 +167,7 @@ def random_model(size: str, device: str, tiny: Path | None = None) -> LoadedMode
         model=model,
         processor=processor,
         path=tiny,
-        family="qwen2-vl",
+        family=family,
         device=torch.device(device),
         dtype=dtype,
         context_length=dims["context"],
@@ -154,6 +205,22 @@ def text_weight_bytes(loaded: LoadedModel) -> int:
     embed = language.embed_tokens.weight
     lm_head = loaded.model.lm_head.weight
     return total - embed.numel() * embed.element_size() + lm_head.numel() * lm_head.element_size()
+
+
+def step_weight_bytes(loaded: LoadedModel, batch: int) -> int:
+    """What one decode step of `batch` rows reads of the weights: text_weight_bytes, less the
+    experts no row is routed to. With routing spread evenly (random weights), a row misses a
+    given expert with probability 1 - k/E (k of E experts a token), so a step reads a share
+    1 - (1 - k/E)^batch of them: 8 of 128 at batch 1, 112 at batch 32."""
+    total = text_weight_bytes(loaded)
+    config = loaded.model.config.text_config
+    if not getattr(config, "num_experts", 0):
+        return total
+    touched = 1 - (1 - config.num_experts_per_tok / config.num_experts) ** batch
+    language = loaded.model.model.language_model
+    experts = [p for name, p in language.named_parameters() if ".mlp.experts." in name]
+    expert_bytes = sum(p.numel() * p.element_size() for p in experts)
+    return round(total - expert_bytes * (1 - touched))
 
 
 def decode_step_time(
@@ -235,7 +302,7 @@ def decode_row(
     backend, decoder, graphs = mode
     seconds, tokens = decode_step_time(loaded, batch, backend, graphs, decoder)
     gc.collect()  # that step's runner and graphs: a reference cycle
-    weights = text_weight_bytes(loaded)
+    weights = step_weight_bytes(loaded, batch)
     kv_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
     roofline = (weights + batch * CONTEXT_PER_SEQUENCE * kv_per_token) / bandwidth
     row = {

@@ -9,12 +9,13 @@
 #    tests/engine/test_cuda_graph.py captures the decode CUDA graphs and checks replay == eager
 #    token for token (fp32); test_structured runs grammars on CUDA. Every engine test runs
 #    with and without async scheduling (step t+1 queued before step t's tokens are read).
-#    Then the --compile-decoder tests (compiled == eager fused, token for token), on their own
-#    clock.
-# 2. scripts/bench_gpu.py: decode tokens/s of full-size random-weight 2B and 7B at batch
-#    1/8/32/64 against the HBM roofline (reference and Triton attention eager, Triton as CUDA
-#    graphs too, with graph tokens == eager tokens per row), the 2B engine loop with and
-#    without async scheduling (ms per decode step, same tokens), the memory profile's
+#    The mixture-of-experts family runs in bfloat16 (grouped_mm's dtype on CUDA), as CUDA
+#    graphs against eager steps (test_qwen3.py). Then the --compile-decoder tests (compiled
+#    == eager fused, token for token), on their own clock.
+# 2. scripts/bench_gpu.py: decode tokens/s of full-size random-weight 2B and 7B (BENCH_SIZES:
+#    also 30b-a3b, Qwen3-VL's mixture of experts) at batch 1/8/32/64 against the HBM
+#    roofline (reference and Triton attention eager, Triton as CUDA graphs too, with graph
+#    tokens == eager tokens per row), the 2B engine loop with and without async scheduling (ms per decode step, same tokens), the memory profile's
 #    budget against a real run's peak, the capacity and chunked-prefill benchmarks, and last
 #    the compiled fused decoder (--compile-decoder) as graphs at batch 1 and 32. One table,
 #    printed also when the time limit stops it.
@@ -58,7 +59,10 @@ timeout -s INT -k 30 160 $PY -m pytest -q -rfE --durations=15 -p no:cacheprovide
 timeout -s INT -k 15 65 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider \
   --device cuda --dtype float32 -k "compiled and not interpreted" tests/engine/test_decoder.py \
   --junitxml="$OUT/pytest_compile.xml" 2>&1 | tee "$OUT/pytest_compile.log" || compiled=FAILED
-timeout -s INT -k 30 300 $PY scripts/bench_gpu.py --device cuda --json "$OUT/bench.json" 2>&1 \
+# BENCH_SIZES=30b-a3b benchmarks Qwen3-VL-30B-A3B (a mixture of experts) instead.
+read -ra sizes <<< "${BENCH_SIZES:-2b 7b}"
+timeout -s INT -k 30 300 $PY scripts/bench_gpu.py --device cuda --sizes "${sizes[@]}" \
+  --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" || bench=FAILED
 [ "$engine$compiled$bench" = PASSEDPASSEDPASSED ] || status=1
 echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) (engine tests $engine," \

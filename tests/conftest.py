@@ -68,6 +68,13 @@ def tiny3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny3moe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("models") / "tiny-qwen3-vl-moe", TinySpec(family="qwen3-vl-moe")
+    )
+
+
+@pytest.fixture(scope="session")
 def media_server() -> Iterator[MediaServer]:
     server = MediaServer()
     server.thread.start()

@@ -15,16 +15,22 @@ same weights with about half as many:
   the sign of rotate_half folded into the sine;
 - attention straight on the decode kernel when the step's decodes are its rows in order.
 
+A mixture-of-experts layer (Qwen3-VL's A3B and A22B checkpoints) keeps HF's own sparse block
+for its MLP: its router and experts run through transformers' grouped_mm experts (rows sorted
+by expert, one grouped product per projection; no host sync where grouped_mm is one kernel,
+see LoadedModel.experts_sync_free), already the fused form.
+
 Only steps whose every row is a generated token take it: such a token sits at the same
 position on all three multimodal-rope axes, so the rope is the plain one, and no media or
 DeepStack features are added. Everything else (prompts, media, bitsandbytes weights, rope
 scalings) stays on HF's forward. On the CPU the two give the same logits, bit for bit in
-bfloat16 (tests/engine/test_decoder.py, all three families); on a GPU the fused products may
+bfloat16 (tests/engine/test_decoder.py, every family); on a GPU the fused products may
 take other GEMM kernels than the separate ones, so bf16 logits can differ in the last bit.
 
-A layer is two functions of tensors (`attention_inputs`, `attention_output_and_mlp`) around
-its KV writes and attention; `--compile-decoder` hands both to torch.compile (`compiled`,
-`warm_up`), which fuses their elementwise work into about half as many kernels again.
+A layer is functions of tensors (`attention_inputs`, then `attention_output_and_mlp`, or
+`attention_output_and_norm` before a sparse block) around its KV writes and attention;
+`--compile-decoder` hands them to torch.compile (`compiled`, `warm_up`), which fuses their
+elementwise work into about half as many kernels again.
 """
 
 from __future__ import annotations
@@ -63,15 +69,18 @@ class FusedLayer:
     k_eps: float
     o_proj: torch.Tensor
     o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    # A dense MLP's weights (None in a mixture-of-experts layer: FusedDecoder.sparse_mlps).
+    gate_up: torch.Tensor | None  # [2 * intermediate, hidden]
+    down: torch.Tensor | None
     down_bias: torch.Tensor | None
-    act: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class FusedDecoder:
     def __init__(self, model: nn.Module, layers: list[FusedLayer]):
         text = model.model.language_model
+        # HF's sparse block of each mixture-of-experts layer, run as it is (None: dense).
+        self.sparse_mlps = [layer.mlp if _is_sparse(layer.mlp) else None for layer in text.layers]
         self.embed_tokens = text.embed_tokens
         self.final_norm = text.norm
         self.inv_freq = text.rotary_emb.inv_freq
@@ -83,9 +92,11 @@ class FusedDecoder:
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.layers = layers
-        # A layer is these two around its attention; compiled() swaps in compiled versions.
+        # A layer is these around its attention (and its experts); compiled() swaps in
+        # compiled versions.
         self.attention_inputs = attention_inputs
         self.attention_output_and_mlp = attention_output_and_mlp
+        self.attention_output_and_norm = attention_output_and_norm
         self.is_compiled = False
         self._mark_batch_dynamic = False
 
@@ -109,17 +120,19 @@ class FusedDecoder:
         return decoder
 
     def compiled(self) -> FusedDecoder:
-        """This decoder with its two per-layer functions compiled by torch.compile (Inductor
+        """This decoder with its per-layer functions compiled by torch.compile (Inductor
         fuses each norm, the rope, silu * up and the residual adds into single kernels: about
         half a layer's kernels again); compile it with warm_up before use. Elementwise math in
         float32 inside a fused kernel rounds bf16 once, where HF rounds after each operation:
         logits may differ in the last bits."""
-        if any(layer.act is not F.silu for layer in self.layers):
-            # (a module per layer could be guarded by identity: a compile per layer)
+        if any(layer.act not in (F.silu, None) for layer in self.layers):
+            # (a module per layer would be guarded by identity: a compile per layer)
             raise ValueError("only SiLU layers compile")
         compiled = copy.copy(self)
         compiled.attention_inputs = torch.compile(attention_inputs)
         compiled.attention_output_and_mlp = torch.compile(attention_output_and_mlp)
+        # (HF's experts stay eager: transformers' grouped_mm compiles in bfloat16 only.)
+        compiled.attention_output_and_norm = torch.compile(attention_output_and_norm)
         compiled.is_compiled = True
         return compiled
 
@@ -159,7 +172,11 @@ class FusedDecoder:
             attended = attention.attend_decodes(queries, key_cache, value_cache, meta, self.scaling)
             if marking:
                 _mark_batch_dynamic(attended)
-            hidden = self.attention_output_and_mlp(hidden, attended, layer)
+            if (experts := self.sparse_mlps[index]) is None:
+                hidden = self.attention_output_and_mlp(hidden, attended, layer)
+            else:  # HF's sparse block takes [batch, tokens, hidden]
+                hidden, normed = self.attention_output_and_norm(hidden, attended, layer)
+                hidden = hidden + experts(normed[None])[0]
         return _norm(hidden, self.final_norm.weight, self.final_norm.variance_epsilon)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -201,12 +218,20 @@ def attention_inputs(
 def attention_output_and_mlp(
     hidden: torch.Tensor, attended: torch.Tensor, layer: FusedLayer
 ) -> torch.Tensor:
-    """The rest of a layer from its attention's output [n, heads, dim]: the output
+    """The rest of a dense layer from its attention's output [n, heads, dim]: the output
     projection and its residual, the post-attention norm, the MLP and its residual."""
-    hidden = hidden + F.linear(attended.reshape(hidden.shape[0], -1), layer.o_proj, layer.o_bias)
-    normed = _norm(hidden, layer.post_norm, layer.post_eps)
+    hidden, normed = attention_output_and_norm(hidden, attended, layer)
     gate, up = F.linear(normed, layer.gate_up).chunk(2, dim=-1)
     return hidden + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+
+
+def attention_output_and_norm(
+    hidden: torch.Tensor, attended: torch.Tensor, layer: FusedLayer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output projection and its residual, and the post-attention norm of that: the MLP's
+    input."""
+    hidden = hidden + F.linear(attended.reshape(hidden.shape[0], -1), layer.o_proj, layer.o_bias)
+    return hidden, _norm(hidden, layer.post_norm, layer.post_eps)
 
 
 def _mark_batch_dynamic(*tensors: torch.Tensor) -> None:
@@ -232,7 +257,7 @@ def _unsupported(model: nn.Module) -> str | None:
         for layer in text.layers:
             if (why := _unsupported_layer(layer)) is not None:
                 return why
-    except AttributeError as exc:  # a model laid out otherwise than the three families
+    except AttributeError as exc:  # a model laid out otherwise than the families
         return f"unexpected layer structure ({exc})"
     return None
 
@@ -240,7 +265,12 @@ def _unsupported(model: nn.Module) -> str | None:
 def _unsupported_layer(layer: nn.Module) -> str | None:
     attn, mlp = layer.self_attn, layer.mlp
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-    linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if _is_sparse(mlp):
+        experts = [mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj]
+        if any(type(p) is not nn.Parameter for p in experts):
+            return "quantized or wrapped experts"
+    else:
+        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     if any(type(m) is not nn.Linear or type(m.weight) is not nn.Parameter for m in linears):
         return "quantized or wrapped linear layers"
     modules = [*layer.modules()]
@@ -250,15 +280,21 @@ def _unsupported_layer(layer: nn.Module) -> str | None:
         return "weights not loaded"
     if len({m.bias is None for m in linears[:3]}) > 1:
         return "q/k/v biases differ"
-    if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
-        return "gate/up biases"  # none of the three families has them
+    if not _is_sparse(mlp) and (mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None):
+        return "gate/up biases"  # none of the families has them
     return None
+
+
+def _is_sparse(mlp: nn.Module) -> bool:
+    """A mixture-of-experts block (a router `gate` and `experts`), not a dense MLP."""
+    return hasattr(mlp, "experts")
 
 
 def _fuse_layer(layer: nn.Module) -> FusedLayer:
     attn, mlp = layer.self_attn, layer.mlp
     qkv, qkv_bias = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up, _ = _concatenate([mlp.gate_proj, mlp.up_proj])
+    sparse = _is_sparse(mlp)
+    gate_up = None if sparse else _concatenate([mlp.gate_proj, mlp.up_proj])[0]
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     return FusedLayer(
         input_norm=layer.input_layernorm.weight,
@@ -274,12 +310,16 @@ def _fuse_layer(layer: nn.Module) -> FusedLayer:
         o_proj=attn.o_proj.weight,
         o_bias=attn.o_proj.bias,
         gate_up=gate_up,
-        down=mlp.down_proj.weight,
-        down_bias=mlp.down_proj.bias,
-        # F.silu is what both SiLU modules run; one function for every layer (a compile guards
-        # on it).
-        act=F.silu if type(mlp.act_fn).__name__ in SILU_MODULES else mlp.act_fn,
+        down=None if sparse else mlp.down_proj.weight,
+        down_bias=None if sparse else mlp.down_proj.bias,
+        act=None if sparse else _activation(mlp.act_fn),
     )
+
+
+def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """F.silu for either SiLU module (what both run): one function for every layer, which a
+    compile guards on."""
+    return F.silu if type(act).__name__ in SILU_MODULES else act
 
 
 def _concatenate(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:

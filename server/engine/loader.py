@@ -23,11 +23,11 @@ from server.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
-# Known model types this server refuses, with the reason.
-REFUSED_MODEL_TYPES = {
-    "qwen3_vl_moe": "Qwen3-VL mixture-of-experts checkpoints (A3B, A22B) are not supported yet; "
-    "use a dense Qwen3-VL checkpoint (2B, 4B, 8B, 32B)",
+SUPPORTED_MODEL_TYPES = {
+    "qwen2_vl": "qwen2-vl",
+    "qwen2_5_vl": "qwen2.5-vl",
+    "qwen3_vl": "qwen3-vl",
+    "qwen3_vl_moe": "qwen3-vl-moe",
 }
 TINY_MODELS = {
     "tiny": "qwen2-vl",
@@ -35,6 +35,7 @@ TINY_MODELS = {
     "tiny-qwen2.5-vl": "qwen2.5-vl",
     "tiny-qwen3-vl": "qwen3-vl",
     "tiny-qwen3-vl-thinking": "qwen3-vl-thinking",
+    "tiny-qwen3-vl-moe": "qwen3-vl-moe",
 }
 # What a checkpoint needs from the hub: configs, tokenizer, template, safetensors weights.
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
@@ -62,6 +63,19 @@ class LoadedModel:
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
+
+    @property
+    def experts_sync_free(self) -> bool:
+        """Whether the experts of a mixture of experts run without a host sync, as a CUDA graph
+        needs: torch's grouped_mm (transformers' experts) is one kernel a projection on a CPU
+        and, in bfloat16, on Hopper and Blackwell datacenter GPUs (compute capability 9.x,
+        10.x); on other GPUs it loops over the experts, reading their row counts back twice a
+        layer. True for a dense model."""
+        if not getattr(self.model.config.text_config, "num_experts", 0):
+            return True
+        if self.device.type != "cuda":
+            return True
+        return torch.cuda.get_device_capability(self.device)[0] in (9, 10)
 
 
 def resolve_model_path(name: str, models_dir: Path) -> Path:
@@ -162,9 +176,29 @@ def check_attention_backend(
         raise ModelLoadError("--attention-backend triton needs --block-size 16, 32, 64 or 128")
 
 
-def quantization_config(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> Any:
+def check_experts_dtype(family: str, device: torch.device, dtype: torch.dtype) -> None:
+    """On CUDA, torch's grouped_mm (the experts' products) is one kernel without a host sync
+    in bfloat16 only: refuse another dtype before any weight is loaded."""
+    if family == "qwen3-vl-moe" and device.type == "cuda" and dtype != torch.bfloat16:
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise ModelLoadError(
+            f"a mixture-of-experts checkpoint runs on CUDA in bfloat16 only (--dtype auto or "
+            f"bfloat16, not {dtype_name}): its experts' grouped matrix products need it"
+        )
+
+
+def quantization_config(
+    cfg: EngineConfig, device: torch.device, dtype: torch.dtype, family: str = ""
+) -> Any:
     if cfg.quantization == "none":
         return None
+    if family == "qwen3-vl-moe":
+        # bitsandbytes replaces nn.Linear layers; experts are 3-D tensors it leaves as they are.
+        raise ModelLoadError(
+            f"--quantization {cfg.quantization} cannot shrink a mixture-of-experts checkpoint: "
+            "bitsandbytes quantizes linear layers only, and the experts (about 93% of the "
+            "weights) would stay in full precision; load it without --quantization"
+        )
     # bitsandbytes has a CPU backend that would "work" very slowly; refuse rather than surprise.
     if device.type != "cuda":
         raise ModelLoadError(
@@ -191,8 +225,6 @@ def _check_checkpoint(path: Path) -> str:
 
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type")
-    if model_type in REFUSED_MODEL_TYPES:
-        raise ModelLoadError(f"{path}: {REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"{path} is a '{model_type}' checkpoint; this server runs "
@@ -212,7 +244,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     attention = resolve_attention(cfg.attn_implementation, device, dtype)
-    quant = quantization_config(cfg, device, dtype)
+    check_experts_dtype(family, device, dtype)
+    quant = quantization_config(cfg, device, dtype, family)
     check_attention_backend(cfg.attention_backend, device, dtype, cfg.block_size)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
@@ -241,6 +274,13 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         video_token_id=model.config.video_token_id,
     )
     _log_loaded(loaded, attention, cfg.quantization, time.perf_counter() - started)
+    if not loaded.experts_sync_free:
+        logger.warning(
+            "on this GPU (compute capability %d.%d) torch's grouped_mm loops over the experts "
+            "and reads their row counts back: two host syncs a layer in every step, and decode "
+            "steps without CUDA graphs (Hopper and Blackwell datacenter GPUs have neither)",
+            *torch.cuda.get_device_capability(device),
+        )
     return loaded
 
 

@@ -137,6 +137,7 @@ class ModelRunner:
             kv_cache_shape(self.model), num_blocks + 1, block_size, loaded.dtype, loaded.device
         )
         self.decoder = FusedDecoder.build(self.model) if fused_decoder else None
+        self.experts_sync_free = loaded.experts_sync_free
         if compile_decoder:
             self._compile_decoder(scratch_block=num_blocks)
         self.media = MediaEncoder(self.model, self.device, encoder_cache_bytes)
@@ -155,6 +156,12 @@ class ModelRunner:
     def _build_graphs(
         self, max_num_seqs: int, max_seq_len: int, scratch_block: int
     ) -> DecodeGraphs | None:
+        if not self.experts_sync_free:  # (see LoadedModel.experts_sync_free)
+            logger.warning(
+                "CUDA graphs are off: on this GPU the experts' grouped products read their row "
+                "counts back, which a graph cannot capture"
+            )
+            return None
         max_blocks = -(-max_seq_len // self.block_size)
         graphs = DecodeGraphs(
             self._decode_forward,

@@ -1,4 +1,4 @@
-"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, built offline.
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) checkpoints, built offline.
 
 Model weights cannot be downloaded on CI or in air-gapped installs, yet every test must load a
 checkpoint through the same code a real one takes. So this module writes a complete checkpoint
@@ -21,8 +21,19 @@ from pathlib import Path
 from typing import Literal
 
 # qwen3-vl-thinking: Qwen3-VL's architecture with the -Thinking checkpoints' chat template.
-Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-thinking"]
-FAMILIES: tuple[Family, ...] = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-thinking")
+# qwen3-vl-moe: Qwen3-VL's mixture-of-experts architecture (the A3B and A22B checkpoints).
+Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-thinking", "qwen3-vl-moe"]
+FAMILIES: tuple[Family, ...] = (
+    "qwen2-vl",
+    "qwen2.5-vl",
+    "qwen3-vl",
+    "qwen3-vl-thinking",
+    "qwen3-vl-moe",
+)
+# The MoE family's experts: Qwen3-VL-30B-A3B routes each token to 8 of 128, each expert an MLP
+# of 768 (a quarter of a dense layer's width); tiny keeps the shape of that.
+TINY_NUM_EXPERTS = 8
+TINY_EXPERTS_PER_TOKEN = 2
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +136,24 @@ class TinySpec:
             raise ValueError("hidden_size / num_heads must be an even integer")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.family == "qwen3-vl-moe" and self.hidden_size in (
+            moe_intermediate_size(self),
+            2 * moe_intermediate_size(self),
+        ):  # a square expert matrix: its hub layout could not be told apart when loading
+            raise ValueError(
+                "the experts' width (3/8 of intermediate_size) and twice it "
+                "must differ from hidden_size"
+            )
         vision_head_dim, rem = divmod(self.vision_embed_dim, self.vision_heads)
         # The vision rotary embedding splits each head into 4 parts (2D rope, cos/sin).
         if rem or vision_head_dim % 4:
             raise ValueError("vision_embed_dim / vision_heads must be divisible by 4")
+
+
+def moe_intermediate_size(spec: TinySpec) -> int:
+    """Each expert's width: 48 by default, so neither it nor twice it is the hidden size (64)
+    and the experts' hub layout is told apart by its shape (_experts_in_hub_layout)."""
+    return spec.intermediate_size * 3 // 8
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -324,7 +349,7 @@ def _vision_tower(spec: TinySpec) -> dict:
 def _qwen3_vl_config(spec: TinySpec, text_config: dict, token_ids: dict):
     """Qwen3-VL: 16-pixel patches, learned vision position embeddings, DeepStack features from
     every vision layer into the first text layers, interleaved multimodal rope."""
-    from transformers import Qwen3VLConfig
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     head_dim = spec.hidden_size // spec.num_heads
     text_config = {
@@ -345,7 +370,16 @@ def _qwen3_vl_config(spec: TinySpec, text_config: dict, token_ids: dict):
         "num_position_embeddings": 2304,
         "deepstack_visual_indexes": list(range(min(spec.vision_depth, spec.num_layers))),
     }
-    return Qwen3VLConfig(
+    if spec.family == "qwen3-vl-moe":
+        text_config |= {
+            "num_experts": TINY_NUM_EXPERTS,
+            "num_experts_per_tok": TINY_EXPERTS_PER_TOKEN,
+            "moe_intermediate_size": moe_intermediate_size(spec),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+    config_class = Qwen3VLMoeConfig if spec.family == "qwen3-vl-moe" else Qwen3VLConfig
+    return config_class(
         text_config=text_config,
         vision_config=vision_config,
         tie_word_embeddings=False,
@@ -422,6 +456,23 @@ def build_generation_config(tokenizer):
     )
 
 
+def _experts_in_hub_layout(directory: Path) -> None:
+    """The experts as the public Qwen3-VL MoE checkpoints store them, [experts, in, out]
+    (transformers transposes them while loading; it saves its own [experts, out, in]), so the
+    tiny checkpoint loads through the same conversion a real one does."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in directory.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+            metadata = f.metadata()
+        for key, tensor in tensors.items():
+            if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                tensors[key] = tensor.transpose(1, 2).contiguous()
+        save_file(tensors, path, metadata=metadata)
+
+
 def make_tiny_checkpoint(out_dir: Path | str, spec: TinySpec | None = None) -> Path:
     """Write a complete random-weight checkpoint into out_dir (replaced atomically)."""
     import torch
@@ -440,6 +491,8 @@ def make_tiny_checkpoint(out_dir: Path | str, spec: TinySpec | None = None) -> P
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
+        if spec.family == "qwen3-vl-moe":
+            _experts_in_hub_layout(staging)
         build_processor(spec, tokenizer).save_pretrained(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -13,12 +13,21 @@ from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel, load_model
 
 
-@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny25_model_dir", "tiny3_model_dir"])
+@pytest.fixture(
+    scope="module",
+    params=["tiny_model_dir", "tiny25_model_dir", "tiny3_model_dir", "tiny3moe_model_dir"],
+)
 def loaded(request: pytest.FixtureRequest) -> LoadedModel:
-    """Every family: Qwen2-VL, Qwen2.5-VL (window attention, rope in seconds) and Qwen3-VL
-    (16-pixel patches, DeepStack, interleaved rope, timestamped video frames)."""
+    """Every family: Qwen2-VL, Qwen2.5-VL (window attention, rope in seconds), Qwen3-VL
+    (16-pixel patches, DeepStack, interleaved rope, timestamped video frames) and Qwen3-VL's
+    mixture of experts (each token's MLP is 2 of 8 experts)."""
     path: Path = request.getfixturevalue(request.param)
-    return load_model(Settings(model=str(path)).engine_config())
+    config = Settings(model=str(path)).engine_config()
+    moe = request.param == "tiny3moe_model_dir"
+    # (the GPU check's float32: test_qwen3.py has a bfloat16 test of the family on CUDA)
+    if moe and config.device.startswith("cuda") and config.dtype not in ("auto", "bfloat16"):
+        pytest.skip("a mixture of experts runs on CUDA in bfloat16 only")
+    return load_model(config)
 
 
 @pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -236,14 +235,20 @@ async def test_schema_constrained_decoding_on_the_engine_device(
     assert len(outputs[2]) == 12
 
 
-@pytest.mark.parametrize("size", ["2b", "7b"])
+@pytest.mark.parametrize("size", ["2b", "7b", "30b-a3b"])
 def test_full_size_graph_step_on_fake_cuda(
-    size: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    size: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Qwen2-VL-2B/7B's real dimensions on "cuda" tensors that hold no memory (FakeTensorMode):
-    building the runner's graphs (the capture's warm-up forwards, every bucket) and a padded
-    step run with no device, dtype or shape error. Only the capture call itself is left out."""
+    """Qwen2-VL-2B/7B's and Qwen3-VL-30B-A3B's real dimensions on "cuda" tensors that hold no
+    memory (FakeTensorMode): building the runner's graphs (the capture's warm-up forwards,
+    every bucket) and a padded step run with no device, dtype or shape error. Only the
+    capture call itself is left out."""
     import bench_gpu
+
+    moe = size == "30b-a3b"
+    tiny_model_dir = request.getfixturevalue("tiny3moe_model_dir" if moe else "tiny_model_dir")
+    # an H200's (transformers picks the experts' grouped products by it)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
     def warm_up_only(self: DecodeGraphs) -> None:
         for bucket in reversed(self.buckets):

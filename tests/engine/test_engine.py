@@ -98,11 +98,15 @@ async def test_seeded_sampling_is_reproducible(loaded: LoadedModel, prompt) -> N
 async def test_stop_token_id_and_max_tokens(loaded: LoadedModel, prompt) -> None:
     engine = make_engine(loaded)
     engine.start()
-    greedy, _ = await run(engine, "a", prompt, SamplingParams(max_tokens=8, temperature=0))
+    # (ignore_eos: a random-weight model may end sooner; stop ids apply whatever it says)
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    greedy, _ = await run(engine, "a", prompt, sampling)
     assert greedy.finish_reason == "length" and greedy.num_completion_tokens == 8
     stop_id = greedy.output_token_ids[3]
     first = greedy.output_token_ids.index(stop_id)
-    sampling = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(stop_id,))
+    sampling = SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=(stop_id,)
+    )
     stopped, _ = await run(engine, "b", prompt, sampling)
     await engine.stop()
     assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_id

@@ -227,6 +227,8 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(xgrammar, "allocate_token_bitmask", host_bitmask)
     monkeypatch.setattr(DecodeGraphs, "capture", warm_up_only)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
+    # an H200's (transformers picks the experts' grouped products by it)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
@@ -315,19 +317,22 @@ def mixed_sequences(vocab: int) -> list[Sequence]:
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("size", ["test", "test-moe"])
 def test_a_step_never_waits_for_the_device(
-    graphs: bool, fake_cuda: None, tiny_model_dir: Path
+    size: str, graphs: bool, fake_cuda: None, request: pytest.FixtureRequest
 ) -> None:
     """Steps as the engine's async `_step` runs them: forward (step t+1) is queued while step
     t's tokens are still on the device (`num_pending_tokens`; the runner hands them to the
     step's inputs on the device), then step t's tokens reach the host, then step t+1's
     sampling is queued. Neither `forward` nor `sample` may make the host wait; `sample` makes
-    exactly one non-blocking copy to the host (the sampled tokens)."""
+    exactly one non-blocking copy to the host (the sampled tokens). A dense model and a
+    mixture of experts (its rows routed to experts on the device)."""
     import bench_gpu
 
-    seqs = mixed_sequences(bench_gpu.SIZES["test"]["vocab_size"])  # host objects: real tensors
+    tiny = request.getfixturevalue("tiny3moe_model_dir" if size == "test-moe" else "tiny_model_dir")
+    seqs = mixed_sequences(bench_gpu.SIZES[size]["vocab_size"])  # host objects: real tensors
     with FakeTensorMode(allow_non_fake_inputs=True):
-        loaded = bench_gpu.random_model("test", "cuda", tiny_model_dir)
+        loaded = bench_gpu.random_model(size, "cuda", tiny)
         sizes = (8, 256) if graphs else None
         runner = ModelRunner(loaded, NUM_BLOCKS, BLOCK_SIZE, 0, graph_batch_sizes=sizes)
         graph_steps = run_steps(runner, seqs)

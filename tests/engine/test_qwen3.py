@@ -1,22 +1,23 @@
 """Qwen3-VL specifics: the checkpoint as the public ones ship, video prompts with the planned
 frames' timestamps (one media item per temporal patch), the family's 32-pixel token budget,
-thinking checkpoints' reasoning split, MoE checkpoints refused in plain words. (Greedy
+thinking checkpoints' reasoning split, MoE checkpoints as the hub ships them. (Greedy
 equality with HF generate, chunked, cached and mixed, is in test_paged.py, which runs every
 family.)"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from server.config import Settings
 from server.engine.inputs import InputBuilder, VideoFrames
 from server.engine.loader import LoadedModel, load_model
+from server.engine.sampling import SamplingParams
 from server.engine.tiny import TinySpec, make_tiny_checkpoint
 from server.exceptions import ModelLoadError
 from server.media.frames import FrameRequest, TokenBudget, VideoInfo, plan_frames
@@ -162,7 +163,99 @@ def test_instruct_checkpoints_have_no_reasoning(qwen3: LoadedModel) -> None:
     assert not builder_of(qwen3).reasoning
 
 
-def test_moe_checkpoints_are_refused_in_plain_words(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
-    with pytest.raises(ModelLoadError, match="mixture-of-experts"):
-        load_model(Settings(model=str(tmp_path)).engine_config())
+def test_the_moe_checkpoint_is_what_the_public_ones_ship(tiny3moe_model_dir: Path) -> None:
+    """Qwen3-VL-30B-A3B's architecture, its experts stored as the hub's checkpoints store
+    them ([experts, in, out]: loaded through transformers' conversion, transposed), run by
+    transformers' grouped_mm (no host sync: the engine tests run the family)."""
+    from safetensors import safe_open
+
+    settings = Settings(model=str(tiny3moe_model_dir), device="cpu", dtype="float32")
+    loaded = load_model(settings.engine_config())  # (the checkpoint's, on any test device)
+    model = loaded.model
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    assert loaded.family == "qwen3-vl-moe"
+    text = model.config.text_config
+    assert (text.num_experts, text.num_experts_per_tok) == (8, 2)
+    assert text._experts_implementation == "grouped_mm"
+    experts = model.model.language_model.layers[0].mlp.experts
+    with safe_open(tiny3moe_model_dir / "model.safetensors", "pt") as f:
+        prefix = "model.language_model.layers.0.mlp.experts."
+        stored = {name: f.get_tensor(prefix + name) for name in ("gate_up_proj", "down_proj")}
+    hidden, width = text.hidden_size, text.moe_intermediate_size
+    assert stored["gate_up_proj"].shape == (8, hidden, 2 * width)
+    assert stored["down_proj"].shape == (8, width, hidden)
+    assert torch.equal(experts.gate_up_proj, stored["gate_up_proj"].transpose(1, 2))
+    assert torch.equal(experts.down_proj, stored["down_proj"].transpose(1, 2))
+    template = loaded.processor.chat_template.encode()
+    assert hashlib.sha256(template).hexdigest() == INSTRUCT_TEMPLATE_SHA256
+
+
+def test_moe_checkpoints_refuse_bitsandbytes_in_plain_words(tiny3moe_model_dir: Path) -> None:
+    """bitsandbytes would leave the experts (nearly all the weights) unquantized."""
+    settings = Settings(
+        model=str(tiny3moe_model_dir), quantization="bnb-4bit", device="cpu", dtype="float32"
+    )
+    with pytest.raises(ModelLoadError, match="mixture-of-experts .* bitsandbytes quantizes"):
+        load_model(settings.engine_config())
+
+
+def test_experts_sync_free_where_grouped_mm_is_one_kernel(
+    tiny3moe_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch's grouped_mm is one kernel on a CPU and on compute capability 9.x / 10.x; other
+    GPUs loop over the experts reading their row counts back: no CUDA graphs there (the
+    runner turns them off rather than fail to capture)."""
+    import dataclasses
+
+    from server.engine.runner import ModelRunner
+
+    settings = Settings(model=str(tiny3moe_model_dir), device="cpu", dtype="float32")
+    loaded = load_model(settings.engine_config())
+    assert loaded.experts_sync_free
+    on_cuda = dataclasses.replace(loaded, device=torch.device("cuda", 0))
+    for capability, sync_free in [((9, 0), True), ((10, 0), True), ((8, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert on_cuda.experts_sync_free == sync_free
+    dense = dataclasses.replace(
+        on_cuda, model=load_model(Settings(model="tiny").engine_config()).model
+    )
+    assert dense.experts_sync_free  # (capability 8.0 still)
+    monkeypatch.setattr(type(loaded), "experts_sync_free", property(lambda self: False))
+    runner = ModelRunner(loaded, 64, 16, 0, graph_batch_sizes=(4, 128))
+    assert runner.graphs is None and "CUDA graphs are off" in caplog.text
+
+
+def test_moe_on_cuda_takes_bfloat16_only(tiny3moe_model_dir: Path) -> None:
+    """torch's grouped_mm takes bfloat16 on CUDA: another dtype is refused before loading."""
+    from server.engine.loader import check_experts_dtype
+
+    cuda = torch.device("cuda")
+    with pytest.raises(ModelLoadError, match="bfloat16 only .*not float16"):
+        check_experts_dtype("qwen3-vl-moe", cuda, torch.float16)
+    check_experts_dtype("qwen3-vl-moe", cuda, torch.bfloat16)
+    check_experts_dtype("qwen3-vl-moe", torch.device("cpu"), torch.float32)
+    check_experts_dtype("qwen3-vl", cuda, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.anyio
+async def test_moe_decodes_on_cuda_as_graphs(tiny3moe_model_dir: Path) -> None:
+    """The GPU check's mixture of experts (its float32 engine tests skip the family): bfloat16,
+    the decode steps replayed as CUDA graphs (grouped_mm routes on the device of a Hopper
+    GPU, so the step captures), their greedy tokens equal to eager steps' (four rows: the
+    graphs' bucket is the eager batch's width, so the same kernels round alike)."""
+    from tests.engine.test_cuda_graph import build_engine, generate, prompts
+
+    settings = Settings(model=str(tiny3moe_model_dir), dtype="bfloat16", device="cuda")
+    loaded = load_model(settings.engine_config())
+    builder = builder_of(loaded)
+    extra = builder.build([{"role": "user", "content": "Why is the sky blue?"}], [])
+    inputs = [*prompts(loaded), extra]
+    sampling = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)] * 4
+    # The Triton kernel both ways: the reference attention's graphs gather their full table
+    # width, eager steps only the context (other reductions: last bits, then other experts).
+    eager = await generate(build_engine(loaded, True, attention_backend="triton"), inputs, sampling)
+    engine = build_engine(loaded, False, attention_backend="triton")
+    assert await generate(engine, inputs, sampling) == eager
+    assert engine.runner.graphs.num_replays >= 10

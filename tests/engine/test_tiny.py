@@ -109,3 +109,7 @@ def test_bench_sized_checkpoint(tmp_path: Path) -> None:
 def test_invalid_spec_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         make_tiny_checkpoint(tmp_path / "bad", TinySpec(vision_embed_dim=30, vision_heads=3))
+    # square experts (2 x 24 = 48): their hub layout could not be told apart when loading
+    square = TinySpec(family="qwen3-vl-moe", hidden_size=48, num_heads=4, intermediate_size=64)
+    with pytest.raises(ValueError, match="experts"):
+        make_tiny_checkpoint(tmp_path / "square", square)

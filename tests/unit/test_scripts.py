@@ -19,24 +19,42 @@ def test_gpu_check_script_parses() -> None:
 def test_bench_gpu_runs_on_the_cpu_at_test_size(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--device", "cpu"]
-    command += ["--sizes", "test", "--batches", "1", "4", "--skip-engine", "--json", str(out)]
-    command += ["--loop-batches", "4"]
+    command += ["--sizes", "test", "test-moe", "--batches", "1", "4", "--skip-engine"]
+    command += ["--loop-batches", "4", "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
-    modes = [(row["batch"], row["decoder"], row["step"]) for row in results["decode"]]
-    assert modes == [
-        (batch, decoder, step)
-        for batch in (1, 4)
-        for decoder, step in (("hf", "eager"), ("fused", "eager"), ("fused", "graphs"))
-    ] + [(1, "compiled", "graphs")]  # --compile-decoder last, at batch 1 (and 32)
-    # float32 on the CPU: the compiled decoder decodes what the fused one does
-    assert results["decode"][-1]["same_tokens"] == "1/1 rows = fused"
+    for size in ("test", "test-moe"):  # a dense model and a mixture of experts
+        rows = [row for row in results["decode"] if row["size"] == size]
+        modes = [(row["batch"], row["decoder"], row["step"]) for row in rows]
+        assert modes == [
+            (batch, decoder, step)
+            for batch in (1, 4)
+            for decoder, step in (("hf", "eager"), ("fused", "eager"), ("fused", "graphs"))
+        ] + [(1, "compiled", "graphs")]  # --compile-decoder last, at batch 1 (and 32)
+        # float32 on the CPU: the compiled decoder decodes what the fused one does
+        assert rows[-1]["same_tokens"] == "1/1 rows = fused"
+        # the padded graph step (eager on a CPU) decodes exactly what the eager step does
+        assert all(row["same_tokens"] is True for row in rows[2:6:3])
     assert all(row["tok_s"] > 0 and row["roofline_ms"] > 0 for row in results["decode"])
-    # the padded graph step (eager on a CPU) decodes exactly what the eager step does
-    assert all(row["same_tokens"] is True for row in results["decode"][2:6:3])
     assert results["memory"]["blocks"] > 0
     # the engine loop with async scheduling decodes exactly what it does without
     assert [(row["batch"], row["async"]) for row in results["loop"]] == [(4, False), (4, True)]
     assert results["loop"][1]["same_tokens"] is True
     assert "| test | reference | fused | graphs | 4 |" in result.stdout
+
+
+def test_a_moe_roofline_counts_the_experts_a_step_reads(tiny3moe_model_dir: Path) -> None:
+    """4 of 16 experts a token: a row reads a quarter of them, four rows about 68%
+    (1 - 0.75^4), and a dense model all its weights whatever the batch."""
+    import bench_gpu
+
+    loaded = bench_gpu.random_model("test-moe", "cpu", tiny3moe_model_dir)
+    language = loaded.model.model.language_model
+    experts = sum(p.numel() * 4 for n, p in language.named_parameters() if ".experts." in n)
+    everything = bench_gpu.text_weight_bytes(loaded)
+    for batch, share in [(1, 0.25), (4, 1 - 0.75**4), (64, 1 - 0.75**64)]:
+        expected = everything - experts * (1 - share)
+        assert abs(bench_gpu.step_weight_bytes(loaded, batch) - expected) <= 1
+    dense = bench_gpu.random_model("test", "cpu")
+    assert bench_gpu.step_weight_bytes(dense, 32) == bench_gpu.text_weight_bytes(dense)
