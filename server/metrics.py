@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.sequence import Sequence
+from server.vllm_metrics import VllmMetrics
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # `_created` series double every counter and histogram and few dashboards use them.
@@ -28,9 +29,11 @@ disable_created_metrics()
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The same engine figures under vLLM's names, for dashboards written for it.
+        self.vllm = VllmMetrics(r, model_name)
         self.requests = Counter(
             "vlm_http_requests",
             "HTTP requests by route and status",
@@ -76,6 +79,7 @@ class Metrics:
     def record_sequence(self, seq: Sequence) -> None:
         """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
         frame's caption or categories, a text completion)."""
+        self.vllm.record(seq)
         self.finished.labels(seq.finish_reason or "unknown").inc()
         if seq.choice_index == 0:  # n choices of one prompt: the prompt counts once
             self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
@@ -92,6 +96,7 @@ class Metrics:
         self.running.set_function(num_running)
         self.engine_collector = EngineCollector(stats)
         self.registry.register(self.engine_collector)
+        self.vllm.watch_engine(num_queued, num_running, stats)
 
     def watch_jobs(
         self,
@@ -120,6 +125,7 @@ class Metrics:
         if self.engine_collector is not None:
             self.registry.unregister(self.engine_collector)
             self.engine_collector = None
+        self.vllm.unwatch()
         self.refreshers.clear()
 
     def render(self) -> bytes:

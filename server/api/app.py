@@ -174,7 +174,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
                 app.state.services = None
                 loaded = None
 
-    metrics = Metrics()
+    metrics = Metrics(model_name=settings.served_model_names()[0])
     # Offline: /docs and /redoc load their JS and CSS from this server, never a CDN.
     app = FastAPIOffline(
         title="vlm-server",

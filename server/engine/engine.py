@@ -473,6 +473,9 @@ class AsyncEngine:
             request_id_var.set(seq.log_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            else:
+                seq.inter_token_latencies.append(now - seq.last_token_time)
+            seq.last_token_time = now
             if token_id == FAILED:  # its grammar failed: this request alone
                 logger.warning("%s: failing the request", state.failure or "its grammar failed")
                 self._finish(seq, "error")

@@ -60,6 +60,7 @@ class Sequence:
     is_aborted: bool = False
     choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
     is_admitted: bool = False  # scheduled at least once (no longer counts as queued)
+    scheduled_time: float | None = None  # first scheduled (admitted)
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
     # Paged KV cache: the blocks holding this sequence's keys/values, in order; how many of its
     # tokens have their keys/values there; the prefix-cache hash of each full block.
@@ -82,6 +83,9 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)  # entered the engine
     received_time: float = field(default_factory=time.monotonic)  # the HTTP request arrived
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    # The seconds between each output token and the one before it (the metrics' histogram).
+    inter_token_latencies: list[float] = field(default_factory=list)
     finish_time: float | None = None
     # Filled by the engine thread through loop.call_soon_threadsafe; read by the request handler.
     outputs: asyncio.Queue[SequenceOutput] = field(default_factory=asyncio.Queue)

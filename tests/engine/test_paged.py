@@ -57,8 +57,10 @@ def prompts(loaded: LoadedModel) -> dict[str, ModelInputs]:
 def reference(loaded: LoadedModel, prompt: ModelInputs, num_tokens: int = 12) -> list[int]:
     with torch.inference_mode():
         tensors = {name: t.to(loaded.device) for name, t in prompt.tensors.items()}
+        # No end-of-text: the EOS token may be chosen and decoding goes on past it, as with
+        # the engine's ignore_eos (min_new_tokens would ban it instead).
         out = loaded.model.generate(
-            **tensors, max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False
+            **tensors, max_new_tokens=num_tokens, eos_token_id=[], do_sample=False
         )
     return out[0, prompt.num_prompt_tokens :].tolist()
 

@@ -1,0 +1,106 @@
+"""/metrics under vLLM's names (`vllm:*`, labels model_name and engine), so dashboards, alerts and
+autoscalers written for vLLM read this server: every series a request moves, with values that
+agree with its answer's usage and with each other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+
+
+def samples(text: str, model_name: str) -> dict[tuple[str, tuple], float]:
+    """Every vllm: sample as {(name, sorted labels but model_name/engine): value}, after
+    checking each carries vLLM's two labels (the first served model name, engine 0)."""
+    expected = {"model_name": model_name, "engine": "0"}
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith("vllm:"):
+                continue
+            labels = dict(sample.labels)
+            assert {k: labels.pop(k) for k in expected} == expected, sample
+            found[(sample.name, tuple(sorted(labels.items())))] = sample.value
+    return found
+
+
+async def test_a_request_moves_vllms_series(tiny_model_dir: Path) -> None:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    settings = make_settings(tiny_model_dir)
+    name = settings.served_model_names()[0]
+    async for client in start_client(settings):
+        idle = samples((await client.get("/metrics")).text, name)
+        assert idle[("vllm:num_requests_running", ())] == 0
+        assert idle[("vllm:num_requests_waiting", ())] == 0
+        assert idle[("vllm:kv_cache_usage_perc", ())] == 0
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: {")]
+        usage = httpx.Response(200, content=lines[-1][6:]).json()["usage"]
+        after = samples((await client.get("/metrics")).text, name)
+
+    def value(name: str, **labels: str) -> float:
+        return after[(name, tuple(sorted(labels.items())))]
+
+    prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    assert completion == 6
+    assert value("vllm:prompt_tokens_total") == prompt
+    assert value("vllm:generation_tokens_total") == completion
+    assert value("vllm:request_success_total", finished_reason="length") == 1
+    assert value("vllm:request_prompt_tokens_sum") == prompt
+    assert value("vllm:request_generation_tokens_sum") == completion
+    assert value("vllm:request_params_max_tokens_sum") == 6
+    assert value("vllm:prefix_cache_queries_total") >= prompt  # tokens, as vLLM counts them
+    assert value("vllm:prefix_cache_hits_total") == 0
+    assert value("vllm:num_preemptions_total") == 0
+    # One interval between each two tokens; every request histogram saw the request once.
+    assert value("vllm:inter_token_latency_seconds_count") == completion - 1
+    seconds = {}
+    for name in ("e2e_request_latency", "time_to_first_token", "request_queue_time"):
+        seconds[name] = value(f"vllm:{name}_seconds_sum")
+        assert value(f"vllm:{name}_seconds_count") == 1
+    for name in ("request_inference_time", "request_prefill_time", "request_decode_time"):
+        seconds[name] = value(f"vllm:{name}_seconds_sum")
+        assert value(f"vllm:{name}_seconds_count") == 1
+    # queue, then prefill and decode (together the inference), all within end to end
+    inference = seconds["request_inference_time"]
+    parts = seconds["request_prefill_time"] + seconds["request_decode_time"]
+    assert abs(inference - parts) < 1e-6
+    assert seconds["request_queue_time"] + inference <= seconds["e2e_request_latency"]
+    assert seconds["time_to_first_token"] <= seconds["e2e_request_latency"]
+    assert value("vllm:inter_token_latency_seconds_sum") <= seconds["request_decode_time"] + 1e-6
+
+
+def test_a_request_that_never_ran_counts_as_aborted() -> None:
+    """A queue timeout is vLLM's abort; it has an end-to-end latency and nothing else."""
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.engine.inputs import ModelInputs
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+    from server.vllm_metrics import VllmMetrics
+
+    registry = CollectorRegistry()
+    metrics = VllmMetrics(registry, "m")
+    inputs = ModelInputs({"input_ids": torch.zeros(1, 5, dtype=torch.long)}, 5, 0)
+    seq = Sequence("r", inputs, SamplingParams(), 16)
+    seq.finish_reason, seq.finish_time = "queue_timeout", seq.arrival_time + 60
+    metrics.record(seq)
+    found = samples(generate_latest(registry).decode(), "m")
+    assert found[("vllm:request_success_total", (("finished_reason", "abort"),))] == 1
+    assert found[("vllm:e2e_request_latency_seconds_count", ())] == 1
+    assert found[("vllm:request_queue_time_seconds_count", ())] == 0
+    assert found[("vllm:time_to_first_token_seconds_count", ())] == 0
