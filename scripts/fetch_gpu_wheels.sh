@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv
   annotated-types annotated-doc typing-inspection typing-extensions uvicorn asgi-lifespan sniffio
-  opentelemetry-api xgrammar apache-tvm-ffi transformers fastapi-offline regex)
+  opentelemetry-api xgrammar apache-tvm-ffi transformers fastapi-offline regex python-multipart)
 PIP=".venv/bin/pip"
 pinned=()
 for name in "${PACKAGES[@]}"; do

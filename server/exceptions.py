@@ -62,6 +62,22 @@ class JobNotFound(ServerError):
         super().__init__(f"No job `{job_id}`.", param="id", code="job_not_found")
 
 
+class FileNotFound(ServerError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, file_id: str, param: str = "file_id"):
+        super().__init__(f"No such File object: {file_id}", param=param, code="file_not_found")
+
+
+class BatchNotFound(ServerError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, batch_id: str):
+        super().__init__(f"No batch found with id '{batch_id}'.", param="batch_id", code=None)
+
+
 class ResponseNotFound(ServerError):
     """A stored response asked for by id: none is ever stored (the Responses API)."""
 

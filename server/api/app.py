@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -23,8 +24,10 @@ from server.api.middleware import (
 )
 from server.api.protocol import OPENAI_DEFAULTS
 from server.api.routes import (
+    batches,
     chat,
     completions,
+    files,
     health,
     media,
     messages,
@@ -47,6 +50,7 @@ from server.media.fetch import FetchPolicy, MediaFetcher
 from server.media.spool import Spool
 from server.media.video import VideoDecoder
 from server.metrics import Metrics, MetricsMiddleware
+from server.pipelines.batch import BatchRunner, asgi_dispatch
 from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 from server.pipelines.completions import TextCompletions
@@ -103,9 +107,21 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
         # Jobs' requests rank below interactive ones where the policy looks at ranks.
         job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
+        # A batch's lines go through this app itself (see pipelines/batch.py).
+        batch_client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://batch", timeout=None
+        )
+        keys = settings.all_api_keys()
+        batches = BatchRunner(
+            jobs,
+            asgi_dispatch(batch_client, keys[0] if keys else None),
+            concurrency=settings.max_num_seqs,
+            job_priority=job_priority,
+        )
         handlers = {
             "categories": categories_job_handler(categories, job_priority),
             "completions": completions_job_handler(pipeline, job_priority),
+            "batch": batches,
         }
 
         def can_start_a_job() -> bool:
@@ -161,6 +177,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         finally:
             try:
                 await job_worker.stop()  # jobs running here go back to the queue
+                await batch_client.aclose()
                 await webhooks.stop()  # pending deliveries stay in the store
                 jobs.close()
                 await engine.stop()
@@ -191,6 +208,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(responses.router)
     app.include_router(messages.router)
     app.include_router(tokenize.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     if settings.playground:
         playground.mount(app)
     # Added last = outermost: ids, metrics (which see every refusal too), drain, keys, body cap.
@@ -198,7 +217,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
     )
     keys = settings.all_api_keys()
-    app.add_middleware(JsonBodyMiddleware)
+    app.add_middleware(JsonBodyMiddleware, allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)

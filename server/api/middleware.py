@@ -187,21 +187,40 @@ class JsonBodyMiddleware:
     Not for browsers (they send an Origin): a cross-site form or no-cors fetch may post
     text/plain without asking first, and reading that as JSON would let any web page drive a
     server that has no API key. A browser's request must say application/json, which a
-    cross-site page can only send after a CORS preflight (--allowed-origins)."""
+    cross-site page can only send after a CORS preflight (--allowed-origins).
 
-    def __init__(self, app: ASGIApp):
+    The one other body is a file upload (multipart/form-data, at UPLOAD_PATHS). A cross-site
+    form can post that with no preflight too, so a browser's upload is taken only from an
+    origin --allowed-origins lists; from any other it is not read as one (a 400)."""
+
+    UPLOAD_PATHS = frozenset({"/v1/files"})
+
+    def __init__(self, app: ASGIApp, allowed_origins: tuple[str, ...] = ()):
         self.app = app
+        self.allowed_origins = frozenset(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] in ("POST", "PUT", "PATCH")
-            and not any(k == b"origin" for k, _ in scope["headers"])
-        ):
-            # In place: the outer middleware read what the router writes into this scope.
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin")
+            content_type = headers.get(b"content-type", b"")
+            if content_type.startswith(b"multipart/form-data") and (
+                scope["path"] in self.UPLOAD_PATHS
+            ):
+                if origin is not None and not self._allowed(origin):
+                    _set_content_type(scope, b"text/plain")
+            elif origin is None:
+                _set_content_type(scope, b"application/json")
         await self.app(scope, receive, send)
+
+    def _allowed(self, origin: bytes) -> bool:
+        return "*" in self.allowed_origins or origin.decode("latin-1") in self.allowed_origins
+
+
+def _set_content_type(scope: Scope, value: bytes) -> None:
+    # In place: the outer middleware read what the router writes into this scope.
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    scope["headers"] = [*headers, (b"content-type", value)]
 
 
 class ApiKeyMiddleware:

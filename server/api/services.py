@@ -22,6 +22,9 @@ from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 from server.pipelines.completions import TextCompletions
 
+# The jobs the /v2/media routes show; batches (/v1/batches) are jobs of kind "batch".
+MEDIA_KINDS = ("completions", "categories")
+
 
 @dataclass
 class Services:
@@ -53,23 +56,33 @@ class Services:
         self.job_worker.notify()
         return job
 
-    async def get_job(self, job_id: str) -> Job | None:
-        return await asyncio.to_thread(self.jobs.get, job_id)
+    async def get_job(self, job_id: str, kinds: tuple[str, ...] = MEDIA_KINDS) -> Job | None:
+        """The job, if it is one of these kinds (media jobs and batches are listed apart)."""
+        job = await asyncio.to_thread(self.jobs.get, job_id)
+        return job if job is not None and job.kind in kinds else None
 
-    async def cancel_job(self, job_id: str) -> Job:
+    async def cancel_job(
+        self, job_id: str, kinds: tuple[str, ...] = MEDIA_KINDS, not_found: type = JobNotFound
+    ) -> Job:
+        if await self.get_job(job_id, kinds) is None:
+            raise not_found(job_id)
         job = await asyncio.to_thread(self.jobs.cancel, job_id)
         if job is None:
-            raise JobNotFound(job_id)
+            raise not_found(job_id)
         if job.status != "cancelled":
             raise JobAlreadyEnded(job_id, job.status)
         self.job_worker.cancel_running(job_id)  # its webhook goes out with the next poll
         return job
 
     async def list_jobs(
-        self, status: str | None, limit: int, after: str | None
+        self,
+        status: str | None,
+        limit: int,
+        after: str | None,
+        kinds: tuple[str, ...] = MEDIA_KINDS,
     ) -> tuple[list[Job], bool]:
         try:
-            return await asyncio.to_thread(self.jobs.list, status, limit, after)
+            return await asyncio.to_thread(self.jobs.list, status, limit, after, kinds)
         except KeyError:
             raise InvalidRequest(
                 f"No job `{after}` to list after (deleted, or never existed).",

@@ -68,6 +68,18 @@ MIGRATIONS = [
     CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
     CREATE INDEX deliveries_of_job ON deliveries (job_id)
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN description TEXT;
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        purpose TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        content BYTEA NOT NULL
+    );
+    CREATE INDEX files_by_time ON files (created_at, id)
+    """,
 ]
 
 

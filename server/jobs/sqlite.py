@@ -58,6 +58,21 @@ ALTER TABLE jobs ADD COLUMN webhook_url TEXT;
 CREATE TABLE shared_values (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
 
+# Version 3: files (the Files API's, for batches), and what a batch is, readable while it runs
+# and after (its request is dropped when it ends).
+SCHEMA_3 = """
+ALTER TABLE jobs ADD COLUMN description TEXT;
+CREATE TABLE files (
+    id TEXT PRIMARY KEY,
+    purpose TEXT NOT NULL,           -- batch (uploaded) | batch_output (a batch's results)
+    filename TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    content BLOB NOT NULL
+);
+CREATE INDEX files_by_time ON files (created_at, id)
+"""
+
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
     return {column[0]: value for column, value in zip(cursor.description, values, strict=True)}
@@ -109,7 +124,10 @@ class SqliteJobStore(JobStore):
                 for statement in SCHEMA_2.split(";"):
                     execute(statement, ())
                 _fill_webhook_urls(execute)
-            execute("PRAGMA user_version = 2", ())
+            if version < 3:
+                for statement in SCHEMA_3.split(";"):
+                    execute(statement, ())
+            execute("PRAGMA user_version = 3", ())
 
 
 def _add_request_hashes(execute: Execute) -> None:

@@ -23,11 +23,12 @@ from typing import Any
 
 from server.exceptions import IdempotencyKeyReused
 from server.jobs.deliveries import DeliveryStore, Execute
+from server.jobs.files import FileStore, insert_file
 
 # Every column but the request, which only the worker (at claim) needs.
 SUMMARY = (
     "id, kind, status, progress, result, error, created_at, updated_at, attempt, owner,"
-    " webhook_url, request_hash"
+    " webhook_url, request_hash, description"
 )
 
 
@@ -44,6 +45,7 @@ class Job:
     updated_at: float
     attempt: int
     owner: str | None = None
+    description: dict[str, Any] | None = None  # what a batch is (kept when its request is not)
 
     def as_dict(self) -> dict[str, Any]:
         """The job as the status endpoint and webhooks show it."""
@@ -76,6 +78,7 @@ class Job:
             updated_at=row["updated_at"],
             attempt=row["attempt"],
             owner=row.get("owner"),
+            description=json.loads(row["description"]) if row.get("description") else None,
         )
 
 
@@ -101,7 +104,11 @@ def open_job_store(url: str | None, data_dir: Path) -> JobStore:
     raise ValueError("--job-store must be sqlite:///PATH or postgresql://...")
 
 
-class JobStore(DeliveryStore):
+class LeaseLost(Exception):
+    """Inside a transaction: this attempt no longer holds the job (rolls the writes back)."""
+
+
+class JobStore(DeliveryStore, FileStore):
     """Blocking calls: the async side calls them through asyncio.to_thread."""
 
     greatest = "MAX"  # the two-argument maximum
@@ -120,7 +127,14 @@ class JobStore(DeliveryStore):
         return None
 
     # -- jobs -----------------------------------------------------------------------------
-    def create(self, kind: str, request: dict[str, Any], idempotency_key: str | None) -> Job:
+    def create(
+        self,
+        kind: str,
+        request: dict[str, Any],
+        idempotency_key: str | None,
+        id_prefix: str = "job-",
+        description: dict[str, Any] | None = None,
+    ) -> Job:
         """A new queued job, or the existing one for the same idempotency key and request (the
         same key with another request: IdempotencyKeyReused)."""
         now, digest = self.now(), request_digest(kind, request)
@@ -129,11 +143,11 @@ class JobStore(DeliveryStore):
             if row is None:
                 row = execute(
                     "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
-                    " idempotency_key, request_hash, webhook_url)"
-                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
+                    " idempotency_key, request_hash, webhook_url, description)"
+                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
                     f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {SUMMARY}",
                     (
-                        f"job-{uuid.uuid4().hex}",
+                        f"{id_prefix}{uuid.uuid4().hex}",
                         kind,
                         json.dumps(request),
                         now,
@@ -141,6 +155,7 @@ class JobStore(DeliveryStore):
                         idempotency_key,
                         digest,
                         request.get("webhook_url"),
+                        json.dumps(description) if description is not None else None,
                     ),
                 ).fetchone()
                 if row is not None:
@@ -206,25 +221,46 @@ class JobStore(DeliveryStore):
         """Back to the queue without a result (the engine stopped under it)."""
         return self._update_if_current(job, "status = 'queued', lease_until = 0", (), True)
 
-    def complete(self, job: Job, result: dict[str, Any]) -> bool:
-        return self._finish(job, "status = 'completed', progress = 1, result = ?", result)
+    def set_partial_result(self, job: Job, result: dict[str, Any]) -> bool:
+        """What a running job has done so far (a batch's request counts), in its result."""
+        return self._update_if_current(job, "result = ?", (json.dumps(result),))
+
+    def complete(
+        self, job: Job, result: dict[str, Any], files: Mapping[str, tuple] | None = None
+    ) -> bool:
+        """files: {result key: (purpose, filename, content)}, stored with the job's end (each
+        file's id under its key in the result), or not at all."""
+        return self._finish(job, "status = 'completed', progress = 1, result = ?", result, files)
 
     def fail(self, job: Job, error: dict[str, Any]) -> bool:
         return self._finish(job, "status = 'failed', error = ?", error)
 
-    def _finish(self, job: Job, assignments: str, value: dict[str, Any]) -> bool:
+    def _finish(
+        self,
+        job: Job,
+        assignments: str,
+        value: dict[str, Any],
+        files: Mapping[str, tuple] | None = None,
+    ) -> bool:
         """The job's end and, when it has a webhook, its pending delivery: one transaction, so
         a crash cannot keep one without the other. The request is not needed any more."""
-        with self.transaction() as execute:
-            row = execute(
-                f"UPDATE jobs SET {assignments}, request = '{{}}', lease_until = 0,"
-                " updated_at = ? WHERE id = ? AND attempt = ? AND status = 'processing'"
-                f" RETURNING {SUMMARY}",
-                (json.dumps(value), self.now(), job.id, job.attempt),
-            ).fetchone()
-            if row is not None:
+        try:
+            with self.transaction() as execute:
+                value = dict(value)
+                for key, (purpose, filename, content) in (files or {}).items():
+                    value[key] = insert_file(execute, self.now(), purpose, filename, content).id
+                row = execute(
+                    f"UPDATE jobs SET {assignments}, request = '{{}}', lease_until = 0,"
+                    " updated_at = ? WHERE id = ? AND attempt = ? AND status = 'processing'"
+                    f" RETURNING {SUMMARY}",
+                    (json.dumps(value), self.now(), job.id, job.attempt),
+                ).fetchone()
+                if row is None:
+                    raise LeaseLost()  # (its files are not kept either)
                 self._queue_webhook(execute, row)
-        return row is not None
+        except LeaseLost:
+            return False
+        return True
 
     def cancel(self, job_id: str) -> Job | None:
         """A queued or processing job is cancelled (and its webhook's `media.cancelled`
@@ -254,11 +290,16 @@ class JobStore(DeliveryStore):
             (f"msg_{uuid.uuid4().hex}", ended["id"], ended["webhook_url"], payload, now, now),
         )
 
-    def list(self, status: str | None, limit: int, after: str | None) -> tuple[list[Job], bool]:
-        """Newest first, at most `limit`, after the job `after` (a cursor); and whether more
-        follow. Request bodies are left out (they can be whole videos)."""
+    def list(
+        self, status: str | None, limit: int, after: str | None, kinds: tuple[str, ...] = ()
+    ) -> tuple[list[Job], bool]:
+        """Newest first, at most `limit`, after the job `after` (a cursor), of these kinds (all:
+        empty); and whether more follow. Request bodies are left out (they can be videos)."""
         query = f"SELECT {SUMMARY} FROM jobs"
         where, values = [], []
+        if kinds:
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            values.extend(kinds)
         if status is not None:
             where.append("status = ?")
             values.append(status)
@@ -275,8 +316,9 @@ class JobStore(DeliveryStore):
         return [Job.from_row(row, {}) for row in rows[:limit]], len(rows) > limit
 
     def prune(self, older_than_s: float) -> int:
-        """Deletes finished jobs last updated before older_than_s ago, with their deliveries;
-        a job with a delivery still pending is kept. One process at a time does it."""
+        """Deletes finished jobs last updated before older_than_s ago, with their deliveries
+        (a job with a delivery still pending is kept), and batches' output files as old. One
+        process at a time does it."""
         cutoff = self.now() - older_than_s
         old = (
             "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
@@ -287,6 +329,9 @@ class JobStore(DeliveryStore):
             if not self._try_lock(execute, "prune"):
                 return 0
             execute(f"DELETE FROM deliveries WHERE job_id IN ({old})", (cutoff,))
+            execute(
+                "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
+            )
             return execute(f"DELETE FROM jobs WHERE id IN ({old})", (cutoff,)).rowcount
 
     def _update_if_current(

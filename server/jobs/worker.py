@@ -19,6 +19,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.exceptions import EngineOverloaded, EngineStopped, JobStoreUnavailable, ServerError
@@ -36,7 +37,30 @@ MAX_BUSY_BACKOFF_S = 30.0
 PRUNE_INTERVAL_S = 600.0
 
 Progress = Callable[[float], None]
-Handler = Callable[[Job, Progress], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A handler's result with files stored beside it (a batch's output and error files):
+    {result key: (purpose, filename, content)}, each file's id under its key."""
+
+    result: dict[str, Any]
+    files: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
+
+
+class JobFailed(ServerError):
+    """A job that fails with a list of reasons (a batch's invalid lines): kept in its error
+    as `data`."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, details: list[dict[str, Any]], code: str | None = None):
+        super().__init__(message, code=code)
+        self.details = details
+
+
+Handler = Callable[[Job, Progress], Awaitable[dict[str, Any] | JobOutcome]]
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
@@ -209,7 +233,8 @@ class JobWorker:
             logger.exception("job %s failed", job.id)
             await self._write_end(self.store.fail, job, INTERNAL_ERROR)
         else:
-            if not await self._write_end(self.store.complete, job, result):
+            outcome = result if isinstance(result, JobOutcome) else JobOutcome(result)
+            if not await self._write_end(self.store.complete, job, outcome.result, outcome.files):
                 logger.warning(
                     "job %s attempt %d lost its lease; result dropped", job.id, job.attempt
                 )
@@ -223,7 +248,7 @@ class JobWorker:
             await progress.close()
         return True
 
-    async def _handle(self, job: Job, progress: Progress) -> dict[str, Any]:
+    async def _handle(self, job: Job, progress: Progress) -> dict[str, Any] | JobOutcome:
         """An accepted job is not failed for a busy engine (queue full or waited too long, the
         503s a synchronous client would retry): it waits, backing off, and tries again."""
         delay = 0.0
@@ -300,4 +325,7 @@ def _being_cancelled() -> bool:
 
 
 def _error_object(exc: ServerError) -> dict[str, Any]:
-    return {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}
+    error = {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}
+    if isinstance(exc, JobFailed):
+        error["data"] = exc.details
+    return error

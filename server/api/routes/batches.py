@@ -1,0 +1,91 @@
+"""OpenAI's Batch API: a batch over an uploaded file of requests, its status, cancel, list.
+A batch is a durable job (see server/api/batches.py and pipelines/batch.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Header, Query
+
+from server.api.batches import MAX_METADATA_PAIRS, Batch, BatchCreateRequest, BatchList
+from server.api.protocol import ErrorResponse
+from server.api.services import Services, get_services
+from server.exceptions import BatchNotFound, FileNotFound, InvalidRequest, refuse_unsupported
+
+BATCH = ("batch",)
+router = APIRouter(
+    tags=["batches"],
+    responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 503)},
+)
+
+
+@router.post("/v1/batches", response_model=Batch)
+async def create_batch(
+    body: BatchCreateRequest,
+    services: Services = Depends(get_services),
+    idempotency_key: str | None = Header(default=None, max_length=200),
+) -> Batch:
+    """The batch is queued at once (`validating`); its lines are checked when it runs (a file
+    with invalid lines fails the batch, each listed in `errors`)."""
+    refuse_unsupported(body.unsupported_fields())
+    _check_metadata(body.metadata)
+    stored = await asyncio.to_thread(services.jobs.get_file, body.input_file_id)
+    if stored is None:
+        raise FileNotFound(body.input_file_id, param="input_file_id")
+    if stored.purpose != "batch":
+        raise InvalidRequest(
+            f"File {body.input_file_id} has purpose {stored.purpose!r}; a batch reads a file "
+            "uploaded with purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_value",
+        )
+    request = body.model_dump(exclude_none=True)
+    description = {key: request.get(key) for key in ("input_file_id", "endpoint", "metadata")}
+    description["completion_window"] = body.completion_window
+    job = await asyncio.to_thread(
+        services.jobs.create, "batch", request, idempotency_key, "batch_", description
+    )
+    services.job_worker.notify()
+    return Batch.of(job)
+
+
+@router.get("/v1/batches/{batch_id}", response_model=Batch)
+async def retrieve_batch(batch_id: str, services: Services = Depends(get_services)) -> Batch:
+    job = await services.get_job(batch_id, BATCH)
+    if job is None:
+        raise BatchNotFound(batch_id)
+    return Batch.of(job)
+
+
+@router.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
+async def cancel_batch(batch_id: str, services: Services = Depends(get_services)) -> Batch:
+    """A validating or running batch stops at once (its running requests are aborted; what it
+    had answered is not kept); an ended one: 409."""
+    return Batch.of(await services.cancel_job(batch_id, BATCH, BatchNotFound))
+
+
+@router.get("/v1/batches", response_model=BatchList)
+async def list_batches(
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, max_length=200, description="the last id seen"),
+    services: Services = Depends(get_services),
+) -> BatchList:
+    jobs, has_more = await services.list_jobs(None, limit, after, BATCH)
+    data = [Batch.of(job) for job in jobs]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return BatchList(data=data, first_id=first, last_id=last, has_more=has_more)
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's bounds: 16 pairs, keys of at most 64 characters, values of 512."""
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS or any(
+        len(key) > 64 or len(value) > 512 for key, value in metadata.items()
+    ):
+        raise InvalidRequest(
+            "metadata holds at most 16 pairs, keys of at most 64 characters and values of "
+            "at most 512.",
+            param="metadata",
+            code="invalid_value",
+        )

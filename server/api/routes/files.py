@@ -1,0 +1,92 @@
+"""OpenAI's Files API, for batches: upload a JSONL file of requests, list, read, delete; a
+batch's output and error files are read here too."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi.responses import Response
+
+from server.api.batches import FileDeleted, FileList, FileObject
+from server.api.protocol import ErrorResponse
+from server.api.services import Services, get_services
+from server.exceptions import FileNotFound, InvalidRequest, refuse_unsupported
+
+router = APIRouter(
+    tags=["files"],
+    responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)},
+)
+
+
+@router.post("/v1/files", response_model=FileObject)
+async def upload_file(
+    file: UploadFile = File(...),
+    purpose: str = Form(...),
+    expires_after_anchor: str | None = Form(default=None, alias="expires_after[anchor]"),
+    expires_after_seconds: str | None = Form(default=None, alias="expires_after[seconds]"),
+    services: Services = Depends(get_services),
+) -> FileObject:
+    """A file of batch requests (JSONL: one `{custom_id, method, url, body}` a line), checked
+    when a batch runs over it. The upload is bounded by --max-request-body-bytes."""
+    if purpose != "batch":
+        raise InvalidRequest(
+            f"purpose {purpose!r} is not served here: files are for batches (purpose 'batch').",
+            param="purpose",
+            code="invalid_value",
+        )
+    if expires_after_anchor is not None or expires_after_seconds is not None:
+        refuse_unsupported(["expires_after"])
+    content = await file.read()
+    if not content:
+        raise InvalidRequest("The file is empty.", param="file", code="invalid_value")
+    name = (file.filename or "batch.jsonl")[:255]
+    stored = await asyncio.to_thread(services.jobs.add_file, purpose, name, content)
+    return FileObject.of(stored)
+
+
+@router.get("/v1/files", response_model=FileList)
+async def list_files(
+    purpose: str | None = Query(default=None, max_length=64),
+    limit: int = Query(default=10000, ge=1, le=10000),
+    after: str | None = Query(default=None, max_length=200, description="the last id seen"),
+    order: Literal["asc", "desc"] = "desc",
+    services: Services = Depends(get_services),
+) -> FileList:
+    try:
+        files, has_more = await asyncio.to_thread(
+            services.jobs.list_files, purpose, limit, after, order == "desc"
+        )
+    except KeyError:
+        raise FileNotFound(after or "", param="after") from None
+    data = [FileObject.of(stored) for stored in files]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return FileList(data=data, first_id=first, last_id=last, has_more=has_more)
+
+
+@router.get("/v1/files/{file_id}", response_model=FileObject)
+async def retrieve_file(file_id: str, services: Services = Depends(get_services)) -> FileObject:
+    stored = await asyncio.to_thread(services.jobs.get_file, file_id)
+    if stored is None:
+        raise FileNotFound(file_id)
+    return FileObject.of(stored)
+
+
+@router.get(
+    "/v1/files/{file_id}/content",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def file_content(file_id: str, services: Services = Depends(get_services)) -> Response:
+    content = await asyncio.to_thread(services.jobs.file_content, file_id)
+    if content is None:
+        raise FileNotFound(file_id)
+    return Response(content, media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str, services: Services = Depends(get_services)) -> FileDeleted:
+    if not await asyncio.to_thread(services.jobs.delete_file, file_id):
+        raise FileNotFound(file_id)
+    return FileDeleted(id=file_id, deleted=True)

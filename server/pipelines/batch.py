@@ -1,0 +1,316 @@
+"""Runs a batch (a job of kind `batch`): its input file's requests, each answered by the route
+its line names, exactly as an HTTP client would have been answered.
+
+Each line goes through the app itself (httpx's ASGI transport: no socket), so every check,
+default, limit and error of /v1/chat/completions, /v1/completions and /v1/responses applies
+with no second copy of them; a line's answer is its status and body. A 503 (the engine's queue
+full, or waited too long) is not an answer: that line is sent again, backing off, as a client
+would. Lines run `concurrency` at a time, so the engine's batch stays full without flooding
+its queue; under --scheduling-policy priority they run at --job-priority unless they name one.
+
+The output file holds the 200s, the error file every other answer, each as OpenAI writes
+them (`{id, custom_id, response: {status_code, request_id, body}, error}`), in input order;
+both are stored with the batch's end, in one transaction. Request counts are written a few
+times a second while it runs. A batch that is taken over (its replica died) starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from server.api.batches import BatchCreateRequest
+from server.jobs.store import Job, JobStore
+from server.jobs.worker import JobFailed, JobOutcome, Progress, cancel_and_wait
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUESTS = 50_000  # OpenAI's limit per batch
+MAX_REPORTED_ERRORS = 100  # invalid lines listed in a failed batch's errors
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # a line's 503s, then every 30 s
+COUNTS_FLUSH_S = 1.0
+CHECKED_KEYS = ("custom_id", "method", "url", "body")
+
+# (url, body, request id) -> (status, JSON body)
+Dispatch = Callable[[str, dict[str, Any], str], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    number: int  # in the file, from 1
+    custom_id: str
+    body: dict[str, Any]
+
+
+@dataclass
+class Tally:
+    """What a batch has done so far, as its status shows it."""
+
+    total: int
+    completed: int = 0
+    failed: int = 0
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def add(self, status: int, body: dict[str, Any]) -> None:
+        if status != 200:
+            self.failed += 1
+            return
+        self.completed += 1
+        usage = body.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        output_details = (
+            usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        )
+        for key, value in (
+            ("input_tokens", usage.get("prompt_tokens", usage.get("input_tokens"))),
+            ("output_tokens", usage.get("completion_tokens", usage.get("output_tokens"))),
+            ("cached_tokens", details.get("cached_tokens")),
+            ("reasoning_tokens", output_details.get("reasoning_tokens")),
+        ):
+            self.usage[key] = self.usage.get(key, 0) + (value or 0)
+
+    def counts(self) -> dict[str, int]:
+        return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+    def usage_object(self) -> dict[str, Any]:
+        get = self.usage.get
+        return {
+            "input_tokens": get("input_tokens", 0),
+            "input_tokens_details": {"cached_tokens": get("cached_tokens", 0)},
+            "output_tokens": get("output_tokens", 0),
+            "output_tokens_details": {"reasoning_tokens": get("reasoning_tokens", 0)},
+            "total_tokens": get("input_tokens", 0) + get("output_tokens", 0),
+        }
+
+
+def asgi_dispatch(client: httpx.AsyncClient, api_key: str | None) -> Dispatch:
+    """Lines sent to the app through `client` (an httpx client over the app's ASGI transport),
+    with a key the app accepts."""
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def dispatch(url: str, body: dict[str, Any], request_id: str) -> tuple[int, dict]:
+        response = await client.post(url, json=body, headers={**auth, "X-Request-ID": request_id})
+        try:
+            return response.status_code, response.json()
+        except ValueError:  # not JSON (no route answers so): kept as an error
+            error = {"message": response.text[:1000], "type": "server_error"}
+            return response.status_code, {"error": error}
+
+    return dispatch
+
+
+def parse_lines(content: bytes, endpoint: str) -> list[BatchLine]:
+    """The file's requests, or JobFailed listing the lines that are not one (as OpenAI checks
+    them: JSON, a unique custom_id, POST to the batch's endpoint, a body object)."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid([_problem("invalid_file", "The input file is not UTF-8 text.")]) from None
+    lines: list[BatchLine] = []
+    problems: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        line, problem = _parse_line(raw, number, endpoint, seen)
+        if problem is not None:
+            problems.append(problem)
+        elif line is not None:
+            seen.add(line.custom_id)
+            lines.append(line)
+    if not lines and not problems:
+        problems.append(_problem("empty_file", "The input file holds no requests."))
+    if len(lines) > MAX_REQUESTS:
+        message = f"A batch holds at most {MAX_REQUESTS} requests; this file has {len(lines)}."
+        problems.append(_problem("too_many_requests", message))
+    if problems:
+        raise _invalid(problems)
+    return lines
+
+
+def _parse_line(
+    raw: str, number: int, endpoint: str, seen: set[str]
+) -> tuple[BatchLine | None, dict[str, Any] | None]:
+    try:
+        item = json.loads(raw)
+    except ValueError:
+        return None, _problem("invalid_json_line", "This line is not valid JSON.", line=number)
+    if not isinstance(item, dict):
+        return None, _problem("invalid_json_line", "This line is not a JSON object.", line=number)
+    if unknown := sorted(set(item) - set(CHECKED_KEYS)):
+        message = f"Unknown keys {unknown}: a line holds custom_id, method, url and body."
+        return None, _problem("invalid_request", message, param=unknown[0], line=number)
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        message = "custom_id is required: a non-empty string, unique in the batch."
+        return None, _problem("missing_required_parameter", message, "custom_id", number)
+    if custom_id in seen:
+        message = f"custom_id {custom_id!r} is used by an earlier line; each must be unique."
+        return None, _problem("duplicate_custom_id", message, "custom_id", number)
+    if item.get("method") != "POST":
+        message = "method must be POST."
+        return None, _problem("invalid_method", message, "method", number)
+    if item.get("url") != endpoint:
+        message = f"url must be the batch's endpoint, {endpoint}."
+        return None, _problem("mismatched_url", message, "url", number)
+    body = item.get("body")
+    if not isinstance(body, dict):
+        return None, _problem("invalid_body", "body must be a JSON object.", "body", number)
+    return BatchLine(number, custom_id, body), None
+
+
+def _problem(
+    code: str, message: str, param: str | None = None, line: int | None = None
+) -> dict[str, Any]:
+    return {"code": code, "message": message, "param": param, "line": line}
+
+
+def _invalid(problems: list[dict[str, Any]]) -> JobFailed:
+    listed = problems[:MAX_REPORTED_ERRORS]
+    message = f"The input file has {len(problems)} invalid line(s)"
+    if len(listed) < len(problems):
+        message += f" (the first {len(listed)} are listed)"
+    return JobFailed(message + ".", listed, code="invalid_batch_file")
+
+
+class BatchRunner:
+    """The job worker's handler for `batch` jobs."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        dispatch: Dispatch,
+        concurrency: int,
+        job_priority: int | None = None,
+    ):
+        self.store = store
+        self.dispatch = dispatch
+        self.concurrency = max(1, concurrency)
+        self.job_priority = job_priority  # None: priorities are not looked at
+
+    async def __call__(self, job: Job, progress: Progress) -> JobOutcome:
+        request = BatchCreateRequest.model_validate(job.request)
+        content = await asyncio.to_thread(self.store.file_content, request.input_file_id)
+        if content is None:
+            message = f"The input file {request.input_file_id} was deleted before the batch ran."
+            raise JobFailed(message, [_problem("file_not_found", message, "input_file_id")])
+        lines = parse_lines(content, request.endpoint)
+        started = int(time.time())
+        tally = Tally(total=len(lines))
+        answers: list[tuple[int, str] | None] = [None] * len(lines)
+        flusher = asyncio.create_task(self._flush_counts(job, tally, started))
+        try:
+            await self._run_lines(job, lines, answers, tally, progress)
+        finally:
+            await cancel_and_wait([flusher])
+        logger.info(
+            "batch %s: %d requests, %d completed, %d failed",
+            job.id,
+            tally.total,
+            tally.completed,
+            tally.failed,
+        )
+        result = {
+            "request_counts": tally.counts(),
+            "in_progress_at": started,
+            "usage": tally.usage_object(),
+        }
+        return JobOutcome(result, _files(job.id, answers))
+
+    async def _run_lines(
+        self,
+        job: Job,
+        lines: list[BatchLine],
+        answers: list[tuple[int, str] | None],
+        tally: Tally,
+        progress: Progress,
+    ) -> None:
+        """`concurrency` workers take the lines in order; each answer lands in its slot."""
+        queue = iter(enumerate(lines))
+
+        async def work() -> None:
+            for index, line in queue:
+                status, answer, entry = await self._answer(job, line)
+                answers[index] = (status, entry)
+                tally.add(status, answer)
+                progress((tally.completed + tally.failed) / tally.total)
+
+        workers = [asyncio.create_task(work()) for _ in range(self.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            await cancel_and_wait(workers)
+
+    async def _answer(self, job: Job, line: BatchLine) -> tuple[int, dict[str, Any], str]:
+        """One line's status and answer, and its output or error file line."""
+        request_id = f"batch_req_{uuid.uuid4().hex}"
+        body = line.body
+        if body.get("stream"):
+            status, answer = 400, {"error": _stream_refused()}
+        else:
+            if self.job_priority is not None and "priority" not in body:
+                body = {**body, "priority": self.job_priority}
+            status, answer = await self._send(job, body, request_id)
+        entry = {
+            "id": request_id,
+            "custom_id": line.custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": answer},
+            "error": None,
+        }
+        return status, answer, json.dumps(entry, ensure_ascii=False)
+
+    async def _send(self, job: Job, body: dict[str, Any], request_id: str) -> tuple[int, dict]:
+        """The answer, sent again while it is a 503 (the engine busy, the queue full)."""
+        url, retries = job.request["endpoint"], 0
+        while True:
+            status, answer = await self.dispatch(url, body, request_id)
+            if status != 503:
+                return status, answer
+            await asyncio.sleep(RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)])
+            retries += 1
+
+    async def _flush_counts(self, job: Job, tally: Tally, started: int) -> None:
+        """The request counts so far, into the job's result, while it runs."""
+        last = None
+        while True:
+            counts = tally.counts()
+            if counts != last:
+                with contextlib.suppress(Exception):  # a later flush catches up
+                    partial = {"request_counts": counts, "in_progress_at": started}
+                    await asyncio.to_thread(self.store.set_partial_result, job, partial)
+                    last = counts
+            await asyncio.sleep(COUNTS_FLUSH_S)
+
+
+def _stream_refused() -> dict[str, Any]:
+    return {
+        "message": "stream is not supported in a batch: each answer is written whole.",
+        "type": "invalid_request_error",
+        "param": "stream",
+        "code": "invalid_value",
+    }
+
+
+def _files(batch_id: str, answers: list[tuple[int, str] | None]) -> dict:
+    """The output file (200s) and the error file (the rest), each only when it has a line."""
+    done = [answer for answer in answers if answer is not None]
+    outputs = [entry for status, entry in done if status == 200]
+    errors = [entry for status, entry in done if status != 200]
+    files = {}
+    for key, entries, suffix in (
+        ("output_file_id", outputs, "output"),
+        ("error_file_id", errors, "error"),
+    ):
+        if entries:
+            content = ("\n".join(entries) + "\n").encode()
+            files[key] = ("batch_output", f"{batch_id}_{suffix}.jsonl", content)
+    return files
