@@ -75,7 +75,22 @@ class BatchNotFound(ServerError):
     error_type = "invalid_request_error"
 
     def __init__(self, batch_id: str):
-        super().__init__(f"No batch found with id '{batch_id}'.", param="batch_id", code=None)
+        super().__init__(
+            f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found"
+        )
+
+
+class BatchNotCancellable(ServerError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+    def __init__(self, batch_id: str, status: str):
+        super().__init__(
+            f"Batch {batch_id} has already {status}; only a validating or in-progress batch "
+            "can be cancelled.",
+            param="batch_id",
+            code="batch_not_cancellable",
+        )
 
 
 class ResponseNotFound(ServerError):

@@ -79,7 +79,6 @@ class Metrics:
     def record_sequence(self, seq: Sequence) -> None:
         """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
         frame's caption or categories, a text completion)."""
-        self.vllm.record(seq)
         self.finished.labels(seq.finish_reason or "unknown").inc()
         if seq.choice_index == 0:  # n choices of one prompt: the prompt counts once
             self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
@@ -91,12 +90,15 @@ class Metrics:
         num_queued: Callable[[], int],
         num_running: Callable[[], int],
         stats: Callable[[], dict[str, float]],
+        num_waiting: Callable[[], int] | None = None,
     ) -> None:
+        """num_waiting: the queued and the preempted (vLLM's waiting; default num_queued)."""
+        num_waiting = num_waiting or num_queued
         self.queue_depth.set_function(num_queued)
         self.running.set_function(num_running)
         self.engine_collector = EngineCollector(stats)
         self.registry.register(self.engine_collector)
-        self.vllm.watch_engine(num_queued, num_running, stats)
+        self.vllm.watch_engine(num_waiting, num_running, stats)
 
     def watch_jobs(
         self,

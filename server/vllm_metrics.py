@@ -131,7 +131,7 @@ class EngineCollector:
 
     GAUGES = {
         "vllm:num_requests_running": "Requests in the running batch",
-        "vllm:num_requests_waiting": "Requests waiting for a batch slot",
+        "vllm:num_requests_waiting": "Requests waiting to run: queued, or preempted",
         "vllm:kv_cache_usage_perc": "KV cache usage; 1 is 100 percent",
     }
     COUNTERS = {  # name: (doc, the engine's stat)

@@ -37,7 +37,7 @@ from server.api.routes import (
 )
 from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
-from server.api.services import Services
+from server.api.services import MEDIA_KINDS, Services
 from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
@@ -102,14 +102,24 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             caption_tokens=settings.caption_tokens,
             metrics=metrics,
         )
-        metrics.watch_engine(lambda: engine.num_queued, lambda: engine.num_running, engine.stats)
+        metrics.watch_engine(
+            lambda: engine.num_queued,
+            lambda: engine.num_running,
+            engine.stats,
+            lambda: engine.num_waiting,
+        )
+        # vLLM's request metrics see every sequence that ends, aborted ones too.
+        engine.on_finish = metrics.vllm.record
         categories = CategoriesPipeline(engine, input_builder, media, metrics)
         jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
         # Jobs' requests rank below interactive ones where the policy looks at ranks.
         job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
         # A batch's lines go through this app itself (see pipelines/batch.py).
         batch_client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://batch", timeout=None
+            # A route that crashes answers its 500 to that line; it is not raised here.
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+            base_url="http://batch",
+            timeout=None,
         )
         keys = settings.all_api_keys()
         batches = BatchRunner(
@@ -139,6 +149,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             retention_s=settings.job_retention_hours * 3600,
             lease_s=settings.job_lease,
             can_start=can_start_a_job,
+            # Two media jobs and one batch at a time: a batch can run for hours.
+            lanes={MEDIA_KINDS: 2, ("batch",): 1},
         )
         metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)
         job_worker.start()

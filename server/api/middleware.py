@@ -189,9 +189,10 @@ class JsonBodyMiddleware:
     server that has no API key. A browser's request must say application/json, which a
     cross-site page can only send after a CORS preflight (--allowed-origins).
 
-    The one other body is a file upload (multipart/form-data, at UPLOAD_PATHS). A cross-site
-    form can post that with no preflight too, so a browser's upload is taken only from an
-    origin --allowed-origins lists; from any other it is not read as one (a 400)."""
+    The one other body is a file upload (multipart/form-data, at UPLOAD_PATHS), left as it is.
+    A cross-site form can post that with no preflight too, so a browser's request there is
+    taken only from an origin --allowed-origins lists; from any other, whatever its content
+    type says, it is not read as an upload (a 400)."""
 
     UPLOAD_PATHS = frozenset({"/v1/files"})
 
@@ -201,12 +202,8 @@ class JsonBodyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            headers = dict(scope["headers"])
-            origin = headers.get(b"origin")
-            content_type = headers.get(b"content-type", b"")
-            if content_type.startswith(b"multipart/form-data") and (
-                scope["path"] in self.UPLOAD_PATHS
-            ):
+            origin = dict(scope["headers"]).get(b"origin")
+            if scope["path"] in self.UPLOAD_PATHS:
                 if origin is not None and not self._allowed(origin):
                     _set_content_type(scope, b"text/plain")
             elif origin is None:

@@ -13,7 +13,13 @@ from server.api.protocol import MediaJob
 from server.engine.engine import AsyncEngine
 from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingDefaults
-from server.exceptions import InvalidRequest, JobAlreadyEnded, JobNotFound, ModelNotFound
+from server.exceptions import (
+    InvalidRequest,
+    JobAlreadyEnded,
+    JobNotFound,
+    ModelNotFound,
+    ServerError,
+)
 from server.jobs.store import Job, JobStore
 from server.jobs.webhooks import WebhookSender
 from server.jobs.worker import JobWorker
@@ -62,15 +68,20 @@ class Services:
         return job if job is not None and job.kind in kinds else None
 
     async def cancel_job(
-        self, job_id: str, kinds: tuple[str, ...] = MEDIA_KINDS, not_found: type = JobNotFound
+        self,
+        job_id: str,
+        kinds: tuple[str, ...] = MEDIA_KINDS,
+        not_found: type[ServerError] = JobNotFound,
+        ended: type[ServerError] = JobAlreadyEnded,
     ) -> Job:
+        """not_found, ended: the errors, in the words of the route's own kind of job."""
         if await self.get_job(job_id, kinds) is None:
             raise not_found(job_id)
         job = await asyncio.to_thread(self.jobs.cancel, job_id)
         if job is None:
             raise not_found(job_id)
         if job.status != "cancelled":
-            raise JobAlreadyEnded(job_id, job.status)
+            raise ended(job_id, job.status)
         self.job_worker.cancel_running(job_id)  # its webhook goes out with the next poll
         return job
 
@@ -84,8 +95,9 @@ class Services:
         try:
             return await asyncio.to_thread(self.jobs.list, status, limit, after, kinds)
         except KeyError:
+            noun = "batch" if kinds == ("batch",) else "job"
             raise InvalidRequest(
-                f"No job `{after}` to list after (deleted, or never existed).",
+                f"No {noun} `{after}` to list after (deleted, or never existed).",
                 param="after",
                 code="invalid_value",
             ) from None

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -68,6 +68,8 @@ class AsyncEngine:
         self.default_max_tokens = default_max_tokens
         self.async_scheduling = async_scheduling
         self.eos_token_ids = frozenset(runner.eos_token_ids)
+        # Called (on the engine thread) with every sequence that ends, however it ends.
+        self.on_finish: Callable[[Sequence], object] | None = None
         self._inbox: queue.SimpleQueue[Sequence | list[Sequence] | None] = queue.SimpleQueue()
         self.num_batched_adds = 0  # add_requests calls (tests check captions use one)
         self._sequences: dict[str, Sequence] = {}
@@ -155,6 +157,12 @@ class AsyncEngine:
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """The queued requests and the preempted ones waiting to run again (vLLM's count)."""
+        preempted = sum(1 for seq in list(self.scheduler.waiting) if seq.is_admitted)
+        return self._num_queued + preempted
 
     def stats(self) -> dict[str, float]:
         """Cache and memory figures for /metrics (plain counters; read from any thread)."""
@@ -515,6 +523,11 @@ class AsyncEngine:
         seq.num_pending_tokens = 0  # a token still on its way is dropped
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.finish_time = time.monotonic()
+        if self.on_finish is not None:
+            try:
+                self.on_finish(seq)
+            except Exception:  # (metrics) never the engine's trouble
+                logger.exception("on_finish failed")
         self._sequences.pop(seq.request_id, None)
         detok = self._detokenizers.pop(seq.request_id, None)
         text = detok.flush() if detok is not None else ""

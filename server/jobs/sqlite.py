@@ -61,8 +61,7 @@ CREATE TABLE shared_values (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 # Version 3: files (the Files API's, for batches), and what a batch is, readable while it runs
 # and after (its request is dropped when it ends).
 SCHEMA_3 = """
-ALTER TABLE jobs ADD COLUMN description TEXT;
-CREATE TABLE files (
+CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY,
     purpose TEXT NOT NULL,           -- batch (uploaded) | batch_output (a batch's results)
     filename TEXT NOT NULL,
@@ -70,8 +69,9 @@ CREATE TABLE files (
     created_at REAL NOT NULL,
     content BLOB NOT NULL
 );
-CREATE INDEX files_by_time ON files (created_at, id)
+CREATE INDEX IF NOT EXISTS files_by_time ON files (created_at, id)
 """
+SCHEMA_VERSION = 3
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
@@ -82,6 +82,7 @@ class SqliteJobStore(JobStore):
     def __init__(self, path: Path):
         super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
         )
@@ -124,10 +125,24 @@ class SqliteJobStore(JobStore):
                 for statement in SCHEMA_2.split(";"):
                     execute(statement, ())
                 _fill_webhook_urls(execute)
+            if version > SCHEMA_VERSION:
+                raise ValueError(
+                    f"{self.path} was written by a newer version of this server (job store "
+                    f"schema {version}; this one reads up to {SCHEMA_VERSION})"
+                )
             if version < 3:
+                # (idempotent: a data dir migrated, then opened by an older server that set
+                # the version back, and migrated again)
+                if not _has_column(execute, "jobs", "description"):
+                    execute("ALTER TABLE jobs ADD COLUMN description TEXT", ())
                 for statement in SCHEMA_3.split(";"):
                     execute(statement, ())
-            execute("PRAGMA user_version = 3", ())
+            if version < SCHEMA_VERSION:
+                execute(f"PRAGMA user_version = {SCHEMA_VERSION}", ())
+
+
+def _has_column(execute: Execute, table: str, column: str) -> bool:
+    return any(row["name"] == column for row in execute(f"PRAGMA table_info({table})", ()))
 
 
 def _add_request_hashes(execute: Execute) -> None:

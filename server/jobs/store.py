@@ -175,17 +175,19 @@ class JobStore(DeliveryStore, FileStore):
     def count_by_status(self) -> dict[str, int]:
         return self._count_by_status("jobs")
 
-    def claim(self, lease_s: float, owner: str = "") -> Job | None:
-        """The oldest queued job (or one whose lease expired), as a new attempt by `owner`."""
+    def claim(self, lease_s: float, owner: str = "", kinds: tuple[str, ...] = ()) -> Job | None:
+        """The oldest queued job (or one whose lease expired) of these kinds (any: empty), as
+        a new attempt by `owner`."""
         now = self.now()
+        of_kind = f" AND kind IN ({', '.join('?' * len(kinds))})" if kinds else ""
         with self.transaction() as execute:
             row = execute(
                 "UPDATE jobs SET status = 'processing', attempt = attempt + 1,"
                 " lease_until = ?, owner = ?, updated_at = ? WHERE id = ("
-                "  SELECT id FROM jobs WHERE status = 'queued'"
-                "  OR (status = 'processing' AND lease_until < ?)"
+                "  SELECT id FROM jobs WHERE (status = 'queued'"
+                f"  OR (status = 'processing' AND lease_until < ?)){of_kind}"
                 f"  ORDER BY created_at LIMIT 1{self.skip_locked}) RETURNING *",
-                (now + lease_s, owner, now, now),
+                (now + lease_s, owner, now, now, *kinds),
             ).fetchone()
         return Job.from_row(row) if row is not None else None
 

@@ -88,10 +88,13 @@ class JobWorker:
         retention_s: float = 0.0,
         lease_s: float | None = None,
         can_start: Callable[[], bool] = lambda: True,
+        lanes: dict[tuple[str, ...], int] | None = None,
     ):
+        """lanes: {job kinds: how many loops claim only those} (a long batch then never holds
+        the loop a media job needs); None: `concurrency` loops for every kind."""
         self.store = store
         self.handlers = handlers
-        self.concurrency = concurrency
+        self.lanes = lanes or {(): concurrency}
         self.retention_s = retention_s  # 0: finished jobs are kept forever
         self.lease_s = lease_s or LEASE_S
         self.can_start = can_start  # whether the engine has a slot for another job now
@@ -107,7 +110,11 @@ class JobWorker:
         self._take_over_from_gone_owners()
         loop = asyncio.get_running_loop()
         self.store.watch(lambda: loop.call_soon_threadsafe(self.notify))
-        self.tasks = [asyncio.create_task(self._loop()) for _ in range(self.concurrency)]
+        self.tasks = [
+            asyncio.create_task(self._loop(kinds))
+            for kinds, loops in self.lanes.items()
+            for _ in range(loops)
+        ]
         if self.retention_s > 0:
             self.tasks.append(asyncio.create_task(self._prune_loop()))
 
@@ -142,9 +149,9 @@ class JobWorker:
             self.cancelled.add(job_id)
             work.cancel()
 
-    async def _loop(self) -> None:
+    async def _loop(self, kinds: tuple[str, ...]) -> None:
         while True:
-            job = await self._claim() if self.can_start() else None
+            job = await self._claim(kinds) if self.can_start() else None
             if job is None:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -153,11 +160,11 @@ class JobWorker:
             if not await self._run(job):
                 return
 
-    async def _claim(self) -> Job | None:
-        """The next job for this worker; None when there is none, or (after a wait) when the
-        store is in trouble."""
+    async def _claim(self, kinds: tuple[str, ...]) -> Job | None:
+        """The next job of these kinds for this worker; None when there is none, or (after a
+        wait) when the store is in trouble."""
         try:
-            job = await asyncio.to_thread(self.store.claim, self.lease_s, self.owner)
+            job = await asyncio.to_thread(self.store.claim, self.lease_s, self.owner, kinds)
         except JobStoreUnavailable:
             self.claim_failures += 1
             await self._store_trouble("claiming a job", self.claim_failures)
@@ -234,7 +241,14 @@ class JobWorker:
             await self._write_end(self.store.fail, job, INTERNAL_ERROR)
         else:
             outcome = result if isinstance(result, JobOutcome) else JobOutcome(result)
-            if not await self._write_end(self.store.complete, job, outcome.result, outcome.files):
+            try:
+                written = await self._write_end(
+                    self.store.complete, job, outcome.result, outcome.files
+                )
+            except Exception:  # not an outage: the store refused it (too large?)
+                logger.exception("job %s: its result could not be stored", job.id)
+                written = await self._write_end(self.store.fail, job, INTERNAL_ERROR)
+            if not written:
                 logger.warning(
                     "job %s attempt %d lost its lease; result dropped", job.id, job.attempt
                 )

@@ -29,12 +29,15 @@ from typing import Any
 import httpx
 
 from server.api.batches import BatchCreateRequest
+from server.exceptions import EngineStopped
 from server.jobs.store import Job, JobStore
-from server.jobs.worker import JobFailed, JobOutcome, Progress, cancel_and_wait
+from server.jobs.worker import INTERNAL_ERROR, JobFailed, JobOutcome, Progress, cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUESTS = 50_000  # OpenAI's limit per batch
+MAX_OUTPUT_BYTES = 512 * 2**20  # the output and error files together (stored whole)
+RETRIED_CODES = ("server_overloaded", "queue_timeout")  # 503s a client retries
 MAX_REPORTED_ERRORS = 100  # invalid lines listed in a failed batch's errors
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # a line's 503s, then every 30 s
 COUNTS_FLUSH_S = 1.0
@@ -59,6 +62,7 @@ class Tally:
     completed: int = 0
     failed: int = 0
     usage: dict[str, int] = field(default_factory=dict)
+    output_bytes: int = 0
 
     def add(self, status: int, body: dict[str, Any]) -> None:
         if status != 200:
@@ -98,7 +102,12 @@ def asgi_dispatch(client: httpx.AsyncClient, api_key: str | None) -> Dispatch:
     auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def dispatch(url: str, body: dict[str, Any], request_id: str) -> tuple[int, dict]:
-        response = await client.post(url, json=body, headers={**auth, "X-Request-ID": request_id})
+        headers = {**auth, "X-Request-ID": request_id}
+        try:
+            response = await client.post(url, json=body, headers=headers)
+        except Exception:  # the route crashed (its 500 is in the log): this line alone fails
+            logger.exception("batch line %s failed", request_id)
+            return 500, {"error": INTERNAL_ERROR}
         try:
             return response.status_code, response.json()
         except ValueError:  # not JSON (no route answers so): kept as an error
@@ -112,13 +121,15 @@ def parse_lines(content: bytes, endpoint: str) -> list[BatchLine]:
     """The file's requests, or JobFailed listing the lines that are not one (as OpenAI checks
     them: JSON, a unique custom_id, POST to the batch's endpoint, a body object)."""
     try:
-        text = content.decode("utf-8")
+        text = content.decode("utf-8-sig")  # (a byte-order mark, as some editors write, is fine)
     except UnicodeDecodeError:
         raise _invalid([_problem("invalid_file", "The input file is not UTF-8 text.")]) from None
     lines: list[BatchLine] = []
     problems: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only: JSON text may hold U+2028 and the like, where splitlines() cuts.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         line, problem = _parse_line(raw, number, endpoint, seen)
@@ -151,7 +162,7 @@ def _parse_line(
         return None, _problem("invalid_request", message, param=unknown[0], line=number)
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        message = "custom_id is required: a non-empty string, unique in the batch."
+        message = "custom_id must be a non-empty string, unique in the batch."
         return None, _problem("missing_required_parameter", message, "custom_id", number)
     if custom_id in seen:
         message = f"custom_id {custom_id!r} is used by an earlier line; each must be unique."
@@ -203,7 +214,8 @@ class BatchRunner:
         if content is None:
             message = f"The input file {request.input_file_id} was deleted before the batch ran."
             raise JobFailed(message, [_problem("file_not_found", message, "input_file_id")])
-        lines = parse_lines(content, request.endpoint)
+        lines = await asyncio.to_thread(parse_lines, content, request.endpoint)
+        del content  # (up to the upload limit: not kept while the lines run)
         started = int(time.time())
         tally = Tally(total=len(lines))
         answers: list[tuple[int, str] | None] = [None] * len(lines)
@@ -224,7 +236,7 @@ class BatchRunner:
             "in_progress_at": started,
             "usage": tally.usage_object(),
         }
-        return JobOutcome(result, _files(job.id, answers))
+        return JobOutcome(result, await asyncio.to_thread(_files, job.id, answers))
 
     async def _run_lines(
         self,
@@ -242,6 +254,9 @@ class BatchRunner:
                 status, answer, entry = await self._answer(job, line)
                 answers[index] = (status, entry)
                 tally.add(status, answer)
+                tally.output_bytes += len(entry) + 1
+                if tally.output_bytes > MAX_OUTPUT_BYTES:
+                    raise _too_large()
                 progress((tally.completed + tally.failed) / tally.total)
 
         workers = [asyncio.create_task(work()) for _ in range(self.concurrency)]
@@ -257,7 +272,7 @@ class BatchRunner:
         if body.get("stream"):
             status, answer = 400, {"error": _stream_refused()}
         else:
-            if self.job_priority is not None and "priority" not in body:
+            if self.job_priority is not None and body.get("priority") is None:
                 body = {**body, "priority": self.job_priority}
             status, answer = await self._send(job, body, request_id)
         entry = {
@@ -266,15 +281,20 @@ class BatchRunner:
             "response": {"status_code": status, "request_id": request_id, "body": answer},
             "error": None,
         }
-        return status, answer, json.dumps(entry, ensure_ascii=False)
+        # ASCII: a line of the output is one line whatever the answer's characters.
+        return status, answer, json.dumps(entry)
 
     async def _send(self, job: Job, body: dict[str, Any], request_id: str) -> tuple[int, dict]:
-        """The answer, sent again while it is a 503 (the engine busy, the queue full)."""
+        """The answer, sent again while the engine is busy (the queue full, or waited too long);
+        an engine that stopped, or a server shutting down, puts the batch back in the queue
+        (for another replica, or the next start)."""
         url, retries = job.request["endpoint"], 0
         while True:
             status, answer = await self.dispatch(url, body, request_id)
             if status != 503:
                 return status, answer
+            if (answer.get("error") or {}).get("code") not in RETRIED_CODES:
+                raise EngineStopped("The engine stopped under the batch.")
             await asyncio.sleep(RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)])
             retries += 1
 
@@ -289,6 +309,14 @@ class BatchRunner:
                     await asyncio.to_thread(self.store.set_partial_result, job, partial)
                     last = counts
             await asyncio.sleep(COUNTS_FLUSH_S)
+
+
+def _too_large() -> JobFailed:
+    message = (
+        f"The batch's answers exceed {MAX_OUTPUT_BYTES >> 20} MiB; split its requests over "
+        "smaller batches."
+    )
+    return JobFailed(message, [_problem("output_too_large", message)], code="output_too_large")
 
 
 def _stream_refused() -> dict[str, Any]:

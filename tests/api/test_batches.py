@@ -186,6 +186,8 @@ async def test_cancel_a_running_batch(sdk: openai.AsyncOpenAI, client: httpx.Asy
             await asyncio.sleep(0.02)
     ids = [b.id async for b in sdk.batches.list(limit=100)]
     assert batch.id in ids
+    after = await sdk.batches.retrieve(batch.id)  # the stopped work wrote nothing after it
+    assert after.status == "cancelled" and after.output_file_id is None
     # an ended batch cannot be cancelled
     done = await sdk.batches.create(
         input_file_id=(
@@ -242,11 +244,12 @@ async def test_refusals(sdk: openai.AsyncOpenAI, client: httpx.AsyncClient) -> N
     with pytest.raises(openai.NotFoundError):
         await sdk.batches.retrieve("batch_nope")
     # batches are not media jobs, and media jobs are not batches
-    response = await client.get("/v2/media/jobs", headers=headers)
-    assert all(not job["id"].startswith("batch_") for job in response.json()["data"])
     batch = await sdk.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
+    response = await client.get("/v2/media/jobs", headers=headers)
+    assert response.status_code == 200
+    assert all(not job["id"].startswith("batch_") for job in response.json()["data"])
     response = await client.get(f"/v2/media/status/{batch.id}", headers=headers)
     assert response.status_code == 404
     await finished(sdk, batch.id)
@@ -260,6 +263,18 @@ async def test_a_page_elsewhere_cannot_upload(client: httpx.AsyncClient, tiny_mo
     page = {**auth, "Origin": "https://evil.example"}
     response = await client.post("/v1/files", files=files, data={"purpose": "batch"}, headers=page)
     assert response.status_code == 400, response.text
+    # whatever the content type says (browsers compare it without case)
+    request = client.build_request(
+        "POST",
+        "/v1/files",
+        files={"file": ("x.jsonl", jsonl(chat_line("a")))},
+        data={"purpose": "batch"},
+        headers=page,
+    )
+    request.headers["Content-Type"] = request.headers["Content-Type"].replace(
+        "multipart/form-data", "Multipart/Form-Data"
+    )
+    assert (await client.send(request)).status_code == 400
     settings = make_settings(tiny_model_dir, allowed_origins=["https://app.example"])
     async for allowed in start_client(settings):
         files = {"file": ("x.jsonl", jsonl(chat_line("a")))}
@@ -268,3 +283,77 @@ async def test_a_page_elsewhere_cannot_upload(client: httpx.AsyncClient, tiny_mo
             "/v1/files", files=files, data={"purpose": "batch"}, headers=headers
         )
         assert response.status_code == 200, response.text
+
+
+async def test_a_crashing_line_fails_alone(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A route that raises (a bug) answers that line a 500; the others are answered."""
+    chat = client.app.state.services.chat  # type: ignore[attr-defined]
+    complete = chat.complete
+
+    async def sometimes_crashing(request):  # type: ignore[no-untyped-def]
+        if "crash" in str(request.messages):
+            raise RuntimeError("a bug")
+        return await complete(request)
+
+    monkeypatch.setattr(chat, "complete", sometimes_crashing)
+    lines = [chat_line("ok-1"), chat_line("bug", "crash now"), chat_line("ok-2")]
+    upload = await sdk.files.create(file=("c.jsonl", jsonl(*lines)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = await finished(sdk, batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1)
+    (error,) = await lines_of(sdk, batch.error_file_id)
+    assert (error["custom_id"], error["response"]["status_code"]) == ("bug", 500)
+
+
+async def test_lines_end_at_newlines_only(sdk: openai.AsyncOpenAI) -> None:
+    """JSON text may hold U+2028 and U+0085 (where str.splitlines cuts), a file may start with
+    a byte-order mark and end its lines with CRLF; each answer is one ASCII line."""
+    text = "Line\u2028separator\u0085next \u00e9"
+    raw = "\ufeff" + json.dumps(chat_line("a", text), ensure_ascii=False) + "\r\n"
+    raw += json.dumps(chat_line("b"), ensure_ascii=False) + "\r\n"
+    upload = await sdk.files.create(file=("u.jsonl", io.BytesIO(raw.encode())), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = await finished(sdk, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    content = (await sdk.files.content(batch.output_file_id)).content  # type: ignore[arg-type]
+    assert content.isascii() and len(content.splitlines()) == 2
+
+
+async def test_lines_run_at_the_job_priority(
+    tiny_model_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Under --scheduling-policy priority a line runs at --job-priority unless it names one."""
+    settings = make_settings(tiny_model_dir, scheduling_policy="priority", job_priority=7)
+    seen: dict[str, int] = {}
+    async for client in start_client(settings):
+        record_priorities(client.app.state.services.chat, seen, monkeypatch)  # type: ignore[attr-defined]
+        sdk = openai.AsyncOpenAI(
+            base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0
+        )
+        lines = [chat_line("a", "first"), chat_line("b", "second", priority=-1)]
+        upload = await sdk.files.create(file=("p.jsonl", jsonl(*lines)), purpose="batch")
+        batch = await sdk.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        batch = await finished(sdk, batch.id)
+        assert batch.request_counts.completed == 2, batch
+    assert seen == {"first": 7, "second": -1}
+
+
+def record_priorities(chat, seen: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The priority each request runs at, by the word its message holds."""
+    complete = chat.complete
+
+    async def recording(request):  # type: ignore[no-untyped-def]
+        word = "first" if "first" in str(request.messages) else "second"
+        seen[word] = request.sampling.priority
+        return await complete(request)
+
+    monkeypatch.setattr(chat, "complete", recording)

@@ -104,3 +104,32 @@ def test_a_request_that_never_ran_counts_as_aborted() -> None:
     assert found[("vllm:e2e_request_latency_seconds_count", ())] == 1
     assert found[("vllm:request_queue_time_seconds_count", ())] == 0
     assert found[("vllm:time_to_first_token_seconds_count", ())] == 0
+
+
+async def test_an_aborted_request_counts_as_aborted(tiny_model_dir: Path) -> None:
+    """A client that goes away: its sequence is aborted, and counted (from the engine, which
+    sees every sequence end, not only those whose answer was read)."""
+    import asyncio
+
+    settings = make_settings(tiny_model_dir)
+    name = settings.served_model_names()[0]
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Go on and on."}],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+    }
+    async for client in start_client(settings):
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        request = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+        async with asyncio.timeout(30):
+            while not engine.num_running:
+                await asyncio.sleep(0.01)
+        request.cancel()
+        async with asyncio.timeout(30):
+            while engine.num_running:
+                await asyncio.sleep(0.01)
+        found = samples((await client.get("/metrics")).text, name)
+    assert found[("vllm:request_success_total", (("finished_reason", "abort"),))] == 1
+    assert found[("vllm:e2e_request_latency_seconds_count", ())] == 1
+    assert found[("vllm:generation_tokens_total", ())] > 0

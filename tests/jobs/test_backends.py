@@ -41,6 +41,29 @@ def test_a_data_dir_from_before_request_hashes_still_opens(tmp_path: Path) -> No
     assert SqliteJobStore(path).get("job-old") is not None  # migrated once, opens again
 
 
+def test_a_data_dir_set_back_by_an_older_server_migrates_again(tmp_path: Path) -> None:
+    """Version 3 (files, batches' descriptions) over a data dir an older server opened after
+    it (that server writes version 2 back): migrating again changes nothing; a newer one's
+    data dir is refused in words."""
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    stored = store.add_file("batch", "a.jsonl", b"{}")
+    store.close()
+    older = sqlite3.connect(path)
+    older.execute("PRAGMA user_version = 2")
+    older.commit()
+    older.close()
+    store = SqliteJobStore(path)
+    assert store.file_content(stored.id) == b"{}"
+    store.close()
+    newer = sqlite3.connect(path)
+    newer.execute("PRAGMA user_version = 9")
+    newer.commit()
+    newer.close()
+    with pytest.raises(ValueError, match="newer version"):
+        SqliteJobStore(path)
+
+
 def test_the_default_store_is_under_the_data_dir(tmp_path: Path) -> None:
     store = open_job_store(None, tmp_path)
     assert isinstance(store, SqliteJobStore) and (tmp_path / "jobs.sqlite3").exists()

@@ -221,3 +221,52 @@ def test_jobs_survive_reopening(open_store: OpenStore) -> None:
     reopened = open_store()
     assert reopened.get(job.id) is not None
     assert reopened.count_by_status() == {"queued": 1}
+
+
+def test_files_round_trip(store: JobStore) -> None:
+    """The Files API's store, on both backends: bytes in and out, newest first or oldest
+    first with a cursor, deleted."""
+    made = [store.add_file("batch", f"f{i}.jsonl", bytes([i, 0, 255]) * 10) for i in range(3)]
+    assert store.get_file(made[1].id) == made[1] and made[1].bytes == 30
+    assert store.file_content(made[2].id) == bytes([2, 0, 255]) * 10
+    newest, more = store.list_files("batch", 2, None, newest_first=True)
+    assert [f.id for f in newest] == [made[2].id, made[1].id] and more
+    rest, more = store.list_files("batch", 2, newest[-1].id, newest_first=True)
+    assert [f.id for f in rest] == [made[0].id] and not more
+    oldest, _ = store.list_files(None, 10, made[0].id, newest_first=False)
+    assert [f.id for f in oldest] == [made[1].id, made[2].id]
+    assert store.list_files("batch_output", 10, None, True) == ([], False)
+    with pytest.raises(KeyError):
+        store.list_files(None, 10, "file-nope", True)
+    assert store.delete_file(made[0].id) and not store.delete_file(made[0].id)
+    assert store.get_file(made[0].id) is None and store.file_content(made[0].id) is None
+
+
+def test_a_result_and_its_files_are_stored_together_or_not_at_all(store: JobStore) -> None:
+    store.create("batch", {}, None, "batch_", {"endpoint": "/v1/completions"})
+    job = store.claim(lease_s=60, kinds=("batch",))
+    assert job is not None and job.id.startswith("batch_")
+    assert job.description == {"endpoint": "/v1/completions"}
+    stale = job
+    job = store.claim(lease_s=60, kinds=("batch",))  # nothing else queued of that kind
+    assert job is None
+    files = {"output_file_id": ("batch_output", "out.jsonl", b"{}\n")}
+    assert store.set_partial_result(stale, {"request_counts": {"total": 1}})
+    store.expire_leases(stale.owner or "")
+    retried = store.claim(lease_s=60)
+    assert retried is not None and retried.attempt == 2
+    assert not store.complete(stale, {"request_counts": {"total": 1}}, files)  # lease lost
+    assert store.list_files("batch_output", 10, None, True) == ([], False)  # no stray file
+    assert store.complete(retried, {"request_counts": {"total": 1}}, files)
+    done = store.get(retried.id)
+    assert done is not None and done.status == "completed" and done.result is not None
+    assert store.file_content(done.result["output_file_id"]) == b"{}\n"
+    assert not store.set_partial_result(retried, {"late": True})  # ended: nothing more
+
+
+def test_claim_takes_only_the_kinds_asked_for(store: JobStore) -> None:
+    store.create("batch", {}, None)
+    media = store.create("categories", {}, None)
+    claimed = store.claim(lease_s=60, kinds=("completions", "categories"))
+    assert claimed is not None and claimed.id == media.id
+    assert store.claim(lease_s=60, kinds=("completions", "categories")) is None

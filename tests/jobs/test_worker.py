@@ -249,3 +249,36 @@ async def test_only_a_gone_owners_leases_are_taken_over_at_start(tmp_path: Path)
         await worker.stop()
     assert ran == [2]  # the live holder's job is left to it
     assert store.get(live.id).attempt == 1  # type: ignore[union-attr]
+
+
+async def test_a_lane_per_kind_keeps_a_long_job_from_holding_the_others(tmp_path: Path) -> None:
+    """Lanes: the loops of one kind claim only it, so a long batch (its own lane) never holds
+    the loop a media job needs, and two long batches wait for the one batch loop."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def long(job: Job, progress) -> dict:
+        started.append(job.id)
+        await release.wait()
+        return {}
+
+    async def quick(job: Job, progress) -> dict:
+        return {"done": True}
+
+    batches = [store.create("batch", {"n": i}, None) for i in range(2)]
+    media = store.create("media", {}, None)
+    worker = JobWorker(store, {"batch": long, "media": quick}, lanes={("media",): 1, ("batch",): 1})
+    worker.start()
+    try:
+        async with asyncio.timeout(10):
+            while store.get(media.id).status != "completed":  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        assert started == [batches[0].id]  # one batch at a time; the second waits its turn
+        release.set()
+        async with asyncio.timeout(10):
+            while store.get(batches[1].id).status != "completed":  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+    finally:
+        release.set()
+        await worker.stop()

@@ -10,7 +10,13 @@ from fastapi import APIRouter, Depends, Header, Query
 from server.api.batches import MAX_METADATA_PAIRS, Batch, BatchCreateRequest, BatchList
 from server.api.protocol import ErrorResponse
 from server.api.services import Services, get_services
-from server.exceptions import BatchNotFound, FileNotFound, InvalidRequest, refuse_unsupported
+from server.exceptions import (
+    BatchNotCancellable,
+    BatchNotFound,
+    FileNotFound,
+    InvalidRequest,
+    refuse_unsupported,
+)
 
 BATCH = ("batch",)
 router = APIRouter(
@@ -61,7 +67,8 @@ async def retrieve_batch(batch_id: str, services: Services = Depends(get_service
 async def cancel_batch(batch_id: str, services: Services = Depends(get_services)) -> Batch:
     """A validating or running batch stops at once (its running requests are aborted; what it
     had answered is not kept); an ended one: 409."""
-    return Batch.of(await services.cancel_job(batch_id, BATCH, BatchNotFound))
+    job = await services.cancel_job(batch_id, BATCH, BatchNotFound, BatchNotCancellable)
+    return Batch.of(job)
 
 
 @router.get("/v1/batches", response_model=BatchList)

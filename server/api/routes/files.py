@@ -82,7 +82,12 @@ async def file_content(file_id: str, services: Services = Depends(get_services))
     content = await asyncio.to_thread(services.jobs.file_content, file_id)
     if content is None:
         raise FileNotFound(file_id)
-    return Response(content, media_type="application/octet-stream")
+    # (never rendered by a browser as what it might look like)
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
