@@ -1,7 +1,9 @@
 """Files in the job store (OpenAI's Files API, for batches): a batch's input file, uploaded
 before the batch, and its output and error files, written when it ends. In the same database as
 the jobs, so every replica sharing a PostgreSQL store serves every file, and a batch's output
-is written in the transaction that ends it. SQL written once for both backends, as the jobs'.
+is written in the transaction that ends it. A running batch's answers are saved as they come
+(`batch_answers`), so a batch taken over goes on where it was, and a cancelled one keeps what
+it had answered. SQL written once for both backends, as the jobs'.
 """
 
 from __future__ import annotations
@@ -89,6 +91,52 @@ class FileStore(ABC):
                 raise KeyError(after)
             rows = execute(query, (*values, limit + 1)).fetchall()
         return [StoredFile.from_row(row) for row in rows[:limit]], len(rows) > limit
+
+    def save_answers(self, job_id: str, attempt: int, rows: list[tuple[int, int, str]]) -> bool:
+        """A batch's answers (line, status, output line), while this attempt holds it (an
+        answer given twice, by an attempt that lost its lease and the next one, is kept once)."""
+        with self.transaction() as execute:
+            held = execute(
+                "SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'processing'",
+                (job_id, attempt),
+            ).fetchone()
+            if held is None:
+                return False
+            for line, status, entry in rows:
+                execute(
+                    "INSERT INTO batch_answers (batch_id, line, status, entry) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (batch_id, line) DO NOTHING",
+                    (job_id, line, status, entry),
+                )
+        return True
+
+    def answers(self, job_id: str) -> list[tuple[int, int, str]]:
+        """A batch's answers so far, by line."""
+        with self.transaction(write=False) as execute:
+            rows = execute(
+                "SELECT line, status, entry FROM batch_answers WHERE batch_id = ? ORDER BY line",
+                (job_id,),
+            ).fetchall()
+        return [(row["line"], row["status"], row["entry"]) for row in rows]
+
+
+def answer_files(execute: Execute, batch_id: str) -> dict[str, tuple[str, str, bytes]]:
+    """Inside the transaction that ends a batch: its saved answers as its output file (the
+    200s) and error file (the rest), by line, each only when it has a line; the answers go."""
+    rows = execute(
+        "SELECT status, entry FROM batch_answers WHERE batch_id = ? ORDER BY line", (batch_id,)
+    ).fetchall()
+    execute("DELETE FROM batch_answers WHERE batch_id = ?", (batch_id,))
+    files = {}
+    for key, suffix, succeeded in (
+        ("output_file_id", "output", True),
+        ("error_file_id", "error", False),
+    ):
+        entries = [row["entry"] for row in rows if (row["status"] == 200) == succeeded]
+        if entries:
+            content = ("\n".join(entries) + "\n").encode()
+            files[key] = ("batch_output", f"{batch_id}_{suffix}.jsonl", content)
+    return files
 
 
 def insert_file(

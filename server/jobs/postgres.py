@@ -80,6 +80,15 @@ MIGRATIONS = [
     );
     CREATE INDEX files_by_time ON files (created_at, id)
     """,
+    """
+    CREATE TABLE batch_answers (
+        batch_id TEXT NOT NULL,
+        line INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        entry TEXT NOT NULL,
+        PRIMARY KEY (batch_id, line)
+    )
+    """,
 ]
 
 

@@ -69,7 +69,14 @@ CREATE TABLE IF NOT EXISTS files (
     created_at REAL NOT NULL,
     content BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS files_by_time ON files (created_at, id)
+CREATE INDEX IF NOT EXISTS files_by_time ON files (created_at, id);
+CREATE TABLE IF NOT EXISTS batch_answers (  -- a running batch's answers so far: a batch taken
+    batch_id TEXT NOT NULL,                 -- over goes on from them, and its end turns them
+    line INTEGER NOT NULL,                  -- into its output and error files
+    status INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (batch_id, line)
+)
 """
 SCHEMA_VERSION = 3
 

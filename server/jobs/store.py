@@ -23,7 +23,7 @@ from typing import Any
 
 from server.exceptions import IdempotencyKeyReused
 from server.jobs.deliveries import DeliveryStore, Execute
-from server.jobs.files import FileStore, insert_file
+from server.jobs.files import FileStore, answer_files, insert_file
 
 # Every column but the request, which only the worker (at claim) needs.
 SUMMARY = (
@@ -231,8 +231,10 @@ class JobStore(DeliveryStore, FileStore):
         self, job: Job, result: dict[str, Any], files: Mapping[str, tuple] | None = None
     ) -> bool:
         """files: {result key: (purpose, filename, content)}, stored with the job's end (each
-        file's id under its key in the result), or not at all."""
-        return self._finish(job, "status = 'completed', progress = 1, result = ?", result, files)
+        file's id under its key in the result), or not at all. A batch's saved answers become
+        its output and error files so."""
+        assignments = "status = 'completed', progress = 1, result = ?"
+        return self._finish(job, assignments, result, files, keep_answers=True)
 
     def fail(self, job: Job, error: dict[str, Any]) -> bool:
         return self._finish(job, "status = 'failed', error = ?", error)
@@ -243,13 +245,16 @@ class JobStore(DeliveryStore, FileStore):
         assignments: str,
         value: dict[str, Any],
         files: Mapping[str, tuple] | None = None,
+        keep_answers: bool = False,
     ) -> bool:
         """The job's end and, when it has a webhook, its pending delivery: one transaction, so
         a crash cannot keep one without the other. The request is not needed any more."""
         try:
             with self.transaction() as execute:
                 value = dict(value)
-                for key, (purpose, filename, content) in (files or {}).items():
+                answers = answer_files(execute, job.id)  # (a batch's: they go either way)
+                files = {**(files or {}), **(answers if keep_answers else {})}
+                for key, (purpose, filename, content) in files.items():
                     value[key] = insert_file(execute, self.now(), purpose, filename, content).id
                 row = execute(
                     f"UPDATE jobs SET {assignments}, request = '{{}}', lease_until = 0,"
@@ -276,8 +281,19 @@ class JobStore(DeliveryStore, FileStore):
                 (self.now(), job_id),
             ).fetchone()
             if row is not None:
+                self._keep_answers(execute, row)
                 self._queue_webhook(execute, row)
         return self.get(job_id)
+
+    def _keep_answers(self, execute: Execute, cancelled: Mapping[str, Any]) -> None:
+        """A cancelled batch keeps what it had answered, as files beside its counts."""
+        files = answer_files(execute, cancelled["id"])
+        if not files:
+            return
+        result = json.loads(cancelled["result"] or "{}")
+        for key, (purpose, filename, content) in files.items():
+            result[key] = insert_file(execute, self.now(), purpose, filename, content).id
+        execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(result), cancelled["id"]))
 
     def _queue_webhook(self, execute: Execute, ended: Mapping[str, Any]) -> None:
         """Inside the transaction that ended the job: its delivery, if it has a webhook."""

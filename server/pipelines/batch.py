@@ -9,15 +9,15 @@ would. Lines run `concurrency` at a time, so the engine's batch stays full witho
 its queue; under --scheduling-policy priority they run at --job-priority unless they name one.
 
 The output file holds the 200s, the error file every other answer, each as OpenAI writes
-them (`{id, custom_id, response: {status_code, request_id, body}, error}`), in input order;
-both are stored with the batch's end, in one transaction. Request counts are written a few
-times a second while it runs. A batch that is taken over (its replica died) starts over.
+them (`{id, custom_id, response: {status_code, request_id, body}, error}`), in input order.
+Answers and request counts are saved a few times a second while it runs (the job store's
+`batch_answers`): a batch taken over (its replica died or was redeployed) goes on from them,
+a cancelled one keeps them, and its end turns them into the two files in one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from server.api.batches import BatchCreateRequest
-from server.exceptions import EngineStopped
+from server.exceptions import EngineStopped, JobStoreUnavailable
 from server.jobs.store import Job, JobStore
 from server.jobs.worker import INTERNAL_ERROR, JobFailed, JobOutcome, Progress, cancel_and_wait
 
@@ -216,14 +216,24 @@ class BatchRunner:
             raise JobFailed(message, [_problem("file_not_found", message, "input_file_id")])
         lines = await asyncio.to_thread(parse_lines, content, request.endpoint)
         del content  # (up to the upload limit: not kept while the lines run)
-        started = int(time.time())
+        # A batch taken over goes on from the answers saved before.
+        started = (job.result or {}).get("in_progress_at") or int(time.time())
         tally = Tally(total=len(lines))
-        answers: list[tuple[int, str] | None] = [None] * len(lines)
-        flusher = asyncio.create_task(self._flush_counts(job, tally, started))
+        saved = await asyncio.to_thread(self.store.answers, job.id)
+        for _, status, entry in saved:
+            tally.add(status, json.loads(entry)["response"]["body"])
+            tally.output_bytes += len(entry) + 1
+        if saved:
+            logger.info("batch %s: going on after %d saved answers", job.id, len(saved))
+        done = {line for line, _, _ in saved}
+        todo = [(index, line) for index, line in enumerate(lines) if index not in done]
+        pending: list[tuple[int, int, str]] = []  # answers not saved yet
+        saver = asyncio.create_task(self._save_loop(job, tally, started, pending))
         try:
-            await self._run_lines(job, lines, answers, tally, progress)
+            await self._run_lines(job, todo, pending, tally, progress)
         finally:
-            await cancel_and_wait([flusher])
+            await cancel_and_wait([saver])
+        await self._save(job, tally, started, pending, retry=True)
         logger.info(
             "batch %s: %d requests, %d completed, %d failed",
             job.id,
@@ -236,23 +246,23 @@ class BatchRunner:
             "in_progress_at": started,
             "usage": tally.usage_object(),
         }
-        return JobOutcome(result, await asyncio.to_thread(_files, job.id, answers))
+        return JobOutcome(result)  # its files: the saved answers, turned so as it completes
 
     async def _run_lines(
         self,
         job: Job,
-        lines: list[BatchLine],
-        answers: list[tuple[int, str] | None],
+        todo: list[tuple[int, BatchLine]],
+        pending: list[tuple[int, int, str]],
         tally: Tally,
         progress: Progress,
     ) -> None:
-        """`concurrency` workers take the lines in order; each answer lands in its slot."""
-        queue = iter(enumerate(lines))
+        """`concurrency` workers take the lines in order; each answer joins `pending`."""
+        queue = iter(todo)
 
         async def work() -> None:
             for index, line in queue:
                 status, answer, entry = await self._answer(job, line)
-                answers[index] = (status, entry)
+                pending.append((index, status, entry))
                 tally.add(status, answer)
                 tally.output_bytes += len(entry) + 1
                 if tally.output_bytes > MAX_OUTPUT_BYTES:
@@ -298,17 +308,39 @@ class BatchRunner:
             await asyncio.sleep(RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)])
             retries += 1
 
-    async def _flush_counts(self, job: Job, tally: Tally, started: int) -> None:
-        """The request counts so far, into the job's result, while it runs."""
-        last = None
+    async def _save_loop(
+        self, job: Job, tally: Tally, started: int, pending: list[tuple[int, int, str]]
+    ) -> None:
+        """The answers so far and the request counts, saved a few times a second."""
         while True:
-            counts = tally.counts()
-            if counts != last:
-                with contextlib.suppress(Exception):  # a later flush catches up
-                    partial = {"request_counts": counts, "in_progress_at": started}
-                    await asyncio.to_thread(self.store.set_partial_result, job, partial)
-                    last = counts
             await asyncio.sleep(COUNTS_FLUSH_S)
+            await self._save(job, tally, started, pending, retry=False)
+
+    async def _save(
+        self,
+        job: Job,
+        tally: Tally,
+        started: int,
+        pending: list[tuple[int, int, str]],
+        retry: bool,
+    ) -> None:
+        """Saves `pending` (emptying it) and the counts; a store outage keeps them for the
+        next save, or (retry: the last one) waits for the store."""
+        failures = 0
+        while True:
+            rows = pending[:]
+            try:
+                if rows:
+                    await asyncio.to_thread(self.store.save_answers, job.id, job.attempt, rows)
+                    del pending[: len(rows)]
+                partial = {"request_counts": tally.counts(), "in_progress_at": started}
+                await asyncio.to_thread(self.store.set_partial_result, job, partial)
+                return
+            except JobStoreUnavailable:
+                if not retry:
+                    return
+                failures += 1
+                await asyncio.sleep(RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S)) - 1])
 
 
 def _too_large() -> JobFailed:
@@ -326,19 +358,3 @@ def _stream_refused() -> dict[str, Any]:
         "param": "stream",
         "code": "invalid_value",
     }
-
-
-def _files(batch_id: str, answers: list[tuple[int, str] | None]) -> dict:
-    """The output file (200s) and the error file (the rest), each only when it has a line."""
-    done = [answer for answer in answers if answer is not None]
-    outputs = [entry for status, entry in done if status == 200]
-    errors = [entry for status, entry in done if status != 200]
-    files = {}
-    for key, entries, suffix in (
-        ("output_file_id", outputs, "output"),
-        ("error_file_id", errors, "error"),
-    ):
-        if entries:
-            content = ("\n".join(entries) + "\n").encode()
-            files[key] = ("batch_output", f"{batch_id}_{suffix}.jsonl", content)
-    return files

@@ -187,7 +187,7 @@ async def test_cancel_a_running_batch(sdk: openai.AsyncOpenAI, client: httpx.Asy
     ids = [b.id async for b in sdk.batches.list(limit=100)]
     assert batch.id in ids
     after = await sdk.batches.retrieve(batch.id)  # the stopped work wrote nothing after it
-    assert after.status == "cancelled" and after.output_file_id is None
+    assert after.status == "cancelled" and after.output_file_id is None  # none had finished
     # an ended batch cannot be cancelled
     done = await sdk.batches.create(
         input_file_id=(
@@ -357,3 +357,70 @@ def record_priorities(chat, seen: dict[str, int], monkeypatch: pytest.MonkeyPatc
         return await complete(request)
 
     monkeypatch.setattr(chat, "complete", recording)
+
+
+async def test_a_cancelled_batch_keeps_what_it_had_answered(sdk: openai.AsyncOpenAI) -> None:
+    lines = [
+        chat_line("quick"),
+        *(chat_line(f"long-{i}", max_tokens=2000, ignore_eos=True) for i in range(3)),
+    ]
+    upload = await sdk.files.create(file=("mixed.jsonl", jsonl(*lines)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    async with asyncio.timeout(30):  # the quick answer is saved (the counts with it)
+        while (await sdk.batches.retrieve(batch.id)).request_counts.completed < 1:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(1.5)  # (answers are saved a few times a second)
+    cancelled = await sdk.batches.cancel(batch.id)
+    assert cancelled.status == "cancelled"
+    (kept,) = await lines_of(sdk, cancelled.output_file_id)
+    assert kept["custom_id"] == "quick" and kept["response"]["status_code"] == 200
+
+
+async def test_a_batch_taken_over_goes_on_from_its_saved_answers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its replica died after two answers were saved: the next attempt sends only the other
+    lines, and the output holds all four, in input order."""
+    from server.jobs.sqlite import SqliteJobStore
+    from server.pipelines.batch import BatchRunner
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    lines = [chat_line(f"l{i}", f"line {i}") for i in range(4)]
+    upload = store.add_file("batch", "in.jsonl", jsonl(*lines).getvalue())
+    request = {
+        "input_file_id": upload.id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    store.create("batch", request, None, "batch_", request)
+    first = store.claim(60, "gone", ("batch",))
+    assert first is not None
+
+    def answer(index: int) -> str:
+        body = {"object": "chat.completion", "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+        response = {"status_code": 200, "request_id": f"r{index}", "body": body}
+        return json.dumps({"id": f"r{index}", "custom_id": f"l{index}", "response": response})
+
+    assert store.save_answers(first.id, first.attempt, [(0, 200, answer(0)), (2, 200, answer(2))])
+    store.expire_leases("gone")
+    second = store.claim(60, "here", ("batch",))
+    assert second is not None and second.attempt == 2
+    sent = []
+
+    async def dispatch(url: str, body: dict, request_id: str) -> tuple[int, dict]:
+        sent.append(body["messages"][0]["content"])
+        usage = {"prompt_tokens": 5, "completion_tokens": 2}
+        return 200, {"object": "chat.completion", "usage": usage}
+
+    outcome = await BatchRunner(store, dispatch, concurrency=2)(second, lambda fraction: None)
+    assert sorted(sent) == ["line 1", "line 3"]
+    assert outcome.result["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
+    assert outcome.result["usage"]["output_tokens"] == 8
+    assert store.complete(second, outcome.result, outcome.files)
+    done = store.get(second.id)
+    assert done is not None and done.result is not None
+    content = store.file_content(done.result["output_file_id"])
+    assert content is not None
+    ids = [json.loads(line)["custom_id"] for line in content.decode().splitlines()]
+    assert ids == ["l0", "l1", "l2", "l3"]
+    assert store.answers(second.id) == []  # turned into the files

@@ -66,7 +66,7 @@ async def retrieve_batch(batch_id: str, services: Services = Depends(get_service
 @router.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
 async def cancel_batch(batch_id: str, services: Services = Depends(get_services)) -> Batch:
     """A validating or running batch stops at once (its running requests are aborted; what it
-    had answered is not kept); an ended one: 409."""
+    had answered stays in its output and error files); an ended one: 409."""
     job = await services.cancel_job(batch_id, BATCH, BatchNotFound, BatchNotCancellable)
     return Batch.of(job)
 
