@@ -6,6 +6,7 @@ token, images) by the pipelines; engine state (queue depth, running batch) is re
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.engine.sequence import Sequence
 from server.vllm_metrics import VllmMetrics
 
+CLIENT_CLOSED_REQUEST = 499  # (nginx's status for it)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # `_created` series double every counter and histogram and few dashboards use them.
 disable_created_metrics()
@@ -187,16 +189,20 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status, answered = 500, False
 
         async def recording_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
+        except asyncio.CancelledError:
+            if not answered:  # the caller went away (a cancelled batch's lines): not a 500
+                status = CLIENT_CLOSED_REQUEST
+            raise
         finally:
             route = route_label(scope)
             self.metrics.requests.labels(route, str(status)).inc()

@@ -4,6 +4,7 @@ error envelope."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body, speaks_anthropic
 from server.log import request_id_var
+from server.metrics import CLIENT_CLOSED_REQUEST
 
 # A client's X-Request-ID is echoed and logged only if it looks like an id, never arbitrary text.
 CLIENT_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
@@ -88,6 +90,10 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if not response.started:  # the caller went away (a cancelled batch's lines)
+                response.status = CLIENT_CLOSED_REQUEST
+            raise
         finally:
             _log_access(scope, response, time.perf_counter() - started)
 
@@ -97,11 +103,12 @@ class _ResponseRecord:
 
     def __init__(self) -> None:
         self.status = 500  # what the client sees if the app raised before answering
+        self.started = False
         self.error_body = b""
 
     def record(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            self.status = message["status"]
+            self.status, self.started = message["status"], True
         elif message["type"] == "http.response.body" and self.status >= 400:
             room = MAX_LOGGED_ERROR_BYTES - len(self.error_body)
             self.error_body += message.get("body", b"")[: max(room, 0)]

@@ -188,6 +188,10 @@ async def test_cancel_a_running_batch(sdk: openai.AsyncOpenAI, client: httpx.Asy
     assert batch.id in ids
     after = await sdk.batches.retrieve(batch.id)  # the stopped work wrote nothing after it
     assert after.status == "cancelled" and after.output_file_id is None  # none had finished
+    # its aborted lines are requests the caller gave up on (499), not server errors
+    metrics = (await client.get("/metrics")).text
+    assert 'route="/v1/chat/completions",status="499"' in metrics
+    assert 'route="/v1/chat/completions",status="500"' not in metrics
     # an ended batch cannot be cancelled
     done = await sdk.batches.create(
         input_file_id=(
