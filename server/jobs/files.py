@@ -40,6 +40,8 @@ class StoredFile:
 
 
 class FileStore(ABC):
+    for_update = ""  # (the backend's: see DeliveryStore)
+
     @abstractmethod
     def transaction(self, write: bool = True) -> AbstractContextManager[Execute]: ...
 
@@ -96,8 +98,11 @@ class FileStore(ABC):
         """A batch's answers (line, status, output line), while this attempt holds it (an
         answer given twice, by an attempt that lost its lease and the next one, is kept once)."""
         with self.transaction() as execute:
+            # The job's row held until the answers are in: a cancel, a claim or the batch's
+            # end waits for them (and then sees them), never deletes around them.
             held = execute(
-                "SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'processing'",
+                "SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'processing'"
+                f"{self.for_update}",
                 (job_id, attempt),
             ).fetchone()
             if held is None:
@@ -124,9 +129,10 @@ def answer_files(execute: Execute, batch_id: str) -> dict[str, tuple[str, str, b
     """Inside the transaction that ends a batch: its saved answers as its output file (the
     200s) and error file (the rest), by line, each only when it has a line; the answers go."""
     rows = execute(
-        "SELECT status, entry FROM batch_answers WHERE batch_id = ? ORDER BY line", (batch_id,)
+        "DELETE FROM batch_answers WHERE batch_id = ? RETURNING line, status, entry",
+        (batch_id,),
     ).fetchall()
-    execute("DELETE FROM batch_answers WHERE batch_id = ?", (batch_id,))
+    rows.sort(key=lambda row: row["line"])
     files = {}
     for key, suffix, succeeded in (
         ("output_file_id", "output", True),

@@ -95,6 +95,7 @@ MIGRATIONS = [
 class PostgresJobStore(JobStore):
     greatest = "GREATEST"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    for_update = " FOR UPDATE"
 
     def __init__(self, url: str):
         super().__init__()

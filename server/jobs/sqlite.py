@@ -69,7 +69,11 @@ CREATE TABLE IF NOT EXISTS files (
     created_at REAL NOT NULL,
     content BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS files_by_time ON files (created_at, id);
+CREATE INDEX IF NOT EXISTS files_by_time ON files (created_at, id)
+"""
+
+# Version 4: a running batch's answers, saved as they come.
+SCHEMA_4 = """
 CREATE TABLE IF NOT EXISTS batch_answers (  -- a running batch's answers so far: a batch taken
     batch_id TEXT NOT NULL,                 -- over goes on from them, and its end turns them
     line INTEGER NOT NULL,                  -- into its output and error files
@@ -78,7 +82,7 @@ CREATE TABLE IF NOT EXISTS batch_answers (  -- a running batch's answers so far:
     PRIMARY KEY (batch_id, line)
 )
 """
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
@@ -143,6 +147,9 @@ class SqliteJobStore(JobStore):
                 if not _has_column(execute, "jobs", "description"):
                     execute("ALTER TABLE jobs ADD COLUMN description TEXT", ())
                 for statement in SCHEMA_3.split(";"):
+                    execute(statement, ())
+            if version < 4:
+                for statement in SCHEMA_4.split(";"):
                     execute(statement, ())
             if version < SCHEMA_VERSION:
                 execute(f"PRAGMA user_version = {SCHEMA_VERSION}", ())

@@ -251,6 +251,13 @@ class JobStore(DeliveryStore, FileStore):
         a crash cannot keep one without the other. The request is not needed any more."""
         try:
             with self.transaction() as execute:
+                # The job's row first (as a cancel or a save takes it): no deadlock with them.
+                if not execute(
+                    "SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'processing'"
+                    f"{self.for_update}",
+                    (job.id, job.attempt),
+                ).fetchone():
+                    raise LeaseLost()
                 value = dict(value)
                 answers = answer_files(execute, job.id)  # (a batch's: they go either way)
                 files = {**(files or {}), **(answers if keep_answers else {})}
@@ -286,13 +293,19 @@ class JobStore(DeliveryStore, FileStore):
         return self.get(job_id)
 
     def _keep_answers(self, execute: Execute, cancelled: Mapping[str, Any]) -> None:
-        """A cancelled batch keeps what it had answered, as files beside its counts."""
-        files = answer_files(execute, cancelled["id"])
+        """A cancelled batch keeps what it had answered, as files, and counts as many."""
+        files, counts = answer_files(execute, cancelled["id"]), {}
         if not files:
             return
         result = json.loads(cancelled["result"] or "{}")
         for key, (purpose, filename, content) in files.items():
             result[key] = insert_file(execute, self.now(), purpose, filename, content).id
+            counts[key] = content.count(b"\n")
+        result["request_counts"] = {
+            "total": result.get("request_counts", {}).get("total", 0),
+            "completed": counts.get("output_file_id", 0),
+            "failed": counts.get("error_file_id", 0),
+        }
         execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(result), cancelled["id"]))
 
     def _queue_webhook(self, execute: Execute, ended: Mapping[str, Any]) -> None:
@@ -349,6 +362,11 @@ class JobStore(DeliveryStore, FileStore):
             execute(f"DELETE FROM deliveries WHERE job_id IN ({old})", (cutoff,))
             execute(
                 "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
+            )
+            execute(  # answers no running batch holds (a batch ended by an older server)
+                "DELETE FROM batch_answers WHERE batch_id NOT IN"
+                " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",
+                (),
             )
             return execute(f"DELETE FROM jobs WHERE id IN ({old})", (cutoff,)).rowcount
 

@@ -95,6 +95,9 @@ class JobWorker:
         self.store = store
         self.handlers = handlers
         self.lanes = lanes or {(): concurrency}
+        laned = {kind for kinds in self.lanes for kind in kinds}
+        if () not in self.lanes and (unclaimed := set(handlers) - laned):
+            raise ValueError(f"no lane claims jobs of kind {sorted(unclaimed)}")
         self.retention_s = retention_s  # 0: finished jobs are kept forever
         self.lease_s = lease_s or LEASE_S
         self.can_start = can_start  # whether the engine has a slot for another job now

@@ -226,11 +226,13 @@ class BatchRunner:
         if saved:
             logger.info("batch %s: going on after %d saved answers", job.id, len(saved))
         done = {line for line, _, _ in saved}
+        del saved  # (they stay in the store until the batch ends)
         todo = [(index, line) for index, line in enumerate(lines) if index not in done]
         pending: list[tuple[int, int, str]] = []  # answers not saved yet
-        saver = asyncio.create_task(self._save_loop(job, tally, started, pending))
+        lost = asyncio.Event()  # a save was refused: the batch is no longer this attempt's
+        saver = asyncio.create_task(self._save_loop(job, tally, started, pending, lost))
         try:
-            await self._run_lines(job, todo, pending, tally, progress)
+            await self._run_lines(job, todo, pending, tally, progress, lost)
         finally:
             await cancel_and_wait([saver])
         await self._save(job, tally, started, pending, retry=True)
@@ -255,12 +257,16 @@ class BatchRunner:
         pending: list[tuple[int, int, str]],
         tally: Tally,
         progress: Progress,
+        lost: asyncio.Event,
     ) -> None:
-        """`concurrency` workers take the lines in order; each answer joins `pending`."""
+        """`concurrency` workers take the lines in order, until the batch is lost (cancelled
+        elsewhere, or taken over); each answer joins `pending`."""
         queue = iter(todo)
 
         async def work() -> None:
             for index, line in queue:
+                if lost.is_set():
+                    return
                 status, answer, entry = await self._answer(job, line)
                 pending.append((index, status, entry))
                 tally.add(status, answer)
@@ -309,12 +315,22 @@ class BatchRunner:
             retries += 1
 
     async def _save_loop(
-        self, job: Job, tally: Tally, started: int, pending: list[tuple[int, int, str]]
+        self,
+        job: Job,
+        tally: Tally,
+        started: int,
+        pending: list[tuple[int, int, str]],
+        lost: asyncio.Event,
     ) -> None:
         """The answers so far and the request counts, saved a few times a second."""
         while True:
             await asyncio.sleep(COUNTS_FLUSH_S)
-            await self._save(job, tally, started, pending, retry=False)
+            try:
+                if not await self._save(job, tally, started, pending, retry=False):
+                    lost.set()
+                    return
+            except Exception:  # not an outage: logged, and the next save tries again
+                logger.exception("batch %s: saving its answers failed", job.id)
 
     async def _save(
         self,
@@ -323,22 +339,27 @@ class BatchRunner:
         started: int,
         pending: list[tuple[int, int, str]],
         retry: bool,
-    ) -> None:
-        """Saves `pending` (emptying it) and the counts; a store outage keeps them for the
-        next save, or (retry: the last one) waits for the store."""
+    ) -> bool:
+        """Saves `pending` (emptying it) and the counts; False: refused (the batch is no
+        longer this attempt's). A store outage keeps them for the next save, or (retry: the
+        last one) waits for the store."""
         failures = 0
         while True:
             rows = pending[:]
             try:
                 if rows:
-                    await asyncio.to_thread(self.store.save_answers, job.id, job.attempt, rows)
+                    saved = await asyncio.to_thread(
+                        self.store.save_answers, job.id, job.attempt, rows
+                    )
+                    if not saved:
+                        return False
                     del pending[: len(rows)]
                 partial = {"request_counts": tally.counts(), "in_progress_at": started}
                 await asyncio.to_thread(self.store.set_partial_result, job, partial)
-                return
+                return True
             except JobStoreUnavailable:
                 if not retry:
-                    return
+                    return True
                 failures += 1
                 await asyncio.sleep(RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S)) - 1])
 

@@ -56,6 +56,14 @@ def test_a_data_dir_set_back_by_an_older_server_migrates_again(tmp_path: Path) -
     store = SqliteJobStore(path)
     assert store.file_content(stored.id) == b"{}"
     store.close()
+    version_3 = sqlite3.connect(path)  # a data dir from before the batches' saved answers
+    version_3.execute("DROP TABLE batch_answers")
+    version_3.execute("PRAGMA user_version = 3")
+    version_3.commit()
+    version_3.close()
+    store = SqliteJobStore(path)
+    assert store.answers("batch_x") == []  # the table is back
+    store.close()
     newer = sqlite3.connect(path)
     newer.execute("PRAGMA user_version = 9")
     newer.commit()

@@ -270,3 +270,20 @@ def test_claim_takes_only_the_kinds_asked_for(store: JobStore) -> None:
     claimed = store.claim(lease_s=60, kinds=("completions", "categories"))
     assert claimed is not None and claimed.id == media.id
     assert store.claim(lease_s=60, kinds=("completions", "categories")) is None
+
+
+def test_a_cancelled_batch_keeps_its_saved_answers_as_files(store: JobStore) -> None:
+    store.create("batch", {}, None, "batch_")
+    job = store.claim(lease_s=60)
+    assert job is not None
+    assert store.set_partial_result(job, {"request_counts": {"total": 5, "completed": 9}})
+    rows = [(1, 200, '{"b": 1}'), (0, 200, '{"a": 0}'), (3, 400, '{"c": 3}')]
+    assert store.save_answers(job.id, job.attempt, rows)
+    cancelled = store.cancel(job.id)
+    assert cancelled is not None and cancelled.result is not None
+    # the counts are the files' (not what the last partial save said)
+    assert cancelled.result["request_counts"] == {"total": 5, "completed": 2, "failed": 1}
+    assert store.file_content(cancelled.result["output_file_id"]) == b'{"a": 0}\n{"b": 1}\n'
+    assert store.file_content(cancelled.result["error_file_id"]) == b'{"c": 3}\n'
+    assert store.answers(job.id) == []
+    assert not store.save_answers(job.id, job.attempt, [(4, 200, "{}")])  # ended: refused
