@@ -43,8 +43,8 @@ def run_replica(url: str, go_file: Path, log_file: Path, args: argparse.Namespac
     store = open_job_store(url, log_file.parent)
     complete = store.complete
 
-    def logged_complete(job, result, files=None) -> bool:  # type: ignore[no-untyped-def]
-        done = complete(job, result, files)
+    def logged_complete(job, result) -> bool:  # type: ignore[no-untyped-def]
+        done = complete(job, result)
         if done:
             with log_file.open("a") as log:
                 log.write(f"{job.id}\n")

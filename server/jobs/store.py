@@ -227,14 +227,11 @@ class JobStore(DeliveryStore, FileStore):
         """What a running job has done so far (a batch's request counts), in its result."""
         return self._update_if_current(job, "result = ?", (json.dumps(result),))
 
-    def complete(
-        self, job: Job, result: dict[str, Any], files: Mapping[str, tuple] | None = None
-    ) -> bool:
-        """files: {result key: (purpose, filename, content)}, stored with the job's end (each
-        file's id under its key in the result), or not at all. A batch's saved answers become
-        its output and error files so."""
+    def complete(self, job: Job, result: dict[str, Any]) -> bool:
+        """The job's result; a batch's saved answers become its output and error files, each
+        file's id in the result, in the same transaction (or none of it)."""
         assignments = "status = 'completed', progress = 1, result = ?"
-        return self._finish(job, assignments, result, files, keep_answers=True)
+        return self._finish(job, assignments, result, keep_answers=True)
 
     def fail(self, job: Job, error: dict[str, Any]) -> bool:
         return self._finish(job, "status = 'failed', error = ?", error)
@@ -244,7 +241,6 @@ class JobStore(DeliveryStore, FileStore):
         job: Job,
         assignments: str,
         value: dict[str, Any],
-        files: Mapping[str, tuple] | None = None,
         keep_answers: bool = False,
     ) -> bool:
         """The job's end and, when it has a webhook, its pending delivery: one transaction, so
@@ -259,9 +255,8 @@ class JobStore(DeliveryStore, FileStore):
                 ).fetchone():
                     raise LeaseLost()
                 value = dict(value)
-                answers = answer_files(execute, job.id)  # (a batch's: they go either way)
-                files = {**(files or {}), **(answers if keep_answers else {})}
-                for key, (purpose, filename, content) in files.items():
+                files = answer_files(execute, job.id)  # (a batch's: they go either way)
+                for key, (purpose, filename, content) in files.items() if keep_answers else ():
                     value[key] = insert_file(execute, self.now(), purpose, filename, content).id
                 row = execute(
                     f"UPDATE jobs SET {assignments}, request = '{{}}', lease_until = 0,"

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from server.exceptions import EngineOverloaded, EngineStopped, JobStoreUnavailable, ServerError
@@ -39,15 +38,6 @@ PRUNE_INTERVAL_S = 600.0
 Progress = Callable[[float], None]
 
 
-@dataclass(frozen=True)
-class JobOutcome:
-    """A handler's result with files stored beside it (a batch's output and error files):
-    {result key: (purpose, filename, content)}, each file's id under its key."""
-
-    result: dict[str, Any]
-    files: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
-
-
 class JobFailed(ServerError):
     """A job that fails with a list of reasons (a batch's invalid lines): kept in its error
     as `data`."""
@@ -60,7 +50,7 @@ class JobFailed(ServerError):
         self.details = details
 
 
-Handler = Callable[[Job, Progress], Awaitable[dict[str, Any] | JobOutcome]]
+Handler = Callable[[Job, Progress], Awaitable[dict[str, Any]]]
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
@@ -243,11 +233,8 @@ class JobWorker:
             logger.exception("job %s failed", job.id)
             await self._write_end(self.store.fail, job, INTERNAL_ERROR)
         else:
-            outcome = result if isinstance(result, JobOutcome) else JobOutcome(result)
             try:
-                written = await self._write_end(
-                    self.store.complete, job, outcome.result, outcome.files
-                )
+                written = await self._write_end(self.store.complete, job, result)
             except Exception:  # not an outage: the store refused it (too large?)
                 logger.exception("job %s: its result could not be stored", job.id)
                 written = await self._write_end(self.store.fail, job, INTERNAL_ERROR)
@@ -265,7 +252,7 @@ class JobWorker:
             await progress.close()
         return True
 
-    async def _handle(self, job: Job, progress: Progress) -> dict[str, Any] | JobOutcome:
+    async def _handle(self, job: Job, progress: Progress) -> dict[str, Any]:
         """An accepted job is not failed for a busy engine (queue full or waited too long, the
         503s a synchronous client would retry): it waits, backing off, and tries again."""
         delay = 0.0

@@ -31,7 +31,7 @@ import httpx
 from server.api.batches import BatchCreateRequest
 from server.exceptions import EngineStopped, JobStoreUnavailable
 from server.jobs.store import Job, JobStore
-from server.jobs.worker import INTERNAL_ERROR, JobFailed, JobOutcome, Progress, cancel_and_wait
+from server.jobs.worker import INTERNAL_ERROR, JobFailed, Progress, cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class BatchRunner:
         self.concurrency = max(1, concurrency)
         self.job_priority = job_priority  # None: priorities are not looked at
 
-    async def __call__(self, job: Job, progress: Progress) -> JobOutcome:
+    async def __call__(self, job: Job, progress: Progress) -> dict[str, Any]:
         request = BatchCreateRequest.model_validate(job.request)
         content = await asyncio.to_thread(self.store.file_content, request.input_file_id)
         if content is None:
@@ -216,17 +216,9 @@ class BatchRunner:
             raise JobFailed(message, [_problem("file_not_found", message, "input_file_id")])
         lines = await asyncio.to_thread(parse_lines, content, request.endpoint)
         del content  # (up to the upload limit: not kept while the lines run)
-        # A batch taken over goes on from the answers saved before.
         started = (job.result or {}).get("in_progress_at") or int(time.time())
         tally = Tally(total=len(lines))
-        saved = await asyncio.to_thread(self.store.answers, job.id)
-        for _, status, entry in saved:
-            tally.add(status, json.loads(entry)["response"]["body"])
-            tally.output_bytes += len(entry) + 1
-        if saved:
-            logger.info("batch %s: going on after %d saved answers", job.id, len(saved))
-        done = {line for line, _, _ in saved}
-        del saved  # (they stay in the store until the batch ends)
+        done = await self._resume(job, tally)
         todo = [(index, line) for index, line in enumerate(lines) if index not in done]
         pending: list[tuple[int, int, str]] = []  # answers not saved yet
         lost = asyncio.Event()  # a save was refused: the batch is no longer this attempt's
@@ -243,12 +235,23 @@ class BatchRunner:
             tally.completed,
             tally.failed,
         )
-        result = {
+        # (its files: the saved answers, turned into them as the batch completes)
+        return {
             "request_counts": tally.counts(),
             "in_progress_at": started,
             "usage": tally.usage_object(),
         }
-        return JobOutcome(result)  # its files: the saved answers, turned so as it completes
+
+    async def _resume(self, job: Job, tally: Tally) -> set[int]:
+        """The lines an earlier attempt answered (a batch taken over goes on from them),
+        counted into `tally`."""
+        saved = await asyncio.to_thread(self.store.answers, job.id)
+        for _, status, entry in saved:
+            tally.add(status, json.loads(entry)["response"]["body"])
+            tally.output_bytes += len(entry) + 1
+        if saved:
+            logger.info("batch %s: going on after %d saved answers", job.id, len(saved))
+        return {line for line, _, _ in saved}
 
     async def _run_lines(
         self,

@@ -416,11 +416,11 @@ async def test_a_batch_taken_over_goes_on_from_its_saved_answers(tmp_path) -> No
         usage = {"prompt_tokens": 5, "completion_tokens": 2}
         return 200, {"object": "chat.completion", "usage": usage}
 
-    outcome = await BatchRunner(store, dispatch, concurrency=2)(second, lambda fraction: None)
+    result = await BatchRunner(store, dispatch, concurrency=2)(second, lambda fraction: None)
     assert sorted(sent) == ["line 1", "line 3"]
-    assert outcome.result["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
-    assert outcome.result["usage"]["output_tokens"] == 8
-    assert store.complete(second, outcome.result, outcome.files)
+    assert result["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
+    assert result["usage"]["output_tokens"] == 8
+    assert store.complete(second, result)
     done = store.get(second.id)
     assert done is not None and done.result is not None
     content = store.file_content(done.result["output_file_id"])

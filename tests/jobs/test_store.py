@@ -250,17 +250,19 @@ def test_a_result_and_its_files_are_stored_together_or_not_at_all(store: JobStor
     stale = job
     job = store.claim(lease_s=60, kinds=("batch",))  # nothing else queued of that kind
     assert job is None
-    files = {"output_file_id": ("batch_output", "out.jsonl", b"{}\n")}
+    assert store.save_answers(stale.id, stale.attempt, [(0, 200, "{}")])
     assert store.set_partial_result(stale, {"request_counts": {"total": 1}})
     store.expire_leases(stale.owner or "")
     retried = store.claim(lease_s=60)
     assert retried is not None and retried.attempt == 2
-    assert not store.complete(stale, {"request_counts": {"total": 1}}, files)  # lease lost
+    assert not store.complete(stale, {"request_counts": {"total": 1}})  # lease lost
     assert store.list_files("batch_output", 10, None, True) == ([], False)  # no stray file
-    assert store.complete(retried, {"request_counts": {"total": 1}}, files)
+    assert store.answers(retried.id) == [(0, 200, "{}")]  # kept for the attempt that holds it
+    assert store.complete(retried, {"request_counts": {"total": 1}})
     done = store.get(retried.id)
     assert done is not None and done.status == "completed" and done.result is not None
     assert store.file_content(done.result["output_file_id"]) == b"{}\n"
+    assert "error_file_id" not in done.result  # no failed answer: no error file
     assert not store.set_partial_result(retried, {"late": True})  # ended: nothing more
 
 
