@@ -53,6 +53,10 @@ class VllmMetrics:
             "vllm:time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS
         )
         self.itl = histogram("vllm:inter_token_latency_seconds", "Inter-token latency", ITL_BUCKETS)
+        # The name dashboards made for vLLM before 0.10 read (the same values).
+        self.tpot = histogram(
+            "vllm:time_per_output_token_seconds", "Time per output token", ITL_BUCKETS
+        )
         self.e2e = histogram(
             "vllm:e2e_request_latency_seconds", "End-to-end request latency", REQUEST_BUCKETS
         )
@@ -108,9 +112,10 @@ class VllmMetrics:
         self.generation_tokens.labels(**labels).inc(seq.num_completion_tokens)
         self.request_generation_tokens.labels(**labels).observe(seq.num_completion_tokens)
         self.max_tokens.labels(**labels).observe(seq.max_tokens)
-        itl = self.itl.labels(**labels)
+        itl, tpot = self.itl.labels(**labels), self.tpot.labels(**labels)
         for seconds in seq.inter_token_latencies:
             itl.observe(seconds)
+            tpot.observe(seconds)
         end = seq.finish_time
         if end is None:
             return
@@ -133,6 +138,8 @@ class EngineCollector:
         "vllm:num_requests_running": "Requests in the running batch",
         "vllm:num_requests_waiting": "Requests waiting to run: queued, or preempted",
         "vllm:kv_cache_usage_perc": "KV cache usage; 1 is 100 percent",
+        # The name dashboards made for vLLM before 0.10 read (the same value).
+        "vllm:gpu_cache_usage_perc": "KV cache usage; 1 is 100 percent (the older name)",
     }
     COUNTERS = {  # name: (doc, the engine's stat)
         "vllm:num_preemptions": ("Preemptions", "preemptions"),
@@ -155,7 +162,8 @@ class EngineCollector:
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self.stats()
-        values = [self.num_running(), self.num_queued(), stats["kv_cache_usage"]]
+        usage = stats["kv_cache_usage"]
+        values = [self.num_running(), self.num_queued(), usage, usage]
         names, label_values = list(self.labels), list(self.labels.values())
         for (name, doc), value in zip(self.GAUGES.items(), values, strict=True):
             family = GaugeMetricFamily(name, doc, labels=names)

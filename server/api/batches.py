@@ -119,6 +119,7 @@ class Batch(BaseModel):
     cancelled_at: int | None = None
     request_counts: BatchRequestCounts
     metadata: dict[str, str] | None = None
+    model: str | None = None  # its first request's, once it runs
     # {input_tokens, input_tokens_details, output_tokens, output_tokens_details, total_tokens}
     usage: dict[str, Any] | None = None
 
@@ -149,6 +150,7 @@ class Batch(BaseModel):
             cancelling_at=ended if status == "cancelled" else None,
             request_counts=BatchRequestCounts(**result.get("request_counts", {})),
             metadata=described.get("metadata"),
+            model=result.get("model"),
             usage=result.get("usage"),
         )
 

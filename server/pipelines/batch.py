@@ -63,6 +63,7 @@ class Tally:
     failed: int = 0
     usage: dict[str, int] = field(default_factory=dict)
     output_bytes: int = 0
+    model: object = None  # the first line's, as the batch shows it
 
     def add(self, status: int, body: dict[str, Any]) -> None:
         if status != 200:
@@ -84,6 +85,11 @@ class Tally:
 
     def counts(self) -> dict[str, int]:
         return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+    def progress(self, started: int) -> dict[str, Any]:
+        """What the batch's status shows while it runs."""
+        model = self.model if isinstance(self.model, str) else None
+        return {"request_counts": self.counts(), "in_progress_at": started, "model": model}
 
     def usage_object(self) -> dict[str, Any]:
         get = self.usage.get
@@ -217,7 +223,7 @@ class BatchRunner:
         lines = await asyncio.to_thread(parse_lines, content, request.endpoint)
         del content  # (up to the upload limit: not kept while the lines run)
         started = (job.result or {}).get("in_progress_at") or int(time.time())
-        tally = Tally(total=len(lines))
+        tally = Tally(total=len(lines), model=lines[0].body.get("model"))
         done = await self._resume(job, tally)
         todo = [(index, line) for index, line in enumerate(lines) if index not in done]
         pending: list[tuple[int, int, str]] = []  # answers not saved yet
@@ -236,11 +242,7 @@ class BatchRunner:
             tally.failed,
         )
         # (its files: the saved answers, turned into them as the batch completes)
-        return {
-            "request_counts": tally.counts(),
-            "in_progress_at": started,
-            "usage": tally.usage_object(),
-        }
+        return {**tally.progress(started), "usage": tally.usage_object()}
 
     async def _resume(self, job: Job, tally: Tally) -> set[int]:
         """The lines an earlier attempt answered (a batch taken over goes on from them),
@@ -357,7 +359,7 @@ class BatchRunner:
                     if not saved:
                         return False
                     del pending[: len(rows)]
-                partial = {"request_counts": tally.counts(), "in_progress_at": started}
+                partial = tally.progress(started)
                 await asyncio.to_thread(self.store.set_partial_result, job, partial)
                 return True
             except JobStoreUnavailable:

@@ -93,6 +93,7 @@ async def test_a_batch_answers_each_line_as_its_route_would(sdk: openai.AsyncOpe
     counts = batch.request_counts
     assert (counts.total, counts.completed, counts.failed) == (6, 3, 3)
     assert batch.metadata == {"job": "captions"} and batch.input_file_id == upload.id
+    assert batch.model == "tiny"
     assert batch.in_progress_at and batch.completed_at and batch.expires_at
 
     outputs = await lines_of(sdk, batch.output_file_id)

@@ -67,6 +67,9 @@ async def test_a_request_moves_vllms_series(tiny_model_dir: Path) -> None:
     assert value("vllm:num_preemptions_total") == 0
     # One interval between each two tokens; every request histogram saw the request once.
     assert value("vllm:inter_token_latency_seconds_count") == completion - 1
+    # the names of vLLM before 0.10, for older dashboards: the same values
+    assert value("vllm:time_per_output_token_seconds_count") == completion - 1
+    assert value("vllm:gpu_cache_usage_perc") == value("vllm:kv_cache_usage_perc")
     seconds = {}
     for name in ("e2e_request_latency", "time_to_first_token", "request_queue_time"):
         seconds[name] = value(f"vllm:{name}_seconds_sum")
