@@ -92,10 +92,9 @@ class Metrics:
         num_queued: Callable[[], int],
         num_running: Callable[[], int],
         stats: Callable[[], dict[str, float]],
-        num_waiting: Callable[[], int] | None = None,
+        num_waiting: Callable[[], int],
     ) -> None:
-        """num_waiting: the queued and the preempted (vLLM's waiting; default num_queued)."""
-        num_waiting = num_waiting or num_queued
+        """num_waiting: the queued and the preempted (vLLM's waiting)."""
         self.queue_depth.set_function(num_queued)
         self.running.set_function(num_running)
         self.engine_collector = EngineCollector(stats)

@@ -43,7 +43,6 @@ class VllmMetrics:
         def histogram(name: str, doc: str, buckets: tuple | list) -> Histogram:
             return Histogram(name, doc, LABELS, buckets=buckets, registry=registry)
 
-        tokens = TOKEN_BUCKETS
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("vllm:generation_tokens", "Generation tokens")
         self.success = counter(
@@ -69,13 +68,13 @@ class VllmMetrics:
         )
         self.decode = histogram("vllm:request_decode_time_seconds", "Decode time", REQUEST_BUCKETS)
         self.request_prompt_tokens = histogram(
-            "vllm:request_prompt_tokens", "Prompt tokens per request", tokens
+            "vllm:request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS
         )
         self.request_generation_tokens = histogram(
-            "vllm:request_generation_tokens", "Generated tokens per request", tokens
+            "vllm:request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS
         )
         self.max_tokens = histogram(
-            "vllm:request_params_max_tokens", "The max_tokens of requests", tokens
+            "vllm:request_params_max_tokens", "The max_tokens of requests", TOKEN_BUCKETS
         )
         # Every series from the start (at 0), as vLLM's: a rate over a series that appears
         # with the first request would miss it.

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
     """loaded: a model the caller already loaded (the CLI does, to fail before serving)."""
+    keys = settings.all_api_keys()  # (read once: --api-key-file is a file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -121,7 +122,6 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             base_url="http://batch",
             timeout=None,
         )
-        keys = settings.all_api_keys()
         batches = BatchRunner(
             jobs,
             asgi_dispatch(batch_client, keys[0] if keys else None),
@@ -228,7 +228,6 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     open_paths = frozenset(
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
     )
-    keys = settings.all_api_keys()
     app.add_middleware(JsonBodyMiddleware, allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.

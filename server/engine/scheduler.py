@@ -129,7 +129,7 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             if not seq.is_admitted:
-                seq.is_admitted, seq.scheduled_time = True, time.monotonic()
+                seq.scheduled_time = time.monotonic()
                 batch.admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

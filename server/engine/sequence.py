@@ -59,7 +59,6 @@ class Sequence:
     stop_reason: str | int | None = None
     is_aborted: bool = False
     choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
-    is_admitted: bool = False  # scheduled at least once (no longer counts as queued)
     scheduled_time: float | None = None  # first scheduled (admitted)
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
     # Paged KV cache: the blocks holding this sequence's keys/values, in order; how many of its
@@ -89,6 +88,11 @@ class Sequence:
     finish_time: float | None = None
     # Filled by the engine thread through loop.call_soon_threadsafe; read by the request handler.
     outputs: asyncio.Queue[SequenceOutput] = field(default_factory=asyncio.Queue)
+
+    @property
+    def is_admitted(self) -> bool:
+        """Scheduled at least once (it no longer counts as queued)."""
+        return self.scheduled_time is not None
 
     @property
     def num_completion_tokens(self) -> int:

@@ -27,7 +27,6 @@ Execute = Callable[[str, tuple], Cursor]  # SQL with ? placeholders; rows are di
 
 class DeliveryStore(ABC):
     skip_locked = ""  # appended to a SELECT that picks rows for one process only
-    for_update = ""  # appended to a SELECT whose rows the transaction then holds
 
     def __init__(self) -> None:
         self.last_counts: dict[str, dict[str, int]] = {}

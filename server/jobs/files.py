@@ -40,7 +40,7 @@ class StoredFile:
 
 
 class FileStore(ABC):
-    for_update = ""  # (the backend's: see DeliveryStore)
+    for_update = ""  # appended to a SELECT whose rows the transaction then holds (PostgreSQL)
 
     @abstractmethod
     def transaction(self, write: bool = True) -> AbstractContextManager[Execute]: ...
@@ -125,9 +125,12 @@ class FileStore(ABC):
         return [(row["line"], row["status"], row["entry"]) for row in rows]
 
 
-def answer_files(execute: Execute, batch_id: str) -> dict[str, tuple[str, str, bytes]]:
-    """Inside the transaction that ends a batch: its saved answers as its output file (the
-    200s) and error file (the rest), by line, each only when it has a line; the answers go."""
+def answers_as_files(
+    execute: Execute, batch_id: str, now: float, keep: bool
+) -> dict[str, tuple[str, int]]:
+    """Inside the transaction that ends a batch: its saved answers go, and (keep) become its
+    output file (the 200s) and error file (the rest), by line, each only when it has a line.
+    Returns {"output_file_id" | "error_file_id": (file id, lines)}."""
     rows = execute(
         "DELETE FROM batch_answers WHERE batch_id = ? RETURNING line, status, entry",
         (batch_id,),
@@ -139,9 +142,12 @@ def answer_files(execute: Execute, batch_id: str) -> dict[str, tuple[str, str, b
         ("error_file_id", "error", False),
     ):
         entries = [row["entry"] for row in rows if (row["status"] == 200) == succeeded]
-        if entries:
+        if keep and entries:
             content = ("\n".join(entries) + "\n").encode()
-            files[key] = ("batch_output", f"{batch_id}_{suffix}.jsonl", content)
+            stored = insert_file(
+                execute, now, "batch_output", f"{batch_id}_{suffix}.jsonl", content
+            )
+            files[key] = (stored.id, len(entries))
     return files
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from server.exceptions import IdempotencyKeyReused
 from server.jobs.deliveries import DeliveryStore, Execute
-from server.jobs.files import FileStore, answer_files, insert_file
+from server.jobs.files import FileStore, answers_as_files
 
 # Every column but the request, which only the worker (at claim) needs.
 SUMMARY = (
@@ -254,10 +254,8 @@ class JobStore(DeliveryStore, FileStore):
                     (job.id, job.attempt),
                 ).fetchone():
                     raise LeaseLost()
-                value = dict(value)
-                files = answer_files(execute, job.id)  # (a batch's: they go either way)
-                for key, (purpose, filename, content) in files.items() if keep_answers else ():
-                    value[key] = insert_file(execute, self.now(), purpose, filename, content).id
+                files = answers_as_files(execute, job.id, self.now(), keep_answers)
+                value = {**value, **{key: file_id for key, (file_id, _) in files.items()}}
                 row = execute(
                     f"UPDATE jobs SET {assignments}, request = '{{}}', lease_until = 0,"
                     " updated_at = ? WHERE id = ? AND attempt = ? AND status = 'processing'"
@@ -289,17 +287,15 @@ class JobStore(DeliveryStore, FileStore):
 
     def _keep_answers(self, execute: Execute, cancelled: Mapping[str, Any]) -> None:
         """A cancelled batch keeps what it had answered, as files, and counts as many."""
-        files, counts = answer_files(execute, cancelled["id"]), {}
+        files = answers_as_files(execute, cancelled["id"], self.now(), keep=True)
         if not files:
             return
         result = json.loads(cancelled["result"] or "{}")
-        for key, (purpose, filename, content) in files.items():
-            result[key] = insert_file(execute, self.now(), purpose, filename, content).id
-            counts[key] = content.count(b"\n")
+        result.update({key: file_id for key, (file_id, _) in files.items()})
         result["request_counts"] = {
             "total": result.get("request_counts", {}).get("total", 0),
-            "completed": counts.get("output_file_id", 0),
-            "failed": counts.get("error_file_id", 0),
+            "completed": files.get("output_file_id", ("", 0))[1],
+            "failed": files.get("error_file_id", ("", 0))[1],
         }
         execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(result), cancelled["id"]))
 

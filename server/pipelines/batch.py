@@ -49,7 +49,6 @@ Dispatch = Callable[[str, dict[str, Any], str], Awaitable[tuple[int, dict[str, A
 
 @dataclass(frozen=True)
 class BatchLine:
-    number: int  # in the file, from 1
     custom_id: str
     body: dict[str, Any]
 
@@ -63,7 +62,7 @@ class Tally:
     failed: int = 0
     usage: dict[str, int] = field(default_factory=dict)
     output_bytes: int = 0
-    model: object = None  # the first line's, as the batch shows it
+    model: str | None = None  # the first line's, as the batch shows it
 
     def add(self, status: int, body: dict[str, Any]) -> None:
         if status != 200:
@@ -88,8 +87,7 @@ class Tally:
 
     def progress(self, started: int) -> dict[str, Any]:
         """What the batch's status shows while it runs."""
-        model = self.model if isinstance(self.model, str) else None
-        return {"request_counts": self.counts(), "in_progress_at": started, "model": model}
+        return {"request_counts": self.counts(), "in_progress_at": started, "model": self.model}
 
     def usage_object(self) -> dict[str, Any]:
         get = self.usage.get
@@ -182,7 +180,7 @@ def _parse_line(
     body = item.get("body")
     if not isinstance(body, dict):
         return None, _problem("invalid_body", "body must be a JSON object.", "body", number)
-    return BatchLine(number, custom_id, body), None
+    return BatchLine(custom_id, body), None
 
 
 def _problem(
@@ -223,7 +221,8 @@ class BatchRunner:
         lines = await asyncio.to_thread(parse_lines, content, request.endpoint)
         del content  # (up to the upload limit: not kept while the lines run)
         started = (job.result or {}).get("in_progress_at") or int(time.time())
-        tally = Tally(total=len(lines), model=lines[0].body.get("model"))
+        model = lines[0].body.get("model")
+        tally = Tally(total=len(lines), model=model if isinstance(model, str) else None)
         done = await self._resume(job, tally)
         todo = [(index, line) for index, line in enumerate(lines) if index not in done]
         pending: list[tuple[int, int, str]] = []  # answers not saved yet

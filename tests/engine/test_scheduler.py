@@ -175,7 +175,7 @@ def test_expire_waiting_spares_preempted_sequences() -> None:
     assert sched.expire_waiting(now=second.arrival_time + 1) == []
     assert sched.expire_waiting(now=second.arrival_time + 6) == [second]
     assert not sched.waiting and sched.running == [first]
-    first.is_admitted = True
+    assert first.is_admitted  # (admitted by the step: it no longer times out waiting)
     sched.waiting.append(first)
     assert sched.expire_waiting(now=first.arrival_time + 100) == []
 
