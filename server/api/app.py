@@ -72,13 +72,15 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             loaded = await asyncio.to_thread(load_model, settings.engine_config())
         engine = AsyncEngine.build(loaded, settings.engine_config())
         engine.start()
+        jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
         fetcher = MediaFetcher(
             FetchPolicy(
                 timeout_s=settings.media_fetch_timeout,
                 allowed_hosts=tuple(settings.allowed_media_domains),
                 follow_redirects=settings.media_follow_redirects,
                 local_media_root=settings.allowed_local_media_path,
-            )
+            ),
+            uploads=jobs,  # images uploaded to the Files API, named by their ids
         )
         decoder = VideoDecoder(
             settings.video_decode_workers, settings.video_decode_timeout, settings.video_max_fps
@@ -112,7 +114,6 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         # vLLM's request metrics see every sequence that ends, aborted ones too.
         engine.on_finish = metrics.vllm.record
         categories = CategoriesPipeline(engine, input_builder, media, metrics)
-        jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
         # Jobs' requests rank below interactive ones where the policy looks at ranks.
         job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
         # A batch's lines go through this app itself (see pipelines/batch.py).

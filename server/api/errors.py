@@ -27,6 +27,7 @@ TYPE_BRANCHES = frozenset({"str", "int", "float", "bool", "dict", "function-afte
 # before its fields.
 PART_TAGS = frozenset(
     {"text", "input_text", "output_text", "refusal", "image_url", "input_image", "video_url"}
+    | {"file", "input_file"}
     | {"message", "function_call", "function_call_output", "reasoning", "item_reference"}
     | {"function_tool", "hosted_tool"}
     # the Messages API's blocks and tools

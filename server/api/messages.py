@@ -65,7 +65,7 @@ class UrlSource(PartModel):
 
 
 class FileSource(PartModel):
-    """An uploaded file, by id: refused (there is no file store)."""
+    """An image uploaded to the Files API (POST /v1/files), by its id."""
 
     type: Literal["file"]
     file_id: str
@@ -81,12 +81,7 @@ class ImageBlock(PartModel):
     def to_chat(self, param: str) -> dict[str, Any]:
         source = self.source
         if isinstance(source, FileSource):
-            raise InvalidRequest(
-                "Images by file_id need a file store, and this server has none: send the image "
-                "as base64 or by URL.",
-                param=f"{param}.source.file_id",
-                code="unsupported_parameter",
-            )
+            return {"type": "input_image", "file_id": source.file_id}
         if isinstance(source, Base64Source):
             url = f"data:{source.media_type};base64,{source.data}"
         else:

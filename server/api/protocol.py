@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import mimetypes
 import time
 import uuid
 from dataclasses import replace
@@ -144,7 +145,11 @@ class ImageURL(PartModel):
     detail: Literal["auto", "low", "high", "original"] = "auto"
 
     def budget(self) -> Literal["auto", "low", "high"]:
-        return "high" if self.detail == "original" else self.detail
+        return _budget(self.detail)
+
+
+def _budget(detail: Literal["auto", "low", "high", "original"]) -> Literal["auto", "low", "high"]:
+    return "high" if detail == "original" else detail
 
 
 class ImageContentPart(PartModel):
@@ -160,25 +165,75 @@ class ImageContentPart(PartModel):
 
 class InputImageContentPart(PartModel):
     """The Responses API's image part, {"type": "input_image", "image_url": "https://...",
-    "detail": ...}, which vLLM's parser accepts in chat messages too."""
+    "detail": ...} or {"type": "input_image", "file_id": ...} (an uploaded file), which vLLM's
+    parser accepts in chat messages too."""
 
     type: Literal["input_image"]
-    image_url: str = Field(min_length=1)
+    image_url: str | None = Field(default=None, min_length=1)
+    file_id: str | None = Field(default=None, min_length=1, max_length=200)
     detail: Literal["auto", "low", "high", "original"] = "auto"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_file_ids(cls, data: Any) -> Any:
-        # The Responses API's other form, an uploaded file's id: there is no file store here.
-        if isinstance(data, dict) and "image_url" not in data and data.get("file_id"):
-            raise ValueError(
-                "file_id needs a file store, which this server has none of: send "
-                "the image as image_url (an http(s) URL or a data: URL)"
-            )
-        return data
+    @model_validator(mode="after")
+    def _one_source(self) -> InputImageContentPart:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("an input_image has either an image_url or a file_id")
+        return self
 
-    def as_image_url(self) -> ImageURL:
-        return ImageURL(url=self.image_url, detail=self.detail)
+    def as_image(self, param: str) -> ImagePart:
+        return ImagePart(self.image_url or "", _budget(self.detail), param, file_id=self.file_id)
+
+
+class FileRef(PartModel):
+    """A file in a content part: an uploaded file's id, its bytes as base64 (a data: URL, or
+    bare base64 typed by its filename), or its URL. Qwen-VL reads images, not documents: the
+    file must be an image."""
+
+    file_id: str | None = Field(default=None, min_length=1, max_length=200)
+    file_data: str | None = Field(default=None, min_length=1)
+    file_url: str | None = Field(default=None, min_length=1)  # (the Responses API's)
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileRef:
+        if sum(s is not None for s in (self.file_id, self.file_data, self.file_url)) != 1:
+            raise ValueError("a file has exactly one of file_id, file_data and file_url")
+        return self
+
+    def as_image(self, param: str) -> ImagePart:
+        if self.file_id is not None:
+            return ImagePart("", "auto", param, file_id=self.file_id)
+        if self.file_data is not None:
+            return ImagePart(_data_url(self.file_data, self.filename, param), "auto", param)
+        return ImagePart(self.file_url or "", "auto", param)
+
+
+def _data_url(data: str, filename: str | None, param: str) -> str:
+    """file_data as a data: URL: as sent, or bare base64 typed by its filename."""
+    if data.startswith("data:"):
+        return data
+    mime = mimetypes.guess_type(filename or "")[0]
+    if mime is not None and not mime.startswith("image/"):
+        raise InvalidRequest(
+            f"The file at {param} is {mime} ({filename}): this server reads images, not documents.",
+            param=param,
+            code="invalid_media",
+        )
+    # (an unnamed file: the image decoder tells what it is from its bytes)
+    return f"data:{mime or 'image/unknown'};base64,{data}"
+
+
+class FileContentPart(PartModel):
+    """Chat's file part, {"type": "file", "file": {"file_id" | "file_data", "filename"}}."""
+
+    type: Literal["file"]
+    file: FileRef
+
+
+class InputFileContentPart(FileRef):
+    """The Responses API's file part, {"type": "input_file", "file_id" | "file_data" |
+    "file_url", "filename"}."""
+
+    type: Literal["input_file"]
 
 
 class VideoURL(PartModel):
@@ -206,6 +261,8 @@ ContentPart = Annotated[
     | RefusalContentPart
     | ImageContentPart
     | InputImageContentPart
+    | FileContentPart
+    | InputFileContentPart
     | VideoContentPart,
     Field(discriminator="type"),
 ]
@@ -724,9 +781,12 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
                 param=param,
                 code="unsupported_content",
             )
-        elif isinstance(part, ImageContentPart | InputImageContentPart):
-            image = part.image_url if isinstance(part, ImageContentPart) else part.as_image_url()
-            parts.append(ImagePart(image.url, image.budget(), param))
+        elif isinstance(part, ImageContentPart):
+            parts.append(ImagePart(part.image_url.url, part.image_url.budget(), param))
+        elif isinstance(part, InputImageContentPart | InputFileContentPart):
+            parts.append(part.as_image(param))
+        elif isinstance(part, FileContentPart):
+            parts.append(part.file.as_image(param))
         else:
             video = part.video_url
             wishes = FrameRequest(

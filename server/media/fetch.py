@@ -1,4 +1,4 @@
-"""Fetch media bytes from http(s) URLs, data: URIs and allowed local files.
+"""Fetch media bytes from http(s) URLs, data: URIs, allowed local files and uploaded files.
 
 Every http(s) hop goes through netguard (one resolution, public addresses only unless the host
 is allow-listed, connect to the checked address); redirects are refused unless enabled, and then
@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import httpx
 
@@ -47,6 +47,24 @@ class FetchedMedia:
             self.path.unlink(missing_ok=True)
 
 
+class UploadedFiles(Protocol):
+    """The Files API's store (the job store), as media read it."""
+
+    def get_file(self, file_id: str) -> _Described | None: ...
+
+    def file_content(self, file_id: str) -> bytes | None: ...
+
+
+class _Described(Protocol):
+    purpose: str
+    bytes: int
+
+
+# Uploads a request may use as media (OpenAI's purposes for a model's inputs); a batch's input
+# or output file is not an image.
+MEDIA_PURPOSES = ("vision", "user_data")
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     timeout_s: float  # for the whole fetch, not per read: a slow drip ends too
@@ -60,8 +78,14 @@ class MediaFetcher:
     """Fetches http(s), data: and (when enabled) file:// media; one shared httpx client,
     created and closed by the app's lifespan. URLs are parsed once, by httpx."""
 
-    def __init__(self, policy: FetchPolicy, user_agent: str = "vlm-server"):
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        user_agent: str = "vlm-server",
+        uploads: UploadedFiles | None = None,
+    ):
         self.policy = policy
+        self.uploads = uploads  # None: media by file id are refused
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(policy.timeout_s),
             follow_redirects=False,  # each hop is checked here, never followed blindly
@@ -98,6 +122,37 @@ class MediaFetcher:
         return await self._download(
             parsed, max_bytes=max_bytes, kind=kind, param=param, spool_dir=spool_dir
         )
+
+    async def fetch_upload(
+        self, file_id: str, *, max_bytes: int, kind: str, param: str
+    ) -> FetchedMedia:
+        """An uploaded file's bytes (POST /v1/files, purpose vision or user_data)."""
+        if self.uploads is None:
+            raise MediaError(
+                f"Media by file id ({param}) need the Files API, which this server does not run.",
+                param=param,
+                code="unsupported_parameter",
+            )
+        stored = await asyncio.to_thread(self.uploads.get_file, file_id)
+        if stored is None:
+            raise MediaError(
+                f"No file with id {file_id!r} (at {param}).", param=param, code="file_not_found"
+            )
+        if stored.purpose not in MEDIA_PURPOSES:
+            raise MediaError(
+                f"File {file_id} (at {param}) has purpose {stored.purpose!r}; media are read "
+                f"from files uploaded with purpose 'vision' or 'user_data'.",
+                param=param,
+                code="invalid_value",
+            )
+        if stored.bytes > max_bytes:
+            raise _too_large(kind, max_bytes, param)
+        data = await asyncio.to_thread(self.uploads.file_content, file_id)
+        if data is None:  # deleted meanwhile
+            raise MediaError(
+                f"No file with id {file_id!r} (at {param}).", param=param, code="file_not_found"
+            )
+        return FetchedMedia(data, None, size=len(data))
 
     async def _download(
         self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, spool_dir: Path | None

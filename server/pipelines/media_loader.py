@@ -80,9 +80,15 @@ class MediaLoader:
         return list(await asyncio.gather(*(self._image(p, budget) for p in parts)))
 
     async def _image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
-        fetched = await self.fetcher.fetch(
-            part.url, max_bytes=self.limits.max_image_bytes, kind="image", param=part.param
-        )
+        max_bytes = self.limits.max_image_bytes
+        if part.file_id is not None:
+            fetched = await self.fetcher.fetch_upload(
+                part.file_id, max_bytes=max_bytes, kind="image", param=part.param
+            )
+        else:
+            fetched = await self.fetcher.fetch(
+                part.url, max_bytes=max_bytes, kind="image", param=part.param
+            )
         budget.spend(fetched.size, part.param)
         image = await asyncio.to_thread(
             load_image,

@@ -16,9 +16,10 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ImagePart:
-    url: str
+    url: str  # "" when the image is an uploaded file
     detail: Detail
     param: str  # where the part sits in the request, for error messages
+    file_id: str | None = None  # an uploaded file's (POST /v1/files)
 
 
 @dataclass(frozen=True)

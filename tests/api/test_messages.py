@@ -425,7 +425,7 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
                     }
                 ]
             },
-            "messages[0].content[1].source.file_id",
+            "messages[0].content[1]",
         ),
         (
             {

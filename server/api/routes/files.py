@@ -1,5 +1,6 @@
-"""OpenAI's Files API, for batches: upload a JSONL file of requests, list, read, delete; a
-batch's output and error files are read here too."""
+"""OpenAI's Files API: upload a JSONL file of requests for a batch (purpose batch), or an
+image a request names by its id (purpose vision or user_data); list, read, delete. A batch's
+output and error files are read here too."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from server.api.batches import FileDeleted, FileList, FileObject
 from server.api.protocol import ErrorResponse
 from server.api.services import Services, get_services
 from server.exceptions import FileNotFound, InvalidRequest, refuse_unsupported
+from server.media.fetch import MEDIA_PURPOSES
+
+PURPOSES = ("batch", *MEDIA_PURPOSES)
 
 router = APIRouter(
     tags=["files"],
@@ -28,11 +32,14 @@ async def upload_file(
     expires_after_seconds: str | None = Form(default=None, alias="expires_after[seconds]"),
     services: Services = Depends(get_services),
 ) -> FileObject:
-    """A file of batch requests (JSONL: one `{custom_id, method, url, body}` a line), checked
-    when a batch runs over it. The upload is bounded by --max-request-body-bytes."""
-    if purpose != "batch":
+    """A file of batch requests (purpose batch; JSONL: one `{custom_id, method, url, body}` a
+    line, checked when a batch runs over it), or an image for requests to name by its id
+    (purpose vision or user_data; checked when a request reads it). The upload is bounded by
+    --max-request-body-bytes."""
+    if purpose not in PURPOSES:
         raise InvalidRequest(
-            f"purpose {purpose!r} is not served here: files are for batches (purpose 'batch').",
+            f"purpose {purpose!r} is not served here: files are batches' requests (purpose "
+            "'batch') or images (purpose 'vision' or 'user_data').",
             param="purpose",
             code="invalid_value",
         )
@@ -41,7 +48,7 @@ async def upload_file(
     content = await file.read()
     if not content:
         raise InvalidRequest("The file is empty.", param="file", code="invalid_value")
-    name = (file.filename or "batch.jsonl")[:255]
+    name = (file.filename or ("batch.jsonl" if purpose == "batch" else "file"))[:255]
     stored = await asyncio.to_thread(services.jobs.add_file, purpose, name, content)
     return FileObject.of(stored)
 
