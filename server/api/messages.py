@@ -582,7 +582,9 @@ def thinking_block(text: str) -> dict[str, Any]:
 
 
 def tool_use_block(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
+    """A call as Anthropic writes it: its id "toolu_..." (the chat layer's are "call_...")."""
+    block_id = f"toolu_{call_id.removeprefix('call_')}"
+    return {"type": "tool_use", "id": block_id, "name": name, "input": arguments}
 
 
 def content_blocks(

@@ -544,6 +544,7 @@ def test_thinking_becomes_a_thinking_block() -> None:
     blocks = content_blocks(choice, omit_thinking=False)
     assert [b["type"] for b in blocks] == ["thinking", "text", "tool_use"]
     assert blocks[0]["thinking"] == "Let me see." and blocks[2]["input"] == {"a": 1}
+    assert blocks[2]["id"] == "toolu_1"  # (Anthropic's id form)
     assert content_blocks(choice, omit_thinking=True)[0]["thinking"] == ""
     cut = ChoiceResult(0, None, [ToolCall("call_1", "f", '{"a": "xy')], "length", None, None)
     assert content_blocks(cut, omit_thinking=False)[0]["input"] == {"a": "xy"}
