@@ -132,6 +132,7 @@ class Settings(BaseSettings):
     job_retention_hours: float = Field(default=168.0, ge=0)  # finished jobs; 0: keep forever
     job_store: str | None = None  # sqlite:///PATH | postgresql://...; default: under data_dir
     job_lease: float = Field(default=30.0, gt=0)  # seconds a job stays held without renewal
+    store_responses: bool = True  # the Responses API's answers, for previous_response_id
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     playground: bool = True

@@ -94,17 +94,20 @@ class BatchNotCancellable(ServerError):
 
 
 class ResponseNotFound(ServerError):
-    """A stored response asked for by id: none is ever stored (the Responses API)."""
+    """A stored response asked for by id (the Responses API), or continued with
+    previous_response_id, that is not stored."""
 
     status_code = 404
     error_type = "invalid_request_error"
 
-    def __init__(self, response_id: str):
+    def __init__(self, response_id: str, param: str = "response_id"):
+        previous = param == "previous_response_id"
         super().__init__(
-            f"No response `{response_id}`: this server stores no responses (send the whole "
-            "conversation as input).",
-            param="response_id",
-            code="response_not_found",
+            f"{'Previous response' if previous else 'Response'} with id '{response_id}' not "
+            "found: it was not stored (store: false), was deleted, or is past the server's "
+            "retention.",
+            param=param,
+            code="previous_response_not_found" if previous else "response_not_found",
         )
 
 

@@ -156,6 +156,9 @@ HELP = {
     "(one machine) or postgresql://USER@HOST/DB, shared by several replicas (docs/DEPLOYMENT.md).",
     "job_lease": "How long a replica holds a job without renewing it (it renews every third of "
     "this); a replica that dies has its jobs taken over by another after this long.",
+    "store_responses": "Keep the Responses API's answers (unless a request says store: false) "
+    "in the job store, for previous_response_id and GET /v1/responses/{id}, as long as "
+    "finished jobs (--job-retention-hours); --no-store-responses keeps none.",
     "log_level": "Least severe log level written.",
     "log_format": "text for people; json: one object per line (time, level, logger, "
     "request_id, message).",

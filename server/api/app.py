@@ -182,6 +182,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             webhooks=webhooks,
             served_model_names=tuple(settings.served_model_names()),
             max_n=settings.max_n,
+            store_responses=settings.store_responses,
             sampling_defaults=sampling_defaults(settings, loaded),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))

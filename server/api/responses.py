@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     StrictBool,
     Tag,
+    TypeAdapter,
 )
 
 from server.api.errors import SERVER_ERROR
@@ -49,10 +50,11 @@ from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
 
 
 class InputMessage(PartModel):
-    """A message: the user's, the system's, or an earlier answer replayed (its id and status
-    are ignored)."""
+    """A message: the user's, the system's, or an earlier answer replayed (its status is
+    ignored; its id is kept when the response is stored)."""
 
     type: Literal["message"] = "message"
+    id: str | None = None
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart]
 
@@ -61,6 +63,7 @@ class FunctionCallItem(PartModel):
     """An earlier answer's function call."""
 
     type: Literal["function_call"]
+    id: str | None = None
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     arguments: JsonObjectText  # a call cut off by max_output_tokens cannot be sent back
@@ -70,6 +73,7 @@ class FunctionCallOutputItem(PartModel):
     """The result of a function call, for the model to read."""
 
     type: Literal["function_call_output"]
+    id: str | None = None
     call_id: str = Field(min_length=1)
     output: Text | list[ContentPart]
 
@@ -104,6 +108,14 @@ InputItem = Annotated[
     | Annotated[ItemReference, Tag("item_reference")],
     Discriminator(_item_kind),
 ]
+HISTORY = TypeAdapter(list[InputItem])
+# Ids of stored input items, by type, as OpenAI's look.
+ITEM_PREFIXES = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+}
 
 
 class FunctionTool(StrictModel):
@@ -182,10 +194,9 @@ LOGPROBS = "message.output_text.logprobs"
 # What `include` may ask for: the answer's logprobs; the reasoning's encrypted content (there
 # is none here: nothing to include).
 INCLUDABLE = frozenset({LOGPROBS, "reasoning.encrypted_content"})
-# Fields that would need what is not here: stored responses, background runs, prompt templates
-# kept by the host, a cap on calls the host runs, other outputs to include.
+# Fields that would need what is not here: conversation objects, background runs, prompt
+# templates kept by the host, a cap on calls the host runs, other outputs to include.
 RESPONSES_UNSUPPORTED_WHEN = {
-    "previous_response_id": lambda v: v is not None,
     "conversation": lambda v: v is not None,
     "background": lambda v: bool(v),
     "prompt": lambda v: v is not None,
@@ -207,8 +218,12 @@ class ResponsesRequest(StrictModel):
     parallel_tool_calls: bool | None = None
     stream: StrictBool | None = False
     stream_options: ResponseStreamOptions | None = None
-    # Accepted with no effect: nothing is stored (`store`), and hints for a hosted service.
-    store: bool | None = None
+    # Whether the response is kept for previous_response_id and GET (OpenAI's default: yes;
+    # the operator's --no-store-responses keeps none).
+    store: StrictBool | None = None
+    # The stored response this request continues: its conversation goes before `input`.
+    previous_response_id: str | None = Field(default=None, min_length=1, max_length=200)
+    # Accepted with no effect: hints for a hosted service.
     metadata: dict[str, str] | None = None
     user: str | None = None
     safety_identifier: str | None = None
@@ -223,7 +238,6 @@ class ResponsesRequest(StrictModel):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     priority: Priority | None = None  # extension (vLLM's): see Priority
     # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
-    previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     prompt: dict[str, Any] | None = None
@@ -233,6 +247,27 @@ class ResponsesRequest(StrictModel):
 
     # Where each message of the chat body came from ("input[3]", "instructions").
     _origins: list[str] = PrivateAttr(default_factory=list)
+    # The stored conversation previous_response_id names (its items, oldest first).
+    _history: list[Any] = PrivateAttr(default_factory=list)
+
+    def continue_from(self, items: list[dict[str, Any]]) -> None:
+        """The conversation before `input`: a stored response's items (inputs and outputs,
+        which the Responses API makes readable as inputs)."""
+        self._history = HISTORY.validate_python(items)
+
+    def own_items(self) -> list[dict[str, Any]]:
+        """What this request adds to the conversation, as items to store (each with an id, as
+        GET /v1/responses/{id}/input_items lists them)."""
+        items: list[Any] = (
+            self.input
+            if isinstance(self.input, list)
+            else [InputMessage(role="user", content=self.input)]
+        )
+        dumped = [item.model_dump(exclude_none=True) for item in items]
+        for item in dumped:  # a message's text as its part, as OpenAI lists input items
+            if item["type"] == "message" and isinstance(item["content"], str):
+                item["content"] = [{"type": "input_text", "text": item["content"]}]
+        return [{"id": _item_id(ITEM_PREFIXES.get(d["type"], "item")), **d} for d in dumped]
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
@@ -305,43 +340,59 @@ class ResponsesRequest(StrictModel):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
             self._origins.append("instructions")
+        items = [(item, "previous_response_id") for item in self._history]
         if isinstance(self.input, str):
-            self._origins.append("input")
-            return [*messages, {"role": "user", "content": self.input}]
+            items.append((InputMessage(role="user", content=self.input), "input"))
+        else:
+            items += [(item, f"input[{index}]") for index, item in enumerate(self.input)]
         calls: set[str] = set()
-        for index, item in enumerate(self.input):
+        for item, where in items:
             if isinstance(item, ItemReference):
                 raise InvalidRequest(
-                    f"input[{index}] refers to a stored item ({item.id}); nothing is stored "
-                    "here: send the item itself.",
-                    param=f"input[{index}]",
+                    f"{where} refers to a stored item ({item.id}): send the item itself, or "
+                    "continue a stored response with previous_response_id.",
+                    param=where,
                     code="unsupported_parameter",
                 )
             if isinstance(item, InputMessage):
                 messages.append({"role": item.role, "content": _dump(item.content)})
-                self._origins.append(f"input[{index}]")
+                self._origins.append(where)
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function"}
                 call["function"] = {"name": item.name, "arguments": item.arguments}
                 calls.add(item.call_id)
                 if not messages or messages[-1]["role"] != "assistant":
                     messages.append({"role": "assistant", "content": None})
-                    self._origins.append(f"input[{index}]")
+                    self._origins.append(where)
                 messages[-1].setdefault("tool_calls", []).append(call)
             elif isinstance(item, FunctionCallOutputItem):
                 if item.call_id not in calls:
                     raise InvalidRequest(
                         f"No function call found for function call output with call_id "
                         f"{item.call_id!r}: the function_call item goes before its output.",
-                        param=f"input[{index}].call_id",
+                        param=f"{where}.call_id",
                         code="invalid_value",
                     )
                 content = _dump(item.output)
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
-                self._origins.append(f"input[{index}].output")
+                self._origins.append(f"{where}.output")
         if not messages:
             raise InvalidRequest("input holds no message.", param="input", code="invalid_value")
         return messages
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
+
+
+class InputItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class InputTokensRequest(ResponsesRequest):
@@ -405,9 +456,9 @@ class ResponseObject(BaseModel):
     model: str
     output: list[dict[str, Any]]
     parallel_tool_calls: bool
-    previous_response_id: None = None
+    previous_response_id: str | None = None
     reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
-    store: bool = False  # nothing is kept
+    store: bool = True  # kept for previous_response_id and GET /v1/responses/{id}
     temperature: float | None = None
     text: dict[str, Any]
     tool_choice: Any
@@ -419,7 +470,9 @@ class ResponseObject(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
-    def start(cls, rid: str, body: ResponsesRequest, sampling: SamplingParams) -> ResponseObject:
+    def start(
+        cls, rid: str, body: ResponsesRequest, sampling: SamplingParams, store: bool
+    ) -> ResponseObject:
         """The response as it begins: in progress, no output yet; the sampling it runs with."""
         text = {"format": {"type": "text"}}
         if body.text is not None:
@@ -442,6 +495,8 @@ class ResponseObject(BaseModel):
             top_p=sampling.top_p,
             user=body.user,
             metadata=body.metadata or {},
+            previous_response_id=body.previous_response_id,
+            store=store,
         )
 
     def finish(self, output: list[dict[str, Any]], reason: str, run: ChatRun) -> ResponseObject:
@@ -530,9 +585,9 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
     }
 
 
-def completed(rid: str, body: ResponsesRequest, result: ChatResult) -> ResponseObject:
+def completed(rid: str, body: ResponsesRequest, result: ChatResult, store: bool) -> ResponseObject:
     choice = result.choices[0]
-    response = ResponseObject.start(rid, body, result.run.seq.sampling)
+    response = ResponseObject.start(rid, body, result.run.seq.sampling, store)
     return response.finish(output_items(choice), choice.finish_reason, result.run)
 
 

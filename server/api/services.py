@@ -44,6 +44,7 @@ class Services:
     job_worker: JobWorker
     webhooks: WebhookSender
     max_n: int = 8  # choices per request (n)
+    store_responses: bool = True  # the Responses API's answers kept (--no-store-responses)
     # What omitted sampling fields take on the OpenAI routes (--generation-config).
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     started_at: int = field(default_factory=lambda: int(time.time()))

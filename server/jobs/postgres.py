@@ -89,6 +89,16 @@ MIGRATIONS = [
         PRIMARY KEY (batch_id, line)
     )
     """,
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        previous_response_id TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        input TEXT NOT NULL,
+        response TEXT NOT NULL
+    );
+    CREATE INDEX responses_by_time ON responses (created_at)
+    """,
 ]
 
 

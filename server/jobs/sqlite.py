@@ -82,7 +82,19 @@ CREATE TABLE IF NOT EXISTS batch_answers (  -- a running batch's answers so far:
     PRIMARY KEY (batch_id, line)
 )
 """
-SCHEMA_VERSION = 4
+
+# Version 5: the Responses API's stored responses (server/jobs/responses.py).
+SCHEMA_5 = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    previous_response_id TEXT,       -- the conversation's response before it
+    created_at REAL NOT NULL,
+    input TEXT NOT NULL,             -- JSON: the input items its request added
+    response TEXT NOT NULL           -- JSON: the response object
+);
+CREATE INDEX IF NOT EXISTS responses_by_time ON responses (created_at)
+"""
+SCHEMA_VERSION = 5
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
@@ -150,6 +162,9 @@ class SqliteJobStore(JobStore):
                     execute(statement, ())
             if version < 4:
                 for statement in SCHEMA_4.split(";"):
+                    execute(statement, ())
+            if version < 5:
+                for statement in SCHEMA_5.split(";"):
                     execute(statement, ())
             if version < SCHEMA_VERSION:
                 execute(f"PRAGMA user_version = {SCHEMA_VERSION}", ())

@@ -24,6 +24,7 @@ from typing import Any
 from server.exceptions import IdempotencyKeyReused
 from server.jobs.deliveries import DeliveryStore, Execute
 from server.jobs.files import FileStore, answers_as_files
+from server.jobs.responses import ResponseStore
 
 # Every column but the request, which only the worker (at claim) needs.
 SUMMARY = (
@@ -108,7 +109,7 @@ class LeaseLost(Exception):
     """Inside a transaction: this attempt no longer holds the job (rolls the writes back)."""
 
 
-class JobStore(DeliveryStore, FileStore):
+class JobStore(DeliveryStore, FileStore, ResponseStore):
     """Blocking calls: the async side calls them through asyncio.to_thread."""
 
     greatest = "MAX"  # the two-argument maximum
@@ -339,8 +340,8 @@ class JobStore(DeliveryStore, FileStore):
 
     def prune(self, older_than_s: float) -> int:
         """Deletes finished jobs last updated before older_than_s ago, with their deliveries
-        (a job with a delivery still pending is kept), and batches' output files as old. One
-        process at a time does it."""
+        (a job with a delivery still pending is kept), and batches' output files and stored
+        responses as old. One process at a time does it."""
         cutoff = self.now() - older_than_s
         old = (
             "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
@@ -354,6 +355,7 @@ class JobStore(DeliveryStore, FileStore):
             execute(
                 "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
             )
+            execute("DELETE FROM responses WHERE created_at < ?", (cutoff,))
             execute(  # answers no running batch holds (a batch ended by an older server)
                 "DELETE FROM batch_answers WHERE batch_id NOT IN"
                 " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",

@@ -104,12 +104,13 @@ async def test_input_tokens_count_is_the_responses_input_tokens(sdk: openai.Asyn
     assert counted.object == "response.input_tokens"
     response = await sdk.responses.create(model="tiny", max_output_tokens=1, **body)
     assert counted.input_tokens == response.usage.input_tokens
-    with pytest.raises(openai.BadRequestError) as refused:
+    with pytest.raises(openai.NotFoundError) as missing:
         await sdk.responses.input_tokens.count(input="x", previous_response_id="resp_1")
-    assert refused.value.body["param"] == "previous_response_id"
+    assert missing.value.body["param"] == "previous_response_id"
+    assert missing.value.body["code"] == "previous_response_not_found"
 
 
-async def test_stored_responses_are_a_404_that_says_why(sdk: openai.AsyncOpenAI) -> None:
+async def test_unknown_responses_are_a_404_that_says_why(sdk: openai.AsyncOpenAI) -> None:
     for call in (
         sdk.responses.retrieve("resp_1"),
         sdk.responses.delete("resp_1"),
@@ -119,7 +120,7 @@ async def test_stored_responses_are_a_404_that_says_why(sdk: openai.AsyncOpenAI)
         with pytest.raises(openai.NotFoundError) as missing:
             await call
         assert missing.value.body["code"] == "response_not_found"
-        assert "stores no responses" in missing.value.body["message"]
+        assert "not found" in missing.value.body["message"]
 
 
 async def test_the_sdks_own_types_validate_what_is_sent(client: httpx.AsyncClient) -> None:
@@ -336,7 +337,7 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"store": "yes"}, "store"),
         ({"background": True}, "background"),
         ({"include": ["file_search_call.results"]}, "include"),
         ({"top_logprobs": 21}, "top_logprobs"),
@@ -389,7 +390,7 @@ def test_a_failure_mid_stream_closes_what_was_sent() -> None:
     seq.output_token_ids += [5, 6]
     body = ResponsesRequest(model="tiny", input="Hi")
     events = ResponseEvents(
-        ResponseObject.start("resp_x", body, SamplingParams()), None, reasoning=False
+        ResponseObject.start("resp_x", body, SamplingParams(), store=True), None, reasoning=False
     )
     sent = events.begin() + events.feed(SequenceOutput("Hel", 2))
     sent += events.failed(ServerError("boom"), ChatRun([seq]))

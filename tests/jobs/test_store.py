@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from server.exceptions import IdempotencyKeyReused
+from server.jobs.responses import BrokenChain
 from server.jobs.store import JobStore
 
 OpenStore = Callable[[], JobStore]
@@ -289,3 +290,29 @@ def test_a_cancelled_batch_keeps_its_saved_answers_as_files(store: JobStore) -> 
     assert store.file_content(cancelled.result["error_file_id"]) == b'{"c": 3}\n'
     assert store.answers(job.id) == []
     assert not store.save_answers(job.id, job.attempt, [(4, 200, "{}")])  # ended: refused
+
+
+def test_a_conversation_is_its_chain_of_stored_responses(store: JobStore) -> None:
+    def save(rid: str, previous: str | None) -> None:
+        response = {"id": rid, "previous_response_id": previous, "output": [{"o": rid}]}
+        store.save_response(response, [{"i": rid}])
+
+    save("resp_a", None)
+    save("resp_b", "resp_a")
+    save("resp_c", "resp_b")
+    save("resp_x", "resp_a")  # a branch from the first answer
+    turns = store.conversation("resp_c")
+    assert [t.input for t in turns] == [[{"i": "resp_a"}], [{"i": "resp_b"}], [{"i": "resp_c"}]]
+    assert [t.response["id"] for t in store.conversation("resp_x")] == ["resp_a", "resp_x"]
+    stored = store.get_response("resp_b")
+    assert stored is not None and stored.response["output"] == [{"o": "resp_b"}]
+    with pytest.raises(BrokenChain) as missing:
+        store.conversation("resp_none")
+    assert missing.value.response_id == "resp_none"
+    assert store.delete_response("resp_b") and not store.delete_response("resp_b")
+    with pytest.raises(BrokenChain) as broken:  # its middle is gone
+        store.conversation("resp_c")
+    assert broken.value.response_id == "resp_b"
+    assert store.prune(older_than_s=3600) == 0 and store.get_response("resp_a") is not None
+    store.prune(older_than_s=-1)  # past retention: gone
+    assert store.get_response("resp_a") is None and store.get_response("resp_c") is None

@@ -1,0 +1,204 @@
+"""Stored responses (the Responses API's `store`, on by default as OpenAI's): a conversation
+continued with previous_response_id is the conversation sent whole (same prompt tokens, same
+greedy answer, the earlier instructions left out); function calls answered in the next turn;
+streamed answers stored before their last event; GET, input_items, DELETE; store: false and
+--no-store-responses keep nothing; stored responses outlive the server process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.api.test_responses import WEATHER, image_input
+from tests.helpers import make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+GREEDY = {"model": "tiny", "max_output_tokens": 4, "temperature": 0}
+
+
+def sdk_for(client: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url="http://testserver/v1", api_key="-", http_client=client, max_retries=0
+    )
+
+
+@pytest.fixture
+def sdk(client: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return sdk_for(client)
+
+
+async def test_a_continued_conversation_is_the_conversation_sent_whole(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    first_input = image_input("Who is in this picture?")
+    first = await sdk.responses.create(instructions="Be brief.", input=first_input, **GREEDY)
+    assert first.store is True and first.previous_response_id is None
+    second = await sdk.responses.create(
+        previous_response_id=first.id, input="And what is behind them?", **GREEDY
+    )
+    assert second.previous_response_id == first.id
+    # The same conversation sent whole, without the first request's instructions (they are
+    # not carried over, as OpenAI's are not), and not stored.
+    history = [*first_input, *(item.model_dump() for item in first.output)]
+    whole = await sdk.responses.create(
+        input=[*history, {"role": "user", "content": "And what is behind them?"}],
+        store=False,
+        **GREEDY,
+    )
+    assert second.usage is not None and whole.usage is not None
+    assert second.usage.input_tokens == whole.usage.input_tokens
+    assert second.output_text == whole.output_text
+    counted = await sdk.responses.input_tokens.count(
+        previous_response_id=first.id, input="And what is behind them?"
+    )
+    assert counted.input_tokens == second.usage.input_tokens
+    third = await sdk.responses.create(previous_response_id=second.id, input="Why?", **GREEDY)
+    assert third.usage is not None and third.usage.input_tokens > second.usage.input_tokens
+    # A branch from the first answer sees only the first turn.
+    branch = await sdk.responses.create(
+        previous_response_id=first.id, input="And what is behind them?", **GREEDY
+    )
+    assert branch.usage is not None and branch.usage.input_tokens == second.usage.input_tokens
+
+
+async def test_a_function_call_is_answered_in_the_next_turn(sdk: openai.AsyncOpenAI) -> None:
+    called = await sdk.responses.create(
+        input="Weather in Oslo?",
+        tools=[WEATHER],
+        tool_choice="required",
+        **GREEDY | {"max_output_tokens": 200},
+    )
+    calls = [item for item in called.output if item.type == "function_call"]
+    assert calls, called.output
+    result = {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}
+    answered = await sdk.responses.create(
+        previous_response_id=called.id, input=[result], tools=[WEATHER], **GREEDY
+    )
+    assert answered.status in ("completed", "incomplete")
+    with pytest.raises(openai.BadRequestError) as unknown:  # without the call before it
+        await sdk.responses.create(input=[result], **GREEDY)
+    assert unknown.value.body["param"] == "input[0].call_id"
+
+
+async def test_a_stored_response_reads_back_and_is_deleted(sdk: openai.AsyncOpenAI) -> None:
+    first = await sdk.responses.create(
+        input=[
+            {"role": "user", "content": "One"},
+            {"role": "user", "content": [{"type": "input_text", "text": "Two"}]},
+            {"role": "user", "content": "Three"},
+        ],
+        metadata={"topic": "counting"},
+        **GREEDY,
+    )
+    again = await sdk.responses.retrieve(first.id)
+    assert again.model_dump() == first.model_dump()
+    items = await sdk.responses.input_items.list(first.id)
+    assert [item.type for item in items.data] == ["message"] * 3
+    texts = [item.content[0].text for item in items.data]  # type: ignore[union-attr]
+    assert texts == ["Three", "Two", "One"]  # newest first, as OpenAI's
+    assert all(item.id.startswith("msg_") for item in items.data)
+    page = await sdk.responses.input_items.list(first.id, order="asc", limit=2)
+    assert [item.content[0].text for item in page.data] == ["One", "Two"]  # type: ignore[union-attr]
+    assert page.has_more and page.last_id == page.data[-1].id
+    rest = await sdk.responses.input_items.list(first.id, order="asc", after=page.last_id)
+    assert [item.content[0].text for item in rest.data] == ["Three"]  # type: ignore[union-attr]
+    assert not rest.has_more
+    with pytest.raises(openai.BadRequestError):  # only a background response can be
+        await sdk.responses.cancel(first.id)
+    second = await sdk.responses.create(previous_response_id=first.id, input="Four", **GREEDY)
+    await sdk.responses.delete(first.id)
+    for call in (sdk.responses.retrieve(first.id), sdk.responses.delete(first.id)):
+        with pytest.raises(openai.NotFoundError) as gone:
+            await call
+        assert gone.value.body["code"] == "response_not_found"
+    # The conversation after it can no longer be continued: its first turn is gone.
+    with pytest.raises(openai.NotFoundError) as broken:
+        await sdk.responses.create(previous_response_id=second.id, input="Five", **GREEDY)
+    assert broken.value.body["code"] == "previous_response_not_found"
+    assert first.id in broken.value.body["message"]
+
+
+async def test_store_false_keeps_nothing(sdk: openai.AsyncOpenAI) -> None:
+    kept_not = await sdk.responses.create(input="Hi", store=False, **GREEDY)
+    assert kept_not.store is False
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.retrieve(kept_not.id)
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk.responses.create(previous_response_id=kept_not.id, input="Hi", **GREEDY)
+    assert missing.value.body["param"] == "previous_response_id"
+
+
+async def test_a_streamed_answer_is_stored_before_its_last_event(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    final = None
+    async with sdk.responses.stream(input="Tell me a story", **GREEDY) as stream:
+        async for event in stream:
+            if event.type in ("response.completed", "response.incomplete"):
+                # The client continues at once: the stored response is already there.
+                final = event.response
+                stored = await sdk.responses.retrieve(final.id)
+                assert stored.output_text == final.output_text
+                assert stored.status == final.status and final.store is True
+    assert final is not None
+    follow = await sdk.responses.create(previous_response_id=final.id, input="More", **GREEDY)
+    assert follow.previous_response_id == final.id
+
+
+async def test_an_answer_the_store_cannot_take_still_goes_out(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
+
+    def store_down(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(jobs, "save_response", store_down)
+    answer = await sdk.responses.create(input="Hi", **GREEDY)
+    assert answer.store is False and answer.output_text is not None
+    async with sdk.responses.stream(input="Hi", **GREEDY) as stream:
+        ends = [e async for e in stream if e.type in ("response.completed", "response.incomplete")]
+    assert [end.response.store for end in ends] == [False]  # type: ignore[union-attr]
+
+
+async def test_no_store_responses_keeps_none(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, store_responses=False)
+    async for client in start_client(settings):
+        sdk = sdk_for(client)
+        answer = await sdk.responses.create(input="Hi", **GREEDY)
+        assert answer.store is False
+        with pytest.raises(openai.NotFoundError):
+            await sdk.responses.retrieve(answer.id)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.responses.create(previous_response_id=answer.id, input="Hi", **GREEDY)
+        assert refused.value.body["code"] == "unsupported_parameter"
+
+
+async def test_stored_responses_outlive_the_server(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir)
+    async for client in start_client(settings):
+        first = await sdk_for(client).responses.create(input="Remember 7.", **GREEDY)
+    async for client in start_client(settings):  # the same data dir, a new process's app
+        sdk = sdk_for(client)
+        assert (await sdk.responses.retrieve(first.id)).output_text == first.output_text
+        again = await sdk.responses.create(previous_response_id=first.id, input="?", **GREEDY)
+        assert again.previous_response_id == first.id
+
+
+async def test_the_stored_items_are_what_was_sent(client: httpx.AsyncClient) -> None:
+    """Unknown keys in an item are not kept; an item's given id is (none is made up)."""
+    body = {
+        "input": [{"type": "message", "role": "user", "content": "Hi", "id": "msg_mine", "x": 1}],
+        **GREEDY,
+    }
+    created = (await client.post("/v1/responses", json=body)).json()
+    listed = await client.get(f"/v1/responses/{created['id']}/input_items")
+    assert listed.status_code == 200, listed.text
+    (item,) = listed.json()["data"]
+    text = [{"type": "input_text", "text": "Hi"}]  # (a string content, as OpenAI lists it)
+    assert item == {"id": "msg_mine", "type": "message", "role": "user", "content": text}
+    assert json.loads(json.dumps(item)) == item
