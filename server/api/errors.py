@@ -152,6 +152,32 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return f"Invalid request{where}: {text}.", param, "invalid_value"
 
 
+# FastAPI's words for a body json.loads could not read for another reason than its syntax: not
+# UTF-8, nested past Python's stack, an integer past Python's digit limit.
+BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def _unreadable_body(request: Request) -> str:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return (
+            f"The request body cannot be read: it is sent with Content-Encoding {encoding}, "
+            "and this server reads uncompressed JSON only."
+        )
+    return (
+        "The request body is not valid JSON: it must be UTF-8 text, not nested too deeply, "
+        "with integers of at most 4300 digits."
+    )
+
+
+def _not_sent_as_json(request: Request, exc: RequestValidationError) -> bool:
+    """A JSON route's body that was not read as JSON: a browser's request (the others' are
+    read as JSON whatever they say, see JsonBodyMiddleware) with another Content-Type."""
+    body_errors = [e for e in exc.errors() if tuple(e.get("loc", ())) == ("body",)]
+    content_type = request.headers.get("content-type", "")
+    return bool(body_errors) and "json" not in content_type and request.method != "GET"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
@@ -165,6 +191,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _not_sent_as_json(request, exc):
+            message = (
+                "The request body must be JSON sent with Content-Type: application/json (a "
+                "browser's request is read as JSON only then)."
+            )
+            return error_response(
+                request, 415, message, "invalid_request_error", None, "unsupported_media_type"
+            )
         message, param, code = _validation_message(exc)
         return error_response(request, 400, message, "invalid_request_error", param, code)
 
@@ -174,6 +208,15 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if status == 404 and message == "Not Found":
             message = f"Unknown route: {request.method} {request.url.path}"
+        if status == 400 and message == BODY_PARSE_ERROR:  # read, but not as JSON text
+            return error_response(
+                request,
+                400,
+                _unreadable_body(request),
+                "invalid_request_error",
+                None,
+                "invalid_json",
+            )
         error_type = HTTP_ERROR_TYPES.get(
             status, "invalid_request_error" if status < 500 else "server_error"
         )

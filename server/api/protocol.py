@@ -192,6 +192,7 @@ class FileRef(PartModel):
     file_data: str | None = Field(default=None, min_length=1)
     file_url: str | None = Field(default=None, min_length=1)  # (the Responses API's)
     filename: str | None = None
+    detail: Literal["auto", "low", "high", "original"] = "auto"  # (the Responses API's)
 
     @model_validator(mode="after")
     def _one_source(self) -> FileRef:
@@ -200,11 +201,12 @@ class FileRef(PartModel):
         return self
 
     def as_image(self, param: str) -> ImagePart:
+        budget = _budget(self.detail)
         if self.file_id is not None:
-            return ImagePart("", "auto", param, file_id=self.file_id)
+            return ImagePart("", budget, param, file_id=self.file_id)
         if self.file_data is not None:
-            return ImagePart(_data_url(self.file_data, self.filename, param), "auto", param)
-        return ImagePart(self.file_url or "", "auto", param)
+            return ImagePart(_data_url(self.file_data, self.filename, param), budget, param)
+        return ImagePart(self.file_url or "", budget, param)
 
 
 def _data_url(data: str, filename: str | None, param: str) -> str:

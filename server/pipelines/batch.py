@@ -157,7 +157,7 @@ def _parse_line(
 ) -> tuple[BatchLine | None, dict[str, Any] | None]:
     try:
         item = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: nested past Python's stack)
         return None, _problem("invalid_json_line", "This line is not valid JSON.", line=number)
     if not isinstance(item, dict):
         return None, _problem("invalid_json_line", "This line is not a JSON object.", line=number)

@@ -149,7 +149,15 @@ async def test_invalid_lines_fail_the_batch_each_listed(sdk: openai.AsyncOpenAI)
     upload = await sdk.files.create(
         file=(
             "bad.jsonl",
-            jsonl(chat_line("x"), "{not json", chat_line("x"), wrong_url, "", {"custom_id": "y"}),
+            jsonl(
+                chat_line("x"),
+                "{not json",
+                chat_line("x"),
+                wrong_url,
+                "",
+                {"custom_id": "y"},
+                '{"custom_id": "deep", "body": ' + "[" * 5000 + "]" * 5000 + "}",  # past the stack
+            ),
         ),
         purpose="batch",
     )
@@ -165,6 +173,7 @@ async def test_invalid_lines_fail_the_batch_each_listed(sdk: openai.AsyncOpenAI)
         (3, "duplicate_custom_id", "custom_id"),
         (4, "mismatched_url", "url"),
         (6, "invalid_method", "method"),
+        (7, "invalid_json_line", None),
     ]
     assert batch.output_file_id is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 from pathlib import Path
@@ -245,6 +246,35 @@ async def test_malformed_json(client: httpx.AsyncClient) -> None:
         headers={"content-type": "application/json"},
     )
     assert_error(response, 400, None, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}',  # not UTF-8
+        b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"model": "tiny", "seed": ' + b"9" * 5000 + b"}",  # past Python's digit limit
+    ],
+)
+async def test_a_body_json_cannot_read_is_invalid_json(
+    client: httpx.AsyncClient, content: bytes
+) -> None:
+    """(json.loads fails on these with other errors than a syntax error: FastAPI's generic
+    "error parsing the body" was a 400 without a code.)"""
+    for path in ("/v1/chat/completions", "/v1/responses"):
+        headers = {"content-type": "application/json"}
+        error = assert_error(await client.post(path, content=content, headers=headers), 400)
+        assert error["code"] == "invalid_json" and "UTF-8" in error["message"]
+    response = await client.post("/v1/messages", content=content, headers=headers)
+    assert response.status_code == 400 and response.json()["type"] == "error"
+
+
+async def test_a_compressed_body_says_to_send_it_uncompressed(client: httpx.AsyncClient) -> None:
+    body = gzip.compress(json.dumps({"model": "tiny", "messages": user(TEXT)}).encode())
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    response = await client.post("/v1/chat/completions", content=body, headers=headers)
+    error = assert_error(response, 400, None, "invalid_json")
+    assert "Content-Encoding gzip" in error["message"]
 
 
 async def test_unreachable_url(client: httpx.AsyncClient) -> None:

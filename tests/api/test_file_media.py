@@ -178,3 +178,17 @@ async def test_uploads_take_the_media_purposes_and_list_by_purpose(
             "/v1/files", files={"file": ("x.png", SMALL)}, data={"purpose": purpose}
         )
         assert_error(response, 400, "purpose", "invalid_value")
+
+
+async def test_a_file_parts_detail_sets_its_budget(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI
+) -> None:
+    big = make_image(640, 480, fmt="PNG")
+    file_id = await upload(sdk, big)
+    for detail in ("low", "high"):
+        image = {"type": "input_image", "file_id": file_id, "detail": detail}
+        as_file = {"type": "input_file", "file_id": file_id, "detail": detail}
+        assert await answer(client, as_file) == await answer(client, image)
+    low = await answer(client, {"type": "input_file", "file_id": file_id, "detail": "low"})
+    high = await answer(client, {"type": "input_file", "file_id": file_id, "detail": "high"})
+    assert low[0] < high[0]
