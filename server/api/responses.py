@@ -109,6 +109,7 @@ InputItem = Annotated[
     Discriminator(_item_kind),
 ]
 HISTORY = TypeAdapter(list[InputItem])
+TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 # Ids of stored input items, by type, as OpenAI's look.
 ITEM_PREFIXES = {
     "message": "msg",
@@ -247,6 +248,9 @@ class ResponsesRequest(StrictModel):
 
     # Where each message of the chat body came from ("input[3]", "instructions").
     _origins: list[str] = PrivateAttr(default_factory=list)
+    # Where each part came from, for a message whose parts came from several places (the
+    # media of a function_call_output, in the user turn after its tool message).
+    _part_origins: dict[int, list[str]] = PrivateAttr(default_factory=dict)
     # The stored conversation previous_response_id names (its items, oldest first).
     _history: list[Any] = PrivateAttr(default_factory=list)
 
@@ -282,12 +286,14 @@ class ResponsesRequest(StrictModel):
         text names."""
 
         def origin(match: re.Match[str]) -> str:
-            k = int(match.group(1))
+            k, part = int(match.group(1)), match.group(3) or ""
             if k >= len(self._origins):
                 return match.group(0)
+            if k in self._part_origins and match.group(4) is not None:
+                return self._part_origins[k][int(match.group(4))]
             item = self._origins[k]
             # A tool message's content is the function_call_output's output.
-            return item if item.endswith(".output") else item + (match.group(2) or "")
+            return item + part if item.endswith(".output") else item + (match.group(2) or "") + part
 
         if exc.param is None or not exc.param.startswith("messages"):
             exc.param = responses_param(exc.param)  # (errors already in this body's names too)
@@ -336,7 +342,7 @@ class ResponsesRequest(StrictModel):
 
     def _messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
-        self._origins = []
+        self._origins, self._part_origins = [], {}
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
             self._origins.append("instructions")
@@ -373,12 +379,31 @@ class ResponsesRequest(StrictModel):
                         param=f"{where}.call_id",
                         code="invalid_value",
                     )
-                content = _dump(item.output)
-                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
-                self._origins.append(f"{where}.output")
+                self._call_output(messages, item, where)
         if not messages:
             raise InvalidRequest("input holds no message.", param="input", code="invalid_value")
         return messages
+
+    def _call_output(
+        self, messages: list[dict[str, Any]], item: FunctionCallOutputItem, where: str
+    ) -> None:
+        """A function's result as a tool message. Qwen's templates write a tool message as
+        text: its images (OpenAI's outputs may hold them) go to the model in a user turn
+        right after it."""
+        content = _dump(item.output)
+        self._origins.append(f"{where}.output")
+        if isinstance(content, str):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
+            return
+        text = [(j, p) for j, p in enumerate(content) if p["type"] in TEXT_PARTS]
+        media = [(j, p) for j, p in enumerate(content) if p["type"] not in TEXT_PARTS]
+        self._part_origins[len(messages)] = [f"{where}.output[{j}]" for j, _ in text]
+        tool_text = [p for _, p in text] or ""
+        messages.append({"role": "tool", "tool_call_id": item.call_id, "content": tool_text})
+        if media:
+            self._part_origins[len(messages)] = [f"{where}.output[{j}]" for j, _ in media]
+            messages.append({"role": "user", "content": [p for _, p in media]})
+            self._origins.append(f"{where}.output")
 
 
 class ResponseDeleted(BaseModel):
@@ -413,7 +438,7 @@ def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
     return [part.model_dump(exclude_none=True) for part in content]
 
 
-MESSAGE_INDEX = re.compile(r"messages\[(\d+)\](\.content)?")
+MESSAGE_INDEX = re.compile(r"messages\[(\d+)\](\.content)?(\[(\d+)\])?")
 
 
 def responses_param(param: str | None) -> str | None:

@@ -221,14 +221,37 @@ async def test_errors_in_the_input_name_its_items(client: httpx.AsyncClient) -> 
     }
     error = assert_error(await client.post("/v1/responses", json=body), 400, "input[3].content[1]")
     assert "input[3].content[1]" in error["message"] and "messages" not in error["message"]
-    image = {"type": "input_image", "image_url": data_uri(make_image(32, 32))}
-    body["input"][2] = {"type": "function_call_output", "call_id": "c1", "output": [image]}
-    assert_error(await client.post("/v1/responses", json=body), 400, "input[2].output[0]")
+    # A function's output may hold images (read in a user turn after the tool message): a
+    # bad one is named where it is in the output.
+    body["input"][3] = {"role": "user", "content": "and?"}
+    text = {"type": "input_text", "text": "the chart:"}
+    output = [text, bad_image]
+    body["input"][2] = {"type": "function_call_output", "call_id": "c1", "output": output}
+    assert_error(await client.post("/v1/responses", json=body), 400, "input[2].output[1]")
     # a name of the client's own is left as it is
     odd = {"type": "function_call_output", "call_id": "messages[0]", "output": "x"}
     body["input"] = [{"role": "user", "content": "hi"}, odd]
     error = assert_error(await client.post("/v1/responses", json=body), 400, "input[1].call_id")
     assert "'messages[0]'" in error["message"]
+
+
+async def test_a_function_output_may_hold_images(client: httpx.AsyncClient) -> None:
+    """OpenAI's function_call_output takes images (input_image, input_file): the model reads
+    them in a user turn right after the tool message (Qwen's templates write tool results
+    as text)."""
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    image = {"type": "input_image", "image_url": data_uri(make_image(96, 64)), "detail": "low"}
+    text = {"type": "input_text", "text": "the chart:"}
+
+    async def prompt(output: object) -> int:
+        result = {"type": "function_call_output", "call_id": "c1", "output": output}
+        body = {"model": "tiny", "input": [{"role": "user", "content": "go"}, call, result]}
+        response = await client.post("/v1/responses/input_tokens", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["input_tokens"]
+
+    with_image = await prompt([text, image])
+    assert with_image > await prompt([text]) and with_image == await prompt([image, text])
 
 
 async def test_sampling_and_cache_salt(client: httpx.AsyncClient) -> None:
