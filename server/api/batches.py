@@ -9,6 +9,7 @@ whichever replica claims it; pipelines/batch.py runs its lines.
 
 from __future__ import annotations
 
+import mimetypes
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -31,6 +32,9 @@ BATCH_STATUS = {  # the job's status -> the batch's
 
 
 class FileObject(BaseModel):
+    """OpenAI's file object, with Anthropic's names of the same facts beside (its SDK's
+    `beta.files` reads type, mime_type, size_bytes, downloadable)."""
+
     id: str
     object: Literal["file"] = "file"
     bytes: int
@@ -40,6 +44,10 @@ class FileObject(BaseModel):
     status: Literal["processed"] = "processed"
     expires_at: int | None = None
     status_details: str | None = None
+    type: Literal["file"] = "file"
+    mime_type: str
+    size_bytes: int
+    downloadable: bool = True
 
     @classmethod
     def of(cls, stored: StoredFile) -> FileObject:
@@ -49,6 +57,8 @@ class FileObject(BaseModel):
             created_at=int(stored.created_at),
             filename=stored.filename,
             purpose=stored.purpose,
+            mime_type=mimetypes.guess_type(stored.filename)[0] or "application/octet-stream",
+            size_bytes=stored.bytes,
         )
 
 

@@ -10,11 +10,13 @@ import base64
 import io
 from collections.abc import AsyncIterator
 
+import anthropic
 import httpx
 import openai
 import pytest
 
 from tests.api.test_errors import assert_error
+from tests.api.test_messages import anthropic_sdk
 from tests.helpers import data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
@@ -192,3 +194,39 @@ async def test_a_file_parts_detail_sets_its_budget(
     low = await answer(client, {"type": "input_file", "file_id": file_id, "detail": "low"})
     high = await answer(client, {"type": "input_file", "file_id": file_id, "detail": "high"})
     assert low[0] < high[0]
+
+
+async def test_anthropics_sdk_uploads_and_reads_files(client: httpx.AsyncClient) -> None:
+    """The anthropic SDK's beta.files: an upload without purpose (user_data), its metadata,
+    an image block by its id, the list, the download, the delete."""
+    sdk = anthropic_sdk(client, api_key="-")
+    uploaded = await sdk.beta.files.upload(file=("red.png", IMAGE, "image/png"))
+    assert uploaded.type == "file" and uploaded.mime_type == "image/png"
+    assert uploaded.size_bytes == len(IMAGE) and uploaded.filename == "red.png"
+    assert uploaded.created_at.year >= 2024  # (a datetime, as the SDK reads it)
+    metadata = await sdk.beta.files.retrieve_metadata(uploaded.id)
+    assert metadata.id == uploaded.id
+    assert uploaded.id in [f.id async for f in sdk.beta.files.list()]
+    assert await (await sdk.beta.files.download(uploaded.id)).read() == IMAGE
+    inline = await answer(
+        client, {"type": "image_url", "image_url": {"url": data_uri(IMAGE, "image/png")}}
+    )
+    message = await sdk.messages.create(
+        model="tiny",
+        max_tokens=5,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": {"type": "file", "file_id": uploaded.id}},
+                    {"type": "text", "text": "What?"},
+                ],
+            }
+        ],
+        extra_body={"temperature": 0},
+    )
+    usage = message.usage
+    assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == inline[0]
+    await sdk.beta.files.delete(uploaded.id)
+    with pytest.raises(anthropic.NotFoundError):
+        await sdk.beta.files.retrieve_metadata(uploaded.id)

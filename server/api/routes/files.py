@@ -27,15 +27,16 @@ router = APIRouter(
 @router.post("/v1/files", response_model=FileObject)
 async def upload_file(
     file: UploadFile = File(...),
-    purpose: str = Form(...),
+    # (Anthropic's SDK sends none: its files are a request's inputs)
+    purpose: str = Form(default="user_data"),
     expires_after_anchor: str | None = Form(default=None, alias="expires_after[anchor]"),
     expires_after_seconds: str | None = Form(default=None, alias="expires_after[seconds]"),
     services: Services = Depends(get_services),
 ) -> FileObject:
     """A file of batch requests (purpose batch; JSONL: one `{custom_id, method, url, body}` a
     line, checked when a batch runs over it), or an image for requests to name by its id
-    (purpose vision or user_data; checked when a request reads it). The upload is bounded by
-    --max-request-body-bytes."""
+    (purpose vision or user_data, the default; checked when a request reads it). The upload
+    is bounded by --max-request-body-bytes."""
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"purpose {purpose!r} is not served here: files are batches' requests (purpose "
