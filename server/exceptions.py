@@ -94,21 +94,25 @@ class BatchNotCancellable(ServerError):
 
 
 class ResponseNotFound(ServerError):
-    """A stored response asked for by id (the Responses API), or continued with
-    previous_response_id, that is not stored."""
+    """A stored response asked for by id (the Responses API) that is not stored."""
 
     status_code = 404
     error_type = "invalid_request_error"
+    noun, param, code = "Response", "response_id", "response_not_found"
 
-    def __init__(self, response_id: str, param: str = "response_id"):
-        previous = param == "previous_response_id"
+    def __init__(self, response_id: str):
         super().__init__(
-            f"{'Previous response' if previous else 'Response'} with id '{response_id}' not "
-            "found: it was not stored (store: false), was deleted, or is past the server's "
-            "retention.",
-            param=param,
-            code="previous_response_not_found" if previous else "response_not_found",
+            f"{self.noun} with id '{response_id}' not found: it was not stored (store: "
+            "false), was deleted, or is past the server's retention.",
+            param=self.param,
+            code=self.code,
         )
+
+
+class PreviousResponseNotFound(ResponseNotFound):
+    """previous_response_id (or an earlier turn of its conversation) is not stored."""
+
+    noun, param, code = "Previous response", "previous_response_id", "previous_response_not_found"
 
 
 class JobAlreadyEnded(ServerError):

@@ -158,7 +158,8 @@ HELP = {
     "this); a replica that dies has its jobs taken over by another after this long.",
     "store_responses": "Keep the Responses API's answers (unless a request says store: false) "
     "in the job store, for previous_response_id and GET /v1/responses/{id}, as long as "
-    "finished jobs (--job-retention-hours); --no-store-responses keeps none.",
+    "finished jobs (--job-retention-hours, from a conversation's last turn), images as sent "
+    "included; --no-store-responses keeps none.",
     "log_level": "Least severe log level written.",
     "log_format": "text for people; json: one object per line (time, level, logger, "
     "request_id, message).",

@@ -50,6 +50,8 @@ from server.media.fetch import FetchPolicy, MediaFetcher
 from server.media.spool import Spool
 from server.media.video import VideoDecoder
 from server.metrics import Metrics, MetricsMiddleware
+from server.pipelines.background import KIND as BACKGROUND
+from server.pipelines.background import background_response_handler
 from server.pipelines.batch import BatchRunner, asgi_dispatch
 from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
@@ -116,16 +118,18 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         categories = CategoriesPipeline(engine, input_builder, media, metrics)
         # Jobs' requests rank below interactive ones where the policy looks at ranks.
         job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
-        # A batch's lines go through this app itself (see pipelines/batch.py).
+        # A batch's lines and background responses go through this app itself (see
+        # pipelines/batch.py).
         batch_client = httpx.AsyncClient(
             # A route that crashes answers its 500 to that line; it is not raised here.
             transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
             base_url="http://batch",
             timeout=None,
         )
+        dispatch = asgi_dispatch(batch_client, keys[0] if keys else None)
         batches = BatchRunner(
             jobs,
-            asgi_dispatch(batch_client, keys[0] if keys else None),
+            dispatch,
             concurrency=settings.max_num_seqs,
             job_priority=job_priority,
         )
@@ -133,6 +137,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             "categories": categories_job_handler(categories, job_priority),
             "completions": completions_job_handler(pipeline, job_priority),
             "batch": batches,
+            BACKGROUND: background_response_handler(jobs, dispatch, job_priority),
         }
 
         def can_start_a_job() -> bool:
@@ -150,8 +155,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             retention_s=settings.job_retention_hours * 3600,
             lease_s=settings.job_lease,
             can_start=can_start_a_job,
-            # Two media jobs and one batch at a time: a batch can run for hours.
-            lanes={MEDIA_KINDS: 2, ("batch",): 1},
+            # Two media jobs, one batch (it can run for hours) and four background responses
+            # at a time.
+            lanes={MEDIA_KINDS: 2, ("batch",): 1, (BACKGROUND,): 4},
         )
         metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)
         job_worker.start()

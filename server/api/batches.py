@@ -74,6 +74,7 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool
+    type: Literal["file_deleted"] = "file_deleted"  # (Anthropic's name of it)
 
 
 class BatchCreateRequest(StrictModel):

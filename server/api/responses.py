@@ -3,9 +3,9 @@ completion: the request becomes a chat completion's body (so every check, limit 
 the chat route applies), the answer becomes a `response` object, and a streamed answer becomes
 the Responses events (`response.created` ... `response.completed`) the OpenAI SDK reads.
 
-Nothing is stored: a response cannot be continued by id (`previous_response_id`,
-`conversation`) or run in the background; a client sends the whole conversation as `input`
-(earlier outputs included), as it does with `store: false`.
+Answers are stored (`store`, the default; server/jobs/responses.py): a request continues
+one with `previous_response_id`, and `background: true` runs one as a durable job
+(server/pipelines/background.py) that GET /v1/responses/{id} polls.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pydantic import (
     StrictBool,
     Tag,
     TypeAdapter,
+    ValidationError,
 )
 
 from server.api.errors import SERVER_ERROR
@@ -110,6 +111,7 @@ InputItem = Annotated[
 ]
 HISTORY = TypeAdapter(list[InputItem])
 TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
+HISTORY_ORIGIN = "previous_response_id"  # where an earlier turn's messages came from
 # Ids of stored input items, by type, as OpenAI's look.
 ITEM_PREFIXES = {
     "message": "msg",
@@ -195,11 +197,10 @@ LOGPROBS = "message.output_text.logprobs"
 # What `include` may ask for: the answer's logprobs; the reasoning's encrypted content (there
 # is none here: nothing to include).
 INCLUDABLE = frozenset({LOGPROBS, "reasoning.encrypted_content"})
-# Fields that would need what is not here: conversation objects, background runs, prompt
-# templates kept by the host, a cap on calls the host runs, other outputs to include.
+# Fields that would need what is not here: conversation objects, prompt templates kept by the
+# host, a cap on calls the host runs, other outputs to include.
 RESPONSES_UNSUPPORTED_WHEN = {
     "conversation": lambda v: v is not None,
-    "background": lambda v: bool(v),
     "prompt": lambda v: v is not None,
     "max_tool_calls": lambda v: v is not None,
     "include": lambda v: any(i not in INCLUDABLE for i in v or ()),
@@ -238,18 +239,21 @@ class ResponsesRequest(StrictModel):
     # same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     priority: Priority | None = None  # extension (vLLM's): see Priority
+    # Run as a durable job: answered at once as queued, polled with GET /v1/responses/{id}.
+    background: StrictBool | None = None
     # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
     conversation: str | dict[str, Any] | None = None
-    background: bool | None = None
     prompt: dict[str, Any] | None = None
     max_tool_calls: int | None = None
     # With include [LOGPROBS]: how many likeliest tokens each token's entry lists.
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    # Where each message of the chat body came from ("input[3]", "instructions").
+    # Where each message of the chat body came from ("input[3]", "instructions"), so a chat
+    # error is named as this body has it: messages[4].content[1] -> input[3].content[1].
     _origins: list[str] = PrivateAttr(default_factory=list)
-    # Where each part came from, for a message whose parts came from several places (the
-    # media of a function_call_output, in the user turn after its tool message).
+    # Where each part came from, for a message whose parts are not its item's in order (a
+    # function_call_output [text, image, text] becomes a tool message [text, text] and a
+    # user turn [image]: that turn's content[0] is input[i].output[1]).
     _part_origins: dict[int, list[str]] = PrivateAttr(default_factory=dict)
     # The stored conversation previous_response_id names (its items, oldest first).
     _history: list[Any] = PrivateAttr(default_factory=list)
@@ -257,7 +261,17 @@ class ResponsesRequest(StrictModel):
     def continue_from(self, items: list[dict[str, Any]]) -> None:
         """The conversation before `input`: a stored response's items (inputs and outputs,
         which the Responses API makes readable as inputs)."""
-        self._history = HISTORY.validate_python(items)
+        try:
+            self._history = HISTORY.validate_python(items)
+        except ValidationError:
+            raise InvalidRequest(
+                "The conversation of previous_response_id cannot be read back as input: an "
+                "earlier answer ends in a function call cut off by max_output_tokens (its "
+                "arguments are not a whole JSON object). Send the conversation as input, "
+                "with that call complete.",
+                param="previous_response_id",
+                code="invalid_value",
+            ) from None
 
     def own_items(self) -> list[dict[str, Any]]:
         """What this request adds to the conversation, as items to store (each with an id, as
@@ -292,6 +306,8 @@ class ResponsesRequest(StrictModel):
             if k in self._part_origins and match.group(4) is not None:
                 return self._part_origins[k][int(match.group(4))]
             item = self._origins[k]
+            if item == HISTORY_ORIGIN:  # (an earlier turn: no place in this body)
+                return item
             # A tool message's content is the function_call_output's output.
             return item + part if item.endswith(".output") else item + (match.group(2) or "") + part
 
@@ -346,7 +362,7 @@ class ResponsesRequest(StrictModel):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
             self._origins.append("instructions")
-        items = [(item, "previous_response_id") for item in self._history]
+        items = [(item, HISTORY_ORIGIN) for item in self._history]
         if isinstance(self.input, str):
             items.append((InputMessage(role="user", content=self.input), "input"))
         else:
@@ -472,7 +488,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    status: Literal["completed", "incomplete", "in_progress", "failed", "queued", "cancelled"]
     completed_at: int | None = None
     error: dict[str, Any] | None = None
     incomplete_details: dict[str, str] | None = None
@@ -482,6 +498,7 @@ class ResponseObject(BaseModel):
     output: list[dict[str, Any]]
     parallel_tool_calls: bool
     previous_response_id: str | None = None
+    background: bool = False  # run as a job, polled with GET /v1/responses/{id}
     reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
     store: bool = True  # kept for previous_response_id and GET /v1/responses/{id}
     temperature: float | None = None

@@ -94,10 +94,11 @@ MIGRATIONS = [
         id TEXT PRIMARY KEY,
         previous_response_id TEXT,
         created_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION NOT NULL,
         input TEXT NOT NULL,
         response TEXT NOT NULL
     );
-    CREATE INDEX responses_by_time ON responses (created_at)
+    CREATE INDEX responses_by_use ON responses (used_at)
     """,
 ]
 

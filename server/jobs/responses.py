@@ -3,8 +3,9 @@ own input items, so a later request names it as `previous_response_id` instead o
 conversation again, and `GET /v1/responses/{id}` reads it back. Each row holds only what its
 request added; a conversation is its chain of rows, read back by following
 previous_response_id (one recursive query). In the job store's database, so every replica
-sharing a PostgreSQL store continues every conversation; deleted with the finished jobs,
---job-retention-hours after they were made.
+sharing a PostgreSQL store continues every conversation. A conversation is kept while it is
+used: a row is deleted --job-retention-hours after it was made or last continued (a new turn
+renews every turn before it).
 """
 
 from __future__ import annotations
@@ -17,9 +18,20 @@ from typing import Any
 
 from server.jobs.deliveries import Execute
 
-# A conversation longer than this many responses is cut off at the oldest (a guard against a
-# cycle no request can make, and against runaway chains).
+# The most turns a conversation read back may have (a guard against runaway chains).
 MAX_CHAIN = 10_000
+# A background response's statuses while it may still change.
+RUNNING = ("queued", "in_progress")
+# The rows of the conversation that ends with a response (?: its id, ?: MAX_CHAIN - 1),
+# newest first.
+CHAIN = (
+    "WITH RECURSIVE chain (id, previous_response_id, depth) AS ("
+    " SELECT id, previous_response_id, 0 FROM responses WHERE id = ?"
+    " UNION ALL"
+    " SELECT r.id, r.previous_response_id, c.depth + 1"
+    " FROM responses r JOIN chain c ON r.id = c.previous_response_id"
+    " WHERE c.depth < ?)"
+)
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,13 @@ class BrokenChain(Exception):
         self.response_id = response_id
 
 
+class ConversationTooLong(Exception):
+    """A conversation of more than MAX_CHAIN turns."""
+
+
 class ResponseStore(ABC):
+    for_update = ""  # appended to a SELECT whose rows the transaction then holds (PostgreSQL)
+
     @abstractmethod
     def transaction(self, write: bool = True) -> AbstractContextManager[Execute]: ...
 
@@ -47,18 +65,27 @@ class ResponseStore(ABC):
     def now(self) -> float: ...
 
     def save_response(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+        """A new turn; the conversation before it is renewed (kept as long as it is used)."""
+        now, previous = self.now(), response.get("previous_response_id")
         with self.transaction() as execute:
             execute(
-                "INSERT INTO responses (id, previous_response_id, created_at, input, response)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO responses"
+                " (id, previous_response_id, created_at, used_at, input, response)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     response["id"],
-                    response.get("previous_response_id"),
-                    self.now(),
+                    previous,
+                    now,
+                    now,
                     json.dumps(input_items, ensure_ascii=False),
                     json.dumps(response, ensure_ascii=False),
                 ),
             )
+            if previous is not None:
+                execute(
+                    f"{CHAIN} UPDATE responses SET used_at = ? WHERE id IN (SELECT id FROM chain)",
+                    (previous, MAX_CHAIN - 1, now),
+                )
 
     def get_response(self, response_id: str) -> StoredTurn | None:
         with self.transaction(write=False) as execute:
@@ -67,26 +94,39 @@ class ResponseStore(ABC):
             ).fetchone()
         return _turn(row) if row is not None else None
 
-    def conversation(self, response_id: str) -> list[StoredTurn]:
+    def conversation(self, response_id: str, whole: bool = True) -> list[StoredTurn]:
         """The turns of the conversation that ends with this response, oldest first. Raises
-        BrokenChain naming the first response of it that is not stored."""
+        BrokenChain naming the newest of its responses that is not stored (whole=False: the
+        turns stored after it), ConversationTooLong past MAX_CHAIN turns."""
         query = (
-            "WITH RECURSIVE chain (id, previous_response_id, input, response, depth) AS ("
-            " SELECT id, previous_response_id, input, response, 0 FROM responses WHERE id = ?"
-            " UNION ALL"
-            " SELECT r.id, r.previous_response_id, r.input, r.response, c.depth + 1"
-            " FROM responses r JOIN chain c ON r.id = c.previous_response_id"
-            " WHERE c.depth < ?)"
-            " SELECT previous_response_id, input, response FROM chain ORDER BY depth DESC"
+            f"{CHAIN} SELECT c.previous_response_id, r.input, r.response"
+            " FROM chain c JOIN responses r ON r.id = c.id ORDER BY c.depth DESC"
         )
         with self.transaction(write=False) as execute:
-            rows = execute(query, (response_id, MAX_CHAIN)).fetchall()
+            rows = execute(query, (response_id, MAX_CHAIN - 1)).fetchall()
         if not rows:
             raise BrokenChain(response_id)
         oldest = rows[0]["previous_response_id"]
-        if oldest is not None and len(rows) <= MAX_CHAIN:
+        if oldest is not None and len(rows) == MAX_CHAIN:
+            raise ConversationTooLong()
+        if oldest is not None and whole:
             raise BrokenChain(oldest)
         return [_turn(row) for row in rows]
+
+    def update_response(self, response: dict[str, Any]) -> bool:
+        """A background response's new state, written only while it is still running (never
+        over a cancel, nor after a delete)."""
+        with self.transaction() as execute:
+            row = execute(
+                f"SELECT response FROM responses WHERE id = ?{self.for_update}", (response["id"],)
+            ).fetchone()
+            if row is None or json.loads(row["response"])["status"] not in RUNNING:
+                return False
+            execute(
+                "UPDATE responses SET response = ? WHERE id = ?",
+                (json.dumps(response, ensure_ascii=False), response["id"]),
+            )
+            return True
 
     def delete_response(self, response_id: str) -> bool:
         with self.transaction() as execute:

@@ -89,10 +89,11 @@ CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
     previous_response_id TEXT,       -- the conversation's response before it
     created_at REAL NOT NULL,
+    used_at REAL NOT NULL,           -- made, or continued by a later turn (retention)
     input TEXT NOT NULL,             -- JSON: the input items its request added
     response TEXT NOT NULL           -- JSON: the response object
 );
-CREATE INDEX IF NOT EXISTS responses_by_time ON responses (created_at)
+CREATE INDEX IF NOT EXISTS responses_by_use ON responses (used_at)
 """
 SCHEMA_VERSION = 5
 

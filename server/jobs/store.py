@@ -135,9 +135,11 @@ class JobStore(DeliveryStore, FileStore, ResponseStore):
         idempotency_key: str | None,
         id_prefix: str = "job-",
         description: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
         """A new queued job, or the existing one for the same idempotency key and request (the
-        same key with another request: IdempotencyKeyReused)."""
+        same key with another request: IdempotencyKeyReused). job_id: the new job's id, when
+        the caller made it (a background response's is the response's)."""
         now, digest = self.now(), request_digest(kind, request)
         with self.transaction() as execute:
             row = _job_with_key(execute, idempotency_key)
@@ -148,7 +150,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore):
                     " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
                     f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {SUMMARY}",
                     (
-                        f"{id_prefix}{uuid.uuid4().hex}",
+                        job_id or f"{id_prefix}{uuid.uuid4().hex}",
                         kind,
                         json.dumps(request),
                         now,
@@ -340,8 +342,8 @@ class JobStore(DeliveryStore, FileStore, ResponseStore):
 
     def prune(self, older_than_s: float) -> int:
         """Deletes finished jobs last updated before older_than_s ago, with their deliveries
-        (a job with a delivery still pending is kept), and batches' output files and stored
-        responses as old. One process at a time does it."""
+        (a job with a delivery still pending is kept), batches' output files as old, and
+        stored responses neither made nor continued since. One process at a time does it."""
         cutoff = self.now() - older_than_s
         old = (
             "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
@@ -355,7 +357,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore):
             execute(
                 "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
             )
-            execute("DELETE FROM responses WHERE created_at < ?", (cutoff,))
+            execute("DELETE FROM responses WHERE used_at < ?", (cutoff,))
             execute(  # answers no running batch holds (a batch ended by an older server)
                 "DELETE FROM batch_answers WHERE batch_id NOT IN"
                 " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",

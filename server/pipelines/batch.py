@@ -121,6 +121,23 @@ def asgi_dispatch(client: httpx.AsyncClient, api_key: str | None) -> Dispatch:
     return dispatch
 
 
+async def send_until_served(
+    dispatch: Dispatch, url: str, body: dict[str, Any], request_id: str
+) -> tuple[int, dict]:
+    """A job's request and its answer, sent again while the engine is busy (the queue full, or
+    waited too long); an engine that stopped, or a server shutting down, puts the job back in
+    the queue (for another replica, or the next start)."""
+    retries = 0
+    while True:
+        status, answer = await dispatch(url, body, request_id)
+        if status != 503:
+            return status, answer
+        if (answer.get("error") or {}).get("code") not in RETRIED_CODES:
+            raise EngineStopped("The engine stopped under the job.")
+        await asyncio.sleep(RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)])
+        retries += 1
+
+
 def parse_lines(content: bytes, endpoint: str) -> list[BatchLine]:
     """The file's requests, or JobFailed listing the lines that are not one (as OpenAI checks
     them: JSON, a unique custom_id, POST to the batch's endpoint, a body object)."""
@@ -305,18 +322,7 @@ class BatchRunner:
         return status, answer, json.dumps(entry)
 
     async def _send(self, job: Job, body: dict[str, Any], request_id: str) -> tuple[int, dict]:
-        """The answer, sent again while the engine is busy (the queue full, or waited too long);
-        an engine that stopped, or a server shutting down, puts the batch back in the queue
-        (for another replica, or the next start)."""
-        url, retries = job.request["endpoint"], 0
-        while True:
-            status, answer = await self.dispatch(url, body, request_id)
-            if status != 503:
-                return status, answer
-            if (answer.get("error") or {}).get("code") not in RETRIED_CODES:
-                raise EngineStopped("The engine stopped under the batch.")
-            await asyncio.sleep(RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)])
-            retries += 1
+        return await send_until_served(self.dispatch, job.request["endpoint"], body, request_id)
 
     async def _save_loop(
         self,

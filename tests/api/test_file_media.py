@@ -175,6 +175,8 @@ async def test_uploads_take_the_media_purposes_and_list_by_purpose(
     assert vision in [f.id for f in listed.data]
     assert all(f.purpose == "vision" for f in listed.data)
     assert (await sdk.files.content(vision)).content == SMALL
+    response = await client.post("/v1/files", files={"file": ("x.png", SMALL)})
+    assert_error(response, 400, "purpose", "missing_required_parameter")  # (OpenAI's SDK sends it)
     for purpose in ("fine-tune", "assistants", "nope"):
         response = await client.post(
             "/v1/files", files={"file": ("x.png", SMALL)}, data={"purpose": purpose}

@@ -361,7 +361,6 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
     ("extra", "param"),
     [
         ({"store": "yes"}, "store"),
-        ({"background": True}, "background"),
         ({"include": ["file_search_call.results"]}, "include"),
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),

@@ -6,15 +6,22 @@ streamed answers stored before their last event; GET, input_items, DELETE; store
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
+from openai.types.responses import Response
 
+from server.api.responses import ResponseObject, ResponsesRequest
+from server.api.routes.responses import kept_before_the_last_event
+from server.engine.sampling import SamplingParams
 from tests.api.test_responses import WEATHER, image_input
-from tests.helpers import make_settings, start_client
+from tests.helpers import make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
 GREEDY = {"model": "tiny", "max_output_tokens": 4, "temperature": 0}
@@ -58,6 +65,13 @@ async def test_a_continued_conversation_is_the_conversation_sent_whole(
     assert counted.input_tokens == second.usage.input_tokens
     third = await sdk.responses.create(previous_response_id=second.id, input="Why?", **GREEDY)
     assert third.usage is not None and third.usage.input_tokens > second.usage.input_tokens
+    # input_items: what the second answer was made from, newest first (its own input, then
+    # the first turn's output and input).
+    listed = await sdk.responses.input_items.list(second.id, limit=100)
+    first_items = [item.id for item in first.output]
+    assert [item.id for item in listed.data][1 : 1 + len(first_items)] == first_items[::-1]
+    assert listed.data[0].type == "message" and listed.data[0].role == "user"  # type: ignore[union-attr]
+    assert len(listed.data) == 1 + len(first_items) + 1
     # A branch from the first answer sees only the first turn.
     branch = await sdk.responses.create(
         previous_response_id=first.id, input="And what is behind them?", **GREEDY
@@ -202,3 +216,141 @@ async def test_the_stored_items_are_what_was_sent(client: httpx.AsyncClient) -> 
     text = [{"type": "input_text", "text": "Hi"}]  # (a string content, as OpenAI lists it)
     assert item == {"id": "msg_mine", "type": "message", "role": "user", "content": text}
     assert json.loads(json.dumps(item)) == item
+
+
+async def until_ended(sdk: openai.AsyncOpenAI, response_id: str) -> Response:
+    async with asyncio.timeout(60):
+        while True:
+            response = await sdk.responses.retrieve(response_id)
+            if response.status not in ("queued", "in_progress"):
+                return response
+            await asyncio.sleep(0.05)
+
+
+async def test_a_background_response_is_polled_to_its_answer(sdk: openai.AsyncOpenAI) -> None:
+    body = {"input": image_input("What is it?"), "instructions": "Be brief.", **GREEDY}
+    queued = await sdk.responses.create(background=True, **body)
+    assert queued.background is True and queued.status in ("queued", "in_progress")
+    assert queued.output == [] and queued.store is True
+    ended = await until_ended(sdk, queued.id)
+    at_once = await sdk.responses.create(store=False, **body)  # the same request, answered
+    assert ended.status == at_once.status and ended.output_text == at_once.output_text
+    assert ended.usage is not None and at_once.usage is not None
+    assert ended.usage.input_tokens == at_once.usage.input_tokens  # (cached ones differ)
+    assert ended.usage.output_tokens == at_once.usage.output_tokens and ended.id == queued.id
+    assert ended.created_at == queued.created_at and ended.background is True
+    items = await sdk.responses.input_items.list(queued.id)
+    assert [item.type for item in items.data] == ["message"]
+    follow = await sdk.responses.create(previous_response_id=queued.id, input="More", **GREEDY)
+    assert follow.usage is not None
+    assert follow.usage.input_tokens > at_once.usage.input_tokens
+    with pytest.raises(openai.BadRequestError):  # ended: nothing to cancel...
+        await sdk.responses.create(background=True, stream=True, **body)
+    assert (await sdk.responses.cancel(queued.id)).status == ended.status  # ...as it stands
+
+
+async def test_a_background_response_that_fails_says_why(sdk: openai.AsyncOpenAI) -> None:
+    """What only running finds (here: an image that cannot be fetched) fails the response,
+    with the error the request would have got."""
+    part = {"type": "input_image", "image_url": "http://127.0.0.1:1/nothing.png"}
+    queued = await sdk.responses.create(
+        background=True, input=[{"role": "user", "content": [part]}], **GREEDY
+    )
+    failed = await until_ended(sdk, queued.id)
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.code == "media_fetch_failed"
+
+
+async def test_bad_background_requests_are_400s(sdk: openai.AsyncOpenAI) -> None:
+    for extra, param in (
+        ({"stream": True}, "stream"),
+        ({"store": False}, "background"),
+        ({"temperature": 5}, "temperature"),  # checked before it is queued
+        ({"model": "nope"}, "model"),
+    ):
+        with pytest.raises(openai.APIStatusError) as refused:
+            await sdk.responses.create(background=True, input="Hi", **(GREEDY | extra))
+        assert 400 <= refused.value.status_code < 500
+        assert refused.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):  # not made in the background
+        await sdk.responses.cancel((await sdk.responses.create(input="Hi", **GREEDY)).id)
+
+
+async def test_a_queued_background_response_is_cancelled_and_kept_so(
+    tiny_model_dir: Path,
+) -> None:
+    """No worker runs here (stopped), so the response stays queued until it is cancelled;
+    then a worker that starts (a restart on the same data dir) leaves it cancelled. One
+    queued across a restart is answered by the next start."""
+    settings = make_settings(tiny_model_dir)
+    async for client in start_client(settings):
+        await client.app.state.services.job_worker.stop()  # type: ignore[attr-defined]
+        sdk = sdk_for(client)
+        cancelled = await sdk.responses.create(background=True, input="Hi", **GREEDY)
+        waits = await sdk.responses.create(background=True, input="Hi", **GREEDY)
+        deleted = await sdk.responses.create(background=True, input="Hi", **GREEDY)
+        with pytest.raises(openai.BadRequestError) as running:
+            await sdk.responses.create(previous_response_id=waits.id, input="?", **GREEDY)
+        assert "queued" in running.value.body["message"]  # type: ignore[index]
+        assert (await sdk.responses.cancel(cancelled.id)).status == "cancelled"
+        await sdk.responses.delete(deleted.id)
+        jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
+        assert jobs.get(cancelled.id).status == "cancelled"
+        assert jobs.get(deleted.id).status == "cancelled"
+    async for client in start_client(settings):
+        sdk = sdk_for(client)
+        answered = await until_ended(sdk, waits.id)
+        assert answered.status in ("completed", "incomplete") and answered.output_text
+        assert (await sdk.responses.retrieve(cancelled.id)).status == "cancelled"
+
+
+async def test_a_conversation_that_cannot_be_read_back_is_a_400(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """A function call cut off by max_output_tokens is not a call the next turn can answer;
+    an image of an earlier turn deleted since is that turn's (previous_response_id's)."""
+    cut = await sdk.responses.create(
+        input="Weather?",
+        tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        **GREEDY | {"max_output_tokens": 3},
+    )
+    assert cut.status == "incomplete"
+    for call in (
+        sdk.responses.create(previous_response_id=cut.id, input="go on", **GREEDY),
+        sdk.responses.input_tokens.count(previous_response_id=cut.id, input="go on"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await call
+        assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+        assert "cut off" in refused.value.body["message"]  # type: ignore[index]
+    image = await sdk.files.create(file=("a.png", make_image(32, 32, fmt="PNG")), purpose="vision")
+    part = {"type": "input_image", "file_id": image.id}
+    seen = await sdk.responses.create(input=[{"role": "user", "content": [part]}], **GREEDY)
+    await sdk.files.delete(image.id)
+    with pytest.raises(openai.BadRequestError) as gone:
+        await sdk.responses.create(previous_response_id=seen.id, input="again", **GREEDY)
+    assert gone.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert gone.value.body["code"] == "file_not_found"  # type: ignore[index]
+
+
+async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> None:
+    """(Over the ASGI test transport a whole stream is read before the client sees it: the
+    order is checked on the wrapper itself.)"""
+    sent: list[str] = []
+    saved_after: list[int] = []
+
+    class Store:
+        def save_response(self, response: dict, items: list) -> None:
+            saved_after.append(len(sent))
+
+    async def stream() -> AsyncIterator[str]:
+        for kind in ("response.created", "response.output_text.delta", "response.completed"):
+            yield f"event: {kind}\ndata: {{}}\n\n"
+
+    body = ResponsesRequest.model_validate({"model": "tiny", "input": "Hi"})
+    response = ResponseObject.start("resp_x", body, SamplingParams(), store=True)
+    services = SimpleNamespace(jobs=Store())
+    async for event in kept_before_the_last_event(stream(), response, body, services):  # type: ignore[arg-type]
+        sent.append(event)
+    assert saved_after == [2] and len(sent) == 3  # stored after two events, before the last

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from server.exceptions import IdempotencyKeyReused
-from server.jobs.responses import BrokenChain
+from server.jobs import responses
+from server.jobs.responses import BrokenChain, ConversationTooLong
 from server.jobs.store import JobStore
 
 OpenStore = Callable[[], JobStore]
@@ -316,3 +317,51 @@ def test_a_conversation_is_its_chain_of_stored_responses(store: JobStore) -> Non
     assert store.prune(older_than_s=3600) == 0 and store.get_response("resp_a") is not None
     store.prune(older_than_s=-1)  # past retention: gone
     assert store.get_response("resp_a") is None and store.get_response("resp_c") is None
+
+
+def test_a_background_response_is_updated_only_while_it_runs(store: JobStore) -> None:
+    queued = {"id": "resp_bg", "previous_response_id": None, "status": "queued", "output": []}
+    store.save_response(queued, [])
+    assert store.update_response({**queued, "status": "in_progress"})
+    assert store.update_response({**queued, "status": "cancelled"})
+    assert not store.update_response({**queued, "status": "completed"})  # ended: kept
+    stored = store.get_response("resp_bg")
+    assert stored is not None and stored.response["status"] == "cancelled"
+    assert not store.update_response({**queued, "id": "resp_none"})
+
+
+def test_a_conversation_is_kept_while_it_is_continued(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention counts from a turn's last use: a new turn renews every turn before it."""
+    clock = [1000.0]
+    monkeypatch.setattr(store, "now", lambda: clock[0])
+    for rid, previous, at in (
+        ("resp_1", None, 0),
+        ("resp_lone", None, 0),
+        ("resp_2", "resp_1", 900),
+    ):
+        clock[0] = 1000.0 + at
+        store.save_response({"id": rid, "previous_response_id": previous, "output": []}, [])
+    clock[0] = 2000.0
+    store.prune(older_than_s=500)  # what was not used since 1500 goes
+    assert store.get_response("resp_lone") is None
+    assert [t.response["id"] for t in store.conversation("resp_2")] == ["resp_1", "resp_2"]
+
+
+def test_a_conversation_past_the_longest_is_refused(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(responses, "MAX_CHAIN", 3)
+    previous = None
+    for n in range(4):
+        store.save_response({"id": f"resp_{n}", "previous_response_id": previous}, [])
+        previous = f"resp_{n}"
+    assert len(store.conversation("resp_2")) == 3
+    with pytest.raises(ConversationTooLong):
+        store.conversation("resp_3")
+    store.delete_response("resp_0")
+    assert [t.response["id"] for t in store.conversation("resp_2", whole=False)] == [
+        "resp_1",
+        "resp_2",
+    ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from server.api.batches import FileDeleted, FileList, FileObject
@@ -17,6 +17,8 @@ from server.exceptions import FileNotFound, InvalidRequest, refuse_unsupported
 from server.media.fetch import MEDIA_PURPOSES
 
 PURPOSES = ("batch", *MEDIA_PURPOSES)
+# Headers Anthropic's SDK sends with every request (its uploads have no purpose).
+ANTHROPIC_HEADERS = frozenset({"anthropic-version", "anthropic-beta"})
 
 router = APIRouter(
     tags=["files"],
@@ -26,17 +28,26 @@ router = APIRouter(
 
 @router.post("/v1/files", response_model=FileObject)
 async def upload_file(
+    request: Request,
     file: UploadFile = File(...),
-    # (Anthropic's SDK sends none: its files are a request's inputs)
-    purpose: str = Form(default="user_data"),
+    # (Anthropic's SDK sends none: its files are a request's inputs, user_data)
+    purpose: str | None = Form(default=None),
     expires_after_anchor: str | None = Form(default=None, alias="expires_after[anchor]"),
     expires_after_seconds: str | None = Form(default=None, alias="expires_after[seconds]"),
     services: Services = Depends(get_services),
 ) -> FileObject:
     """A file of batch requests (purpose batch; JSONL: one `{custom_id, method, url, body}` a
     line, checked when a batch runs over it), or an image for requests to name by its id
-    (purpose vision or user_data, the default; checked when a request reads it). The upload
-    is bounded by --max-request-body-bytes."""
+    (purpose vision or user_data, which Anthropic's SDK gets without asking; checked when a
+    request reads it). The upload is bounded by --max-request-body-bytes."""
+    if purpose is None and ANTHROPIC_HEADERS & set(request.headers):
+        purpose = "user_data"
+    if purpose is None:
+        raise InvalidRequest(
+            "purpose is required: batch, vision or user_data.",
+            param="purpose",
+            code="missing_required_parameter",
+        )
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"purpose {purpose!r} is not served here: files are batches' requests (purpose "

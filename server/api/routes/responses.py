@@ -27,9 +27,15 @@ from server.api.responses import (
 from server.api.routes.chat import ERRORS
 from server.api.services import Services, get_services
 from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
-from server.api.translated import prompt_tokens, run_translated
-from server.exceptions import InvalidRequest, ResponseNotFound
-from server.jobs.responses import BrokenChain, StoredTurn
+from server.api.translated import prompt_tokens, run_translated, translated_request
+from server.exceptions import (
+    InvalidRequest,
+    PreviousResponseNotFound,
+    ResponseNotFound,
+    ServerError,
+)
+from server.jobs.responses import MAX_CHAIN, BrokenChain, ConversationTooLong, StoredTurn
+from server.pipelines.background import KIND as BACKGROUND
 from server.pipelines.chat import ChatResult
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,8 @@ router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
 async def create_response(
     body: ResponsesRequest, request: Request, services: Services = Depends(get_services)
 ) -> ResponseObject | StreamingResponse:
+    if body.background:
+        return await start_in_background(body, services)
     rid = response_id()
     store = body.store is not False and services.store_responses
     await continue_conversation(body, services)
@@ -63,6 +71,42 @@ async def create_response(
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+async def start_in_background(body: ResponsesRequest, services: Services) -> ResponseObject:
+    """background: the response stored as queued and run as a durable job; the client polls
+    GET /v1/responses/{id} and may cancel it. The checks a request gets before it runs are
+    made here, so a bad request is still a 4xx; what only running finds (a prompt past the
+    context, media that cannot be read) makes the response failed."""
+    if body.stream:
+        raise InvalidRequest(
+            "stream with background is not supported here: poll GET /v1/responses/{id}.",
+            param="stream",
+            code="unsupported_parameter",
+        )
+    if body.store is False or not services.store_responses:
+        raise InvalidRequest(
+            "background needs its response stored (store: true, on a server that stores "
+            "responses): it is read back with GET /v1/responses/{id}.",
+            param="background",
+            code="invalid_value",
+        )
+    await continue_conversation(body, services)
+    try:
+        chat = translated_request(body, services)
+    except ServerError as exc:
+        body.name_error(exc)
+        raise
+    response = ResponseObject.start(response_id(), body, chat.sampling, store=True)
+    response.status, response.background = "queued", True
+    request = body.model_dump(mode="json", by_alias=True, exclude_none=True)
+    request |= {"background": False, "store": False, "stream": False}
+    await asyncio.to_thread(services.jobs.save_response, response.model_dump(), body.own_items())
+    await asyncio.to_thread(
+        services.jobs.create, BACKGROUND, {"body": request}, None, job_id=response.id
+    )
+    services.job_worker.notify()
+    return response
+
+
 async def continue_conversation(body: ResponsesRequest, services: Services) -> None:
     """previous_response_id: the stored conversation goes before the body's input (the
     previous instructions do not: each request's own apply)."""
@@ -78,7 +122,22 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
     try:
         turns = await asyncio.to_thread(services.jobs.conversation, body.previous_response_id)
     except BrokenChain as missing:
-        raise ResponseNotFound(missing.response_id, param="previous_response_id") from None
+        raise PreviousResponseNotFound(missing.response_id) from None
+    except ConversationTooLong:
+        raise InvalidRequest(
+            f"The conversation of previous_response_id has more than {MAX_CHAIN} turns: send "
+            "what it needs as input instead.",
+            param="previous_response_id",
+            code="invalid_value",
+        ) from None
+    for turn in turns:
+        if turn.response["status"] not in ("completed", "incomplete"):
+            raise InvalidRequest(
+                f"Previous response {turn.response['id']} is {turn.response['status']}: only "
+                "a completed (or incomplete) response can be continued.",
+                param="previous_response_id",
+                code="invalid_value",
+            )
     body.continue_from([item for turn in turns for item in conversation_items(turn)])
 
 
@@ -98,24 +157,24 @@ async def keep(response: ResponseObject, body: ResponsesRequest, services: Servi
         response.store = False
 
 
+# The event that ends a stream whose answer is in (response.failed ends one that failed).
+FINAL_EVENTS = ("event: response.completed\n", "event: response.incomplete\n")
+
+
 async def kept_before_the_last_event(
     stream: AsyncIterator[str],
     response: ResponseObject,
     body: ResponsesRequest,
     services: Services,
 ) -> AsyncIterator[str]:
-    """The stream, its finished response stored before its last event goes out: a client
-    that continues it as soon as it reads response.completed finds it stored."""
-    last = None
+    """The stream as it comes, its finished response stored before its final event goes
+    out: a client that continues it as soon as it reads response.completed finds it."""
     async for event in stream:
-        if last is not None:
-            yield last
-        last = event
-    if response.status in ("completed", "incomplete"):
+        if not event.startswith(FINAL_EVENTS):
+            yield event
+            continue
         await keep(response, body, services)
-        last = _with_store_false(last) if not response.store else last
-    if last is not None:
-        yield last
+        yield event if response.store else _with_store_false(event)
 
 
 def _with_store_false(event: str) -> str:
@@ -148,8 +207,17 @@ async def stored(response_id: str, services: Services) -> StoredTurn:
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["responses"])
 async def retrieve_response(
-    response_id: str, services: Services = Depends(get_services)
+    response_id: str,
+    stream: bool = Query(default=False, description="not supported: poll instead"),
+    services: Services = Depends(get_services),
 ) -> ResponseObject:
+    """A stored response; a background one as it stands (queued, in_progress, then its end)."""
+    if stream:
+        raise InvalidRequest(
+            "Streaming a stored response is not supported here: poll GET /v1/responses/{id}.",
+            param="stream",
+            code="unsupported_parameter",
+        )
     return ResponseObject.model_validate((await stored(response_id, services)).response)
 
 
@@ -158,10 +226,17 @@ async def delete_response(
     response_id: str, services: Services = Depends(get_services)
 ) -> ResponseDeleted:
     """Deletes a stored response (a conversation continued from it, or from a later one,
-    can then no longer be continued)."""
+    can then no longer be continued); a background one still running is stopped."""
     if not await asyncio.to_thread(services.jobs.delete_response, response_id):
         raise ResponseNotFound(response_id)
+    await stop_background(response_id, services)
     return ResponseDeleted(id=response_id)
+
+
+async def stop_background(response_id: str, services: Services) -> None:
+    """Its job cancelled in the store (every replica's worker sees it), stopped here now."""
+    if await asyncio.to_thread(services.jobs.cancel, response_id) is not None:
+        services.job_worker.cancel_running(response_id)
 
 
 @router.get(
@@ -174,9 +249,16 @@ async def list_input_items(
     after: str | None = Query(default=None, max_length=200, description="the last id seen"),
     services: Services = Depends(get_services),
 ) -> InputItemList:
-    """The input items the response's own request sent (not the earlier turns'), newest
-    first unless order=asc."""
-    items = (await stored(response_id, services)).input
+    """The items the response was made from, newest first unless order=asc: the earlier
+    turns' inputs and outputs (as far as they are stored), then its own request's."""
+    try:
+        turns = await asyncio.to_thread(services.jobs.conversation, response_id, False)
+    except BrokenChain:
+        raise ResponseNotFound(response_id) from None
+    except ConversationTooLong:
+        turns = [await stored(response_id, services)]  # (its own items, at least)
+    items = [item for turn in turns[:-1] for item in conversation_items(turn)]
+    items += turns[-1].input
     if order == "desc":
         items = items[::-1]
     if after is not None:
@@ -193,12 +275,25 @@ async def list_input_items(
     return InputItemList(data=page, first_id=first, last_id=last, has_more=len(items) > limit)
 
 
-@router.post("/v1/responses/{response_id}/cancel", tags=["responses"])
-async def cancel_response(response_id: str, services: Services = Depends(get_services)) -> None:
-    await stored(response_id, services)
-    raise InvalidRequest(
-        f"Response {response_id} has ended: only a response still running in the background "
-        "can be cancelled (this server runs none in the background).",
-        param="response_id",
-        code="invalid_value",
-    )
+@router.post(
+    "/v1/responses/{response_id}/cancel", response_model=ResponseObject, tags=["responses"]
+)
+async def cancel_response(
+    response_id: str, services: Services = Depends(get_services)
+) -> ResponseObject:
+    """A background response stopped (cancelled); one that has ended is answered as it is."""
+    response = (await stored(response_id, services)).response
+    if not response.get("background"):
+        raise InvalidRequest(
+            f"Response {response_id} was not made in the background: only a background "
+            "response can be cancelled.",
+            param="response_id",
+            code="invalid_value",
+        )
+    cancelled = {**response, "status": "cancelled"}
+    if await asyncio.to_thread(services.jobs.update_response, cancelled):
+        await stop_background(response_id, services)
+        response = cancelled
+    else:  # it ended meanwhile (or was never running): as it stands
+        response = (await stored(response_id, services)).response
+    return ResponseObject.model_validate(response)
