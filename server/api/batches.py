@@ -68,6 +68,7 @@ class FileList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+    next_page: str | None = None  # (Anthropic's cursor: the next page's `page`)
 
 
 class FileDeleted(BaseModel):

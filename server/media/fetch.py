@@ -135,9 +135,7 @@ class MediaFetcher:
             )
         stored = await asyncio.to_thread(self.uploads.get_file, file_id)
         if stored is None:
-            raise MediaError(
-                f"No file with id {file_id!r} (at {param}).", param=param, code="file_not_found"
-            )
+            raise _no_upload(file_id, param)
         if stored.purpose not in MEDIA_PURPOSES:
             raise MediaError(
                 f"File {file_id} (at {param}) has purpose {stored.purpose!r}; media are read "
@@ -147,11 +145,10 @@ class MediaFetcher:
             )
         if stored.bytes > max_bytes:
             raise _too_large(kind, max_bytes, param)
+        # (the size first: an upload too large is not read)
         data = await asyncio.to_thread(self.uploads.file_content, file_id)
         if data is None:  # deleted meanwhile
-            raise MediaError(
-                f"No file with id {file_id!r} (at {param}).", param=param, code="file_not_found"
-            )
+            raise _no_upload(file_id, param)
         return FetchedMedia(data, None, size=len(data))
 
     async def _download(
@@ -356,6 +353,12 @@ def _unreachable(kind: str, param: str) -> MediaError:
         f"Could not fetch the {kind} at {param}: the URL is invalid or unreachable.",
         param=param,
         code="media_fetch_failed",
+    )
+
+
+def _no_upload(file_id: str, param: str) -> MediaError:
+    return MediaError(
+        f"No file with id {file_id!r} (at {param}).", param=param, code="file_not_found"
     )
 
 

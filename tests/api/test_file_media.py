@@ -208,7 +208,9 @@ async def test_anthropics_sdk_uploads_and_reads_files(client: httpx.AsyncClient)
     assert uploaded.created_at.year >= 2024  # (a datetime, as the SDK reads it)
     metadata = await sdk.beta.files.retrieve_metadata(uploaded.id)
     assert metadata.id == uploaded.id
-    assert uploaded.id in [f.id async for f in sdk.beta.files.list()]
+    more = [(await sdk.beta.files.upload(file=("b.png", SMALL, "image/png"))).id for _ in "ab"]
+    listed = [f.id async for f in sdk.beta.files.list(limit=1)]  # a page at a time
+    assert listed[:3] == more[::-1] + [uploaded.id] and len(listed) == len(set(listed))
     assert await (await sdk.beta.files.download(uploaded.id)).read() == IMAGE
     inline = await answer(
         client, {"type": "image_url", "image_url": {"url": data_uri(IMAGE, "image/png")}}

@@ -71,8 +71,10 @@ async def list_files(
     limit: int = Query(default=10000, ge=1, le=10000),
     after: str | None = Query(default=None, max_length=200, description="the last id seen"),
     order: Literal["asc", "desc"] = "desc",
+    page: str | None = Query(default=None, max_length=200, description="Anthropic's `after`"),
     services: Services = Depends(get_services),
 ) -> FileList:
+    after = after if after is not None else page
     try:
         files, has_more = await asyncio.to_thread(
             services.jobs.list_files, purpose, limit, after, order == "desc"
@@ -81,7 +83,13 @@ async def list_files(
         raise FileNotFound(after or "", param="after") from None
     data = [FileObject.of(stored) for stored in files]
     first, last = (data[0].id, data[-1].id) if data else (None, None)
-    return FileList(data=data, first_id=first, last_id=last, has_more=has_more)
+    return FileList(
+        data=data,
+        first_id=first,
+        last_id=last,
+        has_more=has_more,
+        next_page=last if has_more else None,
+    )
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)
