@@ -109,6 +109,22 @@ class ResponseNotFound(ServerError):
         )
 
 
+class ConversationNotFound(ServerError):
+    """A conversation (the Conversations API), or an item of one, that is not stored."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, conversation_id: str, param: str = "conversation_id", item: str = ""):
+        what = f"Item with id '{item}' in conversation" if item else "Conversation with id"
+        super().__init__(
+            f"{what} '{conversation_id}' not found: it was deleted, or is past the server's "
+            "retention.",
+            param=param,
+            code="item_not_found" if item else "conversation_not_found",
+        )
+
+
 class PreviousResponseNotFound(ResponseNotFound):
     """previous_response_id (or an earlier turn of its conversation) is not stored."""
 

@@ -27,6 +27,7 @@ from server.api.routes import (
     batches,
     chat,
     completions,
+    conversations,
     files,
     health,
     media,
@@ -226,6 +227,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(completions.router)
     app.include_router(media.router)
     app.include_router(responses.router)
+    app.include_router(conversations.router)
     app.include_router(messages.router)
     app.include_router(tokenize.router)
     app.include_router(files.router)

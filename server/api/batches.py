@@ -21,7 +21,6 @@ from server.jobs.store import Job
 # What a batch's lines may ask for: each is served as the route serves it.
 BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
 COMPLETION_WINDOW_S = 24 * 3600  # OpenAI's only window; here a batch does not expire
-MAX_METADATA_PAIRS = 16
 BATCH_STATUS = {  # the job's status -> the batch's
     "queued": "validating",
     "processing": "in_progress",

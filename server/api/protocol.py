@@ -122,6 +122,24 @@ LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 # torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
 
 
+MAX_METADATA_PAIRS = 16
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's bounds: 16 pairs, keys of at most 64 characters, values of 512."""
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS or any(
+        len(key) > 64 or len(value) > 512 for key, value in metadata.items()
+    ):
+        raise InvalidRequest(
+            "metadata holds at most 16 pairs, keys of at most 64 characters and values of "
+            "at most 512.",
+            param="metadata",
+            code="invalid_value",
+        )
+
+
 # -- request: messages ------------------------------------------------------------------------
 
 

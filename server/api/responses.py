@@ -111,7 +111,6 @@ InputItem = Annotated[
 ]
 HISTORY = TypeAdapter(list[InputItem])
 TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
-HISTORY_ORIGIN = "previous_response_id"  # where an earlier turn's messages came from
 # Ids of stored input items, by type, as OpenAI's look.
 ITEM_PREFIXES = {
     "message": "msg",
@@ -197,14 +196,17 @@ LOGPROBS = "message.output_text.logprobs"
 # What `include` may ask for: the answer's logprobs; the reasoning's encrypted content (there
 # is none here: nothing to include).
 INCLUDABLE = frozenset({LOGPROBS, "reasoning.encrypted_content"})
-# Fields that would need what is not here: conversation objects, prompt templates kept by the
-# host, a cap on calls the host runs, other outputs to include.
+# Fields that would need what is not here: prompt templates kept by the host, a cap on calls
+# the host runs, other outputs to include.
 RESPONSES_UNSUPPORTED_WHEN = {
-    "conversation": lambda v: v is not None,
     "prompt": lambda v: v is not None,
     "max_tool_calls": lambda v: v is not None,
     "include": lambda v: any(i not in INCLUDABLE for i in v or ()),
 }
+
+
+class ConversationRef(StrictModel):
+    id: str = Field(min_length=1, max_length=200)
 
 
 class ResponsesRequest(StrictModel):
@@ -241,8 +243,10 @@ class ResponsesRequest(StrictModel):
     priority: Priority | None = None  # extension (vLLM's): see Priority
     # Run as a durable job: answered at once as queued, polled with GET /v1/responses/{id}.
     background: StrictBool | None = None
+    # A conversation (POST /v1/conversations): its items go before `input`, and this
+    # response's input and output items are added to it.
+    conversation: str | ConversationRef | None = None
     # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
-    conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     max_tool_calls: int | None = None
     # With include [LOGPROBS]: how many likeliest tokens each token's entry lists.
@@ -255,7 +259,8 @@ class ResponsesRequest(StrictModel):
     # function_call_output [text, image, text] becomes a tool message [text, text] and a
     # user turn [image]: that turn's content[0] is input[i].output[1]).
     _part_origins: dict[int, list[str]] = PrivateAttr(default_factory=dict)
-    # The stored conversation previous_response_id names (its items, oldest first).
+    # The conversation before `input` (previous_response_id's or conversation's items, oldest
+    # first).
     _history: list[Any] = PrivateAttr(default_factory=list)
 
     def continue_from(self, items: list[dict[str, Any]]) -> None:
@@ -265,30 +270,34 @@ class ResponsesRequest(StrictModel):
             self._history = HISTORY.validate_python(items)
         except ValidationError:
             raise InvalidRequest(
-                "The conversation of previous_response_id cannot be read back as input: an "
+                f"The conversation of {self.history_field} cannot be read back as input: an "
                 "earlier answer ends in a function call cut off by max_output_tokens (its "
-                "arguments are not a whole JSON object). Send the conversation as input, "
-                "with that call complete.",
-                param="previous_response_id",
+                "arguments are not a whole JSON object). Send the conversation as input, with "
+                "that call complete.",
+                param=self.history_field,
                 code="invalid_value",
             ) from None
 
     def own_items(self) -> list[dict[str, Any]]:
         """What this request adds to the conversation, as items to store (each with an id, as
         GET /v1/responses/{id}/input_items lists them)."""
-        items: list[Any] = (
-            self.input
-            if isinstance(self.input, list)
-            else [InputMessage(role="user", content=self.input)]
-        )
-        dumped = [item.model_dump(exclude_none=True) for item in items]
-        for item in dumped:  # a message's text as its part, as OpenAI lists input items
-            if item["type"] == "message" and isinstance(item["content"], str):
-                item["content"] = [{"type": "input_text", "text": item["content"]}]
-        return [{"id": _item_id(ITEM_PREFIXES.get(d["type"], "item")), **d} for d in dumped]
+        if isinstance(self.input, list):
+            return item_records(self.input)
+        return item_records([InputMessage(role="user", content=self.input)])
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+
+    @property
+    def history_field(self) -> str:
+        """The field the conversation before `input` comes from (its errors name it)."""
+        return "conversation" if self.conversation is not None else "previous_response_id"
+
+    @property
+    def conversation_id(self) -> str | None:
+        if isinstance(self.conversation, ConversationRef):
+            return self.conversation.id
+        return self.conversation
 
     @property
     def wants_logprobs(self) -> bool:
@@ -306,7 +315,7 @@ class ResponsesRequest(StrictModel):
             if k in self._part_origins and match.group(4) is not None:
                 return self._part_origins[k][int(match.group(4))]
             item = self._origins[k]
-            if item == HISTORY_ORIGIN:  # (an earlier turn: no place in this body)
+            if item == self.history_field:  # (an earlier turn: no place in this body)
                 return item
             # A tool message's content is the function_call_output's output.
             return item + part if item.endswith(".output") else item + (match.group(2) or "") + part
@@ -362,7 +371,7 @@ class ResponsesRequest(StrictModel):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
             self._origins.append("instructions")
-        items = [(item, HISTORY_ORIGIN) for item in self._history]
+        items = [(item, self.history_field) for item in self._history]
         if isinstance(self.input, str):
             items.append((InputMessage(role="user", content=self.input), "input"))
         else:
@@ -422,6 +431,17 @@ class ResponsesRequest(StrictModel):
             self._origins.append(f"{where}.output")
 
 
+def item_records(items: list[Any]) -> list[dict[str, Any]]:
+    """Input items as they are stored and listed: each with an id (its own, or a new one of
+    its type's prefix), a message's string content as its input_text part (as OpenAI lists
+    them)."""
+    dumped = [item.model_dump(exclude_none=True) for item in items]
+    for item in dumped:
+        if item["type"] == "message" and isinstance(item["content"], str):
+            item["content"] = [{"type": "input_text", "text": item["content"]}]
+    return [{"id": _item_id(ITEM_PREFIXES.get(d["type"], "item")), **d} for d in dumped]
+
+
 class ResponseDeleted(BaseModel):
     id: str
     object: Literal["response"] = "response"
@@ -434,6 +454,30 @@ class InputItemList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+    @classmethod
+    def page(
+        cls,
+        items: list[dict[str, Any]],
+        limit: int,
+        order: Literal["asc", "desc"],
+        after: str | None,
+        owner: str,
+    ) -> InputItemList:
+        """A page of items (oldest first as given): newest first unless order is asc, after
+        the item with id `after`."""
+        if order == "desc":
+            items = items[::-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise InvalidRequest(
+                    f"No item {after!r} in {owner}.", param="after", code="invalid_value"
+                )
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
+        return cls(data=page, first_id=first, last_id=last, has_more=len(items) > limit)
 
 
 class InputTokensRequest(ResponsesRequest):
@@ -498,6 +542,7 @@ class ResponseObject(BaseModel):
     output: list[dict[str, Any]]
     parallel_tool_calls: bool
     previous_response_id: str | None = None
+    conversation: dict[str, str] | None = None  # {"id": ...}: the conversation it adds to
     background: bool = False  # run as a job, polled with GET /v1/responses/{id}
     reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
     store: bool = True  # kept for previous_response_id and GET /v1/responses/{id}
@@ -538,6 +583,7 @@ class ResponseObject(BaseModel):
             user=body.user,
             metadata=body.metadata or {},
             previous_response_id=body.previous_response_id,
+            conversation={"id": body.conversation_id} if body.conversation_id else None,
             store=store,
         )
 

@@ -98,7 +98,21 @@ MIGRATIONS = [
         input TEXT NOT NULL,
         response TEXT NOT NULL
     );
-    CREATE INDEX responses_by_use ON responses (used_at)
+    CREATE INDEX responses_by_use ON responses (used_at);
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        created_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION NOT NULL,
+        metadata TEXT NOT NULL
+    );
+    CREATE TABLE conversation_items (
+        conversation_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        item TEXT NOT NULL,
+        PRIMARY KEY (conversation_id, position)
+    );
+    CREATE INDEX conversations_by_use ON conversations (used_at)
     """,
 ]
 

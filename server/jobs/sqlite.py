@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS batch_answers (  -- a running batch's answers so far:
 )
 """
 
-# Version 5: the Responses API's stored responses (server/jobs/responses.py).
+# Version 5: the Responses API's stored responses (server/jobs/responses.py) and
+# conversations (server/jobs/conversations.py).
 SCHEMA_5 = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
@@ -93,7 +94,21 @@ CREATE TABLE IF NOT EXISTS responses (
     input TEXT NOT NULL,             -- JSON: the input items its request added
     response TEXT NOT NULL           -- JSON: the response object
 );
-CREATE INDEX IF NOT EXISTS responses_by_use ON responses (used_at)
+CREATE INDEX IF NOT EXISTS responses_by_use ON responses (used_at);
+CREATE TABLE IF NOT EXISTS conversations (  -- the Conversations API's (jobs/conversations.py)
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    used_at REAL NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversation_items (
+    conversation_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    item TEXT NOT NULL,              -- JSON: the item
+    PRIMARY KEY (conversation_id, position)
+);
+CREATE INDEX IF NOT EXISTS conversations_by_use ON conversations (used_at)
 """
 SCHEMA_VERSION = 5
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from server.exceptions import IdempotencyKeyReused
+from server.jobs.conversations import ConversationStore
 from server.jobs.deliveries import DeliveryStore, Execute
 from server.jobs.files import FileStore, answers_as_files
 from server.jobs.responses import ResponseStore
@@ -109,7 +110,7 @@ class LeaseLost(Exception):
     """Inside a transaction: this attempt no longer holds the job (rolls the writes back)."""
 
 
-class JobStore(DeliveryStore, FileStore, ResponseStore):
+class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
     """Blocking calls: the async side calls them through asyncio.to_thread."""
 
     greatest = "MAX"  # the two-argument maximum
@@ -343,7 +344,8 @@ class JobStore(DeliveryStore, FileStore, ResponseStore):
     def prune(self, older_than_s: float) -> int:
         """Deletes finished jobs last updated before older_than_s ago, with their deliveries
         (a job with a delivery still pending is kept), batches' output files as old, and
-        stored responses neither made nor continued since. One process at a time does it."""
+        stored responses and conversations neither made nor used since. One process at a
+        time does it."""
         cutoff = self.now() - older_than_s
         old = (
             "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
@@ -358,6 +360,12 @@ class JobStore(DeliveryStore, FileStore, ResponseStore):
                 "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
             )
             execute("DELETE FROM responses WHERE used_at < ?", (cutoff,))
+            old_conversations = "SELECT id FROM conversations WHERE used_at < ?"
+            execute(
+                f"DELETE FROM conversation_items WHERE conversation_id IN ({old_conversations})",
+                (cutoff,),
+            )
+            execute(f"DELETE FROM conversations WHERE id IN ({old_conversations})", (cutoff,))
             execute(  # answers no running batch holds (a batch ended by an older server)
                 "DELETE FROM batch_answers WHERE batch_id NOT IN"
                 " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",

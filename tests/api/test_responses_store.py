@@ -18,7 +18,7 @@ import pytest
 from openai.types.responses import Response
 
 from server.api.responses import ResponseObject, ResponsesRequest
-from server.api.routes.responses import kept_before_the_last_event
+from server.api.routes.responses import recorded_before_the_last_event
 from server.engine.sampling import SamplingParams
 from tests.api.test_responses import WEATHER, image_input
 from tests.helpers import make_image, make_settings, start_client
@@ -351,6 +351,6 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> No
     body = ResponsesRequest.model_validate({"model": "tiny", "input": "Hi"})
     response = ResponseObject.start("resp_x", body, SamplingParams(), store=True)
     services = SimpleNamespace(jobs=Store())
-    async for event in kept_before_the_last_event(stream(), response, body, services):  # type: ignore[arg-type]
+    async for event in recorded_before_the_last_event(stream(), response, body, services):  # type: ignore[arg-type]
         sent.append(event)
     assert saved_after == [2] and len(sent) == 3  # stored after two events, before the last

@@ -365,3 +365,38 @@ def test_a_conversation_past_the_longest_is_refused(
         "resp_1",
         "resp_2",
     ]
+
+
+def test_a_conversation_holds_its_items_in_order(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, other = open_store(), open_store()  # (another process's view)
+    made = store.create_conversation("conv_1", {"topic": "a"}, [{"id": "msg_1", "n": 1}])
+    assert made["object"] == "conversation" and made["metadata"] == {"topic": "a"}
+    threads = [
+        threading.Thread(
+            target=lambda n=n: (store if n % 2 else other).add_items(
+                "conv_1", [{"id": f"msg_{n}a"}, {"id": f"msg_{n}b"}]
+            )
+        )
+        for n in range(2, 8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    items = other.conversation_items("conv_1")
+    assert items is not None and len(items) == 13 and items[0] == {"id": "msg_1", "n": 1}
+    pairs = {items[i]["id"][:-1]: items[i + 1]["id"][:-1] for i in range(1, 13, 2)}
+    assert all(a == b for a, b in pairs.items())  # each answer's items stay together
+    assert not store.add_items("conv_none", [{"id": "x"}])
+    assert store.conversation_items("conv_none") is None
+    assert store.delete_item("conv_1", "msg_1") and not store.delete_item("conv_1", "msg_1")
+    assert store.update_conversation("conv_1", {"topic": "b"})["metadata"] == {"topic": "b"}  # type: ignore[index]
+    monkeypatch.setattr(store, "now", lambda: 0.0)
+    store.create_conversation("conv_old", {}, [])
+    monkeypatch.undo()
+    store.prune(older_than_s=3600)
+    assert store.get_conversation("conv_old") is None
+    assert store.get_conversation("conv_1") is not None
+    assert store.delete_conversation("conv_1") and store.conversation_items("conv_1") is None

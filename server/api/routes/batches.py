@@ -7,8 +7,8 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Header, Query
 
-from server.api.batches import MAX_METADATA_PAIRS, Batch, BatchCreateRequest, BatchList
-from server.api.protocol import ErrorResponse
+from server.api.batches import Batch, BatchCreateRequest, BatchList
+from server.api.protocol import ErrorResponse, check_metadata
 from server.api.services import Services, get_services
 from server.exceptions import (
     BatchNotCancellable,
@@ -34,7 +34,7 @@ async def create_batch(
     """The batch is queued at once (`validating`); its lines are checked when it runs (a file
     with invalid lines fails the batch, each listed in `errors`)."""
     refuse_unsupported(body.unsupported_fields())
-    _check_metadata(body.metadata)
+    check_metadata(body.metadata)
     stored = await asyncio.to_thread(services.jobs.get_file, body.input_file_id)
     if stored is None:
         raise FileNotFound(body.input_file_id, param="input_file_id")
@@ -81,18 +81,3 @@ async def list_batches(
     data = [Batch.of(job) for job in jobs]
     first, last = (data[0].id, data[-1].id) if data else (None, None)
     return BatchList(data=data, first_id=first, last_id=last, has_more=has_more)
-
-
-def _check_metadata(metadata: dict[str, str] | None) -> None:
-    """OpenAI's bounds: 16 pairs, keys of at most 64 characters, values of 512."""
-    if metadata is None:
-        return
-    if len(metadata) > MAX_METADATA_PAIRS or any(
-        len(key) > 64 or len(value) > 512 for key, value in metadata.items()
-    ):
-        raise InvalidRequest(
-            "metadata holds at most 16 pairs, keys of at most 64 characters and values of "
-            "at most 512.",
-            param="metadata",
-            code="invalid_value",
-        )

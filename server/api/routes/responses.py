@@ -29,6 +29,7 @@ from server.api.services import Services, get_services
 from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
 from server.api.translated import prompt_tokens, run_translated, translated_request
 from server.exceptions import (
+    ConversationNotFound,
     InvalidRequest,
     PreviousResponseNotFound,
     ResponseNotFound,
@@ -54,8 +55,7 @@ async def create_response(
     started = await run_translated(body, request, services)
     if isinstance(started, ChatResult):
         response = completed(rid, body, started, store)
-        if store:
-            await keep(response, body, services)
+        await record(response, body, services)
         return response
     chat, run = started.chat, started.run
     logprobs = (run.seq, services.chat.texts(chat)) if body.wants_logprobs else None
@@ -66,8 +66,8 @@ async def create_response(
         logprobs,
     )
     stream = event_stream(events, run, started.first, started.rest)
-    if store:
-        stream = kept_before_the_last_event(stream, events.response, body, services)
+    if store or body.conversation_id is not None:
+        stream = recorded_before_the_last_event(stream, events.response, body, services)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -108,8 +108,20 @@ async def start_in_background(body: ResponsesRequest, services: Services) -> Res
 
 
 async def continue_conversation(body: ResponsesRequest, services: Services) -> None:
-    """previous_response_id: the stored conversation goes before the body's input (the
-    previous instructions do not: each request's own apply)."""
+    """previous_response_id's stored conversation, or the conversation's items, go before the
+    body's input (the previous instructions do not: each request's own apply)."""
+    if body.conversation_id is not None:
+        if body.previous_response_id is not None:
+            raise InvalidRequest(
+                "conversation and previous_response_id both set: a response continues one of them.",
+                param="conversation",
+                code="invalid_value",
+            )
+        items = await asyncio.to_thread(services.jobs.conversation_items, body.conversation_id)
+        if items is None:
+            raise ConversationNotFound(body.conversation_id, param="conversation")
+        body.continue_from(items)
+        return
     if body.previous_response_id is None:
         return
     if not services.store_responses:
@@ -145,36 +157,50 @@ def conversation_items(turn: StoredTurn) -> list[dict[str, Any]]:
     return [*turn.input, *turn.response["output"]]
 
 
-async def keep(response: ResponseObject, body: ResponsesRequest, services: Services) -> None:
-    """Stores a finished response. Its answer is not lost when the store cannot take it: it
-    goes out as not stored (store: false)."""
-    try:
-        await asyncio.to_thread(
-            services.jobs.save_response, response.model_dump(), body.own_items()
-        )
-    except Exception:
-        logger.exception("response %s could not be stored", response.id)
-        response.store = False
+async def record(response: ResponseObject, body: ResponsesRequest, services: Services) -> None:
+    """A finished response stored (store), and its input and output items added to its
+    conversation. Its answer is not lost when the store cannot take it: it goes out as not
+    stored (store: false); its conversation goes without it (the log says so)."""
+    if response.store:
+        try:
+            await asyncio.to_thread(
+                services.jobs.save_response, response.model_dump(), body.own_items()
+            )
+        except Exception:
+            logger.exception("response %s could not be stored", response.id)
+            response.store = False
+    if body.conversation_id is not None:
+        items = body.own_items() + list(response.output)
+        try:
+            added = await asyncio.to_thread(services.jobs.add_items, body.conversation_id, items)
+        except Exception:
+            added = False
+            logger.exception("response %s: its conversation could not take it", response.id)
+        if not added:
+            logger.warning(
+                "response %s: conversation %s is gone", response.id, body.conversation_id
+            )
 
 
 # The event that ends a stream whose answer is in (response.failed ends one that failed).
 FINAL_EVENTS = ("event: response.completed\n", "event: response.incomplete\n")
 
 
-async def kept_before_the_last_event(
+async def recorded_before_the_last_event(
     stream: AsyncIterator[str],
     response: ResponseObject,
     body: ResponsesRequest,
     services: Services,
 ) -> AsyncIterator[str]:
-    """The stream as it comes, its finished response stored before its final event goes
+    """The stream as it comes, its finished response recorded before its final event goes
     out: a client that continues it as soon as it reads response.completed finds it."""
     async for event in stream:
         if not event.startswith(FINAL_EVENTS):
             yield event
             continue
-        await keep(response, body, services)
-        yield event if response.store else _with_store_false(event)
+        stored = response.store
+        await record(response, body, services)
+        yield event if response.store == stored else _with_store_false(event)
 
 
 def _with_store_false(event: str) -> str:
@@ -259,20 +285,7 @@ async def list_input_items(
         turns = [await stored(response_id, services)]  # (its own items, at least)
     items = [item for turn in turns[:-1] for item in conversation_items(turn)]
     items += turns[-1].input
-    if order == "desc":
-        items = items[::-1]
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise InvalidRequest(
-                f"No input item {after!r} in response {response_id}.",
-                param="after",
-                code="invalid_value",
-            )
-        items = items[ids.index(after) + 1 :]
-    page = items[:limit]
-    first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
-    return InputItemList(data=page, first_id=first, last_id=last, has_more=len(items) > limit)
+    return InputItemList.page(items, limit, order, after, f"response {response_id}")
 
 
 @router.post(

@@ -1,0 +1,52 @@
+"""OpenAI's Conversations API on the wire (`client.conversations`): a conversation with
+metadata and its items, which a response names by `conversation` (see server/api/responses.py
+and server/jobs/conversations.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from server.api.protocol import StrictModel
+from server.api.responses import InputItem, ItemReference
+from server.exceptions import InvalidRequest
+
+MAX_ITEMS_PER_CALL = 20  # OpenAI's, for a create and an items create
+
+
+def check_items(items: list[Any], param: str) -> None:
+    """Items a conversation can hold: themselves, not references to stored ones."""
+    for index, item in enumerate(items):
+        if isinstance(item, ItemReference):
+            raise InvalidRequest(
+                f"{param}[{index}] refers to a stored item ({item.id}): send the item itself.",
+                param=f"{param}[{index}]",
+                code="unsupported_parameter",
+            )
+
+
+class ConversationCreate(StrictModel):
+    metadata: dict[str, str] | None = None
+    items: list[InputItem] | None = Field(default=None, max_length=MAX_ITEMS_PER_CALL)
+
+
+class ConversationUpdate(StrictModel):
+    metadata: dict[str, str]
+
+
+class ItemsCreate(StrictModel):
+    items: list[InputItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_CALL)
+
+
+class ConversationObject(BaseModel):
+    id: str
+    object: Literal["conversation"] = "conversation"
+    created_at: int
+    metadata: dict[str, str]
+
+
+class ConversationDeleted(BaseModel):
+    id: str
+    object: Literal["conversation.deleted"] = "conversation.deleted"
+    deleted: bool = True

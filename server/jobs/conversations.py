@@ -1,0 +1,129 @@
+"""Conversations (OpenAI's Conversations API): a durable list of items (messages, function
+calls and their outputs, reasoning) that a response named by `conversation` reads as its
+history, and adds its input and output items to. In the job store's database, so every
+replica sharing a PostgreSQL store serves every conversation; deleted with its items
+--job-retention-hours after it was made or last used.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import Any
+
+from server.jobs.deliveries import Execute
+
+
+class ConversationStore(ABC):
+    for_update = ""  # appended to a SELECT whose rows the transaction then holds (PostgreSQL)
+
+    @abstractmethod
+    def transaction(self, write: bool = True) -> AbstractContextManager[Execute]: ...
+
+    @abstractmethod
+    def now(self) -> float: ...
+
+    def create_conversation(
+        self, conversation_id: str, metadata: dict[str, str], items: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        now = self.now()
+        with self.transaction() as execute:
+            execute(
+                "INSERT INTO conversations (id, created_at, used_at, metadata) VALUES (?, ?, ?, ?)",
+                (conversation_id, now, now, json.dumps(metadata)),
+            )
+            _append(execute, conversation_id, 0, items)
+        return _conversation(conversation_id, now, metadata)
+
+    def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        with self.transaction(write=False) as execute:
+            row = execute(
+                "SELECT id, created_at, metadata FROM conversations WHERE id = ?",
+                (conversation_id,),
+            ).fetchone()
+        return (
+            _conversation(row["id"], row["created_at"], json.loads(row["metadata"]))
+            if row
+            else None
+        )
+
+    def update_conversation(
+        self, conversation_id: str, metadata: dict[str, str]
+    ) -> dict[str, Any] | None:
+        with self.transaction() as execute:
+            execute(
+                "UPDATE conversations SET metadata = ?, used_at = ? WHERE id = ?",
+                (json.dumps(metadata), self.now(), conversation_id),
+            )
+        return self.get_conversation(conversation_id)
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        with self.transaction() as execute:
+            execute("DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,))
+            cursor = execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            return cursor.rowcount == 1
+
+    def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> bool:
+        """Items after the conversation's last; False when there is no such conversation.
+        (The conversation's row is held meanwhile: two answers adding at once queue.)"""
+        with self.transaction() as execute:
+            held = execute(
+                f"SELECT id FROM conversations WHERE id = ?{self.for_update}", (conversation_id,)
+            ).fetchone()
+            if held is None:
+                return False
+            row = execute(
+                "SELECT MAX(position) AS last FROM conversation_items WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            last = row["last"] if row["last"] is not None else -1
+            _append(execute, conversation_id, last + 1, items)
+            execute(
+                "UPDATE conversations SET used_at = ? WHERE id = ?", (self.now(), conversation_id)
+            )
+            return True
+
+    def conversation_items(self, conversation_id: str) -> list[dict[str, Any]] | None:
+        """Its items, oldest first; None when there is no such conversation."""
+        with self.transaction(write=False) as execute:
+            if not _exists(execute, conversation_id):
+                return None
+            rows = execute(
+                "SELECT item FROM conversation_items WHERE conversation_id = ? ORDER BY position",
+                (conversation_id,),
+            ).fetchall()
+        return [json.loads(row["item"]) for row in rows]
+
+    def delete_item(self, conversation_id: str, item_id: str) -> bool:
+        with self.transaction() as execute:
+            cursor = execute(
+                "DELETE FROM conversation_items WHERE conversation_id = ? AND id = ?",
+                (conversation_id, item_id),
+            )
+            return cursor.rowcount >= 1
+
+
+def _append(
+    execute: Execute, conversation_id: str, first: int, items: list[dict[str, Any]]
+) -> None:
+    for position, item in enumerate(items, start=first):
+        execute(
+            "INSERT INTO conversation_items (conversation_id, position, id, item)"
+            " VALUES (?, ?, ?, ?)",
+            (conversation_id, position, item["id"], json.dumps(item, ensure_ascii=False)),
+        )
+
+
+def _exists(execute: Execute, conversation_id: str) -> bool:
+    row = execute("SELECT id FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    return row is not None
+
+
+def _conversation(conversation_id: str, created_at: float, metadata: dict) -> dict[str, Any]:
+    return {
+        "id": conversation_id,
+        "object": "conversation",
+        "created_at": int(created_at),
+        "metadata": metadata,
+    }

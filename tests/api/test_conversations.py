@@ -1,0 +1,127 @@
+"""OpenAI's Conversations API through the openai SDK: a conversation's metadata and items
+(create, list in both orders and by page, read, delete), and responses made in it: each reads
+the conversation's items as its history (the same prompt as the conversation sent whole) and
+adds its input and output items, streamed or in the background too."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.api.test_errors import assert_error
+from tests.api.test_responses_store import GREEDY, sdk_for, until_ended
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def sdk(client: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return sdk_for(client)
+
+
+def user(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": text}
+
+
+async def test_a_conversation_and_its_items(sdk: openai.AsyncOpenAI) -> None:
+    made = await sdk.conversations.create(
+        metadata={"topic": "cats"}, items=[user("One"), user("Two")]
+    )
+    assert made.object == "conversation" and made.id.startswith("conv_")
+    assert (await sdk.conversations.retrieve(made.id)).metadata == {"topic": "cats"}
+    updated = await sdk.conversations.update(made.id, metadata={"topic": "dogs"})
+    assert updated.metadata == {"topic": "dogs"}
+    added = await sdk.conversations.items.create(made.id, items=[user("Three")])
+    assert [item.id for item in added.data][0].startswith("msg_")
+    newest_first = await sdk.conversations.items.list(made.id)
+    texts = [item.content[0].text for item in newest_first.data]  # type: ignore[union-attr]
+    assert texts == ["Three", "Two", "One"]
+    page = await sdk.conversations.items.list(made.id, order="asc", limit=2)
+    assert [item.content[0].text for item in page.data] == ["One", "Two"]  # type: ignore[union-attr]
+    assert page.has_more
+    everything = [item.id async for item in sdk.conversations.items.list(made.id, limit=1)]
+    assert everything == [item.id for item in newest_first.data]  # the SDK pages by `after`
+    one = await sdk.conversations.items.retrieve(page.data[1].id, conversation_id=made.id)
+    assert one.id == page.data[1].id
+    after_delete = await sdk.conversations.items.delete(one.id, conversation_id=made.id)
+    assert after_delete.id == made.id
+    with pytest.raises(openai.NotFoundError) as gone:
+        await sdk.conversations.items.retrieve(one.id, conversation_id=made.id)
+    assert gone.value.body["code"] == "item_not_found"  # type: ignore[index]
+    deleted = await sdk.conversations.delete(made.id)
+    assert deleted.deleted and deleted.object == "conversation.deleted"
+    for call in (
+        sdk.conversations.retrieve(made.id),
+        sdk.conversations.items.list(made.id),
+        sdk.conversations.items.create(made.id, items=[user("x")]),
+        sdk.conversations.delete(made.id),
+    ):
+        with pytest.raises(openai.NotFoundError) as missing:
+            await call
+        assert missing.value.body["code"] == "conversation_not_found"  # type: ignore[index]
+
+
+async def test_responses_in_a_conversation_read_and_add_its_items(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    conversation = await sdk.conversations.create(items=[user("My name is Ada.")])
+    first = await sdk.responses.create(
+        conversation=conversation.id, input="What is my name?", **GREEDY
+    )
+    assert first.conversation is not None and first.conversation.id == conversation.id
+    whole = await sdk.responses.create(
+        input=[user("My name is Ada."), user("What is my name?")], store=False, **GREEDY
+    )
+    assert first.usage is not None and whole.usage is not None
+    assert first.usage.input_tokens == whole.usage.input_tokens
+    assert first.output_text == whole.output_text
+    items = await sdk.conversations.items.list(conversation.id, order="asc", limit=100)
+    output_ids = [item.id for item in first.output]
+    assert [item.id for item in items.data][2:] == output_ids  # its input, then its output
+    assert items.data[1].content[0].text == "What is my name?"  # type: ignore[union-attr]
+    # Streamed: its items are in before its last event.
+    async with sdk.responses.stream(
+        conversation={"id": conversation.id}, input="And now?", **GREEDY
+    ) as stream:
+        async for event in stream:
+            if event.type in ("response.completed", "response.incomplete"):
+                listed = await sdk.conversations.items.list(conversation.id, limit=1)
+                assert listed.data[0].id == event.response.output[-1].id
+    # In the background: its items are in once it has ended.
+    queued = await sdk.responses.create(
+        conversation=conversation.id, input="Last?", background=True, **GREEDY
+    )
+    ended = await until_ended(sdk, queued.id)
+    listed = await sdk.conversations.items.list(conversation.id, limit=1)
+    assert listed.data[0].id == ended.output[-1].id
+    counted = await sdk.conversations.items.list(conversation.id, limit=100)
+    inputs = [i for i in counted.data if i.type == "message" and i.role == "user"]  # type: ignore[union-attr]
+    assert len(inputs) == 4
+
+
+async def test_what_a_conversation_cannot_take_is_a_4xx(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI
+) -> None:
+    conversation = await sdk.conversations.create()
+    previous = await sdk.responses.create(input="Hi", **GREEDY)
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2}
+    for extra, status, param in (
+        ({"conversation": conversation.id, "previous_response_id": previous.id}, 400, None),
+        ({"conversation": "conv_nope"}, 404, "conversation"),
+        ({"conversation": {"id": "conv_nope"}}, 404, "conversation"),
+        ({"conversation": {"nope": 1}}, 400, None),
+    ):
+        response = await client.post("/v1/responses", json={**body, **extra})
+        assert_error(response, status, param)
+    too_many = {f"k{n}": "v" for n in range(17)}
+    for path, request, param in (
+        ("/v1/conversations", {"metadata": too_many}, "metadata"),
+        ("/v1/conversations", {"items": [user("x")] * 21}, "items"),
+        ("/v1/conversations", {"items": [{"type": "item_reference", "id": "msg_1"}]}, "items[0]"),
+        (f"/v1/conversations/{conversation.id}/items", {"items": []}, "items"),
+        (f"/v1/conversations/{conversation.id}", {"metadata": too_many}, "metadata"),
+    ):
+        assert_error(await client.post(path, json=request), 400, param)
+    response = await client.get(f"/v1/conversations/{conversation.id}/items?after=msg_nope")
+    assert_error(response, 400, "after")
