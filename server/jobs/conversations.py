@@ -8,22 +8,13 @@ replica sharing a PostgreSQL store serves every conversation; deleted with its i
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
 from typing import Any
 
 from server.jobs.deliveries import Execute
+from server.jobs.tables import Tables
 
 
-class ConversationStore(ABC):
-    for_update = ""  # appended to a SELECT whose rows the transaction then holds (PostgreSQL)
-
-    @abstractmethod
-    def transaction(self, write: bool = True) -> AbstractContextManager[Execute]: ...
-
-    @abstractmethod
-    def now(self) -> float: ...
-
+class ConversationStore(Tables):
     def create_conversation(
         self, conversation_id: str, metadata: dict[str, str], items: list[dict[str, Any]]
     ) -> dict[str, Any]:

@@ -9,13 +9,12 @@ it had answered. SQL written once for both backends, as the jobs'.
 from __future__ import annotations
 
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from server.jobs.deliveries import Execute
+from server.jobs.tables import Tables
 
 FILE_COLUMNS = "id, purpose, filename, bytes, created_at"
 
@@ -39,15 +38,7 @@ class StoredFile:
         )
 
 
-class FileStore(ABC):
-    for_update = ""  # appended to a SELECT whose rows the transaction then holds (PostgreSQL)
-
-    @abstractmethod
-    def transaction(self, write: bool = True) -> AbstractContextManager[Execute]: ...
-
-    @abstractmethod
-    def now(self) -> float: ...
-
+class FileStore(Tables):
     def add_file(self, purpose: str, filename: str, content: bytes) -> StoredFile:
         with self.transaction() as execute:
             return insert_file(execute, self.now(), purpose, filename, content)

@@ -11,12 +11,10 @@ renews every turn before it).
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from server.jobs.deliveries import Execute
+from server.jobs.tables import Tables
 
 # The most turns a conversation read back may have (a guard against runaway chains).
 MAX_CHAIN = 10_000
@@ -55,15 +53,7 @@ class ConversationTooLong(Exception):
     """A conversation of more than MAX_CHAIN turns."""
 
 
-class ResponseStore(ABC):
-    for_update = ""  # appended to a SELECT whose rows the transaction then holds (PostgreSQL)
-
-    @abstractmethod
-    def transaction(self, write: bool = True) -> AbstractContextManager[Execute]: ...
-
-    @abstractmethod
-    def now(self) -> float: ...
-
+class ResponseStore(Tables):
     def save_response(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
         """A new turn; the conversation before it is renewed (kept as long as it is used)."""
         now, previous = self.now(), response.get("previous_response_id")
