@@ -125,6 +125,18 @@ class ConversationNotFound(ServerError):
         )
 
 
+class KeepsNothing(InvalidRequest):
+    """What needs kept conversations, on a server started with --no-store-responses."""
+
+    def __init__(self, param: str):
+        super().__init__(
+            "This server keeps no responses nor conversations (it runs with "
+            "--no-store-responses): send the whole conversation as input.",
+            param=param,
+            code="unsupported_parameter",
+        )
+
+
 class PreviousResponseNotFound(ResponseNotFound):
     """previous_response_id (or an earlier turn of its conversation) is not stored."""
 

@@ -262,28 +262,37 @@ class ResponsesRequest(StrictModel):
     # The conversation before `input` (previous_response_id's or conversation's items, oldest
     # first).
     _history: list[Any] = PrivateAttr(default_factory=list)
+    _own: list[dict[str, Any]] | None = PrivateAttr(default=None)  # own_items(), made once
 
     def continue_from(self, items: list[dict[str, Any]]) -> None:
         """The conversation before `input`: a stored response's items (inputs and outputs,
         which the Responses API makes readable as inputs)."""
         try:
             self._history = HISTORY.validate_python(items)
-        except ValidationError:
+        except ValidationError as exc:
+            bad = items[exc.errors()[0]["loc"][0]].get("id")  # type: ignore[index]
+            way_on = (
+                f"delete that item from the conversation (DELETE .../items/{bad})"
+                if self.conversation is not None
+                else "send the conversation as input, with that call complete"
+            )
             raise InvalidRequest(
-                f"The conversation of {self.history_field} cannot be read back as input: an "
-                "earlier answer ends in a function call cut off by max_output_tokens (its "
-                "arguments are not a whole JSON object). Send the conversation as input, with "
-                "that call complete.",
+                f"The conversation of {self.history_field} cannot be read back as input: its "
+                f"item {bad} is a function call cut off by max_output_tokens (its arguments "
+                f"are not a whole JSON object). To go on, {way_on}.",
                 param=self.history_field,
                 code="invalid_value",
             ) from None
 
     def own_items(self) -> list[dict[str, Any]]:
         """What this request adds to the conversation, as items to store (each with an id, as
-        GET /v1/responses/{id}/input_items lists them)."""
-        if isinstance(self.input, list):
-            return item_records(self.input)
-        return item_records([InputMessage(role="user", content=self.input)])
+        GET /v1/responses/{id}/input_items lists them; the same ids at every call)."""
+        if self._own is None:
+            items = self.input
+            if isinstance(items, str):
+                items = [InputMessage(role="user", content=items)]
+            self._own = item_records(items)
+        return self._own
 
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]

@@ -50,30 +50,17 @@ class ConversationStore(Tables):
         return self.get_conversation(conversation_id)
 
     def delete_conversation(self, conversation_id: str) -> bool:
+        """The conversation, then its items: its row goes first, so items being added to it
+        meanwhile (which hold that row) are in before its items are deleted."""
         with self.transaction() as execute:
-            execute("DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,))
             cursor = execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            execute("DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,))
             return cursor.rowcount == 1
 
     def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> bool:
-        """Items after the conversation's last; False when there is no such conversation.
-        (The conversation's row is held meanwhile: two answers adding at once queue.)"""
+        """Items after the conversation's last; False when there is no such conversation."""
         with self.transaction() as execute:
-            held = execute(
-                f"SELECT id FROM conversations WHERE id = ?{self.for_update}", (conversation_id,)
-            ).fetchone()
-            if held is None:
-                return False
-            row = execute(
-                "SELECT MAX(position) AS last FROM conversation_items WHERE conversation_id = ?",
-                (conversation_id,),
-            ).fetchone()
-            last = row["last"] if row["last"] is not None else -1
-            _append(execute, conversation_id, last + 1, items)
-            execute(
-                "UPDATE conversations SET used_at = ? WHERE id = ?", (self.now(), conversation_id)
-            )
-            return True
+            return append_items(execute, conversation_id, items, self.now(), self.for_update)
 
     def conversation_items(self, conversation_id: str) -> list[dict[str, Any]] | None:
         """Its items, oldest first; None when there is no such conversation."""
@@ -93,6 +80,30 @@ class ConversationStore(Tables):
                 (conversation_id, item_id),
             )
             return cursor.rowcount >= 1
+
+
+def append_items(
+    execute: Execute,
+    conversation_id: str,
+    items: list[dict[str, Any]],
+    now: float,
+    for_update: str,
+) -> bool:
+    """Inside a transaction: items after the conversation's last (its row held meanwhile: two
+    answers adding at once queue); False when there is no such conversation."""
+    held = execute(
+        f"SELECT id FROM conversations WHERE id = ?{for_update}", (conversation_id,)
+    ).fetchone()
+    if held is None:
+        return False
+    row = execute(
+        "SELECT MAX(position) AS last FROM conversation_items WHERE conversation_id = ?",
+        (conversation_id,),
+    ).fetchone()
+    last = row["last"] if row["last"] is not None else -1
+    _append(execute, conversation_id, last + 1, items)
+    execute("UPDATE conversations SET used_at = ? WHERE id = ?", (now, conversation_id))
+    return True
 
 
 def _append(

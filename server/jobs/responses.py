@@ -5,7 +5,7 @@ request added; a conversation is its chain of rows, read back by following
 previous_response_id (one recursive query). In the job store's database, so every replica
 sharing a PostgreSQL store continues every conversation. A conversation is kept while it is
 used: a row is deleted --job-retention-hours after it was made or last continued (a new turn
-renews every turn before it).
+renews the turns before it, at most once an hour each).
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from server.jobs.conversations import append_items
+from server.jobs.deliveries import Execute
 from server.jobs.tables import Tables
 
 # The most turns a conversation read back may have (a guard against runaway chains).
 MAX_CHAIN = 10_000
+# A turn is renewed when a later one is saved, if it was not renewed for this long.
+RENEW_AFTER_S = 3600.0
 # A background response's statuses while it may still change.
 RUNNING = ("queued", "in_progress")
 # The rows of the conversation that ends with a response (?: its id, ?: MAX_CHAIN - 1),
@@ -55,27 +59,8 @@ class ConversationTooLong(Exception):
 
 class ResponseStore(Tables):
     def save_response(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
-        """A new turn; the conversation before it is renewed (kept as long as it is used)."""
-        now, previous = self.now(), response.get("previous_response_id")
         with self.transaction() as execute:
-            execute(
-                "INSERT INTO responses"
-                " (id, previous_response_id, created_at, used_at, input, response)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    response["id"],
-                    previous,
-                    now,
-                    now,
-                    json.dumps(input_items, ensure_ascii=False),
-                    json.dumps(response, ensure_ascii=False),
-                ),
-            )
-            if previous is not None:
-                execute(
-                    f"{CHAIN} UPDATE responses SET used_at = ? WHERE id IN (SELECT id FROM chain)",
-                    (previous, MAX_CHAIN - 1, now),
-                )
+            insert_response(execute, self.now(), response, input_items)
 
     def get_response(self, response_id: str) -> StoredTurn | None:
         with self.transaction(write=False) as execute:
@@ -103,9 +88,12 @@ class ResponseStore(Tables):
             raise BrokenChain(oldest)
         return [_turn(row) for row in rows]
 
-    def update_response(self, response: dict[str, Any]) -> bool:
+    def update_response(
+        self, response: dict[str, Any], conversation: tuple[str, list[dict[str, Any]]] | None = None
+    ) -> bool:
         """A background response's new state, written only while it is still running (never
-        over a cancel, nor after a delete)."""
+        over a cancel, nor after a delete); with `conversation` (its id, items), those items
+        are added to it in the same transaction (a conversation gone meanwhile takes none)."""
         with self.transaction() as execute:
             row = execute(
                 f"SELECT response FROM responses WHERE id = ?{self.for_update}", (response["id"],)
@@ -116,12 +104,41 @@ class ResponseStore(Tables):
                 "UPDATE responses SET response = ? WHERE id = ?",
                 (json.dumps(response, ensure_ascii=False), response["id"]),
             )
+            if conversation is not None:
+                append_items(execute, *conversation, self.now(), self.for_update)
             return True
 
     def delete_response(self, response_id: str) -> bool:
         with self.transaction() as execute:
             cursor = execute("DELETE FROM responses WHERE id = ?", (response_id,))
             return cursor.rowcount == 1
+
+
+def insert_response(
+    execute: Execute, now: float, response: dict[str, Any], input_items: list[dict[str, Any]]
+) -> None:
+    """A new turn. The conversation before it is renewed (kept as long as it is used), the
+    turns not renewed for RENEW_AFTER_S only: a long conversation's turns are not all
+    rewritten at every new one."""
+    previous = response.get("previous_response_id")
+    execute(
+        "INSERT INTO responses (id, previous_response_id, created_at, used_at, input, response)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            response["id"],
+            previous,
+            now,
+            now,
+            json.dumps(input_items, ensure_ascii=False),
+            json.dumps(response, ensure_ascii=False),
+        ),
+    )
+    if previous is not None:
+        execute(
+            f"{CHAIN} UPDATE responses SET used_at = ?"
+            " WHERE id IN (SELECT id FROM chain) AND used_at < ?",
+            (previous, MAX_CHAIN - 1, now, now - RENEW_AFTER_S),
+        )
 
 
 def _turn(row: Any) -> StoredTurn:

@@ -137,10 +137,12 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         id_prefix: str = "job-",
         description: dict[str, Any] | None = None,
         job_id: str | None = None,
+        also: Callable[[Execute], None] | None = None,
     ) -> Job:
         """A new queued job, or the existing one for the same idempotency key and request (the
         same key with another request: IdempotencyKeyReused). job_id: the new job's id, when
-        the caller made it (a background response's is the response's)."""
+        the caller made it (a background response's is the response's); also: writes of the
+        caller's in the transaction that queues a new job (the response it runs for)."""
         now, digest = self.now(), request_digest(kind, request)
         with self.transaction() as execute:
             row = _job_with_key(execute, idempotency_key)
@@ -163,6 +165,8 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                     ),
                 ).fetchone()
                 if row is not None:
+                    if also is not None:
+                        also(execute)
                     self._announce(execute)
                 else:  # another process took the key between the look-up and the insert
                     row = _job_with_key(execute, idempotency_key)
@@ -360,12 +364,12 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
             )
             execute("DELETE FROM responses WHERE used_at < ?", (cutoff,))
-            old_conversations = "SELECT id FROM conversations WHERE used_at < ?"
-            execute(
-                f"DELETE FROM conversation_items WHERE conversation_id IN ({old_conversations})",
-                (cutoff,),
+            execute("DELETE FROM conversations WHERE used_at < ?", (cutoff,))
+            execute(  # theirs, and any whose conversation is gone
+                "DELETE FROM conversation_items WHERE conversation_id NOT IN"
+                " (SELECT id FROM conversations)",
+                (),
             )
-            execute(f"DELETE FROM conversations WHERE id IN ({old_conversations})", (cutoff,))
             execute(  # answers no running batch holds (a batch ended by an older server)
                 "DELETE FROM batch_answers WHERE batch_id NOT IN"
                 " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",

@@ -5,12 +5,15 @@ adds its input and output items, streamed or in the background too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
 from tests.api.test_errors import assert_error
 from tests.api.test_responses_store import GREEDY, sdk_for, until_ended
+from tests.helpers import make_settings, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -80,14 +83,16 @@ async def test_responses_in_a_conversation_read_and_add_its_items(
     output_ids = [item.id for item in first.output]
     assert [item.id for item in items.data][2:] == output_ids  # its input, then its output
     assert items.data[1].content[0].text == "What is my name?"  # type: ignore[union-attr]
-    # Streamed: its items are in before its last event.
+    own = (await sdk.responses.input_items.list(first.id)).data[0]
+    assert own.id == items.data[1].id  # one item, one id, wherever it is listed
+    # Streamed (that its items are in before its last event is checked on the wrapper).
     async with sdk.responses.stream(
         conversation={"id": conversation.id}, input="And now?", **GREEDY
     ) as stream:
-        async for event in stream:
-            if event.type in ("response.completed", "response.incomplete"):
-                listed = await sdk.conversations.items.list(conversation.id, limit=1)
-                assert listed.data[0].id == event.response.output[-1].id
+        ends = [e async for e in stream if e.type in ("response.completed", "response.incomplete")]
+    assert len(ends) == 1
+    listed = await sdk.conversations.items.list(conversation.id, limit=1)
+    assert listed.data[0].id == ends[0].response.output[-1].id  # type: ignore[union-attr]
     # In the background: its items are in once it has ended.
     queued = await sdk.responses.create(
         conversation=conversation.id, input="Last?", background=True, **GREEDY
@@ -125,3 +130,74 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
         assert_error(await client.post(path, json=request), 400, param)
     response = await client.get(f"/v1/conversations/{conversation.id}/items?after=msg_nope")
     assert_error(response, 400, "after")
+
+
+async def test_a_background_run_that_breaks_leaves_its_response_failed(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background run that fails for another reason than its request's answer (here the
+    store cannot read the conversation when the job runs) ends failed, never stuck running."""
+    services = client.app.state.services  # type: ignore[attr-defined]
+    conversation = await sdk.conversations.create()
+    await services.job_worker.stop()  # (queued until the store is broken)
+    try:
+        queued = await sdk.responses.create(
+            conversation=conversation.id, input="Hi", background=True, **GREEDY
+        )
+
+        def broken(conversation_id: str) -> None:
+            raise RuntimeError("the store broke")
+
+        monkeypatch.setattr(services.jobs, "conversation_items", broken)
+    finally:
+        services.job_worker.start()
+    failed = await until_ended(sdk, queued.id)
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.code == "server_error"
+
+
+async def test_a_cancel_wins_over_a_background_answer_in_a_conversation(
+    tiny_model_dir: Path,
+) -> None:
+    """With no worker running, background responses stay queued: one cancelled adds nothing
+    to its conversation when a worker comes (a restart); one whose job ended without writing
+    its answer (a store outage at its end) reads as failed."""
+    settings = make_settings(tiny_model_dir)
+    async for client in start_client(settings):
+        services = client.app.state.services  # type: ignore[attr-defined]
+        await services.job_worker.stop()
+        sdk = sdk_for(client)
+        conversation = await sdk.conversations.create(items=[user("Hi")])
+        cancelled = await sdk.responses.create(
+            conversation=conversation.id, input="A", background=True, **GREEDY
+        )
+        answered = await sdk.responses.create(
+            conversation=conversation.id, input="B", background=True, **GREEDY
+        )
+        lost = await sdk.responses.create(input="C", background=True, **GREEDY)
+        assert (await sdk.responses.cancel(cancelled.id)).status == "cancelled"
+        services.jobs.cancel(lost.id)  # its job ended, its response still says queued
+        gone = await sdk.responses.retrieve(lost.id)
+        assert gone.status == "failed" and gone.error is not None
+    async for client in start_client(settings):
+        sdk = sdk_for(client)
+        done = await until_ended(sdk, answered.id)
+        assert done.status in ("completed", "incomplete")
+        assert (await sdk.responses.retrieve(cancelled.id)).status == "cancelled"
+        items = await sdk.conversations.items.list(conversation.id, order="asc", limit=100)
+        texts = [i.content[0].text for i in items.data if i.type == "message" and i.role == "user"]  # type: ignore[union-attr]
+        assert texts == ["Hi", "B"]  # the cancelled one's input is not in, nor twice B's
+        assert items.data[-1].id == done.output[-1].id
+
+
+async def test_no_store_responses_keeps_no_conversations(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, store_responses=False)
+    async for client in start_client(settings):
+        sdk = sdk_for(client)
+        for call in (
+            sdk.conversations.create(),
+            sdk.responses.create(conversation="conv_x", input="Hi", **GREEDY),
+        ):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await call
+            assert refused.value.body["code"] == "unsupported_parameter"  # type: ignore[index]

@@ -339,18 +339,24 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> No
     order is checked on the wrapper itself.)"""
     sent: list[str] = []
     saved_after: list[int] = []
+    added_after: list[int] = []
 
     class Store:
         def save_response(self, response: dict, items: list) -> None:
             saved_after.append(len(sent))
 
+        def add_items(self, conversation_id: str, items: list) -> bool:
+            added_after.append(len(sent))
+            return True
+
     async def stream() -> AsyncIterator[str]:
         for kind in ("response.created", "response.output_text.delta", "response.completed"):
             yield f"event: {kind}\ndata: {{}}\n\n"
 
-    body = ResponsesRequest.model_validate({"model": "tiny", "input": "Hi"})
+    body = ResponsesRequest.model_validate({"model": "tiny", "input": "Hi", "conversation": "c"})
     response = ResponseObject.start("resp_x", body, SamplingParams(), store=True)
     services = SimpleNamespace(jobs=Store())
     async for event in recorded_before_the_last_event(stream(), response, body, services):  # type: ignore[arg-type]
         sent.append(event)
     assert saved_after == [2] and len(sent) == 3  # stored after two events, before the last
+    assert added_after == [2]  # (its items in its conversation too)

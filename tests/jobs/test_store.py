@@ -333,20 +333,24 @@ def test_a_background_response_is_updated_only_while_it_runs(store: JobStore) ->
 def test_a_conversation_is_kept_while_it_is_continued(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Retention counts from a turn's last use: a new turn renews every turn before it."""
-    clock = [1000.0]
+    """Retention counts from a turn's last use: a new turn renews the turns before it (those
+    not renewed within the hour: a long conversation is not rewritten at every turn)."""
+    clock = [0.0]
     monkeypatch.setattr(store, "now", lambda: clock[0])
-    for rid, previous, at in (
-        ("resp_1", None, 0),
-        ("resp_lone", None, 0),
-        ("resp_2", "resp_1", 900),
-    ):
-        clock[0] = 1000.0 + at
+
+    def save(rid: str, previous: str | None, at: float) -> None:
+        clock[0] = at
         store.save_response({"id": rid, "previous_response_id": previous, "output": []}, [])
-    clock[0] = 2000.0
-    store.prune(older_than_s=500)  # what was not used since 1500 goes
+
+    save("resp_1", None, 1000)
+    save("resp_lone", None, 1000)
+    save("resp_2", "resp_1", 6000)  # renews resp_1
+    save("resp_3", "resp_2", 6100)  # (renews nothing: both were used within the hour)
+    clock[0] = 7000.0
+    store.prune(older_than_s=1500)  # what was not used since 5500 goes
     assert store.get_response("resp_lone") is None
-    assert [t.response["id"] for t in store.conversation("resp_2")] == ["resp_1", "resp_2"]
+    turns = store.conversation("resp_3")
+    assert [t.response["id"] for t in turns] == ["resp_1", "resp_2", "resp_3"]
 
 
 def test_a_conversation_past_the_longest_is_refused(
@@ -400,3 +404,17 @@ def test_a_conversation_holds_its_items_in_order(
     assert store.get_conversation("conv_old") is None
     assert store.get_conversation("conv_1") is not None
     assert store.delete_conversation("conv_1") and store.conversation_items("conv_1") is None
+
+
+def test_prune_sweeps_items_whose_conversation_is_gone(store: JobStore) -> None:
+    store.create_conversation("conv_1", {}, [{"id": "msg_1"}])
+    with store.transaction() as execute:  # (as a delete racing an add could once leave them)
+        execute(
+            "INSERT INTO conversation_items (conversation_id, position, id, item)"
+            " VALUES ('conv_gone', 0, 'msg_x', '{}')",
+            (),
+        )
+    store.prune(older_than_s=3600)
+    with store.transaction(write=False) as execute:
+        rows = execute("SELECT conversation_id FROM conversation_items", ()).fetchall()
+    assert [row["conversation_id"] for row in rows] == ["conv_1"]

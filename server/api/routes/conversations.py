@@ -21,7 +21,7 @@ from server.api.conversations import (
 from server.api.protocol import ErrorResponse, check_metadata
 from server.api.responses import InputItemList, item_records
 from server.api.services import Services, get_services
-from server.exceptions import ConversationNotFound
+from server.exceptions import ConversationNotFound, KeepsNothing
 
 router = APIRouter(
     tags=["conversations"],
@@ -35,6 +35,8 @@ async def create_conversation(
     body: ConversationCreate, services: Services = Depends(get_services)
 ) -> ConversationObject:
     """A new conversation, with up to 20 first items."""
+    if not services.store_responses:
+        raise KeepsNothing("conversation")
     check_metadata(body.metadata)
     check_items(body.items or [], "items")
     made = await asyncio.to_thread(

@@ -31,12 +31,21 @@ from server.api.translated import prompt_tokens, run_translated, translated_requ
 from server.exceptions import (
     ConversationNotFound,
     InvalidRequest,
+    KeepsNothing,
     PreviousResponseNotFound,
     ResponseNotFound,
     ServerError,
 )
-from server.jobs.responses import MAX_CHAIN, BrokenChain, ConversationTooLong, StoredTurn
+from server.jobs.responses import (
+    MAX_CHAIN,
+    RUNNING,
+    BrokenChain,
+    ConversationTooLong,
+    StoredTurn,
+    insert_response,
+)
 from server.pipelines.background import KIND as BACKGROUND
+from server.pipelines.background import NO_ANSWER
 from server.pipelines.chat import ChatResult
 
 logger = logging.getLogger(__name__)
@@ -97,11 +106,16 @@ async def start_in_background(body: ResponsesRequest, services: Services) -> Res
         raise
     response = ResponseObject.start(response_id(), body, chat.sampling, store=True)
     response.status, response.background = "queued", True
-    request = body.model_dump(mode="json", by_alias=True, exclude_none=True)
+    request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
     request |= {"background": False, "store": False, "stream": False}
-    await asyncio.to_thread(services.jobs.save_response, response.model_dump(), body.own_items())
+    jobs, items = services.jobs, body.own_items()
     await asyncio.to_thread(
-        services.jobs.create, BACKGROUND, {"body": request}, None, job_id=response.id
+        jobs.create,
+        BACKGROUND,
+        {"body": request},
+        None,
+        job_id=response.id,
+        also=lambda execute: insert_response(execute, jobs.now(), response.model_dump(), items),
     )
     services.job_worker.notify()
     return response
@@ -111,6 +125,8 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
     """previous_response_id's stored conversation, or the conversation's items, go before the
     body's input (the previous instructions do not: each request's own apply)."""
     if body.conversation_id is not None:
+        if not services.store_responses:
+            raise KeepsNothing("conversation")
         if body.previous_response_id is not None:
             raise InvalidRequest(
                 "conversation and previous_response_id both set: a response continues one of them.",
@@ -125,12 +141,7 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
     if body.previous_response_id is None:
         return
     if not services.store_responses:
-        raise InvalidRequest(
-            "This server keeps no responses (it runs with --no-store-responses): send the "
-            "whole conversation as input.",
-            param="previous_response_id",
-            code="unsupported_parameter",
-        )
+        raise KeepsNothing("previous_response_id")
     try:
         turns = await asyncio.to_thread(services.jobs.conversation, body.previous_response_id)
     except BrokenChain as missing:
@@ -172,14 +183,10 @@ async def record(response: ResponseObject, body: ResponsesRequest, services: Ser
     if body.conversation_id is not None:
         items = body.own_items() + list(response.output)
         try:
-            added = await asyncio.to_thread(services.jobs.add_items, body.conversation_id, items)
+            if not await asyncio.to_thread(services.jobs.add_items, body.conversation_id, items):
+                logger.warning("response %s: its conversation is gone", response.id)
         except Exception:
-            added = False
             logger.exception("response %s: its conversation could not take it", response.id)
-        if not added:
-            logger.warning(
-                "response %s: conversation %s is gone", response.id, body.conversation_id
-            )
 
 
 # The event that ends a stream whose answer is in (response.failed ends one that failed).
@@ -231,6 +238,20 @@ async def stored(response_id: str, services: Services) -> StoredTurn:
     return turn
 
 
+async def settled(response_id: str, services: Services) -> dict[str, Any]:
+    """A stored response as it stands. A background one still running whose job has ended
+    (its last write lost to a store outage) or is gone is failed: it will not run again."""
+    response = (await stored(response_id, services)).response
+    if not response.get("background") or response["status"] not in RUNNING:
+        return response
+    job = await asyncio.to_thread(services.jobs.get, response_id)
+    if job is not None and job.status in ("queued", "processing"):
+        return response
+    failed = {**response, "status": "failed", "error": NO_ANSWER}
+    await asyncio.to_thread(services.jobs.update_response, failed)
+    return failed
+
+
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["responses"])
 async def retrieve_response(
     response_id: str,
@@ -244,7 +265,7 @@ async def retrieve_response(
             param="stream",
             code="unsupported_parameter",
         )
-    return ResponseObject.model_validate((await stored(response_id, services)).response)
+    return ResponseObject.model_validate(await settled(response_id, services))
 
 
 @router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, tags=["responses"])
@@ -260,9 +281,10 @@ async def delete_response(
 
 
 async def stop_background(response_id: str, services: Services) -> None:
-    """Its job cancelled in the store (every replica's worker sees it), stopped here now."""
-    if await asyncio.to_thread(services.jobs.cancel, response_id) is not None:
-        services.job_worker.cancel_running(response_id)
+    """Its job (if it has one still running) cancelled in the store, where every replica's
+    worker sees it, and stopped at once if it runs here."""
+    await asyncio.to_thread(services.jobs.cancel, response_id)
+    services.job_worker.cancel_running(response_id)
 
 
 @router.get(
@@ -295,7 +317,7 @@ async def cancel_response(
     response_id: str, services: Services = Depends(get_services)
 ) -> ResponseObject:
     """A background response stopped (cancelled); one that has ended is answered as it is."""
-    response = (await stored(response_id, services)).response
+    response = await settled(response_id, services)
     if not response.get("background"):
         raise InvalidRequest(
             f"Response {response_id} was not made in the background: only a background "
