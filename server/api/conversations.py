@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from server.api.protocol import StrictModel
-from server.api.responses import InputItem, ItemReference
+from server.api.responses import InputItem, ItemReference, ResponsesRequest
 from server.exceptions import InvalidRequest
 
 MAX_ITEMS_PER_CALL = 20  # OpenAI's, for a create and an items create
@@ -24,6 +24,21 @@ def check_items(items: list[Any], param: str) -> None:
                 param=f"{param}[{index}]",
                 code="unsupported_parameter",
             )
+
+
+def check_readable(items: list[dict[str, Any]]) -> None:
+    """A conversation's items (those it has and those added) as a response will read them:
+    a function call's output after its call, and so on. Else a 400 naming the item, before
+    it is added (a conversation that cannot be read stops every response in it)."""
+    if not items:
+        return
+    reader = ResponsesRequest(model="-", conversation="-")
+    try:
+        reader.continue_from(items)
+        reader.check_conversation()
+    except InvalidRequest as exc:
+        exc.param = "items"
+        raise
 
 
 class ConversationCreate(StrictModel):

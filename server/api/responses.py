@@ -51,11 +51,10 @@ from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
 
 
 class InputMessage(PartModel):
-    """A message: the user's, the system's, or an earlier answer replayed (its status is
-    ignored; its id is kept when the response is stored)."""
+    """A message: the user's, the system's, or an earlier answer replayed (its id and status
+    are ignored: stored, it gets an id of its own)."""
 
     type: Literal["message"] = "message"
-    id: str | None = None
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart]
 
@@ -64,7 +63,6 @@ class FunctionCallItem(PartModel):
     """An earlier answer's function call."""
 
     type: Literal["function_call"]
-    id: str | None = None
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     arguments: JsonObjectText  # a call cut off by max_output_tokens cannot be sent back
@@ -74,7 +72,6 @@ class FunctionCallOutputItem(PartModel):
     """The result of a function call, for the model to read."""
 
     type: Literal["function_call_output"]
-    id: str | None = None
     call_id: str = Field(min_length=1)
     output: Text | list[ContentPart]
 
@@ -211,7 +208,8 @@ class ConversationRef(StrictModel):
 
 class ResponsesRequest(StrictModel):
     model: str
-    input: Text | list[InputItem]
+    # (optional, as OpenAI's: a conversation's next answer may need no new input)
+    input: Text | list[InputItem] = Field(default_factory=list)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -262,11 +260,13 @@ class ResponsesRequest(StrictModel):
     # The conversation before `input` (previous_response_id's or conversation's items, oldest
     # first).
     _history: list[Any] = PrivateAttr(default_factory=list)
+    _history_ids: list[str | None] = PrivateAttr(default_factory=list)  # (errors name them)
     _own: list[dict[str, Any]] | None = PrivateAttr(default=None)  # own_items(), made once
 
     def continue_from(self, items: list[dict[str, Any]]) -> None:
         """The conversation before `input`: a stored response's items (inputs and outputs,
         which the Responses API makes readable as inputs)."""
+        self._history_ids = [item.get("id") for item in items]
         try:
             self._history = HISTORY.validate_python(items)
         except ValidationError as exc:
@@ -283,6 +283,11 @@ class ResponsesRequest(StrictModel):
                 param=self.history_field,
                 code="invalid_value",
             ) from None
+
+    def check_conversation(self) -> None:
+        """The conversation before `input` reads as messages (a function call's output after
+        its call, ...): else an InvalidRequest naming the item that does not."""
+        self._messages()
 
     def own_items(self) -> list[dict[str, Any]]:
         """What this request adds to the conversation, as items to store (each with an id, as
@@ -324,7 +329,7 @@ class ResponsesRequest(StrictModel):
             if k in self._part_origins and match.group(4) is not None:
                 return self._part_origins[k][int(match.group(4))]
             item = self._origins[k]
-            if item == self.history_field:  # (an earlier turn: no place in this body)
+            if item.startswith(self.history_field):  # an earlier item: no place in this body
                 return item
             # A tool message's content is the function_call_output's output.
             return item + part if item.endswith(".output") else item + (match.group(2) or "") + part
@@ -336,6 +341,8 @@ class ResponsesRequest(StrictModel):
         exc.param = MESSAGE_INDEX.sub(origin, exc.param)
         if exc.param == "messages":
             exc.param = "input"
+        elif exc.param.startswith(self.history_field):  # the message names the item
+            exc.param = self.history_field
 
     def refuse_hosted_tools(self) -> None:
         for index, tool in enumerate(self.tools or ()):
@@ -380,7 +387,10 @@ class ResponsesRequest(StrictModel):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
             self._origins.append("instructions")
-        items = [(item, self.history_field) for item in self._history]
+        items = [
+            (item, f"{self.history_field} item {item_id}")
+            for item, item_id in zip(self._history, self._history_ids, strict=True)
+        ]
         if isinstance(self.input, str):
             items.append((InputMessage(role="user", content=self.input), "input"))
         else:
@@ -409,7 +419,8 @@ class ResponsesRequest(StrictModel):
                 if item.call_id not in calls:
                     raise InvalidRequest(
                         f"No function call found for function call output with call_id "
-                        f"{item.call_id!r}: the function_call item goes before its output.",
+                        f"{item.call_id!r} (at {where}): the function_call item goes before "
+                        "its output.",
                         param=f"{where}.call_id",
                         code="invalid_value",
                     )
@@ -441,14 +452,20 @@ class ResponsesRequest(StrictModel):
 
 
 def item_records(items: list[Any]) -> list[dict[str, Any]]:
-    """Input items as they are stored and listed: each with an id (its own, or a new one of
-    its type's prefix), a message's string content as its input_text part (as OpenAI lists
-    them)."""
-    dumped = [item.model_dump(exclude_none=True) for item in items]
-    for item in dumped:
-        if item["type"] == "message" and isinstance(item["content"], str):
-            item["content"] = [{"type": "input_text", "text": item["content"]}]
-    return [{"id": _item_id(ITEM_PREFIXES.get(d["type"], "item")), **d} for d in dumped]
+    """Input items as they are stored and listed, as OpenAI lists them: each with an id of
+    its own (a new one: an id sent, an earlier output's, would repeat in the conversation),
+    a message with a status, and its string content as its part (input_text, an assistant's
+    output_text)."""
+    records = []
+    for item in items:
+        record = item.model_dump(exclude_none=True)
+        if record["type"] == "message":
+            record.setdefault("status", "completed")
+            if isinstance(record["content"], str):
+                kind = "output_text" if record["role"] == "assistant" else "input_text"
+                record["content"] = [{"type": kind, "text": record["content"]}]
+        records.append({"id": _item_id(ITEM_PREFIXES.get(record["type"], "item")), **record})
+    return records
 
 
 class ResponseDeleted(BaseModel):

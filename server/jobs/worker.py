@@ -218,9 +218,7 @@ class JobWorker:
                 return True
             # Cancelled by the lease keeper (lease lost), unless this task is being stopped.
             if lease_lost.is_set() and not _being_cancelled():
-                logger.warning(
-                    "job %s attempt %d lost its lease; work dropped", job.id, job.attempt
-                )
+                await self._log_lost(job)
                 return True
             raise
         except ServerError as exc:
@@ -251,6 +249,16 @@ class JobWorker:
             work.cancel()
             await progress.close()
         return True
+
+    async def _log_lost(self, job: Job) -> None:
+        """Why this attempt no longer holds its job: cancelled (by a request another replica
+        served), or its lease lost (taken over: a fault worth a warning)."""
+        with contextlib.suppress(Exception):
+            now = await asyncio.to_thread(self.store.get, job.id)
+            if now is not None and now.status == "cancelled":
+                logger.info("job %s cancelled; its work stopped", job.id)
+                return
+        logger.warning("job %s attempt %d lost its lease; work dropped", job.id, job.attempt)
 
     async def _handle(self, job: Job, progress: Progress) -> dict[str, Any]:
         """An accepted job is not failed for a busy engine (queue full or waited too long, the

@@ -130,6 +130,24 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
         assert_error(await client.post(path, json=request), 400, param)
     response = await client.get(f"/v1/conversations/{conversation.id}/items?after=msg_nope")
     assert_error(response, 400, "after")
+    # Items a response could not read are refused before they are in, naming the item.
+    orphan = {"type": "function_call_output", "call_id": "c1", "output": "x"}
+    for path in ("/v1/conversations", f"/v1/conversations/{conversation.id}/items"):
+        error = assert_error(await client.post(path, json={"items": [orphan]}), 400, "items")
+        assert "'c1'" in error["message"] and "item fco_" in error["message"]
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    assert (await client.post("/v1/conversations", json={"items": [call, orphan]})).is_success
+    # An item that breaks only when read (an image that cannot be fetched) is named too.
+    bad = {
+        "role": "user",
+        "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}],
+    }
+    broken = await sdk.conversations.create(items=[bad])
+    with pytest.raises(openai.BadRequestError) as unreadable:
+        await sdk.responses.create(conversation=broken.id, **GREEDY)  # (no input needed)
+    assert unreadable.value.body["param"] == "conversation"  # type: ignore[index]
+    listed = await sdk.conversations.items.list(broken.id)
+    assert f"conversation item {listed.data[0].id}" in unreadable.value.body["message"]  # type: ignore[index]
 
 
 async def test_a_background_run_that_breaks_leaves_its_response_failed(

@@ -7,7 +7,6 @@ streamed answers stored before their last event; GET, input_items, DELETE; store
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,18 +203,28 @@ async def test_stored_responses_outlive_the_server(tiny_model_dir: Path) -> None
 
 
 async def test_the_stored_items_are_what_was_sent(client: httpx.AsyncClient) -> None:
-    """Unknown keys in an item are not kept; an item's given id is (none is made up)."""
+    """Unknown keys in an item are not kept; each item gets an id of its own (one sent could
+    repeat an earlier item's); a message has a status, its string content as its part."""
     body = {
-        "input": [{"type": "message", "role": "user", "content": "Hi", "id": "msg_mine", "x": 1}],
+        "input": [
+            {"type": "message", "role": "user", "content": "Hi", "id": "msg_mine", "x": 1},
+            {"type": "message", "role": "assistant", "content": "Hello", "id": "msg_mine"},
+            {"role": "user", "content": "Again"},
+        ],
         **GREEDY,
     }
     created = (await client.post("/v1/responses", json=body)).json()
-    listed = await client.get(f"/v1/responses/{created['id']}/input_items")
+    listed = await client.get(f"/v1/responses/{created['id']}/input_items?order=asc")
     assert listed.status_code == 200, listed.text
-    (item,) = listed.json()["data"]
-    text = [{"type": "input_text", "text": "Hi"}]  # (a string content, as OpenAI lists it)
-    assert item == {"id": "msg_mine", "type": "message", "role": "user", "content": text}
-    assert json.loads(json.dumps(item)) == item
+    first, second, third = listed.json()["data"]
+    assert len({first["id"], second["id"], third["id"], "msg_mine"}) == 4
+    assert {k: v for k, v in first.items() if k != "id"} == {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "Hi"}],
+        "status": "completed",
+    }
+    assert second["content"] == [{"type": "output_text", "text": "Hello"}]
 
 
 async def until_ended(sdk: openai.AsyncOpenAI, response_id: str) -> Response:
@@ -266,6 +275,7 @@ async def test_bad_background_requests_are_400s(sdk: openai.AsyncOpenAI) -> None
         ({"stream": True}, "stream"),
         ({"store": False}, "background"),
         ({"temperature": 5}, "temperature"),  # checked before it is queued
+        ({"max_output_tokens": 10**6}, "max_output_tokens"),  # past the context, whatever else
         ({"model": "nope"}, "model"),
     ):
         with pytest.raises(openai.APIStatusError) as refused:

@@ -17,6 +17,7 @@ from server.api.conversations import (
     ConversationUpdate,
     ItemsCreate,
     check_items,
+    check_readable,
 )
 from server.api.protocol import ErrorResponse, check_metadata
 from server.api.responses import InputItemList, item_records
@@ -39,11 +40,10 @@ async def create_conversation(
         raise KeepsNothing("conversation")
     check_metadata(body.metadata)
     check_items(body.items or [], "items")
+    items = item_records(body.items or [])
+    check_readable(items)
     made = await asyncio.to_thread(
-        services.jobs.create_conversation,
-        f"conv_{uuid.uuid4().hex}",
-        body.metadata or {},
-        item_records(body.items or []),
+        services.jobs.create_conversation, f"conv_{uuid.uuid4().hex}", body.metadata or {}, items
     )
     return ConversationObject.model_validate(made)
 
@@ -86,6 +86,7 @@ async def add_items(
     """Up to 20 items after its last; the answer lists them, with their ids."""
     check_items(body.items, "items")
     items = item_records(body.items)
+    check_readable(await _items(conversation_id, services) + items)
     if not await asyncio.to_thread(services.jobs.add_items, conversation_id, items):
         raise ConversationNotFound(conversation_id)
     return InputItemList.page(items, len(items), "asc", None, conversation_id)

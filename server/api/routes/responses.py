@@ -101,6 +101,8 @@ async def start_in_background(body: ResponsesRequest, services: Services) -> Res
     await continue_conversation(body, services)
     try:
         chat = translated_request(body, services)
+        # what can be known without running: the grammar compiles, the text and max tokens fit
+        await services.chat.check_for_job(chat)
     except ServerError as exc:
         body.name_error(exc)
         raise
