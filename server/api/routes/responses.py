@@ -83,8 +83,9 @@ async def create_response(
 async def start_in_background(body: ResponsesRequest, services: Services) -> ResponseObject:
     """background: the response stored as queued and run as a durable job; the client polls
     GET /v1/responses/{id} and may cancel it. The checks a request gets before it runs are
-    made here, so a bad request is still a 4xx; what only running finds (a prompt past the
-    context, media that cannot be read) makes the response failed."""
+    made here, so a bad request is still a 4xx (text and max_output_tokens past the context
+    too); what only running finds (media that cannot be read, images past the context) makes
+    the response failed."""
     if body.stream:
         raise InvalidRequest(
             "stream with background is not supported here: poll GET /v1/responses/{id}.",
@@ -163,10 +164,11 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
                 param="previous_response_id",
                 code="invalid_value",
             )
-    body.continue_from([item for turn in turns for item in conversation_items(turn)])
+    body.continue_from([item for turn in turns for item in turn_items(turn)])
 
 
-def conversation_items(turn: StoredTurn) -> list[dict[str, Any]]:
+def turn_items(turn: StoredTurn) -> list[dict[str, Any]]:
+    """A stored turn's items: its request's, then its answer's."""
     return [*turn.input, *turn.response["output"]]
 
 
@@ -307,7 +309,7 @@ async def list_input_items(
         raise ResponseNotFound(response_id) from None
     except ConversationTooLong:
         turns = [await stored(response_id, services)]  # (its own items, at least)
-    items = [item for turn in turns[:-1] for item in conversation_items(turn)]
+    items = [item for turn in turns[:-1] for item in turn_items(turn)]
     items += turns[-1].input
     return InputItemList.page(items, limit, order, after, f"response {response_id}")
 
