@@ -10,7 +10,9 @@ from pydantic import BaseModel, Field
 
 from server.api.protocol import StrictModel
 from server.api.responses import InputItem, ItemReference, ResponsesRequest
-from server.exceptions import InvalidRequest
+from server.api.services import Services
+from server.api.translated import translated_request
+from server.exceptions import InvalidRequest, ServerError
 
 MAX_ITEMS_PER_CALL = 20  # OpenAI's, for a create and an items create
 
@@ -26,17 +28,19 @@ def check_items(items: list[Any], param: str) -> None:
             )
 
 
-def check_readable(items: list[dict[str, Any]]) -> None:
+def check_readable(items: list[dict[str, Any]], services: Services) -> None:
     """A conversation's items (those it has and those added) as a response will read them:
-    a function call's output after its call, and so on. Else a 400 naming the item, before
-    it is added (a conversation that cannot be read stops every response in it)."""
+    a function call's output after its call, media in user messages only, and so on (media
+    are read when a response runs). Else a 400 naming the item, before it is added: a
+    conversation that cannot be read stops every response in it."""
     if not items:
         return
-    reader = ResponsesRequest(model="-", conversation="-")
+    reader = ResponsesRequest(model=services.served_model_names[0], conversation="-")
     try:
         reader.continue_from(items)
-        reader.check_conversation()
-    except InvalidRequest as exc:
+        translated_request(reader, services)
+    except ServerError as exc:
+        reader.name_error(exc)
         exc.param = "items"
         raise
 

@@ -284,11 +284,6 @@ class ResponsesRequest(StrictModel):
                 code="invalid_value",
             ) from None
 
-    def check_conversation(self) -> None:
-        """The conversation before `input` reads as messages (a function call's output after
-        its call, ...): else an InvalidRequest naming the item that does not."""
-        self._messages()
-
     def own_items(self) -> list[dict[str, Any]]:
         """What this request adds to the conversation, as items to store (each with an id, as
         GET /v1/responses/{id}/input_items lists them; the same ids at every call)."""

@@ -135,6 +135,12 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     for path in ("/v1/conversations", f"/v1/conversations/{conversation.id}/items"):
         error = assert_error(await client.post(path, json={"items": [orphan]}), 400, "items")
         assert "'c1'" in error["message"] and "item fco_" in error["message"]
+    video = {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}
+    in_system = {"type": "message", "role": "system", "content": [video]}
+    error = assert_error(
+        await client.post("/v1/conversations", json={"items": [in_system]}), 400, "items"
+    )
+    assert "system message" in error["message"] and "item msg_" in error["message"]
     call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
     assert (await client.post("/v1/conversations", json={"items": [call, orphan]})).is_success
     # An item that breaks only when read (an image that cannot be fetched) is named too.
