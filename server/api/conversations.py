@@ -15,6 +15,7 @@ from server.api.translated import translated_request
 from server.exceptions import InvalidRequest, ServerError
 
 MAX_ITEMS_PER_CALL = 20  # OpenAI's, for a create and an items create
+NEXT_TURN = "-"  # a turn after the items, as a response adds one (items alone may hold none)
 
 
 def check_items(items: list[Any], param: str) -> None:
@@ -30,15 +31,17 @@ def check_items(items: list[Any], param: str) -> None:
 
 def check_readable(items: list[dict[str, Any]], services: Services) -> None:
     """A conversation's items (those it has and those added) as a response will read them:
-    a function call's output after its call, media in user messages only, and so on (media
-    are read when a response runs). Else a 400 naming the item, before it is added: a
-    conversation that cannot be read stops every response in it."""
+    a function call's output after its call, media in user messages only and no more than a
+    request may hold, and so on (media are read when a response runs). Else a 400 naming the
+    item, before it is added: a conversation that cannot be read stops every response in
+    it. (CPU work: call it in a thread.)"""
     if not items:
         return
-    reader = ResponsesRequest(model=services.served_model_names[0], conversation="-")
+    model = services.served_model_names[0]
+    reader = ResponsesRequest(model=model, input=NEXT_TURN, conversation="-")
     try:
         reader.continue_from(items)
-        translated_request(reader, services)
+        services.chat.media.check_counts(translated_request(reader, services).messages)
     except ServerError as exc:
         reader.name_error(exc)
         exc.param = "items"

@@ -363,7 +363,11 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             execute(
                 "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
             )
-            execute("DELETE FROM responses WHERE used_at < ?", (cutoff,))
+            execute(  # (not a background response still queued or running)
+                "DELETE FROM responses WHERE used_at < ? AND id NOT IN"
+                " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",
+                (cutoff,),
+            )
             execute("DELETE FROM conversations WHERE used_at < ?", (cutoff,))
             execute(  # theirs, and any whose conversation is gone
                 "DELETE FROM conversation_items WHERE conversation_id NOT IN"

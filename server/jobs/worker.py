@@ -212,6 +212,10 @@ class JobWorker:
             await self._write_end(self.store.release, job)
             logger.error("engine stopped; job %s goes back to the queue", job.id)
             return False
+        except JobStoreUnavailable:
+            # Not the job's fault either: back to the queue once the store is there again.
+            await self._write_end(self.store.release, job)
+            logger.warning("job store unavailable under job %s; it goes back to the queue", job.id)
         except asyncio.CancelledError:
             if job.id in self.cancelled and not _being_cancelled():
                 logger.info("job %s cancelled; its work stopped", job.id)

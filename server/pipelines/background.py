@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
-from server.exceptions import EngineStopped
+from server.exceptions import EngineStopped, JobStoreUnavailable
 from server.jobs.responses import StoredTurn
 from server.jobs.store import Job, JobStore
 from server.jobs.worker import Handler, Progress
@@ -44,7 +45,7 @@ def background_response_handler(
             return {"response_id": job.id}  # cancelled before it ran
         try:
             final, conversation = await run(job, stored, running)
-        except (asyncio.CancelledError, EngineStopped):
+        except (asyncio.CancelledError, EngineStopped, JobStoreUnavailable):
             raise  # cancelled (the cancel wrote its status), or back to the queue
         except Exception:
             logger.exception("background response %s failed", job.id)
@@ -71,11 +72,30 @@ def background_response_handler(
             body = {**body, "priority": job_priority}
         status, answer = await send_until_served(dispatch, "/v1/responses", body, job.id)
         final = answered(running, status, answer)
-        if conversation_id is None or final["status"] not in ANSWERED:
+        if conversation_id is None:
+            return final, None
+        if final["status"] not in ANSWERED:
+            final["error"] = named_in_conversation(final["error"], history)
             return final, None
         return final, (conversation_id, [*stored.input, *final["output"]])
 
     return handle
+
+
+def named_in_conversation(error: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """An error of the run, naming the conversation's items as the client knows them: the
+    run's input[i] is the conversation's item i, then the request's own input."""
+
+    def name(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if index < len(history):
+            return f"conversation item {history[index].get('id')}"
+        return f"input[{index - len(history)}]"
+
+    return {**error, "message": INPUT_INDEX.sub(name, error.get("message", ""))}
+
+
+INPUT_INDEX = re.compile(r"input\[(\d+)\]")
 
 
 def answered(running: dict[str, Any], status: int, answer: dict[str, Any]) -> dict[str, Any]:

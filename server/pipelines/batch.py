@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 
 MAX_REQUESTS = 50_000  # OpenAI's limit per batch
 MAX_OUTPUT_BYTES = 512 * 2**20  # the output and error files together (stored whole)
-RETRIED_CODES = ("server_overloaded", "queue_timeout")  # 503s a client retries
+# 503s a client retries: the engine busy, or the job store out for a moment (a request that
+# reads it: previous_response_id, a file by id). Any other 503 is an engine stopped or a server
+# shutting down.
+RETRIED_CODES = ("server_overloaded", "queue_timeout", "job_store_unavailable")
 MAX_REPORTED_ERRORS = 100  # invalid lines listed in a failed batch's errors
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # a line's 503s, then every 30 s
 COUNTS_FLUSH_S = 1.0

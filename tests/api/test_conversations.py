@@ -143,6 +143,12 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     assert "system message" in error["message"] and "item msg_" in error["message"]
     call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
     assert (await client.post("/v1/conversations", json={"items": [call, orphan]})).is_success
+    reasoning_only = {"items": [{"type": "reasoning", "summary": []}]}
+    assert (await client.post("/v1/conversations", json=reasoning_only)).is_success
+    image = {"type": "input_image", "image_url": "https://example.com/a.png"}
+    crowded = {"items": [{"role": "user", "content": [image] * 17}]}  # past 16 a request
+    error = assert_error(await client.post("/v1/conversations", json=crowded), 400, "items")
+    assert error["code"] == "too_many_images"
     # An item that breaks only when read (an image that cannot be fetched) is named too.
     bad = {
         "role": "user",
@@ -154,6 +160,14 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     assert unreadable.value.body["param"] == "conversation"  # type: ignore[index]
     listed = await sdk.conversations.items.list(broken.id)
     assert f"conversation item {listed.data[0].id}" in unreadable.value.body["message"]  # type: ignore[index]
+    queued = await sdk.responses.create(
+        conversation=broken.id, input="and?", background=True, **GREEDY
+    )  # (in the background: the same words)
+    failed = await until_ended(sdk, queued.id)
+    assert (
+        failed.error is not None
+        and f"conversation item {listed.data[0].id}" in failed.error.message
+    )
 
 
 async def test_a_background_run_that_breaks_leaves_its_response_failed(

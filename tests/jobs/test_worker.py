@@ -152,6 +152,24 @@ async def test_a_stopped_engine_puts_the_job_back(tmp_path: Path) -> None:
     assert not store.due_deliveries()  # no failure announced
 
 
+async def test_a_store_outage_under_a_job_puts_it_back_and_the_lane_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A handler that meets the job store unreachable (a request that reads it) does not fail
+    its job: the job goes back to the queue, and the same lane runs it again."""
+    tries = 0
+
+    async def handler(job: Job, progress) -> dict:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise JobStoreUnavailable()
+        return {"answer": tries}
+
+    job = await run_one(JobStore(tmp_path / "jobs.sqlite3"), handler)
+    assert job.status == "completed" and job.result == {"answer": 2}
+
+
 async def test_stop_during_a_job_returns_and_leaves_the_rest_queued(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite3")
     started = asyncio.Event()

@@ -41,7 +41,7 @@ async def create_conversation(
     check_metadata(body.metadata)
     check_items(body.items or [], "items")
     items = item_records(body.items or [])
-    check_readable(items, services)
+    await asyncio.to_thread(check_readable, items, services)
     made = await asyncio.to_thread(
         services.jobs.create_conversation, f"conv_{uuid.uuid4().hex}", body.metadata or {}, items
     )
@@ -86,7 +86,9 @@ async def add_items(
     """Up to 20 items after its last; the answer lists them, with their ids."""
     check_items(body.items, "items")
     items = item_records(body.items)
-    check_readable(await _items(conversation_id, services) + items, services)
+    await asyncio.to_thread(
+        check_readable, await _items(conversation_id, services) + items, services
+    )
     if not await asyncio.to_thread(services.jobs.add_items, conversation_id, items):
         raise ConversationNotFound(conversation_id)
     return InputItemList.page(items, len(items), "asc", None, conversation_id)

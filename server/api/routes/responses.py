@@ -157,10 +157,13 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
             code="invalid_value",
         ) from None
     for turn in turns:
-        if turn.response["status"] not in ("completed", "incomplete"):
+        status = turn.response["status"]
+        if status in RUNNING:  # (a background run whose job ended without writing: failed)
+            status = (await settled(turn.response["id"], services))["status"]
+        if status not in ("completed", "incomplete"):
             raise InvalidRequest(
-                f"Previous response {turn.response['id']} is {turn.response['status']}: only "
-                "a completed (or incomplete) response can be continued.",
+                f"Previous response {turn.response['id']} is {status}: only a completed (or "
+                "incomplete) response can be continued.",
                 param="previous_response_id",
                 code="invalid_value",
             )
@@ -252,8 +255,9 @@ async def settled(response_id: str, services: Services) -> dict[str, Any]:
     if job is not None and job.status in ("queued", "processing"):
         return response
     failed = {**response, "status": "failed", "error": NO_ANSWER}
-    await asyncio.to_thread(services.jobs.update_response, failed)
-    return failed
+    if await asyncio.to_thread(services.jobs.update_response, failed):
+        return failed
+    return (await stored(response_id, services)).response  # it ended meanwhile
 
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["responses"])
