@@ -103,8 +103,7 @@ class ResponseNotFound(ServerError):
     def __init__(self, response_id: str):
         super().__init__(
             f"{self.noun} with id '{response_id}' not found: it was not stored (store: "
-            "false), is still being streamed (it is stored when it ends), was deleted, or is "
-            "past the server's retention.",
+            "false), was deleted, or is past the server's retention.",
             param=self.param,
             code=self.code,
         )

@@ -7,6 +7,7 @@ streamed answers stored before their last event; GET, input_items, DELETE; store
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,10 +18,10 @@ import pytest
 from openai.types.responses import Response
 
 from server.api.responses import ResponseObject, ResponsesRequest
-from server.api.routes.responses import recorded_before_the_last_event
+from server.api.routes.responses import recorded_as_it_ends
 from server.engine.sampling import SamplingParams
 from tests.api.test_responses import WEATHER, image_input
-from tests.helpers import make_image, make_settings, start_client
+from tests.helpers import make_image, make_settings, serve_in_thread, start_client
 
 pytestmark = pytest.mark.anyio
 GREEDY = {"model": "tiny", "max_output_tokens": 4, "temperature": 0}
@@ -352,8 +353,9 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> No
     added_after: list[int] = []
 
     class Store:
-        def save_response(self, response: dict, items: list) -> None:
+        def update_response(self, response: dict) -> bool:  # (its row was saved as it began)
             saved_after.append(len(sent))
+            return True
 
         def add_items(self, conversation_id: str, items: list) -> bool:
             added_after.append(len(sent))
@@ -366,7 +368,35 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> No
     body = ResponsesRequest.model_validate({"model": "tiny", "input": "Hi", "conversation": "c"})
     response = ResponseObject.start("resp_x", body, SamplingParams(), store=True)
     services = SimpleNamespace(jobs=Store())
-    async for event in recorded_before_the_last_event(stream(), response, body, services):  # type: ignore[arg-type]
+    async for event in recorded_as_it_ends(stream(), response, body, services):  # type: ignore[arg-type]
         sent.append(event)
     assert saved_after == [2] and len(sent) == 3  # stored after two events, before the last
     assert added_after == [2]  # (its items in its conversation too)
+
+
+async def test_a_streamed_response_is_seen_while_it_streams(tiny_model_dir: Path) -> None:
+    """(A real server: the ASGI test transport reads whole streams.) GET shows a stream's
+    response in_progress while it runs, then as it ended; a client that hangs up leaves it
+    cancelled, not in_progress."""
+    body = {"model": "tiny", "input": "Tell me everything.", "stream": True}
+    body |= {"max_output_tokens": 3000, "temperature": 0}
+    with serve_in_thread(make_settings(tiny_model_dir)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async with client.stream("POST", "/v1/responses", json=body) as stream:
+                lines = stream.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: "):
+                        rid = json.loads(line[6:])["response"]["id"]
+                        break
+                seen = (await client.get(f"/v1/responses/{rid}")).json()
+                assert seen["status"] == "in_progress" and seen["output"] == []
+            async with asyncio.timeout(10):  # hung up: its end is written
+                while (await client.get(f"/v1/responses/{rid}")).json()["status"] != "cancelled":
+                    await asyncio.sleep(0.05)
+            short = {**body, "max_output_tokens": 3}
+            async with client.stream("POST", "/v1/responses", json=short) as stream:
+                ends = [
+                    line async for line in stream.aiter_lines() if "response.incomplete" in line
+                ]
+            rid = json.loads(ends[-1].removeprefix("data: "))["response"]["id"]
+            assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "incomplete"

@@ -74,9 +74,11 @@ async def create_response(
         run.seq.inputs.thinks,
         logprobs,
     )
+    if store:  # visible (in_progress) while it streams
+        events.response.store = await save_started(events.response, body, services)
     stream = event_stream(events, run, started.first, started.rest)
     if store or body.conversation_id is not None:
-        stream = recorded_before_the_last_event(stream, events.response, body, services)
+        stream = recorded_as_it_ends(stream, events.response, body, services)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -175,15 +177,36 @@ def turn_items(turn: StoredTurn) -> list[dict[str, Any]]:
     return [*turn.input, *turn.response["output"]]
 
 
-async def record(response: ResponseObject, body: ResponsesRequest, services: Services) -> None:
-    """A finished response stored (store), and its input and output items added to its
-    conversation. Its answer is not lost when the store cannot take it: it goes out as not
-    stored (store: false); its conversation goes without it (the log says so)."""
+async def save_started(
+    response: ResponseObject, body: ResponsesRequest, services: Services
+) -> bool:
+    """A streamed response stored as it begins (in_progress), so GET sees it while it
+    streams; False (it goes out as not stored) when the store cannot take it."""
+    try:
+        await asyncio.to_thread(
+            services.jobs.save_response, response.model_dump(), body.own_items()
+        )
+    except Exception:
+        logger.exception("response %s could not be stored", response.id)
+        return False
+    return True
+
+
+async def record(
+    response: ResponseObject, body: ResponsesRequest, services: Services, started: bool = False
+) -> None:
+    """A finished response stored (store; started: its row, saved as it began, updated), and
+    its input and output items added to its conversation. Its answer is not lost when the
+    store cannot take it: it goes out as not stored (store: false); its conversation goes
+    without it (the log says so)."""
     if response.store:
         try:
-            await asyncio.to_thread(
-                services.jobs.save_response, response.model_dump(), body.own_items()
-            )
+            if started:
+                await asyncio.to_thread(services.jobs.update_response, response.model_dump())
+            else:
+                await asyncio.to_thread(
+                    services.jobs.save_response, response.model_dump(), body.own_items()
+                )
         except Exception:
             logger.exception("response %s could not be stored", response.id)
             response.store = False
@@ -196,25 +219,43 @@ async def record(response: ResponseObject, body: ResponsesRequest, services: Ser
             logger.exception("response %s: its conversation could not take it", response.id)
 
 
-# The event that ends a stream whose answer is in (response.failed ends one that failed).
+# The event that ends a stream whose answer is in, and the one that ends a stream that failed.
 FINAL_EVENTS = ("event: response.completed\n", "event: response.incomplete\n")
+FAILED_EVENT = "event: response.failed\n"
 
 
-async def recorded_before_the_last_event(
+async def recorded_as_it_ends(
     stream: AsyncIterator[str],
     response: ResponseObject,
     body: ResponsesRequest,
     services: Services,
 ) -> AsyncIterator[str]:
-    """The stream as it comes, its finished response recorded before its final event goes
-    out: a client that continues it as soon as it reads response.completed finds it."""
-    async for event in stream:
-        if not event.startswith(FINAL_EVENTS):
+    """The stream as it comes, its end recorded before its final event goes out (a client
+    that continues it as soon as it reads response.completed finds it): answered, failed,
+    or cancelled when the client went away (its row, saved as it began, is not left
+    in_progress)."""
+    started, ended = response.store, False
+    try:
+        async for event in stream:
+            if event.startswith(FINAL_EVENTS):
+                ended, stored = True, response.store
+                await record(response, body, services, started)
+                event = event if response.store == stored else _with_store_false(event)
+            elif event.startswith(FAILED_EVENT) and started:
+                ended = True
+                await asyncio.to_thread(_write_quietly, services, response.model_dump())
             yield event
-            continue
-        stored = response.store
-        await record(response, body, services)
-        yield event if response.store == stored else _with_store_false(event)
+    finally:
+        if started and not ended:  # (no await here: this task may be being cancelled)
+            cancelled = response.model_copy(update={"status": "cancelled"}).model_dump()
+            asyncio.get_running_loop().run_in_executor(None, _write_quietly, services, cancelled)
+
+
+def _write_quietly(services: Services, response: dict[str, Any]) -> None:
+    try:
+        services.jobs.update_response(response)
+    except Exception:
+        logger.exception("response %s: its end could not be stored", response["id"])
 
 
 def _with_store_false(event: str) -> str:
