@@ -226,16 +226,3 @@ async def test_a_cancel_wins_over_a_background_answer_in_a_conversation(
         texts = [i.content[0].text for i in items.data if i.type == "message" and i.role == "user"]  # type: ignore[union-attr]
         assert texts == ["Hi", "B"]  # the cancelled one's input is not in, nor twice B's
         assert items.data[-1].id == done.output[-1].id
-
-
-async def test_no_store_responses_keeps_no_conversations(tiny_model_dir: Path) -> None:
-    settings = make_settings(tiny_model_dir, store_responses=False)
-    async for client in start_client(settings):
-        sdk = sdk_for(client)
-        for call in (
-            sdk.conversations.create(),
-            sdk.responses.create(conversation="conv_x", input="Hi", **GREEDY),
-        ):
-            with pytest.raises(openai.BadRequestError) as refused:
-                await call
-            assert refused.value.body["code"] == "unsupported_parameter"  # type: ignore[index]

@@ -179,7 +179,9 @@ async def test_an_answer_the_store_cannot_take_still_goes_out(
     assert [end.response.store for end in ends] == [False]  # type: ignore[union-attr]
 
 
-async def test_no_store_responses_keeps_none(tiny_model_dir: Path) -> None:
+async def test_no_store_responses_keeps_no_responses_nor_conversations(
+    tiny_model_dir: Path,
+) -> None:
     settings = make_settings(tiny_model_dir, store_responses=False)
     async for client in start_client(settings):
         sdk = sdk_for(client)
@@ -187,9 +189,14 @@ async def test_no_store_responses_keeps_none(tiny_model_dir: Path) -> None:
         assert answer.store is False
         with pytest.raises(openai.NotFoundError):
             await sdk.responses.retrieve(answer.id)
-        with pytest.raises(openai.BadRequestError) as refused:
-            await sdk.responses.create(previous_response_id=answer.id, input="Hi", **GREEDY)
-        assert refused.value.body["code"] == "unsupported_parameter"
+        for call in (
+            sdk.responses.create(previous_response_id=answer.id, input="Hi", **GREEDY),
+            sdk.conversations.create(),  # nor conversations
+            sdk.responses.create(conversation="conv_x", input="Hi", **GREEDY),
+        ):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await call
+            assert refused.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
 
 
 async def test_stored_responses_outlive_the_server(tiny_model_dir: Path) -> None:
