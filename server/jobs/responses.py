@@ -89,16 +89,23 @@ class ResponseStore(Tables):
         return [_turn(row) for row in rows]
 
     def update_response(
-        self, response: dict[str, Any], conversation: tuple[str, list[dict[str, Any]]] | None = None
+        self,
+        response: dict[str, Any],
+        conversation: tuple[str, list[dict[str, Any]]] | None = None,
+        attempt: int | None = None,
     ) -> bool:
-        """A background response's new state, written only while it is still running (never
-        over a cancel, nor after a delete); with `conversation` (its id, items), those items
-        are added to it in the same transaction (a conversation gone meanwhile takes none)."""
+        """A running response's new state, written only while it is still running (never
+        over a cancel, nor after a delete) and, with `attempt`, while that attempt of its job
+        still holds the job (a stale attempt never writes over a newer one's run). With
+        `conversation` (its id, items), those items are added to it in the same transaction
+        (a conversation gone meanwhile takes none)."""
         with self.transaction() as execute:
             row = execute(
                 f"SELECT response FROM responses WHERE id = ?{self.for_update}", (response["id"],)
             ).fetchone()
             if row is None or json.loads(row["response"])["status"] not in RUNNING:
+                return False
+            if attempt is not None and not _holds(execute, response["id"], attempt):
                 return False
             execute(
                 "UPDATE responses SET response = ? WHERE id = ?",
@@ -139,6 +146,14 @@ def insert_response(
             " WHERE id IN (SELECT id FROM chain) AND used_at < ?",
             (previous, MAX_CHAIN - 1, now, now - RENEW_AFTER_S),
         )
+
+
+def _holds(execute: Execute, job_id: str, attempt: int) -> bool:
+    row = execute(
+        "SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'processing'",
+        (job_id, attempt),
+    ).fetchone()
+    return row is not None
 
 
 def _turn(row: Any) -> StoredTurn:

@@ -41,8 +41,8 @@ def background_response_handler(
         if stored is None:
             return {"response_id": job.id}  # deleted before it ran
         running = {**stored.response, "status": "in_progress"}
-        if not await asyncio.to_thread(store.update_response, running):
-            return {"response_id": job.id}  # cancelled before it ran
+        if not await asyncio.to_thread(store.update_response, running, None, job.attempt):
+            return {"response_id": job.id}  # cancelled before it ran (or not this attempt's)
         try:
             final, conversation = await run(job, stored, running)
         except (asyncio.CancelledError, EngineStopped, JobStoreUnavailable):
@@ -50,9 +50,9 @@ def background_response_handler(
         except Exception:
             logger.exception("background response %s failed", job.id)
             failed = {**running, "status": "failed", "error": NO_ANSWER}
-            await asyncio.to_thread(store.update_response, failed)
+            await asyncio.to_thread(store.update_response, failed, None, job.attempt)
             raise
-        await asyncio.to_thread(store.update_response, final, conversation)
+        await asyncio.to_thread(store.update_response, final, conversation, job.attempt)
         return {"response_id": job.id, "status": final["status"]}
 
     async def run(

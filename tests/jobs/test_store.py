@@ -418,3 +418,18 @@ def test_prune_sweeps_items_whose_conversation_is_gone(store: JobStore) -> None:
     with store.transaction(write=False) as execute:
         rows = execute("SELECT conversation_id FROM conversation_items", ()).fetchall()
     assert [row["conversation_id"] for row in rows] == ["conv_1"]
+
+
+def test_a_stale_attempt_never_writes_a_background_response(store: JobStore) -> None:
+    queued = {"id": "resp_bg", "previous_response_id": None, "status": "queued", "output": []}
+    store.save_response(queued, [])
+    store.create("response", {}, None, job_id="resp_bg")
+    first = store.claim(lease_s=60, owner="a")
+    assert first is not None and first.attempt == 1
+    store.release(first)  # (its lease gone: another attempt takes the job)
+    second = store.claim(lease_s=60, owner="b")
+    assert second is not None and second.attempt == 2
+    assert not store.update_response({**queued, "status": "failed"}, None, first.attempt)
+    assert store.update_response({**queued, "status": "in_progress"}, None, second.attempt)
+    stored = store.get_response("resp_bg")
+    assert stored is not None and stored.response["status"] == "in_progress"
