@@ -391,6 +391,7 @@ class ResponsesRequest(StrictModel):
         else:
             items += [(item, f"input[{index}]") for index, item in enumerate(self.input)]
         calls: set[str] = set()
+        unanswered: dict[str, str] = {}  # call_id -> where its call is
         for item, where in items:
             if isinstance(item, ItemReference):
                 raise InvalidRequest(
@@ -406,6 +407,7 @@ class ResponsesRequest(StrictModel):
                 call = {"id": item.call_id, "type": "function"}
                 call["function"] = {"name": item.name, "arguments": item.arguments}
                 calls.add(item.call_id)
+                unanswered[item.call_id] = where
                 if not messages or messages[-1]["role"] != "assistant":
                     messages.append({"role": "assistant", "content": None})
                     self._origins.append(where)
@@ -419,7 +421,16 @@ class ResponsesRequest(StrictModel):
                         param=f"{where}.call_id",
                         code="invalid_value",
                     )
+                unanswered.pop(item.call_id, None)
                 self._call_output(messages, item, where)
+        if unanswered:  # (as OpenAI's: the model would read a call with no result)
+            call_id, where = next(iter(unanswered.items()))
+            raise InvalidRequest(
+                f"No tool output found for function call {call_id} (at {where}): send its "
+                "function_call_output in input.",
+                param="input" if where.startswith("input") else self.history_field,
+                code="invalid_value",
+            )
         if not messages:
             raise InvalidRequest("input holds no message.", param="input", code="invalid_value")
         return messages

@@ -96,6 +96,15 @@ async def test_a_function_call_is_answered_in_the_next_turn(sdk: openai.AsyncOpe
     with pytest.raises(openai.BadRequestError) as unknown:  # without the call before it
         await sdk.responses.create(input=[result], **GREEDY)
     assert unknown.value.body["param"] == "input[0].call_id"
+    with pytest.raises(openai.BadRequestError) as unanswered:  # the call left unanswered
+        await sdk.responses.create(previous_response_id=called.id, input="And?", **GREEDY)
+    assert unanswered.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert (
+        f"No tool output found for function call {calls[0].call_id}"
+        in (
+            unanswered.value.body["message"]  # type: ignore[index]
+        )
+    )
 
 
 async def test_a_stored_response_reads_back_and_is_deleted(sdk: openai.AsyncOpenAI) -> None:
