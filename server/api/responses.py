@@ -77,7 +77,8 @@ class FunctionCallOutputItem(PartModel):
 
 
 class ItemReference(PartModel):
-    """An item of a stored response, by id: refused (nothing is stored)."""
+    """An item by id (`item_reference`): refused; send the item itself, or continue with
+    previous_response_id or conversation."""
 
     type: Literal["item_reference"] = "item_reference"
     id: str
