@@ -416,3 +416,17 @@ async def test_a_streamed_response_is_seen_while_it_streams(tiny_model_dir: Path
                 ]
             rid = json.loads(ends[-1].removeprefix("data: "))["response"]["id"]
             assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "incomplete"
+
+
+async def test_a_background_retry_with_its_idempotency_key_gets_the_same_response(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    key = {"Idempotency-Key": "bg-retry-1"}
+    first = await sdk.responses.create(input="Hi", background=True, extra_headers=key, **GREEDY)
+    again = await sdk.responses.create(input="Hi", background=True, extra_headers=key, **GREEDY)
+    assert again.id == first.id
+    with pytest.raises(openai.ConflictError) as reused:  # the key, for another request
+        await sdk.responses.create(input="Bye", background=True, extra_headers=key, **GREEDY)
+    assert reused.value.body["code"] == "idempotency_key_reused"  # type: ignore[index]
+    ended = await until_ended(sdk, first.id)
+    assert ended.status in ("completed", "incomplete")

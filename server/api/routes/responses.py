@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.responses import (
@@ -54,10 +54,15 @@ router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
 
 @router.post("/v1/responses", response_model=ResponseObject, tags=["responses"])
 async def create_response(
-    body: ResponsesRequest, request: Request, services: Services = Depends(get_services)
+    body: ResponsesRequest,
+    request: Request,
+    idempotency_key: str | None = Header(
+        default=None, max_length=200, description="background: the same response for the same key"
+    ),
+    services: Services = Depends(get_services),
 ) -> ResponseObject | StreamingResponse:
     if body.background:
-        return await start_in_background(body, services)
+        return await start_in_background(body, services, idempotency_key)
     rid = response_id()
     store = body.store is not False and services.store_responses
     await continue_conversation(body, services)
@@ -82,9 +87,12 @@ async def create_response(
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def start_in_background(body: ResponsesRequest, services: Services) -> ResponseObject:
+async def start_in_background(
+    body: ResponsesRequest, services: Services, idempotency_key: str | None = None
+) -> ResponseObject:
     """background: the response stored as queued and run as a durable job; the client polls
-    GET /v1/responses/{id} and may cancel it. The checks a request gets before it runs are
+    GET /v1/responses/{id} and may cancel it. A retry with the same Idempotency-Key (and
+    body) gets the same response, as it stands. The checks a request gets before it runs are
     made here, so a bad request is still a 4xx (text and max_output_tokens past the context
     too); what only running finds (media that cannot be read, images past the context) makes
     the response failed."""
@@ -114,15 +122,17 @@ async def start_in_background(body: ResponsesRequest, services: Services) -> Res
     request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
     request |= {"background": False, "store": False, "stream": False}
     jobs, items = services.jobs, body.own_items()
-    await asyncio.to_thread(
+    job = await asyncio.to_thread(
         jobs.create,
         BACKGROUND,
         {"body": request},
-        None,
+        idempotency_key,
         job_id=response.id,
         also=lambda execute: insert_response(execute, jobs.now(), response.model_dump(), items),
     )
     services.job_worker.notify()
+    if job.id != response.id:  # the key's earlier response
+        return ResponseObject.model_validate(await settled(job.id, services))
     return response
 
 
