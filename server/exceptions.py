@@ -44,36 +44,32 @@ class MediaError(InvalidRequest):
         super().__init__(message, param=param, code=code)
 
 
-class ModelNotFound(ServerError):
+class NotFound(ServerError):
+    """What a request names by id (a model, job, file, batch, response, conversation) that
+    is not here: a 404."""
+
     status_code = 404
     error_type = "invalid_request_error"
 
+
+class ModelNotFound(NotFound):
     def __init__(self, model: str):
         super().__init__(
             f"The model `{model}` does not exist.", param="model", code="model_not_found"
         )
 
 
-class JobNotFound(ServerError):
-    status_code = 404
-    error_type = "invalid_request_error"
-
+class JobNotFound(NotFound):
     def __init__(self, job_id: str):
         super().__init__(f"No job `{job_id}`.", param="id", code="job_not_found")
 
 
-class FileNotFound(ServerError):
-    status_code = 404
-    error_type = "invalid_request_error"
-
+class FileNotFound(NotFound):
     def __init__(self, file_id: str, param: str = "file_id"):
         super().__init__(f"No such File object: {file_id}", param=param, code="file_not_found")
 
 
-class BatchNotFound(ServerError):
-    status_code = 404
-    error_type = "invalid_request_error"
-
+class BatchNotFound(NotFound):
     def __init__(self, batch_id: str):
         super().__init__(
             f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found"
@@ -93,11 +89,9 @@ class BatchNotCancellable(ServerError):
         )
 
 
-class ResponseNotFound(ServerError):
+class ResponseNotFound(NotFound):
     """A stored response asked for by id (the Responses API) that is not stored."""
 
-    status_code = 404
-    error_type = "invalid_request_error"
     noun, param, code = "Response", "response_id", "response_not_found"
 
     def __init__(self, response_id: str):
@@ -109,11 +103,8 @@ class ResponseNotFound(ServerError):
         )
 
 
-class ConversationNotFound(ServerError):
+class ConversationNotFound(NotFound):
     """A conversation (the Conversations API), or an item of one, that is not stored."""
-
-    status_code = 404
-    error_type = "invalid_request_error"
 
     def __init__(self, conversation_id: str, param: str = "conversation_id", item: str = ""):
         what = f"Item with id '{item}' in conversation" if item else "Conversation with id"

@@ -43,11 +43,12 @@ class ConversationStore(Tables):
         self, conversation_id: str, metadata: dict[str, str]
     ) -> dict[str, Any] | None:
         with self.transaction() as execute:
-            execute(
-                "UPDATE conversations SET metadata = ?, used_at = ? WHERE id = ?",
+            row = execute(
+                "UPDATE conversations SET metadata = ?, used_at = ? WHERE id = ?"
+                " RETURNING created_at",
                 (json.dumps(metadata), self.now(), conversation_id),
-            )
-        return self.get_conversation(conversation_id)
+            ).fetchone()
+        return _conversation(conversation_id, row["created_at"], metadata) if row else None
 
     def delete_conversation(self, conversation_id: str) -> bool:
         """The conversation, then its items: its row goes first, so items being added to it

@@ -22,7 +22,7 @@ from server.jobs.tables import Tables
 MAX_CHAIN = 10_000
 # A turn is renewed when a later one is saved, if it was not renewed for this long.
 RENEW_AFTER_S = 3600.0
-# A background response's statuses while it may still change.
+# A stored response's statuses while it may still change (a background run, a stream).
 RUNNING = ("queued", "in_progress")
 # The rows of the conversation that ends with a response (?: its id, ?: MAX_CHAIN - 1),
 # newest first.

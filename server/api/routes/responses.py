@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -79,8 +79,10 @@ async def create_response(
         run.seq.inputs.thinks,
         logprobs,
     )
-    if store:  # visible (in_progress) while it streams
-        events.response.store = await save_started(events.response, body, services)
+    if store:  # visible (in_progress) while it streams; not stored if the store cannot take it
+        events.response.store = await asyncio.to_thread(
+            _kept, services.jobs.save_response, rid, events.response.model_dump(), body.own_items()
+        )
     stream = event_stream(events, run, started.first, started.rest)
     if store or body.conversation_id is not None:
         stream = recorded_as_it_ends(stream, events.response, body, services)
@@ -187,21 +189,6 @@ def turn_items(turn: StoredTurn) -> list[dict[str, Any]]:
     return [*turn.input, *turn.response["output"]]
 
 
-async def save_started(
-    response: ResponseObject, body: ResponsesRequest, services: Services
-) -> bool:
-    """A streamed response stored as it begins (in_progress), so GET sees it while it
-    streams; False (it goes out as not stored) when the store cannot take it."""
-    try:
-        await asyncio.to_thread(
-            services.jobs.save_response, response.model_dump(), body.own_items()
-        )
-    except Exception:
-        logger.exception("response %s could not be stored", response.id)
-        return False
-    return True
-
-
 async def record(
     response: ResponseObject, body: ResponsesRequest, services: Services, started: bool = False
 ) -> None:
@@ -210,16 +197,15 @@ async def record(
     store cannot take it: it goes out as not stored (store: false); its conversation goes
     without it (the log says so)."""
     if response.store:
-        try:
-            if started:
-                await asyncio.to_thread(services.jobs.update_response, response.model_dump())
-            else:
-                await asyncio.to_thread(
-                    services.jobs.save_response, response.model_dump(), body.own_items()
-                )
-        except Exception:
-            logger.exception("response %s could not be stored", response.id)
-            response.store = False
+        jobs, stored = services.jobs, response.model_dump()
+        if started:
+            response.store = await asyncio.to_thread(
+                _kept, jobs.update_response, response.id, stored
+            )
+        else:
+            response.store = await asyncio.to_thread(
+                _kept, jobs.save_response, response.id, stored, body.own_items()
+            )
     if body.conversation_id is not None:
         items = body.own_items() + list(response.output)
         try:
@@ -253,19 +239,26 @@ async def recorded_as_it_ends(
                 event = event if response.store == stored else _with_store_false(event)
             elif event.startswith(FAILED_EVENT) and started:
                 ended = True
-                await asyncio.to_thread(_write_quietly, services, response.model_dump())
+                failed = response.model_dump()
+                await asyncio.to_thread(_kept, services.jobs.update_response, response.id, failed)
             yield event
     finally:
         if started and not ended:  # (no await here: this task may be being cancelled)
             cancelled = response.model_copy(update={"status": "cancelled"}).model_dump()
-            asyncio.get_running_loop().run_in_executor(None, _write_quietly, services, cancelled)
+            asyncio.get_running_loop().run_in_executor(
+                None, _kept, services.jobs.update_response, response.id, cancelled
+            )
 
 
-def _write_quietly(services: Services, response: dict[str, Any]) -> None:
+def _kept(write: Callable[..., object], response_id: str, *args: Any) -> bool:
+    """A write of a response's to the store; False (logged) when the store cannot take it:
+    the answer still goes out, as not stored."""
     try:
-        services.jobs.update_response(response)
+        write(*args)
     except Exception:
-        logger.exception("response %s: its end could not be stored", response["id"])
+        logger.exception("response %s could not be stored", response_id)
+        return False
+    return True
 
 
 def _with_store_false(event: str) -> str:
