@@ -204,11 +204,12 @@ class ToolChoice(StrictModel):
 class ThinkingConfig(PartModel):
     """Whether to think: "disabled" closes the reasoning in the prompt where the template
     reads `enable_thinking` (Qwen3's hybrid templates); an -Instruct checkpoint never thinks.
-    `budget_tokens` is not enforced (max_tokens is); `display` "omitted" sends thinking blocks
+    `budget_tokens` ends the reasoning once it has that many tokens (its "</think>" forced;
+    max_tokens still counts the reasoning too); `display` "omitted" sends thinking blocks
     without their text."""
 
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
-    budget_tokens: int | None = Field(default=None, ge=1)
+    budget_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     display: Literal["summarized", "omitted"] | None = None
 
 
@@ -309,6 +310,8 @@ class MessagesRequest(StrictModel):
         if self.thinking is not None and self.thinking.type in THINKING_SWITCH:
             # Qwen3's hybrid templates read it (others ignore it): disabled answers at once
             body["chat_template_kwargs"] = {"enable_thinking": THINKING_SWITCH[self.thinking.type]}
+        if self.thinking is not None and self.thinking.type == "enabled":
+            body["thinking_token_budget"] = self.thinking.budget_tokens
         if messages[-1]["role"] == "assistant":  # prefill: the answer continues it
             body |= {"continue_final_message": True, "add_generation_prompt": False}
         if self.tools:
@@ -656,8 +659,9 @@ def event(kind: str, **fields: Any) -> str:
 
 class MessageEvents:
     """A streamed answer as the Messages events, in the order the Anthropic SDK accumulates
-    them: message_start; each content block started, its deltas, stopped (thinking, then
-    text, then each tool call); message_delta with the stop reason and usage; message_stop."""
+    them: message_start, ping; each content block started, its deltas, stopped (thinking,
+    then text, then each tool call); message_delta with the stop reason and usage;
+    message_stop."""
 
     def __init__(
         self,
@@ -677,7 +681,8 @@ class MessageEvents:
         self.called = False
 
     def begin(self) -> list[str]:
-        return [event("message_start", message=self.message.model_dump())]
+        # Anthropic's streams hold a ping near their start (clients are written to skip it)
+        return [event("message_start", message=self.message.model_dump()), event("ping")]
 
     def feed(self, output: SequenceOutput) -> list[str]:
         pieces = answer_pieces(output, self.reasoning, self.calls)

@@ -528,6 +528,8 @@ class ChatCompletionRequest(StrictModel):
     bad_words: BadWords | None = None  # extension (vLLM's): strings the answer must not hold
     # extension (vLLM's): the prefix cache (and vision cache) shared only under the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
+    # extension (vLLM's): a thinking checkpoint's reasoning ends after this many tokens
+    thinking_token_budget: int | None = Field(default=None, ge=0, lt=2**31)
     # extensions (vLLM's): the chat template's rendering
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
@@ -760,6 +762,7 @@ def sampling_params(
         bad_words=tuple(body.bad_words or ()),
         cache_salt=body.cache_salt,
         priority=body.priority or 0,
+        thinking_token_budget=getattr(body, "thinking_token_budget", None),  # chat's only
     )
 
 

@@ -38,6 +38,7 @@ from server.engine.sampler import (
     make_generator,
     prompt_seen,
     sample_async,
+    thinking_end,
     token_bias,
 )
 from server.engine.scheduler import ScheduledBatch
@@ -274,6 +275,7 @@ class ModelRunner:
         # scheduling too: the last step's token is on the host before this step samples).
         words = state.bad_words.banned_next(seq.output_token_ids) if state.bad_words else ()
         state.banned_token_ids = enders + words
+        state.forced_token_id = thinking_end(state, seq.output_token_ids)
         return state
 
     # -- one step --------------------------------------------------------------------------

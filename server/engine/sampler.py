@@ -55,6 +55,10 @@ class SamplingState:
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
     grammars: GrammarCache | None = None
     logprobs: TokenLogprobs | None = None  # the last sampled token's (params.logprobs set)
+    # The token this step must take whatever the logits say (a thinking budget's end); the
+    # reasoning was seen to have ended (its budget applies no more).
+    forced_token_id: int | None = None
+    thinking_over: bool = False
     # Why its row was FAILED (the engine logs it under the request's id and fails the request).
     failure: str | None = None
 
@@ -108,6 +112,7 @@ def sample_async(logits: torch.Tensor, states: list[SamplingState]) -> SampledTo
     rows = [i for i, s in enumerate(states) if s.params.has_penalties]
     if rows:
         on_rows(logits, rows, lambda sub: apply_penalties(sub, [states[i] for i in rows]))
+    force_tokens(logits, states)
     chosen = torch.argmax(logits, dim=-1)
     rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
     if rows:
@@ -247,6 +252,30 @@ def ban_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
         logits[to_device(rows, device, torch.long), to_device(tokens, device, torch.long)] = float(
             "-inf"
         )
+
+
+def force_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """In place: a row with a forced token can take only that one (last, so that no ban,
+    bias or penalty can leave the row without a token)."""
+    forced = [(row, s.forced_token_id) for row, s in enumerate(states)]
+    forced = [(row, token) for row, token in forced if token is not None]
+    if forced:
+        rows, tokens = zip(*forced, strict=True)
+        where = index(list(rows), logits)
+        logits.index_fill_(0, where, float("-inf"))
+        logits[where, to_device(tokens, logits.device, torch.long)] = 0.0
+
+
+def thinking_end(state: SamplingState, output_token_ids: list[int]) -> int | None:
+    """The token that ends the reasoning when a thinking budget is spent and the reasoning
+    still goes on (None otherwise). The answer is scanned for the end only from the budget on
+    and until it is seen, so a long answer costs one scan, not one a step."""
+    params = state.params
+    budget, end = params.thinking_token_budget, params.think_end_token_id
+    if budget is None or end is None or state.thinking_over or len(output_token_ids) < budget:
+        return None
+    state.thinking_over = end in output_token_ids
+    return None if state.thinking_over else end
 
 
 def restrict_and_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:

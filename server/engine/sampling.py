@@ -99,6 +99,11 @@ class SamplingParams:
     # vLLM's priority (not a sampling parameter, but it rides with the request to the
     # scheduler): under --scheduling-policy priority, lower values are served first
     priority: int = 0
+    # vLLM's thinking_token_budget: a thinking checkpoint's reasoning is ended (its
+    # think_end_token_id forced) once it has this many tokens. The chat pipeline sets
+    # think_end_token_id where the answer starts in reasoning; without it no budget applies.
+    thinking_token_budget: int | None = None
+    think_end_token_id: int | None = None
 
     @property
     def is_greedy(self) -> bool:

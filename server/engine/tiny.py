@@ -266,7 +266,10 @@ def build_tokenizer(spec: TinySpec):
     for offset, token in enumerate(specials):
         vocab[token] = first_special_id + offset
     backend = pipeline(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    backend.add_special_tokens(
+    # add_tokens keeps each token's own flag (add_special_tokens would make all of them
+    # special, and decoding with skip_special_tokens would drop "</think>" and "<tool_call>",
+    # which Qwen's tokenizers keep in the text)
+    backend.add_tokens(
         [AddedToken(t, special=t in QWEN2_VL_SPECIAL_TOKENS, normalized=False) for t in specials]
     )
     tokenizer = Qwen2Tokenizer(

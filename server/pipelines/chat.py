@@ -304,9 +304,11 @@ class ChatPipeline:
         )
 
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:
-        return await add_choices(
-            self.engine, request.request_id, inputs, request.sampling, request.n
-        )
+        sampling = request.sampling
+        if sampling.thinking_token_budget is not None and inputs.thinks:
+            # the budget counts reasoning tokens: only an answer that starts in reasoning has it
+            sampling = replace(sampling, think_end_token_id=self.think_close_id)
+        return await add_choices(self.engine, request.request_id, inputs, sampling, request.n)
 
     async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
         first = True

@@ -174,6 +174,52 @@ async def test_usage_counts_the_reasoning_tokens(
     assert {"completion_tokens", "completion_tokens_details"} <= set(schemas["Usage"]["properties"])
 
 
+async def test_a_thinking_budget_ends_the_reasoning(thinking: httpx.AsyncClient) -> None:
+    """vLLM's thinking_token_budget (Anthropic's budget_tokens): after that many reasoning
+    tokens "</think>" is forced and the answer goes on as content, sampled or greedy,
+    streamed or not; a budget the reasoning does not reach changes nothing."""
+    body = chat(text("Think."), max_tokens=8, temperature=0, ignore_eos=True)
+    unbounded = (await thinking.post("/v1/chat/completions", json=body)).json()
+    assert unbounded["usage"]["completion_tokens_details"] == {"reasoning_tokens": 8}
+    for budget, sampling in [(3, {}), (0, {}), (5, {"temperature": 1, "top_p": 0.9, "seed": 7})]:
+        bounded = {**body, **sampling, "thinking_token_budget": budget}
+        response = await thinking.post("/v1/chat/completions", json=bounded)
+        assert response.status_code == 200, response.text
+        usage, message = response.json()["usage"], response.json()["choices"][0]["message"]
+        assert usage["completion_tokens_details"] == {"reasoning_tokens": budget}
+        assert usage["completion_tokens"] == 8 and message["content"]
+        if not sampling:  # the reasoning is what it was, up to the budget
+            before = unbounded["choices"][0]["message"]["reasoning_content"]
+            assert before.startswith(message["reasoning_content"] or "")
+        async with thinking.stream(
+            "POST", "/v1/chat/completions", json={**bounded, "stream": True}
+        ) as stream:
+            deltas = [
+                json.loads(line[6:])["choices"][0]["delta"]
+                async for line in stream.aiter_lines()
+                if line.startswith("data: {") and '"delta"' in line
+            ]
+        assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+    reached = await thinking.post("/v1/chat/completions", json={**body, "thinking_token_budget": 8})
+    assert reached.json()["choices"][0]["message"] == unbounded["choices"][0]["message"]
+    refused = await thinking.post(
+        "/v1/chat/completions", json={**body, "thinking_token_budget": -1}
+    )
+    assert (
+        refused.status_code == 400 and refused.json()["error"]["param"] == "thinking_token_budget"
+    )
+    anthropic = {
+        "model": "tiny",
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Think."}],
+        "thinking": {"type": "enabled", "budget_tokens": 2},
+    }
+    message = (await thinking.post("/v1/messages", json=anthropic)).json()
+    assert [b["type"] for b in message["content"]] == ["thinking", "text"]
+    assert message["usage"]["output_tokens"] == 8
+
+
 async def test_enable_thinking_false_closes_the_reasoning(thinking: httpx.AsyncClient) -> None:
     """chat_template_kwargs.enable_thinking=false (vLLM clients send it for Qwen3) answers at
     once, the way Qwen3's hybrid templates render it: "</think>" is in the prompt, and the

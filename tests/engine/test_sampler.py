@@ -408,3 +408,40 @@ def test_logprobs_are_the_raw_distribution_before_the_bias() -> None:
     states = [state(params)]
     assert sample(logits.clone(), states) == [5]
     assert states[0].logprobs.logprob == pytest.approx(float(raw[0, 5]), abs=1e-5)
+
+
+@pytest.mark.usefixtures("draw")
+def test_a_forced_token_wins_over_bans_bias_and_penalties() -> None:
+    """A thinking budget's end: the forced row takes its token (id 0 too) whatever its
+    logits, bans, allowed ids or penalties say; the batch's other rows are untouched."""
+    logits = torch.randn(4, VOCAB)
+    logits[:, 7] = 50.0
+    states = [
+        state(SamplingParams(temperature=0, allowed_token_ids=(7,)), forced_token_id=0),
+        state(SamplingParams(temperature=1.2, top_p=0.5, presence_penalty=2), outputs=(9,)),
+        state(SamplingParams(temperature=0.8, seed=3, repetition_penalty=2.0), outputs=(9,)),
+        state(SamplingParams(temperature=0)),
+    ]
+    states[1].forced_token_id, states[2].forced_token_id = 9, 9
+    states[2].banned_token_ids = (9,)
+    assert sample(logits.clone(), states) == [0, 9, 9, 7]
+
+
+def test_the_thinking_budget_forces_the_end_once() -> None:
+    """thinking_end: nothing before the budget; the end token at it while the reasoning goes
+    on; nothing once the end was written (forced or by the model itself)."""
+    params = SamplingParams(thinking_token_budget=3, think_end_token_id=99)
+    budgeted = state(params)
+    outputs: list[int] = []
+    forced = []
+    for token in [5, 6, 7, None, 8, 9]:
+        forced.append(sampler.thinking_end(budgeted, outputs))
+        outputs.append(token if forced[-1] is None else forced[-1])
+    assert forced == [None, None, None, 99, None, None] and outputs[3] == 99
+    ended_early = state(params)
+    assert sampler.thinking_end(ended_early, [5, 99, 6]) is None and ended_early.thinking_over
+    for unbudgeted in (
+        SamplingParams(think_end_token_id=99),
+        SamplingParams(thinking_token_budget=0),
+    ):
+        assert sampler.thinking_end(state(unbudgeted), [5, 6, 7]) is None
