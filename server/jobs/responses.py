@@ -24,6 +24,9 @@ MAX_CHAIN = 10_000
 RENEW_AFTER_S = 3600.0
 # A stored response's statuses while it may still change (a background run, a stream).
 RUNNING = ("queued", "in_progress")
+# A stream renews its row's used_at every STREAM_LEASE_S / 4 while it runs: one older than
+# STREAM_LEASE_S is a stream whose server stopped (crashed, killed) before writing its end.
+STREAM_LEASE_S = 120.0
 # The rows of the conversation that ends with a response (?: its id, ?: MAX_CHAIN - 1),
 # newest first.
 CHAIN = (
@@ -43,6 +46,7 @@ class StoredTurn:
 
     input: list[dict[str, Any]]
     response: dict[str, Any]
+    used_at: float = 0.0  # made, continued, or (a stream) renewed while it runs
 
 
 class BrokenChain(Exception):
@@ -65,9 +69,14 @@ class ResponseStore(Tables):
     def get_response(self, response_id: str) -> StoredTurn | None:
         with self.transaction(write=False) as execute:
             row = execute(
-                "SELECT input, response FROM responses WHERE id = ?", (response_id,)
+                "SELECT input, response, used_at FROM responses WHERE id = ?", (response_id,)
             ).fetchone()
         return _turn(row) if row is not None else None
+
+    def renew_response(self, response_id: str) -> None:
+        """A stream's row marked as still running (its lease: STREAM_LEASE_S)."""
+        with self.transaction() as execute:
+            execute("UPDATE responses SET used_at = ? WHERE id = ?", (self.now(), response_id))
 
     def conversation(self, response_id: str, whole: bool = True) -> list[StoredTurn]:
         """The turns of the conversation that ends with this response, oldest first. Raises
@@ -157,4 +166,6 @@ def _holds(execute: Execute, job_id: str, attempt: int) -> bool:
 
 
 def _turn(row: Any) -> StoredTurn:
-    return StoredTurn(json.loads(row["input"]), json.loads(row["response"]))
+    return StoredTurn(
+        json.loads(row["input"]), json.loads(row["response"]), row.get("used_at", 0.0)
+    )

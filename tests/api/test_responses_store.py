@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from openai.types.responses import Response
 from server.api.responses import ResponseObject, ResponsesRequest
 from server.api.routes.responses import recorded_as_it_ends
 from server.engine.sampling import SamplingParams
+from server.jobs import responses as response_store
 from tests.api.test_responses import WEATHER, image_input
 from tests.helpers import make_image, make_settings, serve_in_thread, start_client
 
@@ -390,10 +392,13 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> No
     assert added_after == [2]  # (its items in its conversation too)
 
 
-async def test_a_streamed_response_is_seen_while_it_streams(tiny_model_dir: Path) -> None:
+async def test_a_streamed_response_is_seen_while_it_streams(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """(A real server: the ASGI test transport reads whole streams.) GET shows a stream's
-    response in_progress while it runs, then as it ended; a client that hangs up leaves it
-    cancelled, not in_progress."""
+    response in_progress while it runs (its lease renewed), then as it ended; a client that
+    hangs up leaves it cancelled, not in_progress."""
+    monkeypatch.setattr(response_store, "STREAM_LEASE_S", 0.4)
     body = {"model": "tiny", "input": "Tell me everything.", "stream": True}
     body |= {"max_output_tokens": 3000, "temperature": 0}
     with serve_in_thread(make_settings(tiny_model_dir)) as url:
@@ -406,6 +411,8 @@ async def test_a_streamed_response_is_seen_while_it_streams(tiny_model_dir: Path
                         break
                 seen = (await client.get(f"/v1/responses/{rid}")).json()
                 assert seen["status"] == "in_progress" and seen["output"] == []
+                await asyncio.sleep(1.2)  # three leases: renewed meanwhile, still running
+                assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "in_progress"
             async with asyncio.timeout(10):  # hung up: its end is written
                 while (await client.get(f"/v1/responses/{rid}")).json()["status"] != "cancelled":
                     await asyncio.sleep(0.05)
@@ -416,6 +423,25 @@ async def test_a_streamed_response_is_seen_while_it_streams(tiny_model_dir: Path
                 ]
             rid = json.loads(ends[-1].removeprefix("data: "))["response"]["id"]
             assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "incomplete"
+
+
+async def test_a_stream_whose_server_stopped_is_failed_once_its_lease_runs_out(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream's row left in_progress by a server that crashed (nothing renews it): running
+    while its lease lasts, then failed with a server_error, and not continued."""
+    jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
+    answered = (await sdk.responses.create(input="Hi", **GREEDY)).model_dump(exclude_none=True)
+    crashed = {**answered, "id": "resp_crashed", "status": "in_progress", "output": []}
+    jobs.save_response(crashed, [])  # as a stream's row is saved when it begins
+    assert (await sdk.responses.retrieve("resp_crashed")).status == "in_progress"
+    monkeypatch.setattr(jobs, "now", lambda: time.time() + response_store.STREAM_LEASE_S + 1)
+    lost = await sdk.responses.retrieve("resp_crashed")
+    assert lost.status == "failed" and lost.error is not None
+    assert lost.error.code == "server_error" and "stopped" in lost.error.message
+    with pytest.raises(openai.BadRequestError, match="is failed"):
+        await sdk.responses.create(input="Go on", previous_response_id="resp_crashed", **GREEDY)
+    assert (await sdk.responses.retrieve(answered["id"])).status == answered["status"]
 
 
 async def test_a_background_retry_with_its_idempotency_key_gets_the_same_response(

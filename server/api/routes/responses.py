@@ -36,6 +36,7 @@ from server.exceptions import (
     ResponseNotFound,
     ServerError,
 )
+from server.jobs import responses as response_store
 from server.jobs.responses import (
     MAX_CHAIN,
     RUNNING,
@@ -231,6 +232,7 @@ async def recorded_as_it_ends(
     or cancelled when the client went away (its row, saved as it began, is not left
     in_progress)."""
     started, ended = response.store, False
+    renewing = asyncio.create_task(_renewed(response.id, services)) if started else None
     try:
         async for event in stream:
             if event.startswith(FINAL_EVENTS):
@@ -243,11 +245,25 @@ async def recorded_as_it_ends(
                 await asyncio.to_thread(_kept, services.jobs.update_response, response.id, failed)
             yield event
     finally:
+        if renewing is not None:
+            renewing.cancel()
         if started and not ended:  # (no await here: this task may be being cancelled)
             cancelled = response.model_copy(update={"status": "cancelled"}).model_dump()
             asyncio.get_running_loop().run_in_executor(
                 None, _kept, services.jobs.update_response, response.id, cancelled
             )
+
+
+async def _renewed(response_id: str, services: Services) -> None:
+    """A stream's stored row renewed while it runs, so that a row that is not (its server
+    stopped) is known by its age (`settled`). A renewal the store cannot take is logged; the
+    next one may."""
+    while True:
+        await asyncio.sleep(response_store.STREAM_LEASE_S / 4)
+        try:
+            await asyncio.to_thread(services.jobs.renew_response, response_id)
+        except Exception as exc:
+            logger.warning("response %s: its stream's lease was not renewed: %s", response_id, exc)
 
 
 def _kept(write: Callable[..., object], response_id: str, *args: Any) -> bool:
@@ -289,19 +305,34 @@ async def stored(response_id: str, services: Services) -> StoredTurn:
     return turn
 
 
+# The error of a stream whose server stopped before it ended (its lease ran out).
+STREAM_LOST = {
+    "code": "server_error",
+    "message": "The server streaming this response stopped before the response ended.",
+}
+
+
 async def settled(response_id: str, services: Services) -> dict[str, Any]:
-    """A stored response as it stands. A background one still running whose job has ended
-    (its last write lost to a store outage) or is gone is failed: it will not run again."""
-    response = (await stored(response_id, services)).response
-    if not response.get("background") or response["status"] not in RUNNING:
+    """A stored response as it stands. One still running that will never end is failed: a
+    background one whose job has ended (its last write lost to a store outage) or is gone,
+    a stream whose lease ran out (its server stopped before writing the end)."""
+    turn = await stored(response_id, services)
+    response = turn.response
+    if response["status"] not in RUNNING or not await _abandoned(turn, services):
         return response
-    job = await asyncio.to_thread(services.jobs.get, response_id)
-    if job is not None and job.status in ("queued", "processing"):
-        return response
-    failed = {**response, "status": "failed", "error": NO_ANSWER}
+    error = NO_ANSWER if response.get("background") else STREAM_LOST
+    failed = {**response, "status": "failed", "error": error}
     if await asyncio.to_thread(services.jobs.update_response, failed):
         return failed
     return (await stored(response_id, services)).response  # it ended meanwhile
+
+
+async def _abandoned(turn: StoredTurn, services: Services) -> bool:
+    """A running response that nothing runs any more."""
+    if not turn.response.get("background"):
+        return services.jobs.now() - turn.used_at > response_store.STREAM_LEASE_S
+    job = await asyncio.to_thread(services.jobs.get, turn.response["id"])
+    return job is None or job.status not in ("queued", "processing")
 
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["responses"])
