@@ -231,6 +231,94 @@ async def test_bad_body_gets_400(client: httpx.AsyncClient, name: str) -> None:
     assert (await client.get("/health")).status_code == 200
 
 
+LONE = "\ud83d"  # json.dumps writes it as the escape a client sends
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+LONE_SURROGATES = {
+    "tokenize prompt": ("/tokenize", {"model": "tiny", "prompt": LONE}, "prompt"),
+    "tool description": (
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": user(TEXT),
+            "tools": [{**TOOL, "function": {**TOOL["function"], "description": LONE}}],
+        },
+        "tools[0].function.description",
+    ),
+    "tool call arguments": (
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"a": "' + LONE + '"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c", "content": "ok"},
+            ],
+        },
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    "responses metadata": (
+        "/v1/responses",
+        {"model": "tiny", "input": "x", "metadata": {"k": LONE}},
+        "metadata.k",
+    ),
+    "metadata key": (
+        "/v1/responses",
+        {"model": "tiny", "input": "x", "user": "u", "metadata": {LONE: "v"}},
+        "metadata",
+    ),
+    "conversation metadata": ("/v1/conversations", {"metadata": {"k": LONE}}, "metadata.k"),
+    "batch metadata": (
+        "/v1/batches",
+        {
+            "input_file_id": "file-x",
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {"k": LONE},
+        },
+        "metadata.k",
+    ),
+    "messages tool description": (
+        "/v1/messages",
+        {
+            "model": "tiny",
+            "max_tokens": 3,
+            "messages": user(TEXT),
+            "tools": [{"name": "f", "description": LONE, "input_schema": {"type": "object"}}],
+        },
+        "tools[0].description",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LONE_SURROGATES)
+async def test_a_lone_surrogate_anywhere_is_a_400(client: httpx.AsyncClient, name: str) -> None:
+    """Not text (a JavaScript client cut a string inside an emoji): a 400 naming the field,
+    wherever it is, never a 500 from whatever could not encode it."""
+    path, body, param = LONE_SURROGATES[name]
+    headers = {"content-type": "application/json"}
+    response = await client.post(path, content=json.dumps(body), headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert f"at {param}:" in error["message"] and "lone surrogate" in error["message"], error
+    if path == "/v1/messages":
+        assert response.json()["type"] == "error"  # Anthropic's envelope names no param
+    else:
+        assert error["param"] == param
+    # an emoji sent as its two escapes is text
+    paired = json.dumps(body).replace(json.dumps(LONE)[1:-1], json.dumps("\U0001f600")[1:-1])
+    response = await client.post(path, content=paired, headers=headers)
+    assert "lone surrogate" not in response.text
+
+
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v1/chat/completions", json={"model": "nope/nope", "messages": user(TEXT)}

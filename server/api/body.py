@@ -1,0 +1,65 @@
+"""The one check of a JSON request body that json.loads does not make, for every route at once:
+text holding a lone surrogate ("\\ud83d" alone, as a JavaScript client that cut a string inside
+an emoji sends). It is not text: the tokenizer, the job store and the answer's own JSON cannot
+encode it, wherever it is (a tool's description, metadata, a prompt to /tokenize), so it is a
+400 naming the field."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import Request
+
+from server.exceptions import InvalidRequest
+
+# A surrogate escape in the raw body: only then is the parsed body walked. (A valid pair, an
+# emoji written as two escapes, passes the walk: json.loads joins it into one character.)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE = re.compile("[\ud800-\udfff]")
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def no_lone_surrogates(request: Request) -> None:
+    """A FastAPI dependency of every route: runs once the body is read and parsed (FastAPI
+    keeps both on the request), before the route's model validates it."""
+    if request.method not in BODY_METHODS or "json" not in request.headers.get("content-type", ""):
+        return  # (a file upload's multipart body is not JSON)
+    if not SURROGATE_ESCAPE.search(await request.body()):
+        return
+    where = lone_surrogate_at(await request.json())
+    if where is not None:
+        param = _param(where)
+        raise InvalidRequest(
+            f"Invalid request at {param or 'the body'}: text contains an invalid unicode escape "
+            "(a lone surrogate).",
+            param=param,
+            code="invalid_value",
+        )
+
+
+def lone_surrogate_at(value: Any) -> tuple[str | int, ...] | None:
+    """The path to the first string (value or object key) holding a lone surrogate, else None.
+    Iterative: a body nested as deep as json.loads allows does not overflow the stack here."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                if SURROGATE.search(key):
+                    return path  # (the object whose key it is: the key itself cannot be sent)
+                stack.append((child, (*path, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*path, i)) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _param(path: tuple[str | int, ...]) -> str | None:
+    """("messages", 0, "content") -> "messages[0].content"."""
+    text = ""
+    for item in path:
+        text += f"[{item}]" if isinstance(item, int) else (f".{item}" if text else item)
+    return text or None
