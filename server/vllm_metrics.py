@@ -26,6 +26,7 @@ REQUEST_BUCKETS += (60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 # vLLM's finish reasons; a request that waited past --queue-timeout was aborted.
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
 FINISH_REASONS["queue_timeout"] = "abort"
+FINISH_REASONS["dead_end"] = "error"  # (a grammar that allowed no next token)
 LABELS = ("model_name", "engine")
 
 

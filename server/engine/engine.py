@@ -486,7 +486,7 @@ class AsyncEngine:
             seq.last_token_time = now
             if token_id == FAILED:  # its grammar failed: this request alone
                 logger.warning("%s: failing the request", state.failure or "its grammar failed")
-                self._finish(seq, "error")
+                self._finish(seq, "dead_end" if state.dead_end else "error")
                 continue
             seq.output_token_ids.append(token_id)
             if seq.sampling.logprobs is not None:  # the sampler left them on the row's state

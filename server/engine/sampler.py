@@ -59,8 +59,10 @@ class SamplingState:
     # reasoning was seen to have ended (its budget applies no more).
     forced_token_id: int | None = None
     thinking_over: bool = False
-    # Why its row was FAILED (the engine logs it under the request's id and fails the request).
+    # Why its row was FAILED (the engine logs it under the request's id and fails the request);
+    # dead_end: because its grammar allowed no next token (the constraint's fault, not ours).
     failure: str | None = None
+    dead_end: bool = False
 
 
 def prompt_seen(
@@ -154,6 +156,8 @@ class SampledTokens:
                 if not accepted:
                     state.failure = state.failure or f"the grammar refused token {token}"
                     tokens[row] = FAILED
+                    # (a grammar that allowed nothing: the constraint's fault, not ours)
+                    state.dead_end = _allows_nothing(state)
         return tokens
 
 
@@ -238,6 +242,13 @@ def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int
     if applied:
         grammars.apply(logits, bitmask, applied)
     return failed
+
+
+def _allows_nothing(state: SamplingState) -> bool:
+    try:
+        return state.grammars is not None and not state.grammars.allows_a_token(state.matcher)
+    except Exception:  # (a matcher that raises is a failure of its own)
+        return False
 
 
 def _matcher_raised(exc: Exception) -> str:

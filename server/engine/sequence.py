@@ -25,7 +25,9 @@ class SequenceOutput:
     text_delta: str
     num_completion_tokens: int
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "queue_timeout"
+    # "stop" | "length" | "abort" | "error" | "queue_timeout" | "dead_end" (a grammar that
+    # allows no next token)
+    finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
 
     def merge(self, later: SequenceOutput) -> SequenceOutput:

@@ -109,6 +109,8 @@ class GrammarCache:
             grammar = self._compile(spec)
         except Exception as exc:  # xgrammar raises several types for bad schemas
             raise InvalidSchema(schema_error_text(exc)) from None
+        if not self.allows_a_start(grammar):  # ("root ::= root", the regex "[^\s\S]")
+            raise InvalidSchema("it matches no text (no token can start it)")
         with self._lock:
             if spec not in self._grammars:
                 self._grammars[spec] = grammar
@@ -130,6 +132,16 @@ class GrammarCache:
         schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         return self.compiler.compile_json_schema(schema, any_whitespace=False)
+
+    def allows_a_start(self, grammar: Any) -> bool:
+        """Whether any token (or the end, for a grammar of the empty text) can come first."""
+        return self.allows_a_token(self.xgr.GrammarMatcher(grammar))
+
+    def allows_a_token(self, matcher: Any) -> bool:
+        """Whether any token (or the end) can come next where the matcher stands."""
+        bitmask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
+        matcher.fill_next_token_bitmask(bitmask)
+        return bool(bitmask.any())
 
     def matcher(self, spec: StructuredOutput, grammar: Any = None) -> Any:
         """A matcher of `grammar` (the sequence's own, held since it was queued), or of the

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from server.engine.engine import RETRY_AFTER_S, AsyncEngine
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import EngineOverloaded, ServerError
+from server.exceptions import EngineOverloaded, InvalidRequest, ServerError
 
 
 class GenerationFailed(ServerError):
@@ -16,9 +16,21 @@ class GenerationFailed(ServerError):
         super().__init__("The model failed while generating; see the server log.")
 
 
+class ConstraintDeadEnd(InvalidRequest):
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(
+            "The structured-output constraint (JSON schema, regex or grammar) cannot be "
+            f"completed: after {num_tokens} tokens it allows no next token (a pattern or "
+            "format no text matches, say).",
+            code="invalid_schema",
+        )
+
+
 def raise_for_finish(output: SequenceOutput) -> None:
     if output.finish_reason == "error":
         raise GenerationFailed()
+    if output.finish_reason == "dead_end":
+        raise ConstraintDeadEnd(output.num_completion_tokens)
     if output.finish_reason == "queue_timeout":
         raise EngineOverloaded(
             "The request waited too long for a free slot; retry shortly.",

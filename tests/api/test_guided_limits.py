@@ -4,6 +4,8 @@ and constraints that must not be lost or turn into 500s."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -39,6 +41,35 @@ async def test_oversized_or_empty_constraints_are_400s(
     response = await client.post(URL, json=chat(**{field: value}))
     error = assert_error(response, 400)
     assert error["param"].startswith(param), error
+
+
+async def test_constraints_no_text_matches_are_400s(client: httpx.AsyncClient) -> None:
+    """The request's fault, not the server's: one that no token can start is refused before
+    it runs (naming the field); one that allows no next token part-way (a pattern nothing
+    matches, found after the opening quote) ends as a 400 too, or the stream's error event,
+    and the Messages API answers it in Anthropic's envelope."""
+    for field, value in [("guided_grammar", "root ::= root"), ("guided_regex", "[^\\s\\S]")]:
+        error = assert_error(await client.post(URL, json=chat(**{field: value})), 400)
+        assert error["param"] == field and error["code"] == "invalid_schema", error
+        assert "matches no text" in error["message"]
+    never = {"type": "string", "pattern": "[^\\s\\S]"}
+    format_ = {"type": "json_schema", "json_schema": {"name": "n", "schema": never}}
+    error = assert_error(await client.post(URL, json=chat(response_format=format_)), 400)
+    assert error["code"] == "invalid_schema" and "allows no next token" in error["message"]
+    async with client.stream("POST", URL, json=chat(response_format=format_, stream=True)) as s:
+        lines = [line async for line in s.aiter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[-1][6:])["error"]["code"] == "invalid_schema"
+    anthropic = {
+        "model": "tiny",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Answer."}],
+        "output_config": {"format": {"type": "json_schema", "schema": never}},
+    }
+    response = await client.post("/v1/messages", json=anthropic)
+    assert (
+        response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    )
+    assert (await client.post(URL, json=chat())).status_code == 200  # (the server goes on)
 
 
 async def test_choices_with_newlines_quotes_and_control_characters(
