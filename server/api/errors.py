@@ -39,12 +39,8 @@ SOURCE_TAGS = frozenset({"base64", "url", "file"})
 # are in the log, under the request id).
 SERVER_ERROR = "The server had an error while processing your request."
 
-HTTP_ERROR_TYPES = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-}
+# (A 404, an unknown route, is OpenAI's invalid_request_error, as its other 404s here.)
+HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 # Anthropic's error types by status (its SDK raises its exception classes by status).
 ANTHROPIC_ERROR_TYPES = {

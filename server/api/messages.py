@@ -202,8 +202,8 @@ class ToolChoice(StrictModel):
 
 
 class ThinkingConfig(PartModel):
-    """Whether to think: "disabled" closes the reasoning in the prompt where the template
-    reads `enable_thinking` (Qwen3's hybrid templates); an -Instruct checkpoint never thinks.
+    """Whether to think: "disabled" closes a thinking checkpoint's reasoning in the prompt
+    (chat's `enable_thinking: false`); an -Instruct checkpoint never thinks.
     `budget_tokens` ends the reasoning once it has that many tokens (its "</think>" forced;
     max_tokens still counts the reasoning too); `display` "omitted" sends thinking blocks
     without their text."""
@@ -308,7 +308,7 @@ class MessagesRequest(StrictModel):
             "cache_salt": self.cache_salt,
         }
         if self.thinking is not None and self.thinking.type in THINKING_SWITCH:
-            # Qwen3's hybrid templates read it (others ignore it): disabled answers at once
+            # disabled answers at once (the reasoning closed in the prompt, as chat closes it)
             body["chat_template_kwargs"] = {"enable_thinking": THINKING_SWITCH[self.thinking.type]}
         if self.thinking is not None and self.thinking.type == "enabled":
             body["thinking_token_budget"] = self.thinking.budget_tokens

@@ -551,13 +551,6 @@ class ChatCompletionRequest(StrictModel):
     use_scenes: bool | None = None
 
     @model_validator(mode="after")
-    def _check_min_tokens(self) -> ChatCompletionRequest:
-        max_tokens = self.max_completion_tokens or self.max_tokens
-        if self.min_tokens and max_tokens and self.min_tokens > max_tokens:
-            raise ValueError("min_tokens must not exceed max_tokens")
-        return self
-
-    @model_validator(mode="after")
     def _check_template_flags(self) -> ChatCompletionRequest:
         # As vLLM: a prefill is continued, so no new assistant turn may be opened after it.
         if self.continue_final_message and self.add_generation_prompt:
@@ -733,6 +726,12 @@ def sampling_params(
 ) -> SamplingParams:
     """The sampling fields chat and text completions share, as the engine's parameters;
     `defaults` for those the request leaves out (or sends as null)."""
+    if body.min_tokens and max_tokens and body.min_tokens > max_tokens:
+        raise InvalidRequest(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+            param="min_tokens",
+            code="invalid_value",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     if structured is not None and body.cache_salt is not None:
         structured = replace(structured, cache_salt=body.cache_salt)

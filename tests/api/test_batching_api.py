@@ -54,7 +54,10 @@ async def test_penalties_are_accepted(client: httpx.AsyncClient) -> None:
     extra = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.2}
     assert isinstance(await content(client, body(0, **extra)), str)
     response = await client.post("/v1/chat/completions", json=body(0, min_tokens=50, max_tokens=5))
-    assert response.status_code == 400
+    assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens"
+    text = {"model": "tiny", "prompt": "Hi", "min_tokens": 50, "max_tokens": 5}
+    response = await client.post("/v1/completions", json=text)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens"
 
 
 async def test_ignore_eos_generates_exactly_max_tokens(client: httpx.AsyncClient) -> None:

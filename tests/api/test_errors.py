@@ -523,3 +523,13 @@ async def test_models_retrieve_with_a_slash_in_the_id(client) -> None:
     card = response.json()
     assert card["id"] == "animuslabs/Qwen2-VL-NSFW-Vision-1.2" and card["object"] == "model"
     assert_error(await client.get("/v1/models/Qwen/nope"), 404, "model", "model_not_found")
+
+
+async def test_an_unknown_route_is_a_404_in_the_paths_envelope(client: httpx.AsyncClient) -> None:
+    """OpenAI's type for it is invalid_request_error (as for every 404 here); under the
+    Messages API's paths, Anthropic's not_found_error."""
+    error = assert_error(await client.post("/v1/nope", json={}), 404)
+    assert error["type"] == "invalid_request_error" and "POST /v1/nope" in error["message"]
+    response = await client.post("/v1/messages/nope", json={})
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"
