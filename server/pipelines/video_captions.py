@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 from PIL import Image
 
@@ -68,6 +69,7 @@ class FrameCaptioner:
             [(f"{request_id}-frame{i}", frame, frame_sampling) for i, frame in enumerate(inputs)]
         )
         texts = await collect_all(self.engine, seqs, self._collect, on_progress)
+        texts = await asyncio.to_thread(bounded, self.engine.tokenizer, texts, caption_tokens)
         captions = [
             FrameCaption(round(t, 3), text.strip())
             for t, text in zip(video.plan.timestamps, texts, strict=True)
@@ -108,6 +110,24 @@ class FrameCaptioner:
             raise_for_finish(output)
             pieces.append(output.text_delta)
         return "".join(pieces)
+
+
+def bounded(tokenizer: Any, texts: list[str], num_tokens: int) -> list[str]:
+    """Each text cut to `num_tokens` tokens as a prompt reads it. The frame plan counts
+    caption_tokens per caption; a caption's text tokenized again can take more tokens than
+    wrote it (bytes that were not UTF-8 became U+FFFD), and the captions must still fit."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    cut = []
+    for text in texts:
+        keep = num_tokens
+        while len(ids(text)) > num_tokens:  # (a cut text can tokenize longer again: cut more)
+            text = tokenizer.decode(ids(text)[:keep]).rstrip("\ufffd") if keep > 0 else ""
+            keep -= 1
+        cut.append(text)
+    return cut
 
 
 def captions_text(captions: list[FrameCaption], duration_s: float) -> str:

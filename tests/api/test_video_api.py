@@ -213,3 +213,18 @@ async def test_captions_never_hold_special_tokens(video_client: httpx.AsyncClien
     assert (
         answer["choices"][0]["message"]["content"] == "<|image_pad|>" * 3
     )  # the answer keeps them
+
+
+def test_captions_are_cut_to_what_the_frame_plan_counts(tiny_model_dir: Path) -> None:
+    """A caption tokenized again can be longer than the tokens that wrote it (U+FFFD for
+    bytes that were not UTF-8): cut to caption_tokens, the captions fit as planned."""
+    from transformers import AutoTokenizer
+
+    from server.pipelines.video_captions import bounded
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["\ufffd" * 40, "a short one", "word " * 50, ""]
+    cut = bounded(tokenizer, texts, 10)
+    assert all(len(tokenizer.encode(t, add_special_tokens=False)) <= 10 for t in cut)
+    assert cut[1] == "a short one" and cut[3] == "" and cut[2].startswith("word word")
+    assert bounded(tokenizer, texts, 0) == ["", "", "", ""]
