@@ -58,6 +58,7 @@ from server.pipelines.batch import BatchRunner, asgi_dispatch
 from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 from server.pipelines.completions import TextCompletions
+from server.pipelines.loopback import loopback_streams
 from server.pipelines.media_loader import MediaLoader
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             "categories": categories_job_handler(categories, job_priority),
             "completions": completions_job_handler(pipeline, job_priority),
             "batch": batches,
-            BACKGROUND: background_response_handler(jobs, dispatch, job_priority),
+            BACKGROUND: background_response_handler(
+                jobs, dispatch, job_priority, loopback_streams(app, keys[0] if keys else None)
+            ),
         }
 
         def can_start_a_job() -> bool:

@@ -13,9 +13,13 @@ from fastapi import Request
 
 from server.exceptions import InvalidRequest
 
-# A surrogate escape in the raw body: only then is the parsed body walked. (A valid pair, an
-# emoji written as two escapes, passes the walk: json.loads joins it into one character.)
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# An escape of a surrogate with no partner beside it in the raw body: only then is the parsed
+# body walked (a body with emoji escaped in pairs, as json.dumps writes them, is not). What it
+# matches that is not one (an escaped backslash before "ud83d") the walk lets through.
+SURROGATE_ESCAPE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]"
+)
 SURROGATE = re.compile("[\ud800-\udfff]")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -25,9 +29,15 @@ async def no_lone_surrogates(request: Request) -> None:
     keeps both on the request), before the route's model validates it."""
     if request.method not in BODY_METHODS or "json" not in request.headers.get("content-type", ""):
         return  # (a file upload's multipart body is not JSON)
+    if getattr(request.scope.get("route"), "body_field", None) is None:
+        return  # a route that takes no body (a cancel): whatever was sent is not read
     if not SURROGATE_ESCAPE.search(await request.body()):
         return
-    where = lone_surrogate_at(await request.json())
+    try:
+        parsed = await request.json()  # (parsed already: FastAPI keeps it)
+    except (ValueError, RecursionError):
+        return  # (FastAPI's own error says why)
+    where = lone_surrogate_at(parsed)
     if where is not None:
         param = _param(where)
         raise InvalidRequest(

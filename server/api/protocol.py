@@ -661,7 +661,8 @@ class ChatCompletionRequest(StrictModel):
                 param="top_logprobs",
                 code="invalid_value",
             )
-        return replace(params, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return replace(params, logprobs=logprobs, thinking_token_budget=self.thinking_token_budget)
 
     def to_messages(self) -> list[ChatMessage]:
         return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
@@ -761,7 +762,6 @@ def sampling_params(
         bad_words=tuple(body.bad_words or ()),
         cache_salt=body.cache_salt,
         priority=body.priority or 0,
-        thinking_token_budget=getattr(body, "thinking_token_budget", None),  # chat's only
     )
 
 

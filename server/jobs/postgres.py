@@ -114,6 +114,15 @@ MIGRATIONS = [
     );
     CREATE INDEX conversations_by_use ON conversations (used_at)
     """,
+    """
+    CREATE TABLE response_events (
+        response_id TEXT NOT NULL,
+        sequence_number INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        PRIMARY KEY (response_id, sequence_number)
+    )
+    """,
 ]
 
 

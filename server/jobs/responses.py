@@ -46,7 +46,7 @@ class StoredTurn:
 
     input: list[dict[str, Any]]
     response: dict[str, Any]
-    used_at: float = 0.0  # made, continued, or (a stream) renewed while it runs
+    used_at: float  # made, continued, or (a stream) renewed while it runs
 
 
 class BrokenChain(Exception):
@@ -83,7 +83,7 @@ class ResponseStore(Tables):
         BrokenChain naming the newest of its responses that is not stored (whole=False: the
         turns stored after it), ConversationTooLong past MAX_CHAIN turns."""
         query = (
-            f"{CHAIN} SELECT c.previous_response_id, r.input, r.response"
+            f"{CHAIN} SELECT c.previous_response_id, r.input, r.response, r.used_at"
             " FROM chain c JOIN responses r ON r.id = c.id ORDER BY c.depth DESC"
         )
         with self.transaction(write=False) as execute:
@@ -102,20 +102,19 @@ class ResponseStore(Tables):
         response: dict[str, Any],
         conversation: tuple[str, list[dict[str, Any]]] | None = None,
         attempt: int | None = None,
+        events: list[tuple[int, str]] | None = None,
+        unused_since: float | None = None,
     ) -> bool:
         """A running response's new state, written only while it is still running (never
         over a cancel, nor after a delete) and, with `attempt`, while that attempt of its job
         still holds the job (a stale attempt never writes over a newer one's run). With
         `conversation` (its id, items), those items are added to it in the same transaction
-        (a conversation gone meanwhile takes none)."""
+        (a conversation gone meanwhile takes none); `events`: a stream's last (add_events);
+        `unused_since`: only if the row was not used (a stream's renewal) since then."""
         with self.transaction() as execute:
-            row = execute(
-                f"SELECT response FROM responses WHERE id = ?{self.for_update}", (response["id"],)
-            ).fetchone()
-            if row is None or json.loads(row["response"])["status"] not in RUNNING:
+            if not self._still_running(execute, response["id"], attempt, unused_since):
                 return False
-            if attempt is not None and not _holds(execute, response["id"], attempt):
-                return False
+            _insert_events(execute, response["id"], attempt or 0, events or [])
             execute(
                 "UPDATE responses SET response = ? WHERE id = ?",
                 (json.dumps(response, ensure_ascii=False), response["id"]),
@@ -127,7 +126,56 @@ class ResponseStore(Tables):
     def delete_response(self, response_id: str) -> bool:
         with self.transaction() as execute:
             cursor = execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            execute("DELETE FROM response_events WHERE response_id = ?", (response_id,))
             return cursor.rowcount == 1
+
+    def add_events(
+        self, response_id: str, attempt: int, events: list[tuple[int, str]], restart: bool = False
+    ) -> bool:
+        """A streaming background response's next events, (sequence number, event text),
+        written while it runs and this attempt of its job holds the job; `restart`: the
+        events of an earlier attempt go first (this one streams from the start)."""
+        with self.transaction() as execute:
+            if not self._still_running(execute, response_id, attempt):
+                return False
+            if restart:
+                execute("DELETE FROM response_events WHERE response_id = ?", (response_id,))
+            _insert_events(execute, response_id, attempt, events)
+            return True
+
+    def events_after(
+        self, response_id: str, after: int
+    ) -> tuple[list[tuple[int, int, str]], str | None]:
+        """A streaming background response's events numbered after `after`, as (sequence
+        number, attempt, event text), and its status as it stands (None: not stored)."""
+        with self.transaction(write=False) as execute:
+            row = execute("SELECT response FROM responses WHERE id = ?", (response_id,)).fetchone()
+            rows = execute(
+                "SELECT sequence_number, attempt, event FROM response_events"
+                " WHERE response_id = ? AND sequence_number > ? ORDER BY sequence_number",
+                (response_id, after),
+            ).fetchall()
+        status = json.loads(row["response"])["status"] if row is not None else None
+        return [(r["sequence_number"], r["attempt"], r["event"]) for r in rows], status
+
+    def _still_running(
+        self,
+        execute: Execute,
+        response_id: str,
+        attempt: int | None,
+        unused_since: float | None = None,
+    ) -> bool:
+        """Its row is running (locked till the transaction ends), with `attempt` that
+        attempt of its job still holds the job, with `unused_since` it was not used since."""
+        row = execute(
+            f"SELECT response, used_at FROM responses WHERE id = ?{self.for_update}",
+            (response_id,),
+        ).fetchone()
+        if row is None or json.loads(row["response"])["status"] not in RUNNING:
+            return False
+        if unused_since is not None and row["used_at"] >= unused_since:
+            return False
+        return attempt is None or _holds(execute, response_id, attempt)
 
 
 def insert_response(
@@ -157,6 +205,17 @@ def insert_response(
         )
 
 
+def _insert_events(
+    execute: Execute, response_id: str, attempt: int, events: list[tuple[int, str]]
+) -> None:
+    for number, event in events:
+        execute(
+            "INSERT INTO response_events (response_id, sequence_number, attempt, event)"
+            " VALUES (?, ?, ?, ?)",
+            (response_id, number, attempt, event),
+        )
+
+
 def _holds(execute: Execute, job_id: str, attempt: int) -> bool:
     row = execute(
         "SELECT id FROM jobs WHERE id = ? AND attempt = ? AND status = 'processing'",
@@ -166,6 +225,4 @@ def _holds(execute: Execute, job_id: str, attempt: int) -> bool:
 
 
 def _turn(row: Any) -> StoredTurn:
-    return StoredTurn(
-        json.loads(row["input"]), json.loads(row["response"]), row.get("used_at", 0.0)
-    )
+    return StoredTurn(json.loads(row["input"]), json.loads(row["response"]), row["used_at"])

@@ -110,7 +110,17 @@ CREATE TABLE IF NOT EXISTS conversation_items (
 );
 CREATE INDEX IF NOT EXISTS conversations_by_use ON conversations (used_at)
 """
-SCHEMA_VERSION = 5
+# Version 6: the events of background responses that stream (read by GET ...?stream=true).
+SCHEMA_6 = """
+CREATE TABLE IF NOT EXISTS response_events (
+    response_id TEXT NOT NULL,
+    sequence_number INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,        -- the job attempt that wrote it (a new one starts over)
+    event TEXT NOT NULL,             -- the server-sent event, as sent
+    PRIMARY KEY (response_id, sequence_number)
+)
+"""
+SCHEMA_VERSION = 6
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
@@ -181,6 +191,9 @@ class SqliteJobStore(JobStore):
                     execute(statement, ())
             if version < 5:
                 for statement in SCHEMA_5.split(";"):
+                    execute(statement, ())
+            if version < 6:
+                for statement in SCHEMA_6.split(";"):
                     execute(statement, ())
             if version < SCHEMA_VERSION:
                 execute(f"PRAGMA user_version = {SCHEMA_VERSION}", ())

@@ -368,6 +368,10 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",
                 (cutoff,),
             )
+            execute(  # the events of responses gone
+                "DELETE FROM response_events WHERE response_id NOT IN (SELECT id FROM responses)",
+                (),
+            )
             execute("DELETE FROM conversations WHERE used_at < ?", (cutoff,))
             execute(  # theirs, and any whose conversation is gone
                 "DELETE FROM conversation_items WHERE conversation_id NOT IN"

@@ -12,15 +12,19 @@ any other reason than an engine stopping leaves the response failed, never runni
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from server.exceptions import EngineStopped, JobStoreUnavailable
 from server.jobs.responses import StoredTurn
 from server.jobs.store import Job, JobStore
 from server.jobs.worker import Handler, Progress
-from server.pipelines.batch import Dispatch, send_until_served
+from server.pipelines.batch import Dispatch, send_until_served, wait_to_retry
+from server.pipelines.loopback import StreamDispatch, sse_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +35,14 @@ NO_ANSWER = {"code": "server_error", "message": "The background run failed; see 
 
 
 def background_response_handler(
-    store: JobStore, dispatch: Dispatch, job_priority: int | None = None
+    store: JobStore,
+    dispatch: Dispatch,
+    job_priority: int | None = None,
+    open_stream: StreamDispatch | None = None,
 ) -> Handler:
     """What the job worker runs for a background response: its request, at the body's
-    priority or else job_priority (None: priorities are not looked at)."""
+    priority or else job_priority (None: priorities are not looked at); one that streams
+    through `open_stream`, its events saved as they come."""
 
     async def handle(job: Job, progress: Progress) -> dict[str, Any]:
         stored = await asyncio.to_thread(store.get_response, job.id)
@@ -44,7 +52,7 @@ def background_response_handler(
         if not await asyncio.to_thread(store.update_response, running, None, job.attempt):
             return {"response_id": job.id}  # cancelled before it ran (or not this attempt's)
         try:
-            final, conversation = await run(job, stored, running)
+            final, conversation, last_events = await run(job, stored, running)
         except (asyncio.CancelledError, EngineStopped, JobStoreUnavailable):
             raise  # cancelled (the cancel wrote its status), or back to the queue
         except Exception:
@@ -52,34 +60,112 @@ def background_response_handler(
             failed = {**running, "status": "failed", "error": NO_ANSWER}
             await asyncio.to_thread(store.update_response, failed, None, job.attempt)
             raise
-        await asyncio.to_thread(store.update_response, final, conversation, job.attempt)
+        if final is None:  # a stream whose response ended elsewhere (cancelled, deleted)
+            return {"response_id": job.id}
+        await asyncio.to_thread(
+            store.update_response, final, conversation, job.attempt, last_events
+        )
         return {"response_id": job.id, "status": final["status"]}
 
     async def run(
         job: Job, stored: StoredTurn, running: dict[str, Any]
-    ) -> tuple[dict[str, Any], tuple[str, list[dict[str, Any]]] | None]:
-        """The answered response, and (its conversation's id, the items to add to it)."""
+    ) -> tuple[dict[str, Any] | None, tuple[str, list[dict[str, Any]]] | None, Events]:
+        """The answered response (None: it ended elsewhere while it streamed), (its
+        conversation's id, the items to add to it), and a stream's last events (saved with
+        the answer, so a client that reads the last one finds the answer stored)."""
         body = job.request["body"]
         conversation_id = (running.get("conversation") or {}).get("id")
         if conversation_id is not None:
             history = await asyncio.to_thread(store.conversation_items, conversation_id)
             if history is None:
                 error = {"code": "conversation_not_found", "message": "The conversation is gone."}
-                return {**running, "status": "failed", "error": error}, None
+                return {**running, "status": "failed", "error": error}, None, []
             body = {**body, "input": [*history, *stored.input]}
             body.pop("conversation", None)
         if job_priority is not None and body.get("priority") is None:
             body = {**body, "priority": job_priority}
-        status, answer = await send_until_served(dispatch, "/v1/responses", body, job.id)
+        last_events: Events = []
+        if body.get("stream") and open_stream is not None:
+            # (an earlier attempt's events go: this one streams from the start)
+            await asyncio.to_thread(store.add_events, job.id, job.attempt, [], True)
+            status, answer, last_events = await stream_until_served(
+                open_stream, body, job, running, store
+            )
+            if answer is None:
+                return None, None, []
+        else:
+            status, answer = await send_until_served(dispatch, "/v1/responses", body, job.id)
         final = answered(running, status, answer)
         if conversation_id is None:
-            return final, None
+            return final, None, last_events
         if final["status"] not in ANSWERED:
             final["error"] = named_in_conversation(final["error"], history)
-            return final, None
-        return final, (conversation_id, [*stored.input, *final["output"]])
+            return final, None, last_events
+        return final, (conversation_id, [*stored.input, *final["output"]]), last_events
 
     return handle
+
+
+Events = list[tuple[int, str]]  # a stream's events: (sequence number, the event as sent)
+# The events that end a response's stream.
+END_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+SAVE_EVERY_S = 0.05  # a stream's events are saved in batches at most this far apart
+
+
+async def stream_until_served(
+    open_stream: StreamDispatch,
+    body: dict[str, Any],
+    job: Job,
+    running: dict[str, Any],
+    store: JobStore,
+) -> tuple[int, dict[str, Any] | None, Events]:
+    """A background response's request streamed, sent again while the engine is busy (as
+    send_until_served): (status, the answer, the events still to save with it). The events
+    before the last are saved as they come; None for the answer when the response ended
+    elsewhere meanwhile (cancelled, deleted, or another attempt holds the job)."""
+    retries = 0
+    while True:
+        async with open_stream("/v1/responses", body, job.id) as (status, chunks):
+            if status == 200:
+                answer, last = await saved_as_they_come(sse_blocks(chunks), job, running, store)
+                return status, answer, last
+            try:
+                answer = json.loads(b"".join([chunk async for chunk in chunks]))
+            except ValueError:
+                answer = {"error": {"message": "The response failed.", "type": "server_error"}}
+        if status != 503:
+            return status, answer, []
+        await wait_to_retry(answer, retries)
+        retries += 1
+
+
+async def saved_as_they_come(
+    blocks: AsyncIterator[str], job: Job, running: dict[str, Any], store: JobStore
+) -> tuple[dict[str, Any] | None, Events]:
+    """The stream's events saved (the stored response in place of the run's own), but the
+    last: (the answer, the events left to save with it)."""
+    pending: Events = []
+    saved_at = time.monotonic()
+    async for block in blocks:
+        kind, data = _parsed(block)
+        if isinstance(data.get("response"), dict):
+            data["response"] = answered(running, 200, data["response"])
+        event = f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+        pending.append((data["sequence_number"], event))
+        if kind in END_EVENTS:
+            return data["response"], pending
+        if time.monotonic() - saved_at >= SAVE_EVERY_S:
+            if not await asyncio.to_thread(store.add_events, job.id, job.attempt, pending):
+                return None, []
+            pending, saved_at = [], time.monotonic()
+    raise RuntimeError("the response's stream ended without its last event")
+
+
+def _parsed(block: str) -> tuple[str, dict[str, Any]]:
+    """One event's type and data."""
+    fields = dict(line.split(": ", 1) for line in block.strip().split("\n") if ": " in line)
+    data = json.loads(fields["data"])
+    return fields.get("event", data.get("type", "")), data
 
 
 def named_in_conversation(error: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:

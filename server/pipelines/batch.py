@@ -135,10 +135,16 @@ async def send_until_served(
         status, answer = await dispatch(url, body, request_id)
         if status != 503:
             return status, answer
-        if (answer.get("error") or {}).get("code") not in RETRIED_CODES:
-            raise EngineStopped("The engine stopped under the job.")
-        await asyncio.sleep(RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)])
+        await wait_to_retry(answer, retries)
         retries += 1
+
+
+async def wait_to_retry(answer: dict[str, Any], retries: int) -> None:
+    """After a 503: the pause before the next try while the engine is busy; EngineStopped
+    (the job back to the queue) when it stopped or the server is shutting down."""
+    if (answer.get("error") or {}).get("code") not in RETRIED_CODES:
+        raise EngineStopped("The engine stopped under the job.")
+    await asyncio.sleep(RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)])
 
 
 def parse_lines(content: bytes, endpoint: str) -> list[BatchLine]:

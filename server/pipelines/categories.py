@@ -261,6 +261,8 @@ class CategoriesPipeline:
         async for output in self.engine.stream(seq):
             if output.finished and self.metrics is not None:
                 self.metrics.record_sequence(seq)
+            if output.finish_reason == "dead_end":  # (our own schema: not the client's fault)
+                raise IncompleteJson()
             raise_for_finish(output)
             pieces.append(output.text_delta)
         if seq.finish_reason != "stop":

@@ -36,6 +36,7 @@ from server.pipelines.finish import (
     FRAMES_DONE,
     MEDIA_READY,
     STARTED,
+    ConstraintDeadEnd,
     ProgressCallback,
     raise_for_finish,
     report,
@@ -182,9 +183,7 @@ class ChatPipeline:
         request that can never succeed is a 400 at once rather than a failed job later."""
         self.engine.check_sampling(request.sampling)
         if (structured := request.sampling.structured) is not None:
-            forced = request.tools is not None and request.tools.is_forced
-            param = "tools" if forced else request.grammar_param
-            await compile_grammar(self.engine, structured, param)
+            await compile_grammar(self.engine, structured, _grammar_param(request))
         return self.media.check_counts(request.messages)
 
     async def check_for_job(self, request: ChatRequest) -> None:
@@ -328,9 +327,11 @@ class ChatPipeline:
         run = await self.start(request)
         try:
             texts = await asyncio.gather(*(self._text(seq) for seq in run.seqs))
-        except BaseException:
+        except BaseException as exc:
             for seq in run.seqs:
                 self.engine.abort(seq.request_id)
+            if isinstance(exc, ConstraintDeadEnd):
+                exc.param = _grammar_param(request)
             raise
         choices = [
             self._choice(i, seq, text, request)
@@ -378,6 +379,12 @@ async def _templated(render: Callable[..., T], *args: Any) -> T:
             param=exc.param,
             code="invalid_value",
         ) from None
+
+
+def _grammar_param(request: ChatRequest) -> str:
+    """The field the request's grammar came from (a forced tool call's: tools)."""
+    forced = request.tools is not None and request.tools.is_forced
+    return "tools" if forced else request.grammar_param
 
 
 def _thinks(request: ChatRequest) -> bool:

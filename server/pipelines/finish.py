@@ -20,8 +20,8 @@ class ConstraintDeadEnd(InvalidRequest):
     def __init__(self, num_tokens: int) -> None:
         super().__init__(
             "The structured-output constraint (JSON schema, regex or grammar) cannot be "
-            f"completed: after {num_tokens} tokens it allows no next token (a pattern or "
-            "format no text matches, say).",
+            f"completed: after {num_tokens} token{'s' * (num_tokens != 1)} it allows no next "
+            "token (a pattern or format no text matches, say).",
             code="invalid_schema",
         )
 

@@ -57,13 +57,26 @@ class FrameCaptioner:
         started = time.monotonic()
         inputs = await asyncio.to_thread(self._frame_inputs, video)
         # The captions become prompt text: special tokens in them would be read as control
-        # tokens (an image placeholder with no image), so they are always left out.
+        # tokens (an image placeholder with no image), so they are always left out. What the
+        # request asks of its answer (a format, logprobs, allowed or banned tokens, a length)
+        # is not asked of the captions: only how to sample.
         frame_sampling = replace(
             sampling,
             max_tokens=caption_tokens,
             stop=(),
             stop_token_ids=(),
             skip_special_tokens=True,
+            structured=None,
+            logprobs=None,
+            prompt_logprobs=None,
+            logit_bias=(),
+            allowed_token_ids=(),
+            bad_words=(),
+            bad_word_ids=(),
+            min_tokens=0,
+            ignore_eos=False,
+            include_stop_str_in_output=False,
+            thinking_token_budget=None,
         )
         seqs = self.engine.add_requests(
             [(f"{request_id}-frame{i}", frame, frame_sampling) for i, frame in enumerate(inputs)]

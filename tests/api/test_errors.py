@@ -319,6 +319,16 @@ async def test_a_lone_surrogate_anywhere_is_a_400(client: httpx.AsyncClient, nam
     assert "lone surrogate" not in response.text
 
 
+async def test_a_route_without_a_body_does_not_read_one(client: httpx.AsyncClient) -> None:
+    """A cancel takes no body: a broken one, a lone surrogate in one, is not read (the
+    surrogate check only looks at bodies the route reads)."""
+    for sent in (b'{"a": "\\ud83d', json.dumps({"a": LONE}).encode()):
+        response = await client.post("/v1/responses/resp_nope/cancel", content=sent)
+        assert response.status_code == 404, response.text
+        response = await client.post("/v1/batches/batch_nope/cancel", content=sent)
+        assert response.status_code == 404, response.text
+
+
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v1/chat/completions", json={"model": "nope/nope", "messages": user(TEXT)}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ import pytest
 from openai.types.responses import Response
 
 from server.api.responses import ResponseObject, ResponsesRequest
-from server.api.routes.responses import recorded_as_it_ends
+from server.api.routes.responses import followed, recorded_as_it_ends
 from server.engine.sampling import SamplingParams
 from server.jobs import responses as response_store
 from tests.api.test_responses import WEATHER, image_input
@@ -272,9 +271,103 @@ async def test_a_background_response_is_polled_to_its_answer(sdk: openai.AsyncOp
     follow = await sdk.responses.create(previous_response_id=queued.id, input="More", **GREEDY)
     assert follow.usage is not None
     assert follow.usage.input_tokens > at_once.usage.input_tokens
-    with pytest.raises(openai.BadRequestError):  # ended: nothing to cancel...
-        await sdk.responses.create(background=True, stream=True, **body)
-    assert (await sdk.responses.cancel(queued.id)).status == ended.status  # ...as it stands
+    assert (await sdk.responses.cancel(queued.id)).status == ended.status  # ended: as it is
+
+
+async def test_a_streamed_background_response_is_followed_and_resumed(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    """background and stream: the events of the stored response (its id throughout, numbered
+    from 0), saved as they come, so GET ...?stream=true&starting_after=n sends the rest again;
+    the stored answer is the last event's. A background response that did not stream gives
+    its last event only; one not made in the background cannot be streamed."""
+    body = {"input": image_input("What is it?"), **GREEDY, "max_output_tokens": 12}
+    events = [e async for e in await sdk.responses.create(background=True, stream=True, **body)]
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    rid = events[0].response.id
+    assert {e.response.id for e in events if hasattr(e, "response")} == {rid}
+    final = events[-1].response
+    assert final.background is True and final.store is True
+    stored = await sdk.responses.retrieve(rid)
+    assert stored.status == final.status and stored.output_text == final.output_text
+    at_once = await sdk.responses.create(store=False, **body)  # the same request, answered
+    assert final.output_text == at_once.output_text
+    again = [e async for e in await sdk.responses.retrieve(rid, stream=True, starting_after=2)]
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in events[3:]]
+    polled = await sdk.responses.create(background=True, **body)
+    ended = await until_ended(sdk, polled.id)
+    (last,) = [e async for e in await sdk.responses.retrieve(polled.id, stream=True)]
+    assert last.type == f"response.{ended.status}" and last.response.id == polled.id
+    plain = await sdk.responses.create(**body)
+    refused = await client.get(f"/v1/responses/{plain.id}", params={"stream": "true"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+
+
+async def test_a_streamed_background_response_arrives_as_it_runs(tiny_model_dir: Path) -> None:
+    """(A real server: the ASGI test transport reads whole streams.) The events come while
+    the response runs; the client that hangs up does not stop it (it is in the background),
+    and a cancel ends the streams that follow it."""
+    body = {"model": "tiny", "input": "Tell me everything.", "stream": True, "background": True}
+    body |= {"max_output_tokens": 3000, "temperature": 0}
+
+    async def first_events(client: httpx.AsyncClient, how_many: int, **extra: object) -> list:
+        seen = []
+        async with client.stream("POST", "/v1/responses", json={**body, **extra}) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if len(seen) == how_many:
+                        return seen
+        return seen
+
+    with serve_in_thread(make_settings(tiny_model_dir)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+            short = (await first_events(client, 3, max_output_tokens=30))[0]["response"]["id"]
+            assert (await until_ended(sdk, short)).status in ("completed", "incomplete")
+            seen = await first_events(client, 5)  # hung up too, with the run going on
+            rid = seen[0]["response"]["id"]
+            assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "in_progress"
+            params = {"stream": "true", "starting_after": "2"}
+            async with client.stream("GET", f"/v1/responses/{rid}", params=params) as stream:
+                lines = stream.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: "):
+                        assert json.loads(line[6:])["sequence_number"] == 3
+                        break
+                cancelled = await client.post(f"/v1/responses/{rid}/cancel")
+                assert cancelled.json()["status"] == "cancelled"
+                async with asyncio.timeout(10):  # the followed stream ends
+                    async for _ in lines:
+                        pass
+            assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "cancelled"
+
+
+async def test_a_followed_stream_whose_run_started_over_ends_with_an_error(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI
+) -> None:
+    """What was sent cannot be taken back: a client following attempt 1's events gets an
+    error once attempt 2 (its server stopped, another took the job) streams from the start."""
+    jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
+    answered = (await sdk.responses.create(input="Hi", **GREEDY)).model_dump(exclude_none=True)
+    running = {**answered, "id": "resp_restarted", "status": "in_progress", "background": True}
+    jobs.save_response(running, [])
+    first = [(0, 'event: response.created\ndata: {"sequence_number": 0}\n\n')]
+    with jobs.transaction() as execute:
+        response_store._insert_events(execute, "resp_restarted", 1, first)
+    stream = followed("resp_restarted", -1, client.app.state.services)  # type: ignore[attr-defined]
+    assert await anext(stream) == first[0][1]
+    with jobs.transaction() as execute:
+        execute("DELETE FROM response_events WHERE response_id = ?", ("resp_restarted",))
+        response_store._insert_events(execute, "resp_restarted", 2, [(0, first[0][1])])
+        response_store._insert_events(execute, "resp_restarted", 2, [(1, first[0][1])])
+    error = json.loads((await anext(stream)).split("data: ", 1)[1])
+    assert error["type"] == "error" and "started over" in error["message"]
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
 
 
 async def test_a_background_response_that_fails_says_why(sdk: openai.AsyncOpenAI) -> None:
@@ -291,7 +384,6 @@ async def test_a_background_response_that_fails_says_why(sdk: openai.AsyncOpenAI
 
 async def test_bad_background_requests_are_400s(sdk: openai.AsyncOpenAI) -> None:
     for extra, param in (
-        ({"stream": True}, "stream"),
         ({"store": False}, "background"),
         ({"temperature": 5}, "temperature"),  # checked before it is queued
         ({"max_output_tokens": 10**6}, "max_output_tokens"),  # past the context, whatever else
@@ -398,7 +490,7 @@ async def test_a_streamed_response_is_seen_while_it_streams(
     """(A real server: the ASGI test transport reads whole streams.) GET shows a stream's
     response in_progress while it runs (its lease renewed), then as it ended; a client that
     hangs up leaves it cancelled, not in_progress."""
-    monkeypatch.setattr(response_store, "STREAM_LEASE_S", 0.4)
+    monkeypatch.setattr(response_store, "STREAM_LEASE_S", 1.0)
     body = {"model": "tiny", "input": "Tell me everything.", "stream": True}
     body |= {"max_output_tokens": 3000, "temperature": 0}
     with serve_in_thread(make_settings(tiny_model_dir)) as url:
@@ -411,7 +503,7 @@ async def test_a_streamed_response_is_seen_while_it_streams(
                         break
                 seen = (await client.get(f"/v1/responses/{rid}")).json()
                 assert seen["status"] == "in_progress" and seen["output"] == []
-                await asyncio.sleep(1.2)  # three leases: renewed meanwhile, still running
+                await asyncio.sleep(2.5)  # leases past: renewed meanwhile, still running
                 assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "in_progress"
             async with asyncio.timeout(10):  # hung up: its end is written
                 while (await client.get(f"/v1/responses/{rid}")).json()["status"] != "cancelled":
@@ -435,7 +527,10 @@ async def test_a_stream_whose_server_stopped_is_failed_once_its_lease_runs_out(
     crashed = {**answered, "id": "resp_crashed", "status": "in_progress", "output": []}
     jobs.save_response(crashed, [])  # as a stream's row is saved when it begins
     assert (await sdk.responses.retrieve("resp_crashed")).status == "in_progress"
-    monkeypatch.setattr(jobs, "now", lambda: time.time() + response_store.STREAM_LEASE_S + 1)
+    late = jobs.get_response("resp_crashed").used_at + response_store.STREAM_LEASE_S + 1
+    renewed = {**crashed, "status": "failed"}  # (renewed after it was read as unrenewed)
+    assert not jobs.update_response(renewed, unused_since=jobs.get_response("resp_crashed").used_at)
+    monkeypatch.setattr(jobs, "now", lambda: late)
     lost = await sdk.responses.retrieve("resp_crashed")
     assert lost.status == "failed" and lost.error is not None
     assert lost.error.code == "server_error" and "stopped" in lost.error.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import httpx
@@ -228,3 +229,23 @@ def test_captions_are_cut_to_what_the_frame_plan_counts(tiny_model_dir: Path) ->
     assert all(len(tokenizer.encode(t, add_special_tokens=False)) <= 10 for t in cut)
     assert cut[1] == "a short one" and cut[3] == "" and cut[2].startswith("word word")
     assert bounded(tokenizer, texts, 0) == ["", "", "", ""]
+
+
+async def test_captions_are_not_held_to_the_answers_format(video_client: httpx.AsyncClient) -> None:
+    """response_format (logprobs, allowed tokens, ...) is asked of the answer, not of each
+    frame's caption: the answer is the JSON, the captions are free text."""
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]}
+    body = video_body(
+        video_uri(make_video(seconds=2)),
+        video_mode="captions",
+        max_tokens=30,
+        temperature=0,
+        logprobs=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    response = await video_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert isinstance(json.loads(answer["choices"][0]["message"]["content"]), dict)
+    captions = [frame["caption"] for frame in answer["frames"]]
+    assert captions and not any(caption.startswith('{"a"') for caption in captions), captions

@@ -45,6 +45,7 @@ def mixed_states(batch: int, seeded: bool = True) -> list[SamplingState]:
     ]
     states = [state(kinds[i % len(kinds)], outputs=(1, 4, 4, 9)) for i in range(batch)]
     states[0].banned_token_ids = (3, 4)  # min_tokens: EOS and stop ids banned
+    states[-1].forced_token_id = 11  # a thinking budget spent
     return states
 
 
@@ -318,11 +319,22 @@ class RefusingMatcher:
         return False
 
 
+class DeadEndMatcher(RefusingMatcher):
+    def fill_next_token_bitmask(self, bitmask, index=0):
+        bitmask[index] = 0  # allows nothing
+        return True
+
+
 def test_a_token_the_grammar_refuses_fails_the_row() -> None:
+    """A dead end (the grammar allowed no token: the constraint's fault, a 400) apart from a
+    refusal of a token it allowed (ours: a 500)."""
     grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
     refused = state(SamplingParams(temperature=0), grammars=grammars)
     refused.matcher = RefusingMatcher()
-    assert sample(torch.randn(1, VOCAB), [refused]) == [FAILED]
+    dead_end = state(SamplingParams(temperature=0), grammars=grammars)
+    dead_end.matcher = DeadEndMatcher()
+    assert sample(torch.randn(2, VOCAB), [refused, dead_end]) == [FAILED, FAILED]
+    assert not refused.dead_end and dead_end.dead_end
 
 
 def test_logprobs_ride_in_the_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,6 +72,14 @@ def test_a_data_dir_set_back_by_an_older_server_migrates_again(tmp_path: Path) -
     store = SqliteJobStore(path)
     assert store.get_response("resp_x") is None  # the table is back
     store.close()
+    version_5 = sqlite3.connect(path)  # a data dir from before the streamed background events
+    version_5.execute("DROP TABLE response_events")
+    version_5.execute("PRAGMA user_version = 5")
+    version_5.commit()
+    version_5.close()
+    store = SqliteJobStore(path)
+    assert store.events_after("resp_x", -1) == ([], None)  # the table is back
+    store.close()
     newer = sqlite3.connect(path)
     newer.execute("PRAGMA user_version = 9")
     newer.commit()
@@ -100,7 +108,7 @@ def test_replicas_starting_together_migrate_once() -> None:
         assert len(stores) == 4
         with stores[0].transaction(write=False) as execute:
             versions = execute("SELECT version FROM schema_version", ()).fetchall()
-        assert [row["version"] for row in versions] == [1, 2, 3, 4]  # each migration once
+        assert [row["version"] for row in versions] == [1, 2, 3, 4, 5]  # each migration once
         for store in stores:
             store.close()
 

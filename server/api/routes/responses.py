@@ -5,6 +5,7 @@ and GET /v1/responses/{id} (see server/jobs/responses.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from server.api.responses import (
     ResponseObject,
     ResponsesRequest,
     completed,
+    event,
     response_id,
 )
 from server.api.routes.chat import ERRORS
@@ -63,7 +65,12 @@ async def create_response(
     services: Services = Depends(get_services),
 ) -> ResponseObject | StreamingResponse:
     if body.background:
-        return await start_in_background(body, services, idempotency_key)
+        response = await start_in_background(body, services, idempotency_key)
+        if not body.stream:
+            return response
+        return StreamingResponse(
+            followed(response.id, -1, services), media_type="text/event-stream", headers=SSE_HEADERS
+        )
     rid = response_id()
     store = body.store is not False and services.store_responses
     await continue_conversation(body, services)
@@ -99,12 +106,6 @@ async def start_in_background(
     made here, so a bad request is still a 4xx (text and max_output_tokens past the context
     too); what only running finds (media that cannot be read, images past the context) makes
     the response failed."""
-    if body.stream:
-        raise InvalidRequest(
-            "stream with background is not supported here: poll GET /v1/responses/{id}.",
-            param="stream",
-            code="unsupported_parameter",
-        )
     if body.store is False or not services.store_responses:
         raise InvalidRequest(
             "background needs its response stored (store: true, on a server that stores "
@@ -123,7 +124,7 @@ async def start_in_background(
     response = ResponseObject.start(response_id(), body, chat.sampling, store=True)
     response.status, response.background = "queued", True
     request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
-    request |= {"background": False, "store": False, "stream": False}
+    request |= {"background": False, "store": False, "stream": bool(body.stream)}
     jobs, items = services.jobs, body.own_items()
     job = await asyncio.to_thread(
         jobs.create,
@@ -322,9 +323,12 @@ async def settled(response_id: str, services: Services) -> dict[str, Any]:
         return response
     error = NO_ANSWER if response.get("background") else STREAM_LOST
     failed = {**response, "status": "failed", "error": error}
-    if await asyncio.to_thread(services.jobs.update_response, failed):
+    # (a stream only if it was not renewed meanwhile: a slow server's stream still runs)
+    unused_since = None if response.get("background") else turn.used_at + 1e-6
+    update = functools.partial(services.jobs.update_response, unused_since=unused_since)
+    if await asyncio.to_thread(update, failed):
         return failed
-    return (await stored(response_id, services)).response  # it ended meanwhile
+    return (await stored(response_id, services)).response  # it ended (or was renewed)
 
 
 async def _abandoned(turn: StoredTurn, services: Services) -> bool:
@@ -338,17 +342,74 @@ async def _abandoned(turn: StoredTurn, services: Services) -> bool:
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["responses"])
 async def retrieve_response(
     response_id: str,
-    stream: bool = Query(default=False, description="not supported: poll instead"),
+    stream: bool = Query(default=False, description="a background response's events"),
+    starting_after: int = Query(default=-1, ge=-1, description="stream: after this event"),
     services: Services = Depends(get_services),
-) -> ResponseObject:
-    """A stored response; a background one as it stands (queued, in_progress, then its end)."""
-    if stream:
+) -> ResponseObject | StreamingResponse:
+    """A stored response; a background one as it stands (queued, in_progress, then its end),
+    or (stream) its events, from after `starting_after` on, as the run saves them."""
+    response = await settled(response_id, services)
+    if not stream:
+        return ResponseObject.model_validate(response)
+    if not response.get("background"):
         raise InvalidRequest(
-            "Streaming a stored response is not supported here: poll GET /v1/responses/{id}.",
+            f"Response {response_id} was not made in the background: only a background "
+            "response's events can be streamed (GET it whole instead).",
             param="stream",
-            code="unsupported_parameter",
+            code="invalid_value",
         )
-    return ResponseObject.model_validate(await settled(response_id, services))
+    return StreamingResponse(
+        followed(response_id, starting_after, services),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
+
+
+# How often a followed stream looks for new events, and (in polls) whether its run still runs.
+FOLLOW_POLL_S = 0.05
+SETTLE_EVERY = 40
+# The event that ends a followed stream, by how its response ended (a cancelled one just ends).
+END_EVENTS = {
+    "completed": "response.completed",
+    "incomplete": "response.incomplete",
+    "failed": "response.failed",
+}
+RESTARTED = {
+    "code": "server_error",
+    "message": "The background run started over (its server stopped): stream the response "
+    "again from the start, or GET it once it ends.",
+    "param": None,
+}
+
+
+async def followed(response_id: str, after: int, services: Services) -> AsyncIterator[str]:
+    """A background response's events numbered after `after`, as its run saves them (it
+    streams when it was asked to: else only its end comes), until its last; one that ended
+    without a last event (it failed before it ran, a stream's run broke) gets it made from
+    the stored response. A run that starts over (its server stopped) ends the stream with an
+    error: what was sent cannot be taken back."""
+    attempt, polls = None, 0
+    while True:
+        rows, status = await asyncio.to_thread(services.jobs.events_after, response_id, after)
+        for number, run, text in rows:
+            if attempt not in (None, run):
+                yield event("error", after + 1, **RESTARTED)
+                return
+            attempt, after = run, number
+            yield text
+            if text.startswith(tuple(f"event: {kind}\n" for kind in END_EVENTS.values())):
+                return
+        if status is None:  # deleted meanwhile
+            return
+        if not rows and status not in RUNNING:
+            response = (await stored(response_id, services)).response
+            if status in END_EVENTS:
+                yield event(END_EVENTS[status], after + 1, response=response)
+            return
+        polls += 1
+        if not rows and polls % SETTLE_EVERY == 0:  # (a run whose job is gone: failed)
+            await settled(response_id, services)
+        await asyncio.sleep(FOLLOW_POLL_S)
 
 
 @router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, tags=["responses"])
