@@ -42,7 +42,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
-from server.engine.structured import StructuredOutput
+from server.engine.structured import GrammarCache, StructuredOutput
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 64
@@ -223,8 +223,15 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         with unset_fake_temporarily():  # filled on the host, by xgrammar's C++: real memory
             return allocate_bitmask(*args, **kwargs)
 
+    allows_a_token = GrammarCache.allows_a_token
+
+    def host_allows_a_token(self: GrammarCache, matcher: Any) -> bool:
+        with unset_fake_temporarily():  # a compile's check, on the host: a value it reads
+            return allows_a_token(self, matcher)
+
     monkeypatch.setattr(ModelRunner, "_prompt_positions", real_prompt_positions)
     monkeypatch.setattr(xgrammar, "allocate_token_bitmask", host_bitmask)
+    monkeypatch.setattr(GrammarCache, "allows_a_token", host_allows_a_token)
     monkeypatch.setattr(DecodeGraphs, "capture", warm_up_only)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
     # an H200's (transformers picks the experts' grouped products by it)
