@@ -121,6 +121,18 @@ async def thinking(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ht
         yield client
 
 
+async def streamed_deltas(client: httpx.AsyncClient, body: dict) -> list[dict]:
+    """The choice's deltas of the chat completion `body` streamed."""
+    async with client.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True}
+    ) as stream:
+        return [
+            json.loads(line[6:])["choices"][0]["delta"]
+            async for line in stream.aiter_lines()
+            if line.startswith("data: {") and '"delta"' in line
+        ]
+
+
 async def test_a_thinking_checkpoint_answers_with_reasoning_content(
     thinking: httpx.AsyncClient,
 ) -> None:
@@ -133,14 +145,7 @@ async def test_a_thinking_checkpoint_answers_with_reasoning_content(
     assert message["reasoning_content"] and message["content"] == ""
     # current vLLM's name, with the same text (clients read one or the other)
     assert message["reasoning"] == message["reasoning_content"]
-    async with thinking.stream(
-        "POST", "/v1/chat/completions", json={**body, "stream": True}
-    ) as stream:
-        deltas = [
-            json.loads(line[6:])["choices"][0]["delta"]
-            async for line in stream.aiter_lines()
-            if line.startswith('data: {"choices":[{"index"') or '"delta"' in line
-        ]
+    deltas = await streamed_deltas(thinking, body)
     streamed = "".join(d.get("reasoning_content") or "" for d in deltas)
     assert streamed == message["reasoning_content"]
     assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
@@ -191,14 +196,7 @@ async def test_a_thinking_budget_ends_the_reasoning(thinking: httpx.AsyncClient)
         if not sampling:  # the reasoning is what it was, up to the budget
             before = unbounded["choices"][0]["message"]["reasoning_content"]
             assert before.startswith(message["reasoning_content"] or "")
-        async with thinking.stream(
-            "POST", "/v1/chat/completions", json={**bounded, "stream": True}
-        ) as stream:
-            deltas = [
-                json.loads(line[6:])["choices"][0]["delta"]
-                async for line in stream.aiter_lines()
-                if line.startswith("data: {") and '"delta"' in line
-            ]
+        deltas = await streamed_deltas(thinking, bounded)
         assert "".join(d.get("content") or "" for d in deltas) == message["content"]
     reached = await thinking.post("/v1/chat/completions", json={**body, "thinking_token_budget": 8})
     assert reached.json()["choices"][0]["message"] == unbounded["choices"][0]["message"]
