@@ -325,7 +325,9 @@ async def test_a_streamed_background_response_arrives_as_it_runs(tiny_model_dir:
 
     with serve_in_thread(make_settings(tiny_model_dir)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+            sdk = openai.AsyncOpenAI(
+                base_url=f"{url}/v1", api_key="-", max_retries=0, http_client=client
+            )
             short = (await first_events(client, 3, max_output_tokens=30))[0]["response"]["id"]
             assert (await until_ended(sdk, short)).status in ("completed", "incomplete")
             seen = await first_events(client, 5)  # hung up too, with the run going on
