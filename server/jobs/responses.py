@@ -11,6 +11,7 @@ renews the turns before it, at most once an hour each).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,17 @@ class StoredTurn:
     input: list[dict[str, Any]]
     response: dict[str, Any]
     used_at: float  # made, continued, or (a stream) renewed while it runs
+
+
+@dataclass(frozen=True)
+class StoredEvents:
+    """What a client following a background response's events reads at each look."""
+
+    events: list[tuple[int, int, str]]  # (sequence number, job attempt, event text), in order
+    status: str | None  # the response's status (None: it is not stored)
+    last_number: int  # of the last event stored (-1: none)
+    last_event: str  # its text
+    attempt_at: int | None  # the attempt whose event bears the number asked after (None: none)
 
 
 class BrokenChain(Exception):
@@ -114,7 +126,7 @@ class ResponseStore(Tables):
         with self.transaction() as execute:
             if not self._still_running(execute, response["id"], attempt, unused_since):
                 return False
-            _insert_events(execute, response["id"], attempt or 0, events or [])
+            insert_events(execute, response["id"], attempt or 0, events or [])
             execute(
                 "UPDATE responses SET response = ? WHERE id = ?",
                 (json.dumps(response, ensure_ascii=False), response["id"]),
@@ -129,25 +141,39 @@ class ResponseStore(Tables):
             execute("DELETE FROM response_events WHERE response_id = ?", (response_id,))
             return cursor.rowcount == 1
 
-    def add_events(
-        self, response_id: str, attempt: int, events: list[tuple[int, str]], restart: bool = False
-    ) -> bool:
+    def add_events(self, response_id: str, attempt: int, events: list[tuple[int, str]]) -> bool:
         """A streaming background response's next events, (sequence number, event text),
-        written while it runs and this attempt of its job holds the job; `restart`: the
-        events of an earlier attempt go first (this one streams from the start)."""
+        written while it runs and this attempt of its job holds the job."""
         with self.transaction() as execute:
             if not self._still_running(execute, response_id, attempt):
                 return False
-            if restart:
-                execute("DELETE FROM response_events WHERE response_id = ?", (response_id,))
-            _insert_events(execute, response_id, attempt, events)
+            insert_events(execute, response_id, attempt, events)
             return True
 
-    def events_after(
-        self, response_id: str, after: int
-    ) -> tuple[list[tuple[int, int, str]], str | None]:
-        """A streaming background response's events numbered after `after`, as (sequence
-        number, attempt, event text), and its status as it stands (None: not stored)."""
+    def start_events(self, response_id: str, attempt: int, event: Callable[[int], str]) -> int:
+        """An attempt's first event (`event(its number)`), numbered after every event stored
+        so far (numbers keep rising when a run starts over, so a client following an earlier
+        attempt sees the change at once); the earlier attempts' own events go (the events
+        made when it was queued, attempt 0, stay). Returns the next number, -1 when the
+        response is no longer running or this attempt does not hold its job."""
+        with self.transaction() as execute:
+            if not self._still_running(execute, response_id, attempt):
+                return -1
+            row = execute(
+                "SELECT MAX(sequence_number) AS last FROM response_events WHERE response_id = ?",
+                (response_id,),
+            ).fetchone()
+            number = -1 if row is None or row["last"] is None else row["last"]
+            execute(
+                "DELETE FROM response_events WHERE response_id = ? AND attempt > 0",
+                (response_id,),
+            )
+            insert_events(execute, response_id, attempt, [(number + 1, event(number + 1))])
+            return number + 2
+
+    def events_after(self, response_id: str, after: int) -> StoredEvents:
+        """A background response's events numbered after `after`, and what a client
+        following them needs to know besides (StoredEvents)."""
         with self.transaction(write=False) as execute:
             row = execute("SELECT response FROM responses WHERE id = ?", (response_id,)).fetchone()
             rows = execute(
@@ -155,8 +181,22 @@ class ResponseStore(Tables):
                 " WHERE response_id = ? AND sequence_number > ? ORDER BY sequence_number",
                 (response_id, after),
             ).fetchall()
-        status = json.loads(row["response"])["status"] if row is not None else None
-        return [(r["sequence_number"], r["attempt"], r["event"]) for r in rows], status
+            last = execute(
+                "SELECT sequence_number, event FROM response_events WHERE response_id = ?"
+                " ORDER BY sequence_number DESC LIMIT 1",
+                (response_id,),
+            ).fetchone()
+            at = execute(
+                "SELECT attempt FROM response_events WHERE response_id = ? AND sequence_number = ?",
+                (response_id, after),
+            ).fetchone()
+        return StoredEvents(
+            events=[(r["sequence_number"], r["attempt"], r["event"]) for r in rows],
+            status=json.loads(row["response"])["status"] if row is not None else None,
+            last_number=last["sequence_number"] if last is not None else -1,
+            last_event=last["event"] if last is not None else "",
+            attempt_at=at["attempt"] if at is not None else None,
+        )
 
     def _still_running(
         self,
@@ -205,7 +245,7 @@ def insert_response(
         )
 
 
-def _insert_events(
+def insert_events(
     execute: Execute, response_id: str, attempt: int, events: list[tuple[int, str]]
 ) -> None:
     for number, event in events:

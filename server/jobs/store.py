@@ -368,8 +368,9 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",
                 (cutoff,),
             )
-            execute(  # the events of responses gone
-                "DELETE FROM response_events WHERE response_id NOT IN (SELECT id FROM responses)",
+            execute(  # the events of responses gone (NOT EXISTS: an anti-join on PostgreSQL)
+                "DELETE FROM response_events WHERE NOT EXISTS"
+                " (SELECT 1 FROM responses r WHERE r.id = response_events.response_id)",
                 (),
             )
             execute("DELETE FROM conversations WHERE used_at < ?", (cutoff,))

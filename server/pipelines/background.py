@@ -12,6 +12,7 @@ any other reason than an engine stopping leaves the response failed, never runni
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from server.api.responses import event
 from server.exceptions import EngineStopped, JobStoreUnavailable
 from server.jobs.responses import StoredTurn
 from server.jobs.store import Job, JobStore
@@ -65,6 +67,7 @@ def background_response_handler(
         await asyncio.to_thread(
             store.update_response, final, conversation, job.attempt, last_events
         )
+        EVENTS_SAVED.notify(job.id)  # (its followers here: the end is in)
         return {"response_id": job.id, "status": final["status"]}
 
     async def run(
@@ -86,8 +89,6 @@ def background_response_handler(
             body = {**body, "priority": job_priority}
         last_events: Events = []
         if body.get("stream") and open_stream is not None:
-            # (an earlier attempt's events go: this one streams from the start)
-            await asyncio.to_thread(store.add_events, job.id, job.attempt, [], True)
             status, answer, last_events = await stream_until_served(
                 open_stream, body, job, running, store
             )
@@ -120,14 +121,25 @@ async def stream_until_served(
     store: JobStore,
 ) -> tuple[int, dict[str, Any] | None, Events]:
     """A background response's request streamed, sent again while the engine is busy (as
-    send_until_served): (status, the answer, the events still to save with it). The events
-    before the last are saved as they come; None for the answer when the response ended
-    elsewhere meanwhile (cancelled, deleted, or another attempt holds the job)."""
+    send_until_served): (status, the answer, the events still to save with it). The attempt
+    starts with its in_progress event; the run's events after its own created and
+    in_progress (the client had those) are saved as they come, numbered on. None for the
+    answer when the response ended elsewhere meanwhile (cancelled, deleted, or another
+    attempt holds the job)."""
+
+    def in_progress(number: int) -> str:
+        return event("response.in_progress", number, response=running)
+
+    first = await asyncio.to_thread(store.start_events, job.id, job.attempt, in_progress)
+    if first < 0:
+        return 200, None, []
+    EVENTS_SAVED.notify(job.id)
     retries = 0
     while True:
         async with open_stream("/v1/responses", body, job.id) as (status, chunks):
             if status == 200:
-                answer, last = await saved_as_they_come(sse_blocks(chunks), job, running, store)
+                saver = EventSaver(job, running, store, first)
+                answer, last = await saver.save(sse_blocks(chunks))
                 return status, answer, last
             try:
                 answer = json.loads(b"".join([chunk async for chunk in chunks]))
@@ -139,33 +151,96 @@ async def stream_until_served(
         retries += 1
 
 
-async def saved_as_they_come(
-    blocks: AsyncIterator[str], job: Job, running: dict[str, Any], store: JobStore
-) -> tuple[dict[str, Any] | None, Events]:
-    """The stream's events saved (the stored response in place of the run's own), but the
-    last: (the answer, the events left to save with it)."""
-    pending: Events = []
-    saved_at = time.monotonic()
-    async for block in blocks:
-        kind, data = _parsed(block)
-        if isinstance(data.get("response"), dict):
-            data["response"] = answered(running, 200, data["response"])
-        event = f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-        pending.append((data["sequence_number"], event))
-        if kind in END_EVENTS:
-            return data["response"], pending
-        if time.monotonic() - saved_at >= SAVE_EVERY_S:
-            if not await asyncio.to_thread(store.add_events, job.id, job.attempt, pending):
-                return None, []
-            pending, saved_at = [], time.monotonic()
-    raise RuntimeError("the response's stream ended without its last event")
+# The run's own first events: its attempt has sent them already (as the stored response's).
+RUN_OPENING = ("response.created", "response.in_progress")
 
 
-def _parsed(block: str) -> tuple[str, dict[str, Any]]:
-    """One event's type and data."""
+class EventSaver:
+    """A streamed run's events saved in batches, at most SAVE_EVERY_S apart (a stall saves
+    what came before it), each with the stored response in place of the run's own."""
+
+    def __init__(self, job: Job, running: dict[str, Any], store: JobStore, first: int):
+        self.job, self.running, self.store = job, running, store
+        self.numbers = itertools.count(first)
+
+    async def save(self, blocks: AsyncIterator[str]) -> tuple[dict[str, Any] | None, Events]:
+        """(the answer, the events left to save with it), or (None, []) when the response
+        ended elsewhere."""
+        pending: Events = []
+        saved_at = time.monotonic()
+        coming = asyncio.ensure_future(anext(blocks, None))
+        try:
+            while True:
+                wait = max(0.0, saved_at + SAVE_EVERY_S - time.monotonic()) if pending else None
+                if not (await asyncio.wait({coming}, timeout=wait))[0]:  # a stall: save now
+                    if not await self._saved(pending):
+                        return None, []
+                    pending, saved_at = [], time.monotonic()
+                    continue
+                if (block := coming.result()) is None:
+                    raise RuntimeError("the response's stream ended without its last event")
+                coming = asyncio.ensure_future(anext(blocks, None))
+                kind, data = _parsed(block)
+                if kind is None or kind in RUN_OPENING:
+                    continue
+                if isinstance(data.get("response"), dict):
+                    data["response"] = answered(self.running, 200, data["response"])
+                data["sequence_number"] = next(self.numbers)
+                text = f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+                pending.append((data["sequence_number"], text))
+                if kind in END_EVENTS:
+                    return data["response"], pending
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    if not await self._saved(pending):
+                        return None, []
+                    pending, saved_at = [], time.monotonic()
+        finally:
+            coming.cancel()
+
+    async def _saved(self, events: Events) -> bool:
+        saved = await asyncio.to_thread(
+            self.store.add_events, self.job.id, self.job.attempt, events
+        )
+        EVENTS_SAVED.notify(self.job.id)
+        return saved
+
+
+def _parsed(block: str) -> tuple[str | None, dict[str, Any]]:
+    """One event's type and data (None: a block with no data, such as a comment)."""
     fields = dict(line.split(": ", 1) for line in block.strip().split("\n") if ": " in line)
+    if "data" not in fields:
+        return None, {}
     data = json.loads(fields["data"])
     return fields.get("event", data.get("type", "")), data
+
+
+class Wakeups:
+    """The clients following a response's events on this server, woken as soon as this
+    server saves some (others look again after a while: see routes/responses.py)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, set[asyncio.Event]] = {}
+
+    def notify(self, response_id: str) -> None:
+        for waiter in self.waiting.get(response_id, ()):
+            waiter.set()
+
+    async def wait(self, response_id: str, timeout_s: float) -> None:
+        """Until the response's next save here, or timeout_s."""
+        waiter = asyncio.Event()
+        self.waiting.setdefault(response_id, set()).add(waiter)
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self.waiting[response_id]
+            waiters.discard(waiter)
+            if not waiters:
+                del self.waiting[response_id]
+
+
+EVENTS_SAVED = Wakeups()
 
 
 def named_in_conversation(error: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,8 +17,9 @@ import openai
 import pytest
 from openai.types.responses import Response
 
+from server.api.response_events import followed
 from server.api.responses import ResponseObject, ResponsesRequest
-from server.api.routes.responses import followed, recorded_as_it_ends
+from server.api.routes.responses import recorded_as_it_ends
 from server.engine.sampling import SamplingParams
 from server.jobs import responses as response_store
 from tests.api.test_responses import WEATHER, image_input
@@ -284,7 +285,8 @@ async def test_a_streamed_background_response_is_followed_and_resumed(
     body = {"input": image_input("What is it?"), **GREEDY, "max_output_tokens": 12}
     events = [e async for e in await sdk.responses.create(background=True, stream=True, **body)]
     kinds = [e.type for e in events]
-    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert events[0].response.status == "queued" and events[2].response.status == "in_progress"
     assert kinds[-1] in ("response.completed", "response.incomplete")
     assert [e.sequence_number for e in events] == list(range(len(events)))
     rid = events[0].response.id
@@ -297,10 +299,21 @@ async def test_a_streamed_background_response_is_followed_and_resumed(
     assert final.output_text == at_once.output_text
     again = [e async for e in await sdk.responses.retrieve(rid, stream=True, starting_after=2)]
     assert [e.model_dump() for e in again] == [e.model_dump() for e in events[3:]]
+    past_the_end = await sdk.responses.retrieve(rid, stream=True, starting_after=len(events) - 1)
+    assert [e async for e in past_the_end] == []
     polled = await sdk.responses.create(background=True, **body)
     ended = await until_ended(sdk, polled.id)
-    (last,) = [e async for e in await sdk.responses.retrieve(polled.id, stream=True)]
-    assert last.type == f"response.{ended.status}" and last.response.id == polled.id
+    streamed = [e async for e in await sdk.responses.retrieve(polled.id, stream=True)]
+    assert [e.type for e in streamed] == [
+        "response.created",
+        "response.queued",
+        f"response.{ended.status}",
+    ]
+    assert streamed[-1].response.id == polled.id and streamed[-1].sequence_number == 2
+    again = await sdk.responses.retrieve(polled.id, stream=True, starting_after=2)
+    assert [e async for e in again] == []  # (that end was sent already)
+    async with sdk.responses.stream(response_id=polled.id) as helper:  # the SDK's accumulator
+        assert [e.type async for e in helper][-1] == f"response.{ended.status}"
     plain = await sdk.responses.create(**body)
     refused = await client.get(f"/v1/responses/{plain.id}", params={"stream": "true"})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
@@ -351,25 +364,44 @@ async def test_a_streamed_background_response_arrives_as_it_runs(tiny_model_dir:
 async def test_a_followed_stream_whose_run_started_over_ends_with_an_error(
     client: httpx.AsyncClient, sdk: openai.AsyncOpenAI
 ) -> None:
-    """What was sent cannot be taken back: a client following attempt 1's events gets an
-    error once attempt 2 (its server stopped, another took the job) streams from the start."""
+    """What was sent cannot be taken back: a client that read attempt 1's events gets an
+    error as soon as attempt 2 (its server stopped, another took the job) starts, numbered
+    after them; one that comes back after one of attempt 1's events too; a new client
+    follows attempt 2 from the start (the queued events, then attempt 2's)."""
     jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
     answered = (await sdk.responses.create(input="Hi", **GREEDY)).model_dump(exclude_none=True)
     running = {**answered, "id": "resp_restarted", "status": "in_progress", "background": True}
     jobs.save_response(running, [])
-    first = [(0, 'event: response.created\ndata: {"sequence_number": 0}\n\n')]
+
+    def text(number: int) -> str:
+        return f'event: response.output_text.delta\ndata: {{"sequence_number": {number}}}\n\n'
+
+    async def settle() -> dict:
+        return running
+
+    def follow(after: int) -> AsyncIterator[str]:
+        return followed(jobs, "resp_restarted", after, settle, lambda: False)
+
     with jobs.transaction() as execute:
-        response_store._insert_events(execute, "resp_restarted", 1, first)
-    stream = followed("resp_restarted", -1, client.app.state.services)  # type: ignore[attr-defined]
-    assert await anext(stream) == first[0][1]
-    with jobs.transaction() as execute:
-        execute("DELETE FROM response_events WHERE response_id = ?", ("resp_restarted",))
-        response_store._insert_events(execute, "resp_restarted", 2, [(0, first[0][1])])
-        response_store._insert_events(execute, "resp_restarted", 2, [(1, first[0][1])])
+        response_store.insert_events(execute, "resp_restarted", 0, [(0, text(0)), (1, text(1))])
+        response_store.insert_events(execute, "resp_restarted", 1, [(2, text(2)), (3, text(3))])
+    stream = follow(-1)
+    assert [await anext(stream) for _ in range(4)] == [text(n) for n in range(4)]
+    with jobs.transaction() as execute:  # as start_events does it for attempt 2
+        execute("DELETE FROM response_events WHERE attempt > 0", ())
+        response_store.insert_events(execute, "resp_restarted", 2, [(4, text(4)), (5, text(5))])
     error = json.loads((await anext(stream)).split("data: ", 1)[1])
     assert error["type"] == "error" and "started over" in error["message"]
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
+    back = [event async for event in follow(3)]  # attempt 1's event 3: gone
+    assert len(back) == 1 and "started over" in back[0]
+    fresh = follow(-1)
+    assert [await anext(fresh) for _ in range(4)] == [text(n) for n in (0, 1, 4, 5)]
+    await fresh.aclose()
+    draining = followed(jobs, "resp_restarted", 5, settle, lambda: True)
+    (last,) = [event async for event in draining]  # (it resumes elsewhere)
+    assert '"code": "server_shutting_down"' in last
 
 
 async def test_a_background_response_that_fails_says_why(sdk: openai.AsyncOpenAI) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.response_events import followed, opening_events
 from server.api.responses import (
     InputItemList,
     InputTokens,
@@ -23,7 +24,6 @@ from server.api.responses import (
     ResponseObject,
     ResponsesRequest,
     completed,
-    event,
     response_id,
 )
 from server.api.routes.chat import ERRORS
@@ -39,12 +39,14 @@ from server.exceptions import (
     ServerError,
 )
 from server.jobs import responses as response_store
+from server.jobs.deliveries import Execute
 from server.jobs.responses import (
     MAX_CHAIN,
     RUNNING,
     BrokenChain,
     ConversationTooLong,
     StoredTurn,
+    insert_events,
     insert_response,
 )
 from server.pipelines.background import KIND as BACKGROUND
@@ -66,11 +68,7 @@ async def create_response(
 ) -> ResponseObject | StreamingResponse:
     if body.background:
         response = await start_in_background(body, services, idempotency_key)
-        if not body.stream:
-            return response
-        return StreamingResponse(
-            followed(response.id, -1, services), media_type="text/event-stream", headers=SSE_HEADERS
-        )
+        return following(response.id, -1, request, services) if body.stream else response
     rid = response_id()
     store = body.store is not False and services.store_responses
     await continue_conversation(body, services)
@@ -125,14 +123,19 @@ async def start_in_background(
     response.status, response.background = "queued", True
     request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
     request |= {"background": False, "store": False, "stream": bool(body.stream)}
-    jobs, items = services.jobs, body.own_items()
+    jobs, items, queued = services.jobs, body.own_items(), response.model_dump()
+
+    def stored_with_it(execute: Execute) -> None:
+        insert_response(execute, jobs.now(), queued, items)
+        insert_events(execute, response.id, 0, opening_events(queued))
+
     job = await asyncio.to_thread(
         jobs.create,
         BACKGROUND,
         {"body": request},
         idempotency_key,
         job_id=response.id,
-        also=lambda execute: insert_response(execute, jobs.now(), response.model_dump(), items),
+        also=stored_with_it,
     )
     services.job_worker.notify()
     if job.id != response.id:  # the key's earlier response
@@ -342,6 +345,7 @@ async def _abandoned(turn: StoredTurn, services: Services) -> bool:
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["responses"])
 async def retrieve_response(
     response_id: str,
+    request: Request,
     stream: bool = Query(default=False, description="a background response's events"),
     starting_after: int = Query(default=-1, ge=-1, description="stream: after this event"),
     services: Services = Depends(get_services),
@@ -358,58 +362,21 @@ async def retrieve_response(
             param="stream",
             code="invalid_value",
         )
-    return StreamingResponse(
-        followed(response_id, starting_after, services),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
+    return following(response_id, starting_after, request, services)
+
+
+def following(
+    response_id: str, after: int, request: Request, services: Services
+) -> StreamingResponse:
+    """A background response's events after `after`, followed as they are saved."""
+    events = followed(
+        services.jobs,
+        response_id,
+        after,
+        functools.partial(settled, response_id, services),
+        lambda: bool(request.app.state.draining),
     )
-
-
-# How often a followed stream looks for new events, and (in polls) whether its run still runs.
-FOLLOW_POLL_S = 0.05
-SETTLE_EVERY = 40
-# The event that ends a followed stream, by how its response ended (a cancelled one just ends).
-END_EVENTS = {
-    "completed": "response.completed",
-    "incomplete": "response.incomplete",
-    "failed": "response.failed",
-}
-RESTARTED = {
-    "code": "server_error",
-    "message": "The background run started over (its server stopped): stream the response "
-    "again from the start, or GET it once it ends.",
-    "param": None,
-}
-
-
-async def followed(response_id: str, after: int, services: Services) -> AsyncIterator[str]:
-    """A background response's events numbered after `after`, as its run saves them (it
-    streams when it was asked to: else only its end comes), until its last; one that ended
-    without a last event (it failed before it ran, a stream's run broke) gets it made from
-    the stored response. A run that starts over (its server stopped) ends the stream with an
-    error: what was sent cannot be taken back."""
-    attempt, polls = None, 0
-    while True:
-        rows, status = await asyncio.to_thread(services.jobs.events_after, response_id, after)
-        for number, run, text in rows:
-            if attempt not in (None, run):
-                yield event("error", after + 1, **RESTARTED)
-                return
-            attempt, after = run, number
-            yield text
-            if text.startswith(tuple(f"event: {kind}\n" for kind in END_EVENTS.values())):
-                return
-        if status is None:  # deleted meanwhile
-            return
-        if not rows and status not in RUNNING:
-            response = (await stored(response_id, services)).response
-            if status in END_EVENTS:
-                yield event(END_EVENTS[status], after + 1, response=response)
-            return
-        polls += 1
-        if not rows and polls % SETTLE_EVERY == 0:  # (a run whose job is gone: failed)
-            await settled(response_id, services)
-        await asyncio.sleep(FOLLOW_POLL_S)
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, tags=["responses"])
