@@ -5,7 +5,7 @@ store every 50 ms at most, and the client's stream follows the saved events), on
 an idle `vlm-server serve` process.
 
     python scripts/bench_background_stream.py               # CPU, bench-sized random checkpoint
-    python scripts/bench_background_stream.py --job-store postgresql://postgres@127.0.0.1/test
+    python scripts/bench_background_stream.py --postgres postgresql://postgres@127.0.0.1/test
 
 Medians of --repeats: time to the first output-text delta, to the last event, and the events
 received. Prints a markdown table (paste it into docs/BENCHMARKS.md).
@@ -27,7 +27,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_scheduler import BENCH_SPEC, free_port, start_server  # noqa: E402  (a sibling)
+from bench_jobs import fresh_url  # noqa: E402  (siblings)
+from bench_scheduler import BENCH_SPEC, free_port, start_server  # noqa: E402
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
@@ -68,16 +69,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--job-store", help="a PostgreSQL URL (default: SQLite in a temp dir)")
+    parser.add_argument(
+        "--postgres",
+        help="a PostgreSQL URL: the job store in a schema of its own there, dropped "
+        "after (default: SQLite in a temp dir)",
+    )
     args = parser.parse_args()
     if not (args.checkpoint / "config.json").exists():
         from server.engine.tiny import TinySpec, make_tiny_checkpoint
 
         make_tiny_checkpoint(args.checkpoint, TinySpec(**BENCH_SPEC))
-    with tempfile.TemporaryDirectory() as data_dir:
-        extra = ["--data-dir", data_dir]
-        if args.job_store:
-            extra += ["--job-store", args.job_store]
+    backend = "postgres" if args.postgres else "sqlite"
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        fresh_url(args, backend, Path(data_dir)) as job_store,
+    ):
+        extra = ["--data-dir", data_dir, "--job-store", job_store]
         server_args = argparse.Namespace(
             device=args.device, concurrency=[4], num_long=0, max_model_len=2048
         )
@@ -88,8 +95,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=60)
-    store = "postgres" if args.job_store else "sqlite"
-    print(f"| {store}, {args.tokens} tokens | first delta s | last event s | events |")
+    print(f"| {backend}, {args.tokens} tokens | first delta s | last event s | events |")
     print("| --- | ---: | ---: | ---: |")
     for name, (first, last, events) in rows.items():
         print(f"| {name} | {first:.3f} | {last:.3f} | {events:.0f} |")
