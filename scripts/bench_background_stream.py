@@ -14,7 +14,6 @@ received. Prints a markdown table (paste it into docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_jobs import fresh_url  # noqa: E402  (siblings)
-from bench_scheduler import BENCH_SPEC, free_port, start_server  # noqa: E402
+from bench_scheduler import BENCH_SPEC, against_server  # noqa: E402
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
@@ -88,13 +87,7 @@ def main() -> None:
         server_args = argparse.Namespace(
             device=args.device, concurrency=[4], num_long=0, max_model_len=2048
         )
-        port = free_port()
-        server = start_server(args.checkpoint, port, server_args, extra)
-        try:
-            rows = asyncio.run(drive(port, args))
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        rows = against_server(args.checkpoint, server_args, lambda port: drive(port, args), extra)
     print(f"| {backend}, {args.tokens} tokens | first delta s | last event s | events |")
     print("| --- | ---: | ---: | ---: |")
     for name, (first, last, events) in rows.items():

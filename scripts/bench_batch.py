@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_scheduler import BENCH_SPEC, free_port, request_body, start_server  # noqa: E402
+from bench_scheduler import BENCH_SPEC, against_server, request_body  # noqa: E402
 
 
 def bodies(args: argparse.Namespace) -> list[dict]:
@@ -115,13 +115,7 @@ def main() -> None:
 
         make_tiny_checkpoint(args.checkpoint, TinySpec(**BENCH_SPEC))
     server_args = argparse.Namespace(**vars(args), concurrency=[args.max_num_seqs], num_long=0)
-    port = free_port()
-    server = start_server(args.checkpoint, port, server_args)
-    try:
-        rows = asyncio.run(drive(port, args))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    rows = against_server(args.checkpoint, server_args, lambda port: drive(port, args))
     print(f"| how ({args.requests} image requests, {args.tokens} tokens each) | wall s | tok/s |")
     print("| --- | --- | --- |")
     for name, label in (

@@ -29,10 +29,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_scheduler import (  # noqa: E402  (a sibling script)
     BENCH_SPEC,
-    free_port,
+    against_server,
     one_request,
     request_body,
-    start_server,
 )
 
 
@@ -85,13 +84,12 @@ def main() -> None:
     for policy, background in (("fcfs", None), ("priority", 1)):
         # start_server sizes --max-num-seqs from these: exactly the background requests
         server_args = argparse.Namespace(**vars(args), concurrency=[0], num_long=args.max_num_seqs)
-        port = free_port()
-        server = start_server(args.checkpoint, port, server_args, ["--scheduling-policy", policy])
-        try:
-            rows[policy] = asyncio.run(drive(port, args, background))
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        rows[policy] = against_server(
+            args.checkpoint,
+            server_args,
+            lambda port, background=background: drive(port, args, background),
+            ["--scheduling-policy", policy],
+        )
     print(
         f"| policy | short p50 s, idle | short p50 s, {args.max_num_seqs} long running "
         "| x idle | short p50 TTFT s, busy |"

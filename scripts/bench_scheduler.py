@@ -27,7 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 from PIL import Image
@@ -35,6 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+T = TypeVar("T")
 BENCH_SPEC = dict(  # hidden 512, 8 layers: big enough that compute matters on a CPU
     hidden_size=512,
     num_layers=8,
@@ -194,6 +197,22 @@ def start_server(
     raise RuntimeError("server did not start")
 
 
+def against_server(
+    checkpoint: Path,
+    args: argparse.Namespace,
+    drive: Callable[[int], Coroutine[Any, Any, T]],
+    extra: list[str] | None = None,
+) -> T:
+    """drive(port) run against a `vlm-server serve` process of its own, stopped after."""
+    port = free_port()
+    server = start_server(checkpoint, port, args, extra)
+    try:
+        return asyncio.run(drive(port))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
     """(latency, time to first token, completion tokens) of one streamed request."""
     started = time.perf_counter()
@@ -312,13 +331,7 @@ def main() -> None:
         ceiling = ceiling_tokens_per_s(
             args.checkpoint, n, args.tokens, args.image_size, args.device
         )
-    port = free_port()
-    server = start_server(args.checkpoint, port, args)
-    try:
-        rows, mixed = asyncio.run(drive_server(port, args))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    rows, mixed = against_server(args.checkpoint, args, lambda port: drive_server(port, args))
 
     base = rows[0]["tokens_per_s"]
     print(
