@@ -210,7 +210,10 @@ def against_server(
         return asyncio.run(drive(port))
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:

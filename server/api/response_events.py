@@ -1,20 +1,21 @@
 """A background response's events, as a client follows them: POST /v1/responses with
 background and stream, and GET /v1/responses/{id}?stream=true&starting_after=n. The events are
 in the job store (server/jobs/responses.py): its response.created and response.queued, saved
-with it; each attempt of its job's response.in_progress, then (a run that streams) the run's
-events as they are saved (pipelines/background.py), the last written with the answer. A
+with it; then, a run that streams, each attempt's response.in_progress and the run's events
+as they are saved (pipelines/background.py), the last written with the answer. A
 client reads them from any replica, and goes on after a hang-up from the last it read."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from server.api.responses import event
 from server.exceptions import JobStoreUnavailable, ResponseNotFound
-from server.jobs.responses import RUNNING
+from server.jobs.responses import RUNNING, StoredEvents
 from server.jobs.store import JobStore
 from server.pipelines.background import EVENTS_SAVED
 
@@ -24,6 +25,7 @@ from server.pipelines.background import EVENTS_SAVED
 FIRST_LOOK_S = 0.05
 LAST_LOOK_S = 1.0
 SETTLE_S = 2.0
+KEEPALIVE_S = 15.0  # an SSE comment when nothing was sent for this long (clients skip them)
 # The event that ends a followed stream, by how its response ended (a cancelled one just ends).
 END_EVENTS = {
     "completed": "response.completed",
@@ -65,58 +67,87 @@ async def followed(
     settle: Callable[[], Awaitable[dict[str, Any]]],
     stopping: Callable[[], bool],
 ) -> AsyncIterator[str]:
-    """The response's events numbered after `after`, as they are saved, until its last. One
-    that ended with no last event saved (it did not stream, or failed before it could) gets
-    one made from the stored response. A run that started over after the events a client
-    read (its server stopped) ends that client's stream with an error: what was sent cannot
-    be taken back. `settle` fails a run whose job is gone; `stopping`: this server drains."""
-    seen: int | None = None  # the job attempt whose events were sent (0: the opening ones)
-    wait_s, settled_at, first = FIRST_LOOK_S, time.monotonic(), True
-    while True:
-        try:
-            look = await asyncio.to_thread(jobs.events_after, response_id, after)
-        except JobStoreUnavailable:
-            yield event("error", after + 1, **STORE_DOWN)
-            return
-        if look.status is None:  # deleted
-            return
-        if first:
-            first, seen = False, look.attempt_at or None
-            if look.attempt_at is None and 0 <= after <= look.last_number:  # (its run's: gone)
-                yield event("error", after + 1, **RESTARTED)
-                return
-        for number, attempt, text in look.events:
-            if attempt and seen not in (None, attempt):
-                yield event("error", after + 1, **RESTARTED)
-                return
-            seen, after = attempt or seen, number
+    """The response's events numbered after `after`, as they are saved, until its last (see
+    Follower); a store outage or a drain ends the stream with an error event."""
+    follower = Follower(jobs, response_id, after, settle, stopping)
+    try:
+        async for text in follower.events():
             yield text
-            if text.startswith(END_PREFIXES):
-                return
-        if not look.events and look.status not in RUNNING:
-            # An end to make: it ended without one saved, and this client did not get the
-            # one made before (numbered past the last saved event).
-            unsaved = look.status in END_EVENTS and not look.last_event.startswith(END_PREFIXES)
-            response = await _stored(jobs, response_id) if unsaved else None
-            if response is not None and after <= look.last_number:
-                yield event(END_EVENTS[look.status], look.last_number + 1, response=response)
-            return
-        if stopping():
-            yield event("error", after + 1, **SHUTTING_DOWN)
-            return
-        wait_s = FIRST_LOOK_S if look.events else min(2 * wait_s, LAST_LOOK_S)
-        if time.monotonic() - settled_at >= SETTLE_S:
-            settled_at = time.monotonic()
-            try:
-                await settle()  # (a run whose job is gone is failed: the next look ends it)
-            except ResponseNotFound:
-                return
-            except JobStoreUnavailable:
-                yield event("error", after + 1, **STORE_DOWN)
-                return
-        await EVENTS_SAVED.wait(response_id, wait_s)
+    except JobStoreUnavailable:
+        yield follower.error(STORE_DOWN)
+    except ResponseNotFound:  # deleted meanwhile
+        return
 
 
-async def _stored(jobs: JobStore, response_id: str) -> dict[str, Any] | None:
-    turn = await asyncio.to_thread(jobs.get_response, response_id)
-    return turn.response if turn is not None else None
+class Follower:
+    """One client's stream of a response's events. One that ended with no last event saved
+    (it did not stream, or failed before it could) gets one made from the stored response.
+    A run that started over after the events the client read (its server stopped) ends the
+    stream with an error: what was sent cannot be taken back. The errors it makes carry the
+    number of the last event sent before them, so a client that goes on after the last
+    number it read misses nothing. `settle` fails a run whose job is gone; `stopping`: this
+    server drains."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        response_id: str,
+        after: int,
+        settle: Callable[[], Awaitable[dict[str, Any]]],
+        stopping: Callable[[], bool],
+    ):
+        self.jobs, self.response_id, self.after = jobs, response_id, after
+        self.settle, self.stopping = settle, stopping
+
+    def error(self, fields: dict[str, Any]) -> str:
+        return event("error", self.after, **fields)
+
+    async def events(self) -> AsyncIterator[str]:
+        seen: int | None = None  # the job attempt whose events were sent (0: the opening ones)
+        wait_s, settled_at, sent_at, first = FIRST_LOOK_S, time.monotonic(), time.monotonic(), True
+        while True:
+            with EVENTS_SAVED.watching(self.response_id) as saved:  # (a save during the look)
+                look = await asyncio.to_thread(self.jobs.events_after, self.response_id, self.after)
+                if look.status is None:  # deleted
+                    return
+                if first:
+                    first, seen = False, look.attempt_at or None
+                    if look.attempt_at is None and 0 <= self.after <= look.last_number:
+                        yield self.error(RESTARTED)  # (it resumes after an event now gone)
+                        return
+                for number, attempt, text in look.events:
+                    if attempt and seen not in (None, attempt):
+                        yield self.error(RESTARTED)
+                        return
+                    seen, self.after, sent_at = attempt or seen, number, time.monotonic()
+                    yield text
+                    if text.startswith(END_PREFIXES):
+                        return
+                if not look.events and look.status not in RUNNING:
+                    if (end := await self._made_end(look)) is not None:
+                        yield end
+                    return
+                if self.stopping():
+                    yield self.error(SHUTTING_DOWN)
+                    return
+                if time.monotonic() - sent_at >= KEEPALIVE_S:  # (proxies cut idle streams)
+                    sent_at = time.monotonic()
+                    yield ": keepalive\n\n"
+                wait_s = FIRST_LOOK_S if look.events else min(2 * wait_s, LAST_LOOK_S)
+                if time.monotonic() - settled_at >= SETTLE_S:
+                    settled_at = time.monotonic()
+                    await self.settle()  # (a run whose job is gone is failed: the next look)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(saved.wait(), wait_s)
+
+    async def _made_end(self, look: StoredEvents) -> str | None:
+        """The end of a response that ended without one saved, made from it, unless this
+        client got it before (it was numbered past the last saved event)."""
+        if look.status not in END_EVENTS or look.last_event.startswith(END_PREFIXES):
+            return None
+        if self.after > look.last_number:
+            return None
+        turn = await asyncio.to_thread(self.jobs.get_response, self.response_id)
+        if turn is None:
+            return None
+        return event(END_EVENTS[look.status], look.last_number + 1, response=turn.response)

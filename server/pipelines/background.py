@@ -12,12 +12,13 @@ any other reason than an engine stopping leaves the response failed, never runni
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from server.api.responses import event
@@ -61,6 +62,7 @@ def background_response_handler(
             logger.exception("background response %s failed", job.id)
             failed = {**running, "status": "failed", "error": NO_ANSWER}
             await asyncio.to_thread(store.update_response, failed, None, job.attempt)
+            EVENTS_SAVED.notify(job.id)
             raise
         if final is None:  # a stream whose response ended elsewhere (cancelled, deleted)
             return {"response_id": job.id}
@@ -109,7 +111,7 @@ def background_response_handler(
 
 Events = list[tuple[int, str]]  # a stream's events: (sequence number, the event as sent)
 # The events that end a response's stream.
-END_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+END_KINDS = ("response.completed", "response.incomplete", "response.failed")
 SAVE_EVERY_S = 0.05  # a stream's events are saved in batches at most this far apart
 
 
@@ -188,7 +190,7 @@ class EventSaver:
                 data["sequence_number"] = next(self.numbers)
                 text = f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
                 pending.append((data["sequence_number"], text))
-                if kind in END_EVENTS:
+                if kind in END_KINDS:
                     return data["response"], pending
                 if time.monotonic() - saved_at >= SAVE_EVERY_S:
                     if not await self._saved(pending):
@@ -216,7 +218,7 @@ def _parsed(block: str) -> tuple[str | None, dict[str, Any]]:
 
 class Wakeups:
     """The clients following a response's events on this server, woken as soon as this
-    server saves some (others look again after a while: see routes/responses.py)."""
+    server saves some (others look again after a while: see api/response_events.py)."""
 
     def __init__(self) -> None:
         self.waiting: dict[str, set[asyncio.Event]] = {}
@@ -225,14 +227,14 @@ class Wakeups:
         for waiter in self.waiting.get(response_id, ()):
             waiter.set()
 
-    async def wait(self, response_id: str, timeout_s: float) -> None:
-        """Until the response's next save here, or timeout_s."""
+    @contextlib.contextmanager
+    def watching(self, response_id: str) -> Iterator[asyncio.Event]:
+        """An event set at the response's next save here (registered before the caller
+        looks at what is saved, so a save during the look is not missed)."""
         waiter = asyncio.Event()
         self.waiting.setdefault(response_id, set()).add(waiter)
         try:
-            await asyncio.wait_for(waiter.wait(), timeout_s)
-        except TimeoutError:
-            pass
+            yield waiter
         finally:
             waiters = self.waiting[response_id]
             waiters.discard(waiter)

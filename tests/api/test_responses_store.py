@@ -17,6 +17,7 @@ import openai
 import pytest
 from openai.types.responses import Response
 
+from server.api import response_events
 from server.api.response_events import followed
 from server.api.responses import ResponseObject, ResponsesRequest
 from server.api.routes.responses import recorded_as_it_ends
@@ -362,7 +363,7 @@ async def test_a_streamed_background_response_arrives_as_it_runs(tiny_model_dir:
 
 
 async def test_a_followed_stream_whose_run_started_over_ends_with_an_error(
-    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What was sent cannot be taken back: a client that read attempt 1's events gets an
     error as soon as attempt 2 (its server stopped, another took the job) starts, numbered
@@ -399,9 +400,15 @@ async def test_a_followed_stream_whose_run_started_over_ends_with_an_error(
     fresh = follow(-1)
     assert [await anext(fresh) for _ in range(4)] == [text(n) for n in (0, 1, 4, 5)]
     await fresh.aclose()
-    draining = followed(jobs, "resp_restarted", 5, settle, lambda: True)
-    (last,) = [event async for event in draining]  # (it resumes elsewhere)
-    assert '"code": "server_shutting_down"' in last
+    draining = followed(jobs, "resp_restarted", 4, settle, lambda: True)
+    shutting, last = [event async for event in draining]  # (it goes on elsewhere)
+    assert shutting == text(5) and '"code": "server_shutting_down"' in last
+    number = json.loads(last.split("data: ", 1)[1])["sequence_number"]
+    assert number == 5  # the last sent: a client going on after it misses nothing
+    monkeypatch.setattr(response_events, "KEEPALIVE_S", 0.0)
+    idle = follow(5)  # nothing new: an SSE comment keeps proxies from cutting the stream
+    assert await asyncio.wait_for(anext(idle), 5) == ": keepalive\n\n"
+    await idle.aclose()
 
 
 async def test_a_background_response_that_fails_says_why(sdk: openai.AsyncOpenAI) -> None:

@@ -49,8 +49,8 @@ from server.jobs.responses import (
     insert_events,
     insert_response,
 )
+from server.pipelines.background import EVENTS_SAVED, NO_ANSWER
 from server.pipelines.background import KIND as BACKGROUND
-from server.pipelines.background import NO_ANSWER
 from server.pipelines.chat import ChatResult
 
 logger = logging.getLogger(__name__)
@@ -396,6 +396,7 @@ async def stop_background(response_id: str, services: Services) -> None:
     worker sees it, and stopped at once if it runs here."""
     await asyncio.to_thread(services.jobs.cancel, response_id)
     services.job_worker.cancel_running(response_id)
+    EVENTS_SAVED.notify(response_id)  # (its followers here end now)
 
 
 @router.get(
