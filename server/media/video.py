@@ -235,6 +235,7 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     # Ctrl-C reaches the terminal's whole process group: the server drains first and then
     # closes its workers itself, so a worker must finish the video it is decoding.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send("ready")  # (from here on a Ctrl-C leaves it be: the server waits for this)
     while True:
         try:
             job = conn.recv()
@@ -251,12 +252,33 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
 # -- in the server ---------------------------------------------------------------------------
 
 
+WORKER_START_TIMEOUT_S = 60.0
+
+
 class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext):
         self.conn, child = context.Pipe()
         self.process: BaseProcess = context.Process(target=_worker_main, args=(child,), daemon=True)
         self.process.start()
         child.close()
+
+    def wait_ready(self) -> None:
+        """Until it has started (a Ctrl-C while a spawned worker still imports would kill
+        it with a traceback); one that does not start is left dead (respawned when used)."""
+        try:
+            if self.conn.poll(WORKER_START_TIMEOUT_S):
+                self.conn.recv()
+                return
+        except (EOFError, OSError):
+            pass
+        logger.warning("a video decode worker did not start")
+        self.kill()
+
+    @classmethod
+    def started(cls, context: multiprocessing.context.BaseContext) -> _Worker:
+        worker = cls(context)
+        worker.wait_ready()
+        return worker
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -285,9 +307,14 @@ class VideoDecoder:
 
     async def start(self) -> None:
         self.idle = asyncio.Queue()
-        workers = await asyncio.to_thread(
-            lambda: [_Worker(self.context) for _ in range(self.num_workers)]
-        )
+
+        def started_together() -> list[_Worker]:
+            workers = [_Worker(self.context) for _ in range(self.num_workers)]
+            for worker in workers:
+                worker.wait_ready()
+            return workers
+
+        workers = await asyncio.to_thread(started_together)
         for worker in workers:
             self.idle.put_nowait(worker)
 
@@ -303,7 +330,7 @@ class VideoDecoder:
         healthy = False
         try:
             if not worker.process.is_alive():  # replaced lazily: the pool never shrinks
-                worker = await asyncio.to_thread(_Worker, self.context)
+                worker = await asyncio.to_thread(_Worker.started, self.context)
             job = (data, budget, request, self.max_fps)
             # Sending a big video and receiving 60 frames are pipe copies: off the event loop.
             status, result = await asyncio.to_thread(_exchange, worker, job, self.timeout_s)
