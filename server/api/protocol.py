@@ -341,6 +341,14 @@ class ChatMessageParam(PartModel):
             raise ValueError("only assistant messages carry tool_calls")
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError("only tool messages carry tool_call_id")
+        # As OpenAI (and vLLM) refuse them: only an assistant's turn may go without content
+        # (its tool calls are what it said), and a tool's answer names the call it answers.
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if isinstance(self.content, list) and not self.content and self.role != "assistant":
+            raise ValueError("content is an empty array: send at least one part")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id (the call it answers)")
         return self
 
 

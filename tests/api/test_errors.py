@@ -177,6 +177,27 @@ BAD_BODIES = {
         "ignore_eos",
         "invalid_value",
     ),
+    "user message without content": (
+        {"model": "tiny", "messages": [{"role": "user"}]},
+        "messages[0]",
+        "invalid_value",
+    ),
+    "empty content array": (
+        {"model": "tiny", "messages": [{"role": "user", "content": []}]},
+        "messages[0]",
+        "invalid_value",
+    ),
+    "tool message without tool_call_id": (
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "tool", "content": "42"},
+            ],
+        },
+        "messages[1]",
+        "invalid_value",
+    ),
     "lone surrogate in text": (
         {"model": "tiny", "messages": [{"role": "user", "content": "\ud83d"}]},
         "messages[0].content",
