@@ -197,7 +197,10 @@ class EventSaver:
                         return None, []
                     pending, saved_at = [], time.monotonic()
         finally:
-            coming.cancel()
+            if not coming.done():
+                coming.cancel()
+            elif not coming.cancelled():
+                coming.exception()  # (retrieved: the stream's own failure, if any, is moot now)
 
     async def _saved(self, events: Events) -> bool:
         saved = await asyncio.to_thread(
