@@ -7,6 +7,10 @@ into the stored response, which GET /v1/responses/{id} polls, and the response's
 its conversation, in one transaction. A cancel or a delete wins over an answer that comes after
 it (server/jobs/responses.py writes only while the response runs), and a run that fails for
 any other reason than an engine stopping leaves the response failed, never running.
+
+One asked to stream (`stream: true` too) is sent streamed (pipelines/loopback.py), and its
+events are saved in the job store as they come, for clients to follow from any replica
+(api/response_events.py); its last event is saved with the answer.
 """
 
 from __future__ import annotations
