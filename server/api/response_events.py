@@ -33,6 +33,7 @@ END_EVENTS = {
     "failed": "response.failed",
 }
 END_PREFIXES = tuple(f"event: {kind}\n" for kind in END_EVENTS.values())
+IN_PROGRESS = "event: response.in_progress\n"
 RESTARTED = {
     "code": "server_error",
     "message": "The background run started over (its server stopped): stream the response "
@@ -104,21 +105,27 @@ class Follower:
 
     async def events(self) -> AsyncIterator[str]:
         seen: int | None = None  # the job attempt whose events were sent (0: the opening ones)
+        # whether that attempt sent more than its in_progress (a run that said nothing else,
+        # stopped during a long prefill say, is followed by the next one without an error)
+        said = False
         wait_s, settled_at, sent_at, first = FIRST_LOOK_S, time.monotonic(), time.monotonic(), True
         while True:
             with EVENTS_SAVED.watching(self.response_id) as saved:  # (a save during the look)
                 look = await asyncio.to_thread(self.jobs.events_after, self.response_id, self.after)
                 if look.status is None:  # deleted
                     return
-                if first:
-                    first, seen = False, look.attempt_at or None
+                if first:  # (a client going on after a run's event: it may have said more)
+                    first, seen, said = False, look.attempt_at or None, bool(look.attempt_at)
                     if look.attempt_at is None and 0 <= self.after <= look.last_number:
                         yield self.error(RESTARTED)  # (it resumes after an event now gone)
                         return
                 for number, attempt, text in look.events:
-                    if attempt and seen not in (None, attempt):
+                    if attempt and seen not in (None, attempt) and said:
                         yield self.error(RESTARTED)
                         return
+                    if attempt and attempt != seen:  # (a run that said nothing yet is replaced)
+                        said = False
+                    said = said or (bool(attempt) and not text.startswith(IN_PROGRESS))
                     seen, self.after, sent_at = attempt or seen, number, time.monotonic()
                     yield text
                     if text.startswith(END_PREFIXES):

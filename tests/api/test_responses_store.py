@@ -409,6 +409,18 @@ async def test_a_followed_stream_whose_run_started_over_ends_with_an_error(
     idle = follow(5)  # nothing new: an SSE comment keeps proxies from cutting the stream
     assert await asyncio.wait_for(anext(idle), 5) == ": keepalive\n\n"
     await idle.aclose()
+    monkeypatch.setattr(response_events, "KEEPALIVE_S", 15.0)
+    quiet = follow(-1)  # attempt 2 said only its in_progress when attempt 3 replaced it
+    in_progress = 'event: response.in_progress\ndata: {"sequence_number": 4}\n\n'
+    with jobs.transaction() as execute:
+        execute("DELETE FROM response_events WHERE attempt > 0", ())
+        response_store.insert_events(execute, "resp_restarted", 2, [(4, in_progress)])
+    assert [await anext(quiet) for _ in range(3)] == [text(0), text(1), in_progress]
+    with jobs.transaction() as execute:
+        execute("DELETE FROM response_events WHERE attempt > 0", ())
+        response_store.insert_events(execute, "resp_restarted", 3, [(5, text(5))])
+    assert await anext(quiet) == text(5)  # followed on, no error: nothing was taken back
+    await quiet.aclose()
 
 
 async def test_a_background_response_that_fails_says_why(sdk: openai.AsyncOpenAI) -> None:
