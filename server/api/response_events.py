@@ -17,7 +17,7 @@ from server.api.responses import event
 from server.exceptions import JobStoreUnavailable, ResponseNotFound
 from server.jobs.responses import RUNNING, StoredEvents
 from server.jobs.store import JobStore
-from server.pipelines.background import EVENTS_SAVED
+from server.pipelines.background import END_EVENTS, EVENTS_SAVED
 
 # A follower looks again at once when this server saves its response's events, else after a
 # wait that doubles from FIRST_LOOK_S to LAST_LOOK_S while nothing comes (another replica's run,
@@ -26,12 +26,6 @@ FIRST_LOOK_S = 0.05
 LAST_LOOK_S = 1.0
 SETTLE_S = 2.0
 KEEPALIVE_S = 15.0  # an SSE comment when nothing was sent for this long (clients skip them)
-# The event that ends a followed stream, by how its response ended (a cancelled one just ends).
-END_EVENTS = {
-    "completed": "response.completed",
-    "incomplete": "response.incomplete",
-    "failed": "response.failed",
-}
 END_PREFIXES = tuple(f"event: {kind}\n" for kind in END_EVENTS.values())
 IN_PROGRESS = "event: response.in_progress\n"
 RESTARTED = {

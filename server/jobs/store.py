@@ -374,9 +374,9 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 (),
             )
             execute("DELETE FROM conversations WHERE used_at < ?", (cutoff,))
-            execute(  # theirs, and any whose conversation is gone
-                "DELETE FROM conversation_items WHERE conversation_id NOT IN"
-                " (SELECT id FROM conversations)",
+            execute(  # theirs, and any whose conversation is gone (NOT EXISTS, as above)
+                "DELETE FROM conversation_items WHERE NOT EXISTS (SELECT 1 FROM conversations c"
+                " WHERE c.id = conversation_items.conversation_id)",
                 (),
             )
             execute(  # answers no running batch holds (a batch ended by an older server)

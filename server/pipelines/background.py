@@ -114,8 +114,12 @@ def background_response_handler(
 
 
 Events = list[tuple[int, str]]  # a stream's events: (sequence number, the event as sent)
-# The events that end a response's stream.
-END_KINDS = ("response.completed", "response.incomplete", "response.failed")
+# The event that ends a response's stream, by how the response ended (a cancel: none).
+END_EVENTS = {
+    "completed": "response.completed",
+    "incomplete": "response.incomplete",
+    "failed": "response.failed",
+}
 SAVE_EVERY_S = 0.05  # a stream's events are saved in batches at most this far apart
 
 
@@ -191,10 +195,10 @@ class EventSaver:
                     continue
                 if isinstance(data.get("response"), dict):
                     data["response"] = answered(self.running, 200, data["response"])
-                data["sequence_number"] = next(self.numbers)
-                text = f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-                pending.append((data["sequence_number"], text))
-                if kind in END_KINDS:
+                number = next(self.numbers)
+                fields = {k: v for k, v in data.items() if k not in ("type", "sequence_number")}
+                pending.append((number, event(kind, number, **fields)))
+                if kind in END_EVENTS.values():
                     return data["response"], pending
                 if time.monotonic() - saved_at >= SAVE_EVERY_S:
                     if not await self._saved(pending):

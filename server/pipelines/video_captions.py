@@ -130,15 +130,12 @@ def bounded(tokenizer: Any, texts: list[str], num_tokens: int) -> list[str]:
     caption_tokens per caption; a caption's text tokenized again can take more tokens than
     wrote it (bytes that were not UTF-8 became U+FFFD), and the captions must still fit."""
 
-    def ids(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
     cut = []
     for text in texts:
-        keep = num_tokens
-        while len(ids(text)) > num_tokens:  # (a cut text can tokenize longer again: cut more)
-            text = tokenizer.decode(ids(text)[:keep]).rstrip("\ufffd") if keep > 0 else ""
-            keep -= 1
+        ids, keep = tokenizer.encode(text, add_special_tokens=False), num_tokens
+        while len(ids) > num_tokens:  # (a cut text can tokenize longer again: cut more)
+            text = tokenizer.decode(ids[:keep]).rstrip("\ufffd") if keep > 0 else ""
+            ids, keep = tokenizer.encode(text, add_special_tokens=False), keep - 1
         cut.append(text)
     return cut
 
