@@ -23,7 +23,16 @@ CLIENT_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 # Open without an API key: they hold no secrets, and a browser cannot send a Bearer header to
 # open them (the docs and their assets, the playground, liveness and version).
 PUBLIC_PATHS = frozenset(
-    {"/", "/health", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {
+        "/",
+        "/health",
+        "/ping",
+        "/version",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
 )
 PUBLIC_PREFIXES = ("/static-offline-docs/", "/playground/")
 # An error body longer than this is not parsed for the access log (error envelopes are small).

@@ -13,7 +13,7 @@ import logging
 import mimetypes
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.engine.inputs import TemplateOptions
+from server.engine.inputs import TemplateOptions, Truncation
 from server.engine.sampling import SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
@@ -38,7 +38,7 @@ from server.media.frames import FrameRequest
 from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult, ChoiceResult
 from server.pipelines.choices import SEED_MODULUS
-from server.pipelines.logprobs import EchoedPrompt, TokenInfo, TokenLogprob
+from server.pipelines.logprobs import EchoedPrompt, PromptLogprobs, TokenInfo, TokenLogprob
 from server.pipelines.messages import (
     ChatMessage,
     ImagePart,
@@ -416,13 +416,187 @@ Choices = Annotated[
 
 
 class StructuredOutputsParam(StrictModel):
-    """vLLM's `structured_outputs`: exactly one of its constraints."""
+    """vLLM's `structured_outputs`: exactly one of its constraints, and its options."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: Constraint | None = None
     choice: Choices | None = None
     grammar: Constraint | None = None
     json_object: bool | None = None
+    # Options asking for what is done anyway: JSON answers are always compact and closed
+    # (xgrammar's strict mode: no whitespace runs to eat max_tokens, no properties the schema
+    # does not name), there is one backend, and no fallback to turn off.
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    disable_fallback: bool | None = None
+    backend: str | None = None
+    # Refused when set (STRUCTURED_UNSUPPORTED_WHEN).
+    whitespace_pattern: str | None = None
+    structural_tag: Any | None = None
+
+    def constraints(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, include=set(CONSTRAINT_FIELDS))
+
+
+CONSTRAINT_FIELDS = ("json_", "regex", "choice", "grammar", "json_object")
+# What vLLM's structured outputs can also do that xgrammar's JSON and EBNF grammars here
+# cannot express: refused, never ignored.
+STRUCTURED_UNSUPPORTED_WHEN = {
+    "guided_whitespace_pattern": lambda body: body.guided_whitespace_pattern is not None,
+    "structured_outputs.whitespace_pattern": lambda body: (
+        body.structured_outputs is not None and body.structured_outputs.whitespace_pattern
+    ),
+    "structured_outputs.structural_tag": lambda body: (
+        body.structured_outputs is not None and body.structured_outputs.structural_tag is not None
+    ),
+    "structural_tag": lambda body: body.structural_tag is not None,
+}
+
+
+class StructuredFields(StrictModel):
+    """The constraints an answer can be held to (chat and text completions alike):
+    OpenAI's response_format, or vLLM's guided_* fields or structured_outputs."""
+
+    response_format: ResponseFormat | None = None
+    # extensions (vLLM's): guided decoding, onto the structured-output grammar
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: Constraint | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: Constraint | None = None
+    structured_outputs: StructuredOutputsParam | None = None
+    guided_decoding_backend: str | None = None  # one backend here (xgrammar): no effect
+    guided_whitespace_pattern: str | None = None  # refused when set
+    structural_tag: Any | None = None  # refused when set
+
+    def structured_unsupported(self) -> list[str]:
+        return [name for name, used in STRUCTURED_UNSUPPORTED_WHEN.items() if used(self)]
+
+    def to_structured(self) -> StructuredOutput | None:
+        """The one grammar the answer follows: response_format, a vLLM guided_* field or
+        structured_outputs (more than one: 400, as vLLM)."""
+        given = self._constraints()
+        if len(given) > 1:
+            raise InvalidRequest(
+                f"Only one kind of structured output per request; got {', '.join(given)}.",
+                param=list(given)[1],
+                code="invalid_value",
+            )
+        if "response_format" in given:  # a text response_format leaves a guided field on
+            return self.response_format.to_structured()
+        if self.structured_outputs is not None:
+            return _guided(self.structured_outputs.constraints(), "structured_outputs")
+        guided = {f.removeprefix("guided_"): getattr(self, f) for f in GUIDED_FIELDS}
+        return _guided(guided, next(iter(given), ""))
+
+    def structured_param(self) -> str:
+        """The field the grammar came from, for errors about it."""
+        return next(iter(self._constraints()), "response_format")
+
+    def _constraints(self) -> dict[str, Any]:
+        given = {
+            name: value
+            for name, value in (
+                ("response_format", self.response_format),
+                *((f, getattr(self, f)) for f in GUIDED_FIELDS),
+                ("structured_outputs", self.structured_outputs),
+            )
+            if value is not None
+        }
+        if self.response_format is not None and self.response_format.type == "text":
+            given.pop("response_format")
+        return given
+
+
+# vLLM's fields that ask for what this server does not do: refused when set, never ignored.
+VLLM_UNSUPPORTED_WHEN = {
+    "use_beam_search": bool,
+    "logprob_token_ids": lambda v: v is not None,
+    "watermarking": bool,
+    "repetition_detection": lambda v: v is not None,
+    "vllm_xargs": bool,
+    "kv_transfer_params": bool,  # disaggregated prefill: one server does the whole request
+    "ec_transfer_params": bool,
+}
+# vLLM's fields accepted with no effect (logged at debug): beam search's shaping (no beams
+# here), chunking hints (each chunk goes as soon as it is ready), an identity hint, and what
+# vLLM's render endpoints alone read.
+VLLM_IGNORED_FIELDS = (
+    "length_penalty",
+    "session_id",
+    "stream_interval",
+    "return_token_offsets",
+    "return_mm_kwargs",
+    "routed_experts_prompt_start",
+    "spaces_between_special_tokens",  # Qwen's fast tokenizers join special tokens as one
+    "guided_decoding_backend",
+)
+
+
+class VllmFields(StrictModel):
+    """vLLM's request fields beyond OpenAI's, shared by chat and text completions."""
+
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: disabled
+    stop_token_ids: list[TokenId] | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None  # for benchmarks
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    # an empty list would allow nothing (vLLM refuses it too)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
+    include_stop_str_in_output: bool | None = None
+    # logprobs' tokens as "token_id:{id}" (exact ids, whatever the text)
+    return_tokens_as_token_ids: bool | None = None
+    # the prompt's and the answer's token ids beside the text
+    return_token_ids: bool | None = None
+    # each prompt token's logprob (and the k most likely tokens there); not in streams
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    bad_words: BadWords | None = None  # strings the answer must not hold
+    # the prefix cache (and vision cache, grammars) shared only under the same salt
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
+    skip_special_tokens: bool | None = None  # false keeps them in the text
+    spaces_between_special_tokens: bool | None = None
+    # the prompt cut to its last (or, truncation_side "right", first) n tokens; -1: to the
+    # context length
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    add_special_tokens: bool | None = None  # Qwen's tokenizers add none: no effect
+    priority: Priority | None = None  # see Priority
+    request_id: str | None = Field(default=None, max_length=256)  # logged
+    # Refused when set (VLLM_UNSUPPORTED_WHEN).
+    use_beam_search: bool | None = None
+    logprob_token_ids: list[TokenId] | None = None
+    watermarking: bool | None = None
+    repetition_detection: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    # Accepted with no effect (VLLM_IGNORED_FIELDS).
+    length_penalty: float | None = None
+    session_id: str | None = Field(default=None, max_length=256)
+    stream_interval: int | None = Field(default=None, ge=1)
+    return_token_offsets: bool | None = None
+    return_mm_kwargs: bool | None = None
+    routed_experts_prompt_start: int | None = Field(default=None, ge=0)
+
+    def vllm_unsupported(self) -> list[str]:
+        used = [n for n, check in VLLM_UNSUPPORTED_WHEN.items() if check(getattr(self, n))]
+        return used + self.structured_unsupported() if isinstance(self, StructuredFields) else used
+
+    def vllm_ignored(self) -> list[str]:
+        return [f for f in VLLM_IGNORED_FIELDS if getattr(self, f, None) is not None]
+
+    def check_prompt_logprobs(self) -> None:
+        if self.prompt_logprobs is not None and getattr(self, "stream", False):
+            raise InvalidRequest(
+                "prompt_logprobs are not available when stream is true.",
+                param="prompt_logprobs",
+                code="invalid_value",
+            )
+
+    def truncation(self) -> Truncation | None:
+        if self.truncate_prompt_tokens is None:
+            return None
+        return Truncation(self.truncate_prompt_tokens, self.truncation_side or "left")
 
 
 class FunctionDefinition(StrictModel):
@@ -475,18 +649,24 @@ IGNORED_FIELDS = (
     "store",
     "user",
     "verbosity",
-    "request_id",
-    # vLLM's: Qwen's (fast) tokenizers join special tokens without spaces either way, as
-    # vLLM's fast detokenizer does
-    "spaces_between_special_tokens",
 )
+# vLLM's chat-only fields that need what is not here: documents and a per-request template
+# (Qwen-VL's templates have no documents section, and a request's own Jinja template is
+# code the server would run), echo, logits processors, the rendered prompt's text.
+CHAT_VLLM_UNSUPPORTED_WHEN = {
+    "echo": bool,
+    "documents": bool,
+    "chat_template": lambda v: v is not None,
+    "logits_processors": bool,
+    "return_prompt_text": bool,
+}
 # vLLM's guided decoding fields: each maps onto the structured-output grammar.
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
-class ChatCompletionRequest(StrictModel):
+class ChatCompletionRequest(StructuredFields, VllmFields):
     messages: list[ChatMessageParam] = Field(min_length=1)
-    model: str
+    model: str | None = None  # left out: the served model (vLLM's leniency; OpenAI requires it)
     audio: Any | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     function_call: Any | None = None
@@ -506,7 +686,6 @@ class ChatCompletionRequest(StrictModel):
     prompt_cache_options: dict[str, Any] | None = None
     prompt_cache_retention: str | None = None
     reasoning_effort: str | None = None
-    response_format: ResponseFormat | None = None
     safety_identifier: str | None = None
     seed: int | None = None
     service_tier: str | None = None
@@ -522,37 +701,24 @@ class ChatCompletionRequest(StrictModel):
     user: str | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
-    top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's; -1 or 0: disabled)
-    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = None  # extension (vLLM's)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
-    min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
-    ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
-    min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM's)
-    # extension (vLLM's); an empty list would allow nothing (vLLM refuses it too)
-    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
-    include_stop_str_in_output: bool | None = None  # extension (vLLM's)
-    # extension (vLLM's): logprobs' tokens as "token_id:{id}" (exact ids, whatever the text)
-    return_tokens_as_token_ids: bool | None = None
-    bad_words: BadWords | None = None  # extension (vLLM's): strings the answer must not hold
-    # extension (vLLM's): the prefix cache (and vision cache) shared only under the same salt
-    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     # extension (vLLM's): a thinking checkpoint's reasoning ends after this many tokens
     thinking_token_budget: int | None = Field(default=None, ge=0, lt=2**31)
+    # extension (vLLM's): false leaves a thinking checkpoint's reasoning out of the answer
+    include_reasoning: bool | None = None
     # extensions (vLLM's): the chat template's rendering
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    # extensions (vLLM's): guided decoding, onto the structured-output grammar
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: Constraint | None = None
-    guided_choice: Choices | None = None
-    guided_grammar: Constraint | None = None
-    structured_outputs: StructuredOutputsParam | None = None
-    skip_special_tokens: bool | None = None  # extension (vLLM's): false keeps them in the text
-    # extensions (vLLM's) with nothing to change here (see IGNORED_FIELDS)
-    spaces_between_special_tokens: bool | None = None
-    priority: Priority | None = None  # extension (vLLM's): see Priority
-    request_id: str | None = Field(default=None, max_length=256)
+    # extensions (vLLM's): how images and videos are read (see MediaOptions)
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    # extensions (vLLM's) refused when set (CHAT_VLLM_UNSUPPORTED_WHEN)
+    echo: bool | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    logits_processors: list[Any] | None = None
+    return_prompt_text: bool | None = None
+    early_stopping: bool | None = None  # beam search's (no beams here): no effect
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
     # extension (ours, Animus' name): one frame per detected scene instead of uniform frames
@@ -568,11 +734,14 @@ class ChatCompletionRequest(StrictModel):
         return self
 
     def unsupported_fields(self) -> list[str]:
-        return [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
+        openai = [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
+        chat = [n for n, used in CHAT_VLLM_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+        return openai + chat + self.vllm_unsupported()
 
     def ignored_fields(self) -> list[str]:
         """Fields the request set that change nothing here (for the debug log)."""
         ignored = [f for f in IGNORED_FIELDS if getattr(self, f) is not None]
+        ignored += self.vllm_ignored() + ["early_stopping"] * (self.early_stopping is not None)
         if self.stream_options and self.stream_options.include_obfuscation is not None:
             ignored.append("stream_options.include_obfuscation")
         return ignored
@@ -587,41 +756,6 @@ class ChatCompletionRequest(StrictModel):
             continue_final_message=bool(self.continue_final_message),
             kwargs=dict(self.chat_template_kwargs or {}),
         )
-
-    def to_structured(self) -> StructuredOutput | None:
-        """The one grammar the answer follows: response_format, a vLLM guided_* field or
-        structured_outputs (more than one: 400, as vLLM)."""
-        given = self._constraints()
-        if len(given) > 1:
-            raise InvalidRequest(
-                f"Only one kind of structured output per request; got {', '.join(given)}.",
-                param=list(given)[1],
-                code="invalid_value",
-            )
-        if "response_format" in given:  # a text response_format leaves a guided field on
-            return self.response_format.to_structured()
-        if self.structured_outputs is not None:
-            return _guided(self.structured_outputs.model_dump(by_alias=True), "structured_outputs")
-        guided = {f.removeprefix("guided_"): getattr(self, f) for f in GUIDED_FIELDS}
-        return _guided(guided, next(iter(given), ""))
-
-    def structured_param(self) -> str:
-        """The field the grammar came from, for errors about it."""
-        return next(iter(self._constraints()), "response_format")
-
-    def _constraints(self) -> dict[str, Any]:
-        given = {
-            name: value
-            for name, value in (
-                ("response_format", self.response_format),
-                *((f, getattr(self, f)) for f in GUIDED_FIELDS),
-                ("structured_outputs", self.structured_outputs),
-            )
-            if value is not None
-        }
-        if self.response_format is not None and self.response_format.type == "text":
-            given.pop("response_format")
-        return given
 
     def to_tools(self) -> Tools | None:
         """The tools and how they may be used; None when the request has none."""
@@ -644,9 +778,9 @@ class ChatCompletionRequest(StrictModel):
         tools = Tools(definitions, choice, self.parallel_tool_calls is not False)
         if tools.is_forced and self.to_structured() is not None:
             raise InvalidRequest(
-                "response_format (or guided decoding) cannot be combined with a named or "
-                "required tool_choice: the answer is the tool call.",
-                param="response_format",
+                f"{self.structured_param()} cannot be combined with a named or required "
+                "tool_choice: the answer is the tool call.",
+                param=self.structured_param(),
                 code="invalid_value",
             )
         return tools
@@ -673,7 +807,92 @@ class ChatCompletionRequest(StrictModel):
         return replace(params, logprobs=logprobs, thinking_token_budget=self.thinking_token_budget)
 
     def to_messages(self) -> list[ChatMessage]:
-        return [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+        messages = [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+        wishes = MediaWishes.of(self.mm_processor_kwargs, self.media_io_kwargs)
+        return messages if wishes is None else wishes.apply(messages)
+
+
+@dataclass(frozen=True)
+class MediaWishes:
+    """vLLM's per-request media options, as Qwen-VL clients send them: mm_processor_kwargs'
+    min_pixels / max_pixels (or size's shortest_edge / longest_edge, transformers' newer
+    names) and fps, media_io_kwargs' video num_frames and fps. Images are resized into the
+    pixel range (within the server's); for videos each is a wish that only lowers the
+    server's ceilings, as a video part's own fps, max_frames and pixel fields are. A part's
+    own fields win."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    fps: float | None = None
+    num_frames: int | None = None
+
+    @classmethod
+    def of(
+        cls, processor: dict[str, Any] | None, io: dict[str, dict[str, Any]] | None
+    ) -> MediaWishes | None:
+        if not processor and not io:
+            return None
+        processor, io = dict(processor or {}), dict(io or {})
+        size = processor.pop("size", None) or {}
+        if not isinstance(size, dict) or set(size) - {"shortest_edge", "longest_edge"}:
+            raise _media_option("mm_processor_kwargs.size", "takes shortest_edge, longest_edge")
+        video = io.pop("video", None) or {}
+        if not isinstance(video, dict):
+            raise _media_option("media_io_kwargs.video", "takes num_frames and fps")
+        mm, vio = "mm_processor_kwargs", "media_io_kwargs.video"
+        fps = _positive(video.pop("fps", None), f"{vio}.fps", number=True)
+        wishes = cls(
+            min_pixels=_positive(processor.pop("min_pixels", size.get("shortest_edge")), mm),
+            max_pixels=_positive(processor.pop("max_pixels", size.get("longest_edge")), mm),
+            fps=_positive(processor.pop("fps", None), f"{mm}.fps", number=True) or fps,
+            num_frames=_positive(video.pop("num_frames", None), f"{vio}.num_frames"),
+        )
+        for name, left in (("mm_processor_kwargs", processor), ("media_io_kwargs", io)):
+            if left:
+                raise _media_option(
+                    f"{name}.{next(iter(left))}",
+                    "is not an option here: mm_processor_kwargs takes min_pixels, max_pixels, "
+                    "size and fps; media_io_kwargs takes video.num_frames and video.fps",
+                )
+        if video:
+            raise _media_option(f"media_io_kwargs.video.{next(iter(video))}", "is not an option")
+        return wishes
+
+    def apply(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        return [
+            message
+            if isinstance(message.content, str)
+            else replace(message, content=[self._part(part) for part in message.content])
+            for message in messages
+        ]
+
+    def _part(self, part: Part) -> Part:
+        if isinstance(part, ImagePart):
+            return replace(part, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        if isinstance(part, VideoPart):
+            given = part.frames
+            frames = replace(
+                given,
+                fps=given.fps or self.fps,
+                max_frames=given.max_frames or self.num_frames,
+                min_pixels=given.min_pixels or self.min_pixels,
+                max_pixels=given.max_pixels or self.max_pixels,
+            )
+            return replace(part, frames=frames)
+        return part
+
+
+def _positive(value: Any, param: str, number: bool = False) -> Any:
+    kinds = (int, float) if number else (int,)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise _media_option(param, f"takes a positive {'number' if number else 'integer'}")
+    return value
+
+
+def _media_option(param: str, problem: str) -> InvalidRequest:
+    return InvalidRequest(f"{param} {problem}.", param=param, code="invalid_value")
 
 
 def _guided(fields: dict[str, Any], param: str) -> StructuredOutput | None:
@@ -770,6 +989,7 @@ def sampling_params(
         bad_words=tuple(body.bad_words or ()),
         cache_salt=body.cache_salt,
         priority=body.priority or 0,
+        prompt_logprobs=body.prompt_logprobs,
     )
 
 
@@ -897,12 +1117,18 @@ class ChoiceLogprobs(BaseModel):
         return cls(content=[ChatCompletionTokenLogprob.of(e) for e in entries])
 
 
+def _absent(value: Any) -> bool:
+    """An extension field no one asked for is left out of the body, not sent as null."""
+    return value is None
+
+
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str
     stop_reason: str | int | None = None  # extension (vLLM's, shown in the Animus reference)
+    token_ids: list[int] | None = Field(default=None, exclude_if=_absent)  # return_token_ids
 
     @classmethod
     def of(cls, choice: ChoiceResult) -> ChatCompletionChoice:
@@ -918,6 +1144,7 @@ class ChatCompletionChoice(BaseModel):
             logprobs=ChoiceLogprobs.of(choice.logprobs),
             finish_reason=choice.finish_reason,
             stop_reason=choice.stop_reason,
+            token_ids=choice.token_ids,
         )
 
 
@@ -939,7 +1166,7 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
     # Only for answers that start in reasoning (absent, not null, elsewhere).
     completion_tokens_details: CompletionTokensDetails | None = Field(
-        default=None, exclude_if=lambda details: details is None
+        default=None, exclude_if=_absent
     )
 
     @classmethod
@@ -983,7 +1210,9 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
-    prompt_logprobs: None = None  # shown in the Animus reference
+    # extension (vLLM's; null in the Animus reference): each prompt token's logprob entry
+    prompt_logprobs: list[PromptLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_absent)  # vLLM's
     frames: list[FrameCaptionOut] | None = None  # extension: captions mode's per-frame captions
 
     @classmethod
@@ -994,6 +1223,8 @@ class ChatCompletionResponse(BaseModel):
             model=model,
             choices=[ChatCompletionChoice.of(choice) for choice in result.choices],
             usage=Usage.of(*result.run.usage()),
+            prompt_logprobs=result.prompt_logprobs,
+            prompt_token_ids=result.prompt_token_ids,
             frames=frames_out(result.run.frames),
         )
 
@@ -1032,6 +1263,7 @@ class ChatCompletionChunkChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # extension
+    token_ids: list[int] | None = Field(default=None, exclude_if=_absent)  # vLLM's
 
 
 class ChatCompletionChunk(BaseModel):
@@ -1043,6 +1275,8 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
     # extension: captions mode's frames, on the first chunk (they exist before the answer)
     frames: list[FrameCaptionOut] | None = None
+    # extension (vLLM's return_token_ids): on the first chunk
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_absent)
 
 
 class ModelCard(BaseModel):
@@ -1124,6 +1358,8 @@ class JobOptions(StrictModel):
 class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
     """/v2/media/completions: the chat request, optionally run as a job (not with stream)."""
 
+    model: str  # type: ignore[assignment]  # required, as in the Animus reference
+
 
 class MediaCategoriesRequest(JobOptions):
     # Optional here only (seed 000's categories call has no model): the first served name.
@@ -1193,19 +1429,21 @@ class MediaJobList(BaseModel):
 COMPLETION_UNSUPPORTED_WHEN = {
     "best_of": lambda v: v not in (None, 1),
     "suffix": lambda v: v is not None,
+    "prompt_embeds": lambda v: v is not None,
 }
 OPENAI_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 
 
-class CompletionRequest(StrictModel):
-    model: str
+class CompletionRequest(StructuredFields, VllmFields):
+    model: str | None = None  # left out: the served model (vLLM's leniency; OpenAI requires it)
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     best_of: int | None = Field(default=None, ge=1)
     echo: bool | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: LogitBias | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_tokens: int | None = Field(default=OPENAI_COMPLETION_MAX_TOKENS, ge=1)
+    # 0 only with echo: the prompt scored, nothing generated (what evaluation harnesses send)
+    max_tokens: int | None = Field(default=OPENAI_COMPLETION_MAX_TOKENS, ge=0)
     n: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
@@ -1216,28 +1454,30 @@ class CompletionRequest(StrictModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     user: str | None = None
-    top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's; -1 or 0: disabled)
-    stop_token_ids: list[TokenId] | None = None  # extension (vLLM's)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # extension (vLLM's)
-    min_tokens: int | None = Field(default=None, ge=0)  # extension (vLLM's)
-    ignore_eos: bool | None = None  # extension (vLLM's; for benchmarks)
-    min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM's)
-    # extension (vLLM's); an empty list would allow nothing (vLLM refuses it too)
-    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
-    include_stop_str_in_output: bool | None = None  # extension (vLLM's)
-    # extension (vLLM's): logprobs' tokens as "token_id:{id}" (exact ids, whatever the text)
-    return_tokens_as_token_ids: bool | None = None
-    bad_words: BadWords | None = None  # extension (vLLM's): strings the answer must not hold
-    # extension (vLLM's): the prefix cache (and vision cache) shared only under the same salt
-    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
-    # extensions (vLLM's): special tokens kept in the text (false), and how they are joined
-    # (no effect: see IGNORED_FIELDS)
-    skip_special_tokens: bool | None = None
-    spaces_between_special_tokens: bool | None = None
-    priority: Priority | None = None  # extension (vLLM's): see Priority
+    prompt_embeds: Any | None = None  # extension (vLLM's): refused when set
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any) -> Any:
+        # null is "unset" (as vLLM reads it), not the server's longer chat default
+        return OPENAI_COMPLETION_MAX_TOKENS if value is None else value
+
+    def check_max_tokens(self) -> None:
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest(
+                "max_tokens must be at least 1 (0 only with echo: the prompt scored).",
+                param="max_tokens",
+                code="invalid_value",
+            )
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) back, nothing generated."""
+        return bool(self.echo) and self.max_tokens == 0
 
     def unsupported_fields(self) -> list[str]:
-        return [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+        openai = [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+        return openai + self.vllm_unsupported()
 
     def num_choices(self, max_n: int) -> int:
         return check_n(self.n, max_n)
@@ -1254,10 +1494,15 @@ class CompletionRequest(StrictModel):
         return prompts  # type: ignore[return-value]
 
     def to_sampling_params(self, defaults: SamplingDefaults = OPENAI_DEFAULTS) -> SamplingParams:
-        params = sampling_params(self, defaults, self.max_tokens)
+        # echo only: one token is generated (the prompt's last position is scored by it) and
+        # left out of the answer, as vLLM does
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        params = sampling_params(self, defaults, max_tokens, self.to_structured())
         # echo with logprobs shows the prompt's tokens with their logprobs too (vLLM's way)
-        echoed = self.logprobs if self.echo else None
-        return replace(params, logprobs=self.logprobs, prompt_logprobs=echoed)
+        scored = self.prompt_logprobs
+        if scored is None and self.echo:
+            scored = self.logprobs
+        return replace(params, logprobs=self.logprobs, prompt_logprobs=scored)
 
 
 class CompletionLogprobs(BaseModel):
@@ -1310,6 +1555,10 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     stop_reason: str | int | None = None  # extension (vLLM's)
+    # extensions (vLLM's): prompt_logprobs, and return_token_ids' ids
+    prompt_logprobs: list[PromptLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_absent)
+    token_ids: list[int] | None = Field(default=None, exclude_if=_absent)
 
 
 class CompletionResponse(BaseModel):
@@ -1339,8 +1588,6 @@ class TokenizeChatRequest(ChatCompletionRequest):
     it is about to send; what only changes the answer is ignored) -> the prompt it would run,
     its images and videos fetched and read as /v1/chat/completions reads them."""
 
-    model: str | None = None  # type: ignore[assignment]  # optional here, as in vLLM
-    add_special_tokens: bool | None = None  # vLLM's default false: the template writes them
     return_token_strs: bool | None = None
 
 

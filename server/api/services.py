@@ -110,6 +110,14 @@ class Services:
         if name not in self.served_model_names:
             raise ModelNotFound(name)
 
+    def answering_model(self, name: str | None) -> str:
+        """The model a request names (checked), or, where it names none (vLLM lets it), the
+        served model's first name: what the answer says it came from."""
+        if name is None:
+            return self.served_model_names[0]
+        self.check_model(name)
+        return name
+
 
 def get_services(request: Request) -> Services:
     return request.app.state.services

@@ -26,10 +26,10 @@ from server.api.protocol import (
 )
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
-from server.pipelines.chat import ChatRun
+from server.pipelines.chat import ChatRequest, ChatRun
 from server.pipelines.logprobs import TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream
-from server.pipelines.tools import CallStream, Event, ToolCallDelta, Tools, call_stream
+from server.pipelines.tools import CallStream, Event, ToolCallDelta, call_stream
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
@@ -79,7 +79,12 @@ class ChatChunkWriter:
         prefix = 'data: {"choices":[{"index":' + str(index) + ',"delta":{"content":'
         return prefix + json.dumps(text) + self._content_suffix
 
-    def role(self, index: int = 0, frames: list[FrameCaptionOut] | None = None) -> str:
+    def role(
+        self,
+        index: int = 0,
+        frames: list[FrameCaptionOut] | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> str:
         delta = DeltaMessage(role="assistant", content="")
         usage = None
         if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
@@ -87,19 +92,29 @@ class ChatChunkWriter:
             nothing = {"completion_tokens": 0, "completion_tokens_details": None}
             usage = so_far.model_copy(update={**nothing, "total_tokens": so_far.prompt_tokens})
         choice = ChatCompletionChunkChoice(index=index, delta=delta)
-        return self._event([choice], usage, frames=frames)
+        return self._event([choice], usage, frames=frames, prompt_token_ids=prompt_token_ids)
 
-    def delta(self, index: int, event: Event | Reasoning, logprobs: ChoiceLogprobs | None) -> str:
-        """A content, reasoning or tool-call piece of choice `index`."""
+    def delta(
+        self,
+        index: int,
+        event: Event | Reasoning,
+        logprobs: ChoiceLogprobs | None,
+        token_ids: list[int] | None = None,
+    ) -> str:
+        """A content, reasoning or tool-call piece of choice `index` (with the logprobs and
+        token ids of the tokens since the last piece, where asked for)."""
         if isinstance(event, str):
-            if logprobs is None:
+            if logprobs is None and token_ids is None:
                 return self.content(event, index)
             delta = DeltaMessage(content=event)
         elif isinstance(event, Reasoning):
             delta = DeltaMessage(reasoning=event.text, reasoning_content=event.text)
         else:
             delta = DeltaMessage(tool_calls=[_tool_call_delta(event)])
-        return self._event([ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+        choice = ChatCompletionChunkChoice(
+            index=index, delta=delta, logprobs=logprobs, token_ids=token_ids
+        )
+        return self._event([choice])
 
     def finish(
         self,
@@ -107,6 +122,7 @@ class ChatChunkWriter:
         output: SequenceOutput,
         finish_reason: str | None,
         logprobs: ChoiceLogprobs | None = None,
+        token_ids: list[int] | None = None,
     ) -> str:
         choice = ChatCompletionChunkChoice(
             index=index,
@@ -114,6 +130,7 @@ class ChatChunkWriter:
             logprobs=logprobs,
             finish_reason=finish_reason,
             stop_reason=output.stop_reason,
+            token_ids=token_ids,
         )
         return self._event([choice])
 
@@ -125,6 +142,7 @@ class ChatChunkWriter:
         choices: list[ChatCompletionChunkChoice],
         usage: Usage | None = None,
         frames: list[FrameCaptionOut] | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> str:
         if usage is None and self.running_usage is not None:
             usage = self.running_usage(choices[0].index if choices else 0)
@@ -135,6 +153,7 @@ class ChatChunkWriter:
             choices=choices,
             usage=usage,
             frames=frames,
+            prompt_token_ids=prompt_token_ids,
         ).model_dump(mode="json")
         # As OpenAI streams: every choice carries logprobs and finish_reason (null until the
         # end), a delta only what it says (a tool call's later pieces: index and arguments),
@@ -184,33 +203,39 @@ class ChoiceStream:
     seq: Sequence
     calls: CallStream | None  # tools: the text becomes content and tool calls
     reasoning: ReasoningStream | None = None  # thinking checkpoints: reasoning, then content
-    num_logprobs_sent: int = 0
+    include_reasoning: bool = True  # false: the reasoning is read past, not sent
+    with_token_ids: bool = False  # vLLM's return_token_ids
+    num_tokens_sent: int = 0  # tokens whose logprobs and ids went out
     has_called: bool = False
 
     def events(
         self, output: SequenceOutput, writer: ChatChunkWriter, texts: TokenTexts
     ) -> list[str]:
         pieces = answer_pieces(output, self.reasoning, self.calls)
+        if not self.include_reasoning:
+            pieces = [piece for piece in pieces if not isinstance(piece, Reasoning)]
         if not pieces and not output.finished:
-            return []  # the tokens' logprobs go with the next piece of text
-        logprobs = self._logprobs(output, texts)
+            return []  # the tokens' logprobs and ids go with the next piece of text
+        start, end = self.num_tokens_sent, output.num_completion_tokens
+        self.num_tokens_sent = end
+        logprobs = self._logprobs(start, end, texts)
+        token_ids = self.seq.output_token_ids[start:end] if self.with_token_ids else None
         chunks = []
         for piece in pieces:
             self.has_called |= isinstance(piece, ToolCallDelta)
-            chunks.append(writer.delta(self.index, piece, logprobs))
-            logprobs = None
+            chunks.append(writer.delta(self.index, piece, logprobs, token_ids))
+            logprobs = token_ids = None
         if output.finished:
             reason = output.finish_reason
             if self.has_called and reason == "stop":
                 reason = "tool_calls"
-            chunks.append(writer.finish(self.index, output, reason, logprobs))
+            chunks.append(writer.finish(self.index, output, reason, logprobs, token_ids))
         return chunks
 
-    def _logprobs(self, output: SequenceOutput, texts: TokenTexts) -> ChoiceLogprobs | None:
+    def _logprobs(self, start: int, end: int, texts: TokenTexts) -> ChoiceLogprobs | None:
         if self.seq.sampling.logprobs is None:
             return None
-        start, self.num_logprobs_sent = self.num_logprobs_sent, output.num_completion_tokens
-        return ChoiceLogprobs.of(texts.logprobs(self.seq, start, output.num_completion_tokens))
+        return ChoiceLogprobs.of(texts.logprobs(self.seq, start, end))
 
 
 async def chat_stream(
@@ -220,20 +245,30 @@ async def chat_stream(
     model: str,
     usage: tuple[bool, bool],
     texts: TokenTexts,
-    tools: Tools | None = None,
-    reasoning: bool = False,
+    request: ChatRequest,
 ) -> AsyncIterator[str]:
     """first and rest: (choice index, output) of every choice, as they come. usage: (a final
     usage chunk, the usage so far on every chunk)."""
     include_usage, continuous = usage
     running = (lambda choice: Usage.of(*run.usage(choice))) if continuous else None
     writer = ChatChunkWriter(run.seq.request_id, model, running)
+    reasoning = run.seq.inputs.thinks
     choices = [
-        ChoiceStream(i, seq, call_stream(tools), ReasoningStream() if reasoning else None)
+        ChoiceStream(
+            i,
+            seq,
+            call_stream(request.tools),
+            ReasoningStream() if reasoning else None,
+            request.include_reasoning,
+            request.return_token_ids,
+        )
         for i, seq in enumerate(run.seqs)
     ]
+    prompt_ids = run.seq.inputs.token_ids if request.return_token_ids else None
     for choice in choices:
-        yield writer.role(choice.index, frames_out(run.frames) if choice.index == 0 else None)
+        first_chunk = choice.index == 0
+        frames = frames_out(run.frames) if first_chunk else None
+        yield writer.role(choice.index, frames, prompt_ids if first_chunk else None)
     try:
         async for index, output in _prepend(first, rest):
             for chunk in choices[index].events(output, writer, texts):

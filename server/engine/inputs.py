@@ -7,12 +7,14 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from server.exceptions import InvalidRequest
 
 # Appended to a thinking checkpoint's prompt (which ends inside "<think>") to answer at once,
 # as Qwen3's non-thinking prompts read: "<think>\n\n</think>\n\n".
@@ -100,6 +102,43 @@ class ModelInputs:
     def token_ids(self) -> list[int]:
         ids = self.tensors.get("input_ids")
         return ids[0].tolist() if ids is not None else [0] * self.num_prompt_tokens
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """vLLM's truncate_prompt_tokens: a prompt longer than `keep` tokens (-1: as many as leave
+    room for max_tokens) is cut to its last ones, or its first (side "right")."""
+
+    keep: int
+    side: str = "left"
+
+    def apply(self, inputs: ModelInputs, max_seq_len: int, max_tokens: int) -> ModelInputs:
+        keep = self.keep if self.keep != -1 else max(max_seq_len - max_tokens, 1)
+        cut = truncated(inputs, keep, self.side)
+        if cut is None:
+            raise InvalidRequest(
+                f"truncate_prompt_tokens cannot cut this prompt to {keep} tokens: it would "
+                "cut through its images or videos, or leave nothing.",
+                param="truncate_prompt_tokens",
+                code="invalid_value",
+            )
+        return cut
+
+
+def truncated(inputs: ModelInputs, keep: int, side: str) -> ModelInputs | None:
+    """The prompt cut to `keep` tokens; None where that would cut an image or a video (the
+    model would read part of one) or leave nothing."""
+    n = inputs.num_prompt_tokens
+    if n <= keep:
+        return inputs
+    if inputs.media or keep < 1:
+        return None
+    cut = slice(n - keep, None) if side == "left" else slice(None, keep)
+    tensors = {  # a text prompt's per-token tensors: its ids (and mask, token types)
+        name: t[:, cut] if t.dim() == 2 and t.shape[1] == n else t
+        for name, t in inputs.tensors.items()
+    }
+    return replace(inputs, tensors=tensors, num_prompt_tokens=keep)
 
 
 def find_media(

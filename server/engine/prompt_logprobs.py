@@ -64,7 +64,8 @@ def compute(
     rows: torch.Tensor,
     targets: torch.Tensor,
 ) -> torch.Tensor:
-    """[rows, 1 + 2k] on the device: each scored token's logprob, the top k's, their ids.
+    """[rows, 2 + 2k] on the device: each scored token's logprob and rank, the top k's
+    logprobs and ids.
     In slices of ROWS_AT_ONCE rows: a whole chunk's full-vocabulary logits (8192 x 151,936
     in fp32 is 5 GB) are more than the memory profile leaves room for."""
     k = max(s.seq.sampling.prompt_logprobs or 0 for s in scored)
@@ -74,8 +75,9 @@ def compute(
         logits = lm_head(hidden.index_select(0, rows[part])).float()
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(1, targets[part, None])
+        rank = (logprobs > chosen).sum(dim=-1, keepdim=True).to(logprobs.dtype) + 1
         top = logprobs.topk(k, dim=-1)
-        parts.append(torch.cat([chosen, top.values, top.indices.to(logprobs.dtype)], dim=1))
+        parts.append(torch.cat([chosen, rank, top.values, top.indices.to(logprobs.dtype)], dim=1))
     packed = torch.cat(parts)
     return packed.nan_to_num_(nan=MIN_LOGPROB).clamp_(min=MIN_LOGPROB)
 
@@ -94,13 +96,13 @@ class PromptScores:
 def store(scored: list[Scored], packed: torch.Tensor) -> None:
     """Host values onto each sequence."""
     values = packed.tolist()
-    k = (len(values[0]) - 1) // 2 if values else 0
+    k = (len(values[0]) - 2) // 2 if values else 0
     row = 0
     for item in scored:
         wanted = item.seq.sampling.prompt_logprobs or 0
         for index in range(item.first, item.first + len(item.rows)):
-            chosen, *rest = values[row]
+            chosen, rank, *rest = values[row]
             row += 1
             if index - 1 == len(item.seq.prompt_logprobs):  # not recorded before a preemption
                 top = tuple((int(rest[k + j]), rest[j]) for j in range(wanted))
-                item.seq.prompt_logprobs.append(TokenLogprobs(chosen, top))
+                item.seq.prompt_logprobs.append(TokenLogprobs(chosen, top, int(rank)))

@@ -19,6 +19,7 @@ class TokenLogprobs:
 
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob)
+    rank: int | None = None  # the token's place in the vocabulary, 1 = most likely (prompts')
 
 
 # The sampling fields a generation_config may set, with the ranges a request may ask for

@@ -128,9 +128,15 @@ def load_image(
     param: str,
     side: int = TOKEN_SIDE,
     model_min_pixels: int = 0,
+    pixels: tuple[int | None, int | None] = (None, None),
 ) -> Image.Image:
     """Blocking: call it from a worker thread. side: pixels along a visual token's side;
-    model_min_pixels: the processor's smallest image (it would enlarge a smaller one)."""
+    model_min_pixels: the processor's smallest image (it would enlarge a smaller one);
+    pixels: the request's (min, max) pixels, in place of detail's budget, within the model's."""
     image = decode_image(data, param=param)
+    wanted_min, wanted_max = pixels
     max_pixels = max_pixels_for(detail, model_max_pixels, side)
-    return fit_to_budget(image, max_pixels, param=param, side=side, min_pixels=model_min_pixels)
+    if wanted_max is not None:
+        max_pixels = min(wanted_max, model_max_pixels)
+    min_pixels = max(wanted_min or 0, model_min_pixels)
+    return fit_to_budget(image, max_pixels, param=param, side=side, min_pixels=min_pixels)

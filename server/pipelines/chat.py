@@ -22,6 +22,7 @@ from server.engine.inputs import (
     ModelInputs,
     TemplateError,
     TemplateOptions,
+    Truncation,
     VideoFrames,
 )
 from server.engine.sampling import SamplingParams
@@ -42,7 +43,7 @@ from server.pipelines.finish import (
     report,
     share,
 )
-from server.pipelines.logprobs import TokenLogprob, TokenTexts
+from server.pipelines.logprobs import PromptLogprobs, TokenLogprob, TokenTexts
 from server.pipelines.media_loader import MediaBudget, MediaLoader
 from server.pipelines.messages import (
     ChatMessage,
@@ -81,6 +82,9 @@ class ChatRequest:
     template: TemplateOptions = DEFAULT_TEMPLATE  # the request's chat-template options
     grammar_param: str = "response_format"  # the field the grammar came from, for its errors
     tokens_as_ids: bool = False  # logprobs' tokens as "token_id:{id}" (vLLM's option)
+    return_token_ids: bool = False  # the prompt's and answers' token ids too (vLLM's option)
+    include_reasoning: bool = True  # false: a thinking checkpoint's reasoning is left out
+    truncation: Truncation | None = None  # vLLM's truncate_prompt_tokens (text prompts only)
     received_time: float = field(default_factory=time.monotonic)
     # Async jobs: called with the fraction of video frames captioned (captions mode).
     on_progress: ProgressCallback | None = field(default=None, compare=False)
@@ -129,12 +133,15 @@ class ChoiceResult:
     stop_reason: str | int | None
     logprobs: list[TokenLogprob] | None
     reasoning_content: str | None = None  # thinking checkpoints only
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 @dataclass
 class ChatResult:
     choices: list[ChoiceResult]
     run: ChatRun
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    prompt_logprobs: list[PromptLogprobs | None] | None = None  # sampling.prompt_logprobs
 
     @property
     def text(self) -> str:
@@ -304,6 +311,9 @@ class ChatPipeline:
 
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:
         sampling = request.sampling
+        if request.truncation is not None:
+            max_tokens = sampling.max_tokens or self.engine.default_max_tokens
+            inputs = request.truncation.apply(inputs, self.engine.max_seq_len, max_tokens)
         if sampling.thinking_token_budget is not None and inputs.thinks:
             # the budget counts reasoning tokens: only an answer that starts in reasoning has it
             sampling = replace(sampling, think_end_token_id=self.think_close_id)
@@ -337,7 +347,12 @@ class ChatPipeline:
             self._choice(i, seq, text, request)
             for i, (seq, text) in enumerate(zip(run.seqs, texts, strict=True))
         ]
-        return ChatResult(choices, run)
+        result = ChatResult(choices, run)
+        if request.return_token_ids:
+            result.prompt_token_ids = run.seq.inputs.token_ids
+        if request.sampling.prompt_logprobs is not None:
+            result.prompt_logprobs = self.texts(request).prompt_logprobs(run.seq)
+        return result
 
     async def _text(self, seq: Sequence) -> str:
         return "".join([output.text_delta async for output in self.outputs(seq)])
@@ -350,6 +365,7 @@ class ChatPipeline:
         reasoning = None
         if seq.inputs.thinks:
             reasoning, text = split_reasoning(text)
+            reasoning = reasoning if request.include_reasoning else None
         answer = parse_answer(text, request.tools)
         finish_reason = seq.finish_reason or "stop"
         if answer.tool_calls and finish_reason == "stop":
@@ -365,6 +381,7 @@ class ChatPipeline:
             seq.stop_reason,
             logprobs,
             reasoning,
+            list(seq.output_token_ids) if request.return_token_ids else None,
         )
 
 

@@ -5,21 +5,32 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from server.engine.engine import AsyncEngine
-from server.engine.inputs import ModelInputs
+from server.engine.inputs import ModelInputs, Truncation
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
 from server.metrics import Metrics
+from server.pipelines.chat import compile_grammar
 from server.pipelines.choices import add_choices
 from server.pipelines.finish import raise_for_finish
 from server.pipelines.logprobs import TokenTexts
 
 PARAM = "prompt"
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How a request's prompts become tokens, and where its constraint came from."""
+
+    grammar_param: str = "response_format"  # for a constraint's errors
+    truncation: Truncation | None = None  # vLLM's truncate_prompt_tokens
+    add_special_tokens: bool | None = None  # the tokenizer's default (Qwen's add none)
 
 
 class TextCompletions:
@@ -43,19 +54,29 @@ class TextCompletions:
         prompts: list[str | list[int]],
         sampling: SamplingParams,
         n: int = 1,
+        options: PromptOptions = PromptOptions(),
     ) -> list[Sequence]:
         """Every prompt's n choices, prompt by prompt (choice k of prompt p: p * n + k)."""
         self.engine.check_capacity()  # refuse early, before tokenizing
         sampling = self.engine.with_bad_word_ids(sampling)  # once, not per prompt and choice
-        inputs = await asyncio.to_thread(lambda: [self._inputs(p) for p in prompts])
+        if sampling.structured is not None:
+            await compile_grammar(self.engine, sampling.structured, options.grammar_param)
+        inputs = await asyncio.to_thread(lambda: [self._inputs(p, options) for p in prompts])
+        if options.truncation is not None:
+            max_tokens = sampling.max_tokens or self.engine.default_max_tokens
+            cut = options.truncation.apply
+            inputs = [cut(x, self.engine.max_seq_len, max_tokens) for x in inputs]
         try:
             if n == 1:  # all in one batch
                 requests = [(f"{request_id}-{i}", x, sampling) for i, x in enumerate(inputs)]
                 return self.engine.add_requests(requests)
             return await self._add_choices(request_id, inputs, sampling, n)
-        except ServerError as exc:  # the engine names chat's field
+        except ServerError as exc:  # the engine names chat's field and says "messages"
             if exc.param == "messages":
                 exc.param = PARAM
+            if exc.code == "context_length_exceeded":
+                exc.message = exc.message.replace(" or the size of the images", "")
+                exc.message = exc.message.replace("messages", "prompt")
             raise
 
     async def _add_choices(
@@ -76,12 +97,19 @@ class TextCompletions:
             raise failed[0]
         return [seq for group in groups for seq in group]  # type: ignore[union-attr]
 
-    def prompt_text(self, prompt: str | list[int]) -> str:
-        """What echo shows of a prompt."""
-        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+    def prompt_text(self, prompt: str | list[int], seq: Sequence, cut: bool = False) -> str:
+        """What echo shows of a choice's prompt: the text sent, or its tokens' (token ids, or
+        a prompt truncate_prompt_tokens may have cut)."""
+        if isinstance(prompt, str) and not cut:
+            return prompt
+        return self.tokenizer.decode(seq.inputs.token_ids)
 
-    def _inputs(self, prompt: str | list[int]) -> ModelInputs:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    def _inputs(self, prompt: str | list[int], options: PromptOptions) -> ModelInputs:
+        if isinstance(prompt, str):
+            special = options.add_special_tokens
+            ids = self.tokenizer.encode(prompt, add_special_tokens=special is not False)
+        else:
+            ids = list(prompt)
         if any(i >= self.engine.runner.vocab_size for i in ids):
             raise InvalidRequest(
                 f"prompt token ids must be below the vocabulary size "

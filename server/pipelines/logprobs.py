@@ -9,6 +9,7 @@ from typing import Any
 
 from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import Sequence
+from server.exceptions import EngineStopped
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ def _byte_of_char() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+# vLLM's prompt_logprobs entry of one prompt token: {token id: {"logprob", "rank",
+# "decoded_token"}} for the token itself and the most likely tokens at its place.
+PromptLogprobs = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,24 @@ class TokenTexts:
 
     def prompt(self, seq: Sequence) -> EchoedPrompt:
         """The sequence's prompt tokens with their logprobs (sampling.prompt_logprobs set)."""
+        _check_scored(seq)
         ids = seq.inputs.token_ids
         return EchoedPrompt(self(ids[0])[0], self._shown(ids[1:], seq.prompt_logprobs))
+
+    def prompt_logprobs(self, seq: Sequence) -> list[PromptLogprobs | None]:
+        """vLLM's `prompt_logprobs`: null for the first token (nothing before it scores it),
+        then each token's entry, the token itself first."""
+        _check_scored(seq)
+        shown: list[PromptLogprobs | None] = [None]
+        for token_id, entry in zip(seq.inputs.token_ids[1:], seq.prompt_logprobs, strict=True):
+            tokens = {str(token_id): self._ranked(token_id, entry.logprob, entry.rank)}
+            for rank, (top_id, logprob) in enumerate(entry.top, start=1):
+                tokens.setdefault(str(top_id), self._ranked(top_id, logprob, rank))
+            shown.append(tokens)
+        return shown
+
+    def _ranked(self, token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self(token_id)[0]}
 
     def _shown(self, ids: list[int], entries: list[TokenLogprobs]) -> list[TokenLogprob]:
         """Each token with its logprob and its top entries, as texts and bytes."""
@@ -95,6 +117,13 @@ class TokenTexts:
             TokenLogprob(*self(token_id), e.logprob, tuple(self.info(t, lp) for t, lp in e.top))
             for token_id, e in zip(ids, entries, strict=True)
         ]
+
+
+def _check_scored(seq: Sequence) -> None:
+    if len(seq.prompt_logprobs) < seq.inputs.num_prompt_tokens - 1:
+        # Stopped before its prompt was scored (only the engine stopping does that to a
+        # request someone still waits for): no half-scored prompt.
+        raise EngineStopped("The server stopped before the prompt was scored; retry.")
 
 
 class TokenIdTexts(TokenTexts):

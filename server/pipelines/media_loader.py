@@ -98,6 +98,7 @@ class MediaLoader:
             param=part.param,
             side=self.token_side,
             model_min_pixels=self.model_min_pixels,
+            pixels=(part.min_pixels, part.max_pixels),
         )
         self.metrics.images.inc()
         return image

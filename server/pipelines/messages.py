@@ -20,6 +20,9 @@ class ImagePart:
     detail: Detail
     param: str  # where the part sits in the request, for error messages
     file_id: str | None = None  # an uploaded file's (POST /v1/files)
+    # vLLM's mm_processor_kwargs: the pixel range to resize into (within the server's)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
 
 @dataclass(frozen=True)

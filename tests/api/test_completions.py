@@ -224,20 +224,21 @@ async def test_echo_with_logprobs_scores_the_prompt(client: httpx.AsyncClient) -
 
 
 def test_a_prompt_stopped_before_it_was_scored_is_not_echoed_in_half() -> None:
-    """Echo with logprobs of a request the stopping engine ended before its prompt was scored:
-    a 503 to retry, not a half-scored prompt (nor a 500)."""
-    from server.api.routes.completions import _echoed
+    """Echo with logprobs (or prompt_logprobs) of a request the stopping engine ended before
+    its prompt was scored: a 503 to retry, not a half-scored prompt (nor a 500)."""
     from server.engine.inputs import ModelInputs
     from server.engine.sampling import SamplingParams, TokenLogprobs
     from server.engine.sequence import Sequence
     from server.exceptions import EngineStopped
+    from server.pipelines.logprobs import TokenTexts
 
     inputs = ModelInputs(tensors={}, num_prompt_tokens=4, num_image_tokens=0)
     inputs.token_ids = [1, 2, 3, 4]  # cached_property: settable
     seq = Sequence("s", inputs, SamplingParams(prompt_logprobs=0), 4)
     seq.prompt_logprobs = [TokenLogprobs(-1.0, ())]  # 1 of the 3 scored tokens
-    with pytest.raises(EngineStopped):
-        _echoed(seq, "echo", texts=None)  # type: ignore[arg-type]
+    for shown in (TokenTexts(None).prompt, TokenTexts(None).prompt_logprobs):
+        with pytest.raises(EngineStopped):
+            shown(seq)
 
 
 async def test_n_choices_echo_one_scoring_of_the_prompt(client: httpx.AsyncClient) -> None:

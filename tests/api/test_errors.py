@@ -103,7 +103,6 @@ BAD_BODIES = {
     ),
     "empty messages": ({"model": "tiny", "messages": []}, "messages", "invalid_value"),
     "missing messages": ({"model": "tiny"}, "messages", "invalid_value"),
-    "missing model": ({"messages": user(TEXT)}, "model", "invalid_value"),
     "messages of the wrong type": ({"model": "tiny", "messages": "hi"}, "messages", None),
     "max_tokens of the wrong type": (
         {"model": "tiny", "messages": user(TEXT), "max_tokens": "many"},

@@ -330,3 +330,24 @@ async def test_the_messages_api_sends_thinking_blocks(thinking: httpx.AsyncClien
     assert [b["thinking"] for b in response.json()["content"]] == [""]
     response = await thinking.post("/v1/messages", json={**body, "thinking": {"type": "disabled"}})
     assert [b["type"] for b in response.json()["content"]] == ["text"]
+
+
+async def test_include_reasoning_false_leaves_the_reasoning_out(
+    thinking: httpx.AsyncClient,
+) -> None:
+    """vLLM's include_reasoning: false: the answer is the content alone, streamed or not (the
+    reasoning is still generated and counted)."""
+    body = chat(
+        text("Think."), max_tokens=8, temperature=0, ignore_eos=True, thinking_token_budget=3
+    )
+    full = (await thinking.post("/v1/chat/completions", json=body)).json()
+    assert full["choices"][0]["message"]["reasoning"]
+    quiet = {**body, "include_reasoning": False}
+    response = (await thinking.post("/v1/chat/completions", json=quiet)).json()
+    message = response["choices"][0]["message"]
+    assert message["reasoning"] is None and message["reasoning_content"] is None
+    assert message["content"] == full["choices"][0]["message"]["content"]
+    assert response["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3}
+    deltas = await streamed_deltas(thinking, quiet)
+    assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]

@@ -54,11 +54,13 @@ def test_a_recomputed_prompt_keeps_its_logprobs_once(loaded: LoadedModel) -> Non
 
     seq = Sequence("s", inputs, SamplingParams(prompt_logprobs=1), 4)
     scored = prompt_logprobs.Scored(seq, 1, range(0, 5))
-    packed = torch.tensor([[-1.0 - i, -0.5, 7.0] for i in range(5)])
+    # [logprob, rank, top logprob, top id] per scored token
+    packed = torch.tensor([[-1.0 - i, 3.0, -0.5, 7.0] for i in range(5)])
     prompt_logprobs.store([scored], packed)
     prompt_logprobs.store([scored], packed - 1)  # the same positions again (a preemption)
     assert [e.logprob for e in seq.prompt_logprobs] == [-1.0, -2.0, -3.0, -4.0, -5.0]
     assert seq.prompt_logprobs[0].top == ((7, -0.5),)
+    assert [e.rank for e in seq.prompt_logprobs] == [3] * 5
 
 
 async def test_a_prompt_scored_in_the_last_step_before_a_stop_keeps_its_logprobs(

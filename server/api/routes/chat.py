@@ -123,10 +123,11 @@ def to_chat_request(
     default_video_mode: Literal["native", "captions"],
 ) -> ChatRequest:
     """The request checked against what this server serves and supports, as the pipeline's."""
-    if services is not None and body.model is not None:  # optional on /tokenize only
+    if services is not None and body.model is not None:  # optional (as in vLLM)
         services.check_model(body.model)
     refuse_unsupported(body.unsupported_fields())
     check_stream_options(body)
+    body.check_prompt_logprobs()
     if ignored := body.ignored_fields():
         logger.debug("fields with no effect here, ignored: %s", ", ".join(ignored))
     if body.request_id is not None:
@@ -143,6 +144,9 @@ def to_chat_request(
         template=body.to_template(),
         grammar_param=body.structured_param(),
         tokens_as_ids=bool(body.return_tokens_as_token_ids),
+        return_token_ids=bool(body.return_token_ids),
+        include_reasoning=body.include_reasoning is not False,
+        truncation=body.truncation(),
     )
 
 
@@ -154,18 +158,18 @@ async def _complete(
     default_video_mode: Literal["native", "captions"],
 ) -> ChatCompletionResponse | StreamingResponse:
     chat_request = to_chat_request(body, services, defaults, default_video_mode)
+    model = services.answering_model(body.model)
     if not body.stream:
         result = await until_disconnected(request, services.chat.complete(chat_request))
-        return ChatCompletionResponse.from_result(chat_request.request_id, body.model, result)
+        return ChatCompletionResponse.from_result(chat_request.request_id, model, result)
     run = await until_disconnected(request, services.chat.start(chat_request))
     outputs = merged([services.chat.outputs(seq) for seq in run.seqs])
     # Wait for the first token before answering 200, so a queue timeout is still a 503.
     first = await until_disconnected(request, anext(outputs))
     usage = usage_wanted(body.stream_options)
-    texts, tools = services.chat.texts(chat_request), chat_request.tools
-    reasoning = run.seq.inputs.thinks
+    texts = services.chat.texts(chat_request)
     return StreamingResponse(
-        chat_stream(run, first, outputs, body.model, usage, texts, tools, reasoning),
+        chat_stream(run, first, outputs, model, usage, texts, chat_request),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )

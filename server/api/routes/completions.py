@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,10 +26,13 @@ from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
 from server.api.sse import DONE, SSE_HEADERS, error_event
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import EngineStopped, ServerError, refuse_unsupported
+from server.exceptions import ServerError, refuse_unsupported
 from server.pipelines.choices import merged
-from server.pipelines.logprobs import EchoedPrompt, TokenTexts
+from server.pipelines.completions import PromptOptions
+from server.pipelines.finish import ConstraintDeadEnd
+from server.pipelines.logprobs import EchoedPrompt, PromptLogprobs, TokenTexts
 
+logger = logging.getLogger(__name__)
 router = APIRouter(responses=RESPONSES)
 
 
@@ -36,81 +40,116 @@ router = APIRouter(responses=RESPONSES)
 async def completions(
     body: CompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> CompletionResponse | StreamingResponse:
-    services.check_model(body.model)
+    model = services.answering_model(body.model)
     refuse_unsupported(body.unsupported_fields())
     check_stream_options(body)
+    body.check_max_tokens()
+    body.check_prompt_logprobs()
+    if ignored := body.vllm_ignored():
+        logger.debug("fields with no effect here, ignored: %s", ", ".join(ignored))
+    if body.request_id is not None:
+        logger.info("client request_id %r", body.request_id)  # repr: no forged lines
     n = body.num_choices(services.max_n)
     prompts = body.prompts()
     response_id = f"cmpl-{uuid.uuid4().hex}"
     pipeline = services.completions
-    start = pipeline.start(
-        response_id, prompts, body.to_sampling_params(services.sampling_defaults), n
-    )
+    sampling = body.to_sampling_params(services.sampling_defaults)
+    options = PromptOptions(body.structured_param(), body.truncation(), body.add_special_tokens)
+    start = pipeline.start(response_id, prompts, sampling, n, options)
     seqs = await until_disconnected(request, start)
     # echo: each choice's text starts with its prompt (choice k answers prompt k // n)
-    echoes = [pipeline.prompt_text(prompts[k // n]) if body.echo else "" for k in range(len(seqs))]
-    # logprobs' tokens as "token_id:{id}" on request (vLLM's return_tokens_as_token_ids)
-    token_texts = (
-        pipeline.token_id_texts if body.return_tokens_as_token_ids else pipeline.token_texts
+    cut = body.truncate_prompt_tokens is not None
+    echoes = [
+        pipeline.prompt_text(prompts[k // n], seq, cut) if body.echo else ""
+        for k, seq in enumerate(seqs)
+    ]
+    shown = Shown(
+        # logprobs' tokens as "token_id:{id}" on request (vLLM's return_tokens_as_token_ids)
+        pipeline.token_id_texts if body.return_tokens_as_token_ids else pipeline.token_texts,
+        bool(body.return_token_ids),
+        not body.echo_only,
     )
     if not body.stream:
-        texts = await until_disconnected(request, asyncio.gather(*(pipeline.text(s) for s in seqs)))
+        try:
+            texts = await until_disconnected(
+                request, asyncio.gather(*(pipeline.text(s) for s in seqs))
+            )
+        except ConstraintDeadEnd as exc:
+            exc.param = body.structured_param()
+            raise
         choices = [
-            _choice(k, seq, seqs[k - k % n], echoes[k], text, token_texts)
+            _choice(k, seq, seqs[k - k % n], echoes[k], text, shown)
             for k, (seq, text) in enumerate(zip(seqs, texts, strict=True))
         ]
         return CompletionResponse(
             id=response_id,
             created=int(time.time()),
-            model=body.model,
+            model=model,
             choices=choices,
-            usage=usage_of(seqs, n),
+            usage=usage_of(seqs, n, shown.generated),
         )
     usage = usage_wanted(body.stream_options)
     events = merged([pipeline.outputs(s) for s in seqs])
     streams = [ChoiceStream(k, seq, seqs[k - k % n], echoes[k]) for k, seq in enumerate(seqs)]
     return StreamingResponse(
-        stream(response_id, body.model, streams, events, usage, token_texts, n),
+        stream(response_id, model, streams, events, usage, shown, n),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What an answer shows beside its text."""
+
+    texts: TokenTexts  # how logprobs show tokens
+    token_ids: bool  # vLLM's return_token_ids: the prompt's and the answer's ids
+    generated: bool  # false for echo with max_tokens 0: the token generated is left out
+
+
 def _choice(
-    index: int, seq: Sequence, first: Sequence, echo: str, text: str, texts: TokenTexts
+    index: int, seq: Sequence, first: Sequence, echo: str, text: str, shown: Shown
 ) -> CompletionChoice:
     """Choice `index`, the sequence `seq`; `first` is its prompt's first choice (which scored
     the prompt for all of them)."""
+    num_shown = seq.num_completion_tokens if shown.generated else 0
     logprobs = None
     if seq.sampling.logprobs is not None:
-        entries = texts.logprobs(seq, 0, seq.num_completion_tokens)
-        logprobs = CompletionLogprobs.of(entries, len(echo), _echoed(first, echo, texts))
+        entries = shown.texts.logprobs(seq, 0, num_shown)
+        logprobs = CompletionLogprobs.of(entries, len(echo), _echoed(first, echo, shown.texts))
     return CompletionChoice(
         index=index,
-        text=echo + text,
+        text=echo + (text if shown.generated else ""),
         logprobs=logprobs,
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
+        prompt_logprobs=_prompt_logprobs(first, shown.texts),
+        prompt_token_ids=first.inputs.token_ids if shown.token_ids else None,
+        token_ids=seq.output_token_ids[:num_shown] if shown.token_ids else None,
     )
+
+
+def _prompt_logprobs(first: Sequence, texts: TokenTexts) -> list[PromptLogprobs | None] | None:
+    """vLLM's prompt_logprobs of a choice's prompt (scored by the prompt's first choice)."""
+    if first.sampling.prompt_logprobs is None:
+        return None
+    return texts.prompt_logprobs(first)
 
 
 def _echoed(seq: Sequence, echo: str, texts: TokenTexts) -> EchoedPrompt | None:
     """The prompt's tokens and logprobs when the answer echoes its prompt with logprobs (`seq`
     is the prompt's first choice: the one that scored it)."""
     if echo and seq.sampling.prompt_logprobs is not None:
-        if len(seq.prompt_logprobs) < seq.inputs.num_prompt_tokens - 1:
-            # Stopped before its prompt was scored (only the engine stopping does that to a
-            # request someone still waits for): no half-echoed prompt.
-            raise EngineStopped("The server stopped before the prompt was scored; retry.")
         return texts.prompt(seq)
     return None
 
 
-def usage_of(seqs: list[Sequence], n: int) -> Usage:
-    """Each prompt counted once (its n choices share it), every choice's completion."""
+def usage_of(seqs: list[Sequence], n: int, generated: bool = True) -> Usage:
+    """Each prompt counted once (its n choices share it), every choice's completion (none
+    when only the prompts are echoed)."""
     firsts = seqs[::n]
     prompt = sum(s.inputs.num_prompt_tokens for s in firsts)
-    completion = sum(s.num_completion_tokens for s in seqs)
+    completion = sum(s.num_completion_tokens for s in seqs) if generated else 0
     return Usage.of(prompt, 0, 0, completion, sum(s.num_cached_tokens for s in firsts))
 
 
@@ -122,34 +161,42 @@ class ChoiceStream:
     seq: Sequence
     first: Sequence  # its prompt's first choice, which scored the prompt
     echo: str
-    num_logprobs_sent: int = 0
+    num_tokens_sent: int = 0  # tokens whose logprobs and ids went out
+    started: bool = False  # its first chunk went out
     # Where the next token's text_offset is: the tokens' own texts add up, as in the whole
     # answer (a token that is part of a character counts its U+FFFD).
     next_offset: int | None = None
 
-    def choice(self, output: SequenceOutput, texts: TokenTexts) -> dict | None:
-        echoed = _echoed(self.first, self.echo, texts)  # with the first chunk only
-        text, echo, self.echo = self.echo + output.text_delta, self.echo, ""
+    def choice(self, output: SequenceOutput, shown: Shown) -> dict | None:
+        echoed = _echoed(self.first, self.echo, shown.texts)  # with the first chunk only
+        delta = output.text_delta if shown.generated else ""
+        text, echo, self.echo = self.echo + delta, self.echo, ""
         if not text and not output.finished:
-            return None  # the tokens' logprobs go with the next piece of text
+            return None  # the tokens' logprobs and ids go with the next piece of text
+        start = self.num_tokens_sent
+        end = self.num_tokens_sent = output.num_completion_tokens if shown.generated else 0
         logprobs = None
         if self.seq.sampling.logprobs is not None:
-            start, end = self.num_logprobs_sent, output.num_completion_tokens
             offset = len(echo) if self.next_offset is None else self.next_offset
-            entries = texts.logprobs(self.seq, start, end)
+            entries = shown.texts.logprobs(self.seq, start, end)
             shaped = CompletionLogprobs.of(entries, offset, echoed)
             self.next_offset = (
                 shaped.text_offset[-1] + len(shaped.tokens[-1]) if shaped.tokens else offset
             )
             logprobs = shaped.model_dump()
-            self.num_logprobs_sent = end
-        return {
+        choice = {
             "index": self.index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": output.finish_reason if output.finished else None,
             "stop_reason": output.stop_reason if output.finished else None,
         }
+        if shown.token_ids:  # vLLM's: the prompt's ids on a choice's first chunk
+            if not self.started:
+                choice["prompt_token_ids"] = self.first.inputs.token_ids
+            choice["token_ids"] = self.seq.output_token_ids[start:end]
+        self.started = True
+        return choice
 
 
 async def stream(
@@ -158,7 +205,7 @@ async def stream(
     choices: list[ChoiceStream],
     events: AsyncIterator[tuple[int, SequenceOutput]],
     usage: tuple[bool, bool],
-    texts: TokenTexts,
+    shown: Shown,
     n: int,
 ) -> AsyncIterator[str]:
     """usage: (a final usage chunk, the usage so far on every chunk: vLLM's
@@ -180,13 +227,13 @@ async def stream(
 
     try:
         async for index, output in events:
-            if (choice := choices[index].choice(output, texts)) is not None:
+            if (choice := choices[index].choice(output, shown)) is not None:
                 # vLLM's continuous usage: the chunk's choice and its prompt
-                running = usage_of([choices[index].seq], 1) if continuous else None
+                running = usage_of([choices[index].seq], 1, shown.generated) if continuous else None
                 yield chunk([choice], running)
     except ServerError as exc:
         yield error_event(exc)
     else:
         if include_usage:
-            yield chunk([], usage_of([c.seq for c in choices], n))
+            yield chunk([], usage_of([c.seq for c in choices], n, shown.generated))
     yield DONE

@@ -15,12 +15,20 @@ router = APIRouter()
 
 @router.get("/health", tags=["server"])
 async def health(services: Services = Depends(get_services)) -> JSONResponse:
+    """200 while the engine runs, 503 once it has stopped (open without an API key)."""
     engine = services.engine
     if not engine.is_running:
         return JSONResponse({"status": "unavailable"}, status_code=503)
     return JSONResponse(
         {"status": "ok", "num_running": engine.num_running, "num_queued": engine.num_queued}
     )
+
+
+# vLLM's /ping (GET or POST: the SageMaker-style health check some deployments probe).
+@router.api_route("/ping", methods=["GET", "POST"], tags=["server"])
+async def ping(services: Services = Depends(get_services)) -> Response:
+    """/health without a body: 200 while the engine runs, 503 once it has stopped."""
+    return Response(status_code=200 if services.engine.is_running else 503)
 
 
 @router.get("/version", tags=["server"])

@@ -1,0 +1,340 @@
+"""vLLM's request fields beyond OpenAI's, as vLLM clients send them to chat and text
+completions: prompt_logprobs, return_token_ids, echo without generation, structured output
+on /v1/completions, truncate_prompt_tokens, mm_processor_kwargs / media_io_kwargs, the model
+left out, and the fields accepted at their neutral values or refused by name."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from tests.api.test_errors import assert_error
+from tests.helpers import data_uri, make_image, make_video
+
+pytestmark = pytest.mark.anyio
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def chat(content: object = "Say something.", **extra: object) -> dict:
+    messages = [{"role": "user", "content": content}]
+    return {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0, **extra}
+
+
+def text_body(**extra: object) -> dict:
+    return {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, **extra}
+
+
+async def events(client: httpx.AsyncClient, path: str, body: dict) -> list[dict]:
+    async with client.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, await response.aread()
+        return [
+            json.loads(line[6:])
+            async for line in response.aiter_lines()
+            if line.startswith("data: {")
+        ]
+
+
+async def test_null_max_tokens_on_completions_is_the_default_16(client: httpx.AsyncClient):
+    body = text_body(max_tokens=None, ignore_eos=True)
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 16
+
+
+async def test_the_model_may_be_left_out(client: httpx.AsyncClient) -> None:
+    """vLLM answers with the served model (its first name) when a body names none; Animus'
+    routes require it."""
+    served = (await client.get("/v1/models")).json()["data"][0]["id"]
+    for path, body in (("/v1/chat/completions", chat()), ("/v1/completions", text_body())):
+        del body["model"]
+        response = await client.post(path, json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == served
+    media = chat()
+    del media["model"]
+    assert_error(await client.post("/v2/media/completions", json=media), 400, "model")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_vllm_fields_at_their_neutral_values_are_accepted(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    neutral = {
+        "use_beam_search": False,
+        "length_penalty": 1.0,
+        "add_special_tokens": "chat" not in path,  # vLLM's defaults (Qwen's add none)
+        "request_id": "client-1",
+        "session_id": "s-1",
+        "stream_interval": 4,
+        "return_token_offsets": False,
+        "vllm_xargs": None,
+        "kv_transfer_params": None,
+        "watermarking": False,
+        "guided_decoding_backend": "xgrammar",
+        "routed_experts_prompt_start": 0,
+    }
+    body = chat(**neutral) if "chat" in path else text_body(**neutral)
+    if "chat" in path:
+        body |= {"echo": False, "documents": [], "include_reasoning": True, "early_stopping": False}
+    response = await client.post(path, json=body)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("use_beam_search", True),
+        ("logprob_token_ids", [1, 2]),
+        ("watermarking", True),
+        ("vllm_xargs", {"k": 1}),
+        ("kv_transfer_params", {"do_remote_prefill": True}),
+        ("repetition_detection", {"max_pattern_size": 4}),
+        ("guided_whitespace_pattern", r"[ ]?"),
+        ("structural_tag", {"type": "structural_tag"}),
+    ],
+)
+async def test_vllm_fields_asking_for_what_is_not_here_are_refused_by_name(
+    client: httpx.AsyncClient, field: str, value: object
+) -> None:
+    for path, body in (("/v1/chat/completions", chat()), ("/v1/completions", text_body())):
+        response = await client.post(path, json={**body, field: value})
+        assert_error(response, 400, field, "unsupported_parameter")
+
+
+async def test_chat_only_vllm_fields_refused_when_set(client: httpx.AsyncClient) -> None:
+    for field, value in (
+        ("echo", True),
+        ("documents", [{"title": "t", "text": "x"}]),
+        ("chat_template", "{{ messages }}"),
+        ("logits_processors", ["x"]),
+        ("return_prompt_text", True),
+    ):
+        response = await client.post("/v1/chat/completions", json=chat(**{field: value}))
+        assert_error(response, 400, field, "unsupported_parameter")
+    pattern = {"json": {"type": "object"}, "whitespace_pattern": " "}
+    response = await client.post("/v1/chat/completions", json=chat(structured_outputs=pattern))
+    assert_error(response, 400, "structured_outputs.whitespace_pattern", "unsupported_parameter")
+    accepted = {"choice": ["yes", "no"], "disable_any_whitespace": True, "backend": "xgrammar"}
+    response = await client.post("/v1/chat/completions", json=chat(structured_outputs=accepted))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] in ("yes", "no")
+
+
+async def test_prompt_logprobs(client: httpx.AsyncClient, tokenizer) -> None:
+    """Each prompt token's logprob, rank and the k most likely tokens there (vLLM's shape:
+    null for the first token); the values are echo's, and the route's stream refuses them."""
+    response = await client.post("/v1/completions", json=text_body(prompt_logprobs=2))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    (choice,) = body["choices"]
+    ids = tokenizer.encode(PROMPT)
+    scored = choice["prompt_logprobs"]
+    assert len(scored) == len(ids) == body["usage"]["prompt_tokens"] and scored[0] is None
+    for token_id, entry in zip(ids[1:], scored[1:], strict=True):
+        own = entry[str(token_id)]
+        assert own["decoded_token"] == tokenizer.decode([token_id])
+        assert own["rank"] >= 1 and 2 <= len(entry) <= 3
+        top = sorted(entry.values(), key=lambda e: e["rank"])[:2]
+        assert [e["rank"] for e in top if e is not own] == [1, 2][: len(top) - (own in top)]
+        assert own["logprob"] <= max(e["logprob"] for e in entry.values())
+    echoed = await client.post("/v1/completions", json=text_body(echo=True, logprobs=0))
+    shown = echoed.json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
+    mine = [entry[str(t)]["logprob"] for t, entry in zip(ids[1:], scored[1:], strict=True)]
+    assert shown == pytest.approx(mine, abs=1e-5)
+    assert "prompt_logprobs" in choice  # and null where not asked for
+    plain = await client.post("/v1/completions", json=text_body())
+    assert plain.json()["choices"][0]["prompt_logprobs"] is None
+
+    answer = await client.post("/v1/chat/completions", json=chat(prompt_logprobs=1))
+    assert answer.status_code == 200, answer.text
+    chat_scored = answer.json()["prompt_logprobs"]
+    assert len(chat_scored) == answer.json()["usage"]["prompt_tokens"]
+    assert chat_scored[0] is None and all(len(e) in (1, 2) for e in chat_scored[1:])
+    for path, body in (("/v1/chat/completions", chat()), ("/v1/completions", text_body())):
+        streamed = {**body, "prompt_logprobs": 1, "stream": True}
+        assert_error(await client.post(path, json=streamed), 400, "prompt_logprobs")
+
+
+async def test_echo_without_generation_scores_the_prompt(client: httpx.AsyncClient) -> None:
+    """echo with max_tokens 0 (what evaluation harnesses send): the prompt and its logprobs
+    back, nothing generated, streamed or not."""
+    body = text_body(echo=True, max_tokens=0, logprobs=1)
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    usage = response.json()["usage"]
+    assert choice["text"] == PROMPT and usage["completion_tokens"] == 0
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == usage["prompt_tokens"]
+    assert logprobs["token_logprobs"][0] is None and "".join(logprobs["tokens"]) == PROMPT
+    chunks = await events(client, "/v1/completions", body)
+    texts = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    tokens = [t for c in chunks if c["choices"] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert texts == PROMPT and tokens == logprobs["tokens"]
+    refused = await client.post("/v1/completions", json=text_body(max_tokens=0))
+    assert_error(refused, 400, "max_tokens")
+
+
+async def test_return_token_ids(client: httpx.AsyncClient, tokenizer) -> None:
+    """The prompt's and the answer's ids beside the text, as vLLM sends them: on the answer
+    (the prompt's on a stream's first chunk), left out of the body where not asked for."""
+    ids = tokenizer.encode(PROMPT)
+    body = text_body(return_token_ids=True, max_tokens=6, ignore_eos=True)
+    (choice,) = (await client.post("/v1/completions", json=body)).json()["choices"]
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 6
+    assert tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == choice["text"]
+    chunks = [c["choices"][0] for c in await events(client, "/v1/completions", body)]
+    assert chunks[0]["prompt_token_ids"] == ids
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["token_ids"]] == choice["token_ids"]
+
+    body = chat(return_token_ids=True, max_tokens=6, ignore_eos=True)
+    answer = (await client.post("/v1/chat/completions", json=body)).json()
+    assert len(answer["prompt_token_ids"]) == answer["usage"]["prompt_tokens"]
+    token_ids = answer["choices"][0]["token_ids"]
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    assert text == answer["choices"][0]["message"]["content"]
+    chunks = await events(client, "/v1/chat/completions", body)
+    assert chunks[0]["prompt_token_ids"] == answer["prompt_token_ids"]
+    streamed = [t for c in chunks for choice in c["choices"] for t in choice.get("token_ids", [])]
+    assert streamed == token_ids
+    plain = (await client.post("/v1/chat/completions", json=chat())).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+
+async def test_structured_output_on_completions(client: httpx.AsyncClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    formats = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        "structured_outputs": {"json": schema},
+        "guided_json": schema,
+    }
+    for field, value in formats.items():
+        body = text_body(max_tokens=20, **{field: value})
+        response = await client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        if choice["finish_reason"] == "stop":
+            assert set(json.loads(choice["text"])) == {"n"}
+    choice = await client.post("/v1/completions", json=text_body(guided_choice=["red", "blue"]))
+    assert choice.json()["choices"][0]["text"] in ("red", "blue")
+    bad = await client.post("/v1/completions", json=text_body(guided_regex="[^\\s\\S]"))
+    assert_error(bad, 400, "guided_regex", "invalid_schema")
+
+
+async def test_truncate_prompt_tokens(client: httpx.AsyncClient, tokenizer) -> None:
+    ids = tokenizer.encode(PROMPT)
+    body = text_body(truncate_prompt_tokens=3, echo=True, return_token_ids=True)
+    (choice,) = (await client.post("/v1/completions", json=body)).json()["choices"]
+    assert choice["prompt_token_ids"] == ids[-3:]
+    assert choice["text"].startswith(tokenizer.decode(ids[-3:]))
+    body["truncation_side"] = "right"
+    (choice,) = (await client.post("/v1/completions", json=body)).json()["choices"]
+    assert choice["prompt_token_ids"] == ids[:3]
+    long = text_body(prompt=PROMPT * 1000, truncate_prompt_tokens=-1, max_tokens=4)
+    response = await client.post("/v1/completions", json=long)
+    assert response.status_code == 200, response.text
+    max_model_len = (await client.get("/v1/models")).json()["data"][0]["max_model_len"]
+    assert response.json()["usage"]["prompt_tokens"] == max_model_len - 4
+    cut_chat = await client.post("/v1/chat/completions", json=chat(truncate_prompt_tokens=5))
+    assert cut_chat.json()["usage"]["prompt_tokens"] == 5
+    image = [
+        {"type": "image_url", "image_url": {"url": data_uri(make_image(64, 64))}},
+        {"type": "text", "text": "What is it?"},
+    ]
+    response = await client.post("/v1/chat/completions", json=chat(image, truncate_prompt_tokens=5))
+    assert_error(response, 400, "truncate_prompt_tokens")
+    response = await client.post("/v1/completions", json=text_body(truncate_prompt_tokens=0))
+    assert_error(response, 400, "truncate_prompt_tokens")
+
+
+async def test_mm_processor_kwargs_set_the_image_resolution(client: httpx.AsyncClient) -> None:
+    """max_pixels / min_pixels (or size's longest_edge / shortest_edge) resize an image into
+    that range, within the server's; unknown keys are named."""
+    image = [
+        {"type": "image_url", "image_url": {"url": data_uri(make_image(640, 480))}},
+        {"type": "text", "text": "What is it?"},
+    ]
+
+    async def image_tokens(**extra: object) -> int:
+        response = await client.post("/v1/chat/completions", json=chat(image, **extra))
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["image_tokens"]
+
+    default = await image_tokens()
+    small = await image_tokens(mm_processor_kwargs={"max_pixels": 112 * 112})
+    large = await image_tokens(mm_processor_kwargs={"min_pixels": 600 * 600})
+    same_small = await image_tokens(mm_processor_kwargs={"size": {"longest_edge": 112 * 112}})
+    assert small < default < large and same_small == small
+    for kwargs, param in (
+        ({"do_resize": False}, "mm_processor_kwargs.do_resize"),
+        ({"max_pixels": -4}, "mm_processor_kwargs"),
+        ({"size": {"height": 4}}, "mm_processor_kwargs.size"),
+    ):
+        response = await client.post(
+            "/v1/chat/completions", json=chat(image, mm_processor_kwargs=kwargs)
+        )
+        assert_error(response, 400, param)
+    response = await client.post(
+        "/v1/chat/completions", json=chat(image, media_io_kwargs={"audio": {"x": 1}})
+    )
+    assert_error(response, 400, "media_io_kwargs.audio")
+
+
+async def test_media_io_kwargs_num_frames_lowers_the_frames(client: httpx.AsyncClient) -> None:
+    uri = "data:video/mp4;base64," + base64.b64encode(make_video(seconds=4)).decode()
+    video = [
+        {"type": "video_url", "video_url": {"url": uri}},
+        {"type": "text", "text": "What happens?"},
+    ]
+
+    async def video_tokens(**extra: object) -> int:
+        response = await client.post("/v1/chat/completions", json=chat(video, **extra))
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["video_tokens"]
+
+    default = await video_tokens()
+    fewer = await video_tokens(media_io_kwargs={"video": {"num_frames": 2}})
+    slower = await video_tokens(mm_processor_kwargs={"fps": 0.5})
+    assert fewer < default and slower < default
+
+
+async def test_ping(client: httpx.AsyncClient) -> None:
+    for method in ("GET", "POST"):
+        response = await client.request(method, "/ping")
+        assert response.status_code == 200 and response.content == b""
+
+
+async def test_a_forced_tool_with_a_vllm_constraint_names_the_constraint(
+    client: httpx.AsyncClient,
+) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = chat(
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        structured_outputs={"choice": ["a"]},
+    )
+    response = await client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, "structured_outputs")
+
+
+async def test_a_completion_prompt_past_the_context_says_prompt(client: httpx.AsyncClient):
+    response = await client.post("/v1/completions", json=text_body(prompt=PROMPT * 1000))
+    assert_error(response, 400, "prompt", "context_length_exceeded")
+    message = response.json()["error"]["message"]
+    assert "prompt" in message and "messages" not in message and "images" not in message
