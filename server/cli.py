@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from server import __version__
 from server.config import Settings
 from server.engine.tiny import FAMILIES, TinySpec
-from server.exceptions import ModelLoadError
+from server.exceptions import StartupError
 from server.flag_help import ENV_PREFIX, env_names, field_for_flag, flag_name, help_text
 
 logger = logging.getLogger("server.cli")
@@ -230,7 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         loaded = load_model(settings.engine_config())
         app = create_app(settings, loaded)
         return serve(app, settings, sock)
-    except (ConfigError, ModelLoadError) as exc:
+    except (ConfigError, StartupError) as exc:
         logger.error("%s", exc)
         return 2
     except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to drain

@@ -164,8 +164,17 @@ class IdempotencyKeyReused(ServerError):
         )
 
 
-class ModelLoadError(Exception):
+class StartupError(Exception):
+    """The server cannot start as configured (an operator's to fix): shown as one line, and
+    the process exits with status 2."""
+
+
+class ModelLoadError(StartupError):
     """The checkpoint cannot be found or loaded; raised at start-up, shown to the operator."""
+
+
+class JobStoreStartError(StartupError):
+    """The job store named by --job-store cannot be opened at start-up."""
 
 
 class EngineStopped(ServerError):

@@ -61,7 +61,8 @@ HELP = {
     "host": "Address to listen on (0.0.0.0: every interface).",
     "port": "TCP port to listen on; checked before the model loads.",
     "api_keys": "Bearer key clients must send (repeatable; env VLM_API_KEY or VLM_API_KEYS, "
-    "comma-separated). /health, /version, /docs and the playground stay open.",
+    "comma-separated). /health, /ping, /version, /metrics (unless --metrics-require-api-key), "
+    "the docs and the playground stay open.",
     "api_key_file": "File of API keys, one per line (# comments), added to --api-key.",
     "metrics_require_api_key": "Make /metrics need an API key too (open by default).",
     "allowed_origins": "Web origins a browser may call the API from (CORS; repeatable or "

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import Depends, FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
@@ -19,6 +18,7 @@ from server.api.errors import install_error_handlers
 from server.api.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
+    CorsMiddleware,
     DrainMiddleware,
     JsonBodyMiddleware,
     RequestIdMiddleware,
@@ -251,7 +251,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     if settings.allowed_origins:
         # Outside the key check: a browser's preflight OPTIONS carries no Authorization.
         app.add_middleware(
-            CORSMiddleware,
+            CorsMiddleware,
             allow_origins=settings.allowed_origins,
             allow_methods=["*"],
             allow_headers=["*"],

@@ -12,6 +12,9 @@ import re
 import time
 import uuid
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body, speaks_anthropic
@@ -304,3 +307,19 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
         finally:
             state.num_in_flight -= 1
+
+
+class CorsMiddleware(CORSMiddleware):
+    """Starlette's CORS, a refused preflight (an origin, method or header not allowed) in
+    the API's error envelope rather than Starlette's plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        reason = bytes(response.body).decode()  # "Disallowed CORS origin, method"
+        body = error_body(
+            "", response.status_code, f"{reason} (see --allowed-origins).", "invalid_request_error"
+        )
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        return JSONResponse(body, status_code=response.status_code, headers=headers)

@@ -1345,8 +1345,9 @@ MetadataKey = Literal["categories", "participants", "actions", "scene", "tags"]
 class JobOptions(StrictModel):
     """The Animus media endpoints' way to ask for a durable job instead of a waiting answer."""
 
-    # Run as a job and POST the finished job there (Standard Webhooks signatures).
-    webhook_url: str | None = Field(default=None, pattern="^https?://", max_length=2000)
+    # Run as a job and POST the finished job there (Standard Webhooks signatures); checked
+    # when the job is submitted (invalid_webhook_url).
+    webhook_url: str | None = Field(default=None, min_length=1, max_length=2000)
     # Run as a durable job: 202 at once, the answer at /v2/media/status/{id}.
     async_: bool | None = Field(default=None, alias="async")
 

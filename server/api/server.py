@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.config import Settings
-from server.exceptions import ModelLoadError
+from server.exceptions import JobStoreStartError, ModelLoadError, StartupError
 
 if TYPE_CHECKING:
     from server.engine.engine import AsyncEngine
@@ -62,19 +62,28 @@ class DrainingServer(uvicorn.Server):
 
 
 class StartupErrorFilter(logging.Filter):
-    """A lifespan that fails with ModelLoadError (a KV cache budget that holds nothing, say) is
-    an operator's mistake: log its message as one line, not Starlette's traceback."""
+    """A lifespan that fails with a StartupError (a KV cache budget that holds nothing, a job
+    store that cannot be reached) is an operator's mistake: log its message as one line, not
+    Starlette's traceback."""
+
+    MARKERS = tuple(
+        f"{kind.__module__}.{kind.__name__}: "
+        for kind in (StartupError, ModelLoadError, JobStoreStartError)
+    )
 
     def __init__(self) -> None:
         super().__init__()
-        self.model_load_error: str | None = None
+        self.startup_error: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        marker = f"{ModelLoadError.__module__}.{ModelLoadError.__name__}: "
-        if message.startswith("Traceback") and marker in message:
-            self.model_load_error = message.rsplit(marker, 1)[1].strip()
-            record.msg, record.args = self.model_load_error, ()
+        if not message.startswith("Traceback"):
+            return True
+        for marker in self.MARKERS:
+            if marker in message:
+                self.startup_error = message.rsplit(marker, 1)[1].strip()
+                record.msg, record.args = self.startup_error, ()
+                record.exc_info = record.exc_text = None
         return True
 
 
@@ -94,7 +103,7 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
     try:
         DrainingServer(config, app, settings).run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the lifespan fails
-        return 2 if startup_errors.model_load_error else int(exc.code or 1)
+        return 2 if startup_errors.startup_error else int(exc.code or 1)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has drained: a clean exit
         return 130
     finally:

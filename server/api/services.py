@@ -52,7 +52,7 @@ class Services:
     async def submit_job(self, kind: str, request: dict, idempotency_key: str | None) -> Job:
         if url := request.get("webhook_url"):
             try:
-                self.webhooks.check_url(url)
+                await self.webhooks.check_url(url)
             except AddressRefused as refused:
                 raise InvalidRequest(
                     f"webhook_url cannot be delivered to: {refused}.",

@@ -20,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from server.exceptions import InvalidRequest, JobStoreUnavailable
+from server.exceptions import InvalidRequest, JobStoreStartError, JobStoreUnavailable
 from server.jobs.store import Execute, JobStore
 
 logger = logging.getLogger(__name__)
@@ -147,12 +147,28 @@ class PostgresJobStore(JobStore):
             self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
         except psycopg.OperationalError:
             self.pool.close()
-            logger.error("cannot reach the job store's database at %s", _where(url))
-            raise JobStoreUnavailable() from None
+            raise JobStoreStartError(
+                f"--job-store: cannot reach the database at {_where(url)} (is it running, and "
+                "are the host, port, user and database right?)"
+            ) from None
         self.clock_offset_s = 0.0
         self.stopping = threading.Event()
         self.listener: threading.Thread | None = None
-        self._migrate()
+        try:
+            self._migrate()
+        except psycopg.errors.InvalidSchemaName:
+            self.pool.close()
+            raise JobStoreStartError(
+                f"--job-store: the database at {_where(url)} has no schema to create the job "
+                "store's tables in: create the schema its search_path names first (CREATE "
+                "SCHEMA ...)"
+            ) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self.pool.close()
+            raise JobStoreStartError(
+                f"--job-store: the database user may not create the job store's tables at "
+                f"{_where(url)} ({str(exc).strip().splitlines()[0]})"
+            ) from None
         self._measure_clock()
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import hashlib
 import hmac
@@ -31,7 +32,13 @@ from server.exceptions import JobStoreUnavailable
 from server.jobs.store import JobStore
 from server.jobs.worker import cancel_and_wait
 from server.log import request_id_var
-from server.media.netguard import AddressRefused, check_url_statically, checked_request
+from server.media.netguard import (
+    AddressRefused,
+    HostUnresolved,
+    check_url_statically,
+    checked_request,
+    resolve_checked,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +113,16 @@ class WebhookSender:
         # attempt was recorded is stale, and must not start that attempt again.
         self.attempts_made: dict[str, int] = {}
 
-    def check_url(self, url: str) -> None:
+    async def check_url(self, url: str) -> None:
         """Refuses now (AddressRefused) a URL no attempt could ever reach, rather than retrying
-        it for the whole schedule."""
+        it for the whole schedule: one the rules refuse as written, or a host that resolves to
+        a private address (`localhost`, say). A host that does not resolve yet is accepted: DNS
+        may answer by the time the job ends."""
         check_url_statically(url, self.allowed_hosts)
+        parsed = httpx.URL(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        with contextlib.suppress(HostUnresolved):
+            await resolve_checked(parsed.raw_host.decode("ascii"), port, self.allowed_hosts)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop())

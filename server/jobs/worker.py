@@ -199,6 +199,8 @@ class JobWorker:
     async def _run(self, job: Job) -> bool:
         """Runs one attempt; False when the engine has stopped (no job can run any more)."""
         request_id_var.set(job.id)
+        if job.attempt > 1:  # an earlier attempt's server stopped or lost the lease
+            logger.info("job %s: attempt %d (an earlier one did not finish)", job.id, job.attempt)
         progress = ProgressWriter(self.store, job)
         work = asyncio.create_task(self._handle(job, progress.update))
         self.running[job.id] = work

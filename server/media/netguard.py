@@ -32,6 +32,10 @@ class AddressRefused(Exception):
     """The host resolves to an address media fetches may not reach (or does not resolve)."""
 
 
+class HostUnresolved(AddressRefused):
+    """The host does not resolve (now, at least)."""
+
+
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
@@ -95,10 +99,10 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        raise AddressRefused(f"the host {host} does not resolve") from None
+        raise HostUnresolved(f"the host {host} does not resolve") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not addresses:
-        raise AddressRefused(f"the host {host} does not resolve")
+        raise HostUnresolved(f"the host {host} does not resolve")
     if not listed and not all(is_public(ip) for ip in addresses):
         raise AddressRefused(
             f"the host {host} resolves to a private, loopback or reserved address{ALLOW_HINT}"

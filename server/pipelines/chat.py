@@ -7,6 +7,7 @@ batched engine call, then the question answered over the timestamped captions)."
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,7 @@ from server.pipelines.video_captions import (
 )
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,14 @@ class ChatPipeline:
         if videos and request.video_mode == "captions":
             return await self._captioned(request, images, videos)
         inputs = await self._native_inputs(request, images, videos)
+        if videos:  # one line per video request, as captions mode writes
+            logger.info(
+                "read %d video frames natively: %d video tokens of %d prompt tokens in %.2fs",
+                sum(len(video.frames) for video in videos),
+                inputs.num_video_tokens,
+                inputs.num_prompt_tokens,
+                time.monotonic() - request.received_time,
+            )
         return ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
 
     async def _videos(

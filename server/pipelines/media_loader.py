@@ -76,8 +76,16 @@ class MediaLoader:
         return MediaBudget(self.limits.max_media_bytes_per_request)
 
     async def images(self, messages: list[ChatMessage], budget: MediaBudget) -> list[Image.Image]:
+        """Fetched and decoded together; awaited in order, so that of several bad images the
+        error names the first (not whichever failed soonest), and the rest are cancelled."""
         parts = parts_of(messages, ImagePart)
-        return list(await asyncio.gather(*(self._image(p, budget) for p in parts)))
+        tasks = [asyncio.ensure_future(self._image(part, budget)) for part in parts]
+        try:
+            return [await task for task in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()  # (the finished ones are left as they are)
+            await asyncio.gather(*tasks, return_exceptions=True)  # their errors read, not lost
 
     async def _image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
         max_bytes = self.limits.max_image_bytes

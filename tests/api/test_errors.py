@@ -402,6 +402,18 @@ async def test_unreachable_url(client: httpx.AsyncClient) -> None:
     assert "messages[0].content[1]" in error["message"]
 
 
+async def test_of_several_bad_images_the_first_is_named(
+    client: httpx.AsyncClient, media_server: MediaServer
+) -> None:
+    """Images are fetched together, but the error names the first bad one in the request, not
+    whichever failed soonest (a broken data: URL fails before a fetch does)."""
+    slow = media_server.url("/missing.jpg")
+    body = {"model": "tiny", "messages": user(TEXT, image(slow), image("data:image/png;base64,!!"))}
+    for _ in range(3):
+        response = await client.post("/v1/chat/completions", json=body)
+        assert_error(response, 400, "messages[0].content[1]")
+
+
 async def test_url_answering_404(client: httpx.AsyncClient, media_server: MediaServer) -> None:
     body = {"model": "tiny", "messages": user(image(media_server.url("/missing.jpg")))}
     response = await client.post("/chat/completions", json=body)

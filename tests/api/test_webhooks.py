@@ -144,6 +144,8 @@ async def test_a_slow_receiver_does_not_hold_back_the_others(
         ("http://[::1]:9/h", []),
         ("http://", []),  # no host
         ("http://[::1/h", []),  # malformed
+        ("ftp://example.com/h", []),  # not http(s)
+        ("http://localhost:9/h", []),  # a name that resolves to a loopback address
     ],
 )
 async def test_unreachable_webhook_url_is_refused_at_submit(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,18 @@ def test_a_nul_character_from_a_client_is_a_bad_request_on_postgres() -> None:
             assert store.get("job-x") is None  # the store is fine afterwards
         finally:
             store.close()
+
+
+def test_a_job_store_that_cannot_be_opened_is_one_clear_start_up_error() -> None:
+    """At start-up an unreachable database, or a search_path schema that does not exist, is
+    the operator's to fix: a StartupError with one line saying so (the CLI exits with 2)."""
+    from server.exceptions import JobStoreStartError
+    from server.jobs.postgres import PostgresJobStore
+    from tests.helpers import free_port
+    from tests.jobs.pg import require_postgres, with_schema
+
+    with pytest.raises(JobStoreStartError, match="cannot reach the database"):
+        PostgresJobStore(f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    missing = with_schema(require_postgres(), f"missing_{uuid.uuid4().hex[:8]}")
+    with pytest.raises(JobStoreStartError, match="CREATE SCHEMA"):
+        PostgresJobStore(missing)
