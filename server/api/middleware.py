@@ -321,5 +321,9 @@ class CorsMiddleware(CORSMiddleware):
         body = error_body(
             "", response.status_code, f"{reason} (see --allowed-origins).", "invalid_request_error"
         )
-        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        headers = {  # the CORS headers; JSONResponse sets its own type and length
+            k: v
+            for k, v in response.headers.items()
+            if k.lower() not in ("content-length", "content-type")
+        }
         return JSONResponse(body, status_code=response.status_code, headers=headers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import mimetypes
 import time
 import uuid
@@ -444,7 +445,8 @@ CONSTRAINT_FIELDS = ("json_", "regex", "choice", "grammar", "json_object")
 STRUCTURED_UNSUPPORTED_WHEN = {
     "guided_whitespace_pattern": lambda body: body.guided_whitespace_pattern is not None,
     "structured_outputs.whitespace_pattern": lambda body: (
-        body.structured_outputs is not None and body.structured_outputs.whitespace_pattern
+        body.structured_outputs is not None
+        and body.structured_outputs.whitespace_pattern is not None
     ),
     "structured_outputs.structural_tag": lambda body: (
         body.structured_outputs is not None and body.structured_outputs.structural_tag is not None
@@ -522,6 +524,7 @@ VLLM_UNSUPPORTED_WHEN = {
 # vLLM's render endpoints alone read.
 VLLM_IGNORED_FIELDS = (
     "length_penalty",
+    "early_stopping",
     "session_id",
     "stream_interval",
     "return_token_offsets",
@@ -572,6 +575,7 @@ class VllmFields(StrictModel):
     ec_transfer_params: dict[str, Any] | None = None
     # Accepted with no effect (VLLM_IGNORED_FIELDS).
     length_penalty: float | None = None
+    early_stopping: bool | None = None
     session_id: str | None = Field(default=None, max_length=256)
     stream_interval: int | None = Field(default=None, ge=1)
     return_token_offsets: bool | None = None
@@ -579,11 +583,10 @@ class VllmFields(StrictModel):
     routed_experts_prompt_start: int | None = Field(default=None, ge=0)
 
     def vllm_unsupported(self) -> list[str]:
-        used = [n for n, check in VLLM_UNSUPPORTED_WHEN.items() if check(getattr(self, n))]
-        return used + self.structured_unsupported() if isinstance(self, StructuredFields) else used
+        return [n for n, check in VLLM_UNSUPPORTED_WHEN.items() if check(getattr(self, n))]
 
     def vllm_ignored(self) -> list[str]:
-        return [f for f in VLLM_IGNORED_FIELDS if getattr(self, f, None) is not None]
+        return [f for f in VLLM_IGNORED_FIELDS if getattr(self, f) is not None]
 
     def check_prompt_logprobs(self) -> None:
         if self.prompt_logprobs is not None and getattr(self, "stream", False):
@@ -718,7 +721,6 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     chat_template: str | None = None
     logits_processors: list[Any] | None = None
     return_prompt_text: bool | None = None
-    early_stopping: bool | None = None  # beam search's (no beams here): no effect
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
     # extension (ours, Animus' name): one frame per detected scene instead of uniform frames
@@ -736,12 +738,14 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     def unsupported_fields(self) -> list[str]:
         openai = [name for name, used in UNSUPPORTED_WHEN.items() if used(getattr(self, name))]
         chat = [n for n, used in CHAT_VLLM_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
-        return openai + chat + self.vllm_unsupported()
+        return openai + chat + self.vllm_unsupported() + self.structured_unsupported()
 
     def ignored_fields(self) -> list[str]:
         """Fields the request set that change nothing here (for the debug log)."""
         ignored = [f for f in IGNORED_FIELDS if getattr(self, f) is not None]
-        ignored += self.vllm_ignored() + ["early_stopping"] * (self.early_stopping is not None)
+        ignored += self.vllm_ignored()
+        if self.add_special_tokens is not None:  # (the template writes them; Qwen's add none)
+            ignored.append("add_special_tokens")
         if self.stream_options and self.stream_options.include_obfuscation is not None:
             ignored.append("stream_options.include_obfuscation")
         return ignored
@@ -817,9 +821,9 @@ class MediaWishes:
     """vLLM's per-request media options, as Qwen-VL clients send them: mm_processor_kwargs'
     min_pixels / max_pixels (or size's shortest_edge / longest_edge, transformers' newer
     names) and fps, media_io_kwargs' video num_frames and fps. Images are resized into the
-    pixel range (within the server's); for videos each is a wish that only lowers the
-    server's ceilings, as a video part's own fps, max_frames and pixel fields are. A part's
-    own fields win."""
+    pixel range (within the model's, in place of `detail`'s budget); for videos each is a
+    wish that only lowers the server's ceilings, as a video part's own fps, max_frames and
+    pixel fields are (which win)."""
 
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -842,11 +846,13 @@ class MediaWishes:
         mm, vio = "mm_processor_kwargs", "media_io_kwargs.video"
         fps = _positive(video.pop("fps", None), f"{vio}.fps", number=True)
         wishes = cls(
-            min_pixels=_positive(processor.pop("min_pixels", size.get("shortest_edge")), mm),
-            max_pixels=_positive(processor.pop("max_pixels", size.get("longest_edge")), mm),
+            min_pixels=_pixels(processor, size, "min_pixels", "shortest_edge"),
+            max_pixels=_pixels(processor, size, "max_pixels", "longest_edge"),
             fps=_positive(processor.pop("fps", None), f"{mm}.fps", number=True) or fps,
             num_frames=_positive(video.pop("num_frames", None), f"{vio}.num_frames"),
         )
+        if (wishes.min_pixels or 0) > (wishes.max_pixels or wishes.min_pixels or 0):
+            raise _media_option(f"{mm}.min_pixels", "is above max_pixels")
         for name, left in (("mm_processor_kwargs", processor), ("media_io_kwargs", io)):
             if left:
                 raise _media_option(
@@ -882,11 +888,23 @@ class MediaWishes:
         return part
 
 
+def _pixels(processor: dict[str, Any], size: dict[str, Any], name: str, edge: str) -> int | None:
+    """min_pixels / max_pixels, or their newer names in size (the older name wins)."""
+    if name in processor:
+        return _positive(processor.pop(name), f"mm_processor_kwargs.{name}")
+    return _positive(size.get(edge), f"mm_processor_kwargs.size.{edge}")
+
+
 def _positive(value: Any, param: str, number: bool = False) -> Any:
     kinds = (int, float) if number else (int,)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise _media_option(param, f"takes a positive {'number' if number else 'integer'}")
     return value
 
@@ -1470,6 +1488,12 @@ class CompletionRequest(StructuredFields, VllmFields):
                 param="max_tokens",
                 code="invalid_value",
             )
+        if self.echo_only and self.min_tokens:
+            raise InvalidRequest(
+                "min_tokens cannot be met with max_tokens 0: nothing is generated.",
+                param="min_tokens",
+                code="invalid_value",
+            )
 
     @property
     def echo_only(self) -> bool:
@@ -1478,7 +1502,7 @@ class CompletionRequest(StructuredFields, VllmFields):
 
     def unsupported_fields(self) -> list[str]:
         openai = [n for n, used in COMPLETION_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
-        return openai + self.vllm_unsupported()
+        return openai + self.vllm_unsupported() + self.structured_unsupported()
 
     def num_choices(self, max_n: int) -> int:
         return check_n(self.n, max_n)

@@ -41,7 +41,8 @@ SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}
 
 def error_event(exc: ServerError) -> str:
     """An error after the 200 went out: OpenAI's envelope as the stream's last event."""
-    error = ErrorResponse(error=ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code))
+    info = ErrorInfo(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
+    error = ErrorResponse(error=info)
     return f"data: {error.model_dump_json()}\n\n"
 
 

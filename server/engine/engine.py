@@ -29,7 +29,7 @@ from server.engine import bad_words, profile
 from server.engine.block_manager import BlockManager
 from server.engine.decoder import FusedDecoder
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.inputs import ModelInputs
+from server.engine.inputs import ModelInputs, Truncation
 from server.engine.loader import LoadedModel
 from server.engine.prompt_logprobs import PromptScores
 from server.engine.runner import ModelRunner
@@ -204,6 +204,8 @@ class AsyncEngine:
             raise EngineStopped("The engine is not running.")
         if request_id in self._sequences:  # ids key the runner's per-sequence state
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        if inputs.num_prompt_tokens < 1:  # nothing to prefill would fail the whole step
+            raise InvalidRequest("The prompt is empty.", param="messages", code="invalid_value")
         sampling = self.with_bad_word_ids(sampling)
         self.check_sampling(sampling)
         seq = Sequence(
@@ -213,6 +215,16 @@ class AsyncEngine:
         if sampling.structured is not None:  # compiled by the pipeline just before
             seq.grammar = self.runner.grammars.lookup(sampling.structured)
         return seq
+
+    def truncated(
+        self, inputs: ModelInputs, truncation: Truncation | None, sampling: SamplingParams
+    ) -> ModelInputs:
+        """The prompt as vLLM's truncate_prompt_tokens cuts it (room kept for max_tokens, or
+        the default a request without one gets)."""
+        if truncation is None:
+            return inputs
+        max_tokens = sampling.max_tokens or self.default_max_tokens
+        return truncation.apply(inputs, self.max_seq_len, max_tokens)
 
     def with_bad_word_ids(self, sampling: SamplingParams) -> SamplingParams:
         """`sampling` with its bad words' token sequences (a 400 for a word with no tokens)."""

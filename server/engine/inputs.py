@@ -112,13 +112,34 @@ class Truncation:
     keep: int
     side: str = "left"
 
+    def kept(self, max_seq_len: int, max_tokens: int) -> int:
+        """How many prompt tokens may stay; -1 with no room left for max_tokens is a 400."""
+        if self.keep == 0 or self.keep < -1:
+            raise InvalidRequest(
+                "truncate_prompt_tokens must be -1 or at least 1.",
+                param="truncate_prompt_tokens",
+                code="invalid_value",
+            )
+        if self.keep != -1:
+            return self.keep
+        if max_tokens >= max_seq_len:
+            raise InvalidRequest(
+                f"truncate_prompt_tokens -1 keeps the prompt tokens that leave room for "
+                f"max_tokens; {max_tokens} leave none in this model's {max_seq_len}-token "
+                "context.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_seq_len - max_tokens
+
     def apply(self, inputs: ModelInputs, max_seq_len: int, max_tokens: int) -> ModelInputs:
-        keep = self.keep if self.keep != -1 else max(max_seq_len - max_tokens, 1)
+        keep = self.kept(max_seq_len, max_tokens)
         cut = truncated(inputs, keep, self.side)
         if cut is None:
             raise InvalidRequest(
-                f"truncate_prompt_tokens cannot cut this prompt to {keep} tokens: it would "
-                "cut through its images or videos, or leave nothing.",
+                f"truncate_prompt_tokens: this prompt ({inputs.num_prompt_tokens} tokens) holds "
+                f"images or videos, and is not cut to {keep} tokens: a cut could leave the "
+                "model part of one.",
                 param="truncate_prompt_tokens",
                 code="invalid_value",
             )
@@ -126,19 +147,22 @@ class Truncation:
 
 
 def truncated(inputs: ModelInputs, keep: int, side: str) -> ModelInputs | None:
-    """The prompt cut to `keep` tokens; None where that would cut an image or a video (the
-    model would read part of one) or leave nothing."""
+    """The prompt cut to `keep` tokens (>= 1); None for a prompt with images or videos,
+    which is left whole or refused (a cut could leave the model part of one)."""
     n = inputs.num_prompt_tokens
     if n <= keep:
         return inputs
-    if inputs.media or keep < 1:
+    if inputs.media:
         return None
     cut = slice(n - keep, None) if side == "left" else slice(None, keep)
     tensors = {  # a text prompt's per-token tensors: its ids (and mask, token types)
         name: t[:, cut] if t.dim() == 2 and t.shape[1] == n else t
         for name, t in inputs.tensors.items()
     }
-    return replace(inputs, tensors=tensors, num_prompt_tokens=keep)
+    # A prompt cut on the right has lost its end, and with it the "<think>" a thinking
+    # checkpoint's answer would start in.
+    thinks = inputs.thinks and side == "left"
+    return replace(inputs, tensors=tensors, num_prompt_tokens=keep, thinks=thinks)
 
 
 def find_media(

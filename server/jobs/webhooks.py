@@ -84,6 +84,9 @@ def retry_after_s(response: httpx.Response) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
+RESOLVE_S = 5.0  # how long a submitted webhook URL's host is looked up for
+
+
 class WebhookSender:
     def __init__(
         self,
@@ -120,9 +123,11 @@ class WebhookSender:
         may answer by the time the job ends."""
         check_url_statically(url, self.allowed_hosts)
         parsed = httpx.URL(url)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        with contextlib.suppress(HostUnresolved):
-            await resolve_checked(parsed.raw_host.decode("ascii"), port, self.allowed_hosts)
+        port = parsed.port if parsed.port is not None else 443 if parsed.scheme == "https" else 80
+        host = parsed.raw_host.decode("ascii")
+        # A slow resolver does not hold the request: the delivery checks the address again.
+        with contextlib.suppress(HostUnresolved, TimeoutError):
+            await asyncio.wait_for(resolve_checked(host, port, self.allowed_hosts), RESOLVE_S)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop())

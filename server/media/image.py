@@ -136,7 +136,7 @@ def load_image(
     image = decode_image(data, param=param)
     wanted_min, wanted_max = pixels
     max_pixels = max_pixels_for(detail, model_max_pixels, side)
-    if wanted_max is not None:
-        max_pixels = min(wanted_max, model_max_pixels)
+    if wanted_min is not None or wanted_max is not None:  # the request's range, not detail's
+        max_pixels = min(wanted_max or model_max_pixels, model_max_pixels)
     min_pixels = max(wanted_min or 0, model_min_pixels)
     return fit_to_budget(image, max_pixels, param=param, side=side, min_pixels=min_pixels)

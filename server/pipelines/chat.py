@@ -203,6 +203,9 @@ class ChatPipeline:
         text_tokens = await _templated(
             self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template
         )
+        if (truncation := request.truncation) is not None:  # the prompt will be cut to fit
+            max_tokens = request.sampling.max_tokens or self.engine.default_max_tokens
+            text_tokens = min(text_tokens, truncation.kept(self.engine.max_seq_len, max_tokens))
         self.engine.max_tokens_for(text_tokens, request.sampling)
 
     async def prompt(self, request: ChatRequest) -> ModelInputs:
@@ -214,7 +217,8 @@ class ChatPipeline:
         async with self.preprocessing:
             images = await self.media.images(request.messages, budget)
             videos = await self._videos(request, images, budget)
-            return await self._native_inputs(request, images, videos)
+            inputs = await self._native_inputs(request, images, videos)
+            return self.engine.truncated(inputs, request.truncation, request.sampling)
 
     async def _prepare(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
@@ -321,9 +325,7 @@ class ChatPipeline:
 
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:
         sampling = request.sampling
-        if request.truncation is not None:
-            max_tokens = sampling.max_tokens or self.engine.default_max_tokens
-            inputs = request.truncation.apply(inputs, self.engine.max_seq_len, max_tokens)
+        inputs = self.engine.truncated(inputs, request.truncation, sampling)
         if sampling.thinking_token_budget is not None and inputs.thinks:
             # the budget counts reasoning tokens: only an answer that starts in reasoning has it
             sampling = replace(sampling, think_end_token_id=self.think_close_id)

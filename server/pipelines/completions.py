@@ -62,10 +62,7 @@ class TextCompletions:
         if sampling.structured is not None:
             await compile_grammar(self.engine, sampling.structured, options.grammar_param)
         inputs = await asyncio.to_thread(lambda: [self._inputs(p, options) for p in prompts])
-        if options.truncation is not None:
-            max_tokens = sampling.max_tokens or self.engine.default_max_tokens
-            cut = options.truncation.apply
-            inputs = [cut(x, self.engine.max_seq_len, max_tokens) for x in inputs]
+        inputs = [self.engine.truncated(x, options.truncation, sampling) for x in inputs]
         try:
             if n == 1:  # all in one batch
                 requests = [(f"{request_id}-{i}", x, sampling) for i, x in enumerate(inputs)]

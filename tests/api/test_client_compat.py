@@ -315,4 +315,5 @@ async def test_cors_is_opt_in(client: httpx.AsyncClient, tiny_model_dir: Path) -
         other = await cors.options(URL, headers={**preflight, "Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in other.headers
         assert other.status_code == 400  # in the API's envelope, naming the flag
+        assert other.headers["content-type"] == "application/json"
         assert "--allowed-origins" in other.json()["error"]["message"]

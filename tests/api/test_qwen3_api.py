@@ -351,3 +351,17 @@ async def test_include_reasoning_false_leaves_the_reasoning_out(
     deltas = await streamed_deltas(thinking, quiet)
     assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+
+
+async def test_a_prompt_cut_on_the_right_does_not_start_in_reasoning(
+    thinking: httpx.AsyncClient,
+) -> None:
+    """truncate_prompt_tokens with truncation_side right cuts off the generation prompt (and
+    its "<think>"): the answer is read as content, not reasoning."""
+    body = chat(text("hi there"), max_tokens=4, temperature=0, ignore_eos=True)
+    body |= {"truncate_prompt_tokens": 5, "truncation_side": "right"}
+    response = await thinking.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    assert message["reasoning"] is None and message["content"]
+    assert "completion_tokens_details" not in response.json()["usage"]

@@ -181,8 +181,11 @@ async def test_echo_without_generation_scores_the_prompt(client: httpx.AsyncClie
     texts = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     tokens = [t for c in chunks if c["choices"] for t in c["choices"][0]["logprobs"]["tokens"]]
     assert texts == PROMPT and tokens == logprobs["tokens"]
+    assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
     refused = await client.post("/v1/completions", json=text_body(max_tokens=0))
     assert_error(refused, 400, "max_tokens")
+    unmet = await client.post("/v1/completions", json={**body, "min_tokens": 2})
+    assert_error(unmet, 400, "min_tokens")
 
 
 async def test_return_token_ids(client: httpx.AsyncClient, tokenizer) -> None:
@@ -261,6 +264,17 @@ async def test_truncate_prompt_tokens(client: httpx.AsyncClient, tokenizer) -> N
     assert_error(response, 400, "truncate_prompt_tokens")
     response = await client.post("/v1/completions", json=text_body(truncate_prompt_tokens=0))
     assert_error(response, 400, "truncate_prompt_tokens")
+    no_room = text_body(truncate_prompt_tokens=-1, max_tokens=max_model_len)
+    response = await client.post("/v1/completions", json=no_room)
+    assert_error(response, 400, "max_tokens", "context_length_exceeded")
+    # /tokenize counts the prompt the completion would run, cut as it would be
+    tokenized = await client.post("/tokenize", json=chat(truncate_prompt_tokens=5))
+    assert tokenized.json()["count"] == 5
+    # an async media job is checked at submit against the prompt as it will be cut
+    job = {**chat("hello " * 9000, truncate_prompt_tokens=100), "async": True}
+    accepted = await client.post("/v2/media/completions", json=job)
+    assert accepted.status_code == 202, accepted.text
+    await client.post(accepted.json()["status_url"] + "/cancel")
 
 
 async def test_mm_processor_kwargs_set_the_image_resolution(client: httpx.AsyncClient) -> None:
@@ -283,8 +297,10 @@ async def test_mm_processor_kwargs_set_the_image_resolution(client: httpx.AsyncC
     assert small < default < large and same_small == small
     for kwargs, param in (
         ({"do_resize": False}, "mm_processor_kwargs.do_resize"),
-        ({"max_pixels": -4}, "mm_processor_kwargs"),
+        ({"max_pixels": -4}, "mm_processor_kwargs.max_pixels"),
+        ({"size": {"shortest_edge": 1.5}}, "mm_processor_kwargs.size.shortest_edge"),
         ({"size": {"height": 4}}, "mm_processor_kwargs.size"),
+        ({"min_pixels": 200_000, "max_pixels": 100_000}, "mm_processor_kwargs.min_pixels"),
     ):
         response = await client.post(
             "/v1/chat/completions", json=chat(image, mm_processor_kwargs=kwargs)

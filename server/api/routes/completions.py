@@ -121,8 +121,9 @@ def _choice(
         index=index,
         text=echo + (text if shown.generated else ""),
         logprobs=logprobs,
-        finish_reason=seq.finish_reason,
-        stop_reason=seq.stop_reason,
+        # echo only: nothing generated, its budget of 0 reached (not the hidden token's end)
+        finish_reason=seq.finish_reason if shown.generated else "length",
+        stop_reason=seq.stop_reason if shown.generated else None,
         prompt_logprobs=_prompt_logprobs(first, shown.texts),
         prompt_token_ids=first.inputs.token_ids if shown.token_ids else None,
         token_ids=seq.output_token_ids[:num_shown] if shown.token_ids else None,
@@ -188,9 +189,12 @@ class ChoiceStream:
             "index": self.index,
             "text": text,
             "logprobs": logprobs,
-            "finish_reason": output.finish_reason if output.finished else None,
-            "stop_reason": output.stop_reason if output.finished else None,
+            "finish_reason": None,
+            "stop_reason": None,
         }
+        if output.finished:  # (echo only: nothing generated, its budget of 0 reached)
+            choice["finish_reason"] = output.finish_reason if shown.generated else "length"
+            choice["stop_reason"] = output.stop_reason if shown.generated else None
         if shown.token_ids:  # vLLM's: the prompt's ids on a choice's first chunk
             if not self.started:
                 choice["prompt_token_ids"] = self.first.inputs.token_ids

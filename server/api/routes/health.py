@@ -25,7 +25,13 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
 
 
 # vLLM's /ping (GET or POST: the SageMaker-style health check some deployments probe).
-@router.api_route("/ping", methods=["GET", "POST"], tags=["server"])
+@router.api_route(
+    "/ping",
+    methods=["GET", "POST"],
+    tags=["server"],
+    response_class=Response,
+    responses={200: {"description": "running (no body)"}, 503: {"description": "stopped"}},
+)
 async def ping(services: Services = Depends(get_services)) -> Response:
     """/health without a body: 200 while the engine runs, 503 once it has stopped."""
     return Response(status_code=200 if services.engine.is_running else 503)
