@@ -558,11 +558,13 @@ class VllmFields(StrictModel):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     skip_special_tokens: bool | None = None  # false keeps them in the text
     spaces_between_special_tokens: bool | None = None
-    # the prompt cut to its last (or, truncation_side "right", first) n tokens; -1: to the
-    # context length
+    # the prompt cut to its last (or, truncation_side "right", first) n tokens; -1: as many
+    # as leave room for max_tokens (see Truncation)
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     truncation_side: Literal["left", "right"] | None = None
-    add_special_tokens: bool | None = None  # Qwen's tokenizers add none: no effect
+    # special tokens around a text prompt: passed to the tokenizer on /v1/completions, no
+    # effect on chat (the template writes them); Qwen's tokenizers add none either way
+    add_special_tokens: bool | None = None
     priority: Priority | None = None  # see Priority
     request_id: str | None = Field(default=None, max_length=256)  # logged
     # Refused when set (VLLM_UNSUPPORTED_WHEN).
@@ -712,7 +714,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    # extensions (vLLM's): how images and videos are read (see MediaOptions)
+    # extensions (vLLM's): how images and videos are read (see MediaWishes)
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
     # extensions (vLLM's) refused when set (CHAT_VLLM_UNSUPPORTED_WHEN)
