@@ -91,6 +91,12 @@ class ChatRequest:
     # Async jobs: called with the fraction of video frames captioned (captions mode).
     on_progress: ProgressCallback | None = field(default=None, compare=False)
 
+    @property
+    def grammar_field(self) -> str:
+        """The field the request's grammar came from (a forced tool call's: tools)."""
+        forced = self.tools is not None and self.tools.is_forced
+        return "tools" if forced else self.grammar_param
+
 
 @dataclass
 class ChatRun:
@@ -192,7 +198,7 @@ class ChatPipeline:
         request that can never succeed is a 400 at once rather than a failed job later."""
         self.engine.check_sampling(request.sampling)
         if (structured := request.sampling.structured) is not None:
-            await compile_grammar(self.engine, structured, _grammar_param(request))
+            await compile_grammar(self.engine, structured, request.grammar_field)
         return self.media.check_counts(request.messages)
 
     async def check_for_job(self, request: ChatRequest) -> None:
@@ -353,7 +359,7 @@ class ChatPipeline:
             for seq in run.seqs:
                 self.engine.abort(seq.request_id)
             if isinstance(exc, ConstraintDeadEnd):
-                exc.param = _grammar_param(request)
+                exc.param = request.grammar_field
             raise
         choices = [
             self._choice(i, seq, text, request)
@@ -408,12 +414,6 @@ async def _templated(render: Callable[..., T], *args: Any) -> T:
             param=exc.param,
             code="invalid_value",
         ) from None
-
-
-def _grammar_param(request: ChatRequest) -> str:
-    """The field the request's grammar came from (a forced tool call's: tools)."""
-    forced = request.tools is not None and request.tools.is_forced
-    return "tools" if forced else request.grammar_param
 
 
 def _thinks(request: ChatRequest) -> bool:

@@ -58,7 +58,13 @@ async def test_constraints_no_text_matches_are_400s(client: httpx.AsyncClient) -
     assert error["code"] == "invalid_schema" and "allows no next token" in error["message"]
     async with client.stream("POST", URL, json=chat(response_format=format_, stream=True)) as s:
         lines = [line async for line in s.aiter_lines() if line.startswith("data: {")]
-    assert json.loads(lines[-1][6:])["error"]["code"] == "invalid_schema"
+    streamed = json.loads(lines[-1][6:])["error"]
+    assert streamed["code"] == "invalid_schema" and streamed["param"] == "response_format"
+    text = {"model": "tiny", "prompt": "Answer:", "max_tokens": 8, "response_format": format_}
+    error = assert_error(await client.post("/v1/completions", json=text), 400, "response_format")
+    async with client.stream("POST", "/v1/completions", json={**text, "stream": True}) as s:
+        lines = [line async for line in s.aiter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[-1][6:])["error"]["param"] == "response_format"
     anthropic = {
         "model": "tiny",
         "max_tokens": 8,

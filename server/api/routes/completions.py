@@ -68,6 +68,7 @@ async def completions(
         pipeline.token_id_texts if body.return_tokens_as_token_ids else pipeline.token_texts,
         bool(body.return_token_ids),
         not body.echo_only,
+        body.structured_param(),
     )
     if not body.stream:
         try:
@@ -75,7 +76,7 @@ async def completions(
                 request, asyncio.gather(*(pipeline.text(s) for s in seqs))
             )
         except ConstraintDeadEnd as exc:
-            exc.param = body.structured_param()
+            exc.param = shown.grammar_param
             raise
         choices = [
             _choice(k, seq, seqs[k - k % n], echoes[k], text, shown)
@@ -105,6 +106,7 @@ class Shown:
     texts: TokenTexts  # how logprobs show tokens
     token_ids: bool  # vLLM's return_token_ids: the prompt's and the answer's ids
     generated: bool  # false for echo with max_tokens 0: the token generated is left out
+    grammar_param: str  # the field a constraint came from, for its errors
 
 
 def _choice(
@@ -236,6 +238,8 @@ async def stream(
                 running = usage_of([choices[index].seq], 1, shown.generated) if continuous else None
                 yield chunk([choice], running)
     except ServerError as exc:
+        if isinstance(exc, ConstraintDeadEnd):
+            exc.param = shown.grammar_param
         yield error_event(exc)
     else:
         if include_usage:
