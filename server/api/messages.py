@@ -369,6 +369,10 @@ class MessagesRequest(StrictModel):
             )
         return chat.messages
 
+    def shorten(self) -> bool:
+        """Anthropic's API has no truncation: a prompt past the context is a 400."""
+        return False
+
     def name_error(self, exc: ServerError) -> None:
         """A chat error as this body names things: messages[k].content[j] -> the block it came
         from; response_format -> output_config.format; tools[i].function.x -> tools[i].x."""

@@ -234,7 +234,8 @@ class ResponsesRequest(StrictModel):
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
     reasoning: dict[str, Any] | None = None  # a -Thinking checkpoint always reasons
-    truncation: Literal["auto", "disabled"] | None = None  # too long is a 400 either way
+    # "auto": a conversation too long for the context loses its oldest turns (shorten())
+    truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
     # extension (vLLM's): the prefix cache (and vision cache, grammars) shared only under the
     # same salt
@@ -263,6 +264,43 @@ class ResponsesRequest(StrictModel):
     _history: list[Any] = PrivateAttr(default_factory=list)
     _history_ids: list[str | None] = PrivateAttr(default_factory=list)  # (errors name them)
     _own: list[dict[str, Any]] | None = PrivateAttr(default=None)  # own_items(), made once
+    # truncation "auto": how many of the conversation's oldest turns the prompt leaves out
+    _dropped_turns: int = PrivateAttr(default=0)
+
+    def shorten(self) -> bool:
+        """truncation "auto", for a prompt past the context: the next oldest turn (a user
+        message and what follows it up to the next) is left out of the prompt, as OpenAI
+        drops items to fit; system and developer messages stay, and so does the last turn.
+        False when truncation is off or only the last turn is left. (What is stored as the
+        request's items does not change.)"""
+        if self.truncation != "auto" or self._dropped_turns + 1 >= len(self._turn_starts()):
+            return False
+        self._dropped_turns += 1
+        return True
+
+    def _items(self) -> list[tuple[Any, str]]:
+        """The conversation's items and where each came from, oldest first."""
+        items = [
+            (item, f"{self.history_field} item {item_id}")
+            for item, item_id in zip(self._history, self._history_ids, strict=True)
+        ]
+        if isinstance(self.input, str):
+            items.append((InputMessage(role="user", content=self.input), "input"))
+        else:
+            items += [(item, f"input[{index}]") for index, item in enumerate(self.input)]
+        return items
+
+    def _turn_starts(self) -> list[int]:
+        return [i for i, (item, _) in enumerate(self._items()) if _is_user_message(item)]
+
+    def _kept_items(self) -> list[tuple[Any, str]]:
+        """The items the prompt holds: all, or with truncation's oldest turns left out."""
+        items = self._items()
+        if not self._dropped_turns:
+            return items
+        cut = self._turn_starts()[self._dropped_turns]
+        kept = [(item, where) for item, where in items[:cut] if _is_system_message(item)]
+        return kept + items[cut:]
 
     def continue_from(self, items: list[dict[str, Any]]) -> None:
         """The conversation before `input`: a stored response's items (inputs and outputs,
@@ -383,14 +421,7 @@ class ResponsesRequest(StrictModel):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
             self._origins.append("instructions")
-        items = [
-            (item, f"{self.history_field} item {item_id}")
-            for item, item_id in zip(self._history, self._history_ids, strict=True)
-        ]
-        if isinstance(self.input, str):
-            items.append((InputMessage(role="user", content=self.input), "input"))
-        else:
-            items += [(item, f"input[{index}]") for index, item in enumerate(self.input)]
+        items = self._kept_items()
         calls: set[str] = set()
         unanswered: dict[str, str] = {}  # call_id -> where its call is
         for item, where in items:
@@ -456,6 +487,14 @@ class ResponsesRequest(StrictModel):
             self._part_origins[len(messages)] = [f"{where}.output[{j}]" for j, _ in media]
             messages.append({"role": "user", "content": [p for _, p in media]})
             self._origins.append(f"{where}.output")
+
+
+def _is_user_message(item: Any) -> bool:
+    return isinstance(item, InputMessage) and item.role == "user"
+
+
+def _is_system_message(item: Any) -> bool:
+    return isinstance(item, InputMessage) and item.role in ("system", "developer")
 
 
 def item_records(items: list[Any]) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ class Translated(Protocol):
 
     def name_error(self, exc: ServerError) -> None: ...
 
+    def shorten(self) -> bool: ...
+
 
 @dataclass
 class Started:
@@ -65,18 +67,22 @@ def translated_request(body: Translated, services: Services) -> ChatRequest:
 async def run_translated(
     body: Translated, request: Request, services: Services
 ) -> ChatResult | Started:
-    """The body's whole answer, or (stream) its run started."""
-    try:
-        chat = translated_request(body, services)
-        if not body.stream:
-            return await until_disconnected(request, services.chat.complete(chat))
-        run = await until_disconnected(request, services.chat.start(chat))
-        outputs = services.chat.outputs(run.seq)
-        first = await until_disconnected(request, anext(outputs))
-    except ServerError as exc:  # the chat route named its own fields
-        body.name_error(exc)
-        raise
-    return Started(chat, run, first, outputs)
+    """The body's whole answer, or (stream) its run started. A prompt past the context is
+    tried again shorter as long as the body can shorten it (the Responses API's truncation)."""
+    while True:
+        try:
+            chat = translated_request(body, services)
+            if not body.stream:
+                return await until_disconnected(request, services.chat.complete(chat))
+            run = await until_disconnected(request, services.chat.start(chat))
+            outputs = services.chat.outputs(run.seq)
+            first = await until_disconnected(request, anext(outputs))
+        except ServerError as exc:  # the chat route named its own fields
+            if exc.code == "context_length_exceeded" and body.shorten():
+                continue
+            body.name_error(exc)
+            raise
+        return Started(chat, run, first, outputs)
 
 
 async def prompt_tokens(body: Translated, request: Request, services: Services) -> int:

@@ -604,3 +604,52 @@ async def test_a_background_retry_with_its_idempotency_key_gets_the_same_respons
     assert reused.value.body["code"] == "idempotency_key_reused"  # type: ignore[index]
     ended = await until_ended(sdk, first.id)
     assert ended.status in ("completed", "incomplete")
+
+
+async def test_truncation_auto_leaves_the_oldest_turns_out(tiny_model_dir: Path) -> None:
+    """A conversation past the context: with truncation "auto" (OpenAI's) its oldest turns
+    are left out until it fits, the instructions and the last turn kept, streamed, in the
+    background and continued alike; "disabled" (the default) is the 400. The stored input
+    is the request's, whole."""
+    settings = make_settings(tiny_model_dir, max_model_len=256)
+    long_turn = "The quick brown fox jumps over the lazy dog. " * 6  # about 60 tokens
+    turns = []
+    for k in range(6):
+        turns += [
+            {"role": "user", "content": f"{k}: {long_turn}"},
+            {"role": "assistant", "content": f"Answer {k}."},
+        ]
+    turns.append({"role": "user", "content": "And now?"})
+    body = {**GREEDY, "instructions": "Be brief.", "input": turns}
+    async for client in start_client(settings):
+        sdk = sdk_for(client)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.responses.create(**body)
+        assert refused.value.code == "context_length_exceeded"
+        fitted = await sdk.responses.create(**body, truncation="auto")
+        answered = ("completed", "incomplete")  # (incomplete: max_output_tokens reached)
+        assert fitted.status in answered and fitted.truncation == "auto"
+        assert 100 < fitted.usage.input_tokens <= 256 - 4
+        items = await sdk.responses.input_items.list(fitted.id, order="asc")
+        assert len(items.data) == len(turns)  # stored whole
+        events = [
+            e async for e in await sdk.responses.create(**body, truncation="auto", stream=True)
+        ]
+        streamed = events[-1].response  # (response.incomplete: max_output_tokens reached)
+        assert streamed.usage.input_tokens == fitted.usage.input_tokens
+        queued = await sdk.responses.create(**body, truncation="auto", background=True)
+        for _ in range(200):
+            done = await sdk.responses.retrieve(queued.id)
+            if done.status not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.05)
+        assert done.status in answered, done.error
+        assert done.usage.input_tokens == fitted.usage.input_tokens
+        more = {**GREEDY, "input": long_turn, "previous_response_id": fitted.id}
+        continued = await sdk.responses.create(**more, truncation="auto")
+        assert continued.status in answered
+        with pytest.raises(openai.BadRequestError):
+            await sdk.responses.create(**more)
+        alone = {**GREEDY, "input": long_turn * 6, "truncation": "auto"}  # one turn: no fit
+        with pytest.raises(openai.BadRequestError):
+            await sdk.responses.create(**alone)

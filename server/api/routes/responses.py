@@ -112,13 +112,17 @@ async def start_in_background(
             code="invalid_value",
         )
     await continue_conversation(body, services)
-    try:
-        chat = translated_request(body, services)
-        # what can be known without running: the grammar compiles, the text and max tokens fit
-        await services.chat.check_for_job(chat)
-    except ServerError as exc:
-        body.name_error(exc)
-        raise
+    while True:
+        try:
+            chat = translated_request(body, services)
+            # known without running: the grammar compiles, the text and max tokens fit
+            await services.chat.check_for_job(chat)
+            break
+        except ServerError as exc:
+            if exc.code == "context_length_exceeded" and body.shorten():
+                continue  # (truncation "auto"; the job's run leaves the same turns out)
+            body.name_error(exc)
+            raise
     response = ResponseObject.start(response_id(), body, chat.sampling, store=True)
     response.status, response.background = "queued", True
     request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
