@@ -40,15 +40,7 @@ router = APIRouter(responses=RESPONSES)
 async def completions(
     body: CompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> CompletionResponse | StreamingResponse:
-    model = services.answering_model(body.model)
-    refuse_unsupported(body.unsupported_fields())
-    check_stream_options(body)
-    body.check_max_tokens()
-    body.check_prompt_logprobs()
-    if ignored := body.vllm_ignored():
-        logger.debug("fields with no effect here, ignored: %s", ", ".join(ignored))
-    if body.request_id is not None:
-        logger.info("client request_id %r", body.request_id)  # repr: no forged lines
+    model = _checked(body, services)
     n = body.num_choices(services.max_n)
     prompts = body.prompts()
     response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -97,6 +89,20 @@ async def completions(
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+def _checked(body: CompletionRequest, services: Services) -> str:
+    """The checks that need no prompt read; the model the answer names."""
+    model = services.answering_model(body.model)
+    refuse_unsupported(body.unsupported_fields())
+    check_stream_options(body)
+    body.check_max_tokens()
+    body.check_prompt_logprobs()
+    if ignored := body.vllm_ignored():
+        logger.debug("fields with no effect here, ignored: %s", ", ".join(ignored))
+    if body.request_id is not None:
+        logger.info("client request_id %r", body.request_id)  # repr: no forged lines
+    return model
 
 
 @dataclass(frozen=True)
