@@ -140,6 +140,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
             f"Invalid type {ctx.get('tag')} at {param}; expected one of {ctx.get('expected_tags')}."
         )
         return message, param, "invalid_value"
+    if first.get("type") == "union_tag_not_found":  # a part (or item) without its "type"
+        key = str(first.get("ctx", {}).get("discriminator", "type")).strip("'")
+        message = f"{param or 'The body'} has no `{key}`: each part or item names its {key}."
+        return message, param, "invalid_value"
     if first.get("type") == "missing" and param is None:
         return "The request body is missing.", None, "invalid_value"
     where = f" at {param}" if param else ""
