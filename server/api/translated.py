@@ -86,12 +86,16 @@ async def run_translated(
 
 
 async def prompt_tokens(body: Translated, request: Request, services: Services) -> int:
-    """The tokens the body's prompt takes: built as its answer's would be, media read,
-    nothing run."""
+    """The tokens the body's prompt takes: built as its answer's would be (shortened as its
+    answer's would be, where it can be), media read, nothing run."""
+    engine = services.engine
     try:
-        chat = translated_request(body, services)
-        inputs = await until_disconnected(request, services.chat.prompt(chat))
+        while True:
+            chat = translated_request(body, services)
+            inputs = await until_disconnected(request, services.chat.prompt(chat))
+            room = engine.max_seq_len - (chat.sampling.max_tokens or 0)
+            if inputs.num_prompt_tokens < room or not body.shorten():
+                return inputs.num_prompt_tokens
     except ServerError as exc:
         body.name_error(exc)
         raise
-    return inputs.num_prompt_tokens

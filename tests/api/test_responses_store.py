@@ -632,6 +632,12 @@ async def test_truncation_auto_leaves_the_oldest_turns_out(tiny_model_dir: Path)
         assert 100 < fitted.usage.input_tokens <= 256 - 4
         items = await sdk.responses.input_items.list(fitted.id, order="asc")
         assert len(items.data) == len(turns)  # stored whole
+        counted = await sdk.responses.input_tokens.count(
+            model="tiny", instructions="Be brief.", input=turns, truncation="auto"
+        )
+        assert counted.input_tokens == fitted.usage.input_tokens
+        whole = await sdk.responses.input_tokens.count(model="tiny", input=turns)
+        assert whole.input_tokens > 256
         events = [
             e async for e in await sdk.responses.create(**body, truncation="auto", stream=True)
         ]
