@@ -300,6 +300,12 @@ def _json_object_text(value: str) -> str:
         raise ValueError("arguments must be JSON text of an object") from None
     if not isinstance(parsed, dict):
         raise ValueError("arguments must be JSON text of an object")
+    try:  # an escaped lone surrogate ("\\ud800") is valid JSON but no text a tokenizer reads
+        json.dumps(parsed, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            "arguments hold a lone surrogate (an unpaired \\ud800-\\udfff escape)"
+        ) from None
     return value
 
 

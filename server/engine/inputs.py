@@ -330,7 +330,9 @@ class InputBuilder:
             else m
             for m in messages
         ]
-        return len(self.tokenizer(self.prompt(text_only, think, template))["input_ids"])
+        prompt = self.prompt(text_only, think, template)
+        self._check_rendered(prompt, 0, 0)
+        return len(self.tokenizer(prompt)["input_ids"])
 
     def _video_metadata(self, video: VideoFrames) -> Any:
         from transformers.video_utils import VideoMetadata
@@ -370,8 +372,10 @@ class InputBuilder:
             # The planner chose and sized the frames already; keep them as they are.
             kwargs["cap_pixels_per_frame"] = False
             kwargs["do_sample_frames"] = False
+        prompt = self.prompt(messages, think, template)
+        self._check_rendered(prompt, len(images), len(videos or ()))
         encoded = self.processor(
-            text=[self.prompt(messages, think, template)],
+            text=[prompt],
             images=images or None,
             return_tensors="pt",
             **kwargs,
@@ -396,6 +400,18 @@ class InputBuilder:
         text = json.dumps(messages, default=str, ensure_ascii=False)
         for placeholder in self.placeholders:
             if placeholder in text:
+                raise TemplateError(
+                    f"the messages hold the text {placeholder}, the model's own media "
+                    "placeholder; send images and videos as content parts",
+                    param="messages",
+                )
+
+    def _check_rendered(self, prompt: str, num_images: int, num_videos: int) -> None:
+        """The rendered prompt holds one placeholder per image and video sent: text parts
+        that spell one only together ("<|image_" then "pad|>") are refused too."""
+        image, video = (getattr(self.processor, f"{k}_token", None) for k in ("image", "video"))
+        for placeholder, expected in ((image, num_images), (video, num_videos)):
+            if placeholder and prompt.count(placeholder) > expected:
                 raise TemplateError(
                     f"the messages hold the text {placeholder}, the model's own media "
                     "placeholder; send images and videos as content parts",

@@ -75,6 +75,37 @@ BAD_BODIES = {
         "messages[0].content[0]",
         "invalid_value",
     ),
+    "a media placeholder spelled across two text parts": (
+        {
+            "model": "tiny",
+            "messages": user(
+                {"type": "text", "text": "<|image_"}, {"type": "text", "text": "pad|>"}
+            ),
+        },
+        "messages",
+        "invalid_value",
+    ),
+    "a lone surrogate escaped inside a tool call's arguments": (
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"a": "\\ud800"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "r"},
+            ],
+        },
+        "messages[1].tool_calls[0].function.arguments",
+        "invalid_value",
+    ),
     "part without a type": (
         {"model": "tiny", "messages": user({"image_url": {"url": "https://x.example/a.png"}})},
         "messages[0].content[0]",

@@ -354,3 +354,15 @@ async def test_a_completion_prompt_past_the_context_says_prompt(client: httpx.As
     assert_error(response, 400, "prompt", "context_length_exceeded")
     message = response.json()["error"]["message"]
     assert "prompt" in message and "messages" not in message and "images" not in message
+
+
+async def test_a_completion_request_larger_than_the_queue_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    """Each prompt (and choice) is a sequence in the queue: one request needing more than the
+    whole queue would turn every other request away while it runs."""
+    limit = client.app.state.services.engine.scheduler.config.max_queued_requests  # type: ignore[attr-defined]
+    body = text_body(prompt=["p"] * (limit + 1), max_tokens=1)
+    assert_error(await client.post("/v1/completions", json=body), 400, "prompt")
+    body = text_body(prompt=["p"] * (limit // 2 + 1), max_tokens=1, n=2)
+    assert_error(await client.post("/v1/completions", json=body), 400, "prompt")

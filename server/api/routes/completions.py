@@ -26,7 +26,7 @@ from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
 from server.api.sse import DONE, SSE_HEADERS, error_event
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import ServerError, refuse_unsupported
+from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.choices import merged
 from server.pipelines.completions import PromptOptions
 from server.pipelines.finish import ConstraintDeadEnd
@@ -43,6 +43,7 @@ async def completions(
     model = _checked(body, services)
     n = body.num_choices(services.max_n)
     prompts = body.prompts()
+    _check_size(len(prompts) * n, services)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     pipeline = services.completions
     sampling = body.to_sampling_params(services.sampling_defaults)
@@ -103,6 +104,19 @@ def _checked(body: CompletionRequest, services: Services) -> str:
     if body.request_id is not None:
         logger.info("client request_id %r", body.request_id)  # repr: no forged lines
     return model
+
+
+def _check_size(num_sequences: int, services: Services) -> None:
+    """A request's prompts and choices are each a sequence in the queue; a request needing
+    more than the whole queue holds would, entering an empty queue, turn every other away."""
+    limit = services.engine.scheduler.config.max_queued_requests
+    if num_sequences > limit:
+        raise InvalidRequest(
+            f"prompt holds {num_sequences} sequences (prompts x n); this server queues at most "
+            f"{limit} (--max-queued-requests): send them in several requests.",
+            param="prompt",
+            code="invalid_value",
+        )
 
 
 @dataclass(frozen=True)
