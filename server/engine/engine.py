@@ -219,12 +219,16 @@ class AsyncEngine:
     def truncated(
         self, inputs: ModelInputs, truncation: Truncation | None, sampling: SamplingParams
     ) -> ModelInputs:
-        """The prompt as vLLM's truncate_prompt_tokens cuts it (room kept for max_tokens, or
-        the default a request without one gets)."""
+        """The prompt as vLLM's truncate_prompt_tokens cuts it."""
         if truncation is None:
             return inputs
+        return truncation.apply(inputs, self.kept_prompt_tokens(truncation, sampling))
+
+    def kept_prompt_tokens(self, truncation: Truncation, sampling: SamplingParams) -> int:
+        """How many prompt tokens the truncation keeps (room left for max_tokens, or for the
+        default a request without one gets)."""
         max_tokens = sampling.max_tokens or self.default_max_tokens
-        return truncation.apply(inputs, self.max_seq_len, max_tokens)
+        return truncation.kept(self.max_seq_len, max_tokens)
 
     def with_bad_word_ids(self, sampling: SamplingParams) -> SamplingParams:
         """`sampling` with its bad words' token sequences (a 400 for a word with no tokens)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -132,8 +131,8 @@ class Truncation:
             )
         return max_seq_len - max_tokens
 
-    def apply(self, inputs: ModelInputs, max_seq_len: int, max_tokens: int) -> ModelInputs:
-        keep = self.kept(max_seq_len, max_tokens)
+    def apply(self, inputs: ModelInputs, keep: int) -> ModelInputs:
+        """The prompt cut to `keep` tokens (what kept() allows)."""
         cut = truncated(inputs, keep, self.side)
         if cut is None:
             raise InvalidRequest(
@@ -163,6 +162,9 @@ def truncated(inputs: ModelInputs, keep: int, side: str) -> ModelInputs | None:
     # checkpoint's answer would start in.
     thinks = inputs.thinks and side == "left"
     return replace(inputs, tensors=tensors, num_prompt_tokens=keep, thinks=thinks)
+
+
+MEDIA_KINDS = ("image", "video")
 
 
 def find_media(
@@ -246,8 +248,8 @@ class InputBuilder:
         self.video_token_id = video_token_id
         # The text the template writes for each image and video ("<|image_pad|>"): in a
         # message's own text it would be read as media the request does not have.
-        placeholders = (getattr(processor, f"{kind}_token", None) for kind in ("image", "video"))
-        self.placeholders = tuple(p for p in placeholders if p)
+        placeholders = {kind: getattr(processor, f"{kind}_token", None) for kind in MEDIA_KINDS}
+        self.placeholders = {kind: text for kind, text in placeholders.items() if text}
         # Qwen3-VL's processor puts a "<t seconds>" text before each temporal patch.
         self.timestamped_frames = hasattr(processor, "_calculate_timestamps")
         # A thinking checkpoint's template opens "<think>" at the end of the prompt: its
@@ -323,7 +325,6 @@ class InputBuilder:
         template: TemplateOptions = DEFAULT_TEMPLATE,
     ) -> int:
         """Tokens of the templated prompt with every image and video left out."""
-        self.check_placeholders(messages)
         text_only = [
             {**m, "content": [p for p in m["content"] if p.get("type") == "text"]}
             if isinstance(m["content"], list)
@@ -364,7 +365,6 @@ class InputBuilder:
     ) -> ModelInputs:
         """messages use the HF chat format: content is a string or a list of
         {"type": "text" | "image" | "video"} parts, in the order of images and videos."""
-        self.check_placeholders(messages)
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["videos"] = [v.frames for v in videos]
@@ -394,24 +394,14 @@ class InputBuilder:
             thinks=self.thinks(think, template),
         )
 
-    def check_placeholders(self, messages: list[dict[str, Any]]) -> None:
-        """A media placeholder written in the messages' text (or tools) is refused: the
-        processor would count it as an image or video with no pixels behind it."""
-        text = json.dumps(messages, default=str, ensure_ascii=False)
-        for placeholder in self.placeholders:
-            if placeholder in text:
-                raise TemplateError(
-                    f"the messages hold the text {placeholder}, the model's own media "
-                    "placeholder; send images and videos as content parts",
-                    param="messages",
-                )
-
     def _check_rendered(self, prompt: str, num_images: int, num_videos: int) -> None:
-        """The rendered prompt holds one placeholder per image and video sent: text parts
-        that spell one only together ("<|image_" then "pad|>") are refused too."""
-        image, video = (getattr(self.processor, f"{k}_token", None) for k in ("image", "video"))
-        for placeholder, expected in ((image, num_images), (video, num_videos)):
-            if placeholder and prompt.count(placeholder) > expected:
+        """The rendered prompt holds no more placeholders than images and videos sent: one
+        written in the messages' text (or tools), or spelled by parts only together
+        ("<|image_" then "pad|>"), is refused, since the processor would count it as media
+        with no pixels behind it."""
+        expected = {"image": num_images, "video": num_videos}
+        for kind, placeholder in self.placeholders.items():
+            if prompt.count(placeholder) > expected[kind]:
                 raise TemplateError(
                     f"the messages hold the text {placeholder}, the model's own media "
                     "placeholder; send images and videos as content parts",

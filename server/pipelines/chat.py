@@ -210,8 +210,8 @@ class ChatPipeline:
             self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template
         )
         if (truncation := request.truncation) is not None:  # the prompt will be cut to fit
-            max_tokens = request.sampling.max_tokens or self.engine.default_max_tokens
-            text_tokens = min(text_tokens, truncation.kept(self.engine.max_seq_len, max_tokens))
+            kept = self.engine.kept_prompt_tokens(truncation, request.sampling)
+            text_tokens = min(text_tokens, kept)
         self.engine.max_tokens_for(text_tokens, request.sampling)
 
     async def prompt(self, request: ChatRequest) -> ModelInputs:
