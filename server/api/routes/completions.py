@@ -61,7 +61,7 @@ async def completions(
         pipeline.token_id_texts if body.return_tokens_as_token_ids else pipeline.token_texts,
         bool(body.return_token_ids),
         not body.echo_only,
-        body.structured_param(),
+        options.grammar_param,
     )
     if not body.stream:
         try:
@@ -71,8 +71,10 @@ async def completions(
         except ConstraintDeadEnd as exc:
             exc.param = shown.grammar_param
             raise
+        # a prompt's scores are formatted once, whatever its number of choices
+        scored = [_prompt_logprobs(first, shown.texts) for first in seqs[::n]]
         choices = [
-            _choice(k, seq, seqs[k - k % n], echoes[k], text, shown)
+            _choice(k, seq, seqs[k - k % n], echoes[k], text, shown, scored[k // n])
             for k, (seq, text) in enumerate(zip(seqs, texts, strict=True))
         ]
         return CompletionResponse(
@@ -130,10 +132,16 @@ class Shown:
 
 
 def _choice(
-    index: int, seq: Sequence, first: Sequence, echo: str, text: str, shown: Shown
+    index: int,
+    seq: Sequence,
+    first: Sequence,
+    echo: str,
+    text: str,
+    shown: Shown,
+    prompt_logprobs: list[PromptLogprobs | None] | None,
 ) -> CompletionChoice:
     """Choice `index`, the sequence `seq`; `first` is its prompt's first choice (which scored
-    the prompt for all of them)."""
+    the prompt for all of them: prompt_logprobs, vLLM's shape of those scores)."""
     num_shown = seq.num_completion_tokens if shown.generated else 0
     logprobs = None
     if seq.sampling.logprobs is not None:
@@ -146,7 +154,7 @@ def _choice(
         # echo only: nothing generated, its budget of 0 reached (not the hidden token's end)
         finish_reason=seq.finish_reason if shown.generated else "length",
         stop_reason=seq.stop_reason if shown.generated else None,
-        prompt_logprobs=_prompt_logprobs(first, shown.texts),
+        prompt_logprobs=prompt_logprobs,
         prompt_token_ids=first.inputs.token_ids if shown.token_ids else None,
         token_ids=seq.output_token_ids[:num_shown] if shown.token_ids else None,
     )
