@@ -4,9 +4,9 @@ chat's errors are renamed as that body names its fields."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -18,6 +18,9 @@ from server.api.services import Services
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.chat import ChatRequest, ChatResult, ChatRun
+
+T = TypeVar("T")
+Attempt = Callable[[ChatRequest], Awaitable[T]]
 
 
 class Translated(Protocol):
@@ -64,25 +67,34 @@ def translated_request(body: Translated, services: Services) -> ChatRequest:
     return to_chat_request(chat_body, services, services.sampling_defaults, "native")
 
 
-async def run_translated(
-    body: Translated, request: Request, services: Services
-) -> ChatResult | Started:
-    """The body's whole answer, or (stream) its run started. A prompt past the context is
-    tried again shorter as long as the body can shorten it (the Responses API's truncation)."""
+async def fitted(body: Translated, services: Services, attempt: Attempt[T]) -> T:
+    """attempt(the body's chat request); a prompt past the context is tried again shorter as
+    long as the body can shorten it (the Responses API's truncation). Errors are named as the
+    body names its fields."""
     while True:
         try:
-            chat = translated_request(body, services)
-            if not body.stream:
-                return await until_disconnected(request, services.chat.complete(chat))
-            run = await until_disconnected(request, services.chat.start(chat))
-            outputs = services.chat.outputs(run.seq)
-            first = await until_disconnected(request, anext(outputs))
+            return await attempt(translated_request(body, services))
         except ServerError as exc:  # the chat route named its own fields
             if exc.code == "context_length_exceeded" and body.shorten():
                 continue
             body.name_error(exc)
             raise
+
+
+async def run_translated(
+    body: Translated, request: Request, services: Services
+) -> ChatResult | Started:
+    """The body's whole answer, or (stream) its run started."""
+
+    async def run(chat: ChatRequest) -> ChatResult | Started:
+        if not body.stream:
+            return await until_disconnected(request, services.chat.complete(chat))
+        run = await until_disconnected(request, services.chat.start(chat))
+        outputs = services.chat.outputs(run.seq)
+        first = await until_disconnected(request, anext(outputs))
         return Started(chat, run, first, outputs)
+
+    return await fitted(body, services, run)
 
 
 async def prompt_tokens(body: Translated, request: Request, services: Services) -> int:

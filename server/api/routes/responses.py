@@ -29,14 +29,13 @@ from server.api.responses import (
 from server.api.routes.chat import ERRORS
 from server.api.services import Services, get_services
 from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
-from server.api.translated import prompt_tokens, run_translated, translated_request
+from server.api.translated import fitted, prompt_tokens, run_translated
 from server.exceptions import (
     ConversationNotFound,
     InvalidRequest,
     KeepsNothing,
     PreviousResponseNotFound,
     ResponseNotFound,
-    ServerError,
 )
 from server.jobs import responses as response_store
 from server.jobs.deliveries import Execute
@@ -51,7 +50,7 @@ from server.jobs.responses import (
 )
 from server.pipelines.background import EVENTS_SAVED, NO_ANSWER
 from server.pipelines.background import KIND as BACKGROUND
-from server.pipelines.chat import ChatResult
+from server.pipelines.chat import ChatRequest, ChatResult
 
 logger = logging.getLogger(__name__)
 router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
@@ -112,17 +111,14 @@ async def start_in_background(
             code="invalid_value",
         )
     await continue_conversation(body, services)
-    while True:
-        try:
-            chat = translated_request(body, services)
-            # known without running: the grammar compiles, the text and max tokens fit
-            await services.chat.check_for_job(chat)
-            break
-        except ServerError as exc:
-            if exc.code == "context_length_exceeded" and body.shorten():
-                continue  # (truncation "auto"; the job's run leaves the same turns out)
-            body.name_error(exc)
-            raise
+
+    async def checked(chat: ChatRequest) -> ChatRequest:
+        # known without running: the grammar compiles, the text and max tokens fit (shortened
+        # by truncation "auto" as the job's run will shorten it)
+        await services.chat.check_for_job(chat)
+        return chat
+
+    chat = await fitted(body, services, checked)
     response = ResponseObject.start(response_id(), body, chat.sampling, store=True)
     response.status, response.background = "queued", True
     request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
