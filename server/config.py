@@ -44,6 +44,7 @@ class EngineConfig:
     async_scheduling: bool = False
     fused_decoder: bool = True
     compile_decoder: bool = False
+    max_grammar_ms_per_token: float = 20.0  # 0: no limit
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Settings(BaseSettings):
     generation_config: Literal["openai", "auto"] = "openai"
     max_queued_requests: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=60.0, gt=0)
+    max_grammar_ms_per_token: float = Field(default=20.0, ge=0)
     # vLLM's: fcfs, or priority (a request's `priority`: lower first, and it may preempt)
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     job_priority: int = Field(default=1, ge=-(2**31), lt=2**31)  # async jobs' requests
@@ -246,6 +248,7 @@ class Settings(BaseSettings):
             async_scheduling=self.async_scheduling,
             fused_decoder=self.fused_decoder,
             compile_decoder=self.compile_decoder,
+            max_grammar_ms_per_token=self.max_grammar_ms_per_token,
             max_queued_requests=self.max_queued_requests,
             queue_timeout_s=self.queue_timeout,
             scheduling_policy=self.scheduling_policy,

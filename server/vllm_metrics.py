@@ -27,6 +27,7 @@ REQUEST_BUCKETS += (60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
 FINISH_REASONS["queue_timeout"] = "abort"
 FINISH_REASONS["dead_end"] = "error"  # (a grammar that allowed no next token)
+FINISH_REASONS["grammar_too_slow"] = "error"
 LABELS = ("model_name", "engine")
 
 

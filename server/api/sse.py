@@ -27,7 +27,7 @@ from server.api.protocol import (
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
 from server.pipelines.chat import ChatRequest, ChatRun
-from server.pipelines.finish import ConstraintDeadEnd
+from server.pipelines.finish import ConstraintFailed
 from server.pipelines.logprobs import TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import CallStream, Event, ToolCallDelta, call_stream
@@ -276,7 +276,7 @@ async def chat_stream(
             for chunk in choices[index].events(output, writer, texts):
                 yield chunk
     except ServerError as exc:
-        if isinstance(exc, ConstraintDeadEnd):
+        if isinstance(exc, ConstraintFailed):
             exc.param = request.grammar_field
         yield error_event(exc)
     else:

@@ -122,6 +122,7 @@ class AsyncEngine:
             graph_batch_sizes=graph_batch_sizes(config, max_seq_len),
             fused_decoder=config.fused_decoder,
             compile_decoder=config.compile_decoder,
+            max_grammar_ms_per_token=config.max_grammar_ms_per_token,
         )
         return cls(
             runner,
@@ -502,7 +503,7 @@ class AsyncEngine:
             seq.last_token_time = now
             if token_id == FAILED:  # its grammar failed: this request alone
                 logger.warning("%s: failing the request", state.failure or "its grammar failed")
-                self._finish(seq, "dead_end" if state.dead_end else "error")
+                self._finish(seq, state.failed_as)
                 continue
             seq.output_token_ids.append(token_id)
             if seq.sampling.logprobs is not None:  # the sampler left them on the row's state

@@ -120,11 +120,13 @@ class ModelRunner:
         graph_batch_sizes: tuple[int, int] | None = None,
         fused_decoder: bool = True,
         compile_decoder: bool = False,
+        max_grammar_ms_per_token: float = 0.0,
     ):
         """graph_batch_sizes: (max_num_seqs, max_seq_len) to run decode steps through
         DecodeGraphs (captured on CUDA); None: every step eagerly. fused_decoder: steps of
         generated tokens through FusedDecoder (where the model allows), else HF's forward;
-        compile_decoder: its layers compiled by torch.compile (compiled here, at start)."""
+        compile_decoder: its layers compiled by torch.compile (compiled here, at start).
+        max_grammar_ms_per_token: the CPU a request's grammar may take per token (0: any)."""
         self.model = loaded.model
         self.text_model = loaded.model.model.language_model
         self.device = loaded.device
@@ -145,7 +147,12 @@ class ModelRunner:
         self.encoder_cache = self.media.cache
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
-        self.grammars = GrammarCache(loaded.tokenizer, self.vocab_size, loaded.eos_token_ids)
+        self.grammars = GrammarCache(
+            loaded.tokenizer,
+            self.vocab_size,
+            loaded.eos_token_ids,
+            max_seconds_per_token=max_grammar_ms_per_token / 1000,
+        )
         # The last forward's prompt logprobs, on their way to the host until taken.
         self.pending_prompt_logprobs: prompt_logprobs.PromptScores | None = None
         # The last step's sampled ids on the device, and each sampled sequence's row in them.

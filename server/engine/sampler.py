@@ -20,6 +20,7 @@ prompt and generated tokens).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,9 @@ from server.engine.structured import GrammarCache
 from server.engine.transfer import HostCopy, to_device
 
 FAILED = -1  # the token of a row whose grammar failed: the engine fails that request alone
+# Tokens in a row over its budget after which a grammar fails its request (one slow step is a
+# hiccup, a garbage collection say; an ambiguous grammar is slow at every step, and slower)
+SLOW_GRAMMAR_STEPS = 8
 # The exponential race on a CPU too (tests run both draws there); a GPU always races.
 RACE_ON_CPU = False
 MIN_LOGPROB = -9999.0  # JSON has no -inf: an impossible token's logprob, as OpenAI and vLLM send
@@ -59,10 +63,15 @@ class SamplingState:
     # reasoning was seen to have ended (its budget applies no more).
     forced_token_id: int | None = None
     thinking_over: bool = False
-    # Why its row was FAILED (the engine logs it under the request's id and fails the request);
-    # dead_end: because its grammar allowed no next token (the constraint's fault, not ours).
+    # Why its row was FAILED (the engine logs it under the request's id and fails the request)
+    # and the finish reason that gives the request: "error" (ours), or the constraint's fault:
+    # "dead_end" (its grammar allowed no next token), "grammar_too_slow" (see SLOW_GRAMMAR_STEPS)
     failure: str | None = None
-    dead_end: bool = False
+    failed_as: str = "error"
+    # CPU seconds its grammar matcher took this step (mask and advance), and how many steps in
+    # a row that was over the budget
+    grammar_seconds: float = 0.0
+    slow_grammar_steps: int = 0
 
 
 def prompt_seen(
@@ -148,16 +157,7 @@ class SampledTokens:
             if row in self.failed:
                 tokens[row] = FAILED
             elif state.matcher is not None and not state.matcher.is_terminated():
-                try:
-                    accepted = state.matcher.accept_token(token)
-                except Exception as exc:
-                    state.failure = _matcher_raised(exc)
-                    accepted = False
-                if not accepted:
-                    state.failure = state.failure or f"the grammar refused token {token}"
-                    tokens[row] = FAILED
-                    # (a grammar that allowed nothing: the constraint's fault, not ours)
-                    state.dead_end = _allows_nothing(state)
+                tokens[row] = advance(state, token)
         return tokens
 
 
@@ -233,15 +233,55 @@ def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int
     bitmask = grammars.xgr.allocate_token_bitmask(len(states), grammars.vocab_size)
     failed = set()
     for row in rows:
+        started = time.thread_time()
         try:
             states[row].matcher.fill_next_token_bitmask(bitmask, row)
         except Exception as exc:
             states[row].failure = _matcher_raised(exc)
             failed.add(row)
+        states[row].grammar_seconds = time.thread_time() - started
     applied = [row for row in rows if row not in failed]
     if applied:
         grammars.apply(logits, bitmask, applied)
     return failed
+
+
+def advance(state: SamplingState, token: int) -> int:
+    """The row's grammar advanced by its token: the token, or FAILED (why: on the state) if
+    the grammar refused it or has been too slow."""
+    started = time.thread_time()
+    try:
+        accepted = state.matcher.accept_token(token)
+    except Exception as exc:
+        state.failure = _matcher_raised(exc)
+        accepted = False
+    state.grammar_seconds += time.thread_time() - started
+    if not accepted:
+        state.failure = state.failure or f"the grammar refused token {token}"
+        # (a grammar that allowed nothing: the constraint's fault, not ours)
+        state.failed_as = "dead_end" if _allows_nothing(state) else "error"
+        return FAILED
+    return FAILED if _too_slow(state) else token
+
+
+def _too_slow(state: SamplingState) -> bool:
+    """Whether the row's grammar has cost more CPU than its budget for SLOW_GRAMMAR_STEPS
+    tokens in a row. An ambiguous grammar (one text, many parses: `x ::= x x | "a"`) costs
+    more at every token, and the engine thread that matches it is the one every request
+    waits on: such a request fails alone before it slows the batch to a crawl. CPU time,
+    not wall time: a busy machine does not fail a grammar that is cheap."""
+    budget = state.grammars.max_seconds_per_token if state.grammars is not None else 0.0
+    over = budget > 0 and state.grammar_seconds > budget
+    state.slow_grammar_steps = state.slow_grammar_steps + 1 if over else 0
+    if state.slow_grammar_steps < SLOW_GRAMMAR_STEPS:
+        return False
+    state.failure = (
+        f"its grammar took {state.grammar_seconds * 1000:.1f} ms of CPU for one token, over "
+        f"the {budget * 1000:g} ms budget (--max-grammar-ms-per-token) "
+        f"{SLOW_GRAMMAR_STEPS} tokens in a row"
+    )
+    state.failed_as = "grammar_too_slow"
+    return True
 
 
 def _allows_nothing(state: SamplingState) -> bool:

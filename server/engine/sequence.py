@@ -26,7 +26,7 @@ class SequenceOutput:
     num_completion_tokens: int
     finished: bool = False
     # "stop" | "length" | "abort" | "error" | "queue_timeout" | "dead_end" (a grammar that
-    # allows no next token)
+    # allows no next token) | "grammar_too_slow" (one over its CPU budget per token)
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
 

@@ -79,7 +79,13 @@ class GrammarCache:
 
     MAX_BYTES = 512 * 2**20
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]):
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: tuple[int, ...],
+        max_seconds_per_token: float = 0.0,
+    ):
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -88,6 +94,8 @@ class GrammarCache:
         )
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self.vocab_size = vocab_size
+        # A sequence's matcher may take this much CPU per token (0: any), see sampler._too_slow
+        self.max_seconds_per_token = max_seconds_per_token
         self.max_bytes = self.MAX_BYTES
         # Pipelines compile on worker threads, the engine thread builds matchers: one lock.
         self._lock = threading.Lock()

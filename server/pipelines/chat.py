@@ -38,7 +38,7 @@ from server.pipelines.finish import (
     FRAMES_DONE,
     MEDIA_READY,
     STARTED,
-    ConstraintDeadEnd,
+    ConstraintFailed,
     ProgressCallback,
     raise_for_finish,
     report,
@@ -358,7 +358,7 @@ class ChatPipeline:
         except BaseException as exc:
             for seq in run.seqs:
                 self.engine.abort(seq.request_id)
-            if isinstance(exc, ConstraintDeadEnd):
+            if isinstance(exc, ConstraintFailed):
                 exc.param = request.grammar_field
             raise
         choices = [

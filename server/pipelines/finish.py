@@ -16,14 +16,36 @@ class GenerationFailed(ServerError):
         super().__init__("The model failed while generating; see the server log.")
 
 
-class ConstraintDeadEnd(InvalidRequest):
+class ConstraintFailed(InvalidRequest):
+    """The request's structured-output constraint stopped it: a 400 whose param the route
+    sets to the constraint's field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_schema")
+
+
+class ConstraintDeadEnd(ConstraintFailed):
     def __init__(self, num_tokens: int) -> None:
         super().__init__(
             "The structured-output constraint (JSON schema, regex or grammar) cannot be "
-            f"completed: after {num_tokens} token{'s' * (num_tokens != 1)} it allows no next "
-            "token (a pattern or format no text matches, say).",
-            code="invalid_schema",
+            f"completed: after {_tokens(num_tokens)} it allows no next token (a pattern or "
+            "format no text matches, say)."
         )
+
+
+class ConstraintTooSlow(ConstraintFailed):
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(
+            f"The structured-output constraint became too costly to follow: after "
+            f"{_tokens(num_tokens)}, matching it took more CPU per token than this server "
+            "allows (--max-grammar-ms-per-token). An ambiguous grammar, one that parses a text "
+            'in many ways (`x ::= x x | "a"`), costs more at every token: write it so that '
+            "each text has one parse."
+        )
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token{'s' * (count != 1)}"
 
 
 def raise_for_finish(output: SequenceOutput) -> None:
@@ -31,6 +53,8 @@ def raise_for_finish(output: SequenceOutput) -> None:
         raise GenerationFailed()
     if output.finish_reason == "dead_end":
         raise ConstraintDeadEnd(output.num_completion_tokens)
+    if output.finish_reason == "grammar_too_slow":
+        raise ConstraintTooSlow(output.num_completion_tokens)
     if output.finish_reason == "queue_timeout":
         raise EngineOverloaded(
             "The request waited too long for a free slot; retry shortly.",

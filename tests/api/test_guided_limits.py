@@ -4,13 +4,17 @@ and constraints that must not be lost or turn into 500s."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from server.pipelines.chat import GRAMMAR_COMPILES
 from tests.api.test_errors import assert_error
+from tests.helpers import make_settings, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -111,9 +115,38 @@ async def test_many_first_requests_for_one_grammar_compile_it_once(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Twenty requests at once for a grammar nobody asked for before: one compile, no 503."""
-    import asyncio
-
     monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 1)
     body = chat(guided_regex="(first|second|third)", max_tokens=8)
     responses = await asyncio.gather(*(client.post(URL, json=body) for _ in range(20)))
     assert [r.status_code for r in responses] == [200] * 20
+
+
+# Every text of a's parses in more ways the longer it is: matching it costs more at every token.
+AMBIGUOUS = 'root ::= x\nx ::= "a" | x x | x x x'
+
+
+async def test_an_ambiguous_grammar_fails_alone_once_too_slow(tiny_model_dir: Path) -> None:
+    """A grammar whose matching costs more CPU per token than --max-grammar-ms-per-token,
+    token after token, fails its own request with a 400 naming the field (streamed: the
+    error event), while a request beside it finishes; the same grammar cut short (before it
+    gets slow) is answered."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # (a grammar decides when its text may end, min_tokens does not: the enders are biased out)
+    enders = {tokenizer.convert_tokens_to_ids(t): -100 for t in ("<|im_end|>", "<|endoftext|>")}
+    settings = make_settings(tiny_model_dir, max_grammar_ms_per_token=0.2)
+    async for client in start_client(settings):
+        slow = chat(guided_grammar=AMBIGUOUS, logit_bias=enders, max_tokens=400)
+        beside = chat(max_tokens=64, min_tokens=64)
+        failed, answered = await asyncio.gather(
+            client.post(URL, json=slow), client.post(URL, json=beside)
+        )
+        error = assert_error(failed, 400, "guided_grammar")
+        assert error["code"] == "invalid_schema" and "ambiguous" in error["message"], error
+        assert answered.status_code == 200, answered.text
+        async with client.stream("POST", URL, json={**slow, "stream": True}) as s:
+            lines = [line async for line in s.aiter_lines() if line.startswith("data: {")]
+        streamed = json.loads(lines[-1][6:])["error"]
+        assert streamed["code"] == "invalid_schema" and streamed["param"] == "guided_grammar"
+        short = await client.post(URL, json=chat(guided_grammar=AMBIGUOUS, max_tokens=4))
+        assert short.status_code == 200, short.text
+        assert set(short.json()["choices"][0]["message"]["content"]) <= {"a"}

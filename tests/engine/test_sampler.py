@@ -4,6 +4,7 @@ shares the batch, and a failing grammar that fails its own row only."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -334,7 +335,55 @@ def test_a_token_the_grammar_refuses_fails_the_row() -> None:
     dead_end = state(SamplingParams(temperature=0), grammars=grammars)
     dead_end.matcher = DeadEndMatcher()
     assert sample(torch.randn(2, VOCAB), [refused, dead_end]) == [FAILED, FAILED]
-    assert not refused.dead_end and dead_end.dead_end
+    assert (refused.failed_as, dead_end.failed_as) == ("error", "dead_end")
+
+
+class SlowMatcher(RefusingMatcher):
+    """Allows everything, accepts every token, and burns `cost` seconds of CPU per mask on the
+    steps `slow_steps` names (a step counter: the matcher's own)."""
+
+    def __init__(self, cost: float, slow_steps: range):
+        self.cost, self.slow_steps, self.step = cost, slow_steps, 0
+
+    def fill_next_token_bitmask(self, bitmask, index=0):
+        if self.step in self.slow_steps:
+            until = time.thread_time() + self.cost
+            while time.thread_time() < until:
+                pass
+        self.step += 1
+        return True
+
+    def accept_token(self, token: int) -> bool:
+        return True
+
+
+def test_a_grammar_over_its_cpu_budget_token_after_token_fails_its_row_alone() -> None:
+    """A grammar that takes more CPU than the budget for SLOW_GRAMMAR_STEPS tokens in a row
+    fails its request (the constraint's fault); a slow spell shorter than that, or a row
+    without the budget, goes on."""
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,), max_seconds_per_token=0.001)
+    steps = sampler.SLOW_GRAMMAR_STEPS
+    slow = state(SamplingParams(temperature=0), grammars=grammars)
+    slow.matcher = SlowMatcher(0.002, range(0, 100))
+    hiccup = state(SamplingParams(temperature=0), grammars=grammars)
+    hiccup.matcher = SlowMatcher(0.002, range(1, steps))  # one token short, then cheap
+    plain = state(SamplingParams(temperature=0))
+    rows = [slow, hiccup, plain]
+    for step in range(steps - 1):
+        assert FAILED not in sample(torch.randn(3, VOCAB), rows), step
+    tokens = sample(torch.randn(3, VOCAB), rows)
+    assert tokens[0] == FAILED and FAILED not in tokens[1:]
+    assert slow.failed_as == "grammar_too_slow" and "--max-grammar-ms-per-token" in slow.failure
+    for _ in range(steps):
+        assert FAILED not in sample(torch.randn(2, VOCAB), rows[1:])
+
+
+def test_without_a_budget_a_slow_grammar_goes_on() -> None:
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))  # max_seconds_per_token 0: no limit
+    slow = state(SamplingParams(temperature=0), grammars=grammars)
+    slow.matcher = SlowMatcher(0.001, range(0, 100))
+    for _ in range(sampler.SLOW_GRAMMAR_STEPS + 1):
+        assert sample(torch.randn(1, VOCAB), [slow]) != [FAILED]
 
 
 def test_logprobs_ride_in_the_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:

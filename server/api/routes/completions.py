@@ -29,7 +29,7 @@ from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.choices import merged
 from server.pipelines.completions import PromptOptions
-from server.pipelines.finish import ConstraintDeadEnd
+from server.pipelines.finish import ConstraintFailed
 from server.pipelines.logprobs import EchoedPrompt, PromptLogprobs, TokenTexts
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ async def completions(
             texts = await until_disconnected(
                 request, asyncio.gather(*(pipeline.text(s) for s in seqs))
             )
-        except ConstraintDeadEnd as exc:
+        except ConstraintFailed as exc:
             exc.param = shown.grammar_param
             raise
         # a prompt's scores are formatted once, whatever its number of choices
@@ -266,7 +266,7 @@ async def stream(
                 running = usage_of([choices[index].seq], 1, shown.generated) if continuous else None
                 yield chunk([choice], running)
     except ServerError as exc:
-        if isinstance(exc, ConstraintDeadEnd):
+        if isinstance(exc, ConstraintFailed):
             exc.param = shown.grammar_param
         yield error_event(exc)
     else:
