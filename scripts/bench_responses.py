@@ -46,7 +46,7 @@ def chain(store: JobStore, turns: int) -> str:
     previous = None
     for _ in range(turns):
         rid = f"resp_{uuid.uuid4().hex}"
-        store.save_response(*turn(rid, previous))
+        store.save_response(*turn(rid, previous), project="")
         previous = rid
     assert previous is not None
     return previous
@@ -63,22 +63,24 @@ def median_ms(action, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 def measure(store: JobStore, turns: int, repeats: int) -> tuple[float, float, float]:
     last = chain(store, turns)
-    read = median_ms(lambda: store.conversation(last), repeats)
+    read = median_ms(lambda: store.conversation(last, project=""), repeats)
     saved = [last]
 
     def save() -> None:
         rid = f"resp_{uuid.uuid4().hex}"
-        store.save_response(*turn(rid, last))  # a branch: the chain stays `turns` long
+        store.save_response(*turn(rid, last), project="")  # a branch: the chain stays `turns` long
         saved.append(rid)
 
     save_ms = median_ms(save, repeats)
     conversation_id = f"conv_{uuid.uuid4().hex}"
     response, (question,) = turn("x", None)
-    store.create_conversation(conversation_id, {}, [])
+    store.create_conversation(conversation_id, {}, [], project="")
     for _ in range(turns):  # each turn adds its question and its answer, as a response does
         pair = [question, *response["output"]]
-        store.add_items(conversation_id, [{**item, "id": uuid.uuid4().hex} for item in pair])
-    items_ms = median_ms(lambda: store.conversation_items(conversation_id), repeats)
+        store.add_items(
+            conversation_id, [{**item, "id": uuid.uuid4().hex} for item in pair], project=""
+        )
+    items_ms = median_ms(lambda: store.conversation_items(conversation_id, project=""), repeats)
     return read, save_ms, items_ms
 
 

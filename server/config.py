@@ -4,12 +4,15 @@ frozen dataclasses for the parts of the server that consume them."""
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.jobs import project
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -169,11 +172,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"webhook retry delay {delay} s is outside 0..86400")
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            key_and_project(entry)
+        return value
+
     @field_validator("api_key_file")
     @classmethod
     def _check_key_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError("no such file")
+        for number, line in enumerate(_key_lines(value) if value else [], start=1):
+            try:
+                key_and_project(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
         return value
 
     @field_validator("allowed_local_media_path")
@@ -212,14 +227,11 @@ class Settings(BaseSettings):
             raise ValueError("job store must be sqlite:///PATH or postgresql://...")
         return value
 
-    def all_api_keys(self) -> tuple[str, ...]:
-        """--api-key values plus the lines of --api-key-file (skipping blanks and # comments)."""
-        keys = list(self.api_keys)
-        if self.api_key_file is not None:
-            for line in self.api_key_file.read_text().splitlines():
-                if line.strip() and not line.lstrip().startswith("#"):
-                    keys.append(line.strip())
-        return tuple(keys)
+    def all_api_keys(self) -> dict[str, str]:
+        """Each key of the --api-key values and the lines of --api-key-file, and its project
+        (`KEY PROJECT` names it; a lone KEY is its own: server/jobs/project.py)."""
+        entries = [*self.api_keys, *(_key_lines(self.api_key_file) if self.api_key_file else [])]
+        return dict(key_and_project(entry) for entry in entries)
 
     def served_model_names(self) -> list[str]:
         """The names clients may send as `model`; the model path/id when none are given."""
@@ -263,3 +275,25 @@ class Settings(BaseSettings):
             max_videos_per_request=self.max_videos_per_request,
             fetch_timeout_s=self.media_fetch_timeout,
         )
+
+
+PROJECT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def key_and_project(entry: str) -> tuple[str, str]:
+    """`KEY` (its own project) or `KEY PROJECT` (keys naming one project share its objects)."""
+    words = entry.split()
+    if len(words) == 1:
+        return words[0], project.of_key(words[0])
+    if len(words) == 2 and PROJECT_NAME.fullmatch(words[1]):
+        return words[0], words[1]
+    raise ValueError(
+        "an API key is given as KEY or as KEY PROJECT (a project name of letters, digits, "
+        "'_', '.' or '-', at most 64)"
+    )
+
+
+def _key_lines(path: Path) -> list[str]:
+    """The lines of an API key file, without blanks and # comments."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]

@@ -63,8 +63,11 @@ HELP = {
     "port": "TCP port to listen on; checked before the model loads.",
     "api_keys": "Bearer key clients must send (repeatable; env VLM_API_KEY or VLM_API_KEYS, "
     "comma-separated). /health, /ping, /version, /metrics (unless --metrics-require-api-key), "
-    "the docs and the playground stay open.",
-    "api_key_file": "File of API keys, one per line (# comments), added to --api-key.",
+    "the docs and the playground stay open. What a key stores (files, batches, jobs, "
+    "responses, conversations) only its project sees: each key is its own project, or give "
+    "`KEY PROJECT` to share one project's objects between keys.",
+    "api_key_file": "File of API keys, one per line (`KEY` or `KEY PROJECT`; # comments), "
+    "added to --api-key.",
     "metrics_require_api_key": "Make /metrics need an API key too (open by default).",
     "allowed_origins": "Web origins a browser may call the API from (CORS; repeatable or "
     "comma-separated, * for any): for a web app on another origin. Off by default, so a page "

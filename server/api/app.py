@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -67,6 +68,8 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
     """loaded: a model the caller already loaded (the CLI does, to fail before serving)."""
     keys = settings.all_api_keys()  # (read once: --api-key-file is a file)
+    # The key of the server's requests to itself (a job's, in that job's project); never shown.
+    internal_key = secrets.token_urlsafe(32) if keys else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,7 +132,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             base_url="http://batch",
             timeout=None,
         )
-        dispatch = asgi_dispatch(batch_client, keys[0] if keys else None)
+        dispatch = asgi_dispatch(batch_client, internal_key)
         batches = BatchRunner(
             jobs,
             dispatch,
@@ -141,7 +144,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             "completions": completions_job_handler(pipeline, job_priority),
             "batch": batches,
             BACKGROUND: background_response_handler(
-                jobs, dispatch, job_priority, loopback_streams(app, keys[0] if keys else None)
+                jobs, dispatch, job_priority, loopback_streams(app, internal_key)
             ),
         }
 
@@ -246,7 +249,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.add_middleware(JsonBodyMiddleware, allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.
-    app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
+    app.add_middleware(
+        ApiKeyMiddleware, keys=keys, open_paths=open_paths, internal_key=internal_key
+    )
     app.add_middleware(DrainMiddleware)
     if settings.allowed_origins:
         # Outside the key check: a browser's preflight OPTIONS carries no Authorization.

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body, speaks_anthropic
+from server.jobs.project import project_var
 from server.log import request_id_var
 from server.metrics import CLIENT_CLOSED_REQUEST
 
@@ -241,12 +242,26 @@ def _set_content_type(scope: Scope, value: bytes) -> None:
 
 class ApiKeyMiddleware:
     """When keys are configured, every route but the open ones needs 'Authorization: Bearer <key>'
-    or 'x-api-key: <key>'.
+    or 'x-api-key: <key>', and the request is in that key's project (what stored objects it
+    sees: server/jobs/project.py).
     Keys are compared in constant time, against all keys, so timing reveals nothing."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], open_paths: frozenset[str]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: dict[str, str],
+        open_paths: frozenset[str],
+        internal_key: str | None = None,
+    ):
+        """keys: each key's project. internal_key: the server's own requests to itself (a
+        batch's lines, a background response), made in the task of the job they serve: they
+        keep its project (None here)."""
         self.app = app
-        self.keys = tuple(k.encode() for k in keys)
+        entries: dict[str, str | None] = {**keys}
+        if internal_key is not None:
+            entries[internal_key] = None
+        self.keys = tuple(k.encode() for k in entries)
+        self.projects = tuple(entries.values())
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -258,9 +273,15 @@ class ApiKeyMiddleware:
         # Bearer (OpenAI's clients) or x-api-key (Anthropic's)
         tokens = [token.strip()] if scheme.lower() == b"bearer" else []
         tokens += [headers[b"x-api-key"].strip()] if b"x-api-key" in headers else []
-        if any(self._is_key(t) for t in tokens if t):  # an empty header is no key
-            await self.app(scope, receive, send)
-            return
+        for token in tokens:
+            if token and (index := self._index_of(token)) is not None:  # (empty: no key)
+                project = self.projects[index]
+                reset = project_var.set(project_var.get() if project is None else project)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    project_var.reset(reset)
+                return
         await send_error(
             scope,
             send,
@@ -272,8 +293,10 @@ class ApiKeyMiddleware:
             [(b"www-authenticate", b"Bearer")],
         )
 
-    def _is_key(self, token: bytes) -> bool:
-        return any([hmac.compare_digest(token, key) for key in self.keys])  # all compared
+    def _index_of(self, token: bytes) -> int | None:
+        """Which key it is; None if it is none."""
+        matches = [hmac.compare_digest(token, key) for key in self.keys]  # all compared
+        return matches.index(True) if True in matches else None
 
     def _is_open(self, path: str) -> bool:
         return path in self.open_paths or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)

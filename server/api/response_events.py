@@ -15,6 +15,7 @@ from typing import Any
 
 from server.api.responses import event
 from server.exceptions import JobStoreUnavailable, ResponseNotFound
+from server.jobs.project import current_project
 from server.jobs.responses import RUNNING, StoredEvents
 from server.jobs.store import JobStore
 from server.pipelines.background import END_EVENTS, EVENTS_SAVED
@@ -148,7 +149,7 @@ class Follower:
             return None
         if self.after > look.last_number:
             return None
-        turn = await asyncio.to_thread(self.jobs.get_response, self.response_id)
+        turn = await asyncio.to_thread(self.jobs.get_response, self.response_id, current_project())
         if turn is None:
             return None
         return event(END_EVENTS[look.status], look.last_number + 1, response=turn.response)

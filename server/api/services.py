@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from server.exceptions import (
     ModelNotFound,
     ServerError,
 )
+from server.jobs.project import current_project, sees
 from server.jobs.store import Job, JobStore
 from server.jobs.webhooks import WebhookSender
 from server.jobs.worker import JobWorker
@@ -59,14 +61,21 @@ class Services:
                     param="webhook_url",
                     code="invalid_webhook_url",
                 ) from None
-        job = await asyncio.to_thread(self.jobs.create, kind, request, idempotency_key)
+        job = await asyncio.to_thread(
+            functools.partial(
+                self.jobs.create, kind, request, idempotency_key, project=current_project()
+            )
+        )
         self.job_worker.notify()
         return job
 
     async def get_job(self, job_id: str, kinds: tuple[str, ...] = MEDIA_KINDS) -> Job | None:
-        """The job, if it is one of these kinds (media jobs and batches are listed apart)."""
+        """The request's project's job, if it is one of these kinds (media jobs and batches
+        are listed apart)."""
         job = await asyncio.to_thread(self.jobs.get, job_id)
-        return job if job is not None and job.kind in kinds else None
+        if job is None or job.kind not in kinds or not sees(current_project(), job.project):
+            return None
+        return job
 
     async def cancel_job(
         self,
@@ -94,7 +103,9 @@ class Services:
         kinds: tuple[str, ...] = MEDIA_KINDS,
     ) -> tuple[list[Job], bool]:
         try:
-            return await asyncio.to_thread(self.jobs.list, status, limit, after, kinds)
+            return await asyncio.to_thread(
+                self.jobs.list, status, limit, after, kinds, current_project()
+            )
         except KeyError:
             noun = "batch" if kinds == ("batch",) else "job"
             raise InvalidRequest(

@@ -11,27 +11,36 @@ import json
 from typing import Any
 
 from server.jobs.deliveries import Execute
+from server.jobs.project import VISIBLE, seen_by
 from server.jobs.tables import Tables
 
 
 class ConversationStore(Tables):
+    """A conversation is its project's (server/jobs/project.py): another project's is not
+    found."""
+
     def create_conversation(
-        self, conversation_id: str, metadata: dict[str, str], items: list[dict[str, Any]]
+        self,
+        conversation_id: str,
+        metadata: dict[str, str],
+        items: list[dict[str, Any]],
+        project: str,
     ) -> dict[str, Any]:
         now = self.now()
         with self.transaction() as execute:
             execute(
-                "INSERT INTO conversations (id, created_at, used_at, metadata) VALUES (?, ?, ?, ?)",
-                (conversation_id, now, now, json.dumps(metadata)),
+                "INSERT INTO conversations (id, created_at, used_at, metadata, project)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, now, now, json.dumps(metadata), project),
             )
             _append(execute, conversation_id, 0, items)
         return _conversation(conversation_id, now, metadata)
 
-    def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+    def get_conversation(self, conversation_id: str, project: str) -> dict[str, Any] | None:
         with self.transaction(write=False) as execute:
             row = execute(
-                "SELECT id, created_at, metadata FROM conversations WHERE id = ?",
-                (conversation_id,),
+                f"SELECT id, created_at, metadata FROM conversations WHERE id = ? AND {VISIBLE}",
+                (conversation_id, *seen_by(project)),
             ).fetchone()
         return (
             _conversation(row["id"], row["created_at"], json.loads(row["metadata"]))
@@ -40,33 +49,40 @@ class ConversationStore(Tables):
         )
 
     def update_conversation(
-        self, conversation_id: str, metadata: dict[str, str]
+        self, conversation_id: str, metadata: dict[str, str], project: str
     ) -> dict[str, Any] | None:
         with self.transaction() as execute:
             row = execute(
-                "UPDATE conversations SET metadata = ?, used_at = ? WHERE id = ?"
+                f"UPDATE conversations SET metadata = ?, used_at = ? WHERE id = ? AND {VISIBLE}"
                 " RETURNING created_at",
-                (json.dumps(metadata), self.now(), conversation_id),
+                (json.dumps(metadata), self.now(), conversation_id, *seen_by(project)),
             ).fetchone()
         return _conversation(conversation_id, row["created_at"], metadata) if row else None
 
-    def delete_conversation(self, conversation_id: str) -> bool:
+    def delete_conversation(self, conversation_id: str, project: str) -> bool:
         """The conversation, then its items: its row goes first, so items being added to it
         meanwhile (which hold that row) are in before its items are deleted."""
         with self.transaction() as execute:
-            cursor = execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            cursor = execute(
+                f"DELETE FROM conversations WHERE id = ? AND {VISIBLE}",
+                (conversation_id, *seen_by(project)),
+            )
+            if cursor.rowcount != 1:
+                return False
             execute("DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,))
-            return cursor.rowcount == 1
+            return True
 
-    def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> bool:
+    def add_items(self, conversation_id: str, items: list[dict[str, Any]], project: str) -> bool:
         """Items after the conversation's last; False when there is no such conversation."""
         with self.transaction() as execute:
-            return append_items(execute, conversation_id, items, self.now(), self.for_update)
+            return append_items(
+                execute, conversation_id, items, self.now(), self.for_update, project
+            )
 
-    def conversation_items(self, conversation_id: str) -> list[dict[str, Any]] | None:
+    def conversation_items(self, conversation_id: str, project: str) -> list[dict[str, Any]] | None:
         """Its items, oldest first; None when there is no such conversation."""
         with self.transaction(write=False) as execute:
-            if not _exists(execute, conversation_id):
+            if not _exists(execute, conversation_id, project):
                 return None
             rows = execute(
                 "SELECT item FROM conversation_items WHERE conversation_id = ? ORDER BY position",
@@ -74,8 +90,10 @@ class ConversationStore(Tables):
             ).fetchall()
         return [json.loads(row["item"]) for row in rows]
 
-    def delete_item(self, conversation_id: str, item_id: str) -> bool:
+    def delete_item(self, conversation_id: str, item_id: str, project: str) -> bool:
         with self.transaction() as execute:
+            if not _exists(execute, conversation_id, project):
+                return False
             cursor = execute(
                 "DELETE FROM conversation_items WHERE conversation_id = ? AND id = ?",
                 (conversation_id, item_id),
@@ -89,11 +107,13 @@ def append_items(
     items: list[dict[str, Any]],
     now: float,
     for_update: str,
+    project: str,
 ) -> bool:
     """Inside a transaction: items after the conversation's last (its row held meanwhile: two
-    answers adding at once queue); False when there is no such conversation."""
+    answers adding at once queue); False when the project has no such conversation."""
     held = execute(
-        f"SELECT id FROM conversations WHERE id = ?{for_update}", (conversation_id,)
+        f"SELECT id FROM conversations WHERE id = ? AND {VISIBLE}{for_update}",
+        (conversation_id, *seen_by(project)),
     ).fetchone()
     if held is None:
         return False
@@ -118,8 +138,11 @@ def _append(
         )
 
 
-def _exists(execute: Execute, conversation_id: str) -> bool:
-    row = execute("SELECT id FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+def _exists(execute: Execute, conversation_id: str, project: str) -> bool:
+    row = execute(
+        f"SELECT id FROM conversations WHERE id = ? AND {VISIBLE}",
+        (conversation_id, *seen_by(project)),
+    ).fetchone()
     return row is not None
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.jobs.deliveries import Execute
+from server.jobs.project import VISIBLE, seen_by
 from server.jobs.tables import Tables
 
 FILE_COLUMNS = "id, purpose, filename, bytes, created_at"
@@ -39,31 +40,48 @@ class StoredFile:
 
 
 class FileStore(Tables):
-    def add_file(self, purpose: str, filename: str, content: bytes) -> StoredFile:
-        with self.transaction() as execute:
-            return insert_file(execute, self.now(), purpose, filename, content)
+    """A file is its project's (server/jobs/project.py): another project's is not found."""
 
-    def get_file(self, file_id: str) -> StoredFile | None:
+    def add_file(self, purpose: str, filename: str, content: bytes, project: str) -> StoredFile:
+        with self.transaction() as execute:
+            return insert_file(execute, self.now(), purpose, filename, content, project)
+
+    def get_file(self, file_id: str, project: str) -> StoredFile | None:
         with self.transaction(write=False) as execute:
-            row = execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
+            row = execute(
+                f"SELECT {FILE_COLUMNS} FROM files WHERE id = ? AND {VISIBLE}",
+                (file_id, *seen_by(project)),
+            ).fetchone()
         return StoredFile.from_row(row) if row is not None else None
 
-    def file_content(self, file_id: str) -> bytes | None:
+    def file_content(self, file_id: str, project: str) -> bytes | None:
         with self.transaction(write=False) as execute:
-            row = execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
+            row = execute(
+                f"SELECT content FROM files WHERE id = ? AND {VISIBLE}",
+                (file_id, *seen_by(project)),
+            ).fetchone()
         return bytes(row["content"]) if row is not None else None
 
-    def delete_file(self, file_id: str) -> bool:
+    def delete_file(self, file_id: str, project: str) -> bool:
         with self.transaction() as execute:
-            return execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount == 1
+            cursor = execute(
+                f"DELETE FROM files WHERE id = ? AND {VISIBLE}", (file_id, *seen_by(project))
+            )
+            return cursor.rowcount == 1
 
     def list_files(
-        self, purpose: str | None, limit: int, after: str | None, newest_first: bool
+        self,
+        purpose: str | None,
+        limit: int,
+        after: str | None,
+        newest_first: bool,
+        project: str,
     ) -> tuple[list[StoredFile], bool]:
-        """At most `limit` files after the file `after` (a cursor), in creation order or its
-        reverse; and whether more follow. A cursor that names no file: KeyError."""
+        """At most `limit` of the project's files after the file `after` (a cursor), in
+        creation order or its reverse; and whether more follow. A cursor that names no file
+        of the project: KeyError."""
         order, compare = ("DESC", "<") if newest_first else ("ASC", ">")
-        where, values = [], []
+        where, values = [VISIBLE], [*seen_by(project)]
         if purpose is not None:
             where.append("purpose = ?")
             values.append(purpose)
@@ -72,14 +90,14 @@ class FileStore(Tables):
                 f"(created_at, id) {compare} (SELECT created_at, id FROM files WHERE id = ?)"
             )
             values.append(after)
-        query = f"SELECT {FILE_COLUMNS} FROM files"
-        if where:
-            query += " WHERE " + " AND ".join(where)
+        query = f"SELECT {FILE_COLUMNS} FROM files WHERE " + " AND ".join(where)
         query += f" ORDER BY created_at {order}, id {order} LIMIT ?"
         with self.transaction(write=False) as execute:
             if (
                 after is not None
-                and not execute("SELECT id FROM files WHERE id = ?", (after,)).fetchone()
+                and not execute(
+                    f"SELECT id FROM files WHERE id = ? AND {VISIBLE}", (after, *seen_by(project))
+                ).fetchone()
             ):
                 raise KeyError(after)
             rows = execute(query, (*values, limit + 1)).fetchall()
@@ -121,7 +139,9 @@ def answers_as_files(
 ) -> dict[str, tuple[str, int]]:
     """Inside the transaction that ends a batch: its saved answers go, and (keep) become its
     output file (the 200s) and error file (the rest), by line, each only when it has a line.
-    Returns {"output_file_id" | "error_file_id": (file id, lines)}."""
+    Returns {"output_file_id" | "error_file_id": (file id, lines)}. The files are the
+    batch's project's."""
+    job = execute("SELECT project FROM jobs WHERE id = ?", (batch_id,)).fetchone()
     rows = execute(
         "DELETE FROM batch_answers WHERE batch_id = ? RETURNING line, status, entry",
         (batch_id,),
@@ -135,21 +155,20 @@ def answers_as_files(
         entries = [row["entry"] for row in rows if (row["status"] == 200) == succeeded]
         if keep and entries:
             content = ("\n".join(entries) + "\n").encode()
-            stored = insert_file(
-                execute, now, "batch_output", f"{batch_id}_{suffix}.jsonl", content
-            )
+            name = f"{batch_id}_{suffix}.jsonl"
+            stored = insert_file(execute, now, "batch_output", name, content, job["project"])
             files[key] = (stored.id, len(entries))
     return files
 
 
 def insert_file(
-    execute: Execute, now: float, purpose: str, filename: str, content: bytes
+    execute: Execute, now: float, purpose: str, filename: str, content: bytes, project: str
 ) -> StoredFile:
-    """A new file, inside the caller's transaction."""
+    """A new file of the project, inside the caller's transaction."""
     file_id = f"file-{uuid.uuid4().hex}"
     execute(
-        "INSERT INTO files (id, purpose, filename, bytes, created_at, content)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (file_id, purpose, filename, len(content), now, content),
+        "INSERT INTO files (id, purpose, filename, bytes, created_at, content, project)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (file_id, purpose, filename, len(content), now, content, project),
     )
     return StoredFile(file_id, purpose, filename, len(content), now)

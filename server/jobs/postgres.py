@@ -123,6 +123,13 @@ MIGRATIONS = [
         PRIMARY KEY (response_id, sequence_number)
     )
     """,
+    # whose each row is (server/jobs/project.py; '': every project's, as before)
+    """
+    ALTER TABLE jobs ADD COLUMN project TEXT NOT NULL DEFAULT '';
+    ALTER TABLE files ADD COLUMN project TEXT NOT NULL DEFAULT '';
+    ALTER TABLE responses ADD COLUMN project TEXT NOT NULL DEFAULT '';
+    ALTER TABLE conversations ADD COLUMN project TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 

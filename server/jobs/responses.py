@@ -17,6 +17,7 @@ from typing import Any
 
 from server.jobs.conversations import append_items
 from server.jobs.deliveries import Execute
+from server.jobs.project import ALL, VISIBLE, seen_by, visible
 from server.jobs.tables import Tables
 
 # The most turns a conversation read back may have (a guard against runaway chains).
@@ -29,15 +30,21 @@ RUNNING = ("queued", "in_progress")
 # STREAM_LEASE_S is a stream whose server stopped (crashed, killed) before writing its end.
 STREAM_LEASE_S = 120.0
 # The rows of the conversation that ends with a response (?: its id, ?: MAX_CHAIN - 1),
-# newest first.
+# newest first; a project's (?, ?: seen_by(project) twice): a turn it does not see breaks
+# the chain there.
 CHAIN = (
     "WITH RECURSIVE chain (id, previous_response_id, depth) AS ("
-    " SELECT id, previous_response_id, 0 FROM responses WHERE id = ?"
+    f" SELECT id, previous_response_id, 0 FROM responses WHERE id = ? AND {VISIBLE}"
     " UNION ALL"
     " SELECT r.id, r.previous_response_id, c.depth + 1"
     " FROM responses r JOIN chain c ON r.id = c.previous_response_id"
-    " WHERE c.depth < ?)"
+    f" WHERE c.depth < ? AND {visible('r.')})"
 )
+
+
+def chain_values(response_id: str, project: str) -> tuple:
+    """CHAIN's values."""
+    return (response_id, *seen_by(project), MAX_CHAIN - 1, *seen_by(project))
 
 
 @dataclass(frozen=True)
@@ -74,14 +81,20 @@ class ConversationTooLong(Exception):
 
 
 class ResponseStore(Tables):
-    def save_response(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
-        with self.transaction() as execute:
-            insert_response(execute, self.now(), response, input_items)
+    """A response is its project's (server/jobs/project.py): another project's is not found,
+    nor continued."""
 
-    def get_response(self, response_id: str) -> StoredTurn | None:
+    def save_response(
+        self, response: dict[str, Any], input_items: list[dict[str, Any]], project: str
+    ) -> None:
+        with self.transaction() as execute:
+            insert_response(execute, self.now(), response, input_items, project)
+
+    def get_response(self, response_id: str, project: str) -> StoredTurn | None:
         with self.transaction(write=False) as execute:
             row = execute(
-                "SELECT input, response, used_at FROM responses WHERE id = ?", (response_id,)
+                f"SELECT input, response, used_at FROM responses WHERE id = ? AND {VISIBLE}",
+                (response_id, *seen_by(project)),
             ).fetchone()
         return _turn(row) if row is not None else None
 
@@ -90,16 +103,16 @@ class ResponseStore(Tables):
         with self.transaction() as execute:
             execute("UPDATE responses SET used_at = ? WHERE id = ?", (self.now(), response_id))
 
-    def conversation(self, response_id: str, whole: bool = True) -> list[StoredTurn]:
+    def conversation(self, response_id: str, project: str, whole: bool = True) -> list[StoredTurn]:
         """The turns of the conversation that ends with this response, oldest first. Raises
-        BrokenChain naming the newest of its responses that is not stored (whole=False: the
-        turns stored after it), ConversationTooLong past MAX_CHAIN turns."""
+        BrokenChain naming the newest of its responses that is not stored, or not the
+        project's (whole=False: the turns after it), ConversationTooLong past MAX_CHAIN."""
         query = (
             f"{CHAIN} SELECT c.previous_response_id, r.input, r.response, r.used_at"
             " FROM chain c JOIN responses r ON r.id = c.id ORDER BY c.depth DESC"
         )
         with self.transaction(write=False) as execute:
-            rows = execute(query, (response_id, MAX_CHAIN - 1)).fetchall()
+            rows = execute(query, chain_values(response_id, project)).fetchall()
         if not rows:
             raise BrokenChain(response_id)
         oldest = rows[0]["previous_response_id"]
@@ -131,15 +144,20 @@ class ResponseStore(Tables):
                 "UPDATE responses SET response = ? WHERE id = ?",
                 (json.dumps(response, ensure_ascii=False), response["id"]),
             )
-            if conversation is not None:
-                append_items(execute, *conversation, self.now(), self.for_update)
+            if conversation is not None:  # (the request's own: checked when it started)
+                append_items(execute, *conversation, self.now(), self.for_update, ALL)
             return True
 
-    def delete_response(self, response_id: str) -> bool:
+    def delete_response(self, response_id: str, project: str) -> bool:
         with self.transaction() as execute:
-            cursor = execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            cursor = execute(
+                f"DELETE FROM responses WHERE id = ? AND {VISIBLE}",
+                (response_id, *seen_by(project)),
+            )
+            if cursor.rowcount != 1:
+                return False
             execute("DELETE FROM response_events WHERE response_id = ?", (response_id,))
-            return cursor.rowcount == 1
+            return True
 
     def add_events(self, response_id: str, attempt: int, events: list[tuple[int, str]]) -> bool:
         """A streaming background response's next events, (sequence number, event text),
@@ -219,15 +237,20 @@ class ResponseStore(Tables):
 
 
 def insert_response(
-    execute: Execute, now: float, response: dict[str, Any], input_items: list[dict[str, Any]]
+    execute: Execute,
+    now: float,
+    response: dict[str, Any],
+    input_items: list[dict[str, Any]],
+    project: str,
 ) -> None:
-    """A new turn. The conversation before it is renewed (kept as long as it is used), the
-    turns not renewed for RENEW_AFTER_S only: a long conversation's turns are not all
-    rewritten at every new one."""
+    """A new turn of the project. The conversation before it is renewed (kept as long as it
+    is used), the turns not renewed for RENEW_AFTER_S only: a long conversation's turns are
+    not all rewritten at every new one."""
     previous = response.get("previous_response_id")
     execute(
-        "INSERT INTO responses (id, previous_response_id, created_at, used_at, input, response)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO responses"
+        " (id, previous_response_id, created_at, used_at, input, response, project)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (
             response["id"],
             previous,
@@ -235,13 +258,14 @@ def insert_response(
             now,
             json.dumps(input_items, ensure_ascii=False),
             json.dumps(response, ensure_ascii=False),
+            project,
         ),
     )
     if previous is not None:
         execute(
             f"{CHAIN} UPDATE responses SET used_at = ?"
             " WHERE id IN (SELECT id FROM chain) AND used_at < ?",
-            (previous, MAX_CHAIN - 1, now, now - RENEW_AFTER_S),
+            (*chain_values(previous, project), now, now - RENEW_AFTER_S),
         )
 
 

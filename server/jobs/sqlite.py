@@ -120,7 +120,10 @@ CREATE TABLE IF NOT EXISTS response_events (
     PRIMARY KEY (response_id, sequence_number)
 )
 """
-SCHEMA_VERSION = 6
+# Version 7: whose each job, file, response and conversation is (server/jobs/project.py;
+# '': every project's, as everything was before).
+PROJECT_TABLES = ("jobs", "files", "responses", "conversations")
+SCHEMA_VERSION = 7
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
@@ -195,6 +198,12 @@ class SqliteJobStore(JobStore):
             if version < 6:
                 for statement in SCHEMA_6.split(";"):
                     execute(statement, ())
+            if version < 7:
+                for table in PROJECT_TABLES:
+                    if not _has_column(execute, table, "project"):
+                        execute(
+                            f"ALTER TABLE {table} ADD COLUMN project TEXT NOT NULL DEFAULT ''", ()
+                        )
             if version < SCHEMA_VERSION:
                 execute(f"PRAGMA user_version = {SCHEMA_VERSION}", ())
 

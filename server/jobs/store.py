@@ -25,12 +25,13 @@ from server.exceptions import IdempotencyKeyReused
 from server.jobs.conversations import ConversationStore
 from server.jobs.deliveries import DeliveryStore, Execute
 from server.jobs.files import FileStore, answers_as_files
+from server.jobs.project import ALL, VISIBLE, scoped_key, seen_by
 from server.jobs.responses import ResponseStore
 
 # Every column but the request, which only the worker (at claim) needs.
 SUMMARY = (
     "id, kind, status, progress, result, error, created_at, updated_at, attempt, owner,"
-    " webhook_url, request_hash, description"
+    " webhook_url, request_hash, description, project"
 )
 
 
@@ -48,6 +49,7 @@ class Job:
     attempt: int
     owner: str | None = None
     description: dict[str, Any] | None = None  # what a batch is (kept when its request is not)
+    project: str = ALL  # whose it is (server/jobs/project.py)
 
     def as_dict(self) -> dict[str, Any]:
         """The job as the status endpoint and webhooks show it."""
@@ -81,6 +83,7 @@ class Job:
             attempt=row["attempt"],
             owner=row.get("owner"),
             description=json.loads(row["description"]) if row.get("description") else None,
+            project=row.get("project") or ALL,
         )
 
 
@@ -138,19 +141,22 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         description: dict[str, Any] | None = None,
         job_id: str | None = None,
         also: Callable[[Execute], None] | None = None,
+        project: str = ALL,
     ) -> Job:
-        """A new queued job, or the existing one for the same idempotency key and request (the
-        same key with another request: IdempotencyKeyReused). job_id: the new job's id, when
-        the caller made it (a background response's is the response's); also: writes of the
-        caller's in the transaction that queues a new job (the response it runs for)."""
+        """A new queued job of the project, or the project's existing one for the same
+        idempotency key and request (the same key with another request: IdempotencyKeyReused).
+        job_id: the new job's id, when the caller made it (a background response's is the
+        response's); also: writes of the caller's in the transaction that queues a new job
+        (the response it runs for)."""
         now, digest = self.now(), request_digest(kind, request)
+        stored_key = scoped_key(project, idempotency_key)
         with self.transaction() as execute:
-            row = _job_with_key(execute, idempotency_key)
+            row = _job_with_key(execute, stored_key)
             if row is None:
                 row = execute(
                     "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
-                    " idempotency_key, request_hash, webhook_url, description)"
-                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
+                    " idempotency_key, request_hash, webhook_url, description, project)"
+                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
                     f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {SUMMARY}",
                     (
                         job_id or f"{id_prefix}{uuid.uuid4().hex}",
@@ -158,10 +164,11 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                         json.dumps(request),
                         now,
                         now,
-                        idempotency_key,
+                        stored_key,
                         digest,
                         request.get("webhook_url"),
                         json.dumps(description) if description is not None else None,
+                        project,
                     ),
                 ).fetchone()
                 if row is not None:
@@ -169,13 +176,14 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                         also(execute)
                     self._announce(execute)
                 else:  # another process took the key between the look-up and the insert
-                    row = _job_with_key(execute, idempotency_key)
+                    row = _job_with_key(execute, stored_key)
             if row["request_hash"] != digest:
                 raise IdempotencyKeyReused(idempotency_key or "")
         return Job.from_row(row, request)
 
     def get(self, job_id: str) -> Job | None:
-        """The job without its request (which can be a whole video)."""
+        """The job without its request (which can be a whole video), whoever's it is (a route
+        checks that its client's project sees `job.project`)."""
         with self.transaction(write=False) as execute:
             row = execute(f"SELECT {SUMMARY} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row, {}) if row is not None else None
@@ -321,12 +329,18 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         )
 
     def list(
-        self, status: str | None, limit: int, after: str | None, kinds: tuple[str, ...] = ()
+        self,
+        status: str | None,
+        limit: int,
+        after: str | None,
+        kinds: tuple[str, ...] = (),
+        project: str = ALL,
     ) -> tuple[list[Job], bool]:
-        """Newest first, at most `limit`, after the job `after` (a cursor), of these kinds (all:
-        empty); and whether more follow. Request bodies are left out (they can be videos)."""
+        """The project's jobs, newest first, at most `limit`, after the job `after` (a cursor),
+        of these kinds (all: empty); and whether more follow. Request bodies are left out
+        (they can be videos)."""
         query = f"SELECT {SUMMARY} FROM jobs"
-        where, values = [], []
+        where, values = [VISIBLE], [*seen_by(project)]
         if kinds:
             where.append(f"kind IN ({', '.join('?' * len(kinds))})")
             values.extend(kinds)
@@ -336,11 +350,10 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         if after is not None:
             where.append("(created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ?)")
             values.append(after)
-        if where:
-            query += " WHERE " + " AND ".join(where)
+        query += " WHERE " + " AND ".join(where)
         query += " ORDER BY created_at DESC, id DESC LIMIT ?"
         with self.transaction(write=False) as execute:
-            if after is not None and not _exists(execute, after):
+            if after is not None and not _exists(execute, after, project):
                 raise KeyError(after)  # a stale cursor must not look like the end of the list
             rows = execute(query, (*values, limit + 1)).fetchall()
         return [Job.from_row(row, {}) for row in rows[:limit]], len(rows) > limit
@@ -401,8 +414,9 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             return cursor.rowcount == 1
 
 
-def _exists(execute: Execute, job_id: str) -> bool:
-    return execute("SELECT id FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+def _exists(execute: Execute, job_id: str, project: str) -> bool:
+    row = execute(f"SELECT id FROM jobs WHERE id = ? AND {VISIBLE}", (job_id, *seen_by(project)))
+    return row.fetchone() is not None
 
 
 def _job_with_key(execute: Execute, idempotency_key: str | None) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 from server.exceptions import EngineOverloaded, EngineStopped, JobStoreUnavailable, ServerError
 from server.jobs.owner import is_gone, new_owner
+from server.jobs.project import project_var
 from server.jobs.store import Job, JobStore
 from server.log import request_id_var
 
@@ -199,6 +200,7 @@ class JobWorker:
     async def _run(self, job: Job) -> bool:
         """Runs one attempt; False when the engine has stopped (no job can run any more)."""
         request_id_var.set(job.id)
+        project_var.set(job.project)  # what its requests' file ids may name
         if job.attempt > 1:  # an earlier attempt's server stopped or lost the lease
             logger.info("job %s: attempt %d (an earlier one did not finish)", job.id, job.attempt)
         progress = ProgressWriter(self.store, job)

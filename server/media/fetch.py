@@ -22,6 +22,7 @@ from typing import BinaryIO, Protocol
 import httpx
 
 from server.exceptions import MediaError
+from server.jobs.project import current_project
 from server.media.netguard import AddressRefused, checked_request
 
 DATA_URI = re.compile(
@@ -50,9 +51,9 @@ class FetchedMedia:
 class UploadedFiles(Protocol):
     """The Files API's store (the job store), as media read it."""
 
-    def get_file(self, file_id: str) -> _Described | None: ...
+    def get_file(self, file_id: str, project: str) -> _Described | None: ...
 
-    def file_content(self, file_id: str) -> bytes | None: ...
+    def file_content(self, file_id: str, project: str) -> bytes | None: ...
 
 
 class _Described(Protocol):
@@ -133,7 +134,8 @@ class MediaFetcher:
                 param=param,
                 code="unsupported_parameter",
             )
-        stored = await asyncio.to_thread(self.uploads.get_file, file_id)
+        project = current_project()  # (the request's, or the job's)
+        stored = await asyncio.to_thread(self.uploads.get_file, file_id, project)
         if stored is None:
             raise _no_upload(file_id, param)
         if stored.purpose not in MEDIA_PURPOSES:
@@ -146,7 +148,7 @@ class MediaFetcher:
         if stored.bytes > max_bytes:
             raise _too_large(kind, max_bytes, param)
         # (the size first: an upload too large is not read)
-        data = await asyncio.to_thread(self.uploads.file_content, file_id)
+        data = await asyncio.to_thread(self.uploads.file_content, file_id, project)
         if data is None:  # deleted meanwhile
             raise _no_upload(file_id, param)
         return FetchedMedia(data, None, size=len(data))

@@ -52,7 +52,7 @@ def background_response_handler(
     through `open_stream`, its events saved as they come."""
 
     async def handle(job: Job, progress: Progress) -> dict[str, Any]:
-        stored = await asyncio.to_thread(store.get_response, job.id)
+        stored = await asyncio.to_thread(store.get_response, job.id, job.project)
         if stored is None:
             return {"response_id": job.id}  # deleted before it ran
         running = {**stored.response, "status": "in_progress"}
@@ -85,7 +85,9 @@ def background_response_handler(
         body = job.request["body"]
         conversation_id = (running.get("conversation") or {}).get("id")
         if conversation_id is not None:
-            history = await asyncio.to_thread(store.conversation_items, conversation_id)
+            history = await asyncio.to_thread(
+                store.conversation_items, conversation_id, job.project
+            )
             if history is None:
                 error = {"code": "conversation_not_found", "message": "The conversation is gone."}
                 return {**running, "status": "failed", "error": error}, None, []

@@ -30,6 +30,7 @@ import httpx
 
 from server.api.batches import BatchCreateRequest
 from server.exceptions import EngineStopped, JobStoreUnavailable
+from server.jobs.project import current_project
 from server.jobs.store import Job, JobStore
 from server.jobs.worker import INTERNAL_ERROR, JobFailed, Progress, cancel_and_wait
 
@@ -240,7 +241,11 @@ class BatchRunner:
 
     async def __call__(self, job: Job, progress: Progress) -> dict[str, Any]:
         request = BatchCreateRequest.model_validate(job.request)
-        content = await asyncio.to_thread(self.store.file_content, request.input_file_id)
+        content = await asyncio.to_thread(
+            self.store.file_content,
+            request.input_file_id,
+            current_project(),  # (the batch's)
+        )
         if content is None:
             message = f"The input file {request.input_file_id} was deleted before the batch ran."
             raise JobFailed(message, [_problem("file_not_found", message, "input_file_id")])

@@ -400,7 +400,7 @@ async def test_a_batch_taken_over_goes_on_from_its_saved_answers(tmp_path) -> No
 
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     lines = [chat_line(f"l{i}", f"line {i}") for i in range(4)]
-    upload = store.add_file("batch", "in.jsonl", jsonl(*lines).getvalue())
+    upload = store.add_file("batch", "in.jsonl", jsonl(*lines).getvalue(), project="")
     request = {
         "input_file_id": upload.id,
         "endpoint": "/v1/chat/completions",
@@ -433,7 +433,7 @@ async def test_a_batch_taken_over_goes_on_from_its_saved_answers(tmp_path) -> No
     assert store.complete(second, result)
     done = store.get(second.id)
     assert done is not None and done.result is not None
-    content = store.file_content(done.result["output_file_id"])
+    content = store.file_content(done.result["output_file_id"], project="")
     assert content is not None
     ids = [json.loads(line)["custom_id"] for line in content.decode().splitlines()]
     assert ids == ["l0", "l1", "l2", "l3"]

@@ -183,7 +183,7 @@ async def test_a_background_run_that_breaks_leaves_its_response_failed(
             conversation=conversation.id, input="Hi", background=True, **GREEDY
         )
 
-        def broken(conversation_id: str) -> None:
+        def broken(conversation_id: str, project: str) -> None:
             raise RuntimeError("the store broke")
 
         monkeypatch.setattr(services.jobs, "conversation_items", broken)

@@ -372,7 +372,7 @@ async def test_a_followed_stream_whose_run_started_over_ends_with_an_error(
     jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
     answered = (await sdk.responses.create(input="Hi", **GREEDY)).model_dump(exclude_none=True)
     running = {**answered, "id": "resp_restarted", "status": "in_progress", "background": True}
-    jobs.save_response(running, [])
+    jobs.save_response(running, [], project="")
 
     def text(number: int) -> str:
         return f'event: response.output_text.delta\ndata: {{"sequence_number": {number}}}\n\n'
@@ -520,7 +520,7 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> No
             saved_after.append(len(sent))
             return True
 
-        def add_items(self, conversation_id: str, items: list) -> bool:
+        def add_items(self, conversation_id: str, items: list, project: str) -> bool:
             added_after.append(len(sent))
             return True
 
@@ -578,11 +578,13 @@ async def test_a_stream_whose_server_stopped_is_failed_once_its_lease_runs_out(
     jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
     answered = (await sdk.responses.create(input="Hi", **GREEDY)).model_dump(exclude_none=True)
     crashed = {**answered, "id": "resp_crashed", "status": "in_progress", "output": []}
-    jobs.save_response(crashed, [])  # as a stream's row is saved when it begins
+    jobs.save_response(crashed, [], project="")  # as a stream's row is saved when it begins
     assert (await sdk.responses.retrieve("resp_crashed")).status == "in_progress"
-    late = jobs.get_response("resp_crashed").used_at + response_store.STREAM_LEASE_S + 1
+    late = jobs.get_response("resp_crashed", project="").used_at + response_store.STREAM_LEASE_S + 1
     renewed = {**crashed, "status": "failed"}  # (renewed after it was read as unrenewed)
-    assert not jobs.update_response(renewed, unused_since=jobs.get_response("resp_crashed").used_at)
+    assert not jobs.update_response(
+        renewed, unused_since=jobs.get_response("resp_crashed", project="").used_at
+    )
     monkeypatch.setattr(jobs, "now", lambda: late)
     lost = await sdk.responses.retrieve("resp_crashed")
     assert lost.status == "failed" and lost.error is not None

@@ -48,14 +48,14 @@ def test_a_data_dir_set_back_by_an_older_server_migrates_again(tmp_path: Path) -
     data dir is refused in words."""
     path = tmp_path / "jobs.sqlite3"
     store = SqliteJobStore(path)
-    stored = store.add_file("batch", "a.jsonl", b"{}")
+    stored = store.add_file("batch", "a.jsonl", b"{}", project="")
     store.close()
     older = sqlite3.connect(path)
     older.execute("PRAGMA user_version = 2")
     older.commit()
     older.close()
     store = SqliteJobStore(path)
-    assert store.file_content(stored.id) == b"{}"
+    assert store.file_content(stored.id, project="") == b"{}"
     store.close()
     version_3 = sqlite3.connect(path)  # a data dir from before the batches' saved answers
     version_3.execute("DROP TABLE batch_answers")
@@ -71,7 +71,7 @@ def test_a_data_dir_set_back_by_an_older_server_migrates_again(tmp_path: Path) -
     version_4.commit()
     version_4.close()
     store = SqliteJobStore(path)
-    assert store.get_response("resp_x") is None  # the table is back
+    assert store.get_response("resp_x", project="") is None  # the table is back
     store.close()
     version_5 = sqlite3.connect(path)  # a data dir from before the streamed background events
     version_5.execute("DROP TABLE response_events")
@@ -109,7 +109,7 @@ def test_replicas_starting_together_migrate_once() -> None:
         assert len(stores) == 4
         with stores[0].transaction(write=False) as execute:
             versions = execute("SELECT version FROM schema_version", ()).fetchall()
-        assert [row["version"] for row in versions] == [1, 2, 3, 4, 5]  # each migration once
+        assert [row["version"] for row in versions] == [1, 2, 3, 4, 5, 6]  # each migration once
         for store in stores:
             store.close()
 

@@ -228,20 +228,28 @@ def test_jobs_survive_reopening(open_store: OpenStore) -> None:
 def test_files_round_trip(store: JobStore) -> None:
     """The Files API's store, on both backends: bytes in and out, newest first or oldest
     first with a cursor, deleted."""
-    made = [store.add_file("batch", f"f{i}.jsonl", bytes([i, 0, 255]) * 10) for i in range(3)]
-    assert store.get_file(made[1].id) == made[1] and made[1].bytes == 30
-    assert store.file_content(made[2].id) == bytes([2, 0, 255]) * 10
-    newest, more = store.list_files("batch", 2, None, newest_first=True)
+    made = [
+        store.add_file("batch", f"f{i}.jsonl", bytes([i, 0, 255]) * 10, project="")
+        for i in range(3)
+    ]
+    assert store.get_file(made[1].id, project="") == made[1] and made[1].bytes == 30
+    assert store.file_content(made[2].id, project="") == bytes([2, 0, 255]) * 10
+    newest, more = store.list_files("batch", 2, None, newest_first=True, project="")
     assert [f.id for f in newest] == [made[2].id, made[1].id] and more
-    rest, more = store.list_files("batch", 2, newest[-1].id, newest_first=True)
+    rest, more = store.list_files("batch", 2, newest[-1].id, newest_first=True, project="")
     assert [f.id for f in rest] == [made[0].id] and not more
-    oldest, _ = store.list_files(None, 10, made[0].id, newest_first=False)
+    oldest, _ = store.list_files(None, 10, made[0].id, newest_first=False, project="")
     assert [f.id for f in oldest] == [made[1].id, made[2].id]
-    assert store.list_files("batch_output", 10, None, True) == ([], False)
+    assert store.list_files("batch_output", 10, None, True, project="") == ([], False)
     with pytest.raises(KeyError):
-        store.list_files(None, 10, "file-nope", True)
-    assert store.delete_file(made[0].id) and not store.delete_file(made[0].id)
-    assert store.get_file(made[0].id) is None and store.file_content(made[0].id) is None
+        store.list_files(None, 10, "file-nope", True, project="")
+    assert store.delete_file(made[0].id, project="") and not store.delete_file(
+        made[0].id, project=""
+    )
+    assert (
+        store.get_file(made[0].id, project="") is None
+        and store.file_content(made[0].id, project="") is None
+    )
 
 
 def test_a_result_and_its_files_are_stored_together_or_not_at_all(store: JobStore) -> None:
@@ -258,12 +266,15 @@ def test_a_result_and_its_files_are_stored_together_or_not_at_all(store: JobStor
     retried = store.claim(lease_s=60)
     assert retried is not None and retried.attempt == 2
     assert not store.complete(stale, {"request_counts": {"total": 1}})  # lease lost
-    assert store.list_files("batch_output", 10, None, True) == ([], False)  # no stray file
+    assert store.list_files("batch_output", 10, None, True, project="") == (
+        [],
+        False,
+    )  # no stray file
     assert store.answers(retried.id) == [(0, 200, "{}")]  # kept for the attempt that holds it
     assert store.complete(retried, {"request_counts": {"total": 1}})
     done = store.get(retried.id)
     assert done is not None and done.status == "completed" and done.result is not None
-    assert store.file_content(done.result["output_file_id"]) == b"{}\n"
+    assert store.file_content(done.result["output_file_id"], project="") == b"{}\n"
     assert "error_file_id" not in done.result  # no failed answer: no error file
     assert not store.set_partial_result(retried, {"late": True})  # ended: nothing more
 
@@ -287,8 +298,11 @@ def test_a_cancelled_batch_keeps_its_saved_answers_as_files(store: JobStore) -> 
     assert cancelled is not None and cancelled.result is not None
     # the counts are the files' (not what the last partial save said)
     assert cancelled.result["request_counts"] == {"total": 5, "completed": 2, "failed": 1}
-    assert store.file_content(cancelled.result["output_file_id"]) == b'{"a": 0}\n{"b": 1}\n'
-    assert store.file_content(cancelled.result["error_file_id"]) == b'{"c": 3}\n'
+    assert (
+        store.file_content(cancelled.result["output_file_id"], project="")
+        == b'{"a": 0}\n{"b": 1}\n'
+    )
+    assert store.file_content(cancelled.result["error_file_id"], project="") == b'{"c": 3}\n'
     assert store.answers(job.id) == []
     assert not store.save_answers(job.id, job.attempt, [(4, 200, "{}")])  # ended: refused
 
@@ -296,36 +310,46 @@ def test_a_cancelled_batch_keeps_its_saved_answers_as_files(store: JobStore) -> 
 def test_a_conversation_is_its_chain_of_stored_responses(store: JobStore) -> None:
     def save(rid: str, previous: str | None) -> None:
         response = {"id": rid, "previous_response_id": previous, "output": [{"o": rid}]}
-        store.save_response(response, [{"i": rid}])
+        store.save_response(response, [{"i": rid}], project="")
 
     save("resp_a", None)
     save("resp_b", "resp_a")
     save("resp_c", "resp_b")
     save("resp_x", "resp_a")  # a branch from the first answer
-    turns = store.conversation("resp_c")
+    turns = store.conversation("resp_c", project="")
     assert [t.input for t in turns] == [[{"i": "resp_a"}], [{"i": "resp_b"}], [{"i": "resp_c"}]]
-    assert [t.response["id"] for t in store.conversation("resp_x")] == ["resp_a", "resp_x"]
-    stored = store.get_response("resp_b")
+    assert [t.response["id"] for t in store.conversation("resp_x", project="")] == [
+        "resp_a",
+        "resp_x",
+    ]
+    stored = store.get_response("resp_b", project="")
     assert stored is not None and stored.response["output"] == [{"o": "resp_b"}]
     with pytest.raises(BrokenChain) as missing:
-        store.conversation("resp_none")
+        store.conversation("resp_none", project="")
     assert missing.value.response_id == "resp_none"
-    assert store.delete_response("resp_b") and not store.delete_response("resp_b")
+    assert store.delete_response("resp_b", project="") and not store.delete_response(
+        "resp_b", project=""
+    )
     with pytest.raises(BrokenChain) as broken:  # its middle is gone
-        store.conversation("resp_c")
+        store.conversation("resp_c", project="")
     assert broken.value.response_id == "resp_b"
-    assert store.prune(older_than_s=3600) == 0 and store.get_response("resp_a") is not None
+    assert (
+        store.prune(older_than_s=3600) == 0 and store.get_response("resp_a", project="") is not None
+    )
     store.prune(older_than_s=-1)  # past retention: gone
-    assert store.get_response("resp_a") is None and store.get_response("resp_c") is None
+    assert (
+        store.get_response("resp_a", project="") is None
+        and store.get_response("resp_c", project="") is None
+    )
 
 
 def test_a_background_response_is_updated_only_while_it_runs(store: JobStore) -> None:
     queued = {"id": "resp_bg", "previous_response_id": None, "status": "queued", "output": []}
-    store.save_response(queued, [])
+    store.save_response(queued, [], project="")
     assert store.update_response({**queued, "status": "in_progress"})
     assert store.update_response({**queued, "status": "cancelled"})
     assert not store.update_response({**queued, "status": "completed"})  # ended: kept
-    stored = store.get_response("resp_bg")
+    stored = store.get_response("resp_bg", project="")
     assert stored is not None and stored.response["status"] == "cancelled"
     assert not store.update_response({**queued, "id": "resp_none"})
 
@@ -340,7 +364,9 @@ def test_a_conversation_is_kept_while_it_is_continued(
 
     def save(rid: str, previous: str | None, at: float) -> None:
         clock[0] = at
-        store.save_response({"id": rid, "previous_response_id": previous, "output": []}, [])
+        store.save_response(
+            {"id": rid, "previous_response_id": previous, "output": []}, [], project=""
+        )
 
     save("resp_1", None, 1000)
     save("resp_lone", None, 1000)
@@ -348,8 +374,8 @@ def test_a_conversation_is_kept_while_it_is_continued(
     save("resp_3", "resp_2", 6100)  # (renews nothing: both were used within the hour)
     clock[0] = 7000.0
     store.prune(older_than_s=1500)  # what was not used since 5500 goes
-    assert store.get_response("resp_lone") is None
-    turns = store.conversation("resp_3")
+    assert store.get_response("resp_lone", project="") is None
+    turns = store.conversation("resp_3", project="")
     assert [t.response["id"] for t in turns] == ["resp_1", "resp_2", "resp_3"]
 
 
@@ -359,13 +385,13 @@ def test_a_conversation_past_the_longest_is_refused(
     monkeypatch.setattr(responses, "MAX_CHAIN", 3)
     previous = None
     for n in range(4):
-        store.save_response({"id": f"resp_{n}", "previous_response_id": previous}, [])
+        store.save_response({"id": f"resp_{n}", "previous_response_id": previous}, [], project="")
         previous = f"resp_{n}"
-    assert len(store.conversation("resp_2")) == 3
+    assert len(store.conversation("resp_2", project="")) == 3
     with pytest.raises(ConversationTooLong):
-        store.conversation("resp_3")
-    store.delete_response("resp_0")
-    assert [t.response["id"] for t in store.conversation("resp_2", whole=False)] == [
+        store.conversation("resp_3", project="")
+    store.delete_response("resp_0", project="")
+    assert [t.response["id"] for t in store.conversation("resp_2", whole=False, project="")] == [
         "resp_1",
         "resp_2",
     ]
@@ -375,12 +401,14 @@ def test_a_conversation_holds_its_items_in_order(
     open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, other = open_store(), open_store()  # (another process's view)
-    made = store.create_conversation("conv_1", {"topic": "a"}, [{"id": "msg_1", "n": 1}])
+    made = store.create_conversation(
+        "conv_1", {"topic": "a"}, [{"id": "msg_1", "n": 1}], project=""
+    )
     assert made["object"] == "conversation" and made["metadata"] == {"topic": "a"}
     threads = [
         threading.Thread(
             target=lambda n=n: (store if n % 2 else other).add_items(
-                "conv_1", [{"id": f"msg_{n}a"}, {"id": f"msg_{n}b"}]
+                "conv_1", [{"id": f"msg_{n}a"}, {"id": f"msg_{n}b"}], project=""
             )
         )
         for n in range(2, 8)
@@ -389,25 +417,32 @@ def test_a_conversation_holds_its_items_in_order(
         thread.start()
     for thread in threads:
         thread.join()
-    items = other.conversation_items("conv_1")
+    items = other.conversation_items("conv_1", project="")
     assert items is not None and len(items) == 13 and items[0] == {"id": "msg_1", "n": 1}
     pairs = {items[i]["id"][:-1]: items[i + 1]["id"][:-1] for i in range(1, 13, 2)}
     assert all(a == b for a, b in pairs.items())  # each answer's items stay together
-    assert not store.add_items("conv_none", [{"id": "x"}])
-    assert store.conversation_items("conv_none") is None
-    assert store.delete_item("conv_1", "msg_1") and not store.delete_item("conv_1", "msg_1")
-    assert store.update_conversation("conv_1", {"topic": "b"})["metadata"] == {"topic": "b"}  # type: ignore[index]
+    assert not store.add_items("conv_none", [{"id": "x"}], project="")
+    assert store.conversation_items("conv_none", project="") is None
+    assert store.delete_item("conv_1", "msg_1", project="") and not store.delete_item(
+        "conv_1", "msg_1", project=""
+    )
+    assert store.update_conversation("conv_1", {"topic": "b"}, project="")["metadata"] == {
+        "topic": "b"
+    }  # type: ignore[index]
     monkeypatch.setattr(store, "now", lambda: 0.0)
-    store.create_conversation("conv_old", {}, [])
+    store.create_conversation("conv_old", {}, [], project="")
     monkeypatch.undo()
     store.prune(older_than_s=3600)
-    assert store.get_conversation("conv_old") is None
-    assert store.get_conversation("conv_1") is not None
-    assert store.delete_conversation("conv_1") and store.conversation_items("conv_1") is None
+    assert store.get_conversation("conv_old", project="") is None
+    assert store.get_conversation("conv_1", project="") is not None
+    assert (
+        store.delete_conversation("conv_1", project="")
+        and store.conversation_items("conv_1", project="") is None
+    )
 
 
 def test_prune_sweeps_items_whose_conversation_is_gone(store: JobStore) -> None:
-    store.create_conversation("conv_1", {}, [{"id": "msg_1"}])
+    store.create_conversation("conv_1", {}, [{"id": "msg_1"}], project="")
     with store.transaction() as execute:  # (as a delete racing an add could once leave them)
         execute(
             "INSERT INTO conversation_items (conversation_id, position, id, item)"
@@ -422,7 +457,7 @@ def test_prune_sweeps_items_whose_conversation_is_gone(store: JobStore) -> None:
 
 def test_a_stale_attempt_never_writes_a_background_response(store: JobStore) -> None:
     queued = {"id": "resp_bg", "previous_response_id": None, "status": "queued", "output": []}
-    store.save_response(queued, [])
+    store.save_response(queued, [], project="")
     store.create("response", {}, None, job_id="resp_bg")
     first = store.claim(lease_s=60, owner="a")
     assert first is not None and first.attempt == 1
@@ -431,5 +466,5 @@ def test_a_stale_attempt_never_writes_a_background_response(store: JobStore) -> 
     assert second is not None and second.attempt == 2
     assert not store.update_response({**queued, "status": "failed"}, None, first.attempt)
     assert store.update_response({**queued, "status": "in_progress"}, None, second.attempt)
-    stored = store.get_response("resp_bg")
+    stored = store.get_response("resp_bg", project="")
     assert stored is not None and stored.response["status"] == "in_progress"

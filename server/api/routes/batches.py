@@ -4,6 +4,7 @@ A batch is a durable job (see server/api/batches.py and pipelines/batch.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from fastapi import APIRouter, Depends, Header, Query
 
@@ -17,6 +18,7 @@ from server.exceptions import (
     InvalidRequest,
     refuse_unsupported,
 )
+from server.jobs.project import current_project
 
 BATCH = ("batch",)
 router = APIRouter(
@@ -35,7 +37,8 @@ async def create_batch(
     with invalid lines fails the batch, each listed in `errors`)."""
     refuse_unsupported(body.unsupported_fields())
     check_metadata(body.metadata)
-    stored = await asyncio.to_thread(services.jobs.get_file, body.input_file_id)
+    project = current_project()
+    stored = await asyncio.to_thread(services.jobs.get_file, body.input_file_id, project)
     if stored is None:
         raise FileNotFound(body.input_file_id, param="input_file_id")
     if stored.purpose != "batch":
@@ -49,7 +52,15 @@ async def create_batch(
     description = {key: request.get(key) for key in ("input_file_id", "endpoint", "metadata")}
     description["completion_window"] = body.completion_window
     job = await asyncio.to_thread(
-        services.jobs.create, "batch", request, idempotency_key, "batch_", description
+        functools.partial(
+            services.jobs.create,
+            "batch",
+            request,
+            idempotency_key,
+            "batch_",
+            description,
+            project=project,
+        )
     )
     services.job_worker.notify()
     return Batch.of(job)

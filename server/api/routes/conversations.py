@@ -23,6 +23,7 @@ from server.api.protocol import ErrorResponse, check_metadata
 from server.api.responses import InputItemList, item_records
 from server.api.services import Services, get_services
 from server.exceptions import ConversationNotFound, KeepsNothing
+from server.jobs.project import current_project
 
 router = APIRouter(
     tags=["conversations"],
@@ -43,7 +44,11 @@ async def create_conversation(
     items = item_records(body.items or [])
     await asyncio.to_thread(check_readable, items, services)
     made = await asyncio.to_thread(
-        services.jobs.create_conversation, f"conv_{uuid.uuid4().hex}", body.metadata or {}, items
+        services.jobs.create_conversation,
+        f"conv_{uuid.uuid4().hex}",
+        body.metadata or {},
+        items,
+        current_project(),
     )
     return ConversationObject.model_validate(made)
 
@@ -62,7 +67,7 @@ async def update_conversation(
     """Its metadata replaced."""
     check_metadata(body.metadata)
     updated = await asyncio.to_thread(
-        services.jobs.update_conversation, conversation_id, body.metadata
+        services.jobs.update_conversation, conversation_id, body.metadata, current_project()
     )
     if updated is None:
         raise ConversationNotFound(conversation_id)
@@ -74,7 +79,9 @@ async def delete_conversation(
     conversation_id: str, services: Services = Depends(get_services)
 ) -> ConversationDeleted:
     """The conversation and its items (the responses made in it stay, if stored)."""
-    if not await asyncio.to_thread(services.jobs.delete_conversation, conversation_id):
+    if not await asyncio.to_thread(
+        services.jobs.delete_conversation, conversation_id, current_project()
+    ):
         raise ConversationNotFound(conversation_id)
     return ConversationDeleted(id=conversation_id)
 
@@ -89,7 +96,9 @@ async def add_items(
     await asyncio.to_thread(
         check_readable, await _items(conversation_id, services) + items, services
     )
-    if not await asyncio.to_thread(services.jobs.add_items, conversation_id, items):
+    if not await asyncio.to_thread(
+        services.jobs.add_items, conversation_id, items, current_project()
+    ):
         raise ConversationNotFound(conversation_id)
     return InputItemList.page(items, len(items), "asc", None, conversation_id)
 
@@ -125,20 +134,26 @@ async def delete_item(
 ) -> ConversationObject:
     """The item out of the conversation; the answer is the conversation."""
     conversation = await _conversation(conversation_id, services)
-    if not await asyncio.to_thread(services.jobs.delete_item, conversation_id, item_id):
+    if not await asyncio.to_thread(
+        services.jobs.delete_item, conversation_id, item_id, current_project()
+    ):
         raise ConversationNotFound(conversation_id, param="item_id", item=item_id)
     return ConversationObject.model_validate(conversation)
 
 
 async def _conversation(conversation_id: str, services: Services) -> dict[str, Any]:
-    conversation = await asyncio.to_thread(services.jobs.get_conversation, conversation_id)
+    conversation = await asyncio.to_thread(
+        services.jobs.get_conversation, conversation_id, current_project()
+    )
     if conversation is None:
         raise ConversationNotFound(conversation_id)
     return conversation
 
 
 async def _items(conversation_id: str, services: Services) -> list[dict[str, Any]]:
-    items = await asyncio.to_thread(services.jobs.conversation_items, conversation_id)
+    items = await asyncio.to_thread(
+        services.jobs.conversation_items, conversation_id, current_project()
+    )
     if items is None:
         raise ConversationNotFound(conversation_id)
     return items

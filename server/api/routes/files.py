@@ -14,6 +14,7 @@ from server.api.batches import FileDeleted, FileList, FileObject
 from server.api.protocol import ErrorResponse
 from server.api.services import Services, get_services
 from server.exceptions import FileNotFound, InvalidRequest, refuse_unsupported
+from server.jobs.project import current_project
 from server.media.fetch import MEDIA_PURPOSES
 
 PURPOSES = ("batch", *MEDIA_PURPOSES)
@@ -61,7 +62,9 @@ async def upload_file(
     if not content:
         raise InvalidRequest("The file is empty.", param="file", code="invalid_value")
     name = (file.filename or ("batch.jsonl" if purpose == "batch" else "file"))[:255]
-    stored = await asyncio.to_thread(services.jobs.add_file, purpose, name, content)
+    stored = await asyncio.to_thread(
+        services.jobs.add_file, purpose, name, content, current_project()
+    )
     return FileObject.of(stored)
 
 
@@ -77,7 +80,7 @@ async def list_files(
     after = after if after is not None else page
     try:
         files, has_more = await asyncio.to_thread(
-            services.jobs.list_files, purpose, limit, after, order == "desc"
+            services.jobs.list_files, purpose, limit, after, order == "desc", current_project()
         )
     except KeyError:
         raise FileNotFound(after or "", param="after") from None
@@ -94,7 +97,7 @@ async def list_files(
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)
 async def retrieve_file(file_id: str, services: Services = Depends(get_services)) -> FileObject:
-    stored = await asyncio.to_thread(services.jobs.get_file, file_id)
+    stored = await asyncio.to_thread(services.jobs.get_file, file_id, current_project())
     if stored is None:
         raise FileNotFound(file_id)
     return FileObject.of(stored)
@@ -106,7 +109,7 @@ async def retrieve_file(file_id: str, services: Services = Depends(get_services)
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 async def file_content(file_id: str, services: Services = Depends(get_services)) -> Response:
-    content = await asyncio.to_thread(services.jobs.file_content, file_id)
+    content = await asyncio.to_thread(services.jobs.file_content, file_id, current_project())
     if content is None:
         raise FileNotFound(file_id)
     # (never rendered by a browser as what it might look like)
@@ -119,6 +122,6 @@ async def file_content(file_id: str, services: Services = Depends(get_services))
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
 async def delete_file(file_id: str, services: Services = Depends(get_services)) -> FileDeleted:
-    if not await asyncio.to_thread(services.jobs.delete_file, file_id):
+    if not await asyncio.to_thread(services.jobs.delete_file, file_id, current_project()):
         raise FileNotFound(file_id)
     return FileDeleted(id=file_id, deleted=True)

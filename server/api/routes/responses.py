@@ -39,6 +39,7 @@ from server.exceptions import (
 )
 from server.jobs import responses as response_store
 from server.jobs.deliveries import Execute
+from server.jobs.project import current_project
 from server.jobs.responses import (
     MAX_CHAIN,
     RUNNING,
@@ -86,7 +87,12 @@ async def create_response(
     )
     if store:  # visible (in_progress) while it streams; not stored if the store cannot take it
         events.response.store = await asyncio.to_thread(
-            _kept, services.jobs.save_response, rid, events.response.model_dump(), body.own_items()
+            _kept,
+            services.jobs.save_response,
+            rid,
+            events.response.model_dump(),
+            body.own_items(),
+            current_project(),
         )
     stream = event_stream(events, run, started.first, started.rest)
     if store or body.conversation_id is not None:
@@ -124,9 +130,10 @@ async def start_in_background(
     request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
     request |= {"background": False, "store": False, "stream": bool(body.stream)}
     jobs, items, queued = services.jobs, body.own_items(), response.model_dump()
+    project = current_project()
 
     def stored_with_it(execute: Execute) -> None:
-        insert_response(execute, jobs.now(), queued, items)
+        insert_response(execute, jobs.now(), queued, items, project)
         insert_events(execute, response.id, 0, opening_events(queued))
 
     job = await asyncio.to_thread(
@@ -136,6 +143,7 @@ async def start_in_background(
         idempotency_key,
         job_id=response.id,
         also=stored_with_it,
+        project=project,
     )
     services.job_worker.notify()
     if job.id != response.id:  # the key's earlier response
@@ -155,7 +163,9 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
                 param="conversation",
                 code="invalid_value",
             )
-        items = await asyncio.to_thread(services.jobs.conversation_items, body.conversation_id)
+        items = await asyncio.to_thread(
+            services.jobs.conversation_items, body.conversation_id, current_project()
+        )
         if items is None:
             raise ConversationNotFound(body.conversation_id, param="conversation")
         body.continue_from(items)
@@ -165,7 +175,9 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
     if not services.store_responses:
         raise KeepsNothing("previous_response_id")
     try:
-        turns = await asyncio.to_thread(services.jobs.conversation, body.previous_response_id)
+        turns = await asyncio.to_thread(
+            services.jobs.conversation, body.previous_response_id, current_project()
+        )
     except BrokenChain as missing:
         raise PreviousResponseNotFound(missing.response_id) from None
     except ConversationTooLong:
@@ -201,6 +213,7 @@ async def record(
     its input and output items added to its conversation. Its answer is not lost when the
     store cannot take it: it goes out as not stored (store: false); its conversation goes
     without it (the log says so)."""
+    project = current_project()
     if response.store:
         jobs, stored = services.jobs, response.model_dump()
         if started:
@@ -209,12 +222,15 @@ async def record(
             )
         else:
             response.store = await asyncio.to_thread(
-                _kept, jobs.save_response, response.id, stored, body.own_items()
+                _kept, jobs.save_response, response.id, stored, body.own_items(), project
             )
     if body.conversation_id is not None:
         items = body.own_items() + list(response.output)
         try:
-            if not await asyncio.to_thread(services.jobs.add_items, body.conversation_id, items):
+            added = await asyncio.to_thread(
+                services.jobs.add_items, body.conversation_id, items, project
+            )
+            if not added:
                 logger.warning("response %s: its conversation is gone", response.id)
         except Exception:
             logger.exception("response %s: its conversation could not take it", response.id)
@@ -303,7 +319,7 @@ async def count_input_tokens(
 
 
 async def stored(response_id: str, services: Services) -> StoredTurn:
-    turn = await asyncio.to_thread(services.jobs.get_response, response_id)
+    turn = await asyncio.to_thread(services.jobs.get_response, response_id, current_project())
     if turn is None:
         raise ResponseNotFound(response_id)
     return turn
@@ -385,7 +401,7 @@ async def delete_response(
 ) -> ResponseDeleted:
     """Deletes a stored response (a conversation continued from it, or from a later one,
     can then no longer be continued); a background one still running is stopped."""
-    if not await asyncio.to_thread(services.jobs.delete_response, response_id):
+    if not await asyncio.to_thread(services.jobs.delete_response, response_id, current_project()):
         raise ResponseNotFound(response_id)
     await stop_background(response_id, services)
     return ResponseDeleted(id=response_id)
@@ -412,7 +428,9 @@ async def list_input_items(
     """The items the response was made from, newest first unless order=asc: the earlier
     turns' inputs and outputs (as far as they are stored), then its own request's."""
     try:
-        turns = await asyncio.to_thread(services.jobs.conversation, response_id, False)
+        turns = await asyncio.to_thread(
+            services.jobs.conversation, response_id, current_project(), False
+        )
     except BrokenChain:
         raise ResponseNotFound(response_id) from None
     except ConversationTooLong:

@@ -1,0 +1,53 @@
+"""Projects: whose stored objects (files, batches, jobs, responses, conversations) a request
+sees. On a server with API keys each key belongs to a project (its own unless the operator
+names one: keys of one project share their objects), and a request sees only its project's
+objects: another project's are not found (404), as on OpenAI's platform, and are left out of
+lists. Without keys every request is in project ALL, which sees everything; an object made
+then (or before this server kept projects) is in ALL too and every key sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextvars import ContextVar
+
+ALL = ""
+
+# The project of the request (set by the API key check) or job (set by the worker) this task
+# serves: what a route, or media named by file id deep in a pipeline, may see.
+project_var: ContextVar[str] = ContextVar("project", default=ALL)
+
+
+def current_project() -> str:
+    return project_var.get()
+
+
+def sees(viewer: str, owner: str) -> bool:
+    """VISIBLE in Python, for an object already read."""
+    return viewer == ALL or owner in (ALL, viewer)
+
+
+# The rows a project sees (the query passes `seen_by(project)` for its two placeholders).
+VISIBLE = "(? = '' OR project IN ('', ?))"
+
+
+def seen_by(project: str) -> tuple[str, str]:
+    return project, project
+
+
+def visible(column_prefix: str) -> str:
+    """VISIBLE for a table named by an alias (`r.`) in a join."""
+    return VISIBLE.replace("project", f"{column_prefix}project")
+
+
+def of_key(key: str) -> str:
+    """A key's own project, when the operator names none: it stays the same as long as the key
+    does (a key replaced by a new one is a new project, unless both are given one name)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def scoped_key(project: str, idempotency_key: str | None) -> str | None:
+    """An Idempotency-Key as stored: one project's key never finds another project's job."""
+    if idempotency_key is None or project == ALL:
+        return idempotency_key
+    return f"{project}\x1f{idempotency_key}"
