@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.jobs import project
+from server.jobs.project import of_key
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -231,7 +231,19 @@ class Settings(BaseSettings):
         """Each key of the --api-key values and the lines of --api-key-file, and its project
         (`KEY PROJECT` names it; a lone KEY is its own: server/jobs/project.py)."""
         entries = [*self.api_keys, *(_key_lines(self.api_key_file) if self.api_key_file else [])]
-        return dict(key_and_project(entry) for entry in entries)
+        keys: dict[str, str] = {}
+        for key, name in map(key_and_project, entries):
+            if keys.setdefault(key, name) != name:
+                raise ValueError(
+                    f"an API key is given twice, with two projects ({keys[key]!r} and "
+                    f"{name!r}): give it once"
+                )
+        return keys
+
+    @model_validator(mode="after")
+    def _check_key_projects(self) -> Settings:
+        self.all_api_keys()  # (a key given twice with two projects)
+        return self
 
     def served_model_names(self) -> list[str]:
         """The names clients may send as `model`; the model path/id when none are given."""
@@ -284,7 +296,7 @@ def key_and_project(entry: str) -> tuple[str, str]:
     """`KEY` (its own project) or `KEY PROJECT` (keys naming one project share its objects)."""
     words = entry.split()
     if len(words) == 1:
-        return words[0], project.of_key(words[0])
+        return words[0], of_key(words[0])
     if len(words) == 2 and PROJECT_NAME.fullmatch(words[1]):
         return words[0], words[1]
     raise ValueError(

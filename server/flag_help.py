@@ -125,8 +125,8 @@ HELP = {
     "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
     "max_grammar_ms_per_token": "CPU a request's structured-output constraint may take per "
     "token (masking and advancing its grammar, on the engine's thread, which every request "
-    "waits on); one over it 8 tokens in a row fails with a 400 (an ambiguous EBNF grammar "
-    "gets slower at every token). 0: no limit.",
+    "waits on); one over it on 5 of its last 8 tokens fails with a 400 (an ambiguous EBNF "
+    "grammar gets slower at every token). 0: no limit.",
     "scheduling_policy": "Order of the request queue (vLLM's): `fcfs` (first come, first "
     "served; a request's non-zero `priority` is a 400) or `priority` (lower `priority` values "
     "first, ties first come; a request that outranks running ones and finds no room preempts "

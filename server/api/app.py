@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +22,7 @@ from server.api.middleware import (
     DrainMiddleware,
     JsonBodyMiddleware,
     RequestIdMiddleware,
+    internal,
 )
 from server.api.protocol import OPENAI_DEFAULTS
 from server.api.routes import (
@@ -68,8 +68,6 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
     """loaded: a model the caller already loaded (the CLI does, to fail before serving)."""
     keys = settings.all_api_keys()  # (read once: --api-key-file is a file)
-    # The key of the server's requests to itself (a job's, in that job's project); never shown.
-    internal_key = secrets.token_urlsafe(32) if keys else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,14 +123,14 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         # Jobs' requests rank below interactive ones where the policy looks at ranks.
         job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
         # A batch's lines and background responses go through this app itself (see
-        # pipelines/batch.py).
+        # pipelines/batch.py), as internal requests: in their job's project, with no key.
         batch_client = httpx.AsyncClient(
             # A route that crashes answers its 500 to that line; it is not raised here.
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+            transport=httpx.ASGITransport(app=internal(app), raise_app_exceptions=False),
             base_url="http://batch",
             timeout=None,
         )
-        dispatch = asgi_dispatch(batch_client, internal_key)
+        dispatch = asgi_dispatch(batch_client)
         batches = BatchRunner(
             jobs,
             dispatch,
@@ -144,7 +142,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             "completions": completions_job_handler(pipeline, job_priority),
             "batch": batches,
             BACKGROUND: background_response_handler(
-                jobs, dispatch, job_priority, loopback_streams(app, internal_key)
+                jobs, dispatch, job_priority, loopback_streams(internal(app))
             ),
         }
 
@@ -249,9 +247,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.add_middleware(JsonBodyMiddleware, allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.
-    app.add_middleware(
-        ApiKeyMiddleware, keys=keys, open_paths=open_paths, internal_key=internal_key
-    )
+    app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(DrainMiddleware)
     if settings.allowed_origins:
         # Outside the key check: a browser's preflight OPTIONS carries no Authorization.

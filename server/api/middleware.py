@@ -240,32 +240,39 @@ def _set_content_type(scope: Scope, value: bytes) -> None:
     scope["headers"] = [*headers, (b"content-type", value)]
 
 
+# A scope key only the server's own requests to itself carry (a server never takes scope
+# keys from the network): a batch's lines and background responses, which run in the task of
+# their job, and so in its project, and need no API key.
+INTERNAL = "vlm.internal"
+
+
+def internal(app: ASGIApp) -> ASGIApp:
+    """`app` for the server's own requests (INTERNAL)."""
+
+    async def marked(scope: Scope, receive: Receive, send: Send) -> None:
+        await app({**scope, INTERNAL: True}, receive, send)
+
+    return marked
+
+
 class ApiKeyMiddleware:
     """When keys are configured, every route but the open ones needs 'Authorization: Bearer <key>'
     or 'x-api-key: <key>', and the request is in that key's project (what stored objects it
     sees: server/jobs/project.py).
     Keys are compared in constant time, against all keys, so timing reveals nothing."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        keys: dict[str, str],
-        open_paths: frozenset[str],
-        internal_key: str | None = None,
-    ):
-        """keys: each key's project. internal_key: the server's own requests to itself (a
-        batch's lines, a background response), made in the task of the job they serve: they
-        keep its project (None here)."""
+    def __init__(self, app: ASGIApp, keys: dict[str, str], open_paths: frozenset[str]):
+        """keys: each key's project."""
         self.app = app
-        entries: dict[str, str | None] = {**keys}
-        if internal_key is not None:
-            entries[internal_key] = None
-        self.keys = tuple(k.encode() for k in entries)
-        self.projects = tuple(entries.values())
+        self.keys = tuple(k.encode() for k in keys)
+        self.projects = tuple(keys.values())
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or self._is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if scope.get(INTERNAL):  # a job's own request: in the job's project (its task's)
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
@@ -275,8 +282,7 @@ class ApiKeyMiddleware:
         tokens += [headers[b"x-api-key"].strip()] if b"x-api-key" in headers else []
         for token in tokens:
             if token and (index := self._index_of(token)) is not None:  # (empty: no key)
-                project = self.projects[index]
-                reset = project_var.set(project_var.get() if project is None else project)
+                reset = project_var.set(self.projects[index])
                 try:
                     await self.app(scope, receive, send)
                 finally:

@@ -21,8 +21,9 @@ prompt and generated tokens).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,9 +34,11 @@ from server.engine.structured import GrammarCache
 from server.engine.transfer import HostCopy, to_device
 
 FAILED = -1  # the token of a row whose grammar failed: the engine fails that request alone
-# Tokens in a row over its budget after which a grammar fails its request (one slow step is a
-# hiccup, a garbage collection say; an ambiguous grammar is slow at every step, and slower)
-SLOW_GRAMMAR_STEPS = 8
+# A grammar over its budget on SLOW_GRAMMAR_STEPS of its last SLOW_GRAMMAR_WINDOW tokens fails
+# its request (a slow step now and then is a hiccup, a garbage collection say; an ambiguous
+# grammar is slow at most steps, and slower and slower)
+SLOW_GRAMMAR_STEPS = 5
+SLOW_GRAMMAR_WINDOW = 8
 # The exponential race on a CPU too (tests run both draws there); a GPU always races.
 RACE_ON_CPU = False
 MIN_LOGPROB = -9999.0  # JSON has no -inf: an impossible token's logprob, as OpenAI and vLLM send
@@ -68,10 +71,12 @@ class SamplingState:
     # "dead_end" (its grammar allowed no next token), "grammar_too_slow" (see SLOW_GRAMMAR_STEPS)
     failure: str | None = None
     failed_as: str = "error"
-    # CPU seconds its grammar matcher took this step (mask and advance), and how many steps in
-    # a row that was over the budget
+    # CPU seconds its grammar matcher took this step (mask and advance), and whether each of
+    # its last SLOW_GRAMMAR_WINDOW steps was over the budget
     grammar_seconds: float = 0.0
-    slow_grammar_steps: int = 0
+    slow_grammar_steps: deque[bool] = field(
+        default_factory=lambda: deque(maxlen=SLOW_GRAMMAR_WINDOW)
+    )
 
 
 def prompt_seen(
@@ -265,20 +270,19 @@ def advance(state: SamplingState, token: int) -> int:
 
 
 def _too_slow(state: SamplingState) -> bool:
-    """Whether the row's grammar has cost more CPU than its budget for SLOW_GRAMMAR_STEPS
-    tokens in a row. An ambiguous grammar (one text, many parses: `x ::= x x | "a"`) costs
-    more at every token, and the engine thread that matches it is the one every request
-    waits on: such a request fails alone before it slows the batch to a crawl. CPU time,
-    not wall time: a busy machine does not fail a grammar that is cheap."""
+    """Whether the row's grammar has cost more CPU than its budget on SLOW_GRAMMAR_STEPS of
+    its last SLOW_GRAMMAR_WINDOW tokens. An ambiguous grammar (one text, many parses:
+    `x ::= x x | "a"`) costs more at every token, and the engine thread that matches it is
+    the one every request waits on: such a request fails alone before it slows the batch to
+    a crawl. CPU time, not wall time: a busy machine does not fail a grammar that is cheap."""
     budget = state.grammars.max_seconds_per_token if state.grammars is not None else 0.0
-    over = budget > 0 and state.grammar_seconds > budget
-    state.slow_grammar_steps = state.slow_grammar_steps + 1 if over else 0
-    if state.slow_grammar_steps < SLOW_GRAMMAR_STEPS:
+    state.slow_grammar_steps.append(budget > 0 and state.grammar_seconds > budget)
+    if sum(state.slow_grammar_steps) < SLOW_GRAMMAR_STEPS:
         return False
     state.failure = (
         f"its grammar took {state.grammar_seconds * 1000:.1f} ms of CPU for one token, over "
-        f"the {budget * 1000:g} ms budget (--max-grammar-ms-per-token) "
-        f"{SLOW_GRAMMAR_STEPS} tokens in a row"
+        f"the {budget * 1000:g} ms budget (--max-grammar-ms-per-token) on "
+        f"{SLOW_GRAMMAR_STEPS} of its last {SLOW_GRAMMAR_WINDOW} tokens"
     )
     state.failed_as = "grammar_too_slow"
     return True

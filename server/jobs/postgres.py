@@ -128,7 +128,9 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN project TEXT NOT NULL DEFAULT '';
     ALTER TABLE files ADD COLUMN project TEXT NOT NULL DEFAULT '';
     ALTER TABLE responses ADD COLUMN project TEXT NOT NULL DEFAULT '';
-    ALTER TABLE conversations ADD COLUMN project TEXT NOT NULL DEFAULT ''
+    ALTER TABLE conversations ADD COLUMN project TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_by_project ON jobs (project, created_at);
+    CREATE INDEX files_by_project ON files (project, created_at)
     """,
 ]
 

@@ -42,8 +42,11 @@ def visible(column_prefix: str) -> str:
 
 def of_key(key: str) -> str:
     """A key's own project, when the operator names none: it stays the same as long as the key
-    does (a key replaced by a new one is a new project, unless both are given one name)."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    does (a key replaced by a new one is a new project, unless both are given one name). It is
+    stored with every object: a slow hash, so that a copy of the database does not make a
+    weak key quick to guess."""
+    digest = hashlib.pbkdf2_hmac("sha256", key.encode(), b"vlm-server project", 20_000)
+    return "key-" + digest[:8].hex()
 
 
 def scoped_key(project: str, idempotency_key: str | None) -> str | None:

@@ -123,6 +123,10 @@ CREATE TABLE IF NOT EXISTS response_events (
 # Version 7: whose each job, file, response and conversation is (server/jobs/project.py;
 # '': every project's, as everything was before).
 PROJECT_TABLES = ("jobs", "files", "responses", "conversations")
+PROJECT_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project, created_at);
+CREATE INDEX IF NOT EXISTS files_by_project ON files (project, created_at)
+"""
 SCHEMA_VERSION = 7
 
 
@@ -204,6 +208,8 @@ class SqliteJobStore(JobStore):
                         execute(
                             f"ALTER TABLE {table} ADD COLUMN project TEXT NOT NULL DEFAULT ''", ()
                         )
+                for statement in PROJECT_INDEXES.split(";"):
+                    execute(statement, ())
             if version < SCHEMA_VERSION:
                 execute(f"PRAGMA user_version = {SCHEMA_VERSION}", ())
 

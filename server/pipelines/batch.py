@@ -104,13 +104,12 @@ class Tally:
         }
 
 
-def asgi_dispatch(client: httpx.AsyncClient, api_key: str | None) -> Dispatch:
-    """Lines sent to the app through `client` (an httpx client over the app's ASGI transport),
-    with a key the app accepts."""
-    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def asgi_dispatch(client: httpx.AsyncClient) -> Dispatch:
+    """Lines sent to the app through `client` (an httpx client over the app's ASGI transport,
+    as internal requests: no API key)."""
 
     async def dispatch(url: str, body: dict[str, Any], request_id: str) -> tuple[int, dict]:
-        headers = {**auth, "X-Request-ID": request_id}
+        headers = {"X-Request-ID": request_id}
         try:
             response = await client.post(url, json=body, headers=headers)
         except Exception:  # the route crashed (its 500 is in the log): this line alone fails

@@ -261,7 +261,8 @@ class CategoriesPipeline:
         async for output in self.engine.stream(seq):
             if output.finished and self.metrics is not None:
                 self.metrics.record_sequence(seq)
-            if output.finish_reason == "dead_end":  # (our own schema: not the client's fault)
+            # (our own schema: not the client's fault)
+            if output.finish_reason in ("dead_end", "grammar_too_slow"):
                 raise IncompleteJson()
             raise_for_finish(output)
             pieces.append(output.text_delta)

@@ -39,8 +39,8 @@ class ConstraintTooSlow(ConstraintFailed):
             f"The structured-output constraint became too costly to follow: after "
             f"{_tokens(num_tokens)}, matching it took more CPU per token than this server "
             "allows (--max-grammar-ms-per-token). An ambiguous grammar, one that parses a text "
-            'in many ways (`x ::= x x | "a"`), costs more at every token: write it so that '
-            "each text has one parse."
+            'in many ways (the EBNF `x ::= x x | "a"`), costs more at every token: write it '
+            "so that each text has one parse."
         )
 
 

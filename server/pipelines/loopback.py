@@ -86,12 +86,11 @@ StreamDispatch = Callable[
 ]
 
 
-def loopback_streams(app: ASGIApp, api_key: str | None) -> StreamDispatch:
-    """Streamed requests to `app` with a key it accepts (a job's, named by its request id)."""
-    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def loopback_streams(app: ASGIApp) -> StreamDispatch:
+    """Streamed requests to `app` (internal: no API key), a job's, named by its request id."""
 
     def open_stream(path: str, body: dict[str, Any], request_id: str):  # noqa: ANN202
-        return streamed(app, path, body, {**auth, "X-Request-ID": request_id})
+        return streamed(app, path, body, {"X-Request-ID": request_id})
 
     return open_stream
 

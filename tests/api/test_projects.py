@@ -100,6 +100,14 @@ async def test_batches_run_in_their_project(client: httpx.AsyncClient) -> None:
     assert [json.loads(line)["response"]["status_code"] for line in answers] == [200, 200]
     with pytest.raises(openai.NotFoundError):
         await b.files.content(done.output_file_id)  # type: ignore[attr-defined]
+    # B's batch naming A's image: that line is B's request, and B does not see the file
+    theirs = await upload(b, jsonl(chat_line("image", by_id)).getvalue(), "batch")
+    batch = await b.batches.create(
+        input_file_id=theirs, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = await finished(b, batch.id)
+    errors = (await b.files.content(done.error_file_id)).text.splitlines()  # type: ignore[attr-defined]
+    assert json.loads(errors[0])["response"]["status_code"] == 400
 
 
 async def test_media_jobs_and_idempotency_keys_are_per_project(
@@ -181,6 +189,9 @@ def test_keys_name_their_projects(tmp_path: Path) -> None:
     keys.write_text("sk-1\nsk-2 a b\n")
     with pytest.raises(ValueError, match="line 2"):
         Settings(api_key_file=keys)
+    with pytest.raises(ValueError, match="given twice, with two projects"):
+        Settings(api_keys=["sk-1 team", "sk-1"])
+    assert Settings(api_keys=["sk-1 team", "sk-1 team"]).all_api_keys() == {"sk-1": "team"}
 
 
 def test_without_keys_everything_is_everyones() -> None:

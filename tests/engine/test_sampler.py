@@ -357,25 +357,39 @@ class SlowMatcher(RefusingMatcher):
         return True
 
 
-def test_a_grammar_over_its_cpu_budget_token_after_token_fails_its_row_alone() -> None:
-    """A grammar that takes more CPU than the budget for SLOW_GRAMMAR_STEPS tokens in a row
-    fails its request (the constraint's fault); a slow spell shorter than that, or a row
-    without the budget, goes on."""
+class Every:
+    """The steps of a slow pattern: those whose index modulo `period` is in `slow`."""
+
+    def __init__(self, period: int, slow: range):
+        self.period, self.slow = period, slow
+
+    def __contains__(self, step: int) -> bool:
+        return step % self.period in self.slow
+
+
+def test_a_grammar_over_its_cpu_budget_on_most_tokens_fails_its_row_alone() -> None:
+    """A grammar that takes more CPU than the budget on SLOW_GRAMMAR_STEPS of its last
+    SLOW_GRAMMAR_WINDOW tokens fails its request (the constraint's fault), also one that is
+    cheap now and then; a slow spell shorter than that, or a row without the budget, goes
+    on."""
     grammars = GrammarCache(_tokenizer(), VOCAB, (0,), max_seconds_per_token=0.001)
-    steps = sampler.SLOW_GRAMMAR_STEPS
+    steps, window = sampler.SLOW_GRAMMAR_STEPS, sampler.SLOW_GRAMMAR_WINDOW
     slow = state(SamplingParams(temperature=0), grammars=grammars)
     slow.matcher = SlowMatcher(0.002, range(0, 100))
-    hiccup = state(SamplingParams(temperature=0), grammars=grammars)
-    hiccup.matcher = SlowMatcher(0.002, range(1, steps))  # one token short, then cheap
+    mostly = state(SamplingParams(temperature=0), grammars=grammars)
+    mostly.matcher = SlowMatcher(0.002, Every(window, range(1, window)))  # cheap 1 in 8
+    spells = state(SamplingParams(temperature=0), grammars=grammars)
+    spells.matcher = SlowMatcher(0.002, Every(window, range(steps - 1)))  # 4 of every 8
     plain = state(SamplingParams(temperature=0))
-    rows = [slow, hiccup, plain]
+    rows = [slow, mostly, spells, plain]
     for step in range(steps - 1):
-        assert FAILED not in sample(torch.randn(3, VOCAB), rows), step
-    tokens = sample(torch.randn(3, VOCAB), rows)
+        assert FAILED not in sample(torch.randn(4, VOCAB), rows), step
+    tokens = sample(torch.randn(4, VOCAB), rows)
     assert tokens[0] == FAILED and FAILED not in tokens[1:]
     assert slow.failed_as == "grammar_too_slow" and "--max-grammar-ms-per-token" in slow.failure
-    for _ in range(steps):
-        assert FAILED not in sample(torch.randn(2, VOCAB), rows[1:])
+    assert FAILED in sample(torch.randn(3, VOCAB), rows[1:])[:1]  # 5 of its first 6 slow
+    for _ in range(3 * window):
+        assert FAILED not in sample(torch.randn(2, VOCAB), rows[2:])
 
 
 def test_without_a_budget_a_slow_grammar_goes_on() -> None:
