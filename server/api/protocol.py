@@ -359,6 +359,53 @@ class ChatMessageParam(PartModel):
         return self
 
 
+def check_tool_turns(messages: list[ChatMessageParam], continues: bool) -> None:
+    """As OpenAI: tool messages answer the calls of the assistant message just before them
+    (each call once, by its id), and every call is answered before the conversation goes on.
+    A continued last message may still have its calls open; calls sent without ids are
+    matched by nothing (vLLM's clients may leave them out)."""
+    open_calls: dict[str, None] | None = None  # the last assistant's unanswered call ids
+    asked_at, by_id = 0, True
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            if open_calls is None:
+                raise InvalidRequest(
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceding message with 'tool_calls'.",
+                    param=f"messages[{i}].role",
+                    code="invalid_value",
+                )
+            if by_id and message.tool_call_id not in open_calls:
+                raise InvalidRequest(
+                    f"Invalid parameter: 'tool_call_id' of '{message.tool_call_id}' not found "
+                    "in 'tool_calls' of previous message (or answered already).",
+                    param=f"messages[{i}].tool_call_id",
+                    code="invalid_value",
+                )
+            open_calls.pop(message.tool_call_id or "", None)
+            continue
+        _check_answered(open_calls, asked_at)
+        open_calls = None
+        if message.role == "assistant" and message.tool_calls:
+            ids = [call.id for call in message.tool_calls]
+            by_id = all(ids)
+            open_calls = dict.fromkeys(ids) if by_id else {}  # type: ignore[arg-type]
+            asked_at = i
+    if not continues:
+        _check_answered(open_calls, asked_at)
+
+
+def _check_answered(open_calls: dict[str, None] | None, asked_at: int) -> None:
+    if open_calls:
+        raise InvalidRequest(
+            "An assistant message with 'tool_calls' must be followed by tool messages "
+            "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+            f"response messages: {', '.join(open_calls)}",
+            param=f"messages[{asked_at}].role",
+            code="invalid_value",
+        )
+
+
 class JsonSchemaFormat(StrictModel):
     name: str = Field(default="response", max_length=64)
     description: str | None = None
@@ -741,6 +788,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError("continue_final_message needs the last message to be the assistant's")
+        check_tool_turns(self.messages, bool(self.continue_final_message))
         return self
 
     def unsupported_fields(self) -> list[str]:

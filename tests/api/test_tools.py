@@ -11,6 +11,8 @@ import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
+from tests.api.test_errors import assert_error
+
 pytestmark = pytest.mark.anyio
 
 SHORT_TEXT = {"type": "string", "pattern": '^[^\\x00-\\x1f"\\\\]{1,12}$'}
@@ -203,3 +205,78 @@ async def test_bad_history_names_the_field(client: httpx.AsyncClient) -> None:
         )
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
+
+
+def _call(call_id: str | None) -> dict:
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    return {**call, "id": call_id} if call_id is not None else call
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "words"),
+    [
+        ([{"role": "tool", "tool_call_id": "c1", "content": "r"}], "messages[1].role", "preceding"),
+        (
+            [{"role": "assistant", "tool_calls": [_call("c1")]}, {"role": "user", "content": "y"}],
+            "messages[1].role",
+            "did not have response messages: c1",
+        ),
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("c1")]},
+                {"role": "tool", "tool_call_id": "c2", "content": "r"},
+            ],
+            "messages[2].tool_call_id",
+            "'c2' not found",
+        ),
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("c1"), _call("c2")]},
+                {"role": "tool", "tool_call_id": "c1", "content": "r"},
+            ],
+            "messages[1].role",
+            "did not have response messages: c2",
+        ),
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("c1")]},
+                {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                {"role": "tool", "tool_call_id": "c1", "content": "again"},
+            ],
+            "messages[3].tool_call_id",
+            "not found",
+        ),
+    ],
+    ids=["tool-first", "unanswered", "wrong-id", "one-of-two", "answered-twice"],
+)
+async def test_tool_messages_must_answer_the_calls_before_them(
+    client: httpx.AsyncClient, messages: list, param: str, words: str
+) -> None:
+    """As OpenAI: a tool message answers a call of the assistant message before it, and every
+    call is answered before the conversation goes on (a 400 naming the message)."""
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    body["messages"] += messages
+    error = assert_error(await client.post("/v1/chat/completions", json=body), 400, param)
+    assert words in error["message"], error
+
+
+async def test_answered_calls_and_calls_without_ids_are_accepted(
+    client: httpx.AsyncClient,
+) -> None:
+    for calls, answers in (
+        ([_call("c1"), _call("c2")], ["c2", "c1"]),  # any order
+        ([_call(None)], ["whatever"]),  # (no ids: nothing to match)
+    ):
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": calls}]
+        messages += [{"role": "tool", "tool_call_id": a, "content": "r"} for a in answers]
+        body = {"model": "tiny", "max_tokens": 2, "messages": messages}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+    # a continued assistant message may still have its calls open
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [_call("c1")]},
+    ]
+    body = {"model": "tiny", "max_tokens": 2, "messages": messages}
+    continued = {**body, "continue_final_message": True, "add_generation_prompt": False}
+    assert (await client.post("/v1/chat/completions", json=continued)).status_code == 200
