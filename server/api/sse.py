@@ -86,8 +86,10 @@ class ChatChunkWriter:
         index: int = 0,
         frames: list[FrameCaptionOut] | None = None,
         prompt_token_ids: list[int] | None = None,
+        content: str | None = "",
     ) -> str:
-        delta = DeltaMessage(role="assistant", content="")
+        """The role chunk; content None where the answer is a forced tool call (OpenAI's)."""
+        delta = DeltaMessage(role="assistant", content=content)
         usage = None
         if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
             so_far = self.running_usage(index)
@@ -267,10 +269,11 @@ async def chat_stream(
         for i, seq in enumerate(run.seqs)
     ]
     prompt_ids = run.seq.inputs.token_ids if request.return_token_ids else None
+    content = None if request.tools is not None and request.tools.is_forced else ""
     for choice in choices:
         first_chunk = choice.index == 0
         frames = frames_out(run.frames) if first_chunk else None
-        yield writer.role(choice.index, frames, prompt_ids if first_chunk else None)
+        yield writer.role(choice.index, frames, prompt_ids if first_chunk else None, content)
     try:
         async for index, output in _prepend(first, rest):
             for chunk in choices[index].events(output, writer, texts):

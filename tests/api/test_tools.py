@@ -95,6 +95,8 @@ async def test_named_tool_choice_streamed_as_the_sdk_accumulates(sdk: openai.Asy
         state.handle_chunk(chunk)
     streamed = state.get_final_completion().choices[0]
     assert streamed.finish_reason == "tool_calls"
+    # the answer is the call: no content, as in the whole answer (OpenAI's null, not "")
+    assert streamed.message.content is None and full.choices[0].message.content is None
     (call,) = streamed.message.tool_calls
     assert call.function.name == "get_weather" and call.id.startswith("call_")
     assert call.function.arguments == full.choices[0].message.tool_calls[0].function.arguments
