@@ -4,6 +4,7 @@ and server/jobs/conversations.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -29,19 +30,22 @@ def check_items(items: list[Any], param: str) -> None:
             )
 
 
-def check_readable(items: list[dict[str, Any]], services: Services) -> None:
+async def check_readable(items: list[dict[str, Any]], services: Services) -> None:
     """A conversation's items (those it has and those added) as a response will read them:
     a function call's output after its call, media in user messages only and no more than a
-    request may hold, and so on (media are read when a response runs). Else a 400 naming the
-    item, before it is added: a conversation that cannot be read stops every response in
-    it. (CPU work: call it in a thread.)"""
+    request may hold, images sent inline or by file id readable, and so on (images by URL
+    are read when a response runs). Else a 400 naming the item, before it is added: a
+    conversation that cannot be read stops every response in it."""
     if not items:
         return
     model = services.served_model_names[0]
     reader = ResponsesRequest(model=model, input=NEXT_TURN, conversation="-")
+    media = services.chat.media
     try:
         reader.continue_from(items)
-        services.chat.media.check_counts(translated_request(reader, services).messages)
+        # (CPU work: in a thread)
+        messages = (await asyncio.to_thread(translated_request, reader, services)).messages
+        await media.check_inline_images(messages, media.check_counts(messages))
     except ServerError as exc:
         reader.name_error(exc)
         exc.param = "items"

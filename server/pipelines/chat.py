@@ -203,8 +203,11 @@ class ChatPipeline:
 
     async def check_for_job(self, request: ChatRequest) -> None:
         """check, and what a job would otherwise find out only when it runs: text (and
-        max_tokens) that alone overflow the context, whatever the media add."""
+        max_tokens) that alone overflow the context, whatever the media add; images sent
+        inline or by file id that cannot be read."""
         await self.check(request)
+        budget = self.media.check_counts(request.messages)
+        await self.media.check_inline_images(request.messages, budget)
         hf_messages = [to_hf_message(m) for m in render(request.messages, request.tools)]
         text_tokens = await _templated(
             self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template

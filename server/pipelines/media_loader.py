@@ -87,7 +87,21 @@ class MediaLoader:
                 task.cancel()  # (the finished ones are left as they are)
             await asyncio.gather(*tasks, return_exceptions=True)  # their errors read, not lost
 
+    async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
+        """The images that need no download (data: URIs, uploaded files by id) read as a
+        request reads them, for what runs later (a job, a conversation's later responses):
+        one that cannot be read is a 400 now, not a failure then. Images by URL are read when
+        it runs (a download can take long, and what it finds can change)."""
+        for part in parts_of(messages, ImagePart):
+            if part.file_id is not None or part.url.startswith("data:"):
+                await self._read_image(part, budget)
+
     async def _image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
+        image = await self._read_image(part, budget)
+        self.metrics.images.inc()
+        return image
+
+    async def _read_image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
         max_bytes = self.limits.max_image_bytes
         if part.file_id is not None:
             fetched = await self.fetcher.fetch_upload(
@@ -108,7 +122,6 @@ class MediaLoader:
             model_min_pixels=self.model_min_pixels,
             pixels=(part.min_pixels, part.max_pixels),
         )
-        self.metrics.images.inc()
         return image
 
     async def video(

@@ -149,10 +149,20 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     crowded = {"items": [{"role": "user", "content": [image] * 17}]}  # past 16 a request
     error = assert_error(await client.post("/v1/conversations", json=crowded), 400, "items")
     assert error["code"] == "too_many_images"
-    # An item that breaks only when read (an image that cannot be fetched) is named too.
+    # Images that need no download (inline, uploaded) are read before the item is in.
+    for unreadable_image in (
+        {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+        {"type": "input_image", "image_url": "data:image/png;base64,@@@"},
+        {"type": "input_image", "file_id": "file-nope"},
+    ):
+        items = {"items": [{"role": "user", "content": [unreadable_image]}]}
+        for path in ("/v1/conversations", f"/v1/conversations/{conversation.id}/items"):
+            error = assert_error(await client.post(path, json=items), 400, "items")
+            assert "item msg_" in error["message"], error
+    # An item that breaks only when read (an image whose URL cannot be fetched) is named too.
     bad = {
         "role": "user",
-        "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}],
+        "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}],
     }
     broken = await sdk.conversations.create(items=[bad])
     with pytest.raises(openai.BadRequestError) as unreadable:

@@ -448,6 +448,17 @@ async def test_bad_background_requests_are_400s(sdk: openai.AsyncOpenAI) -> None
         assert refused.value.body["param"] == param  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):  # not made in the background
         await sdk.responses.cancel((await sdk.responses.create(input="Hi", **GREEDY)).id)
+    # images that need no download are read before it is queued: a bad one is a 400 now
+    for image in (
+        {"type": "input_image", "image_url": "data:image/png;base64,@@@"},
+        {"type": "input_image", "file_id": "file-nope"},
+    ):
+        with pytest.raises(openai.BadRequestError) as unreadable:
+            content = [image, {"type": "input_text", "text": "What?"}]
+            await sdk.responses.create(
+                background=True, input=[{"role": "user", "content": content}], **GREEDY
+            )
+        assert unreadable.value.body["param"].startswith("input[0]")  # type: ignore[index]
 
 
 async def test_a_queued_background_response_is_cancelled_and_kept_so(

@@ -42,7 +42,7 @@ async def create_conversation(
     check_metadata(body.metadata)
     check_items(body.items or [], "items")
     items = item_records(body.items or [])
-    await asyncio.to_thread(check_readable, items, services)
+    await check_readable(items, services)
     made = await asyncio.to_thread(
         services.jobs.create_conversation,
         f"conv_{uuid.uuid4().hex}",
@@ -93,9 +93,7 @@ async def add_items(
     """Up to 20 items after its last; the answer lists them, with their ids."""
     check_items(body.items, "items")
     items = item_records(body.items)
-    await asyncio.to_thread(
-        check_readable, await _items(conversation_id, services) + items, services
-    )
+    await check_readable(await _items(conversation_id, services) + items, services)
     if not await asyncio.to_thread(
         services.jobs.add_items, conversation_id, items, current_project()
     ):
