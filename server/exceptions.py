@@ -19,6 +19,13 @@ class ServerError(Exception):
         self.param = param
         self.code = code
 
+    def rename_param(self, param: str | None) -> None:
+        """The error in a translated body's words: its field's name, also where its message
+        starts with the field (`response_format: ...` -> `text.format: ...`)."""
+        if self.param and param and self.message.startswith(f"{self.param}:"):
+            self.message = param + self.message[len(self.param) :]
+        self.param = param
+
 
 class InvalidRequest(ServerError):
     """The request is well-formed JSON but asks for something we cannot do (400)."""

@@ -65,6 +65,11 @@ def anthropic_error_type(status: int) -> str:
     )
 
 
+def anthropic_message(message: str, param: str | None) -> str:
+    """Anthropic's envelope has no param: the message names the field."""
+    return f"{param}: {message}" if param and param not in message else message
+
+
 def error_body(
     path: str,
     status: int,
@@ -77,9 +82,7 @@ def error_body(
     if not speaks_anthropic(path):
         info = ErrorInfo(message=message, type=error_type, param=param, code=code)
         return ErrorResponse(error=info).model_dump()
-    if param and param not in message:  # Anthropic's envelope has no param: the message names it
-        message = f"{param}: {message}"
-    error = {"type": anthropic_error_type(status), "message": message}
+    error = {"type": anthropic_error_type(status), "message": anthropic_message(message, param)}
     return {"type": "error", "error": error, "request_id": request_id_var.get()}
 
 

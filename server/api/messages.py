@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import from_json
 
-from server.api.errors import SERVER_ERROR, anthropic_error_type
+from server.api.errors import SERVER_ERROR, anthropic_error_type, anthropic_message
 from server.api.protocol import MAX_CACHE_SALT, PartModel, StopString, StrictModel, Text
 from server.api.sse import answer_pieces
 from server.engine.sequence import SequenceOutput
@@ -390,7 +390,9 @@ class MessagesRequest(StrictModel):
             exc.message = MESSAGE_PART.sub(origin, exc.message)
             exc.param = MESSAGE_PART.sub(origin, exc.param)
         elif exc.param is not None and exc.param.startswith("response_format"):
-            exc.param = "output_config.format" if self.output_format is None else "output_format"
+            exc.rename_param(
+                "output_config.format" if self.output_format is None else "output_format"
+            )
         elif exc.param is not None and exc.param.startswith(("tools", "tool_choice")):
             exc.param = exc.param.replace(".function.parameters", ".input_schema", 1)
             exc.param = exc.param.replace(".function.", ".", 1)
@@ -712,7 +714,8 @@ class MessageEvents:
         stopped, then the error."""
         error = {"type": "api_error", "message": SERVER_ERROR}
         if exc is not None:
-            error = {"type": anthropic_error_type(exc.status_code), "message": exc.message}
+            message = anthropic_message(exc.message, exc.param)
+            error = {"type": anthropic_error_type(exc.status_code), "message": message}
         return [*self._stop(), event("error", error=error)]
 
     def _piece(self, piece: Reasoning | Event) -> list[str]:

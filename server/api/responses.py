@@ -369,7 +369,7 @@ class ResponsesRequest(StrictModel):
             return item + part if item.endswith(".output") else item + (match.group(2) or "") + part
 
         if exc.param is None or not exc.param.startswith("messages"):
-            exc.param = responses_param(exc.param)  # (errors already in this body's names too)
+            exc.rename_param(responses_param(exc.param))  # (already in this body's names too)
             return
         exc.message = MESSAGE_INDEX.sub(origin, exc.message)
         exc.param = MESSAGE_INDEX.sub(origin, exc.param)

@@ -313,9 +313,11 @@ async def event_stream(
     run: ChatRun,
     first: SequenceOutput,
     rest: AsyncIterator[SequenceOutput],
+    name_error: Callable[[ServerError], None] | None = None,
 ) -> AsyncIterator[str]:
     """The writer's events for a run's outputs; an error after the status line went out is
-    the writer's failure events (None: an unexpected one, logged here)."""
+    the writer's failure events (None: an unexpected one, logged here), named as the
+    writer's body names things (name_error)."""
     for event in events.begin():
         yield event
     output = first
@@ -328,6 +330,8 @@ async def event_stream(
                 yield event
     except ServerError as exc:
         error = exc
+        if name_error is not None:
+            name_error(exc)
     except Exception:
         logger.exception("the event stream failed")
         error = None

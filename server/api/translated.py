@@ -15,9 +15,11 @@ from server.api.errors import loc_to_param
 from server.api.protocol import ChatCompletionRequest
 from server.api.routes.chat import to_chat_request, until_disconnected
 from server.api.services import Services
+from server.api.sse import EventWriter, event_stream
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.chat import ChatRequest, ChatResult, ChatRun
+from server.pipelines.finish import ConstraintFailed
 
 T = TypeVar("T")
 Attempt = Callable[[ChatRequest], Awaitable[T]]
@@ -43,6 +45,17 @@ class Started:
     run: ChatRun
     first: SequenceOutput
     rest: AsyncIterator[SequenceOutput]
+
+    def events(self, writer: EventWriter, body: Translated) -> AsyncIterator[str]:
+        """The writer's events for the run; an error mid-stream named as the body names
+        its fields (a constraint that fails: the field it came from)."""
+
+        def named(exc: ServerError) -> None:
+            if isinstance(exc, ConstraintFailed):
+                exc.param = self.chat.grammar_field
+            body.name_error(exc)
+
+        return event_stream(writer, self.run, self.first, self.rest, named)
 
 
 def chat_body_error(exc: ValidationError) -> InvalidRequest:
@@ -91,7 +104,11 @@ async def run_translated(
             return await until_disconnected(request, services.chat.complete(chat))
         run = await until_disconnected(request, services.chat.start(chat))
         outputs = services.chat.outputs(run.seq)
-        first = await until_disconnected(request, anext(outputs))
+        try:
+            first = await until_disconnected(request, anext(outputs))
+        except ConstraintFailed as exc:  # (at the first token)
+            exc.param = chat.grammar_field
+            raise
         return Started(chat, run, first, outputs)
 
     return await fitted(body, services, run)

@@ -150,3 +150,36 @@ async def test_an_ambiguous_grammar_fails_alone_once_too_slow(tiny_model_dir: Pa
         short = await client.post(URL, json=chat(guided_grammar=AMBIGUOUS, max_tokens=4))
         assert short.status_code == 200, short.text
         assert set(short.json()["choices"][0]["message"]["content"]) <= {"a"}
+
+
+async def test_translated_bodies_name_their_own_constraint_field(
+    client: httpx.AsyncClient,
+) -> None:
+    """A constraint error on /v1/responses and /v1/messages speaks of the body's field
+    (text.format, output_config.format), in param and message, streamed or not."""
+    never = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}}}
+    never["required"] = ["a"]
+    nonsense = {"type": "nonsense"}
+    fmt = {"type": "json_schema", "name": "n", "schema": nonsense}
+    responses = {"model": "tiny", "input": "Hi", "max_output_tokens": 16, "text": {"format": fmt}}
+    error = assert_error(await client.post("/v1/responses", json=responses), 400, "text.format")
+    assert error["message"].startswith("text.format:") and "response_format" not in error["message"]
+    streamed = {**responses, "stream": True, "text": {"format": {**fmt, "schema": never}}}
+    async with client.stream("POST", "/v1/responses", json=streamed) as s:
+        blocks = [b async for b in s.aiter_lines() if b.startswith("data: ")]
+    errors = [json.loads(b[6:]) for b in blocks if '"type":"error"' in b.replace(" ", "")]
+    assert errors and errors[0]["param"] == "text.format", blocks[-3:]
+    anthropic = {
+        "model": "tiny",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "output_config": {"format": {"type": "json_schema", "schema": nonsense}},
+    }
+    response = await client.post("/v1/messages", json=anthropic)
+    message = response.json()["error"]["message"]
+    assert message.startswith("output_config.format:") and "response_format" not in message
+    anthropic["output_config"] = {"format": {"type": "json_schema", "schema": never}}
+    async with client.stream("POST", "/v1/messages", json={**anthropic, "stream": True}) as s:
+        blocks = [b async for b in s.aiter_lines() if b.startswith("data: ")]
+    error = json.loads(blocks[-1][6:])["error"]
+    assert error["message"].startswith("output_config.format:"), error

@@ -18,7 +18,7 @@ from server.api.messages import (
     usage_of,
 )
 from server.api.services import Services, get_services
-from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
+from server.api.sse import SSE_HEADERS, SSE_RESPONSE
 from server.api.translated import prompt_tokens, run_translated
 from server.pipelines.chat import ChatResult
 
@@ -39,7 +39,7 @@ async def create_message(
     start = MessageObject(id=message_id(), model=body.model, content=[], usage=usage_of(run))
     thinks, forced = run.seq.inputs.thinks, body.forced_tools
     events = MessageEvents(start, started.chat.tools, thinks, body.omits_thinking, forced)
-    stream = event_stream(events, run, started.first, started.rest)
+    stream = started.events(events, body)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 

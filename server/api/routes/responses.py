@@ -28,7 +28,7 @@ from server.api.responses import (
 )
 from server.api.routes.chat import ERRORS
 from server.api.services import Services, get_services
-from server.api.sse import SSE_HEADERS, SSE_RESPONSE, event_stream
+from server.api.sse import SSE_HEADERS, SSE_RESPONSE
 from server.api.translated import fitted, prompt_tokens, run_translated
 from server.exceptions import (
     ConversationNotFound,
@@ -94,7 +94,7 @@ async def create_response(
             body.own_items(),
             current_project(),
         )
-    stream = event_stream(events, run, started.first, started.rest)
+    stream = started.events(events, body)
     if store or body.conversation_id is not None:
         stream = recorded_as_it_ends(stream, events.response, body, services)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
