@@ -90,8 +90,13 @@ class Tally:
         return {"total": self.total, "completed": self.completed, "failed": self.failed}
 
     def progress(self, started: int) -> dict[str, Any]:
-        """What the batch's status shows while it runs."""
-        return {"request_counts": self.counts(), "in_progress_at": started, "model": self.model}
+        """What the batch's status shows while it runs (and keeps, if it is cancelled)."""
+        return {
+            "request_counts": self.counts(),
+            "in_progress_at": started,
+            "model": self.model,
+            "usage": self.usage_object(),
+        }
 
     def usage_object(self) -> dict[str, Any]:
         get = self.usage.get
@@ -271,7 +276,7 @@ class BatchRunner:
             tally.failed,
         )
         # (its files: the saved answers, turned into them as the batch completes)
-        return {**tally.progress(started), "usage": tally.usage_object()}
+        return tally.progress(started)
 
     async def _resume(self, job: Job, tally: Tally) -> set[int]:
         """The lines an earlier attempt answered (a batch taken over goes on from them),

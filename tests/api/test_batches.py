@@ -390,6 +390,9 @@ async def test_a_cancelled_batch_keeps_what_it_had_answered(sdk: openai.AsyncOpe
     assert cancelled.status == "cancelled"
     (kept,) = await lines_of(sdk, cancelled.output_file_id)
     assert kept["custom_id"] == "quick" and kept["response"]["status_code"] == 200
+    # its usage: at least what the kept answer used (as saved with the counts)
+    assert cancelled.usage is not None
+    assert cancelled.usage.output_tokens >= kept["response"]["body"]["usage"]["completion_tokens"]
 
 
 async def test_a_batch_taken_over_goes_on_from_its_saved_answers(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -63,7 +63,7 @@ async def test_files_are_their_projects(client: httpx.AsyncClient) -> None:
     assert [f.id async for f in c.files.list()] == [team]  # one team: one project
     assert team not in [f.id async for f in a.files.list()]
     # a cursor of another project's is no cursor
-    assert_error(await client.get(f"/v1/files?after={mine}", headers=as_key("sk-b")), 404)
+    assert_error(await client.get(f"/v1/files?after={mine}", headers=as_key("sk-b")), 400, "after")
     # an image by file id: the request's project's only
     part = {"type": "file", "file": {"file_id": mine}}
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [part]}]}

@@ -82,8 +82,12 @@ async def list_files(
         files, has_more = await asyncio.to_thread(
             services.jobs.list_files, purpose, limit, after, order == "desc", current_project()
         )
-    except KeyError:
-        raise FileNotFound(after or "", param="after") from None
+    except KeyError:  # (a 400, as the other lists answer a cursor that names nothing)
+        raise InvalidRequest(
+            f"No file `{after}` to list after (deleted, or never existed).",
+            param="after",
+            code="invalid_value",
+        ) from None
     data = [FileObject.of(stored) for stored in files]
     first, last = (data[0].id, data[-1].id) if data else (None, None)
     return FileList(
