@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from server.api.protocol import ErrorInfo, ErrorResponse
 from server.exceptions import ServerError
@@ -54,9 +55,14 @@ ANTHROPIC_ERROR_TYPES = {
 }
 
 
-def speaks_anthropic(path: str) -> bool:
-    """Whether errors on this path go in Anthropic's envelope (its Messages API's routes)."""
-    return path == "/v1/messages" or path.startswith("/v1/messages/")
+def speaks_anthropic(scope: Scope) -> bool:
+    """Whether the request's errors go in Anthropic's envelope: its Messages API's routes, and
+    the routes both APIs share (models, files) when Anthropic's SDK calls them (it sends
+    anthropic-version)."""
+    path = scope["path"]
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return True
+    return any(name == b"anthropic-version" for name, _ in scope.get("headers", []))
 
 
 def anthropic_error_type(status: int) -> str:
@@ -71,15 +77,15 @@ def anthropic_message(message: str, param: str | None) -> str:
 
 
 def error_body(
-    path: str,
+    anthropic: bool,
     status: int,
     message: str,
     error_type: str,
     param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
-    """An error's body in the envelope the path's clients read."""
-    if not speaks_anthropic(path):
+    """An error's body in the envelope its client reads (anthropic: speaks_anthropic)."""
+    if not anthropic:
         info = ErrorInfo(message=message, type=error_type, param=param, code=code)
         return ErrorResponse(error=info).model_dump()
     error = {"type": anthropic_error_type(status), "message": anthropic_message(message, param)}
@@ -95,7 +101,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = error_body(request.url.path, status, message, error_type, param, code)
+    body = error_body(speaks_anthropic(request.scope), status, message, error_type, param, code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

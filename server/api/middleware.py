@@ -55,7 +55,8 @@ async def send_error(
     code: str | None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    body = json.dumps(error_body(scope["path"], status, message, error_type, None, code)).encode()
+    anthropic = speaks_anthropic(scope)
+    body = json.dumps(error_body(anthropic, status, message, error_type, None, code)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -91,7 +92,7 @@ class RequestIdMiddleware:
         response = _ResponseRecord()
 
         # Anthropic's clients read the id from request-id (its SDK's `_request_id`).
-        anthropic = speaks_anthropic(scope["path"])
+        anthropic = speaks_anthropic(scope)
         names = [b"x-request-id", b"request-id"] if anthropic else [b"x-request-id"]
 
         async def send_with_id(message: Message) -> None:
@@ -348,7 +349,10 @@ class CorsMiddleware(CORSMiddleware):
             return response
         reason = bytes(response.body).decode()  # "Disallowed CORS origin, method"
         body = error_body(
-            "", response.status_code, f"{reason} (see --allowed-origins).", "invalid_request_error"
+            False,
+            response.status_code,
+            f"{reason} (see --allowed-origins).",
+            "invalid_request_error",
         )
         headers = {  # the CORS headers; JSONResponse sets its own type and length
             k: v

@@ -399,6 +399,12 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
         assert model.created_at.year >= 2024
     assert page.has_more is False
     assert (page.first_id, page.last_id) == (page.data[0].id, page.data[-1].id)
+    # errors on the routes both APIs share are in the envelope of the SDK that asks
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await sdk.models.retrieve("nope")
+    assert missing.value.body["type"] == "error"  # type: ignore[index]
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert missing.value.request_id  # (Anthropic's request-id header)
 
 
 @pytest.mark.parametrize(
