@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     StrictBool,
     Tag,
+    model_validator,
 )
 from pydantic_core import from_json
 
@@ -279,6 +280,26 @@ class MessagesRequest(StrictModel):
     # Where each chat message, and each of its parts, came from ("messages[2].content[1]").
     _origins: list[list[str]] = PrivateAttr(default_factory=list)
 
+    @model_validator(mode="after")
+    def _check_as_anthropic(self) -> MessagesRequest:
+        """What Anthropic's API refuses that a chat completion would take."""
+        budget = self.thinking.budget_tokens if self.thinking is not None else None
+        if budget is not None and budget >= self.max_tokens:
+            raise ValueError("max_tokens must be greater than thinking.budget_tokens")
+        names = [tool.name for tool in self.tools or () if isinstance(tool, CustomTool)]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: tool names must be unique")
+        if any(not stop.strip() for stop in self.stop_sequences or ()):
+            raise ValueError("stop_sequences: each must contain non-whitespace characters")
+        for index, message in enumerate(self.messages):
+            final_assistant = index == len(self.messages) - 1 and message.role == "assistant"
+            if not final_assistant and _empty(message.content):
+                raise ValueError(
+                    f"messages.{index}: all messages must have non-empty content except for "
+                    "the optional final assistant message"
+                )
+        return self
+
     def unsupported_fields(self) -> list[str]:
         return [n for n, used in MESSAGES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
 
@@ -417,6 +438,13 @@ def _system_parts(system: str | list[TextBlock]) -> list[tuple[dict[str, Any], s
     if isinstance(system, str):
         return [(_text_part(system), "system")]
     return [(_text_part(b.text), f"system[{i}]") for i, b in enumerate(system)]
+
+
+def _empty(content: str | list[Any]) -> bool:
+    """No content: an empty string or list, or text blocks that are all empty."""
+    if isinstance(content, str):
+        return not content
+    return all(isinstance(block, TextBlock) and not block.text for block in content)
 
 
 class ChatMessages:

@@ -287,7 +287,7 @@ async def test_thinking_is_accepted_where_the_checkpoint_has_none(
     """An -Instruct checkpoint never thinks: each thinking config answers with text only
     (a Qwen3 thinking checkpoint's blocks: tests/api/test_qwen3_api.py)."""
     for thinking in (
-        {"type": "enabled", "budget_tokens": 1024},
+        {"type": "enabled", "budget_tokens": 2},  # (below max_tokens, as Anthropic's)
         {"type": "disabled"},
         {"type": "adaptive"},
     ):
@@ -485,6 +485,29 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
             "messages[0].content[1]",  # found by the chat route, named as this body has it
         ),
         ({"stop_sequences": ["x" * 1000]}, "stop_sequences"),
+        # as Anthropic's: what a chat completion would take
+        ({"stop_sequences": ["ok", " "]}, "stop_sequences"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 4}}, "thinking.budget_tokens"),
+        (
+            {
+                "tools": [
+                    {"name": "f", "input_schema": {"type": "object"}},
+                    {"name": "f", "input_schema": {"type": "object"}},
+                ]
+            },
+            "unique",
+        ),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages.0"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": ""}]},
+                    {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "b"},
+                ]
+            },
+            "messages.0",
+        ),
     ],
 )
 async def test_bad_requests_are_400s_in_anthropics_envelope(
