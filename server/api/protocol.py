@@ -1531,6 +1531,18 @@ class CompletionRequest(StructuredFields, VllmFields):
     user: str | None = None
     prompt_embeds: Any | None = None  # extension (vLLM's): refused when set
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_ids_in_range(cls, value: Any) -> Any:
+        """Token ids out of range said as such (the union's first complaint would be that
+        the prompt is not a string)."""
+        if isinstance(value, list):
+            rows = value if value and all(isinstance(v, list) for v in value) else [value]
+            ids = [i for row in rows for i in row if isinstance(i, int) and not isinstance(i, bool)]
+            if any(not 0 <= i < 2**31 for i in ids):
+                raise ValueError("a token id is an integer from 0 to 2**31 - 1")
+        return value
+
     @field_validator("max_tokens", mode="before")
     @classmethod
     def _null_is_the_default(cls, value: Any) -> Any:

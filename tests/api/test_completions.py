@@ -47,6 +47,9 @@ async def test_token_id_prompts(client: httpx.AsyncClient) -> None:
     assert two.json()["choices"][0]["text"] == one.json()["choices"][0]["text"]
     too_big = await complete(client, prompt=[10**9])
     assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "prompt"
+    for ids in ([-1], [10**12], [[1, 2], [-3]]):  # said as token ids, not as "not a string"
+        response = await complete(client, prompt=ids)
+        assert response.status_code == 400 and "token id" in response.json()["error"]["message"]
 
 
 async def test_streaming_equals_non_streaming(client: httpx.AsyncClient) -> None:
