@@ -324,8 +324,8 @@ class BatchRunner:
         """One line's status and answer, and its output or error file line."""
         request_id = f"batch_req_{uuid.uuid4().hex}"
         body = line.body
-        if body.get("stream"):
-            status, answer = 400, {"error": _stream_refused()}
+        if refused := next((f for f in ("stream", "background") if body.get(f)), None):
+            status, answer = 400, {"error": _refused_in_a_batch(refused)}
         else:
             if self.job_priority is not None and body.get("priority") is None:
                 body = {**body, "priority": self.job_priority}
@@ -400,10 +400,11 @@ def _too_large() -> JobFailed:
     return JobFailed(message, [_problem("output_too_large", message)], code="output_too_large")
 
 
-def _stream_refused() -> dict[str, Any]:
+def _refused_in_a_batch(field: str) -> dict[str, Any]:
+    """stream, background: a line's answer is written whole, into the batch's output."""
     return {
-        "message": "stream is not supported in a batch: each answer is written whole.",
+        "message": f"{field} is not supported in a batch: each answer is written whole.",
         "type": "invalid_request_error",
-        "param": "stream",
+        "param": field,
         "code": "invalid_value",
     }

@@ -131,7 +131,11 @@ async def test_text_completions_and_responses_batches(sdk: openai.AsyncOpenAI) -
         ("/v1/responses", {"model": "tiny", "input": "Hi", "max_output_tokens": 3}, "response"),
     ]:
         line = {"custom_id": "one", "method": "POST", "url": endpoint, "body": body}
-        upload = await sdk.files.create(file=("in.jsonl", jsonl(line)), purpose="batch")
+        # (a line's answer is written whole: not a background response's queued stub)
+        background = {**line, "custom_id": "bg", "body": {**body, "background": True}}
+        upload = await sdk.files.create(
+            file=("in.jsonl", jsonl(line, background)), purpose="batch"
+        )
         batch = await sdk.batches.create(
             input_file_id=upload.id,
             endpoint=endpoint,  # type: ignore[arg-type]
@@ -141,7 +145,8 @@ async def test_text_completions_and_responses_batches(sdk: openai.AsyncOpenAI) -
         assert batch.status == "completed" and batch.request_counts.completed == 1, batch
         (output,) = await lines_of(sdk, batch.output_file_id)
         assert output["response"]["body"]["object"] == kind
-        assert batch.error_file_id is None  # no failed line: no error file
+        (refused,) = await lines_of(sdk, batch.error_file_id)
+        assert refused["response"]["body"]["error"]["param"] == "background"
 
 
 async def test_invalid_lines_fail_the_batch_each_listed(sdk: openai.AsyncOpenAI) -> None:
