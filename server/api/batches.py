@@ -30,6 +30,16 @@ BATCH_STATUS = {  # the job's status -> the batch's
 }
 
 
+# Batch files' own type, which Python's table does not know (it is not yet registered).
+JSONL = "application/jsonl"
+
+
+def mime_type(filename: str) -> str:
+    if filename.lower().endswith(".jsonl"):
+        return JSONL
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
 class FileObject(BaseModel):
     """OpenAI's file object, with Anthropic's names of the same facts beside (its SDK's
     `beta.files` reads type, mime_type, size_bytes, downloadable)."""
@@ -56,7 +66,7 @@ class FileObject(BaseModel):
             created_at=int(stored.created_at),
             filename=stored.filename,
             purpose=stored.purpose,
-            mime_type=mimetypes.guess_type(stored.filename)[0] or "application/octet-stream",
+            mime_type=mime_type(stored.filename),
             size_bytes=stored.bytes,
         )
 

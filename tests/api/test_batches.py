@@ -61,7 +61,9 @@ async def lines_of(sdk: openai.AsyncOpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in content.text.splitlines()]
 
 
-async def test_a_batch_answers_each_line_as_its_route_would(sdk: openai.AsyncOpenAI) -> None:
+async def test_a_batch_answers_each_line_as_its_route_would(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
     image = [
         {"type": "image_url", "image_url": {"url": data_uri(make_image(64, 48))}},
         {"type": "text", "text": "What is this?"},
@@ -81,6 +83,10 @@ async def test_a_batch_answers_each_line_as_its_route_would(sdk: openai.AsyncOpe
         purpose="batch",
     )
     assert (upload.object, upload.purpose, upload.filename) == ("file", "batch", "requests.jsonl")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    described = (await client.get(f"/v1/files/{upload.id}", headers=auth)).json()
+    # (Anthropic's field)
+    assert described["mime_type"] == "application/jsonl"
     batch = await sdk.batches.create(
         input_file_id=upload.id,
         endpoint="/v1/chat/completions",
@@ -133,9 +139,7 @@ async def test_text_completions_and_responses_batches(sdk: openai.AsyncOpenAI) -
         line = {"custom_id": "one", "method": "POST", "url": endpoint, "body": body}
         # (a line's answer is written whole: not a background response's queued stub)
         background = {**line, "custom_id": "bg", "body": {**body, "background": True}}
-        upload = await sdk.files.create(
-            file=("in.jsonl", jsonl(line, background)), purpose="batch"
-        )
+        upload = await sdk.files.create(file=("in.jsonl", jsonl(line, background)), purpose="batch")
         batch = await sdk.batches.create(
             input_file_id=upload.id,
             endpoint=endpoint,  # type: ignore[arg-type]
