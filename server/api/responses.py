@@ -334,7 +334,12 @@ class ResponsesRequest(StrictModel):
         return self._own
 
     def unsupported_fields(self) -> list[str]:
-        return [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+        """The fields (for include: the value, `include[i]`) that are refused."""
+        fields = [n for n, used in RESPONSES_UNSUPPORTED_WHEN.items() if used(getattr(self, n))]
+        if "include" in fields:  # name the value: others are taken
+            index = next(i for i, v in enumerate(self.include or ()) if v not in INCLUDABLE)
+            fields[fields.index("include")] = f"include[{index}]"
+        return fields
 
     @property
     def history_field(self) -> str:

@@ -361,7 +361,7 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
     ("extra", "param"),
     [
         ({"store": "yes"}, "store"),
-        ({"include": ["file_search_call.results"]}, "include"),
+        ({"include": ["message.output_text.logprobs", "file_search_call.results"]}, "include[1]"),
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [{**WEATHER, "bogus": 1}]}, "tools[0].bogus"),
