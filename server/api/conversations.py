@@ -30,11 +30,14 @@ def check_items(items: list[Any], param: str) -> None:
             )
 
 
-async def check_readable(items: list[dict[str, Any]], services: Services) -> None:
-    """A conversation's items (those it has and those added) as a response will read them:
-    a function call's output after its call, media in user messages only and no more than a
-    request may hold, images sent inline or by file id readable, and so on (images by URL
-    are read when a response runs). Else a 400 naming the item, before it is added: a
+async def check_readable(
+    items: list[dict[str, Any]], services: Services, num_new: int | None = None
+) -> None:
+    """A conversation's items (those it has, then the last `num_new` (all: None), which the
+    request adds) as a response will read them: a function call's output after its call,
+    media in user messages only and no more than a request may hold, images sent inline or
+    by file id readable, and so on (images by URL are read when a response runs). Else a 400
+    naming the item (a new one as the request has it: items[i]), before it is added: a
     conversation that cannot be read stops every response in it."""
     if not items:
         return
@@ -49,6 +52,12 @@ async def check_readable(items: list[dict[str, Any]], services: Services) -> Non
     except ServerError as exc:
         reader.name_error(exc)
         exc.param = "items"
+        new = items[len(items) - (len(items) if num_new is None else num_new) :]
+        for index, item in enumerate(new):  # (their ids are the server's: never seen yet)
+            named = f"conversation item {item['id']}"
+            if named in exc.message:
+                exc.message = exc.message.replace(named, f"items[{index}]")
+                exc.param = f"items[{index}]"
         raise
 
 

@@ -130,17 +130,20 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
         assert_error(await client.post(path, json=request), 400, param)
     response = await client.get(f"/v1/conversations/{conversation.id}/items?after=msg_nope")
     assert_error(response, 400, "after")
-    # Items a response could not read are refused before they are in, naming the item.
+    # Items a response could not read are refused before they are in, naming the item as
+    # the request has it (its id is not known yet).
     orphan = {"type": "function_call_output", "call_id": "c1", "output": "x"}
     for path in ("/v1/conversations", f"/v1/conversations/{conversation.id}/items"):
-        error = assert_error(await client.post(path, json={"items": [orphan]}), 400, "items")
-        assert "'c1'" in error["message"] and "item fco_" in error["message"]
+        error = assert_error(await client.post(path, json={"items": [orphan]}), 400, "items[0]")
+        assert "'c1'" in error["message"] and "items[0]" in error["message"]
     video = {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}
     in_system = {"type": "message", "role": "system", "content": [video]}
     error = assert_error(
-        await client.post("/v1/conversations", json={"items": [in_system]}), 400, "items"
+        await client.post("/v1/conversations", json={"items": [user("x"), in_system]}),
+        400,
+        "items[1]",
     )
-    assert "system message" in error["message"] and "item msg_" in error["message"]
+    assert "system message" in error["message"] and "items[1]" in error["message"]
     call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
     assert (await client.post("/v1/conversations", json={"items": [call, orphan]})).is_success
     reasoning_only = {"items": [{"type": "reasoning", "summary": []}]}
@@ -157,8 +160,8 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     ):
         items = {"items": [{"role": "user", "content": [unreadable_image]}]}
         for path in ("/v1/conversations", f"/v1/conversations/{conversation.id}/items"):
-            error = assert_error(await client.post(path, json=items), 400, "items")
-            assert "item msg_" in error["message"], error
+            error = assert_error(await client.post(path, json=items), 400, "items[0]")
+            assert "items[0]" in error["message"], error
     # An item that breaks only when read (an image whose URL cannot be fetched) is named too.
     bad = {
         "role": "user",

@@ -93,7 +93,7 @@ async def add_items(
     """Up to 20 items after its last; the answer lists them, with their ids."""
     check_items(body.items, "items")
     items = item_records(body.items)
-    await check_readable(await _items(conversation_id, services) + items, services)
+    await check_readable(await _items(conversation_id, services) + items, services, len(items))
     if not await asyncio.to_thread(
         services.jobs.add_items, conversation_id, items, current_project()
     ):
