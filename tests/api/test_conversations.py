@@ -116,6 +116,8 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
         ({"conversation": "conv_nope"}, 404, "conversation"),
         ({"conversation": {"id": "conv_nope"}}, 404, "conversation"),
         ({"conversation": {"nope": 1}}, 400, None),
+        ({"conversation": "nope"}, 400, "conversation"),  # not an id (OpenAI's 400)
+        ({"previous_response_id": "nope"}, 400, "previous_response_id"),
     ):
         response = await client.post("/v1/responses", json={**body, **extra})
         assert_error(response, status, param)

@@ -154,6 +154,16 @@ async def start_in_background(
 async def continue_conversation(body: ResponsesRequest, services: Services) -> None:
     """previous_response_id's stored conversation, or the conversation's items, go before the
     body's input (the previous instructions do not: each request's own apply)."""
+    for param, given, prefix in (
+        ("previous_response_id", body.previous_response_id, "resp"),
+        ("conversation", body.conversation_id, "conv"),
+    ):
+        if given is not None and not given.startswith(prefix):  # (OpenAI's 400, not a 404)
+            raise InvalidRequest(
+                f"Invalid '{param}': '{given}'. Expected an ID that begins with '{prefix}'.",
+                param=param,
+                code="invalid_value",
+            )
     if body.conversation_id is not None:
         if not services.store_responses:
             raise KeepsNothing("conversation")
