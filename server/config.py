@@ -37,7 +37,7 @@ class EngineConfig:
     kv_cache_memory_gib: float  # 0: automatic
     max_queued_requests: int
     queue_timeout_s: float
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    scheduling_policy: Literal["fcfs", "priority", "fair"] = "fcfs"
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=60.0, gt=0)
     max_grammar_ms_per_token: float = Field(default=20.0, ge=0)
-    # vLLM's: fcfs, or priority (a request's `priority`: lower first, and it may preempt)
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # vLLM's: fcfs, or priority (a request's `priority`: lower first, and it may preempt);
+    # ours: fair (the batch shared between API keys' projects)
+    scheduling_policy: Literal["fcfs", "priority", "fair"] = "fcfs"
     job_priority: int = Field(default=1, ge=-(2**31), lt=2**31)  # async jobs' requests
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(default=16, ge=0)

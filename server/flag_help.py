@@ -127,10 +127,13 @@ HELP = {
     "token (masking and advancing its grammar, on the engine's thread, which every request "
     "waits on); one over it on 5 of its last 8 tokens fails with a 400 (an ambiguous EBNF "
     "grammar gets slower at every token). 0: no limit.",
-    "scheduling_policy": "Order of the request queue (vLLM's): `fcfs` (first come, first "
-    "served; a request's non-zero `priority` is a 400) or `priority` (lower `priority` values "
-    "first, ties first come; a request that outranks running ones and finds no room preempts "
-    "the lowest-ranked, which are recomputed later).",
+    "scheduling_policy": "Order of the request queue: `fcfs` (vLLM's; first come, first "
+    "served; a request's non-zero `priority` is a 400), `priority` (vLLM's; lower `priority` "
+    "values first, ties first come; a request that outranks running ones and finds no room "
+    "preempts the lowest-ranked, which are recomputed later) or `fair` (the batch shared "
+    "between API keys' projects: the next admitted is the first request of the project with "
+    "the fewest running, so one key's hundreds of queued requests do not hold another's back; "
+    "first come, first served within a project).",
     "job_priority": "The `priority` of async jobs that name none, under --scheduling-policy "
     "priority (requests default to 0: by default interactive requests go before jobs, and may "
     "preempt them).",

@@ -40,6 +40,7 @@ from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
 from server.engine.structured import StructuredOutput
 from server.engine.transfer import to_device
 from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest
+from server.jobs.project import current_project
 from server.log import request_id_var
 
 if TYPE_CHECKING:
@@ -213,6 +214,7 @@ class AsyncEngine:
             request_id, inputs, sampling, self.max_tokens_for(inputs.num_prompt_tokens, sampling)
         )
         seq.log_id = request_id_var.get()
+        seq.project = current_project()
         if sampling.structured is not None:  # compiled by the pipeline just before
             seq.grammar = self.runner.grammars.lookup(sampling.structured)
         return seq

@@ -17,12 +17,19 @@ first. A waiting sequence that outranks running ones and cannot fit beside them 
 place at the start of a step (the lowest-ranked, most recently admitted first, are preempted
 and recomputed later), and memory-pressure preemption also picks the lowest-ranked. Under
 "fcfs" priorities are not looked at: every sequence ranks the same.
+
+Under "fair" the batch is shared between projects (API keys, server/jobs/project.py): the
+next admitted is the first waiting sequence of the project with the fewest running, and
+memory-pressure preemption takes the newest of the project with the most. A project that
+queues hundreds of requests (a batch job) then holds back another's first one by a step,
+not by the whole queue. Within a project it is first come, first served.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,7 +43,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int  # tokens (decodes + prompt chunks) in one step
     max_queued_requests: int
     queue_timeout_s: float
-    policy: Literal["fcfs", "priority"] = "fcfs"
+    policy: Literal["fcfs", "priority", "fair"] = "fcfs"
 
 
 @dataclass
@@ -124,10 +131,10 @@ class Scheduler:
                 budget -= num
         # Nothing new joins a step that had to preempt: memory is short.
         while budget and self.waiting and num_preemptions == self.num_preemptions:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             if len(self.running) >= self.config.max_num_seqs or not self.blocks.allocate(seq):
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
             if not seq.is_admitted:
                 seq.scheduled_time = time.monotonic()
                 batch.admitted.append(seq)
@@ -138,6 +145,14 @@ class Scheduler:
             budget -= num
         self.peak_num_running = max(self.peak_num_running, len(self.running))
         return batch
+
+    def _next_waiting(self) -> Sequence:
+        """The sequence to admit next: the queue's first; under "fair" the first of the
+        project with the fewest running sequences."""
+        if self.config.policy != "fair":
+            return self.waiting[0]
+        running = Counter(s.project for s in self.running)
+        return min(self.waiting, key=lambda s: running[s.project])  # (the first of equals)
 
     def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """A KV slot for the sequence's next token, preempting the lowest-ranked, newest
@@ -154,11 +169,14 @@ class Scheduler:
 
     def _in_preemption_order(self, seqs: list[Sequence] | None = None) -> list[Sequence]:
         """Running sequences (or `seqs` among them), the one to preempt first first: the
-        lowest-ranked, most recently admitted (under fcfs: the newest)."""
+        lowest-ranked, most recently admitted (under fcfs: the newest; under fair: the newest
+        of the project with the most running)."""
         order = {id(seq): i for i, seq in enumerate(self.running)}
+        fair = self.config.policy == "fair"
+        share = Counter(s.project for s in self.running) if fair else Counter()
         return sorted(
             self.running if seqs is None else seqs,
-            key=lambda s: (self.rank(s), order[id(s)]),
+            key=lambda s: (self.rank(s), share[s.project], order[id(s)]),
             reverse=True,
         )
 

@@ -63,6 +63,7 @@ class Sequence:
     choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
     scheduled_time: float | None = None  # first scheduled (admitted)
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
+    project: str = ""  # whose request it is (its API key's project): the "fair" policy's unit
     # Paged KV cache: the blocks holding this sequence's keys/values, in order; how many of its
     # tokens have their keys/values there; the prefix-cache hash of each full block.
     block_table: list[int] = field(default_factory=list)

@@ -201,3 +201,46 @@ def test_without_keys_everything_is_everyones() -> None:
     assert not sees("team", "other")
     assert scoped_key(ALL, "k") == "k" and scoped_key("team", "k") != scoped_key("other", "k")
     assert scoped_key("team", None) is None
+
+
+@pytest.mark.parametrize("policy", ["fair", "fcfs"])
+async def test_the_fair_policy_lets_another_project_in_first(
+    tiny_model_dir: Path, policy: str
+) -> None:
+    """--scheduling-policy fair, two places in the batch: A's four long requests are sent
+    first; B's short one, sent after them, takes a place before A's third and fourth (once
+    A holds one, B's none comes first), so it ends before them; under fcfs it waits for
+    them to end, and ends last."""
+    settings = make_settings(
+        tiny_model_dir, api_keys=["sk-a", "sk-b"], scheduling_policy=policy, max_num_seqs=2
+    )
+    async for client in start_client(settings):
+        ended = await _ask_a_then_b(client)
+        assert ended.index("b") < 3 if policy == "fair" else ended[-1] == "b", ended
+
+
+async def _ask_a_then_b(client: httpx.AsyncClient) -> list[str]:
+    """A's four long requests, then (once they are in the engine's queue) B's short one:
+    the order they end in."""
+    ended: list[str] = []
+
+    async def ask(key: str, name: str, tokens: int) -> None:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": name}],
+            "max_tokens": tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+        response = await client.post("/v1/chat/completions", json=body, headers=as_key(key))
+        assert response.status_code == 200, response.text
+        ended.append(name)
+
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    long = [asyncio.create_task(ask("sk-a", f"a{i}", 400)) for i in range(4)]
+    async with asyncio.timeout(30):  # (A's four are in the engine: queued or running)
+        while engine.num_waiting + len(engine.scheduler.running) < 4:
+            await asyncio.sleep(0.005)
+    await ask("sk-b", "b", 4)
+    await asyncio.gather(*long)
+    return ended

@@ -166,6 +166,47 @@ def test_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
     assert len(new.output_token_ids) == 6
 
 
+def of(project: str, seq: Sequence) -> Sequence:
+    seq.project = project
+    return seq
+
+
+def test_fair_policy_shares_the_batch_between_projects() -> None:
+    """A project with many queued requests (a batch job's) does not hold another's back:
+    the next admitted is the first of the project with the fewest running; first come,
+    first served within a project; fcfs admits in queue order whoever sent them."""
+    for policy, expected in (
+        ("fair", ["a0", "b0", "a1", "b1"]),
+        ("fcfs", ["a0", "a1", "a2", "a3"]),
+    ):
+        sched = scheduler(max_num_seqs=4, policy=policy)  # type: ignore[arg-type]
+        for i in range(6):
+            sched.add(of("a", make_seq(f"a{i}", first=100 * i)))
+        for i in range(2):
+            sched.add(of("b", make_seq(f"b{i}", first=1000 + 100 * i)))
+        batch = run_step(sched)
+        assert [s.request_id for s in batch.admitted] == expected, policy
+
+
+@pytest.mark.parametrize(("policy", "victim"), [("fair", "new-a"), ("fcfs", "b")])
+def test_fair_policy_preempts_the_project_with_the_most_running(policy: str, victim: str) -> None:
+    """Out of blocks: fcfs preempts the newest (b); fair the newest of the project with the
+    most running (a's)."""
+    sched = scheduler(num_blocks=9, caching=False, policy=policy)  # type: ignore[arg-type]
+    old_a = of("a", make_seq("old-a", 8, max_tokens=20))
+    new_a = of("a", make_seq("new-a", 8, max_tokens=20, first=50))
+    b = of("b", make_seq("b", 8, max_tokens=20, first=90))
+    for seq in (old_a, new_a, b):
+        sched.add(seq)
+    run_step(sched)  # 2 blocks each: 6 of 9
+    for _ in range(4):
+        run_step(sched)  # a third block each: 9 of 9
+    assert sched.blocks.num_free_blocks == 0 and sched.num_preemptions == 0
+    run_step(sched)  # a fourth block for the first: one is preempted
+    waiting = [s.request_id for s in (old_a, new_a, b) if s.status is SequenceStatus.WAITING]
+    assert waiting == [victim]
+
+
 def test_expire_waiting_spares_preempted_sequences() -> None:
     sched = scheduler(max_num_seqs=1, queue_timeout_s=5)
     first, second = make_seq("first"), make_seq("second")
