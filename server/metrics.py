@@ -58,6 +58,13 @@ class Metrics:
         self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens", registry=r)
         self.image_tokens = Counter("vlm_image_tokens", "Prompt tokens from images", registry=r)
         self.generated_tokens = Counter("vlm_generated_tokens", "Generated tokens", registry=r)
+        # Who used the engine: by API key project (server/jobs/project.py; "-" without keys)
+        self.project_tokens = Counter(
+            "vlm_project_tokens",
+            "Prompt and generated tokens by API key project",
+            ["project", "kind"],
+            registry=r,
+        )
         self.images = Counter("vlm_images_decoded", "Images fetched and decoded", registry=r)
         self.video_frames = Counter("vlm_video_frames_decoded", "Video frames decoded", registry=r)
         self.finished = Counter(
@@ -82,10 +89,13 @@ class Metrics:
         """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
         frame's caption or categories, a text completion)."""
         self.finished.labels(seq.finish_reason or "unknown").inc()
+        project = seq.project or "-"
         if seq.choice_index == 0:  # n choices of one prompt: the prompt counts once
             self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
             self.image_tokens.inc(seq.inputs.num_image_tokens)
+            self.project_tokens.labels(project, "prompt").inc(seq.inputs.num_prompt_tokens)
         self.generated_tokens.inc(seq.num_completion_tokens)
+        self.project_tokens.labels(project, "generated").inc(seq.num_completion_tokens)
 
     def watch_engine(
         self,

@@ -244,3 +244,29 @@ async def _ask_a_then_b(client: httpx.AsyncClient) -> list[str]:
     await ask("sk-b", "b", 4)
     await asyncio.gather(*long)
     return ended
+
+
+async def test_tokens_are_counted_by_project(client: httpx.AsyncClient) -> None:
+    """/metrics: each project's prompt and generated tokens (chargeback); keys of one
+    project add up under its name."""
+
+    def counted(text: str, project: str, kind: str) -> float:
+        line = f'vlm_project_tokens_total{{kind="{kind}",project="{project}"}}'
+        values = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
+        return values[0] if values else 0.0
+
+    before = (await client.get("/metrics", headers=as_key("sk-a"))).text
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    body |= {"ignore_eos": True}
+    for key in ("sk-b", "sk-c"):  # one project: team
+        response = await client.post("/v1/chat/completions", json=body, headers=as_key(key))
+        assert response.status_code == 200
+    usage = response.json()["usage"]
+    after = (await client.get("/metrics", headers=as_key("sk-a"))).text
+    generated = counted(after, "team", "generated") - counted(before, "team", "generated")
+    prompt = counted(after, "team", "prompt") - counted(before, "team", "prompt")
+    assert generated == 2 * usage["completion_tokens"] == 6
+    assert prompt == 2 * usage["prompt_tokens"]
+    assert counted(after, of_key("sk-a"), "generated") == counted(
+        before, of_key("sk-a"), "generated"
+    )
