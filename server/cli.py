@@ -140,7 +140,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 def _explain(error: Any, given: dict[str, Any]) -> str:
     """'--port 'abc': must be a whole number (from VLM_PORT)'."""
-    name = field_for_flag(str(error["loc"][0])) if error["loc"] else ""
+    if not error["loc"]:  # the settings together (their values may hold secrets: not shown)
+        return _allowed(error)
+    name = field_for_flag(str(error["loc"][0]))
     value = error.get("input")
     if isinstance(value, list) and len(value) == 1:
         value = value[0]

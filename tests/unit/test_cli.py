@@ -178,6 +178,11 @@ def test_secrets_are_not_echoed_in_errors(capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert "--webhook-secret '(hidden)': must be whsec_ followed by a base64 key" in err
     assert "not-base64" not in err
+    for keys in (["sk-secret one two"], ["sk-secret a", "sk-secret b"]):  # bad, or twice
+        argv = ["serve"] + [arg for key in keys for arg in ("--api-key", key)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "API key" in err and "sk-secret" not in err, err
 
 
 def test_files_and_directories_are_checked_at_start(
