@@ -118,13 +118,19 @@ def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socke
     kv_tokens = int(engine.stats()["kv_cache_blocks"]) * settings.block_size
     url = open_url(settings.host, sockets)
     hosts = ", ".join(settings.allowed_media_domains) or "any public host"
-    num_keys = len(settings.all_api_keys())
+    keys = settings.all_api_keys()
+    num_keys, num_projects = len(keys), len(set(keys.values()))
     parts = [
         f"serving {', '.join(services.served_model_names)} ({loaded.family}, {loaded.path})",
         f"device {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}",
         f"context {engine.max_seq_len} tokens, KV cache {kv_tokens} tokens",
         decode_mode(engine),
-        f"auth on ({num_keys} API key{'s' if num_keys > 1 else ''})" if num_keys else "auth off",
+        (
+            f"auth on ({num_keys} API key{'s' * (num_keys > 1)} in {num_projects} "
+            f"project{'s' * (num_projects > 1)})"
+            if num_keys
+            else "auth off"
+        ),
         f"media hosts: {hosts}",
         f"local media: {settings.allowed_local_media_path or 'off'}",
         f"data dir {settings.data_dir} (jobs: {job_store_kind(settings)})",
