@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import typing
 from pathlib import Path
 from typing import Any, NoReturn, get_args, get_origin
@@ -192,6 +193,23 @@ def check_model_path(model: str) -> None:
         raise ConfigError(f"--model {model!r}: not a checkpoint (no config.json in it)")
 
 
+def check_directories(settings: Settings) -> None:
+    """--data-dir made (it is written to), --models-dir a directory if it exists: one line
+    before the model loads, not a traceback after."""
+    for flag, path in (("--models-dir", settings.models_dir), ("--data-dir", settings.data_dir)):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} '{path}': not a directory")
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=settings.data_dir):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--data-dir '{settings.data_dir}': cannot write there ({reason.lower()})"
+        ) from None
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the listening address before the model loads (minutes), so a port already in use
     is found at once. uvicorn starts listening on this socket once the app is ready."""
@@ -227,6 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
         logger.warning("%s", warning)
     try:
         check_model_path(settings.model)
+        check_directories(settings)
         sock = bind_socket(settings.host, settings.port)
         # Load before serving, so a missing or broken checkpoint is one clear line, not a trace.
         loaded = load_model(settings.engine_config())

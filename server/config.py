@@ -185,6 +185,8 @@ class Settings(BaseSettings):
     def _check_key_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError("no such file")
+        if value is not None and not _key_lines(value):  # (an empty secret mount, say)
+            raise ValueError("holds no API key: the server would run without authentication")
         for number, line in enumerate(_key_lines(value) if value else [], start=1):
             try:
                 key_and_project(line)

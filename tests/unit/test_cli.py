@@ -192,3 +192,19 @@ def test_files_and_directories_are_checked_at_start(
     assert main(["serve", "--allowed-local-media-path", str(tmp_path / "media")]) == 2
     err = capsys.readouterr().err
     assert "keys.txt': no such file" in err and "media': no such directory" in err
+    # a key file of no key (an empty secret mount) would serve without authentication
+    (tmp_path / "empty.txt").write_text("# none yet\n\n")
+    assert main(["serve", "--api-key-file", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no API key" in capsys.readouterr().err
+    # directories: one line naming the flag, before the model loads, no traceback
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for flag, words in (
+        ("--data-dir", "not a directory"),
+        ("--models-dir", "not a directory"),
+    ):
+        assert main(["serve", "--model", "tiny", flag, str(a_file)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} '{a_file}': {words}" in err and "Traceback" not in err, err
+    assert main(["serve", "--model", "tiny", "--data-dir", str(a_file / "under")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
