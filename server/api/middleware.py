@@ -5,6 +5,7 @@ error envelope."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -21,6 +22,8 @@ from server.api.errors import error_body, speaks_anthropic
 from server.jobs.project import project_var
 from server.log import request_id_var
 from server.metrics import CLIENT_CLOSED_REQUEST
+
+logger = logging.getLogger(__name__)
 
 # A client's X-Request-ID is echoed and logged only if it looks like an id, never arbitrary text.
 CLIENT_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
@@ -309,34 +312,59 @@ class ApiKeyMiddleware:
         return path in self.open_paths or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
+SHUTTING_DOWN = "The server is shutting down; retry on another instance or later."
+
+
 class DrainMiddleware:
     """While the server shuts down (app.state.draining), new requests get a 503 at once; the
-    others are counted (app.state.num_in_flight), so the drain knows when they have finished."""
+    others are counted (app.state.num_in_flight), so the drain knows when they have finished.
+    One still running when --shutdown-timeout is up (the server cancels it) gets a 503 too,
+    or, mid-answer, the end of its body: never a bare 500 and a traceback."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and getattr(scope["app"].state, "draining", False):
-            await send_error(
-                scope,
-                send,
-                503,
-                "The server is shutting down; retry on another instance or later.",
-                "server_error",
-                "shutting_down",
-                [(b"retry-after", b"5")],
-            )
+            await _shutting_down(scope, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
         state.num_in_flight = getattr(state, "num_in_flight", 0) + 1
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not getattr(state, "draining", False):
+                raise
+            logger.warning("request cut off: still running when --shutdown-timeout was up")
+            with contextlib.suppress(Exception):  # (the client may be gone too)
+                if started:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                else:
+                    await _shutting_down(scope, send)
         finally:
             state.num_in_flight -= 1
+
+
+async def _shutting_down(scope: Scope, send: Send) -> None:
+    await send_error(
+        scope,
+        send,
+        503,
+        SHUTTING_DOWN,
+        "server_error",
+        "shutting_down",
+        [(b"retry-after", b"5")],
+    )
 
 
 class CorsMiddleware(CORSMiddleware):

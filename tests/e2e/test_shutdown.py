@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,3 +98,50 @@ def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(
         reasons = drain_while_streaming(url, lambda: os.killpg(process.pid, signal.SIGINT))
         assert reasons == ["length"]
         assert_clean_exit(process, log_path)
+
+
+def test_requests_past_the_shutdown_timeout_are_cut_off_cleanly(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Still running when --shutdown-timeout is up: a request not yet answered gets a 503
+    shutting_down (a load balancer retries it elsewhere), a stream its body's end; the log
+    says so in one line each, no traceback."""
+    args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
+    log_path = tmp_path / "server.log"
+    long = {**BODY, "max_tokens": 3000, "stream": False}
+    answers: dict[str, object] = {}
+
+    def ask(name: str, body: dict) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+                answers[name] = (r.status_code, r.read())
+        except httpx.HTTPError as exc:
+            answers[name] = exc
+
+    with server_process(log_path, *args, "--shutdown-timeout", "1") as (url, process):
+        threads = [
+            threading.Thread(target=ask, args=("whole", long)),
+            threading.Thread(target=ask, args=("stream", {**long, "stream": True})),
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while "2.0" not in _running(url) and time.monotonic() < deadline:
+            time.sleep(0.05)  # (both are in the batch)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert_clean_exit(process, log_path)
+    status, body = answers["whole"]  # type: ignore[misc]
+    assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down", body
+    status, body = answers["stream"]  # type: ignore[misc]
+    assert status == 200 and b"data: " in body  # what was sent, then the end of the body
+    log = log_path.read_text()
+    assert log.count("still running when --shutdown-timeout was up") == 2, log
+    assert "Exception in ASGI application" not in log
+
+
+def _running(url: str) -> str:
+    """The metrics line of the sequences in the batch."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return next((line for line in text.splitlines() if line.startswith("vlm_running")), "")
