@@ -143,6 +143,7 @@ class PostgresJobStore(JobStore):
     def __init__(self, url: str):
         super().__init__()
         self.url = url
+        _check_connection(url)
         self.pool = ConnectionPool(
             url,
             min_size=1,
@@ -254,6 +255,26 @@ class PostgresJobStore(JobStore):
             except psycopg.Error:
                 logger.warning("job store: listening for new jobs failed; reconnecting")
                 self.stopping.wait(LISTEN_RECONNECT_S)
+
+
+# What a first connection's error says when waiting will not help: a database, user or schema
+# that does not exist, a refused password, a setting that cannot be read.
+PERMANENT = ("does not exist", "authentication failed", "password", "invalid", "no pg_hba.conf")
+
+
+def _check_connection(url: str) -> None:
+    """One connection before the pool's: a cause that waiting will not mend (a database that
+    does not exist, a bad password or setting) is one line at once, in PostgreSQL's words,
+    rather than the pool's retries and warnings. A server not up yet is left to the pool."""
+    try:
+        psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split("FATAL:")[-1].split())  # (the server's own words)
+        reason = reason.removeprefix("connection is bad: ")
+        if any(word in reason for word in PERMANENT):
+            raise JobStoreStartError(
+                f"--job-store: cannot connect to the database at {_where(url)}: {reason}"
+            ) from None
 
 
 def _where(url: str) -> str:

@@ -187,3 +187,11 @@ def test_a_job_store_that_cannot_be_opened_is_one_clear_start_up_error() -> None
     missing = with_schema(require_postgres(), f"missing_{uuid.uuid4().hex[:8]}")
     with pytest.raises(JobStoreStartError, match="CREATE SCHEMA"):
         PostgresJobStore(missing)
+    # what waiting will not mend: at once, in PostgreSQL's words (no retries, no warnings)
+    for url, words in (
+        ("postgresql://postgres@127.0.0.1:5432/no_such_db", 'database "no_such_db" does not'),
+        ("postgresql://no_such_role@127.0.0.1:5432/test", 'role "no_such_role" does not exist'),
+        ("postgresql://postgres@127.0.0.1:5432/test?sslmode=bogus", "invalid sslmode"),
+    ):
+        with pytest.raises(JobStoreStartError, match=words):
+            PostgresJobStore(url)
