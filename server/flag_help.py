@@ -164,8 +164,9 @@ HELP = {
     "webhook_timeout": "Per webhook delivery attempt.",
     "job_retention_hours": "Finished async jobs are deleted this long after they end (0: keep "
     "them forever).",
-    "job_store": "Where async jobs, pending webhooks and the webhook secret live: sqlite:///PATH "
-    "(one machine) or postgresql://USER@HOST/DB, shared by several replicas (docs/DEPLOYMENT.md).",
+    "job_store": "Where async jobs, pending webhooks and the webhook secret live: "
+    "sqlite:///relative/path or sqlite:////absolute/path (one machine; the start-up line shows "
+    "the file) or postgresql://USER@HOST/DB, shared by several replicas (docs/DEPLOYMENT.md).",
     "job_lease": "How long a replica holds a job without renewing it (it renews every third of "
     "this); a replica that dies has its jobs taken over by another after this long.",
     "store_responses": "Keep the Responses API's answers (unless a request says store: false) "

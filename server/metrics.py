@@ -70,7 +70,10 @@ class Metrics:
         self.finished = Counter(
             "vlm_sequences_finished", "Finished sequences by reason", ["reason"], registry=r
         )
-        self.jobs = Gauge("vlm_jobs", "Async jobs by status", ["status"], registry=r)
+        # (store-wide: every replica of a shared store shows the same: read with max, not sum)
+        self.jobs = Gauge(
+            "vlm_jobs", "Async jobs by status, in the whole job store", ["status"], registry=r
+        )
         self.webhook_attempts = Counter(
             "vlm_webhook_attempts",
             "Webhook delivery attempts by outcome (delivered, retrying, failed)",
@@ -78,7 +81,10 @@ class Metrics:
             registry=r,
         )
         self.webhook_deliveries = Gauge(
-            "vlm_webhook_deliveries", "Webhook deliveries by status", ["status"], registry=r
+            "vlm_webhook_deliveries",
+            "Webhook deliveries by status, in the whole job store",
+            ["status"],
+            registry=r,
         )
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import time
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -133,7 +134,7 @@ def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socke
         ),
         f"media hosts: {hosts}",
         f"local media: {settings.allowed_local_media_path or 'off'}",
-        f"data dir {settings.data_dir} (jobs: {job_store_kind(settings)})",
+        f"data dir {settings.data_dir} (jobs: {job_store_where(settings)})",
         f"open {url} (API docs: {url}docs)" if settings.playground else f"API docs: {url}docs",
     ]
     return "ready: " + "; ".join(parts)
@@ -154,10 +155,17 @@ def decode_mode(engine: AsyncEngine) -> str:
     return f"decode: {decoder}, {attention} attention, {steps}, {scheduling} scheduling"
 
 
-def job_store_kind(settings: Settings) -> str:
-    """The job store's kind only: a database URL may carry a password."""
+def job_store_where(settings: Settings) -> str:
+    """The job store's kind and where it is: SQLite's file (made absolute: `sqlite:///x` is
+    relative to the working directory), PostgreSQL's host:port/db (its URL may carry a
+    password: never shown)."""
     store = str(getattr(settings, "job_store", "") or "")
-    return store.split("://", 1)[0] if "://" in store else (store or "sqlite")
+    if store.startswith(("postgresql://", "postgres://")):
+        from server.jobs.postgres import where
+
+        return f"postgresql {where(store)}"
+    path = Path(store.removeprefix("sqlite:///")) if store else settings.data_dir / "jobs.sqlite3"
+    return f"sqlite {path.resolve()}"
 
 
 def open_url(host: str, sockets: list[socket.socket]) -> str:

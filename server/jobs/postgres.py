@@ -158,7 +158,7 @@ class PostgresJobStore(JobStore):
         except psycopg.OperationalError:
             self.pool.close()
             raise JobStoreStartError(
-                f"--job-store: cannot reach the database at {_where(url)} (is it running, and "
+                f"--job-store: cannot reach the database at {where(url)} (is it running, and "
                 "are the host, port, user and database right?)"
             ) from None
         self.clock_offset_s = 0.0
@@ -169,7 +169,7 @@ class PostgresJobStore(JobStore):
         except psycopg.errors.InvalidSchemaName:
             self.pool.close()
             raise JobStoreStartError(
-                f"--job-store: the database at {_where(url)} has no schema to create the job "
+                f"--job-store: the database at {where(url)} has no schema to create the job "
                 "store's tables in: create the schema its search_path names first (CREATE "
                 "SCHEMA ...)"
             ) from None
@@ -177,7 +177,7 @@ class PostgresJobStore(JobStore):
             self.pool.close()
             raise JobStoreStartError(
                 f"--job-store: the database user may not create the job store's tables at "
-                f"{_where(url)} ({str(exc).strip().splitlines()[0]})"
+                f"{where(url)} ({str(exc).strip().splitlines()[0]})"
             ) from None
         self._measure_clock()
 
@@ -273,11 +273,11 @@ def _check_connection(url: str) -> None:
         reason = reason.removeprefix("connection is bad: ")
         if any(word in reason for word in PERMANENT):
             raise JobStoreStartError(
-                f"--job-store: cannot connect to the database at {_where(url)}: {reason}"
+                f"--job-store: cannot connect to the database at {where(url)}: {reason}"
             ) from None
 
 
-def _where(url: str) -> str:
+def where(url: str) -> str:
     """host:port/dbname of a connection URL, without its password."""
     try:
         info = conninfo_to_dict(url)
