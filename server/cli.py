@@ -168,6 +168,21 @@ def _getenv(name: str) -> str | None:
     return next((v for k, v in os.environ.items() if k.upper() == name), None)
 
 
+def idle_flag_warnings(settings: Settings) -> list[str]:
+    """Settings that do nothing as the others stand."""
+    if settings.all_api_keys():
+        return []
+    warnings = []
+    if settings.metrics_require_api_key:
+        warnings.append("--metrics-require-api-key does nothing without API keys (--api-key)")
+    if settings.scheduling_policy == "fair":
+        warnings.append(
+            "--scheduling-policy fair shares the batch between API keys' projects: without "
+            "API keys every request is in one project, and it is first come, first served"
+        )
+    return warnings
+
+
 def unknown_env_warnings(environ: typing.Mapping[str, str]) -> list[str]:
     """A VLM_* variable that is no setting is ignored: say so, and name the closest one."""
     known = {e for name in Settings.model_fields for e in env_names(name)}
@@ -241,7 +256,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.api.server import serve
     from server.engine.loader import load_model
 
-    for warning in unknown_env_warnings(os.environ):
+    for warning in [*unknown_env_warnings(os.environ), *idle_flag_warnings(settings)]:
         logger.warning("%s", warning)
     try:
         check_model_path(settings.model)

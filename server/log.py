@@ -57,3 +57,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if fmt == "json":  # every line a JSON object: no progress bars (weights loading)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from server.config import Settings
 from server.exceptions import JobStoreStartError, ModelLoadError, StartupError
+from server.jobs.project import of_key
 
 if TYPE_CHECKING:
     from server.engine.engine import AsyncEngine
@@ -48,6 +49,8 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             logger.info("%s", startup_summary(self.app, self.settings, self.sockets))
+            if keys := self.settings.all_api_keys():
+                logger.info("%s", projects_line(keys))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         deadline = time.monotonic() + self.config.timeout_graceful_shutdown
@@ -153,6 +156,21 @@ def decode_mode(engine: AsyncEngine) -> str:
     if runner.decoder is not None and runner.decoder.is_compiled:
         decoder = "compiled fused decoder"
     return f"decode: {decoder}, {attention} attention, {steps}, {scheduling} scheduling"
+
+
+def projects_line(keys: dict[str, str]) -> str:
+    """The API keys' projects, as /metrics labels them: a named one with its number of keys,
+    a key's own with the key's last 4 characters (enough to tell which, not to use it; none
+    of a key too short to spare them)."""
+    named: dict[str, int] = {}
+    own = []
+    for key, project in keys.items():
+        if project == of_key(key):
+            own.append(f"{project} (the key ending ...{key[-4:]})" if len(key) >= 16 else project)
+        else:
+            named[project] = named.get(project, 0) + 1
+    parts = [f"{name} ({n} key{'s' * (n > 1)})" for name, n in sorted(named.items())]
+    return "API key projects: " + ", ".join(parts + own)
 
 
 def job_store_where(settings: Settings) -> str:

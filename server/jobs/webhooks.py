@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 from prometheus_client import Counter
 
+from server import __version__
 from server.exceptions import JobStoreUnavailable
 from server.jobs.store import JobStore
 from server.jobs.worker import cancel_and_wait
@@ -108,6 +109,7 @@ class WebhookSender:
             follow_redirects=False,
             trust_env=False,
             limits=httpx.Limits(max_keepalive_connections=0),
+            headers={"User-Agent": f"vlm-server/{__version__} (webhooks)"},
         )
         self.task: asyncio.Task | None = None
         # Attempts run side by side, so one slow receiver does not hold back the others.

@@ -128,8 +128,15 @@ class JobWorker:
         (one that cannot be put back is taken over when its lease expires)."""
         await cancel_and_wait(self.tasks)
         for job in list(self.held.values()):
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(self.store.release, job)
+                logger.info("job %s goes back to the queue (this server is stopping)", job.id)
+            except Exception:
+                logger.warning(
+                    "job %s could not be put back in the queue; it is taken over when its "
+                    "lease expires",
+                    job.id,
+                )
         self.held.clear()
 
     def notify(self) -> None:

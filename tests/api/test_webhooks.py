@@ -69,6 +69,7 @@ async def test_retried_until_delivered_with_the_same_signed_id(
     for headers, raw in receiver.received:
         event = verifier.verify(raw, headers)  # the reference library checks the signature
         ids.add(headers["webhook-id"])
+        assert headers["user-agent"].startswith("vlm-server/")  # (a receiver can tell who)
         assert event["type"] == "media.completed"
         assert event["data"]["id"] == job["id"] and event["data"]["status"] == "completed"
     assert len(ids) == 1  # one webhook-id across retries

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.cli import build_parser, main, settings_from_args, unknown_env_warnings
+from server.config import Settings
 
 
 def test_serve_flags_mirror_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,3 +209,28 @@ def test_files_and_directories_are_checked_at_start(
         assert f"{flag} '{a_file}': {words}" in err and "Traceback" not in err, err
     assert main(["serve", "--model", "tiny", "--data-dir", str(a_file / "under")]) == 2
     assert "cannot write there" in capsys.readouterr().err
+
+
+def test_settings_that_do_nothing_without_keys_are_warned_of() -> None:
+    from server.cli import idle_flag_warnings
+
+    lone = Settings(metrics_require_api_key=True, scheduling_policy="fair")
+    assert [w.split()[0] for w in idle_flag_warnings(lone)] == [
+        "--metrics-require-api-key",
+        "--scheduling-policy",
+    ]
+    keyed = Settings(metrics_require_api_key=True, scheduling_policy="fair", api_keys=["k"])
+    assert idle_flag_warnings(keyed) == []
+
+
+def test_the_start_up_log_tells_the_projects_apart() -> None:
+    from server.api.server import projects_line
+    from server.jobs.project import of_key
+
+    keys = Settings(api_keys=["sk-0123456789abcdef", "sk-b team", "sk-c team", "tiny"])
+    line = projects_line(keys.all_api_keys())
+    assert (
+        "team (2 keys)" in line
+        and f"{of_key('sk-0123456789abcdef')} (the key ending ...cdef)" in line
+    )
+    assert of_key("tiny") in line and "...tiny" not in line and "sk-b" not in line
