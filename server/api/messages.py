@@ -284,7 +284,12 @@ class MessagesRequest(StrictModel):
     def _check_as_anthropic(self) -> MessagesRequest:
         """What Anthropic's API refuses that a chat completion would take."""
         budget = self.thinking.budget_tokens if self.thinking is not None else None
-        if budget is not None and budget >= self.max_tokens:
+        # (count_tokens takes no max_tokens: only one the request sent is checked)
+        if (
+            budget is not None
+            and "max_tokens" in self.model_fields_set
+            and budget >= self.max_tokens
+        ):
             raise ValueError("max_tokens must be greater than thinking.budget_tokens")
         names = [tool.name for tool in self.tools or () if isinstance(tool, CustomTool)]
         if len(set(names)) < len(names):

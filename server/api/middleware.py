@@ -343,7 +343,10 @@ class DrainMiddleware:
         try:
             await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
-            if not getattr(state, "draining", False):
+            # Only the server's own cut-off at --shutdown-timeout (app.state.cut_off, set as
+            # the drain's time runs out), never a client's hang-up or a job's cancel (the
+            # server's requests to itself: their job handles it).
+            if not getattr(state, "cut_off", False) or scope.get(INTERNAL):
                 raise
             logger.warning("request cut off: still running when --shutdown-timeout was up")
             with contextlib.suppress(Exception):  # (the client may be gone too)

@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     StrictBool,
     Tag,
+    ValidationInfo,
     computed_field,
     field_validator,
     model_validator,
@@ -357,6 +358,9 @@ class ChatMessageParam(PartModel):
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError("a tool message needs tool_call_id (the call it answers)")
         return self
+
+
+TRANSLATED = "translated"  # validation context: a chat body made from another API's request
 
 
 def check_tool_turns(messages: list[ChatMessageParam], continues: bool) -> None:
@@ -782,13 +786,16 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     use_scenes: bool | None = None
 
     @model_validator(mode="after")
-    def _check_template_flags(self) -> ChatCompletionRequest:
+    def _check_template_flags(self, info: ValidationInfo) -> ChatCompletionRequest:
         # As vLLM: a prefill is continued, so no new assistant turn may be opened after it.
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError("continue_final_message needs the last message to be the assistant's")
-        check_tool_turns(self.messages, bool(self.continue_final_message))
+        # (a body translated from /v1/responses or /v1/messages had its own API's checks, and
+        # its tool results' images follow them as user messages)
+        if not (info.context or {}).get(TRANSLATED):
+            check_tool_turns(self.messages, bool(self.continue_final_message))
         return self
 
     def unsupported_fields(self) -> list[str]:

@@ -62,6 +62,9 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         # uvicorn's own wait (connections, then tasks) gets what is left of the one timeout.
         self.config.timeout_graceful_shutdown = max(deadline - time.monotonic(), 0.0)
+        if getattr(self.app.state, "num_in_flight", 0) > 0:
+            # what still runs is cut off when uvicorn's wait ends (DrainMiddleware answers it)
+            self.app.state.cut_off = True
         await super().shutdown(sockets)
 
 

@@ -12,7 +12,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from server.api.errors import loc_to_param
-from server.api.protocol import ChatCompletionRequest
+from server.api.protocol import TRANSLATED, ChatCompletionRequest
 from server.api.routes.chat import to_chat_request, until_disconnected
 from server.api.services import Services
 from server.api.sse import EventWriter, event_stream
@@ -74,7 +74,9 @@ def translated_request(body: Translated, services: Services) -> ChatRequest:
     """The chat completion the body describes, checked as the chat route checks it."""
     refuse_unsupported(body.unsupported_fields())
     try:
-        chat_body = ChatCompletionRequest.model_validate(body.to_chat_body())
+        chat_body = ChatCompletionRequest.model_validate(
+            body.to_chat_body(), context={TRANSLATED: True}
+        )
     except ValidationError as exc:
         raise chat_body_error(exc) from None
     return to_chat_request(chat_body, services, services.sampling_defaults, "native")

@@ -10,6 +10,7 @@ The schema is created and migrated at start under an advisory lock: replicas may
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -143,7 +144,7 @@ class PostgresJobStore(JobStore):
     def __init__(self, url: str):
         super().__init__()
         self.url = url
-        _check_connection(url)
+        reason = _first_connection(url)  # (None: it connected)
         self.pool = ConnectionPool(
             url,
             min_size=1,
@@ -158,8 +159,9 @@ class PostgresJobStore(JobStore):
         except psycopg.OperationalError:
             self.pool.close()
             raise JobStoreStartError(
-                f"--job-store: cannot reach the database at {where(url)} (is it running, and "
-                "are the host, port, user and database right?)"
+                f"--job-store: cannot connect to the database at {where(url)}: "
+                f"{reason or 'no answer'} (is it running, and are the host, port, user and "
+                "database right?)"
             ) from None
         self.clock_offset_s = 0.0
         self.stopping = threading.Event()
@@ -257,24 +259,31 @@ class PostgresJobStore(JobStore):
                 self.stopping.wait(LISTEN_RECONNECT_S)
 
 
-# What a first connection's error says when waiting will not help: a database, user or schema
-# that does not exist, a refused password, a setting that cannot be read.
-PERMANENT = ("does not exist", "authentication failed", "password", "invalid", "no pg_hba.conf")
-
-
-def _check_connection(url: str) -> None:
-    """One connection before the pool's: a cause that waiting will not mend (a database that
-    does not exist, a bad password or setting) is one line at once, in PostgreSQL's words,
-    rather than the pool's retries and warnings. A server not up yet is left to the pool."""
+def _first_connection(url: str) -> str | None:
+    """One connection before the pool's: None when it connects; else why not, in PostgreSQL's
+    words (said once the pool's retries are over: a database or role an init job is about
+    to create may be there by then). A URL the client cannot read is one line at once (no
+    wait mends it), without the password it may quote."""
     try:
         psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
     except psycopg.Error as exc:
-        reason = " ".join(str(exc).split("FATAL:")[-1].split())  # (the server's own words)
-        reason = reason.removeprefix("connection is bad: ")
-        if any(word in reason for word in PERMANENT):
-            raise JobStoreStartError(
-                f"--job-store: cannot connect to the database at {where(url)}: {reason}"
-            ) from None
+        text = (str(exc).splitlines() or [""])[0]
+        # the server's own words (FATAL: ...), or the client's last (... failed: Connection
+        # refused)
+        reason = " ".join(text.split("FATAL:")[-1].split("failed: ")[-1].split())
+        if password := conninfo_password(url):
+            reason = reason.replace(password, "***")
+        if not text.startswith("connection failed"):  # the client's: the URL itself
+            reason = reason.removeprefix("connection is bad: ")
+            raise JobStoreStartError(f"--job-store: cannot read the URL: {reason}") from None
+        return reason
+    return None
+
+
+def conninfo_password(url: str) -> str | None:
+    """The password written in a postgresql:// URL (raw, as a message would quote it)."""
+    match = re.match(r"^[a-z]+://[^:/@]*:([^@]*)@", url)
+    return match.group(1) if match and match.group(1) else None
 
 
 def where(url: str) -> str:

@@ -354,6 +354,26 @@ async def test_images_in_a_tool_result_reach_the_model(
         max_tokens=2,
     )
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == counts[1]
+    # two calls at once, the first's result with an image (its user turn between the results)
+    second = {**call, "id": "toolu_2"}
+    both = [
+        {"role": "user", "content": "Show me the sky."},
+        {"role": "assistant", "content": [call, second]},
+        {
+            "role": "user",
+            "content": [with_image, {**text_only, "tool_use_id": "toolu_2"}],
+        },
+    ]
+    message = await sdk.messages.create(model="tiny", messages=both, tools=[WEATHER], max_tokens=2)
+    assert message.usage.input_tokens > 0
+    # count_tokens takes no max_tokens: a thinking budget is not checked against one
+    counted = await sdk.messages.count_tokens(
+        model="tiny",
+        messages=both,
+        tools=[WEATHER],
+        thinking={"type": "enabled", "budget_tokens": 1024},
+    )
+    assert counted.input_tokens > 0
 
 
 async def test_the_request_id_is_where_the_sdk_reads_it(sdk: anthropic.AsyncAnthropic) -> None:
