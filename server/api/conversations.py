@@ -48,7 +48,9 @@ async def check_readable(
         reader.continue_from(items)
         # (CPU work: in a thread)
         messages = (await asyncio.to_thread(translated_request, reader, services)).messages
-        await media.check_inline_images(messages, media.check_counts(messages))
+        budget = media.check_counts(messages)
+        async with services.chat.preprocessing:  # (decoding images: bounded as requests' are)
+            await media.check_inline_images(messages, budget)
     except ServerError as exc:
         reader.name_error(exc)
         exc.param = "items"

@@ -55,6 +55,10 @@ ANTHROPIC_ERROR_TYPES = {
 }
 
 
+# Routes both APIs serve: their errors are Anthropic's when Anthropic's SDK calls them.
+SHARED_PATHS = ("/v1/models", "/v1/files")
+
+
 def speaks_anthropic(scope: Scope) -> bool:
     """Whether the request's errors go in Anthropic's envelope: its Messages API's routes, and
     the routes both APIs share (models, files) when Anthropic's SDK calls them (it sends
@@ -62,7 +66,8 @@ def speaks_anthropic(scope: Scope) -> bool:
     path = scope["path"]
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return True
-    return any(name == b"anthropic-version" for name, _ in scope.get("headers", []))
+    shared = any(path == p or path.startswith(f"{p}/") for p in SHARED_PATHS)
+    return shared and any(name == b"anthropic-version" for name, _ in scope.get("headers", []))
 
 
 def anthropic_error_type(status: int) -> str:

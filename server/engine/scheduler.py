@@ -131,8 +131,10 @@ class Scheduler:
                 budget -= num
         # Nothing new joins a step that had to preempt: memory is short.
         while budget and self.waiting and num_preemptions == self.num_preemptions:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
             seq = self._next_waiting()
-            if len(self.running) >= self.config.max_num_seqs or not self.blocks.allocate(seq):
+            if not self.blocks.allocate(seq):
                 break
             self.waiting.remove(seq)
             if not seq.is_admitted:

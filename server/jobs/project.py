@@ -8,6 +8,7 @@ then (or before this server kept projects) is in ALL too and every key sees it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from contextvars import ContextVar
 
@@ -40,6 +41,7 @@ def visible(column_prefix: str) -> str:
     return VISIBLE.replace("project", f"{column_prefix}project")
 
 
+@functools.cache  # (a slow hash: each key once)
 def of_key(key: str) -> str:
     """A key's own project, when the operator names none: it stays the same as long as the key
     does (a key replaced by a new one is a new project, unless both are given one name). It is

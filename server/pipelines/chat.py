@@ -205,9 +205,7 @@ class ChatPipeline:
         """check, and what a job would otherwise find out only when it runs: text (and
         max_tokens) that alone overflow the context, whatever the media add; images sent
         inline or by file id that cannot be read."""
-        await self.check(request)
-        budget = self.media.check_counts(request.messages)
-        await self.media.check_inline_images(request.messages, budget)
+        budget = await self.check(request)
         hf_messages = [to_hf_message(m) for m in render(request.messages, request.tools)]
         text_tokens = await _templated(
             self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template
@@ -216,6 +214,8 @@ class ChatPipeline:
             kept = self.engine.kept_prompt_tokens(truncation, request.sampling)
             text_tokens = min(text_tokens, kept)
         self.engine.max_tokens_for(text_tokens, request.sampling)
+        async with self.preprocessing:  # (decoding images: bounded as a request's are)
+            await self.media.check_inline_images(request.messages, budget)
 
     async def prompt(self, request: ChatRequest) -> ModelInputs:
         """The prompt the request would run, built but not run (vLLM's /tokenize): its media
