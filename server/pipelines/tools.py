@@ -245,24 +245,107 @@ class NamedCall:
 
 class RequiredCalls:
     """tool_choice required: the answer is a JSON list of {"name", "parameters"} (under a
-    grammar); the calls go out once the list is complete."""
+    grammar: name first), streamed as it comes: each call's name once it is whole, then its
+    arguments object piece by piece (vLLM streams them so). A call cut short (by max_tokens)
+    keeps what was written, as a named call's does; an answer cut short before any call
+    began is its text."""
+
+    # The JSON tokens before a call's name and before its arguments (whitespace may part
+    # them, as the grammar's separators do).
+    CALL_OPEN = ("{", '"name"', ":", '"')
+    PARAMETERS = (",", '"parameters"', ":")
 
     def __init__(self) -> None:
-        self.text = ""
+        self.text = ""  # all of it (the answer cut short before a call: its text)
+        self.pending = ""  # not yet read
+        self.state = "call"  # call (next, or the list's end), name, arguments, done
+        self.tokens: tuple[str, ...] = ("[",)  # what to read before the state's own, in order
+        self.index, self.name, self.began = 0, "", False
+        self.depth, self.in_string, self.escaped = 0, False, False
 
     def feed(self, text: str) -> list[Event]:
         self.text += text
-        return []
+        self.pending += text
+        events: list[Event] = []
+        while self.pending and self.state != "done" and self._step(events):
+            pass
+        return events
+
+    def _step(self, events: list[Event]) -> bool:
+        """Reads what the state expects; False when more text is needed."""
+        if self.tokens:
+            return self._token()
+        if self.state == "call":
+            self.pending = self.pending.lstrip()
+            if self.pending[:1] in (",", "]") and self.pending:
+                self.state = "call" if self.pending[0] == "," else "done"
+                self.pending = self.pending[1:]
+                return True
+            if self.pending:
+                self._then("name", self.CALL_OPEN)
+            return bool(self.pending)
+        if self.state == "name":
+            end = self.pending.find('"')  # (function names hold no quotes or escapes)
+            self.name += self.pending if end < 0 else self.pending[:end]
+            self.pending = "" if end < 0 else self.pending[end + 1 :]
+            if end >= 0:
+                events.append(ToolCallDelta(self.index, new_call_id(), self.name))
+                self.name, self.began = "", True
+                self._then("arguments", self.PARAMETERS)
+            return end >= 0
+        if self.state == "arguments":
+            if self.depth == 0:
+                self.pending = self.pending.lstrip()
+            index = self.index  # (the object's end moves on to the next call)
+            if piece := self._object_piece():
+                events.append(ToolCallDelta(index, arguments=piece))
+            return True
+        return False
+
+    def _then(self, state: str, tokens: tuple[str, ...]) -> None:
+        self.state, self.tokens = state, tokens
+
+    def _token(self) -> bool:
+        """The next expected token: read (True), partly here (False: wait), or not what
+        the grammar writes (done: nothing more is read)."""
+        self.pending = self.pending.lstrip()
+        token = self.tokens[0]
+        if self.pending.startswith(token):
+            self.pending, self.tokens = self.pending[len(token) :], self.tokens[1:]
+            return True
+        if not token.startswith(self.pending):
+            self.state = "done"
+        return False
+
+    def _object_piece(self) -> str:
+        """The arguments object's text in `pending`, up to its closing brace (then the call
+        closes); the JSON's strings are skipped over, braces in them do not count."""
+        for i, char in enumerate(self.pending):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    piece, self.pending = self.pending[: i + 1], self.pending[i + 1 :]
+                    self.index += 1
+                    self._then("call", ("}",))
+                    return piece
+        piece, self.pending = self.pending, ""
+        return piece
 
     def finish(self) -> list[Event]:
-        try:
-            calls = json.loads(self.text)
-            return [
-                ToolCallDelta(i, new_call_id(), c["name"], json.dumps(c["parameters"]))
-                for i, c in enumerate(calls)
-            ]
-        except (ValueError, TypeError, KeyError):  # cut short by max_tokens: as text
+        if not self.began:  # (no call began: the text, whatever it is)
             return [self.text] if self.text else []
+        return []
 
 
 CallStream = CallParser | NamedCall | RequiredCalls

@@ -125,13 +125,39 @@ def test_named_and_required_streams() -> None:
     assert events[0].id.startswith("call_") and events[0].name == "get_weather"
     assert events[1].id is None and events[1].name is None
     assert "".join(e.arguments for e in events) == '{"city": "Oslo"}'
-    required = RequiredCalls()
-    assert required.feed('[{"name": "get_weather", "parameters": {"city": "Rome"}}]') == []
-    (call,) = required.finish()
-    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Rome"}
     cut = RequiredCalls()
     cut.feed('[{"name": "get_wea')
-    assert cut.finish() == ['[{"name": "get_wea']  # cut short by max_tokens: text
+    assert cut.finish() == ['[{"name": "get_wea']  # cut short before a call began: text
+    cut = RequiredCalls()
+    events = cut.feed('[{"name": "f", "parameters": {"a":') + cut.finish()
+    assert [(e.name, e.arguments) for e in events] == [("f", ""), (None, '{"a":')]  # kept
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 1000])
+def test_required_calls_stream_as_they_come(step: int) -> None:
+    """The list of calls read piece by piece, whatever the pieces: each call's name once it
+    is whole, its arguments as they come (braces and quotes inside strings do not end
+    them), calls after calls; the same whatever the whitespace."""
+    for text in (
+        '[{"name": "get_weather", "parameters": {"city": "o\\"}{slo", "days": [1, 2]}}, '
+        '{"name": "get_time", "parameters": {"zone": "UTC"}}]',
+        '[{"name":"get_weather","parameters":{"city":"o\\"}{slo","days":[1,2]}},'
+        '{"name":"get_time","parameters":{"zone":"UTC"}}]',
+    ):
+        required, events = RequiredCalls(), []
+        for start in range(0, len(text), step):
+            events += required.feed(text[start : start + step])
+        events += required.finish()
+        calls: dict[int, list] = {}
+        for event in events:
+            assert isinstance(event, ToolCallDelta)
+            calls.setdefault(event.index, [event.name, ""])[1] += event.arguments
+        assert [name for name, _ in calls.values()] == ["get_weather", "get_time"]
+        assert json.loads(calls[0][1]) == {"city": 'o"}{slo', "days": [1, 2]}
+        assert json.loads(calls[1][1]) == {"zone": "UTC"}
+        if step == 1:  # the first arguments piece goes out before the list is whole
+            first = next(i for i, e in enumerate(events) if e.arguments)
+            assert first < len(events) - 3
 
 
 def test_forced_choices_decode_under_a_schema() -> None:
