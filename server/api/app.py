@@ -22,6 +22,7 @@ from server.api.middleware import (
     DrainMiddleware,
     JsonBodyMiddleware,
     RequestIdMiddleware,
+    TrailingSlashMiddleware,
     internal,
 )
 from server.api.protocol import OPENAI_DEFAULTS
@@ -260,6 +261,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(TrailingSlashMiddleware)
     app.state.metrics = metrics
     app.state.draining = False
     return app

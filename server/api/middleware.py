@@ -244,6 +244,22 @@ def _set_content_type(scope: Scope, value: bytes) -> None:
     scope["headers"] = [*headers, (b"content-type", value)]
 
 
+class TrailingSlashMiddleware:
+    """`/v1/chat/completions/` is `/v1/chat/completions`: a client whose base URL ends in a
+    slash is served, not redirected (Starlette's 307 would make it send its POST body again,
+    to an http:// Location even behind a TLS proxy, and many clients do not follow it)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            trimmed = path.rstrip("/") or "/"
+            scope = {**scope, "path": trimmed, "raw_path": trimmed.encode()}
+        await self.app(scope, receive, send)
+
+
 # A scope key only the server's own requests to itself carry (a server never takes scope
 # keys from the network): a batch's lines and background responses, which run in the task of
 # their job, and so in its project, and need no API key.

@@ -386,6 +386,16 @@ async def test_a_route_without_a_body_does_not_read_one(client: httpx.AsyncClien
         assert response.status_code == 404, response.text
 
 
+async def test_a_trailing_slash_is_served_not_redirected(client: httpx.AsyncClient) -> None:
+    """A base URL ending in a slash: the route answers (no 307 to send the POST again)."""
+    body = {"model": "tiny", "messages": user(TEXT), "max_tokens": 2}
+    response = await client.post("/v1/chat/completions/", json=body)
+    assert response.status_code == 200, response.text
+    assert (await client.get("/v1/models/")).json()["object"] == "list"
+    assert (await client.get("/health//")).status_code == 200
+    assert_error(await client.get("/v1/nowhere/"), 404)
+
+
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v1/chat/completions", json={"model": "nope/nope", "messages": user(TEXT)}
