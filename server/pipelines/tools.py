@@ -277,7 +277,7 @@ class RequiredCalls:
             return self._token()
         if self.state == "call":
             self.pending = self.pending.lstrip()
-            if self.pending[:1] in (",", "]") and self.pending:
+            if self.pending[:1] in (",", "]"):
                 self.state = "call" if self.pending[0] == "," else "done"
                 self.pending = self.pending[1:]
                 return True
