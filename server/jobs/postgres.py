@@ -149,7 +149,7 @@ class PostgresJobStore(JobStore):
             url,
             min_size=1,
             max_size=POOL_MAX_SIZE,
-            kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S},
+            kwargs={"row_factory": dict_row, **connection_kwargs(url)},
             check=ConnectionPool.check_connection,  # a connection the database dropped
             timeout=WAIT_FOR_CONNECTION_S,
             open=False,
@@ -245,7 +245,7 @@ class PostgresJobStore(JobStore):
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                    self.url, autocommit=True, **connection_kwargs(self.url)
                 ) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
                     on_new_job()  # whatever was queued while not listening
@@ -259,13 +259,29 @@ class PostgresJobStore(JobStore):
                 self.stopping.wait(LISTEN_RECONNECT_S)
 
 
+APPLICATION_NAME = "vlm-server"
+
+
+def connection_kwargs(url: str) -> dict[str, object]:
+    """Every connection's: a timeout, and the name a DBA sees in pg_stat_activity (unless the
+    URL gives one)."""
+    kwargs: dict[str, object] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        named = "application_name" in conninfo_to_dict(url)
+    except psycopg.Error:  # (a URL that cannot be read: the connection says why)
+        named = True
+    if not named:
+        kwargs["application_name"] = APPLICATION_NAME
+    return kwargs
+
+
 def _first_connection(url: str) -> str | None:
     """One connection before the pool's: None when it connects; else why not, in PostgreSQL's
     words (said once the pool's retries are over: a database or role an init job is about
     to create may be there by then). A URL the client cannot read is one line at once (no
     wait mends it), without the password it may quote."""
     try:
-        psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
+        psycopg.connect(url, **connection_kwargs(url)).close()
     except psycopg.Error as exc:
         text = (str(exc).splitlines() or [""])[0]
         # the server's own words (FATAL: ...), or the client's last (... failed: Connection

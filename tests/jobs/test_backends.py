@@ -110,8 +110,18 @@ def test_replicas_starting_together_migrate_once() -> None:
         with stores[0].transaction(write=False) as execute:
             versions = execute("SELECT version FROM schema_version", ()).fetchall()
         assert [row["version"] for row in versions] == [1, 2, 3, 4, 5, 6]  # each migration once
+        # a DBA tells the server's connections apart (pg_stat_activity), unless the URL names
+        # them itself
+        with stores[0].transaction(write=False) as execute:
+            named = execute(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()", ()
+            ).fetchone()
+        assert named["application_name"] == "vlm-server"
         for store in stores:
             store.close()
+    from server.jobs.postgres import connection_kwargs
+
+    assert "application_name" not in connection_kwargs(url + "&application_name=mine")
 
 
 def test_one_replica_at_a_time_prunes() -> None:
