@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.jobs.project import of_key
@@ -142,6 +149,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     playground: bool = True
+    _api_keys: dict[str, str] = PrivateAttr(default_factory=dict)  # (all_api_keys)
 
     @field_validator(
         "served_model_name",
@@ -183,11 +191,14 @@ class Settings(BaseSettings):
     @field_validator("api_key_file")
     @classmethod
     def _check_key_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is None:
+            return value
+        if not value.is_file():
             raise ValueError("no such file")
-        if value is not None and not _key_lines(value):  # (an empty secret mount, say)
+        lines = _key_lines(value)
+        if not lines:  # (an empty secret mount, say)
             raise ValueError("holds no API key: the server would run without authentication")
-        for number, line in enumerate(_key_lines(value) if value else [], start=1):
+        for number, line in enumerate(lines, start=1):
             try:
                 key_and_project(line)
             except ValueError as exc:
@@ -232,7 +243,12 @@ class Settings(BaseSettings):
 
     def all_api_keys(self) -> dict[str, str]:
         """Each key of the --api-key values and the lines of --api-key-file, and its project
-        (`KEY PROJECT` names it; a lone KEY is its own: server/jobs/project.py)."""
+        (`KEY PROJECT` names it; a lone KEY is its own: server/jobs/project.py); read once,
+        as the settings are made."""
+        return dict(self._api_keys)
+
+    @model_validator(mode="after")
+    def _read_api_keys(self) -> Settings:
         entries = [*self.api_keys, *(_key_lines(self.api_key_file) if self.api_key_file else [])]
         keys: dict[str, str] = {}
         for key, name in map(key_and_project, entries):
@@ -241,11 +257,7 @@ class Settings(BaseSettings):
                     f"an API key is given twice, with two projects ({keys[key]!r} and "
                     f"{name!r}): give it once"
                 )
-        return keys
-
-    @model_validator(mode="after")
-    def _check_key_projects(self) -> Settings:
-        self.all_api_keys()  # (a key given twice with two projects)
+        self._api_keys = keys
         return self
 
     def served_model_names(self) -> list[str]:

@@ -43,18 +43,16 @@ async def check_readable(
         return
     model = services.served_model_names[0]
     reader = ResponsesRequest(model=model, input=NEXT_TURN, conversation="-")
-    media = services.chat.media
+    chat = services.chat
     try:
         reader.continue_from(items)
         # (CPU work: in a thread)
         messages = (await asyncio.to_thread(translated_request, reader, services)).messages
-        budget = media.check_counts(messages)
-        async with services.chat.preprocessing:  # (decoding images: bounded as requests' are)
-            await media.check_inline_images(messages, budget)
+        await chat.check_inline_images(messages, chat.media.check_counts(messages))
     except ServerError as exc:
         reader.name_error(exc)
         exc.param = "items"
-        new = items[len(items) - (len(items) if num_new is None else num_new) :]
+        new = items if num_new is None else items[len(items) - num_new :]
         for index, item in enumerate(new):  # (their ids are the server's: never seen yet)
             named = f"conversation item {item['id']}"
             if named in exc.message:

@@ -27,7 +27,6 @@ from server.api.protocol import (
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
 from server.pipelines.chat import ChatRequest, ChatRun
-from server.pipelines.finish import ConstraintFailed
 from server.pipelines.logprobs import TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import CallStream, Event, ToolCallDelta, call_stream
@@ -279,8 +278,7 @@ async def chat_stream(
             for chunk in choices[index].events(output, writer, texts):
                 yield chunk
     except ServerError as exc:
-        if isinstance(exc, ConstraintFailed):
-            exc.param = request.grammar_field
+        request.name_constraint(exc)
         yield error_event(exc)
     else:
         if include_usage:

@@ -19,7 +19,6 @@ from server.api.sse import EventWriter, event_stream
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.chat import ChatRequest, ChatResult, ChatRun
-from server.pipelines.finish import ConstraintFailed
 
 T = TypeVar("T")
 Attempt = Callable[[ChatRequest], Awaitable[T]]
@@ -51,8 +50,7 @@ class Started:
         its fields (a constraint that fails: the field it came from)."""
 
         def named(exc: ServerError) -> None:
-            if isinstance(exc, ConstraintFailed):
-                exc.param = self.chat.grammar_field
+            self.chat.name_constraint(exc)
             body.name_error(exc)
 
         return event_stream(writer, self.run, self.first, self.rest, named)
@@ -108,8 +106,8 @@ async def run_translated(
         outputs = services.chat.outputs(run.seq)
         try:
             first = await until_disconnected(request, anext(outputs))
-        except ConstraintFailed as exc:  # (at the first token)
-            exc.param = chat.grammar_field
+        except ServerError as exc:  # (a constraint that failed at the first token)
+            chat.name_constraint(exc)
             raise
         return Started(chat, run, first, outputs)
 

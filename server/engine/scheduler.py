@@ -153,8 +153,11 @@ class Scheduler:
         project with the fewest running sequences."""
         if self.config.policy != "fair":
             return self.waiting[0]
-        running = Counter(s.project for s in self.running)
+        running = self._running_per_project()
         return min(self.waiting, key=lambda s: running[s.project])  # (the first of equals)
+
+    def _running_per_project(self) -> Counter[str]:
+        return Counter(s.project for s in self.running)
 
     def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """A KV slot for the sequence's next token, preempting the lowest-ranked, newest
@@ -174,8 +177,7 @@ class Scheduler:
         lowest-ranked, most recently admitted (under fcfs: the newest; under fair: the newest
         of the project with the most running)."""
         order = {id(seq): i for i, seq in enumerate(self.running)}
-        fair = self.config.policy == "fair"
-        share = Counter(s.project for s in self.running) if fair else Counter()
+        share = self._running_per_project() if self.config.policy == "fair" else Counter()
         return sorted(
             self.running if seqs is None else seqs,
             key=lambda s: (self.rank(s), share[s.project], order[id(s)]),

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from server.jobs.deliveries import Execute
-from server.jobs.project import VISIBLE, seen_by
+from server.jobs.project import VISIBLE, row_seen, seen_by
 from server.jobs.tables import Tables
 
 
@@ -82,7 +82,7 @@ class ConversationStore(Tables):
     def conversation_items(self, conversation_id: str, project: str) -> list[dict[str, Any]] | None:
         """Its items, oldest first; None when there is no such conversation."""
         with self.transaction(write=False) as execute:
-            if not _exists(execute, conversation_id, project):
+            if not row_seen(execute, "conversations", conversation_id, project):
                 return None
             rows = execute(
                 "SELECT item FROM conversation_items WHERE conversation_id = ? ORDER BY position",
@@ -92,7 +92,7 @@ class ConversationStore(Tables):
 
     def delete_item(self, conversation_id: str, item_id: str, project: str) -> bool:
         with self.transaction() as execute:
-            if not _exists(execute, conversation_id, project):
+            if not row_seen(execute, "conversations", conversation_id, project):
                 return False
             cursor = execute(
                 "DELETE FROM conversation_items WHERE conversation_id = ? AND id = ?",
@@ -136,14 +136,6 @@ def _append(
             " VALUES (?, ?, ?, ?)",
             (conversation_id, position, item["id"], json.dumps(item, ensure_ascii=False)),
         )
-
-
-def _exists(execute: Execute, conversation_id: str, project: str) -> bool:
-    row = execute(
-        f"SELECT id FROM conversations WHERE id = ? AND {VISIBLE}",
-        (conversation_id, *seen_by(project)),
-    ).fetchone()
-    return row is not None
 
 
 def _conversation(conversation_id: str, created_at: float, metadata: dict) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.jobs.deliveries import Execute
-from server.jobs.project import VISIBLE, seen_by
+from server.jobs.project import VISIBLE, row_seen, seen_by
 from server.jobs.tables import Tables
 
 FILE_COLUMNS = "id, purpose, filename, bytes, created_at"
@@ -93,12 +93,7 @@ class FileStore(Tables):
         query = f"SELECT {FILE_COLUMNS} FROM files WHERE " + " AND ".join(where)
         query += f" ORDER BY created_at {order}, id {order} LIMIT ?"
         with self.transaction(write=False) as execute:
-            if (
-                after is not None
-                and not execute(
-                    f"SELECT id FROM files WHERE id = ? AND {VISIBLE}", (after, *seen_by(project))
-                ).fetchone()
-            ):
+            if after is not None and not row_seen(execute, "files", after, project):
                 raise KeyError(after)
             rows = execute(query, (*values, limit + 1)).fetchall()
         return [StoredFile.from_row(row) for row in rows[:limit]], len(rows) > limit

@@ -11,6 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.jobs.deliveries import Execute
 
 ALL = ""
 
@@ -34,6 +38,12 @@ VISIBLE = "(? = '' OR project IN ('', ?))"
 
 def seen_by(project: str) -> tuple[str, str]:
     return project, project
+
+
+def row_seen(execute: Execute, table: str, row_id: str, project: str) -> bool:
+    """Whether the table has the row `row_id` and the project sees it."""
+    query = f"SELECT id FROM {table} WHERE id = ? AND {VISIBLE}"
+    return execute(query, (row_id, *seen_by(project))).fetchone() is not None
 
 
 def visible(column_prefix: str) -> str:

@@ -25,7 +25,7 @@ from server.exceptions import IdempotencyKeyReused
 from server.jobs.conversations import ConversationStore
 from server.jobs.deliveries import DeliveryStore, Execute
 from server.jobs.files import FileStore, answers_as_files
-from server.jobs.project import ALL, VISIBLE, scoped_key, seen_by
+from server.jobs.project import ALL, VISIBLE, row_seen, scoped_key, seen_by
 from server.jobs.responses import ResponseStore
 
 # Every column but the request, which only the worker (at claim) needs.
@@ -353,7 +353,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         query += " WHERE " + " AND ".join(where)
         query += " ORDER BY created_at DESC, id DESC LIMIT ?"
         with self.transaction(write=False) as execute:
-            if after is not None and not _exists(execute, after, project):
+            if after is not None and not row_seen(execute, "jobs", after, project):
                 raise KeyError(after)  # a stale cursor must not look like the end of the list
             rows = execute(query, (*values, limit + 1)).fetchall()
         return [Job.from_row(row, {}) for row in rows[:limit]], len(rows) > limit
@@ -412,11 +412,6 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             if announce and cursor.rowcount:
                 self._announce(execute)
             return cursor.rowcount == 1
-
-
-def _exists(execute: Execute, job_id: str, project: str) -> bool:
-    row = execute(f"SELECT id FROM jobs WHERE id = ? AND {VISIBLE}", (job_id, *seen_by(project)))
-    return row.fetchone() is not None
 
 
 def _job_with_key(execute: Execute, idempotency_key: str | None) -> Any:

@@ -97,6 +97,11 @@ class ChatRequest:
         forced = self.tools is not None and self.tools.is_forced
         return "tools" if forced else self.grammar_param
 
+    def name_constraint(self, exc: BaseException) -> None:
+        """A constraint that stopped the answer (ConstraintFailed) names its field."""
+        if isinstance(exc, ConstraintFailed):
+            exc.param = self.grammar_field
+
 
 @dataclass
 class ChatRun:
@@ -214,8 +219,12 @@ class ChatPipeline:
             kept = self.engine.kept_prompt_tokens(truncation, request.sampling)
             text_tokens = min(text_tokens, kept)
         self.engine.max_tokens_for(text_tokens, request.sampling)
-        async with self.preprocessing:  # (decoding images: bounded as a request's are)
-            await self.media.check_inline_images(request.messages, budget)
+        await self.check_inline_images(request.messages, budget)
+
+    async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
+        """MediaLoader.check_inline_images, as many at once as requests' media are read."""
+        async with self.preprocessing:
+            await self.media.check_inline_images(messages, budget)
 
     async def prompt(self, request: ChatRequest) -> ModelInputs:
         """The prompt the request would run, built but not run (vLLM's /tokenize): its media
@@ -361,8 +370,7 @@ class ChatPipeline:
         except BaseException as exc:
             for seq in run.seqs:
                 self.engine.abort(seq.request_id)
-            if isinstance(exc, ConstraintFailed):
-                exc.param = request.grammar_field
+            request.name_constraint(exc)
             raise
         choices = [
             self._choice(i, seq, text, request)
