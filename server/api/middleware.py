@@ -255,8 +255,8 @@ class TrailingSlashMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
-            trimmed = path.rstrip("/") or "/"
-            scope = {**scope, "path": trimmed, "raw_path": trimmed.encode()}
+            raw = scope.get("raw_path") or path.encode()  # (as sent: percent-escapes kept)
+            scope = {**scope, "path": path.rstrip("/") or "/", "raw_path": raw.rstrip(b"/") or b"/"}
         await self.app(scope, receive, send)
 
 
