@@ -121,6 +121,20 @@ BadWords = Annotated[
 MAX_CACHE_SALT = 1024
 # OpenAI's logit_bias: token ids (as JSON object keys, so strings) -> -100..100
 LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
+# OpenAI's reasoning levels. No Qwen-VL checkpoint has levels: "none" turns a -Thinking
+# checkpoint's reasoning off (chat_template_kwargs.enable_thinking false, unless the request
+# sets that itself); the others leave it as the checkpoint does it.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+def thinking_kwargs(effort: str | None, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The chat template's variables a reasoning effort implies, beside the request's own."""
+    kwargs = dict(kwargs or {})
+    if effort == "none":
+        kwargs.setdefault("enable_thinking", False)
+    return kwargs
+
+
 # torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
 
 
@@ -705,7 +719,6 @@ IGNORED_FIELDS = (
     "prompt_cache_key",
     "prompt_cache_options",
     "prompt_cache_retention",
-    "reasoning_effort",
     "safety_identifier",
     "service_tier",
     "store",
@@ -747,7 +760,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     prompt_cache_key: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     prompt_cache_retention: str | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: ReasoningEffort | None = None
     safety_identifier: str | None = None
     seed: int | None = None
     service_tier: str | None = None
@@ -806,6 +819,8 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     def ignored_fields(self) -> list[str]:
         """Fields the request set that change nothing here (for the debug log)."""
         ignored = [f for f in IGNORED_FIELDS if getattr(self, f) is not None]
+        if self.reasoning_effort not in (None, "none"):
+            ignored.append("reasoning_effort")
         ignored += self.vllm_ignored()
         if self.add_special_tokens is not None:  # (the template writes them; Qwen's add none)
             ignored.append("add_special_tokens")
@@ -821,7 +836,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             add_generation_prompt=self.add_generation_prompt is not False
             and not self.continue_final_message,
             continue_final_message=bool(self.continue_final_message),
-            kwargs=dict(self.chat_template_kwargs or {}),
+            kwargs=thinking_kwargs(self.reasoning_effort, self.chat_template_kwargs),
         )
 
     def to_tools(self) -> Tools | None:

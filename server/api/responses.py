@@ -35,6 +35,7 @@ from server.api.protocol import (
     JsonObjectText,
     PartModel,
     Priority,
+    ReasoningEffort,
     StrictModel,
     Text,
 )
@@ -185,6 +186,16 @@ class TextConfig(StrictModel):
     verbosity: str | None = None  # no Qwen-VL checkpoint has an answer-length level
 
 
+class ReasoningConfig(StrictModel):
+    """`reasoning`: "effort": "none" turns a -Thinking checkpoint's reasoning off; the other
+    levels and the summary styles change nothing (no Qwen-VL checkpoint has levels or writes
+    summaries: the reasoning comes whole, as reasoning_text)."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # its old name
+
+
 class ResponseStreamOptions(StrictModel):
     # OpenAI's random padding of deltas against length side channels: not sent by this server.
     include_obfuscation: bool | None = None
@@ -233,7 +244,7 @@ class ResponsesRequest(StrictModel):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
-    reasoning: dict[str, Any] | None = None  # a -Thinking checkpoint always reasons
+    reasoning: ReasoningConfig | None = None
     # "auto": a conversation too long for the context loses its oldest turns (shorten())
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
@@ -405,6 +416,7 @@ class ResponsesRequest(StrictModel):
             "parallel_tool_calls": self.parallel_tool_calls,
             "cache_salt": self.cache_salt,
             "priority": self.priority,
+            "reasoning_effort": self.reasoning.effort if self.reasoning else None,
         }
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
@@ -653,7 +665,7 @@ class ResponseObject(BaseModel):
             temperature=sampling.temperature,
             text=text,
             truncation=body.truncation or "disabled",
-            reasoning={"effort": None, "summary": None, **(body.reasoning or {})},
+            reasoning=_reasoning(body.reasoning),
             tool_choice=_tool_choice(body.tool_choice),
             tools=[t.model_dump(exclude_none=True) for t in body.tools or ()],
             top_p=sampling.top_p,
@@ -673,6 +685,12 @@ class ResponseObject(BaseModel):
         self.completed_at = int(time.time())
         self.usage = usage_of(run)
         return self
+
+
+def _reasoning(config: ReasoningConfig | None) -> dict[str, Any]:
+    """The response's `reasoning` as OpenAI's shows it: both keys, null where not asked."""
+    config = config or ReasoningConfig()
+    return {"effort": config.effort, "summary": config.summary or config.generate_summary}
 
 
 def _tool_choice(choice: str | NamedFunction | None) -> Any:

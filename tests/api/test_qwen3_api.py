@@ -235,6 +235,37 @@ async def test_enable_thinking_false_closes_the_reasoning(thinking: httpx.AsyncC
     assert usage[1]["prompt_tokens"] > usage[0]["prompt_tokens"]  # the closing "</think>"
 
 
+async def test_reasoning_effort_none_turns_the_reasoning_off(thinking: httpx.AsyncClient) -> None:
+    """OpenAI's reasoning_effort "none" (chat) and reasoning.effort "none" (Responses) answer
+    without reasoning, as enable_thinking=false does; the other levels leave the checkpoint
+    reasoning; chat_template_kwargs.enable_thinking, when sent, is what counts; a level OpenAI
+    does not have is a 400 naming the field."""
+    body = chat(text("Quick."), max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def reasoning(**extra: object) -> str | None:
+        response = await thinking.post("/v1/chat/completions", json={**body, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["reasoning_content"]
+
+    assert await reasoning(reasoning_effort="none") is None
+    assert await reasoning(reasoning_effort="low")
+    kwargs = {"enable_thinking": True}
+    assert await reasoning(reasoning_effort="none", chat_template_kwargs=kwargs)
+    bad = await thinking.post("/v1/chat/completions", json={**body, "reasoning_effort": "max"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_effort"
+
+    question = {"model": "tiny", "input": "Quick.", "max_output_tokens": 6, "temperature": 0}
+    off = {**question, "reasoning": {"effort": "none", "summary": "auto"}}
+    response = (await thinking.post("/v1/responses", json=off)).json()
+    assert [item["type"] for item in response["output"]] == ["message"]
+    assert response["reasoning"] == {"effort": "none", "summary": "auto"}
+    response = (await thinking.post("/v1/responses", json=question)).json()
+    assert response["output"][0]["type"] == "reasoning"
+    assert response["reasoning"] == {"effort": None, "summary": None}
+    bad = await thinking.post("/v1/responses", json={**question, "reasoning": {"effort": "x"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning.effort"
+
+
 async def test_a_thinking_checkpoint_under_a_grammar_answers_at_once(
     thinking: httpx.AsyncClient,
 ) -> None:
