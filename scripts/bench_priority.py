@@ -12,7 +12,7 @@ long requests running; short requests are then sent one at a time: their p50 lat
 to first token, against the same short requests on the idle server. Under fcfs a short
 request waits for a long one to finish; under priority it takes a long one's place. With
 --background-clients above --max-num-seqs the long requests also queue: under fcfs a short
-one waits behind them all, under fair only for the next free place.
+one waits behind them all; under fair it takes the place of the background key's newest.
 
 Prints a markdown table (paste it into docs/BENCHMARKS.md) and writes --json if given.
 """

@@ -133,7 +133,8 @@ HELP = {
     "preempts the lowest-ranked, which are recomputed later) or `fair` (the batch shared "
     "between API keys' projects: the next admitted is the first request of the project with "
     "the fewest running, so one key's hundreds of queued requests do not hold another's back; "
-    "first come, first served within a project).",
+    "one finding the batch full takes the place of the newest of a project running at least "
+    "two more than its own; first come, first served within a project).",
     "job_priority": "The `priority` of async jobs that name none, under --scheduling-policy "
     "priority (requests default to 0: by default interactive requests go before jobs, and may "
     "preempt them).",

@@ -38,8 +38,11 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # window start
         self._read_offset = 0  # tokens before this are already in self.text
 
-    def add_token(self, token_id: int) -> str | None:
-        """Append one generated token; returns the stop string if the text now contains one."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append one generated token; returns the stop string if the text now contains one.
+        `check_stop` false (the answer is still short of min_tokens): its text is not searched,
+        but a stop string that begins in it and ends in a later token's is found then (vLLM's
+        rule)."""
         self.token_ids.append(token_id)
         window = self.token_ids[self._prefix_offset :]
         prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
@@ -50,7 +53,7 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix) :]
         self._read_offset = len(self.token_ids)
         self._prefix_offset = max(0, self._read_offset - CONTEXT_TOKENS)
-        return self._truncate_at_stop(searched_from)
+        return self._truncate_at_stop(searched_from) if check_stop else None
 
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:

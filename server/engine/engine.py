@@ -523,7 +523,9 @@ class AsyncEngine:
     def _add_text(self, seq: Sequence, token_id: int) -> None:
         """Detokenize one token: stop strings, max_tokens, or stream the new text."""
         detok = self._detokenizers[seq.request_id]
-        if (stop := detok.add_token(token_id)) is not None:
+        # (stop strings, like EOS and stop tokens, wait for min_tokens: vLLM's rule)
+        check_stop = len(seq.output_token_ids) > seq.sampling.min_tokens
+        if (stop := detok.add_token(token_id, check_stop)) is not None:
             self._finish(seq, "stop", stop_reason=stop)
         elif seq.num_completion_tokens >= seq.max_tokens:
             self._finish(seq, "length")

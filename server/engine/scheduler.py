@@ -22,7 +22,10 @@ Under "fair" the batch is shared between projects (API keys, server/jobs/project
 next admitted is the first waiting sequence of the project with the fewest running, and
 memory-pressure preemption takes the newest of the project with the most. A project that
 queues hundreds of requests (a batch job) then holds back another's first one by a step,
-not by the whole queue. Within a project it is first come, first served.
+not by the whole queue. When that first one finds no room (the batch full of another
+project's), it takes the place of the newest of a project that runs at least two more than
+its own: the shares even out without two projects trading a place back and forth. Within a
+project it is first come, first served.
 """
 
 from __future__ import annotations
@@ -114,8 +117,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        if self.config.policy == "priority":
-            self._make_way_for_rank()
+        if self.config.policy != "fcfs":
+            self._make_way()
         num_preemptions = self.num_preemptions
         for seq in list(self.running):
             if seq.is_last_token_pending:  # it ends when that token arrives
@@ -184,16 +187,25 @@ class Scheduler:
             reverse=True,
         )
 
-    def _make_way_for_rank(self) -> None:
-        """The first waiting sequence, if it cannot fit beside the running ones but would once
-        lower-ranked ones left, takes the place of as many of them as it needs, in preemption
+    def _outranked(self, head: Sequence) -> list[Sequence]:
+        """The running sequences `head` may take the place of: lower-ranked ones (priority),
+        or those of a project running at least two more than head's (fair: after the swap
+        it still runs as many, so the place does not go back)."""
+        if self.config.policy == "priority":
+            return [s for s in self.running if self.rank(s) > self.rank(head)]
+        share = self._running_per_project()
+        return [s for s in self.running if share[s.project] >= share[head.project] + 2]
+
+    def _make_way(self) -> None:
+        """The next waiting sequence, if it cannot fit beside the running ones but would once
+        outranked ones left, takes the place of as many of them as it needs, in preemption
         order (they wait, and are recomputed later). None is preempted when even all of them
         would not make room, or when the others' decodes and prompt chunks take the step's
         whole token budget (it could not be admitted in this step: the next one decides)."""
         if not self.waiting:
             return
-        head = self.waiting[0]
-        outranked = [s for s in self.running if self.rank(s) > self.rank(head)]
+        head = self._next_waiting()
+        outranked = self._outranked(head)
         if not outranked:  # (the common case: no hash-chain walk in every step)
             return
         hits = self.blocks.prefix_hits(head)  # one walk of its hash chain for every try

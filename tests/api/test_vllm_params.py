@@ -188,6 +188,19 @@ async def test_echo_without_generation_scores_the_prompt(client: httpx.AsyncClie
     assert_error(unmet, 400, "min_tokens")
 
 
+async def test_stop_strings_wait_for_min_tokens(client: httpx.AsyncClient) -> None:
+    """A stop string in the answer's first min_tokens tokens does not end it (vLLM's rule, as
+    for EOS and stop_token_ids)."""
+    body = text_body(max_tokens=8, ignore_eos=True)
+    (first,) = (await client.post("/v1/completions", json=body)).json()["choices"]
+    stop = first["text"][:1]  # found in the first token's text
+    stopped = (await client.post("/v1/completions", json={**body, "stop": [stop]})).json()
+    assert stopped["usage"]["completion_tokens"] == 1, stopped
+    held = await client.post("/v1/completions", json={**body, "stop": [stop], "min_tokens": 5})
+    assert held.json()["usage"]["completion_tokens"] >= 6, held.text
+    assert first["text"].startswith(held.json()["choices"][0]["text"])
+
+
 async def test_return_token_ids(client: httpx.AsyncClient, tokenizer) -> None:
     """The prompt's and the answer's ids beside the text, as vLLM sends them: on the answer
     (the prompt's on a stream's first chunk), left out of the body where not asked for."""

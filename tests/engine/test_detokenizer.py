@@ -88,3 +88,15 @@ def test_long_outputs_cost_linear_time(tokenizer) -> None:
     for token_id in tokenizer("word " * 2000)["input_ids"]:
         detok.add_token(token_id)
     assert max(calls) <= 16
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer) -> None:
+    """Text of the tokens before min_tokens is not searched (vLLM's rule), but a stop string
+    that begins there and ends in a later token is found."""
+    ids = [tokenizer.encode(c)[0] for c in "abcab"]  # one token a character (tiny BPE)
+    early = IncrementalDetokenizer(tokenizer, ("b",))
+    assert [early.add_token(i, check_stop=n >= 3) for n, i in enumerate(ids)][-1] == "b"
+    assert early.flush() == "abca"
+    across = IncrementalDetokenizer(tokenizer, ("ca",))
+    hits = [across.add_token(i, check_stop=n >= 3) for n, i in enumerate(ids[:4])]
+    assert hits == [None, None, None, "ca"] and across.flush() == "ab"

@@ -207,6 +207,35 @@ def test_fair_policy_preempts_the_project_with_the_most_running(policy: str, vic
     assert waiting == [victim]
 
 
+def test_fair_policy_makes_room_for_a_project_with_too_few_places() -> None:
+    """The batch full of a's: b's first request takes the place of a's newest (recomputed
+    later); b's next one only while a runs at least two more than b (4-0 -> 3-1 -> 2-2, then
+    it waits), so no place goes back and forth; fcfs preempts nobody for b."""
+    for policy in ("fair", "fcfs"):
+        sched = scheduler(max_num_seqs=4, policy=policy)  # type: ignore[arg-type]
+        a = [of("a", make_seq(f"a{i}", max_tokens=50, first=100 * i)) for i in range(4)]
+        for seq in a:
+            sched.add(seq)
+        run_step(sched)
+        b = [of("b", make_seq(f"b{i}", max_tokens=50, first=1000 + 100 * i)) for i in range(3)]
+        for seq in b:
+            sched.add(seq)
+        batch = run_step(sched)
+        if policy == "fcfs":
+            assert not batch.admitted and sched.num_preemptions == 0
+            continue
+        assert batch.admitted == [b[0]] and [s.request_id for s in sched.waiting] == [
+            "a3",
+            "b1",
+            "b2",
+        ]
+        assert run_step(sched).admitted == [b[1]] and a[2].status is SequenceStatus.WAITING
+        for _ in range(3):
+            assert not run_step(sched).admitted
+        assert sched.num_preemptions == 2
+        assert sorted(s.request_id for s in sched.running) == ["a0", "a1", "b0", "b1"]
+
+
 def test_expire_waiting_spares_preempted_sequences() -> None:
     sched = scheduler(max_num_seqs=1, queue_timeout_s=5)
     first, second = make_seq("first"), make_seq("second")
