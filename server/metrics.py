@@ -109,13 +109,15 @@ class Metrics:
         num_running: Callable[[], int],
         stats: Callable[[], dict[str, float]],
         num_waiting: Callable[[], int],
+        cache_info: dict[str, str],
     ) -> None:
-        """num_waiting: the queued and the preempted (vLLM's waiting)."""
+        """num_waiting: the queued and the preempted (vLLM's waiting); cache_info: the KV
+        cache's configuration (vLLM's cache_config_info)."""
         self.queue_depth.set_function(num_queued)
         self.running.set_function(num_running)
         self.engine_collector = EngineCollector(stats)
         self.registry.register(self.engine_collector)
-        self.vllm.watch_engine(num_waiting, num_running, stats)
+        self.vllm.watch_engine(num_waiting, num_running, stats, cache_info)
 
     def watch_jobs(
         self,

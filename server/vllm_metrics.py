@@ -33,6 +33,12 @@ LABELS = ("model_name", "engine")
 
 # Token counts: 1, 2, 5, 10, 20, 50, ... (vLLM's, which stop at the context length).
 TOKEN_BUCKETS = [m * 10**e for e in range(7) for m in (1, 2, 5)][:-2]  # ... 1,000,000
+N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's, for request_params_n
+# vLLM's iteration_tokens_total: tokens per engine step.
+STEP_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Requests with several choices whose first ended, the rest not yet (a bound: choices that
+# never came, their request cancelled while the first was prefilled, are forgotten).
+MAX_OPEN_REQUESTS = 10_000
 
 
 class VllmMetrics:
@@ -78,6 +84,15 @@ class VllmMetrics:
         self.max_tokens = histogram(
             "vllm:request_params_max_tokens", "The max_tokens of requests", TOKEN_BUCKETS
         )
+        self.n = histogram("vllm:request_params_n", "The n of requests", N_BUCKETS)
+        self.max_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "The most tokens one choice of a request generated",
+            TOKEN_BUCKETS,
+        )
+        self.step_tokens = histogram(
+            "vllm:iteration_tokens_total", "Tokens per engine step", STEP_BUCKETS
+        )
         # Every series from the start (at 0), as vLLM's: a rate over a series that appears
         # with the first request would miss it.
         for reason in sorted(set(FINISH_REASONS.values())):
@@ -87,15 +102,23 @@ class VllmMetrics:
                 metric.labels(**self.labels)
         self.registry = registry
         self.engine_collector: EngineCollector | None = None
+        # request (its first choice's id) -> (choices still going, most tokens so far)
+        self._open: dict[str, tuple[int, int]] = {}
 
     def watch_engine(
         self,
         num_queued: Callable[[], int],
         num_running: Callable[[], int],
         stats: Callable[[], dict[str, float]],
+        cache_info: dict[str, str],
     ) -> None:
-        self.engine_collector = EngineCollector(self.labels, num_queued, num_running, stats)
+        self.engine_collector = EngineCollector(
+            self.labels, num_queued, num_running, stats, cache_info
+        )
         self.registry.register(self.engine_collector)
+
+    def record_step(self, num_tokens: int) -> None:
+        self.step_tokens.labels(**self.labels).observe(num_tokens)
 
     def unwatch(self) -> None:
         if self.engine_collector is not None:
@@ -113,6 +136,9 @@ class VllmMetrics:
         self.generation_tokens.labels(**labels).inc(seq.num_completion_tokens)
         self.request_generation_tokens.labels(**labels).observe(seq.num_completion_tokens)
         self.max_tokens.labels(**labels).observe(seq.max_tokens)
+        if seq.choice_index == 0:
+            self.n.labels(**labels).observe(seq.num_choices)
+        self._generated(seq)
         itl, tpot = self.itl.labels(**labels), self.tpot.labels(**labels)
         for seconds in seq.inter_token_latencies:
             itl.observe(seconds)
@@ -129,6 +155,17 @@ class VllmMetrics:
             self.ttft.labels(**labels).observe(seq.first_token_time - seq.received_time)
             self.prefill.labels(**labels).observe(seq.first_token_time - seq.scheduled_time)
             self.decode.labels(**labels).observe(end - seq.first_token_time)
+
+    def _generated(self, seq: Sequence) -> None:
+        """request_max_num_generation_tokens, once the request's last choice has ended."""
+        going, most = self._open.pop(seq.group_id, (seq.num_choices, 0))
+        going, most = going - 1, max(most, seq.num_completion_tokens)
+        if going <= 0:
+            self.max_generation_tokens.labels(**self.labels).observe(most)
+            return
+        if len(self._open) >= MAX_OPEN_REQUESTS:
+            self._open.pop(next(iter(self._open)))
+        self._open[seq.group_id] = (going, most)
 
 
 class EngineCollector:
@@ -157,9 +194,11 @@ class EngineCollector:
         num_queued: Callable[[], int],
         num_running: Callable[[], int],
         stats: Callable[[], dict[str, float]],
+        cache_info: dict[str, str],
     ):
         self.labels = labels
         self.num_queued, self.num_running, self.stats = num_queued, num_running, stats
+        self.cache_info = cache_info
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self.stats()
@@ -174,3 +213,10 @@ class EngineCollector:
             family = CounterMetricFamily(name, doc, labels=names)
             family.add_metric(label_values, stats[stat])
             yield family
+        # vLLM's info gauge: 1, the cache's configuration in its labels
+        info_labels = {**self.labels, **self.cache_info}
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "The KV cache's configuration", labels=list(info_labels)
+        )
+        info.add_metric(list(info_labels.values()), 1)
+        yield info

@@ -117,9 +117,11 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             lambda: engine.num_running,
             engine.stats,
             lambda: engine.num_waiting,
+            {**engine.cache_info(), "gpu_memory_utilization": str(settings.gpu_memory_utilization)},
         )
         # vLLM's request metrics see every sequence that ends, aborted ones too.
         engine.on_finish = metrics.vllm.record
+        engine.on_step = metrics.vllm.record_step
         categories = CategoriesPipeline(engine, input_builder, media, metrics)
         # Jobs' requests rank below interactive ones where the policy looks at ranks.
         job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None

@@ -71,6 +71,8 @@ class AsyncEngine:
         self.eos_token_ids = frozenset(runner.eos_token_ids)
         # Called (on the engine thread) with every sequence that ends, however it ends.
         self.on_finish: Callable[[Sequence], object] | None = None
+        # Called (on the engine thread) with the number of tokens of every step that runs.
+        self.on_step: Callable[[int], object] | None = None
         self._inbox: queue.SimpleQueue[Sequence | list[Sequence] | None] = queue.SimpleQueue()
         self.num_batched_adds = 0  # add_requests calls (tests check captions use one)
         self._sequences: dict[str, Sequence] = {}
@@ -180,6 +182,16 @@ class AsyncEngine:
             "grammar_cache_bytes": self.runner.grammars.num_bytes,
         }
 
+    def cache_info(self) -> dict[str, str]:
+        """The KV cache's configuration (vLLM's cache_config_info labels)."""
+        blocks = self.scheduler.blocks
+        return {
+            "block_size": str(blocks.block_size),
+            "num_gpu_blocks": str(blocks.num_blocks),
+            "enable_prefix_caching": str(blocks.enable_prefix_caching),
+            "cache_dtype": str(self.runner.kv_cache.keys[0].dtype).removeprefix("torch."),
+        }
+
     # -- requests (event loop) -------------------------------------------------------------
     def check_capacity(self) -> None:
         if self._num_queued >= self.scheduler.config.max_queued_requests:
@@ -189,9 +201,10 @@ class AsyncEngine:
             )
 
     def add_request(
-        self, request_id: str, inputs: ModelInputs, sampling: SamplingParams
+        self, request_id: str, inputs: ModelInputs, sampling: SamplingParams, num_choices: int = 1
     ) -> Sequence:
         seq = self._new_sequence(request_id, inputs, sampling)
+        seq.num_choices = num_choices  # (before the engine thread can see it end)
         with self._lock:
             self.check_capacity()
             self._num_queued += 1
@@ -407,6 +420,11 @@ class AsyncEngine:
         self._drop_aborted_and_expired()
         batch = self.scheduler.schedule()
         self._mark_admitted(batch.admitted)
+        if self.on_step is not None and not batch.is_empty:
+            try:
+                self.on_step(batch.num_tokens)
+            except Exception:  # (metrics) never the engine's trouble
+                logger.exception("on_step failed")
         sampled = batch.sampled  # read before commit moves the sequences past this step
         logits = None if batch.is_empty else self.runner.forward(batch, sampled)
         prompt_scores = self.runner.take_prompt_logprobs()

@@ -61,6 +61,7 @@ class Sequence:
     stop_reason: str | int | None = None
     is_aborted: bool = False
     choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
+    num_choices: int = 1  # n: how many choices its request has
     scheduled_time: float | None = None  # first scheduled (admitted)
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
     project: str = ""  # whose request it is (its API key's project): the "fair" policy's unit
@@ -96,6 +97,12 @@ class Sequence:
     def is_admitted(self) -> bool:
         """Scheduled at least once (it no longer counts as queued)."""
         return self.scheduled_time is not None
+
+    @property
+    def group_id(self) -> str:
+        """Its request's id: its first choice's (the others' ids add "-{index}", see
+        pipelines/choices.choice_id)."""
+        return self.request_id.rsplit("-", 1)[0] if self.choice_index else self.request_id
 
     @property
     def num_completion_tokens(self) -> int:

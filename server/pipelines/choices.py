@@ -37,7 +37,7 @@ async def add_choices(
     """n sequences of one prompt, prefilled once: the first goes alone, and once its prompt
     is computed the others join and find its KV blocks in the prefix cache (all but the last,
     partial block, which each computes again)."""
-    first = engine.add_request(choice_id(request_id, 0), inputs, sampling)
+    first = engine.add_request(choice_id(request_id, 0), inputs, sampling, num_choices=n)
     if n == 1:
         return [first]
     try:
@@ -48,7 +48,7 @@ async def add_choices(
         ]
         others = engine.add_requests(rest)
         for i, seq in enumerate(others, start=1):
-            seq.choice_index = i
+            seq.choice_index, seq.num_choices = i, n
         return [first, *others]
     except BaseException:
         engine.abort(first.request_id)

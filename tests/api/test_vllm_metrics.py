@@ -62,6 +62,12 @@ async def test_a_request_moves_vllms_series(tiny_model_dir: Path) -> None:
     assert value("vllm:request_prompt_tokens_sum") == prompt
     assert value("vllm:request_generation_tokens_sum") == completion
     assert value("vllm:request_params_max_tokens_sum") == 6
+    assert value("vllm:request_params_n_sum") == value("vllm:request_params_n_count") == 1
+    assert value("vllm:request_max_num_generation_tokens_sum") == completion
+    # the prompt (in one step or in chunks), then one token a step for all but the last
+    assert value("vllm:iteration_tokens_total_sum") == prompt + completion - 1
+    info = [labels for (name, labels) in after if name == "vllm:cache_config_info"]
+    assert dict(info[0])["block_size"] == "16" and "num_gpu_blocks" in dict(info[0])
     assert value("vllm:prefix_cache_queries_total") >= prompt  # tokens, as vLLM counts them
     assert value("vllm:prefix_cache_hits_total") == 0
     assert value("vllm:num_preemptions_total") == 0
@@ -136,3 +142,29 @@ async def test_an_aborted_request_counts_as_aborted(tiny_model_dir: Path) -> Non
     assert found[("vllm:request_success_total", (("finished_reason", "abort"),))] == 1
     assert found[("vllm:e2e_request_latency_seconds_count", ())] == 1
     assert found[("vllm:generation_tokens_total", ())] > 0
+
+
+def test_a_requests_most_generated_tokens_wait_for_its_last_choice() -> None:
+    """request_max_num_generation_tokens is one observation per request: the most any of its
+    n choices generated, once the last has ended; request_params_n its n."""
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.engine.inputs import ModelInputs
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+    from server.vllm_metrics import VllmMetrics
+
+    registry = CollectorRegistry()
+    metrics = VllmMetrics(registry, "m")
+    inputs = ModelInputs({"input_ids": torch.zeros(1, 5, dtype=torch.long)}, 5, 0)
+    for index, generated in ((0, 3), (2, 7), (1, 4)):
+        seq = Sequence("req-9" if index == 0 else f"req-9-{index}", inputs, SamplingParams(), 16)
+        seq.choice_index, seq.num_choices = index, 3
+        seq.output_token_ids = [1] * generated
+        metrics.record(seq)
+        found = samples(generate_latest(registry).decode(), "m")
+        count = found[("vllm:request_max_num_generation_tokens_count", ())]
+        assert count == (1 if generated == 4 else 0)
+    assert found[("vllm:request_max_num_generation_tokens_sum", ())] == 7
+    assert found[("vllm:request_params_n_sum", ())] == 3
