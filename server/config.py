@@ -65,6 +65,7 @@ class MediaLimits:
     max_video_bytes: int
     max_videos_per_request: int
     fetch_timeout_s: float
+    image_decode_memory_bytes: int = 2**30
 
 
 class Settings(BaseSettings):
@@ -126,6 +127,7 @@ class Settings(BaseSettings):
     job_priority: int = Field(default=1, ge=-(2**31), lt=2**31)  # async jobs' requests
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(default=16, ge=0)
+    image_decode_memory: float = Field(default=1.0, gt=0)  # GiB, all images being decoded
     max_media_bytes_per_request: int = Field(default=256 * 1024 * 1024, ge=1)
     max_video_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     max_videos_per_request: int = Field(default=1, ge=0)
@@ -301,6 +303,7 @@ class Settings(BaseSettings):
             max_video_bytes=self.max_video_bytes,
             max_videos_per_request=self.max_videos_per_request,
             fetch_timeout_s=self.media_fetch_timeout,
+            image_decode_memory_bytes=int(self.image_decode_memory * 2**30),
         )
 
 

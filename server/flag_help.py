@@ -32,6 +32,7 @@ UNITS = {
     "shutdown_timeout": "s",
     "webhook_timeout": "s",
     "kv_cache_memory": "GiB",
+    "image_decode_memory": "GiB",
     "encoder_cache_memory": "GiB",
     "job_retention_hours": "hours",
     "job_lease": "s",
@@ -150,6 +151,10 @@ HELP = {
     "caption_tokens": "Caption length per frame in captions mode; the planner budgets frames "
     "with it.",
     "max_concurrent_preprocessing": "Requests fetching and decoding their media at once.",
+    "image_decode_memory": "Memory the images being decoded may take together, all requests "
+    "(reckoned from each image's header: 8 bytes a pixel, 64 MP at most); an image that would "
+    "pass it waits until others are done (one larger than it all is decoded alone), so a "
+    "few small files of huge pixel counts cannot take the host's memory.",
     "media_fetch_timeout": "For the whole download of one media URL.",
     "allowed_media_domains": "An allow-list for media and webhook URLs (repeatable or "
     "comma-separated): once set, only these hosts, which may be private (an internal media "

@@ -75,6 +75,22 @@ def target_size(
     return new_width, new_height
 
 
+# What decoding takes a pixel, at most: the decoded image (up to 4 bytes, RGBA or 16-bit
+# gray), its RGB copy (3) and a margin for the EXIF turn and the resize.
+DECODE_BYTES_PER_PIXEL = 8
+
+
+def decode_memory(data: bytes) -> int:
+    """The bytes decoding `data` will take, from its header alone (0 when the header cannot be
+    read: decode_image then refuses it at once)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
+            width, height = probe.size
+    except Exception:  # (Pillow's header errors vary by format; decode_image names them)
+        return 0
+    return min(width * height, MAX_DECODED_PIXELS) * DECODE_BYTES_PER_PIXEL
+
+
 def decode_image(data: bytes, *, param: str) -> Image.Image:
     """Bytes -> RGB image, refusing unknown formats and decompression bombs before decoding."""
     try:

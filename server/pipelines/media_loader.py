@@ -12,9 +12,10 @@ from PIL import Image
 
 from server.config import MediaLimits
 from server.exceptions import InvalidRequest, MediaError
+from server.media.decode_memory import DecodeMemory
 from server.media.fetch import MediaFetcher
 from server.media.frames import FrameRequest, TokenBudget
-from server.media.image import load_image
+from server.media.image import decode_memory, load_image
 from server.media.image_frames import decode_image_frames
 from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder
 from server.metrics import Metrics
@@ -60,6 +61,7 @@ class MediaLoader:
         self.token_side = token_side  # pixels along one side of a visual token (Qwen3-VL: 32)
         self.model_min_pixels = model_min_pixels  # the processor's smallest image
         self.metrics = metrics
+        self.decode_memory = DecodeMemory(limits.image_decode_memory_bytes)
 
     def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
         for kind, name, limit in (
@@ -112,17 +114,19 @@ class MediaLoader:
                 part.url, max_bytes=max_bytes, kind="image", param=part.param
             )
         budget.spend(fetched.size, part.param)
-        image = await asyncio.to_thread(
-            load_image,
-            fetched.data,
-            part.detail,
-            self.model_max_pixels,
-            param=part.param,
-            side=self.token_side,
-            model_min_pixels=self.model_min_pixels,
-            pixels=(part.min_pixels, part.max_pixels),
+        need = await asyncio.to_thread(decode_memory, fetched.data)
+        return await self.decode_memory.run(
+            need,
+            lambda: load_image(
+                fetched.data,
+                part.detail,
+                self.model_max_pixels,
+                param=part.param,
+                side=self.token_side,
+                model_min_pixels=self.model_min_pixels,
+                pixels=(part.min_pixels, part.max_pixels),
+            ),
         )
-        return image
 
     async def video(
         self, part: VideoPart, budget: MediaBudget, tokens: TokenBudget, frames: FrameRequest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import socket
@@ -622,3 +623,19 @@ async def test_an_unknown_route_is_a_404_in_the_paths_envelope(client: httpx.Asy
     response = await client.post("/v1/messages/nope", json={})
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+async def test_images_past_the_decode_memory_are_decoded_one_at_a_time(
+    tiny_model_dir: Path,
+) -> None:
+    """--image-decode-memory smaller than one image: each is decoded alone, none refused."""
+    settings = make_settings(tiny_model_dir, image_decode_memory=1e-6)
+    parts = [image(data_uri(make_image(64, 64, seed=i))) for i in range(3)]
+    body = {"model": "tiny", "messages": user(*parts), "max_tokens": 2}
+    async for client in start_client(settings):
+        responses = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body) for _ in range(3))
+        )
+        assert [r.status_code for r in responses] == [200] * 3
+        loader = client.app.state.services.chat.media  # type: ignore[attr-defined]
+        assert loader.decode_memory.free == loader.decode_memory.total

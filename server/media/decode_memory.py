@@ -1,0 +1,70 @@
+"""How much memory images being decoded may take together, across all requests.
+
+A PNG of 0.5 MB can decode to half a gigabyte; the per-request byte caps do not see that, and
+a handful of such requests at once would take the host's memory. Each decode first takes its
+share (reckoned from the image's header) and gives it back when its thread is done, even if
+the request that wanted it has gone meanwhile (a thread cannot be stopped: its memory is in
+use until it ends). Waiters are served in order; a share larger than the whole budget is cut
+to it, so that image is decoded alone. (asyncio's Semaphore counts one per holder; this
+counts bytes, hence the few lines here.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class DecodeMemory:
+    def __init__(self, total_bytes: int):
+        self.total = total_bytes
+        self.free = total_bytes
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def run(self, num_bytes: int, fn: Callable[[], T]) -> T:
+        """fn() in a worker thread once num_bytes of the budget are free."""
+        share = await self._take(min(num_bytes, self.total))
+        loop = asyncio.get_running_loop()
+
+        def decode() -> T:
+            try:
+                return fn()
+            finally:
+                loop.call_soon_threadsafe(self._give_back, share)
+
+        return await asyncio.to_thread(decode)
+
+    async def _take(self, share: int) -> int:
+        if not self._waiters and share <= self.free:
+            self.free -= share
+            return share
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (share, waiter)
+        self._waiters.append(entry)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # granted as it was cancelled
+                self._give_back(share)
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+                self._wake()  # it may have held back smaller ones behind it
+            raise
+        return share
+
+    def _give_back(self, share: int) -> None:
+        self.free += share
+        self._wake()
+
+    def _wake(self) -> None:
+        """Grant shares in order while they fit."""
+        while self._waiters and self._waiters[0][0] <= self.free:
+            share, waiter = self._waiters.popleft()
+            if waiter.done():  # (cancelled: its task removes nothing more)
+                continue
+            self.free -= share
+            waiter.set_result(None)

@@ -1,0 +1,77 @@
+"""The decode memory budget: images decode together only while their shares fit, in order,
+and a share comes back when its thread ends (not when its request goes away)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from server.media.decode_memory import DecodeMemory
+from server.media.image import DECODE_BYTES_PER_PIXEL, decode_memory
+from tests.helpers import make_image
+
+pytestmark = pytest.mark.anyio
+
+
+def blocked(gate: threading.Event, started: list[str], name: str):
+    def decode() -> str:
+        started.append(name)
+        gate.wait(10)
+        return name
+
+    return decode
+
+
+async def until(condition) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_share_that_does_not_fit_waits_for_the_others() -> None:
+    memory, gate, started = DecodeMemory(100), threading.Event(), []
+    first = asyncio.create_task(memory.run(60, blocked(gate, started, "first")))
+    await until(lambda: started == ["first"])
+    second = asyncio.create_task(memory.run(60, blocked(gate, started, "second")))
+    small = asyncio.create_task(memory.run(10, blocked(gate, started, "small")))
+    await asyncio.sleep(0.1)
+    assert started == ["first"]  # in order: the small one does not pass the waiting one
+    gate.set()
+    assert [await first, await second, await small] == ["first", "second", "small"]
+    assert memory.free == 100
+
+
+async def test_a_share_above_the_budget_decodes_alone() -> None:
+    memory, gate, started = DecodeMemory(100), threading.Event(), []
+    huge = asyncio.create_task(memory.run(10**9, blocked(gate, started, "huge")))
+    await until(lambda: started == ["huge"])
+    assert memory.free == 0
+    gate.set()
+    assert await huge == "huge" and memory.free == 100
+
+
+async def test_a_request_that_goes_away_gives_its_share_back_when_its_thread_ends() -> None:
+    memory, gate, started = DecodeMemory(100), threading.Event(), []
+    running = asyncio.create_task(memory.run(80, blocked(gate, started, "running")))
+    await until(lambda: started == ["running"])
+    waiting = asyncio.create_task(memory.run(50, blocked(gate, started, "waiting")))
+    behind = asyncio.create_task(memory.run(20, blocked(gate, started, "behind")))
+    await asyncio.sleep(0.05)
+    waiting.cancel()  # never started: nothing taken, and the one behind it may go
+    running.cancel()  # its thread goes on: its share is still in use
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await until(lambda: "behind" in started)
+    assert memory.free == 0  # 80 of the running thread's, 20 of behind's
+    gate.set()
+    assert await behind == "behind"
+    await until(lambda: memory.free == 100)
+    assert started == ["running", "behind"]
+
+
+def test_the_share_is_reckoned_from_the_header() -> None:
+    png = make_image(320, 240, fmt="PNG")
+    assert decode_memory(png) == 320 * 240 * DECODE_BYTES_PER_PIXEL
+    assert decode_memory(b"not an image") == 0
