@@ -215,7 +215,7 @@ def check_directories(settings: Settings) -> None:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{flag} '{path}': not a directory")
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryFile(dir=settings.data_dir):
             pass
     except OSError as exc:

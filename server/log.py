@@ -28,9 +28,19 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# Control characters a client may have put in what a message quotes (a path, an id, a model
+# name): written escaped, so no request can start a line of its own in the log.
+CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r"}
+
+
 class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return iso_time(record.created)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        """One line a record (a traceback, appended after, keeps its lines)."""
+        record.message = record.message.translate(CONTROL_CHARS)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):

@@ -73,7 +73,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal loaded
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = Spool(settings.data_dir / "spool")  # its own: never another server's files
         if loaded is None:
             loaded = await asyncio.to_thread(load_model, settings.engine_config())

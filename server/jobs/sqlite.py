@@ -6,6 +6,7 @@ dir): writes take SQLite's write lock, and a job is only taken over when its lea
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -134,11 +135,25 @@ def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
     return {column[0]: value for column, value in zip(cursor.description, values, strict=True)}
 
 
+def _owner_only(path: Path) -> None:
+    """The database (every project's prompts, answers, files, and the webhook secret) readable
+    by the server's user alone: made 0600 before SQLite opens it, which gives its WAL and
+    shared-memory files the same mode; one an older version made 0644 is narrowed."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if name.stat().st_mode & 0o077:
+                name.chmod(0o600)
+        except OSError:  # (absent, or not ours to change: left as it is)
+            pass
+
+
 class SqliteJobStore(JobStore):
     def __init__(self, path: Path):
         super().__init__()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
+        _owner_only(path)
         self.db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
         )

@@ -237,23 +237,34 @@ class MediaFetcher:
                 param=param,
                 code="media_url_not_allowed",
             )
-        # resolve() follows symlinks and folds "..": what is checked is where the bytes are.
-        path = Path(url.path).resolve()  # httpx's path is already percent-decoded
-        if url.host not in ("", "localhost") or not path.is_relative_to(root.resolve()):
+        # A NUL byte, a name too long, a symlink loop, no permission: the path cannot be read.
+        unreadable = MediaError(
+            f"The file at {param} cannot be read.", param=param, code="media_fetch_failed"
+        )
+        try:
+            # resolve() follows symlinks and folds "..": what is checked is where the bytes are.
+            path = Path(url.path).resolve()  # httpx's path is already percent-decoded
+            inside = path.is_relative_to(root.resolve())
+        except (OSError, ValueError, RuntimeError):
+            raise unreadable from None
+        if url.host not in ("", "localhost") or not inside:
             raise MediaError(
                 f"The file at {param} is outside the server's allowed local media path "
                 "(--allowed-local-media-path).",
                 param=param,
                 code="media_url_not_allowed",
             )
-        if not path.is_file():
-            raise MediaError(f"No file at {param}.", param=param, code="media_fetch_failed")
-        if path.stat().st_size > max_bytes:
-            raise _too_large(kind, max_bytes, param)
-        size = path.stat().st_size
-        if by_path:
-            return FetchedMedia(b"", None, path=path, size=size)
-        return FetchedMedia(await asyncio.to_thread(path.read_bytes), None, size=size)
+        try:
+            if not path.is_file():
+                raise MediaError(f"No file at {param}.", param=param, code="media_fetch_failed")
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise _too_large(kind, max_bytes, param)
+            if by_path:
+                return FetchedMedia(b"", None, path=path, size=size)
+            return FetchedMedia(await asyncio.to_thread(path.read_bytes), None, size=size)
+        except OSError:
+            raise unreadable from None
 
 
 def _parse(url: str, kind: str, param: str) -> httpx.URL:

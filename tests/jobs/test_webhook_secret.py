@@ -31,3 +31,20 @@ def test_a_secret_from_an_older_data_dir_is_kept(open_store: Callable[[], JobSto
     (other / "webhook_secret").write_text("whsec_c3RhbGU=")  # a replica's own, from before
     assert load_or_create_secret(None, open_store(), other) == "whsec_b2xk"
     assert (other / "webhook_secret").read_text() == "whsec_b2xk"
+
+
+def test_the_sqlite_store_is_readable_by_its_owner_alone(tmp_path: Path) -> None:
+    """It holds the stored secret and every project's data: 0600 (its WAL too), in a data dir
+    the server makes 0700; a database an older version left 0644 is narrowed."""
+    from server.jobs.sqlite import SqliteJobStore
+
+    path = tmp_path / "data" / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    load_or_create_secret(None, store, tmp_path)  # a write: the WAL exists
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    for name in (path, path.with_name("jobs.sqlite3-wal")):
+        assert name.stat().st_mode & 0o777 == 0o600, name
+    store.close()
+    path.chmod(0o644)
+    SqliteJobStore(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -132,6 +132,24 @@ async def test_local_files_only_below_the_allowed_path(tmp_path: Path) -> None:
         assert info.value.code == "media_url_not_allowed", url
 
 
+async def test_local_paths_that_cannot_be_read_are_a_media_error(tmp_path: Path) -> None:
+    """A NUL byte, a name too long, a symlink loop: the client's error, not a crash."""
+    root = tmp_path / "media"
+    root.mkdir()
+    os.symlink(root / "loop_b", root / "loop_a")
+    os.symlink(root / "loop_a", root / "loop_b")
+    for url in (
+        f"file://{root}/ok.png%00.txt",
+        f"file://{root}/{'a' * 300}",
+        f"file://{root}/{'a/' * 3000}x",
+        f"file://{root}/loop_a",
+        f"file://{root}/loop_a/x.png",
+    ):
+        with pytest.raises(MediaError) as info:
+            await fetch(url, local_media_root=root)
+        assert info.value.code in ("media_fetch_failed", "media_url_not_allowed"), url
+
+
 @pytest.mark.parametrize(
     "address,public",
     [

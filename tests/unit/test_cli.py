@@ -81,6 +81,23 @@ def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture[str]) -> N
     logging.getLogger().handlers = []
 
 
+def test_text_logs_keep_a_record_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """What a client sent (a path with %0A, an id) cannot forge a log line: control characters
+    are escaped; a traceback still has its lines."""
+    from server.log import configure_logging
+
+    configure_logging("info", "text")
+    logging.getLogger("server.test").info("GET %s 401", "/v1/x\n2026 INFO fake\r\x1b[2J")
+    try:
+        raise ValueError("inner")
+    except ValueError:
+        logging.getLogger("server.test").exception("failed")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].endswith("GET /v1/x\\n2026 INFO fake\\r\\x1b[2J 401")
+    assert lines[1].endswith("failed") and lines[2] == "Traceback (most recent call last):"
+    logging.getLogger().handlers = []
+
+
 def test_vlm_api_key_is_the_flags_env_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLM_API_KEY", "secret")
     assert settings_from_args(build_parser().parse_args(["serve"])).api_keys == ["secret"]
