@@ -36,6 +36,7 @@ from server.engine.sampling import SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.jobs.store import Job
+from server.media.fetch import is_data_uri
 from server.media.frames import FrameRequest
 from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult, ChoiceResult
@@ -245,7 +246,7 @@ class FileRef(PartModel):
 
 def _data_url(data: str, filename: str | None, param: str) -> str:
     """file_data as a data: URL: as sent, or bare base64 typed by its filename."""
-    if data.startswith("data:"):
+    if is_data_uri(data):
         return data
     mime = mimetypes.guess_type(filename or "")[0]
     if mime is not None and not mime.startswith("image/"):
@@ -685,6 +686,7 @@ class FunctionDefinition(StrictModel):
 class ChatCompletionToolParam(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
+    defer_loading: bool | None = None  # vLLM's (tool search): every tool is loaded here
 
 
 class ToolChoiceFunction(StrictModel):
@@ -777,7 +779,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
     # extension (vLLM's): a thinking checkpoint's reasoning ends after this many tokens
-    thinking_token_budget: int | None = Field(default=None, ge=0, lt=2**31)
+    thinking_token_budget: int | None = Field(default=None, ge=-1, lt=2**31)  # -1: no budget
     # extension (vLLM's): false leaves a thinking checkpoint's reasoning out of the answer
     include_reasoning: bool | None = None
     # extensions (vLLM's): the chat template's rendering
@@ -886,7 +888,8 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
                 code="invalid_value",
             )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return replace(params, logprobs=logprobs, thinking_token_budget=self.thinking_token_budget)
+        budget = None if self.thinking_token_budget == -1 else self.thinking_token_budget
+        return replace(params, logprobs=logprobs, thinking_token_budget=budget)
 
     def to_messages(self) -> list[ChatMessage]:
         messages = [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
@@ -1375,6 +1378,23 @@ class ChatCompletionChunk(BaseModel):
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_absent)
 
 
+class ModelPermission(BaseModel):
+    """vLLM's (OpenAI's old) permission entry, which some vLLM clients read."""
+
+    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
     """A served model, as OpenAI's clients and Anthropic's (`type`, `display_name`,
     `created_at`) read it."""
@@ -1384,7 +1404,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "vlm-server"
     root: str  # extension: the checkpoint this name serves
+    parent: str | None = None  # extension (vLLM's): no adapters here
     max_model_len: int  # extension
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
     type: Literal["model"] = "model"
     lifecycle: Literal["active"] = "active"
 

@@ -25,11 +25,18 @@ from server.exceptions import MediaError
 from server.jobs.project import current_project
 from server.media.netguard import AddressRefused, checked_request
 
+# (URI schemes, media types and "base64" are case-insensitive: "DATA:IMAGE/PNG;BASE64,")
 DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)"
     r"(?P<b64>;base64)?,(?P<data>.*)$",
-    re.DOTALL,
+    re.DOTALL | re.IGNORECASE,
 )
+
+
+def is_data_uri(url: str) -> bool:
+    return url[:5].lower() == "data:"
+
+
 CHUNK_SIZE = 64 * 1024
 
 
@@ -110,7 +117,7 @@ class MediaFetcher:
         With spool_dir, a download is written to a temporary file there instead of memory (the
         caller discards it), and a local file is handed over by path, not read: big videos never
         sit in the server's memory."""
-        if url.startswith("data:"):
+        if is_data_uri(url):
             # Decoding megabytes of base64 is CPU work: keep it off the event loop.
             return await asyncio.to_thread(
                 decode_data_uri, url, max_bytes=max_bytes, kind=kind, param=param

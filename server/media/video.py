@@ -74,7 +74,10 @@ def _probe(data: VideoSource) -> VideoInfo:
         with av.open(_open(data), mode="r") as container:
             names = set(container.format.name.split(","))
             if not names & set(ALLOWED_CONTAINERS):
-                raise VideoDecodeError(f"unsupported container '{container.format.name}'")
+                # (not the demuxer's name: "jpeg_pipe" means nothing to a client)
+                raise VideoDecodeError(
+                    "it is not a video in a container this server reads (mp4, mov, mkv, webm, avi)"
+                )
             if not container.streams.video:
                 raise VideoDecodeError("the file has no video stream")
             stream = container.streams.video[0]

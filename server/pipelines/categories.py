@@ -27,6 +27,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence
 from server.engine.structured import StructuredOutput
 from server.exceptions import MediaError, ServerError
+from server.media.fetch import is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
 from server.metrics import Metrics
 from server.pipelines.chat import compile_grammar
@@ -92,7 +93,7 @@ def prompt_for(keys: tuple[str, ...], what: str) -> str:
 def is_video_url(url: str) -> bool:
     """data: URIs say what they are; other URLs are judged by their path's extension (a video
     container this server does not read is a 400 that says so)."""
-    if url.startswith("data:"):
+    if is_data_uri(url):
         return url[5:].lower().startswith("video/")
     suffix = PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower()
     if suffix in OTHER_VIDEO_EXTENSIONS:

@@ -13,7 +13,7 @@ from PIL import Image
 from server.config import MediaLimits
 from server.exceptions import InvalidRequest, MediaError
 from server.media.decode_memory import DecodeMemory
-from server.media.fetch import MediaFetcher
+from server.media.fetch import MediaFetcher, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import decode_memory, load_image
 from server.media.image_frames import decode_image_frames
@@ -95,7 +95,7 @@ class MediaLoader:
         one that cannot be read is a 400 now, not a failure then. Images by URL are read when
         it runs (a download can take long, and what it finds can change)."""
         for part in parts_of(messages, ImagePart):
-            if part.file_id is not None or part.url.startswith("data:"):
+            if part.file_id is not None or is_data_uri(part.url):
                 await self._read_image(part, budget)
 
     async def _image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:

@@ -379,3 +379,26 @@ async def test_a_completion_request_larger_than_the_queue_is_refused(
     assert_error(await client.post("/v1/completions", json=body), 400, "prompt")
     body = text_body(prompt=["p"] * (limit // 2 + 1), max_tokens=1, n=2)
     assert_error(await client.post("/v1/completions", json=body), 400, "prompt")
+
+
+async def test_vllm_client_odds_and_ends(client: httpx.AsyncClient) -> None:
+    """From a vLLM client's trial: /v1/models has vLLM's parent and permission; a tool's
+    defer_loading and thinking_token_budget -1 (no budget) are accepted; a data: URI in
+    capitals is one; a picture sent as a video is refused without the demuxer's name."""
+    card = (await client.get("/v1/models")).json()["data"][0]
+    assert card["parent"] is None and card["permission"][0]["object"] == "model_permission"
+    tool = {"type": "function", "function": {"name": "f"}, "defer_loading": False}
+    response = await client.post(
+        "/v1/chat/completions", json=chat(tools=[tool], thinking_token_budget=-1)
+    )
+    assert response.status_code == 200, response.text
+    upper = "DATA:IMAGE/JPEG;BASE64," + data_uri(make_image(64, 64)).split(",", 1)[1]
+    image = [{"type": "image_url", "image_url": {"url": upper}}, {"type": "text", "text": "?"}]
+    response = await client.post("/v1/chat/completions", json=chat(image))
+    assert response.status_code == 200, response.text
+    picture = "data:video/mp4;base64," + data_uri(make_image(64, 64)).split(",", 1)[1]
+    video = [{"type": "video_url", "video_url": {"url": picture}}]
+    response = await client.post("/v1/chat/completions", json=chat(video))
+    assert_error(response, 400, "messages[0].content[0]")
+    message = response.json()["error"]["message"]
+    assert "pipe" not in message and "container this server reads" in message, message
