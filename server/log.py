@@ -67,7 +67,10 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if fmt == "json":  # every line a JSON object: no progress bars (weights loading)
-        from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # transformers' warnings through this handler (time, request id), not its own stderr one
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    if fmt == "json":  # every line a JSON object: no progress bars (weights loading)
         transformers_logging.disable_progress_bar()

@@ -234,10 +234,23 @@ def _plan_scenes(
     return at_timestamps(plan, [s.middle_s for s in found], info, budget, request.mode)
 
 
+def _quiet_decoders() -> None:
+    """decord's FFmpeg writes its complaints about a broken file straight to stderr (lines
+    with no time or request id in the server's log); the job's error says what matters.
+    PyAV's FFmpeg logging is off by default."""
+    try:
+        import decord.logging
+
+        decord.logging.set_level(decord.logging.QUIET)
+    except ImportError:  # (PyAV alone)
+        pass
+
+
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     # Ctrl-C reaches the terminal's whole process group: the server drains first and then
     # closes its workers itself, so a worker must finish the video it is decoding.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _quiet_decoders()
     conn.send("ready")  # (from here on a Ctrl-C leaves it be: the server waits for this)
     while True:
         try:

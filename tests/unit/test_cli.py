@@ -92,9 +92,12 @@ def test_text_logs_keep_a_record_on_one_line(capsys: pytest.CaptureFixture[str])
         raise ValueError("inner")
     except ValueError:
         logging.getLogger("server.test").exception("failed")
+    logging.getLogger("transformers.tokenization_utils_base").warning("too long")
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].endswith("GET /v1/x\\n2026 INFO fake\\r\\x1b[2J 401")
     assert lines[1].endswith("failed") and lines[2] == "Traceback (most recent call last):"
+    # transformers' own warnings in the server's format, not on a handler of their own
+    assert re.search(r"Z WARNING transformers\.tokenization_utils_base \[.*\] too long$", lines[-1])
     logging.getLogger().handlers = []
 
 
