@@ -16,6 +16,7 @@ ended with them drops its row of step t+1 (nothing past its end is sampled or ke
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -181,6 +182,24 @@ class AsyncEngine:
             "kv_cache_blocks": blocks.num_blocks,
             "grammar_cache_bytes": self.runner.grammars.num_bytes,
         }
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters of text past which a prompt cannot fit the context, known before it is
+        tokenized (a 20 MB prompt took minutes and gigabytes to tokenize, then was refused):
+        a byte-level BPE token stands for at most as many characters as its vocabulary
+        entry's longest spelling has."""
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)  # type: ignore[attr-defined]
+        return self.max_seq_len * longest
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_prompt_chars:
+            raise InvalidRequest(
+                f"The prompt's text is {num_chars} characters long: more than this model's "
+                f"{self.max_seq_len}-token context can hold, whatever the tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def cache_info(self) -> dict[str, str]:
         """The KV cache's configuration (vLLM's cache_config_info labels)."""

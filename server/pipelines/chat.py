@@ -52,6 +52,7 @@ from server.pipelines.messages import (
     ToolCall,
     VideoPart,
     parts_of,
+    text_chars,
     to_hf_message,
 )
 from server.pipelines.reasoning import (
@@ -202,6 +203,8 @@ class ChatPipeline:
         """The checks that need no media: an async job runs them before it is accepted, so a
         request that can never succeed is a 400 at once rather than a failed job later."""
         self.engine.check_sampling(request.sampling)
+        if request.truncation is None:  # (a prompt to cut may be longer: it is asked for)
+            self.engine.check_prompt_chars(text_chars(request.messages), "messages")
         if (structured := request.sampling.structured) is not None:
             await compile_grammar(self.engine, structured, request.grammar_field)
         return self.media.check_counts(request.messages)

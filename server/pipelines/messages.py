@@ -51,6 +51,16 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()  # assistant messages only
 
 
+def text_chars(messages: list[ChatMessage]) -> int:
+    """Characters of the messages' text (the prompt the template makes holds at least these)."""
+    return sum(
+        len(m.content)
+        if isinstance(m.content, str)
+        else sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+        for m in messages
+    )
+
+
 def parts_of(messages: list[ChatMessage], kind: type) -> list[Any]:
     return [
         part

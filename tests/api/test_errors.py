@@ -639,3 +639,34 @@ async def test_images_past_the_decode_memory_are_decoded_one_at_a_time(
         assert [r.status_code for r in responses] == [200] * 3
         loader = client.app.state.services.chat.media  # type: ignore[attr-defined]
         assert loader.decode_memory.free == loader.decode_memory.total
+
+
+async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
+    tiny_model_dir: Path,
+) -> None:
+    """More characters than the context's tokens could hold at the vocabulary's longest token:
+    a 400 context_length_exceeded without tokenizing (megabytes took minutes); with
+    truncate_prompt_tokens the prompt is cut as asked."""
+    settings = make_settings(tiny_model_dir, max_model_len=256)
+    async for client in start_client(settings):
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        text = "word " * (engine.max_prompt_chars // 5 + 1)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+        error = assert_error(
+            await client.post("/v1/chat/completions", json=body),
+            400,
+            "messages",
+            "context_length_exceeded",
+        )
+        assert "characters long" in error["message"]
+        completion = {"model": "tiny", "prompt": text, "max_tokens": 2}
+        response = await client.post("/v1/completions", json=completion)
+        assert_error(response, 400, "prompt", "context_length_exceeded")
+        cut = await client.post(
+            "/v1/completions", json={**completion, "truncate_prompt_tokens": 100}
+        )
+        assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 100
+        # just under the bound: tokenized, and refused by its tokens as before
+        body["messages"] = [{"role": "user", "content": "x" * (engine.max_prompt_chars - 50)}]
+        error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
+        assert error["code"] == "context_length_exceeded" and "characters" not in error["message"]
