@@ -103,6 +103,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             spool_dir=spool.dir,
             token_side=input_builder.token_side,
             model_min_pixels=input_builder.min_image_pixels,
+            context_length=engine.max_seq_len,
         )
         pipeline = ChatPipeline(
             engine,

@@ -80,15 +80,46 @@ def target_size(
 DECODE_BYTES_PER_PIXEL = 8
 
 
-def decode_memory(data: bytes) -> int:
-    """The bytes decoding `data` will take, from its header alone (0 when the header cannot be
-    read: decode_image then refuses it at once)."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone; None when it cannot be read (decode_image then
+    refuses the image, naming the reason)."""
     try:
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
-            width, height = probe.size
-    except Exception:  # (Pillow's header errors vary by format; decode_image names them)
+            return probe.size
+    except Exception:  # (Pillow's header errors vary by format)
+        return None
+
+
+def decode_memory(size: tuple[int, int] | None) -> int:
+    """The bytes decoding an image of this header size will take."""
+    if size is None:
         return 0
-    return min(width * height, MAX_DECODED_PIXELS) * DECODE_BYTES_PER_PIXEL
+    return min(size[0] * size[1], MAX_DECODED_PIXELS) * DECODE_BYTES_PER_PIXEL
+
+
+def pixel_range(
+    detail: Detail,
+    model_max_pixels: int,
+    side: int,
+    model_min_pixels: int,
+    pixels: tuple[int | None, int | None],
+) -> tuple[int, int]:
+    """(min, max) pixels an image is resized into: detail's budget, or the request's own
+    range, within the model's."""
+    wanted_min, wanted_max = pixels
+    max_pixels = max_pixels_for(detail, model_max_pixels, side)
+    if wanted_min is not None or wanted_max is not None:  # the request's range, not detail's
+        max_pixels = min(wanted_max or model_max_pixels, model_max_pixels)
+    return max(wanted_min or 0, model_min_pixels), max_pixels
+
+
+def visual_tokens(size: tuple[int, int], pixel_range: tuple[int, int], side: int) -> int:
+    """The tokens an image of this size becomes (0 if its shape is refused when decoded)."""
+    try:
+        width, height = target_size(*size, pixel_range[1], side, pixel_range[0])
+    except ValueError:
+        return 0
+    return (width // side) * (height // side)
 
 
 def decode_image(data: bytes, *, param: str) -> Image.Image:
@@ -150,9 +181,5 @@ def load_image(
     model_min_pixels: the processor's smallest image (it would enlarge a smaller one);
     pixels: the request's (min, max) pixels, in place of detail's budget, within the model's."""
     image = decode_image(data, param=param)
-    wanted_min, wanted_max = pixels
-    max_pixels = max_pixels_for(detail, model_max_pixels, side)
-    if wanted_min is not None or wanted_max is not None:  # the request's range, not detail's
-        max_pixels = min(wanted_max or model_max_pixels, model_max_pixels)
-    min_pixels = max(wanted_min or 0, model_min_pixels)
+    min_pixels, max_pixels = pixel_range(detail, model_max_pixels, side, model_min_pixels, pixels)
     return fit_to_budget(image, max_pixels, param=param, side=side, min_pixels=min_pixels)

@@ -6,20 +6,30 @@ a 4xx naming it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from server.config import MediaLimits
 from server.exceptions import InvalidRequest, MediaError
 from server.media.decode_memory import DecodeMemory
-from server.media.fetch import MediaFetcher, is_data_uri
+from server.media.fetch import FetchedMedia, MediaFetcher, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
-from server.media.image import decode_memory, load_image
+from server.media.image import (
+    decode_memory,
+    header_size,
+    load_image,
+    pixel_range,
+    visual_tokens,
+)
 from server.media.image_frames import decode_image_frames
 from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder
 from server.metrics import Metrics
 from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of
+
+T = TypeVar("T")
 
 
 class MediaBudget:
@@ -52,6 +62,7 @@ class MediaLoader:
         spool_dir: Path,
         token_side: int = 28,
         model_min_pixels: int = 0,
+        context_length: int = 0,
     ):
         self.spool_dir = spool_dir  # downloaded videos go to files here, not to memory
         self.fetcher = fetcher
@@ -60,6 +71,7 @@ class MediaLoader:
         self.model_max_pixels = model_max_pixels
         self.token_side = token_side  # pixels along one side of a visual token (Qwen3-VL: 32)
         self.model_min_pixels = model_min_pixels  # the processor's smallest image
+        self.context_length = context_length  # tokens (0: images are not counted before)
         self.metrics = metrics
         self.decode_memory = DecodeMemory(limits.image_decode_memory_bytes)
 
@@ -78,16 +90,39 @@ class MediaLoader:
         return MediaBudget(self.limits.max_media_bytes_per_request)
 
     async def images(self, messages: list[ChatMessage], budget: MediaBudget) -> list[Image.Image]:
-        """Fetched and decoded together; awaited in order, so that of several bad images the
-        error names the first (not whichever failed soonest), and the rest are cancelled."""
+        """Fetched together, then (if their headers' sizes fit the context) decoded together.
+        Awaited in order, so that of several bad images the error names the first (not
+        whichever failed soonest), and the rest are cancelled."""
         parts = parts_of(messages, ImagePart)
-        tasks = [asyncio.ensure_future(self._image(part, budget)) for part in parts]
-        try:
-            return [await task for task in tasks]
-        finally:
-            for task in tasks:
-                task.cancel()  # (the finished ones are left as they are)
-            await asyncio.gather(*tasks, return_exceptions=True)  # their errors read, not lost
+        fetched = await _in_order([self._fetch_image(part, budget) for part in parts])
+        sizes = await asyncio.to_thread(lambda: [header_size(f.data) for f in fetched])
+        self._check_tokens(parts, sizes)
+        images = await _in_order(
+            [
+                self._decode(part, f.data, size)
+                for part, f, size in zip(parts, fetched, sizes, strict=True)
+            ]
+        )
+        self.metrics.images.inc(len(images))
+        return images
+
+    def _check_tokens(self, parts: list[ImagePart], sizes: list[tuple[int, int] | None]) -> None:
+        """Images whose tokens alone overflow the context are refused before any is decoded
+        (a few 64-megapixel PNGs took a minute of decoding, then the same 400)."""
+        if not self.context_length:
+            return
+        tokens = sum(
+            visual_tokens(size, self._pixel_range(part), self.token_side)
+            for part, size in zip(parts, sizes, strict=True)
+            if size is not None
+        )
+        if tokens > self.context_length:
+            raise InvalidRequest(
+                f"The images alone are {tokens} tokens, more than this model's "
+                f"{self.context_length}-token context.",
+                param="messages",
+                code="context_length_exceeded",
+            )
 
     async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
         """The images that need no download (data: URIs, uploaded files by id) read as a
@@ -98,12 +133,12 @@ class MediaLoader:
             if part.file_id is not None or is_data_uri(part.url):
                 await self._read_image(part, budget)
 
-    async def _image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
-        image = await self._read_image(part, budget)
-        self.metrics.images.inc()
-        return image
-
     async def _read_image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
+        fetched = await self._fetch_image(part, budget)
+        size = await asyncio.to_thread(header_size, fetched.data)
+        return await self._decode(part, fetched.data, size)
+
+    async def _fetch_image(self, part: ImagePart, budget: MediaBudget) -> FetchedMedia:
         max_bytes = self.limits.max_image_bytes
         if part.file_id is not None:
             fetched = await self.fetcher.fetch_upload(
@@ -114,11 +149,21 @@ class MediaLoader:
                 part.url, max_bytes=max_bytes, kind="image", param=part.param
             )
         budget.spend(fetched.size, part.param)
-        need = await asyncio.to_thread(decode_memory, fetched.data)
+        return fetched
+
+    def _pixel_range(self, part: ImagePart) -> tuple[int, int]:
+        pixels = (part.min_pixels, part.max_pixels)
+        return pixel_range(
+            part.detail, self.model_max_pixels, self.token_side, self.model_min_pixels, pixels
+        )
+
+    async def _decode(
+        self, part: ImagePart, data: bytes, size: tuple[int, int] | None
+    ) -> Image.Image:
         return await self.decode_memory.run(
-            need,
+            decode_memory(size),
             lambda: load_image(
-                fetched.data,
+                data,
                 part.detail,
                 self.model_max_pixels,
                 param=part.param,
@@ -160,3 +205,15 @@ class MediaLoader:
             fetched.discard()
         self.metrics.video_frames.inc(decoded.plan.num_frames)
         return decoded
+
+
+async def _in_order(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run together, awaited in order: the first failure (in order) is raised, and the rest
+    are cancelled (their errors read, not lost)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return [await task for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()  # (the finished ones are left as they are)
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import socket
@@ -670,3 +671,34 @@ async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
         body["messages"] = [{"role": "user", "content": "x" * (engine.max_prompt_chars - 50)}]
         error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
         assert error["code"] == "context_length_exceeded" and "characters" not in error["message"]
+
+
+async def test_images_that_cannot_fit_are_refused_before_they_are_decoded(
+    tiny_model_dir: Path,
+) -> None:
+    """The images' tokens, from their headers, past the context: a 400 context_length_exceeded
+    before decoding (these PNGs are headers only: decoding them would be the image's 400)."""
+    settings = make_settings(tiny_model_dir, max_model_len=256)
+    big = {"type": "image_url", "image_url": {"url": "", "detail": "high"}}
+    async for client in start_client(settings):
+        parts = []
+        for _ in range(2):
+            url = "data:image/png;base64," + base64.b64encode(png_header_only(700, 700)).decode()
+            parts.append({**big, "image_url": {**big["image_url"], "url": url}})
+        body = {"model": "tiny", "messages": user(*parts), "max_tokens": 2}
+        error = assert_error(
+            await client.post("/v1/chat/completions", json=body),
+            400,
+            "messages",
+            "context_length_exceeded",
+        )
+        assert "images alone are" in error["message"], error
+        # one that fits is decoded (and this one is refused for what it is)
+        body["messages"] = user(
+            {
+                "type": "image_url",
+                "image_url": {"url": parts[0]["image_url"]["url"], "detail": "low"},
+            }
+        )
+        error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
+        assert error["param"] == "messages[0].content[0]", error
