@@ -331,6 +331,9 @@ class ChatPipeline:
         )
         side = self.input_builder.token_side
         image_tokens = sum((img.width // side) * (img.height // side) + 2 for img in images)
+        # max_tokens that leave no room whatever the videos: that 400 (naming max_tokens), as
+        # without videos and for jobs, not the planner's "the video does not fit"
+        self.engine.max_tokens_for(text_tokens + image_tokens, request.sampling)
         max_tokens = request.sampling.max_tokens or self.engine.default_max_tokens
         fixed = text_tokens + image_tokens + max_tokens
         share = max(self.engine.max_seq_len - fixed, 0) // num_videos

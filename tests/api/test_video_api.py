@@ -107,6 +107,19 @@ async def test_more_videos_than_allowed(video_client: httpx.AsyncClient) -> None
     assert response.json()["error"]["code"] == "too_many_videos"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v2/media/completions"])
+async def test_max_tokens_past_the_context_with_a_video_names_max_tokens(
+    video_client: httpx.AsyncClient, path: str
+) -> None:
+    """As without a video (and as an async job answers): 400 context_length_exceeded naming
+    max_tokens, not the frame planner's "the video does not fit"."""
+    body = video_body(video_uri(make_video(seconds=1)), max_tokens=10**6)
+    response = await video_client.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded"), error
+
+
 async def test_use_scenes_gives_one_caption_per_scene(video_client: httpx.AsyncClient) -> None:
     body = video_body(video_uri(make_video(seconds=10, cuts=(2.0, 5.0, 7.5))), use_scenes=True)
     response = await video_client.post("/v2/media/completions", json=body)
