@@ -282,6 +282,12 @@ class VideoURL(PartModel):
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
 
+    @model_validator(mode="after")
+    def _range(self) -> VideoURL:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels is above max_pixels")
+        return self
+
 
 class VideoContentPart(PartModel):
     type: Literal["video_url"]

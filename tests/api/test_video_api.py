@@ -107,6 +107,17 @@ async def test_more_videos_than_allowed(video_client: httpx.AsyncClient) -> None
     assert response.json()["error"]["code"] == "too_many_videos"
 
 
+async def test_a_video_pixel_range_upside_down_is_a_400(video_client: httpx.AsyncClient) -> None:
+    """As mm_processor_kwargs answers it: min_pixels above max_pixels is refused, by name."""
+    video = {"min_pixels": 100_000, "max_pixels": 1000}
+    body = video_body(video_uri(make_video(seconds=1)), video=video, max_tokens=2)
+    response = await video_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"].startswith("messages[0].content[1].video_url"), error
+    assert "min_pixels is above max_pixels" in error["message"]
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v2/media/completions"])
 async def test_max_tokens_past_the_context_with_a_video_names_max_tokens(
     video_client: httpx.AsyncClient, path: str
