@@ -295,7 +295,16 @@ class ApiKeyMiddleware:
         if scope.get(INTERNAL):  # a job's own request: in the job's project (its task's)
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers", []))
+        raw = scope.get("headers", [])
+        names = [name for name, _ in raw if name in (b"authorization", b"x-api-key")]
+        if len(names) != len(set(names)):  # two keys in one header name: which one is meant
+            # (a proxy that checks the first and a server that reads the last disagree) is
+            # not guessed
+            await _unauthorized(
+                scope, send, "More than one API key in one header (Authorization or x-api-key)."
+            )
+            return
+        headers = dict(raw)
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         # Bearer (OpenAI's clients) or x-api-key (Anthropic's)
         tokens = [token.strip()] if scheme.lower() == b"bearer" else []
@@ -308,16 +317,7 @@ class ApiKeyMiddleware:
                 finally:
                     project_var.reset(reset)
                 return
-        await send_error(
-            scope,
-            send,
-            401,
-            "Invalid or missing API key. Send it as 'Authorization: Bearer <key>' (or "
-            "'x-api-key: <key>').",
-            "authentication_error",
-            "invalid_api_key",
-            [(b"www-authenticate", b"Bearer")],
-        )
+        await _unauthorized(scope, send, "Invalid or missing API key.")
 
     def _index_of(self, token: bytes) -> int | None:
         """Which key it is; None if it is none."""
@@ -326,6 +326,18 @@ class ApiKeyMiddleware:
 
     def _is_open(self, path: str) -> bool:
         return path in self.open_paths or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+async def _unauthorized(scope: Scope, send: Send, reason: str) -> None:
+    await send_error(
+        scope,
+        send,
+        401,
+        f"{reason} Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
+        "authentication_error",
+        "invalid_api_key",
+        [(b"www-authenticate", b"Bearer")],
+    )
 
 
 SHUTTING_DOWN = "The server is shutting down; retry on another instance or later."

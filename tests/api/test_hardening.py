@@ -38,6 +38,15 @@ async def test_api_key_file_and_protected_routes(tiny_model_dir: Path, tmp_path:
         assert (await client.get("/metrics")).status_code == 200
         ok = await client.get("/v1/models", headers={"Authorization": "Bearer sk-file-key"})
         assert ok.status_code == 200
+        # two keys in one header name: refused, whichever is valid (a proxy checking the first
+        # and a server reading the last would disagree)
+        for name in ("Authorization", "x-api-key"):
+            value = "Bearer sk-file-key" if name == "Authorization" else "sk-file-key"
+            other = "Bearer other" if name == "Authorization" else "other"
+            twice = httpx.Headers([(name, other), (name, value)])
+            response = await client.get("/v1/models", headers=twice)
+            assert response.status_code == 401, name
+            assert "More than one API key" in response.json()["error"]["message"]
 
 
 async def test_metrics_can_require_the_key(tiny_model_dir: Path) -> None:
