@@ -14,10 +14,10 @@ import base64
 import binascii
 import re
 import tempfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import httpx
 
@@ -38,6 +38,7 @@ def is_data_uri(url: str) -> bool:
 
 
 CHUNK_SIZE = 64 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -164,19 +165,21 @@ class MediaFetcher:
         self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, spool_dir: Path | None
     ) -> FetchedMedia:
         if spool_dir is None:
-            return await self._within_deadline(
-                self._fetch_http(url, max_bytes=max_bytes, kind=kind, param=param, sink=None),
-                kind,
-                param,
-            )
+
+            async def read(response: httpx.Response) -> FetchedMedia:
+                return await _read_capped(response, max_bytes, kind, param)
+
+            fetch = self._fetch_http(url, kind=kind, param=param, read=read)
+            return await self._within_deadline(fetch, kind, param)
         spool_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=spool_dir, suffix=f".{kind}", delete=False) as sink:
+
+            async def spool(response: httpx.Response) -> FetchedMedia:
+                return await _read_capped(response, max_bytes, kind, param, sink)
+
             try:
-                return await self._within_deadline(
-                    self._fetch_http(url, max_bytes=max_bytes, kind=kind, param=param, sink=sink),
-                    kind,
-                    param,
-                )
+                fetch = self._fetch_http(url, kind=kind, param=param, read=spool)
+                return await self._within_deadline(fetch, kind, param)
             except BaseException:
                 Path(sink.name).unlink(missing_ok=True)
                 raise
@@ -189,14 +192,44 @@ class MediaFetcher:
         except TimeoutError:
             raise _timed_out(kind, param) from None
 
+    async def peek(self, url: str, *, param: str, num_bytes: int = 16) -> bytes:
+        """The first bytes of the media at an http(s) or file:// URL (what it is, when its
+        name does not say): a download stops there; every check of a fetch applies."""
+        parsed = _parse(url, "media", param)
+        if parsed.scheme == "file":
+            local = await self._fetch_file(
+                parsed, max_bytes=2**63, kind="media", param=param, by_path=True
+            )
+            assert local.path is not None  # (by_path)
+            with local.path.open("rb") as file:
+                return file.read(num_bytes)
+
+        async def first_bytes(response: httpx.Response) -> bytes:
+            _check_status(response, "media", param)
+            head = b""
+            async for chunk in response.aiter_bytes(num_bytes):
+                head += chunk
+                if len(head) >= num_bytes:
+                    break
+            return head[:num_bytes]
+
+        fetch = self._fetch_http(parsed, kind="media", param=param, read=first_bytes)
+        return await self._within_deadline(fetch, "media", param)
+
     async def _fetch_http(
-        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, sink: BinaryIO | None
-    ) -> FetchedMedia:
+        self,
+        url: httpx.URL,
+        *,
+        kind: str,
+        param: str,
+        read: Callable[[httpx.Response], Awaitable[T]],
+    ) -> T:
+        """read(the response) once redirects, if allowed, are followed and checked."""
         for _ in range(self.policy.max_redirects + 1):
             response = await self._send_checked(url, kind, param)
             try:
                 if not response.is_redirect:
-                    return await _read_capped(response, max_bytes, kind, param, sink)
+                    return await read(response)
                 if not self.policy.follow_redirects:
                     raise MediaError(
                         f"The {kind} URL at {param} redirects; redirects are not followed "
@@ -286,9 +319,7 @@ def _parse(url: str, kind: str, param: str) -> httpx.URL:
     return parsed
 
 
-async def _read_capped(
-    response: httpx.Response, max_bytes: int, kind: str, param: str, sink: BinaryIO | None = None
-) -> FetchedMedia:
+def _check_status(response: httpx.Response, kind: str, param: str) -> None:
     if response.status_code != 200:
         raise MediaError(
             f"Could not fetch the {kind} at {param}: the server answered HTTP "
@@ -296,6 +327,12 @@ async def _read_capped(
             param=param,
             code="media_fetch_failed",
         )
+
+
+async def _read_capped(
+    response: httpx.Response, max_bytes: int, kind: str, param: str, sink: BinaryIO | None = None
+) -> FetchedMedia:
+    _check_status(response, kind, param)
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(kind, max_bytes, param)

@@ -80,6 +80,15 @@ def target_size(
 DECODE_BYTES_PER_PIXEL = 8
 
 
+# How the image formats read here begin (WebP: "RIFF", 4 bytes of size, "WEBP").
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file's first bytes (16 are enough) are those of an image format read here."""
+    return head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the header alone; None when it cannot be read (decode_image then
     refuses the image, naming the reason)."""

@@ -29,6 +29,7 @@ from server.engine.structured import StructuredOutput
 from server.exceptions import MediaError, ServerError
 from server.media.fetch import is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
+from server.media.image import looks_like_image
 from server.metrics import Metrics
 from server.pipelines.chat import compile_grammar
 from server.pipelines.finish import (
@@ -62,6 +63,7 @@ SCENE = {
 # Each token adds at least one character, and the schema bounds the JSON to fewer than this.
 MAX_JSON_TOKENS = 1024
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp"}
 # Video containers this server does not read: refused as such, not taken for a broken image.
 OTHER_VIDEO_EXTENSIONS = {
     ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".mpg", ".mpeg",
@@ -90,11 +92,13 @@ def prompt_for(keys: tuple[str, ...], what: str) -> str:
     return f"Analyse this {what}. Answer with JSON holding {wanted}."
 
 
-def is_video_url(url: str) -> bool:
-    """data: URIs say what they are; other URLs are judged by their path's extension (a video
-    container this server does not read is a 400 that says so)."""
+def media_kind(url: str) -> str | None:
+    """ "image" or "video" where the URL says: data: URIs by their type, others by their path's
+    extension (a video container this server does not read is a 400 that says so); None when
+    it does not (no extension, or one of neither: a signed CDN link, a local file named
+    `clip`), and the media's first bytes decide."""
     if is_data_uri(url):
-        return url[5:].lower().startswith("video/")
+        return "video" if url[5:].lower().startswith("video/") else "image"
     suffix = PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower()
     if suffix in OTHER_VIDEO_EXTENSIONS:
         supported = ", ".join(sorted(VIDEO_EXTENSIONS))
@@ -103,7 +107,9 @@ def is_video_url(url: str) -> bool:
             param=PARAM,
             code="unsupported_media_type",
         )
-    return suffix in VIDEO_EXTENSIONS
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return "image" if suffix in IMAGE_EXTENSIONS else None
 
 
 def merge_results(results: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -180,7 +186,11 @@ class CategoriesPipeline:
         sampling = SamplingParams(
             max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec, priority=request.priority
         )
-        if is_video_url(request.media_url):
+        kind = media_kind(request.media_url)
+        if kind is None:
+            head = await self.media.fetcher.peek(request.media_url, param=PARAM)
+            kind = "image" if looks_like_image(head) else "video"
+        if kind == "video":
             return await self._video(request, sampling, on_progress)
         return await self._image(request, sampling)
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import httpx
 import pytest
 
 from server.pipelines.categories import MAX_ITEMS, METADATA_KEYS, merge_results
-from tests.helpers import data_uri, make_image, make_video
+from tests.helpers import (
+    MediaServer,
+    data_uri,
+    make_image,
+    make_settings,
+    make_video,
+    start_client,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -132,3 +140,31 @@ async def test_video_frames_are_not_divided_by_the_context(client: httpx.AsyncCl
     response = await client.post("/v2/media/categories", json=body)
     assert response.status_code == 200, response.text
     assert len(response.json()["frames"]) == 10
+
+
+async def test_a_url_that_does_not_say_what_it_is_is_read_by_its_first_bytes(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """No extension (a signed CDN link, a local file named `clip`), or one of neither kind:
+    the media's first bytes decide image or video, over HTTP and file:// alike."""
+    video, image = make_video(seconds=2), make_image(96, 64, fmt="PNG")
+    (tmp_path / "clip").write_bytes(video)
+    (tmp_path / "picture.bin").write_bytes(image)
+    media_server.files["/signed/abc123?sig=x"] = (video, "application/octet-stream")
+    media_server.files["/signed/def456"] = (image, "application/octet-stream")
+    settings = make_settings(tiny_model_dir, allowed_local_media_path=tmp_path)
+    cases = {
+        f"file://{tmp_path}/clip": "video",
+        f"file://{tmp_path}/picture.bin": "image",
+        media_server.url("/signed/abc123") + "?sig=x": "video",
+        media_server.url("/signed/def456"): "image",
+    }
+    async for client in start_client(settings):
+        for url, kind in cases.items():
+            body = {"model": "tiny", "media_url": url, "metadata": ["tags"]}
+            response = await client.post("/v2/media/categories", json=body)
+            assert response.status_code == 200, (url, response.text)
+            assert response.json()["media_type"] == kind, url
+        missing = {"model": "tiny", "media_url": media_server.url("/signed/none")}
+        response = await client.post("/v2/media/categories", json=missing)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "media_url"
