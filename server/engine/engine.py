@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 
 
+# A character becomes at most 3 under NFC (U+1D160) and a character at most 4 UTF-8 bytes.
+MAX_BYTES_PER_NORMALIZED_CHAR = 12
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -184,18 +188,27 @@ class AsyncEngine:
         }
 
     @functools.cached_property
-    def max_prompt_chars(self) -> int:
-        """Characters of text past which a prompt cannot fit the context, known before it is
-        tokenized (a 20 MB prompt took minutes and gigabytes to tokenize, then was refused):
-        a byte-level BPE token stands for at most as many characters as its vocabulary
-        entry's longest spelling has."""
-        longest = max(map(len, self.tokenizer.get_vocab()), default=1)  # type: ignore[attr-defined]
-        return self.max_seq_len * longest
+    def _longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for: a byte-level BPE entry's spelling has a
+        character a byte; an added token (<|im_start|>) is its own text."""
+        vocab, added = self.tokenizer.get_vocab(), self.tokenizer.get_added_vocab()  # type: ignore[attr-defined]
+        return max((len(k.encode()) if k in added else len(k) for k in vocab), default=1)
 
-    def check_prompt_chars(self, num_chars: int, param: str) -> None:
-        if num_chars > self.max_prompt_chars:
+    def check_prompt_text(self, text: str, param: str) -> None:
+        """Text that cannot fit the context is refused before it is tokenized (a 20 MB prompt
+        took minutes and gigabytes to tokenize, then was refused): the tokens of text, once
+        the tokenizer has normalized it (NFC for Qwen), are at least its UTF-8 bytes over the
+        most one token stands for."""
+        limit = self.max_seq_len * self._longest_token_bytes
+        if len(text) * MAX_BYTES_PER_NORMALIZED_CHAR <= limit:  # (every prompt of a usual size)
+            return
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # (a slow tokenizer: its normalization is unknown, no bound)
+            return
+        normalized = text if backend.normalizer is None else backend.normalizer.normalize_str(text)
+        if len(normalized.encode("utf-8", "surrogatepass")) > limit:
             raise InvalidRequest(
-                f"The prompt's text is {num_chars} characters long: more than this model's "
+                f"The prompt's text is {len(text)} characters long: more than this model's "
                 f"{self.max_seq_len}-token context can hold, whatever the tokens.",
                 param=param,
                 code="context_length_exceeded",

@@ -52,7 +52,7 @@ from server.pipelines.messages import (
     ToolCall,
     VideoPart,
     parts_of,
-    text_chars,
+    prompt_text,
     to_hf_message,
 )
 from server.pipelines.reasoning import (
@@ -204,7 +204,7 @@ class ChatPipeline:
         request that can never succeed is a 400 at once rather than a failed job later."""
         self.engine.check_sampling(request.sampling)
         if request.truncation is None:  # (a prompt to cut may be longer: it is asked for)
-            self.engine.check_prompt_chars(text_chars(request.messages), "messages")
+            self.engine.check_prompt_text(prompt_text(request.messages), "messages")
         if (structured := request.sampling.structured) is not None:
             await compile_grammar(self.engine, structured, request.grammar_field)
         return self.media.check_counts(request.messages)

@@ -51,12 +51,12 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()  # assistant messages only
 
 
-def text_chars(messages: list[ChatMessage]) -> int:
-    """Characters of the messages' text (the prompt the template makes holds at least these)."""
-    return sum(
-        len(m.content)
+def prompt_text(messages: list[ChatMessage]) -> str:
+    """The messages' text, joined (the prompt the template makes holds all of it)."""
+    return "".join(
+        m.content
         if isinstance(m.content, str)
-        else sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+        else "".join(p.text for p in m.content if isinstance(p, TextPart))
         for m in messages
     )
 

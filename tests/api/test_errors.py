@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.exceptions import InvalidRequest
 from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
 from tests.media.test_image import png_header_only
 
@@ -651,7 +652,8 @@ async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
     settings = make_settings(tiny_model_dir, max_model_len=256)
     async for client in start_client(settings):
         engine = client.app.state.services.engine  # type: ignore[attr-defined]
-        text = "word " * (engine.max_prompt_chars // 5 + 1)
+        limit = engine.max_seq_len * engine._longest_token_bytes  # bytes of normalized text
+        text = "word " * (limit // 5 + 1)
         body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2}
         error = assert_error(
             await client.post("/v1/chat/completions", json=body),
@@ -668,7 +670,12 @@ async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
         )
         assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 100
         # just under the bound: tokenized, and refused by its tokens as before
-        body["messages"] = [{"role": "user", "content": "x" * (engine.max_prompt_chars - 50)}]
+        # the tokenizer's normalization first: 3 characters that NFC makes one of 2 bytes
+        composed = "u\u0308\u0301"
+        engine.check_prompt_text(composed * (limit // 3 + 1), "messages")  # 2/3 of the bound
+        with pytest.raises(InvalidRequest):
+            engine.check_prompt_text(composed * (limit // 2 + 1), "messages")
+        body["messages"] = [{"role": "user", "content": "x" * (limit - 50)}]
         error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
         assert error["code"] == "context_length_exceeded" and "characters" not in error["message"]
 
