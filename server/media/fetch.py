@@ -398,8 +398,8 @@ def _b64decode(payload: str, param: str) -> bytes:
 
 def _bad_scheme(scheme: str, kind: str, param: str) -> MediaError:
     return MediaError(
-        f"Unsupported {kind} URL scheme '{scheme}' at {param}: use http(s) or a "
-        f"data:{kind}/...;base64 URI.",
+        f"Unsupported {kind} URL scheme '{scheme}' at {param}: use http(s), a "
+        f"data:{kind}/...;base64 URI, or file:// below --allowed-local-media-path.",
         param=param,
         code="media_url_not_allowed",
     )
