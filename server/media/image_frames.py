@@ -29,7 +29,9 @@ def decode_image_frames(
     max_fps: float,
     param: str,
 ) -> DecodedVideo:
-    width, height = _open(frames[0], param).size
+    # Every frame's header read (cheap), not only the planned ones': a frame that is no JPEG
+    # is the request's 400 whichever frames the plan would have taken.
+    width, height = [_open(frame, param).size for frame in frames][0]
     info = VideoInfo(len(frames) / ASSUMED_FPS, ASSUMED_FPS, len(frames), width, height)
     try:
         # Scene detection reads a video stream; here every frame is already a choice.

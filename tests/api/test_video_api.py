@@ -211,12 +211,15 @@ async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) 
         "/v1/chat/completions", json=video_body(jpeg_frames_url(1) + ",", max_tokens=2)
     )
     assert one.status_code == 200, one.text  # one frame (no comma in vLLM's form), a stray comma
-    broken = jpeg_frames_url(2) + "," + base64.b64encode(b"not a jpeg").decode()
-    response = await video_client.post("/v1/chat/completions", json=video_body(broken))
-    assert (
-        response.status_code == 400
-        and response.json()["error"]["param"] == "messages[0].content[1]"
-    )
+    bad = base64.b64encode(b"not a jpeg").decode()
+    frames = jpeg_frames_url(2).split(",")
+    # a bad frame among good ones is a 400, even where the plan would not have taken it
+    for broken in (",".join([*frames, bad]), ",".join([frames[0], frames[1], bad, frames[2]])):
+        response = await video_client.post(
+            "/v1/chat/completions", json=video_body(broken, video={"max_frames": 2})
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "messages[0].content[1]"
 
 
 async def test_captions_never_hold_special_tokens(video_client: httpx.AsyncClient) -> None:
