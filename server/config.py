@@ -48,6 +48,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     enable_prefix_caching: bool = True
+    cache_per_project: bool = False
     encoder_cache_memory_gib: float = 1.0
     attention_backend: str = "reference"
     enforce_eager: bool = True
@@ -104,6 +105,8 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1, le=1024)
     enable_prefix_caching: bool = True
+    # The caches (prefix, vision, grammar) shared only within an API key's project.
+    cache_per_project: bool = False
     encoder_cache_memory: float = Field(default=1.0, ge=0)
     attention_backend: Literal["reference", "triton"] = "reference"
     # Decode steps as CUDA graphs stay off until scripts/gpu_check.sh has passed with them on.
@@ -283,6 +286,7 @@ class Settings(BaseSettings):
             gpu_memory_utilization=self.gpu_memory_utilization,
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
+            cache_per_project=self.cache_per_project,
             encoder_cache_memory_gib=self.encoder_cache_memory,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,

@@ -99,6 +99,10 @@ HELP = {
     "block_size": "Tokens per KV cache block; prefix-cache hits are whole blocks.",
     "enable_prefix_caching": "Reuse the KV blocks of identical prompt prefixes, images and "
     "videos included.",
+    "cache_per_project": "Share the prefix, vision-encoder and grammar caches only within an "
+    "API key's project, as if each project sent its own cache_salt: another project's request "
+    "can no longer tell from cached_tokens or a fast answer that a prompt or image was sent "
+    "before; a system prompt all keys share is then computed once per project.",
     "encoder_cache_memory": "Vision-tower outputs kept for images and videos asked about again, "
     "in GiB; 0 turns it off.",
     "attention_backend": "Decode attention over the paged KV cache: reference (gather + sdpa, "

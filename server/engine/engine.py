@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 
 
+def project_salt(project: str, salt: str | None) -> str:
+    """A request's cache salt within its project (NUL: no project name or salt holds one)."""
+    return f"{project}\0{salt or ''}"
+
+
 # A character becomes at most 3 under NFC (U+1D160) and a character at most 4 UTF-8 bytes.
 MAX_BYTES_PER_NORMALIZED_CHAR = 12
 
@@ -66,6 +71,7 @@ class AsyncEngine:
         max_seq_len: int,
         default_max_tokens: int,
         async_scheduling: bool = False,
+        cache_per_project: bool = False,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -73,6 +79,7 @@ class AsyncEngine:
         self.max_seq_len = max_seq_len
         self.default_max_tokens = default_max_tokens
         self.async_scheduling = async_scheduling
+        self.cache_per_project = cache_per_project
         self.eos_token_ids = frozenset(runner.eos_token_ids)
         # Called (on the engine thread) with every sequence that ends, however it ends.
         self.on_finish: Callable[[Sequence], object] | None = None
@@ -139,6 +146,7 @@ class AsyncEngine:
             max_seq_len,
             config.default_max_tokens,
             config.async_scheduling,
+            config.cache_per_project,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -255,6 +263,10 @@ class AsyncEngine:
             raise InvalidRequest("The prompt is empty.", param="messages", code="invalid_value")
         sampling = self.with_bad_word_ids(sampling)
         self.check_sampling(sampling)
+        if self.cache_per_project and (project := current_project()):
+            structured = sampling.structured and self.salted(sampling.structured)
+            salt = project_salt(project, sampling.cache_salt)
+            sampling = replace(sampling, cache_salt=salt, structured=structured)
         seq = Sequence(
             request_id, inputs, sampling, self.max_tokens_for(inputs.num_prompt_tokens, sampling)
         )
@@ -338,6 +350,13 @@ class AsyncEngine:
                 param="allowed_token_ids",
                 code="invalid_value",
             )
+
+    def salted(self, spec: StructuredOutput) -> StructuredOutput:
+        """The grammar cache's key for this request: under --cache-per-project its salt
+        includes the request's project (call it where the request's context is)."""
+        if not self.cache_per_project or not (project := current_project()):
+            return spec
+        return replace(spec, cache_salt=project_salt(project, spec.cache_salt))
 
     def compile_grammar(self, spec: StructuredOutput) -> None:
         """Compile (and cache) a schema's grammar; blocking: call it from a worker thread.

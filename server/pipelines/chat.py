@@ -455,6 +455,7 @@ class GrammarCompiles:
         self.compiling: dict[StructuredOutput, asyncio.Future[None]] = {}
 
     async def run(self, engine: AsyncEngine, spec: StructuredOutput) -> None:
+        spec = engine.salted(spec)  # (here: the compile thread does not see the request)
         if engine.is_grammar_compiled(spec):
             return
         compiling = self.compiling.get(spec)

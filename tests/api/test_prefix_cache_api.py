@@ -89,6 +89,32 @@ async def test_cache_salt_isolates_the_caches(tiny_model_dir: Path) -> None:
     assert completions[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
+@pytest.mark.parametrize("per_project", [True, False])
+async def test_cache_per_project_keeps_the_caches_apart(tiny_model_dir: Path, per_project: bool):
+    """--cache-per-project: the prefix, vision and grammar caches as if each API key's project
+    sent its own cache_salt (another key's hit would tell that its prompt was sent); within a
+    project they are shared. Without it, every key shares them."""
+    settings = make_settings(
+        tiny_model_dir, block_size=4, api_keys=["sk-a", "sk-b"], cache_per_project=per_project
+    )
+    schema = {"type": "object", "properties": {"per_project": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    async for client in start_client(settings):
+        grammars = client.app.state.services.engine.runner.grammars  # type: ignore[attr-defined]
+        before = len(grammars._grammars)
+        answers = []
+        for key in ("sk-a", "sk-a", "sk-b"):
+            client.headers["Authorization"] = f"Bearer {key}"
+            answers.append(await ask(client, body(1) | {"response_format": fmt, "max_tokens": 2}))
+        metrics = (await client.get("/metrics")).text
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in answers]
+    assert cached[0] == 0 and cached[1] > 0
+    assert (cached[2] == 0) is per_project
+    assert metric(metrics, "vlm_encoder_cache_misses_total") == (2 if per_project else 1)
+    assert len(grammars._grammars) == before + (2 if per_project else 1)
+    assert len({r["choices"][0]["message"]["content"] for r in answers}) == 1
+
+
 async def test_cache_salt_keeps_compiled_grammars_apart(client: httpx.AsyncClient) -> None:
     """A schema another tenant compiled is compiled again under a new salt (found at once, it
     would tell that it had been used); under the same salt it is found."""
