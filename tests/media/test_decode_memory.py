@@ -30,10 +30,18 @@ async def until(condition) -> None:
             await asyncio.sleep(0.01)
 
 
+async def decoding(
+    memory: DecodeMemory, share: int, gate: threading.Event, started: list[str], name: str
+) -> asyncio.Task:
+    """A decode of this share, once its thread has started."""
+    task = asyncio.create_task(memory.run(share, blocked(gate, started, name)))
+    await until(lambda: name in started)
+    return task
+
+
 async def test_a_share_that_does_not_fit_waits_for_the_others() -> None:
     memory, gate, started = DecodeMemory(100), threading.Event(), []
-    first = asyncio.create_task(memory.run(60, blocked(gate, started, "first")))
-    await until(lambda: started == ["first"])
+    first = await decoding(memory, 60, gate, started, "first")
     second = asyncio.create_task(memory.run(60, blocked(gate, started, "second")))
     small = asyncio.create_task(memory.run(10, blocked(gate, started, "small")))
     await asyncio.sleep(0.1)
@@ -45,8 +53,7 @@ async def test_a_share_that_does_not_fit_waits_for_the_others() -> None:
 
 async def test_a_share_above_the_budget_decodes_alone() -> None:
     memory, gate, started = DecodeMemory(100), threading.Event(), []
-    huge = asyncio.create_task(memory.run(10**9, blocked(gate, started, "huge")))
-    await until(lambda: started == ["huge"])
+    huge = await decoding(memory, 10**9, gate, started, "huge")
     assert memory.free == 0
     gate.set()
     assert await huge == "huge" and memory.free == 100
@@ -54,8 +61,7 @@ async def test_a_share_above_the_budget_decodes_alone() -> None:
 
 async def test_a_request_that_goes_away_gives_its_share_back_when_its_thread_ends() -> None:
     memory, gate, started = DecodeMemory(100), threading.Event(), []
-    running = asyncio.create_task(memory.run(80, blocked(gate, started, "running")))
-    await until(lambda: started == ["running"])
+    running = await decoding(memory, 80, gate, started, "running")
     waiting = asyncio.create_task(memory.run(50, blocked(gate, started, "waiting")))
     behind = asyncio.create_task(memory.run(20, blocked(gate, started, "behind")))
     await asyncio.sleep(0.05)
