@@ -12,9 +12,11 @@ counts bytes, hence the few lines here.)
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -45,6 +47,8 @@ class DecodeMemory:
         self.total = total_bytes
         self.free = total_bytes
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # Its own threads: a decode's job must be known to have started or not (see run).
+        self._pool = ThreadPoolExecutor(thread_name_prefix="image-decode")
 
     async def run(self, num_bytes: int, fn: Callable[[], T]) -> T:
         """fn() in a worker thread once num_bytes of the budget are free."""
@@ -58,7 +62,13 @@ class DecodeMemory:
                 return_freed_memory()
                 loop.call_soon_threadsafe(self._give_back, share)
 
-        return await asyncio.to_thread(decode)
+        job = self._pool.submit(contextvars.copy_context().run, decode)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancel():  # never started (so never will): decode's finally will not run
+                self._give_back(share)
+            raise
 
     async def _take(self, share: int) -> int:
         if not self._waiters and share <= self.free:

@@ -91,3 +91,23 @@ def test_freed_decode_memory_goes_back_to_the_system() -> None:
 
     assert MALLOC_TRIM is not None
     return_freed_memory()
+
+
+async def test_a_decode_cancelled_before_its_thread_started_gives_its_share_back() -> None:
+    """Its job is cancelled in the pool (its thread never runs it): the share comes back then,
+    not never (a budget that leaked so would end by holding every image request)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    memory, gate, started = DecodeMemory(100), threading.Event(), []
+    memory._pool = ThreadPoolExecutor(1)  # one thread: the second decode waits in its queue
+    first = await decoding(memory, 10, gate, started, "first")
+    queued = asyncio.create_task(memory.run(10, blocked(gate, started, "queued")))
+    await until(lambda: memory.free == 80)  # both shares taken, one thread busy
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert memory.free == 90
+    gate.set()
+    assert await first == "first"
+    await until(lambda: memory.free == 100)
+    assert started == ["first"]
