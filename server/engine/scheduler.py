@@ -23,8 +23,9 @@ next admitted is the first waiting sequence of the project with the fewest runni
 memory-pressure preemption takes the newest of the project with the most. A project that
 queues hundreds of requests (a batch job) then holds back another's first one by a step,
 not by the whole queue. When that first one finds no room (the batch full of another
-project's), it takes the place of the newest of a project that runs at least two more than
-its own: the shares even out without two projects trading a place back and forth. Within a
+project's), it takes the places it needs of the newest of the project running the most, one at
+a time, while that project runs at least two more than its own (or nobody's, if that is not
+enough): the shares even out without two projects trading places back and forth. Within a
 project it is first come, first served.
 """
 
@@ -188,13 +189,29 @@ class Scheduler:
         )
 
     def _outranked(self, head: Sequence) -> list[Sequence]:
-        """The running sequences `head` may take the place of: lower-ranked ones (priority),
-        or those of a project running at least two more than head's (fair: after the swap
-        it still runs as many, so the place does not go back)."""
+        """The running sequences `head` may take the places of, in the order they would go:
+        lower-ranked ones (priority); under fair, the newest of the project running the most,
+        one at a time, while that project runs at least two more than head's (after the
+        swap it still runs as many as head's: the places do not go back, whatever their
+        number)."""
         if self.config.policy == "priority":
-            return [s for s in self.running if self.rank(s) > self.rank(head)]
-        share = self._running_per_project()
-        return [s for s in self.running if share[s.project] >= share[head.project] + 2]
+            return self._in_preemption_order(
+                [s for s in self.running if self.rank(s) > self.rank(head)]
+            )
+        share, order = self._running_per_project(), {id(s): i for i, s in enumerate(self.running)}
+        floor = share[head.project] + 2
+        candidates = sorted(
+            (s for s in self.running if share[s.project] >= floor), key=lambda s: -order[id(s)]
+        )
+        victims: list[Sequence] = []
+        while candidates:
+            victim = max(candidates, key=lambda s: share[s.project])  # (the newest of equals)
+            if share[victim.project] < floor:
+                break
+            victims.append(victim)
+            candidates.remove(victim)
+            share[victim.project] -= 1
+        return victims
 
     def _make_way(self) -> None:
         """The next waiting sequence, if it cannot fit beside the running ones but would once
@@ -205,13 +222,12 @@ class Scheduler:
         if not self.waiting:
             return
         head = self._next_waiting()
-        outranked = self._outranked(head)
-        if not outranked:  # (the common case: no hash-chain walk in every step)
+        victims = self._outranked(head)
+        if not victims:  # (the common case: no hash-chain walk in every step)
             return
         hits = self.blocks.prefix_hits(head)  # one walk of its hash chain for every try
-        if self._fits(head, [], hits) or not self._fits(head, outranked, hits):
+        if self._fits(head, [], hits) or not self._fits(head, victims, hits):
             return
-        victims = self._in_preemption_order(outranked)
         count = next(n for n in range(1, len(victims) + 1) if self._fits(head, victims[:n], hits))
         if self._busy_tokens(victims[:count]) >= self.config.max_num_batched_tokens:
             return

@@ -236,6 +236,30 @@ def test_fair_policy_makes_room_for_a_project_with_too_few_places() -> None:
         assert sorted(s.request_id for s in sched.running) == ["a0", "a1", "b0", "b1"]
 
 
+@pytest.mark.parametrize(("b_prompt", "waiting"), [(12, 1), (24, 2), (40, 3), (52, 0)])
+def test_fair_policy_takes_places_only_while_the_shares_stay_in_order(
+    b_prompt: int, waiting: int
+) -> None:
+    """b's prompt needs the KV blocks of one or more of a's four: a's newest go, one at a
+    time, while a keeps at least as many running as b will (4 -> 1 at most, for b's 1); when
+    even that is not enough for b, nobody is preempted. The places do not go back: a's wait
+    while b runs."""
+    sched = scheduler(num_blocks=16, caching=False, policy="fair", max_num_seqs=8)
+    a = [of("a", make_seq(f"a{i}", 12, max_tokens=200, first=100 * i)) for i in range(4)]
+    for seq in a:
+        sched.add(seq)
+    run_step(sched)  # 3 blocks each: 12 of 16, and each needs a fourth for its next token
+    b = of("b", make_seq("b", b_prompt, max_tokens=5, first=1000))
+    sched.add(b)
+    admitted = [run_step(sched).admitted for _ in range(3)]
+    assert sched.num_preemptions == waiting
+    if waiting:
+        assert admitted == [[b], [], []] and b.status is SequenceStatus.RUNNING
+        assert [s.request_id for s in sched.waiting] == [f"a{i}" for i in range(4 - waiting, 4)]
+    else:
+        assert sched.waiting == [b]
+
+
 def test_expire_waiting_spares_preempted_sequences() -> None:
     sched = scheduler(max_num_seqs=1, queue_timeout_s=5)
     first, second = make_seq("first"), make_seq("second")
