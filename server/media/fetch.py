@@ -201,16 +201,23 @@ class MediaFetcher:
                 parsed, max_bytes=2**63, kind="media", param=param, by_path=True
             )
             assert local.path is not None  # (by_path)
-            with local.path.open("rb") as file:
-                return file.read(num_bytes)
+            try:
+                return await asyncio.to_thread(_first_bytes, local.path, num_bytes)
+            except OSError:  # (gone, or not readable, since it was checked)
+                raise _unreachable("media", param) from None
 
         async def first_bytes(response: httpx.Response) -> bytes:
             _check_status(response, "media", param)
             head = b""
-            async for chunk in response.aiter_bytes(num_bytes):
-                head += chunk
-                if len(head) >= num_bytes:
-                    break
+            try:
+                async for chunk in response.aiter_bytes(num_bytes):
+                    head += chunk
+                    if len(head) >= num_bytes:
+                        break
+            except httpx.TimeoutException:
+                raise _timed_out("media", param) from None
+            except httpx.HTTPError:  # (a body cut short, an encoding that does not decode)
+                raise _unreachable("media", param) from None
             return head[:num_bytes]
 
         fetch = self._fetch_http(parsed, kind="media", param=param, read=first_bytes)
@@ -317,6 +324,11 @@ def _parse(url: str, kind: str, param: str) -> httpx.URL:
     if parsed.scheme != "file" and not parsed.host:
         raise _unreachable(kind, param)
     return parsed
+
+
+def _first_bytes(path: Path, num_bytes: int) -> bytes:
+    with path.open("rb") as file:
+        return file.read(num_bytes)
 
 
 def _check_status(response: httpx.Response, kind: str, param: str) -> None:

@@ -58,3 +58,34 @@ async def test_http_fetch_and_caps(media_server: MediaServer) -> None:
             await fetcher.fetch("file:///etc/passwd", max_bytes=10, kind="image", param="p")
     finally:
         await fetcher.aclose()
+
+
+async def test_peek_reads_the_first_bytes_and_fails_as_a_fetch_does(
+    media_server: MediaServer,
+) -> None:
+    """peek: a URL's first bytes (the rest not downloaded); a body cut short is the client's
+    400 (media_fetch_failed), as for fetch, not a 500."""
+    import socket
+    import threading
+
+    url = media_server.add("/peek.bin", b"\x89PNG\r\n\x1a\n" + b"x" * 100_000, "application/x")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def cut_short() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        conn.close()
+
+    threading.Thread(target=cut_short, daemon=True).start()
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=5, allowed_hosts=("127.0.0.1",)))
+    try:
+        assert await fetcher.peek(url, param="p") == b"\x89PNG\r\n\x1a\n" + b"x" * 8
+        with pytest.raises(MediaError) as info:
+            await fetcher.peek(f"http://127.0.0.1:{listener.getsockname()[1]}/x", param="p")
+        assert info.value.code == "media_fetch_failed"
+    finally:
+        await fetcher.aclose()
+        listener.close()
