@@ -49,19 +49,25 @@ class IncrementalDetokenizer:
         full = self._decode(window)
         if full.endswith(REPLACEMENT_CHAR) or len(full) <= len(prefix):
             return None  # an incomplete character (or nothing visible yet): wait
-        searched_from = max(0, len(self.text) - self.holdback)
+        new_start = len(self.text)
         self.text += full[len(prefix) :]
         self._read_offset = len(self.token_ids)
         self._prefix_offset = max(0, self._read_offset - CONTEXT_TOKENS)
-        return self._truncate_at_stop(searched_from) if check_stop else None
+        return self._truncate_at_stop(new_start) if check_stop else None
 
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _truncate_at_stop(self, start: int) -> str | None:
-        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+    def _truncate_at_stop(self, new_start: int) -> str | None:
+        """The earliest stop string that ends in the text from new_start on (each searched
+        from where it could begin: text before min_tokens was not searched at all)."""
+        hits = [
+            (i, s)
+            for s in self.stop
+            if (i := self.text.find(s, max(0, new_start - len(s) + 1))) >= 0
+        ]
         if not hits:
             return None
         index, self.stop_hit = min(hits)

@@ -97,6 +97,10 @@ def test_stop_strings_wait_for_min_tokens(tokenizer) -> None:
     early = IncrementalDetokenizer(tokenizer, ("b",))
     assert [early.add_token(i, check_stop=n >= 3) for n, i in enumerate(ids)][-1] == "b"
     assert early.flush() == "abca"
+    # a short stop beside a long one: the long one's hold-back is no reason to look back
+    mixed = IncrementalDetokenizer(tokenizer, ("b", "xyzzy"))
+    assert [mixed.add_token(i, check_stop=n >= 3) for n, i in enumerate(ids)][-1] == "b"
+    assert mixed.flush() == "abca"
     across = IncrementalDetokenizer(tokenizer, ("ca",))
     hits = [across.add_token(i, check_stop=n >= 3) for n, i in enumerate(ids[:4])]
     assert hits == [None, None, None, "ca"] and across.flush() == "ab"
