@@ -158,14 +158,15 @@ class VllmMetrics:
 
     def _generated(self, seq: Sequence) -> None:
         """request_max_num_generation_tokens, once the request's last choice has ended."""
-        going, most = self._open.pop(seq.group_id, (seq.num_choices, 0))
+        group = seq.group_id or seq.request_id
+        going, most = self._open.pop(group, (seq.num_choices, 0))
         going, most = going - 1, max(most, seq.num_completion_tokens)
         if going <= 0:
             self.max_generation_tokens.labels(**self.labels).observe(most)
             return
         if len(self._open) >= MAX_OPEN_REQUESTS:
             self._open.pop(next(iter(self._open)))
-        self._open[seq.group_id] = (going, most)
+        self._open[group] = (going, most)
 
 
 class EngineCollector:

@@ -243,6 +243,7 @@ class AsyncEngine:
     def add_request(
         self, request_id: str, inputs: ModelInputs, sampling: SamplingParams, num_choices: int = 1
     ) -> Sequence:
+        """num_choices: n, the request's choices (this its first; add_requests adds the rest)."""
         seq = self._new_sequence(request_id, inputs, sampling)
         seq.num_choices = num_choices  # (before the engine thread can see it end)
         with self._lock:
@@ -368,11 +369,18 @@ class AsyncEngine:
         return self.runner.grammars.lookup(spec) is not None
 
     def add_requests(
-        self, requests: list[tuple[str, ModelInputs, SamplingParams]]
+        self,
+        requests: list[tuple[str, ModelInputs, SamplingParams]],
+        choices_of: Sequence | None = None,
     ) -> list[Sequence]:
         """Several sequences at once (e.g. every frame of a video): all are validated first,
-        then enter the queue together, so the scheduler can prefill them as one batch."""
+        then enter the queue together, so the scheduler can prefill them as one batch.
+        choices_of: they are that sequence's request's other choices (1, 2, ...)."""
         seqs = [self._new_sequence(*request) for request in requests]
+        if choices_of is not None:  # (before the engine thread can see one end)
+            for index, seq in enumerate(seqs, start=1):
+                seq.choice_index, seq.num_choices = index, choices_of.num_choices
+                seq.group_id = choices_of.request_id
         limit = self.scheduler.config.max_queued_requests
         with self._lock:
             # A batch larger than the whole queue (60 frames, a small limit) enters an empty

@@ -62,6 +62,7 @@ class Sequence:
     is_aborted: bool = False
     choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
     num_choices: int = 1  # n: how many choices its request has
+    group_id: str = ""  # the first choice's request id, on the others (metrics per request)
     scheduled_time: float | None = None  # first scheduled (admitted)
     log_id: str = "-"  # the HTTP request's id (X-Request-ID), so engine logs match API logs
     project: str = ""  # whose request it is (its API key's project): the "fair" policy's unit
@@ -98,11 +99,9 @@ class Sequence:
         """Scheduled at least once (it no longer counts as queued)."""
         return self.scheduled_time is not None
 
-    @property
-    def group_id(self) -> str:
-        """Its request's id: its first choice's (the others' ids add "-{index}", see
-        pipelines/choices.choice_id)."""
-        return self.request_id.rsplit("-", 1)[0] if self.choice_index else self.request_id
+    choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
+    num_choices: int = 1  # n: how many choices its request has
+    group_id: str = ""  # the first choice's request id, on the others (metrics per request)
 
     @property
     def num_completion_tokens(self) -> int:

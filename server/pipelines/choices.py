@@ -46,11 +46,9 @@ async def add_choices(
         rest = [
             (choice_id(request_id, i), inputs, choice_sampling(sampling, i)) for i in range(1, n)
         ]
-        others = engine.add_requests(rest)
-        for i, seq in enumerate(others, start=1):
-            seq.choice_index, seq.num_choices = i, n
-        return [first, *others]
+        return [first, *engine.add_requests(rest, choices_of=first)]
     except BaseException:
+        first.num_choices = 1  # the others will never be: its request ends with it
         engine.abort(first.request_id)
         raise
 

@@ -161,6 +161,7 @@ def test_a_requests_most_generated_tokens_wait_for_its_last_choice() -> None:
     for index, generated in ((0, 3), (2, 7), (1, 4)):
         seq = Sequence("req-9" if index == 0 else f"req-9-{index}", inputs, SamplingParams(), 16)
         seq.choice_index, seq.num_choices = index, 3
+        seq.group_id = "req-9" if index else ""
         seq.output_token_ids = [1] * generated
         metrics.record(seq)
         found = samples(generate_latest(registry).decode(), "m")
