@@ -30,7 +30,9 @@ class RequestIdFilter(logging.Filter):
 
 # Control characters a client may have put in what a message quotes (a path, an id, a model
 # name): written escaped, so no request can start a line of its own in the log.
-CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r"}
+# (C0, DEL, C1, and the Unicode line and paragraph separators some log viewers break lines at)
+CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]}
+CONTROL_CHARS |= {10: "\\n", 13: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class TextFormatter(logging.Formatter):

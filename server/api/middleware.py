@@ -309,14 +309,17 @@ class ApiKeyMiddleware:
         # Bearer (OpenAI's clients) or x-api-key (Anthropic's)
         tokens = [token.strip()] if scheme.lower() == b"bearer" else []
         tokens += [headers[b"x-api-key"].strip()] if b"x-api-key" in headers else []
-        for token in tokens:
-            if token and (index := self._index_of(token)) is not None:  # (empty: no key)
-                reset = project_var.set(self.projects[index])
-                try:
-                    await self.app(scope, receive, send)
-                finally:
-                    project_var.reset(reset)
-                return
+        keys = {token for token in tokens if token}  # (an empty one is no key)
+        if len(keys) > 1:  # two different keys (Bearer and x-api-key): which one is meant?
+            await _unauthorized(scope, send, "Two different API keys (Authorization, x-api-key).")
+            return
+        if keys and (index := self._index_of(keys.pop())) is not None:
+            reset = project_var.set(self.projects[index])
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                project_var.reset(reset)
+            return
         await _unauthorized(scope, send, "Invalid or missing API key.")
 
     def _index_of(self, token: bytes) -> int | None:

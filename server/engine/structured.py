@@ -165,13 +165,6 @@ class GrammarCache:
         return grammar
 
     def _compile(self, spec: StructuredOutput) -> Any:
-        if (
-            spec.kind == "json_schema"
-            and (depth := json_depth(spec.schema_json)) > MAX_SCHEMA_DEPTH
-        ):
-            raise ValueError(
-                f"the schema is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}"
-            )
         if spec.kind == "regex":
             return self.compiler.compile_regex(spec.schema_json)
         if spec.kind == "grammar":

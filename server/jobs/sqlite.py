@@ -6,6 +6,7 @@ dir): writes take SQLite's write lock, and a job is only taken over when its lea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -128,6 +129,8 @@ PROJECT_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project, created_at);
 CREATE INDEX IF NOT EXISTS files_by_project ON files (project, created_at)
 """
+logger = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 7
 
 
@@ -139,11 +142,17 @@ def _owner_only(path: Path) -> None:
     """The database (every project's prompts, answers, files, and the webhook secret) readable
     by the server's user alone: made 0600 before SQLite opens it, which gives its WAL and
     shared-memory files the same mode; one an older version made 0644 is narrowed."""
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    except OSError:  # (not ours to open: SQLite says why, as the store's error)
+        return
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         try:
             if name.stat().st_mode & 0o077:
                 name.chmod(0o600)
+                logger.warning(
+                    "%s was readable by others: made 0600 (the server's user only)", name
+                )
         except OSError:  # (absent, or not ours to change: left as it is)
             pass
 

@@ -47,6 +47,10 @@ async def test_api_key_file_and_protected_routes(tiny_model_dir: Path, tmp_path:
             response = await client.get("/v1/models", headers=twice)
             assert response.status_code == 401, name
             assert "More than one API key" in response.json()["error"]["message"]
+        both = {"Authorization": "Bearer sk-file-key", "x-api-key": "other"}
+        assert (await client.get("/v1/models", headers=both)).status_code == 401
+        same = {"Authorization": "Bearer sk-file-key", "x-api-key": "sk-file-key"}
+        assert (await client.get("/v1/models", headers=same)).status_code == 200
 
 
 async def test_metrics_can_require_the_key(tiny_model_dir: Path) -> None:
