@@ -200,8 +200,12 @@ async def test_a_thinking_budget_ends_the_reasoning(thinking: httpx.AsyncClient)
         assert "".join(d.get("content") or "" for d in deltas) == message["content"]
     reached = await thinking.post("/v1/chat/completions", json={**body, "thinking_token_budget": 8})
     assert reached.json()["choices"][0]["message"] == unbounded["choices"][0]["message"]
+    unlimited = {**body, "thinking_token_budget": -1}  # vLLM's "no budget"
+    assert (await thinking.post("/v1/chat/completions", json=unlimited)).json()["choices"][0][
+        "message"
+    ] == unbounded["choices"][0]["message"]
     refused = await thinking.post(
-        "/v1/chat/completions", json={**body, "thinking_token_budget": -1}
+        "/v1/chat/completions", json={**body, "thinking_token_budget": -2}
     )
     assert (
         refused.status_code == 400 and refused.json()["error"]["param"] == "thinking_token_budget"
