@@ -17,7 +17,7 @@ import pytest
 
 from tests.api.test_errors import assert_error
 from tests.api.test_messages import anthropic_sdk
-from tests.helpers import data_uri, make_image, make_settings, start_client
+from tests.helpers import data_uri, make_image, make_settings, make_video, start_client
 
 pytestmark = pytest.mark.anyio
 IMAGE = make_image(96, 64, fmt="PNG")
@@ -182,6 +182,12 @@ async def test_uploads_take_the_media_purposes_and_list_by_purpose(
             "/v1/files", files={"file": ("x.png", SMALL)}, data={"purpose": purpose}
         )
         assert_error(response, 400, "purpose", "invalid_value")
+    # vision files are images (a video or a document would fail every request naming it)
+    for name, content in (("clip.mp4", make_video(seconds=1)), ("a.pdf", b"%PDF-1.4 ...")):
+        response = await client.post(
+            "/v1/files", files={"file": (name, content)}, data={"purpose": "vision"}
+        )
+        assert_error(response, 400, "file", "invalid_file_format")
 
 
 async def test_a_file_parts_detail_sets_its_budget(

@@ -16,6 +16,7 @@ from server.api.services import Services, get_services
 from server.exceptions import FileNotFound, InvalidRequest, refuse_unsupported
 from server.jobs.project import current_project
 from server.media.fetch import MEDIA_PURPOSES
+from server.media.image import looks_like_image
 
 PURPOSES = ("batch", *MEDIA_PURPOSES)
 # Headers Anthropic's SDK sends with every request (its uploads have no purpose).
@@ -61,6 +62,14 @@ async def upload_file(
     content = await file.read()
     if not content:
         raise InvalidRequest("The file is empty.", param="file", code="invalid_value")
+    if purpose == "vision" and not looks_like_image(content[:16]):
+        # (no part reads anything else by id: a video or a PDF would fail every request)
+        raise InvalidRequest(
+            "A file of purpose 'vision' is an image (jpeg, png, webp, gif or bmp); this "
+            "one is not. Videos are sent in video_url parts.",
+            param="file",
+            code="invalid_file_format",
+        )
     name = (file.filename or ("batch.jsonl" if purpose == "batch" else "file"))[:255]
     stored = await asyncio.to_thread(
         services.jobs.add_file, purpose, name, content, current_project()
