@@ -81,6 +81,9 @@ class AsyncEngine:
         self.async_scheduling = async_scheduling
         self.cache_per_project = cache_per_project
         self.eos_token_ids = frozenset(runner.eos_token_ids)
+        # vLLM's stop_reason: None for the tokenizer's end-of-text, the id for the others
+        # (generation_config's, which vLLM counts as stop tokens)
+        self.primary_eos_id = runner.eos_token_ids[0] if runner.eos_token_ids else None
         # Called (on the engine thread) with every sequence that ends, however it ends.
         self.on_finish: Callable[[Sequence], object] | None = None
         # Called (on the engine thread) with the number of tokens of every step that runs.
@@ -592,7 +595,8 @@ class AsyncEngine:
             if eos or token_id in params.stop_token_ids:
                 if params.include_stop_str_in_output:  # vLLM's: the ending token's text too
                     self._detokenizers[seq.request_id].add_token(token_id)
-                self._finish(seq, "stop", stop_reason=None if eos else token_id)
+                reason = None if eos and token_id == self.primary_eos_id else token_id
+                self._finish(seq, "stop", stop_reason=reason)
             else:
                 self._add_text(seq, token_id)
         self._in_flight = None

@@ -285,10 +285,13 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
 
 
 def _eos_token_ids(model: Any, processor: Any) -> tuple[int, ...]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = processor.tokenizer.eos_token_id
-    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+    """The tokenizer's end-of-text token first, then generation_config's others (vLLM ends
+    on both: Qwen2-VL's <|im_end|>, and <|endoftext|> from generation_config)."""
+    primary = processor.tokenizer.eos_token_id
+    extra = model.generation_config.eos_token_id
+    extra = list(extra) if isinstance(extra, list | tuple) else [] if extra is None else [extra]
+    ids = ([primary] if primary is not None else []) + extra
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def _log_loaded(loaded: LoadedModel, attention: object, quantization: str, seconds: float) -> None:

@@ -402,3 +402,14 @@ async def test_vllm_client_odds_and_ends(client: httpx.AsyncClient) -> None:
     assert_error(response, 400, "messages[0].content[0]")
     message = response.json()["error"]["message"]
     assert "pipe" not in message and "container this server reads" in message, message
+
+
+async def test_stop_reason_of_an_end_token_is_vllms(client: httpx.AsyncClient, tokenizer) -> None:
+    """The tokenizer's end-of-text (<|im_end|>) ends with stop_reason null; generation_config's
+    other end token (<|endoftext|>), which vLLM counts as a stop token, with its id."""
+    for token, reason in (("<|im_end|>", None), ("<|endoftext|>", "id")):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        body = text_body(logit_bias={str(token_id): 100}, max_tokens=3)
+        (choice,) = (await client.post("/v1/completions", json=body)).json()["choices"]
+        assert choice["finish_reason"] == "stop", choice
+        assert choice["stop_reason"] == (token_id if reason else None), token
