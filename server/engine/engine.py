@@ -313,10 +313,11 @@ class AsyncEngine:
         its policy looks at, token ids within the vocabulary, allowed ids that leave a token
         to generate, bad words that can be written down in tokens."""
         sampling = self.with_bad_word_ids(sampling)
-        if sampling.priority and self.scheduler.config.policy != "priority":
+        if sampling.priority and (policy := self.scheduler.config.policy) != "priority":
+            serves = "first come, first served" if policy == "fcfs" else "API keys in turn"
             raise InvalidRequest(
-                "priority needs the server started with --scheduling-policy priority (it "
-                "serves first come, first served).",
+                "priority needs the server started with --scheduling-policy priority (this "
+                f"one serves {serves}).",
                 param="priority",
                 code="invalid_value",
             )

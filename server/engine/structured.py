@@ -61,11 +61,14 @@ class StructuredOutput:
     # The request's cache_salt, part of the cache key only: a grammar another tenant compiled
     # is not found (a fast answer would tell that it was used).
     cache_salt: str | None = None
+    # Levels the server's own wrapping adds around the client's schemas (a `required` tool
+    # choice's list of calls): the depth limit is the client's schemas'.
+    wrapper_depth: int = 0
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any]) -> StructuredOutput:
+    def json_schema(cls, schema: dict[str, Any], wrapper_depth: int = 0) -> StructuredOutput:
         # Key order is kept: properties are generated in the order the schema lists them.
-        return cls("json_schema", json.dumps(schema))
+        return cls("json_schema", json.dumps(schema), wrapper_depth=wrapper_depth)
 
     @classmethod
     def regex(cls, pattern: str) -> StructuredOutput:
@@ -141,7 +144,9 @@ class GrammarCache:
     def compile(self, spec: StructuredOutput) -> Any:
         if (grammar := self.lookup(spec)) is not None:
             return grammar
-        depth = json_depth(spec.schema_json or "") if spec.kind == "json_schema" else 0
+        depth = 0
+        if spec.kind == "json_schema":
+            depth = json_depth(spec.schema_json or "") - spec.wrapper_depth
         if depth > MAX_SCHEMA_DEPTH:
             raise InvalidSchema(
                 f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}"

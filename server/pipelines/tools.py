@@ -73,7 +73,8 @@ class Tools:
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         if not self.parallel:
             schema["maxItems"] = 1
-        return StructuredOutput.json_schema(schema)
+        # (array, items, anyOf, a call, its properties: then the client's parameters)
+        return StructuredOutput.json_schema(schema, wrapper_depth=5)
 
 
 def new_call_id() -> str:

@@ -62,7 +62,20 @@ async def test_a_schema_nested_too_deep_is_refused_before_it_compiles(
     response = await client.post(URL, json=chat(response_format=nested(450)))
     error = assert_error(response, 400, "response_format", "invalid_schema")
     assert "nested 451 levels deep" in error["message"], error
-    assert (await client.post(URL, json=chat(response_format=nested(120)))).status_code == 200
+    assert (await client.post(URL, json=chat(response_format=nested(127)))).status_code == 200
+    # a forced tool's parameters: the limit is the client's schema's, whatever the server wraps
+    # around it (tool_choice required: a list of calls)
+    params = nested(125)["json_schema"]["schema"]  # 126 levels
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    tool["function"]["parameters"] = {"type": "object", "properties": {"a": params}}  # 128
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        body = chat(tools=[tool], tool_choice=choice, max_tokens=2)
+        assert (await client.post(URL, json=body)).status_code == 200, choice
+    tool["function"]["parameters"]["properties"]["a"] = nested(126)["json_schema"]["schema"]
+    error = assert_error(
+        await client.post(URL, json=chat(tools=[tool], tool_choice="required")), 400, "tools"
+    )
+    assert "nested 129 levels deep" in error["message"], error
 
 
 async def test_constraints_no_text_matches_are_400s(client: httpx.AsyncClient) -> None:
