@@ -627,11 +627,33 @@ async def test_an_unknown_route_is_a_404_in_the_paths_envelope(client: httpx.Asy
     assert response.json()["error"]["type"] == "not_found_error"
 
 
+@pytest.mark.parametrize(("budget_gib", "alone"), [(1e-6, True), (1.0, False)])
 async def test_images_past_the_decode_memory_are_decoded_one_at_a_time(
-    tiny_model_dir: Path,
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, budget_gib: float, alone: bool
 ) -> None:
-    """--image-decode-memory smaller than one image: each is decoded alone, none refused."""
-    settings = make_settings(tiny_model_dir, image_decode_memory=1e-6)
+    """--image-decode-memory smaller than one image: each is decoded alone (never two at
+    once, across requests), none refused; with room, they are decoded together."""
+    import threading
+    import time
+
+    from server.pipelines import media_loader
+
+    now, most, lock = [0], [0], threading.Lock()
+
+    def counted(*args: object, **kwargs: object) -> object:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            time.sleep(0.05)  # (long enough for others to start, were they allowed)
+            return load_image(*args, **kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    load_image = media_loader.load_image
+    monkeypatch.setattr(media_loader, "load_image", counted)
+    settings = make_settings(tiny_model_dir, image_decode_memory=budget_gib)
     parts = [image(data_uri(make_image(64, 64, seed=i))) for i in range(3)]
     body = {"model": "tiny", "messages": user(*parts), "max_tokens": 2}
     async for client in start_client(settings):
@@ -641,6 +663,7 @@ async def test_images_past_the_decode_memory_are_decoded_one_at_a_time(
         assert [r.status_code for r in responses] == [200] * 3
         loader = client.app.state.services.chat.media  # type: ignore[attr-defined]
         assert loader.decode_memory.free == loader.decode_memory.total
+    assert (most[0] == 1) is alone, most
 
 
 async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
