@@ -151,13 +151,15 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         }
 
         def can_start_a_job() -> bool:
-            """No hoarding: a job is claimed only while the engine could start it now, and not
-            while this replica drains (another one takes it)."""
-            return (
-                not app.state.draining
-                and engine.num_queued == 0
-                and engine.num_running < settings.max_num_seqs
-            )
+            """No hoarding: a job is claimed while the engine could start it now, and not
+            while this replica drains (another one takes it). No starving either: with no job
+            running here, one is claimed whatever the engine's load (its requests wait their
+            turn in the queue), so interactive traffic that keeps the queue busy cannot hold
+            every job back until it stops."""
+            if app.state.draining:
+                return False
+            room = engine.num_queued == 0 and engine.num_running < settings.max_num_seqs
+            return room or not job_worker.running
 
         job_worker = JobWorker(
             jobs,

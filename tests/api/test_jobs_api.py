@@ -239,3 +239,28 @@ async def test_progress_moves_through_every_stage(client: httpx.AsyncClient) -> 
     assert values[:2] == [STARTED, MEDIA_READY]
     assert values == sorted(values) and MEDIA_READY < values[-1] <= FRAMES_DONE
     assert len(values) == 2 + 2  # two scenes: one frame each
+
+
+async def test_a_busy_engine_does_not_hold_every_job_back(tiny_model_dir: Path) -> None:
+    """Interactive requests that keep the engine full (one place here, taken by a long
+    answer) do not keep jobs from starting: with none running, one is claimed at once (its
+    request waits its turn in the queue) and completes; jobs do not starve."""
+    settings = make_settings(tiny_model_dir, max_num_seqs=1)
+    async for client in start_client(settings):
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        long = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}]}
+        busy = asyncio.create_task(
+            client.post("/v1/chat/completions", json=long | {"max_tokens": 400, "ignore_eos": True})
+        )
+        async with asyncio.timeout(30):
+            while not engine.num_running:
+                await asyncio.sleep(0.01)
+        job = {"model": "tiny", "messages": long["messages"], "max_tokens": 2, "async": True}
+        created = (await client.post("/v2/media/completions", json=job)).json()
+        url = f"/v2/media/status/{created['id']}"
+        async with asyncio.timeout(30):
+            while (await client.get(url)).json()["status"] == "queued":
+                await asyncio.sleep(0.05)
+        assert not busy.done()  # claimed while the engine was full
+        assert (await wait_done(client, url))["status"] == "completed"
+        assert (await busy).status_code == 200
