@@ -99,10 +99,6 @@ class Sequence:
         """Scheduled at least once (it no longer counts as queued)."""
         return self.scheduled_time is not None
 
-    choice_index: int = 0  # among the n choices of one prompt (they share its prompt)
-    num_choices: int = 1  # n: how many choices its request has
-    group_id: str = ""  # the first choice's request id, on the others (metrics per request)
-
     @property
     def num_completion_tokens(self) -> int:
         return len(self.output_token_ids)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import re
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
@@ -209,15 +210,11 @@ class MediaFetcher:
         async def first_bytes(response: httpx.Response) -> bytes:
             _check_status(response, "media", param)
             head = b""
-            try:
+            with _body_errors("media", param):
                 async for chunk in response.aiter_bytes(num_bytes):
                     head += chunk
                     if len(head) >= num_bytes:
                         break
-            except httpx.TimeoutException:
-                raise _timed_out("media", param) from None
-            except httpx.HTTPError:  # (a body cut short, an encoding that does not decode)
-                raise _unreachable("media", param) from None
             return head[:num_bytes]
 
         fetch = self._fetch_http(parsed, kind="media", param=param, read=first_bytes)
@@ -331,6 +328,18 @@ def _first_bytes(path: Path, num_bytes: int) -> bytes:
         return file.read(num_bytes)
 
 
+@contextlib.contextmanager
+def _body_errors(kind: str, param: str) -> Iterator[None]:
+    """Reading a response's body: a timeout, or a body cut short or that does not decode, is
+    the client's error about its URL."""
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise _timed_out(kind, param) from None
+    except httpx.HTTPError:
+        raise _unreachable(kind, param) from None
+
+
 def _check_status(response: httpx.Response, kind: str, param: str) -> None:
     if response.status_code != 200:
         raise MediaError(
@@ -349,7 +358,7 @@ async def _read_capped(
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(kind, max_bytes, param)
     chunks, total = [], 0
-    try:
+    with _body_errors(kind, param):
         async for chunk in response.aiter_bytes(CHUNK_SIZE):
             total += len(chunk)
             if total > max_bytes:
@@ -358,10 +367,6 @@ async def _read_capped(
                 chunks.append(chunk)
             else:
                 sink.write(chunk)
-    except httpx.TimeoutException:
-        raise _timed_out(kind, param) from None
-    except httpx.HTTPError:
-        raise _unreachable(kind, param) from None
     mime = response.headers.get("content-type", "").split(";")[0].strip() or None
     if sink is not None:
         return FetchedMedia(b"", mime, path=Path(sink.name), size=total, is_temporary=True)

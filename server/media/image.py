@@ -99,7 +99,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def decode_memory(size: tuple[int, int] | None) -> int:
+def decoded_bytes(size: tuple[int, int] | None) -> int:
     """The bytes decoding an image of this header size will take."""
     if size is None:
         return 0
@@ -122,10 +122,11 @@ def pixel_range(
     return max(wanted_min or 0, model_min_pixels), max_pixels
 
 
-def visual_tokens(size: tuple[int, int], pixel_range: tuple[int, int], side: int) -> int:
-    """The tokens an image of this size becomes (0 if its shape is refused when decoded)."""
+def visual_tokens(size: tuple[int, int], pixels: tuple[int, int], side: int) -> int:
+    """The tokens an image of this size becomes, resized into pixels (min, max) (0 if its
+    shape is refused when decoded)."""
     try:
-        width, height = target_size(*size, pixel_range[1], side, pixel_range[0])
+        width, height = target_size(*size, pixels[1], side, pixels[0])
     except ValueError:
         return 0
     return (width // side) * (height // side)

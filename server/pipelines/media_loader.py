@@ -18,7 +18,7 @@ from server.media.decode_memory import DecodeMemory
 from server.media.fetch import FetchedMedia, MediaFetcher, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import (
-    decode_memory,
+    decoded_bytes,
     header_size,
     load_image,
     pixel_range,
@@ -161,7 +161,7 @@ class MediaLoader:
         self, part: ImagePart, data: bytes, size: tuple[int, int] | None
     ) -> Image.Image:
         return await self.decode_memory.run(
-            decode_memory(size),
+            decoded_bytes(size),
             lambda: load_image(
                 data,
                 part.detail,

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from server.media.decode_memory import DecodeMemory
-from server.media.image import DECODE_BYTES_PER_PIXEL, decode_memory, header_size
+from server.media.image import DECODE_BYTES_PER_PIXEL, decoded_bytes, header_size
 from tests.helpers import make_image
 
 pytestmark = pytest.mark.anyio
@@ -80,8 +80,8 @@ async def test_a_request_that_goes_away_gives_its_share_back_when_its_thread_end
 def test_the_share_is_reckoned_from_the_header() -> None:
     png = make_image(320, 240, fmt="PNG")
     assert header_size(png) == (320, 240) and header_size(b"not an image") is None
-    assert decode_memory((320, 240)) == 320 * 240 * DECODE_BYTES_PER_PIXEL
-    assert decode_memory(None) == 0
+    assert decoded_bytes((320, 240)) == 320 * 240 * DECODE_BYTES_PER_PIXEL
+    assert decoded_bytes(None) == 0
 
 
 def test_freed_decode_memory_goes_back_to_the_system() -> None:
