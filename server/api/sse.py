@@ -29,7 +29,7 @@ from server.exceptions import ServerError
 from server.pipelines.chat import ChatRequest, ChatRun
 from server.pipelines.logprobs import TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream
-from server.pipelines.tools import CallStream, Event, ToolCallDelta, call_stream
+from server.pipelines.tools import CallStream, Event, ToolCallDelta, Tools, call_stream
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
@@ -210,6 +210,7 @@ class ChoiceStream:
     with_token_ids: bool = False  # vLLM's return_token_ids
     num_tokens_sent: int = 0  # tokens whose logprobs and ids went out
     has_called: bool = False
+    tools: Tools | None = None  # how a call ends the answer (its finish_reason)
 
     def events(
         self, output: SequenceOutput, writer: ChatChunkWriter, texts: TokenTexts
@@ -229,9 +230,9 @@ class ChoiceStream:
             chunks.append(writer.delta(self.index, piece, logprobs, token_ids))
             logprobs = token_ids = None
         if output.finished:
-            reason = output.finish_reason
-            if self.has_called and reason == "stop":
-                reason = "tool_calls"
+            reason = output.finish_reason or "stop"
+            if self.tools is not None:
+                reason = self.tools.finish_reason(reason, self.has_called)
             chunks.append(writer.finish(self.index, output, reason, logprobs, token_ids))
         return chunks
 
@@ -264,6 +265,7 @@ async def chat_stream(
             ReasoningStream() if reasoning else None,
             request.include_reasoning,
             request.return_token_ids,
+            tools=request.tools,
         )
         for i, seq in enumerate(run.seqs)
     ]

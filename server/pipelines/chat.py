@@ -403,8 +403,8 @@ class ChatPipeline:
             reasoning = reasoning if request.include_reasoning else None
         answer = parse_answer(text, request.tools)
         finish_reason = seq.finish_reason or "stop"
-        if answer.tool_calls and finish_reason == "stop":
-            finish_reason = "tool_calls"
+        if request.tools is not None:
+            finish_reason = request.tools.finish_reason(finish_reason, bool(answer.tool_calls))
         logprobs = None
         if seq.sampling.logprobs is not None:
             logprobs = self.texts(request).logprobs(seq, 0, seq.num_completion_tokens)

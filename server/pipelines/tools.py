@@ -46,6 +46,13 @@ class Tools:
     def is_forced(self) -> bool:
         return self.choice not in ("none", "auto")
 
+    def finish_reason(self, reason: str, called: bool) -> str:
+        """`tool_calls` for an answer that called a tool and ended on its own, except under a
+        named choice: OpenAI and vLLM say `stop` there (the caller asked for that call)."""
+        if called and reason == "stop" and self.named is None:
+            return "tool_calls"
+        return reason
+
     def parameters(self, name: str) -> dict[str, Any]:
         for tool in self.definitions:
             if tool["function"]["name"] == name:

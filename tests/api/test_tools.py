@@ -72,7 +72,8 @@ async def test_named_tool_choice(sdk: openai.AsyncOpenAI) -> None:
         seed=1,
     )
     choice = response.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    # OpenAI's (and vLLM's) finish_reason for a named choice: stop (the caller asked for it)
+    assert choice.finish_reason == "stop" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id.startswith("call_")
     assert call.function.name == "get_weather"
@@ -94,7 +95,7 @@ async def test_named_tool_choice_streamed_as_the_sdk_accumulates(sdk: openai.Asy
     async for chunk in await sdk.chat.completions.create(**body, stream=True):
         state.handle_chunk(chunk)
     streamed = state.get_final_completion().choices[0]
-    assert streamed.finish_reason == "tool_calls"
+    assert streamed.finish_reason == "stop"  # as the whole answer's
     # the answer is the call: no content, as in the whole answer (OpenAI's null, not "")
     assert streamed.message.content is None and full.choices[0].message.content is None
     (call,) = streamed.message.tool_calls
