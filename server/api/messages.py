@@ -37,6 +37,7 @@ from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import (
     Event,
     NamedCall,
+    RequiredCalls,
     ToolCallDelta,
     Tools,
     call_stream,
@@ -762,7 +763,7 @@ class MessageEvents:
             if piece.id is None:  # more of a named call's arguments, as they come
                 return [self._input_delta(piece.arguments)] if piece.arguments else []
             self.called = True
-            if isinstance(self.calls, NamedCall):  # its arguments stream from here on
+            if isinstance(self.calls, NamedCall | RequiredCalls):  # arguments stream from here
                 events = self._start(tool_use_block(piece.id, piece.name or "", {}))
                 return events + ([self._input_delta(piece.arguments)] if piece.arguments else [])
             return self._call(piece.id, piece.name or "", _input(piece.arguments))

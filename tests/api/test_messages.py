@@ -323,6 +323,35 @@ async def test_any_tool_cut_off_by_max_tokens_is_a_partial_tool_use(
     assert streamed.content[0].input == message.content[0].input
 
 
+async def test_any_tool_streams_its_input_as_the_whole_answer_has_it(
+    sdk: anthropic.AsyncAnthropic,
+) -> None:
+    """tool_choice "any" (a list of calls under a grammar) streamed: each tool_use's
+    input_json deltas join to its input, the one the whole answer holds (they once began with
+    a stray "{}", which the SDK's accumulator read as an empty input)."""
+    for parallel in (True, False):
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Weather?"}],
+            "tools": [WEATHER],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": not parallel},
+            "max_tokens": 200,
+            "extra_body": GREEDY,
+        }
+        message = await sdk.messages.create(**body)
+        assert message.stop_reason == "tool_use"
+        inputs = [b.input for b in message.content if b.type == "tool_use"]
+        assert inputs and all(set(i) == {"city"} for i in inputs), message.content
+        async with sdk.messages.stream(**body) as stream:
+            joined: dict[int, str] = {}
+            async for sent in stream:
+                if sent.type == "content_block_delta" and sent.delta.type == "input_json_delta":
+                    joined[sent.index] = joined.get(sent.index, "") + sent.delta.partial_json
+            streamed = await stream.get_final_message()
+        assert [b.input for b in streamed.content if b.type == "tool_use"] == inputs
+        assert [json.loads(text) for text in joined.values()] == inputs
+
+
 async def test_images_in_a_tool_result_reach_the_model(
     sdk: anthropic.AsyncAnthropic, client: httpx.AsyncClient
 ) -> None:
