@@ -53,21 +53,18 @@ ANTHROPIC_ERROR_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
-
-
-# Routes both APIs serve: their errors are Anthropic's when Anthropic's SDK calls them.
-SHARED_PATHS = ("/v1/models", "/v1/files")
+# The status Anthropic's API answers overloaded with (sent in place of our 503).
+ANTHROPIC_OVERLOADED = 529
 
 
 def speaks_anthropic(scope: Scope) -> bool:
     """Whether the request's errors go in Anthropic's envelope: its Messages API's routes, and
-    the routes both APIs share (models, files) when Anthropic's SDK calls them (it sends
-    anthropic-version)."""
+    any route Anthropic's SDK calls (it sends anthropic-version): the routes both APIs share
+    (models, files), and a route this server does not have."""
     path = scope["path"]
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return True
-    shared = any(path == p or path.startswith(f"{p}/") for p in SHARED_PATHS)
-    return shared and any(name == b"anthropic-version" for name, _ in scope.get("headers", []))
+    return any(name == b"anthropic-version" for name, _ in scope.get("headers", []))
 
 
 def anthropic_error_type(status: int) -> str:

@@ -204,8 +204,9 @@ class ToolChoice(StrictModel):
 
 
 class ThinkingConfig(PartModel):
-    """Whether to think: "disabled" closes a thinking checkpoint's reasoning in the prompt
-    (chat's `enable_thinking: false`); an -Instruct checkpoint never thinks.
+    """Whether to think: "disabled" (or no `thinking`, as Anthropic's default) closes a
+    thinking checkpoint's reasoning in the prompt (chat's `enable_thinking: false`); an
+    -Instruct checkpoint never thinks.
     `budget_tokens` ends the reasoning once it has that many tokens (its "</think>" forced;
     max_tokens still counts the reasoning too); `display` "omitted" sends thinking blocks
     without their text."""
@@ -334,9 +335,11 @@ class MessagesRequest(StrictModel):
             "top_k": self.top_k,
             "cache_salt": self.cache_salt,
         }
-        if self.thinking is not None and self.thinking.type in THINKING_SWITCH:
-            # disabled answers at once (the reasoning closed in the prompt, as chat closes it)
-            body["chat_template_kwargs"] = {"enable_thinking": THINKING_SWITCH[self.thinking.type]}
+        # Disabled, or not asked for (Anthropic's default), answers at once: the reasoning
+        # closed in the prompt, as chat's enable_thinking false closes it.
+        thinks = THINKING_SWITCH.get(self.thinking.type) if self.thinking is not None else False
+        if thinks is not None:
+            body["chat_template_kwargs"] = {"enable_thinking": thinks}
         if self.thinking is not None and self.thinking.type == "enabled":
             body["thinking_token_budget"] = self.thinking.budget_tokens
         if messages[-1]["role"] == "assistant":  # prefill: the answer continues it
@@ -691,6 +694,9 @@ def completed(body: MessagesRequest, result: ChatResult) -> MessageObject:
     )
 
 
+SIGNATURE_DELTA = {"type": "signature_delta", "signature": ""}
+
+
 def event(kind: str, **fields: Any) -> str:
     """One server-sent event, as Anthropic sends them: its type named twice."""
     data = {"type": kind, **fields}
@@ -794,5 +800,8 @@ class MessageEvents:
     def _stop(self) -> list[str]:
         if self.open is None:
             return []
+        # A thinking block's signature comes last, as Anthropic's streams send it (empty:
+        # nothing here signs the reasoning).
+        events = [self._delta(SIGNATURE_DELTA)] if self.open == "thinking" else []
         self.open = None
-        return [event("content_block_stop", index=self.index)]
+        return [*events, event("content_block_stop", index=self.index)]

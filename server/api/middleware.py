@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_body, speaks_anthropic
+from server.api.errors import ANTHROPIC_OVERLOADED, error_body, speaks_anthropic
 from server.jobs.project import project_var
 from server.log import request_id_var
 from server.metrics import CLIENT_CLOSED_REQUEST
@@ -100,6 +100,8 @@ class RequestIdMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if anthropic and message["status"] == 503:
+                    message["status"] = ANTHROPIC_OVERLOADED  # its SDK's OverloadedError
                 headers = message.setdefault("headers", [])
                 headers += [(name, request_id.encode()) for name in names]
             response.record(message)

@@ -407,7 +407,7 @@ def _b64decode(payload: str, param: str) -> bytes:
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise MediaError(f"The data URI at {param} is not valid base64.", param=param) from None
+        raise MediaError(f"The base64 data at {param} is not valid base64.", param=param) from None
     if not data:
         raise MediaError(f"The data URI at {param} is empty.", param=param)
     return data

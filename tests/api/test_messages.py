@@ -585,6 +585,10 @@ async def test_other_routes_keep_openais_envelope(client: httpx.AsyncClient) -> 
     assert set(response.json()) == {"error"}
     response = await client.post("/v1/messagesx", json={})
     assert set(response.json()) == {"error"}
+    # Anthropic's SDK (anthropic-version) reads its own envelope, on a route not here too
+    headers = {"anthropic-version": "2023-06-01"}
+    response = await client.get("/v1/foo", headers=headers)
+    assert_anthropic_error(response, 404, "not_found_error")
 
 
 async def test_x_api_key_is_a_key(tiny_model_dir: Path) -> None:
@@ -600,6 +604,26 @@ async def test_x_api_key_is_a_key(tiny_model_dir: Path) -> None:
         chat = {"model": "tiny", "messages": body["messages"], "max_tokens": 2}
         response = await client.post("/v1/chat/completions", json=chat, headers={"x-api-key": "k"})
         assert response.status_code == 200
+
+
+async def test_overloaded_is_anthropics_529(
+    sdk: anthropic.AsyncAnthropic, client: httpx.AsyncClient
+) -> None:
+    """Our 503s (a full queue, a server shutting down) reach Anthropic's clients as its 529
+    overloaded_error: the SDK raises OverloadedError; OpenAI's routes keep the 503."""
+    app = client.app  # type: ignore[attr-defined]
+    app.state.draining = True
+    try:
+        with pytest.raises(anthropic.OverloadedError) as overloaded:
+            await sdk.messages.create(
+                model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+            )
+        assert overloaded.value.status_code == 529
+        assert overloaded.value.body["error"]["type"] == "overloaded_error"
+        response = await client.post("/v1/chat/completions", json={"model": "tiny"})
+        assert response.status_code == 503
+    finally:
+        app.state.draining = False
 
 
 def test_stop_reasons() -> None:

@@ -339,13 +339,15 @@ async def test_responses_api_reasoning_items(thinking: httpx.AsyncClient) -> Non
 
 async def test_the_messages_api_sends_thinking_blocks(thinking: httpx.AsyncClient) -> None:
     """Anthropic's Messages API: the reasoning is a thinking block (streamed as thinking
-    deltas); display "omitted" sends the block without its text; thinking disabled closes
-    the reasoning in the prompt (Qwen3's enable_thinking)."""
+    deltas, then an empty signature); display "omitted" sends the block without its text;
+    thinking disabled, or not asked for (Anthropic's default), closes the reasoning in the
+    prompt (Qwen3's enable_thinking)."""
     body = {
         "model": "tiny",
         "max_tokens": 6,
         "temperature": 0,
         "messages": [{"role": "user", "content": "Think."}],
+        "thinking": {"type": "enabled"},
     }
     response = await thinking.post("/v1/messages", json=body)
     assert response.status_code == 200, response.text
@@ -358,12 +360,18 @@ async def test_the_messages_api_sends_thinking_blocks(thinking: httpx.AsyncClien
     (start,) = [e for e in events if e["type"] == "content_block_start"]
     assert start["content_block"]["type"] == "thinking"
     deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
-    assert {d["type"] for d in deltas} == {"thinking_delta"}
-    assert "".join(d["thinking"] for d in deltas) == block["thinking"]
+    assert {d["type"] for d in deltas[:-1]} == {"thinking_delta"}
+    assert deltas[-1] == {"type": "signature_delta", "signature": ""}  # last, as Anthropic's
+    assert "".join(d["thinking"] for d in deltas[:-1]) == block["thinking"]
     omitted = {**body, "thinking": {"type": "enabled", "display": "omitted"}}
     response = await thinking.post("/v1/messages", json=omitted)
     assert [b["thinking"] for b in response.json()["content"]] == [""]
-    response = await thinking.post("/v1/messages", json={**body, "thinking": {"type": "disabled"}})
+    for off in ({"thinking": {"type": "disabled"}}, {"thinking": None}):
+        # (no thinking: Anthropic's default, off; the SDK's `content[0].text` reads the answer)
+        response = await thinking.post("/v1/messages", json={**body, **off})
+        assert [b["type"] for b in response.json()["content"]] == ["text"]
+    del body["thinking"]
+    response = await thinking.post("/v1/messages", json=body)
     assert [b["type"] for b in response.json()["content"]] == ["text"]
 
 
