@@ -110,6 +110,18 @@ class ResponseNotFound(NotFound):
         )
 
 
+class ConversationLocked(InvalidRequest):
+    """Another response is taking its turn in the conversation (OpenAI's 400)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Another process is currently operating on this conversation. Please retry in a "
+            "few seconds.",
+            param="conversation",
+            code="conversation_locked",
+        )
+
+
 class ConversationNotFound(NotFound):
     """A conversation (the Conversations API), or an item of one, that is not stored."""
 

@@ -70,7 +70,44 @@ class ConversationStore(Tables):
             if cursor.rowcount != 1:
                 return False
             execute("DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,))
+            execute("DELETE FROM shared_values WHERE name = ?", (_lock_name(conversation_id),))
             return True
+
+    def lock_conversation(
+        self, conversation_id: str, project: str, holder: str, lease_s: float
+    ) -> bool | None:
+        """Takes the conversation for one response's turn (it reads the items, runs, adds its
+        own) for lease_s, or renews the holder's lease: True. False while another holder's
+        lease runs; None when the project has no such conversation. The lease is a row of
+        shared_values (a lock of every replica sharing the store; a holder that died loses it
+        when its lease runs out)."""
+        with self.transaction() as execute:
+            held = execute(
+                f"SELECT id FROM conversations WHERE id = ? AND {VISIBLE}{self.for_update}",
+                (conversation_id, *seen_by(project)),
+            ).fetchone()
+            if held is None:
+                return None
+            name, now = _lock_name(conversation_id), self.now()
+            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                other, until = json.loads(row["value"])
+                if other != holder and until > now:
+                    return False
+            execute(
+                "INSERT INTO shared_values (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, json.dumps([holder, now + lease_s])),
+            )
+            return True
+
+    def unlock_conversation(self, conversation_id: str, holder: str) -> None:
+        """The holder's lease ended (one another holder took over, its own expired, is left)."""
+        with self.transaction() as execute:
+            name = _lock_name(conversation_id)
+            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+            if row is not None and json.loads(row["value"])[0] == holder:
+                execute("DELETE FROM shared_values WHERE name = ?", (name,))
 
     def add_items(self, conversation_id: str, items: list[dict[str, Any]], project: str) -> bool:
         """Items after the conversation's last; False when there is no such conversation."""
@@ -136,6 +173,10 @@ def _append(
             " VALUES (?, ?, ?, ?)",
             (conversation_id, position, item["id"], json.dumps(item, ensure_ascii=False)),
         )
+
+
+def _lock_name(conversation_id: str) -> str:
+    return f"conversation-lock:{conversation_id}"
 
 
 def _conversation(conversation_id: str, created_at: float, metadata: dict) -> dict[str, Any]:

@@ -26,11 +26,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from server.api.responses import event
-from server.exceptions import EngineStopped, JobStoreUnavailable
+from server.exceptions import ConversationNotFound, EngineStopped, JobStoreUnavailable
 from server.jobs.responses import StoredTurn
 from server.jobs.store import Job, JobStore
 from server.jobs.worker import Handler, Progress
 from server.pipelines.batch import Dispatch, send_until_served, wait_to_retry
+from server.pipelines.conversation_lock import ConversationLock
 from server.pipelines.loopback import StreamDispatch, sse_blocks
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,21 @@ def background_response_handler(
         stored = await asyncio.to_thread(store.get_response, job.id, job.project)
         if stored is None:
             return {"response_id": job.id}  # deleted before it ran
+        conversation_id = (stored.response.get("conversation") or {}).get("id")
+        if conversation_id is None:
+            return await respond(job, stored)
+        # Its turn in the conversation: queued (as it stays) until the turn before has ended.
+        lock = ConversationLock(store, conversation_id, job.id, job.project)
+        with contextlib.suppress(ConversationNotFound):  # (the run then fails, saying so)
+            await lock.take(wait_s=None)
+        try:
+            result = await respond(job, stored)
+            await lock.release()
+            return result
+        finally:
+            lock.release_soon()  # (failed or cancelled; nothing once released)
+
+    async def respond(job: Job, stored: StoredTurn) -> dict[str, Any]:
         running = {**stored.response, "status": "in_progress"}
         if not await asyncio.to_thread(store.update_response, running, None, job.attempt):
             return {"response_id": job.id}  # cancelled before it ran (or not this attempt's)

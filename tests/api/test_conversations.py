@@ -5,12 +5,14 @@ adds its input and output items, streamed or in the background too."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from server.pipelines import conversation_lock
 from tests.api.test_errors import assert_error
 from tests.api.test_responses_store import GREEDY, sdk_for, until_ended
 from tests.helpers import make_settings, start_client
@@ -241,3 +243,46 @@ async def test_a_cancel_wins_over_a_background_answer_in_a_conversation(
         texts = [i.content[0].text for i in items.data if i.type == "message" and i.role == "user"]  # type: ignore[union-attr]
         assert texts == ["Hi", "B"]  # the cancelled one's input is not in, nor twice B's
         assert items.data[-1].id == done.output[-1].id
+
+
+async def test_turns_at_once_in_one_conversation_take_it_in_turn(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Responses sent at once to one conversation each read the history with the turns that
+    ended before it (one at a time, as OpenAI's lock makes them); one that finds the
+    conversation held past a short wait is OpenAI's 400 conversation_locked; a background
+    response waits its turn, queued."""
+    conversation = await sdk.conversations.create()
+    turns = await asyncio.gather(
+        *[
+            sdk.responses.create(conversation=conversation.id, input=f"Turn {n}.", **GREEDY)
+            for n in range(3)
+        ]
+    )
+    seen = sorted(turn.usage.input_tokens for turn in turns)  # type: ignore[union-attr]
+    assert seen[0] < seen[1] < seen[2]  # each saw the turns before it
+    items = (await sdk.conversations.items.list(conversation.id, order="asc", limit=100)).data
+    by_tokens = sorted(turns, key=lambda turn: turn.usage.input_tokens)  # type: ignore[union-attr]
+    assert [item.id for item in items if item.type != "message" or item.role != "user"] == [
+        item.id for turn in by_tokens for item in turn.output
+    ]
+    store = client.app.state.services.jobs  # type: ignore[attr-defined]
+    assert store.lock_conversation(conversation.id, "", "resp_elsewhere", lease_s=60)
+    monkeypatch.setattr(conversation_lock, "WAIT_S", 0.2)
+    for stream in (False, True):
+        body = {"conversation": conversation.id, "input": "Now?", "stream": stream, **GREEDY}
+        response = await client.post("/v1/responses", json=body)
+        error = assert_error(response, 400, "conversation")
+        assert error["code"] == "conversation_locked"
+    queued = await sdk.responses.create(
+        conversation=conversation.id, input="Later.", background=True, **GREEDY
+    )
+    await asyncio.sleep(0.5)
+    assert (await sdk.responses.retrieve(queued.id)).status == "queued"
+    await asyncio.to_thread(store.unlock_conversation, conversation.id, "resp_elsewhere")
+    ended = await until_ended(sdk, queued.id)
+    assert ended.status in ("completed", "incomplete")  # (answered; max_output_tokens 4)
+    listed = await sdk.conversations.items.list(conversation.id, limit=1)
+    assert listed.data[0].id == ended.output[-1].id
+    after = await sdk.responses.create(conversation=conversation.id, input="Free?", **GREEDY)
+    assert after.usage.input_tokens > ended.usage.input_tokens  # type: ignore[union-attr]

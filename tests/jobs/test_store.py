@@ -468,3 +468,23 @@ def test_a_stale_attempt_never_writes_a_background_response(store: JobStore) -> 
     assert store.update_response({**queued, "status": "in_progress"}, None, second.attempt)
     stored = store.get_response("resp_bg", project="")
     assert stored is not None and stored.response["status"] == "in_progress"
+
+
+def test_a_conversation_is_locked_for_one_turn_at_a_time(open_store: OpenStore) -> None:
+    """One response's turn at a time (every process sharing the store sees the lock); the
+    holder renews it; released, or its lease run out, another takes it."""
+    store, other = open_store(), open_store()
+    store.create_conversation("conv_l", {}, [], project="p")
+    assert store.lock_conversation("conv_l", "p", "resp_a", lease_s=60) is True
+    assert other.lock_conversation("conv_l", "p", "resp_b", lease_s=60) is False
+    assert other.lock_conversation("conv_l", "p", "resp_a", lease_s=60) is True  # renewed
+    assert other.lock_conversation("conv_l", "q", "resp_b", lease_s=60) is None  # not q's
+    assert store.lock_conversation("conv_none", "p", "resp_a", lease_s=60) is None
+    other.unlock_conversation("conv_l", "resp_b")  # not its lock: nothing
+    assert store.lock_conversation("conv_l", "p", "resp_b", lease_s=60) is False
+    store.unlock_conversation("conv_l", "resp_a")
+    assert other.lock_conversation("conv_l", "p", "resp_b", lease_s=-1) is True  # (expired)
+    assert store.lock_conversation("conv_l", "p", "resp_c", lease_s=60) is True
+    assert store.delete_conversation("conv_l", "p")  # (its lock goes with it)
+    store.create_conversation("conv_l", {}, [], project="p")
+    assert other.lock_conversation("conv_l", "p", "resp_d", lease_s=60) is True

@@ -52,6 +52,7 @@ from server.jobs.responses import (
 from server.pipelines.background import EVENTS_SAVED, NO_ANSWER
 from server.pipelines.background import KIND as BACKGROUND
 from server.pipelines.chat import ChatRequest, ChatResult
+from server.pipelines.conversation_lock import ConversationLock
 
 logger = logging.getLogger(__name__)
 router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
@@ -71,11 +72,42 @@ async def create_response(
         return following(response.id, -1, request, services) if body.stream else response
     rid = response_id()
     store = body.store is not False and services.store_responses
+    lock = await taken_conversation(body, services, rid)
+    try:
+        return await _respond(rid, store, body, request, services, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release_soon()
+        raise
+
+
+async def taken_conversation(
+    body: ResponsesRequest, services: Services, holder: str
+) -> ConversationLock | None:
+    """The conversation the response continues, held for its turn (None: it continues none)."""
+    if body.conversation_id is None or not services.store_responses:
+        return None  # (without a store, continue_conversation's 400)
+    _check_ids(body)
+    lock = ConversationLock(services.jobs, body.conversation_id, holder, current_project())
+    await lock.take()
+    return lock
+
+
+async def _respond(
+    rid: str,
+    store: bool,
+    body: ResponsesRequest,
+    request: Request,
+    services: Services,
+    lock: ConversationLock | None,
+) -> ResponseObject | StreamingResponse:
     await continue_conversation(body, services)
     started = await run_translated(body, request, services)
     if isinstance(started, ChatResult):
         response = completed(rid, body, started, store)
         await record(response, body, services)
+        if lock is not None:
+            await lock.release()
         return response
     chat, run = started.chat, started.run
     logprobs = (run.seq, services.chat.texts(chat)) if body.wants_logprobs else None
@@ -96,7 +128,9 @@ async def create_response(
         )
     stream = started.events(events, body)
     if store or body.conversation_id is not None:
-        stream = recorded_as_it_ends(stream, events.response, body, services)
+        if lock is not None:
+            lock.pause()  # the stream renews and releases it
+        stream = recorded_as_it_ends(stream, events.response, body, services, lock)
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -154,16 +188,7 @@ async def start_in_background(
 async def continue_conversation(body: ResponsesRequest, services: Services) -> None:
     """previous_response_id's stored conversation, or the conversation's items, go before the
     body's input (the previous instructions do not: each request's own apply)."""
-    for param, given, prefix in (
-        ("previous_response_id", body.previous_response_id, "resp"),
-        ("conversation", body.conversation_id, "conv"),
-    ):
-        if given is not None and not given.startswith(prefix):  # (OpenAI's 400, not a 404)
-            raise InvalidRequest(
-                f"Invalid '{param}': '{given}'. Expected an ID that begins with '{prefix}'.",
-                param=param,
-                code="invalid_value",
-            )
+    _check_ids(body)
     if body.conversation_id is not None:
         if not services.store_responses:
             raise KeepsNothing("conversation")
@@ -211,6 +236,19 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
     body.continue_from([item for turn in turns for item in turn_items(turn)])
 
 
+def _check_ids(body: ResponsesRequest) -> None:
+    for param, given, prefix in (
+        ("previous_response_id", body.previous_response_id, "resp"),
+        ("conversation", body.conversation_id, "conv"),
+    ):
+        if given is not None and not given.startswith(prefix):  # (OpenAI's 400, not a 404)
+            raise InvalidRequest(
+                f"Invalid '{param}': '{given}'. Expected an ID that begins with '{prefix}'.",
+                param=param,
+                code="invalid_value",
+            )
+
+
 def turn_items(turn: StoredTurn) -> list[dict[str, Any]]:
     """A stored turn's items: its request's, then its answer's."""
     return [*turn.input, *turn.response["output"]]
@@ -256,13 +294,16 @@ async def recorded_as_it_ends(
     response: ResponseObject,
     body: ResponsesRequest,
     services: Services,
+    lock: ConversationLock | None = None,
 ) -> AsyncIterator[str]:
-    """The stream as it comes, its end recorded before its final event goes out (a client
-    that continues it as soon as it reads response.completed finds it): answered, failed,
-    or cancelled when the client went away (its row, saved as it began, is not left
-    in_progress)."""
+    """The stream as it comes, its end recorded (and its conversation's lock released) before
+    its final event goes out (a client that continues it as soon as it reads
+    response.completed finds it): answered, failed, or cancelled when the client went away
+    (its row, saved as it began, is not left in_progress)."""
     started, ended = response.store, False
     renewing = asyncio.create_task(_renewed(response.id, services)) if started else None
+    if lock is not None:
+        lock.renew()
     try:
         async for event in stream:
             if event.startswith(FINAL_EVENTS):
@@ -273,8 +314,12 @@ async def recorded_as_it_ends(
                 ended = True
                 failed = response.model_dump()
                 await asyncio.to_thread(_kept, services.jobs.update_response, response.id, failed)
+            if lock is not None and event.startswith((*FINAL_EVENTS, FAILED_EVENT)):
+                await lock.release()
             yield event
     finally:
+        if lock is not None:
+            lock.release_soon()  # (the client went away: nothing if released already)
         if renewing is not None:
             renewing.cancel()
         if started and not ended:  # (no await here: this task may be being cancelled)
