@@ -269,6 +269,7 @@ class ModelRunner:
                 ),
                 output_token_ids=seq.output_token_ids,
                 matcher=self.grammars.matcher(structured, seq.grammar) if structured else None,
+                grammar_waits=structured is not None and _in_reasoning(seq),
                 grammars=self.grammars,
                 bias=token_bias(seq.sampling, self.vocab_size, self.device),
                 allowed=allowed_tokens(seq.sampling, self.vocab_size, self.device),
@@ -501,3 +502,9 @@ class ModelRunner:
 
 def _same_on_three_axes(positions: list[int]) -> torch.Tensor:
     return torch.tensor(positions).view(1, -1).expand(3, -1)
+
+
+def _in_reasoning(seq: Sequence) -> bool:
+    """Whether the answer is still in its reasoning (one that waits for its end token)."""
+    end = seq.sampling.think_end_token_id
+    return end is not None and end not in seq.output_token_ids

@@ -60,6 +60,9 @@ class SamplingState:
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS until min_tokens is reached
     bad_words: BadWords | None = None  # the request's bad words, indexed (vLLM's bad_words)
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
+    # A thinking answer's grammar shapes what follows its reasoning: it waits (constrains
+    # nothing, reads no token) until the reasoning's end token has been sampled.
+    grammar_waits: bool = False
     grammars: GrammarCache | None = None
     logprobs: TokenLogprobs | None = None  # the last sampled token's (params.logprobs set)
     # The token this step must take whatever the logits say (a thinking budget's end); the
@@ -161,6 +164,8 @@ class SampledTokens:
         for row, (token, state) in enumerate(zip(tokens, self.states, strict=True)):
             if row in self.failed:
                 tokens[row] = FAILED
+            elif state.grammar_waits:
+                state.grammar_waits = token != state.params.think_end_token_id
             elif state.matcher is not None and not state.matcher.is_terminated():
                 tokens[row] = advance(state, token)
         return tokens
@@ -229,7 +234,10 @@ def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int
     rows = [
         i
         for i, s in enumerate(states)
-        if s.matcher is not None and s.grammars is not None and not s.matcher.is_terminated()
+        if s.matcher is not None
+        and s.grammars is not None
+        and not s.grammar_waits
+        and not s.matcher.is_terminated()
     ]
     if not rows:
         return set()

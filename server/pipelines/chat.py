@@ -216,7 +216,7 @@ class ChatPipeline:
         budget = await self.check(request)
         hf_messages = [to_hf_message(m) for m in render(request.messages, request.tools)]
         text_tokens = await _templated(
-            self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template
+            self.input_builder.count_text_tokens, hf_messages, True, request.template
         )
         if (truncation := request.truncation) is not None:  # the prompt will be cut to fit
             kept = self.engine.kept_prompt_tokens(truncation, request.sampling)
@@ -287,7 +287,7 @@ class ChatPipeline:
             hf_messages,
             images,
             frames,
-            _thinks(request),
+            True,  # (a thinking checkpoint reasons first; a grammar waits for the end)
             request.template,
         )
 
@@ -316,7 +316,7 @@ class ChatPipeline:
         messages = _replace_videos(request.messages, texts)
         hf_messages = [to_hf_message(m) for m in messages]
         inputs = await _templated(
-            self.input_builder.build, hf_messages, images, None, _thinks(request), request.template
+            self.input_builder.build, hf_messages, images, None, True, request.template
         )
         return ChatRun(await self._add(request, inputs), all_captions, usage, self.think_close_id)
 
@@ -327,7 +327,7 @@ class ChatPipeline:
         shared equally between the videos."""
         hf_messages = [to_hf_message(m) for m in request.messages]
         text_tokens = await _templated(
-            self.input_builder.count_text_tokens, hf_messages, _thinks(request), request.template
+            self.input_builder.count_text_tokens, hf_messages, True, request.template
         )
         side = self.input_builder.token_side
         image_tokens = sum((img.width // side) * (img.height // side) + 2 for img in images)
@@ -350,8 +350,10 @@ class ChatPipeline:
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:
         sampling = request.sampling
         inputs = self.engine.truncated(inputs, request.truncation, sampling)
-        if sampling.thinking_token_budget is not None and inputs.thinks:
-            # the budget counts reasoning tokens: only an answer that starts in reasoning has it
+        wants_end = sampling.thinking_token_budget is not None or sampling.structured is not None
+        if wants_end and inputs.thinks:
+            # the budget counts reasoning tokens, a grammar shapes what follows them: only an
+            # answer that starts in reasoning has either wait for its end
             sampling = replace(sampling, think_end_token_id=self.think_close_id)
         return await add_choices(self.engine, request.request_id, inputs, sampling, request.n)
 
@@ -431,12 +433,6 @@ async def _templated(render: Callable[..., T], *args: Any) -> T:
             param=exc.param,
             code="invalid_value",
         ) from None
-
-
-def _thinks(request: ChatRequest) -> bool:
-    """A thinking checkpoint reasons first, unless a grammar shapes the answer from its first
-    token (response_format, a forced tool): then its reasoning is closed at once."""
-    return request.sampling.structured is None
 
 
 class GrammarCompiles:

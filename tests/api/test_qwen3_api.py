@@ -9,6 +9,7 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -270,17 +271,32 @@ async def test_reasoning_effort_none_turns_the_reasoning_off(thinking: httpx.Asy
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning.effort"
 
 
-async def test_a_thinking_checkpoint_under_a_grammar_answers_at_once(
+async def test_a_thinking_checkpoint_reasons_then_answers_under_the_grammar(
     thinking: httpx.AsyncClient,
 ) -> None:
-    """JSON cannot wait for a "</think>" the grammar would never allow: the reasoning is
-    closed in the prompt and the JSON is the content; frame captions answer at once too."""
+    """As vLLM's reasoning models and OpenAI's: the reasoning comes first, unconstrained, and
+    the grammar shapes what follows its "</think>" (the random model never writes one: its
+    thinking budget ends the reasoning here). Reasoning that takes every token leaves no
+    answer; enable_thinking false answers at once; frame captions and categories answer at
+    once (their prompts close the reasoning)."""
     schema = {"type": "object", "properties": {"a": {"type": "string", "enum": ["x", "y"]}}}
     response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
     body = chat(image(), text("JSON please"), max_tokens=40, response_format=response_format)
-    response = await thinking.post("/v1/chat/completions", json=body)
+    budgeted = {**body, "temperature": 0, "thinking_token_budget": 4}
+    response = await thinking.post("/v1/chat/completions", json=budgeted)
     assert response.status_code == 200, response.text
     message = response.json()["choices"][0]["message"]
+    assert json.loads(message["content"]) is not None and message["reasoning_content"]
+    assert response.json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
+    deltas = await streamed_deltas(thinking, budgeted)
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+    unended = (await thinking.post("/v1/chat/completions", json=body)).json()["choices"][0]
+    assert unended["finish_reason"] == "length" and unended["message"]["reasoning_content"]
+    assert not unended["message"]["content"]
+    at_once = {**body, "chat_template_kwargs": {"enable_thinking": False}}
+    message = (await thinking.post("/v1/chat/completions", json=at_once)).json()["choices"][0][
+        "message"
+    ]
     assert json.loads(message["content"]) is not None and message["reasoning_content"] is None
     categories = {"media_url": data_uri(make_image(320, 240)), "metadata": ["tags"]}
     response = await thinking.post("/v2/media/categories", json=categories)
@@ -294,11 +310,12 @@ async def test_a_named_tool_call(qwen3: httpx.AsyncClient) -> None:
 
 
 async def test_a_named_tool_call_on_a_thinking_checkpoint(thinking: httpx.AsyncClient) -> None:
-    """The forced call closes the reasoning first."""
-    await check_named_tool_call(thinking)
+    """The call follows the reasoning (ended by its budget: the random model never ends it)."""
+    message = await check_named_tool_call(thinking, thinking_token_budget=3)
+    assert message["reasoning_content"]
 
 
-async def check_named_tool_call(client: httpx.AsyncClient) -> None:
+async def check_named_tool_call(client: httpx.AsyncClient, **extra: Any) -> dict:
     from tests.api.test_tools import NAMED, WEATHER, check_weather
 
     # greedy: a random-weight model's sampled text can hold surrogates, which xgrammar takes
@@ -306,11 +323,13 @@ async def check_named_tool_call(client: httpx.AsyncClient) -> None:
     body = chat(
         text("Weather in Oslo?"), max_tokens=60, tools=[WEATHER], tool_choice=NAMED, temperature=0
     )
-    response = await client.post("/v1/chat/completions", json=body)
+    response = await client.post("/v1/chat/completions", json={**body, **extra})
     assert response.status_code == 200, response.text
-    (call,) = response.json()["choices"][0]["message"]["tool_calls"]
+    message = response.json()["choices"][0]["message"]
+    (call,) = message["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     check_weather(call["function"]["arguments"])
+    return message
 
 
 async def test_responses_api_reasoning_items(thinking: httpx.AsyncClient) -> None:

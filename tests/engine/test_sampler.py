@@ -282,6 +282,41 @@ async def test_a_queued_request_keeps_its_grammar_when_the_cache_lets_go(
     assert engine.runner._state(queued).matcher is not None
 
 
+@pytest.mark.anyio
+async def test_a_grammar_waits_for_the_reasoning_to_end(loaded) -> None:  # type: ignore[no-untyped-def]
+    """A thinking answer under a grammar: the reasoning is free (here ended by its budget),
+    the grammar shapes what follows the end token; both schedulings (the end token's step is
+    read before the next step samples)."""
+    from server.config import Settings
+    from server.engine.engine import AsyncEngine
+    from server.engine.inputs import InputBuilder
+
+    builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
+    prompt = builder.build([{"role": "user", "content": "Yes or no?"}], [])
+    engine = AsyncEngine.build(loaded, Settings(model="unused", max_model_len=1024).engine_config())
+    spec = StructuredOutput.choice(["yes", "no"])
+    engine.compile_grammar(spec)
+    end = 100  # (a stand-in for "</think>": the tiny vocabulary has none)
+    params = SamplingParams(
+        max_tokens=40,
+        temperature=0,
+        structured=spec,
+        thinking_token_budget=3,
+        think_end_token_id=end,
+    )
+    engine.start()
+    try:
+        seq = engine.add_request("r", prompt, params)
+        seq.grammar = engine.runner.grammars.lookup(spec)
+        last = [o async for o in engine.stream(seq)][-1]
+    finally:
+        await engine.stop()
+    assert last.finish_reason == "stop", last
+    reasoning, answer = seq.output_token_ids[:4], seq.output_token_ids[4:]
+    assert reasoning[3] == end and end not in reasoning[:3]
+    assert loaded.processor.tokenizer.decode(answer, skip_special_tokens=True) in ("yes", "no")
+
+
 def _tokenizer():
     """A tiny real tokenizer for the grammar (the tiny checkpoint's)."""
     from transformers import AutoTokenizer
