@@ -431,8 +431,12 @@ def _check_answered(open_calls: dict[str, None] | None, asked_at: int) -> None:
         )
 
 
+# OpenAI's rule for a json_schema's name (chat's response_format, the Responses text.format)
+SCHEMA_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
 class JsonSchemaFormat(StrictModel):
-    name: str = Field(default="response", max_length=64)
+    name: str = Field(default="response", pattern=SCHEMA_NAME)
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None

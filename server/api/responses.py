@@ -30,6 +30,7 @@ from pydantic import (
 from server.api.errors import SERVER_ERROR
 from server.api.protocol import (
     MAX_CACHE_SALT,
+    SCHEMA_NAME,
     ChatCompletionTokenLogprob,
     ContentPart,
     JsonObjectText,
@@ -158,7 +159,7 @@ class NamedFunction(StrictModel):
 
 class TextFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None  # json_schema's
+    name: str | None = Field(default=None, pattern=SCHEMA_NAME)  # json_schema's
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     description: str | None = None
     strict: bool | None = None
@@ -615,6 +616,9 @@ def _item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+DEFAULT_TIER = "default"  # the service tier OpenAI's response shows for "auto" or none
+
+
 class ResponseObject(BaseModel):
     """OpenAI's `response` object (the fields this server can fill)."""
 
@@ -644,6 +648,12 @@ class ResponseObject(BaseModel):
     usage: dict[str, Any] | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Echoed as OpenAI's response shows them (hints for a hosted service, no effect here).
+    max_tool_calls: int | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str = DEFAULT_TIER
+    top_logprobs: int = 0
 
     @classmethod
     def start(
@@ -671,6 +681,10 @@ class ResponseObject(BaseModel):
             top_p=sampling.top_p,
             user=body.user,
             metadata=body.metadata or {},
+            prompt_cache_key=body.prompt_cache_key,
+            safety_identifier=body.safety_identifier,
+            service_tier=DEFAULT_TIER if body.service_tier in (None, "auto") else body.service_tier,
+            top_logprobs=body.top_logprobs or 0,
             previous_response_id=body.previous_response_id,
             conversation={"id": body.conversation_id} if body.conversation_id else None,
             store=store,
@@ -682,7 +696,7 @@ class ResponseObject(BaseModel):
         self.output = output
         self.status = "incomplete" if incomplete else "completed"
         self.incomplete_details = {"reason": "max_output_tokens"} if incomplete else None
-        self.completed_at = int(time.time())
+        self.completed_at = None if incomplete else int(time.time())  # (OpenAI's: completed)
         self.usage = usage_of(run)
         return self
 

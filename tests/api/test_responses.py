@@ -135,6 +135,25 @@ async def test_the_sdks_own_types_validate_what_is_sent(client: httpx.AsyncClien
                 events.validate_python(json.loads(line[6:]))
 
 
+async def test_the_response_echoes_the_hints_it_was_sent(sdk: openai.AsyncOpenAI) -> None:
+    """As OpenAI's response object shows them (they change nothing here)."""
+    plain = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+    assert (plain.service_tier, plain.top_logprobs, plain.prompt_cache_key) == ("default", 0, None)
+    assert plain.safety_identifier is None and plain.max_tool_calls is None
+    hinted = await sdk.responses.create(
+        model="tiny",
+        input="Hi",
+        max_output_tokens=2,
+        service_tier="flex",
+        prompt_cache_key="k1",
+        safety_identifier="user-1",
+        top_logprobs=3,
+        include=["message.output_text.logprobs"],
+    )
+    assert (hinted.service_tier, hinted.top_logprobs) == ("flex", 3)
+    assert (hinted.prompt_cache_key, hinted.safety_identifier) == ("k1", "user-1")
+
+
 async def test_a_string_input_is_one_user_message(sdk: openai.AsyncOpenAI) -> None:
     response = await sdk.responses.create(
         model="tiny", input="Hi", max_output_tokens=3, temperature=0, store=False
@@ -187,6 +206,7 @@ async def test_a_call_cut_off_by_max_output_tokens_is_incomplete(
     response = await sdk.responses.create(**body)
     (call,) = response.output
     assert response.status == "incomplete" and call.status == "incomplete"
+    assert response.completed_at is None  # (OpenAI's: set once completed)
     async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
         lines = [line async for line in stream.aiter_lines() if line.startswith("data: ")]
     done = [json.loads(line[6:]) for line in lines]
@@ -391,6 +411,15 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
         (
             {"input": [{"role": "assistant", "content": [IMAGE_PART]}]},
             "input[0].content[0]",
+        ),
+        # OpenAI's limits: 16 metadata pairs (keys to 64 characters, values to 512), a
+        # format's name of letters, digits, _ and -
+        ({"metadata": {f"k{n}": "v" for n in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "bad name!", "schema": SCHEMA}}},
+            "text.format.name",
         ),
     ],
 )

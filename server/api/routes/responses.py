@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.protocol import check_metadata
 from server.api.response_events import followed, opening_events
 from server.api.responses import (
     InputItemList,
@@ -67,6 +68,7 @@ async def create_response(
     ),
     services: Services = Depends(get_services),
 ) -> ResponseObject | StreamingResponse:
+    check_metadata(body.metadata)
     if body.background:
         response = await start_in_background(body, services, idempotency_key)
         return following(response.id, -1, request, services) if body.stream else response
