@@ -708,7 +708,33 @@ class NamedToolChoice(StrictModel):
     function: ToolChoiceFunction
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+class AllowedTools(StrictModel):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolsChoice(StrictModel):
+    """OpenAI's allowed_tools: only these of the tools may be called (`required`: one must
+    be). The prompt lists only them (a model cannot call what it is not shown)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice
+
+
+def _named_tool(
+    named: NamedToolChoice, tools: list[ChatCompletionToolParam], param: str
+) -> NamedToolChoice:
+    """A tool named by tool_choice, which must be among the tools."""
+    if named.function.name not in {t.function.name for t in tools}:
+        raise InvalidRequest(
+            f"{param} names '{named.function.name}', which is not among the tools.",
+            param=f"{param}.function.name",
+            code="invalid_value",
+        )
+    return named
 
 
 # -- request: chat completions ----------------------------------------------------------------
@@ -859,16 +885,19 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
                     "tool_choice needs tools.", param="tool_choice", code="invalid_value"
                 )
             return None
-        definitions = tuple(t.model_dump(exclude_none=True) for t in self.tools)
+        tools_here = list(self.tools)
         choice = self.tool_choice or "auto"
         if isinstance(choice, NamedToolChoice):
-            choice = choice.function.name
-            if choice not in {t.function.name for t in self.tools}:
-                raise InvalidRequest(
-                    f"tool_choice names '{choice}', which is not among the tools.",
-                    param="tool_choice.function.name",
-                    code="invalid_value",
-                )
+            choice = _named_tool(choice, self.tools, "tool_choice").function.name
+        elif isinstance(choice, AllowedToolsChoice):
+            where = "tool_choice.allowed_tools.tools"
+            names = {
+                _named_tool(named, self.tools, f"{where}[{i}]").function.name
+                for i, named in enumerate(choice.allowed_tools.tools)
+            }
+            tools_here = [t for t in self.tools if t.function.name in names]
+            choice = choice.allowed_tools.mode
+        definitions = tuple(t.model_dump(exclude_none=True) for t in tools_here)
         tools = Tools(definitions, choice, self.parallel_tool_calls is not False)
         if tools.is_forced and self.to_structured() is not None:
             raise InvalidRequest(

@@ -156,6 +156,22 @@ class NamedFunction(StrictModel):
     type: Literal["function"]
     name: str = Field(min_length=1)
 
+    def to_chat(self) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": self.name}}
+
+
+class AllowedTools(StrictModel):
+    """OpenAI's allowed_tools: only these of the tools may be called (chat's, as it names
+    them)."""
+
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[NamedFunction] = Field(min_length=1)
+
+    def to_chat(self) -> dict[str, Any]:
+        tools = [named.to_chat() for named in self.tools]
+        return {"type": "allowed_tools", "allowed_tools": {"mode": self.mode, "tools": tools}}
+
 
 class TextFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
@@ -229,7 +245,7 @@ class ResponsesRequest(StrictModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     text: TextConfig | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | AllowedTools | None = None
     parallel_tool_calls: bool | None = None
     stream: StrictBool | None = False
     stream_options: ResponseStreamOptions | None = None
@@ -425,8 +441,8 @@ class ResponsesRequest(StrictModel):
             body["tools"] = [
                 tool.to_chat() for tool in self.tools if isinstance(tool, FunctionTool)
             ]
-        if isinstance(self.tool_choice, NamedFunction):
-            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        if isinstance(self.tool_choice, NamedFunction | AllowedTools):
+            body["tool_choice"] = self.tool_choice.to_chat()
         else:
             body["tool_choice"] = self.tool_choice
         if self.text is not None and self.text.format is not None:
@@ -601,7 +617,7 @@ def responses_param(param: str | None) -> str | None:
     if param in ("max_tokens", "max_completion_tokens"):
         return "max_output_tokens"
     if param.startswith(("tools", "tool_choice")):
-        return param.replace(".function.", ".", 1)
+        return param.replace(".allowed_tools.", ".", 1).replace(".function.", ".", 1)
     return param
 
 
@@ -707,8 +723,8 @@ def _reasoning(config: ReasoningConfig | None) -> dict[str, Any]:
     return {"effort": config.effort, "summary": config.summary or config.generate_summary}
 
 
-def _tool_choice(choice: str | NamedFunction | None) -> Any:
-    if isinstance(choice, NamedFunction):
+def _tool_choice(choice: str | NamedFunction | AllowedTools | None) -> Any:
+    if isinstance(choice, NamedFunction | AllowedTools):
         return choice.model_dump()
     return choice or "auto"
 

@@ -154,6 +154,33 @@ async def test_the_response_echoes_the_hints_it_was_sent(sdk: openai.AsyncOpenAI
     assert (hinted.prompt_cache_key, hinted.safety_identifier) == ("k1", "user-1")
 
 
+async def test_allowed_tools_as_the_responses_api_names_them(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    """tool_choice {"type": "allowed_tools", "mode", "tools": [{"type": "function", "name"}]}:
+    only those may be called (chat's allowed_tools), echoed as sent; errors name its fields."""
+    other = {**WEATHER, "name": "get_time", "parameters": {"type": "object"}}
+    choice = {
+        "type": "allowed_tools",
+        "mode": "required",
+        "tools": [{"type": "function", "name": "get_time"}],
+    }
+    response = await sdk.responses.create(
+        model="tiny",
+        input="What time is it?",
+        tools=[WEATHER, other],  # type: ignore[list-item]
+        tool_choice=choice,  # type: ignore[arg-type]
+        max_output_tokens=200,
+        temperature=0,
+    )
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert calls and {call.name for call in calls} == {"get_time"}  # type: ignore[union-attr]
+    assert response.tool_choice.model_dump() == choice  # type: ignore[union-attr]
+    bad = {**choice, "tools": [{"type": "function", "name": "nope"}]}
+    body = {"model": "tiny", "input": "Hi", "tools": [WEATHER], "tool_choice": bad}
+    assert_error(await client.post("/v1/responses", json=body), 400, "tool_choice.tools[0].name")
+
+
 async def test_a_string_input_is_one_user_message(sdk: openai.AsyncOpenAI) -> None:
     response = await sdk.responses.create(
         model="tiny", input="Hi", max_output_tokens=3, temperature=0, store=False

@@ -283,3 +283,44 @@ async def test_answered_calls_and_calls_without_ids_are_accepted(
     body = {"model": "tiny", "max_tokens": 2, "messages": messages}
     continued = {**body, "continue_final_message": True, "add_generation_prompt": False}
     assert (await client.post("/v1/chat/completions", json=continued)).status_code == 200
+
+
+async def test_allowed_tools_limit_what_may_be_called(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    """OpenAI's allowed_tools: of the tools, only these may be called; `required`: one of them
+    must be (`auto`: the model decides, among them). A name not among the tools is a 400."""
+    allowed = {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "required",
+            "tools": [{"type": "function", "function": {"name": "get_time"}}],
+        },
+    }
+    for seed in (1, 2):
+        response = await sdk.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            tools=[WEATHER, TIME],
+            tool_choice=allowed,  # type: ignore[arg-type]
+            max_tokens=300,
+            temperature=0.8,
+            seed=seed,
+        )
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert {call.function.name for call in choice.message.tool_calls} == {"get_time"}
+    auto = {**allowed, "allowed_tools": {**allowed["allowed_tools"], "mode": "auto"}}
+    body = {"model": "tiny", "messages": MESSAGES, "tools": [WEATHER, TIME], "max_tokens": 3}
+    assert (
+        await client.post("/v1/chat/completions", json={**body, "tool_choice": auto})
+    ).status_code == 200
+    unknown = {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "auto",
+            "tools": [{"type": "function", "function": {"name": "nope"}}],
+        },
+    }
+    response = await client.post("/v1/chat/completions", json={**body, "tool_choice": unknown})
+    assert_error(response, 400, "tool_choice.allowed_tools.tools[0].function.name")
