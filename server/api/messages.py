@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     StrictBool,
     Tag,
+    field_validator,
     model_validator,
 )
 from pydantic_core import from_json
@@ -159,6 +160,13 @@ class CustomTool(PartModel):
     description: str | None = None
     input_schema: dict[str, Any]
     strict: bool | None = None
+
+    @field_validator("input_schema")
+    @classmethod
+    def _an_object(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        if schema.get("type") != "object":  # (Anthropic's rule: input is an object)
+            raise ValueError('input_schema: type must be "object"')
+        return schema
 
     def to_chat(self) -> dict[str, Any]:
         function = {"name": self.name, "parameters": self.input_schema}
@@ -305,6 +313,10 @@ class MessagesRequest(StrictModel):
                     f"messages.{index}: all messages must have non-empty content except for "
                     "the optional final assistant message"
                 )
+            if final_assistant and _last_text(message.content).endswith((" ", "\n", "\t")):
+                raise ValueError("final assistant content cannot end with trailing whitespace")
+        if isinstance(self.system, list) and any(not block.text for block in self.system):
+            raise ValueError("system: text content blocks must be non-empty")
         return self
 
     def unsupported_fields(self) -> list[str]:
@@ -447,6 +459,13 @@ def _system_parts(system: str | list[TextBlock]) -> list[tuple[dict[str, Any], s
     if isinstance(system, str):
         return [(_text_part(system), "system")]
     return [(_text_part(b.text), f"system[{i}]") for i, b in enumerate(system)]
+
+
+def _last_text(content: str | list[Any]) -> str:
+    """The text a message ends with ("" when its last block is not text)."""
+    if isinstance(content, str):
+        return content
+    return content[-1].text if content and isinstance(content[-1], TextBlock) else ""
 
 
 def _empty(content: str | list[Any]) -> bool:

@@ -557,6 +557,17 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
             },
             "messages.0",
         ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Sure: "},
+                ]
+            },
+            "trailing whitespace",
+        ),
+        ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "object"),
+        ({"system": [{"type": "text", "text": ""}]}, "system"),
     ],
 )
 async def test_bad_requests_are_400s_in_anthropics_envelope(
