@@ -169,7 +169,8 @@ def make_settings(model_dir: Path, **overrides: object) -> Settings:
 
 async def start_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
+    # (start-up loads the model: its 5 s default is short on a loaded 2-core machine)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             client.app = app  # type: ignore[attr-defined]  # tests may look at the services

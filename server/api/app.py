@@ -150,16 +150,17 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             ),
         }
 
-        def can_start_a_job() -> bool:
+        def can_start_a_job(kinds: tuple[str, ...]) -> bool:
             """No hoarding: a job is claimed while the engine could start it now, and not
             while this replica drains (another one takes it). No starving either: with no job
-            running here, one is claimed whatever the engine's load (its requests wait their
-            turn in the queue), so interactive traffic that keeps the queue busy cannot hold
-            every job back until it stops."""
+            of its lane's kinds running here, one is claimed whatever the engine's load (its
+            requests wait their turn in the queue), so neither interactive traffic that keeps
+            the queue busy nor a batch that fills the engine for hours holds every media job
+            (and its webhook) back until it stops."""
             if app.state.draining:
                 return False
             room = engine.num_queued == 0 and engine.num_running < settings.max_num_seqs
-            return room or not job_worker.running
+            return room or not job_worker.runs_any(kinds)
 
         job_worker = JobWorker(
             jobs,

@@ -78,11 +78,12 @@ class JobWorker:
         concurrency: int = 2,
         retention_s: float = 0.0,
         lease_s: float | None = None,
-        can_start: Callable[[], bool] = lambda: True,
+        can_start: Callable[[tuple[str, ...]], bool] = lambda kinds: True,
         lanes: dict[tuple[str, ...], int] | None = None,
     ):
         """lanes: {job kinds: how many loops claim only those} (a long batch then never holds
-        the loop a media job needs); None: `concurrency` loops for every kind."""
+        the loop a media job needs); None: `concurrency` loops for every kind. can_start(a
+        lane's kinds): whether one of its loops may claim a job now."""
         self.store = store
         self.handlers = handlers
         self.lanes = lanes or {(): concurrency}
@@ -91,7 +92,7 @@ class JobWorker:
             raise ValueError(f"no lane claims jobs of kind {sorted(unclaimed)}")
         self.retention_s = retention_s  # 0: finished jobs are kept forever
         self.lease_s = lease_s or LEASE_S
-        self.can_start = can_start  # whether the engine has a slot for another job now
+        self.can_start = can_start
         self.owner = new_owner()
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
@@ -99,6 +100,10 @@ class JobWorker:
         self.held: dict[str, Job] = {}  # job id -> the attempt this process holds
         self.cancelled: set[str] = set()
         self.claim_failures = 0  # in a row: the store is unreachable while this grows
+
+    def runs_any(self, kinds: tuple[str, ...]) -> bool:
+        """Whether a job of these kinds (): of any kind) is running here."""
+        return any(not kinds or job.kind in kinds for job in self.held.values())
 
     def start(self) -> None:
         self._take_over_from_gone_owners()
@@ -152,7 +157,7 @@ class JobWorker:
 
     async def _loop(self, kinds: tuple[str, ...]) -> None:
         while True:
-            job = await self._claim(kinds) if self.can_start() else None
+            job = await self._claim(kinds) if self.can_start(kinds) else None
             if job is None:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):

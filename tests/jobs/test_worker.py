@@ -199,7 +199,7 @@ async def test_nothing_is_claimed_without_an_engine_slot(tmp_path: Path) -> None
         return {}
 
     job = store.create("test", {}, None)
-    worker = JobWorker(store, {"test": handler}, concurrency=2, can_start=lambda: free)
+    worker = JobWorker(store, {"test": handler}, concurrency=2, can_start=lambda kinds: free)
     worker.start()
     try:
         await asyncio.sleep(0.5)
@@ -212,6 +212,48 @@ async def test_nothing_is_claimed_without_an_engine_slot(tmp_path: Path) -> None
             await asyncio.sleep(0.025)
         assert store.get(job.id).status == "completed"  # type: ignore[union-attr]
     finally:
+        await worker.stop()
+
+
+async def test_a_lane_claims_while_none_of_its_kinds_runs_here(tmp_path: Path) -> None:
+    """The server's rule with the engine full: a lane claims only while none of its own kinds
+    runs here, so a batch that fills the engine for hours does not hold a media job back."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    release = asyncio.Event()
+
+    async def long(job: Job, progress) -> dict:
+        await release.wait()
+        return {}
+
+    async def short(job: Job, progress) -> dict:
+        return {}
+
+    worker = JobWorker(
+        store,
+        {"batch": long, "media": short},
+        lanes={("batch",): 1, ("media",): 2},
+        can_start=lambda kinds: not worker.runs_any(kinds),
+    )
+    batch = store.create("batch", {}, None)
+    worker.start()
+    try:
+        for _ in range(200):
+            if worker.runs_any(("batch",)):
+                break
+            await asyncio.sleep(0.025)
+        assert (
+            worker.runs_any(("batch",)) and worker.runs_any(()) and not worker.runs_any(("media",))
+        )
+        media = [store.create("media", {"n": n}, None) for n in range(2)]
+        worker.notify()
+        for _ in range(200):
+            if all(store.get(j.id).status == "completed" for j in media):  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.025)
+        assert [store.get(j.id).status for j in media] == ["completed"] * 2  # type: ignore[union-attr]
+        assert store.get(batch.id).status == "processing"  # type: ignore[union-attr]
+    finally:
+        release.set()
         await worker.stop()
 
 
