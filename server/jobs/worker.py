@@ -226,7 +226,7 @@ class JobWorker:
         except EngineStopped:
             # Not the job's fault: leave it for the next start rather than fail it.
             await self._write_end(self.store.release, job)
-            logger.error("engine stopped; job %s goes back to the queue", job.id)
+            logger.info("engine stopped; job %s goes back to the queue", job.id)
             return False
         except JobStoreUnavailable:
             # Not the job's fault either: back to the queue once the store is there again.

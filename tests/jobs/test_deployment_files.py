@@ -33,6 +33,21 @@ def test_the_compose_file_wires_replicas_to_one_store() -> None:
     assert "healthcheck" in services["postgres"]
 
 
+def test_the_replicas_serve_the_model_compose_names() -> None:
+    """A flag beats its environment variable: a --model in the image's CMD (or a compose
+    command) would serve that model whatever VLM_MODEL says."""
+    dockerfile = (DEPLOY.parent / "Dockerfile.cuda").read_text()
+    instructions = [line.split(None, 1) for line in dockerfile.splitlines() if line[:1].isupper()]
+    assert not [
+        rest for word, rest in instructions if word in ("CMD", "ENTRYPOINT") and "--model" in rest
+    ]
+    assert "VLM_MODEL=tiny" in dockerfile  # (docker run without a model: the tiny one)
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    for name in ("vlm-a", "vlm-b"):
+        assert "--model" not in str(services[name].get("command", ""))
+        assert services[name]["environment"]["VLM_MODEL"]
+
+
 def test_the_nginx_configuration_covers_streaming_size_and_timeouts() -> None:
     conf = (DEPLOY / "nginx.conf").read_text()
     for upstream in ("vlm-a:8000", "vlm-b:8000"):
