@@ -352,7 +352,8 @@ class DrainMiddleware:
     """While the server shuts down (app.state.draining), new requests get a 503 at once; the
     others are counted (app.state.num_in_flight), so the drain knows when they have finished.
     One still running when --shutdown-timeout is up (the server cancels it) gets a 503 too,
-    or, mid-answer, the end of its body: never a bare 500 and a traceback."""
+    or, mid-stream, an error event in its API's form (so no client reads a cut stream as a
+    whole answer), then the end of its body: never a bare 500 and a traceback."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -366,11 +367,16 @@ class DrainMiddleware:
             return
         state = scope["app"].state
         state.num_in_flight = getattr(state, "num_in_flight", 0) + 1
-        started = False
+        started, streams, last = False, False, b""
 
         async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, streams, last
+            if message["type"] == "http.response.start":
+                started = True
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                streams = content_type.startswith(b"text/event-stream")
+            elif streams:
+                last = message.get("body", b"") or last  # (a Responses event's number)
             await send(message)
 
         try:
@@ -384,11 +390,37 @@ class DrainMiddleware:
             logger.warning("request cut off: still running when --shutdown-timeout was up")
             with contextlib.suppress(Exception):  # (the client may be gone too)
                 if started:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    body = cut_off_event(scope, last) if streams else b""
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
                 else:
                     await _shutting_down(scope, send)
         finally:
             state.num_in_flight -= 1
+
+
+SEQUENCE_NUMBER = re.compile(rb'"sequence_number": ?(\d+)')
+
+
+def cut_off_event(scope: Scope, last: bytes) -> bytes:
+    """The error event that ends a stream cut off at shutdown, in its API's form: Anthropic's
+    `error` event, the Responses API's (numbered after the last one sent), or the chat and
+    completions streams' error chunk."""
+    message = SHUTTING_DOWN
+    if speaks_anthropic(scope):
+        data: dict = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+        return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+    if scope["path"].startswith("/v1/responses"):
+        numbers = SEQUENCE_NUMBER.findall(last)
+        data = {
+            "type": "error",
+            "sequence_number": int(numbers[-1]) + 1 if numbers else 0,
+            "code": "server_shutting_down",
+            "message": message,
+            "param": None,
+        }
+        return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+    data = error_body(False, 503, message, "server_error", None, "shutting_down")
+    return f"data: {json.dumps(data)}\n\n".encode()
 
 
 async def _shutting_down(scope: Scope, send: Send) -> None:

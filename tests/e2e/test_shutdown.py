@@ -105,7 +105,8 @@ def test_requests_past_the_shutdown_timeout_are_cut_off_cleanly(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Still running when --shutdown-timeout is up: a request not yet answered gets a 503
-    shutting_down (a load balancer retries it elsewhere), a stream its body's end; the log
+    shutting_down (a load balancer retries it elsewhere), a stream an error event (the SDK
+    raises, rather than take what came as the whole answer) and its body's end; the log
     says so in one line each, no traceback."""
     args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
     log_path = tmp_path / "server.log"
@@ -136,7 +137,9 @@ def test_requests_past_the_shutdown_timeout_are_cut_off_cleanly(
     status, body = answers["whole"]  # type: ignore[misc]
     assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down", body
     status, body = answers["stream"]  # type: ignore[misc]
-    assert status == 200 and b"data: " in body  # what was sent, then the end of the body
+    assert status == 200 and b"data: " in body  # what was sent, then an error event
+    last = json.loads(body.decode().strip().rsplit("\n\n", 1)[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "shutting_down"  # (not read as a whole answer)
     log = log_path.read_text()
     assert log.count("still running when --shutdown-timeout was up") == 2, log
     assert "Exception in ASGI application" not in log
@@ -146,3 +149,24 @@ def _running(url: str) -> str:
     """The metrics line of the sequences in the batch."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return next((line for line in text.splitlines() if line.startswith("vlm_running")), "")
+
+
+def test_a_cut_off_stream_ends_with_an_error_in_its_apis_form() -> None:
+    """Anthropic's error event; the Responses API's, numbered after the last event sent; the
+    chat and completions streams' error chunk."""
+    from server.api.middleware import cut_off_event
+
+    def sent(path: str, last: bytes = b"", headers: list | None = None) -> tuple[str, dict]:
+        scope = {"type": "http", "path": path, "headers": headers or []}
+        event = cut_off_event(scope, last).decode()
+        head, _, data = event.strip().rpartition("data: ")
+        return head, json.loads(data)
+
+    head, data = sent("/v1/messages")
+    assert head == "event: error\n" and data["error"]["type"] == "overloaded_error"
+    last = b'event: response.output_text.delta\ndata: {"type": "x", "sequence_number": 41}\n\n'
+    head, data = sent("/v1/responses", last)
+    assert head == "event: error\n" and data["sequence_number"] == 42
+    assert data["type"] == "error" and data["code"] == "server_shutting_down"
+    head, data = sent("/v1/chat/completions")
+    assert head == "" and data["error"]["code"] == "shutting_down"
