@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -45,7 +46,7 @@ TINY_HELP = {
 # VLM_* names that are not serve settings but are read elsewhere (the benchmark scripts).
 OTHER_ENV_NAMES = ("VLM_CODE_ROOT",)
 # Values never echoed in an error line: keys, and URLs that may hold a password.
-SECRET_FIELDS = ("api_keys", "webhook_secret", "job_store")
+SECRET_FIELDS = ("api_keys", "webhook_secret")  # (a job store URL: its password hidden)
 # A value that starts like this is a local directory, never a hub id.
 PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
@@ -147,7 +148,9 @@ def _explain(error: Any, given: dict[str, Any]) -> str:
     value = error.get("input")
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
-    if name in SECRET_FIELDS:
+    if name == "job_store" and isinstance(value, str):
+        value = re.sub(r"^([A-Za-z0-9+.-]*://[^:/@]*):[^@]*@", r"\1:***@", value)  # its password
+    elif name in SECRET_FIELDS:
         value = "(hidden)"
     source = ""
     if name not in given:

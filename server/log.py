@@ -69,6 +69,9 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # psycopg's pool warns (several lines) at each failed connection attempt; the job store
+    # says once, in one line, that the database cannot be reached (at start and in outages)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging
 
     # transformers' warnings through this handler (time, request id), not its own stderr one

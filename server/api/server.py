@@ -4,6 +4,7 @@ serves, and drains on SIGTERM / Ctrl-C with the listener still up."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import time
@@ -40,7 +41,11 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.app.state.draining:
-            logger.info("draining: new requests get 503, in-flight ones may finish")
+            # (in an empty context: the signal interrupts whichever task runs, whose request
+            # id the line is not about)
+            contextvars.Context().run(
+                logger.info, "draining: new requests get 503, in-flight ones may finish"
+            )
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 

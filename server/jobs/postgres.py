@@ -242,12 +242,16 @@ class PostgresJobStore(JobStore):
     def _listen(self, on_new_job: Callable[[], None]) -> None:
         """LISTEN on a connection of its own (a pooled one would hand it back); reconnects
         for as long as the store is open."""
+        failures = 0  # in a row: logged once per outage, then every few minutes
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(
                     self.url, autocommit=True, **connection_kwargs(self.url)
                 ) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
+                    if failures:
+                        logger.info("job store: listening for new jobs again")
+                    failures = 0
                     on_new_job()  # whatever was queued while not listening
                     while not self.stopping.is_set():
                         for _ in connection.notifies(timeout=1.0):
@@ -255,7 +259,9 @@ class PostgresJobStore(JobStore):
             except RuntimeError:  # the event loop it wakes has closed: the server has stopped
                 return
             except psycopg.Error:
-                logger.warning("job store: listening for new jobs failed; reconnecting")
+                failures += 1
+                if failures == 1 or failures % 100 == 0:
+                    logger.warning("job store: listening for new jobs failed; reconnecting")
                 self.stopping.wait(LISTEN_RECONNECT_S)
 
 

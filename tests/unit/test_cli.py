@@ -204,6 +204,14 @@ def test_secrets_are_not_echoed_in_errors(capsys: pytest.CaptureFixture[str]) ->
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "API key" in err and "sk-secret" not in err, err
+    # a job store URL: shown (which one is wrong), its password hidden
+    for url, shown in (
+        ("mysql://user:pw-secret@db/jobs", "'mysql://user:***@db/jobs'"),
+        ("mysql://x@y/z", "'mysql://x@y/z'"),
+    ):
+        assert main(["serve", "--job-store", url]) == 2
+        err = capsys.readouterr().err
+        assert f"--job-store {shown}" in err and "pw-secret" not in err, err
 
 
 def test_files_and_directories_are_checked_at_start(

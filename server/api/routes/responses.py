@@ -34,6 +34,7 @@ from server.api.translated import fitted, prompt_tokens, run_translated
 from server.exceptions import (
     ConversationNotFound,
     InvalidRequest,
+    JobStoreUnavailable,
     KeepsNothing,
     PreviousResponseNotFound,
     ResponseNotFound,
@@ -348,6 +349,9 @@ def _kept(write: Callable[..., object], response_id: str, *args: Any) -> bool:
     the answer still goes out, as not stored."""
     try:
         write(*args)
+    except JobStoreUnavailable:  # (an outage: one line, not a traceback per response)
+        logger.warning("response %s not stored: the job store is unavailable", response_id)
+        return False
     except Exception:
         logger.exception("response %s could not be stored", response_id)
         return False
