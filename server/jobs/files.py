@@ -8,6 +8,7 @@ it had answered. SQL written once for both backends, as the jobs'.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from server.jobs.project import VISIBLE, row_seen, seen_by
 from server.jobs.tables import Tables
 
 FILE_COLUMNS = "id, purpose, filename, bytes, created_at"
+# A file deleted while an unfinished batch reads it as its input: gone from the API at once,
+# its content kept (under this purpose) until no such batch is left; a batch that runs again
+# after a restart reads it as the first attempt did.
+HELD = "deleted_batch_input"
+SHOWN = f"purpose != '{HELD}'"
 
 
 @dataclass(frozen=True)
@@ -49,25 +55,35 @@ class FileStore(Tables):
     def get_file(self, file_id: str, project: str) -> StoredFile | None:
         with self.transaction(write=False) as execute:
             row = execute(
-                f"SELECT {FILE_COLUMNS} FROM files WHERE id = ? AND {VISIBLE}",
+                f"SELECT {FILE_COLUMNS} FROM files WHERE id = ? AND {VISIBLE} AND {SHOWN}",
                 (file_id, *seen_by(project)),
             ).fetchone()
         return StoredFile.from_row(row) if row is not None else None
 
-    def file_content(self, file_id: str, project: str) -> bytes | None:
+    def file_content(self, file_id: str, project: str, held: bool = False) -> bytes | None:
+        """held: a deleted file a batch still reads counts (its input, for that batch)."""
+        shown = "" if held else f" AND {SHOWN}"
         with self.transaction(write=False) as execute:
             row = execute(
-                f"SELECT content FROM files WHERE id = ? AND {VISIBLE}",
+                f"SELECT content FROM files WHERE id = ? AND {VISIBLE}{shown}",
                 (file_id, *seen_by(project)),
             ).fetchone()
         return bytes(row["content"]) if row is not None else None
 
     def delete_file(self, file_id: str, project: str) -> bool:
+        """Gone from the API; its content kept while an unfinished batch reads it (HELD)."""
         with self.transaction() as execute:
-            cursor = execute(
-                f"DELETE FROM files WHERE id = ? AND {VISIBLE}", (file_id, *seen_by(project))
-            )
-            return cursor.rowcount == 1
+            row = execute(
+                f"SELECT id FROM files WHERE id = ? AND {VISIBLE} AND {SHOWN}{self.for_update}",
+                (file_id, *seen_by(project)),
+            ).fetchone()
+            if row is None:
+                return False
+            if file_id in batch_inputs(execute):
+                execute("UPDATE files SET purpose = ? WHERE id = ?", (HELD, file_id))
+            else:
+                execute("DELETE FROM files WHERE id = ?", (file_id,))
+            return True
 
     def list_files(
         self,
@@ -81,7 +97,7 @@ class FileStore(Tables):
         creation order or its reverse; and whether more follow. A cursor that names no file
         of the project: KeyError."""
         order, compare = ("DESC", "<") if newest_first else ("ASC", ">")
-        where, values = [VISIBLE], [*seen_by(project)]
+        where, values = [VISIBLE, SHOWN], [*seen_by(project)]
         if purpose is not None:
             where.append("purpose = ?")
             values.append(purpose)
@@ -127,6 +143,23 @@ class FileStore(Tables):
                 (job_id,),
             ).fetchall()
         return [(row["line"], row["status"], row["entry"]) for row in rows]
+
+
+def batch_inputs(execute: Execute) -> set[str]:
+    """The input files of the batches not finished (queued, or running)."""
+    rows = execute(
+        "SELECT request FROM jobs WHERE kind = 'batch' AND status IN ('queued', 'processing')",
+        (),
+    ).fetchall()
+    return {json.loads(row["request"]).get("input_file_id") for row in rows}
+
+
+def drop_unread_held_files(execute: Execute) -> None:
+    """Deleted input files no unfinished batch reads any more."""
+    held = execute("SELECT id FROM files WHERE purpose = ?", (HELD,)).fetchall()
+    unread = {row["id"] for row in held} - batch_inputs(execute)
+    for file_id in unread:
+        execute("DELETE FROM files WHERE id = ?", (file_id,))
 
 
 def answers_as_files(

@@ -24,7 +24,7 @@ from typing import Any
 from server.exceptions import IdempotencyKeyReused
 from server.jobs.conversations import ConversationStore
 from server.jobs.deliveries import DeliveryStore, Execute
-from server.jobs.files import FileStore, answers_as_files
+from server.jobs.files import FileStore, answers_as_files, drop_unread_held_files
 from server.jobs.project import ALL, VISIBLE, row_seen, scoped_key, seen_by
 from server.jobs.responses import ResponseStore
 
@@ -281,6 +281,8 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 if row is None:
                     raise LeaseLost()  # (its files are not kept either)
                 self._queue_webhook(execute, row)
+                if row["kind"] == "batch":
+                    drop_unread_held_files(execute)  # (its input, deleted while it ran)
         except LeaseLost:
             return False
         return True
@@ -299,6 +301,8 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             if row is not None:
                 self._keep_answers(execute, row)
                 self._queue_webhook(execute, row)
+                if row["kind"] == "batch":
+                    drop_unread_held_files(execute)
         return self.get(job_id)
 
     def _keep_answers(self, execute: Execute, cancelled: Mapping[str, Any]) -> None:
@@ -376,6 +380,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             execute(
                 "DELETE FROM files WHERE purpose = 'batch_output' AND created_at < ?", (cutoff,)
             )
+            drop_unread_held_files(execute)
             execute(  # (not a background response still queued or running)
                 "DELETE FROM responses WHERE used_at < ? AND id NOT IN"
                 " (SELECT id FROM jobs WHERE status IN ('queued', 'processing'))",

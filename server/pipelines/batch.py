@@ -249,6 +249,7 @@ class BatchRunner:
             self.store.file_content,
             request.input_file_id,
             current_project(),  # (the batch's)
+            True,  # (deleted since the batch was made: kept for it)
         )
         if content is None:
             message = f"The input file {request.input_file_id} was deleted before the batch ran."

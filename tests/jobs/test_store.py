@@ -252,6 +252,29 @@ def test_files_round_trip(store: JobStore) -> None:
     )
 
 
+def test_an_input_file_deleted_under_its_batch_is_kept_for_it(store: JobStore) -> None:
+    """Deleted while a batch that reads it is unfinished: gone from the API at once, its
+    content kept for the batch (one that runs again after a restart reads it again) until
+    no such batch is left; a file no batch reads is deleted at once."""
+    kept = store.add_file("batch", "in.jsonl", b"lines", project="p")
+    other = store.add_file("batch", "other.jsonl", b"x", project="p")
+    store.create("batch", {"input_file_id": kept.id}, None, "batch_", project="p")
+    store.create("batch", {"input_file_id": kept.id}, None, "batch_", project="p")
+    first = store.claim(lease_s=60, kinds=("batch",))
+    assert first is not None
+    assert store.delete_file(kept.id, "p") and store.delete_file(other.id, "p")
+    assert not store.delete_file(kept.id, "p")  # (gone from the API)
+    assert store.get_file(kept.id, "p") is None and store.file_content(kept.id, "p") is None
+    assert store.list_files(None, 10, None, True, "p") == ([], False)
+    assert store.file_content(kept.id, "p", held=True) == b"lines"  # for its batches
+    assert store.file_content(other.id, "p", held=True) is None  # no batch read it
+    assert store.complete(first, {})
+    assert store.file_content(kept.id, "p", held=True) == b"lines"  # the queued one
+    second = store.claim(lease_s=60, kinds=("batch",))
+    assert second is not None and store.cancel(second.id) is not None
+    assert store.file_content(kept.id, "p", held=True) is None  # no batch left to read it
+
+
 def test_a_result_and_its_files_are_stored_together_or_not_at_all(store: JobStore) -> None:
     store.create("batch", {}, None, "batch_", {"endpoint": "/v1/completions"})
     job = store.claim(lease_s=60, kinds=("batch",))
