@@ -87,16 +87,22 @@ class FileDeleted(BaseModel):
     type: Literal["file_deleted"] = "file_deleted"  # (Anthropic's name of it)
 
 
+class OutputExpiresAfter(StrictModel):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2592000)  # OpenAI's range: an hour to 30 days
+
+
 class BatchCreateRequest(StrictModel):
     input_file_id: str = Field(max_length=200)
     endpoint: BatchEndpoint
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = None
-    # Expiring a batch's output at another time than the job retention's: not supported.
-    output_expires_after: dict[str, Any] | None = None
+    # Accepted as OpenAI's SDK sends it; the output files are kept as long as the server's
+    # job retention keeps them (--job-retention-hours), whatever it says.
+    output_expires_after: OutputExpiresAfter | None = None
 
     def unsupported_fields(self) -> list[str]:
-        return ["output_expires_after"] if self.output_expires_after is not None else []
+        return []
 
 
 class BatchRequestCounts(BaseModel):
