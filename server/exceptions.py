@@ -113,11 +113,11 @@ class ResponseNotFound(NotFound):
 class ConversationLocked(InvalidRequest):
     """Another response is taking its turn in the conversation (OpenAI's 400)."""
 
-    def __init__(self) -> None:
+    def __init__(self, param: str = "conversation") -> None:
         super().__init__(
             "Another process is currently operating on this conversation. Please retry in a "
             "few seconds.",
-            param="conversation",
+            param=param,
             code="conversation_locked",
         )
 

@@ -23,11 +23,21 @@ POLL_S = 0.05
 
 
 class ConversationLock:
-    def __init__(self, store: ConversationStore, conversation_id: str, holder: str, project: str):
+    """take() it, then release() (awaited, where the turn ended well) or release_soon()."""
+
+    def __init__(
+        self,
+        store: ConversationStore,
+        conversation_id: str,
+        holder: str,
+        project: str,
+        param: str = "conversation",
+    ):
         self.store = store
         self.conversation_id = conversation_id
         self.holder = holder  # the response's id: unique, and the same when its job runs again
         self.project = project
+        self.param = param  # where the request names the conversation (its errors')
         self.held = False
         self._renewing: asyncio.Task[None] | None = None
 
@@ -37,7 +47,7 @@ class ConversationLock:
         deadline = None if wait_s is None else time.monotonic() + wait_s
         while not await self._try():
             if deadline is not None and time.monotonic() >= deadline:
-                raise ConversationLocked()
+                raise ConversationLocked(self.param)
             await asyncio.sleep(POLL_S if deadline is not None else 10 * POLL_S)
         self.held = True
         self.renew()
@@ -74,7 +84,7 @@ class ConversationLock:
             self.store.lock_conversation, self.conversation_id, self.project, self.holder, LEASE_S
         )
         if taken is None:
-            raise ConversationNotFound(self.conversation_id, param="conversation")
+            raise ConversationNotFound(self.conversation_id, param=self.param)
         return taken
 
     async def _renew(self) -> None:

@@ -274,6 +274,11 @@ async def test_turns_at_once_in_one_conversation_take_it_in_turn(
         response = await client.post("/v1/responses", json=body)
         error = assert_error(response, 400, "conversation")
         assert error["code"] == "conversation_locked"
+    # items added by hand would land inside the running turn: refused the same way
+    response = await client.post(
+        f"/v1/conversations/{conversation.id}/items", json={"items": [user("x")]}
+    )
+    assert assert_error(response, 400, "conversation_id")["code"] == "conversation_locked"
     queued = await sdk.responses.create(
         conversation=conversation.id, input="Later.", background=True, **GREEDY
     )

@@ -24,6 +24,7 @@ from server.api.responses import InputItemList, item_records
 from server.api.services import Services, get_services
 from server.exceptions import ConversationNotFound, KeepsNothing
 from server.jobs.project import current_project
+from server.pipelines.conversation_lock import ConversationLock
 
 router = APIRouter(
     tags=["conversations"],
@@ -90,14 +91,25 @@ async def delete_conversation(
 async def add_items(
     conversation_id: str, body: ItemsCreate, services: Services = Depends(get_services)
 ) -> InputItemList:
-    """Up to 20 items after its last; the answer lists them, with their ids."""
+    """Up to 20 items after its last; the answer lists them, with their ids. Not while a
+    response takes its turn in the conversation (the items would land inside its turn)."""
     check_items(body.items, "items")
     items = item_records(body.items)
-    await check_readable(await _items(conversation_id, services) + items, services, len(items))
-    if not await asyncio.to_thread(
-        services.jobs.add_items, conversation_id, items, current_project()
-    ):
-        raise ConversationNotFound(conversation_id)
+    holder = f"items_{uuid.uuid4().hex}"
+    lock = ConversationLock(
+        services.jobs, conversation_id, holder, current_project(), param="conversation_id"
+    )
+    await lock.take()
+    try:
+        await check_readable(await _items(conversation_id, services) + items, services, len(items))
+        if not await asyncio.to_thread(
+            services.jobs.add_items, conversation_id, items, current_project()
+        ):
+            raise ConversationNotFound(conversation_id)
+    except BaseException:
+        lock.release_soon()
+        raise
+    await lock.release()
     return InputItemList.page(items, len(items), "asc", None, conversation_id)
 
 
