@@ -149,7 +149,7 @@ def _explain(error: Any, given: dict[str, Any]) -> str:
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if name == "job_store" and isinstance(value, str):
-        value = re.sub(r"^([A-Za-z0-9+.-]*://[^:/@]*):[^@]*@", r"\1:***@", value)  # its password
+        value = _without_password(value)
     elif name in SECRET_FIELDS:
         value = "(hidden)"
     source = ""
@@ -157,6 +157,13 @@ def _explain(error: Any, given: dict[str, Any]) -> str:
         env = next((e for e in env_names(name) if _getenv(e) is not None), None)
         source = f" (from {env})" if env else ""
     return f"{flag_name(name)} {value!r}{source}: {_allowed(error)}"
+
+
+def _without_password(url: str) -> str:
+    """A connection URL as an error may show it: its password (up to the last @ of the part
+    before the path, which may hold @ itself; and a password= query parameter) hidden."""
+    url = re.sub(r"^([A-Za-z0-9+.-]*://[^:/@]*):[^/]*@", r"\1:***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 
 
 def _allowed(error: Any) -> str:

@@ -57,14 +57,22 @@ ANTHROPIC_ERROR_TYPES = {
 ANTHROPIC_OVERLOADED = 529
 
 
-def speaks_anthropic(scope: Scope) -> bool:
+# Routes both APIs serve: their errors are Anthropic's when Anthropic's SDK calls them.
+SHARED_PATHS = ("/v1/models", "/v1/files")
+
+
+def speaks_anthropic(scope: Scope, unknown_route: bool = False) -> bool:
     """Whether the request's errors go in Anthropic's envelope: its Messages API's routes, and
-    any route Anthropic's SDK calls (it sends anthropic-version): the routes both APIs share
-    (models, files), and a route this server does not have."""
+    the routes both APIs share (models, files), or a route this server does not have, when
+    Anthropic's SDK calls them (it sends anthropic-version). OpenAI's own routes keep their
+    envelope whatever headers a gateway forwards."""
     path = scope["path"]
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return True
-    return any(name == b"anthropic-version" for name, _ in scope.get("headers", []))
+    shared = any(path == p or path.startswith(f"{p}/") for p in SHARED_PATHS)
+    return (shared or unknown_route) and any(
+        name == b"anthropic-version" for name, _ in scope.get("headers", [])
+    )
 
 
 def anthropic_error_type(status: int) -> str:
@@ -219,6 +227,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if status == 404 and message == "Not Found":
             message = f"Unknown route: {request.method} {request.url.path}"
+            anthropic = speaks_anthropic(request.scope, unknown_route=True)
+            body = error_body(anthropic, 404, message, "invalid_request_error")
+            return JSONResponse(body, status_code=404)
         if status == 400 and message == BODY_PARSE_ERROR:  # read, but not as JSON text
             return error_response(
                 request,

@@ -457,7 +457,8 @@ class ResponseFormat(StrictModel):
                 param="response_format.json_schema",
                 code="invalid_value",
             )
-        return StructuredOutput.json_schema(self.json_schema.schema_)
+        schema = self.json_schema
+        return StructuredOutput.json_schema(schema.schema_, strict=bool(schema.strict))
 
 
 class StreamOptions(StrictModel):

@@ -592,7 +592,10 @@ class AsyncEngine:
             if seq.sampling.logprobs is not None:  # the sampler left them on the row's state
                 seq.output_logprobs.append(state.logprobs)
             params = seq.sampling
-            eos = token_id in self.eos_token_ids and not params.ignore_eos
+            # ignore_eos goes on past EOS, but not past the end of a grammar (what follows
+            # a complete JSON answer would be unconstrained)
+            grammar_ended = state.matcher is not None and state.matcher.is_terminated()
+            eos = token_id in self.eos_token_ids and (not params.ignore_eos or grammar_ended)
             if eos or token_id in params.stop_token_ids:
                 if params.include_stop_str_in_output:  # vLLM's: the ending token's text too
                     self._detokenizers[seq.request_id].add_token(token_id)

@@ -297,8 +297,8 @@ class InputBuilder:
         template: TemplateOptions = DEFAULT_TEMPLATE,
     ) -> str:
         """The templated prompt; think=False closes a thinking checkpoint's reasoning at once
-        (internal prompts such as frame captions, and answers under a grammar: JSON cannot
-        wait for a "</think>" the grammar would never allow)."""
+        (internal prompts such as frame captions and categories, which want their answer at
+        once)."""
         try:
             text = self.processor.apply_chat_template(
                 messages,

@@ -230,7 +230,7 @@ def on_rows(logits: torch.Tensor, rows: list[int], change) -> None:
 def apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> set[int]:
     """Every constrained row's bitmask filled on the host, copied once, applied together.
     Returns the rows whose matcher failed (their request fails; the batch goes on)."""
-    # A finished grammar (the JSON is complete; ignore_eos goes on) constrains nothing more.
+    # A finished grammar (its end token taken: the answer ends there) constrains nothing more.
     rows = [
         i
         for i, s in enumerate(states)

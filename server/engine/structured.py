@@ -64,11 +64,16 @@ class StructuredOutput:
     # Levels the server's own wrapping adds around the client's schemas (a `required` tool
     # choice's list of calls): the depth limit is the client's schemas'.
     wrapper_depth: int = 0
+    # The client's `strict: true`: a keyword the grammar cannot enforce is a 400 (UNENFORCED),
+    # not a schema followed as far as it goes.
+    strict: bool = False
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any], wrapper_depth: int = 0) -> StructuredOutput:
+    def json_schema(
+        cls, schema: dict[str, Any], wrapper_depth: int = 0, strict: bool = False
+    ) -> StructuredOutput:
         # Key order is kept: properties are generated in the order the schema lists them.
-        return cls("json_schema", json.dumps(schema), wrapper_depth=wrapper_depth)
+        return cls("json_schema", json.dumps(schema), wrapper_depth=wrapper_depth, strict=strict)
 
     @classmethod
     def regex(cls, pattern: str) -> StructuredOutput:
@@ -87,6 +92,67 @@ class StructuredOutput:
         # control characters escaped alike.
         literals = (json.dumps(c, ensure_ascii=False) for c in choices)
         return cls.grammar("root ::= " + " | ".join(literals))
+
+
+# xgrammar (0.2.9) writes a string with minLength / maxLength as a bounded repeat of this
+# character class, which lets raw control characters through (JSON forbids them: the answer
+# would not parse; its issue #800): such a schema's grammar is compiled with the class JSON
+# allows instead (no escapes inside, as before: quotes, backslashes and line breaks were
+# already out of it). As str(Grammar) writes them.
+BOUNDED_CHARACTER = r"[^\"\\\r\n]"
+JSON_CHARACTER = r"[^\"\\\0-\x1f]"
+
+
+# Keywords xgrammar reads past without enforcing them (an answer could break them): a strict
+# schema with one is refused, as OpenAI's strict mode refuses most of them.
+UNENFORCED = frozenset(
+    {
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "multipleOf",
+        "not",
+        "if",
+        "then",
+        "else",
+        "dependentRequired",
+        "dependentSchemas",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+    }
+)
+# Where a schema holds schemas: by name, in a list, or one.
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "additionalItems")
+
+
+def unenforced(schema: Any, at: str = "") -> list[str]:
+    """Where the schema uses what the grammar would not enforce ("properties.tags.uniqueItems").
+    Property names are names, not keywords: only schema positions are read."""
+    if not isinstance(schema, dict):
+        return []
+    found = [f"{at}{key}" for key in schema if key in UNENFORCED]
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        found.append(f"{at}allOf (of several schemas)")
+    lengths = "minLength" in schema or "maxLength" in schema
+    found += [
+        f"{at}{key} with minLength/maxLength"
+        for key in ("pattern", "format")
+        if lengths and key in schema
+    ]
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                found += unenforced(sub, f"{at}{key}.{name}.")
+    for key in SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                found += unenforced(sub, f"{at}{key}[{i}].")
+    for key in SCHEMA_VALUES:
+        found += unenforced(schema.get(key), f"{at}{key}.")
+    return found
 
 
 class InvalidSchema(ValueError):
@@ -151,6 +217,12 @@ class GrammarCache:
             raise InvalidSchema(
                 f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}"
             )
+        if spec.strict and (found := unenforced(json.loads(spec.schema_json or "{}"))):
+            raise InvalidSchema(
+                f"strict, it uses what constrained decoding here cannot enforce: "
+                f"{', '.join(found[:5])} (without strict, the schema is followed as far as it "
+                "can be)"
+            )
         try:
             grammar = self._compile(spec)
         except Exception as exc:  # xgrammar raises several types for bad schemas
@@ -176,6 +248,13 @@ class GrammarCache:
             return self.compiler.compile_grammar(spec.schema_json)
         # json_object is OpenAI's "some JSON object": an object, any keys.
         schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
+        if "Length" in schema:  # (minLength / maxLength: see BOUNDED_CHARACTER)
+            grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+            text = str(grammar)
+            if BOUNDED_CHARACTER in text:
+                return self.compiler.compile_grammar(
+                    text.replace(BOUNDED_CHARACTER, JSON_CHARACTER)
+                )
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         return self.compiler.compile_json_schema(schema, any_whitespace=False)
 

@@ -101,13 +101,29 @@ class ConversationStore(Tables):
             )
             return True
 
+    def renew_conversation_lock(self, conversation_id: str, holder: str, lease_s: float) -> bool:
+        """The holder's lease, if it still has it, runs lease_s from now (never taken anew:
+        a renewal still writing as its turn ends must not put back the lease it ended)."""
+        with self.transaction() as execute:
+            name = _lock_name(conversation_id)
+            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+            if row is None or json.loads(row["value"])[0] != holder:
+                return False
+            cursor = execute(  # (only the value read: not one another holder wrote since)
+                "UPDATE shared_values SET value = ? WHERE name = ? AND value = ?",
+                (json.dumps([holder, self.now() + lease_s]), name, row["value"]),
+            )
+            return cursor.rowcount == 1
+
     def unlock_conversation(self, conversation_id: str, holder: str) -> None:
         """The holder's lease ended (one another holder took over, its own expired, is left)."""
         with self.transaction() as execute:
             name = _lock_name(conversation_id)
             row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
             if row is not None and json.loads(row["value"])[0] == holder:
-                execute("DELETE FROM shared_values WHERE name = ?", (name,))
+                execute(  # (only the value read: not a lease another holder took since)
+                    "DELETE FROM shared_values WHERE name = ? AND value = ?", (name, row["value"])
+                )
 
     def add_items(self, conversation_id: str, items: list[dict[str, Any]], project: str) -> bool:
         """Items after the conversation's last; False when there is no such conversation."""

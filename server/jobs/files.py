@@ -79,7 +79,8 @@ class FileStore(Tables):
             ).fetchone()
             if row is None:
                 return False
-            if file_id in batch_inputs(execute):
+            # (the unfinished batches' rows held: one ending meanwhile waits, then sees HELD)
+            if file_id in batch_inputs(execute, self.for_update):
                 execute("UPDATE files SET purpose = ? WHERE id = ?", (HELD, file_id))
             else:
                 execute("DELETE FROM files WHERE id = ?", (file_id,))
@@ -145,21 +146,25 @@ class FileStore(Tables):
         return [(row["line"], row["status"], row["entry"]) for row in rows]
 
 
-def batch_inputs(execute: Execute) -> set[str]:
-    """The input files of the batches not finished (queued, or running)."""
+def batch_inputs(execute: Execute, lock: str = "") -> set[str]:
+    """The input files of the batches not finished (queued, or running); lock: their rows
+    held (PostgreSQL's FOR UPDATE)."""
     rows = execute(
-        "SELECT request FROM jobs WHERE kind = 'batch' AND status IN ('queued', 'processing')",
+        "SELECT request FROM jobs WHERE kind = 'batch' AND status IN ('queued', 'processing')"
+        f" ORDER BY id{lock}",
         (),
     ).fetchall()
     return {json.loads(row["request"]).get("input_file_id") for row in rows}
 
 
 def drop_unread_held_files(execute: Execute) -> None:
-    """Deleted input files no unfinished batch reads any more."""
+    """Deleted input files no unfinished batch reads any more (in one statement: replicas
+    ending batches at once do not take the rows in different orders)."""
     held = execute("SELECT id FROM files WHERE purpose = ?", (HELD,)).fetchall()
-    unread = {row["id"] for row in held} - batch_inputs(execute)
-    for file_id in unread:
-        execute("DELETE FROM files WHERE id = ?", (file_id,))
+    unread = sorted({row["id"] for row in held} - batch_inputs(execute))
+    if unread:
+        marks = ", ".join("?" * len(unread))
+        execute(f"DELETE FROM files WHERE id IN ({marks})", tuple(unread))
 
 
 def answers_as_files(

@@ -60,9 +60,10 @@ def background_response_handler(
         if conversation_id is None:
             return await respond(job, stored)
         # Its turn in the conversation: queued (as it stays) until the turn before has ended.
-        lock = ConversationLock(store, conversation_id, job.id, job.project)
+        # (each attempt its own holder: an earlier one, cancelled late, releases only its own)
+        lock = ConversationLock(store, conversation_id, f"{job.id}:{job.attempt}", job.project)
         with contextlib.suppress(ConversationNotFound):  # (the run then fails, saying so)
-            await lock.take(wait_s=None)
+            await lock.take(wait=True)
         try:
             result = await respond(job, stored)
             await lock.release()

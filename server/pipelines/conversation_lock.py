@@ -41,10 +41,10 @@ class ConversationLock:
         self.held = False
         self._renewing: asyncio.Task[None] | None = None
 
-    async def take(self, wait_s: float | None = WAIT_S) -> None:
-        """Held (and renewed) from here on, or ConversationLocked once wait_s has passed
-        (None: no limit)."""
-        deadline = None if wait_s is None else time.monotonic() + wait_s
+    async def take(self, wait: bool = False) -> None:
+        """Held (and renewed) from here on; or ConversationLocked once WAIT_S has passed
+        (wait: no limit, for the server's own requests, which queue for their turn)."""
+        deadline = None if wait else time.monotonic() + WAIT_S
         while not await self._try():
             if deadline is not None and time.monotonic() >= deadline:
                 raise ConversationLocked(self.param)
@@ -91,7 +91,10 @@ class ConversationLock:
         while True:
             await asyncio.sleep(LEASE_S / 3)
             try:
-                if not await self._try():
+                renewed = await asyncio.to_thread(
+                    self.store.renew_conversation_lock, self.conversation_id, self.holder, LEASE_S
+                )
+                if not renewed:
                     logger.warning("conversation %s: its lock was lost", self.conversation_id)
             except Exception as exc:  # (the store away a moment: the next renewal may do)
                 logger.warning("conversation %s: lock not renewed: %s", self.conversation_id, exc)

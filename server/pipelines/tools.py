@@ -63,7 +63,9 @@ class Tools:
         """What a forced choice decodes under: the named function's arguments, or a list of
         {"name", "parameters"} calls (vLLM's form for `required`)."""
         if self.named is not None:
-            return StructuredOutput.json_schema(self.parameters(self.named))
+            return StructuredOutput.json_schema(
+                self.parameters(self.named), strict=self.strict(self.named)
+            )
         if self.choice != "required":
             return None
         calls = [
@@ -81,7 +83,15 @@ class Tools:
         if not self.parallel:
             schema["maxItems"] = 1
         # (array, items, anyOf, a call, its properties: then the client's parameters)
-        return StructuredOutput.json_schema(schema, wrapper_depth=5)
+        strict = any(self.strict(t["function"]["name"]) for t in self.definitions)
+        return StructuredOutput.json_schema(schema, wrapper_depth=5, strict=strict)
+
+    def strict(self, name: str) -> bool:
+        """The function's `strict: true` (its arguments must follow its schema exactly)."""
+        return any(
+            t["function"]["name"] == name and t["function"].get("strict") is True
+            for t in self.definitions
+        )
 
 
 def new_call_id() -> str:

@@ -268,7 +268,7 @@ async def test_turns_at_once_in_one_conversation_take_it_in_turn(
     ]
     store = client.app.state.services.jobs  # type: ignore[attr-defined]
     assert store.lock_conversation(conversation.id, "", "resp_elsewhere", lease_s=60)
-    monkeypatch.setattr(conversation_lock, "WAIT_S", 0.2)
+    monkeypatch.setattr(conversation_lock, "WAIT_S", 0.2)  # (read when a turn waits)
     for stream in (False, True):
         body = {"conversation": conversation.id, "input": "Now?", "stream": stream, **GREEDY}
         response = await client.post("/v1/responses", json=body)
@@ -291,3 +291,35 @@ async def test_turns_at_once_in_one_conversation_take_it_in_turn(
     assert listed.data[0].id == ended.output[-1].id
     after = await sdk.responses.create(conversation=conversation.id, input="Free?", **GREEDY)
     assert after.usage.input_tokens > ended.usage.input_tokens  # type: ignore[union-attr]
+
+
+async def test_a_batchs_lines_in_one_conversation_wait_their_turn(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's own requests (a batch's lines) queue for a conversation's turn without the
+    2 s limit: a line is not failed because another turn ran long."""
+    from tests.api.test_batches import finished, jsonl
+
+    conversation = await sdk.conversations.create()
+    store = client.app.state.services.jobs  # type: ignore[attr-defined]
+    assert store.lock_conversation(conversation.id, "", "resp_elsewhere", lease_s=60)
+    monkeypatch.setattr(conversation_lock, "WAIT_S", 0.1)
+    lines = [
+        {
+            "custom_id": f"l{n}",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"conversation": conversation.id, "input": f"Turn {n}.", **GREEDY},
+        }
+        for n in range(3)
+    ]
+    upload = await sdk.files.create(file=("c.jsonl", jsonl(*lines)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
+    )
+    await asyncio.sleep(1.0)  # (longer than a request's wait)
+    await asyncio.to_thread(store.unlock_conversation, conversation.id, "resp_elsewhere")
+    done = await finished(sdk, batch.id)
+    assert done.request_counts.completed == 3, done  # type: ignore[attr-defined]
+    items = (await sdk.conversations.items.list(conversation.id, limit=100)).data
+    assert len([i for i in items if i.type == "message" and i.role == "user"]) == 3  # type: ignore[union-attr]

@@ -600,6 +600,9 @@ async def test_other_routes_keep_openais_envelope(client: httpx.AsyncClient) -> 
     headers = {"anthropic-version": "2023-06-01"}
     response = await client.get("/v1/foo", headers=headers)
     assert_anthropic_error(response, 404, "not_found_error")
+    # OpenAI's routes keep OpenAI's, whatever headers a gateway forwards
+    response = await client.post("/v1/chat/completions", json={"model": "tiny"}, headers=headers)
+    assert response.status_code == 400 and set(response.json()) == {"error"}
 
 
 async def test_x_api_key_is_a_key(tiny_model_dir: Path) -> None:

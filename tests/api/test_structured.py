@@ -86,3 +86,97 @@ async def test_min_tokens_does_not_fight_the_grammar(client) -> None:
     choice = response.json()["choices"][0]
     if choice["finish_reason"] == "stop":
         json_module.loads(choice["message"]["content"])
+
+
+async def test_ignore_eos_ends_with_the_grammar(client: httpx.AsyncClient) -> None:
+    """ignore_eos goes on past EOS, but not past a complete answer under a grammar (what
+    followed the JSON was unconstrained text); a pydantic-style bounded string is valid
+    JSON (no raw control characters)."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"enum": [1, 2, 3]}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    for seed in range(6):
+        response = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "JSON"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": schema},
+                },
+                "ignore_eos": True,
+                "max_tokens": 60,
+                "temperature": 1,
+                "seed": seed,
+            },
+        )
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        value = json.loads(choice["message"]["content"])  # (strict: control characters fail)
+        assert len(value["name"]) <= 8 and value["n"] in (1, 2, 3)
+
+
+async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    """strict: true promises the schema exactly: keywords the grammar reads past (uniqueItems,
+    multipleOf, not, if, a pattern beside maxLength, ...) are a 400 naming where; without
+    strict the schema is followed as far as it goes; property names are not keywords."""
+
+    def ask(schema: dict, strict: bool | None, **extra: object) -> httpx.Response:
+        json_schema = {"name": "x", "schema": schema} | (
+            {} if strict is None else {"strict": strict}
+        )
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "JSON"}],
+            "response_format": {"type": "json_schema", "json_schema": json_schema},
+            "max_tokens": 30,
+            **extra,
+        }
+        return client.post("/v1/chat/completions", json=body)
+
+    tags = {"type": "array", "items": {"type": "string", "maxLength": 3}, "uniqueItems": True}
+    schema = {"type": "object", "properties": {"tags": tags}}
+    refused = await ask(schema, True)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_schema" and error["param"] == "response_format"
+    assert "properties.tags.uniqueItems" in error["message"]
+    for strict in (False, None):
+        assert (await ask(schema, strict)).status_code == 200
+    for bad in (
+        {"type": "integer", "multipleOf": 3},
+        {"type": "string", "pattern": "^[a-z]+$", "maxLength": 4},
+        {"not": {"type": "string"}},
+    ):
+        response = await ask({"type": "object", "properties": {"a": bad}}, True)
+        assert response.status_code == 400, (bad, response.text)
+    names = {"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "string"}}}
+    assert (await ask(names, True)).status_code == 200
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"n": {"type": "number", "multipleOf": 2}},
+            },
+        },
+    }
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Call"}],
+        "tools": [tool],
+        "tool_choice": "required",
+        "max_tokens": 30,
+    }
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools", (
+        response.text
+    )

@@ -164,6 +164,26 @@ def test_a_failing_grammar_fails_its_row_only() -> None:
     assert tokens[1] == FAILED and tokens[0] != FAILED and tokens[2] != FAILED
 
 
+def test_a_bounded_string_keeps_raw_control_characters_out() -> None:
+    """JSON forbids raw control characters in strings; xgrammar let them into strings with
+    minLength / maxLength (its issue #800): pydantic's max_length, in many schemas."""
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    bounded = {"type": "string", "minLength": 1, "maxLength": 4}
+    schema = {
+        "type": "object",
+        "properties": {"s": bounded, "t": {"type": "array", "items": bounded}},
+    }
+
+    def takes(text: str) -> bool:
+        return grammars.matcher(StructuredOutput.json_schema(schema)).accept_string(text)
+
+    assert takes('{"s": "abc", "t": ["x", "héé"]}')
+    for raw in ("\x00", "\x06", "\t", "\x1f"):
+        assert not takes('{"s": "a' + raw + '"')
+        assert not takes('{"s": "a", "t": ["' + raw)
+    assert not takes('{"s": "abcde"')  # (the bound still holds)
+
+
 def test_the_grammar_cache_is_bounded_least_recently_used_out() -> None:
     """Per-request schemas (a categories list each) must not pile up for the server's life."""
     grammars = GrammarCache(_tokenizer(), VOCAB, (0,))

@@ -505,7 +505,13 @@ def test_a_conversation_is_locked_for_one_turn_at_a_time(open_store: OpenStore) 
     assert store.lock_conversation("conv_none", "p", "resp_a", lease_s=60) is None
     other.unlock_conversation("conv_l", "resp_b")  # not its lock: nothing
     assert store.lock_conversation("conv_l", "p", "resp_b", lease_s=60) is False
+    assert other.renew_conversation_lock("conv_l", "resp_a", lease_s=60)
+    assert not other.renew_conversation_lock("conv_l", "resp_b", lease_s=60)  # not its lock
     store.unlock_conversation("conv_l", "resp_a")
+    # a renewal still writing as the turn ended does not put the lease back
+    assert not other.renew_conversation_lock("conv_l", "resp_a", lease_s=60)
+    assert store.lock_conversation("conv_l", "p", "resp_e", lease_s=60) is True
+    store.unlock_conversation("conv_l", "resp_e")
     assert other.lock_conversation("conv_l", "p", "resp_b", lease_s=-1) is True  # (expired)
     assert store.lock_conversation("conv_l", "p", "resp_c", lease_s=60) is True
     assert store.delete_conversation("conv_l", "p")  # (its lock goes with it)

@@ -208,10 +208,12 @@ def test_secrets_are_not_echoed_in_errors(capsys: pytest.CaptureFixture[str]) ->
     for url, shown in (
         ("mysql://user:pw-secret@db/jobs", "'mysql://user:***@db/jobs'"),
         ("mysql://x@y/z", "'mysql://x@y/z'"),
+        ("mysql://user:pw-s@cret@db/jobs", "'mysql://user:***@db/jobs'"),
+        ("mysql://db/jobs?user=u&password=pw-secret", "'mysql://db/jobs?user=u&password=***'"),
     ):
         assert main(["serve", "--job-store", url]) == 2
         err = capsys.readouterr().err
-        assert f"--job-store {shown}" in err and "pw-secret" not in err, err
+        assert f"--job-store {shown}" in err and "pw-s" not in err, err
 
 
 def test_files_and_directories_are_checked_at_start(

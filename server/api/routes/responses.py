@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.middleware import INTERNAL
 from server.api.protocol import check_metadata
 from server.api.response_events import followed, opening_events
 from server.api.responses import (
@@ -75,7 +76,7 @@ async def create_response(
         return following(response.id, -1, request, services) if body.stream else response
     rid = response_id()
     store = body.store is not False and services.store_responses
-    lock = await taken_conversation(body, services, rid)
+    lock = await taken_conversation(body, services, rid, bool(request.scope.get(INTERNAL)))
     try:
         return await _respond(rid, store, body, request, services, lock)
     except BaseException:
@@ -85,14 +86,15 @@ async def create_response(
 
 
 async def taken_conversation(
-    body: ResponsesRequest, services: Services, holder: str
+    body: ResponsesRequest, services: Services, holder: str, wait: bool
 ) -> ConversationLock | None:
-    """The conversation the response continues, held for its turn (None: it continues none)."""
+    """The conversation the response continues, held for its turn (None: it continues none).
+    wait: the server's own request (a batch's line) queues for its turn, without a limit."""
     if body.conversation_id is None or not services.store_responses:
         return None  # (without a store, continue_conversation's 400)
     _check_ids(body)
     lock = ConversationLock(services.jobs, body.conversation_id, holder, current_project())
-    await lock.take()
+    await lock.take(wait)
     return lock
 
 
