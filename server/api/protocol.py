@@ -725,6 +725,28 @@ class AllowedToolsChoice(StrictModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice
 
 
+def _check_tools(tools: list[ChatCompletionToolParam]) -> None:
+    """As OpenAI refuses them: two tools of one name (which would a call be?), and parameters
+    that are not an object's schema (a call's arguments are an object)."""
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise InvalidRequest(
+            f"tools: two tools are named '{twice}'; tool names must be unique.",
+            param="tools",
+            code="invalid_value",
+        )
+    for i, tool in enumerate(tools):
+        kind = (tool.function.parameters or {}).get("type", "object")
+        if kind != "object":
+            raise InvalidRequest(
+                f"Invalid schema for function '{tool.function.name}': schema must be a JSON "
+                f"Schema of 'type: \"object\"', got 'type: {json.dumps(kind)}'.",
+                param=f"tools[{i}].function.parameters",
+                code="invalid_function_parameters",
+            )
+
+
 def _named_tool(
     named: NamedToolChoice, tools: list[ChatCompletionToolParam], param: str
 ) -> NamedToolChoice:
@@ -886,6 +908,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
                     "tool_choice needs tools.", param="tool_choice", code="invalid_value"
                 )
             return None
+        _check_tools(self.tools)
         tools_here = list(self.tools)
         choice = self.tool_choice or "auto"
         if isinstance(choice, NamedToolChoice):

@@ -269,6 +269,9 @@ class ResponsesRequest(StrictModel):
     # same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     priority: Priority | None = None  # extension (vLLM's): see Priority
+    # extension (vLLM's, as chat's): a thinking checkpoint's reasoning ends after this many
+    # tokens (-1: no budget)
+    thinking_token_budget: int | None = Field(default=None, ge=-1, lt=2**31)
     # Run as a durable job: answered at once as queued, polled with GET /v1/responses/{id}.
     background: StrictBool | None = None
     # A conversation (POST /v1/conversations): its items go before `input`, and this
@@ -434,6 +437,7 @@ class ResponsesRequest(StrictModel):
             "cache_salt": self.cache_salt,
             "priority": self.priority,
             "reasoning_effort": self.reasoning.effort if self.reasoning else None,
+            "thinking_token_budget": self.thinking_token_budget,
         }
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}

@@ -427,3 +427,23 @@ async def test_a_prompt_cut_on_the_right_does_not_start_in_reasoning(
     message = response.json()["choices"][0]["message"]
     assert message["reasoning"] is None and message["content"]
     assert "completion_tokens_details" not in response.json()["usage"]
+
+
+async def test_the_responses_api_takes_a_thinking_budget(thinking: httpx.AsyncClient) -> None:
+    """thinking_token_budget (vLLM's extension, as chat's) bounds the reasoning before a
+    text.format's JSON (the random model never ends its reasoning by itself)."""
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]}
+    body = {
+        "model": "tiny",
+        "input": "JSON please",
+        "max_output_tokens": 40,
+        "temperature": 0,
+        "thinking_token_budget": 3,
+        "text": {"format": {"type": "json_schema", "name": "s", "schema": schema}},
+    }
+    response = await thinking.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    output = response.json()["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message"]
+    assert json.loads(output[1]["content"][0]["text"])["a"] in ("x", "y")
+    assert response.json()["usage"]["output_tokens_details"]["reasoning_tokens"] == 3

@@ -182,9 +182,23 @@ async def test_tool_calls_and_results_in_the_history(sdk: openai.AsyncOpenAI) ->
                 "tools": [
                     {"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}
                 ],
+            },
+            "tools[0].function.parameters",  # (not an object's schema)
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"a": {"type": 5}}},
+                        },
+                    }
+                ],
                 "tool_choice": "required",
             },
-            "tools",
+            "tools",  # (a grammar that cannot compile)
         ),
     ],
 )
@@ -324,3 +338,20 @@ async def test_allowed_tools_limit_what_may_be_called(
     }
     response = await client.post("/v1/chat/completions", json={**body, "tool_choice": unknown})
     assert_error(response, 400, "tool_choice.allowed_tools.tools[0].function.name")
+
+
+async def test_tools_openai_refuses_are_refused(client: httpx.AsyncClient) -> None:
+    """Two tools of one name, parameters that are not an object's schema: OpenAI's 400s (on
+    the Responses API too, its fields named as it names them)."""
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3}
+    response = await client.post("/v1/chat/completions", json={**body, "tools": [WEATHER, WEATHER]})
+    assert_error(response, 400, "tools")
+    text_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    response = await client.post("/v1/chat/completions", json={**body, "tools": [text_tool]})
+    error = assert_error(response, 400, "tools[0].function.parameters")
+    assert error["code"] == "invalid_function_parameters"
+    responses_tool = {"type": "function", "name": "f", "parameters": {"type": "string"}}
+    response = await client.post(
+        "/v1/responses", json={"model": "tiny", "input": "Hi", "tools": [responses_tool]}
+    )
+    assert_error(response, 400, "tools[0].parameters")
