@@ -420,7 +420,7 @@ def cut_off_event(scope: Scope, last: bytes) -> bytes:
         }
         return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
     data = error_body(False, 503, message, "server_error", None, "shutting_down")
-    return f"data: {json.dumps(data)}\n\n".encode()
+    return f"data: {json.dumps(data)}\n\ndata: [DONE]\n\n".encode()  # (as after any error)
 
 
 async def _shutting_down(scope: Scope, send: Send) -> None:

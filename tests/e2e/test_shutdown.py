@@ -138,8 +138,9 @@ def test_requests_past_the_shutdown_timeout_are_cut_off_cleanly(
     assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down", body
     status, body = answers["stream"]  # type: ignore[misc]
     assert status == 200 and b"data: " in body  # what was sent, then an error event
-    last = json.loads(body.decode().strip().rsplit("\n\n", 1)[-1].removeprefix("data: "))
-    assert last["error"]["code"] == "shutting_down"  # (not read as a whole answer)
+    *_, error, done = body.decode().strip().split("\n\n")
+    assert json.loads(error.removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert done == "data: [DONE]"  # (as after any error mid-stream)
     log = log_path.read_text()
     assert log.count("still running when --shutdown-timeout was up") == 2, log
     assert "Exception in ASGI application" not in log
@@ -168,5 +169,7 @@ def test_a_cut_off_stream_ends_with_an_error_in_its_apis_form() -> None:
     head, data = sent("/v1/responses", last)
     assert head == "event: error\n" and data["sequence_number"] == 42
     assert data["type"] == "error" and data["code"] == "server_shutting_down"
-    head, data = sent("/v1/chat/completions")
-    assert head == "" and data["error"]["code"] == "shutting_down"
+    scope = {"type": "http", "path": "/v1/chat/completions", "headers": []}
+    error, done = cut_off_event(scope, b"").decode().strip().split("\n\n")
+    assert json.loads(error.removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert done == "data: [DONE]"
