@@ -123,14 +123,17 @@ class _ResponseRecord:
     def __init__(self) -> None:
         self.status = 500  # what the client sees if the app raised before answering
         self.started = False
+        self.ended = False  # the body's last part sent (not: a stream the client cut short)
         self.error_body = b""
 
     def record(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status, self.started = message["status"], True
-        elif message["type"] == "http.response.body" and self.status >= 400:
-            room = MAX_LOGGED_ERROR_BYTES - len(self.error_body)
-            self.error_body += message.get("body", b"")[: max(room, 0)]
+        elif message["type"] == "http.response.body":
+            self.ended = not message.get("more_body", False)
+            if self.status >= 400:
+                room = MAX_LOGGED_ERROR_BYTES - len(self.error_body)
+                self.error_body += message.get("body", b"")[: max(room, 0)]
 
     def reason(self) -> tuple[str | None, str | None]:
         try:
@@ -148,6 +151,9 @@ def _log_access(scope: Scope, response: _ResponseRecord, seconds: float) -> None
         "duration_ms": round(seconds * 1000, 1),
     }
     line = f"{scope['method']} {scope['path']} {response.status} {seconds * 1000:.1f} ms"
+    if response.started and not response.ended:  # (a stream whose client went away)
+        fields["cut_short"] = True
+        line += " (cut short: the client went away)"
     if response.status >= 400:
         code, message = response.reason()
         if message is not None:

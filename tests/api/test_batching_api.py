@@ -78,8 +78,13 @@ async def test_cancelled_request_frees_its_slot(client: httpx.AsyncClient) -> No
     assert isinstance(await content(client, body(1)), str)
 
 
-async def test_disconnected_clients_free_their_slots(tiny_model_dir: Path) -> None:
+async def test_disconnected_clients_free_their_slots(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """...and the access line of a stream the client cut short says so (its 200 alone read as
+    an answer sent whole)."""
     long = body(1, max_tokens=3000, ignore_eos=True)
+    caplog.set_level("INFO", logger="server.access")
     with serve_in_thread(make_settings(tiny_model_dir)) as url:
         async with httpx.AsyncClient(base_url=url) as client:
             # Non-streaming: the client gives up waiting.
@@ -90,6 +95,8 @@ async def test_disconnected_clients_free_their_slots(tiny_model_dir: Path) -> No
             async with client.stream("POST", "/v1/chat/completions", json={**long, "stream": True}):
                 await wait_for(client, "num_running", 1)
             await wait_for(client, "num_running", 0)
+    lines = [r.getMessage() for r in caplog.records if "/v1/chat/completions 200" in r.getMessage()]
+    assert any("cut short" in line for line in lines), lines
 
 
 async def test_full_queue_answers_503_with_retry_after(tiny_model_dir: Path) -> None:
