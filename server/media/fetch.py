@@ -56,6 +56,16 @@ class FetchedMedia:
         if self.is_temporary and self.path is not None:
             self.path.unlink(missing_ok=True)
 
+    def head(self, num_bytes: int = 16) -> bytes:
+        """Its first bytes (what it is, when its name does not say); blocking for a file."""
+        return self.data[:num_bytes] if self.path is None else _first_bytes(self.path, num_bytes)
+
+    def content(self, max_bytes: int, kind: str, param: str) -> bytes:
+        """All its bytes, at most max_bytes (else the too-large 400 for `kind`); blocking."""
+        if self.size > max_bytes:
+            raise too_large(kind, max_bytes, param)
+        return self.data if self.path is None else self.path.read_bytes()
+
 
 class UploadedFiles(Protocol):
     """The Files API's store (the job store), as media read it."""
@@ -155,7 +165,7 @@ class MediaFetcher:
                 code="invalid_value",
             )
         if stored.bytes > max_bytes:
-            raise _too_large(kind, max_bytes, param)
+            raise too_large(kind, max_bytes, param)
         # (the size first: an upload too large is not read)
         data = await asyncio.to_thread(self.uploads.file_content, file_id, project)
         if data is None:  # deleted meanwhile
@@ -192,33 +202,6 @@ class MediaFetcher:
             return await asyncio.wait_for(fetch, self.policy.timeout_s)
         except TimeoutError:
             raise _timed_out(kind, param) from None
-
-    async def peek(self, url: str, *, param: str, num_bytes: int = 16) -> bytes:
-        """The first bytes of the media at an http(s) or file:// URL (what it is, when its
-        name does not say): a download stops there; every check of a fetch applies."""
-        parsed = _parse(url, "media", param)
-        if parsed.scheme == "file":
-            local = await self._fetch_file(
-                parsed, max_bytes=2**63, kind="media", param=param, by_path=True
-            )
-            assert local.path is not None  # (by_path)
-            try:
-                return await asyncio.to_thread(_first_bytes, local.path, num_bytes)
-            except OSError:  # (gone, or not readable, since it was checked)
-                raise _unreachable("media", param) from None
-
-        async def first_bytes(response: httpx.Response) -> bytes:
-            _check_status(response, "media", param)
-            head = b""
-            with _body_errors("media", param):
-                async for chunk in response.aiter_bytes(num_bytes):
-                    head += chunk
-                    if len(head) >= num_bytes:
-                        break
-            return head[:num_bytes]
-
-        fetch = self._fetch_http(parsed, kind="media", param=param, read=first_bytes)
-        return await self._within_deadline(fetch, "media", param)
 
     async def _fetch_http(
         self,
@@ -303,7 +286,7 @@ class MediaFetcher:
                 raise MediaError(f"No file at {param}.", param=param, code="media_fetch_failed")
             size = path.stat().st_size
             if size > max_bytes:
-                raise _too_large(kind, max_bytes, param)
+                raise too_large(kind, max_bytes, param)
             if by_path:
                 return FetchedMedia(b"", None, path=path, size=size)
             return FetchedMedia(await asyncio.to_thread(path.read_bytes), None, size=size)
@@ -356,13 +339,13 @@ async def _read_capped(
     _check_status(response, kind, param)
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(kind, max_bytes, param)
+        raise too_large(kind, max_bytes, param)
     chunks, total = [], 0
     with _body_errors(kind, param):
         async for chunk in response.aiter_bytes(CHUNK_SIZE):
             total += len(chunk)
             if total > max_bytes:
-                raise _too_large(kind, max_bytes, param)
+                raise too_large(kind, max_bytes, param)
             if sink is None:
                 chunks.append(chunk)
             else:
@@ -392,7 +375,7 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     payload = match.group("data")
     # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
     if len(payload) > (max_bytes * 4) // 3 + 4:
-        raise _too_large(kind, max_bytes, param)
+        raise too_large(kind, max_bytes, param)
     if kind == "video" and mime in JPEG_FRAMES_TYPES:
         pieces = [piece for piece in payload.split(",") if piece.strip()]
         frames = tuple(_b64decode(piece, param) for piece in pieces)
@@ -442,7 +425,7 @@ def _timed_out(kind: str, param: str) -> MediaError:
     )
 
 
-def _too_large(kind: str, max_bytes: int, param: str) -> MediaError:
+def too_large(kind: str, max_bytes: int, param: str) -> MediaError:
     return MediaError(
         f"The {kind} at {param} is larger than the server's limit of {max_bytes} bytes.",
         param=param,

@@ -27,7 +27,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence
 from server.engine.structured import StructuredOutput
 from server.exceptions import MediaError, ServerError
-from server.media.fetch import is_data_uri
+from server.media.fetch import FetchedMedia, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import looks_like_image
 from server.metrics import Metrics
@@ -187,19 +187,33 @@ class CategoriesPipeline:
             max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec, priority=request.priority
         )
         kind = media_kind(request.media_url)
-        if kind is None:
-            head = await self.media.fetcher.peek(request.media_url, param=PARAM)
-            kind = "image" if looks_like_image(head) else "video"
         if kind == "video":
             return await self._video(request, sampling, on_progress)
-        return await self._image(request, sampling)
+        if kind == "image":
+            return await self._image(request, sampling)
+        # A URL that names neither: downloaded once (a signed link may not take a second
+        # request), then judged by its first bytes.
+        fetched = await self.media.fetch_unknown(request.media_url, PARAM)
+        try:
+            if looks_like_image(await asyncio.to_thread(fetched.head)):
+                return await self._image(request, sampling, fetched)
+            return await self._video(request, sampling, on_progress, fetched)
+        finally:
+            fetched.discard()
 
     async def _image(
-        self, request: CategoriesRequest, sampling: SamplingParams
+        self,
+        request: CategoriesRequest,
+        sampling: SamplingParams,
+        fetched: FetchedMedia | None = None,
     ) -> CategoriesResult:
-        messages = [ChatMessage("user", [ImagePart(request.media_url, "auto", PARAM)])]
+        part = ImagePart(request.media_url, "auto", PARAM)
+        messages = [ChatMessage("user", [part])]
         budget = self.media.check_counts(messages)
-        (image,) = await self.media.images(messages, budget)
+        if fetched is not None:
+            image = await self.media.fetched_image(part, fetched, budget)
+        else:
+            (image,) = await self.media.images(messages, budget)
         inputs = await asyncio.to_thread(self._inputs, image, request.keys, "image")
         seq = self.engine.add_request(request.request_id, inputs, sampling)
         result = _ordered(json.loads(await self._collect(seq)), request.keys)
@@ -210,6 +224,7 @@ class CategoriesPipeline:
         request: CategoriesRequest,
         sampling: SamplingParams,
         on_progress: ProgressCallback | None,
+        fetched: FetchedMedia | None = None,
     ) -> CategoriesResult:
         part = VideoPart(request.media_url, FrameRequest("frames"), PARAM)
         budget = self.media.check_counts([ChatMessage("user", [part])])
@@ -225,7 +240,7 @@ class CategoriesPipeline:
         )
         wishes = FrameRequest("frames", use_scenes=request.use_scenes)
         report(on_progress, STARTED)
-        video = await self.media.video(part, budget, tokens, wishes)
+        video = await self.media.video(part, budget, tokens, wishes, fetched)
         report(on_progress, MEDIA_READY)
 
         def build_all() -> list[ModelInputs]:

@@ -15,7 +15,7 @@ from PIL import Image
 from server.config import MediaLimits
 from server.exceptions import InvalidRequest, MediaError
 from server.media.decode_memory import DecodeMemory
-from server.media.fetch import FetchedMedia, MediaFetcher, is_data_uri
+from server.media.fetch import FetchedMedia, MediaFetcher, is_data_uri, too_large
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import (
     decoded_bytes,
@@ -138,6 +138,29 @@ class MediaLoader:
         size = await asyncio.to_thread(header_size, fetched.data)
         return await self._decode(part, fetched.data, size)
 
+    async def fetch_unknown(self, url: str, param: str) -> FetchedMedia:
+        """Media whose URL names neither an image nor a video (a signed link, a file named
+        `clip`), downloaded once (spooled, up to the larger limit): the caller judges it by
+        its first bytes, then reads it with fetched_image or video (and discards it)."""
+        max_bytes = max(self.limits.max_video_bytes, self.limits.max_image_bytes)
+        return await self.fetcher.fetch(
+            url, max_bytes=max_bytes, kind="media", param=param, spool_dir=self.spool_dir
+        )
+
+    async def fetched_image(
+        self, part: ImagePart, fetched: FetchedMedia, budget: MediaBudget
+    ) -> Image.Image:
+        """An image fetch_unknown brought, read as `images` reads one."""
+        data = await asyncio.to_thread(
+            fetched.content, self.limits.max_image_bytes, "image", part.param
+        )
+        budget.spend(len(data), part.param)
+        size = await asyncio.to_thread(header_size, data)
+        self._check_tokens([part], [size])
+        image = await self._decode(part, data, size)
+        self.metrics.images.inc()
+        return image
+
     async def _fetch_image(self, part: ImagePart, budget: MediaBudget) -> FetchedMedia:
         max_bytes = self.limits.max_image_bytes
         if part.file_id is not None:
@@ -174,15 +197,25 @@ class MediaLoader:
         )
 
     async def video(
-        self, part: VideoPart, budget: MediaBudget, tokens: TokenBudget, frames: FrameRequest
+        self,
+        part: VideoPart,
+        budget: MediaBudget,
+        tokens: TokenBudget,
+        frames: FrameRequest,
+        fetched: FetchedMedia | None = None,
     ) -> DecodedVideo:
-        fetched = await self.fetcher.fetch(
-            part.url,
-            max_bytes=self.limits.max_video_bytes,
-            kind="video",
-            param=part.param,
-            spool_dir=self.spool_dir,
-        )
+        """fetched: brought already (fetch_unknown); discarded here either way."""
+        if fetched is None:
+            fetched = await self.fetcher.fetch(
+                part.url,
+                max_bytes=self.limits.max_video_bytes,
+                kind="video",
+                param=part.param,
+                spool_dir=self.spool_dir,
+            )
+        elif fetched.size > self.limits.max_video_bytes:
+            fetched.discard()
+            raise too_large("video", self.limits.max_video_bytes, part.param)
         try:
             budget.spend(fetched.size, part.param)
             if fetched.image_frames:  # a video sent as its frames (vLLM's JPEG data URL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -60,11 +61,12 @@ async def test_http_fetch_and_caps(media_server: MediaServer) -> None:
         await fetcher.aclose()
 
 
-async def test_peek_reads_the_first_bytes_and_fails_as_a_fetch_does(
-    media_server: MediaServer,
+async def test_a_fetch_says_what_it_is_and_a_body_cut_short_is_a_400(
+    media_server: MediaServer, tmp_path: Path
 ) -> None:
-    """peek: a URL's first bytes (the rest not downloaded); a body cut short is the client's
-    400 (media_fetch_failed), as for fetch, not a 500."""
+    """head: the first bytes of what was fetched (in memory or spooled to a file: what media
+    categories judge a URL naming neither kind by); a body cut short is the client's 400
+    (media_fetch_failed), not a 500."""
     import socket
     import threading
 
@@ -82,9 +84,23 @@ async def test_peek_reads_the_first_bytes_and_fails_as_a_fetch_does(
     threading.Thread(target=cut_short, daemon=True).start()
     fetcher = MediaFetcher(FetchPolicy(timeout_s=5, allowed_hosts=("127.0.0.1",)))
     try:
-        assert await fetcher.peek(url, param="p") == b"\x89PNG\r\n\x1a\n" + b"x" * 8
+        for spool_dir in (None, tmp_path):
+            fetched = await fetcher.fetch(
+                url, max_bytes=200_000, kind="media", param="p", spool_dir=spool_dir
+            )
+            assert fetched.head() == b"\x89PNG\r\n\x1a\n" + b"x" * 8
+            assert len(fetched.content(200_000, "image", "p")) == 100_008
+            with pytest.raises(MediaError) as large:
+                fetched.content(1000, "image", "p")
+            assert large.value.code == "media_too_large"
+            fetched.discard()
         with pytest.raises(MediaError) as info:
-            await fetcher.peek(f"http://127.0.0.1:{listener.getsockname()[1]}/x", param="p")
+            await fetcher.fetch(
+                f"http://127.0.0.1:{listener.getsockname()[1]}/x",
+                max_bytes=1000,
+                kind="media",
+                param="p",
+            )
         assert info.value.code == "media_fetch_failed"
     finally:
         await fetcher.aclose()
