@@ -111,10 +111,12 @@ class ToolResultBlock(PartModel):
 
 
 class ThinkingBlock(PartModel):
-    """An earlier answer's thinking: not part of the next prompt (Qwen's templates drop
-    earlier reasoning)."""
+    """An earlier answer's thinking: its turn's reasoning_content (Qwen3's thinking template
+    keeps it for a tool-use loop's steps, as Anthropic asks thinking blocks back for, and
+    drops it before the last user query); a redacted one holds nothing readable here."""
 
     type: Literal["thinking", "redacted_thinking"]
+    thinking: str | None = None
 
 
 class OtherBlock(PartModel):
@@ -503,6 +505,10 @@ class ChatMessages:
                 code="unsupported_parameter",
             )
         if isinstance(block, ThinkingBlock):
+            if role == "assistant" and block.thinking:
+                self.add(role, [], where)  # the assistant's message it is the reasoning of
+                message = self.messages[-1]
+                message["reasoning_content"] = message.get("reasoning_content", "") + block.thinking
             return
         if isinstance(block, ToolUseBlock):
             self._call(role, block, where)

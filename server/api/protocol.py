@@ -354,6 +354,10 @@ class ChatMessageParam(PartModel):
     name: str | None = None  # accepted as OpenAI does; Qwen's chat template has no use for it
     tool_calls: list[ToolCallParam] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages (Qwen's prompt format does not use it)
+    # An earlier answer's reasoning, as the answer had it (vLLM's names): the template keeps
+    # it where Qwen3's does (the turns after the last user query), else leaves it out.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -1178,8 +1182,10 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
         ToolCall(c.id or "", c.function.name, c.function.arguments)
         for c in message.tool_calls or ()
     )
+    reasoning = (message.reasoning_content or message.reasoning) if role == "assistant" else None
     if message.content is None or isinstance(message.content, str):
-        return ChatMessage(role=role, content=message.content or "", tool_calls=calls)
+        content = message.content or ""
+        return ChatMessage(role=role, content=content, tool_calls=calls, reasoning=reasoning)
     parts: list[Part] = []
     for j, part in enumerate(message.content):
         param = f"messages[{index}].content[{j}]"
@@ -1208,7 +1214,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
                 max_pixels=video.max_pixels,
             )
             parts.append(VideoPart(video.url, wishes, param))
-    return ChatMessage(role=role, content=parts, tool_calls=calls)
+    return ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
 
 
 # -- responses -------------------------------------------------------------------------------

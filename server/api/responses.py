@@ -87,10 +87,17 @@ class ItemReference(PartModel):
 
 
 class ReasoningItem(PartModel):
-    """An earlier answer's reasoning: not part of the next prompt (Qwen's templates drop
-    earlier reasoning, as chat drops reasoning_content)."""
+    """An earlier answer's reasoning: the next assistant message's reasoning_content (Qwen3's
+    thinking template keeps it for a tool-call loop's steps, drops it before the last user
+    query)."""
 
     type: Literal["reasoning"]
+    content: list[dict[str, Any]] | None = None  # [{"type": "reasoning_text", "text"}]
+
+    def text(self) -> str:
+        return "".join(
+            part["text"] for part in self.content or () if isinstance(part.get("text"), str)
+        )
 
 
 def _item_kind(item: Any) -> str:
@@ -462,7 +469,17 @@ class ResponsesRequest(StrictModel):
         items = self._kept_items()
         calls: set[str] = set()
         unanswered: dict[str, str] = {}  # call_id -> where its call is
+        reasoning = ""  # a reasoning item's, for the assistant message after it
         for item, where in items:
+            if isinstance(item, ReasoningItem):
+                reasoning += item.text()
+                continue
+            starts_a_turn = isinstance(item, InputMessage) and item.role == "assistant"
+            starts_a_turn |= isinstance(item, FunctionCallItem) and (
+                not messages or messages[-1]["role"] != "assistant"
+            )
+            if reasoning and not starts_a_turn:
+                reasoning = ""  # (reasoning no assistant turn follows: nothing to give it to)
             if isinstance(item, ItemReference):
                 raise InvalidRequest(
                     f"{where} refers to a stored item ({item.id}): send the item itself, or "
@@ -482,6 +499,8 @@ class ResponsesRequest(StrictModel):
                     messages.append({"role": "assistant", "content": None})
                     self._origins.append(where)
                 messages[-1].setdefault("tool_calls", []).append(call)
+            if starts_a_turn and reasoning:
+                messages[-1]["reasoning_content"], reasoning = reasoning, ""
             elif isinstance(item, FunctionCallOutputItem):
                 if item.call_id not in calls:
                     raise InvalidRequest(

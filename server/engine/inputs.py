@@ -259,6 +259,12 @@ class InputBuilder:
         self.template_variables = _template_variables(processor.chat_template)
         probe = self.prompt([{"role": "user", "content": "?"}])
         self.reasoning = probe.rstrip("\n").endswith("<think>")
+        # The system prompt the template writes when a conversation has none (Qwen2-VL's
+        # "You are a helpful assistant."; none for Qwen3-VL): the tools' system prompt,
+        # written here (pipelines/tools.py), goes after it, as the family's own templates do.
+        opening = "<|im_start|>system\n"
+        has_default = probe.startswith(opening) and "<|im_end|>" in probe
+        self.default_system = probe[len(opening) : probe.index("<|im_end|>")] if has_default else ""
         # What the frame planner needs to know of the family: the pixels along one side of a
         # visual token (28 for Qwen2-VL / 2.5-VL, 32 for Qwen3-VL), and the text tokens each
         # native temporal patch adds (a long timestamp and its own vision start/end).

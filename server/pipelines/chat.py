@@ -191,7 +191,7 @@ class ChatPipeline:
         # Bad words tokenized once for the request, not again for each choice.
         request = replace(request, sampling=self.engine.with_bad_word_ids(request.sampling))
         budget = await self.check(request)
-        request = replace(request, messages=render(request.messages, request.tools))
+        request = replace(request, messages=self.rendered(request))
         async with self.preprocessing:
             images = await self.media.images(request.messages, budget)
             run = await self._prepare(request, images, budget)
@@ -214,7 +214,7 @@ class ChatPipeline:
         max_tokens) that alone overflow the context, whatever the media add; images sent
         inline or by file id that cannot be read."""
         budget = await self.check(request)
-        hf_messages = [to_hf_message(m) for m in render(request.messages, request.tools)]
+        hf_messages = [to_hf_message(m) for m in self.rendered(request)]
         text_tokens = await _templated(
             self.input_builder.count_text_tokens, hf_messages, True, request.template
         )
@@ -233,7 +233,7 @@ class ChatPipeline:
         """The prompt the request would run, built but not run (vLLM's /tokenize): its media
         fetched and decoded as for an answer (videos read natively, as /v1 reads them)."""
         budget = self.media.check_counts(request.messages)
-        messages = render(request.messages, request.tools)
+        messages = self.rendered(request)
         request = replace(request, messages=messages, video_mode="native")
         async with self.preprocessing:
             images = await self.media.images(request.messages, budget)
@@ -393,6 +393,11 @@ class ChatPipeline:
 
     async def _text(self, seq: Sequence) -> str:
         return "".join([output.text_delta async for output in self.outputs(seq)])
+
+    def rendered(self, request: ChatRequest) -> list[ChatMessage]:
+        """The request's messages as the template gets them (tools, calls and results as
+        text; see pipelines/tools.py)."""
+        return render(request.messages, request.tools, self.input_builder.default_system)
 
     def texts(self, request: ChatRequest) -> TokenTexts:
         """How the request's logprobs show tokens."""

@@ -49,6 +49,9 @@ class ChatMessage:
     role: str  # system | user | assistant | tool
     content: str | list[Part]
     tool_calls: tuple[ToolCall, ...] = ()  # assistant messages only
+    # An assistant turn's reasoning, given to the template: Qwen3's thinking one keeps it for
+    # the turns after the last user query (a tool-call loop's steps), drops it before.
+    reasoning: str | None = None
 
 
 def prompt_text(messages: list[ChatMessage]) -> str:
@@ -73,8 +76,9 @@ def parts_of(messages: list[ChatMessage], kind: type) -> list[Any]:
 
 def to_hf_message(message: ChatMessage) -> dict[str, Any]:
     """Our message -> the chat template's format; media become {"type": "image"|"video"}."""
+    extra = {"reasoning_content": message.reasoning} if message.reasoning else {}
     if isinstance(message.content, str):
-        return {"role": message.role, "content": message.content}
+        return {"role": message.role, "content": message.content, **extra}
     content: list[dict[str, Any]] = []
     for part in message.content:
         if isinstance(part, TextPart):
@@ -83,4 +87,4 @@ def to_hf_message(message: ChatMessage) -> dict[str, Any]:
             content.append({"type": "image"})
         else:
             content.append({"type": "video"})
-    return {"role": message.role, "content": content}
+    return {"role": message.role, "content": content, **extra}

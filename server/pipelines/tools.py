@@ -19,7 +19,6 @@ from typing import Any
 from server.engine.structured import StructuredOutput
 from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
 
-QWEN2_VL_DEFAULT_SYSTEM = "You are a helpful assistant."  # what its template puts first
 TOOLS_HEADER = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
@@ -101,9 +100,12 @@ def new_call_id() -> str:
 # -- the prompt -------------------------------------------------------------------------------
 
 
-def render(messages: list[ChatMessage], tools: Tools | None) -> list[ChatMessage]:
+def render(
+    messages: list[ChatMessage], tools: Tools | None, default_system: str = ""
+) -> list[ChatMessage]:
     """Messages as Qwen's tool-aware templates write them, for a template that knows only
-    system / user / assistant: the tools in the system prompt, calls and results as text."""
+    system / user / assistant: the tools in the system prompt (after the template's default
+    system prompt when the conversation has none), calls and results as text."""
     rendered: list[ChatMessage] = []
     for message in messages:
         if message.role == "tool":
@@ -115,7 +117,8 @@ def render(messages: list[ChatMessage], tools: Tools | None) -> list[ChatMessage
         elif message.tool_calls:
             calls = "\n".join(_call_text(c) for c in message.tool_calls)
             content = _text(message.content)
-            rendered.append(ChatMessage("assistant", f"{content}\n{calls}" if content else calls))
+            text = f"{content}\n{calls}" if content else calls
+            rendered.append(ChatMessage("assistant", text, reasoning=message.reasoning))
         else:
             rendered.append(message)
     if tools is None or tools.choice == "none" or not tools.definitions:
@@ -126,7 +129,8 @@ def render(messages: list[ChatMessage], tools: Tools | None) -> list[ChatMessage
     block += TOOLS_FOOTER
     if rendered and rendered[0].role == "system":
         return [_append(rendered[0], block), *rendered[1:]]
-    return [ChatMessage("system", QWEN2_VL_DEFAULT_SYSTEM + block), *rendered]
+    system = default_system + block if default_system else block.removeprefix("\n\n")
+    return [ChatMessage("system", system), *rendered]
 
 
 def _is_tool_turn(message: ChatMessage) -> bool:

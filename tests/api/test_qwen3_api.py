@@ -447,3 +447,94 @@ async def test_the_responses_api_takes_a_thinking_budget(thinking: httpx.AsyncCl
     assert [item["type"] for item in output] == ["reasoning", "message"]
     assert json.loads(output[1]["content"][0]["text"])["a"] in ("x", "y")
     assert response.json()["usage"]["output_tokens_details"]["reasoning_tokens"] == 3
+
+
+async def test_a_tool_loops_reasoning_stays_in_the_prompt(thinking: httpx.AsyncClient) -> None:
+    """Qwen3's thinking template keeps an assistant turn's reasoning after the last user query
+    (a tool-call loop's steps) and drops it before: the reasoning each API sends back (chat's
+    reasoning_content, a Responses reasoning item, an Anthropic thinking block) goes to it."""
+
+    async def prompt_of(body: dict) -> str:
+        ids = (await thinking.post("/tokenize", json={"model": "tiny", **body})).json()["tokens"]
+        response = await thinking.post("/detokenize", json={"model": "tiny", "tokens": ids})
+        return response.json()["prompt"]
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [
+        {"role": "user", "content": "q0"},
+        {"role": "assistant", "content": "a0", "reasoning_content": "EARLIER"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "", "reasoning_content": "STEP", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "res"},
+    ]
+    text = await prompt_of({"messages": messages, "tools": [tool]})
+    assert "<think>\nSTEP\n</think>\n\n<tool_call>" in text and "EARLIER" not in text
+    # the Responses API's reasoning item, and Anthropic's thinking block, the same way
+    items = [
+        {"role": "user", "content": "q1"},
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "STEP"}],
+        },
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"x": 1}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "res"},
+    ]
+    body = {"model": "tiny", "input": items, "max_output_tokens": 1, "temperature": 0}
+    body["tools"] = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    with_reasoning = (await thinking.post("/v1/responses/input_tokens", json=body)).json()
+    without = {**body, "input": [items[0], *items[2:]]}
+    assert (
+        with_reasoning["input_tokens"]
+        > (await thinking.post("/v1/responses/input_tokens", json=without)).json()["input_tokens"]
+    )
+    anthropic = {
+        "model": "tiny",
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "q1"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "STEP", "signature": ""},
+                    {"type": "tool_use", "id": "c1", "name": "f", "input": {"x": 1}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "res"}],
+            },
+        ],
+    }
+    counted = (await thinking.post("/v1/messages/count_tokens", json=anthropic)).json()
+    anthropic["messages"][1]["content"] = anthropic["messages"][1]["content"][1:]
+    bare = (await thinking.post("/v1/messages/count_tokens", json=anthropic)).json()
+    assert counted["input_tokens"] > bare["input_tokens"]
+
+
+async def test_tools_are_prompted_as_the_checkpoints_template_writes_them(
+    qwen3: httpx.AsyncClient, request: pytest.FixtureRequest
+) -> None:
+    """No system message: Qwen3-VL's template opens with the tools' block (it has no default
+    system prompt, where Qwen2-VL's has one); with one, the block follows it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        request.getfixturevalue(request.node.callspec.params["qwen3"])
+    )
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "description": "d", "parameters": {"type": "object"}},
+    }
+    for messages in (
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    ):
+        body = {"model": "tiny", "messages": messages, "tools": [tool]}
+        ours = tokenizer.decode((await qwen3.post("/tokenize", json=body)).json()["tokens"])
+        theirs = tokenizer.apply_chat_template(
+            messages, tools=[tool], add_generation_prompt=True, tokenize=False
+        )
+        assert ours == theirs

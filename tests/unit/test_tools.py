@@ -30,7 +30,8 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</t
 
 
 def test_tools_go_into_the_system_prompt_as_qwen_writes_them() -> None:
-    rendered = render([ChatMessage("user", "Weather?")], TOOLS)
+    """After the template's default system prompt (Qwen2-VL's), or first (Qwen3-VL has none)."""
+    rendered = render([ChatMessage("user", "Weather?")], TOOLS, "You are a helpful assistant.")
     assert [m.role for m in rendered] == ["system", "user"]
     expected = (
         "You are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to "
@@ -42,6 +43,9 @@ def test_tools_go_into_the_system_prompt_as_qwen_writes_them() -> None:
         '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
     )
     assert rendered[0].content == expected
+    assert render([ChatMessage("user", "Weather?")], TOOLS)[0].content == expected.removeprefix(
+        "You are a helpful assistant.\n\n"
+    )
     own = render([ChatMessage("system", [TextPart("Be brief.")]), ChatMessage("user", "Hi")], TOOLS)
     assert own[0].content[0] == TextPart("Be brief.") and "# Tools" in own[0].content[1].text
     assert render([ChatMessage("user", "Hi")], Tools((WEATHER,), "none"))[0].role == "user"
