@@ -28,7 +28,7 @@ from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
 from server.pipelines.chat import ChatRequest, ChatRun
 from server.pipelines.logprobs import TokenTexts
-from server.pipelines.reasoning import Reasoning, ReasoningStream
+from server.pipelines.reasoning import Reasoning, ReasoningStream, answer_start
 from server.pipelines.tools import CallStream, Event, ToolCallDelta, Tools, call_stream
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,7 @@ class ChoiceStream:
     num_tokens_sent: int = 0  # tokens whose logprobs and ids went out
     has_called: bool = False
     tools: Tools | None = None  # how a call ends the answer (its finish_reason)
+    hidden_through: int | None = None  # reasoning left out: "</think>", its tokens' last
 
     def events(
         self, output: SequenceOutput, writer: ChatChunkWriter, texts: TokenTexts
@@ -221,8 +222,12 @@ class ChoiceStream:
         if not pieces and not output.finished:
             return []  # the tokens' logprobs and ids go with the next piece of text
         start, end = self.num_tokens_sent, output.num_completion_tokens
+        scored = start  # (reasoning left out: its tokens' logprobs too)
+        if self.hidden_through is not None:
+            ids = self.seq.output_token_ids[:end]
+            scored = max(start, answer_start(ids, self.hidden_through))
         self.num_tokens_sent = end
-        logprobs = self._logprobs(start, end, texts)
+        logprobs = self._logprobs(scored, end, texts)
         token_ids = self.seq.output_token_ids[start:end] if self.with_token_ids else None
         chunks = []
         for piece in pieces:
@@ -257,6 +262,7 @@ async def chat_stream(
     running = (lambda choice: Usage.of(*run.usage(choice))) if continuous else None
     writer = ChatChunkWriter(run.seq.request_id, model, running)
     reasoning = run.seq.inputs.thinks
+    hidden = run.think_close_id if reasoning and not request.include_reasoning else None
     choices = [
         ChoiceStream(
             i,
@@ -266,6 +272,7 @@ async def chat_stream(
             request.include_reasoning,
             request.return_token_ids,
             tools=request.tools,
+            hidden_through=hidden,
         )
         for i, seq in enumerate(run.seqs)
     ]

@@ -57,6 +57,7 @@ from server.pipelines.messages import (
 )
 from server.pipelines.reasoning import (
     THINK_CLOSE,
+    answer_start,
     count_reasoning_tokens,
     single_token_id,
     split_reasoning,
@@ -414,7 +415,10 @@ class ChatPipeline:
             finish_reason = request.tools.finish_reason(finish_reason, bool(answer.tool_calls))
         logprobs = None
         if seq.sampling.logprobs is not None:
-            logprobs = self.texts(request).logprobs(seq, 0, seq.num_completion_tokens)
+            start = 0  # (reasoning left out: its tokens' logprobs too, "</think>" included)
+            if seq.inputs.thinks and not request.include_reasoning and self.think_close_id:
+                start = answer_start(seq.output_token_ids, self.think_close_id)
+            logprobs = self.texts(request).logprobs(seq, start, seq.num_completion_tokens)
         return ChoiceResult(
             index,
             answer.content,

@@ -37,6 +37,11 @@ def count_reasoning_tokens(output_token_ids: list[int], close_id: int) -> int:
         return len(output_token_ids)
 
 
+def answer_start(output_token_ids: list[int], close_id: int) -> int:
+    """Where the answer proper starts: past the first "</think>" (the end, if none came)."""
+    return min(count_reasoning_tokens(output_token_ids, close_id) + 1, len(output_token_ids))
+
+
 @dataclass
 class Reasoning:
     """A streamed piece of reasoning (a plain str piece is content)."""

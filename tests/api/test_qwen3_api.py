@@ -413,6 +413,22 @@ async def test_include_reasoning_false_leaves_the_reasoning_out(
     deltas = await streamed_deltas(thinking, quiet)
     assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+    # its logprobs leave the reasoning (and "</think>") out too: the answer's 4 tokens
+    scored = {**quiet, "logprobs": True}
+    whole = (await thinking.post("/v1/chat/completions", json=scored)).json()["choices"][0]
+    tokens = [entry["token"] for entry in whole["logprobs"]["content"]]
+    assert len(tokens) == 4 and "</think>" not in tokens
+    async with thinking.stream(
+        "POST", "/v1/chat/completions", json={**scored, "stream": True}
+    ) as stream:
+        lines = [line async for line in stream.aiter_lines() if line.startswith("data: {")]
+    streamed = [
+        entry["token"]
+        for line in lines
+        for choice in json.loads(line[6:])["choices"]
+        for entry in (choice.get("logprobs") or {}).get("content") or ()
+    ]
+    assert streamed == tokens
 
 
 async def test_a_prompt_cut_on_the_right_does_not_start_in_reasoning(
