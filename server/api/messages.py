@@ -486,6 +486,7 @@ class ChatMessages:
         self.origins: list[list[str]] = []
         self.calls: set[str] = set()
         self.unanswered: dict[str, str] = {}  # tool_use ids with no result yet -> where
+        self.reasoning = ""  # a thinking block's, for its turn's next text or tool_use
 
     def add(self, role: str, parts: list[tuple[dict[str, Any], str]], where: str) -> None:
         """Parts for a turn of `role`: into the last message if it is that role's turn."""
@@ -505,10 +506,8 @@ class ChatMessages:
                 code="unsupported_parameter",
             )
         if isinstance(block, ThinkingBlock):
-            if role == "assistant" and block.thinking:
-                self.add(role, [], where)  # the assistant's message it is the reasoning of
-                message = self.messages[-1]
-                message["reasoning_content"] = message.get("reasoning_content", "") + block.thinking
+            if role == "assistant" and block.thinking:  # (for the turn's text or tool_use)
+                self.reasoning += block.thinking
             return
         if isinstance(block, ToolUseBlock):
             self._call(role, block, where)
@@ -516,6 +515,10 @@ class ChatMessages:
             self._result(role, block, where)
         else:
             self.add(role, [(_part(block, where), where)], where)
+        if role == "assistant" and self.reasoning:
+            message = self.messages[-1]
+            message["reasoning_content"] = message.get("reasoning_content", "") + self.reasoning
+        self.reasoning = ""  # (a turn of thinking alone: nothing for it to go with)
 
     def _call(self, role: str, block: ToolUseBlock, where: str) -> None:
         if role != "assistant":

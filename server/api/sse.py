@@ -222,13 +222,13 @@ class ChoiceStream:
         if not pieces and not output.finished:
             return []  # the tokens' logprobs and ids go with the next piece of text
         start, end = self.num_tokens_sent, output.num_completion_tokens
-        scored = start  # (reasoning left out: its tokens' logprobs too)
+        scored = start  # (reasoning left out: its tokens' logprobs and ids too)
         if self.hidden_through is not None:
             ids = self.seq.output_token_ids[:end]
             scored = max(start, answer_start(ids, self.hidden_through))
         self.num_tokens_sent = end
         logprobs = self._logprobs(scored, end, texts)
-        token_ids = self.seq.output_token_ids[start:end] if self.with_token_ids else None
+        token_ids = self.seq.output_token_ids[scored:end] if self.with_token_ids else None
         chunks = []
         for piece in pieces:
             self.has_called |= isinstance(piece, ToolCallDelta)

@@ -56,15 +56,25 @@ class FetchedMedia:
         if self.is_temporary and self.path is not None:
             self.path.unlink(missing_ok=True)
 
-    def head(self, num_bytes: int = 16) -> bytes:
+    def head(self, param: str, num_bytes: int = 16) -> bytes:
         """Its first bytes (what it is, when its name does not say); blocking for a file."""
-        return self.data[:num_bytes] if self.path is None else _first_bytes(self.path, num_bytes)
+        if self.path is None:
+            return self.data[:num_bytes]
+        try:
+            return _first_bytes(self.path, num_bytes)
+        except OSError:  # (a local file gone, or not readable, since it was checked)
+            raise _unreachable("media", param) from None
 
     def content(self, max_bytes: int, kind: str, param: str) -> bytes:
         """All its bytes, at most max_bytes (else the too-large 400 for `kind`); blocking."""
         if self.size > max_bytes:
             raise too_large(kind, max_bytes, param)
-        return self.data if self.path is None else self.path.read_bytes()
+        if self.path is None:
+            return self.data
+        try:
+            return self.path.read_bytes()
+        except OSError:
+            raise _unreachable(kind, param) from None
 
 
 class UploadedFiles(Protocol):

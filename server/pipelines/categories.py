@@ -195,7 +195,7 @@ class CategoriesPipeline:
         # request), then judged by its first bytes.
         fetched = await self.media.fetch_unknown(request.media_url, PARAM)
         try:
-            if looks_like_image(await asyncio.to_thread(fetched.head)):
+            if looks_like_image(await asyncio.to_thread(fetched.head, PARAM)):
                 return await self._image(request, sampling, fetched)
             return await self._video(request, sampling, on_progress, fetched)
         finally:

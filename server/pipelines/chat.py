@@ -413,11 +413,12 @@ class ChatPipeline:
         finish_reason = seq.finish_reason or "stop"
         if request.tools is not None:
             finish_reason = request.tools.finish_reason(finish_reason, bool(answer.tool_calls))
+        # reasoning left out: its tokens' logprobs and ids too, "</think>" included
+        start = 0
+        if seq.inputs.thinks and not request.include_reasoning and self.think_close_id:
+            start = answer_start(seq.output_token_ids, self.think_close_id)
         logprobs = None
         if seq.sampling.logprobs is not None:
-            start = 0  # (reasoning left out: its tokens' logprobs too, "</think>" included)
-            if seq.inputs.thinks and not request.include_reasoning and self.think_close_id:
-                start = answer_start(seq.output_token_ids, self.think_close_id)
             logprobs = self.texts(request).logprobs(seq, start, seq.num_completion_tokens)
         return ChoiceResult(
             index,
@@ -427,7 +428,7 @@ class ChatPipeline:
             seq.stop_reason,
             logprobs,
             reasoning,
-            list(seq.output_token_ids) if request.return_token_ids else None,
+            list(seq.output_token_ids[start:]) if request.return_token_ids else None,
         )
 
 
@@ -515,5 +516,5 @@ def _replace_videos(messages: list[ChatMessage], texts: list[str]) -> list[ChatM
         parts = [
             TextPart(next(remaining)) if isinstance(p, VideoPart) else p for p in message.content
         ]
-        replaced.append(ChatMessage(message.role, parts))
+        replaced.append(replace(message, content=parts))  # (its calls and reasoning kept)
     return replaced

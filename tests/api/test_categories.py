@@ -146,7 +146,8 @@ async def test_a_url_that_does_not_say_what_it_is_is_read_by_its_first_bytes(
     tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
 ) -> None:
     """No extension (a signed CDN link, a local file named `clip`), or one of neither kind:
-    the media's first bytes decide image or video, over HTTP and file:// alike."""
+    the media's first bytes decide image or video, over HTTP and file:// alike; downloaded
+    once (a single-use link takes no second request), nothing left in the spool."""
     video, image = make_video(seconds=2), make_image(96, 64, fmt="PNG")
     (tmp_path / "clip").write_bytes(video)
     (tmp_path / "picture.bin").write_bytes(image)
@@ -161,10 +162,14 @@ async def test_a_url_that_does_not_say_what_it_is_is_read_by_its_first_bytes(
     }
     async for client in start_client(settings):
         for url, kind in cases.items():
+            before = len(media_server.requested)
             body = {"model": "tiny", "media_url": url, "metadata": ["tags"]}
             response = await client.post("/v2/media/categories", json=body)
             assert response.status_code == 200, (url, response.text)
             assert response.json()["media_type"] == kind, url
+            assert len(media_server.requested) - before == (0 if url.startswith("file:") else 1)
+        spooled = (settings.data_dir / "spool").rglob("*")
+        assert not [p for p in spooled if p.is_file() and p.name != ".lock"]
         missing = {"model": "tiny", "media_url": media_server.url("/signed/none")}
         response = await client.post("/v2/media/categories", json=missing)
         assert response.status_code == 400 and response.json()["error"]["param"] == "media_url"

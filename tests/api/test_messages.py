@@ -640,6 +640,26 @@ async def test_overloaded_is_anthropics_529(
         app.state.draining = False
 
 
+async def test_a_turn_of_thinking_alone_changes_nothing(client: httpx.AsyncClient) -> None:
+    """A thinking block goes with its turn's text or tool_use (as that turn's reasoning); an
+    assistant turn of thinking alone adds no turn (and makes no empty prefill)."""
+    hi = {"role": "user", "content": "hi"}
+    thought = {
+        "role": "assistant",
+        "content": [{"type": "thinking", "thinking": "T", "signature": ""}],
+    }
+    for messages in ([hi, thought], [hi, thought, {"role": "user", "content": "more"}]):
+        body = {"model": "tiny", "max_tokens": 2, "messages": messages}
+        response = await client.post("/v1/messages", json=body)
+        assert response.status_code == 200, response.text
+        without = [m for m in messages if m is not thought]
+        counted = await client.post(
+            "/v1/messages/count_tokens", json={**body, "messages": messages}
+        )
+        bare = await client.post("/v1/messages/count_tokens", json={**body, "messages": without})
+        assert counted.json() == bare.json()
+
+
 def test_stop_reasons() -> None:
     assert stop_of("length", None, True) == ("max_tokens", None)
     assert stop_of("stop", "##", True) == ("tool_use", None)

@@ -413,11 +413,11 @@ async def test_include_reasoning_false_leaves_the_reasoning_out(
     deltas = await streamed_deltas(thinking, quiet)
     assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
-    # its logprobs leave the reasoning (and "</think>") out too: the answer's 4 tokens
-    scored = {**quiet, "logprobs": True}
+    # its logprobs and token ids leave the reasoning (and "</think>") out too: the answer's 4
+    scored = {**quiet, "logprobs": True, "return_token_ids": True}
     whole = (await thinking.post("/v1/chat/completions", json=scored)).json()["choices"][0]
     tokens = [entry["token"] for entry in whole["logprobs"]["content"]]
-    assert len(tokens) == 4 and "</think>" not in tokens
+    assert len(tokens) == 4 and "</think>" not in tokens and len(whole["token_ids"]) == 4
     async with thinking.stream(
         "POST", "/v1/chat/completions", json={**scored, "stream": True}
     ) as stream:

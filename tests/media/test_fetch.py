@@ -88,7 +88,7 @@ async def test_a_fetch_says_what_it_is_and_a_body_cut_short_is_a_400(
             fetched = await fetcher.fetch(
                 url, max_bytes=200_000, kind="media", param="p", spool_dir=spool_dir
             )
-            assert fetched.head() == b"\x89PNG\r\n\x1a\n" + b"x" * 8
+            assert fetched.head("p") == b"\x89PNG\r\n\x1a\n" + b"x" * 8
             assert len(fetched.content(200_000, "image", "p")) == 100_008
             with pytest.raises(MediaError) as large:
                 fetched.content(1000, "image", "p")
