@@ -8,6 +8,7 @@ replica sharing a PostgreSQL store serves every conversation; deleted with its i
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from server.jobs.deliveries import Execute
@@ -88,16 +89,13 @@ class ConversationStore(Tables):
             ).fetchone()
             if held is None:
                 return None
-            name, now = _lock_name(conversation_id), self.now()
-            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
-            if row is not None:
-                other, until = json.loads(row["value"])
-                if other != holder and until > now:
-                    return False
+            now, lease = self.now(), _lease(execute, conversation_id)
+            if lease is not None and lease.holder != holder and lease.until > now:
+                return False
             execute(
                 "INSERT INTO shared_values (name, value) VALUES (?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (name, json.dumps([holder, now + lease_s])),
+                (_lock_name(conversation_id), json.dumps([holder, now + lease_s])),
             )
             return True
 
@@ -105,24 +103,23 @@ class ConversationStore(Tables):
         """The holder's lease, if it still has it, runs lease_s from now (never taken anew:
         a renewal still writing as its turn ends must not put back the lease it ended)."""
         with self.transaction() as execute:
-            name = _lock_name(conversation_id)
-            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
-            if row is None or json.loads(row["value"])[0] != holder:
+            lease = _lease(execute, conversation_id)
+            if lease is None or lease.holder != holder:
                 return False
             cursor = execute(  # (only the value read: not one another holder wrote since)
                 "UPDATE shared_values SET value = ? WHERE name = ? AND value = ?",
-                (json.dumps([holder, self.now() + lease_s]), name, row["value"]),
+                (json.dumps([holder, self.now() + lease_s]), lease.name, lease.value),
             )
             return cursor.rowcount == 1
 
     def unlock_conversation(self, conversation_id: str, holder: str) -> None:
         """The holder's lease ended (one another holder took over, its own expired, is left)."""
         with self.transaction() as execute:
-            name = _lock_name(conversation_id)
-            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
-            if row is not None and json.loads(row["value"])[0] == holder:
+            lease = _lease(execute, conversation_id)
+            if lease is not None and lease.holder == holder:
                 execute(  # (only the value read: not a lease another holder took since)
-                    "DELETE FROM shared_values WHERE name = ? AND value = ?", (name, row["value"])
+                    "DELETE FROM shared_values WHERE name = ? AND value = ?",
+                    (lease.name, lease.value),
                 )
 
     def add_items(self, conversation_id: str, items: list[dict[str, Any]], project: str) -> bool:
@@ -193,6 +190,24 @@ def _append(
 
 def _lock_name(conversation_id: str) -> str:
     return f"conversation-lock:{conversation_id}"
+
+
+@dataclass(frozen=True)
+class _Lease:
+    name: str  # its shared_values row
+    value: str  # as stored ([holder, until] in JSON): a write checks it is still this one
+    holder: str
+    until: float
+
+
+def _lease(execute: Execute, conversation_id: str) -> _Lease | None:
+    """The conversation's lock lease, as it stands (expired or not); None: no one's."""
+    name = _lock_name(conversation_id)
+    row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        return None
+    holder, until = json.loads(row["value"])
+    return _Lease(name, row["value"], holder, until)
 
 
 def _conversation(conversation_id: str, created_at: float, metadata: dict) -> dict[str, Any]:
