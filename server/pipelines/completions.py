@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from server.pipelines.chat import compile_grammar
 from server.pipelines.choices import add_choices
 from server.pipelines.finish import raise_for_finish
 from server.pipelines.logprobs import TokenTexts
+from server.pipelines.reasoning import THINK_CLOSE, THINK_OPEN, single_token_id
 
 PARAM = "prompt"
 
@@ -47,6 +48,9 @@ class TextCompletions:
         self.media_token_ids = frozenset(media_token_ids)
         self.token_texts = TokenTexts(tokenizer)
         self.token_id_texts = self.token_texts.as_token_ids()
+        # "<think>" and "</think>", where the tokenizer has them as tokens (thinking ones)
+        think = (single_token_id(tokenizer, THINK_OPEN), single_token_id(tokenizer, THINK_CLOSE))
+        self.think_ids = think if None not in think else None
 
     async def start(
         self,
@@ -63,11 +67,15 @@ class TextCompletions:
             await compile_grammar(self.engine, sampling.structured, options.grammar_param)
         inputs = await asyncio.to_thread(lambda: [self._inputs(p, options) for p in prompts])
         inputs = [self.engine.truncated(x, options.truncation, sampling) for x in inputs]
+        samplings = [self._for_prompt(x, sampling) for x in inputs]
         try:
             if n == 1:  # all in one batch
-                requests = [(f"{request_id}-{i}", x, sampling) for i, x in enumerate(inputs)]
+                requests = [
+                    (f"{request_id}-{i}", x, s)
+                    for i, (x, s) in enumerate(zip(inputs, samplings, strict=True))
+                ]
                 return self.engine.add_requests(requests)
-            return await self._add_choices(request_id, inputs, sampling, n)
+            return await self._add_choices(request_id, inputs, samplings, n)
         except ServerError as exc:  # the engine names chat's field and says "messages"
             if exc.param == "messages":
                 exc.param = PARAM
@@ -76,13 +84,28 @@ class TextCompletions:
                 exc.message = exc.message.replace("messages", "prompt")
             raise
 
+    def _for_prompt(self, inputs: ModelInputs, sampling: SamplingParams) -> SamplingParams:
+        """A raw prompt that ends inside a thinking checkpoint's reasoning (an open "<think>"):
+        its grammar waits for the model's "</think>", as vLLM's reasoning parser has it."""
+        if sampling.structured is None or self.think_ids is None:
+            return sampling
+        ids, (open_id, close_id) = inputs.token_ids, self.think_ids
+        last_open = max((i for i, t in enumerate(ids) if t == open_id), default=-1)
+        if last_open <= max((i for i, t in enumerate(ids) if t == close_id), default=-1):
+            return sampling
+        return replace(sampling, think_end_token_id=close_id)
+
     async def _add_choices(
-        self, request_id: str, inputs: list[ModelInputs], sampling: SamplingParams, n: int
+        self,
+        request_id: str,
+        inputs: list[ModelInputs],
+        samplings: list[SamplingParams],
+        n: int,
     ) -> list[Sequence]:
         groups = await asyncio.gather(
             *(
-                add_choices(self.engine, f"{request_id}-{i}", x, sampling, n)
-                for i, x in enumerate(inputs)
+                add_choices(self.engine, f"{request_id}-{i}", x, s, n)
+                for i, (x, s) in enumerate(zip(inputs, samplings, strict=True))
             ),
             return_exceptions=True,
         )

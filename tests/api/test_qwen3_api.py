@@ -554,3 +554,23 @@ async def test_tools_are_prompted_as_the_checkpoints_template_writes_them(
             messages, tools=[tool], add_generation_prompt=True, tokenize=False
         )
         assert ours == theirs
+
+
+async def test_a_raw_prompt_in_reasoning_waits_for_its_end_before_the_grammar(
+    thinking: httpx.AsyncClient,
+) -> None:
+    """/v1/completions: a prompt that ends inside "<think>" answers with reasoning first, the
+    grammar after "</think>" (vLLM's reasoning parser); one with its reasoning closed, or none,
+    is shaped from the first token."""
+    close = (await thinking.post("/tokenize", json={"prompt": "</think>"})).json()["tokens"][-1]
+    head = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    body = {"model": "tiny", "max_tokens": 12, "temperature": 0, "guided_choice": ["yes", "no"]}
+    body["logit_bias"] = {str(close): -100}  # (the random model never ends its reasoning here)
+    waiting = (
+        await thinking.post("/v1/completions", json={**body, "prompt": head + "<think>\n"})
+    ).json()
+    assert waiting["choices"][0]["finish_reason"] == "length"  # still reasoning, unconstrained
+    assert waiting["choices"][0]["text"] not in ("yes", "no")
+    for prompt in (head + "<think>\n\n</think>\n\n", head):
+        shaped = (await thinking.post("/v1/completions", json={**body, "prompt": prompt})).json()
+        assert shaped["choices"][0]["text"] in ("yes", "no"), prompt
