@@ -136,6 +136,8 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
     found = [f"{at}{key}" for key in schema if key in UNENFORCED]
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         found.append(f"{at}allOf (of several schemas)")
+    if isinstance(schema.get("pattern"), str) and writes_raw_escapes(schema["pattern"]):
+        found.append(f"{at}pattern (a quote, backslash or control character, written raw)")
     lengths = "minLength" in schema or "maxLength" in schema
     found += [
         f"{at}{key} with minLength/maxLength"
@@ -153,6 +155,35 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
     for key in SCHEMA_VALUES:
         found += unenforced(schema.get(key), f"{at}{key}.")
     return found
+
+
+def writes_raw_escapes(pattern: str) -> bool:
+    r"""Whether a string `pattern` can match a character JSON must escape (a quote, a
+    backslash, a control character) spelt out: xgrammar writes such a character raw, not
+    escaped (the answer would not parse). `.`, `\s` and negated classes are safe: xgrammar
+    keeps those characters out of them."""
+    negated: bool | None = None  # inside a class: whether it is negated; None: outside
+    i = 0
+    while i < len(pattern):
+        char, nxt = pattern[i], pattern[i + 1 : i + 2]
+        if char == "\\" and nxt:
+            escape = pattern[i + 1 : i + 6]
+            raw = (
+                nxt in '"\\tnrfv0c' or escape[:2] in ("x0", "x1") or escape[:4] in ("u000", "u001")
+            )
+            if raw and negated is not True:
+                return True
+            i += 2
+        elif negated is None and char == "[":
+            negated = nxt == "^"
+            i += 2 if negated else 1
+        elif negated is not None and char == "]":
+            negated, i = None, i + 1
+        elif (char == '"' or ord(char) < 0x20) and negated is not True:
+            return True
+        else:
+            i += 1
+    return False
 
 
 class InvalidSchema(ValueError):

@@ -153,6 +153,8 @@ async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
         {"type": "integer", "multipleOf": 3},
         {"type": "string", "pattern": "^[a-z]+$", "maxLength": 4},
         {"not": {"type": "string"}},
+        {"type": "string", "pattern": '^"[a-z]{2}"$'},  # (a quote xgrammar writes raw)
+        {"type": "string", "pattern": "^[A-Z]:\\\\[a-z]+$"},  # (a backslash)
     ):
         response = await ask({"type": "object", "properties": {"a": bad}}, True)
         assert response.status_code == 400, (bad, response.text)

@@ -1,0 +1,46 @@
+"""What the grammar cannot enforce in a strict schema (server/engine/structured.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.structured import unenforced, writes_raw_escapes
+
+
+@pytest.mark.parametrize(
+    ("pattern", "raw"),
+    [
+        (r'^"[a-z]{2}$', True),  # a quote
+        (r"^[A-Z]:\\[a-z]+$", True),  # a backslash
+        (r"^\t[a-z]$", True),  # a tab
+        (r"^[\x00-\x7f]+$", True),  # control characters in a class
+        (r"^\u0001$", True),
+        (r'^[^"\\]{1,8}$', False),  # a negated class keeps them out
+        (r'^[^\x00-\x1f"\\]{1,32}$', False),
+        (r"^[a-z\s]+$", False),  # \s and . are safe: xgrammar keeps control characters out
+        (r"^.{1,5}$", False),
+        (r"^\d{3}-\d{4}$", False),
+        (r"^[a-z]+\.[a-z]+$", False),
+    ],
+)
+def test_patterns_that_write_what_json_must_escape(pattern: str, raw: bool) -> None:
+    assert writes_raw_escapes(pattern) is raw
+
+
+def test_only_schema_positions_are_read() -> None:
+    """Property names are names (a property called "not" is no keyword); enum data is data."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "not": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+            "kind": {"enum": [{"if": 1}]},
+        },
+        "$defs": {"n": {"type": "number", "multipleOf": 2}},
+        "anyOf": [{"allOf": [{"type": "object"}, {"required": ["not"]}]}],
+    }
+    assert unenforced(schema) == [
+        "properties.tags.uniqueItems",
+        "$defs.n.multipleOf",
+        "anyOf[0].allOf (of several schemas)",
+    ]
