@@ -46,7 +46,7 @@ from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.logprobs import TokenLogprob, TokenTexts
-from server.pipelines.reasoning import Reasoning, ReasoningStream
+from server.pipelines.reasoning import Reasoning, ReasoningStream, answer_start
 from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
 
 # -- request ----------------------------------------------------------------------------------
@@ -767,8 +767,9 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def output_items(choice: ChoiceResult) -> list[dict[str, Any]]:
-    """A whole answer as output items: its reasoning, its message, its function calls."""
+def output_items(choice: ChoiceResult, num_reasoning: int | None = None) -> list[dict[str, Any]]:
+    """A whole answer as output items: its reasoning, its message (its text's logprobs: past
+    the num_reasoning tokens and their "</think>"), its function calls."""
     status = _status(choice.finish_reason)  # of the last item: the one a cut-off ends
     calls = choice.tool_calls
     items = []
@@ -776,7 +777,8 @@ def output_items(choice: ChoiceResult) -> list[dict[str, Any]]:
         items.append(reasoning_item(_item_id("rs"), choice.reasoning_content))
     if choice.content or not (calls or choice.reasoning_content):
         message = message_item(_item_id("msg"), choice.content or "", "completed")
-        message["content"][0]["logprobs"] = logprobs_of(choice.logprobs or [])
+        skip = 0 if num_reasoning is None else num_reasoning + 1
+        message["content"][0]["logprobs"] = logprobs_of((choice.logprobs or [])[skip:])
         items.append(message)
     for call in calls:
         items.append(call_item(_item_id("fc"), call.id, call.name, call.arguments, "completed"))
@@ -822,9 +824,9 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 
 def completed(rid: str, body: ResponsesRequest, result: ChatResult, store: bool) -> ResponseObject:
-    choice = result.choices[0]
+    choice, num_reasoning = result.choices[0], result.run.usage()[-1]
     response = ResponseObject.start(rid, body, result.run.seq.sampling, store)
-    return response.finish(output_items(choice), choice.finish_reason, result.run)
+    return response.finish(output_items(choice, num_reasoning), choice.finish_reason, result.run)
 
 
 def event(kind: str, number: int, **fields: Any) -> str:
@@ -845,6 +847,7 @@ class ResponseEvents:
         tools: Tools | None,
         reasoning: bool,
         logprobs: tuple[Sequence, TokenTexts] | None = None,
+        think_close: int | None = None,
     ):
         self.response = response
         self.number = 0
@@ -855,6 +858,7 @@ class ResponseEvents:
         self.reasoning = ReasoningStream() if reasoning else None
         # include [LOGPROBS]: the sequence's tokens' logprobs ride on the next text delta
         self.logprobs = logprobs
+        self.think_close = think_close  # "</think>": the message's logprobs start past it
         self._scored = 0  # tokens whose logprobs were taken
         self._pending: list[dict[str, Any]] = []  # taken, not sent yet
         self._sent: list[dict[str, Any]] = []  # sent with the open message's deltas
@@ -867,7 +871,10 @@ class ResponseEvents:
     def feed(self, output: SequenceOutput) -> list[str]:
         if self.logprobs is not None:
             seq, texts = self.logprobs
-            new = texts.logprobs(seq, self._scored, output.num_completion_tokens)
+            end, start = output.num_completion_tokens, self._scored
+            if self.think_close is not None:  # (the reasoning's tokens are not the text's)
+                start = max(start, answer_start(seq.output_token_ids[:end], self.think_close))
+            new = texts.logprobs(seq, start, end)
             self._pending += logprobs_of(new)
             self._scored = output.num_completion_tokens
         pieces = answer_pieces(output, self.reasoning, self.calls)

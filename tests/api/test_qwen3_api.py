@@ -574,3 +574,28 @@ async def test_a_raw_prompt_in_reasoning_waits_for_its_end_before_the_grammar(
     for prompt in (head + "<think>\n\n</think>\n\n", head):
         shaped = (await thinking.post("/v1/completions", json={**body, "prompt": prompt})).json()
         assert shaped["choices"][0]["text"] in ("yes", "no"), prompt
+
+
+async def test_the_responses_text_logprobs_are_the_texts_own(thinking: httpx.AsyncClient) -> None:
+    """output_text.logprobs cover the message's text, not the reasoning before it (nor its
+    "</think>"), streamed or not."""
+    body = {
+        "model": "tiny",
+        "input": "Think.",
+        "max_output_tokens": 8,
+        "temperature": 0,
+        "thinking_token_budget": 3,
+        "include": ["message.output_text.logprobs"],
+    }
+    response = (await thinking.post("/v1/responses", json=body)).json()
+    usage = response["usage"]
+    message = next(item for item in response["output"] if item["type"] == "message")
+    tokens = [entry["token"] for entry in message["content"][0]["logprobs"]]
+    answer_tokens = usage["output_tokens"] - usage["output_tokens_details"]["reasoning_tokens"] - 1
+    assert len(tokens) == answer_tokens and "</think>" not in tokens
+    async with thinking.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        events = [
+            json.loads(line[6:]) async for line in stream.aiter_lines() if line[:6] == "data: "
+        ]
+    (done,) = [e for e in events if e["type"] == "response.output_text.done"]
+    assert [entry["token"] for entry in done["logprobs"]] == tokens
