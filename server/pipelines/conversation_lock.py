@@ -35,7 +35,7 @@ class ConversationLock:
     ):
         self.store = store
         self.conversation_id = conversation_id
-        self.holder = holder  # the response's id: unique, and the same when its job runs again
+        self.holder = holder  # unique per turn: a response's id, a background attempt's own
         self.project = project
         self.param = param  # where the request names the conversation (its errors')
         self.held = False
