@@ -474,12 +474,6 @@ class ResponsesRequest(StrictModel):
             if isinstance(item, ReasoningItem):
                 reasoning += item.text()
                 continue
-            starts_a_turn = isinstance(item, InputMessage) and item.role == "assistant"
-            starts_a_turn |= isinstance(item, FunctionCallItem) and (
-                not messages or messages[-1]["role"] != "assistant"
-            )
-            if reasoning and not starts_a_turn:
-                reasoning = ""  # (reasoning no assistant turn follows: nothing to give it to)
             if isinstance(item, ItemReference):
                 raise InvalidRequest(
                     f"{where} refers to a stored item ({item.id}): send the item itself, or "
@@ -487,6 +481,7 @@ class ResponsesRequest(StrictModel):
                     param=where,
                     code="unsupported_parameter",
                 )
+            first_new = len(messages)
             if isinstance(item, InputMessage):
                 messages.append({"role": item.role, "content": _dump(item.content)})
                 self._origins.append(where)
@@ -499,8 +494,6 @@ class ResponsesRequest(StrictModel):
                     messages.append({"role": "assistant", "content": None})
                     self._origins.append(where)
                 messages[-1].setdefault("tool_calls", []).append(call)
-            if starts_a_turn and reasoning:
-                messages[-1]["reasoning_content"], reasoning = reasoning, ""
             elif isinstance(item, FunctionCallOutputItem):
                 if item.call_id not in calls:
                     raise InvalidRequest(
@@ -512,6 +505,12 @@ class ResponsesRequest(StrictModel):
                     )
                 unanswered.pop(item.call_id, None)
                 self._call_output(messages, item, where)
+            # The reasoning goes with the assistant turn this item starts; with none, it
+            # has nothing to go with.
+            started = messages[first_new : first_new + 1]
+            if reasoning and started and started[0]["role"] == "assistant":
+                started[0]["reasoning_content"] = reasoning
+            reasoning = ""
         if unanswered:  # (as OpenAI's: the model would read a call with no result)
             call_id, where = next(iter(unanswered.items()))
             raise InvalidRequest(
