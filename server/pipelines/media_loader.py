@@ -95,12 +95,16 @@ class MediaLoader:
         whichever failed soonest), and the rest are cancelled."""
         parts = parts_of(messages, ImagePart)
         fetched = await _in_order([self._fetch_image(part, budget) for part in parts])
-        sizes = await asyncio.to_thread(lambda: [header_size(f.data) for f in fetched])
+        return await self._decoded(parts, [f.data for f in fetched])
+
+    async def _decoded(self, parts: list[ImagePart], datas: list[bytes]) -> list[Image.Image]:
+        """The images' bytes decoded together, once their headers' sizes fit the context."""
+        sizes = await asyncio.to_thread(lambda: [header_size(data) for data in datas])
         self._check_tokens(parts, sizes)
         images = await _in_order(
             [
-                self._decode(part, f.data, size)
-                for part, f, size in zip(parts, fetched, sizes, strict=True)
+                self._decode(part, data, size)
+                for part, data, size in zip(parts, datas, sizes, strict=True)
             ]
         )
         self.metrics.images.inc(len(images))
@@ -155,10 +159,7 @@ class MediaLoader:
             fetched.content, self.limits.max_image_bytes, "image", part.param
         )
         budget.spend(len(data), part.param)
-        size = await asyncio.to_thread(header_size, data)
-        self._check_tokens([part], [size])
-        image = await self._decode(part, data, size)
-        self.metrics.images.inc()
+        (image,) = await self._decoded([part], [data])
         return image
 
     async def _fetch_image(self, part: ImagePart, budget: MediaBudget) -> FetchedMedia:
