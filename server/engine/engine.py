@@ -34,7 +34,7 @@ from server.engine.inputs import ModelInputs, Truncation
 from server.engine.loader import LoadedModel
 from server.engine.prompt_logprobs import PromptScores
 from server.engine.runner import ModelRunner
-from server.engine.sampler import FAILED, SampledTokens, SamplingState
+from server.engine.sampler import FAILED, SampledTokens
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
@@ -594,9 +594,7 @@ class AsyncEngine:
             params = seq.sampling
             # ignore_eos goes on past EOS, but not past the end of a grammar (what follows
             # a complete JSON answer would be unconstrained)
-            eos = token_id in self.eos_token_ids and (
-                not params.ignore_eos or _grammar_ended(state)
-            )
+            eos = token_id in self.eos_token_ids and (not params.ignore_eos or state.grammar_ended)
             if eos or token_id in params.stop_token_ids:
                 if params.include_stop_str_in_output:  # vLLM's: the ending token's text too
                     self._detokenizers[seq.request_id].add_token(token_id)
@@ -692,8 +690,3 @@ def graph_batch_sizes(config: EngineConfig, max_seq_len: int) -> tuple[int, int]
 
 def is_fatal_device_error(exc: Exception) -> bool:
     return "CUDA error" in str(exc) or "device-side assert" in str(exc)
-
-
-def _grammar_ended(state: SamplingState) -> bool:
-    """Whether the row's grammar has taken its end (the answer it shapes is complete)."""
-    return state.matcher is not None and state.matcher.is_terminated()

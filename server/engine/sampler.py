@@ -81,6 +81,11 @@ class SamplingState:
         default_factory=lambda: deque(maxlen=SLOW_GRAMMAR_WINDOW)
     )
 
+    @property
+    def grammar_ended(self) -> bool:
+        """Its grammar has taken its end token (the answer it shapes is complete)."""
+        return self.matcher is not None and self.matcher.is_terminated()
+
 
 def prompt_seen(
     params: SamplingParams, prompt: list[int], vocab: int, device: torch.device
