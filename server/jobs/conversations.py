@@ -83,11 +83,7 @@ class ConversationStore(Tables):
         shared_values (a lock of every replica sharing the store; a holder that died loses it
         when its lease runs out)."""
         with self.transaction() as execute:
-            held = execute(
-                f"SELECT id FROM conversations WHERE id = ? AND {VISIBLE}{self.for_update}",
-                (conversation_id, *seen_by(project)),
-            ).fetchone()
-            if held is None:
+            if not _held(execute, conversation_id, project, self.for_update):
                 return None
             now, lease = self.now(), _lease(execute, conversation_id)
             if lease is not None and lease.holder != holder and lease.until > now:
@@ -161,11 +157,7 @@ def append_items(
 ) -> bool:
     """Inside a transaction: items after the conversation's last (its row held meanwhile: two
     answers adding at once queue); False when the project has no such conversation."""
-    held = execute(
-        f"SELECT id FROM conversations WHERE id = ? AND {VISIBLE}{for_update}",
-        (conversation_id, *seen_by(project)),
-    ).fetchone()
-    if held is None:
+    if not _held(execute, conversation_id, project, for_update):
         return False
     row = execute(
         "SELECT MAX(position) AS last FROM conversation_items WHERE conversation_id = ?",
@@ -186,6 +178,16 @@ def _append(
             " VALUES (?, ?, ?, ?)",
             (conversation_id, position, item["id"], json.dumps(item, ensure_ascii=False)),
         )
+
+
+def _held(execute: Execute, conversation_id: str, project: str, for_update: str) -> bool:
+    """Whether the project has the conversation; its row then held till the transaction ends
+    (for_update: PostgreSQL's FOR UPDATE; SQLite's write transactions hold everything)."""
+    row = execute(
+        f"SELECT id FROM conversations WHERE id = ? AND {VISIBLE}{for_update}",
+        (conversation_id, *seen_by(project)),
+    ).fetchone()
+    return row is not None
 
 
 def _lock_name(conversation_id: str) -> str:
