@@ -33,6 +33,7 @@ from server.api.routes import (
     conversations,
     files,
     health,
+    invocations,
     media,
     messages,
     playground,
@@ -238,6 +239,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(invocations.router)
     app.include_router(media.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)

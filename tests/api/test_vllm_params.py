@@ -413,3 +413,36 @@ async def test_stop_reason_of_an_end_token_is_vllms(client: httpx.AsyncClient, t
         (choice,) = (await client.post("/v1/completions", json=body)).json()["choices"]
         assert choice["finish_reason"] == "stop", choice
         assert choice["stop_reason"] == (token_id if reason else None), token
+
+
+async def test_invocations_serves_chat_and_text_completions(client: httpx.AsyncClient) -> None:
+    """SageMaker-style /invocations (vLLM's): the body's `messages` or `prompt` picks the API,
+    and the answer is the one that API's own route gives, streamed too."""
+    for path, body in (("/v1/chat/completions", chat()), ("/v1/completions", text_body())):
+        own = (await client.post(path, json=body)).json()
+        response = await client.post("/invocations", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["object"] == own["object"]
+        assert answer["choices"][0].keys() == own["choices"][0].keys()
+        if "messages" in body:
+            assert answer["choices"][0]["message"] == own["choices"][0]["message"]
+        else:
+            assert answer["choices"][0]["text"] == own["choices"][0]["text"]
+        streamed = await events(client, "/invocations", body)
+        assert streamed and streamed[0]["object"] in ("chat.completion.chunk", "text_completion")
+
+
+async def test_invocations_refuses_what_no_api_reads(client: httpx.AsyncClient) -> None:
+    response = await client.post("/invocations", json={"model": "tiny", "input": "hi"})
+    assert_error(response, 400, param="messages", code="missing_required_parameter")
+    # a chat body's own mistakes are named as its route names them
+    bad = chat(temperature="hot")
+    own = await client.post("/v1/chat/completions", json=bad)
+    response = await client.post("/invocations", json=bad)
+    assert response.status_code == own.status_code == 400
+    assert response.json() == own.json()
+    response = await client.post(
+        "/invocations", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, code="invalid_json")
