@@ -72,11 +72,15 @@ class Tools:
                 "type": "object",
                 "properties": {
                     "name": {"type": "string", "enum": [t["function"]["name"]]},
-                    "parameters": self.parameters(t["function"]["name"]),
+                    # its own references ("#/$defs/A", "#") still point into it, placed here
+                    "parameters": rebased(
+                        self.parameters(t["function"]["name"]),
+                        f"#/items/anyOf/{k}/properties/parameters",
+                    ),
                 },
                 "required": ["name", "parameters"],
             }
-            for t in self.definitions
+            for k, t in enumerate(self.definitions)
         ]
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         if not self.parallel:
@@ -91,6 +95,22 @@ class Tools:
             t["function"]["name"] == name and t["function"].get("strict") is True
             for t in self.definitions
         )
+
+
+def rebased(schema: Any, pointer: str) -> Any:
+    """A schema moved to `pointer` inside another: each local `$ref` ("#/$defs/A", "#") is
+    rewritten to start there, so a function's definitions ($defs, as pydantic writes nested
+    models) resolve in the list schema `required` builds."""
+    if isinstance(schema, dict):
+        return {
+            key: pointer + value[1:]
+            if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else rebased(value, pointer)
+            for key, value in schema.items()
+        }
+    if isinstance(schema, list):
+        return [rebased(item, pointer) for item in schema]
+    return schema
 
 
 def new_call_id() -> str:

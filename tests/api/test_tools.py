@@ -355,3 +355,44 @@ async def test_tools_openai_refuses_are_refused(client: httpx.AsyncClient) -> No
         "/v1/responses", json={"model": "tiny", "input": "Hi", "tools": [responses_tool]}
     )
     assert_error(response, 400, "tools[0].parameters")
+
+
+async def test_required_calls_read_each_functions_own_definitions(sdk: openai.AsyncOpenAI) -> None:
+    """Nested pydantic models become `$defs` with `$ref`s into them (the SDK's
+    pydantic_function_tool writes them); under `required` each function's references resolve
+    in its own definitions, even where two functions name theirs alike."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        zone: Literal["utc", "cet"]
+
+    class Clock(BaseModel):
+        place: Place
+
+    class Place2(BaseModel):  # the same definition name, another shape
+        model_config = {"title": "Place"}
+        indoor: bool
+
+    class Lamp(BaseModel):
+        place: Place2
+        on: bool
+
+    tools = [openai.pydantic_function_tool(Clock), openai.pydantic_function_tool(Lamp)]
+    assert all("$defs" in t["function"]["parameters"] for t in tools)
+    for seed in range(3):
+        answer = await sdk.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            tools=tools,
+            tool_choice="required",
+            max_tokens=300,
+            temperature=0.8,
+            seed=seed,
+        )
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            model = {"Clock": Clock, "Lamp": Lamp}[call.function.name]
+            model.model_validate_json(call.function.arguments)
