@@ -466,7 +466,7 @@ class ResponseFormat(StrictModel):
 
 
 class StreamOptions(StrictModel):
-    include_usage: bool | None = False
+    include_usage: bool | None = None
     # OpenAI's random padding of deltas against length side channels: not sent by this
     # server, so there is nothing to switch; accepted as the SDK sends it.
     include_obfuscation: bool | None = None
@@ -474,9 +474,12 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool | None = False
 
     def usage_wanted(self) -> tuple[bool, bool]:
-        """(a final usage chunk, usage on every chunk), as vLLM reads them."""
-        final = bool(self.include_usage)
-        return final, final and bool(self.continuous_usage_stats)
+        """(a final usage chunk, usage on every chunk). continuous_usage_stats alone asks for
+        usage too (vLLM's include_usage defaults to true); only an explicit include_usage
+        false turns both off. `{}` is OpenAI's: no usage."""
+        every = bool(self.continuous_usage_stats)
+        final = every if self.include_usage is None else self.include_usage
+        return final, final and every
 
 
 def usage_wanted(stream_options: StreamOptions | None) -> tuple[bool, bool]:

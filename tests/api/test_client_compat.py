@@ -140,6 +140,14 @@ async def test_continuous_usage_stats(client: httpx.AsyncClient) -> None:
     # Without it, only the final chunk has usage, as before.
     chunks = await sse(client, chat(stream_options={"include_usage": True}))
     assert [bool(c.get("usage")) for c in chunks].count(True) == 1
+    # continuous_usage_stats alone asks for usage (vLLM's include_usage defaults to true);
+    # include_usage false turns it off, and `{}` asks for none (OpenAI's).
+    chunks = await sse(client, chat(stream_options={"continuous_usage_stats": True}))
+    assert all(chunk.get("usage") for chunk in chunks)
+    off = {"continuous_usage_stats": True, "include_usage": False}
+    for options in (off, {}):
+        chunks = await sse(client, chat(stream_options=options))
+        assert not any(chunk.get("usage") for chunk in chunks)
 
 
 @pytest.mark.parametrize("path", [URL, "/v1/completions"])
