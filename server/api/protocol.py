@@ -802,6 +802,7 @@ CHAT_VLLM_UNSUPPORTED_WHEN = {
     "chat_template": lambda v: v is not None,
     "logits_processors": bool,
     "return_prompt_text": bool,
+    "best_of": lambda v: v not in (None, 1),  # one choice per sample, as on /v1/completions
 }
 # vLLM's guided decoding fields: each maps onto the structured-output grammar.
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -858,6 +859,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     # extensions (vLLM's) refused when set (CHAT_VLLM_UNSUPPORTED_WHEN)
     echo: bool | None = None
     documents: list[dict[str, Any]] | None = None
+    best_of: int | None = Field(default=None, ge=1)
     chat_template: str | None = None
     logits_processors: list[Any] | None = None
     return_prompt_text: bool | None = None

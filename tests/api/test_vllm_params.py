@@ -86,6 +86,7 @@ async def test_vllm_fields_at_their_neutral_values_are_accepted(
     body = chat(**neutral) if "chat" in path else text_body(**neutral)
     if "chat" in path:
         body |= {"echo": False, "documents": [], "include_reasoning": True, "early_stopping": False}
+        body |= {"best_of": 1}
     response = await client.post(path, json=body)
     assert response.status_code == 200, response.text
 
@@ -118,6 +119,7 @@ async def test_chat_only_vllm_fields_refused_when_set(client: httpx.AsyncClient)
         ("chat_template", "{{ messages }}"),
         ("logits_processors", ["x"]),
         ("return_prompt_text", True),
+        ("best_of", 2),
     ):
         response = await client.post("/v1/chat/completions", json=chat(**{field: value}))
         assert_error(response, 400, field, "unsupported_parameter")
