@@ -81,7 +81,8 @@ class StructuredOutput:
 
     @classmethod
     def grammar(cls, ebnf: str) -> StructuredOutput:
-        """An EBNF grammar (xgrammar's GBNF dialect) whose start rule is `root`."""
+        """An EBNF grammar (xgrammar's GBNF dialect) whose start rule is `root`, or one in
+        Lark's syntax (start rule `start`; see is_lark)."""
         return cls("grammar", ebnf)
 
     @classmethod
@@ -194,6 +195,17 @@ class InvalidSchema(ValueError):
 _CPP_LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
 
 
+# A comment line of either grammar syntax (EBNF's `#`, Lark's `//`).
+GRAMMAR_COMMENT = re.compile(r"(#|//).*$")
+
+
+def is_lark(grammar: str) -> bool:
+    """Whether a grammar is written in Lark's syntax (`start: "a" | b`) rather than EBNF's
+    (`root ::= ...`): none of its rules is defined with `::=` (vLLM's test)."""
+    lines = (GRAMMAR_COMMENT.sub("", line).strip() for line in grammar.splitlines())
+    return not any("::=" in line for line in lines if line)
+
+
 def schema_error_text(exc: Exception) -> str:
     """The grammar library's complaint without its source location, first line, bounded."""
     first = (str(exc).strip().splitlines() or ["invalid JSON schema"])[0]
@@ -276,7 +288,10 @@ class GrammarCache:
         if spec.kind == "regex":
             return self.compiler.compile_regex(spec.schema_json)
         if spec.kind == "grammar":
-            return self.compiler.compile_grammar(spec.schema_json)
+            text = spec.schema_json or ""
+            if is_lark(text):  # vLLM reads these too (its older docs' form, `start: ...`)
+                return self.compiler.compile_grammar(self.xgr.Grammar.from_lark(text))
+            return self.compiler.compile_grammar(text)
         # json_object is OpenAI's "some JSON object": an object, any keys.
         schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
         if "Length" in schema:  # (minLength / maxLength: see BOUNDED_CHARACTER)

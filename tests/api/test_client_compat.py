@@ -290,6 +290,26 @@ async def test_vllm_guided_decoding(client: httpx.AsyncClient, field: str) -> No
         assert check(text), text
 
 
+async def test_lark_grammars(client: httpx.AsyncClient) -> None:
+    """A grammar without `::=` is Lark's syntax (vLLM's older docs' form, with `start`),
+    read as vLLM reads it: terminals, regular expressions, repetition, common imports."""
+    lark = (
+        '// a list of lower-case names\n?start: "names: " NAME (", " NAME)*\nNAME: /[a-z]{1,6}/\n'
+    )
+    text_body = {"model": "tiny", "prompt": "Hi", "guided_grammar": lark}
+    for body in (chat(guided_grammar=lark), text_body):
+        path = URL if "messages" in body else "/v1/completions"
+        body["max_tokens"] = 40
+        answer = (await ok(client, body, path))["choices"][0]
+        text = answer["message"]["content"] if "message" in answer else answer["text"]
+        assert re.fullmatch(r"names: [a-z]{1,6}(, [a-z]{1,6})*", text) or (
+            answer["finish_reason"] == "length" and text.startswith("names: ")
+        ), text
+    bad = await client.post(URL, json=chat(guided_grammar="start: undefined_rule"))
+    error = assert_error(bad, 400, "guided_grammar", "invalid_schema")
+    assert "undefined_rule" in error["message"]
+
+
 async def test_guided_decoding_refusals(client: httpx.AsyncClient) -> None:
     two = chat(guided_regex="a+", response_format={"type": "json_object"})
     assert_error(await client.post(URL, json=two), 400, None, "invalid_value")
