@@ -1600,8 +1600,8 @@ class MediaJob(BaseModel):
     webhooks: list[dict[str, Any]] = []
 
     @classmethod
-    def from_job(cls, job: Job) -> MediaJob:
-        return cls.model_validate(job.as_dict())
+    def from_job(cls, job: Job, webhooks: list[dict[str, Any]] | None = None) -> MediaJob:
+        return cls.model_validate({**job.as_dict(), "webhooks": webhooks or []})
 
 
 JobStatus = Literal["queued", "processing", "completed", "failed", "cancelled"]

@@ -114,8 +114,10 @@ class Services:
                 code="invalid_value",
             ) from None
 
-    async def job_deliveries(self, job_id: str) -> list[dict]:
-        return await asyncio.to_thread(self.jobs.deliveries_of, job_id)
+    async def job_views(self, jobs: list[Job]) -> list[MediaJob]:
+        """Jobs as the API shows them, each with its webhook deliveries."""
+        deliveries = await asyncio.to_thread(self.jobs.deliveries_of_jobs, [j.id for j in jobs])
+        return [MediaJob.from_job(job, deliveries[job.id]) for job in jobs]
 
     def check_model(self, name: str) -> None:
         if name not in self.served_model_names:

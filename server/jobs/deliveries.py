@@ -90,17 +90,27 @@ class DeliveryStore(ABC):
             return cursor.rowcount == 1
 
     def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
+        return self.deliveries_of_jobs([job_id])[job_id]
+
+    def deliveries_of_jobs(self, job_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """Each job's webhook deliveries, oldest first (a page of jobs in one query)."""
+        found: dict[str, list[dict[str, Any]]] = {job_id: [] for job_id in job_ids}
+        if not job_ids:
+            return found
+        marks = ", ".join("?" * len(job_ids))
         with self.transaction(write=False) as execute:
             rows = execute(
-                "SELECT id, url, status, attempts, last_status, last_error, next_attempt_at"
-                " FROM deliveries WHERE job_id = ? ORDER BY created_at",
-                (job_id,),
+                "SELECT job_id, id, url, status, attempts, last_status, last_error,"
+                f" next_attempt_at FROM deliveries WHERE job_id IN ({marks})"
+                " ORDER BY created_at",
+                tuple(job_ids),
             ).fetchall()
-        deliveries = [dict(row) for row in rows]
-        for delivery in deliveries:  # a time only while one is coming
-            if delivery["status"] != "pending":
+        for row in rows:
+            delivery = dict(row)
+            if delivery["status"] != "pending":  # a time only while one is coming
                 delivery["next_attempt_at"] = None
-        return deliveries
+            found[delivery.pop("job_id")].append(delivery)
+        return found
 
     # -- values every replica shares ------------------------------------------------------
     def shared_value(self, name: str, candidate: str) -> str:

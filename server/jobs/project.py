@@ -62,7 +62,9 @@ def of_key(key: str) -> str:
 
 
 def scoped_key(project: str, idempotency_key: str | None) -> str | None:
-    """An Idempotency-Key as stored: one project's key never finds another project's job."""
+    """An Idempotency-Key as stored: one project's key never finds another project's job.
+    An empty key (a script's unset variable in the header) is no key: None."""
+    idempotency_key = (idempotency_key or "").strip() or None
     if idempotency_key is None or project == ALL:
         return idempotency_key
     return f"{project}\x1f{idempotency_key}"

@@ -201,6 +201,15 @@ class CategoriesPipeline:
         finally:
             fetched.discard()
 
+    async def check_for_job(self, media_url: str) -> None:
+        """What a job would otherwise find out only when it runs: an image sent inline that
+        cannot be read (a 400 now, as media completions check theirs). Media by URL, and
+        videos, are read when it runs."""
+        if media_kind(media_url) != "image":
+            return
+        messages = [ChatMessage("user", [ImagePart(media_url, "auto", PARAM)])]
+        await self.media.check_inline_images(messages, self.media.check_counts(messages))
+
     async def _image(
         self,
         request: CategoriesRequest,

@@ -54,12 +54,25 @@ async def test_async_video_job_reports_progress(client: httpx.AsyncClient) -> No
 
 
 async def test_failed_job_keeps_the_error(client: httpx.AsyncClient) -> None:
-    body = {"model": "tiny", "media_url": "data:image/png;base64,AAAA", "async": True}
+    # (a video is read when the job runs; an inline image at once, below)
+    body = {"model": "tiny", "media_url": "data:video/mp4;base64,AAAA", "async": True}
     job = (await client.post("/v2/media/categories", json=body)).json()
     done = await wait_done(client, job["status_url"])
     assert done["status"] == "failed"
     assert set(done["error"]) == {"message", "type", "param", "code"}
     assert done["error"]["code"] == "invalid_media"
+
+
+async def test_an_unreadable_inline_image_is_refused_before_the_job(
+    client: httpx.AsyncClient,
+) -> None:
+    """As media completions refuse theirs: no job is stored for an image that cannot be read."""
+    before = (await client.get("/v2/media/jobs")).json()["data"]
+    body = {"model": "tiny", "media_url": "data:image/png;base64,AAAA", "async": True}
+    response = await client.post("/v2/media/categories", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "media_url"
+    assert (await client.get("/v2/media/jobs")).json()["data"] == before
 
 
 async def test_idempotency_key(client: httpx.AsyncClient) -> None:
@@ -200,6 +213,19 @@ async def test_too_many_images_refused_before_the_job(client: httpx.AsyncClient)
     response = await client.post("/v2/media/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_images"
+
+
+async def test_an_empty_idempotency_key_is_no_key(client: httpx.AsyncClient) -> None:
+    """A script's unset variable sends the header empty: each request is its own job."""
+    ids = set()
+    for seed in (5, 6):
+        body = {"model": "tiny", "media_url": data_uri(make_image(seed=seed)), "async": True}
+        response = await client.post(
+            "/v2/media/categories", json=body, headers={"Idempotency-Key": " "}
+        )
+        assert response.status_code == 202, response.text
+        ids.add(response.json()["id"])
+    assert len(ids) == 2
 
 
 async def test_media_completion_idempotency_key(client: httpx.AsyncClient) -> None:

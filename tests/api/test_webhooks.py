@@ -60,7 +60,10 @@ async def test_retried_until_delivered_with_the_same_signed_id(
                 break
             await asyncio.sleep(0.05)
         metrics = (await client.get("/metrics")).text
+        listed = (await client.get("/v2/media/jobs")).json()["data"]
     assert delivery["status"] == "delivered" and delivery["attempts"] == 3
+    assert [j["webhooks"] for j in listed] == [[delivery]]  # the list shows them as status does
+    assert listed[0]["result"]["id"] == "mcat-" + job["id"].removeprefix("job-")
     assert metric(metrics, 'vlm_webhook_attempts_total{outcome="retrying"}') == 2
     assert metric(metrics, 'vlm_webhook_attempts_total{outcome="delivered"}') == 1
     assert metric(metrics, 'vlm_webhook_deliveries{status="delivered"}') == 1
@@ -226,6 +229,8 @@ async def test_cancelling_a_running_job_stops_it_and_reports_once(
         await wait_for(lambda: engine.num_running == 0, timeout=5)  # noqa: B023
         again = await client.delete(f"/v2/media/status/{job['id']}")
         assert again.status_code == 200 and again.json()["status"] == "cancelled"
+        # its media.cancelled delivery, in the answer as at the status URL
+        assert [w["url"] for w in again.json()["webhooks"]] == [receiver.url]
         await wait_for(lambda: len(receiver.received) >= 1)
         await asyncio.sleep(1.5)  # no second delivery, no late result
         status = (await client.get(job["status_url"])).json()

@@ -169,6 +169,9 @@ def test_the_webhook_row_is_written_with_the_end(store: JobStore, end: str) -> N
     assert f'"type": "media.{event}"' in delivery["payload"]
     assert store.cancel(job.id).status == event  # type: ignore[union-attr]  # ended: unchanged
     assert len(store.deliveries_of(job.id)) == 1
+    # a page of jobs' deliveries in one query: each job's own, none for one without
+    many = store.deliveries_of_jobs([job.id, "job-without-any"])
+    assert many == {job.id: store.deliveries_of(job.id), "job-without-any": []}
 
 
 def test_a_held_delivery_is_not_handed_to_another_process(open_store: OpenStore) -> None:

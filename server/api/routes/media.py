@@ -47,6 +47,7 @@ async def media_categories(
     body.model = body.model or services.served_model_names[0]
     services.check_model(body.model)
     if body.is_async():
+        await services.categories.check_for_job(body.media_url)
         job = await services.submit_job(
             "categories", body.model_dump(by_alias=True), idempotency_key
         )
@@ -63,8 +64,7 @@ async def media_status(job_id: str, services: Services = Depends(get_services)) 
     job = await services.get_job(job_id)
     if job is None:
         raise JobNotFound(job_id)
-    view = MediaJob.from_job(job)
-    view.webhooks = await services.job_deliveries(job_id)
+    (view,) = await services.job_views([job])
     return view
 
 
@@ -73,7 +73,8 @@ async def media_status(job_id: str, services: Services = Depends(get_services)) 
 async def cancel_job(job_id: str, services: Services = Depends(get_services)) -> MediaJob:
     """A queued or processing job stops (its engine work is aborted; its webhook, if any,
     reports `media.cancelled` once); cancelling it again answers the same; an ended job: 409."""
-    return MediaJob.from_job(await services.cancel_job(job_id))
+    (view,) = await services.job_views([await services.cancel_job(job_id)])
+    return view
 
 
 @router.get("/v2/media/jobs", response_model=MediaJobList, tags=["media"])
@@ -84,7 +85,7 @@ async def list_jobs(
     services: Services = Depends(get_services),
 ) -> MediaJobList:
     jobs, has_more = await services.list_jobs(status, limit, after)
-    data = [MediaJob.from_job(job) for job in jobs]
+    data = await services.job_views(jobs)
     first, last = (data[0].id, data[-1].id) if data else (None, None)
     return MediaJobList(data=data, first_id=first, last_id=last, has_more=has_more)
 
@@ -94,7 +95,7 @@ def pipeline_request(request_id: str, body: MediaCategoriesRequest) -> Categorie
 
 
 def categories_response(
-    job_id: str, model: str, result: CategoriesResult
+    response_id: str, model: str, result: CategoriesResult
 ) -> MediaCategoriesResponse:
     prompt, image, completion, cached = result.usage
     frames = None
@@ -102,7 +103,7 @@ def categories_response(
         frames = [FrameMetadata(timestamp=f.timestamp, result=f.result) for f in result.frames]
     video_tokens = image if result.media_type == "video" else 0
     return MediaCategoriesResponse(
-        id=job_id,
+        id=response_id,
         created=int(time.time()),
         model=model,
         media_type=result.media_type,  # type: ignore[arg-type]
@@ -124,6 +125,8 @@ def categories_job_handler(
         request = pipeline_request(engine_request_id(job), body)
         request = replace(request, priority=job_priority or 0)
         result = await pipeline.run(request, on_progress=progress)
-        return categories_response(job.id, body.model, result).model_dump()
+        # the answer's own id, as the synchronous request's (mcat-), the same on every attempt
+        response_id = f"mcat-{job.id.removeprefix('job-')}"
+        return categories_response(response_id, body.model, result).model_dump()
 
     return handle
