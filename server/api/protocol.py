@@ -1401,6 +1401,14 @@ class ChatCompletionResponse(BaseModel):
             frames=frames_out(result.run.frames),
         )
 
+    def with_call_lists(self) -> ChatCompletionResponse:
+        """`tool_calls` an empty list, not null, in a message without calls: the Animus
+        reference's shape (vLLM's, which it runs), where a client may iterate it as is."""
+        for choice in self.choices:
+            if choice.message.tool_calls is None:
+                choice.message.tool_calls = []
+        return self
+
 
 def frames_out(frames: list | None) -> list[FrameCaptionOut] | None:
     """Captions mode's per-frame captions (extension), in a response or the first chunk."""

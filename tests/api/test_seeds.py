@@ -83,6 +83,11 @@ async def test_seed_001_base64_on_media_completions(client: httpx.AsyncClient) -
     assert response.status_code == 200, response.text
     assert_chat_completion(response.json(), ANIMUS_MODEL)
     assert response.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+    # the reference's message holds a tool_calls array (vLLM's []); /v1's is OpenAI's null
+    assert response.json()["choices"][0]["message"]["tool_calls"] == []
+    del body["model"], body["temperature"]
+    v1 = await client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+    assert v1.json()["choices"][0]["message"]["tool_calls"] is None
 
 
 async def test_seed_001_image_url_on_media_completions(

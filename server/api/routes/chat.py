@@ -79,7 +79,10 @@ async def media_completions(
     """Animus media completions: the chat contract with temperature defaulting to 0.1 and
     videos read through frame captions; with `async` or `webhook_url`, a durable job."""
     if not body.is_async():
-        return await _complete(body, request, services, ANIMUS_DEFAULTS, "captions")
+        answer = await _complete(body, request, services, ANIMUS_DEFAULTS, "captions")
+        if isinstance(answer, ChatCompletionResponse):
+            return answer.with_call_lists()
+        return answer
     if body.stream:
         raise InvalidRequest(
             "stream cannot be combined with async or webhook_url: a job's answer comes at its "
@@ -111,7 +114,8 @@ def completions_job_handler(pipeline: ChatPipeline, job_priority: int | None = N
         )
         result = await pipeline.complete(chat_request)
         response_id = f"chatcmpl-{job.id.removeprefix('job-')}"  # the same on every attempt
-        return ChatCompletionResponse.from_result(response_id, body.model, result).model_dump()
+        answer = ChatCompletionResponse.from_result(response_id, body.model, result)
+        return answer.with_call_lists().model_dump()
 
     return handle
 
