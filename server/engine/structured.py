@@ -99,9 +99,11 @@ class StructuredOutput:
 # character class, which lets raw control characters through (JSON forbids them: the answer
 # would not parse; its issue #800): such a schema's grammar is compiled with the class JSON
 # allows instead (no escapes inside, as before: quotes, backslashes and line breaks were
-# already out of it). As str(Grammar) writes them.
+# already out of it), and without surrogates: xgrammar's classes take one as three bytes
+# that are not UTF-8 (three U+FFFD in the text where the bound counted one character). As
+# str(Grammar) writes them.
 BOUNDED_CHARACTER = r"[^\"\\\r\n]"
-JSON_CHARACTER = r"[^\"\\\0-\x1f]"
+JSON_CHARACTER = r"[^\"\\\0-\x1f\uD800-\uDFFF]"
 
 
 # Keywords xgrammar reads past without enforcing them (an answer could break them): a strict

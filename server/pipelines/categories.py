@@ -54,12 +54,12 @@ DESCRIPTIONS = {
     "tags": "relevant keywords",
 }
 MAX_ITEMS = 5
-# Patterns, not maxLength: they also keep raw control characters, quotes and backslashes out.
-ITEM = {"type": "string", "pattern": '^[^\\x00-\\x1f"\\\\]{1,32}$'}
-SCENE = {
-    "type": "string",
-    "pattern": '^[^\\x00-\\x1f"\\\\]{1,120}$',
-}  # {1,160} trips xgrammar 0.2.8
+# Patterns, not maxLength: they also keep raw control characters, quotes and backslashes out,
+# and surrogates, which xgrammar (0.2.9) would let through as three bytes that are not UTF-8
+# (the text then holds three U+FFFD where the grammar counted one character).
+TEXT_CHARACTER = '[^\\x00-\\x1f"\\\\\\ud800-\\udfff]'
+ITEM = {"type": "string", "pattern": f"^{TEXT_CHARACTER}{{1,32}}$"}
+SCENE = {"type": "string", "pattern": f"^{TEXT_CHARACTER}{{1,120}}$"}  # {1,160} trips 0.2.8
 # Each token adds at least one character, and the schema bounds the JSON to fewer than this.
 MAX_JSON_TOKENS = 1024
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}

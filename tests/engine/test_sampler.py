@@ -184,6 +184,21 @@ def test_a_bounded_string_keeps_raw_control_characters_out() -> None:
     assert not takes('{"s": "abcde"')  # (the bound still holds)
 
 
+def test_bounded_strings_and_categories_keep_surrogates_out() -> None:
+    """xgrammar's classes take an encoded surrogate (ED A0 80: not UTF-8, decoded as three
+    U+FFFD) as one character: a bounded string, or a categories item, could outgrow its
+    bound in the text. Their classes leave surrogates out; other characters stay."""
+    from server.pipelines.categories import ITEM
+
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    bounded = {"type": "string", "maxLength": 4}
+    for schema in (bounded, ITEM):
+        spec = StructuredOutput.json_schema(schema)
+        assert grammars.matcher(spec).accept_string('"a€é"'.encode())
+        assert not grammars.matcher(spec).accept_string(b'"a\xed\xa0\x80')
+        assert grammars.matcher(spec).accept_string(b'"a\xed\x9f\xbf"')  # U+D7FF is one
+
+
 def test_the_grammar_cache_is_bounded_least_recently_used_out() -> None:
     """Per-request schemas (a categories list each) must not pile up for the server's life."""
     grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
