@@ -532,7 +532,7 @@ def measure(results: dict, args: argparse.Namespace, device: torch.device) -> No
         results["decode"] += decode_rows(loaded, size, args.batches, bandwidth)
         if size in ("2b", "test"):
             results["loop"] = loop_rows(loaded, size, args.loop_batches)
-        if size == args.sizes[-1]:
+        if size == args.sizes[0]:  # early: a time limit must not cost the profile check
             results["memory"] = memory_row(loaded)
         if size in ("2b", "test") and not args.skip_engine:
             results["engine"] = engine_rows(loaded)

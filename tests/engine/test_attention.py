@@ -93,6 +93,8 @@ def test_a_triton_kernel_that_cannot_compile_stops_the_start(
     """Triton builds its launcher with a C compiler at the kernel's first run: that run is at
     start, so a machine without one fails there with the reason, not in the first decode."""
     pytest.importorskip("triton")
+    if loaded.device.type == "cuda":  # (a real compiler there; and float32 is refused first)
+        pytest.skip("a CPU test of the start's refusal (Triton's interpreter)")
     from server.engine import triton_attention
     from server.engine.runner import use_decode_kernel
     from server.exceptions import ModelLoadError

@@ -16,6 +16,20 @@ def test_gpu_check_script_parses() -> None:
         subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
 
 
+def test_gpu_check_runs_every_engine_test_file() -> None:
+    """It names the files one by one (pytest 8.0-8.4 drops files beside a directory): a new
+    engine test file must be placed in its list, or the GPU never runs it."""
+    import re
+
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    listed = re.search(r"for name in (.*?); do engine_files", script, re.S)
+    assert listed is not None
+    names = {f"test_{name}.py" for name in listed.group(1).replace("\\", " ").split()}
+    on_disk = {p.name for p in (ROOT / "tests" / "engine").glob("test_*.py")}
+    assert on_disk - names == {"test_host_device.py"}  # (fake CUDA: a CPU test, CI's)
+    assert names <= on_disk
+
+
 def test_bench_gpu_runs_on_the_cpu_at_test_size(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--device", "cpu"]
