@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         "it exercises the same code as a real checkpoint.",
     )
     tiny.add_argument("directory", type=Path, help="Directory to write the checkpoint to.")
+    tiny.add_argument(
+        "--force",
+        action="store_true",
+        help="Replace the directory even if it holds something else than a tiny checkpoint "
+        "(by default such a directory is refused: it could be a downloaded model).",
+    )
     for spec_field in dataclasses.fields(TinySpec):
         flag = "--" + spec_field.name.replace("_", "-")
         hint = f"{TINY_HELP[spec_field.name]} Default: {spec_field.default}."
@@ -291,8 +297,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
     configure_logging("info")
     spec = TinySpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinySpec)})
     try:
-        make_tiny_checkpoint(args.directory, spec)
-    except ValueError as exc:
+        make_tiny_checkpoint(args.directory, spec, force=args.force)
+    except (ValueError, OSError) as exc:  # (an OSError: a read-only or full disk, say)
         logger.error("%s", exc)
         return 2
     return 0

@@ -12,6 +12,7 @@ Everything is seeded, so the same arguments give the same bytes on every run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -476,14 +477,23 @@ def _experts_in_hub_layout(directory: Path) -> None:
         save_file(tensors, path, metadata=metadata)
 
 
-def make_tiny_checkpoint(out_dir: Path | str, spec: TinySpec | None = None) -> Path:
-    """Write a complete random-weight checkpoint into out_dir (replaced atomically)."""
+# Written beside a tiny checkpoint: the directory is one this tool may replace.
+MARKER = "tiny-checkpoint.json"
+
+
+def make_tiny_checkpoint(
+    out_dir: Path | str, spec: TinySpec | None = None, force: bool = False
+) -> Path:
+    """Write a complete random-weight checkpoint into out_dir (replaced atomically). A
+    directory that holds anything else than a tiny checkpoint is refused (it could be a
+    downloaded model) unless `force`."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     spec = spec or TinySpec()
     spec.validate()
     out_dir = Path(out_dir)
+    _check_replaceable(out_dir, force)
     tokenizer = build_tokenizer(spec)
     config = build_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
@@ -497,6 +507,7 @@ def make_tiny_checkpoint(out_dir: Path | str, spec: TinySpec | None = None) -> P
         if spec.family == "qwen3-vl-moe":
             _experts_in_hub_layout(staging)
         build_processor(spec, tokenizer).save_pretrained(staging)
+        (staging / MARKER).write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -504,3 +515,16 @@ def make_tiny_checkpoint(out_dir: Path | str, spec: TinySpec | None = None) -> P
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote tiny %s checkpoint to %s", spec.family, out_dir)
     return out_dir
+
+
+def _check_replaceable(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a directory: nothing was written.")
+    if force or not out_dir.exists() or (out_dir / MARKER).is_file():
+        return
+    if any(out_dir.iterdir()):
+        raise ValueError(
+            f"{out_dir} is not empty and holds no tiny checkpoint (it could be a downloaded "
+            "model): nothing was written. Choose another directory, or pass --force to "
+            "replace everything in it."
+        )

@@ -39,6 +39,27 @@ def test_same_bytes_on_every_run(tmp_path: Path, family: str) -> None:
     assert size < 2 * 1024 * 1024
 
 
+def test_a_directory_holding_something_else_is_never_wiped(tmp_path: Path) -> None:
+    """make-tiny-model replaces only a tiny checkpoint (or an empty directory): a typo that
+    names a downloaded model's directory must not delete it."""
+    from server.cli import main
+
+    real = tmp_path / "Qwen2-VL-7B-Instruct"
+    real.mkdir()
+    (real / "model-00001-of-00004.safetensors").write_bytes(b"weights")
+    assert main(["make-tiny-model", str(real)]) == 2
+    assert [p.name for p in real.iterdir()] == ["model-00001-of-00004.safetensors"]
+    mine = make_tiny_checkpoint(tmp_path / "mine")  # its own directory: rebuilt in place
+    assert main(["make-tiny-model", str(mine), "--num-layers", "1"]) == 0
+    assert json.loads((mine / "config.json").read_text())["text_config"]["num_hidden_layers"] == 1
+    (tmp_path / "file").write_text("x")
+    assert main(["make-tiny-model", str(tmp_path / "file")]) == 2
+    assert main(["make-tiny-model", str(real), "--force"]) == 0  # asked for: replaced
+    assert (real / "config.json").is_file() and not (
+        real / "model-00001-of-00004.safetensors"
+    ).exists()
+
+
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny25_model_dir"])
 def test_loads_like_a_hub_checkpoint(fixture: str, request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(fixture)
