@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from server.config import EngineConfig
 from server.exceptions import ModelLoadError
@@ -157,6 +158,17 @@ def resolve_attention(
         vision = "flash_attention_2" if device.type == "cuda" and has_flash and half else "sdpa"
     if vision == "sdpa":
         return "sdpa"
+    if vision == "flash_attention_2":  # asked for: refused before any weight loads
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ModelLoadError(
+                "--attn-implementation flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn, on a CUDA machine); sdpa or auto need nothing"
+            )
+        if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+            raise ModelLoadError(
+                "--attn-implementation flash_attention_2 needs a CUDA device and --dtype "
+                "bfloat16 or float16"
+            )
     return {"": "sdpa", "text_config": "sdpa", "vision_config": vision}
 
 
@@ -223,7 +235,12 @@ def quantization_config(
 def _check_checkpoint(path: Path) -> str:
     import json
 
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as exc:  # (JSON, or not UTF-8)
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'} is not a JSON object")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
@@ -260,6 +277,11 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the checkpoint in {path}: {exc}") from exc
+    except SafetensorError as exc:  # a weights file cut short (an interrupted download)
+        raise ModelLoadError(
+            f"could not load the checkpoint in {path}: a .safetensors file is damaged or "
+            f"incomplete ({exc}); download it again"
+        ) from exc
     model.eval()
     loaded = LoadedModel(
         model=model,

@@ -100,18 +100,44 @@ def test_refuses_checkpoints_without_safetensors(tiny_model_dir: Path, tmp_path:
         load_model(engine_config(str(pickled), tmp_path))
 
 
-def test_dtype_and_attention_choice() -> None:
+def test_dtype_and_attention_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("float16", cuda) == torch.float16
     assert resolve_attention("auto", cpu) == "sdpa"
     assert resolve_attention("sdpa", cuda) == "sdpa"
+    # flash-attention asked for: one line before loading where it cannot run, not an
+    # ImportError deep in transformers
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelLoadError, match="needs the flash-attn package"):
+        resolve_attention("flash_attention_2", cuda)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name == "flash_attn")
+    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+        resolve_attention("flash_attention_2", cpu, torch.float32)
     assert resolve_attention("flash_attention_2", cuda) == {
         "": "sdpa",
         "text_config": "sdpa",
         "vision_config": "flash_attention_2",
     }
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_a_damaged_checkpoint_is_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An interrupted download (weights cut short) or a broken config.json: the reason and
+    the file, not a traceback from the library that read it."""
+    cut = shutil.copytree(tiny_model_dir, tmp_path / "cut")
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[:7])
+    with pytest.raises(ModelLoadError, match="damaged or incomplete"):
+        load_model(engine_config(str(cut), tmp_path))
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    (broken / "config.json").write_text('{"model_type": ')
+    with pytest.raises(ModelLoadError, match="config.json is not valid JSON"):
+        load_model(engine_config(str(broken), tmp_path))
 
 
 @pytest.mark.parametrize(
