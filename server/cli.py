@@ -241,6 +241,17 @@ def check_directories(settings: Settings) -> None:
         ) from None
 
 
+def check_job_store(settings: Settings) -> None:
+    """The job store opened (and closed again) before the model loads, which takes minutes:
+    a database that cannot be reached or a file that cannot be written is one line at once."""
+    from server.jobs.store import open_job_store
+
+    try:
+        open_job_store(settings.job_store, settings.data_dir).close()
+    except ValueError as exc:  # (a store a newer version of the server wrote)
+        raise ConfigError(f"--job-store: {exc}") from None
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the listening address before the model loads (minutes), so a port already in use
     is found at once. uvicorn starts listening on this socket once the app is ready."""
@@ -277,6 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         check_model_path(settings.model)
         check_directories(settings)
+        check_job_store(settings)
         sock = bind_socket(settings.host, settings.port)
         # Load before serving, so a missing or broken checkpoint is one clear line, not a trace.
         loaded = load_model(settings.engine_config())

@@ -293,8 +293,9 @@ def _first_connection(url: str) -> str | None:
         # the server's own words (FATAL: ...), or the client's last (... failed: Connection
         # refused)
         reason = " ".join(text.split("FATAL:")[-1].split("failed: ")[-1].split())
-        if password := conninfo_password(url):
-            reason = reason.replace(password, "***")
+        if password := conninfo_password(url):  # as a whole word: a password "p" is not
+            # every p of the message (postgresql://...)
+            reason = re.sub(rf"(?<!\w){re.escape(password)}(?!\w)", "***", reason)
         if not text.startswith("connection failed"):  # the client's: the URL itself
             reason = reason.removeprefix("connection is bad: ")
             raise JobStoreStartError(f"--job-store: cannot read the URL: {reason}") from None

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.exceptions import JobStoreUnavailable
+from server.exceptions import JobStoreStartError, JobStoreUnavailable
 from server.jobs.store import Execute, JobStore, request_digest
 
 BUSY_TIMEOUT_S = 10.0  # another process's write transaction is waited for, this long
@@ -160,17 +160,24 @@ def _owner_only(path: Path) -> None:
 class SqliteJobStore(JobStore):
     def __init__(self, path: Path):
         super().__init__()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
-        _owner_only(path)
-        self.db = sqlite3.connect(
-            path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
-        )
-        self.db.row_factory = _dict_row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.lock = threading.Lock()  # one connection, shared by threads
-        self._migrate()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _owner_only(path)
+            self.db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
+            )
+            self.db.row_factory = _dict_row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.lock = threading.Lock()  # one connection, shared by threads
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:  # a directory, a read-only disk, not SQLite
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise JobStoreStartError(
+                f"--job-store: cannot use the SQLite database {path}: {reason} (it must be "
+                "a file the server can create or write, in a writable directory)"
+            ) from None
 
     def close(self) -> None:
         with self.lock:

@@ -208,3 +208,7 @@ def test_a_job_store_that_cannot_be_opened_is_one_clear_start_up_error() -> None
         with pytest.raises(JobStoreStartError, match=words) as refused:
             PostgresJobStore(url)
         assert "secret" not in str(refused.value)
+    # a short password is hidden where it stands, not wherever its letters are
+    with pytest.raises(JobStoreStartError, match="cannot read the URL") as refused:
+        PostgresJobStore("postgresql://u:p@[bad")
+    assert "postgresql://u:***@[bad" in str(refused.value), refused.value

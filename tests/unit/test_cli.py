@@ -241,6 +241,21 @@ def test_files_and_directories_are_checked_at_start(
     assert "cannot write there" in capsys.readouterr().err
 
 
+def test_a_job_store_that_cannot_be_used_is_one_line_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    not_sqlite = tmp_path / "data" / "jobs.sqlite3"
+    not_sqlite.parent.mkdir()
+    not_sqlite.write_text("not a database")
+    for extra in (["--job-store", f"sqlite:///{tmp_path}"], ["--data-dir", str(not_sqlite.parent)]):
+        assert main(["serve", "--model", "tiny", "--models-dir", str(models), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--job-store: cannot use the SQLite database" in err, err
+        assert "Traceback" not in err
+    assert not models.exists()  # (refused before the tiny model was built or loaded)
+
+
 def test_settings_that_do_nothing_without_keys_are_warned_of() -> None:
     from server.cli import idle_flag_warnings
 
