@@ -199,6 +199,24 @@ def idle_flag_warnings(settings: Settings) -> list[str]:
     return warnings
 
 
+def exposure_warnings(settings: Settings, given: typing.Iterable[str]) -> list[str]:
+    """What an operator may not mean: no API key on an address others can reach, and env
+    vars a flag overrides (values not shown: they may be keys)."""
+    warnings = [
+        f"{flag_name(name)} is given on the command line: {env} is ignored"
+        for name in given
+        if name in Settings.model_fields
+        for env in env_names(name)
+        if _getenv(env)  # (set empty: nothing is lost)
+    ]
+    if not settings.all_api_keys() and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.append(
+            f"no API key, listening on {settings.host}: whoever reaches port {settings.port} "
+            "can use the server and read every stored job, file and response (--api-key)"
+        )
+    return warnings
+
+
 def unknown_env_warnings(environ: typing.Mapping[str, str]) -> list[str]:
     """A VLM_* variable that is no setting is ignored: say so, and name the closest one."""
     known = {e for name in Settings.model_fields for e in env_names(name)}
@@ -283,7 +301,12 @@ def _serve(args: argparse.Namespace) -> int:
     from server.api.server import serve
     from server.engine.loader import load_model
 
-    for warning in [*unknown_env_warnings(os.environ), *idle_flag_warnings(settings)]:
+    warnings = [
+        *unknown_env_warnings(os.environ),
+        *idle_flag_warnings(settings),
+        *exposure_warnings(settings, vars(args)),
+    ]
+    for warning in warnings:
         logger.warning("%s", warning)
     try:
         check_model_path(settings.model)

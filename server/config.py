@@ -169,6 +169,9 @@ class Settings(BaseSettings):
         """`a,b` works in env vars, and in repeated flags too except for API keys (a key given
         as a flag is kept whole: it may hold a comma)."""
         if isinstance(value, str):
+            if info.field_name == "api_keys" and value and not value.replace(",", "").strip():
+                # (set to nothing but commas and spaces: a slip; empty is no keys, as unset)
+                raise ValueError("holds no API key: the server would run without authentication")
             value = [value]
         elif info.field_name == "api_keys" or not isinstance(value, list):
             return value

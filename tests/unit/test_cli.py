@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from server.cli import build_parser, main, settings_from_args, unknown_env_warnings
 from server.config import Settings
@@ -254,6 +255,26 @@ def test_a_job_store_that_cannot_be_used_is_one_line_before_the_model_loads(
         assert "--job-store: cannot use the SQLite database" in err, err
         assert "Traceback" not in err
     assert not models.exists()  # (refused before the tiny model was built or loaded)
+
+
+def test_authentication_off_by_a_slip_is_refused_or_warned_of(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server.cli import exposure_warnings
+
+    for blank in (" ", ", ,"):  # set, but to no key: refused (empty is unset: no keys)
+        monkeypatch.setenv("VLM_API_KEYS", blank)
+        with pytest.raises(ValidationError, match="holds no API key"):
+            Settings()
+    monkeypatch.setenv("VLM_API_KEYS", "")
+    assert Settings().all_api_keys() == {}
+    # no key where others can reach it; an env var a flag overrides (named, never its value)
+    open_to_all = exposure_warnings(Settings(host="0.0.0.0"), [])
+    assert len(open_to_all) == 1 and "no API key, listening on 0.0.0.0" in open_to_all[0]
+    assert exposure_warnings(Settings(), []) == []  # (127.0.0.1)
+    monkeypatch.setenv("VLM_API_KEY", "env-key")
+    (warning,) = exposure_warnings(Settings(api_keys=["flag-key"]), ["api_keys"])
+    assert "VLM_API_KEY is ignored" in warning and "env-key" not in warning
 
 
 def test_settings_that_do_nothing_without_keys_are_warned_of() -> None:
