@@ -189,6 +189,28 @@ class Settings(BaseSettings):
                 raise ValueError(f"webhook retry delay {delay} s is outside 0..86400")
         return value
 
+    @field_validator("allowed_media_domains")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not HOST_NAME.fullmatch(host):
+                raise ValueError(
+                    f"{host!r} is not a host name: give hosts as they stand in URLs, without "
+                    "scheme, port or path (media.example.com, 10.0.0.5)"
+                )
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not a web origin: scheme and host, and a port if not the "
+                    "scheme's (https://app.example.com, http://localhost:3000), or *"
+                )
+        return value
+
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, value: list[str]) -> list[str]:
@@ -315,6 +337,10 @@ class Settings(BaseSettings):
 
 
 PROJECT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# --allowed-media-domains: a host as URLs give it to the check (a name or an address)
+HOST_NAME = re.compile(r"[\w.-]+|[0-9A-Fa-f:.]+")
+# --allowed-origins: what a browser sends as Origin (no path, no trailing slash)
+ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:@\[\]]+)(:\d{1,5})?")
 
 
 def key_and_project(entry: str) -> tuple[str, str]:

@@ -104,6 +104,13 @@ class AsyncEngine:
     @classmethod
     def build(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
         max_seq_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
+        if config.max_model_len > loaded.context_length:  # (past what its positions were for)
+            logger.warning(
+                "--max-model-len %d is more than the model's context (%d tokens): serving %d.",
+                config.max_model_len,
+                loaded.context_length,
+                loaded.context_length,
+            )
         if config.fused_decoder:  # before the memory profile: fusing holds a layer twice
             FusedDecoder.build(loaded.model)
         num_blocks = profile.kv_cache_blocks(loaded, config, max_seq_len)

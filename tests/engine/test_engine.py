@@ -150,6 +150,14 @@ async def test_bad_word_ids_part_the_answer_where_they_would_complete(
     assert one.output_token_ids[0] != greedy[0] and greedy[0] not in one.output_token_ids
 
 
+def test_a_max_model_len_past_the_models_context_is_warned_of(
+    loaded: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(loaded, loaded.context_length + 1000)
+    assert engine.max_seq_len <= loaded.context_length
+    assert f"is more than the model's context ({loaded.context_length} tokens)" in caplog.text
+
+
 async def test_prompt_longer_than_context(loaded: LoadedModel, prompt) -> None:
     engine = make_engine(loaded, context_length=prompt.num_prompt_tokens)
     engine.start()

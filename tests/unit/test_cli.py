@@ -52,6 +52,17 @@ def test_bad_flag_values_are_refused() -> None:
         build_parser().parse_args(["serve", "--quantization", "gptq"])
     with pytest.raises(ValueError):
         settings_from_args(build_parser().parse_args(["serve", "--device", "tpu"]))
+    # lists that would match nothing, silently: a URL where a host goes, an origin with a path
+    for flag, value, words in (
+        ("--allowed-media-domains", "http://media.example.com/x", "is not a host name"),
+        ("--allowed-origins", "notaurl", "is not a web origin"),
+        ("--allowed-origins", "https://app.example.com/", "is not a web origin"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            settings_from_args(build_parser().parse_args(["serve", flag, value]))
+    fine = ["--allowed-media-domains", "media.example.com,10.0.0.5,media_store"]
+    fine += ["--allowed-origins", "http://localhost:3000", "--allowed-origins", "*"]
+    settings_from_args(build_parser().parse_args(["serve", *fine]))
 
 
 def test_make_tiny_model(tmp_path: Path) -> None:
