@@ -236,6 +236,8 @@ def check_model_path(model: str) -> None:
     if not model.startswith(PATH_PREFIXES):
         return
     path = Path(model).expanduser()
+    if path.is_file():
+        raise ConfigError(f"--model {model!r}: a file; give the checkpoint's directory")
     if not path.is_dir():
         raise ConfigError(f"--model {model!r}: no such directory")
     if not (path / "config.json").is_file():

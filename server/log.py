@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
@@ -77,5 +78,8 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     # transformers' warnings through this handler (time, request id), not its own stderr one
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
-    if fmt == "json":  # every line a JSON object: no progress bars (weights loading)
+    # Progress bars (weights loading) only on a terminal: in a log file, journald or `docker
+    # logs` they are a line of carriage returns without time or level; a JSON log's every
+    # line is an object.
+    if fmt == "json" or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()

@@ -145,7 +145,7 @@ def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socke
         ),
         f"media hosts: {hosts}",
         f"local media: {settings.allowed_local_media_path or 'off'}",
-        f"data dir {settings.data_dir} (jobs: {job_store_where(settings)})",
+        f"data dir {settings.data_dir.resolve()} (jobs: {job_store_where(settings)})",
         f"open {url} (API docs: {url}docs)" if settings.playground else f"API docs: {url}docs",
     ]
     return "ready: " + "; ".join(parts)
