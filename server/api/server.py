@@ -73,6 +73,16 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class CutOffFilter(logging.Filter):
+    """uvicorn logs the requests --shutdown-timeout cuts off as an ERROR; it is what the flag
+    asks for (each cut request has its own line), so a warning: not an alert."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "timeout graceful shutdown exceeded" in record.getMessage():
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class StartupErrorFilter(logging.Filter):
     """A lifespan that fails with a StartupError (a KV cache budget that holds nothing, a job
     store that cannot be reached) is an operator's mistake: log its message as one line, not
@@ -109,9 +119,10 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout,
         lifespan="on",
     )
-    startup_errors = StartupErrorFilter()
+    startup_errors, cut_off = StartupErrorFilter(), CutOffFilter()
     uvicorn_logger = logging.getLogger("uvicorn.error")
     uvicorn_logger.addFilter(startup_errors)
+    uvicorn_logger.addFilter(cut_off)
     try:
         DrainingServer(config, app, settings).run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the lifespan fails
@@ -120,6 +131,7 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
         return 130
     finally:
         uvicorn_logger.removeFilter(startup_errors)
+        uvicorn_logger.removeFilter(cut_off)
     return 0
 
 
