@@ -264,12 +264,15 @@ def check_directories(settings: Settings) -> None:
 def check_job_store(settings: Settings) -> None:
     """The job store opened (and closed again) before the model loads, which takes minutes:
     a database that cannot be reached or a file that cannot be written is one line at once."""
+    from server.exceptions import JobStoreUnavailable
     from server.jobs.store import open_job_store
 
     try:
         open_job_store(settings.job_store, settings.data_dir).close()
     except ValueError as exc:  # (a store a newer version of the server wrote)
         raise ConfigError(f"--job-store: {exc}") from None
+    except JobStoreUnavailable as exc:  # (locked by another process, a disk gone read-only)
+        raise ConfigError(f"--job-store: cannot use it now: {exc.__cause__ or exc}") from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

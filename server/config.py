@@ -4,6 +4,7 @@ frozen dataclasses for the parts of the server that consume them."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,13 +193,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_media_domains")
     @classmethod
     def _check_hosts(cls, value: list[str]) -> list[str]:
-        for host in value:
-            if not HOST_NAME.fullmatch(host):
-                raise ValueError(
-                    f"{host!r} is not a host name: give hosts as they stand in URLs, without "
-                    "scheme, port or path (media.example.com, 10.0.0.5)"
-                )
-        return value
+        return [_host_as_matched(host) for host in value]
 
     @field_validator("allowed_origins")
     @classmethod
@@ -337,10 +332,31 @@ class Settings(BaseSettings):
 
 
 PROJECT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# --allowed-media-domains: a host as URLs give it to the check (a name or an address)
-HOST_NAME = re.compile(r"[\w.-]+|[0-9A-Fa-f:.]+")
-# --allowed-origins: what a browser sends as Origin (no path, no trailing slash)
-ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:@\[\]]+)(:\d{1,5})?")
+# --allowed-media-domains: a host name (an address is checked by ipaddress)
+HOST_NAME = re.compile(r"[\w.-]+")
+# --allowed-origins: what a browser sends as Origin (any scheme: extensions and app shells
+# have their own; no path, no trailing slash)
+ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[^/\s:@\[\]]+)(:\d{1,5})?")
+
+
+def _host_as_matched(host: str) -> str:
+    """An --allowed-media-domains entry as the URL check compares hosts: an IPv6 address
+    without brackets, a name in lower-case ASCII (an international one as punycode)."""
+    bare = host.strip().removeprefix("[").removesuffix("]")
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    try:
+        name = bare.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        name = ""
+    if not HOST_NAME.fullmatch(name):
+        raise ValueError(
+            f"{host!r} is not a host name or address: give hosts without scheme, port or "
+            "path (media.example.com, 10.0.0.5, [fd00::5])"
+        )
+    return name
 
 
 def key_and_project(entry: str) -> tuple[str, str]:

@@ -87,7 +87,10 @@ def resolve_model_path(name: str, models_dir: Path) -> Path:
         path = models_dir / f"tiny-{TINY_MODELS[name]}"
         if not (path / "config.json").is_file():
             logger.info("building tiny %s checkpoint under %s", TINY_MODELS[name], path)
-            make_tiny_checkpoint(path, TinySpec(family=TINY_MODELS[name]))  # type: ignore[arg-type]
+            try:
+                make_tiny_checkpoint(path, TinySpec(family=TINY_MODELS[name]))  # type: ignore[arg-type]
+            except (ValueError, OSError) as exc:  # (a directory of that name holds other files)
+                raise ModelLoadError(f"--model {name}: {exc}") from None
         return path
     for candidate in (Path(name).expanduser(), models_dir / name):
         if (candidate / "config.json").is_file():

@@ -258,6 +258,8 @@ class GrammarCache:
         depth = 0
         if spec.kind == "json_schema":
             depth = json_depth(spec.schema_json or "") - spec.wrapper_depth
+        elif spec.kind == "grammar" and "%json" in (spec.schema_json or ""):
+            depth = json_depth(spec.schema_json or "")  # a Lark grammar's inline JSON schema
         if depth > MAX_SCHEMA_DEPTH:
             raise InvalidSchema(
                 f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}"

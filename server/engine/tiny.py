@@ -507,7 +507,9 @@ def make_tiny_checkpoint(
         if spec.family == "qwen3-vl-moe":
             _experts_in_hub_layout(staging)
         build_processor(spec, tokenizer).save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")
+        written = sorted(p.name for p in staging.iterdir())  # what a rebuild may replace
+        marker = {"spec": dataclasses.asdict(spec), "files": written}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -518,13 +520,21 @@ def make_tiny_checkpoint(
 
 
 def _check_replaceable(out_dir: Path, force: bool) -> None:
+    """out_dir may be replaced: absent, empty, or holding a tiny checkpoint and nothing else
+    (the files its marker lists)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file, not a directory: nothing was written.")
-    if force or not out_dir.exists() or (out_dir / MARKER).is_file():
+    if force or not out_dir.exists():
         return
-    if any(out_dir.iterdir()):
+    try:
+        ours = set(json.loads((out_dir / MARKER).read_text())["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+    if others:
         raise ValueError(
-            f"{out_dir} is not empty and holds no tiny checkpoint (it could be a downloaded "
-            "model): nothing was written. Choose another directory, or pass --force to "
-            "replace everything in it."
+            f"{out_dir} holds files that are not a tiny checkpoint's ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}; it could be a downloaded model): nothing "
+            "was written. Choose another directory, or pass --force to replace everything "
+            "in it."
         )

@@ -161,23 +161,32 @@ class SqliteJobStore(JobStore):
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
+        self.lock = threading.Lock()  # one connection, shared by threads
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _owner_only(path)
             self.db = sqlite3.connect(
                 path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
             )
-            self.db.row_factory = _dict_row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.lock = threading.Lock()  # one connection, shared by threads
-            self._migrate()
-        except (sqlite3.Error, OSError) as exc:  # a directory, a read-only disk, not SQLite
+        except (sqlite3.OperationalError, OSError) as exc:  # a directory, a read-only disk
             reason = getattr(exc, "strerror", None) or str(exc)
             raise JobStoreStartError(
                 f"--job-store: cannot use the SQLite database {path}: {reason} (it must be "
                 "a file the server can create or write, in a writable directory)"
-            ) from None
+            ) from exc
+        try:
+            self.db.row_factory = _dict_row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:  # not SQLite, or damaged (its words say which)
+            self.db.close()
+            raise JobStoreStartError(
+                f"--job-store: cannot use the SQLite database {path}: {exc}"
+            ) from exc
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         with self.lock:

@@ -97,20 +97,39 @@ class Tools:
         )
 
 
+# Keywords whose values are data, not schemas: a {"$ref": ...} inside one is left as it is.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names to schemas (a property may be named "enum").
+NAMED_SCHEMAS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
 def rebased(schema: Any, pointer: str) -> Any:
     """A schema moved to `pointer` inside another: each local `$ref` ("#/$defs/A", "#") is
     rewritten to start there, so a function's definitions ($defs, as pydantic writes nested
     models) resolve in the list schema `required` builds."""
-    if isinstance(schema, dict):
-        return {
-            key: pointer + value[1:]
-            if key == "$ref" and isinstance(value, str) and value.startswith("#")
-            else rebased(value, pointer)
-            for key, value in schema.items()
-        }
     if isinstance(schema, list):
         return [rebased(item, pointer) for item in schema]
-    return schema
+    if not isinstance(schema, dict):
+        return schema
+    moved: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref":
+            moved[key] = _rebased_ref(value, pointer)
+        elif key in DATA_KEYWORDS:
+            moved[key] = value
+        elif key in NAMED_SCHEMAS and isinstance(value, dict):
+            moved[key] = {name: rebased(each, pointer) for name, each in value.items()}
+        else:
+            moved[key] = rebased(value, pointer)
+    return moved
+
+
+def _rebased_ref(ref: Any, pointer: str) -> Any:
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        return pointer + ref[1:]
+    return ref  # (another document's, or an anchor: as it was)
 
 
 def new_call_id() -> str:

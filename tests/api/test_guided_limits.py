@@ -76,6 +76,11 @@ async def test_a_schema_nested_too_deep_is_refused_before_it_compiles(
         await client.post(URL, json=chat(tools=[tool], tool_choice="required")), 400, "tools"
     )
     assert "nested 129 levels deep" in error["message"], error
+    # nor through a Lark grammar's inline schema (%json)
+    schema = json.dumps(nested(450)["json_schema"]["schema"])
+    response = await client.post(URL, json=chat(guided_grammar=f"start: %json {schema}"))
+    error = assert_error(response, 400, "guided_grammar", "invalid_schema")
+    assert "nested 451 levels deep" in error["message"], error
 
 
 async def test_constraints_no_text_matches_are_400s(client: httpx.AsyncClient) -> None:

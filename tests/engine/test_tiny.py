@@ -52,6 +52,9 @@ def test_a_directory_holding_something_else_is_never_wiped(tmp_path: Path) -> No
     mine = make_tiny_checkpoint(tmp_path / "mine")  # its own directory: rebuilt in place
     assert main(["make-tiny-model", str(mine), "--num-layers", "1"]) == 0
     assert json.loads((mine / "config.json").read_text())["text_config"]["num_hidden_layers"] == 1
+    (mine / "notes.txt").write_text("mine")  # ...unless something else was put there since
+    assert main(["make-tiny-model", str(mine)]) == 2
+    assert (mine / "notes.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")
     assert main(["make-tiny-model", str(tmp_path / "file")]) == 2
     assert main(["make-tiny-model", str(real), "--force"]) == 0  # asked for: replaced

@@ -171,3 +171,28 @@ def test_forced_choices_decode_under_a_schema() -> None:
     assert required["minItems"] == required["maxItems"] == 1
     assert required["items"]["anyOf"][0]["properties"]["name"]["enum"] == ["get_weather"]
     assert Tools((WEATHER,), "auto").grammar() is None
+
+
+def test_rebased_moves_local_references_only() -> None:
+    """A function's parameters placed inside `required`'s list schema: its own references
+    ("#", "#/$defs/...") point into it; data (const, enum, ...), another document's and
+    anchors stay as they were; a property may be named like a keyword."""
+    from server.pipelines.tools import rebased
+
+    schema = {
+        "properties": {
+            "enum": {"$ref": "#/$defs/A"},  # a property named "enum": a schema
+            "b": {"const": {"$ref": "#/x"}},  # data
+            "c": {"$ref": "#anchor"},
+            "d": {"$ref": "https://example.com/s.json"},
+            "kids": {"type": "array", "items": {"$ref": "#"}},
+        },
+        "$defs": {"A": {"enum": [{"$ref": "#"}]}},
+    }
+    moved = rebased(schema, "#/p")
+    assert moved["properties"]["enum"] == {"$ref": "#/p/$defs/A"}
+    assert moved["properties"]["b"] == {"const": {"$ref": "#/x"}}
+    assert moved["properties"]["c"] == {"$ref": "#anchor"}
+    assert moved["properties"]["d"] == {"$ref": "https://example.com/s.json"}
+    assert moved["properties"]["kids"]["items"] == {"$ref": "#/p"}
+    assert moved["$defs"]["A"] == {"enum": [{"$ref": "#"}]}
