@@ -24,14 +24,17 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
     )
 
 
-# vLLM's /ping (GET or POST: the SageMaker-style health check some deployments probe).
-@router.api_route(
-    "/ping",
-    methods=["GET", "POST"],
-    tags=["server"],
-    response_class=Response,
-    responses={200: {"description": "running (no body)"}, 503: {"description": "stopped"}},
-)
+PING = {
+    "tags": ["server"],
+    "response_class": Response,
+    "responses": {200: {"description": "running (no body)"}, 503: {"description": "stopped"}},
+}
+
+
+# vLLM's /ping (GET or POST: the SageMaker-style health check some deployments probe); one
+# operation id per method, as an OpenAPI document needs them unique.
+@router.get("/ping", operation_id="ping_get", **PING)  # type: ignore[arg-type]
+@router.post("/ping", operation_id="ping_post", **PING)  # type: ignore[arg-type]
 async def ping(services: Services = Depends(get_services)) -> Response:
     """/health without a body: 200 while the engine runs, 503 once it has stopped."""
     return Response(status_code=200 if services.engine.is_running else 503)
