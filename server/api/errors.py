@@ -200,9 +200,9 @@ def _not_sent_as_json(request: Request, exc: RequestValidationError) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        if exc.status_code == 503:  # back-pressure (a full queue, a store away): expected
-            logger.warning("%s: %s", type(exc).__name__, exc.message)
-        elif exc.status_code >= 500:
+        # A 503 (back-pressure: a full queue, a store away) is in the log once, as its access
+        # line (a warning, with the code and message); another 5xx is an error of its own.
+        if exc.status_code >= 500 and exc.status_code != 503:
             logger.error("%s: %s", type(exc).__name__, exc.message)
         retry_after = getattr(exc, "retry_after_s", None)
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None

@@ -160,7 +160,9 @@ def _log_access(scope: Scope, response: _ResponseRecord, seconds: float) -> None
             message = message[:MAX_LOGGED_REASON_CHARS]
             fields |= {"error_code": code, "error_message": message}
             line += f" {code}: {message}"
-    access_logger.info("%s", line, extra={"fields": fields})
+    # a 5xx is a warning (alerts may watch them); the rest, the client's business, info
+    level = logging.WARNING if response.status >= 500 else logging.INFO
+    access_logger.log(level, "%s", line, extra={"fields": fields})
 
 
 class BodySizeLimitMiddleware:

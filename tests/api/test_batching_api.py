@@ -99,7 +99,10 @@ async def test_disconnected_clients_free_their_slots(
     assert any("cut short" in line for line in lines), lines
 
 
-async def test_full_queue_answers_503_with_retry_after(tiny_model_dir: Path) -> None:
+async def test_full_queue_answers_503_with_retry_after(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
     settings = make_settings(tiny_model_dir, max_num_seqs=1, max_queued_requests=1)
     long = body(1, max_tokens=3000, ignore_eos=True, stream=True)
     with serve_in_thread(settings) as url:
@@ -114,6 +117,9 @@ async def test_full_queue_answers_503_with_retry_after(tiny_model_dir: Path) -> 
                 assert refused.json()["error"]["code"] == "server_overloaded"
             # Closing the stream aborted the long request; the queued one gets the slot.
             assert (await queued).status_code == 200
+    # in the log once: its access line, a warning with the code
+    (line,) = [r for r in caplog.records if "server_overloaded" in r.getMessage()]
+    assert line.name == "server.access" and line.levelname == "WARNING"
 
 
 async def test_queue_timeout_answers_503(tiny_model_dir: Path) -> None:
