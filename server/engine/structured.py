@@ -13,6 +13,7 @@ request is queued, and the engine thread only builds matchers from the cache.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -22,6 +23,8 @@ from typing import Any, Literal
 import torch
 
 from server.engine.transfer import to_device
+
+logger = logging.getLogger(__name__)
 
 # A JSON schema nested deeper than this (in JSON levels) is refused: compiling grows about as
 # the cube of the depth (on the CPU: 0.2 s at 128 levels of arrays, 1.6 s at 256, 32 s at 450),
@@ -99,11 +102,13 @@ class StructuredOutput:
 # character class, which lets raw control characters through (JSON forbids them: the answer
 # would not parse; its issue #800): such a schema's grammar is compiled with the class JSON
 # allows instead (no escapes inside, as before: quotes, backslashes and line breaks were
-# already out of it), and without surrogates: xgrammar's classes take one as three bytes
-# that are not UTF-8 (three U+FFFD in the text where the bound counted one character). As
-# str(Grammar) writes them.
+# already out of it). Its classes also take an encoded surrogate (ED A0 80: not UTF-8, three
+# U+FFFD in the text where a bound counted one character): every JSON string's class leaves
+# them out. As str(Grammar) writes them.
 BOUNDED_CHARACTER = r"[^\"\\\r\n]"
 JSON_CHARACTER = r"[^\"\\\0-\x1f\uD800-\uDFFF]"
+STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"  # an unbounded string's
+TEXT_CHARACTER = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
 
 
 # Keywords xgrammar reads past without enforcing them (an answer could break them): a strict
@@ -298,14 +303,15 @@ class GrammarCache:
             return self.compiler.compile_grammar(text)
         # json_object is OpenAI's "some JSON object": an object, any keys.
         schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
-        if "Length" in schema:  # (minLength / maxLength: see BOUNDED_CHARACTER)
-            grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
-            text = str(grammar)
-            if BOUNDED_CHARACTER in text:
-                return self.compiler.compile_grammar(
-                    text.replace(BOUNDED_CHARACTER, JSON_CHARACTER)
-                )
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
+        text = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+        mended = text.replace(BOUNDED_CHARACTER, JSON_CHARACTER)
+        mended = mended.replace(STRING_CHARACTER, TEXT_CHARACTER)
+        if mended != text:
+            try:
+                return self.compiler.compile_grammar(mended)
+            except Exception:  # (str(Grammar) that does not read back: as xgrammar builds it)
+                logger.warning("a JSON schema's grammar did not read back; compiled as it was")
         return self.compiler.compile_json_schema(schema, any_whitespace=False)
 
     def allows_a_start(self, grammar: Any) -> bool:

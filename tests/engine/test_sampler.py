@@ -187,16 +187,18 @@ def test_a_bounded_string_keeps_raw_control_characters_out() -> None:
 def test_bounded_strings_and_categories_keep_surrogates_out() -> None:
     """xgrammar's classes take an encoded surrogate (ED A0 80: not UTF-8, decoded as three
     U+FFFD) as one character: a bounded string, or a categories item, could outgrow its
-    bound in the text. Their classes leave surrogates out; other characters stay."""
+    bound in the text, and any string hold what is not UTF-8. Their classes leave surrogates
+    out; other characters stay."""
     from server.pipelines.categories import ITEM
 
     grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
     bounded = {"type": "string", "maxLength": 4}
-    for schema in (bounded, ITEM):
+    unbounded = ({"type": "string"}, b""), ({"type": "object"}, b'{"k": ')  # json_object's
+    for schema, before in ((bounded, b""), (ITEM, b""), *unbounded):
         spec = StructuredOutput.json_schema(schema)
-        assert grammars.matcher(spec).accept_string('"a€é"'.encode())
-        assert not grammars.matcher(spec).accept_string(b'"a\xed\xa0\x80')
-        assert grammars.matcher(spec).accept_string(b'"a\xed\x9f\xbf"')  # U+D7FF is one
+        assert grammars.matcher(spec).accept_string(before + '"a€é"'.encode())
+        assert not grammars.matcher(spec).accept_string(before + b'"a\xed\xa0\x80')
+        assert grammars.matcher(spec).accept_string(before + b'"a\xed\x9f\xbf"')  # U+D7FF
 
 
 def test_the_grammar_cache_is_bounded_least_recently_used_out() -> None:
