@@ -4,6 +4,7 @@ categories, watch an async job reach 100%. On failure a screenshot is saved and 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -119,3 +120,40 @@ def test_async_job_reaches_100_percent_with_frame_captions(page, tmp_path: Path)
     assert page.text_content("#answer").strip()
     page.wait_for_selector("#frames:not([hidden])")
     assert page.locator("#frames tbody tr").count() >= 1  # each frame, its time and caption
+
+
+def test_a_key_typed_then_ask_at_once_works_and_stop_ends_the_wait(page) -> None:
+    """No model list yet (the key box has not lost focus): Ask loads it first; an empty
+    number field is left to the server's default; Ctrl+Enter asks; Stop ends a request the
+    server has not answered (here held back on its way), and the buttons come back."""
+    # (a hint, not a raw 401)
+    page.wait_for_function("document.querySelector('#error').textContent.includes('API key')")
+    assert "needs an API key" in page.text_content("#error")
+    held = []
+    page.route("**/v1/chat/completions", lambda route: held.append(route))  # never answered
+    page.fill("#api-key", API_KEY)  # no change event: the model list is still empty
+    page.fill("#max-tokens", "")
+    page.focus("#question")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.keyboard.press("Control+Enter")
+    body = json.loads(sent.value.post_data or "{}")
+    assert body["model"] == "tiny" and "max_tokens" not in body
+    page.click("#stop")
+    page.wait_for_selector("#stop", state="hidden")
+    assert page.text_content("#error") == "Stopped." and page.is_enabled("#ask")
+
+
+def test_a_data_uri_video_is_sent_as_a_video(page) -> None:
+    """The URL box reads a data URI's type (and has an image/video choice for a link that
+    does not say)."""
+    import base64
+
+    sign_in(page)
+    uri = "data:video/mp4;base64," + base64.b64encode(make_video(seconds=1)).decode()
+    page.evaluate("(uri) => { document.querySelector('#url').value = uri; }", uri)
+    page.click("#url-form button")
+    page.wait_for_selector("#media li video")
+    page.fill("#url", "https://media.example.com/watch?v=1")
+    page.select_option("#url-kind", "video")
+    page.click("#url-form button")
+    assert page.locator("#media li video").count() == 2

@@ -6,6 +6,8 @@
 const $ = (id) => document.getElementById(id);
 const media = []; // {kind: "image" | "video", url, name}
 const JOB_POLL_MS = 500;
+const JOB_RETRIES = 60; // status checks that may fail in a row (a restart) before giving up
+let stopping = null; // the running request's AbortController (Stop)
 const CATEGORIES = ["categories", "participants", "actions", "scene", "tags"];
 
 function headers() {
@@ -15,12 +17,19 @@ function headers() {
   return h;
 }
 
-async function api(method, path, body) {
-  const response = await fetch(path, {
-    method,
-    headers: headers(),
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
+async function api(method, path, body, signal) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers: headers(),
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+    });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new Error("Cannot reach the server (is it running?)");
+  }
   if (!response.ok) throw new Error(await errorText(response));
   return response;
 }
@@ -41,20 +50,36 @@ function showError(err) {
 
 async function loadModels() {
   try {
-    const { data } = await (await api("GET", "/v1/models")).json();
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401 && !$("api-key").value.trim()) {
+      showError("This server needs an API key: enter it above.");
+      return;
+    }
+    if (!response.ok) throw new Error(await errorText(response));
+    const { data } = await response.json();
     $("model").replaceChildren(...data.map((m) => new Option(m.id, m.id)));
     showError(null);
   } catch (err) {
-    showError(err);
+    showError(err.name === "TypeError" ? "Cannot reach the server (is it running?)" : err);
   }
-  fetch("/version").then((r) => r.json()).then((v) => ($("version").textContent = v.version));
+}
+
+// The model list before a request: typed a key and pressed Ask at once (no change event yet).
+async function ensureModel() {
+  if (!$("model").value) await loadModels();
+  if (!$("model").value) throw new Error($("error").textContent || "No model to ask.");
 }
 
 // -- media -----------------------------------------------------------------------------------
 
-function kindOf(type, url) {
+// "image" or "video": the choice next to the URL, else the file's or data URI's type, else
+// the URL's extension.
+function kindOf(type, url, chosen) {
+  if (chosen === "image" || chosen === "video") return chosen;
+  const dataType = /^data:([^;,]+)/i.exec(url);
+  if (!type && dataType) type = dataType[1].toLowerCase();
   if (type) return type.startsWith("video/") ? "video" : "image";
-  return /\.(mp4|m4v|mov|webm|mkv|avi)(\?|$)/i.test(url) ? "video" : "image";
+  return /\.(mp4|m4v|mov|webm|mkv|avi)(\?|#|$)/i.test(url) ? "video" : "image";
 }
 
 function addMedia(item) {
@@ -111,12 +136,18 @@ function messages() {
   return [{ role: "user", content: parts }];
 }
 
+// A number field's value, or undefined when it is empty (the server's default then).
+function numberOf(id) {
+  const text = $(id).value.trim();
+  return text === "" ? undefined : Number(text);
+}
+
 function completionBody(extra) {
   const body = {
     model: $("model").value,
     messages: messages(),
-    max_tokens: Number($("max-tokens").value),
-    temperature: Number($("temperature").value),
+    max_tokens: numberOf("max-tokens"),
+    temperature: numberOf("temperature"),
     ...extra,
   };
   if ($("video-mode").value) body.video_mode = $("video-mode").value;
@@ -182,24 +213,35 @@ async function* events(response) {
   }
 }
 
-async function ask() {
+async function ask(signal) {
   const endpoint = $("endpoint").value;
   const body = completionBody({ stream: true, stream_options: { include_usage: true } });
-  const response = await api("POST", endpoint, body);
-  for await (const chunk of events(response)) {
-    if (chunk.error) throw new Error(chunk.error.message);
-    showFrames(chunk.frames);
-    const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-    if (delta && delta.content) $("answer").textContent += delta.content;
-    showUsage(chunk.usage);
+  const response = await api("POST", endpoint, body, signal);
+  let finish = null;
+  try {
+    for await (const chunk of events(response)) {
+      if (chunk.error) throw new Error(chunk.error.message);
+      showFrames(chunk.frames);
+      const choice = chunk.choices && chunk.choices[0];
+      if (choice && choice.delta && choice.delta.content) {
+        $("answer").textContent += choice.delta.content;
+      }
+      if (choice && choice.finish_reason) finish = choice.finish_reason;
+      showUsage(chunk.usage);
+    }
+  } catch (err) {
+    // (a network failure mid-stream is a TypeError; the stream's own error event is not)
+    if (err.name === "TypeError") throw new Error("The connection to the server was lost.");
+    throw err;
   }
+  if (finish === "length") $("usage").textContent += " (stopped at max tokens)";
 }
 
-async function categories() {
+async function categories(signal) {
   if (!media.length) throw new Error("Add an image or a video first.");
   const body = { model: $("model").value, media_url: media[0].url, metadata: CATEGORIES };
   if ($("use-scenes").checked) body.use_scenes = true;
-  const result = await (await api("POST", "/v2/media/categories", body)).json();
+  const result = await (await api("POST", "/v2/media/categories", body, signal)).json();
   showCategories(result);
 }
 
@@ -210,14 +252,29 @@ function showCategories(result) {
   showUsage(result.usage);
 }
 
-async function job() {
+async function job(signal) {
   const body = completionBody({ async: true });
-  let status = await (await api("POST", "/v2/media/completions", body)).json();
+  const status = await (await api("POST", "/v2/media/completions", body, signal)).json();
+  sessionStorage.setItem("vlm-job", status.id); // a reload follows it on
+  await follow(status, signal);
+}
+
+// Polls a job until it ends; a failed check (the server restarting) is tried again.
+async function follow(status, signal) {
   $("job-box").hidden = false;
+  let failures = 0;
   while (showJob(status)) {
-    await new Promise((resolve) => setTimeout(resolve, JOB_POLL_MS));
-    status = await (await api("GET", `/v2/media/status/${status.id}`)).json();
+    await new Promise((resolve) => setTimeout(resolve, JOB_POLL_MS * (1 + failures)));
+    if (signal && signal.aborted) return; // Stop: the job goes on; its id is shown
+    try {
+      status = await (await api("GET", `/v2/media/status/${status.id}`)).json();
+      failures = 0;
+    } catch (err) {
+      if (++failures > JOB_RETRIES) throw err;
+      $("job-status").textContent = `${status.id}: ${err.message}; trying again…`;
+    }
   }
+  sessionStorage.removeItem("vlm-job");
 }
 
 // Shows a job's state; true while it is still running.
@@ -236,16 +293,23 @@ function showJob(status) {
   return status.status === "queued" || status.status === "processing";
 }
 
+// Runs one action at a time; Stop aborts it (what arrived stays on the page).
 function run(action) {
   return async () => {
-    const buttons = document.querySelectorAll(".buttons button");
+    if (stopping) return;
+    const buttons = document.querySelectorAll(".buttons button:not(#stop)");
     buttons.forEach((b) => (b.disabled = true));
+    stopping = new AbortController();
+    $("stop").hidden = false;
     clearResult();
     try {
-      await action();
+      await ensureModel();
+      await action(stopping.signal);
     } catch (err) {
-      showError(err);
+      showError(err.name === "AbortError" ? "Stopped." : err);
     } finally {
+      stopping = null;
+      $("stop").hidden = true;
       buttons.forEach((b) => (b.disabled = false));
     }
   };
@@ -257,15 +321,31 @@ document.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem("vlm-api-key", $("api-key").value);
     loadModels();
   });
-  $("files").addEventListener("change", (e) => addFiles(e.target.files).catch(showError));
+  $("files").addEventListener("change", (e) => {
+    addFiles(e.target.files).catch(showError);
+    e.target.value = ""; // the same file may be chosen again after removing it
+  });
   $("url-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const url = $("url").value.trim();
-    if (url) addMedia({ kind: kindOf("", url), url, name: url });
+    if (url) addMedia({ kind: kindOf("", url, $("url-kind").value), url, name: url });
     $("url").value = "";
   });
   $("ask").addEventListener("click", run(ask));
   $("categories").addEventListener("click", run(categories));
   $("job").addEventListener("click", run(job));
+  $("stop").addEventListener("click", () => stopping && stopping.abort());
+  $("question").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      $("ask").click();
+    }
+  });
   loadModels();
+  fetch("/version")
+    .then((r) => r.json())
+    .then((v) => ($("version").textContent = v.version))
+    .catch(() => {});
+  const pending = sessionStorage.getItem("vlm-job"); // a job followed before a reload
+  if (pending) run((signal) => follow({ id: pending, status: "queued", progress: 0 }, signal))();
 });
