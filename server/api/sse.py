@@ -27,6 +27,7 @@ from server.api.protocol import (
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
 from server.pipelines.chat import ChatRequest, ChatRun
+from server.pipelines.choices import prepended
 from server.pipelines.logprobs import TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream, answer_start
 from server.pipelines.tools import CallStream, Event, ToolCallDelta, Tools, call_stream
@@ -283,7 +284,7 @@ async def chat_stream(
         frames = frames_out(run.frames) if first_chunk else None
         yield writer.role(choice.index, frames, prompt_ids if first_chunk else None, content)
     try:
-        async for index, output in _prepend(first, rest):
+        async for index, output in prepended(first, rest):
             for chunk in choices[index].events(output, writer, texts):
                 yield chunk
     except ServerError as exc:
@@ -293,14 +294,6 @@ async def chat_stream(
         if include_usage:
             yield writer.usage(Usage.of(*run.usage()))
     yield DONE
-
-
-async def _prepend(
-    first: tuple[int, SequenceOutput], rest: AsyncIterator[tuple[int, SequenceOutput]]
-) -> AsyncIterator[tuple[int, SequenceOutput]]:
-    yield first
-    async for item in rest:
-        yield item
 
 
 class EventWriter(Protocol):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import TypeVar
 
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
+
+T = TypeVar("T")
 
 SEED_MODULUS = 2**64  # torch generators take 64-bit seeds
 # How often to look whether the first choice's prompt is in the KV cache. The engine thread
@@ -56,17 +59,26 @@ async def add_choices(
 async def merged(
     streams: list[AsyncIterator[SequenceOutput]],
 ) -> AsyncIterator[tuple[int, SequenceOutput]]:
-    """(stream index, output) from every stream as they come; the first error ends all."""
-    queue: asyncio.Queue[tuple[int, SequenceOutput | BaseException | None]] = asyncio.Queue()
+    """(stream index, output) from every stream as they come; the first error ends all.
+
+    At most as many outputs as there are streams wait here: a reader that falls behind (a
+    slow client) leaves the rest in the sequences' own queues, where the engine's stream
+    merges what piled up into one output. Reading the streams eagerly into an unbounded queue
+    instead kept an output per step for every choice, which a client that stopped reading
+    grew until it hung up (and which was then formatted all at once, the event loop blocked
+    meanwhile)."""
+    queue: asyncio.Queue[tuple[int, SequenceOutput | BaseException | None]] = asyncio.Queue(
+        maxsize=len(streams)
+    )
 
     async def pump(index: int, outputs: AsyncIterator[SequenceOutput]) -> None:
+        end: BaseException | None = None
         try:
             async for output in outputs:
-                queue.put_nowait((index, output))
+                await queue.put((index, output))
         except Exception as exc:
-            queue.put_nowait((index, exc))
-        finally:
-            queue.put_nowait((index, None))
+            end = exc
+        await queue.put((index, end))  # (not when cancelled: nobody reads any more)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
@@ -82,3 +94,11 @@ async def merged(
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def prepended(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """first, then what rest yields: a stream whose first item was awaited before the answer's
+    status line (so an error before any output is still an error status, not an event)."""
+    yield first
+    async for item in rest:
+        yield item

@@ -15,6 +15,7 @@ from server.engine.inputs import InputBuilder, ModelInputs
 from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingParams
 from server.exceptions import EngineOverloaded
+from server.pipelines.choices import add_choices, merged
 from tests.helpers import make_image
 
 pytestmark = pytest.mark.anyio
@@ -186,3 +187,28 @@ async def test_queue_timeout(loaded, prompts) -> None:
     await engine.stop()
     assert outputs[-1].finish_reason == "queue_timeout"
     assert waiting.num_completion_tokens == 0
+
+
+async def test_a_reader_that_falls_behind_gets_what_piled_up_merged(loaded, prompts) -> None:
+    """n choices read as one stream (merged) by a reader that stops after the first output:
+    what piles up meanwhile waits in the sequences' queues, merged when read (a slow client
+    holds a few outputs, not one per step per choice, and reads the same text)."""
+    engine = make_engine(loaded)
+    engine.start()
+    sampling = SamplingParams(max_tokens=40, temperature=0.8, seed=3, ignore_eos=True)
+    seqs = await add_choices(engine, "slow", prompts[1], sampling, 3)
+    outputs = merged([engine.stream(seq) for seq in seqs])
+    index, first = await anext(outputs)
+    while not all(seq.is_finished for seq in seqs):
+        await asyncio.sleep(0.01)
+    rest = [item async for item in outputs]
+    await engine.stop()
+    assert all(len(seq.output_token_ids) == 40 for seq in seqs)
+    # Held while the reader was away: n in merged's queue and one in each pump's hands; then
+    # one merged output per choice (an eager reader held all 120 steps' outputs).
+    assert len(rest) <= 3 * len(seqs), len(rest)
+    texts = ["" for _ in seqs]
+    for i, output in [(index, first), *rest]:
+        texts[i] += output.text_delta
+    tokenizer = loaded.processor.tokenizer
+    assert texts == [tokenizer.decode(s.output_token_ids, skip_special_tokens=True) for s in seqs]
