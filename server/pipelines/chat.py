@@ -188,10 +188,11 @@ class ChatPipeline:
 
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
-        self.engine.check_capacity()  # refuse early, before spending work on the request
         # Bad words tokenized once for the request, not again for each choice.
         request = replace(request, sampling=self.engine.with_bad_word_ids(request.sampling))
-        budget = await self.check(request)
+        budget = self.check_fields(request)  # a bad request is a 400 even on a full server
+        self.engine.check_capacity()  # refused before the costly part: grammar, media
+        await self.compile_structured(request)
         request = replace(request, messages=self.rendered(request))
         async with self.preprocessing:
             images = await self.media.images(request.messages, budget)
@@ -203,12 +204,21 @@ class ChatPipeline:
     async def check(self, request: ChatRequest) -> MediaBudget:
         """The checks that need no media: an async job runs them before it is accepted, so a
         request that can never succeed is a 400 at once rather than a failed job later."""
+        budget = self.check_fields(request)
+        await self.compile_structured(request)
+        return budget
+
+    def check_fields(self, request: ChatRequest) -> MediaBudget:
+        """check's cheap part: sampling, the text's length, the number of media."""
         self.engine.check_sampling(request.sampling)
         if request.truncation is None:  # (a prompt to cut may be longer: it is asked for)
             self.engine.check_prompt_text(prompt_text(request.messages), "messages")
+        return self.media.check_counts(request.messages)
+
+    async def compile_structured(self, request: ChatRequest) -> None:
+        """The request's grammar (a 400 if it cannot be one), compiled ahead into the cache."""
         if (structured := request.sampling.structured) is not None:
             await compile_grammar(self.engine, structured, request.grammar_field)
-        return self.media.check_counts(request.messages)
 
     async def check_for_job(self, request: ChatRequest) -> None:
         """check, and what a job would otherwise find out only when it runs: text (and

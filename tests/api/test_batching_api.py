@@ -115,6 +115,10 @@ async def test_full_queue_answers_503_with_retry_after(
                 assert refused.status_code == 503
                 assert int(refused.headers["retry-after"]) >= 1
                 assert refused.json()["error"]["code"] == "server_overloaded"
+                # a request that can never run is a 400 even now, not a 503 to retry
+                invalid = await client.post("/v1/chat/completions", json=body(0, priority=1))
+                assert invalid.status_code == 400, invalid.text
+                assert invalid.json()["error"]["param"] == "priority"
             # Closing the stream aborted the long request; the queued one gets the slot.
             assert (await queued).status_code == 200
     # in the log once: its access line, a warning with the code
@@ -133,5 +137,9 @@ async def test_queue_timeout_answers_503(tiny_model_dir: Path) -> None:
             assert running.status_code == 200
             for stream in (False, True):
                 late = await client.post("/v1/chat/completions", json=body(0, stream=stream))
+                assert late.status_code == 503, late.text
+                assert late.json()["error"]["code"] == "queue_timeout"
+                text = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "stream": stream}
+                late = await client.post("/v1/completions", json=text)
                 assert late.status_code == 503, late.text
                 assert late.json()["error"]["code"] == "queue_timeout"

@@ -27,7 +27,7 @@ from server.api.services import Services, get_services
 from server.api.sse import DONE, SSE_HEADERS, error_event
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
-from server.pipelines.choices import merged
+from server.pipelines.choices import merged, prepended
 from server.pipelines.completions import PromptOptions
 from server.pipelines.finish import ConstraintFailed
 from server.pipelines.logprobs import EchoedPrompt, PromptLogprobs, TokenTexts
@@ -86,9 +86,15 @@ async def completions(
         )
     usage = usage_wanted(body.stream_options)
     events = merged([pipeline.outputs(s) for s in seqs])
+    # Wait for the first output before answering 200, so a queue timeout is still a 503.
+    try:
+        first = await until_disconnected(request, anext(events))
+    except ConstraintFailed as exc:
+        exc.param = shown.grammar_param
+        raise
     streams = [ChoiceStream(k, seq, seqs[k - k % n], echoes[k]) for k, seq in enumerate(seqs)]
     return StreamingResponse(
-        stream(response_id, model, streams, events, usage, shown, n),
+        stream(response_id, model, streams, prepended(first, events), usage, shown, n),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
