@@ -257,9 +257,7 @@ class JobWorker:
                 logger.exception("job %s: its result could not be stored", job.id)
                 written = await self._write_end(self.store.fail, job, INTERNAL_ERROR)
             if not written:
-                logger.warning(
-                    "job %s attempt %d lost its lease; result dropped", job.id, job.attempt
-                )
+                await self._log_lost(job, "result")
         finally:
             if not _being_cancelled():  # a stopped worker puts back what it still holds
                 self.held.pop(job.id, None)
@@ -270,15 +268,16 @@ class JobWorker:
             await progress.close()
         return True
 
-    async def _log_lost(self, job: Job) -> None:
+    async def _log_lost(self, job: Job, dropped: str = "work") -> None:
         """Why this attempt no longer holds its job: cancelled (by a request another replica
-        served), or its lease lost (taken over: a fault worth a warning)."""
+        served, or one that came as the result was written), or its lease lost (taken over: a
+        fault worth a warning)."""
         with contextlib.suppress(Exception):
             now = await asyncio.to_thread(self.store.get, job.id)
             if now is not None and now.status == "cancelled":
                 logger.info("job %s cancelled; its work stopped", job.id)
                 return
-        logger.warning("job %s attempt %d lost its lease; work dropped", job.id, job.attempt)
+        logger.warning("job %s attempt %d lost its lease; %s dropped", job.id, job.attempt, dropped)
 
     async def _handle(self, job: Job, progress: Progress) -> dict[str, Any]:
         """An accepted job is not failed for a busy engine (queue full or waited too long, the

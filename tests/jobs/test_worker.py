@@ -140,6 +140,34 @@ async def test_a_lost_lease_cancels_the_work(tmp_path: Path) -> None:
     assert current is not None and current.status == "processing" and current.result is None
 
 
+async def test_a_cancel_that_comes_with_the_result_is_no_lost_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled as its answer came (by a request another replica served): the result is not
+    stored, and the log says cancelled, not the warning of a lease taken over."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+
+    async def handler(job: Job, progress) -> dict:
+        store.cancel(job.id)
+        return {"late": True}
+
+    job = store.create("test", {}, None)
+    worker = JobWorker(store, {"test": handler}, concurrency=1)
+    with caplog.at_level(logging.INFO, logger="server.jobs.worker"):
+        worker.start()
+        try:
+            for _ in range(400):  # until the attempt has ended (its line logged)
+                if any(job.id in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.025)
+        finally:
+            await worker.stop()
+    current = store.get(job.id)
+    assert current is not None and current.status == "cancelled" and current.result is None
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert logged == [("INFO", f"job {job.id} cancelled; its work stopped")], logged
+
+
 async def test_a_stopped_engine_puts_the_job_back(tmp_path: Path) -> None:
     async def handler(job: Job, progress) -> dict:
         raise EngineStopped("The engine is not running.")
