@@ -104,5 +104,5 @@ def store(scored: list[Scored], packed: torch.Tensor) -> None:
             chosen, rank, *rest = values[row]
             row += 1
             if index - 1 == len(item.seq.prompt_logprobs):  # not recorded before a preemption
-                top = tuple((int(rest[k + j]), rest[j]) for j in range(wanted))
-                item.seq.prompt_logprobs.append(TokenLogprobs(chosen, top, int(rank)))
+                top = ((int(rest[k + j]), rest[j]) for j in range(wanted))
+                item.seq.prompt_logprobs.append(TokenLogprobs.of(chosen, top, int(rank)))

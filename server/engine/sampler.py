@@ -210,8 +210,8 @@ def unpack(values: list, rows: list[int], states: list[SamplingState]) -> list[i
     for j, row in enumerate(rows):
         start = j * num_top
         wanted = range(start, start + (states[row].params.logprobs or 0))
-        states[row].logprobs = TokenLogprobs(
-            values[batch + j], tuple((int(top_ids[m]), top_values[m]) for m in wanted)
+        states[row].logprobs = TokenLogprobs.of(
+            values[batch + j], ((int(top_ids[m]), top_values[m]) for m in wanted)
         )
     return [int(v) for v in values[:batch]]
 

@@ -238,7 +238,7 @@ def test_a_prompt_stopped_before_it_was_scored_is_not_echoed_in_half() -> None:
     inputs = ModelInputs(tensors={}, num_prompt_tokens=4, num_image_tokens=0)
     inputs.token_ids = [1, 2, 3, 4]  # cached_property: settable
     seq = Sequence("s", inputs, SamplingParams(prompt_logprobs=0), 4)
-    seq.prompt_logprobs = [TokenLogprobs(-1.0, ())]  # 1 of the 3 scored tokens
+    seq.prompt_logprobs = [TokenLogprobs.of(-1.0, ())]  # 1 of the 3 scored tokens
     for shown in (TokenTexts(None).prompt, TokenTexts(None).prompt_logprobs):
         with pytest.raises(EngineStopped):
             shown(seq)
