@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -414,7 +414,7 @@ class AsyncEngine:
             seq.is_aborted = True  # the loop drops it before its next step
             self._inbox.put(None)  # wake the loop if it is idle
 
-    async def stream(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
+    async def stream(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
         """Yields outputs until the sequence finishes; leaving early aborts it."""
         try:
             while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -368,7 +368,7 @@ class ChatPipeline:
             sampling = replace(sampling, think_end_token_id=self.think_close_id)
         return await add_choices(self.engine, request.request_id, inputs, sampling, request.n)
 
-    async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
+    async def outputs(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
         first = True
         async for output in self.engine.stream(seq):
             if output.finished:

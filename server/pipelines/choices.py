@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import TypeVar
 
@@ -57,7 +58,7 @@ async def add_choices(
 
 
 async def merged(
-    streams: list[AsyncIterator[SequenceOutput]],
+    streams: list[AsyncGenerator[SequenceOutput, None]],
 ) -> AsyncIterator[tuple[int, SequenceOutput]]:
     """(stream index, output) from every stream as they come; the first error ends all.
 
@@ -71,11 +72,14 @@ async def merged(
         maxsize=len(streams)
     )
 
-    async def pump(index: int, outputs: AsyncIterator[SequenceOutput]) -> None:
+    async def pump(index: int, outputs: AsyncGenerator[SequenceOutput, None]) -> None:
         end: BaseException | None = None
         try:
-            async for output in outputs:
-                await queue.put((index, output))
+            # (closed on the way out: a pump cancelled while it waits to put has its stream
+            # closed, so its sequence is aborted now, not when the generator is collected)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    await queue.put((index, output))
         except Exception as exc:
             end = exc
         await queue.put((index, end))  # (not when cancelled: nobody reads any more)

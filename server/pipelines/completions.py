@@ -4,7 +4,7 @@ no media; each prompt's n choices are sequences of their own (see choices.add_ch
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -147,7 +147,7 @@ class TextCompletions:
             )
         return ModelInputs({"input_ids": torch.tensor([ids])}, len(ids), 0)
 
-    async def outputs(self, seq: Sequence) -> AsyncIterator[SequenceOutput]:
+    async def outputs(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
         async for output in self.engine.stream(seq):
             if output.finished and self.metrics is not None:
                 self.metrics.record_sequence(seq)

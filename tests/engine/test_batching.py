@@ -212,3 +212,23 @@ async def test_a_reader_that_falls_behind_gets_what_piled_up_merged(loaded, prom
         texts[i] += output.text_delta
     tokenizer = loaded.processor.tokenizer
     assert texts == [tokenizer.decode(s.output_token_ids, skip_special_tokens=True) for s in seqs]
+
+
+async def test_a_reader_that_leaves_aborts_every_choice(loaded, prompts) -> None:
+    """Closing the merged stream (a client that hung up) aborts every choice, also those whose
+    output waits to be taken."""
+    engine = make_engine(loaded)
+    engine.start()
+    sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
+    seqs = await add_choices(engine, "gone", prompts[1], sampling, 3)
+    outputs = merged([engine.stream(seq) for seq in seqs])
+    await anext(outputs)
+    while not all(len(seq.output_token_ids) > 5 for seq in seqs):
+        await asyncio.sleep(0.01)  # (every pump now holds an output it cannot put)
+    await outputs.aclose()
+    for _ in range(500):
+        if all(seq.is_finished for seq in seqs):
+            break
+        await asyncio.sleep(0.01)
+    await engine.stop()
+    assert all(seq.is_aborted and len(seq.output_token_ids) < 1000 for seq in seqs)
