@@ -75,6 +75,12 @@ def speaks_anthropic(scope: Scope, unknown_route: bool = False) -> bool:
     )
 
 
+# Anthropic's error_code (sent in the error's details) for a request its message-threads beta
+# cannot serve: the SDK then sends the whole conversation without `thread` (its tool runner
+# threads by default).
+THREAD_UNSUPPORTED = "thread_unsupported_request"
+
+
 def anthropic_error_type(status: int) -> str:
     return ANTHROPIC_ERROR_TYPES.get(
         status, "api_error" if status >= 500 else "invalid_request_error"
@@ -98,7 +104,12 @@ def error_body(
     if not anthropic:
         info = ErrorInfo(message=message, type=error_type, param=param, code=code)
         return ErrorResponse(error=info).model_dump()
-    error = {"type": anthropic_error_type(status), "message": anthropic_message(message, param)}
+    error: dict[str, Any] = {
+        "type": anthropic_error_type(status),
+        "message": anthropic_message(message, param),
+    }
+    if code == THREAD_UNSUPPORTED:
+        error["details"] = {"error_code": code}
     return {"type": "error", "error": error, "request_id": request_id_var.get()}
 
 

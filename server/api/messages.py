@@ -28,7 +28,12 @@ from pydantic import (
 )
 from pydantic_core import from_json
 
-from server.api.errors import SERVER_ERROR, anthropic_error_type, anthropic_message
+from server.api.errors import (
+    SERVER_ERROR,
+    THREAD_UNSUPPORTED,
+    anthropic_error_type,
+    anthropic_message,
+)
 from server.api.protocol import MAX_CACHE_SALT, PartModel, StopString, StrictModel, Text
 from server.api.sse import answer_pieces
 from server.engine.sequence import SequenceOutput
@@ -288,6 +293,9 @@ class MessagesRequest(StrictModel):
     container: Any | None = None
     mcp_servers: list[Any] | None = None
     context_management: dict[str, Any] | None = None
+    # The message-threads beta (the server keeps the conversation): refused as Anthropic
+    # refuses a request threads cannot serve, so the SDK sends the whole conversation instead.
+    thread: dict[str, Any] | None = None
 
     # Where each chat message, and each of its parts, came from ("messages[2].content[1]").
     _origins: list[list[str]] = PrivateAttr(default_factory=list)
@@ -337,6 +345,13 @@ class MessagesRequest(StrictModel):
 
     def to_chat_body(self) -> dict[str, Any]:
         """The chat completion's body this request is."""
+        if self.thread is not None:
+            raise InvalidRequest(
+                "thread: this server keeps no message threads; send the whole conversation "
+                "in messages, without thread.",
+                param="thread",
+                code=THREAD_UNSUPPORTED,
+            )
         self._refuse_server_tools()
         messages = self._messages()
         body: dict[str, Any] = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import anthropic
 import httpx
@@ -264,6 +265,62 @@ async def test_tool_use_and_its_result(sdk: anthropic.AsyncAnthropic) -> None:
     before = message.usage.input_tokens + message.usage.cache_read_input_tokens
     after = follow_up.usage.input_tokens + follow_up.usage.cache_read_input_tokens
     assert after > before
+
+
+async def test_the_sdks_tool_runner_runs_its_tools(client: httpx.AsyncClient) -> None:
+    """The SDK's tool runner threads its requests by default (the message-threads beta): the
+    server refuses `thread` with the error_code that makes the SDK send whole conversations,
+    and the tool's result reaches the next turn."""
+    sent: list[dict] = []
+
+    async def record(request: httpx2.Request) -> None:
+        if request.method == "POST":
+            sent.append(json.loads(request.content))
+
+    transport = httpx2.ASGITransport(app=client._transport.app)  # type: ignore[attr-defined]
+    http = httpx2.AsyncClient(
+        transport=transport, base_url="http://testserver", event_hooks={"request": [record]}
+    )
+    sdk = anthropic.AsyncAnthropic(
+        base_url="http://testserver", http_client=http, max_retries=0, api_key="unused"
+    )
+    calls: list[str] = []
+
+    @anthropic.beta_async_tool
+    async def get_weather(city: Literal["Oslo", "Paris"]) -> str:
+        """The weather in a city.
+
+        Args:
+            city: the city's name
+        """
+        calls.append(city)
+        return "sunny"
+
+    runner = sdk.beta.messages.tool_runner(
+        model="tiny",
+        max_tokens=100,
+        tools=[get_weather],
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        max_iterations=2,
+        extra_body=GREEDY,
+    )
+    replies = [message async for message in runner]
+    assert [m.stop_reason for m in replies] == ["tool_use", "tool_use"] and len(calls) == 2
+    assert "thread" in sent[0]  # (the SDK's first try, refused)
+    last = sent[-1]
+    assert "thread" not in last and last["messages"][-1]["content"][0]["type"] == "tool_result"
+    refused = await client.post(
+        "/v1/messages",
+        json={
+            "model": "tiny",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "thread": {"type": "create"},
+        },
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["details"] == {"error_code": "thread_unsupported_request"}
 
 
 async def test_a_tool_use_cut_off_by_max_tokens_keeps_what_was_written(
