@@ -171,7 +171,8 @@ HELP = {
     "webhook_secret": "whsec_<base64> key that signs webhooks (Standard Webhooks v1).",
     "webhook_retry_delays": "Seconds before each webhook retry, comma-separated (jittered; "
     "Retry-After honoured); a delivery fails after the last one.",
-    "webhook_timeout": "Per webhook delivery attempt.",
+    "webhook_timeout": "The longest one webhook delivery attempt may take, all of it (connecting, "
+    "sending, the receiver's status line and headers; its body is not read).",
     "job_retention_hours": "Finished async jobs are deleted this long after they end (0: keep "
     "them forever).",
     "job_store": "Where async jobs, pending webhooks and the webhook secret live: "

@@ -87,8 +87,8 @@ def webhook_receiver() -> Iterator:
     """Makes real webhook receivers (scripted statuses in turn); all shut down afterwards."""
     made: list[WebhookReceiver] = []
 
-    def make(statuses: list[int], delay_s: float = 0.0) -> WebhookReceiver:
-        made.append(WebhookReceiver(statuses, delay_s))
+    def make(statuses: list[int], delay_s: float = 0.0, answer: str = "plain") -> WebhookReceiver:
+        made.append(WebhookReceiver(statuses, delay_s, answer))
         return made[-1]
 
     yield make

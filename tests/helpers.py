@@ -126,12 +126,15 @@ class MediaServer:
 
 class WebhookReceiver:
     """A real HTTP receiver on loopback that answers with the scripted statuses in turn, each
-    after delay_s; `received` and `answered_at` (monotonic times) record what happened."""
+    after delay_s; `received` and `answered_at` (monotonic times) record what happened.
+    answer "endless": the status, then a body that never ends (`body_bytes_sent` counts what
+    the sender let through); "trickle": the status line, then a header byte every 0.2 s."""
 
-    def __init__(self, statuses: list[int], delay_s: float = 0.0):
+    def __init__(self, statuses: list[int], delay_s: float = 0.0, answer: str = "plain"):
         self.statuses = statuses
         self.received: list[tuple[dict[str, str], bytes]] = []
         self.answered_at: list[float] = []
+        self.body_bytes_sent = 0
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -142,8 +145,21 @@ class WebhookReceiver:
                 time.sleep(delay_s)
                 receiver.answered_at.append(time.monotonic())
                 self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                if answer == "plain":
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with contextlib.suppress(OSError):  # (until the sender hangs up)
+                    if answer == "trickle":
+                        self.wfile.flush()
+                        for byte in b"X-Slow: " + b"y" * 10_000:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    self.end_headers()
+                    while True:
+                        self.wfile.write(b"x" * 65536)
+                        receiver.body_bytes_sent += 65536
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -5,7 +5,8 @@ Each delivery has a stable `webhook-id`; every attempt carries `webhook-timestam
 secret (--webhook-secret, else one generated once and kept in the job store, so every replica
 signs with the same one; a copy is written to DATA_DIR/webhook_secret for the operator).
 Failures, timeouts, 5xx and 429 are retried on the configured schedule with jitter (Retry-After
-honoured); 410 stops; redirects are not followed. Pending deliveries live in the job store, so
+honoured); 410 stops; redirects are not followed. An attempt is its status alone (the receiver's
+body is not read), within --webhook-timeout as a whole. Pending deliveries live in the job store, so
 they survive restarts and whichever replica is alive sends them; a replica holds a delivery while
 its attempt is in flight, so replicas do not send the same attempt side by side.
 Webhook URLs pass the same address check as media URLs (netguard).
@@ -102,6 +103,7 @@ class WebhookSender:
         self.attempts_metric = attempts_metric
         self.secret = secret
         self.retry_delays_s = retry_delays_s
+        self.timeout_s = timeout_s
         self.hold_s = timeout_s + HOLD_MARGIN_S  # an attempt's longest time in flight
         self.allowed_hosts = allowed_hosts
         self.client = httpx.AsyncClient(
@@ -178,11 +180,11 @@ class WebhookSender:
         attempts = row["attempts"] + 1
         status_code, error, retry_after = None, None, None
         try:
-            response = await self._post(row["url"], row["id"], row["payload"])
-            status_code = response.status_code
-            retry_after = retry_after_s(response)
+            status_code, retry_after = await self._post(row["url"], row["id"], row["payload"])
         except AddressRefused as refused:
             error = str(refused)
+        except asyncio.TimeoutError:
+            error = f"no answer within {self.timeout_s:g} s"
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             error = type(exc).__name__
         if status_code is not None and 200 <= status_code < 300:
@@ -214,7 +216,14 @@ class WebhookSender:
                 FORGET_AFTER_S, self.attempts_made.pop, row["id"], None
             )
 
-    async def _post(self, url: str, msg_id: str, body: str) -> httpx.Response:
+    async def _post(self, url: str, msg_id: str, body: str) -> tuple[int, float | None]:
+        """One attempt: the receiver's status and Retry-After. The whole attempt has
+        --webhook-timeout (httpx's timeout bounds each read, which a receiver that trickles a
+        byte at a time resets, holding a slot for hours); the receiver's body is never read
+        (one that answers with an endless body filled the memory)."""
+        return await asyncio.wait_for(self._send(url, msg_id, body), self.timeout_s)
+
+    async def _send(self, url: str, msg_id: str, body: str) -> tuple[int, float | None]:
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
@@ -225,4 +234,8 @@ class WebhookSender:
         request = await checked_request(
             self.client, "POST", httpx.URL(url), self.allowed_hosts, headers=headers, content=body
         )
-        return await self.client.send(request)
+        response = await self.client.send(request, stream=True)
+        try:
+            return response.status_code, retry_after_s(response)
+        finally:
+            await response.aclose()

@@ -139,6 +139,41 @@ async def test_a_slow_receiver_does_not_hold_back_the_others(
     assert fast.answered_at[0] < slow.answered_at[0]  # fast did not wait for slow's 3 s
 
 
+async def test_a_receivers_answer_costs_no_memory_and_no_more_than_the_timeout(
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver
+) -> None:
+    """Only the receiver's status is read: a 200 with a body that never ends is delivered,
+    its body left unread; a receiver that trickles its headers a byte at a time is given up
+    on after --webhook-timeout for the whole attempt (each byte reset httpx's own timeout)."""
+    endless = webhook_receiver([200], answer="endless")
+    trickle = webhook_receiver([200], answer="trickle")
+    image = data_uri(make_image())
+    configured = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        webhook_secret=SECRET,
+        webhook_retry_delays=["60"],
+        webhook_timeout=1.0,
+    )
+    async for client in start_client(configured):
+        urls = {}
+        for name, receiver in (("endless", endless), ("trickle", trickle)):
+            body = {"model": "tiny", "media_url": image, "webhook_url": receiver.url}
+            answer = await client.post("/v2/media/categories", json=body)
+            assert answer.status_code == 202, answer.text
+            urls[name] = answer.json()["status_url"]
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:  # (a job's delivery exists once the job has ended)
+            hooks = [(await client.get(urls[name])).json()["webhooks"] for name in urls]
+            delivered, late = [found[0] if found else {} for found in hooks]
+            if delivered.get("status") == "delivered" and late.get("attempts") == 1:
+                break
+            assert asyncio.get_running_loop().time() < deadline, hooks
+            await asyncio.sleep(0.1)
+    assert late["status"] == "pending" and "within 1 s" in late["last_error"]
+    assert endless.body_bytes_sent < 64 * 2**20  # what the sockets' buffers took, no more
+
+
 @pytest.mark.parametrize(
     ("url", "allowed"),
     [
