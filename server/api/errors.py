@@ -15,10 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
 from server.api.protocol import ErrorInfo, ErrorResponse
-from server.exceptions import ServerError
+from server.exceptions import ClientDisconnected, ServerError
 from server.log import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,9 @@ def install_error_handlers(app: FastAPI) -> None:
             body = error_body(anthropic, 404, message, "invalid_request_error")
             return JSONResponse(body, status_code=404)
         if status == 400 and message == BODY_PARSE_ERROR:  # read, but not as JSON text
+            if isinstance(exc.__cause__, ClientDisconnect):  # (gone while it sent the body)
+                gone = ClientDisconnected()
+                return error_response(request, gone.status_code, gone.message, gone.error_type)
             return error_response(
                 request,
                 400,

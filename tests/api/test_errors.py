@@ -732,3 +732,55 @@ async def test_images_that_cannot_fit_are_refused_before_they_are_decoded(
         )
         error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
         assert error["param"] == "messages[0].content[0]", error
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/files"])
+async def test_a_client_gone_while_it_sends_its_body_is_no_400(
+    client: httpx.AsyncClient, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body cut off by the client hanging up is the client's leaving (499 in the log and the
+    metrics), not a malformed body (it was logged as 400 invalid_json, uploads too)."""
+    caplog.set_level("INFO", logger="server.access")
+    multipart = path == "/v1/files"
+    content_type = b"multipart/form-data; boundary=xyz" if multipart else b"application/json"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", content_type),
+            (b"content-length", b"1000000"),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+    part = b'--xyz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nvision\r\n'
+    messages = [
+        {
+            "type": "http.request",
+            "body": part if multipart else b'{"model": "ti',
+            "more_body": True,
+        },
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict:
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await client.app(scope, receive, send)  # type: ignore[attr-defined]
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 499
+    lines = [r.getMessage() for r in caplog.records if path in r.getMessage()]
+    assert lines and all("400" not in line and "invalid_json" not in line for line in lines)
