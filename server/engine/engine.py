@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 # Seconds a client is told to wait (Retry-After) when the queue is full or timed out.
 RETRY_AFTER_S = 1
+# The most tokens a reader that fell behind gets in one output (see AsyncEngine.stream): each
+# output is formatted in one go, so this bounds how long that holds the event loop.
+MAX_JOINED_TOKENS = 64
 
 
 def project_salt(project: str, salt: str | None) -> str:
@@ -415,16 +418,29 @@ class AsyncEngine:
             self._inbox.put(None)  # wake the loop if it is idle
 
     async def stream(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
-        """Yields outputs until the sequence finishes; leaving early aborts it."""
+        """Yields outputs until the sequence finishes; leaving early aborts it.
+
+        A reader that fell behind (a slow client) gets what piled up as one output per up to
+        MAX_JOINED_TOKENS tokens, and the event loop runs between them: a client that paused,
+        then read a backlog of thousands of tokens (with 20 top logprobs each), had it
+        formatted in one piece, the server answering no one else for seconds."""
+        sent = 0  # the tokens of the outputs yielded so far
         try:
             while True:
-                output = await seq.outputs.get()
-                # A reader that fell behind gets what piled up as one output, not many.
-                while not output.finished and not seq.outputs.empty():
-                    output = output.merge(seq.outputs.get_nowait())
+                pieces = [await seq.outputs.get()]
+                while (
+                    not pieces[-1].finished
+                    and not seq.outputs.empty()
+                    and pieces[-1].num_completion_tokens - sent < MAX_JOINED_TOKENS
+                ):
+                    pieces.append(seq.outputs.get_nowait())
+                output = SequenceOutput.joined(pieces)
+                sent = output.num_completion_tokens
                 yield output
                 if output.finished:
                     return
+                if not seq.outputs.empty():
+                    await asyncio.sleep(0)  # (a backlog: the others' turn between its pieces)
         finally:
             if not seq.is_finished:
                 self.abort(seq.request_id)

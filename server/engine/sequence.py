@@ -30,14 +30,18 @@ class SequenceOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
 
-    def merge(self, later: SequenceOutput) -> SequenceOutput:
-        """This output followed by a later one, as a single output."""
+    @staticmethod
+    def joined(outputs: list[SequenceOutput]) -> SequenceOutput:
+        """Consecutive outputs as a single one (their texts joined once, not pairwise)."""
+        last = outputs[-1]
+        if len(outputs) == 1:
+            return last
         return SequenceOutput(
-            self.text_delta + later.text_delta,
-            later.num_completion_tokens,
-            later.finished,
-            later.finish_reason,
-            later.stop_reason,
+            "".join(output.text_delta for output in outputs),
+            last.num_completion_tokens,
+            last.finished,
+            last.finish_reason,
+            last.stop_reason,
         )
 
 

@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from server.config import Settings
-from server.engine.engine import AsyncEngine
+from server.engine.engine import MAX_JOINED_TOKENS, AsyncEngine
 from server.engine.inputs import InputBuilder, ModelInputs
 from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import EngineOverloaded
 from server.pipelines.choices import add_choices, merged
 from tests.helpers import make_image
@@ -232,3 +233,16 @@ async def test_a_reader_that_leaves_aborts_every_choice(loaded, prompts) -> None
         await asyncio.sleep(0.01)
     await engine.stop()
     assert all(seq.is_aborted and len(seq.output_token_ids) < 1000 for seq in seqs)
+
+
+async def test_a_backlog_comes_in_bounded_pieces(loaded, prompts) -> None:
+    """What piled up for a reader that fell behind comes as one output per at most
+    MAX_JOINED_TOKENS tokens (each is formatted in one go), the text whole."""
+    engine = make_engine(loaded)  # (not started: the outputs are put here by hand)
+    seq = Sequence("behind", prompts[1], SamplingParams(max_tokens=200), 200)
+    for count in range(1, 201):
+        seq.outputs.put_nowait(SequenceOutput(f"{count} ", count, finished=count == 200))
+    outputs = [output async for output in engine.stream(seq)]
+    counts = [output.num_completion_tokens for output in outputs]
+    assert counts == [64, 128, 192, 200] and MAX_JOINED_TOKENS == 64
+    assert "".join(o.text_delta for o in outputs) == "".join(f"{i} " for i in range(1, 201))
