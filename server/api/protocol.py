@@ -1247,11 +1247,13 @@ class ToolCallOut(BaseModel):
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None  # (OpenAI's: the model here never refuses apart from its text)
     # extension: a thinking checkpoint's reasoning, under current vLLM's name and under the
     # older one that vLLM < 0.11 and the hosted Qwen APIs send (the same text in both)
     reasoning: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
+    annotations: list[dict[str, Any]] = Field(default_factory=list)  # (OpenAI's: no web search)
 
 
 class TopLogprob(BaseModel):
@@ -1322,6 +1324,7 @@ class ChatCompletionChoice(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
+    audio_tokens: int = 0  # (OpenAI's; no audio here)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's field)
     image_tokens: int
     text_tokens: int
@@ -1329,7 +1332,14 @@ class PromptTokensDetails(BaseModel):
 
 
 class CompletionTokensDetails(BaseModel):
-    reasoning_tokens: int  # a thinking checkpoint's tokens before "</think>" (OpenAI's field)
+    """OpenAI's fields, always there (clients read reasoning_tokens without a check), and
+    text_tokens as the hosted Qwen APIs send it (every completion token is text)."""
+
+    accepted_prediction_tokens: int = 0  # (no predicted outputs here)
+    audio_tokens: int = 0
+    reasoning_tokens: int = 0  # a thinking checkpoint's tokens before "</think>"
+    rejected_prediction_tokens: int = 0
+    text_tokens: int
 
 
 class Usage(BaseModel):
@@ -1337,10 +1347,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
-    # Only for answers that start in reasoning (absent, not null, elsewhere).
-    completion_tokens_details: CompletionTokensDetails | None = Field(
-        default=None, exclude_if=_absent
-    )
+    completion_tokens_details: CompletionTokensDetails | None = None
 
     @classmethod
     def of(
@@ -1362,10 +1369,8 @@ class Usage(BaseModel):
                 text_tokens=num_prompt - num_image - num_video,
                 video_tokens=num_video,
             ),
-            completion_tokens_details=(
-                None
-                if num_reasoning is None
-                else CompletionTokensDetails(reasoning_tokens=num_reasoning)
+            completion_tokens_details=CompletionTokensDetails(
+                reasoning_tokens=num_reasoning or 0, text_tokens=num_completion
             ),
         )
 

@@ -234,6 +234,9 @@ INCLUDABLE = frozenset({LOGPROBS, "reasoning.encrypted_content"})
 RESPONSES_UNSUPPORTED_WHEN = {
     "prompt": lambda v: v is not None,
     "max_tool_calls": lambda v: v is not None,
+    # screening, or compaction of the context between turns: work the answer would lack
+    "moderation": lambda v: v is not None,
+    "context_management": lambda v: bool(v),
     "include": lambda v: any(i not in INCLUDABLE for i in v or ()),
 }
 
@@ -267,7 +270,11 @@ class ResponsesRequest(StrictModel):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None  # (the prefix cache is automatic)
     service_tier: str | None = None
+    background_options: dict[str, Any] | None = None  # (a completion window: jobs run first come)
+    image: dict[str, Any] | None = None  # (image context compression: images are sent whole)
+    access_programs: dict[str, Any] | None = None
     reasoning: ReasoningConfig | None = None
     # "auto": a conversation too long for the context loses its oldest turns (shorten())
     truncation: Literal["auto", "disabled"] | None = None
@@ -287,6 +294,8 @@ class ResponsesRequest(StrictModel):
     # Refused when set (RESPONSES_UNSUPPORTED_WHEN).
     prompt: dict[str, Any] | None = None
     max_tool_calls: int | None = None
+    moderation: dict[str, Any] | None = None
+    context_management: list[dict[str, Any]] | None = None
     # With include [LOGPROBS]: how many likeliest tokens each token's entry lists.
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -556,16 +565,21 @@ def _is_system_message(item: Any) -> bool:
 def item_records(items: list[Any]) -> list[dict[str, Any]]:
     """Input items as they are stored and listed, as OpenAI lists them: each with an id of
     its own (a new one: an id sent, an earlier output's, would repeat in the conversation),
-    a message with a status, and its string content as its part (input_text, an assistant's
-    output_text)."""
+    a message, a function call and its output with a status, a message's string content as
+    its part (input_text, an assistant's output_text), output_text with its annotations (the
+    SDK's types require them)."""
     records = []
     for item in items:
         record = item.model_dump(exclude_none=True)
-        if record["type"] == "message":
+        if record["type"] in ("message", "function_call", "function_call_output"):
             record.setdefault("status", "completed")
+        if record["type"] == "message":
             if isinstance(record["content"], str):
                 kind = "output_text" if record["role"] == "assistant" else "input_text"
                 record["content"] = [{"type": kind, "text": record["content"]}]
+            for part in record["content"]:
+                if part.get("type") == "output_text":
+                    part.setdefault("annotations", [])
         records.append({"id": _item_id(ITEM_PREFIXES.get(record["type"], "item")), **record})
     return records
 
@@ -654,6 +668,32 @@ def _item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+# A failed response's error.code is one of OpenAI's ResponseError codes (its SDK's enum): this
+# server's own code is shown as the nearest of them, its type and param beside it.
+RESPONSE_ERROR_CODES = {
+    "media_fetch_failed": "failed_to_download_image",
+    "media_url_not_allowed": "invalid_image_url",
+    "media_too_large": "image_too_large",
+    "media_budget_exceeded": "image_too_large",
+    "image_too_large": "image_too_large",
+    "unsupported_media_type": "unsupported_image_media_type",
+    "invalid_media": "invalid_image",
+    "file_not_found": "image_file_not_found",
+}
+
+
+def response_error(
+    code: str | None, message: str, param: str | None = None, error_type: str | None = None
+) -> dict[str, Any]:
+    """A failed response's error object: OpenAI's code nearest to this server's (server_error
+    for the server's own faults, invalid_prompt for a request's other mistakes)."""
+    if error_type == "server_error" or code in (None, "server_error"):
+        shown = "server_error"
+    else:
+        shown = RESPONSE_ERROR_CODES.get(code, "invalid_prompt")
+    return {"code": shown, "message": message, "param": param, "type": error_type}
+
+
 DEFAULT_TIER = "default"  # the service tier OpenAI's response shows for "auto" or none
 
 
@@ -689,6 +729,7 @@ class ResponseObject(BaseModel):
     # Echoed as OpenAI's response shows them (hints for a hosted service, no effect here).
     max_tool_calls: int | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
     service_tier: str = DEFAULT_TIER
     top_logprobs: int = 0
@@ -720,6 +761,7 @@ class ResponseObject(BaseModel):
             user=body.user,
             metadata=body.metadata or {},
             prompt_cache_key=body.prompt_cache_key,
+            prompt_cache_retention=body.prompt_cache_retention,
             safety_identifier=body.safety_identifier,
             service_tier=DEFAULT_TIER if body.service_tier in (None, "auto") else body.service_tier,
             top_logprobs=body.top_logprobs or 0,
@@ -896,14 +938,17 @@ class ResponseEvents:
         """An error after the stream began (None: the server's own fault): the open item
         closed as it stands, the error, then the response failed (with what was sent, and
         its usage)."""
-        error = {"code": "server_error", "message": SERVER_ERROR, "param": None}
+        said = {"code": "server_error", "message": SERVER_ERROR, "param": None}  # (any code)
+        error_type = "server_error"
         if exc is not None:
-            error = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
+            said = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
+            error_type = exc.error_type
         events = self._close("incomplete")
+        error = response_error(said["code"], said["message"], said["param"], error_type)
         self.response.status, self.response.error = "failed", error
         self.response.output, self.response.usage = self.output, usage_of(run)
         return events + [
-            self._event("error", **error),
+            self._event("error", **said),
             self._event("response.failed", response=self.response.model_dump()),
         ]
 

@@ -15,6 +15,7 @@ from server.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     ChoiceLogprobs,
+    CompletionTokensDetails,
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
@@ -93,7 +94,10 @@ class ChatChunkWriter:
         usage = None
         if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
             so_far = self.running_usage(index)
-            nothing = {"completion_tokens": 0, "completion_tokens_details": None}
+            nothing = {
+                "completion_tokens": 0,
+                "completion_tokens_details": CompletionTokensDetails(text_tokens=0),
+            }
             usage = so_far.model_copy(update={**nothing, "total_tokens": so_far.prompt_tokens})
         choice = ChatCompletionChunkChoice(index=index, delta=delta)
         return self._event([choice], usage, frames=frames, prompt_token_ids=prompt_token_ids)

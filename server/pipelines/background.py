@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from server.api.responses import event
+from server.api.responses import event, response_error
 from server.exceptions import ConversationNotFound, EngineStopped, JobStoreUnavailable
 from server.jobs.responses import StoredTurn
 from server.jobs.store import Job, JobStore
@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 KIND = "response"
 ANSWERED = ("completed", "incomplete")
 # What a run that ended without an answer says (the server log has the reason).
-NO_ANSWER = {"code": "server_error", "message": "The background run failed; see the server log."}
+NO_ANSWER = response_error(
+    "server_error", "The background run failed; see the server log.", None, "server_error"
+)
 
 
 def background_response_handler(
@@ -106,7 +108,12 @@ def background_response_handler(
                 store.conversation_items, conversation_id, job.project
             )
             if history is None:
-                error = {"code": "conversation_not_found", "message": "The conversation is gone."}
+                error = response_error(
+                    "conversation_not_found",
+                    "The conversation is gone.",
+                    "conversation",
+                    "invalid_request_error",
+                )
                 return {**running, "status": "failed", "error": error}, None, []
             body = {**body, "input": [*history, *stored.input]}
             body.pop("conversation", None)
@@ -296,8 +303,8 @@ def answered(running: dict[str, Any], status: int, answer: dict[str, Any]) -> di
     status, or failed with the error the request got."""
     if status != 200:
         error = answer.get("error") or {}
-        code = error.get("code") or error.get("type") or "server_error"
         message = error.get("message") or "The response failed."
-        return {**running, "status": "failed", "error": {"code": code, "message": message}}
+        shown = response_error(error.get("code"), message, error.get("param"), error.get("type"))
+        return {**running, "status": "failed", "error": shown}
     kept = ("status", "output", "usage", "completed_at", "incomplete_details", "error")
     return {**running, **{key: answer.get(key) for key in kept}}

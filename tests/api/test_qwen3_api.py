@@ -157,24 +157,25 @@ async def test_usage_counts_the_reasoning_tokens(
     thinking: httpx.AsyncClient, tiny3_model_dir
 ) -> None:
     """OpenAI's usage.completion_tokens_details.reasoning_tokens: the tokens before
-    "</think>" (all of them when it never came), and absent where the answer did not start in
-    reasoning."""
+    "</think>" (all of them when it never came), and 0 where the answer did not start in
+    reasoning (the details are always there: clients read them without a check)."""
     close = AutoTokenizer.from_pretrained(tiny3_model_dir).convert_tokens_to_ids("</think>")
     body = chat(text("Think."), max_tokens=5, temperature=0, ignore_eos=True)
     cases = [
-        ({}, {"reasoning_tokens": 5}),  # the random model never closes its thought
-        ({"logit_bias": {str(close): 100}}, {"reasoning_tokens": 0}),  # closed at once
-        ({"chat_template_kwargs": {"enable_thinking": False}}, None),
+        ({}, 5),  # the random model never closes its thought
+        ({"logit_bias": {str(close): 100}}, 0),  # closed at once
+        ({"chat_template_kwargs": {"enable_thinking": False}}, 0),
     ]
-    for extra, details in cases:
+    for extra, reasoning in cases:
         response = await thinking.post("/v1/chat/completions", json={**body, **extra})
         assert response.status_code == 200, response.text
-        assert response.json()["usage"].get("completion_tokens_details") == details
+        details = response.json()["usage"]["completion_tokens_details"]
+        assert details["reasoning_tokens"] == reasoning and details["text_tokens"] == 5
     stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
     async with thinking.stream("POST", "/v1/chat/completions", json=stream) as response:
         lines = [line async for line in response.aiter_lines() if line.startswith("data: {")]
     usage = json.loads(lines[-1][6:])["usage"]
-    assert usage["completion_tokens_details"] == {"reasoning_tokens": 5}
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 5
     # the OpenAPI document keeps Usage a typed object (clients generate their models from it)
     schemas = (await thinking.get("/openapi.json")).json()["components"]["schemas"]
     assert {"completion_tokens", "completion_tokens_details"} <= set(schemas["Usage"]["properties"])
@@ -186,13 +187,13 @@ async def test_a_thinking_budget_ends_the_reasoning(thinking: httpx.AsyncClient)
     streamed or not; a budget the reasoning does not reach changes nothing."""
     body = chat(text("Think."), max_tokens=8, temperature=0, ignore_eos=True)
     unbounded = (await thinking.post("/v1/chat/completions", json=body)).json()
-    assert unbounded["usage"]["completion_tokens_details"] == {"reasoning_tokens": 8}
+    assert unbounded["usage"]["completion_tokens_details"]["reasoning_tokens"] == 8
     for budget, sampling in [(3, {}), (0, {}), (5, {"temperature": 1, "top_p": 0.9, "seed": 7})]:
         bounded = {**body, **sampling, "thinking_token_budget": budget}
         response = await thinking.post("/v1/chat/completions", json=bounded)
         assert response.status_code == 200, response.text
         usage, message = response.json()["usage"], response.json()["choices"][0]["message"]
-        assert usage["completion_tokens_details"] == {"reasoning_tokens": budget}
+        assert usage["completion_tokens_details"]["reasoning_tokens"] == budget
         assert usage["completion_tokens"] == 8 and message["content"]
         if not sampling:  # the reasoning is what it was, up to the budget
             before = unbounded["choices"][0]["message"]["reasoning_content"]
@@ -287,7 +288,7 @@ async def test_a_thinking_checkpoint_reasons_then_answers_under_the_grammar(
     assert response.status_code == 200, response.text
     message = response.json()["choices"][0]["message"]
     assert json.loads(message["content"]) is not None and message["reasoning_content"]
-    assert response.json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
+    assert response.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 4
     deltas = await streamed_deltas(thinking, budgeted)
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
     unended = (await thinking.post("/v1/chat/completions", json=body)).json()["choices"][0]
@@ -345,8 +346,8 @@ async def test_responses_api_reasoning_items(thinking: httpx.AsyncClient) -> Non
     assert reasoning, "the tiny thinking model reasons first"  # what this test is about
     assert kinds == ["reasoning"]  # cut off while reasoning: no message, as OpenAI answers
     assert response["output"][0]["content"] == [{"type": "reasoning_text", "text": reasoning}]
-    details = message["usage"]["completion_tokens_details"]
-    assert response["usage"]["output_tokens_details"] == details
+    reasoning_tokens = message["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    assert response["usage"]["output_tokens_details"] == {"reasoning_tokens": reasoning_tokens}
     async with thinking.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
         events = [
             json.loads(line[6:]) async for line in stream.aiter_lines() if line.startswith("data:")
@@ -409,7 +410,7 @@ async def test_include_reasoning_false_leaves_the_reasoning_out(
     message = response["choices"][0]["message"]
     assert message["reasoning"] is None and message["reasoning_content"] is None
     assert message["content"] == full["choices"][0]["message"]["content"]
-    assert response["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3}
+    assert response["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3
     deltas = await streamed_deltas(thinking, quiet)
     assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
@@ -442,7 +443,7 @@ async def test_a_prompt_cut_on_the_right_does_not_start_in_reasoning(
     assert response.status_code == 200, response.text
     message = response.json()["choices"][0]["message"]
     assert message["reasoning"] is None and message["content"]
-    assert "completion_tokens_details" not in response.json()["usage"]
+    assert response.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
 
 
 async def test_the_responses_api_takes_a_thinking_budget(thinking: httpx.AsyncClient) -> None:

@@ -10,14 +10,14 @@ import httpx
 import openai
 import pytest
 import torch
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from server.api.responses import ResponseEvents, ResponseObject, ResponsesRequest
 from server.engine.inputs import ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import ServerError
+from server.exceptions import InvalidRequest, ServerError
 from server.pipelines.chat import ChatRun
 from tests.api.test_errors import assert_error
 from tests.helpers import data_uri, make_image
@@ -110,6 +110,25 @@ async def test_input_tokens_count_is_the_responses_input_tokens(sdk: openai.Asyn
     assert missing.value.body["code"] == "previous_response_not_found"
 
 
+async def test_listed_input_items_are_the_sdks_types(client: httpx.AsyncClient) -> None:
+    """Input items read back (an assistant's string content, a function call and its output)
+    carry what the SDK's types require: output_text's annotations, the items' status."""
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    items = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me look."},
+        call,
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ]
+    body = {"model": "tiny", "input": items, "tools": [WEATHER], "max_output_tokens": 2}
+    response = (await client.post("/v1/responses", json=body)).json()
+    listed = (await client.get(f"/v1/responses/{response['id']}/input_items?order=asc")).json()
+    ResponseItemList.model_validate(listed, strict=True)
+    said = listed["data"][1]["content"][0]
+    assert said == {"type": "output_text", "text": "Let me look.", "annotations": []}
+    assert [item.get("status") for item in listed["data"]] == ["completed"] * 4
+
+
 async def test_unknown_responses_are_a_404_that_says_why(sdk: openai.AsyncOpenAI) -> None:
     for call in (
         sdk.responses.retrieve("resp_1"),
@@ -149,9 +168,21 @@ async def test_the_response_echoes_the_hints_it_was_sent(sdk: openai.AsyncOpenAI
         safety_identifier="user-1",
         top_logprobs=3,
         include=["message.output_text.logprobs"],
+        prompt_cache_retention="24h",
+        prompt_cache_options={"mode": "implicit"},
+        background_options={"completion_window": "soonest"},
+        image={"context_compression": "auto"},
+        access_programs={"cyber": "standard"},
     )
     assert (hinted.service_tier, hinted.top_logprobs) == ("flex", 3)
     assert (hinted.prompt_cache_key, hinted.safety_identifier) == ("k1", "user-1")
+    assert hinted.prompt_cache_retention == "24h"
+    # what would need work this server does not do is refused, naming the field
+    for field, value in [("moderation", {"model": "m"}), ("context_management", [{"type": "c"}])]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.responses.create(model="tiny", input="Hi", **{field: value})
+        assert refused.value.body["param"] == field
+        assert refused.value.body["code"] == "unsupported_parameter"
 
 
 async def test_allowed_tools_as_the_responses_api_names_them(
@@ -483,9 +514,30 @@ def test_a_failure_mid_stream_closes_what_was_sent() -> None:
         "response.failed",
     ]
     failed = parsed[-1]["response"]
-    assert failed["status"] == "failed" and failed["error"] == error
+    assert failed["status"] == "failed" and failed["error"] == {**error, "type": "server_error"}
+    assert parsed[-2] == {
+        "type": "error",
+        "sequence_number": parsed[-2]["sequence_number"],
+        **error,
+    }
     assert failed["output"][0]["status"] == "incomplete"
     assert failed["output"][0]["content"][0]["text"] == "Hel"
     assert failed["usage"]["input_tokens"] == 3 and failed["usage"]["output_tokens"] == 2
     for event in parsed:
         TypeAdapter(ResponseStreamEvent).validate_python(event)
+    # a request's own mistake: the error event has this server's code, the failed response
+    # OpenAI's nearest (its SDK's enum), with the error's type and param
+    refused = InvalidRequest("bad schema", param="text.format", code="invalid_schema")
+    again = ResponseEvents(
+        ResponseObject.start("resp_y", body, SamplingParams(), store=True), None, reasoning=False
+    )
+    sent = again.begin() + again.failed(refused, ChatRun([seq]))
+    parsed = [json.loads(e.split("data: ", 1)[1]) for e in sent]
+    assert parsed[-2]["code"] == "invalid_schema"
+    assert parsed[-1]["response"]["error"] == {
+        "code": "invalid_prompt",
+        "message": "bad schema",
+        "param": "text.format",
+        "type": "invalid_request_error",
+    }
+    Response.model_validate(parsed[-1]["response"], strict=True)

@@ -244,7 +244,7 @@ async def test_the_stored_items_are_what_was_sent(client: httpx.AsyncClient) -> 
         "content": [{"type": "input_text", "text": "Hi"}],
         "status": "completed",
     }
-    assert second["content"] == [{"type": "output_text", "text": "Hello"}]
+    assert second["content"] == [{"type": "output_text", "text": "Hello", "annotations": []}]
 
 
 async def until_ended(sdk: openai.AsyncOpenAI, response_id: str) -> Response:
@@ -432,7 +432,10 @@ async def test_a_background_response_that_fails_says_why(sdk: openai.AsyncOpenAI
     )
     failed = await until_ended(sdk, queued.id)
     assert failed.status == "failed" and failed.error is not None
-    assert failed.error.code == "media_fetch_failed"
+    # (OpenAI's code for it, the SDK's enum; the request's error type and the part named)
+    assert failed.error.code == "failed_to_download_image"
+    assert failed.error.type == "invalid_request_error"
+    assert failed.error.param == "input[0].content[0]"
 
 
 async def test_bad_background_requests_are_400s(sdk: openai.AsyncOpenAI) -> None:
