@@ -95,6 +95,8 @@ async def merged(
                 raise item
             else:
                 yield index, item
+                if not queue.empty():  # (the others' turn between outputs formatted back to back)
+                    await asyncio.sleep(0)
     finally:
         for task in tasks:
             task.cancel()
