@@ -433,9 +433,14 @@ class ResponsesRequest(StrictModel):
     def refuse_hosted_tools(self) -> None:
         for index, tool in enumerate(self.tools or ()):
             if isinstance(tool, HostedTool):
+                why = (
+                    "custom tools (free-form text input) are not supported"
+                    if tool.type == "custom"
+                    else "it runs no hosted tools (web search, file search, MCP, ...)"
+                )
                 raise InvalidRequest(
-                    f"The {tool.type} tool is not available on this server: it runs no hosted "
-                    "tools (web search, file search, MCP, ...); function tools only.",
+                    f"The {tool.type} tool is not available on this server: {why}; function "
+                    "tools only.",
                     param=f"tools[{index}].type",
                     code="unsupported_parameter",
                 )

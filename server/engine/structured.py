@@ -141,7 +141,11 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
     Property names are names, not keywords: only schema positions are read."""
     if not isinstance(schema, dict):
         return []
-    found = [f"{at}{key}" for key in schema if key in UNENFORCED]
+    found = [
+        f"{at}{key}"
+        for key in schema
+        if key in UNENFORCED and not (key == "multipleOf" and whole_multiple(schema))
+    ]
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         found.append(f"{at}allOf (of several schemas)")
     if isinstance(schema.get("pattern"), str) and writes_raw_escapes(schema["pattern"]):
@@ -163,6 +167,16 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
     for key in SCHEMA_VALUES:
         found += unenforced(schema.get(key), f"{at}{key}.")
     return found
+
+
+def whole_multiple(schema: dict[str, Any]) -> bool:
+    """Whether the schema's multipleOf is one xgrammar enforces: a positive whole number on
+    integers alone (it writes the digits through a remainder automaton; on numbers it warns
+    and ignores the keyword)."""
+    step = schema.get("multipleOf")
+    kinds = schema.get("type")
+    integers = kinds == "integer" or (isinstance(kinds, list) and "number" not in kinds)
+    return integers and isinstance(step, int) and not isinstance(step, bool) and step > 0
 
 
 def writes_raw_escapes(pattern: str) -> bool:

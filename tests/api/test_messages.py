@@ -505,6 +505,12 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
         assert model.created_at.year >= 2024
     assert page.has_more is False
     assert (page.first_id, page.last_id) == (page.data[0].id, page.data[-1].id)
+    # the SDK's pager, a name a page: each once, in order, and it stops
+    names = [model.id for model in page.data]
+    assert [model.id async for model in await sdk.models.list(limit=1)] == names
+    last = await sdk.models.list(limit=2, before_id=names[-1])
+    assert [m.id for m in last.data] == names[-3:-1] and last.has_more == (len(names) > 3)
+    assert (await sdk.models.list(after_id="nope")).data == []
     # errors on the routes both APIs share are in the envelope of the SDK that asks
     with pytest.raises(anthropic.NotFoundError) as missing:
         await sdk.models.retrieve("nope")

@@ -150,7 +150,8 @@ async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
     for strict in (False, None):
         assert (await ask(schema, strict)).status_code == 200
     for bad in (
-        {"type": "integer", "multipleOf": 3},
+        {"type": "integer", "multipleOf": 2.5},  # (a whole multipleOf on integers is enforced)
+        {"type": "number", "multipleOf": 3},
         {"type": "string", "pattern": "^[a-z]+$", "maxLength": 4},
         {"not": {"type": "string"}},
         {"type": "string", "pattern": '^"[a-z]{2}"$'},  # (a quote xgrammar writes raw)
@@ -160,6 +161,13 @@ async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
         assert response.status_code == 400, (bad, response.text)
     names = {"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "string"}}}
     assert (await ask(names, True)).status_code == 200
+    # pydantic's Field(multiple_of=5) on an int: the grammar writes only multiples of 5
+    fives = {"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 500}
+    schema = {"type": "object", "properties": {"n": fives}, "required": ["n"]}
+    for seed in range(4):
+        answer = await ask(schema, True, seed=seed, temperature=1)
+        assert answer.status_code == 200, answer.text
+        assert json.loads(answer.json()["choices"][0]["message"]["content"])["n"] % 5 == 0
     tool = {
         "type": "function",
         "function": {

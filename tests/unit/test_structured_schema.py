@@ -44,3 +44,18 @@ def test_only_schema_positions_are_read() -> None:
         "$defs.n.multipleOf",
         "anyOf[0].allOf (of several schemas)",
     ]
+
+
+def test_a_whole_multiple_of_integers_is_enforced() -> None:
+    """xgrammar writes an integer's digits through a remainder automaton for a whole
+    multipleOf; a fractional one, or one on numbers, it ignores (refused under strict)."""
+    assert unenforced({"type": "integer", "multipleOf": 5}) == []
+    assert unenforced({"type": ["integer", "null"], "multipleOf": 3}) == []
+    for schema in (
+        {"type": "integer", "multipleOf": 0.5},
+        {"type": "number", "multipleOf": 5},
+        {"type": ["integer", "number"], "multipleOf": 5},
+        {"multipleOf": 5},
+        {"type": "integer", "multipleOf": True},
+    ):
+        assert unenforced(schema) == ["multipleOf"], schema

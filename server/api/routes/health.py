@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -47,8 +47,24 @@ async def version() -> dict[str, str]:
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])
-async def list_models(services: Services = Depends(get_services)) -> ModelList:
-    return ModelList(data=[model_card(services, name) for name in services.served_model_names])
+async def list_models(
+    services: Services = Depends(get_services),
+    limit: int | None = Query(default=None, ge=1, le=1000),
+    after_id: str | None = None,
+    before_id: str | None = None,
+) -> ModelList:
+    """Every served name (OpenAI's list); Anthropic's SDK pages it with limit, after_id and
+    before_id (an id not served: an empty page, so a pager stops)."""
+    names = list(services.served_model_names)
+    if after_id is not None:
+        names = names[names.index(after_id) + 1 :] if after_id in names else []
+    if before_id is not None:
+        names = names[: names.index(before_id)] if before_id in names else []
+    more = limit is not None and len(names) > limit
+    if more:  # (before_id pages backwards: the page nearest it)
+        names = names[-limit:] if before_id is not None and after_id is None else names[:limit]
+    data = [model_card(services, name) for name in names]
+    return ModelList(data=data, has_more=more)
 
 
 # `:path`: served names are often hub ids with a slash (Qwen/Qwen2-VL-2B-Instruct).
