@@ -43,21 +43,7 @@ async def streamed(
 
     raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
     raw += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": raw,
-        "client": ("127.0.0.1", 0),
-        "server": ("loopback", 80),
-    }
-    task = asyncio.create_task(app(scope, receive, send))
+    task = asyncio.create_task(app(post_scope(path, raw), receive, send))
     # An app that ends without an answer (it crashed) ends the body too.
     task.add_done_callback(lambda _: chunks.put_nowait(None))
     try:
@@ -106,3 +92,21 @@ async def sse_blocks(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
                 yield block
     if buffer.strip():
         yield buffer
+
+
+def post_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a POST to the app itself, from loopback."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 0),
+        "server": ("loopback", 80),
+    }

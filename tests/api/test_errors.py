@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from server.exceptions import InvalidRequest
+from server.pipelines.loopback import post_scope
 from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
 from tests.media.test_image import png_header_only
 
@@ -743,24 +744,12 @@ async def test_a_client_gone_while_it_sends_its_body_is_no_400(
     caplog.set_level("INFO", logger="server.access")
     multipart = path == "/v1/files"
     content_type = b"multipart/form-data; boundary=xyz" if multipart else b"application/json"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", content_type),
-            (b"content-length", b"1000000"),
-        ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-    }
+    headers = [
+        (b"host", b"testserver"),
+        (b"content-type", content_type),
+        (b"content-length", b"1000000"),
+    ]
+    scope = post_scope(path, headers)
     part = b'--xyz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nvision\r\n'
     messages = [
         {

@@ -46,7 +46,12 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"])
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses={400: {"model": ErrorResponse}},  # (a bad page size)
+    tags=["models"],
+)
 async def list_models(
     services: Services = Depends(get_services),
     limit: int | None = Query(default=None, ge=1, le=1000),
