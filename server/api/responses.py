@@ -943,13 +943,11 @@ class ResponseEvents:
         """An error after the stream began (None: the server's own fault): the open item
         closed as it stands, the error, then the response failed (with what was sent, and
         its usage)."""
-        said = {"code": "server_error", "message": SERVER_ERROR, "param": None}  # (any code)
-        error_type = "server_error"
-        if exc is not None:
-            said = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
-            error_type = exc.error_type
+        exc = exc or ServerError(SERVER_ERROR)  # (a server_error, no code of its own)
+        # the error event takes this server's code; the failed response OpenAI's nearest
+        said = {"code": exc.code or exc.error_type, "message": exc.message, "param": exc.param}
         events = self._close("incomplete")
-        error = response_error(said["code"], said["message"], said["param"], error_type)
+        error = response_error(said["code"], exc.message, exc.param, exc.error_type)
         self.response.status, self.response.error = "failed", error
         self.response.output, self.response.usage = self.output, usage_of(run)
         return events + [
