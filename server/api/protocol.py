@@ -33,7 +33,7 @@ from pydantic import (
 
 from server.engine.inputs import TemplateOptions, Truncation
 from server.engine.sampling import SamplingDefaults, SamplingParams
-from server.engine.structured import StructuredOutput
+from server.engine.structured import StructuredOutput, strict_refusal, unenforced
 from server.exceptions import InvalidRequest
 from server.jobs.store import Job
 from server.media.fetch import is_data_uri
@@ -754,6 +754,20 @@ def _check_tools(tools: list[ChatCompletionToolParam]) -> None:
             )
 
 
+def _check_strict(tools: list[ChatCompletionToolParam], chosen: Tools) -> None:
+    """A strict function whose arguments a forced choice constrains: what the grammar cannot
+    enforce in its parameters is a 400 naming that tool (as response_format's strict schema)."""
+    for i, tool in enumerate(tools):
+        if tool.function.strict is not True or not chosen.constrains(tool.function.name):
+            continue
+        if found := unenforced(tool.function.parameters or {}):
+            raise InvalidRequest(
+                f"Invalid schema for function '{tool.function.name}': {strict_refusal(found)}.",
+                param=f"tools[{i}].function.parameters",
+                code="invalid_schema",
+            )
+
+
 def _named_tool(
     named: NamedToolChoice, tools: list[ChatCompletionToolParam], param: str
 ) -> NamedToolChoice:
@@ -932,6 +946,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             choice = choice.allowed_tools.mode
         definitions = tuple(t.model_dump(exclude_none=True) for t in tools_here)
         tools = Tools(definitions, choice, self.parallel_tool_calls is not False)
+        _check_strict(self.tools, tools)
         if tools.is_forced and self.to_structured() is not None:
             raise InvalidRequest(
                 f"{self.structured_param()} cannot be combined with a named or required "

@@ -169,6 +169,14 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
     return found
 
 
+def strict_refusal(found: list[str]) -> str:
+    """Why a strict schema is refused, given unenforced's findings."""
+    return (
+        f"strict, it uses what constrained decoding here cannot enforce: {', '.join(found[:5])} "
+        "(without strict, the schema is followed as far as it can be)"
+    )
+
+
 def whole_multiple(schema: dict[str, Any]) -> bool:
     """Whether the schema's multipleOf is one xgrammar enforces: a positive whole number on
     integers alone (it writes the digits through a remainder automaton; on numbers it warns
@@ -284,11 +292,7 @@ class GrammarCache:
                 f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}"
             )
         if spec.strict and (found := unenforced(json.loads(spec.schema_json or "{}"))):
-            raise InvalidSchema(
-                f"strict, it uses what constrained decoding here cannot enforce: "
-                f"{', '.join(found[:5])} (without strict, the schema is followed as far as it "
-                "can be)"
-            )
+            raise InvalidSchema(strict_refusal(found))
         try:
             grammar = self._compile(spec)
         except Exception as exc:  # xgrammar raises several types for bad schemas

@@ -58,13 +58,23 @@ class Tools:
                 return tool["function"].get("parameters") or {"type": "object"}
         raise KeyError(name)
 
+    def constrains(self, name: str) -> bool:
+        """Whether a forced choice decodes the function's arguments under its schema."""
+        if self.named is not None:
+            return name == self.named
+        return self.choice == "required" and name in self.names
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(t["function"]["name"] for t in self.definitions)
+
     def grammar(self) -> StructuredOutput | None:
         """What a forced choice decodes under: the named function's arguments, or a list of
-        {"name", "parameters"} calls (vLLM's form for `required`)."""
+        {"name", "parameters"} calls (vLLM's form for `required`). Compiled without strict:
+        each strict function's own schema was checked when the request was read (its error
+        names that tool, and a tool that is not strict is followed as far as it goes)."""
         if self.named is not None:
-            return StructuredOutput.json_schema(
-                self.parameters(self.named), strict=self.strict(self.named)
-            )
+            return StructuredOutput.json_schema(self.parameters(self.named))
         if self.choice != "required":
             return None
         calls = [
@@ -86,15 +96,7 @@ class Tools:
         if not self.parallel:
             schema["maxItems"] = 1
         # (array, items, anyOf, a call, its properties: then the client's parameters)
-        strict = any(self.strict(t["function"]["name"]) for t in self.definitions)
-        return StructuredOutput.json_schema(schema, wrapper_depth=5, strict=strict)
-
-    def strict(self, name: str) -> bool:
-        """The function's `strict: true` (its arguments must follow its schema exactly)."""
-        return any(
-            t["function"]["name"] == name and t["function"].get("strict") is True
-            for t in self.definitions
-        )
+        return StructuredOutput.json_schema(schema, wrapper_depth=5)
 
 
 # Keywords whose values are data, not schemas: a {"$ref": ...} inside one is left as it is.

@@ -168,25 +168,67 @@ async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
         answer = await ask(schema, True, seed=seed, temperature=1)
         assert answer.status_code == 200, answer.text
         assert json.loads(answer.json()["choices"][0]["message"]["content"])["n"] % 5 == 0
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "f",
-            "strict": True,
-            "parameters": {
-                "type": "object",
-                "properties": {"n": {"type": "number", "multipleOf": 2}},
-            },
+
+
+def tool(name: str, parameters: dict, strict: bool | None = None) -> dict:
+    extra = {} if strict is None else {"strict": strict}
+    return {"type": "function", "function": {"name": name, "parameters": parameters} | extra}
+
+
+async def test_a_strict_tool_is_checked_alone_and_named(client: httpx.AsyncClient) -> None:
+    """Under a forced tool_choice a strict function's schema is checked as response_format's
+    is, the error naming that tool and the path inside its parameters; a tool that is not
+    strict beside it is followed as far as the grammar goes (not refused for its neighbour's
+    strict), and a strict tool the choice does not force is not checked."""
+
+    def ask(tools: list[dict], choice: object) -> httpx.Response:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Call"}],
+            "tools": tools,
+            "tool_choice": choice,
+            "max_tokens": 30,
+        }
+        return client.post("/v1/chat/completions", json=body)
+
+    loose = {"type": "object", "properties": {"ids": {"type": "array", "uniqueItems": True}}}
+    bad = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
+    good = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+    refused = await ask([tool("loose", loose), tool("bad", bad, True)], "required")
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "tools[1].function.parameters", error
+    assert error["code"] == "invalid_schema"
+    assert "'bad'" in error["message"] and "properties.n.multipleOf" in error["message"]
+    assert "anyOf" not in error["message"]
+
+    for tools, choice in (
+        ([tool("loose", loose), tool("good", good, True)], "required"),  # (loose: not strict)
+        ([tool("loose", loose), tool("bad", bad, True)], "auto"),
+        ([tool("loose", loose), tool("bad", bad, True)], named("loose")),
+    ):
+        response = await ask(tools, choice)
+        assert response.status_code == 200, (choice, response.text)
+
+    named_bad = await ask([tool("loose", loose), tool("bad", bad, True)], named("bad"))
+    assert named_bad.status_code == 400
+    assert named_bad.json()["error"]["param"] == "tools[1].function.parameters"
+
+    # the Responses API names the tool as its body has it
+    response = await client.post(
+        "/v1/responses",
+        json={
+            "model": "tiny",
+            "input": "Call",
+            "tools": [{"type": "function", "name": "bad", "parameters": bad, "strict": True}],
+            "tool_choice": "required",
+            "max_output_tokens": 30,
         },
-    }
-    body = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "Call"}],
-        "tools": [tool],
-        "tool_choice": "required",
-        "max_tokens": 30,
-    }
-    response = await client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "tools", (
-        response.text
     )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "tools[0].parameters"
+
+
+def named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
