@@ -25,7 +25,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,6 +47,8 @@ from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
 from server.engine.tiny import TinySpec  # noqa: E402
+
+T = TypeVar("T")
 
 # Qwen2-VL-2B/7B-Instruct's and Qwen3-VL-30B-A3B-Instruct's published dimensions
 # (config.json); "test" and "test-moe" are for CPU smoke runs.
@@ -320,7 +324,9 @@ def decode_row(
     return row, tokens
 
 
-def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: float) -> list:
+def decode_rows(
+    loaded: LoadedModel, size: str, batches: list[int], bandwidth: float, errors: list[str]
+) -> list:
     cuda = loaded.device.type == "cuda"
     rows = []
     for batch in batches:
@@ -329,11 +335,17 @@ def decode_rows(loaded: LoadedModel, size: str, batches: list[int], bandwidth: f
             backend, decoder, graphs = mode
             if cuda and decoder == "hf" and batch not in HF_BATCHES:
                 continue
-            row, tokens = decode_row(loaded, size, batch, mode, bandwidth)
-            if graphs:  # greedy tokens of the graph replay == the same decoder's eager step's
-                row["same_tokens"] = tokens == eager_tokens
-                if decoder == "fused":
-                    FUSED_GRAPH_TOKENS[(size, batch)] = tokens
+            part = f"{size} batch {batch} {backend}/{decoder}/{'graphs' if graphs else 'eager'}"
+            got = attempt(errors, part, decode_row, loaded, size, batch, mode, bandwidth)
+            if got is None:  # (a graph capture that failed: the next mode still runs)
+                free(loaded.device)
+                eager_tokens = None
+                continue
+            row, tokens = got
+            if graphs and eager_tokens is not None:  # greedy tokens of the graph replay ==
+                row["same_tokens"] = tokens == eager_tokens  # the same decoder's eager step's
+            if graphs and decoder == "fused":
+                FUSED_GRAPH_TOKENS[(size, batch)] = tokens
             eager_tokens = tokens
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -492,8 +504,8 @@ def table(results: dict) -> str:
     lines.append(f"copy bandwidth: {results['bandwidth_gb_s']} GB/s")
     lines.append(f"Triton decode kernel, max |kernel - reference|: {results.get('kernel')}")
     lines.append(f"memory: {results.get('memory')}")
-    if "compile_errors" in results:
-        lines.append(f"--compile-decoder failed: {results['compile_errors']}")
+    for error in results.get("errors", []):
+        lines.append(f"FAILED: {error}")
     lines.append(f"engine (2B): {json.dumps(results.get('engine'))}")
     return "\n".join(lines)
 
@@ -514,40 +526,63 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     results: dict = {"bandwidth_gb_s": round(copy_bandwidth(device) / 1e9, 1), "decode": []}
+    results["errors"] = []
     try:
         measure(results, args, device)
     except KeyboardInterrupt:  # gpu_check's time limit (SIGINT): keep what was measured
         results["interrupted"] = True
         print("bench_gpu: interrupted, the table holds what was measured", flush=True)
+    except Exception as exc:  # (outside every part: a bug here) the table still comes out
+        traceback.print_exc()
+        results["errors"].append(f"bench: {exc!r}"[:500])
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if results["errors"]:
+        sys.exit(1)
+
+
+def attempt(errors: list[str], part: str, run: Callable[..., T], *args: Any) -> T | None:
+    """One part of the benchmark. A path that never ran on this GPU may fail (a graph capture,
+    the Triton kernel, an out-of-memory): its error is recorded and the other parts still run,
+    so one call on the scarce GPU brings back every row it can."""
+    try:
+        return run(*args)
+    except Exception as exc:
+        traceback.print_exc()
+        errors.append(f"{part}: {exc!r}"[:500])
+        return None
 
 
 def measure(results: dict, args: argparse.Namespace, device: torch.device) -> None:
-    results["kernel"] = kernel_rows(args.device)
+    errors = results["errors"]
+    results["kernel"] = attempt(errors, "Triton kernel", kernel_rows, args.device)
     bandwidth = results["bandwidth_gb_s"] * 1e9
     for size in args.sizes:
-        loaded = random_model(size, args.device)
-        results["decode"] += decode_rows(loaded, size, args.batches, bandwidth)
+        loaded = attempt(errors, f"{size} build", random_model, size, args.device)
+        if loaded is None:
+            continue
+        results["decode"] += decode_rows(loaded, size, args.batches, bandwidth, errors)
         if size in ("2b", "test"):
-            results["loop"] = loop_rows(loaded, size, args.loop_batches)
+            loop = attempt(errors, f"{size} loop", loop_rows, loaded, size, args.loop_batches)
+            results["loop"] = loop or []
+            free(device)
         if size == args.sizes[0]:  # early: a time limit must not cost the profile check
-            results["memory"] = memory_row(loaded)
+            results["memory"] = attempt(errors, f"{size} memory", memory_row, loaded)
+            free(device)  # (its engine's cache, before the next engine is built)
         if size in ("2b", "test") and not args.skip_engine:
-            results["engine"] = engine_rows(loaded)
+            results["engine"] = attempt(errors, f"{size} engine", engine_rows, loaded)
         del loaded
         free(device)
     # Last, each model built again (the same seed: the same weights, so the fused decoder's
     # tokens compare): compiling takes a while, and a time limit then costs only these rows.
     for size in [] if args.skip_compiled else args.sizes:
-        try:
-            loaded = random_model(size, args.device)
-            results["decode"] += compiled_rows(loaded, size, args.batches, bandwidth)
+        loaded = attempt(errors, f"{size} build", random_model, size, args.device)
+        if loaded is not None:
+            part = f"{size} --compile-decoder"
+            rows = attempt(errors, part, compiled_rows, loaded, size, args.batches, bandwidth)
+            results["decode"] += rows or []
             del loaded
-        except Exception as exc:  # a compile (or rebuild) failing must not cost the other rows
-            traceback.print_exc()
-            results.setdefault("compile_errors", []).append(f"{size}: {exc!r}"[:500])
         free(device)
 
 

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv
   annotated-types annotated-doc typing-inspection typing-extensions uvicorn asgi-lifespan sniffio
-  opentelemetry-api xgrammar apache-tvm-ffi transformers fastapi-offline regex python-multipart)
+  opentelemetry-api xgrammar apache-tvm-ffi transformers fastapi-offline regex python-multipart
+  anyio h11)  # (anyio, h11: on the image too, at versions not checked)
 PIP=".venv/bin/pip"
 pinned=()
 for name in "${PACKAGES[@]}"; do

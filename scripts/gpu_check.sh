@@ -24,14 +24,17 @@
 #
 # A machine without this server's Python packages (and no network) gets them as wheels in
 # .whl/ (scripts/fetch_gpu_wheels.sh makes them), installed into /tmp/site first.
-# Budget (the device tool allows 10 minutes a call): the three clocks below, 190 + 90 + 230 s
-# with 10 s of grace each (9 minutes), and the wheels' install before them (about 20 s).
+# Budget (the device tool allows 10 minutes a call): the three clocks below, 180 + 80 + 220 s
+# with 10 s of grace each (8.5 minutes), and the wheels' install and the versions' line before
+# them (about 40 s): room left under the call's limit, so the table always comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# (xgrammar's tvm-ffi would otherwise build a C++ extension for torch at first import)
+export TVM_FFI_DISABLE_TORCH_C_DLPACK=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -49,7 +52,7 @@ status=0
 # float32 for the token-for-token comparisons with HF generate (bf16 rounds differently with
 # the batch shape); the bf16 paths are the kernel tests' and the benchmark's.
 # SIGINT, not SIGTERM, at the time limit: pytest then still prints its failures and writes the
-# XML.
+# XML. A file that fails to import (another torch here) costs its own tests, not every file's.
 per_test=()
 if $PY -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 90); fi
 # Files named one by one (no directory beside them: pytest 8.0-8.4 then collects only the
@@ -71,25 +74,27 @@ outcome() {  # a part's exit status, the seconds it ran, its clock
   else echo FAILED; fi
 }
 start=$SECONDS
-timeout -s INT -k 10 190 $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider \
-  --device cuda --dtype float32 "${per_test[@]}" \
+timeout -s INT -k 10 180 $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider \
+  --continue-on-collection-errors --device cuda --dtype float32 "${per_test[@]}" \
   -k "not interpreted and not compiled and not fake_cuda" \
   "${engine_files[@]}" --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log"
 rc=${PIPESTATUS[0]}
-engine=$(outcome "$rc" $((SECONDS - start)) 190)
+engine=$(outcome "$rc" $((SECONDS - start)) 180)
 start=$SECONDS
-timeout -s INT -k 10 90 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider \
-  --device cuda --dtype float32 -k "compiled and not interpreted" tests/engine/test_decoder.py \
+# (not the async-scheduling copies: the same decoder compiled again, more than this clock holds)
+timeout -s INT -k 10 80 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider \
+  --continue-on-collection-errors --device cuda --dtype float32 \
+  -k "compiled and not interpreted and not async" tests/engine/test_decoder.py \
   --junitxml="$OUT/pytest_compile.xml" 2>&1 | tee "$OUT/pytest_compile.log"
 rc=${PIPESTATUS[0]}
-compiled=$(outcome "$rc" $((SECONDS - start)) 90)
+compiled=$(outcome "$rc" $((SECONDS - start)) 80)
 # BENCH_SIZES=30b-a3b benchmarks Qwen3-VL-30B-A3B (a mixture of experts) instead.
 read -ra sizes <<< "${BENCH_SIZES:-2b 7b}"
 start=$SECONDS
-timeout -s INT -k 10 230 $PY scripts/bench_gpu.py --device cuda --sizes "${sizes[@]}" \
+timeout -s INT -k 10 220 $PY scripts/bench_gpu.py --device cuda --sizes "${sizes[@]}" \
   --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
-bench=$(outcome "$rc" $((SECONDS - start)) 230)
+bench=$(outcome "$rc" $((SECONDS - start)) 220)
 [ "$engine$compiled$bench" = PASSEDPASSEDPASSED ] || status=1
 echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) (engine tests $engine," \
   "--compile-decoder tests $compiled, benchmark $bench; logs in $OUT)"

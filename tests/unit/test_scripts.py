@@ -3,10 +3,14 @@ to end at a test size on the CPU (model built in memory, engine decode steps, ro
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,3 +76,36 @@ def test_a_moe_roofline_counts_the_experts_a_step_reads(tiny3moe_model_dir: Path
         assert abs(bench_gpu.step_weight_bytes(loaded, batch) - expected) <= 1
     dense = bench_gpu.random_model("test", "cpu")
     assert bench_gpu.step_weight_bytes(dense, 32) == bench_gpu.text_weight_bytes(dense)
+
+
+def test_a_part_that_fails_costs_only_its_own_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU this code never ran on, a graph capture or the engine loop may fail: the error
+    is recorded and every other part is still measured (one device call brings back what it
+    can), and the run then exits non-zero (gpu_check says FAILED)."""
+    import bench_gpu
+
+    real = bench_gpu.decode_row
+
+    def graphs_fail(loaded, size, batch, mode, bandwidth):  # type: ignore[no-untyped-def]
+        if mode[2]:
+            raise RuntimeError("capture failed")
+        return real(loaded, size, batch, mode, bandwidth)
+
+    def loop_fails(*args: object) -> list:
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(bench_gpu, "decode_row", graphs_fail)
+    monkeypatch.setattr(bench_gpu, "loop_rows", loop_fails)
+    monkeypatch.setattr(bench_gpu, "memory_row", lambda loaded: {"blocks": 1})
+    args = argparse.Namespace(
+        device="cpu", sizes=["test"], batches=[1], loop_batches=[2], skip_engine=True,
+        skip_compiled=True,
+    )  # fmt: skip
+    results: dict = {"bandwidth_gb_s": 1.0, "decode": [], "errors": []}
+    bench_gpu.measure(results, args, torch.device("cpu"))
+    modes = [(row["decoder"], row["step"]) for row in results["decode"]]
+    assert modes == [("hf", "eager"), ("fused", "eager")]  # (fused graphs: failed)
+    assert results["memory"] == {"blocks": 1} and results["loop"] == []
+    parts = [error.split(": ")[0] for error in results["errors"]]
+    assert parts == ["test batch 1 reference/fused/graphs", "test loop"]
+    assert "FAILED: test loop: OutOfMemoryError" in bench_gpu.table(results)
