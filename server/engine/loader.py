@@ -80,7 +80,12 @@ class LoadedModel:
 
 
 def resolve_model_path(name: str, models_dir: Path) -> Path:
-    """Map --model to a checkpoint directory, building the tiny one if asked for."""
+    """Map --model to a checkpoint directory, building the tiny one if asked for. A checkpoint
+    already there by that name wins (`make-tiny-model models/tiny` then `--model tiny` serves
+    the one the operator built, not a second one)."""
+    for candidate in (Path(name).expanduser(), models_dir / name):
+        if (candidate / "config.json").is_file():
+            return candidate
     if name in TINY_MODELS:
         from server.engine.tiny import TinySpec, make_tiny_checkpoint
 
@@ -92,9 +97,6 @@ def resolve_model_path(name: str, models_dir: Path) -> Path:
             except (ValueError, OSError) as exc:  # (a directory of that name holds other files)
                 raise ModelLoadError(f"--model {name}: {exc}") from None
         return path
-    for candidate in (Path(name).expanduser(), models_dir / name):
-        if (candidate / "config.json").is_file():
-            return candidate
     return _from_hub(name, models_dir)
 
 

@@ -57,6 +57,16 @@ def test_tiny_is_built_once_under_models_dir(tmp_path: Path) -> None:
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_a_tiny_name_with_a_checkpoint_of_its_own_serves_that_one(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`make-tiny-model models/tiny`, then `--model tiny --models-dir models`: the checkpoint the
+    operator built is served, not a second one built beside it."""
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny")
+    assert resolve_model_path("tiny", tmp_path) == tmp_path / "tiny"
+    assert not (tmp_path / "tiny-qwen2-vl").exists()
+
+
 def test_missing_hub_model_offline_says_how_to_get_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
