@@ -24,7 +24,7 @@ import httpx
 
 from server.exceptions import MediaError
 from server.jobs.project import current_project
-from server.media.netguard import AddressRefused, checked_request
+from server.media.netguard import AddressRefused, HostUnresolved, checked_request
 
 # (URI schemes, media types and "base64" are case-insensitive: "DATA:IMAGE/PNG;BASE64,")
 DATA_URI = re.compile(
@@ -250,6 +250,12 @@ class MediaFetcher:
             raise _bad_scheme(url.scheme, kind, param)
         try:
             request = await checked_request(self.client, "GET", url, self.policy.allowed_hosts)
+        except HostUnresolved as unresolved:  # (a fetch that failed, not one refused)
+            raise MediaError(
+                f"Could not fetch the {kind} at {param}: {unresolved}.",
+                param=param,
+                code="media_fetch_failed",
+            ) from None
         except AddressRefused as refused:
             raise MediaError(
                 f"The {kind} URL at {param} is not allowed: {refused}.",

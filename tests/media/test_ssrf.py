@@ -81,6 +81,16 @@ async def test_private_metadata_and_other_schemes_are_refused(url: str) -> None:
     assert info.value.code == "media_url_not_allowed"
 
 
+async def test_a_host_that_does_not_resolve_is_a_failed_fetch_not_a_refusal() -> None:
+    """example.com offline, a typo: nothing was refused, the fetch failed (the code a client
+    retries or fixes its URL on, not the SSRF refusal an operator's flag would change)."""
+    with pytest.raises(MediaError) as info:
+        await fetch("http://no-such-host.invalid/photo.jpg")
+    assert info.value.code == "media_fetch_failed"
+    assert "no-such-host.invalid does not resolve" in info.value.message
+    assert "allowed-media-domains" not in info.value.message
+
+
 async def test_allow_list_admits_a_private_host_and_only_it(
     secret_url: str, media_server: MediaServer
 ) -> None:
