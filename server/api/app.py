@@ -20,6 +20,7 @@ from server.api.middleware import (
     BodySizeLimitMiddleware,
     CorsMiddleware,
     DrainMiddleware,
+    HeadMiddleware,
     JsonBodyMiddleware,
     RequestIdMiddleware,
     TrailingSlashMiddleware,
@@ -253,6 +254,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     open_paths = frozenset(
         {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
     )
+    app.add_middleware(HeadMiddleware)  # (innermost: the others see the HEAD it was)
     app.add_middleware(JsonBodyMiddleware, allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.

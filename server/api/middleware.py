@@ -270,6 +270,31 @@ class TrailingSlashMiddleware:
         await self.app(scope, receive, send)
 
 
+class HeadMiddleware:
+    """HEAD is GET without the body (RFC 9110), on every GET route: uptime checkers and
+    `curl -I` probe /health so. (Starlette's own routes add HEAD to GET; FastAPI's do not.)"""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal ended
+            if message["type"] == "http.response.body":
+                if ended:
+                    return
+                ended = True  # (the GET's Content-Length stays: what a GET would send)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 # A scope key only the server's own requests to itself carry (a server never takes scope
 # keys from the network): a batch's lines and background responses, which run in the task of
 # their job, and so in its project, and need no API key.

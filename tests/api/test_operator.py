@@ -45,6 +45,22 @@ async def test_version(keyed: httpx.AsyncClient) -> None:
     assert (await keyed.get("/version")).json() == {"version": __version__}
 
 
+async def test_head_is_get_without_the_body(keyed: httpx.AsyncClient) -> None:
+    """Uptime checkers and `curl -I` probe with HEAD: every GET route answers it, headers and
+    status as GET's, no body; the key is still needed where GET needs it."""
+    health = await keyed.head("/health")
+    assert health.status_code == 200 and health.content == b""
+    assert health.headers["content-type"] == "application/json"
+    assert int(health.headers["content-length"]) == len((await keyed.get("/health")).content)
+    assert (await keyed.head("/v1/models")).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    models = await keyed.head("/v1/models", headers=auth)
+    assert models.status_code == 200 and models.content == b""
+    assert (await keyed.head("/v1/models/nope", headers=auth)).status_code == 404
+    posted_only = await keyed.head("/v1/chat/completions", headers=auth)
+    assert posted_only.status_code == 405 and posted_only.content == b""
+
+
 async def test_playground_page_is_served_and_can_be_turned_off(
     keyed: httpx.AsyncClient, tiny_model_dir: Path
 ) -> None:
