@@ -38,6 +38,8 @@ TINY_MODELS = {
     "tiny-qwen3-vl-thinking": "qwen3-vl-thinking",
     "tiny-qwen3-vl-moe": "qwen3-vl-moe",
 }
+# transformers' own "no bound" (tokenization_utils_base.VERY_LARGE_INTEGER)
+VERY_LARGE_INTEGER = int(1e30)
 # What a checkpoint needs from the hub: configs, tokenizer, template, safetensors weights.
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -288,6 +290,10 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
             f"incomplete ({exc}); download it again"
         ) from exc
     model.eval()
+    # The engine bounds every prompt by its context (a 400 that names it); the tokenizer's own
+    # bound only logged a warning ("Token indices sequence length is longer than the specified
+    # maximum") for a prompt refused anyway.
+    processor.tokenizer.model_max_length = VERY_LARGE_INTEGER
     loaded = LoadedModel(
         model=model,
         processor=processor,

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gzip
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -773,3 +774,23 @@ async def test_a_client_gone_while_it_sends_its_body_is_no_400(
     assert start["status"] == 499
     lines = [r.getMessage() for r in caplog.records if path in r.getMessage()]
     assert lines and all("400" not in line and "invalid_json" not in line for line in lines)
+
+
+async def test_a_prompt_past_the_tokenizers_own_bound_logs_no_warning(
+    client: httpx.AsyncClient,
+) -> None:
+    """The 400 says the prompt is too long; transformers' tokenizer, whose bound is the
+    checkpoint's, added "Token indices sequence length is longer than ... will result in
+    indexing errors" to the server's log for a prompt never run."""
+    warned: list[str] = []  # (transformers' loggers do not reach the root's, caplog's)
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 20_000}]}
+    try:
+        response = await client.post("/v1/chat/completions", json=body)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    error = assert_error(response, 400, "messages", "context_length_exceeded")
+    assert "characters long" not in error["message"]  # (tokenized: counted by its tokens)
+    assert not [text for text in warned if "sequence length" in text], warned
