@@ -34,11 +34,22 @@ class InvalidRequest(ServerError):
     error_type = "invalid_request_error"
 
 
+# What to send instead of a refused field, where there is something.
+UNSUPPORTED_HINTS = {
+    "functions": ": send the functions as `tools` (each {\"type\": \"function\", \"function\": "
+    "{...}})",
+    "function_call": ": send `tool_choice` (with `tools`)",
+    "audio": ": answers are text",
+    "modalities": ": answers are text",
+}
+
+
 def refuse_unsupported(fields: list[str], what: str = "") -> None:
     """An accepted-but-unsupported field is refused, naming it, never silently dropped."""
     if fields:
         raise InvalidRequest(
-            f"`{fields[0]}`{what} is not supported by this server yet.",
+            f"`{fields[0]}`{what} is not supported by this server"
+            f"{UNSUPPORTED_HINTS.get(fields[0], '')}.",
             param=fields[0],
             code="unsupported_parameter",
         )

@@ -118,6 +118,21 @@ async def test_fields_that_would_change_the_answer_are_refused_by_name(
     assert error["code"] in ("unsupported_parameter", "unknown_parameter")
 
 
+async def test_the_legacy_functions_fields_say_what_to_send_instead(
+    client: httpx.AsyncClient,
+) -> None:
+    """OpenAI's deprecated `functions` / `function_call`: refused by name, and the message says
+    they are `tools` / `tool_choice` here."""
+    function = {"name": "f", "parameters": {"type": "object"}}
+    for field, value, instead in (
+        ("functions", [function], "`tools`"),
+        ("function_call", "auto", "`tool_choice`"),
+    ):
+        error = assert_error(await client.post(URL, json=chat(**{field: value})), 400, field)
+        assert error["code"] == "unsupported_parameter" and instead in error["message"], error
+        assert "yet" not in error["message"]
+
+
 async def test_explicit_nulls_are_the_defaults(client: httpx.AsyncClient) -> None:
     body = chat(stream=None, n=None, logprobs=None, temperature=None, stream_options=None)
     assert (await ok(client, body))["object"] == "chat.completion"
