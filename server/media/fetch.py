@@ -316,7 +316,7 @@ def _parse(url: str, kind: str, param: str) -> httpx.URL:
     except (httpx.InvalidURL, ValueError, TypeError):
         raise _unreachable(kind, param) from None
     if parsed.scheme not in ("http", "https", "file"):
-        raise _bad_scheme(parsed.scheme or url[:16], kind, param)
+        raise _bad_scheme(parsed.scheme, kind, param, url)  # ("photo.jpg": no scheme at all)
     if parsed.scheme != "file" and not parsed.host:
         raise _unreachable(kind, param)
     return parsed
@@ -412,9 +412,10 @@ def _b64decode(payload: str, param: str) -> bytes:
     return data
 
 
-def _bad_scheme(scheme: str, kind: str, param: str) -> MediaError:
+def _bad_scheme(scheme: str, kind: str, param: str, url: str = "") -> MediaError:
+    what = f"Unsupported {kind} URL scheme '{scheme}'" if scheme else f"'{url[:40]}' is not a URL"
     return MediaError(
-        f"Unsupported {kind} URL scheme '{scheme}' at {param}: use http(s), a "
+        f"{what} at {param}: use http(s), a "
         f"data:{kind}/...;base64 URI, or file:// below --allowed-local-media-path.",
         param=param,
         code="media_url_not_allowed",

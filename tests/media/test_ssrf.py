@@ -182,3 +182,12 @@ async def test_local_paths_that_cannot_be_read_are_a_media_error(tmp_path: Path)
 )
 def test_address_classification(address: str, public: bool) -> None:
     assert is_public(ipaddress.ip_address(address)) is public
+
+
+async def test_a_url_without_a_scheme_is_named_as_it_was_sent() -> None:
+    """A file name or bare base64 where a URL goes: the message quotes it, not a 'scheme'."""
+    for sent in ("photo.jpg", "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJ"):
+        with pytest.raises(MediaError) as info:
+            await fetch(sent)
+        assert f"'{sent[:40]}' is not a URL" in info.value.message
+        assert "data:image/...;base64" in info.value.message
