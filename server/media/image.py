@@ -132,6 +132,16 @@ def visual_tokens(size: tuple[int, int], pixels: tuple[int, int], side: int) -> 
     return (width // side) * (height // side)
 
 
+def looks_like_video(data: bytes) -> bool:
+    """A video container's signature (MP4/MOV's ftyp box, Matroska/WebM's EBML header, AVI's
+    RIFF): bytes sent as an image that are a video."""
+    return (
+        data[4:8] == b"ftyp"
+        or data[:4] == b"\x1aE\xdf\xa3"
+        or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+    )
+
+
 def decode_image(data: bytes, *, param: str) -> Image.Image:
     """Bytes -> RGB image, refusing unknown formats and decompression bombs before decoding."""
     try:
@@ -146,9 +156,10 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_large(param, "too large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        hint = "; it is a video: send it as a video_url part" if looks_like_video(data) else ""
         raise MediaError(
             f"The data at {param} is not a valid image (supported: "
-            f"{', '.join(f.lower() for f in ALLOWED_FORMATS)}).",
+            f"{', '.join(f.lower() for f in ALLOWED_FORMATS)}){hint}.",
             param=param,
         ) from None
     if min(image.size) < 1:

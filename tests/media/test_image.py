@@ -20,7 +20,7 @@ from server.media.image import (
     max_pixels_for,
     target_size,
 )
-from tests.helpers import make_image
+from tests.helpers import make_image, make_video
 
 MODEL_MAX = 16384 * 28 * 28
 SIZES = [1, 2, 27, 28, 29, 55, 56, 100, 224, 333, 480, 640, 1000, 1920, 4000, 8000]
@@ -72,6 +72,15 @@ def test_unsupported_format_is_refused() -> None:
     Image.new("RGB", (8, 8)).save(out, "TIFF")
     with pytest.raises(MediaError, match="not a valid image"):
         decode_image(out.getvalue(), param="p")
+
+
+@pytest.mark.parametrize(("container", "codec"), [("mp4", "libx264"), ("webm", "libvpx")])
+def test_a_video_sent_as_an_image_is_told_to_be_a_video_url(container: str, codec: str) -> None:
+    with pytest.raises(MediaError, match="it is a video: send it as a video_url part"):
+        decode_image(make_video(0.5, container=container, codec=codec), param="p")
+    with pytest.raises(MediaError) as info:
+        decode_image(b"\x00" * 64, param="p")
+    assert "video" not in info.value.message
 
 
 def png_header_only(width: int, height: int) -> bytes:
