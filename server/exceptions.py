@@ -36,8 +36,7 @@ class InvalidRequest(ServerError):
 
 # What to send instead of a refused field, where there is something.
 UNSUPPORTED_HINTS = {
-    "functions": ": send the functions as `tools` (each {\"type\": \"function\", \"function\": "
-    "{...}})",
+    "functions": ': send the functions as `tools` (each {"type": "function", "function": {...}})',
     "function_call": ": send `tool_choice` (with `tools`)",
     "audio": ": answers are text",
     "modalities": ": answers are text",

@@ -58,7 +58,8 @@ HELP = {
     "model": "Checkpoint to serve: a directory (a value starting with /, ./, ../ or ~ is always "
     "a path), a name under --models-dir, a Hugging Face hub id (found in --models-dir, then "
     "the HF cache; downloaded only when online) or 'tiny' / 'tiny-qwen2.5-vl' / 'tiny-qwen3-vl' / "
-    "'tiny-qwen3-vl-thinking' / 'tiny-qwen3-vl-moe' (a random-weight test model built offline, under --models-dir as tiny-qwen2-vl, ..., unless a checkpoint of the name given is there).",
+    "'tiny-qwen3-vl-thinking' / 'tiny-qwen3-vl-moe' (a random-weight test model built offline "
+    "under --models-dir, as tiny-qwen2-vl, ...; a checkpoint there by the name given wins).",
     "served_model_name": "Name clients send as `model` (repeatable); other names get a 404.",
     "host": "Address to listen on (0.0.0.0: every interface).",
     "port": "TCP port to listen on; checked before the model loads.",

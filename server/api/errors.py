@@ -127,11 +127,16 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Where FastAPI found a field: the first item of its loc.
+REQUEST_PARTS = frozenset({"body", "query", "path", "header", "cookie"})
+
+
 def loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'messages', 0, 'content', 'list[...]', 1) -> 'messages[0].content[1]'."""
+    """('body', 'messages', 0, 'content', 'list[...]', 1) -> 'messages[0].content[1]';
+    ('query', 'limit') -> 'limit' (a field is named as the client sent it, wherever it was)."""
     param = ""
     previous: Any = None
-    for item in loc[1:] if loc and loc[0] == "body" else loc:
+    for item in loc[1:] if loc and loc[0] in REQUEST_PARTS else loc:
         if isinstance(item, int):
             param += f"[{item}]"
         elif isinstance(item, str) and _is_union_branch(item):

@@ -61,6 +61,12 @@ async def test_head_is_get_without_the_body(keyed: httpx.AsyncClient) -> None:
     assert posted_only.status_code == 405 and posted_only.content == b""
 
 
+async def test_a_bad_query_parameter_is_named_as_sent(keyed: httpx.AsyncClient) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    response = await keyed.get("/v1/models", params={"limit": 0}, headers=auth)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "limit"
+
+
 async def test_playground_page_is_served_and_can_be_turned_off(
     keyed: httpx.AsyncClient, tiny_model_dir: Path
 ) -> None:
