@@ -510,6 +510,11 @@ def make_tiny_checkpoint(
         written = sorted(p.name for p in staging.iterdir())  # what a rebuild may replace
         marker = {"spec": dataclasses.asdict(spec), "files": written}
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        # Readable as a checkpoint a download would be (mkdtemp's 0700 kept a container's
+        # other user out of one built by root); nothing in it is secret.
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -37,6 +37,9 @@ def test_same_bytes_on_every_run(tmp_path: Path, family: str) -> None:
     assert digest(first) == digest(second)
     size = sum(p.stat().st_size for p in first.iterdir())
     assert size < 2 * 1024 * 1024
+    # readable by another user (a container's server user, built by root): not mkdtemp's 0700
+    assert first.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in first.iterdir())
 
 
 def test_a_directory_holding_something_else_is_never_wiped(tmp_path: Path) -> None:
