@@ -21,11 +21,11 @@ CREATION_GRACE_S = 60.0  # a directory without its lock yet may be one another s
 
 class Spool:
     def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)  # (requests' videos: ours alone)
         for leftover in root.iterdir():
             _remove_if_abandoned(leftover)
         self.dir = root / uuid.uuid4().hex
-        self.dir.mkdir()
+        self.dir.mkdir(mode=0o700)
         self.lock = os.open(self.dir / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self.lock, fcntl.LOCK_EX)
 

@@ -59,3 +59,13 @@ def test_a_directory_being_made_is_left_alone(tmp_path: Path) -> None:
     os.utime(stale, (old, old))
     Spool(root).close()
     assert fresh.exists() and not stale.exists()
+
+
+def test_spooled_videos_are_the_servers_alone(tmp_path: Path) -> None:
+    """Requests' videos: the spool's directories are 0700 (their files are already 0600)."""
+    spool = Spool(tmp_path / "spool")
+    try:
+        assert (tmp_path / "spool").stat().st_mode & 0o777 == 0o700
+        assert spool.dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        spool.close()
