@@ -1617,8 +1617,8 @@ class MediaJob(BaseModel):
     kind: Literal["categories", "completions"]
     status: Literal["queued", "processing", "completed", "failed", "cancelled"]
     progress: float  # 0..1: frames done / planned
-    created_at: float
-    updated_at: float
+    created_at: int
+    updated_at: int
     status_url: str
     # once completed: the body the synchronous request would have answered
     # (media.categories or chat.completion)

@@ -5,6 +5,7 @@ provides `transaction()`; rows come back as dicts.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -109,6 +110,8 @@ class DeliveryStore(ABC):
             delivery = dict(row)
             if delivery["status"] != "pending":  # a time only while one is coming
                 delivery["next_attempt_at"] = None
+            else:  # (whole seconds, rounded up: not before then)
+                delivery["next_attempt_at"] = math.ceil(delivery["next_attempt_at"])
             found[delivery.pop("job_id")].append(delivery)
         return found
 

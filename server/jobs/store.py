@@ -59,8 +59,8 @@ class Job:
             "kind": self.kind,
             "status": self.status,
             "progress": self.progress,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
+            "created_at": int(self.created_at),  # (whole seconds, as every other object's)
+            "updated_at": int(self.updated_at),
             "status_url": f"/v2/media/status/{self.id}",
             "result": self.result,
             "error": self.error,

@@ -36,6 +36,9 @@ async def test_async_image_job(client: httpx.AsyncClient) -> None:
     done = await wait_done(client, job["status_url"])
     assert done["status"] == "completed" and done["progress"] == 1
     assert tuple(done["result"]["result"]) == METADATA_KEYS
+    # unix seconds, whole, as every other object's times
+    assert all(type(done[key]) is int for key in ("created_at", "updated_at")), done
+    assert done["created_at"] <= done["updated_at"]
 
 
 async def test_async_video_job_reports_progress(client: httpx.AsyncClient) -> None:
