@@ -181,6 +181,7 @@ class CategoriesPipeline:
     ) -> CategoriesResult:
         """on_progress(fraction of frames done) is called as frames finish (from the loop)."""
         self.engine.check_capacity()
+        report(on_progress, STARTED)
         spec = StructuredOutput.json_schema(categories_schema(request.keys))
         await compile_grammar(self.engine, spec)
         sampling = SamplingParams(
@@ -248,7 +249,6 @@ class CategoriesPipeline:
             token_side=self.input_builder.token_side,
         )
         wishes = FrameRequest("frames", use_scenes=request.use_scenes)
-        report(on_progress, STARTED)
         video = await self.media.video(part, budget, tokens, wishes, fetched)
         report(on_progress, MEDIA_READY)
 

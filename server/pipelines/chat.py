@@ -195,6 +195,7 @@ class ChatPipeline:
         await self.compile_structured(request)
         request = replace(request, messages=self.rendered(request))
         async with self.preprocessing:
+            report(request.on_progress, STARTED)  # (a job's: an image's too, not only videos')
             images = await self.media.images(request.messages, budget)
             run = await self._prepare(request, images, budget)
         for seq in run.seqs:
@@ -278,7 +279,6 @@ class ChatPipeline:
             return []
         tokens = await self._video_budget(request, images, len(video_parts))
         wishes = {"mode": request.video_mode, "use_scenes": request.use_scenes}
-        report(request.on_progress, STARTED)
         videos = []
         for k, part in enumerate(video_parts):
             videos.append(

@@ -268,6 +268,18 @@ async def test_progress_moves_through_every_stage(client: httpx.AsyncClient) -> 
     assert values[:2] == [STARTED, MEDIA_READY]
     assert values == sorted(values) and MEDIA_READY < values[-1] <= FRAMES_DONE
     assert len(values) == 2 + 2  # two scenes: one frame each
+    # an image's job is started too (it sat at 0 until done)
+    values.clear()
+    image = data_uri(make_image())
+    await pipeline.run(CategoriesRequest("progress-2", image, ("tags",), False), values.append)
+    assert values == [STARTED]
+    handle = completions_job_handler(client.app.state.services.chat)  # type: ignore[attr-defined]
+    job = client.app.state.services.jobs.create(  # type: ignore[attr-defined]
+        "completions", chat_body([image_part()], max_tokens=2, **{"async": True}), None
+    )
+    values.clear()
+    await handle(job, values.append)
+    assert values == [STARTED]
 
 
 async def test_a_busy_engine_does_not_hold_every_job_back(tiny_model_dir: Path) -> None:
