@@ -145,6 +145,7 @@ class Settings(BaseSettings):
     allowed_local_media_path: Path | None = None
     media_follow_redirects: bool = False
     shutdown_timeout: float = Field(default=30.0, ge=0)
+    client_timeout: float = Field(default=60.0, ge=0)  # a request's headers; a body's pause
     webhook_secret: str | None = None  # whsec_...; default: generated once under --data-dir
     webhook_retry_delays: StrList = ["5", "30", "120", "600", "1800"]  # seconds, per retry
     webhook_timeout: float = Field(default=10.0, gt=0)

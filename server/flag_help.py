@@ -30,6 +30,7 @@ UNITS = {
     "video_decode_timeout": "s",
     "media_fetch_timeout": "s",
     "shutdown_timeout": "s",
+    "client_timeout": "s",
     "webhook_timeout": "s",
     "kv_cache_memory": "GiB",
     "image_decode_memory": "GiB",
@@ -169,6 +170,9 @@ HELP = {
     "media_follow_redirects": "Follow media URL redirects, each hop checked again.",
     "shutdown_timeout": "On SIGTERM or Ctrl-C: new requests get a 503 and in-flight ones this "
     "long to finish.",
+    "client_timeout": "A request's headers must arrive within this long of its first byte (or "
+    "of the connection), and its body may pause at most this long; then the connection closes "
+    "(nginx's client_header_timeout / client_body_timeout; 0: no limit).",
     "webhook_secret": "whsec_<base64> key that signs webhooks (Standard Webhooks v1).",
     "webhook_retry_delays": "Seconds before each webhook retry, comma-separated (jittered; "
     "Retry-After honoured); a delivery fails after the last one.",

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import socket
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from server.api.connection import TimedHttpProtocol
 from server.config import Settings
 from server.exceptions import JobStoreStartError, ModelLoadError, StartupError
 from server.jobs.project import of_key
@@ -111,8 +113,12 @@ class StartupErrorFilter(logging.Filter):
 
 def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
     """Runs until shut down; the process exit code (2: the model could not be served)."""
+    http: Any = "auto"
+    if settings.client_timeout > 0:
+        http = functools.partial(TimedHttpProtocol, client_timeout=settings.client_timeout)
     config = uvicorn.Config(
         app,
+        http=http,
         log_config=None,  # server.log configured logging already
         log_level=settings.log_level,
         access_log=False,  # AccessLogMiddleware writes one line per request, with its latency

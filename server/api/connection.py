@@ -1,0 +1,81 @@
+"""uvicorn's HTTP connection with a client's two time limits (nginx's client_header_timeout and
+client_body_timeout). uvicorn closes a keep-alive connection left idle between requests
+(--timeout-keep-alive), but never one that opened and sent nothing, one that sent half a
+request's headers, or one whose body stopped coming: each held a file descriptor (a body, its
+buffered bytes too) for as long as the client liked, and a few thousand of them exhaust the
+server's. Here a request's headers must be complete within --client-timeout of its first byte
+(or of the connection), and its body may pause at most that long; then the connection closes
+(a request already running sees the client gone, a 499)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+logger = logging.getLogger(__name__)
+
+
+class TimedHttpProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with one timer: armed while a request is incomplete (from the
+    connection or the request's first byte until its headers end: one deadline for all of them,
+    however slowly they trickle; then again from each piece of its body), off while the
+    request is answered and between requests (uvicorn's keep-alive timer is there)."""
+
+    def __init__(self, *args: Any, client_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client_timeout = client_timeout
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(self.client_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _timed_out(self) -> None:
+        self.deadline = None
+        if self.flow is not None and self.flow.read_paused:
+            self._arm()  # (the app has not read what came: the server is behind, not the client)
+            return
+        if not self.transport.is_closing():
+            logger.debug(
+                "closed a connection from %s: its request was not complete within %s s",
+                self.client,
+                self.client_timeout,
+            )
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.deadline is None:  # (a new connection's first request: armed since it opened)
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm()  # the body's first piece (a request without one completes at once)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # (the connection is another protocol's from here)
+        super().handle_websocket_upgrade()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)

@@ -1,0 +1,139 @@
+"""The client time limits of a connection (server/api/connection.py), on a real uvicorn server
+with a small echoing app: a connection that sends nothing, headers that trickle and never end, a
+body that stops, against a slow but steady body, a slow answer and keep-alive requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import uvicorn
+
+from server.api.connection import TimedHttpProtocol
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 1.0  # seconds
+
+
+class EchoApp:
+    """Answers with the request's body (after a second on /slow); notes each client gone."""
+
+    def __init__(self) -> None:
+        self.disconnects = 0
+
+    async def __call__(self, scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnects += 1
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["path"] == "/slow":
+            await asyncio.sleep(2 * LIMIT)
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class QuietServer(uvicorn.Server):
+    """Leaves the test process's signals alone (a CI timeout's SIGTERM still ends it)."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+@asynccontextmanager
+async def serving(app: EchoApp) -> AsyncIterator[int]:
+    http = functools.partial(TimedHttpProtocol, client_timeout=LIMIT)
+    config = uvicorn.Config(
+        app,
+        http=http,  # type: ignore[arg-type]
+        lifespan="off",
+        log_config=None,
+        timeout_graceful_shutdown=1,  # (a failed test's connection left open: not waited for)
+    )
+    server = QuietServer(config)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def closed_after(reader: asyncio.StreamReader, started: float) -> float:
+    """Seconds from `started` until the server closed the connection (it sent nothing)."""
+    assert await asyncio.wait_for(reader.read(), 10 * LIMIT) == b""
+    return time.monotonic() - started
+
+
+async def test_a_connection_that_sends_nothing_is_closed() -> None:
+    async with serving(EchoApp()) as port:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert LIMIT * 0.9 <= await closed_after(reader, started) < LIMIT * 3
+        writer.close()
+
+
+async def test_headers_that_trickle_are_closed_at_one_deadline() -> None:
+    """A byte of header every tenth of the limit does not keep the connection: the headers
+    have one deadline (slowloris), not one per piece."""
+    async with serving(EchoApp()) as port:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+
+        async def trickle() -> None:
+            for _ in range(100):
+                await asyncio.sleep(LIMIT / 10)
+                writer.write(b"X")
+
+        sending = asyncio.create_task(trickle())
+        try:
+            assert await closed_after(reader, started) < LIMIT * 3
+        finally:
+            sending.cancel()
+            writer.close()
+
+
+async def test_a_body_that_stops_is_closed_and_the_app_sees_the_client_gone() -> None:
+    app = EchoApp()
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        started = time.monotonic()
+        assert LIMIT * 0.9 <= await closed_after(reader, started) < LIMIT * 3
+        writer.close()
+        await asyncio.sleep(0.1)
+    assert app.disconnects == 1
+
+
+async def test_a_slow_but_steady_body_a_slow_answer_and_keep_alive_are_served() -> None:
+    async with serving(EchoApp()) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n")
+        for byte in b"hello, world":  # 12 pieces, 2.4 limits in all
+            await asyncio.sleep(LIMIT / 5)
+            writer.write(bytes([byte]))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await reader.readexactly(12) == b"hello, world"
+        # the same connection: an answer that takes twice the limit (no timer while answering)
+        writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10 * LIMIT)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+        writer.close()
