@@ -28,6 +28,8 @@ class TimedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.client_timeout = client_timeout
         self.deadline: asyncio.TimerHandle | None = None
+        self.headers_done = False  # the request being read is past its headers
+        self.was_behind = False  # the last check found the wait the server's
 
     def _arm(self) -> None:
         self._disarm()
@@ -40,8 +42,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self.deadline = None
-        if self.flow is not None and self.flow.read_paused:
-            self._arm()  # (the app has not read what came: the server is behind, not the client)
+        behind = self._waiting_on_server()
+        if behind or self.was_behind:  # (a wait that ended since the last check: the
+            self.was_behind = behind  # client's clock starts again from now)
+            self._arm()
             return
         if not self.transport.is_closing():
             logger.debug(
@@ -51,17 +55,30 @@ class TimedHttpProtocol(HttpToolsProtocol):
             )
             self.transport.close()
 
+    def _waiting_on_server(self) -> bool:
+        """Whether the wait is the server's, not the client's: the app has not read what came,
+        the client waits for its 100 Continue, or the request being read was pipelined behind
+        one still being answered (its answer must not be cut)."""
+        if self.flow is not None and self.flow.read_paused:
+            return True
+        cycle = self.cycle
+        if not self.headers_done:  # (cycle: the connection's previous request, if any)
+            return cycle is not None and not cycle.response_complete
+        return bool(self.pipeline) or (cycle is not None and cycle.waiting_for_100_continue)
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.headers_done = self.was_behind = False
         if self.deadline is None:  # (a new connection's first request: armed since it opened)
             self._arm()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self.headers_done = True
         self._arm()  # the body's first piece (a request without one completes at once)
 
     def on_body(self, body: bytes) -> None:
@@ -71,6 +88,11 @@ class TimedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.deadline is not None:  # a request read behind the one just answered: its
+            self._arm()  # clock starts now (nginx's too)
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # (the connection is another protocol's from here)

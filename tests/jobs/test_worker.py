@@ -355,10 +355,14 @@ async def test_a_lane_per_kind_keeps_a_long_job_from_holding_the_others(tmp_path
         return {"done": True}
 
     batches = [store.create("batch", {"n": i}, None) for i in range(2)]
-    media = store.create("media", {}, None)
     worker = JobWorker(store, {"batch": long, "media": quick}, lanes={("media",): 1, ("batch",): 1})
     worker.start()
     try:
+        async with asyncio.timeout(10):
+            while not started:
+                await asyncio.sleep(0.02)
+        media = store.create("media", {}, None)  # while a long batch runs
+        worker.notify()
         async with asyncio.timeout(10):
             while store.get(media.id).status != "completed":  # type: ignore[union-attr]
                 await asyncio.sleep(0.02)

@@ -23,12 +23,15 @@ LIMIT = 1.0  # seconds
 
 
 class EchoApp:
-    """Answers with the request's body (after a second on /slow); notes each client gone."""
+    """Answers with the request's body (after twice the limit on /slow; reading it that late on
+    /late); notes each client gone."""
 
     def __init__(self) -> None:
         self.disconnects = 0
 
     async def __call__(self, scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["path"] == "/late":  # (reads the body only after twice the limit)
+            await asyncio.sleep(2 * LIMIT)
         body = b""
         while True:
             message = await receive()
@@ -136,4 +139,36 @@ async def test_a_slow_but_steady_body_a_slow_answer_and_keep_alive_are_served() 
         writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10 * LIMIT)
         assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+        writer.close()
+
+
+async def test_waits_that_are_the_servers_never_close_the_connection() -> None:
+    """An app that reads the body late (the client waits for its 100 Continue, or uvicorn stops
+    reading a large body until the app takes it), and a request pipelined behind one still
+    being answered: the connection stays, whatever the limit."""
+    async with serving(EchoApp()) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10 * LIMIT)
+        assert interim.startswith(b"HTTP/1.1 100")
+        writer.write(b"ok")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+
+        big = bytes(1_000_000)  # (past uvicorn's high-water mark: it pauses reading)
+        writer.write(b"POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + big)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10 * LIMIT)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(len(big)) == big
+
+        # a second request's first line sent while the first is answered for twice the limit
+        writer.write(
+            b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10 * LIMIT)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"hi"
+        writer.write(b"Host: x\r\n\r\n")  # its headers end now: served
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
         writer.close()
