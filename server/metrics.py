@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.sequence import Sequence
@@ -232,8 +234,8 @@ def route_label(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None:
         return route.path
-    if "endpoint" not in scope:
-        return "unmatched"
+    if "endpoint" not in scope:  # never routed: refused before (a 401, a drain's 503), or a 404
+        return _route_matching(scope)
     if scope.get("app_root_path") is not None:
         return scope.get("root_path", "") or "unmatched"
     # A plain Starlette route (FastAPI's /openapi.json) records only its endpoint.
@@ -241,3 +243,24 @@ def route_label(scope: Scope) -> str:
         if getattr(candidate, "endpoint", None) is scope["endpoint"]:
             return candidate.path
     return "unmatched"
+
+
+def _route_matching(scope: Scope) -> str:
+    """The route a request refused before routing was for, as the router would match it
+    (a method it does not take, too: a 405's route); "unmatched" when none would."""
+    return _matching(getattr(scope.get("app"), "routes", ()), scope) or "unmatched"
+
+
+def _matching(routes: Iterable[Any], scope: Scope) -> str | None:
+    for candidate in routes:
+        # (FastAPI keeps an included router whole: its routes as they were added, no prefix
+        # here; without that attribute a router's routes match as themselves)
+        included = getattr(candidate, "original_router", None)
+        if included is not None:
+            if (found := _matching(included.routes, scope)) is not None:
+                return found
+            continue
+        match, _ = candidate.matches(scope)
+        if match != Match.NONE:
+            return getattr(candidate, "path", None)
+    return None

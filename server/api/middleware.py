@@ -285,14 +285,22 @@ class HeadMiddleware:
 
         async def headers_only(message: Message) -> None:
             nonlocal ended
-            if message["type"] == "http.response.body":
-                if ended:
-                    return
-                ended = True  # (the GET's Content-Length stays: what a GET would send)
-                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            if ended:
+                return  # (the GET's body)
             await send(message)
+            if message["type"] == "http.response.start":
+                # Ended at once (the GET's Content-Length stays, as HEAD answers it): a
+                # streamed GET then sees its client gone and stops, rather than running on.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                ended = True
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        # In place, the method restored after: the outer middleware read the route the router
+        # writes into this scope (metrics' label) and log the HEAD it was.
+        scope["method"] = "GET"
+        try:
+            await self.app(scope, receive, headers_only)
+        finally:
+            scope["method"] = "HEAD"
 
 
 # A scope key only the server's own requests to itself carry (a server never takes scope

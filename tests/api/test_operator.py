@@ -102,6 +102,16 @@ async def test_metrics_label_every_route_and_have_no_created_series(
     assert 'vlm_http_requests_total{route="/openapi.json",status="200"}' in text
     assert 'vlm_http_requests_total{route="/static-offline-docs",status="200"}' in text
     assert "_created" not in text
+    # refused before routing (no key), HEAD, a path no route takes: each labelled as routed
+    await keyed.get("/v1/models/some-model")
+    await keyed.head("/health")
+    await keyed.get("/no/such/path", headers={"Authorization": f"Bearer {KEY}"})
+    await keyed.get("/no/such/path")
+    text = (await keyed.get("/metrics")).text
+    assert 'vlm_http_requests_total{route="/v1/models/{model:path}",status="401"}' in text
+    assert 'vlm_http_requests_total{route="/health",status="200"}' in text
+    assert 'vlm_http_requests_total{route="unmatched",status="404"}' in text
+    assert 'vlm_http_requests_total{route="unmatched",status="401"}' in text
 
 
 def counter(metrics_text: str, name: str) -> float:
