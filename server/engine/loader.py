@@ -85,7 +85,10 @@ def resolve_model_path(name: str, models_dir: Path) -> Path:
     """Map --model to a checkpoint directory, building the tiny one if asked for. A checkpoint
     already there by that name wins (`make-tiny-model models/tiny` then `--model tiny` serves
     the one the operator built, not a second one)."""
-    for candidate in (Path(name).expanduser(), models_dir / name):
+    places = [Path(name).expanduser(), models_dir / name]
+    if name in TINY_MODELS:  # (looked for under --models-dir alone: a ./tiny here is not it)
+        places = [models_dir / name]
+    for candidate in places:
         if (candidate / "config.json").is_file():
             return candidate
     if name in TINY_MODELS:

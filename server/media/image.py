@@ -132,11 +132,15 @@ def visual_tokens(size: tuple[int, int], pixels: tuple[int, int], side: int) -> 
     return (width // side) * (height // side)
 
 
+# ISO base media files that are still images (HEIF, AVIF), not videos: the ftyp box's brand.
+IMAGE_BRANDS = frozenset({b"avif", b"avis", b"heic", b"heix", b"hevc", b"mif1", b"msf1"})
+
+
 def looks_like_video(data: bytes) -> bool:
-    """A video container's signature (MP4/MOV's ftyp box, Matroska/WebM's EBML header, AVI's
-    RIFF): bytes sent as an image that are a video."""
+    """A video container's signature (MP4/MOV's ftyp box, but not an image's brand, AVIF or
+    HEIC; Matroska/WebM's EBML header; AVI's RIFF): bytes sent as an image that are a video."""
     return (
-        data[4:8] == b"ftyp"
+        (data[4:8] == b"ftyp" and data[8:12] not in IMAGE_BRANDS)
         or data[:4] == b"\x1aE\xdf\xa3"
         or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
     )
