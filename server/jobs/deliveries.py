@@ -127,3 +127,14 @@ class DeliveryStore(ABC):
             )
             row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
         return row["value"]
+
+    def replace_shared_value(self, name: str, value: str) -> str | None:
+        """Sets `name` to `value` for every process from now on; the value it had, if any."""
+        with self.transaction() as execute:
+            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+            execute(
+                "INSERT INTO shared_values (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+        return None if row is None else row["value"]

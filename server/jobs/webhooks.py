@@ -52,16 +52,24 @@ HOLD_MARGIN_S = 10.0
 
 
 def load_or_create_secret(configured: str | None, store: JobStore, data_dir: Path) -> str:
-    """The flag's secret; else the store's, created once by the first process that asks (from
-    the copy in the data dir, where one was generated before the store kept it)."""
-    if configured:
-        return configured
+    """The flag's secret, which then becomes the store's too (a rotation: a replica started
+    later without the flag signs with it as well); else the store's, created once by the first
+    process that asks (from the copy in the data dir, where one was generated before the store
+    kept it). The data dir's copy is always the secret this process signs with."""
     path = data_dir / "webhook_secret"
     copy = path.read_text().strip() if path.exists() else None
-    generated = SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-    secret = store.shared_value("webhook_secret", copy or generated)
+    if configured:
+        secret = configured
+        if store.replace_shared_value("webhook_secret", configured) not in (None, configured):
+            logger.warning(
+                "--webhook-secret replaces the job store's webhook secret: every replica signs "
+                "with it once restarted (receivers should accept both until then)"
+            )
+    else:
+        generated = SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+        secret = store.shared_value("webhook_secret", copy or generated)
     if copy != secret:
-        if copy is not None:
+        if copy is not None and not configured:
             logger.warning("%s differs from the shared webhook secret; replacing it", path)
         path.write_text(secret)
         path.chmod(0o600)

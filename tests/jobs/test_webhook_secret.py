@@ -23,6 +23,21 @@ def test_replicas_share_the_stored_secret(open_store: Callable[[], JobStore], tm
     assert load_or_create_secret("whsec_flag", open_store(), second_dir) == "whsec_flag"
 
 
+def test_a_secret_given_by_flag_is_every_replicas_from_then_on(
+    open_store: Callable[[], JobStore], tmp_path: Path
+) -> None:
+    """A rotation (the flag on a replica's restart): its data dir's copy is the new secret (the
+    one to give receivers), and a replica started later without the flag signs with it too."""
+    first_dir, later_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    later_dir.mkdir()
+    old = load_or_create_secret(None, open_store(), first_dir)
+    assert load_or_create_secret("whsec_bmV3", open_store(), first_dir) == "whsec_bmV3"
+    assert (first_dir / "webhook_secret").read_text() == "whsec_bmV3"
+    assert load_or_create_secret(None, open_store(), later_dir) == "whsec_bmV3" != old
+    assert (later_dir / "webhook_secret").read_text() == "whsec_bmV3"
+
+
 def test_a_secret_from_an_older_data_dir_is_kept(open_store: Callable[[], JobStore], tmp_path):
     (tmp_path / "webhook_secret").write_text("whsec_b2xk\n")
     assert load_or_create_secret(None, open_store(), tmp_path) == "whsec_b2xk"
