@@ -11,11 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
+
+
+class CloseLog:
+    """One line a second at most for the connections closed (a flood of them, slowloris-style,
+    must not flood the log): the latest's reason and how many were closed since the last line."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.every_s = every_s
+        self.last = -every_s
+        self.unlogged = 0
+
+    def log(self, client: Any, reason: str) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            where = f"{client[0]}:{client[1]}" if client else "a client"
+            logger.info(
+                "closed %d connection(s) since the last such line, the latest from %s: %s",
+                self.unlogged,
+                where,
+                reason,
+            )
+            self.last, self.unlogged = now, 0
+
+
+CLOSES = CloseLog()
 
 
 class TimedHttpProtocol(HttpToolsProtocol):
@@ -48,11 +75,9 @@ class TimedHttpProtocol(HttpToolsProtocol):
             self._arm()
             return
         if not self.transport.is_closing():
-            logger.debug(
-                "closed a connection from %s: its request was not complete within %s s",
-                self.client,
-                self.client_timeout,
-            )
+            part = "body paused" if self.headers_done else "headers were not complete"
+            timeout = f"{self.client_timeout:g}"
+            CLOSES.log(self.client, f"its request's {part} for --client-timeout ({timeout} s)")
             self.transport.close()
 
     def _waiting_on_server(self) -> bool:

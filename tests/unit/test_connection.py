@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 import pytest
 import uvicorn
 
+from server.api import connection
 from server.api.connection import TimedHttpProtocol
 
 pytestmark = pytest.mark.anyio
@@ -84,12 +86,20 @@ async def closed_after(reader: asyncio.StreamReader, started: float) -> float:
     return time.monotonic() - started
 
 
-async def test_a_connection_that_sends_nothing_is_closed() -> None:
+async def test_a_connection_that_sends_nothing_is_closed(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.api.connection")
+    monkeypatch.setattr(connection, "CLOSES", connection.CloseLog())  # (none logged this second)
     async with serving(EchoApp()) as port:
         started = time.monotonic()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert LIMIT * 0.9 <= await closed_after(reader, started) < LIMIT * 3
         writer.close()
+    # the operator sees why (one line a second at most, however many are closed)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.api.connection"]
+    assert "the latest from 127.0.0.1:" in line
+    assert "headers were not complete for --client-timeout (1 s)" in line
 
 
 async def test_headers_that_trickle_are_closed_at_one_deadline() -> None:
