@@ -85,6 +85,40 @@ class CutOffFilter(logging.Filter):
         return True
 
 
+class ForcedStopFilter(logging.Filter):
+    """A second Ctrl-C stops at once: uvicorn skips the app's shutdown and logs the lifespan's
+    cancellation as an ERROR with a traceback. It is what the operator asked for: one line."""
+
+    # (Starlette's lifespan sends its traceback as the message; uvicorn's own, as exc_info)
+    CANCELLED = ("asyncio.exceptions.CancelledError", "KeyboardInterrupt")
+
+    def __init__(self, server: uvicorn.Server):
+        super().__init__()
+        self.server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.server.force_exit:
+            return True
+        message = record.getMessage()
+        exc = record.exc_info[1] if record.exc_info else None
+        last_line = message.rstrip().rsplit("\n", 1)[-1]
+        if (message.startswith("Traceback") and last_line in self.CANCELLED) or (
+            message.startswith("Exception in 'lifespan' protocol")
+            and isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
+        ):
+            record.msg, record.args = FORCED_STOP, ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+FORCED_STOP = (
+    "stopped at once (a second Ctrl-C): in-flight requests were cut off, and the jobs this "
+    "server was running go back to the queue when their lease ends (at once when it restarts "
+    "on this machine)"
+)
+
+
 class StartupErrorFilter(logging.Filter):
     """A lifespan that fails with a StartupError (a KV cache budget that holds nothing, a job
     store that cannot be reached) is an operator's mistake: log its message as one line, not
@@ -125,19 +159,21 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout,
         lifespan="on",
     )
-    startup_errors, cut_off = StartupErrorFilter(), CutOffFilter()
+    server = DrainingServer(config, app, settings)
+    startup_errors = StartupErrorFilter()
+    filters = (startup_errors, CutOffFilter(), ForcedStopFilter(server))
     uvicorn_logger = logging.getLogger("uvicorn.error")
-    uvicorn_logger.addFilter(startup_errors)
-    uvicorn_logger.addFilter(cut_off)
+    for each in filters:
+        uvicorn_logger.addFilter(each)
     try:
-        DrainingServer(config, app, settings).run(sockets=[sock])
+        server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the lifespan fails
         return 2 if startup_errors.startup_error else int(exc.code or 1)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has drained: a clean exit
         return 130
     finally:
-        uvicorn_logger.removeFilter(startup_errors)
-        uvicorn_logger.removeFilter(cut_off)
+        for each in filters:
+            uvicorn_logger.removeFilter(each)
     return 0
 
 

@@ -4,6 +4,7 @@ included), on a real server process: in-flight requests finish, new ones are ans
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -147,6 +148,34 @@ def test_requests_past_the_shutdown_timeout_are_cut_off_cleanly(
     # uvicorn's own line of it: what the flag asks for, a warning (not an ERROR alert)
     (cancel,) = [line for line in log.splitlines() if "graceful shutdown exceeded" in line]
     assert "WARNING" in cancel and "ERROR" not in cancel, cancel
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The first Ctrl-C drains; a second stops now (uvicorn skips the app's shutdown): exit
+    130, and the log says so in one warning, not the lifespan's cancelled traceback."""
+    args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
+    log_path = tmp_path / "server.log"
+    long = {**BODY, "max_tokens": 3000, "stream": False}
+
+    def ask() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{url}/v1/chat/completions", json=long, timeout=120)
+
+    with server_process(log_path, *args, "--shutdown-timeout", "60") as (url, process):
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 60
+        while "1.0" not in _running(url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        asker.join(timeout=60)
+    log = log_path.read_text()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    (stopped,) = [line for line in log.splitlines() if "a second Ctrl-C" in line]
+    assert "WARNING" in stopped
 
 
 def _running(url: str) -> str:
