@@ -205,7 +205,8 @@ class WebhookSender:
                 delay = max(delay, retry_after)
             outcome, next_at = "pending", time.time() + delay
         said = "retrying" if outcome == "pending" else outcome  # the metric's word too
-        logger.info(
+        logger.log(
+            logging.WARNING if outcome == "failed" else logging.INFO,  # (given up: it is lost)
             "webhook %s attempt %d: %s (%s)%s",
             row["id"],
             attempts,
