@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -21,25 +20,30 @@ logger = logging.getLogger(__name__)
 
 class CloseLog:
     """One line a second at most for the connections closed (a flood of them, slowloris-style,
-    must not flood the log): the latest's reason and how many were closed since the last line."""
+    must not flood the log): the first at once, then each second's count, with the latest's
+    address and reason."""
 
     def __init__(self, every_s: float = 1.0):
         self.every_s = every_s
-        self.last = -every_s
         self.unlogged = 0
+        self.latest: tuple[Any, str] = (None, "")
+        self.window: asyncio.TimerHandle | None = None  # while on, closes are only counted
 
     def log(self, client: Any, reason: str) -> None:
         self.unlogged += 1
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            where = f"{client[0]}:{client[1]}" if client else "a client"
-            logger.info(
-                "closed %d connection(s) since the last such line, the latest from %s: %s",
-                self.unlogged,
-                where,
-                reason,
-            )
-            self.last, self.unlogged = now, 0
+        self.latest = (client, reason)
+        if self.window is None:
+            self._write()
+
+    def _write(self) -> None:
+        if not self.unlogged:
+            self.window = None
+            return
+        client, reason = self.latest
+        where = f"{client[0]}:{client[1]}" if client else "a client"
+        logger.info("closed %d connection(s), the latest from %s: %s", self.unlogged, where, reason)
+        self.unlogged = 0
+        self.window = asyncio.get_running_loop().call_later(self.every_s, self._write)
 
 
 CLOSES = CloseLog()

@@ -182,3 +182,19 @@ async def test_waits_that_are_the_servers_never_close_the_connection() -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200")
         writer.close()
+
+
+async def test_a_flood_of_closes_is_a_line_a_second_and_none_goes_uncounted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.api.connection")
+    log = connection.CloseLog(every_s=0.1)
+    for port in range(5):
+        log.log(("10.0.0.1", port), "why")
+    await asyncio.sleep(0.35)
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.api.connection"]
+    assert lines == [
+        "closed 1 connection(s), the latest from 10.0.0.1:0: why",  # at once
+        "closed 4 connection(s), the latest from 10.0.0.1:4: why",  # the rest, a window later
+    ]
+    assert log.window is None  # (quiet again: the next close is logged at once)
