@@ -246,21 +246,27 @@ def route_label(scope: Scope) -> str:
 
 
 def _route_matching(scope: Scope) -> str:
-    """The route a request refused before routing was for, as the router would match it
-    (a method it does not take, too: a 405's route); "unmatched" when none would."""
-    return _matching(getattr(scope.get("app"), "routes", ()), scope) or "unmatched"
+    """The route a request refused before routing was for, as the router would match it: a
+    full match first, else one that takes another method (a 405's route, a HEAD's GET);
+    "unmatched" when none would."""
+    routes = getattr(scope.get("app"), "routes", ())
+    try:
+        found = _matching(routes, scope, Match.FULL) or _matching(routes, scope, Match.PARTIAL)
+    except Exception:  # (a label must never cost the request its own outcome)
+        found = None
+    return found or "unmatched"
 
 
-def _matching(routes: Iterable[Any], scope: Scope) -> str | None:
+def _matching(routes: Iterable[Any], scope: Scope, wanted: Match) -> str | None:
     for candidate in routes:
-        # (FastAPI keeps an included router whole: its routes as they were added, no prefix
-        # here; without that attribute a router's routes match as themselves)
+        # FastAPI keeps an included router whole: its routes as they were added (with no
+        # prefix: this server's routers have none); other routes match as themselves.
         included = getattr(candidate, "original_router", None)
         if included is not None:
-            if (found := _matching(included.routes, scope)) is not None:
+            if (found := _matching(included.routes, scope, wanted)) is not None:
                 return found
             continue
         match, _ = candidate.matches(scope)
-        if match != Match.NONE:
+        if match == wanted:
             return getattr(candidate, "path", None)
     return None

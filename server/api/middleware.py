@@ -294,13 +294,9 @@ class HeadMiddleware:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 ended = True
 
-        # In place, the method restored after: the outer middleware read the route the router
-        # writes into this scope (metrics' label) and log the HEAD it was.
-        scope["method"] = "GET"
-        try:
-            await self.app(scope, receive, headers_only)
-        finally:
-            scope["method"] = "HEAD"
+        # A copy: uvicorn frames the answer by the scope it made (a HEAD's has no body; told
+        # GET, it wanted the Content-Length's bytes). Metrics label it by matching its path.
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 # A scope key only the server's own requests to itself carry (a server never takes scope

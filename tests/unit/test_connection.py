@@ -198,3 +198,42 @@ async def test_a_flood_of_closes_is_a_line_a_second_and_none_goes_uncounted(
         "closed 4 connection(s), the latest from 10.0.0.1:4: why",  # the rest, a window later
     ]
     assert log.window is None  # (quiet again: the next close is logged at once)
+
+
+async def test_head_on_a_real_server_is_headers_alone_and_the_connection_goes_on() -> None:
+    """HEAD through uvicorn (HeadMiddleware answers it as the GET): the GET's headers and no
+    body, for a JSON route and a streamed one, and the connection's next request is read
+    right (a body, or a chunked stream's end, left on the wire would corrupt it)."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from server.api.middleware import HeadMiddleware
+
+    app = FastAPI()
+
+    @app.get("/json")
+    async def answer() -> dict:
+        return {"ok": True}
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def pieces() -> AsyncIterator[bytes]:
+            for _ in range(500):
+                yield b"x" * 10
+                await asyncio.sleep(0.01)
+
+        return StreamingResponse(pieces())
+
+    app.add_middleware(HeadMiddleware)
+    async with serving(app) as port:  # type: ignore[arg-type]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for path in ("/json", "/stream", "/json"):
+            writer.write(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            writer.write(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head  # (not a stray body's bytes)
+            assert b"content-length: 11" in head.lower()
+            assert await reader.readexactly(11) == b'{"ok":true}'
+        writer.close()
