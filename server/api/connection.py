@@ -28,11 +28,13 @@ class CloseLog:
         self.unlogged = 0
         self.latest: tuple[Any, str] = (None, "")
         self.window: asyncio.TimerHandle | None = None  # while on, closes are only counted
+        self.loop: asyncio.AbstractEventLoop | None = None  # the window's
 
     def log(self, client: Any, reason: str) -> None:
         self.unlogged += 1
         self.latest = (client, reason)
-        if self.window is None:
+        # (a window of a loop that has ended never closes: a new loop starts its own)
+        if self.window is None or self.loop is not asyncio.get_running_loop():
             self._write()
 
     def _write(self) -> None:
@@ -43,7 +45,8 @@ class CloseLog:
         where = f"{client[0]}:{client[1]}" if client else "a client"
         logger.info("closed %d connection(s), the latest from %s: %s", self.unlogged, where, reason)
         self.unlogged = 0
-        self.window = asyncio.get_running_loop().call_later(self.every_s, self._write)
+        self.loop = asyncio.get_running_loop()
+        self.window = self.loop.call_later(self.every_s, self._write)
 
 
 CLOSES = CloseLog()
@@ -107,11 +110,12 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        self.headers_done = True
+        self.headers_done, self.was_behind = True, False
         self._arm()  # the body's first piece (a request without one completes at once)
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
+        self.was_behind = False  # (the client moves: a later pause has the limit alone)
         self._arm()
 
     def on_message_complete(self) -> None:

@@ -21,6 +21,7 @@ import email.utils
 import hashlib
 import hmac
 import logging
+import os
 import random
 import secrets
 import time
@@ -71,8 +72,10 @@ def load_or_create_secret(configured: str | None, store: JobStore, data_dir: Pat
     if copy != secret:
         if copy is not None and not configured:
             logger.warning("%s differs from the shared webhook secret; replacing it", path)
-        path.write_text(secret)
-        path.chmod(0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # (0600 from the start)
+        with os.fdopen(fd, "w") as copy_file:
+            copy_file.write(secret)
+        path.chmod(0o600)  # (a copy an older version wrote wider)
     return secret
 
 

@@ -167,6 +167,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tiny_model_dir: Path, tmp_pat
         deadline = time.monotonic() + 60
         while "1.0" not in _running(url) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert "1.0" in _running(url)  # (running: 3000 tokens take longer than the second)
         process.send_signal(signal.SIGINT)
         time.sleep(1)
         process.send_signal(signal.SIGINT)
