@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from fastapi import FastAPI
 
-from server.api.connection import TimedHttpProtocol
 from server.config import Settings
 from server.exceptions import JobStoreStartError, ModelLoadError, StartupError
 from server.jobs.project import of_key
@@ -145,14 +144,23 @@ class StartupErrorFilter(logging.Filter):
         return True
 
 
+def http_protocol(client_timeout: float) -> Any:
+    """uvicorn's HTTP protocol: with --client-timeout, its httptools one with the limits."""
+    if client_timeout <= 0:
+        return "auto"
+    try:
+        from server.api.connection import TimedHttpProtocol
+    except ImportError:  # (no httptools, which uvicorn[standard] brings: h11, without limits)
+        logger.warning("--client-timeout needs httptools (uvicorn[standard]): not applied")
+        return "auto"
+    return functools.partial(TimedHttpProtocol, client_timeout=client_timeout)
+
+
 def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
     """Runs until shut down; the process exit code (2: the model could not be served)."""
-    http: Any = "auto"
-    if settings.client_timeout > 0:
-        http = functools.partial(TimedHttpProtocol, client_timeout=settings.client_timeout)
     config = uvicorn.Config(
         app,
-        http=http,
+        http=http_protocol(settings.client_timeout),
         log_config=None,  # server.log configured logging already
         log_level=settings.log_level,
         access_log=False,  # AccessLogMiddleware writes one line per request, with its latency

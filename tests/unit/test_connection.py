@@ -237,3 +237,11 @@ async def test_head_on_a_real_server_is_headers_alone_and_the_connection_goes_on
             assert b"content-length: 11" in head.lower()
             assert await reader.readexactly(11) == b'{"ok":true}'
         writer.close()
+
+
+def test_the_server_takes_the_timed_protocol_unless_the_limit_is_off() -> None:
+    from server.api.server import http_protocol
+
+    assert http_protocol(0) == "auto"  # (uvicorn's own, no limits)
+    timed = http_protocol(45)
+    assert timed.func is TimedHttpProtocol and timed.keywords == {"client_timeout": 45}
