@@ -151,7 +151,9 @@ class Settings(BaseSettings):
     webhook_timeout: float = Field(default=10.0, gt=0)
     job_retention_hours: float = Field(default=168.0, ge=0)  # finished jobs; 0: keep forever
     job_store: str | None = None  # sqlite:///PATH | postgresql://...; default: under data_dir
-    job_lease: float = Field(default=30.0, gt=0)  # seconds a job stays held without renewal
+    # Seconds a job stays held without renewal; renewed every third of it, so under 2 s a slow
+    # store round trip or a pause of the loop could let a live job be taken over and run twice.
+    job_lease: float = Field(default=30.0, ge=2)
     store_responses: bool = True  # the Responses API's answers, for previous_response_id
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -175,7 +175,7 @@ HELP = {
     "(nginx's client_header_timeout / client_body_timeout; 0: no limit).",
     "webhook_secret": "whsec_<base64> key that signs webhooks (Standard Webhooks v1).",
     "webhook_retry_delays": "Seconds before each webhook retry, comma-separated (jittered; "
-    "Retry-After honoured); a delivery fails after the last one.",
+    "Retry-After honoured); a delivery fails after the last one (empty: after its first attempt).",
     "webhook_timeout": "The longest one webhook delivery attempt may take, all of it (connecting, "
     "sending, the receiver's status line and headers; its body is not read).",
     "job_retention_hours": "Finished async jobs are deleted this long after they end (0: keep "
@@ -184,7 +184,7 @@ HELP = {
     "sqlite:///relative/path or sqlite:////absolute/path (one machine; the start-up line shows "
     "the file) or postgresql://USER@HOST/DB, shared by several replicas (docs/DEPLOYMENT.md).",
     "job_lease": "How long a replica holds a job without renewing it (it renews every third of "
-    "this); a replica that dies has its jobs taken over by another after this long.",
+    "this; at least 2 s); a replica that dies has its jobs taken over by another after this long.",
     "store_responses": "Keep the Responses API's answers (unless a request says store: false) "
     "in the job store, for previous_response_id and GET /v1/responses/{id}, as long as "
     "finished jobs (--job-retention-hours, from a conversation's last turn), images as sent "

@@ -136,6 +136,7 @@ def test_unknown_vlm_variables_are_named_with_the_closest_setting() -> None:
         (["--device", "gpu"], "--device 'gpu': device must be auto, cpu, cuda or cuda:N"),
         (["--kv-cache-memory", "lots"], "--kv-cache-memory 'lots': must be a number"),
         (["--max-num-seqs", "0"], "--max-num-seqs '0': must be at least 1"),
+        (["--job-lease", "0.5"], "--job-lease '0.5': must be at least 2.0"),
         (
             ["--webhook-retry-delays", "abc"],
             "--webhook-retry-delays 'abc': webhook retry delay 'abc' is not a number",
