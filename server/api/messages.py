@@ -35,7 +35,7 @@ from server.api.errors import (
     anthropic_message,
 )
 from server.api.protocol import MAX_CACHE_SALT, PartModel, StopString, StrictModel, Text
-from server.api.sse import answer_pieces
+from server.api.sse import answer_pieces, wire_json
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
@@ -743,7 +743,7 @@ SIGNATURE_DELTA = {"type": "signature_delta", "signature": ""}
 def event(kind: str, **fields: Any) -> str:
     """One server-sent event, as Anthropic sends them: its type named twice."""
     data = {"type": kind, **fields}
-    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"event: {kind}\ndata: {wire_json(data, ensure_ascii=False)}\n\n"
 
 
 class MessageEvents:

@@ -19,14 +19,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ANTHROPIC_OVERLOADED, error_body, speaks_anthropic
+from server.api.sse import wire_json
 from server.jobs.project import project_var
 from server.log import request_id_var
 from server.metrics import CLIENT_CLOSED_REQUEST
 
 logger = logging.getLogger(__name__)
 
-# A client's X-Request-ID is echoed and logged only if it looks like an id, never arbitrary text.
-CLIENT_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+# A client's X-Request-ID is echoed and logged if it is one word of visible ASCII (trace ids
+# come as UUIDs, base64, paths: tenant/abc:1): no space, control or non-ASCII character that
+# could split or forge a log line.
+CLIENT_REQUEST_ID = re.compile(r"^[!-~]{1,256}$")
 # Open without an API key: they hold no secrets, and a browser cannot send a Bearer header to
 # open them (the docs and their assets, the playground, liveness and version).
 PUBLIC_PATHS = frozenset(
@@ -59,7 +62,7 @@ async def send_error(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     anthropic = speaks_anthropic(scope)
-    body = json.dumps(error_body(anthropic, status, message, error_type, None, code)).encode()
+    body = wire_json(error_body(anthropic, status, message, error_type, None, code)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -445,7 +448,7 @@ def cut_off_event(scope: Scope, last: bytes) -> bytes:
     message = SHUTTING_DOWN
     if speaks_anthropic(scope):
         data: dict = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
-        return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+        return f"event: error\ndata: {wire_json(data)}\n\n".encode()
     if scope["path"].startswith("/v1/responses"):
         numbers = SEQUENCE_NUMBER.findall(last)
         data = {
@@ -455,9 +458,9 @@ def cut_off_event(scope: Scope, last: bytes) -> bytes:
             "message": message,
             "param": None,
         }
-        return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+        return f"event: error\ndata: {wire_json(data)}\n\n".encode()
     data = error_body(False, 503, message, "server_error", None, "shutting_down")
-    return f"data: {json.dumps(data)}\n\ndata: [DONE]\n\n".encode()  # (as after any error)
+    return f"data: {wire_json(data)}\n\ndata: [DONE]\n\n".encode()  # (as after any error)
 
 
 async def _shutting_down(scope: Scope, send: Send) -> None:

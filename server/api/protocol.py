@@ -311,6 +311,16 @@ ContentPart = Annotated[
 ]
 
 
+SHORT_FORM_KEYS = ("image_url", "video_url")
+
+
+def _typed_by_key(part: Any) -> Any:
+    if not isinstance(part, dict) or "type" in part:
+        return part
+    keys = [key for key in SHORT_FORM_KEYS if part.get(key) is not None]
+    return {"type": keys[0], **part} if len(keys) == 1 else part
+
+
 # OpenAI message fields this server does not support: refused, never ignored.
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
 
@@ -358,6 +368,15 @@ class ChatMessageParam(PartModel):
     # it where Qwen3's does (the turns after the last user query), else leaves it out.
     reasoning_content: str | None = None
     reasoning: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _type_short_forms(cls, value: Any) -> Any:
+        """vLLM's short media parts, {"image_url": URL} and {"video_url": URL} without a
+        `type`, typed by their one media key as vLLM's parser types them."""
+        if not isinstance(value, list):
+            return value
+        return [_typed_by_key(part) for part in value]
 
     @model_validator(mode="before")
     @classmethod

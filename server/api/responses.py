@@ -10,7 +10,6 @@ one with `previous_response_id`, and `background: true` runs one as a durable jo
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -40,7 +39,7 @@ from server.api.protocol import (
     StrictModel,
     Text,
 )
-from server.api.sse import answer_pieces
+from server.api.sse import answer_pieces, wire_json
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
@@ -878,7 +877,7 @@ def completed(rid: str, body: ResponsesRequest, result: ChatResult, store: bool)
 def event(kind: str, number: int, **fields: Any) -> str:
     """One server-sent event, as OpenAI sends them: its type named twice."""
     data = {"type": kind, "sequence_number": number, **fields}
-    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"event: {kind}\ndata: {wire_json(data, ensure_ascii=False)}\n\n"
 
 
 class ResponseEvents:

@@ -41,6 +41,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 
+def wire_json(data: object, *, ensure_ascii: bool = True) -> str:
+    """JSON as the hosted APIs stream and answer it: no spaces after separators."""
+    return json.dumps(data, ensure_ascii=ensure_ascii, separators=(",", ":"))
+
+
 def error_event(exc: ServerError) -> str:
     """An error after the 200 went out: OpenAI's envelope as the stream's last event."""
     info = ErrorInfo(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
@@ -71,7 +76,7 @@ class ChatChunkWriter:
             "model": model,
         }
         self._content_suffix = (
-            '},"logprobs":null,"finish_reason":null}],' + json.dumps(head)[1:] + "\n\n"
+            '},"logprobs":null,"finish_reason":null}],' + wire_json(head)[1:] + "\n\n"
         )
 
     def content(self, text: str, index: int = 0) -> str:
@@ -80,7 +85,7 @@ class ChatChunkWriter:
                 [ChatCompletionChunkChoice(index=index, delta=DeltaMessage(content=text))]
             )
         prefix = 'data: {"choices":[{"index":' + str(index) + ',"delta":{"content":'
-        return prefix + json.dumps(text) + self._content_suffix
+        return prefix + wire_json(text) + self._content_suffix
 
     def role(
         self,
@@ -172,7 +177,7 @@ class ChatChunkWriter:
             del chunk["usage"]
         if frames is None:
             del chunk["frames"]
-        return f"data: {json.dumps(chunk)}\n\n"
+        return f"data: {wire_json(chunk)}\n\n"
 
 
 def _tool_call_delta(event: ToolCallDelta) -> DeltaToolCall:

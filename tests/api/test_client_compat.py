@@ -250,6 +250,19 @@ async def test_responses_style_and_history_parts(client: httpx.AsyncClient) -> N
     ]
 
 
+async def test_vllms_short_media_parts_without_a_type(client: httpx.AsyncClient) -> None:
+    """{"image_url": URL} typed by its key, as vLLM's parser does: the typed part's prompt; a
+    part with no type and no media key (or two) is still named as having no type."""
+    url = data_uri(make_image(64, 64))
+    typed = await ok(client, chat([{"type": "image_url", "image_url": url}]))
+    short = await ok(client, chat([{"image_url": url}]))
+    assert short["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"]
+    for part in ({"text": "x"}, {"image_url": url, "video_url": url}):
+        response = await client.post(URL, json=chat([part]))
+        assert_error(response, 400, "messages[0].content[0]", "invalid_value")
+        assert "has no `type`" in response.json()["error"]["message"]
+
+
 async def test_chat_template_kwargs(client: httpx.AsyncClient) -> None:
     """Passed to the template when it reads them (Qwen's read add_vision_id); others are
     harmless."""

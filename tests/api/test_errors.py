@@ -537,8 +537,14 @@ async def test_image_over_byte_cap(tiny_model_dir: Path, media_server: MediaServ
 
 
 async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
-    response = await client.get("/health", headers={"X-Request-ID": "abc-123"})
-    assert response.headers["x-request-id"] == "abc-123"
+    """A client's trace id as it sent it (UUIDs, base64, paths); one with a space or past 256
+    characters is replaced by the server's own."""
+    for given in ("abc-123", "tenant/abc:123", "Zm9vYmFy+/==", "x" * 256):
+        response = await client.get("/health", headers={"X-Request-ID": given})
+        assert response.headers["x-request-id"] == given
+    for refused in ("abc def", "x" * 257, ""):
+        response = await client.get("/health", headers={"X-Request-ID": refused})
+        assert len(response.headers["x-request-id"]) == 32
     assert len((await client.get("/health")).headers["x-request-id"]) == 32
 
 

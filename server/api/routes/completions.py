@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -24,7 +23,7 @@ from server.api.protocol import (
 )
 from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
-from server.api.sse import DONE, SSE_HEADERS, error_event
+from server.api.sse import DONE, SSE_HEADERS, error_event, wire_json
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.choices import merged, prepended
@@ -263,7 +262,7 @@ async def stream(
         }
         if usage is not None:
             body["usage"] = usage.model_dump()
-        return f"data: {json.dumps(body)}\n\n"
+        return f"data: {wire_json(body)}\n\n"
 
     try:
         async for index, output in events:
