@@ -52,6 +52,9 @@ class VllmMetrics:
             return Histogram(name, doc, LABELS, buckets=buckets, registry=registry)
 
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed")
+        self.prompt_tokens_cached = counter(
+            "vllm:prompt_tokens_cached", "Prompt tokens read from the prefix cache"
+        )
         self.generation_tokens = counter("vllm:generation_tokens", "Generation tokens")
         self.success = counter(
             "vllm:request_success", "Finished requests by finish reason", "finished_reason"
@@ -63,6 +66,12 @@ class VllmMetrics:
         # The name dashboards made for vLLM before 0.10 read (the same values).
         self.tpot = histogram(
             "vllm:time_per_output_token_seconds", "Time per output token", ITL_BUCKETS
+        )
+        # vLLM's per-request mean: its decode time over its tokens after the first.
+        self.request_tpot = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Time per output token, each request's mean",
+            ITL_BUCKETS,
         )
         self.e2e = histogram(
             "vllm:e2e_request_latency_seconds", "End-to-end request latency", REQUEST_BUCKETS
@@ -132,6 +141,7 @@ class VllmMetrics:
         self.success.labels(**labels, finished_reason=reason).inc()
         if seq.choice_index == 0:
             self.prompt_tokens.labels(**labels).inc(seq.inputs.num_prompt_tokens)
+            self.prompt_tokens_cached.labels(**labels).inc(seq.num_cached_tokens)
             self.request_prompt_tokens.labels(**labels).observe(seq.inputs.num_prompt_tokens)
         self.generation_tokens.labels(**labels).inc(seq.num_completion_tokens)
         self.request_generation_tokens.labels(**labels).observe(seq.num_completion_tokens)
@@ -155,6 +165,9 @@ class VllmMetrics:
             self.ttft.labels(**labels).observe(seq.first_token_time - seq.received_time)
             self.prefill.labels(**labels).observe(seq.first_token_time - seq.scheduled_time)
             self.decode.labels(**labels).observe(end - seq.first_token_time)
+            after_first = seq.num_completion_tokens - 1  # (0 for one token or none, as vLLM)
+            mean = (end - seq.first_token_time) / after_first if after_first > 0 else 0.0
+            self.request_tpot.labels(**labels).observe(mean)
 
     def _generated(self, seq: Sequence) -> None:
         """request_max_num_generation_tokens, once the request's last choice has ended."""

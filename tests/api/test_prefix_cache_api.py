@@ -53,6 +53,9 @@ async def test_cached_tokens_and_hit_metrics(tiny_model_dir: Path) -> None:
     assert again["choices"][0]["message"] == first["choices"][0]["message"]
     hits = metric(metrics, "vlm_prefix_cache_hit_tokens_total")
     assert hits == sum(d["cached_tokens"] for d in details)
+    # vLLM's counter of the same (labelled by model and engine)
+    cached = next(line for line in metrics.splitlines() if line.startswith("vllm:prompt_tokens_c"))
+    assert float(cached.split()[-1]) == hits
     assert metric(metrics, "vlm_prefix_cache_queried_tokens_total") >= 4 * prompt_tokens
     assert metric(metrics, "vlm_encoder_cache_misses_total") == 2  # two distinct images
     assert 0 <= metric(metrics, "vlm_kv_cache_usage") <= 1

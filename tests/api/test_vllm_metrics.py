@@ -70,6 +70,7 @@ async def test_a_request_moves_vllms_series(tiny_model_dir: Path) -> None:
     assert dict(info[0])["block_size"] == "16" and "num_gpu_blocks" in dict(info[0])
     assert value("vllm:prefix_cache_queries_total") >= prompt  # tokens, as vLLM counts them
     assert value("vllm:prefix_cache_hits_total") == 0
+    assert value("vllm:prompt_tokens_cached_total") == 0
     assert value("vllm:num_preemptions_total") == 0
     # One interval between each two tokens; every request histogram saw the request once.
     assert value("vllm:inter_token_latency_seconds_count") == completion - 1
@@ -90,6 +91,11 @@ async def test_a_request_moves_vllms_series(tiny_model_dir: Path) -> None:
     assert seconds["request_queue_time"] + inference <= seconds["e2e_request_latency"]
     assert seconds["time_to_first_token"] <= seconds["e2e_request_latency"]
     assert value("vllm:inter_token_latency_seconds_sum") <= seconds["request_decode_time"] + 1e-6
+    # vLLM's per-request mean time per output token: the decode time over the tokens after
+    # the first
+    assert value("vllm:request_time_per_output_token_seconds_count") == 1
+    mean = value("vllm:request_time_per_output_token_seconds_sum")
+    assert abs(mean - seconds["request_decode_time"] / (completion - 1)) < 1e-6
 
 
 def test_a_request_that_never_ran_counts_as_aborted() -> None:
