@@ -98,7 +98,9 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
         raise AddressRefused(f"the host {host} is not in the server's allow-list{ALLOW_HINT}")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+    except UnicodeError:  # (a label past 63 characters, an empty one: no DNS name at all)
+        raise AddressRefused(f"the host {host} is malformed: not a DNS name") from None
+    except OSError:
         raise HostUnresolved(f"the host {host} does not resolve") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not addresses:

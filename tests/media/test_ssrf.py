@@ -91,6 +91,14 @@ async def test_a_host_that_does_not_resolve_is_a_failed_fetch_not_a_refusal() ->
     assert "allowed-media-domains" not in info.value.message
 
 
+async def test_a_host_that_is_no_dns_name_is_said_to_be_malformed() -> None:
+    """A label past 63 characters cannot be looked up: the URL is wrong, not the network."""
+    with pytest.raises(MediaError) as info:
+        await fetch(f"http://{'a' * 64}.example/photo.jpg")
+    assert info.value.code == "media_url_not_allowed"
+    assert "is malformed: not a DNS name" in info.value.message
+
+
 async def test_allow_list_admits_a_private_host_and_only_it(
     secret_url: str, media_server: MediaServer
 ) -> None:
