@@ -89,8 +89,9 @@ HELP = {
     "default_max_tokens": "max_tokens for requests that give none (always bounded by the context).",
     "max_n": "Most choices (`n`) one chat or text completion may ask for; each is a sequence of "
     "its own, sharing the prompt's KV blocks.",
-    "max_model_len": "Longest sequence, prompt plus answer, in tokens; capped at what the KV "
-    "cache holds, with a warning.",
+    "max_model_len": "Longest sequence, prompt plus answer, in tokens. More than the KV cache "
+    "holds does not start (the error says what fits); left at 0, the model's context is capped "
+    "at what the cache holds, with a warning.",
     "max_num_seqs": "Requests running (decoded together) at once; at least 1.",
     "max_num_batched_tokens": "Tokens computed in one engine step: every running decode, then "
     "prompt chunks (a longer prompt is prefilled in chunks of this size).",

@@ -40,7 +40,7 @@ from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceOutput, SequenceStatus
 from server.engine.structured import StructuredOutput
 from server.engine.transfer import to_device
-from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest
+from server.exceptions import EngineOverloaded, EngineStopped, InvalidRequest, ModelLoadError
 from server.jobs.project import current_project
 from server.log import request_id_var
 
@@ -120,6 +120,14 @@ class AsyncEngine:
             FusedDecoder.build(loaded.model)
         num_blocks = profile.kv_cache_blocks(loaded, config, max_seq_len)
         capacity = num_blocks * config.block_size
+        if capacity < max_seq_len and config.max_model_len:
+            # Asked for by name: a context the server cannot give is refused now (as vLLM
+            # does), not found by the client whose long prompt gets a 400.
+            raise ModelLoadError(
+                f"--max-model-len {config.max_model_len} is more than the KV cache holds "
+                f"({capacity} tokens): raise --gpu-memory-utilization / --kv-cache-memory, or "
+                f"lower --max-model-len to {capacity} or less (or leave it out: what fits)."
+            )
         if capacity < max_seq_len:
             # A sequence must be able to finish alone, so the context is what the cache holds.
             logger.warning(

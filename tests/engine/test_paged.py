@@ -150,6 +150,7 @@ async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts, enforce
         loaded,
         max_num_batched_tokens=4096,
         kv_cache_memory=(blocks_for_prompts + 1) * 16 * bytes_per_token / 2**30,
+        max_model_len=0,  # the model's: the context is then what the cache holds
         enable_prefix_caching=False,
         enforce_eager=enforce_eager,
     )
@@ -165,14 +166,19 @@ async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts, enforce
 
 
 async def test_a_prompt_the_cache_cannot_hold_alone_is_refused_at_submit(loaded, prompts) -> None:
-    from server.exceptions import InvalidRequest
+    """A --max-model-len the KV cache cannot hold is refused at start; without one the context
+    served is what the cache holds, and a prompt past it a 400."""
+    from server.exceptions import InvalidRequest, ModelLoadError
 
     bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
     num_blocks = -(-(prompts["text"].num_prompt_tokens + GREEDY.max_tokens) // 16)
     assert prompts["images"].num_prompt_tokens > num_blocks * 16
-    engine = make_engine(loaded, kv_cache_memory=num_blocks * 16 * bytes_per_token / 2**30)
+    budget = num_blocks * 16 * bytes_per_token / 2**30
+    with pytest.raises(ModelLoadError, match=f"lower --max-model-len to {num_blocks * 16} or"):
+        make_engine(loaded, kv_cache_memory=budget)  # asked for 2048 tokens: refused, as vLLM
+    engine = make_engine(loaded, kv_cache_memory=budget, max_model_len=0)
     engine.start()
-    assert engine.max_seq_len == num_blocks * 16  # the context is what the cache holds
+    assert engine.max_seq_len == num_blocks * 16  # the model's context: what the cache holds
     with pytest.raises(InvalidRequest) as refused:
         engine.add_request("big", prompts["images"], GREEDY)
     fits = await generate(engine, {"text": prompts["text"]})

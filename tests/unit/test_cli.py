@@ -195,14 +195,28 @@ def test_a_path_like_model_without_a_checkpoint_is_not_looked_up(
     logging.getLogger().handlers = []
 
 
-def test_a_kv_budget_that_holds_nothing_is_one_line_and_exit_code_2(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--kv-cache-memory", "0.0000001"], "cannot hold one block of 16 tokens: raise --gpu"),
+        (
+            ["--kv-cache-memory", "0.0001", "--max-model-len", "4096"],
+            "--max-model-len 4096 is more than the KV cache holds (",
+        ),
+    ],
+)
+def test_a_kv_budget_that_holds_too_little_is_one_line_and_exit_code_2(
+    flags: list[str],
+    said: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = ["serve", "--model", str(tiny_model_dir), "--kv-cache-memory", "0.0000001"]
+    argv = ["serve", "--model", str(tiny_model_dir), *flags]
     argv += ["--port", "0", "--data-dir", str(tmp_path)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "cannot hold one block of 16 tokens: raise --gpu-memory-utilization" in err
+    assert said in err
     assert "Traceback" not in err
     logging.getLogger().handlers = []
 
