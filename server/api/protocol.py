@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import mimetypes
 import time
 import uuid
@@ -1082,17 +1081,19 @@ def _pixels(processor: dict[str, Any], size: dict[str, Any], name: str, edge: st
     return _positive(size.get(edge), f"mm_processor_kwargs.size.{edge}")
 
 
+# The largest media option taken: past any real pixel count or rate, and exact as a float
+# (a 400-digit integer is refused here, not an OverflowError where it is multiplied later).
+MAX_MEDIA_OPTION = 2**53
+
+
 def _positive(value: Any, param: str, number: bool = False) -> Any:
     kinds = (int, float) if number else (int,)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise _media_option(param, f"takes a positive {'number' if number else 'integer'}")
+    # (NaN fails the comparison, infinity the bound)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value <= MAX_MEDIA_OPTION:
+        kind = "number" if number else "integer"
+        raise _media_option(param, f"takes a positive {kind} (at most 2**53)")
     return value
 
 

@@ -302,6 +302,9 @@ async def test_a_streamed_background_response_is_followed_and_resumed(
     assert [e.model_dump() for e in again] == [e.model_dump() for e in events[3:]]
     past_the_end = await sdk.responses.retrieve(rid, stream=True, starting_after=len(events) - 1)
     assert [e async for e in past_the_end] == []
+    params = {"stream": "true", "starting_after": str(2**63)}  # (past SQLite's integers)
+    too_far = await client.get(f"/v1/responses/{rid}", params=params)
+    assert too_far.status_code == 400 and too_far.json()["error"]["param"] == "starting_after"
     polled = await sdk.responses.create(background=True, **body)
     ended = await until_ended(sdk, polled.id)
     streamed = [e async for e in await sdk.responses.retrieve(polled.id, stream=True)]
@@ -402,7 +405,7 @@ async def test_a_followed_stream_whose_run_started_over_ends_with_an_error(
     await fresh.aclose()
     draining = followed(jobs, "resp_restarted", 4, settle, lambda: True)
     shutting, last = [event async for event in draining]  # (it goes on elsewhere)
-    assert shutting == text(5) and '"code": "server_shutting_down"' in last
+    assert shutting == text(5) and '"code":"server_shutting_down"' in last
     number = json.loads(last.split("data: ", 1)[1])["sequence_number"]
     assert number == 5  # the last sent: a client going on after it misses nothing
     monkeypatch.setattr(response_events, "KEEPALIVE_S", 0.0)

@@ -316,6 +316,8 @@ async def test_mm_processor_kwargs_set_the_image_resolution(client: httpx.AsyncC
         ({"size": {"shortest_edge": 1.5}}, "mm_processor_kwargs.size.shortest_edge"),
         ({"size": {"height": 4}}, "mm_processor_kwargs.size"),
         ({"min_pixels": 200_000, "max_pixels": 100_000}, "mm_processor_kwargs.min_pixels"),
+        ({"min_pixels": 10**400}, "mm_processor_kwargs.min_pixels"),  # (no OverflowError)
+        ({"fps": 10**400}, "mm_processor_kwargs.fps"),
     ):
         response = await client.post(
             "/v1/chat/completions", json=chat(image, mm_processor_kwargs=kwargs)

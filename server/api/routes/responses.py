@@ -427,7 +427,9 @@ async def retrieve_response(
     response_id: str,
     request: Request,
     stream: bool = Query(default=False, description="a background response's events"),
-    starting_after: int = Query(default=-1, ge=-1, description="stream: after this event"),
+    starting_after: int = Query(
+        default=-1, ge=-1, lt=2**63, description="stream: after this event"
+    ),
     services: Services = Depends(get_services),
 ) -> ResponseObject | StreamingResponse:
     """A stored response; a background one as it stands (queued, in_progress, then its end),
