@@ -34,7 +34,14 @@ from server.api.errors import (
     anthropic_error_type,
     anthropic_message,
 )
-from server.api.protocol import MAX_CACHE_SALT, PartModel, StopString, StrictModel, Text
+from server.api.protocol import (
+    MAX_CACHE_SALT,
+    PartModel,
+    StopString,
+    StrictModel,
+    Text,
+    Turns,
+)
 from server.api.sse import answer_pieces, wire_json
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
@@ -264,7 +271,7 @@ MESSAGES_UNSUPPORTED_WHEN = {
 class MessagesRequest(StrictModel):
     model: str
     max_tokens: int = Field(ge=1)
-    messages: list[InputMessage] = Field(min_length=1)
+    messages: Annotated[list[InputMessage], Turns] = Field(min_length=1)
     system: Text | list[TextBlock] | None = None
     stop_sequences: list[StopString] | None = Field(default=None, max_length=16)
     stream: StrictBool | None = False

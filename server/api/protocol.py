@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -319,6 +320,28 @@ def _typed_by_key(part: Any) -> Any:
     keys = [key for key in SHORT_FORM_KEYS if part.get(key) is not None]
     return {"type": keys[0], **part} if len(keys) == 1 else part
 
+
+# Messages (or input items) and their content parts, in all: a million empty parts held the
+# event loop 18 s while they were validated and rendered; no real conversation comes near.
+MAX_TURN_ITEMS = 10_000
+
+
+def _bounded_turns(value: Any) -> Any:
+    """Counted before any is validated (pydantic's max_length counts after)."""
+    if isinstance(value, list):
+        count = len(value) + sum(
+            len(item["content"])
+            for item in value
+            if isinstance(item, dict) and isinstance(item.get("content"), list)
+        )
+        if count > MAX_TURN_ITEMS:
+            raise ValueError(
+                f"{count} messages and content parts: at most {MAX_TURN_ITEMS:,} in all"
+            )
+    return value
+
+
+Turns = BeforeValidator(_bounded_turns)
 
 # OpenAI message fields this server does not support: refused, never ignored.
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
@@ -841,7 +864,7 @@ GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar
 
 
 class ChatCompletionRequest(StructuredFields, VllmFields):
-    messages: list[ChatMessageParam] = Field(min_length=1)
+    messages: Annotated[list[ChatMessageParam], Turns] = Field(min_length=1)
     model: str | None = None  # left out: the served model (vLLM's leniency; OpenAI requires it)
     audio: Any | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)

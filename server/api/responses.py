@@ -38,6 +38,7 @@ from server.api.protocol import (
     ReasoningEffort,
     StrictModel,
     Text,
+    Turns,
 )
 from server.api.sse import answer_pieces, wire_json
 from server.engine.sampling import SamplingParams
@@ -247,7 +248,7 @@ class ConversationRef(StrictModel):
 class ResponsesRequest(StrictModel):
     model: str
     # (optional, as OpenAI's: a conversation's next answer may need no new input)
-    input: Text | list[InputItem] = Field(default_factory=list)
+    input: Annotated[Text | list[InputItem], Turns] = Field(default_factory=list)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)

@@ -65,6 +65,9 @@ def project_salt(project: str, salt: str | None) -> str:
 
 # A character becomes at most 3 under NFC (U+1D160) and a character at most 4 UTF-8 bytes.
 MAX_BYTES_PER_NORMALIZED_CHAR = 12
+# The least a chat turn takes besides its text: Qwen's templates open and close each message
+# with a special token (<|im_start|>role ... <|im_end|>).
+TOKENS_PER_TURN = 2
 
 
 class AsyncEngine:
@@ -225,12 +228,21 @@ class AsyncEngine:
         vocab, added = self.tokenizer.get_vocab(), self.tokenizer.get_added_vocab()  # type: ignore[attr-defined]
         return max((len(k.encode()) if k in added else len(k) for k in vocab), default=1)
 
-    def check_prompt_text(self, text: str, param: str) -> None:
+    def check_prompt_text(self, text: str, param: str, turns: int = 0) -> None:
         """Text that cannot fit the context is refused before it is tokenized (a 20 MB prompt
         took minutes and gigabytes to tokenize, then was refused): the tokens of text, once
         the tokenizer has normalized it (NFC for Qwen), are at least its UTF-8 bytes over the
-        most one token stands for."""
-        limit = self.max_seq_len * self._longest_token_bytes
+        most one token stands for; each of a chat's turns (messages) adds its own start and
+        end tokens (<|im_start|>, <|im_end|>) to those."""
+        markers = max(turns * TOKENS_PER_TURN - 1, 0)  # (a continued last turn has no end)
+        if markers > self.max_seq_len:  # (300,000 empty messages: no text, but no room)
+            raise InvalidRequest(
+                f"The prompt has {turns} messages: more than this model's {self.max_seq_len}-"
+                f"token context can hold ({TOKENS_PER_TURN} tokens each at least).",
+                param=param,
+                code="context_length_exceeded",
+            )
+        limit = (self.max_seq_len - markers) * self._longest_token_bytes
         if len(text) * MAX_BYTES_PER_NORMALIZED_CHAR <= limit:  # (every prompt of a usual size)
             return
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 # the cube of the depth (on the CPU: 0.2 s at 128 levels of arrays, 1.6 s at 256, 32 s at 450),
 # and one request's compile would hold the others' back. OpenAI allows 10 levels of objects.
 MAX_SCHEMA_DEPTH = 128
+# What a schema's grammar is made of, bounded as OpenAI bounds structured outputs: at most
+# 5,000 properties, and 120,000 characters of property and definition names, enum and const
+# values (a compile grows faster than those: 50,000 enum strings took a minute of a compile
+# thread; descriptions cost nothing and are not counted).
+MAX_SCHEMA_PROPERTIES = 5_000
+MAX_SCHEMA_CHARS = 120_000
+NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def json_depth(text: str) -> int:
@@ -53,6 +60,38 @@ def json_depth(text: str) -> int:
         elif char in "]}":
             depth -= 1
     return deepest
+
+
+def check_schema_size(schema: object) -> None:
+    """Raises InvalidSchema past MAX_SCHEMA_PROPERTIES or MAX_SCHEMA_CHARS."""
+    properties = chars = 0
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in NAMED and isinstance(value, dict):
+                properties += len(value) if key == "properties" else 0
+                chars += sum(map(len, value))
+                stack.extend(value.values())
+            elif key in ("enum", "const"):
+                values = value if key == "enum" and isinstance(value, list) else [value]
+                chars += sum(len(json.dumps(v)) for v in values)
+            elif isinstance(value, dict | list):
+                stack.append(value)
+    if properties > MAX_SCHEMA_PROPERTIES:
+        raise InvalidSchema(
+            f"it has {properties} properties; the limit is {MAX_SCHEMA_PROPERTIES:,} (OpenAI's)"
+        )
+    if chars > MAX_SCHEMA_CHARS:
+        raise InvalidSchema(
+            f"its property and definition names, enum and const values are {chars:,} "
+            f"characters; the limit is {MAX_SCHEMA_CHARS:,} (OpenAI's)"
+        )
 
 
 @dataclass(frozen=True)
@@ -291,6 +330,8 @@ class GrammarCache:
             raise InvalidSchema(
                 f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}"
             )
+        if spec.kind == "json_schema":
+            check_schema_size(json.loads(spec.schema_json or "{}"))
         if spec.strict and (found := unenforced(json.loads(spec.schema_json or "{}"))):
             raise InvalidSchema(strict_refusal(found))
         try:

@@ -213,7 +213,9 @@ class ChatPipeline:
         """check's cheap part: sampling, the text's length, the number of media."""
         self.engine.check_sampling(request.sampling)
         if request.truncation is None:  # (a prompt to cut may be longer: it is asked for)
-            self.engine.check_prompt_text(prompt_text(request.messages), "messages")
+            # As the template gets it: the tools' definitions and the calls' arguments too.
+            rendered = self.rendered(request)
+            self.engine.check_prompt_text(prompt_text(rendered), "messages", len(rendered))
         return self.media.check_counts(request.messages)
 
     async def compile_structured(self, request: ChatRequest) -> None:

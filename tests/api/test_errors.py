@@ -709,6 +709,23 @@ async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
         body["messages"] = [{"role": "user", "content": "x" * (limit - 50)}]
         error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
         assert error["code"] == "context_length_exceeded" and "characters" not in error["message"]
+        # as the template gets them: the tools' definitions, the calls' arguments, and the
+        # start and end tokens of every message (300,000 empty ones took half a minute)
+        words = "word " * (limit // 5 + 1)
+        function = {"name": "f", "description": words, "parameters": {"type": "object"}}
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        call_with_words = {**call, "function": {"name": "f", "arguments": json.dumps({"a": words})}}
+        hi = {"role": "user", "content": "Hi"}
+        answered = {"role": "tool", "tool_call_id": "c1", "content": "ok"}
+        for extra in (
+            {"tools": [{"type": "function", "function": function}]},
+            {"messages": [hi, {"role": "assistant", "tool_calls": [call_with_words]}, answered]},
+            {"messages": [{"role": "user", "content": ""}] * (engine.max_seq_len // 2 + 1)},
+        ):
+            sent = {**body, "messages": [hi], **extra}
+            response = await client.post("/v1/chat/completions", json=sent)
+            error = assert_error(response, 400, "messages", "context_length_exceeded")
+            assert "characters long" in error["message"] or "messages:" in error["message"]
 
 
 async def test_images_that_cannot_fit_are_refused_before_they_are_decoded(

@@ -83,6 +83,26 @@ async def test_a_schema_nested_too_deep_is_refused_before_it_compiles(
     assert "nested 451 levels deep" in error["message"], error
 
 
+async def test_a_schema_past_openais_size_limits_is_refused_before_it_compiles(
+    client: httpx.AsyncClient,
+) -> None:
+    """OpenAI's bounds: 5,000 properties, 120,000 characters of names, enum and const values
+    (50,000 enum strings took a minute to compile); descriptions are not counted."""
+
+    def schema_format(schema: dict) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+
+    enum = {"enum": [f"value-{i:06d}" for i in range(20_000)]}
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5001)}}
+    for schema, said in ((enum, "characters; the limit is 120,000"), (many, "5001 properties")):
+        response = await client.post(URL, json=chat(response_format=schema_format(schema)))
+        error = assert_error(response, 400, "response_format", "invalid_schema")
+        assert said in error["message"], error
+    described = {"type": "string", "description": "d" * 200_000, "enum": ["a", "b"]}
+    response = await client.post(URL, json=chat(response_format=schema_format(described)))
+    assert response.status_code == 200, response.text
+
+
 async def test_constraints_no_text_matches_are_400s(client: httpx.AsyncClient) -> None:
     """The request's fault, not the server's: one that no token can start is refused before
     it runs (naming the field); one that allows no next token part-way (a pattern nothing
