@@ -220,6 +220,11 @@ async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) 
         )
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "messages[0].content[1]"
+    # frames are counted before the URL is split: an hour of them at most
+    many = "data:video/jpeg;base64," + ",".join(["AAAA"] * 3601)
+    response = await video_client.post("/v1/chat/completions", json=video_body(many))
+    assert response.status_code == 400, response.text
+    assert "holds 3601 frames; at most 3600" in response.json()["error"]["message"]
 
 
 async def test_captions_never_hold_special_tokens(video_client: httpx.AsyncClient) -> None:
