@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
 from server import __version__
-from server.api.body import no_lone_surrogates
+from server.api.body import check_json_body
 from server.api.errors import install_error_handlers
 from server.api.middleware import (
     ApiKeyMiddleware,
@@ -233,7 +233,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         version=__version__,
         summary="OpenAI-compatible inference server for Qwen2-VL vision-language models",
         lifespan=lifespan,
-        dependencies=[Depends(no_lone_surrogates)],
+        dependencies=[Depends(check_json_body)],
     )
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app, settings.served_model_names())

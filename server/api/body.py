@@ -1,11 +1,13 @@
-"""The one check of a JSON request body that json.loads does not make, for every route at once:
-text holding a lone surrogate ("\\ud83d" alone, as a JavaScript client that cut a string inside
-an emoji sends). It is not text: the tokenizer, the job store and the answer's own JSON cannot
-encode it, wherever it is (a tool's description, metadata, a prompt to /tokenize), so it is a
-400 naming the field."""
+"""The checks of a JSON request body that json.loads does not make, for every route at once:
+UTF-8 (json.loads also reads UTF-16 and UTF-32, which no API here takes), and no text holding
+a lone surrogate ("\\ud83d" alone, as a JavaScript client that cut a string inside an emoji
+sends). That is not text: the tokenizer, the job store and the answer's own JSON cannot encode
+it, wherever it is (a tool's description, metadata, a prompt to /tokenize), so it is a 400
+naming the field."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -24,14 +26,20 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-async def no_lone_surrogates(request: Request) -> None:
+async def check_json_body(request: Request) -> None:
     """A FastAPI dependency of every route: runs once the body is read and parsed (FastAPI
     keeps both on the request), before the route's model validates it."""
     if request.method not in BODY_METHODS or "json" not in request.headers.get("content-type", ""):
         return  # (a file upload's multipart body is not JSON)
     if getattr(request.scope.get("route"), "body_field", None) is None:
         return  # a route that takes no body (a cancel): whatever was sent is not read
-    if not _escapes_surrogate(await request.body()):
+    body = await request.body()
+    if json.detect_encoding(body[:4]) not in ("utf-8", "utf-8-sig"):  # (a BOM, or NULs)
+        raise InvalidRequest(
+            "The request body is not valid JSON: it must be UTF-8 text (this is UTF-16 or UTF-32).",
+            code="invalid_json",
+        )
+    if not _escapes_surrogate(body):
         return
     try:
         parsed = await request.json()  # (parsed already: FastAPI keeps it)

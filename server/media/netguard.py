@@ -21,6 +21,9 @@ import httpx
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# IETF protocol assignments (IANA: not globally reachable, but for two anycast addresses no
+# image is on); Python before 3.11.10 and 3.12.4 calls most of it global.
+IETF_PROTOCOL = ipaddress.ip_network("192.0.0.0/24")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
@@ -55,7 +58,7 @@ def is_public(ip: IPAddress) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # fec0::/10, deprecated
         return False
-    if isinstance(ip, ipaddress.IPv4Address) and ip in CGNAT:
+    if isinstance(ip, ipaddress.IPv4Address) and (ip in CGNAT or ip in IETF_PROTOCOL):
         return False
     return ip.is_global
 

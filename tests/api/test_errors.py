@@ -422,6 +422,8 @@ async def test_malformed_json(client: httpx.AsyncClient) -> None:
     "content",
     [
         b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}',  # not UTF-8
+        '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}'.encode("utf-16"),
+        '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}'.encode("utf-32-le"),
         b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         b'{"model": "tiny", "seed": ' + b"9" * 5000 + b"}",  # past Python's digit limit
     ],

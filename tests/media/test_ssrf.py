@@ -177,6 +177,8 @@ async def test_local_paths_that_cannot_be_read_are_a_media_error(tmp_path: Path)
         ("10.1.2.3", False),
         ("172.16.0.1", False),
         ("100.64.0.1", False),
+        ("192.0.0.8", False),  # (global to Python 3.11.7's ipaddress)
+        ("::ffff:192.0.0.8", False),
         ("169.254.169.254", False),
         ("224.0.0.1", False),
         ("0.0.0.0", False),
