@@ -93,6 +93,12 @@ class Metrics:
         self.refreshers: list[Callable[[], None]] = []
         self.engine_collector: EngineCollector | None = None
 
+    def record_finished(self, seq: Sequence) -> None:
+        """The engine's on_finish: every sequence that ends, however (a client that went
+        away too: its tokens were computed), in both families of metrics."""
+        self.record_sequence(seq)
+        self.vllm.record(seq)
+
     def record_sequence(self, seq: Sequence) -> None:
         """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
         frame's caption or categories, a text completion)."""

@@ -122,10 +122,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             lambda: engine.num_waiting,
             {**engine.cache_info(), "gpu_memory_utilization": str(settings.gpu_memory_utilization)},
         )
-        # vLLM's request metrics see every sequence that ends, aborted ones too.
-        engine.on_finish = metrics.vllm.record
+        # Token and request metrics see every sequence that ends, aborted ones too.
+        engine.on_finish = metrics.record_finished
         engine.on_step = metrics.vllm.record_step
-        categories = CategoriesPipeline(engine, input_builder, media, metrics)
+        categories = CategoriesPipeline(engine, input_builder, media)
         # Jobs' requests rank below interactive ones where the policy looks at ranks.
         job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
         # A batch's lines and background responses go through this app itself (see
@@ -192,10 +192,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             engine=engine,
             chat=pipeline,
             completions=TextCompletions(
-                engine,
-                loaded.tokenizer,
-                (loaded.image_token_id, loaded.video_token_id),
-                metrics,
+                engine, loaded.tokenizer, (loaded.image_token_id, loaded.video_token_id)
             ),
             categories=categories,
             jobs=jobs,

@@ -30,7 +30,6 @@ from server.exceptions import MediaError, ServerError
 from server.media.fetch import FetchedMedia, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import looks_like_image
-from server.metrics import Metrics
 from server.pipelines.chat import compile_grammar
 from server.pipelines.finish import (
     FRAMES_DONE,
@@ -169,12 +168,10 @@ class CategoriesPipeline:
         engine: AsyncEngine,
         input_builder: InputBuilder,
         media: MediaLoader,
-        metrics: Metrics | None = None,
     ):
         self.engine = engine
         self.input_builder = input_builder
         self.media = media
-        self.metrics = metrics
 
     async def run(
         self, request: CategoriesRequest, on_progress: ProgressCallback | None = None
@@ -294,8 +291,6 @@ class CategoriesPipeline:
     async def _collect(self, seq: Sequence) -> str:
         pieces = []
         async for output in self.engine.stream(seq):
-            if output.finished and self.metrics is not None:
-                self.metrics.record_sequence(seq)
             # (our own schema: not the client's fault)
             if output.finish_reason in ("dead_end", "grammar_too_slow"):
                 raise IncompleteJson()

@@ -176,7 +176,7 @@ class ChatPipeline:
         self.engine = engine
         self.input_builder = input_builder
         self.media = media
-        self.captioner = FrameCaptioner(engine, input_builder, metrics)
+        self.captioner = FrameCaptioner(engine, input_builder)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.token_id_texts = self.token_texts.as_token_ids()
         self.think_close_id = single_token_id(engine.tokenizer, THINK_CLOSE)
@@ -373,16 +373,11 @@ class ChatPipeline:
     async def outputs(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
         first = True
         async for output in self.engine.stream(seq):
-            if output.finished:
-                self._record_finished(seq, output)
             raise_for_finish(output)
             if first and seq.num_completion_tokens:
                 self.metrics.time_to_first_token.observe(time.monotonic() - seq.received_time)
                 first = False
             yield output
-
-    def _record_finished(self, seq: Sequence, output: SequenceOutput) -> None:
-        self.metrics.record_sequence(seq)
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         run = await self.start(request)

@@ -15,7 +15,6 @@ from server.engine.inputs import ModelInputs, Truncation
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
-from server.metrics import Metrics
 from server.pipelines.chat import compile_grammar
 from server.pipelines.choices import add_choices
 from server.pipelines.finish import raise_for_finish
@@ -40,10 +39,8 @@ class TextCompletions:
         engine: AsyncEngine,
         tokenizer: Any,
         media_token_ids: tuple[int, ...],
-        metrics: Metrics | None = None,
     ):
         self.engine = engine
-        self.metrics = metrics
         self.tokenizer = tokenizer
         self.media_token_ids = frozenset(media_token_ids)
         self.token_texts = TokenTexts(tokenizer)
@@ -149,8 +146,6 @@ class TextCompletions:
 
     async def outputs(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
         async for output in self.engine.stream(seq):
-            if output.finished and self.metrics is not None:
-                self.metrics.record_sequence(seq)
             raise_for_finish(output)
             yield output
 

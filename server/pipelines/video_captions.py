@@ -16,7 +16,6 @@ from server.engine.inputs import InputBuilder, ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence
 from server.media.video import DecodedVideo
-from server.metrics import Metrics
 from server.pipelines.finish import ProgressCallback, collect_all, raise_for_finish
 
 CAPTION_PROMPT = "Describe this video frame in detail."
@@ -39,12 +38,9 @@ class CaptionUsage:
 
 
 class FrameCaptioner:
-    def __init__(
-        self, engine: AsyncEngine, input_builder: InputBuilder, metrics: Metrics | None = None
-    ):
+    def __init__(self, engine: AsyncEngine, input_builder: InputBuilder):
         self.engine = engine
         self.input_builder = input_builder
-        self.metrics = metrics
 
     async def caption(
         self,
@@ -93,8 +89,6 @@ class FrameCaptioner:
             sum(s.num_completion_tokens for s in seqs),
             sum(s.num_cached_tokens for s in seqs),
         )
-        for seq in seqs if self.metrics is not None else []:
-            self.metrics.record_sequence(seq)
         # One line for the video, not one per frame.
         logger.info(
             "captioned %d frames: %d prompt + %d completion tokens in %.2fs",

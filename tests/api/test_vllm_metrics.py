@@ -123,7 +123,8 @@ def test_a_request_that_never_ran_counts_as_aborted() -> None:
 
 async def test_an_aborted_request_counts_as_aborted(tiny_model_dir: Path) -> None:
     """A client that goes away: its sequence is aborted, and counted (from the engine, which
-    sees every sequence end, not only those whose answer was read)."""
+    sees every sequence end, not only those whose answer was read), in the server's own
+    token counters too (a project's chargeback includes the tokens it had computed)."""
     import asyncio
 
     settings = make_settings(tiny_model_dir)
@@ -144,10 +145,20 @@ async def test_an_aborted_request_counts_as_aborted(tiny_model_dir: Path) -> Non
         async with asyncio.timeout(30):
             while engine.num_running:
                 await asyncio.sleep(0.01)
-        found = samples((await client.get("/metrics")).text, name)
+        text = (await client.get("/metrics")).text
+        found = samples(text, name)
     assert found[("vllm:request_success_total", (("finished_reason", "abort"),))] == 1
     assert found[("vllm:e2e_request_latency_seconds_count", ())] == 1
-    assert found[("vllm:generation_tokens_total", ())] > 0
+    generated = found[("vllm:generation_tokens_total", ())]
+    assert generated > 0
+    own = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vlm_")
+    }
+    assert own["vlm_generated_tokens_total"] == generated
+    assert own['vlm_project_tokens_total{kind="generated",project="-"}'] == generated
+    assert own['vlm_sequences_finished_total{reason="abort"}'] == 1
 
 
 def test_a_requests_most_generated_tokens_wait_for_its_last_choice() -> None:
