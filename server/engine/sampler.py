@@ -269,7 +269,9 @@ def advance(state: SamplingState, token: int) -> int:
     the grammar refused it or has been too slow."""
     started = time.thread_time()
     try:
-        accepted = state.matcher.accept_token(token)
+        # (a grammar that allowed nothing leaves any id to the sampler, padding's too)
+        special = state.grammars is not None and token in state.grammars.special_token_ids
+        accepted = not special and state.matcher.accept_token(token)
     except Exception as exc:
         state.failure = _matcher_raised(exc)
         accepted = False

@@ -302,6 +302,9 @@ class GrammarCache:
         )
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self.vocab_size = vocab_size
+        # Ids no grammar takes (the model's padding past the tokenizer's vocabulary): xgrammar
+        # refuses them with a line of its own on stderr, outside the server's log format.
+        self.special_token_ids = frozenset(info.special_token_ids) - frozenset(stop_token_ids)
         # A sequence's matcher may take this much CPU per token (0: any), see sampler._too_slow
         self.max_seconds_per_token = max_seconds_per_token
         self.max_bytes = self.MAX_BYTES

@@ -429,6 +429,14 @@ class SlowMatcher(RefusingMatcher):
         return True
 
 
+def unpadded(rows: int, grammars: GrammarCache) -> torch.Tensor:
+    """Random logits without the ids no grammar takes (the model's padding past the
+    tokenizer's vocabulary), as a real matcher's mask leaves them: these matchers mask nothing."""
+    logits = torch.randn(rows, VOCAB)
+    logits[:, sorted(grammars.special_token_ids)] = float("-inf")
+    return logits
+
+
 class Every:
     """The steps of a slow pattern: those whose index modulo `period` is in `slow`."""
 
@@ -454,14 +462,30 @@ def test_a_grammar_over_its_cpu_budget_on_most_tokens_fails_its_row_alone() -> N
     spells.matcher = SlowMatcher(0.002, Every(window, range(steps - 1)))  # 4 of every 8
     plain = state(SamplingParams(temperature=0))
     rows = [slow, mostly, spells, plain]
+
     for step in range(steps - 1):
-        assert FAILED not in sample(torch.randn(4, VOCAB), rows), step
-    tokens = sample(torch.randn(4, VOCAB), rows)
+        assert FAILED not in sample(unpadded(4, grammars), rows), step
+    tokens = sample(unpadded(4, grammars), rows)
     assert tokens[0] == FAILED and FAILED not in tokens[1:]
     assert slow.failed_as == "grammar_too_slow" and "--max-grammar-ms-per-token" in slow.failure
-    assert FAILED in sample(torch.randn(3, VOCAB), rows[1:])[:1]  # 5 of its first 6 slow
+    assert FAILED in sample(unpadded(3, grammars), rows[1:])[:1]  # 5 of its first 6 slow
     for _ in range(3 * window):
-        assert FAILED not in sample(torch.randn(2, VOCAB), rows[2:])
+        assert FAILED not in sample(unpadded(2, grammars), rows[2:])
+
+
+def test_a_padding_id_is_refused_without_xgrammars_own_stderr_line(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A grammar that allowed nothing leaves the sampler any id, the model's padding past the
+    tokenizer's vocabulary too: refused here, not by xgrammar's matcher, whose refusal is a
+    line on stderr outside the log's format."""
+    grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
+    padding = max(grammars.special_token_ids)
+    row = state(SamplingParams(temperature=0), grammars=grammars)
+    row.matcher = grammars.matcher(StructuredOutput("json_object"))
+    assert sampler.advance(row, padding) == FAILED
+    assert row.failure == f"the grammar refused token {padding}"
+    assert "cannot accept special token" not in capfd.readouterr().err
 
 
 def test_without_a_budget_a_slow_grammar_goes_on() -> None:
@@ -469,7 +493,7 @@ def test_without_a_budget_a_slow_grammar_goes_on() -> None:
     slow = state(SamplingParams(temperature=0), grammars=grammars)
     slow.matcher = SlowMatcher(0.001, range(0, 100))
     for _ in range(sampler.SLOW_GRAMMAR_STEPS + 1):
-        assert sample(torch.randn(1, VOCAB), [slow]) != [FAILED]
+        assert sample(unpadded(1, grammars), [slow]) != [FAILED]
 
 
 def test_logprobs_ride_in_the_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
