@@ -95,7 +95,7 @@ class Metrics:
 
     def record_finished(self, seq: Sequence) -> None:
         """The engine's on_finish: every sequence that ends, however (a client that went
-        away too: its tokens were computed), in both families of metrics."""
+        away too: what it had computed), in both families of metrics."""
         self.record_sequence(seq)
         self.vllm.record(seq)
 
@@ -104,7 +104,9 @@ class Metrics:
         frame's caption or categories, a text completion)."""
         self.finished.labels(seq.finish_reason or "unknown").inc()
         project = seq.project or "-"
-        if seq.choice_index == 0:  # n choices of one prompt: the prompt counts once
+        # n choices of one prompt: the prompt counts once; one never started (aborted while
+        # queued) was never computed
+        if seq.choice_index == 0 and seq.is_admitted:
             self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
             self.image_tokens.inc(seq.inputs.num_image_tokens)
             self.project_tokens.labels(project, "prompt").inc(seq.inputs.num_prompt_tokens)

@@ -139,9 +139,10 @@ class VllmMetrics:
         labels = self.labels
         reason = FINISH_REASONS.get(seq.finish_reason or "", "abort")
         self.success.labels(**labels, finished_reason=reason).inc()
-        if seq.choice_index == 0:
+        if seq.choice_index == 0 and seq.is_admitted:  # (as vLLM: prompt tokens computed)
             self.prompt_tokens.labels(**labels).inc(seq.inputs.num_prompt_tokens)
             self.prompt_tokens_cached.labels(**labels).inc(seq.num_cached_tokens)
+        if seq.choice_index == 0:
             self.request_prompt_tokens.labels(**labels).observe(seq.inputs.num_prompt_tokens)
         self.generation_tokens.labels(**labels).inc(seq.num_completion_tokens)
         self.request_generation_tokens.labels(**labels).observe(seq.num_completion_tokens)

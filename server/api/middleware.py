@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # A client's X-Request-ID is echoed and logged if it is one word of visible ASCII (trace ids
 # come as UUIDs, base64, paths: tenant/abc:1): no space, control or non-ASCII character that
 # could split or forge a log line.
-CLIENT_REQUEST_ID = re.compile(r"^[!-~]{1,256}$")
+CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,256}")
 # Open without an API key: they hold no secrets, and a browser cannot send a Bearer header to
 # open them (the docs and their assets, the playground, liveness and version).
 PUBLIC_PATHS = frozenset(
@@ -92,7 +92,7 @@ class RequestIdMiddleware:
             return
         headers = dict(scope.get("headers", []))
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         request_id_var.set(request_id)
         started = time.perf_counter()
         response = _ResponseRecord()

@@ -321,23 +321,30 @@ def _typed_by_key(part: Any) -> Any:
     return {"type": keys[0], **part} if len(keys) == 1 else part
 
 
-# Messages (or input items) and their content parts, in all: a million empty parts held the
-# event loop 18 s while they were validated and rendered; no real conversation comes near.
-MAX_TURN_ITEMS = 10_000
+# JSON objects in a conversation (messages or input items, their parts and blocks, tool calls
+# and results, at any depth), in all: a million empty parts held the event loop 18 s while
+# they were validated and rendered; no real conversation comes near.
+MAX_TURN_OBJECTS = 20_000
 
 
 def _bounded_turns(value: Any) -> Any:
-    """Counted before any is validated (pydantic's max_length counts after)."""
-    if isinstance(value, list):
-        count = len(value) + sum(
-            len(item["content"])
-            for item in value
-            if isinstance(item, dict) and isinstance(item.get("content"), list)
-        )
-        if count > MAX_TURN_ITEMS:
-            raise ValueError(
-                f"{count} messages and content parts: at most {MAX_TURN_ITEMS:,} in all"
-            )
+    """Counted before any is validated (pydantic's max_length counts after), and only as far
+    as the bound: a walk that stops at its 20,001st object."""
+    if not isinstance(value, list):
+        return value
+    count, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            count += 1
+            if count > MAX_TURN_OBJECTS:
+                raise ValueError(
+                    f"holds more than {MAX_TURN_OBJECTS:,} objects (messages, content parts, "
+                    "tool calls and results): at most that many in all"
+                )
+            stack.extend(v for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, dict | list))
     return value
 
 

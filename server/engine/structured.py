@@ -80,9 +80,9 @@ def check_schema_size(schema: object) -> None:
                 stack.extend(value.values())
             elif key in ("enum", "const"):
                 values = value if key == "enum" and isinstance(value, list) else [value]
-                chars += sum(len(json.dumps(v)) for v in values)
-            elif isinstance(value, dict | list):
-                stack.append(value)
+                chars += sum(map(_value_chars, values))
+            elif key not in ("default", "examples") and isinstance(value, dict | list):
+                stack.append(value)  # (a default or an example is a value, not a schema)
     if properties > MAX_SCHEMA_PROPERTIES:
         raise InvalidSchema(
             f"it has {properties} properties; the limit is {MAX_SCHEMA_PROPERTIES:,} (OpenAI's)"
@@ -92,6 +92,14 @@ def check_schema_size(schema: object) -> None:
             f"its property and definition names, enum and const values are {chars:,} "
             f"characters; the limit is {MAX_SCHEMA_CHARS:,} (OpenAI's)"
         )
+
+
+def _value_chars(value: object) -> int:
+    """A value's characters as written: a string's own (a CJK character is one), else its
+    compact JSON."""
+    if isinstance(value, str):
+        return len(value)
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 @dataclass(frozen=True)

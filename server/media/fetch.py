@@ -398,7 +398,7 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise too_large(kind, max_bytes, param)
     if kind == "video" and mime in JPEG_FRAMES_TYPES:
-        if (count := payload.count(",") + 1) > MAX_JPEG_FRAMES:
+        if (count := payload.rstrip(", \t\r\n").count(",") + 1) > MAX_JPEG_FRAMES:
             raise MediaError(
                 f"The data URI at {param} holds {count} frames; at most {MAX_JPEG_FRAMES} "
                 "(frames are read as one a second): send fewer, or the video itself.",

@@ -111,8 +111,8 @@ BAD_BODIES = {
         "messages[1].tool_calls[0].function.arguments",
         "invalid_value",
     ),
-    "part without a type": (
-        {"model": "tiny", "messages": user({"image_url": {"url": "https://x.example/a.png"}})},
+    "part without a type": (  # (a lone image_url or video_url is vLLM's short form)
+        {"model": "tiny", "messages": user({"text": "Hi"})},
         "messages[0].content[0]",
         "invalid_value",
     ),

@@ -98,9 +98,12 @@ async def test_a_schema_past_openais_size_limits_is_refused_before_it_compiles(
         response = await client.post(URL, json=chat(response_format=schema_format(schema)))
         error = assert_error(response, 400, "response_format", "invalid_schema")
         assert said in error["message"], error
-    described = {"type": "string", "description": "d" * 200_000, "enum": ["a", "b"]}
-    response = await client.post(URL, json=chat(response_format=schema_format(described)))
-    assert response.status_code == 200, response.text
+    # a character is one, whatever JSON's escapes; descriptions and examples are not counted
+    japanese = ["\u65e5\u672c" * 7_500, "\u8a9e" * 15_000]  # 30,000 characters (180,004 escaped)
+    described = {"type": "string", "description": "d" * 200_000, "examples": ["e" * 200_000]}
+    for schema in ({"enum": japanese}, {**described, "enum": ["a", "b"]}):
+        response = await client.post(URL, json=chat(response_format=schema_format(schema)))
+        assert response.status_code == 200, response.text
 
 
 async def test_constraints_no_text_matches_are_400s(client: httpx.AsyncClient) -> None:

@@ -95,25 +95,31 @@ async def test_80_mb_base64_body_is_refused(client: httpx.AsyncClient) -> None:
 async def test_a_million_parts_are_counted_before_they_are_read(
     client: httpx.AsyncClient,
 ) -> None:
-    """Messages (or input items) and their parts: at most 10,000 in all, counted before any
-    is validated (a million empty parts held the event loop 18 s), on each API."""
+    """A conversation's objects (messages or input items, parts, blocks, tool calls and
+    results, at any depth): at most 20,000 in all, counted before any is validated (a million
+    empty parts held the event loop 18 s), on each API."""
     parts = [{"type": "text", "text": ""}] * 1_000_000
-    under = [{"role": "user", "content": [{"type": "text", "text": ""}] * 9_000}]
+    hi = {"role": "user", "content": "Hi"}
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    result = {"type": "tool_result", "tool_use_id": "t", "content": parts}
+    output = {"type": "function_call_output", "call_id": "c", "output": parts}
     for url, body, param in (
         ("/v1/chat/completions", chat(parts, max_tokens=1), "messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [hi] * 20_001}, "messages"),
         (
             "/v1/chat/completions",
-            chat("Hi") | {"messages": [{"role": "user", "content": "Hi"}] * 10_001},
+            {
+                "model": "tiny",
+                "messages": [hi, {"role": "assistant", "tool_calls": [call] * 10_000}],
+            },
             "messages",
         ),
-        (
-            "/v1/responses",
-            {"model": "tiny", "input": [{"role": "user", "content": "Hi"}] * 10_001},
-            "input",
-        ),
+        ("/v1/responses", {"model": "tiny", "input": [hi] * 20_001}, "input"),
+        ("/v1/responses", {"model": "tiny", "input": [hi, output]}, "input"),
+        ("/v1/messages", {"model": "tiny", "max_tokens": 1, "messages": [hi] * 20_001}, "messages"),
         (
             "/v1/messages",
-            {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": parts}]},
+            {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [result]}]},
             "messages",
         ),
     ):
@@ -121,10 +127,10 @@ async def test_a_million_parts_are_counted_before_they_are_read(
         assert response.status_code == 400, url
         error = response.json()["error"]
         assert error.get("param", param) == param, error  # (Anthropic's names no param)
-        assert "at most 10,000 in all" in error["message"], error
-    response = await client.post(
-        "/v1/chat/completions", json=chat("x") | {"messages": under, "max_tokens": 1}
-    )
+        assert "more than 20,000 objects" in error["message"], error
+    under = [{"role": "user", "content": [{"type": "text", "text": ""}] * 19_000}]
+    body = {"model": "tiny", "messages": under, "max_tokens": 1}
+    response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
 
 

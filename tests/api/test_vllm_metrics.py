@@ -101,24 +101,26 @@ async def test_a_request_moves_vllms_series(tiny_model_dir: Path) -> None:
 def test_a_request_that_never_ran_counts_as_aborted() -> None:
     """A queue timeout is vLLM's abort; it has an end-to-end latency and nothing else."""
     import torch
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import generate_latest
 
     from server.engine.inputs import ModelInputs
     from server.engine.sampling import SamplingParams
     from server.engine.sequence import Sequence
-    from server.vllm_metrics import VllmMetrics
+    from server.metrics import Metrics
 
-    registry = CollectorRegistry()
-    metrics = VllmMetrics(registry, "m")
+    metrics = Metrics("m")  # both families, as the engine's on_finish records them
     inputs = ModelInputs({"input_ids": torch.zeros(1, 5, dtype=torch.long)}, 5, 0)
     seq = Sequence("r", inputs, SamplingParams(), 16)
     seq.finish_reason, seq.finish_time = "queue_timeout", seq.arrival_time + 60
-    metrics.record(seq)
-    found = samples(generate_latest(registry).decode(), "m")
+    metrics.record_finished(seq)
+    text = generate_latest(metrics.registry).decode()
+    assert "vlm_prompt_tokens_total 0.0" in text  # never computed: nobody's bill
+    found = samples(text, "m")
     assert found[("vllm:request_success_total", (("finished_reason", "abort"),))] == 1
     assert found[("vllm:e2e_request_latency_seconds_count", ())] == 1
     assert found[("vllm:request_queue_time_seconds_count", ())] == 0
     assert found[("vllm:time_to_first_token_seconds_count", ())] == 0
+    assert found[("vllm:prompt_tokens_total", ())] == 0  # never computed
 
 
 async def test_an_aborted_request_counts_as_aborted(tiny_model_dir: Path) -> None:

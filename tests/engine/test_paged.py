@@ -215,6 +215,7 @@ async def test_priority_preemption_leaves_the_answers_unchanged(loaded, prompts,
         bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
         blocks = -(-(low_prompt.num_prompt_tokens + 150) // 16)
         settings["kv_cache_memory"] = blocks * 16 * bytes_per_token / 2**30
+        settings["max_model_len"] = 0  # the model's: the context is then what the cache holds
     engine = make_engine(loaded, max_num_batched_tokens=4096, **settings)
     engine.start()
     alone = [
