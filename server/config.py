@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = "auto"
     models_dir: Path = Path("models")
     data_dir: Path = Path("data")
-    default_max_tokens: int = Field(default=1024, ge=1)
+    # 0: the rest of the context, as vLLM and OpenAI answer a request without max_tokens
+    default_max_tokens: int = Field(default=0, ge=0)
     max_n: int = Field(default=8, ge=1)  # choices (`n`) per request
     max_model_len: int = Field(default=0, ge=0)
     max_num_seqs: int = Field(default=64, ge=1)

@@ -47,6 +47,7 @@ UNITS = {
 DEFAULT_TEXT = {
     "served_model_name": "the --model value",
     "max_model_len": "0 = the model's context length",
+    "default_max_tokens": "0 = the rest of the context",
     "kv_cache_memory": "0 = measured (CUDA) or up to 4 GiB (CPU)",
     "webhook_secret": "generated once, kept in the job store (a copy in DATA_DIR/webhook_secret)",
     "job_store": "sqlite:///DATA_DIR/jobs.sqlite3",
@@ -86,7 +87,8 @@ HELP = {
     "models_dir": "The local model store, searched for --model names.",
     "data_dir": "Server state: async jobs (jobs.sqlite3), pending webhooks, the webhook secret, "
     "spooled videos; keep it across restarts.",
-    "default_max_tokens": "max_tokens for requests that give none (always bounded by the context).",
+    "default_max_tokens": "max_tokens for chat and Responses requests that give none; 0: the rest "
+    "of the context, as vLLM and OpenAI (a text completion's default stays 16, as theirs).",
     "max_n": "Most choices (`n`) one chat or text completion may ask for; each is a sequence of "
     "its own, sharing the prompt's KV blocks.",
     "max_model_len": "Longest sequence, prompt plus answer, in tokens. More than the KV cache "

@@ -65,6 +65,9 @@ def project_salt(project: str, salt: str | None) -> str:
 
 # A character becomes at most 3 under NFC (U+1D160) and a character at most 4 UTF-8 bytes.
 MAX_BYTES_PER_NORMALIZED_CHAR = 12
+# Room left for the answer when a request gives no max_tokens and the server no default: the
+# frames a video gets and truncate_prompt_tokens -1 plan with it (the answer may go on).
+PLANNED_ANSWER_TOKENS = 1024
 # The least a chat turn takes besides its text: Qwen's templates open and close each message
 # with a special token (<|im_start|>role ... <|im_end|>).
 TOKENS_PER_TURN = 2
@@ -85,7 +88,12 @@ class AsyncEngine:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens = default_max_tokens  # 0: the rest of the context
+        # The answer's room a request without max_tokens is planned with (its videos' frames,
+        # a prompt truncated to fit): the default, or with none a usual answer's length.
+        self.planned_answer_tokens = default_max_tokens or min(
+            PLANNED_ANSWER_TOKENS, max_seq_len // 4
+        )
         self.async_scheduling = async_scheduling
         self.cache_per_project = cache_per_project
         self.eos_token_ids = frozenset(runner.eos_token_ids)
@@ -323,7 +331,7 @@ class AsyncEngine:
     def kept_prompt_tokens(self, truncation: Truncation, sampling: SamplingParams) -> int:
         """How many prompt tokens the truncation keeps (room left for max_tokens, or for the
         default a request without one gets)."""
-        max_tokens = sampling.max_tokens or self.default_max_tokens
+        max_tokens = sampling.max_tokens or self.planned_answer_tokens
         return truncation.kept(self.max_seq_len, max_tokens)
 
     def with_bad_word_ids(self, sampling: SamplingParams) -> SamplingParams:
@@ -480,7 +488,7 @@ class AsyncEngine:
                 code="context_length_exceeded",
             )
         if sampling.max_tokens is None:
-            return min(self.default_max_tokens, room)
+            return min(self.default_max_tokens, room) if self.default_max_tokens else room
         if sampling.max_tokens > room:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_seq_len} tokens. However, "

@@ -347,7 +347,7 @@ class ChatPipeline:
         # max_tokens that leave no room whatever the videos: that 400 (naming max_tokens), as
         # without videos and for jobs, not the planner's "the video does not fit"
         self.engine.max_tokens_for(text_tokens + image_tokens, request.sampling)
-        max_tokens = request.sampling.max_tokens or self.engine.default_max_tokens
+        max_tokens = request.sampling.max_tokens or self.engine.planned_answer_tokens
         fixed = text_tokens + image_tokens + max_tokens
         share = max(self.engine.max_seq_len - fixed, 0) // num_videos
         return TokenBudget(

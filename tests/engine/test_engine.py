@@ -32,9 +32,8 @@ def prompt(loaded: LoadedModel):
 
 
 def make_engine(loaded: LoadedModel, context_length: int = 2048, **settings: object) -> AsyncEngine:
-    config = Settings(
-        model="unused", max_model_len=context_length, default_max_tokens=16, **settings
-    ).engine_config()
+    values = {"model": "unused", "max_model_len": context_length, "default_max_tokens": 16}
+    config = Settings(**{**values, **settings}).engine_config()
     return AsyncEngine.build(loaded, config)
 
 
@@ -173,6 +172,20 @@ async def test_default_max_tokens_bounded_by_context(loaded: LoadedModel, prompt
     seq = engine.add_request("a", prompt, SamplingParams(temperature=0))
     await engine.stop()
     assert seq.max_tokens == 5
+
+
+async def test_without_a_default_max_tokens_the_answer_has_the_rest_of_the_context(
+    loaded: LoadedModel, prompt
+) -> None:
+    """--default-max-tokens 0 (the default, as vLLM and OpenAI): a request without max_tokens
+    may fill the context; what it is planned with (a video's frames, truncation) is a quarter
+    of the context at most, 1,024 tokens."""
+    engine = make_engine(loaded, context_length=2048, default_max_tokens=0)
+    engine.start()
+    seq = engine.add_request("a", prompt, SamplingParams(temperature=0))
+    await engine.stop()
+    assert seq.max_tokens == 2048 - prompt.num_prompt_tokens
+    assert engine.planned_answer_tokens == 512
 
 
 async def test_video_prompt_matches_hf_generate_alone_and_batched(
