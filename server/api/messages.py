@@ -631,6 +631,8 @@ def usage_of(run: ChatRun) -> dict[str, Any]:
         "input_tokens": prompt - cached,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": cached,
+        # (Anthropic's always says it; the prefix cache writes no billed cache entries)
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
         "output_tokens": completion,
         "service_tier": "standard",
     }

@@ -744,7 +744,7 @@ class ResponseObject(BaseModel):
         cls, rid: str, body: ResponsesRequest, sampling: SamplingParams, store: bool
     ) -> ResponseObject:
         """The response as it begins: in progress, no output yet; the sampling it runs with."""
-        text = {"format": {"type": "text"}}
+        text = {"format": {"type": "text"}, "verbosity": "medium"}  # (OpenAI's echo)
         if body.text is not None:
             text |= body.text.model_dump(by_alias=True, exclude_none=True)
         return cls(

@@ -134,6 +134,7 @@ async def test_the_answer_is_the_chat_completions(
     # input_tokens are the ones not read from the prefix cache (the chat request warmed it)
     assert usage.input_tokens + usage.cache_read_input_tokens == chat.usage.prompt_tokens
     assert usage.cache_read_input_tokens > 0 and usage.cache_creation_input_tokens == 0
+    assert usage.cache_creation is not None and usage.cache_creation.ephemeral_5m_input_tokens == 0
     assert usage.output_tokens == chat.usage.completion_tokens
     finish = chat.choices[0].finish_reason
     assert message.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[finish]

@@ -110,6 +110,15 @@ async def test_input_tokens_count_is_the_responses_input_tokens(sdk: openai.Asyn
     assert missing.value.body["code"] == "previous_response_not_found"
 
 
+async def test_compaction_is_named_as_not_served(sdk: openai.AsyncOpenAI) -> None:
+    """The SDK's responses.compact: a 400 that says so, not a bare 405 from the path of a
+    response's id."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.responses.compact(model="tiny", input="Hi")
+    assert refused.value.code == "unsupported_endpoint"
+    assert "Compaction" in refused.value.message
+
+
 async def test_listed_input_items_are_the_sdks_types(client: httpx.AsyncClient) -> None:
     """Input items read back (an assistant's string content, a function call and its output)
     carry what the SDK's types require: output_text's annotations, the items' status."""
@@ -388,7 +397,7 @@ async def test_json_schema_output(sdk: openai.AsyncOpenAI) -> None:
     )
     assert response.status == "completed"
     assert set(json.loads(response.output_text)) == {"n"}
-    assert response.text.format.type == "json_schema"
+    assert response.text.format.type == "json_schema" and response.text.verbosity == "medium"
 
 
 async def test_streamed_events_as_the_sdk_accumulates_them(sdk: openai.AsyncOpenAI) -> None:

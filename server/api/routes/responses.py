@@ -369,6 +369,17 @@ def _with_store_false(event: str) -> str:
     return f"{kind}\ndata: {wire_json(fields, ensure_ascii=False)}\n\n"
 
 
+@router.post("/v1/responses/compact", tags=["responses"])
+async def compact_response() -> None:
+    """OpenAI's compaction (`client.responses.compact`), named rather than a bare 405 from the
+    path of a response's id: it is not served."""
+    raise InvalidRequest(
+        "Compaction (POST /v1/responses/compact) is not supported by this server: send the "
+        "conversation as it is (previous_response_id, a conversation, or truncation: auto).",
+        code="unsupported_endpoint",
+    )
+
+
 @router.post("/v1/responses/input_tokens", response_model=InputTokens, tags=["responses"])
 async def count_input_tokens(
     body: InputTokensRequest, request: Request, services: Services = Depends(get_services)
