@@ -698,8 +698,8 @@ def content_blocks(
     if forced is not None and text and not calls:  # cut off (max_tokens, a stop sequence)
         calls = cut_off_calls(text, forced)
         text = None if calls else text
-    if text or not (calls or blocks):
-        blocks.append({"type": "text", "text": text or ""})
+    if text:  # (an empty answer has no block at all: Anthropic's content is then [])
+        blocks.append({"type": "text", "text": text})
     blocks += [tool_use_block(*call) for call in calls]
     return blocks
 
@@ -788,8 +788,7 @@ class MessageEvents:
 
     def end(self, output: SequenceOutput, run: ChatRun) -> list[str]:
         """The last events, once the answer is in."""
-        events = [] if self.index >= 0 else self._start({"type": "text", "text": ""})
-        events += self._stop()
+        events = self._stop()  # (an empty answer started no block, as Anthropic's streams)
         reason, stop = stop_of(output.finish_reason or "stop", output.stop_reason, self.called)
         usage = usage_of(run)
         return events + [

@@ -200,6 +200,26 @@ async def test_stop_sequences_say_which_one_matched(sdk: anthropic.AsyncAnthropi
     assert streamed.stop_reason == "stop_sequence" and streamed.stop_sequence == stop
 
 
+async def test_an_empty_answer_has_no_content_block(sdk: anthropic.AsyncAnthropic) -> None:
+    """As Anthropic's: an answer stopped before its first character is `content: []` (not an
+    empty text block, which the API refuses when sent back), streamed with no block."""
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Count"}],
+        "extra_body": GREEDY,
+    }
+    whole = (await sdk.messages.create(**body, max_tokens=4)).content[0].text
+    first = whole.lstrip()[:1]
+    assert first, f"the greedy answer has no text to stop at: {whole!r}"
+    stop = whole[: whole.index(first) + 1]  # (the answer's first visible character, and before)
+    empty = await sdk.messages.create(**body, max_tokens=4, stop_sequences=[stop])
+    assert empty.content == [] and empty.stop_reason == "stop_sequence"
+    async with sdk.messages.stream(**body, max_tokens=4, stop_sequences=[stop]) as stream:
+        kinds = [e.type async for e in stream]
+        streamed = await stream.get_final_message()
+    assert streamed.content == [] and not any(k.startswith("content_block") for k in kinds)
+
+
 async def test_prefill_continues_the_assistants_turn(
     sdk: anthropic.AsyncAnthropic, oai: openai.AsyncOpenAI
 ) -> None:
