@@ -33,7 +33,8 @@ PIXELS_PER_TOKEN = TOKEN_SIDE * TOKEN_SIDE
 MIN_PIXELS = MIN_TOKENS * PIXELS_PER_TOKEN
 LOW_DETAIL_MAX_PIXELS = LOW_DETAIL_TOKENS * PIXELS_PER_TOKEN
 AUTO_DETAIL_MAX_PIXELS = AUTO_DETAIL_TOKENS * PIXELS_PER_TOKEN
-# Qwen's smart_resize refuses more extreme aspect ratios.
+# Qwen's smart_resize refuses more extreme aspect ratios: a longer strip (a 3000x10 banner,
+# which hosted APIs read) is padded to this ratio first, black bands on its short side.
 MAX_ASPECT_RATIO = 200
 # Decoders we trust for untrusted input; everything else is refused before decoding.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -61,13 +62,18 @@ def max_pixels_for(detail: Detail, model_max_pixels: int, side: int = TOKEN_SIDE
     return min(AUTO_DETAIL_TOKENS * side * side, model_max_pixels)
 
 
+def padded_size(width: int, height: int) -> tuple[int, int]:
+    """The size with its short side lengthened to at most MAX_ASPECT_RATIO:1 (the same size
+    for any usual image)."""
+    return max(width, -(-height // MAX_ASPECT_RATIO)), max(height, -(-width // MAX_ASPECT_RATIO))
+
+
 def target_size(
     width: int, height: int, max_pixels: int, side: int = TOKEN_SIDE, min_pixels: int = 0
 ) -> tuple[int, int]:
-    """(width, height): multiples of the token side, aspect ratio kept, area within
-    [min_pixels (at least MIN_TOKENS tokens), max_pixels]."""
-    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio above {MAX_ASPECT_RATIO}")
+    """(width, height): multiples of the token side, aspect ratio kept (past 200:1, that of
+    the padded image), area within [min_pixels (at least MIN_TOKENS tokens), max_pixels]."""
+    width, height = padded_size(width, height)
     floor = min(max(min_pixels, MIN_TOKENS * side * side), max_pixels)
     new_height, new_width = smart_resize(
         height, width, factor=side, min_pixels=floor, max_pixels=max_pixels
@@ -175,18 +181,19 @@ def fit_to_budget(
     image: Image.Image,
     max_pixels: int,
     *,
-    param: str,
     side: int = TOKEN_SIDE,
     min_pixels: int = 0,
 ) -> Image.Image:
-    try:
-        size = target_size(image.width, image.height, max_pixels, side, min_pixels)
-    except ValueError:
-        raise MediaError(
-            f"The image at {param} is {image.width}x{image.height}; its aspect ratio is above "
-            f"{MAX_ASPECT_RATIO}:1.",
-            param=param,
-        ) from None
+    size = target_size(image.width, image.height, max_pixels, side, min_pixels)
+    if (padded := padded_size(*image.size)) != image.size:
+        # The strip scaled as its padded image would be, centred on a black canvas of the
+        # target size (never the padded image itself: a 1,000,000x64 strip padded first
+        # would be 5 billion pixels).
+        inner = [max(1, round(n * size[i] / padded[i])) for i, n in enumerate(image.size)]
+        canvas = Image.new(image.mode, size)
+        strip = image.resize(tuple(inner), Image.Resampling.BICUBIC)
+        canvas.paste(strip, ((size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2))
+        return canvas
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.BICUBIC)
@@ -207,4 +214,4 @@ def load_image(
     pixels: the request's (min, max) pixels, in place of detail's budget, within the model's."""
     image = decode_image(data, param=param)
     min_pixels, max_pixels = pixel_range(detail, model_max_pixels, side, model_min_pixels, pixels)
-    return fit_to_budget(image, max_pixels, param=param, side=side, min_pixels=min_pixels)
+    return fit_to_budget(image, max_pixels, side=side, min_pixels=min_pixels)

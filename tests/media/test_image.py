@@ -49,10 +49,14 @@ def test_detail_budgets() -> None:
     assert max_pixels_for("auto", 100 * 28 * 28) == 100 * 28 * 28  # never above the model's
 
 
-def test_extreme_aspect_ratio_is_refused() -> None:
-    image = make_image(2010, 10, fmt="PNG")
-    with pytest.raises(MediaError, match="aspect ratio"):
-        load_image(image, "auto", MODEL_MAX, param="p")
+def test_an_extreme_aspect_ratio_is_padded_to_200_to_1() -> None:
+    """Qwen's resize refuses past 200:1; such a strip (hosted APIs read it) is padded with
+    black bands to that ratio, and counted as the padded image."""
+    image = load_image(make_image(3000, 10, fmt="PNG"), "auto", MODEL_MAX, param="p")
+    assert image.width / image.height <= 200 and image.width % 28 == image.height % 28 == 0
+    assert (image.width, image.height) == target_size(3000, 10, max_pixels_for("auto", MODEL_MAX))
+    tall = load_image(make_image(10, 2010, fmt="PNG"), "auto", MODEL_MAX, param="p")
+    assert tall.height > tall.width
 
 
 def test_load_image_sizes_to_budget() -> None:
