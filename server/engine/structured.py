@@ -123,6 +123,8 @@ class StructuredOutput:
         cls, schema: dict[str, Any], wrapper_depth: int = 0, strict: bool = False
     ) -> StructuredOutput:
         # Key order is kept: properties are generated in the order the schema lists them.
+        if strict:
+            schema = strict_normalized(schema)
         return cls("json_schema", json.dumps(schema), wrapper_depth=wrapper_depth, strict=strict)
 
     @classmethod
@@ -214,6 +216,27 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
     for key in SCHEMA_VALUES:
         found += unenforced(schema.get(key), f"{at}{key}.")
     return found
+
+
+def strict_normalized(schema: Any) -> Any:
+    """A strict schema as OpenAI's Structured Outputs answer it: every property of every
+    object written (OpenAI refuses a strict schema whose `required` leaves one out; here it is
+    made required, so the promise holds, and the answer still fits the schema as sent).
+    Extra properties need nothing: the grammar allows none that are not listed."""
+    if isinstance(schema, list):
+        return [strict_normalized(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    normalized = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            normalized[key] = {name: strict_normalized(s) for name, s in schema[key].items()}
+    for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
+        if key in schema:
+            normalized[key] = strict_normalized(schema[key])
+    if isinstance(schema.get("properties"), dict):
+        normalized["required"] = list(schema["properties"])
+    return normalized
 
 
 def strict_refusal(found: list[str]) -> str:

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.engine.structured import StructuredOutput
+from server.engine.structured import StructuredOutput, strict_normalized
 from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
 
 TOOLS_HEADER = (
@@ -53,9 +53,13 @@ class Tools:
         return reason
 
     def parameters(self, name: str) -> dict[str, Any]:
+        """The function's parameters as its calls are decoded (a strict one's every property
+        written, as OpenAI's)."""
         for tool in self.definitions:
             if tool["function"]["name"] == name:
-                return tool["function"].get("parameters") or {"type": "object"}
+                parameters = tool["function"].get("parameters") or {"type": "object"}
+                strict = tool["function"].get("strict") is True
+                return strict_normalized(parameters) if strict else parameters
         raise KeyError(name)
 
     def constrains(self, name: str) -> bool:

@@ -120,6 +120,36 @@ async def test_ignore_eos_ends_with_the_grammar(client: httpx.AsyncClient) -> No
         assert len(value["name"]) <= 8 and value["n"] in (1, 2, 3)
 
 
+async def test_a_strict_schema_writes_every_property(client: httpx.AsyncClient) -> None:
+    """strict: true, as OpenAI's Structured Outputs: every property of every object is
+    written, those the schema leaves out of `required` too (OpenAI refuses such a schema;
+    here the promise holds and the answer still fits the schema as sent), also in a strict
+    forced tool's arguments; without strict they may be left out."""
+    inner = {"type": "object", "properties": {"x": SHORT_TEXT, "y": {"type": "boolean"}}}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": inner}}
+    messages = [{"role": "user", "content": "JSON"}]
+    for seed in range(3):
+        json_schema = {"name": "s", "schema": schema, "strict": True}
+        fmt = {"type": "json_schema", "json_schema": json_schema}
+        body = {"model": "tiny", "messages": messages, "response_format": fmt, "max_tokens": 120}
+        response = await client.post("/v1/chat/completions", json={**body, "seed": seed})
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        answer = json.loads(choice["message"]["content"])
+        assert set(answer) == {"a", "b"} and set(answer["b"]) == {"x", "y"}, answer
+        function = {"name": "f", "parameters": schema, "strict": True}
+        forced = {"type": "function", "function": {"name": "f"}}
+        tools = {"tools": [{"type": "function", "function": function}], "tool_choice": forced}
+        body = {"model": "tiny", "messages": messages, "max_tokens": 120, "seed": seed}
+        response = await client.post("/v1/chat/completions", json=body | tools)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        arguments = json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])
+        assert set(arguments) == {"a", "b"} and set(arguments["b"]) == {"x", "y"}, arguments
+
+
 async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
     client: httpx.AsyncClient,
 ) -> None:
