@@ -9,6 +9,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
+# A random-weight tiny model's answers rarely end: capped, so a first request answers at once
+# (unless ARGS gives its own --default-max-tokens).
+TINY_ARGS := $(if $(and $(filter tiny%,$(MODEL)),$(if $(findstring default-max-tokens,$(ARGS)),,y)),--default-max-tokens 256)
 
 .PHONY: install install-test serve test lint format readme-flags clean
 
@@ -29,7 +32,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 serve: install
-	$(BIN)/vlm-server serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/vlm-server serve --model $(MODEL) --host $(HOST) --port $(PORT) $(TINY_ARGS) $(ARGS)
 
 test: install-test
 	$(BIN)/ruff check .
