@@ -10,8 +10,9 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 # A random-weight tiny model's answers rarely end: capped, so a first request answers at once
-# (unless ARGS gives its own --default-max-tokens).
-TINY_ARGS := $(if $(and $(filter tiny%,$(MODEL)),$(if $(findstring default-max-tokens,$(ARGS)),,y)),--default-max-tokens 256)
+# (unless ARGS or VLM_DEFAULT_MAX_TOKENS gives its own). The names server/engine/loader.py builds.
+TINY_MODELS := tiny tiny-qwen2-vl tiny-qwen2.5-vl tiny-qwen3-vl tiny-qwen3-vl-thinking tiny-qwen3-vl-moe
+TINY_ARGS := $(if $(and $(filter $(TINY_MODELS),$(MODEL)),$(if $(findstring default-max-tokens,$(ARGS))$(VLM_DEFAULT_MAX_TOKENS),,y)),--default-max-tokens 256)
 
 .PHONY: install install-test serve test lint format readme-flags clean
 

@@ -795,7 +795,10 @@ class MessageEvents:
             event(
                 "message_delta",
                 delta={"stop_reason": reason, "stop_sequence": stop},
-                usage={k: v for k, v in usage.items() if k != "service_tier"},
+                # (as Anthropic's message_delta: the counts, not the tier or cache breakdown)
+                usage={
+                    k: v for k, v in usage.items() if k not in ("service_tier", "cache_creation")
+                },
             ),
             event("message_stop"),
         ]

@@ -207,7 +207,8 @@ class TextFormat(StrictModel):
 
 class TextConfig(StrictModel):
     format: TextFormat | None = None
-    verbosity: str | None = None  # no Qwen-VL checkpoint has an answer-length level
+    # OpenAI's levels, echoed; no Qwen-VL checkpoint has an answer-length level
+    verbosity: Literal["low", "medium", "high"] | None = None
 
 
 class ReasoningConfig(StrictModel):

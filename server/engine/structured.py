@@ -221,8 +221,9 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
 def strict_normalized(schema: Any) -> Any:
     """A strict schema as OpenAI's Structured Outputs answer it: every property of every
     object written (OpenAI refuses a strict schema whose `required` leaves one out; here it is
-    made required, so the promise holds, and the answer still fits the schema as sent).
-    Extra properties need nothing: the grammar allows none that are not listed."""
+    made required, so the promise holds, and the answer still fits the schema as sent). Left
+    optional where forcing could leave no finite answer: a property that refers elsewhere
+    ($ref: it may recurse), and the properties of an object with maxProperties."""
     if isinstance(schema, list):
         return [strict_normalized(sub) for sub in schema]
     if not isinstance(schema, dict):
@@ -234,8 +235,11 @@ def strict_normalized(schema: Any) -> Any:
     for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
         if key in schema:
             normalized[key] = strict_normalized(schema[key])
-    if isinstance(schema.get("properties"), dict):
-        normalized["required"] = list(schema["properties"])
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and "maxProperties" not in schema:
+        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        forced = [name for name, sub in properties.items() if "$ref" not in json.dumps(sub)]
+        normalized["required"] = [*required, *(name for name in forced if name not in required)]
     return normalized
 
 

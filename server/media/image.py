@@ -78,7 +78,10 @@ def target_size(
     new_height, new_width = smart_resize(
         height, width, factor=side, min_pixels=floor, max_pixels=max_pixels
     )
-    return new_width, new_height
+    # Its rounding to the token side can leave a near-200:1 strip past it (19900x100 became
+    # 14112x56), which the processor's own resize refuses: the long side is cut back.
+    longest = MAX_ASPECT_RATIO * min(new_width, new_height) // side * side
+    return min(new_width, longest), min(new_height, longest)
 
 
 # What decoding takes a pixel, at most: the decoded image (up to 4 bytes, RGBA or 16-bit
@@ -189,7 +192,8 @@ def fit_to_budget(
         # The strip scaled as its padded image would be, centred on a black canvas of the
         # target size (never the padded image itself: a 1,000,000x64 strip padded first
         # would be 5 billion pixels).
-        inner = [max(1, round(n * size[i] / padded[i])) for i, n in enumerate(image.size)]
+        scale = min(size[0] / padded[0], size[1] / padded[1])  # (one: the strip undistorted)
+        inner = [max(1, round(n * scale)) for n in image.size]
         canvas = Image.new(image.mode, size)
         strip = image.resize(tuple(inner), Image.Resampling.BICUBIC)
         canvas.paste(strip, ((size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2))

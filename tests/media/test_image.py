@@ -57,6 +57,11 @@ def test_an_extreme_aspect_ratio_is_padded_to_200_to_1() -> None:
     assert (image.width, image.height) == target_size(3000, 10, max_pixels_for("auto", MODEL_MAX))
     tall = load_image(make_image(10, 2010, fmt="PNG"), "auto", MODEL_MAX, param="p")
     assert tall.height > tall.width
+    # never past 200:1 after the rounding to the token side either (19900x100 was 14112x56,
+    # which the processor's own resize refused: a 500), and counted as decoded
+    for width, height in ((6000, 1), (8000, 39), (1, 100_000), (19900, 100)):
+        size = target_size(width, height, max_pixels_for("auto", MODEL_MAX))
+        assert max(size) <= 200 * min(size) and size[0] % 28 == size[1] % 28 == 0, size
 
 
 def test_load_image_sizes_to_budget() -> None:

@@ -59,3 +59,25 @@ def test_a_whole_multiple_of_integers_is_enforced() -> None:
         {"type": "integer", "multipleOf": True},
     ):
         assert unenforced(schema) == ["multipleOf"], schema
+
+
+def test_strict_normalization_requires_what_cannot_leave_the_answer_unfinished() -> None:
+    """Under strict every property is required, those named in `required` without being
+    listed kept; a property that refers elsewhere (it may recurse: forced, no finite JSON
+    would fit) and the properties of an object with maxProperties stay as optional as sent."""
+    from server.engine.structured import strict_normalized
+
+    node = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "next": {"$ref": "#"}},
+        "required": ["z"],
+        "additionalProperties": {"type": "string"},
+    }
+    assert strict_normalized(node)["required"] == ["z", "a"]
+    bounded = {"type": "object", "properties": {"a": {}, "b": {}}, "maxProperties": 1}
+    assert "required" not in strict_normalized(bounded)
+    nested = {"type": "object", "properties": {"properties": {"properties": {"x": {}}}}}
+    normalized = strict_normalized(nested)
+    assert normalized["required"] == ["properties"]
+    assert normalized["properties"]["properties"]["required"] == ["x"]
+    assert nested["properties"]["properties"] == {"properties": {"x": {}}}  # (not changed)

@@ -1,8 +1,8 @@
 """POST /tokenize and /detokenize, vLLM's: a prompt's token ids (and count, against the
 context) before sending it, and ids back to text. A chat body's images and videos are fetched
 and read as /v1/chat/completions reads them, so the count is the `prompt_tokens` its answer
-would report (its max_tokens, or the server's default, sets how much of the context a video
-may take)."""
+would report (its max_tokens, or the answer room planned without one, sets how much of the
+context a video may take)."""
 
 from __future__ import annotations
 
