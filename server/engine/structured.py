@@ -36,7 +36,12 @@ MAX_SCHEMA_DEPTH = 128
 # thread; descriptions cost nothing and are not counted).
 MAX_SCHEMA_PROPERTIES = 5_000
 MAX_SCHEMA_CHARS = 120_000
-NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Keywords whose values are data, not schemas: a {"$ref": ...} inside one is left as it is.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names to schemas (a property may be named "enum").
+NAMED_SCHEMAS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
 
 
 def json_depth(text: str) -> int:
@@ -74,14 +79,14 @@ def check_schema_size(schema: object) -> None:
         if not isinstance(node, dict):
             continue
         for key, value in node.items():
-            if key in NAMED and isinstance(value, dict):
+            if key in NAMED_SCHEMAS and isinstance(value, dict):
                 properties += len(value) if key == "properties" else 0
                 chars += sum(map(len, value))
                 stack.extend(value.values())
             elif key in ("enum", "const"):
                 values = value if key == "enum" and isinstance(value, list) else [value]
                 chars += sum(map(_value_chars, values))
-            elif key not in ("default", "examples") and isinstance(value, dict | list):
+            elif key not in DATA_KEYWORDS and isinstance(value, dict | list):
                 stack.append(value)  # (a default or an example is a value, not a schema)
     if properties > MAX_SCHEMA_PROPERTIES:
         raise InvalidSchema(

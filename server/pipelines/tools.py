@@ -16,7 +16,12 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.engine.structured import StructuredOutput, strict_normalized
+from server.engine.structured import (
+    DATA_KEYWORDS,
+    NAMED_SCHEMAS,
+    StructuredOutput,
+    strict_normalized,
+)
 from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
 
 TOOLS_HEADER = (
@@ -101,14 +106,6 @@ class Tools:
             schema["maxItems"] = 1
         # (array, items, anyOf, a call, its properties: then the client's parameters)
         return StructuredOutput.json_schema(schema, wrapper_depth=5)
-
-
-# Keywords whose values are data, not schemas: a {"$ref": ...} inside one is left as it is.
-DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
-# Keywords whose values map names to schemas (a property may be named "enum").
-NAMED_SCHEMAS = frozenset(
-    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-)
 
 
 def rebased(schema: Any, pointer: str) -> Any:
