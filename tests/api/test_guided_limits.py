@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from server.engine.engine import AsyncEngine
+from server.engine.sequence import Sequence, SequenceOutput
 from server.pipelines.chat import GRAMMAR_COMPILES
 from tests.api.test_errors import assert_error
 from tests.helpers import make_settings, start_client
@@ -145,6 +148,36 @@ async def test_constraints_no_text_matches_are_400s(client: httpx.AsyncClient) -
         response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
     )
     assert (await client.post(URL, json=chat())).status_code == 200  # (the server goes on)
+
+
+async def test_a_dead_end_read_late_is_a_400_naming_the_field(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream whose route reads its first output only after the engine has stopped it (the
+    opening quote, then no token allowed, both in before the route's first read: what a busy
+    machine does) is the 400 before any event, and it still names the constraint's field
+    (chat's streamed route left param null: CI saw it once)."""
+    stream = AsyncEngine.stream
+
+    async def read_late(self: AsyncEngine, seq: Sequence) -> AsyncIterator[SequenceOutput]:
+        while not seq.is_finished:
+            await asyncio.sleep(0.01)
+        async for output in stream(self, seq):
+            yield output
+
+    monkeypatch.setattr(AsyncEngine, "stream", read_late)
+    never = {"type": "string", "pattern": "[^\\s\\S]"}
+    format_ = {"type": "json_schema", "json_schema": {"name": "n", "schema": never}}
+    text = {"format": {"type": "json_schema", "name": "n", "schema": never}}
+    for url, body in [
+        (URL, chat(response_format=format_)),
+        ("/v1/completions", {"model": "tiny", "prompt": "A:", "response_format": format_}),
+        ("/v1/responses", {"model": "tiny", "input": "A.", "text": text}),
+    ]:
+        response = await client.post(url, json={**body, "stream": True})
+        error = assert_error(response, 400)
+        assert error["code"] == "invalid_schema" and "allows no next token" in error["message"]
+        assert error["param"] in ("response_format", "text.format"), (url, error)
 
 
 async def test_choices_with_newlines_quotes_and_control_characters(

@@ -26,7 +26,7 @@ from server.api.protocol import (
 from server.api.services import Services, get_services, job_accepted
 from server.api.sse import SSE_HEADERS, chat_stream
 from server.engine.sampling import SamplingDefaults
-from server.exceptions import ClientDisconnected, InvalidRequest, refuse_unsupported
+from server.exceptions import ClientDisconnected, InvalidRequest, ServerError, refuse_unsupported
 from server.jobs.store import Job
 from server.jobs.worker import Handler, Progress, engine_request_id
 from server.pipelines.chat import ChatPipeline, ChatRequest
@@ -169,7 +169,11 @@ async def _complete(
     run = await until_disconnected(request, services.chat.start(chat_request))
     outputs = merged([services.chat.outputs(seq) for seq in run.seqs])
     # Wait for the first token before answering 200, so a queue timeout is still a 503.
-    first = await until_disconnected(request, anext(outputs))
+    try:
+        first = await until_disconnected(request, anext(outputs))
+    except ServerError as exc:  # (a constraint that failed at the first token names its field)
+        chat_request.name_constraint(exc)
+        raise
     usage = usage_wanted(body.stream_options)
     texts = services.chat.texts(chat_request)
     return StreamingResponse(
