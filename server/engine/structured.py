@@ -299,8 +299,10 @@ class InvalidSchema(ValueError):
     """The JSON schema cannot be compiled to a grammar."""
 
 
-# xgrammar's messages start with its C++ log prefix: "[08:08:19] /project/cpp/x.cc:4944: ".
-_CPP_LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
+# xgrammar's messages start with its C++ log prefix, "[08:08:19] /project/cpp/x.cc:4944: ",
+# and an assertion's own text ("Check failed: (val >= MIN_INT64_AS_DOUBLE) is false: "),
+# neither of which says anything to the client.
+_CPP_LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
 
 
 # A comment line of either grammar syntax (EBNF's `#`, Lark's `//`).

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from server.engine.structured import unenforced, writes_raw_escapes
+import pytest
+import xgrammar as xgr
+
+from server.engine.structured import schema_error_text, unenforced, writes_raw_escapes
 
 
 @pytest.mark.parametrize(
@@ -81,3 +84,18 @@ def test_strict_normalization_requires_what_cannot_leave_the_answer_unfinished()
     assert normalized["required"] == ["properties"]
     assert normalized["properties"]["properties"]["required"] == ["x"]
     assert nested["properties"]["properties"] == {"properties": {"x": {}}}  # (not changed)
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [
+        ({"type": "integer", "minimum": -1e308}, "Integer exceeds minimum limit"),
+        ({"type": "array", "minItems": 5, "maxItems": 2}, "minItems is greater than maxItems"),
+    ],
+)
+def test_the_grammar_librarys_complaint_without_its_internals(schema: dict, said: str) -> None:
+    """What reaches the client is the complaint: no C++ source location, log time or assertion
+    text (xgrammar's 'Check failed: (val >= MIN_INT64_AS_DOUBLE) is false: ')."""
+    with pytest.raises(RuntimeError) as raised:
+        xgr.Grammar.from_json_schema(json.dumps(schema))
+    assert schema_error_text(raised.value).startswith(said)
