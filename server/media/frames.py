@@ -28,11 +28,14 @@ from typing import Literal
 VideoMode = Literal["native", "captions", "frames"]
 
 MAX_FRAMES = 60  # the Animus contract: at most 60 frames per video
+# Qwen's processors refuse an image or frame longer than this times its width (or the reverse)
+MAX_ASPECT_RATIO = 200
 FRAME_FACTOR = 2  # Qwen2-VL's temporal patch: native frame counts are even
 TOKEN_SIDE = 28  # Qwen2-VL's: 14-pixel patches merged 2 x 2 (Qwen3-VL: 16 x 2 = 32)
 PIXELS_PER_TOKEN = TOKEN_SIDE * TOKEN_SIDE
 # In tokens per frame (times the family's pixels per token): Qwen2-VL's video processor defaults.
 VIDEO_MIN_TOKENS = 128
+IMAGE_MIN_TOKENS = 4  # the image processor's least (56 x 56 pixels for Qwen2-VL)
 VIDEO_MAX_TOKENS = 768
 CAPTION_FRAME_MAX_TOKENS = 256  # a captioned frame is a "low detail" image
 VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * PIXELS_PER_TOKEN
@@ -135,19 +138,33 @@ def frame_ceiling(info: VideoInfo, request: FrameRequest, server_fps: float) -> 
     return max(1, min(MAX_FRAMES, wished, by_rate, max(info.num_frames, 1)))
 
 
-def pixel_range(request: FrameRequest, ceiling_tokens: int, side: int) -> tuple[int, int]:
+def pixel_range(
+    request: FrameRequest, ceiling_tokens: int, side: int, least_tokens: int = VIDEO_MIN_TOKENS
+) -> tuple[int, int]:
+    """Frames of VIDEO_MIN_TOKENS to ceiling_tokens; a request's max_pixels lowers both, down
+    to least_tokens, the processor's own minimum, not below: it enlarges a smaller frame to it
+    anyway (a plan that counted fewer tokens a frame wrote a longer prompt than it planned)."""
     ceiling = ceiling_tokens * side * side
-    max_pixels = min(request.max_pixels or ceiling, ceiling)
-    floor = VIDEO_MIN_TOKENS * side * side
-    min_pixels = min(max(request.min_pixels or floor, side * side), max_pixels)
+    least = min(least_tokens * side * side, ceiling)
+    max_pixels = max(min(request.max_pixels or ceiling, ceiling), least)
+    floor = min(VIDEO_MIN_TOKENS * side * side, max_pixels)
+    min_pixels = min(max(request.min_pixels or floor, least), max_pixels)
     return min_pixels, max_pixels
 
 
 def resized(info: VideoInfo, min_pixels: int, max_pixels: int, side: int) -> tuple[int, int]:
+    """Qwen's resize of a frame, to a size the processor keeps as it is (it resizes again:
+    what it changed, the plan would have counted wrong). Under max_pixels the sides are
+    rounded down, which can leave less than min_pixels, which the processor enlarges: so does
+    this. And the long side is cut back to MAX_ASPECT_RATIO times the short one, which the
+    processor refuses past (a 2x1000 video, enlarged to its minimum size, was 28x7084: a 500)."""
     height, width = smart_resize(
         info.height, info.width, factor=side, min_pixels=min_pixels, max_pixels=max_pixels
     )
-    return width, height
+    if width * height < min_pixels:
+        height, width = smart_resize(height, width, side, min_pixels, max_pixels)
+    longest = MAX_ASPECT_RATIO * min(width, height) // side * side
+    return min(width, longest), min(height, longest)
 
 
 def tokens_per_patch(width: int, height: int, side: int = TOKEN_SIDE) -> int:
@@ -226,8 +243,8 @@ def _plan_frames(
 
 def _image_frame_size(info: VideoInfo, request: FrameRequest, side: int) -> tuple[int, int]:
     """Captioned or analysed frames are read as images of "low detail" size."""
-    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_TOKENS, side)
-    return resized(info, min(min_pixels, max_pixels), max_pixels, side)
+    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_TOKENS, side, IMAGE_MIN_TOKENS)
+    return resized(info, min_pixels, max_pixels, side)
 
 
 def _uniform(info: VideoInfo, count: int, width: int, height: int, tokens: int) -> FramePlan:

@@ -22,20 +22,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from server.exceptions import MediaError
-from server.media.frames import TOKEN_SIDE  # Qwen2-VL / 2.5-VL's (Qwen3-VL: 32)
+from server.media.frames import IMAGE_MIN_TOKENS, MAX_ASPECT_RATIO, TOKEN_SIDE
 
 Detail = Literal["low", "high", "auto"]
 
-MIN_TOKENS = 4
+MIN_TOKENS = IMAGE_MIN_TOKENS
 LOW_DETAIL_TOKENS = 256
 AUTO_DETAIL_TOKENS = 1280
 PIXELS_PER_TOKEN = TOKEN_SIDE * TOKEN_SIDE
 MIN_PIXELS = MIN_TOKENS * PIXELS_PER_TOKEN
 LOW_DETAIL_MAX_PIXELS = LOW_DETAIL_TOKENS * PIXELS_PER_TOKEN
 AUTO_DETAIL_MAX_PIXELS = AUTO_DETAIL_TOKENS * PIXELS_PER_TOKEN
-# Qwen's smart_resize refuses more extreme aspect ratios: a longer strip (a 3000x10 banner,
-# which hosted APIs read) is padded to this ratio first, black bands on its short side.
-MAX_ASPECT_RATIO = 200
+# Past MAX_ASPECT_RATIO (which Qwen's smart_resize refuses), a strip (a 3000x10 banner, which
+# hosted APIs read) is padded to it first, black bands on its short side.
 # Decoders we trust for untrusted input; everything else is refused before decoding.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # A decoded image larger than this (from a small file) is a decompression bomb.

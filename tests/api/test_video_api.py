@@ -281,3 +281,46 @@ async def test_captions_are_not_held_to_the_answers_format(video_client: httpx.A
     assert isinstance(json.loads(answer["choices"][0]["message"]["content"]), dict)
     captions = [frame["caption"] for frame in answer["frames"]]
     assert captions and not any(caption.startswith('{"a"') for caption in captions), captions
+
+
+async def test_a_strip_video_is_read_within_the_processors_aspect_ratio(
+    video_client: httpx.AsyncClient,
+) -> None:
+    """A 2x1000 video (and its frames as vLLM's JPEG data URL) enlarged to the least frame
+    size was 28x7084, past the 200:1 the processor takes: a 500 on every route. Its frames
+    are cut back to 200:1."""
+    import io
+
+    from PIL import Image
+
+    strip = Image.new("RGB", (2, 1000), (90, 20, 200))
+    jpeg = io.BytesIO()
+    strip.save(jpeg, "JPEG")
+    frames = base64.b64encode(jpeg.getvalue()).decode()
+    for url in (
+        video_uri(make_video(seconds=1, width=2, height=1000)),
+        f"data:video/jpeg;base64,{frames},{frames}",
+    ):
+        for route in ("/v1/chat/completions", "/v2/media/completions"):
+            body = video_body(url, model="tiny", max_tokens=4)
+            response = await video_client.post(route, json=body)
+            assert response.status_code == 200, (route, response.text)
+            assert response.json()["usage"]["prompt_tokens_details"]["video_tokens"] > 0
+    categories = {"media_url": video_uri(make_video(seconds=1, width=1000, height=2))}
+    response = await video_client.post("/v2/media/categories", json=categories)
+    assert response.status_code == 200, response.text
+
+
+async def test_a_max_pixels_under_the_least_frame_is_planned_as_the_processor_reads_it(
+    video_client: httpx.AsyncClient,
+) -> None:
+    """The processor enlarges a frame to its least size (128 tokens): a smaller max_pixels
+    was planned at its own size, so the plan counted fewer tokens than the prompt had."""
+    url = video_uri(make_video(seconds=2, width=320, height=240))
+    tokens = []
+    for video in ({}, {"max_pixels": 784}, {"max_pixels": 1}):
+        body = video_body(url, model="tiny", max_tokens=4, video=video)
+        response = await video_client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        tokens.append(response.json()["usage"]["prompt_tokens_details"]["video_tokens"])
+    assert tokens[0] == tokens[1] == tokens[2], tokens

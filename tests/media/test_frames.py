@@ -25,7 +25,7 @@ VIDEOS = [
     for duration, fps, (width, height) in itertools.product(
         [0.3, 1, 10, 60, 600, 3600],
         [12, 24, 30, 60],
-        [(320, 240), (1280, 720), (1920, 1080), (3840, 2160), (100, 2000)],
+        [(320, 240), (1280, 720), (1920, 1080), (3840, 2160), (100, 2000), (2, 1000), (4000, 10)],
     )
 ]
 BUDGETS = [
@@ -41,6 +41,8 @@ REQUESTS = [FrameRequest(mode) for mode in ("native", "captions")] + [
     FrameRequest("native", fps=100, max_frames=10_000, max_pixels=10**9),  # greedy client
     FrameRequest("native", fps=0.5, max_frames=8, min_pixels=28 * 28, max_pixels=200_000),
     FrameRequest("captions", max_frames=5),
+    FrameRequest("native", max_pixels=784),  # below the processor's least: raised to it
+    FrameRequest("captions", max_pixels=1),
 ]
 
 
@@ -64,6 +66,10 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
     assert all(0 <= i < video.num_frames for i in plan.frame_indices)
     assert all(0 <= t <= video.duration_s for t in plan.timestamps)
     assert plan.width % 28 == 0 and plan.height % 28 == 0
+    # (the processor refuses a frame past 200:1, and enlarges one under its least size)
+    assert max(plan.width, plan.height) <= 200 * min(plan.width, plan.height)
+    least = 128 if request.mode == "native" else 4
+    assert plan.width * plan.height >= least * 28 * 28
     used = budget.prompt_tokens + budget.max_tokens + VISION_WRAPPER_TOKENS + plan.video_tokens
     assert used <= budget.context_length
     if request.mode == "native":
@@ -71,7 +77,10 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
         assert plan.video_tokens == n // 2 * (plan.width // 28) * (plan.height // 28)
         assert plan.width * plan.height <= VIDEO_MAX_PIXELS
         if request.max_pixels:
-            assert plan.width * plan.height <= max(request.max_pixels, request.min_pixels or 0)
+            # (down to the processor's least, which its rounding up may pass by a row; a
+            # strip's: 28 x 200 x 28)
+            floor = max(request.min_pixels or 0, 128 * 28 * 28, 200 * 28 * 28 / 1.5)
+            assert plan.width * plan.height <= max(request.max_pixels, floor * 1.5)
     else:
         per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
         assert plan.video_tokens == n * per_frame + CAPTIONS_HEADER_TOKENS
