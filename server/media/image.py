@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 from typing import Literal
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
@@ -162,7 +163,7 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
             if width * height > MAX_DECODED_PIXELS:
                 raise _too_large(param, f"{width}x{height}")
             probe.load()
-            image = ImageOps.exif_transpose(probe).convert("RGB")
+            image = _rgb(ImageOps.exif_transpose(probe))
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -177,6 +178,21 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
     if min(image.size) < 1:
         raise MediaError(f"The image at {param} is empty.", param=param)
     return image
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """As the model sees it: transparency over white (as qwen-vl-utils reads an image: black,
+    Pillow's, hid dark text on a transparent background), 16-bit gray scaled to 8 bits
+    (Pillow's conversion clips it: mid-gray became white)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        levels = np.asarray(image, dtype=np.uint32) // 257  # 65535 -> 255
+        return Image.fromarray(levels.clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return image.convert("RGB")
 
 
 def fit_to_budget(

@@ -116,3 +116,37 @@ def test_decompression_bomb_refused_from_header() -> None:
 def test_garbage_and_truncated(data: bytes) -> None:
     with pytest.raises(MediaError):
         decode_image(data, param="p")
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped() -> None:
+    """Pillow's own conversion clips 16-bit levels: mid-gray came out white."""
+    import numpy as np
+
+    gradient = np.linspace(0, 65535, 256 * 4, dtype=np.uint16).reshape(4, 256)
+    for levels in (np.full((8, 8), 32768, np.uint16), gradient):
+        decoded = np.asarray(decode_image(_png(Image.fromarray(levels)), param="p"))
+        assert decoded.shape[2] == 3
+        assert abs(int(decoded[..., 0].mean()) - int(levels.mean()) // 257) <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_read_over_white(mode: str) -> None:
+    """Black text on a transparent background: over black (Pillow's) it was all black."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGBA", (60, 20), (0, 0, 0, 0))
+    ImageDraw.Draw(image).rectangle((10, 5, 30, 15), fill=(0, 0, 0, 255))
+    if mode == "P":
+        image = image.convert("P")  # (its transparency as a palette entry)
+    elif mode == "LA":
+        image = image.convert("LA")
+    decoded = decode_image(_png(image), param="p")
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((2, 2)) == (255, 255, 255)
+    assert decoded.getpixel((20, 10)) == (0, 0, 0)
