@@ -57,8 +57,9 @@ class VideoInfo:
     duration_s: float
     fps: float
     num_frames: int
-    width: int
+    width: int  # as displayed: a phone's portrait video, stored sideways, is taller than wide
     height: int
+    rotation: int = 0  # degrees counter-clockwise the stored frames are turned for display
 
 
 @dataclass(frozen=True)

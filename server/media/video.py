@@ -89,13 +89,37 @@ def _probe(data: VideoSource) -> VideoInfo:
             )
             num_frames = stream.frames or int(duration * fps)
             width, height = stream.codec_context.width, stream.codec_context.height
+            rotation = _rotation(container, stream)
     except VideoDecodeError:
         raise
     except Exception:
         raise VideoDecodeError("the data is not a readable video") from None
     if fps <= 0 or duration <= 0 or num_frames <= 0 or min(width, height) <= 0:
         raise VideoDecodeError("the video has no decodable frames")
-    return VideoInfo(duration, fps, num_frames, width, height)
+    if rotation % 180:
+        width, height = height, width
+    return VideoInfo(duration, fps, num_frames, width, height, rotation)
+
+
+def _rotation(container, stream) -> int:
+    """How the frames are turned for display (a phone's portrait video is stored sideways,
+    with a display matrix): 0, 90, 180 or 270 degrees counter-clockwise. Read off the first
+    frame (PyAV has it there); decord turns its frames itself, PyAV's are turned here."""
+    try:
+        frame = next(container.decode(stream), None)
+    except Exception:
+        return 0
+    return round((frame.rotation if frame is not None else 0) / 90) % 4 * 90
+
+
+def _upright(frame, size: tuple[int, int] | None, rotation: int) -> np.ndarray:
+    """A PyAV frame as displayed, scaled to size (width, height, as displayed) on the way."""
+    turns = rotation // 90
+    if size is not None and turns % 2:
+        size = (size[1], size[0])  # (the stored frame's sides)
+    scale = {"width": size[0], "height": size[1]} if size else {}
+    array = frame.to_ndarray(format="rgb24", **scale)
+    return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 def _decord_reader(data: VideoSource, size: tuple[int, int]):
@@ -126,7 +150,10 @@ def _read_decord(
 
 
 def _read_pyav(
-    data: VideoSource, timestamps: list[float], size: tuple[int, int] | None = None
+    data: VideoSource,
+    timestamps: list[float],
+    size: tuple[int, int] | None = None,
+    rotation: int = 0,
 ) -> np.ndarray:
     import av
 
@@ -142,13 +169,16 @@ def _read_pyav(
                     break
             if chosen is None:
                 raise VideoDecodeError("a planned frame could not be decoded")
-            scale = {"width": size[0], "height": size[1]} if size else {}
-            frames.append(chosen.to_ndarray(format="rgb24", **scale))
+            frames.append(_upright(chosen, size, rotation))
     return np.stack(frames)
 
 
 def _read_keyframes(
-    data: VideoSource, timestamps: list[float], size: tuple[int, int], max_shift_s: float
+    data: VideoSource,
+    timestamps: list[float],
+    size: tuple[int, int],
+    max_shift_s: float,
+    rotation: int = 0,
 ) -> tuple[np.ndarray, list[float]]:
     """For each timestamp, the keyframe at or before it, decoding keyframes only (the decoder
     skips every other frame): for sparse plans on long videos, N decodes instead of everything
@@ -165,7 +195,7 @@ def _read_keyframes(
             if too_far or (times and frame.time <= times[-1]):
                 frame = _first_frame_from(container, stream, target, keyframes_only=False)
             # Scaled as it is converted: a full-size copy of each frame is never kept.
-            frames.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
+            frames.append(_upright(frame, size, rotation))
             times.append(float(frame.time) if frame.time is not None else target)
     return np.stack(frames), times
 
@@ -196,10 +226,12 @@ def decode_job(
     if request.use_scenes:
         plan = _plan_scenes(data, info, plan, budget, request)
     gap = info.duration_s / plan.num_frames
-    if gap >= KEYFRAME_SNAP_MIN_GAP_S:
+    # (not a scene's frame: a keyframe up to a gap early can lie in the scene before it, and
+    # the scene go unseen)
+    if gap >= KEYFRAME_SNAP_MIN_GAP_S and not request.use_scenes:
         try:
             size = (plan.width, plan.height)
-            frames, times = _read_keyframes(data, list(plan.timestamps), size, gap)
+            frames, times = _read_keyframes(data, list(plan.timestamps), size, gap, info.rotation)
             plan = replace(plan, timestamps=tuple(times))
             return DecodedVideo(info, plan, frames, "pyav-keyframes")
         except Exception:
@@ -211,7 +243,8 @@ def decode_job(
     except Exception:
         try:
             size = (plan.width, plan.height)
-            frames, backend = _read_pyav(data, list(plan.timestamps), size), "pyav"
+            frames = _read_pyav(data, list(plan.timestamps), size, info.rotation)
+            backend = "pyav"
         except VideoDecodeError:
             raise
         except Exception:
@@ -228,7 +261,7 @@ def _plan_scenes(
     try:
         low, _ = _read_decord(data, indices, scenes.SCENE_SAMPLE_SIZE)
     except Exception:
-        low = _read_pyav(data, times, scenes.SCENE_SAMPLE_SIZE)
+        low = _read_pyav(data, times, scenes.SCENE_SAMPLE_SIZE, info.rotation)
     cuts = scenes.detect_cuts(low, times)
     found = scenes.merge_to_budget(scenes.scenes_from_cuts(cuts, info.duration_s), plan.num_frames)
     return at_timestamps(plan, [s.middle_s for s in found], info, budget, request.mode)

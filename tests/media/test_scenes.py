@@ -73,3 +73,19 @@ def test_hsv_matches_colorsys() -> None:
     ours = to_hsv(pixels)[0].reshape(-1, 3) / 255.0
     theirs = np.array([colorsys.rgb_to_hsv(*(p / 255.0)) for p in pixels[0].reshape(-1, 3)])
     assert np.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_scenes_frame_is_never_taken_from_the_scene_before() -> None:
+    """Frames far apart are read as the keyframe up to a gap before each (cheap on long
+    videos), but a scene's frame must lie in its scene: keyframes 9 s apart put the second
+    scene's frame (15 s) at 9 s, in the scene before, and the second scene went unseen."""
+    from server.media.video import decode_job
+
+    cuts = (10.0, 20.0, 30.0)
+    video = make_video(seconds=40, fps=10, cuts=cuts, keyframe_interval_s=9)
+    request = FrameRequest("captions", use_scenes=True)
+    decoded = decode_job(video, TokenBudget(32768, 50, 256), request, 2.0)
+    times = decoded.plan.timestamps
+    assert len(times) == len(cuts) + 1, times
+    for k, t in enumerate(times):
+        assert 10 * k <= t < 10 * (k + 1), times

@@ -122,3 +122,57 @@ async def test_sparse_keyframes_fall_back_to_exact_frames(decoder: VideoDecoder)
     for want, got in zip(planned, times, strict=True):
         assert want - 10 <= got <= want + 0.1  # within one gap: keyframe, else the exact frame
     assert times == (0.0, 15.0, 25.0, 30.0, 45.0, 55.0)
+
+
+def rotated_video(rotation: int, seconds: float = 2.0) -> bytes:
+    """320x240 stored, white top-left quadrant, shown turned by `rotation` (a display matrix,
+    as phones store portrait videos)."""
+    import io
+
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as video:
+        stream = video.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.set_display_rotation(rotation)
+        frame = np.zeros((240, 320, 3), np.uint8)
+        frame[:120, :160] = 255
+        for _ in range(int(seconds * 10)):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                video.mux(packet)
+        for packet in stream.encode():
+            video.mux(packet)
+    return out.getvalue()
+
+
+def white_quadrant(frame: np.ndarray) -> str:
+    h, w = frame.shape[0] // 2, frame.shape[1] // 2
+    quadrants = {"top-left": frame[:h, :w], "top-right": frame[:h, w:]}
+    quadrants |= {"bottom-left": frame[h:, :w], "bottom-right": frame[h:, w:]}
+    return max(quadrants, key=lambda name: quadrants[name].mean())
+
+
+@pytest.mark.parametrize(
+    ("rotation", "corner"), [(90, "bottom-left"), (-90, "top-right"), (180, "bottom-right")]
+)
+def test_a_rotated_video_is_read_as_displayed(rotation: int, corner: str) -> None:
+    """A phone's portrait video is stored sideways with a display matrix: every reader turns
+    its frames upright (decord did, into the stored frame's landscape size; PyAV did not)."""
+    from server.media.video import _read_keyframes, _read_pyav, decode_job
+
+    data = rotated_video(rotation)
+    decoded = decode_job(data, BUDGET, FrameRequest(), 2.0)
+    portrait = rotation % 180 != 0
+    assert (decoded.info.width < decoded.info.height) is portrait
+    assert (decoded.plan.width < decoded.plan.height) is portrait
+    size = (decoded.plan.width, decoded.plan.height)
+    times = list(decoded.plan.timestamps)
+    readers = {
+        decoded.backend: decoded.frames,
+        "pyav": _read_pyav(data, times, size, decoded.info.rotation),
+        "keyframes": _read_keyframes(data, times, size, 10.0, decoded.info.rotation)[0],
+    }
+    for name, frames in readers.items():
+        assert frames.shape[1:] == (size[1], size[0], 3), name
+        assert white_quadrant(frames[0]) == corner, name
