@@ -38,6 +38,7 @@ from server.exceptions import InvalidRequest
 from server.jobs.store import Job
 from server.media.fetch import is_data_uri
 from server.media.frames import FrameRequest
+from server.media.kind import url_kind
 from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult, ChoiceResult
 from server.pipelines.choices import SEED_MODULUS
@@ -49,6 +50,7 @@ from server.pipelines.messages import (
     TextPart,
     ToolCall,
     VideoPart,
+    with_parts,
 )
 from server.pipelines.tools import Tools
 
@@ -1027,9 +1029,13 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
         return replace(params, logprobs=logprobs, thinking_token_budget=budget)
 
     def to_messages(self) -> list[ChatMessage]:
-        messages = [_to_chat_message(m, i) for i, m in enumerate(self.messages)]
+        messages = self.typed([_to_chat_message(m, i) for i, m in enumerate(self.messages)])
         wishes = MediaWishes.of(self.mm_processor_kwargs, self.media_io_kwargs)
         return messages if wishes is None else wishes.apply(messages)
+
+    def typed(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """The media parts as the route reads them (here: as the client typed them)."""
+        return messages
 
 
 @dataclass(frozen=True)
@@ -1081,12 +1087,7 @@ class MediaWishes:
         return wishes
 
     def apply(self, messages: list[ChatMessage]) -> list[ChatMessage]:
-        return [
-            message
-            if isinstance(message.content, str)
-            else replace(message, content=[self._part(part) for part in message.content])
-            for message in messages
-        ]
+        return with_parts(messages, self._part)
 
     def _part(self, part: Part) -> Part:
         if isinstance(part, ImagePart):
@@ -1630,6 +1631,23 @@ class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
     """/v2/media/completions: the chat request, optionally run as a job (not with stream)."""
 
     model: str  # type: ignore[assignment]  # required, as in the Animus reference
+
+    def typed(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """The Animus contract's content is text and image_url parts, and a video is sent as
+        one: a data: URI declaring a video is one; another URL's bytes decide once it is
+        downloaded (its name may say neither, or be wrong)."""
+
+        def video_or_image(part: Part) -> Part:
+            if not isinstance(part, ImagePart) or part.file_id is not None:
+                return part
+            kind = url_kind(part.url, part.param)  # (refuses the containers not read here)
+            if not is_data_uri(part.url):
+                return replace(part, or_video=True)
+            if kind == "video":
+                return VideoPart(part.url, FrameRequest(), part.param)
+            return part
+
+        return with_parts(messages, video_or_image)
 
 
 class MediaCategoriesRequest(JobOptions):

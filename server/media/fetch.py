@@ -389,8 +389,12 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
         )
     mime = (match.group("mime") or "").lower()
     if not mime.startswith(f"{kind}/"):
+        hint = (
+            "; send it as a video_url part" if kind == "image" and mime.startswith("video/") else ""
+        )
         raise MediaError(
-            f"The data URI at {param} declares '{mime or 'no media type'}'; expected {kind}/*.",
+            f"The data URI at {param} declares '{mime or 'no media type'}'; expected "
+            f"{kind}/*{hint}.",
             param=param,
         )
     payload = match.group("data")

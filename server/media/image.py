@@ -38,6 +38,7 @@ AUTO_DETAIL_MAX_PIXELS = AUTO_DETAIL_TOKENS * PIXELS_PER_TOKEN
 # hosted APIs read) is padded to it first, black bands on its short side.
 # Decoders we trust for untrusted input; everything else is refused before decoding.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+IMAGE_FORMATS = ", ".join(f.lower() for f in ALLOWED_FORMATS)  # (for error messages)
 # A decoded image larger than this (from a small file) is a decompression bomb.
 MAX_DECODED_PIXELS = 64 * 1024 * 1024
 
@@ -171,8 +172,7 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         hint = "; it is a video: send it as a video_url part" if looks_like_video(data) else ""
         raise MediaError(
-            f"The data at {param} is not a valid image (supported: "
-            f"{', '.join(f.lower() for f in ALLOWED_FORMATS)}){hint}.",
+            f"The data at {param} is not a valid image (supported: {IMAGE_FORMATS}){hint}.",
             param=param,
         ) from None
     if min(image.size) < 1:

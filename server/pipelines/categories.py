@@ -16,7 +16,6 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from PIL import Image
@@ -26,10 +25,11 @@ from server.engine.inputs import InputBuilder, ModelInputs
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence
 from server.engine.structured import StructuredOutput
-from server.exceptions import MediaError, ServerError
+from server.exceptions import ServerError
 from server.media.fetch import FetchedMedia, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
-from server.media.image import looks_like_image
+from server.media.image import looks_like_image, looks_like_video
+from server.media.kind import url_kind
 from server.pipelines.chat import compile_grammar
 from server.pipelines.finish import (
     FRAMES_DONE,
@@ -61,13 +61,6 @@ ITEM = {"type": "string", "pattern": f"^{TEXT_CHARACTER}{{1,32}}$"}
 SCENE = {"type": "string", "pattern": f"^{TEXT_CHARACTER}{{1,120}}$"}  # {1,160} trips 0.2.8
 # Each token adds at least one character, and the schema bounds the JSON to fewer than this.
 MAX_JSON_TOKENS = 1024
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp"}
-# Video containers this server does not read: refused as such, not taken for a broken image.
-OTHER_VIDEO_EXTENSIONS = {
-    ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".mpg", ".mpeg",
-    ".ts", ".m2ts", ".mts", ".vob", ".rm", ".rmvb",
-}  # fmt: skip
 PARAM = "media_url"
 
 logger = logging.getLogger(__name__)
@@ -89,26 +82,6 @@ def categories_schema(keys: tuple[str, ...]) -> dict[str, Any]:
 def prompt_for(keys: tuple[str, ...], what: str) -> str:
     wanted = "; ".join(f"{key}: {DESCRIPTIONS[key]}" for key in keys)
     return f"Analyse this {what}. Answer with JSON holding {wanted}."
-
-
-def media_kind(url: str) -> str | None:
-    """ "image" or "video" where the URL says: data: URIs by their type, others by their path's
-    extension (a video container this server does not read is a 400 that says so); None when
-    it does not (no extension, or one of neither: a signed CDN link, a local file named
-    `clip`), and the media's first bytes decide."""
-    if is_data_uri(url):
-        return "video" if url[5:].lower().startswith("video/") else "image"
-    suffix = PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower()
-    if suffix in OTHER_VIDEO_EXTENSIONS:
-        supported = ", ".join(sorted(VIDEO_EXTENSIONS))
-        raise MediaError(
-            f"{suffix} videos are not supported; videos can be {supported}.",
-            param=PARAM,
-            code="unsupported_media_type",
-        )
-    if suffix in VIDEO_EXTENSIONS:
-        return "video"
-    return "image" if suffix in IMAGE_EXTENSIONS else None
 
 
 def merge_results(results: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -184,18 +157,20 @@ class CategoriesPipeline:
         sampling = SamplingParams(
             max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec, priority=request.priority
         )
-        kind = media_kind(request.media_url)
-        if kind == "video":
-            return await self._video(request, sampling, on_progress)
-        if kind == "image":
+        kind = url_kind(request.media_url, PARAM)  # (refuses the containers not read here)
+        if is_data_uri(request.media_url):  # as it declares itself
+            if kind == "video":
+                return await self._video(request, sampling, on_progress)
             return await self._image(request, sampling)
-        # A URL that names neither: downloaded once (a signed link may not take a second
-        # request), then judged by its first bytes.
+        # Downloaded once (a signed link may not take a second request), then judged by its
+        # first bytes: its name may say neither (a signed CDN link), or be wrong.
         fetched = await self.media.fetch_unknown(request.media_url, PARAM)
         try:
-            if looks_like_image(await asyncio.to_thread(fetched.head, PARAM)):
+            head = await asyncio.to_thread(fetched.head, PARAM)
+            if looks_like_image(head):
                 return await self._image(request, sampling, fetched)
-            return await self._video(request, sampling, on_progress, fetched)
+            or_image = not looks_like_video(head)  # (its error names both)
+            return await self._video(request, sampling, on_progress, fetched, or_image)
         finally:
             fetched.discard()
 
@@ -203,7 +178,7 @@ class CategoriesPipeline:
         """What a job would otherwise find out only when it runs: an image sent inline that
         cannot be read (a 400 now, as media completions check theirs). Media by URL, and
         videos, are read when it runs."""
-        if media_kind(media_url) != "image":
+        if url_kind(media_url, PARAM) != "image":
             return
         messages = [ChatMessage("user", [ImagePart(media_url, "auto", PARAM)])]
         await self.media.check_inline_images(messages, self.media.check_counts(messages))
@@ -232,8 +207,9 @@ class CategoriesPipeline:
         sampling: SamplingParams,
         on_progress: ProgressCallback | None,
         fetched: FetchedMedia | None = None,
+        or_image: bool = False,
     ) -> CategoriesResult:
-        part = VideoPart(request.media_url, FrameRequest("frames"), PARAM)
+        part = VideoPart(request.media_url, FrameRequest("frames"), PARAM, or_image)
         budget = self.media.check_counts([ChatMessage("user", [part])])
         # Each frame is a request of its own: up to 60 frames, each with the prompt and its
         # JSON answer fitting the context by itself (seed 000: as many as the model allows).

@@ -196,8 +196,13 @@ class ChatPipeline:
         request = replace(request, messages=self.rendered(request))
         async with self.preprocessing:
             report(request.on_progress, STARTED)  # (a job's: an image's too, not only videos')
-            images = await self.media.images(request.messages, budget)
-            run = await self._prepare(request, images, budget)
+            request = replace(request, messages=await self.media.judged(request.messages))
+            try:
+                self.media.check_counts(request.messages)  # (as judged: videos too)
+                images = await self.media.images(request.messages, budget)
+                run = await self._prepare(request, images, budget)
+            finally:
+                self.media.forget(request.messages)
         for seq in run.seqs:
             seq.received_time = request.received_time
         return run

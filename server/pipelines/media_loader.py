@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,16 +19,19 @@ from server.media.decode_memory import DecodeMemory
 from server.media.fetch import FetchedMedia, MediaFetcher, is_data_uri, too_large
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import (
+    IMAGE_FORMATS,
     decoded_bytes,
     header_size,
     load_image,
+    looks_like_image,
+    looks_like_video,
     pixel_range,
     visual_tokens,
 )
 from server.media.image_frames import decode_image_frames
 from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder
 from server.metrics import Metrics
-from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of
+from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of, with_parts
 
 T = TypeVar("T")
 
@@ -162,9 +166,57 @@ class MediaLoader:
         (image,) = await self._decoded([part], [data])
         return image
 
+    async def judged(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """The image parts that may be videos (or_video: the Animus contract's image_url),
+        downloaded once, together, and judged by their first bytes: an image, or else a
+        video. Each carries its download (fetched), which reading it discards; forget
+        discards those an error left unread."""
+        parts = [part for part in parts_of(messages, ImagePart) if part.or_video]
+        if not parts:
+            return messages
+        # (all awaited, not _in_order: those downloaded when another failed are discarded)
+        fetching = [self.fetch_unknown(p.url, p.param) for p in parts]
+        results = await asyncio.gather(*fetching, return_exceptions=True)
+        if failed := [r for r in results if isinstance(r, BaseException)]:
+            for result in results:
+                if isinstance(result, FetchedMedia):
+                    result.discard()
+            raise failed[0]  # (the first in order)
+        fetched = [r for r in results if isinstance(r, FetchedMedia)]
+        pairs = list(zip(fetched, parts, strict=True))
+        try:
+            heads = await asyncio.to_thread(lambda: [f.head(p.param) for f, p in pairs])
+        except BaseException:
+            for media in fetched:
+                media.discard()
+            raise
+        judged: dict[int, ImagePart | VideoPart] = {}
+        for part, media, head in zip(parts, fetched, heads, strict=True):
+            if looks_like_image(head):
+                judged[id(part)] = replace(part, or_video=False, fetched=media)
+            else:
+                frames = FrameRequest(min_pixels=part.min_pixels, max_pixels=part.max_pixels)
+                judged[id(part)] = VideoPart(
+                    part.url, frames, part.param, not looks_like_video(head), media
+                )
+        return with_parts(messages, lambda part: judged.get(id(part), part))
+
+    @staticmethod
+    def forget(messages: list[ChatMessage]) -> None:
+        """Discards the downloads judged left (a request that failed before reading them)."""
+        for part in [*parts_of(messages, ImagePart), *parts_of(messages, VideoPart)]:
+            if part.fetched is not None:
+                part.fetched.discard()
+
     async def _fetch_image(self, part: ImagePart, budget: MediaBudget) -> FetchedMedia:
         max_bytes = self.limits.max_image_bytes
-        if part.file_id is not None:
+        if part.fetched is not None:  # (judged: downloaded already)
+            try:
+                data = await asyncio.to_thread(part.fetched.content, max_bytes, "image", part.param)
+            finally:
+                part.fetched.discard()
+            fetched = FetchedMedia(data, part.fetched.mime_type, size=len(data))
+        elif part.file_id is not None:
             fetched = await self.fetcher.fetch_upload(
                 part.file_id, max_bytes=max_bytes, kind="image", param=part.param
             )
@@ -206,6 +258,7 @@ class MediaLoader:
         fetched: FetchedMedia | None = None,
     ) -> DecodedVideo:
         """fetched: brought already (fetch_unknown); discarded here either way."""
+        fetched = fetched or part.fetched
         if fetched is None:
             fetched = await self.fetcher.fetch(
                 part.url,
@@ -232,6 +285,12 @@ class MediaLoader:
                 source = str(fetched.path) if fetched.path is not None else fetched.data
                 decoded = await self.decoder.decode(source, tokens, frames)
         except VideoDecodeError as exc:
+            if part.or_image:  # (judged a video only for not being an image)
+                raise MediaError(
+                    f"The media at {part.param} is neither an image this server reads "
+                    f"({IMAGE_FORMATS}) nor a video it can use: {exc}.",
+                    param=part.param,
+                ) from None
             raise MediaError(
                 f"The video at {part.param} cannot be used: {exc}.", param=part.param
             ) from None

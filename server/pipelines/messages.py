@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from server.media.fetch import FetchedMedia
 from server.media.frames import FrameRequest
 from server.media.image import Detail
 
@@ -23,6 +25,10 @@ class ImagePart:
     # vLLM's mm_processor_kwargs: the pixel range to resize into (within the server's)
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # The Animus contract sends videos as image_url parts too: its bytes decide (MediaLoader.
+    # judged), which downloads it once, here to be read.
+    or_video: bool = False
+    fetched: FetchedMedia | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,9 @@ class VideoPart:
     url: str
     frames: FrameRequest  # the request's fps / max_frames / pixel wishes (mode set later)
     param: str
+    # Judged a video for not being an image (an Animus image_url part): its error names both.
+    or_image: bool = False
+    fetched: FetchedMedia | None = field(default=None, compare=False)  # (downloaded already)
 
 
 Part = TextPart | ImagePart | VideoPart
@@ -52,6 +61,16 @@ class ChatMessage:
     # An assistant turn's reasoning, given to the template: Qwen3's thinking one keeps it for
     # the turns after the last user query (a tool-call loop's steps), drops it before.
     reasoning: str | None = None
+
+
+def with_parts(messages: list[ChatMessage], change: Callable[[Part], Part]) -> list[ChatMessage]:
+    """The messages with change(part) in place of each content part."""
+    return [
+        message
+        if isinstance(message.content, str)
+        else replace(message, content=[change(part) for part in message.content])
+        for message in messages
+    ]
 
 
 def prompt_text(messages: list[ChatMessage]) -> str:

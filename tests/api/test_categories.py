@@ -159,6 +159,8 @@ async def test_a_url_that_does_not_say_what_it_is_is_read_by_its_first_bytes(
         f"file://{tmp_path}/picture.bin": "image",
         media_server.url("/signed/abc123") + "?sig=x": "video",
         media_server.url("/signed/def456"): "image",
+        media_server.add("/misnamed.jpg", video, "image/jpeg"): "video",  # (the bytes decide)
+        media_server.add("/misnamed.mp4", image, "video/mp4"): "image",
     }
     async for client in start_client(settings):
         for url, kind in cases.items():
@@ -173,3 +175,9 @@ async def test_a_url_that_does_not_say_what_it_is_is_read_by_its_first_bytes(
         missing = {"model": "tiny", "media_url": media_server.url("/signed/none")}
         response = await client.post("/v2/media/categories", json=missing)
         assert response.status_code == 400 and response.json()["error"]["param"] == "media_url"
+        # Neither an image read here nor a video: the error says both, not only "not a video".
+        svg = media_server.add("/logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "x")
+        response = await client.post("/v2/media/categories", json={"media_url": svg})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "media_url", error
+        assert "neither an image this server reads (jpeg, png" in error["message"], error

@@ -324,3 +324,54 @@ async def test_a_max_pixels_under_the_least_frame_is_planned_as_the_processor_re
         assert response.status_code == 200, response.text
         tokens.append(response.json()["usage"]["prompt_tokens_details"]["video_tokens"])
     assert tokens[0] == tokens[1] == tokens[2], tokens
+
+
+async def test_an_animus_client_sends_its_video_as_an_image_url_part(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """Seed 000: a media completion's content is text and image_url parts, and its models
+    "can also process videos": a video sent as an image_url part (by URL, named or not, or as
+    a data: URI declaring a video) is read as a video, its frames captioned; the bytes decide,
+    downloaded once, nothing left in the spool. /v1 keeps OpenAI's rule (an image_url is an
+    image). A part that is neither says so."""
+    video, image = make_video(seconds=2), make_image(96, 64)
+    settings = make_settings(
+        tiny_model_dir, data_dir=tmp_path / "data", caption_tokens=6, default_max_tokens=4
+    )
+    svg = media_server.add("/logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "x")
+
+    def body(*urls: str) -> dict:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        content = [*parts, {"type": "text", "text": "Describe this video"}]
+        return {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+
+    async for client in start_client(settings):
+        for url in (
+            media_server.add("/clip.mp4", video, "video/mp4"),
+            media_server.add("/signed/v1", video, "application/octet-stream"),
+            media_server.add("/misnamed.jpg", video, "image/jpeg"),
+            video_uri(video),
+        ):
+            before = len(media_server.requested)
+            response = await client.post("/v2/media/completions", json=body(url))
+            assert response.status_code == 200, (url, response.text)
+            answer = response.json()
+            assert len(answer["frames"]) == 4, url  # 2 s at 2 fps, captioned
+            assert answer["usage"]["prompt_tokens_details"]["video_tokens"] > 0
+            assert len(media_server.requested) - before == (0 if url.startswith("data:") else 1)
+        # An image among them stays an image (and by URL is downloaded once as well)
+        picture = media_server.add("/signed/p1", image, "application/octet-stream")
+        response = await client.post("/v2/media/completions", json=body(picture, video_uri(video)))
+        assert response.status_code == 200, response.text
+        details = response.json()["usage"]["prompt_tokens_details"]
+        assert details["image_tokens"] > 0 and details["video_tokens"] > 0
+        spooled = (settings.data_dir / "spool").rglob("*")
+        assert not [p for p in spooled if p.is_file() and p.name != ".lock"]
+        response = await client.post("/v1/chat/completions", json=body(video_uri(video)))
+        assert response.status_code == 400 and "video_url" in response.json()["error"]["message"]
+        response = await client.post("/v2/media/completions", json=body(svg))
+        error = response.json()["error"]
+        assert response.status_code == 400 and "neither an image" in error["message"], error
+        assert error["param"] == "messages[0].content[0]", error
+        spooled = (settings.data_dir / "spool").rglob("*")
+        assert not [p for p in spooled if p.is_file() and p.name != ".lock"]

@@ -1,0 +1,40 @@
+"""What kind of media a URL names ("image" or "video"), where it says: a data: URI by its
+declared type, another URL by its path's extension. Media whose URL says neither (a signed CDN
+link, a local file named `clip`) are judged by their first bytes (media/image.py's
+looks_like_image) once downloaded."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Literal
+
+from server.exceptions import MediaError
+from server.media.fetch import is_data_uri
+
+MediaKind = Literal["image", "video"]
+
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp"}
+# Video containers this server does not read: refused as such, not taken for a broken image.
+OTHER_VIDEO_EXTENSIONS = {
+    ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".mpg", ".mpeg",
+    ".ts", ".m2ts", ".mts", ".vob", ".rm", ".rmvb",
+}  # fmt: skip
+
+
+def url_kind(url: str, param: str) -> MediaKind | None:
+    """ "image" or "video" where the URL says (a video container this server does not read is
+    a 400 that says so); None where it does not."""
+    if is_data_uri(url):
+        return "video" if url[5:].lower().startswith("video/") else "image"
+    suffix = PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower()
+    if suffix in OTHER_VIDEO_EXTENSIONS:
+        supported = ", ".join(sorted(VIDEO_EXTENSIONS))
+        raise MediaError(
+            f"{suffix} videos are not supported; videos can be {supported}.",
+            param=param,
+            code="unsupported_media_type",
+        )
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return "image" if suffix in IMAGE_EXTENSIONS else None
