@@ -185,7 +185,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     where = f" at {param}" if param else ""
     # pydantic prefixes a validator's own words with "Value error, ".
     text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"Invalid request{where}: {text}.", param, "invalid_value"
+    return f"Invalid request{where}: {_any_of(errors, param) or text}.", param, "invalid_value"
+
+
+def _any_of(errors: list[Any], param: str | None) -> str | None:
+    """A value of a type no branch of its union takes (content as an object: "a valid string"
+    alone hid that a list of parts is read too): every branch's wish, joined."""
+    wishes = [
+        str(e.get("msg", "")).removeprefix("Input should be ")
+        for e in errors
+        if str(e.get("type", "")).endswith("_type")
+        and loc_to_param(tuple(e.get("loc", ()))) == param
+    ]
+    wishes = list(dict.fromkeys(wishes))
+    return "Input should be " + " or ".join(wishes) if len(wishes) > 1 else None
 
 
 # FastAPI's words for a body json.loads could not read for another reason than its syntax: not

@@ -598,6 +598,15 @@ async def test_param_paths_inside_parts_name_the_field_once(client) -> None:
     assert_error(response, 400, "messages[0].content[0].image_url.detail", "invalid_value")
 
 
+async def test_a_value_of_no_accepted_type_names_every_accepted_one(client) -> None:
+    """content as one part object (not in a list): "a valid string" alone hid the list."""
+    part = {"type": "text", "text": "x"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": part}]}
+    error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "messages[0].content", error
+    assert "a valid string or a valid list" in error["message"], error
+
+
 async def test_unsupported_message_fields_are_refused_by_name(client) -> None:
     call = {"name": "f", "arguments": "{}"}
     message = {"role": "assistant", "content": None, "function_call": call}
