@@ -18,6 +18,7 @@ import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class Job:
             kind=row["kind"],
             request=request,
             status=row["status"],
-            progress=row["progress"],
+            progress=float(row["progress"]),
             result=json.loads(row["result"]) if row["result"] else None,
             error=json.loads(row["error"]) if row["error"] else None,
             created_at=row["created_at"],
@@ -324,8 +325,13 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         if not ended["webhook_url"]:
             return
         event = f"media.{ended['status']}"  # media.completed | media.failed | media.cancelled
-        payload = json.dumps({"type": event, "data": Job.from_row(ended, {}).as_dict()})
         now = self.now()
+        # Standard Webhooks' payload: type, timestamp (of the event, ISO 8601) and data.
+        when = datetime.fromtimestamp(now, timezone.utc).isoformat().replace("+00:00", "Z")
+        payload = json.dumps(
+            {"type": event, "timestamp": when, "data": Job.from_row(ended, {}).as_dict()},
+            separators=(",", ":"),
+        )
         execute(
             "INSERT INTO deliveries (id, job_id, url, payload, status,"
             " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",

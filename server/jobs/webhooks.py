@@ -197,7 +197,8 @@ class WebhookSender:
         except asyncio.TimeoutError:
             error = f"no answer within {self.timeout_s:g} s"
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            error = type(exc).__name__
+            # (the class alone, "ConnectError", did not say "connection refused")
+            error = f"{type(exc).__name__}: {exc}"[:300] if str(exc) else type(exc).__name__
         if status_code is not None and 200 <= status_code < 300:
             outcome, next_at = "delivered", 0.0
         elif status_code == 410 or attempts > len(self.retry_delays_s):

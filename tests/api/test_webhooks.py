@@ -10,6 +10,7 @@ import datetime
 import email.utils
 import json
 import secrets
+import time
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,10 @@ async def test_retried_until_delivered_with_the_same_signed_id(
         assert headers["user-agent"].startswith("vlm-server/")  # (a receiver can tell who)
         assert event["type"] == "media.completed"
         assert event["data"]["id"] == job["id"] and event["data"]["status"] == "completed"
+        # Standard Webhooks' payload: type, timestamp, data; compact, as the API writes JSON
+        assert list(event) == ["type", "timestamp", "data"] and b'": ' not in raw
+        sent = datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+        assert abs(sent.timestamp() - time.time()) < 60 and event["data"]["progress"] == 1.0
     assert len(ids) == 1  # one webhook-id across retries
     with pytest.raises(WebhookVerificationError):  # and a wrong secret does not verify
         Webhook("whsec_" + base64.b64encode(b"x" * 32).decode()).verify(
