@@ -140,13 +140,18 @@ def _decord_reader(data: VideoSource, size: tuple[int, int]):
 
 
 def _read_decord(
-    data: VideoSource, indices: list[int], size: tuple[int, int] = (-1, -1)
-) -> tuple[np.ndarray, str]:
-    """(frames, "decord-gpu" | "decord-cpu"); size (width, height): decord resizes while
-    decoding (-1: as stored)."""
+    data: VideoSource, timestamps: list[float], size: tuple[int, int] = (-1, -1)
+) -> tuple[np.ndarray, str, list[float]]:
+    """(frames, "decord-gpu" | "decord-cpu", their times): the frame shown at each timestamp
+    (the last to start at or before it), by the frames' own times, which a variable frame
+    rate spaces unevenly (index = time x average fps was seconds off, and the time reported
+    the planned one); size (width, height): decord resizes while decoding (-1: as stored)."""
     reader, device = _decord_reader(data, size)
-    last = len(reader) - 1
-    return reader.get_batch([min(i, last) for i in indices]).asnumpy(), f"decord-{device}"
+    starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0]  # (from the index)
+    shown = np.searchsorted(starts, np.asarray(timestamps), side="right") - 1
+    indices = np.clip(shown, 0, len(reader) - 1).tolist()
+    frames = reader.get_batch(indices).asnumpy()
+    return frames, f"decord-{device}", [float(starts[i]) for i in indices]
 
 
 def _read_pyav(
@@ -239,7 +244,8 @@ def decode_job(
     try:
         # decord scales while decoding: full-size frames never exist in memory.
         size = (plan.width, plan.height)
-        frames, backend = _read_decord(data, list(plan.frame_indices), size)
+        frames, backend, times = _read_decord(data, list(plan.timestamps), size)
+        plan = replace(plan, timestamps=tuple(times))
     except Exception:
         try:
             size = (plan.width, plan.height)
@@ -257,9 +263,8 @@ def _plan_scenes(
 ) -> FramePlan:
     """One frame per scene (the middle of it), scenes found on a cheap low-resolution pass."""
     times = scenes.sample_times(info.duration_s)
-    indices = [min(info.num_frames - 1, int(t * info.fps)) for t in times]
     try:
-        low, _ = _read_decord(data, indices, scenes.SCENE_SAMPLE_SIZE)
+        low, _, _ = _read_decord(data, times, scenes.SCENE_SAMPLE_SIZE)
     except Exception:
         low = _read_pyav(data, times, scenes.SCENE_SAMPLE_SIZE, info.rotation)
     cuts = scenes.detect_cuts(low, times)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 import os
 
 import numpy as np
 import pytest
 
-from server.media.frames import FrameRequest, TokenBudget
+from server.media.frames import FrameRequest, TokenBudget, uniform_timestamps
 from server.media.video import VideoDecodeError, VideoDecoder
 from tests.helpers import make_image, make_video
 
@@ -176,3 +177,43 @@ def test_a_rotated_video_is_read_as_displayed(rotation: int, corner: str) -> Non
     for name, frames in readers.items():
         assert frames.shape[1:] == (size[1], size[0], 3), name
         assert white_quadrant(frames[0]) == corner, name
+
+
+def test_a_variable_frame_rate_video_is_read_by_its_frames_own_times() -> None:
+    """Frames of uneven durations (a screen recording, a phone's VFR): each planned time reads
+    the frame shown then, and reports that frame's time (index = time x average fps read
+    another frame and reported the planned time: seconds off)."""
+    import io
+
+    import av
+
+    from server.media.video import decode_job
+
+    durations_ms = [10, 10, 10, 500, 33, 2000] * 10  # 60 frames, 25.6 s
+    starts = np.cumsum([0, *durations_ms[:-1]]) / 1000
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as video:
+        stream = video.add_stream("libx264", rate=1000)  # (pts in milliseconds)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for i, start in enumerate(starts):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 4, np.uint8), "rgb24")
+            frame.pts, frame.time_base = round(start * 1000), fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                video.mux(packet)
+        for packet in stream.encode():
+            video.mux(packet)
+    with av.open(io.BytesIO(out.getvalue())) as container:  # each frame's time and level
+        levels = {
+            round(f.time, 3): f.to_ndarray(format="rgb24").mean() for f in container.decode(video=0)
+        }
+    assert sorted(levels) == [round(t, 3) for t in starts]
+    decoded = decode_job(out.getvalue(), BUDGET, FrameRequest(max_frames=12), 2.0)
+    assert decoded.backend.startswith("decord")
+    for frame, time in zip(decoded.frames, decoded.plan.timestamps, strict=True):
+        nearest = min(levels, key=lambda t: abs(levels[t] - frame.mean()))
+        assert nearest == round(time, 3), (time, nearest)  # the frame of the time it reports
+    planned = uniform_timestamps(decoded.info.duration_s, len(decoded.frames))
+    for want, time in zip(planned, decoded.plan.timestamps, strict=True):
+        shown = max(t for t in starts if t <= want)  # the frame on screen at the planned time
+        assert abs(time - shown) < 0.002, (want, time, shown)
