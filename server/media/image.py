@@ -16,6 +16,7 @@ Every image keeps its aspect ratio and is resized to multiples of the token side
 from __future__ import annotations
 
 import io
+import re
 from typing import Literal
 
 import numpy as np
@@ -167,8 +168,9 @@ def decode_image(data: bytes, *, param: str) -> Image.Image:
             image = _rgb(ImageOps.exif_transpose(probe))
     except MediaError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _too_large(param, "too large") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))  # (Pillow's words: its size)
+        raise _too_large(param, f"{found.group(1)} pixels" if found else "too large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         hint = "; it is a video: send it as a video_url part" if looks_like_video(data) else ""
         raise MediaError(

@@ -110,6 +110,10 @@ def test_decompression_bomb_refused_from_header() -> None:
         decode_image(png_header_only(50_000, 50_000), param="messages[0].content[0]")
     assert info.value.code in ("image_too_large", "invalid_media")
     assert "messages[0].content[0]" in info.value.message
+    with pytest.raises(MediaError) as info:  # Pillow's own check (a JPEG): its size said too
+        decode_image(png_header_only(12_000, 12_000), param="p")
+    assert info.value.code == "image_too_large"
+    assert "144000000 pixels" in info.value.message, info.value.message
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00" * 10, b"GIF89a", make_image()[:200]])
