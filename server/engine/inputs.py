@@ -275,8 +275,11 @@ class InputBuilder:
         self.max_video_pixels = (
             videos.size["longest_edge"] if self.timestamped_frames and videos else 0
         )
-        # The processor's smallest image (Qwen3-VL: 65,536 pixels): smaller ones are enlarged.
+        # The processor's smallest image (Qwen3-VL: 65,536 pixels) and video frame (Qwen2-VL's
+        # checkpoints: 3,136, their preprocessor_config's; Qwen3-VL: 4,096, of all frames
+        # together, taken per frame here to be safe): smaller ones are enlarged.
         self.min_image_pixels = getattr(images, "size", {}).get("shortest_edge", 0)
+        self.min_video_pixels = (videos.size.get("shortest_edge") or 0) if videos else 0
         self.per_patch_tokens = (
             len(self.tokenizer("<9999.9 seconds>")["input_ids"]) + 2
             if self.timestamped_frames

@@ -35,7 +35,6 @@ TOKEN_SIDE = 28  # Qwen2-VL's: 14-pixel patches merged 2 x 2 (Qwen3-VL: 16 x 2 =
 PIXELS_PER_TOKEN = TOKEN_SIDE * TOKEN_SIDE
 # In tokens per frame (times the family's pixels per token): Qwen2-VL's video processor defaults.
 VIDEO_MIN_TOKENS = 128
-IMAGE_MIN_TOKENS = 4  # the image processor's least (56 x 56 pixels for Qwen2-VL)
 VIDEO_MAX_TOKENS = 768
 CAPTION_FRAME_MAX_TOKENS = 256  # a captioned frame is a "low detail" image
 VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * PIXELS_PER_TOKEN
@@ -85,6 +84,10 @@ class TokenBudget:
     # Pixels of all a native video's frames together that the processor allows (Qwen3-VL's
     # video processor shrinks frames beyond it); 0: a limit per frame only.
     max_video_pixels: int = 0
+    # The processors' least frame (video) and image (a captioned or analysed frame): a smaller
+    # one they enlarge to it, so a plan under it would count fewer tokens than the prompt has.
+    min_video_pixels: int = 0
+    min_image_pixels: int = 0
 
     @property
     def pixels_per_token(self) -> int:
@@ -140,30 +143,36 @@ def frame_ceiling(info: VideoInfo, request: FrameRequest, server_fps: float) -> 
 
 
 def pixel_range(
-    request: FrameRequest, ceiling_tokens: int, side: int, least_tokens: int = VIDEO_MIN_TOKENS
+    request: FrameRequest, ceiling_tokens: int, side: int, least: int = 0
 ) -> tuple[int, int]:
     """Frames of VIDEO_MIN_TOKENS to ceiling_tokens; a request's max_pixels lowers both, down
-    to least_tokens, the processor's own minimum, not below: it enlarges a smaller frame to it
+    to `least`, the processor's own minimum, not below: it enlarges a smaller frame to it
     anyway (a plan that counted fewer tokens a frame wrote a longer prompt than it planned)."""
     ceiling = ceiling_tokens * side * side
-    least = min(least_tokens * side * side, ceiling)
+    least = min(max(least, side * side), ceiling)
     max_pixels = max(min(request.max_pixels or ceiling, ceiling), least)
     floor = min(VIDEO_MIN_TOKENS * side * side, max_pixels)
     min_pixels = min(max(request.min_pixels or floor, least), max_pixels)
     return min_pixels, max_pixels
 
 
-def resized(info: VideoInfo, min_pixels: int, max_pixels: int, side: int) -> tuple[int, int]:
+def resized(
+    info: VideoInfo, min_pixels: int, max_pixels: int, side: int, least: int = 0
+) -> tuple[int, int]:
     """Qwen's resize of a frame, to a size the processor keeps as it is (it resizes again:
-    what it changed, the plan would have counted wrong). Under max_pixels the sides are
-    rounded down, which can leave less than min_pixels, which the processor enlarges: so does
-    this. And the long side is cut back to MAX_ASPECT_RATIO times the short one, which the
-    processor refuses past (a 2x1000 video, enlarged to its minimum size, was 28x7084: a 500)."""
+    what it changed, the plan would have counted wrong). Up to min_pixels the sides are
+    rounded up, which can pass max_pixels (min_pixels = max_pixels), which the processor would
+    shrink: so does this. Under max_pixels they are rounded down, which can leave less than
+    `least`, the processor's minimum, which it enlarges to: so does this. And the long side is
+    cut back to MAX_ASPECT_RATIO times the short one, which the processor refuses past (a
+    2x1000 video, enlarged to the least size, was 28x7084: a 500)."""
     height, width = smart_resize(
         info.height, info.width, factor=side, min_pixels=min_pixels, max_pixels=max_pixels
     )
-    if width * height < min_pixels:
-        height, width = smart_resize(height, width, side, min_pixels, max_pixels)
+    if width * height > max_pixels:
+        height, width = smart_resize(height, width, side, least, max_pixels)
+    if width * height < least:
+        height, width = smart_resize(height, width, side, least, max(max_pixels, least))
     longest = MAX_ASPECT_RATIO * min(width, height) // side * side
     return min(width, longest), min(height, longest)
 
@@ -196,16 +205,17 @@ def _plan_native(
     side, extra = budget.token_side, budget.per_patch_tokens
     count = max(FRAME_FACTOR, ceiling - ceiling % FRAME_FACTOR)
     patches = count // FRAME_FACTOR
-    min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_TOKENS, side)
+    least = budget.min_video_pixels
+    min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_TOKENS, side, least)
     if budget.max_video_pixels:
         max_pixels = max(min(max_pixels, budget.max_video_pixels // count), side * side)
         min_pixels = min(min_pixels, max_pixels)
-    width, height = resized(info, min_pixels, max_pixels, side)
+    width, height = resized(info, min_pixels, max_pixels, side, least)
     if patches * (tokens_per_patch(width, height, side) + extra) > available:
         # Lower the resolution first: spread what is available over the patches.
         affordable = max(available // patches - extra, 1) * side * side
         ceiling_pixels = max(min_pixels, min(max_pixels, affordable))
-        width, height = resized(info, min_pixels, ceiling_pixels, side)
+        width, height = resized(info, min_pixels, ceiling_pixels, side, least)
     per_patch = tokens_per_patch(width, height, side) + extra
     if patches * per_patch > available:
         # Then fewer frames at the lowest resolution.
@@ -228,7 +238,7 @@ def _plan_captions(
         raise PlanError(
             "no frame caption fits the model's context; shorten the prompt or max_tokens"
         )
-    width, height = _image_frame_size(info, request, budget.token_side)
+    width, height = _image_frame_size(info, request, budget)
     return _uniform(info, count, width, height, count * per_frame + CAPTIONS_HEADER_TOKENS)
 
 
@@ -236,16 +246,19 @@ def _plan_frames(
     info: VideoInfo, budget: TokenBudget, request: FrameRequest, available: int, ceiling: int
 ) -> FramePlan:
     side = budget.token_side
-    width, height = _image_frame_size(info, request, side)
+    width, height = _image_frame_size(info, request, budget)
     if frame_tokens(width, height, side) > available:
         raise PlanError("a video frame does not fit the model's context next to the prompt")
     return _uniform(info, ceiling, width, height, ceiling * frame_tokens(width, height, side))
 
 
-def _image_frame_size(info: VideoInfo, request: FrameRequest, side: int) -> tuple[int, int]:
+def _image_frame_size(
+    info: VideoInfo, request: FrameRequest, budget: TokenBudget
+) -> tuple[int, int]:
     """Captioned or analysed frames are read as images of "low detail" size."""
-    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_TOKENS, side, IMAGE_MIN_TOKENS)
-    return resized(info, min_pixels, max_pixels, side)
+    side, least = budget.token_side, budget.min_image_pixels
+    min_pixels, max_pixels = pixel_range(request, CAPTION_FRAME_MAX_TOKENS, side, least)
+    return resized(info, min_pixels, max_pixels, side, least)
 
 
 def _uniform(info: VideoInfo, count: int, width: int, height: int, tokens: int) -> FramePlan:

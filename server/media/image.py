@@ -24,11 +24,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from server.exceptions import MediaError
-from server.media.frames import IMAGE_MIN_TOKENS, MAX_ASPECT_RATIO, TOKEN_SIDE
+from server.media.frames import MAX_ASPECT_RATIO, TOKEN_SIDE
 
 Detail = Literal["low", "high", "auto"]
 
-MIN_TOKENS = IMAGE_MIN_TOKENS
+MIN_TOKENS = 4
 LOW_DETAIL_TOKENS = 256
 AUTO_DETAIL_TOKENS = 1280
 PIXELS_PER_TOKEN = TOKEN_SIDE * TOKEN_SIDE

@@ -220,6 +220,7 @@ class CategoriesPipeline:
             prompt_tokens=prompt_tokens,
             max_tokens=MAX_JSON_TOKENS,
             token_side=self.input_builder.token_side,
+            min_image_pixels=self.input_builder.min_image_pixels,  # (each frame: an image)
         )
         wishes = FrameRequest("frames", use_scenes=request.use_scenes)
         video = await self.media.video(part, budget, tokens, wishes, fetched)

@@ -363,6 +363,8 @@ class ChatPipeline:
             side,
             self.input_builder.per_patch_tokens,
             self.input_builder.max_video_pixels,
+            self.input_builder.min_video_pixels,
+            self.input_builder.min_image_pixels,
         )
 
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:

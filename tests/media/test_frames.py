@@ -36,6 +36,9 @@ BUDGETS = [
         (32768, 100, 512),
         (2048, 100, 1500),
     ]
+] + [  # the processors' least frame and image (the tiny checkpoint's: 128 and 4 tokens)
+    TokenBudget(8192, 200, 1024, min_video_pixels=128 * 28 * 28, min_image_pixels=4 * 28 * 28),
+    TokenBudget(4096, 50, 256, min_video_pixels=4 * 28 * 28, min_image_pixels=64 * 28 * 28),
 ]
 REQUESTS = [FrameRequest(mode) for mode in ("native", "captions")] + [
     FrameRequest("native", fps=100, max_frames=10_000, max_pixels=10**9),  # greedy client
@@ -43,6 +46,7 @@ REQUESTS = [FrameRequest(mode) for mode in ("native", "captions")] + [
     FrameRequest("captions", max_frames=5),
     FrameRequest("native", max_pixels=784),  # below the processor's least: raised to it
     FrameRequest("captions", max_pixels=1),
+    FrameRequest("native", min_pixels=10**9),  # min_pixels = max_pixels: never past it
 ]
 
 
@@ -54,8 +58,8 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
         room = budget.context_length - budget.prompt_tokens - budget.max_tokens
         if request.mode == "captions":
             smallest = budget.caption_tokens + CAPTION_LINE_TOKENS + CAPTIONS_HEADER_TOKENS
-        else:
-            smallest = 2 * 128  # one temporal patch at the lowest video resolution
+        else:  # one temporal patch at the lowest video resolution (or the request's least)
+            smallest = 2 * min(max(request.min_pixels or 0, 128 * 28 * 28), VIDEO_MAX_PIXELS) // 784
         assert room - VISION_WRAPPER_TOKENS < smallest
         return
     n = plan.num_frames
@@ -68,18 +72,19 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
     assert plan.width % 28 == 0 and plan.height % 28 == 0
     # (the processor refuses a frame past 200:1, and enlarges one under its least size)
     assert max(plan.width, plan.height) <= 200 * min(plan.width, plan.height)
-    least = 128 if request.mode == "native" else 4
-    assert plan.width * plan.height >= least * 28 * 28
+    least = budget.min_video_pixels if request.mode == "native" else budget.min_image_pixels
+    assert plan.width * plan.height >= least
     used = budget.prompt_tokens + budget.max_tokens + VISION_WRAPPER_TOKENS + plan.video_tokens
     assert used <= budget.context_length
     if request.mode == "native":
         assert n % 2 == 0
         assert plan.video_tokens == n // 2 * (plan.width // 28) * (plan.height // 28)
         assert plan.width * plan.height <= VIDEO_MAX_PIXELS
-        if request.max_pixels:
-            # (down to the processor's least, which its rounding up may pass by a row; a
-            # strip's: 28 x 200 x 28)
-            floor = max(request.min_pixels or 0, 128 * 28 * 28, 200 * 28 * 28 / 1.5)
+        if request.max_pixels and max(video.width, video.height) <= 4 * min(
+            video.width, video.height
+        ):  # (a strip's short side cannot go under one token: its area may pass max_pixels)
+            # (down to the processor's least, which its rounding up may pass by a row)
+            floor = max(request.min_pixels or 0, budget.min_video_pixels, 28 * 28)
             assert plan.width * plan.height <= max(request.max_pixels, floor * 1.5)
     else:
         per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
