@@ -107,9 +107,10 @@ def _rotation(container, stream) -> int:
     frame (PyAV has it there); decord turns its frames itself, PyAV's are turned here."""
     try:
         frame = next(container.decode(stream), None)
+        degrees = getattr(frame, "rotation", 0) or 0  # (PyAV from 14.1)
     except Exception:
         return 0
-    return round((frame.rotation if frame is not None else 0) / 90) % 4 * 90
+    return round(degrees / 90) % 4 * 90
 
 
 def _upright(frame, size: tuple[int, int] | None, rotation: int) -> np.ndarray:
@@ -122,12 +123,13 @@ def _upright(frame, size: tuple[int, int] | None, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
-def _decord_reader(data: VideoSource, size: tuple[int, int]):
-    """A decord reader on the GPU (NVDEC) when this decord was built with CUDA and a GPU is
-    there, else on the CPU (the PyPI wheel is CPU-only). Returns (reader, "gpu" | "cpu")."""
+def _decord_reader(data: VideoSource, size: tuple[int, int], gpu: bool = True):
+    """A decord reader on the GPU (NVDEC) when this decord was built with CUDA, a GPU is
+    there and `gpu` allows it, else on the CPU (the PyPI wheel is CPU-only). Returns
+    (reader, "gpu" | "cpu")."""
     import decord
 
-    if decord.gpu(0).exist:
+    if gpu and decord.gpu(0).exist:
         try:
             ctx = decord.gpu(0)
             return decord.VideoReader(_open(data), ctx=ctx, width=size[0], height=size[1]), "gpu"
@@ -140,18 +142,36 @@ def _decord_reader(data: VideoSource, size: tuple[int, int]):
 
 
 def _read_decord(
-    data: VideoSource, timestamps: list[float], size: tuple[int, int] = (-1, -1)
+    data: VideoSource, timestamps: list[float], size: tuple[int, int] = (-1, -1), rotation: int = 0
 ) -> tuple[np.ndarray, str, list[float]]:
     """(frames, "decord-gpu" | "decord-cpu", their times): the frame shown at each timestamp
     (the last to start at or before it), by the frames' own times, which a variable frame
     rate spaces unevenly (index = time x average fps was seconds off, and the time reported
-    the planned one); size (width, height): decord resizes while decoding (-1: as stored)."""
-    reader, device = _decord_reader(data, size)
+    the planned one); size (width, height, as displayed): decord resizes while decoding (-1:
+    as stored). A rotated video is read on the CPU, whose decoder turns its frames (the CUDA
+    one does not)."""
+    reader, device = _decord_reader(data, size, gpu=rotation == 0)
+    last = len(reader) - 1
     starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0]  # (from the index)
-    shown = np.searchsorted(starts, np.asarray(timestamps), side="right") - 1
-    indices = np.clip(shown, 0, len(reader) - 1).tolist()
-    frames = reader.get_batch(indices).asnumpy()
-    return frames, f"decord-{device}", [float(starts[i]) for i in indices]
+    if _in_order(starts):
+        shown = np.searchsorted(starts, np.asarray(timestamps), side="right") - 1
+        indices = np.clip(shown, 0, last).tolist()
+        times = [float(starts[i]) for i in indices]
+    else:  # no frame times in the stream (H.264 in AVI: -9e17 each): by the average rate
+        fps = reader.get_avg_fps()
+        indices = [min(max(int(t * fps), 0), last) for t in timestamps]
+        times = list(timestamps)
+    return reader.get_batch(indices).asnumpy(), f"decord-{device}", times
+
+
+def _in_order(starts: np.ndarray) -> bool:
+    """Whether frame start times are real ones: finite, from about 0, never going back."""
+    return (
+        len(starts) > 0
+        and bool(np.isfinite(starts).all())
+        and starts[0] > -1.0
+        and bool((np.diff(starts) >= 0).all())
+    )
 
 
 def _read_pyav(
@@ -159,23 +179,27 @@ def _read_pyav(
     timestamps: list[float],
     size: tuple[int, int] | None = None,
     rotation: int = 0,
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[float]]:
+    """(frames, their times): the frame shown at each timestamp, as _read_decord reads it."""
     import av
 
-    frames = []
+    frames, times = [], []
     with av.open(_open(data), mode="r") as container:
         stream = container.streams.video[0]
         for target in timestamps:
             container.seek(int(target / stream.time_base), stream=stream, backward=True)
             chosen = None
             for frame in container.decode(stream):
+                if frame.time is not None and frame.time > target and chosen is not None:
+                    break  # (the one before it is on screen at target)
                 chosen = frame
-                if frame.time is not None and frame.time >= target:
-                    break
+                if frame.time is None or frame.time > target:
+                    break  # (no times to go by, or the first after the seek is later)
             if chosen is None:
                 raise VideoDecodeError("a planned frame could not be decoded")
             frames.append(_upright(chosen, size, rotation))
-    return np.stack(frames)
+            times.append(float(chosen.time) if chosen.time is not None else target)
+    return np.stack(frames), times
 
 
 def _read_keyframes(
@@ -244,18 +268,17 @@ def decode_job(
     try:
         # decord scales while decoding: full-size frames never exist in memory.
         size = (plan.width, plan.height)
-        frames, backend, times = _read_decord(data, list(plan.timestamps), size)
-        plan = replace(plan, timestamps=tuple(times))
+        frames, backend, times = _read_decord(data, list(plan.timestamps), size, info.rotation)
     except Exception:
         try:
             size = (plan.width, plan.height)
-            frames = _read_pyav(data, list(plan.timestamps), size, info.rotation)
+            frames, times = _read_pyav(data, list(plan.timestamps), size, info.rotation)
             backend = "pyav"
         except VideoDecodeError:
             raise
         except Exception:
             raise VideoDecodeError("the video's frames could not be decoded") from None
-    return DecodedVideo(info, plan, frames, backend)
+    return DecodedVideo(info, replace(plan, timestamps=tuple(times)), frames, backend)
 
 
 def _plan_scenes(
@@ -264,9 +287,9 @@ def _plan_scenes(
     """One frame per scene (the middle of it), scenes found on a cheap low-resolution pass."""
     times = scenes.sample_times(info.duration_s)
     try:
-        low, _, _ = _read_decord(data, times, scenes.SCENE_SAMPLE_SIZE)
+        low, _, _ = _read_decord(data, times, scenes.SCENE_SAMPLE_SIZE, info.rotation)
     except Exception:
-        low = _read_pyav(data, times, scenes.SCENE_SAMPLE_SIZE, info.rotation)
+        low, _ = _read_pyav(data, times, scenes.SCENE_SAMPLE_SIZE, info.rotation)
     cuts = scenes.detect_cuts(low, times)
     found = scenes.merge_to_budget(scenes.scenes_from_cuts(cuts, info.duration_s), plan.num_frames)
     return at_timestamps(plan, [s.middle_s for s in found], info, budget, request.mode)

@@ -171,7 +171,7 @@ def test_a_rotated_video_is_read_as_displayed(rotation: int, corner: str) -> Non
     times = list(decoded.plan.timestamps)
     readers = {
         decoded.backend: decoded.frames,
-        "pyav": _read_pyav(data, times, size, decoded.info.rotation),
+        "pyav": _read_pyav(data, times, size, decoded.info.rotation)[0],
         "keyframes": _read_keyframes(data, times, size, 10.0, decoded.info.rotation)[0],
     }
     for name, frames in readers.items():
@@ -187,7 +187,7 @@ def test_a_variable_frame_rate_video_is_read_by_its_frames_own_times() -> None:
 
     import av
 
-    from server.media.video import decode_job
+    from server.media.video import _read_pyav, decode_job
 
     durations_ms = [10, 10, 10, 500, 33, 2000] * 10  # 60 frames, 25.6 s
     starts = np.cumsum([0, *durations_ms[:-1]]) / 1000
@@ -210,6 +210,12 @@ def test_a_variable_frame_rate_video_is_read_by_its_frames_own_times() -> None:
     assert sorted(levels) == [round(t, 3) for t in starts]
     decoded = decode_job(out.getvalue(), BUDGET, FrameRequest(max_frames=12), 2.0)
     assert decoded.backend.startswith("decord")
+    # PyAV, the fallback reader, reads the same frames and says the same times
+    size = (decoded.plan.width, decoded.plan.height)
+    planned_times = uniform_timestamps(decoded.info.duration_s, len(decoded.frames))
+    frames, times = _read_pyav(out.getvalue(), planned_times, size)
+    assert times == pytest.approx(list(decoded.plan.timestamps), abs=0.002)
+    assert np.abs(frames.astype(int) - decoded.frames.astype(int)).mean() < 3
     for frame, time in zip(decoded.frames, decoded.plan.timestamps, strict=True):
         nearest = min(levels, key=lambda t: abs(levels[t] - frame.mean()))
         assert nearest == round(time, 3), (time, nearest)  # the frame of the time it reports
@@ -217,3 +223,17 @@ def test_a_variable_frame_rate_video_is_read_by_its_frames_own_times() -> None:
     for want, time in zip(planned, decoded.plan.timestamps, strict=True):
         shown = max(t for t in starts if t <= want)  # the frame on screen at the planned time
         assert abs(time - shown) < 0.002, (want, time, shown)
+
+
+def test_a_video_without_frame_times_is_read_by_its_average_rate() -> None:
+    """H.264 in AVI has no frame times (decord says -9e17 for each): frames by index = time x
+    average rate, and the planned times (every frame was the last one, at -9e17 s)."""
+    from server.media.video import decode_job
+
+    video = make_video(seconds=4, fps=10, container="avi", codec="libx264")
+    decoded = decode_job(video, BUDGET, FrameRequest(max_frames=6), 2.0)
+    assert decoded.backend.startswith("decord")
+    times = decoded.plan.timestamps
+    assert list(times) == sorted(times) and 0 <= times[0] and times[-1] <= 4, times
+    # The bar moves 5 px a frame: six different frames, not the last one six times
+    assert len({frame.tobytes() for frame in decoded.frames}) == 6
