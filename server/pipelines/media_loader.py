@@ -84,13 +84,7 @@ class MediaLoader:
             (ImagePart, "images", self.limits.max_images_per_request),
             (VideoPart, "videos", self.limits.max_videos_per_request),
         ):
-            count = len(parts_of(messages, kind))
-            if count > limit:
-                raise InvalidRequest(
-                    f"{count} {name} in one request; the limit is {limit}.",
-                    param="messages",
-                    code=f"too_many_{name}",
-                )
+            _check_count(len(parts_of(messages, kind)), name, limit)
         return MediaBudget(self.limits.max_media_bytes_per_request)
 
     async def images(self, messages: list[ChatMessage], budget: MediaBudget) -> list[Image.Image]:
@@ -168,37 +162,37 @@ class MediaLoader:
 
     async def judged(self, messages: list[ChatMessage]) -> list[ChatMessage]:
         """The image parts that may be videos (or_video: the Animus contract's image_url),
-        downloaded once, together, and judged by their first bytes: an image, or else a
-        video. Each carries its download (fetched), which reading it discards; forget
-        discards those an error left unread."""
+        downloaded once and judged by their first bytes: an image, or else a video. One at a
+        time, within the request's media bytes and video count (each download may be a
+        video's size: sixteen at once were gigabytes before any limit was looked at). Each
+        carries its download (fetched), which reading it discards; forget discards those an
+        error left unread, and an error (a cancel too) here those downloaded so far."""
         parts = [part for part in parts_of(messages, ImagePart) if part.or_video]
         if not parts:
             return messages
-        # (all awaited, not _in_order: those downloaded when another failed are discarded)
-        fetching = [self.fetch_unknown(p.url, p.param) for p in parts]
-        results = await asyncio.gather(*fetching, return_exceptions=True)
-        if failed := [r for r in results if isinstance(r, BaseException)]:
-            for result in results:
-                if isinstance(result, FetchedMedia):
-                    result.discard()
-            raise failed[0]  # (the first in order)
-        fetched = [r for r in results if isinstance(r, FetchedMedia)]
-        pairs = list(zip(fetched, parts, strict=True))
-        try:
-            heads = await asyncio.to_thread(lambda: [f.head(p.param) for f, p in pairs])
-        except BaseException:
-            for media in fetched:
-                media.discard()
-            raise
+        allowance = MediaBudget(self.limits.max_media_bytes_per_request)
+        num_videos = len(parts_of(messages, VideoPart))
         judged: dict[int, ImagePart | VideoPart] = {}
-        for part, media, head in zip(parts, fetched, heads, strict=True):
-            if looks_like_image(head):
-                judged[id(part)] = replace(part, or_video=False, fetched=media)
-            else:
+        downloads: list[FetchedMedia] = []
+        try:
+            for part in parts:
+                media = await self.fetch_unknown(part.url, part.param)
+                downloads.append(media)
+                allowance.spend(media.size, part.param)
+                head = await asyncio.to_thread(media.head, part.param)
+                if looks_like_image(head):
+                    judged[id(part)] = replace(part, or_video=False, fetched=media)
+                    continue
+                num_videos += 1
+                _check_count(num_videos, "videos", self.limits.max_videos_per_request)
                 frames = FrameRequest(min_pixels=part.min_pixels, max_pixels=part.max_pixels)
                 judged[id(part)] = VideoPart(
                     part.url, frames, part.param, not looks_like_video(head), media
                 )
+        except BaseException:
+            for media in downloads:
+                media.discard()
+            raise
         return with_parts(messages, lambda part: judged.get(id(part), part))
 
     @staticmethod
@@ -298,6 +292,15 @@ class MediaLoader:
             fetched.discard()
         self.metrics.video_frames.inc(decoded.plan.num_frames)
         return decoded
+
+
+def _check_count(count: int, name: str, limit: int) -> None:
+    if count > limit:
+        raise InvalidRequest(
+            f"{count} {name} in one request; the limit is {limit}.",
+            param="messages",
+            code=f"too_many_{name}",
+        )
 
 
 async def _in_order(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.api.test_errors import assert_error
 from tests.helpers import MediaServer, make_image, make_settings, make_video, start_client
 
 pytestmark = pytest.mark.anyio
@@ -375,3 +378,52 @@ async def test_an_animus_client_sends_its_video_as_an_image_url_part(
         assert error["param"] == "messages[0].content[0]", error
         spooled = (settings.data_dir / "spool").rglob("*")
         assert not [p for p in spooled if p.is_file() and p.name != ".lock"]
+
+
+def hanging_at(url: str, fetch: Any, reached: asyncio.Event) -> Any:
+    """fetch, except that the download of `url` hangs (once reached is set)."""
+
+    async def fetch_or_hang(fetched_url: str, param: str) -> Any:
+        if fetched_url == url:
+            reached.set()
+            await asyncio.Event().wait()
+        return await fetch(fetched_url, param)
+
+    return fetch_or_hang
+
+
+async def test_image_url_parts_judged_one_at_a_time_within_the_limits(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """Every /v2 image_url URL may be a video, so each is downloaded at a video's size: one
+    at a time, the request's video count checked as each is judged (the second video is the
+    400, the third never downloaded); a request cancelled while it judges (its client gone)
+    leaves none of its downloads in the spool."""
+    settings = make_settings(tiny_model_dir, data_dir=tmp_path / "data", default_max_tokens=4)
+    video = make_video(seconds=1)
+    urls = [media_server.add(f"/v{i}", video, "application/octet-stream") for i in range(3)]
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+
+    def spooled() -> list[Path]:
+        files = (settings.data_dir / "spool").rglob("*")
+        return [p for p in files if p.is_file() and p.name != ".lock"]
+
+    async for client in start_client(settings):
+        before = len(media_server.requested)
+        response = await client.post("/v2/media/completions", json=body)
+        assert_error(response, 400, "messages", "too_many_videos")
+        assert len(media_server.requested) - before == 2 and not spooled()
+        media = client.app.state.services.chat.media  # type: ignore[attr-defined]
+        stalled = asyncio.Event()
+        media.fetch_unknown = hanging_at(urls[1], media.fetch_unknown, stalled)
+        from server.api.protocol import MediaCompletionRequest
+
+        messages = MediaCompletionRequest.model_validate(body).to_messages()
+        judging = asyncio.ensure_future(media.judged(messages))
+        await stalled.wait()
+        assert spooled()  # (the first one, downloaded)
+        judging.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await judging
+        assert not spooled()

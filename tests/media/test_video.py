@@ -234,6 +234,6 @@ def test_a_video_without_frame_times_is_read_by_its_average_rate() -> None:
     decoded = decode_job(video, BUDGET, FrameRequest(max_frames=6), 2.0)
     assert decoded.backend.startswith("decord")
     times = decoded.plan.timestamps
-    assert list(times) == sorted(times) and 0 <= times[0] and times[-1] <= 4, times
+    assert list(times) == sorted(times) and times[0] >= 0 and times[-1] <= 4, times
     # The bar moves 5 px a frame: six different frames, not the last one six times
     assert len({frame.tobytes() for frame in decoded.frames}) == 6
