@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from server.api.batches import FileDeleted, FileList, FileObject
 from server.api.protocol import ErrorResponse
 from server.api.services import Services, get_services
-from server.exceptions import FileNotFound, InvalidRequest
+from server.exceptions import FileNotFound, InvalidRequest, refuse_unsupported
 from server.jobs.project import current_project
 from server.media.fetch import MEDIA_PURPOSES
 from server.media.image import looks_like_image
@@ -26,24 +26,6 @@ router = APIRouter(
     tags=["files"],
     responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)},
 )
-
-
-def check_expires_after(anchor: str | None, seconds: str | None) -> None:
-    """OpenAI's expires_after, checked as OpenAI checks it (anchor created_at, an hour to 30
-    days) and taken: a file is kept as long as the server's job retention keeps it
-    (--job-retention-hours), as batches' output_expires_after."""
-    if anchor != "created_at":
-        raise InvalidRequest(
-            "expires_after.anchor must be 'created_at'.",
-            param="expires_after.anchor",
-            code="invalid_value",
-        )
-    if not (seconds or "").isdigit() or not 3600 <= int(seconds or 0) <= 2592000:
-        raise InvalidRequest(
-            "expires_after.seconds must be an integer from 3600 (an hour) to 2592000 (30 days).",
-            param="expires_after.seconds",
-            code="invalid_value",
-        )
 
 
 @router.post("/v1/files", response_model=FileObject)
@@ -76,7 +58,7 @@ async def upload_file(
             code="invalid_value",
         )
     if expires_after_anchor is not None or expires_after_seconds is not None:
-        check_expires_after(expires_after_anchor, expires_after_seconds)
+        refuse_unsupported(["expires_after"])
     content = await file.read()
     if not content:
         raise InvalidRequest("The file is empty.", param="file", code="invalid_value")
