@@ -40,6 +40,9 @@ UNSUPPORTED_HINTS = {
     "function_call": ": send `tool_choice` (with `tools`)",
     "audio": ": answers are text",
     "modalities": ": answers are text",
+    # (never taken and ignored: a file its client asked to expire would be kept)
+    "expires_after": ": uploaded files stay until deleted (DELETE /v1/files/{id}); upload "
+    "without it",
 }
 
 
