@@ -161,7 +161,7 @@ HELP = {
     "with it.",
     "max_concurrent_preprocessing": "Requests fetching and decoding their media at once.",
     "image_decode_memory": "Memory the images being decoded may take together, all requests "
-    "(reckoned from each image's header: 8 bytes a pixel, 64 MP at most); an image that would "
+    "(reckoned from each image's header: 16 bytes a pixel, 64 MP at most); an image that would "
     "pass it waits until others are done (one larger than it all is decoded alone), so a "
     "few small files of huge pixel counts cannot take the host's memory.",
     "media_fetch_timeout": "For the whole download of one media URL.",
