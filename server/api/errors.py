@@ -192,13 +192,22 @@ def _any_of(errors: list[Any], param: str | None) -> str | None:
     """A value of a type no branch of its union takes (content as an object: "a valid string"
     alone hid that a list of parts is read too): every branch's wish, joined."""
     wishes = [
-        str(e.get("msg", "")).removeprefix("Input should be ")
+        _wish(str(e.get("type", "")), str(e.get("msg", "")))
         for e in errors
-        if str(e.get("type", "")).endswith("_type")
-        and loc_to_param(tuple(e.get("loc", ()))) == param
+        if loc_to_param(tuple(e.get("loc", ()))) == param
     ]
-    wishes = list(dict.fromkeys(wishes))
-    return "Input should be " + " or ".join(wishes) if len(wishes) > 1 else None
+    wanted = list(dict.fromkeys(w for w in wishes if w))
+    return "Input should be " + " or ".join(wanted) if len(wanted) > 1 else None
+
+
+def _wish(error_type: str, message: str) -> str | None:
+    """What one branch wanted ("a valid string", "'none', 'auto' or 'required'", "an object":
+    never a class's name); None for an error past the branch's type."""
+    if error_type in ("model_type", "dict_type", "model_attributes_type"):
+        return "an object"
+    if error_type.endswith("_type") or error_type == "literal_error":
+        return message.removeprefix("Input should be ")
+    return None
 
 
 # FastAPI's words for a body json.loads could not read for another reason than its syntax: not

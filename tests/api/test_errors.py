@@ -605,6 +605,10 @@ async def test_a_value_of_no_accepted_type_names_every_accepted_one(client) -> N
     error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
     assert error["param"] == "messages[0].content", error
     assert "a valid string or a valid list" in error["message"], error
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tool_choice": 5}
+    error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
+    assert "'none', 'auto' or 'required' or an object" in error["message"], error
+    assert "Choice" not in error["message"]  # (no class names)
 
 
 async def test_unsupported_message_fields_are_refused_by_name(client) -> None:
