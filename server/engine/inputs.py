@@ -17,7 +17,9 @@ from server.exceptions import InvalidRequest
 
 # Appended to a thinking checkpoint's prompt (which ends inside "<think>") to answer at once,
 # as Qwen3's non-thinking prompts read: "<think>\n\n</think>\n\n".
-SKIP_THINKING = "\n</think>\n\n"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+SKIP_THINKING = f"\n{THINK_CLOSE}\n\n"
 VIDEO_PAD = "<|video_pad|>"
 VIDEO_WRAPPED = "<|vision_start|><|video_pad|><|vision_end|>"
 # Template variables a request may not set: the ones apply_chat_template fills itself.
@@ -394,13 +396,25 @@ class InputBuilder:
             tensors["second_per_grid_ts"] = torch.tensor(encoded["second_per_grid_ts"])
         input_ids = tensors["input_ids"]
         placeholders = {"image": self.image_token_id, "video": self.video_token_id}
+        thinks = self.thinks(think, template) or self._prefilled_reasoning(prompt, think, template)
         return ModelInputs(
             tensors=tensors,
             num_prompt_tokens=int(input_ids.shape[1]),
             num_image_tokens=int((input_ids == self.image_token_id).sum()),
             num_video_tokens=int((input_ids == self.video_token_id).sum()),
             media=find_media(tensors, placeholders),
-            thinks=self.thinks(think, template),
+            thinks=thinks,
+        )
+
+    def _prefilled_reasoning(self, prompt: str, think: bool, template: TemplateOptions) -> bool:
+        """A prefill (continue_final_message) that leaves the prompt inside "<think>": the
+        answer goes on reasoning (vLLM's parsers split at the first "</think>" whatever the
+        prompt; it was all content here, and thinking_token_budget had no effect)."""
+        return (
+            self.reasoning
+            and think
+            and template.continue_final_message
+            and prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
         )
 
     def _check_rendered(self, prompt: str, num_images: int, num_videos: int) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from server.engine.inputs import THINK_CLOSE, THINK_OPEN
+
+__all__ = ["THINK_CLOSE", "THINK_OPEN"]  # (the pipelines' names for them)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:

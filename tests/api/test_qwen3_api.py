@@ -181,6 +181,32 @@ async def test_usage_counts_the_reasoning_tokens(
     assert {"completion_tokens", "completion_tokens_details"} <= set(schemas["Usage"]["properties"])
 
 
+async def test_a_prefill_inside_think_goes_on_reasoning(thinking: httpx.AsyncClient) -> None:
+    """An assistant prefill (continue_final_message) that opens "<think>": the answer goes
+    on reasoning, split at its "</think>" as vLLM's parsers split it, and a thinking budget
+    ends it (it was all content, the budget ignored)."""
+    messages = [
+        {"role": "user", "content": "Think."},
+        {"role": "assistant", "content": "<think>\nLet me"},
+    ]
+    body = {
+        "model": "tiny",
+        "messages": messages,
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "thinking_token_budget": 3,
+    }
+    response = await thinking.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3
+    message = answer["choices"][0]["message"]
+    assert message["reasoning_content"] is not None and "</think>" not in message["content"]
+
+
 async def test_a_thinking_budget_ends_the_reasoning(thinking: httpx.AsyncClient) -> None:
     """vLLM's thinking_token_budget (Anthropic's budget_tokens): after that many reasoning
     tokens "</think>" is forced and the answer goes on as content, sampled or greedy,
