@@ -7,6 +7,7 @@ token, images) by the pipelines; engine state (queue depth, running batch) is re
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -88,6 +89,11 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.job_store_up = Gauge(
+            "vlm_job_store_up",
+            "1 while the job store answers, 0 while it cannot be reached",
+            registry=r,
+        )
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
         self.refreshers: list[Callable[[], None]] = []
@@ -131,10 +137,14 @@ class Metrics:
 
     def watch_jobs(
         self,
-        jobs_by_status: Callable[[], dict[str, int]],
-        deliveries_by_status: Callable[[], dict[str, int]],
+        jobs_by_status: Callable[[], dict[str, int] | None],
+        deliveries_by_status: Callable[[], dict[str, int] | None],
+        store_up: Callable[[], bool],
     ) -> None:
-        """The job store is counted once per scrape (one query per table), in render."""
+        """The job store is counted once per scrape (one query per table), in render; while
+        it cannot be reached, vlm_job_store_up is 0 and the counts are its last ones (NaN
+        before any: a replica that started during an outage read zeros)."""
+        self.job_store_up.set_function(lambda: float(store_up()))
         self.refreshers.append(
             lambda: _set_counts(
                 self.jobs,
@@ -153,6 +163,7 @@ class Metrics:
         its gauges' callbacks must not keep a stopped engine and its KV cache in memory."""
         self.queue_depth.set_function(lambda: 0)
         self.running.set_function(lambda: 0)
+        self.job_store_up.set_function(lambda: 0)
         if self.engine_collector is not None:
             self.registry.unregister(self.engine_collector)
             self.engine_collector = None
@@ -199,9 +210,9 @@ class EngineCollector:
             yield GaugeMetricFamily(f"vlm_{name}", doc, value=stats[name])
 
 
-def _set_counts(gauge: Gauge, statuses: tuple[str, ...], counts: dict[str, int]) -> None:
+def _set_counts(gauge: Gauge, statuses: tuple[str, ...], counts: dict[str, int] | None) -> None:
     for status in statuses:
-        gauge.labels(status).set(counts.get(status, 0))
+        gauge.labels(status).set(math.nan if counts is None else counts.get(status, 0))
 
 
 class MetricsMiddleware:

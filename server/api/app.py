@@ -174,7 +174,11 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             # at a time.
             lanes={MEDIA_KINDS: 2, ("batch",): 1, (BACKGROUND,): 4},
         )
-        metrics.watch_jobs(jobs.count_by_status, jobs.count_deliveries_by_status)
+        metrics.watch_jobs(
+            jobs.count_by_status,
+            jobs.count_deliveries_by_status,
+            lambda: jobs.unreachable_since is None,
+        )
         job_worker.start()
         webhooks = WebhookSender(
             jobs,

@@ -42,19 +42,33 @@ class DeliveryStore(ABC):
     def now(self) -> float:
         return time.time()
 
-    def count_deliveries_by_status(self) -> dict[str, int]:
+    # Since when (time.monotonic()) the store has not answered, until a transaction goes
+    # through again: /health and vlm_job_store_up say so (None: it answers).
+    unreachable_since: float | None = None
+
+    def answered(self, ok: bool) -> None:
+        """A transaction's outcome (the subclasses' transaction tells): answered, or not."""
+        if ok:
+            self.unreachable_since = None
+        elif self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+
+    def count_deliveries_by_status(self) -> dict[str, int] | None:
         return self._count_by_status("deliveries")
 
-    def _count_by_status(self, table: str) -> dict[str, int]:
-        """For /metrics: while the store is unreachable, the last counts it gave (the scrape
-        still carries the engine's metrics)."""
-        try:
-            with self.transaction(write=False) as execute:
-                rows = execute(f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status", ())
-                self.last_counts[table] = {row["status"]: row["n"] for row in rows.fetchall()}
-        except JobStoreUnavailable:
-            pass
-        return self.last_counts.get(table, {})
+    def _count_by_status(self, table: str) -> dict[str, int] | None:
+        """For /metrics: while the store is unreachable, the last counts it gave (None: none
+        yet), not asked again (a scrape waited out the connection timeout for each table;
+        the job worker's polls find out when it is back)."""
+        if self.unreachable_since is None:
+            try:
+                with self.transaction(write=False) as execute:
+                    rows = execute(f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status", ())
+                    counts = {row["status"]: row["n"] for row in rows.fetchall()}
+                    self.last_counts[table] = counts
+            except JobStoreUnavailable:
+                pass
+        return self.last_counts.get(table)
 
     def due_deliveries(self, limit: int = 16, hold_s: float = 0.0) -> list[dict[str, Any]]:
         """Pending deliveries whose time has come, held for hold_s: no other process starts
@@ -74,12 +88,15 @@ class DeliveryStore(ABC):
         delivery_id: str,
         attempt: int,
         status: str,
-        next_attempt_at: float,
+        retry_in_s: float,
         last_status: int | None,
         last_error: str | None,
     ) -> bool:
-        """Records attempt number `attempt` (1-based); False if that attempt was already
-        recorded (a duplicate cannot move a delivered webhook back to pending)."""
+        """Records attempt number `attempt` (1-based), the next one (pending) retry_in_s from
+        now by the store's clock, which every replica's retries go by (the machines' own
+        need not agree); False if that attempt was already recorded (a duplicate cannot move
+        a delivered webhook back to pending)."""
+        next_attempt_at = self.now() + retry_in_s if status == "pending" else 0.0
         with self.transaction() as execute:
             cursor = execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?,"

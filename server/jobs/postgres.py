@@ -202,7 +202,9 @@ class PostgresJobStore(JobStore):
             with self.pool.connection() as connection, connection.transaction():
                 yield execute
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self.answered(False)
             raise JobStoreUnavailable() from exc
+        self.answered(True)
 
     def _try_lock(self, execute: Execute, name: str) -> bool:
         row = execute("SELECT pg_try_advisory_xact_lock(hashtext(?)) AS held", (name,))

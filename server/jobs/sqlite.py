@@ -200,6 +200,7 @@ class SqliteJobStore(JobStore):
             try:
                 self.db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk gone
+                self.answered(False)
                 raise JobStoreUnavailable() from exc
             try:
                 yield self.db.execute
@@ -207,8 +208,10 @@ class SqliteJobStore(JobStore):
             except BaseException as exc:
                 self.db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError):
+                    self.answered(False)
                     raise JobStoreUnavailable() from exc
                 raise
+            self.answered(True)
 
     def _migrate(self) -> None:
         with self.transaction() as execute:

@@ -189,7 +189,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             row = execute(f"SELECT {SUMMARY} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row, {}) if row is not None else None
 
-    def count_by_status(self) -> dict[str, int]:
+    def count_by_status(self) -> dict[str, int] | None:
         return self._count_by_status("jobs")
 
     def claim(self, lease_s: float, owner: str = "", kinds: tuple[str, ...] = ()) -> Job | None:

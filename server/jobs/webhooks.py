@@ -26,6 +26,7 @@ import random
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client import Counter
@@ -200,14 +201,14 @@ class WebhookSender:
             # (the class alone, "ConnectError", did not say "connection refused")
             error = f"{type(exc).__name__}: {exc}"[:300] if str(exc) else type(exc).__name__
         if status_code is not None and 200 <= status_code < 300:
-            outcome, next_at = "delivered", 0.0
+            outcome, delay = "delivered", 0.0
         elif status_code == 410 or attempts > len(self.retry_delays_s):
-            outcome, next_at = "failed", 0.0
+            outcome, delay = "failed", 0.0
         else:
             delay = self.retry_delays_s[attempts - 1] * random.uniform(0.8, 1.2)
             if retry_after is not None and status_code in (429, 503):
                 delay = max(delay, retry_after)
-            outcome, next_at = "pending", time.time() + delay
+            outcome = "pending"
         said = "retrying" if outcome == "pending" else outcome  # the metric's word too
         logger.log(
             logging.WARNING if outcome == "failed" else logging.INFO,  # (given up: it is lost)
@@ -216,18 +217,33 @@ class WebhookSender:
             attempts,
             said,
             status_code or error,
-            f" in {next_at - time.time():.1f} s" if outcome == "pending" else "",
+            f" in {delay:.1f} s" if outcome == "pending" else "",
         )
         if self.attempts_metric is not None:
             self.attempts_metric.labels(said).inc()
-        await asyncio.to_thread(
-            self.store.record_attempt, row["id"], attempts, outcome, next_at, status_code, error
-        )
+        await self._record(row["id"], attempts, outcome, delay, status_code, error)
         self.attempts_made[row["id"]] = attempts
         if outcome != "pending":  # no further attempt; forget it once no stale read can remain
             asyncio.get_running_loop().call_later(
                 FORGET_AFTER_S, self.attempts_made.pop, row["id"], None
             )
+
+    async def _record(self, delivery_id: str, *outcome: Any) -> None:
+        """An attempt's outcome is not dropped for a store outage (the receiver may have the
+        webhook: one the store still called pending went out again, and an ERROR line was
+        logged): written once the store answers."""
+        failures = 0
+        while True:
+            try:
+                await asyncio.to_thread(self.store.record_attempt, delivery_id, *outcome)
+                return
+            except JobStoreUnavailable:
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "webhook %s: job store unreachable; recording it when back", delivery_id
+                    )
+                await asyncio.sleep(min(failures, 5))
 
     async def _post(self, url: str, msg_id: str, body: str) -> tuple[int, float | None]:
         """One attempt: the receiver's status and Retry-After. The whole attempt has

@@ -163,7 +163,9 @@ class JobWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), IDLE_POLL_S)
                 continue
-            if not await self._run(job):
+            # (its own task, so its context, the log's request id among it, ends with it: the
+            # claims after it were logged under the last job's id)
+            if not await asyncio.create_task(self._run(job)):
                 return
 
     async def _claim(self, kinds: tuple[str, ...]) -> Job | None:

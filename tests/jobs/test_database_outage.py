@@ -49,7 +49,10 @@ async def test_database_outage(tiny_model_dir: Path) -> None:
                 assert status.status_code == 503 and "retry-after" in status.headers
                 answer = await client.post("/v1/chat/completions", json=chat)
                 assert answer.status_code == 200, answer.text  # needs no store
-                assert (await client.get("/health")).status_code == 200
+                health = await client.get("/health")  # (a 200: chat is served) that says so
+                assert health.status_code == 200 and health.json()["job_store"] == "unreachable"
+                metrics = (await client.get("/metrics")).text
+                assert "vlm_job_store_up 0.0" in metrics
 
                 proxy.restore()
                 accepted = None
@@ -62,5 +65,7 @@ async def test_database_outage(tiny_model_dir: Path) -> None:
                 assert accepted is not None, "submissions did not resume"
                 done = await wait_for_status(client, accepted["status_url"], "completed")
                 assert done["progress"] == 1
+                assert (await client.get("/health")).json()["job_store"] == "ok"
+                assert "vlm_job_store_up 1.0" in (await client.get("/metrics")).text
     finally:
         proxy.close()

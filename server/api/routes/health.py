@@ -15,12 +15,20 @@ router = APIRouter()
 
 @router.get("/health", tags=["server"])
 async def health(services: Services = Depends(get_services)) -> JSONResponse:
-    """200 while the engine runs, 503 once it has stopped (open without an API key)."""
+    """200 while the engine runs, 503 once it has stopped (open without an API key).
+    job_store: "ok", or "unreachable" while the job store does not answer (jobs, stored
+    responses and files are 503s meanwhile; chat and completions are served: still a 200)."""
     engine = services.engine
     if not engine.is_running:
         return JSONResponse({"status": "unavailable"}, status_code=503)
+    store = "ok" if services.jobs.unreachable_since is None else "unreachable"
     return JSONResponse(
-        {"status": "ok", "num_running": engine.num_running, "num_queued": engine.num_queued}
+        {
+            "status": "ok",
+            "num_running": engine.num_running,
+            "num_queued": engine.num_queued,
+            "job_store": store,
+        }
     )
 
 
