@@ -30,6 +30,7 @@ CHANNEL = "vlm_jobs"
 POOL_MAX_SIZE = 10
 CONNECT_TIMEOUT_S = 5
 WAIT_FOR_CONNECTION_S = 3.0  # then a request that needs the store is a 503
+OUTAGE_WAIT_S = 0.2  # the same while the store is known not to answer
 LISTEN_RECONNECT_S = 2.0
 
 MIGRATIONS = [
@@ -198,8 +199,13 @@ class PostgresJobStore(JobStore):
             _refuse_nul(values)
             return connection.execute(_placeholders(sql), values)
 
+        # While the store is known not to answer, a request for a connection gives up at once
+        # rather than after the full wait: the routes that need it are 503s without a 3 s
+        # stall each, a response not stored is not held up, nor is a scrape (the pool goes
+        # on reconnecting meanwhile, and the job worker's polls find when it is back).
+        wait = WAIT_FOR_CONNECTION_S if self.unreachable_since is None else OUTAGE_WAIT_S
         try:
-            with self.pool.connection() as connection, connection.transaction():
+            with self.pool.connection(timeout=wait) as connection, connection.transaction():
                 yield execute
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self.answered(False)
