@@ -165,11 +165,13 @@ def _read_decord(
 
 
 def _in_order(starts: np.ndarray) -> bool:
-    """Whether frame start times are real ones: finite, from about 0, never going back."""
+    """Whether frame start times are ones to read by: finite, from 0, never going back.
+    (Negative ones are frames an edit list cuts, which decord's index lists but its batch
+    reads skip: by them, every frame read was that many too late.)"""
     return (
         len(starts) > 0
         and bool(np.isfinite(starts).all())
-        and starts[0] > -1.0
+        and starts[0] >= -1e-3
         and bool((np.diff(starts) >= 0).all())
     )
 
@@ -186,20 +188,33 @@ def _read_pyav(
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
         stream = container.streams.video[0]
+        start = _start_s(stream)
         for target in timestamps:
-            container.seek(int(target / stream.time_base), stream=stream, backward=True)
+            at = start + target  # (the stream's own clock: a recording may start at 10 s)
+            container.seek(int(at / stream.time_base), stream=stream, backward=True)
             chosen = None
             for frame in container.decode(stream):
-                if frame.time is not None and frame.time > target and chosen is not None:
+                if frame.time is not None and frame.time > at and chosen is not None:
                     break  # (the one before it is on screen at target)
                 chosen = frame
-                if frame.time is None or frame.time > target:
+                if frame.time is None or frame.time > at:
                     break  # (no times to go by, or the first after the seek is later)
             if chosen is None:
                 raise VideoDecodeError("a planned frame could not be decoded")
             frames.append(_upright(chosen, size, rotation))
-            times.append(float(chosen.time) if chosen.time is not None else target)
+            times.append(_time_of(chosen, start, target))
     return np.stack(frames), times
+
+
+def _start_s(stream) -> float:
+    """When the stream starts on its own clock (0 but for recordings cut from a longer one):
+    a frame's time from the start of the video is its own time less this."""
+    return float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+
+
+def _time_of(frame, start: float, planned: float) -> float:
+    """The frame's time from the start of the video (the planned one where it has none)."""
+    return max(float(frame.time) - start, 0.0) if frame.time is not None else planned
 
 
 def _read_keyframes(
@@ -218,14 +233,16 @@ def _read_keyframes(
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
         stream = container.streams.video[0]
+        start = _start_s(stream)
         for target in timestamps:
-            frame = _first_frame_from(container, stream, target, keyframes_only=True)
-            too_far = frame.time is None or target - frame.time > max_shift_s
-            if too_far or (times and frame.time <= times[-1]):
-                frame = _first_frame_from(container, stream, target, keyframes_only=False)
+            at = start + target  # (the stream's own clock)
+            frame = _first_frame_from(container, stream, at, keyframes_only=True)
+            too_far = frame.time is None or at - frame.time > max_shift_s
+            if too_far or (times and _time_of(frame, start, target) <= times[-1]):
+                frame = _first_frame_from(container, stream, at, keyframes_only=False)
             # Scaled as it is converted: a full-size copy of each frame is never kept.
             frames.append(_upright(frame, size, rotation))
-            times.append(float(frame.time) if frame.time is not None else target)
+            times.append(_time_of(frame, start, target))
     return np.stack(frames), times
 
 

@@ -237,3 +237,38 @@ def test_a_video_without_frame_times_is_read_by_its_average_rate() -> None:
     assert list(times) == sorted(times) and times[0] >= 0 and times[-1] <= 4, times
     # The bar moves 5 px a frame: six different frames, not the last one six times
     assert len({frame.tobytes() for frame in decoded.frames}) == 6
+
+
+@pytest.mark.parametrize(("first_ms", "shown"), [(-500, [5, 15, 25]), (1500, [0, 10, 20])])
+def test_a_cut_or_late_starting_video_reads_the_frames_on_screen(
+    first_ms: int, shown: list[int]
+) -> None:
+    """A trimmed MP4 (an edit list cuts its first frames: decord's index lists them at
+    negative times, its batch reads skip them, so by them every frame read was five late) and
+    a recording whose stream starts at 1.5 s (PyAV's times and seeks are the stream's own):
+    both readers read the frame on screen at each time, from the start of the video."""
+    import io
+
+    import av
+
+    from server.media.video import _read_decord, _read_pyav
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as video:
+        stream = video.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for i in range(40):  # frame i is grey level 6 i, 100 ms each
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 6, np.uint8), "rgb24")
+            frame.pts, frame.time_base = first_ms + i * 100, fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                video.mux(packet)
+        for packet in stream.encode():
+            video.mux(packet)
+    data, times = out.getvalue(), [0.05, 1.05, 2.05]
+    decord_frames, _, decord_times = _read_decord(data, times, (64, 64))
+    pyav_frames, pyav_times = _read_pyav(data, times, (64, 64))
+    for frames in (decord_frames, pyav_frames):
+        assert [round(float(f.mean()) / 6) for f in frames] == shown
+    for read in (decord_times, pyav_times):
+        assert read == pytest.approx([0.0, 1.0, 2.0], abs=0.06), read
