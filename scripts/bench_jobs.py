@@ -102,7 +102,7 @@ def queue_jobs(store: JobStore, count: int) -> None:
 
 
 def completed(store: JobStore) -> int:
-    return store.count_by_status().get("completed", 0)
+    return (store.count_by_status() or {}).get("completed", 0)
 
 
 def run(args: argparse.Namespace, backend: str, replicas: int, chaos_s: float = 0.0) -> dict:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from server.exceptions import InvalidRequest, JobStoreStartError, JobStoreUnavailable
 from server.jobs.store import Execute, JobStore
@@ -146,6 +146,7 @@ class PostgresJobStore(JobStore):
         super().__init__()
         self.url = url
         reason = _first_connection(url)  # (None: it connected)
+        self.connection_errors = 0  # the pool's failed connection attempts, as last seen
         self.pool = ConnectionPool(
             url,
             min_size=1,
@@ -208,9 +209,23 @@ class PostgresJobStore(JobStore):
             with self.pool.connection(timeout=wait) as connection, connection.transaction():
                 yield execute
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self.answered(False)
+            if self._connection_lost(exc):
+                self.answered(False)
             raise JobStoreUnavailable() from exc
         self.answered(True)
+
+    def _connection_lost(self, exc: Exception) -> bool:
+        """Whether the error says the database cannot be reached, not that it is busy: only
+        that makes the store unreachable for /health and the short waits. A connection that
+        broke or could not be made has no SQLSTATE, or class 08 (a cancelled statement, a
+        lost deadlock do not); a pool timeout is one when the pool's own connection attempts
+        have been failing since the last (all its connections in use times out too)."""
+        if isinstance(exc, PoolTimeout):
+            errors = self.pool.get_stats().get("connections_errors", 0)
+            failing, self.connection_errors = errors > self.connection_errors, errors
+            return failing  # (False leaves it as it was: down stays down until one answers)
+        state = getattr(exc, "sqlstate", None)
+        return state is None or state.startswith("08")
 
     def _try_lock(self, execute: Execute, name: str) -> bool:
         row = execute("SELECT pg_try_advisory_xact_lock(hashtext(?)) AS held", (name,))

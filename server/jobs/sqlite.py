@@ -200,7 +200,7 @@ class SqliteJobStore(JobStore):
             try:
                 self.db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             except sqlite3.OperationalError as exc:  # locked past the busy timeout, disk gone
-                self.answered(False)
+                self.answered(_busy(exc))
                 raise JobStoreUnavailable() from exc
             try:
                 yield self.db.execute
@@ -208,7 +208,7 @@ class SqliteJobStore(JobStore):
             except BaseException as exc:
                 self.db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError):
-                    self.answered(False)
+                    self.answered(_busy(exc))
                     raise JobStoreUnavailable() from exc
                 raise
             self.answered(True)
@@ -281,3 +281,9 @@ def _fill_webhook_urls(execute: Execute) -> None:
         url = json.loads(row["request"]).get("webhook_url")
         if url:
             execute("UPDATE jobs SET webhook_url = ? WHERE id = ?", (url, row["id"]))
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """A write lock another process held past the busy timeout: the file answers, busy (not
+    unreachable for /health); anything else (the disk gone, the file unreadable) is not."""
+    return "locked" in str(exc)

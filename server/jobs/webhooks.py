@@ -243,7 +243,10 @@ class WebhookSender:
                     logger.warning(
                         "webhook %s: job store unreachable; recording it when back", delivery_id
                     )
-                await asyncio.sleep(min(failures, 5))
+                # (at the poll's pace once the store answers again: another replica finding
+                # the delivery due again would send it a second time meanwhile)
+                back = self.store.unreachable_since is None
+                await asyncio.sleep(POLL_S if back else min(failures, 5))
 
     async def _post(self, url: str, msg_id: str, body: str) -> tuple[int, float | None]:
         """One attempt: the receiver's status and Retry-After. The whole attempt has

@@ -164,7 +164,9 @@ class JobWorker:
                     await asyncio.wait_for(self.wakeup.wait(), IDLE_POLL_S)
                 continue
             # (its own task, so its context, the log's request id among it, ends with it: the
-            # claims after it were logged under the last job's id)
+            # claims after it were logged under the last job's id; held from here, so that a
+            # stop before the task's first step still hands the job back)
+            self.held[job.id] = job
             if not await asyncio.create_task(self._run(job)):
                 return
 

@@ -206,6 +206,8 @@ def _plan_native(
     count = max(FRAME_FACTOR, ceiling - ceiling % FRAME_FACTOR)
     patches = count // FRAME_FACTOR
     least = budget.min_video_pixels
+    if budget.max_video_pixels:  # (Qwen3-VL's least and most are of all frames together)
+        least = min(-(-least // count), max(budget.max_video_pixels // count, side * side))
     min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_TOKENS, side, least)
     if budget.max_video_pixels:
         max_pixels = max(min(max_pixels, budget.max_video_pixels // count), side * side)

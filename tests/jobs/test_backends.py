@@ -151,6 +151,7 @@ def test_a_database_that_goes_away_is_unavailable_then_back() -> None:
             with pytest.raises(JobStoreUnavailable):
                 store.create("categories", {}, None)
             assert time.monotonic() - started < 30  # a prompt 503, not a hang
+            assert store.unreachable_since is not None  # (/health and the metrics say so)
             proxy.restore()
             deadline = time.monotonic() + 30
             while True:
@@ -160,9 +161,33 @@ def test_a_database_that_goes_away_is_unavailable_then_back() -> None:
                 except JobStoreUnavailable:
                     assert time.monotonic() < deadline, "the store did not reconnect"
                     time.sleep(0.2)
+            assert store.unreachable_since is None
         finally:
             store.close()
             proxy.close()
+
+
+def test_a_busy_database_is_not_an_unreachable_one() -> None:
+    """A statement cancelled (or a lost deadlock) is an error of that transaction, and a pool
+    whose connections are all in use times out: neither makes the store unreachable for
+    /health (a healthy database was reported down, and every call's wait cut short)."""
+    with fresh_database() as url:
+        store = PostgresJobStore(url)
+        try:
+            with pytest.raises(JobStoreUnavailable), store.transaction() as execute:
+                execute("SET LOCAL statement_timeout = 1", ())
+                execute("SELECT pg_sleep(1)", ())
+            assert store.unreachable_since is None
+            held = [store.pool.getconn() for _ in range(store.pool.max_size)]
+            try:
+                with pytest.raises(JobStoreUnavailable), store.transaction() as execute:
+                    execute("SELECT 1", ())
+            finally:
+                for connection in held:
+                    store.pool.putconn(connection)
+            assert store.unreachable_since is None
+        finally:
+            store.close()
 
 
 def test_a_nul_character_from_a_client_is_a_bad_request_on_postgres() -> None:

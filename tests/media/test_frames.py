@@ -39,6 +39,8 @@ BUDGETS = [
 ] + [  # the processors' least frame and image (the tiny checkpoint's: 128 and 4 tokens)
     TokenBudget(8192, 200, 1024, min_video_pixels=128 * 28 * 28, min_image_pixels=4 * 28 * 28),
     TokenBudget(4096, 50, 256, min_video_pixels=4 * 28 * 28, min_image_pixels=64 * 28 * 28),
+    # Qwen3-VL's video processor: its least and most are of all frames together
+    TokenBudget(8192, 200, 1024, max_video_pixels=786432, min_video_pixels=131072),
 ]
 REQUESTS = [FrameRequest(mode) for mode in ("native", "captions")] + [
     FrameRequest("native", fps=100, max_frames=10_000, max_pixels=10**9),  # greedy client
@@ -73,6 +75,10 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
     # (the processor refuses a frame past 200:1, and enlarges one under its least size)
     assert max(plan.width, plan.height) <= 200 * min(plan.width, plan.height)
     least = budget.min_video_pixels if request.mode == "native" else budget.min_image_pixels
+    if request.mode == "native" and budget.max_video_pixels:
+        least = min(-(-least // n), budget.max_video_pixels // n)
+        strip = max(plan.width, plan.height) > 4 * min(plan.width, plan.height)
+        assert strip or n * plan.width * plan.height <= budget.max_video_pixels
     assert plan.width * plan.height >= least
     used = budget.prompt_tokens + budget.max_tokens + VISION_WRAPPER_TOKENS + plan.video_tokens
     assert used <= budget.context_length
