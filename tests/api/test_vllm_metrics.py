@@ -188,3 +188,17 @@ def test_a_requests_most_generated_tokens_wait_for_its_last_choice() -> None:
         assert count == (1 if generated == 4 else 0)
     assert found[("vllm:request_max_num_generation_tokens_sum", ())] == 7
     assert found[("vllm:request_params_n_sum", ())] == 3
+
+
+def test_job_counts_unknown_are_nan_and_the_store_says_it_is_down() -> None:
+    """A replica that has not read the job store's counts (it started during an outage) says
+    NaN, not 0 jobs; vlm_job_store_up follows the store's reachability."""
+    from server.metrics import Metrics
+
+    metrics, up = Metrics("tiny"), [False]
+    metrics.watch_jobs(lambda: None, lambda: {"pending": 2}, lambda: up[0])
+    text = metrics.render().decode()
+    assert 'vlm_jobs{status="queued"} NaN' in text and "vlm_job_store_up 0.0" in text
+    assert 'vlm_webhook_deliveries{status="pending"} 2.0' in text
+    up[0] = True
+    assert "vlm_job_store_up 1.0" in metrics.render().decode()

@@ -317,3 +317,36 @@ async def test_jobs_are_listed_newest_first_in_pages(tiny_model_dir: Path, tmp_p
     assert all(j["status"] == "completed" for j in done["data"])
     assert bad.status_code == 400
     assert stale.status_code == 400 and stale.json()["error"]["param"] == "after"
+
+
+async def test_an_attempts_outcome_is_recorded_once_the_store_is_back(tmp_path: Path) -> None:
+    """The receiver has the webhook: its outcome is not dropped for a store outage (an ERROR
+    was logged, and the delivery, still pending, went out again), but written once the store
+    answers."""
+    from server.exceptions import JobStoreUnavailable
+    from server.jobs.webhooks import WebhookSender
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.create("categories", {"webhook_url": "http://h/"}, None)
+    claimed = store.claim(lease_s=60)
+    assert claimed is not None and store.complete(claimed, {})
+    (due,) = store.due_deliveries()
+    record, calls = store.record_attempt, []
+
+    def down_twice(*args: object) -> bool:
+        calls.append(args)
+        if len(calls) <= 2:
+            raise JobStoreUnavailable()
+        return record(*args)  # type: ignore[arg-type]
+
+    store.record_attempt = down_twice  # type: ignore[method-assign]
+    sender = WebhookSender(store, "whsec_" + "A" * 32, (5.0,), 5.0, ())
+    try:
+        await asyncio.wait_for(sender._record(due["id"], 1, "delivered", 0.0, 200, None), 10)
+    finally:
+        await sender.client.aclose()
+        store.close()
+    assert len(calls) == 3
+    reopened = JobStore(tmp_path / "jobs.sqlite3")
+    assert reopened.deliveries_of(claimed.id)[0]["status"] == "delivered"
+    reopened.close()

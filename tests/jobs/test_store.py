@@ -521,3 +521,16 @@ def test_a_conversation_is_locked_for_one_turn_at_a_time(open_store: OpenStore) 
     assert store.delete_conversation("conv_l", "p")  # (its lock goes with it)
     store.create_conversation("conv_l", {}, [], project="p")
     assert other.lock_conversation("conv_l", "p", "resp_d", lease_s=60) is True
+
+
+def test_a_retry_is_scheduled_by_the_stores_clock(store: JobStore) -> None:
+    """Every replica's retries go by the store's clock (the machines' own need not agree):
+    a delivery pending again is due retry_in_s after the store's now, not the sender's."""
+    store.create("categories", {"webhook_url": "http://h/"}, None)
+    claimed = store.claim(lease_s=60)
+    assert claimed is not None and store.complete(claimed, {})
+    (due,) = store.due_deliveries()
+    store.now = lambda: 1_000_000.0  # type: ignore[method-assign]  # (the store's clock)
+    assert store.record_attempt(due["id"], 1, "pending", 30.0, 500, None)
+    (delivery,) = store.deliveries_of(claimed.id)
+    assert delivery["next_attempt_at"] == 1_000_030.0
