@@ -19,6 +19,7 @@ from PIL import Image
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import (
     DEFAULT_TEMPLATE,
+    THINK_CLOSE,
     InputBuilder,
     ModelInputs,
     TemplateError,
@@ -56,7 +57,6 @@ from server.pipelines.messages import (
     to_hf_message,
 )
 from server.pipelines.reasoning import (
-    THINK_CLOSE,
     answer_start,
     count_reasoning_tokens,
     single_token_id,
@@ -197,8 +197,7 @@ class ChatPipeline:
         async with self.preprocessing:
             report(request.on_progress, STARTED)  # (a job's: an image's too, not only videos')
             request = replace(request, messages=await self.media.judged(request.messages))
-            try:
-                self.media.check_counts(request.messages)  # (as judged: videos too)
+            try:  # (judged checked the videos it made against their limit; images only fell)
                 images = await self.media.images(request.messages, budget)
                 run = await self._prepare(request, images, budget)
             finally:

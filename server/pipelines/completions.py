@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from server.engine.engine import AsyncEngine
-from server.engine.inputs import ModelInputs, Truncation
+from server.engine.inputs import THINK_CLOSE, THINK_OPEN, ModelInputs, Truncation
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
@@ -19,7 +19,7 @@ from server.pipelines.chat import compile_grammar
 from server.pipelines.choices import add_choices
 from server.pipelines.finish import raise_for_finish
 from server.pipelines.logprobs import TokenTexts
-from server.pipelines.reasoning import THINK_CLOSE, THINK_OPEN, single_token_id
+from server.pipelines.reasoning import single_token_id
 
 PARAM = "prompt"
 

@@ -13,8 +13,6 @@ from typing import Any
 
 from server.engine.inputs import THINK_CLOSE, THINK_OPEN
 
-__all__ = ["THINK_CLOSE", "THINK_OPEN"]  # (the pipelines' names for them)
-
 
 def split_reasoning(text: str) -> tuple[str, str]:
     """(reasoning, content) of a whole answer."""
