@@ -1091,18 +1091,21 @@ class MediaWishes:
 
     def _part(self, part: Part) -> Part:
         if isinstance(part, ImagePart):
-            return replace(part, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            video = None if part.or_video is None else self._frames(part.or_video)
+            pixels = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+            return replace(part, or_video=video, **pixels)
         if isinstance(part, VideoPart):
-            given = part.frames
-            frames = replace(
-                given,
-                fps=given.fps or self.fps,
-                max_frames=given.max_frames or self.num_frames,
-                min_pixels=given.min_pixels or self.min_pixels,
-                max_pixels=given.max_pixels or self.max_pixels,
-            )
-            return replace(part, frames=frames)
+            return replace(part, frames=self._frames(part.frames))
         return part
+
+    def _frames(self, given: FrameRequest) -> FrameRequest:
+        return replace(
+            given,
+            fps=given.fps or self.fps,
+            max_frames=given.max_frames or self.num_frames,
+            min_pixels=given.min_pixels or self.min_pixels,
+            max_pixels=given.max_pixels or self.max_pixels,
+        )
 
 
 def _pixels(processor: dict[str, Any], size: dict[str, Any], name: str, edge: str) -> int | None:
@@ -1642,7 +1645,7 @@ class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
                 return part
             kind = url_kind(part.url, part.param)  # (refuses the containers not read here)
             if not is_data_uri(part.url):
-                return replace(part, or_video=True)
+                return replace(part, or_video=FrameRequest())
             if kind == "video":
                 return VideoPart(part.url, FrameRequest(), part.param)
             return part

@@ -40,6 +40,7 @@ def is_data_uri(url: str) -> bool:
 
 CHUNK_SIZE = 64 * 1024
 T = TypeVar("T")
+Spend = Callable[[int], None]  # told of bytes as they arrive; raises to stop the fetch
 
 
 @dataclass(frozen=True)
@@ -132,26 +133,45 @@ class MediaFetcher:
         await self.client.aclose()
 
     async def fetch(
-        self, url: str, *, max_bytes: int, kind: str, param: str, spool_dir: Path | None = None
+        self,
+        url: str,
+        *,
+        max_bytes: int,
+        kind: str,
+        param: str,
+        spool_dir: Path | None = None,
+        spend: Spend | None = None,
     ) -> FetchedMedia:
         """kind is "image" or "video": the media type a data: URI must declare.
 
         With spool_dir, a download is written to a temporary file there instead of memory (the
         caller discards it), and a local file is handed over by path, not read: big videos never
-        sit in the server's memory."""
+        sit in the server's memory. spend(bytes) is told of the bytes as they arrive (it raises
+        to stop the fetch): several downloads at once stay within what they may take together."""
         if is_data_uri(url):
             # Decoding megabytes of base64 is CPU work: keep it off the event loop.
-            return await asyncio.to_thread(
+            fetched = await asyncio.to_thread(
                 decode_data_uri, url, max_bytes=max_bytes, kind=kind, param=param
             )
-        parsed = _parse(url, kind, param)
-        if parsed.scheme == "file":
-            return await self._fetch_file(
-                parsed, max_bytes=max_bytes, kind=kind, param=param, by_path=spool_dir is not None
-            )
-        return await self._download(
-            parsed, max_bytes=max_bytes, kind=kind, param=param, spool_dir=spool_dir
-        )
+        else:
+            parsed = _parse(url, kind, param)
+            if parsed.scheme == "file":
+                by_path = spool_dir is not None
+                fetched = await self._fetch_file(
+                    parsed, max_bytes=max_bytes, kind=kind, param=param, by_path=by_path
+                )
+            else:
+                return await self._download(
+                    parsed,
+                    max_bytes=max_bytes,
+                    kind=kind,
+                    param=param,
+                    spool_dir=spool_dir,
+                    spend=spend,
+                )
+        if spend is not None:
+            spend(fetched.size)
+        return fetched
 
     async def fetch_upload(
         self, file_id: str, *, max_bytes: int, kind: str, param: str
@@ -183,12 +203,20 @@ class MediaFetcher:
         return FetchedMedia(data, None, size=len(data))
 
     async def _download(
-        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, spool_dir: Path | None
+        self,
+        url: httpx.URL,
+        *,
+        max_bytes: int,
+        kind: str,
+        param: str,
+        spool_dir: Path | None,
+        spend: Spend | None,
     ) -> FetchedMedia:
+        cap = _Cap(max_bytes, kind, param, spend)
         if spool_dir is None:
 
             async def read(response: httpx.Response) -> FetchedMedia:
-                return await _read_capped(response, max_bytes, kind, param)
+                return await _read_capped(response, cap)
 
             fetch = self._fetch_http(url, kind=kind, param=param, read=read)
             return await self._within_deadline(fetch, kind, param)
@@ -196,7 +224,7 @@ class MediaFetcher:
         with tempfile.NamedTemporaryFile(dir=spool_dir, suffix=f".{kind}", delete=False) as sink:
 
             async def spool(response: httpx.Response) -> FetchedMedia:
-                return await _read_capped(response, max_bytes, kind, param, sink)
+                return await _read_capped(response, cap, sink)
 
             try:
                 fetch = self._fetch_http(url, kind=kind, param=param, read=spool)
@@ -349,19 +377,36 @@ def _check_status(response: httpx.Response, kind: str, param: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Cap:
+    """What one download may take: max_bytes of its own, and what spend (shared with the
+    request's other downloads) allows."""
+
+    max_bytes: int
+    kind: str
+    param: str
+    spend: Spend | None = None
+
+    def take(self, total: int, num_bytes: int) -> None:
+        if total > self.max_bytes:
+            raise too_large(self.kind, self.max_bytes, self.param)
+        if self.spend is not None:
+            self.spend(num_bytes)
+
+
 async def _read_capped(
-    response: httpx.Response, max_bytes: int, kind: str, param: str, sink: BinaryIO | None = None
+    response: httpx.Response, cap: _Cap, sink: BinaryIO | None = None
 ) -> FetchedMedia:
+    kind, param = cap.kind, cap.param
     _check_status(response, kind, param)
     declared = response.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise too_large(kind, max_bytes, param)
+    if declared and declared.isdigit() and int(declared) > cap.max_bytes:
+        raise too_large(kind, cap.max_bytes, param)
     chunks, total = [], 0
     with _body_errors(kind, param):
         async for chunk in response.aiter_bytes(CHUNK_SIZE):
             total += len(chunk)
-            if total > max_bytes:
-                raise too_large(kind, max_bytes, param)
+            cap.take(total, len(chunk))
             if sink is None:
                 chunks.append(chunk)
             else:

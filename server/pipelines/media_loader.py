@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +17,7 @@ from PIL import Image
 from server.config import MediaLimits
 from server.exceptions import InvalidRequest, MediaError
 from server.media.decode_memory import DecodeMemory
-from server.media.fetch import FetchedMedia, MediaFetcher, is_data_uri, too_large
+from server.media.fetch import FetchedMedia, MediaFetcher, Spend, is_data_uri, too_large
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import (
     IMAGE_FORMATS,
@@ -34,6 +35,9 @@ from server.metrics import Metrics
 from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of, with_parts
 
 T = TypeVar("T")
+# /v2 image_url downloads judged at once (each may be a video): a sixteen-image request is not
+# sixteen downloads in a row, and the request's byte allowance bounds what they take together.
+JUDGED_AT_ONCE = 4
 
 
 class MediaBudget:
@@ -140,13 +144,18 @@ class MediaLoader:
         size = await asyncio.to_thread(header_size, fetched.data)
         return await self._decode(part, fetched.data, size)
 
-    async def fetch_unknown(self, url: str, param: str) -> FetchedMedia:
+    async def fetch_unknown(self, url: str, param: str, spend: Spend | None = None) -> FetchedMedia:
         """Media whose URL names neither an image nor a video (a signed link, a file named
         `clip`), downloaded once (spooled, up to the larger limit): the caller judges it by
         its first bytes, then reads it with fetched_image or video (and discards it)."""
         max_bytes = max(self.limits.max_video_bytes, self.limits.max_image_bytes)
         return await self.fetcher.fetch(
-            url, max_bytes=max_bytes, kind="media", param=param, spool_dir=self.spool_dir
+            url,
+            max_bytes=max_bytes,
+            kind="media",
+            param=param,
+            spool_dir=self.spool_dir,
+            spend=spend,
         )
 
     async def fetched_image(
@@ -162,38 +171,41 @@ class MediaLoader:
 
     async def judged(self, messages: list[ChatMessage]) -> list[ChatMessage]:
         """The image parts that may be videos (or_video: the Animus contract's image_url),
-        downloaded once and judged by their first bytes: an image, or else a video. One at a
-        time, within the request's media bytes and video count (each download may be a
-        video's size: sixteen at once were gigabytes before any limit was looked at). Each
-        carries its download (fetched), which reading it discards; forget discards those an
-        error left unread, and an error (a cancel too) here those downloaded so far."""
-        parts = [part for part in parts_of(messages, ImagePart) if part.or_video]
+        downloaded once and judged by their first bytes: an image, or else a video. A few at a
+        time, the request's media bytes charged as they arrive (each download may be a
+        video's size: sixteen unchecked were gigabytes) and its video count checked as each
+        is judged. Each carries its download (fetched), which reading it discards; forget
+        discards those an error left unread, and an error (a cancel too) here those
+        downloaded so far."""
+        parts = [part for part in parts_of(messages, ImagePart) if part.or_video is not None]
         if not parts:
             return messages
         allowance = MediaBudget(self.limits.max_media_bytes_per_request)
         num_videos = len(parts_of(messages, VideoPart))
-        judged: dict[int, ImagePart | VideoPart] = {}
         downloads: list[FetchedMedia] = []
+        at_once = asyncio.Semaphore(JUDGED_AT_ONCE)
+
+        async def judge(part: ImagePart, frames: FrameRequest) -> ImagePart | VideoPart:
+            nonlocal num_videos
+            async with at_once:
+                spend = partial(allowance.spend, param=part.param)
+                media = await self.fetch_unknown(part.url, part.param, spend)
+                downloads.append(media)  # (before any await: a cancel cannot lose it)
+            head = await asyncio.to_thread(media.head, part.param)
+            if looks_like_image(head):
+                return replace(part, or_video=None, fetched=media)
+            num_videos += 1
+            _check_count(num_videos, "videos", self.limits.max_videos_per_request)
+            return VideoPart(part.url, frames, part.param, not looks_like_video(head), media)
+
         try:
-            for part in parts:
-                media = await self.fetch_unknown(part.url, part.param)
-                downloads.append(media)
-                allowance.spend(media.size, part.param)
-                head = await asyncio.to_thread(media.head, part.param)
-                if looks_like_image(head):
-                    judged[id(part)] = replace(part, or_video=False, fetched=media)
-                    continue
-                num_videos += 1
-                _check_count(num_videos, "videos", self.limits.max_videos_per_request)
-                frames = FrameRequest(min_pixels=part.min_pixels, max_pixels=part.max_pixels)
-                judged[id(part)] = VideoPart(
-                    part.url, frames, part.param, not looks_like_video(head), media
-                )
+            judged = await _in_order([judge(part, part.or_video) for part in parts])
         except BaseException:
             for media in downloads:
                 media.discard()
             raise
-        return with_parts(messages, lambda part: judged.get(id(part), part))
+        by_part = {id(part): made for part, made in zip(parts, judged, strict=True)}
+        return with_parts(messages, lambda part: by_part.get(id(part), part))
 
     @staticmethod
     def forget(messages: list[ChatMessage]) -> None:

@@ -26,8 +26,9 @@ class ImagePart:
     min_pixels: int | None = None
     max_pixels: int | None = None
     # The Animus contract sends videos as image_url parts too: its bytes decide (MediaLoader.
-    # judged), which downloads it once, here to be read.
-    or_video: bool = False
+    # judged), which downloads it once, here to be read. Set: the frames it is read with if
+    # it is a video (the request's fps / num_frames / pixel wishes).
+    or_video: FrameRequest | None = None
     fetched: FetchedMedia | None = field(default=None, compare=False)
 
 

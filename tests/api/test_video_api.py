@@ -383,47 +383,90 @@ async def test_an_animus_client_sends_its_video_as_an_image_url_part(
 def hanging_at(url: str, fetch: Any, reached: asyncio.Event) -> Any:
     """fetch, except that the download of `url` hangs (once reached is set)."""
 
-    async def fetch_or_hang(fetched_url: str, param: str) -> Any:
+    async def fetch_or_hang(fetched_url: str, *args: Any) -> Any:
         if fetched_url == url:
             reached.set()
             await asyncio.Event().wait()
-        return await fetch(fetched_url, param)
+        return await fetch(fetched_url, *args)
 
     return fetch_or_hang
 
 
-async def test_image_url_parts_judged_one_at_a_time_within_the_limits(
+async def test_image_url_parts_judged_a_few_at_a_time_within_the_limits(
     tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
 ) -> None:
-    """Every /v2 image_url URL may be a video, so each is downloaded at a video's size: one
-    at a time, the request's video count checked as each is judged (the second video is the
-    400, the third never downloaded); a request cancelled while it judges (its client gone)
-    leaves none of its downloads in the spool."""
-    settings = make_settings(tiny_model_dir, data_dir=tmp_path / "data", default_max_tokens=4)
-    video = make_video(seconds=1)
-    urls = [media_server.add(f"/v{i}", video, "application/octet-stream") for i in range(3)]
-    content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+    """Every /v2 image_url URL may be a video, so each is downloaded at a video's size: a few
+    at once (a hung one does not hold the others back), the request's bytes charged as they
+    arrive (three images over the request's allowance are a 400 however they interleave) and
+    its video count checked as each is judged; an error or a request cancelled while it
+    judges (its client gone) leaves none of its downloads in the spool."""
+    image, video = make_image(320, 240), make_video(seconds=1)
+    assert len(image) > len(video)  # (two videos or two images fit the allowance, not three)
+    settings = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        default_max_tokens=4,
+        max_media_bytes_per_request=len(image) * 5 // 2,
+    )
+    videos = [media_server.add(f"/v{i}", video, "application/octet-stream") for i in range(3)]
+    images = [media_server.add(f"/i{i}", image, "application/octet-stream") for i in range(3)]
+
+    def body(urls: list[str]) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        return {"model": "tiny", "messages": [{"role": "user", "content": content}]}
 
     def spooled() -> list[Path]:
         files = (settings.data_dir / "spool").rglob("*")
         return [p for p in files if p.is_file() and p.name != ".lock"]
 
     async for client in start_client(settings):
-        before = len(media_server.requested)
-        response = await client.post("/v2/media/completions", json=body)
+        response = await client.post("/v2/media/completions", json=body(videos))
         assert_error(response, 400, "messages", "too_many_videos")
-        assert len(media_server.requested) - before == 2 and not spooled()
+        assert not spooled()
+        response = await client.post("/v2/media/completions", json=body(images))
+        assert_error(response, 400, None, "media_budget_exceeded")
+        assert not spooled()
+        response = await client.post("/v2/media/completions", json=body(images[:2]))
+        assert response.status_code == 200, response.text
         media = client.app.state.services.chat.media  # type: ignore[attr-defined]
         stalled = asyncio.Event()
-        media.fetch_unknown = hanging_at(urls[1], media.fetch_unknown, stalled)
+        media.fetch_unknown = hanging_at(videos[0], media.fetch_unknown, stalled)
         from server.api.protocol import MediaCompletionRequest
 
-        messages = MediaCompletionRequest.model_validate(body).to_messages()
-        judging = asyncio.ensure_future(media.judged(messages))
+        messages = MediaCompletionRequest.model_validate(body([videos[0], *images[:2]]))
+        judging = asyncio.ensure_future(media.judged(messages.to_messages()))
         await stalled.wait()
-        assert spooled()  # (the first one, downloaded)
+        for _ in range(200):  # (the two images, downloaded while the video hangs)
+            if len(spooled()) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(spooled()) == 2
         judging.cancel()
         with pytest.raises(asyncio.CancelledError):
             await judging
         assert not spooled()
+
+
+async def test_media_options_reach_a_video_sent_as_an_image_url_part(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """vLLM's media_io_kwargs / mm_processor_kwargs video options apply to a /v2 image_url
+    part its bytes make a video, as to a video_url part (they were dropped: only the pixel
+    range reached it)."""
+    settings = make_settings(
+        tiny_model_dir, data_dir=tmp_path / "data", caption_tokens=2, default_max_tokens=2
+    )
+    url = media_server.add("/signed/clip", make_video(seconds=4), "application/octet-stream")
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+    async for client in start_client(settings):
+        counts = []
+        for options in (
+            {},
+            {"media_io_kwargs": {"video": {"num_frames": 2}}},
+            {"mm_processor_kwargs": {"fps": 0.5}},
+        ):
+            response = await client.post("/v2/media/completions", json={**body, **options})
+            assert response.status_code == 200, response.text
+            counts.append(len(response.json()["frames"]))
+        assert counts == [8, 2, 2], counts
