@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.jobs.project import of_key
+from server.media.netguard import bracketed
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -343,24 +344,40 @@ HOST_NAME = re.compile(r"[\w.-]+")
 ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[^/\s:@\[\]]+)(:\d{1,5})?")
 
 
-def _host_as_matched(host: str) -> str:
+def _host_as_matched(entry: str) -> str:
     """An --allowed-media-domains entry as the URL check compares hosts: an IPv6 address
-    without brackets, a name in lower-case ASCII (an international one as punycode)."""
-    bare = host.strip().removeprefix("[").removesuffix("]")
+    without brackets, a name in lower-case ASCII (an international one as punycode); with a
+    port, host:port ([address]:port for IPv6)."""
+    host, port = _host_and_port(entry.strip())
+    bare = host.removeprefix("[").removesuffix("]")
     try:
-        return str(ipaddress.ip_address(bare))
+        name = str(ipaddress.ip_address(bare))
     except ValueError:
-        pass
-    try:
-        name = bare.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        name = ""
-    if not HOST_NAME.fullmatch(name):
-        raise ValueError(
-            f"{host!r} is not a host name or address: give hosts without scheme, port or "
-            "path (media.example.com, 10.0.0.5, [fd00::5])"
-        )
-    return name
+        try:
+            name = bare.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            name = ""
+        if not HOST_NAME.fullmatch(name) or (port is not None and not port.isdigit()):
+            raise ValueError(
+                f"{entry!r} is not a host name or address, with a port or without: no scheme "
+                "or path (media.example.com, 10.0.0.5, [fd00::5], media.internal:8080)"
+            ) from None
+    if port is None:
+        return name
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+    return f"{bracketed(name)}:{int(port)}"
+
+
+def _host_and_port(entry: str) -> tuple[str, str | None]:
+    """'[fd00::5]:8080' and 'host:8080' have a port; a bare IPv6 address has colons, no port."""
+    if entry.startswith("[") and "]:" in entry:
+        host, port = entry.rsplit(":", 1)
+        return host, port
+    if entry.count(":") == 1:
+        host, port = entry.split(":")
+        return host, port
+    return entry, None
 
 
 def key_and_project(entry: str) -> tuple[str, str]:

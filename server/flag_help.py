@@ -167,7 +167,8 @@ HELP = {
     "media_fetch_timeout": "For the whole download of one media URL.",
     "allowed_media_domains": "An allow-list for media and webhook URLs (repeatable or "
     "comma-separated): once set, only these hosts, which may be private (an internal media "
-    "store); every other host, public ones included, is refused.",
+    "store); every other host, public ones included, is refused. An entry with a port "
+    "(media.internal:8080, [fd00::5]:8080) allows that port of the host only.",
     "allowed_local_media_path": "Serve file:// media URLs from below this directory (off when "
     "not set).",
     "media_follow_redirects": "Follow media URL redirects, each hop checked again.",

@@ -41,6 +41,7 @@ from server.media.netguard import (
     HostUnresolved,
     check_url_statically,
     checked_request,
+    default_port,
     resolve_checked,
 )
 
@@ -139,7 +140,7 @@ class WebhookSender:
         may answer by the time the job ends."""
         check_url_statically(url, self.allowed_hosts)
         parsed = httpx.URL(url)
-        port = parsed.port if parsed.port is not None else 443 if parsed.scheme == "https" else 80
+        port = default_port(parsed)
         host = parsed.raw_host.decode("ascii")
         # A slow resolver does not hold the request: the delivery checks the address again.
         with contextlib.suppress(HostUnresolved, TimeoutError):

@@ -5,8 +5,9 @@ private, link-local, CGNAT, multicast, reserved or unspecified, also when hidden
 form: IPv4-mapped, 6to4, Teredo, NAT64), and the fetch then connects to the address that was
 checked, so a second DNS answer cannot send it elsewhere. Numeric spellings such as 2130706433 or
 0x7f000001 resolve to 127.0.0.1 and are refused like it. Hosts the operator lists in
---allowed-media-domains skip the address check: that is how an internal media store is allowed.
-The same rules guard webhook URLs.
+--allowed-media-domains skip the address check: that is how an internal media store is allowed
+(an entry with a port, `media.internal:8080`, allows that port of the host only: an allowed
+internal host's other services stay out of reach). The same rules guard webhook URLs.
 """
 
 from __future__ import annotations
@@ -63,8 +64,25 @@ def is_public(ip: IPAddress) -> bool:
     return ip.is_global
 
 
-def host_is_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
-    return host.lower().rstrip(".") in {h.lower().rstrip(".") for h in allowed_hosts}
+def host_is_allowed(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
+    """Listed as a host (any port), or as host:port (an IPv6 address in brackets)."""
+    name = host.lower().rstrip(".").removeprefix("[").removesuffix("]")
+    entries = {entry.lower().rstrip(".") for entry in allowed_hosts}
+    return name in entries or f"{bracketed(name)}:{port}" in entries
+
+
+def bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def default_port(url: httpx.URL) -> int:
+    return url.port if url.port is not None else 443 if url.scheme == "https" else 80
+
+
+def _not_listed(host: str, port: int, allowed_hosts: tuple[str, ...]) -> AddressRefused:
+    ports = [e for e in allowed_hosts if e.lower().startswith(f"{bracketed(host.lower())}:")]
+    where = f"port {port} of the host {host}" if ports else f"the host {host}"
+    return AddressRefused(f"{where} is not in the server's allow-list{ALLOW_HINT}")
 
 
 def check_url_statically(url: str, allowed_hosts: tuple[str, ...]) -> None:
@@ -80,9 +98,9 @@ def check_url_statically(url: str, allowed_hosts: tuple[str, ...]) -> None:
     host = parsed.raw_host.decode("ascii")
     if not host:
         raise AddressRefused("the URL has no host")
-    listed = host_is_allowed(host, allowed_hosts)
+    listed = host_is_allowed(host, default_port(parsed), allowed_hosts)
     if allowed_hosts and not listed:
-        raise AddressRefused(f"the host {host} is not in the server's allow-list{ALLOW_HINT}")
+        raise _not_listed(host, default_port(parsed), allowed_hosts)
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -96,9 +114,9 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
 
     With an allow-list, only listed hosts pass (whatever they resolve to); without one, any host
     whose every address is public."""
-    listed = host_is_allowed(host, allowed_hosts)
+    listed = host_is_allowed(host, port, allowed_hosts)
     if allowed_hosts and not listed:
-        raise AddressRefused(f"the host {host} is not in the server's allow-list{ALLOW_HINT}")
+        raise _not_listed(host, port, allowed_hosts)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except UnicodeError:  # (a label past 63 characters, an empty one: no DNS name at all)
@@ -127,7 +145,7 @@ async def checked_request(
     if url.scheme not in ("http", "https"):
         raise AddressRefused(f"the scheme {url.scheme or '(none)'} is not http(s)")
     host = url.raw_host.decode("ascii")
-    port = url.port or (443 if url.scheme == "https" else 80)
+    port = default_port(url)
     address = await resolve_checked(host, port, allowed_hosts)
     headers = {**kwargs.pop("headers", {}), "Host": url.netloc.decode("ascii")}
     extensions = {"sni_hostname": host} if url.scheme == "https" else {}

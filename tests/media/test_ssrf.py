@@ -108,6 +108,26 @@ async def test_allow_list_admits_a_private_host_and_only_it(
         await fetch(f"http://localhost:{port}/secret.png", allowed_hosts=("127.0.0.1",))
 
 
+async def test_an_allow_list_entry_with_a_port_allows_that_port_only(
+    secret_url: str, media_server: MediaServer
+) -> None:
+    """An operator who allows an internal media store's port does not open the host's other
+    services (a database, an admin page) to media URLs."""
+    port = port_of(secret_url)
+    allowed = (f"127.0.0.1:{port}",)
+    assert await fetch(secret_url, allowed_hosts=allowed) == SECRET
+    before = len(media_server.requested)
+    with pytest.raises(MediaError, match=f"port {port + 1} of the host 127.0.0.1 is not in"):
+        await fetch(f"http://127.0.0.1:{port + 1}/secret.png", allowed_hosts=allowed)
+    with pytest.raises(MediaError, match="the host localhost is not in"):
+        await fetch(f"http://localhost:{port}/secret.png", allowed_hosts=allowed)
+    assert len(media_server.requested) == before
+    # A redirect to another port of the allowed host is checked against the port too
+    media_server.redirects["/hop3.png"] = f"http://127.0.0.1:{port + 1}/secret.png"
+    with pytest.raises(MediaError, match="not in the server's allow-list"):
+        await fetch(media_server.url("/hop3.png"), allowed_hosts=allowed, follow_redirects=True)
+
+
 async def test_redirects_are_refused_by_default_and_rechecked_when_followed(
     secret_url: str, media_server: MediaServer
 ) -> None:

@@ -55,14 +55,27 @@ def test_bad_flag_values_are_refused() -> None:
     # lists that would match nothing, silently: a URL where a host goes, an origin with a path
     for flag, value, words in (
         ("--allowed-media-domains", "http://media.example.com/x", "is not a host name"),
+        ("--allowed-media-domains", "media.example.com:0", "the port must be"),
+        ("--allowed-media-domains", "media.example.com:http", "is not a host name"),
+        ("--allowed-media-domains", "10.0.0.5:99999", "the port must be"),
         ("--allowed-origins", "notaurl", "is not a web origin"),
         ("--allowed-origins", "https://app.example.com/", "is not a web origin"),
     ):
         with pytest.raises(ValueError, match=words):
             settings_from_args(build_parser().parse_args(["serve", flag, value]))
-    fine = ["--allowed-media-domains", "media.example.com,10.0.0.5,media_store"]
+    hosts = "Media.Example.com,10.0.0.5,media_store,fd00::5,Store.internal:8080,[FD00::5]:0443"
+    fine = ["--allowed-media-domains", hosts, "--allowed-media-domains", "10.0.0.6:80"]
     fine += ["--allowed-origins", "http://localhost:3000", "--allowed-origins", "*"]
-    settings_from_args(build_parser().parse_args(["serve", *fine]))
+    settings = settings_from_args(build_parser().parse_args(["serve", *fine]))
+    assert settings.allowed_media_domains == [
+        "media.example.com",
+        "10.0.0.5",
+        "media_store",
+        "fd00::5",
+        "store.internal:8080",
+        "[fd00::5]:443",
+        "10.0.0.6:80",
+    ]
 
 
 def test_make_tiny_model(tmp_path: Path) -> None:
