@@ -356,14 +356,16 @@ Turns = BeforeValidator(_bounded_turns)
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
 
 
-def _json_object_text(value: str) -> str:
+def _call_arguments(value: str) -> str:
+    """A call's arguments as OpenAI takes them back: any text. A model cut short (max_tokens)
+    leaves them unfinished, and frameworks send such a call back in the history as it was:
+    refusing it stuck their agent loops for good. JSON that escapes a lone surrogate is still
+    refused (valid JSON, but no text a tokenizer reads)."""
     try:
         parsed = json.loads(value)
     except (ValueError, RecursionError):
-        raise ValueError("arguments must be JSON text of an object") from None
-    if not isinstance(parsed, dict):
-        raise ValueError("arguments must be JSON text of an object")
-    try:  # an escaped lone surrogate ("\\ud800") is valid JSON but no text a tokenizer reads
+        return value  # (written into the prompt as sent)
+    try:
         json.dumps(parsed, ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise ValueError(
@@ -372,15 +374,16 @@ def _json_object_text(value: str) -> str:
     return value
 
 
-# A call's arguments, as OpenAI sends them: JSON text of an object.
-JsonObjectText = Annotated[str, AfterValidator(_json_object_text)]
+# A call's arguments, as OpenAI sends them: JSON text of an object (or what a model cut short
+# wrote of it).
+CallArguments = Annotated[str, AfterValidator(_call_arguments)]
 # vLLM's request priority: under --scheduling-policy priority, lower values are served first
 Priority = Annotated[int, Field(ge=-(2**31), lt=2**31)]
 
 
 class FunctionCallParam(PartModel):
     name: str = Field(min_length=1)
-    arguments: JsonObjectText
+    arguments: CallArguments
 
 
 class ToolCallParam(PartModel):
@@ -997,13 +1000,6 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
         definitions = tuple(t.model_dump(exclude_none=True) for t in tools_here)
         tools = Tools(definitions, choice, self.parallel_tool_calls is not False)
         _check_strict(self.tools, tools)
-        if tools.is_forced and self.to_structured() is not None:
-            raise InvalidRequest(
-                f"{self.structured_param()} cannot be combined with a named or required "
-                "tool_choice: the answer is the tool call.",
-                param=self.structured_param(),
-                code="invalid_value",
-            )
         return tools
 
     def to_video_mode(
@@ -1015,6 +1011,9 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
         structured = self.to_structured()
         tools = self.to_tools()
         if tools is not None and tools.is_forced:
+            # The answer is the call: its grammar wins over a response_format beside it (sent
+            # on purpose by clients that mirror the tool's schema there, as instructor does;
+            # OpenAI takes the pair), which shapes text no forced answer has.
             structured = tools.grammar()
         max_tokens = self.max_completion_tokens or self.max_tokens
         params = sampling_params(self, defaults, max_tokens, structured)

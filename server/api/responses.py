@@ -30,9 +30,9 @@ from server.api.errors import SERVER_ERROR
 from server.api.protocol import (
     MAX_CACHE_SALT,
     SCHEMA_NAME,
+    CallArguments,
     ChatCompletionTokenLogprob,
     ContentPart,
-    JsonObjectText,
     PartModel,
     Priority,
     ReasoningEffort,
@@ -67,7 +67,7 @@ class FunctionCallItem(PartModel):
     type: Literal["function_call"]
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
-    arguments: JsonObjectText  # a call cut off by max_output_tokens cannot be sent back
+    arguments: CallArguments  # (one cut off by max_output_tokens is sent back as it is)
 
 
 class FunctionCallOutputItem(PartModel):
@@ -356,17 +356,18 @@ class ResponsesRequest(StrictModel):
         self._history_ids = [item.get("id") for item in items]
         try:
             self._history = HISTORY.validate_python(items)
-        except ValidationError as exc:
-            bad = items[exc.errors()[0]["loc"][0]].get("id")  # type: ignore[index]
+        except ValidationError as exc:  # (a model's call whose JSON escapes a lone surrogate)
+            error = exc.errors()[0]
+            bad = items[error["loc"][0]].get("id")  # type: ignore[index]
             way_on = (
                 f"delete that item from the conversation (DELETE .../items/{bad})"
                 if self.conversation is not None
-                else "send the conversation as input, with that call complete"
+                else "send the conversation as input, without that item"
             )
+            why = str(error["msg"]).removeprefix("Value error, ")
             raise InvalidRequest(
                 f"The conversation of {self.history_field} cannot be read back as input: its "
-                f"item {bad} is a function call cut off by max_output_tokens (its arguments "
-                f"are not a whole JSON object). To go on, {way_on}.",
+                f"item {bad} cannot be read ({why}). To go on, {way_on}.",
                 param=self.history_field,
                 code="invalid_value",
             ) from None

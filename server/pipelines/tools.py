@@ -180,8 +180,12 @@ def _is_tool_turn(message: ChatMessage) -> bool:
 
 
 def _call_text(call: ToolCall) -> str:
-    # Qwen's template: '{"name": "' + name + '", "arguments": ' + arguments | tojson + '}'
-    arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)
+    # Qwen's template: '{"name": "' + name + '", "arguments": ' + arguments | tojson + '}';
+    # arguments that are not JSON (a call cut short) as they were written, as Qwen3's does
+    try:
+        arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        arguments = call.arguments
     return f'<tool_call>\n{{"name": "{call.name}", "arguments": {arguments}}}\n</tool_call>'
 
 

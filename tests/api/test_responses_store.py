@@ -328,7 +328,7 @@ async def test_a_streamed_background_response_arrives_as_it_runs(tiny_model_dir:
     the response runs; the client that hangs up does not stop it (it is in the background),
     and a cancel ends the streams that follow it."""
     body = {"model": "tiny", "input": "Tell me everything.", "stream": True, "background": True}
-    body |= {"max_output_tokens": 3000, "temperature": 0}
+    body |= {"max_output_tokens": 8000, "temperature": 0}  # (longer than the test: ~8 s)
 
     async def first_events(client: httpx.AsyncClient, how_many: int, **extra: object) -> list:
         seen = []
@@ -496,10 +496,11 @@ async def test_a_queued_background_response_is_cancelled_and_kept_so(
 
 
 async def test_a_conversation_that_cannot_be_read_back_is_a_400(
-    sdk: openai.AsyncOpenAI,
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient
 ) -> None:
-    """A function call cut off by max_output_tokens is not a call the next turn can answer;
-    an image of an earlier turn deleted since is that turn's (previous_response_id's)."""
+    """A function call cut off by max_output_tokens is a call the next turn answers (OpenAI
+    takes it); a stored call that cannot be read as input (its JSON escapes a lone surrogate)
+    is previous_response_id's 400, as is an image of an earlier turn deleted since."""
     cut = await sdk.responses.create(
         input="Weather?",
         tools=[WEATHER],
@@ -507,14 +508,21 @@ async def test_a_conversation_that_cannot_be_read_back_is_a_400(
         **GREEDY | {"max_output_tokens": 3},
     )
     assert cut.status == "incomplete"
+    output = {"type": "function_call_output", "call_id": cut.output[0].call_id, "output": "x"}
+    answered = await sdk.responses.create(previous_response_id=cut.id, input=[output], **GREEDY)
+    assert answered.status in ("completed", "incomplete")
+    jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
+    stored = cut.model_dump(exclude_none=True)
+    stored["output"][0]["arguments"] = '{"city": "\\ud800"}'
+    jobs.save_response({**stored, "id": "resp_unreadable"}, [], project="")
     for call in (
-        sdk.responses.create(previous_response_id=cut.id, input="go on", **GREEDY),
-        sdk.responses.input_tokens.count(previous_response_id=cut.id, input="go on"),
+        sdk.responses.create(previous_response_id="resp_unreadable", input="go on", **GREEDY),
+        sdk.responses.input_tokens.count(previous_response_id="resp_unreadable", input="go on"),
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             await call
         assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
-        assert "cut off" in refused.value.body["message"]  # type: ignore[index]
+        assert "lone surrogate" in refused.value.body["message"]  # type: ignore[index]
     image = await sdk.files.create(file=("a.png", make_image(32, 32, fmt="PNG")), purpose="vision")
     part = {"type": "input_image", "file_id": image.id}
     seen = await sdk.responses.create(input=[{"role": "user", "content": [part]}], **GREEDY)
@@ -562,7 +570,7 @@ async def test_a_streamed_response_is_seen_while_it_streams(
     hangs up leaves it cancelled, not in_progress."""
     monkeypatch.setattr(response_store, "STREAM_LEASE_S", 1.0)
     body = {"model": "tiny", "input": "Tell me everything.", "stream": True}
-    body |= {"max_output_tokens": 3000, "temperature": 0}
+    body |= {"max_output_tokens": 8000, "temperature": 0}  # (longer than the test: ~8 s)
     with serve_in_thread(make_settings(tiny_model_dir)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             async with client.stream("POST", "/v1/responses", json=body) as stream:

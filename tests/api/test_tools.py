@@ -104,6 +104,45 @@ async def test_named_tool_choice_streamed_as_the_sdk_accumulates(sdk: openai.Asy
     check_weather(call.function.arguments)
 
 
+async def test_a_forced_call_beside_a_response_format_is_the_call(
+    client: httpx.AsyncClient,
+) -> None:
+    """instructor's Responses modes force the tool and mirror its schema in the text format
+    (OpenAI takes the pair; it was a 400 here): the answer is the call, on both APIs."""
+    schema = WEATHER["function"]["parameters"]
+    json_schema = {"name": "get_weather", "schema": schema, "strict": True}
+    for choice in (NAMED, "required"):
+        body = {
+            "model": "tiny",
+            "messages": MESSAGES,
+            "tools": [WEATHER],
+            "tool_choice": choice,
+            "response_format": {"type": "json_schema", "json_schema": json_schema},
+            "max_tokens": 200,
+            "seed": 4,
+        }
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        calls = response.json()["choices"][0]["message"]["tool_calls"]
+        assert calls and all(call["function"]["name"] == "get_weather" for call in calls)
+        for call in calls:
+            check_weather(call["function"]["arguments"])
+    function = {"type": "function", **WEATHER["function"], "strict": True}
+    body = {
+        "model": "tiny",
+        "input": "What is the weather in Oslo?",
+        "tools": [function],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "text": {"format": {"type": "json_schema", **json_schema}},
+        "max_output_tokens": 200,
+    }
+    response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    (call,) = [item for item in response.json()["output"] if item["type"] == "function_call"]
+    assert call["name"] == "get_weather"
+    check_weather(call["arguments"])
+
+
 async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
     for stream in (False, True):
         body = {
@@ -168,14 +207,6 @@ async def test_tool_calls_and_results_in_the_history(sdk: openai.AsyncOpenAI) ->
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
             "tool_choice.function.name",
         ),
-        (
-            {
-                "tools": [WEATHER],
-                "tool_choice": "required",
-                "response_format": {"type": "json_object"},
-            },
-            "response_format",
-        ),
         ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
         (
             {
@@ -208,11 +239,41 @@ async def test_refusals_name_the_field(sdk: openai.AsyncOpenAI, extra: dict, par
     assert refused.value.body["param"] == param
 
 
+async def test_a_call_cut_short_in_the_history_is_taken_back_as_written(
+    client: httpx.AsyncClient,
+) -> None:
+    """A model cut short by max_tokens leaves a call's arguments unfinished; frameworks send
+    it back in the next turn as it was (LangChain's invalid_tool_calls, a Responses item of
+    status incomplete), and OpenAI takes it: a 400 there stuck their agent loops for good.
+    Written into the prompt as it was; JSON arguments as Qwen's template writes them."""
+    cut = '{"city": "],.,;'
+    for arguments, written in ((cut, cut), ('{"city":"Oslo"}', '{"city": "Oslo"}')):
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        messages = [
+            *MESSAGES,
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c", "content": "sunny"},
+        ]
+        body = {"model": "tiny", "messages": messages, "max_tokens": 2}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        tokens = await client.post("/tokenize", json={"model": "tiny", "messages": messages})
+        assert tokens.status_code == 200, tokens.text
+        text = await client.post("/detokenize", json={"tokens": tokens.json()["tokens"]})
+        assert f'"arguments": {written}}}' in text.json()["prompt"]
+    item = {"type": "function_call", "call_id": "c", "name": "f", "arguments": cut}
+    item["status"] = "incomplete"
+    result = {"type": "function_call_output", "call_id": "c", "output": "sunny"}
+    body = {"model": "tiny", "input": [item, result], "max_output_tokens": 2}
+    response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+
+
 async def test_bad_history_names_the_field(client: httpx.AsyncClient) -> None:
-    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}
-    bad_arguments = [*MESSAGES, {"role": "assistant", "tool_calls": [call]}]
-    good = {**call, "function": {"name": "f", "arguments": "{}"}}
-    tool_calls_on_user = [{"role": "user", "content": "hi", "tool_calls": [good]}]
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    surrogate = {**call, "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}
+    bad_arguments = [*MESSAGES, {"role": "assistant", "tool_calls": [surrogate]}]
+    tool_calls_on_user = [{"role": "user", "content": "hi", "tool_calls": [call]}]
     for messages, param in (
         (bad_arguments, "messages[1].tool_calls[0].function.arguments"),
         (tool_calls_on_user, "messages[0]"),
