@@ -22,8 +22,8 @@ from server.api.middleware import (
     DrainMiddleware,
     HeadMiddleware,
     JsonBodyMiddleware,
+    PathMiddleware,
     RequestIdMiddleware,
-    TrailingSlashMiddleware,
     internal,
 )
 from server.api.protocol import OPENAI_DEFAULTS
@@ -272,7 +272,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(TrailingSlashMiddleware)
+    app.add_middleware(PathMiddleware)
     app.state.metrics = metrics
     app.state.draining = False
     return app

@@ -257,19 +257,34 @@ def _set_content_type(scope: Scope, value: bytes) -> None:
     scope["headers"] = [*headers, (b"content-type", value)]
 
 
-class TrailingSlashMiddleware:
-    """`/v1/chat/completions/` is `/v1/chat/completions`: a client whose base URL ends in a
-    slash is served, not redirected (Starlette's 307 would make it send its POST body again,
-    to an http:// Location even behind a TLS proxy, and many clients do not follow it)."""
+# OpenAI's resources a client whose base URL is the server itself (not .../v1) asks for at the
+# root: `/models`, `/completions`, `/chat/completions`... (the hosted APIs these clients were
+# written for answer both). Anthropic's SDK adds /v1 itself; vLLM's own root routes stay.
+OPENAI_RESOURCES = frozenset(
+    {"models", "chat", "completions", "responses", "conversations", "files", "batches"}
+    | {"embeddings", "audio", "images", "moderations"}  # (not served: their 404 says /v1/...)
+)
+
+
+class PathMiddleware:
+    """The path a client sends, as the routes have it: `/v1/chat/completions/` is
+    `/v1/chat/completions` (a client whose base URL ends in a slash is served, not redirected:
+    Starlette's 307 would make it send its POST body again, to an http:// Location even behind
+    a TLS proxy, and many clients do not follow it), and an OpenAI resource at the root is its
+    /v1 one (`GET /models` is `GET /v1/models`)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+        if scope["type"] == "http" and len(path) > 1:
             raw = scope.get("raw_path") or path.encode()  # (as sent: percent-escapes kept)
-            scope = {**scope, "path": path.rstrip("/") or "/", "raw_path": raw.rstrip(b"/") or b"/"}
+            if path.endswith("/"):
+                path, raw = path.rstrip("/") or "/", raw.rstrip(b"/") or b"/"
+            if path.split("/", 2)[1] in OPENAI_RESOURCES:
+                path, raw = f"/v1{path}", b"/v1" + raw
+            scope = {**scope, "path": path, "raw_path": raw}
         await self.app(scope, receive, send)
 
 

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from server.exceptions import InvalidRequest
@@ -399,6 +400,30 @@ async def test_a_trailing_slash_is_served_not_redirected(client: httpx.AsyncClie
     assert (await client.get("/v1/models/")).json()["object"] == "list"
     assert (await client.get("/health//")).status_code == 200
     assert_error(await client.get("/v1/nowhere/"), 404)
+
+
+async def test_the_openai_sdk_with_the_server_itself_as_base_url(
+    client: httpx.AsyncClient,
+) -> None:
+    """The README's seed-002 client (base_url the server, not .../v1) is served on every
+    OpenAI resource, as the hosted APIs serve both: its models.list() and completions were
+    404s while its chat worked. Endpoints with no model here (embeddings) say so."""
+    sdk = openai.AsyncOpenAI(
+        base_url="http://testserver", api_key="-", http_client=client, max_retries=0
+    )
+    assert [m.id for m in (await sdk.models.list()).data]
+    assert (await sdk.models.retrieve("tiny")).id == "tiny"
+    chat = await sdk.chat.completions.create(model="tiny", messages=user(TEXT), max_tokens=2)
+    assert chat.choices[0].message.role == "assistant"
+    completion = await sdk.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+    assert completion.choices[0].text is not None
+    response = await sdk.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+    assert (await sdk.responses.retrieve(response.id)).id == response.id
+    assert (await client.get("/files")).json()["object"] == "list"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk.embeddings.create(model="tiny", input="Hi")
+    assert "no embeddings endpoint" in missing.value.body["message"]  # type: ignore[index]
+    assert (await client.get("/health")).status_code == 200  # (the server's own, unchanged)
 
 
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:

@@ -57,13 +57,6 @@ async def chat_completions(
     return await _complete(body, request, services, services.sampling_defaults, "native")
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])
-async def chat_completions_alias(
-    body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
-) -> ChatCompletionResponse | StreamingResponse:
-    return await _complete(body, request, services, services.sampling_defaults, "native")
-
-
 @router.post(
     "/v2/media/completions",
     response_model=ChatCompletionResponse,
