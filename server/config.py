@@ -354,7 +354,7 @@ def _host_as_matched(entry: str) -> str:
         name = str(ipaddress.ip_address(bare))
     except ValueError:
         try:
-            name = bare.encode("idna").decode("ascii").lower()
+            name = bare.encode("idna").decode("ascii").lower().rstrip(".")  # (FQDN's dot)
         except UnicodeError:
             name = ""
         if not HOST_NAME.fullmatch(name) or (port is not None and not port.isdigit()):

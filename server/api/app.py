@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import httpx
@@ -68,6 +69,13 @@ from server.pipelines.media_loader import MediaLoader
 logger = logging.getLogger(__name__)
 
 
+# Threads for asyncio.to_thread. Most of them wait rather than work: on the job store (SQLite's
+# one connection behind its lock, PostgreSQL's pool), on a video worker's answer (a whole
+# decode), on files. Python's default (cores + 4: 6 on 2 cores) let four job claims and one
+# job's insert take them all, and a plain chat's template render waited seconds behind them.
+BLOCKING_THREADS = 64
+
+
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
     """loaded: a model the caller already loaded (the CLI does, to fail before serving)."""
     keys = settings.all_api_keys()  # (read once: --api-key-file is a file)
@@ -75,6 +83,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal loaded
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="blocking")
+        )
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = Spool(settings.data_dir / "spool")  # its own: never another server's files
         if loaded is None:

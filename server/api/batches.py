@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.api.protocol import StrictModel
+from server.api.protocol import MetadataPairs, StrictModel
 from server.jobs.files import StoredFile
 from server.jobs.store import Job
 
@@ -96,7 +96,7 @@ class BatchCreateRequest(StrictModel):
     input_file_id: str = Field(max_length=200)
     endpoint: BatchEndpoint
     completion_window: Literal["24h"]
-    metadata: dict[str, str] | None = None
+    metadata: MetadataPairs = None
     # Accepted as OpenAI's SDK sends it; the output files are kept as long as the server's
     # job retention keeps them (--job-retention-hours), whatever it says.
     output_expires_after: OutputExpiresAfter | None = None
@@ -145,7 +145,7 @@ class Batch(BaseModel):
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: BatchRequestCounts
-    metadata: dict[str, str] | None = None
+    metadata: MetadataPairs = None
     model: str | None = None  # its first request's, once it runs
     # {input_tokens, input_tokens_details, output_tokens, output_tokens_details, total_tokens}
     usage: dict[str, Any] | None = None

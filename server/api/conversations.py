@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.api.protocol import StrictModel
+from server.api.protocol import MetadataPairs, StrictModel
 from server.api.responses import InputItem, ItemReference, ResponsesRequest
 from server.api.services import Services
 from server.api.translated import translated_request
@@ -62,7 +62,7 @@ async def check_readable(
 
 
 class ConversationCreate(StrictModel):
-    metadata: dict[str, str] | None = None
+    metadata: MetadataPairs = None
     items: list[InputItem] | None = Field(default=None, max_length=MAX_ITEMS_PER_CALL)
 
 

@@ -267,7 +267,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status = exc.status_code
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if status == 404 and message == "Not Found":
-            message = _unknown_route(request.method, request.url.path)
+            sent = request.scope.get(SENT_PATH, request.url.path)
+            message = _unknown_route(request.method, request.url.path, sent)
             anthropic = speaks_anthropic(request.scope, unknown_route=True)
             body = error_body(anthropic, 404, message, "invalid_request_error")
             return JSONResponse(body, status_code=404)
@@ -298,16 +299,18 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+SENT_PATH = "vlm.sent_path"  # (scope key: the path as the client sent it, before PathMiddleware)
 # OpenAI endpoints a client may try that a Qwen-VL chat server has no model for.
 NOT_SERVED = frozenset({"embeddings", "audio", "images", "moderations", "fine_tuning"})
 
 
-def _unknown_route(method: str, path: str) -> str:
+def _unknown_route(method: str, path: str, sent: str) -> str:
+    """path: as routed; sent: as the client sent it (a root /embeddings is /v1/embeddings)."""
     parts = path.split("/")
     if len(parts) > 2 and parts[1] == "v1" and parts[2] in NOT_SERVED:
         return (
-            f"Unknown route: {method} {path}. This server answers with the Qwen vision-language "
+            f"Unknown route: {method} {sent}. This server answers with the Qwen vision-language "
             "model it serves (chat completions, completions, Responses, Messages); it has no "
             f"{parts[2]} endpoint."
         )
-    return f"Unknown route: {method} {path}"
+    return f"Unknown route: {method} {sent}"

@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import ANTHROPIC_OVERLOADED, error_body, speaks_anthropic
+from server.api.errors import ANTHROPIC_OVERLOADED, SENT_PATH, error_body, speaks_anthropic
 from server.api.sse import wire_json
 from server.jobs.project import project_var
 from server.log import request_id_var
@@ -262,7 +262,7 @@ def _set_content_type(scope: Scope, value: bytes) -> None:
 # written for answer both). Anthropic's SDK adds /v1 itself; vLLM's own root routes stay.
 OPENAI_RESOURCES = frozenset(
     {"models", "chat", "completions", "responses", "conversations", "files", "batches"}
-    | {"embeddings", "audio", "images", "moderations"}  # (not served: their 404 says /v1/...)
+    | {"embeddings", "audio", "images", "moderations", "fine_tuning"}  # (not served: a 404)
 )
 
 
@@ -277,14 +277,15 @@ class PathMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and len(path) > 1:
+        sent = path = scope.get("path", "")
+        # (a request target need not start with "/": `GET *x` reaches here too)
+        if scope["type"] == "http" and len(path) > 1 and path.startswith("/"):
             raw = scope.get("raw_path") or path.encode()  # (as sent: percent-escapes kept)
             if path.endswith("/"):
                 path, raw = path.rstrip("/") or "/", raw.rstrip(b"/") or b"/"
             if path.split("/", 2)[1] in OPENAI_RESOURCES:
                 path, raw = f"/v1{path}", b"/v1" + raw
-            scope = {**scope, "path": path, "raw_path": raw}
+            scope = {**scope, "path": path, "raw_path": raw, SENT_PATH: sent}
         await self.app(scope, receive, send)
 
 

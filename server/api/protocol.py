@@ -142,6 +142,9 @@ def thinking_kwargs(effort: str | None, kwargs: dict[str, Any] | None) -> dict[s
 
 
 MAX_METADATA_PAIRS = 16
+METADATA_BOUNDS = (
+    "metadata holds at most 16 pairs, keys of at most 64 characters and values of at most 512."
+)
 
 
 def check_metadata(metadata: dict[str, str] | None) -> None:
@@ -151,12 +154,18 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
     if len(metadata) > MAX_METADATA_PAIRS or any(
         len(key) > 64 or len(value) > 512 for key, value in metadata.items()
     ):
-        raise InvalidRequest(
-            "metadata holds at most 16 pairs, keys of at most 64 characters and values of "
-            "at most 512.",
-            param="metadata",
-            code="invalid_value",
-        )
+        raise InvalidRequest(METADATA_BOUNDS, param="metadata", code="invalid_value")
+
+
+def _few_pairs(value: Any) -> Any:
+    """Counted before the pairs are validated (two million of them took 1.9 s of the event
+    loop, to be refused or ignored after)."""
+    if isinstance(value, dict) and len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(METADATA_BOUNDS.removesuffix("."))
+    return value
+
+
+MetadataPairs = Annotated[dict[str, str] | None, BeforeValidator(_few_pairs)]
 
 
 # -- request: messages ------------------------------------------------------------------------
@@ -886,7 +895,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    metadata: dict[str, str] | None = None
+    metadata: MetadataPairs = None
     modalities: list[str] | None = None
     moderation: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1)

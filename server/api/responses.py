@@ -33,6 +33,7 @@ from server.api.protocol import (
     CallArguments,
     ChatCompletionTokenLogprob,
     ContentPart,
+    MetadataPairs,
     PartModel,
     Priority,
     ReasoningEffort,
@@ -266,7 +267,7 @@ class ResponsesRequest(StrictModel):
     # The stored response this request continues: its conversation goes before `input`.
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=200)
     # Accepted with no effect: hints for a hosted service.
-    metadata: dict[str, str] | None = None
+    metadata: MetadataPairs = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None

@@ -13,6 +13,7 @@ internal host's other services stay out of reach). The same rules guard webhook 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 from typing import Any
@@ -65,8 +66,11 @@ def is_public(ip: IPAddress) -> bool:
 
 
 def host_is_allowed(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
-    """Listed as a host (any port), or as host:port (an IPv6 address in brackets)."""
+    """Listed as a host (any port), or as host:port (an IPv6 address in brackets); an
+    address in its canonical form, as the allow-list has it ([fd00:0::5] is fd00::5)."""
     name = host.lower().rstrip(".").removeprefix("[").removesuffix("]")
+    with contextlib.suppress(ValueError):
+        name = str(ipaddress.ip_address(name))
     entries = {entry.lower().rstrip(".") for entry in allowed_hosts}
     return name in entries or f"{bracketed(name)}:{port}" in entries
 

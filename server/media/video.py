@@ -421,7 +421,7 @@ class VideoDecoder:
     ) -> DecodedVideo:
         assert self.idle is not None, "VideoDecoder.start() was not awaited"
         worker = await self.idle.get()
-        healthy = False
+        healthy = cancelled = False
         try:
             if not worker.process.is_alive():  # replaced lazily: the pool never shrinks
                 worker = await asyncio.to_thread(_Worker.started, self.context)
@@ -429,13 +429,19 @@ class VideoDecoder:
             # Sending a big video and receiving 60 frames are pipe copies: off the event loop.
             status, result = await asyncio.to_thread(_exchange, worker, job, self.timeout_s)
             healthy = True
+        except asyncio.CancelledError:  # (its client went away: routine, not a fault)
+            cancelled = True
+            raise
         except TimeoutError:
             raise VideoDecodeError(f"decoding took longer than {self.timeout_s:.0f} s") from None
         except (EOFError, OSError):
             raise VideoDecodeError("the decoder crashed on this video") from None
         finally:
+            if cancelled:
+                logger.info("stopping a video decode worker: its request was cancelled")
+            elif not healthy:
+                logger.warning("killing a video decode worker (crashed or hung)")
             if not healthy:
-                logger.warning("killing a video decode worker (crashed, hung or cancelled)")
                 worker.kill()
             self.idle.put_nowait(worker)  # dead or alive: a dead one is respawned when next used
         if status == "error":

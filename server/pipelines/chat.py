@@ -85,6 +85,9 @@ class ChatRequest:
     tools: Tools | None = None
     template: TemplateOptions = DEFAULT_TEMPLATE  # the request's chat-template options
     grammar_param: str = "response_format"  # the field the grammar came from, for its errors
+    # A constraint a forced tool call leaves aside (the answer is the call): compiled only so
+    # that one that cannot be used is still its 400.
+    aside: StructuredOutput | None = None
     tokens_as_ids: bool = False  # logprobs' tokens as "token_id:{id}" (vLLM's option)
     return_token_ids: bool = False  # the prompt's and answers' token ids too (vLLM's option)
     include_reasoning: bool = True  # false: a thinking checkpoint's reasoning is left out
@@ -226,6 +229,8 @@ class ChatPipeline:
         """The request's grammar (a 400 if it cannot be one), compiled ahead into the cache."""
         if (structured := request.sampling.structured) is not None:
             await compile_grammar(self.engine, structured, request.grammar_field)
+        if request.aside is not None:
+            await compile_grammar(self.engine, request.aside, request.grammar_param)
 
     async def check_for_job(self, request: ChatRequest) -> None:
         """check, and what a job would otherwise find out only when it runs: text (and

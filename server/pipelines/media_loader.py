@@ -199,7 +199,7 @@ class MediaLoader:
             return VideoPart(part.url, frames, part.param, not looks_like_video(head), media)
 
         try:
-            judged = await _in_order([judge(part, part.or_video) for part in parts])
+            judged = await _failing_fast([judge(part, part.or_video) for part in parts])
         except BaseException:
             for media in downloads:
                 media.discard()
@@ -313,6 +313,23 @@ def _check_count(count: int, name: str, limit: int) -> None:
             param="messages",
             code=f"too_many_{name}",
         )
+
+
+async def _failing_fast(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run together; the first to fail stops the rest (cancelled, their errors read), and
+    its error is raised: the download that went past the request's bytes, or the video past
+    its count, not one still waiting on a slow host."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and (error := task.exception()) is not None:
+                raise error
+        return [task.result() for task in tasks]  # (all done: none failed)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _in_order(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:

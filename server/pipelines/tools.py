@@ -181,9 +181,10 @@ def _is_tool_turn(message: ChatMessage) -> bool:
 
 def _call_text(call: ToolCall) -> str:
     # Qwen's template: '{"name": "' + name + '", "arguments": ' + arguments | tojson + '}';
-    # arguments that are not JSON (a call cut short) as they were written, as Qwen3's does
+    # arguments that are not JSON (a call cut short) as they were written, as Qwen3's does;
+    # none at all (""), as no arguments ({})
     try:
-        arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)
+        arguments = json.dumps(json.loads(call.arguments or "{}"), ensure_ascii=False)
     except (ValueError, RecursionError):
         arguments = call.arguments
     return f'<tool_call>\n{{"name": "{call.name}", "arguments": {arguments}}}\n</tool_call>'

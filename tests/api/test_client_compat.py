@@ -67,6 +67,19 @@ async def test_sdk_fields_are_accepted(client: httpx.AsyncClient) -> None:
     assert chunks[-1]["usage"]["total_tokens"] > 0
 
 
+async def test_chat_metadata_within_openais_bounds(client: httpx.AsyncClient) -> None:
+    """Ignored, but bounded as OpenAI bounds it (two million pairs were read and taken)."""
+    await ok(client, chat(metadata={f"k{n}": "v" for n in range(16)}))
+    for metadata in (
+        {f"k{n}": "v" for n in range(17)},
+        {"k" * 65: "v"},
+        {"k": "v" * 513},
+    ):
+        response = await client.post("/v1/chat/completions", json=chat(metadata=metadata))
+        error = assert_error(response, 400, "metadata")
+        assert "at most 16 pairs" in error["message"], error
+
+
 async def test_the_openai_sdk_with_its_current_fields(client: httpx.AsyncClient) -> None:
     """chat.completions.create's own keyword arguments, typed as the SDK types them, and
     vLLM's extra_body parameters, as clients pass them."""

@@ -127,6 +127,11 @@ async def test_a_forced_call_beside_a_response_format_is_the_call(
         assert calls and all(call["function"]["name"] == "get_weather" for call in calls)
         for call in calls:
             check_weather(call["function"]["arguments"])
+        # the format is left aside, not unchecked: one that cannot be used is still its 400
+        broken = {"name": "w", "schema": {"$ref": "#/nope"}, "strict": True}
+        body["response_format"] = {"type": "json_schema", "json_schema": broken}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert_error(response, 400, "response_format", "invalid_schema")
     function = {"type": "function", **WEATHER["function"], "strict": True}
     body = {
         "model": "tiny",
@@ -247,7 +252,7 @@ async def test_a_call_cut_short_in_the_history_is_taken_back_as_written(
     status incomplete), and OpenAI takes it: a 400 there stuck their agent loops for good.
     Written into the prompt as it was; JSON arguments as Qwen's template writes them."""
     cut = '{"city": "],.,;'
-    for arguments, written in ((cut, cut), ('{"city":"Oslo"}', '{"city": "Oslo"}')):
+    for arguments, written in ((cut, cut), ('{"city":"Oslo"}', '{"city": "Oslo"}'), ("", "{}")):
         call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
         messages = [
             *MESSAGES,

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.exceptions import InvalidRequest
 from tests.api.test_errors import assert_error
 from tests.helpers import MediaServer, make_image, make_settings, make_video, start_client
 
@@ -444,6 +445,11 @@ async def test_image_url_parts_judged_a_few_at_a_time_within_the_limits(
         judging.cancel()
         with pytest.raises(asyncio.CancelledError):
             await judging
+        assert not spooled()
+        # a part past the limits is the 400 at once, not once a slow host's download ends
+        messages = MediaCompletionRequest.model_validate(body(videos)).to_messages()
+        with pytest.raises(InvalidRequest, match="2 videos in one request"):
+            await asyncio.wait_for(media.judged(messages), 20)
         assert not spooled()
 
 

@@ -128,6 +128,21 @@ async def test_an_allow_list_entry_with_a_port_allows_that_port_only(
         await fetch(media_server.url("/hop3.png"), allowed_hosts=allowed, follow_redirects=True)
 
 
+def test_allow_list_entries_match_every_spelling_of_their_host() -> None:
+    from server.media.netguard import host_is_allowed
+
+    allowed = ("fd00::5", "[fd00::6]:8080", "media.internal:8080", "10.0.0.5")
+    for host, port in (
+        ("[FD00:0::5]", 1),
+        ("fd00:0:0::6", 8080),
+        ("Media.Internal.", 8080),
+        ("10.0.0.5", 22),
+    ):
+        assert host_is_allowed(host, port, allowed), host
+    for host, port in (("fd00::6", 8081), ("media.internal", 8081), ("10.0.0.6", 80)):
+        assert not host_is_allowed(host, port, allowed), host
+
+
 async def test_redirects_are_refused_by_default_and_rechecked_when_followed(
     secret_url: str, media_server: MediaServer
 ) -> None:

@@ -103,6 +103,27 @@ async def test_a_worker_that_dies_is_replaced(decoder: VideoDecoder) -> None:
     assert (await decoder.decode(make_video(), BUDGET, FrameRequest())).plan.num_frames > 0
 
 
+async def test_a_cancelled_decode_stops_its_worker_quietly(
+    decoder: VideoDecoder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up mid-decode is routine: its worker is stopped (a decode cannot be
+    interrupted) with an INFO line, not a warning of a crash (every hang-up logged one), and
+    the next video decodes."""
+    assert decoder.idle is not None
+    big = make_video(seconds=30, fps=24, width=640, height=480)
+    task = asyncio.create_task(decoder.decode(big, BUDGET, FrameRequest(max_frames=60)))
+    while decoder.idle.qsize():
+        await asyncio.sleep(0.001)
+    with caplog.at_level("INFO", logger="server.media.video"):
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("INFO", "stopping a video decode worker: its request was cancelled") in lines, lines
+    assert not [line for line in lines if line[0] == "WARNING"], lines
+    assert (await decoder.decode(make_video(), BUDGET, FrameRequest())).plan.num_frames > 0
+
+
 async def test_sparse_plans_read_keyframes_only(decoder: VideoDecoder) -> None:
     video = make_video(seconds=60, fps=12, keyframe_interval_s=2)
     wish = FrameRequest(max_frames=6)  # one frame per 10 s: far apart

@@ -63,7 +63,7 @@ def test_bad_flag_values_are_refused() -> None:
     ):
         with pytest.raises(ValueError, match=words):
             settings_from_args(build_parser().parse_args(["serve", flag, value]))
-    hosts = "Media.Example.com,10.0.0.5,media_store,fd00::5,Store.internal:8080,[FD00::5]:0443"
+    hosts = "Media.Example.com.,10.0.0.5,media_store,fd00::5,Store.internal.:8080,[FD00::5]:0443"
     fine = ["--allowed-media-domains", hosts, "--allowed-media-domains", "10.0.0.6:80"]
     fine += ["--allowed-origins", "http://localhost:3000", "--allowed-origins", "*"]
     settings = settings_from_args(build_parser().parse_args(["serve", *fine]))

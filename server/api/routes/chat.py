@@ -19,6 +19,7 @@ from server.api.protocol import (
     ErrorResponse,
     MediaCompletionRequest,
     MediaJob,
+    check_metadata,
     check_stream_options,
     completion_id,
     usage_wanted,
@@ -123,12 +124,14 @@ def to_chat_request(
     if services is not None and body.model is not None:  # optional (as in vLLM)
         services.check_model(body.model)
     refuse_unsupported(body.unsupported_fields())
+    check_metadata(body.metadata)  # (ignored here, but within OpenAI's bounds as it checks)
     check_stream_options(body)
     body.check_prompt_logprobs()
     if ignored := body.ignored_fields():
         logger.debug("fields with no effect here, ignored: %s", ", ".join(ignored))
     if body.request_id is not None:
         logger.info("client request_id %r", body.request_id)  # repr: no forged lines
+    tools = body.to_tools()
     return ChatRequest(
         request_id=completion_id(),
         messages=body.to_messages(),
@@ -137,9 +140,10 @@ def to_chat_request(
         use_scenes=bool(body.use_scenes),
         # a job's n was checked when it was accepted
         n=body.num_choices(services.max_n) if services is not None else body.n or 1,
-        tools=body.to_tools(),
+        tools=tools,
         template=body.to_template(),
         grammar_param=body.structured_param(),
+        aside=body.to_structured() if tools is not None and tools.is_forced else None,
         tokens_as_ids=bool(body.return_tokens_as_token_ids),
         return_token_ids=bool(body.return_token_ids),
         include_reasoning=body.include_reasoning is not False,
