@@ -185,10 +185,49 @@ class RefusalContentPart(PartModel):
     refusal: Text
 
 
-class ImageURL(PartModel):
+# qwen-vl-utils' media options this server does not take: refused by name, not ignored as
+# unknown keys are (a video_start read as the whole video answered about another part of it).
+QWEN_UTILS_IMAGE_ONLY = ("resized_height", "resized_width")
+QWEN_UTILS_VIDEO_ONLY = (
+    *QWEN_UTILS_IMAGE_ONLY,
+    *("video_start", "video_end", "total_pixels", "min_frames", "sample_fps"),
+)
+
+
+IMAGE_TAKES = "an image takes min_pixels, max_pixels"
+
+
+def _refused_options(data: Any, names: tuple[str, ...], taken: str) -> Any:
+    if isinstance(data, dict) and (given := [name for name in names if name in data]):
+        raise ValueError(f"{given[0]} (qwen-vl-utils' option) is not taken here; {taken}")
+    return data
+
+
+class PixelRange(PartModel):
+    """A media part's own pixel range (qwen-vl-utils' min_pixels / max_pixels): its frames or
+    the image resized into it, within the server's (see media/frames.py, media/image.py)."""
+
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> PixelRange:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels is above max_pixels")
+        return self
+
+
+class ImageURL(PixelRange):
     url: str = Field(min_length=1)
     # "original" (OpenAI's newest level: the image as sent) is read as high, our largest.
     detail: Literal["auto", "low", "high", "original"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unread_options(cls, data: Any) -> Any:
+        return _refused_options(
+            data, QWEN_UTILS_IMAGE_ONLY, "an image takes min_pixels, max_pixels"
+        )
 
     def budget(self) -> Literal["auto", "low", "high"]:
         return _budget(self.detail)
@@ -198,9 +237,28 @@ def _budget(detail: Literal["auto", "low", "high", "original"]) -> Literal["auto
     return "high" if detail == "original" else detail
 
 
-class ImageContentPart(PartModel):
+class ImageContentPart(PixelRange):
+    """(min_pixels / max_pixels may sit beside image_url too, as qwen-vl-utils' parts have
+    them; those inside it win)"""
+
     type: Literal["image_url"]
     image_url: ImageURL
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unread_options(cls, data: Any) -> Any:
+        return _refused_options(
+            data, QWEN_UTILS_IMAGE_ONLY, "an image takes min_pixels, max_pixels"
+        )
+
+    def as_image(self, param: str) -> ImagePart:
+        url = self.image_url
+        pixels = (url.min_pixels or self.min_pixels, url.max_pixels or self.max_pixels)
+        if pixels[0] and pixels[1] and pixels[0] > pixels[1]:
+            raise InvalidRequest(
+                f"{param}: min_pixels is above max_pixels.", param=param, code="invalid_value"
+            )
+        return ImagePart(url.url, url.budget(), param, min_pixels=pixels[0], max_pixels=pixels[1])
 
     @field_validator("image_url", mode="before")
     @classmethod
@@ -284,20 +342,20 @@ class InputFileContentPart(FileRef):
     type: Literal["input_file"]
 
 
-class VideoURL(PartModel):
+class VideoURL(PixelRange):
     url: str = Field(min_length=1)
     # Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
-    # the video pixel range); see media/frames.py.
+    # the video pixel range); see media/frames.py. nframes is qwen-vl-utils' name: read as
+    # max_frames (at most that many; a short video at 2 a second may have fewer).
     fps: float | None = Field(default=None, gt=0)
     max_frames: int | None = Field(default=None, ge=1)
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
+    nframes: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _range(self) -> VideoURL:
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ValueError("min_pixels is above max_pixels")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unread_options(cls, data: Any) -> Any:
+        taken = "a video takes fps, max_frames (or nframes), min_pixels, max_pixels"
+        return _refused_options(data, QWEN_UTILS_VIDEO_ONLY, taken)
 
 
 class VideoContentPart(PartModel):
@@ -1100,6 +1158,8 @@ class MediaWishes:
     def _part(self, part: Part) -> Part:
         if isinstance(part, ImagePart):
             video = None if part.or_video is None else self._frames(part.or_video)
+            if part.min_pixels or part.max_pixels:  # (the part's own range wins)
+                return replace(part, or_video=video)
             pixels = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
             return replace(part, or_video=video, **pixels)
         if isinstance(part, VideoPart):
@@ -1281,9 +1341,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
                 param=param,
                 code="unsupported_content",
             )
-        elif isinstance(part, ImageContentPart):
-            parts.append(ImagePart(part.image_url.url, part.image_url.budget(), param))
-        elif isinstance(part, InputImageContentPart | InputFileContentPart):
+        elif isinstance(part, ImageContentPart | InputImageContentPart | InputFileContentPart):
             parts.append(part.as_image(param))
         elif isinstance(part, FileContentPart):
             parts.append(part.file.as_image(param))
@@ -1291,7 +1349,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
             video = part.video_url
             wishes = FrameRequest(
                 fps=video.fps,
-                max_frames=video.max_frames,
+                max_frames=video.max_frames or video.nframes,
                 min_pixels=video.min_pixels,
                 max_pixels=video.max_pixels,
             )

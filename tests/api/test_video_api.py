@@ -476,3 +476,52 @@ async def test_media_options_reach_a_video_sent_as_an_image_url_part(
             assert response.status_code == 200, response.text
             counts.append(len(response.json()["frames"]))
         assert counts == [8, 2, 2], counts
+
+
+async def test_qwen_vl_utils_options_in_a_part(video_client: httpx.AsyncClient) -> None:
+    """A part's own pixel range, as qwen-vl-utils sets one per image (inside image_url or
+    beside it; two images of one request may differ; it was ignored: the auto budget),
+    nframes as max_frames; its options this server does not take are 400s naming them
+    (video_start was ignored: the whole video, answered about another part of it)."""
+    image = "data:image/jpeg;base64," + base64.b64encode(make_image(1280, 960)).decode()
+
+    async def post(*parts: dict) -> httpx.Response:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": list(parts)}]}
+        return await video_client.post("/v1/chat/completions", json=body)
+
+    small = {"min_pixels": 3136, "max_pixels": 200704}
+    counts = []
+    for parts in (
+        [{"type": "image_url", "image_url": {"url": image}}],
+        [{"type": "image_url", "image_url": {"url": image, **small}}],
+        [{"type": "image_url", "image_url": {"url": image}, **small}],
+        [
+            {"type": "image_url", "image_url": {"url": image, **small}},
+            {"type": "image_url", "image_url": {"url": image}},
+        ],
+    ):
+        response = await post(*parts)
+        assert response.status_code == 200, response.text
+        counts.append(response.json()["usage"]["prompt_tokens_details"]["image_tokens"])
+    assert counts[1] == counts[2] <= 256 < counts[0], counts
+    assert counts[3] == counts[0] + counts[1], counts
+    for bad, param in (
+        ({"url": image, "min_pixels": 9000, "max_pixels": 4000}, "min_pixels is above"),
+        ({"url": image, "resized_height": 224}, "resized_height (qwen-vl-utils' option)"),
+    ):
+        response = await post({"type": "image_url", "image_url": bad})
+        error = assert_error(response, 400)
+        assert param in error["message"], error
+    video = video_uri(make_video(seconds=4))
+    tokens = []
+    for options in ({}, {"nframes": 4}):
+        response = await video_client.post(
+            "/v1/chat/completions", json=video_body(video, video=options)
+        )
+        assert response.status_code == 200, response.text
+        tokens.append(response.json()["usage"]["prompt_tokens_details"]["video_tokens"])
+    assert tokens[1] * 2 == tokens[0], tokens
+    for name in ("video_start", "video_end", "total_pixels", "min_frames", "resized_width"):
+        body = video_body(video, video={name: 2})
+        error = assert_error(await video_client.post("/v1/chat/completions", json=body), 400)
+        assert f"{name} (qwen-vl-utils' option) is not taken here" in error["message"], error
