@@ -161,20 +161,29 @@ def _owner_only(path: Path) -> None:
 # at 133 MB for good).
 WAL_KEPT_BYTES = 64 * 1024 * 1024
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value
+# Freed pages given back to the disk at a time: each step's moved pages pass through the WAL,
+# checkpointed between steps, so giving back 600 MB never needs 600 MB more disk (nor holds
+# the store's lock that long).
+GIVE_BACK_PAGES = 2048
 
 
 def _freed_pages_returned(db: sqlite3.Connection, path: Path) -> None:
-    """Pages freed (rows pruned, a finished job's request dropped) can go back to the disk
-    (prune does it): a burst of large async requests grew the file to 1.4 GB, 99.8 % free,
-    and it never shrank. Only a new file takes the setting as it is; an older one is rebuilt
-    once (VACUUM), which another process using it can hold off (then it is left as it is)."""
+    """A new file lets pages freed (rows pruned, a finished job's request dropped) go back to
+    the disk (prune does it): a burst of large async requests grew the file to 1.4 GB, 99.8 %
+    free, and it never shrank. A file an older version made keeps that: switching it is a
+    rebuild (VACUUM) that needs its size again in free disk and holds off every other server
+    using it for as long, which an operator does with the servers stopped (DEPLOYMENT.md)."""
     if db.execute("PRAGMA auto_vacuum").fetchone()["auto_vacuum"] == INCREMENTAL:
         return
-    db.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")
-    try:
-        db.execute("VACUUM")  # (instant on a new file)
-    except sqlite3.OperationalError as exc:
-        logger.warning("%s keeps its size after deletes for now (rebuild refused: %s)", path, exc)
+    if db.execute("SELECT count(*) AS n FROM sqlite_master").fetchone()["n"]:
+        logger.info(
+            "%s keeps its largest size after deletes (made by an older version): with the "
+            "servers stopped, sqlite3 %s 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;' lets it shrink",
+            path,
+            path,
+        )
+        return
+    db.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")  # (a new file: before any table)
 
 
 class SqliteJobStore(JobStore):
@@ -218,9 +227,31 @@ class SqliteJobStore(JobStore):
         """(and the pages freed since, a finished job's request among them, go back to the
         disk: without it the file kept its largest size for good)"""
         pruned = super().prune(older_than_s)
-        with self.lock:
-            self.db.executescript("PRAGMA incremental_vacuum;")  # (a script: every page)
+        self._give_back_freed_pages()
         return pruned
+
+    def _give_back_freed_pages(self) -> None:
+        """A few pages at a time, the lock let go between steps; a disk too full for the
+        step's WAL stops it until the next prune (the pages stay free for new rows)."""
+        with self.lock:
+            if self.db.execute("PRAGMA auto_vacuum").fetchone()["auto_vacuum"] != INCREMENTAL:
+                return  # (an older file: nothing to give back this way)
+        while True:
+            with self.lock:
+                free = self._free_pages()
+                if not free:
+                    return
+                try:  # (a script: stepped to its end, every page of the step)
+                    self.db.executescript(f"PRAGMA incremental_vacuum({GIVE_BACK_PAGES});")
+                    self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.OperationalError as exc:
+                    logger.warning("%s: freed pages not given back to the disk: %s", self.path, exc)
+                    return
+                if self._free_pages() >= free:
+                    return  # (none went: another process's transaction, say)
+
+    def _free_pages(self) -> int:
+        return self.db.execute("PRAGMA freelist_count").fetchone()["freelist_count"]
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Execute]:
