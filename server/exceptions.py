@@ -229,6 +229,22 @@ class JobStoreUnavailable(ServerError):
         )
 
 
+class NoRoomToSpool(ServerError):
+    """The server's disk has no room for a download it spools (a video): its fault, not the
+    request's, and passing (503 + Retry-After); never the OS's words or a traceback."""
+
+    status_code = 503
+    error_type = "server_error"
+    retry_after_s = 30
+
+    def __init__(self, param: str) -> None:
+        super().__init__(
+            f"The server has no room on its disk for the media at {param} now; retry later.",
+            param=param,
+            code="insufficient_storage",
+        )
+
+
 class EngineOverloaded(ServerError):
     """The request queue is full, or the request waited too long in it (503 + Retry-After)."""
 

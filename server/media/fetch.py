@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import re
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +23,7 @@ from typing import BinaryIO, Protocol, TypeVar
 
 import httpx
 
-from server.exceptions import MediaError
+from server.exceptions import MediaError, NoRoomToSpool
 from server.jobs.project import current_project
 from server.media.netguard import AddressRefused, HostUnresolved, checked_request
 
@@ -229,6 +230,11 @@ class MediaFetcher:
             try:
                 fetch = self._fetch_http(url, kind=kind, param=param, read=spool)
                 return await self._within_deadline(fetch, kind, param)
+            except OSError as exc:  # (the spool's own write: a full disk, say)
+                Path(sink.name).unlink(missing_ok=True)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoRoomToSpool(param) from exc
+                raise
             except BaseException:
                 Path(sink.name).unlink(missing_ok=True)
                 raise

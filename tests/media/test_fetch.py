@@ -105,3 +105,43 @@ async def test_a_fetch_says_what_it_is_and_a_body_cut_short_is_a_400(
     finally:
         await fetcher.aclose()
         listener.close()
+
+
+async def test_a_full_disk_is_the_servers_503_and_leaves_no_file(
+    tmp_path: Path, media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spooled download on a full disk (an upgrade trial filled the volume): a 503 that
+    says so, not a 500 with the OS's words; its partial file deleted."""
+    import errno
+    import tempfile
+
+    from server.exceptions import NoRoomToSpool
+    from server.media import fetch
+
+    made = tempfile.NamedTemporaryFile
+
+    class FullDisk:
+        def __init__(self, **kwargs: object) -> None:
+            self.file = made(**kwargs)  # type: ignore[call-overload]  # noqa: SIM115
+            self.name = self.file.name
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(fetch.tempfile, "NamedTemporaryFile", FullDisk)
+    url = media_server.add("/clip.mp4", b"x" * 200_000, "video/mp4")
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=5, allowed_hosts=("127.0.0.1",)))
+    try:
+        with pytest.raises(NoRoomToSpool) as full:
+            await fetcher.fetch(url, max_bytes=10**6, kind="video", param="p", spool_dir=tmp_path)
+        assert full.value.status_code == 503 and full.value.param == "p"
+        assert "no room on its disk" in full.value.message
+        assert not list(tmp_path.iterdir())
+    finally:
+        await fetcher.aclose()
