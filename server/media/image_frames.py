@@ -13,7 +13,19 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from server.exceptions import MediaError
-from server.media.frames import FrameRequest, PlanError, TokenBudget, VideoInfo, plan_frames
+from server.media.frames import (
+    FRAME_FACTOR,
+    VISION_WRAPPER_TOKENS,
+    FramePlan,
+    FrameRequest,
+    PlanError,
+    TokenBudget,
+    VideoInfo,
+    frame_ceiling,
+    frame_indices,
+    plan_frames,
+    tokens_per_patch,
+)
 from server.media.video import DecodedVideo, VideoDecodeError
 
 # The URL carries no timing: the frames are taken as one a second.
@@ -33,14 +45,39 @@ def decode_image_frames(
     # is the request's 400 whichever frames the plan would have taken.
     width, height = [_open(frame, param).size for frame in frames][0]
     info = VideoInfo(len(frames) / ASSUMED_FPS, ASSUMED_FPS, len(frames), width, height)
+    request = replace(request, use_scenes=False)  # (scenes are read from a stream)
     try:
-        # Scene detection reads a video stream; here every frame is already a choice.
-        plan = plan_frames(info, budget, replace(request, use_scenes=False), max_fps)
+        plan = _every_frame(
+            plan_frames(info, budget, request, max_fps), info, budget, request, max_fps
+        )
     except PlanError as exc:
         raise VideoDecodeError(str(exc)) from None
     size = (plan.width, plan.height)
     array = np.stack([_decode(frames[i], size, param) for i in plan.frame_indices])
     return DecodedVideo(info, plan, array, "jpeg-frames")
+
+
+def _every_frame(
+    plan: FramePlan, info: VideoInfo, budget: TokenBudget, request: FrameRequest, max_fps: float
+) -> FramePlan:
+    """Every one of an odd number of frames the ceilings allow, the last repeated, as Qwen's
+    processor pads them, where that fits: the plan's even count left one out (of 3 frames
+    the middle one), which the client chose to send."""
+    count = info.num_frames
+    if request.mode != "native" or count % FRAME_FACTOR == 0 or plan.num_frames != count - 1:
+        return plan
+    if frame_ceiling(info, request, max_fps) < count:
+        return plan
+    times = [(i + 0.5) / info.fps for i in range(count)]
+    times.append(times[-1])
+    per_patch = tokens_per_patch(plan.width, plan.height, budget.token_side)
+    tokens = len(times) // FRAME_FACTOR * (per_patch + budget.per_patch_tokens)
+    available = budget.context_length - budget.prompt_tokens - budget.max_tokens
+    if tokens > available - VISION_WRAPPER_TOKENS:
+        return plan
+    if budget.max_video_pixels and len(times) * plan.width * plan.height > budget.max_video_pixels:
+        return plan  # (Qwen3-VL's processor would shrink frames past its total: not planned)
+    return FramePlan(frame_indices(times, info), tuple(times), plan.width, plan.height, tokens)
 
 
 def _open(data: bytes, param: str) -> Image.Image:

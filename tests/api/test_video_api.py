@@ -211,6 +211,17 @@ async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) 
     assert captions.status_code == 200, captions.text
     # No timing in the URL: one frame a second, each frame taken once.
     assert [f["timestamp"] for f in captions.json()["frames"]] == [0.5, 1.5, 2.5, 3.5]
+    # of an odd number every frame, the last repeated, as Qwen's processor pads them (the
+    # even plan left the middle one of 3 out), as many tokens as 4 frames; not past the
+    # ceilings (max_frames 2: two of the three)
+    for count, video, frames in ((3, {}, [0, 1, 2, 2]), (3, {"max_frames": 2}, [0, 2])):
+        body = video_body(jpeg_frames_url(count), max_tokens=2, video=video)
+        response = await video_client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        tokens = response.json()["usage"]["prompt_tokens_details"]["video_tokens"]
+        assert tokens == len(frames) // 2 * (
+            native.json()["usage"]["prompt_tokens_details"]["video_tokens"] // 2
+        )
     one = await video_client.post(
         "/v1/chat/completions", json=video_body(jpeg_frames_url(1) + ",", max_tokens=2)
     )

@@ -293,3 +293,22 @@ def test_a_cut_or_late_starting_video_reads_the_frames_on_screen(
         assert [round(float(f.mean()) / 6) for f in frames] == shown
     for read in (decord_times, pyav_times):
         assert read == pytest.approx([0.0, 1.0, 2.0], abs=0.06), read
+
+
+def test_an_odd_number_of_jpeg_frames_is_read_whole() -> None:
+    """vLLM's frames-as-JPEGs video: of 3 frames the even plan left the middle one out; every
+    frame is read, the last repeated as Qwen's processor pads them, where the ceilings and the
+    context allow."""
+    from server.media.image_frames import decode_image_frames
+
+    frames = tuple(make_image(112, 84, seed=i) for i in range(5))
+    for count, request, budget, indices in (
+        (3, FrameRequest(), BUDGET, (0, 1, 2, 2)),
+        (5, FrameRequest(), BUDGET, (0, 1, 2, 3, 4, 4)),
+        (4, FrameRequest(), BUDGET, (0, 1, 2, 3)),
+        (3, FrameRequest(max_frames=2), BUDGET, (0, 2)),  # (its ceiling: two)
+        (3, FrameRequest(), TokenBudget(8192, 8192 - 2 - 2 - 130, 2), (0, 2)),  # (no room)
+    ):
+        decoded = decode_image_frames(frames[:count], budget, request, 2.0, "p")
+        assert decoded.plan.frame_indices == indices, (count, request, budget)
+        assert len(decoded.frames) == len(indices)
