@@ -166,6 +166,7 @@ def _few_pairs(value: Any) -> Any:
 
 
 MetadataPairs = Annotated[dict[str, str] | None, BeforeValidator(_few_pairs)]
+MetadataDict = Annotated[dict[str, str], BeforeValidator(_few_pairs)]  # (where it is required)
 
 
 # -- request: messages ------------------------------------------------------------------------
@@ -342,11 +343,11 @@ class InputFileContentPart(FileRef):
     type: Literal["input_file"]
 
 
-class VideoURL(PixelRange):
-    url: str = Field(min_length=1)
-    # Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
-    # the video pixel range); see media/frames.py. nframes is qwen-vl-utils' name: read as
-    # max_frames (at most that many; a short video at 2 a second may have fewer).
+class FrameOptions(PixelRange):
+    """Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
+    the video pixel range); see media/frames.py. nframes is qwen-vl-utils' name: read as
+    max_frames (at most that many; a short video at 2 a second may have fewer)."""
+
     fps: float | None = Field(default=None, gt=0)
     max_frames: int | None = Field(default=None, ge=1)
     nframes: int | None = Field(default=None, ge=1)
@@ -357,8 +358,24 @@ class VideoURL(PixelRange):
         taken = "a video takes fps, max_frames (or nframes), min_pixels, max_pixels"
         return _refused_options(data, QWEN_UTILS_VIDEO_ONLY, taken)
 
+    def frames(self, beside: FrameOptions | None = None) -> FrameRequest:
+        """These wishes, or those beside them (qwen-vl-utils' parts carry them there)."""
+        other = beside or FrameOptions()
+        return FrameRequest(
+            fps=self.fps or other.fps,
+            max_frames=self.max_frames or self.nframes or other.max_frames or other.nframes,
+            min_pixels=self.min_pixels or other.min_pixels,
+            max_pixels=self.max_pixels or other.max_pixels,
+        )
 
-class VideoContentPart(PartModel):
+
+class VideoURL(FrameOptions):
+    url: str = Field(min_length=1)
+
+
+class VideoContentPart(FrameOptions):
+    """(the options may sit beside video_url too; those inside it win)"""
+
     type: Literal["video_url"]
     video_url: VideoURL
 
@@ -1346,14 +1363,12 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
         elif isinstance(part, FileContentPart):
             parts.append(part.file.as_image(param))
         else:
-            video = part.video_url
-            wishes = FrameRequest(
-                fps=video.fps,
-                max_frames=video.max_frames or video.nframes,
-                min_pixels=video.min_pixels,
-                max_pixels=video.max_pixels,
-            )
-            parts.append(VideoPart(video.url, wishes, param))
+            wishes = part.video_url.frames(beside=part)
+            if (wishes.min_pixels or 0) > (wishes.max_pixels or wishes.min_pixels or 0):
+                raise InvalidRequest(
+                    f"{param}: min_pixels is above max_pixels.", param=param, code="invalid_value"
+                )
+            parts.append(VideoPart(part.video_url.url, wishes, param))
     return ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
 
 
@@ -1710,10 +1725,12 @@ class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
             if not isinstance(part, ImagePart) or part.file_id is not None:
                 return part
             kind = url_kind(part.url, part.param)  # (refuses the containers not read here)
+            # (the part's own pixel range is its frames' if it is a video)
+            frames = FrameRequest(min_pixels=part.min_pixels, max_pixels=part.max_pixels)
             if not is_data_uri(part.url):
-                return replace(part, or_video=FrameRequest())
+                return replace(part, or_video=frames)
             if kind == "video":
-                return VideoPart(part.url, FrameRequest(), part.param)
+                return VideoPart(part.url, frames, part.param)
             return part
 
         return with_parts(messages, video_or_image)

@@ -178,9 +178,10 @@ def _freed_pages_returned(db: sqlite3.Connection, path: Path) -> None:
     if db.execute("SELECT count(*) AS n FROM sqlite_master").fetchone()["n"]:
         logger.info(
             "%s keeps its largest size after deletes (made by an older version): with the "
-            "servers stopped, sqlite3 %s 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;' lets it shrink",
+            "servers stopped, %s lets it shrink (docs/DEPLOYMENT.md)",
             path,
-            path,
+            f"python3 -c \"import sqlite3; sqlite3.connect('{path}').executescript("
+            f"'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;')\"",
         )
         return
     db.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")  # (a new file: before any table)
@@ -191,6 +192,7 @@ class SqliteJobStore(JobStore):
         super().__init__()
         self.path = path
         self.lock = threading.Lock()  # one connection, shared by threads
+        self.closed = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _owner_only(path)
@@ -221,6 +223,7 @@ class SqliteJobStore(JobStore):
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True  # (a prune's give-back still in its thread stops at its next step)
             self.db.close()
 
     def prune(self, older_than_s: float) -> int:
@@ -234,10 +237,14 @@ class SqliteJobStore(JobStore):
         """A few pages at a time, the lock let go between steps; a disk too full for the
         step's WAL stops it until the next prune (the pages stay free for new rows)."""
         with self.lock:
+            if self.closed:
+                return
             if self.db.execute("PRAGMA auto_vacuum").fetchone()["auto_vacuum"] != INCREMENTAL:
                 return  # (an older file: nothing to give back this way)
         while True:
             with self.lock:
+                if self.closed:
+                    return
                 free = self._free_pages()
                 if not free:
                     return

@@ -21,7 +21,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.exceptions import EngineOverloaded, EngineStopped, JobStoreUnavailable, ServerError
+from server.exceptions import (
+    EngineOverloaded,
+    EngineStopped,
+    JobStoreUnavailable,
+    NoRoomToSpool,
+    ServerError,
+)
 from server.jobs.owner import is_gone, new_owner
 from server.jobs.project import project_var
 from server.jobs.store import Job, JobStore
@@ -284,16 +290,17 @@ class JobWorker:
         logger.warning("job %s attempt %d lost its lease; %s dropped", job.id, job.attempt, dropped)
 
     async def _handle(self, job: Job, progress: Progress) -> dict[str, Any]:
-        """An accepted job is not failed for a busy engine (queue full or waited too long, the
-        503s a synchronous client would retry): it waits, backing off, and tries again."""
+        """An accepted job is not failed for a busy engine (queue full or waited too long) or a
+        disk with no room for its media now (the 503s a synchronous client would retry): it
+        waits, backing off, and tries again."""
         delay = 0.0
         while True:
             try:
                 return await self.handlers[job.kind](job, progress)
-            except EngineOverloaded as busy:
+            except (EngineOverloaded, NoRoomToSpool) as busy:
                 delay = min(max(delay * 2, busy.retry_after_s, 0.05), MAX_BUSY_BACKOFF_S)
                 logger.info(
-                    "job %s: engine busy (%s); retrying in %.1f s", job.id, busy.code, delay
+                    "job %s: server busy (%s); retrying in %.1f s", job.id, busy.code, delay
                 )
                 await asyncio.sleep(delay)
 

@@ -225,7 +225,9 @@ class MediaFetcher:
         with tempfile.NamedTemporaryFile(dir=spool_dir, suffix=f".{kind}", delete=False) as sink:
 
             async def spool(response: httpx.Response) -> FetchedMedia:
-                return await _read_capped(response, cap, sink)
+                fetched = await _read_capped(response, cap, sink)
+                sink.flush()  # (here: a full disk or quota found at close is caught below)
+                return fetched
 
             try:
                 fetch = self._fetch_http(url, kind=kind, param=param, read=spool)

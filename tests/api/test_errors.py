@@ -729,6 +729,7 @@ def test_the_least_normalized_size_is_a_bound_found_without_normalizing() -> Non
         "\u1100\u1161\u11a8" * 40,  # jamo -> one syllable each: a third of the bytes
         "u\u0308\u0301" * 40,
         "\u2126 \u00c5 e\u0301 \U0001d160 \u0958",
+        "\u1fbe\u0308\u0301" * 40,  # 7 bytes -> 2: the least ratio NFC has
     ):
         least = _at_least_normalized_bytes(text, nfc)
         assert least <= _normalized_bytes(text, nfc), text

@@ -487,6 +487,22 @@ async def test_media_options_reach_a_video_sent_as_an_image_url_part(
             assert response.status_code == 200, response.text
             counts.append(len(response.json()["frames"]))
         assert counts == [8, 2, 2], counts
+        # the part's own pixel range is its frames' (it was dropped: the default range)
+        tokens, large = [], make_video(seconds=2, width=640, height=480)
+        big = media_server.add("/signed/big", large, "application/octet-stream")
+        for image_url in ({"url": big}, {"url": big, "max_pixels": 150_000}):
+            content = [{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "?"}]
+            answer = await client.post(
+                "/v2/media/completions",
+                json={
+                    **body,
+                    "messages": [{"role": "user", "content": content}],
+                    "video_mode": "native",
+                },
+            )
+            assert answer.status_code == 200, answer.text
+            tokens.append(answer.json()["usage"]["prompt_tokens_details"]["video_tokens"])
+        assert tokens[1] < tokens[0], tokens
 
 
 async def test_qwen_vl_utils_options_in_a_part(video_client: httpx.AsyncClient) -> None:
@@ -532,7 +548,15 @@ async def test_qwen_vl_utils_options_in_a_part(video_client: httpx.AsyncClient) 
         assert response.status_code == 200, response.text
         tokens.append(response.json()["usage"]["prompt_tokens_details"]["video_tokens"])
     assert tokens[1] * 2 == tokens[0], tokens
+    beside = video_body(video)
+    beside["messages"][0]["content"][1]["nframes"] = 4  # (beside video_url, as qwen-vl-utils)
+    response = await video_client.post("/v1/chat/completions", json=beside)
+    assert response.json()["usage"]["prompt_tokens_details"]["video_tokens"] == tokens[1]
     for name in ("video_start", "video_end", "total_pixels", "min_frames", "resized_width"):
         body = video_body(video, video={name: 2})
+        error = assert_error(await video_client.post("/v1/chat/completions", json=body), 400)
+        assert f"{name} (qwen-vl-utils' option) is not taken here" in error["message"], error
+        body = video_body(video)
+        body["messages"][0]["content"][1][name] = 2  # (beside it: refused too, not ignored)
         error = assert_error(await video_client.post("/v1/chat/completions", json=body), 400)
         assert f"{name} (qwen-vl-utils' option) is not taken here" in error["message"], error

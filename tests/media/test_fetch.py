@@ -107,11 +107,13 @@ async def test_a_fetch_says_what_it_is_and_a_body_cut_short_is_a_400(
         listener.close()
 
 
+@pytest.mark.parametrize("failing", ["write", "flush"])
 async def test_a_full_disk_is_the_servers_503_and_leaves_no_file(
-    tmp_path: Path, media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, media_server: MediaServer, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     """A spooled download on a full disk (an upgrade trial filled the volume): a 503 that
-    says so, not a 500 with the OS's words; its partial file deleted."""
+    says so, not a 500 with the OS's words; its partial file deleted. Also where the disk (a
+    network file system's quota) says so only when the last bytes are flushed."""
     import errno
     import tempfile
 
@@ -126,7 +128,12 @@ async def test_a_full_disk_is_the_servers_503_and_leaves_no_file(
             self.name = self.file.name
 
         def write(self, data: bytes) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if failing == "write":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(data)
+
+        def flush(self) -> None:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
 
         def __enter__(self) -> FullDisk:
             return self
