@@ -17,6 +17,7 @@ from server.exceptions import (
     EngineStopped,
     InvalidRequest,
     JobStoreUnavailable,
+    NoRoomToSpool,
 )
 from server.jobs import worker as worker_module
 from server.jobs.owner import is_gone, new_owner
@@ -43,13 +44,21 @@ async def run_one(store: JobStore, handler, until=("completed", "failed")) -> Jo
         await worker.stop()
 
 
-async def test_busy_engine_delays_the_job_instead_of_failing_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("busy", ["engine", "disk"])
+async def test_busy_engine_delays_the_job_instead_of_failing_it(
+    tmp_path: Path, busy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(A disk with no room for the job's media now is waited out the same way: a 503 a
+    client is told to retry must not fail an accepted job for good.)"""
+    monkeypatch.setattr(worker_module, "MAX_BUSY_BACKOFF_S", 0.05)  # (30 s for a full disk)
     tries = 0
 
     async def handler(job: Job, progress) -> dict:
         nonlocal tries
         tries += 1
         if tries < 3:
+            if busy == "disk":
+                raise NoRoomToSpool("media_url")
             raise EngineOverloaded("queue full", retry_after_s=0)
         return {"answer": tries}
 
