@@ -195,9 +195,6 @@ QWEN_UTILS_VIDEO_ONLY = (
 )
 
 
-IMAGE_TAKES = "an image takes min_pixels, max_pixels"
-
-
 def _refused_options(data: Any, names: tuple[str, ...], taken: str) -> Any:
     if isinstance(data, dict) and (given := [name for name in names if name in data]):
         raise ValueError(f"{given[0]} (qwen-vl-utils' option) is not taken here; {taken}")
@@ -217,11 +214,20 @@ class PixelRange(PartModel):
             raise ValueError("min_pixels is above max_pixels")
         return self
 
+    def pixels(self, beside: PixelRange, param: str) -> tuple[int | None, int | None]:
+        """This range, or the one beside it (qwen-vl-utils' parts carry it there: a part's
+        fields beside its URL object); each half checked alone, so checked again together."""
+        least = self.min_pixels or beside.min_pixels
+        most = self.max_pixels or beside.max_pixels
+        if least and most and least > most:
+            raise InvalidRequest(
+                f"{param}: min_pixels is above max_pixels.", param=param, code="invalid_value"
+            )
+        return least, most
 
-class ImageURL(PixelRange):
-    url: str = Field(min_length=1)
-    # "original" (OpenAI's newest level: the image as sent) is read as high, our largest.
-    detail: Literal["auto", "low", "high", "original"] = "auto"
+
+class ImageOptions(PixelRange):
+    """An image's options, in image_url or beside it: qwen-vl-utils' unread ones refused."""
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +235,12 @@ class ImageURL(PixelRange):
         return _refused_options(
             data, QWEN_UTILS_IMAGE_ONLY, "an image takes min_pixels, max_pixels"
         )
+
+
+class ImageURL(ImageOptions):
+    url: str = Field(min_length=1)
+    # "original" (OpenAI's newest level: the image as sent) is read as high, our largest.
+    detail: Literal["auto", "low", "high", "original"] = "auto"
 
     def budget(self) -> Literal["auto", "low", "high"]:
         return _budget(self.detail)
@@ -238,28 +250,17 @@ def _budget(detail: Literal["auto", "low", "high", "original"]) -> Literal["auto
     return "high" if detail == "original" else detail
 
 
-class ImageContentPart(PixelRange):
+class ImageContentPart(ImageOptions):
     """(min_pixels / max_pixels may sit beside image_url too, as qwen-vl-utils' parts have
     them; those inside it win)"""
 
     type: Literal["image_url"]
     image_url: ImageURL
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unread_options(cls, data: Any) -> Any:
-        return _refused_options(
-            data, QWEN_UTILS_IMAGE_ONLY, "an image takes min_pixels, max_pixels"
-        )
-
     def as_image(self, param: str) -> ImagePart:
+        least, most = self.image_url.pixels(beside=self, param=param)
         url = self.image_url
-        pixels = (url.min_pixels or self.min_pixels, url.max_pixels or self.max_pixels)
-        if pixels[0] and pixels[1] and pixels[0] > pixels[1]:
-            raise InvalidRequest(
-                f"{param}: min_pixels is above max_pixels.", param=param, code="invalid_value"
-            )
-        return ImagePart(url.url, url.budget(), param, min_pixels=pixels[0], max_pixels=pixels[1])
+        return ImagePart(url.url, url.budget(), param, min_pixels=least, max_pixels=most)
 
     @field_validator("image_url", mode="before")
     @classmethod
@@ -358,14 +359,14 @@ class FrameOptions(PixelRange):
         taken = "a video takes fps, max_frames (or nframes), min_pixels, max_pixels"
         return _refused_options(data, QWEN_UTILS_VIDEO_ONLY, taken)
 
-    def frames(self, beside: FrameOptions | None = None) -> FrameRequest:
+    def frames(self, beside: FrameOptions, param: str) -> FrameRequest:
         """These wishes, or those beside them (qwen-vl-utils' parts carry them there)."""
-        other = beside or FrameOptions()
+        least, most = self.pixels(beside, param)
         return FrameRequest(
-            fps=self.fps or other.fps,
-            max_frames=self.max_frames or self.nframes or other.max_frames or other.nframes,
-            min_pixels=self.min_pixels or other.min_pixels,
-            max_pixels=self.max_pixels or other.max_pixels,
+            fps=self.fps or beside.fps,
+            max_frames=self.max_frames or self.nframes or beside.max_frames or beside.nframes,
+            min_pixels=least,
+            max_pixels=most,
         )
 
 
@@ -1363,11 +1364,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
         elif isinstance(part, FileContentPart):
             parts.append(part.file.as_image(param))
         else:
-            wishes = part.video_url.frames(beside=part)
-            if (wishes.min_pixels or 0) > (wishes.max_pixels or wishes.min_pixels or 0):
-                raise InvalidRequest(
-                    f"{param}: min_pixels is above max_pixels.", param=param, code="invalid_value"
-                )
+            wishes = part.video_url.frames(beside=part, param=param)
             parts.append(VideoPart(part.video_url.url, wishes, param))
     return ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
 

@@ -167,14 +167,14 @@ INCREMENTAL = 2  # PRAGMA auto_vacuum's value
 GIVE_BACK_PAGES = 2048
 
 
-def _freed_pages_returned(db: sqlite3.Connection, path: Path) -> None:
+def _freed_pages_returned(db: sqlite3.Connection, path: Path) -> bool:
     """A new file lets pages freed (rows pruned, a finished job's request dropped) go back to
     the disk (prune does it): a burst of large async requests grew the file to 1.4 GB, 99.8 %
     free, and it never shrank. A file an older version made keeps that: switching it is a
     rebuild (VACUUM) that needs its size again in free disk and holds off every other server
     using it for as long, which an operator does with the servers stopped (DEPLOYMENT.md)."""
     if db.execute("PRAGMA auto_vacuum").fetchone()["auto_vacuum"] == INCREMENTAL:
-        return
+        return True
     if db.execute("SELECT count(*) AS n FROM sqlite_master").fetchone()["n"]:
         logger.info(
             "%s keeps its largest size after deletes (made by an older version): with the "
@@ -183,8 +183,9 @@ def _freed_pages_returned(db: sqlite3.Connection, path: Path) -> None:
             f"python3 -c \"import sqlite3; sqlite3.connect('{path}').executescript("
             f"'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;')\"",
         )
-        return
+        return False
     db.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")  # (a new file: before any table)
+    return True
 
 
 class SqliteJobStore(JobStore):
@@ -207,7 +208,7 @@ class SqliteJobStore(JobStore):
             ) from exc
         try:
             self.db.row_factory = _dict_row
-            _freed_pages_returned(self.db, path)
+            self.gives_back = _freed_pages_returned(self.db, path)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -236,11 +237,8 @@ class SqliteJobStore(JobStore):
     def _give_back_freed_pages(self) -> None:
         """A few pages at a time, the lock let go between steps; a disk too full for the
         step's WAL stops it until the next prune (the pages stay free for new rows)."""
-        with self.lock:
-            if self.closed:
-                return
-            if self.db.execute("PRAGMA auto_vacuum").fetchone()["auto_vacuum"] != INCREMENTAL:
-                return  # (an older file: nothing to give back this way)
+        if not self.gives_back:
+            return  # (an older file: nothing to give back this way)
         while True:
             with self.lock:
                 if self.closed:

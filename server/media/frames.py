@@ -93,6 +93,16 @@ class TokenBudget:
     def pixels_per_token(self) -> int:
         return self.token_side * self.token_side
 
+    @property
+    def video_room(self) -> int:
+        """Tokens the video may take: what the prompt and the answer leave, its wrapper out."""
+        return self.context_length - self.prompt_tokens - self.max_tokens - VISION_WRAPPER_TOKENS
+
+    def native_tokens(self, num_frames: int, width: int, height: int) -> int:
+        """A native video's tokens: its temporal patches' (and Qwen3-VL's timestamps)."""
+        per_patch = tokens_per_patch(width, height, self.token_side) + self.per_patch_tokens
+        return num_frames // FRAME_FACTOR * per_patch
+
 
 @dataclass(frozen=True)
 class FramePlan:
@@ -189,8 +199,7 @@ def plan_frames(
 ) -> FramePlan:
     if info.duration_s <= 0 or info.num_frames <= 0 or min(info.width, info.height) <= 0:
         raise PlanError("the video has no frames")
-    available = budget.context_length - budget.prompt_tokens - budget.max_tokens
-    available -= VISION_WRAPPER_TOKENS
+    available = budget.video_room
     ceiling = frame_ceiling(info, request, server_fps)
     if request.mode == "captions":
         return _plan_captions(info, budget, request, available, ceiling)
@@ -284,8 +293,7 @@ def at_timestamps(
         timestamps.append(timestamps[-1])
     side = budget.token_side
     if mode == "native":
-        per_patch = tokens_per_patch(plan.width, plan.height, side) + budget.per_patch_tokens
-        tokens = len(timestamps) // FRAME_FACTOR * per_patch
+        tokens = budget.native_tokens(len(timestamps), plan.width, plan.height)
     elif mode == "frames":
         tokens = len(timestamps) * frame_tokens(plan.width, plan.height, side)
     else:

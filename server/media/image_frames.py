@@ -15,7 +15,6 @@ from PIL import Image, UnidentifiedImageError
 from server.exceptions import MediaError
 from server.media.frames import (
     FRAME_FACTOR,
-    VISION_WRAPPER_TOKENS,
     FramePlan,
     FrameRequest,
     PlanError,
@@ -24,7 +23,6 @@ from server.media.frames import (
     frame_ceiling,
     frame_indices,
     plan_frames,
-    tokens_per_patch,
 )
 from server.media.video import DecodedVideo, VideoDecodeError
 
@@ -70,10 +68,8 @@ def _every_frame(
         return plan
     times = [(i + 0.5) / info.fps for i in range(count)]
     times.append(times[-1])
-    per_patch = tokens_per_patch(plan.width, plan.height, budget.token_side)
-    tokens = len(times) // FRAME_FACTOR * (per_patch + budget.per_patch_tokens)
-    available = budget.context_length - budget.prompt_tokens - budget.max_tokens
-    if tokens > available - VISION_WRAPPER_TOKENS:
+    tokens = budget.native_tokens(len(times), plan.width, plan.height)
+    if tokens > budget.video_room:
         return plan
     if budget.max_video_pixels and len(times) * plan.width * plan.height > budget.max_video_pixels:
         return plan  # (Qwen3-VL's processor would shrink frames past its total: not planned)

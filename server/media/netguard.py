@@ -102,9 +102,10 @@ def check_url_statically(url: str, allowed_hosts: tuple[str, ...]) -> None:
     host = parsed.raw_host.decode("ascii")
     if not host:
         raise AddressRefused("the URL has no host")
-    listed = host_is_allowed(host, default_port(parsed), allowed_hosts)
+    port = default_port(parsed)
+    listed = host_is_allowed(host, port, allowed_hosts)
     if allowed_hosts and not listed:
-        raise _not_listed(host, default_port(parsed), allowed_hosts)
+        raise _not_listed(host, port, allowed_hosts)
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:

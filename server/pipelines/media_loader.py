@@ -327,9 +327,7 @@ async def _failing_fast(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
                 raise error
         return [task.result() for task in tasks]  # (all done: none failed)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stopped(tasks)
 
 
 async def _in_order(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
@@ -339,6 +337,11 @@ async def _in_order(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
     try:
         return [await task for task in tasks]
     finally:
-        for task in tasks:
-            task.cancel()  # (the finished ones are left as they are)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stopped(tasks)
+
+
+async def _stopped(tasks: list[asyncio.Future[Any]]) -> None:
+    """The unfinished cancelled, and every one's end read (an error not lost as unread)."""
+    for task in tasks:
+        task.cancel()  # (the finished ones are left as they are)
+    await asyncio.gather(*tasks, return_exceptions=True)
