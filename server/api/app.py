@@ -83,9 +83,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal loaded
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="blocking")
-        )
+        loop = asyncio.get_running_loop()
+        blocking = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="blocking")
+        loop.set_default_executor(blocking)
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = Spool(settings.data_dir / "spool")  # its own: never another server's files
         if loaded is None:
@@ -237,6 +237,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
                 metrics.unwatch()
                 app.state.services = None
                 loaded = None
+                # Its idle threads go now, not at the loop's end (an app restarted on one loop,
+                # as tests do); a call still in one finishes there. The loop gets a plain one.
+                blocking.shutdown(wait=False)
+                loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="asyncio"))
 
     metrics = Metrics(model_name=settings.served_model_names()[0])
     # Offline: /docs and /redoc load their JS and CSS from this server, never a CDN.

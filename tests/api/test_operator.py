@@ -3,10 +3,12 @@ access lines with latency and the reason of every 4xx, metrics labels."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import logging
 import re
+import threading
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -167,3 +169,26 @@ async def test_an_app_lets_go_of_its_model_and_kv_cache_when_its_lifespan_ends(
     gc.collect()
     assert runner() is None and model() is None
     assert b"vlm_queue_depth 0.0" in app.state.metrics.render()  # its gauges still render
+
+
+def blocking_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("blocking")]
+
+
+async def test_the_blocking_threads_serve_the_app_and_go_with_its_lifespan(
+    tiny_model_dir: Path,
+) -> None:
+    """asyncio.to_thread runs on the app's 64 threads while it serves (Python's default, cores +
+    4, was taken by calls that wait on the job store), and they go when its lifespan ends."""
+    others = blocking_threads()  # (another app's, this module's, still serving)
+    async for client in start_client(make_settings(tiny_model_dir)):
+        name = await asyncio.to_thread(lambda: threading.current_thread().name)
+        assert name.startswith("blocking")
+        assert (await client.get("/health")).status_code == 200
+        ours = [t for t in blocking_threads() if t not in others]
+        assert ours
+    for thread in ours:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in ours)
+    name = await asyncio.to_thread(lambda: threading.current_thread().name)
+    assert not name.startswith("blocking")  # the loop's own executor serves what runs after
