@@ -281,6 +281,14 @@ class InputBuilder:
         # checkpoints: 3,136, their preprocessor_config's; Qwen3-VL: 4,096, of all frames
         # together, taken per frame here to be safe): smaller ones are enlarged.
         self.min_image_pixels = getattr(images, "size", {}).get("shortest_edge", 0)
+        # Images come sized already (media/image.py: the request's detail or pixel range,
+        # multiples of the token side), which the processor keeps as they are, but for its
+        # minimum: it would enlarge one a request's max_pixels put under it (Qwen3-VL's 65,536)
+        # past that max. So its minimum here is one token.
+        self.image_size = {
+            "shortest_edge": self.token_side**2,
+            "longest_edge": images.size["longest_edge"],
+        }
         self.min_video_pixels = (videos.size.get("shortest_edge") or 0) if videos else 0
         self.per_patch_tokens = (
             len(self.tokenizer("<9999.9 seconds>")["input_ids"]) + 2
@@ -388,6 +396,7 @@ class InputBuilder:
         encoded = self.processor(
             text=[prompt],
             images=images or None,
+            images_kwargs={"size": self.image_size},
             return_tensors="pt",
             **kwargs,
         )

@@ -80,6 +80,9 @@ def target_size(
     new_height, new_width = smart_resize(
         height, width, factor=side, min_pixels=floor, max_pixels=max_pixels
     )
+    if new_width * new_height > max_pixels:  # (enlarged to a min_pixels at max_pixels, its
+        # sides rounded up past it: shrunk back under, as the model's ceiling is never passed)
+        new_height, new_width = smart_resize(new_height, new_width, side, 0, max_pixels)
     # Its rounding to the token side can leave a near-200:1 strip past it (19900x100 became
     # 14112x56), which the processor's own resize refuses: the long side is cut back.
     longest = MAX_ASPECT_RATIO * min(new_width, new_height) // side * side
@@ -126,13 +129,15 @@ def pixel_range(
     model_min_pixels: int,
     pixels: tuple[int | None, int | None],
 ) -> tuple[int, int]:
-    """(min, max) pixels an image is resized into: detail's budget, or the request's own
-    range, within the model's."""
+    """(min, max) pixels an image is resized into: detail's budget from the checkpoint's
+    smallest image, or the request's own range. As Qwen's processor takes one, its min_pixels
+    replaces the checkpoint's (Qwen3-VL's 65,536), its max_pixels is never passed (it wins
+    over a min above it), and the model's ceiling stays."""
     wanted_min, wanted_max = pixels
     max_pixels = max_pixels_for(detail, model_max_pixels, side)
     if wanted_min is not None or wanted_max is not None:  # the request's range, not detail's
         max_pixels = min(wanted_max or model_max_pixels, model_max_pixels)
-    return max(wanted_min or 0, model_min_pixels), max_pixels
+    return (model_min_pixels if wanted_min is None else wanted_min), max_pixels
 
 
 def visual_tokens(size: tuple[int, int], pixels: tuple[int, int], side: int) -> int:
@@ -233,8 +238,9 @@ def load_image(
     pixels: tuple[int | None, int | None] = (None, None),
 ) -> Image.Image:
     """Blocking: call it from a worker thread. side: pixels along a visual token's side;
-    model_min_pixels: the processor's smallest image (it would enlarge a smaller one);
-    pixels: the request's (min, max) pixels, in place of detail's budget, within the model's."""
+    model_min_pixels: the checkpoint's smallest image (Qwen's processors enlarge a smaller
+    one); pixels: the request's (min, max) pixels, in place of detail's budget and that
+    minimum, under the model's ceiling."""
     image = decode_image(data, param=param)
     min_pixels, max_pixels = pixel_range(detail, model_max_pixels, side, model_min_pixels, pixels)
     return fit_to_budget(image, max_pixels, side=side, min_pixels=min_pixels)

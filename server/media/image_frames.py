@@ -50,6 +50,9 @@ def decode_image_frames(
         )
     except PlanError as exc:
         raise VideoDecodeError(str(exc)) from None
+    # The frames' own times (as a file's decoded frames report theirs), not the middles of
+    # the spans they were picked in: Qwen3-VL reads them in its prompt.
+    plan = replace(plan, timestamps=tuple(i / info.fps for i in plan.frame_indices))
     size = (plan.width, plan.height)
     array = np.stack([_decode(frames[i], size, param) for i in plan.frame_indices])
     return DecodedVideo(info, plan, array, "jpeg-frames")

@@ -209,8 +209,8 @@ async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) 
         json=video_body(jpeg_frames_url(4), max_tokens=2, video_mode="captions"),
     )
     assert captions.status_code == 200, captions.text
-    # No timing in the URL: one frame a second, each frame taken once.
-    assert [f["timestamp"] for f in captions.json()["frames"]] == [0.5, 1.5, 2.5, 3.5]
+    # No timing in the URL: one frame a second, each frame taken once, at its own time.
+    assert [f["timestamp"] for f in captions.json()["frames"]] == [0.0, 1.0, 2.0, 3.0]
     # of an odd number every frame, the last repeated, as Qwen's processor pads them (the
     # even plan left the middle one of 3 out), as many tokens as 4 frames; not past the
     # ceilings (max_frames 2: two of the three)

@@ -18,6 +18,7 @@ from server.engine.inputs import InputBuilder, ModelInputs, VideoFrames
 from server.engine.kv_cache import kv_cache_shape
 from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingParams
+from server.media.image import fit_to_budget
 from tests.helpers import make_image
 
 pytestmark = pytest.mark.anyio
@@ -40,13 +41,18 @@ def prompts(loaded: LoadedModel) -> dict[str, ModelInputs]:
     def text(t: str) -> dict:
         return {"type": "text", "text": t}
 
+    def sized(picture: Image.Image) -> Image.Image:  # as the server sizes them
+        return fit_to_budget(
+            picture, 1 << 30, side=builder.token_side, min_pixels=builder.min_image_pixels
+        )
+
     frames = np.stack([np.asarray(image(112, 84, seed=i)) for i in range(4)])
     return {
         "text": builder.build(user(text("Tell me a story about paged memory.")), []),
-        "image": builder.build(user(img, text("What is this?")), [image(96, 64)]),
+        "image": builder.build(user(img, text("What is this?")), [sized(image(96, 64))]),
         "images": builder.build(
             user(text("Compare"), img, img, text("please.")),
-            [image(200, 150, 1), image(56, 112, 2)],
+            [sized(image(200, 150, 1)), sized(image(56, 112, 2))],
         ),
         "video": builder.build(
             user(vid, text("What happens?")), [], [VideoFrames(frames, (0.5, 1.5, 2.5, 3.5), 4.0)]

@@ -42,6 +42,20 @@ def test_target_size_invariants(detail: str) -> None:
             assert (new_w, new_h) == (rounded_w, rounded_h)
 
 
+@pytest.mark.parametrize("side", [28, 32])
+def test_a_min_pixels_at_the_ceiling_never_passes_it(side: int) -> None:
+    """Enlarged to min_pixels, the sides are rounded up: with min_pixels at max_pixels (a
+    request asking for the model's whole ceiling) that passed it (640x480 on Qwen3-VL: 16,428
+    tokens of a 16,384 ceiling); shrunk back under it as the model's processor would."""
+    ceiling = 16384 * side * side
+    for width, height in itertools.product(SIZES, SIZES):
+        if max(width, height) / min(width, height) > 200:
+            continue
+        new_w, new_h = target_size(width, height, ceiling, side, min_pixels=ceiling)
+        assert new_w % side == 0 and new_h % side == 0
+        assert new_w * new_h <= ceiling
+
+
 def test_detail_budgets() -> None:
     assert max_pixels_for("low", MODEL_MAX) == LOW_DETAIL_MAX_PIXELS == 256 * 28 * 28
     assert max_pixels_for("auto", MODEL_MAX) == AUTO_DETAIL_MAX_PIXELS == 1280 * 28 * 28
