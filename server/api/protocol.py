@@ -1102,6 +1102,10 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             structured = tools.grammar()
         max_tokens = self.max_completion_tokens or self.max_tokens
         params = sampling_params(self, defaults, max_tokens, structured)
+        if tools is not None and tools.is_forced:
+            # Stop strings cut text, and a forced answer has none: they cut the call's JSON
+            # (smolagents sends "Observation:" with tool_choice required), its wrapper leaking.
+            params = replace(params, stop=())
         if self.top_logprobs and not self.logprobs:  # 0 is neutral, as OpenAI takes it
             raise InvalidRequest(
                 "top_logprobs needs logprobs set to true.",
@@ -1127,7 +1131,7 @@ class MediaWishes:
     """vLLM's per-request media options, as Qwen-VL clients send them: mm_processor_kwargs'
     min_pixels / max_pixels (or size's shortest_edge / longest_edge, transformers' newer
     names) and fps, media_io_kwargs' video num_frames and fps. Images are resized into the
-    pixel range (within the model's, in place of `detail`'s budget); for videos each is a
+    pixel range (in place of `detail`'s budget, as an image part's own range); for videos each is a
     wish that only lowers the server's ceilings, as a video part's own fps, max_frames and
     pixel fields are (which win)."""
 

@@ -277,7 +277,12 @@ class ModelRunner:
             )
         # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough;
         # under a grammar the grammar says when the JSON ends (a ban would leave no token).
-        early = len(seq.output_token_ids) < state.params.min_tokens and state.matcher is None
+        # Nor does a thinking answer end inside its reasoning while its grammar waits: the
+        # forced call or schema it must give would never come (17 of 20 forced calls of a
+        # random-weight checkpoint ended so, "completed" with no call).
+        early = (
+            len(seq.output_token_ids) < state.params.min_tokens and state.matcher is None
+        ) or state.grammar_waits
         enders = tuple(self.eos_token_ids) + state.params.stop_token_ids if early else ()
         # Bad words: the tokens that would complete one after the answer so far (with async
         # scheduling too: the last step's token is on the host before this step samples).

@@ -6,7 +6,9 @@ checkpoint's reasoning_content."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,41 @@ async def test_images_with_detail(qwen3: httpx.AsyncClient) -> None:
     assert usage["prompt_tokens_details"]["image_tokens"] == 160
 
 
+@pytest.mark.parametrize(
+    ("size", "pixels"),
+    [
+        ((640, 480), {"max_pixels": 65536}),  # under the checkpoint's minimum of 65,536
+        ((640, 480), {"min_pixels": 65536, "max_pixels": 65536}),
+        ((640, 480), {"max_pixels": 16384}),
+        ((100, 100), {"min_pixels": 4096, "max_pixels": 16384}),  # a minimum of its own
+        ((100, 100), {"min_pixels": 4096}),
+        ((300, 200), {"min_pixels": 200_000}),
+    ],
+)
+async def test_an_images_pixel_range_gives_the_tokens_qwens_processor_does(
+    qwen3: httpx.AsyncClient, tiny3_model_dir: Path, size: tuple[int, int], pixels: dict
+) -> None:
+    """The request's range as Qwen's processor reads one (max_pixels never passed, a
+    min_pixels under the checkpoint's taken): the image was enlarged again to 65,536 pixels
+    after the server had sized it, past the request's max_pixels."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    picture = make_image(*size)
+    processor = AutoProcessor.from_pretrained(tiny3_model_dir).image_processor
+    least, most = processor.size["shortest_edge"], processor.size["longest_edge"]
+    wanted = {
+        "shortest_edge": pixels.get("min_pixels", least),
+        "longest_edge": pixels.get("max_pixels", most),
+    }
+    grid = processor(images=[Image.open(io.BytesIO(picture))], size=wanted)["image_grid_thw"]
+    expected = int(grid.prod()) // processor.merge_size**2
+    part = {"type": "image_url", "image_url": {"url": data_uri(picture), **pixels}}
+    response = await qwen3.post("/v1/chat/completions", json=chat(part, max_tokens=1))
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens_details"]["image_tokens"] == expected
+
+
 async def test_native_video_counts_video_tokens(qwen3: httpx.AsyncClient) -> None:
     body = chat(video(video_uri()), text("What happens?"), max_tokens=5)
     response = await qwen3.post("/v1/chat/completions", json=body)
@@ -70,6 +107,22 @@ async def test_native_video_counts_video_tokens(qwen3: httpx.AsyncClient) -> Non
         details["video_tokens"] + details["text_tokens"]
         == response.json()["usage"]["prompt_tokens"]
     )
+
+
+async def test_jpeg_frames_are_timed_in_the_prompt_as_the_same_frames_of_a_file(
+    qwen3: httpx.AsyncClient,
+) -> None:
+    """vLLM's frames-as-JPEGs video, at its one frame a second: each temporal patch is written
+    at its frames' own times, as Qwen3-VL's processor writes those of a file's frames (frames
+    0 and 1: "<0.5 seconds>"); the middles of the planner's spans were half a second late."""
+    frames = [base64.b64encode(make_image(64, 64, seed=i)).decode() for i in range(6)]
+    url = "data:video/jpeg;base64," + ",".join(frames)
+    body = chat(video(url), text("What happens?"))
+    response = await qwen3.post("/tokenize", json=body)
+    assert response.status_code == 200, response.text
+    tokenizer = qwen3.app.state.services.loaded.tokenizer  # type: ignore[attr-defined]
+    prompt = tokenizer.decode(response.json()["tokens"])
+    assert re.findall(r"<([0-9.]+) seconds>", prompt) == ["0.5", "2.5", "4.5"]
 
 
 async def test_captioned_video_on_media_completions(qwen3: httpx.AsyncClient) -> None:
@@ -340,6 +393,42 @@ async def test_a_named_tool_call_on_a_thinking_checkpoint(thinking: httpx.AsyncC
     """The call follows the reasoning (ended by its budget: the random model never ends it)."""
     message = await check_named_tool_call(thinking, thinking_token_budget=3)
     assert message["reasoning_content"]
+
+
+async def test_a_thinking_answer_does_not_end_before_its_forced_call(
+    thinking: httpx.AsyncClient, tiny3_model_dir: Path
+) -> None:
+    """Its end tokens, however likely, are not taken while the reasoning runs: a forced call
+    (or schema) applies after it, and an answer that ended inside it was "completed" with no
+    call (17 of 20 Responses of the random-weight checkpoint)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny3_model_dir)
+    enders = {str(tokenizer.convert_tokens_to_ids(t)): 100 for t in ("<|im_end|>", "<|endoftext|>")}
+    message = await check_named_tool_call(thinking, thinking_token_budget=3, logit_bias=enders)
+    assert message["reasoning_content"]
+
+
+async def test_stop_strings_do_not_cut_a_forced_call(qwen3: httpx.AsyncClient) -> None:
+    """A forced answer is the call: a stop string (smolagents sends "Observation:" with
+    tool_choice required) cut its JSON, part of the required list's wrapper left as content."""
+    from tests.api.test_tools import WEATHER, check_weather
+
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        body = chat(
+            text("Weather in Oslo?"),
+            max_tokens=200,
+            tools=[WEATHER],
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            temperature=0,
+            stop=["name", "{", '"', "e"],
+        )
+        response = await qwen3.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        choice_ = response.json()["choices"][0]
+        # (a named call's is "stop", as OpenAI's)
+        assert choice_["finish_reason"] in ("tool_calls", "stop"), choice_
+        assert not isinstance(choice_["stop_reason"], str) and not choice_["message"]["content"]
+        check_weather(choice_["message"]["tool_calls"][0]["function"]["arguments"])
 
 
 async def check_named_tool_call(client: httpx.AsyncClient, **extra: Any) -> dict:
