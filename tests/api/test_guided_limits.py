@@ -219,6 +219,22 @@ async def test_many_first_requests_for_one_grammar_compile_it_once(
     assert [r.status_code for r in responses] == [200] * 20
 
 
+async def test_new_grammars_past_the_limit_wait_for_a_place_before_a_503(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of distinct new grammars, more than compile at once: each waits for a place
+    (16 new schemas at once had half of them refused at once, each compile a quarter second);
+    past MAX_QUEUE_S of waiting, the 503."""
+    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 1)
+    bodies = [chat(guided_regex=f"(burst{i}|other{i})", max_tokens=8) for i in range(4)]
+    responses = await asyncio.gather(*(client.post(URL, json=body) for body in bodies))
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_QUEUE_S", 0.0)
+    bodies = [chat(guided_regex=f"(late{i}|never{i})", max_tokens=8) for i in range(4)]
+    responses = await asyncio.gather(*(client.post(URL, json=body) for body in bodies))
+    assert sorted(r.status_code for r in responses) == [200, 503, 503, 503]
+
+
 # Every text of a's parses in more ways the longer it is: matching it costs more at every token.
 AMBIGUOUS = 'root ::= x\nx ::= "a" | x x | x x x'
 
