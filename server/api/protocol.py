@@ -1100,6 +1100,8 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             # on purpose by clients that mirror the tool's schema there, as instructor does;
             # OpenAI takes the pair), which shapes text no forced answer has.
             structured = tools.grammar()
+        elif tools is not None and structured is not None:
+            structured = tools.beside(structured)
         max_tokens = self.max_completion_tokens or self.max_tokens
         params = sampling_params(self, defaults, max_tokens, structured)
         if tools is not None and tools.is_forced:

@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -122,6 +122,10 @@ class StructuredOutput:
     # The client's `strict: true`: a keyword the grammar cannot enforce is a 400 (UNENFORCED),
     # not a schema followed as far as it goes.
     strict: bool = False
+    # Tools the answer may call instead (tool_choice auto beside a response_format, as OpenAI
+    # takes the pair): {"tools": [[name, parameters], ...], "parallel": bool} as JSON. The
+    # answer is then this constraint's text or the calls, as the checkpoint writes them.
+    calls: str | None = None
 
     @classmethod
     def json_schema(
@@ -131,6 +135,10 @@ class StructuredOutput:
         if strict:
             schema = strict_normalized(schema)
         return cls("json_schema", json.dumps(schema), wrapper_depth=wrapper_depth, strict=strict)
+
+    def or_calls(self, tools: list[tuple[str, dict[str, Any]]], parallel: bool) -> StructuredOutput:
+        """This constraint, or calls of these (name, parameters) tools instead."""
+        return replace(self, calls=json.dumps({"tools": tools, "parallel": parallel}))
 
     @classmethod
     def regex(cls, pattern: str) -> StructuredOutput:
@@ -380,8 +388,14 @@ class GrammarCache:
         if spec.strict and (found := unenforced(json.loads(spec.schema_json or "{}"))):
             raise InvalidSchema(strict_refusal(found))
         try:
-            grammar = self._compile(spec)
+            grammar = self._grammar(spec)
         except Exception as exc:  # xgrammar raises several types for bad schemas
+            raise InvalidSchema(schema_error_text(exc)) from None
+        if spec.calls is not None:
+            grammar = self._or_calls(grammar, spec.calls)
+        try:
+            grammar = self.compiler.compile_grammar(grammar)
+        except Exception as exc:
             raise InvalidSchema(schema_error_text(exc)) from None
         if not self.allows_a_start(grammar):  # ("root ::= root", the regex "[^\s\S]")
             raise InvalidSchema("it matches no text (no token can start it)")
@@ -397,26 +411,69 @@ class GrammarCache:
                 self.num_bytes -= oldest.memory_size_bytes
         return grammar
 
-    def _compile(self, spec: StructuredOutput) -> Any:
+    def _grammar(self, spec: StructuredOutput) -> Any:
+        """The constraint's xgrammar Grammar (not compiled yet)."""
+        grammars = self.xgr.Grammar
         if spec.kind == "regex":
-            return self.compiler.compile_regex(spec.schema_json)
+            return grammars.from_regex(spec.schema_json)
         if spec.kind == "grammar":
             text = spec.schema_json or ""
             if is_lark(text):  # vLLM reads these too (its older docs' form, `start: ...`)
-                return self.compiler.compile_grammar(self.xgr.Grammar.from_lark(text))
-            return self.compiler.compile_grammar(text)
+                return grammars.from_lark(text)
+            return grammars.from_ebnf(text)
         # json_object is OpenAI's "some JSON object": an object, any keys.
         schema = spec.schema_json if spec.kind == "json_schema" else '{"type": "object"}'
+        return self._json_grammar(schema or "{}")
+
+    def _json_grammar(self, schema: str) -> Any:
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
-        text = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+        grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+        text = str(grammar)
         mended = text.replace(BOUNDED_CHARACTER, JSON_CHARACTER)
         mended = mended.replace(STRING_CHARACTER, TEXT_CHARACTER)
         if mended != text:
             try:
-                return self.compiler.compile_grammar(mended)
+                return self.xgr.Grammar.from_ebnf(mended)
             except Exception:  # (str(Grammar) that does not read back: as xgrammar builds it)
                 logger.warning("a JSON schema's grammar did not read back; compiled as it was")
-        return self.compiler.compile_json_schema(schema, any_whitespace=False)
+        return grammar
+
+    def _or_calls(self, grammar: Any, calls: str) -> Any:
+        """The grammar, or the checkpoint's own tool calls (Qwen's Hermes blocks, one per
+        line: `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`), each with its
+        function's arguments. Tools whose parameters cannot be compiled (or are past a
+        schema's bounds) leave the grammar alone, as it was before tools could be called
+        beside it, logged: they were never compiled under tool_choice auto."""
+        wanted = json.loads(calls)
+        try:
+            calls_format = {
+                "type": "tags_with_separator",
+                "tags": [self._call_tag(name, parameters) for name, parameters in wanted["tools"]],
+                "separator": "\n",
+                "at_least_one": True,
+                "stop_after_first": not wanted["parallel"],
+            }
+            structural = {"type": "structural_tag", "format": calls_format}
+            return self.xgr.Grammar.union(
+                grammar, self.xgr.Grammar.from_structural_tag(json.dumps(structural))
+            )
+        except Exception as exc:
+            logger.warning("tools not callable beside the response format: %s", exc)
+            return grammar
+
+    def _call_tag(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """One function's call block, its arguments under its parameters' grammar."""
+        schema = json.dumps(parameters)
+        if json_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise InvalidSchema(f"{name}'s parameters are nested past {MAX_SCHEMA_DEPTH} levels")
+        check_schema_size(parameters)
+        quoted = json.dumps(name, ensure_ascii=False)
+        return {
+            "type": "tag",
+            "begin": f'<tool_call>\n{{"name": {quoted}, "arguments": ',
+            "content": {"type": "grammar", "grammar": str(self._json_grammar(schema))},
+            "end": "}\n</tool_call>",
+        }
 
     def allows_a_start(self, grammar: Any) -> bool:
         """Whether any token (or the end, for a grammar of the empty text) can come first."""

@@ -77,6 +77,14 @@ class Tools:
     def names(self) -> frozenset[str]:
         return frozenset(t["function"]["name"] for t in self.definitions)
 
+    def beside(self, structured: StructuredOutput) -> StructuredOutput:
+        """tool_choice auto beside a response format: the answer is in that format or calls
+        the tools (OpenAI's rule; the format alone never let a call begin)."""
+        if self.choice != "auto" or not self.definitions:
+            return structured
+        names = [t["function"]["name"] for t in self.definitions]
+        return structured.or_calls([(n, self.parameters(n)) for n in names], self.parallel)
+
     def grammar(self) -> StructuredOutput | None:
         """What a forced choice decodes under: the named function's arguments, or a list of
         {"name", "parameters"} calls (vLLM's form for `required`). Compiled without strict:

@@ -5,6 +5,7 @@ renders the tools in the prompt; tool calls and results in the history; the refu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -146,6 +147,59 @@ async def test_a_forced_call_beside_a_response_format_is_the_call(
     (call,) = [item for item in response.json()["output"] if item["type"] == "function_call"]
     assert call["name"] == "get_weather"
     check_weather(call["arguments"])
+
+
+async def test_auto_tools_beside_a_response_format_answer_in_it_or_call(
+    client: httpx.AsyncClient, tiny_model_dir: Path
+) -> None:
+    """The Agents SDK sends an agent's tools and its output type's schema on every turn:
+    OpenAI's model answers in the schema or calls a tool. The schema alone shaped the whole
+    answer from its first token, so no call could ever begin (pushed to "<tool_call>", the
+    model wrote it inside the JSON's string). Streamed as not."""
+    from transformers import AutoTokenizer
+
+    # (Qwen2-VL's tokenizer spells it in pieces; Qwen2.5-VL's and Qwen3-VL's have its token)
+    call_open = AutoTokenizer.from_pretrained(tiny_model_dir).encode("<tool_call>")[0]
+    schema = {
+        "type": "object",
+        "properties": {"answer": SHORT_TEXT},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "tools": [WEATHER, TIME],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        "parallel_tool_calls": False,
+        "max_tokens": 200,
+        "temperature": 0,
+    }
+    answered = await client.post("/v1/chat/completions", json=body)
+    assert answered.status_code == 200, answered.text
+    message = answered.json()["choices"][0]["message"]
+    assert message["tool_calls"] is None and set(json.loads(message["content"])) == {"answer"}
+    pushed = {**body, "logit_bias": {str(call_open): 100}}
+    called = await client.post("/v1/chat/completions", json=pushed)
+    assert called.status_code == 200, called.text
+    choice = called.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] in ("get_weather", "get_time")
+    if call["function"]["name"] == "get_weather":
+        check_weather(call["function"]["arguments"])
+    async with client.stream("POST", "/v1/chat/completions", json={**pushed, "stream": True}) as s:
+        lines = [line async for line in s.aiter_lines() if line.startswith("data: {")]
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in lines[:-1]]
+    streamed = [c for d in deltas for c in d.get("tool_calls") or ()]
+    assert streamed[0]["function"] == call["function"]
+    assert not "".join(d.get("content") or "" for d in deltas)
+    # a tool whose parameters cannot be compiled leaves the format alone (never compiled
+    # under auto before): answered in the schema
+    broken = {"type": "function", "function": {"name": "odd", "parameters": {"$ref": "#/x"}}}
+    response = await client.post("/v1/chat/completions", json={**pushed, "tools": [broken]})
+    assert response.status_code == 200, response.text
+    assert set(json.loads(response.json()["choices"][0]["message"]["content"])) == {"answer"}
 
 
 async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
