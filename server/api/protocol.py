@@ -1133,9 +1133,9 @@ class MediaWishes:
     """vLLM's per-request media options, as Qwen-VL clients send them: mm_processor_kwargs'
     min_pixels / max_pixels (or size's shortest_edge / longest_edge, transformers' newer
     names) and fps, media_io_kwargs' video num_frames and fps. Images are resized into the
-    pixel range (in place of `detail`'s budget, as an image part's own range); for videos each is a
-    wish that only lowers the server's ceilings, as a video part's own fps, max_frames and
-    pixel fields are (which win)."""
+    pixel range (in place of `detail`'s budget, as an image part's own range); for videos
+    each is a wish that only lowers the server's ceilings, as a video part's own fps,
+    max_frames and pixel fields are (which win)."""
 
     min_pixels: int | None = None
     max_pixels: int | None = None
