@@ -441,25 +441,32 @@ class GrammarCache:
     def _or_calls(self, grammar: Any, calls: str) -> Any:
         """The grammar, or the checkpoint's own tool calls (Qwen's Hermes blocks, one per
         line: `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`), each with its
-        function's arguments. Tools whose parameters cannot be compiled (or are past a
-        schema's bounds) leave the grammar alone, as it was before tools could be called
-        beside it, logged: they were never compiled under tool_choice auto."""
+        function's arguments. A tool whose parameters cannot be compiled (or are past a
+        schema's bounds) is left out, logged: tools under tool_choice auto were never
+        compiled before they could be called beside a format."""
         wanted = json.loads(calls)
+        tags = []
+        for name, parameters in wanted["tools"]:
+            try:
+                tags.append(self._call_tag(name, parameters))
+            except Exception as exc:
+                logger.warning("tool %s not callable beside the response format: %s", name, exc)
+        if not tags:
+            return grammar
+        calls_format = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": "\n",
+            "at_least_one": True,
+            "stop_after_first": not wanted["parallel"],
+        }
+        structural = {"type": "structural_tag", "format": calls_format}
         try:
-            calls_format = {
-                "type": "tags_with_separator",
-                "tags": [self._call_tag(name, parameters) for name, parameters in wanted["tools"]],
-                "separator": "\n",
-                "at_least_one": True,
-                "stop_after_first": not wanted["parallel"],
-            }
-            structural = {"type": "structural_tag", "format": calls_format}
-            return self.xgr.Grammar.union(
-                grammar, self.xgr.Grammar.from_structural_tag(json.dumps(structural))
-            )
+            tools = self.xgr.Grammar.from_structural_tag(json.dumps(structural))
         except Exception as exc:
             logger.warning("tools not callable beside the response format: %s", exc)
             return grammar
+        return self.xgr.Grammar.union(grammar, tools)
 
     def _call_tag(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         """One function's call block, its arguments under its parameters' grammar."""

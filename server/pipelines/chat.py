@@ -62,7 +62,7 @@ from server.pipelines.reasoning import (
     single_token_id,
     split_reasoning,
 )
-from server.pipelines.tools import Tools, parse_answer, render
+from server.pipelines.tools import CALL_OPEN, Tools, parse_answer, render
 from server.pipelines.video_captions import (
     CaptionUsage,
     FrameCaption,
@@ -103,9 +103,10 @@ class ChatRequest:
         return "tools" if forced else self.grammar_param
 
     def name_constraint(self, exc: BaseException) -> None:
-        """A constraint that stopped the answer (ConstraintFailed) names its field."""
+        """A constraint that stopped the answer (ConstraintFailed) names its field: tools
+        where it stopped inside a call."""
         if isinstance(exc, ConstraintFailed):
-            exc.param = self.grammar_field
+            exc.param = "tools" if exc.in_call else self.grammar_field
 
 
 @dataclass
@@ -383,8 +384,16 @@ class ChatPipeline:
 
     async def outputs(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
         first = True
+        tail, called = "", False  # (whether a tool call has begun: its errors name tools)
         async for output in self.engine.stream(seq):
-            raise_for_finish(output)
+            if not called:
+                tail += output.text_delta
+                called, tail = CALL_OPEN in tail, tail[-len(CALL_OPEN) :]
+            try:
+                raise_for_finish(output)
+            except ConstraintFailed as exc:
+                exc.in_call = called
+                raise
             if first and seq.num_completion_tokens:
                 self.metrics.time_to_first_token.observe(time.monotonic() - seq.received_time)
                 first = False
@@ -509,6 +518,8 @@ class GrammarCompiles:
         )
         self.compiling[spec] = compiling
         compiling.add_done_callback(lambda _: self.compiling.pop(spec, None))
+        # (its error read here too: the requests waiting on it may all have gone)
+        compiling.add_done_callback(lambda done: done.cancelled() or done.exception())
         return compiling
 
 

@@ -18,10 +18,12 @@ class GenerationFailed(ServerError):
 
 class ConstraintFailed(InvalidRequest):
     """The request's structured-output constraint stopped it: a 400 whose param the route
-    sets to the constraint's field."""
+    sets to the constraint's field (in_call: it stopped inside a tool call, which a
+    response format beside tool_choice auto leaves the answer free to make)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="invalid_schema")
+        self.in_call = False
 
 
 class ConstraintDeadEnd(ConstraintFailed):

@@ -194,12 +194,33 @@ async def test_auto_tools_beside_a_response_format_answer_in_it_or_call(
     streamed = [c for d in deltas for c in d.get("tool_calls") or ()]
     assert streamed[0]["function"] == call["function"]
     assert not "".join(d.get("content") or "" for d in deltas)
-    # a tool whose parameters cannot be compiled leaves the format alone (never compiled
-    # under auto before): answered in the schema
+    # a tool whose parameters cannot be compiled is left out (never compiled under auto
+    # before), the others still callable; with none left, answered in the schema
     broken = {"type": "function", "function": {"name": "odd", "parameters": {"$ref": "#/x"}}}
+    response = await client.post(
+        "/v1/chat/completions", json={**pushed, "tools": [broken, WEATHER]}
+    )
+    assert response.status_code == 200, response.text
+    (call,) = response.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
     response = await client.post("/v1/chat/completions", json={**pushed, "tools": [broken]})
     assert response.status_code == 200, response.text
     assert set(json.loads(response.json()["choices"][0]["message"]["content"])) == {"answer"}
+    # a call's arguments no text can complete: the 400 names tools, not the format
+    never = {"type": "string", "pattern": "^[^\\s\\S]$"}
+    dead = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"code": never},
+                "required": ["code"],
+            },
+        },
+    }
+    response = await client.post("/v1/chat/completions", json={**pushed, "tools": [dead]})
+    assert_error(response, 400, "tools", "invalid_schema")
 
 
 async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
