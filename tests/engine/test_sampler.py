@@ -313,7 +313,7 @@ async def test_a_queued_request_keeps_its_grammar_when_the_cache_lets_go(
     def no_compiling(spec: StructuredOutput) -> None:
         raise AssertionError("compiled on the engine thread")
 
-    monkeypatch.setattr(grammars, "_compile", no_compiling)
+    monkeypatch.setattr(grammars, "_grammar", no_compiling)
     queued = Sequence("q", prompt, SamplingParams(max_tokens=8, structured=spec), 64)
     queued.grammar = seq.grammar
     assert engine.runner._state(queued).matcher is not None
