@@ -303,6 +303,46 @@ def writes_raw_escapes(pattern: str) -> bool:
     return False
 
 
+# RFC 3339's dates and times as patterns that take only real ones: xgrammar's own `format`
+# grammars take any day up to 31 in any month ("2023-02-31") and second 60, which Python's
+# datetime (so pydantic, which OpenAI's SDKs parse answers with) refuses. Leap years exact;
+# year 0000 out (datetime's years are 1 to 9999).
+YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][48]|[13579][26]|[2468]0)00)"
+MONTH_DAY = (
+    r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    r"|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+DATE = rf"(?:{YEAR}-{MONTH_DAY}|{LEAP_YEAR}-02-29)"
+TIME = (
+    r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+FORMAT_PATTERNS = {"date": DATE, "time": TIME, "date-time": f"{DATE}T{TIME}"}
+
+
+def exact_formats(schema: Any) -> Any:
+    """The schema with each string's `format` date, time or date-time (and no pattern of its
+    own) written as the pattern of real ones. Only schema positions are read (a property
+    named "format" is a name)."""
+    if isinstance(schema, list):
+        return [exact_formats(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    exact = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            exact[key] = {name: exact_formats(sub) for name, sub in schema[key].items()}
+    for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
+        if key in schema:
+            exact[key] = exact_formats(schema[key])
+    pattern = FORMAT_PATTERNS.get(schema.get("format"))  # type: ignore[arg-type]
+    if pattern is not None and "pattern" not in schema:
+        del exact["format"]
+        exact["pattern"] = f"^{pattern}$"
+    return exact
+
+
 class InvalidSchema(ValueError):
     """The JSON schema cannot be compiled to a grammar."""
 
@@ -426,6 +466,8 @@ class GrammarCache:
         return self._json_grammar(schema or "{}")
 
     def _json_grammar(self, schema: str) -> Any:
+        if '"format"' in schema:
+            schema = json.dumps(exact_formats(json.loads(schema)))
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
         text = str(grammar)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import json
+import re
+from pathlib import Path
 
 import pytest
 import xgrammar as xgr
+from transformers import AutoTokenizer
 
-from server.engine.structured import schema_error_text, unenforced, writes_raw_escapes
+from server.engine.structured import (
+    FORMAT_PATTERNS,
+    GrammarCache,
+    StructuredOutput,
+    exact_formats,
+    schema_error_text,
+    unenforced,
+    writes_raw_escapes,
+)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +112,47 @@ def test_the_grammar_librarys_complaint_without_its_internals(schema: dict, said
     with pytest.raises(RuntimeError) as raised:
         xgr.Grammar.from_json_schema(json.dumps(schema))
     assert schema_error_text(raised.value).startswith(said)
+
+
+def test_date_and_time_formats_take_only_real_ones(tiny_model_dir: Path) -> None:
+    """xgrammar's own `format` grammars took 2023-02-31 and second 60, which Python's datetime
+    (and so pydantic, the SDKs' `parse`) refuses: the patterns here take exactly the dates
+    datetime takes (checked over years around the leap rules' edges) and no leap second."""
+    pattern = re.compile(FORMAT_PATTERNS["date"])
+    for year in [*range(0, 30), *range(1890, 2110), *range(9990, 10000)]:
+        for month, day in itertools.product(range(14), range(33)):
+            text = f"{year:04d}-{month:02d}-{day:02d}"
+            try:
+                real = bool(datetime.date(year, month, day))
+            except ValueError:
+                real = False
+            assert (pattern.fullmatch(text) is not None) is real, text
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    grammars = GrammarCache(tokenizer, len(tokenizer), (end,))
+    schema = {
+        "type": "object",
+        "properties": {
+            "d": {"type": "string", "format": "date"},
+            "t": {"type": "string", "format": "time"},
+            "dt": {"type": "string", "format": "date-time"},
+            "format": {"type": "string", "format": "email"},  # (a name; a format not rewritten)
+        },
+        "required": ["d", "t", "dt", "format"],
+    }
+    grammar = grammars.compile(StructuredOutput.json_schema(schema))
+
+    def takes(d: str, t: str, dt: str) -> bool:
+        answer = json.dumps({"d": d, "t": t, "dt": dt, "format": "a@b.io"})
+        matcher = xgr.GrammarMatcher(grammar)
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(end)
+
+    assert takes("2024-02-29", "23:59:59.5+05:30", "2000-02-29T00:00:00Z")
+    assert not takes("2023-02-29", "23:59:59Z", "2000-02-29T00:00:00Z")
+    assert not takes("2024-04-31", "23:59:59Z", "2000-02-29T00:00:00Z")
+    assert not takes("2024-02-29", "23:59:60Z", "2000-02-29T00:00:00Z")
+    assert not takes("2024-02-29", "23:59:59Z", "1900-02-29T00:00:00Z")
+    assert exact_formats({"properties": {"format": {"enum": ["date"]}}}) == {
+        "properties": {"format": {"enum": ["date"]}}
+    }
