@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -231,6 +232,18 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
     return found
 
 
+def with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of the schema with each schema it holds (by name, in a list, or one) changed."""
+    changed = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            changed[key] = {name: change(sub) for name, sub in schema[key].items()}
+    for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
+        if key in schema:
+            changed[key] = change(schema[key])
+    return changed
+
+
 def strict_normalized(schema: Any) -> Any:
     """A strict schema as OpenAI's Structured Outputs answer it: every property of every
     object written (OpenAI refuses a strict schema whose `required` leaves one out; here it is
@@ -241,13 +254,7 @@ def strict_normalized(schema: Any) -> Any:
         return [strict_normalized(sub) for sub in schema]
     if not isinstance(schema, dict):
         return schema
-    normalized = dict(schema)
-    for key in SCHEMA_MAPS:
-        if isinstance(schema.get(key), dict):
-            normalized[key] = {name: strict_normalized(s) for name, s in schema[key].items()}
-    for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
-        if key in schema:
-            normalized[key] = strict_normalized(schema[key])
+    normalized = with_subschemas(schema, strict_normalized)
     properties = schema.get("properties")
     if isinstance(properties, dict) and "maxProperties" not in schema:
         required = schema.get("required") if isinstance(schema.get("required"), list) else []
@@ -329,13 +336,7 @@ def exact_formats(schema: Any) -> Any:
         return [exact_formats(sub) for sub in schema]
     if not isinstance(schema, dict):
         return schema
-    exact = dict(schema)
-    for key in SCHEMA_MAPS:
-        if isinstance(schema.get(key), dict):
-            exact[key] = {name: exact_formats(sub) for name, sub in schema[key].items()}
-    for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
-        if key in schema:
-            exact[key] = exact_formats(schema[key])
+    exact = with_subschemas(schema, exact_formats)
     pattern = FORMAT_PATTERNS.get(schema.get("format"))  # type: ignore[arg-type]
     if pattern is not None and "pattern" not in schema:
         del exact["format"]
