@@ -892,11 +892,16 @@ def _check_tools(tools: list[ChatCompletionToolParam]) -> None:
             )
 
 
-def _check_strict(tools: list[ChatCompletionToolParam], chosen: Tools) -> None:
-    """A strict function whose arguments a forced choice constrains: what the grammar cannot
-    enforce in its parameters is a 400 naming that tool (as response_format's strict schema)."""
+def _check_strict(
+    tools: list[ChatCompletionToolParam], chosen: Tools, beside_a_format: bool = False
+) -> None:
+    """A strict function whose arguments a forced choice (or tool_choice auto beside a
+    response format) constrains: what the grammar cannot enforce in its parameters is a 400
+    naming that tool (as response_format's strict schema)."""
     for i, tool in enumerate(tools):
-        if tool.function.strict is not True or not chosen.constrains(tool.function.name):
+        name = tool.function.name
+        constrained = (beside_a_format and name in chosen.names) or chosen.constrains(name)
+        if tool.function.strict is not True or not constrained:
             continue
         if found := unenforced(tool.function.parameters or {}):
             raise InvalidRequest(
@@ -1100,7 +1105,8 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             # on purpose by clients that mirror the tool's schema there, as instructor does;
             # OpenAI takes the pair), which shapes text no forced answer has.
             structured = tools.grammar()
-        elif tools is not None and structured is not None:
+        elif tools is not None and structured is not None and tools.choice == "auto":
+            _check_strict(self.tools or [], tools, beside_a_format=True)
             structured = tools.beside(structured)
         max_tokens = self.max_completion_tokens or self.max_tokens
         params = sampling_params(self, defaults, max_tokens, structured)

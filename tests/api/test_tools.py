@@ -221,6 +221,22 @@ async def test_auto_tools_beside_a_response_format_answer_in_it_or_call(
     }
     response = await client.post("/v1/chat/completions", json={**pushed, "tools": [dead]})
     assert_error(response, 400, "tools", "invalid_schema")
+    # a strict tool is decoded under its parameters here too: what the grammar cannot enforce
+    # in them is refused, as under a forced choice
+    unique = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    strict = {
+        "type": "function",
+        "function": {
+            "name": "tag",
+            "strict": True,
+            "parameters": {"type": "object", "properties": {"tags": unique}},
+        },
+    }
+    response = await client.post("/v1/chat/completions", json={**body, "tools": [strict]})
+    assert_error(response, 400, "tools[0].function.parameters", "invalid_schema")
+    without_format = {k: v for k, v in body.items() if k != "response_format"}
+    response = await client.post("/v1/chat/completions", json={**without_format, "tools": [strict]})
+    assert response.status_code == 200, response.text  # (auto alone never decodes under it)
 
 
 async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
