@@ -68,6 +68,14 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+def check_schema_depth(text: str, wrapper_depth: int = 0) -> None:
+    """Raises InvalidSchema past MAX_SCHEMA_DEPTH levels (less those the server's own wrapping
+    adds)."""
+    depth = json_depth(text) - wrapper_depth
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidSchema(f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}")
+
+
 def check_schema_size(schema: object) -> None:
     """Raises InvalidSchema past MAX_SCHEMA_PROPERTIES or MAX_SCHEMA_CHARS."""
     properties = chars = 0
@@ -415,28 +423,19 @@ class GrammarCache:
     def compile(self, spec: StructuredOutput) -> Any:
         if (grammar := self.lookup(spec)) is not None:
             return grammar
-        depth = 0
         if spec.kind == "json_schema":
-            depth = json_depth(spec.schema_json or "") - spec.wrapper_depth
-        elif spec.kind == "grammar" and "%json" in (spec.schema_json or ""):
-            depth = json_depth(spec.schema_json or "")  # a Lark grammar's inline JSON schema
-        if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidSchema(
-                f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}"
-            )
-        if spec.kind == "json_schema":
+            check_schema_depth(spec.schema_json or "", spec.wrapper_depth)
             check_schema_size(json.loads(spec.schema_json or "{}"))
+        elif spec.kind == "grammar" and "%json" in (spec.schema_json or ""):
+            check_schema_depth(spec.schema_json or "")  # a Lark grammar's inline JSON schema
         if spec.strict and (found := unenforced(json.loads(spec.schema_json or "{}"))):
             raise InvalidSchema(strict_refusal(found))
         try:
             grammar = self._grammar(spec)
-        except Exception as exc:  # xgrammar raises several types for bad schemas
-            raise InvalidSchema(schema_error_text(exc)) from None
-        if spec.calls is not None:
-            grammar = self._or_calls(grammar, spec.calls)
-        try:
+            if spec.calls is not None:
+                grammar = self._or_calls(grammar, spec.calls)
             grammar = self.compiler.compile_grammar(grammar)
-        except Exception as exc:
+        except Exception as exc:  # xgrammar raises several types for bad schemas
             raise InvalidSchema(schema_error_text(exc)) from None
         if not self.allows_a_start(grammar):  # ("root ::= root", the regex "[^\s\S]")
             raise InvalidSchema("it matches no text (no token can start it)")
@@ -514,8 +513,7 @@ class GrammarCache:
     def _call_tag(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         """One function's call block, its arguments under its parameters' grammar."""
         schema = json.dumps(parameters)
-        if json_depth(schema) > MAX_SCHEMA_DEPTH:
-            raise InvalidSchema(f"{name}'s parameters are nested past {MAX_SCHEMA_DEPTH} levels")
+        check_schema_depth(schema)
         check_schema_size(parameters)
         quoted = json.dumps(name, ensure_ascii=False)
         return {

@@ -21,7 +21,6 @@ from server.media.frames import (
     TokenBudget,
     VideoInfo,
     frame_ceiling,
-    frame_indices,
     plan_frames,
 )
 from server.media.video import DecodedVideo, VideoDecodeError
@@ -50,9 +49,7 @@ def decode_image_frames(
         )
     except PlanError as exc:
         raise VideoDecodeError(str(exc)) from None
-    # The frames' own times (as a file's decoded frames report theirs), not the middles of
-    # the spans they were picked in: Qwen3-VL reads them in its prompt.
-    plan = replace(plan, timestamps=tuple(i / info.fps for i in plan.frame_indices))
+    plan = replace(plan, timestamps=_own_times(plan.frame_indices, info))
     size = (plan.width, plan.height)
     array = np.stack([_decode(frames[i], size, param) for i in plan.frame_indices])
     return DecodedVideo(info, plan, array, "jpeg-frames")
@@ -69,14 +66,22 @@ def _every_frame(
         return plan
     if frame_ceiling(info, request, max_fps) < count:
         return plan
-    times = [(i + 0.5) / info.fps for i in range(count)]
-    times.append(times[-1])
-    tokens = budget.native_tokens(len(times), plan.width, plan.height)
+    indices = (*range(count), count - 1)
+    tokens = budget.native_tokens(len(indices), plan.width, plan.height)
     if tokens > budget.video_room:
         return plan
-    if budget.max_video_pixels and len(times) * plan.width * plan.height > budget.max_video_pixels:
+    if (
+        budget.max_video_pixels
+        and len(indices) * plan.width * plan.height > budget.max_video_pixels
+    ):
         return plan  # (Qwen3-VL's processor would shrink frames past its total: not planned)
-    return FramePlan(frame_indices(times, info), tuple(times), plan.width, plan.height, tokens)
+    return FramePlan(indices, _own_times(indices, info), plan.width, plan.height, tokens)
+
+
+def _own_times(indices: tuple[int, ...], info: VideoInfo) -> tuple[float, ...]:
+    """The frames' own times (as a file's decoded frames report theirs), not the middles of
+    the spans they were picked in: Qwen3-VL reads them in its prompt."""
+    return tuple(i / info.fps for i in indices)
 
 
 def _open(data: bytes, param: str) -> Image.Image:

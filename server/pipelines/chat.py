@@ -384,9 +384,12 @@ class ChatPipeline:
 
     async def outputs(self, seq: Sequence) -> AsyncGenerator[SequenceOutput, None]:
         first = True
-        tail, called = "", False  # (whether a tool call has begun: its errors name tools)
+        # Under a format with tools beside it: whether a call has begun (its errors name tools).
+        structured = seq.sampling.structured
+        watching = structured is not None and structured.calls is not None
+        tail, called = "", False
         async for output in self.engine.stream(seq):
-            if not called:
+            if watching and not called:
                 tail += output.text_delta
                 called, tail = CALL_OPEN in tail, tail[-len(CALL_OPEN) :]
             try:

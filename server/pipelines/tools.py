@@ -80,8 +80,6 @@ class Tools:
     def beside(self, structured: StructuredOutput) -> StructuredOutput:
         """tool_choice auto beside a response format: the answer is in that format or calls
         the tools (OpenAI's rule; the format alone never let a call begin)."""
-        if self.choice != "auto" or not self.definitions:
-            return structured
         names = [t["function"]["name"] for t in self.definitions]
         return structured.or_calls([(n, self.parameters(n)) for n in names], self.parallel)
 
