@@ -50,7 +50,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
 from server.engine.sampling import SamplingDefaults
-from server.jobs.store import open_job_store
+from server.jobs.store import JobStore, open_job_store
 from server.jobs.webhooks import WebhookSender, load_or_create_secret
 from server.jobs.worker import JobWorker
 from server.media.fetch import FetchPolicy, MediaFetcher
@@ -93,30 +93,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         engine = AsyncEngine.build(loaded, settings.engine_config())
         engine.start()
         jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
-        fetcher = MediaFetcher(
-            FetchPolicy(
-                timeout_s=settings.media_fetch_timeout,
-                allowed_hosts=tuple(settings.allowed_media_domains),
-                follow_redirects=settings.media_follow_redirects,
-                local_media_root=settings.allowed_local_media_path,
-            ),
-            uploads=jobs,  # images uploaded to the Files API, named by their ids
-        )
-        decoder = VideoDecoder(
-            settings.video_decode_workers, settings.video_decode_timeout, settings.video_max_fps
-        )
-        await decoder.start()
         input_builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
-        media = MediaLoader(
-            fetcher,
-            decoder,
-            settings.media_limits(),
-            model_max_pixels=loaded.processor.image_processor.size["longest_edge"],
-            metrics=metrics,
-            spool_dir=spool.dir,
-            token_side=input_builder.token_side,
-            model_min_pixels=input_builder.min_image_pixels,
-            context_length=engine.max_seq_len,
+        fetcher, decoder, media = await _media_loader(
+            settings, jobs, input_builder, loaded, engine, spool, metrics
         )
         pipeline = ChatPipeline(
             engine,
@@ -126,19 +105,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             caption_tokens=settings.caption_tokens,
             metrics=metrics,
         )
-        metrics.watch_engine(
-            lambda: engine.num_queued,
-            lambda: engine.num_running,
-            engine.stats,
-            lambda: engine.num_waiting,
-            {**engine.cache_info(), "gpu_memory_utilization": str(settings.gpu_memory_utilization)},
-        )
-        # Token and request metrics see every sequence that ends, aborted ones too.
-        engine.on_finish = metrics.record_finished
-        engine.on_step = metrics.vllm.record_step
+        _watch_engine(engine, settings, metrics)
         categories = CategoriesPipeline(engine, input_builder, media)
-        # Jobs' requests rank below interactive ones where the policy looks at ranks.
-        job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
         # A batch's lines and background responses go through this app itself (see
         # pipelines/batch.py), as internal requests: in their job's project, with no key.
         batch_client = httpx.AsyncClient(
@@ -147,44 +115,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             base_url="http://batch",
             timeout=None,
         )
-        dispatch = asgi_dispatch(batch_client)
-        batches = BatchRunner(
-            jobs,
-            dispatch,
-            concurrency=settings.max_num_seqs,
-            job_priority=job_priority,
-        )
-        handlers = {
-            "categories": categories_job_handler(categories, job_priority),
-            "completions": completions_job_handler(pipeline, job_priority),
-            "batch": batches,
-            BACKGROUND: background_response_handler(
-                jobs, dispatch, job_priority, loopback_streams(internal(app))
-            ),
-        }
-
-        def can_start_a_job(kinds: tuple[str, ...]) -> bool:
-            """No hoarding: a job is claimed while the engine could start it now, and not
-            while this replica drains (another one takes it). No starving either: with no job
-            of its lane's kinds running here, one is claimed whatever the engine's load (its
-            requests wait their turn in the queue), so neither interactive traffic that keeps
-            the queue busy nor a batch that fills the engine for hours holds every media job
-            (and its webhook) back until it stops."""
-            if app.state.draining:
-                return False
-            room = engine.num_queued == 0 and engine.num_running < settings.max_num_seqs
-            return room or not job_worker.runs_any(kinds)
-
-        job_worker = JobWorker(
-            jobs,
-            handlers,
-            retention_s=settings.job_retention_hours * 3600,
-            lease_s=settings.job_lease,
-            can_start=can_start_a_job,
-            # Two media jobs, one batch (it can run for hours) and four background responses
-            # at a time.
-            lanes={MEDIA_KINDS: 2, ("batch",): 1, (BACKGROUND,): 4},
-        )
+        job_worker = _job_worker(app, settings, engine, jobs, pipeline, categories, batch_client)
         metrics.watch_jobs(
             jobs.count_by_status,
             jobs.count_deliveries_by_status,
@@ -330,3 +261,106 @@ def _openapi(app: FastAPI, served_names: list[str]) -> dict:
                 operation.get("responses", {}).pop("422", None)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+async def _media_loader(
+    settings: Settings,
+    jobs: JobStore,
+    input_builder: InputBuilder,
+    loaded: LoadedModel,
+    engine: AsyncEngine,
+    spool: Spool,
+    metrics: Metrics,
+) -> tuple[MediaFetcher, VideoDecoder, MediaLoader]:
+    """The media side: the fetcher, the video decode workers (started) and their loader."""
+    fetcher = MediaFetcher(
+        FetchPolicy(
+            timeout_s=settings.media_fetch_timeout,
+            allowed_hosts=tuple(settings.allowed_media_domains),
+            follow_redirects=settings.media_follow_redirects,
+            local_media_root=settings.allowed_local_media_path,
+        ),
+        uploads=jobs,  # images uploaded to the Files API, named by their ids
+    )
+    decoder = VideoDecoder(
+        settings.video_decode_workers, settings.video_decode_timeout, settings.video_max_fps
+    )
+    await decoder.start()
+    media = MediaLoader(
+        fetcher,
+        decoder,
+        settings.media_limits(),
+        model_max_pixels=loaded.processor.image_processor.size["longest_edge"],
+        metrics=metrics,
+        spool_dir=spool.dir,
+        token_side=input_builder.token_side,
+        model_min_pixels=input_builder.min_image_pixels,
+        context_length=engine.max_seq_len,
+    )
+    return fetcher, decoder, media
+
+
+def _watch_engine(engine: AsyncEngine, settings: Settings, metrics: Metrics) -> None:
+    metrics.watch_engine(
+        lambda: engine.num_queued,
+        lambda: engine.num_running,
+        engine.stats,
+        lambda: engine.num_waiting,
+        {**engine.cache_info(), "gpu_memory_utilization": str(settings.gpu_memory_utilization)},
+    )
+    # Token and request metrics see every sequence that ends, aborted ones too.
+    engine.on_finish = metrics.record_finished
+    engine.on_step = metrics.vllm.record_step
+
+
+def _job_worker(
+    app: FastAPI,
+    settings: Settings,
+    engine: AsyncEngine,
+    jobs: JobStore,
+    pipeline: ChatPipeline,
+    categories: CategoriesPipeline,
+    batch_client: httpx.AsyncClient,
+) -> JobWorker:
+    """The worker that runs every kind of job (not started)."""
+    # Jobs' requests rank below interactive ones where the policy looks at ranks.
+    job_priority = settings.job_priority if settings.scheduling_policy == "priority" else None
+    dispatch = asgi_dispatch(batch_client)
+    batches = BatchRunner(
+        jobs,
+        dispatch,
+        concurrency=settings.max_num_seqs,
+        job_priority=job_priority,
+    )
+    handlers = {
+        "categories": categories_job_handler(categories, job_priority),
+        "completions": completions_job_handler(pipeline, job_priority),
+        "batch": batches,
+        BACKGROUND: background_response_handler(
+            jobs, dispatch, job_priority, loopback_streams(internal(app))
+        ),
+    }
+
+    def can_start_a_job(kinds: tuple[str, ...]) -> bool:
+        """No hoarding: a job is claimed while the engine could start it now, and not
+        while this replica drains (another one takes it). No starving either: with no job
+        of its lane's kinds running here, one is claimed whatever the engine's load (its
+        requests wait their turn in the queue), so neither interactive traffic that keeps
+        the queue busy nor a batch that fills the engine for hours holds every media job
+        (and its webhook) back until it stops."""
+        if app.state.draining:
+            return False
+        room = engine.num_queued == 0 and engine.num_running < settings.max_num_seqs
+        return room or not job_worker.runs_any(kinds)
+
+    job_worker = JobWorker(
+        jobs,
+        handlers,
+        retention_s=settings.job_retention_hours * 3600,
+        lease_s=settings.job_lease,
+        can_start=can_start_a_job,
+        # Two media jobs, one batch (it can run for hours) and four background responses
+        # at a time.
+        lanes={MEDIA_KINDS: 2, ("batch",): 1, (BACKGROUND,): 4},
+    )
+    return job_worker

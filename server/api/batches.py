@@ -101,9 +101,6 @@ class BatchCreateRequest(StrictModel):
     # job retention keeps them (--job-retention-hours), whatever it says.
     output_expires_after: OutputExpiresAfter | None = None
 
-    def unsupported_fields(self) -> list[str]:
-        return []
-
 
 class BatchRequestCounts(BaseModel):
     total: int = 0

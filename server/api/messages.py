@@ -42,7 +42,7 @@ from server.api.protocol import (
     Text,
     Turns,
 )
-from server.api.sse import answer_pieces, wire_json
+from server.api.sse import answer_pieces, named_event
 from server.engine.sequence import SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
@@ -93,7 +93,7 @@ class ImageBlock(PartModel):
     type: Literal["image"]
     source: ImageSource
 
-    def to_chat(self, param: str) -> dict[str, Any]:
+    def to_chat(self) -> dict[str, Any]:
         source = self.source
         if isinstance(source, FileSource):
             return {"type": "input_image", "file_id": source.file_id}
@@ -475,8 +475,8 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
 
 
-def _part(block: TextBlock | ImageBlock, where: str) -> dict[str, Any]:
-    return block.to_chat(where) if isinstance(block, ImageBlock) else _text_part(block.text)
+def _part(block: TextBlock | ImageBlock) -> dict[str, Any]:
+    return block.to_chat() if isinstance(block, ImageBlock) else _text_part(block.text)
 
 
 def _system_parts(system: str | list[TextBlock]) -> list[tuple[dict[str, Any], str]]:
@@ -536,7 +536,7 @@ class ChatMessages:
         elif isinstance(block, ToolResultBlock):
             self._result(role, block, where)
         else:
-            self.add(role, [(_part(block, where), where)], where)
+            self.add(role, [(_part(block), where)], where)
         if role == "assistant" and self.reasoning:
             message = self.messages[-1]
             message["reasoning_content"] = message.get("reasoning_content", "") + self.reasoning
@@ -587,10 +587,7 @@ class ChatMessages:
         if isinstance(block.content, str):
             parts = [(_text_part(block.content), where)]
         else:
-            parts = [
-                (_part(b, f"{where}.content[{i}]"), f"{where}.content[{i}]")
-                for i, b in enumerate(block.content)
-            ]
+            parts = [(_part(b), f"{where}.content[{i}]") for i, b in enumerate(block.content)]
         # Qwen's templates write a tool result as text: its images go to the model in a user
         # turn right after it.
         texts = [(p, o) for p, o in parts if p["type"] == "text"]
@@ -626,14 +623,14 @@ def message_id() -> str:
 
 def usage_of(run: ChatRun) -> dict[str, Any]:
     """Anthropic's usage: input_tokens are the prompt's tokens not read from the cache."""
-    prompt, _, _, completion, cached, _ = run.usage()
+    usage = run.usage()
     return {
-        "input_tokens": prompt - cached,
+        "input_tokens": usage.num_prompt - usage.num_cached,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
+        "cache_read_input_tokens": usage.num_cached,
         # (Anthropic's always says it; the prefix cache writes no billed cache entries)
         "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
-        "output_tokens": completion,
+        "output_tokens": usage.num_completion,
         "service_tier": "standard",
     }
 
@@ -751,8 +748,7 @@ SIGNATURE_DELTA = {"type": "signature_delta", "signature": ""}
 
 def event(kind: str, **fields: Any) -> str:
     """One server-sent event, as Anthropic sends them: its type named twice."""
-    data = {"type": kind, **fields}
-    return f"event: {kind}\ndata: {wire_json(data, ensure_ascii=False)}\n\n"
+    return named_event(kind, {"type": kind, **fields})
 
 
 class MessageEvents:

@@ -1,6 +1,7 @@
 """ASGI middleware that must see every request, routed or not: request ids and the access log,
-the body-size cap, API keys and the shutdown drain. Each answers refusals itself, in the OpenAI
-error envelope."""
+the body-size cap, JSON bodies whatever their Content-Type, paths as the routes have them, HEAD,
+API keys, the shutdown drain and CORS. Each answers refusals itself (send_error), in the
+envelope of the API asked: Anthropic's under /v1/messages, else OpenAI's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ANTHROPIC_OVERLOADED, SENT_PATH, error_body, speaks_anthropic
-from server.api.sse import wire_json
+from server.api.sse import named_event, wire_json
 from server.jobs.project import project_var
 from server.log import request_id_var
 from server.metrics import CLIENT_CLOSED_REQUEST
@@ -464,7 +465,7 @@ def cut_off_event(scope: Scope, last: bytes) -> bytes:
     message = SHUTTING_DOWN
     if speaks_anthropic(scope):
         data: dict = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
-        return f"event: error\ndata: {wire_json(data)}\n\n".encode()
+        return named_event("error", data).encode()
     if scope["path"].startswith("/v1/responses"):
         numbers = SEQUENCE_NUMBER.findall(last)
         data = {
@@ -474,7 +475,7 @@ def cut_off_event(scope: Scope, last: bytes) -> bytes:
             "message": message,
             "param": None,
         }
-        return f"event: error\ndata: {wire_json(data)}\n\n".encode()
+        return named_event("error", data).encode()
     data = error_body(False, 503, message, "server_error", None, "shutting_down")
     return f"data: {wire_json(data)}\n\ndata: [DONE]\n\n".encode()  # (as after any error)
 

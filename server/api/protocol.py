@@ -32,8 +32,9 @@ from pydantic import (
 )
 
 from server.engine.inputs import TemplateOptions, Truncation
+from server.engine.json_schema import strict_refusal, unenforced
 from server.engine.sampling import SamplingDefaults, SamplingParams
-from server.engine.structured import StructuredOutput, strict_refusal, unenforced
+from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.jobs.store import Job
 from server.media.fetch import is_data_uri
@@ -136,9 +137,6 @@ def thinking_kwargs(effort: str | None, kwargs: dict[str, Any] | None) -> dict[s
     if effort == "none":
         kwargs.setdefault("enable_thinking", False)
     return kwargs
-
-
-# torch.Generator.manual_seed takes 64 bits: any integer seed is folded into that range.
 
 
 MAX_METADATA_PAIRS = 16
@@ -932,13 +930,14 @@ UNSUPPORTED_WHEN = {
     "function_call": lambda v: v is not None,
     "functions": lambda v: bool(v),
     "modalities": lambda v: v not in (None, [], ["text"]),
-    # Both ask for work the answer would silently lack: screening, or fresh web results.
+    # Each asks for what the answer would silently lack: screening, a predicted output to
+    # check against, fresh web results.
     "moderation": lambda v: v is not None,
     "prediction": lambda v: v is not None,
     "web_search_options": lambda v: v is not None,
 }
 # Accepted with no effect (logged at debug): hints for a hosted service (caching, abuse
-# tracking, tiers, storage, answer length) or for a reasoning level no Qwen-VL checkpoint has.
+# tracking, tiers, storage, answer length); reasoning_effort is read on its own.
 IGNORED_FIELDS = (
     "metadata",
     "prompt_cache_key",
@@ -1097,9 +1096,18 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     ) -> Literal["native", "captions"]:
         return self.video_mode or default
 
-    def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
-        structured = self.to_structured()
-        tools = self.to_tools()
+    def to_sampling_params(
+        self,
+        defaults: SamplingDefaults,
+        tools: Tools | None = None,
+        structured: StructuredOutput | None = None,
+    ) -> SamplingParams:
+        """tools, structured: this body's to_tools() and to_structured(), when the caller has
+        them already."""
+        if structured is None:
+            structured = self.to_structured()
+        if tools is None:
+            tools = self.to_tools()
         if tools is not None and tools.is_forced:
             # The answer is the call: its grammar wins over a response_format beside it (sent
             # on purpose by clients that mirror the tool's schema there, as instructor does;

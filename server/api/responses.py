@@ -41,7 +41,7 @@ from server.api.protocol import (
     Text,
     Turns,
 )
-from server.api.sse import answer_pieces, wire_json
+from server.api.sse import answer_pieces, named_event
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError
@@ -802,13 +802,13 @@ def _tool_choice(choice: str | NamedFunction | AllowedTools | None) -> Any:
 
 
 def usage_of(run: ChatRun) -> dict[str, Any]:
-    prompt, _, _, completion, cached, reasoning = run.usage()
+    usage = run.usage()
     return {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": reasoning or 0},
-        "total_tokens": prompt + completion,
+        "input_tokens": usage.num_prompt,
+        "input_tokens_details": {"cached_tokens": usage.num_cached, "cache_write_tokens": 0},
+        "output_tokens": usage.num_completion,
+        "output_tokens_details": {"reasoning_tokens": usage.num_reasoning or 0},
+        "total_tokens": usage.num_prompt + usage.num_completion,
     }
 
 
@@ -873,15 +873,14 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 
 def completed(rid: str, body: ResponsesRequest, result: ChatResult, store: bool) -> ResponseObject:
-    choice, num_reasoning = result.choices[0], result.run.usage()[-1]
+    choice, num_reasoning = result.choices[0], result.run.usage().num_reasoning
     response = ResponseObject.start(rid, body, result.run.seq.sampling, store)
     return response.finish(output_items(choice, num_reasoning), choice.finish_reason, result.run)
 
 
 def event(kind: str, number: int, **fields: Any) -> str:
     """One server-sent event, as OpenAI sends them: its type named twice."""
-    data = {"type": kind, "sequence_number": number, **fields}
-    return f"event: {kind}\ndata: {wire_json(data, ensure_ascii=False)}\n\n"
+    return named_event(kind, {"type": kind, "sequence_number": number, **fields})
 
 
 class ResponseEvents:

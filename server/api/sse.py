@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from server.api.protocol import (
     ChatCompletionChunk,
@@ -44,6 +44,11 @@ SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}
 def wire_json(data: object, *, ensure_ascii: bool = True) -> str:
     """JSON as the hosted APIs stream and answer it: no spaces after separators."""
     return json.dumps(data, ensure_ascii=ensure_ascii, separators=(",", ":"))
+
+
+def named_event(kind: str, data: dict[str, Any]) -> str:
+    """A server-sent event with its type named (the Responses and Messages APIs' streams)."""
+    return f"event: {kind}\ndata: {wire_json(data, ensure_ascii=False)}\n\n"
 
 
 def error_event(exc: ServerError) -> str:

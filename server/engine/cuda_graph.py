@@ -105,7 +105,6 @@ class DecodeGraphs:
     ):
         self.forward = forward  # buffers -> logits [rows, vocab]; no host syncs inside
         self.buckets = batch_buckets(max_num_seqs)
-        self.max_blocks = max_blocks
         self.scratch_block = scratch_block
         self.block_size = block_size
         self.buffers = DecodeBuffers.allocate(self.buckets[-1], max_blocks, device)

@@ -27,7 +27,9 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ):
         self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens  # vLLM's; EOS never reaches here
+        # vLLM's; an ending token (EOS, a stop token id) reaches here only when its text is
+        # wanted (include_stop_str_in_output)
+        self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(s for s in stop if s)
         self.include_stop = include_stop  # vLLM's include_stop_str_in_output
         self.holdback = max((len(s) for s in self.stop), default=1) - 1

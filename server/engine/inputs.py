@@ -87,6 +87,14 @@ class MediaItem:
     def end(self) -> int:
         return self.start + self.num_tokens
 
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any of its tokens lie in [start, end)."""
+        return self.start < end and self.end > start
+
+
+# Each media kind's pixel tensor, as the HF processor names it.
+PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
 
 @dataclass
 class ModelInputs:
@@ -175,7 +183,7 @@ def find_media(
     """The prompt's media items in prompt order; token_ids maps kind -> placeholder token id."""
     ids = tensors["input_ids"][0]
     items: list[MediaItem] = []
-    for kind, pixels_name in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+    for kind, pixels_name in PIXELS.items():
         grids = tensors.get(f"{kind}_grid_thw")
         if grids is None:
             continue

@@ -43,9 +43,6 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ):
-        self.shape = shape
-        self.num_blocks = num_blocks
-        self.block_size = block_size
         size = (num_blocks * block_size, shape.num_kv_heads, shape.head_dim)
         self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.values = [

@@ -1,8 +1,9 @@
-"""Find a Qwen2-VL checkpoint and put it on the configured device.
+"""Find a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint and put it on the configured device.
 
 `--model` may be a local directory, the name of a folder under `--models-dir`, a Hugging Face hub
-id (looked up in models/, then the HF cache, downloaded only when online), or `tiny` /
-`tiny-qwen2.5-vl` for a random-weight checkpoint built offline on first use.
+id (looked up in models/, then the HF cache, downloaded only when online), or one of
+TINY_MODELS (`tiny`, `tiny-qwen2.5-vl`, ...) for a random-weight checkpoint built offline on
+first use.
 Only safetensors are read and remote code is never trusted.
 """
 
@@ -159,8 +160,9 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 def resolve_attention(
     requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
 ) -> str | dict[str, str]:
-    """The text model always uses sdpa: the batching runner hands it explicit KV views and
-    masks. The vision tower, where long patch sequences make it pay, may use flash-attention-2."""
+    """The vision tower's attention (the text model's is replaced by the runner's paged
+    attention, attention.py): sdpa, or flash-attention-2 where long patch sequences make it
+    pay."""
     vision = requested
     if requested == "auto":
         has_flash = importlib.util.find_spec("flash_attn") is not None

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from server.engine.encoder_cache import EncoderCache
-from server.engine.inputs import MediaItem
+from server.engine.inputs import PIXELS, MediaItem
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.transfer import to_device
 
-PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 # A prompt chunk's media tokens: (row in the step, sequence, item, the item's tokens).
 Span = tuple[int, Sequence, MediaItem, slice]
 
@@ -68,7 +67,7 @@ class MediaEncoder:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num
             held = self.held.setdefault(seq.request_id, {})
             for item in seq.inputs.media:
-                if item in held or not (item.start < end and item.end > start):
+                if item in held or not item.overlaps(start, end):
                     continue
                 key = cache_key(seq, item)
                 cached = self.cache.get(key)

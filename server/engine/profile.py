@@ -23,7 +23,7 @@ import math
 import torch
 
 from server.config import EngineConfig
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, num_blocks_for
 from server.engine.inputs import ModelInputs
 from server.engine.kv_cache import kv_cache_shape
 from server.engine.loader import LoadedModel
@@ -45,7 +45,7 @@ def worst_case_step(loaded: LoadedModel, config: EngineConfig, max_seq_len: int)
     from server.engine.runner import ModelRunner
 
     chunk = min(config.max_num_batched_tokens, max_seq_len)
-    blocks = BlockManager(math.ceil(max_seq_len / config.block_size), config.block_size, False)
+    blocks = BlockManager(num_blocks_for(max_seq_len, config.block_size), config.block_size, False)
     runner = ModelRunner(
         loaded,
         blocks.num_blocks,

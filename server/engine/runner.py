@@ -1,8 +1,11 @@
-"""ModelRunner: the only engine code that touches torch devices.
+"""ModelRunner: what runs the model. Besides the loader and the memory profile (profile.py), it
+is the engine code that touches torch devices (the engine only drops finished rows of a
+step's logits before they are sampled).
 
 One step: `forward` queues the scheduled sequences' new tokens (decodes and prompt chunks)
 through HF's text model as one flattened batch, attending over the paged KV cache
-(attention.py), or replays a decode-only step's CUDA graph (cuda_graph.py); `sample` queues the
+(attention.py); generated tokens go through FusedDecoder (decoder.py) where the model allows,
+and a decode-only step may replay its CUDA graph (cuda_graph.py); `sample` queues the
 sampling, whose tokens the host reads later (the step's one transfer). A decode whose token
 the host has not read yet (async scheduling: `Sequence.num_pending_tokens`) takes it from the
 previous step's sampled ids, on the device. Media embeddings come from MediaEncoder (the
@@ -25,6 +28,7 @@ import torch
 
 from server.engine import attention, prompt_logprobs
 from server.engine.bad_words import BadWords
+from server.engine.block_manager import num_blocks_for
 from server.engine.cuda_graph import DecodeBuffers, DecodeGraphs, DecodeRow
 from server.engine.decoder import FusedDecoder
 from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
@@ -144,7 +148,6 @@ class ModelRunner:
         if compile_decoder:
             self._compile_decoder(scratch_block=num_blocks)
         self.media = MediaEncoder(self.model, self.device, encoder_cache_bytes)
-        self.encoder_cache = self.media.cache
         self.states: dict[str, SamplingState] = {}
         self.vocab_size = self.model.config.text_config.vocab_size
         self.grammars = GrammarCache(
@@ -170,7 +173,7 @@ class ModelRunner:
                 "counts back, which a graph cannot capture"
             )
             return None
-        max_blocks = -(-max_seq_len // self.block_size)
+        max_blocks = num_blocks_for(max_seq_len, self.block_size)
         graphs = DecodeGraphs(
             self._decode_forward,
             max_num_seqs,
@@ -258,23 +261,31 @@ class ModelRunner:
         self.media.release(seq.request_id)
 
     def _state(self, seq: Sequence) -> SamplingState:
+        """The sequence's sampling state (made at its first sample), its bans for this step."""
         state = self.states.get(seq.request_id)
         if state is None:
-            structured = seq.sampling.structured
-            state = self.states[seq.request_id] = SamplingState(
-                params=seq.sampling,
-                generator=make_generator(seq.sampling.seed, self.device),
-                prompt_seen=prompt_seen(
-                    seq.sampling, seq.inputs.token_ids, self.vocab_size, self.device
-                ),
-                output_token_ids=seq.output_token_ids,
-                matcher=self.grammars.matcher(structured, seq.grammar) if structured else None,
-                grammar_waits=structured is not None and _in_reasoning(seq),
-                grammars=self.grammars,
-                bias=token_bias(seq.sampling, self.vocab_size, self.device),
-                allowed=allowed_tokens(seq.sampling, self.vocab_size, self.device),
-                bad_words=BadWords.of(seq.sampling.bad_word_ids),
-            )
+            state = self.states[seq.request_id] = self._new_state(seq)
+        self._ban_for_this_step(state, seq)
+        return state
+
+    def _new_state(self, seq: Sequence) -> SamplingState:
+        structured = seq.sampling.structured
+        return SamplingState(
+            params=seq.sampling,
+            generator=make_generator(seq.sampling.seed, self.device),
+            prompt_seen=prompt_seen(
+                seq.sampling, seq.inputs.token_ids, self.vocab_size, self.device
+            ),
+            output_token_ids=seq.output_token_ids,
+            matcher=self.grammars.matcher(structured, seq.grammar) if structured else None,
+            grammar_waits=structured is not None and _in_reasoning(seq),
+            grammars=self.grammars,
+            bias=token_bias(seq.sampling, self.vocab_size, self.device),
+            allowed=allowed_tokens(seq.sampling, self.vocab_size, self.device),
+            bad_words=BadWords.of(seq.sampling.bad_word_ids),
+        )
+
+    def _ban_for_this_step(self, state: SamplingState, seq: Sequence) -> None:
         # min_tokens: keep the sequence from ending (EOS, stop tokens) until it is long enough;
         # under a grammar the grammar says when the JSON ends (a ban would leave no token).
         # Nor does a thinking answer end inside its reasoning while its grammar waits: the
@@ -289,7 +300,6 @@ class ModelRunner:
         words = state.bad_words.banned_next(seq.output_token_ids) if state.bad_words else ()
         state.banned_token_ids = enders + words
         state.forced_token_id = thinking_end(state, seq.output_token_ids)
-        return state
 
     # -- one step --------------------------------------------------------------------------
     def run(self, batch: ScheduledBatch, sampled: list[Sequence]) -> list[int]:

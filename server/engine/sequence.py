@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.inputs import ModelInputs
 from server.engine.sampling import SamplingParams, TokenLogprobs
 
@@ -97,6 +98,30 @@ class Sequence:
     finish_time: float | None = None
     # Filled by the engine thread through loop.call_soon_threadsafe; read by the request handler.
     outputs: asyncio.Queue[SequenceOutput] = field(default_factory=asyncio.Queue)
+    # Its output tokens' text, stop strings found in it (set by the engine that takes it).
+    detokenizer: IncrementalDetokenizer | None = None
+
+    def token_arrived(self, now: float) -> None:
+        """A sampled token reached the host: its time, for the latency metrics."""
+        self.num_pending_tokens = 0
+        if self.first_token_time is None:
+            self.first_token_time = now
+        else:
+            self.inter_token_latencies.append(now - self.last_token_time)
+        self.last_token_time = now
+
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        self.output_token_ids.append(token_id)
+        if self.sampling.logprobs is not None:  # (the sampler left them on the row's state)
+            self.output_logprobs.append(logprobs)
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> str:
+        """Ends it (a token still on its way is dropped); returns the text not yet streamed."""
+        self.status = SequenceStatus.FINISHED
+        self.num_pending_tokens = 0
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        self.finish_time = time.monotonic()
+        return self.detokenizer.flush() if self.detokenizer is not None else ""
 
     @property
     def is_admitted(self) -> bool:
@@ -139,7 +164,7 @@ class Sequence:
 
     def media_keys(self, start: int, end: int) -> tuple[str, ...]:
         """Content keys of the media whose tokens lie in [start, end)."""
-        return tuple(m.key for m in self.inputs.media if m.start < end and m.end > start)
+        return tuple(m.key for m in self.inputs.media if m.overlaps(start, end))
 
     @property
     def is_finished(self) -> bool:

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from PIL import Image
 
@@ -109,6 +109,17 @@ class ChatRequest:
             exc.param = "tools" if exc.in_call else self.grammar_field
 
 
+class TokenCounts(NamedTuple):
+    """A request's usage (the order Usage.of takes them in)."""
+
+    num_prompt: int
+    num_image: int
+    num_video: int
+    num_completion: int
+    num_cached: int
+    num_reasoning: int | None  # None unless the answers started in reasoning
+
+
 @dataclass
 class ChatRun:
     """A started request: its sequences (one per choice), plus what captions mode did."""
@@ -122,8 +133,8 @@ class ChatRun:
     def seq(self) -> Sequence:
         return self.seqs[0]
 
-    def usage(self, choice: int | None = None) -> tuple[int, int, int, int, int, int | None]:
-        """(prompt, image, video, completion, cached, reasoning) tokens, captioning included:
+    def usage(self, choice: int | None = None) -> TokenCounts:
+        """The request's tokens, captioning included:
         the prompt counted once, the completions of every choice summed (of choice `choice`
         only, where given: vLLM's continuous usage of a chunk); reasoning: None unless the
         answers started in reasoning (a thinking checkpoint's)."""
@@ -133,7 +144,7 @@ class ChatRun:
         if inputs.thinks and self.think_close_id is not None:
             close = self.think_close_id
             reasoning = sum(count_reasoning_tokens(s.output_token_ids, close) for s in seqs)
-        return (
+        return TokenCounts(
             inputs.num_prompt_tokens + extra.num_prompt_tokens,
             inputs.num_image_tokens,
             inputs.num_video_tokens + extra.num_image_tokens,
@@ -193,7 +204,7 @@ class ChatPipeline:
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
         # Bad words tokenized once for the request, not again for each choice.
-        request = replace(request, sampling=self.engine.with_bad_word_ids(request.sampling))
+        request = replace(request, sampling=self.engine.limits.with_bad_word_ids(request.sampling))
         budget = self.check_fields(request)  # a bad request is a 400 even on a full server
         self.engine.check_capacity()  # refused before the costly part: grammar, media
         await self.compile_structured(request)
@@ -219,11 +230,11 @@ class ChatPipeline:
 
     def check_fields(self, request: ChatRequest) -> MediaBudget:
         """check's cheap part: sampling, the text's length, the number of media."""
-        self.engine.check_sampling(request.sampling)
+        self.engine.limits.check_sampling(request.sampling)
         if request.truncation is None:  # (a prompt to cut may be longer: it is asked for)
             # As the template gets it: the tools' definitions and the calls' arguments too.
             rendered = self.rendered(request)
-            self.engine.check_prompt_text(prompt_text(rendered), "messages", len(rendered))
+            self.engine.limits.check_prompt_text(prompt_text(rendered), "messages", len(rendered))
         return self.media.check_counts(request.messages)
 
     async def compile_structured(self, request: ChatRequest) -> None:
@@ -243,9 +254,9 @@ class ChatPipeline:
             self.input_builder.count_text_tokens, hf_messages, True, request.template
         )
         if (truncation := request.truncation) is not None:  # the prompt will be cut to fit
-            kept = self.engine.kept_prompt_tokens(truncation, request.sampling)
+            kept = self.engine.limits.kept_prompt_tokens(truncation, request.sampling)
             text_tokens = min(text_tokens, kept)
-        self.engine.max_tokens_for(text_tokens, request.sampling)
+        self.engine.limits.max_tokens_for(text_tokens, request.sampling)
         await self.check_inline_images(request.messages, budget)
 
     async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
@@ -263,7 +274,7 @@ class ChatPipeline:
             images = await self.media.images(request.messages, budget)
             videos = await self._videos(request, images, budget)
             inputs = await self._native_inputs(request, images, videos)
-            return self.engine.truncated(inputs, request.truncation, request.sampling)
+            return self.engine.limits.truncated(inputs, request.truncation, request.sampling)
 
     async def _prepare(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
@@ -356,8 +367,8 @@ class ChatPipeline:
         image_tokens = sum((img.width // side) * (img.height // side) + 2 for img in images)
         # max_tokens that leave no room whatever the videos: that 400 (naming max_tokens), as
         # without videos and for jobs, not the planner's "the video does not fit"
-        self.engine.max_tokens_for(text_tokens + image_tokens, request.sampling)
-        max_tokens = request.sampling.max_tokens or self.engine.planned_answer_tokens
+        self.engine.limits.max_tokens_for(text_tokens + image_tokens, request.sampling)
+        max_tokens = request.sampling.max_tokens or self.engine.limits.planned_answer_tokens
         fixed = text_tokens + image_tokens + max_tokens
         share = max(self.engine.max_seq_len - fixed, 0) // num_videos
         return TokenBudget(
@@ -374,7 +385,7 @@ class ChatPipeline:
 
     async def _add(self, request: ChatRequest, inputs: ModelInputs) -> list[Sequence]:
         sampling = request.sampling
-        inputs = self.engine.truncated(inputs, request.truncation, sampling)
+        inputs = self.engine.limits.truncated(inputs, request.truncation, sampling)
         wants_end = sampling.thinking_token_budget is not None or sampling.structured is not None
         if wants_end and inputs.thinks:
             # the budget counts reasoning tokens, a grammar shapes what follows them: only an

@@ -59,11 +59,11 @@ class TextCompletions:
     ) -> list[Sequence]:
         """Every prompt's n choices, prompt by prompt (choice k of prompt p: p * n + k)."""
         self.engine.check_capacity()  # refuse early, before tokenizing
-        sampling = self.engine.with_bad_word_ids(sampling)  # once, not per prompt and choice
+        sampling = self.engine.limits.with_bad_word_ids(sampling)  # once, not per prompt and choice
         if sampling.structured is not None:
             await compile_grammar(self.engine, sampling.structured, options.grammar_param)
         inputs = await asyncio.to_thread(lambda: [self._inputs(p, options) for p in prompts])
-        inputs = [self.engine.truncated(x, options.truncation, sampling) for x in inputs]
+        inputs = [self.engine.limits.truncated(x, options.truncation, sampling) for x in inputs]
         samplings = [self._for_prompt(x, sampling) for x in inputs]
         try:
             if n == 1:  # all in one batch
@@ -124,7 +124,7 @@ class TextCompletions:
     def _inputs(self, prompt: str | list[int], options: PromptOptions) -> ModelInputs:
         if isinstance(prompt, str):
             if options.truncation is None:  # (a prompt to cut may be longer: it is asked for)
-                self.engine.check_prompt_text(prompt, PARAM)
+                self.engine.limits.check_prompt_text(prompt, PARAM)
             special = options.add_special_tokens
             ids = self.tokenizer.encode(prompt, add_special_tokens=special is not False)
         else:

@@ -16,12 +16,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.engine.structured import (
-    DATA_KEYWORDS,
-    NAMED_SCHEMAS,
-    StructuredOutput,
-    strict_normalized,
-)
+from server.engine.json_schema import DATA_KEYWORDS, NAMED_SCHEMAS, strict_normalized
+from server.engine.structured import StructuredOutput
 from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
 
 TOOLS_HEADER = (

@@ -721,7 +721,7 @@ def test_the_least_normalized_size_is_a_bound_found_without_normalizing() -> Non
     not known here."""
     from tokenizers import normalizers
 
-    from server.engine.engine import _at_least_normalized_bytes, _normalized_bytes
+    from server.engine.request_limits import _at_least_normalized_bytes, _normalized_bytes
 
     nfc = normalizers.NFC()
     for text in (
@@ -748,7 +748,7 @@ async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
     settings = make_settings(tiny_model_dir, max_model_len=256)
     async for client in start_client(settings):
         engine = client.app.state.services.engine  # type: ignore[attr-defined]
-        limit = engine.max_seq_len * engine._longest_token_bytes  # bytes of normalized text
+        limit = engine.max_seq_len * engine.limits._longest_token_bytes  # bytes of normalized text
         text = "word " * (limit // 5 + 1)
         body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2}
         error = assert_error(
@@ -768,9 +768,9 @@ async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
         # just under the bound: tokenized, and refused by its tokens as before
         # the tokenizer's normalization first: 3 characters that NFC makes one of 2 bytes
         composed = "u\u0308\u0301"
-        engine.check_prompt_text(composed * (limit // 3 + 1), "messages")  # 2/3 of the bound
+        engine.limits.check_prompt_text(composed * (limit // 3 + 1), "messages")  # 2/3 of the bound
         with pytest.raises(InvalidRequest):
-            engine.check_prompt_text(composed * (limit // 2 + 1), "messages")
+            engine.limits.check_prompt_text(composed * (limit // 2 + 1), "messages")
         body["messages"] = [{"role": "user", "content": "x" * (limit - 50)}]
         error = assert_error(await client.post("/v1/chat/completions", json=body), 400)
         assert error["code"] == "context_length_exceeded" and "characters" not in error["message"]

@@ -185,7 +185,7 @@ async def test_without_a_default_max_tokens_the_answer_has_the_rest_of_the_conte
     seq = engine.add_request("a", prompt, SamplingParams(temperature=0))
     await engine.stop()
     assert seq.max_tokens == 2048 - prompt.num_prompt_tokens
-    assert engine.planned_answer_tokens == 512
+    assert engine.limits.planned_answer_tokens == 512
 
 
 async def test_video_prompt_matches_hf_generate_alone_and_batched(

@@ -114,7 +114,7 @@ async def test_prefix_and_encoder_cache_hits_give_the_same_answer(
     first = engine.add_request("first", prompts["images"], GREEDY)
     async for _ in engine.stream(first):
         pass
-    vision_calls = engine.runner.encoder_cache.num_misses
+    vision_calls = engine.runner.media.cache.num_misses
     again = engine.add_request("again", prompts["images"], GREEDY)
     async for _ in engine.stream(again):
         pass
@@ -123,7 +123,7 @@ async def test_prefix_and_encoder_cache_hits_give_the_same_answer(
     block = engine.scheduler.blocks.block_size
     assert again.num_cached_tokens == (prompts["images"].num_prompt_tokens - 1) // block * block
     assert first.output_token_ids == again.output_token_ids == expected["images"]
-    assert engine.runner.encoder_cache.num_misses == vision_calls
+    assert engine.runner.media.cache.num_misses == vision_calls
 
 
 async def test_same_size_images_share_only_the_text_before_them(loaded) -> None:

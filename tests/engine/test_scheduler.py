@@ -4,6 +4,7 @@ bookkeeping (token budget, chunks, blocks, prefix hits, preemption)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -312,7 +313,8 @@ class FakeSampled:
 
     def __init__(self, tokens: list[int]) -> None:
         self._tokens = tokens
-        self.states = [None] * len(tokens)
+        # (each row's sampling state: no logprobs asked for, no grammar)
+        self.states = [SimpleNamespace(logprobs=None, grammar_ended=False)] * len(tokens)
 
     def tokens(self) -> list[int]:
         return self._tokens

@@ -12,15 +12,13 @@ import pytest
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
-from server.engine.structured import (
+from server.engine.json_schema import (
     FORMAT_PATTERNS,
-    GrammarCache,
-    StructuredOutput,
     exact_formats,
-    schema_error_text,
     unenforced,
     writes_raw_escapes,
 )
+from server.engine.structured import GrammarCache, StructuredOutput, schema_error_text
 
 
 @pytest.mark.parametrize(
@@ -81,7 +79,7 @@ def test_strict_normalization_requires_what_cannot_leave_the_answer_unfinished()
     """Under strict every property is required, those named in `required` without being
     listed kept; a property that refers elsewhere (it may recurse: forced, no finite JSON
     would fit) and the properties of an object with maxProperties stay as optional as sent."""
-    from server.engine.structured import strict_normalized
+    from server.engine.json_schema import strict_normalized
 
     node = {
         "type": "object",

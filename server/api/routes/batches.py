@@ -16,7 +16,6 @@ from server.exceptions import (
     BatchNotFound,
     FileNotFound,
     InvalidRequest,
-    refuse_unsupported,
 )
 from server.jobs.project import current_project
 
@@ -35,7 +34,6 @@ async def create_batch(
 ) -> Batch:
     """The batch is queued at once (`validating`); its lines are checked when it runs (a file
     with invalid lines fails the batch, each listed in `errors`)."""
-    refuse_unsupported(body.unsupported_fields())
     check_metadata(body.metadata)
     project = current_project()
     stored = await asyncio.to_thread(services.jobs.get_file, body.input_file_id, project)

@@ -132,10 +132,12 @@ def to_chat_request(
     if body.request_id is not None:
         logger.info("client request_id %r", body.request_id)  # repr: no forged lines
     tools = body.to_tools()
+    messages = body.to_messages()
+    structured = body.to_structured()
     return ChatRequest(
         request_id=completion_id(),
-        messages=body.to_messages(),
-        sampling=body.to_sampling_params(defaults),
+        messages=messages,
+        sampling=body.to_sampling_params(defaults, tools, structured),
         video_mode=body.to_video_mode(default_video_mode),
         use_scenes=bool(body.use_scenes),
         # a job's n was checked when it was accepted
@@ -143,7 +145,7 @@ def to_chat_request(
         tools=tools,
         template=body.to_template(),
         grammar_param=body.structured_param(),
-        aside=body.to_structured() if tools is not None and tools.is_forced else None,
+        aside=structured if tools is not None and tools.is_forced else None,
         tokens_as_ids=bool(body.return_tokens_as_token_ids),
         return_token_ids=bool(body.return_token_ids),
         include_reasoning=body.include_reasoning is not False,

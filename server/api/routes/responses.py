@@ -30,7 +30,7 @@ from server.api.responses import (
 )
 from server.api.routes.chat import ERRORS
 from server.api.services import Services, get_services
-from server.api.sse import SSE_HEADERS, SSE_RESPONSE, wire_json
+from server.api.sse import SSE_HEADERS, SSE_RESPONSE, named_event
 from server.api.translated import fitted, prompt_tokens, run_translated
 from server.exceptions import (
     ConversationNotFound,
@@ -366,7 +366,7 @@ def _with_store_false(event: str) -> str:
     kind, data = event.strip().split("\n", 1)
     fields = json.loads(data.removeprefix("data: "))
     fields["response"]["store"] = False
-    return f"{kind}\ndata: {wire_json(fields, ensure_ascii=False)}\n\n"
+    return named_event(kind.removeprefix("event: "), fields)
 
 
 @router.post("/v1/responses/compact", tags=["responses"])

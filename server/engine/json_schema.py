@@ -1,0 +1,273 @@
+"""JSON schemas as the server takes them for structured output, before xgrammar compiles
+them: the bounds on their depth and size, the keywords a grammar cannot enforce (a strict
+schema with one is refused), strict mode's normal form, and the string formats written as
+exact patterns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+
+class InvalidSchema(ValueError):
+    """The JSON schema cannot be compiled to a grammar."""
+
+
+# A JSON schema nested deeper than this (in JSON levels) is refused: compiling grows about as
+# the cube of the depth (on the CPU: 0.2 s at 128 levels of arrays, 1.6 s at 256, 32 s at 450),
+# and one request's compile would hold the others' back. OpenAI allows 10 levels of objects.
+MAX_SCHEMA_DEPTH = 128
+# What a schema's grammar is made of, bounded as OpenAI bounds structured outputs: at most
+# 5,000 properties, and 120,000 characters of property and definition names, enum and const
+# values (a compile grows faster than those: 50,000 enum strings took a minute of a compile
+# thread; descriptions cost nothing and are not counted).
+MAX_SCHEMA_PROPERTIES = 5_000
+MAX_SCHEMA_CHARS = 120_000
+# Keywords whose values are data, not schemas: a {"$ref": ...} inside one is left as it is.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names to schemas (a property may be named "enum").
+NAMED_SCHEMAS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of objects and arrays in a JSON text (strings skipped), in one pass
+    without building it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def check_schema_depth(text: str, wrapper_depth: int = 0) -> None:
+    """Raises InvalidSchema past MAX_SCHEMA_DEPTH levels (less those the server's own wrapping
+    adds)."""
+    depth = json_depth(text) - wrapper_depth
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidSchema(f"it is nested {depth} levels deep; the limit is {MAX_SCHEMA_DEPTH}")
+
+
+def check_schema_size(schema: object) -> None:
+    """Raises InvalidSchema past MAX_SCHEMA_PROPERTIES or MAX_SCHEMA_CHARS."""
+    properties = chars = 0
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in NAMED_SCHEMAS and isinstance(value, dict):
+                properties += len(value) if key == "properties" else 0
+                chars += sum(map(len, value))
+                stack.extend(value.values())
+            elif key in ("enum", "const"):
+                values = value if key == "enum" and isinstance(value, list) else [value]
+                chars += sum(map(_value_chars, values))
+            elif key not in DATA_KEYWORDS and isinstance(value, dict | list):
+                stack.append(value)  # (a default or an example is a value, not a schema)
+    if properties > MAX_SCHEMA_PROPERTIES:
+        raise InvalidSchema(
+            f"it has {properties} properties; the limit is {MAX_SCHEMA_PROPERTIES:,} (OpenAI's)"
+        )
+    if chars > MAX_SCHEMA_CHARS:
+        raise InvalidSchema(
+            f"its property and definition names, enum and const values are {chars:,} "
+            f"characters; the limit is {MAX_SCHEMA_CHARS:,} (OpenAI's)"
+        )
+
+
+def _value_chars(value: object) -> int:
+    """A value's characters as written: a string's own (a CJK character is one), else its
+    compact JSON."""
+    if isinstance(value, str):
+        return len(value)
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+# Keywords xgrammar reads past without enforcing them (an answer could break them): a strict
+# schema with one is refused, as OpenAI's strict mode refuses most of them.
+UNENFORCED = frozenset(
+    {
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "multipleOf",
+        "not",
+        "if",
+        "then",
+        "else",
+        "dependentRequired",
+        "dependentSchemas",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+    }
+)
+# Where a schema holds schemas: by name, in a list, or one.
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "additionalItems")
+
+
+def unenforced(schema: Any, at: str = "") -> list[str]:
+    """Where the schema uses what the grammar would not enforce ("properties.tags.uniqueItems").
+    Property names are names, not keywords: only schema positions are read."""
+    if not isinstance(schema, dict):
+        return []
+    found = [
+        f"{at}{key}"
+        for key in schema
+        if key in UNENFORCED and not (key == "multipleOf" and whole_multiple(schema))
+    ]
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        found.append(f"{at}allOf (of several schemas)")
+    if isinstance(schema.get("pattern"), str) and writes_raw_escapes(schema["pattern"]):
+        found.append(f"{at}pattern (a quote, backslash or control character, written raw)")
+    lengths = "minLength" in schema or "maxLength" in schema
+    found += [
+        f"{at}{key} with minLength/maxLength"
+        for key in ("pattern", "format")
+        if lengths and key in schema
+    ]
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                found += unenforced(sub, f"{at}{key}.{name}.")
+    for key in SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                found += unenforced(sub, f"{at}{key}[{i}].")
+    for key in SCHEMA_VALUES:
+        found += unenforced(schema.get(key), f"{at}{key}.")
+    return found
+
+
+def with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of the schema with each schema it holds (by name, in a list, or one) changed."""
+    changed = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            changed[key] = {name: change(sub) for name, sub in schema[key].items()}
+    for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
+        if key in schema:
+            changed[key] = change(schema[key])
+    return changed
+
+
+def strict_normalized(schema: Any) -> Any:
+    """A strict schema as OpenAI's Structured Outputs answer it: every property of every
+    object written (OpenAI refuses a strict schema whose `required` leaves one out; here it is
+    made required, so the promise holds, and the answer still fits the schema as sent). Left
+    optional where forcing could leave no finite answer: a property that refers elsewhere
+    ($ref: it may recurse), and the properties of an object with maxProperties."""
+    if isinstance(schema, list):
+        return [strict_normalized(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    normalized = with_subschemas(schema, strict_normalized)
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and "maxProperties" not in schema:
+        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        forced = [name for name, sub in properties.items() if "$ref" not in json.dumps(sub)]
+        normalized["required"] = [*required, *(name for name in forced if name not in required)]
+    return normalized
+
+
+def strict_refusal(found: list[str]) -> str:
+    """Why a strict schema is refused, given unenforced's findings."""
+    return (
+        f"strict, it uses what constrained decoding here cannot enforce: {', '.join(found[:5])} "
+        "(without strict, the schema is followed as far as it can be)"
+    )
+
+
+def whole_multiple(schema: dict[str, Any]) -> bool:
+    """Whether the schema's multipleOf is one xgrammar enforces: a positive whole number on
+    integers alone (it writes the digits through a remainder automaton; on numbers it warns
+    and ignores the keyword)."""
+    step = schema.get("multipleOf")
+    kinds = schema.get("type")
+    integers = kinds == "integer" or (isinstance(kinds, list) and "number" not in kinds)
+    return integers and isinstance(step, int) and not isinstance(step, bool) and step > 0
+
+
+def writes_raw_escapes(pattern: str) -> bool:
+    r"""Whether a string `pattern` can match a character JSON must escape (a quote, a
+    backslash, a control character) spelt out: xgrammar writes such a character raw, not
+    escaped (the answer would not parse). `.`, `\s` and negated classes are safe: xgrammar
+    keeps those characters out of them."""
+    negated: bool | None = None  # inside a class: whether it is negated; None: outside
+    i = 0
+    while i < len(pattern):
+        char, nxt = pattern[i], pattern[i + 1 : i + 2]
+        if char == "\\" and nxt:
+            escape = pattern[i + 1 : i + 6]
+            raw = (
+                nxt in '"\\tnrfv0c' or escape[:2] in ("x0", "x1") or escape[:4] in ("u000", "u001")
+            )
+            if raw and negated is not True:
+                return True
+            i += 2
+        elif negated is None and char == "[":
+            negated = nxt == "^"
+            i += 2 if negated else 1
+        elif negated is not None and char == "]":
+            negated, i = None, i + 1
+        elif (char == '"' or ord(char) < 0x20) and negated is not True:
+            return True
+        else:
+            i += 1
+    return False
+
+
+# RFC 3339's dates and times as patterns that take only real ones: xgrammar's own `format`
+# grammars take any day up to 31 in any month ("2023-02-31") and second 60, which Python's
+# datetime (so pydantic, which OpenAI's SDKs parse answers with) refuses. Leap years exact;
+# year 0000 out (datetime's years are 1 to 9999).
+YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][48]|[13579][26]|[2468]0)00)"
+MONTH_DAY = (
+    r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    r"|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+DATE = rf"(?:{YEAR}-{MONTH_DAY}|{LEAP_YEAR}-02-29)"
+TIME = (
+    r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+FORMAT_PATTERNS = {"date": DATE, "time": TIME, "date-time": f"{DATE}T{TIME}"}
+
+
+def exact_formats(schema: Any) -> Any:
+    """The schema with each string's `format` date, time or date-time (and no pattern of its
+    own) written as the pattern of real ones. Only schema positions are read (a property
+    named "format" is a name)."""
+    if isinstance(schema, list):
+        return [exact_formats(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    exact = with_subschemas(schema, exact_formats)
+    pattern = FORMAT_PATTERNS.get(schema.get("format"))  # type: ignore[arg-type]
+    if pattern is not None and "pattern" not in schema:
+        del exact["format"]
+        exact["pattern"] = f"^{pattern}$"
+    return exact
