@@ -83,7 +83,7 @@ HELP = {
     "float32 on a CPU.",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N.",
     "attn_implementation": "Vision tower attention; auto: flash_attention_2 when installed on "
-    "CUDA, else sdpa (the text model always uses sdpa).",
+    "CUDA, else sdpa (the text model attends over the paged KV cache: --attention-backend).",
     "models_dir": "The local model store, searched for --model names.",
     "data_dir": "Server state: async jobs (jobs.sqlite3), pending webhooks, the webhook secret, "
     "spooled videos; keep it across restarts.",
@@ -150,6 +150,10 @@ HELP = {
     "preempt them).",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",
     "max_images_per_request": "Images in one request, all messages together.",
+    "auto_image_tokens": "The most visual tokens an image becomes when its part's `detail` is "
+    "auto or left out (a larger image is scaled down to it; `low`: 256, `high`: the model's "
+    "most). 0: the model's most, as `high`, and as vLLM reads every image (what clients "
+    "written for vLLM expect, e.g. for documents read at full resolution).",
     "max_media_bytes_per_request": "All media of one request together.",
     "max_video_bytes": "Largest video.",
     "max_videos_per_request": "Videos in one request.",

@@ -296,6 +296,7 @@ async def _media_loader(
         token_side=input_builder.token_side,
         model_min_pixels=input_builder.min_image_pixels,
         context_length=engine.max_seq_len,
+        auto_image_tokens=settings.auto_image_tokens,
     )
     return fetcher, decoder, media
 

@@ -33,12 +33,16 @@ from server.api.protocol import (
     CallArguments,
     ChatCompletionTokenLogprob,
     ContentPart,
+    LogitBias,
     MetadataPairs,
     PartModel,
     Priority,
     ReasoningEffort,
+    Stop,
     StrictModel,
+    StructuredOutputsParam,
     Text,
+    TokenId,
     Turns,
 )
 from server.api.sse import answer_pieces, named_event
@@ -247,6 +251,30 @@ class ConversationRef(StrictModel):
     id: str = Field(min_length=1, max_length=200)
 
 
+# vLLM's chat fields its Responses API takes too: each goes to the chat completion as it is.
+VLLM_CHAT_FIELDS = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_reasoning",
+    "structured_outputs",
+    "chat_template_kwargs",
+    "mm_processor_kwargs",
+    "media_io_kwargs",
+    "request_id",
+)
+
+
 class ResponsesRequest(StrictModel):
     model: str
     # (optional, as OpenAI's: a conversation's next answer may need no new input)
@@ -288,6 +316,27 @@ class ResponsesRequest(StrictModel):
     # extension (vLLM's, as chat's): a thinking checkpoint's reasoning ends after this many
     # tokens (-1: no budget)
     thinking_token_budget: int | None = Field(default=None, ge=-1, lt=2**31)
+    # extensions (vLLM's, which its Responses API takes as its chat API does; benchmarks send
+    # ignore_eos): passed to the chat completion this request is (VLLM_CHAT_FIELDS)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: LogitBias | None = None
+    seed: int | None = None
+    stop: Stop = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_reasoning: bool | None = None
+    structured_outputs: StructuredOutputsParam | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    request_id: str | None = Field(default=None, max_length=256)
     # Run as a durable job: answered at once as queued, polled with GET /v1/responses/{id}.
     background: StrictBool | None = None
     # A conversation (POST /v1/conversations): its items go before `input`, and this
@@ -475,6 +524,7 @@ class ResponsesRequest(StrictModel):
             body["tool_choice"] = self.tool_choice
         if self.text is not None and self.text.format is not None:
             body["response_format"] = self.text.format.to_response_format()
+        body |= self.model_dump(include=set(VLLM_CHAT_FIELDS), exclude_none=True)
         return {key: value for key, value in body.items() if value is not None}
 
     def _messages(self) -> list[dict[str, Any]]:

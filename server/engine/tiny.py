@@ -261,11 +261,11 @@ def build_tokenizer(spec: TinySpec):
     vocab: dict[str, int] = dict(trained["vocab"])
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
 
-    # Specials sit right after the BPE vocab, in Qwen's order, at ids fixed by that order.
+    # Specials are added tokens right after the BPE vocab, in Qwen's order, at ids fixed by
+    # that order: as in Qwen's tokenizers, outside `vocab_size` (a benchmark's random prompts,
+    # drawn below it, never hold <|image_pad|>) and Qwen2-VL's own listed as special.
     first_special_id = len(vocab)
     specials = special_tokens(spec.family)
-    for offset, token in enumerate(specials):
-        vocab[token] = first_special_id + offset
     backend = pipeline(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     # add_tokens keeps each token's own flag (add_special_tokens would make all of them
     # special, and decoding with skip_special_tokens would drop "</think>" and "<tool_call>",
@@ -279,6 +279,9 @@ def build_tokenizer(spec: TinySpec):
         pad_token="<|endoftext|>",
         unk_token=None,
         bos_token=None,
+        additional_special_tokens=[
+            t for t in QWEN2_VL_SPECIAL_TOKENS if t not in ("<|endoftext|>",)
+        ],
         model_max_length=spec.max_position_embeddings,
         errors="replace",
         split_special_tokens=False,

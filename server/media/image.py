@@ -5,7 +5,8 @@ a pixel budget is a token budget:
 
     detail   max pixels              max visual tokens   roughly
     low      256 * 28 * 28 = 200,704          256         448 x 448
-    auto   1,280 * 28 * 28 = 1,003,520      1,280       1000 x 1000 (Qwen's recommended default)
+    auto   1,280 * 28 * 28 = 1,003,520      1,280       1000 x 1000 (Qwen's recommended default;
+                                                         --auto-image-tokens sets it)
     high   the checkpoint's processor max (12,845,056 = 16,384 tokens for Qwen2-VL-Instruct)
 
 Qwen3-VL's tokens are 32x32 pixels (16-pixel patches): the same token budgets, in its pixels.
@@ -56,12 +57,19 @@ def _too_large(param: str, size: str) -> MediaError:
     )
 
 
-def max_pixels_for(detail: Detail, model_max_pixels: int, side: int = TOKEN_SIDE) -> int:
+def max_pixels_for(
+    detail: Detail,
+    model_max_pixels: int,
+    side: int = TOKEN_SIDE,
+    auto_tokens: int = AUTO_DETAIL_TOKENS,
+) -> int:
+    """auto_tokens: detail auto's budget (0: the model's ceiling, as high; MIN_TOKENS at
+    least)."""
     if detail == "low":
         return min(LOW_DETAIL_TOKENS * side * side, model_max_pixels)
-    if detail == "high":
+    if detail == "high" or not auto_tokens:
         return model_max_pixels
-    return min(AUTO_DETAIL_TOKENS * side * side, model_max_pixels)
+    return min(max(auto_tokens, MIN_TOKENS) * side * side, model_max_pixels)
 
 
 def padded_size(width: int, height: int) -> tuple[int, int]:
@@ -128,13 +136,14 @@ def pixel_range(
     side: int,
     model_min_pixels: int,
     pixels: tuple[int | None, int | None],
+    auto_tokens: int = AUTO_DETAIL_TOKENS,
 ) -> tuple[int, int]:
     """(min, max) pixels an image is resized into: detail's budget from the checkpoint's
     smallest image, or the request's own range. As Qwen's processor takes one, its min_pixels
     replaces the checkpoint's (Qwen3-VL's 65,536), its max_pixels is never passed (it wins
     over a min above it), and the model's ceiling stays."""
     wanted_min, wanted_max = pixels
-    max_pixels = max_pixels_for(detail, model_max_pixels, side)
+    max_pixels = max_pixels_for(detail, model_max_pixels, side, auto_tokens)
     if wanted_min is not None or wanted_max is not None:  # the request's range, not detail's
         max_pixels = min(wanted_max or model_max_pixels, model_max_pixels)
     return (model_min_pixels if wanted_min is None else wanted_min), max_pixels
@@ -236,11 +245,14 @@ def load_image(
     side: int = TOKEN_SIDE,
     model_min_pixels: int = 0,
     pixels: tuple[int | None, int | None] = (None, None),
+    auto_tokens: int = AUTO_DETAIL_TOKENS,
 ) -> Image.Image:
     """Blocking: call it from a worker thread. side: pixels along a visual token's side;
     model_min_pixels: the checkpoint's smallest image (Qwen's processors enlarge a smaller
     one); pixels: the request's (min, max) pixels, in place of detail's budget and that
-    minimum, under the model's ceiling."""
+    minimum, under the model's ceiling; auto_tokens: detail auto's budget."""
     image = decode_image(data, param=param)
-    min_pixels, max_pixels = pixel_range(detail, model_max_pixels, side, model_min_pixels, pixels)
+    min_pixels, max_pixels = pixel_range(
+        detail, model_max_pixels, side, model_min_pixels, pixels, auto_tokens
+    )
     return fit_to_budget(image, max_pixels, side=side, min_pixels=min_pixels)

@@ -20,6 +20,7 @@ from server.media.decode_memory import DecodeMemory
 from server.media.fetch import FetchedMedia, MediaFetcher, Spend, is_data_uri, too_large
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import (
+    AUTO_DETAIL_TOKENS,
     IMAGE_FORMATS,
     decoded_bytes,
     header_size,
@@ -71,6 +72,7 @@ class MediaLoader:
         token_side: int = 28,
         model_min_pixels: int = 0,
         context_length: int = 0,
+        auto_image_tokens: int = AUTO_DETAIL_TOKENS,
     ):
         self.spool_dir = spool_dir  # downloaded videos go to files here, not to memory
         self.fetcher = fetcher
@@ -78,6 +80,7 @@ class MediaLoader:
         self.limits = limits
         self.model_max_pixels = model_max_pixels
         self.token_side = token_side  # pixels along one side of a visual token (Qwen3-VL: 32)
+        self.auto_image_tokens = auto_image_tokens  # detail auto's budget (0: the model's max)
         self.model_min_pixels = model_min_pixels  # the processor's smallest image
         self.context_length = context_length  # tokens (0: images are not counted before)
         self.metrics = metrics
@@ -236,7 +239,12 @@ class MediaLoader:
     def _pixel_range(self, part: ImagePart) -> tuple[int, int]:
         pixels = (part.min_pixels, part.max_pixels)
         return pixel_range(
-            part.detail, self.model_max_pixels, self.token_side, self.model_min_pixels, pixels
+            part.detail,
+            self.model_max_pixels,
+            self.token_side,
+            self.model_min_pixels,
+            pixels,
+            self.auto_image_tokens,
         )
 
     async def _decode(
@@ -252,6 +260,7 @@ class MediaLoader:
                 side=self.token_side,
                 model_min_pixels=self.model_min_pixels,
                 pixels=(part.min_pixels, part.max_pixels),
+                auto_tokens=self.auto_image_tokens,
             ),
         )
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from server import __version__
-from tests.helpers import make_settings, make_video, start_client
+from tests.helpers import data_uri, make_image, make_settings, make_video, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -192,3 +192,33 @@ async def test_the_blocking_threads_serve_the_app_and_go_with_its_lifespan(
     assert not any(t.is_alive() for t in ours)
     name = await asyncio.to_thread(lambda: threading.current_thread().name)
     assert not name.startswith("blocking")  # the loop's own executor serves what runs after
+
+
+async def test_auto_image_tokens_sets_the_budget_of_images_without_a_detail(
+    tiny_model_dir: Path, client: httpx.AsyncClient
+) -> None:
+    """--auto-image-tokens: the budget of a part whose detail is auto or left out (default
+    1280); 0 reads such an image at the model's ceiling, as `detail: high` and vLLM read it."""
+    image = data_uri(make_image(1600, 1200, fmt="PNG"))
+
+    async def image_tokens(client: httpx.AsyncClient, detail: str | None) -> int:
+        part = {"type": "image_url", "image_url": {"url": image}}
+        if detail is not None:
+            part["image_url"]["detail"] = detail
+        body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [part]}]}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["image_tokens"]
+
+    default, high = await image_tokens(client, None), await image_tokens(client, "high")
+    assert default <= 1280 < high
+    low = await image_tokens(client, "low")
+    for budget in (0, 64):
+        settings = make_settings(tiny_model_dir, auto_image_tokens=budget)
+        async for own in start_client(settings):
+            tokens = [await image_tokens(own, d) for d in (None, "auto", "low", "high")]
+        assert tokens[0] == tokens[1] and tokens[2:] == [low, high]
+        if budget == 0:
+            assert tokens[0] == high
+        else:
+            assert 48 <= tokens[0] <= 64

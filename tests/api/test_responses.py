@@ -357,6 +357,54 @@ async def test_sampling_and_cache_salt(client: httpx.AsyncClient) -> None:
     assert cached[1] > 0 and cached[2] == 0
 
 
+async def test_vllms_sampling_extensions_are_the_chat_completions(
+    client: httpx.AsyncClient,
+) -> None:
+    """vLLM's Responses API takes its chat extensions (`vllm bench serve --backend
+    openai-responses` sends ignore_eos): each shapes the answer as it shapes a chat
+    completion's; a bad value is the chat's 400, named as sent."""
+    extras = {
+        "seed": 7,
+        "top_k": 5,
+        "min_p": 0.01,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "logit_bias": {"11": 5},
+        "ignore_eos": True,
+        "stop_token_ids": [3],
+        "include_stop_str_in_output": True,
+        "skip_special_tokens": False,
+        "request_id": "bench-1",
+    }
+    response = await client.post(
+        "/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 12, **extras}
+    )
+    chat = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 12,
+            **extras,
+        },
+    )
+    assert response.status_code == chat.status_code == 200, response.text
+    answer, expected = response.json(), chat.json()
+    assert answer["output"][0]["content"][0]["text"] == expected["choices"][0]["message"]["content"]
+    assert answer["usage"]["output_tokens"] == expected["usage"]["completion_tokens"]
+    stopped = await client.post(
+        "/v1/responses",
+        json={"model": "tiny", "input": "hi", "max_output_tokens": 12, "seed": 7, "stop": ["e"]},
+    )
+    assert "e" not in stopped.json()["output"][0]["content"][0]["text"]
+    for field, value in (("top_k", -2), ("stop_token_ids", [10**6]), ("logit_bias", {"x": 1})):
+        bad = await client.post(
+            "/v1/responses", json={"model": "tiny", "input": "hi", field: value}
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"].startswith(field), bad.text
+
+
 async def test_logprobs_as_chat_computes_them(client: httpx.AsyncClient) -> None:
     """include message.output_text.logprobs (and top_logprobs): every answer token's entry,
     the same as chat's; streamed, the deltas' entries add up to the done event's."""

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
+from server.api.routes.health import model_card
 from tests.api.test_errors import assert_error
 from tests.api.test_video_api import video_uri
 from tests.helpers import data_uri, make_image, make_video
@@ -30,6 +35,11 @@ async def test_text_prompt_round_trip(client: httpx.AsyncClient) -> None:
     completion = {"model": "tiny", "prompt": "Hello there, cat", "max_tokens": 1}
     usage = (await post(client, "/v1/completions", completion))["usage"]
     assert usage["prompt_tokens"] == tokens["count"]
+    # A benchmark on this machine (vllm bench serve) counts tokens with the tokenizer of the
+    # model card's root: an absolute directory, whatever the server's working directory.
+    root = (await client.get("/v1/models/tiny")).json()["root"]
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    assert Path(root).is_absolute() and tokenizer("Hello there, cat").input_ids == tokens["tokens"]
 
 
 @pytest.mark.parametrize("media", ["none", "image", "video"])
@@ -132,3 +142,13 @@ async def test_an_unreachable_image_is_a_400_naming_it(client: httpx.AsyncClient
         "/tokenize", json={"messages": [{"role": "user", "content": [part]}]}
     )
     assert_error(response, 400, "messages[0].content[0]")
+
+
+def test_the_model_cards_root_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model tiny (or a folder under a relative --models-dir) is served from a relative
+    path: the card names it from /, so a tool running elsewhere on this machine finds it."""
+    monkeypatch.chdir(tmp_path)
+    loaded = SimpleNamespace(path=Path("models/tiny-qwen2-vl"))
+    services = SimpleNamespace(loaded=loaded, started_at=0, engine=SimpleNamespace(max_seq_len=8))
+    card = model_card(services, "tiny")  # type: ignore[arg-type]
+    assert card.root == str(tmp_path.resolve() / "models" / "tiny-qwen2-vl")

@@ -86,6 +86,10 @@ def test_loads_like_a_hub_checkpoint(fixture: str, request: pytest.FixtureReques
     # Special tokens in Qwen's order, at consecutive ids that the config agrees with.
     ids = [tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS]
     assert ids == list(range(ids[0], ids[0] + len(ids)))
+    # ... outside vocab_size and listed as special, as in Qwen's tokenizers (a benchmark's
+    # random prompts, drawn below vocab_size, held <|image_pad|>)
+    assert ids[0] == tokenizer.vocab_size
+    assert set(QWEN2_VL_SPECIAL_TOKENS) <= set(tokenizer.all_special_tokens)
     assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert config.video_token_id == tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")

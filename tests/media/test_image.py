@@ -61,6 +61,11 @@ def test_detail_budgets() -> None:
     assert max_pixels_for("auto", MODEL_MAX) == AUTO_DETAIL_MAX_PIXELS == 1280 * 28 * 28
     assert max_pixels_for("high", MODEL_MAX) == MODEL_MAX
     assert max_pixels_for("auto", 100 * 28 * 28) == 100 * 28 * 28  # never above the model's
+    # --auto-image-tokens: auto's budget; 0 is the model's ceiling (vLLM's reading)
+    assert max_pixels_for("auto", MODEL_MAX, auto_tokens=4096) == 4096 * 28 * 28
+    assert max_pixels_for("auto", MODEL_MAX, auto_tokens=0) == MODEL_MAX
+    assert max_pixels_for("auto", MODEL_MAX, auto_tokens=1) == 4 * 28 * 28  # the least image
+    assert max_pixels_for("low", MODEL_MAX, auto_tokens=0) == LOW_DETAIL_MAX_PIXELS
 
 
 def test_an_extreme_aspect_ratio_is_padded_to_200_to_1() -> None:

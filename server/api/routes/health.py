@@ -96,7 +96,9 @@ def model_card(services: Services, name: str) -> ModelCard:
     return ModelCard(
         id=name,
         created=services.started_at,
-        root=str(services.loaded.path),
+        # the checkpoint's directory, absolute: a tool on this machine (vllm bench serve) loads
+        # the tokenizer from it
+        root=str(services.loaded.path.resolve()),
         max_model_len=services.engine.max_seq_len,
     )
 
