@@ -524,7 +524,7 @@ class ResponsesRequest(StrictModel):
             body["tool_choice"] = self.tool_choice
         if self.text is not None and self.text.format is not None:
             body["response_format"] = self.text.format.to_response_format()
-        body |= self.model_dump(include=set(VLLM_CHAT_FIELDS), exclude_none=True)
+        body |= self.model_dump(include=set(VLLM_CHAT_FIELDS), exclude_none=True, by_alias=True)
         return {key: value for key, value in body.items() if value is not None}
 
     def _messages(self) -> list[dict[str, Any]]:

@@ -91,19 +91,34 @@ def resolve_model_path(name: str, models_dir: Path) -> Path:
         places = [models_dir / name]
     for candidate in places:
         if (candidate / "config.json").is_file():
-            return candidate
+            return _rebuilt_if_stale(candidate) if name in TINY_MODELS else candidate
     if name in TINY_MODELS:
         from server.engine.tiny import TinySpec, make_tiny_checkpoint
 
         path = models_dir / f"tiny-{TINY_MODELS[name]}"
-        if not (path / "config.json").is_file():
-            logger.info("building tiny %s checkpoint under %s", TINY_MODELS[name], path)
-            try:
-                make_tiny_checkpoint(path, TinySpec(family=TINY_MODELS[name]))  # type: ignore[arg-type]
-            except (ValueError, OSError) as exc:  # (a directory of that name holds other files)
-                raise ModelLoadError(f"--model {name}: {exc}") from None
+        if (path / "config.json").is_file():
+            return _rebuilt_if_stale(path)
+        logger.info("building tiny %s checkpoint under %s", TINY_MODELS[name], path)
+        try:
+            make_tiny_checkpoint(path, TinySpec(family=TINY_MODELS[name]))  # type: ignore[arg-type]
+        except (ValueError, OSError) as exc:  # (a directory of that name holds other files)
+            raise ModelLoadError(f"--model {name}: {exc}") from None
         return path
     return _from_hub(name, models_dir)
+
+
+def _rebuilt_if_stale(path: Path) -> Path:
+    """A tiny checkpoint an older builder wrote, built again from its own spec (one that
+    cannot be is served as it is)."""
+    from server.engine.tiny import make_tiny_checkpoint, stale_spec
+
+    if (spec := stale_spec(path)) is not None:
+        logger.info("rebuilding the tiny checkpoint at %s (an older builder wrote it)", path)
+        try:
+            make_tiny_checkpoint(path, spec)
+        except (ValueError, OSError) as exc:
+            logger.warning("could not rebuild %s, serving it as it is: %s", path, exc)
+    return path
 
 
 def _from_hub(repo_id: str, models_dir: Path) -> Path:

@@ -116,12 +116,14 @@ class Sequence:
             self.output_logprobs.append(logprobs)
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> str:
-        """Ends it (a token still on its way is dropped); returns the text not yet streamed."""
+        """Ends it (a token still on its way is dropped); returns the text not yet streamed.
+        Its detokenizer goes (it holds a copy of the tokens and text the answer keeps)."""
         self.status = SequenceStatus.FINISHED
         self.num_pending_tokens = 0
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.finish_time = time.monotonic()
-        return self.detokenizer.flush() if self.detokenizer is not None else ""
+        detokenizer, self.detokenizer = self.detokenizer, None
+        return detokenizer.flush() if detokenizer is not None else ""
 
     @property
     def is_admitted(self) -> bool:

@@ -482,6 +482,9 @@ def _experts_in_hub_layout(directory: Path) -> None:
 
 # Written beside a tiny checkpoint: the directory is one this tool may replace.
 MARKER = "tiny-checkpoint.json"
+# What the builder writes: a tiny checkpoint from an older builder is rebuilt when it is
+# served by name (2: special tokens outside vocab_size, listed as special, as in Qwen's).
+LAYOUT = 2
 
 
 def make_tiny_checkpoint(
@@ -511,7 +514,7 @@ def make_tiny_checkpoint(
             _experts_in_hub_layout(staging)
         build_processor(spec, tokenizer).save_pretrained(staging)
         written = sorted(p.name for p in staging.iterdir())  # what a rebuild may replace
-        marker = {"spec": dataclasses.asdict(spec), "files": written}
+        marker = {"layout": LAYOUT, "spec": dataclasses.asdict(spec), "files": written}
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         # Readable as a checkpoint a download would be (mkdtemp's 0700 kept a container's
         # other user out of one built by root); nothing in it is secret.
@@ -525,6 +528,18 @@ def make_tiny_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote tiny %s checkpoint to %s", spec.family, out_dir)
     return out_dir
+
+
+def stale_spec(path: Path) -> TinySpec | None:
+    """The spec of the tiny checkpoint at path when an older builder wrote it (to build it
+    again as it was asked for); None when it is current or not a tiny checkpoint."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        if marker.get("layout") == LAYOUT:
+            return None
+        return TinySpec(**marker["spec"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _check_replaceable(out_dir: Path, force: bool) -> None:

@@ -398,6 +398,21 @@ async def test_vllms_sampling_extensions_are_the_chat_completions(
         json={"model": "tiny", "input": "hi", "max_output_tokens": 12, "seed": 7, "stop": ["e"]},
     )
     assert "e" not in stopped.json()["output"][0]["content"][0]["text"]
+    # structured_outputs with its aliased key (json), as chat takes it
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    constrained = await client.post(
+        "/v1/responses",
+        json={
+            "model": "tiny",
+            "input": "hi",
+            "max_output_tokens": 40,
+            "seed": 1,
+            "structured_outputs": {"json": schema},
+        },
+    )
+    assert constrained.status_code == 200, constrained.text
+    text = constrained.json()["output"][0]["content"][0]["text"]
+    assert constrained.json()["status"] == "incomplete" or "n" in json.loads(text)
     for field, value in (("top_k", -2), ("stop_token_ids", [10**6]), ("logit_bias", {"x": 1})):
         bad = await client.post(
             "/v1/responses", json={"model": "tiny", "input": "hi", field: value}

@@ -17,6 +17,7 @@ from server.engine.loader import (
     resolve_dtype,
     resolve_model_path,
 )
+from server.engine.tiny import LAYOUT, MARKER, TinySpec, make_tiny_checkpoint
 from server.exceptions import ModelLoadError
 
 
@@ -55,6 +56,20 @@ def test_tiny_is_built_once_under_models_dir(tmp_path: Path) -> None:
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     assert resolve_model_path("tiny", tmp_path) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_tiny_checkpoint_an_older_builder_wrote_is_built_again(tmp_path: Path) -> None:
+    """A models/tiny-* from before the builder's last change (its marker has no or an older
+    layout) is rebuilt from its own spec when served by name; a current one is left alone."""
+    path = make_tiny_checkpoint(tmp_path / "tiny", TinySpec(num_layers=3))
+    marker = json.loads((path / MARKER).read_text())
+    (path / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "layout"}))
+    assert resolve_model_path("tiny", tmp_path) == path
+    rebuilt = json.loads((path / MARKER).read_text())
+    assert rebuilt["layout"] == LAYOUT and rebuilt["spec"]["num_layers"] == 3
+    mtime = (path / MARKER).stat().st_mtime_ns
+    assert resolve_model_path("tiny", tmp_path) == path
+    assert (path / MARKER).stat().st_mtime_ns == mtime
 
 
 def test_a_tiny_name_with_a_checkpoint_of_its_own_serves_that_one(
