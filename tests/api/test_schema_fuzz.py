@@ -52,7 +52,8 @@ def test_generated_requests_across_all_routes(tiny_model_dir: Path, tmp_path: Pa
                 "50",  # about 8,600 requests across all routes, about 2 minutes here
                 # (20261122 until 2026-12-01: once vLLM's fields joined the Responses body, its
                 # coverage phase called a valid /v1/responses/input_tokens body, every content
-                # part's type in its enum and valid under jsonschema-rs, "schema-violating")
+                # part's type in its enum and valid under jsonschema-rs, "schema-violating";
+                # likely the parts' discriminator, which maps three types to one schema)
                 "--seed",
                 "20261201",
                 "--request-timeout",
