@@ -78,7 +78,6 @@ class AsyncEngine:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
         # What a request may ask (the pipelines check theirs there before adding them).
         self.limits = RequestLimits(
             tokenizer,
@@ -175,6 +174,11 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def max_seq_len(self) -> int:
+        """The context served (what the KV cache holds, at most the model's)."""
+        return self.limits.max_seq_len
 
     @property
     def num_queued(self) -> int:
