@@ -471,8 +471,7 @@ class AsyncEngine:
         states = sampled.states if sampled is not None else []
         for seq, token_id, state in zip(in_flight.seqs, tokens, states, strict=True):
             if seq.is_finished:  # aborted meanwhile: what was computed past its end is dropped
-                seq.num_pending_tokens = 0
-                continue
+                continue  # (finishing dropped its pending token)
             request_id_var.set(seq.log_id)
             seq.token_arrived(now)
             if token_id == FAILED:  # its grammar failed: this request alone

@@ -237,22 +237,11 @@ def fit_to_budget(
 
 
 def load_image(
-    data: bytes,
-    detail: Detail,
-    model_max_pixels: int,
-    *,
-    param: str,
-    side: int = TOKEN_SIDE,
-    model_min_pixels: int = 0,
-    pixels: tuple[int | None, int | None] = (None, None),
-    auto_tokens: int = AUTO_DETAIL_TOKENS,
+    data: bytes, pixels: tuple[int, int], *, param: str, side: int = TOKEN_SIDE
 ) -> Image.Image:
-    """Blocking: call it from a worker thread. side: pixels along a visual token's side;
-    model_min_pixels: the checkpoint's smallest image (Qwen's processors enlarge a smaller
-    one); pixels: the request's (min, max) pixels, in place of detail's budget and that
-    minimum, under the model's ceiling; auto_tokens: detail auto's budget."""
+    """Blocking: call it from a worker thread. pixels: the (min, max) pixels it is resized
+    into (pixel_range's, the same the token estimate before decoding uses); side: pixels along
+    a visual token's side."""
+    min_pixels, max_pixels = pixels
     image = decode_image(data, param=param)
-    min_pixels, max_pixels = pixel_range(
-        detail, model_max_pixels, side, model_min_pixels, pixels, auto_tokens
-    )
     return fit_to_budget(image, max_pixels, side=side, min_pixels=min_pixels)

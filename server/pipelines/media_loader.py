@@ -250,18 +250,10 @@ class MediaLoader:
     async def _decode(
         self, part: ImagePart, data: bytes, size: tuple[int, int] | None
     ) -> Image.Image:
+        pixels = self._pixel_range(part)
         return await self.decode_memory.run(
             decoded_bytes(size),
-            lambda: load_image(
-                data,
-                part.detail,
-                self.model_max_pixels,
-                param=part.param,
-                side=self.token_side,
-                model_min_pixels=self.model_min_pixels,
-                pixels=(part.min_pixels, part.max_pixels),
-                auto_tokens=self.auto_image_tokens,
-            ),
+            lambda: load_image(data, pixels, param=part.param, side=self.token_side),
         )
 
     async def video(

@@ -18,11 +18,15 @@ from server.media.image import (
     decode_image,
     load_image,
     max_pixels_for,
+    pixel_range,
     target_size,
 )
 from tests.helpers import make_image, make_video
 
 MODEL_MAX = 16384 * 28 * 28
+# pixel_range's arguments after detail for an image part that asks for no range of its own
+UNASKED = (MODEL_MAX, 28, 0, (None, None))
+AUTO = pixel_range("auto", *UNASKED)
 SIZES = [1, 2, 27, 28, 29, 55, 56, 100, 224, 333, 480, 640, 1000, 1920, 4000, 8000]
 
 
@@ -71,10 +75,10 @@ def test_detail_budgets() -> None:
 def test_an_extreme_aspect_ratio_is_padded_to_200_to_1() -> None:
     """Qwen's resize refuses past 200:1; such a strip (hosted APIs read it) is padded with
     black bands to that ratio, and counted as the padded image."""
-    image = load_image(make_image(3000, 10, fmt="PNG"), "auto", MODEL_MAX, param="p")
+    image = load_image(make_image(3000, 10, fmt="PNG"), AUTO, param="p")
     assert image.width / image.height <= 200 and image.width % 28 == image.height % 28 == 0
     assert (image.width, image.height) == target_size(3000, 10, max_pixels_for("auto", MODEL_MAX))
-    tall = load_image(make_image(10, 2010, fmt="PNG"), "auto", MODEL_MAX, param="p")
+    tall = load_image(make_image(10, 2010, fmt="PNG"), AUTO, param="p")
     assert tall.height > tall.width
     # never past 200:1 after the rounding to the token side either (19900x100 was 14112x56,
     # which the processor's own resize refused: a 500), and counted as decoded
@@ -84,7 +88,7 @@ def test_an_extreme_aspect_ratio_is_padded_to_200_to_1() -> None:
 
 
 def test_load_image_sizes_to_budget() -> None:
-    image = load_image(make_image(1920, 1080), "low", MODEL_MAX, param="p")
+    image = load_image(make_image(1920, 1080), pixel_range("low", *UNASKED), param="p")
     assert image.mode == "RGB"
     assert image.width * image.height <= LOW_DETAIL_MAX_PIXELS
     assert image.width % 28 == 0 and image.height % 28 == 0
