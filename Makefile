@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MODEL ?= tiny
-HOST ?= 127.0.0.1
-PORT ?= 8000
+MODEL ?= $(or $(VLM_MODEL),tiny)
+HOST ?= $(or $(VLM_HOST),127.0.0.1)
+PORT ?= $(or $(VLM_PORT),8000)
 ARGS ?=
 PYTEST_ARGS ?=
 # A random-weight tiny model's answers rarely end: capped, so a first request answers at once

@@ -111,8 +111,8 @@ HELP = {
     "encoder_cache_memory": "Vision-tower outputs kept for images and videos asked about again, "
     "in GiB; 0 turns it off.",
     "attention_backend": "Decode attention over the paged KV cache: reference (gather + sdpa, "
-    "exact everywhere) or triton (reads blocks in place; CUDA, bf16/fp16, --block-size >= 16; "
-    "verify it with scripts/gpu_check.sh first).",
+    "exact everywhere) or triton (reads blocks in place; CUDA, bf16/fp16, --block-size 16, 32, "
+    "64 or 128; verify it with scripts/gpu_check.sh first).",
     "enforce_eager": "Decode without CUDA graphs (--no-enforce-eager captures them; turn that "
     "on once scripts/gpu_check.sh has passed with it on your GPU).",
     "async_scheduling": "Queue each step before the previous step's tokens reach the host, so "

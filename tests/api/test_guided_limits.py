@@ -214,9 +214,18 @@ async def test_many_first_requests_for_one_grammar_compile_it_once(
 ) -> None:
     """Twenty requests at once for a grammar nobody asked for before: one compile, no 503."""
     monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 1)
+    compiled = []
+    compile_grammar = AsyncEngine.compile_grammar
+
+    def counted(engine: AsyncEngine, spec) -> None:
+        compiled.append(spec)
+        compile_grammar(engine, spec)
+
+    monkeypatch.setattr(AsyncEngine, "compile_grammar", counted)
     body = chat(guided_regex="(first|second|third)", max_tokens=8)
     responses = await asyncio.gather(*(client.post(URL, json=body) for _ in range(20)))
     assert [r.status_code for r in responses] == [200] * 20
+    assert len(compiled) == 1, compiled
 
 
 async def test_new_grammars_past_the_limit_wait_for_a_place_before_a_503(

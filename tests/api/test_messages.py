@@ -502,8 +502,8 @@ async def test_json_output_follows_the_schema(sdk: anthropic.AsyncAnthropic) -> 
             max_tokens=40,
             extra_body=field,
         )
-        if message.stop_reason == "end_turn":
-            assert set(json.loads(message.content[0].text)) == {"n"}
+        assert message.stop_reason == "end_turn", message  # (bounded: it ends in 40 tokens)
+        assert 0 <= json.loads(message.content[0].text)["n"] <= 99
 
 
 async def test_count_tokens_is_the_messages_input(sdk: anthropic.AsyncAnthropic) -> None:

@@ -70,13 +70,18 @@ async def test_json_schema_batched_with_unconstrained_requests(client: httpx.Asy
 
 async def test_min_tokens_does_not_fight_the_grammar(client) -> None:
     """The grammar ends the JSON; min_tokens must not ban the only token it then allows (the
-    answer was invalid JSON, then a 500)."""
-    import json as json_module
-
+    answer was invalid JSON, then a 500). A bounded schema, so the JSON ends well before
+    min_tokens and max_tokens."""
+    schema = {
+        "type": "object",
+        "properties": {"n": {"enum": [1, 2, 3]}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "JSON please"}],
-        "response_format": {"type": "json_object"},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
         "min_tokens": 200,
         "max_tokens": 400,
         "temperature": 0,
@@ -84,8 +89,9 @@ async def test_min_tokens_does_not_fight_the_grammar(client) -> None:
     response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
-    if choice["finish_reason"] == "stop":
-        json_module.loads(choice["message"]["content"])
+    assert choice["finish_reason"] == "stop", choice
+    assert json.loads(choice["message"]["content"])["n"] in (1, 2, 3)
+    assert response.json()["usage"]["completion_tokens"] < 200
 
 
 async def test_ignore_eos_ends_with_the_grammar(client: httpx.AsyncClient) -> None:

@@ -233,7 +233,7 @@ async def test_return_token_ids(client: httpx.AsyncClient, tokenizer) -> None:
 async def test_structured_output_on_completions(client: httpx.AsyncClient) -> None:
     schema = {
         "type": "object",
-        "properties": {"n": {"type": "integer"}},
+        "properties": {"n": {"enum": [1, 2, 3]}},  # (bounded: the JSON ends in max_tokens)
         "required": ["n"],
         "additionalProperties": False,
     }
@@ -247,8 +247,8 @@ async def test_structured_output_on_completions(client: httpx.AsyncClient) -> No
         response = await client.post("/v1/completions", json=body)
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]
-        if choice["finish_reason"] == "stop":
-            assert set(json.loads(choice["text"])) == {"n"}
+        assert choice["finish_reason"] == "stop", (field, choice)
+        assert json.loads(choice["text"])["n"] in (1, 2, 3)
     choice = await client.post("/v1/completions", json=text_body(guided_choice=["red", "blue"]))
     assert choice.json()["choices"][0]["text"] in ("red", "blue")
     bad = await client.post("/v1/completions", json=text_body(guided_regex="[^\\s\\S]"))

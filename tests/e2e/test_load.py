@@ -56,6 +56,7 @@ def test_burst_gets_200_or_503(tiny_model_dir: Path, tmp_path: Path) -> None:
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, sorted(set(statuses))
         assert statuses.count(200) >= 12  # the slots and the queue were used
+        assert statuses.count(503) > 0  # and the queue's bound refused what did not fit
         for refused in (r for r in responses if r.status_code == 503):
             assert int(refused.headers["retry-after"]) >= 1
             assert refused.json()["error"]["code"] == "server_overloaded"

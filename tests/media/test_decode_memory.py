@@ -84,13 +84,35 @@ def test_the_share_is_reckoned_from_the_header() -> None:
     assert decoded_bytes(None) == 0
 
 
-def test_freed_decode_memory_goes_back_to_the_system() -> None:
+async def test_freed_decode_memory_goes_back_to_the_system(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """glibc keeps what a decode freed for reuse unless trimmed: this box's C library is glibc,
-    so the trim must be found (elsewhere it is skipped)."""
-    from server.media.decode_memory import MALLOC_TRIM, return_freed_memory
+    so the trim must be found (elsewhere it is skipped), and every decode, one that fails
+    too, trims in its own thread (each thread frees into an arena of its own) once it ends."""
+    from server.media import decode_memory
 
-    assert MALLOC_TRIM is not None
-    return_freed_memory()
+    assert decode_memory.MALLOC_TRIM is not None
+    decode_memory.return_freed_memory()  # (the real one: callable as declared)
+    events: list[tuple[str, str]] = []
+
+    def trim(pad: int) -> int:
+        events.append(("trim", threading.current_thread().name))
+        return 1
+
+    def decode(fail: bool) -> str:
+        events.append(("decode", threading.current_thread().name))
+        if fail:
+            raise ValueError("truncated image")
+        return "pixels"
+
+    monkeypatch.setattr(decode_memory, "MALLOC_TRIM", trim)
+    memory = DecodeMemory(100)
+    assert await memory.run(10, lambda: decode(False)) == "pixels"
+    with pytest.raises(ValueError):
+        await memory.run(10, lambda: decode(True))
+    assert [what for what, _ in events] == ["decode", "trim"] * 2
+    assert all(thread.startswith("image-decode") for _, thread in events)
 
 
 async def test_a_decode_cancelled_before_its_thread_started_gives_its_share_back() -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from pydantic import ValidationError
 
 from server.cli import build_parser, main, settings_from_args, unknown_env_warnings
 from server.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_flags_mirror_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,3 +344,22 @@ def test_the_start_up_log_tells_the_projects_apart() -> None:
         and f"{of_key('sk-0123456789abcdef')} (the key ending ...cdef)" in line
     )
     assert of_key("tiny") in line and "...tiny" not in line and "sk-b" not in line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_serve_reads_the_servers_own_variables() -> None:
+    """`make serve` passes --model/--host/--port, which beat VLM_MODEL/HOST/PORT: so where
+    MODEL=/HOST=/PORT= are not given it takes the VLM_ ones (Configuration's promise)."""
+
+    def planned(env: dict[str, str], *assignments: str) -> str:
+        command = ["make", "-n", "--no-print-directory", "-C", str(ROOT), "serve", *assignments]
+        keep = {k: v for k, v in os.environ.items() if not k.startswith(("VLM_", "MAKE"))}
+        done = subprocess.run(command, env={**keep, **env}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    assert "--model tiny --host 127.0.0.1 --port 8000 --default-max-tokens 256" in planned({})
+    line = planned({"VLM_MODEL": "/m/x", "VLM_HOST": "0.0.0.0", "VLM_PORT": "8001"})
+    assert "--model /m/x --host 0.0.0.0 --port 8001" in line
+    assert "--default-max-tokens" not in line  # (a real checkpoint: its own default)
+    assert "--port 9" in planned({"VLM_PORT": "8001"}, "PORT=9")
