@@ -173,6 +173,51 @@ def with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dic
     return changed
 
 
+def schema_mistakes(schema: Any, at: str = "") -> list[str]:
+    """What makes a schema wrong whatever the answer (each a 400 naming where): a `required`
+    that is not a list of names, a `$ref` outside the schema (nothing is fetched), and a
+    required property no answer may write: one its `properties` do not declare where no other
+    property may be written (xgrammar's objects take no undeclared property unless
+    additionalProperties says so; OpenAI's strict mode refuses such a schema as well)."""
+    if not isinstance(schema, dict):
+        return []
+    found = []
+    ref = schema.get("$ref")
+    if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+        found.append(f"{at}$ref {ref!r} is not within the schema (only '#...' references)")
+    required, properties = schema.get("required"), schema.get("properties")
+    if required is not None and not (
+        isinstance(required, list) and all(isinstance(name, str) for name in required)
+    ):
+        found.append(f"{at}required is not an array of property names")
+    elif required and isinstance(properties, dict) and _closed(schema):
+        found += [
+            f"{at}required names '{name}', which its properties do not declare"
+            for name in required
+            if name not in properties
+        ][:1]
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                found += schema_mistakes(sub, f"{at}{key}.{name}.")
+    for key in SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                found += schema_mistakes(sub, f"{at}{key}[{i}].")
+    for key in SCHEMA_VALUES:
+        found += schema_mistakes(schema.get(key), f"{at}{key}.")
+    return found
+
+
+def _closed(schema: dict[str, Any]) -> bool:
+    """Whether an object schema takes no property but those it declares (as xgrammar reads
+    it: additionalProperties left out is false; composed schemas may declare more)."""
+    others = ("patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref")
+    return schema.get("additionalProperties", False) is False and not any(
+        key in schema for key in others
+    )
+
+
 def strict_normalized(schema: Any) -> Any:
     """A strict schema as OpenAI's Structured Outputs answer it: every property of every
     object written (OpenAI refuses a strict schema whose `required` leaves one out; here it is
@@ -184,9 +229,10 @@ def strict_normalized(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     normalized = with_subschemas(schema, strict_normalized)
-    properties = schema.get("properties")
-    if isinstance(properties, dict) and "maxProperties" not in schema:
-        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    properties, required = schema.get("properties"), schema.get("required", [])
+    # (a `required` that is no list stays as sent: schema_mistakes refuses it)
+    normal = isinstance(properties, dict) and isinstance(required, list)
+    if normal and "maxProperties" not in schema:
         forced = [name for name, sub in properties.items() if "$ref" not in json.dumps(sub)]
         normalized["required"] = [*required, *(name for name in forced if name not in required)]
     return normalized
@@ -254,13 +300,66 @@ TIME = (
     r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
     r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 )
-FORMAT_PATTERNS = {"date": DATE, "time": TIME, "date-time": f"{DATE}T{TIME}"}
+# The other formats pydantic's types write, as values their validators take: xgrammar's own
+# grammars allow an octet "065" (ipaddress refuses a leading zero), 64-character and longer
+# host labels, and numbers of any length in a duration (past timedelta's range) or an email
+# (past email-validator's 64 characters before the @ and 63 a label). Labels here are at most
+# 32 characters and 7 to a hostname, so one is never past 253.
+OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?"
+N = r"[0-9]{1,4}"  # (9999 years is 3.65 million days: timedelta takes 999,999,999)
+DURATION_TIME = rf"T(?:{N}H(?:{N}M(?:{N}S)?)?|{N}M(?:{N}S)?|{N}S)"
+DURATION = (  # RFC 3339's appendix A: P, then a date part and/or a time part, or weeks
+    rf"P(?:(?:{N}Y(?:{N}M(?:{N}D)?)?|{N}M(?:{N}D)?|{N}D)(?:{DURATION_TIME})?"
+    rf"|{DURATION_TIME}|{N}W)"
+)
+FORMAT_PATTERNS = {
+    "date": DATE,
+    "time": TIME,
+    "date-time": f"{DATE}T{TIME}",
+    "ipv4": rf"{OCTET}(?:\.{OCTET}){{3}}",
+    "hostname": rf"{LABEL}(?:\.{LABEL}){{0,6}}",
+    "duration": DURATION,
+    "email": rf"[A-Za-z0-9_+-]{{1,20}}(?:\.[A-Za-z0-9_+-]{{1,20}}){{0,2}}@(?:{LABEL}\.){{1,3}}"
+    r"[A-Za-z]{2,10}",
+}
+
+
+def optional_groups_as_alternatives(pattern: str) -> str:
+    r"""The pattern with each optional group `(X)?` written `(X|)`: the same strings. xgrammar
+    (0.2.9) compiles a JSON schema pattern's optional group that ends in a repeat wrongly:
+    `^[A-Z]{2}(-[0-9]{2,4})?$` took "RO34" (the group's first character dropped), a date-time's
+    `(\.[0-9]{1,6})?` fractions too; with an empty alternative it compiles right. Escapes and
+    character classes are copied as they are; lookarounds are left alone."""
+    out: list[str] = []
+    groups: list[bool] = []  # for each open group: whether it may be rewritten
+    i, in_class = 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        step = 2 if char == "\\" else 1
+        if char == "\\" or (in_class and char != "]"):
+            pass
+        elif in_class or char == "[":  # (a "]" first in a class, or after "^", is literal)
+            in_class = char == "["
+            if in_class:
+                step += pattern.startswith("^", i + 1)
+                step += pattern.startswith("]", i + step)
+        elif char == "(":
+            groups.append(not pattern.startswith(("(?=", "(?!", "(?<=", "(?<!"), i))
+        elif char == ")" and groups and groups.pop() and pattern.startswith("?", i + 1):
+            out.append("|)")
+            i += 3 if pattern.startswith("??", i + 1) else 2  # (lazy: the same strings)
+            continue
+        out.append(pattern[i : i + step])
+        i += step
+    return "".join(out)
 
 
 def exact_formats(schema: Any) -> Any:
-    """The schema with each string's `format` date, time or date-time (and no pattern of its
-    own) written as the pattern of real ones. Only schema positions are read (a property
-    named "format" is a name)."""
+    """The schema as xgrammar is given it: each string's `format` of FORMAT_PATTERNS (with no
+    pattern of its own) written as the pattern of real ones, and every pattern's optional
+    groups written so that xgrammar compiles them right. Only schema positions are read (a
+    property named "format" is a name)."""
     if isinstance(schema, list):
         return [exact_formats(sub) for sub in schema]
     if not isinstance(schema, dict):
@@ -270,4 +369,11 @@ def exact_formats(schema: Any) -> Any:
     if pattern is not None and "pattern" not in schema:
         del exact["format"]
         exact["pattern"] = f"^{pattern}$"
+    if isinstance(exact.get("pattern"), str):
+        exact["pattern"] = optional_groups_as_alternatives(exact["pattern"])
+    if isinstance(exact.get("patternProperties"), dict):
+        exact["patternProperties"] = {
+            optional_groups_as_alternatives(key): sub
+            for key, sub in exact["patternProperties"].items()
+        }
     return exact

@@ -27,6 +27,7 @@ from server.engine.json_schema import (
     check_schema_depth,
     check_schema_size,
     exact_formats,
+    schema_mistakes,
     strict_normalized,
     strict_refusal,
     unenforced,
@@ -174,6 +175,10 @@ class GrammarCache:
             check_schema_size(json.loads(spec.schema_json or "{}"))
         elif spec.kind == "grammar" and "%json" in (spec.schema_json or ""):
             check_schema_depth(spec.schema_json or "")  # a Lark grammar's inline JSON schema
+        if spec.kind == "json_schema" and (
+            mistakes := schema_mistakes(json.loads(spec.schema_json or "{}"))
+        ):
+            raise InvalidSchema("; ".join(mistakes[:3]))
         if spec.strict and (found := unenforced(json.loads(spec.schema_json or "{}"))):
             raise InvalidSchema(strict_refusal(found))
         try:
@@ -212,7 +217,7 @@ class GrammarCache:
         return self._json_grammar(schema or "{}")
 
     def _json_grammar(self, schema: str) -> Any:
-        if '"format"' in schema:
+        if '"format"' in schema or '"pattern' in schema:  # (pattern, patternProperties)
             schema = json.dumps(exact_formats(json.loads(schema)))
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)

@@ -204,6 +204,13 @@ async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
         answer = await ask(schema, True, seed=seed, temperature=1)
         assert answer.status_code == 200, answer.text
         assert json.loads(answer.json()["choices"][0]["message"]["content"])["n"] % 5 == 0
+    # A required property no answer may write, strict or not: a 400 that names it.
+    missing = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "z"]}
+    for strict in (True, False):
+        response = await ask(missing, strict)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_schema" and "required names 'z'" in error["message"]
 
 
 def tool(name: str, parameters: dict, strict: bool | None = None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import itertools
 import json
 import re
@@ -14,7 +15,10 @@ from transformers import AutoTokenizer
 
 from server.engine.json_schema import (
     FORMAT_PATTERNS,
+    InvalidSchema,
     exact_formats,
+    optional_groups_as_alternatives,
+    schema_mistakes,
     unenforced,
     writes_raw_escapes,
 )
@@ -154,3 +158,118 @@ def test_date_and_time_formats_take_only_real_ones(tiny_model_dir: Path) -> None
     assert exact_formats({"properties": {"format": {"enum": ["date"]}}}) == {
         "properties": {"format": {"enum": ["date"]}}
     }
+
+
+class Grammars(GrammarCache):
+    """The tiny checkpoint's grammar cache, and whether a compiled schema takes a value."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        super().__init__(tokenizer, len(tokenizer), (self.end,))
+
+    def takes(self, schema: dict, value: object) -> bool:
+        matcher = xgr.GrammarMatcher(self.compile(StructuredOutput.json_schema(schema)))
+        ids = self.tokenizer.encode(json.dumps(value), add_special_tokens=False)
+        return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(self.end)
+
+
+@pytest.fixture(scope="module")
+def grammars(tiny_model_dir: Path) -> Grammars:
+    return Grammars(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "written"),
+    [
+        ("^[A-Z]{2}(-[0-9]{2,4})?$", "^[A-Z]{2}(-[0-9]{2,4}|)$"),
+        ("a(?:b(c+)?)??d", "a(?:b(c+|)|)d"),  # nested; lazy
+        (r"a\\(b+)?[)(]?(x\)y)?", r"a\\(b+|)[)(]?(x\)y|)"),  # escapes, a class
+        ("[]a]?(c)?[^]b](d+)?", "[]a]?(c|)[^]b](d+|)"),  # "]" first in a class is literal
+        ("(?=a)?b(?!c)?", "(?=a)?b(?!c)?"),  # lookarounds left alone
+        ("(a+)*(b+){0,1}", "(a+)*(b+){0,1}"),  # (xgrammar compiles these right)
+    ],
+)
+def test_optional_groups_are_written_as_empty_alternatives(pattern: str, written: str) -> None:
+    assert optional_groups_as_alternatives(pattern) == written
+    assert re.compile(written)
+
+
+def test_an_optional_group_that_ends_in_a_repeat_takes_what_the_pattern_takes(
+    grammars: Grammars,
+) -> None:
+    """xgrammar 0.2.9 took "RO34" for this pattern (the group's "-" dropped), and date-times
+    with a fraction's "." dropped ("19:40:4763"), in `pattern`, patternProperties and
+    propertyNames alike."""
+    code = {"type": "string", "pattern": "^[A-Z]{2}(-[0-9]{2,4})?$"}
+    assert grammars.takes(code, "RO-34") and grammars.takes(code, "RO")
+    assert not grammars.takes(code, "RO34")
+    keyed = {"type": "object", "patternProperties": {"^k(-[0-9]+)?$": {"type": "integer"}}}
+    assert grammars.takes(keyed, {"k-1": 1}) and not grammars.takes(keyed, {"k1": 1})
+    names = {"type": "object", "propertyNames": code, "additionalProperties": True}
+    assert not grammars.takes(names, {"RO34": 1})
+    when = {"type": "string", "format": "date-time"}
+    assert grammars.takes(when, "2024-01-28T19:40:47.63Z")
+    assert not grammars.takes(when, "2024-01-28T19:40:4763Z")
+
+
+def test_the_formats_pydantic_writes_take_what_its_validators_take(
+    grammars: Grammars,
+) -> None:
+    """ipv4 without leading zeros (ipaddress refuses "065"), host labels of at most 63
+    characters, durations timedelta can hold, emails email-validator's lengths allow."""
+    ipv4 = re.compile(FORMAT_PATTERNS["ipv4"])
+    for octet in [*range(0, 300), "00", "01", "065", "1000"]:
+        text = f"10.{octet}.0.1"
+        try:
+            real = bool(ipaddress.IPv4Address(text)) and str(octet) == str(int(octet))
+        except ValueError:
+            real = False
+        assert (ipv4.fullmatch(text) is not None) is real, text
+    hostname = re.compile(FORMAT_PATTERNS["hostname"])
+    assert hostname.fullmatch("api.example.com") and hostname.fullmatch("a" * 32)
+    assert not hostname.fullmatch("a" * 64) and not hostname.fullmatch("-a.b")
+    duration = re.compile(FORMAT_PATTERNS["duration"])
+    for text in ("P1Y2M3DT4H5M6S", "P3W", "PT5M", "P1D", "PT1H30S"[:4]):
+        assert duration.fullmatch(text), text
+    for text in ("P", "PT", "P1Y2D", "P12345D", "P1DT"):
+        assert not duration.fullmatch(text), text
+    email = re.compile(FORMAT_PATTERNS["email"])
+    assert email.fullmatch("first.last@mail.example.com")
+    assert not email.fullmatch("a" * 21 + "@b.io") and not email.fullmatch("a..b@c.io")
+    for name, value in (("ipv4", "94.26.065.73"), ("duration", "P6M2507474643062D")):
+        assert not grammars.takes({"type": "string", "format": name}, value)
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [
+        ({"type": "object", "properties": {"a": {}}, "required": "a"}, "required is not an"),
+        ({"$ref": "http://example.com/s.json"}, "$ref 'http://example.com/s.json' is not"),
+        (
+            {"type": "object", "properties": {"a": {}}, "required": ["a", "zzz"]},
+            "required names 'zzz', which its properties do not declare",
+        ),
+        (
+            {"properties": {"x": {"properties": {}, "required": ["y"]}}},
+            "properties.x.required names 'y'",
+        ),
+    ],
+)
+def test_schemas_no_answer_can_fit_are_refused(grammars: Grammars, schema: dict, said: str) -> None:
+    """Strict or not: no answer could be both what the grammar writes and the schema wants."""
+    assert any(said in mistake for mistake in schema_mistakes(schema))
+    for strict in (False, True):
+        with pytest.raises(InvalidSchema, match=re.escape(said)):
+            grammars.compile(StructuredOutput.json_schema(schema, strict=strict))
+
+
+def test_required_names_other_properties_may_carry_are_taken() -> None:
+    """additionalProperties (or patternProperties, a composition) may write the name."""
+    for schema in (
+        {"properties": {}, "required": ["z"], "additionalProperties": True},
+        {"properties": {}, "required": ["z"], "patternProperties": {"^z$": {}}},
+        {"properties": {}, "required": ["z"], "allOf": [{"properties": {"z": {}}}]},
+        {"$ref": "#/$defs/a", "$defs": {"a": {"type": "integer"}}},
+    ):
+        assert schema_mistakes(schema) == [], schema
