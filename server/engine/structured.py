@@ -101,6 +101,11 @@ BOUNDED_CHARACTER = r"[^\"\\\r\n]"
 JSON_CHARACTER = r"[^\"\\\0-\x1f\uD800-\uDFFF]"
 STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"  # an unbounded string's
 TEXT_CHARACTER = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+# Nor does a string's \u escape name a surrogate (\ud8dd alone is JSON Python reads, but not
+# pydantic's parser, the SDKs' `parse`; a pair is an astral character, written as itself here).
+HEX = "[A-Fa-f0-9]"
+ANY_ESCAPE = f'"u" {HEX} {HEX} {HEX} {HEX}'
+CHARACTER_ESCAPE = f'"u" (([0-9A-Ca-cEeFf] {HEX}) | ([Dd] [0-7])) {HEX} {HEX}'
 
 
 # xgrammar's messages start with its C++ log prefix, "[08:08:19] /project/cpp/x.cc:4944: ",
@@ -224,6 +229,7 @@ class GrammarCache:
         text = str(grammar)
         mended = text.replace(BOUNDED_CHARACTER, JSON_CHARACTER)
         mended = mended.replace(STRING_CHARACTER, TEXT_CHARACTER)
+        mended = mended.replace(ANY_ESCAPE, CHARACTER_ESCAPE)
         if mended != text:
             try:
                 return self.xgr.Grammar.from_ebnf(mended)

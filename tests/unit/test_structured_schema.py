@@ -170,7 +170,7 @@ class Grammars(GrammarCache):
 
     def takes(self, schema: dict, value: object) -> bool:
         matcher = xgr.GrammarMatcher(self.compile(StructuredOutput.json_schema(schema)))
-        ids = self.tokenizer.encode(json.dumps(value), add_special_tokens=False)
+        ids = self.tokenizer.encode(json.dumps(value, ensure_ascii=False), add_special_tokens=False)
         return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(self.end)
 
 
@@ -273,3 +273,20 @@ def test_required_names_other_properties_may_carry_are_taken() -> None:
         {"$ref": "#/$defs/a", "$defs": {"a": {"type": "integer"}}},
     ):
         assert schema_mistakes(schema) == [], schema
+
+
+def test_no_escape_names_a_lone_surrogate(grammars: Grammars) -> None:
+    """\\ud8dd is JSON Python's json reads but pydantic's parser (the SDKs' `parse`) refuses;
+    astral characters are written as themselves, so no escape names a surrogate."""
+    text = {"type": "string"}
+    grammar = grammars.compile(StructuredOutput.json_schema(text))
+
+    def takes_raw(answer: str) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        ids = grammars.tokenizer.encode(answer, add_special_tokens=False)
+        return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(grammars.end)
+
+    assert takes_raw('"caf\\u00e9 \\uFFFD \\uD7FF"') and takes_raw('""')
+    assert not takes_raw('"\\ud8dd"') and not takes_raw('"\\uDC00"')
+    assert not takes_raw('"\\ud83d\\ude00"')  # (a pair: the character itself instead)
+    assert grammars.takes(text, "😀")
