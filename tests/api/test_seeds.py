@@ -35,8 +35,11 @@ WIKIMEDIA_PATH = (
 def image_tokens_at(client: httpx.AsyncClient, width: int, height: int) -> int:
     """Visual tokens of a width x height image at "auto" detail on this server's family (one
     token per 28 x 28 pixels on Qwen2-VL, 32 x 32 on Qwen3-VL)."""
-    side = client.app.state.services.chat.input_builder.token_side  # type: ignore[attr-defined]
-    new_width, new_height = target_size(width, height, max_pixels_for("auto", 1 << 30, side), side)
+    services = client.app.state.services  # type: ignore[attr-defined]
+    side = services.chat.input_builder.token_side
+    smallest = services.chat.media.model_min_pixels  # (Qwen3-VL's enlarges small images)
+    most = max_pixels_for("auto", 1 << 30, side)
+    new_width, new_height = target_size(width, height, most, side, smallest)
     return (new_width // side) * (new_height // side)
 
 
@@ -161,6 +164,13 @@ async def test_seed_002_base64_image(client: httpx.AsyncClient) -> None:
     }
     response = await client.post("/chat/completions", json=body)
     assert response.status_code == 200, response.text
+    result = response.json()
+    assert_chat_completion(result, "gpt-4o")
+    assert result["usage"]["completion_tokens"] <= 300
+    # the decoded image reached the model, at its own size
+    assert result["usage"]["prompt_tokens_details"]["image_tokens"] == image_tokens_at(
+        client, 300, 200
+    )
 
 
 async def test_seed_003_usage_details_on_v1(client: httpx.AsyncClient) -> None:
@@ -221,6 +231,12 @@ async def test_seed_004_multi_image_url_and_base64(
     }
     response = await client.post("/chat/completions", json=body)
     assert response.status_code == 200, response.text
+    result = response.json()
+    assert_chat_completion(result, "tiny")
+    # both images, the fetched one and the inline one, each at its own size
+    assert result["usage"]["prompt_tokens_details"]["image_tokens"] == 2 * image_tokens_at(
+        client, 200, 200
+    )
 
 
 async def stream_chunks(client: httpx.AsyncClient, body: dict) -> list[dict]:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from server.exceptions import InvalidRequest
+from server.media.fetch import FetchedMedia, MediaFetcher
 from tests.api.test_errors import assert_error
 from tests.helpers import MediaServer, make_image, make_settings, make_video, start_client
 
@@ -143,8 +144,21 @@ async def test_use_scenes_gives_one_caption_per_scene(video_client: httpx.AsyncC
 
 
 async def test_videos_are_spooled_to_disk_and_removed(
-    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A downloaded video goes to a file in the spool (not to memory) and is removed once
+    read; a local one is read in place, by its path."""
+    fetched: list[tuple[Path | None, int, bool]] = []
+    fetch = MediaFetcher.fetch
+
+    async def spied(self: MediaFetcher, url: str, **kwargs: Any) -> FetchedMedia:
+        media = await fetch(self, url, **kwargs)
+        if kwargs["kind"] == "video":
+            exists = media.path is not None and media.path.exists()
+            fetched.append((media.path, len(media.data), exists))
+        return media
+
+    monkeypatch.setattr(MediaFetcher, "fetch", spied)
     local = tmp_path / "media"
     local.mkdir()
     (local / "clip.mp4").write_bytes(make_video(seconds=2))
@@ -162,6 +176,10 @@ async def test_videos_are_spooled_to_disk_and_removed(
         spooled = [p.name for p in (tmp_path / "data" / "spool").rglob("*") if p.is_file()]
         assert spooled == [".lock"]  # temporary files are gone (the lock: this server's dir)
         assert (local / "clip.mp4").exists()  # a local file is read in place, never removed
+    (download, *_), (in_place, *_) = fetched
+    assert [(size, exists) for _, size, exists in fetched] == [(0, True), (0, True)]
+    assert download is not None and download.parent.parent == tmp_path / "data" / "spool"
+    assert in_place == local / "clip.mp4"
 
 
 async def test_bare_string_video_url_like_image_url(video_client: httpx.AsyncClient) -> None:

@@ -437,7 +437,11 @@ async def test_invocations_serves_chat_and_text_completions(client: httpx.AsyncC
         else:
             assert answer["choices"][0]["text"] == own["choices"][0]["text"]
         streamed = await events(client, "/invocations", body)
-        assert streamed and streamed[0]["object"] in ("chat.completion.chunk", "text_completion")
+        own_stream = await events(client, path, body)
+        assert [chunk["object"] for chunk in streamed] == [c["object"] for c in own_stream]
+        assert streamed[0]["object"] == (
+            "chat.completion.chunk" if "messages" in body else "text_completion"
+        )
 
 
 async def test_invocations_refuses_what_no_api_reads(client: httpx.AsyncClient) -> None:
