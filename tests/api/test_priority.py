@@ -13,9 +13,11 @@ import pytest
 
 from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
+from server.engine.engine import AsyncEngine
+from server.engine.sequence import Sequence
 from server.jobs.store import Job
 from tests.api.test_errors import assert_error
-from tests.helpers import make_settings, start_client
+from tests.helpers import data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -66,23 +68,6 @@ async def test_priority_under_fcfs_is_a_400(client: httpx.AsyncClient) -> None:
     assert_error(response, 400, "priority")
 
 
-class Captured(Exception):
-    """Raised by a stand-in pipeline once it has the request a job handler built."""
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.request = None
-
-    async def complete(self, request):  # ChatPipeline's
-        self.request = request
-        raise Captured
-
-    async def run(self, request, on_progress=None):  # CategoriesPipeline's
-        self.request = request
-        raise Captured
-
-
 def job(kind: str, request: dict) -> Job:
     return Job("job-1", kind, request, "processing", 0.0, None, None, 0.0, 0.0, 1)
 
@@ -92,15 +77,31 @@ def job(kind: str, request: dict) -> Job:
     [(7, None, 7), (7, 2, 2), (None, None, 0)],  # None: the fcfs policy
 )
 async def test_jobs_run_at_their_own_priority_or_the_job_priority(
-    job_priority: int | None, body_priority: int | None, expected: int
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    job_priority: int | None,
+    body_priority: int | None,
+    expected: int,
 ) -> None:
-    recorder = Recorder()
-    handle = completions_job_handler(recorder, job_priority)  # type: ignore[arg-type]
-    with pytest.raises(Captured):
-        await handle(job("completions", chat(2, priority=body_priority)), lambda fraction: None)
-    assert recorder.request.sampling.priority == expected
-    handle = categories_job_handler(recorder, job_priority)  # type: ignore[arg-type]
-    body = {"media_url": "https://example.com/a.png", "model": "tiny"}
-    with pytest.raises(Captured):
-        await handle(job("categories", body), lambda fraction: None)
-    assert recorder.request.priority == (job_priority or 0)
+    """The job handlers run the real pipelines; every sequence they add to the engine carries
+    the priority."""
+    seen: list[int] = []
+    new_sequence = AsyncEngine._new_sequence
+
+    def spied(engine: AsyncEngine, request_id: str, inputs, sampling) -> Sequence:
+        seen.append(sampling.priority)
+        return new_sequence(engine, request_id, inputs, sampling)
+
+    monkeypatch.setattr(AsyncEngine, "_new_sequence", spied)
+    policy = "fcfs" if job_priority is None else "priority"
+    async for client in start_client(make_settings(tiny_model_dir, scheduling_policy=policy)):
+        services = client.app.state.services  # type: ignore[attr-defined]
+        handle = completions_job_handler(services.chat, job_priority)
+        answer = await handle(job("completions", chat(2, priority=body_priority)), lambda _: None)
+        assert answer["object"] == "chat.completion" and seen == [expected]
+        seen.clear()
+        handle = categories_job_handler(services.categories, job_priority)
+        body = {"media_url": data_uri(make_image(64, 64)), "model": "tiny"}
+        answer = await handle(job("categories", body), lambda _: None)
+        assert answer["object"] == "media.categories", answer
+        assert seen and set(seen) == {job_priority or 0}

@@ -23,6 +23,7 @@ from server.api.responses import ResponseObject, ResponsesRequest
 from server.api.routes.responses import recorded_as_it_ends
 from server.engine.sampling import SamplingParams
 from server.jobs import responses as response_store
+from server.jobs.sqlite import SqliteJobStore
 from tests.api.test_responses import WEATHER, image_input
 from tests.helpers import make_image, make_settings, serve_in_thread, start_client
 
@@ -533,21 +534,21 @@ async def test_a_conversation_that_cannot_be_read_back_is_a_400(
     assert gone.value.body["code"] == "file_not_found"  # type: ignore[index]
 
 
-async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> None:
+async def test_the_final_event_waits_for_the_store_and_nothing_else_does(tmp_path: Path) -> None:
     """(Over the ASGI test transport a whole stream is read before the client sees it: the
-    order is checked on the wrapper itself.)"""
+    order is checked on the wrapper itself, over a real job store whose writes it records.)"""
     sent: list[str] = []
     saved_after: list[int] = []
     added_after: list[int] = []
 
-    class Store:
-        def update_response(self, response: dict) -> bool:  # (its row was saved as it began)
+    class Store(SqliteJobStore):
+        def update_response(self, response: dict, *args: object, **kwargs: object) -> bool:
             saved_after.append(len(sent))
-            return True
+            return super().update_response(response, *args, **kwargs)  # type: ignore[arg-type]
 
         def add_items(self, conversation_id: str, items: list, project: str) -> bool:
             added_after.append(len(sent))
-            return True
+            return super().add_items(conversation_id, items, project)
 
     async def stream() -> AsyncIterator[str]:
         for kind in ("response.created", "response.output_text.delta", "response.completed"):
@@ -555,11 +556,18 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does() -> No
 
     body = ResponsesRequest.model_validate({"model": "tiny", "input": "Hi", "conversation": "c"})
     response = ResponseObject.start("resp_x", body, SamplingParams(), store=True)
-    services = SimpleNamespace(jobs=Store())
+    store = Store(tmp_path / "jobs.db")
+    store.save_response(response.model_dump(), body.own_items(), "")  # (as it began)
+    store.create_conversation("c", {}, [], "")
+    services = SimpleNamespace(jobs=store)
     async for event in recorded_as_it_ends(stream(), response, body, services):  # type: ignore[arg-type]
         sent.append(event)
     assert saved_after == [2] and len(sent) == 3  # stored after two events, before the last
     assert added_after == [2]  # (its items in its conversation too)
+    assert store.get_response("resp_x", "") is not None
+    items = store.conversation_items("c", "")
+    assert items is not None and [item["role"] for item in items] == ["user"]
+    store.close()
 
 
 async def test_a_streamed_response_is_seen_while_it_streams(
