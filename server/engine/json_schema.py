@@ -6,7 +6,7 @@ exact patterns."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -148,17 +148,24 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
         for key in ("pattern", "format")
         if lengths and key in schema
     ]
+    for sub, where in subschemas(schema, at):
+        found += unenforced(sub, where)
+    return found
+
+
+def subschemas(schema: dict[str, Any], at: str) -> Iterator[tuple[Any, str]]:
+    """Each schema the schema holds (by name, in a list, or one), with where it is."""
     for key in SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
             for name, sub in schema[key].items():
-                found += unenforced(sub, f"{at}{key}.{name}.")
+                yield sub, f"{at}{key}.{name}."
     for key in SCHEMA_LISTS:
         if isinstance(schema.get(key), list):
             for i, sub in enumerate(schema[key]):
-                found += unenforced(sub, f"{at}{key}[{i}].")
+                yield sub, f"{at}{key}[{i}]."
     for key in SCHEMA_VALUES:
-        found += unenforced(schema.get(key), f"{at}{key}.")
-    return found
+        if key in schema:
+            yield schema[key], f"{at}{key}."
 
 
 def with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dict[str, Any]:
@@ -196,16 +203,8 @@ def schema_mistakes(schema: Any, at: str = "") -> list[str]:
             for name in required
             if name not in properties
         ][:1]
-    for key in SCHEMA_MAPS:
-        if isinstance(schema.get(key), dict):
-            for name, sub in schema[key].items():
-                found += schema_mistakes(sub, f"{at}{key}.{name}.")
-    for key in SCHEMA_LISTS:
-        if isinstance(schema.get(key), list):
-            for i, sub in enumerate(schema[key]):
-                found += schema_mistakes(sub, f"{at}{key}[{i}].")
-    for key in SCHEMA_VALUES:
-        found += schema_mistakes(schema.get(key), f"{at}{key}.")
+    for sub, where in subschemas(schema, at):
+        found += schema_mistakes(sub, where)
     return found
 
 
