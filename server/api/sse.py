@@ -274,8 +274,6 @@ async def chat_stream(
     """first and rest: (choice index, output) of every choice, as they come. usage: (a final
     usage chunk, the usage so far on every chunk)."""
     include_usage, continuous = usage
-    running = (lambda choice: Usage.of(*run.usage(choice))) if continuous else None
-    writer = ChatChunkWriter(run.seq.request_id, model, running)
     reasoning = run.seq.inputs.thinks
     hidden = run.think_close_id if reasoning and not request.include_reasoning else None
     choices = [
@@ -291,6 +289,11 @@ async def chat_stream(
         )
         for i, seq in enumerate(run.seqs)
     ]
+
+    def running(choice: int) -> Usage:  # (what the stream has sent of the choice)
+        return Usage.of(*run.usage(choice, choices[choice].num_tokens_sent))
+
+    writer = ChatChunkWriter(run.seq.request_id, model, running if continuous else None)
     prompt_ids = run.seq.inputs.token_ids if request.return_token_ids else None
     content = None if request.tools is not None and request.tools.is_forced else ""
     for choice in choices:

@@ -133,22 +133,26 @@ class ChatRun:
     def seq(self) -> Sequence:
         return self.seqs[0]
 
-    def usage(self, choice: int | None = None) -> TokenCounts:
+    def usage(self, choice: int | None = None, sent: int | None = None) -> TokenCounts:
         """The request's tokens, captioning included:
         the prompt counted once, the completions of every choice summed (of choice `choice`
-        only, where given: vLLM's continuous usage of a chunk); reasoning: None unless the
-        answers started in reasoning (a thinking checkpoint's)."""
+        only, where given: vLLM's continuous usage of a chunk, its first `sent` tokens, those
+        the stream has sent: the engine may have the next one already); reasoning: None
+        unless the answers started in reasoning (a thinking checkpoint's)."""
         inputs, extra = self.seq.inputs, self.caption_usage
         seqs = self.seqs if choice is None else [self.seqs[choice]]
+        outputs = [s.output_token_ids[:sent] for s in seqs]
         reasoning = None
         if inputs.thinks and self.think_close_id is not None:
             close = self.think_close_id
-            reasoning = sum(count_reasoning_tokens(s.output_token_ids, close) for s in seqs)
+            reasoning = sum(count_reasoning_tokens(ids, close) for ids in outputs)
+        completion = sum(map(len, outputs)) if sent is not None else None
         return TokenCounts(
             inputs.num_prompt_tokens + extra.num_prompt_tokens,
             inputs.num_image_tokens,
             inputs.num_video_tokens + extra.num_image_tokens,
-            sum(s.num_completion_tokens for s in seqs) + extra.num_completion_tokens,
+            (completion if completion is not None else sum(s.num_completion_tokens for s in seqs))
+            + extra.num_completion_tokens,
             self.seq.num_cached_tokens + extra.num_cached_tokens,
             reasoning,
         )

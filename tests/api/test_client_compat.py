@@ -4,6 +4,7 @@ honoured where it means something) or refused by name; truly unknown fields stay
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -195,6 +196,30 @@ async def test_continuous_usage_stats_count_the_chunks_choice(
     if path == URL:  # each choice's role chunk comes before its first token
         assert [c[0] for c in per_choice.values()] == [0, 0]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("path", [URL, "/v1/completions"])
+async def test_continuous_usage_counts_what_the_stream_has_sent(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """Never a token ahead of the chunks (the engine may hold a choice's next token while its
+    chunk is written): with several streams at once, each chunk's usage is the ids its
+    choice's chunks have carried, that chunk's included."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = {"max_tokens": 16, "n": 3, "return_token_ids": True, "stream_options": options}
+    common |= {"temperature": 1.0, "ignore_eos": True}
+    bodies = [
+        (chat(seed=seed, **common) if path == URL else {"model": "tiny", "prompt": "Hi", **common})
+        | {"seed": seed}
+        for seed in range(4)
+    ]
+    for chunks in await asyncio.gather(*(sse(client, body, path) for body in bodies)):
+        sent: dict[int, int] = {0: 0, 1: 0, 2: 0}
+        for chunk in chunks[:-1]:
+            (choice,) = chunk["choices"]
+            sent[choice["index"]] += len(choice.get("token_ids") or [])
+            assert chunk["usage"]["completion_tokens"] == sent[choice["index"]], chunk
+        assert chunks[-1]["usage"]["completion_tokens"] == sum(sent.values()) == 48
 
 
 async def test_param_has_no_class_names(client: httpx.AsyncClient) -> None:

@@ -180,12 +180,16 @@ def _echoed(seq: Sequence, echo: str, texts: TokenTexts) -> EchoedPrompt | None:
     return None
 
 
-def usage_of(seqs: list[Sequence], n: int, generated: bool = True) -> Usage:
+def usage_of(
+    seqs: list[Sequence], n: int, generated: bool = True, sent: int | None = None
+) -> Usage:
     """Each prompt counted once (its n choices share it), every choice's completion (none
-    when only the prompts are echoed)."""
+    when only the prompts are echoed). sent: one choice's tokens sent so far (a stream's
+    running usage: the engine may have the next one already)."""
     firsts = seqs[::n]
     prompt = sum(s.inputs.num_prompt_tokens for s in firsts)
-    completion = sum(s.num_completion_tokens for s in seqs) if generated else 0
+    completion = sum(s.num_completion_tokens for s in seqs) if sent is None else sent
+    completion = completion if generated else 0
     return Usage.of(prompt, 0, 0, completion, sum(s.num_cached_tokens for s in firsts))
 
 
@@ -268,7 +272,12 @@ async def stream(
         async for index, output in events:
             if (choice := choices[index].choice(output, shown)) is not None:
                 # vLLM's continuous usage: the chunk's choice and its prompt
-                running = usage_of([choices[index].seq], 1, shown.generated) if continuous else None
+                stream = choices[index]
+                running = (
+                    usage_of([stream.seq], 1, shown.generated, stream.num_tokens_sent)
+                    if continuous
+                    else None
+                )
                 yield chunk([choice], running)
     except ServerError as exc:
         if isinstance(exc, ConstraintFailed):
