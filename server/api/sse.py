@@ -305,7 +305,7 @@ async def chat_stream(
             for chunk in choices[index].events(output, writer, texts):
                 yield chunk
     except ServerError as exc:
-        request.name_constraint(exc)
+        request.name_error(exc)
         yield error_event(exc)
     else:
         if include_usage:

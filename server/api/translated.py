@@ -50,7 +50,7 @@ class Started:
         its fields (a constraint that fails: the field it came from)."""
 
         def named(exc: ServerError) -> None:
-            self.chat.name_constraint(exc)
+            self.chat.name_error(exc)
             body.name_error(exc)
 
         return event_stream(writer, self.run, self.first, self.rest, named)
@@ -107,7 +107,7 @@ async def run_translated(
         try:
             first = await until_disconnected(request, anext(outputs))
         except ServerError as exc:  # (a constraint that failed at the first token)
-            chat.name_constraint(exc)
+            chat.name_error(exc)
             raise
         return Started(chat, run, first, outputs)
 

@@ -47,6 +47,11 @@ PLANNED_ANSWER_TOKENS = 1024
 # The least a chat turn takes besides its text: Qwen's templates open and close each message
 # with a special token (<|im_start|>role ... <|im_end|>).
 TOKENS_PER_TURN = 2
+# A prompt that is only counted (/tokenize, input_tokens, count_tokens) or that
+# truncate_prompt_tokens cuts may be longer than the context, but it is tokenized whole all
+# the same: its text is bounded at this many contexts (a 100 MB prompt to /tokenize took five
+# minutes and 16 GB of memory).
+CONTEXTS_TOKENIZED = 8
 
 
 class RequestLimits:
@@ -78,21 +83,25 @@ class RequestLimits:
         vocab, added = self.tokenizer.get_vocab(), self.tokenizer.get_added_vocab()  # type: ignore[attr-defined]
         return max((len(k.encode()) if k in added else len(k) for k in vocab), default=1)
 
-    def check_prompt_text(self, text: str, param: str, turns: int = 0) -> None:
+    def check_prompt_text(
+        self, text: str, param: str, turns: int = 0, *, whole: bool = True
+    ) -> None:
         """Text that cannot fit the context is refused before it is tokenized (a 20 MB prompt
         took minutes and gigabytes to tokenize, then was refused): the tokens of text, once
         the tokenizer has normalized it (NFC for Qwen), are at least its UTF-8 bytes over the
         most one token stands for; each of a chat's turns (messages) adds its own start and
-        end tokens (<|im_start|>, <|im_end|>) to those."""
+        end tokens (<|im_start|>, <|im_end|>) to those. whole false: a prompt only counted,
+        or one to cut, which may be CONTEXTS_TOKENIZED contexts long."""
+        room = self.max_seq_len * (1 if whole else CONTEXTS_TOKENIZED)
         markers = max(turns * TOKENS_PER_TURN - 1, 0)  # (a continued last turn has no end)
-        if markers > self.max_seq_len:  # (300,000 empty messages: no text, but no room)
+        if markers > room:  # (300,000 empty messages: no text, but no room)
             raise InvalidRequest(
-                f"The prompt has {turns} messages: more than this model's {self.max_seq_len}-"
-                f"token context can hold ({TOKENS_PER_TURN} tokens each at least).",
+                f"The prompt has {turns} messages: more than {self._contexts(whole)} can hold "
+                f"({TOKENS_PER_TURN} tokens each at least).",
                 param=param,
                 code="context_length_exceeded",
             )
-        limit = (self.max_seq_len - markers) * self._longest_token_bytes
+        limit = (room - markers) * self._longest_token_bytes
         if len(text) * MAX_BYTES_PER_NORMALIZED_CHAR <= limit:  # (every prompt of a usual size)
             return
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -102,11 +111,18 @@ class RequestLimits:
             _normalized_bytes(text, backend.normalizer) > limit
         ):
             raise InvalidRequest(
-                f"The prompt's text is {len(text)} characters long: more than this model's "
-                f"{self.max_seq_len}-token context can hold, whatever the tokens.",
+                f"The prompt's text is {len(text)} characters long: more than "
+                f"{self._contexts(whole)} can hold, whatever the tokens.",
                 param=param,
                 code="context_length_exceeded",
             )
+
+    def _contexts(self, whole: bool) -> str:
+        context = f"this model's {self.max_seq_len}-token context"
+        if whole:
+            return context
+        # (a prompt only counted, or cut, is tokenized whole)
+        return f"{CONTEXTS_TOKENIZED} times {context} (the most a prompt to count or cut may be)"
 
     def truncated(
         self, inputs: ModelInputs, truncation: Truncation | None, sampling: SamplingParams
@@ -197,7 +213,17 @@ class RequestLimits:
                 code="context_length_exceeded",
             )
         if sampling.max_tokens is None:
-            return min(self.default_max_tokens, room) if self.default_max_tokens else room
+            # (the server's default gives way to a min_tokens above it: asked for)
+            default = max(self.default_max_tokens, sampling.min_tokens)
+            if sampling.min_tokens > room:
+                raise InvalidRequest(
+                    f"min_tokens ({sampling.min_tokens}) is more than the {room} tokens this "
+                    f"model's {self.max_seq_len}-token context leaves after the prompt's "
+                    f"{num_prompt}.",
+                    param="min_tokens",
+                    code="context_length_exceeded",
+                )
+            return min(default, room) if self.default_max_tokens else room
         if sampling.max_tokens > room:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_seq_len} tokens. However, "

@@ -30,7 +30,7 @@ from server.engine.inputs import (
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.engine.structured import InvalidSchema, StructuredOutput
-from server.exceptions import EngineOverloaded, InvalidRequest
+from server.exceptions import EngineOverloaded, InvalidRequest, ServerError
 from server.media.frames import TokenBudget, VideoMode
 from server.media.video import DecodedVideo
 from server.metrics import Metrics
@@ -85,6 +85,7 @@ class ChatRequest:
     tools: Tools | None = None
     template: TemplateOptions = DEFAULT_TEMPLATE  # the request's chat-template options
     grammar_param: str = "response_format"  # the field the grammar came from, for its errors
+    max_tokens_param: str = "max_tokens"  # the field the answer's length came from (its errors)
     # A constraint a forced tool call leaves aside (the answer is the call): compiled only so
     # that one that cannot be used is still its 400.
     aside: StructuredOutput | None = None
@@ -102,11 +103,14 @@ class ChatRequest:
         forced = self.tools is not None and self.tools.is_forced
         return "tools" if forced else self.grammar_param
 
-    def name_constraint(self, exc: BaseException) -> None:
-        """A constraint that stopped the answer (ConstraintFailed) names its field: tools
-        where it stopped inside a call."""
+    def name_error(self, exc: BaseException) -> None:
+        """An error names the field the client sent: a constraint that stopped the answer
+        (ConstraintFailed) its own (tools where it stopped inside a call), a length past the
+        context max_completion_tokens where that was sent."""
         if isinstance(exc, ConstraintFailed):
             exc.param = "tools" if exc.in_call else self.grammar_field
+        elif isinstance(exc, InvalidRequest) and exc.param == "max_tokens":
+            exc.param = self.max_tokens_param
 
 
 class TokenCounts(NamedTuple):
@@ -207,6 +211,13 @@ class ChatPipeline:
 
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
+        try:
+            return await self._start(request)
+        except ServerError as exc:
+            request.name_error(exc)
+            raise
+
+    async def _start(self, request: ChatRequest) -> ChatRun:
         # Bad words tokenized once for the request, not again for each choice.
         request = replace(request, sampling=self.engine.limits.with_bad_word_ids(request.sampling))
         budget = self.check_fields(request)  # a bad request is a 400 even on a full server
@@ -235,11 +246,14 @@ class ChatPipeline:
     def check_fields(self, request: ChatRequest) -> MediaBudget:
         """check's cheap part: sampling, the text's length, the number of media."""
         self.engine.limits.check_sampling(request.sampling)
-        if request.truncation is None:  # (a prompt to cut may be longer: it is asked for)
-            # As the template gets it: the tools' definitions and the calls' arguments too.
-            rendered = self.rendered(request)
-            self.engine.limits.check_prompt_text(prompt_text(rendered), "messages", len(rendered))
+        self._check_text(request, whole=request.truncation is None)  # (a prompt to cut: longer)
         return self.media.check_counts(request.messages)
+
+    def _check_text(self, request: ChatRequest, whole: bool) -> None:
+        # As the template gets it: the tools' definitions and the calls' arguments too.
+        rendered = self.rendered(request)
+        text = prompt_text(rendered)
+        self.engine.limits.check_prompt_text(text, "messages", len(rendered), whole=whole)
 
     async def compile_structured(self, request: ChatRequest) -> None:
         """The request's grammar (a 400 if it cannot be one), compiled ahead into the cache."""
@@ -271,6 +285,7 @@ class ChatPipeline:
     async def prompt(self, request: ChatRequest) -> ModelInputs:
         """The prompt the request would run, built but not run (vLLM's /tokenize): its media
         fetched and decoded as for an answer (videos read natively, as /v1 reads them)."""
+        self._check_text(request, whole=False)  # (counted, perhaps to be cut: it may be longer)
         budget = self.media.check_counts(request.messages)
         messages = self.rendered(request)
         request = replace(request, messages=messages, video_mode="native")
@@ -424,7 +439,7 @@ class ChatPipeline:
         except BaseException as exc:
             for seq in run.seqs:
                 self.engine.abort(seq.request_id)
-            request.name_constraint(exc)
+            request.name_error(exc)
             raise
         choices = [
             self._choice(i, seq, text, request)

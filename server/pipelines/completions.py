@@ -123,8 +123,8 @@ class TextCompletions:
 
     def _inputs(self, prompt: str | list[int], options: PromptOptions) -> ModelInputs:
         if isinstance(prompt, str):
-            if options.truncation is None:  # (a prompt to cut may be longer: it is asked for)
-                self.engine.limits.check_prompt_text(prompt, PARAM)
+            # (a prompt to cut may be longer: it is asked for)
+            self.engine.limits.check_prompt_text(prompt, PARAM, whole=options.truncation is None)
             special = options.add_special_tokens
             ids = self.tokenizer.encode(prompt, add_special_tokens=special is not False)
         else:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from server.engine.request_limits import CONTEXTS_TOKENIZED
 from server.exceptions import InvalidRequest
 from server.pipelines.loopback import post_scope
 from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
@@ -791,6 +792,50 @@ async def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(
             response = await client.post("/v1/chat/completions", json=sent)
             error = assert_error(response, 400, "messages", "context_length_exceeded")
             assert "characters long" in error["message"] or "messages:" in error["message"]
+
+
+async def test_prompts_only_counted_or_cut_are_bounded_too(tiny_model_dir: Path) -> None:
+    """/tokenize, the count routes and truncate_prompt_tokens take a prompt longer than the
+    context (it is counted, or cut), but it is tokenized whole: past CONTEXTS_TOKENIZED
+    contexts' worth, a 400 before tokenizing (100 MB took five minutes and 16 GB)."""
+    settings = make_settings(tiny_model_dir, max_model_len=256)
+    async for client in start_client(settings):
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        limit = engine.max_seq_len * engine.limits._longest_token_bytes  # one context's bytes
+        longer = "word " * (limit // 5 + 1)  # more than one context, less than eight
+        too_long = "word " * (CONTEXTS_TOKENIZED * limit // 5 + 1)
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": longer}]}
+        counted = await client.post("/tokenize", json={"model": "tiny", "prompt": longer})
+        assert counted.status_code == 200 and counted.json()["count"] > engine.max_seq_len
+        assert (await client.post("/tokenize", json=chat)).status_code == 200
+        responses = {"model": "tiny", "input": longer}
+        assert (await client.post("/v1/responses/input_tokens", json=responses)).status_code == 200
+        for path, body, param in (
+            ("/tokenize", {"model": "tiny", "prompt": too_long}, "prompt"),
+            ("/tokenize", {**chat, "messages": [{"role": "user", "content": too_long}]}, None),
+            ("/v1/responses/input_tokens", {"model": "tiny", "input": too_long}, None),
+            (
+                "/v1/completions",
+                {"model": "tiny", "prompt": too_long, "truncate_prompt_tokens": 9},
+                "prompt",
+            ),
+            (
+                "/v1/chat/completions",
+                {
+                    **chat,
+                    "messages": [{"role": "user", "content": too_long}],
+                    "truncate_prompt_tokens": 9,
+                },
+                "messages",
+            ),
+        ):
+            response = await client.post(path, json=body)
+            error = assert_error(response, 400, code="context_length_exceeded")
+            assert "8 times" in error["message"], (path, error)
+            assert param is None or error["param"] == param, (path, error)
+        cut = {"model": "tiny", "prompt": longer, "truncate_prompt_tokens": 9, "max_tokens": 1}
+        response = await client.post("/v1/completions", json=cut)
+        assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 9
 
 
 async def test_images_that_cannot_fit_are_refused_before_they_are_decoded(

@@ -291,3 +291,27 @@ async def test_return_tokens_as_token_ids(client: httpx.AsyncClient, tokenizer) 
     tokens = response.json()["choices"][0]["logprobs"]["tokens"]
     hi = tokenizer("Hi")["input_ids"]
     assert tokens == [f"token_id:{t}" for t in hi] + [f"token_id:{forced}"] * 2
+
+
+async def test_min_tokens_without_max_tokens(client: httpx.AsyncClient) -> None:
+    """Without max_tokens the answer may take the rest of the context (here the server's
+    default of 16): a min_tokens above the default is met, one past what the context leaves
+    is a 400 naming min_tokens (vLLM's), not an answer cut short of it."""
+    body = chat(min_tokens=20)
+    del body["max_tokens"]
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 20
+    context = client.app.state.services.engine.max_seq_len  # type: ignore[attr-defined]
+    response = await client.post("/v1/chat/completions", json={**body, "min_tokens": context})
+    error = assert_error(response, 400, "min_tokens", "context_length_exceeded")
+    assert "leaves after the prompt" in error["message"]
+
+
+async def test_a_length_past_the_context_names_the_field_sent(client: httpx.AsyncClient) -> None:
+    context = client.app.state.services.engine.max_seq_len  # type: ignore[attr-defined]
+    for field in ("max_tokens", "max_completion_tokens"):
+        body = {k: v for k, v in chat().items() if k != "max_tokens"} | {field: context}
+        for stream in (False, True):
+            response = await client.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert_error(response, 400, field, "context_length_exceeded")

@@ -150,6 +150,9 @@ def to_chat_request(
         return_token_ids=bool(body.return_token_ids),
         include_reasoning=body.include_reasoning is not False,
         truncation=body.truncation(),
+        max_tokens_param=(
+            "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        ),
     )
 
 
@@ -171,7 +174,7 @@ async def _complete(
     try:
         first = await until_disconnected(request, anext(outputs))
     except ServerError as exc:  # (a constraint that failed at the first token names its field)
-        chat_request.name_constraint(exc)
+        chat_request.name_error(exc)
         raise
     usage = usage_wanted(body.stream_options)
     texts = services.chat.texts(chat_request)

@@ -39,6 +39,7 @@ async def tokenize(
         if body.model is not None:
             services.check_model(body.model)
         special = body.add_special_tokens is not False
+        services.engine.limits.check_prompt_text(body.prompt, "prompt", whole=False)
         ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=special)
     return TokenizeResponse(
         count=len(ids),
