@@ -92,8 +92,9 @@ HELP = {
     "max_n": "Most choices (`n`) one chat or text completion may ask for; each is a sequence of "
     "its own, sharing the prompt's KV blocks.",
     "max_model_len": "Longest sequence, prompt plus answer, in tokens. More than the KV cache "
-    "holds does not start (the error says what fits); left at 0, the model's context is capped "
-    "at what the cache holds, with a warning.",
+    "holds does not start (the error says what fits); more than the model's context serves the "
+    "model's (its positions go no further), with a warning; left at 0, the model's context is "
+    "capped at what the cache holds, with a warning.",
     "max_num_seqs": "Requests running (decoded together) at once; at least 1.",
     "max_num_batched_tokens": "Tokens computed in one engine step: every running decode, then "
     "prompt chunks (a longer prompt is prefilled in chunks of this size).",

@@ -111,7 +111,8 @@ class RequestLimits:
             _normalized_bytes(text, backend.normalizer) > limit
         ):
             raise InvalidRequest(
-                f"The prompt's text is {len(text)} characters long: more than "
+                f"The prompt's text (the tools' definitions too) is {len(text)} characters long: "
+                f"more than "
                 f"{self._contexts(whole)} can hold, whatever the tokens.",
                 param=param,
                 code="context_length_exceeded",
@@ -208,7 +209,7 @@ class RequestLimits:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_seq_len} tokens. However, "
                 f"your messages resulted in {num_prompt} tokens. Please reduce the length of the "
-                "messages or the size of the images.",
+                "messages (the tools' definitions count too) or the size of the images.",
                 param="messages",
                 code="context_length_exceeded",
             )
