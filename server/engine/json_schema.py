@@ -148,24 +148,24 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
         for key in ("pattern", "format")
         if lengths and key in schema
     ]
-    for sub, where in subschemas(schema, at):
+    for _, sub, where in subschemas(schema, at):
         found += unenforced(sub, where)
     return found
 
 
-def subschemas(schema: dict[str, Any], at: str) -> Iterator[tuple[Any, str]]:
-    """Each schema the schema holds (by name, in a list, or one), with where it is."""
+def subschemas(schema: dict[str, Any], at: str) -> Iterator[tuple[str, Any, str]]:
+    """Each schema the schema holds (by name, in a list, or one): its keyword, it, where."""
     for key in SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
             for name, sub in schema[key].items():
-                yield sub, f"{at}{key}.{name}."
+                yield key, sub, f"{at}{key}.{name}."
     for key in SCHEMA_LISTS:
         if isinstance(schema.get(key), list):
             for i, sub in enumerate(schema[key]):
-                yield sub, f"{at}{key}[{i}]."
+                yield key, sub, f"{at}{key}[{i}]."
     for key in SCHEMA_VALUES:
         if key in schema:
-            yield schema[key], f"{at}{key}."
+            yield key, schema[key], f"{at}{key}."
 
 
 def with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dict[str, Any]:
@@ -180,41 +180,64 @@ def with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dic
     return changed
 
 
-def schema_mistakes(schema: Any, at: str = "") -> list[str]:
+def schema_mistakes(schema: Any, at: str = "", branch: bool = False) -> list[str]:
     """What makes a schema wrong whatever the answer (each a 400 naming where): a `required`
-    that is not a list of names, a `$ref` outside the schema (nothing is fetched), and a
-    required property no answer may write: one its `properties` do not declare where no other
-    property may be written (xgrammar's objects take no undeclared property unless
-    additionalProperties says so; OpenAI's strict mode refuses such a schema as well)."""
+    that is not a list of names, a `$ref` to another document (nothing is fetched), and a
+    required property no answer may write: one its `properties` do not declare where
+    additionalProperties is false (and nothing else in or around the schema could declare
+    it: no composition, no condition, not a branch of one)."""
     if not isinstance(schema, dict):
         return []
     found = []
     ref = schema.get("$ref")
-    if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
-        found.append(f"{at}$ref {ref!r} is not within the schema (only '#...' references)")
+    if ref is not None and not (isinstance(ref, str) and "://" not in ref):
+        found.append(f"{at}$ref {ref!r} is not within the schema (nothing is fetched)")
     required, properties = schema.get("required"), schema.get("properties")
-    if required is not None and not (
+    if "required" in schema and not (
         isinstance(required, list) and all(isinstance(name, str) for name in required)
     ):
         found.append(f"{at}required is not an array of property names")
-    elif required and isinstance(properties, dict) and _closed(schema):
+    elif required and isinstance(properties, dict) and not branch and _closed(schema):
         found += [
             f"{at}required names '{name}', which its properties do not declare"
             for name in required
             if name not in properties
         ][:1]
-    for sub, where in subschemas(schema, at):
-        found += schema_mistakes(sub, where)
+    for key, sub, where in subschemas(schema, at):
+        found += schema_mistakes(sub, where, branch or key in BRANCHES)
     return found
 
 
+# Keywords whose schemas apply beside the object's own (a name one declares is declared).
+BRANCHES = frozenset({"allOf", "anyOf", "oneOf", "if", "then", "else", "dependentSchemas"})
+
+
 def _closed(schema: dict[str, Any]) -> bool:
-    """Whether an object schema takes no property but those it declares (as xgrammar reads
-    it: additionalProperties left out is false; composed schemas may declare more)."""
-    others = ("patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref")
-    return schema.get("additionalProperties", False) is False and not any(
-        key in schema for key in others
-    )
+    """Whether an object schema takes no property but those it declares: additionalProperties
+    false, and nothing beside it that could declare more."""
+    others = {"patternProperties", "unevaluatedProperties", "$ref", "dependencies", *BRANCHES}
+    return schema.get("additionalProperties") is False and not others.intersection(schema)
+
+
+def declared_required(schema: Any) -> Any:
+    """The schema with each required name its object's `properties` leave out declared as
+    any value, where the object may have others (additionalProperties left out): JSON Schema
+    lets it have that name, but xgrammar writes no undeclared property (an answer left it
+    out, breaking `required`); now the grammar writes it."""
+    if isinstance(schema, list):
+        return [declared_required(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    changed = with_subschemas(schema, declared_required)
+    required, properties = schema.get("required"), schema.get("properties")
+    if (
+        isinstance(required, list)
+        and isinstance(properties, dict)
+        and "additionalProperties" not in schema
+        and (missing := [n for n in required if isinstance(n, str) and n not in properties])
+    ):
+        changed["properties"] = {**properties, **dict.fromkeys(missing, {})}
+    return changed
 
 
 def strict_normalized(schema: Any) -> Any:
@@ -302,14 +325,21 @@ TIME = (
 # The other formats pydantic's types write, as values their validators take: xgrammar's own
 # grammars allow an octet "065" (ipaddress refuses a leading zero), 64-character and longer
 # host labels, and numbers of any length in a duration (past timedelta's range) or an email
-# (past email-validator's 64 characters before the @ and 63 a label). Labels here are at most
-# 32 characters and 7 to a hostname, so one is never past 253.
+# (past email-validator's 64 characters before the @ and 63 a label; it also refuses "--" in
+# a label's 3rd and 4th places and special-use top-level domains: "local", "test", ...).
+# Labels here are at most 42 characters, no two hyphens together, and 5 to a hostname, so
+# one is never past 253.
 OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?"
+LABEL = r"[A-Za-z0-9]{1,16}(?:-[A-Za-z0-9]{1,12}){0,2}"
+TOP_DOMAIN = (  # any two letters (a country), or a common longer name
+    r"(?:[A-Za-z]{2}|com|org|net|edu|gov|info|biz|app|dev|tech|cloud|online|site|store|email"
+    r"|company)"
+)
 N = r"[0-9]{1,4}"  # (9999 years is 3.65 million days: timedelta takes 999,999,999)
-DURATION_TIME = rf"T(?:{N}H(?:{N}M(?:{N}S)?)?|{N}M(?:{N}S)?|{N}S)"
-DURATION = (  # RFC 3339's appendix A: P, then a date part and/or a time part, or weeks
-    rf"P(?:(?:{N}Y(?:{N}M(?:{N}D)?)?|{N}M(?:{N}D)?|{N}D)(?:{DURATION_TIME})?"
+SECONDS = rf"{N}(?:\.[0-9]{{1,6}})?S"
+DURATION_TIME = rf"T(?:{N}H(?:{N}M)?(?:{SECONDS})?|{N}M(?:{SECONDS})?|{SECONDS})"
+DURATION = (  # ISO 8601's: P, then years, months, days and/or a time part (each once, in order)
+    rf"P(?:(?:{N}Y(?:{N}M)?(?:{N}D)?|{N}M(?:{N}D)?|{N}D)(?:{DURATION_TIME})?"
     rf"|{DURATION_TIME}|{N}W)"
 )
 FORMAT_PATTERNS = {
@@ -317,10 +347,10 @@ FORMAT_PATTERNS = {
     "time": TIME,
     "date-time": f"{DATE}T{TIME}",
     "ipv4": rf"{OCTET}(?:\.{OCTET}){{3}}",
-    "hostname": rf"{LABEL}(?:\.{LABEL}){{0,6}}",
+    "hostname": rf"{LABEL}(?:\.{LABEL}){{0,4}}",
     "duration": DURATION,
-    "email": rf"[A-Za-z0-9_+-]{{1,20}}(?:\.[A-Za-z0-9_+-]{{1,20}}){{0,2}}@(?:{LABEL}\.){{1,3}}"
-    r"[A-Za-z]{2,10}",
+    "email": rf"[A-Za-z0-9_+-]{{1,30}}(?:\.[A-Za-z0-9_+-]{{1,30}})?@(?:{LABEL}\.){{1,3}}"
+    rf"{TOP_DOMAIN}",
 }
 
 

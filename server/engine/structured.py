@@ -26,6 +26,7 @@ from server.engine.json_schema import (
     InvalidSchema,
     check_schema_depth,
     check_schema_size,
+    declared_required,
     exact_formats,
     schema_mistakes,
     strict_normalized,
@@ -222,8 +223,8 @@ class GrammarCache:
         return self._json_grammar(schema or "{}")
 
     def _json_grammar(self, schema: str) -> Any:
-        if '"format"' in schema or '"pattern' in schema:  # (pattern, patternProperties)
-            schema = json.dumps(exact_formats(json.loads(schema)))
+        # (formats and patterns as xgrammar compiles them right; required names declared)
+        schema = json.dumps(exact_formats(declared_required(json.loads(schema))))
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
         text = str(grammar)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import xgrammar as xgr
+from pydantic import TypeAdapter
 from transformers import AutoTokenizer
 
 from server.engine.json_schema import (
@@ -227,16 +228,22 @@ def test_the_formats_pydantic_writes_take_what_its_validators_take(
             real = False
         assert (ipv4.fullmatch(text) is not None) is real, text
     hostname = re.compile(FORMAT_PATTERNS["hostname"])
-    assert hostname.fullmatch("api.example.com") and hostname.fullmatch("a" * 32)
+    assert hostname.fullmatch("api.example.com") and hostname.fullmatch("localhost")
+    assert hostname.fullmatch("db-prod-01.eu-west-1.rds.amazonaws.com")
     assert not hostname.fullmatch("a" * 64) and not hostname.fullmatch("-a.b")
+    assert not hostname.fullmatch("ab--cd.io")  # (IDNA's place: email-validator refuses it)
     duration = re.compile(FORMAT_PATTERNS["duration"])
-    for text in ("P1Y2M3DT4H5M6S", "P3W", "PT5M", "P1D", "PT1H30S"[:4]):
+    for text in ("P1Y2M3DT4H5M6S", "P3W", "PT5M", "P1D", "PT1H", "P1Y35D", "PT1.5S", "PT1H30S"):
         assert duration.fullmatch(text), text
-    for text in ("P", "PT", "P1Y2D", "P12345D", "P1DT"):
+        assert TypeAdapter(datetime.timedelta).validate_python(text)  # (pydantic's reading)
+    for text in ("P", "PT", "P12345D", "P1DT", "P1D1Y"):
         assert not duration.fullmatch(text), text
     email = re.compile(FORMAT_PATTERNS["email"])
     assert email.fullmatch("first.last@mail.example.com")
-    assert not email.fullmatch("a" * 21 + "@b.io") and not email.fullmatch("a..b@c.io")
+    assert email.fullmatch("customer-support-team@my-company.co.uk")
+    assert not email.fullmatch("a" * 31 + "@b.io") and not email.fullmatch("a..b@c.io")
+    for special_use in ("local", "test", "localhost", "invalid", "onion", "arpa"):
+        assert not email.fullmatch(f"someone@company.{special_use}"), special_use
     for name, value in (("ipv4", "94.26.065.73"), ("duration", "P6M2507474643062D")):
         assert not grammars.takes({"type": "string", "format": name}, value)
 
@@ -247,13 +254,23 @@ def test_the_formats_pydantic_writes_take_what_its_validators_take(
         ({"type": "object", "properties": {"a": {}}, "required": "a"}, "required is not an"),
         ({"$ref": "http://example.com/s.json"}, "$ref 'http://example.com/s.json' is not"),
         (
-            {"type": "object", "properties": {"a": {}}, "required": ["a", "zzz"]},
+            {
+                "type": "object",
+                "properties": {"a": {}},
+                "required": ["a", "zzz"],
+                "additionalProperties": False,
+            },
             "required names 'zzz', which its properties do not declare",
         ),
         (
-            {"properties": {"x": {"properties": {}, "required": ["y"]}}},
+            {
+                "properties": {
+                    "x": {"properties": {}, "required": ["y"], "additionalProperties": False}
+                }
+            },
             "properties.x.required names 'y'",
         ),
+        ({"type": "object", "required": None}, "required is not an"),
     ],
 )
 def test_schemas_no_answer_can_fit_are_refused(grammars: Grammars, schema: dict, said: str) -> None:
@@ -264,15 +281,39 @@ def test_schemas_no_answer_can_fit_are_refused(grammars: Grammars, schema: dict,
             grammars.compile(StructuredOutput.json_schema(schema, strict=strict))
 
 
-def test_required_names_other_properties_may_carry_are_taken() -> None:
-    """additionalProperties (or patternProperties, a composition) may write the name."""
+def test_required_names_something_else_may_declare_are_taken(grammars: Grammars) -> None:
+    """additionalProperties, patternProperties, a composition or a condition may declare the
+    name (an OpenAPI-style allOf declares it in one branch, requires it in another); a $ref
+    by a sibling's $id stays in the schema."""
+    integer = {"type": "integer"}
     for schema in (
         {"properties": {}, "required": ["z"], "additionalProperties": True},
         {"properties": {}, "required": ["z"], "patternProperties": {"^z$": {}}},
         {"properties": {}, "required": ["z"], "allOf": [{"properties": {"z": {}}}]},
-        {"$ref": "#/$defs/a", "$defs": {"a": {"type": "integer"}}},
+        {"$ref": "#/$defs/a", "$defs": {"a": integer}},
+        {
+            "allOf": [
+                {"properties": {"a": integer}},
+                {"properties": {"b": integer}, "required": ["a", "b"]},
+            ]
+        },
+        {
+            "properties": {"c": integer},
+            "then": {"properties": {"zip": integer}},
+            "required": ["c", "zip"],
+        },
+        {"$defs": {"a": {"$id": "a.json", **integer}}, "properties": {"x": {"$ref": "a.json"}}},
     ):
         assert schema_mistakes(schema) == [], schema
+    # Where the object may have other properties, a required one it does not declare is
+    # written (xgrammar writes no undeclared property: the answer used to leave it out).
+    sloppy = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city", "units"],
+    }
+    assert not grammars.takes(sloppy, {"city": "Oslo"})
+    assert grammars.takes(sloppy, {"city": "Oslo", "units": "metric"})
 
 
 def test_no_escape_names_a_lone_surrogate(grammars: Grammars) -> None:
