@@ -234,6 +234,7 @@ def declared_required(schema: Any) -> Any:
         isinstance(required, list)
         and isinstance(properties, dict)
         and "additionalProperties" not in schema
+        and "patternProperties" not in schema  # (its schema for the name would be lost)
         and (missing := [n for n in required if isinstance(n, str) and n not in properties])
     ):
         changed["properties"] = {**properties, **dict.fromkeys(missing, {})}

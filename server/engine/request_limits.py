@@ -112,8 +112,7 @@ class RequestLimits:
         ):
             raise InvalidRequest(
                 f"The prompt's text (the tools' definitions too) is {len(text)} characters long: "
-                f"more than "
-                f"{self._contexts(whole)} can hold, whatever the tokens.",
+                f"more than {self._contexts(whole)} can hold, whatever the tokens.",
                 param=param,
                 code="context_length_exceeded",
             )
