@@ -355,12 +355,17 @@ FORMAT_PATTERNS = {
 }
 
 
-def optional_groups_as_alternatives(pattern: str) -> str:
+SURROGATES = r"\ud800-\udfff"
+
+
+def mended_pattern(pattern: str) -> str:
     r"""The pattern with each optional group `(X)?` written `(X|)`: the same strings. xgrammar
     (0.2.9) compiles a JSON schema pattern's optional group that ends in a repeat wrongly:
     `^[A-Z]{2}(-[0-9]{2,4})?$` took "RO34" (the group's first character dropped), a date-time's
     `(\.[0-9]{1,6})?` fractions too; with an empty alternative it compiles right. Escapes and
-    character classes are copied as they are; lookarounds are left alone."""
+    character classes are copied as they are, but a negated class leaves surrogates out too
+    (xgrammar's took an encoded one: three U+FFFD in the text, past a length the pattern
+    bounds); lookarounds are left alone."""
     out: list[str] = []
     groups: list[bool] = []  # for each open group: whether it may be rewritten
     i, in_class = 0, False
@@ -372,8 +377,13 @@ def optional_groups_as_alternatives(pattern: str) -> str:
         elif in_class or char == "[":  # (a "]" first in a class, or after "^", is literal)
             in_class = char == "["
             if in_class:
-                step += pattern.startswith("^", i + 1)
+                negated = pattern.startswith("^", i + 1)
+                step += negated
                 step += pattern.startswith("]", i + step)
+                if negated:  # (no surrogate: xgrammar wrote ED A0 80, not UTF-8, for [^"])
+                    out.append(pattern[i : i + step] + SURROGATES)
+                    i += step
+                    continue
         elif char == "(":
             groups.append(not pattern.startswith(("(?=", "(?!", "(?<=", "(?<!"), i))
         elif char == ")" and groups and groups.pop() and pattern.startswith("?", i + 1):
@@ -400,10 +410,9 @@ def exact_formats(schema: Any) -> Any:
         del exact["format"]
         exact["pattern"] = f"^{pattern}$"
     if isinstance(exact.get("pattern"), str):
-        exact["pattern"] = optional_groups_as_alternatives(exact["pattern"])
+        exact["pattern"] = mended_pattern(exact["pattern"])
     if isinstance(exact.get("patternProperties"), dict):
         exact["patternProperties"] = {
-            optional_groups_as_alternatives(key): sub
-            for key, sub in exact["patternProperties"].items()
+            mended_pattern(key): sub for key, sub in exact["patternProperties"].items()
         }
     return exact

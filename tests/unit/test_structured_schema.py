@@ -18,7 +18,7 @@ from server.engine.json_schema import (
     FORMAT_PATTERNS,
     InvalidSchema,
     exact_formats,
-    optional_groups_as_alternatives,
+    mended_pattern,
     schema_mistakes,
     unenforced,
     writes_raw_escapes,
@@ -186,13 +186,14 @@ def grammars(tiny_model_dir: Path) -> Grammars:
         ("^[A-Z]{2}(-[0-9]{2,4})?$", "^[A-Z]{2}(-[0-9]{2,4}|)$"),
         ("a(?:b(c+)?)??d", "a(?:b(c+|)|)d"),  # nested; lazy
         (r"a\\(b+)?[)(]?(x\)y)?", r"a\\(b+|)[)(]?(x\)y|)"),  # escapes, a class
-        ("[]a]?(c)?[^]b](d+)?", "[]a]?(c|)[^]b](d+|)"),  # "]" first in a class is literal
+        ("[]a]?(c)?[^]b](d+)?", r"[]a]?(c|)[^]\ud800-\udfffb](d+|)"),  # "]" first is literal
         ("(?=a)?b(?!c)?", "(?=a)?b(?!c)?"),  # lookarounds left alone
         ("(a+)*(b+){0,1}", "(a+)*(b+){0,1}"),  # (xgrammar compiles these right)
     ],
 )
-def test_optional_groups_are_written_as_empty_alternatives(pattern: str, written: str) -> None:
-    assert optional_groups_as_alternatives(pattern) == written
+def test_patterns_are_written_as_xgrammar_compiles_them_right(pattern: str, written: str) -> None:
+    """Optional groups as empty alternatives; negated classes without surrogates."""
+    assert mended_pattern(pattern) == written
     assert re.compile(written)
 
 
@@ -331,3 +332,21 @@ def test_no_escape_names_a_lone_surrogate(grammars: Grammars) -> None:
     assert not takes_raw('"\\ud8dd"') and not takes_raw('"\\uDC00"')
     assert not takes_raw('"\\ud83d\\ude00"')  # (a pair: the character itself instead)
     assert grammars.takes(text, "😀")
+
+
+def test_a_negated_class_writes_no_encoded_surrogate(grammars: Grammars) -> None:
+    """xgrammar's [^...] took ED A0 80 (a surrogate, not UTF-8: three U+FFFD in the text, past
+    the 12 characters the pattern bounds; seen in a CI run)."""
+    byte_token = {b: grammars.tokenizer.convert_tokens_to_ids(c) for b, c in byte_chars().items()}
+    spec = StructuredOutput.json_schema({"type": "string", "pattern": '^[^\\x00-\\x1f"]{1,12}$'})
+    matcher = xgr.GrammarMatcher(grammars.compile(spec))
+    accepted = [matcher.accept_token(byte_token[b]) for b in b'"a\xed\xa0\x80']
+    assert accepted == [True, True, True, False, True]  # (ED 80 begins U+D000: real)
+    assert grammars.takes({"type": "string", "pattern": '^[^\\x00-\\x1f"]{1,12}$'}, "é😀")
+
+
+def byte_chars() -> dict[int, str]:
+    """Byte-level BPE's character for each byte (GPT-2's table, which Qwen's tokenizer uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
