@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.media.image import max_pixels_for, target_size
+from server.media.image import pixel_range, visual_tokens
 from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
 
 pytestmark = pytest.mark.anyio
@@ -35,12 +35,11 @@ WIKIMEDIA_PATH = (
 def image_tokens_at(client: httpx.AsyncClient, width: int, height: int) -> int:
     """Visual tokens of a width x height image at "auto" detail on this server's family (one
     token per 28 x 28 pixels on Qwen2-VL, 32 x 32 on Qwen3-VL)."""
-    services = client.app.state.services  # type: ignore[attr-defined]
-    side = services.chat.input_builder.token_side
-    smallest = services.chat.media.model_min_pixels  # (Qwen3-VL's enlarges small images)
-    most = max_pixels_for("auto", 1 << 30, side)
-    new_width, new_height = target_size(width, height, most, side, smallest)
-    return (new_width // side) * (new_height // side)
+    media = client.app.state.services.chat.media  # type: ignore[attr-defined]
+    side = media.token_side
+    # (the checkpoint's smallest image too: Qwen3-VL's processor enlarges a small one)
+    pixels = pixel_range("auto", media.model_max_pixels, side, media.model_min_pixels, (None, None))
+    return visual_tokens((width, height), pixels, side)
 
 
 def image_message(*parts: dict) -> list[dict]:
