@@ -177,16 +177,15 @@ class GrammarCache:
         if (grammar := self.lookup(spec)) is not None:
             return grammar
         if spec.kind == "json_schema":
-            check_schema_depth(spec.schema_json or "", spec.wrapper_depth)
-            check_schema_size(json.loads(spec.schema_json or "{}"))
+            check_schema_depth(spec.schema_json or "", spec.wrapper_depth)  # (before parsing)
+            schema = json.loads(spec.schema_json or "{}")
+            check_schema_size(schema)
+            if mistakes := schema_mistakes(schema):
+                raise InvalidSchema("; ".join(mistakes[:3]))
+            if spec.strict and (found := unenforced(schema)):  # (strict: json_schema's only)
+                raise InvalidSchema(strict_refusal(found))
         elif spec.kind == "grammar" and "%json" in (spec.schema_json or ""):
             check_schema_depth(spec.schema_json or "")  # a Lark grammar's inline JSON schema
-        if spec.kind == "json_schema" and (
-            mistakes := schema_mistakes(json.loads(spec.schema_json or "{}"))
-        ):
-            raise InvalidSchema("; ".join(mistakes[:3]))
-        if spec.strict and (found := unenforced(json.loads(spec.schema_json or "{}"))):
-            raise InvalidSchema(strict_refusal(found))
         try:
             grammar = self._grammar(spec)
             if spec.calls is not None:

@@ -145,18 +145,18 @@ class ChatRun:
         unless the answers started in reasoning (a thinking checkpoint's)."""
         inputs, extra = self.seq.inputs, self.caption_usage
         seqs = self.seqs if choice is None else [self.seqs[choice]]
-        outputs = [s.output_token_ids[:sent] for s in seqs]
+        outputs = [s.output_token_ids for s in seqs]  # (not copied: a stream asks every chunk)
+        counts = [len(ids) if sent is None else min(len(ids), sent) for ids in outputs]
         reasoning = None
         if inputs.thinks and self.think_close_id is not None:
             close = self.think_close_id
-            reasoning = sum(count_reasoning_tokens(ids, close) for ids in outputs)
-        completion = sum(map(len, outputs)) if sent is not None else None
+            pairs = zip(outputs, counts, strict=True)
+            reasoning = sum(count_reasoning_tokens(ids[:n], close) for ids, n in pairs)
         return TokenCounts(
             inputs.num_prompt_tokens + extra.num_prompt_tokens,
             inputs.num_image_tokens,
             inputs.num_video_tokens + extra.num_image_tokens,
-            (completion if completion is not None else sum(s.num_completion_tokens for s in seqs))
-            + extra.num_completion_tokens,
+            sum(counts) + extra.num_completion_tokens,
             self.seq.num_cached_tokens + extra.num_cached_tokens,
             reasoning,
         )
