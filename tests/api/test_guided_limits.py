@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -239,6 +240,13 @@ async def test_new_grammars_past_the_limit_wait_for_a_place_before_a_503(
     responses = await asyncio.gather(*(client.post(URL, json=body) for body in bodies))
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_QUEUE_S", 0.0)
+    compile_grammar = AsyncEngine.compile_grammar
+
+    def slow(engine: AsyncEngine, spec) -> None:  # (outlasts the others' arrival, loaded or not)
+        time.sleep(0.5)
+        compile_grammar(engine, spec)
+
+    monkeypatch.setattr(AsyncEngine, "compile_grammar", slow)
     bodies = [chat(guided_regex=f"(late{i}|never{i})", max_tokens=8) for i in range(4)]
     responses = await asyncio.gather(*(client.post(URL, json=body) for body in bodies))
     assert sorted(r.status_code for r in responses) == [200, 503, 503, 503]
