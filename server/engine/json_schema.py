@@ -6,6 +6,7 @@ exact patterns."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -356,41 +357,124 @@ FORMAT_PATTERNS = {
 
 
 SURROGATES = r"\ud800-\udfff"
+# The code points xgrammar's regex (0.2.9) takes in forms that are not UTF-8 when a class is
+# negated (`[^"]`, `.`, `\S`): after a lead byte E0 any continuation (E0 83 99, an overlong
+# U+00D9), after F0 likewise (overlong four-byte forms); written as positive ranges it takes
+# only the real ones. (Surrogates, ED A0 80 and on, it takes in negated classes too.) Past
+# U+FFFF as `\u{...}`: a character written as itself there lets a JSON string's quotes,
+# backslashes and line breaks through the pattern's negated classes, raw.
+WIDE = r"\u0800-\u0fff\u{10000}-\u{3ffff}"
+NEGATED_ESCAPES = {"S": r"\s", "D": r"\d", "W": r"\w"}  # \S is [^\s], and so on
+CODE_ESCAPE = re.compile(r"u\{([0-9A-Fa-f]{1,6})\}|u([0-9A-Fa-f]{4})")
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """A pattern's characters, an escape (a backslash and the character after it) as one."""
+    i = 0
+    while i < len(text):
+        step = 2 if text[i] == "\\" else 1
+        yield text[i : i + step]
+        i += step
+
+
+def _spelt(piece: str) -> str:
+    """A literal (a character, or one escaped) past U+FFFF as `\\u{...}`, others as given."""
+    char = piece[-1]
+    return f"\\u{{{ord(char):x}}}" if ord(char) > 0xFFFF else piece
+
+
+def _literal_first(inside: str) -> str:
+    """A class's inside with a first "]" or "-" escaped: it stays literal after ranges are
+    written before it."""
+    return "\\" + inside if inside.startswith(("]", "-")) else inside
+
+
+def _but(narrow: str) -> str:
+    """A regex of any character but those of `narrow` (a class's inside, all of them below
+    U+0800), as xgrammar takes only UTF-8 for it."""
+    return f"(?:[^{WIDE}{SURROGATES}{_literal_first(narrow)}]|[{WIDE}])"
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """The index just past the class that opens at `start` (its "[")."""
+    i = start + 1 + pattern.startswith("^", start + 1)
+    i += pattern.startswith("]", i)  # (a "]" first is literal)
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
+
+
+def _is_narrow(inside: str) -> bool:
+    """Whether every character a class's inside names is below U+0800 (\\S and the like
+    name wide ones; an escape `\\uHHHH` or `\\u{...}` is read)."""
+    i = 0
+    while i < len(inside):
+        if inside[i] == "\\":
+            code = inside[i + 1 : i + 2]
+            if code and code in "SDWpP":
+                return False
+            code_escape = CODE_ESCAPE.match(inside, i + 1)
+            if code_escape and int(code_escape.group(1) or code_escape.group(2), 16) >= 0x800:
+                return False
+            i += 2
+        elif ord(inside[i]) >= 0x800:
+            return False
+        else:
+            i += 1
+    return True
+
+
+def _mended_class(text: str) -> str:
+    """A class (`[...]`, `[^...]`) as xgrammar takes only UTF-8 for it: a negated one of
+    narrow characters as _but (one of wide ones without surrogates only), a positive one with
+    \\S, \\D or \\W as alternatives."""
+    negated = text.startswith("[^")
+    inside = text[2 if negated else 1 : -1]
+    if negated and _is_narrow(inside):
+        return _but(inside)
+    if negated:
+        return f"[^{SURROGATES}{_literal_first(''.join(map(_spelt, _pieces(inside))))}]"
+    negations, rest = [], ""
+    for piece in _pieces(inside):
+        if piece[:1] == "\\" and piece[1:] in NEGATED_ESCAPES:
+            negations.append(_but(NEGATED_ESCAPES[piece[1:]]))
+        else:
+            rest += _spelt(piece)
+    if not negations:
+        return f"[{rest}]"
+    return "(?:" + "|".join(([f"[{rest}]"] if rest else []) + negations) + ")"
 
 
 def mended_pattern(pattern: str) -> str:
-    r"""The pattern with each optional group `(X)?` written `(X|)`: the same strings. xgrammar
-    (0.2.9) compiles a JSON schema pattern's optional group that ends in a repeat wrongly:
-    `^[A-Z]{2}(-[0-9]{2,4})?$` took "RO34" (the group's first character dropped), a date-time's
-    `(\.[0-9]{1,6})?` fractions too; with an empty alternative it compiles right. Escapes and
-    character classes are copied as they are, but a negated class leaves surrogates out too
-    (xgrammar's took an encoded one: three U+FFFD in the text, past a length the pattern
-    bounds); lookarounds are left alone."""
+    r"""The pattern as xgrammar (0.2.9) compiles it right, the same strings: each optional
+    group `(X)?` written `(X|)` (it compiled one that ends in a repeat wrongly:
+    `^[A-Z]{2}(-[0-9]{2,4})?$` took "RO34", the group's first character dropped; date-times'
+    `(\.[0-9]{1,6})?` fractions too), and each negated class, `.`, `\S`, `\D` and `\W`
+    written so that it takes only UTF-8 (_mended_class); characters past U+FFFF as escapes
+    (WIDE says why). Other escapes are copied as they are; lookarounds are left alone."""
     out: list[str] = []
     groups: list[bool] = []  # for each open group: whether it may be rewritten
-    i, in_class = 0, False
+    i = 0
     while i < len(pattern):
         char = pattern[i]
         step = 2 if char == "\\" else 1
-        if char == "\\" or (in_class and char != "]"):
-            pass
-        elif in_class or char == "[":  # (a "]" first in a class, or after "^", is literal)
-            in_class = char == "["
-            if in_class:
-                negated = pattern.startswith("^", i + 1)
-                step += negated
-                step += pattern.startswith("]", i + step)
-                if negated:  # (no surrogate: xgrammar wrote ED A0 80, not UTF-8, for [^"])
-                    out.append(pattern[i : i + step] + SURROGATES)
-                    i += step
-                    continue
+        if char == "[":
+            end = _class_end(pattern, i)  # (past the end: unclosed, xgrammar's to refuse)
+            out.append(_mended_class(pattern[i:end]) if end <= len(pattern) else pattern[i:])
+            i = end
+            continue
+        escaped = pattern[i + 1 : i + 2] if char == "\\" else ""
+        if char == "." or escaped in NEGATED_ESCAPES:
+            out.append(_but(NEGATED_ESCAPES.get(escaped, r"\n")))  # (`.`: all but a line break)
         elif char == "(":
             groups.append(not pattern.startswith(("(?=", "(?!", "(?<=", "(?<!"), i))
+            out.append(char)
         elif char == ")" and groups and groups.pop() and pattern.startswith("?", i + 1):
             out.append("|)")
             i += 3 if pattern.startswith("??", i + 1) else 2  # (lazy: the same strings)
             continue
-        out.append(pattern[i : i + step])
+        else:
+            out.append(_spelt(pattern[i : i + step]))
         i += step
     return "".join(out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import itertools
 import json
@@ -16,6 +17,8 @@ from transformers import AutoTokenizer
 
 from server.engine.json_schema import (
     FORMAT_PATTERNS,
+    SURROGATES,
+    WIDE,
     InvalidSchema,
     exact_formats,
     mended_pattern,
@@ -174,10 +177,31 @@ class Grammars(GrammarCache):
         ids = self.tokenizer.encode(json.dumps(value, ensure_ascii=False), add_special_tokens=False)
         return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(self.end)
 
+    def takes_bytes(self, schema: dict, raw: bytes) -> bool:
+        """Whether the schema takes a JSON string of these bytes, one byte token each (as a
+        random model may write them: UTF-8 or not)."""
+        matcher = xgr.GrammarMatcher(self.compile(StructuredOutput.json_schema(schema)))
+        ids = [self.byte_tokens[byte] for byte in b'"' + raw + b'"']
+        return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(self.end)
+
+    @functools.cached_property
+    def byte_tokens(self) -> list[int]:
+        """Each byte's own token (the byte-level vocabulary's printable stand-in for it)."""
+        printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+        others = [byte for byte in range(256) if byte not in printable]
+        stand_in = dict(zip(printable + others, printable + [256 + n for n in range(len(others))]))
+        return [self.tokenizer.convert_tokens_to_ids(chr(stand_in[b])) for b in range(256)]
+
 
 @pytest.fixture(scope="module")
 def grammars(tiny_model_dir: Path) -> Grammars:
     return Grammars(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+BUT_LINE_BREAK = rf"(?:[^{WIDE}{SURROGATES}\n]|[{WIDE}])"
+BUT_SPACE = rf"(?:[^{WIDE}{SURROGATES}\s]|[{WIDE}])"
+BUT_HYPHEN_A = rf"(?:[^{WIDE}{SURROGATES}\-a]|[{WIDE}])"
+BUT_A_HYPHEN = rf"(?:[^{WIDE}{SURROGATES}a-]|[{WIDE}])"
 
 
 @pytest.mark.parametrize(
@@ -186,15 +210,20 @@ def grammars(tiny_model_dir: Path) -> Grammars:
         ("^[A-Z]{2}(-[0-9]{2,4})?$", "^[A-Z]{2}(-[0-9]{2,4}|)$"),
         ("a(?:b(c+)?)??d", "a(?:b(c+|)|)d"),  # nested; lazy
         (r"a\\(b+)?[)(]?(x\)y)?", r"a\\(b+|)[)(]?(x\)y|)"),  # escapes, a class
-        ("[]a]?(c)?[^]b](d+)?", r"[]a]?(c|)[^]\ud800-\udfffb](d+|)"),  # "]" first is literal
+        ("[]a]?(c)?[^]b](d+)?", rf"[]a]?(c|)(?:[^{WIDE}{SURROGATES}\]b]|[{WIDE}])(d+|)"),
+        (r"^.\S[\s\S]$", rf"^{BUT_LINE_BREAK}{BUT_SPACE}(?:[\s]|{BUT_SPACE})$"),
+        (r"[^-a][^a-][^\u0900]", rf"{BUT_HYPHEN_A}{BUT_A_HYPHEN}[^{SURROGATES}\u0900]"),
         ("(?=a)?b(?!c)?", "(?=a)?b(?!c)?"),  # lookarounds left alone
         ("(a+)*(b+){0,1}", "(a+)*(b+){0,1}"),  # (xgrammar compiles these right)
     ],
 )
 def test_patterns_are_written_as_xgrammar_compiles_them_right(pattern: str, written: str) -> None:
-    """Optional groups as empty alternatives; negated classes without surrogates."""
+    """Optional groups as empty alternatives; negated classes as UTF-8 ("]" first is
+    literal, escaped where it is not first any more)."""
     assert mended_pattern(pattern) == written
-    assert re.compile(written)
+    # (Python's re spells xgrammar's \u{10000} as \U00010000)
+    assert re.compile(re.sub(r"\\u\{([0-9a-f]+)\}", lambda m: f"\\U{m[1]:0>8}", written))
+    assert mended_pattern("a[^b") == "a[^b"  # (unclosed: xgrammar's to refuse)
 
 
 def test_an_optional_group_that_ends_in_a_repeat_takes_what_the_pattern_takes(
@@ -213,6 +242,41 @@ def test_an_optional_group_that_ends_in_a_repeat_takes_what_the_pattern_takes(
     when = {"type": "string", "format": "date-time"}
     assert grammars.takes(when, "2024-01-28T19:40:47.63Z")
     assert not grammars.takes(when, "2024-01-28T19:40:4763Z")
+
+
+@pytest.mark.parametrize("pattern", [r'^[^"]{1,3}$', r"^.{1,3}$", r"^\S{1,3}$", r"^[\s\S]{1,3}$"])
+def test_a_negated_class_takes_utf_8_only(grammars: Grammars, pattern: str) -> None:
+    """xgrammar (0.2.9) took overlong forms after E0 and F0 and encoded surrogates in these
+    (a random model wrote E0 83 99, three U+FFFD where the pattern bounded one character):
+    the rewritten pattern takes every real character of one to four bytes and nothing else."""
+    schema = {"type": "string", "pattern": pattern}
+    for real in (
+        "a",
+        "é",
+        "ࠀ",
+        "\u0fff",
+        "€",
+        "\ud7ff",
+        "\ue000",
+        "😀",
+        "\U00010000",
+        "\U0010ffff",
+    ):
+        assert grammars.takes_bytes(schema, real.encode()), real
+    for wrong in ("e08399", "e08080", "eda080", "edbfbf", "f0808080", "f08fbfbf", "c080", "80"):
+        assert not grammars.takes_bytes(schema, bytes.fromhex(wrong)), wrong
+
+
+@pytest.mark.parametrize("pattern", [r"^.{1,3}$", "^[^,😀]{1,3}$", "^(?:[^,]|😀){1,3}$"])
+def test_a_pattern_never_writes_a_quote_backslash_or_line_break_raw(
+    grammars: Grammars, pattern: str
+) -> None:
+    """A negated class keeps them out of a JSON string, but xgrammar (0.2.9) let them through
+    once the pattern held a character past U+FFFF (here, or the rewrite's own ranges)."""
+    schema = {"type": "string", "pattern": pattern}
+    assert grammars.takes_bytes(schema, b"ab")
+    for raw in (b'a"b', b"a\\b", b"a\nb"):
+        assert not grammars.takes_bytes(schema, raw), raw
 
 
 def test_the_formats_pydantic_writes_take_what_its_validators_take(
