@@ -229,6 +229,23 @@ class JobStoreUnavailable(ServerError):
         )
 
 
+class JobStoreUnconfirmed(ServerError):
+    """A job's write was sent but the job store never confirmed it, nor answered after: the
+    job may exist. Not a 503 (which says nothing was done, so a proxy may send the request to
+    another replica): a second job would be made."""
+
+    status_code = 504
+    error_type = "server_error"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"The job store did not confirm the job `{job_id}`: it may have been created. "
+            "Look it up by that id before sending the request again, or send it again with "
+            "the same Idempotency-Key.",
+            code="job_store_unconfirmed",
+        )
+
+
 class NoRoomToSpool(ServerError):
     """The server's disk has no room for a download it spools (a video): its fault, not the
     request's, and passing (503 + Retry-After); never the OS's words or a traceback."""

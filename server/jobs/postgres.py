@@ -291,17 +291,28 @@ class PostgresJobStore(JobStore):
 APPLICATION_NAME = "vlm-server"
 
 
+# What every connection is given unless the URL says otherwise: the name a DBA sees in
+# pg_stat_activity, and how soon a connection whose database stopped answering (a network
+# partition, a host gone) is given up: data unacknowledged for 15 s, or an idle connection
+# unanswered for 10 + 3 x 5 s. Without them a request on such a connection waited for the
+# kernel's own timeouts (many minutes), not the 503 its client is promised.
+CONNECTION_DEFAULTS: dict[str, object] = {
+    "application_name": APPLICATION_NAME,
+    "tcp_user_timeout": 15_000,  # (milliseconds)
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+
 def connection_kwargs(url: str) -> dict[str, object]:
-    """Every connection's: a timeout, and the name a DBA sees in pg_stat_activity (unless the
-    URL gives one)."""
-    kwargs: dict[str, object] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    """Every connection's: a timeout, and CONNECTION_DEFAULTS the URL does not give."""
     try:
-        named = "application_name" in conninfo_to_dict(url)
+        given = conninfo_to_dict(url)
     except psycopg.Error:  # (a URL that cannot be read: the connection says why)
-        named = True
-    if not named:
-        kwargs["application_name"] = APPLICATION_NAME
-    return kwargs
+        given = dict(CONNECTION_DEFAULTS)
+    defaults = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in given}
+    return {"connect_timeout": CONNECT_TIMEOUT_S, **defaults}
 
 
 def _first_connection(url: str) -> str | None:

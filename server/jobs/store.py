@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from server.exceptions import IdempotencyKeyReused
+from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable, JobStoreUnconfirmed
 from server.jobs.conversations import ConversationStore
 from server.jobs.deliveries import DeliveryStore, Execute
 from server.jobs.files import FileStore, answers_as_files, drop_unread_held_files
@@ -30,6 +31,10 @@ from server.jobs.project import ALL, VISIBLE, row_seen, scoped_key, seen_by
 from server.jobs.responses import ResponseStore
 
 # Every column but the request, which only the worker (at claim) needs.
+# How long a job whose COMMIT went unanswered is looked up while the store comes back, and
+# how often (JobStore._committed).
+SETTLE_S = 5.0
+SETTLE_RETRY_S = 0.5
 SUMMARY = (
     "id, kind, status, progress, result, error, created_at, updated_at, attempt, owner,"
     " webhook_url, request_hash, description, project"
@@ -151,36 +156,63 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         (the response it runs for)."""
         now, digest = self.now(), request_digest(kind, request)
         stored_key = scoped_key(project, idempotency_key)
-        with self.transaction() as execute:
-            row = _job_with_key(execute, stored_key)
-            if row is None:
-                row = execute(
-                    "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
-                    " idempotency_key, request_hash, webhook_url, description, project)"
-                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
-                    f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {SUMMARY}",
-                    (
-                        job_id or f"{id_prefix}{uuid.uuid4().hex}",
-                        kind,
-                        json.dumps(request),
-                        now,
-                        now,
-                        stored_key,
-                        digest,
-                        request.get("webhook_url"),
-                        json.dumps(description) if description is not None else None,
-                        project,
-                    ),
-                ).fetchone()
-                if row is not None:
-                    if also is not None:
-                        also(execute)
-                    self._announce(execute)
-                else:  # another process took the key between the look-up and the insert
-                    row = _job_with_key(execute, stored_key)
-            if row["request_hash"] != digest:
-                raise IdempotencyKeyReused(idempotency_key or "")
+        new_id, written = job_id or f"{id_prefix}{uuid.uuid4().hex}", False
+        try:
+            with self.transaction() as execute:
+                row = _job_with_key(execute, stored_key)
+                if row is None:
+                    row = execute(
+                        "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
+                        " idempotency_key, request_hash, webhook_url, description, project)"
+                        " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+                        f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {SUMMARY}",
+                        (
+                            new_id,
+                            kind,
+                            json.dumps(request),
+                            now,
+                            now,
+                            stored_key,
+                            digest,
+                            request.get("webhook_url"),
+                            json.dumps(description) if description is not None else None,
+                            project,
+                        ),
+                    ).fetchone()
+                    if row is not None:
+                        if also is not None:
+                            also(execute)
+                        self._announce(execute)
+                    else:  # another process took the key between the look-up and the insert
+                        row = _job_with_key(execute, stored_key)
+                if row["request_hash"] != digest:
+                    raise IdempotencyKeyReused(idempotency_key or "")
+                written = True  # (what is left is the COMMIT)
+        except JobStoreUnavailable:
+            if not written:
+                raise  # nothing was done
+            row = self._committed(new_id)
         return Job.from_row(row, request)
+
+    def _committed(self, job_id: str) -> dict[str, Any]:
+        """The row of a job whose COMMIT went unanswered (a connection lost as it was sent):
+        it may have been written. Looked up while the store comes back (up to
+        SETTLE_S): there, it was; not there, nothing was done (JobStoreUnavailable, a 503 its
+        client can send again); no answer, JobStoreUnconfirmed (its client must look it up
+        before sending again, or a second job would be made)."""
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            try:
+                with self.transaction(write=False) as execute:
+                    row = execute(f"SELECT {SUMMARY} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            except JobStoreUnavailable:
+                if time.monotonic() >= deadline:
+                    raise JobStoreUnconfirmed(job_id) from None
+                time.sleep(SETTLE_RETRY_S)
+                continue
+            if row is None:
+                raise JobStoreUnavailable()
+            return row
 
     def get(self, job_id: str) -> Job | None:
         """The job without its request (which can be a whole video), whoever's it is (a route

@@ -280,12 +280,19 @@ class JobWorker:
 
     async def _log_lost(self, job: Job, dropped: str = "work") -> None:
         """Why this attempt no longer holds its job: cancelled (by a request another replica
-        served, or one that came as the result was written), or its lease lost (taken over: a
-        fault worth a warning)."""
+        served, or one that came as the result was written), its own end already written (the
+        store's answer to the first write was lost, the write was tried again), or its lease
+        lost (taken over: a fault worth a warning)."""
         with contextlib.suppress(Exception):
             now = await asyncio.to_thread(self.store.get, job.id)
             if now is not None and now.status == "cancelled":
                 logger.info("job %s cancelled; its work stopped", job.id)
+                return
+            ended = now is not None and now.status in ("completed", "failed")
+            if ended and now.attempt == job.attempt:
+                logger.info(
+                    "job %s %s (written before; the store's answer was lost)", job.id, now.status
+                )
                 return
         logger.warning("job %s attempt %d lost its lease; %s dropped", job.id, job.attempt, dropped)
 

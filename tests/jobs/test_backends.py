@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from server.exceptions import IdempotencyKeyReused, InvalidRequest, JobStoreUnavailable
@@ -122,6 +123,13 @@ def test_replicas_starting_together_migrate_once() -> None:
     from server.jobs.postgres import connection_kwargs
 
     assert "application_name" not in connection_kwargs(url + "&application_name=mine")
+    # a connection whose database stops answering is given up in seconds, not the kernel's
+    # minutes (unless the URL says otherwise)
+    with psycopg.connect(url, **connection_kwargs(url)) as connection:
+        parameters = connection.info.get_parameters()
+    assert parameters["tcp_user_timeout"] == "15000" and parameters["keepalives_idle"] == "10"
+    assert connection_kwargs(url + "&tcp_user_timeout=0")["keepalives_count"] == 3
+    assert "tcp_user_timeout" not in connection_kwargs(url + "&tcp_user_timeout=0")
 
 
 def test_one_replica_at_a_time_prunes() -> None:

@@ -6,14 +6,17 @@ process's view of the same data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from server.exceptions import IdempotencyKeyReused
+from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable, JobStoreUnconfirmed
 from server.jobs import responses
+from server.jobs import store as store_module
+from server.jobs.deliveries import Execute
 from server.jobs.responses import BrokenChain, ConversationTooLong
 from server.jobs.store import JobStore
 
@@ -578,3 +581,63 @@ def test_sqlite_gives_the_space_of_finished_requests_back(tmp_path, caplog) -> N
         assert store.prune(older_than_s=-1) == 6  # (and returns: nothing given back)
     finally:
         store.close()
+
+
+class LostAnswers:
+    """The store's transactions as a network fault makes them: `lost` COMMITs done but their
+    answer lost, then `down` transactions refused (the store unreachable)."""
+
+    def __init__(self, store: JobStore, lost: int, down: int) -> None:
+        self.transaction, self.lost, self.down = store.transaction, lost, down
+
+    @contextlib.contextmanager
+    def __call__(self, write: bool = True) -> Iterator[Execute]:
+        if self.down and not self.lost:
+            self.down -= 1
+            raise JobStoreUnavailable()
+        with self.transaction(write) as execute:
+            yield execute
+        if write and self.lost:
+            self.lost -= 1
+            raise JobStoreUnavailable()
+
+
+@pytest.mark.parametrize("down", [0, 3])
+def test_a_job_whose_commit_went_unanswered_is_looked_up(
+    store: JobStore, down: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The INSERT's COMMIT reached the database but its answer was lost: the job was made, and
+    the client gets it (a 503 would have it send the request again: a second job)."""
+    monkeypatch.setattr(store_module, "SETTLE_RETRY_S", 0.01)
+    monkeypatch.setattr(store, "transaction", LostAnswers(store, lost=1, down=down))
+    job = store.create("categories", {"a": 1}, None)
+    monkeypatch.undo()
+    assert store.get(job.id) is not None
+    assert [j.id for j in store.list(None, 10, None)[0]] == [job.id]
+
+
+def test_a_job_the_store_never_confirmed_is_named_not_refused(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer after the COMMIT, nor while SETTLE_S lasts: a 504 naming the id the job may
+    have (it does: the COMMIT had reached the database)."""
+    monkeypatch.setattr(store_module, "SETTLE_S", 0.05)
+    monkeypatch.setattr(store_module, "SETTLE_RETRY_S", 0.01)
+    monkeypatch.setattr(store, "transaction", LostAnswers(store, lost=1, down=10**6))
+    with pytest.raises(JobStoreUnconfirmed) as raised:
+        store.create("categories", {"a": 1}, None)
+    monkeypatch.undo()
+    assert raised.value.status_code == 504 and raised.value.code == "job_store_unconfirmed"
+    (job,) = store.list(None, 10, None)[0]
+    assert f"`{job.id}`" in raised.value.message
+
+
+def test_a_job_refused_before_its_commit_was_not_made(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unreachable from the start: a 503, nothing done (no look-up needed)."""
+    monkeypatch.setattr(store, "transaction", LostAnswers(store, lost=0, down=1))
+    with pytest.raises(JobStoreUnavailable):
+        store.create("categories", {"a": 1}, None)
+    monkeypatch.undo()
+    assert store.list(None, 10, None)[0] == []

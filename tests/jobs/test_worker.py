@@ -177,6 +177,48 @@ async def test_a_cancel_that_comes_with_the_result_is_no_lost_lease(
     assert logged == [("INFO", f"job {job.id} cancelled; its work stopped")], logged
 
 
+async def test_a_result_written_whose_answer_was_lost_is_no_lost_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store wrote the result but its answer was lost (a COMMIT whose reply never came):
+    the write is tried again and refused (the job has ended). The result is kept, and the log
+    says so, not the warning of a lease taken over with the result dropped."""
+
+    class LostAnswer(JobStore):
+        lost = False
+
+        def complete(self, job: Job, result: dict) -> bool:
+            written = super().complete(job, result)
+            if not self.lost:
+                self.lost = True
+                raise JobStoreUnavailable()
+            return written
+
+    store = LostAnswer(tmp_path / "jobs.sqlite3")
+
+    async def handler(job: Job, progress) -> dict:
+        return {"answer": 1}
+
+    job = store.create("test", {}, None)
+    worker = JobWorker(store, {"test": handler}, concurrency=1)
+    with caplog.at_level(logging.INFO, logger="server.jobs.worker"):
+        worker.start()
+        try:
+            for _ in range(400):  # until the retried write's line is logged
+                if any("written before" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.025)
+        finally:
+            await worker.stop()
+    ended = store.get(job.id)
+    assert store.lost and ended is not None
+    assert ended.status == "completed" and ended.result == {"answer": 1}
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if job.id in r.getMessage()]
+    said = f"job {job.id} completed (written before; the store's answer was lost)"
+    assert ("INFO", said) in logged
+    assert not [message for level, message in logged if level == "WARNING"]
+
+
 async def test_a_stopped_engine_puts_the_job_back(tmp_path: Path) -> None:
     async def handler(job: Job, progress) -> dict:
         raise EngineStopped("The engine is not running.")
