@@ -189,7 +189,8 @@ class Grammars(GrammarCache):
         """Each byte's own token (the byte-level vocabulary's printable stand-in for it)."""
         printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
         others = [byte for byte in range(256) if byte not in printable]
-        stand_in = dict(zip(printable + others, printable + [256 + n for n in range(len(others))]))
+        chars = printable + [256 + n for n in range(len(others))]
+        stand_in = dict(zip(printable + others, chars, strict=True))
         return [self.tokenizer.convert_tokens_to_ids(chr(stand_in[b])) for b in range(256)]
 
 
