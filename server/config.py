@@ -67,7 +67,6 @@ class MediaLimits:
     max_media_bytes_per_request: int
     max_video_bytes: int
     max_videos_per_request: int
-    fetch_timeout_s: float
     image_decode_memory_bytes: int = 2**30
 
 
@@ -333,7 +332,6 @@ class Settings(BaseSettings):
             max_media_bytes_per_request=self.max_media_bytes_per_request,
             max_video_bytes=self.max_video_bytes,
             max_videos_per_request=self.max_videos_per_request,
-            fetch_timeout_s=self.media_fetch_timeout,
             image_decode_memory_bytes=int(self.image_decode_memory * 2**30),
         )
 

@@ -99,7 +99,6 @@ class AsyncEngine:
         self.on_step: Callable[[int], object] | None = None
         # New sequences (those added together in one list) and None, a wake-up.
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
-        self.num_batched_adds = 0  # add_requests calls (tests check captions use one)
         self._sequences: dict[str, Sequence] = {}
         self._num_queued = 0  # accepted but not yet running; guarded by _lock
         self._lock = threading.Lock()
@@ -315,7 +314,6 @@ class AsyncEngine:
                 raise _overloaded()
             self._num_queued += len(seqs)
         self._queue(seqs)
-        self.num_batched_adds += 1
         return seqs
 
     def abort(self, request_id: str) -> None:

@@ -67,7 +67,7 @@ class ReasoningStream:
         if closed:
             self.in_reasoning = False
             return self._reasoning(reasoning.rstrip("\n")), self._content(content)
-        keep = _partial_suffix(reasoning, THINK_CLOSE) or _partial_suffix(reasoning, THINK_OPEN)
+        keep = partial_suffix(reasoning, THINK_CLOSE) or partial_suffix(reasoning, THINK_OPEN)
         self.held = reasoning[len(reasoning) - keep :]
         return self._reasoning(reasoning[: len(reasoning) - keep]), ""
 
@@ -89,7 +89,7 @@ class ReasoningStream:
         return text
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """How many trailing characters of text could be the start of tag."""
     for length in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-length:]):

@@ -19,6 +19,7 @@ from typing import Any
 from server.engine.json_schema import DATA_KEYWORDS, NAMED_SCHEMAS, strict_normalized
 from server.engine.structured import StructuredOutput
 from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
+from server.pipelines.reasoning import partial_suffix
 
 TOOLS_HEADER = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -244,7 +245,7 @@ class CallParser:
             events += self._call(before) if self.in_call else self._content(before)
             self.in_call = not self.in_call
         if not self.in_call:
-            keep = _partial_tag_length(self.pending)
+            keep = partial_suffix(self.pending, CALL_OPEN)
             events += self._content(self.pending[: len(self.pending) - keep])
             self.pending = self.pending[len(self.pending) - keep :]
         return events
@@ -270,14 +271,6 @@ class CallParser:
             return []  # parallel_tool_calls false: the first call only
         self.num_calls += 1
         return [ToolCallDelta(self.num_calls - 1, new_call_id(), *call)]
-
-
-def _partial_tag_length(text: str) -> int:
-    """How many trailing characters could be the start of "<tool_call>"."""
-    for length in range(min(len(text), len(CALL_OPEN) - 1), 0, -1):
-        if CALL_OPEN.startswith(text[-length:]):
-            return length
-    return 0
 
 
 def parse_call(body: str) -> tuple[str, str] | None:

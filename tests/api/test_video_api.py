@@ -7,6 +7,7 @@ import base64
 import json
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
@@ -66,17 +67,18 @@ async def test_media_completions_caption_every_frame_in_one_engine_call(
     video_client: httpx.AsyncClient,
 ) -> None:
     engine = engine_of(video_client)
-    before = engine.num_batched_adds
     body = video_body(
         video_uri(make_video(seconds=60, fps=10)),
         model="tiny",
         video={"fps": 100, "max_frames": 1000},  # a greedy client: still at most 60 frames
     )
-    response = await video_client.post("/v2/media/completions", json=body)
+    with mock.patch.object(engine, "add_requests", wraps=engine.add_requests) as add_requests:
+        response = await video_client.post("/v2/media/completions", json=body)
     assert response.status_code == 200, response.text
     frames = response.json()["frames"]
     assert 1 < len(frames) <= 60
-    assert engine.num_batched_adds == before + 1  # every frame in one batched engine call
+    add_requests.assert_called_once()  # every frame in one batched engine call
+    assert len(add_requests.call_args.args[0]) == len(frames)
     times = [f["timestamp"] for f in frames]
     assert times == sorted(times) and times[0] >= 0 and times[-1] <= 60
     usage = response.json()["usage"]
