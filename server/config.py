@@ -157,6 +157,7 @@ class Settings(BaseSettings):
     # Seconds a job stays held without renewal; renewed every third of it, so under 2 s a slow
     # store round trip or a pause of the loop could let a live job be taken over and run twice.
     job_lease: float = Field(default=30.0, ge=2)
+    job_max_attempts: int = Field(default=3, ge=1)  # takeovers before a job fails
     store_responses: bool = True  # the Responses API's answers, for previous_response_id
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -194,6 +194,10 @@ HELP = {
     "the file) or postgresql://USER@HOST/DB, shared by several replicas (docs/DEPLOYMENT.md).",
     "job_lease": "How long a replica holds a job without renewing it (it renews every third of "
     "this; at least 2 s); a replica that dies has its jobs taken over by another after this long.",
+    "job_max_attempts": "A job whose server stops while running it (killed, crashed, cut off "
+    "from the job store: its lease runs out) this many times fails (job_interrupted) rather "
+    "than runs again: one that takes its server down would take every replica down in turn. "
+    "Orderly stops (SIGTERM) put jobs back without counting.",
     "store_responses": "Keep the Responses API's answers (unless a request says store: false) "
     "in the job store, for previous_response_id and GET /v1/responses/{id}, as long as "
     "finished jobs (--job-retention-hours, from a conversation's last turn), images as sent "

@@ -359,6 +359,7 @@ def _job_worker(
         handlers,
         retention_s=settings.job_retention_hours * 3600,
         lease_s=settings.job_lease,
+        max_attempts=settings.job_max_attempts,
         can_start=can_start_a_job,
         # Two media jobs, one batch (it can run for hours) and four background responses
         # at a time.

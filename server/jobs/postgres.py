@@ -134,6 +134,8 @@ MIGRATIONS = [
     CREATE INDEX jobs_by_project ON jobs (project, created_at);
     CREATE INDEX files_by_project ON files (project, created_at)
     """,
+    # jobs' takeovers (Job.takeovers)
+    "ALTER TABLE jobs ADD COLUMN takeovers INTEGER NOT NULL DEFAULT 0",
 ]
 
 

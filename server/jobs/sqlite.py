@@ -131,7 +131,7 @@ CREATE INDEX IF NOT EXISTS files_by_project ON files (project, created_at)
 """
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8  # (version 8: jobs' takeovers, Job.takeovers)
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple) -> dict:
@@ -319,6 +319,8 @@ class SqliteJobStore(JobStore):
                         )
                 for statement in PROJECT_INDEXES.split(";"):
                     execute(statement, ())
+            if version < 8 and not _has_column(execute, "jobs", "takeovers"):
+                execute("ALTER TABLE jobs ADD COLUMN takeovers INTEGER NOT NULL DEFAULT 0", ())
             if version < SCHEMA_VERSION:
                 execute(f"PRAGMA user_version = {SCHEMA_VERSION}", ())
 

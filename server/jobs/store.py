@@ -37,7 +37,7 @@ SETTLE_S = 5.0
 SETTLE_RETRY_S = 0.5
 SUMMARY = (
     "id, kind, status, progress, result, error, created_at, updated_at, attempt, owner,"
-    " webhook_url, request_hash, description, project"
+    " webhook_url, request_hash, description, project, takeovers"
 )
 
 
@@ -56,6 +56,9 @@ class Job:
     owner: str | None = None
     description: dict[str, Any] | None = None  # what a batch is (kept when its request is not)
     project: str = ALL  # whose it is (server/jobs/project.py)
+    # How many of its attempts were cut short by their server stopping (their lease ran out
+    # while running: a replica killed, crashed or cut off), not counting orderly releases.
+    takeovers: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The job as the status endpoint and webhooks show it."""
@@ -90,6 +93,7 @@ class Job:
             owner=row.get("owner"),
             description=json.loads(row["description"]) if row.get("description") else None,
             project=row.get("project") or ALL,
+            takeovers=row.get("takeovers") or 0,
         )
 
 
@@ -225,13 +229,14 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         return self._count_by_status("jobs")
 
     def claim(self, lease_s: float, owner: str = "", kinds: tuple[str, ...] = ()) -> Job | None:
-        """The oldest queued job (or one whose lease expired) of these kinds (any: empty), as
-        a new attempt by `owner`."""
+        """The oldest queued job (or one whose lease expired: a takeover) of these kinds (any:
+        empty), as a new attempt by `owner`."""
         now = self.now()
         of_kind = f" AND kind IN ({', '.join('?' * len(kinds))})" if kinds else ""
         with self.transaction() as execute:
             row = execute(
                 "UPDATE jobs SET status = 'processing', attempt = attempt + 1,"
+                " takeovers = takeovers + CASE WHEN status = 'processing' THEN 1 ELSE 0 END,"
                 " lease_until = ?, owner = ?, updated_at = ? WHERE id = ("
                 "  SELECT id FROM jobs WHERE (status = 'queued'"
                 f"  OR (status = 'processing' AND lease_until < ?)){of_kind}"

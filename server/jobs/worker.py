@@ -57,6 +57,22 @@ class JobFailed(ServerError):
         self.details = details
 
 
+class JobInterrupted(ServerError):
+    """A job whose attempts were cut short by their server stopping `max_attempts` times: a
+    job that takes its server down (the host's OOM killer, a crash) would otherwise take
+    every replica down in turn, for ever."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, times: int):
+        super().__init__(
+            f"The job's server stopped while running it {times} times (killed, crashed or cut "
+            "off from the job store); it is not tried again.",
+            code="job_interrupted",
+        )
+
+
 Handler = Callable[[Job, Progress], Awaitable[dict[str, Any]]]
 
 
@@ -86,10 +102,12 @@ class JobWorker:
         lease_s: float | None = None,
         can_start: Callable[[tuple[str, ...]], bool] = lambda kinds: True,
         lanes: dict[tuple[str, ...], int] | None = None,
+        max_attempts: int = 0,
     ):
         """lanes: {job kinds: how many loops claim only those} (a long batch then never holds
         the loop a media job needs); None: `concurrency` loops for every kind. can_start(a
-        lane's kinds): whether one of its loops may claim a job now."""
+        lane's kinds): whether one of its loops may claim a job now. max_attempts: a job
+        taken over this many times (Job.takeovers) fails rather than runs again (0: never)."""
         self.store = store
         self.handlers = handlers
         self.lanes = lanes or {(): concurrency}
@@ -99,6 +117,7 @@ class JobWorker:
         self.retention_s = retention_s  # 0: finished jobs are kept forever
         self.lease_s = lease_s or LEASE_S
         self.can_start = can_start
+        self.max_attempts = max_attempts
         self.owner = new_owner()
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
@@ -225,6 +244,14 @@ class JobWorker:
         project_var.set(job.project)  # what its requests' file ids may name
         if job.attempt > 1:  # an earlier attempt's server stopped or lost the lease
             logger.info("job %s: attempt %d (an earlier one did not finish)", job.id, job.attempt)
+        if self.max_attempts and job.takeovers >= self.max_attempts:
+            logger.warning(
+                "job %s failed: its server stopped under it %d times", job.id, job.takeovers
+            )
+            await self._write_end(
+                self.store.fail, job, _error_object(JobInterrupted(job.takeovers))
+            )
+            return True
         progress = ProgressWriter(self.store, job)
         work = asyncio.create_task(self._handle(job, progress.update))
         self.running[job.id] = work

@@ -641,3 +641,17 @@ def test_a_job_refused_before_its_commit_was_not_made(
         store.create("categories", {"a": 1}, None)
     monkeypatch.undo()
     assert store.list(None, 10, None)[0] == []
+
+
+def test_takeovers_count_only_attempts_whose_lease_ran_out(store: JobStore) -> None:
+    """An orderly release (SIGTERM) is not a takeover; a claim of a job whose lease ran out
+    (its server killed, crashed or cut off) is."""
+    job = store.create("categories", {}, None)
+    first = store.claim(lease_s=60, owner="a")
+    assert first is not None and first.takeovers == 0 and store.release(first)
+    second = store.claim(lease_s=-1, owner="b")  # (a lease that has run out at once)
+    assert second is not None and second.takeovers == 0
+    third = store.claim(lease_s=60, owner="c")
+    assert third is not None and third.id == job.id
+    assert (third.attempt, third.takeovers) == (3, 1)
+    assert store.get(job.id).takeovers == 1

@@ -7,6 +7,7 @@ end; only the leases of provably gone processes are taken over at start."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -217,6 +218,38 @@ async def test_a_result_written_whose_answer_was_lost_is_no_lost_lease(
     said = f"job {job.id} completed (written before; the store's answer was lost)"
     assert ("INFO", said) in logged
     assert not [message for level, message in logged if level == "WARNING"]
+
+
+async def test_a_job_its_servers_kept_stopping_under_fails_instead_of_running(
+    tmp_path: Path,
+) -> None:
+    """Taken over max_attempts times (each attempt's lease ran out: its server killed under
+    it, say by the host's OOM killer): the job fails `job_interrupted`, with its webhook, and
+    is not run again to take this server down too."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job = store.create("test", {"webhook_url": "http://127.0.0.1:9/h"}, None)
+    for _ in range(2):  # two attempts whose servers died (leases that ran out at once)
+        assert store.claim(lease_s=-1) is not None
+    ran = []
+
+    async def handler(job: Job, progress) -> dict:
+        ran.append(job.id)
+        return {}
+
+    worker = JobWorker(store, {"test": handler}, concurrency=1, max_attempts=2)
+    worker.start()
+    try:
+        for _ in range(400):
+            if (current := store.get(job.id)) is not None and current.status == "failed":
+                break
+            await asyncio.sleep(0.025)
+    finally:
+        await worker.stop()
+    assert current is not None and current.status == "failed" and not ran
+    assert current.error is not None and current.error["code"] == "job_interrupted"
+    assert "stopped while running it 2 times" in current.error["message"]
+    (delivery,) = store.due_deliveries()
+    assert json.loads(delivery["payload"])["type"] == "media.failed"
 
 
 async def test_a_stopped_engine_puts_the_job_back(tmp_path: Path) -> None:
