@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
 from server.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
@@ -39,6 +43,31 @@ DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # The OpenAPI document's 200 of a route that may stream (stream: true)
 SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+
+class EventStream(StreamingResponse):
+    """A stream of server-sent events whose events' generator is closed as the response
+    ends, however it ends. Starlette cancels the sending task when the client goes away and
+    leaves the generator where it was: one that had just yielded an event (its task then in
+    `send`) waited at that `yield` for the garbage collector, its `finally` (abort the
+    sequence, record the response as cancelled, release a conversation's lock) not run for
+    minutes under load: a stored response stayed `in_progress`."""
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.events, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):  # (the task may be being cancelled)
+                    try:
+                        await close()
+                    except Exception:
+                        logger.exception("a stream's events could not be closed")
 
 
 def wire_json(data: object, *, ensure_ascii: bool = True) -> str:

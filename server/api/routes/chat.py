@@ -25,7 +25,7 @@ from server.api.protocol import (
     usage_wanted,
 )
 from server.api.services import Services, get_services, job_accepted
-from server.api.sse import SSE_HEADERS, chat_stream
+from server.api.sse import EventStream, chat_stream
 from server.engine.sampling import SamplingDefaults
 from server.exceptions import ClientDisconnected, InvalidRequest, ServerError, refuse_unsupported
 from server.jobs.store import Job
@@ -178,11 +178,7 @@ async def _complete(
         raise
     usage = usage_wanted(body.stream_options)
     texts = services.chat.texts(chat_request)
-    return StreamingResponse(
-        chat_stream(run, first, outputs, model, usage, texts, chat_request),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+    return EventStream(chat_stream(run, first, outputs, model, usage, texts, chat_request))
 
 
 def _priority(body: MediaCompletionRequest, job_priority: int | None) -> int:

@@ -23,7 +23,7 @@ from server.api.protocol import (
 )
 from server.api.routes.chat import RESPONSES, until_disconnected
 from server.api.services import Services, get_services
-from server.api.sse import DONE, SSE_HEADERS, error_event, wire_json
+from server.api.sse import DONE, EventStream, error_event, wire_json
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
 from server.pipelines.choices import merged, prepended
@@ -92,10 +92,8 @@ async def completions(
         exc.param = shown.grammar_param
         raise
     streams = [ChoiceStream(k, seq, seqs[k - k % n], echoes[k]) for k, seq in enumerate(seqs)]
-    return StreamingResponse(
-        stream(response_id, model, streams, prepended(first, events), usage, shown, n),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
+    return EventStream(
+        stream(response_id, model, streams, prepended(first, events), usage, shown, n)
     )
 
 

@@ -18,7 +18,7 @@ from server.api.messages import (
     usage_of,
 )
 from server.api.services import Services, get_services
-from server.api.sse import SSE_HEADERS, SSE_RESPONSE
+from server.api.sse import SSE_RESPONSE, EventStream
 from server.api.translated import prompt_tokens, run_translated
 from server.pipelines.chat import ChatResult
 
@@ -40,7 +40,7 @@ async def create_message(
     thinks, forced = run.seq.inputs.thinks, body.forced_tools
     events = MessageEvents(start, started.chat.tools, thinks, body.omits_thinking, forced)
     stream = started.events(events, body)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(stream)
 
 
 @router.post("/v1/messages/count_tokens", response_model=TokensCount, tags=["messages"])

@@ -30,7 +30,7 @@ from server.api.responses import (
 )
 from server.api.routes.chat import ERRORS
 from server.api.services import Services, get_services
-from server.api.sse import SSE_HEADERS, SSE_RESPONSE, named_event
+from server.api.sse import SSE_RESPONSE, EventStream, named_event
 from server.api.translated import fitted, prompt_tokens, run_translated
 from server.exceptions import (
     ConversationNotFound,
@@ -137,7 +137,7 @@ async def _respond(
         if lock is not None:
             lock.pause()  # the stream renews and releases it
         stream = recorded_as_it_ends(stream, events.response, body, services, lock)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(stream)
 
 
 async def start_in_background(
@@ -469,7 +469,7 @@ def following(
         functools.partial(settled, response_id, services),
         lambda: bool(request.app.state.draining),
     )
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(events)
 
 
 @router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, tags=["responses"])
