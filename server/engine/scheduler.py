@@ -116,41 +116,52 @@ class Scheduler:
         insort(self.waiting, seq, key=lambda s: (self.rank(s), s.arrival_time))
 
     def schedule(self) -> ScheduledBatch:
+        """One step: the running sequences' next tokens (preempting for room if need be),
+        their prompts' next chunks, then waiting ones, while the token budget lasts."""
         batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
         if self.config.policy != "fcfs":
             self._make_way()
         num_preemptions = self.num_preemptions
+        self._schedule_decodes(batch)
+        self._schedule_prompt_chunks(batch)
+        if num_preemptions == self.num_preemptions:  # (one that had to preempt: memory is short)
+            self._admit_waiting(batch)
+        self.peak_num_running = max(self.peak_num_running, len(self.running))
+        return batch
+
+    def _budget(self, batch: ScheduledBatch) -> int:
+        """The tokens the step may still take."""
+        return self.config.max_num_batched_tokens - batch.num_tokens
+
+    def _schedule_decodes(self, batch: ScheduledBatch) -> None:
+        """Each running sequence past its prompt, one token, with a KV slot for it."""
         for seq in list(self.running):
             if seq.is_last_token_pending:  # it ends when that token arrives
                 continue
-            if budget and seq in self.running and not seq.is_prefilling:
-                if self._make_room(seq, batch):
-                    batch.add(seq, 1)
-                budget = self.config.max_num_batched_tokens - batch.num_tokens
+            # (one preempted meanwhile, to make room for another, is not running any more)
+            room = self._budget(batch) and seq in self.running and not seq.is_prefilling
+            if room and self._make_room(seq, batch):
+                batch.add(seq, 1)
+
+    def _schedule_prompt_chunks(self, batch: ScheduledBatch) -> None:
+        """Each running sequence still in its prompt, as much of it as the budget takes."""
         for seq in self.running:
-            if budget and seq.is_prefilling:
-                num = min(seq.num_uncomputed_tokens, budget)
-                batch.add(seq, num)
-                budget -= num
-        # Nothing new joins a step that had to preempt: memory is short.
-        while budget and self.waiting and num_preemptions == self.num_preemptions:
+            if (budget := self._budget(batch)) and seq.is_prefilling:
+                batch.add(seq, min(seq.num_uncomputed_tokens, budget))
+
+    def _admit_waiting(self, batch: ScheduledBatch) -> None:
+        """Waiting sequences join, in queue order, while there are places, blocks and budget."""
+        while (budget := self._budget(batch)) and self.waiting:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self._next_waiting()
             if not self.blocks.allocate(seq):
                 break
             self.waiting.remove(seq)
-            if not seq.is_admitted:
-                seq.scheduled_time = time.monotonic()
+            if seq.run():
                 batch.admitted.append(seq)
-            seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num = min(seq.num_uncomputed_tokens, budget)
-            batch.add(seq, num)
-            budget -= num
-        self.peak_num_running = max(self.peak_num_running, len(self.running))
-        return batch
+            batch.add(seq, min(seq.num_uncomputed_tokens, budget))
 
     def _next_waiting(self) -> Sequence:
         """The sequence to admit next: the queue's first; under "fair" the first of the
@@ -260,8 +271,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_blocks(seq)
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
+        seq.preempt()
         self.num_preemptions += 1
         self._enqueue(seq, ahead=True)
 

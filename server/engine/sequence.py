@@ -115,6 +115,19 @@ class Sequence:
         if self.sampling.logprobs is not None:  # (the sampler left them on the row's state)
             self.output_logprobs.append(logprobs)
 
+    def run(self) -> bool:
+        """Admitted to the running batch; True the first time (it no longer counts as queued)."""
+        first = self.scheduled_time is None
+        if first:
+            self.scheduled_time = time.monotonic()
+        self.status = SequenceStatus.RUNNING
+        return first
+
+    def preempt(self) -> None:
+        """Back to the queue, its KV blocks given back (its tokens are computed again)."""
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
+
     def finish(self, reason: str, stop_reason: str | int | None = None) -> str:
         """Ends it (a token still on its way is dropped); returns the text not yet streamed.
         Its detokenizer goes (it holds a copy of the tokens and text the answer keeps)."""
