@@ -30,6 +30,7 @@ from server.engine import profile
 from server.engine.block_manager import BlockManager
 from server.engine.decoder import FusedDecoder
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.grammar_compiles import GrammarCompiles
 from server.engine.inputs import ModelInputs
 from server.engine.loader import LoadedModel
 from server.engine.prompt_logprobs import PromptScores
@@ -97,6 +98,8 @@ class AsyncEngine:
         self.on_finish: Callable[[Sequence], object] | None = None
         # Called (on the engine thread) with the number of tokens of every step that runs.
         self.on_step: Callable[[int], object] | None = None
+        # New grammars' compiles, off the event loop, a few at a time (compile_grammar below)
+        self.grammar_compiles = GrammarCompiles()
         # New sequences (those added together in one list) and None, a wake-up.
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self._sequences: dict[str, Sequence] = {}
@@ -164,6 +167,7 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         self._stopping = True
+        self.grammar_compiles.close()
         for seq in list(self._sequences.values()):
             seq.is_aborted = True
         self._inbox.put(None)

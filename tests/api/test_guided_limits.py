@@ -15,8 +15,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from server.engine.engine import AsyncEngine
+from server.engine.grammar_compiles import GrammarCompiles
 from server.engine.sequence import Sequence, SequenceOutput
-from server.pipelines.chat import GRAMMAR_COMPILES
 from tests.api.test_errors import assert_error
 from tests.helpers import make_settings, start_client
 
@@ -203,7 +203,7 @@ async def test_new_grammars_past_the_limit_are_503s_cached_ones_are_not(
 ) -> None:
     cached = chat(guided_regex="(yes|no)")
     assert (await client.post(URL, json=cached)).status_code == 200
-    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 0)
+    monkeypatch.setattr(GrammarCompiles, "MAX_WAITING", 0)
     response = await client.post(URL, json=chat(guided_regex="(maybe|never)"))
     assert_error(response, 503)
     assert response.headers["retry-after"]
@@ -214,7 +214,7 @@ async def test_many_first_requests_for_one_grammar_compile_it_once(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Twenty requests at once for a grammar nobody asked for before: one compile, no 503."""
-    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 1)
+    monkeypatch.setattr(GrammarCompiles, "MAX_WAITING", 1)
     compiled = []
     compile_grammar = AsyncEngine.compile_grammar
 
@@ -235,11 +235,11 @@ async def test_new_grammars_past_the_limit_wait_for_a_place_before_a_503(
     """A burst of distinct new grammars, more than compile at once: each waits for a place
     (16 new schemas at once had half of them refused at once, each compile a quarter second);
     past MAX_QUEUE_S of waiting, the 503."""
-    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_WAITING", 1)
+    monkeypatch.setattr(GrammarCompiles, "MAX_WAITING", 1)
     bodies = [chat(guided_regex=f"(burst{i}|other{i})", max_tokens=8) for i in range(4)]
     responses = await asyncio.gather(*(client.post(URL, json=body) for body in bodies))
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
-    monkeypatch.setattr(GRAMMAR_COMPILES, "MAX_QUEUE_S", 0.0)
+    monkeypatch.setattr(GrammarCompiles, "MAX_QUEUE_S", 0.0)
     compile_grammar = AsyncEngine.compile_grammar
 
     def slow(engine: AsyncEngine, spec) -> None:  # (outlasts the others' arrival, loaded or not)

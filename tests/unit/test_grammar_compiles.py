@@ -1,4 +1,4 @@
-"""The compile queue for new grammars (pipelines/chat.py GrammarCompiles), on its own: its
+"""The compile queue for new grammars (engine/grammar_compiles.py), on its own: its
 compile is the engine's (here a stand-in that takes time and may refuse the grammar, as
 xgrammar does), its waiting and refusals asyncio's."""
 
@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from server.engine.grammar_compiles import GrammarCompiles
 from server.engine.structured import InvalidSchema, StructuredOutput
 from server.exceptions import EngineOverloaded
-from server.pipelines.chat import GrammarCompiles
 
 pytestmark = pytest.mark.anyio
 
