@@ -129,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
             tiny.add_argument(flag, choices=FAMILIES, default=spec_field.default, help=hint)
         else:
             tiny.add_argument(flag, type=int, default=spec_field.default, help=hint)
+    redeliver = commands.add_parser(
+        "redeliver-webhooks",
+        help="send failed webhooks again",
+        description="Put webhook deliveries whose retries ran out (status failed: the "
+        "receiver was down longer than --webhook-retry-delays) back in the queue, with a new "
+        "schedule of retries; a running server sends them within a second. Reads the same "
+        "--job-store and --data-dir (or VLM_JOB_STORE / VLM_DATA_DIR) as serve.",
+    )
+    redeliver.add_argument("--job-store", default=None, help="As serve's --job-store.")
+    redeliver.add_argument("--data-dir", type=Path, default=None, help="As serve's --data-dir.")
+    redeliver.add_argument(
+        "--job", action="append", dest="jobs", metavar="JOB_ID", help="Only this job's (repeat)."
+    )
+    redeliver.add_argument(
+        "--since-hours",
+        type=float,
+        default=None,
+        help="Only deliveries made in the last this many hours.",
+    )
     return parser
 
 
@@ -344,10 +363,41 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _redeliver(args: argparse.Namespace) -> int:
+    from server.exceptions import JobStoreUnavailable
+    from server.jobs.store import open_job_store
+    from server.log import configure_logging
+
+    configure_logging("info", "text")
+    job_store = args.job_store or os.environ.get(f"{ENV_PREFIX}JOB_STORE")
+    default_dir = Settings.model_fields["data_dir"].default
+    data_dir = args.data_dir or Path(os.environ.get(f"{ENV_PREFIX}DATA_DIR") or default_dir)
+    if job_store is None and not (data_dir / "jobs.sqlite3").exists():
+        logger.error("--data-dir %s: no job store there (give serve's --data-dir)", data_dir)
+        return 2
+    try:
+        store = open_job_store(job_store, data_dir)
+    except (ValueError, JobStoreUnavailable) as exc:
+        logger.error("--job-store: %s", exc.__cause__ or exc)
+        return 2
+    try:
+        since = None if args.since_hours is None else store.now() - args.since_hours * 3600
+        count = store.redeliver(args.jobs, since)
+    except JobStoreUnavailable as exc:
+        logger.error("--job-store: cannot use it now: %s", exc.__cause__ or exc)
+        return 2
+    finally:
+        store.close()
+    logger.info("%d failed webhook deliver%s queued again", count, "y" if count == 1 else "ies")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "redeliver-webhooks":
+        return _redeliver(args)
     return _make_tiny(args)
 
 

@@ -107,6 +107,26 @@ class DeliveryStore(ABC):
             )
             return cursor.rowcount == 1
 
+    def redeliver(self, job_ids: list[str] | None = None, since: float | None = None) -> int:
+        """Failed deliveries (their retries ran out) pending again, with a whole new schedule
+        of retries: every one, those of `job_ids`, or those made at or after `since` (the
+        store's clock). The same webhook-id: a receiver that got one after all can tell.
+        Returns how many."""
+        where, values = ["status = 'failed'"], [self.now()]
+        if job_ids is not None:
+            where.append(f"job_id IN ({', '.join('?' * len(job_ids))})" if job_ids else "0 = 1")
+            values.extend(job_ids)
+        if since is not None:
+            where.append("created_at >= ?")
+            values.append(since)
+        with self.transaction() as execute:
+            cursor = execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?"
+                f" WHERE {' AND '.join(where)}",
+                tuple(values),
+            )
+            return cursor.rowcount
+
     def deliveries_of(self, job_id: str) -> list[dict[str, Any]]:
         return self.deliveries_of_jobs([job_id])[job_id]
 

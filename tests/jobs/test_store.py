@@ -655,3 +655,25 @@ def test_takeovers_count_only_attempts_whose_lease_ran_out(store: JobStore) -> N
     assert third is not None and third.id == job.id
     assert (third.attempt, third.takeovers) == (3, 1)
     assert store.get(job.id).takeovers == 1
+
+
+def test_failed_webhooks_are_queued_again_on_request(store: JobStore) -> None:
+    """`vlm-server redeliver-webhooks`: a delivery whose retries ran out (the receiver was
+    down for longer than the schedule) is pending again, with a whole new schedule and its
+    webhook-id; by job, or made since a time; delivered and pending ones are left alone."""
+    ended = []
+    for _ in range(2):
+        job = store.create("categories", {"webhook_url": "http://h/"}, None)
+        claimed = store.claim(lease_s=60)
+        assert claimed is not None and store.complete(claimed, {"ok": True})
+        ended.append(job.id)
+    first, second = sorted(store.due_deliveries(), key=lambda d: ended.index(d["job_id"]))
+    assert store.record_attempt(first["id"], 1, "failed", 0.0, 500, "HTTP 500")
+    assert store.record_attempt(second["id"], 1, "delivered", 0.0, 200, None)
+    assert store.redeliver(["job-none"]) == 0
+    assert store.redeliver(since=store.now() + 60) == 0
+    assert store.redeliver([ended[0]], since=store.now() - 60) == 1
+    (again,) = store.due_deliveries()
+    assert again["id"] == first["id"] and again["attempts"] == 0
+    assert again["payload"] == first["payload"]
+    assert store.redeliver() == 0  # (pending now: nothing failed)

@@ -363,3 +363,24 @@ def test_make_serve_reads_the_servers_own_variables() -> None:
     assert "--model /m/x --host 0.0.0.0 --port 8001" in line
     assert "--default-max-tokens" not in line  # (a real checkpoint: its own default)
     assert "--port 9" in planned({"VLM_PORT": "8001"}, "PORT=9")
+
+
+def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path) -> None:
+    """The operator's way to send webhooks again after a receiver's long outage: the same
+    --data-dir (or --job-store) as serve; a directory with no job store is one line, not a new
+    empty store."""
+    from server.jobs.store import open_job_store
+
+    store = open_job_store(None, tmp_path)
+    job = store.create("categories", {"webhook_url": "http://h/"}, None)
+    claimed = store.claim(lease_s=60)
+    assert claimed is not None and store.complete(claimed, {"ok": True})
+    (delivery,) = store.due_deliveries()
+    assert store.record_attempt(delivery["id"], 1, "failed", 0.0, None, "timed out")
+    store.close()
+    assert main(["redeliver-webhooks", "--data-dir", str(tmp_path), "--job", job.id]) == 0
+    store = open_job_store(None, tmp_path)
+    assert [d["id"] for d in store.due_deliveries()] == [delivery["id"]]
+    store.close()
+    assert main(["redeliver-webhooks", "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert not (tmp_path / "elsewhere").exists()
