@@ -389,9 +389,12 @@ def _literal_first(inside: str) -> str:
     return "\\" + inside if inside.startswith(("]", "-")) else inside
 
 
-def _but(narrow: str) -> str:
+def _but(narrow: str, json_string: bool = True) -> str:
     """A regex of any character but those of `narrow` (a class's inside, all of them below
-    U+0800), as xgrammar takes only UTF-8 for it."""
+    U+0800), as xgrammar takes only UTF-8 for it (a regex of its own, not a JSON string's
+    pattern, only needs the surrogates left out)."""
+    if not json_string:
+        return f"[^{SURROGATES}{_literal_first(narrow)}]"
     return f"(?:[^{WIDE}{SURROGATES}{_literal_first(narrow)}]|[{WIDE}])"
 
 
@@ -424,20 +427,20 @@ def _is_narrow(inside: str) -> bool:
     return True
 
 
-def _mended_class(text: str) -> str:
+def _mended_class(text: str, json_string: bool = True) -> str:
     """A class (`[...]`, `[^...]`) as xgrammar takes only UTF-8 for it: a negated one of
     narrow characters as _but (one of wide ones without surrogates only), a positive one with
     \\S, \\D or \\W as alternatives."""
     negated = text.startswith("[^")
     inside = text[2 if negated else 1 : -1]
-    if negated and _is_narrow(inside):
-        return _but(inside)
+    if negated and (_is_narrow(inside) or not json_string):
+        return _but(inside, json_string)
     if negated:
         return f"[^{SURROGATES}{_literal_first(''.join(map(_spelt, _pieces(inside))))}]"
     negations, rest = [], ""
     for piece in _pieces(inside):
         if piece[:1] == "\\" and piece[1:] in NEGATED_ESCAPES:
-            negations.append(_but(NEGATED_ESCAPES[piece[1:]]))
+            negations.append(_but(NEGATED_ESCAPES[piece[1:]], json_string))
         else:
             rest += _spelt(piece)
     if not negations:
@@ -445,13 +448,15 @@ def _mended_class(text: str) -> str:
     return "(?:" + "|".join(([f"[{rest}]"] if rest else []) + negations) + ")"
 
 
-def mended_pattern(pattern: str) -> str:
+def mended_pattern(pattern: str, json_string: bool = True) -> str:
     r"""The pattern as xgrammar (0.2.9) compiles it right, the same strings: each optional
     group `(X)?` written `(X|)` (it compiled one that ends in a repeat wrongly:
     `^[A-Z]{2}(-[0-9]{2,4})?$` took "RO34", the group's first character dropped; date-times'
     `(\.[0-9]{1,6})?` fractions too), and each negated class, `.`, `\S`, `\D` and `\W`
     written so that it takes only UTF-8 (_mended_class); characters past U+FFFF as escapes
-    (WIDE says why). Other escapes are copied as they are; lookarounds are left alone."""
+    (WIDE says why). Other escapes are copied as they are; lookarounds are left alone.
+    json_string: a JSON schema's pattern (else a regex of its own: structured_outputs.regex,
+    whose `.` takes a line break too, as xgrammar's does)."""
     out: list[str] = []
     groups: list[bool] = []  # for each open group: whether it may be rewritten
     i = 0
@@ -460,12 +465,13 @@ def mended_pattern(pattern: str) -> str:
         step = 2 if char == "\\" else 1
         if char == "[":
             end = _class_end(pattern, i)  # (past the end: unclosed, xgrammar's to refuse)
-            out.append(_mended_class(pattern[i:end]) if end <= len(pattern) else pattern[i:])
+            whole = end <= len(pattern)
+            out.append(_mended_class(pattern[i:end], json_string) if whole else pattern[i:])
             i = end
             continue
         escaped = pattern[i + 1 : i + 2] if char == "\\" else ""
-        if char == "." or escaped in NEGATED_ESCAPES:
-            out.append(_but(NEGATED_ESCAPES.get(escaped, r"\n")))  # (`.`: all but a line break)
+        if char == "." or escaped in NEGATED_ESCAPES:  # (`.`: all but a JSON string's own)
+            out.append(_but(NEGATED_ESCAPES.get(escaped, ""), json_string))
         elif char == "(":
             groups.append(not pattern.startswith(("(?=", "(?!", "(?<=", "(?<!"), i))
             out.append(char)

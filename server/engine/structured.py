@@ -28,6 +28,7 @@ from server.engine.json_schema import (
     check_schema_size,
     declared_required,
     exact_formats,
+    mended_pattern,
     schema_mistakes,
     strict_normalized,
     strict_refusal,
@@ -211,7 +212,8 @@ class GrammarCache:
         """The constraint's xgrammar Grammar (not compiled yet)."""
         grammars = self.xgr.Grammar
         if spec.kind == "regex":
-            return grammars.from_regex(spec.schema_json)
+            # (the same strings, as xgrammar takes only UTF-8 for them)
+            return grammars.from_regex(mended_pattern(spec.schema_json or "", json_string=False))
         if spec.kind == "grammar":
             text = spec.schema_json or ""
             if is_lark(text):  # vLLM reads these too (its older docs' form, `start: ...`)

@@ -199,7 +199,7 @@ def grammars(tiny_model_dir: Path) -> Grammars:
     return Grammars(AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
-BUT_LINE_BREAK = rf"(?:[^{WIDE}{SURROGATES}\n]|[{WIDE}])"
+BUT_ANY = rf"(?:[^{WIDE}{SURROGATES}]|[{WIDE}])"
 BUT_SPACE = rf"(?:[^{WIDE}{SURROGATES}\s]|[{WIDE}])"
 BUT_HYPHEN_A = rf"(?:[^{WIDE}{SURROGATES}\-a]|[{WIDE}])"
 BUT_A_HYPHEN = rf"(?:[^{WIDE}{SURROGATES}a-]|[{WIDE}])"
@@ -212,7 +212,7 @@ BUT_A_HYPHEN = rf"(?:[^{WIDE}{SURROGATES}a-]|[{WIDE}])"
         ("a(?:b(c+)?)??d", "a(?:b(c+|)|)d"),  # nested; lazy
         (r"a\\(b+)?[)(]?(x\)y)?", r"a\\(b+|)[)(]?(x\)y|)"),  # escapes, a class
         ("[]a]?(c)?[^]b](d+)?", rf"[]a]?(c|)(?:[^{WIDE}{SURROGATES}\]b]|[{WIDE}])(d+|)"),
-        (r"^.\S[\s\S]$", rf"^{BUT_LINE_BREAK}{BUT_SPACE}(?:[\s]|{BUT_SPACE})$"),
+        (r"^.\S[\s\S]$", rf"^{BUT_ANY}{BUT_SPACE}(?:[\s]|{BUT_SPACE})$"),
         (r"[^-a][^a-][^\u0900]", rf"{BUT_HYPHEN_A}{BUT_A_HYPHEN}[^{SURROGATES}\u0900]"),
         ("(?=a)?b(?!c)?", "(?=a)?b(?!c)?"),  # lookarounds left alone
         ("(a+)*(b+){0,1}", "(a+)*(b+){0,1}"),  # (xgrammar compiles these right)
@@ -266,6 +266,25 @@ def test_a_negated_class_takes_utf_8_only(grammars: Grammars, pattern: str) -> N
         assert grammars.takes_bytes(schema, real.encode()), real
     for wrong in ("e08399", "e08080", "eda080", "edbfbf", "f0808080", "f08fbfbf", "c080", "80"):
         assert not grammars.takes_bytes(schema, bytes.fromhex(wrong)), wrong
+
+
+@pytest.mark.parametrize("pattern", [r'[^"]{1,3}', r".{1,3}", r"\S{1,3}", r"[\s\S]{1,3}"])
+def test_a_regex_constraint_takes_utf_8_only(grammars: Grammars, pattern: str) -> None:
+    """structured_outputs.regex (guided_regex): xgrammar's own regexes took encoded
+    surrogates (ED A0 80) in negated classes; `.` and `[^"]` still take a line break, as
+    they did."""
+    grammar = grammars.compile(StructuredOutput.regex(pattern))
+
+    def takes(raw: bytes) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        ids = [grammars.byte_tokens[byte] for byte in raw]
+        return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(grammars.end)
+
+    for real in ("a", "é", "ࠀ", "€", "\ud7ff", "\ue000", "😀", "\U0010ffff"):
+        assert takes(real.encode()), real
+    for wrong in ("eda080", "edbfbf", "e08399", "f0808080"):
+        assert not takes(bytes.fromhex(wrong)), wrong
+    assert takes(b"\n") is (pattern != r"\S{1,3}")  # (a line break is no JSON string's here)
 
 
 @pytest.mark.parametrize("pattern", [r"^.{1,3}$", "^[^,😀]{1,3}$", "^(?:[^,]|😀){1,3}$"])
