@@ -25,6 +25,7 @@ from server.api.sse import EventStream
 from server.engine.sampling import SamplingParams
 from server.jobs import responses as response_store
 from server.jobs.sqlite import SqliteJobStore
+from server.pipelines.loopback import post_scope
 from tests.api.test_responses import WEATHER, image_input
 from tests.helpers import make_image, make_settings, serve_in_thread, start_client
 
@@ -719,20 +720,9 @@ class GoneMidSend:
             await asyncio.Event().wait()  # (never answered: cancelled here)
 
     def scope(self, path: str) -> dict:
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},  # (uvicorn's)
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 1),
-            "server": ("testserver", 80),
-        }
+        headers = [(b"host", b"testserver"), (b"content-type", b"application/json")]
+        scope = post_scope(path, headers)
+        return scope | {"asgi": {"version": "3.0", "spec_version": "2.3"}}  # (uvicorn's)
 
 
 async def test_an_event_streams_generator_is_closed_when_its_client_goes_away_mid_send() -> None:
