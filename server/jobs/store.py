@@ -31,14 +31,14 @@ from server.jobs.project import ALL, VISIBLE, row_seen, scoped_key, seen_by
 from server.jobs.responses import ResponseStore
 
 # Every column but the request, which only the worker (at claim) needs.
-# How long a job whose COMMIT went unanswered is looked up while the store comes back, and
-# how often (JobStore._committed).
-SETTLE_S = 5.0
-SETTLE_RETRY_S = 0.5
 SUMMARY = (
     "id, kind, status, progress, result, error, created_at, updated_at, attempt, owner,"
     " webhook_url, request_hash, description, project, takeovers"
 )
+# How long a job whose COMMIT went unanswered is looked up while the store comes back, and
+# how often (JobStore._committed).
+SETTLE_S = 5.0
+SETTLE_RETRY_S = 0.5
 
 
 @dataclass(frozen=True)
