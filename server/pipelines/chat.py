@@ -228,9 +228,16 @@ class ChatPipeline:
             request = replace(request, messages=await self.media.judged(request.messages))
             try:  # (judged checked the videos it made against their limit; images only fell)
                 images = await self.media.images(request.messages, budget)
-                run = await self._prepare(request, images, budget)
+                prepared = await self._prepare(request, images, budget)
             finally:
                 self.media.forget(request.messages)
+        # Queued outside the preprocessing slots: n choices wait for the first's prefill (long
+        # when the batch is full), and held a slot meanwhile: eight such requests kept every
+        # other client's request from even being queued, whatever the scheduling policy.
+        if isinstance(prepared, ChatRun):
+            run = prepared
+        else:
+            run = ChatRun(await self._add(request, prepared), think_close_id=self.think_close_id)
         for seq in run.seqs:
             seq.received_time = request.received_time
         return run
@@ -296,7 +303,9 @@ class ChatPipeline:
 
     async def _prepare(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
-    ) -> ChatRun:
+    ) -> ChatRun | ModelInputs:
+        """The request's run when its videos are captioned first; else its prompt's inputs,
+        to be queued."""
         videos = await self._videos(request, images, budget)
         if videos and request.video_mode == "captions":
             return await self._captioned(request, images, videos)
@@ -309,7 +318,7 @@ class ChatPipeline:
                 inputs.num_prompt_tokens,
                 time.monotonic() - request.received_time,
             )
-        return ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
+        return inputs
 
     async def _videos(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget

@@ -105,3 +105,29 @@ async def test_jobs_run_at_their_own_priority_or_the_job_priority(
         answer = await handle(job("categories", body), lambda _: None)
         assert answer["object"] == "media.categories", answer
         assert seen and set(seen) == {job_priority or 0}
+
+
+async def test_choices_waiting_for_their_prefill_hold_no_preprocessing_slot(
+    tiny_model_dir: Path,
+) -> None:
+    """A request with n choices queues its first, then waits for its prompt's prefill to
+    queue the others (a long wait when the batch is full). It held a preprocessing slot
+    meanwhile: eight such requests kept every other client's request from being queued at
+    all, whatever the scheduling policy (here one slot and one such request)."""
+    settings = make_settings(tiny_model_dir, max_num_seqs=1, max_concurrent_preprocessing=1)
+    async for client in start_client(settings):
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        busy = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(3000)))
+        while engine.num_running == 0:  # the batch (of one) is full
+            await asyncio.sleep(0.005)
+        choices = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(4, n=2)))
+        while engine.num_queued == 0:  # its first choice waits for the busy one
+            await asyncio.sleep(0.005)
+        other = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(4)))
+        async with asyncio.timeout(10):  # queued too, not held behind the choices' slot
+            while engine.num_queued < 2:
+                await asyncio.sleep(0.005)
+        assert not busy.done()
+        for request in (busy, choices, other):
+            request.cancel()
+        await asyncio.gather(busy, choices, other, return_exceptions=True)
