@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send failed webhooks again",
         description="Put webhook deliveries whose retries ran out (status failed: the "
         "receiver was down longer than --webhook-retry-delays) back in the queue, with a new "
-        "schedule of retries; a running server sends them within a second. Reads the same "
+        "schedule of retries; the running servers send them within a minute. Reads the same "
         "--job-store and --data-dir (or VLM_JOB_STORE / VLM_DATA_DIR) as serve.",
     )
     redeliver.add_argument("--job-store", default=None, help="As serve's --job-store.")

@@ -174,6 +174,9 @@ class WebhookSender:
             await asyncio.sleep(POLL_S)
 
     def _may_start(self, row) -> bool:
+        """Not in flight here, nor a stale read of one this process attempted since (a
+        delivery it gave up on and `redeliver-webhooks` queued again, attempts 0, waits out
+        FORGET_AFTER_S here: another replica sends it at once)."""
         return (
             row["id"] not in self.in_flight
             and row["attempts"] >= self.attempts_made.get(row["id"], 0)
