@@ -758,3 +758,36 @@ async def test_a_stored_stream_whose_client_went_away_mid_send_is_cancelled(
     created = gone.sent[1]["body"].decode()
     rid = json.loads(created.split("data: ", 1)[1])["response"]["id"]
     assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "cancelled"
+
+
+async def test_a_stored_stream_whose_client_went_away_as_it_ended_is_recorded(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client goes away while the stream's end is being written (Starlette cancels the
+    stream): the write lands all the same. Cancelled while it waited for a busy thread pool,
+    it never ran, and the row (its end under way, so not marked cancelled) stayed
+    in_progress for good (1 of 5,733 hang-ups under load)."""
+    from server.api.routes import responses as routes
+
+    gone = asyncio.Event()
+    record = routes.record
+
+    async def slow_record(*args, **kwargs) -> None:  # (as a write queued for a thread)
+        gone.set()
+        await asyncio.sleep(0.3)
+        await record(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "record", slow_record)
+    body = {"model": "tiny", "input": "Hi", "stream": True, "max_output_tokens": 4}
+    client_gone = GoneMidSend(body, n=10**6)
+    client_gone.gone = gone  # (away once the end is being written)
+    app = client.app  # type: ignore[attr-defined]
+    await asyncio.wait_for(
+        app(client_gone.scope("/v1/responses"), client_gone.receive, client_gone.send), 30
+    )
+    created = client_gone.sent[1]["body"].decode()
+    rid = json.loads(created.split("data: ", 1)[1])["response"]["id"]
+    async with asyncio.timeout(5):
+        while (await client.get(f"/v1/responses/{rid}")).json()["status"] == "in_progress":
+            await asyncio.sleep(0.05)
+    assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "incomplete"

@@ -8,7 +8,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -314,12 +314,13 @@ async def recorded_as_it_ends(
         async for event in stream:
             if event.startswith(FINAL_EVENTS):
                 ended, stored = True, response.store
-                await record(response, body, services, started)
+                await _landing(record(response, body, services, started))
                 event = event if response.store == stored else _with_store_false(event)
             elif event.startswith(FAILED_EVENT) and started:
                 ended = True
                 failed = response.model_dump()
-                await asyncio.to_thread(_kept, services.jobs.update_response, response.id, failed)
+                update = services.jobs.update_response
+                await _landing(asyncio.to_thread(_kept, update, response.id, failed))
             if lock is not None and event.startswith((*FINAL_EVENTS, FAILED_EVENT)):
                 await lock.release()
             yield event
@@ -333,6 +334,14 @@ async def recorded_as_it_ends(
             asyncio.get_running_loop().run_in_executor(
                 None, _kept, services.jobs.update_response, response.id, cancelled
             )
+
+
+async def _landing(write: Awaitable[object]) -> None:
+    """A stream's end written even if its client goes away meanwhile (Starlette then cancels
+    the stream): in a task of its own. Cancelled while it waited for a thread, the write
+    never ran, and the row, its end being written, was not marked cancelled either: it stayed
+    in_progress for good."""
+    await asyncio.shield(asyncio.ensure_future(write))
 
 
 async def _renewed(response_id: str, services: Services) -> None:
