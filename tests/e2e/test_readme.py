@@ -130,4 +130,6 @@ def test_readme_python_example(index: int, live: tuple[str, Path, dict[str, str]
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
+    # It printed what it reads (a random-weight model's answer may be empty: one CI run's
+    # first token was the end of text; the response still parsed as the example reads it).
+    assert done.stdout
