@@ -242,8 +242,14 @@ class JobWorker:
         """Runs one attempt; False when the engine has stopped (no job can run any more)."""
         request_id_var.set(job.id)
         project_var.set(job.project)  # what its requests' file ids may name
-        if job.attempt > 1:  # an earlier attempt's server stopped or lost the lease
-            logger.info("job %s: attempt %d (an earlier one did not finish)", job.id, job.attempt)
+        if job.attempt > 1:  # earlier attempts were put back (an orderly stop) or taken over
+            logger.info(
+                "job %s: attempt %d (%d earlier put back, %d taken over)",
+                job.id,
+                job.attempt,
+                job.attempt - 1 - job.takeovers,
+                job.takeovers,
+            )
         if self.max_attempts and job.takeovers >= self.max_attempts:
             logger.warning(
                 "job %s failed: its server stopped under it %d times", job.id, job.takeovers

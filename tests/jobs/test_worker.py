@@ -221,7 +221,7 @@ async def test_a_result_written_whose_answer_was_lost_is_no_lost_lease(
 
 
 async def test_a_job_its_servers_kept_stopping_under_fails_instead_of_running(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Taken over max_attempts times (each attempt's lease ran out: its server killed under
     it, say by the host's OOM killer): the job fails `job_interrupted`, with its webhook, and
@@ -237,14 +237,17 @@ async def test_a_job_its_servers_kept_stopping_under_fails_instead_of_running(
         return {}
 
     worker = JobWorker(store, {"test": handler}, concurrency=1, max_attempts=2)
-    worker.start()
-    try:
-        for _ in range(400):
-            if (current := store.get(job.id)) is not None and current.status == "failed":
-                break
-            await asyncio.sleep(0.025)
-    finally:
-        await worker.stop()
+    with caplog.at_level(logging.INFO, logger="server.jobs.worker"):
+        worker.start()
+        try:
+            for _ in range(400):
+                if (current := store.get(job.id)) is not None and current.status == "failed":
+                    break
+                await asyncio.sleep(0.025)
+        finally:
+            await worker.stop()
+    said = f"job {job.id}: attempt 3 (0 earlier put back, 2 taken over)"
+    assert said in [r.getMessage() for r in caplog.records]
     assert current is not None and current.status == "failed" and not ran
     assert current.error is not None and current.error["code"] == "job_interrupted"
     assert "stopped while running it 2 times" in current.error["message"]
