@@ -17,7 +17,7 @@ import sys
 import tempfile
 import typing
 from pathlib import Path
-from typing import Any, NoReturn, get_args, get_origin
+from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -26,6 +26,9 @@ from server.config import Settings
 from server.engine.tiny import FAMILIES, TinySpec
 from server.exceptions import StartupError
 from server.flag_help import ENV_PREFIX, env_names, field_for_flag, flag_name, help_text
+
+if TYPE_CHECKING:
+    from server.jobs.store import JobStore
 
 logger = logging.getLogger("server.cli")
 
@@ -283,11 +286,17 @@ def check_directories(settings: Settings) -> None:
 def check_job_store(settings: Settings) -> None:
     """The job store opened (and closed again) before the model loads, which takes minutes:
     a database that cannot be reached or a file that cannot be written is one line at once."""
+    opened_job_store(settings.job_store, settings.data_dir).close()
+
+
+def opened_job_store(job_store: str | None, data_dir: Path) -> JobStore:
+    """The job store, or why not in one line (ConfigError; JobStoreStartError, a
+    StartupError, for a database that cannot be reached)."""
     from server.exceptions import JobStoreUnavailable
     from server.jobs.store import open_job_store
 
     try:
-        open_job_store(settings.job_store, settings.data_dir).close()
+        return open_job_store(job_store, data_dir)
     except ValueError as exc:  # (a store a newer version of the server wrote)
         raise ConfigError(f"--job-store: {exc}") from None
     except JobStoreUnavailable as exc:  # (locked by another process, a disk gone read-only)
@@ -365,7 +374,6 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 def _redeliver(args: argparse.Namespace) -> int:
     from server.exceptions import JobStoreUnavailable
-    from server.jobs.store import open_job_store
     from server.log import configure_logging
 
     configure_logging("info", "text")
@@ -376,9 +384,9 @@ def _redeliver(args: argparse.Namespace) -> int:
         logger.error("--data-dir %s: no job store there (give serve's --data-dir)", data_dir)
         return 2
     try:
-        store = open_job_store(job_store, data_dir)
-    except (ValueError, JobStoreUnavailable) as exc:
-        logger.error("--job-store: %s", exc.__cause__ or exc)
+        store = opened_job_store(job_store, data_dir)
+    except (ConfigError, StartupError) as exc:
+        logger.error("%s", exc)
         return 2
     try:
         since = None if args.since_hours is None else store.now() - args.since_hours * 3600

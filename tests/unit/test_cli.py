@@ -384,3 +384,7 @@ def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path) -> None:
     store.close()
     assert main(["redeliver-webhooks", "--data-dir", str(tmp_path / "elsewhere")]) == 2
     assert not (tmp_path / "elsewhere").exists()
+    # a store that cannot be used is one line too, as serve's (it was a traceback)
+    assert main(["redeliver-webhooks", "--job-store", "mysql://x"]) == 2
+    missing = "postgresql://postgres@127.0.0.1:5432/no_such_database_here"
+    assert main(["redeliver-webhooks", "--job-store", missing]) == 2
