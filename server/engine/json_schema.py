@@ -366,14 +366,16 @@ SURROGATES = r"\ud800-\udfff"
 WIDE = r"\u0800-\u0fff\u{10000}-\u{3ffff}"
 NEGATED_ESCAPES = {"S": r"\s", "D": r"\d", "W": r"\w"}  # \S is [^\s], and so on
 CODE_ESCAPE = re.compile(r"u\{([0-9A-Fa-f]{1,6})\}|u([0-9A-Fa-f]{4})")
+WIDE_ESCAPES = ("S", "D", "W", "p", "P")  # (escapes of classes that name wide characters)
 
 
-def _pieces(text: str) -> Iterator[str]:
-    """A pattern's characters, an escape (a backslash and the character after it) as one."""
+def _pieces(text: str) -> Iterator[tuple[int, str]]:
+    """A pattern's characters, an escape (a backslash and the character after it) as one,
+    each with where it starts."""
     i = 0
     while i < len(text):
         step = 2 if text[i] == "\\" else 1
-        yield text[i : i + step]
+        yield i, text[i : i + step]
         i += step
 
 
@@ -410,20 +412,14 @@ def _class_end(pattern: str, start: int) -> int:
 def _is_narrow(inside: str) -> bool:
     """Whether every character a class's inside names is below U+0800 (\\S and the like
     name wide ones; an escape `\\uHHHH` or `\\u{...}` is read)."""
-    i = 0
-    while i < len(inside):
-        if inside[i] == "\\":
-            code = inside[i + 1 : i + 2]
-            if code and code in "SDWpP":
-                return False
-            code_escape = CODE_ESCAPE.match(inside, i + 1)
-            if code_escape and int(code_escape.group(1) or code_escape.group(2), 16) >= 0x800:
-                return False
-            i += 2
-        elif ord(inside[i]) >= 0x800:
-            return False
+    for i, piece in _pieces(inside):
+        if piece[:1] == "\\":
+            code = CODE_ESCAPE.match(inside, i + 1)
+            wide = piece[1:] in WIDE_ESCAPES or bool(code and int(code[1] or code[2], 16) >= 0x800)
         else:
-            i += 1
+            wide = ord(piece) >= 0x800
+        if wide:
+            return False
     return True
 
 
@@ -436,9 +432,10 @@ def _mended_class(text: str, json_string: bool = True) -> str:
     if negated and (_is_narrow(inside) or not json_string):
         return _but(inside, json_string)
     if negated:
-        return f"[^{SURROGATES}{_literal_first(''.join(map(_spelt, _pieces(inside))))}]"
+        spelt = "".join(_spelt(piece) for _, piece in _pieces(inside))
+        return f"[^{SURROGATES}{_literal_first(spelt)}]"
     negations, rest = [], ""
-    for piece in _pieces(inside):
+    for _, piece in _pieces(inside):
         if piece[:1] == "\\" and piece[1:] in NEGATED_ESCAPES:
             negations.append(_but(NEGATED_ESCAPES[piece[1:]], json_string))
         else:
