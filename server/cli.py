@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import re
@@ -22,10 +23,11 @@ from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_origin
 from pydantic import ValidationError
 
 from server import __version__
-from server.config import Settings
+from server.config import PROJECT_NAME, Settings, key_and_project, key_lines
 from server.engine.tiny import FAMILIES, TinySpec
 from server.exceptions import StartupError
 from server.flag_help import ENV_PREFIX, env_names, field_for_flag, flag_name, help_text
+from server.jobs.project import of_key
 
 if TYPE_CHECKING:
     from server.jobs.store import JobStore
@@ -140,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule of retries; the running servers send them within a minute. Reads the same "
         "--job-store and --data-dir (or VLM_JOB_STORE / VLM_DATA_DIR) as serve.",
     )
-    redeliver.add_argument("--job-store", default=None, help="As serve's --job-store.")
-    redeliver.add_argument("--data-dir", type=Path, default=None, help="As serve's --data-dir.")
+    _add_store_flags(redeliver)
     redeliver.add_argument(
         "--job", action="append", dest="jobs", metavar="JOB_ID", help="Only this job's (repeat)."
     )
@@ -151,7 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Only deliveries made in the last this many hours.",
     )
+    secret = commands.add_parser(
+        "webhook-secret",
+        help="print the secret a receiver checks webhooks with",
+        description="Print the whsec_ secret that signs webhooks: the shared one, or with "
+        "--project or --api-key the one that signs that project's webhooks under "
+        "--webhook-secret-per-project. Reads the secret every replica signs with from the "
+        "same --job-store and --data-dir (or VLM_JOB_STORE / VLM_DATA_DIR) as serve.",
+    )
+    _add_store_flags(secret)
+    whose = secret.add_mutually_exclusive_group()
+    whose.add_argument("--project", help="A project named in the API key file (KEY PROJECT).")
+    whose.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="The project of this key: the one --api-key-file names for it, else its own.",
+    )
+    secret.add_argument(
+        "--api-key-file", type=Path, default=None, help="As serve's (or VLM_API_KEY_FILE)."
+    )
     return parser
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--job-store", default=None, help="As serve's --job-store.")
+    parser.add_argument("--data-dir", type=Path, default=None, help="As serve's --data-dir.")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -213,6 +238,11 @@ def idle_flag_warnings(settings: Settings) -> list[str]:
     warnings = []
     if settings.metrics_require_api_key:
         warnings.append("--metrics-require-api-key does nothing without API keys (--api-key)")
+    if settings.webhook_secret_per_project:
+        warnings.append(
+            "--webhook-secret-per-project does nothing without API keys (--api-key): every "
+            "job is in one project, signed with the shared secret"
+        )
     if settings.scheduling_policy == "fair":
         warnings.append(
             "--scheduling-policy fair shares the batch between API keys' projects: without "
@@ -372,32 +402,71 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redeliver(args: argparse.Namespace) -> int:
-    from server.exceptions import JobStoreUnavailable
-    from server.log import configure_logging
-
-    configure_logging("info", "text")
+def _serve_store(args: argparse.Namespace) -> JobStore:
+    """serve's job store, for a command run beside it (ConfigError, StartupError)."""
     job_store = args.job_store or os.environ.get(f"{ENV_PREFIX}JOB_STORE")
     default_dir = Settings.model_fields["data_dir"].default
     data_dir = args.data_dir or Path(os.environ.get(f"{ENV_PREFIX}DATA_DIR") or default_dir)
     if job_store is None and not (data_dir / "jobs.sqlite3").exists():
-        logger.error("--data-dir %s: no job store there (give serve's --data-dir)", data_dir)
-        return 2
+        raise ConfigError(f"--data-dir {data_dir}: no job store there (give serve's --data-dir)")
+    return opened_job_store(job_store, data_dir)
+
+
+def _with_serve_store(args: argparse.Namespace, use: typing.Callable[[JobStore], int]) -> int:
+    """use(serve's job store), its errors as one line and exit code 2."""
+    from server.exceptions import JobStoreUnavailable
+    from server.log import configure_logging
+
+    configure_logging("info", "text")
     try:
-        store = opened_job_store(job_store, data_dir)
+        store = _serve_store(args)
     except (ConfigError, StartupError) as exc:
         logger.error("%s", exc)
         return 2
     try:
-        since = None if args.since_hours is None else store.now() - args.since_hours * 3600
-        count = store.redeliver(args.jobs, since)
+        return use(store)
     except JobStoreUnavailable as exc:
         logger.error("--job-store: cannot use it now: %s", exc.__cause__ or exc)
         return 2
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
     finally:
         store.close()
+
+
+def _redeliver(args: argparse.Namespace, store: JobStore) -> int:
+    since = None if args.since_hours is None else store.now() - args.since_hours * 3600
+    count = store.redeliver(args.jobs, since)
     logger.info("%d failed webhook deliver%s queued again", count, "y" if count == 1 else "ies")
     return 0
+
+
+def _webhook_secret(args: argparse.Namespace, store: JobStore) -> int:
+    from server.jobs.project import ALL
+    from server.jobs.webhooks import project_secret
+
+    secret = store.stored_value("webhook_secret")
+    if secret is None:
+        raise ConfigError("no webhook secret in the job store yet: start serve with it once")
+    project = args.project or ALL
+    if args.api_key:
+        project = _keys_projects(args.api_key_file).get(args.api_key) or of_key(args.api_key)
+    elif args.project and not PROJECT_NAME.fullmatch(args.project):
+        raise ConfigError(f"--project {args.project!r}: not a project name")
+    sys.stdout.write(project_secret(secret, project) + "\n")
+    return 0
+
+
+def _keys_projects(path: Path | None) -> dict[str, str]:
+    """The projects serve's API keys name (--api-key-file, VLM_API_KEY_FILE, VLM_API_KEYS)."""
+    entries = [e for e in (os.environ.get(f"{ENV_PREFIX}API_KEYS") or "").split(",") if e]
+    path = path or Path(os.environ.get(f"{ENV_PREFIX}API_KEY_FILE") or "") or None
+    try:
+        entries += key_lines(path) if path else []
+        return dict(key_and_project(entry) for entry in entries)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--api-key-file {path}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "redeliver-webhooks":
-        return _redeliver(args)
+        return _with_serve_store(args, functools.partial(_redeliver, args))
+    if args.command == "webhook-secret":
+        return _with_serve_store(args, functools.partial(_webhook_secret, args))
     return _make_tiny(args)
 
 

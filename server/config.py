@@ -150,6 +150,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=30.0, ge=0)
     client_timeout: float = Field(default=60.0, ge=0)  # a request's headers; a body's pause
     webhook_secret: str | None = None  # whsec_...; default: generated once under --data-dir
+    webhook_secret_per_project: bool = False
     webhook_retry_delays: StrList = ["5", "30", "120", "600", "1800"]  # seconds, per retry
     webhook_timeout: float = Field(default=10.0, gt=0)
     job_retention_hours: float = Field(default=168.0, ge=0)  # finished jobs; 0: keep forever
@@ -227,7 +228,7 @@ class Settings(BaseSettings):
             return value
         if not value.is_file():
             raise ValueError("no such file")
-        lines = _key_lines(value)
+        lines = key_lines(value)
         if not lines:  # (an empty secret mount, say)
             raise ValueError("holds no API key: the server would run without authentication")
         for number, line in enumerate(lines, start=1):
@@ -281,7 +282,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_api_keys(self) -> Settings:
-        entries = [*self.api_keys, *(_key_lines(self.api_key_file) if self.api_key_file else [])]
+        entries = [*self.api_keys, *(key_lines(self.api_key_file) if self.api_key_file else [])]
         keys: dict[str, str] = {}
         for key, name in map(key_and_project, entries):
             if keys.setdefault(key, name) != name:
@@ -394,7 +395,7 @@ def key_and_project(entry: str) -> tuple[str, str]:
     )
 
 
-def _key_lines(path: Path) -> list[str]:
+def key_lines(path: Path) -> list[str]:
     """The lines of an API key file, without blanks and # comments."""
     lines = (line.strip() for line in path.read_text().splitlines())
     return [line for line in lines if line and not line.startswith("#")]

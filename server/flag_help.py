@@ -183,6 +183,11 @@ HELP = {
     "of the connection), and its body may pause at most this long; then the connection closes "
     "(nginx's client_header_timeout / client_body_timeout; 0: no limit).",
     "webhook_secret": "whsec_<base64> key that signs webhooks (Standard Webhooks v1).",
+    "webhook_secret_per_project": "Sign each API key project's webhooks with its own secret, "
+    "derived from --webhook-secret and the project's name (`vlm-server webhook-secret "
+    "--project NAME` prints it): a tenant's job whose webhook_url names another tenant's "
+    "receiver then fails that receiver's signature check. Jobs made without API keys keep the "
+    "shared secret.",
     "webhook_retry_delays": "Seconds before each webhook retry, comma-separated (jittered; "
     "Retry-After honoured); a delivery fails after the last one (empty: after its first attempt).",
     "webhook_timeout": "The longest one webhook delivery attempt may take, all of it (connecting, "

@@ -131,6 +131,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             settings.webhook_timeout,
             tuple(settings.allowed_media_domains),
             metrics.webhook_attempts,
+            settings.webhook_secret_per_project,
         )
         webhooks.start()
         app.state.services = Services(

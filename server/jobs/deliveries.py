@@ -72,13 +72,16 @@ class DeliveryStore(ABC):
 
     def due_deliveries(self, limit: int = 16, hold_s: float = 0.0) -> list[dict[str, Any]]:
         """Pending deliveries whose time has come, held for hold_s: no other process starts
-        the same attempt meanwhile (one that dies mid-attempt leaves it due again after)."""
+        the same attempt meanwhile (one that dies mid-attempt leaves it due again after).
+        Each with its job's project."""
         now = self.now()
         with self.transaction() as execute:
             rows = execute(
                 "UPDATE deliveries SET next_attempt_at = ? WHERE id IN ("
                 " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
-                f" ORDER BY next_attempt_at LIMIT ?{self.skip_locked}) RETURNING *",
+                f" ORDER BY next_attempt_at LIMIT ?{self.skip_locked}) RETURNING *,"
+                # (whose secret signs it, with --webhook-secret-per-project)
+                " (SELECT project FROM jobs WHERE jobs.id = deliveries.job_id) AS project",
                 (now + hold_s, now, limit),
             ).fetchall()
         return [dict(row) for row in rows]
@@ -164,6 +167,12 @@ class DeliveryStore(ABC):
             )
             row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
         return row["value"]
+
+    def stored_value(self, name: str) -> str | None:
+        """The stored value of `name`, if any (none is made)."""
+        with self.transaction(write=False) as execute:
+            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row["value"]
 
     def replace_shared_value(self, name: str, value: str) -> str | None:
         """Sets `name` to `value` for every process from now on; the value it had, if any."""

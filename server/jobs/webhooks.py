@@ -3,7 +3,10 @@
 Each delivery has a stable `webhook-id`; every attempt carries `webhook-timestamp` and
 `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">` keyed with the `whsec_`
 secret (--webhook-secret, else one generated once and kept in the job store, so every replica
-signs with the same one; a copy is written to DATA_DIR/webhook_secret for the operator).
+signs with the same one; a copy is written to DATA_DIR/webhook_secret for the operator). With
+--webhook-secret-per-project a job's deliveries are signed with its project's own secret,
+derived from that one (`vlm-server webhook-secret --project NAME` prints it): a tenant's job
+sent to another tenant's receiver then does not pass that receiver's signature check.
 Failures, timeouts, 5xx and 429 are retried on the configured schedule with jitter (Retry-After
 honoured); 410 stops; redirects are not followed. An attempt is its status alone (the receiver's
 body is not read), within --webhook-timeout as a whole. Pending deliveries live in the job store, so
@@ -33,6 +36,7 @@ from prometheus_client import Counter
 
 from server import __version__
 from server.exceptions import JobStoreUnavailable
+from server.jobs.project import ALL
 from server.jobs.store import JobStore
 from server.jobs.worker import cancel_and_wait
 from server.log import request_id_var
@@ -52,6 +56,7 @@ POLL_S = 0.2
 MAX_IN_FLIGHT = 32
 FORGET_AFTER_S = 60.0
 HOLD_MARGIN_S = 10.0
+PROJECT_LABEL = b"vlm-server webhook secret of project\x00"
 
 
 def load_or_create_secret(configured: str | None, store: JobStore, data_dir: Path) -> str:
@@ -79,6 +84,17 @@ def load_or_create_secret(configured: str | None, store: JobStore, data_dir: Pat
             copy_file.write(secret)
         path.chmod(0o600)  # (a copy an older version wrote wider)
     return secret
+
+
+def project_secret(secret: str, project: str) -> str:
+    """The secret that signs `project`'s webhooks: HMAC-SHA256 of the project's name keyed
+    with the shared secret (one key to keep, rotated with it; a project's secret tells
+    nothing of another's). Objects in no project (a server without keys) keep the shared one."""
+    if project == ALL:
+        return secret
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    derived = hmac.new(key, PROJECT_LABEL + project.encode(), hashlib.sha256).digest()
+    return SECRET_PREFIX + base64.b64encode(derived).decode()
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
@@ -111,10 +127,12 @@ class WebhookSender:
         timeout_s: float,
         allowed_hosts: tuple[str, ...],
         attempts_metric: Counter | None = None,
+        per_project: bool = False,
     ):
         self.store = store
         self.attempts_metric = attempts_metric
         self.secret = secret
+        self.per_project = per_project
         self.retry_delays_s = retry_delays_s
         self.timeout_s = timeout_s
         self.hold_s = timeout_s + HOLD_MARGIN_S  # an attempt's longest time in flight
@@ -196,7 +214,9 @@ class WebhookSender:
         attempts = row["attempts"] + 1
         status_code, error, retry_after = None, None, None
         try:
-            status_code, retry_after = await self._post(row["url"], row["id"], row["payload"])
+            project = (row["project"] or ALL) if self.per_project else ALL  # (None: job gone)
+            secret = project_secret(self.secret, project)
+            status_code, retry_after = await self._post(secret, row)
         except AddressRefused as refused:
             error = str(refused)
         except asyncio.TimeoutError:
@@ -252,23 +272,29 @@ class WebhookSender:
                 back = self.store.unreachable_since is None
                 await asyncio.sleep(POLL_S if back else min(failures, 5))
 
-    async def _post(self, url: str, msg_id: str, body: str) -> tuple[int, float | None]:
+    async def _post(self, secret: str, row: dict[str, Any]) -> tuple[int, float | None]:
         """One attempt: the receiver's status and Retry-After. The whole attempt has
         --webhook-timeout (httpx's timeout bounds each read, which a receiver that trickles a
         byte at a time resets, holding a slot for hours); the receiver's body is never read
         (one that answers with an endless body filled the memory)."""
-        return await asyncio.wait_for(self._send(url, msg_id, body), self.timeout_s)
+        return await asyncio.wait_for(self._send(secret, row), self.timeout_s)
 
-    async def _send(self, url: str, msg_id: str, body: str) -> tuple[int, float | None]:
+    async def _send(self, secret: str, row: dict[str, Any]) -> tuple[int, float | None]:
+        msg_id, body = row["id"], row["payload"]
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.secret, msg_id, timestamp, body),
+            "webhook-signature": sign(secret, msg_id, timestamp, body),
         }
         request = await checked_request(
-            self.client, "POST", httpx.URL(url), self.allowed_hosts, headers=headers, content=body
+            self.client,
+            "POST",
+            httpx.URL(row["url"]),
+            self.allowed_hosts,
+            headers=headers,
+            content=body,
         )
         response = await self.client.send(request, stream=True)
         try:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from server.cli import main
 from server.jobs.sqlite import SqliteJobStore as JobStore
 from server.jobs.webhooks import retry_after_s
 from tests.helpers import data_uri, make_image, make_settings, start_client
@@ -85,6 +86,43 @@ async def test_retried_until_delivered_with_the_same_signed_id(
         Webhook("whsec_" + base64.b64encode(b"x" * 32).decode()).verify(
             *reversed(receiver.received[0])
         )
+
+
+async def test_each_projects_webhooks_are_signed_with_its_own_secret(
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver, capsys
+) -> None:
+    """--webhook-secret-per-project: team-b's job pointed at team-a's receiver is signed with
+    team-b's secret, which team-a's receiver (holding what `vlm-server webhook-secret
+    --project team-a` printed) refuses; team-a's own job verifies there."""
+    receiver = webhook_receiver([200, 200])
+    config = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        webhook_secret=SECRET,
+        api_keys=["sk-a team-a", "sk-b team-b"],
+        webhook_secret_per_project=True,
+    )
+    body = {"model": "tiny", "media_url": data_uri(make_image()), "webhook_url": receiver.url}
+    async for client in start_client(config):
+        for key in ("sk-a", "sk-b"):
+            headers = {"Authorization": f"Bearer {key}"}
+            response = await client.post("/v2/media/categories", json=body, headers=headers)
+            assert response.status_code == 202, response.text
+            await wait_for(lambda n=len(receiver.received): len(receiver.received) > n)
+    data_dir = str(tmp_path / "data")
+    printed = {}
+    for project in ("team-a", "team-b", None):
+        capsys.readouterr()
+        args = ["webhook-secret", "--data-dir", data_dir]
+        assert main([*args, "--project", project] if project else args) == 0
+        printed[project] = capsys.readouterr().out.strip()
+    assert printed[None] == SECRET and len(set(printed.values())) == 3
+    (a_headers, a_raw), (b_headers, b_raw) = receiver.received
+    assert Webhook(printed["team-a"]).verify(a_raw, a_headers)["type"] == "media.completed"
+    assert Webhook(printed["team-b"]).verify(b_raw, b_headers)["type"] == "media.completed"
+    for secret in (printed["team-a"], SECRET):  # team-a's receiver, or one on the shared key
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(b_raw, b_headers)
 
 
 async def test_410_stops_retrying(tiny_model_dir: Path, tmp_path: Path, webhook_receiver) -> None:

@@ -156,7 +156,7 @@ def test_a_finished_job_drops_its_request_but_keeps_its_idempotency(store: JobSt
 
 @pytest.mark.parametrize("end", ["complete", "fail", "cancel"])
 def test_the_webhook_row_is_written_with_the_end(store: JobStore, end: str) -> None:
-    job = store.create("categories", {"webhook_url": "http://h/"}, None)
+    job = store.create("categories", {"webhook_url": "http://h/"}, None, project="team")
     claimed = store.claim(lease_s=60)
     assert claimed is not None and store.due_deliveries() == []
     if end == "complete":
@@ -168,7 +168,7 @@ def test_the_webhook_row_is_written_with_the_end(store: JobStore, end: str) -> N
         assert cancelled is not None and cancelled.status == "cancelled"
         assert not store.complete(claimed, {"late": True})  # the running attempt is fenced off
     (delivery,) = store.due_deliveries()
-    assert delivery["job_id"] == job.id
+    assert delivery["job_id"] == job.id and delivery["project"] == "team"  # (its secret's)
     event = {"complete": "completed", "fail": "failed", "cancel": "cancelled"}[end]
     assert json.loads(delivery["payload"])["type"] == f"media.{event}"
     assert store.cancel(job.id).status == event  # type: ignore[union-attr]  # ended: unchanged

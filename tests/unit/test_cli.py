@@ -324,13 +324,17 @@ def test_authentication_off_by_a_slip_is_refused_or_warned_of(
 def test_settings_that_do_nothing_without_keys_are_warned_of() -> None:
     from server.cli import idle_flag_warnings
 
-    lone = Settings(metrics_require_api_key=True, scheduling_policy="fair")
-    assert [w.split()[0] for w in idle_flag_warnings(lone)] == [
+    idle = {
+        "metrics_require_api_key": True,
+        "scheduling_policy": "fair",
+        "webhook_secret_per_project": True,
+    }
+    assert [w.split()[0] for w in idle_flag_warnings(Settings(**idle))] == [
         "--metrics-require-api-key",
+        "--webhook-secret-per-project",
         "--scheduling-policy",
     ]
-    keyed = Settings(metrics_require_api_key=True, scheduling_policy="fair", api_keys=["k"])
-    assert idle_flag_warnings(keyed) == []
+    assert idle_flag_warnings(Settings(**idle, api_keys=["k"])) == []
 
 
 def test_the_start_up_log_tells_the_projects_apart() -> None:
@@ -388,3 +392,41 @@ def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path) -> None:
     assert main(["redeliver-webhooks", "--job-store", "mysql://x"]) == 2
     missing = "postgresql://postgres@127.0.0.1:5432/no_such_database_here"
     assert main(["redeliver-webhooks", "--job-store", missing]) == 2
+
+
+def test_webhook_secret_prints_the_shared_or_a_projects_secret(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The secret a receiver checks with, from serve's job store: the shared one, or a
+    project's (--project, or --api-key KEY: the project the key file names for it, else the
+    key's own); one line and exit 2 for a store without one yet or a bad project name."""
+    from server.jobs.project import of_key
+    from server.jobs.store import open_job_store
+    from server.jobs.webhooks import load_or_create_secret, project_secret
+
+    monkeypatch.delenv("VLM_API_KEYS", raising=False)
+    monkeypatch.delenv("VLM_API_KEY_FILE", raising=False)
+    args = ["webhook-secret", "--data-dir", str(tmp_path)]
+    store = open_job_store(None, tmp_path)
+    store.close()
+    assert main(args) == 2  # (no secret yet: serve makes it at its first start)
+    store = open_job_store(None, tmp_path)
+    shared = load_or_create_secret(None, store, tmp_path)
+    store.close()
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# keys\nsk-named team-a\nsk-alone\n")
+
+    def printed(*more: str) -> str:
+        capsys.readouterr()
+        assert main([*args, *more]) == 0
+        return capsys.readouterr().out.strip()
+
+    assert printed() == shared == (tmp_path / "webhook_secret").read_text()
+    team_a = printed("--project", "team-a")
+    assert team_a == project_secret(shared, "team-a") != shared
+    assert printed("--api-key", "sk-named", "--api-key-file", str(keys)) == team_a
+    monkeypatch.setenv("VLM_API_KEY_FILE", str(keys))  # (serve's env var names it too)
+    assert printed("--api-key", "sk-named") == team_a
+    assert printed("--api-key", "sk-alone") == project_secret(shared, of_key("sk-alone"))
+    assert main([*args, "--project", "no spaces"]) == 2
+    assert main([*args, "--api-key", "k", "--api-key-file", str(tmp_path / "none")]) == 2
