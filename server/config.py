@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     )
     api_key_file: Path | None = None
     metrics_require_api_key: bool = False
+    metrics_project: str | None = None  # only its keys read /metrics (implies the above)
     # Browser origins allowed to call the API (CORS); none by default, unlike vLLM's "*", so
     # a web page the user visits cannot drive a server on their machine or network.
     allowed_origins: StrList = []
@@ -291,7 +292,16 @@ class Settings(BaseSettings):
                     f"{name!r}): give it once"
                 )
         self._api_keys = keys
+        if self.metrics_project and self.metrics_project not in keys.values():
+            raise ValueError(
+                f"--metrics-project {self.metrics_project!r}: no API key is in that project "
+                "(give one as `KEY PROJECT` in --api-key or --api-key-file)"
+            )
         return self
+
+    def metrics_open(self) -> bool:
+        """Whether /metrics answers without an API key."""
+        return not (self.metrics_require_api_key or self.metrics_project)
 
     def served_model_names(self) -> list[str]:
         """The names clients may send as `model`; the model path/id when none are given."""

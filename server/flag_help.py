@@ -73,6 +73,8 @@ HELP = {
     "api_key_file": "File of API keys, one per line (`KEY` or `KEY PROJECT`; # comments), "
     "added to --api-key.",
     "metrics_require_api_key": "Make /metrics need an API key too (open by default).",
+    "metrics_project": "Only the API keys of this project (named in the key file: `KEY "
+    "PROJECT`) may read /metrics, which counts every project's tokens; others get 403.",
     "allowed_origins": "Web origins a browser may call the API from (CORS; repeatable or "
     "comma-separated, * for any): for a web app on another origin. Off by default, so a page "
     "you visit cannot drive a server on your machine.",

@@ -199,9 +199,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     if settings.playground:
         playground.mount(app)
     # Added last = outermost: ids, metrics (which see every refusal too), drain, keys, body cap.
-    open_paths = frozenset(
-        {"/health"} if settings.metrics_require_api_key else {"/health", "/metrics"}
-    )
+    open_paths = frozenset({"/health", "/metrics"} if settings.metrics_open() else {"/health"})
     app.add_middleware(HeadMiddleware)  # (innermost: the others see the HEAD it was)
     app.add_middleware(JsonBodyMiddleware, allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
@@ -221,6 +219,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(PathMiddleware)
     app.state.metrics = metrics
+    app.state.metrics_project = settings.metrics_project
     app.state.draining = False
     return app
 

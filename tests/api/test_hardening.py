@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from tests.helpers import data_uri, make_image, make_settings, start_client
 from tests.media.test_image import png_header_only
@@ -60,6 +61,23 @@ async def test_metrics_can_require_the_key(tiny_model_dir: Path) -> None:
         assert (
             await client.get("/metrics", headers={"Authorization": "Bearer k"})
         ).status_code == 200
+
+
+async def test_metrics_can_be_one_projects_alone(tiny_model_dir: Path) -> None:
+    """--metrics-project: /metrics counts every project's tokens, so only the operator's
+    project reads it (Prometheus's key); a tenant's key is a 403, no key a 401."""
+    keys = ["sk-tenant", "sk-prometheus ops"]
+    settings = make_settings(tiny_model_dir, api_keys=keys, metrics_project="ops")
+    async for client in start_client(settings):
+        assert (await client.get("/metrics")).status_code == 401
+        tenant = await client.get("/metrics", headers={"Authorization": "Bearer sk-tenant"})
+        assert tenant.status_code == 403
+        error = tenant.json()["error"]
+        assert error["type"] == "permission_error" and "ops" in error["message"]
+        ops = await client.get("/metrics", headers={"Authorization": "Bearer sk-prometheus"})
+        assert ops.status_code == 200 and "vlm_" in ops.text
+    with pytest.raises(ValidationError, match="no API key is in that project"):
+        make_settings(tiny_model_dir, api_keys=["sk-tenant"], metrics_project="ops")
 
 
 async def test_oversized_bodies_get_413(tiny_model_dir: Path) -> None:

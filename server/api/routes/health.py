@@ -7,8 +7,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import __version__
+from server.api.errors import error_response
 from server.api.protocol import ErrorResponse, ModelCard, ModelList
 from server.api.services import Services, get_services
+from server.jobs.project import current_project
 
 router = APIRouter()
 
@@ -105,6 +107,11 @@ def model_card(services: Services, name: str) -> ModelCard:
 
 @router.get("/metrics", tags=["server"], response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics (open unless --metrics-require-api-key)."""
+    """Prometheus metrics (open unless --metrics-require-api-key or --metrics-project: then
+    any key's, or only that project's keys: the metrics count every project's tokens)."""
+    reader = request.app.state.metrics_project
+    if reader is not None and current_project() != reader:
+        message = f"/metrics is for the API keys of project {reader!r} (--metrics-project)."
+        return error_response(request, 403, message, "permission_error", code="permission_denied")
     body = await asyncio.to_thread(request.app.state.metrics.render)  # it counts the job store
     return Response(body, media_type=CONTENT_TYPE_LATEST)
