@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     # What omitted sampling fields take on the OpenAI routes: OpenAI's defaults, or the
     # checkpoint's generation_config (vLLM's default, its --generation-config auto).
     generation_config: Literal["openai", "auto"] = "openai"
-    max_queued_requests: int = Field(default=256, ge=0)
+    max_queued_requests: int = Field(default=256, ge=1)
     queue_timeout: float = Field(default=60.0, gt=0)
     max_grammar_ms_per_token: float = Field(default=20.0, ge=0)
     # vLLM's: fcfs, or priority (a request's `priority`: lower first, and it may preempt);

@@ -134,7 +134,8 @@ HELP = {
     "hosted API) or `auto` (the checkpoint's generation_config.json values, as vLLM does by "
     "default; Qwen's instruct checkpoints ask for near-greedy decoding; the values taken are "
     "logged at start). /v2/media keeps its own defaults.",
-    "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After.",
+    "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After "
+    "(under --scheduling-policy fair, only for projects holding their share of it).",
     "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
     "max_grammar_ms_per_token": "CPU a request's structured-output constraint may take per "
     "token (masking and advancing its grammar, on the engine's thread, which every request "
@@ -147,7 +148,9 @@ HELP = {
     "between API keys' projects: the next admitted is the first request of the project with "
     "the fewest running, so one key's hundreds of queued requests do not hold another's back; "
     "one finding the batch full takes the place of the newest of a project running at least "
-    "two more than its own; first come, first served within a project).",
+    "two more than its own; a project holding less than its share of a full queue, "
+    "--max-queued-requests over the projects queued, is still let in; first come, first "
+    "served within a project).",
     "job_priority": "The `priority` of async jobs that name none, under --scheduling-policy "
     "priority (requests default to 0: by default interactive requests go before jobs, and may "
     "preempt them).",

@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,9 @@ class AsyncEngine:
         # New sequences (those added together in one list) and None, a wake-up.
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self._sequences: dict[str, Sequence] = {}
-        self._num_queued = 0  # accepted but not yet running; guarded by _lock
+        # Accepted but not yet running, in all and by project; guarded by _lock.
+        self._num_queued = 0
+        self._queued_by_project: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._outbox: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
         # The last step's results on their way to the host.
@@ -222,9 +225,22 @@ class AsyncEngine:
         }
 
     # -- requests (event loop) -------------------------------------------------------------
-    def check_capacity(self) -> None:
-        if self._num_queued >= self.scheduler.config.max_queued_requests:
-            raise _overloaded()
+    def check_capacity(self, count: int = 1) -> None:
+        """Room in the queue for `count` more of this request's project's sequences, or
+        EngineOverloaded. A batch larger than the whole queue (60 frames, a small limit)
+        enters an empty queue: refusing it would refuse that video forever. Under "fair" a
+        project holding less than its share of the queue (the limit over the projects with
+        sequences queued, its own included) is let in past the limit: one project's burst
+        cannot turn every other project away (the queue then holds at most twice the limit)."""
+        limit = self.scheduler.config.max_queued_requests
+        if not self._num_queued or self._num_queued + count <= limit:
+            return
+        if self.scheduler.config.policy == "fair":
+            project = current_project()
+            projects = {p for p, n in self._queued_by_project.items() if n} | {project}
+            if (self._queued_by_project[project] + count) * len(projects) <= limit:
+                return
+        raise _overloaded()
 
     def add_request(
         self, request_id: str, inputs: ModelInputs, sampling: SamplingParams, num_choices: int = 1
@@ -232,17 +248,24 @@ class AsyncEngine:
         """num_choices: n, the request's choices (this its first; add_requests adds the rest)."""
         seq = self._new_sequence(request_id, inputs, sampling)
         seq.num_choices = num_choices  # (before the engine thread can see it end)
-        with self._lock:
-            self.check_capacity()
-            self._num_queued += 1
         self._queue([seq])
         return seq
 
     def _queue(self, seqs: list[Sequence]) -> None:
-        """Hand sequences counted in _num_queued to the engine thread, together."""
+        """Count sequences as queued if there is room (else EngineOverloaded) and hand them
+        to the engine thread, together."""
+        with self._lock:
+            self.check_capacity(len(seqs))
+            self._count_queued(seqs, 1)
         for seq in seqs:
             self._sequences[seq.request_id] = seq
         self._inbox.put(seqs)
+
+    def _count_queued(self, seqs: list[Sequence], sign: int) -> None:
+        """Sequences entering (1) or leaving (-1) the queue; under _lock."""
+        self._num_queued += sign * len(seqs)
+        for seq in seqs:
+            self._queued_by_project[seq.project] += sign
 
     def _new_sequence(
         self, request_id: str, inputs: ModelInputs, sampling: SamplingParams
@@ -310,13 +333,6 @@ class AsyncEngine:
             for index, seq in enumerate(seqs, start=1):
                 seq.choice_index, seq.num_choices = index, choices_of.num_choices
                 seq.group_id = choices_of.request_id
-        limit = self.scheduler.config.max_queued_requests
-        with self._lock:
-            # A batch larger than the whole queue (60 frames, a small limit) enters an empty
-            # queue: refusing it would refuse that video forever.
-            if self._num_queued and self._num_queued + len(seqs) > limit:
-                raise _overloaded()
-            self._num_queued += len(seqs)
         self._queue(seqs)
         return seqs
 
@@ -453,7 +469,7 @@ class AsyncEngine:
     def _started(self, batch: ScheduledBatch) -> None:
         """The step's newly admitted sequences are no longer queued; the metrics count it."""
         with self._lock:
-            self._num_queued -= len(batch.admitted)
+            self._count_queued(batch.admitted, -1)
         if not batch.is_empty:
             _notify(self.on_step, batch.num_tokens)
 
@@ -513,7 +529,7 @@ class AsyncEngine:
         self.runner.release(seq)
         if was_queued:
             with self._lock:
-                self._num_queued -= 1
+                self._count_queued([seq], -1)
         text = seq.finish(reason, stop_reason)
         _notify(self.on_finish, seq)
         self._sequences.pop(seq.request_id, None)

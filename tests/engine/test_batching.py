@@ -16,6 +16,7 @@ from server.engine.loader import LoadedModel
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import EngineOverloaded
+from server.jobs.project import project_var
 from server.pipelines.choices import add_choices, merged
 from tests.helpers import make_image
 
@@ -159,6 +160,45 @@ async def test_full_queue_is_refused_with_retry_after(loaded, prompts) -> None:
     with pytest.raises(EngineOverloaded) as info:
         engine.add_request("d", prompts[1], sampling)
     assert info.value.status_code == 503 and info.value.retry_after_s >= 1
+    await engine.stop()
+
+
+@pytest.mark.parametrize("policy", ["fair", "fcfs"])
+async def test_under_fair_a_full_queue_still_takes_a_project_below_its_share(
+    loaded, prompts, policy: str
+) -> None:
+    """Project A's burst fills the queue (2 places); under fair project B, which holds none
+    of it, still gets its share (2 places / 2 projects: 1) and no more, and A no more at
+    all; under fcfs B is refused as A is."""
+    engine = make_engine(loaded, max_num_seqs=1, max_queued_requests=2, scheduling_policy=policy)
+    engine.start()
+    sampling = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+
+    def add(project: str, request_id: str) -> None:
+        reset = project_var.set(project)
+        try:
+            engine.check_capacity()  # (the pipelines' early check says the same)
+            engine.add_request(request_id, prompts[1], sampling)
+        finally:
+            project_var.reset(reset)
+
+    add("a", "a0")
+    while engine.num_queued:  # a0 runs: the queue is empty again
+        await asyncio.sleep(0.001)
+    add("a", "a1")
+    add("a", "a2")
+    with pytest.raises(EngineOverloaded):
+        add("a", "a3")
+    if policy == "fcfs":
+        with pytest.raises(EngineOverloaded):
+            add("b", "b0")
+    else:
+        add("b", "b0")
+        with pytest.raises(EngineOverloaded):
+            add("b", "b1")
+        with pytest.raises(EngineOverloaded):
+            add("a", "a3")
+        assert engine.num_queued == 3
     await engine.stop()
 
 
