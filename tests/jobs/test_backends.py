@@ -4,6 +4,7 @@ database that goes away is JobStoreUnavailable until it is back (then the same s
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -170,6 +171,34 @@ def test_a_database_that_goes_away_is_unavailable_then_back() -> None:
                     assert time.monotonic() < deadline, "the store did not reconnect"
                     time.sleep(0.2)
             assert store.unreachable_since is None
+        finally:
+            store.close()
+            proxy.close()
+
+
+def test_the_store_answers_within_seconds_of_a_long_outages_end() -> None:
+    """psycopg_pool's reconnect delays double (1, 3, 7, 15 s after the cut...): a 10 s outage
+    was answered 5 s after it ended, a 45 s one 20 s after. The store's pool tries again
+    every second at most."""
+    with fresh_database() as url:
+        proxy = TcpProxy()
+        store = PostgresJobStore(proxy.url(url))
+        try:
+            job = store.create("categories", {}, None)
+            proxy.cut()
+            cut_until = time.monotonic() + 10
+            while time.monotonic() < cut_until:  # (requests keep coming meanwhile)
+                with contextlib.suppress(JobStoreUnavailable):
+                    store.get(job.id)
+                time.sleep(0.2)
+            proxy.restore()
+            restored = time.monotonic()
+            while True:
+                with contextlib.suppress(JobStoreUnavailable):
+                    if store.get(job.id) is not None:
+                        break
+                assert time.monotonic() - restored < 3, "the pool did not reconnect in 3 s"
+                time.sleep(0.1)
         finally:
             store.close()
             proxy.close()
