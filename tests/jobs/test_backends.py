@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -147,61 +148,62 @@ def test_one_replica_at_a_time_prunes() -> None:
         second.close()
 
 
-def test_a_database_that_goes_away_is_unavailable_then_back() -> None:
+@contextlib.contextmanager
+def store_behind_a_proxy() -> Iterator[tuple[PostgresJobStore, TcpProxy]]:
+    """A store on a fresh database through a proxy the test can cut."""
     with fresh_database() as url:
         proxy = TcpProxy()
         store = PostgresJobStore(proxy.url(url))
         try:
-            job = store.create("categories", {}, None)
-            proxy.cut()
-            started = time.monotonic()
-            with pytest.raises(JobStoreUnavailable):
-                store.get(job.id)
-            with pytest.raises(JobStoreUnavailable):
-                store.create("categories", {}, None)
-            assert time.monotonic() - started < 30  # a prompt 503, not a hang
-            assert store.unreachable_since is not None  # (/health and the metrics say so)
-            proxy.restore()
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    assert store.get(job.id) is not None
-                    break
-                except JobStoreUnavailable:
-                    assert time.monotonic() < deadline, "the store did not reconnect"
-                    time.sleep(0.2)
-            assert store.unreachable_since is None
+            yield store, proxy
         finally:
             store.close()
             proxy.close()
+
+
+def test_a_database_that_goes_away_is_unavailable_then_back() -> None:
+    with store_behind_a_proxy() as (store, proxy):
+        job = store.create("categories", {}, None)
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(JobStoreUnavailable):
+            store.get(job.id)
+        with pytest.raises(JobStoreUnavailable):
+            store.create("categories", {}, None)
+        assert time.monotonic() - started < 30  # a prompt 503, not a hang
+        assert store.unreachable_since is not None  # (/health and the metrics say so)
+        proxy.restore()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert store.get(job.id) is not None
+                break
+            except JobStoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not reconnect"
+                time.sleep(0.2)
+        assert store.unreachable_since is None
 
 
 def test_the_store_answers_within_seconds_of_a_long_outages_end() -> None:
     """psycopg_pool's reconnect delays double (1, 3, 7, 15 s after the cut...): a 10 s outage
     was answered 5 s after it ended, a 45 s one 20 s after. The store's pool tries again
     every second at most."""
-    with fresh_database() as url:
-        proxy = TcpProxy()
-        store = PostgresJobStore(proxy.url(url))
-        try:
-            job = store.create("categories", {}, None)
-            proxy.cut()
-            cut_until = time.monotonic() + 10
-            while time.monotonic() < cut_until:  # (requests keep coming meanwhile)
-                with contextlib.suppress(JobStoreUnavailable):
-                    store.get(job.id)
-                time.sleep(0.2)
-            proxy.restore()
-            restored = time.monotonic()
-            while True:
-                with contextlib.suppress(JobStoreUnavailable):
-                    if store.get(job.id) is not None:
-                        break
-                assert time.monotonic() - restored < 3, "the pool did not reconnect in 3 s"
-                time.sleep(0.1)
-        finally:
-            store.close()
-            proxy.close()
+    with store_behind_a_proxy() as (store, proxy):
+        job = store.create("categories", {}, None)
+        proxy.cut()
+        cut_until = time.monotonic() + 10
+        while time.monotonic() < cut_until:  # (requests keep coming meanwhile)
+            with contextlib.suppress(JobStoreUnavailable):
+                store.get(job.id)
+            time.sleep(0.2)
+        proxy.restore()
+        restored = time.monotonic()
+        while True:
+            with contextlib.suppress(JobStoreUnavailable):
+                if store.get(job.id) is not None:
+                    break
+            assert time.monotonic() - restored < 3, "the pool did not reconnect in 3 s"
+            time.sleep(0.1)
 
 
 def test_a_busy_database_is_not_an_unreachable_one() -> None:
