@@ -37,6 +37,7 @@ from server.api.errors import (
 from server.api.protocol import (
     MAX_CACHE_SALT,
     PartModel,
+    Priority,
     StopString,
     StrictModel,
     Text,
@@ -296,6 +297,7 @@ class MessagesRequest(StrictModel):
     # extension (vLLM's): the prefix cache (and vision cache, grammars) shared only under the
     # same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
+    priority: Priority | None = None  # extension (vLLM's): --scheduling-policy priority
     # Refused when set (MESSAGES_UNSUPPORTED_WHEN).
     container: Any | None = None
     mcp_servers: list[Any] | None = None
@@ -370,6 +372,7 @@ class MessagesRequest(StrictModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "cache_salt": self.cache_salt,
+            "priority": self.priority,
         }
         # Disabled, or not asked for (Anthropic's default), answers at once: the reasoning
         # closed in the prompt, as chat's enable_thinking false closes it.

@@ -782,6 +782,21 @@ async def test_a_block_whose_type_is_not_a_string_is_a_400(client: httpx.AsyncCl
             assert_anthropic_error(response, 400, "invalid_request_error")
 
 
+async def test_priority_is_taken_as_chats(tiny_model_dir: Path) -> None:
+    """vLLM's `priority` extension (it was an unrecognized argument here): run at it under
+    --scheduling-policy priority; under fcfs a non-zero one is a 400, as chat's."""
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    for policy in ("priority", "fcfs"):
+        settings = make_settings(tiny_model_dir, scheduling_policy=policy)
+        async for client in start_client(settings):
+            response = await client.post("/v1/messages", json={**body, "priority": -3})
+            if policy == "priority":
+                assert response.status_code == 200, response.text
+            else:
+                assert_anthropic_error(response, 400, "invalid_request_error")
+                assert "priority" in response.json()["error"]["message"]
+
+
 def test_a_failure_mid_stream_stops_the_open_block_then_sends_the_error() -> None:
     seq = Sequence(
         "r", ModelInputs({"input_ids": torch.tensor([[1, 2, 3]])}, 3, 0), SamplingParams(), 8
