@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_origin
 from pydantic import ValidationError
 
 from server import __version__
-from server.config import PROJECT_NAME, Settings, key_and_project, key_lines
+from server.config import PROJECT_NAME, Settings
 from server.engine.tiny import FAMILIES, TinySpec
 from server.exceptions import StartupError
 from server.flag_help import ENV_PREFIX, env_names, field_for_flag, flag_name, help_text
@@ -166,10 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     whose.add_argument(
         "--api-key",
         metavar="KEY",
-        help="The project of this key: the one --api-key-file names for it, else its own.",
+        help="The project of this key, as serve's keys name it (--api-key-file, or "
+        "VLM_API_KEY_FILE / VLM_API_KEYS); a key they do not hold is refused.",
     )
     secret.add_argument(
-        "--api-key-file", type=Path, default=None, help="As serve's (or VLM_API_KEY_FILE)."
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="As serve's (or VLM_API_KEY_FILE): --project and --api-key are checked against it.",
     )
     return parser
 
@@ -443,30 +447,45 @@ def _redeliver(args: argparse.Namespace, store: JobStore) -> int:
 
 
 def _webhook_secret(args: argparse.Namespace, store: JobStore) -> int:
-    from server.jobs.project import ALL
     from server.jobs.webhooks import project_secret
 
     secret = store.stored_value("webhook_secret")
     if secret is None:
         raise ConfigError("no webhook secret in the job store yet: start serve with it once")
-    project = args.project or ALL
-    if args.api_key:
-        project = _keys_projects(args.api_key_file).get(args.api_key) or of_key(args.api_key)
-    elif args.project and not PROJECT_NAME.fullmatch(args.project):
-        raise ConfigError(f"--project {args.project!r}: not a project name")
-    sys.stdout.write(project_secret(secret, project) + "\n")
+    sys.stdout.write(project_secret(secret, _project_asked(args)) + "\n")
     return 0
 
 
-def _keys_projects(path: Path | None) -> dict[str, str]:
-    """The projects serve's API keys name (--api-key-file, VLM_API_KEY_FILE, VLM_API_KEYS)."""
-    entries = [e for e in (os.environ.get(f"{ENV_PREFIX}API_KEYS") or "").split(",") if e]
-    path = path or Path(os.environ.get(f"{ENV_PREFIX}API_KEY_FILE") or "") or None
+def _project_asked(args: argparse.Namespace) -> str:
+    """The project --project or --api-key names, checked against serve's keys where they can
+    be read (a typo would give a tenant a secret that never verifies)."""
+    from server.jobs.project import ALL
+
+    keys = _serve_keys(args)
+    if args.api_key:
+        if keys and args.api_key not in keys:
+            raise ConfigError("--api-key: not one of serve's API keys")
+        if not keys:
+            logger.warning("serve's API keys not found (--api-key-file): the key's own project")
+        return keys.get(args.api_key) or of_key(args.api_key)
+    if args.project is None:
+        return ALL
+    if keys and args.project not in keys.values():
+        known = ", ".join(sorted(set(keys.values())))
+        raise ConfigError(f"--project {args.project!r}: no API key is in it (projects: {known})")
+    if not PROJECT_NAME.fullmatch(args.project):
+        raise ConfigError(f"--project {args.project!r}: not a project name")
+    return args.project
+
+
+def _serve_keys(args: argparse.Namespace) -> dict[str, str]:
+    """serve's API keys and their projects, read as serve reads them (--api-key-file given
+    here, else VLM_API_KEY_FILE, VLM_API_KEYS, VLM_API_KEY)."""
+    given = {"api_key_file": args.api_key_file} if args.api_key_file else {}
     try:
-        entries += key_lines(path) if path else []
-        return dict(key_and_project(entry) for entry in entries)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--api-key-file {path}: {exc}") from None
+        return Settings(**given).all_api_keys()
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_explain(e, given) for e in exc.errors())) from None
 
 
 def main(argv: list[str] | None = None) -> int:

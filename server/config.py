@@ -229,7 +229,7 @@ class Settings(BaseSettings):
             return value
         if not value.is_file():
             raise ValueError("no such file")
-        lines = key_lines(value)
+        lines = _key_lines(value)
         if not lines:  # (an empty secret mount, say)
             raise ValueError("holds no API key: the server would run without authentication")
         for number, line in enumerate(lines, start=1):
@@ -283,7 +283,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_api_keys(self) -> Settings:
-        entries = [*self.api_keys, *(key_lines(self.api_key_file) if self.api_key_file else [])]
+        entries = [*self.api_keys, *(_key_lines(self.api_key_file) if self.api_key_file else [])]
         keys: dict[str, str] = {}
         for key, name in map(key_and_project, entries):
             if keys.setdefault(key, name) != name:
@@ -405,7 +405,7 @@ def key_and_project(entry: str) -> tuple[str, str]:
     )
 
 
-def key_lines(path: Path) -> list[str]:
+def _key_lines(path: Path) -> list[str]:
     """The lines of an API key file, without blanks and # comments."""
     lines = (line.strip() for line in path.read_text().splitlines())
     return [line for line in lines if line and not line.startswith("#")]

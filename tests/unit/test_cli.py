@@ -404,8 +404,8 @@ def test_webhook_secret_prints_the_shared_or_a_projects_secret(
     from server.jobs.store import open_job_store
     from server.jobs.webhooks import load_or_create_secret, project_secret
 
-    monkeypatch.delenv("VLM_API_KEYS", raising=False)
-    monkeypatch.delenv("VLM_API_KEY_FILE", raising=False)
+    for name in ("VLM_API_KEYS", "VLM_API_KEY", "VLM_API_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
     args = ["webhook-secret", "--data-dir", str(tmp_path)]
     store = open_job_store(None, tmp_path)
     store.close()
@@ -422,11 +422,20 @@ def test_webhook_secret_prints_the_shared_or_a_projects_secret(
         return capsys.readouterr().out.strip()
 
     assert printed() == shared == (tmp_path / "webhook_secret").read_text()
-    team_a = printed("--project", "team-a")
+    team_a = printed("--project", "team-a")  # (no keys to check it against: taken)
     assert team_a == project_secret(shared, "team-a") != shared
-    assert printed("--api-key", "sk-named", "--api-key-file", str(keys)) == team_a
-    monkeypatch.setenv("VLM_API_KEY_FILE", str(keys))  # (serve's env var names it too)
-    assert printed("--api-key", "sk-named") == team_a
     assert printed("--api-key", "sk-alone") == project_secret(shared, of_key("sk-alone"))
     assert main([*args, "--project", "no spaces"]) == 2
+    assert printed("--api-key", "sk-named", "--api-key-file", str(keys)) == team_a
     assert main([*args, "--api-key", "k", "--api-key-file", str(tmp_path / "none")]) == 2
+    # serve's keys as serve reads them, from its env vars too; a typo is refused, not a
+    # secret that never verifies
+    monkeypatch.setenv("VLM_API_KEY_FILE", str(keys))
+    assert printed("--api-key", "sk-named") == team_a
+    assert printed("--api-key", "sk-alone") == project_secret(shared, of_key("sk-alone"))
+    assert main([*args, "--api-key", "sk-unknown"]) == 2
+    assert main([*args, "--project", "team-b"]) == 2
+    monkeypatch.delenv("VLM_API_KEY_FILE")
+    monkeypatch.setenv("VLM_API_KEYS", "sk-x team-x")
+    assert printed("--api-key", "sk-x") == printed("--project", "team-x")
+    assert main([*args, "--project", "team-a"]) == 2

@@ -111,7 +111,7 @@ async def metrics(request: Request) -> Response:
     any key's, or only that project's keys: the metrics count every project's tokens)."""
     reader = request.app.state.metrics_project
     if reader is not None and current_project() != reader:
-        message = f"/metrics is for the API keys of project {reader!r} (--metrics-project)."
+        message = "/metrics is for the operator's API keys only (--metrics-project)."
         return error_response(request, 403, message, "permission_error", code="permission_denied")
     body = await asyncio.to_thread(request.app.state.metrics.render)  # it counts the job store
     return Response(body, media_type=CONTENT_TYPE_LATEST)
