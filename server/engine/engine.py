@@ -225,13 +225,20 @@ class AsyncEngine:
         }
 
     # -- requests (event loop) -------------------------------------------------------------
-    def check_capacity(self, count: int = 1) -> None:
+    def check_capacity(self) -> None:
+        """Room in the queue for this request (its project's), or EngineOverloaded: the
+        pipelines ask before their costly work (media, grammars)."""
+        with self._lock:
+            self._check_room(1)
+
+    def _check_room(self, count: int) -> None:
         """Room in the queue for `count` more of this request's project's sequences, or
-        EngineOverloaded. A batch larger than the whole queue (60 frames, a small limit)
-        enters an empty queue: refusing it would refuse that video forever. Under "fair" a
-        project holding less than its share of the queue (the limit over the projects with
-        sequences queued, its own included) is let in past the limit: one project's burst
-        cannot turn every other project away (the queue then holds at most twice the limit)."""
+        EngineOverloaded; under _lock. A batch larger than the whole queue (60 frames, a
+        small limit) enters an empty queue: refusing it would refuse that video forever.
+        Under "fair" a project holding less than its share of the queue (the limit over the
+        projects with sequences queued, its own included) is let in past the limit: one
+        project's burst cannot turn every other project away (the queue then holds at most
+        twice the limit)."""
         limit = self.scheduler.config.max_queued_requests
         if not self._num_queued or self._num_queued + count <= limit:
             return
@@ -255,7 +262,7 @@ class AsyncEngine:
         """Count sequences as queued if there is room (else EngineOverloaded) and hand them
         to the engine thread, together."""
         with self._lock:
-            self.check_capacity(len(seqs))
+            self._check_room(len(seqs))
             self._count_queued(seqs, 1)
         for seq in seqs:
             self._sequences[seq.request_id] = seq
