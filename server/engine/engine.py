@@ -229,10 +229,10 @@ class AsyncEngine:
         """Room in the queue for this request (its project's), or EngineOverloaded: the
         pipelines ask before their costly work (media, grammars)."""
         with self._lock:
-            self._check_room(1)
+            self._check_room(1, current_project())
 
-    def _check_room(self, count: int) -> None:
-        """Room in the queue for `count` more of this request's project's sequences, or
+    def _check_room(self, count: int, project: str) -> None:
+        """Room in the queue for `count` more of `project`'s sequences, or
         EngineOverloaded; under _lock. A batch larger than the whole queue (60 frames, a
         small limit) enters an empty queue: refusing it would refuse that video forever.
         Under "fair" a project holding less than its share of the queue (the limit over the
@@ -243,7 +243,6 @@ class AsyncEngine:
         if not self._num_queued or self._num_queued + count <= limit:
             return
         if self.scheduler.config.policy == "fair":
-            project = current_project()
             projects = {p for p, n in self._queued_by_project.items() if n} | {project}
             if (self._queued_by_project[project] + count) * len(projects) <= limit:
                 return
@@ -262,7 +261,7 @@ class AsyncEngine:
         """Count sequences as queued if there is room (else EngineOverloaded) and hand them
         to the engine thread, together."""
         with self._lock:
-            self._check_room(len(seqs))
+            self._check_room(len(seqs), seqs[0].project)  # (one request's: one project)
             self._count_queued(seqs, 1)
         for seq in seqs:
             self._sequences[seq.request_id] = seq

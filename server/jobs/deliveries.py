@@ -10,7 +10,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from server.exceptions import JobStoreUnavailable
 
@@ -165,22 +165,26 @@ class DeliveryStore(ABC):
                 " ON CONFLICT (name) DO NOTHING",
                 (name, candidate),
             )
-            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
-        return row["value"]
+            value = _shared(execute, name)
+        return cast(str, value)  # (inserted just before, if it was not there)
 
     def stored_value(self, name: str) -> str | None:
         """The stored value of `name`, if any (none is made)."""
         with self.transaction(write=False) as execute:
-            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
-        return None if row is None else row["value"]
+            return _shared(execute, name)
 
     def replace_shared_value(self, name: str, value: str) -> str | None:
         """Sets `name` to `value` for every process from now on; the value it had, if any."""
         with self.transaction() as execute:
-            row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+            previous = _shared(execute, name)
             execute(
                 "INSERT INTO shared_values (name, value) VALUES (?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 (name, value),
             )
-        return None if row is None else row["value"]
+        return previous
+
+
+def _shared(execute: Execute, name: str) -> str | None:
+    row = execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row["value"]

@@ -86,20 +86,23 @@ def load_or_create_secret(configured: str | None, store: JobStore, data_dir: Pat
     return secret
 
 
+def _key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
 def project_secret(secret: str, project: str) -> str:
     """The secret that signs `project`'s webhooks: HMAC-SHA256 of the project's name keyed
     with the shared secret (one key to keep, rotated with it; a project's secret tells
     nothing of another's). Objects in no project (a server without keys) keep the shared one."""
     if project == ALL:
         return secret
-    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
-    derived = hmac.new(key, PROJECT_LABEL + project.encode(), hashlib.sha256).digest()
+    derived = hmac.new(_key(secret), PROJECT_LABEL + project.encode(), hashlib.sha256).digest()
     return SECRET_PREFIX + base64.b64encode(derived).decode()
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
-    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
-    digest = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    signed = f"{msg_id}.{timestamp}.{body}".encode()
+    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 
