@@ -68,6 +68,7 @@ class MediaLimits:
     max_video_bytes: int
     max_videos_per_request: int
     image_decode_memory_bytes: int = 2**30
+    max_concurrent_downloads: int = 32  # requests downloading their media at once
 
 
 class Settings(BaseSettings):
@@ -144,6 +145,7 @@ class Settings(BaseSettings):
     video_max_fps: float = Field(default=2.0, gt=0)
     caption_tokens: int = Field(default=256, ge=1)
     max_concurrent_preprocessing: int = Field(default=8, ge=1)
+    max_concurrent_downloads: int = Field(default=32, ge=1)
     media_fetch_timeout: float = Field(default=10.0, gt=0)
     allowed_media_domains: StrList = []
     allowed_local_media_path: Path | None = None
@@ -345,6 +347,7 @@ class Settings(BaseSettings):
             max_video_bytes=self.max_video_bytes,
             max_videos_per_request=self.max_videos_per_request,
             image_decode_memory_bytes=int(self.image_decode_memory * 2**30),
+            max_concurrent_downloads=self.max_concurrent_downloads,
         )
 
 

@@ -169,7 +169,11 @@ HELP = {
     "video_max_fps": "Most frames taken per second of video (at most 60 frames in all).",
     "caption_tokens": "Caption length per frame in captions mode; the planner budgets frames "
     "with it.",
-    "max_concurrent_preprocessing": "Requests fetching and decoding their media at once.",
+    "max_concurrent_preprocessing": "Requests decoding their media and building their "
+    "prompts at once (their downloads are done before, outside these slots).",
+    "max_concurrent_downloads": "Requests downloading their media (http/https URLs) at once, "
+    "before they take a preprocessing slot: a slow media host holds a download slot, not one "
+    "that requests with inline media need. Downloads wait in files under the data dir.",
     "image_decode_memory": "Memory the images being decoded may take together, all requests "
     "(reckoned from each image's header: 16 bytes a pixel, 64 MP at most); an image that would "
     "pass it waits until others are done (one larger than it all is decoded alone), so a "

@@ -89,11 +89,20 @@ class MediaServer:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.redirects: dict[str, str] = {}
         self.requested: list[str] = []
-        files, redirects, requested = self.files, self.redirects, self.requested
+        # paths whose answer waits until their event is set (a host that stalls)
+        self.stalls: dict[str, threading.Event] = {}
+        files, redirects, requested, stalls = (
+            self.files,
+            self.redirects,
+            self.requested,
+            self.stalls,
+        )
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 requested.append(self.path)
+                if self.path in stalls:
+                    stalls[self.path].wait(60)
                 if self.path in redirects:
                     self.send_response(302)
                     self.send_header("Location", redirects[self.path])
@@ -122,6 +131,11 @@ class MediaServer:
     def add(self, path: str, body: bytes, content_type: str = "image/jpeg") -> str:
         self.files[path] = (body, content_type)
         return self.url(path)
+
+    def stall(self, path: str, body: bytes, content_type: str = "image/jpeg") -> str:
+        """A URL whose answer waits until stalls[path] is set (at most a minute)."""
+        self.stalls[path] = threading.Event()
+        return self.add(path, body, content_type)
 
 
 class WebhookReceiver:

@@ -15,7 +15,8 @@ frames    every frame is analysed as a request of its own (media categories): as
           the ceilings allow, each frame + prompt + answer fitting the context by itself.
 
 Always at most MAX_FRAMES (60) frames and at most the requested / server fps; a request's fps,
-max_frames, min_pixels and max_pixels can only lower the server's ceilings, never raise them.
+max_frames and max_pixels can only lower the server's ceilings, never raise them; its min_pixels
+enlarges smaller frames (qwen-vl-utils' meaning), within the pixel ceiling.
 Frames are spread uniformly: frame i is taken at the middle of the i-th of N equal segments.
 """
 

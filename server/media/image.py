@@ -124,10 +124,38 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
 
 def decoded_bytes(size: tuple[int, int] | None) -> int:
-    """The bytes decoding an image of this header size will take."""
+    """The bytes decoding an image of this (decoded_size) size will take."""
     if size is None:
         return 0
     return min(size[0] * size[1], MAX_DECODED_PIXELS) * DECODE_BYTES_PER_PIXEL
+
+
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def jpeg_draft_side(size: tuple[int, int], pixels: tuple[int, int], side: int) -> int:
+    """The side a JPEG of this size must keep (both ways) when decoded for this pixel range:
+    the longer side of its target, either way round (its EXIF turn is read later)."""
+    try:
+        return max(target_size(*size, pixels[1], side, pixels[0]))
+    except ValueError:  # (a shape refused once decoded)
+        return max(size)
+
+
+def decoded_size(
+    data: bytes, size: tuple[int, int] | None, pixels: tuple[int, int], side: int
+) -> tuple[int, int] | None:
+    """The size decode_image gives an image of this header size: a JPEG at least twice its
+    target both ways is decoded at 1/2, 1/4 or 1/8 of it (Pillow's draft: the DCT scales it
+    down as it decodes), as the largest of those that keeps its target's longer side. A 64 MP
+    photo takes 1/64 of the memory and time, and does not hold every other image's decode
+    behind it (it took the whole --image-decode-memory)."""
+    if size is None or not data.startswith(JPEG_SIGNATURE):
+        return size
+    keep = jpeg_draft_side(size, pixels, side)
+    fits = min(size) // max(keep, 1)
+    scale = next((a for a in (8, 4, 2) if fits >= a), 1)  # (Pillow's choice for (keep, keep))
+    return (-(-size[0] // scale), -(-size[1] // scale))
 
 
 def pixel_range(
@@ -173,13 +201,16 @@ def looks_like_video(data: bytes) -> bool:
     )
 
 
-def decode_image(data: bytes, *, param: str) -> Image.Image:
-    """Bytes -> RGB image, refusing unknown formats and decompression bombs before decoding."""
+def decode_image(data: bytes, *, param: str, keep_side: int = 0) -> Image.Image:
+    """Bytes -> RGB image, refusing unknown formats and decompression bombs before decoding.
+    keep_side: a JPEG may be decoded smaller (decoded_size) while both its sides keep it."""
     try:
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
             width, height = probe.size
             if width * height > MAX_DECODED_PIXELS:
                 raise _too_large(param, f"{width}x{height}")
+            if keep_side and probe.format in ("JPEG", "MPO"):  # (MPO: a JPEG's kind)
+                probe.draft("RGB", (keep_side, keep_side))
             probe.load()
             image = _rgb(ImageOps.exif_transpose(probe))
     except MediaError:
@@ -243,5 +274,7 @@ def load_image(
     into (pixel_range's, the same the token estimate before decoding uses); side: pixels along
     a visual token's side."""
     min_pixels, max_pixels = pixels
-    image = decode_image(data, param=param)
+    size = header_size(data)
+    keep_side = jpeg_draft_side(size, pixels, side) if size is not None else 0
+    image = decode_image(data, param=param, keep_side=keep_side)
     return fit_to_budget(image, max_pixels, side=side, min_pixels=min_pixels)

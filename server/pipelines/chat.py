@@ -223,14 +223,15 @@ class ChatPipeline:
         self.engine.check_capacity()  # refused before the costly part: grammar, media
         await self.compile_structured(request)
         request = replace(request, messages=self.rendered(request))
-        async with self.preprocessing:
-            report(request.on_progress, STARTED)  # (a job's: an image's too, not only videos')
-            request = replace(request, messages=await self.media.judged(request.messages))
-            try:  # (judged checked the videos it made against their limit; images only fell)
+        report(request.on_progress, STARTED)  # (a job's: an image's too, not only videos')
+        # (downloaded checked the videos it judged against their limit; images only fell)
+        request = replace(request, messages=await self.media.downloaded(request.messages))
+        try:
+            async with self.preprocessing:
                 images = await self.media.images(request.messages, budget)
                 prepared = await self._prepare(request, images, budget)
-            finally:
-                self.media.forget(request.messages)
+        finally:
+            self.media.forget(request.messages)
         # Queued outside the preprocessing slots: n choices wait for the first's prefill (long
         # when the batch is full), and held a slot meanwhile: eight such requests kept every
         # other client's request from even being queued, whatever the scheduling policy.
@@ -294,12 +295,16 @@ class ChatPipeline:
         self._check_text(request, whole=False)  # (counted, perhaps to be cut: it may be longer)
         budget = self.media.check_counts(request.messages)
         messages = self.rendered(request)
+        messages = await self.media.downloaded(messages)
         request = replace(request, messages=messages, video_mode="native")
-        async with self.preprocessing:
-            images = await self.media.images(request.messages, budget)
-            videos = await self._videos(request, images, budget)
-            inputs = await self._native_inputs(request, images, videos)
-            return self.engine.limits.truncated(inputs, request.truncation, request.sampling)
+        try:
+            async with self.preprocessing:
+                images = await self.media.images(request.messages, budget)
+                videos = await self._videos(request, images, budget)
+                inputs = await self._native_inputs(request, images, videos)
+        finally:
+            self.media.forget(request.messages)
+        return self.engine.limits.truncated(inputs, request.truncation, request.sampling)
 
     async def _prepare(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget

@@ -23,6 +23,7 @@ from server.media.image import (
     AUTO_DETAIL_TOKENS,
     IMAGE_FORMATS,
     decoded_bytes,
+    decoded_size,
     header_size,
     load_image,
     looks_like_image,
@@ -85,6 +86,7 @@ class MediaLoader:
         self.context_length = context_length  # tokens (0: images are not counted before)
         self.metrics = metrics
         self.decode_memory = DecodeMemory(limits.image_decode_memory_bytes)
+        self.downloads = asyncio.Semaphore(limits.max_concurrent_downloads)
 
     def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
         for kind, name, limit in (
@@ -99,7 +101,9 @@ class MediaLoader:
         Awaited in order, so that of several bad images the error names the first (not
         whichever failed soonest), and the rest are cancelled."""
         parts = parts_of(messages, ImagePart)
-        fetched = await _in_order([self._fetch_image(part, budget) for part in parts])
+        fetched = await _in_order([self._fetch_image(part) for part in parts])
+        for part, media in zip(parts, fetched, strict=True):  # (in order: the part it names)
+            budget.spend(media.size, part.param)
         return await self._decoded(parts, [f.data for f in fetched])
 
     async def _decoded(self, parts: list[ImagePart], datas: list[bytes]) -> list[Image.Image]:
@@ -143,7 +147,8 @@ class MediaLoader:
                 await self._read_image(part, budget)
 
     async def _read_image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
-        fetched = await self._fetch_image(part, budget)
+        fetched = await self._fetch_image(part)
+        budget.spend(fetched.size, part.param)
         size = await asyncio.to_thread(header_size, fetched.data)
         return await self._decode(part, fetched.data, size)
 
@@ -210,6 +215,54 @@ class MediaLoader:
         by_part = {id(part): made for part, made in zip(parts, judged, strict=True)}
         return with_parts(messages, lambda part: by_part.get(id(part), part))
 
+    async def downloaded(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """The request's media by http(s) URL downloaded (and the parts that may be videos
+        judged), before the request takes a preprocessing slot: a host that stalls holds one
+        of the download slots, not one of the few that decode (eight stalling URLs kept every
+        request waiting, those with inline images too). Each part carries its download
+        (fetched, spooled to a file: a request waiting for a slot holds no memory), charged
+        against the request's bytes as it arrives; an error (a cancel too) discards them."""
+        remote = [
+            part
+            for part in [*parts_of(messages, ImagePart), *parts_of(messages, VideoPart)]
+            if part.fetched is None
+            and _is_remote(part.url)
+            and getattr(part, "or_video", None) is None
+        ]
+        judging = any(part.or_video is not None for part in parts_of(messages, ImagePart))
+        if not remote and not judging:
+            return messages
+        async with self.downloads:
+            messages = await self.judged(messages)
+            allowance = MediaBudget(self.limits.max_media_bytes_per_request)
+            downloads: list[FetchedMedia] = []
+            try:
+                fetched = await _in_order([self._download(p, allowance, downloads) for p in remote])
+            except BaseException:  # (those done too: their parts are not in the messages yet)
+                self.forget(messages)
+                for media in downloads:
+                    media.discard()
+                raise
+        by_part = {
+            id(part): replace(part, fetched=f) for part, f in zip(remote, fetched, strict=True)
+        }
+        return with_parts(messages, lambda part: by_part.get(id(part), part))
+
+    async def _download(
+        self, part: ImagePart | VideoPart, allowance: MediaBudget, downloads: list[FetchedMedia]
+    ) -> FetchedMedia:
+        is_image = isinstance(part, ImagePart)
+        media = await self.fetcher.fetch(
+            part.url,
+            max_bytes=self.limits.max_image_bytes if is_image else self.limits.max_video_bytes,
+            kind="image" if is_image else "video",
+            param=part.param,
+            spool_dir=self.spool_dir,
+            spend=partial(allowance.spend, param=part.param),
+        )
+        downloads.append(media)  # (before any await: a cancel cannot lose it)
+        return media
+
     @staticmethod
     def forget(messages: list[ChatMessage]) -> None:
         """Discards the downloads judged left (a request that failed before reading them)."""
@@ -217,7 +270,7 @@ class MediaLoader:
             if part.fetched is not None:
                 part.fetched.discard()
 
-    async def _fetch_image(self, part: ImagePart, budget: MediaBudget) -> FetchedMedia:
+    async def _fetch_image(self, part: ImagePart) -> FetchedMedia:
         max_bytes = self.limits.max_image_bytes
         if part.fetched is not None:  # (judged: downloaded already)
             try:
@@ -233,7 +286,6 @@ class MediaLoader:
             fetched = await self.fetcher.fetch(
                 part.url, max_bytes=max_bytes, kind="image", param=part.param
             )
-        budget.spend(fetched.size, part.param)
         return fetched
 
     def _pixel_range(self, part: ImagePart) -> tuple[int, int]:
@@ -252,7 +304,7 @@ class MediaLoader:
     ) -> Image.Image:
         pixels = self._pixel_range(part)
         return await self.decode_memory.run(
-            decoded_bytes(size),
+            decoded_bytes(decoded_size(data, size, pixels, self.token_side)),
             lambda: load_image(data, pixels, param=part.param, side=self.token_side),
         )
 
@@ -305,6 +357,10 @@ class MediaLoader:
             fetched.discard()
         self.metrics.video_frames.inc(decoded.plan.num_frames)
         return decoded
+
+
+def _is_remote(url: str) -> bool:
+    return url[:8].lower().startswith(("http://", "https://"))
 
 
 def _check_count(count: int, name: str, limit: int) -> None:

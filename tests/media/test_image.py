@@ -7,8 +7,9 @@ import itertools
 import struct
 import zlib
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from server.exceptions import MediaError
 from server.media.image import (
@@ -16,6 +17,10 @@ from server.media.image import (
     LOW_DETAIL_MAX_PIXELS,
     MIN_PIXELS,
     decode_image,
+    decoded_bytes,
+    decoded_size,
+    header_size,
+    jpeg_draft_side,
     load_image,
     max_pixels_for,
     pixel_range,
@@ -177,3 +182,35 @@ def test_transparency_is_read_over_white(mode: str) -> None:
     assert decoded.mode == "RGB"
     assert decoded.getpixel((2, 2)) == (255, 255, 255)
     assert decoded.getpixel((20, 10)) == (0, 0, 0)
+
+
+def _photo(width: int, height: int, fmt: str = "JPEG") -> bytes:
+    """Smooth content (a gradient with a few shapes): what a photo's JPEG holds."""
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width // 2, height // 2), "red")
+    out = io.BytesIO()
+    image.save(out, fmt, quality=90)
+    return out.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_the_scale_its_target_needs() -> None:
+    """A JPEG many times its target is decoded at 1/2, 1/4 or 1/8 scale (its decode budget
+    reckoned at that size, decoded_size), then resized to the same target as before, and
+    looks as the full decode resized does; PNGs and JPEGs near their target are decoded
+    whole."""
+    data = _photo(4000, 3000)
+    size = header_size(data)
+    assert decoded_size(data, size, AUTO, 28) == (2000, 1500)
+    low = pixel_range("low", *UNASKED)
+    assert decoded_size(data, size, low, 28) == (1000, 750)
+    keep = jpeg_draft_side(size, low, 28)
+    assert decode_image(data, param="p", keep_side=keep).size == (1000, 750)
+    drafted = np.asarray(load_image(data, low, param="p"), dtype=np.float32)
+    whole = decode_image(data, param="p").resize(drafted.shape[1::-1], Image.Resampling.BICUBIC)
+    assert drafted.shape[:2] == (target_size(4000, 3000, low[1])[::-1])
+    assert np.abs(drafted - np.asarray(whole, dtype=np.float32)).mean() < 2.0
+    png = _photo(4000, 3000, "PNG")
+    assert decoded_size(png, header_size(png), low, 28) == (4000, 3000)
+    near = _photo(640, 480)
+    assert decoded_size(near, header_size(near), AUTO, 28) == (640, 480)
+    assert decoded_bytes(decoded_size(data, size, low, 28)) * 16 == decoded_bytes(size)

@@ -1,0 +1,123 @@
+"""Media by URL are downloaded before a request takes a preprocessing slot: a host that stalls
+holds a download slot (--max-concurrent-downloads), not one of the few slots that decode, and
+what a failed or abandoned request downloaded does not stay in the spool."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from server.config import Settings
+from tests.api.test_errors import assert_error
+from tests.helpers import MediaServer, data_uri, make_image, make_settings, start_client
+
+pytestmark = pytest.mark.anyio
+
+
+def ask(*urls: str) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    content.append({"type": "text", "text": "What is this?"})
+    return {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+
+
+def spooled(settings: Settings) -> list[Path]:
+    files = (settings.data_dir / "spool").rglob("*")
+    return [p for p in files if p.is_file() and p.name != ".lock"]
+
+
+async def requested(media_server: MediaServer, path: str) -> None:
+    async with asyncio.timeout(20):
+        while path not in media_server.requested:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_stalling_media_host_holds_no_preprocessing_slot(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """One preprocessing slot, one request whose image's host stalls: a request with an inline
+    image is answered meanwhile (it waited for the slot until the stalled download ended), and
+    the stalled one is answered once its host answers; its download leaves the spool."""
+    settings = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        max_concurrent_preprocessing=1,
+        media_fetch_timeout=60,
+    )
+    url = media_server.stall("/stall/slot.jpg", make_image(64, 48))
+    async for client in start_client(settings):
+        stalled = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(url)))
+        await requested(media_server, "/stall/slot.jpg")
+        inline = client.post("/v1/chat/completions", json=ask(data_uri(make_image(32, 32))))
+        response = await asyncio.wait_for(inline, 30)
+        assert response.status_code == 200, response.text
+        assert not stalled.done()
+        media_server.stalls["/stall/slot.jpg"].set()
+        response = await asyncio.wait_for(stalled, 30)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] > 0
+        assert not spooled(settings)
+
+
+async def test_downloads_are_bounded_and_discarded_on_error_or_hang_up(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """--max-concurrent-downloads 1: a second request's download starts only once the first's
+    ends. A request whose second image fails discards its first's download; so does a request
+    whose client hangs up while a download stalls."""
+    settings = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        max_concurrent_downloads=1,
+        media_fetch_timeout=60,
+    )
+    image = make_image(64, 48)
+    first = media_server.stall("/stall/first.jpg", image)
+    second = media_server.add("/second.jpg", image)
+    async for client in start_client(settings):
+        waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(first)))
+        await requested(media_server, "/stall/first.jpg")
+        behind = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(second)))
+        await asyncio.sleep(1.0)
+        assert "/second.jpg" not in media_server.requested  # (no download slot yet)
+        media_server.stalls["/stall/first.jpg"].set()
+        for request in (waiting, behind):
+            response = await asyncio.wait_for(request, 30)
+            assert response.status_code == 200, response.text
+
+        missing = media_server.url("/missing.jpg")
+        response = await client.post("/v1/chat/completions", json=ask(second, missing))
+        assert_error(response, 400, "messages[0].content[1]", "media_fetch_failed")
+        assert not spooled(settings)
+
+        hang = media_server.stall("/stall/hang.jpg", image)
+        abandoned = asyncio.ensure_future(
+            client.post("/v1/chat/completions", json=ask(second, hang))
+        )
+        await requested(media_server, "/stall/hang.jpg")
+        abandoned.cancel()  # (the client hangs up: the request's task is cancelled)
+        await asyncio.gather(abandoned, return_exceptions=True)
+        for _ in range(200):
+            if not spooled(settings):
+                break
+            await asyncio.sleep(0.05)
+        media_server.stalls["/stall/hang.jpg"].set()
+        assert not spooled(settings), [(p.name, p.stat().st_size) for p in spooled(settings)]
+
+
+async def test_a_request_over_its_bytes_names_the_part_in_order(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """Images charged against the request's bytes in the request's order: the error names the
+    image that takes the total over (the second here), not the one read last (the big first
+    one, whose bytes take longest to decode)."""
+    small, big = make_image(32, 32), make_image(640, 480)
+    settings = make_settings(
+        tiny_model_dir, data_dir=tmp_path / "data", max_media_bytes_per_request=len(big)
+    )
+    async for client in start_client(settings):
+        body = ask(data_uri(big), data_uri(small), data_uri(small))
+        for _ in range(3):
+            response = await client.post("/v1/chat/completions", json=body)
+            assert_error(response, 400, "messages[0].content[1]", "media_budget_exceeded")
