@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import io
 import os
 
 import numpy as np
@@ -312,3 +313,31 @@ def test_an_odd_number_of_jpeg_frames_is_read_whole() -> None:
         decoded = decode_image_frames(frames[:count], budget, request, 2.0, "p")
         assert decoded.plan.frame_indices == indices, (count, request, budget)
         assert len(decoded.frames) == len(indices)
+
+
+def test_a_container_that_claims_a_longer_duration_is_read_by_its_frames() -> None:
+    """A Matroska file whose header says 60 s holds 4 s of frames: planned over 60 s, 56 of
+    its 60 frames were the last frame again. The duration is measured by the last packets'
+    times (a header within a frame of them is taken as it is)."""
+    import struct
+
+    from server.media.video import _probe, decode_job
+
+    honest = make_video(seconds=4, fps=12, container="matroska")
+    lying = bytearray(honest)
+    at = lying.find(b"\x44\x89\x88")  # (Segment Info's Duration: an 8-byte float, in ms)
+    (ms,) = struct.unpack(">d", lying[at + 3 : at + 11])
+    lying[at + 3 : at + 11] = struct.pack(">d", ms * 15)
+    import av
+
+    with av.open(io.BytesIO(bytes(lying))) as container:  # (what the header says)
+        assert container.duration / 1e6 == pytest.approx(60.0)
+    assert _probe(bytes(lying)).duration_s == pytest.approx(4.0, abs=0.1)
+    assert _probe(honest) == _probe(bytes(lying))
+    decoded = decode_job(bytes(lying), BUDGET, FrameRequest(max_frames=8), 2.0)
+    times = decoded.plan.timestamps
+    assert len(set(times)) == len(times) == 8 and times[-1] < 4.0, times
+    assert len({frame.tobytes() for frame in decoded.frames}) == 8
+    for container, codec in (("mp4", "libx264"), ("webm", "libvpx-vp9"), ("avi", "mpeg4")):
+        video = make_video(seconds=6, fps=10, container=container, codec=codec)
+        assert _probe(video).duration_s == pytest.approx(6.0, abs=0.11), container
