@@ -43,9 +43,19 @@ CAPTION_FRAME_MAX_PIXELS = CAPTION_FRAME_MAX_TOKENS * PIXELS_PER_TOKEN
 DEFAULT_FPS = 2.0  # sample at most 2 frames per second of video (qwen-vl-utils' default)
 DEFAULT_CAPTION_TOKENS = 256
 VISION_WRAPPER_TOKENS = 2  # <|vision_start|> ... <|vision_end|>
-# Captions mode: each caption's line ("[12.34 s] ...\n") and the header around them.
+# Captions mode: each caption's line ("[12.34 s] ...\n") and the header around them, for a
+# video under 100 s; Qwen's tokenizers write each digit as a token, so longer ones take more
+# (caption_tokens_around).
 CAPTION_LINE_TOKENS = 12
 CAPTIONS_HEADER_TOKENS = 24
+
+
+def caption_tokens_around(duration_s: float) -> tuple[int, int]:
+    """(tokens of each caption's line beyond the caption, of the header): the times' digits
+    past 99.99 s added (a day-long video's "[86399.50 s]" took 16, and its prompt passed the
+    context it was planned for: a context_length_exceeded naming the request's messages)."""
+    extra = max(len(f"{duration_s:.2f}") - len("12.34"), 0)
+    return CAPTION_LINE_TOKENS + extra, CAPTIONS_HEADER_TOKENS + extra
 
 
 class PlanError(ValueError):
@@ -244,14 +254,15 @@ def _plan_native(
 def _plan_captions(
     info: VideoInfo, budget: TokenBudget, request: FrameRequest, available: int, ceiling: int
 ) -> FramePlan:
-    per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
-    count = min(ceiling, (available - CAPTIONS_HEADER_TOKENS) // per_frame)
+    line, header = caption_tokens_around(info.duration_s)
+    per_frame = budget.caption_tokens + line
+    count = min(ceiling, (available - header) // per_frame)
     if count < 1:
         raise PlanError(
             "no frame caption fits the model's context; shorten the prompt or max_tokens"
         )
     width, height = _image_frame_size(info, request, budget)
-    return _uniform(info, count, width, height, count * per_frame + CAPTIONS_HEADER_TOKENS)
+    return _uniform(info, count, width, height, count * per_frame + header)
 
 
 def _plan_frames(
@@ -298,8 +309,8 @@ def at_timestamps(
     elif mode == "frames":
         tokens = len(timestamps) * frame_tokens(plan.width, plan.height, side)
     else:
-        per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
-        tokens = len(timestamps) * per_frame + CAPTIONS_HEADER_TOKENS
+        line, header = caption_tokens_around(info.duration_s)
+        tokens = len(timestamps) * (budget.caption_tokens + line) + header
     return FramePlan(
         frame_indices(timestamps, info), tuple(timestamps), plan.width, plan.height, tokens
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from server.media.frames import (
     PlanError,
     TokenBudget,
     VideoInfo,
+    caption_tokens_around,
     plan_frames,
 )
 
@@ -93,8 +95,8 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
             floor = max(request.min_pixels or 0, budget.min_video_pixels, 28 * 28)
             assert plan.width * plan.height <= max(request.max_pixels, floor * 1.5)
     else:
-        per_frame = budget.caption_tokens + CAPTION_LINE_TOKENS
-        assert plan.video_tokens == n * per_frame + CAPTIONS_HEADER_TOKENS
+        line, header = caption_tokens_around(video.duration_s)
+        assert plan.video_tokens == n * (budget.caption_tokens + line) + header
         assert plan.width * plan.height <= CAPTION_FRAME_MAX_PIXELS
 
 
@@ -176,3 +178,20 @@ def test_frames_mode_takes_every_frame_the_ceilings_allow() -> None:
             TokenBudget(400, 120, 200),
             FrameRequest("frames"),
         )
+
+
+def test_caption_lines_of_a_long_video_fit_their_plan(tiny_model_dir: Path) -> None:
+    """The lines around the captions, as the prompt writes them and Qwen's pre-tokenizer
+    splits them (a token a digit), fit what the plan counted for them, however long the
+    video (a day-long one's took more, and its prompt passed the context)."""
+    from transformers import AutoTokenizer
+
+    from server.pipelines.video_captions import FrameCaption, captions_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for duration in (12.5, 600.0, 86_399.5, 3_000_000.0):
+        video = VideoInfo(duration, 1, int(duration), 640, 360)
+        plan = plan_frames(video, TokenBudget(4096, 100, 512, 16), FrameRequest("captions"))
+        empty = [FrameCaption(t, "") for t in plan.timestamps]
+        around = len(tokenizer(captions_text(empty, duration))["input_ids"])
+        assert around <= plan.video_tokens - plan.num_frames * 16, duration
