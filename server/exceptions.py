@@ -79,6 +79,21 @@ class ModelNotFound(NotFound):
         )
 
 
+class ModelNotDeletable(ServerError):
+    """DELETE /v1/models/{model} (OpenAI's, for fine-tuned models) of a model served here."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model `{model}` is the model this server serves; it cannot be deleted "
+            "through the API (stop the server to unload it).",
+            param="model",
+            code="model_not_deletable",
+        )
+
+
 class JobNotFound(NotFound):
     def __init__(self, job_id: str):
         super().__init__(f"No job `{job_id}`.", param="id", code="job_not_found")
@@ -93,6 +108,19 @@ class BatchNotFound(NotFound):
     def __init__(self, batch_id: str):
         super().__init__(
             f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found"
+        )
+
+
+class ChatCompletionNotFound(NotFound):
+    """OpenAI's stored chat completions (store: true): this server keeps none."""
+
+    def __init__(self, completion_id: str):
+        super().__init__(
+            f"No stored chat completion with id '{completion_id}': this server does not store "
+            "chat completions (`store` is accepted and ignored); the Responses API stores "
+            "what it answers.",
+            param="completion_id",
+            code="chat_completion_not_found",
         )
 
 

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import anyio
@@ -256,6 +257,9 @@ class ChoiceStream:
     has_called: bool = False
     tools: Tools | None = None  # how a call ends the answer (its finish_reason)
     hidden_through: int | None = None  # reasoning left out: "</think>", its tokens' last
+    # tools the model may call or not: the role chunk waits for the answer's first piece, to
+    # say content null before a call (as OpenAI's stream does), "" before text
+    role_chunk: Callable[[str | None], str] | None = None
 
     def events(
         self, output: SequenceOutput, writer: ChatChunkWriter, texts: TokenTexts
@@ -274,6 +278,10 @@ class ChoiceStream:
         logprobs = self._logprobs(scored, end, texts)
         token_ids = self.seq.output_token_ids[scored:end] if self.with_token_ids else None
         chunks = []
+        if self.role_chunk is not None:
+            calls_first = bool(pieces) and isinstance(pieces[0], ToolCallDelta)
+            chunks.append(self.role_chunk(None if calls_first else ""))
+            self.role_chunk = None
         for piece in pieces:
             self.has_called |= isinstance(piece, ToolCallDelta)
             chunks.append(writer.delta(self.index, piece, logprobs, token_ids))
@@ -327,8 +335,16 @@ async def chat_stream(
     content = None if request.tools is not None and request.tools.is_forced else ""
     for choice in choices:
         first_chunk = choice.index == 0
-        frames = frames_out(run.frames) if first_chunk else None
-        yield writer.role(choice.index, frames, prompt_ids if first_chunk else None, content)
+        role = partial(
+            writer.role,
+            choice.index,
+            frames_out(run.frames) if first_chunk else None,
+            prompt_ids if first_chunk else None,
+        )
+        if request.tools is not None and not request.tools.is_forced:
+            choice.role_chunk = role  # (sent with its first piece: a call, or text)
+        else:
+            yield role(content)
     try:
         async for index, output in prepended(first, rest):
             for chunk in choices[index].events(output, writer, texts):

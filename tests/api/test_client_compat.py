@@ -411,3 +411,31 @@ async def test_cors_is_opt_in(client: httpx.AsyncClient, tiny_model_dir: Path) -
         assert other.status_code == 400  # in the API's envelope, naming the flag
         assert other.headers["content-type"] == "application/json"
         assert "--allowed-origins" in other.json()["error"]["message"]
+
+
+async def test_stored_chat_completions_and_model_deletion_as_the_sdk_calls_them(
+    client: httpx.AsyncClient,
+) -> None:
+    """The SDK's stored-completions calls (OpenAI keeps a chat completion sent with store:
+    true): none is kept here, so the list is empty and an id is a coded 404 saying why;
+    deleting the served model is a 403 (both were bare 404s and 405s)."""
+    sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=client)
+    page = await sdk.chat.completions.list(limit=5)
+    assert page.data == [] and not page.has_more
+    calls = (
+        sdk.chat.completions.retrieve("chatcmpl-1"),
+        sdk.chat.completions.update("chatcmpl-1", metadata={"a": "b"}),
+        sdk.chat.completions.delete("chatcmpl-1"),
+        sdk.chat.completions.messages.list("chatcmpl-1"),
+    )
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await call
+        assert caught.value.code == "chat_completion_not_found"
+        assert "does not store" in caught.value.message
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        await sdk.models.delete("tiny")
+    assert denied.value.code == "model_not_deletable"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk.models.delete("other")
+    assert missing.value.code == "model_not_found"

@@ -518,7 +518,7 @@ async def test_truncated_jpeg(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v1/nothing-here"), 404)
-    assert_error(await client.get("/v1/chat/completions"), 405)
+    assert_error(await client.get("/v1/completions"), 405)
 
 
 async def test_stream_request_errors_before_streaming(client: httpx.AsyncClient) -> None:

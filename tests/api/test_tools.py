@@ -195,6 +195,15 @@ async def test_auto_tools_beside_a_response_format_answer_in_it_or_call(
     streamed = [c for d in deltas for c in d.get("tool_calls") or ()]
     assert streamed[0]["function"] == call["function"]
     assert not "".join(d.get("content") or "" for d in deltas)
+    # the role chunk waited for the first piece: a call, so no content "" (OpenAI's null; an
+    # SDK accumulating the stream had content "" beside the call)
+    assert deltas[0] == {"role": "assistant"} and "tool_calls" in deltas[1]
+    assert [d for d in deltas if "role" in d] == [deltas[0]]
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        lines = [line async for line in s.aiter_lines() if line.startswith("data: {")]
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in lines[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""}  # text: as OpenAI streams it
+    assert "".join(d.get("content", "") for d in deltas) == message["content"]
     # a tool whose parameters cannot be compiled is left out (never compiled under auto
     # before), the others still callable; with none left, answered in the schema
     broken = {"type": "function", "function": {"name": "odd", "parameters": {"$ref": "#/x"}}}

@@ -27,7 +27,13 @@ from server.api.protocol import (
 from server.api.services import Services, get_services, job_accepted
 from server.api.sse import EventStream, chat_stream
 from server.engine.sampling import SamplingDefaults
-from server.exceptions import ClientDisconnected, InvalidRequest, ServerError, refuse_unsupported
+from server.exceptions import (
+    ChatCompletionNotFound,
+    ClientDisconnected,
+    InvalidRequest,
+    ServerError,
+    refuse_unsupported,
+)
 from server.jobs.store import Job
 from server.jobs.worker import Handler, Progress, engine_request_id
 from server.pipelines.chat import ChatPipeline, ChatRequest
@@ -56,6 +62,22 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> ChatCompletionResponse | StreamingResponse:
     return await _complete(body, request, services, services.sampling_defaults, "native")
+
+
+@router.get("/v1/chat/completions", tags=["chat"])
+async def list_stored_chat_completions() -> dict:
+    """OpenAI's list of stored chat completions (`store: true`): this server stores none, so
+    the list is empty (a client listing them gets no 405)."""
+    return {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+
+
+@router.get("/v1/chat/completions/{completion_id}", tags=["chat"])
+@router.post("/v1/chat/completions/{completion_id}", tags=["chat"])
+@router.delete("/v1/chat/completions/{completion_id}", tags=["chat"])
+@router.get("/v1/chat/completions/{completion_id}/messages", tags=["chat"])
+async def stored_chat_completion(completion_id: str) -> None:
+    """Retrieve, update, delete a stored chat completion, or list its messages: none is."""
+    raise ChatCompletionNotFound(completion_id)
 
 
 @router.post(

@@ -10,6 +10,7 @@ from server import __version__
 from server.api.errors import error_response
 from server.api.protocol import ErrorResponse, ModelCard, ModelList
 from server.api.services import Services, get_services
+from server.exceptions import ModelNotDeletable
 from server.jobs.project import current_project
 
 router = APIRouter()
@@ -92,6 +93,14 @@ async def list_models(
 async def retrieve_model(model: str, services: Services = Depends(get_services)) -> ModelCard:
     services.check_model(model)
     return model_card(services, model)
+
+
+@router.delete("/v1/models/{model:path}", tags=["models"])
+async def delete_model(model: str, services: Services = Depends(get_services)) -> None:
+    """OpenAI's (a fine-tuned model's): the served model is not deleted (403); another is
+    not here (404)."""
+    services.check_model(model)
+    raise ModelNotDeletable(model)
 
 
 def model_card(services: Services, name: str) -> ModelCard:
