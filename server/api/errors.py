@@ -158,6 +158,27 @@ def _is_union_branch(item: str) -> bool:
     return "[" in item or item in TYPE_BRANCHES or item[:1].isupper()
 
 
+# OpenAI's kinds of part and tool this server knows but cannot serve: said so, not "invalid"
+AUDIO_PART_TAGS = frozenset({"input_audio", "audio"})
+
+
+def _unsupported_kind(error: Any, param: str | None) -> str | None:
+    """What to say of an OpenAI audio part or custom tool (None: something else)."""
+    kind = error.get("type")
+    if kind == "union_tag_invalid" and error.get("ctx", {}).get("tag") in AUDIO_PART_TAGS:
+        return (
+            "The model served here reads text, images and video: audio input "
+            f"(`{error['ctx']['tag']}` parts) is not supported."
+        )
+    custom = kind == "literal_error" and error.get("input") == "custom"
+    if custom and (param or "").startswith("tools[") and (param or "").endswith("].type"):
+        return (
+            "The custom tool is not available on this server: custom tools (free-form text "
+            "input) are not supported; function tools only."
+        )
+    return None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     errors = exc.errors()
     # Where a union failed (content: str | list[part]) pydantic reports every branch; the
@@ -170,6 +191,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     param = loc_to_param(tuple(first.get("loc", ())))
     if first.get("type") == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
+    if (refused := _unsupported_kind(first, param)) is not None:
+        return refused, param, "unsupported_parameter"
     if first.get("type") == "union_tag_invalid":
         ctx = first.get("ctx", {})
         message = (

@@ -1385,6 +1385,7 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
             parts.append(part.file.as_image(param))
         else:
             wishes = part.video_url.frames(beside=part, param=param)
+            url_kind(part.video_url.url, param)  # (.flv, .ts: refused by name, as on /v2)
             parts.append(VideoPart(part.video_url.url, wishes, param))
     return ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
 

@@ -219,7 +219,7 @@ def decode_image(data: bytes, *, param: str, keep_side: int = 0) -> Image.Image:
         found = re.search(r"\((\d+) pixels\)", str(exc))  # (Pillow's words: its size)
         raise _too_large(param, f"{found.group(1)} pixels" if found else "too large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        hint = "; it is a video: send it as a video_url part" if looks_like_video(data) else ""
+        hint = _what_it_is(data)
         raise MediaError(
             f"The data at {param} is not a valid image (supported: {IMAGE_FORMATS}){hint}.",
             param=param,
@@ -227,6 +227,35 @@ def decode_image(data: bytes, *, param: str, keep_side: int = 0) -> Image.Image:
     if min(image.size) < 1:
         raise MediaError(f"The image at {param} is empty.", param=param)
     return image
+
+
+# Image formats read elsewhere but not here, by their first bytes (HEIF/AVIF: the ftyp box).
+OTHER_IMAGE_SIGNATURES = (
+    (b"II*\x00", "a TIFF"),
+    (b"MM\x00*", "a TIFF"),
+    (b"\x00\x00\x01\x00", "an ICO"),
+    (b"\xff\x0a", "a JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL ", "a JPEG XL"),
+)
+
+
+def _what_it_is(data: bytes) -> str:
+    """What bytes that are not an image this server reads are, where that helps: another
+    image format, by name; a video, with how to send one."""
+    head = data[:32]
+    if head[4:8] == b"ftyp" and head[8:12] in IMAGE_BRANDS:
+        return f"; it is {'an AVIF' if head[8:11] == b'avi' else 'a HEIF'} image, not one of those"
+    for signature, name in OTHER_IMAGE_SIGNATURES:
+        if head.startswith(signature):
+            return f"; it is {name} image, not one of those"
+    if head.lstrip()[:5].lower() in (b"<svg ", b"<?xml"):
+        return "; it is an SVG (or other XML) file, not one of those"
+    if looks_like_video(data):
+        return (
+            "; it is a video: send it as a video_url part, or as a data: URI that declares "
+            "it (data:video/mp4;base64,...)"
+        )
+    return ""
 
 
 def _rgb(image: Image.Image) -> Image.Image:

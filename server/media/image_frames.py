@@ -7,6 +7,7 @@ once, so memory stays near the output frames. Blocking: run it in a thread."""
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -87,16 +88,22 @@ def _own_times(indices: tuple[int, ...], info: VideoInfo) -> tuple[float, ...]:
 def _open(data: bytes, param: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=["JPEG"])
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as exc:  # (Pillow's own limit, met while opening)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(param, f"{found.group(1)} pixels" if found else "too large") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise MediaError(f"A frame of the video at {param} is not a JPEG.", param=param) from None
     if image.width * image.height > MAX_FRAME_PIXELS:
-        raise MediaError(
-            f"A frame of the video at {param} is {image.width}x{image.height}, above "
-            f"{MAX_FRAME_PIXELS} pixels.",
-            param=param,
-            code="media_too_large",
-        )
+        raise _too_large(param, f"{image.width}x{image.height}")
     return image
+
+
+def _too_large(param: str, size: str) -> MediaError:
+    return MediaError(
+        f"A frame of the video at {param} is {size}, above {MAX_FRAME_PIXELS} pixels.",
+        param=param,
+        code="media_too_large",
+    )
 
 
 def _decode(data: bytes, size: tuple[int, int], param: str) -> np.ndarray:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from server.pipelines.categories import MAX_ITEMS, METADATA_KEYS, merge_results
+from tests.api.test_errors import assert_error
 from tests.helpers import (
     MediaServer,
     data_uri,
@@ -127,6 +128,16 @@ async def test_a_video_format_the_server_does_not_read_is_named(client: httpx.As
     error = response.json()["error"]
     assert error["code"] == "unsupported_media_type" and error["param"] == "media_url"
     assert ".ogv videos are not supported" in error["message"] and "image" not in error["message"]
+    # every route says so by the name, before any download (/v1's video_url part was a
+    # fetch failure, /v2's image_url part this 400)
+    part = {"type": "video_url", "video_url": {"url": "https://media.example/clip.flv"}}
+    v1 = {"model": "tiny", "messages": [{"role": "user", "content": [part]}]}
+    part = {"type": "image_url", "image_url": {"url": "https://media.example/clip.flv"}}
+    v2 = {"model": "tiny", "messages": [{"role": "user", "content": [part]}]}
+    for path, request in (("/v1/chat/completions", v1), ("/v2/media/completions", v2)):
+        response = await client.post(path, json=request)
+        error = assert_error(response, 400, "messages[0].content[0]", "unsupported_media_type")
+        assert ".flv videos are not supported" in error["message"]
 
 
 async def test_video_frames_are_not_divided_by_the_context(client: httpx.AsyncClient) -> None:

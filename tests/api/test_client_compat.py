@@ -439,3 +439,28 @@ async def test_stored_chat_completions_and_model_deletion_as_the_sdk_calls_them(
     with pytest.raises(openai.NotFoundError) as missing:
         await sdk.models.delete("other")
     assert missing.value.code == "model_not_found"
+
+
+async def test_audio_parts_and_custom_tools_are_unsupported_not_invalid(
+    client: httpx.AsyncClient,
+) -> None:
+    """OpenAI's audio parts and custom tools are kinds this server knows and does not serve:
+    unsupported_parameter saying so (they were invalid_value, listing the part types)."""
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    custom = {"type": "custom", "custom": {"name": "grep"}}
+    for path, body, param in (
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [audio]}]},
+            "messages[0].content[0]",
+        ),
+        ("/v1/responses", {"input": [{"role": "user", "content": [audio]}]}, "input[0].content[0]"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [custom]},
+            "tools[0].type",
+        ),
+    ):
+        response = await client.post(path, json={"model": "tiny", **body})
+        error = assert_error(response, 400, param, "unsupported_parameter")
+        assert "not supported" in error["message"], error

@@ -115,6 +115,8 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2}
     for extra, status, param in (
         ({"conversation": conversation.id, "previous_response_id": previous.id}, 400, None),
+        # both: the 400, before a missing one is looked up (it was the conversation's 404)
+        ({"conversation": "conv_nope", "previous_response_id": "resp_nope"}, 400, "conversation"),
         ({"conversation": "conv_nope"}, 404, "conversation"),
         ({"conversation": {"id": "conv_nope"}}, 404, "conversation"),
         ({"conversation": {"nope": 1}}, 400, None),

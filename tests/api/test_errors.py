@@ -78,7 +78,7 @@ BAD_BODIES = {
         "media_url_not_allowed",
     ),
     "unknown part type": (
-        {"model": "tiny", "messages": user({"type": "input_audio", "input_audio": {}})},
+        {"model": "tiny", "messages": user({"type": "hologram", "hologram": {}})},
         "messages[0].content[0]",
         "invalid_value",
     ),

@@ -214,3 +214,34 @@ def test_a_large_jpeg_is_decoded_at_the_scale_its_target_needs() -> None:
     near = _photo(640, 480)
     assert decoded_size(near, header_size(near), AUTO, 28) == (640, 480)
     assert decoded_bytes(decoded_size(data, size, low, 28)) * 16 == decoded_bytes(size)
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), "an AVIF image"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "a HEIF image"),
+        (b"II*\x00" + bytes(64), "a TIFF image"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"></svg>', "an SVG"),
+        (make_video(0.5), "data:video/mp4;base64"),
+    ],
+)
+def test_bytes_that_are_not_a_readable_image_are_named(data: bytes, said: str) -> None:
+    """An image format read elsewhere is named (an AVIF was "not a valid image", and on /v2
+    judged a video); a video says how to send one, on every route."""
+    with pytest.raises(MediaError) as info:
+        decode_image(data, param="p")
+    assert said in info.value.message, info.value.message
+
+
+def test_a_huge_jpeg_frame_is_too_large_not_unreadable() -> None:
+    """vLLM's frames-as-JPEGs video with a frame whose header says 65000x65000: too large
+    (it was "not a JPEG": Pillow's bomb check fires while opening it)."""
+    from server.media.image_frames import _open
+
+    jpeg = bytearray(make_image(32, 32))
+    sof = jpeg.find(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 65000, 65000)  # (height, width)
+    with pytest.raises(MediaError) as info:
+        _open(bytes(jpeg), "messages[0].content[0]")
+    assert info.value.code == "media_too_large" and "4225000000 pixels" in info.value.message

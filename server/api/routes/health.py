@@ -95,7 +95,11 @@ async def retrieve_model(model: str, services: Services = Depends(get_services))
     return model_card(services, model)
 
 
-@router.delete("/v1/models/{model:path}", tags=["models"])
+@router.delete(
+    "/v1/models/{model:path}",
+    responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    tags=["models"],
+)
 async def delete_model(model: str, services: Services = Depends(get_services)) -> None:
     """OpenAI's (a fine-tuned model's): the served model is not deleted (403); another is
     not here (404)."""

@@ -198,12 +198,6 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
     if body.conversation_id is not None:
         if not services.store_responses:
             raise KeepsNothing("conversation")
-        if body.previous_response_id is not None:
-            raise InvalidRequest(
-                "conversation and previous_response_id both set: a response continues one of them.",
-                param="conversation",
-                code="invalid_value",
-            )
         items = await asyncio.to_thread(
             services.jobs.conversation_items, body.conversation_id, current_project()
         )
@@ -243,6 +237,13 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
 
 
 def _check_ids(body: ResponsesRequest) -> None:
+    """The ids' shapes, and not both (a 400 before either is looked up or locked)."""
+    if body.conversation_id is not None and body.previous_response_id is not None:
+        raise InvalidRequest(
+            "conversation and previous_response_id both set: a response continues one of them.",
+            param="conversation",
+            code="invalid_value",
+        )
     for param, given, prefix in (
         ("previous_response_id", body.previous_response_id, "resp"),
         ("conversation", body.conversation_id, "conv"),
