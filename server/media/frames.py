@@ -62,6 +62,10 @@ class PlanError(ValueError):
     """The video cannot be planned within the limits (the message says why)."""
 
 
+class NoRoom(PlanError):
+    """Not even the smallest plan fits the context beside the prompt and the answer."""
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     duration_s: float
@@ -243,7 +247,7 @@ def _plan_native(
         # Then fewer frames at the lowest resolution.
         patches = available // per_patch
         if patches < 1:
-            raise PlanError(
+            raise NoRoom(
                 "the video does not fit the model's context even at the lowest resolution; "
                 "shorten the prompt or max_tokens"
             )
@@ -258,9 +262,7 @@ def _plan_captions(
     per_frame = budget.caption_tokens + line
     count = min(ceiling, (available - header) // per_frame)
     if count < 1:
-        raise PlanError(
-            "no frame caption fits the model's context; shorten the prompt or max_tokens"
-        )
+        raise NoRoom("no frame caption fits the model's context; shorten the prompt or max_tokens")
     width, height = _image_frame_size(info, request, budget)
     return _uniform(info, count, width, height, count * per_frame + header)
 
@@ -271,7 +273,7 @@ def _plan_frames(
     side = budget.token_side
     width, height = _image_frame_size(info, request, budget)
     if frame_tokens(width, height, side) > available:
-        raise PlanError("a video frame does not fit the model's context next to the prompt")
+        raise NoRoom("a video frame does not fit the model's context next to the prompt")
     return _uniform(info, ceiling, width, height, ceiling * frame_tokens(width, height, side))
 
 

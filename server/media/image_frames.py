@@ -18,13 +18,14 @@ from server.media.frames import (
     FRAME_FACTOR,
     FramePlan,
     FrameRequest,
+    NoRoom,
     PlanError,
     TokenBudget,
     VideoInfo,
     frame_ceiling,
     plan_frames,
 )
-from server.media.video import DecodedVideo, VideoDecodeError
+from server.media.video import DecodedVideo, VideoDecodeError, VideoNoRoom
 
 # The URL carries no timing: the frames are taken as one a second.
 ASSUMED_FPS = 1.0
@@ -49,7 +50,7 @@ def decode_image_frames(
             plan_frames(info, budget, request, max_fps), info, budget, request, max_fps
         )
     except PlanError as exc:
-        raise VideoDecodeError(str(exc)) from None
+        raise (VideoNoRoom if isinstance(exc, NoRoom) else VideoDecodeError)(str(exc)) from None
     plan = replace(plan, timestamps=_own_times(plan.frame_indices, info))
     size = (plan.width, plan.height)
     array = np.stack([_decode(frames[i], size, param) for i in plan.frame_indices])

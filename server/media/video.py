@@ -28,6 +28,7 @@ from server.media.frames import (
     DEFAULT_FPS,
     FramePlan,
     FrameRequest,
+    NoRoom,
     PlanError,
     TokenBudget,
     VideoInfo,
@@ -46,6 +47,10 @@ ALLOWED_CONTAINERS = ("mp4", "mov", "matroska", "webm", "avi")
 
 class VideoDecodeError(Exception):
     """The bytes are not a video we can read; the message is safe to show to the client."""
+
+
+class VideoNoRoom(VideoDecodeError):
+    """The video is readable, but not even its smallest plan fits the context."""
 
 
 @dataclass(frozen=True)
@@ -290,7 +295,7 @@ def decode_job(
     try:
         plan = plan_frames(info, budget, request, server_fps=max_fps)
     except PlanError as exc:
-        raise VideoDecodeError(str(exc)) from None
+        raise (VideoNoRoom if isinstance(exc, NoRoom) else VideoDecodeError)(str(exc)) from None
     if request.use_scenes:
         plan = _plan_scenes(data, info, plan, budget, request)
     gap = info.duration_s / plan.num_frames
@@ -359,6 +364,8 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             return
         try:
             conn.send(("ok", decode_job(*job)))
+        except VideoNoRoom as exc:
+            conn.send(("no_room", str(exc)))
         except VideoDecodeError as exc:
             conn.send(("error", str(exc)))
         except Exception:
@@ -466,6 +473,8 @@ class VideoDecoder:
             if not healthy:
                 worker.kill()
             self.idle.put_nowait(worker)  # dead or alive: a dead one is respawned when next used
+        if status == "no_room":
+            raise VideoNoRoom(result)
         if status == "error":
             raise VideoDecodeError(result)
         if result.backend not in self.backends_seen:

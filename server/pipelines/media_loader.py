@@ -32,7 +32,7 @@ from server.media.image import (
     visual_tokens,
 )
 from server.media.image_frames import decode_image_frames
-from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder
+from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder, VideoNoRoom
 from server.metrics import Metrics
 from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of, with_parts
 
@@ -343,6 +343,12 @@ class MediaLoader:
             else:
                 source = str(fetched.path) if fetched.path is not None else fetched.data
                 decoded = await self.decoder.decode(source, tokens, frames)
+        except VideoNoRoom as exc:  # (readable: the prompt and max_tokens leave no room)
+            raise InvalidRequest(
+                f"The video at {part.param} cannot be used: {exc}.",
+                param=part.param,
+                code="context_length_exceeded",
+            ) from None
         except VideoDecodeError as exc:
             if part.or_image:  # (judged a video only for not being an image)
                 raise MediaError(

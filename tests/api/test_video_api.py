@@ -138,6 +138,25 @@ async def test_max_tokens_past_the_context_with_a_video_names_max_tokens(
     assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded"), error
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v2/media/completions"])
+async def test_a_video_with_no_room_left_is_context_length_exceeded(
+    video_client: httpx.AsyncClient, path: str
+) -> None:
+    """max_tokens that leave the text room but not even the smallest plan of the video: a
+    400 context_length_exceeded naming the video (it was invalid_media, as if the file were
+    bad), in native (/v1) and captions (/v2) mode alike."""
+    context = engine_of(video_client).max_seq_len
+    text = video_body("")
+    text["messages"][0]["content"] = text["messages"][0]["content"][:1]
+    counted = await video_client.post("/tokenize", json=text)
+    room = 12  # (the text's tokens and a few, short of a frame's)
+    max_tokens = context - counted.json()["count"] - room
+    body = video_body(video_uri(make_video(seconds=1)), max_tokens=max_tokens)
+    response = await video_client.post(path, json=body)
+    error = assert_error(response, 400, "messages[0].content[1]", "context_length_exceeded")
+    assert "does not fit" in error["message"] or "fits" in error["message"], error
+
+
 async def test_use_scenes_gives_one_caption_per_scene(video_client: httpx.AsyncClient) -> None:
     body = video_body(video_uri(make_video(seconds=10, cuts=(2.0, 5.0, 7.5))), use_scenes=True)
     response = await video_client.post("/v2/media/completions", json=body)
