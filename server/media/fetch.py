@@ -371,8 +371,13 @@ def _body_errors(kind: str, param: str) -> Iterator[None]:
         yield
     except httpx.TimeoutException:
         raise _timed_out(kind, param) from None
-    except httpx.HTTPError:
-        raise _unreachable(kind, param) from None
+    except httpx.HTTPError:  # (the answer began: the URL was fine, its body was not)
+        raise MediaError(
+            f"Could not fetch the {kind} at {param}: its host ended the download before the "
+            "whole body arrived (or sent a body that does not decode).",
+            param=param,
+            code="media_fetch_failed",
+        ) from None
 
 
 def _check_status(response: httpx.Response, kind: str, param: str) -> None:

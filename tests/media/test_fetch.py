@@ -102,6 +102,9 @@ async def test_a_fetch_says_what_it_is_and_a_body_cut_short_is_a_400(
                 param="p",
             )
         assert info.value.code == "media_fetch_failed"
+        assert (
+            "ended the download before the whole body" in info.value.message
+        )  # (not "URL invalid")
     finally:
         await fetcher.aclose()
         listener.close()
