@@ -275,8 +275,9 @@ class JobStoreUnconfirmed(ServerError):
 
 
 class NoRoomToSpool(ServerError):
-    """The server's disk has no room for a download it spools (a video): its fault, not the
-    request's, and passing (503 + Retry-After); never the OS's words or a traceback."""
+    """The server's disk has no room for a download it spools (media by URL, a video): its
+    fault, not the request's, and passing (503 + Retry-After); never the OS's words or a
+    traceback."""
 
     status_code = 503
     error_type = "server_error"

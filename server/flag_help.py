@@ -175,7 +175,8 @@ HELP = {
     "before they take a preprocessing slot: a slow media host holds a download slot, not one "
     "that requests with inline media need. Downloads wait in files under the data dir.",
     "image_decode_memory": "Memory the images being decoded may take together, all requests "
-    "(reckoned from each image's header: 16 bytes a pixel, 64 MP at most); an image that would "
+    "(reckoned from each image's header: 16 bytes a pixel, 64 MP at most; a large baseline JPEG "
+    "at the reduced scale it is decoded at); an image that would "
     "pass it waits until others are done (one larger than it all is decoded alone), so a "
     "few small files of huge pixel counts cannot take the host's memory.",
     "media_fetch_timeout": "For the whole download of one media URL.",

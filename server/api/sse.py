@@ -129,7 +129,7 @@ class ChatChunkWriter:
         prompt_token_ids: list[int] | None = None,
         content: str | None = "",
     ) -> str:
-        """The role chunk; content None where the answer is a forced tool call (OpenAI's)."""
+        """The role chunk; content None (left out) where the answer is a tool call."""
         delta = DeltaMessage(role="assistant", content=content)
         usage = None
         if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
@@ -258,7 +258,8 @@ class ChoiceStream:
     tools: Tools | None = None  # how a call ends the answer (its finish_reason)
     hidden_through: int | None = None  # reasoning left out: "</think>", its tokens' last
     # tools the model may call or not: the role chunk waits for the answer's first piece, to
-    # say content null before a call (as OpenAI's stream does), "" before text
+    # leave content out before a call or reasoning (null, as OpenAI's stream has it: an SDK
+    # accumulating "" kept it beside the call), "" before text
     role_chunk: Callable[[str | None], str] | None = None
 
     def events(
@@ -278,9 +279,9 @@ class ChoiceStream:
         logprobs = self._logprobs(scored, end, texts)
         token_ids = self.seq.output_token_ids[scored:end] if self.with_token_ids else None
         chunks = []
-        if self.role_chunk is not None:
-            calls_first = bool(pieces) and isinstance(pieces[0], ToolCallDelta)
-            chunks.append(self.role_chunk(None if calls_first else ""))
+        if self.role_chunk is not None:  # content "" before text (or nothing), else left out
+            text_first = not pieces or isinstance(pieces[0], str)
+            chunks.append(self.role_chunk("" if text_first else None))
             self.role_chunk = None
         for piece in pieces:
             self.has_called |= isinstance(piece, ToolCallDelta)
@@ -332,19 +333,20 @@ async def chat_stream(
 
     writer = ChatChunkWriter(run.seq.request_id, model, running if continuous else None)
     prompt_ids = run.seq.inputs.token_ids if request.return_token_ids else None
-    content = None if request.tools is not None and request.tools.is_forced else ""
+    forced = request.tools is not None and request.tools.is_forced
+    content = None if forced else ""
+    extras: list[Any] = [frames_out(run.frames), prompt_ids]  # (on the first chunk sent)
+
+    def role(index: int, content: str | None) -> str:
+        frames, ids = extras
+        extras[:] = [None, None]
+        return writer.role(index, frames, ids, content)
+
     for choice in choices:
-        first_chunk = choice.index == 0
-        role = partial(
-            writer.role,
-            choice.index,
-            frames_out(run.frames) if first_chunk else None,
-            prompt_ids if first_chunk else None,
-        )
-        if request.tools is not None and not request.tools.is_forced:
-            choice.role_chunk = role  # (sent with its first piece: a call, or text)
+        if choice.calls is not None and not forced:
+            choice.role_chunk = partial(role, choice.index)  # (sent with its first piece)
         else:
-            yield role(content)
+            yield role(choice.index, content)
     try:
         async for index, output in prepended(first, rest):
             for chunk in choices[index].events(output, writer, texts):

@@ -109,9 +109,13 @@ def _probe(data: VideoSource) -> VideoInfo:
 
 def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     """The stream's duration by its last packets' own times (seeked to its last keyframe and
-    demuxed, not decoded: a few ms), where the container's header says otherwise by more than
-    a frame and a percent: a file claiming 60 s that holds 4 s was sampled at 60 timestamps,
-    56 of them the last frame again. The header's where the packets have no times."""
+    demuxed, not decoded: a few ms where the file has an index; a webm without cues is read
+    to its end), where the container's header claims more by over a frame and a percent: a
+    file claiming 60 s that holds 4 s was sampled at 60 timestamps, 56 of them the last
+    frame again. Only ever lowered (a bogus last timestamp must not stretch the plan past
+    the frames); the header's where the packets have no times."""
+    if fps <= 0:  # (refused by the caller: no decodable frames)
+        return claimed
     try:
         base = stream.time_base
         container.seek(int((claimed + 3600) / base), stream=stream, backward=True)
@@ -123,7 +127,7 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     except Exception:  # (a stream that cannot seek: the header's word)
         return claimed
     measured = max(ends, default=0.0) - _start_s(stream)
-    if measured <= 0 or abs(measured - claimed) <= 1.5 / fps + 0.01 * claimed:
+    if measured <= 0 or claimed - measured <= 1.5 / fps + 0.01 * claimed:
         return claimed
     return measured
 

@@ -164,7 +164,8 @@ class CategoriesPipeline:
             return await self._image(request, sampling)
         # Downloaded once (a signed link may not take a second request), then judged by its
         # first bytes: its name may say neither (a signed CDN link), or be wrong.
-        fetched = await self.media.fetch_unknown(request.media_url, PARAM)
+        async with self.media.downloads:  # (a download slot, as a completion's downloads)
+            fetched = await self.media.fetch_unknown(request.media_url, PARAM)
         try:
             head = await asyncio.to_thread(fetched.head, PARAM)
             if looks_like_image(head):

@@ -225,12 +225,13 @@ class ChatPipeline:
         request = replace(request, messages=self.rendered(request))
         report(request.on_progress, STARTED)  # (a job's: an image's too, not only videos')
         # (downloaded checked the videos it judged against their limit; images only fell)
-        request = replace(request, messages=await self.media.downloaded(request.messages))
-        try:
-            async with self.preprocessing:
-                images = await self.media.images(request.messages, budget)
-                prepared = await self._prepare(request, images, budget)
+        messages = await self.media.downloaded(request.messages, self.preprocessing)
+        request = replace(request, messages=messages)
+        try:  # (holding a preprocessing slot)
+            images = await self.media.images(request.messages, budget)
+            prepared = await self._prepare(request, images, budget)
         finally:
+            self.preprocessing.release()
             self.media.forget(request.messages)
         # Queued outside the preprocessing slots: n choices wait for the first's prefill (long
         # when the batch is full), and held a slot meanwhile: eight such requests kept every
@@ -295,14 +296,14 @@ class ChatPipeline:
         self._check_text(request, whole=False)  # (counted, perhaps to be cut: it may be longer)
         budget = self.media.check_counts(request.messages)
         messages = self.rendered(request)
-        messages = await self.media.downloaded(messages)
+        messages = await self.media.downloaded(messages, self.preprocessing)
         request = replace(request, messages=messages, video_mode="native")
-        try:
-            async with self.preprocessing:
-                images = await self.media.images(request.messages, budget)
-                videos = await self._videos(request, images, budget)
-                inputs = await self._native_inputs(request, images, videos)
+        try:  # (holding a preprocessing slot)
+            images = await self.media.images(request.messages, budget)
+            videos = await self._videos(request, images, budget)
+            inputs = await self._native_inputs(request, images, videos)
         finally:
+            self.preprocessing.release()
             self.media.forget(request.messages)
         return self.engine.limits.truncated(inputs, request.truncation, request.sampling)
 

@@ -75,7 +75,7 @@ class MediaLoader:
         context_length: int = 0,
         auto_image_tokens: int = AUTO_DETAIL_TOKENS,
     ):
-        self.spool_dir = spool_dir  # downloaded videos go to files here, not to memory
+        self.spool_dir = spool_dir  # downloads go to files here, not to memory
         self.fetcher = fetcher
         self.decoder = decoder
         self.limits = limits
@@ -177,7 +177,9 @@ class MediaLoader:
         (image,) = await self._decoded([part], [data])
         return image
 
-    async def judged(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+    async def judged(
+        self, messages: list[ChatMessage], allowance: MediaBudget | None = None
+    ) -> list[ChatMessage]:
         """The image parts that may be videos (or_video: the Animus contract's image_url),
         downloaded once and judged by their first bytes: an image, or else a video. A few at a
         time, the request's media bytes charged as they arrive (each download may be a
@@ -188,7 +190,7 @@ class MediaLoader:
         parts = [part for part in parts_of(messages, ImagePart) if part.or_video is not None]
         if not parts:
             return messages
-        allowance = MediaBudget(self.limits.max_media_bytes_per_request)
+        allowance = allowance or MediaBudget(self.limits.max_media_bytes_per_request)
         num_videos = len(parts_of(messages, VideoPart))
         downloads: list[FetchedMedia] = []
         at_once = asyncio.Semaphore(JUDGED_AT_ONCE)
@@ -215,13 +217,17 @@ class MediaLoader:
         by_part = {id(part): made for part, made in zip(parts, judged, strict=True)}
         return with_parts(messages, lambda part: by_part.get(id(part), part))
 
-    async def downloaded(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+    async def downloaded(
+        self, messages: list[ChatMessage], slot: asyncio.Semaphore
+    ) -> list[ChatMessage]:
         """The request's media by http(s) URL downloaded (and the parts that may be videos
-        judged), before the request takes a preprocessing slot: a host that stalls holds one
-        of the download slots, not one of the few that decode (eight stalling URLs kept every
-        request waiting, those with inline images too). Each part carries its download
-        (fetched, spooled to a file: a request waiting for a slot holds no memory), charged
-        against the request's bytes as it arrives; an error (a cancel too) discards them."""
+        judged) before the request takes `slot`, its preprocessing slot: a host that stalls
+        holds one of the download slots, not one of the few that decode (eight stalling URLs
+        kept every request waiting, those with inline images too). Returns holding `slot`
+        (the caller gives it back), taken before the download slot is given back: requests
+        whose downloads wait on disk for a slot stay as many as the download slots. Each part
+        carries its download (fetched, spooled to a file), charged against the request's
+        bytes as it arrives; an error (a cancel too) discards them."""
         remote = [
             part
             for part in [*parts_of(messages, ImagePart), *parts_of(messages, VideoPart)]
@@ -231,22 +237,26 @@ class MediaLoader:
         ]
         judging = any(part.or_video is not None for part in parts_of(messages, ImagePart))
         if not remote and not judging:
+            await slot.acquire()
             return messages
         async with self.downloads:
-            messages = await self.judged(messages)
             allowance = MediaBudget(self.limits.max_media_bytes_per_request)
             downloads: list[FetchedMedia] = []
             try:
+                messages = await self.judged(messages, allowance)
                 fetched = await _in_order([self._download(p, allowance, downloads) for p in remote])
-            except BaseException:  # (those done too: their parts are not in the messages yet)
+                by_part = {
+                    id(part): replace(part, fetched=f)
+                    for part, f in zip(remote, fetched, strict=True)
+                }
+                messages = with_parts(messages, lambda part: by_part.get(id(part), part))
+                await slot.acquire()
+            except BaseException:  # (those done too: their parts may not be in the messages)
                 self.forget(messages)
                 for media in downloads:
                     media.discard()
                 raise
-        by_part = {
-            id(part): replace(part, fetched=f) for part, f in zip(remote, fetched, strict=True)
-        }
-        return with_parts(messages, lambda part: by_part.get(id(part), part))
+        return messages
 
     async def _download(
         self, part: ImagePart | VideoPart, allowance: MediaBudget, downloads: list[FetchedMedia]
@@ -265,7 +275,8 @@ class MediaLoader:
 
     @staticmethod
     def forget(messages: list[ChatMessage]) -> None:
-        """Discards the downloads judged left (a request that failed before reading them)."""
+        """Discards the downloads its parts still carry (a request that failed, or was
+        answered, before reading them all)."""
         for part in [*parts_of(messages, ImagePart), *parts_of(messages, VideoPart)]:
             if part.fetched is not None:
                 part.fetched.discard()

@@ -121,3 +121,33 @@ async def test_a_request_over_its_bytes_names_the_part_in_order(
         for _ in range(3):
             response = await client.post("/v1/chat/completions", json=body)
             assert_error(response, 400, "messages[0].content[1]", "media_budget_exceeded")
+
+
+async def test_downloads_waiting_for_a_slot_keep_their_download_slot(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """A request whose downloads are done waits for a preprocessing slot still holding its
+    download slot: the requests whose downloads wait on disk stay as many as the download
+    slots (given back at once, a burst of them spooled without bound)."""
+    settings = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        max_concurrent_preprocessing=1,
+        max_concurrent_downloads=1,
+    )
+    image = make_image(64, 48)
+    first, second = (media_server.add(f"/handover/{n}.jpg", image) for n in (1, 2))
+    async for client in start_client(settings):
+        slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
+        await slots.acquire()  # (every preprocessing slot busy)
+        waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(first)))
+        await requested(media_server, "/handover/1.jpg")
+        behind = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(second)))
+        await asyncio.sleep(1.0)
+        assert "/handover/2.jpg" not in media_server.requested
+        assert len(spooled(settings)) == 1
+        slots.release()
+        for request in (waiting, behind):
+            response = await asyncio.wait_for(request, 30)
+            assert response.status_code == 200, response.text
+        assert not spooled(settings)

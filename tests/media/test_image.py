@@ -245,3 +245,29 @@ def test_a_huge_jpeg_frame_is_too_large_not_unreadable() -> None:
     with pytest.raises(MediaError) as info:
         _open(bytes(jpeg), "messages[0].content[0]")
     assert info.value.code == "media_too_large" and "4225000000 pixels" in info.value.message
+
+
+def test_a_drafted_jpeg_keeps_the_target_of_its_full_size() -> None:
+    """The draft's sides are rounded up (7356x2401 at 1/4 is 1839x601): the target is still
+    reckoned from the full size, as before drafting (it moved by a token: 784x252 became
+    756x252), turned as its EXIF orientation turns it."""
+    low = pixel_range("low", *UNASKED)
+    data = _photo(7356, 2401)
+    assert load_image(data, low, param="p").size == target_size(7356, 2401, low[1])
+    turned = Image.open(io.BytesIO(data))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # (turned 90 degrees for display)
+    out = io.BytesIO()
+    turned.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    assert load_image(out.getvalue(), low, param="p").size == target_size(2401, 7356, low[1])
+
+
+def test_a_progressive_jpegs_decode_memory_is_reckoned_whole() -> None:
+    """libjpeg keeps a progressive JPEG's coefficients at full size whatever the draft scale:
+    its share of the decode memory is its whole size's."""
+    image = Image.open(io.BytesIO(_photo(4000, 3000)))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, progressive=True)
+    progressive = out.getvalue()
+    assert decoded_size(progressive, (4000, 3000), AUTO, 28) == (4000, 3000)
+    assert decoded_size(_photo(4000, 3000), (4000, 3000), AUTO, 28) == (2000, 1500)
