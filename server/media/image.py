@@ -250,11 +250,7 @@ def decode_image(data: bytes, *, param: str, keep_side: int = 0) -> Image.Image:
         found = re.search(r"\((\d+) pixels\)", str(exc))  # (Pillow's words: its size)
         raise _too_large(param, f"{found.group(1)} pixels" if found else "too large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        hint = _what_it_is(data)
-        raise MediaError(
-            f"The data at {param} is not a valid image (supported: {IMAGE_FORMATS}){hint}.",
-            param=param,
-        ) from None
+        raise not_an_image(param, data[:64]) from None
     if min(image.size) < 1:
         raise MediaError(f"The image at {param} is empty.", param=param)
     return image
@@ -270,23 +266,35 @@ OTHER_IMAGE_SIGNATURES = (
 )
 
 
-def _what_it_is(data: bytes) -> str:
-    """What bytes that are not an image this server reads are, where that helps: another
-    image format, by name; a video, with how to send one."""
-    head = data[:32]
+def other_image_format(head: bytes) -> str | None:
+    """An image format read elsewhere but not here, by a file's first bytes ("an AVIF
+    image"); None for anything else."""
     if head[4:8] == b"ftyp" and head[8:12] in IMAGE_BRANDS:
-        return f"; it is {'an AVIF' if head[8:11] == b'avi' else 'a HEIF'} image, not one of those"
+        return f"{'an AVIF' if head[8:11] == b'avi' else 'a HEIF'} image"
     for signature, name in OTHER_IMAGE_SIGNATURES:
         if head.startswith(signature):
-            return f"; it is {name} image, not one of those"
+            return f"{name} image"
     if head.lstrip()[:5].lower() in (b"<svg ", b"<?xml"):
-        return "; it is an SVG (or other XML) file, not one of those"
-    if looks_like_video(data):
-        return (
+        return "an SVG (or other XML) file"
+    return None
+
+
+def not_an_image(param: str, head: bytes) -> MediaError:
+    """The 400 for bytes that are no image this server reads, saying what they are where
+    that helps: another image format, by name; a video, with how to send one."""
+    if (other := other_image_format(head[:32])) is not None:
+        hint = f"; it is {other}, not one of those"
+    elif looks_like_video(head):
+        hint = (
             "; it is a video: send it as a video_url part, or as a data: URI that declares "
             "it (data:video/mp4;base64,...)"
         )
-    return ""
+    else:
+        hint = ""
+    return MediaError(
+        f"The data at {param} is not a valid image (supported: {IMAGE_FORMATS}){hint}.",
+        param=param,
+    )
 
 
 def _rgb(image: Image.Image) -> Image.Image:

@@ -229,17 +229,23 @@ class ChatPipeline:
         request = replace(request, messages=messages)
         try:  # (holding a preprocessing slot)
             images = await self.media.images(request.messages, budget)
-            prepared = await self._prepare(request, images, budget)
+            videos = await self._videos(request, images, budget)
+            captioned = bool(videos) and request.video_mode == "captions"
+            if not captioned:
+                inputs = await self._native_inputs(request, images, videos)
         finally:
             self.preprocessing.release()
             self.media.forget(request.messages)
-        # Queued outside the preprocessing slots: n choices wait for the first's prefill (long
-        # when the batch is full), and held a slot meanwhile: eight such requests kept every
-        # other client's request from even being queued, whatever the scheduling policy.
-        if isinstance(prepared, ChatRun):
-            run = prepared
+        # Outside the preprocessing slots, the engine's work: a video's captions (two /v2
+        # requests captioning long videos held both slots, and an inline image waited 7 s),
+        # and the queueing (n choices wait for the first's prefill, long when the batch is
+        # full: eight such requests held every slot, whatever the scheduling policy).
+        if captioned:
+            run = await self._captioned(request, images, videos)
         else:
-            run = ChatRun(await self._add(request, prepared), think_close_id=self.think_close_id)
+            if videos:  # one line per video request, as captions mode writes
+                _log_native(videos, inputs, request.received_time)
+            run = ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
         for seq in run.seqs:
             seq.received_time = request.received_time
         return run
@@ -306,25 +312,6 @@ class ChatPipeline:
             self.preprocessing.release()
             self.media.forget(request.messages)
         return self.engine.limits.truncated(inputs, request.truncation, request.sampling)
-
-    async def _prepare(
-        self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
-    ) -> ChatRun | ModelInputs:
-        """The request's run when its videos are captioned first; else its prompt's inputs,
-        to be queued."""
-        videos = await self._videos(request, images, budget)
-        if videos and request.video_mode == "captions":
-            return await self._captioned(request, images, videos)
-        inputs = await self._native_inputs(request, images, videos)
-        if videos:  # one line per video request, as captions mode writes
-            logger.info(
-                "read %d video frames natively: %d video tokens of %d prompt tokens in %.2fs",
-                sum(len(video.frames) for video in videos),
-                inputs.num_video_tokens,
-                inputs.num_prompt_tokens,
-                time.monotonic() - request.received_time,
-            )
-        return inputs
 
     async def _videos(
         self, request: ChatRequest, images: list[Image.Image], budget: MediaBudget
@@ -504,6 +491,16 @@ class ChatPipeline:
             reasoning,
             list(seq.output_token_ids[start:]) if request.return_token_ids else None,
         )
+
+
+def _log_native(videos: list[DecodedVideo], inputs: ModelInputs, received_time: float) -> None:
+    logger.info(
+        "read %d video frames natively: %d video tokens of %d prompt tokens in %.2fs",
+        sum(len(video.frames) for video in videos),
+        inputs.num_video_tokens,
+        inputs.num_prompt_tokens,
+        time.monotonic() - received_time,
+    )
 
 
 async def _templated(render: Callable[..., T], *args: Any) -> T:

@@ -28,6 +28,8 @@ from server.media.image import (
     load_image,
     looks_like_image,
     looks_like_video,
+    not_an_image,
+    other_image_format,
     pixel_range,
     visual_tokens,
 )
@@ -201,9 +203,11 @@ class MediaLoader:
                 spend = partial(allowance.spend, param=part.param)
                 media = await self.fetch_unknown(part.url, part.param, spend)
                 downloads.append(media)  # (before any await: a cancel cannot lose it)
-            head = await asyncio.to_thread(media.head, part.param)
+            head = await asyncio.to_thread(media.head, part.param, 64)
             if looks_like_image(head):
                 return replace(part, or_video=None, fetched=media)
+            if other_image_format(head) is not None:  # (named, not read as a video)
+                raise not_an_image(part.param, head)
             num_videos += 1
             _check_count(num_videos, "videos", self.limits.max_videos_per_request)
             return VideoPart(part.url, frames, part.param, not looks_like_video(head), media)
@@ -244,7 +248,9 @@ class MediaLoader:
             downloads: list[FetchedMedia] = []
             try:
                 messages = await self.judged(messages, allowance)
-                fetched = await _in_order([self._download(p, allowance, downloads) for p in remote])
+                # (the first to fail stops the rest: a 404 is not held behind a slow host)
+                downloading = [self._download(p, allowance, downloads) for p in remote]
+                fetched = await _failing_fast(downloading)
                 by_part = {
                     id(part): replace(part, fetched=f)
                     for part, f in zip(remote, fetched, strict=True)
@@ -393,6 +399,8 @@ async def _failing_fast(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
     """Run together; the first to fail stops the rest (cancelled, their errors read), and
     its error is raised: the download that went past the request's bytes, or the video past
     its count, not one still waiting on a slow host."""
+    if not coroutines:
+        return []
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)

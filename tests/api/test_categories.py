@@ -186,9 +186,14 @@ async def test_a_url_that_does_not_say_what_it_is_is_read_by_its_first_bytes(
         missing = {"model": "tiny", "media_url": media_server.url("/signed/none")}
         response = await client.post("/v2/media/categories", json=missing)
         assert response.status_code == 400 and response.json()["error"]["param"] == "media_url"
-        # Neither an image read here nor a video: the error says both, not only "not a video".
-        svg = media_server.add("/logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "x")
-        response = await client.post("/v2/media/categories", json={"media_url": svg})
+        # Neither an image read here nor a video: the error says both, not only "not a video";
+        # an image format read elsewhere is named (an SVG was "neither ... nor a video")
+        text = media_server.add("/notes", b"plain text, not media at all", "x")
+        response = await client.post("/v2/media/categories", json={"media_url": text})
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == "media_url", error
         assert "neither an image this server reads (jpeg, png" in error["message"], error
+        svg = media_server.add("/logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "x")
+        response = await client.post("/v2/media/categories", json={"media_url": svg})
+        error = assert_error(response, 400, "media_url", "invalid_media")
+        assert "it is an SVG" in error["message"], error

@@ -5,6 +5,7 @@ what a failed or abandoned request downloaded does not stay in the spool."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,63 @@ async def test_downloads_waiting_for_a_slot_keep_their_download_slot(
             response = await asyncio.wait_for(request, 30)
             assert response.status_code == 200, response.text
         assert not spooled(settings)
+
+
+async def test_a_failed_download_is_not_held_behind_a_slow_one(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """Of a request's downloads, the first to fail is the answer at once (a 404 waited for a
+    slow host before it in the request), and the slow one is stopped and discarded."""
+    settings = make_settings(tiny_model_dir, data_dir=tmp_path / "data", media_fetch_timeout=60)
+    slow = media_server.stall("/stall/before-404.jpg", make_image(64, 48))
+    async for client in start_client(settings):
+        body = ask(slow, media_server.url("/missing-after-slow.jpg"))
+        response = await asyncio.wait_for(client.post("/v1/chat/completions", json=body), 20)
+        assert_error(response, 400, "messages[0].content[1]", "media_fetch_failed")
+        assert not spooled(settings)
+        media_server.stalls["/stall/before-404.jpg"].set()
+
+
+def held(caption: Callable, started: asyncio.Event, release: asyncio.Event) -> Callable:
+    """caption, once release is set (started: it was called)."""
+
+    async def captioned(*args: object, **kwargs: object) -> object:
+        started.set()
+        await release.wait()
+        return await caption(*args, **kwargs)
+
+    return captioned
+
+
+async def test_captioning_a_video_holds_no_preprocessing_slot(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Captions mode's captions are the engine's work, done after the request's slot is
+    given back (two /v2 requests captioning long videos held both slots: an inline image
+    waited 7 s)."""
+    from tests.helpers import make_video
+
+    settings = make_settings(
+        tiny_model_dir, data_dir=tmp_path / "data", max_concurrent_preprocessing=1
+    )
+    async for client in start_client(settings):
+        chat = client.app.state.services.chat  # type: ignore[attr-defined]
+        captioning, release = asyncio.Event(), asyncio.Event()
+        chat.captioner.caption = held(chat.captioner.caption, captioning, release)
+        video = data_uri(make_video(seconds=2), "video/mp4")
+        content = [{"type": "image_url", "image_url": {"url": video}}]
+        body = {
+            "model": "tiny",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": content}],
+        }
+        captioned = asyncio.ensure_future(client.post("/v2/media/completions", json=body))
+        await asyncio.wait_for(captioning.wait(), 30)
+        assert not chat.preprocessing.locked()
+        inline = client.post("/v1/chat/completions", json=ask(data_uri(make_image(32, 32))))
+        response = await asyncio.wait_for(inline, 30)
+        assert response.status_code == 200, response.text
+        release.set()
+        response = await asyncio.wait_for(captioned, 60)
+        assert response.status_code == 200, response.text
+        assert response.json()["frames"]

@@ -425,7 +425,7 @@ async def test_an_animus_client_sends_its_video_as_an_image_url_part(
         assert response.status_code == 400 and "video_url" in response.json()["error"]["message"]
         response = await client.post("/v2/media/completions", json=body(svg))
         error = response.json()["error"]
-        assert response.status_code == 400 and "neither an image" in error["message"], error
+        assert response.status_code == 400 and "it is an SVG" in error["message"], error
         assert error["param"] == "messages[0].content[0]", error
         spooled = (settings.data_dir / "spool").rglob("*")
         assert not [p for p in spooled if p.is_file() and p.name != ".lock"]
