@@ -136,7 +136,8 @@ HELP = {
     "logged at start). /v2/media keeps its own defaults.",
     "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After "
     "(under --scheduling-policy fair, only for projects holding their share of it).",
-    "queue_timeout": "A request still waiting for a slot after this gets a 503 with Retry-After.",
+    "queue_timeout": "A request still waiting for a slot after this (in the engine's queue, or "
+    "to download or decode its media) gets a 503 with Retry-After.",
     "max_grammar_ms_per_token": "CPU a request's structured-output constraint may take per "
     "token (masking and advancing its grammar, on the engine's thread, which every request "
     "waits on); one over it on 5 of its last 8 tokens fails with a 400 (an ambiguous EBNF "

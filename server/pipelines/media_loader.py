@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from server.config import MediaLimits
-from server.exceptions import InvalidRequest, MediaError
+from server.exceptions import EngineOverloaded, InvalidRequest, MediaError
 from server.media.decode_memory import DecodeMemory
 from server.media.fetch import FetchedMedia, MediaFetcher, Spend, is_data_uri, too_large
 from server.media.frames import FrameRequest, TokenBudget
@@ -241,28 +241,45 @@ class MediaLoader:
         ]
         judging = any(part.or_video is not None for part in parts_of(messages, ImagePart))
         if not remote and not judging:
-            await slot.acquire()
+            await self.take_slot(slot)
             return messages
-        async with self.downloads:
-            allowance = MediaBudget(self.limits.max_media_bytes_per_request)
-            downloads: list[FetchedMedia] = []
-            try:
-                messages = await self.judged(messages, allowance)
-                # (the first to fail stops the rest: a 404 is not held behind a slow host)
-                downloading = [self._download(p, allowance, downloads) for p in remote]
-                fetched = await _failing_fast(downloading)
-                by_part = {
-                    id(part): replace(part, fetched=f)
-                    for part, f in zip(remote, fetched, strict=True)
-                }
-                messages = with_parts(messages, lambda part: by_part.get(id(part), part))
-                await slot.acquire()
-            except BaseException:  # (those done too: their parts may not be in the messages)
-                self.forget(messages)
-                for media in downloads:
-                    media.discard()
-                raise
+        await self.take_slot(self.downloads)
+        allowance = MediaBudget(self.limits.max_media_bytes_per_request)
+        downloads: list[FetchedMedia] = []
+        try:
+            messages = await self.judged(messages, allowance)
+            # (the first to fail stops the rest: a 404 is not held behind a slow host)
+            downloading = [self._download(p, allowance, downloads) for p in remote]
+            fetched = await _failing_fast(downloading)
+            by_part = {
+                id(part): replace(part, fetched=f) for part, f in zip(remote, fetched, strict=True)
+            }
+            messages = with_parts(messages, lambda part: by_part.get(id(part), part))
+            await self.take_slot(slot)
+        except BaseException:  # (those done too: their parts may not be in the messages)
+            self.forget(messages)
+            for media in downloads:
+                media.discard()
+            raise
+        finally:
+            self.downloads.release()
         return messages
+
+    async def take_slot(self, slot: asyncio.Semaphore) -> None:
+        """A download or preprocessing slot, waited for at most as long as a request may
+        wait in the engine's queue (--queue-timeout), then the 503 a queue that waited too
+        long answers (300 requests on a host that never answers each waited their turn: the
+        300th ~12 minutes)."""
+        try:
+            async with asyncio.timeout(self.limits.slot_timeout_s):
+                await slot.acquire()
+        except TimeoutError:
+            raise EngineOverloaded(
+                f"The request waited more than {self.limits.slot_timeout_s:g} s for a slot to "
+                "prepare its media (other requests' downloads and decodes); retry shortly.",
+                retry_after_s=1,
+                code="queue_timeout",
+            ) from None
 
     async def _download(
         self, part: ImagePart | VideoPart, allowance: MediaBudget, downloads: list[FetchedMedia]

@@ -212,3 +212,35 @@ async def test_captioning_a_video_holds_no_preprocessing_slot(
         response = await asyncio.wait_for(captioned, 60)
         assert response.status_code == 200, response.text
         assert response.json()["frames"]
+
+
+async def test_a_request_waits_for_a_media_slot_no_longer_than_the_queue_timeout(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """A request that cannot get a download (or preprocessing) slot within --queue-timeout
+    is the 503 queue_timeout with Retry-After, as one that waited too long in the engine's
+    queue (it waited behind every stalled request, unbounded)."""
+    settings = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        max_concurrent_downloads=1,
+        max_concurrent_preprocessing=1,
+        queue_timeout=1.0,
+        media_fetch_timeout=60,
+    )
+    stalled = media_server.stall("/stall/slot-timeout.jpg", make_image(64, 48))
+    async for client in start_client(settings):
+        holding = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(stalled)))
+        await requested(media_server, "/stall/slot-timeout.jpg")
+        waiting = await client.post("/v1/chat/completions", json=ask(media_server.url("/x.jpg")))
+        error = assert_error(waiting, 503, None, "queue_timeout")
+        assert waiting.headers["retry-after"] == "1" and "slot" in error["message"]
+        slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
+        await slots.acquire()  # (and a preprocessing slot, for a request with inline media)
+        inline = await client.post("/v1/chat/completions", json=ask(data_uri(make_image(8, 8))))
+        assert_error(inline, 503, None, "queue_timeout")
+        slots.release()
+        media_server.stalls["/stall/slot-timeout.jpg"].set()
+        response = await asyncio.wait_for(holding, 30)
+        assert response.status_code == 200, response.text
+        assert not spooled(settings)
