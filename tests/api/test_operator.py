@@ -59,7 +59,7 @@ async def test_head_is_get_without_the_body(keyed: httpx.AsyncClient) -> None:
     models = await keyed.head("/v1/models", headers=auth)
     assert models.status_code == 200 and models.content == b""
     assert (await keyed.head("/v1/models/nope", headers=auth)).status_code == 404
-    posted_only = await keyed.head("/v1/chat/completions", headers=auth)
+    posted_only = await keyed.head("/v1/completions", headers=auth)
     assert posted_only.status_code == 405 and posted_only.content == b""
 
 
