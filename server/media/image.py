@@ -49,6 +49,12 @@ MAX_DECODED_PIXELS = 64 * 1024 * 1024
 Image.MAX_IMAGE_PIXELS = MAX_DECODED_PIXELS
 
 
+def bomb_size(exc: Exception) -> str:
+    """The size Pillow's decompression-bomb error names, as an error message says it."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))  # (Pillow's words: its size)
+    return f"{found.group(1)} pixels" if found else "too large"
+
+
 def _too_large(param: str, size: str) -> MediaError:
     return MediaError(
         f"The image at {param} is {size}, above the server's limit of {MAX_DECODED_PIXELS} pixels.",
@@ -247,8 +253,7 @@ def decode_image(data: bytes, *, param: str, keep_side: int = 0) -> Image.Image:
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))  # (Pillow's words: its size)
-        raise _too_large(param, f"{found.group(1)} pixels" if found else "too large") from None
+        raise _too_large(param, bomb_size(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise not_an_image(param, data[:64]) from None
     if min(image.size) < 1:
@@ -277,6 +282,17 @@ def other_image_format(head: bytes) -> str | None:
     if head.lstrip()[:5].lower() in (b"<svg ", b"<?xml"):
         return "an SVG (or other XML) file"
     return None
+
+
+def judged_kind(head: bytes, param: str) -> Literal["image", "video", "neither"]:
+    """What downloaded bytes are by their first bytes: an image read here, a video, or
+    neither (read as a video: its error then names both). An image format read elsewhere is
+    its 400 at once (an AVIF was read as a video: "the video has no decodable frames")."""
+    if looks_like_image(head):
+        return "image"
+    if other_image_format(head) is not None:
+        raise not_an_image(param, head)
+    return "video" if looks_like_video(head) else "neither"
 
 
 def not_an_image(param: str, head: bytes) -> MediaError:

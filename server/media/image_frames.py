@@ -7,7 +7,6 @@ once, so memory stays near the output frames. Blocking: run it in a thread."""
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import replace
 
 import numpy as np
@@ -18,14 +17,14 @@ from server.media.frames import (
     FRAME_FACTOR,
     FramePlan,
     FrameRequest,
-    NoRoom,
     PlanError,
     TokenBudget,
     VideoInfo,
     frame_ceiling,
     plan_frames,
 )
-from server.media.video import DecodedVideo, VideoDecodeError, VideoNoRoom
+from server.media.image import bomb_size
+from server.media.video import DecodedVideo, plan_error
 
 # The URL carries no timing: the frames are taken as one a second.
 ASSUMED_FPS = 1.0
@@ -50,7 +49,7 @@ def decode_image_frames(
             plan_frames(info, budget, request, max_fps), info, budget, request, max_fps
         )
     except PlanError as exc:
-        raise (VideoNoRoom if isinstance(exc, NoRoom) else VideoDecodeError)(str(exc)) from None
+        raise plan_error(exc) from None
     plan = replace(plan, timestamps=_own_times(plan.frame_indices, info))
     size = (plan.width, plan.height)
     array = np.stack([_decode(frames[i], size, param) for i in plan.frame_indices])
@@ -90,8 +89,7 @@ def _open(data: bytes, param: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=["JPEG"])
     except Image.DecompressionBombError as exc:  # (Pillow's own limit, met while opening)
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        raise _too_large(param, f"{found.group(1)} pixels" if found else "too large") from None
+        raise _too_large(param, bomb_size(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise MediaError(f"A frame of the video at {param} is not a JPEG.", param=param) from None
     if image.width * image.height > MAX_FRAME_PIXELS:

@@ -53,6 +53,11 @@ class VideoNoRoom(VideoDecodeError):
     """The video is readable, but not even its smallest plan fits the context."""
 
 
+def plan_error(exc: PlanError) -> VideoDecodeError:
+    """The planner's refusal as the decoders' error (VideoNoRoom: the context's fault)."""
+    return (VideoNoRoom if isinstance(exc, NoRoom) else VideoDecodeError)(str(exc))
+
+
 @dataclass(frozen=True)
 class DecodedVideo:
     info: VideoInfo
@@ -299,7 +304,7 @@ def decode_job(
     try:
         plan = plan_frames(info, budget, request, server_fps=max_fps)
     except PlanError as exc:
-        raise (VideoNoRoom if isinstance(exc, NoRoom) else VideoDecodeError)(str(exc)) from None
+        raise plan_error(exc) from None
     if request.use_scenes:
         plan = _plan_scenes(data, info, plan, budget, request)
     gap = info.duration_s / plan.num_frames

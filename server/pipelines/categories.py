@@ -28,12 +28,7 @@ from server.engine.structured import StructuredOutput
 from server.exceptions import ServerError
 from server.media.fetch import FetchedMedia, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
-from server.media.image import (
-    looks_like_image,
-    looks_like_video,
-    not_an_image,
-    other_image_format,
-)
+from server.media.image import judged_kind
 from server.media.kind import url_kind
 from server.pipelines.chat import compile_grammar
 from server.pipelines.finish import (
@@ -176,11 +171,10 @@ class CategoriesPipeline:
             self.media.downloads.release()
         try:
             head = await asyncio.to_thread(fetched.head, PARAM, 64)
-            if looks_like_image(head):
+            kind = judged_kind(head, PARAM)
+            if kind == "image":
                 return await self._image(request, sampling, fetched)
-            if other_image_format(head) is not None:  # (named, not read as a video)
-                raise not_an_image(PARAM, head)
-            or_image = not looks_like_video(head)  # (its error names both)
+            or_image = kind == "neither"  # (its error names both)
             return await self._video(request, sampling, on_progress, fetched, or_image)
         finally:
             fetched.discard()

@@ -25,11 +25,8 @@ from server.media.image import (
     decoded_bytes,
     decoded_size,
     header_size,
+    judged_kind,
     load_image,
-    looks_like_image,
-    looks_like_video,
-    not_an_image,
-    other_image_format,
     pixel_range,
     visual_tokens,
 )
@@ -204,13 +201,12 @@ class MediaLoader:
                 media = await self.fetch_unknown(part.url, part.param, spend)
                 downloads.append(media)  # (before any await: a cancel cannot lose it)
             head = await asyncio.to_thread(media.head, part.param, 64)
-            if looks_like_image(head):
+            kind = judged_kind(head, part.param)
+            if kind == "image":
                 return replace(part, or_video=None, fetched=media)
-            if other_image_format(head) is not None:  # (named, not read as a video)
-                raise not_an_image(part.param, head)
             num_videos += 1
             _check_count(num_videos, "videos", self.limits.max_videos_per_request)
-            return VideoPart(part.url, frames, part.param, not looks_like_video(head), media)
+            return VideoPart(part.url, frames, part.param, kind == "neither", media)
 
         try:
             judged = await _failing_fast([judge(part, part.or_video) for part in parts])
