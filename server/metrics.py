@@ -10,7 +10,8 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.sequence import Sequence
 from server.vllm_metrics import VllmMetrics
+
+if TYPE_CHECKING:
+    from server.pipelines.slots import Slots
 
 CLIENT_CLOSED_REQUEST = 499  # (nginx's status for it)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -96,6 +100,14 @@ class Metrics:
         )
         self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
+        # Before the engine's queue: requests downloading or decoding their media, and those
+        # waiting for a slot to (--max-concurrent-downloads, --max-concurrent-preprocessing)
+        self.media_slots = Gauge(
+            "vlm_media_slots",
+            "Requests holding or waiting for a media download or preprocessing slot",
+            ["slot", "state"],
+            registry=r,
+        )
         self.refreshers: list[Callable[[], None]] = []
         self.engine_collector: EngineCollector | None = None
 
@@ -135,6 +147,12 @@ class Metrics:
         self.registry.register(self.engine_collector)
         self.vllm.watch_engine(num_waiting, num_running, stats, cache_info)
 
+    def watch_media(self, slots: dict[str, Slots]) -> None:
+        """slots: by name (downloads, preprocessing)."""
+        for name, counted in slots.items():
+            for state in ("held", "waiting"):
+                self.media_slots.labels(name, state).set_function(partial(getattr, counted, state))
+
     def watch_jobs(
         self,
         jobs_by_status: Callable[[], dict[str, int] | None],
@@ -163,6 +181,7 @@ class Metrics:
         its gauges' callbacks must not keep a stopped engine and its KV cache in memory."""
         self.queue_depth.set_function(lambda: 0)
         self.running.set_function(lambda: 0)
+        self.media_slots.clear()  # (their callbacks hold the media loader)
         self.job_store_up.set_function(lambda: 0)
         if self.engine_collector is not None:
             self.registry.unregister(self.engine_collector)

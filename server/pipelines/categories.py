@@ -164,11 +164,8 @@ class CategoriesPipeline:
             return await self._image(request, sampling)
         # Downloaded once (a signed link may not take a second request), then judged by its
         # first bytes: its name may say neither (a signed CDN link), or be wrong.
-        await self.media.take_slot(self.media.downloads)  # (as a completion's downloads)
-        try:
+        async with self.media.downloads:  # (as a completion's downloads)
             fetched = await self.media.fetch_unknown(request.media_url, PARAM)
-        finally:
-            self.media.downloads.release()
         try:
             head = await asyncio.to_thread(fetched.head, PARAM, 64)
             kind = judged_kind(head, PARAM)

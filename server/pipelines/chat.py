@@ -61,6 +61,7 @@ from server.pipelines.reasoning import (
     single_token_id,
     split_reasoning,
 )
+from server.pipelines.slots import Slots
 from server.pipelines.tools import CALL_OPEN, Tools, parse_answer, render
 from server.pipelines.video_captions import (
     CaptionUsage,
@@ -206,7 +207,11 @@ class ChatPipeline:
         self.metrics = metrics
         # Fetching and decoding are bounded per request (caps, timeouts) and here in number, so
         # a burst cannot spend the CPU preparing requests the queue will then refuse.
-        self.preprocessing = asyncio.Semaphore(max_concurrent_preprocessing)
+        self.preprocessing = Slots(max_concurrent_preprocessing, media.limits.slot_timeout_s)
+
+    def slots(self) -> dict[str, Slots]:
+        """The slots requests wait for before the engine's queue, by name (/health, /metrics)."""
+        return {"downloads": self.media.downloads, "preprocessing": self.preprocessing}
 
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
@@ -234,7 +239,7 @@ class ChatPipeline:
             if not captioned:
                 inputs = await self._native_inputs(request, images, videos)
         finally:
-            self.preprocessing.release()
+            self.preprocessing.give_back()
             self.media.forget(request.messages)
         # Outside the preprocessing slots, the engine's work: a video's captions (two /v2
         # requests captioning long videos held both slots, and an inline image waited 7 s),
@@ -309,7 +314,7 @@ class ChatPipeline:
             videos = await self._videos(request, images, budget)
             inputs = await self._native_inputs(request, images, videos)
         finally:
-            self.preprocessing.release()
+            self.preprocessing.give_back()
             self.media.forget(request.messages)
         return self.engine.limits.truncated(inputs, request.truncation, request.sampling)
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from server.config import MediaLimits
-from server.exceptions import EngineOverloaded, InvalidRequest, MediaError
+from server.exceptions import InvalidRequest, MediaError
 from server.media.decode_memory import DecodeMemory
 from server.media.fetch import FetchedMedia, MediaFetcher, Spend, is_data_uri, too_large
 from server.media.frames import FrameRequest, TokenBudget
@@ -34,6 +34,7 @@ from server.media.image_frames import decode_image_frames
 from server.media.video import DecodedVideo, VideoDecodeError, VideoDecoder, VideoNoRoom
 from server.metrics import Metrics
 from server.pipelines.messages import ChatMessage, ImagePart, VideoPart, parts_of, with_parts
+from server.pipelines.slots import Slots
 
 T = TypeVar("T")
 # /v2 image_url downloads judged at once (each may be a video): a sixteen-image request is not
@@ -85,7 +86,7 @@ class MediaLoader:
         self.context_length = context_length  # tokens (0: images are not counted before)
         self.metrics = metrics
         self.decode_memory = DecodeMemory(limits.image_decode_memory_bytes)
-        self.downloads = asyncio.Semaphore(limits.max_concurrent_downloads)
+        self.downloads = Slots(limits.max_concurrent_downloads, limits.slot_timeout_s)
 
     def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
         for kind, name, limit in (
@@ -217,9 +218,7 @@ class MediaLoader:
         by_part = {id(part): made for part, made in zip(parts, judged, strict=True)}
         return with_parts(messages, lambda part: by_part.get(id(part), part))
 
-    async def downloaded(
-        self, messages: list[ChatMessage], slot: asyncio.Semaphore
-    ) -> list[ChatMessage]:
+    async def downloaded(self, messages: list[ChatMessage], slot: Slots) -> list[ChatMessage]:
         """The request's media by http(s) URL downloaded (and the parts that may be videos
         judged) before the request takes `slot`, its preprocessing slot: a host that stalls
         holds one of the download slots, not one of the few that decode (eight stalling URLs
@@ -237,9 +236,9 @@ class MediaLoader:
         ]
         judging = any(part.or_video is not None for part in parts_of(messages, ImagePart))
         if not remote and not judging:
-            await self.take_slot(slot)
+            await slot.take()
             return messages
-        await self.take_slot(self.downloads)
+        await self.downloads.take()
         allowance = MediaBudget(self.limits.max_media_bytes_per_request)
         downloads: list[FetchedMedia] = []
         try:
@@ -251,31 +250,15 @@ class MediaLoader:
                 id(part): replace(part, fetched=f) for part, f in zip(remote, fetched, strict=True)
             }
             messages = with_parts(messages, lambda part: by_part.get(id(part), part))
-            await self.take_slot(slot)
+            await slot.take()
         except BaseException:  # (those done too: their parts may not be in the messages)
             self.forget(messages)
             for media in downloads:
                 media.discard()
             raise
         finally:
-            self.downloads.release()
+            self.downloads.give_back()
         return messages
-
-    async def take_slot(self, slot: asyncio.Semaphore) -> None:
-        """A download or preprocessing slot, waited for at most as long as a request may
-        wait in the engine's queue (--queue-timeout), then the 503 a queue that waited too
-        long answers (300 requests on a host that never answers each waited their turn: the
-        300th ~12 minutes)."""
-        try:
-            async with asyncio.timeout(self.limits.slot_timeout_s):
-                await slot.acquire()
-        except TimeoutError:
-            raise EngineOverloaded(
-                f"The request waited more than {self.limits.slot_timeout_s:g} s for a slot to "
-                "prepare its media (other requests' downloads and decodes); retry shortly.",
-                retry_after_s=1,
-                code="queue_timeout",
-            ) from None
 
     async def _download(
         self, part: ImagePart | VideoPart, allowance: MediaBudget, downloads: list[FetchedMedia]

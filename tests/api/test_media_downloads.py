@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from httpx import AsyncClient
 
 from server.config import Settings
 from tests.api.test_errors import assert_error
@@ -140,18 +141,34 @@ async def test_downloads_waiting_for_a_slot_keep_their_download_slot(
     first, second = (media_server.add(f"/handover/{n}.jpg", image) for n in (1, 2))
     async for client in start_client(settings):
         slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
-        await slots.acquire()  # (every preprocessing slot busy)
+        await slots.take()  # (every preprocessing slot busy)
         waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(first)))
         await requested(media_server, "/handover/1.jpg")
         behind = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(second)))
         await asyncio.sleep(1.0)
         assert "/handover/2.jpg" not in media_server.requested
         assert len(spooled(settings)) == 1
-        slots.release()
+        # Both waits are shown, as the engine's queue is (an operator saw an idle engine)
+        one_each = {"held": 1, "waiting": 1}
+        expected = {"downloads": one_each, "preprocessing": one_each}
+        assert await media_slots(client) == expected
+        slots.give_back()
         for request in (waiting, behind):
             response = await asyncio.wait_for(request, 30)
             assert response.status_code == 200, response.text
         assert not spooled(settings)
+        none = {"held": 0, "waiting": 0}
+        assert await media_slots(client) == {"downloads": none, "preprocessing": none}
+
+
+async def media_slots(client: AsyncClient) -> dict[str, dict[str, int]]:
+    """/health's media_slots, checked against /metrics' vlm_media_slots."""
+    slots = (await client.get("/health")).json()["media_slots"]
+    metrics = (await client.get("/metrics")).text
+    for name, counts in slots.items():
+        for state, count in counts.items():
+            assert f'vlm_media_slots{{slot="{name}",state="{state}"}} {count}.0' in metrics
+    return slots
 
 
 async def test_a_failed_download_is_not_held_behind_a_slow_one(
@@ -204,7 +221,7 @@ async def test_captioning_a_video_holds_no_preprocessing_slot(
         }
         captioned = asyncio.ensure_future(client.post("/v2/media/completions", json=body))
         await asyncio.wait_for(captioning.wait(), 30)
-        assert not chat.preprocessing.locked()
+        assert chat.preprocessing.held == 0
         inline = client.post("/v1/chat/completions", json=ask(data_uri(make_image(32, 32))))
         response = await asyncio.wait_for(inline, 30)
         assert response.status_code == 200, response.text
@@ -236,10 +253,10 @@ async def test_a_request_waits_for_a_media_slot_no_longer_than_the_queue_timeout
         error = assert_error(waiting, 503, None, "queue_timeout")
         assert waiting.headers["retry-after"] == "1" and "slot" in error["message"]
         slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
-        await slots.acquire()  # (and a preprocessing slot, for a request with inline media)
+        await slots.take()  # (and a preprocessing slot, for a request with inline media)
         inline = await client.post("/v1/chat/completions", json=ask(data_uri(make_image(8, 8))))
         assert_error(inline, 503, None, "queue_timeout")
-        slots.release()
+        slots.give_back()
         media_server.stalls["/stall/slot-timeout.jpg"].set()
         response = await asyncio.wait_for(holding, 30)
         assert response.status_code == 200, response.text

@@ -19,8 +19,10 @@ router = APIRouter()
 @router.get("/health", tags=["server"])
 async def health(services: Services = Depends(get_services)) -> JSONResponse:
     """200 while the engine runs, 503 once it has stopped (open without an API key).
-    job_store: "ok", or "unreachable" while the job store does not answer (jobs, stored
-    responses and files are 503s meanwhile; chat and completions are served: still a 200)."""
+    media_slots: requests holding or waiting for a slot to download or decode their media
+    (before the engine's queue, num_queued). job_store: "ok", or "unreachable" while the job
+    store does not answer (jobs, stored responses and files are 503s meanwhile; chat and
+    completions are served: still a 200)."""
     engine = services.engine
     if not engine.is_running:
         return JSONResponse({"status": "unavailable"}, status_code=503)
@@ -30,6 +32,7 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
             "status": "ok",
             "num_running": engine.num_running,
             "num_queued": engine.num_queued,
+            "media_slots": {name: slots.counts() for name, slots in services.chat.slots().items()},
             "job_store": store,
         }
     )
