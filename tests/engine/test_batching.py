@@ -242,8 +242,10 @@ async def test_a_reader_that_falls_behind_gets_what_piled_up_merged(loaded, prom
     index, first = await anext(outputs)
     while not all(seq.is_finished for seq in seqs):
         await asyncio.sleep(0.01)
-    rest = [item async for item in outputs]
+    # The engine's thread finishes a sequence before the event loop has its last outputs:
+    # stopped (joined), every output is in its queue (read before, a late one was a piece more).
     await engine.stop()
+    rest = [item async for item in outputs]
     assert all(len(seq.output_token_ids) == 40 for seq in seqs)
     # Held while the reader was away: n in merged's queue and one in each pump's hands; then
     # what piled up, joined in pieces of MAX_JOINED_TOKENS (an eager reader held all 120
