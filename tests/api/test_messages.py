@@ -375,6 +375,7 @@ async def test_thinking_is_accepted_where_the_checkpoint_has_none(
             messages=[{"role": "user", "content": "Hi"}],
             max_tokens=3,
             thinking=thinking,
+            extra_body=GREEDY,  # (sampled, the first token was now and then an end)
         )
         assert [b.type for b in message.content] == ["text"]
 
