@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -229,15 +230,27 @@ async def test_priority_preemption_leaves_the_answers_unchanged(loaded, prompts,
         for name, prompt, sampling in (("a", low_prompt, low), ("b", high_prompt, high))
     ]
     assert engine.scheduler.num_preemptions == 0
-    first = engine.add_request("low", low_prompt, low)
-    low_done = asyncio.ensure_future(collect(engine, first))
     free = engine.scheduler.blocks
     prompt_blocks = -(-high_prompt.num_prompt_tokens // 16)
     target = {"blocks_for_none": prompt_blocks - 1, "blocks_for_the_prompt": prompt_blocks}
-    while first.num_completion_tokens < 3 or free.num_free_blocks > target.get(room, 1 << 30):
-        assert not first.is_finished
-        await asyncio.sleep(0.0005)
+    # The engine's thread waits at the step where the cache is that full, until the high one
+    # is in its inbox (polled from the event loop instead, a loaded machine missed the window:
+    # the low one had finished).
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause_when_full(_: int) -> None:
+        if paused.is_set() or first.num_completion_tokens < 3:
+            return
+        if free.num_free_blocks <= target.get(room, 1 << 30):
+            paused.set()
+            resume.wait(60)
+
+    first = engine.add_request("low", low_prompt, low)
+    engine.on_step = pause_when_full
+    low_done = asyncio.ensure_future(collect(engine, first))
+    assert await asyncio.to_thread(paused.wait, 60) and not first.is_finished
     second = engine.add_request("high", high_prompt, high)
+    resume.set()
     assert await collect(engine, second) == alone[1]
     assert await low_done == alone[0]
     await engine.stop()
