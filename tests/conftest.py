@@ -4,6 +4,7 @@ local HTTP server for media URLs, and the app with its real lifespan."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Settings read VLM_DEVICE / VLM_DTYPE, so every app and engine the tests build uses them.
     os.environ["VLM_DEVICE"] = config.getoption("--device")
     os.environ["VLM_DTYPE"] = config.getoption("--dtype")
+    # Started in the background by a shell (`pytest ... &`), this run ignores SIGINT and the
+    # servers it starts inherit that: their Ctrl-C tests then saw exit 0, not 130. Handled
+    # here, SIGINT is back at its default in every child (as a terminal's run has it).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if config.getoption("--device").startswith("cuda"):
         import torch
 
