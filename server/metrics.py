@@ -181,7 +181,7 @@ class Metrics:
         its gauges' callbacks must not keep a stopped engine and its KV cache in memory."""
         self.queue_depth.set_function(lambda: 0)
         self.running.set_function(lambda: 0)
-        self.media_slots.clear()  # (their callbacks hold the media loader)
+        self.media_slots.clear()  # (their callbacks hold the ended lifespan's slots)
         self.job_store_up.set_function(lambda: 0)
         if self.engine_collector is not None:
             self.registry.unregister(self.engine_collector)
