@@ -69,6 +69,7 @@ class MediaLimits:
     max_videos_per_request: int
     image_decode_memory_bytes: int = 2**30
     max_concurrent_downloads: int = 32  # requests downloading their media at once
+    max_concurrent_preprocessing: int = 8  # requests decoding it (and building their inputs)
     slot_timeout_s: float = 60.0  # a request's wait for those slots (--queue-timeout)
 
 
@@ -349,6 +350,7 @@ class Settings(BaseSettings):
             max_videos_per_request=self.max_videos_per_request,
             image_decode_memory_bytes=int(self.image_decode_memory * 2**30),
             max_concurrent_downloads=self.max_concurrent_downloads,
+            max_concurrent_preprocessing=self.max_concurrent_preprocessing,
             slot_timeout_s=self.queue_timeout,
         )
 

@@ -101,7 +101,6 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             engine,
             input_builder,
             media,
-            max_concurrent_preprocessing=settings.max_concurrent_preprocessing,
             caption_tokens=settings.caption_tokens,
             metrics=metrics,
         )

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from server.engine.engine import AsyncEngine
@@ -194,11 +195,12 @@ class CategoriesPipeline:
         part = ImagePart(request.media_url, "auto", PARAM)
         messages = [ChatMessage("user", [part])]
         budget = self.media.check_counts(messages)
-        if fetched is not None:
-            image = await self.media.fetched_image(part, fetched, budget)
-        else:
-            (image,) = await self.media.images(messages, budget)
-        inputs = await asyncio.to_thread(self._inputs, image, request.keys, "image")
+        async with self.media.preprocessing:  # (downloaded already, if by URL: see run)
+            if fetched is not None:
+                image = await self.media.fetched_image(part, fetched, budget)
+            else:
+                (image,) = await self.media.images(messages, budget)
+            inputs = await asyncio.to_thread(self._inputs, image, request.keys, "image")
         seq = self.engine.add_request(request.request_id, inputs, sampling)
         result = _ordered(json.loads(await self._collect(seq)), request.keys)
         return CategoriesResult("image", result, usage=_usage([seq]))
@@ -225,16 +227,15 @@ class CategoriesPipeline:
             min_image_pixels=self.input_builder.min_image_pixels,  # (each frame: an image)
         )
         wishes = FrameRequest("frames", use_scenes=request.use_scenes)
-        video = await self.media.video(part, budget, tokens, wishes, fetched)
-        report(on_progress, MEDIA_READY)
 
-        def build_all() -> list[ModelInputs]:
-            return [
-                self._inputs(Image.fromarray(f), request.keys, "video frame") for f in video.frames
-            ]
+        def build_all(frames: np.ndarray) -> list[ModelInputs]:
+            return [self._inputs(Image.fromarray(f), request.keys, "video frame") for f in frames]
 
-        started = time.monotonic()
-        inputs = await asyncio.to_thread(build_all)
+        async with self.media.preprocessing:  # (the frames' answers after: the engine's work)
+            video = await self.media.video(part, budget, tokens, wishes, fetched)
+            report(on_progress, MEDIA_READY)
+            started = time.monotonic()
+            inputs = await asyncio.to_thread(build_all, video.frames)
         seqs = self.engine.add_requests(
             [(f"{request.request_id}-frame{i}", x, sampling) for i, x in enumerate(inputs)]
         )

@@ -192,7 +192,6 @@ class ChatPipeline:
         engine: AsyncEngine,
         input_builder: InputBuilder,
         media: MediaLoader,
-        max_concurrent_preprocessing: int,
         caption_tokens: int,
         metrics: Metrics,
     ):
@@ -205,9 +204,7 @@ class ChatPipeline:
         self.think_close_id = single_token_id(engine.tokenizer, THINK_CLOSE)
         self.caption_tokens = caption_tokens
         self.metrics = metrics
-        # Fetching and decoding are bounded per request (caps, timeouts) and here in number, so
-        # a burst cannot spend the CPU preparing requests the queue will then refuse.
-        self.preprocessing = Slots(max_concurrent_preprocessing, media.limits.slot_timeout_s)
+        self.preprocessing = media.preprocessing  # (shared with categories)
 
     def slots(self) -> dict[str, Slots]:
         """The slots requests wait for before the engine's queue, by name (/health, /metrics)."""
@@ -230,7 +227,7 @@ class ChatPipeline:
         request = replace(request, messages=self.rendered(request))
         report(request.on_progress, STARTED)  # (a job's: an image's too, not only videos')
         # (downloaded checked the videos it judged against their limit; images only fell)
-        messages = await self.media.downloaded(request.messages, self.preprocessing)
+        messages = await self.media.downloaded(request.messages)
         request = replace(request, messages=messages)
         try:  # (holding a preprocessing slot)
             images = await self.media.images(request.messages, budget)
@@ -307,7 +304,7 @@ class ChatPipeline:
         self._check_text(request, whole=False)  # (counted, perhaps to be cut: it may be longer)
         budget = self.media.check_counts(request.messages)
         messages = self.rendered(request)
-        messages = await self.media.downloaded(messages, self.preprocessing)
+        messages = await self.media.downloaded(messages)
         request = replace(request, messages=messages, video_mode="native")
         try:  # (holding a preprocessing slot)
             images = await self.media.images(request.messages, budget)

@@ -87,6 +87,10 @@ class MediaLoader:
         self.metrics = metrics
         self.decode_memory = DecodeMemory(limits.image_decode_memory_bytes)
         self.downloads = Slots(limits.max_concurrent_downloads, limits.slot_timeout_s)
+        # Decoding and building inputs are bounded in number too (each request's by its caps
+        # and timeouts), so a burst cannot spend the CPU preparing requests the engine's queue
+        # will then refuse; a download never holds one of these (see downloaded).
+        self.preprocessing = Slots(limits.max_concurrent_preprocessing, limits.slot_timeout_s)
 
     def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
         for kind, name, limit in (
@@ -218,11 +222,11 @@ class MediaLoader:
         by_part = {id(part): made for part, made in zip(parts, judged, strict=True)}
         return with_parts(messages, lambda part: by_part.get(id(part), part))
 
-    async def downloaded(self, messages: list[ChatMessage], slot: Slots) -> list[ChatMessage]:
+    async def downloaded(self, messages: list[ChatMessage]) -> list[ChatMessage]:
         """The request's media by http(s) URL downloaded (and the parts that may be videos
-        judged) before the request takes `slot`, its preprocessing slot: a host that stalls
-        holds one of the download slots, not one of the few that decode (eight stalling URLs
-        kept every request waiting, those with inline images too). Returns holding `slot`
+        judged) before the request takes a preprocessing slot: a host that stalls holds one of
+        the download slots, not one of the few that decode (eight stalling URLs kept every
+        request waiting, those with inline images too). Returns holding the preprocessing slot
         (the caller gives it back), taken before the download slot is given back: requests
         whose downloads wait on disk for a slot stay as many as the download slots. Each part
         carries its download (fetched, spooled to a file), charged against the request's
@@ -236,7 +240,7 @@ class MediaLoader:
         ]
         judging = any(part.or_video is not None for part in parts_of(messages, ImagePart))
         if not remote and not judging:
-            await slot.take()
+            await self.preprocessing.take()
             return messages
         await self.downloads.take()
         allowance = MediaBudget(self.limits.max_media_bytes_per_request)
@@ -250,7 +254,7 @@ class MediaLoader:
                 id(part): replace(part, fetched=f) for part, f in zip(remote, fetched, strict=True)
             }
             messages = with_parts(messages, lambda part: by_part.get(id(part), part))
-            await slot.take()
+            await self.preprocessing.take()
         except BaseException:  # (those done too: their parts may not be in the messages)
             self.forget(messages)
             for media in downloads:

@@ -261,3 +261,34 @@ async def test_a_request_waits_for_a_media_slot_no_longer_than_the_queue_timeout
         response = await asyncio.wait_for(holding, 30)
         assert response.status_code == 200, response.text
         assert not spooled(settings)
+
+
+async def test_categories_decode_in_a_preprocessing_slot(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """/v2/media/categories decodes its image or video in one of the preprocessing slots, as a
+    completion does (it decoded and built 60 frames' inputs outside them: a burst of
+    categories requests spent the CPU the slots bound), and gives it back for the answer."""
+    from tests.helpers import make_video
+
+    settings = make_settings(
+        tiny_model_dir,
+        data_dir=tmp_path / "data",
+        max_concurrent_preprocessing=1,
+        queue_timeout=30.0,
+    )
+    image, video = data_uri(make_image(64, 48)), data_uri(make_video(seconds=2), "video/mp4")
+    async for client in start_client(settings):
+        slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
+        for media_url in (image, video):
+            await slots.take()  # (every preprocessing slot busy)
+            body = {"model": "tiny", "media_url": media_url, "metadata": ["tags"]}
+            waiting = asyncio.ensure_future(client.post("/v2/media/categories", json=body))
+            async with asyncio.timeout(20):
+                while slots.waiting == 0:
+                    await asyncio.sleep(0.01)
+            assert not waiting.done()
+            slots.give_back()
+            response = await asyncio.wait_for(waiting, 60)
+            assert response.status_code == 200, response.text
+            assert slots.counts() == {"held": 0, "waiting": 0}
