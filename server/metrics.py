@@ -98,7 +98,7 @@ class Metrics:
             "1 while the job store answers, 0 while it cannot be reached",
             registry=r,
         )
-        self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a slot", registry=r)
+        self.queue_depth = Gauge("vlm_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("vlm_running_sequences", "Sequences in the batch", registry=r)
         # Before the engine's queue: requests downloading or decoding their media, and those
         # waiting for a slot to (--max-concurrent-downloads, --max-concurrent-preprocessing)
@@ -151,7 +151,8 @@ class Metrics:
         """slots: by name (downloads, preprocessing)."""
         for name, counted in slots.items():
             for state in ("held", "waiting"):
-                self.media_slots.labels(name, state).set_function(partial(getattr, counted, state))
+                count = partial(getattr, counted, f"num_{state}")
+                self.media_slots.labels(name, state).set_function(count)
 
     def watch_jobs(
         self,

@@ -105,7 +105,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             metrics=metrics,
         )
         _watch_engine(engine, settings, metrics)
-        metrics.watch_media(pipeline.slots())
+        metrics.watch_media(media.slots())
         categories = CategoriesPipeline(engine, input_builder, media)
         # A batch's lines and background responses go through this app itself (see
         # pipelines/batch.py), as internal requests: in their job's project, with no key.

@@ -48,7 +48,7 @@ async def check_readable(
         reader.continue_from(items)
         # (CPU work: in a thread)
         messages = (await asyncio.to_thread(translated_request, reader, services)).messages
-        await chat.check_inline_images(messages, chat.media.check_counts(messages))
+        await chat.media.check_inline_images(messages, chat.media.check_counts(messages))
     except ServerError as exc:
         reader.name_error(exc)
         exc.param = "items"

@@ -31,6 +31,7 @@ from server.media.fetch import FetchedMedia, is_data_uri
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import judged_kind
 from server.media.kind import url_kind
+from server.media.video import DecodedVideo
 from server.pipelines.chat import compile_grammar
 from server.pipelines.finish import (
     FRAMES_DONE,
@@ -159,23 +160,46 @@ class CategoriesPipeline:
             max_tokens=MAX_JSON_TOKENS, temperature=0.1, structured=spec, priority=request.priority
         )
         kind = url_kind(request.media_url, PARAM)  # (refuses the containers not read here)
+        fetched = None
         if is_data_uri(request.media_url):  # as it declares itself
-            if kind == "video":
-                return await self._video(request, sampling, on_progress)
-            return await self._image(request, sampling)
-        # Downloaded once (a signed link may not take a second request), then judged by its
-        # first bytes: its name may say neither (a signed CDN link), or be wrong.
-        async with self.media.downloads:  # (as a completion's downloads)
-            fetched = await self.media.fetch_unknown(request.media_url, PARAM)
+            kind = "video" if kind == "video" else "image"
+            await self.media.preprocessing.take()
+        else:
+            fetched = await self._downloaded(request.media_url)
+        # Holding a preprocessing slot while the media are decoded and the inputs built; the
+        # answers (the engine's work) come after it is given back.
         try:
-            head = await asyncio.to_thread(fetched.head, PARAM, 64)
-            kind = judged_kind(head, PARAM)
+            if fetched is not None:
+                # judged by its first bytes: its name may say neither (a signed CDN link), or
+                # be wrong
+                kind = judged_kind(await asyncio.to_thread(fetched.head, PARAM, 64), PARAM)
             if kind == "image":
-                return await self._image(request, sampling, fetched)
-            or_image = kind == "neither"  # (its error names both)
-            return await self._video(request, sampling, on_progress, fetched, or_image)
+                inputs = await self._image_inputs(request, fetched)
+            else:  # (neither: read as a video, its error naming both)
+                or_image = kind == "neither"
+                video, frame_inputs = await self._video_inputs(request, fetched, or_image)
+                report(on_progress, MEDIA_READY)
         finally:
-            fetched.discard()
+            self.media.preprocessing.give_back()
+            if fetched is not None:
+                fetched.discard()
+        if kind == "image":
+            return await self._image(request, sampling, inputs)
+        return await self._video(request, sampling, on_progress, video, frame_inputs)
+
+    async def _downloaded(self, url: str) -> FetchedMedia:
+        """The media downloaded once (a signed link may not take a second request), returned
+        holding a preprocessing slot, taken before the download slot is given back (as a
+        completion's downloads: the requests whose downloads wait on disk stay as many as the
+        download slots)."""
+        async with self.media.downloads:
+            fetched = await self.media.fetch_unknown(url, PARAM)
+            try:
+                await self.media.preprocessing.take()
+            except BaseException:
+                fetched.discard()
+                raise
+        return fetched
 
     async def check_for_job(self, media_url: str) -> None:
         """What a job would otherwise find out only when it runs: an image sent inline that
@@ -186,37 +210,33 @@ class CategoriesPipeline:
         messages = [ChatMessage("user", [ImagePart(media_url, "auto", PARAM)])]
         await self.media.check_inline_images(messages, self.media.check_counts(messages))
 
-    async def _image(
-        self,
-        request: CategoriesRequest,
-        sampling: SamplingParams,
-        fetched: FetchedMedia | None = None,
-    ) -> CategoriesResult:
+    async def _image_inputs(
+        self, request: CategoriesRequest, fetched: FetchedMedia | None
+    ) -> ModelInputs:
         part = ImagePart(request.media_url, "auto", PARAM)
         messages = [ChatMessage("user", [part])]
         budget = self.media.check_counts(messages)
-        async with self.media.preprocessing:  # (downloaded already, if by URL: see run)
-            if fetched is not None:
-                image = await self.media.fetched_image(part, fetched, budget)
-            else:
-                (image,) = await self.media.images(messages, budget)
-            inputs = await asyncio.to_thread(self._inputs, image, request.keys, "image")
+        if fetched is not None:
+            image = await self.media.fetched_image(part, fetched, budget)
+        else:
+            (image,) = await self.media.images(messages, budget)
+        return await asyncio.to_thread(self._inputs, image, request.keys, "image")
+
+    async def _image(
+        self, request: CategoriesRequest, sampling: SamplingParams, inputs: ModelInputs
+    ) -> CategoriesResult:
         seq = self.engine.add_request(request.request_id, inputs, sampling)
         result = _ordered(json.loads(await self._collect(seq)), request.keys)
         return CategoriesResult("image", result, usage=_usage([seq]))
 
-    async def _video(
-        self,
-        request: CategoriesRequest,
-        sampling: SamplingParams,
-        on_progress: ProgressCallback | None,
-        fetched: FetchedMedia | None = None,
-        or_image: bool = False,
-    ) -> CategoriesResult:
+    async def _video_inputs(
+        self, request: CategoriesRequest, fetched: FetchedMedia | None, or_image: bool
+    ) -> tuple[DecodedVideo, list[ModelInputs]]:
+        """The video's frames, each the input of a request of its own: up to 60, each with the
+        prompt and its JSON answer fitting the context by itself (seed 000: as many as the
+        model allows)."""
         part = VideoPart(request.media_url, FrameRequest("frames"), PARAM, or_image)
         budget = self.media.check_counts([ChatMessage("user", [part])])
-        # Each frame is a request of its own: up to 60 frames, each with the prompt and its
-        # JSON answer fitting the context by itself (seed 000: as many as the model allows).
         prompt = [{"role": "user", "content": self._content(request.keys, "video frame")}]
         prompt_tokens = self.input_builder.count_text_tokens(prompt, think=False)
         tokens = TokenBudget(
@@ -227,15 +247,22 @@ class CategoriesPipeline:
             min_image_pixels=self.input_builder.min_image_pixels,  # (each frame: an image)
         )
         wishes = FrameRequest("frames", use_scenes=request.use_scenes)
+        video = await self.media.video(part, budget, tokens, wishes, fetched)
 
         def build_all(frames: np.ndarray) -> list[ModelInputs]:
             return [self._inputs(Image.fromarray(f), request.keys, "video frame") for f in frames]
 
-        async with self.media.preprocessing:  # (the frames' answers after: the engine's work)
-            video = await self.media.video(part, budget, tokens, wishes, fetched)
-            report(on_progress, MEDIA_READY)
-            started = time.monotonic()
-            inputs = await asyncio.to_thread(build_all, video.frames)
+        return video, await asyncio.to_thread(build_all, video.frames)
+
+    async def _video(
+        self,
+        request: CategoriesRequest,
+        sampling: SamplingParams,
+        on_progress: ProgressCallback | None,
+        video: DecodedVideo,
+        inputs: list[ModelInputs],
+    ) -> CategoriesResult:
+        started = time.monotonic()
         seqs = self.engine.add_requests(
             [(f"{request.request_id}-frame{i}", x, sampling) for i, x in enumerate(inputs)]
         )

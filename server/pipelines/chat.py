@@ -61,7 +61,6 @@ from server.pipelines.reasoning import (
     single_token_id,
     split_reasoning,
 )
-from server.pipelines.slots import Slots
 from server.pipelines.tools import CALL_OPEN, Tools, parse_answer, render
 from server.pipelines.video_captions import (
     CaptionUsage,
@@ -204,11 +203,6 @@ class ChatPipeline:
         self.think_close_id = single_token_id(engine.tokenizer, THINK_CLOSE)
         self.caption_tokens = caption_tokens
         self.metrics = metrics
-        self.preprocessing = media.preprocessing  # (shared with categories)
-
-    def slots(self) -> dict[str, Slots]:
-        """The slots requests wait for before the engine's queue, by name (/health, /metrics)."""
-        return {"downloads": self.media.downloads, "preprocessing": self.preprocessing}
 
     async def start(self, request: ChatRequest) -> ChatRun:
         """Everything that can fail because of the request happens here, before any output."""
@@ -236,7 +230,7 @@ class ChatPipeline:
             if not captioned:
                 inputs = await self._native_inputs(request, images, videos)
         finally:
-            self.preprocessing.give_back()
+            self.media.preprocessing.give_back()
             self.media.forget(request.messages)
         # Outside the preprocessing slots, the engine's work: a video's captions (two /v2
         # requests captioning long videos held both slots, and an inline image waited 7 s),
@@ -291,12 +285,7 @@ class ChatPipeline:
             kept = self.engine.limits.kept_prompt_tokens(truncation, request.sampling)
             text_tokens = min(text_tokens, kept)
         self.engine.limits.max_tokens_for(text_tokens, request.sampling)
-        await self.check_inline_images(request.messages, budget)
-
-    async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
-        """MediaLoader.check_inline_images, as many at once as requests' media are read."""
-        async with self.preprocessing:
-            await self.media.check_inline_images(messages, budget)
+        await self.media.check_inline_images(request.messages, budget)
 
     async def prompt(self, request: ChatRequest) -> ModelInputs:
         """The prompt the request would run, built but not run (vLLM's /tokenize): its media
@@ -311,7 +300,7 @@ class ChatPipeline:
             videos = await self._videos(request, images, budget)
             inputs = await self._native_inputs(request, images, videos)
         finally:
-            self.preprocessing.give_back()
+            self.media.preprocessing.give_back()
             self.media.forget(request.messages)
         return self.engine.limits.truncated(inputs, request.truncation, request.sampling)
 

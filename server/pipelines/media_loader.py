@@ -92,6 +92,10 @@ class MediaLoader:
         # will then refuse; a download never holds one of these (see downloaded).
         self.preprocessing = Slots(limits.max_concurrent_preprocessing, limits.slot_timeout_s)
 
+    def slots(self) -> dict[str, Slots]:
+        """The slots requests wait for before the engine's queue, by name (/health, /metrics)."""
+        return {"downloads": self.downloads, "preprocessing": self.preprocessing}
+
     def check_counts(self, messages: list[ChatMessage]) -> MediaBudget:
         for kind, name, limit in (
             (ImagePart, "images", self.limits.max_images_per_request),
@@ -145,9 +149,16 @@ class MediaLoader:
         """The images that need no download (data: URIs, uploaded files by id) read as a
         request reads them, for what runs later (a job, a conversation's later responses):
         one that cannot be read is a 400 now, not a failure then. Images by URL are read when
-        it runs (a download can take long, and what it finds can change)."""
-        for part in parts_of(messages, ImagePart):
-            if part.file_id is not None or is_data_uri(part.url):
+        it runs (a download can take long, and what it finds can change). In a preprocessing
+        slot, as a request reads them (a burst of async requests is bounded as a burst of
+        requests is)."""
+        inline = [
+            p for p in parts_of(messages, ImagePart) if p.file_id is not None or is_data_uri(p.url)
+        ]
+        if not inline:
+            return
+        async with self.preprocessing:
+            for part in inline:
                 await self._read_image(part, budget)
 
     async def _read_image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:

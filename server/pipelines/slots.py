@@ -12,17 +12,16 @@ from server.exceptions import EngineOverloaded
 
 class Slots:
     def __init__(self, size: int, timeout_s: float):
-        self.size = size
         self.timeout_s = timeout_s  # a request's wait for one (--queue-timeout)
-        self.waiting = 0  # requests waiting for a slot
-        self.held = 0  # slots taken
+        self.num_waiting = 0  # requests waiting for a slot
+        self.num_held = 0  # slots taken
         self._free = asyncio.Semaphore(size)
 
     async def take(self) -> None:
         """A slot, waited for at most as long as a request may wait in the engine's queue,
         then the 503 a queue that waited too long answers (300 requests on a host that never
         answers each waited their turn: the 300th ~12 minutes)."""
-        self.waiting += 1
+        self.num_waiting += 1
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._free.acquire()
@@ -34,15 +33,16 @@ class Slots:
                 code="queue_timeout",
             ) from None
         finally:
-            self.waiting -= 1
-        self.held += 1
+            self.num_waiting -= 1
+        self.num_held += 1
 
     def give_back(self) -> None:
-        self.held -= 1
+        assert self.num_held > 0, "a slot given back that was not taken"
+        self.num_held -= 1
         self._free.release()
 
     def counts(self) -> dict[str, int]:
-        return {"held": self.held, "waiting": self.waiting}
+        return {"held": self.num_held, "waiting": self.num_waiting}
 
     async def __aenter__(self) -> None:
         await self.take()

@@ -140,18 +140,18 @@ async def test_downloads_waiting_for_a_slot_keep_their_download_slot(
     image = make_image(64, 48)
     first, second = (media_server.add(f"/handover/{n}.jpg", image) for n in (1, 2))
     async for client in start_client(settings):
-        slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
+        slots = client.app.state.services.chat.media.preprocessing  # type: ignore[attr-defined]
         await slots.take()  # (every preprocessing slot busy)
         waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(first)))
         await requested(media_server, "/handover/1.jpg")
         behind = asyncio.ensure_future(client.post("/v1/chat/completions", json=ask(second)))
-        await asyncio.sleep(1.0)
-        assert "/handover/2.jpg" not in media_server.requested
-        assert len(spooled(settings)) == 1
         # Both waits are shown, as the engine's queue is (an operator saw an idle engine)
         one_each = {"held": 1, "waiting": 1}
         expected = {"downloads": one_each, "preprocessing": one_each}
-        assert await media_slots(client) == expected
+        await until_slots(client, expected)
+        await asyncio.sleep(0.5)
+        assert "/handover/2.jpg" not in media_server.requested
+        assert len(spooled(settings)) == 1
         slots.give_back()
         for request in (waiting, behind):
             response = await asyncio.wait_for(request, 30)
@@ -161,8 +161,17 @@ async def test_downloads_waiting_for_a_slot_keep_their_download_slot(
         assert await media_slots(client) == {"downloads": none, "preprocessing": none}
 
 
+async def until_slots(client: AsyncClient, expected: dict[str, dict[str, int]]) -> None:
+    """Until /health's media_slots are the expected ones (then checked against /metrics)."""
+    async with asyncio.timeout(20):
+        while (await client.get("/health")).json()["media_slots"] != expected:
+            await asyncio.sleep(0.05)
+    assert await media_slots(client) == expected
+
+
 async def media_slots(client: AsyncClient) -> dict[str, dict[str, int]]:
-    """/health's media_slots, checked against /metrics' vlm_media_slots."""
+    """/health's media_slots, checked against /metrics' vlm_media_slots (at rest: read one
+    after the other)."""
     slots = (await client.get("/health")).json()["media_slots"]
     metrics = (await client.get("/metrics")).text
     for name, counts in slots.items():
@@ -221,7 +230,7 @@ async def test_captioning_a_video_holds_no_preprocessing_slot(
         }
         captioned = asyncio.ensure_future(client.post("/v2/media/completions", json=body))
         await asyncio.wait_for(captioning.wait(), 30)
-        assert chat.preprocessing.held == 0
+        assert chat.media.preprocessing.num_held == 0
         inline = client.post("/v1/chat/completions", json=ask(data_uri(make_image(32, 32))))
         response = await asyncio.wait_for(inline, 30)
         assert response.status_code == 200, response.text
@@ -252,7 +261,7 @@ async def test_a_request_waits_for_a_media_slot_no_longer_than_the_queue_timeout
         waiting = await client.post("/v1/chat/completions", json=ask(media_server.url("/x.jpg")))
         error = assert_error(waiting, 503, None, "queue_timeout")
         assert waiting.headers["retry-after"] == "1" and "slot" in error["message"]
-        slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
+        slots = client.app.state.services.chat.media.preprocessing  # type: ignore[attr-defined]
         await slots.take()  # (and a preprocessing slot, for a request with inline media)
         inline = await client.post("/v1/chat/completions", json=ask(data_uri(make_image(8, 8))))
         assert_error(inline, 503, None, "queue_timeout")
@@ -264,31 +273,51 @@ async def test_a_request_waits_for_a_media_slot_no_longer_than_the_queue_timeout
 
 
 async def test_categories_decode_in_a_preprocessing_slot(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
 ) -> None:
     """/v2/media/categories decodes its image or video in one of the preprocessing slots, as a
     completion does (it decoded and built 60 frames' inputs outside them: a burst of
-    categories requests spent the CPU the slots bound), and gives it back for the answer."""
+    categories requests spent the CPU the slots bound), and gives it back for the answer.
+    By URL, it keeps its download slot until it has a preprocessing slot (as a completion's
+    downloads: the downloads waiting on disk stay as many as the download slots)."""
     from tests.helpers import make_video
 
     settings = make_settings(
         tiny_model_dir,
         data_dir=tmp_path / "data",
         max_concurrent_preprocessing=1,
+        max_concurrent_downloads=1,
         queue_timeout=30.0,
     )
-    image, video = data_uri(make_image(64, 48)), data_uri(make_video(seconds=2), "video/mp4")
+    image, video = make_image(64, 48), make_video(seconds=2)
+    inline = [data_uri(image), data_uri(video, "video/mp4")]
+    by_url = [media_server.add("/cat/1", image), media_server.add("/cat/2", video, "video/mp4")]
     async for client in start_client(settings):
-        slots = client.app.state.services.chat.preprocessing  # type: ignore[attr-defined]
-        for media_url in (image, video):
-            await slots.take()  # (every preprocessing slot busy)
+        media = client.app.state.services.chat.media  # type: ignore[attr-defined]
+        for media_url in inline:
+            await media.preprocessing.take()  # (every preprocessing slot busy)
             body = {"model": "tiny", "media_url": media_url, "metadata": ["tags"]}
             waiting = asyncio.ensure_future(client.post("/v2/media/categories", json=body))
             async with asyncio.timeout(20):
-                while slots.waiting == 0:
+                while media.preprocessing.num_waiting == 0:
                     await asyncio.sleep(0.01)
             assert not waiting.done()
-            slots.give_back()
+            media.preprocessing.give_back()
             response = await asyncio.wait_for(waiting, 60)
             assert response.status_code == 200, response.text
-            assert slots.counts() == {"held": 0, "waiting": 0}
+        await media.preprocessing.take()
+        bodies = [{"model": "tiny", "media_url": url, "metadata": ["tags"]} for url in by_url]
+        waiting = [
+            asyncio.ensure_future(client.post("/v2/media/categories", json=body)) for body in bodies
+        ]
+        one_each = {"held": 1, "waiting": 1}
+        await until_slots(client, {"downloads": one_each, "preprocessing": one_each})
+        await asyncio.sleep(0.5)
+        assert len(spooled(settings)) == 1  # (the second waits for the download slot)
+        media.preprocessing.give_back()
+        for request in waiting:
+            response = await asyncio.wait_for(request, 60)
+            assert response.status_code == 200, response.text
+        none = {"held": 0, "waiting": 0}
+        assert await media_slots(client) == {"downloads": none, "preprocessing": none}
+        assert not spooled(settings)

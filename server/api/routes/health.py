@@ -32,7 +32,7 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
             "status": "ok",
             "num_running": engine.num_running,
             "num_queued": engine.num_queued,
-            "media_slots": {name: slots.counts() for name, slots in services.chat.slots().items()},
+            "media_slots": {name: s.counts() for name, s in services.chat.media.slots().items()},
             "job_store": store,
         }
     )
