@@ -189,16 +189,15 @@ class CategoriesPipeline:
 
     async def _downloaded(self, url: str) -> FetchedMedia:
         """The media downloaded once (a signed link may not take a second request), returned
-        holding a preprocessing slot, taken before the download slot is given back (as a
-        completion's downloads: the requests whose downloads wait on disk stay as many as the
-        download slots)."""
-        async with self.media.downloads:
-            fetched = await self.media.fetch_unknown(url, PARAM)
-            try:
-                await self.media.preprocessing.take()
-            except BaseException:
+        holding a preprocessing slot (MediaLoader.downloading, as a completion's downloads)."""
+        fetched = None
+        try:
+            async with self.media.downloading():
+                fetched = await self.media.fetch_unknown(url, PARAM)
+        except BaseException:
+            if fetched is not None:
                 fetched.discard()
-                raise
+            raise
         return fetched
 
     async def check_for_job(self, media_url: str) -> None:

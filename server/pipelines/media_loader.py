@@ -6,7 +6,8 @@ a 4xx naming it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -253,27 +254,35 @@ class MediaLoader:
         if not remote and not judging:
             await self.preprocessing.take()
             return messages
-        await self.downloads.take()
         allowance = MediaBudget(self.limits.max_media_bytes_per_request)
         downloads: list[FetchedMedia] = []
         try:
-            messages = await self.judged(messages, allowance)
-            # (the first to fail stops the rest: a 404 is not held behind a slow host)
-            downloading = [self._download(p, allowance, downloads) for p in remote]
-            fetched = await _failing_fast(downloading)
-            by_part = {
-                id(part): replace(part, fetched=f) for part, f in zip(remote, fetched, strict=True)
-            }
-            messages = with_parts(messages, lambda part: by_part.get(id(part), part))
-            await self.preprocessing.take()
+            async with self.downloading():
+                messages = await self.judged(messages, allowance)
+                # (the first to fail stops the rest: a 404 is not held behind a slow host)
+                downloading = [self._download(p, allowance, downloads) for p in remote]
+                fetched = await _failing_fast(downloading)
+                by_part = {
+                    id(part): replace(part, fetched=f)
+                    for part, f in zip(remote, fetched, strict=True)
+                }
+                messages = with_parts(messages, lambda part: by_part.get(id(part), part))
         except BaseException:  # (those done too: their parts may not be in the messages)
             self.forget(messages)
             for media in downloads:
                 media.discard()
             raise
-        finally:
-            self.downloads.give_back()
         return messages
+
+    @contextlib.asynccontextmanager
+    async def downloading(self) -> AsyncIterator[None]:
+        """A download slot while the body downloads, then a preprocessing slot, taken before
+        the download slot is given back: the requests whose downloads wait on disk stay as many
+        as the download slots. On leaving normally the caller holds the preprocessing slot (and
+        gives it back); an error in the body takes none."""
+        async with self.downloads:
+            yield
+            await self.preprocessing.take()
 
     async def _download(
         self, part: ImagePart | VideoPart, allowance: MediaBudget, downloads: list[FetchedMedia]
