@@ -127,11 +127,23 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
     """Blocking calls: the async side calls them through asyncio.to_thread."""
 
     greatest = "MAX"  # the two-argument maximum
+    # Called once a delivery this process queued is committed (see watch_deliveries).
+    _on_delivery_queued: Callable[[], None] | None = None
 
     def watch(self, on_new_job: Callable[[], None]) -> None:
         """Calls on_new_job (from any thread) when another process queues a job. By default
         nothing does: the worker's polling finds it."""
         return None
+
+    def watch_deliveries(self, on_queued: Callable[[], None] | None) -> None:
+        """Calls on_queued (from the thread that queued it) once a webhook delivery this
+        process queued is committed: this process's sender starts it at once, rather than at
+        its next poll (the poll finds other processes' deliveries and retries coming due)."""
+        self._on_delivery_queued = on_queued
+
+    def _delivery_queued(self) -> None:
+        if self._on_delivery_queued is not None:
+            self._on_delivery_queued()
 
     def _try_lock(self, execute: Execute, name: str) -> bool:
         """A lock held until the transaction ends, for work one process at a time does."""
@@ -318,11 +330,13 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 ).fetchone()
                 if row is None:
                     raise LeaseLost()  # (its files are not kept either)
-                self._queue_webhook(execute, row)
+                queued = self._queue_webhook(execute, row)
                 if row["kind"] == "batch":
                     drop_unread_held_files(execute)  # (its input, deleted while it ran)
         except LeaseLost:
             return False
+        if queued:
+            self._delivery_queued()
         return True
 
     def cancel(self, job_id: str) -> Job | None:
@@ -336,11 +350,14 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 f" RETURNING {SUMMARY}",
                 (self.now(), job_id),
             ).fetchone()
+            queued = False
             if row is not None:
                 self._keep_answers(execute, row)
-                self._queue_webhook(execute, row)
+                queued = self._queue_webhook(execute, row)
                 if row["kind"] == "batch":
                     drop_unread_held_files(execute)
+        if queued:
+            self._delivery_queued()
         return self.get(job_id)
 
     def _keep_answers(self, execute: Execute, cancelled: Mapping[str, Any]) -> None:
@@ -357,10 +374,11 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         }
         execute("UPDATE jobs SET result = ? WHERE id = ?", (json.dumps(result), cancelled["id"]))
 
-    def _queue_webhook(self, execute: Execute, ended: Mapping[str, Any]) -> None:
-        """Inside the transaction that ended the job: its delivery, if it has a webhook."""
+    def _queue_webhook(self, execute: Execute, ended: Mapping[str, Any]) -> bool:
+        """Inside the transaction that ended the job: its delivery, if it has a webhook (True
+        then)."""
         if not ended["webhook_url"]:
-            return
+            return False
         event = f"media.{ended['status']}"  # media.completed | media.failed | media.cancelled
         now = self.now()
         # Standard Webhooks' payload: type, timestamp (of the event, ISO 8601) and data.
@@ -374,6 +392,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             " next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
             (f"msg_{uuid.uuid4().hex}", ended["id"], ended["webhook_url"], payload, now, now),
         )
+        return True
 
     def list(
         self,

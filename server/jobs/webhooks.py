@@ -52,7 +52,10 @@ from server.media.netguard import (
 logger = logging.getLogger(__name__)
 
 SECRET_PREFIX = "whsec_"
-POLL_S = 0.2
+# How often the store is asked for due deliveries when nothing wakes the sender first: others'
+# (a replica that died mid-attempt), redelivered ones, retries due after a restart. Deliveries
+# this process queues, its retries and a backlog wake it at once (see wake).
+POLL_S = 1.0
 MAX_IN_FLIGHT = 32
 FORGET_AFTER_S = 60.0
 HOLD_MARGIN_S = 10.0
@@ -153,6 +156,8 @@ class WebhookSender:
         # Attempts made per delivery, as this process recorded them: a row read just before an
         # attempt was recorded is stale, and must not start that attempt again.
         self.attempts_made: dict[str, int] = {}
+        self.wakeup = asyncio.Event()
+        self.backlogged = False  # the last poll found as many as it had room for
 
     async def check_url(self, url: str) -> None:
         """Refuses now (AddressRefused) a URL no attempt could ever reach, rather than retrying
@@ -168,10 +173,18 @@ class WebhookSender:
             await asyncio.wait_for(resolve_checked(host, port, self.allowed_hosts), RESOLVE_S)
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.store.watch_deliveries(lambda: loop.call_soon_threadsafe(self.wake))
         self.task = asyncio.create_task(self._loop())
+
+    def wake(self) -> None:
+        """Asks the store for due deliveries now, not at the next poll (the event loop's
+        thread only)."""
+        self.wakeup.set()
 
     async def stop(self) -> None:
         """Attempts cut short are not recorded: they are sent again after the next start."""
+        self.store.watch_deliveries(None)
         tasks = [*self.in_flight.values(), *([self.task] if self.task else [])]
         await cancel_and_wait(tasks)
         await self.client.aclose()
@@ -179,9 +192,11 @@ class WebhookSender:
     async def _loop(self) -> None:
         store_down = False
         while True:
+            self.wakeup.clear()  # (before the query: a wake while it runs asks again)
             try:
                 room = MAX_IN_FLIGHT - len(self.in_flight)
                 due = await asyncio.to_thread(self.store.due_deliveries, room, self.hold_s)
+                self.backlogged = len(due) >= room
                 store_down = False
                 for row in due:
                     if self._may_start(row):
@@ -192,7 +207,8 @@ class WebhookSender:
                 store_down = True
             except Exception:  # the sender must outlive any one delivery's trouble
                 logger.exception("webhook sender step failed")
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), POLL_S)
 
     def _may_start(self, row) -> bool:
         """Not in flight here, nor a stale read of one this process attempted since (a
@@ -211,6 +227,8 @@ class WebhookSender:
             logger.exception("webhook %s: attempt failed unexpectedly", row["id"])
         finally:
             self.in_flight.pop(row["id"], None)
+            if self.backlogged:  # (room for one more of those waiting)
+                self.wake()
 
     async def _attempt_once(self, row) -> None:
         request_id_var.set(row["job_id"])  # this task's log lines carry the job's id
@@ -250,6 +268,8 @@ class WebhookSender:
             self.attempts_metric.labels(said).inc()
         await self._record(row["id"], attempts, outcome, delay, status_code, error)
         self.attempts_made[row["id"]] = attempts
+        if outcome == "pending" and delay < POLL_S:  # (a longer one: a later poll finds it)
+            asyncio.get_running_loop().call_later(delay, self.wake)
         if outcome != "pending":  # no further attempt; forget it once no stale read can remain
             asyncio.get_running_loop().call_later(
                 FORGET_AFTER_S, self.attempts_made.pop, row["id"], None

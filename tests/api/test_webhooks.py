@@ -388,3 +388,37 @@ async def test_an_attempts_outcome_is_recorded_once_the_store_is_back(tmp_path: 
     reopened = JobStore(tmp_path / "jobs.sqlite3")
     assert reopened.deliveries_of(claimed.id)[0]["status"] == "delivered"
     reopened.close()
+
+
+async def test_deliveries_start_when_they_can_not_at_the_next_poll(
+    tmp_path: Path, webhook_receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is polled every second for others' deliveries; this server's own start at
+    once: one queued here (a job ended), a retry as it comes due, and one left waiting for room
+    when an attempt ends. With the poll made an hour long, each still goes out."""
+    from server.jobs import webhooks
+
+    monkeypatch.setattr(webhooks, "POLL_S", 3600.0)
+    monkeypatch.setattr(webhooks, "MAX_IN_FLIGHT", 1)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    waiting = [webhook_receiver([200], delay_s=0.2) for _ in range(3)]
+
+    def end_job(url: str) -> None:
+        store.create("categories", {"webhook_url": url}, None)
+        job = store.claim(lease_s=60)
+        assert job is not None and store.complete(job, {})
+
+    for receiver in waiting:  # (queued before the sender starts: its first poll finds them)
+        end_job(receiver.url)
+    sender = webhooks.WebhookSender(store, SECRET, (0.05,), 5.0, ("127.0.0.1",))
+    sender.start()
+    try:
+        # one at a time (room for one): each attempt's end starts the next
+        await wait_for(lambda: all(r.answered_at for r in waiting), timeout=20)
+        retried = webhook_receiver([500, 200])
+        await asyncio.to_thread(end_job, retried.url)  # (a job ending in the worker's thread)
+        await wait_for(lambda: len(retried.answered_at) == 2, timeout=20)
+    finally:
+        await sender.stop()
+        store.close()
+    assert [len(r.received) for r in waiting] == [1, 1, 1]
