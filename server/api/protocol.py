@@ -1133,7 +1133,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
         return replace(params, logprobs=logprobs, thinking_token_budget=budget)
 
     def to_messages(self) -> list[ChatMessage]:
-        messages = self.typed([_to_chat_message(m, i) for i, m in enumerate(self.messages)])
+        messages = self.typed([c for i, m in enumerate(self.messages) for c in _chat(m, i)])
         wishes = MediaWishes.of(self.mm_processor_kwargs, self.media_io_kwargs)
         return messages if wishes is None else wishes.apply(messages)
 
@@ -1355,7 +1355,11 @@ def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     return tuple(pairs)
 
 
-def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
+def _chat(message: ChatMessageParam, index: int) -> list[ChatMessage]:
+    """The message as the pipeline reads it. A tool message's images and videos (vLLM's
+    clients send a screenshot as a tool's result; OpenAI's tool messages hold only text) go
+    to the model in a user turn right after it, as Responses' and Messages' tool results'
+    do: Qwen's templates write a tool result as text."""
     # "developer" is OpenAI's newer name for the system role.
     role = "system" if message.role == "developer" else message.role
     calls = tuple(
@@ -1365,29 +1369,37 @@ def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
     reasoning = (message.reasoning_content or message.reasoning) if role == "assistant" else None
     if message.content is None or isinstance(message.content, str):
         content = message.content or ""
-        return ChatMessage(role=role, content=content, tool_calls=calls, reasoning=reasoning)
+        return [ChatMessage(role=role, content=content, tool_calls=calls, reasoning=reasoning)]
     parts: list[Part] = []
+    media: list[Part] = []
     for j, part in enumerate(message.content):
         param = f"messages[{index}].content[{j}]"
         if isinstance(part, TextContentPart):
             parts.append(TextPart(part.text))
         elif isinstance(part, RefusalContentPart):
             parts.append(TextPart(part.refusal))
-        elif role != "user":
+        elif role not in ("user", "tool"):
             raise InvalidRequest(
-                f"Only user messages may carry media; {param} is in the {message.role} message.",
+                f"Only user and tool messages may carry media; {param} is in the "
+                f"{message.role} message.",
                 param=param,
                 code="unsupported_content",
             )
-        elif isinstance(part, ImageContentPart | InputImageContentPart | InputFileContentPart):
-            parts.append(part.as_image(param))
-        elif isinstance(part, FileContentPart):
-            parts.append(part.file.as_image(param))
         else:
-            wishes = part.video_url.frames(beside=part, param=param)
-            url_kind(part.video_url.url, param)  # (.flv, .ts: refused by name, as on /v2)
-            parts.append(VideoPart(part.video_url.url, wishes, param))
-    return ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
+            (parts if role == "user" else media).append(_media_part(part, param))
+    made = ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
+    return [made, ChatMessage(role="user", content=media)] if media else [made]
+
+
+def _media_part(part: ContentPart, param: str) -> Part:
+    if isinstance(part, ImageContentPart | InputImageContentPart | InputFileContentPart):
+        return part.as_image(param)
+    if isinstance(part, FileContentPart):
+        return part.file.as_image(param)
+    assert isinstance(part, VideoContentPart)  # (text and refusals are read before)
+    wishes = part.video_url.frames(beside=part, param=param)
+    url_kind(part.video_url.url, param)  # (.flv, .ts: refused by name, as on /v2)
+    return VideoPart(part.video_url.url, wishes, param)
 
 
 # -- responses -------------------------------------------------------------------------------

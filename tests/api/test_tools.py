@@ -13,6 +13,7 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from tests.api.test_errors import assert_error
+from tests.helpers import data_uri, make_image
 
 pytestmark = pytest.mark.anyio
 
@@ -303,6 +304,50 @@ async def test_tool_calls_and_results_in_the_history(sdk: openai.AsyncOpenAI) ->
         model="tiny", messages=messages, tools=[WEATHER], max_tokens=4
     )
     assert response.choices[0].message.role == "assistant"
+
+
+async def test_images_in_a_tool_message_reach_the_model(client: httpx.AsyncClient) -> None:
+    """vLLM's clients send a tool's screenshot in its tool message (OpenAI's hold text only):
+    the model reads it in a user turn right after the tool's text, the prompt Responses makes
+    of a function_call_output with the same parts; a tool message of an image alone too."""
+    url = data_uri(make_image(96, 64))
+    call = {"id": "c1", "type": "function", "function": {"name": "shot", "arguments": "{}"}}
+
+    def chat(content: object) -> dict:
+        result = {"role": "tool", "tool_call_id": "c1", "content": content}
+        turns = [{"role": "user", "content": "go"}, {"role": "assistant", "tool_calls": [call]}]
+        return {"model": "tiny", "messages": [*turns, result]}
+
+    text = {"type": "text", "text": "the screen:"}
+    image = {"type": "image_url", "image_url": {"url": url, "detail": "low"}}
+    tokenized, prompts = [], []
+    for content in ([text, image], [image]):
+        response = await client.post("/tokenize", json=chat(content))
+        assert response.status_code == 200, response.text
+        tokenized.append(response.json()["tokens"])
+        body = {"model": "tiny", "tokens": tokenized[-1]}
+        prompts.append((await client.post("/detokenize", json=body)).json()["prompt"])
+    turn = "</tool_response><|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+    assert f"<tool_response>\nthe screen:\n{turn}" in prompts[0]
+    assert f"<tool_response>\n\n{turn}" in prompts[1]
+    output = [
+        {"type": "input_text", "text": "the screen:"},
+        {"type": "input_image", "image_url": url, "detail": "low"},
+    ]
+    responses_body = {
+        "model": "tiny",
+        "input": [
+            {"role": "user", "content": "go"},
+            {"type": "function_call", "call_id": "c1", "name": "shot", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": output},
+        ],
+    }
+    counted = await client.post("/v1/responses/input_tokens", json=responses_body)
+    assert counted.json()["input_tokens"] == len(tokenized[0])
+    body = {**chat([text, image]), "max_tokens": 2}
+    answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] == len(tokenized[0])
 
 
 @pytest.mark.parametrize(
