@@ -1019,6 +1019,9 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     chat_template: str | None = None
     logits_processors: list[Any] | None = None
     return_prompt_text: bool | None = None
+    # extension (ours): each image's size as the model read it, in the answer (a box or point
+    # Qwen2.5-VL writes is in that image's pixels)
+    return_image_sizes: bool | None = None
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
     # extension (ours, Animus' name): one frame per detected scene instead of uniform frames
@@ -1560,6 +1563,18 @@ class FrameCaptionOut(BaseModel):
     caption: str
 
 
+class ImageSize(BaseModel):
+    """An image as the model read it (resized to whole tokens): what its coordinates mean."""
+
+    width: int
+    height: int
+
+
+def image_sizes_out(sizes: list[tuple[int, int]] | None) -> list[ImageSize] | None:
+    """return_image_sizes' list (extension), in a response or the first chunk."""
+    return None if sizes is None else [ImageSize(width=w, height=h) for w, h in sizes]
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -1572,6 +1587,7 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: list[PromptLogprobs | None] | None = None
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_absent)  # vLLM's
     frames: list[FrameCaptionOut] | None = None  # extension: captions mode's per-frame captions
+    image_sizes: list[ImageSize] | None = Field(default=None, exclude_if=_absent)  # extension
 
     @classmethod
     def from_result(cls, request_id: str, model: str, result: ChatResult) -> ChatCompletionResponse:
@@ -1584,6 +1600,7 @@ class ChatCompletionResponse(BaseModel):
             prompt_logprobs=result.prompt_logprobs,
             prompt_token_ids=result.prompt_token_ids,
             frames=frames_out(result.run.frames),
+            image_sizes=image_sizes_out(result.image_sizes),
         )
 
     def with_call_lists(self) -> ChatCompletionResponse:
@@ -1643,6 +1660,8 @@ class ChatCompletionChunk(BaseModel):
     frames: list[FrameCaptionOut] | None = None
     # extension (vLLM's return_token_ids): on the first chunk
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_absent)
+    # extension (ours, return_image_sizes): on the first chunk
+    image_sizes: list[ImageSize] | None = Field(default=None, exclude_if=_absent)
 
 
 class ModelPermission(BaseModel):

@@ -26,9 +26,9 @@ from server.api.protocol import (
     DeltaToolCall,
     ErrorInfo,
     ErrorResponse,
-    FrameCaptionOut,
     Usage,
     frames_out,
+    image_sizes_out,
 )
 from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import ServerError
@@ -123,13 +123,10 @@ class ChatChunkWriter:
         return prefix + wire_json(text) + self._content_suffix
 
     def role(
-        self,
-        index: int = 0,
-        frames: list[FrameCaptionOut] | None = None,
-        prompt_token_ids: list[int] | None = None,
-        content: str | None = "",
+        self, index: int = 0, first: dict[str, Any] | None = None, content: str | None = ""
     ) -> str:
-        """The role chunk; content None (left out) where the answer is a tool call."""
+        """The role chunk; content None (left out) where the answer is a tool call. first:
+        the extensions the first chunk carries (frames, prompt_token_ids, image_sizes)."""
         delta = DeltaMessage(role="assistant", content=content)
         usage = None
         if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
@@ -140,7 +137,7 @@ class ChatChunkWriter:
             }
             usage = so_far.model_copy(update={**nothing, "total_tokens": so_far.prompt_tokens})
         choice = ChatCompletionChunkChoice(index=index, delta=delta)
-        return self._event([choice], usage, frames=frames, prompt_token_ids=prompt_token_ids)
+        return self._event([choice], usage, first)
 
     def delta(
         self,
@@ -189,8 +186,7 @@ class ChatChunkWriter:
         self,
         choices: list[ChatCompletionChunkChoice],
         usage: Usage | None = None,
-        frames: list[FrameCaptionOut] | None = None,
-        prompt_token_ids: list[int] | None = None,
+        first: dict[str, Any] | None = None,
     ) -> str:
         if usage is None and self.running_usage is not None:
             usage = self.running_usage(choices[0].index if choices else 0)
@@ -200,8 +196,7 @@ class ChatChunkWriter:
             model=self.model,
             choices=choices,
             usage=usage,
-            frames=frames,
-            prompt_token_ids=prompt_token_ids,
+            **(first or {}),
         ).model_dump(mode="json")
         # As OpenAI streams: every choice carries logprobs and finish_reason (null until the
         # end), a delta only what it says (a tool call's later pieces: index and arguments),
@@ -210,7 +205,7 @@ class ChatChunkWriter:
             choice["delta"] = model.delta.model_dump(mode="json", exclude_none=True)
         if usage is None:
             del chunk["usage"]
-        if frames is None:
+        if chunk["frames"] is None:
             del chunk["frames"]
         return f"data: {wire_json(chunk)}\n\n"
 
@@ -332,15 +327,18 @@ async def chat_stream(
         return Usage.of(*run.usage(choice, choices[choice].num_tokens_sent))
 
     writer = ChatChunkWriter(run.seq.request_id, model, running if continuous else None)
-    prompt_ids = run.seq.inputs.token_ids if request.return_token_ids else None
     forced = request.tools is not None and request.tools.is_forced
     content = None if forced else ""
-    extras: list[Any] = [frames_out(run.frames), prompt_ids]  # (on the first chunk sent)
+    extensions: dict[str, Any] = {  # (on the first chunk sent)
+        "frames": frames_out(run.frames),
+        "prompt_token_ids": run.seq.inputs.token_ids if request.return_token_ids else None,
+        "image_sizes": image_sizes_out(run.image_sizes if request.return_image_sizes else None),
+    }
 
     def role(index: int, content: str | None) -> str:
-        frames, ids = extras
-        extras[:] = [None, None]
-        return writer.role(index, frames, ids, content)
+        extras = dict(extensions)
+        extensions.clear()
+        return writer.role(index, extras, content)
 
     for choice in choices:
         if choice.calls is not None and not forced:

@@ -90,6 +90,7 @@ class ChatRequest:
     aside: StructuredOutput | None = None
     tokens_as_ids: bool = False  # logprobs' tokens as "token_id:{id}" (vLLM's option)
     return_token_ids: bool = False  # the prompt's and answers' token ids too (vLLM's option)
+    return_image_sizes: bool = False  # each image's size as the model read it (ours)
     include_reasoning: bool = True  # false: a thinking checkpoint's reasoning is left out
     truncation: Truncation | None = None  # vLLM's truncate_prompt_tokens (text prompts only)
     received_time: float = field(default_factory=time.monotonic)
@@ -131,6 +132,8 @@ class ChatRun:
     frames: list[FrameCaption] | None = None
     caption_usage: CaptionUsage = CaptionUsage(0, 0, 0)
     think_close_id: int | None = None  # the tokenizer's "</think>", where it has one
+    # (width, height) of each image as the model read it, in the request's order
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def seq(self) -> Sequence:
@@ -179,6 +182,7 @@ class ChatResult:
     run: ChatRun
     prompt_token_ids: list[int] | None = None  # return_token_ids
     prompt_logprobs: list[PromptLogprobs | None] | None = None  # sampling.prompt_logprobs
+    image_sizes: list[tuple[int, int]] | None = None  # return_image_sizes
 
     @property
     def text(self) -> str:
@@ -244,6 +248,7 @@ class ChatPipeline:
             run = ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
         for seq in run.seqs:
             seq.received_time = request.received_time
+        run.image_sizes = [image.size for image in images]
         return run
 
     async def check(self, request: ChatRequest) -> MediaBudget:
@@ -440,6 +445,8 @@ class ChatPipeline:
         result = ChatResult(choices, run)
         if request.return_token_ids:
             result.prompt_token_ids = run.seq.inputs.token_ids
+        if request.return_image_sizes:
+            result.image_sizes = run.image_sizes
         if request.sampling.prompt_logprobs is not None:
             result.prompt_logprobs = self.texts(request).prompt_logprobs(run.seq)
         return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import json
 import logging
 import re
 import threading
@@ -222,3 +223,32 @@ async def test_auto_image_tokens_sets_the_budget_of_images_without_a_detail(
             assert tokens[0] == high
         else:
             assert 48 <= tokens[0] <= 64
+
+
+async def test_return_image_sizes_says_what_the_model_read(client: httpx.AsyncClient) -> None:
+    """return_image_sizes (extension): each image's size as the model read it, resized to
+    whole tokens (Qwen's smart_resize within its detail's budget), in the request's order: the
+    pixels a box or point Qwen2.5-VL writes is in. In the answer, or on a stream's first chunk;
+    left out unless asked."""
+    wide = {"type": "image_url", "image_url": {"url": data_uri(make_image(1600, 900))}}
+    tall = {"type": "image_url", "image_url": {"url": data_uri(make_image(60, 200))}}
+    tall["image_url"]["detail"] = "low"
+    body = {
+        "model": "tiny",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": [wide, tall]}],
+    }
+    asked = {**body, "return_image_sizes": True}
+    answer = (await client.post("/v1/chat/completions", json=asked)).json()
+    # 1600 x 900 under auto's 1,280 tokens: 1,316 x 728 (47 x 26 tokens); 60 x 200 rounded
+    assert answer["image_sizes"] == [{"width": 1316, "height": 728}, {"width": 56, "height": 196}]
+    tokens = answer["usage"]["prompt_tokens_details"]["image_tokens"]
+    assert tokens == 47 * 26 + 2 * 7
+    assert "image_sizes" not in (await client.post("/v1/chat/completions", json=body)).json()
+    for sent, sizes in ((asked, answer["image_sizes"]), (body, None)):
+        streamed = {**sent, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=streamed) as stream:
+            lines = [line async for line in stream.aiter_lines() if line.startswith("data: {")]
+        chunks = [json.loads(line.removeprefix("data: ")) for line in lines]
+        assert chunks[0].get("image_sizes") == sizes
+        assert all("image_sizes" not in chunk for chunk in chunks[1:])

@@ -170,6 +170,7 @@ def to_chat_request(
         aside=structured if tools is not None and tools.is_forced else None,
         tokens_as_ids=bool(body.return_tokens_as_token_ids),
         return_token_ids=bool(body.return_token_ids),
+        return_image_sizes=bool(body.return_image_sizes),
         include_reasoning=body.include_reasoning is not False,
         truncation=body.truncation(),
         max_tokens_param=(
