@@ -591,19 +591,13 @@ class ChatMessages:
             parts = [(_text_part(block.content), where)]
         else:
             parts = [(_part(b), f"{where}.content[{i}]") for i, b in enumerate(block.content)]
-        # Qwen's templates write a tool result as text: its images go to the model in a user
-        # turn right after it.
-        texts = [(p, o) for p, o in parts if p["type"] == "text"]
-        images = [(p, o) for p, o in parts if p["type"] != "text"]
         if block.is_error:
-            texts.insert(0, (_text_part("Error: "), where))
-        content = [p for p, _ in texts] or ""
+            parts.insert(0, (_text_part("Error: "), where))
+        content = [p for p, _ in parts] or ""  # (its images among them, where they were)
         self.messages.append(
             {"role": "tool", "tool_call_id": block.tool_use_id, "content": content}
         )
-        self.origins.append([where, *(origin for _, origin in texts)])
-        if images:
-            self.add("user", images, where)
+        self.origins.append([where, *(origin for _, origin in parts)])
 
 
 class CountTokensRequest(MessagesRequest):

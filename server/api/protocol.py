@@ -1034,8 +1034,8 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError("continue_final_message needs the last message to be the assistant's")
-        # (a body translated from /v1/responses or /v1/messages had its own API's checks, and
-        # its tool results' images follow them as user messages)
+        # (a body translated from /v1/responses or /v1/messages had its own API's checks, which
+        # name its own fields)
         if not (info.context or {}).get(TRANSLATED):
             check_tool_turns(self.messages, bool(self.continue_final_message))
         return self
@@ -1136,7 +1136,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
         return replace(params, logprobs=logprobs, thinking_token_budget=budget)
 
     def to_messages(self) -> list[ChatMessage]:
-        messages = self.typed([c for i, m in enumerate(self.messages) for c in _chat(m, i)])
+        messages = self.typed([_to_chat_message(m, i) for i, m in enumerate(self.messages)])
         wishes = MediaWishes.of(self.mm_processor_kwargs, self.media_io_kwargs)
         return messages if wishes is None else wishes.apply(messages)
 
@@ -1358,11 +1358,9 @@ def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     return tuple(pairs)
 
 
-def _chat(message: ChatMessageParam, index: int) -> list[ChatMessage]:
-    """The message as the pipeline reads it. A tool message's images and videos (vLLM's
-    clients send a screenshot as a tool's result; OpenAI's tool messages hold only text) go
-    to the model in a user turn right after it, as Responses' and Messages' tool results'
-    do: Qwen's templates write a tool result as text."""
+def _to_chat_message(message: ChatMessageParam, index: int) -> ChatMessage:
+    """The message as the pipeline reads it. Media in user and tool messages (a tool's
+    screenshot, as vLLM's clients send it: OpenAI's tool messages hold only text)."""
     # "developer" is OpenAI's newer name for the system role.
     role = "system" if message.role == "developer" else message.role
     calls = tuple(
@@ -1372,9 +1370,8 @@ def _chat(message: ChatMessageParam, index: int) -> list[ChatMessage]:
     reasoning = (message.reasoning_content or message.reasoning) if role == "assistant" else None
     if message.content is None or isinstance(message.content, str):
         content = message.content or ""
-        return [ChatMessage(role=role, content=content, tool_calls=calls, reasoning=reasoning)]
+        return ChatMessage(role=role, content=content, tool_calls=calls, reasoning=reasoning)
     parts: list[Part] = []
-    media: list[Part] = []
     for j, part in enumerate(message.content):
         param = f"messages[{index}].content[{j}]"
         if isinstance(part, TextContentPart):
@@ -1389,9 +1386,8 @@ def _chat(message: ChatMessageParam, index: int) -> list[ChatMessage]:
                 code="unsupported_content",
             )
         else:
-            (parts if role == "user" else media).append(_media_part(part, param))
-    made = ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
-    return [made, ChatMessage(role="user", content=media)] if media else [made]
+            parts.append(_media_part(part, param))
+    return ChatMessage(role=role, content=parts, tool_calls=calls, reasoning=reasoning)
 
 
 def _media_part(part: ContentPart, param: str) -> Part:

@@ -122,7 +122,6 @@ InputItem = Annotated[
     Discriminator(_item_kind),
 ]
 HISTORY = TypeAdapter(list[InputItem])
-TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 # Ids of stored input items, by type, as OpenAI's look.
 ITEM_PREFIXES = {
     "message": "msg",
@@ -353,10 +352,6 @@ class ResponsesRequest(StrictModel):
     # Where each message of the chat body came from ("input[3]", "instructions"), so a chat
     # error is named as this body has it: messages[4].content[1] -> input[3].content[1].
     _origins: list[str] = PrivateAttr(default_factory=list)
-    # Where each part came from, for a message whose parts are not its item's in order (a
-    # function_call_output [text, image, text] becomes a tool message [text, text] and a
-    # user turn [image]: that turn's content[0] is input[i].output[1]).
-    _part_origins: dict[int, list[str]] = PrivateAttr(default_factory=dict)
     # The conversation before `input` (previous_response_id's or conversation's items, oldest
     # first).
     _history: list[Any] = PrivateAttr(default_factory=list)
@@ -464,8 +459,6 @@ class ResponsesRequest(StrictModel):
             k, part = int(match.group(1)), match.group(3) or ""
             if k >= len(self._origins):
                 return match.group(0)
-            if k in self._part_origins and match.group(4) is not None:
-                return self._part_origins[k][int(match.group(4))]
             item = self._origins[k]
             if item.startswith(self.history_field):  # an earlier item: no place in this body
                 return item
@@ -529,7 +522,7 @@ class ResponsesRequest(StrictModel):
 
     def _messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
-        self._origins, self._part_origins = [], {}
+        self._origins = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
             self._origins.append("instructions")
@@ -593,23 +586,11 @@ class ResponsesRequest(StrictModel):
     def _call_output(
         self, messages: list[dict[str, Any]], item: FunctionCallOutputItem, where: str
     ) -> None:
-        """A function's result as a tool message. Qwen's templates write a tool message as
-        text: its images (OpenAI's outputs may hold them) go to the model in a user turn
-        right after it."""
+        """A function's result as a tool message, its images (OpenAI's outputs may hold them)
+        among its parts, where they were."""
         content = _dump(item.output)
         self._origins.append(f"{where}.output")
-        if isinstance(content, str):
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
-            return
-        text = [(j, p) for j, p in enumerate(content) if p["type"] in TEXT_PARTS]
-        media = [(j, p) for j, p in enumerate(content) if p["type"] not in TEXT_PARTS]
-        self._part_origins[len(messages)] = [f"{where}.output[{j}]" for j, _ in text]
-        tool_text = [p for _, p in text] or ""
-        messages.append({"role": "tool", "tool_call_id": item.call_id, "content": tool_text})
-        if media:
-            self._part_origins[len(messages)] = [f"{where}.output[{j}]" for j, _ in media]
-            messages.append({"role": "user", "content": [p for _, p in media]})
-            self._origins.append(f"{where}.output")
+        messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
 
 
 def _is_user_message(item: Any) -> bool:

@@ -152,12 +152,11 @@ def render(
     system / user / assistant: the tools in the system prompt (after the template's default
     system prompt when the conversation has none), calls and results as text."""
     rendered: list[ChatMessage] = []
-    for message in messages:
+    for k, message in enumerate(messages):
         if message.role == "tool":
-            block = f"<tool_response>\n{_text(message.content)}\n</tool_response>"
-            if rendered and rendered[-1].role == "user" and _is_tool_turn(rendered[-1]):
-                block = f"{rendered[-1].content}\n{block}"
-                rendered.pop()
+            block = _tool_response(message.content)
+            if k > 0 and messages[k - 1].role == "tool":  # (one turn, as Qwen's templates)
+                block = _joined(rendered.pop().content, "\n", block)
             rendered.append(ChatMessage("user", block))
         elif message.tool_calls:
             calls = "\n".join(_call_text(c) for c in message.tool_calls)
@@ -178,8 +177,19 @@ def render(
     return [ChatMessage("system", system), *rendered]
 
 
-def _is_tool_turn(message: ChatMessage) -> bool:
-    return isinstance(message.content, str) and message.content.startswith("<tool_response>")
+def _tool_response(content: str | list[Part]) -> str | list[Part]:
+    """A tool's result as Qwen's templates write it: text, its images and videos in it where
+    they were (Qwen3-VL's template puts them there; a later turn's template then still reads
+    the turn as a tool's, not a new query)."""
+    if isinstance(content, str) or all(isinstance(p, TextPart) for p in content):
+        return f"<tool_response>\n{_text(content)}\n</tool_response>"
+    return [TextPart("<tool_response>\n"), *content, TextPart("\n</tool_response>")]
+
+
+def _joined(*pieces: str | list[Part]) -> str | list[Part]:
+    if all(isinstance(piece, str) for piece in pieces):
+        return "".join(pieces)  # type: ignore[arg-type]
+    return [p for piece in pieces for p in ([TextPart(piece)] if isinstance(piece, str) else piece)]
 
 
 def _call_text(call: ToolCall) -> str:

@@ -435,8 +435,8 @@ async def test_any_tool_streams_its_input_as_the_whole_answer_has_it(
 async def test_images_in_a_tool_result_reach_the_model(
     sdk: anthropic.AsyncAnthropic, client: httpx.AsyncClient
 ) -> None:
-    """Qwen's templates write tool results as text: an image in one goes in the user turn
-    right after it (so the prompt holds its image tokens)."""
+    """An image in a tool result reaches the model inside the tool's response (the prompt
+    holds its image tokens)."""
     call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "oslo"}}
     turns = [
         {"role": "user", "content": "Show me the sky."},
@@ -463,7 +463,7 @@ async def test_images_in_a_tool_result_reach_the_model(
         max_tokens=2,
     )
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == counts[1]
-    # two calls at once, the first's result with an image (its user turn between the results)
+    # two calls at once, the first's result with an image
     second = {**call, "id": "toolu_2"}
     both = [
         {"role": "user", "content": "Show me the sky."},

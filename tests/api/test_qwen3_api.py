@@ -646,6 +646,44 @@ async def test_a_tool_loops_reasoning_stays_in_the_prompt(thinking: httpx.AsyncC
     assert counted["input_tokens"] > bare["input_tokens"]
 
 
+async def test_a_tools_screenshot_is_prompted_as_the_checkpoints_template_writes_it(
+    thinking: httpx.AsyncClient, tiny3_model_dir: Path
+) -> None:
+    """A tool message's image sits inside its <tool_response>, parallel results in one user
+    turn, as Qwen3-VL's own template writes them (vLLM serves that prompt): a screenshot loop's
+    steps are not new queries, so their reasoning stays in the prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny3_model_dir)
+    template = Path("server/engine/templates/qwen3_vl_thinking.jinja").read_text()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    calls = [
+        {"id": f"c{k}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        for k in (1, 2)
+    ]
+    image = {"type": "image_url", "image_url": {"url": data_uri(make_image(64, 64))}}
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "", "reasoning_content": "STEP", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "a"}, image]},
+        {"role": "tool", "tool_call_id": "c2", "content": [image, {"type": "text", "text": "b"}]},
+    ]
+    body = {"model": "tiny", "messages": messages, "tools": [tool]}
+    ids = (await thinking.post("/tokenize", json=body)).json()["tokens"]
+    ours = (await thinking.post("/detokenize", json={"tokens": ids})).json()["prompt"]
+    ours = re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", ours)  # (the template writes one)
+    as_hf = [
+        {**m, "content": [{"type": "image"} if "image_url" in p else p for p in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+    theirs = tokenizer.apply_chat_template(
+        as_hf, tools=[tool], chat_template=template, add_generation_prompt=True, tokenize=False
+    )
+    assert ours == theirs
+    assert "<think>\nSTEP\n</think>" in ours
+    assert "<tool_response>\na<|vision_start|>" in ours
+
+
 async def test_tools_are_prompted_as_the_checkpoints_template_writes_them(
     qwen3: httpx.AsyncClient, request: pytest.FixtureRequest
 ) -> None:

@@ -327,8 +327,7 @@ async def test_errors_in_the_input_name_its_items(client: httpx.AsyncClient) -> 
 
 async def test_a_function_output_may_hold_images(client: httpx.AsyncClient) -> None:
     """OpenAI's function_call_output takes images (input_image, input_file): the model reads
-    them in a user turn right after the tool message (Qwen's templates write tool results
-    as text)."""
+    them inside the tool's response."""
     call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
     image = {"type": "input_image", "image_url": data_uri(make_image(96, 64)), "detail": "low"}
     text = {"type": "input_text", "text": "the chart:"}

@@ -308,8 +308,9 @@ async def test_tool_calls_and_results_in_the_history(sdk: openai.AsyncOpenAI) ->
 
 async def test_images_in_a_tool_message_reach_the_model(client: httpx.AsyncClient) -> None:
     """vLLM's clients send a tool's screenshot in its tool message (OpenAI's hold text only):
-    the model reads it in a user turn right after the tool's text, the prompt Responses makes
-    of a function_call_output with the same parts; a tool message of an image alone too."""
+    the model reads it inside the tool's response, where it was (as Qwen3-VL's template writes
+    it), the prompt Responses makes of a function_call_output with the same parts; a tool
+    message of an image alone too."""
     url = data_uri(make_image(96, 64))
     call = {"id": "c1", "type": "function", "function": {"name": "shot", "arguments": "{}"}}
 
@@ -327,9 +328,10 @@ async def test_images_in_a_tool_message_reach_the_model(client: httpx.AsyncClien
         tokenized.append(response.json()["tokens"])
         body = {"model": "tiny", "tokens": tokenized[-1]}
         prompts.append((await client.post("/detokenize", json=body)).json()["prompt"])
-    turn = "</tool_response><|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
-    assert f"<tool_response>\nthe screen:\n{turn}" in prompts[0]
-    assert f"<tool_response>\n\n{turn}" in prompts[1]
+    vision = "<|vision_start|><|image_pad|>"
+    assert f"<|im_start|>user\n<tool_response>\nthe screen:{vision}" in prompts[0]
+    assert f"<|im_start|>user\n<tool_response>\n{vision}" in prompts[1]
+    assert prompts[0].count("<|im_start|>user") == 2  # (the question, the tool's response)
     output = [
         {"type": "input_text", "text": "the screen:"},
         {"type": "input_image", "image_url": url, "detail": "low"},
