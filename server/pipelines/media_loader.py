@@ -409,7 +409,8 @@ def _is_remote(url: str) -> bool:
 def _check_count(count: int, name: str, limit: int) -> None:
     if count > limit:
         raise InvalidRequest(
-            f"{count} {name} in one request; the limit is {limit}.",
+            f"{count} {name} in one request; this server's limit is {limit} "
+            f"(--max-{name}-per-request).",
             param="messages",
             code=f"too_many_{name}",
         )

@@ -216,6 +216,10 @@ async def test_too_many_images_refused_before_the_job(client: httpx.AsyncClient)
     response = await client.post("/v2/media/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_images"
+    message = response.json()["error"]["message"]
+    assert (
+        message == "40 images in one request; this server's limit is 16 (--max-images-per-request)."
+    )
 
 
 async def test_an_empty_idempotency_key_is_no_key(client: httpx.AsyncClient) -> None:

@@ -112,6 +112,7 @@ async def test_more_videos_than_allowed(video_client: httpx.AsyncClient) -> None
     response = await video_client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_videos"
+    assert "(--max-videos-per-request)" in response.json()["error"]["message"]
 
 
 async def test_a_video_pixel_range_upside_down_is_a_400(video_client: httpx.AsyncClient) -> None:
