@@ -17,6 +17,7 @@ TINY_ARGS := $(if $(and $(filter $(TINY_MODELS),$(MODEL)),$(if $(findstring defa
 .PHONY: install install-test serve test lint format readme-flags clean
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is needed ($(PYTHON) is $$($(PYTHON) -V 2>&1)): make $(MAKECMDGOALS) PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
@@ -19,7 +19,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 def iso_time(created: float) -> str:
     """2026-11-28T12:07:14.123Z"""
-    moment = datetime.fromtimestamp(created, tz=timezone.utc)
+    moment = datetime.fromtimestamp(created, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

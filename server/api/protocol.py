@@ -1700,7 +1700,7 @@ class ModelCard(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def created_at(self) -> str:  # RFC 3339
-        when = datetime.datetime.fromtimestamp(self.created, datetime.timezone.utc)
+        when = datetime.datetime.fromtimestamp(self.created, datetime.UTC)
         return when.isoformat().replace("+00:00", "Z")
 
     @computed_field  # type: ignore[prop-decorator]

@@ -5,6 +5,8 @@ provides `transaction()`; rows come back as dicts.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -13,6 +15,8 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol, cast
 
 from server.exceptions import JobStoreUnavailable
+
+logger = logging.getLogger(__name__)
 
 
 class Cursor(Protocol):
@@ -31,6 +35,26 @@ class DeliveryStore(ABC):
 
     def __init__(self) -> None:
         self.last_counts: dict[str, dict[str, int]] = {}
+        self.delivery_watchers: list[Callable[[], None]] = []
+
+    def watch_deliveries(self, on_queued: Callable[[], None]) -> None:
+        """Calls on_queued (from the thread that queued it) once a webhook delivery this
+        process queued is committed: this process's sender starts it at once, rather than at
+        its next poll (the poll finds other processes' deliveries and retries coming due)."""
+        self.delivery_watchers.append(on_queued)
+
+    def unwatch_deliveries(self, on_queued: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self.delivery_watchers.remove(on_queued)
+
+    def deliveries_queued(self) -> None:
+        """After the commit that queued them: a watcher's trouble (its event loop closed at
+        shutdown) is not the caller's, whose job has ended all the same."""
+        for watcher in list(self.delivery_watchers):
+            try:
+                watcher()
+            except Exception:
+                logger.debug("a delivery watcher failed", exc_info=True)
 
     @abstractmethod
     def transaction(self, write: bool = True) -> AbstractContextManager[Execute]:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -127,23 +127,11 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
     """Blocking calls: the async side calls them through asyncio.to_thread."""
 
     greatest = "MAX"  # the two-argument maximum
-    # Called once a delivery this process queued is committed (see watch_deliveries).
-    _on_delivery_queued: Callable[[], None] | None = None
 
     def watch(self, on_new_job: Callable[[], None]) -> None:
         """Calls on_new_job (from any thread) when another process queues a job. By default
         nothing does: the worker's polling finds it."""
         return None
-
-    def watch_deliveries(self, on_queued: Callable[[], None] | None) -> None:
-        """Calls on_queued (from the thread that queued it) once a webhook delivery this
-        process queued is committed: this process's sender starts it at once, rather than at
-        its next poll (the poll finds other processes' deliveries and retries coming due)."""
-        self._on_delivery_queued = on_queued
-
-    def _delivery_queued(self) -> None:
-        if self._on_delivery_queued is not None:
-            self._on_delivery_queued()
 
     def _try_lock(self, execute: Execute, name: str) -> bool:
         """A lock held until the transaction ends, for work one process at a time does."""
@@ -336,7 +324,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         except LeaseLost:
             return False
         if queued:
-            self._delivery_queued()
+            self.deliveries_queued()
         return True
 
     def cancel(self, job_id: str) -> Job | None:
@@ -357,7 +345,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
                 if row["kind"] == "batch":
                     drop_unread_held_files(execute)
         if queued:
-            self._delivery_queued()
+            self.deliveries_queued()
         return self.get(job_id)
 
     def _keep_answers(self, execute: Execute, cancelled: Mapping[str, Any]) -> None:
@@ -382,7 +370,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         event = f"media.{ended['status']}"  # media.completed | media.failed | media.cancelled
         now = self.now()
         # Standard Webhooks' payload: type, timestamp (of the event, ISO 8601) and data.
-        when = datetime.fromtimestamp(now, timezone.utc).isoformat().replace("+00:00", "Z")
+        when = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
         payload = json.dumps(
             {"type": event, "timestamp": when, "data": Job.from_row(ended, {}).as_dict()},
             separators=(",", ":"),

@@ -28,6 +28,7 @@ import os
 import random
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,9 @@ SECRET_PREFIX = "whsec_"
 # (a replica that died mid-attempt), redelivered ones, retries due after a restart. Deliveries
 # this process queues, its retries and a backlog wake it at once (see wake).
 POLL_S = 1.0
+# An attempt's outcome not yet recorded is written again this soon once the store answers:
+# another replica finding the delivery due meanwhile would send it a second time.
+RECORD_RETRY_S = 0.2
 MAX_IN_FLIGHT = 32
 FORGET_AFTER_S = 60.0
 HOLD_MARGIN_S = 10.0
@@ -151,6 +155,7 @@ class WebhookSender:
             headers={"User-Agent": f"vlm-server/{__version__} (webhooks)"},
         )
         self.task: asyncio.Task | None = None
+        self.watcher: Callable[[], None] | None = None  # the store's call when it queues one
         # Attempts run side by side, so one slow receiver does not hold back the others.
         self.in_flight: dict[str, asyncio.Task] = {}
         # Attempts made per delivery, as this process recorded them: a row read just before an
@@ -174,7 +179,8 @@ class WebhookSender:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.store.watch_deliveries(lambda: loop.call_soon_threadsafe(self.wake))
+        self.watcher = lambda: loop.call_soon_threadsafe(self.wake)
+        self.store.watch_deliveries(self.watcher)
         self.task = asyncio.create_task(self._loop())
 
     def wake(self) -> None:
@@ -184,7 +190,8 @@ class WebhookSender:
 
     async def stop(self) -> None:
         """Attempts cut short are not recorded: they are sent again after the next start."""
-        self.store.watch_deliveries(None)
+        if self.watcher is not None:
+            self.store.unwatch_deliveries(self.watcher)
         tasks = [*self.in_flight.values(), *([self.task] if self.task else [])]
         await cancel_and_wait(tasks)
         await self.client.aclose()
@@ -240,7 +247,7 @@ class WebhookSender:
             status_code, retry_after = await self._post(secret, row)
         except AddressRefused as refused:
             error = str(refused)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             error = f"no answer within {self.timeout_s:g} s"
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             # (the class alone, "ConnectError", did not say "connection refused")
@@ -268,7 +275,7 @@ class WebhookSender:
             self.attempts_metric.labels(said).inc()
         await self._record(row["id"], attempts, outcome, delay, status_code, error)
         self.attempts_made[row["id"]] = attempts
-        if outcome == "pending" and delay < POLL_S:  # (a longer one: a later poll finds it)
+        if outcome == "pending":  # (at its time, not at the next poll after it)
             asyncio.get_running_loop().call_later(delay, self.wake)
         if outcome != "pending":  # no further attempt; forget it once no stale read can remain
             asyncio.get_running_loop().call_later(
@@ -290,10 +297,9 @@ class WebhookSender:
                     logger.warning(
                         "webhook %s: job store unreachable; recording it when back", delivery_id
                     )
-                # (at the poll's pace once the store answers again: another replica finding
-                # the delivery due again would send it a second time meanwhile)
+                # (soon once the store answers again: RECORD_RETRY_S)
                 back = self.store.unreachable_since is None
-                await asyncio.sleep(POLL_S if back else min(failures, 5))
+                await asyncio.sleep(RECORD_RETRY_S if back else min(failures, 5))
 
     async def _post(self, secret: str, row: dict[str, Any]) -> tuple[int, float | None]:
         """One attempt: the receiver's status and Retry-After. The whole attempt has

@@ -422,3 +422,32 @@ async def test_deliveries_start_when_they_can_not_at_the_next_poll(
         await sender.stop()
         store.close()
     assert [len(r.received) for r in waiting] == [1, 1, 1]
+
+
+async def test_a_watchers_trouble_is_not_the_ending_jobs(tmp_path: Path) -> None:
+    """The store tells its watchers (this process's senders) after the commit that ended a job:
+    one whose event loop is gone does not fail the job's end, and a sender's stop unwatches
+    only its own."""
+    from server.jobs import webhooks
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+
+    def gone() -> None:
+        raise RuntimeError("Event loop is closed")
+
+    store.watch_deliveries(gone)
+    first = webhooks.WebhookSender(store, SECRET, (5.0,), 5.0, ())
+    second = webhooks.WebhookSender(store, SECRET, (5.0,), 5.0, ())
+    first.start()
+    second.start()
+    await first.stop()
+    try:
+        assert store.delivery_watchers == [gone, second.watcher]
+        store.create("categories", {"webhook_url": "http://h/"}, None)
+        job = store.claim(lease_s=60)
+        assert job is not None and store.complete(job, {})  # (despite the watcher)
+        assert store.deliveries_of(job.id)[0]["status"] == "pending"
+    finally:
+        await second.stop()
+        store.close()
+    assert store.delivery_watchers == [gone]

@@ -369,6 +369,28 @@ def test_make_serve_reads_the_servers_own_variables() -> None:
     assert "--port 9" in planned({"VLM_PORT": "8001"}, "PORT=9")
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_refuses_a_python_older_than_311_in_one_line(tmp_path: Path) -> None:
+    """transformers 5 needs Python 3.11: on an older python3 (Ubuntu 22.04's 3.10) `make serve`
+    says so and how to name another, rather than pip's resolver error about transformers."""
+    old = tmp_path / "python3.10"
+    old.write_text(
+        '#!/bin/sh\n[ "$1" = -V ] && echo "Python 3.10.12" && exit 0\n'
+        '[ "$1" = -c ] && exec python3 -c "import sys; sys.exit(1)"\nexit 3\n'
+    )
+    old.chmod(0o755)
+    venv = tmp_path / "venv"
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "serve", f"PYTHON={old}", f"VENV={venv}"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and not venv.exists()
+    assert f"Python 3.11+ is needed ({old} is Python 3.10.12): make serve PYTHON=python3.11" in (
+        done.stderr
+    )
+
+
 def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path) -> None:
     """The operator's way to send webhooks again after a receiver's long outage: the same
     --data-dir (or --job-store) as serve; a directory with no job store is one line, not a new
