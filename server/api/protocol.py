@@ -13,6 +13,7 @@ import logging
 import mimetypes
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
@@ -1566,7 +1567,7 @@ class ImageSize(BaseModel):
     height: int
 
 
-def image_sizes_out(sizes: list[tuple[int, int]] | None) -> list[ImageSize] | None:
+def image_sizes_out(sizes: Sequence[tuple[int, int]] | None) -> list[ImageSize] | None:
     """return_image_sizes' list (extension), in a response or the first chunk."""
     return None if sizes is None else [ImageSize(width=w, height=h) for w, h in sizes]
 
@@ -2048,6 +2049,8 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None
+    # extension (ours, return_image_sizes): the sizes an answer to these messages would read
+    image_sizes: list[ImageSize] | None = Field(default=None, exclude_if=_absent)
 
 
 class DetokenizeRequest(StrictModel):

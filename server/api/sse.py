@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -26,6 +26,8 @@ from server.api.protocol import (
     DeltaToolCall,
     ErrorInfo,
     ErrorResponse,
+    FrameCaptionOut,
+    ImageSize,
     Usage,
     frames_out,
     image_sizes_out,
@@ -88,6 +90,14 @@ def error_event(exc: ServerError) -> str:
     return f"data: {error.model_dump_json()}\n\n"
 
 
+class FirstChunk(NamedTuple):
+    """The extensions a chat stream's first chunk carries (ChatCompletionChunk's fields)."""
+
+    frames: list[FrameCaptionOut] | None  # captions mode's
+    prompt_token_ids: list[int] | None  # return_token_ids
+    image_sizes: list[ImageSize] | None  # return_image_sizes
+
+
 class ChatChunkWriter:
     """Formats one stream's events. Content chunks are the hot path (one per stream per engine
     step), so they are built from a precomputed prefix rather than through pydantic; the rest
@@ -123,10 +133,10 @@ class ChatChunkWriter:
         return prefix + wire_json(text) + self._content_suffix
 
     def role(
-        self, index: int = 0, first: dict[str, Any] | None = None, content: str | None = ""
+        self, index: int = 0, first: FirstChunk | None = None, content: str | None = ""
     ) -> str:
         """The role chunk; content None (left out) where the answer is a tool call. first:
-        the extensions the first chunk carries (frames, prompt_token_ids, image_sizes)."""
+        the extensions the first chunk carries."""
         delta = DeltaMessage(role="assistant", content=content)
         usage = None
         if self.running_usage is not None:  # nothing generated yet, as vLLM counts it
@@ -186,7 +196,7 @@ class ChatChunkWriter:
         self,
         choices: list[ChatCompletionChunkChoice],
         usage: Usage | None = None,
-        first: dict[str, Any] | None = None,
+        first: FirstChunk | None = None,
     ) -> str:
         if usage is None and self.running_usage is not None:
             usage = self.running_usage(choices[0].index if choices else 0)
@@ -196,7 +206,7 @@ class ChatChunkWriter:
             model=self.model,
             choices=choices,
             usage=usage,
-            **(first or {}),
+            **(first._asdict() if first is not None else {}),
         ).model_dump(mode="json")
         # As OpenAI streams: every choice carries logprobs and finish_reason (null until the
         # end), a delta only what it says (a tool call's later pieces: index and arguments),
@@ -329,16 +339,17 @@ async def chat_stream(
     writer = ChatChunkWriter(run.seq.request_id, model, running if continuous else None)
     forced = request.tools is not None and request.tools.is_forced
     content = None if forced else ""
-    extensions: dict[str, Any] = {  # (on the first chunk sent)
-        "frames": frames_out(run.frames),
-        "prompt_token_ids": run.seq.inputs.token_ids if request.return_token_ids else None,
-        "image_sizes": image_sizes_out(run.image_sizes if request.return_image_sizes else None),
-    }
+    opening: list[FirstChunk | None] = [  # (on the first chunk sent)
+        FirstChunk(
+            frames_out(run.frames),
+            run.seq.inputs.token_ids if request.return_token_ids else None,
+            image_sizes_out(run.seq.inputs.image_sizes if request.return_image_sizes else None),
+        )
+    ]
 
     def role(index: int, content: str | None) -> str:
-        extras = dict(extensions)
-        extensions.clear()
-        return writer.role(index, extras, content)
+        extensions, opening[0] = opening[0], None
+        return writer.role(index, extensions, content)
 
     for choice in choices:
         if choice.calls is not None and not forced:

@@ -106,6 +106,8 @@ class ModelInputs:
     num_video_tokens: int = 0
     media: tuple[MediaItem, ...] = ()
     thinks: bool = False  # the answer starts with reasoning (a thinking checkpoint's)
+    # (width, height) of each image as the model reads it, in order (return_image_sizes)
+    image_sizes: tuple[tuple[int, int], ...] = ()
 
     @functools.cached_property
     def token_ids(self) -> list[int]:
@@ -421,6 +423,7 @@ class InputBuilder:
             num_video_tokens=int((input_ids == self.video_token_id).sum()),
             media=find_media(tensors, placeholders),
             thinks=thinks,
+            image_sizes=tuple(image.size for image in images),
         )
 
     def _prefilled_reasoning(self, prompt: str, think: bool, template: TemplateOptions) -> bool:

@@ -132,8 +132,6 @@ class ChatRun:
     frames: list[FrameCaption] | None = None
     caption_usage: CaptionUsage = CaptionUsage(0, 0, 0)
     think_close_id: int | None = None  # the tokenizer's "</think>", where it has one
-    # (width, height) of each image as the model read it, in the request's order
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def seq(self) -> Sequence:
@@ -248,7 +246,6 @@ class ChatPipeline:
             run = ChatRun(await self._add(request, inputs), think_close_id=self.think_close_id)
         for seq in run.seqs:
             seq.received_time = request.received_time
-        run.image_sizes = [image.size for image in images]
         return run
 
     async def check(self, request: ChatRequest) -> MediaBudget:
@@ -446,7 +443,7 @@ class ChatPipeline:
         if request.return_token_ids:
             result.prompt_token_ids = run.seq.inputs.token_ids
         if request.return_image_sizes:
-            result.image_sizes = run.image_sizes
+            result.image_sizes = list(run.seq.inputs.image_sizes)
         if request.sampling.prompt_logprobs is not None:
             result.prompt_logprobs = self.texts(request).prompt_logprobs(run.seq)
         return result

@@ -228,8 +228,8 @@ async def test_auto_image_tokens_sets_the_budget_of_images_without_a_detail(
 async def test_return_image_sizes_says_what_the_model_read(client: httpx.AsyncClient) -> None:
     """return_image_sizes (extension): each image's size as the model read it, resized to
     whole tokens (Qwen's smart_resize within its detail's budget), in the request's order: the
-    pixels a box or point Qwen2.5-VL writes is in. In the answer, or on a stream's first chunk;
-    left out unless asked."""
+    pixels a box or point Qwen2.5-VL writes is in. In the answer, on a stream's first chunk,
+    and from /tokenize before sending; left out unless asked."""
     wide = {"type": "image_url", "image_url": {"url": data_uri(make_image(1600, 900))}}
     tall = {"type": "image_url", "image_url": {"url": data_uri(make_image(60, 200))}}
     tall["image_url"]["detail"] = "low"
@@ -245,6 +245,9 @@ async def test_return_image_sizes_says_what_the_model_read(client: httpx.AsyncCl
     tokens = answer["usage"]["prompt_tokens_details"]["image_tokens"]
     assert tokens == 47 * 26 + 2 * 7
     assert "image_sizes" not in (await client.post("/v1/chat/completions", json=body)).json()
+    tokenized = (await client.post("/tokenize", json=asked)).json()
+    assert tokenized["image_sizes"] == answer["image_sizes"]
+    assert "image_sizes" not in (await client.post("/tokenize", json=body)).json()
     for sent, sizes in ((asked, answer["image_sizes"]), (body, None)):
         streamed = {**sent, "stream": True}
         async with client.stream("POST", "/v1/chat/completions", json=streamed) as stream:

@@ -16,6 +16,7 @@ from server.api.protocol import (
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
+    image_sizes_out,
 )
 from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
 from server.api.services import Services, get_services
@@ -35,17 +36,20 @@ async def tokenize(
         chat = to_chat_request(body, services, services.sampling_defaults, "native")
         inputs = await until_disconnected(request, services.chat.prompt(chat))
         ids = inputs.token_ids
+        sizes = inputs.image_sizes if chat.return_image_sizes else None
     else:
         if body.model is not None:
             services.check_model(body.model)
         special = body.add_special_tokens is not False
         services.engine.limits.check_prompt_text(body.prompt, "prompt", whole=False)
         ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=special)
+        sizes = None
     return TokenizeResponse(
         count=len(ids),
         max_model_len=services.engine.max_seq_len,
         tokens=ids,
         token_strs=tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None,
+        image_sizes=image_sizes_out(sizes),
     )
 
 
