@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from itertools import pairwise
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -305,7 +306,8 @@ class ResponsesRequest(StrictModel):
     image: dict[str, Any] | None = None  # (image context compression: images are sent whole)
     access_programs: dict[str, Any] | None = None
     reasoning: ReasoningConfig | None = None
-    # "auto": a conversation too long for the context loses its oldest turns (shorten())
+    # "auto": a conversation too long for the context loses its oldest turns, then a tool
+    # loop's oldest steps (shorten())
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
     # extension (vLLM's): the prefix cache (and vision cache, grammars) shared only under the
@@ -357,18 +359,18 @@ class ResponsesRequest(StrictModel):
     _history: list[Any] = PrivateAttr(default_factory=list)
     _history_ids: list[str | None] = PrivateAttr(default_factory=list)  # (errors name them)
     _own: list[dict[str, Any]] | None = PrivateAttr(default=None)  # own_items(), made once
-    # truncation "auto": how many of the conversation's oldest turns the prompt leaves out
-    _dropped_turns: int = PrivateAttr(default=0)
+    # truncation "auto": how many of the conversation's oldest spans (_spans) the prompt
+    # leaves out
+    _dropped: int = PrivateAttr(default=0)
 
     def shorten(self) -> bool:
-        """truncation "auto", for a prompt past the context: the next oldest turn (a user
-        message and what follows it up to the next) is left out of the prompt, as OpenAI
-        drops items to fit; system and developer messages stay, and so does the last turn.
-        False when truncation is off or only the last turn is left. (What is stored as the
-        request's items does not change.)"""
-        if self.truncation != "auto" or self._dropped_turns + 1 >= len(self._turn_starts()):
+        """truncation "auto", for a prompt past the context: the next oldest span of the
+        conversation (_spans) is left out of the prompt, as OpenAI drops items to fit. False
+        when truncation is off or nothing more may go. (What is stored as the request's items
+        does not change.)"""
+        if self.truncation != "auto" or self._dropped >= len(self._spans()):
             return False
-        self._dropped_turns += 1
+        self._dropped += 1
         return True
 
     def _items(self) -> list[tuple[Any, str]]:
@@ -383,17 +385,38 @@ class ResponsesRequest(StrictModel):
             items += [(item, f"input[{index}]") for index, item in enumerate(self.input)]
         return items
 
-    def _turn_starts(self) -> list[int]:
-        return [i for i, (item, _) in enumerate(self._items()) if _is_user_message(item)]
+    def _spans(self) -> list[range]:
+        """What truncation may leave out, in the order it does: each turn before the last (a
+        user message and what follows it up to the next), then the last turn's oldest steps
+        (an answer's calls and what came with them, and their outputs: a tool loop's task is
+        one turn, a screenshot each step). System and developer messages stay, and so do the
+        last turn's user message and its latest step."""
+        items = [item for item, _ in self._items()]
+        turns = [i for i, item in enumerate(items) if _is_user_message(item)]
+        if not turns:
+            return []
+        steps = [turns[-1] + 1] if turns[-1] + 1 < len(items) else []
+        steps += [  # (a step starts where its outputs before it end)
+            i
+            for i in range(turns[-1] + 2, len(items))
+            if isinstance(items[i - 1], FunctionCallOutputItem)
+            and not isinstance(items[i], FunctionCallOutputItem)
+        ]
+        return [range(a, b) for a, b in pairwise([0, *turns[1:]])] + [
+            range(a, b) for a, b in pairwise(steps)
+        ]
 
     def _kept_items(self) -> list[tuple[Any, str]]:
-        """The items the prompt holds: all, or with truncation's oldest turns left out."""
+        """The items the prompt holds: all, or with truncation's oldest spans left out."""
         items = self._items()
-        if not self._dropped_turns:
+        if not self._dropped:
             return items
-        cut = self._turn_starts()[self._dropped_turns]
-        kept = [(item, where) for item, where in items[:cut] if _is_system_message(item)]
-        return kept + items[cut:]
+        left_out = {i for span in self._spans()[: self._dropped] for i in span}
+        return [
+            (item, where)
+            for i, (item, where) in enumerate(items)
+            if i not in left_out or _is_system_message(item)
+        ]
 
     def continue_from(self, items: list[dict[str, Any]]) -> None:
         """The conversation before `input`: a stored response's items (inputs and outputs,

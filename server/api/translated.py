@@ -121,7 +121,12 @@ async def prompt_tokens(body: Translated, request: Request, services: Services) 
     try:
         while True:
             chat = translated_request(body, services)
-            inputs = await until_disconnected(request, services.chat.prompt(chat))
+            try:
+                inputs = await until_disconnected(request, services.chat.prompt(chat))
+            except ServerError as exc:  # (its images alone, say: as the answer's would be)
+                if exc.code == "context_length_exceeded" and body.shorten():
+                    continue
+                raise
             room = engine.max_seq_len - (chat.sampling.max_tokens or 0)
             if inputs.num_prompt_tokens < room or not body.shorten():
                 return inputs.num_prompt_tokens

@@ -298,7 +298,7 @@ class ChatPipeline:
         messages = await self.media.downloaded(messages)
         request = replace(request, messages=messages, video_mode="native")
         try:  # (holding a preprocessing slot)
-            images = await self.media.images(request.messages, budget)
+            images = await self.media.images(request.messages, budget, whole=False)
             videos = await self._videos(request, images, budget)
             inputs = await self._native_inputs(request, images, videos)
         finally:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from server.config import MediaLimits
+from server.engine.request_limits import CONTEXTS_TOKENIZED
 from server.exceptions import InvalidRequest, MediaError
 from server.media.decode_memory import DecodeMemory
 from server.media.fetch import FetchedMedia, MediaFetcher, Spend, is_data_uri, too_large
@@ -105,20 +106,25 @@ class MediaLoader:
             _check_count(len(parts_of(messages, kind)), name, limit)
         return MediaBudget(self.limits.max_media_bytes_per_request)
 
-    async def images(self, messages: list[ChatMessage], budget: MediaBudget) -> list[Image.Image]:
+    async def images(
+        self, messages: list[ChatMessage], budget: MediaBudget, whole: bool = True
+    ) -> list[Image.Image]:
         """Fetched together, then (if their headers' sizes fit the context) decoded together.
         Awaited in order, so that of several bad images the error names the first (not
-        whichever failed soonest), and the rest are cancelled."""
+        whichever failed soonest), and the rest are cancelled. whole false: a prompt only
+        counted (or to be shortened), which may hold CONTEXTS_TOKENIZED contexts' images."""
         parts = parts_of(messages, ImagePart)
         fetched = await _in_order([self._fetch_image(part) for part in parts])
         for part, media in zip(parts, fetched, strict=True):  # (in order: the part it names)
             budget.spend(media.size, part.param)
-        return await self._decoded(parts, [f.data for f in fetched])
+        return await self._decoded(parts, [f.data for f in fetched], whole)
 
-    async def _decoded(self, parts: list[ImagePart], datas: list[bytes]) -> list[Image.Image]:
+    async def _decoded(
+        self, parts: list[ImagePart], datas: list[bytes], whole: bool = True
+    ) -> list[Image.Image]:
         """The images' bytes decoded together, once their headers' sizes fit the context."""
         sizes = await asyncio.to_thread(lambda: [header_size(data) for data in datas])
-        self._check_tokens(parts, sizes)
+        self._check_tokens(parts, sizes, whole)
         images = await _in_order(
             [
                 self._decode(part, data, size)
@@ -128,7 +134,9 @@ class MediaLoader:
         self.metrics.images.inc(len(images))
         return images
 
-    def _check_tokens(self, parts: list[ImagePart], sizes: list[tuple[int, int] | None]) -> None:
+    def _check_tokens(
+        self, parts: list[ImagePart], sizes: list[tuple[int, int] | None], whole: bool
+    ) -> None:
         """Images whose tokens alone overflow the context are refused before any is decoded
         (a few 64-megapixel PNGs took a minute of decoding, then the same 400)."""
         if not self.context_length:
@@ -138,10 +146,12 @@ class MediaLoader:
             for part, size in zip(parts, sizes, strict=True)
             if size is not None
         )
-        if tokens > self.context_length:
+        context = f"this model's {self.context_length}-token context"
+        if not whole:  # (counted: as long as a text prompt to count may be)
+            context = f"{CONTEXTS_TOKENIZED} times {context}"
+        if tokens > self.context_length * (1 if whole else CONTEXTS_TOKENIZED):
             raise InvalidRequest(
-                f"The images alone are {tokens} tokens, more than this model's "
-                f"{self.context_length}-token context.",
+                f"The images alone are {tokens} tokens, more than {context}.",
                 param="messages",
                 code="context_length_exceeded",
             )

@@ -27,7 +27,7 @@ from server.jobs import responses as response_store
 from server.jobs.sqlite import SqliteJobStore
 from server.pipelines.loopback import post_scope
 from tests.api.test_responses import WEATHER, image_input
-from tests.helpers import make_image, make_settings, serve_in_thread, start_client
+from tests.helpers import data_uri, make_image, make_settings, serve_in_thread, start_client
 
 pytestmark = pytest.mark.anyio
 GREEDY = {"model": "tiny", "max_output_tokens": 4, "temperature": 0}
@@ -696,6 +696,71 @@ async def test_truncation_auto_leaves_the_oldest_turns_out(tiny_model_dir: Path)
         alone = {**GREEDY, "input": long_turn * 6, "truncation": "auto"}  # one turn: no fit
         with pytest.raises(openai.BadRequestError):
             await sdk.responses.create(**alone)
+
+
+def screenshot_loop(steps: int) -> list[dict]:
+    """A computer-use task: one user message, then a step per screenshot (the model's click,
+    the tool's answer with the screen as it is now)."""
+    screen = {"type": "input_image", "image_url": data_uri(make_image(224, 224)), "detail": "high"}
+    items: list[dict] = [{"role": "user", "content": "Open the settings."}]
+    for k in range(steps):
+        items += [
+            {"type": "function_call", "call_id": f"c{k}", "name": "click", "arguments": "{}"},
+            {
+                "type": "function_call_output",
+                "call_id": f"c{k}",
+                "output": [{"type": "input_text", "text": f"step {k}"}, screen],
+            },
+        ]
+    return items
+
+
+def test_truncation_leaves_a_tool_loops_oldest_steps_out_first_its_task_never() -> None:
+    """One turn holding a whole tool loop: truncation "auto" leaves its oldest steps (a call
+    with its output) out, one at a time; the instructions, the task's user message and the
+    latest step stay. Before that, whole turns go, oldest first."""
+    earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    body = ResponsesRequest.model_validate(
+        {
+            "model": "tiny",
+            "instructions": "Be brief.",
+            "input": [*earlier, *screenshot_loop(3)],
+            "truncation": "auto",
+        }
+    )
+    kept = []
+    while True:
+        kept.append([where for _, where in body._kept_items()])
+        if not body.shorten():
+            break
+    assert kept == [
+        [f"input[{i}]" for i in range(9)],
+        [f"input[{i}]" for i in range(2, 9)],  # the earlier turn
+        ["input[2]", "input[5]", "input[6]", "input[7]", "input[8]"],  # step 0
+        ["input[2]", "input[7]", "input[8]"],  # step 1 (the latest, step 2, stays)
+    ]
+
+
+async def test_truncation_auto_fits_a_screenshot_loop(tiny_model_dir: Path) -> None:
+    """A computer-use loop past the context (a screenshot each step) answers with truncation
+    "auto", its oldest steps left out; input_tokens counts what the answer takes, and the whole
+    loop is counted (its images alone past the context) rather than refused."""
+    settings = make_settings(tiny_model_dir, max_model_len=512)
+    body = {**GREEDY, "input": screenshot_loop(8)}  # 8 screenshots of 64 tokens, and the text
+    async for client in start_client(settings):
+        sdk = sdk_for(client)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.responses.create(**body)
+        assert refused.value.code == "context_length_exceeded"
+        fitted = await sdk.responses.create(**body, truncation="auto")
+        assert fitted.status in ("completed", "incomplete"), fitted.error
+        assert 64 < fitted.usage.input_tokens <= 512 - 4
+        counted = await sdk.responses.input_tokens.count(
+            model="tiny", input=body["input"], truncation="auto"
+        )
+        assert counted.input_tokens == fitted.usage.input_tokens
+        whole = await sdk.responses.input_tokens.count(model="tiny", input=body["input"])
+        assert whole.input_tokens > 8 * 64
 
 
 class GoneMidSend:
