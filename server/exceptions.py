@@ -34,6 +34,16 @@ class InvalidRequest(ServerError):
     error_type = "invalid_request_error"
 
 
+class PromptTooLong(InvalidRequest):
+    """A prompt past the model's context (context_length_exceeded), with its numbers: the APIs
+    that word it their own way read them (Anthropic's clients look for "prompt is too long")."""
+
+    def __init__(self, message: str, num_tokens: int, max_tokens: int, param: str = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+        self.num_tokens = num_tokens  # the prompt's (where only its images were counted: theirs)
+        self.max_tokens = max_tokens  # the most the prompt may be
+
+
 # What to send instead of a refused field, where there is something.
 UNSUPPORTED_HINTS = {
     "functions": ': send the functions as `tools` (each {"type": "function", "function": {...}})',

@@ -45,7 +45,7 @@ from server.api.protocol import (
 )
 from server.api.sse import answer_pieces, named_event
 from server.engine.sequence import SequenceOutput
-from server.exceptions import InvalidRequest, ServerError
+from server.exceptions import InvalidRequest, PromptTooLong, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import (
@@ -455,7 +455,11 @@ class MessagesRequest(StrictModel):
                 return parts[int(j) + 1]
             return parts[0]
 
-        if exc.param is not None and exc.param.startswith("messages"):
+        if isinstance(exc, PromptTooLong):  # (Anthropic's words, which its clients look for)
+            exc.message = f"prompt is too long: {exc.num_tokens} tokens > {exc.max_tokens} maximum"
+        elif exc.code == "context_length_exceeded" and exc.param == "messages":
+            exc.message = f"prompt is too long: {exc.message}"  # (its tokens not counted)
+        elif exc.param is not None and exc.param.startswith("messages"):
             exc.message = MESSAGE_PART.sub(origin, exc.message)
             exc.param = MESSAGE_PART.sub(origin, exc.param)
         elif exc.param is not None and exc.param.startswith("response_format"):

@@ -49,7 +49,7 @@ from server.api.protocol import (
 from server.api.sse import answer_pieces, named_event
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput
-from server.exceptions import InvalidRequest, ServerError
+from server.exceptions import InvalidRequest, PromptTooLong, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.logprobs import TokenLogprob, TokenTexts
 from server.pipelines.reasoning import Reasoning, ReasoningStream, answer_start
@@ -250,6 +250,9 @@ RESPONSES_UNSUPPORTED_WHEN = {
 class ConversationRef(StrictModel):
     id: str = Field(min_length=1, max_length=200)
 
+
+# What truncation "auto" never leaves out (see _spans).
+TRUNCATION_KEEPS = "the instructions, the last turn's user message and its latest step"
 
 # vLLM's chat fields its Responses API takes too: each goes to the chat completion as it is.
 VLLM_CHAT_FIELDS = (
@@ -493,10 +496,20 @@ class ResponsesRequest(StrictModel):
             return
         exc.message = MESSAGE_INDEX.sub(origin, exc.message)
         exc.param = MESSAGE_INDEX.sub(origin, exc.param)
+        if isinstance(exc, PromptTooLong):
+            exc.message = self._too_long(exc.message)
         if exc.param == "messages":
             exc.param = "input"
         elif exc.param.startswith(self.history_field):  # the message names the item
             exc.param = self.history_field
+
+    def _too_long(self, message: str) -> str:
+        """A chat's context overflow in this API's words, with what truncation can do."""
+        said = message.replace("your messages", "your input")
+        said = said.replace("the length of the messages", "the input")
+        if self.truncation == "auto":
+            return f'{said} Truncation "auto" left out all it may: {TRUNCATION_KEEPS}.'
+        return f'{said} Set truncation "auto" to leave the oldest turns and steps out to fit.'
 
     def refuse_hosted_tools(self) -> None:
         for index, tool in enumerate(self.tools or ()):

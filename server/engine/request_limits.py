@@ -13,7 +13,7 @@ from typing import Any
 from server.engine import bad_words
 from server.engine.inputs import ModelInputs, Truncation
 from server.engine.sampling import SamplingParams
-from server.exceptions import InvalidRequest
+from server.exceptions import InvalidRequest, PromptTooLong
 
 # A character becomes at most 3 under NFC (U+1D160) and a character at most 4 UTF-8 bytes.
 MAX_BYTES_PER_NORMALIZED_CHAR = 12
@@ -205,12 +205,12 @@ class RequestLimits:
         fit the context."""
         room = self.max_seq_len - num_prompt
         if room <= 0:
-            raise InvalidRequest(
+            raise PromptTooLong(
                 f"This model's maximum context length is {self.max_seq_len} tokens. However, "
                 f"your messages resulted in {num_prompt} tokens. Please reduce the length of the "
                 "messages (the tools' definitions count too) or the size of the images.",
-                param="messages",
-                code="context_length_exceeded",
+                num_prompt,
+                self.max_seq_len,
             )
         if sampling.max_tokens is None:
             # (the server's default gives way to a min_tokens above it: asked for)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from server.config import MediaLimits
 from server.engine.request_limits import CONTEXTS_TOKENIZED
-from server.exceptions import InvalidRequest, MediaError
+from server.exceptions import InvalidRequest, MediaError, PromptTooLong
 from server.media.decode_memory import DecodeMemory
 from server.media.fetch import FetchedMedia, MediaFetcher, Spend, is_data_uri, too_large
 from server.media.frames import FrameRequest, TokenBudget
@@ -149,11 +149,9 @@ class MediaLoader:
         context = f"this model's {self.context_length}-token context"
         if not whole:  # (counted: as long as a text prompt to count may be)
             context = f"{CONTEXTS_TOKENIZED} times {context}"
-        if tokens > self.context_length * (1 if whole else CONTEXTS_TOKENIZED):
-            raise InvalidRequest(
-                f"The images alone are {tokens} tokens, more than {context}.",
-                param="messages",
-                code="context_length_exceeded",
+        if tokens > (most := self.context_length * (1 if whole else CONTEXTS_TOKENIZED)):
+            raise PromptTooLong(
+                f"The images alone are {tokens} tokens, more than {context}.", tokens, most
             )
 
     async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:

@@ -654,6 +654,12 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
         ),
         ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "object"),
         ({"system": [{"type": "text", "text": ""}]}, "system"),
+        # Anthropic's words for a prompt past the context, which its clients look for
+        (
+            {"messages": [{"role": "user", "content": "word " * 9000}]},
+            "prompt is too long: 27044 tokens > 8192 maximum",
+        ),
+        ({"messages": [{"role": "user", "content": "word " * 90000}]}, "prompt is too long: "),
     ],
 )
 async def test_bad_requests_are_400s_in_anthropics_envelope(

@@ -752,8 +752,16 @@ async def test_truncation_auto_fits_a_screenshot_loop(tiny_model_dir: Path) -> N
         with pytest.raises(openai.BadRequestError) as refused:
             await sdk.responses.create(**body)
         assert refused.value.code == "context_length_exceeded"
+        assert refused.value.param == "input"
+        assert 'Set truncation "auto"' in refused.value.message  # (what would fit it)
         fitted = await sdk.responses.create(**body, truncation="auto")
         assert fitted.status in ("completed", "incomplete"), fitted.error
+        with pytest.raises(openai.BadRequestError) as still:  # (its latest step alone too long)
+            big = {"type": "input_image", "image_url": data_uri(make_image(700, 700))}
+            last = {**body["input"][-1], "output": [{**big, "detail": "high"}]}
+            too_long = {**body, "input": [*body["input"][:-1], last], "truncation": "auto"}
+            await sdk.responses.create(**too_long)
+        assert 'Truncation "auto" left out all it may' in still.value.message
         assert 64 < fitted.usage.input_tokens <= 512 - 4
         counted = await sdk.responses.input_tokens.count(
             model="tiny", input=body["input"], truncation="auto"
