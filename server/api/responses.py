@@ -399,12 +399,14 @@ class ResponsesRequest(StrictModel):
         if not turns:
             return []
         steps = [turns[-1] + 1] if turns[-1] + 1 < len(items) else []
-        steps += [  # (a step starts where its outputs before it end)
-            i
-            for i in range(turns[-1] + 2, len(items))
-            if isinstance(items[i - 1], FunctionCallOutputItem)
-            and not isinstance(items[i], FunctionCallOutputItem)
-        ]
+        unanswered: set[str] = set()  # (a step ends only once its calls have their outputs)
+        for i in range(turns[-1] + 1, len(items)):
+            if i > steps[0] and not unanswered and _step_ends_before(items, i):
+                steps.append(i)
+            if isinstance(items[i], FunctionCallItem):
+                unanswered.add(items[i].call_id)
+            elif isinstance(items[i], FunctionCallOutputItem):
+                unanswered.discard(items[i].call_id)
         return [range(a, b) for a, b in pairwise([0, *turns[1:]])] + [
             range(a, b) for a, b in pairwise(steps)
         ]
@@ -507,6 +509,8 @@ class ResponsesRequest(StrictModel):
         """A chat's context overflow in this API's words, with what truncation can do."""
         said = message.replace("your messages", "your input")
         said = said.replace("the length of the messages", "the input")
+        if not self._spans():  # (nothing truncation could leave out)
+            return said
         if self.truncation == "auto":
             return f'{said} Truncation "auto" left out all it may: {TRUNCATION_KEEPS}.'
         return f'{said} Set truncation "auto" to leave the oldest turns and steps out to fit.'
@@ -624,9 +628,16 @@ class ResponsesRequest(StrictModel):
     ) -> None:
         """A function's result as a tool message, its images (OpenAI's outputs may hold them)
         among its parts, where they were."""
-        content = _dump(item.output)
+        content = _dump(item.output) or ""  # ([]: nothing said, as an empty string)
         self._origins.append(f"{where}.output")
         messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
+
+
+def _step_ends_before(items: list[Any], i: int) -> bool:
+    """Item i starts a new step of a tool loop: it follows the outputs of the step before."""
+    return isinstance(items[i - 1], FunctionCallOutputItem) and not isinstance(
+        items[i], FunctionCallOutputItem
+    )
 
 
 def _is_user_message(item: Any) -> bool:

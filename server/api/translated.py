@@ -80,6 +80,13 @@ def translated_request(body: Translated, services: Services) -> ChatRequest:
     return to_chat_request(chat_body, services, services.sampling_defaults, "native")
 
 
+# What a shorter prompt (the Responses API's truncation) may cure: its length, and the media
+# only the oldest turns hold (a screenshot loop passes 16 images before the context).
+SHORTENS = frozenset(
+    {"context_length_exceeded", "too_many_images", "too_many_videos", "media_budget_exceeded"}
+)
+
+
 async def fitted(body: Translated, services: Services, attempt: Attempt[T]) -> T:
     """attempt(the body's chat request); a prompt past the context is tried again shorter as
     long as the body can shorten it (the Responses API's truncation). Errors are named as the
@@ -88,7 +95,7 @@ async def fitted(body: Translated, services: Services, attempt: Attempt[T]) -> T
         try:
             return await attempt(translated_request(body, services))
         except ServerError as exc:  # the chat route named its own fields
-            if exc.code == "context_length_exceeded" and body.shorten():
+            if exc.code in SHORTENS and body.shorten():
                 continue
             body.name_error(exc)
             raise
@@ -124,7 +131,7 @@ async def prompt_tokens(body: Translated, request: Request, services: Services) 
             try:
                 inputs = await until_disconnected(request, services.chat.prompt(chat))
             except ServerError as exc:  # (its images alone, say: as the answer's would be)
-                if exc.code == "context_length_exceeded" and body.shorten():
+                if exc.code in SHORTENS and body.shorten():
                     continue
                 raise
             room = engine.max_seq_len - (chat.sampling.max_tokens or 0)

@@ -57,8 +57,9 @@ SECRET_PREFIX = "whsec_"
 # (a replica that died mid-attempt), redelivered ones, retries due after a restart. Deliveries
 # this process queues, its retries and a backlog wake it at once (see wake).
 POLL_S = 1.0
-# An attempt's outcome not yet recorded is written again this soon once the store answers:
-# another replica finding the delivery due meanwhile would send it a second time.
+# An attempt's outcome not yet recorded is written again this soon once the store answers
+# (then less often, up to each second, while writes still fail): another replica finding the
+# delivery due meanwhile would send it a second time.
 RECORD_RETRY_S = 0.2
 MAX_IN_FLIGHT = 32
 FORGET_AFTER_S = 60.0
@@ -299,7 +300,9 @@ class WebhookSender:
                     )
                 # (soon once the store answers again: RECORD_RETRY_S)
                 back = self.store.unreachable_since is None
-                await asyncio.sleep(RECORD_RETRY_S if back else min(failures, 5))
+                await asyncio.sleep(
+                    min(RECORD_RETRY_S * 2**failures, 1) if back else min(failures, 5)
+                )
 
     async def _post(self, secret: str, row: dict[str, Any]) -> tuple[int, float | None]:
         """One attempt: the receiver's status and Retry-After. The whole attempt has

@@ -654,6 +654,39 @@ async def test_the_models_list_reads_as_anthropics(sdk: anthropic.AsyncAnthropic
         ),
         ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "object"),
         ({"system": [{"type": "text", "text": ""}]}, "system"),
+        (  # an image inside a tool result, named where it is
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}],
+                    },
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "t1",
+                                "is_error": True,
+                                "content": [
+                                    {"type": "text", "text": "shot"},
+                                    {
+                                        "type": "image",
+                                        "source": {
+                                            "type": "url",
+                                            "url": "http://127.0.0.1:1/a.png",
+                                        },
+                                    },
+                                ],
+                            }
+                        ],
+                    },
+                ],
+                "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+            },
+            "messages[2].content[0].content[1]",
+        ),
         # Anthropic's words for a prompt past the context, which its clients look for
         (
             {"messages": [{"role": "user", "content": "word " * 9000}]},

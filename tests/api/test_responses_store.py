@@ -741,6 +741,26 @@ def test_truncation_leaves_a_tool_loops_oldest_steps_out_first_its_task_never() 
     ]
 
 
+def test_a_step_ends_only_once_its_calls_are_answered() -> None:
+    """Outputs may come after other items (an answer's message between two calls' outputs):
+    truncation never keeps an output whose call it left out."""
+    call = {"type": "function_call", "name": "f", "arguments": "{}"}
+    items = [
+        {"role": "user", "content": "go"},
+        {**call, "call_id": "a"},
+        {**call, "call_id": "b"},
+        {"type": "function_call_output", "call_id": "a", "output": "1"},
+        {"role": "assistant", "content": "waiting for b"},
+        {"type": "function_call_output", "call_id": "b", "output": []},  # (nothing said)
+        {**call, "call_id": "c"},
+        {"type": "function_call_output", "call_id": "c", "output": "3"},
+    ]
+    body = ResponsesRequest.model_validate({"model": "tiny", "input": items, "truncation": "auto"})
+    assert body.shorten() and not body.shorten()
+    assert [where for _, where in body._kept_items()] == ["input[0]", "input[6]", "input[7]"]
+    assert body.to_chat_body()["messages"][-1]["role"] == "tool"
+
+
 async def test_truncation_auto_fits_a_screenshot_loop(tiny_model_dir: Path) -> None:
     """A computer-use loop past the context (a screenshot each step) answers with truncation
     "auto", its oldest steps left out; input_tokens counts what the answer takes, and the whole
@@ -769,6 +789,16 @@ async def test_truncation_auto_fits_a_screenshot_loop(tiny_model_dir: Path) -> N
         assert counted.input_tokens == fitted.usage.input_tokens
         whole = await sdk.responses.input_tokens.count(model="tiny", input=body["input"])
         assert whole.input_tokens > 8 * 64
+        # more screenshots than a request may hold (16): the oldest steps go too
+        many = {**GREEDY, "input": screenshot_loop(17)}
+        with pytest.raises(openai.BadRequestError) as counted_out:
+            await sdk.responses.create(**many)
+        assert counted_out.value.code == "too_many_images"
+        assert (await sdk.responses.create(**many, truncation="auto")).status != "failed"
+        # a prompt truncation could not shorten gets no hint about it
+        with pytest.raises(openai.BadRequestError) as alone:
+            await sdk.responses.create(**{**GREEDY, "input": "word " * 200})
+        assert "truncation" not in alone.value.message
 
 
 class GoneMidSend:
