@@ -442,6 +442,12 @@ class MessagesRequest(StrictModel):
         """Anthropic's API has no truncation: a prompt past the context is a 400."""
         return False
 
+    def truncatable(self) -> int:
+        return 0
+
+    def truncate(self, spans: int) -> None:
+        return None
+
     def name_error(self, exc: ServerError) -> None:
         """A chat error as this body names things: messages[k].content[j] -> the block it came
         from; response_format -> output_config.format; tools[i].function.x -> tools[i].x."""

@@ -371,10 +371,18 @@ class ResponsesRequest(StrictModel):
         conversation (_spans) is left out of the prompt, as OpenAI drops items to fit. False
         when truncation is off or nothing more may go. (What is stored as the request's items
         does not change.)"""
-        if self.truncation != "auto" or self._dropped >= len(self._spans()):
+        if self._dropped >= self.truncatable():
             return False
         self._dropped += 1
         return True
+
+    def truncatable(self) -> int:
+        """How many spans truncation may leave out (none unless truncation is "auto")."""
+        return len(self._spans()) if self.truncation == "auto" else 0
+
+    def truncate(self, spans: int) -> None:
+        """The prompt leaves the oldest `spans` out (at most truncatable())."""
+        self._dropped = min(spans, self.truncatable())
 
     def _items(self) -> list[tuple[Any, str]]:
         """The conversation's items and where each came from, oldest first."""

@@ -35,6 +35,10 @@ class Translated(Protocol):
 
     def shorten(self) -> bool: ...
 
+    def truncatable(self) -> int: ...
+
+    def truncate(self, spans: int) -> None: ...
+
 
 @dataclass
 class Started:
@@ -87,18 +91,74 @@ SHORTENS = frozenset(
 )
 
 
-async def fitted(body: Translated, services: Services, attempt: Attempt[T]) -> T:
-    """attempt(the body's chat request); a prompt past the context is tried again shorter as
-    long as the body can shorten it (the Responses API's truncation). Errors are named as the
-    body names its fields."""
-    while True:
-        try:
-            return await attempt(translated_request(body, services))
-        except ServerError as exc:  # the chat route named its own fields
-            if exc.code in SHORTENS and body.shorten():
-                continue
-            body.name_error(exc)
-            raise
+async def fitted(
+    body: Translated,
+    services: Services,
+    attempt: Attempt[T],
+    request: Request | None = None,
+) -> T:
+    """attempt(the body's chat request); a prompt past the context (or its media limits) is
+    tried again shorter as long as the body can shorten it (the Responses API's truncation):
+    with `request`, at the fewest spans left out that fit (fewest_spans' builds), else one span
+    more each time (cheap attempts: a background job's checks). Errors are named as the body
+    names its fields."""
+    searched = request is None
+    try:
+        while True:
+            try:
+                return await attempt(translated_request(body, services))
+            except ServerError as exc:  # the chat route named its own fields
+                if exc.code not in SHORTENS or not (body.truncatable() or searched):
+                    raise
+                if searched and not body.shorten():
+                    raise
+            if not searched:
+                searched = True
+                await fewest_spans(body, services, request)  # type: ignore[arg-type]
+    except ServerError as exc:
+        body.name_error(exc)
+        raise
+
+
+async def fewest_spans(body: Translated, services: Services, request: Request) -> int | None:
+    """Leaves out the fewest of the body's oldest spans with which its prompt fits, found by
+    doubling, then halving back (a long tool loop's prompt built a few times, not once per step
+    left out), and returns that prompt's tokens; None where none fits (all that may go is left
+    out). None left out is known not to fit."""
+    most = body.truncatable()
+    known_short, fits, count, step = 0, None, None, 1  # (spans: too few, enough)
+    while fits is None and known_short < most:
+        spans = min(known_short + step, most)
+        body.truncate(spans)
+        if (count := await _fitting_tokens(body, services, request)) is not None:
+            fits = spans
+        else:
+            known_short, step = spans, step * 2
+    if fits is None:
+        return None
+    while fits - known_short > 1:
+        spans = (known_short + fits) // 2
+        body.truncate(spans)
+        if (tokens := await _fitting_tokens(body, services, request)) is not None:
+            fits, count = spans, tokens
+        else:
+            known_short = spans
+    body.truncate(fits)
+    return count
+
+
+async def _fitting_tokens(body: Translated, services: Services, request: Request) -> int | None:
+    """The body's prompt as it is now truncated, built (media read, nothing run): its tokens
+    if it fits the context and the media limits, else None."""
+    chat = translated_request(body, services)
+    try:
+        inputs = await until_disconnected(request, services.chat.prompt(chat))
+    except ServerError as exc:
+        if exc.code in SHORTENS:
+            return None
+        raise
+    room = services.engine.max_seq_len - (chat.sampling.max_tokens or 0)
+    return inputs.num_prompt_tokens if inputs.num_prompt_tokens < room else None
 
 
 async def run_translated(
@@ -118,25 +178,22 @@ async def run_translated(
             raise
         return Started(chat, run, first, outputs)
 
-    return await fitted(body, services, run)
+    return await fitted(body, services, run, request)
 
 
 async def prompt_tokens(body: Translated, request: Request, services: Services) -> int:
     """The tokens the body's prompt takes: built as its answer's would be (shortened as its
     answer's would be, where it can be), media read, nothing run."""
-    engine = services.engine
     try:
-        while True:
-            chat = translated_request(body, services)
-            try:
-                inputs = await until_disconnected(request, services.chat.prompt(chat))
-            except ServerError as exc:  # (its images alone, say: as the answer's would be)
-                if exc.code in SHORTENS and body.shorten():
-                    continue
-                raise
-            room = engine.max_seq_len - (chat.sampling.max_tokens or 0)
-            if inputs.num_prompt_tokens < room or not body.shorten():
-                return inputs.num_prompt_tokens
+        if body.truncatable():
+            count = await _fitting_tokens(body, services, request)
+            if count is None:
+                count = await fewest_spans(body, services, request)
+            if count is not None:
+                return count
+        # (one that nothing fits: counted as it would be left, past the context)
+        chat = translated_request(body, services)
+        return (await until_disconnected(request, services.chat.prompt(chat))).num_prompt_tokens
     except ServerError as exc:
         body.name_error(exc)
         raise

@@ -761,6 +761,41 @@ def test_a_step_ends_only_once_its_calls_are_answered() -> None:
     assert body.to_chat_body()["messages"][-1]["role"] == "tool"
 
 
+async def test_truncation_finds_the_fewest_steps_to_leave_out_in_a_few_builds(
+    tiny_model_dir: Path,
+) -> None:
+    """A long tool loop far past the context: the fewest oldest steps that must go are found
+    by doubling, then halving (a dozen prompt builds for 100 steps, not one per step), the
+    prompt left as full as fits."""
+    settings = make_settings(tiny_model_dir, max_model_len=512)
+    items: list[dict] = [{"role": "user", "content": "Tidy the desktop."}]
+    for k in range(100):
+        items += [
+            {"type": "function_call", "call_id": f"c{k}", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": f"c{k}", "output": f"moved file {k}"},
+        ]
+    body = {**GREEDY, "input": items, "truncation": "auto"}
+    async for client in start_client(settings):
+        chat = client.app.state.services.chat  # type: ignore[attr-defined]
+        builds = 0
+
+        async def counted(request, prompt=chat.prompt):  # type: ignore[no-untyped-def]
+            nonlocal builds
+            builds += 1
+            return await prompt(request)
+
+        chat.prompt = counted
+        answer = (await client.post("/v1/responses", json=body)).json()
+        assert answer["status"] in ("completed", "incomplete"), answer
+        assert builds <= 16
+        kept = answer["usage"]["input_tokens"]
+        assert kept > 512 - 100  # (one step more would not fit: a step is about 60 tokens)
+        counted_tokens = await client.post("/v1/responses/input_tokens", json=body)
+        assert counted_tokens.json()["input_tokens"] == kept
+    request = ResponsesRequest.model_validate(body)
+    assert request.truncatable() == 99  # (every step but the latest)
+
+
 async def test_truncation_auto_fits_a_screenshot_loop(tiny_model_dir: Path) -> None:
     """A computer-use loop past the context (a screenshot each step) answers with truncation
     "auto", its oldest steps left out; input_tokens counts what the answer takes, and the whole
