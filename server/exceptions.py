@@ -38,10 +38,19 @@ class PromptTooLong(InvalidRequest):
     """A prompt past the model's context (context_length_exceeded), with its numbers: the APIs
     that word it their own way read them (Anthropic's clients look for "prompt is too long")."""
 
-    def __init__(self, message: str, num_tokens: int, max_tokens: int, param: str = "messages"):
+    def __init__(
+        self,
+        message: str,
+        num_tokens: int,
+        max_tokens: int,
+        *,
+        built: bool,
+        param: str = "messages",
+    ):
         super().__init__(message, param=param, code="context_length_exceeded")
         self.num_tokens = num_tokens  # the prompt's (where only its images were counted: theirs)
         self.max_tokens = max_tokens  # the most the prompt may be
+        self.built = built  # found once the prompt was built (its media decoded), not before
 
 
 # What to send instead of a refused field, where there is something.

@@ -448,6 +448,9 @@ class MessagesRequest(StrictModel):
     def truncate(self, spans: int) -> None:
         return None
 
+    def truncated(self) -> int:
+        return 0
+
     def name_error(self, exc: ServerError) -> None:
         """A chat error as this body names things: messages[k].content[j] -> the block it came
         from; response_format -> output_config.format; tools[i].function.x -> tools[i].x."""

@@ -384,6 +384,10 @@ class ResponsesRequest(StrictModel):
         """The prompt leaves the oldest `spans` out (at most truncatable())."""
         self._dropped = min(spans, self.truncatable())
 
+    def truncated(self) -> int:
+        """How many spans the prompt leaves out now."""
+        return self._dropped
+
     def _items(self) -> list[tuple[Any, str]]:
         """The conversation's items and where each came from, oldest first."""
         items = [

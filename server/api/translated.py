@@ -17,7 +17,7 @@ from server.api.routes.chat import to_chat_request, until_disconnected
 from server.api.services import Services
 from server.api.sse import EventWriter, event_stream
 from server.engine.sequence import SequenceOutput
-from server.exceptions import InvalidRequest, ServerError, refuse_unsupported
+from server.exceptions import InvalidRequest, PromptTooLong, ServerError, refuse_unsupported
 from server.pipelines.chat import ChatRequest, ChatResult, ChatRun
 
 T = TypeVar("T")
@@ -38,6 +38,8 @@ class Translated(Protocol):
     def truncatable(self) -> int: ...
 
     def truncate(self, spans: int) -> None: ...
+
+    def truncated(self) -> int: ...
 
 
 @dataclass
@@ -99,66 +101,75 @@ async def fitted(
 ) -> T:
     """attempt(the body's chat request); a prompt past the context (or its media limits) is
     tried again shorter as long as the body can shorten it (the Responses API's truncation):
-    with `request`, at the fewest spans left out that fit (fewest_spans' builds), else one span
-    more each time (cheap attempts: a background job's checks). Errors are named as the body
-    names its fields."""
+    one span more each time while the checks before building refuse it (cheap), then, with
+    `request`, at the fewest spans that fit once a built prompt is too long (fewest_spans).
+    Errors are named as the body names its fields."""
     searched = request is None
     try:
         while True:
             try:
                 return await attempt(translated_request(body, services))
             except ServerError as exc:  # the chat route named its own fields
-                if exc.code not in SHORTENS or not (body.truncatable() or searched):
+                if exc.code not in SHORTENS:
                     raise
-                if searched and not body.shorten():
+                built = isinstance(exc, PromptTooLong) and exc.built
+                if not (built and not searched and body.truncated() < body.truncatable()):
+                    if body.shorten():
+                        continue
                     raise
-            if not searched:
-                searched = True
-                await fewest_spans(body, services, request)  # type: ignore[arg-type]
+            searched = True
+            await fewest_spans(body, services, request)  # type: ignore[arg-type]
     except ServerError as exc:
         body.name_error(exc)
         raise
 
 
 async def fewest_spans(body: Translated, services: Services, request: Request) -> int | None:
-    """Leaves out the fewest of the body's oldest spans with which its prompt fits, found by
-    doubling, then halving back (a long tool loop's prompt built a few times, not once per step
-    left out), and returns that prompt's tokens; None where none fits (all that may go is left
-    out). None left out is known not to fit."""
+    """Leaves out the fewest of the body's oldest spans with which its prompt fits, and returns
+    that prompt's tokens; None where none fits (all that may go is left out). As many as are
+    left out now are known not to fit. One span more at a time while the checks before
+    building refuse (too many images, images alone past the context: cheap), then doubling
+    while built prompts are too long, and halving back (a long tool loop's prompt built a few
+    times, not once per step left out)."""
     most = body.truncatable()
-    known_short, fits, count, step = 0, None, None, 1  # (spans: too few, enough)
-    while fits is None and known_short < most:
-        spans = min(known_short + step, most)
+    short, fits, count, step = body.truncated(), None, None, 1  # (spans: too few, enough)
+    while fits is None and short < most:
+        spans = min(short + step, most)
         body.truncate(spans)
-        if (count := await _fitting_tokens(body, services, request)) is not None:
+        count, built = await _fitting_tokens(body, services, request)
+        if count is not None:
             fits = spans
         else:
-            known_short, step = spans, step * 2
+            short, step = spans, step * 2 if built else 1
     if fits is None:
         return None
-    while fits - known_short > 1:
-        spans = (known_short + fits) // 2
+    while fits - short > 1:
+        spans = (short + fits) // 2
         body.truncate(spans)
-        if (tokens := await _fitting_tokens(body, services, request)) is not None:
+        tokens, _ = await _fitting_tokens(body, services, request)
+        if tokens is not None:
             fits, count = spans, tokens
         else:
-            known_short = spans
+            short = spans
     body.truncate(fits)
     return count
 
 
-async def _fitting_tokens(body: Translated, services: Services, request: Request) -> int | None:
+async def _fitting_tokens(
+    body: Translated, services: Services, request: Request
+) -> tuple[int | None, bool]:
     """The body's prompt as it is now truncated, built (media read, nothing run): its tokens
-    if it fits the context and the media limits, else None."""
+    if it fits the context and the media limits, else None; and whether it was built (its
+    images decoded) or refused by the checks before (images that alone pass the context)."""
     chat = translated_request(body, services)
     try:
-        inputs = await until_disconnected(request, services.chat.prompt(chat))
+        inputs = await until_disconnected(request, services.chat.prompt(chat, whole=True))
     except ServerError as exc:
         if exc.code in SHORTENS:
-            return None
+            return None, False
         raise
     room = services.engine.max_seq_len - (chat.sampling.max_tokens or 0)
-    return inputs.num_prompt_tokens if inputs.num_prompt_tokens < room else None
+    return (inputs.num_prompt_tokens if inputs.num_prompt_tokens < room else None), True
 
 
 async def run_translated(
@@ -186,7 +197,7 @@ async def prompt_tokens(body: Translated, request: Request, services: Services) 
     answer's would be, where it can be), media read, nothing run."""
     try:
         if body.truncatable():
-            count = await _fitting_tokens(body, services, request)
+            count, _ = await _fitting_tokens(body, services, request)
             if count is None:
                 count = await fewest_spans(body, services, request)
             if count is not None:

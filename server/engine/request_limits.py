@@ -211,6 +211,7 @@ class RequestLimits:
                 "messages (the tools' definitions count too) or the size of the images.",
                 num_prompt,
                 self.max_seq_len,
+                built=True,
             )
         if sampling.max_tokens is None:
             # (the server's default gives way to a min_tokens above it: asked for)

@@ -289,16 +289,18 @@ class ChatPipeline:
         self.engine.limits.max_tokens_for(text_tokens, request.sampling)
         await self.media.check_inline_images(request.messages, budget)
 
-    async def prompt(self, request: ChatRequest) -> ModelInputs:
+    async def prompt(self, request: ChatRequest, whole: bool = False) -> ModelInputs:
         """The prompt the request would run, built but not run (vLLM's /tokenize): its media
-        fetched and decoded as for an answer (videos read natively, as /v1 reads them)."""
-        self._check_text(request, whole=False)  # (counted, perhaps to be cut: it may be longer)
+        fetched and decoded as for an answer (videos read natively, as /v1 reads them). whole
+        false: counted, perhaps to be cut, it may be CONTEXTS_TOKENIZED contexts long; true:
+        one past the context is refused as an answer's is, before its images are decoded."""
+        self._check_text(request, whole=whole)
         budget = self.media.check_counts(request.messages)
         messages = self.rendered(request)
         messages = await self.media.downloaded(messages)
         request = replace(request, messages=messages, video_mode="native")
         try:  # (holding a preprocessing slot)
-            images = await self.media.images(request.messages, budget, whole=False)
+            images = await self.media.images(request.messages, budget, whole=whole)
             videos = await self._videos(request, images, budget)
             inputs = await self._native_inputs(request, images, videos)
         finally:

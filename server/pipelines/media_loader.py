@@ -151,7 +151,10 @@ class MediaLoader:
             context = f"{CONTEXTS_TOKENIZED} times {context}"
         if tokens > (most := self.context_length * (1 if whole else CONTEXTS_TOKENIZED)):
             raise PromptTooLong(
-                f"The images alone are {tokens} tokens, more than {context}.", tokens, most
+                f"The images alone are {tokens} tokens, more than {context}.",
+                tokens,
+                most,
+                built=False,
             )
 
     async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:

@@ -779,10 +779,10 @@ async def test_truncation_finds_the_fewest_steps_to_leave_out_in_a_few_builds(
         chat = client.app.state.services.chat  # type: ignore[attr-defined]
         builds = 0
 
-        async def counted(request, prompt=chat.prompt):  # type: ignore[no-untyped-def]
+        async def counted(request, prompt=chat.prompt, **options):  # type: ignore[no-untyped-def]
             nonlocal builds
             builds += 1
-            return await prompt(request)
+            return await prompt(request, **options)
 
         chat.prompt = counted
         answer = (await client.post("/v1/responses", json=body)).json()
