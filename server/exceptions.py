@@ -53,6 +53,15 @@ class PromptTooLong(InvalidRequest):
         self.built = built  # found once the prompt was built (its media decoded), not before
 
 
+class AnswerTooLong(PromptTooLong):
+    """max_tokens that the prompt leaves no room for (Anthropic's clients look for "input
+    length and `max_tokens` exceed context limit" to lower max_tokens and retry)."""
+
+    def __init__(self, message: str, num_tokens: int, answer_tokens: int, context: int):
+        super().__init__(message, num_tokens, context, built=True, param="max_tokens")
+        self.answer_tokens = answer_tokens
+
+
 # What to send instead of a refused field, where there is something.
 UNSUPPORTED_HINTS = {
     "functions": ': send the functions as `tools` (each {"type": "function", "function": {...}})',

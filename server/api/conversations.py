@@ -35,8 +35,9 @@ async def check_readable(
 ) -> None:
     """A conversation's items (those it has, then the last `num_new` (all: None), which the
     request adds) as a response will read them: a function call's output after its call,
-    media in user messages only and no more than a request may hold, images sent inline or
-    by file id readable, and so on (images by URL are read when a response runs). Else a 400
+    the new items' media no more than a request may hold (a response with truncation "auto"
+    leaves older ones out), images sent inline or by file id readable, and so on (images by
+    URL are read when a response runs). Else a 400
     naming the item (a new one as the request has it: items[i]), before it is added: a
     conversation that cannot be read stops every response in it."""
     if not items:
@@ -48,6 +49,8 @@ async def check_readable(
         reader.continue_from(items)
         # (CPU work: in a thread)
         messages = (await asyncio.to_thread(translated_request, reader, services)).messages
+        if num_new is not None:  # (the media the request adds: a response truncates the rest)
+            messages = reader.messages_of(messages, [item["id"] for item in items[-num_new:]])
         await chat.media.check_inline_images(messages, chat.media.check_counts(messages))
     except ServerError as exc:
         reader.name_error(exc)

@@ -45,7 +45,7 @@ from server.api.protocol import (
 )
 from server.api.sse import answer_pieces, named_event
 from server.engine.sequence import SequenceOutput
-from server.exceptions import InvalidRequest, PromptTooLong, ServerError
+from server.exceptions import AnswerTooLong, InvalidRequest, PromptTooLong, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import (
@@ -464,10 +464,19 @@ class MessagesRequest(StrictModel):
                 return parts[int(j) + 1]
             return parts[0]
 
-        if isinstance(exc, PromptTooLong):  # (Anthropic's words, which its clients look for)
+        if isinstance(exc, AnswerTooLong):  # (Anthropic's words, which its clients look for)
+            exc.message = (
+                "input length and `max_tokens` exceed context limit: "
+                f"{exc.num_tokens} + {exc.answer_tokens} > {exc.max_tokens}, decrease input "
+                "length or `max_tokens` and try again"
+            )
+            exc.param = None  # (as Anthropic's: the message starts with those words)
+        elif isinstance(exc, PromptTooLong):
             exc.message = f"prompt is too long: {exc.num_tokens} tokens > {exc.max_tokens} maximum"
+            exc.param = None
         elif exc.code == "context_length_exceeded" and exc.param == "messages":
             exc.message = f"prompt is too long: {exc.message}"  # (its tokens not counted)
+            exc.param = None
         elif exc.param is not None and exc.param.startswith("messages"):
             exc.message = MESSAGE_PART.sub(origin, exc.message)
             exc.param = MESSAGE_PART.sub(origin, exc.param)

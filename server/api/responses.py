@@ -52,6 +52,7 @@ from server.engine.sequence import Sequence, SequenceOutput
 from server.exceptions import InvalidRequest, PromptTooLong, ServerError
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.logprobs import TokenLogprob, TokenTexts
+from server.pipelines.messages import ChatMessage
 from server.pipelines.reasoning import Reasoning, ReasoningStream, answer_start
 from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
 
@@ -252,7 +253,7 @@ class ConversationRef(StrictModel):
 
 
 # What truncation "auto" never leaves out (see _spans).
-TRUNCATION_KEEPS = "the instructions, the last turn's user message and its latest step"
+TRUNCATION_KEEPS = "system and developer messages, the last turn's user message and its latest step"
 
 # vLLM's chat fields its Responses API takes too: each goes to the chat completion as it is.
 VLLM_CHAT_FIELDS = (
@@ -517,6 +518,13 @@ class ResponsesRequest(StrictModel):
         elif exc.param.startswith(self.history_field):  # the message names the item
             exc.param = self.history_field
 
+    def messages_of(self, messages: list[ChatMessage], item_ids: list[str]) -> list[ChatMessage]:
+        """Of the chat messages this body became, those that came from these conversation
+        items (by their ids)."""
+        names = {f"{self.history_field} item {item_id}" for item_id in item_ids}
+        origins = [origin.removesuffix(".output") for origin in self._origins]  # (a tool's)
+        return [m for m, origin in zip(messages, origins, strict=True) if origin in names]
+
     def _too_long(self, message: str) -> str:
         """A chat's context overflow in this API's words, with what truncation can do."""
         said = message.replace("your messages", "your input")
@@ -524,7 +532,7 @@ class ResponsesRequest(StrictModel):
         if not self._spans():  # (nothing truncation could leave out)
             return said
         if self.truncation == "auto":
-            return f'{said} Truncation "auto" left out all it may: {TRUNCATION_KEEPS}.'
+            return f'{said} Truncation "auto" left out all it may (it keeps {TRUNCATION_KEEPS}).'
         return f'{said} Set truncation "auto" to leave the oldest turns and steps out to fit.'
 
     def refuse_hosted_tools(self) -> None:

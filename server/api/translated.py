@@ -168,8 +168,9 @@ async def _fitting_tokens(
         if exc.code in SHORTENS:
             return None, False
         raise
-    room = services.engine.max_seq_len - (chat.sampling.max_tokens or 0)
-    return (inputs.num_prompt_tokens if inputs.num_prompt_tokens < room else None), True
+    # (as the answer's check: room for max_tokens, or for one token where none was asked)
+    room = services.engine.max_seq_len - (chat.sampling.max_tokens or 1)
+    return (inputs.num_prompt_tokens if inputs.num_prompt_tokens <= room else None), True
 
 
 async def run_translated(

@@ -13,7 +13,7 @@ from typing import Any
 from server.engine import bad_words
 from server.engine.inputs import ModelInputs, Truncation
 from server.engine.sampling import SamplingParams
-from server.exceptions import InvalidRequest, PromptTooLong
+from server.exceptions import AnswerTooLong, InvalidRequest, PromptTooLong
 
 # A character becomes at most 3 under NFC (U+1D160) and a character at most 4 UTF-8 bytes.
 MAX_BYTES_PER_NORMALIZED_CHAR = 12
@@ -226,12 +226,13 @@ class RequestLimits:
                 )
             return min(default, room) if self.default_max_tokens else room
         if sampling.max_tokens > room:
-            raise InvalidRequest(
+            raise AnswerTooLong(
                 f"This model's maximum context length is {self.max_seq_len} tokens. However, "
                 f"you requested {num_prompt + sampling.max_tokens} tokens ({num_prompt} in the "
                 f"messages, {sampling.max_tokens} in the completion). Please reduce the length "
                 "of the messages or completion.",
-                param="max_tokens",
-                code="context_length_exceeded",
+                num_prompt,
+                sampling.max_tokens,
+                self.max_seq_len,
             )
         return sampling.max_tokens

@@ -158,6 +158,15 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     crowded = {"items": [{"role": "user", "content": [image] * 17}]}  # past 16 a request
     error = assert_error(await client.post("/v1/conversations", json=crowded), 400, "items")
     assert error["code"] == "too_many_images"
+    # counted per request that adds them: a screenshot loop's conversation grows past 16 (a
+    # response with truncation "auto" leaves the oldest out)
+    grown = (await client.post("/v1/conversations", json={"items": [user("go")]})).json()
+    one_more = {"items": [{"role": "user", "content": [image]}]}
+    for _ in range(17):
+        added = await client.post(f"/v1/conversations/{grown['id']}/items", json=one_more)
+        assert added.status_code == 200, added.text
+    crowd_path = f"/v1/conversations/{grown['id']}/items"
+    assert_error(await client.post(crowd_path, json=crowded), 400, "items")
     # Images that need no download (inline, uploaded) are read before the item is in.
     for unreadable_image in (
         {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},

@@ -705,6 +705,25 @@ async def test_bad_requests_are_400s_in_anthropics_envelope(
     assert words in message
 
 
+async def test_a_prompt_past_the_context_says_so_in_anthropics_words(
+    client: httpx.AsyncClient,
+) -> None:
+    """Anthropic's clients match the start of these messages (to compact the conversation, or
+    to lower max_tokens and retry)."""
+    for text, words in (
+        ("word " * 9000, "prompt is too long: 27044 tokens > 8192 maximum"),
+        ("word " * 90000, "prompt is too long: "),
+        ("word " * 1000, "input length and `max_tokens` exceed context limit: 3044 + 6000 > 8192"),
+    ):
+        body = {
+            "model": "tiny",
+            "max_tokens": 6000,
+            "messages": [{"role": "user", "content": text}],
+        }
+        response = await client.post("/v1/messages", json=body)
+        assert assert_anthropic_error(response, 400, "invalid_request_error").startswith(words)
+
+
 async def test_the_sdk_raises_its_own_errors(sdk: anthropic.AsyncAnthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as missing:
         await sdk.messages.create(
