@@ -1,10 +1,12 @@
-"""The GPU check's CPU-runnable parts: the shell script parses, and the GPU benchmark runs end
-to end at a test size on the CPU (model built in memory, engine decode steps, roofline row)."""
+"""The scripts' CPU-runnable parts: the GPU check's shell script parses, the GPU benchmark runs
+end to end at a test size on the CPU (model built in memory, engine decode steps, roofline row),
+and the truncation benchmark runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,13 @@ def test_a_part_that_fails_costs_only_its_own_rows(monkeypatch: pytest.MonkeyPat
     parts = [error.split(": ")[0] for error in results["errors"]]
     assert parts == ["test batch 1 reference/fused/graphs", "test loop"]
     assert "FAILED: test loop: OutOfMemoryError" in bench_gpu.table(results)
+
+
+def test_bench_truncation_runs_and_keeps_as_much_as_fits() -> None:
+    command = [sys.executable, str(ROOT / "scripts" / "bench_truncation.py"), "--repeats", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if " steps, " in line]
+    kept = [int(row[3]) for row in rows]
+    assert len(kept) == 2 and 400 < kept[0] <= 512 and 6000 < kept[1] <= 8192, result.stdout
