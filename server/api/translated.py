@@ -113,7 +113,8 @@ async def fitted(
                 if exc.code not in SHORTENS:
                     raise
                 built = isinstance(exc, PromptTooLong) and exc.built
-                if not (built and not searched and body.truncated() < body.truncatable()):
+                search = built and not searched and body.truncated() < body.truncatable()
+                if not search:
                     if body.shorten():
                         continue
                     raise
