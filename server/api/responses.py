@@ -314,6 +314,8 @@ class ResponsesRequest(StrictModel):
     # loop's oldest steps (shorten())
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
+    # extension (ours, as chat's): the response's image_sizes, each image as the model read it
+    return_image_sizes: bool | None = None
     # extension (vLLM's): the prefix cache (and vision cache, grammars) shared only under the
     # same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
@@ -839,6 +841,8 @@ class ResponseObject(BaseModel):
     safety_identifier: str | None = None
     service_tier: str = DEFAULT_TIER
     top_logprobs: int = 0
+    # extension (return_image_sizes): each image's {width, height} as the model read it
+    image_sizes: list[dict[str, int]] | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @classmethod
     def start(
@@ -874,6 +878,7 @@ class ResponseObject(BaseModel):
             previous_response_id=body.previous_response_id,
             conversation={"id": body.conversation_id} if body.conversation_id else None,
             store=store,
+            image_sizes=[] if body.return_image_sizes else None,  # (filled by finish)
         )
 
     def finish(self, output: list[dict[str, Any]], reason: str, run: ChatRun) -> ResponseObject:
@@ -884,6 +889,8 @@ class ResponseObject(BaseModel):
         self.incomplete_details = {"reason": "max_output_tokens"} if incomplete else None
         self.completed_at = None if incomplete else int(time.time())  # (OpenAI's: completed)
         self.usage = usage_of(run)
+        if self.image_sizes is not None:
+            self.image_sizes = [{"width": w, "height": h} for w, h in run.seq.inputs.image_sizes]
         return self
 
 

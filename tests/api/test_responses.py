@@ -615,3 +615,25 @@ def test_a_failure_mid_stream_closes_what_was_sent() -> None:
         "type": "invalid_request_error",
     }
     Response.model_validate(parsed[-1]["response"], strict=True)
+
+
+async def test_return_image_sizes_on_a_response(client: httpx.AsyncClient) -> None:
+    """A Responses computer-use loop learns the sizes its screenshots were read at (Qwen2.5-VL's
+    boxes are in them), as chat does: in the response, streamed or not; left out unless
+    asked."""
+    screen = {"type": "input_image", "image_url": data_uri(make_image(1600, 900)), "detail": "auto"}
+    call = {"type": "function_call", "call_id": "c1", "name": "click", "arguments": "{}"}
+    result = {"type": "function_call_output", "call_id": "c1", "output": [screen]}
+    body = {"model": "tiny", "input": [{"role": "user", "content": "go"}, call, result]}
+    body |= {"max_output_tokens": 2, "return_image_sizes": True}
+    answer = (await client.post("/v1/responses", json=body)).json()
+    assert answer["image_sizes"] == [{"width": 1316, "height": 728}]
+    stored = (await client.get(f"/v1/responses/{answer['id']}")).json()
+    assert stored["image_sizes"] == answer["image_sizes"]
+    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        events = [
+            json.loads(line[6:]) async for line in stream.aiter_lines() if line[:6] == "data: "
+        ]
+    assert events[-1]["response"]["image_sizes"] == answer["image_sizes"]
+    plain = {key: value for key, value in body.items() if key != "return_image_sizes"}
+    assert "image_sizes" not in (await client.post("/v1/responses", json=plain)).json()
