@@ -141,21 +141,31 @@ class MediaLoader:
         (a few 64-megapixel PNGs took a minute of decoding, then the same 400)."""
         if not self.context_length:
             return
-        tokens = sum(
-            visual_tokens(size, self._pixel_range(part), self.token_side)
+        counts = [
+            0 if size is None else visual_tokens(size, self._pixel_range(part), self.token_side)
             for part, size in zip(parts, sizes, strict=True)
-            if size is not None
-        )
+        ]
         context = f"this model's {self.context_length}-token context"
         if not whole:  # (counted: as long as a text prompt to count may be)
             context = f"{CONTEXTS_TOKENIZED} times {context}"
-        if tokens > (most := self.context_length * (1 if whole else CONTEXTS_TOKENIZED)):
-            raise PromptTooLong(
-                f"The images alone are {tokens} tokens, more than {context}.",
-                tokens,
-                most,
-                built=False,
-            )
+        if sum(counts) <= (most := self.context_length * (1 if whole else CONTEXTS_TOKENIZED)):
+            return
+        for part, count in zip(parts, counts, strict=True):
+            if count > most:  # (one that cannot fit by itself: named, and what would help)
+                raise PromptTooLong(
+                    f"The image at {part.param} alone is {count} tokens, more than {context}: "
+                    "send it smaller, or with detail low or auto.",
+                    count,
+                    most,
+                    built=False,
+                    param=part.param,
+                )
+        raise PromptTooLong(
+            f"The images alone are {sum(counts)} tokens, more than {context}.",
+            sum(counts),
+            most,
+            built=False,
+        )
 
     async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
         """The images that need no download (data: URIs, uploaded files by id) read as a

@@ -854,10 +854,20 @@ async def test_images_that_cannot_fit_are_refused_before_they_are_decoded(
         error = assert_error(
             await client.post("/v1/chat/completions", json=body),
             400,
+            "messages[0].content[0]",  # (too big by itself: named)
+            "context_length_exceeded",
+        )
+        assert "alone is 625 tokens" in error["message"], error
+        # several that fit one by one, not together
+        small = "data:image/png;base64," + base64.b64encode(png_header_only(300, 300)).decode()
+        three = [{**big, "image_url": {**big["image_url"], "url": small}}] * 3
+        error = assert_error(
+            await client.post("/v1/chat/completions", json={**body, "messages": user(*three)}),
+            400,
             "messages",
             "context_length_exceeded",
         )
-        assert "images alone are" in error["message"], error
+        assert "images alone are 363 tokens" in error["message"], error
         # one that fits is decoded (and this one is refused for what it is)
         body["messages"] = user(
             {
