@@ -438,11 +438,8 @@ class MessagesRequest(StrictModel):
             )
         return chat.messages
 
-    def shorten(self) -> bool:
-        """Anthropic's API has no truncation: a prompt past the context is a 400."""
-        return False
-
     def truncatable(self) -> int:
+        """Anthropic's API has no truncation: a prompt past the context is a 400."""
         return 0
 
     def truncate(self, spans: int) -> None:

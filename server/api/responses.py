@@ -311,7 +311,7 @@ class ResponsesRequest(StrictModel):
     access_programs: dict[str, Any] | None = None
     reasoning: ReasoningConfig | None = None
     # "auto": a conversation too long for the context loses its oldest turns, then a tool
-    # loop's oldest steps (shorten())
+    # loop's oldest steps (_spans)
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
     # extension (ours, as chat's): the response's image_sizes, each image as the model read it
@@ -369,18 +369,10 @@ class ResponsesRequest(StrictModel):
     # leaves out
     _dropped: int = PrivateAttr(default=0)
 
-    def shorten(self) -> bool:
-        """truncation "auto", for a prompt past the context: the next oldest span of the
-        conversation (_spans) is left out of the prompt, as OpenAI drops items to fit. False
-        when truncation is off or nothing more may go. (What is stored as the request's items
-        does not change.)"""
-        if self._dropped >= self.truncatable():
-            return False
-        self._dropped += 1
-        return True
-
     def truncatable(self) -> int:
-        """How many spans truncation may leave out (none unless truncation is "auto")."""
+        """How many spans truncation "auto" may leave out of the prompt (none unless it is
+        "auto"), oldest first (_spans), as OpenAI drops items to fit. (What is stored as the
+        request's items does not change.)"""
         return len(self._spans()) if self.truncation == "auto" else 0
 
     def truncate(self, spans: int) -> None:

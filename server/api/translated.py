@@ -33,8 +33,6 @@ class Translated(Protocol):
 
     def name_error(self, exc: ServerError) -> None: ...
 
-    def shorten(self) -> bool: ...
-
     def truncatable(self) -> int: ...
 
     def truncate(self, spans: int) -> None: ...
@@ -86,6 +84,15 @@ def translated_request(body: Translated, services: Services) -> ChatRequest:
     return to_chat_request(chat_body, services, services.sampling_defaults, "native")
 
 
+def shorten(body: Translated) -> bool:
+    """One more of the body's oldest spans left out of its prompt (the Responses API's
+    truncation "auto"); False when truncation is off or nothing more may go."""
+    if body.truncated() >= body.truncatable():
+        return False
+    body.truncate(body.truncated() + 1)
+    return True
+
+
 # What a shorter prompt (the Responses API's truncation) may cure: its length, and the media
 # only the oldest turns hold (a screenshot loop passes 16 images before the context).
 SHORTENS = frozenset(
@@ -115,7 +122,7 @@ async def fitted(
                 built = isinstance(exc, PromptTooLong) and exc.built
                 search = built and not searched and body.truncated() < body.truncatable()
                 if not search:
-                    if body.shorten():
+                    if shorten(body):
                         continue
                     raise
             searched = True

@@ -278,7 +278,7 @@ class WebhookSender:
         self.attempts_made[row["id"]] = attempts
         if outcome == "pending":  # (at its time, not at the next poll after it)
             asyncio.get_running_loop().call_later(delay, self.wake)
-        if outcome != "pending":  # no further attempt; forget it once no stale read can remain
+        else:  # no further attempt; forget it once no stale read can remain
             asyncio.get_running_loop().call_later(
                 FORGET_AFTER_S, self.attempts_made.pop, row["id"], None
             )

@@ -210,9 +210,7 @@ def _text(content: str | list[Part]) -> str:
 
 
 def _append(message: ChatMessage, text: str) -> ChatMessage:
-    if isinstance(message.content, str):
-        return replace(message, content=message.content + text)
-    return replace(message, content=[*message.content, TextPart(text)])
+    return replace(message, content=_joined(message.content, text))
 
 
 # -- the answer -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from server.api.response_events import followed
 from server.api.responses import ResponseObject, ResponsesRequest
 from server.api.routes.responses import recorded_as_it_ends
 from server.api.sse import EventStream
+from server.api.translated import shorten
 from server.engine.sampling import SamplingParams
 from server.jobs import responses as response_store
 from server.jobs.sqlite import SqliteJobStore
@@ -731,7 +732,7 @@ def test_truncation_leaves_a_tool_loops_oldest_steps_out_first_its_task_never() 
     kept = []
     while True:
         kept.append([where for _, where in body._kept_items()])
-        if not body.shorten():
+        if not shorten(body):
             break
     assert kept == [
         [f"input[{i}]" for i in range(9)],
@@ -756,7 +757,7 @@ def test_a_step_ends_only_once_its_calls_are_answered() -> None:
         {"type": "function_call_output", "call_id": "c", "output": "3"},
     ]
     body = ResponsesRequest.model_validate({"model": "tiny", "input": items, "truncation": "auto"})
-    assert body.shorten() and not body.shorten()
+    assert shorten(body) and not shorten(body)
     assert [where for _, where in body._kept_items()] == ["input[0]", "input[6]", "input[7]"]
     assert body.to_chat_body()["messages"][-1]["role"] == "tool"
 
