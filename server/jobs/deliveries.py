@@ -99,6 +99,13 @@ class DeliveryStore(ABC):
         the same attempt meanwhile (one that dies mid-attempt leaves it due again after).
         Each with its job's project."""
         now = self.now()
+        with self.transaction(write=False) as execute:  # (idle, a read, not a write, a second)
+            if not execute(
+                "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                " LIMIT 1",
+                (now,),
+            ).fetchone():
+                return []
         with self.transaction() as execute:
             rows = execute(
                 "UPDATE deliveries SET next_attempt_at = ? WHERE id IN ("

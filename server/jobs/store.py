@@ -245,6 +245,17 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             ).fetchone()
         return Job.from_row(row) if row is not None else None
 
+    def claimable_kinds(self) -> set[str]:
+        """The kinds of the jobs a claim would take now: one read, so that idle workers need
+        not each try a claim (a write) to find there is none."""
+        with self.transaction(write=False) as execute:
+            rows = execute(
+                "SELECT DISTINCT kind FROM jobs WHERE status = 'queued'"
+                " OR (status = 'processing' AND lease_until < ?)",
+                (self.now(),),
+            ).fetchall()
+        return {row["kind"] for row in rows}
+
     def lease_owners(self) -> list[str]:
         """Who holds the leases of processing jobs now."""
         with self.transaction(write=False) as execute:

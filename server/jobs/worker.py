@@ -119,7 +119,8 @@ class JobWorker:
         self.can_start = can_start
         self.max_attempts = max_attempts
         self.owner = new_owner()
-        self.wakeup = asyncio.Event()
+        self.wakeups = {kinds: asyncio.Event() for kinds in self.lanes}  # a lane's idle loops
+        self.num_idle = 0
         self.tasks: list[asyncio.Task] = []
         self.running: dict[str, asyncio.Task] = {}  # job id -> its attempt's work, here
         self.held: dict[str, Job] = {}  # job id -> the attempt this process holds
@@ -139,6 +140,7 @@ class JobWorker:
             for kinds, loops in self.lanes.items()
             for _ in range(loops)
         ]
+        self.tasks.append(asyncio.create_task(self._poll_loop()))
         if self.retention_s > 0:
             self.tasks.append(asyncio.create_task(self._prune_loop()))
 
@@ -170,7 +172,14 @@ class JobWorker:
         self.held.clear()
 
     def notify(self) -> None:
-        self.wakeup.set()
+        """A job was queued here (or may have been): every idle loop tries a claim."""
+        self._wake(None)
+
+    def _wake(self, kinds_found: set[str] | None) -> None:
+        """The idle loops of the lanes that claim one of these kinds (None: every lane)."""
+        for kinds, wakeup in self.wakeups.items():
+            if kinds_found is None or not kinds or kinds_found.intersection(kinds):
+                wakeup.set()
 
     def cancel_running(self, job_id: str) -> None:
         """The job was cancelled in the store: stop its work here now (its engine sequences
@@ -181,12 +190,18 @@ class JobWorker:
             work.cancel()
 
     async def _loop(self, kinds: tuple[str, ...]) -> None:
+        """Claims while there is work; idle, waits to be woken: by a job queued here or (the
+        store's watch) elsewhere, or by the poll finding one of its kinds claimable."""
+        wakeup = self.wakeups[kinds]
         while True:
+            wakeup.clear()  # (before the claim: a wake while it runs is not lost)
             job = await self._claim(kinds) if self.can_start(kinds) else None
             if job is None:
-                self.wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), IDLE_POLL_S)
+                self.num_idle += 1
+                try:
+                    await wakeup.wait()
+                finally:
+                    self.num_idle -= 1
                 continue
             # (its own task, so its context, the log's request id among it, ends with it: the
             # claims after it were logged under the last job's id; held from here, so that a
@@ -210,6 +225,28 @@ class JobWorker:
             return None
         self.claim_failures = 0
         return job
+
+    async def _poll_loop(self) -> None:
+        """Once a second, while a loop is idle, one read for the kinds a claim would find:
+        jobs other processes queued (a store without a watch), leases run out, and work that
+        waited for the engine to have room. A claim is a write: seven idle loops each trying
+        one a second were seven write transactions a second on an idle server."""
+        failures = 0
+        while True:
+            await asyncio.sleep(IDLE_POLL_S)
+            if not self.num_idle:
+                continue
+            try:
+                found = await asyncio.to_thread(self.store.claimable_kinds)
+            except JobStoreUnavailable:
+                failures += 1
+                await self._store_trouble("looking for jobs", failures)
+                continue
+            except Exception:  # the poll must outlive any one query's trouble
+                logger.exception("looking for jobs failed")
+                continue
+            failures = 0
+            self._wake(found)
 
     async def _store_trouble(self, doing: str, failures: int) -> None:
         """Logs (once per outage, then every few minutes) and waits before the next try."""

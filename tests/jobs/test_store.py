@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -315,6 +316,29 @@ def test_claim_takes_only_the_kinds_asked_for(store: JobStore) -> None:
     claimed = store.claim(lease_s=60, kinds=("completions", "categories"))
     assert claimed is not None and claimed.id == media.id
     assert store.claim(lease_s=60, kinds=("completions", "categories")) is None
+
+
+def test_the_idle_polls_are_reads(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an idle server asks every second (the worker's claimable kinds, the webhook
+    sender's due deliveries) opens no write transaction while there is nothing to do."""
+    writes: list[bool] = []
+    real = store.transaction
+
+    def counted(write: bool = True):  # noqa: ANN202
+        writes.append(write)
+        return real(write)
+
+    monkeypatch.setattr(store, "transaction", counted)
+    assert store.claimable_kinds() == set() and store.due_deliveries() == []
+    assert writes == [False, False]
+    job = store.create("batch", {}, None)
+    store.create("categories", {}, None)
+    assert store.claimable_kinds() == {"batch", "categories"}
+    store.claim(lease_s=0.001, kinds=("categories",))
+    claimed = store.claim(lease_s=60, kinds=("batch",))
+    assert claimed is not None and claimed.id == job.id
+    time.sleep(0.01)
+    assert store.claimable_kinds() == {"categories"}  # its lease ran out: a takeover
 
 
 def test_a_cancelled_batch_keeps_its_saved_answers_as_files(store: JobStore) -> None:

@@ -461,3 +461,41 @@ async def test_a_lane_per_kind_keeps_a_long_job_from_holding_the_others(tmp_path
     finally:
         release.set()
         await worker.stop()
+
+
+async def test_idle_loops_claim_nothing_and_the_poll_wakes_only_the_lane_of_a_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim is a write: idle, the loops wait, and one read a poll finds what another
+    process queued (no notify: a store without a watch) and wakes the lane of its kind."""
+    monkeypatch.setattr(worker_module, "IDLE_POLL_S", 0.1)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    claims: list[tuple[str, ...]] = []
+    real_claim = store.claim
+
+    def counted(lease_s, owner="", kinds=()):
+        claims.append(kinds)
+        return real_claim(lease_s, owner, kinds)
+
+    store.claim = counted  # type: ignore[method-assign]
+
+    async def handler(job: Job, progress) -> dict:
+        return {}
+
+    worker = JobWorker(
+        store, {"batch": handler, "media": handler}, lanes={("media",): 3, ("batch",): 2}
+    )
+    worker.start()
+    try:
+        await asyncio.sleep(1.0)  # ten polls
+        assert len(claims) == 5  # each loop's first, at start; none since
+        claims.clear()
+        other_process = JobStore(tmp_path / "jobs.sqlite3")
+        media = other_process.create("media", {}, None)
+        async with asyncio.timeout(10):
+            while store.get(media.id).status != "completed":  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        assert claims and set(claims) == {("media",)}  # the batch lane slept through it
+    finally:
+        await worker.stop()
