@@ -275,6 +275,7 @@ class MediaLoader:
         if not remote and not judging:
             await self.preprocessing.take()
             return messages
+        await self._check_inline_headers(messages)
         allowance = MediaBudget(self.limits.max_media_bytes_per_request)
         downloads: list[FetchedMedia] = []
         try:
@@ -294,6 +295,18 @@ class MediaLoader:
                 media.discard()
             raise
         return messages
+
+    async def _check_inline_headers(self, messages: list[ChatMessage]) -> None:
+        """An inline image (data: URI, uploaded file) whose header cannot be read is a 400
+        before any download starts, not once a slow host's download has ended. (Read again
+        when decoded: this is only its header.)"""
+        for part in parts_of(messages, ImagePart):
+            inline = part.file_id is not None or is_data_uri(part.url)
+            if part.fetched is not None or part.or_video is not None or not inline:
+                continue
+            fetched = await self._fetch_image(part)
+            if await asyncio.to_thread(header_size, fetched.data) is None:
+                await self._decode(part, fetched.data, None)  # (raises, saying why)
 
     @contextlib.asynccontextmanager
     async def downloading(self) -> AsyncIterator[None]:

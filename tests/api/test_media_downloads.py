@@ -321,3 +321,20 @@ async def test_categories_decode_in_a_preprocessing_slot(
         none = {"held": 0, "waiting": 0}
         assert await media_slots(client) == {"downloads": none, "preprocessing": none}
         assert not spooled(settings)
+
+
+async def test_a_broken_inline_image_is_refused_before_a_slow_download(
+    tiny_model_dir: Path, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """An inline image that is no image needs no download to be refused: the 400 comes at
+    once, not when the slow host beside it answers."""
+    settings = make_settings(tiny_model_dir, data_dir=tmp_path / "data", media_fetch_timeout=60)
+    slow = media_server.stall("/stall/beside-broken.jpg", make_image(64, 48))
+    broken = "data:image/png;base64,bm90IGFuIGltYWdl"  # "not an image"
+    async for client in start_client(settings):
+        response = await asyncio.wait_for(
+            client.post("/v1/chat/completions", json=ask(slow, broken)), 20
+        )
+        assert_error(response, 400, "messages[0].content[1]", "invalid_media")
+        assert "/stall/beside-broken.jpg" not in media_server.requested
+        media_server.stalls["/stall/beside-broken.jpg"].set()
