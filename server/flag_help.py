@@ -200,7 +200,8 @@ HELP = {
     "receiver then fails that receiver's signature check. Jobs made without API keys keep the "
     "shared secret.",
     "webhook_retry_delays": "Seconds before each webhook retry, comma-separated (jittered; "
-    "Retry-After honoured); a delivery fails after the last one (empty: after its first attempt).",
+    "Retry-After honoured, up to an hour); a delivery fails after the last one (empty: after "
+    "its first attempt).",
     "webhook_timeout": "The longest one webhook delivery attempt may take, all of it (connecting, "
     "sending, the receiver's status line and headers; its body is not read).",
     "job_retention_hours": "Finished async jobs are deleted this long after they end (0: keep "

@@ -181,8 +181,10 @@ class DeliveryStore(ABC):
             delivery = dict(row)
             if delivery["status"] != "pending":  # a time only while one is coming
                 delivery["next_attempt_at"] = None
-            else:  # (whole seconds, rounded up: not before then)
-                delivery["next_attempt_at"] = math.ceil(delivery["next_attempt_at"])
+            elif math.isfinite(when := delivery["next_attempt_at"]):  # (whole seconds, up)
+                delivery["next_attempt_at"] = math.ceil(when)
+            else:  # (an earlier version stored a receiver's infinite Retry-After)
+                delivery["next_attempt_at"] = None
             found[delivery.pop("job_id")].append(delivery)
         return found
 

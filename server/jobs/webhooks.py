@@ -8,10 +8,11 @@ signs with the same one; a copy is written to DATA_DIR/webhook_secret for the op
 derived from that one (`vlm-server webhook-secret --project NAME` prints it): a tenant's job
 sent to another tenant's receiver then does not pass that receiver's signature check.
 Failures, timeouts, 5xx and 429 are retried on the configured schedule with jitter (Retry-After
-honoured); 410 stops; redirects are not followed. An attempt is its status alone (the receiver's
-body is not read), within --webhook-timeout as a whole. Pending deliveries live in the job store, so
-they survive restarts and whichever replica is alive sends them; a replica holds a delivery while
-its attempt is in flight, so replicas do not send the same attempt side by side.
+honoured, up to an hour); 410 stops; redirects are not followed. An attempt is its status alone
+(the receiver's body is not read), within --webhook-timeout as a whole. Pending deliveries live
+in the job store, so they survive restarts and whichever replica is alive sends them; a replica
+holds a delivery while its attempt is in flight, so replicas do not send the same attempt side
+by side.
 Webhook URLs pass the same address check as media URLs (netguard).
 """
 
@@ -62,6 +63,7 @@ POLL_S = 1.0
 # delivery due meanwhile would send it a second time.
 RECORD_RETRY_S = 0.2
 MAX_IN_FLIGHT = 32
+MAX_RETRY_AFTER_S = 3600.0  # a receiver's Retry-After is honoured up to an hour
 FORGET_AFTER_S = 60.0
 HOLD_MARGIN_S = 10.0
 PROJECT_LABEL = b"vlm-server webhook secret of project\x00"
@@ -115,15 +117,18 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
 
 
 def retry_after_s(response: httpx.Response) -> float | None:
-    """Retry-After as seconds or as an HTTP date; None when absent or unreadable."""
+    """Retry-After as seconds or as an HTTP date, at most MAX_RETRY_AFTER_S; None when absent
+    or unreadable. (A receiver's 400 nines were an infinite wait stored with the delivery, which
+    then broke its project's job listing; a year-9999 date kept the job past its retention.)"""
     value = response.headers.get("retry-after", "").strip()
     if value.replace(".", "", 1).isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
+        seconds = float(value)
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 RESOLVE_S = 5.0  # how long a submitted webhook URL's host is looked up for

@@ -121,7 +121,9 @@ class MediaFetcher:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(policy.timeout_s),
             follow_redirects=False,  # each hop is checked here, never followed blindly
-            headers={"User-Agent": user_agent},
+            # Media are read as sent: a compressed body (Content-Encoding) would be inflated
+            # before the byte cap saw it, on the event loop (1.8 KB of gzip was a gigabyte).
+            headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
             trust_env=False,
             # The pool is keyed by the address we connect to: never reuse a connection whose TLS
             # session was verified for another host name on the same address.
@@ -388,6 +390,15 @@ def _check_status(response: httpx.Response, kind: str, param: str) -> None:
             param=param,
             code="media_fetch_failed",
         )
+    coding = response.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):  # (asked for identity: a host that compresses anyway)
+        raise MediaError(
+            f"Could not fetch the {kind} at {param}: the server sent it compressed "
+            f"(Content-Encoding: {coding[:40]}), which this server does not read; serve it "
+            "uncompressed (images and videos are compressed already).",
+            param=param,
+            code="media_fetch_failed",
+        )
 
 
 @dataclass(frozen=True)
@@ -417,7 +428,7 @@ async def _read_capped(
         raise too_large(kind, cap.max_bytes, param)
     chunks, total = [], 0
     with _body_errors(kind, param):
-        async for chunk in response.aiter_bytes(CHUNK_SIZE):
+        async for chunk in response.aiter_raw(CHUNK_SIZE):  # (as sent: nothing inflated)
             total += len(chunk)
             cap.take(total, len(chunk))
             if sink is None:

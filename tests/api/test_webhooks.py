@@ -266,6 +266,10 @@ def test_retry_after_as_seconds_or_http_date() -> None:
     )
     assert 55 <= retry_after_s(response(in_a_minute)) <= 61
     assert retry_after_s(response("soon")) is None
+    # a receiver's wait is bounded (400 nines were an infinite one, stored, that broke the
+    # job's status; a year-9999 date held its job past the retention)
+    assert retry_after_s(response("9" * 400)) == 3600
+    assert retry_after_s(response("Fri, 31 Dec 9999 23:59:59 GMT")) == 3600
 
 
 def test_pending_delivery_survives_reopening(tmp_path: Path) -> None:

@@ -561,6 +561,10 @@ def test_a_retry_is_scheduled_by_the_stores_clock(store: JobStore) -> None:
     assert store.record_attempt(due["id"], 1, "pending", 30.0, 500, None)
     (delivery,) = store.deliveries_of(claimed.id)
     assert delivery["next_attempt_at"] == 1_000_030.0
+    # an earlier version stored a receiver's infinite Retry-After: the job still reads
+    assert store.record_attempt(due["id"], 2, "pending", float("inf"), 503, None)
+    (delivery,) = store.deliveries_of(claimed.id)
+    assert delivery["status"] == "pending" and delivery["next_attempt_at"] is None
 
 
 def test_sqlite_gives_the_space_of_finished_requests_back(tmp_path, caplog) -> None:  # noqa: ANN001

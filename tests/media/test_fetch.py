@@ -110,6 +110,41 @@ async def test_a_fetch_says_what_it_is_and_a_body_cut_short_is_a_400(
         listener.close()
 
 
+async def test_a_compressed_body_is_refused_before_it_is_inflated() -> None:
+    """Media are asked for as sent (Accept-Encoding: identity); a host that compresses anyway
+    is refused before a byte is inflated: gzip inflated past the byte cap on the event loop
+    (2 KB of gzip twice over was a gigabyte of memory, every request stalled meanwhile)."""
+    import gzip
+    import socket
+    import threading
+
+    bomb = gzip.compress(gzip.compress(bytes(50_000_000)))  # (~50 KB: 50 MB, twice gzipped)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    asked: list[bytes] = []
+
+    def compressing_host() -> None:
+        conn, _ = listener.accept()
+        asked.append(conn.recv(65536))
+        head = "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: gzip, gzip\r\n"
+        conn.sendall(f"{head}Content-Length: {len(bomb)}\r\n\r\n".encode() + bomb)
+        conn.close()
+
+    threading.Thread(target=compressing_host, daemon=True).start()
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=5, allowed_hosts=("127.0.0.1",)))
+    try:
+        with pytest.raises(MediaError) as info:
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}/bomb.png"
+            await fetcher.fetch(url, max_bytes=1_000_000, kind="image", param="p")
+        assert info.value.code == "media_fetch_failed"
+        assert "Content-Encoding: gzip, gzip" in info.value.message
+        assert b"\r\naccept-encoding: identity\r\n" in asked[0].lower()
+    finally:
+        await fetcher.aclose()
+        listener.close()
+
+
 @pytest.mark.parametrize("failing", ["write", "flush"])
 async def test_a_full_disk_is_the_servers_503_and_leaves_no_file(
     tmp_path: Path, media_server: MediaServer, monkeypatch: pytest.MonkeyPatch, failing: str
