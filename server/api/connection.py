@@ -1,21 +1,27 @@
-"""uvicorn's HTTP connection with a client's two time limits (nginx's client_header_timeout and
-client_body_timeout). uvicorn closes a keep-alive connection left idle between requests
-(--timeout-keep-alive), but never one that opened and sent nothing, one that sent half a
-request's headers, or one whose body stopped coming: each held a file descriptor (a body, its
-buffered bytes too) for as long as the client liked, and a few thousand of them exhaust the
-server's. Here a request's headers must be complete within --client-timeout of its first byte
-(or of the connection), and its body may pause at most that long; then the connection closes
-(a request already running sees the client gone, a 499)."""
+"""uvicorn's HTTP connection with a bound on a request's headers and a client's two time limits
+(nginx's client_header_timeout and client_body_timeout). uvicorn closes a keep-alive connection
+left idle between requests (--timeout-keep-alive), but never one that opened and sent nothing,
+one that sent half a request's headers, or one whose body stopped coming: each held a file
+descriptor (a body, its buffered bytes too) for as long as the client liked, and a few thousand
+of them exhaust the server's. Here a request's headers must be complete within --client-timeout
+of its first byte (or of the connection), and its body may pause at most that long; then the
+connection closes (a request already running sees the client gone, a 499). A request's line and
+headers may take MAX_HEADER_BYTES (nginx's and h11's are smaller): httptools bounds neither, and
+read a header growing without end in time that grows as its square, on the event loop, before
+any API key is checked (a 120 MB header held every request for 10 s)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class CloseLog:
@@ -52,7 +58,59 @@ class CloseLog:
 CLOSES = CloseLog()
 
 
-class TimedHttpProtocol(HttpToolsProtocol):
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol whose request line and headers may take MAX_HEADER_BYTES: beyond, a
+    431 (OpenAI's error body) and the connection closed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.headers_done = False  # the request being read is past its headers
+        self.header_bytes = 0  # what came of them so far
+        self.body_bytes = 0  # of the piece being read: a body's (the last request's end)
+
+    def data_received(self, data: bytes) -> None:
+        """Counted once read: a piece that ends one request's headers may carry its body and
+        the next request's start, and one whose body ends may start the next's headers."""
+        self.body_bytes = 0
+        super().data_received(data)
+        if not self.headers_done:
+            self.header_bytes += len(data) - self.body_bytes
+            if self.header_bytes > MAX_HEADER_BYTES:
+                self._refuse_headers()
+
+    def _refuse_headers(self) -> None:
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle  # (a request still being answered on this connection: no 431
+        if cycle is None or cycle.response_complete:  # written into its answer)
+            error = {
+                "message": f"The request's headers are longer than this server reads "
+                f"({MAX_HEADER_BYTES // 1024} KiB).",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "request_headers_too_large",
+            }
+            body = json.dumps({"error": error}).encode()
+            head = "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
+            head += f"\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+            self.transport.write(head.encode() + body)
+        CLOSES.log(self.client, f"its request's headers passed {MAX_HEADER_BYTES // 1024} KiB")
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.headers_done, self.header_bytes = False, 0
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self.body_bytes += len(body)
+
+
+class TimedHttpProtocol(LimitedHttpProtocol):
     """HttpToolsProtocol with one timer: armed while a request is incomplete (from the
     connection or the request's first byte until its headers end: one deadline for all of them,
     however slowly they trickle; then again from each piece of its body), off while the
@@ -62,7 +120,6 @@ class TimedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.client_timeout = client_timeout
         self.deadline: asyncio.TimerHandle | None = None
-        self.headers_done = False  # the request being read is past its headers
         self.was_behind = False  # the last check found the wait the server's
 
     def _arm(self) -> None:
@@ -104,13 +161,13 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.headers_done = self.was_behind = False
+        self.was_behind = False
         if self.deadline is None:  # (a new connection's first request: armed since it opened)
             self._arm()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        self.headers_done, self.was_behind = True, False
+        self.was_behind = False
         self._arm()  # the body's first piece (a request without one completes at once)
 
     def on_body(self, body: bytes) -> None:

@@ -145,14 +145,16 @@ class StartupErrorFilter(logging.Filter):
 
 
 def http_protocol(client_timeout: float) -> Any:
-    """uvicorn's HTTP protocol: with --client-timeout, its httptools one with the limits."""
-    if client_timeout <= 0:
-        return "auto"
+    """uvicorn's httptools protocol with a bound on the headers, and with --client-timeout
+    its time limits."""
     try:
-        from server.api.connection import TimedHttpProtocol
-    except ImportError:  # (no httptools, which uvicorn[standard] brings: h11, without limits)
-        logger.warning("--client-timeout needs httptools (uvicorn[standard]): not applied")
+        from server.api.connection import LimitedHttpProtocol, TimedHttpProtocol
+    except ImportError:  # (no httptools, which uvicorn[standard] brings: h11, its own bound)
+        if client_timeout > 0:
+            logger.warning("--client-timeout needs httptools (uvicorn[standard]): not applied")
         return "auto"
+    if client_timeout <= 0:
+        return LimitedHttpProtocol
     return functools.partial(TimedHttpProtocol, client_timeout=client_timeout)
 
 

@@ -239,9 +239,39 @@ async def test_head_on_a_real_server_is_headers_alone_and_the_connection_goes_on
         writer.close()
 
 
+async def test_headers_past_the_bound_are_a_431_and_a_body_is_not_counted() -> None:
+    """The line and headers may take MAX_HEADER_BYTES (httptools read an endless header in
+    time growing as its square, on the event loop): beyond, a 431 in OpenAI's error shape and
+    the connection closed. A body sent with the headers in one write is not held against
+    them, and each keep-alive request has its own bound."""
+    import json
+
+    near = connection.MAX_HEADER_BYTES - 1024
+    async with serving(EchoApp()) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"b" * (2 * connection.MAX_HEADER_BYTES)
+        for _ in range(2):  # (keep-alive: the second request's headers are its own)
+            head = f"POST / HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * near}\r\n"
+            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert await reader.readexactly(len(body)) == body
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(3):
+            writer.write(b"a" * connection.MAX_HEADER_BYTES)
+            await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # (then closed)
+        head, _, sent = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 ")
+        error = json.loads(sent)["error"]
+        assert error["code"] == "request_headers_too_large" and "64 KiB" in error["message"]
+        writer.close()
+
+
 def test_the_server_takes_the_timed_protocol_unless_the_limit_is_off() -> None:
+    from server.api.connection import LimitedHttpProtocol
     from server.api.server import http_protocol
 
-    assert http_protocol(0) == "auto"  # (uvicorn's own, no limits)
+    assert http_protocol(0) is LimitedHttpProtocol  # (the headers' bound, no time limits)
     timed = http_protocol(45)
     assert timed.func is TimedHttpProtocol and timed.keywords == {"client_timeout": 45}
