@@ -6,6 +6,7 @@ exact patterns."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -129,20 +130,84 @@ SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "additionalItems")
 
 
-def unenforced(schema: Any, at: str = "") -> list[str]:
+# The keywords that constrain an answer (any other is an annotation: title, description,
+# default, examples, discriminator, ...).
+CONSTRAINING = frozenset(
+    {
+        *UNENFORCED,
+        "type",
+        "enum",
+        "const",
+        "pattern",
+        "format",
+        "minLength",
+        "maxLength",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "items",
+        "prefixItems",
+        "additionalItems",
+        "minItems",
+        "maxItems",
+        "properties",
+        "patternProperties",
+        "additionalProperties",
+        "required",
+        "minProperties",
+        "maxProperties",
+        "propertyNames",
+        "dependencies",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+    }
+)
+# Keywords beside which xgrammar reads no other constraint (`{"$ref": ..., "maximum": 2}`
+# wrote 6; `{"enum": ["ab", "cd"], "pattern": "^a"}` wrote "cd").
+ALONE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")
+# What an enum's or const's values are checked against here (checked_values), the others left
+# out: those beside one are enforced.
+VALUE_CHECKS = frozenset(
+    {
+        "type",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+    }
+)
+
+
+def unenforced(schema: Any, at: str = "", root: Any = None) -> list[str]:
     """Where the schema uses what the grammar would not enforce ("properties.tags.uniqueItems").
     Property names are names, not keywords: only schema positions are read."""
     if not isinstance(schema, dict):
         return []
+    root = schema if root is None else root
     found = [
         f"{at}{key}"
         for key in schema
-        if key in UNENFORCED and not (key == "multipleOf" and whole_multiple(schema))
+        if key in UNENFORCED
+        and not (key == "multipleOf" and whole_multiple(schema))
+        and not (key == "uniqueItems" and schema[key] is False)  # (no constraint)
     ]
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         found.append(f"{at}allOf (of several schemas)")
-    if isinstance(schema.get("pattern"), str) and writes_raw_escapes(schema["pattern"]):
-        found.append(f"{at}pattern (a quote, backslash or control character, written raw)")
+    found += _beside_alone(schema, at)
+    if isinstance(schema.get("oneOf"), list) and not _told_apart(schema["oneOf"], root):
+        found.append(f"{at}oneOf (branches not told apart by type or value: read as anyOf)")
+    if isinstance(pattern := schema.get("pattern"), str):
+        if writes_raw_escapes(pattern):
+            found.append(f"{at}pattern (a quote, backslash or control character, written raw)")
+        if has_lookahead(pattern):
+            found.append(f"{at}pattern (a lookahead, which the grammar ignores)")
     lengths = "minLength" in schema or "maxLength" in schema
     found += [
         f"{at}{key} with minLength/maxLength"
@@ -150,8 +215,199 @@ def unenforced(schema: Any, at: str = "") -> list[str]:
         if lengths and key in schema
     ]
     for _, sub, where in subschemas(schema, at):
-        found += unenforced(sub, where)
+        found += unenforced(sub, where, root)
     return found
+
+
+def _beside_alone(schema: dict[str, Any], at: str) -> list[str]:
+    """The constraints beside a keyword xgrammar reads alone (an enum's or const's values are
+    checked against some: checked_values)."""
+    for key in ALONE:
+        if key in schema:
+            checked = VALUE_CHECKS if key in ("enum", "const") else frozenset()
+            beside = [k for k in schema if k in CONSTRAINING - checked and k != key]
+            if key in ("enum", "const") and not _checkable(schema):
+                beside.append("pattern")
+            if beside:
+                return [f"{at}{key} beside {', '.join(sorted(set(beside)))}"]
+    return []
+
+
+def _told_apart(branches: list[Any], root: Any) -> bool:
+    """Whether no value fits two of a oneOf's branches, as far as their types, const and enum
+    values, or a required property's const or enum values (a discriminated union's) show:
+    xgrammar reads branches it cannot tell apart as anyOf (a value fitting two was written)."""
+    resolved = [_resolved(branch, root) for branch in branches]
+    return all(_apart(a, b, root) for i, a in enumerate(resolved) for b in resolved[i + 1 :])
+
+
+def _apart(a: Any, b: Any, root: Any) -> bool:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    types_a, types_b = _types(a), _types(b)
+    if types_a is not None and types_b is not None and not types_a & types_b:
+        return True
+    values_a, values_b = _values(a), _values(b)
+    if values_a is not None and values_b is not None:
+        return not any(value in values_b for value in values_a)
+    props_a, props_b = a.get("properties"), b.get("properties")
+    if not (isinstance(props_a, dict) and isinstance(props_b, dict)):
+        return False
+    both = set(_required(a)) & set(_required(b)) & set(props_a) & set(props_b)
+    return any(
+        _apart(_resolved(props_a[name], root), _resolved(props_b[name], root), root)
+        for name in both
+    )
+
+
+def _types(schema: dict[str, Any]) -> set[str] | None:
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if not isinstance(kinds, list):
+        return None
+    found = set(kinds)  # (an integer is a number: each overlaps the other)
+    return found | {"number", "integer"} if found & {"number", "integer"} else found
+
+
+def _values(schema: dict[str, Any]) -> list[Any] | None:
+    if "const" in schema:
+        return [schema["const"]]
+    return schema["enum"] if isinstance(schema.get("enum"), list) else None
+
+
+def _required(schema: dict[str, Any]) -> list[str]:
+    required = schema.get("required")
+    return [n for n in required if isinstance(n, str)] if isinstance(required, list) else []
+
+
+def _resolved(schema: Any, root: Any) -> Any:
+    """A `{"$ref": "#/..."}` as the schema it names (once; None if it names nothing)."""
+    if not (isinstance(schema, dict) and isinstance(ref := schema.get("$ref"), str)):
+        return schema
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in [p for p in ref[1:].split("/") if p]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def has_lookahead(pattern: str) -> bool:
+    """Whether the pattern holds a lookahead, (?= or (?!, which xgrammar ignores (it warns;
+    the answer could break it); a lookbehind it refuses."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif pattern.startswith(("(?=", "(?!"), i):
+            return True
+        i += 1
+    return False
+
+
+def checked_values(schema: Any) -> Any:
+    """The schema with each enum's values (a const's value) left out where they break the
+    type, pattern, lengths or bounds beside them, which xgrammar does not read beside an enum
+    (none left: InvalidSchema, no text matches). Only schema positions are read."""
+    if isinstance(schema, list):
+        return [checked_values(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    checked = with_subschemas(schema, checked_values)
+    values = _values(schema)
+    if values is not None and VALUE_CHECKS.intersection(schema) and _checkable(schema):
+        kept = [value for value in values if _fits(value, schema)]
+        if not kept:
+            beside = ", ".join(sorted(VALUE_CHECKS.intersection(schema)))
+            values_text = json.dumps(values)[:80]
+            raise InvalidSchema(f"no value of {values_text} keeps the {beside} beside it")
+        if len(kept) < len(values):
+            checked.pop("const", None)
+            checked["enum"] = kept
+    return checked
+
+
+def _checkable(schema: dict[str, Any]) -> bool:
+    """Whether Python's re reads the schema's pattern (if any), to check values with."""
+    if not isinstance(pattern := schema.get("pattern"), str):
+        return True
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: _is_number(v) and float(v).is_integer(),
+    "number": _is_number,
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def _fits(value: Any, schema: dict[str, Any]) -> bool:
+    """Whether a value keeps the schema's VALUE_CHECKS (those not of its type pass)."""
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if isinstance(kinds, list) and not any(JSON_TYPES.get(k, bool)(value) for k in kinds):
+        return False
+    if isinstance(value, str):
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str) and not re.search(pattern, value):
+            return False
+        return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+    if not _is_number(value):
+        return True
+    bounds = [
+        ("minimum", lambda b: value >= b),
+        ("maximum", lambda b: value <= b),
+        ("exclusiveMinimum", lambda b: value > b),
+        ("exclusiveMaximum", lambda b: value < b),
+        ("multipleOf", lambda b: b > 0 and (value / b).is_integer()),
+    ]
+    return all(keep(schema[key]) for key, keep in bounds if _is_number(schema.get(key)))
+
+
+def whole_bounds(schema: Any) -> Any:
+    """The schema with an integer's fractional bounds as the whole ones they mean (minimum 0.5
+    is 1, exclusiveMaximum 2.5 is maximum 2): a valid schema, which xgrammar refused ("Integer
+    constraint must be a whole number")."""
+    if isinstance(schema, list):
+        return [whole_bounds(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    whole = with_subschemas(schema, whole_bounds)
+    if schema.get("type") != "integer":
+        return whole
+    rounded = {
+        "minimum": ("minimum", math.ceil),
+        "maximum": ("maximum", math.floor),
+        "exclusiveMinimum": ("minimum", lambda b: math.floor(b) + 1),
+        "exclusiveMaximum": ("maximum", lambda b: math.ceil(b) - 1),
+    }
+    for key, (becomes, rounding) in rounded.items():
+        bound = schema.get(key)
+        if isinstance(bound, float) and math.isfinite(bound) and not bound.is_integer():
+            del whole[key]
+            whole[becomes] = rounding(bound)
+    return whole
 
 
 def subschemas(schema: dict[str, Any], at: str) -> Iterator[tuple[str, Any, str]]:

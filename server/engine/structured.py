@@ -26,6 +26,7 @@ from server.engine.json_schema import (
     InvalidSchema,
     check_schema_depth,
     check_schema_size,
+    checked_values,
     declared_required,
     exact_formats,
     mended_pattern,
@@ -33,6 +34,7 @@ from server.engine.json_schema import (
     strict_normalized,
     strict_refusal,
     unenforced,
+    whole_bounds,
 )
 from server.engine.transfer import to_device
 
@@ -225,7 +227,8 @@ class GrammarCache:
 
     def _json_grammar(self, schema: str) -> Any:
         # (formats and patterns as xgrammar compiles them right; required names declared)
-        schema = json.dumps(exact_formats(declared_required(json.loads(schema))))
+        sent = json.loads(schema)
+        schema = json.dumps(exact_formats(declared_required(checked_values(whole_bounds(sent)))))
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
         text = str(grammar)

@@ -62,6 +62,7 @@ def test_only_schema_positions_are_read() -> None:
         "anyOf": [{"allOf": [{"type": "object"}, {"required": ["not"]}]}],
     }
     assert unenforced(schema) == [
+        "anyOf beside properties, type",  # (xgrammar reads an anyOf alone)
         "properties.tags.uniqueItems",
         "$defs.n.multipleOf",
         "anyOf[0].allOf (of several schemas)",
@@ -434,3 +435,73 @@ def byte_chars() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [  # xgrammar reads $ref, anyOf, oneOf, allOf, enum and const alone: what is beside them
+        ({"$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x", "maximum": 2}, "$ref beside"),
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}], "maximum": 3}, "anyOf beside maximum"),
+        ({"type": "object", "oneOf": [{"type": "integer"}]}, "oneOf beside type"),
+        ({"enum": ["a", "b"], "format": "date"}, "enum beside format"),
+        ({"const": "x", "pattern": "^\\p{L}$"}, "const beside pattern"),  # (re cannot read it)
+        # a oneOf whose branches may overlap is read as anyOf
+        (
+            {"oneOf": [{"type": "integer", "maximum": 20}, {"type": "integer", "minimum": 10}]},
+            "oneOf (branches not told apart",
+        ),
+        ({"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b", "c"]}]}, "oneOf (branches not told"),
+        ({"type": "string", "pattern": "^(?!a)[ab]$"}, "pattern (a lookahead"),
+        ({"type": "string", "pattern": "^(?=b)[ab]$"}, "pattern (a lookahead"),
+    ],
+)
+def test_what_the_grammar_reads_past_is_refused_under_strict(
+    grammars: Grammars, schema: dict, said: str
+) -> None:
+    """Under strict each of these was answered with a value that broke it (a trial's finds:
+    `"cd"` for an enum beside `pattern: ^a`, 6 for a $ref beside `maximum: 2`)."""
+    (found,) = unenforced(schema)
+    assert found.startswith(said), found
+    with pytest.raises(InvalidSchema, match=re.escape(said)):
+        grammars.compile(StructuredOutput.json_schema(schema, strict=True))
+
+
+def test_what_strict_takes_as_the_grammar_enforces_it(grammars: Grammars) -> None:
+    """Annotations beside $ref are no constraint; a oneOf told apart by type or by a required
+    property's const (a discriminated union: pydantic's) is exact; uniqueItems false asks for
+    nothing; an enum's values are checked against the type, pattern, lengths and bounds beside
+    it, and those that break them are never written."""
+    taken = {
+        "$defs": {
+            "Cat": {"properties": {"kind": {"const": "cat"}}, "required": ["kind"]},
+            "Dog": {"properties": {"kind": {"enum": ["dog"]}}, "required": ["kind"]},
+        },
+        "type": "object",
+        "properties": {
+            "pet": {
+                "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+                "discriminator": {"propertyName": "kind"},
+            },
+            "n": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+            "ref": {"$ref": "#/$defs/Cat", "description": "a cat", "default": None},
+            "flags": {"type": "array", "items": {"type": "boolean"}, "uniqueItems": False},
+            "e": {"type": "string", "enum": ["ab", "cd", 1], "pattern": "^a"},
+        },
+    }
+    assert unenforced(taken) == []
+    grammars.compile(StructuredOutput.json_schema(taken, strict=True))
+    enum = {"type": "string", "enum": ["ab", "cd", 1], "pattern": "^a"}
+    assert grammars.takes(enum, "ab") and not grammars.takes(enum, "cd")
+    assert not grammars.takes(enum, 1)
+    bounded = {"type": "integer", "enum": [1, 5, 9], "minimum": 2, "exclusiveMaximum": 9}
+    assert [v for v in (1, 5, 9) if grammars.takes(bounded, v)] == [5]
+    with pytest.raises(InvalidSchema, match=r'no value of \["x"\] keeps the type'):
+        grammars.compile(StructuredOutput.json_schema({"const": "x", "type": "integer"}))
+
+
+def test_an_integers_fractional_bounds_are_the_whole_ones_they_mean(grammars: Grammars) -> None:
+    """A valid schema xgrammar refused ("Integer constraint must be a whole number")."""
+    schema = {"type": "integer", "exclusiveMinimum": 0.5, "maximum": 2.5}
+    assert [n for n in range(-1, 5) if grammars.takes(schema, n)] == [1, 2]
+    schema = {"type": "integer", "minimum": 0.5, "exclusiveMaximum": 3.0}
+    assert [n for n in range(-1, 5) if grammars.takes(schema, n)] == [1, 2]
