@@ -50,6 +50,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
 from server.engine.sampling import SamplingDefaults
+from server.jobs.project import own_labels
 from server.jobs.store import JobStore, open_job_store
 from server.jobs.webhooks import WebhookSender, load_or_create_secret
 from server.jobs.worker import JobWorker
@@ -122,11 +123,13 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             lambda: jobs.unreachable_since is None,
         )
         job_worker.start()
+        secret = await asyncio.to_thread(
+            load_or_create_secret, settings.webhook_secret, jobs, settings.data_dir
+        )
+        metrics.project_labels = own_labels(keys, secret)
         webhooks = WebhookSender(
             jobs,
-            await asyncio.to_thread(
-                load_or_create_secret, settings.webhook_secret, jobs, settings.data_dir
-            ),
+            secret,
             tuple(float(d) for d in settings.webhook_retry_delays),
             settings.webhook_timeout,
             tuple(settings.allowed_media_domains),

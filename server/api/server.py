@@ -56,7 +56,7 @@ class DrainingServer(uvicorn.Server):
         if self.started:
             logger.info("%s", startup_summary(self.app, self.settings, self.sockets))
             if keys := self.settings.all_api_keys():
-                logger.info("%s", projects_line(keys))
+                logger.info("%s", projects_line(keys, self.app.state.metrics.project_labels))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         deadline = time.monotonic() + self.config.timeout_graceful_shutdown
@@ -230,15 +230,16 @@ def decode_mode(engine: AsyncEngine) -> str:
     return f"decode: {decoder}, {attention} attention, {steps}, {scheduling} scheduling"
 
 
-def projects_line(keys: dict[str, str]) -> str:
+def projects_line(keys: dict[str, str], labels: dict[str, str]) -> str:
     """The API keys' projects, as /metrics labels them: a named one with its number of keys,
-    a key's own with the key's last 4 characters (enough to tell which, not to use it; none
-    of a key too short to spare them)."""
+    a key's own (labels: own_labels) with the key's last 4 characters (enough to tell which,
+    not to use it; none of a key too short to spare them)."""
     named: dict[str, int] = {}
     own = []
     for key, project in keys.items():
         if project == of_key(key):
-            own.append(f"{project} (the key ending ...{key[-4:]})" if len(key) >= 16 else project)
+            label = labels.get(project, project)
+            own.append(f"{label} (the key ending ...{key[-4:]})" if len(key) >= 16 else label)
         else:
             named[project] = named.get(project, 0) + 1
     parts = [f"{name} ({n} key{'s' * (n > 1)})" for name, n in sorted(named.items())]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,20 @@ def of_key(key: str) -> str:
     weak key quick to guess."""
     digest = hashlib.pbkdf2_hmac("sha256", key.encode(), b"vlm-server project", 20_000)
     return "key-" + digest[:8].hex()
+
+
+def own_labels(keys: dict[str, str], secret: str) -> dict[str, str]:
+    """Each key's own project (of_key) -> the label /metrics shows for it: keyed with the
+    server's secret, since /metrics may be open and of_key is the same on every server (a
+    guess at a weak key checked against its label offline). Named projects keep their names."""
+    return {
+        project: "key-"
+        + hmac.new(secret.encode(), b"metrics label\x00" + project.encode(), "sha256").hexdigest()[
+            :16
+        ]
+        for key, project in keys.items()
+        if project == of_key(key)
+    }
 
 
 def scoped_key(project: str, idempotency_key: str | None) -> str | None:

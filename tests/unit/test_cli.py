@@ -339,15 +339,17 @@ def test_settings_that_do_nothing_without_keys_are_warned_of() -> None:
 
 def test_the_start_up_log_tells_the_projects_apart() -> None:
     from server.api.server import projects_line
-    from server.jobs.project import of_key
+    from server.jobs.project import of_key, own_labels
 
     keys = Settings(api_keys=["sk-0123456789abcdef", "sk-b team", "sk-c team", "tiny"])
-    line = projects_line(keys.all_api_keys())
-    assert (
-        "team (2 keys)" in line
-        and f"{of_key('sk-0123456789abcdef')} (the key ending ...cdef)" in line
-    )
-    assert of_key("tiny") in line and "...tiny" not in line and "sk-b" not in line
+    labels = own_labels(keys.all_api_keys(), "whsec_x")  # (as /metrics labels them)
+    assert set(labels) == {of_key("sk-0123456789abcdef"), of_key("tiny")}
+    assert own_labels(keys.all_api_keys(), "whsec_y") != labels  # (the server's secret's)
+    line = projects_line(keys.all_api_keys(), labels)
+    own = labels[of_key("sk-0123456789abcdef")]
+    assert "team (2 keys)" in line and f"{own} (the key ending ...cdef)" in line
+    assert labels[of_key("tiny")] in line and "...tiny" not in line and "sk-b" not in line
+    assert of_key("tiny") not in line
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
