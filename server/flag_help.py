@@ -179,7 +179,8 @@ HELP = {
     "(reckoned from each image's header: 16 bytes a pixel, 64 MP at most; a large baseline JPEG "
     "at the reduced scale it is decoded at); an image that would "
     "pass it waits until others are done (one larger than it all is decoded alone), so a "
-    "few small files of huge pixel counts cannot take the host's memory.",
+    "few small files of huge pixel counts cannot take the host's memory. A video sent as its "
+    "JPEG frames counts as one of its frames.",
     "media_fetch_timeout": "For the whole download of one media URL.",
     "allowed_media_domains": "An allow-list for media and webhook URLs (repeatable or "
     "comma-separated): once set, only these hosts, which may be private (an internal media "

@@ -403,13 +403,19 @@ class MediaLoader:
         try:
             budget.spend(fetched.size, part.param)
             if fetched.image_frames:  # a video sent as its frames (vLLM's JPEG data URL)
-                decoded = await asyncio.to_thread(
-                    decode_image_frames,
-                    fetched.image_frames,
-                    tokens,
-                    frames,
-                    self.decoder.max_fps,
-                    part.param,
+                # (in this process, a frame at a time: under the images' decode memory, as an
+                # image of a frame's size; four requests of 8K frames took 2 GB unbounded)
+                images = fetched.image_frames
+                decoded = await self.decode_memory.run(
+                    decoded_bytes(header_size(images[0])),
+                    partial(
+                        decode_image_frames,
+                        images,
+                        tokens,
+                        frames,
+                        self.decoder.max_fps,
+                        part.param,
+                    ),
                 )
             else:
                 source = str(fetched.path) if fetched.path is not None else fetched.data

@@ -282,6 +282,28 @@ async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) 
     assert "holds 3601 frames; at most 3600" in response.json()["error"]["message"]
 
 
+async def test_frame_videos_decode_within_the_image_decode_memory(video_client) -> None:  # noqa: ANN001
+    """A video sent as its frames is decoded in this process: under --image-decode-memory, as
+    an image of a frame's size (four requests of 8K frames took 2 GB unbounded)."""
+    from server.media.image import decoded_bytes
+
+    loader = video_client.app.state.services.chat.media
+    asked: list[int] = []
+    real = loader.decode_memory.run
+
+    async def run(num_bytes, fn):  # noqa: ANN001, ANN202
+        asked.append(num_bytes)
+        return await real(num_bytes, fn)
+
+    with mock.patch.object(loader.decode_memory, "run", run):
+        response = await video_client.post(
+            "/v1/chat/completions", json=video_body(jpeg_frames_url(4), max_tokens=2)
+        )
+    assert response.status_code == 200, response.text
+    assert asked == [decoded_bytes((112, 84))]
+    assert loader.decode_memory.free == loader.decode_memory.total
+
+
 async def test_captions_never_hold_special_tokens(video_client: httpx.AsyncClient) -> None:
     """The captions become prompt text: with skip_special_tokens false and the image
     placeholder forced, a caption holding "<|image_pad|>" would be read as an image with no
