@@ -24,12 +24,10 @@ from server.media.frames import (
     plan_frames,
 )
 from server.media.image import bomb_size
-from server.media.video import DecodedVideo, plan_error
+from server.media.video import MAX_FRAME_PIXELS, DecodedVideo, plan_error
 
 # The URL carries no timing: the frames are taken as one a second.
 ASSUMED_FPS = 1.0
-# A video frame above this (8K) is refused before it is decoded.
-MAX_FRAME_PIXELS = 7680 * 4320
 
 
 def decode_image_frames(

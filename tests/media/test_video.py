@@ -341,3 +341,16 @@ def test_a_container_that_claims_a_longer_duration_is_read_by_its_frames() -> No
     for container, codec in (("mp4", "libx264"), ("webm", "libvpx-vp9"), ("avi", "mpeg4")):
         video = make_video(seconds=6, fps=10, container=container, codec=codec)
         assert _probe(video).duration_s == pytest.approx(6.0, abs=0.11), container
+
+
+def test_frames_past_8k_are_refused_before_any_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(A 424 KB file of 12000x12000 frames took a decode worker 1.5 GB; the bound is shown
+    here lowered below a small video's frames.)"""
+    from server.media import video as video_module
+    from server.media.video import VideoDecodeError, _probe
+
+    small = make_video(seconds=1, width=160, height=120)
+    assert _probe(small).width == 160
+    monkeypatch.setattr(video_module, "MAX_FRAME_PIXELS", 160 * 120 - 1)
+    with pytest.raises(VideoDecodeError, match=r"its frames are 160x120, above 19199 pixels"):
+        _probe(small)
