@@ -484,7 +484,7 @@ class ModelRunner:
                     block * self.block_size + position % self.block_size,
                     seq.block_table,
                     position + 1,
-                    (id(seq), seq.request_id, seq.num_preemptions),
+                    (seq.serial, seq.num_preemptions),
                 )
             )
         return rows, device_tokens

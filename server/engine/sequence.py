@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,9 @@ class Sequence:
     # Structured output: the compiled grammar, held from add_request on (the grammar cache may
     # let go of it meanwhile: a cache of many schemas is bounded).
     grammar: Any = None
+    # Unique in this process, unlike id() (a finished sequence's address is reused) or the
+    # request id (taken again once its request has finished): what a graph's table row names.
+    serial: int = field(default_factory=itertools.count().__next__)
     arrival_time: float = field(default_factory=time.monotonic)  # entered the engine
     received_time: float = field(default_factory=time.monotonic)  # the HTTP request arrived
     first_token_time: float | None = None

@@ -299,6 +299,29 @@ def test_a_one_token_chunk_of_recomputed_outputs_is_not_a_graph_decode(
         blocks.free_blocks(seq)
 
 
+def test_a_rows_table_is_named_by_a_key_no_later_sequence_shares(loaded: LoadedModel) -> None:
+    """A graph row's table is rewritten only past what its key last wrote: a key of id(seq)
+    and the request id could name a finished sequence's successor (its address reused, its
+    id sent again) and leave the old table's blocks in the buffer."""
+    engine = build_engine(loaded, False)
+    runner, blocks = engine.runner, engine.scheduler.blocks
+    inputs = prompts(loaded)[0]
+    keys = []
+    for _ in range(2):  # (the same request id, one after the other)
+        seq = Sequence("same-id", inputs, SamplingParams(temperature=0), 8)
+        seq.output_token_ids = [5]
+        assert blocks.allocate(seq)
+        seq.num_computed_tokens = seq.num_tokens - 1
+        runner._positions(seq, 0, 1)
+        batch = ScheduledBatch()
+        batch.add(seq, 1)
+        decodes = runner._graph_decodes(batch)
+        assert decodes is not None
+        keys.append(decodes[0][0].table_key)
+        blocks.free_blocks(seq)
+    assert keys[0] != keys[1]
+
+
 def test_table_rows_are_rewritten_only_where_they_changed() -> None:
     graphs = DecodeGraphs(lambda buffers: buffers.token_ids, 4, 64, 99, 16, torch.device("cpu"))
 
