@@ -59,7 +59,7 @@ if $PY -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 90); fi
 # files named twice), in this order, so a time limit costs the device-agnostic ones last.
 engine_files=()
 for name in cuda_graph qwen3 attention engine loader batching decoder paged prompt_logprobs \
-  engine_loop sampler scheduler detokenizer tiny; do engine_files+=("tests/engine/test_$name.py"); done
+  engine_loop sampler scheduler detokenizer tiny traffic; do engine_files+=("tests/engine/test_$name.py"); done
 for file in tests/engine/test_*.py; do  # a new file must be placed in the order above
   [[ " ${engine_files[*]} tests/engine/test_host_device.py " == *" $file "* ]] \
     || echo "gpu_check: $file is not in its list of engine test files: not run" >&2
