@@ -486,12 +486,20 @@ async def test_of_several_bad_images_the_first_is_named(
     client: httpx.AsyncClient, media_server: MediaServer
 ) -> None:
     """Images are fetched together, but the error names the first bad one in the request, not
-    whichever failed soonest (a broken data: URL fails before a fetch does)."""
-    slow = media_server.url("/missing.jpg")
-    body = {"model": "tiny", "messages": user(TEXT, image(slow), image("data:image/png;base64,!!"))}
+    whichever failed soonest; except that an inline image that cannot be read is named before
+    any URL is fetched (its 400 need not wait for a slow host)."""
+    missing = media_server.url("/missing.jpg")
+    broken = "data:image/png;base64,!!"
+    body = {"model": "tiny", "messages": user(TEXT, image(missing), image(missing + "?2"))}
     for _ in range(3):
         response = await client.post("/v1/chat/completions", json=body)
         assert_error(response, 400, "messages[0].content[1]")
+    fetched = len(media_server.requested)
+    body = {"model": "tiny", "messages": user(TEXT, image(missing), image(broken))}
+    for _ in range(3):
+        response = await client.post("/v1/chat/completions", json=body)
+        assert_error(response, 400, "messages[0].content[2]")
+    assert len(media_server.requested) == fetched  # (nothing fetched beside the broken one)
 
 
 async def test_url_answering_404(client: httpx.AsyncClient, media_server: MediaServer) -> None:
