@@ -130,44 +130,6 @@ SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "additionalItems")
 
 
-# The keywords that constrain an answer (any other is an annotation: title, description,
-# default, examples, discriminator, ...).
-CONSTRAINING = frozenset(
-    {
-        *UNENFORCED,
-        "type",
-        "enum",
-        "const",
-        "pattern",
-        "format",
-        "minLength",
-        "maxLength",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-        "items",
-        "prefixItems",
-        "additionalItems",
-        "minItems",
-        "maxItems",
-        "properties",
-        "patternProperties",
-        "additionalProperties",
-        "required",
-        "minProperties",
-        "maxProperties",
-        "propertyNames",
-        "dependencies",
-        "anyOf",
-        "oneOf",
-        "allOf",
-        "$ref",
-    }
-)
-# Keywords beside which xgrammar reads no other constraint (`{"$ref": ..., "maximum": 2}`
-# wrote 6; `{"enum": ["ab", "cd"], "pattern": "^a"}` wrote "cd").
-ALONE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")
 # What an enum's or const's values are checked against here (checked_values), the others left
 # out: those beside one are enforced.
 VALUE_CHECKS = frozenset(
@@ -183,6 +145,15 @@ VALUE_CHECKS = frozenset(
         "multipleOf",
     }
 )
+# Keywords beside which xgrammar reads no other constraint (`{"$ref": ..., "maximum": 2}`
+# wrote 6; `{"enum": ["ab", "cd"], "pattern": "^a"}` wrote "cd").
+ALONE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")
+# The keywords that constrain an answer (any other is an annotation: title, description,
+# default, examples, discriminator, ...).
+CONSTRAINING = UNENFORCED | VALUE_CHECKS | frozenset(ALONE) | {"format", "dependencies"}
+CONSTRAINING |= {"items", "prefixItems", "additionalItems", "minItems", "maxItems"}
+CONSTRAINING |= {"properties", "patternProperties", "additionalProperties", "propertyNames"}
+CONSTRAINING |= {"required", "minProperties", "maxProperties"}
 
 
 def unenforced(schema: Any, at: str = "", root: Any = None) -> list[str]:
