@@ -312,10 +312,30 @@ def _checkable(schema: dict[str, Any]) -> bool:
     if not isinstance(pattern := schema.get("pattern"), str):
         return True
     try:
-        re.compile(pattern)
+        _python_pattern(pattern)
     except re.error:
         return False
     return True
+
+
+def _python_pattern(pattern: str) -> re.Pattern[str]:
+    r"""A JSON schema's (ECMAScript) pattern as Python's re reads it the same way or stricter:
+    `\d` and `\w` ASCII (re.ASCII; `\s` then is too, stricter than ECMAScript's), and `$`
+    the very end (Python's `$` also matches before a final newline)."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        step = 2 if char == "\\" else 1
+        if char == "$" and not in_class:
+            out.append(r"\Z")
+        else:
+            out.append(pattern[i : i + step])
+        if char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        i += step
+    return re.compile("".join(out), re.ASCII)
 
 
 def _is_number(value: Any) -> bool:
@@ -341,7 +361,7 @@ def _fits(value: Any, schema: dict[str, Any]) -> bool:
         return False
     if isinstance(value, str):
         pattern = schema.get("pattern")
-        if isinstance(pattern, str) and not re.search(pattern, value):
+        if isinstance(pattern, str) and not _python_pattern(pattern).search(value):
             return False
         return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
     if not _is_number(value):
@@ -368,16 +388,19 @@ def whole_bounds(schema: Any) -> Any:
     if schema.get("type") != "integer":
         return whole
     rounded = {
-        "minimum": ("minimum", math.ceil),
-        "maximum": ("maximum", math.floor),
-        "exclusiveMinimum": ("minimum", lambda b: math.floor(b) + 1),
-        "exclusiveMaximum": ("maximum", lambda b: math.ceil(b) - 1),
+        "minimum": ("minimum", math.ceil, max),
+        "maximum": ("maximum", math.floor, min),
+        "exclusiveMinimum": ("minimum", lambda b: math.floor(b) + 1, max),
+        "exclusiveMaximum": ("maximum", lambda b: math.ceil(b) - 1, min),
     }
-    for key, (becomes, rounding) in rounded.items():
+    for key, (becomes, rounding, tighter) in rounded.items():
         bound = schema.get(key)
         if isinstance(bound, float) and math.isfinite(bound) and not bound.is_integer():
             del whole[key]
-            whole[becomes] = rounding(bound)
+            other = whole.get(becomes)  # (both bounds given: the tighter is the one)
+            whole[becomes] = (
+                rounding(bound) if not _is_number(other) else tighter(other, rounding(bound))
+            )
     return whole
 
 

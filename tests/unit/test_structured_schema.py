@@ -505,3 +505,14 @@ def test_an_integers_fractional_bounds_are_the_whole_ones_they_mean(grammars: Gr
     assert [n for n in range(-1, 5) if grammars.takes(schema, n)] == [1, 2]
     schema = {"type": "integer", "minimum": 0.5, "exclusiveMaximum": 3.0}
     assert [n for n in range(-1, 5) if grammars.takes(schema, n)] == [1, 2]
+    schema = {"type": "integer", "minimum": 3, "exclusiveMinimum": 0.5}  # (the tighter)
+    assert [n for n in range(-1, 5) if grammars.takes(schema, n)] == [3, 4]
+
+
+def test_an_enums_values_are_checked_as_json_schema_reads_its_pattern() -> None:
+    r"""Python's re read with ECMAScript's meaning, or stricter: `$` is the very end (Python's
+    also matched before a final newline) and `\d` is ASCII digits (Python's took any)."""
+    from server.engine.json_schema import checked_values
+
+    schema = {"type": "string", "enum": ["a", "a\n", "\u0661", "7"], "pattern": "^(a|\\d)$"}
+    assert checked_values(schema)["enum"] == ["a", "7"]
