@@ -363,6 +363,37 @@ LONE_SURROGATES = {
 }
 
 
+async def test_a_large_body_is_parsed_off_the_event_loop(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """json.loads held the event loop (every stream, /health) 2 s for a 171 MB body: a body
+    over 1 MiB is parsed on a worker thread; a bad one is the same 400 as before."""
+    import threading
+
+    from server.api import body as body_module
+
+    threads: list[str] = []
+    real = body_module.json.loads
+
+    def loads(text: bytes) -> object:
+        threads.append(threading.current_thread().name)
+        return real(text)
+
+    monkeypatch.setattr(body_module.json, "loads", loads)
+    big = {"model": "tiny", "max_tokens": 1, "messages": user(TEXT), "user": "x" * (1 << 20)}
+    small = {"model": "tiny", "max_tokens": 1, "messages": user(TEXT)}
+    for body in (big, small):
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+    loop_thread = threading.current_thread().name
+    assert threads[0] != loop_thread and threads[1] == loop_thread
+    broken = b'{"model": "tiny", "messages": [' + b" " * (1 << 20)
+    response = await client.post(
+        "/v1/chat/completions", content=broken, headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400)
+
+
 @pytest.mark.parametrize("name", LONE_SURROGATES)
 async def test_a_lone_surrogate_anywhere_is_a_400(client: httpx.AsyncClient, name: str) -> None:
     """Not text (a JavaScript client cut a string inside an emoji): a 400 naming the field,

@@ -9,6 +9,7 @@ import functools
 from fastapi import APIRouter, Depends, Header, Query
 
 from server.api.batches import Batch, BatchCreateRequest, BatchList
+from server.api.body import ThreadParsedRoute
 from server.api.protocol import ErrorResponse, check_metadata
 from server.api.services import Services, get_services
 from server.exceptions import (
@@ -21,6 +22,7 @@ from server.jobs.project import current_project
 
 BATCH = ("batch",)
 router = APIRouter(
+    route_class=ThreadParsedRoute,
     tags=["batches"],
     responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 503)},
 )

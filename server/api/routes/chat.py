@@ -12,6 +12,7 @@ from typing import Literal, TypeVar
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.body import ThreadParsedRoute
 from server.api.protocol import (
     ANIMUS_DEFAULTS,
     ChatCompletionRequest,
@@ -54,7 +55,7 @@ RESPONSES: dict[int | str, dict] = {
     200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
     **ERRORS,
 }
-router = APIRouter(responses=RESPONSES)
+router = APIRouter(route_class=ThreadParsedRoute, responses=RESPONSES)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["chat"])

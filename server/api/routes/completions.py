@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.body import ThreadParsedRoute
 from server.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -32,7 +33,7 @@ from server.pipelines.finish import ConstraintFailed
 from server.pipelines.logprobs import EchoedPrompt, PromptLogprobs, TokenTexts
 
 logger = logging.getLogger(__name__)
-router = APIRouter(responses=RESPONSES)
+router = APIRouter(route_class=ThreadParsedRoute, responses=RESPONSES)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, tags=["completions"])

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 
+from server.api.body import ThreadParsedRoute
 from server.api.conversations import (
     ConversationCreate,
     ConversationDeleted,
@@ -27,6 +28,7 @@ from server.jobs.project import current_project
 from server.pipelines.conversation_lock import ConversationLock
 
 router = APIRouter(
+    route_class=ThreadParsedRoute,
     tags=["conversations"],
     responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 503)},
 )

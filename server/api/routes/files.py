@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from server.api.batches import FileDeleted, FileList, FileObject
+from server.api.body import ThreadParsedRoute
 from server.api.protocol import ErrorResponse
 from server.api.services import Services, get_services
 from server.exceptions import FileNotFound, InvalidRequest, refuse_unsupported
@@ -23,6 +24,7 @@ PURPOSES = ("batch", *MEDIA_PURPOSES)
 ANTHROPIC_HEADERS = frozenset({"anthropic-version", "anthropic-beta"})
 
 router = APIRouter(
+    route_class=ThreadParsedRoute,
     tags=["files"],
     responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)},
 )

@@ -7,13 +7,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import __version__
+from server.api.body import ThreadParsedRoute
 from server.api.errors import error_response
 from server.api.protocol import ErrorResponse, ModelCard, ModelList
 from server.api.services import Services, get_services
 from server.exceptions import ModelNotDeletable
 from server.jobs.project import current_project
 
-router = APIRouter()
+router = APIRouter(route_class=ThreadParsedRoute)
 
 
 @router.get("/health", tags=["server"])

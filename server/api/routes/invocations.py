@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from server.api.body import ThreadParsedRoute
 from server.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -23,7 +24,7 @@ from server.api.routes.completions import completions
 from server.api.services import Services, get_services
 from server.exceptions import InvalidRequest
 
-router = APIRouter(responses=RESPONSES)
+router = APIRouter(route_class=ThreadParsedRoute, responses=RESPONSES)
 # the key that tells the APIs apart, in the order they are looked for
 KINDS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("messages", ChatCompletionRequest),

@@ -10,6 +10,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 
+from server.api.body import ThreadParsedRoute
 from server.api.protocol import (
     ErrorResponse,
     FrameMetadata,
@@ -28,7 +29,8 @@ from server.jobs.worker import Handler, Progress, engine_request_id
 from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
 
 router = APIRouter(
-    responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 409, 413, 500, 503)}
+    route_class=ThreadParsedRoute,
+    responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 409, 413, 500, 503)},
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.body import ThreadParsedRoute
 from server.api.messages import (
     AnthropicError,
     CountTokensRequest,
@@ -25,7 +26,7 @@ from server.pipelines.chat import ChatResult
 ERRORS: dict[int | str, dict] = {
     status: {"model": AnthropicError} for status in (400, 401, 404, 413, 500, 503)
 }
-router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
+router = APIRouter(route_class=ThreadParsedRoute, responses={200: SSE_RESPONSE, **ERRORS})
 
 
 @router.post("/v1/messages", response_model=MessageObject, tags=["messages"])

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.body import ThreadParsedRoute
 from server.api.middleware import INTERNAL
 from server.api.protocol import check_metadata
 from server.api.response_events import followed, opening_events
@@ -58,7 +59,7 @@ from server.pipelines.chat import ChatRequest, ChatResult
 from server.pipelines.conversation_lock import ConversationLock
 
 logger = logging.getLogger(__name__)
-router = APIRouter(responses={200: SSE_RESPONSE, **ERRORS})
+router = APIRouter(route_class=ThreadParsedRoute, responses={200: SSE_RESPONSE, **ERRORS})
 
 
 @router.post("/v1/responses", response_model=ResponseObject, tags=["responses"])

@@ -10,6 +10,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request
 
+from server.api.body import ThreadParsedRoute
 from server.api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -22,7 +23,7 @@ from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
 from server.api.services import Services, get_services
 from server.exceptions import InvalidRequest
 
-router = APIRouter(responses=ERRORS)
+router = APIRouter(route_class=ThreadParsedRoute, responses=ERRORS)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenize"])
