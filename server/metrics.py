@@ -66,8 +66,8 @@ class Metrics:
         self.image_tokens = Counter("vlm_image_tokens", "Prompt tokens from images", registry=r)
         self.generated_tokens = Counter("vlm_generated_tokens", "Generated tokens", registry=r)
         # Who used the engine: by API key project (server/jobs/project.py; "-" without keys),
-        # a key's own under its label (own_labels, set once the server's secret is known)
-        self.project_labels: dict[str, str] = {}
+        # a key's own under its label (ProjectLabels, set once the job store is open)
+        self.project_label: Callable[[str], str] = lambda project: project
         self.project_tokens = Counter(
             "vlm_project_tokens",
             "Prompt and generated tokens by API key project",
@@ -123,7 +123,7 @@ class Metrics:
         """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
         frame's caption or categories, a text completion)."""
         self.finished.labels(seq.finish_reason or "unknown").inc()
-        project = self.project_labels.get(seq.project, seq.project) or "-"
+        project = self.project_label(seq.project) if seq.project else "-"
         # n choices of one prompt: the prompt counts once; one never started (aborted while
         # queued) was never computed
         if seq.choice_index == 0 and seq.is_admitted:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -50,7 +51,7 @@ from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
 from server.engine.sampling import SamplingDefaults
-from server.jobs.project import own_labels
+from server.jobs.project import ProjectLabels, named_projects
 from server.jobs.store import JobStore, open_job_store
 from server.jobs.webhooks import WebhookSender, load_or_create_secret
 from server.jobs.worker import JobWorker
@@ -126,7 +127,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         secret = await asyncio.to_thread(
             load_or_create_secret, settings.webhook_secret, jobs, settings.data_dir
         )
-        metrics.project_labels = own_labels(keys, secret)
+        label_key = await asyncio.to_thread(
+            jobs.shared_value, "metrics_label_key", secrets.token_hex(32)
+        )
+        metrics.project_label = ProjectLabels(label_key, named_projects(keys))
         webhooks = WebhookSender(
             jobs,
             secret,

@@ -9,6 +9,7 @@ import functools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,7 @@ class DrainingServer(uvicorn.Server):
         if self.started:
             logger.info("%s", startup_summary(self.app, self.settings, self.sockets))
             if keys := self.settings.all_api_keys():
-                logger.info("%s", projects_line(keys, self.app.state.metrics.project_labels))
+                logger.info("%s", projects_line(keys, self.app.state.metrics.project_label))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         deadline = time.monotonic() + self.config.timeout_graceful_shutdown
@@ -230,15 +231,15 @@ def decode_mode(engine: AsyncEngine) -> str:
     return f"decode: {decoder}, {attention} attention, {steps}, {scheduling} scheduling"
 
 
-def projects_line(keys: dict[str, str], labels: dict[str, str]) -> str:
+def projects_line(keys: dict[str, str], label_of: Callable[[str], str]) -> str:
     """The API keys' projects, as /metrics labels them: a named one with its number of keys,
-    a key's own (labels: own_labels) with the key's last 4 characters (enough to tell which,
+    a key's own (label_of: ProjectLabels) with the key's last 4 characters (enough to tell which,
     not to use it; none of a key too short to spare them)."""
     named: dict[str, int] = {}
     own = []
     for key, project in keys.items():
         if project == of_key(key):
-            label = labels.get(project, project)
+            label = label_of(project)
             own.append(f"{label} (the key ending ...{key[-4:]})" if len(key) >= 16 else label)
         else:
             named[project] = named.get(project, 0) + 1

@@ -62,18 +62,27 @@ def of_key(key: str) -> str:
     return "key-" + digest[:8].hex()
 
 
-def own_labels(keys: dict[str, str], secret: str) -> dict[str, str]:
-    """Each key's own project (of_key) -> the label /metrics shows for it: keyed with the
-    server's secret, since /metrics may be open and of_key is the same on every server (a
-    guess at a weak key checked against its label offline). Named projects keep their names."""
-    return {
-        project: "key-"
-        + hmac.new(secret.encode(), b"metrics label\x00" + project.encode(), "sha256").hexdigest()[
-            :16
-        ]
-        for key, project in keys.items()
-        if project == of_key(key)
-    }
+class ProjectLabels:
+    """How /metrics names a project: a named one by its name; a key's own (of_key: a slow hash
+    of the key, the same on every server) by an HMAC of it keyed with the job store's own
+    random secret, which nothing hands out (/metrics may be open: of_key itself would let a
+    guess at a weak key be checked offline). Every replica of a store names it alike, and a
+    key another replica was given is named so here too."""
+
+    def __init__(self, secret: str, named: frozenset[str]):
+        self.secret = secret.encode()
+        self.named = named  # (a project named "key-x" keeps its name)
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 (one per server, for its lifetime)
+    def __call__(self, project: str) -> str:
+        if project in self.named or not project.startswith("key-"):
+            return project
+        return "key-" + hmac.new(self.secret, project.encode(), "sha256").hexdigest()[:16]
+
+
+def named_projects(keys: dict[str, str]) -> frozenset[str]:
+    """The projects the operator named (not a key's own)."""
+    return frozenset(project for key, project in keys.items() if project != of_key(key))
 
 
 def scoped_key(project: str, idempotency_key: str | None) -> str | None:

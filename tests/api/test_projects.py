@@ -269,7 +269,7 @@ async def test_tokens_are_counted_by_project(client: httpx.AsyncClient) -> None:
     assert prompt == 2 * usage["prompt_tokens"]
     # a key's own project is labelled with the server's secret (of_key, the same on every
     # server, would let a weak key be guessed offline from an open /metrics)
-    label = client.app.state.metrics.project_labels[of_key("sk-a")]  # type: ignore[attr-defined]
+    label = client.app.state.metrics.project_label(of_key("sk-a"))  # type: ignore[attr-defined]
     assert label.startswith("key-") and label != of_key("sk-a")
     response = await client.post("/v1/chat/completions", json=body, headers=as_key("sk-a"))
     assert response.status_code == 200

@@ -339,16 +339,19 @@ def test_settings_that_do_nothing_without_keys_are_warned_of() -> None:
 
 def test_the_start_up_log_tells_the_projects_apart() -> None:
     from server.api.server import projects_line
-    from server.jobs.project import of_key, own_labels
+    from server.jobs.project import ProjectLabels, named_projects, of_key
 
-    keys = Settings(api_keys=["sk-0123456789abcdef", "sk-b team", "sk-c team", "tiny"])
-    labels = own_labels(keys.all_api_keys(), "whsec_x")  # (as /metrics labels them)
-    assert set(labels) == {of_key("sk-0123456789abcdef"), of_key("tiny")}
-    assert own_labels(keys.all_api_keys(), "whsec_y") != labels  # (the server's secret's)
-    line = projects_line(keys.all_api_keys(), labels)
-    own = labels[of_key("sk-0123456789abcdef")]
+    keys = Settings(api_keys=["sk-0123456789abcdef", "sk-b team", "sk-c team", "tiny", "k key-x"])
+    named = named_projects(keys.all_api_keys())
+    assert named == {"team", "key-x"}
+    label = ProjectLabels("x" * 64, named)  # (as /metrics labels them)
+    assert label("team") == "team" and label("key-x") == "key-x"  # named: their names
+    own = label(of_key("sk-0123456789abcdef"))
+    assert own.startswith("key-") and own != of_key("sk-0123456789abcdef")
+    assert ProjectLabels("y" * 64, named)(of_key("sk-0123456789abcdef")) != own  # (its secret)
+    line = projects_line(keys.all_api_keys(), label)
     assert "team (2 keys)" in line and f"{own} (the key ending ...cdef)" in line
-    assert labels[of_key("tiny")] in line and "...tiny" not in line and "sk-b" not in line
+    assert label(of_key("tiny")) in line and "...tiny" not in line and "sk-b" not in line
     assert of_key("tiny") not in line
 
 
