@@ -66,15 +66,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.headers_done = False  # the request being read is past its headers
         self.header_bytes = 0  # what came of them so far
-        self.body_bytes = 0  # of the piece being read: a body's (the last request's end)
+        self.begun = False  # a request began in the piece being read
 
     def data_received(self, data: bytes) -> None:
-        """Counted once read: a piece that ends one request's headers may carry its body and
-        the next request's start, and one whose body ends may start the next's headers."""
-        self.body_bytes = 0
+        """Counted once read, from the piece after the one a request began in: that piece may
+        also hold earlier requests (pipelined: hundreds of small ones in one read) and their
+        bodies, and is bounded by the transport's read size anyway."""
+        self.begun = False
         super().data_received(data)
-        if not self.headers_done:
-            self.header_bytes += len(data) - self.body_bytes
+        if not self.headers_done and not self.begun:
+            self.header_bytes += len(data)
             if self.header_bytes > MAX_HEADER_BYTES:
                 self._refuse_headers()
 
@@ -99,15 +100,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.headers_done, self.header_bytes = False, 0
+        self.headers_done, self.header_bytes, self.begun = False, 0, True
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self.headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        super().on_body(body)
-        self.body_bytes += len(body)
 
 
 class TimedHttpProtocol(LimitedHttpProtocol):
