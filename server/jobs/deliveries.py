@@ -19,6 +19,11 @@ from server.exceptions import JobStoreUnavailable
 logger = logging.getLogger(__name__)
 
 
+# A delivery's next attempt this far off was never meant (no retry schedule is a year long):
+# an earlier version stored a receiver's infinite Retry-After so, and the delivery hung.
+NEVER_DUE_S = 400 * 86400.0
+
+
 class Cursor(Protocol):
     rowcount: int
 
@@ -99,21 +104,20 @@ class DeliveryStore(ABC):
         the same attempt meanwhile (one that dies mid-attempt leaves it due again after).
         Each with its job's project."""
         now = self.now()
+        # (a time past NEVER_DUE_S: an infinite Retry-After an earlier version stored, due now)
+        due = "status = 'pending' AND (next_attempt_at <= ? OR next_attempt_at > ?)"
         with self.transaction(write=False) as execute:  # (idle, a read, not a write, a second)
-            if not execute(
-                "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
-                " LIMIT 1",
-                (now,),
-            ).fetchone():
+            found = f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1"
+            if not execute(found, (now, now + NEVER_DUE_S)).fetchone():
                 return []
         with self.transaction() as execute:
             rows = execute(
                 "UPDATE deliveries SET next_attempt_at = ? WHERE id IN ("
-                " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                f" SELECT id FROM deliveries WHERE {due}"
                 f" ORDER BY next_attempt_at LIMIT ?{self.skip_locked}) RETURNING *,"
                 # (whose secret signs it, with --webhook-secret-per-project)
                 " (SELECT project FROM jobs WHERE jobs.id = deliveries.job_id) AS project",
-                (now + hold_s, now, limit),
+                (now + hold_s, now, now + NEVER_DUE_S, limit),
             ).fetchall()
         return [dict(row) for row in rows]
 

@@ -232,29 +232,33 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         """The oldest queued job (or one whose lease expired: a takeover) of these kinds (any:
         empty), as a new attempt by `owner`."""
         now = self.now()
-        of_kind = f" AND kind IN ({', '.join('?' * len(kinds))})" if kinds else ""
         with self.transaction() as execute:
             row = execute(
                 "UPDATE jobs SET status = 'processing', attempt = attempt + 1,"
                 " takeovers = takeovers + CASE WHEN status = 'processing' THEN 1 ELSE 0 END,"
                 " lease_until = ?, owner = ?, updated_at = ? WHERE id = ("
                 "  SELECT id FROM jobs WHERE (status = 'queued'"
-                f"  OR (status = 'processing' AND lease_until < ?)){of_kind}"
+                f"  OR (status = 'processing' AND lease_until < ?)){_of_kind(kinds)}"
                 f"  ORDER BY created_at LIMIT 1{self.skip_locked}) RETURNING *",
                 (now + lease_s, owner, now, now, *kinds),
             ).fetchone()
         return Job.from_row(row) if row is not None else None
 
-    def claimable_kinds(self) -> set[str]:
-        """The kinds of the jobs a claim would take now: one read, so that idle workers need
-        not each try a claim (a write) to find there is none."""
+    def claimable(self, lanes: list[tuple[str, ...]]) -> list[bool]:
+        """For each lane (job kinds; empty: any), whether a claim would find a job now: one
+        read (each lane's query stops at its first job), so that idle workers need not each
+        try a claim (a write) to find there is none."""
+        now = self.now()
         with self.transaction(write=False) as execute:
-            rows = execute(
-                "SELECT DISTINCT kind FROM jobs WHERE status = 'queued'"
-                " OR (status = 'processing' AND lease_until < ?)",
-                (self.now(),),
-            ).fetchall()
-        return {row["kind"] for row in rows}
+            return [
+                execute(
+                    "SELECT 1 FROM jobs WHERE (status = 'queued'"
+                    f" OR (status = 'processing' AND lease_until < ?)){_of_kind(kinds)} LIMIT 1",
+                    (now, *kinds),
+                ).fetchone()
+                is not None
+                for kinds in lanes
+            ]
 
     def lease_owners(self) -> list[str]:
         """Who holds the leases of processing jobs now."""
@@ -486,3 +490,8 @@ def _job_with_key(execute: Execute, idempotency_key: str | None) -> Any:
     return execute(
         f"SELECT {SUMMARY} FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
     ).fetchone()
+
+
+def _of_kind(kinds: tuple[str, ...]) -> str:
+    """A claim's condition on the job's kind (none: any kind)."""
+    return f" AND kind IN ({', '.join('?' * len(kinds))})" if kinds else ""

@@ -121,7 +121,7 @@ def retry_after_s(response: httpx.Response) -> float | None:
     or unreadable. (A receiver's 400 nines were an infinite wait stored with the delivery, which
     then broke its project's job listing; a year-9999 date kept the job past its retention.)"""
     value = response.headers.get("retry-after", "").strip()
-    if value.replace(".", "", 1).isdigit():
+    if value.isascii() and value.replace(".", "", 1).isdigit():  # ("²" is a digit to Python)
         seconds = float(value)
     else:
         try:

@@ -175,10 +175,10 @@ class JobWorker:
         """A job was queued here (or may have been): every idle loop tries a claim."""
         self._wake(None)
 
-    def _wake(self, kinds_found: set[str] | None) -> None:
-        """The idle loops of the lanes that claim one of these kinds (None: every lane)."""
+    def _wake(self, lanes: list[tuple[str, ...]] | None) -> None:
+        """The idle loops of these lanes (None: every lane)."""
         for kinds, wakeup in self.wakeups.items():
-            if kinds_found is None or not kinds or kinds_found.intersection(kinds):
+            if lanes is None or kinds in lanes:
                 wakeup.set()
 
     def cancel_running(self, job_id: str) -> None:
@@ -227,7 +227,7 @@ class JobWorker:
         return job
 
     async def _poll_loop(self) -> None:
-        """Once a second, while a loop is idle, one read for the kinds a claim would find:
+        """Once a second, while a loop is idle, one read for the lanes a claim would serve:
         jobs other processes queued (a store without a watch), leases run out, and work that
         waited for the engine to have room. A claim is a write: seven idle loops each trying
         one a second were seven write transactions a second on an idle server."""
@@ -236,8 +236,9 @@ class JobWorker:
             await asyncio.sleep(IDLE_POLL_S)
             if not self.num_idle:
                 continue
+            lanes = list(self.wakeups)
             try:
-                found = await asyncio.to_thread(self.store.claimable_kinds)
+                claimable = await asyncio.to_thread(self.store.claimable, lanes)
             except JobStoreUnavailable:
                 failures += 1
                 await self._store_trouble("looking for jobs", failures)
@@ -246,7 +247,7 @@ class JobWorker:
                 logger.exception("looking for jobs failed")
                 continue
             failures = 0
-            self._wake(found)
+            self._wake([kinds for kinds, found in zip(lanes, claimable, strict=True) if found])
 
     async def _store_trouble(self, doing: str, failures: int) -> None:
         """Logs (once per outage, then every few minutes) and waits before the next try."""

@@ -404,10 +404,11 @@ class MediaLoader:
             budget.spend(fetched.size, part.param)
             if fetched.image_frames:  # a video sent as its frames (vLLM's JPEG data URL)
                 # (in this process, a frame at a time: under the images' decode memory, as an
-                # image of a frame's size; four requests of 8K frames took 2 GB unbounded)
+                # image of its largest frame's size; four requests of 8K frames took 2 GB)
                 images = fetched.image_frames
+                largest = max(decoded_bytes(header_size(image)) for image in images)
                 decoded = await self.decode_memory.run(
-                    decoded_bytes(header_size(images[0])),
+                    largest,
                     partial(
                         decode_image_frames,
                         images,

@@ -272,6 +272,8 @@ def test_retry_after_as_seconds_or_http_date() -> None:
     # job's status; a year-9999 date held its job past the retention)
     assert retry_after_s(response("9" * 400)) == 3600
     assert retry_after_s(response("Fri, 31 Dec 9999 23:59:59 GMT")) == 3600
+    superscript = httpx.Response(503, headers=[(b"Retry-After", "²".encode("latin-1"))])
+    assert retry_after_s(superscript) is None  # (a digit to Python, no number)
 
 
 def test_pending_delivery_survives_reopening(tmp_path: Path) -> None:

@@ -319,7 +319,7 @@ def test_claim_takes_only_the_kinds_asked_for(store: JobStore) -> None:
 
 
 def test_the_idle_polls_are_reads(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What an idle server asks every second (the worker's claimable kinds, the webhook
+    """What an idle server asks every second (the worker's claimable lanes, the webhook
     sender's due deliveries) opens no write transaction while there is nothing to do."""
     writes: list[bool] = []
     real = store.transaction
@@ -329,16 +329,17 @@ def test_the_idle_polls_are_reads(store: JobStore, monkeypatch: pytest.MonkeyPat
         return real(write)
 
     monkeypatch.setattr(store, "transaction", counted)
-    assert store.claimable_kinds() == set() and store.due_deliveries() == []
+    lanes = [("batch",), ("categories", "completions"), ()]
+    assert store.claimable(lanes) == [False] * 3 and store.due_deliveries() == []
     assert writes == [False, False]
     job = store.create("batch", {}, None)
     store.create("categories", {}, None)
-    assert store.claimable_kinds() == {"batch", "categories"}
+    assert store.claimable(lanes) == [True] * 3
     store.claim(lease_s=0.001, kinds=("categories",))
     claimed = store.claim(lease_s=60, kinds=("batch",))
     assert claimed is not None and claimed.id == job.id
     time.sleep(0.01)
-    assert store.claimable_kinds() == {"categories"}  # its lease ran out: a takeover
+    assert store.claimable(lanes) == [False, True, True]  # its lease ran out: a takeover
 
 
 def test_a_cancelled_batch_keeps_its_saved_answers_as_files(store: JobStore) -> None:
@@ -565,6 +566,8 @@ def test_a_retry_is_scheduled_by_the_stores_clock(store: JobStore) -> None:
     assert store.record_attempt(due["id"], 2, "pending", float("inf"), 503, None)
     (delivery,) = store.deliveries_of(claimed.id)
     assert delivery["status"] == "pending" and delivery["next_attempt_at"] is None
+    (again,) = store.due_deliveries()  # ... and is sent now, not never
+    assert again["id"] == due["id"]
 
 
 def test_sqlite_gives_the_space_of_finished_requests_back(tmp_path, caplog) -> None:  # noqa: ANN001

@@ -306,7 +306,12 @@ async def test_stop_during_a_job_returns_and_leaves_the_rest_queued(tmp_path: Pa
     assert statuses == ["queued", "queued", "queued"]  # the running one was put back
 
 
-async def test_nothing_is_claimed_without_an_engine_slot(tmp_path: Path) -> None:
+async def test_nothing_is_claimed_without_an_engine_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Once the engine has room, the poll finds the job still queued: nothing else wakes
+    the idle loops.)"""
+    monkeypatch.setattr(worker_module, "IDLE_POLL_S", 0.1)
     store = JobStore(tmp_path / "jobs.sqlite3")
     free = False
 
@@ -320,7 +325,6 @@ async def test_nothing_is_claimed_without_an_engine_slot(tmp_path: Path) -> None
         await asyncio.sleep(0.5)
         assert store.get(job.id).status == "queued"  # type: ignore[union-attr]  # left for others
         free = True
-        worker.notify()
         for _ in range(200):
             if store.get(job.id).status == "completed":  # type: ignore[union-attr]
                 break
@@ -497,5 +501,13 @@ async def test_idle_loops_claim_nothing_and_the_poll_wakes_only_the_lane_of_a_jo
                 await asyncio.sleep(0.02)
         await asyncio.sleep(0.5)
         assert claims and set(claims) == {("media",)}  # the batch lane slept through it
+        # a lease another process let run out is found by the poll too (a takeover)
+        other_process.create("batch", {}, None)
+        taken = other_process.claim(lease_s=0.3, owner="elsewhere", kinds=("batch",))
+        assert taken is not None
+        async with asyncio.timeout(10):
+            while store.get(taken.id).status != "completed":  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        assert store.get(taken.id).takeovers == 1  # type: ignore[union-attr]
     finally:
         await worker.stop()
