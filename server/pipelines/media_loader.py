@@ -275,11 +275,11 @@ class MediaLoader:
         if not remote and not judging:
             await self.preprocessing.take()
             return messages
-        await self._check_inline_headers(messages)
         allowance = MediaBudget(self.limits.max_media_bytes_per_request)
         downloads: list[FetchedMedia] = []
         try:
-            async with self.downloading():
+            async with self.downloading():  # (the inline check too: bursts of it bounded)
+                await self._check_inline_headers(messages)
                 messages = await self.judged(messages, allowance)
                 # (the first to fail stops the rest: a 404 is not held behind a slow host)
                 downloading = [self._download(p, allowance, downloads) for p in remote]
