@@ -80,8 +80,8 @@ CATEGORIES_ANSWER = {
 EMAIL = r"[a-z]{1,12}\.[a-z]{1,12}@[a-z]{2,12}\.com"
 
 
-def trained_tokenizer(out: Path):  # noqa: ANN201
-    """A byte-level BPE of VOCAB_SIZE tokens, trained on site-packages' Python sources."""
+def trained_tokenizer(out: Path, vocab_size: int):  # noqa: ANN201
+    """A byte-level BPE of vocab_size tokens, trained on site-packages' Python sources."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -98,7 +98,7 @@ def trained_tokenizer(out: Path):  # noqa: ANN201
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=VOCAB_SIZE,
+            vocab_size=vocab_size,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             special_tokens=SPECIAL,
             show_progress=False,
@@ -139,10 +139,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", type=Path, default=Path("/tmp/bench_vocab/tokenizer.json"))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = parser.parse_args()
     args.tokenizer.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tokenizer = trained_tokenizer(args.tokenizer)
+    tokenizer = trained_tokenizer(args.tokenizer, args.vocab_size)
     print(f"vocabulary: {len(tokenizer)} tokens ({time.perf_counter() - started:.0f} s)")
     compact = {"separators": (", ", ": ")}  # (as the grammar writes JSON)
     cases = [

@@ -121,3 +121,15 @@ def test_bench_truncation_runs_and_keeps_as_much_as_fits() -> None:
     rows = [line.split("|") for line in result.stdout.splitlines() if " steps, " in line]
     kept = [int(row[3]) for row in rows]
     assert len(kept) == 2 and 400 < kept[0] <= 512 and 6000 < kept[1] <= 8192, result.stdout
+
+
+def test_bench_grammar_vocab_runs(tmp_path: Path) -> None:
+    """(At a small vocabulary: the real size trains for ~15 s and compiles for seconds.)"""
+    command = [sys.executable, str(ROOT / "scripts" / "bench_grammar_vocab.py"), "--rounds", "1"]
+    command += ["--vocab-size", "2000", "--tokenizer", str(tmp_path / "tokenizer.json")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 5 and "categories" in rows[2], result.stdout  # (a header, 4 constraints)
