@@ -54,7 +54,7 @@ from server.engine.sampling import SamplingDefaults
 from server.jobs.project import ProjectLabels, named_projects
 from server.jobs.store import JobStore, open_job_store
 from server.jobs.webhooks import WebhookSender, load_or_create_secret
-from server.jobs.worker import JobWorker, cancel_and_wait
+from server.jobs.worker import JobWorker
 from server.media.fetch import FetchPolicy, MediaFetcher
 from server.media.spool import Spool
 from server.media.video import VideoDecoder
@@ -158,12 +158,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             sampling_defaults=sampling_defaults(settings, loaded),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))
-        warming = asyncio.create_task(categories.warm())
         try:
             yield
         finally:
             try:
-                await cancel_and_wait([warming])
                 await job_worker.stop()  # jobs running here go back to the queue
                 await batch_client.aclose()
                 await webhooks.stop()  # pending deliveries stay in the store

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from server.engine.inputs import TemplateOptions, Truncation
-from server.engine.json_schema import strict_refusal, unenforced
+from server.engine.json_schema import strict_normalized, strict_refusal, unenforced
 from server.engine.sampling import SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
@@ -902,7 +902,8 @@ def _check_strict(
         constrained = (beside_a_format and name in chosen.names) or chosen.constrains(name)
         if tool.function.strict is not True or not constrained:
             continue
-        if found := unenforced(tool.function.parameters or {}):
+        # (as the grammar will take them: every property required, as response_format's)
+        if found := unenforced(strict_normalized(tool.function.parameters or {})):
             raise InvalidRequest(
                 f"Invalid schema for function '{tool.function.name}': {strict_refusal(found)}.",
                 param=f"tools[{i}].function.parameters",

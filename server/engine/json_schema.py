@@ -181,7 +181,10 @@ def unenforced(schema: Any, at: str = "", root: Any = None) -> list[str]:
             found.append(f"{at}pattern (a quote, backslash or control character, written raw)")
         if has_lookahead(pattern):
             found.append(f"{at}pattern (a lookahead, which the grammar ignores)")
-    lengths = "minLength" in schema or "maxLength" in schema
+    # (beside an enum or const, the values are checked against both: checked_values)
+    lengths = ("minLength" in schema or "maxLength" in schema) and not (
+        _values(schema) is not None and _checkable(schema)
+    )
     found += [
         f"{at}{key} with minLength/maxLength"
         for key in ("pattern", "format")
@@ -249,6 +252,9 @@ MAX_APART_DEPTH = 8  # (a discriminator nested deeper is not looked for; a $ref 
 def _apart(a: Any, b: Any, root: Any, depth: int = 0) -> bool:
     if not (isinstance(a, dict) and isinstance(b, dict)) or depth > MAX_APART_DEPTH:
         return False
+    for one, other in ((a, b), (b, a)):  # (a union in a union: each of its branches apart)
+        if (branches := _union(one)) is not None:
+            return all(_apart(_resolved(x, root), other, root, depth + 1) for x in branches)
     types_a, types_b = _types(a), _types(b)
     if types_a is not None and types_b is not None and not types_a & types_b:
         return True
@@ -270,6 +276,14 @@ def _value_key(value: Any) -> str:
     if _is_number(value) and float(value).is_integer():
         value = int(value)
     return json.dumps(value, sort_keys=True)
+
+
+def _union(schema: dict[str, Any]) -> list[Any] | None:
+    """The branches of a schema that is only a oneOf or anyOf (annotations beside it)."""
+    for key in ("oneOf", "anyOf"):
+        if isinstance(schema.get(key), list) and not CONSTRAINING.intersection(schema) - {key}:
+            return schema[key]
+    return None
 
 
 def _types(schema: dict[str, Any]) -> set[str] | None:

@@ -55,12 +55,12 @@ DESCRIPTIONS = {
     "tags": "relevant keywords",
 }
 MAX_ITEMS = 5
-# Patterns, not maxLength: they also keep raw control characters, quotes and backslashes out,
-# and surrogates, which xgrammar (0.2.9) would let through as three bytes that are not UTF-8
-# (the text then holds three U+FFFD where the grammar counted one character).
-TEXT_CHARACTER = '[^\\x00-\\x1f"\\\\\\ud800-\\udfff]'
-ITEM = {"type": "string", "pattern": f"^{TEXT_CHARACTER}{{1,32}}$"}
-SCENE = {"type": "string", "pattern": f"^{TEXT_CHARACTER}{{1,120}}$"}  # {1,160} trips 0.2.8
+# Bounded strings hold no escapes, control characters or surrogates (the server's grammar
+# writes their characters so: structured.JSON_CHARACTER). Lengths, not patterns of the same
+# characters: against a Qwen-sized vocabulary the patterns' bounded positions took 4.4 s to
+# compile for the default keys, the lengths 0.1 s (scripts/bench_grammar_vocab.py).
+ITEM = {"type": "string", "minLength": 1, "maxLength": 32}
+SCENE = {"type": "string", "minLength": 1, "maxLength": 120}
 # Each token adds at least one character, and the schema bounds the JSON to fewer than this.
 MAX_JSON_TOKENS = 1024
 PARAM = "media_url"
@@ -147,16 +147,6 @@ class CategoriesPipeline:
         self.engine = engine
         self.input_builder = input_builder
         self.media = media
-
-    async def warm(self) -> None:
-        """The default keys' grammar compiled ahead (at start, in the background): against a
-        Qwen-sized vocabulary it takes seconds (4.4 s on the 2-core CI machine: its strings'
-        bounded patterns), which the first request would have waited for."""
-        spec = StructuredOutput.json_schema(categories_schema(METADATA_KEYS))
-        try:
-            await compile_grammar(self.engine, spec)
-        except Exception:  # (a request compiles it then, and says why)
-            logger.warning("compiling the categories grammar ahead failed", exc_info=True)
 
     async def run(
         self, request: CategoriesRequest, on_progress: ProgressCallback | None = None

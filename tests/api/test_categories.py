@@ -34,19 +34,6 @@ def check(result: dict, keys: tuple[str, ...], max_items: int | None = MAX_ITEMS
             assert all(isinstance(v, str) and v for v in result[key]), result
 
 
-async def test_the_default_keys_grammar_is_compiled_at_start(client: httpx.AsyncClient) -> None:
-    """Against a Qwen-sized vocabulary it takes seconds (scripts/bench_grammar_vocab.py), which
-    the first request waited for: it is compiled in the background as the server starts."""
-    from server.engine.structured import StructuredOutput
-    from server.pipelines.categories import categories_schema
-
-    engine = client.app.state.services.engine  # type: ignore[attr-defined]
-    spec = StructuredOutput.json_schema(categories_schema(METADATA_KEYS))
-    async with asyncio.timeout(20):  # (no request asked for it)
-        while not engine.is_grammar_compiled(spec):
-            await asyncio.sleep(0.05)
-
-
 async def test_fifty_random_images_all_give_valid_json(client: httpx.AsyncClient) -> None:
     async def one(i: int) -> httpx.Response:
         body = {"model": "tiny", "media_url": data_uri(make_image(56 + 4 * i, 56, seed=i))}

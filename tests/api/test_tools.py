@@ -248,6 +248,31 @@ async def test_auto_tools_beside_a_response_format_answer_in_it_or_call(
     without_format = {k: v for k, v in body.items() if k != "response_format"}
     response = await client.post("/v1/chat/completions", json={**without_format, "tools": [strict]})
     assert response.status_code == 200, response.text  # (auto alone never decodes under it)
+    # a strict tool's parameters are checked as the grammar takes them, every property
+    # required: a discriminated union whose discriminator has a default (pydantic's
+    # `kind: Literal["cat"] = "cat"`, sent by LangChain's bind_tools) is told apart then
+    pet = {
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {"kind": {"const": k, "default": k}, "n": {"type": "integer"}},
+                "required": ["n"],
+            }
+            for k in ("cat", "dog")
+        ],
+        "discriminator": {"propertyName": "kind"},
+    }
+    pets = {"type": "object", "properties": {"pet": pet}, "required": ["pet"]}
+    forced = {
+        **without_format,
+        "tools": [
+            {"type": "function", "function": {"name": "pet", "strict": True, "parameters": pets}}
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "pet"}},
+        "max_tokens": 60,
+    }
+    response = await client.post("/v1/chat/completions", json=forced)
+    assert response.status_code == 200, response.text
 
 
 async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:

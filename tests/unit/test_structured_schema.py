@@ -538,3 +538,27 @@ def test_the_strict_checks_end_on_large_and_recursive_unions() -> None:
     recursive = {"$defs": {"N": node}, "oneOf": [{"$ref": "#/$defs/N"}, {"$ref": "#/$defs/N"}]}
     (found,) = unenforced(recursive)
     assert found.startswith("oneOf (branches not told apart")
+
+
+def test_a_union_in_a_union_is_told_apart_branch_by_branch() -> None:
+    """pydantic's nested discriminated union (cats by breed, inside pets by kind): each of
+    the inner union's branches is apart from the outer's other branch."""
+
+    def pet(kind: str, breed: str | None = None) -> dict:
+        properties = {"kind": {"const": kind}, **({"breed": {"const": breed}} if breed else {})}
+        return {"type": "object", "properties": properties, "required": list(properties)}
+
+    cats = {"oneOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}], "discriminator": {}}
+    schema = {
+        "$defs": {"A": pet("cat", "a"), "B": pet("cat", "b"), "D": pet("dog")},
+        "type": "object",
+        "properties": {"pet": {"oneOf": [cats, {"$ref": "#/$defs/D"}], "discriminator": {}}},
+    }
+    assert unenforced(schema) == []
+    overlapping = {"oneOf": [{"anyOf": [pet("cat", "a"), pet("dog")]}, pet("dog")]}
+    (found,) = unenforced(overlapping)
+    assert found.startswith("oneOf (branches not told apart")
+    # beside an enum, a pattern and a length are both checked against the values
+    assert (
+        unenforced({"type": "string", "enum": ["ab", "cd"], "pattern": "^a", "maxLength": 2}) == []
+    )
