@@ -273,7 +273,7 @@ def _apart(a: Any, b: Any, root: Any, depth: int = 0) -> bool:
 
 def _value_key(value: Any) -> str:
     """A JSON value as JSON Schema compares them: 1 and 1.0 equal, true not 1."""
-    if _is_number(value) and float(value).is_integer():
+    if isinstance(value, float) and value.is_integer():  # (an int stays: 10**400 has no float)
         value = int(value)
     return json.dumps(value, sort_keys=True)
 
@@ -413,7 +413,7 @@ def _is_number(value: Any) -> bool:
 
 JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
-    "integer": lambda v: _is_number(v) and float(v).is_integer(),
+    "integer": lambda v: _is_number(v) and (isinstance(v, int) or v.is_integer()),
     "number": _is_number,
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
