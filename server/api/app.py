@@ -123,14 +123,14 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             jobs.count_deliveries_by_status,
             lambda: jobs.unreachable_since is None,
         )
+        label_key = await asyncio.to_thread(  # (before any job runs: none counted unlabelled)
+            jobs.shared_value, "metrics_label_key", secrets.token_hex(32)
+        )
+        metrics.project_label = ProjectLabels(label_key, named_projects(keys))
         job_worker.start()
         secret = await asyncio.to_thread(
             load_or_create_secret, settings.webhook_secret, jobs, settings.data_dir
         )
-        label_key = await asyncio.to_thread(
-            jobs.shared_value, "metrics_label_key", secrets.token_hex(32)
-        )
-        metrics.project_label = ProjectLabels(label_key, named_projects(keys))
         webhooks = WebhookSender(
             jobs,
             secret,
