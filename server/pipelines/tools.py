@@ -246,7 +246,7 @@ class CallParser:
         events: list[Event] = []
         while True:
             tag = CALL_CLOSE if self.in_call else CALL_OPEN
-            at = self._close_at() if self.in_call else self.pending.find(tag)
+            at = self.pending.find(tag)
             if at < 0:
                 break
             before, self.pending = self.pending[:at], self.pending[at + len(tag) :]
@@ -257,16 +257,6 @@ class CallParser:
             events += self._content(self.pending[: len(self.pending) - keep])
             self.pending = self.pending[len(self.pending) - keep :]
         return events
-
-    def _close_at(self) -> int:
-        """Where the call's closing tag is: not one inside a JSON string of its arguments (a
-        constrained answer may write "</tool_call>" in one; the call was cut there)."""
-        start = 0
-        while (at := self.pending.find(CALL_CLOSE, start)) >= 0:
-            if not _ends_in_string(self.pending[:at]):
-                return at
-            start = at + 1
-        return -1
 
     def finish(self) -> list[Event]:
         """The end of the text: an unclosed call that parses still counts (vLLM's rule)."""
@@ -289,19 +279,6 @@ class CallParser:
             return []  # parallel_tool_calls false: the first call only
         self.num_calls += 1
         return [ToolCallDelta(self.num_calls - 1, new_call_id(), *call)]
-
-
-def _ends_in_string(text: str) -> bool:
-    """Whether JSON text ends inside a string (its unescaped quotes are odd)."""
-    inside, escaped = False, False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif char == "\\" and inside:
-            escaped = True
-        elif char == '"':
-            inside = not inside
-    return inside
 
 
 def parse_call(body: str) -> tuple[str, str] | None:

@@ -105,19 +105,6 @@ def test_an_unclosed_call_that_parses_counts() -> None:
     assert [(c.name, c.arguments) for c in answer.tool_calls] == [("get_weather", "{}")]
 
 
-def test_a_closing_tag_inside_an_argument_does_not_end_the_call() -> None:
-    """A constrained answer may write "</tool_call>" inside a string argument: the call was
-    cut there, and came back as content. Whole and streamed alike."""
-    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b\\""}}'
-    text += "\n</tool_call>"
-    for pieces in ([text], list(text)):
-        parser = CallParser()
-        events = [e for piece in pieces for e in parser.feed(piece)] + parser.finish()
-        calls = [e for e in events if isinstance(e, ToolCallDelta)]
-        assert [json.loads(c.arguments) for c in calls] == [{"city": 'a</tool_call>b"'}]
-        assert not [e for e in events if isinstance(e, str) and e.strip()]
-
-
 def test_parallel_tool_calls_false_keeps_the_first() -> None:
     answer = parse_answer(CALL + CALL.replace("Oslo", "Rome"), Tools((WEATHER,), parallel=False))
     assert [json.loads(c.arguments) for c in answer.tool_calls] == [{"city": "Oslo"}]
