@@ -5,7 +5,7 @@ exact patterns."""
 
 from __future__ import annotations
 
-import decimal
+import fractions
 import functools
 import json
 import math
@@ -213,14 +213,15 @@ def _told_apart(branches: list[Any], root: Any) -> bool:
     """Whether no value fits two of a oneOf's branches, as far as their types, const and enum
     values, or a required property's const or enum values (a discriminated union's) show:
     xgrammar reads branches it cannot tell apart as anyOf (a value fitting two was written).
-    Branches of values alone are compared at once; past TOLD_APART_PAIRS others are not told
-    apart (a pair at a time: 4,000 branches took 5 s)."""
+    Branches of values alone, or a discriminated union's, are compared at once; others a pair
+    at a time, up to APART_STEPS comparisons (then not told apart)."""
     resolved = [_resolved(branch, root) for branch in branches]
     if _distinct_values(resolved) or _discriminated(resolved, root):
         return True
-    if len(resolved) * (len(resolved) - 1) // 2 > TOLD_APART_PAIRS:
-        return False
-    return all(_apart(a, b, root) for i, a in enumerate(resolved) for b in resolved[i + 1 :])
+    budget = [APART_STEPS]  # (refs to refs make a tree of comparisons: bounded, not told apart)
+    return all(
+        _apart(a, b, root, budget) for i, a in enumerate(resolved) for b in resolved[i + 1 :]
+    )
 
 
 def _distinct_values(schemas: list[Any]) -> bool:
@@ -236,7 +237,7 @@ def _distinct_values(schemas: list[Any]) -> bool:
 def _discriminated(branches: list[Any], root: Any) -> bool:
     """Whether the branches are objects told apart by one property every one requires, by
     its const or enum values (pydantic's discriminated unions)."""
-    if not all(isinstance(b, dict) and isinstance(b.get("properties"), dict) for b in branches):
+    if not all(isinstance(b, dict) and _objects_only(b) for b in branches):
         return False
     names = set.intersection(*({*_required(b)} & {*b["properties"]} for b in branches))
     return any(
@@ -245,37 +246,55 @@ def _discriminated(branches: list[Any], root: Any) -> bool:
     )
 
 
-TOLD_APART_PAIRS = 2_000
+APART_STEPS = 2_000  # comparisons a oneOf may take (4,000 branches a pair at a time took 5 s)
 MAX_APART_DEPTH = 8  # (a discriminator nested deeper is not looked for; a $ref may recurse)
 
 
-def _apart(a: Any, b: Any, root: Any, depth: int = 0) -> bool:
+def _apart(a: Any, b: Any, root: Any, budget: list[int], depth: int = 0) -> bool:
+    budget[0] -= 1
     if not (isinstance(a, dict) and isinstance(b, dict)) or depth > MAX_APART_DEPTH:
+        return False
+    if budget[0] < 0:
         return False
     for one, other in ((a, b), (b, a)):  # (a union in a union: each of its branches apart)
         if (branches := _union(one)) is not None:
-            return all(_apart(_resolved(x, root), other, root, depth + 1) for x in branches)
+            return all(_apart(_resolved(x, root), other, root, budget, depth + 1) for x in branches)
     types_a, types_b = _types(a), _types(b)
     if types_a is not None and types_b is not None and not types_a & types_b:
         return True
     values_a, values_b = _values(a), _values(b)
     if values_a is not None and values_b is not None:
         return not {_value_key(v) for v in values_a} & {_value_key(v) for v in values_b}
-    props_a, props_b = a.get("properties"), b.get("properties")
-    if not (isinstance(props_a, dict) and isinstance(props_b, dict)):
+    if not (_objects_only(a) and _objects_only(b)):  # (properties constrain objects alone)
         return False
+    props_a, props_b = a["properties"], b["properties"]
     both = set(_required(a)) & set(_required(b)) & set(props_a) & set(props_b)
     return any(
-        _apart(_resolved(props_a[name], root), _resolved(props_b[name], root), root, depth + 1)
-        for name in both
+        _apart(_resolved(props_a[n], root), _resolved(props_b[n], root), root, budget, depth + 1)
+        for n in both
     )
 
 
+def _objects_only(schema: dict[str, Any]) -> bool:
+    """Whether the schema takes objects alone, by its properties (its type object or none:
+    xgrammar writes only objects for an untyped schema with properties)."""
+    return isinstance(schema.get("properties"), dict) and _types(schema) in (None, {"object"})
+
+
 def _value_key(value: Any) -> str:
-    """A JSON value as JSON Schema compares them: 1 and 1.0 equal, true not 1."""
+    """A JSON value as JSON Schema compares them: 1 and 1.0 equal (in arrays and objects too),
+    true not 1."""
+    return json.dumps(_whole(value), sort_keys=True)
+
+
+def _whole(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():  # (an int stays: 10**400 has no float)
-        value = int(value)
-    return json.dumps(value, sort_keys=True)
+        return int(value)
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
 
 
 def _union(schema: dict[str, Any]) -> list[Any] | None:
@@ -286,12 +305,16 @@ def _union(schema: dict[str, Any]) -> list[Any] | None:
     return None
 
 
+def _listed(kinds: Any) -> list[Any]:
+    return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+
+
 def _types(schema: dict[str, Any]) -> set[str] | None:
     kinds = schema.get("type")
     kinds = [kinds] if isinstance(kinds, str) else kinds
     if not isinstance(kinds, list):
         return None
-    found = set(kinds)  # (an integer is a number: each overlaps the other)
+    found = {kind for kind in kinds if isinstance(kind, str)}  # (integers are numbers too)
     return found | {"number", "integer"} if found & {"number", "integer"} else found
 
 
@@ -368,14 +391,14 @@ def _checkable(schema: dict[str, Any]) -> bool:
         return True
     try:
         _python_pattern(pattern)
-    except re.error:
+    except (re.error, OverflowError, RecursionError, ValueError):  # (a{99999999999}, ((((...)
         return False
     return True
 
 
 # What Python's re reads otherwise than ECMAScript (or not at all as ECMAScript means it): a
 # pattern holding one is not checked here (beside an enum: refused under strict).
-PYTHON_ONLY = re.compile(r"\{,|\\[AZz]|\(\?[P>aiLmsux-]|[*+?}]\+")
+PYTHON_ONLY = re.compile(r"\{,|\\[AZzS]|\(\?[P>aiLmsux-]|[*+?}]\+")  # (ASCII \S: looser)
 # Outside a class, ECMAScript's `.` is any character but a line terminator (Python's also took
 # \r, U+2028 and U+2029), and `$` the very end (Python's also matched before a final newline).
 ECMA_OUTSIDE_CLASS = {".": "[^\n\r\u2028\u2029]", "$": r"\Z"}
@@ -402,9 +425,9 @@ def _python_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out), re.ASCII)
 
 
-def _decimal(number: float) -> decimal.Decimal:
-    """A JSON number as written (0.3 is 0.3, not 0.29999999999999998890)."""
-    return decimal.Decimal(repr(number))
+def _exact(number: float) -> fractions.Fraction:
+    """A JSON number as written (0.3 is 3/10, not 0.29999999999999998890), at any size."""
+    return fractions.Fraction(repr(number))
 
 
 def _is_number(value: Any) -> bool:
@@ -440,7 +463,7 @@ def _fits(value: Any, schema: dict[str, Any]) -> bool:
         ("maximum", lambda b: value <= b),
         ("exclusiveMinimum", lambda b: value > b),
         ("exclusiveMaximum", lambda b: value < b),
-        ("multipleOf", lambda b: b > 0 and _decimal(value) % _decimal(b) == 0),
+        ("multipleOf", lambda b: b > 0 and _exact(value) % _exact(b) == 0),
     ]
     return all(keep(schema[key]) for key, keep in bounds if _is_number(schema.get(key)))
 
@@ -454,8 +477,9 @@ def whole_bounds(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     whole = with_subschemas(schema, whole_bounds)
-    if schema.get("type") != "integer":
-        return whole
+    kinds = _listed(schema.get("type"))
+    if "integer" not in kinds or "number" in kinds:
+        return whole  # (integers, maybe with null or others: ["integer", "null"])
     rounded = {
         "minimum": ("minimum", math.ceil, max),
         "maximum": ("maximum", math.floor, min),

@@ -507,6 +507,8 @@ def test_an_integers_fractional_bounds_are_the_whole_ones_they_mean(grammars: Gr
     assert [n for n in range(-1, 5) if grammars.takes(schema, n)] == [1, 2]
     schema = {"type": "integer", "minimum": 3, "exclusiveMinimum": 0.5}  # (the tighter)
     assert [n for n in range(-1, 5) if grammars.takes(schema, n)] == [3, 4]
+    schema = {"type": ["integer", "null"], "minimum": 0.5, "maximum": 2}  # (null beside it)
+    assert [n for n in (0, 1, 2, None) if grammars.takes(schema, n)] == [1, 2, None]
 
 
 def test_an_enums_values_are_checked_as_json_schema_reads_its_pattern() -> None:
@@ -519,6 +521,8 @@ def test_an_enums_values_are_checked_as_json_schema_reads_its_pattern() -> None:
     dot = {"type": "string", "enum": ["a", "\r", "\u2028"], "pattern": "^.$"}  # (no line ends)
     assert checked_values(dot)["enum"] == ["a"]
     assert checked_values({"enum": [0.3, 0.25], "multipleOf": 0.1})["enum"] == [0.3]
+    big = {"type": "integer", "enum": [10**30, 3], "multipleOf": 3}  # (past 28 digits: exact)
+    assert checked_values(big)["enum"] == [3]
     # what Python reads otherwise is not checked here: beside an enum, refused under strict
     python_only = {"type": "string", "enum": ["aa", "a{,2}"], "pattern": "^a{,2}$"}
     assert checked_values(python_only) == python_only
@@ -559,6 +563,20 @@ def test_a_union_in_a_union_is_told_apart_branch_by_branch() -> None:
     overlapping = {"oneOf": [{"anyOf": [pet("cat", "a"), pet("dog")]}, pet("dog")]}
     (found,) = unenforced(overlapping)
     assert found.startswith("oneOf (branches not told apart")
+    # a second review's cases: refs to refs (a tree of comparisons) end within a budget; an
+    # object told apart by properties may also be null (then both branches take null);
+    # values compared as JSON compares them in arrays too; patterns Python cannot compile
+    # (or reads otherwise) are not checked beside an enum, and none is a 500
+    tree = {"L0": {"type": "integer"}}
+    for i in range(1, 9):
+        tree[f"L{i}"] = {"anyOf": [{"$ref": f"#/$defs/L{i - 1}"}] * 10}
+    refs = {"$defs": tree, "oneOf": [{"$ref": "#/$defs/L8"}, {"type": "string"}]}
+    assert unenforced(refs)  # (a billion comparisons otherwise)
+    nullable = [pet("a") | {"type": ["object", "null"]}, pet("b") | {"type": ["object", "null"]}]
+    assert unenforced({"oneOf": nullable})
+    assert unenforced({"oneOf": [{"const": [1]}, {"const": [1.0]}]})
+    for pattern in ("a{99999999999}", "(" * 1000 + ")" * 1000, "^\\S$"):
+        assert unenforced({"enum": ["a"], "pattern": pattern}) == ["enum beside pattern"]
     # beside an enum, a pattern and a length are both checked against the values
     assert (
         unenforced({"type": "string", "enum": ["ab", "cd"], "pattern": "^a", "maxLength": 2}) == []
