@@ -33,7 +33,12 @@ from pydantic import (
 )
 
 from server.engine.inputs import TemplateOptions, Truncation
-from server.engine.json_schema import strict_normalized, strict_refusal, unenforced
+from server.engine.json_schema import (
+    InvalidSchema,
+    strict_normalized,
+    strict_refusal,
+    unenforced,
+)
 from server.engine.sampling import SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
@@ -903,9 +908,14 @@ def _check_strict(
         if tool.function.strict is not True or not constrained:
             continue
         # (as the grammar will take them: every property required, as response_format's)
-        if found := unenforced(strict_normalized(tool.function.parameters or {})):
+        try:
+            found = unenforced(strict_normalized(tool.function.parameters or {}))
+            refusal = strict_refusal(found) if found else None
+        except InvalidSchema as exc:
+            refusal = str(exc)
+        if refusal:
             raise InvalidRequest(
-                f"Invalid schema for function '{tool.function.name}': {strict_refusal(found)}.",
+                f"Invalid schema for function '{tool.function.name}': {refusal}.",
                 param=f"tools[{i}].function.parameters",
                 code="invalid_schema",
             )

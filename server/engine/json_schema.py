@@ -158,12 +158,19 @@ CONSTRAINING |= {"properties", "patternProperties", "additionalProperties", "pro
 CONSTRAINING |= {"required", "minProperties", "maxProperties"}
 
 
-def unenforced(schema: Any, at: str = "", root: Any = None) -> list[str]:
+def unenforced(schema: Any) -> list[str]:
     """Where the schema uses what the grammar would not enforce ("properties.tags.uniqueItems").
-    Property names are names, not keywords: only schema positions are read."""
+    Property names are names, not keywords: only schema positions are read. A schema too odd
+    to read so is InvalidSchema (a 400), never an error of the server's."""
+    try:
+        return _unenforced(schema, "", schema)
+    except (RecursionError, ValueError, TypeError, OverflowError, re.error) as exc:
+        raise InvalidSchema(f"it cannot be read ({type(exc).__name__})") from None
+
+
+def _unenforced(schema: Any, at: str, root: Any) -> list[str]:
     if not isinstance(schema, dict):
         return []
-    root = schema if root is None else root
     found = [
         f"{at}{key}"
         for key in schema
@@ -191,7 +198,7 @@ def unenforced(schema: Any, at: str = "", root: Any = None) -> list[str]:
         if lengths and key in schema
     ]
     for _, sub, where in subschemas(schema, at):
-        found += unenforced(sub, where, root)
+        found += _unenforced(sub, where, root)
     return found
 
 

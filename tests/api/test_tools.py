@@ -275,6 +275,34 @@ async def test_auto_tools_beside_a_response_format_answer_in_it_or_call(
     assert response.status_code == 200, response.text
 
 
+async def test_a_strict_tool_too_odd_to_read_is_a_400(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever reading a strict tool's parameters raises is the request's 400, not a 500."""
+    from server.engine import json_schema
+
+    def odd(*args: object) -> bool:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(json_schema, "_told_apart", odd)
+    parameters = {"type": "object", "properties": {"x": {"oneOf": [{}, {}]}}}
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "max_tokens": 5,
+        "tools": [
+            {
+                "type": "function",
+                "function": {"name": "f", "strict": True, "parameters": parameters},
+            }
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+    }
+    response = await client.post("/v1/chat/completions", json=body)
+    error = assert_error(response, 400, "tools[0].function.parameters", "invalid_schema")
+    assert "cannot be read (RecursionError)" in error["message"]
+
+
 async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
     for stream in (False, True):
         body = {

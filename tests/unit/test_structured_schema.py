@@ -544,6 +544,19 @@ def test_the_strict_checks_end_on_large_and_recursive_unions() -> None:
     assert found.startswith("oneOf (branches not told apart")
 
 
+def test_a_schema_too_odd_to_read_is_invalid_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever reading a strict schema raises is the client's 400 (InvalidSchema), not a 500
+    (the strict checks run outside the compile's try, and for tools in the request's check)."""
+    from server.engine import json_schema
+
+    def odd(*args: object) -> bool:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(json_schema, "_told_apart", odd)
+    with pytest.raises(InvalidSchema, match=r"cannot be read \(RecursionError\)"):
+        unenforced({"oneOf": [{"type": "object"}, {"type": "object"}]})
+
+
 def test_a_union_in_a_union_is_told_apart_branch_by_branch() -> None:
     """pydantic's nested discriminated union (cats by breed, inside pets by kind): each of
     the inner union's branches is apart from the outer's other branch."""
