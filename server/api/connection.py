@@ -19,9 +19,12 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.api.errors import error_body
+
 logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
+TOO_LARGE = "request_headers_too_large"
 
 
 class CloseLog:
@@ -84,14 +87,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle  # (a request still being answered on this connection: no 431
         if cycle is None or cycle.response_complete:  # written into its answer)
-            error = {
-                "message": f"The request's headers are longer than this server reads "
-                f"({MAX_HEADER_BYTES // 1024} KiB).",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "request_headers_too_large",
-            }
-            body = json.dumps({"error": error}).encode()
+            message = (
+                f"The request's headers are longer than this server reads "
+                f"({MAX_HEADER_BYTES // 1024} KiB)."
+            )
+            error = error_body(False, 431, message, "invalid_request_error", None, TOO_LARGE)
+            body = json.dumps(error).encode()
             head = "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
             head += f"\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
             self.transport.write(head.encode() + body)

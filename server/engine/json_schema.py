@@ -317,12 +317,11 @@ def _listed(kinds: Any) -> list[Any]:
 
 
 def _types(schema: dict[str, Any]) -> set[str] | None:
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds
-    if not isinstance(kinds, list):
+    if not isinstance(schema.get("type"), (str, list)):
         return None
-    found = {kind for kind in kinds if isinstance(kind, str)}  # (integers are numbers too)
-    return found | {"number", "integer"} if found & {"number", "integer"} else found
+    found = {kind for kind in _listed(schema["type"]) if isinstance(kind, str)}
+    numbers = {"number", "integer"}  # (an integer is a number: each overlaps the other)
+    return found | numbers if found & numbers else found
 
 
 def _values(schema: dict[str, Any]) -> list[Any] | None:
@@ -454,9 +453,9 @@ JSON_TYPES: dict[str, Callable[[Any], bool]] = {
 
 def _fits(value: Any, schema: dict[str, Any]) -> bool:
     """Whether a value keeps the schema's VALUE_CHECKS (those not of its type pass)."""
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds
-    if isinstance(kinds, list) and not any(JSON_TYPES.get(k, bool)(value) for k in kinds):
+    typed = isinstance(schema.get("type"), (str, list))
+    kinds = _listed(schema.get("type"))
+    if typed and not any(JSON_TYPES.get(k, bool)(value) for k in kinds):
         return False
     if isinstance(value, str):
         pattern = schema.get("pattern")

@@ -174,9 +174,7 @@ class MediaLoader:
         it runs (a download can take long, and what it finds can change). In a preprocessing
         slot, as a request reads them (a burst of async requests is bounded as a burst of
         requests is)."""
-        inline = [
-            p for p in parts_of(messages, ImagePart) if p.file_id is not None or is_data_uri(p.url)
-        ]
+        inline = [part for part in parts_of(messages, ImagePart) if _is_inline(part)]
         if not inline:
             return
         async with self.preprocessing:
@@ -301,8 +299,7 @@ class MediaLoader:
         before any download starts, not once a slow host's download has ended. (Read again
         when decoded: this is only its header.)"""
         for part in parts_of(messages, ImagePart):
-            inline = part.file_id is not None or is_data_uri(part.url)
-            if part.fetched is not None or part.or_video is not None or not inline:
+            if part.fetched is not None or part.or_video is not None or not _is_inline(part):
                 continue
             fetched = await self._fetch_image(part)
             if await asyncio.to_thread(header_size, fetched.data) is None:
@@ -406,7 +403,9 @@ class MediaLoader:
                 # (in this process, a frame at a time: under the images' decode memory, as an
                 # image of its largest frame's size; four requests of 8K frames took 2 GB)
                 images = fetched.image_frames
-                largest = max(decoded_bytes(header_size(image)) for image in images)
+                largest = await asyncio.to_thread(  # (up to 3,600 headers: off the loop)
+                    lambda: max(decoded_bytes(header_size(image)) for image in images)
+                )
                 decoded = await self.decode_memory.run(
                     largest,
                     partial(
@@ -441,6 +440,11 @@ class MediaLoader:
             fetched.discard()
         self.metrics.video_frames.inc(decoded.plan.num_frames)
         return decoded
+
+
+def _is_inline(part: ImagePart) -> bool:
+    """An image that needs no download: a data: URI, or an uploaded file by id."""
+    return part.file_id is not None or is_data_uri(part.url)
 
 
 def _is_remote(url: str) -> bool:
