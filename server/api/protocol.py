@@ -1128,7 +1128,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
             # on purpose by clients that mirror the tool's schema there, as instructor does;
             # OpenAI takes the pair), which shapes text no forced answer has.
             structured = tools.grammar()
-        elif tools is not None and structured is not None and tools.choice == "auto":
+        elif tools is not None and tools.writes_beside(structured):
             _check_strict(self.tools or [], tools, beside_a_format=True)
             structured = tools.beside(structured)
         max_tokens = self.max_completion_tokens or self.max_tokens

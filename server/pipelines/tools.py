@@ -38,6 +38,11 @@ class Tools:
     definitions: tuple[dict[str, Any], ...]  # {"type": "function", "function": {...}} each
     choice: str = "auto"  # none | auto | required | the name of the function to call
     parallel: bool = True  # several calls in one answer
+    # auto calls beside a response format, written under a grammar (`beside`): the answer is
+    # the format's text or calls whose bodies are JSON, so a "</tool_call>" in a string of
+    # a call's arguments is text, not its end (text the grammar did not shape keeps the
+    # plain rule: a malformed call there must not swallow the calls after it)
+    json_calls: bool = False
 
     @property
     def named(self) -> str | None:
@@ -73,6 +78,10 @@ class Tools:
     @property
     def names(self) -> frozenset[str]:
         return frozenset(t["function"]["name"] for t in self.definitions)
+
+    def writes_beside(self, structured: StructuredOutput | None) -> bool:
+        """Whether calls may be written beside the response format (`beside`)."""
+        return structured is not None and self.choice == "auto"
 
     def beside(self, structured: StructuredOutput) -> StructuredOutput:
         """tool_choice auto beside a response format: the answer is in that format or calls
@@ -233,30 +242,45 @@ Event = str | ToolCallDelta  # content text, or a piece of a tool call
 class CallParser:
     """Hermes-format calls out of free text (tool_choice auto), fed as the text streams.
     Text outside <tool_call> blocks is content; a block whose JSON does not parse stays
-    content too; a partial "<tool_call>" tag is held back until it is known."""
+    content too; a partial "<tool_call>" tag is held back until it is known.
 
-    def __init__(self, parallel: bool = True):
+    json_calls: the text was written under a grammar of the format's text or calls (see
+    Tools.json_calls): an answer that begins as content is content to its end, and a call
+    ends at the first "</tool_call>" after its JSON object, not inside one of its strings."""
+
+    def __init__(self, parallel: bool = True, json_calls: bool = False):
         self.parallel = parallel
+        self.json_calls = json_calls
         self.pending = ""
         self.in_call = False
         self.num_calls = 0
+        self.as_content = False  # (json_calls) the answer is the format's text
+        self.body = JsonExtent()  # (json_calls) the open call's JSON so far
 
     def feed(self, text: str) -> list[Event]:
         self.pending += text
         events: list[Event] = []
-        while True:
-            tag = CALL_CLOSE if self.in_call else CALL_OPEN
-            at = self.pending.find(tag)
+        while not self.as_content:
+            at = self._close_at() if self.in_call else self.pending.find(CALL_OPEN)
             if at < 0:
                 break
+            tag = CALL_CLOSE if self.in_call else CALL_OPEN
             before, self.pending = self.pending[:at], self.pending[at + len(tag) :]
             events += self._call(before) if self.in_call else self._content(before)
-            self.in_call = not self.in_call
+            self.in_call, self.body = not self.in_call, JsonExtent()
         if not self.in_call:
-            keep = partial_suffix(self.pending, CALL_OPEN)
+            keep = 0 if self.as_content else partial_suffix(self.pending, CALL_OPEN)
             events += self._content(self.pending[: len(self.pending) - keep])
             self.pending = self.pending[len(self.pending) - keep :]
         return events
+
+    def _close_at(self) -> int:
+        """Where the open call's closing tag starts in `pending`, or -1 while unseen."""
+        if not self.json_calls:
+            return self.pending.find(CALL_CLOSE)
+        if self.body.ended < 0:  # (while a call is open its text only grows)
+            self.body.feed(self.pending[self.body.read :])
+        return -1 if self.body.ended < 0 else self.pending.find(CALL_CLOSE, self.body.ended)
 
     def finish(self) -> list[Event]:
         """The end of the text: an unclosed call that parses still counts (vLLM's rule)."""
@@ -267,6 +291,8 @@ class CallParser:
         return self._content(rest)
 
     def _content(self, text: str) -> list[Event]:
+        if self.json_calls and text.strip():
+            self.as_content = True  # (the grammar lets no call follow the format's text)
         # Whitespace between and after calls is layout, not an answer.
         return [text] if text and (not self.num_calls or text.strip()) else []
 
@@ -279,6 +305,39 @@ class CallParser:
             return []  # parallel_tool_calls false: the first call only
         self.num_calls += 1
         return [ToolCallDelta(self.num_calls - 1, new_call_id(), *call)]
+
+
+class JsonExtent:
+    """Where a JSON value ends in text read piece by piece: brackets counted outside its
+    strings (a brace in a string is text)."""
+
+    def __init__(self) -> None:
+        self.read = 0  # characters read
+        self.depth, self.in_string, self.escaped = 0, False, False
+        self.ended = -1  # characters read through the value's last bracket, once it closed
+
+    def feed(self, piece: str) -> int:
+        """Reads on: the index in `piece` just past the value's end, or -1 while it is open."""
+        for i, char in enumerate(piece):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.read += i + 1
+                    self.ended = self.read
+                    return i + 1
+        self.read += len(piece)
+        return -1
 
 
 def parse_call(body: str) -> tuple[str, str] | None:
@@ -333,7 +392,7 @@ class RequiredCalls:
         self.state = "call"  # call (next, or the list's end), name, arguments, done
         self.tokens: tuple[str, ...] = ("[",)  # what to read before the state's own, in order
         self.index, self.name, self.began = 0, "", False
-        self.depth, self.in_string, self.escaped = 0, False, False
+        self.arguments = JsonExtent()  # the open call's arguments object
 
     def feed(self, text: str) -> list[Event]:
         self.text += text
@@ -366,7 +425,7 @@ class RequiredCalls:
                 self._then("arguments", self.PARAMETERS)
             return end >= 0
         if self.state == "arguments":
-            if self.depth == 0:
+            if self.arguments.depth == 0:
                 self.pending = self.pending.lstrip()
             index = self.index  # (the object's end moves on to the next call)
             if piece := self._object_piece():
@@ -391,27 +450,15 @@ class RequiredCalls:
 
     def _object_piece(self) -> str:
         """The arguments object's text in `pending`, up to its closing brace (then the call
-        closes); the JSON's strings are skipped over, braces in them do not count."""
-        for i, char in enumerate(self.pending):
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif char == "\\":
-                    self.escaped = True
-                elif char == '"':
-                    self.in_string = False
-            elif char == '"':
-                self.in_string = True
-            elif char in "{[":
-                self.depth += 1
-            elif char in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    piece, self.pending = self.pending[: i + 1], self.pending[i + 1 :]
-                    self.index += 1
-                    self._then("call", ("}",))
-                    return piece
-        piece, self.pending = self.pending, ""
+        closes)."""
+        at = self.arguments.feed(self.pending)
+        if at < 0:
+            piece, self.pending = self.pending, ""
+            return piece
+        piece, self.pending = self.pending[:at], self.pending[at:]
+        self.index += 1
+        self.arguments = JsonExtent()
+        self._then("call", ("}",))
         return piece
 
     def finish(self) -> list[Event]:
@@ -431,7 +478,7 @@ def call_stream(tools: Tools | None) -> CallStream | None:
         return NamedCall(tools.named)
     if tools.choice == "required":
         return RequiredCalls()
-    return CallParser(tools.parallel)
+    return CallParser(tools.parallel, tools.json_calls)
 
 
 @dataclass

@@ -196,3 +196,59 @@ def test_rebased_moves_local_references_only() -> None:
     assert moved["properties"]["d"] == {"$ref": "https://example.com/s.json"}
     assert moved["properties"]["kids"]["items"] == {"$ref": "#/p"}
     assert moved["$defs"]["A"] == {"enum": [{"$ref": "#"}]}
+
+
+TAGGED = CALL.replace('"Oslo"', '"a </tool_call> b \\" } <tool_call>"')  # tags in a string
+
+
+@pytest.mark.parametrize("piece", [1, 3, len(TAGGED) * 3])
+def test_calls_written_under_a_grammar_end_after_their_json(piece: int) -> None:
+    """Beside a response format the calls are the grammar's: a "</tool_call>" (or a brace, a
+    quote) inside one of their strings is text, however the answer is streamed."""
+    text = f"{TAGGED}\n{CALL}"
+    parser = CallParser(json_calls=True)
+    events = [e for k in range(0, len(text), piece) for e in parser.feed(text[k : k + piece])]
+    events += parser.finish()
+    calls = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert [e for e in events if isinstance(e, str)] == []
+    assert [json.loads(c.arguments)["city"] for c in calls] == [
+        'a </tool_call> b " } <tool_call>',
+        "Oslo",
+    ]
+    # The plain rule, for text no grammar shaped: the first tag closes the call (so that a
+    # malformed call cannot swallow those after it).
+    assert parse_answer(text, TOOLS).tool_calls[0].name == "get_weather"
+    assert "</tool_call> b" not in parse_answer(text, TOOLS).tool_calls[0].arguments
+    json_tools = Tools((WEATHER,), json_calls=True)
+    assert len(parse_answer(text, json_tools).tool_calls) == 2
+
+
+def test_a_formatted_answer_is_content_to_its_end() -> None:
+    """Under a grammar, an answer that began in the format has no call after it: a tag in one
+    of its strings is its text."""
+    text = '{"note": "see <tool_call>\\n{\\"name\\": \\"get_weather\\"}"}' + CALL
+    answer = parse_answer(text, Tools((WEATHER,), json_calls=True))
+    assert answer.content == text and answer.tool_calls == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "json_calls"),
+    [
+        ({"response_format": {"type": "json_object"}}, True),
+        ({"response_format": {"type": "json_object"}, "tool_choice": "none"}, False),
+        ({"response_format": {"type": "json_object"}, "tool_choice": "required"}, False),
+        ({}, False),
+    ],
+)
+def test_calls_are_read_as_json_where_a_grammar_wrote_them(
+    extra: dict[str, object], json_calls: bool
+) -> None:
+    """Only auto calls beside a response format are written under a grammar."""
+    from server.api.protocol import OPENAI_DEFAULTS, ChatCompletionRequest
+    from server.api.routes.chat import to_chat_request
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], **extra}
+    request = to_chat_request(
+        ChatCompletionRequest.model_validate(body), None, OPENAI_DEFAULTS, "native"
+    )
+    assert request.tools is not None and request.tools.json_calls is json_calls

@@ -157,6 +157,8 @@ def to_chat_request(
     tools = body.to_tools()
     messages = body.to_messages()
     structured = body.to_structured()
+    if tools is not None and tools.writes_beside(structured):
+        tools = replace(tools, json_calls=True)  # (the answer's calls are read as JSON)
     return ChatRequest(
         request_id=completion_id(),
         messages=messages,
