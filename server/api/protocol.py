@@ -1440,7 +1440,9 @@ class ChatCompletionMessage(BaseModel):
     content: str | None
     refusal: str | None = None  # (OpenAI's: the model here never refuses apart from its text)
     # extension: a thinking checkpoint's reasoning, under current vLLM's name and under the
-    # older one that vLLM < 0.11 and the hosted Qwen APIs send (the same text in both)
+    # older one that vLLM < 0.11 and the hosted Qwen APIs send (the same text in both); an
+    # answer without reasoning has reasoning null (vLLM's) and reasoning_content "" (the hosted
+    # APIs': a client of theirs may read it as a string)
     reasoning: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
@@ -1504,7 +1506,7 @@ class ChatCompletionChoice(BaseModel):
             message=ChatCompletionMessage(
                 content=choice.content,
                 reasoning=choice.reasoning_content,
-                reasoning_content=choice.reasoning_content,
+                reasoning_content=choice.reasoning_content or "",
                 tool_calls=calls,
             ),
             logprobs=ChoiceLogprobs.of(choice.logprobs),

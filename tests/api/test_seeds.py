@@ -185,6 +185,10 @@ async def test_seed_003_usage_details_on_v1(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200, response.text
     result = response.json()
     assert_chat_completion(result, "tiny")
+    # the seed's message: reasoning_content "" on an answer without reasoning (vLLM's newer
+    # reasoning field stays null)
+    message = result["choices"][0]["message"]
+    assert message["reasoning_content"] == "" and message["reasoning"] is None
     # 640x480 -> 644x476 on Qwen2-VL: 23 * 17 = 391 tokens (Qwen3-VL: 20 * 15 = 300)
     expected = image_tokens_at(client, 640, 480)
     assert expected in (391, 300)
