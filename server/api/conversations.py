@@ -51,7 +51,7 @@ async def check_readable(
         messages = (await asyncio.to_thread(translated_request, reader, services)).messages
         if num_new is not None:  # (the media the request adds: a response truncates the rest)
             messages = reader.messages_of(messages, [item["id"] for item in items[-num_new:]])
-        await chat.media.check_inline_images(messages, chat.media.check_counts(messages))
+        await chat.media.check_ahead(messages, chat.media.check_counts(messages))
     except ServerError as exc:
         reader.name_error(exc)
         exc.param = "items"

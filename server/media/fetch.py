@@ -25,7 +25,12 @@ import httpx
 
 from server.exceptions import MediaError, NoRoomToSpool
 from server.jobs.project import current_project
-from server.media.netguard import AddressRefused, HostUnresolved, checked_request
+from server.media.netguard import (
+    AddressRefused,
+    HostUnresolved,
+    check_url_statically,
+    checked_request,
+)
 
 # (URI schemes, media types and "base64" are case-insensitive: "DATA:IMAGE/PNG;BASE64,")
 DATA_URI = re.compile(
@@ -176,6 +181,23 @@ class MediaFetcher:
             spend(fetched.size)
         return fetched
 
+    def check_ahead(self, url: str, kind: str, param: str) -> None:
+        """Refuses now what no fetch of `url` could read, for a request that fetches later (a
+        job, a conversation's later response): a scheme or shape not read here, file:// not
+        enabled or outside its path, a host the rules refuse as written (off the allow-list,
+        a literal private address). A data: URI is read whole by its own check; DNS and the
+        body are the fetch's (either may change by then)."""
+        if is_data_uri(url):
+            return
+        parsed = _parse(url, kind, param)
+        if parsed.scheme == "file":
+            self._local_path(parsed, param)
+            return
+        try:
+            check_url_statically(str(parsed), self.policy.allowed_hosts)
+        except AddressRefused as refused:
+            raise _refused(kind, param, refused) from None
+
     async def fetch_upload(
         self, file_id: str, *, max_bytes: int, kind: str, param: str
     ) -> FetchedMedia:
@@ -295,11 +317,7 @@ class MediaFetcher:
                 code="media_fetch_failed",
             ) from None
         except AddressRefused as refused:
-            raise MediaError(
-                f"The {kind} URL at {param} is not allowed: {refused}.",
-                param=param,
-                code="media_url_not_allowed",
-            ) from None
+            raise _refused(kind, param, refused) from None
         try:
             return await self.client.send(request, stream=True)
         except httpx.TimeoutException:
@@ -307,9 +325,8 @@ class MediaFetcher:
         except (httpx.HTTPError, httpx.InvalidURL, ValueError):
             raise _unreachable(kind, param) from None
 
-    async def _fetch_file(
-        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, by_path: bool
-    ) -> FetchedMedia:
+    def _local_path(self, url: httpx.URL, param: str) -> Path:
+        """Where a file:// URL's bytes are, if they are below --allowed-local-media-path."""
         root = self.policy.local_media_root
         if root is None:
             raise MediaError(
@@ -318,16 +335,13 @@ class MediaFetcher:
                 param=param,
                 code="media_url_not_allowed",
             )
-        # A NUL byte, a name too long, a symlink loop, no permission: the path cannot be read.
-        unreadable = MediaError(
-            f"The file at {param} cannot be read.", param=param, code="media_fetch_failed"
-        )
         try:
             # resolve() follows symlinks and folds "..": what is checked is where the bytes are.
             path = Path(url.path).resolve()  # httpx's path is already percent-decoded
             inside = path.is_relative_to(root.resolve())
         except (OSError, ValueError, RuntimeError):
-            raise unreadable from None
+            # A NUL byte, a name too long, a symlink loop, no permission: it cannot be read.
+            raise _unreadable_file(param) from None
         if url.host not in ("", "localhost") or not inside:
             raise MediaError(
                 f"The file at {param} is outside the server's allowed local media path "
@@ -335,6 +349,12 @@ class MediaFetcher:
                 param=param,
                 code="media_url_not_allowed",
             )
+        return path
+
+    async def _fetch_file(
+        self, url: httpx.URL, *, max_bytes: int, kind: str, param: str, by_path: bool
+    ) -> FetchedMedia:
+        path = self._local_path(url, param)
         try:
             if not path.is_file():
                 raise MediaError(f"No file at {param}.", param=param, code="media_fetch_failed")
@@ -345,7 +365,7 @@ class MediaFetcher:
                 return FetchedMedia(b"", None, path=path, size=size)
             return FetchedMedia(await asyncio.to_thread(path.read_bytes), None, size=size)
         except OSError:
-            raise unreadable from None
+            raise _unreadable_file(param) from None
 
 
 def _parse(url: str, kind: str, param: str) -> httpx.URL:
@@ -504,6 +524,20 @@ def _bad_scheme(scheme: str, kind: str, param: str, url: str = "") -> MediaError
     return MediaError(
         f"{what} at {param}: use http(s), a "
         f"data:{kind}/...;base64 URI, or file:// below --allowed-local-media-path.",
+        param=param,
+        code="media_url_not_allowed",
+    )
+
+
+def _unreadable_file(param: str) -> MediaError:
+    return MediaError(
+        f"The file at {param} cannot be read.", param=param, code="media_fetch_failed"
+    )
+
+
+def _refused(kind: str, param: str, refused: AddressRefused) -> MediaError:
+    return MediaError(
+        f"The {kind} URL at {param} is not allowed: {refused}.",
         param=param,
         code="media_url_not_allowed",
     )

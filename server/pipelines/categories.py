@@ -201,13 +201,14 @@ class CategoriesPipeline:
         return fetched
 
     async def check_for_job(self, media_url: str) -> None:
-        """What a job would otherwise find out only when it runs: an image sent inline that
-        cannot be read (a 400 now, as media completions check theirs). Media by URL, and
-        videos, are read when it runs."""
+        """What a job would otherwise find out only when it runs: a URL no fetch could read,
+        an image sent inline that cannot be read (a 400 now, as media completions check
+        theirs). Media by URL, and videos, are read when it runs."""
+        self.media.fetcher.check_ahead(media_url, "media", PARAM)
         if url_kind(media_url, PARAM) != "image":
             return
         messages = [ChatMessage("user", [ImagePart(media_url, "auto", PARAM)])]
-        await self.media.check_inline_images(messages, self.media.check_counts(messages))
+        await self.media.check_ahead(messages, self.media.check_counts(messages))
 
     async def _image_inputs(
         self, request: CategoriesRequest, fetched: FetchedMedia | None

@@ -287,7 +287,7 @@ class ChatPipeline:
             kept = self.engine.limits.kept_prompt_tokens(truncation, request.sampling)
             text_tokens = min(text_tokens, kept)
         self.engine.limits.max_tokens_for(text_tokens, request.sampling)
-        await self.media.check_inline_images(request.messages, budget)
+        await self.media.check_ahead(request.messages, budget)
 
     async def prompt(self, request: ChatRequest, whole: bool = False) -> ModelInputs:
         """The prompt the request would run, built but not run (vLLM's /tokenize): its media

@@ -167,13 +167,20 @@ class MediaLoader:
             built=False,
         )
 
-    async def check_inline_images(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
-        """The images that need no download (data: URIs, uploaded files by id) read as a
-        request reads them, for what runs later (a job, a conversation's later responses):
-        one that cannot be read is a 400 now, not a failure then. Images by URL are read when
-        it runs (a download can take long, and what it finds can change). In a preprocessing
-        slot, as a request reads them (a burst of async requests is bounded as a burst of
-        requests is)."""
+    async def check_ahead(self, messages: list[ChatMessage], budget: MediaBudget) -> None:
+        """For what runs later (a job, a conversation's later responses), what can be refused
+        now rather than fail then: media URLs no fetch could read (a scheme not read here, a
+        host the rules refuse as written: MediaFetcher.check_ahead), and the images that need
+        no download (data: URIs, uploaded files by id), read as a request reads them. Images
+        by URL are read when it runs (a download can take long, and what it finds can
+        change). The images in a preprocessing slot, as a request reads them (a burst of
+        async requests is bounded as a burst of requests is)."""
+        for part in [*parts_of(messages, ImagePart), *parts_of(messages, VideoPart)]:
+            if part.url:  # (not an uploaded file)
+                kind = "video" if isinstance(part, VideoPart) else "image"
+                if isinstance(part, ImagePart) and part.or_video is not None:
+                    kind = "media"  # (either, as its fetch names it)
+                self.fetcher.check_ahead(part.url, kind, part.param)
         inline = [part for part in parts_of(messages, ImagePart) if _is_inline(part)]
         if not inline:
             return

@@ -154,7 +154,8 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     assert (await client.post("/v1/conversations", json={"items": [call, orphan]})).is_success
     reasoning_only = {"items": [{"type": "reasoning", "summary": []}]}
     assert (await client.post("/v1/conversations", json=reasoning_only)).is_success
-    image = {"type": "input_image", "image_url": "https://example.com/a.png"}
+    # (a URL is fetched when a response runs; here only checked as written: an allowed host)
+    image = {"type": "input_image", "image_url": "http://127.0.0.1:9/a.png"}
     crowded = {"items": [{"role": "user", "content": [image] * 17}]}  # past 16 a request
     error = assert_error(await client.post("/v1/conversations", json=crowded), 400, "items")
     assert error["code"] == "too_many_images"
@@ -180,7 +181,7 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     # An item that breaks only when read (an image whose URL cannot be fetched) is named too.
     bad = {
         "role": "user",
-        "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}],
+        "content": [{"type": "input_image", "image_url": "http://127.0.0.1:9/a.png"}],
     }
     broken = await sdk.conversations.create(items=[bad])
     with pytest.raises(openai.BadRequestError) as unreadable:

@@ -199,6 +199,38 @@ async def test_async_media_completion_refused_at_submit(
         assert error["code"] == code
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("ftp://example.com/clip.mp4", "Unsupported media URL scheme 'ftp'"),
+        ("<string>", "'<string>' is not a URL"),  # (the reference's placeholder, sent as is)
+        ("http://10.1.2.3/clip.mp4", "10.1.2.3"),  # (off this test server's allow-list)
+        ("http://[::1]:8080/a.png", "::1"),
+        ("file:///etc/passwd", "file:// URLs"),
+    ],
+)
+async def test_a_media_url_no_fetch_could_read_is_refused_before_the_job(
+    client: httpx.AsyncClient, url: str, says: str
+) -> None:
+    """As the synchronous request refuses it (and as a webhook_url is checked): no job is
+    stored to fail on a URL that can be refused as written; DNS is left to the job."""
+    jobs_before = num_jobs(client)
+    for path, body in [
+        ("/v2/media/categories", {"media_url": url, "async": True}),
+        ("/v2/media/completions", chat_body([{"type": "image_url", "image_url": {"url": url}}])),
+    ]:
+        response = await client.post(path, json={**body, "async": True})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "media_url_not_allowed" and says in error["message"], error
+        synchronous = await client.post(path, json={**body, "async": False})
+        assert synchronous.json()["error"] == error  # (the same words, said at once)
+    video = chat_body([{"type": "video_url", "video_url": {"url": url}}], **{"async": True})
+    response = await client.post("/v2/media/completions", json=video)
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
+    assert num_jobs(client) == jobs_before
+
+
 def num_jobs(client: httpx.AsyncClient) -> int:
     return sum(client.app.state.services.jobs.count_by_status().values())  # type: ignore[attr-defined]
 

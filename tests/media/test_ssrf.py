@@ -236,3 +236,32 @@ async def test_a_url_without_a_scheme_is_named_as_it_was_sent() -> None:
             await fetch(sent)
         assert f"'{sent[:40]}' is not a URL" in info.value.message
         assert "data:image/...;base64" in info.value.message
+
+
+def test_what_check_ahead_refuses_without_dns(tmp_path: Path) -> None:
+    """A job's media URL is checked as written when the job is accepted: what no fetch could
+    read is refused then; a host is resolved only when the job fetches (DNS may answer by
+    then), and an allow-listed private host passes."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=5, local_media_root=tmp_path))
+    for url, says in [
+        ("ftp://example.com/a.png", "scheme 'ftp'"),
+        ("photo.jpg", "is not a URL"),
+        ("http://169.254.169.254/latest", "is private, loopback or reserved"),
+        ("http://[::ffff:127.0.0.1]/a.png", "is private, loopback or reserved"),
+        (f"file://{tmp_path}/../../etc/passwd", "outside the server's allowed local media path"),
+    ]:
+        with pytest.raises(MediaError, match="") as refused:
+            fetcher.check_ahead(url, "image", "p")
+        assert refused.value.code == "media_url_not_allowed" and says in str(refused.value)
+    for url in [
+        "http://not-yet.invalid/a.png",
+        "https://example.com/a.png",
+        f"file://{tmp_path}/a.png",
+    ]:
+        fetcher.check_ahead(url, "image", "p")  # (no DNS asked)
+    fetcher.check_ahead("data:image/png;base64,AAAA", "image", "p")  # (read by its own check)
+    listed = MediaFetcher(FetchPolicy(timeout_s=5, allowed_hosts=("10.0.0.5",)))
+    listed.check_ahead("http://10.0.0.5/a.png", "image", "p")
+    with pytest.raises(MediaError, match="not in the server's allow-list"):
+        listed.check_ahead("https://example.com/a.png", "image", "p")
