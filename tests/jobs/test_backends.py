@@ -134,6 +134,26 @@ def test_replicas_starting_together_migrate_once() -> None:
     assert "tcp_user_timeout" not in connection_kwargs(url + "&tcp_user_timeout=0")
 
 
+def test_a_column_a_newer_replica_adds_does_not_fail_this_ones_claims() -> None:
+    """A rolling upgrade: a newer replica's migration adds a column to jobs while this one
+    runs. psycopg prepares a statement run 5 times on a connection, and a prepared `RETURNING
+    *` whose rows change shape fails ("cached plan must not change result type"): each pooled
+    connection's next claim failed, logged as an error. Statements are not prepared."""
+    with fresh_database() as url:
+        store = PostgresJobStore(url)
+        try:
+            for _ in range(8):
+                store.create("categories", {}, None)
+                assert store.claim(60) is not None
+            with psycopg.connect(url, autocommit=True) as connection:
+                connection.execute("ALTER TABLE jobs ADD COLUMN later INTEGER NOT NULL DEFAULT 0")
+            for _ in range(3):
+                job = store.create("categories", {}, None)
+                assert store.claim(60) == store.get(job.id)
+        finally:
+            store.close()
+
+
 def test_one_replica_at_a_time_prunes() -> None:
     with fresh_database() as url:
         first, second = PostgresJobStore(url), PostgresJobStore(url)
