@@ -171,7 +171,12 @@ class PostgresJobStore(JobStore):
             url,
             min_size=1,
             max_size=POOL_MAX_SIZE,
-            kwargs={"row_factory": dict_row, **connection_kwargs(url)},
+            # prepare_threshold None: no statement is prepared. psycopg prepares one run five
+            # times on a connection, and a prepared `RETURNING *` fails once a newer replica's
+            # migration adds a column ("cached plan must not change result type"): each
+            # connection's next claim failed in a rolling upgrade. (Its saving here is small:
+            # these are short statements on an indexed table.)
+            kwargs={"row_factory": dict_row, "prepare_threshold": None, **connection_kwargs(url)},
             check=ConnectionPool.check_connection,  # a connection the database dropped
             timeout=WAIT_FOR_CONNECTION_S,
             open=False,
