@@ -164,6 +164,7 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         try:
             with self.transaction() as execute:
                 row = _job_with_key(execute, stored_key)
+                row = row or _shared_job_with_key(execute, project, idempotency_key, digest)
                 if row is None:
                     row = execute(
                         "INSERT INTO jobs (id, kind, request, status, created_at, updated_at,"
@@ -490,6 +491,21 @@ def _job_with_key(execute: Execute, idempotency_key: str | None) -> Any:
     return execute(
         f"SELECT {SUMMARY} FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
     ).fetchone()
+
+
+def _shared_job_with_key(
+    execute: Execute, project: str, idempotency_key: str | None, digest: str
+) -> Any:
+    """A job in ALL under the same key and request, which the project sees: one made before
+    this server kept projects (or before it had API keys) was stored under the bare key, and
+    the client's retry after the upgrade must find it, not make a second job. Another request
+    under that key is the project's own (the key was never the project's)."""
+    if project == ALL:
+        return None
+    row = _job_with_key(execute, scoped_key(ALL, idempotency_key))
+    if row is None or row["project"] != ALL or row["request_hash"] != digest:
+        return None
+    return row
 
 
 def _of_kind(kinds: tuple[str, ...]) -> str:

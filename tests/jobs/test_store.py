@@ -49,6 +49,19 @@ def test_idempotency_key_returns_the_same_job(store: JobStore) -> None:
         store.create("completions", {"a": 1}, "key-1")
 
 
+def test_a_key_used_before_projects_finds_its_job_after(store: JobStore) -> None:
+    """A job made before the server kept projects (or before it had API keys) is in ALL,
+    under the bare key: a project's retry with that key and request finds it (it sees ALL's
+    jobs), not a second job; another request under that key is the project's own, and one
+    project's keyed job is never another's."""
+    legacy = store.create("completions", {"a": 1}, "order-17")  # (ALL: stored as "order-17")
+    assert store.create("completions", {"a": 1}, "order-17", project="key-a").id == legacy.id
+    other = store.create("completions", {"a": 2}, "order-17", project="key-a")
+    assert other.id != legacy.id and other.project == "key-a"
+    assert store.create("completions", {"a": 2}, "order-17", project="key-a").id == other.id
+    assert store.create("completions", {"a": 2}, "order-17", project="key-b").id != other.id
+
+
 def test_idempotency_key_is_one_job_across_processes(open_store: OpenStore) -> None:
     stores = [open_store(), open_store()]
     ids: list[str] = []
