@@ -167,6 +167,9 @@ INCREMENTAL = 2  # PRAGMA auto_vacuum's value
 GIVE_BACK_PAGES = 2048
 
 
+_SAID_KEEPS_SIZE: set[Path] = set()  # the files _freed_pages_returned has logged
+
+
 def _freed_pages_returned(db: sqlite3.Connection, path: Path) -> bool:
     """A new file lets pages freed (rows pruned, a finished job's request dropped) go back to
     the disk (prune does it): a burst of large async requests grew the file to 1.4 GB, 99.8 %
@@ -176,6 +179,9 @@ def _freed_pages_returned(db: sqlite3.Connection, path: Path) -> bool:
     if db.execute("PRAGMA auto_vacuum").fetchone()["auto_vacuum"] == INCREMENTAL:
         return True
     if db.execute("SELECT count(*) AS n FROM sqlite_master").fetchone()["n"]:
+        if path in _SAID_KEEPS_SIZE:  # (opened twice at start: checked, then served)
+            return False
+        _SAID_KEEPS_SIZE.add(path)
         logger.info(
             "%s keeps its largest size after deletes (made by an older version): with the "
             "servers stopped, %s lets it shrink (docs/DEPLOYMENT.md)",
