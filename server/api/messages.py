@@ -298,6 +298,9 @@ class MessagesRequest(StrictModel):
     # same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     priority: Priority | None = None  # extension (vLLM's): --scheduling-policy priority
+    # extension (vLLM's, as chat's): the answer runs to max_tokens past the end of text, as
+    # benchmark clients (aiperf) ask of every endpoint
+    ignore_eos: bool | None = None
     # Refused when set (MESSAGES_UNSUPPORTED_WHEN).
     container: Any | None = None
     mcp_servers: list[Any] | None = None
@@ -373,6 +376,7 @@ class MessagesRequest(StrictModel):
             "top_k": self.top_k,
             "cache_salt": self.cache_salt,
             "priority": self.priority,
+            "ignore_eos": self.ignore_eos,
         }
         # Disabled, or not asked for (Anthropic's default), answers at once: the reasoning
         # closed in the prompt, as chat's enable_thinking false closes it.

@@ -230,6 +230,9 @@ class ReasoningConfig(StrictModel):
 class ResponseStreamOptions(StrictModel):
     # OpenAI's random padding of deltas against length side channels: not sent by this server.
     include_obfuscation: bool | None = None
+    # chat's, which benchmark clients (aiperf) send here too and vLLM takes: no effect (a
+    # response's usage is always in its response.completed event)
+    include_usage: bool | None = None
 
 
 LOGPROBS = "message.output_text.logprobs"

@@ -925,3 +925,20 @@ def test_turns_pair_each_call_with_its_result() -> None:
     with pytest.raises(InvalidRequest) as refused:
         unanswered.to_chat_body()
     assert refused.value.param == "messages[1].content[0].id"
+
+
+async def test_ignore_eos_is_taken_as_chats(client: httpx.AsyncClient) -> None:
+    """vLLM's `ignore_eos`, which benchmark clients (aiperf's --extra-inputs) send to every
+    endpoint: the answer runs to max_tokens, as the chat completion's does (it was a 400)."""
+    body = {"model": "tiny", "max_tokens": 24, "messages": [{"role": "user", "content": "Hi"}]}
+    response = await client.post("/v1/messages", json={**body, "ignore_eos": True, **GREEDY})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["usage"]["output_tokens"] == 24 and answer["stop_reason"] == "max_tokens"
+    chat = await client.post(
+        "/v1/chat/completions",
+        json={**body, "ignore_eos": True, **GREEDY},
+    )
+    assert answer["content"][0]["text"] == chat.json()["choices"][0]["message"]["content"]
+    bad = await client.post("/v1/messages", json={**body, "ignore_eos": "yes please"})
+    assert_anthropic_error(bad, 400, "invalid_request_error")

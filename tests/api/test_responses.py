@@ -412,6 +412,23 @@ async def test_vllms_sampling_extensions_are_the_chat_completions(
     assert constrained.status_code == 200, constrained.text
     text = constrained.json()["output"][0]["content"][0]["text"]
     assert constrained.json()["status"] == "incomplete" or "n" in json.loads(text)
+    # chat's stream_options.include_usage, which aiperf sends with --use-server-token-count
+    # (a 400 failed every request): no effect, a streamed response's usage is in its last event
+    streamed = await client.post(
+        "/v1/responses",
+        json={
+            "model": "tiny",
+            "input": "hi",
+            "max_output_tokens": 12,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **extras,
+        },
+    )
+    assert streamed.status_code == 200, streamed.text
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[:6] == "data: "]
+    assert events[-1]["type"] == "response.incomplete"  # (max_output_tokens, with ignore_eos)
+    assert events[-1]["response"]["usage"]["output_tokens"] == 12
     for field, value in (("top_k", -2), ("stop_token_ids", [10**6]), ("logit_bias", {"x": 1})):
         bad = await client.post(
             "/v1/responses", json={"model": "tiny", "input": "hi", field: value}
