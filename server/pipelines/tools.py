@@ -264,6 +264,9 @@ class CallParser:
             at = self._close_at() if self.in_call else self.pending.find(CALL_OPEN)
             if at < 0:
                 break
+            if self.json_calls and not self.in_call and self.pending[:at].strip():
+                self.as_content = True  # (text before the tag: the format's, to its end)
+                break
             tag = CALL_CLOSE if self.in_call else CALL_OPEN
             before, self.pending = self.pending[:at], self.pending[at + len(tag) :]
             events += self._call(before) if self.in_call else self._content(before)
