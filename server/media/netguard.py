@@ -83,6 +83,27 @@ def default_port(url: httpx.URL) -> int:
     return url.port if url.port is not None else 443 if url.scheme == "https" else 80
 
 
+def _private(host: str) -> AddressRefused:
+    # (one wording whether the address was written in the URL or found by DNS: a job refused
+    # at submission says what the same request answered synchronously)
+    return AddressRefused(
+        f"the host {host} resolves to a private, loopback or reserved address{ALLOW_HINT}"
+    )
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    """The address a host written as a number stands for: the usual forms, and the old IPv4
+    spellings (127.1, 2130706433, 0x7f000001, 0) that resolvers still read as addresses."""
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]"))
+    if ":" in host:
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
 def _not_listed(host: str, port: int, allowed_hosts: tuple[str, ...]) -> AddressRefused:
     ports = [e for e in allowed_hosts if e.lower().startswith(f"{bracketed(host.lower())}:")]
     where = f"port {port} of the host {host}" if ports else f"the host {host}"
@@ -106,12 +127,9 @@ def check_url_statically(url: str, allowed_hosts: tuple[str, ...]) -> None:
     listed = host_is_allowed(host, port, allowed_hosts)
     if allowed_hosts and not listed:
         raise _not_listed(host, port, allowed_hosts)
-    try:
-        literal = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return
-    if not listed and not is_public(literal):
-        raise AddressRefused(f"the address {host} is private, loopback or reserved{ALLOW_HINT}")
+    literal = _literal_address(host)
+    if literal is not None and not listed and not is_public(literal):
+        raise _private(host)
 
 
 async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) -> str:
@@ -132,9 +150,7 @@ async def resolve_checked(host: str, port: int, allowed_hosts: tuple[str, ...]) 
     if not addresses:
         raise HostUnresolved(f"the host {host} does not resolve")
     if not listed and not all(is_public(ip) for ip in addresses):
-        raise AddressRefused(
-            f"the host {host} resolves to a private, loopback or reserved address{ALLOW_HINT}"
-        )
+        raise _private(host)
     return str(addresses[0])
 
 

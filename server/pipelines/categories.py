@@ -204,8 +204,9 @@ class CategoriesPipeline:
         """What a job would otherwise find out only when it runs: a URL no fetch could read,
         an image sent inline that cannot be read (a 400 now, as media completions check
         theirs). Media by URL, and videos, are read when it runs."""
+        kind = url_kind(media_url, PARAM)  # (first, as the synchronous request checks it)
         self.media.fetcher.check_ahead(media_url, "media", PARAM)
-        if url_kind(media_url, PARAM) != "image":
+        if kind != "image":
             return
         messages = [ChatMessage("user", [ImagePart(media_url, "auto", PARAM)])]
         await self.media.check_ahead(messages, self.media.check_counts(messages))

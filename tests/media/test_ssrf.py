@@ -247,11 +247,11 @@ def test_what_check_ahead_refuses_without_dns(tmp_path: Path) -> None:
     for url, says in [
         ("ftp://example.com/a.png", "scheme 'ftp'"),
         ("photo.jpg", "is not a URL"),
-        ("http://169.254.169.254/latest", "is private, loopback or reserved"),
-        ("http://[::ffff:127.0.0.1]/a.png", "is private, loopback or reserved"),
+        ("http://169.254.169.254/latest", "resolves to a private, loopback or reserved"),
+        ("http://[::ffff:127.0.0.1]/a.png", "resolves to a private, loopback or reserved"),
         (f"file://{tmp_path}/../../etc/passwd", "outside the server's allowed local media path"),
     ]:
-        with pytest.raises(MediaError, match="") as refused:
+        with pytest.raises(MediaError) as refused:
             fetcher.check_ahead(url, "image", "p")
         assert refused.value.code == "media_url_not_allowed" and says in str(refused.value)
     for url in [
@@ -265,3 +265,20 @@ def test_what_check_ahead_refuses_without_dns(tmp_path: Path) -> None:
     listed.check_ahead("http://10.0.0.5/a.png", "image", "p")
     with pytest.raises(MediaError, match="not in the server's allow-list"):
         listed.check_ahead("https://example.com/a.png", "image", "p")
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0", "[::1]", "10.1", "[fd00::1]"]
+)
+async def test_check_ahead_refuses_a_private_address_as_the_fetch_does(host: str) -> None:
+    """An address however it is spelled (the old IPv4 forms too) is refused at submission with
+    the words the synchronous request gets from the fetch, so a client sees one answer."""
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=5))
+    url = f"http://{host}:9/a.png"
+    with pytest.raises(MediaError) as ahead:
+        fetcher.check_ahead(url, "image", "p")
+    with pytest.raises(MediaError) as fetched:
+        await fetch(url)
+    assert ahead.value.code == fetched.value.code == "media_url_not_allowed"
+    assert ahead.value.message == fetched.value.message
+    assert "resolves to a private, loopback or reserved address" in ahead.value.message
