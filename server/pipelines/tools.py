@@ -286,10 +286,14 @@ class CallParser:
         return -1 if self.body.ended < 0 else self.pending.find(CALL_CLOSE, self.body.ended)
 
     def finish(self) -> list[Event]:
-        """The end of the text: an unclosed call that parses still counts (vLLM's rule)."""
+        """The end of the text: an unclosed call that parses still counts (vLLM's rule), also
+        one whose closing tag max_tokens cut part-way."""
         rest, self.pending = self.pending, ""
         if self.in_call:
             self.in_call = False
+            cut = partial_suffix(rest, CALL_CLOSE)
+            if cut and parse_call(rest[:-cut]) is not None:
+                rest = rest[:-cut]
             return self._call(rest, unclosed=True)
         return self._content(rest)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -100,9 +101,22 @@ def test_what_does_not_parse_stays_content(text: str) -> None:
     assert answer.content == text and answer.tool_calls == []
 
 
-def test_an_unclosed_call_that_parses_counts() -> None:
-    answer = parse_answer('<tool_call>{"name": "get_weather", "arguments": {}}', TOOLS)
-    assert [(c.name, c.arguments) for c in answer.tool_calls] == [("get_weather", "{}")]
+@pytest.mark.parametrize("cut", ["", "\n", "\n</", "\n</tool_call"])
+def test_an_unclosed_call_that_parses_counts(cut: str) -> None:
+    """Cut by max_tokens after its JSON, in its closing tag too: still the call."""
+    text = '<tool_call>{"name": "get_weather", "arguments": {}}' + cut
+    for json_calls in (False, True):
+        answer = parse_answer(text, replace(TOOLS, json_calls=json_calls))
+        assert [(c.name, c.arguments) for c in answer.tool_calls] == [("get_weather", "{}")]
+        assert answer.content is None
+        parser = CallParser(json_calls=json_calls)
+        events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+        assert [(e.name, e.arguments) for e in events] == [("get_weather", "{}")]  # type: ignore[union-attr]
+
+
+def test_an_unclosed_call_that_does_not_parse_is_its_text() -> None:
+    text = '<tool_call>{"name": "get_weather", "arguments": {"ci\n</tool_'
+    assert parse_answer(text, TOOLS).content == text
 
 
 def test_parallel_tool_calls_false_keeps_the_first() -> None:
