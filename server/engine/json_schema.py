@@ -834,15 +834,19 @@ def mended_pattern(pattern: str, json_string: bool = True) -> str:
 def exact_formats(schema: Any) -> Any:
     """The schema as xgrammar is given it: each string's `format` of FORMAT_PATTERNS (with no
     pattern of its own) written as the pattern of real ones, and every pattern's optional
-    groups written so that xgrammar compiles them right. Only schema positions are read (a
-    property named "format" is a name)."""
+    groups written so that xgrammar compiles them right. A `pattern` beside a `format` is what
+    is written: xgrammar would follow the format and drop the pattern, and the pattern is the
+    stricter (zod writes its check of the format as one: its uuid's version digit, say).
+    Only schema positions are read (a property named "format" is a name)."""
     if isinstance(schema, list):
         return [exact_formats(sub) for sub in schema]
     if not isinstance(schema, dict):
         return schema
     exact = with_subschemas(schema, exact_formats)
     pattern = FORMAT_PATTERNS.get(schema.get("format"))  # type: ignore[arg-type]
-    if pattern is not None and "pattern" not in schema:
+    if isinstance(schema.get("pattern"), str) and "format" in schema:
+        del exact["format"]
+    elif pattern is not None and "pattern" not in schema:
         del exact["format"]
         exact["pattern"] = f"^{pattern}$"
     if isinstance(exact.get("pattern"), str):

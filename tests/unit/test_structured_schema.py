@@ -334,6 +334,30 @@ def test_the_formats_pydantic_writes_take_what_its_validators_take(
         assert not grammars.takes({"type": "string", "format": name}, value)
 
 
+# zod 4's z.string().uuid() and .datetime() (a format and its own pattern, both)
+ZOD_UUID = (
+    "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+    "|00000000-0000-0000-0000-000000000000|ffffffff-ffff-ffff-ffff-ffffffffffff)$"
+)
+
+
+def test_a_pattern_beside_a_format_is_what_is_enforced(grammars: Grammars) -> None:
+    """xgrammar followed the format and dropped the pattern: zod's uuid, email and datetime
+    schemas (both keys) got answers their own check refused."""
+    uuid_schema = {"type": "string", "format": "uuid", "pattern": ZOD_UUID}
+    assert grammars.takes(uuid_schema, "6f1c2a9e-3b4d-4e5f-8a9b-0c1d2e3f4a5b")
+    assert not grammars.takes(uuid_schema, "eaeeaea1-b5ea-ffbe-ad43-abcccfbece4e")  # version f
+    stamp = {
+        "type": "string",
+        "format": "date-time",
+        "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$",
+    }
+    assert grammars.takes(stamp, "2024-01-02T03:04:05Z")
+    assert not grammars.takes(stamp, "2024-01-02T03:04:05+01:00")
+    assert unenforced({"type": "object", "properties": {"u": uuid_schema}}) == []
+    grammars.compile(StructuredOutput.json_schema(uuid_schema, strict=True))
+
+
 @pytest.mark.parametrize(
     ("schema", "said"),
     [
