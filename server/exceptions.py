@@ -204,6 +204,18 @@ class ConversationNotFound(NotFound):
         )
 
 
+class ItemNotFound(NotFound):
+    """An item_reference to no stored item of this project."""
+
+    def __init__(self, item_id: str, param: str):
+        super().__init__(
+            f"Item with id '{item_id}' not found: it is no item of a stored response, or its "
+            "response was deleted or is past the server's retention.",
+            param=param,
+            code="item_not_found",
+        )
+
+
 class KeepsNothing(InvalidRequest):
     """What needs kept conversations, on a server started with --no-store-responses."""
 

@@ -11,6 +11,7 @@ one with `previous_response_id`, and `background: true` runs one as a durable jo
 from __future__ import annotations
 
 import re
+import string
 import time
 import uuid
 from itertools import pairwise
@@ -86,8 +87,8 @@ class FunctionCallOutputItem(PartModel):
 
 
 class ItemReference(PartModel):
-    """An item by id (`item_reference`): refused; send the item itself, or continue with
-    previous_response_id or conversation."""
+    """An item of a stored response by id (`item_reference`), in a request's input: the item
+    itself goes there (resolve_references)."""
 
     type: Literal["item_reference"] = "item_reference"
     id: str
@@ -455,15 +456,34 @@ class ResponsesRequest(StrictModel):
                 code="invalid_value",
             ) from None
 
-    def own_items(self) -> list[dict[str, Any]]:
-        """What this request adds to the conversation, as items to store (each with an id, as
-        GET /v1/responses/{id}/input_items lists them; the same ids at every call)."""
+    def own_items(self, rid: str) -> list[dict[str, Any]]:
+        """What this request (response rid) adds to the conversation, as items to store (each
+        with an id, as GET /v1/responses/{id}/input_items lists them; the same ids at every
+        call)."""
         if self._own is None:
             items = self.input
             if isinstance(items, str):
                 items = [InputMessage(role="user", content=items)]
-            self._own = item_records(items)
+            self._own = item_records(items, rid)
         return self._own
+
+    def references(self) -> list[tuple[int, str]]:
+        """The input's item_reference items: (index, the id each names)."""
+        if isinstance(self.input, str):
+            return []
+        return [(i, it.id) for i, it in enumerate(self.input) if isinstance(it, ItemReference)]
+
+    def resolve(self, index: int, item: dict[str, Any]) -> None:
+        """input[index], an item_reference, replaced by the stored item it names."""
+        try:
+            (self.input[index],) = HISTORY.validate_python([item])  # type: ignore[index]
+        except ValidationError:  # (a model's call whose JSON escapes a lone surrogate)
+            raise InvalidRequest(
+                f"input[{index}] refers to item {item.get('id')}, which cannot be read back as "
+                "input: send the item itself.",
+                param=f"input[{index}]",
+                code="invalid_value",
+            ) from None
 
     def unsupported_fields(self) -> list[str]:
         """The fields (for include: the value, `include[i]`) that are refused."""
@@ -591,10 +611,10 @@ class ResponsesRequest(StrictModel):
             if isinstance(item, ReasoningItem):
                 reasoning += item.text()
                 continue
-            if isinstance(item, ItemReference):
+            if isinstance(item, ItemReference):  # (one that resolve_references did not)
                 raise InvalidRequest(
-                    f"{where} refers to a stored item ({item.id}): send the item itself, or "
-                    "continue a stored response with previous_response_id.",
+                    f"{where} refers to a stored item ({item.id}) outside this request's "
+                    "input: send the item itself.",
                     param=where,
                     code="unsupported_parameter",
                 )
@@ -665,7 +685,7 @@ def _is_system_message(item: Any) -> bool:
     return isinstance(item, InputMessage) and item.role in ("system", "developer")
 
 
-def item_records(items: list[Any]) -> list[dict[str, Any]]:
+def item_records(items: list[Any], rid: str | None = None) -> list[dict[str, Any]]:
     """Input items as they are stored and listed, as OpenAI lists them: each with an id of
     its own (a new one: an id sent, an earlier output's, would repeat in the conversation),
     a message, a function call and its output with a status, a message's string content as
@@ -683,7 +703,7 @@ def item_records(items: list[Any]) -> list[dict[str, Any]]:
             for part in record["content"]:
                 if part.get("type") == "output_text":
                     part.setdefault("annotations", [])
-        records.append({"id": _item_id(ITEM_PREFIXES.get(record["type"], "item")), **record})
+        records.append({"id": _item_id(ITEM_PREFIXES.get(record["type"], "item"), rid), **record})
     return records
 
 
@@ -767,8 +787,22 @@ def response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
 
 
-def _item_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+def _item_id(prefix: str, rid: str | None = None) -> str:
+    """A new item's id. A response's own items (its input's and its output's) begin with the
+    response's hex, `msg_<response><16 more>`: an item_reference then finds the stored
+    response that holds the item (holder_of) without an index of items."""
+    if rid is None:  # (a conversation's own items: held by no response)
+        return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{rid.removeprefix('resp_')}{uuid.uuid4().hex[:16]}"
+
+
+def holder_of(item_id: str) -> str | None:
+    """The id of the response whose item this is (None: no response's, or made before items
+    carried it)."""
+    own = item_id.partition("_")[2]
+    if len(own) != 48 or not all(c in string.hexdigits for c in own):
+        return None
+    return f"resp_{own[:32]}"
 
 
 # A failed response's error.code is one of OpenAI's ResponseError codes (its SDK's enum): this
@@ -916,21 +950,25 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def output_items(choice: ChoiceResult, num_reasoning: int | None = None) -> list[dict[str, Any]]:
-    """A whole answer as output items: its reasoning, its message (its text's logprobs: past
-    the num_reasoning tokens and their "</think>"), its function calls."""
+def output_items(
+    rid: str, choice: ChoiceResult, num_reasoning: int | None = None
+) -> list[dict[str, Any]]:
+    """A whole answer as response rid's output items: its reasoning, its message (its text's
+    logprobs: past the num_reasoning tokens and their "</think>"), its function calls."""
     status = _status(choice.finish_reason)  # of the last item: the one a cut-off ends
     calls = choice.tool_calls
     items = []
     if choice.reasoning_content:
-        items.append(reasoning_item(_item_id("rs"), choice.reasoning_content))
+        items.append(reasoning_item(_item_id("rs", rid), choice.reasoning_content))
     if choice.content or not (calls or choice.reasoning_content):
-        message = message_item(_item_id("msg"), choice.content or "", "completed")
+        message = message_item(_item_id("msg", rid), choice.content or "", "completed")
         skip = 0 if num_reasoning is None else num_reasoning + 1
         message["content"][0]["logprobs"] = logprobs_of((choice.logprobs or [])[skip:])
         items.append(message)
     for call in calls:
-        items.append(call_item(_item_id("fc"), call.id, call.name, call.arguments, "completed"))
+        items.append(
+            call_item(_item_id("fc", rid), call.id, call.name, call.arguments, "completed")
+        )
     if items and items[-1]["type"] != "reasoning":
         items[-1]["status"] = status
     return items
@@ -975,7 +1013,9 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 def completed(rid: str, body: ResponsesRequest, result: ChatResult, store: bool) -> ResponseObject:
     choice, num_reasoning = result.choices[0], result.run.usage().num_reasoning
     response = ResponseObject.start(rid, body, result.run.seq.sampling, store)
-    return response.finish(output_items(choice, num_reasoning), choice.finish_reason, result.run)
+    return response.finish(
+        output_items(rid, choice, num_reasoning), choice.finish_reason, result.run
+    )
 
 
 def event(kind: str, number: int, **fields: Any) -> str:
@@ -1058,6 +1098,9 @@ class ResponseEvents:
         ]
 
     # -- items ---------------------------------------------------------------------------------
+    def _item_id(self, prefix: str) -> str:
+        return _item_id(prefix, self.response.id)
+
     def _piece(self, piece: Reasoning | Event) -> list[str]:
         if isinstance(piece, Reasoning):
             return self._reasoning(piece.text)
@@ -1068,7 +1111,7 @@ class ResponseEvents:
     def _reasoning(self, text: str) -> list[str]:
         events = []
         if self.open is None or self.open["type"] != "reasoning":
-            events += self._close() + self._add(reasoning_item(_item_id("rs"), ""))
+            events += self._close() + self._add(reasoning_item(self._item_id("rs"), ""))
             self.open["content"] = []  # type: ignore[index]
             self._buffer = ""
         self._buffer += text
@@ -1088,7 +1131,7 @@ class ResponseEvents:
         ]
 
     def _open_message(self) -> list[str]:
-        events = self._add(message_item(_item_id("msg"), "", "in_progress"))
+        events = self._add(message_item(self._item_id("msg"), "", "in_progress"))
         self._buffer, self._sent = "", []
         part = output_text("")
         return events + [self._event("response.content_part.added", **self._where(), part=part)]
@@ -1096,7 +1139,7 @@ class ResponseEvents:
     def _call(self, delta: ToolCallDelta) -> list[str]:
         events = []
         if delta.id is not None:  # a new call: its id and name come first
-            item = call_item(_item_id("fc"), delta.id, delta.name or "", "", "in_progress")
+            item = call_item(self._item_id("fc"), delta.id, delta.name or "", "", "in_progress")
             events += self._close() + self._add(item)
             self._buffer = ""
         if delta.arguments:

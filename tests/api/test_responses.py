@@ -542,12 +542,10 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"max_output_tokens": 10**6}, "max_output_tokens"),  # past the context
-        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
             "input[0].content[0]",
         ),
-        ({"input": [{"id": "msg_1"}]}, "input[0]"),  # the SDK's short form of a reference
         ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input[0].content[0]"),
         (
             {"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},

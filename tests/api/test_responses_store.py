@@ -114,6 +114,63 @@ async def test_a_function_call_is_answered_in_the_next_turn(sdk: openai.AsyncOpe
     )
 
 
+async def test_an_item_reference_is_the_stored_item_it_names(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    """As the Vercel AI SDK sends a stored answer back (store on): the item by id. The same
+    prompt as the item sent whole, streamed and in the background alike; one that names no
+    stored item is a 404 naming where it is."""
+    first = await sdk.responses.create(input="Name a colour.", **GREEDY)
+    (message,) = first.output
+    turn = [{"role": "user", "content": "Name a colour."}]
+    follow_up = {"role": "user", "content": "Another?"}
+    sent_whole = await sdk.responses.create(
+        input=[*turn, message.model_dump(), follow_up], store=False, **GREEDY
+    )
+    by_reference = await sdk.responses.create(
+        input=[*turn, {"type": "item_reference", "id": message.id}, follow_up], **GREEDY
+    )
+    short_form = await sdk.responses.create(input=[*turn, {"id": message.id}, follow_up], **GREEDY)
+    for answer in (by_reference, short_form):
+        assert answer.usage is not None and sent_whole.usage is not None
+        assert answer.usage.input_tokens == sent_whole.usage.input_tokens
+        assert answer.output_text == sent_whole.output_text
+    # an input item of a stored response is one too; a stored list shows the item itself
+    (asked,) = (await sdk.responses.input_items.list(first.id)).data
+    listed = await sdk.responses.input_items.list(by_reference.id)
+    assert [item.type for item in listed.data] == ["message"] * 3
+    streamed = await client.post(
+        "/v1/responses",
+        json={**GREEDY, "stream": True, "input": [{"id": asked.id}, {"id": message.id}]},
+    )
+    assert streamed.status_code == 200 and "event: response.incomplete" in streamed.text
+    background = await sdk.responses.create(
+        input=[*turn, {"id": message.id}, follow_up], background=True, **GREEDY
+    )
+    while background.status in ("queued", "in_progress"):
+        await asyncio.sleep(0.05)
+        background = await sdk.responses.retrieve(background.id)
+    assert background.output_text == sent_whole.output_text
+    # its answer's items are its own (the run's request answered as the stored response)
+    (answer,) = background.output
+    again = await sdk.responses.create(input=[*turn, {"id": answer.id}], **GREEDY)
+    assert again.status in ("completed", "incomplete")
+    for unknown in (
+        "msg_1",
+        message.id[:-1] + "0" if message.id[-1] != "0" else message.id[:-1] + "1",
+    ):
+        reply = await client.post(
+            "/v1/responses",
+            json={**GREEDY, "input": [*turn, {"type": "item_reference", "id": unknown}]},
+        )
+        assert reply.status_code == 404, reply.text
+        assert reply.json()["error"]["code"] == "item_not_found"
+        assert reply.json()["error"]["param"] == "input[1]"
+    await sdk.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.create(input=[{"id": message.id}], **GREEDY)
+
+
 async def test_a_stored_response_reads_back_and_is_deleted(sdk: openai.AsyncOpenAI) -> None:
     first = await sdk.responses.create(
         input=[
@@ -209,6 +266,7 @@ async def test_no_store_responses_keeps_no_responses_nor_conversations(
             sdk.responses.create(previous_response_id=answer.id, input="Hi", **GREEDY),
             sdk.conversations.create(),  # nor conversations
             sdk.responses.create(conversation="conv_x", input="Hi", **GREEDY),
+            sdk.responses.create(input=[{"type": "item_reference", "id": "msg_1"}], **GREEDY),
         ):
             with pytest.raises(openai.BadRequestError) as refused:
                 await call
@@ -560,7 +618,7 @@ async def test_the_final_event_waits_for_the_store_and_nothing_else_does(tmp_pat
     body = ResponsesRequest.model_validate({"model": "tiny", "input": "Hi", "conversation": "c"})
     response = ResponseObject.start("resp_x", body, SamplingParams(), store=True)
     store = Store(tmp_path / "jobs.db")
-    store.save_response(response.model_dump(), body.own_items(), "")  # (as it began)
+    store.save_response(response.model_dump(), body.own_items("resp_x"), "")  # (as it began)
     store.create_conversation("c", {}, [], "")
     services = SimpleNamespace(jobs=store)
     async for event in recorded_as_it_ends(stream(), response, body, services):  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from server.api.responses import (
     ResponseObject,
     ResponsesRequest,
     completed,
+    holder_of,
     response_id,
 )
 from server.api.routes.chat import ERRORS
@@ -36,6 +37,7 @@ from server.api.translated import fitted, prompt_tokens, run_translated
 from server.exceptions import (
     ConversationNotFound,
     InvalidRequest,
+    ItemNotFound,
     JobStoreUnavailable,
     KeepsNothing,
     PreviousResponseNotFound,
@@ -53,6 +55,7 @@ from server.jobs.responses import (
     insert_events,
     insert_response,
 )
+from server.log import request_id_var
 from server.pipelines.background import EVENTS_SAVED, NO_ANSWER
 from server.pipelines.background import KIND as BACKGROUND
 from server.pipelines.chat import ChatRequest, ChatResult
@@ -75,7 +78,7 @@ async def create_response(
     if body.background:
         response = await start_in_background(body, services, idempotency_key)
         return following(response.id, -1, request, services) if body.stream else response
-    rid = response_id()
+    rid = _run_id(request)
     store = body.store is not False and services.store_responses
     lock = await taken_conversation(body, services, rid, bool(request.scope.get(INTERNAL)))
     try:
@@ -84,6 +87,16 @@ async def create_response(
         if lock is not None:
             lock.release_soon()
         raise
+
+
+def _run_id(request: Request) -> str:
+    """A new response's id. A background response's run (the server's own request, with its
+    job's id, the stored response's, as its request id) answers as that response: its items'
+    ids name it (item_reference)."""
+    given = request_id_var.get()
+    if request.scope.get(INTERNAL) and given.startswith("resp_"):
+        return given
+    return response_id()
 
 
 async def taken_conversation(
@@ -108,6 +121,7 @@ async def _respond(
     lock: ConversationLock | None,
 ) -> ResponseObject | StreamingResponse:
     await continue_conversation(body, services)
+    await resolve_references(body, services)
     started = await run_translated(body, request, services)
     if isinstance(started, ChatResult):
         response = completed(rid, body, started, store)
@@ -130,7 +144,7 @@ async def _respond(
             services.jobs.save_response,
             rid,
             events.response.model_dump(),
-            body.own_items(),
+            body.own_items(rid),
             current_project(),
         )
     stream = started.events(events, body)
@@ -158,6 +172,7 @@ async def start_in_background(
             code="invalid_value",
         )
     await continue_conversation(body, services)
+    await resolve_references(body, services)
 
     async def checked(chat: ChatRequest) -> ChatRequest:
         # known without running: the grammar compiles, the text and max tokens fit (shortened
@@ -170,7 +185,7 @@ async def start_in_background(
     response.status, response.background = "queued", True
     request = body.model_dump(mode="json", by_alias=True, exclude_none=True, warnings=False)
     request |= {"background": False, "store": False, "stream": bool(body.stream)}
-    jobs, items, queued = services.jobs, body.own_items(), response.model_dump()
+    jobs, items, queued = services.jobs, body.own_items(response.id), response.model_dump()
     project = current_project()
 
     def stored_with_it(execute: Execute) -> None:
@@ -237,6 +252,30 @@ async def continue_conversation(body: ResponsesRequest, services: Services) -> N
     body.continue_from([item for turn in turns for item in turn_items(turn)])
 
 
+async def resolve_references(body: ResponsesRequest, services: Services) -> None:
+    """Each item_reference in the input replaced by the stored item it names: an item of a
+    stored response of this project, its input's or its output's (the Vercel AI SDK sends
+    an earlier answer so when its responses are stored). An unknown one: 404."""
+    references = body.references()
+    if not references:
+        return
+    if not services.store_responses:
+        raise KeepsNothing(f"input[{references[0][0]}]")
+    turns: dict[str, StoredTurn | None] = {}
+    for index, item_id in references:
+        holder = holder_of(item_id)
+        if holder is not None and holder not in turns:
+            turns[holder] = await asyncio.to_thread(
+                services.jobs.get_response, holder, current_project()
+            )
+        turn = turns.get(holder) if holder is not None else None
+        items = turn_items(turn) if turn is not None else []
+        found = next((item for item in items if item.get("id") == item_id), None)
+        if found is None:
+            raise ItemNotFound(item_id, param=f"input[{index}]")
+        body.resolve(index, found)
+
+
 def _check_ids(body: ResponsesRequest) -> None:
     """The ids' shapes, and not both (a 400 before either is looked up or locked)."""
     if body.conversation_id is not None and body.previous_response_id is not None:
@@ -278,10 +317,10 @@ async def record(
             )
         else:
             response.store = await asyncio.to_thread(
-                _kept, jobs.save_response, response.id, stored, body.own_items(), project
+                _kept, jobs.save_response, response.id, stored, body.own_items(response.id), project
             )
     if body.conversation_id is not None:
-        items = body.own_items() + list(response.output)
+        items = body.own_items(response.id) + list(response.output)
         try:
             added = await asyncio.to_thread(
                 services.jobs.add_items, body.conversation_id, items, project
