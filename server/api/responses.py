@@ -1185,9 +1185,8 @@ class ResponseEvents:
         else:
             item["arguments"], item["status"] = text, status
             where = {"item_id": item["id"], "output_index": index}
-            events.append(
-                self._event("response.function_call_arguments.done", **where, arguments=text)
-            )
+            done = {**where, "name": item["name"], "arguments": text}  # (the SDK's type has name)
+            events.append(self._event("response.function_call_arguments.done", **done))
         return events + [self._event("response.output_item.done", output_index=index, item=item)]
 
     def _where(self) -> dict[str, Any]:

@@ -494,8 +494,11 @@ async def test_streamed_events_as_the_sdk_accumulates_them(sdk: openai.AsyncOpen
     }
     whole = await sdk.responses.create(**body)
     async with sdk.responses.stream(**body) as stream:
-        kinds = [event.type async for event in stream]
+        events = [event async for event in stream]
         final = await stream.get_final_response()
+    kinds = [event.type for event in events]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done.name == "get_weather"  # type: ignore[union-attr]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] == "response.completed"
     assert "response.function_call_arguments.delta" in kinds
