@@ -188,6 +188,8 @@ def _unenforced(schema: Any, at: str, root: Any) -> list[str]:
             found.append(f"{at}pattern (a quote, backslash or control character, written raw)")
         if has_lookahead(pattern):
             found.append(f"{at}pattern (a lookahead, which the grammar ignores)")
+        if "format" in schema and not pattern_compiles(pattern):
+            found.append(f"{at}pattern (which the grammar cannot read: the format beside it is)")
     # (beside an enum or const, the values are checked against both: checked_values)
     lengths = ("minLength" in schema or "maxLength" in schema) and not (
         _values(schema) is not None and _checkable(schema)
@@ -408,6 +410,18 @@ PYTHON_ONLY = re.compile(r"\{,|\\[AZzS]|\(\?[P>aiLmsux-]|[*+?}]\+")  # (ASCII \S
 # Outside a class, ECMAScript's `.` is any character but a line terminator (Python's also took
 # \r, U+2028 and U+2029), and `$` the very end (Python's also matched before a final newline).
 ECMA_OUTSIDE_CLASS = {".": "[^\n\r\u2028\u2029]", "$": r"\Z"}
+
+
+@functools.lru_cache(maxsize=256)
+def pattern_compiles(pattern: str) -> bool:
+    r"""Whether xgrammar compiles the pattern (not `\b`, a back-reference or `\p{L}`, say)."""
+    import xgrammar as xgr  # (here only: the rest of this module reads schemas alone)
+
+    try:
+        xgr.Grammar.from_regex(mended_pattern(pattern))
+    except RuntimeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)  # (each enum value is checked against the same pattern)
@@ -832,21 +846,23 @@ def mended_pattern(pattern: str, json_string: bool = True) -> str:
 
 
 def exact_formats(schema: Any) -> Any:
-    """The schema as xgrammar is given it: each string's `format` of FORMAT_PATTERNS (with no
-    pattern of its own) written as the pattern of real ones, and every pattern's optional
-    groups written so that xgrammar compiles them right. A `pattern` beside a `format` is what
-    is written: xgrammar would follow the format and drop the pattern, and the pattern is the
-    stricter (zod writes its check of the format as one: its uuid's version digit, say).
-    Only schema positions are read (a property named "format" is a name)."""
+    """The schema as xgrammar is given it: each string's `format` of FORMAT_PATTERNS written
+    as the pattern of real ones, and every pattern's optional groups written so that xgrammar
+    compiles them right. A `pattern` beside a `format` is what is written (xgrammar would
+    follow the format and drop the pattern): JSON Schema asserts a pattern and only annotates
+    with a format, and zod writes its check of a format as that pattern (its uuid's version
+    digit, say); a pattern xgrammar cannot compile leaves the format (strict: a 400,
+    _unenforced). Only schema positions are read (a property named "format" is a name)."""
     if isinstance(schema, list):
         return [exact_formats(sub) for sub in schema]
     if not isinstance(schema, dict):
         return schema
     exact = with_subschemas(schema, exact_formats)
     pattern = FORMAT_PATTERNS.get(schema.get("format"))  # type: ignore[arg-type]
-    if isinstance(schema.get("pattern"), str) and "format" in schema:
+    own = schema.get("pattern")
+    if isinstance(own, str) and "format" in schema and pattern_compiles(own):
         del exact["format"]
-    elif pattern is not None and "pattern" not in schema:
+    elif pattern is not None:  # (beside a pattern the grammar cannot read: the format)
         del exact["format"]
         exact["pattern"] = f"^{pattern}$"
     if isinstance(exact.get("pattern"), str):

@@ -135,6 +135,11 @@ async def test_an_item_reference_is_the_stored_item_it_names(
         assert answer.usage is not None and sent_whole.usage is not None
         assert answer.usage.input_tokens == sent_whole.usage.input_tokens
         assert answer.output_text == sent_whole.output_text
+    counted = await sdk.responses.input_tokens.count(
+        input=[*turn, {"type": "item_reference", "id": message.id}, follow_up]  # type: ignore[list-item]
+    )
+    assert sent_whole.usage is not None
+    assert counted.input_tokens == sent_whole.usage.input_tokens
     # an input item of a stored response is one too; a stored list shows the item itself
     (asked,) = (await sdk.responses.input_items.list(first.id)).data
     listed = await sdk.responses.input_items.list(by_reference.id)

@@ -356,6 +356,15 @@ def test_a_pattern_beside_a_format_is_what_is_enforced(grammars: Grammars) -> No
     assert not grammars.takes(stamp, "2024-01-02T03:04:05+01:00")
     assert unenforced({"type": "object", "properties": {"u": uuid_schema}}) == []
     grammars.compile(StructuredOutput.json_schema(uuid_schema, strict=True))
+    # a pattern the grammar cannot read (\b) leaves the format, as before; strict: a 400
+    unread = {"type": "string", "format": "date", "pattern": r"^\d{4}\b-\d{2}-\d{2}$"}
+    assert grammars.takes(unread, "2024-02-29") and not grammars.takes(unread, "2023-02-29")
+    assert unenforced(unread) == [
+        "pattern (which the grammar cannot read: the format beside it is)"
+    ]
+    with pytest.raises(InvalidSchema, match="cannot read"):
+        grammars.compile(StructuredOutput.json_schema(unread, strict=True))
+    assert grammars.compile(StructuredOutput.json_schema({**unread, "format": "uuid"}))
 
 
 @pytest.mark.parametrize(

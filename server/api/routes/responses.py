@@ -440,6 +440,7 @@ async def count_input_tokens(
     if body.model is None:  # optional here, as in OpenAI's
         body = body.model_copy(update={"model": services.served_model_names[0]})
     await continue_conversation(body, services)
+    await resolve_references(body, services)
     return InputTokens(input_tokens=await prompt_tokens(body, request, services))
 
 
