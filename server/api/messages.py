@@ -278,7 +278,7 @@ class MessagesRequest(StrictModel):
     stream: StrictBool | None = False
     # Sampling: Anthropic's ranges (temperature 0..1); top_k is a plain cut-off.
     temperature: float | None = Field(default=None, ge=0, le=1)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: ToolChoice | None = None

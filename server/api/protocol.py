@@ -39,7 +39,7 @@ from server.engine.json_schema import (
     strict_refusal,
     unenforced,
 )
-from server.engine.sampling import SamplingDefaults, SamplingParams
+from server.engine.sampling import MIN_TOP_P, SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.jobs.store import Job
@@ -1009,7 +1009,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     tool_choice: ToolChoice | None = None
     tools: list[ChatCompletionToolParam] | None = Field(default=None, max_length=128)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     user: str | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
@@ -1327,7 +1327,8 @@ def sampling_params(
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        # 0 (OpenAI takes it; Open WebUI's slider starts there): the likeliest token only
+        top_p=defaults.top_p if body.top_p is None else max(body.top_p, MIN_TOP_P),
         top_k=defaults.top_k if body.top_k is None else max(body.top_k, 0),  # -1: off
         seed=None if body.seed is None else body.seed % SEED_MODULUS,
         stop=tuple(s for s in stop if s),
@@ -1886,7 +1887,7 @@ class CompletionRequest(StructuredFields, VllmFields):
     stream_options: StreamOptions | None = None
     suffix: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     user: str | None = None
     prompt_embeds: Any | None = None  # extension (vLLM's): refused when set
 

@@ -290,7 +290,7 @@ class ResponsesRequest(StrictModel):
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     text: TextConfig | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | AllowedTools | None = None
@@ -896,7 +896,7 @@ class ResponseObject(BaseModel):
             reasoning=_reasoning(body.reasoning),
             tool_choice=_tool_choice(body.tool_choice),
             tools=[t.model_dump(exclude_none=True) for t in body.tools or ()],
-            top_p=sampling.top_p,
+            top_p=sampling.top_p if body.top_p != 0 else 0.0,  # (as sent: MIN_TOP_P)
             user=body.user,
             metadata=body.metadata or {},
             prompt_cache_key=body.prompt_cache_key,

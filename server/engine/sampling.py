@@ -43,11 +43,14 @@ class TokenLogprobs:
         return tuple(zip(self.top_ids, self.top_logprobs, strict=True))
 
 
+# top_p 0 is read as this: the nucleus keeps only its first token (the likeliest).
+MIN_TOP_P = 1e-9
+
 # The sampling fields a generation_config may set, with the ranges a request may ask for
 # (top_k: -1 and 0 are off, as vLLM reads them; top_p and repetition_penalty above 0).
 GENERATION_CONFIG_RANGES = {
     "temperature": (0.0, 2.0),
-    "top_p": (1e-9, 1.0),
+    "top_p": (MIN_TOP_P, 1.0),
     "top_k": (-1, 2**31 - 1),
     "min_p": (0.0, 1.0),
     "repetition_penalty": (1e-9, 10.0),

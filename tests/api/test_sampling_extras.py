@@ -162,6 +162,17 @@ async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:
     assert_error(response, 400, "min_p")
 
 
+async def test_top_p_0_takes_the_likeliest_token(client: httpx.AsyncClient) -> None:
+    """OpenAI takes top_p from 0 (Open WebUI's slider starts there): the nucleus keeps only
+    the likeliest token, so sampling is greedy; past 1 it is a 400."""
+    greedy = await content(client, chat(max_tokens=8))
+    assert await content(client, chat(max_tokens=8, temperature=1.0, top_p=0, seed=3)) == greedy
+    assert_error(await client.post("/v1/chat/completions", json=chat(top_p=1.5)), 400, "top_p")
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 4, "top_p": 0}
+    answer = (await client.post("/v1/responses", json=body)).json()
+    assert answer["top_p"] == 0  # (as sent)
+
+
 async def test_include_stop_str_in_output(client: httpx.AsyncClient, tokenizer) -> None:
     forced = {str(tokenizer.convert_tokens_to_ids("a")): 100}
     body = chat(max_tokens=6, logit_bias=forced, stop=["xaa", "aaa"])
