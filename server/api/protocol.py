@@ -767,8 +767,62 @@ VLLM_IGNORED_FIELDS = (
 )
 
 
+# llama.cpp's and Ollama's options, which front-ends made for them send to every OpenAI
+# connection (Open WebUI's advanced parameters: a user who set one had every chat refused).
+# repeat_penalty is repetition_penalty by its llama.cpp name (the same multiplicative
+# penalty); the others ask for what this server does not do, or sizes itself, and change
+# nothing (logged), as vLLM takes any unknown field. Other unknown fields are still 400s.
+LLAMA_CPP_ALIASES = {"repeat_penalty": "repetition_penalty"}
+LLAMA_CPP_IGNORED = frozenset(
+    {
+        "mirostat",
+        "mirostat_eta",
+        "mirostat_tau",
+        "tfs_z",
+        "typical_p",
+        "repeat_last_n",
+        "penalize_newline",
+        "num_ctx",
+        "num_predict",
+        "num_keep",
+        "num_batch",
+        "num_gpu",
+        "num_thread",
+        "use_mmap",
+        "use_mlock",
+        "keep_alive",
+        "think",
+        "format",
+    }
+)
+
+
+def llama_cpp_options(data: Any) -> Any:
+    """A request body with llama.cpp's and Ollama's options read (LLAMA_CPP_ALIASES) or left
+    out (LLAMA_CPP_IGNORED, logged)."""
+    if not isinstance(data, dict) or not (
+        data.keys() & (LLAMA_CPP_IGNORED | LLAMA_CPP_ALIASES.keys())
+    ):
+        return data
+    data = dict(data)
+    for name, ours in LLAMA_CPP_ALIASES.items():
+        if name in data:
+            value = data.pop(name)
+            data.setdefault(ours, value)  # (ours, when both are sent)
+    if ignored := sorted(data.keys() & LLAMA_CPP_IGNORED):
+        logger.info("llama.cpp/Ollama options with no effect here: %s", ", ".join(ignored))
+        for name in ignored:
+            del data[name]
+    return data
+
+
 class VllmFields(StrictModel):
     """vLLM's request fields beyond OpenAI's, shared by chat and text completions."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _llama_cpp_options(cls, data: Any) -> Any:
+        return llama_cpp_options(data)
 
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: disabled
     stop_token_ids: list[TokenId] | None = None

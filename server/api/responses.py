@@ -26,6 +26,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from server.api.errors import SERVER_ERROR
@@ -46,6 +47,7 @@ from server.api.protocol import (
     Text,
     TokenId,
     Turns,
+    llama_cpp_options,
 )
 from server.api.sse import answer_pieces, named_event
 from server.engine.sampling import SamplingParams
@@ -284,6 +286,11 @@ VLLM_CHAT_FIELDS = (
 
 
 class ResponsesRequest(StrictModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _llama_cpp_options(cls, data: Any) -> Any:
+        return llama_cpp_options(data)  # (Open WebUI sends them here too)
+
     model: str
     # (optional, as OpenAI's: a conversation's next answer may need no new input)
     input: Annotated[Text | list[InputItem], Turns] = Field(default_factory=list)

@@ -173,6 +173,28 @@ async def test_top_p_0_takes_the_likeliest_token(client: httpx.AsyncClient) -> N
     assert answer["top_p"] == 0  # (as sent)
 
 
+async def test_llama_cpp_options_a_front_end_sends_are_read_or_change_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    """Open WebUI sends its advanced parameters, llama.cpp's and Ollama's names, to every
+    connection: repeat_penalty is repetition_penalty; the others change nothing. Another
+    unknown field is still a 400."""
+    sampled = chat(max_tokens=8, temperature=1.0, seed=5)
+    penalised = await content(client, {**sampled, "repetition_penalty": 1.8})
+    assert await content(client, {**sampled, "repeat_penalty": 1.8}) == penalised
+    plain = await content(client, sampled)
+    assert penalised != plain  # (so the alias is seen to be read)
+    owui = {"mirostat": 0, "mirostat_eta": 0.1, "tfs_z": 1, "repeat_last_n": 64, "num_ctx": 2048}
+    owui |= {"num_predict": 8, "keep_alive": "5m", "use_mmap": True, "think": False}
+    assert await content(client, {**sampled, **owui}) == plain
+    text = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "mirostat": 0, "repeat_penalty": 1.1}
+    assert (await client.post("/v1/completions", json=text)).status_code == 200
+    responses = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "tfs_z": 1}
+    assert (await client.post("/v1/responses", json=responses)).status_code == 200
+    typo = await client.post("/v1/chat/completions", json={**sampled, "repeat_penalti": 1.1})
+    assert_error(typo, 400, "repeat_penalti")
+
+
 async def test_include_stop_str_in_output(client: httpx.AsyncClient, tokenizer) -> None:
     forced = {str(tokenizer.convert_tokens_to_ids("a")): 100}
     body = chat(max_tokens=6, logit_bias=forced, stop=["xaa", "aaa"])
