@@ -1137,7 +1137,10 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     def to_tools(self) -> Tools | None:
         """The tools and how they may be used; None when the request has none."""
         if not self.tools:
-            if self.tool_choice not in (None, "none"):
+            # `tools: []` (a framework with none registered) with auto or required is none,
+            # as vLLM reads it; a named choice, or any without a `tools` list, cannot be.
+            empty = self.tools is not None and self.tool_choice in ("auto", "required")
+            if self.tool_choice not in (None, "none") and not empty:
                 raise InvalidRequest(
                     "tool_choice needs tools.", param="tool_choice", code="invalid_value"
                 )

@@ -340,6 +340,17 @@ async def test_auto_renders_the_tools_and_none_does_not(sdk: openai.AsyncOpenAI)
     assert tools_tokens > 50  # the "# Tools" block in the system prompt
     assert none.usage.prompt_tokens == plain.usage.prompt_tokens
     assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # tools: [] (a framework with none registered) is no tools, with any choice but a name
+    greedy = await sdk.chat.completions.create(**base, temperature=0)
+    for choice in ("auto", "required", "none"):
+        empty = await sdk.chat.completions.create(
+            **base, temperature=0, tools=[], tool_choice=choice
+        )
+        assert empty.usage.prompt_tokens == plain.usage.prompt_tokens
+        assert empty.choices[0].message.content == greedy.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        await sdk.chat.completions.create(**base, tools=[], tool_choice=named)  # type: ignore[arg-type]
 
 
 async def test_tool_calls_and_results_in_the_history(sdk: openai.AsyncOpenAI) -> None:
