@@ -383,10 +383,11 @@ class NamedCall:
 
 class RequiredCalls:
     """tool_choice required: the answer is a JSON list of {"name", "parameters"} (under a
-    grammar: name first), streamed as it comes: each call's name once it is whole, then its
-    arguments object piece by piece (vLLM streams them so). A call cut short (by max_tokens)
-    keeps what was written, as a named call's does; an answer cut short before any call
-    began is its text."""
+    grammar: name first), streamed as it comes: each call's id and name with the first
+    piece of its arguments object, then the rest piece by piece (vLLM streams them so). A
+    call cut short (by max_tokens) keeps what was written, as a named call's does; one cut
+    before its arguments began is no call (a client would run it without arguments, strict
+    or not), and an answer cut short before any call began is its text."""
 
     # The JSON tokens before a call's name and before its arguments (whitespace may part
     # them, as the grammar's separators do).
@@ -427,8 +428,6 @@ class RequiredCalls:
             self.name += self.pending if end < 0 else self.pending[:end]
             self.pending = "" if end < 0 else self.pending[end + 1 :]
             if end >= 0:
-                events.append(ToolCallDelta(self.index, new_call_id(), self.name))
-                self.name, self.began = "", True
                 self._then("arguments", self.PARAMETERS)
             return end >= 0
         if self.state == "arguments":
@@ -436,7 +435,11 @@ class RequiredCalls:
                 self.pending = self.pending.lstrip()
             index = self.index  # (the object's end moves on to the next call)
             if piece := self._object_piece():
-                events.append(ToolCallDelta(index, arguments=piece))
+                if self.name:  # the call's first piece: its id and name with it
+                    events.append(ToolCallDelta(index, new_call_id(), self.name, piece))
+                    self.name, self.began = "", True
+                else:
+                    events.append(ToolCallDelta(index, arguments=piece))
             return True
         return False
 

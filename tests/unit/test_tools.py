@@ -148,13 +148,20 @@ def test_named_and_required_streams() -> None:
     assert cut.finish() == ['[{"name": "get_wea']  # cut short before a call began: text
     cut = RequiredCalls()
     events = cut.feed('[{"name": "f", "parameters": {"a":') + cut.finish()
-    assert [(e.name, e.arguments) for e in events] == [("f", ""), (None, '{"a":')]  # kept
+    assert [(e.name, e.arguments) for e in events] == [("f", '{"a":')]  # kept
+    # one cut before its arguments began is no call (a client would run it without them)
+    cut = RequiredCalls()
+    events = cut.feed('[{"name": "f", "parameters": {"a": 1}}, {"name": "g", "') + cut.finish()
+    assert [(e.name, e.arguments) for e in events] == [("f", '{"a": 1}')]
+    cut = RequiredCalls()
+    events = cut.feed('[{"name": "f", "parameters": {"a": 1}}, {"name": "g", "parameters":')
+    assert [(e.name, e.arguments) for e in events + cut.finish()] == [("f", '{"a": 1}')]
 
 
 @pytest.mark.parametrize("step", [1, 2, 7, 1000])
 def test_required_calls_stream_as_they_come(step: int) -> None:
-    """The list of calls read piece by piece, whatever the pieces: each call's name once it
-    is whole, its arguments as they come (braces and quotes inside strings do not end
+    """The list of calls read piece by piece, whatever the pieces: each call's name with its
+    arguments' first piece, the rest as they come (braces and quotes inside strings do not end
     them), calls after calls; the same whatever the whitespace."""
     for text in (
         '[{"name": "get_weather", "parameters": {"city": "o\\"}{slo", "days": [1, 2]}}, '
