@@ -387,7 +387,7 @@ class MessagesRequest(StrictModel):
             body["thinking_token_budget"] = self.thinking.budget_tokens
         if messages[-1]["role"] == "assistant":  # prefill: the answer continues it
             body |= {"continue_final_message": True, "add_generation_prompt": False}
-        if self.tools:
+        if self.tools is not None:  # ([]: none, whatever tool_choice says, as chat reads it)
             body["tools"] = [tool.to_chat() for tool in self.tools if isinstance(tool, CustomTool)]
         if self.tool_choice is not None:
             body["tool_choice"] = self.tool_choice.to_chat()
@@ -737,16 +737,17 @@ def _partial_json(text: str) -> Any:
 
 def cut_off_calls(text: str, names: frozenset[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """tool_choice "any" cut off by max_tokens: its list of {"name", "parameters"} as far as
-    it was written, as (id, name, input) for each call whose name is complete."""
+    it was written, as (id, name, input) for each call whose arguments began (one cut before
+    them is no call, as chat reads it: a client would run it with no input)."""
     calls = _partial_json(text)
     if not isinstance(calls, list):
         return []
     return [
-        (new_call_id(), call["name"], call.get("parameters") or {})
+        (new_call_id(), call["name"], call["parameters"])
         for call in calls
         if isinstance(call, dict)
         and call.get("name") in names
-        and isinstance(call.get("parameters", {}), dict)
+        and isinstance(call.get("parameters"), dict)
     ]
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -770,9 +771,10 @@ VLLM_IGNORED_FIELDS = (
 # llama.cpp's and Ollama's options, which front-ends made for them send to every OpenAI
 # connection (Open WebUI's advanced parameters: a user who set one had every chat refused).
 # repeat_penalty is repetition_penalty by its llama.cpp name (the same multiplicative
-# penalty); the others ask for what this server does not do, or sizes itself, and change
-# nothing (logged), as vLLM takes any unknown field. Other unknown fields are still 400s.
-LLAMA_CPP_ALIASES = {"repeat_penalty": "repetition_penalty"}
+# penalty: REPETITION_PENALTY_NAMES); the others ask for what this server does not do, or
+# sizes itself, and change nothing (logged), as vLLM takes any unknown field. Other unknown
+# fields are still 400s.
+REPETITION_PENALTY_NAMES = AliasChoices("repetition_penalty", "repeat_penalty")
 LLAMA_CPP_IGNORED = frozenset(
     {
         "mirostat",
@@ -798,22 +800,12 @@ LLAMA_CPP_IGNORED = frozenset(
 
 
 def llama_cpp_options(data: Any) -> Any:
-    """A request body with llama.cpp's and Ollama's options read (LLAMA_CPP_ALIASES) or left
-    out (LLAMA_CPP_IGNORED, logged)."""
-    if not isinstance(data, dict) or not (
-        data.keys() & (LLAMA_CPP_IGNORED | LLAMA_CPP_ALIASES.keys())
-    ):
+    """A request body without llama.cpp's and Ollama's options that change nothing here
+    (LLAMA_CPP_IGNORED: logged)."""
+    if not isinstance(data, dict) or not (ignored := sorted(data.keys() & LLAMA_CPP_IGNORED)):
         return data
-    data = dict(data)
-    for name, ours in LLAMA_CPP_ALIASES.items():
-        if name in data:
-            value = data.pop(name)
-            data.setdefault(ours, value)  # (ours, when both are sent)
-    if ignored := sorted(data.keys() & LLAMA_CPP_IGNORED):
-        logger.info("llama.cpp/Ollama options with no effect here: %s", ", ".join(ignored))
-        for name in ignored:
-            del data[name]
-    return data
+    logger.info("llama.cpp/Ollama options with no effect here: %s", ", ".join(ignored))
+    return {key: value for key, value in data.items() if key not in LLAMA_CPP_IGNORED}
 
 
 class VllmFields(StrictModel):
@@ -826,7 +818,10 @@ class VllmFields(StrictModel):
 
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: disabled
     stop_token_ids: list[TokenId] | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    # (also by llama.cpp's name, which Open WebUI sends: LLAMA_CPP_IGNORED)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, validation_alias=REPETITION_PENALTY_NAMES
+    )
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None  # for benchmarks
     min_p: float | None = Field(default=None, ge=0, le=1)

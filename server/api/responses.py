@@ -32,6 +32,7 @@ from pydantic import (
 from server.api.errors import SERVER_ERROR
 from server.api.protocol import (
     MAX_CACHE_SALT,
+    REPETITION_PENALTY_NAMES,
     SCHEMA_NAME,
     CallArguments,
     ChatCompletionTokenLogprob,
@@ -338,7 +339,9 @@ class ResponsesRequest(StrictModel):
     # ignore_eos): passed to the chat completion this request is (VLLM_CHAT_FIELDS)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, validation_alias=REPETITION_PENALTY_NAMES
+    )
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: LogitBias | None = None
@@ -591,7 +594,7 @@ class ResponsesRequest(StrictModel):
         }
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
-        if self.tools:
+        if self.tools is not None:  # ([]: none, whatever tool_choice says, as chat reads it)
             body["tools"] = [
                 tool.to_chat() for tool in self.tools if isinstance(tool, FunctionTool)
             ]

@@ -193,6 +193,12 @@ async def test_llama_cpp_options_a_front_end_sends_are_read_or_change_nothing(
     assert (await client.post("/v1/responses", json=responses)).status_code == 200
     typo = await client.post("/v1/chat/completions", json={**sampled, "repeat_penalti": 1.1})
     assert_error(typo, 400, "repeat_penalti")
+    bad = await client.post("/v1/chat/completions", json={**sampled, "repeat_penalty": 0})
+    assert_error(bad, 400, "repeat_penalty")  # (named as sent)
+    both = {**sampled, "repeat_penalty": 1.1, "repetition_penalty": 1.2}
+    assert_error(await client.post("/v1/chat/completions", json=both), 400, "repeat_penalty")
+    responses = {**responses, "repeat_penalty": 1.8, "temperature": 1.0, "seed": 5}
+    assert (await client.post("/v1/responses", json=responses)).status_code == 200
 
 
 async def test_include_stop_str_in_output(client: httpx.AsyncClient, tokenizer) -> None:
