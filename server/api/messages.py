@@ -55,7 +55,6 @@ from server.pipelines.tools import (
     ToolCallDelta,
     Tools,
     call_stream,
-    new_call_id,
 )
 
 # -- request ----------------------------------------------------------------------------------
@@ -347,13 +346,6 @@ class MessagesRequest(StrictModel):
     @property
     def omits_thinking(self) -> bool:
         return self.thinking is not None and self.thinking.display == "omitted"
-
-    @property
-    def forced_tools(self) -> frozenset[str] | None:
-        """The tools' names when tool_choice is "any" (one of them must be called)."""
-        if self.tool_choice is None or self.tool_choice.type != "any":
-            return None
-        return frozenset(t.name for t in self.tools or () if isinstance(t, CustomTool))
 
     def to_chat_body(self) -> dict[str, Any]:
         """The chat completion's body this request is."""
@@ -702,19 +694,12 @@ def tool_use_block(call_id: str, name: str, arguments: dict[str, Any]) -> dict[s
     return {"type": "tool_use", "id": block_id, "name": name, "input": arguments}
 
 
-def content_blocks(
-    choice: ChoiceResult, omit_thinking: bool, forced: frozenset[str] | None = None
-) -> list[dict[str, Any]]:
-    """A whole answer as content blocks: its thinking, its text, its tool calls. `forced`:
-    the tools' names when tool_choice is "any" (whose call list, cut off before it closed,
-    comes as text)."""
+def content_blocks(choice: ChoiceResult, omit_thinking: bool) -> list[dict[str, Any]]:
+    """A whole answer as content blocks: its thinking, its text, its tool calls."""
     blocks = []
     if choice.reasoning_content:
         blocks.append(thinking_block("" if omit_thinking else choice.reasoning_content))
     text, calls = choice.content, [(c.id, c.name, _input(c.arguments)) for c in choice.tool_calls]
-    if forced is not None and text and not calls:  # cut off (max_tokens, a stop sequence)
-        calls = cut_off_calls(text, forced)
-        text = None if calls else text
     if text:  # (an empty answer has no block at all: Anthropic's content is then [])
         blocks.append({"type": "text", "text": text})
     blocks += [tool_use_block(*call) for call in calls]
@@ -735,29 +720,13 @@ def _partial_json(text: str) -> Any:
         return None
 
 
-def cut_off_calls(text: str, names: frozenset[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """tool_choice "any" cut off by max_tokens: its list of {"name", "parameters"} as far as
-    it was written, as (id, name, input) for each call whose arguments began (one cut before
-    them is no call, as chat reads it: a client would run it with no input)."""
-    calls = _partial_json(text)
-    if not isinstance(calls, list):
-        return []
-    return [
-        (new_call_id(), call["name"], call["parameters"])
-        for call in calls
-        if isinstance(call, dict)
-        and call.get("name") in names
-        and isinstance(call.get("parameters"), dict)
-    ]
-
-
 def completed(body: MessagesRequest, result: ChatResult) -> MessageObject:
     choice = result.choices[0]
     reason, stop = stop_of(choice.finish_reason, choice.stop_reason, bool(choice.tool_calls))
     return MessageObject(
         id=message_id(),
         model=body.model,
-        content=content_blocks(choice, body.omits_thinking, body.forced_tools),
+        content=content_blocks(choice, body.omits_thinking),
         stop_reason=reason,
         stop_sequence=stop,
         usage=usage_of(result.run),
@@ -784,11 +753,9 @@ class MessageEvents:
         tools: Tools | None,
         reasoning: bool,
         omit: bool,
-        forced: frozenset[str] | None = None,
     ):
         self.message = message
         self.calls = call_stream(tools)
-        self.forced = forced  # tool_choice "any": text comes only from a cut-off call list
         self.reasoning = ReasoningStream() if reasoning else None
         self.omit_thinking = omit
         self.index = -1  # of the last block started
@@ -846,8 +813,6 @@ class MessageEvents:
             return self._call(piece.id, piece.name or "", _input(piece.arguments))
         if not piece:
             return []
-        if self.forced is not None and (calls := cut_off_calls(piece, self.forced)):
-            return [e for call in calls for e in self._call(*call)]
         events = [] if self.open == "text" else self._start({"type": "text", "text": ""})
         return events + [self._delta({"type": "text_delta", "text": piece})]
 

@@ -387,7 +387,8 @@ class RequiredCalls:
     piece of its arguments object, then the rest piece by piece (vLLM streams them so). A
     call cut short (by max_tokens) keeps what was written, as a named call's does; one cut
     before its arguments began is no call (a client would run it without arguments, strict
-    or not), and an answer cut short before any call began is its text."""
+    or not). The list's own JSON is never content: an answer cut short before any call's
+    arguments began is empty (as vLLM's), not a fragment like `[{"name": "get_wea`."""
 
     # The JSON tokens before a call's name and before its arguments (whitespace may part
     # them, as the grammar's separators do).
@@ -395,15 +396,13 @@ class RequiredCalls:
     PARAMETERS = (",", '"parameters"', ":")
 
     def __init__(self) -> None:
-        self.text = ""  # all of it (the answer cut short before a call: its text)
         self.pending = ""  # not yet read
         self.state = "call"  # call (next, or the list's end), name, arguments, done
         self.tokens: tuple[str, ...] = ("[",)  # what to read before the state's own, in order
-        self.index, self.name, self.began = 0, "", False
+        self.index, self.name = 0, ""
         self.arguments = JsonExtent()  # the open call's arguments object
 
     def feed(self, text: str) -> list[Event]:
-        self.text += text
         self.pending += text
         events: list[Event] = []
         while self.pending and self.state != "done" and self._step(events):
@@ -437,7 +436,7 @@ class RequiredCalls:
             if piece := self._object_piece():
                 if self.name:  # the call's first piece: its id and name with it
                     events.append(ToolCallDelta(index, new_call_id(), self.name, piece))
-                    self.name, self.began = "", True
+                    self.name = ""
                 else:
                     events.append(ToolCallDelta(index, arguments=piece))
             return True
@@ -472,8 +471,6 @@ class RequiredCalls:
         return piece
 
     def finish(self) -> list[Event]:
-        if not self.began:  # (no call began: the text, whatever it is)
-            return [self.text] if self.text else []
         return []
 
 

@@ -406,6 +406,29 @@ async def test_any_tool_cut_off_by_max_tokens_is_a_partial_tool_use(
     assert streamed_input.items() <= message.content[0].input.items()
 
 
+async def test_any_tool_cut_before_a_calls_input_is_no_block(
+    sdk: anthropic.AsyncAnthropic,
+) -> None:
+    """tool_choice "any" cut off before a call's input began: no tool_use (a client would
+    run it with no input) and no text (the list's JSON, `[{"name": "get_weather",`, is not
+    an answer; Anthropic never answers "any" with text), streamed or not."""
+    for max_tokens in (1, 4, 8):
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Weather?"}],
+            "tools": [WEATHER],
+            "tool_choice": {"type": "any"},
+            "max_tokens": max_tokens,
+            "extra_body": GREEDY,
+        }
+        message = await sdk.messages.create(**body)
+        assert message.stop_reason == "max_tokens" and message.content == [], message
+        async with sdk.messages.stream(**body) as stream:
+            kinds = [sent.type async for sent in stream]
+            streamed = await stream.get_final_message()
+        assert streamed.content == [] and "content_block_start" not in kinds
+
+
 async def test_any_tool_streams_its_input_as_the_whole_answer_has_it(
     sdk: anthropic.AsyncAnthropic,
 ) -> None:
@@ -832,12 +855,6 @@ def test_thinking_becomes_a_thinking_block() -> None:
     assert content_blocks(choice, omit_thinking=True)[0]["thinking"] == ""
     cut = ChoiceResult(0, None, [ToolCall("call_1", "f", '{"a": "xy')], "length", None, None)
     assert content_blocks(cut, omit_thinking=False)[0]["input"] == {"a": "xy"}
-    # tool_choice any cut before a call's input began: no tool_use (a client would run it
-    # with no input), as chat's required leaves such a call out
-    for text in ('[{"name": "f", "parameters": ', '[{"name": "f"'):
-        before = ChoiceResult(0, text, [], "length", None, None)
-        blocks = content_blocks(before, omit_thinking=False, forced=frozenset({"f"}))
-        assert [b["type"] for b in blocks] == ["text"], blocks
 
 
 async def test_an_empty_tools_list_is_no_tools(client: httpx.AsyncClient) -> None:

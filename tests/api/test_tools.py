@@ -331,6 +331,23 @@ async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
             assert set(json.loads(call.function.arguments)) == {"zone"}
 
 
+async def test_required_cut_before_a_calls_arguments_is_no_content(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """max_tokens cutting `required`'s list before a call's arguments began: no call and no
+    content (the list's JSON, `[{"name": "get_wea`, is no answer: vLLM's content is empty
+    too), streamed or not."""
+    for max_tokens in (1, 3, 6):
+        body = {"model": "tiny", "messages": MESSAGES, "tools": [WEATHER, TIME]}
+        body |= {"tool_choice": "required", "max_tokens": max_tokens}
+        answer = (await sdk.chat.completions.create(**body)).choices[0]
+        assert answer.finish_reason == "length"
+        assert not answer.message.tool_calls and not answer.message.content, answer
+        chunks = [c async for c in await sdk.chat.completions.create(**body, stream=True)]
+        assert not any(c.choices and c.choices[0].delta.content for c in chunks)
+        assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+
+
 async def test_auto_renders_the_tools_and_none_does_not(sdk: openai.AsyncOpenAI) -> None:
     base = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3}
     plain = await sdk.chat.completions.create(**base)

@@ -38,8 +38,7 @@ async def create_message(
         return completed(body, started)
     run = started.run
     start = MessageObject(id=message_id(), model=body.model, content=[], usage=usage_of(run))
-    thinks, forced = run.seq.inputs.thinks, body.forced_tools
-    events = MessageEvents(start, started.chat.tools, thinks, body.omits_thinking, forced)
+    events = MessageEvents(start, started.chat.tools, run.seq.inputs.thinks, body.omits_thinking)
     stream = started.events(events, body)
     return EventStream(stream)
 
