@@ -1237,12 +1237,22 @@ class MediaWishes:
         if not isinstance(video, dict):
             raise _media_option("media_io_kwargs.video", "takes num_frames and fps")
         mm, vio = "mm_processor_kwargs", "media_io_kwargs.video"
+        _always(processor, "do_sample_frames", "video frames are always sampled (fps, num_frames)")
+        _always(processor, "do_resize", "images and frames are always resized to visual tokens")
         fps = _positive(video.pop("fps", None), f"{vio}.fps", number=True)
+        frames = [
+            _positive(options.pop(name, None), f"{where}.{name}")
+            for options, where, name in (
+                (video, vio, "num_frames"),
+                (processor, mm, "num_frames"),
+                (processor, mm, "max_frames"),
+            )
+        ]
         wishes = cls(
             min_pixels=_pixels(processor, size, "min_pixels", "shortest_edge"),
             max_pixels=_pixels(processor, size, "max_pixels", "longest_edge"),
             fps=_positive(processor.pop("fps", None), f"{mm}.fps", number=True) or fps,
-            num_frames=_positive(video.pop("num_frames", None), f"{vio}.num_frames"),
+            num_frames=min((n for n in frames if n), default=None),
         )
         if (wishes.min_pixels or 0) > (wishes.max_pixels or wishes.min_pixels or 0):
             raise _media_option(f"{mm}.min_pixels", "is above max_pixels")
@@ -1251,7 +1261,8 @@ class MediaWishes:
                 raise _media_option(
                     f"{name}.{next(iter(left))}",
                     "is not an option here: mm_processor_kwargs takes min_pixels, max_pixels, "
-                    "size and fps; media_io_kwargs takes video.num_frames and video.fps",
+                    "size, fps, num_frames, max_frames, do_sample_frames and do_resize; "
+                    "media_io_kwargs takes video.num_frames and video.fps",
                 )
         if video:
             raise _media_option(f"media_io_kwargs.video.{next(iter(video))}", "is not an option")
@@ -1279,6 +1290,15 @@ class MediaWishes:
             min_pixels=given.min_pixels or self.min_pixels,
             max_pixels=given.max_pixels or self.max_pixels,
         )
+
+
+def _always(processor: dict[str, Any], name: str, why: str) -> None:
+    """A processor switch that is always on here (Qwen's own vLLM examples send
+    do_sample_frames true): true or absent is taken, false is a 400 saying why."""
+    value = processor.pop(name, True)
+    if value is not True:
+        param = f"mm_processor_kwargs.{name}"
+        raise _media_option(param, f"takes only true ({why} here)")
 
 
 def _pixels(processor: dict[str, Any], size: dict[str, Any], name: str, edge: str) -> int | None:

@@ -310,8 +310,15 @@ async def test_mm_processor_kwargs_set_the_image_resolution(client: httpx.AsyncC
     large = await image_tokens(mm_processor_kwargs={"min_pixels": 600 * 600})
     same_small = await image_tokens(mm_processor_kwargs={"size": {"longest_edge": 112 * 112}})
     assert small < default < large and same_small == small
+    # Qwen's own vLLM examples send the processor's switches on: taken (always so here)
+    switched = await image_tokens(mm_processor_kwargs={"do_resize": True, "max_frames": 8})
+    assert switched == default
     for kwargs, param in (
         ({"do_resize": False}, "mm_processor_kwargs.do_resize"),
+        ({"do_sample_frames": False}, "mm_processor_kwargs.do_sample_frames"),
+        ({"do_sample_frames": "yes"}, "mm_processor_kwargs.do_sample_frames"),
+        ({"max_frames": 0}, "mm_processor_kwargs.max_frames"),
+        ({"min_frames": 4}, "mm_processor_kwargs.min_frames"),
         ({"max_pixels": -4}, "mm_processor_kwargs.max_pixels"),
         ({"size": {"shortest_edge": 1.5}}, "mm_processor_kwargs.size.shortest_edge"),
         ({"size": {"height": 4}}, "mm_processor_kwargs.size"),
@@ -345,6 +352,12 @@ async def test_media_io_kwargs_num_frames_lowers_the_frames(client: httpx.AsyncC
     fewer = await video_tokens(media_io_kwargs={"video": {"num_frames": 2}})
     slower = await video_tokens(mm_processor_kwargs={"fps": 0.5})
     assert fewer < default and slower < default
+    # the processor's own names (Qwen3-VL's video processor: num_frames, max_frames) and
+    # its do_sample_frames, as Qwen's vLLM example sends it
+    for kwargs in ({"num_frames": 2}, {"max_frames": 2}, {"max_frames": 5, "num_frames": 2}):
+        assert await video_tokens(mm_processor_kwargs=kwargs) == fewer
+    qwen = {"fps": 0.5, "do_sample_frames": True}
+    assert await video_tokens(mm_processor_kwargs=qwen) == slower
 
 
 async def test_ping(client: httpx.AsyncClient) -> None:
