@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     StrictBool,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -259,12 +260,55 @@ class Metadata(StrictModel):
     user_id: str | None = None
 
 
+class ThinkingTurns(StrictModel):
+    type: Literal["thinking_turns"]
+    value: int = Field(ge=0)
+
+
+class ClearThinking(StrictModel):
+    """The context-management beta's thinking edit (Claude Code sends it on every request):
+    the thinking of all but the last `keep` assistant turns left out of the prompt ("all":
+    none; default: the last turn's, as Anthropic's). (A Qwen3 thinking template shows only
+    the current tool loop's reasoning whatever is kept.)"""
+
+    type: Literal["clear_thinking_20251015"]
+    keep: Literal["all"] | ThinkingTurns = ThinkingTurns(type="thinking_turns", value=1)
+
+
+class ContextManagement(StrictModel):
+    edits: list[dict[str, Any]] = Field(default_factory=list)
+
+    def thinking_turns_kept(self) -> int | None:
+        """The assistant turns whose thinking stays in the prompt (None: all). An edit that
+        clears tool results (clear_tool_uses_20250919) is refused: it is not done here."""
+        kept: int | None = None
+        for index, edit in enumerate(self.edits):
+            param = f"context_management.edits[{index}]"
+            if edit.get("type") != "clear_thinking_20251015":
+                raise InvalidRequest(
+                    f"{edit.get('type')!r} edits are not supported here: "
+                    "clear_thinking_20251015 only (tool results are never cleared).",
+                    param=f"{param}.type",
+                    code="unsupported_parameter",
+                )
+            try:
+                keep = ClearThinking.model_validate(edit).keep
+            except ValidationError:
+                raise InvalidRequest(
+                    'A clear_thinking_20251015 edit\'s keep is "all" or {"type": '
+                    '"thinking_turns", "value": N}, N >= 0.',
+                    param=param,
+                    code="invalid_value",
+                ) from None
+            kept = None if keep == "all" else keep.value
+        return kept
+
+
 # Fields that would need what is not here: a code-execution container, MCP servers the host
 # connects to, context edits the host makes between turns.
 MESSAGES_UNSUPPORTED_WHEN = {
     "container": lambda v: v is not None,
     "mcp_servers": lambda v: bool(v),
-    "context_management": lambda v: v is not None,
 }
 
 
@@ -300,10 +344,10 @@ class MessagesRequest(StrictModel):
     # extension (vLLM's, as chat's): the answer runs to max_tokens past the end of text, as
     # benchmark clients (aiperf) ask of every endpoint
     ignore_eos: bool | None = None
+    context_management: ContextManagement | None = None  # (its thinking edit only)
     # Refused when set (MESSAGES_UNSUPPORTED_WHEN).
     container: Any | None = None
     mcp_servers: list[Any] | None = None
-    context_management: dict[str, Any] | None = None
     # The message-threads beta (the server keeps the conversation): refused as Anthropic
     # refuses a request threads cannot serve, so the SDK sends the whole conversation instead.
     thread: dict[str, Any] | None = None
@@ -314,7 +358,8 @@ class MessagesRequest(StrictModel):
     @model_validator(mode="after")
     def _check_as_anthropic(self) -> MessagesRequest:
         """What Anthropic's API refuses that a chat completion would take."""
-        budget = self.thinking.budget_tokens if self.thinking is not None else None
+        thinking = self.thinking
+        budget = thinking.budget_tokens if thinking and thinking.type == "enabled" else None
         # (count_tokens takes no max_tokens: only one the request sent is checked)
         if (
             budget is not None
@@ -427,6 +472,8 @@ class MessagesRequest(StrictModel):
             for j, block in blocks:
                 chat.add_block(message.role, block, f"{where}.content[{j}]")
         chat.check_answered()
+        if self.context_management is not None:
+            chat.clear_thinking(self.context_management.thinking_turns_kept())
         self._origins = chat.origins
         if not chat.messages:
             raise InvalidRequest(
@@ -559,6 +606,15 @@ class ChatMessages:
             message = self.messages[-1]
             message["reasoning_content"] = message.get("reasoning_content", "") + self.reasoning
         self.reasoning = ""  # (a turn of thinking alone: nothing for it to go with)
+
+    def clear_thinking(self, kept: int | None) -> None:
+        """The reasoning of all but the last `kept` assistant turns that have some left out
+        (None: all kept)."""
+        if kept is None:
+            return
+        thought = [m for m in self.messages if "reasoning_content" in m]
+        for message in thought[: max(len(thought) - kept, 0)]:
+            del message["reasoning_content"]
 
     def _call(self, role: str, block: ToolUseBlock, where: str) -> None:
         if role != "assistant":

@@ -368,6 +368,7 @@ async def test_thinking_is_accepted_where_the_checkpoint_has_none(
     for thinking in (
         {"type": "enabled", "budget_tokens": 2},  # (below max_tokens, as Anthropic's)
         {"type": "disabled"},
+        {"type": "disabled", "budget_tokens": 1024},  # (a budget for no thinking: no check)
         {"type": "adaptive"},
     ):
         message = await sdk.messages.create(

@@ -646,6 +646,66 @@ async def test_a_tool_loops_reasoning_stays_in_the_prompt(thinking: httpx.AsyncC
     assert counted["input_tokens"] > bare["input_tokens"]
 
 
+async def test_context_managements_thinking_edit_clears_older_turns_thinking(
+    thinking: httpx.AsyncClient,
+) -> None:
+    """The context-management beta's clear_thinking_20251015 (Claude Code sends it on every
+    request): keep "all" is the prompt as sent, keep N drops the thinking of all but the last
+    N assistant turns; a tool-result clearing edit is refused by name (not done here)."""
+
+    def step(k: int) -> list[dict]:
+        call = {"type": "tool_use", "id": f"c{k}", "name": "f", "input": {"x": k}}
+        result = {"type": "tool_result", "tool_use_id": f"c{k}", "content": "res"}
+        thought = {"type": "thinking", "thinking": f"STEP {k} " * 5, "signature": ""}
+        return [
+            {"role": "assistant", "content": [thought, call]},
+            {"role": "user", "content": [result]},
+        ]
+
+    body = {
+        "model": "tiny",
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "q"}, *step(1), *step(2)],
+        "thinking": {"type": "adaptive"},
+    }
+
+    async def counted(edits: list[dict] | None) -> int:
+        sent = body if edits is None else {**body, "context_management": {"edits": edits}}
+        response = await thinking.post("/v1/messages/count_tokens", json=sent)
+        assert response.status_code == 200, response.text
+        return response.json()["input_tokens"]
+
+    def keep(value: object) -> list[dict]:
+        return [{"type": "clear_thinking_20251015", "keep": value}]
+
+    sent = await counted(None)
+    assert await counted(keep("all")) == sent
+    one = await counted([{"type": "clear_thinking_20251015"}])  # (Anthropic's default: 1)
+    assert await counted(keep({"type": "thinking_turns", "value": 1})) == one
+    none = await counted(keep({"type": "thinking_turns", "value": 0}))
+    assert sent > one > none
+    assert await counted(keep({"type": "thinking_turns", "value": 2})) == sent
+    # Claude Code's request, as it sends it
+    claude_code = {**body, "max_tokens": 3, "context_management": {"edits": keep("all")}}
+    response = await thinking.post(
+        "/v1/messages?beta=true",
+        json=claude_code,
+        headers={"anthropic-beta": "context-management-2025-06-27"},
+    )
+    assert response.status_code == 200, response.text
+    for edits, param in (
+        ([{"type": "clear_tool_uses_20250919"}], "context_management.edits[0].type"),
+        (keep({"type": "thinking_turns", "value": -1}), "context_management.edits[0]"),
+        (keep("some"), "context_management.edits[0]"),
+    ):
+        response = await thinking.post(
+            "/v1/messages", json={**claude_code, "context_management": {"edits": edits}}
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and param in error["message"], error
+
+
 async def test_a_tools_screenshot_is_prompted_as_the_checkpoints_template_writes_it(
     thinking: httpx.AsyncClient, tiny3_model_dir: Path
 ) -> None:
