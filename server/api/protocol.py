@@ -2037,7 +2037,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
     token_logprobs: list[float | None]
     tokens: list[str]
-    top_logprobs: list[dict[str, float] | None]
+    top_logprobs: list[dict[str, float | None] | None]
 
     @classmethod
     def of(
@@ -2067,11 +2067,22 @@ class CompletionLogprobs(BaseModel):
         self.text_offset.append(offset)
         self.tokens.append(token)
         self.token_logprobs.append(logprob)
-        # The sampled token last: two tokens can share a text (pieces of one character), and
-        # the entry under the sampled token's text must be its own logprob.
-        self.top_logprobs.append(
-            None if top is None else {**{t.token: t.logprob for t in top}, token: logprob}
-        )
+        self.top_logprobs.append(None if top is None else _by_text(top, token, logprob))
+
+
+def _by_text(
+    top: tuple[TokenInfo, ...], token: str, logprob: float | None
+) -> dict[str, float | None]:
+    """The top tokens and the sampled one, keyed by text. Two tokens can share a text (the
+    byte pieces of one character all read U+FFFD): the key keeps the likelier's logprob, so
+    the dict's best is the position's best (lm-eval reads a token as greedy when its logprob
+    is the dict's maximum; the sampled token's own is in token_logprobs)."""
+    best: dict[str, float | None] = {}
+    for text, value in [*((t.token, t.logprob) for t in top), (token, logprob)]:
+        known = best.get(text)
+        if text not in best or (value is not None and (known is None or value > known)):
+            best[text] = value
+    return best
 
 
 class CompletionChoice(BaseModel):
