@@ -808,13 +808,45 @@ def llama_cpp_options(data: Any) -> Any:
     return {key: value for key, value in data.items() if key not in LLAMA_CPP_IGNORED}
 
 
+def generate_options(data: Any) -> Any:
+    """transformers generate()'s names, which evaluation harnesses forward (lm-eval sends a
+    task's generation_kwargs beside its own max_tokens): max_new_tokens / min_new_tokens are
+    bounds as max_tokens / min_tokens are (beside them, the tighter holds); num_beams 1 is
+    the default search (more: beam search, not done here, a 400)."""
+    if not isinstance(data, dict) or not data.keys() & {
+        "max_new_tokens",
+        "min_new_tokens",
+        "num_beams",
+    }:
+        return data
+    data = dict(data)
+    if data.pop("num_beams", 1) not in (1, None):
+        raise ValueError("num_beams takes only 1: beam search is not done here")
+    # (chat's max_completion_tokens, where given, is the limit: it wins over max_tokens)
+    chat_limit = data.get("max_completion_tokens") is not None
+    for name, field, tighter in (
+        ("max_new_tokens", "max_completion_tokens" if chat_limit else "max_tokens", min),
+        ("min_new_tokens", "min_tokens", max),
+    ):
+        if (value := data.pop(name, None)) is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer")
+        given = data.get(field)
+        if given is None:
+            data[field] = value
+        elif isinstance(given, int) and not isinstance(given, bool):
+            data[field] = tighter(given, value)
+    return data
+
+
 class VllmFields(StrictModel):
     """vLLM's request fields beyond OpenAI's, shared by chat and text completions."""
 
     @model_validator(mode="before")
     @classmethod
-    def _llama_cpp_options(cls, data: Any) -> Any:
-        return llama_cpp_options(data)
+    def _foreign_options(cls, data: Any) -> Any:
+        return generate_options(llama_cpp_options(data))
 
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: disabled
     stop_token_ids: list[TokenId] | None = None

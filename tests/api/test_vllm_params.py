@@ -475,3 +475,31 @@ async def test_invocations_refuses_what_no_api_reads(client: httpx.AsyncClient) 
         "/invocations", content=b"{", headers={"content-type": "application/json"}
     )
     assert_error(response, 400, code="invalid_json")
+
+
+async def test_transformers_generate_names_are_bounds(client: httpx.AsyncClient) -> None:
+    """lm-eval forwards a task's generation_kwargs (transformers generate()'s names) beside
+    its own max_tokens: max_new_tokens / min_new_tokens bound the answer as max_tokens /
+    min_tokens do (both given: the tighter holds); num_beams 1 is the default search."""
+
+    async def tokens(path: str, body: dict) -> int:
+        response = await client.post(path, json={"model": "tiny", "ignore_eos": True, **body})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["completion_tokens"]
+
+    prompt = {"prompt": "Once upon"}
+    assert await tokens("/v1/completions", {**prompt, "max_new_tokens": 4}) == 4
+    both = {**prompt, "max_tokens": 9, "max_new_tokens": 3, "num_beams": 1}
+    assert await tokens("/v1/completions", both) == 3
+    assert await tokens("/v1/completions", {**prompt, "max_tokens": 2, "max_new_tokens": 5}) == 2
+    chat_body = chat(max_completion_tokens=6, max_new_tokens=2, min_new_tokens=1)
+    assert await tokens("/v1/chat/completions", chat_body) == 2
+    for extra, words in (
+        ({"num_beams": 4}, "beam search"),
+        ({"max_new_tokens": "5"}, "max_new_tokens must be an integer"),
+        ({"min_new_tokens": 5, "max_tokens": 2}, "min_tokens (5) must not exceed"),
+    ):
+        response = await client.post("/v1/chat/completions", json=chat(**extra))
+        assert response.status_code == 400 and words in response.json()["error"]["message"], (
+            response.text
+        )
