@@ -2189,3 +2189,16 @@ class DetokenizeRequest(StrictModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (vLLM's): the tokenizer's special tokens, the context the server
+    serves, and the chat template it renders."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int
+    chat_template: str | None

@@ -42,6 +42,25 @@ async def test_text_prompt_round_trip(client: httpx.AsyncClient) -> None:
     assert Path(root).is_absolute() and tokenizer("Hello there, cat").input_ids == tokens["tokens"]
 
 
+async def test_tokenizer_info_is_what_lm_evals_remote_tokenizer_reads(
+    client: httpx.AsyncClient,
+) -> None:
+    """GET /tokenizer_info (vLLM's): lm-eval's remote tokenizer reads the special tokens and
+    the chat template from it and tokenizes through /tokenize, as it sends it (no model)."""
+    response = await client.get("/tokenizer_info")
+    assert response.status_code == 200, response.text
+    info = response.json()
+    services = client.app.state.services  # type: ignore[attr-defined]
+    assert info["eos_token"] == services.engine.tokenizer.eos_token == "<|im_end|>"
+    assert info["model_max_length"] == services.engine.max_seq_len
+    assert info["chat_template"] == services.chat.input_builder.processor.chat_template
+    assert info["tokenizer_class"] and {"bos_token", "pad_token", "unk_token"} <= set(info)
+    eos = await post(
+        client, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}
+    )
+    assert eos["tokens"] == [services.engine.tokenizer.eos_token_id]
+
+
 @pytest.mark.parametrize("media", ["none", "image", "video"])
 async def test_chat_count_is_the_completions_prompt_tokens(
     client: httpx.AsyncClient, media: str

@@ -2,7 +2,8 @@
 context) before sending it, and ids back to text. A chat body's images and videos are fetched
 and read as /v1/chat/completions reads them, so the count is the `prompt_tokens` its answer
 would report (its max_tokens, or the answer room planned without one, sets how much of the
-context a video may take)."""
+context a video may take). GET /tokenizer_info: the special tokens and chat template a
+client-side tokenizer needs (lm-eval's remote tokenizer)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from server.api.protocol import (
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     image_sizes_out,
 )
 from server.api.routes.chat import ERRORS, to_chat_request, until_disconnected
@@ -69,3 +71,21 @@ async def detokenize(
         )
     text = await asyncio.to_thread(services.engine.tokenizer.decode, body.tokens)
     return DetokenizeResponse(prompt=text)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenize"])
+async def tokenizer_info(services: Services = Depends(get_services)) -> TokenizerInfo:
+    """vLLM's (there behind --enable-tokenizer-info-endpoint; here what it tells is what
+    /tokenize already shows): lm-eval's remote tokenizer reads the special tokens and the chat
+    template from it, then tokenizes through /tokenize and /detokenize, so an evaluation needs
+    no copy of the checkpoint's tokenizer."""
+    tokenizer = services.engine.tokenizer
+    return TokenizerInfo(
+        tokenizer_class=type(tokenizer).__name__,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        unk_token=tokenizer.unk_token,
+        model_max_length=services.engine.max_seq_len,
+        chat_template=services.chat.input_builder.processor.chat_template,
+    )
