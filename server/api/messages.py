@@ -47,6 +47,7 @@ from server.api.protocol import (
 from server.api.sse import answer_pieces, named_event
 from server.engine.sequence import SequenceOutput
 from server.exceptions import AnswerTooLong, InvalidRequest, PromptTooLong, ServerError
+from server.media.image import VIDEO_HINT
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import (
@@ -518,7 +519,7 @@ class MessagesRequest(StrictModel):
             exc.message = f"prompt is too long: {exc.message}"  # (its tokens not counted)
             exc.param = None
         elif exc.param is not None and exc.param.startswith("messages"):
-            exc.message = MESSAGE_PART.sub(origin, exc.message)
+            exc.message = MESSAGE_PART.sub(origin, exc.message.replace(VIDEO_HINT, VIDEO_HERE))
             exc.param = MESSAGE_PART.sub(origin, exc.param)
         elif exc.param is not None and exc.param.startswith("response_format"):
             exc.rename_param(
@@ -533,6 +534,11 @@ class MessagesRequest(StrictModel):
             exc.param = "stop_sequences"
 
 
+# A video sent as an image: Anthropic's blocks hold no video, chat's video_url part does.
+VIDEO_HERE = (
+    "; it is a video, and Anthropic's Messages API has no video blocks: send it to "
+    "/v1/chat/completions as a video_url part"
+)
 MESSAGE_PART = re.compile(r"messages\[(\d+)\](\.content(?:\[(\d+)\])?)?")
 
 

@@ -295,16 +295,19 @@ def judged_kind(head: bytes, param: str) -> Literal["image", "video", "neither"]
     return "video" if looks_like_video(head) else "neither"
 
 
+VIDEO_HINT = (
+    "; it is a video: send it as a video_url part, or as a data: URI that declares it "
+    "(data:video/mp4;base64,...)"
+)
+
+
 def not_an_image(param: str, head: bytes) -> MediaError:
     """The 400 for bytes that are no image this server reads, saying what they are where
     that helps: another image format, by name; a video, with how to send one."""
     if (other := other_image_format(head[:32])) is not None:
         hint = f"; it is {other}, not one of those"
     elif looks_like_video(head):
-        hint = (
-            "; it is a video: send it as a video_url part, or as a data: URI that declares "
-            "it (data:video/mp4;base64,...)"
-        )
+        hint = VIDEO_HINT
     else:
         hint = ""
     return MediaError(

@@ -5,6 +5,7 @@ counting, Anthropic's error envelope and its x-api-key header."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Literal
@@ -33,7 +34,7 @@ from server.exceptions import EngineOverloaded, InvalidRequest
 from server.pipelines.chat import ChatRun, ChoiceResult
 from server.pipelines.messages import ToolCall
 from server.pipelines.tools import Tools
-from tests.helpers import data_uri, make_image, make_settings, start_client
+from tests.helpers import data_uri, make_image, make_settings, make_video, start_client
 
 pytestmark = pytest.mark.anyio
 
@@ -457,6 +458,20 @@ async def test_any_tool_streams_its_input_as_the_whole_answer_has_it(
             streamed = await stream.get_final_message()
         assert [b.input for b in streamed.content if b.type == "tool_use"] == inputs
         assert [json.loads(text) for text in joined.values()] == inputs
+
+
+async def test_a_video_sent_as_an_image_is_pointed_to_chat(client: httpx.AsyncClient) -> None:
+    """Anthropic's blocks hold no video: a video in an image block is a 400 that says where a
+    video goes (chat's video_url part), not chat's own hint (a part this API does not have)."""
+    video = base64.b64encode(make_video(seconds=1)).decode()
+    source = {"type": "base64", "media_type": "image/png", "data": video}
+    content = [{"type": "image", "source": source}, {"type": "text", "text": "What happens?"}]
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+    response = await client.post("/v1/messages", json=body)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "messages[0].content[0]" in message and "no video blocks" in message, message
+    assert "/v1/chat/completions as a video_url part" in message
 
 
 async def test_images_in_a_tool_result_reach_the_model(
