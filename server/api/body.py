@@ -32,6 +32,16 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 PARSE_ON_THREAD_BYTES = 1 << 20
 
 
+def _not_json(name: str) -> Any:
+    # json.loads reads NaN, Infinity and -Infinity, which are not JSON (RFC 8259): a NaN
+    # temperature was refused as "not less than or equal to 1", not as the bad body it is.
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
+
+
+def loads(body: bytes) -> Any:
+    return json.loads(body, parse_constant=_not_json)
+
+
 class ThreadParsedRequest(Request):
     """A request whose large JSON body is parsed off the event loop (its errors as before)."""
 
@@ -39,9 +49,9 @@ class ThreadParsedRequest(Request):
         if not hasattr(self, "_json"):
             body = await self.body()
             if len(body) > PARSE_ON_THREAD_BYTES:
-                self._json = await asyncio.to_thread(json.loads, body)
+                self._json = await asyncio.to_thread(loads, body)
             else:
-                self._json = json.loads(body)
+                self._json = loads(body)
         return self._json
 
 

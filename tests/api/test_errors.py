@@ -473,6 +473,16 @@ async def test_malformed_json(client: httpx.AsyncClient) -> None:
         headers={"content-type": "application/json"},
     )
     assert_error(response, 400, None, "invalid_json")
+    # NaN and Infinity are not JSON (Python's json.loads reads them; a NaN temperature was
+    # refused as a temperature out of range)
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        content = b'{"model": "tiny", "temperature": ' + constant + b', "messages": []}'
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            response = await client.post(
+                path, content=content, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 400, response.text
+            assert "temperature" not in response.text and "JSON" in response.text, response.text
 
 
 @pytest.mark.parametrize(
