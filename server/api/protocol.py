@@ -821,7 +821,7 @@ def generate_options(data: Any) -> Any:
         return data
     data = dict(data)
     if data.pop("num_beams", 1) not in (1, None):
-        raise ValueError("num_beams takes only 1: beam search is not done here")
+        raise ValueError("num_beams takes only the number 1: beam search is not done here")
     # (chat's max_completion_tokens, where given, is the limit: it wins over max_tokens)
     chat_limit = data.get("max_completion_tokens") is not None
     for name, field, tighter in (
