@@ -808,20 +808,24 @@ def llama_cpp_options(data: Any) -> Any:
     return {key: value for key, value in data.items() if key not in LLAMA_CPP_IGNORED}
 
 
+GENERATE_OPTIONS = frozenset({"max_new_tokens", "min_new_tokens", "num_beams", "do_sample"})
+
+
 def generate_options(data: Any) -> Any:
     """transformers generate()'s names, which evaluation harnesses forward (lm-eval sends a
     task's generation_kwargs beside its own max_tokens): max_new_tokens / min_new_tokens are
-    bounds as max_tokens / min_tokens are (beside them, the tighter holds); num_beams 1 is
-    the default search (more: beam search, not done here, a 400)."""
-    if not isinstance(data, dict) or not data.keys() & {
-        "max_new_tokens",
-        "min_new_tokens",
-        "num_beams",
-    }:
+    bounds as max_tokens / min_tokens are (beside them, the tighter holds); do_sample false
+    is greedy decoding (temperature 0, whatever temperature says, as generate() reads it);
+    num_beams 1 is the default search (more: beam search, not done here, a 400)."""
+    if not isinstance(data, dict) or not data.keys() & GENERATE_OPTIONS:
         return data
     data = dict(data)
     if data.pop("num_beams", 1) not in (1, None):
         raise ValueError("num_beams takes only the number 1: beam search is not done here")
+    if (sample := data.pop("do_sample", None)) is not None and not isinstance(sample, bool):
+        raise ValueError("do_sample must be a boolean")
+    if sample is False:
+        data["temperature"] = 0
     # (chat's max_completion_tokens, where given, is the limit: it wins over max_tokens)
     chat_limit = data.get("max_completion_tokens") is not None
     for name, field, tighter in (

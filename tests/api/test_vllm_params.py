@@ -494,7 +494,14 @@ async def test_transformers_generate_names_are_bounds(client: httpx.AsyncClient)
     assert await tokens("/v1/completions", {**prompt, "max_tokens": 2, "max_new_tokens": 5}) == 2
     chat_body = chat(max_completion_tokens=6, max_new_tokens=2, min_new_tokens=1)
     assert await tokens("/v1/chat/completions", chat_body) == 2
+    # do_sample false: greedy, whatever temperature says (as generate() reads it)
+    texts = []
+    for extra in ({"temperature": 0}, {"do_sample": False, "temperature": 1.5, "seed": 1}):
+        body = {"model": "tiny", **prompt, "max_tokens": 6, **extra}
+        texts.append((await client.post("/v1/completions", json=body)).json()["choices"][0]["text"])
+    assert texts[0] == texts[1]
     for extra, words in (
+        ({"do_sample": "no"}, "do_sample must be a boolean"),
         ({"num_beams": 4}, "beam search"),
         ({"max_new_tokens": "5"}, "max_new_tokens must be an integer"),
         ({"min_new_tokens": 5, "max_tokens": 2}, "min_tokens (5) must not exceed"),
