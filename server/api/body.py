@@ -38,7 +38,7 @@ def _not_json(name: str) -> Any:
     raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
 
 
-def loads(body: bytes) -> Any:
+def loads(body: bytes | str) -> Any:
     return json.loads(body, parse_constant=_not_json)
 
 

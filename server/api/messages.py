@@ -47,7 +47,7 @@ from server.api.protocol import (
 from server.api.sse import answer_pieces, named_event
 from server.engine.sequence import SequenceOutput
 from server.exceptions import AnswerTooLong, InvalidRequest, PromptTooLong, ServerError
-from server.media.image import VIDEO_HINT
+from server.media.image import VIDEO_HINT, VIDEO_PART_HINT
 from server.pipelines.chat import ChatResult, ChatRun, ChoiceResult
 from server.pipelines.reasoning import Reasoning, ReasoningStream
 from server.pipelines.tools import (
@@ -263,11 +263,11 @@ class Metadata(StrictModel):
 
 class ThinkingTurns(StrictModel):
     type: Literal["thinking_turns"]
-    value: int = Field(ge=0)
+    value: int = Field(ge=1)  # (Anthropic's least)
 
 
 class ClearThinking(StrictModel):
-    """The context-management beta's thinking edit (Claude Code sends it on every request):
+    """The context-management beta's thinking edit (Claude Code sends it with thinking on):
     the thinking of all but the last `keep` assistant turns left out of the prompt ("all":
     none; default: the last turn's, as Anthropic's). (A Qwen3 thinking template shows only
     the current tool loop's reasoning whatever is kept.)"""
@@ -286,9 +286,12 @@ class ContextManagement(StrictModel):
         for index, edit in enumerate(self.edits):
             param = f"context_management.edits[{index}]"
             if edit.get("type") != "clear_thinking_20251015":
+                named = (
+                    f"{edit['type']!r} edits are" if "type" in edit else "An edit without a type is"
+                )
                 raise InvalidRequest(
-                    f"{edit.get('type')!r} edits are not supported here: "
-                    "clear_thinking_20251015 only (tool results are never cleared).",
+                    f"{named} not supported here: clear_thinking_20251015 only (tool results "
+                    "are never cleared).",
                     param=f"{param}.type",
                     code="unsupported_parameter",
                 )
@@ -296,8 +299,8 @@ class ContextManagement(StrictModel):
                 keep = ClearThinking.model_validate(edit).keep
             except ValidationError:
                 raise InvalidRequest(
-                    'A clear_thinking_20251015 edit\'s keep is "all" or {"type": '
-                    '"thinking_turns", "value": N}, N >= 0.',
+                    'A clear_thinking_20251015 edit takes type and keep: "all" or {"type": '
+                    '"thinking_turns", "value": N}, N >= 1.',
                     param=param,
                     code="invalid_value",
                 ) from None
@@ -519,7 +522,9 @@ class MessagesRequest(StrictModel):
             exc.message = f"prompt is too long: {exc.message}"  # (its tokens not counted)
             exc.param = None
         elif exc.param is not None and exc.param.startswith("messages"):
-            exc.message = MESSAGE_PART.sub(origin, exc.message.replace(VIDEO_HINT, VIDEO_HERE))
+            message = exc.message.replace(VIDEO_HINT, VIDEO_HERE)
+            message = message.replace(VIDEO_PART_HINT, VIDEO_HERE)
+            exc.message = MESSAGE_PART.sub(origin, message)
             exc.param = MESSAGE_PART.sub(origin, exc.param)
         elif exc.param is not None and exc.param.startswith("response_format"):
             exc.rename_param(

@@ -820,28 +820,33 @@ def generate_options(data: Any) -> Any:
     if not isinstance(data, dict) or not data.keys() & GENERATE_OPTIONS:
         return data
     data = dict(data)
-    if data.pop("num_beams", 1) not in (1, None):
-        raise ValueError("num_beams takes only the number 1: beam search is not done here")
+    beams = data.pop("num_beams", None)
+    if beams is not None and not (type(beams) is int and beams == 1):
+        raise _generate_option("num_beams", "takes only 1: beam search is not done here")
     if (sample := data.pop("do_sample", None)) is not None and not isinstance(sample, bool):
-        raise ValueError("do_sample must be a boolean")
+        raise _generate_option("do_sample", "must be a boolean")
     if sample is False:
         data["temperature"] = 0
     # (chat's max_completion_tokens, where given, is the limit: it wins over max_tokens)
     chat_limit = data.get("max_completion_tokens") is not None
-    for name, field, tighter in (
-        ("max_new_tokens", "max_completion_tokens" if chat_limit else "max_tokens", min),
-        ("min_new_tokens", "min_tokens", max),
+    for name, field, tighter, least in (
+        ("max_new_tokens", "max_completion_tokens" if chat_limit else "max_tokens", min, 1),
+        ("min_new_tokens", "min_tokens", max, 0),
     ):
         if (value := data.pop(name, None)) is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer")
+        if type(value) is not int or not least <= value < 2**31:
+            raise _generate_option(name, f"must be an integer from {least} to 2**31 - 1")
         given = data.get(field)
         if given is None:
             data[field] = value
-        elif isinstance(given, int) and not isinstance(given, bool):
+        elif type(given) is int:
             data[field] = tighter(given, value)
     return data
+
+
+def _generate_option(name: str, problem: str) -> InvalidRequest:
+    return InvalidRequest(f"{name} {problem}.", param=name, code="invalid_value")
 
 
 class VllmFields(StrictModel):
@@ -1331,8 +1336,8 @@ class MediaWishes:
 def _always(processor: dict[str, Any], name: str, why: str) -> None:
     """A processor switch that is always on here (Qwen's own vLLM examples send
     do_sample_frames true): true or absent is taken, false is a 400 saying why."""
-    value = processor.pop(name, True)
-    if value is not True:
+    value = processor.pop(name, None)
+    if value is not None and value is not True:
         param = f"mm_processor_kwargs.{name}"
         raise _media_option(param, f"takes only true ({why} here)")
 

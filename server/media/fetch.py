@@ -25,6 +25,7 @@ import httpx
 
 from server.exceptions import MediaError, NoRoomToSpool
 from server.jobs.project import current_project
+from server.media.image import VIDEO_PART_HINT
 from server.media.netguard import (
     AddressRefused,
     HostUnresolved,
@@ -478,9 +479,7 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
         )
     mime = (match.group("mime") or "").lower()
     if not mime.startswith(f"{kind}/"):
-        hint = (
-            "; send it as a video_url part" if kind == "image" and mime.startswith("video/") else ""
-        )
+        hint = VIDEO_PART_HINT if kind == "image" and mime.startswith("video/") else ""
         raise MediaError(
             f"The data URI at {param} declares '{mime or 'no media type'}'; expected "
             f"{kind}/*{hint}.",

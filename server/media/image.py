@@ -295,6 +295,8 @@ def judged_kind(head: bytes, param: str) -> Literal["image", "video", "neither"]
     return "video" if looks_like_video(head) else "neither"
 
 
+# Where a video sent as an image goes (chat's video_url part; /v1/messages words it its way).
+VIDEO_PART_HINT = "; send it as a video_url part"
 VIDEO_HINT = (
     "; it is a video: send it as a video_url part, or as a data: URI that declares it "
     "(data:video/mp4;base64,...)"

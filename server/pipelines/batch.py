@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from server.api.batches import BatchCreateRequest
+from server.api.body import loads
 from server.exceptions import EngineStopped, JobStoreUnavailable
 from server.jobs.project import current_project
 from server.jobs.store import Job, JobStore
@@ -187,7 +188,7 @@ def _parse_line(
     raw: str, number: int, endpoint: str, seen: set[str]
 ) -> tuple[BatchLine | None, dict[str, Any] | None]:
     try:
-        item = json.loads(raw)
+        item = loads(raw)  # (NaN and Infinity: not JSON, as in a request's body)
     except (ValueError, RecursionError):  # (RecursionError: nested past Python's stack)
         return None, _problem("invalid_json_line", "This line is not valid JSON.", line=number)
     if not isinstance(item, dict):

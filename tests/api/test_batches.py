@@ -166,6 +166,7 @@ async def test_invalid_lines_fail_the_batch_each_listed(sdk: openai.AsyncOpenAI)
                 "",
                 {"custom_id": "y"},
                 '{"custom_id": "deep", "body": ' + "[" * 5000 + "]" * 5000 + "}",  # past the stack
+                '{"custom_id": "nan", "body": {"temperature": NaN}}',  # (not JSON: was a 500)
             ),
         ),
         purpose="batch",
@@ -183,6 +184,7 @@ async def test_invalid_lines_fail_the_batch_each_listed(sdk: openai.AsyncOpenAI)
         (4, "mismatched_url", "url"),
         (6, "invalid_method", "method"),
         (7, "invalid_json_line", None),
+        (8, "invalid_json_line", None),
     ]
     assert batch.output_file_id is None
 

@@ -231,7 +231,7 @@ async def test_echo_with_logprobs_scores_the_prompt(client: httpx.AsyncClient) -
         strict=True,
     ):
         # the token and the 3 most likely (a likelier token of its text: that one's logprob)
-        assert top[token] >= value and len(top) <= 4
+        assert top[token] >= value and (3 <= len(top) <= 4 or "\ufffd" in top)
     streamed, streamed_offsets = [], []
     payload = {"model": "tiny", **body, "stream": True}
     async with client.stream("POST", "/v1/completions", json=payload) as response:

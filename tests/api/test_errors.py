@@ -375,9 +375,9 @@ async def test_a_large_body_is_parsed_off_the_event_loop(
     threads: list[str] = []
     real = body_module.json.loads
 
-    def loads(text: bytes) -> object:
+    def loads(text: bytes, **options: object) -> object:
         threads.append(threading.current_thread().name)
-        return real(text)
+        return real(text, **options)
 
     monkeypatch.setattr(body_module.json, "loads", loads)
     big = {"model": "tiny", "max_tokens": 1, "messages": user(TEXT), "user": "x" * (1 << 20)}

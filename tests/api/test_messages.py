@@ -467,11 +467,14 @@ async def test_a_video_sent_as_an_image_is_pointed_to_chat(client: httpx.AsyncCl
     source = {"type": "base64", "media_type": "image/png", "data": video}
     content = [{"type": "image", "source": source}, {"type": "text", "text": "What happens?"}]
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
-    response = await client.post("/v1/messages", json=body)
-    assert response.status_code == 400, response.text
-    message = response.json()["error"]["message"]
-    assert "messages[0].content[0]" in message and "no video blocks" in message, message
-    assert "/v1/chat/completions as a video_url part" in message
+    declared = {"type": "url", "url": "data:video/mp4;base64," + video}
+    for sent in (source, declared):
+        content[0]["source"] = sent
+        response = await client.post("/v1/messages", json=body)
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+        assert "messages[0].content[0]" in message and "no video blocks" in message, message
+        assert "/v1/chat/completions as a video_url part" in message and "; send" not in message
 
 
 async def test_images_in_a_tool_result_reach_the_model(

@@ -311,7 +311,8 @@ async def test_mm_processor_kwargs_set_the_image_resolution(client: httpx.AsyncC
     same_small = await image_tokens(mm_processor_kwargs={"size": {"longest_edge": 112 * 112}})
     assert small < default < large and same_small == small
     # Qwen's own vLLM examples send the processor's switches on: taken (always so here)
-    switched = await image_tokens(mm_processor_kwargs={"do_resize": True, "max_frames": 8})
+    switched = {"do_resize": True, "max_frames": 8, "do_sample_frames": None}  # (null: absent)
+    switched = await image_tokens(mm_processor_kwargs=switched)
     assert switched == default
     for kwargs, param in (
         ({"do_resize": False}, "mm_processor_kwargs.do_resize"),
@@ -500,13 +501,16 @@ async def test_transformers_generate_names_are_bounds(client: httpx.AsyncClient)
         body = {"model": "tiny", **prompt, "max_tokens": 6, **extra}
         texts.append((await client.post("/v1/completions", json=body)).json()["choices"][0]["text"])
     assert texts[0] == texts[1]
-    for extra, words in (
-        ({"do_sample": "no"}, "do_sample must be a boolean"),
-        ({"num_beams": 4}, "beam search"),
-        ({"max_new_tokens": "5"}, "max_new_tokens must be an integer"),
-        ({"min_new_tokens": 5, "max_tokens": 2}, "min_tokens (5) must not exceed"),
+    for extra, param, words in (
+        ({"do_sample": "no"}, "do_sample", "must be a boolean"),
+        ({"num_beams": 4}, "num_beams", "beam search"),
+        ({"num_beams": True}, "num_beams", "takes only 1"),
+        ({"max_new_tokens": "5"}, "max_new_tokens", "must be an integer"),
+        ({"max_new_tokens": -1, "max_tokens": 10}, "max_new_tokens", "from 1"),
+        ({"max_new_tokens": 10**30}, "max_new_tokens", "2**31"),
+        ({"min_new_tokens": -1}, "min_new_tokens", "from 0"),
+        ({"min_new_tokens": 5, "max_tokens": 2}, "min_tokens", "min_tokens (5) must not exceed"),
     ):
         response = await client.post("/v1/chat/completions", json=chat(**extra))
-        assert response.status_code == 400 and words in response.json()["error"]["message"], (
-            response.text
-        )
+        error = assert_error(response, 400, param)
+        assert words in error["message"], error
