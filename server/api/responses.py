@@ -79,6 +79,12 @@ class FunctionCallItem(PartModel):
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     arguments: CallArguments  # (one cut off by max_output_tokens is sent back as it is)
+    namespace: str | None = None  # a namespace tool's function's (NamespaceTool)
+
+    @property
+    def offered_name(self) -> str:
+        """The name the model was offered the function by."""
+        return self.name if self.namespace is None else qualified(self.namespace, self.name)
 
 
 class FunctionCallOutputItem(PartModel):
@@ -145,10 +151,28 @@ class FunctionTool(StrictModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    defer_loading: bool | None = None  # (tool search's: every tool is offered at once here)
 
-    def to_chat(self) -> dict[str, Any]:
-        function = self.model_dump(exclude={"type"}, exclude_none=True)
-        return {"type": "function", "function": function}
+    def to_chat(self, name: str | None = None) -> dict[str, Any]:
+        function = self.model_dump(exclude={"type", "defer_loading"}, exclude_none=True)
+        return {"type": "function", "function": function | {"name": name or self.name}}
+
+
+def qualified(namespace: str, name: str) -> str:
+    """A namespace tool's function's name as the model is offered it (the mcp__server__tool
+    form Codex gave its MCP tools before namespaces)."""
+    return f"{namespace}__{name}"
+
+
+class NamespaceTool(StrictModel):
+    """Function tools grouped under a name, a client's own (Codex sends its MCP servers' and
+    its agents' tools so): each is offered to the model as qualified()'s name, and its calls
+    come back under their own name with the `namespace`, by which the client routes them."""
+
+    type: Literal["namespace"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    tools: list[FunctionTool] = Field(min_length=1, max_length=128)
 
 
 class HostedTool(PartModel):
@@ -158,13 +182,15 @@ class HostedTool(PartModel):
 
 
 def _tool_kind(tool: Any) -> str:
-    function = isinstance(tool, dict) and tool.get("type") == "function"
-    return "function_tool" if function else "hosted_tool"
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    return {"function": "function_tool", "namespace": "namespace_tool"}.get(kind, "hosted_tool")
 
 
 # (Tags the error handler leaves out of a field's name: tools[0].name, not tools[0].function...)
 Tool = Annotated[
-    Annotated[FunctionTool, Tag("function_tool")] | Annotated[HostedTool, Tag("hosted_tool")],
+    Annotated[FunctionTool, Tag("function_tool")]
+    | Annotated[NamespaceTool, Tag("namespace_tool")]
+    | Annotated[HostedTool, Tag("hosted_tool")],
     Discriminator(_tool_kind),
 ]
 
@@ -317,7 +343,8 @@ class ResponsesRequest(StrictModel):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None  # (the prefix cache is automatic)
-    service_tier: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    client_metadata: dict[str, str] | None = None  # (Codex's: its thread and turn ids)
     background_options: dict[str, Any] | None = None  # (a completion window: jobs run first come)
     image: dict[str, Any] | None = None  # (image context compression: images are sent whole)
     access_programs: dict[str, Any] | None = None
@@ -562,6 +589,26 @@ class ResponsesRequest(StrictModel):
             return f'{said} Truncation "auto" left out all it may (it keeps {TRUNCATION_KEEPS}).'
         return f'{said} Set truncation "auto" to leave the oldest turns and steps out to fit.'
 
+    def _functions(self) -> dict[str, FunctionTool]:
+        """The functions offered to the model, by the name it is offered each by."""
+        functions: dict[str, FunctionTool] = {}
+        for tool in self.tools or ():
+            if isinstance(tool, FunctionTool):
+                functions[tool.name] = tool
+            elif isinstance(tool, NamespaceTool):
+                functions |= {qualified(tool.name, f.name): f for f in tool.tools}
+        return functions
+
+    @property
+    def namespaced(self) -> dict[str, tuple[str, str]]:
+        """A namespace tool's functions: the name each is offered by -> (namespace, name)."""
+        return {
+            qualified(tool.name, function.name): (tool.name, function.name)
+            for tool in self.tools or ()
+            if isinstance(tool, NamespaceTool)
+            for function in tool.tools
+        }
+
     def refuse_hosted_tools(self) -> None:
         for index, tool in enumerate(self.tools or ()):
             if isinstance(tool, HostedTool):
@@ -572,7 +619,7 @@ class ResponsesRequest(StrictModel):
                 )
                 raise InvalidRequest(
                     f"The {tool.type} tool is not available on this server: {why}; function "
-                    "tools only.",
+                    "tools (and namespaces of them) only.",
                     param=f"tools[{index}].type",
                     code="unsupported_parameter",
                 )
@@ -595,9 +642,7 @@ class ResponsesRequest(StrictModel):
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         if self.tools is not None:  # ([]: none, whatever tool_choice says, as chat reads it)
-            body["tools"] = [
-                tool.to_chat() for tool in self.tools if isinstance(tool, FunctionTool)
-            ]
+            body["tools"] = [function.to_chat(name) for name, function in self._functions().items()]
         if isinstance(self.tool_choice, NamedFunction | AllowedTools):
             body["tool_choice"] = self.tool_choice.to_chat()
         else:
@@ -634,7 +679,7 @@ class ResponsesRequest(StrictModel):
                 self._origins.append(where)
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function"}
-                call["function"] = {"name": item.name, "arguments": item.arguments}
+                call["function"] = {"name": item.offered_name, "arguments": item.arguments}
                 calls.add(item.call_id)
                 unanswered[item.call_id] = where
                 if not messages or messages[-1]["role"] != "assistant":
@@ -961,10 +1006,14 @@ def _status(finish_reason: str | None) -> str:
 
 
 def output_items(
-    rid: str, choice: ChoiceResult, num_reasoning: int | None = None
+    rid: str,
+    choice: ChoiceResult,
+    num_reasoning: int | None = None,
+    namespaced: dict[str, tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """A whole answer as response rid's output items: its reasoning, its message (its text's
-    logprobs: past the num_reasoning tokens and their "</think>"), its function calls."""
+    logprobs: past the num_reasoning tokens and their "</think>"), its function calls
+    (namespaced: ResponsesRequest.namespaced)."""
     status = _status(choice.finish_reason)  # of the last item: the one a cut-off ends
     calls = choice.tool_calls
     items = []
@@ -976,9 +1025,8 @@ def output_items(
         message["content"][0]["logprobs"] = logprobs_of((choice.logprobs or [])[skip:])
         items.append(message)
     for call in calls:
-        items.append(
-            call_item(_item_id("fc", rid), call.id, call.name, call.arguments, "completed")
-        )
+        item = call_item(_item_id("fc", rid), call.id, call.name, call.arguments, "completed")
+        items.append(in_namespace(item, namespaced))
     if items and items[-1]["type"] != "reasoning":
         items[-1]["status"] = status
     return items
@@ -1020,12 +1068,20 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
     }
 
 
+def in_namespace(
+    item: dict[str, Any], namespaced: dict[str, tuple[str, str]] | None
+) -> dict[str, Any]:
+    """A function call item of a namespace tool's function: its own name and its namespace."""
+    if namespaced and (found := namespaced.get(item["name"])) is not None:
+        item["namespace"], item["name"] = found
+    return item
+
+
 def completed(rid: str, body: ResponsesRequest, result: ChatResult, store: bool) -> ResponseObject:
     choice, num_reasoning = result.choices[0], result.run.usage().num_reasoning
     response = ResponseObject.start(rid, body, result.run.seq.sampling, store)
-    return response.finish(
-        output_items(rid, choice, num_reasoning), choice.finish_reason, result.run
-    )
+    items = output_items(rid, choice, num_reasoning, body.namespaced)
+    return response.finish(items, choice.finish_reason, result.run)
 
 
 def event(kind: str, number: int, **fields: Any) -> str:
@@ -1046,8 +1102,10 @@ class ResponseEvents:
         reasoning: bool,
         logprobs: tuple[Sequence, TokenTexts] | None = None,
         think_close: int | None = None,
+        namespaced: dict[str, tuple[str, str]] | None = None,
     ):
         self.response = response
+        self.namespaced = namespaced  # ResponsesRequest.namespaced
         self.number = 0
         self.output: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the item the deltas go to
@@ -1150,7 +1208,7 @@ class ResponseEvents:
         events = []
         if delta.id is not None:  # a new call: its id and name come first
             item = call_item(self._item_id("fc"), delta.id, delta.name or "", "", "in_progress")
-            events += self._close() + self._add(item)
+            events += self._close() + self._add(in_namespace(item, self.namespaced))
             self._buffer = ""
         if delta.arguments:
             self._buffer += delta.arguments

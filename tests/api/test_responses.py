@@ -506,6 +506,60 @@ async def test_streamed_events_as_the_sdk_accumulates_them(sdk: openai.AsyncOpen
     assert final.usage.output_tokens == whole.usage.output_tokens
 
 
+async def test_a_namespaces_functions_are_called_by_name_and_namespace(
+    client: httpx.AsyncClient,
+) -> None:
+    """A namespace tool (Codex sends its MCP servers' tools so): its functions are offered
+    to the model as namespace__name and their calls come back under their own name with the
+    namespace, streamed or not, and go back into the prompt as they were offered; Codex's
+    client_metadata and a function's defer_loading change nothing."""
+    echo = {"type": "function", "name": "echo", "defer_loading": False, "strict": False}
+    echo["parameters"] = {"type": "object", "properties": {"text": {"type": "string"}}}
+    namespace = {"type": "namespace", "name": "mcp__demo", "description": "Demo.", "tools": [echo]}
+    body = {
+        "model": "tiny",
+        "input": "Echo hi",
+        "tools": [WEATHER, namespace],
+        "tool_choice": {
+            "type": "allowed_tools",
+            "mode": "required",
+            "tools": [{"type": "function", "name": "mcp__demo__echo"}],
+        },
+        "max_output_tokens": 60,
+        "temperature": 0,
+        "client_metadata": {"thread_id": "t1", "turn_id": "u1"},
+    }
+    response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    (call,) = [item for item in response.json()["output"] if item["type"] == "function_call"]
+    assert (call["name"], call["namespace"]) == ("echo", "mcp__demo"), call
+    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        events = [
+            json.loads(line[6:]) async for line in stream.aiter_lines() if line[:6] == "data: "
+        ]
+    added = [e["item"] for e in events if e["type"] == "response.output_item.added"]
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert [(i["name"], i.get("namespace")) for i in added if i["type"] == "function_call"] == [
+        ("echo", "mcp__demo")
+    ]
+    assert done[0]["name"] == "echo"
+    (final,) = [e["response"] for e in events if e["type"] == "response.completed"]
+    assert [i for i in final["output"] if i["type"] == "function_call"][0]["arguments"] == call[
+        "arguments"
+    ]
+    # the call and its output back in the next input: offered to the model as it was
+    sent_back = {k: call[k] for k in ("type", "call_id", "name", "arguments", "namespace")}
+    history = [{"role": "user", "content": "Echo hi"}, sent_back]
+    history.append({"type": "function_call_output", "call_id": call["call_id"], "output": "hi"})
+    counted = {"model": "tiny", "tools": [namespace], "input": history}
+    with_namespace = await client.post("/v1/responses/input_tokens", json=counted)
+    history[1] = {**history[1], "namespace": None}
+    bare = await client.post("/v1/responses/input_tokens", json=counted)
+    assert with_namespace.json()["input_tokens"] > bare.json()["input_tokens"]
+    answer = await client.post("/v1/responses", json={**body, "input": history})
+    assert answer.status_code == 200, answer.text
+
+
 async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient) -> None:
     body = {"model": "tiny", "input": image_input("Describe."), "max_output_tokens": 5}
     whole = (await client.post("/v1/responses", json={**body, "temperature": 0})).json()
@@ -564,6 +618,7 @@ async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient)
         ),
         # OpenAI's limits: 16 metadata pairs (keys to 64 characters, values to 512), a
         # format's name of letters, digits, _ and -
+        ({"service_tier": "bogus"}, "service_tier"),  # (OpenAI's five only)
         ({"metadata": {f"k{n}": "v" for n in range(17)}}, "metadata"),
         ({"metadata": {"k" * 65: "v"}}, "metadata"),
         ({"metadata": {"k": "v" * 513}}, "metadata"),

@@ -137,6 +137,7 @@ async def _respond(
         run.seq.inputs.thinks,
         logprobs,
         run.think_close_id if run.seq.inputs.thinks else None,
+        body.namespaced,
     )
     if store:  # visible (in_progress) while it streams; not stored if the store cannot take it
         events.response.store = await asyncio.to_thread(
