@@ -31,7 +31,7 @@ PART_TAGS = frozenset(
     {"text", "input_text", "output_text", "refusal", "image_url", "input_image", "video_url"}
     | {"file", "input_file"}
     | {"message", "function_call", "function_call_output", "reasoning", "item_reference"}
-    | {"function_tool", "hosted_tool"}
+    | {"function_tool", "namespace_tool", "hosted_tool"}
     # the Messages API's blocks and tools
     | {"image", "tool_use", "tool_result", "thinking", "other", "custom", "server"}
 )

@@ -72,6 +72,9 @@ class InputMessage(PartModel):
     content: Text | list[ContentPart]
 
 
+TOOL_NAME = r"^[A-Za-z0-9_-]+$"  # (OpenAI's rule for a function's and a namespace's name)
+
+
 class FunctionCallItem(PartModel):
     """An earlier answer's function call."""
 
@@ -79,7 +82,8 @@ class FunctionCallItem(PartModel):
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     arguments: CallArguments  # (one cut off by max_output_tokens is sent back as it is)
-    namespace: str | None = None  # a namespace tool's function's (NamespaceTool)
+    # a namespace tool's function's (NamespaceTool)
+    namespace: str | None = Field(default=None, max_length=64, pattern=TOOL_NAME)
 
     @property
     def offered_name(self) -> str:
@@ -147,7 +151,7 @@ class FunctionTool(StrictModel):
     """A function the model may call (the Responses API's flat form of chat's tool)."""
 
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=TOOL_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -159,9 +163,9 @@ class FunctionTool(StrictModel):
 
 
 def qualified(namespace: str, name: str) -> str:
-    """A namespace tool's function's name as the model is offered it (the mcp__server__tool
-    form Codex gave its MCP tools before namespaces)."""
-    return f"{namespace}__{name}"
+    """A namespace tool's function's name as the model is offered it: Codex's flat form of
+    it (mcp__server__tool; the namespace's trailing and the name's leading "_" trimmed)."""
+    return f"{namespace.rstrip('_')}__{name.lstrip('_')}"
 
 
 class NamespaceTool(StrictModel):
@@ -170,7 +174,7 @@ class NamespaceTool(StrictModel):
     come back under their own name with the `namespace`, by which the client routes them."""
 
     type: Literal["namespace"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=TOOL_NAME)
     description: str | None = None
     tools: list[FunctionTool] = Field(min_length=1, max_length=128)
 
@@ -198,9 +202,11 @@ Tool = Annotated[
 class NamedFunction(StrictModel):
     type: Literal["function"]
     name: str = Field(min_length=1)
+    namespace: str | None = Field(default=None, max_length=64, pattern=TOOL_NAME)
 
     def to_chat(self) -> dict[str, Any]:
-        return {"type": "function", "function": {"name": self.name}}
+        name = self.name if self.namespace is None else qualified(self.namespace, self.name)
+        return {"type": "function", "function": {"name": name}}
 
 
 class AllowedTools(StrictModel):
@@ -401,6 +407,7 @@ class ResponsesRequest(StrictModel):
     # Where each message of the chat body came from ("input[3]", "instructions"), so a chat
     # error is named as this body has it: messages[4].content[1] -> input[3].content[1].
     _origins: list[str] = PrivateAttr(default_factory=list)
+    _tool_origins: list[str] = PrivateAttr(default_factory=list)  # chat's tools[k]'s
     # The conversation before `input` (previous_response_id's or conversation's items, oldest
     # first).
     _history: list[Any] = PrivateAttr(default_factory=list)
@@ -561,7 +568,12 @@ class ResponsesRequest(StrictModel):
             return item + part if item.endswith(".output") else item + (match.group(2) or "") + part
 
         if exc.param is None or not exc.param.startswith("messages"):
-            exc.rename_param(responses_param(exc.param))  # (already in this body's names too)
+            param = responses_param(exc.param)  # (already in this body's names too)
+            if param and (tool := TOOL_INDEX.match(param)):  # (chat's tools are flattened)
+                k = int(tool.group(1))
+                if k < len(self._tool_origins):
+                    param = self._tool_origins[k] + param[tool.end() :]
+            exc.rename_param(param)
             return
         exc.message = MESSAGE_INDEX.sub(origin, exc.message)
         exc.param = MESSAGE_INDEX.sub(origin, exc.param)
@@ -589,15 +601,29 @@ class ResponsesRequest(StrictModel):
             return f'{said} Truncation "auto" left out all it may (it keeps {TRUNCATION_KEEPS}).'
         return f'{said} Set truncation "auto" to leave the oldest turns and steps out to fit.'
 
-    def _functions(self) -> dict[str, FunctionTool]:
-        """The functions offered to the model, by the name it is offered each by."""
-        functions: dict[str, FunctionTool] = {}
-        for tool in self.tools or ():
+    def _functions(self) -> list[tuple[str, FunctionTool, str]]:
+        """The functions offered to the model: the name it is offered each by, the function,
+        and where it is in this body. Two offered by one name are a 400 (a call would not
+        say which it is)."""
+        offered: list[tuple[str, FunctionTool, str]] = []
+        for i, tool in enumerate(self.tools or ()):
             if isinstance(tool, FunctionTool):
-                functions[tool.name] = tool
+                offered.append((tool.name, tool, f"tools[{i}]"))
             elif isinstance(tool, NamespaceTool):
-                functions |= {qualified(tool.name, f.name): f for f in tool.tools}
-        return functions
+                offered += [
+                    (qualified(tool.name, function.name), function, f"tools[{i}].tools[{j}]")
+                    for j, function in enumerate(tool.tools)
+                ]
+        seen: dict[str, str] = {}
+        for name, _, where in offered:
+            if name in seen:
+                problem = f"is offered to the model as {name!r}, as {seen[name]} is: tool "
+                raise _tool_name(where, problem + "names must be unique")
+            if len(name) > 64:  # (chat's limit, OpenAI's)
+                problem = f"is offered to the model as {name!r} ({len(name)} characters): a "
+                raise _tool_name(where, problem + "namespace and its function's name fit 62")
+            seen[name] = where
+        return offered
 
     @property
     def namespaced(self) -> dict[str, tuple[str, str]]:
@@ -642,7 +668,9 @@ class ResponsesRequest(StrictModel):
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         if self.tools is not None:  # ([]: none, whatever tool_choice says, as chat reads it)
-            body["tools"] = [function.to_chat(name) for name, function in self._functions().items()]
+            offered = self._functions()
+            body["tools"] = [function.to_chat(name) for name, function, _ in offered]
+            self._tool_origins = [where for _, _, where in offered]
         if isinstance(self.tool_choice, NamedFunction | AllowedTools):
             body["tool_choice"] = self.tool_choice.to_chat()
         else:
@@ -818,6 +846,7 @@ def _dump(content: str | list[Any]) -> str | list[dict[str, Any]]:
     return [part.model_dump(exclude_none=True) for part in content]
 
 
+TOOL_INDEX = re.compile(r"^tools\[(\d+)\]")
 MESSAGE_INDEX = re.compile(r"messages\[(\d+)\](\.content)?(\[(\d+)\])?")
 
 
@@ -986,7 +1015,7 @@ def _reasoning(config: ReasoningConfig | None) -> dict[str, Any]:
 
 def _tool_choice(choice: str | NamedFunction | AllowedTools | None) -> Any:
     if isinstance(choice, NamedFunction | AllowedTools):
-        return choice.model_dump()
+        return choice.model_dump(exclude_none=True)
     return choice or "auto"
 
 
@@ -1066,6 +1095,10 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
         "arguments": arguments,
         "status": status,
     }
+
+
+def _tool_name(where: str, problem: str) -> InvalidRequest:
+    return InvalidRequest(f"{where} {problem}.", param=f"{where}.name", code="invalid_value")
 
 
 def in_namespace(

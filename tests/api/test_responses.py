@@ -560,6 +560,59 @@ async def test_a_namespaces_functions_are_called_by_name_and_namespace(
     assert answer.status_code == 200, answer.text
 
 
+async def test_namespace_tools_name_their_errors_and_clashes(client: httpx.AsyncClient) -> None:
+    """Functions offered by one name are a 400 naming both (a call would not say which);
+    a namespace and name too long together, a bad schema inside a namespace, a bad field in
+    one: each named where it is in the request (chat's flattened tools[k] mapped back); a
+    choice names a namespace's function by name and namespace."""
+
+    def function(name: str, **extra: object) -> dict:
+        return {"type": "function", "name": name, "parameters": {"type": "object"}, **extra}
+
+    def space(name: str, *functions: dict, **extra: object) -> dict:
+        return {"type": "namespace", "name": name, "tools": list(functions), **extra}
+
+    long = "n" * 40
+    unique = {"type": "array", "uniqueItems": True}  # (strict: cannot be enforced, a 400)
+    schema = {"type": "object", "properties": {"a": unique}, "required": ["a"]}
+    bad = function("bad", strict=True, parameters=schema | {"additionalProperties": False})
+    for tools, param, words in (
+        ([function("echo"), function("echo")], "tools[1].name", "as tools[0] is"),
+        (
+            [space("a", function("b__c")), space("a__b", function("c"))],
+            "tools[1].tools[0].name",
+            "'a__b__c'",
+        ),
+        (
+            [function("mcp__x__echo"), space("mcp__x", function("echo"))],
+            "tools[1].tools[0].name",
+            "unique",
+        ),
+        ([space(long, function("e"), function("f" * 30))], "tools[0].tools[1].name", "fit 62"),
+        ([space("x", function("ok"), extra=1)], "tools[0].extra", ""),
+        ([space("x", {"type": "custom", "name": "p"})], "tools[0].tools[0].type", ""),
+    ):
+        body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "tools": tools}
+        error = assert_error(await client.post("/v1/responses", json=body), 400, param)
+        assert words in error["message"], error
+    tools = [space("x", function("ok"), bad), function("echo")]
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "tools": tools}
+    body["tool_choice"] = {"type": "function", "name": "bad", "namespace": "x"}
+    assert_error(await client.post("/v1/responses", json=body), 400, "tools[0].tools[1].parameters")
+    tools = [space("mcp__demo_", function("_echo")), function("get_time")]  # (Codex's trims)
+    choice = {"type": "function", "name": "_echo", "namespace": "mcp__demo_"}
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 30, "tools": tools}
+    answer = await client.post("/v1/responses", json={**body, "tool_choice": choice})
+    assert answer.status_code == 200, answer.text
+    (call,) = answer.json()["output"]
+    assert (call["name"], call["namespace"]) == ("_echo", "mcp__demo_")
+    assert answer.json()["tool_choice"] == choice
+    flat = {"type": "function", "name": "mcp__demo__echo"}  # (the name it is offered by)
+    assert (
+        await client.post("/v1/responses", json={**body, "tool_choice": flat})
+    ).status_code == 200
+
+
 async def test_streamed_text_and_its_sequence_numbers(client: httpx.AsyncClient) -> None:
     body = {"model": "tiny", "input": image_input("Describe."), "max_output_tokens": 5}
     whole = (await client.post("/v1/responses", json={**body, "temperature": 0})).json()
