@@ -17,6 +17,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 from server.exceptions import InvalidRequest
+from server.strict_json import loads
 
 # An escape of a surrogate with no partner beside it in the raw body: only then is the parsed
 # body walked (a body with emoji escaped in pairs, as json.dumps writes them, is not). What it
@@ -30,16 +31,6 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # A body larger than this is parsed on a worker thread: json.loads held the event loop (every
 # stream, /health) 2 s for a 171 MB body of escapes.
 PARSE_ON_THREAD_BYTES = 1 << 20
-
-
-def _not_json(name: str) -> Any:
-    # json.loads reads NaN, Infinity and -Infinity, which are not JSON (RFC 8259): a NaN
-    # temperature was refused as "not less than or equal to 1", not as the bad body it is.
-    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
-
-
-def loads(body: bytes | str) -> Any:
-    return json.loads(body, parse_constant=_not_json)
 
 
 class ThreadParsedRequest(Request):

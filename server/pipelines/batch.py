@@ -29,11 +29,11 @@ from typing import Any
 import httpx
 
 from server.api.batches import BatchCreateRequest
-from server.api.body import loads
 from server.exceptions import EngineStopped, JobStoreUnavailable
 from server.jobs.project import current_project
 from server.jobs.store import Job, JobStore
 from server.jobs.worker import INTERNAL_ERROR, JobFailed, Progress, cancel_and_wait
+from server.strict_json import loads
 
 logger = logging.getLogger(__name__)
 

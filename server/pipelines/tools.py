@@ -20,6 +20,7 @@ from server.engine.json_schema import DATA_KEYWORDS, NAMED_SCHEMAS, strict_norma
 from server.engine.structured import StructuredOutput
 from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
 from server.pipelines.reasoning import partial_suffix
+from server.strict_json import dumps, loads
 
 TOOLS_HEADER = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -206,7 +207,7 @@ def _call_text(call: ToolCall) -> str:
     # arguments that are not JSON (a call cut short) as they were written, as Qwen3's does;
     # none at all (""), as no arguments ({})
     try:
-        arguments = json.dumps(json.loads(call.arguments or "{}"), ensure_ascii=False)
+        arguments = dumps(loads(call.arguments or "{}"))
     except (ValueError, RecursionError):
         arguments = call.arguments
     return f'<tool_call>\n{{"name": "{call.name}", "arguments": {arguments}}}\n</tool_call>'
@@ -348,16 +349,18 @@ class JsonExtent:
 
 
 def parse_call(body: str) -> tuple[str, str] | None:
-    """(name, arguments JSON) of a {"name": ..., "arguments": {...}} object, or None."""
+    """(name, arguments JSON) of a {"name": ..., "arguments": {...}} object, or None: also
+    for one whose arguments hold NaN, Infinity or a number past a float's range (1e999),
+    which no JSON parser a client has reads (Codex failed on `"max_output_tokens": Infinity`)."""
     try:
-        call = json.loads(body)
-    except ValueError:
+        call = loads(body)
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        arguments = call.get("arguments", call.get("parameters", {}))
+        if not isinstance(arguments, str):
+            arguments = dumps(arguments)
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call.get("arguments", call.get("parameters", {}))
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
     return call["name"], arguments
 
 

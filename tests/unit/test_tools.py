@@ -94,6 +94,11 @@ def test_parse_content_and_calls() -> None:
         "<tool_call>\nnot json\n</tool_call>",
         '<tool_call>{"arguments": {}}</tool_call>',  # no name
         "a < b <tool_",  # a partial tag at the end is text after all
+        # not JSON, though Python's json reads them: arguments no client could parse (Codex
+        # failed on "max_output_tokens": Infinity)
+        '<tool_call>{"name": "get_weather", "arguments": {"n": Infinity}}</tool_call>',
+        '<tool_call>{"name": "get_weather", "arguments": {"n": NaN}}</tool_call>',
+        '<tool_call>{"name": "get_weather", "arguments": {"n": 1e999}}</tool_call>',
     ],
 )
 def test_what_does_not_parse_stays_content(text: str) -> None:
