@@ -591,6 +591,7 @@ async def test_namespace_tools_name_their_errors_and_clashes(client: httpx.Async
         ([space(long, function("e"), function("f" * 30))], "tools[0].tools[1].name", "fit 62"),
         ([space("x", function("ok"), extra=1)], "tools[0].extra", ""),
         ([space("x", {"type": "custom", "name": "p"})], "tools[0].tools[0].type", ""),
+        ([{"type": {}}], "tools[0].type", ""),  # (an unhashable type was a 500)
     ):
         body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "tools": tools}
         error = assert_error(await client.post("/v1/responses", json=body), 400, param)
