@@ -15,7 +15,7 @@ import string
 import time
 import uuid
 from itertools import pairwise
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -177,6 +177,16 @@ class NamespaceTool(StrictModel):
     name: str = Field(min_length=1, max_length=64, pattern=TOOL_NAME)
     description: str | None = None
     tools: list[FunctionTool] = Field(min_length=1, max_length=128)
+
+
+class Offered(NamedTuple):
+    """A function offered to the model: the name it is offered by, where it is in the
+    request, and the namespace it is in (None: a plain function tool)."""
+
+    name: str
+    function: FunctionTool
+    where: str
+    namespace: str | None = None
 
 
 class HostedTool(PartModel):
@@ -409,7 +419,6 @@ class ResponsesRequest(StrictModel):
     # Where each message of the chat body came from ("input[3]", "instructions"), so a chat
     # error is named as this body has it: messages[4].content[1] -> input[3].content[1].
     _origins: list[str] = PrivateAttr(default_factory=list)
-    _tool_origins: list[str] = PrivateAttr(default_factory=list)  # chat's tools[k]'s
     # The conversation before `input` (previous_response_id's or conversation's items, oldest
     # first).
     _history: list[Any] = PrivateAttr(default_factory=list)
@@ -572,9 +581,9 @@ class ResponsesRequest(StrictModel):
         if exc.param is None or not exc.param.startswith("messages"):
             param = responses_param(exc.param)  # (already in this body's names too)
             if param and (tool := TOOL_INDEX.match(param)):  # (chat's tools are flattened)
-                k = int(tool.group(1))
-                if k < len(self._tool_origins):
-                    param = self._tool_origins[k] + param[tool.end() :]
+                offered = self._functions()
+                if (k := int(tool.group(1))) < len(offered):
+                    param = offered[k].where + param[tool.end() :]
             exc.rename_param(param)
             return
         exc.message = MESSAGE_INDEX.sub(origin, exc.message)
@@ -603,21 +612,20 @@ class ResponsesRequest(StrictModel):
             return f'{said} Truncation "auto" left out all it may (it keeps {TRUNCATION_KEEPS}).'
         return f'{said} Set truncation "auto" to leave the oldest turns and steps out to fit.'
 
-    def _functions(self) -> list[tuple[str, FunctionTool, str]]:
-        """The functions offered to the model: the name it is offered each by, the function,
-        and where it is in this body. Two offered by one name are a 400 (a call would not
-        say which it is)."""
-        offered: list[tuple[str, FunctionTool, str]] = []
+    def _functions(self) -> list[Offered]:
+        """The functions offered to the model, in the chat body's order. Two offered by one
+        name are a 400 (a call would not say which it is)."""
+        offered: list[Offered] = []
         for i, tool in enumerate(self.tools or ()):
             if isinstance(tool, FunctionTool):
-                offered.append((tool.name, tool, f"tools[{i}]"))
+                offered.append(Offered(tool.name, tool, f"tools[{i}]"))
             elif isinstance(tool, NamespaceTool):
                 offered += [
-                    (qualified(tool.name, function.name), function, f"tools[{i}].tools[{j}]")
-                    for j, function in enumerate(tool.tools)
+                    Offered(qualified(tool.name, f.name), f, f"tools[{i}].tools[{j}]", tool.name)
+                    for j, f in enumerate(tool.tools)
                 ]
         seen: dict[str, str] = {}
-        for name, _, where in offered:
+        for name, _, where, _ in offered:
             if name in seen:
                 problem = f"is offered to the model as {name!r}, as {seen[name]} is: tool "
                 raise _tool_name(where, problem + "names must be unique")
@@ -631,10 +639,9 @@ class ResponsesRequest(StrictModel):
     def namespaced(self) -> dict[str, tuple[str, str]]:
         """A namespace tool's functions: the name each is offered by -> (namespace, name)."""
         return {
-            qualified(tool.name, function.name): (tool.name, function.name)
-            for tool in self.tools or ()
-            if isinstance(tool, NamespaceTool)
-            for function in tool.tools
+            o.name: (o.namespace, o.function.name)
+            for o in self._functions()
+            if o.namespace is not None
         }
 
     def refuse_hosted_tools(self) -> None:
@@ -670,9 +677,7 @@ class ResponsesRequest(StrictModel):
         if self.wants_logprobs:
             body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         if self.tools is not None:  # ([]: none, whatever tool_choice says, as chat reads it)
-            offered = self._functions()
-            body["tools"] = [function.to_chat(name) for name, function, _ in offered]
-            self._tool_origins = [where for _, _, where in offered]
+            body["tools"] = [o.function.to_chat(o.name) for o in self._functions()]
         if isinstance(self.tool_choice, NamedFunction | AllowedTools):
             body["tool_choice"] = self.tool_choice.to_chat()
         else:
