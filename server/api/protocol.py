@@ -509,6 +509,9 @@ class ChatMessageParam(PartModel):
             for field in UNSUPPORTED_MESSAGE_FIELDS:
                 if data.get(field) is not None:
                     raise ValueError(f"the message field '{field}' is not supported")
+            # Qwen-Agent names the call a tool message answers `id` (its own message shape)
+            if data.get("role") == "tool" and data.get("tool_call_id") is None and "id" in data:
+                data = {**data, "tool_call_id": data["id"]}
         return data
 
     @model_validator(mode="after")
@@ -518,13 +521,13 @@ class ChatMessageParam(PartModel):
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError("only tool messages carry tool_call_id")
         # As OpenAI (and vLLM) refuse them: only an assistant's turn may go without content
-        # (its tool calls are what it said), and a tool's answer names the call it answers.
+        # (its tool calls are what it said). A tool message without tool_call_id answers the
+        # first call still open (check_tool_turns), as vLLM takes it (Qwen's template reads
+        # the answers in order).
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if isinstance(self.content, list) and not self.content and self.role != "assistant":
             raise ValueError("content is an empty array: send at least one part")
-        if self.role == "tool" and self.tool_call_id is None:
-            raise ValueError("a tool message needs tool_call_id (the call it answers)")
         return self
 
 
@@ -535,7 +538,8 @@ def check_tool_turns(messages: list[ChatMessageParam], continues: bool) -> None:
     """As OpenAI: tool messages answer the calls of the assistant message just before them
     (each call once, by its id), and every call is answered before the conversation goes on.
     A continued last message may still have its calls open; calls sent without ids are
-    matched by nothing (vLLM's clients may leave them out)."""
+    matched by nothing (vLLM's clients may leave them out), and a tool message without
+    tool_call_id answers the first call still open."""
     open_calls: dict[str, None] | None = None  # the last assistant's unanswered call ids
     asked_at, by_id = 0, True
     for i, message in enumerate(messages):
@@ -547,14 +551,24 @@ def check_tool_turns(messages: list[ChatMessageParam], continues: bool) -> None:
                     param=f"messages[{i}].role",
                     code="invalid_value",
                 )
-            if by_id and message.tool_call_id not in open_calls:
+            answered = message.tool_call_id
+            if answered is None and by_id:
+                answered = next(iter(open_calls), None)
+                if answered is None:
+                    raise InvalidRequest(
+                        "Invalid parameter: a message with role 'tool' and no 'tool_call_id' "
+                        "follows answers to every call of the previous message.",
+                        param=f"messages[{i}]",
+                        code="invalid_value",
+                    )
+            if by_id and answered not in open_calls:
                 raise InvalidRequest(
-                    f"Invalid parameter: 'tool_call_id' of '{message.tool_call_id}' not found "
+                    f"Invalid parameter: 'tool_call_id' of '{answered}' not found "
                     "in 'tool_calls' of previous message (or answered already).",
                     param=f"messages[{i}].tool_call_id",
                     code="invalid_value",
                 )
-            open_calls.pop(message.tool_call_id or "", None)
+            open_calls.pop(answered or "", None)
             continue
         _check_answered(open_calls, asked_at)
         open_calls = None
@@ -1900,7 +1914,7 @@ class MediaCompletionRequest(ChatCompletionRequest, JobOptions):
             kind = url_kind(part.url, part.param)  # (refuses the containers not read here)
             # (the part's own pixel range is its frames' if it is a video)
             frames = FrameRequest(min_pixels=part.min_pixels, max_pixels=part.max_pixels)
-            if not is_data_uri(part.url):
+            if kind is None or not is_data_uri(part.url):  # (judged by its bytes)
                 return replace(part, or_video=frames)
             if kind == "video":
                 return VideoPart(part.url, frames, part.param)

@@ -151,7 +151,7 @@ class MediaFetcher:
         spool_dir: Path | None = None,
         spend: Spend | None = None,
     ) -> FetchedMedia:
-        """kind is "image" or "video": the media type a data: URI must declare.
+        """kind is "image" or "video": the media type a data: URI must declare (or none).
 
         With spool_dir, a download is written to a temporary file there instead of memory (the
         caller discards it), and a local file is handed over by path, not read: big videos never
@@ -471,6 +471,19 @@ MAX_JPEG_FRAMES = 3600
 B64_WHITESPACE = b" \t\n\r\v\f"
 
 
+# A data: URI that names no type, or only "bytes" (Qwen-Agent writes every local video as
+# "data:;base64,..."; a browser's FileReader writes application/octet-stream for an unknown
+# file): its bytes say what it is, as a download's do, and are judged as those are (vLLM
+# decodes them whatever the URI declares). A type that names something else is still a 400.
+UNDECLARED_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+
+
+def undeclared_data_uri(url: str) -> bool:
+    """A data: URI naming no media type, or only bytes (UNDECLARED_TYPES)."""
+    # (its head only: lowercasing a whole URI copies megabytes)
+    return url[5:69].split(",", 1)[0].split(";", 1)[0].lower() in UNDECLARED_TYPES
+
+
 def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> FetchedMedia:
     match = DATA_URI.match(uri)
     if match is None or not match.group("b64"):
@@ -478,7 +491,7 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
             f"Invalid data URI at {param}: expected data:{kind}/<type>;base64,<data>.", param=param
         )
     mime = (match.group("mime") or "").lower()
-    if not mime.startswith(f"{kind}/"):
+    if mime not in UNDECLARED_TYPES and not mime.startswith(f"{kind}/"):
         hint = VIDEO_PART_HINT if kind == "image" and mime.startswith("video/") else ""
         raise MediaError(
             f"The data URI at {param} declares '{mime or 'no media type'}'; expected "

@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from typing import Literal
 
 from server.exceptions import MediaError
-from server.media.fetch import is_data_uri
+from server.media.fetch import is_data_uri, undeclared_data_uri
 
 MediaKind = Literal["image", "video"]
 
@@ -27,6 +27,8 @@ def url_kind(url: str, param: str) -> MediaKind | None:
     a 400 that says so); None where it does not."""
     if is_data_uri(url):
         # (the type only: lowercasing the whole URI copied 260 MB on the event loop)
+        if undeclared_data_uri(url):
+            return None  # (its bytes say: read as a download's are)
         return "video" if url[5:11].lower() == "video/" else "image"
     suffix = PurePosixPath(url.split("?")[0].split("#")[0]).suffix.lower()
     if suffix in OTHER_VIDEO_EXTENSIONS:

@@ -161,7 +161,7 @@ class CategoriesPipeline:
         )
         kind = url_kind(request.media_url, PARAM)  # (refuses the containers not read here)
         fetched = None
-        if is_data_uri(request.media_url):  # as it declares itself
+        if kind is not None and is_data_uri(request.media_url):  # as it declares itself
             kind = "video" if kind == "video" else "image"
             await self.media.preprocessing.take()
         else:

@@ -450,8 +450,9 @@ class MediaLoader:
 
 
 def _is_inline(part: ImagePart) -> bool:
-    """An image that needs no download: a data: URI, or an uploaded file by id."""
-    return part.file_id is not None or is_data_uri(part.url)
+    """An image that needs no download: a data: URI, or an uploaded file by id (not one that
+    may be a video: its bytes are judged first)."""
+    return part.or_video is None and (part.file_id is not None or is_data_uri(part.url))
 
 
 def _is_remote(url: str) -> bool:

@@ -229,7 +229,7 @@ BAD_BODIES = {
         "messages[0]",
         "invalid_value",
     ),
-    "tool message without tool_call_id": (
+    "tool message answering no call": (
         {
             "model": "tiny",
             "messages": [
@@ -237,7 +237,7 @@ BAD_BODIES = {
                 {"role": "tool", "content": "42"},
             ],
         },
-        "messages[1]",
+        "messages[1].role",
         "invalid_value",
     ),
     "lone surrogate in text": (

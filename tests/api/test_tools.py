@@ -558,8 +558,33 @@ def _call(call_id: str | None) -> dict:
             "messages[3].tool_call_id",
             "not found",
         ),
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("c1")]},
+                {"role": "tool", "content": "r"},
+                {"role": "tool", "content": "one too many"},
+            ],
+            "messages[3]",
+            "follows answers to every call",
+        ),
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("c1")]},
+                {"role": "tool", "id": "c2", "content": "r"},
+            ],
+            "messages[2].tool_call_id",
+            "'c2' not found",
+        ),
     ],
-    ids=["tool-first", "unanswered", "wrong-id", "one-of-two", "answered-twice"],
+    ids=[
+        "tool-first",
+        "unanswered",
+        "wrong-id",
+        "one-of-two",
+        "answered-twice",
+        "one-answer-too-many",
+        "qwen-agent-wrong-id",
+    ],
 )
 async def test_tool_messages_must_answer_the_calls_before_them(
     client: httpx.AsyncClient, messages: list, param: str, words: str
@@ -575,12 +600,20 @@ async def test_tool_messages_must_answer_the_calls_before_them(
 async def test_answered_calls_and_calls_without_ids_are_accepted(
     client: httpx.AsyncClient,
 ) -> None:
+    def answer(call_id: str | None, key: str = "tool_call_id") -> dict:
+        return {"role": "tool", "content": "r"} | ({key: call_id} if call_id else {})
+
     for calls, answers in (
-        ([_call("c1"), _call("c2")], ["c2", "c1"]),  # any order
-        ([_call(None)], ["whatever"]),  # (no ids: nothing to match)
+        ([_call("c1"), _call("c2")], [answer("c2"), answer("c1")]),  # any order
+        ([_call(None)], [answer("whatever")]),  # (no ids: nothing to match)
+        # Qwen-Agent's tool messages name their call `id`
+        ([_call("c1"), _call("c2")], [answer("c2", "id"), answer("c1", "id")]),
+        # without an id, an answer is the first open call's (vLLM takes them)
+        ([_call("c1"), _call("c2")], [answer(None), answer(None)]),
+        ([_call("c1"), _call("c2")], [answer("c2"), answer(None)]),
     ):
         messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": calls}]
-        messages += [{"role": "tool", "tool_call_id": a, "content": "r"} for a in answers]
+        messages += answers
         body = {"model": "tiny", "max_tokens": 2, "messages": messages}
         response = await client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text

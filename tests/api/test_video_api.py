@@ -56,6 +56,42 @@ async def test_seed_003_video_url_native(
     assert body["frames"] is None  # native mode: no captions
 
 
+async def test_media_in_data_uris_that_name_no_type_is_read_by_its_bytes(
+    video_client: httpx.AsyncClient,
+) -> None:
+    """Qwen-Agent writes a local video as data:;base64,... and a browser's FileReader an
+    unknown file as application/octet-stream: the bytes say what they are (vLLM reads them
+    whatever the URI says); bytes that are neither are still a 400 naming the part."""
+    video = base64.b64encode(make_video(seconds=2)).decode()
+    image = base64.b64encode(make_image(32, 32, fmt="PNG")).decode()
+    for url, kind in (
+        (f"data:;base64,{video}", "video_url"),
+        (f"data:application/octet-stream;base64,{image}", "image_url"),
+        (f"data:;base64,{image}", "image_url"),
+    ):
+        content = [{"type": kind, kind: {"url": url}}, {"type": "text", "text": "what?"}]
+        body = {
+            "model": "tiny",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": content}],
+        }
+        response = await video_client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, (kind, response.text)
+        details = response.json()["usage"]["prompt_tokens_details"]
+        assert details["video_tokens" if kind == "video_url" else "image_tokens"] > 0
+    # the Animus contract's image_url: a video, judged by its bytes
+    content = [{"type": "image_url", "image_url": {"url": f"data:;base64,{video}"}}]
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+    response = await video_client.post("/v2/media/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens_details"]["video_tokens"] > 0
+    text = base64.b64encode(b"just some text, no image at all").decode()
+    content = [{"type": "image_url", "image_url": {"url": f"data:;base64,{text}"}}]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+    response = await video_client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, "messages[0].content[0]")
+
+
 async def test_native_video_is_deterministic(video_client: httpx.AsyncClient) -> None:
     body = video_body(video_uri(make_video(seconds=2)), temperature=0, max_tokens=10)
     first = await video_client.post("/v1/chat/completions", json=body)
