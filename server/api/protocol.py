@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -863,6 +863,110 @@ def _generate_option(name: str, problem: str) -> InvalidRequest:
     return InvalidRequest(f"{name} {problem}.", param=name, code="invalid_value")
 
 
+# Other servers' switches for a thinking checkpoint's reasoning, which their clients send to
+# any OpenAI connection: Qwen's own API (DashScope: enable_thinking, thinking_budget; Qwen
+# Code and Qwen-Agent document them), OpenRouter's reasoning object (Qwen Code sends it too),
+# the thinking object of Anthropic-style OpenAI endpoints, Ollama's think (Open WebUI's
+# "Think" setting). Each is read as vLLM's own field for it; that field, sent too, wins.
+REASONING_SWITCHES = frozenset({"enable_thinking", "thinking_budget", "reasoning", "thinking"})
+REASONING_OBJECT_KEYS = {
+    "reasoning": frozenset(
+        {"effort", "max_tokens", "budget_tokens", "enabled", "exclude", "summary"}
+    ),
+    "thinking": frozenset({"type", "budget_tokens"}),
+}
+OLLAMA_THINK_LEVELS = ("low", "medium", "high")
+
+
+def reasoning_switches(data: Any) -> Any:
+    """A chat body with those switches read as chat_template_kwargs.enable_thinking,
+    thinking_token_budget, reasoning_effort and include_reasoning."""
+    if not isinstance(data, dict) or not data.keys() & (REASONING_SWITCHES | {"think"}):
+        return data
+    data = dict(data)
+    enable: bool | None = None
+    budget: int | None = None
+    if "enable_thinking" in data:
+        enable = _switch(data.pop("enable_thinking"), "enable_thinking")
+    if "thinking_budget" in data:
+        budget = _budget_tokens(data.pop("thinking_budget"), "thinking_budget")
+    think = data.pop("think", None)  # Ollama's: a boolean or a level
+    if think is not None:
+        if think in OLLAMA_THINK_LEVELS:
+            data.setdefault("reasoning_effort", think)
+            think = True
+        enable = _switch(think, "think", f"a boolean or one of {', '.join(OLLAMA_THINK_LEVELS)}")
+    if (thinking := _reasoning_object(data, "thinking")) is not None:
+        if "type" in thinking:
+            kind = thinking["type"]
+            if kind not in ("enabled", "disabled"):
+                raise _generate_option("thinking.type", "takes enabled or disabled")
+            enable = kind == "enabled"
+        if "budget_tokens" in thinking:
+            budget = _budget_tokens(thinking["budget_tokens"], "thinking.budget_tokens")
+    if (reasoning := _reasoning_object(data, "reasoning")) is not None:
+        if reasoning.get("effort") is not None:
+            effort = reasoning["effort"]
+            if effort not in get_args(ReasoningEffort):
+                levels = ", ".join(get_args(ReasoningEffort))
+                raise _generate_option("reasoning.effort", f"takes one of {levels}")
+            data.setdefault("reasoning_effort", effort)
+        for name in ("max_tokens", "budget_tokens"):
+            if reasoning.get(name) is not None:
+                budget = _budget_tokens(reasoning[name], f"reasoning.{name}")
+        if reasoning.get("enabled") is not None:
+            enable = _switch(reasoning["enabled"], "reasoning.enabled")
+        if reasoning.get("exclude") is not None:
+            exclude = _switch(reasoning["exclude"], "reasoning.exclude")
+            data.setdefault("include_reasoning", not exclude)
+    kwargs = data.get("chat_template_kwargs")
+    if enable is not None and (kwargs is None or isinstance(kwargs, dict)):
+        data["chat_template_kwargs"] = {"enable_thinking": enable, **(kwargs or {})}
+    if budget is not None and data.get("thinking_token_budget") is None:
+        data["thinking_token_budget"] = budget
+    return data
+
+
+def dashscope_options(data: Any) -> Any:
+    """DashScope's incremental_output: streamed chunks here are always increments (true
+    changes nothing; false, each chunk the whole text so far, is not done: a 400)."""
+    if not isinstance(data, dict) or "incremental_output" not in data:
+        return data
+    data = dict(data)
+    if data.pop("incremental_output") is not True:
+        raise _generate_option(
+            "incremental_output", "takes only true (each streamed chunk is what is new)"
+        )
+    return data
+
+
+def _reasoning_object(data: dict[str, Any], name: str) -> dict[str, Any] | None:
+    if (value := data.pop(name, None)) is None:
+        return None
+    if not isinstance(value, dict):
+        raise _generate_option(name, "must be an object")
+    if unknown := sorted(str(key) for key in value.keys() - REASONING_OBJECT_KEYS[name]):
+        keys = ", ".join(sorted(REASONING_OBJECT_KEYS[name]))
+        raise InvalidRequest(
+            f"Unrecognized key {name}.{unknown[0]}: {name} takes {keys}.",
+            param=f"{name}.{unknown[0]}",
+            code="unknown_parameter",
+        )
+    return value
+
+
+def _switch(value: Any, name: str, kinds: str = "a boolean") -> bool:
+    if not isinstance(value, bool):
+        raise _generate_option(name, f"must be {kinds}")
+    return value
+
+
+def _budget_tokens(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 <= value < 2**31:
+        raise _generate_option(name, "must be an integer from 0 to 2**31 - 1")
+    return value
+
+
 class VllmFields(StrictModel):
     """vLLM's request fields beyond OpenAI's, shared by chat and text completions."""
 
@@ -1081,6 +1185,11 @@ GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar
 
 
 class ChatCompletionRequest(StructuredFields, VllmFields):
+    @model_validator(mode="before")
+    @classmethod
+    def _other_servers_options(cls, data: Any) -> Any:
+        return dashscope_options(reasoning_switches(data))
+
     messages: Annotated[list[ChatMessageParam], Turns] = Field(min_length=1)
     model: str | None = None  # left out: the served model (vLLM's leniency; OpenAI requires it)
     audio: Any | None = None
@@ -1138,6 +1247,8 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     # extension (ours): each image's size as the model read it, in the answer (a box or point
     # Qwen2.5-VL writes is in that image's pixels)
     return_image_sizes: bool | None = None
+    # extension (DashScope's): images without a detail read at the model's full resolution
+    vl_high_resolution_images: bool | None = None
     # extension (ours): how videos are read; default native on /v1, captions on /v2/media
     video_mode: Literal["native", "captions"] | None = None
     # extension (ours, Animus' name): one frame per detected scene instead of uniform frames
@@ -1256,12 +1367,24 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
 
     def to_messages(self) -> list[ChatMessage]:
         messages = self.typed([_to_chat_message(m, i) for i, m in enumerate(self.messages)])
+        if self.vl_high_resolution_images:
+            messages = with_parts(messages, _high_resolution)
         wishes = MediaWishes.of(self.mm_processor_kwargs, self.media_io_kwargs)
         return messages if wishes is None else wishes.apply(messages)
 
     def typed(self, messages: list[ChatMessage]) -> list[ChatMessage]:
         """The media parts as the route reads them (here: as the client typed them)."""
         return messages
+
+
+def _high_resolution(part: Part) -> Part:
+    """DashScope's vl_high_resolution_images: its default budget (1,280 tokens, as --auto-image-
+    tokens') becomes the model's ceiling (16,384 tokens), as detail high is here."""
+    return (
+        replace(part, detail="high")
+        if isinstance(part, ImagePart) and part.detail == "auto"
+        else part
+    )
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,28 @@ async def test_responses_style_and_history_parts(client: httpx.AsyncClient) -> N
     ]
 
 
+async def test_dashscopes_high_resolution_switch_reads_auto_images_as_high(
+    client: httpx.AsyncClient,
+) -> None:
+    """DashScope's vl_high_resolution_images: true: an image without a detail (or auto) gets
+    the model's full budget, as detail high; an explicit detail is kept."""
+    url = data_uri(make_image(1600, 1200))  # (past auto's budget of 1,280 tokens)
+
+    async def image_tokens(image_url: dict, **extra: object) -> int:
+        part = {"type": "image_url", "image_url": {"url": url, **image_url}}
+        answer = await ok(client, {**chat([part]), **extra})
+        return answer["usage"]["prompt_tokens_details"]["image_tokens"]
+
+    low, high = await image_tokens({"detail": "low"}), await image_tokens({"detail": "high"})
+    assert low < await image_tokens({}) < high
+    switch = {"vl_high_resolution_images": True}
+    assert await image_tokens({}, **switch) == await image_tokens({"detail": "auto"}, **switch)
+    assert await image_tokens({}, **switch) == high
+    assert await image_tokens({"detail": "low"}, **switch) == low
+    off = await image_tokens({}, vl_high_resolution_images=False)
+    assert off == await image_tokens({})
+
+
 async def test_vllms_short_media_parts_without_a_type(client: httpx.AsyncClient) -> None:
     """{"image_url": URL} typed by its key, as vLLM's parser does: the typed part's prompt; a
     part with no type and no media key (or two) is still named as having no type."""

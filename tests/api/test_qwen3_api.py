@@ -510,6 +510,61 @@ async def test_the_messages_api_sends_thinking_blocks(thinking: httpx.AsyncClien
     assert [b["type"] for b in response.json()["content"]] == ["text"]
 
 
+async def test_other_servers_reasoning_switches_are_read(thinking: httpx.AsyncClient) -> None:
+    """What other servers' clients send for a thinking checkpoint: DashScope's enable_thinking
+    and thinking_budget (Qwen Code, Qwen-Agent), OpenRouter's reasoning object, the thinking
+    object of Anthropic-style OpenAI endpoints, Ollama's think: each read as vLLM's field for
+    it (which, sent too, wins); a bad value is a 400 naming it."""
+    body = chat(text("Think."), max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def answer(**extra: object) -> dict:
+        response = await thinking.post("/v1/chat/completions", json={**body, **extra})
+        assert response.status_code == 200, (extra, response.text)
+        return response.json()
+
+    def reasoning(answer: dict) -> tuple[str, int]:
+        message, usage = answer["choices"][0]["message"], answer["usage"]
+        return message["reasoning_content"], usage["completion_tokens_details"]["reasoning_tokens"]
+
+    thinks = reasoning(await answer())
+    assert thinks[0]
+    for off in (
+        {"enable_thinking": False},
+        {"reasoning": {"enabled": False}},
+        {"thinking": {"type": "disabled"}},
+        {"think": False},
+    ):
+        assert reasoning(await answer(**off)) == ("", 0), off
+    kwargs = {"enable_thinking": True}
+    assert reasoning(await answer(enable_thinking=False, chat_template_kwargs=kwargs)) == thinks
+    assert reasoning(await answer(think="high", reasoning_effort="none")) == thinks
+    assert reasoning(await answer(reasoning={"effort": "high", "summary": "auto"})) == thinks
+    for budget in (
+        {"thinking_budget": 3},
+        {"reasoning": {"max_tokens": 3}},
+        {"thinking": {"type": "enabled", "budget_tokens": 3}},
+    ):
+        assert reasoning(await answer(**budget))[1] == 3, budget
+    assert reasoning(await answer(thinking_budget=3, thinking_token_budget=5))[1] == 5
+    quiet = await answer(reasoning={"exclude": True, "max_tokens": 3})
+    quiet = quiet["choices"][0]["message"]
+    assert quiet["reasoning"] is None and quiet["reasoning_content"] == "" and quiet["content"]
+    assert (await answer(incremental_output=True))["choices"][0]["message"]["reasoning"]
+    for bad, param in (
+        ({"enable_thinking": "yes"}, "enable_thinking"),
+        ({"thinking_budget": -1}, "thinking_budget"),
+        ({"reasoning": {"effort": "max"}}, "reasoning.effort"),
+        ({"reasoning": {"effort": "low", "verbose": True}}, "reasoning.verbose"),
+        ({"reasoning": "high"}, "reasoning"),
+        ({"thinking": {"type": "on"}}, "thinking.type"),
+        ({"think": "max"}, "think"),
+        ({"incremental_output": False}, "incremental_output"),
+    ):
+        response = await thinking.post("/v1/chat/completions", json={**body, **bad})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["param"] == param, (bad, response.text)
+
+
 async def test_include_reasoning_false_leaves_the_reasoning_out(
     thinking: httpx.AsyncClient,
 ) -> None:
