@@ -135,13 +135,14 @@ class Settings(BaseSettings):
     scheduling_policy: Literal["fcfs", "priority", "fair"] = "fcfs"
     job_priority: int = Field(default=1, ge=-(2**31), lt=2**31)  # async jobs' requests
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
-    max_images_per_request: int = Field(default=16, ge=0)
+    # (evaluation harnesses send a video as up to 64 frames: lmms-eval's default)
+    max_images_per_request: int = Field(default=64, ge=0)
     # The visual tokens of an image part whose detail is auto or left out (0: the model's most)
     auto_image_tokens: int = Field(default=1280, ge=0)
     image_decode_memory: float = Field(default=1.0, gt=0)  # GiB, all images being decoded
     max_media_bytes_per_request: int = Field(default=256 * 1024 * 1024, ge=1)
     max_video_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
-    max_videos_per_request: int = Field(default=1, ge=0)
+    max_videos_per_request: int = Field(default=4, ge=0)  # (sharing the context equally)
     video_decode_workers: int = Field(default=2, ge=1)
     video_decode_timeout: float = Field(default=60.0, gt=0)
     video_max_fps: float = Field(default=2.0, gt=0)

@@ -156,14 +156,17 @@ HELP = {
     "priority (requests default to 0: by default interactive requests go before jobs, and may "
     "preempt them).",
     "max_image_bytes": "Largest image, enforced while downloading and before base64 decoding.",
-    "max_images_per_request": "Images in one request, all messages together.",
+    "max_images_per_request": (
+        "Images in one request, all messages together (evaluation harnesses send a video as "
+        "up to 64 frames)."
+    ),
     "auto_image_tokens": "The most visual tokens an image becomes when its part's `detail` is "
     "auto or left out (a larger image is scaled down to it; `low`: 256, `high`: the model's "
     "most). 0: the model's most, as `high`, and as vLLM reads every image (what clients "
     "written for vLLM expect, e.g. for documents read at full resolution).",
     "max_media_bytes_per_request": "All media of one request together.",
     "max_video_bytes": "Largest video.",
-    "max_videos_per_request": "Videos in one request.",
+    "max_videos_per_request": "Videos in one request (they share the context equally).",
     "video_decode_workers": "Video decode worker processes (a crashing decoder costs one "
     "request, never the server).",
     "video_decode_timeout": "Per video; a decoder that overruns is killed and replaced.",

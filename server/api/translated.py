@@ -94,7 +94,7 @@ def shorten(body: Translated) -> bool:
 
 
 # What a shorter prompt (the Responses API's truncation) may cure: its length, and the media
-# only the oldest turns hold (a screenshot loop passes 16 images before the context).
+# only the oldest turns hold (a screenshot loop may pass --max-images-per-request first).
 SHORTENS = frozenset(
     {"context_length_exceeded", "too_many_images", "too_many_videos", "media_budget_exceeded"}
 )

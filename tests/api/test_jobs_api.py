@@ -244,13 +244,13 @@ async def test_text_over_the_context_refused_before_the_job(client: httpx.AsyncC
 
 
 async def test_too_many_images_refused_before_the_job(client: httpx.AsyncClient) -> None:
-    body = {**chat_body([image_part(seed=i) for i in range(40)]), "async": True}
+    body = {**chat_body([image_part(seed=i) for i in range(70)]), "async": True}
     response = await client.post("/v2/media/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_images"
     message = response.json()["error"]["message"]
     assert (
-        message == "40 images in one request; this server's limit is 16 (--max-images-per-request)."
+        message == "70 images in one request; this server's limit is 64 (--max-images-per-request)."
     )
 
 

@@ -144,7 +144,8 @@ async def test_bad_videos_get_4xx(video_client: httpx.AsyncClient, data: bytes) 
 async def test_more_videos_than_allowed(video_client: httpx.AsyncClient) -> None:
     uri = video_uri(make_video(seconds=1))
     body = video_body(uri)
-    body["messages"][0]["content"].append({"type": "video_url", "video_url": {"url": uri}})
+    more = [{"type": "video_url", "video_url": {"url": uri}}] * 4  # (5: the default allows 4)
+    body["messages"][0]["content"] += more
     response = await video_client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_videos"
@@ -517,6 +518,7 @@ async def test_image_url_parts_judged_a_few_at_a_time_within_the_limits(
         data_dir=tmp_path / "data",
         default_max_tokens=4,
         max_media_bytes_per_request=len(image) * 5 // 2,
+        max_videos_per_request=1,
     )
     videos = [media_server.add(f"/v{i}", video, "application/octet-stream") for i in range(3)]
     images = [media_server.add(f"/i{i}", image, "application/octet-stream") for i in range(3)]
