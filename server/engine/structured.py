@@ -111,6 +111,93 @@ HEX = "[A-Fa-f0-9]"
 ANY_ESCAPE = f'"u" {HEX} {HEX} {HEX} {HEX}'
 CHARACTER_ESCAPE = f'"u" (([0-9A-Ca-cEeFf] {HEX}) | ([Dd] [0-7])) {HEX} {HEX}'
 
+# xgrammar (0.2.9) writes a JSON number's digits unbounded: under a forced call a random model
+# wrote 49756394008169e999911 and 144E-543 (Infinity and 0 to a JavaScript client, which wrote
+# null back) and 44-digit integers. Here every number is a finite double: an integer part of at
+# most 15 digits (so every integer is exact as a double: 10**15 < 2**53, JavaScript's safe
+# bound), a fraction of at most 16 and an exponent of at most 2 (0, or between 1e-115 and 1e115
+# in size: doubles reach 2.2e-308 and 1.8e308). A range's open end (a minimum and no maximum)
+# keeps the bound's own length and one digit more; an integer's remainder automaton (a whole
+# multipleOf) is unrolled to the same 15 digits. As str(Grammar) writes them: every grammar
+# holds basic_integer and basic_number, so an xgrammar that writes neither so is refused
+# (NumberRulesChanged), not left unbounded.
+INTEGER_DIGITS = 15
+FRACTION_DIGITS = 16
+EXPONENT_DIGITS = 2
+DIGIT_RULE = re.compile(r"^(\w+) ::= \(\(\[0-9\]\)\)$", re.MULTILINE)  # ([0-9], named)
+REMAINDER_RULE = re.compile(r"^(\w+_multiple_of_\d+_mod_\d+) ::= (.*)\n", re.MULTILINE)
+REMAINDER_STEP = re.compile(r'\("(\d)" (\w+_multiple_of_\d+_mod_\d+)\)')
+NUMBER_PARTS = re.compile(
+    r"(?P<integer>\[1-9\] \[0-9\]\*)"  # an integer part: [1-9] [0-9]*
+    r"|\[1-9\] (?P<tail>\w+)\{(?P<least>\d+), -1\}"  # a range's open end
+    r'|"\." (?P<fraction>\w+)\{1, -1\}'
+    r"|\[eE\] (?P<sign>\w+) (?P<exponent>\w+)\{1, -1\}"
+    r"|(?P<state>\w+_multiple_of_\d+_mod_\d+)\b"
+    r'|"(?:[^"\\]|\\.)*"'  # (string literals and classes as they are: names, patterns)
+    r"|\[(?:[^\]\\]|\\.)*\]"
+)
+
+
+class NumberRulesChanged(RuntimeError):
+    """xgrammar no longer writes JSON numbers as the bounds here expect (a server error)."""
+
+
+def bounded_numbers(text: str) -> str:
+    """A JSON schema's grammar text (str(Grammar)) with every number's digits bounded."""
+    digit_rules = set(DIGIT_RULE.findall(text))
+    remainders = {m[1]: m[2] for m in REMAINDER_RULE.finditer(text)}
+    text = REMAINDER_RULE.sub("", text)
+    found = {"integer": 0, "fraction": 0, "exponent": 0}
+    most = INTEGER_DIGITS - 1  # (after the first)
+
+    def bound(part: re.Match[str]) -> str:
+        if part["integer"]:
+            found["integer"] += 1
+            return f"[1-9] [0-9]{{0, {most}}}"
+        if part["tail"] in digit_rules:
+            least = int(part["least"])
+            return f"[1-9] {part['tail']}{{{least}, {max(least, most)}}}"
+        if part["fraction"] in digit_rules:
+            found["fraction"] += 1
+            return f'"." {part["fraction"]}{{1, {FRACTION_DIGITS}}}'
+        if part["exponent"] in digit_rules:
+            found["exponent"] += 1
+            return f"[eE] {part['sign']} {part['exponent']}{{1, {EXPONENT_DIGITS}}}"
+        if part["state"] in remainders:
+            return f"{part['state']}_left{most}"
+        return part[0]
+
+    text = NUMBER_PARTS.sub(bound, text)
+    if not all(found.values()):
+        raise NumberRulesChanged(f"xgrammar's JSON number rules were not found to bound: {found}")
+    return text + "".join(unrolled_remainders(remainders, most))
+
+
+def unrolled_remainders(states: dict[str, str], most: int) -> list[str]:
+    """An integer's remainder automaton (state -> its rule's body: "" where the digits so far
+    are a multiple, and a step to a state per digit) as rules that take at most `most` digits
+    more: state_leftK takes K at most, and steps only where the multiple can still be met."""
+    steps = {state: REMAINDER_STEP.findall(body) for state, body in states.items()}
+    ends = {state for state, body in states.items() if body.startswith('(""')}
+    for state, body in states.items():
+        if body.count(" | ") + 1 != len(steps[state]) + (state in ends):
+            raise NumberRulesChanged(f"xgrammar's remainder rule was not read: {state}")
+    live = [ends]  # (the states that can end in K digits or fewer)
+    for _ in range(most):
+        live.append({s for s in states if s in ends or any(t in live[-1] for _, t in steps[s])})
+    rules = []
+    for left, states_live in enumerate(live):
+        for state in sorted(states_live):
+            options = ['""'] if state in ends else []
+            if left:
+                options += [
+                    f'("{digit}" {to}_left{left - 1})'
+                    for digit, to in steps[state]
+                    if to in live[left - 1]
+                ]
+            rules.append(f"{state}_left{left} ::= ({' | '.join(options)})\n")
+    return rules
+
 
 # xgrammar's messages start with its C++ log prefix, "[08:08:19] /project/cpp/x.cc:4944: ",
 # and an assertion's own text ("Check failed: (val >= MIN_INT64_AS_DOUBLE) is false: "),
@@ -194,6 +281,8 @@ class GrammarCache:
             if spec.calls is not None:
                 grammar = self._or_calls(grammar, spec.calls)
             grammar = self.compiler.compile_grammar(grammar)
+        except NumberRulesChanged:
+            raise
         except Exception as exc:  # xgrammar raises several types for bad schemas
             raise InvalidSchema(schema_error_text(exc)) from None
         if not self.allows_a_start(grammar):  # ("root ::= root", the regex "[^\s\S]")
@@ -235,6 +324,7 @@ class GrammarCache:
         mended = text.replace(BOUNDED_CHARACTER, JSON_CHARACTER)
         mended = mended.replace(STRING_CHARACTER, TEXT_CHARACTER)
         mended = mended.replace(ANY_ESCAPE, CHARACTER_ESCAPE)
+        mended = bounded_numbers(mended)
         if mended != text:
             try:
                 return self.xgr.Grammar.from_ebnf(mended)
@@ -253,6 +343,8 @@ class GrammarCache:
         for name, parameters in wanted["tools"]:
             try:
                 tags.append(self._call_tag(name, parameters))
+            except NumberRulesChanged:
+                raise
             except Exception as exc:
                 logger.warning("tool %s not callable beside the response format: %s", name, exc)
         if not tags:

@@ -4,7 +4,9 @@ renders the tools in the prompt; tool calls and results in the history; the refu
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from pathlib import Path
 
 import httpx
@@ -724,3 +726,77 @@ async def test_required_calls_read_each_functions_own_definitions(sdk: openai.As
         for call in choice.message.tool_calls:
             model = {"Clock": Clock, "Lamp": Lamp}[call.function.name]
             model.model_validate_json(call.function.arguments)
+
+
+NUMBERS = {
+    "type": "function",
+    "function": {
+        "name": "move",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "x": {"type": "number"},
+                "n": {"type": "integer"},
+                "far": {"type": "number", "minimum": -0.5},  # (xgrammar writes a range)
+                "xs": {"type": "array", "items": {"type": "number"}, "maxItems": 4},
+            },
+            "required": ["x", "n", "far", "xs"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def numbers_in(value: object) -> list[int | float]:
+    """Every number in a JSON value (booleans are no numbers)."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers_in(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_in(v)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return []
+
+
+async def test_forced_numbers_are_finite_doubles(client: httpx.AsyncClient) -> None:
+    """A random model under a forced call wrote 49756394008169e999911 and 144E-543 (read as
+    Infinity and 0 by JavaScript clients, which wrote null back) and 44-digit integers: the
+    grammar writes every number as a finite double, every integer as an exact one (at most 15
+    digits), under a named tool_choice, `required`, a json_schema and json_object alike."""
+    schema = {"name": "move", "schema": NUMBERS["function"]["parameters"]}
+    constraints = [
+        {"tools": [NUMBERS], "tool_choice": {"type": "function", "function": {"name": "move"}}},
+        {"tools": [NUMBERS], "tool_choice": "required"},
+        {"response_format": {"type": "json_schema", "json_schema": schema}},
+        {"response_format": {"type": "json_object"}},
+    ]
+    bodies = [
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Move."}],
+            "max_tokens": 200,
+            "temperature": 1.0,
+            "seed": seed,
+            **constraints[seed % 4],
+        }
+        for seed in range(24)
+    ]
+    answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+    seen = []
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        message = answer.json()["choices"][0]["message"]
+        texts = [c["function"]["arguments"] for c in message.get("tool_calls") or []]
+        texts += [message["content"]] if message.get("content") else []
+        for text in texts:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                continue  # (json_object cut by max_tokens)
+            for number in numbers_in(value):
+                seen.append(number)
+                assert math.isfinite(number), text
+                assert number == 0 or abs(number) > 1e-300, text  # (not underflowed to 0)
+                if isinstance(number, int):
+                    assert abs(number) < 10**15, text  # exact as a double (2**53 > 10**15)
+    assert len(seen) > 20

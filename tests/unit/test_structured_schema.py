@@ -627,3 +627,103 @@ def test_a_union_in_a_union_is_told_apart_branch_by_branch() -> None:
     assert (
         unenforced({"type": "string", "enum": ["ab", "cd"], "pattern": "^a", "maxLength": 2}) == []
     )
+
+
+def takes_text(grammars: Grammars, spec: StructuredOutput, text: str) -> bool:
+    matcher = xgr.GrammarMatcher(grammars.compile(spec))
+    ids = grammars.tokenizer.encode(text, add_special_tokens=False)
+    return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(grammars.end)
+
+
+@pytest.mark.parametrize(
+    ("spec", "written"),
+    [
+        (StructuredOutput.json_schema({"type": "number"}), "{}"),
+        (StructuredOutput.json_schema({"type": ["number", "null"]}), "{}"),
+        (StructuredOutput.json_schema({"anyOf": [{"type": "number"}, {"type": "string"}]}), "{}"),
+        (StructuredOutput.json_schema({"type": "array", "items": {"type": "number"}}), "[{}]"),
+        (StructuredOutput.json_schema({"type": "number", "multipleOf": 0.5}), "{}"),  # (inline)
+        (StructuredOutput.json_schema({"properties": {"x": {"type": "number"}}}), '{{"x": {}}}'),
+        (StructuredOutput.json_schema({"additionalProperties": True}), '{{"x": [{}]}}'),
+        (StructuredOutput.json_schema({}), "{}"),  # any JSON value
+        (StructuredOutput("json_object"), '{{"x": {{"y": {}}}}}'),
+    ],
+)
+def test_every_number_is_a_finite_double(
+    grammars: Grammars, spec: StructuredOutput, written: str
+) -> None:
+    """A random model under a forced call wrote 49756394008169e999911 and 144E-543 (Infinity
+    and 0 to a JavaScript client, which wrote null back) and 44-digit integers: an integer part
+    of at most 15 digits, a fraction of at most 16, an exponent of at most 2."""
+    for number in ("0", "-1.5e-7", "12345", "-999999999999999", "0.1234567890123456", "1E+99"):
+        assert takes_text(grammars, spec, written.format(number)), number
+    for number in (
+        "1e999",
+        "1e100",
+        "144E-543",
+        "-6184.4E+7718",
+        "49756394008169e999911",
+        "1000000000000000",  # (16 digits)
+        "12345678901234567890123",
+        "0.12345678901234567",
+    ):
+        assert not takes_text(grammars, spec, written.format(number)), number
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "integer"},
+        {"type": ["integer", "string"]},
+        {"type": "integer", "minimum": -5},  # (a range: its open end)
+        {"type": "integer", "exclusiveMaximum": 0},
+        {"type": "integer", "multipleOf": 3},  # (a remainder automaton)
+        {"type": "number", "exclusiveMinimum": 0.5},
+    ],
+)
+def test_every_integer_is_an_exact_double(grammars: Grammars, schema: dict) -> None:
+    """At most 15 digits: every one is exact as a double (10**15 < 2**53, JavaScript's bound)."""
+    sign = -1 if schema.get("exclusiveMaximum") == 0 else 1
+    assert grammars.takes(schema, sign * 999_999_999_999_999)
+    assert grammars.takes(schema, sign * 123_456)
+    assert not grammars.takes(schema, sign * 10**15)
+    assert not grammars.takes(schema, sign * 12345678901234567890123)
+
+
+def test_a_multiple_is_still_a_multiple_and_a_bound_past_15_digits_is_kept(
+    grammars: Grammars,
+) -> None:
+    """The remainder automaton unrolled to 15 digits takes the multiples of so many digits and
+    no other number; a schema's own bound of more digits is written as it says (and its open
+    end takes one digit more than the bound's)."""
+    sevens = {"type": "integer", "multipleOf": 7}
+    assert [n for n in range(-15, 16) if grammars.takes(sevens, n)] == [-14, -7, 0, 7, 14]
+    assert grammars.takes(sevens, 999_999_999_999_994)  # (7 * 142857142857142)
+    assert not grammars.takes(sevens, 999_999_999_999_995)
+    big = {"type": "integer", "minimum": 10**17, "maximum": 10**17 + 5}
+    assert [n for n in range(10**17 - 1, 10**17 + 7) if grammars.takes(big, n)] == [
+        10**17 + i for i in range(6)
+    ]
+    above = {"type": "integer", "minimum": 2**62}
+    assert grammars.takes(above, 2**62) and grammars.takes(above, 10**19)
+    assert not grammars.takes(above, 2**62 - 1) and not grammars.takes(above, 10**20)
+    below = {"type": "number", "maximum": -(10**17)}
+    assert grammars.takes(below, -(10**17)) and not grammars.takes(below, -(10**17) + 1)
+
+
+def test_number_rules_xgrammar_no_longer_writes_fail_loudly(
+    grammars: Grammars, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bounds rewrite xgrammar's own text: an xgrammar that writes numbers otherwise is a
+    server error at compile time (not a 400, nor numbers left unbounded)."""
+    from server.engine import structured
+
+    written = str(xgr.Grammar.from_json_schema('{"type": "number"}', any_whitespace=False))
+    assert "[1-9] [0-9]*" in written and "basic_number_digits{1, -1}" in written
+    other = written.replace("[1-9] [0-9]*", "[1-9] [0-9]{0, -1}")
+    with pytest.raises(structured.NumberRulesChanged, match="not found to bound"):
+        structured.bounded_numbers(other)
+    changed = xgr.Grammar.from_ebnf(other)
+    monkeypatch.setattr(xgr.Grammar, "from_json_schema", lambda *a, **k: changed)
+    with pytest.raises(structured.NumberRulesChanged):
+        grammars.compile(StructuredOutput.json_schema({"type": "number", "title": "changed"}))
