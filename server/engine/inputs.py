@@ -300,6 +300,15 @@ class InputBuilder:
             "longest_edge": images.size["longest_edge"],
         }
         self.min_video_pixels = (videos.size.get("shortest_edge") or 0) if videos else 0
+        # Video frames come sized too (media/frames.py), to the processor's minimum unless a
+        # request's max_pixels or min_pixels goes under it, as Qwen's processor reads those;
+        # its own minimum would enlarge such frames again (576 tokens for HF's 200). So its
+        # minimum here is one token as well (Qwen3-VL's: of all frames, two at least).
+        self.video_size = (
+            {"shortest_edge": self.token_side**2, "longest_edge": videos.size["longest_edge"]}
+            if videos
+            else None
+        )
         self.per_patch_tokens = (
             len(self.tokenizer("<9999.9 seconds>")["input_ids"]) + 2
             if self.timestamped_frames
@@ -401,6 +410,7 @@ class InputBuilder:
             # The planner chose and sized the frames already; keep them as they are.
             kwargs["cap_pixels_per_frame"] = False
             kwargs["do_sample_frames"] = False
+            kwargs["videos_kwargs"] = {"size": self.video_size}
         prompt = self.prompt(messages, think, template)
         self._check_rendered(prompt, len(images), len(videos or ()))
         encoded = self.processor(

@@ -16,7 +16,8 @@ frames    every frame is analysed as a request of its own (media categories): as
 
 Always at most MAX_FRAMES (60) frames and at most the requested / server fps; a request's fps,
 max_frames and max_pixels can only lower the server's ceilings, never raise them; its min_pixels
-enlarges smaller frames (qwen-vl-utils' meaning), within the pixel ceiling.
+enlarges smaller frames (qwen-vl-utils' meaning), within the pixel ceiling. Either one under the
+processor's least video frame is taken as given, as Qwen's processor reads it (request_least).
 Frames are spread uniformly: frame i is taken at the middle of the i-th of N equal segments.
 """
 
@@ -99,8 +100,9 @@ class TokenBudget:
     # Pixels of all a native video's frames together that the processor allows (Qwen3-VL's
     # video processor shrinks frames beyond it); 0: a limit per frame only.
     max_video_pixels: int = 0
-    # The processors' least frame (video) and image (a captioned or analysed frame): a smaller
-    # one they enlarge to it, so a plan under it would count fewer tokens than the prompt has.
+    # The processors' least frame (video) and image (a captioned or analysed frame): frames are
+    # planned no smaller (a video's unless the request's range goes under it: request_least),
+    # as the checkpoint's processor would enlarge a smaller one.
     min_video_pixels: int = 0
     min_image_pixels: int = 0
 
@@ -167,12 +169,23 @@ def frame_ceiling(info: VideoInfo, request: FrameRequest, server_fps: float) -> 
     return max(1, min(MAX_FRAMES, wished, by_rate, max(info.num_frames, 1)))
 
 
+def request_least(request: FrameRequest, least: int) -> int:
+    """The processor's least frame, unless the request's range goes under it: as Qwen's
+    processor reads a range (vLLM's mm_processor_kwargs), the request's min_pixels replaces
+    it and its max_pixels wins over it (1280x720 at max_pixels 50,000 is 280x140 there, not
+    enlarged to the 100,352 least). The server's processor is given a one-token minimum for
+    videos (engine/inputs.py), so it keeps such frames as planned."""
+    asked = (request.min_pixels, request.max_pixels)
+    return 0 if any(pixels and pixels < least for pixels in asked) else least
+
+
 def pixel_range(
     request: FrameRequest, ceiling_tokens: int, side: int, least: int = 0
 ) -> tuple[int, int]:
     """Frames of VIDEO_MIN_TOKENS to ceiling_tokens; a request's max_pixels lowers both, down
-    to `least`, the processor's own minimum, not below: it enlarges a smaller frame to it
-    anyway (a plan that counted fewer tokens a frame wrote a longer prompt than it planned)."""
+    to `least` (the processor's own minimum where the processor would enlarge a smaller frame
+    to it: a plan that counted fewer tokens a frame wrote a longer prompt than it planned),
+    and one token at least."""
     ceiling = ceiling_tokens * side * side
     least = min(max(least, side * side), ceiling)
     max_pixels = max(min(request.max_pixels or ceiling, ceiling), least)
@@ -232,6 +245,7 @@ def _plan_native(
     least = budget.min_video_pixels
     if budget.max_video_pixels:  # (Qwen3-VL's least and most are of all frames together)
         least = min(-(-least // count), max(budget.max_video_pixels // count, side * side))
+    least = request_least(request, least)
     min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_TOKENS, side, least)
     if budget.max_video_pixels:
         max_pixels = max(min(max_pixels, budget.max_video_pixels // count), side * side)

@@ -425,19 +425,46 @@ async def test_a_strip_video_is_read_within_the_processors_aspect_ratio(
     assert response.status_code == 200, response.text
 
 
-async def test_a_max_pixels_under_the_least_frame_is_planned_as_the_processor_reads_it(
-    video_client: httpx.AsyncClient,
+@pytest.mark.parametrize(("width", "height"), [(1280, 720), (320, 240)])
+async def test_a_pixel_range_under_the_least_frame_gives_the_tokens_qwens_processor_does(
+    video_client: httpx.AsyncClient, tiny_model_dir: Path, width: int, height: int
 ) -> None:
-    """The processor enlarges a frame to its least size (128 tokens): a smaller max_pixels
-    was planned at its own size, so the plan counted fewer tokens than the prompt had."""
-    url = video_uri(make_video(seconds=2, width=320, height=240))
-    tokens = []
-    for video in ({}, {"max_pixels": 784}, {"max_pixels": 1}):
-        body = video_body(url, model="tiny", max_tokens=4, video=video)
-        response = await video_client.post("/v1/chat/completions", json=body)
-        assert response.status_code == 200, response.text
-        tokens.append(response.json()["usage"]["prompt_tokens_details"]["video_tokens"])
-    assert tokens[0] == tokens[1] == tokens[2], tokens
+    """As Qwen's processor reads a video's range (what vLLM runs with mm_processor_kwargs),
+    a max_pixels or min_pixels under its least frame (128 tokens) wins over it, wherever the
+    request puts it: the frames were enlarged to the least again, 576 video tokens for HF's
+    200 (1280x720, 4 s, max_pixels 50,000), 560 for 216 (320x240)."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    videos = AutoProcessor.from_pretrained(tiny_model_dir).video_processor
+    url = video_uri(make_video(seconds=4, width=width, height=height))
+    frames = np.zeros((8, height, width, 3), np.uint8)  # (4 s at the server's 2 fps)
+    for pixels in (
+        {},
+        {"max_pixels": 50_000},
+        {"min_pixels": 3136, "max_pixels": 50_000},
+        {"min_pixels": 3136},
+        {"max_pixels": 784},
+    ):
+        wanted = {
+            "shortest_edge": pixels.get("min_pixels", videos.size["shortest_edge"]),
+            "longest_edge": pixels.get("max_pixels", videos.size["longest_edge"]),
+        }
+        grid = videos(videos=[frames], size=wanted, do_sample_frames=False)["video_grid_thw"]
+        expected = int(grid.prod()) // videos.merge_size**2
+        beside = video_body(url, max_tokens=1)
+        beside["messages"][0]["content"][1].update(pixels)
+        for where, body in (
+            ("video_url", video_body(url, max_tokens=1, video=pixels)),
+            ("beside", beside),
+            ("mm_processor_kwargs", video_body(url, max_tokens=1, mm_processor_kwargs=pixels)),
+        ):
+            response = await video_client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            usage = response.json()["usage"]
+            details = usage["prompt_tokens_details"]
+            assert details["video_tokens"] == expected, (pixels, where)
+            assert details["video_tokens"] + details["text_tokens"] == usage["prompt_tokens"]
 
 
 async def test_an_animus_client_sends_its_video_as_an_image_url_part(

@@ -48,7 +48,7 @@ REQUESTS = [FrameRequest(mode) for mode in ("native", "captions")] + [
     FrameRequest("native", fps=100, max_frames=10_000, max_pixels=10**9),  # greedy client
     FrameRequest("native", fps=0.5, max_frames=8, min_pixels=28 * 28, max_pixels=200_000),
     FrameRequest("captions", max_frames=5),
-    FrameRequest("native", max_pixels=784),  # below the processor's least: raised to it
+    FrameRequest("native", max_pixels=784),  # below the processor's least: it wins (one token)
     FrameRequest("captions", max_pixels=1),
     FrameRequest("native", min_pixels=10**9),  # min_pixels = max_pixels: never past it
 ]
@@ -81,6 +81,9 @@ def check_plan(video: VideoInfo, budget: TokenBudget, request: FrameRequest) -> 
         least = min(-(-least // n), budget.max_video_pixels // n)
         strip = max(plan.width, plan.height) > 4 * min(plan.width, plan.height)
         assert strip or n * plan.width * plan.height <= budget.max_video_pixels
+    asked = (request.min_pixels, request.max_pixels)
+    if request.mode == "native" and any(p and p < least for p in asked):
+        least = 28 * 28  # (a video's range under the least: as Qwen's processor reads it)
     assert plan.width * plan.height >= least
     used = budget.prompt_tokens + budget.max_tokens + VISION_WRAPPER_TOKENS + plan.video_tokens
     assert used <= budget.context_length
@@ -195,3 +198,67 @@ def test_caption_lines_of_a_long_video_fit_their_plan(tiny_model_dir: Path) -> N
         empty = [FrameCaption(t, "") for t in plan.timestamps]
         around = len(tokenizer(captions_text(empty, duration))["input_ids"])
         assert around <= plan.video_tokens - plan.num_frames * 16, duration
+
+
+@pytest.mark.parametrize("family", ["tiny_model_dir", "tiny25_model_dir", "tiny3_model_dir"])
+@pytest.mark.parametrize(
+    ("video", "pixels"),
+    [
+        ((1280, 720, 4), {}),
+        ((320, 240, 4), {}),
+        ((1280, 720, 4), {"max_pixels": 50_000}),  # under Qwen2-VL's least frame (100,352)
+        ((320, 240, 4), {"max_pixels": 50_000}),
+        ((1280, 720, 4), {"min_pixels": 3136, "max_pixels": 50_000}),
+        ((320, 240, 4), {"min_pixels": 3136, "max_pixels": 50_000}),
+        ((320, 240, 4), {"min_pixels": 3136}),  # a minimum of its own, under the checkpoint's
+        ((320, 240, 4), {"max_pixels": 784}),
+        ((100, 2000, 4), {"max_pixels": 50_000}),
+        # two frames: under Qwen3-VL's least too (4,096 pixels of all frames together)
+        ((320, 240, 1), {"max_pixels": 1500}),
+    ],
+)
+def test_a_videos_pixel_range_gives_the_tokens_qwens_processor_does(
+    request: pytest.FixtureRequest, family: str, video: tuple[int, int, int], pixels: dict
+) -> None:
+    """The planned frames are the processor's: the tokens the plan counts, the ones the
+    built prompt has, and those Qwen's processor (what vLLM runs with mm_processor_kwargs)
+    makes of the video's own frames with the request's range. A max_pixels under Qwen2-VL's
+    least frame (128 tokens) was raised to it: 576 video tokens for HF's 200 (1280x720)."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from server.engine.inputs import InputBuilder, VideoFrames
+
+    processor = AutoProcessor.from_pretrained(request.getfixturevalue(family))
+    ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+    builder = InputBuilder(processor, *ids)
+    width, height, seconds = video
+    info = VideoInfo(seconds, 12.0, 12 * seconds, width, height)
+    budget = TokenBudget(
+        32768,
+        100,
+        200,
+        token_side=builder.token_side,
+        per_patch_tokens=builder.per_patch_tokens,
+        max_video_pixels=builder.max_video_pixels,
+        min_video_pixels=builder.min_video_pixels,
+        min_image_pixels=builder.min_image_pixels,
+    )
+    plan = plan_frames(info, budget, FrameRequest("native", **pixels))
+    assert plan.num_frames == 2 * seconds
+    frames = np.zeros((plan.num_frames, plan.height, plan.width, 3), dtype=np.uint8)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
+    inputs = builder.build(messages, [], [VideoFrames(frames, plan.timestamps, seconds)])
+    patches = plan.num_frames // 2
+    assert inputs.num_video_tokens == plan.video_tokens - patches * builder.per_patch_tokens
+    if builder.timestamped_frames:
+        return  # (Qwen3-VL's processor takes no per-call min_pixels / max_pixels for videos)
+    # Qwen's processor itself, on frames of the video's own size, with the request's range.
+    videos = processor.video_processor
+    wanted = {
+        "shortest_edge": pixels.get("min_pixels", videos.size["shortest_edge"]),
+        "longest_edge": pixels.get("max_pixels", videos.size["longest_edge"]),
+    }
+    original = np.zeros((plan.num_frames, height, width, 3), dtype=np.uint8)
+    grid = videos(videos=[original], size=wanted, do_sample_frames=False)["video_grid_thw"]
+    assert inputs.num_video_tokens == int(grid.prod()) // videos.merge_size**2
