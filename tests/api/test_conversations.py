@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from server.config import Settings
 from server.pipelines import conversation_lock
 from tests.api.test_errors import assert_error
 from tests.api.test_responses_store import GREEDY, sdk_for, until_ended
@@ -156,14 +157,15 @@ async def test_what_a_conversation_cannot_take_is_a_4xx(
     assert (await client.post("/v1/conversations", json=reasoning_only)).is_success
     # (a URL is fetched when a response runs; here only checked as written: an allowed host)
     image = {"type": "input_image", "image_url": "http://127.0.0.1:9/a.png"}
-    crowded = {"items": [{"role": "user", "content": [image] * 17}]}  # past 16 a request
+    limit = Settings.model_fields["max_images_per_request"].default
+    crowded = {"items": [{"role": "user", "content": [image] * (limit + 1)}]}  # past a request's
     error = assert_error(await client.post("/v1/conversations", json=crowded), 400, "items")
     assert error["code"] == "too_many_images"
-    # counted per request that adds them: a screenshot loop's conversation grows past 16 (a
+    # counted per request that adds them: a screenshot loop's conversation grows past it (a
     # response with truncation "auto" leaves the oldest out)
     grown = (await client.post("/v1/conversations", json={"items": [user("go")]})).json()
     one_more = {"items": [{"role": "user", "content": [image]}]}
-    for _ in range(17):
+    for _ in range(limit + 1):
         added = await client.post(f"/v1/conversations/{grown['id']}/items", json=one_more)
         assert added.status_code == 200, added.text
     crowd_path = f"/v1/conversations/{grown['id']}/items"

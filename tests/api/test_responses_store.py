@@ -864,7 +864,7 @@ async def test_truncation_auto_fits_a_screenshot_loop(tiny_model_dir: Path) -> N
     """A computer-use loop past the context (a screenshot each step) answers with truncation
     "auto", its oldest steps left out; input_tokens counts what the answer takes, and the whole
     loop is counted (its images alone past the context) rather than refused."""
-    settings = make_settings(tiny_model_dir, max_model_len=512)
+    settings = make_settings(tiny_model_dir, max_model_len=512, max_images_per_request=16)
     body = {**GREEDY, "input": screenshot_loop(8)}  # 8 screenshots of 64 tokens, and the text
     async for client in start_client(settings):
         sdk = sdk_for(client)
