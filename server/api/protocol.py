@@ -44,7 +44,7 @@ from server.engine.sampling import MIN_TOP_P, SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.jobs.store import Job
-from server.media.fetch import is_data_uri
+from server.media.fetch import UNDECLARED_TYPES, is_data_uri
 from server.media.frames import FrameRequest
 from server.media.kind import url_kind
 from server.pipelines.categories import METADATA_KEYS
@@ -413,6 +413,39 @@ def _typed_by_key(part: Any) -> Any:
     return {"type": keys[0], **part} if len(keys) == 1 else part
 
 
+def _dashscope_video(part: Any) -> Any:
+    """DashScope's video part, {"type": "video", "video": URL or [frame, ...]} (Qwen-Agent
+    sends a video given as its frames so), as the video_url part it means: a list of inline
+    frames becomes vLLM's frames URL, data:video/jpeg;base64,<frame>,<frame>,... (read as
+    one frame a second)."""
+    if not isinstance(part, dict) or part.get("type") != "video" or "video" not in part:
+        return part
+    rest = {key: value for key, value in part.items() if key not in ("type", "video")}
+    video = part["video"]
+    if isinstance(video, list):
+        video = "data:video/jpeg;base64," + ",".join(map(_inline_frame, video))
+    return {"type": "video_url", "video_url": video, **rest}
+
+
+def _inline_frame(frame: Any) -> str:
+    """A frame's base64 payload: frames come inline (a data: URI of an image, or naming no
+    type), not as URLs to fetch one by one."""
+    head, _, payload = frame.partition(",") if isinstance(frame, str) else ("", "", "")
+    kind = head[5:].split(";")[0].lower()
+    if not (
+        head[:5].lower() == "data:"
+        and head.lower().endswith(";base64")
+        and (kind.startswith("image/") or kind in UNDECLARED_TYPES)
+        and payload
+        and "," not in payload
+    ):
+        raise ValueError(
+            "a video's frames are taken as data: URIs of images (data:image/jpeg;base64,...); "
+            "send a video by its URL as a video_url part"
+        )
+    return payload
+
+
 # JSON objects in a conversation (messages or input items, their parts and blocks, tool calls
 # and results, at any depth), in all: a million empty parts held the event loop 18 s while
 # they were validated and rendered; no real conversation comes near.
@@ -500,7 +533,7 @@ class ChatMessageParam(PartModel):
         `type`, typed by their one media key as vLLM's parser types them."""
         if not isinstance(value, list):
             return value
-        return [_typed_by_key(part) for part in value]
+        return [_dashscope_video(_typed_by_key(part)) for part in value]
 
     @model_validator(mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """Videos sent as their frames: vLLM's video data URL, `data:video/jpeg;base64,<jpeg>,<jpeg>,...`
-(what its `encode_video_url` produces). The frame planner picks among the given frames as it
-would among a file's, and only the planned ones are decoded: JPEG only, each at most
+(what its `encode_video_url` produces), or DashScope's list of frames (protocol.py makes it one
+such URL). The frame planner picks among the given frames as it would among a file's, and only
+the planned ones are decoded: JPEG (PNG and WebP too, as a list's frames may be), each at most
 MAX_FRAME_PIXELS, decoded at a reduced scale where JPEG allows (draft mode) and resized at
 once, so memory stays near the output frames. Blocking: run it in a thread."""
 
@@ -28,6 +29,8 @@ from server.media.video import MAX_FRAME_PIXELS, DecodedVideo, plan_error
 
 # The URL carries no timing: the frames are taken as one a second.
 ASSUMED_FPS = 1.0
+FRAME_FORMATS = ["JPEG", "PNG", "WEBP"]
+NOT_A_FRAME = "is not a JPEG, PNG or WebP image"
 
 
 def decode_image_frames(
@@ -85,11 +88,11 @@ def _own_times(indices: tuple[int, ...], info: VideoInfo) -> tuple[float, ...]:
 
 def _open(data: bytes, param: str) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data), formats=["JPEG"])
+        image = Image.open(io.BytesIO(data), formats=FRAME_FORMATS)
     except Image.DecompressionBombError as exc:  # (Pillow's own limit, met while opening)
         raise _too_large(param, bomb_size(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError):
-        raise MediaError(f"A frame of the video at {param} is not a JPEG.", param=param) from None
+        raise MediaError(f"A frame of the video at {param} {NOT_A_FRAME}.", param=param) from None
     if image.width * image.height > MAX_FRAME_PIXELS:
         raise _too_large(param, f"{image.width}x{image.height}")
     return image
@@ -110,5 +113,5 @@ def _decode(data: bytes, size: tuple[int, int], param: str) -> np.ndarray:
         return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC))
     except (OSError, ValueError):
         raise MediaError(
-            f"A frame of the video at {param} is not a valid JPEG.", param=param
+            f"A frame of the video at {param} {NOT_A_FRAME} that can be read.", param=param
         ) from None

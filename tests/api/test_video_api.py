@@ -275,6 +275,42 @@ def jpeg_frames_url(count: int) -> str:
     return "data:video/jpeg;base64," + ",".join(frames)
 
 
+async def test_dashscopes_video_part_as_frames_or_a_url(video_client: httpx.AsyncClient) -> None:
+    """DashScope's {"type": "video", "video": [frame, ...]} (Qwen-Agent's video given as its
+    frames): the frames read as vLLM's frames URL is (one a second), inline frames of any
+    image type (PNG too, or naming no type); {"type": "video", "video": URL} is a video_url.
+    A frame by URL is a 400 saying how to send it."""
+
+    async def video_tokens(part: dict) -> int:
+        content = [part, {"type": "text", "text": "what happens?"}]
+        body = {
+            "model": "tiny",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": content}],
+        }
+        response = await video_client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["video_tokens"]
+
+    url = jpeg_frames_url(4)
+    frames = [f"data:image/jpeg;base64,{frame}" for frame in url.split(",")[1:]]
+    expected = await video_tokens({"type": "video_url", "video_url": {"url": url}})
+    assert expected > 0
+    assert await video_tokens({"type": "video", "video": frames}) == expected
+    qwen_agent = [frame.replace("data:image/jpeg;", "data:;") for frame in frames]
+    assert await video_tokens({"type": "video", "video": qwen_agent}) == expected
+    png = "data:image/png;base64," + base64.b64encode(make_image(112, 84, fmt="PNG")).decode()
+    assert await video_tokens({"type": "video", "video": [png] * 4}) == expected
+    assert await video_tokens({"type": "video", "video": url}) == expected
+    assert await video_tokens({"type": "video", "video": frames, "max_frames": 2}) < expected
+    for bad in (["https://example.com/f0.jpg"], ["data:text/plain;base64,aGk="], [3], []):
+        content = [{"type": "video", "video": bad}]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+        response = await video_client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["param"].startswith("messages[0]"), response.text
+
+
 async def test_vllm_jpeg_frames_video_data_url(video_client: httpx.AsyncClient) -> None:
     native = await video_client.post(
         "/v1/chat/completions", json=video_body(jpeg_frames_url(4), max_tokens=2)
