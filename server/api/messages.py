@@ -37,6 +37,7 @@ from server.api.errors import (
 )
 from server.api.protocol import (
     MAX_CACHE_SALT,
+    THINKING_SWITCH,
     PartModel,
     Priority,
     StopString,
@@ -238,9 +239,6 @@ class ThinkingConfig(PartModel):
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     display: Literal["summarized", "omitted"] | None = None
-
-
-THINKING_SWITCH = {"enabled": True, "adaptive": True, "disabled": False}
 
 
 class OutputFormat(StrictModel):

@@ -420,11 +420,16 @@ def _dashscope_video(part: Any) -> Any:
     one frame a second)."""
     if not isinstance(part, dict) or part.get("type") != "video" or "video" not in part:
         return part
-    rest = {key: value for key, value in part.items() if key not in ("type", "video")}
     video = part["video"]
     if isinstance(video, list):
+        if not video:
+            raise ValueError("a video's list of frames is empty")
         video = "data:video/jpeg;base64," + ",".join(map(_inline_frame, video))
-    return {"type": "video_url", "video_url": video, **rest}
+    rest = {key: value for key, value in part.items() if key != "video"}
+    return {**rest, "type": "video_url", "video_url": video}  # (the part's own video_url: not)
+
+
+FRAME_TYPES = ("image/jpeg", "image/jpg", "image/png", "image/webp")  # (image_frames.py's)
 
 
 def _inline_frame(frame: Any) -> str:
@@ -435,13 +440,13 @@ def _inline_frame(frame: Any) -> str:
     if not (
         head[:5].lower() == "data:"
         and head.lower().endswith(";base64")
-        and (kind.startswith("image/") or kind in UNDECLARED_TYPES)
+        and (kind in FRAME_TYPES or kind in UNDECLARED_TYPES)
         and payload
         and "," not in payload
     ):
         raise ValueError(
-            "a video's frames are taken as data: URIs of images (data:image/jpeg;base64,...); "
-            "send a video by its URL as a video_url part"
+            "a video's frames are taken as data: URIs of JPEG, PNG or WebP images "
+            "(data:image/jpeg;base64,...); send a video by its URL as a video_url part"
         )
     return payload
 
@@ -900,64 +905,105 @@ def _generate_option(name: str, problem: str) -> InvalidRequest:
 # any OpenAI connection: Qwen's own API (DashScope: enable_thinking, thinking_budget; Qwen
 # Code and Qwen-Agent document them), OpenRouter's reasoning object (Qwen Code sends it too),
 # the thinking object of Anthropic-style OpenAI endpoints, Ollama's think (Open WebUI's
-# "Think" setting). Each is read as vLLM's own field for it; that field, sent too, wins.
-REASONING_SWITCHES = frozenset({"enable_thinking", "thinking_budget", "reasoning", "thinking"})
+# "Think" setting). Each is read as vLLM's own field for it; that field, sent too, wins. A
+# null is no switch, as for every optional field.
+REASONING_SWITCHES = frozenset(
+    {"enable_thinking", "thinking_budget", "reasoning", "thinking", "think"}
+)
 REASONING_OBJECT_KEYS = {
     "reasoning": frozenset(
         {"effort", "max_tokens", "budget_tokens", "enabled", "exclude", "summary"}
     ),
-    "thinking": frozenset({"type", "budget_tokens"}),
+    "thinking": frozenset({"type", "budget_tokens", "display"}),
 }
+# Anthropic's thinking types (its Messages API, and the thinking object on chat): thinking on
+# or off
+THINKING_SWITCH = {"enabled": True, "adaptive": True, "disabled": False}
 OLLAMA_THINK_LEVELS = ("low", "medium", "high")
+
+
+@dataclass
+class AskedReasoning:
+    """What the foreign switches ask for (None: nothing)."""
+
+    enable: bool | None = None
+    budget: int | None = None
+    effort: str | None = None
+    include: bool | None = None
 
 
 def reasoning_switches(data: Any) -> Any:
     """A chat body with those switches read as chat_template_kwargs.enable_thinking,
     thinking_token_budget, reasoning_effort and include_reasoning."""
-    if not isinstance(data, dict) or not data.keys() & (REASONING_SWITCHES | {"think"}):
+    if not isinstance(data, dict) or not data.keys() & REASONING_SWITCHES:
         return data
-    data = dict(data)
-    enable: bool | None = None
-    budget: int | None = None
-    if "enable_thinking" in data:
-        enable = _switch(data.pop("enable_thinking"), "enable_thinking")
-    if "thinking_budget" in data:
-        budget = _budget_tokens(data.pop("thinking_budget"), "thinking_budget")
-    think = data.pop("think", None)  # Ollama's: a boolean or a level
-    if think is not None:
-        if think in OLLAMA_THINK_LEVELS:
-            data.setdefault("reasoning_effort", think)
-            think = True
-        enable = _switch(think, "think", f"a boolean or one of {', '.join(OLLAMA_THINK_LEVELS)}")
-    if (thinking := _reasoning_object(data, "thinking")) is not None:
-        if "type" in thinking:
-            kind = thinking["type"]
-            if kind not in ("enabled", "disabled"):
-                raise _generate_option("thinking.type", "takes enabled or disabled")
-            enable = kind == "enabled"
-        if "budget_tokens" in thinking:
-            budget = _budget_tokens(thinking["budget_tokens"], "thinking.budget_tokens")
-    if (reasoning := _reasoning_object(data, "reasoning")) is not None:
-        if reasoning.get("effort") is not None:
-            effort = reasoning["effort"]
-            if effort not in get_args(ReasoningEffort):
-                levels = ", ".join(get_args(ReasoningEffort))
-                raise _generate_option("reasoning.effort", f"takes one of {levels}")
-            data.setdefault("reasoning_effort", effort)
-        for name in ("max_tokens", "budget_tokens"):
-            if reasoning.get(name) is not None:
-                budget = _budget_tokens(reasoning[name], f"reasoning.{name}")
-        if reasoning.get("enabled") is not None:
-            enable = _switch(reasoning["enabled"], "reasoning.enabled")
-        if reasoning.get("exclude") is not None:
-            exclude = _switch(reasoning["exclude"], "reasoning.exclude")
-            data.setdefault("include_reasoning", not exclude)
+    data, asked = dict(data), AskedReasoning()
+    for read in (_dashscope_reasoning, _ollama_think, _thinking_object, _openrouter_reasoning):
+        read(data, asked)  # (each takes its own keys out of data)
+    for field, value in (
+        ("reasoning_effort", asked.effort),
+        ("thinking_token_budget", asked.budget),
+        ("include_reasoning", asked.include),
+    ):
+        if value is not None and data.get(field) is None:
+            data[field] = value
     kwargs = data.get("chat_template_kwargs")
-    if enable is not None and (kwargs is None or isinstance(kwargs, dict)):
-        data["chat_template_kwargs"] = {"enable_thinking": enable, **(kwargs or {})}
-    if budget is not None and data.get("thinking_token_budget") is None:
-        data["thinking_token_budget"] = budget
+    if (
+        asked.enable is not None
+        and data.get("reasoning_effort") != "none"  # (vLLM's own "off" wins too)
+        and (kwargs is None or isinstance(kwargs, dict))
+        and (kwargs or {}).get("enable_thinking") is None
+    ):
+        data["chat_template_kwargs"] = {**(kwargs or {}), "enable_thinking": asked.enable}
     return data
+
+
+def _dashscope_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
+    if (enable := data.pop("enable_thinking", None)) is not None:
+        asked.enable = _switch(enable, "enable_thinking")
+    if (budget := data.pop("thinking_budget", None)) is not None:
+        asked.budget = _budget_tokens(budget, "thinking_budget")
+
+
+def _ollama_think(data: dict[str, Any], asked: AskedReasoning) -> None:
+    """Ollama's think: a boolean, or a level (which thinks, at that effort)."""
+    think = data.pop("think", None)
+    if isinstance(think, str) and think in OLLAMA_THINK_LEVELS:
+        asked.effort, think = think, True
+    if think is not None:
+        levels = ", ".join(OLLAMA_THINK_LEVELS)
+        asked.enable = _switch(think, "think", f"a boolean or one of {levels}")
+
+
+def _thinking_object(data: dict[str, Any], asked: AskedReasoning) -> None:
+    """{type, budget_tokens, display} as /v1/messages reads them (display changes nothing)."""
+    if (thinking := _reasoning_object(data, "thinking")) is None:
+        return
+    if (kind := thinking.get("type")) is not None:
+        if not isinstance(kind, str) or kind not in THINKING_SWITCH:
+            raise _generate_option("thinking.type", "takes enabled, adaptive or disabled")
+        asked.enable = THINKING_SWITCH[kind]
+    if (budget := thinking.get("budget_tokens")) is not None:
+        asked.budget = _budget_tokens(budget, "thinking.budget_tokens", least=1)
+
+
+def _openrouter_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
+    """{effort, max_tokens (or budget_tokens), enabled, exclude, summary} (summary changes
+    nothing)."""
+    if (reasoning := _reasoning_object(data, "reasoning")) is None:
+        return
+    if (effort := reasoning.get("effort")) is not None:
+        if not isinstance(effort, str) or effort not in get_args(ReasoningEffort):
+            levels = ", ".join(get_args(ReasoningEffort))
+            raise _generate_option("reasoning.effort", f"takes one of {levels}")
+        asked.effort = effort
+    for name in ("max_tokens", "budget_tokens"):
+        if (budget := reasoning.get(name)) is not None:
+            asked.budget = _budget_tokens(budget, f"reasoning.{name}")
+    if (enabled := reasoning.get("enabled")) is not None:
+        asked.enable = _switch(enabled, "reasoning.enabled")
+    if (exclude := reasoning.get("exclude")) is not None:
+        asked.include = not _switch(exclude, "reasoning.exclude")
 
 
 def dashscope_options(data: Any) -> Any:
@@ -966,7 +1012,7 @@ def dashscope_options(data: Any) -> Any:
     if not isinstance(data, dict) or "incremental_output" not in data:
         return data
     data = dict(data)
-    if data.pop("incremental_output") is not True:
+    if (value := data.pop("incremental_output")) is not None and value is not True:
         raise _generate_option(
             "incremental_output", "takes only true (each streamed chunk is what is new)"
         )
@@ -994,9 +1040,9 @@ def _switch(value: Any, name: str, kinds: str = "a boolean") -> bool:
     return value
 
 
-def _budget_tokens(value: Any, name: str) -> int:
-    if type(value) is not int or not 0 <= value < 2**31:
-        raise _generate_option(name, "must be an integer from 0 to 2**31 - 1")
+def _budget_tokens(value: Any, name: str, least: int = 0) -> int:
+    if type(value) is not int or not least <= value < 2**31:
+        raise _generate_option(name, f"must be an integer from {least} to 2**31 - 1")
     return value
 
 

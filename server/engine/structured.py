@@ -118,12 +118,13 @@ CHARACTER_ESCAPE = f'"u" (([0-9A-Ca-cEeFf] {HEX}) | ([Dd] [0-7])) {HEX} {HEX}'
 # bound), a fraction of at most 16 and an exponent of at most 2 (0, or between 1e-115 and 1e115
 # in size: doubles reach 2.2e-308 and 1.8e308). A range's open end (a minimum and no maximum)
 # keeps the bound's own length and one digit more; an integer's remainder automaton (a whole
-# multipleOf) is unrolled to the same 15 digits. As str(Grammar) writes them: every grammar
-# holds basic_integer and basic_number, so an xgrammar that writes neither so is refused
-# (NumberRulesChanged), not left unbounded.
+# multipleOf up to 100) is unrolled to the same 15 digits. As str(Grammar) writes them: every
+# grammar holds basic_integer and basic_number, so an xgrammar that writes neither so is
+# refused (NumberRulesChanged), not left unbounded.
 INTEGER_DIGITS = 15
 FRACTION_DIGITS = 16
 EXPONENT_DIGITS = 2
+MAX_UNROLLED_MULTIPLE = 100  # (see _small_remainders)
 DIGIT_RULE = re.compile(r"^(\w+) ::= \(\(\[0-9\]\)\)$", re.MULTILINE)  # ([0-9], named)
 REMAINDER_RULE = re.compile(r"^(\w+_multiple_of_\d+_mod_\d+) ::= (.*)\n", re.MULTILINE)
 REMAINDER_STEP = re.compile(r'\("(\d)" (\w+_multiple_of_\d+_mod_\d+)\)')
@@ -145,8 +146,8 @@ class NumberRulesChanged(RuntimeError):
 def bounded_numbers(text: str) -> str:
     """A JSON schema's grammar text (str(Grammar)) with every number's digits bounded."""
     digit_rules = set(DIGIT_RULE.findall(text))
-    remainders = {m[1]: m[2] for m in REMAINDER_RULE.finditer(text)}
-    text = REMAINDER_RULE.sub("", text)
+    remainders = _small_remainders(text)
+    text = REMAINDER_RULE.sub(lambda rule: "" if rule[1] in remainders else rule[0], text)
     found = {"integer": 0, "fraction": 0, "exponent": 0}
     most = INTEGER_DIGITS - 1  # (after the first)
 
@@ -171,6 +172,24 @@ def bounded_numbers(text: str) -> str:
     if not all(found.values()):
         raise NumberRulesChanged(f"xgrammar's JSON number rules were not found to bound: {found}")
     return text + "".join(unrolled_remainders(remainders, most))
+
+
+def _small_remainders(text: str) -> dict[str, str]:
+    """The remainder automata (state -> its rule's body) of the whole multipleOf values up to
+    MAX_UNROLLED_MULTIPLE: unrolled, an automaton takes INTEGER_DIGITS times its rules, and
+    xgrammar writes them up to about 1,000 (a schema of six such fields compiled for 100 s,
+    holding the compile threads every other new schema waits on). A larger one is left as
+    xgrammar writes it: its digits unbounded."""
+    automata: dict[str, dict[str, str]] = {}
+    for rule in REMAINDER_RULE.finditer(text):
+        automaton = rule[1].rsplit("_mod_", 1)[0]
+        automata.setdefault(automaton, {})[rule[1]] = rule[2]
+    return {
+        state: body
+        for states in automata.values()
+        if len(states) <= MAX_UNROLLED_MULTIPLE
+        for state, body in states.items()
+    }
 
 
 def unrolled_remainders(states: dict[str, str], most: int) -> list[str]:

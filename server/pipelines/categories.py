@@ -162,7 +162,6 @@ class CategoriesPipeline:
         kind = url_kind(request.media_url, PARAM)  # (refuses the containers not read here)
         fetched = None
         if kind is not None and is_data_uri(request.media_url):  # as it declares itself
-            kind = "video" if kind == "video" else "image"
             await self.media.preprocessing.take()
         else:
             fetched = await self._downloaded(request.media_url)

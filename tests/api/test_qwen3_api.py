@@ -537,7 +537,15 @@ async def test_other_servers_reasoning_switches_are_read(thinking: httpx.AsyncCl
         assert reasoning(await answer(**off)) == ("", 0), off
     kwargs = {"enable_thinking": True}
     assert reasoning(await answer(enable_thinking=False, chat_template_kwargs=kwargs)) == thinks
-    assert reasoning(await answer(think="high", reasoning_effort="none")) == thinks
+    assert reasoning(await answer(think="high", chat_template_kwargs=kwargs)) == thinks
+    assert reasoning(await answer(thinking={"type": "adaptive", "display": "omitted"})) == thinks
+    # vLLM's own fields win: reasoning_effort "none" too
+    for on in ({"enable_thinking": True}, {"think": True}, {"reasoning": {"enabled": True}}):
+        assert reasoning(await answer(reasoning_effort="none", **on)) == ("", 0), on
+    # a null is no switch (and a null vLLM field is no say either)
+    nulls = {"enable_thinking": None, "thinking_budget": None, "incremental_output": None}
+    assert reasoning(await answer(**nulls, think=None)) == thinks
+    assert reasoning(await answer(enable_thinking=False, reasoning_effort=None)) == ("", 0)
     assert reasoning(await answer(reasoning={"effort": "high", "summary": "auto"})) == thinks
     for budget in (
         {"thinking_budget": 3},
@@ -546,7 +554,7 @@ async def test_other_servers_reasoning_switches_are_read(thinking: httpx.AsyncCl
     ):
         assert reasoning(await answer(**budget))[1] == 3, budget
     assert reasoning(await answer(thinking_budget=3, thinking_token_budget=5))[1] == 5
-    quiet = await answer(reasoning={"exclude": True, "max_tokens": 3})
+    quiet = await answer(reasoning={"exclude": True, "max_tokens": 3}, include_reasoning=None)
     quiet = quiet["choices"][0]["message"]
     assert quiet["reasoning"] is None and quiet["reasoning_content"] == "" and quiet["content"]
     assert (await answer(incremental_output=True))["choices"][0]["message"]["reasoning"]
@@ -557,6 +565,9 @@ async def test_other_servers_reasoning_switches_are_read(thinking: httpx.AsyncCl
         ({"reasoning": {"effort": "low", "verbose": True}}, "reasoning.verbose"),
         ({"reasoning": "high"}, "reasoning"),
         ({"thinking": {"type": "on"}}, "thinking.type"),
+        ({"thinking": {"type": ["enabled"]}}, "thinking.type"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 0}}, "thinking.budget_tokens"),
+        ({"reasoning": {"effort": {}}}, "reasoning.effort"),
         ({"think": "max"}, "think"),
         ({"incremental_output": False}, "incremental_output"),
     ):

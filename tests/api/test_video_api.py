@@ -303,7 +303,10 @@ async def test_dashscopes_video_part_as_frames_or_a_url(video_client: httpx.Asyn
     assert await video_tokens({"type": "video", "video": [png] * 4}) == expected
     assert await video_tokens({"type": "video", "video": url}) == expected
     assert await video_tokens({"type": "video", "video": frames, "max_frames": 2}) < expected
-    for bad in (["https://example.com/f0.jpg"], ["data:text/plain;base64,aGk="], [3], []):
+    stray = {"type": "video", "video": frames, "video_url": "http://127.0.0.1:9/other.mp4"}
+    assert await video_tokens(stray) == expected  # (the frames, not a stray key)
+    gif = "data:image/gif;base64," + base64.b64encode(make_image(8, 8, fmt="GIF")).decode()
+    for bad in (["https://example.com/f0.jpg"], ["data:text/plain;base64,aGk="], [3], [], [gif]):
         content = [{"type": "video", "video": bad}]
         body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
         response = await video_client.post("/v1/chat/completions", json=body)

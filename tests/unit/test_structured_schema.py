@@ -711,6 +711,25 @@ def test_a_multiple_is_still_a_multiple_and_a_bound_past_15_digits_is_kept(
     assert grammars.takes(below, -(10**17)) and not grammars.takes(below, -(10**17) + 1)
 
 
+def test_a_large_multiple_is_left_as_xgrammar_writes_it() -> None:
+    """Unrolled, a remainder automaton takes 15 times its rules: one of a large multipleOf
+    (xgrammar writes them up to about 1,000; six such fields compiled for 100 s) is left as
+    written, its digits unbounded, and the small ones beside it are still unrolled."""
+    from server.engine.structured import MAX_UNROLLED_MULTIPLE, bounded_numbers
+
+    def written(*multiples: int) -> str:
+        fields = {f"f{m}": {"type": "integer", "multipleOf": m} for m in multiples}
+        schema = {"type": "object", "properties": fields, "required": list(fields)}
+        return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+
+    large = MAX_UNROLLED_MULTIPLE + 1
+    text = bounded_numbers(written(7, large))
+    assert f"_multiple_of_{large}_mod_0_left" not in text
+    assert f"_multiple_of_{large}_mod_0 ::=" in text  # (as xgrammar wrote it)
+    assert "_multiple_of_7_mod_0_left14 ::=" in text
+    assert len(bounded_numbers(written(997))) < 2 * len(written(997))
+
+
 def test_number_rules_xgrammar_no_longer_writes_fail_loudly(
     grammars: Grammars, monkeypatch: pytest.MonkeyPatch
 ) -> None:
