@@ -44,8 +44,9 @@ from server.engine.sampling import MIN_TOP_P, SamplingDefaults, SamplingParams
 from server.engine.structured import StructuredOutput
 from server.exceptions import InvalidRequest
 from server.jobs.store import Job
-from server.media.fetch import UNDECLARED_TYPES, is_data_uri
+from server.media.fetch import DATA_URI, UNDECLARED_TYPES, is_data_uri
 from server.media.frames import FrameRequest
+from server.media.image_frames import FRAME_TYPES
 from server.media.kind import url_kind
 from server.pipelines.categories import METADATA_KEYS
 from server.pipelines.chat import ChatResult, ChoiceResult
@@ -429,26 +430,23 @@ def _dashscope_video(part: Any) -> Any:
     return {**rest, "type": "video_url", "video_url": video}  # (the part's own video_url: not)
 
 
-FRAME_TYPES = ("image/jpeg", "image/jpg", "image/png", "image/webp")  # (image_frames.py's)
-
-
 def _inline_frame(frame: Any) -> str:
     """A frame's base64 payload: frames come inline (a data: URI of an image, or naming no
     type), not as URLs to fetch one by one."""
-    head, _, payload = frame.partition(",") if isinstance(frame, str) else ("", "", "")
-    kind = head[5:].split(";")[0].lower()
+    uri = DATA_URI.match(frame) if isinstance(frame, str) else None
+    mime = ((uri and uri["mime"]) or "").lower()
     if not (
-        head[:5].lower() == "data:"
-        and head.lower().endswith(";base64")
-        and (kind in FRAME_TYPES or kind in UNDECLARED_TYPES)
-        and payload
-        and "," not in payload
+        uri
+        and uri["b64"]
+        and (mime in FRAME_TYPES or mime in UNDECLARED_TYPES)
+        and uri["data"]
+        and "," not in uri["data"]
     ):
         raise ValueError(
             "a video's frames are taken as data: URIs of JPEG, PNG or WebP images "
             "(data:image/jpeg;base64,...); send a video by its URL as a video_url part"
         )
-    return payload
+    return uri["data"]
 
 
 # JSON objects in a conversation (messages or input items, their parts and blocks, tool calls
@@ -875,8 +873,8 @@ def generate_options(data: Any) -> Any:
     beams = data.pop("num_beams", None)
     if beams is not None and not (type(beams) is int and beams == 1):
         raise _generate_option("num_beams", "takes only 1: beam search is not done here")
-    if (sample := data.pop("do_sample", None)) is not None and not isinstance(sample, bool):
-        raise _generate_option("do_sample", "must be a boolean")
+    if (sample := data.pop("do_sample", None)) is not None:
+        sample = _switch(sample, "do_sample")
     if sample is False:
         data["temperature"] = 0
     # (chat's max_completion_tokens, where given, is the limit: it wins over max_tokens)
@@ -887,8 +885,7 @@ def generate_options(data: Any) -> Any:
     ):
         if (value := data.pop(name, None)) is None:
             continue
-        if type(value) is not int or not least <= value < 2**31:
-            raise _generate_option(name, f"must be an integer from {least} to 2**31 - 1")
+        value = _bounded_int(value, name, least)
         given = data.get(field)
         if given is None:
             data[field] = value
@@ -962,7 +959,7 @@ def _dashscope_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
     if (enable := data.pop("enable_thinking", None)) is not None:
         asked.enable = _switch(enable, "enable_thinking")
     if (budget := data.pop("thinking_budget", None)) is not None:
-        asked.budget = _budget_tokens(budget, "thinking_budget")
+        asked.budget = _bounded_int(budget, "thinking_budget")
 
 
 def _ollama_think(data: dict[str, Any], asked: AskedReasoning) -> None:
@@ -984,7 +981,7 @@ def _thinking_object(data: dict[str, Any], asked: AskedReasoning) -> None:
             raise _generate_option("thinking.type", "takes enabled, adaptive or disabled")
         asked.enable = THINKING_SWITCH[kind]
     if (budget := thinking.get("budget_tokens")) is not None:
-        asked.budget = _budget_tokens(budget, "thinking.budget_tokens", least=1)
+        asked.budget = _bounded_int(budget, "thinking.budget_tokens", least=1)
 
 
 def _openrouter_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
@@ -999,7 +996,7 @@ def _openrouter_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
         asked.effort = effort
     for name in ("max_tokens", "budget_tokens"):
         if (budget := reasoning.get(name)) is not None:
-            asked.budget = _budget_tokens(budget, f"reasoning.{name}")
+            asked.budget = _bounded_int(budget, f"reasoning.{name}")
     if (enabled := reasoning.get("enabled")) is not None:
         asked.enable = _switch(enabled, "reasoning.enabled")
     if (exclude := reasoning.get("exclude")) is not None:
@@ -1040,7 +1037,7 @@ def _switch(value: Any, name: str, kinds: str = "a boolean") -> bool:
     return value
 
 
-def _budget_tokens(value: Any, name: str, least: int = 0) -> int:
+def _bounded_int(value: Any, name: str, least: int = 0) -> int:
     if type(value) is not int or not least <= value < 2**31:
         raise _generate_option(name, f"must be an integer from {least} to 2**31 - 1")
     return value

@@ -30,6 +30,7 @@ from server.media.video import MAX_FRAME_PIXELS, DecodedVideo, plan_error
 # The URL carries no timing: the frames are taken as one a second.
 ASSUMED_FPS = 1.0
 FRAME_FORMATS = ["JPEG", "PNG", "WEBP"]
+FRAME_TYPES = ("image/jpeg", "image/jpg", "image/png", "image/webp")  # (a frame list's)
 NOT_A_FRAME = "is not a JPEG, PNG or WebP image"
 
 
