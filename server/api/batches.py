@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.api.protocol import MetadataPairs, StrictModel
+from server.api.fields import MetadataPairs, StrictModel
 from server.jobs.files import StoredFile
 from server.jobs.store import Job
 

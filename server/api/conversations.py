@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.api.protocol import MetadataDict, MetadataPairs, StrictModel
+from server.api.fields import MetadataDict, MetadataPairs, StrictModel
 from server.api.responses import InputItem, ItemReference, ResponsesRequest
 from server.api.services import Services
 from server.api.translated import translated_request

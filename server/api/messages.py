@@ -29,22 +29,15 @@ from pydantic import (
 )
 from pydantic_core import from_json
 
+from server.api.dialects import THINKING_SWITCH
 from server.api.errors import (
     SERVER_ERROR,
     THREAD_UNSUPPORTED,
     anthropic_error_type,
     anthropic_message,
 )
-from server.api.protocol import (
-    MAX_CACHE_SALT,
-    THINKING_SWITCH,
-    PartModel,
-    Priority,
-    StopString,
-    StrictModel,
-    Text,
-    Turns,
-)
+from server.api.fields import MAX_CACHE_SALT, PartModel, Priority, StopString, StrictModel, Text
+from server.api.message_params import Turns
 from server.api.sse import answer_pieces, named_event
 from server.engine.sequence import SequenceOutput
 from server.exceptions import AnswerTooLong, InvalidRequest, PromptTooLong, ServerError

@@ -29,14 +29,10 @@ from pydantic import (
     model_validator,
 )
 
+from server.api.dialects import REPETITION_PENALTY_NAMES, llama_cpp_options
 from server.api.errors import SERVER_ERROR
-from server.api.protocol import (
+from server.api.fields import (
     MAX_CACHE_SALT,
-    REPETITION_PENALTY_NAMES,
-    SCHEMA_NAME,
-    CallArguments,
-    ChatCompletionTokenLogprob,
-    ContentPart,
     LogitBias,
     MetadataPairs,
     PartModel,
@@ -44,12 +40,11 @@ from server.api.protocol import (
     ReasoningEffort,
     Stop,
     StrictModel,
-    StructuredOutputsParam,
     Text,
     TokenId,
-    Turns,
-    llama_cpp_options,
 )
+from server.api.message_params import CallArguments, ContentPart, Turns
+from server.api.protocol import SCHEMA_NAME, ChatCompletionTokenLogprob, StructuredOutputsParam
 from server.api.sse import answer_pieces, named_event
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceOutput

@@ -12,7 +12,8 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from server.api.errors import loc_to_param
-from server.api.protocol import TRANSLATED, ChatCompletionRequest
+from server.api.message_params import TRANSLATED
+from server.api.protocol import ChatCompletionRequest
 from server.api.routes.chat import to_chat_request, until_disconnected
 from server.api.services import Services
 from server.api.sse import EventWriter, event_stream

@@ -1,6 +1,6 @@
 """Videos sent as their frames: vLLM's video data URL, `data:video/jpeg;base64,<jpeg>,<jpeg>,...`
-(what its `encode_video_url` produces), or DashScope's list of frames (protocol.py makes it one
-such URL). The frame planner picks among the given frames as it would among a file's, and only
+(what its `encode_video_url` produces), or DashScope's list of frames (message_params.py makes it
+one such URL). The frame planner picks among the given frames as it would among a file's, and only
 the planned ones are decoded: JPEG (PNG and WebP too, as a list's frames may be), each at most
 MAX_FRAME_PIXELS, decoded at a reduced scale where JPEG allows (draft mode) and resized at
 once, so memory stays near the output frames. Blocking: run it in a thread."""

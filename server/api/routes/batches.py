@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Header, Query
 
 from server.api.batches import Batch, BatchCreateRequest, BatchList
 from server.api.body import ThreadParsedRoute
-from server.api.protocol import ErrorResponse, check_metadata
+from server.api.fields import check_metadata
+from server.api.protocol import ErrorResponse
 from server.api.services import Services, get_services
 from server.exceptions import (
     BatchNotCancellable,

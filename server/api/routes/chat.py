@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.body import ThreadParsedRoute
+from server.api.fields import check_metadata
 from server.api.protocol import (
     ANIMUS_DEFAULTS,
     ChatCompletionRequest,
@@ -20,7 +21,6 @@ from server.api.protocol import (
     ErrorResponse,
     MediaCompletionRequest,
     MediaJob,
-    check_metadata,
     check_stream_options,
     completion_id,
     usage_wanted,

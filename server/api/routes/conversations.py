@@ -20,7 +20,8 @@ from server.api.conversations import (
     check_items,
     check_readable,
 )
-from server.api.protocol import ErrorResponse, check_metadata
+from server.api.fields import check_metadata
+from server.api.protocol import ErrorResponse
 from server.api.responses import InputItemList, item_records
 from server.api.services import Services, get_services
 from server.exceptions import ConversationNotFound, KeepsNothing

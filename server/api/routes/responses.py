@@ -15,8 +15,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.body import ThreadParsedRoute
+from server.api.fields import check_metadata
 from server.api.middleware import INTERNAL
-from server.api.protocol import check_metadata
 from server.api.response_events import followed, opening_events
 from server.api.responses import (
     InputItemList,

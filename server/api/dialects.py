@@ -1,0 +1,241 @@
+"""Other servers' request dialects, read as this server's (vLLM's) fields: llama.cpp's and
+Ollama's options, transformers generate()'s names, DashScope's, OpenRouter's, Ollama's and
+Anthropic-style reasoning switches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, get_args
+
+from pydantic import AliasChoices
+
+from server.api.fields import ReasoningEffort
+from server.exceptions import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp's and Ollama's options, which front-ends made for them send to every OpenAI
+# connection (Open WebUI's advanced parameters: a user who set one had every chat refused).
+# repeat_penalty is repetition_penalty by its llama.cpp name (the same multiplicative
+# penalty: REPETITION_PENALTY_NAMES); the others ask for what this server does not do, or
+# sizes itself, and change nothing (logged), as vLLM takes any unknown field. Other unknown
+# fields are still 400s.
+REPETITION_PENALTY_NAMES = AliasChoices("repetition_penalty", "repeat_penalty")
+LLAMA_CPP_IGNORED = frozenset(
+    {
+        "mirostat",
+        "mirostat_eta",
+        "mirostat_tau",
+        "tfs_z",
+        "typical_p",
+        "repeat_last_n",
+        "penalize_newline",
+        "num_ctx",
+        "num_predict",
+        "num_keep",
+        "num_batch",
+        "num_gpu",
+        "num_thread",
+        "use_mmap",
+        "use_mlock",
+        "keep_alive",
+        "think",
+        "format",
+    }
+)
+
+
+def llama_cpp_options(data: Any) -> Any:
+    """A request body without llama.cpp's and Ollama's options that change nothing here
+    (LLAMA_CPP_IGNORED: logged)."""
+    if not isinstance(data, dict) or not (ignored := sorted(data.keys() & LLAMA_CPP_IGNORED)):
+        return data
+    logger.info("llama.cpp/Ollama options with no effect here: %s", ", ".join(ignored))
+    return {key: value for key, value in data.items() if key not in LLAMA_CPP_IGNORED}
+
+
+GENERATE_OPTIONS = frozenset({"max_new_tokens", "min_new_tokens", "num_beams", "do_sample"})
+
+
+def generate_options(data: Any) -> Any:
+    """transformers generate()'s names, which evaluation harnesses forward (lm-eval sends a
+    task's generation_kwargs beside its own max_tokens): max_new_tokens / min_new_tokens are
+    bounds as max_tokens / min_tokens are (beside them, the tighter holds); do_sample false
+    is greedy decoding (temperature 0, whatever temperature says, as generate() reads it);
+    num_beams 1 is the default search (more: beam search, not done here, a 400)."""
+    if not isinstance(data, dict) or not data.keys() & GENERATE_OPTIONS:
+        return data
+    data = dict(data)
+    beams = data.pop("num_beams", None)
+    if beams is not None and not (type(beams) is int and beams == 1):
+        raise _generate_option("num_beams", "takes only 1: beam search is not done here")
+    if (sample := data.pop("do_sample", None)) is not None:
+        sample = _switch(sample, "do_sample")
+    if sample is False:
+        data["temperature"] = 0
+    # (chat's max_completion_tokens, where given, is the limit: it wins over max_tokens)
+    chat_limit = data.get("max_completion_tokens") is not None
+    for name, field, tighter, least in (
+        ("max_new_tokens", "max_completion_tokens" if chat_limit else "max_tokens", min, 1),
+        ("min_new_tokens", "min_tokens", max, 0),
+    ):
+        if (value := data.pop(name, None)) is None:
+            continue
+        value = _bounded_int(value, name, least)
+        given = data.get(field)
+        if given is None:
+            data[field] = value
+        elif type(given) is int:
+            data[field] = tighter(given, value)
+    return data
+
+
+def _generate_option(name: str, problem: str) -> InvalidRequest:
+    return InvalidRequest(f"{name} {problem}.", param=name, code="invalid_value")
+
+
+# Other servers' switches for a thinking checkpoint's reasoning, which their clients send to
+# any OpenAI connection: Qwen's own API (DashScope: enable_thinking, thinking_budget; Qwen
+# Code and Qwen-Agent document them), OpenRouter's reasoning object (Qwen Code sends it too),
+# the thinking object of Anthropic-style OpenAI endpoints, Ollama's think (Open WebUI's
+# "Think" setting). Each is read as vLLM's own field for it; that field, sent too, wins. A
+# null is no switch, as for every optional field.
+REASONING_SWITCHES = frozenset(
+    {"enable_thinking", "thinking_budget", "reasoning", "thinking", "think"}
+)
+REASONING_OBJECT_KEYS = {
+    "reasoning": frozenset(
+        {"effort", "max_tokens", "budget_tokens", "enabled", "exclude", "summary"}
+    ),
+    "thinking": frozenset({"type", "budget_tokens", "display"}),
+}
+# Anthropic's thinking types (its Messages API, and the thinking object on chat): thinking on
+# or off
+THINKING_SWITCH = {"enabled": True, "adaptive": True, "disabled": False}
+OLLAMA_THINK_LEVELS = ("low", "medium", "high")
+
+
+@dataclass
+class AskedReasoning:
+    """What the foreign switches ask for (None: nothing)."""
+
+    enable: bool | None = None
+    budget: int | None = None
+    effort: str | None = None
+    include: bool | None = None
+
+
+def reasoning_switches(data: Any) -> Any:
+    """A chat body with those switches read as chat_template_kwargs.enable_thinking,
+    thinking_token_budget, reasoning_effort and include_reasoning."""
+    if not isinstance(data, dict) or not data.keys() & REASONING_SWITCHES:
+        return data
+    data, asked = dict(data), AskedReasoning()
+    for read in (_dashscope_reasoning, _ollama_think, _thinking_object, _openrouter_reasoning):
+        read(data, asked)  # (each takes its own keys out of data)
+    for field, value in (
+        ("reasoning_effort", asked.effort),
+        ("thinking_token_budget", asked.budget),
+        ("include_reasoning", asked.include),
+    ):
+        if value is not None and data.get(field) is None:
+            data[field] = value
+    kwargs = data.get("chat_template_kwargs")
+    if (
+        asked.enable is not None
+        and data.get("reasoning_effort") != "none"  # (vLLM's own "off" wins too)
+        and (kwargs is None or isinstance(kwargs, dict))
+        and (kwargs or {}).get("enable_thinking") is None
+    ):
+        data["chat_template_kwargs"] = {**(kwargs or {}), "enable_thinking": asked.enable}
+    return data
+
+
+def _dashscope_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
+    if (enable := data.pop("enable_thinking", None)) is not None:
+        asked.enable = _switch(enable, "enable_thinking")
+    if (budget := data.pop("thinking_budget", None)) is not None:
+        asked.budget = _bounded_int(budget, "thinking_budget")
+
+
+def _ollama_think(data: dict[str, Any], asked: AskedReasoning) -> None:
+    """Ollama's think: a boolean, or a level (which thinks, at that effort)."""
+    think = data.pop("think", None)
+    if isinstance(think, str) and think in OLLAMA_THINK_LEVELS:
+        asked.effort, think = think, True
+    if think is not None:
+        levels = ", ".join(OLLAMA_THINK_LEVELS)
+        asked.enable = _switch(think, "think", f"a boolean or one of {levels}")
+
+
+def _thinking_object(data: dict[str, Any], asked: AskedReasoning) -> None:
+    """{type, budget_tokens, display} as /v1/messages reads them (display changes nothing)."""
+    if (thinking := _reasoning_object(data, "thinking")) is None:
+        return
+    if (kind := thinking.get("type")) is not None:
+        if not isinstance(kind, str) or kind not in THINKING_SWITCH:
+            raise _generate_option("thinking.type", "takes enabled, adaptive or disabled")
+        asked.enable = THINKING_SWITCH[kind]
+    if (budget := thinking.get("budget_tokens")) is not None:
+        asked.budget = _bounded_int(budget, "thinking.budget_tokens", least=1)
+
+
+def _openrouter_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
+    """{effort, max_tokens (or budget_tokens), enabled, exclude, summary} (summary changes
+    nothing)."""
+    if (reasoning := _reasoning_object(data, "reasoning")) is None:
+        return
+    if (effort := reasoning.get("effort")) is not None:
+        if not isinstance(effort, str) or effort not in get_args(ReasoningEffort):
+            levels = ", ".join(get_args(ReasoningEffort))
+            raise _generate_option("reasoning.effort", f"takes one of {levels}")
+        asked.effort = effort
+    for name in ("max_tokens", "budget_tokens"):
+        if (budget := reasoning.get(name)) is not None:
+            asked.budget = _bounded_int(budget, f"reasoning.{name}")
+    if (enabled := reasoning.get("enabled")) is not None:
+        asked.enable = _switch(enabled, "reasoning.enabled")
+    if (exclude := reasoning.get("exclude")) is not None:
+        asked.include = not _switch(exclude, "reasoning.exclude")
+
+
+def dashscope_options(data: Any) -> Any:
+    """DashScope's incremental_output: streamed chunks here are always increments (true
+    changes nothing; false, each chunk the whole text so far, is not done: a 400)."""
+    if not isinstance(data, dict) or "incremental_output" not in data:
+        return data
+    data = dict(data)
+    if (value := data.pop("incremental_output")) is not None and value is not True:
+        raise _generate_option(
+            "incremental_output", "takes only true (each streamed chunk is what is new)"
+        )
+    return data
+
+
+def _reasoning_object(data: dict[str, Any], name: str) -> dict[str, Any] | None:
+    if (value := data.pop(name, None)) is None:
+        return None
+    if not isinstance(value, dict):
+        raise _generate_option(name, "must be an object")
+    if unknown := sorted(str(key) for key in value.keys() - REASONING_OBJECT_KEYS[name]):
+        keys = ", ".join(sorted(REASONING_OBJECT_KEYS[name]))
+        raise InvalidRequest(
+            f"Unrecognized key {name}.{unknown[0]}: {name} takes {keys}.",
+            param=f"{name}.{unknown[0]}",
+            code="unknown_parameter",
+        )
+    return value
+
+
+def _switch(value: Any, name: str, kinds: str = "a boolean") -> bool:
+    if not isinstance(value, bool):
+        raise _generate_option(name, f"must be {kinds}")
+    return value
+
+
+def _bounded_int(value: Any, name: str, least: int = 0) -> int:
+    if type(value) is not int or not least <= value < 2**31:
+        raise _generate_option(name, f"must be an integer from {least} to 2**31 - 1")
+    return value
