@@ -205,9 +205,11 @@ class CategoriesPipeline:
         theirs). Media by URL, and videos, are read when it runs."""
         kind = url_kind(media_url, PARAM)  # (first, as the synchronous request checks it)
         self.media.fetcher.check_ahead(media_url, "media", PARAM)
-        if kind != "image":
+        undeclared = kind is None and is_data_uri(media_url)  # (its bytes say what it is)
+        if kind != "image" and not undeclared:
             return
-        messages = [ChatMessage("user", [ImagePart(media_url, "auto", PARAM)])]
+        or_video = FrameRequest() if undeclared else None
+        messages = [ChatMessage("user", [ImagePart(media_url, "auto", PARAM, or_video=or_video)])]
         await self.media.check_ahead(messages, self.media.check_counts(messages))
 
     async def _image_inputs(

@@ -182,11 +182,29 @@ class MediaLoader:
                     kind = "media"  # (either, as its fetch names it)
                 self.fetcher.check_ahead(part.url, kind, part.param)
         inline = [part for part in parts_of(messages, ImagePart) if _is_inline(part)]
-        if not inline:
+        # (an image_url that may be a video, sent as a data: URI naming no type: its bytes say)
+        undeclared = [
+            part
+            for part in parts_of(messages, ImagePart)
+            if part.or_video is not None and is_data_uri(part.url)
+        ]
+        if not inline and not undeclared:
             return
         async with self.preprocessing:
             for part in inline:
                 await self._read_image(part, budget)
+            for part in undeclared:
+                await self._read_if_image(part, budget)
+
+    async def _read_if_image(self, part: ImagePart, budget: MediaBudget) -> None:
+        """An inline image_url that may be a video, read if its bytes are an image (another
+        image format, or an image cut short, is a 400 now); a video is read when it runs."""
+        fetched = await self.fetch_unknown(part.url, part.param)
+        try:
+            if judged_kind(fetched.head(part.param, 64), part.param) == "image":
+                await self.fetched_image(part, fetched, budget)
+        finally:
+            fetched.discard()
 
     async def _read_image(self, part: ImagePart, budget: MediaBudget) -> Image.Image:
         fetched = await self._fetch_image(part)

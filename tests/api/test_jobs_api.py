@@ -69,13 +69,35 @@ async def test_failed_job_keeps_the_error(client: httpx.AsyncClient) -> None:
 async def test_an_unreadable_inline_image_is_refused_before_the_job(
     client: httpx.AsyncClient,
 ) -> None:
-    """As media completions refuse theirs: no job is stored for an image that cannot be read."""
+    """As media completions refuse theirs: no job is stored for an image that cannot be read,
+    nor for one sent as a data: URI that names no type (its bytes say it is an image: a
+    truncated PNG, an AVIF), in categories and in a media completion's image_url alike."""
     before = (await client.get("/v2/media/jobs")).json()["data"]
-    body = {"model": "tiny", "media_url": "data:image/png;base64,AAAA", "async": True}
-    response = await client.post("/v2/media/categories", json=body)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "media_url"
+    png = make_image(seed=4, fmt="PNG")
+    avif = b"\x00\x00\x00\x1cftypavif" + bytes(64)
+    for url in (
+        "data:image/png;base64,AAAA",
+        "data:;base64," + base64.b64encode(png[:60]).decode(),
+        "data:application/octet-stream;base64," + base64.b64encode(avif).decode(),
+    ):
+        body = {"model": "tiny", "media_url": url, "async": True}
+        response = await client.post("/v2/media/categories", json=body)
+        assert response.status_code == 400, (url[:40], response.text)
+        assert response.json()["error"]["param"] == "media_url"
+        part = {"type": "image_url", "image_url": {"url": url}}
+        response = await client.post(
+            "/v2/media/completions", json=chat_body([part], **{"async": True})
+        )
+        assert response.status_code == 400, (url[:40], response.text)
+        assert response.json()["error"]["param"].startswith("messages[0].content[0]")
     assert (await client.get("/v2/media/jobs")).json()["data"] == before
+    # a whole image, or a video, so sent is taken (the video is read when the job runs)
+    for media in (png, make_video(seconds=1)):
+        url = "data:;base64," + base64.b64encode(media).decode()
+        body = {"model": "tiny", "media_url": url, "async": True}
+        accepted = await client.post("/v2/media/categories", json=body)
+        assert accepted.status_code == 202, accepted.text
+        assert (await wait_done(client, accepted.json()["status_url"]))["status"] == "completed"
 
 
 async def test_idempotency_key(client: httpx.AsyncClient) -> None:
