@@ -605,17 +605,43 @@ def declared_required(schema: Any) -> Any:
     return changed
 
 
+# What an object schema may hold beside `type` and still declare nothing: annotations.
+ANNOTATIONS = frozenset(
+    {"title", "description", "$schema", "$id", "$comment", "default", "examples"}
+)
+
+
+def bare_object(schema: Any) -> bool:
+    """{"type": "object"} with nothing but annotations: no property, nor a rule for others."""
+    return (
+        isinstance(schema, dict)
+        and schema.get("type") == "object"
+        and not schema.keys() - ANNOTATIONS - {"type"}
+    )
+
+
+def closed_if_bare(schema: Any) -> Any:
+    """A bare object (bare_object; {} or none as a tool's parameters) as one that lists no
+    property: xgrammar reads {"type": "object"} as any object, and a model wrote random keys
+    into a no-argument tool's call (MCP tools without inputs declare just that) where vLLM's
+    is {}."""
+    if schema is None or schema == {}:
+        return {"type": "object", "properties": {}}
+    return {**schema, "properties": {}} if bare_object(schema) else schema
+
+
 def strict_normalized(schema: Any) -> Any:
     """A strict schema as OpenAI's Structured Outputs answer it: every property of every
     object written (OpenAI refuses a strict schema whose `required` leaves one out; here it is
-    made required, so the promise holds, and the answer still fits the schema as sent). Left
+    made required, so the promise holds, and the answer still fits the schema as sent), and
+    none it does not list (a bare {"type": "object"} too: closed_if_bare). Left
     optional where forcing could leave no finite answer: a property that refers elsewhere
     ($ref: it may recurse), and the properties of an object with maxProperties."""
     if isinstance(schema, list):
         return [strict_normalized(sub) for sub in schema]
     if not isinstance(schema, dict):
         return schema
-    normalized = with_subschemas(schema, strict_normalized)
+    normalized = closed_if_bare(with_subschemas(schema, strict_normalized))  # (none unlisted)
     properties, required = schema.get("properties"), schema.get("required", [])
     # (a `required` that is no list stays as sent: schema_mistakes refuses it)
     normal = isinstance(properties, dict) and isinstance(required, list)

@@ -16,7 +16,12 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.engine.json_schema import DATA_KEYWORDS, NAMED_SCHEMAS, strict_normalized
+from server.engine.json_schema import (
+    DATA_KEYWORDS,
+    NAMED_SCHEMAS,
+    closed_if_bare,
+    strict_normalized,
+)
 from server.engine.structured import StructuredOutput
 from server.pipelines.messages import ChatMessage, Part, TextPart, ToolCall
 from server.pipelines.reasoning import partial_suffix
@@ -62,10 +67,10 @@ class Tools:
 
     def parameters(self, name: str) -> dict[str, Any]:
         """The function's parameters as its calls are decoded (a strict one's every property
-        written, as OpenAI's)."""
+        written, as OpenAI's; none, {} or a bare {"type": "object"}: no arguments, {})."""
         for tool in self.definitions:
             if tool["function"]["name"] == name:
-                parameters = tool["function"].get("parameters") or {"type": "object"}
+                parameters = closed_if_bare(tool["function"].get("parameters"))
                 strict = tool["function"].get("strict") is True
                 return strict_normalized(parameters) if strict else parameters
         raise KeyError(name)

@@ -333,6 +333,55 @@ async def test_required_tool_choice(sdk: openai.AsyncOpenAI) -> None:
             assert set(json.loads(call.function.arguments)) == {"zone"}
 
 
+async def test_a_tool_that_declares_no_arguments_is_called_with_none(
+    client: httpx.AsyncClient,
+) -> None:
+    """A function with no parameters, {} or a bare {"type": "object"} (MCP tools without
+    inputs declare that) is called with {} under a forced choice, as vLLM calls it (random keys
+    broke frameworks' calls with a TypeError); under strict, a bare object anywhere (a tool's
+    or a response_format's) takes nothing: strict leaves no property unlisted."""
+    bare = {"type": "object"}
+    declared = [None, {}, bare, {"type": "object", "properties": {}}]
+    strict = [{"type": "object", "properties": {"options": bare}, "required": ["options"]}]
+    cases = [(p, False) for p in declared] + [(bare, True), (strict[0], True)]
+    for parameters, is_strict in cases:
+        function: dict = {"name": "refresh"}
+        if parameters is not None:
+            function["parameters"] = parameters
+        if is_strict:
+            function["strict"] = True
+        for choice in ("required", {"type": "function", "function": {"name": "refresh"}}):
+            for seed in range(5):
+                body = {
+                    "model": "tiny",
+                    "messages": MESSAGES,
+                    "tools": [{"type": "function", "function": function}],
+                    "tool_choice": choice,
+                    "parallel_tool_calls": False,
+                    "max_tokens": 60,
+                    "temperature": 1.0,
+                    "seed": seed,
+                }
+                response = await client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+                (call,) = response.json()["choices"][0]["message"]["tool_calls"]
+                arguments = json.loads(call["function"]["arguments"])
+                expected = {"options": {}} if parameters is strict[0] else {}
+                assert arguments == expected, (parameters, choice, seed, arguments)
+    for schema in (bare, strict[0]):
+        for seed in range(5):
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "r", "schema": schema, "strict": True},
+            }
+            body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 60, "seed": seed}
+            response = await client.post(
+                "/v1/chat/completions", json={**body, "response_format": response_format}
+            )
+            content = json.loads(response.json()["choices"][0]["message"]["content"])
+            assert content == ({} if schema is bare else {"options": {}}), (schema, seed)
+
+
 async def test_required_cut_before_a_calls_arguments_is_no_content(
     sdk: openai.AsyncOpenAI,
 ) -> None:
