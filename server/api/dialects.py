@@ -56,7 +56,9 @@ def llama_cpp_options(data: Any) -> Any:
     return {key: value for key, value in data.items() if key not in LLAMA_CPP_IGNORED}
 
 
-GENERATE_OPTIONS = frozenset({"max_new_tokens", "min_new_tokens", "num_beams", "do_sample"})
+GENERATE_OPTIONS = frozenset(
+    {"max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "no_repeat_ngram_size"}
+)
 
 
 def generate_options(data: Any) -> Any:
@@ -64,7 +66,8 @@ def generate_options(data: Any) -> Any:
     task's generation_kwargs beside its own max_tokens): max_new_tokens / min_new_tokens are
     bounds as max_tokens / min_tokens are (beside them, the tighter holds); do_sample false
     is greedy decoding (temperature 0, whatever temperature says, as generate() reads it);
-    num_beams 1 is the default search (more: beam search, not done here, a 400)."""
+    num_beams 1 is the default search (more: beam search, not done here, a 400);
+    no_repeat_ngram_size is read as vllm_xargs' (which wins when both are sent)."""
     if not isinstance(data, dict) or not data.keys() & GENERATE_OPTIONS:
         return data
     data = dict(data)
@@ -75,6 +78,10 @@ def generate_options(data: Any) -> Any:
         sample = _switch(sample, "do_sample")
     if sample is False:
         data["temperature"] = 0
+    if (size := data.pop("no_repeat_ngram_size", None)) is not None:
+        xargs = data.get("vllm_xargs")
+        if xargs is None or isinstance(xargs, dict):  # (another type: its own 400)
+            data["vllm_xargs"] = {"no_repeat_ngram_size": size, **(xargs or {})}
     # (chat's max_completion_tokens, where given, is the limit: it wins over max_tokens)
     chat_limit = data.get("max_completion_tokens") is not None
     for name, field, tighter, least in (

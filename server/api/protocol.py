@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     Discriminator,
     Field,
     StrictBool,
@@ -262,10 +263,27 @@ VLLM_UNSUPPORTED_WHEN = {
     "logprob_token_ids": lambda v: v is not None,
     "watermarking": bool,
     "repetition_detection": lambda v: v is not None,
-    "vllm_xargs": bool,
     "kv_transfer_params": bool,  # disaggregated prefill: one server does the whole request
     "ec_transfer_params": bool,
 }
+# vLLM's vllm_xargs: extra arguments for its logits processors (SamplingParams.extra_args). Read
+# here: no_repeat_ngram_size (MinerU's processor reads it; see repeated_ngrams.py). Other keys
+# change nothing (logged at debug), as in a vLLM with no processor that reads them.
+VLLM_XARGS_READ = frozenset({"no_repeat_ngram_size"})
+MAX_VLLM_XARGS = 64
+XargValue = (
+    bool | str | int | float | list[bool | str | int | float]
+)  # (MinerU sends "debug": false)
+
+
+def _few_xargs(value: Any) -> Any:
+    """Counted before the pairs are validated (as metadata's)."""
+    if isinstance(value, dict) and len(value) > MAX_VLLM_XARGS:
+        raise ValueError(f"at most {MAX_VLLM_XARGS} keys")
+    return value
+
+
+VllmXargs = Annotated[dict[str, XargValue] | None, BeforeValidator(_few_xargs)]
 # vLLM's fields accepted with no effect (logged at debug): beam search's shaping (no beams
 # here), chunking hints (each chunk goes as soon as it is ready), an identity hint, and what
 # vLLM's render endpoints alone read.
@@ -309,6 +327,7 @@ class VllmFields(StrictModel):
     # each prompt token's logprob (and the k most likely tokens there); not in streams
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     bad_words: BadWords | None = None  # strings the answer must not hold
+    vllm_xargs: VllmXargs = None  # (VLLM_XARGS_READ)
     # the prefix cache (and vision cache, grammars) shared only under the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
     skip_special_tokens: bool | None = None  # false keeps them in the text
@@ -327,7 +346,6 @@ class VllmFields(StrictModel):
     logprob_token_ids: list[TokenId] | None = None
     watermarking: bool | None = None
     repetition_detection: dict[str, Any] | None = None
-    vllm_xargs: dict[str, Any] | None = None
     kv_transfer_params: dict[str, Any] | None = None
     ec_transfer_params: dict[str, Any] | None = None
     # Accepted with no effect (VLLM_IGNORED_FIELDS).
@@ -343,7 +361,23 @@ class VllmFields(StrictModel):
         return [n for n, check in VLLM_UNSUPPORTED_WHEN.items() if check(getattr(self, n))]
 
     def vllm_ignored(self) -> list[str]:
-        return [f for f in VLLM_IGNORED_FIELDS if getattr(self, f) is not None]
+        xargs = sorted((self.vllm_xargs or {}).keys() - VLLM_XARGS_READ)
+        ignored = [f for f in VLLM_IGNORED_FIELDS if getattr(self, f) is not None]
+        return ignored + [f"vllm_xargs.{key}" for key in xargs]
+
+    def no_repeat_ngram_size(self) -> int:
+        """vllm_xargs' no_repeat_ngram_size (0: off, as MinerU's processor reads a negative
+        or missing one); an integer, else a 400 naming it."""
+        size = (self.vllm_xargs or {}).get("no_repeat_ngram_size")
+        if size is None:
+            return 0
+        if type(size) is not int or size >= 2**31:
+            raise InvalidRequest(
+                "vllm_xargs.no_repeat_ngram_size must be an integer (0 or less: off).",
+                param="vllm_xargs.no_repeat_ngram_size",
+                code="invalid_value",
+            )
+        return max(size, 0)
 
     def check_prompt_logprobs(self) -> None:
         if self.prompt_logprobs is not None and getattr(self, "stream", False):
@@ -914,6 +948,7 @@ def sampling_params(
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,
         bad_words=tuple(body.bad_words or ()),
+        no_repeat_ngram_size=body.no_repeat_ngram_size(),
         cache_salt=body.cache_salt,
         priority=body.priority or 0,
         prompt_logprobs=body.prompt_logprobs,

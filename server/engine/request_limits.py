@@ -178,10 +178,14 @@ class RequestLimits:
                     param=param,
                     code="invalid_value",
                 )
-        for param in ("allowed_token_ids", "bad_words"):
+        for param, given in (
+            ("allowed_token_ids", sampling.allowed_token_ids),
+            ("bad_words", sampling.bad_words),
+            ("vllm_xargs.no_repeat_ngram_size", sampling.no_repeat_ngram_size),
+        ):
             # The grammar decides which tokens may come; with a list of allowed tokens, or
             # banned ones, that can leave none (a failed request deep into its answer).
-            if getattr(sampling, param) and sampling.structured is not None:
+            if given and sampling.structured is not None:
                 raise InvalidRequest(
                     f"{param} cannot be combined with a structured-output constraint "
                     "(response_format, guided_* / structured_outputs, a forced tool call).",

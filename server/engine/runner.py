@@ -35,6 +35,7 @@ from server.engine.kv_cache import PagedKVCache, StepCache, kv_cache_shape
 from server.engine.loader import LoadedModel, check_attention_backend
 from server.engine.media_encoder import MediaEncoder, Span
 from server.engine.media_encoder import spans as spans_of
+from server.engine.repeated_ngrams import RepeatedNgrams
 from server.engine.sampler import (
     SampledTokens,
     SamplingState,
@@ -283,6 +284,7 @@ class ModelRunner:
             bias=token_bias(seq.sampling, self.vocab_size, self.device),
             allowed=allowed_tokens(seq.sampling, self.vocab_size, self.device),
             bad_words=BadWords.of(seq.sampling.bad_word_ids),
+            repeated=RepeatedNgrams.of(seq.sampling.no_repeat_ngram_size),
         )
 
     def _ban_for_this_step(self, state: SamplingState, seq: Sequence) -> None:
@@ -298,6 +300,8 @@ class ModelRunner:
         # Bad words: the tokens that would complete one after the answer so far (with async
         # scheduling too: the last step's token is on the host before this step samples).
         words = state.bad_words.banned_next(seq.output_token_ids) if state.bad_words else ()
+        if state.repeated is not None:  # (likewise: no n-gram of the answer twice)
+            words += state.repeated.banned_next(seq.output_token_ids)
         state.banned_token_ids = enders + words
         state.forced_token_id = thinking_end(state, seq.output_token_ids)
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from server.engine.bad_words import BadWords
+from server.engine.repeated_ngrams import RepeatedNgrams
 from server.engine.sampling import SamplingParams, TokenLogprobs
 from server.engine.structured import GrammarCache
 from server.engine.transfer import HostCopy, to_device
@@ -59,6 +60,7 @@ class SamplingState:
     allowed: torch.Tensor | None = None
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS until min_tokens is reached
     bad_words: BadWords | None = None  # the request's bad words, indexed (vLLM's bad_words)
+    repeated: RepeatedNgrams | None = None  # the answer's n-grams (no_repeat_ngram_size)
     matcher: Any = None  # xgrammar GrammarMatcher for structured output
     # A thinking answer's grammar shapes what follows its reasoning: it waits (constrains
     # nothing, reads no token) until the reasoning's end token has been sampled.

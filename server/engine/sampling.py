@@ -118,6 +118,9 @@ class SamplingParams:
     # fills bad_word_ids with their token sequences (see bad_words.py)
     bad_words: tuple[str, ...] = ()
     bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    # transformers' no_repeat_ngram_size (MinerU sends it in vllm_xargs): no n tokens twice
+    # in the answer (see repeated_ngrams.py); 0: off
+    no_repeat_ngram_size: int = 0
     # vLLM's cache_salt: prefix-cache and vision-cache hits only between requests that send the
     # same salt (tenants that must not learn, by timing, what another one asked)
     cache_salt: str | None = None

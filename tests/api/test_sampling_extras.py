@@ -117,6 +117,67 @@ async def test_bad_words_that_cannot_be_honoured_are_400s(
     assert_error(response, 400, param)
 
 
+def never_twice(n: int, length: int, preferred: str = "abcd") -> str:
+    """The greedy answer over `preferred` (likeliest first) that holds no n-gram twice."""
+    out: list[str] = []
+    for _ in range(length):
+        tail = out[len(out) - n + 1 :] if n > 1 else []
+        seen = range(len(out) - n + 1)
+        banned = {out[i + n - 1] for i in seen if out[i : i + n - 1] == tail}
+        out.append(next(token for token in preferred if token not in banned))
+    return "".join(out)
+
+
+async def test_no_repeat_ngram_size_holds_no_ngram_twice(
+    client: httpx.AsyncClient, tokenizer
+) -> None:
+    """transformers' no_repeat_ngram_size, as MinerU's client sends it in vLLM's vllm_xargs
+    (with its other sampling fields, and a key no processor here reads, which changes
+    nothing), or by its generate() name: the forced answer "aaaaaaaa" never repeats n tokens."""
+    bias = {str(tokenizer.convert_tokens_to_ids(t)): 100 - i for i, t in enumerate("abcd")}
+    forced = chat(logit_bias=bias, max_tokens=8)
+    assert await content(client, forced) == "aaaaaaaa"
+    mineru = {"top_p": 0.01, "top_k": 1, "repetition_penalty": 1.0, "skip_special_tokens": False}
+    for n in (1, 2, 3):
+        length = 4 if n == 1 else 8  # (four tokens to choose from, each once)
+        expected = never_twice(n, length)
+        xargs = {"vllm_xargs": {"no_repeat_ngram_size": n, "debug": False}}
+        body = {**forced, "max_tokens": length}
+        assert await content(client, {**body, **xargs, **mineru}) == expected
+        assert await content(client, {**body, "no_repeat_ngram_size": n}) == expected
+        text = {"model": "tiny", "prompt": "x", "max_tokens": length, "temperature": 0}
+        response = await client.post("/v1/completions", json={**text, **xargs, "logit_bias": bias})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected
+    assert never_twice(2, 8) == "aabacada"  # (the reference itself)
+    for off in (0, -1):
+        xargs = {"no_repeat_ngram_size": off, "k": [1, "x", 2.5]}
+        assert await content(client, {**forced, "vllm_xargs": xargs}) == "aaaaaaaa"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"vllm_xargs": {"no_repeat_ngram_size": "3"}}, "vllm_xargs.no_repeat_ngram_size"),
+        ({"no_repeat_ngram_size": 2.5}, "vllm_xargs.no_repeat_ngram_size"),
+        ({"vllm_xargs": {"no_repeat_ngram_size": True}}, "vllm_xargs.no_repeat_ngram_size"),
+        ({"vllm_xargs": {f"k{i}": i for i in range(65)}}, "vllm_xargs"),
+        ({"vllm_xargs": {"k": {"nested": 1}}}, "vllm_xargs.k"),
+        ({"vllm_xargs": [3]}, "vllm_xargs"),
+        (
+            {"vllm_xargs": {"no_repeat_ngram_size": 3}, "response_format": {"type": "json_object"}},
+            "vllm_xargs.no_repeat_ngram_size",
+        ),
+    ],
+)
+async def test_vllm_xargs_that_cannot_be_read_are_400s(
+    client: httpx.AsyncClient, extra: dict, param: str
+) -> None:
+    response = await client.post("/v1/chat/completions", json=chat(**extra))
+    error = assert_error(response, 400)
+    assert error["param"].startswith(param), error
+
+
 async def test_skip_special_tokens_false_keeps_them_in_the_text(
     client: httpx.AsyncClient, tokenizer
 ) -> None:

@@ -97,7 +97,6 @@ async def test_vllm_fields_at_their_neutral_values_are_accepted(
         ("use_beam_search", True),
         ("logprob_token_ids", [1, 2]),
         ("watermarking", True),
-        ("vllm_xargs", {"k": 1}),
         ("kv_transfer_params", {"do_remote_prefill": True}),
         ("repetition_detection", {"max_pattern_size": 4}),
         ("guided_whitespace_pattern", r"[ ]?"),
