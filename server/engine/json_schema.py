@@ -186,7 +186,7 @@ def _unenforced(schema: Any, at: str, root: Any) -> list[str]:
     if isinstance(pattern := schema.get("pattern"), str):
         if writes_raw_escapes(pattern):
             found.append(f"{at}pattern (a quote, backslash or control character, written raw)")
-        if has_lookahead(pattern):
+        if has_lookahead(pattern) and pattern not in LOOKAHEAD_FREE:
             found.append(f"{at}pattern (a lookahead, which the grammar ignores)")
         if "format" in schema and not pattern_compiles(pattern):
             found.append(f"{at}pattern (which the grammar cannot read: the format beside it is)")
@@ -350,6 +350,12 @@ def _resolved(schema: Any, root: Any) -> Any:
             return None
         node = node[part]
     return node
+
+
+# Lookahead patterns schema writers emit, as the same strings written without one (xgrammar
+# ignores a lookahead): pydantic 2.10-2.12's Decimal as a string (a sign, digits, a point, and
+# at least one digit). Others are refused under strict (_unenforced).
+LOOKAHEAD_FREE = {r"^(?!^[-+.]*$)[+-]?0*\d*\.?\d*$": r"^[+-]?(\d+\.?\d*|\.\d+)$"}
 
 
 def has_lookahead(pattern: str) -> bool:
@@ -891,8 +897,8 @@ def exact_formats(schema: Any) -> Any:
     elif pattern is not None:  # (beside a pattern the grammar cannot read: the format)
         del exact["format"]
         exact["pattern"] = f"^{pattern}$"
-    if isinstance(exact.get("pattern"), str):
-        exact["pattern"] = mended_pattern(exact["pattern"])
+    if isinstance(written := exact.get("pattern"), str):
+        exact["pattern"] = mended_pattern(LOOKAHEAD_FREE.get(written, written))
     if isinstance(exact.get("patternProperties"), dict):
         exact["patternProperties"] = {
             mended_pattern(key): sub for key, sub in exact["patternProperties"].items()

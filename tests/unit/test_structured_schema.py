@@ -499,6 +499,21 @@ def test_what_the_grammar_reads_past_is_refused_under_strict(
         grammars.compile(StructuredOutput.json_schema(schema, strict=True))
 
 
+def test_pydantics_decimal_pattern_is_enforced_without_its_lookahead(grammars: Grammars) -> None:
+    """pydantic 2.10-2.12 write a Decimal as a number or a string of this pattern (AutoGen's,
+    Haystack's, litellm's strict response_format of a model with a price: a 400 as a
+    lookahead): the same strings, written without it, are enforced, strict or not."""
+    pattern = r"^(?!^[-+.]*$)[+-]?0*\d*\.?\d*$"
+    decimal = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": pattern}]}
+    assert unenforced(decimal) == []
+    grammars.compile(StructuredOutput.json_schema(decimal, strict=True))
+    written = {"type": "string", "pattern": pattern}
+    for text in ("12.50", "-0.5", "+.5", "7.", "007"):
+        assert re.match(pattern, text) and grammars.takes(written, text), text
+    for text in ("", "+", "-.", ".", "1.2.3", "1e5", "a"):  # (the lookahead's: no digit)
+        assert not re.match(pattern, text) and not grammars.takes(written, text), text
+
+
 def test_what_strict_takes_as_the_grammar_enforces_it(grammars: Grammars) -> None:
     """Annotations beside $ref are no constraint; a oneOf told apart by type or by a required
     property's const (a discriminated union: pydantic's) is exact; uniqueItems false asks for
