@@ -87,10 +87,18 @@ class ImageOptions(PixelRange):
 class ImageURL(ImageOptions):
     url: str = Field(min_length=1)
     # "original" (OpenAI's newest level: the image as sent) is read as high, our largest.
-    detail: Literal["auto", "low", "high", "original"] = "auto"
+    detail: Detail = "auto"
 
     def budget(self) -> Literal["auto", "low", "high"]:
         return _budget(self.detail)
+
+
+def _null_is_auto(value: Any) -> Any:
+    return "auto" if value is None else value
+
+
+# An image's detail; null is the default, auto (async-openai to 0.33 writes an unset one so)
+Detail = Annotated[Literal["auto", "low", "high", "original"], BeforeValidator(_null_is_auto)]
 
 
 def _budget(detail: Literal["auto", "low", "high", "original"]) -> Literal["auto", "low", "high"]:
@@ -124,7 +132,7 @@ class InputImageContentPart(PartModel):
     type: Literal["input_image"]
     image_url: str | None = Field(default=None, min_length=1)
     file_id: str | None = Field(default=None, min_length=1, max_length=200)
-    detail: Literal["auto", "low", "high", "original"] = "auto"
+    detail: Detail = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> InputImageContentPart:
@@ -145,7 +153,7 @@ class FileRef(PartModel):
     file_data: str | None = Field(default=None, min_length=1)
     file_url: str | None = Field(default=None, min_length=1)  # (the Responses API's)
     filename: str | None = None
-    detail: Literal["auto", "low", "high", "original"] = "auto"  # (the Responses API's)
+    detail: Detail = "auto"  # (the Responses API's)
 
     @model_validator(mode="after")
     def _one_source(self) -> FileRef:

@@ -1078,6 +1078,7 @@ class ChatCompletionTokenLogprob(BaseModel):
 
 class ChoiceLogprobs(BaseModel):
     content: list[ChatCompletionTokenLogprob] | None
+    refusal: list[ChatCompletionTokenLogprob] | None = None  # (always null, as OpenAI sends it)
 
     @classmethod
     def of(cls, entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:

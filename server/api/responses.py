@@ -981,7 +981,7 @@ class ResponseObject(BaseModel):
             truncation=body.truncation or "disabled",
             reasoning=_reasoning(body.reasoning),
             tool_choice=_tool_choice(body.tool_choice),
-            tools=[t.model_dump(exclude_none=True) for t in body.tools or ()],
+            tools=[_echoed_tool(t) for t in body.tools or ()],
             top_p=sampling.top_p if body.top_p != 0 else 0.0,  # (as sent: MIN_TOP_P)
             user=body.user,
             metadata=body.metadata or {},
@@ -1013,6 +1013,15 @@ def _reasoning(config: ReasoningConfig | None) -> dict[str, Any]:
     """The response's `reasoning` as OpenAI's shows it: both keys, null where not asked."""
     config = config or ReasoningConfig()
     return {"effort": config.effort, "summary": config.summary or config.generate_summary}
+
+
+def _echoed_tool(tool: BaseModel) -> dict[str, Any]:
+    """A tool as the response shows it: as sent, and a function's description and strict (the
+    OpenAPI type's required fields) as applied when left out: null, false."""
+    echoed = tool.model_dump(exclude_none=True)
+    if isinstance(tool, FunctionTool):
+        echoed = {"description": None, **echoed, "strict": tool.strict is True}
+    return echoed
 
 
 def _tool_choice(choice: str | NamedFunction | AllowedTools | None) -> Any:

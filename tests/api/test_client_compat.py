@@ -154,6 +154,21 @@ async def test_explicit_nulls_are_the_defaults(client: httpx.AsyncClient) -> Non
     assert (await ok(client, completion, "/v1/completions"))["object"] == "text_completion"
 
 
+async def test_a_null_image_detail_is_auto(client: httpx.AsyncClient) -> None:
+    """async-openai (to 0.33) writes an image without a detail as "detail": null, in chat and
+    in the Responses API: the default, as for every optional field."""
+    image = data_uri(make_image(seed=2))
+    parts = [{"type": "image_url", "image_url": {"url": image, "detail": None}}]
+    body = chat(messages=[{"role": "user", "content": parts}])
+    auto = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": image}]}])
+    tokens = [(await ok(client, b))["usage"]["prompt_tokens"] for b in (body, auto)]
+    assert tokens[0] == tokens[1]
+    part = {"type": "input_image", "image_url": image, "detail": None}
+    responses = {"model": "tiny", "max_output_tokens": 16}
+    responses["input"] = [{"role": "user", "content": [part]}]
+    assert (await ok(client, responses, "/v1/responses"))["status"] in ("completed", "incomplete")
+
+
 async def test_continuous_usage_stats(client: httpx.AsyncClient) -> None:
     """vLLM's: with include_usage, every chunk carries the usage so far."""
     options = {"include_usage": True, "continuous_usage_stats": True}

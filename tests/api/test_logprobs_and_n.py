@@ -41,6 +41,8 @@ async def test_logprobs_and_top_logprobs(sdk: openai.AsyncOpenAI) -> None:
     choice = response.choices[0]
     content = choice.logprobs.content
     assert len(content) == response.usage.completion_tokens == 6
+    assert choice.logprobs.model_extra == {} and choice.logprobs.refusal is None
+    assert "refusal" in choice.logprobs.model_fields_set  # (sent as null, as OpenAI's)
     assert "".join(entry.token for entry in content) == choice.message.content
     for entry in content:
         assert entry.logprob <= 0 and bytes(entry.bytes).decode(errors="replace") == entry.token

@@ -110,6 +110,22 @@ async def test_input_tokens_count_is_the_responses_input_tokens(sdk: openai.Asyn
     assert missing.value.body["code"] == "previous_response_not_found"
 
 
+async def test_function_tools_are_echoed_with_every_field(client: httpx.AsyncClient) -> None:
+    """The response's tools carry FunctionTool's required fields (OpenAI's OpenAPI types, which
+    typed clients decode by): a strict or description left out is echoed, as applied: null,
+    false (not strict: a forced call follows the schema as far as the grammar goes)."""
+    bare = {"type": "function", "name": "now", "parameters": {"type": "object"}}
+    body = {"model": "tiny", "input": "Hi", "tools": [WEATHER, bare], "max_output_tokens": 2}
+    response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    echoed = response.json()["tools"]
+    assert echoed[0] == {**WEATHER, "strict": False}
+    assert echoed[1] == {**bare, "description": None, "strict": False}
+    strict = {**bare, "strict": True, "description": "The time."}
+    response = await client.post("/v1/responses", json={**body, "tools": [strict]})
+    assert response.json()["tools"] == [strict]
+
+
 async def test_compaction_is_named_as_not_served(sdk: openai.AsyncOpenAI) -> None:
     """The SDK's responses.compact: a 400 that says so, not a bare 405 from the path of a
     response's id."""
