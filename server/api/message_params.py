@@ -329,6 +329,12 @@ Turns = BeforeValidator(_bounded_turns)
 
 # OpenAI message fields this server does not support: refused, never ignored.
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
+# What OpenAI's deprecated functions API's messages are here (as its `functions` field's 400 says)
+LEGACY_INSTEAD = {
+    "function_call": ": an assistant's calls are its tool_calls",
+    "role": " (the deprecated functions API's): a call's result is a tool message, role 'tool' "
+    "with the call's tool_call_id",
+}
 
 
 def _call_arguments(value: str) -> str:
@@ -391,7 +397,10 @@ class ChatMessageParam(PartModel):
         if isinstance(data, dict):
             for field in UNSUPPORTED_MESSAGE_FIELDS:
                 if data.get(field) is not None:
-                    raise ValueError(f"the message field '{field}' is not supported")
+                    instead = LEGACY_INSTEAD.get(field, "")
+                    raise ValueError(f"the message field '{field}' is not supported{instead}")
+            if data.get("role") == "function":
+                raise ValueError(f"the role 'function' is not supported{LEGACY_INSTEAD['role']}")
             # Qwen-Agent names the call a tool message answers `id` (its own message shape)
             if data.get("role") == "tool" and data.get("tool_call_id") is None and "id" in data:
                 data = {**data, "tool_call_id": data["id"]}

@@ -145,6 +145,13 @@ async def test_the_legacy_functions_fields_say_what_to_send_instead(
         error = assert_error(await client.post(URL, json=chat(**{field: value})), 400, field)
         assert error["code"] == "unsupported_parameter" and instead in error["message"], error
         assert "yet" not in error["message"]
+    # ...and their messages: an assistant's function_call, a function role's result
+    call = {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}
+    result = {"role": "function", "name": "f", "content": "42"}
+    for message, instead in ((call, "tool_calls"), (result, "role 'tool'")):
+        messages = [{"role": "user", "content": "Hi"}, message]
+        error = assert_error(await client.post(URL, json=chat(messages=messages)), 400)
+        assert error["param"].startswith("messages[1]") and instead in error["message"], error
 
 
 async def test_explicit_nulls_are_the_defaults(client: httpx.AsyncClient) -> None:
