@@ -195,13 +195,21 @@ def pixel_range(
 
 
 def resized(
-    info: VideoInfo, min_pixels: int, max_pixels: int, side: int, least: int = 0
+    info: VideoInfo,
+    min_pixels: int,
+    max_pixels: int,
+    side: int,
+    least: int = 0,
+    within_max: bool = False,
 ) -> tuple[int, int]:
     """Qwen's resize of a frame, to a size the processor keeps as it is (it resizes again:
     what it changed, the plan would have counted wrong). Up to min_pixels the sides are
     rounded up, which can pass max_pixels (min_pixels = max_pixels), which the processor would
     shrink: so does this. Under max_pixels they are rounded down, which can leave less than
-    `least`, the processor's minimum, which it enlarges to: so does this. And the long side is
+    `least`, the processor's minimum, which an image's processor enlarges to: so does this
+    (a video's, given a one-token minimum, keeps it: within_max, enlarged only where that
+    stays within max_pixels, as Qwen's processor resizes a video's frames once, a 640x360
+    one at max_pixels 110,000 to 420x224, not 448x252 past the range). And the long side is
     cut back to MAX_ASPECT_RATIO times the short one, which the processor refuses past (a
     2x1000 video, enlarged to the least size, was 28x7084: a 500)."""
     height, width = smart_resize(
@@ -210,7 +218,9 @@ def resized(
     if width * height > max_pixels:
         height, width = smart_resize(height, width, side, least, max_pixels)
     if width * height < least:
-        height, width = smart_resize(height, width, side, least, max(max_pixels, least))
+        enlarged = smart_resize(height, width, side, least, max(max_pixels, least))
+        if not within_max or enlarged[0] * enlarged[1] <= max_pixels:
+            height, width = enlarged
     longest = MAX_ASPECT_RATIO * min(width, height) // side * side
     return min(width, longest), min(height, longest)
 
@@ -250,12 +260,12 @@ def _plan_native(
     if budget.max_video_pixels:
         max_pixels = max(min(max_pixels, budget.max_video_pixels // count), side * side)
         min_pixels = min(min_pixels, max_pixels)
-    width, height = resized(info, min_pixels, max_pixels, side, least)
+    width, height = resized(info, min_pixels, max_pixels, side, least, within_max=True)
     if patches * (tokens_per_patch(width, height, side) + extra) > available:
         # Lower the resolution first: spread what is available over the patches.
         affordable = max(available // patches - extra, 1) * side * side
         ceiling_pixels = max(min_pixels, min(max_pixels, affordable))
-        width, height = resized(info, min_pixels, ceiling_pixels, side, least)
+        width, height = resized(info, min_pixels, ceiling_pixels, side, least, within_max=True)
     per_patch = tokens_per_patch(width, height, side) + extra
     if patches * per_patch > available:
         # Then fewer frames at the lowest resolution.

@@ -484,6 +484,7 @@ async def test_a_pixel_range_under_the_least_frame_gives_the_tokens_qwens_proces
         {"min_pixels": 3136, "max_pixels": 50_000},
         {"min_pixels": 3136},
         {"max_pixels": 784},
+        {"max_pixels": 110_000},  # (above the least, rounded down under it: kept so)
     ):
         wanted = {
             "shortest_edge": pixels.get("min_pixels", videos.size["shortest_edge"]),

@@ -213,6 +213,9 @@ def test_caption_lines_of_a_long_video_fit_their_plan(tiny_model_dir: Path) -> N
         ((320, 240, 4), {"min_pixels": 3136}),  # a minimum of its own, under the checkpoint's
         ((320, 240, 4), {"max_pixels": 784}),
         ((100, 2000, 4), {"max_pixels": 50_000}),
+        # above the least frame, but rounded down under it: kept so, never past max_pixels
+        ((640, 360, 4), {"max_pixels": 110_000}),
+        ((640, 360, 4), {"min_pixels": 100_352, "max_pixels": 100_352}),
         # two frames: under Qwen3-VL's least too (4,096 pixels of all frames together)
         ((320, 240, 1), {"max_pixels": 1500}),
     ],
