@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 
 from server.api.fields import PartModel, Text
 from server.exceptions import InvalidRequest
-from server.media.fetch import DATA_URI, UNDECLARED_TYPES, is_data_uri
+from server.media.fetch import DATA_URI, MAX_FRAMES_FPS, UNDECLARED_TYPES, is_data_uri
 from server.media.frames import FrameRequest
 from server.media.image_frames import FRAME_TYPES
 from server.pipelines.messages import ImagePart
@@ -263,19 +263,32 @@ def _typed_by_key(part: Any) -> Any:
     return {"type": keys[0], **part} if len(keys) == 1 else part
 
 
+# The rate a list of frames was taken at, unless its part says (its `fps`): qwen-vl-utils'
+LIST_FPS = 2.0
+
+
 def _dashscope_video(part: Any) -> Any:
     """DashScope's video part, {"type": "video", "video": URL or [frame, ...]} (Qwen-Agent
     sends a video given as its frames so), as the video_url part it means: a list of inline
-    frames becomes vLLM's frames URL, data:video/jpeg;base64,<frame>,<frame>,... (read as
-    one frame a second)."""
+    frames becomes vLLM's frames URL, data:video/jpeg;fps=<fps>;base64,<frame>,<frame>,...,
+    taken at the part's `fps` (the rate its frames were taken at, as qwen-vl-utils and
+    DashScope read it; LIST_FPS unless it says)."""
     if not isinstance(part, dict) or part.get("type") != "video" or "video" not in part:
         return part
     video = part["video"]
+    rest = {key: value for key, value in part.items() if key != "video"}
     if isinstance(video, list):
         if not video:
             raise ValueError("a video's list of frames is empty")
-        video = "data:video/jpeg;base64," + ",".join(map(_inline_frame, video))
-    rest = {key: value for key, value in part.items() if key != "video"}
+        fps = rest.pop("fps", None)
+        fps = LIST_FPS if fps is None else fps
+        if type(fps) not in (int, float) or not 0 < fps <= MAX_FRAMES_FPS:
+            raise ValueError(
+                f"a list of frames' fps (the rate they were taken at) is a number above 0, at "
+                f"most {MAX_FRAMES_FPS:g}"
+            )
+        frames = ",".join(map(_inline_frame, video))
+        video = f"data:video/jpeg;fps={float(fps):g};base64,{frames}"
     return {**rest, "type": "video_url", "video_url": video}  # (the part's own video_url: not)
 
 

@@ -59,6 +59,7 @@ class FetchedMedia:
     is_temporary: bool = False
     # vLLM's video data URL: the frames as JPEGs, "data:video/jpeg;base64,<jpeg>,<jpeg>,..."
     image_frames: tuple[bytes, ...] = ()
+    frames_fps: float | None = None  # the rate they were taken at, where the URL says (;fps=N)
 
     def discard(self) -> None:
         if self.is_temporary and self.path is not None:
@@ -464,9 +465,12 @@ async def _read_capped(
 
 # What vLLM's encode_video_url produces: a video as its frames, each a base64 JPEG, comma-joined.
 JPEG_FRAMES_TYPES = ("video/jpeg", "video/jpg")
-# Frames in one such URL: an hour at the one a second they are read as. Counted before the
-# split, whose pieces cost ~30 times their text when tiny ("AAAA," over 40 MB took 1.2 GB).
+# Frames in one such URL: an hour at one a second (the rate they are read at unless the URL
+# says its own, ";fps=N"). Counted before the split, whose pieces cost ~30 times their text
+# when tiny ("AAAA," over 40 MB took 1.2 GB).
 MAX_JPEG_FRAMES = 3600
+# The most frames a second such a URL may say it was taken at (a fraction of a second apart)
+MAX_FRAMES_FPS = 60.0
 # Whitespace base64 may be wrapped with (MIME's 76-character lines), deleted in one pass.
 B64_WHITESPACE = b" \t\n\r\v\f"
 
@@ -506,16 +510,38 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
         if (count := payload.rstrip(", \t\r\n").count(",") + 1) > MAX_JPEG_FRAMES:
             raise MediaError(
                 f"The data URI at {param} holds {count} frames; at most {MAX_JPEG_FRAMES} "
-                "(frames are read as one a second): send fewer, or the video itself.",
+                "(an hour at one a second): send fewer, or the video itself.",
                 param=param,
             )
         pieces = [piece for piece in payload.split(",") if piece.strip()]
         frames = tuple(_b64decode(piece, param) for piece in pieces)
         if not frames:
             raise MediaError(f"The data URI at {param} is empty.", param=param)
-        return FetchedMedia(b"", mime, size=sum(map(len, frames)), image_frames=frames)
+        fps = _frames_fps(match.group("params"), param)
+        size = sum(map(len, frames))
+        return FetchedMedia(b"", mime, size=size, image_frames=frames, frames_fps=fps)
     data = _b64decode(payload, param)
     return FetchedMedia(data, mime, size=len(data))
+
+
+def _frames_fps(params: str, param: str) -> float | None:
+    """A frames URL's own rate, its ";fps=N" (as DashScope's list of frames becomes one)."""
+    given = [
+        value for key, _, value in (p.partition("=") for p in params.split(";")) if key == "fps"
+    ]
+    if not given:
+        return None
+    try:
+        fps = float(given[-1])
+    except ValueError:
+        fps = 0.0
+    if not 0 < fps <= MAX_FRAMES_FPS:
+        raise MediaError(
+            f"The frames' fps in the data URI at {param} must be a number above 0, at most "
+            f"{MAX_FRAMES_FPS:g}.",
+            param=param,
+        )
+    return fps
 
 
 def _b64decode(payload: str, param: str) -> bytes:

@@ -27,7 +27,7 @@ from server.media.frames import (
 from server.media.image import bomb_size
 from server.media.video import MAX_FRAME_PIXELS, DecodedVideo, plan_error
 
-# The URL carries no timing: the frames are taken as one a second.
+# A URL that does not say its rate (";fps=N"): the frames are taken as one a second.
 ASSUMED_FPS = 1.0
 FRAME_FORMATS = ["JPEG", "PNG", "WEBP"]
 FRAME_TYPES = ("image/jpeg", "image/jpg", "image/png", "image/webp")  # (a frame list's)
@@ -40,11 +40,17 @@ def decode_image_frames(
     request: FrameRequest,
     max_fps: float,
     param: str,
+    fps: float | None = None,
 ) -> DecodedVideo:
+    """The frames as a video taken at `fps` (ASSUMED_FPS where the URL did not say), frame i
+    at i/fps seconds. The client chose them: a rate above the server's ceiling drops none
+    (the frame and token ceilings still hold), as qwen-vl-utils reads a list of frames."""
     # Every frame's header read (cheap), not only the planned ones': a frame that is no JPEG
     # is the request's 400 whichever frames the plan would have taken.
     width, height = [_open(frame, param).size for frame in frames][0]
-    info = VideoInfo(len(frames) / ASSUMED_FPS, ASSUMED_FPS, len(frames), width, height)
+    fps = fps or ASSUMED_FPS
+    max_fps = max(max_fps, fps)
+    info = VideoInfo(len(frames) / fps, fps, len(frames), width, height)
     request = replace(request, use_scenes=False)  # (scenes are read from a stream)
     try:
         plan = _every_frame(

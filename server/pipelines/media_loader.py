@@ -440,6 +440,7 @@ class MediaLoader:
                         frames,
                         self.decoder.max_fps,
                         part.param,
+                        fetched.frames_fps,
                     ),
                 )
             else:

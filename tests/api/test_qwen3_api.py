@@ -125,6 +125,44 @@ async def test_jpeg_frames_are_timed_in_the_prompt_as_the_same_frames_of_a_file(
     assert re.findall(r"<([0-9.]+) seconds>", prompt) == ["0.5", "2.5", "4.5"]
 
 
+async def test_a_frame_lists_rate_times_its_frames(qwen3: httpx.AsyncClient) -> None:
+    """DashScope's list of frames is read as qwen-vl-utils reads one: taken at its `fps`, 2 a
+    second unless it says (frame i at i/fps seconds, every frame kept: 8 frames at 4 a second
+    are not halved by the server's 2 fps ceiling); vLLM's frames URL says its rate as
+    `;fps=N` (without it, one a second). The prompt's times were one a second whatever fps."""
+    frames = [base64.b64encode(make_image(64, 64, seed=i)).decode() for i in range(8)]
+    listed = [f"data:image/jpeg;base64,{frame}" for frame in frames]
+    tokenizer = qwen3.app.state.services.loaded.tokenizer  # type: ignore[attr-defined]
+
+    async def times(part: dict) -> list[str]:
+        response = await qwen3.post("/tokenize", json=chat(part, text("What happens?")))
+        assert response.status_code == 200, response.text
+        return re.findall(r"<([0-9.]+) seconds>", tokenizer.decode(response.json()["tokens"]))
+
+    at_two = ["0.2", "1.2", "2.2", "3.2"]  # (frames 0 and 1: 0.25 s, written to one decimal)
+    assert await times({"type": "video", "video": listed}) == at_two
+    assert await times({"type": "video", "video": listed, "fps": 2}) == at_two
+    assert await times({"type": "video", "video": listed, "fps": 4}) == ["0.1", "0.6", "1.1", "1.6"]
+    assert await times({"type": "video", "video": listed, "fps": 0.5}) == [
+        "1.0",
+        "5.0",
+        "9.0",
+        "13.0",
+    ]
+    url = "data:video/jpeg;fps=2;base64," + ",".join(frames)
+    assert await times(video(url)) == at_two
+    plain = "data:video/jpeg;base64," + ",".join(frames)
+    assert await times(video(plain)) == ["0.5", "2.5", "4.5", "6.5"]
+    for bad in (0, -1, "2", True, 1000):
+        body = chat({"type": "video", "video": listed, "fps": bad}, text("?"))
+        response = await qwen3.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, (bad, response.text)
+    response = await qwen3.post(
+        "/tokenize", json=chat(video(url.replace("fps=2", "fps=0")), text("?"))
+    )
+    assert response.status_code == 400 and "fps" in response.json()["error"]["message"]
+
+
 async def test_captioned_video_on_media_completions(qwen3: httpx.AsyncClient) -> None:
     body = chat(video(video_uri(6)), text("Summarise."), max_tokens=5)
     response = await qwen3.post("/v2/media/completions", json=body)
