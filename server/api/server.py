@@ -188,6 +188,16 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
     return 0
 
 
+def image_budget(auto_image_tokens: int) -> str:
+    """What an image without a detail becomes: where a client written for vLLM differs."""
+    if not auto_image_tokens:
+        return "images without a detail: full resolution"
+    return (
+        f"images without a detail: at most {auto_image_tokens} tokens "
+        "(--auto-image-tokens 0: full resolution, as vLLM)"
+    )
+
+
 def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socket]) -> str:
     """One line with what an operator checks first."""
     services = app.state.services
@@ -208,6 +218,7 @@ def startup_summary(app: FastAPI, settings: Settings, sockets: list[socket.socke
             if num_keys
             else "auth off"
         ),
+        image_budget(settings.auto_image_tokens),
         f"media hosts: {hosts}",
         f"local media: {settings.allowed_local_media_path or 'off'}",
         f"data dir {settings.data_dir.resolve()} (jobs: {job_store_where(settings)})",

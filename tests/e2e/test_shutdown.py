@@ -80,6 +80,7 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
         assert_clean_exit(process, log_path)
     (summary,) = [line for line in log_path.read_text().splitlines() if "ready: " in line]
     parts = ("serving tiny (qwen2-vl", "device cpu", "KV cache", "auth off", f"open {url}/")
+    parts += ("images without a detail: at most 1280 tokens (--auto-image-tokens 0",)
     parts += (f"(jobs: sqlite {tmp_path.resolve()}/",)  # the file, absolute
     for part in (*parts, "decode: fused decoder, reference attention, eager, sync scheduling"):
         assert part in summary, summary
