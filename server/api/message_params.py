@@ -253,7 +253,9 @@ ContentPart = Annotated[
 ]
 
 
-SHORT_FORM_KEYS = ("image_url", "video_url")
+# Parts typed by their one content key: vLLM's short media forms, and DashScope's native
+# content items ({"image": URL}, {"video": ...}, {"text": ...}: Qwen-Agent's Message.model_dump)
+SHORT_FORM_KEYS = ("image_url", "video_url", "image", "video", "text")
 
 
 def _typed_by_key(part: Any) -> Any:
@@ -261,6 +263,15 @@ def _typed_by_key(part: Any) -> Any:
         return part
     keys = [key for key in SHORT_FORM_KEYS if part.get(key) is not None]
     return {"type": keys[0], **part} if len(keys) == 1 else part
+
+
+def _dashscope_image(part: Any) -> Any:
+    """DashScope's and qwen-vl-utils' image item, {"type": "image", "image": URL}, as the
+    image_url part it means (its min_pixels / max_pixels beside it, as qwen-vl-utils')."""
+    if not isinstance(part, dict) or part.get("type") != "image" or "image" not in part:
+        return part
+    rest = {key: value for key, value in part.items() if key != "image"}
+    return {**rest, "type": "image_url", "image_url": part["image"]}
 
 
 # The rate a list of frames was taken at, unless its part says (its `fps`): qwen-vl-utils'
@@ -402,7 +413,7 @@ class ChatMessageParam(PartModel):
         `type`, typed by their one media key as vLLM's parser types them."""
         if not isinstance(value, list):
             return value
-        return [_dashscope_video(_typed_by_key(part)) for part in value]
+        return [_dashscope_image(_dashscope_video(_typed_by_key(part))) for part in value]
 
     @model_validator(mode="before")
     @classmethod

@@ -339,10 +339,35 @@ async def test_vllms_short_media_parts_without_a_type(client: httpx.AsyncClient)
     typed = await ok(client, chat([{"type": "image_url", "image_url": url}]))
     short = await ok(client, chat([{"image_url": url}]))
     assert short["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"]
-    for part in ({"text": "x"}, {"image_url": url, "video_url": url}):
+    for part in ({"file": url}, {"image_url": url, "video_url": url}, {"image": url, "text": "x"}):
         response = await client.post(URL, json=chat([part]))
         assert_error(response, 400, "messages[0].content[0]", "invalid_value")
         assert "has no `type`" in response.json()["error"]["message"]
+
+
+async def test_dashscopes_image_and_text_items(client: httpx.AsyncClient) -> None:
+    """DashScope's and qwen-vl-utils' content items, {"type": "image", "image": URL} and
+    DashScope's untyped {"image": URL} / {"text": ...} (its native API's, Qwen-Agent's
+    Message.model_dump): read as the image_url and text parts they mean, pixel options too."""
+    url = data_uri(make_image(96, 64))
+    question = {"type": "text", "text": "What is it?"}
+    typed = await ok(client, chat([{"type": "image_url", "image_url": url}, question]))
+    for image, text in (
+        ({"type": "image", "image": url}, question),
+        ({"image": url}, {"text": "What is it?"}),
+    ):
+        same = await ok(client, chat([image, text]))
+        assert same["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"]
+        details = same["usage"]["prompt_tokens_details"]
+        assert details["image_tokens"] == typed["usage"]["prompt_tokens_details"]["image_tokens"]
+    small = {"type": "image", "image": url, "max_pixels": 28 * 28 * 4}
+    fewer = await ok(client, chat([small, question]))
+    details = fewer["usage"]["prompt_tokens_details"]
+    assert details["image_tokens"] < typed["usage"]["prompt_tokens_details"]["image_tokens"]
+    for bad in ({"type": "image", "image": 3}, {"type": "image"}):
+        response = await client.post(URL, json=chat([bad, question]))
+        assert_error(response, 400)
+        assert response.json()["error"]["param"].startswith("messages[0].content[0]")
 
 
 async def test_chat_template_kwargs(client: httpx.AsyncClient) -> None:
