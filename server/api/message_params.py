@@ -38,7 +38,7 @@ class RefusalContentPart(PartModel):
 QWEN_UTILS_IMAGE_ONLY = ("resized_height", "resized_width")
 QWEN_UTILS_VIDEO_ONLY = (
     *QWEN_UTILS_IMAGE_ONLY,
-    *("video_start", "video_end", "total_pixels", "min_frames", "sample_fps"),
+    *("video_start", "video_end", "min_frames", "sample_fps"),
 )
 
 
@@ -202,16 +202,18 @@ class InputFileContentPart(FileRef):
 class FrameOptions(PixelRange):
     """Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
     the video pixel range); see media/frames.py. nframes is qwen-vl-utils' name: read as
-    max_frames (at most that many; a short video at 2 a second may have fewer)."""
+    max_frames (at most that many; a short video at 2 a second may have fewer); total_pixels
+    is qwen-vl-utils' too: the frames' pixels together, a ceiling on each frame's."""
 
     fps: float | None = Field(default=None, gt=0)
     max_frames: int | None = Field(default=None, ge=1)
     nframes: int | None = Field(default=None, ge=1)
+    total_pixels: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unread_options(cls, data: Any) -> Any:
-        taken = "a video takes fps, max_frames (or nframes), min_pixels, max_pixels"
+        taken = "a video takes fps, max_frames (or nframes), min_pixels, max_pixels, total_pixels"
         return _refused_options(data, QWEN_UTILS_VIDEO_ONLY, taken)
 
     def frames(self, beside: FrameOptions, param: str) -> FrameRequest:
@@ -222,6 +224,7 @@ class FrameOptions(PixelRange):
             max_frames=self.max_frames or self.nframes or beside.max_frames or beside.nframes,
             min_pixels=least,
             max_pixels=most,
+            total_pixels=self.total_pixels or beside.total_pixels,
         )
 
 

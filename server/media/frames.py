@@ -86,6 +86,10 @@ class FrameRequest:
     max_frames: int | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # qwen-vl-utils' total_pixels: all a native video's frames together, read as it reads it (a
+    # ceiling on each frame of total_pixels / frames x FRAME_FACTOR, never under 1.05 times
+    # the least frame)
+    total_pixels: int | None = None
     use_scenes: bool = False  # one frame per detected scene (media/scenes.py), within the budget
 
 
@@ -259,6 +263,10 @@ def _plan_native(
     min_pixels, max_pixels = pixel_range(request, VIDEO_MAX_TOKENS, side, least)
     if budget.max_video_pixels:
         max_pixels = max(min(max_pixels, budget.max_video_pixels // count), side * side)
+        min_pixels = min(min_pixels, max_pixels)
+    if request.total_pixels:
+        share = max(request.total_pixels * FRAME_FACTOR // count, int(min_pixels * 1.05))
+        max_pixels = min(max_pixels, share)
         min_pixels = min(min_pixels, max_pixels)
     width, height = resized(info, min_pixels, max_pixels, side, least, within_max=True)
     if patches * (tokens_per_patch(width, height, side) + extra) > available:

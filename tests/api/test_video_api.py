@@ -719,7 +719,15 @@ async def test_qwen_vl_utils_options_in_a_part(video_client: httpx.AsyncClient) 
     beside["messages"][0]["content"][1]["nframes"] = 4  # (beside video_url, as qwen-vl-utils)
     response = await video_client.post("/v1/chat/completions", json=beside)
     assert response.json()["usage"]["prompt_tokens_details"]["video_tokens"] == tokens[1]
-    for name in ("video_start", "video_end", "total_pixels", "min_frames", "resized_width"):
+    # total_pixels (Qwen3-VL's example sends it): the frames' pixels together, inside or beside
+    total = video_body(video, video={"total_pixels": 8 * 50_000})
+    beside = video_body(video)
+    beside["messages"][0]["content"][1]["total_pixels"] = 8 * 50_000
+    for body in (total, beside):
+        response = await video_client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens_details"]["video_tokens"] < tokens[0]
+    for name in ("video_start", "video_end", "min_frames", "resized_width"):
         body = video_body(video, video={name: 2})
         error = assert_error(await video_client.post("/v1/chat/completions", json=body), 400)
         assert f"{name} (qwen-vl-utils' option) is not taken here" in error["message"], error

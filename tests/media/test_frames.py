@@ -265,3 +265,23 @@ def test_a_videos_pixel_range_gives_the_tokens_qwens_processor_does(
     original = np.zeros((plan.num_frames, height, width, 3), dtype=np.uint8)
     grid = videos(videos=[original], size=wanted, do_sample_frames=False)["video_grid_thw"]
     assert inputs.num_video_tokens == int(grid.prod()) // videos.merge_size**2
+
+
+@pytest.mark.parametrize("total", [1_200_000, 400_000])
+def test_total_pixels_is_read_as_qwen_vl_utils_reads_it(total: int) -> None:
+    """qwen-vl-utils' total_pixels (Qwen3-VL's own video example sends it): each frame at most
+    total_pixels / frames x 2 pixels, never under 1.05 times the least frame (Qwen2-VL's
+    100,352), resized once as its smart_resize resizes (transformers' own, the reference)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_resize
+
+    least = 128 * 28 * 28
+    info = VideoInfo(8.0, 30.0, 240, 1280, 720)
+    budget = TokenBudget(32768, 100, 200, min_video_pixels=least)
+    plan = plan_frames(info, budget, FrameRequest("native", total_pixels=total))
+    assert plan.num_frames == 16
+    most = max(min(VIDEO_MAX_PIXELS, total / 16 * 2), int(least * 1.05))
+    height, width = hf_resize(720, 1280, factor=28, min_pixels=least, max_pixels=most)
+    assert (plan.width, plan.height) == (width, height)
+    assert plan.width * plan.height <= most
+    whole = plan_frames(info, budget, FrameRequest("native"))
+    assert plan.width * plan.height < whole.width * whole.height
