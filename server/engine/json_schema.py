@@ -611,9 +611,11 @@ def declared_required(schema: Any) -> Any:
     return changed
 
 
-# What an object schema may hold beside `type` and still declare nothing: annotations.
+# What an object schema may hold beside `type` and still declare nothing: annotations (and
+# vendor extensions, x-...).
 ANNOTATIONS = frozenset(
     {"title", "description", "$schema", "$id", "$comment", "default", "examples"}
+    | {"deprecated", "readOnly", "writeOnly"}
 )
 
 
@@ -622,17 +624,15 @@ def bare_object(schema: Any) -> bool:
     return (
         isinstance(schema, dict)
         and schema.get("type") == "object"
-        and not schema.keys() - ANNOTATIONS - {"type"}
+        and all(key in ANNOTATIONS or key == "type" or key.startswith("x-") for key in schema)
     )
 
 
 def closed_if_bare(schema: Any) -> Any:
-    """A bare object (bare_object; {} or none as a tool's parameters) as one that lists no
-    property: xgrammar reads {"type": "object"} as any object, and a model wrote random keys
-    into a no-argument tool's call (MCP tools without inputs declare just that) where vLLM's
-    is {}."""
-    if schema is None or schema == {}:
-        return {"type": "object", "properties": {}}
+    """A bare object (bare_object) as one that lists no property: xgrammar reads
+    {"type": "object"} as any object, and a model wrote random keys into a no-argument tool's
+    call (MCP tools without inputs declare just that) where vLLM's is {}. (Only an object
+    that says it is one: {} elsewhere is any value.)"""
     return {**schema, "properties": {}} if bare_object(schema) else schema
 
 

@@ -70,7 +70,10 @@ class Tools:
         written, as OpenAI's; none, {} or a bare {"type": "object"}: no arguments, {})."""
         for tool in self.definitions:
             if tool["function"]["name"] == name:
-                parameters = closed_if_bare(tool["function"].get("parameters"))
+                # (none, or {}: no arguments, as vLLM reads them)
+                parameters = closed_if_bare(
+                    tool["function"].get("parameters") or {"type": "object"}
+                )
                 strict = tool["function"].get("strict") is True
                 return strict_normalized(parameters) if strict else parameters
         raise KeyError(name)

@@ -106,6 +106,28 @@ def test_strict_normalization_requires_what_cannot_leave_the_answer_unfinished()
     assert nested["properties"]["properties"] == {"properties": {"x": {}}}  # (not changed)
 
 
+def test_strict_closes_a_bare_object_and_leaves_any_value_free() -> None:
+    """Strict lists every property an object may hold: a bare {"type": "object"} (annotations
+    and x- keys beside it) holds none; but {} is any value (pydantic's list[Any] items, zod's
+    z.any() and z.record values), not an object: left as sent, at any depth."""
+    from server.engine.json_schema import strict_normalized
+
+    bare = {"type": "object", "description": "options", "deprecated": False, "x-order": 1}
+    free = {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {}}, "v": {}, "o": bare},
+        "additionalProperties": {},
+        "propertyNames": {},
+        "$defs": {"any": {}},
+    }
+    normalized = strict_normalized(free)
+    assert normalized["properties"]["tags"]["items"] == {}
+    assert normalized["properties"]["v"] == {} and normalized["additionalProperties"] == {}
+    assert normalized["propertyNames"] == {} and normalized["$defs"] == {"any": {}}
+    assert normalized["properties"]["o"] == {**bare, "properties": {}}
+    assert strict_normalized({}) == {}
+
+
 @pytest.mark.parametrize(
     ("schema", "said"),
     [
