@@ -79,6 +79,8 @@ def generate_options(data: Any) -> Any:
     if sample is False:
         data["temperature"] = 0
     if (size := data.pop("no_repeat_ngram_size", None)) is not None:
+        if type(size) is not int:  # (named as sent, not as the vllm_xargs key it becomes)
+            raise _generate_option("no_repeat_ngram_size", "must be an integer (0 or less: off)")
         xargs = data.get("vllm_xargs")
         if xargs is None or isinstance(xargs, dict):  # (another type: its own 400)
             data["vllm_xargs"] = {"no_repeat_ngram_size": size, **(xargs or {})}

@@ -13,7 +13,13 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 
 from server.api.fields import PartModel, Text
 from server.exceptions import InvalidRequest
-from server.media.fetch import DATA_URI, MAX_FRAMES_FPS, UNDECLARED_TYPES, is_data_uri
+from server.media.fetch import (
+    DATA_URI,
+    MAX_FRAMES_FPS,
+    MIN_FRAMES_FPS,
+    UNDECLARED_TYPES,
+    is_data_uri,
+)
 from server.media.frames import FrameRequest
 from server.media.image_frames import FRAME_TYPES
 from server.pipelines.messages import ImagePart
@@ -46,6 +52,15 @@ def _refused_options(data: Any, names: tuple[str, ...], taken: str) -> Any:
     if isinstance(data, dict) and (given := [name for name in names if name in data]):
         raise ValueError(f"{given[0]} (qwen-vl-utils' option) is not taken here; {taken}")
     return data
+
+
+def _null_is_auto(value: Any) -> Any:
+    return "auto" if value is None else value
+
+
+DetailLevel = Literal["auto", "low", "high", "original"]
+# An image's detail; null is the default, auto (async-openai to 0.33 writes an unset one so)
+Detail = Annotated[DetailLevel, BeforeValidator(_null_is_auto)]
 
 
 class PixelRange(PartModel):
@@ -93,15 +108,7 @@ class ImageURL(ImageOptions):
         return _budget(self.detail)
 
 
-def _null_is_auto(value: Any) -> Any:
-    return "auto" if value is None else value
-
-
-# An image's detail; null is the default, auto (async-openai to 0.33 writes an unset one so)
-Detail = Annotated[Literal["auto", "low", "high", "original"], BeforeValidator(_null_is_auto)]
-
-
-def _budget(detail: Literal["auto", "low", "high", "original"]) -> Literal["auto", "low", "high"]:
+def _budget(detail: DetailLevel) -> Literal["auto", "low", "high"]:
     return "high" if detail == "original" else detail
 
 
@@ -256,37 +263,55 @@ ContentPart = Annotated[
 ]
 
 
-# Parts typed by their one content key: vLLM's short media forms, and DashScope's native
-# content items ({"image": URL}, {"video": ...}, {"text": ...}: Qwen-Agent's Message.model_dump)
-SHORT_FORM_KEYS = ("image_url", "video_url", "image", "video", "text")
+# vLLM's short media forms, {"image_url": URL} and {"video_url": URL}: typed by their key
+SHORT_FORM_KEYS = ("image_url", "video_url")
+# DashScope's native content items (Qwen-Agent's Message.model_dump writes them so), typed by
+# their key where every other key is the item's own: one with other keys (an audio, a file, a
+# URL beside a text) stays a part without a type, a 400, rather than losing what they hold.
+DASHSCOPE_ITEM_KEYS = {
+    "text": frozenset(),
+    "image": frozenset({"min_pixels", "max_pixels", "detail", *QWEN_UTILS_IMAGE_ONLY}),
+    "video": frozenset(
+        {"fps", "max_frames", "nframes", "min_pixels", "max_pixels", "total_pixels"}
+        | set(QWEN_UTILS_VIDEO_ONLY)
+    ),
+}
 
 
 def _typed_by_key(part: Any) -> Any:
     if not isinstance(part, dict) or "type" in part:
         return part
     keys = [key for key in SHORT_FORM_KEYS if part.get(key) is not None]
-    return {"type": keys[0], **part} if len(keys) == 1 else part
+    if len(keys) == 1:
+        return {"type": keys[0], **part}
+    for key, options in DASHSCOPE_ITEM_KEYS.items():
+        if part.get(key) is not None and part.keys() - {key} <= options:
+            return {"type": key, **part}
+    return part
 
 
 def _dashscope_image(part: Any) -> Any:
     """DashScope's and qwen-vl-utils' image item, {"type": "image", "image": URL}, as the
-    image_url part it means (its min_pixels / max_pixels beside it, as qwen-vl-utils')."""
+    image_url part it means (its min_pixels / max_pixels beside it, as qwen-vl-utils'; a
+    detail inside it)."""
     if not isinstance(part, dict) or part.get("type") != "image" or "image" not in part:
         return part
-    rest = {key: value for key, value in part.items() if key != "image"}
-    return {**rest, "type": "image_url", "image_url": part["image"]}
+    rest = {key: value for key, value in part.items() if key not in ("image", "detail")}
+    url = part["image"]
+    if "detail" in part and isinstance(url, str):
+        url = {"url": url, "detail": part["detail"]}
+    return {**rest, "type": "image_url", "image_url": url}
 
 
-# The rate a list of frames was taken at, unless its part says (its `fps`): qwen-vl-utils'
+# The rate a list of frames was taken at, unless its part says: qwen-vl-utils' and DashScope's
 LIST_FPS = 2.0
 
 
 def _dashscope_video(part: Any) -> Any:
     """DashScope's video part, {"type": "video", "video": URL or [frame, ...]} (Qwen-Agent
     sends a video given as its frames so), as the video_url part it means: a list of inline
-    frames becomes vLLM's frames URL, data:video/jpeg;fps=<fps>;base64,<frame>,<frame>,...,
-    taken at the part's `fps` (the rate its frames were taken at, as qwen-vl-utils and
-    DashScope read it; LIST_FPS unless it says)."""
+    frames becomes vLLM's frames URL, data:video/jpeg;fps=<rate>;base64,<frame>,<frame>,...,
+    taken at the rate the part says (_list_rate)."""
     if not isinstance(part, dict) or part.get("type") != "video" or "video" not in part:
         return part
     video = part["video"]
@@ -294,16 +319,25 @@ def _dashscope_video(part: Any) -> Any:
     if isinstance(video, list):
         if not video:
             raise ValueError("a video's list of frames is empty")
-        fps = rest.pop("fps", None)
-        fps = LIST_FPS if fps is None else fps
-        if type(fps) not in (int, float) or not 0 < fps <= MAX_FRAMES_FPS:
-            raise ValueError(
-                f"a list of frames' fps (the rate they were taken at) is a number above 0, at "
-                f"most {MAX_FRAMES_FPS:g}"
-            )
         frames = ",".join(map(_inline_frame, video))
-        video = f"data:video/jpeg;fps={float(fps):g};base64,{frames}"
+        video = f"data:video/jpeg;fps={_list_rate(rest):g};base64,{frames}"
     return {**rest, "type": "video_url", "video_url": video}  # (the part's own video_url: not)
+
+
+def _list_rate(options: dict[str, Any]) -> float:
+    """The rate a list of frames was taken at, taken out of its options: DashScope's `fps`,
+    or qwen-vl-utils' `sample_fps` (its `fps` in earlier releases); LIST_FPS unless given."""
+    given = {name: options.pop(name) for name in ("fps", "sample_fps") if name in options}
+    given = {name: value for name, value in given.items() if value is not None}
+    if len(given) > 1:
+        raise ValueError("a list of frames takes fps or sample_fps (both: its rate), not both")
+    fps = next(iter(given.values()), LIST_FPS)
+    if type(fps) not in (int, float) or not MIN_FRAMES_FPS <= fps <= MAX_FRAMES_FPS:
+        raise ValueError(
+            f"a list of frames' fps (the rate they were taken at) is a number from "
+            f"{MIN_FRAMES_FPS:g} to {MAX_FRAMES_FPS:g}"
+        )
+    return float(fps)
 
 
 def _inline_frame(frame: Any) -> str:
@@ -356,12 +390,13 @@ Turns = BeforeValidator(_bounded_turns)
 
 # OpenAI message fields this server does not support: refused, never ignored.
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
-# What OpenAI's deprecated functions API's messages are here (as its `functions` field's 400 says)
-LEGACY_INSTEAD = {
-    "function_call": ": an assistant's calls are its tool_calls",
-    "role": " (the deprecated functions API's): a call's result is a tool message, role 'tool' "
-    "with the call's tool_call_id",
-}
+# What OpenAI's deprecated functions API's messages are here (as its `functions` field's 400
+# says): a message field's replacement, and the function role's
+FIELDS_INSTEAD = {"function_call": ": an assistant's calls are its tool_calls"}
+FUNCTION_ROLE_INSTEAD = (
+    " (the deprecated functions API's): a call's result is a tool message, role 'tool' with "
+    "the call's tool_call_id"
+)
 
 
 def _call_arguments(value: str) -> str:
@@ -424,10 +459,10 @@ class ChatMessageParam(PartModel):
         if isinstance(data, dict):
             for field in UNSUPPORTED_MESSAGE_FIELDS:
                 if data.get(field) is not None:
-                    instead = LEGACY_INSTEAD.get(field, "")
+                    instead = FIELDS_INSTEAD.get(field, "")
                     raise ValueError(f"the message field '{field}' is not supported{instead}")
             if data.get("role") == "function":
-                raise ValueError(f"the role 'function' is not supported{LEGACY_INSTEAD['role']}")
+                raise ValueError(f"the role 'function' is not supported{FUNCTION_ROLE_INSTEAD}")
             # Qwen-Agent names the call a tool message answers `id` (its own message shape)
             if data.get("role") == "tool" and data.get("tool_call_id") is None and "id" in data:
                 data = {**data, "tool_call_id": data["id"]}

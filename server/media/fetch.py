@@ -469,8 +469,8 @@ JPEG_FRAMES_TYPES = ("video/jpeg", "video/jpg")
 # says its own, ";fps=N"). Counted before the split, whose pieces cost ~30 times their text
 # when tiny ("AAAA," over 40 MB took 1.2 GB).
 MAX_JPEG_FRAMES = 3600
-# The most frames a second such a URL may say it was taken at (a fraction of a second apart)
-MAX_FRAMES_FPS = 60.0
+# The rates such a URL may say its frames were taken at: 100 s apart to 60 a second
+MIN_FRAMES_FPS, MAX_FRAMES_FPS = 0.01, 60.0
 # Whitespace base64 may be wrapped with (MIME's 76-character lines), deleted in one pass.
 B64_WHITESPACE = b" \t\n\r\v\f"
 
@@ -526,19 +526,18 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
 
 def _frames_fps(params: str, param: str) -> float | None:
     """A frames URL's own rate, its ";fps=N" (as DashScope's list of frames becomes one)."""
-    given = [
-        value for key, _, value in (p.partition("=") for p in params.split(";")) if key == "fps"
-    ]
+    pairs = (piece.partition("=") for piece in params.split(";"))
+    given = [value for key, _, value in pairs if key.lower() == "fps"]
     if not given:
         return None
     try:
         fps = float(given[-1])
     except ValueError:
         fps = 0.0
-    if not 0 < fps <= MAX_FRAMES_FPS:
+    if not MIN_FRAMES_FPS <= fps <= MAX_FRAMES_FPS:
         raise MediaError(
-            f"The frames' fps in the data URI at {param} must be a number above 0, at most "
-            f"{MAX_FRAMES_FPS:g}.",
+            f"The frames' fps in the data URI at {param} must be a number from "
+            f"{MIN_FRAMES_FPS:g} to {MAX_FRAMES_FPS:g}.",
             param=param,
         )
     return fps

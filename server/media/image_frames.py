@@ -84,6 +84,11 @@ def _every_frame(
         and len(indices) * plan.width * plan.height > budget.max_video_pixels
     ):
         return plan  # (Qwen3-VL's processor would shrink frames past its total: not planned)
+    # total_pixels: frames sized to the even count's share of it are not padded past it (frames
+    # at the least size, which the share fell under, are that size whatever the count)
+    pixels, total = plan.width * plan.height, (request.total_pixels or 0) * FRAME_FACTOR
+    if total and plan.num_frames * pixels <= total < len(indices) * pixels:
+        return plan
     return FramePlan(indices, _own_times(indices, info), plan.width, plan.height, tokens)
 
 

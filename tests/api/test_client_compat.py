@@ -339,17 +339,25 @@ async def test_vllms_short_media_parts_without_a_type(client: httpx.AsyncClient)
     typed = await ok(client, chat([{"type": "image_url", "image_url": url}]))
     short = await ok(client, chat([{"image_url": url}]))
     assert short["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"]
-    for part in ({"file": url}, {"image_url": url, "video_url": url}, {"image": url, "text": "x"}):
+    beside = await ok(client, chat([{"image_url": url, "text": "ignored, as vLLM's parser"}]))
+    assert beside["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"]
+    for part in (
+        {"file": url},
+        {"image_url": url, "video_url": url},
+        {"image": url, "text": "x"},
+        {"text": "what is this?", "url": url},  # (DashScope's text item holds only its text)
+        {"text": "x", "audio": url},
+    ):
         response = await client.post(URL, json=chat([part]))
         assert_error(response, 400, "messages[0].content[0]", "invalid_value")
-        assert "has no `type`" in response.json()["error"]["message"]
+        assert "has no `type`" in response.json()["error"]["message"], part
 
 
 async def test_dashscopes_image_and_text_items(client: httpx.AsyncClient) -> None:
     """DashScope's and qwen-vl-utils' content items, {"type": "image", "image": URL} and
     DashScope's untyped {"image": URL} / {"text": ...} (its native API's, Qwen-Agent's
     Message.model_dump): read as the image_url and text parts they mean, pixel options too."""
-    url = data_uri(make_image(96, 64))
+    url = data_uri(make_image(640, 480))  # (392 tokens: more than detail low's 256)
     question = {"type": "text", "text": "What is it?"}
     typed = await ok(client, chat([{"type": "image_url", "image_url": url}, question]))
     for image, text in (
@@ -360,10 +368,15 @@ async def test_dashscopes_image_and_text_items(client: httpx.AsyncClient) -> Non
         assert same["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"]
         details = same["usage"]["prompt_tokens_details"]
         assert details["image_tokens"] == typed["usage"]["prompt_tokens_details"]["image_tokens"]
-    small = {"type": "image", "image": url, "max_pixels": 28 * 28 * 4}
-    fewer = await ok(client, chat([small, question]))
-    details = fewer["usage"]["prompt_tokens_details"]
-    assert details["image_tokens"] < typed["usage"]["prompt_tokens_details"]["image_tokens"]
+    for small in (
+        {"type": "image", "image": url, "max_pixels": 28 * 28 * 4},
+        {"image": url, "max_pixels": 28 * 28 * 4},
+        {"type": "image", "image": url, "detail": "low"},
+    ):
+        fewer = await ok(client, chat([small, question]))
+        details = fewer["usage"]["prompt_tokens_details"]
+        typed_tokens = typed["usage"]["prompt_tokens_details"]["image_tokens"]
+        assert details["image_tokens"] < typed_tokens, small
     for bad in ({"type": "image", "image": 3}, {"type": "image"}):
         response = await client.post(URL, json=chat([bad, question]))
         assert_error(response, 400)

@@ -153,14 +153,22 @@ async def test_a_frame_lists_rate_times_its_frames(qwen3: httpx.AsyncClient) -> 
     assert await times(video(url)) == at_two
     plain = "data:video/jpeg;base64," + ",".join(frames)
     assert await times(video(plain)) == ["0.5", "2.5", "4.5", "6.5"]
-    for bad in (0, -1, "2", True, 1000):
+    four = ["0.1", "0.6", "1.1", "1.6"]
+    assert (
+        await times({"type": "video", "video": listed, "sample_fps": 4}) == four
+    )  # (qwen-vl-utils')
+    assert await times(video(url.replace("fps=2", "FPS=4"))) == four
+    both = {"type": "video", "video": listed, "fps": 2, "sample_fps": 2}
+    for bad in (0, -1, "2", True, 1000, 1e-320, 0.001):
         body = chat({"type": "video", "video": listed, "fps": bad}, text("?"))
         response = await qwen3.post("/v1/chat/completions", json=body)
         assert response.status_code == 400, (bad, response.text)
-    response = await qwen3.post(
-        "/tokenize", json=chat(video(url.replace("fps=2", "fps=0")), text("?"))
-    )
-    assert response.status_code == 400 and "fps" in response.json()["error"]["message"]
+    response = await qwen3.post("/v1/chat/completions", json=chat(both, text("?")))
+    assert response.status_code == 400 and "not both" in response.text
+    for rate in ("0", "1e-320", "x"):
+        sent = video(url.replace("fps=2", f"fps={rate}"))
+        response = await qwen3.post("/tokenize", json=chat(sent, text("?")))
+        assert response.status_code == 400 and "fps" in response.json()["error"]["message"]
 
 
 async def test_captioned_video_on_media_completions(qwen3: httpx.AsyncClient) -> None:

@@ -309,6 +309,11 @@ def test_an_odd_number_of_jpeg_frames_is_read_whole() -> None:
         (4, FrameRequest(), BUDGET, (0, 1, 2, 3)),
         (3, FrameRequest(max_frames=2), BUDGET, (0, 2)),  # (its ceiling: two)
         (3, FrameRequest(), TokenBudget(8192, 8192 - 2 - 2 - 130, 2), (0, 2)),  # (no room)
+        # total_pixels: the 2 planned frames (392x280) within it, but not 4: not padded; 4
+        # within it, or frames at the least size whatever the count (a small total): padded
+        (3, FrameRequest(total_pixels=200_000), BUDGET, (0, 2)),
+        (3, FrameRequest(total_pixels=250_000), BUDGET, (0, 1, 2, 2)),
+        (3, FrameRequest(total_pixels=10_000), BUDGET, (0, 1, 2, 2)),
     ):
         decoded = decode_image_frames(frames[:count], budget, request, 2.0, "p")
         assert decoded.plan.frame_indices == indices, (count, request, budget)
