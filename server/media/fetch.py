@@ -524,6 +524,16 @@ def decode_data_uri(uri: str, *, max_bytes: int, kind: str, param: str) -> Fetch
     return FetchedMedia(data, mime, size=len(data))
 
 
+def data_uri_head(uri: str, param: str, num_bytes: int = 64) -> bytes:
+    """A base64 data: URI's first bytes, decoded from the start of its payload alone (what it
+    is, judged without decoding what may be a video of hundreds of megabytes)."""
+    chars = -(-num_bytes // 3) * 4  # (base64 characters that hold them)
+    start = uri.find(",") + 1
+    text = uri[start : start + 2 * chars].encode("ascii", "replace")
+    text = text.translate(None, B64_WHITESPACE)[:chars]
+    return _b64decode(text[: len(text) // 4 * 4].decode(), param) if len(text) >= 4 else b""
+
+
 def _frames_fps(params: str, param: str) -> float | None:
     """A frames URL's own rate, its ";fps=N" (as DashScope's list of frames becomes one)."""
     pairs = (piece.partition("=") for piece in params.split(";"))

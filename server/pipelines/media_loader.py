@@ -19,7 +19,14 @@ from server.config import MediaLimits
 from server.engine.request_limits import CONTEXTS_TOKENIZED
 from server.exceptions import InvalidRequest, MediaError, PromptTooLong
 from server.media.decode_memory import DecodeMemory
-from server.media.fetch import FetchedMedia, MediaFetcher, Spend, is_data_uri, too_large
+from server.media.fetch import (
+    FetchedMedia,
+    MediaFetcher,
+    Spend,
+    data_uri_head,
+    is_data_uri,
+    too_large,
+)
 from server.media.frames import FrameRequest, TokenBudget
 from server.media.image import (
     AUTO_DETAIL_TOKENS,
@@ -197,12 +204,14 @@ class MediaLoader:
                 await self._read_if_image(part, budget)
 
     async def _read_if_image(self, part: ImagePart, budget: MediaBudget) -> None:
-        """An inline image_url that may be a video, read if its bytes are an image (another
-        image format, or an image cut short, is a 400 now); a video is read when it runs."""
+        """An inline image_url that may be a video, read if its first bytes are an image's
+        (another image format, or an image cut short, is a 400 now); a video is read when it
+        runs (not decoded here only to be judged)."""
+        if judged_kind(data_uri_head(part.url, part.param), part.param) != "image":
+            return
         fetched = await self.fetch_unknown(part.url, part.param)
         try:
-            if judged_kind(fetched.head(part.param, 64), part.param) == "image":
-                await self.fetched_image(part, fetched, budget)
+            await self.fetched_image(part, fetched, budget)
         finally:
             fetched.discard()
 

@@ -145,6 +145,9 @@ async def test_no_repeat_ngram_size_holds_no_ngram_twice(
         body = {**forced, "max_tokens": length}
         assert await content(client, {**body, **xargs, **mineru}) == expected
         assert await content(client, {**body, "no_repeat_ngram_size": n}) == expected
+        response = await client.post("/v1/chat/completions", json={**body, **xargs, "n": 2})
+        choices = response.json()["choices"]  # (each its own answer's n-grams)
+        assert [c["message"]["content"] for c in choices] == [expected, expected]
         text = {"model": "tiny", "prompt": "x", "max_tokens": length, "temperature": 0}
         response = await client.post("/v1/completions", json={**text, **xargs, "logit_bias": bias})
         assert response.status_code == 200, response.text
