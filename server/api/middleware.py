@@ -267,12 +267,28 @@ OPENAI_RESOURCES = frozenset(
 )
 
 
+# Hosted APIs' own prefixes for OpenAI's routes: Azure OpenAI's deployments (its SDK calls
+# /openai/deployments/{deployment}/chat/completions?api-version=..., the deployment also the
+# body's model) and its v1 path, which Groq's SDK writes under any base URL (/openai/v1/...).
+AZURE_DEPLOYMENT = re.compile(r"^/openai/deployments/[^/]+(?=/)")
+OPENAI_V1_PREFIX = "/openai/v1/"
+
+
+def hosted_prefix(path: str) -> int:
+    """The length of a hosted API's prefix before an OpenAI resource (0: none)."""
+    if path.startswith(OPENAI_V1_PREFIX):
+        return len(OPENAI_V1_PREFIX) - 1
+    match = AZURE_DEPLOYMENT.match(path)
+    return match.end() if match else 0
+
+
 class PathMiddleware:
     """The path a client sends, as the routes have it: `/v1/chat/completions/` is
     `/v1/chat/completions` (a client whose base URL ends in a slash is served, not redirected:
     Starlette's 307 would make it send its POST body again, to an http:// Location even behind
-    a TLS proxy, and many clients do not follow it), and an OpenAI resource at the root is its
-    /v1 one (`GET /models` is `GET /v1/models`)."""
+    a TLS proxy, and many clients do not follow it); an OpenAI resource at the root is its
+    /v1 one (`GET /models` is `GET /v1/models`), and so is one under a hosted API's prefix
+    (`/openai/deployments/{deployment}/chat/completions`, `/openai/v1/models`)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -284,10 +300,19 @@ class PathMiddleware:
             raw = scope.get("raw_path") or path.encode()  # (as sent: percent-escapes kept)
             if path.endswith("/"):
                 path, raw = path.rstrip("/") or "/", raw.rstrip(b"/") or b"/"
+            prefix = hosted_prefix(path)
+            if prefix and path[prefix:].split("/", 2)[1] in OPENAI_RESOURCES:
+                path, raw = path[prefix:], _raw_tail(raw, path[prefix:])
             if path.split("/", 2)[1] in OPENAI_RESOURCES:
                 path, raw = f"/v1{path}", b"/v1" + raw
             scope = {**scope, "path": path, "raw_path": raw, SENT_PATH: sent}
         await self.app(scope, receive, send)
+
+
+def _raw_tail(raw: bytes, tail: str) -> bytes:
+    """The raw path's end that is `tail` (its escapes kept), or `tail` itself."""
+    encoded = tail.encode()
+    return raw[len(raw) - len(encoded) :] if raw.endswith(encoded) else encoded
 
 
 class HeadMiddleware:
@@ -334,10 +359,14 @@ def internal(app: ASGIApp) -> ASGIApp:
     return marked
 
 
+# Headers a key may come in besides Authorization: Bearer: Anthropic's, Azure OpenAI's
+KEY_HEADERS = (b"x-api-key", b"api-key")
+
+
 class ApiKeyMiddleware:
     """When keys are configured, every route but the open ones needs 'Authorization: Bearer <key>'
-    or 'x-api-key: <key>', and the request is in that key's project (what stored objects it
-    sees: server/jobs/project.py).
+    (or 'x-api-key: <key>', 'api-key: <key>'), and the request is in that key's project (what
+    stored objects it sees: server/jobs/project.py).
     Keys are compared in constant time, against all keys, so timing reveals nothing."""
 
     def __init__(self, app: ASGIApp, keys: dict[str, str], open_paths: frozenset[str]):
@@ -355,22 +384,20 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         raw = scope.get("headers", [])
-        names = [name for name, _ in raw if name in (b"authorization", b"x-api-key")]
+        names = [name for name, _ in raw if name in (b"authorization", *KEY_HEADERS)]
         if len(names) != len(set(names)):  # two keys in one header name: which one is meant
             # (a proxy that checks the first and a server that reads the last disagree) is
             # not guessed
-            await _unauthorized(
-                scope, send, "More than one API key in one header (Authorization or x-api-key)."
-            )
+            await _unauthorized(scope, send, "More than one API key in one header.")
             return
         headers = dict(raw)
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        # Bearer (OpenAI's clients) or x-api-key (Anthropic's)
+        # Bearer (OpenAI's clients), x-api-key (Anthropic's) or api-key (Azure OpenAI's)
         tokens = [token.strip()] if scheme.lower() == b"bearer" else []
-        tokens += [headers[b"x-api-key"].strip()] if b"x-api-key" in headers else []
+        tokens += [headers[name].strip() for name in KEY_HEADERS if name in headers]
         keys = {token for token in tokens if token}  # (an empty one is no key)
         if len(keys) > 1:  # two different keys (Bearer and x-api-key): which one is meant?
-            await _unauthorized(scope, send, "Two different API keys (Authorization, x-api-key).")
+            await _unauthorized(scope, send, "Two different API keys in one request.")
             return
         if keys and (index := self._index_of(keys.pop())) is not None:
             reset = project_var.set(self.projects[index])

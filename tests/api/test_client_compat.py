@@ -161,6 +161,42 @@ async def test_explicit_nulls_are_the_defaults(client: httpx.AsyncClient) -> Non
     assert (await ok(client, completion, "/v1/completions"))["object"] == "text_completion"
 
 
+async def test_azure_openai_and_groq_clients_reach_the_routes(tiny_model_dir: Path) -> None:
+    """Azure OpenAI's SDK calls /openai/deployments/{deployment}/chat/completions?api-version=
+    with its key as api-key (the deployment: a served model's name); its v1 path, and Groq's
+    SDK, call /openai/v1/...: each is the /v1 route (each was a 401, then a 404)."""
+    settings = make_settings(tiny_model_dir, api_keys=["sk-azure"])
+    async for client in start_client(settings):
+        azure = openai.AsyncAzureOpenAI(
+            azure_endpoint="http://testserver",
+            api_version="2024-10-21",
+            api_key="sk-azure",
+            http_client=client,
+            max_retries=0,
+        )
+        messages = [{"role": "user", "content": "Hi"}]
+        answer = await azure.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        assert answer.object == "chat.completion" and answer.model == "tiny"
+        stream = await azure.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=2, stream=True
+        )
+        assert [chunk async for chunk in stream]
+        v1 = openai.AsyncOpenAI(
+            base_url="http://testserver/openai/v1/", api_key="sk-azure", http_client=client
+        )
+        assert "tiny" in [m.id async for m in v1.models.list()]
+        response = await client.post(
+            "/openai/deployments/tiny/chat/completions?api-version=2024-10-21",
+            json={"messages": messages, "max_tokens": 2, "model": "tiny"},
+            headers={"api-key": "wrong"},
+        )
+        assert response.status_code == 401
+        missing = await client.get(
+            "/openai/deployments/tiny/nothing", headers={"api-key": "sk-azure"}
+        )
+        assert missing.status_code == 404
+
+
 async def test_a_null_image_detail_is_auto(client: httpx.AsyncClient) -> None:
     """async-openai (to 0.33) writes an image without a detail as "detail": null, in chat and
     in the Responses API: the default, as for every optional field."""

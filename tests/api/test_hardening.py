@@ -52,6 +52,11 @@ async def test_api_key_file_and_protected_routes(tiny_model_dir: Path, tmp_path:
         assert (await client.get("/v1/models", headers=both)).status_code == 401
         same = {"Authorization": "Bearer sk-file-key", "x-api-key": "sk-file-key"}
         assert (await client.get("/v1/models", headers=same)).status_code == 200
+        # Azure OpenAI's SDK sends its key as api-key
+        assert (
+            await client.get("/v1/models", headers={"api-key": "sk-file-key"})
+        ).status_code == 200
+        assert (await client.get("/v1/models", headers={"api-key": "other"})).status_code == 401
 
 
 async def test_metrics_can_require_the_key(tiny_model_dir: Path) -> None:
