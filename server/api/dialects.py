@@ -124,6 +124,7 @@ REASONING_OBJECT_KEYS = {
 # or off
 THINKING_SWITCH = {"enabled": True, "adaptive": True, "disabled": False}
 OLLAMA_THINK_LEVELS = ("low", "medium", "high")
+MAX_TOP_LOGPROBS = 20  # (OpenAI's top_logprobs' bound)
 
 
 @dataclass
@@ -220,6 +221,19 @@ def dashscope_options(data: Any) -> Any:
         raise _generate_option(
             "incremental_output", "takes only true (each streamed chunk is what is new)"
         )
+    return data
+
+
+def integer_logprobs(data: Any) -> Any:
+    """Together's and Fireworks' chat logprobs, an integer k: the k likeliest tokens at each
+    step, OpenAI's logprobs true with top_logprobs k (which wins where also sent); 0 is none."""
+    if not isinstance(data, dict) or type(k := data.get("logprobs")) is not int:
+        return data
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise _generate_option("logprobs", f"takes true, false or 0 to {MAX_TOP_LOGPROBS}")
+    data = {**data, "logprobs": k > 0}
+    if k and data.get("top_logprobs") is None:
+        data["top_logprobs"] = k
     return data
 
 

@@ -35,6 +35,7 @@ from server.api.dialects import (
     REPETITION_PENALTY_NAMES,
     dashscope_options,
     generate_options,
+    integer_logprobs,
     llama_cpp_options,
     reasoning_switches,
 )
@@ -107,6 +108,23 @@ class JsonSchemaFormat(StrictModel):
 class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hosted_json_modes(cls, data: Any) -> Any:
+        """Hosted APIs' JSON modes with a schema: TGI's and Hugging Face InferenceClient's
+        {"type": "json" | "json_object", "value": schema} (the client rewrites OpenAI's
+        json_schema so), Together's and Fireworks' {"type": "json_object", "schema": schema}:
+        that schema, not strict; "json" without one is json_object."""
+        if not isinstance(data, dict) or data.get("type") not in ("json", "json_object"):
+            return data
+        given = [key for key in ("value", "schema") if data.get(key) is not None]
+        rest = {key: value for key, value in data.items() if key not in ("value", "schema")}
+        if len(given) > 1:
+            raise ValueError("a JSON mode takes its schema as value or as schema, not both")
+        if not given:
+            return {**rest, "type": "json_object"}
+        return {**rest, "type": "json_schema", "json_schema": {"schema": data[given[0]]}}
 
     def to_structured(self) -> StructuredOutput | None:
         if self.type == "text":
@@ -537,7 +555,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     @model_validator(mode="before")
     @classmethod
     def _other_servers_options(cls, data: Any) -> Any:
-        return dashscope_options(reasoning_switches(data))
+        return integer_logprobs(dashscope_options(reasoning_switches(data)))
 
     messages: Annotated[list[ChatMessageParam], Turns] = Field(min_length=1)
     model: str | None = None  # left out: the served model (vLLM's leniency; OpenAI requires it)

@@ -197,6 +197,46 @@ async def test_azure_openai_and_groq_clients_reach_the_routes(tiny_model_dir: Pa
         assert missing.status_code == 404
 
 
+async def test_hosted_apis_json_modes_with_a_schema_follow_it(client: httpx.AsyncClient) -> None:
+    """Hugging Face's InferenceClient sends {"type": "json", "value": schema} (its docs) and
+    rewrites OpenAI's json_schema to {"type": "json_object", "value": schema}; Together and
+    Fireworks document {"type": "json_object", "schema": schema}: each is that schema (they
+    were 400s), not strict; json without a schema is json_object."""
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+        "required": ["code"],
+        "additionalProperties": False,
+    }
+    for response_format in (
+        {"type": "json", "value": schema},
+        {"type": "json_object", "value": schema},
+        {"type": "json_object", "schema": schema},
+    ):
+        body = chat(max_tokens=40, seed=1, response_format=response_format)
+        answer = json.loads((await ok(client, body))["choices"][0]["message"]["content"])
+        assert set(answer) == {"code"} and re.fullmatch("[A-Z]{3}", answer["code"]), answer
+    plain = chat(max_tokens=20, seed=1, response_format={"type": "json"})
+    assert (await ok(client, plain))["choices"][0]["message"]["content"].startswith("{")
+    both = {"type": "json_object", "value": schema, "schema": schema}
+    assert_error(await client.post(URL, json=chat(response_format=both)), 400)
+    not_a_schema = {"type": "json_object", "schema": "object"}
+    assert_error(await client.post(URL, json=chat(response_format=not_a_schema)), 400)
+
+
+async def test_an_integer_logprobs_is_how_many_top_logprobs(client: httpx.AsyncClient) -> None:
+    """Together and Fireworks document chat's logprobs as an integer k, the k likeliest tokens
+    at each step: logprobs true with top_logprobs k (0: none, as false)."""
+    for k, top in ((1, 1), (3, 3)):
+        choice = (await ok(client, chat(logprobs=k)))["choices"][0]
+        assert all(len(entry["top_logprobs"]) == top for entry in choice["logprobs"]["content"])
+    assert (await ok(client, chat(logprobs=0)))["choices"][0]["logprobs"] is None
+    explicit = (await ok(client, chat(logprobs=2, top_logprobs=1)))["choices"][0]
+    assert all(len(entry["top_logprobs"]) == 1 for entry in explicit["logprobs"]["content"])
+    assert_error(await client.post(URL, json=chat(logprobs=21)), 400, "logprobs")
+    assert_error(await client.post(URL, json=chat(logprobs=-1)), 400, "logprobs")
+
+
 async def test_a_null_image_detail_is_auto(client: httpx.AsyncClient) -> None:
     """async-openai (to 0.33) writes an image without a detail as "detail": null, in chat and
     in the Responses API: the default, as for every optional field."""

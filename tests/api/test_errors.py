@@ -113,8 +113,8 @@ BAD_BODIES = {
         "messages[1].tool_calls[0].function.arguments",
         "invalid_value",
     ),
-    "part without a type": (  # (a lone image_url or video_url is vLLM's short form)
-        {"model": "tiny", "messages": user({"text": "Hi"})},
+    "part without a type": (  # (a lone image_url, video_url, DashScope's items are typed)
+        {"model": "tiny", "messages": user({"text": "Hi", "audio": "x"})},
         "messages[0].content[0]",
         "invalid_value",
     ),
