@@ -5,6 +5,7 @@ Anthropic-style reasoning switches.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -221,6 +222,49 @@ def dashscope_options(data: Any) -> Any:
         raise _generate_option(
             "incremental_output", "takes only true (each streamed chunk is what is new)"
         )
+    return data
+
+
+# Hosted APIs' own chat fields, which their clients and the apps written for them send, read
+# as this server's: OpenRouter's routing hints (which models and providers serve a request,
+# its prompt transforms, its usage accounting) change nothing here, one model and the usage
+# always in the answer (logged); Mistral's random_seed is seed, its tool_choice "any" is
+# "required", safe_prompt false its default; Groq's reasoning_format "parsed" is how reasoning
+# comes here, "hidden" include_reasoning false, its reasoning_effort "default" no level;
+# Fireworks' prompt_truncate_len is truncate_prompt_tokens, its (and Together's)
+# context_length_exceeded_behavior "error" what a prompt too long gets here. What they would
+# do that this server does not (Mistral's guardrail prompt, reasoning left inside the content,
+# max_tokens lowered to fit) is a 400 naming the field.
+OPENROUTER_HINTS = frozenset({"models", "provider", "route", "transforms", "usage"})
+HOSTED_RENAMED = {"random_seed": "seed", "prompt_truncate_len": "truncate_prompt_tokens"}
+HOSTED_NEUTRAL = {"safe_prompt": False, "context_length_exceeded_behavior": "error"}
+
+
+def hosted_options(data: Any) -> Any:
+    """A chat body with those fields read (HOSTED_RENAMED, HOSTED_NEUTRAL, OPENROUTER_HINTS)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if ignored := sorted(data.keys() & OPENROUTER_HINTS):
+        logger.info("OpenRouter's routing hints with no effect here: %s", ", ".join(ignored))
+        data = {key: value for key, value in data.items() if key not in OPENROUTER_HINTS}
+    for name, field in HOSTED_RENAMED.items():
+        if (value := data.pop(name, None)) is not None and data.get(field) is None:
+            data[field] = value
+    for name, neutral in HOSTED_NEUTRAL.items():
+        if (value := data.pop(name, None)) is not None and value != neutral:
+            raise _generate_option(name, f"takes only {json.dumps(neutral)} here")
+    if data.get("tool_choice") == "any":
+        data["tool_choice"] = "required"
+    if data.get("reasoning_effort") == "default":
+        del data["reasoning_effort"]
+    if (shown := data.pop("reasoning_format", None)) is not None:
+        if shown not in ("parsed", "hidden"):
+            raise _generate_option(
+                "reasoning_format", "takes parsed or hidden (reasoning comes in its own field)"
+            )
+        if shown == "hidden" and data.get("include_reasoning") is None:
+            data["include_reasoning"] = False
     return data
 
 

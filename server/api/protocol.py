@@ -35,6 +35,7 @@ from server.api.dialects import (
     REPETITION_PENALTY_NAMES,
     dashscope_options,
     generate_options,
+    hosted_options,
     integer_logprobs,
     llama_cpp_options,
     reasoning_switches,
@@ -555,7 +556,7 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
     @model_validator(mode="before")
     @classmethod
     def _other_servers_options(cls, data: Any) -> Any:
-        return integer_logprobs(dashscope_options(reasoning_switches(data)))
+        return hosted_options(integer_logprobs(dashscope_options(reasoning_switches(data))))
 
     messages: Annotated[list[ChatMessageParam], Turns] = Field(min_length=1)
     model: str | None = None  # left out: the served model (vLLM's leniency; OpenAI requires it)

@@ -237,6 +237,39 @@ async def test_an_integer_logprobs_is_how_many_top_logprobs(client: httpx.AsyncC
     assert_error(await client.post(URL, json=chat(logprobs=-1)), 400, "logprobs")
 
 
+async def test_hosted_apis_own_chat_fields_are_read(client: httpx.AsyncClient) -> None:
+    """Fields hosted APIs document, which their SDKs and the apps written for them send (each
+    was a 400): OpenRouter's routing hints change nothing; Mistral's random_seed is seed, its
+    tool_choice "any" is "required", safe_prompt false its default; Groq's reasoning_format
+    and reasoning_effort "default"; Fireworks' prompt_truncate_len, context_length_exceeded_
+    behavior "error". What they would do that is not done here is a 400 naming the field."""
+    hints = {"models": ["a", "b"], "provider": {"order": ["x"]}, "route": "fallback"}
+    hints |= {"transforms": ["middle-out"], "usage": {"include": True}}
+    assert (await ok(client, chat(**hints)))["object"] == "chat.completion"
+    sampled = {"temperature": 1.0, "max_tokens": 8}
+    seeded = (await ok(client, chat(seed=5, **sampled)))["choices"][0]["message"]["content"]
+    mistral = await ok(client, chat(random_seed=5, safe_prompt=False, **sampled))
+    assert mistral["choices"][0]["message"]["content"] == seeded
+    tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
+    forced = await ok(client, chat(tools=[tool], tool_choice="any", max_tokens=30))
+    assert forced["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "now"
+    for fields in (
+        {"reasoning_format": "parsed"},
+        {"reasoning_format": "hidden"},
+        {"reasoning_effort": "default"},
+        {"context_length_exceeded_behavior": "error"},
+    ):
+        assert (await ok(client, chat(**fields)))["object"] == "chat.completion", fields
+    cut = await ok(client, chat("one two three four five six seven", prompt_truncate_len=5))
+    assert cut["usage"]["prompt_tokens"] == 5
+    for field, value in (
+        ("safe_prompt", True),
+        ("reasoning_format", "raw"),
+        ("context_length_exceeded_behavior", "truncate"),
+    ):
+        assert_error(await client.post(URL, json=chat(**{field: value})), 400, field)
+
+
 async def test_a_null_image_detail_is_auto(client: httpx.AsyncClient) -> None:
     """async-openai (to 0.33) writes an image without a detail as "detail": null, in chat and
     in the Responses API: the default, as for every optional field."""
