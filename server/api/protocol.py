@@ -95,6 +95,14 @@ OPENAI_DEFAULTS = SamplingDefaults()
 ANIMUS_DEFAULTS = SamplingDefaults(temperature=0.1)  # the Animus reference's default
 
 
+# A guided regex, grammar or choice: never empty (an answer that can only be empty is
+# nothing a grammar can generate), and bounded: compiling grows with the text (a few choices
+# of 16k characters in all compile in under a second; 260k characters took 30 s), so one
+# request cannot hold the grammar compiler for minutes.
+MAX_CONSTRAINT_CHARS = 16384
+MAX_CHOICES = 256
+Constraint = Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]
+
 # OpenAI's rule for a json_schema's name (chat's response_format, the Responses text.format)
 SCHEMA_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
@@ -107,8 +115,12 @@ class JsonSchemaFormat(StrictModel):
 
 
 class ResponseFormat(StrictModel):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
     json_schema: JsonSchemaFormat | None = None
+    # TGI's (and Hugging Face InferenceClient's) {"type": "regex", "value"}, Fireworks' {"type":
+    # "grammar", "grammar"}: vLLM's guided_regex and guided_grammar
+    value: Constraint | None = None
+    grammar: Constraint | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -127,11 +139,28 @@ class ResponseFormat(StrictModel):
             return {**rest, "type": "json_object"}
         return {**rest, "type": "json_schema", "json_schema": {"schema": data[given[0]]}}
 
+    @model_validator(mode="after")
+    def _own_fields(self) -> ResponseFormat:
+        own = {"regex": "value", "grammar": "grammar"}.get(self.type)
+        for name in ("value", "grammar"):
+            if (getattr(self, name) is None) == (name == own):
+                problem = "needs" if name == own else "takes no"
+                raise InvalidRequest(
+                    f"response_format of type {self.type} {problem} {name}.",
+                    param=f"response_format.{name}",
+                    code="invalid_value",
+                )
+        return self
+
     def to_structured(self) -> StructuredOutput | None:
         if self.type == "text":
             return None
         if self.type == "json_object":
             return StructuredOutput("json_object")
+        if self.type == "regex":
+            return StructuredOutput.regex(self.value or "")
+        if self.type == "grammar":
+            return StructuredOutput.grammar(self.grammar or "")
         if self.json_schema is None:
             raise InvalidRequest(
                 "response_format of type json_schema needs a json_schema object.",
@@ -161,15 +190,6 @@ class StreamOptions(StrictModel):
 
 def usage_wanted(stream_options: StreamOptions | None) -> tuple[bool, bool]:
     return stream_options.usage_wanted() if stream_options else (False, False)
-
-
-# A guided regex, grammar or choice: never empty (an answer that can only be empty is
-# nothing a grammar can generate), and bounded: compiling grows with the text (a few choices
-# of 16k characters in all compile in under a second; 260k characters took 30 s), so one
-# request cannot hold the grammar compiler for minutes.
-MAX_CONSTRAINT_CHARS = 16384
-MAX_CHOICES = 256
-Constraint = Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]
 
 
 def _choices_size(choices: list[str] | None) -> list[str] | None:

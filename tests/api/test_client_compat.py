@@ -218,6 +218,18 @@ async def test_hosted_apis_json_modes_with_a_schema_follow_it(client: httpx.Asyn
         assert set(answer) == {"code"} and re.fullmatch("[A-Z]{3}", answer["code"]), answer
     plain = chat(max_tokens=20, seed=1, response_format={"type": "json"})
     assert (await ok(client, plain))["choices"][0]["message"]["content"].startswith("{")
+    # TGI's (and InferenceClient's) regex, Fireworks' grammar: vLLM's guided_regex, _grammar
+    regex = chat(max_tokens=10, seed=1, response_format={"type": "regex", "value": "[a-c]{4}"})
+    assert re.fullmatch("[a-c]{4}", (await ok(client, regex))["choices"][0]["message"]["content"])
+    grammar = {"type": "grammar", "grammar": 'root ::= "yes" | "no"'}
+    answer = await ok(client, chat(max_tokens=10, seed=1, response_format=grammar))
+    assert answer["choices"][0]["message"]["content"] in ("yes", "no")
+    for bad in (
+        {"type": "regex"},
+        {"type": "grammar", "grammar": ""},
+        {"type": "text", "value": "x"},
+    ):
+        assert_error(await client.post(URL, json=chat(response_format=bad)), 400)
     both = {"type": "json_object", "value": schema, "schema": schema}
     assert_error(await client.post(URL, json=chat(response_format=both)), 400)
     not_a_schema = {"type": "json_object", "schema": "object"}
