@@ -141,7 +141,11 @@ class AskedReasoning:
 def reasoning_switches(data: Any) -> Any:
     """A chat body with those switches read as chat_template_kwargs.enable_thinking,
     thinking_token_budget, reasoning_effort and include_reasoning."""
-    if not isinstance(data, dict) or not data.keys() & REASONING_SWITCHES:
+    if not isinstance(data, dict):
+        return data
+    kwargs = data.get("chat_template_kwargs")
+    budgeted = isinstance(kwargs, dict) and kwargs.get("thinking_budget") is not None
+    if not data.keys() & REASONING_SWITCHES and not budgeted:
         return data
     data, asked = dict(data), AskedReasoning()
     for read in (_dashscope_reasoning, _ollama_think, _thinking_object, _openrouter_reasoning):
@@ -169,6 +173,9 @@ def _dashscope_reasoning(data: dict[str, Any], asked: AskedReasoning) -> None:
         asked.enable = _switch(enable, "enable_thinking")
     if (budget := data.pop("thinking_budget", None)) is not None:
         asked.budget = _bounded_int(budget, "thinking_budget")
+    kwargs = data.get("chat_template_kwargs")  # (Cherry Studio puts the budget there too)
+    if isinstance(kwargs, dict) and (budget := kwargs.get("thinking_budget")) is not None:
+        asked.budget = _bounded_int(budget, "chat_template_kwargs.thinking_budget")
 
 
 def _ollama_think(data: dict[str, Any], asked: AskedReasoning) -> None:
@@ -185,9 +192,9 @@ def _thinking_object(data: dict[str, Any], asked: AskedReasoning) -> None:
     """{type, budget_tokens, display} as /v1/messages reads them (display changes nothing)."""
     if (thinking := _reasoning_object(data, "thinking")) is None:
         return
-    if (kind := thinking.get("type")) is not None:
+    if (kind := thinking.get("type")) is not None and kind != "auto":  # (auto: no switch)
         if not isinstance(kind, str) or kind not in THINKING_SWITCH:
-            raise _generate_option("thinking.type", "takes enabled, adaptive or disabled")
+            raise _generate_option("thinking.type", "takes enabled, adaptive, disabled or auto")
         asked.enable = THINKING_SWITCH[kind]
     if (budget := thinking.get("budget_tokens")) is not None:
         asked.budget = _bounded_int(budget, "thinking.budget_tokens", least=1)
@@ -238,6 +245,11 @@ def dashscope_options(data: Any) -> Any:
 OPENROUTER_HINTS = frozenset({"models", "provider", "route", "transforms", "usage"})
 HOSTED_RENAMED = {"random_seed": "seed", "prompt_truncate_len": "truncate_prompt_tokens"}
 HOSTED_NEUTRAL = {"safe_prompt": False, "context_length_exceeded_behavior": "error"}
+# Web search switches (DashScope's enable_search, Dify's web_search): off is what is done here
+HOSTED_NEUTRAL |= {"enable_search": False, "web_search": False}
+# reasoning_format's values that mean reasoning in its own field: Groq's parsed, llama.cpp's
+# auto, deepseek and deepseek-legacy (Dify's setting); hidden is include_reasoning false
+PARSED_REASONING = ("parsed", "auto", "deepseek", "deepseek-legacy")
 
 
 def hosted_options(data: Any) -> Any:
@@ -256,12 +268,14 @@ def hosted_options(data: Any) -> Any:
             raise _generate_option(name, f"takes only {json.dumps(neutral)} here")
     if data.get("tool_choice") == "any":
         data["tool_choice"] = "required"
-    if data.get("reasoning_effort") == "default":
+    if data.get("reasoning_effort") in ("default", "auto"):  # (Groq's, Dify's: no level)
         del data["reasoning_effort"]
     if (shown := data.pop("reasoning_format", None)) is not None:
-        if shown not in ("parsed", "hidden"):
+        if shown not in (*PARSED_REASONING, "hidden"):
             raise _generate_option(
-                "reasoning_format", "takes parsed or hidden (reasoning comes in its own field)"
+                "reasoning_format",
+                f"takes {', '.join(PARSED_REASONING)} or hidden (reasoning comes in its own "
+                "field, never inside the content)",
             )
         if shown == "hidden" and data.get("include_reasoning") is None:
             data["include_reasoning"] = False

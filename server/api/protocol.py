@@ -114,6 +114,15 @@ class JsonSchemaFormat(StrictModel):
     strict: bool | None = None
 
 
+def _bare_schema(value: Any) -> bool:
+    """A JSON Schema itself, not json_schema's {name, schema, strict, description}."""
+    return (
+        isinstance(value, dict)
+        and "schema" not in value
+        and bool(value.keys() & {"type", "properties", "$schema", "$defs", "anyOf"})
+    )
+
+
 class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
     json_schema: JsonSchemaFormat | None = None
@@ -129,7 +138,12 @@ class ResponseFormat(StrictModel):
         {"type": "json" | "json_object", "value": schema} (the client rewrites OpenAI's
         json_schema so), Together's and Fireworks' {"type": "json_object", "schema": schema}:
         that schema, not strict; "json" without one is json_object."""
-        if not isinstance(data, dict) or data.get("type") not in ("json", "json_object"):
+        if not isinstance(data, dict):
+            return data
+        if data.get("type") == "json_schema" and _bare_schema(data.get("json_schema")):
+            # (a JSON Schema itself where {name, schema} goes: Dify passes its user's so)
+            return {**data, "json_schema": {"schema": data["json_schema"]}}
+        if data.get("type") not in ("json", "json_object"):
             return data
         given = [key for key in ("value", "schema") if data.get(key) is not None]
         rest = {key: value for key, value in data.items() if key not in ("value", "schema")}

@@ -230,6 +230,12 @@ async def test_hosted_apis_json_modes_with_a_schema_follow_it(client: httpx.Asyn
         {"type": "text", "value": "x"},
     ):
         assert_error(await client.post(URL, json=chat(response_format=bad)), 400)
+    # a bare schema as json_schema (Dify passes the one its user typed so)
+    bare = chat(
+        max_tokens=40, seed=1, response_format={"type": "json_schema", "json_schema": schema}
+    )
+    answer = json.loads((await ok(client, bare))["choices"][0]["message"]["content"])
+    assert set(answer) == {"code"}, answer
     both = {"type": "json_object", "value": schema, "schema": schema}
     assert_error(await client.post(URL, json=chat(response_format=both)), 400)
     not_a_schema = {"type": "json_object", "schema": "object"}
@@ -272,12 +278,16 @@ async def test_hosted_apis_own_chat_fields_are_read(client: httpx.AsyncClient) -
         {"context_length_exceeded_behavior": "error"},
     ):
         assert (await ok(client, chat(**fields)))["object"] == "chat.completion", fields
+    for off in ({"enable_search": False}, {"web_search": False}):  # (Dify's, DashScope's)
+        assert (await ok(client, chat(**off)))["object"] == "chat.completion", off
     cut = await ok(client, chat("one two three four five six seven", prompt_truncate_len=5))
     assert cut["usage"]["prompt_tokens"] == 5
     for field, value in (
         ("safe_prompt", True),
         ("reasoning_format", "raw"),
         ("context_length_exceeded_behavior", "truncate"),
+        ("enable_search", True),
+        ("web_search", True),
     ):
         assert_error(await client.post(URL, json=chat(**{field: value})), 400, field)
 

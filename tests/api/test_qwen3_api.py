@@ -600,6 +600,17 @@ async def test_other_servers_reasoning_switches_are_read(thinking: httpx.AsyncCl
     ):
         assert reasoning(await answer(**budget))[1] == 3, budget
     assert reasoning(await answer(thinking_budget=3, thinking_token_budget=5))[1] == 5
+    # Cherry Studio's budget inside the template's variables; "auto" levels are no switch;
+    # llama.cpp's reasoning_format values (Dify's setting) are how reasoning comes here
+    assert reasoning(await answer(chat_template_kwargs={"thinking_budget": 3}))[1] == 3
+    assert reasoning(await answer(reasoning_effort="auto", thinking={"type": "auto"})) == thinks
+    for shown in ("auto", "deepseek", "deepseek-legacy", "parsed"):
+        assert reasoning(await answer(reasoning_format=shown)) == thinks, shown
+    for raw in ("none", "raw"):
+        response = await thinking.post(
+            "/v1/chat/completions", json={**body, "reasoning_format": raw}
+        )
+        assert response.status_code == 400 and "reasoning_format" in response.text
     quiet = await answer(reasoning={"exclude": True, "max_tokens": 3}, include_reasoning=None)
     quiet = quiet["choices"][0]["message"]
     assert quiet["reasoning"] is None and quiet["reasoning_content"] == "" and quiet["content"]
