@@ -160,6 +160,10 @@ def _is_union_branch(item: str) -> bool:
 
 # OpenAI's kinds of part and tool this server knows but cannot serve: said so, not "invalid"
 AUDIO_PART_TAGS = frozenset({"input_audio", "audio"})
+HOSTED_TOOLS = frozenset(
+    {"web_search", "web_search_preview", "file_search", "code_interpreter", "image_generation"}
+    | {"mcp", "computer_use_preview", "local_shell", "shell"}
+)
 
 
 def _unsupported_kind(error: Any, param: str | None) -> str | None:
@@ -170,11 +174,16 @@ def _unsupported_kind(error: Any, param: str | None) -> str | None:
             "The model served here reads text, images and video: audio input "
             f"(`{error['ctx']['tag']}` parts) is not supported."
         )
-    custom = kind == "literal_error" and error.get("input") == "custom"
-    if custom and (param or "").startswith("tools[") and (param or "").endswith("].type"):
+    tool_type = (param or "").startswith("tools[") and (param or "").endswith("].type")
+    if tool_type and kind == "literal_error" and error.get("input") == "custom":
         return (
             "The custom tool is not available on this server: custom tools (free-form text "
             "input) are not supported; function tools only."
+        )
+    if tool_type and kind == "literal_error" and error.get("input") in HOSTED_TOOLS:
+        return (
+            f"The {error['input']} tool is a hosted tool this server does not run: it is not "
+            "supported; function tools only."
         )
     return None
 

@@ -682,3 +682,9 @@ async def test_audio_parts_and_custom_tools_are_unsupported_not_invalid(
         response = await client.post(path, json={"model": "tiny", **body})
         error = assert_error(response, 400, param, "unsupported_parameter")
         assert "not supported" in error["message"], error
+    # hosted tools on chat (Dify's web search, OpenAI's): said so, not "should be 'function'"
+    for kind in ("web_search", "web_search_preview", "file_search", "code_interpreter"):
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": kind}]}
+        response = await client.post("/v1/chat/completions", json={"model": "tiny", **body})
+        error = assert_error(response, 400, "tools[0].type", "unsupported_parameter")
+        assert f"{kind} tool is a hosted tool" in error["message"], error
