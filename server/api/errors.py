@@ -180,7 +180,8 @@ def _unsupported_kind(error: Any, param: str | None) -> str | None:
             "The custom tool is not available on this server: custom tools (free-form text "
             "input) are not supported; function tools only."
         )
-    if tool_type and kind == "literal_error" and error.get("input") in HOSTED_TOOLS:
+    hosted = isinstance(given := error.get("input"), str) and given in HOSTED_TOOLS
+    if tool_type and kind == "literal_error" and hosted:  # (the input may be any JSON)
         return (
             f"The {error['input']} tool is a hosted tool this server does not run: it is not "
             "supported; function tools only."

@@ -688,3 +688,7 @@ async def test_audio_parts_and_custom_tools_are_unsupported_not_invalid(
         response = await client.post("/v1/chat/completions", json={"model": "tiny", **body})
         error = assert_error(response, 400, "tools[0].type", "unsupported_parameter")
         assert f"{kind} tool is a hosted tool" in error["message"], error
+    for odd in ({"a": 1}, ["web_search"], 3):  # (any JSON there: a 400, never a 500)
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": odd}]}
+        response = await client.post("/v1/chat/completions", json={"model": "tiny", **body})
+        assert_error(response, 400, "tools[0].type")
