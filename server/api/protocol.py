@@ -726,6 +726,17 @@ class ChatCompletionRequest(StructuredFields, VllmFields):
         _check_strict(self.tools, tools)
         return tools
 
+    def forced_tool_param(self, tools: Tools | None) -> str:
+        """Where a forced call's schema came from, for errors about it: the one tool it can
+        call (tools[i].function.parameters, i as sent), else all of them (tools)."""
+        if tools is None or not tools.is_forced:
+            return "tools"
+        names = {tool["function"]["name"] for tool in tools.definitions}
+        if tools.named is not None:
+            names = {tools.named}
+        indices = [i for i, t in enumerate(self.tools or []) if t.function.name in names]
+        return f"tools[{indices[0]}].function.parameters" if len(indices) == 1 else "tools"
+
     def to_video_mode(
         self, default: Literal["native", "captions"]
     ) -> Literal["native", "captions"]:

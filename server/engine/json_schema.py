@@ -534,7 +534,10 @@ def subschemas(schema: dict[str, Any], at: str) -> Iterator[tuple[str, Any, str]
             for i, sub in enumerate(schema[key]):
                 yield key, sub, f"{at}{key}[{i}]."
     for key in SCHEMA_VALUES:
-        if key in schema:
+        if isinstance(schema.get(key), list):  # (draft-07's tuple: items [...])
+            for i, sub in enumerate(schema[key]):
+                yield key, sub, f"{at}{key}[{i}]."
+        elif key in schema:
             yield key, schema[key], f"{at}{key}."
 
 
@@ -547,6 +550,23 @@ def with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dic
     for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
         if key in schema:
             changed[key] = change(schema[key])
+    return changed
+
+
+def prefix_items(schema: Any) -> Any:
+    """The schema with draft-07's tuples (`items: [...]`, the rest under `additionalItems`)
+    written as draft 2020-12's (`prefixItems: [...]`, the rest under `items`), the form
+    xgrammar reads: zod's tuples come so from the Vercel AI SDK, and were a 400. (xgrammar
+    writes no item past a tuple that says nothing of the rest: a subset, still valid.)"""
+    if isinstance(schema, list):
+        return [prefix_items(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    changed = with_subschemas(schema, prefix_items)
+    if isinstance(changed.get("items"), list) and "prefixItems" not in changed:
+        changed["prefixItems"] = changed.pop("items")
+        if "additionalItems" in changed:
+            changed["items"] = changed.pop("additionalItems")
     return changed
 
 

@@ -30,6 +30,7 @@ from server.engine.json_schema import (
     declared_required,
     exact_formats,
     mended_pattern,
+    prefix_items,
     schema_mistakes,
     strict_normalized,
     strict_refusal,
@@ -336,7 +337,8 @@ class GrammarCache:
     def _json_grammar(self, schema: str) -> Any:
         # (formats and patterns as xgrammar compiles them right; required names declared)
         sent = json.loads(schema)
-        schema = json.dumps(exact_formats(declared_required(checked_values(whole_bounds(sent)))))
+        written = whole_bounds(prefix_items(sent))
+        schema = json.dumps(exact_formats(declared_required(checked_values(written))))
         # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
         grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
         text = str(grammar)

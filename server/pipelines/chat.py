@@ -84,6 +84,7 @@ class ChatRequest:
     tools: Tools | None = None
     template: TemplateOptions = DEFAULT_TEMPLATE  # the request's chat-template options
     grammar_param: str = "response_format"  # the field the grammar came from, for its errors
+    tools_param: str = "tools"  # where a forced call's schema came from (its errors)
     max_tokens_param: str = "max_tokens"  # the field the answer's length came from (its errors)
     # A constraint a forced tool call leaves aside (the answer is the call): compiled only so
     # that one that cannot be used is still its 400.
@@ -101,14 +102,14 @@ class ChatRequest:
     def grammar_field(self) -> str:
         """The field the request's grammar came from (a forced tool call's: tools)."""
         forced = self.tools is not None and self.tools.is_forced
-        return "tools" if forced else self.grammar_param
+        return self.tools_param if forced else self.grammar_param
 
     def name_error(self, exc: BaseException) -> None:
         """An error names the field the client sent: a constraint that stopped the answer
         (ConstraintFailed) its own (tools where it stopped inside a call), a length past the
         context max_completion_tokens where that was sent."""
         if isinstance(exc, ConstraintFailed):
-            exc.param = "tools" if exc.in_call else self.grammar_field
+            exc.param = self.tools_param if exc.in_call else self.grammar_field
         elif isinstance(exc, InvalidRequest) and exc.param == "max_tokens":
             exc.param = self.max_tokens_param
 

@@ -279,3 +279,84 @@ async def test_a_strict_tool_is_checked_alone_and_named(client: httpx.AsyncClien
 
 def named(name: str) -> dict:
     return {"type": "function", "function": {"name": name}}
+
+
+# zod's z.tuple([z.string().max(2), z.number().int()]) as the Vercel AI SDK sends it (draft-07)
+TUPLE = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {
+        "t": {
+            "type": "array",
+            "items": [{"type": "string", "maxLength": 2}, {"type": "integer"}],
+            "additionalItems": False,
+            "minItems": 2,
+            "maxItems": 2,
+        },
+    },
+    "required": ["t"],
+    "additionalProperties": False,
+}
+
+
+async def test_a_draft_07_tuple_is_followed(client: httpx.AsyncClient) -> None:
+    """draft-07's tuple (`items` a list, the rest under `additionalItems`) as response_format,
+    a forced tool's parameters and the Responses API's text.format: each item its own schema
+    (it was a 400: "items must be a boolean or an object")."""
+    messages = [{"role": "user", "content": "JSON"}]
+    base = {"model": "tiny", "messages": messages, "max_tokens": 60, "temperature": 1.0}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": TUPLE}}
+    tools = {"tools": [tool("f", TUPLE)], "tool_choice": named("f")}
+    answers = []
+    for seed in range(3):
+        response = await client.post(
+            "/v1/chat/completions", json=base | {"response_format": fmt, "seed": seed}
+        )
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0]["message"]["content"])
+        response = await client.post("/v1/chat/completions", json=base | tools | {"seed": seed})
+        assert response.status_code == 200, response.text
+        call = response.json()["choices"][0]["message"]["tool_calls"][0]
+        answers.append(call["function"]["arguments"])
+    response = await client.post(
+        "/v1/responses",
+        json={
+            "model": "tiny",
+            "input": "JSON",
+            "text": {"format": {"type": "json_schema", "name": "t", "schema": TUPLE}},
+            "max_output_tokens": 60,
+        },
+    )
+    assert response.status_code == 200, response.text
+    answers.append(response.json()["output"][0]["content"][0]["text"])
+    for answer in answers:
+        first, second = json.loads(answer)["t"]
+        assert isinstance(first, str) and len(first) <= 2, answer
+        assert isinstance(second, int) and not isinstance(second, bool), answer
+
+
+async def test_a_forced_tools_schema_error_names_the_tool(client: httpx.AsyncClient) -> None:
+    """A forced call's schema that cannot be compiled, or that stops the answer, is a 400
+    naming the one tool it could call (tools[i].function.parameters); `required` over several
+    tools names them all (tools)."""
+    nothing = {"type": "object", "properties": {"p": {"type": "string", "pattern": "[^\\s\\S]"}}}
+    nothing["required"] = ["p"]
+    broken = {"type": "object", "properties": {"p": {"type": "string", "minLength": -1}}}
+    plain = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    for parameters, choice, param in (
+        (nothing, named("bad"), "tools[1].function.parameters"),  # (stops the answer)
+        (broken, named("bad"), "tools[1].function.parameters"),  # (cannot be compiled)
+        (broken, "required", "tools"),
+    ):
+        tools = [tool("plain", plain), tool("bad", parameters)]
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Call"}],
+            "tools": tools,
+            "tool_choice": choice,
+            "max_tokens": 30,
+        }
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, "invalid_schema"), error

@@ -514,7 +514,7 @@ async def test_images_in_a_tool_message_reach_the_model(client: httpx.AsyncClien
                 ],
                 "tool_choice": "required",
             },
-            "tools",  # (a grammar that cannot compile)
+            "tools[0].function.parameters",  # (a grammar that cannot compile: the one tool)
         ),
     ],
 )

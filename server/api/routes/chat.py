@@ -170,6 +170,7 @@ def to_chat_request(
         tools=tools,
         template=body.to_template(),
         grammar_param=body.structured_param(),
+        tools_param=body.forced_tool_param(tools),
         aside=structured if tools is not None and tools.is_forced else None,
         tokens_as_ids=bool(body.return_tokens_as_token_ids),
         return_token_ids=bool(body.return_token_ids),
