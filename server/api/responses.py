@@ -10,6 +10,8 @@ one with `previous_response_id`, and `background: true` runs one as a durable jo
 
 from __future__ import annotations
 
+import base64
+import logging
 import re
 import string
 import time
@@ -54,6 +56,8 @@ from server.pipelines.logprobs import TokenLogprob, TokenTexts
 from server.pipelines.messages import ChatMessage
 from server.pipelines.reasoning import Reasoning, ReasoningStream, answer_start
 from server.pipelines.tools import Event, ToolCallDelta, Tools, call_stream
+
+logger = logging.getLogger(__name__)
 
 # -- request ----------------------------------------------------------------------------------
 
@@ -105,15 +109,54 @@ class ItemReference(PartModel):
 class ReasoningItem(PartModel):
     """An earlier answer's reasoning: the next assistant message's reasoning_content (Qwen3's
     thinking template keeps it for a tool-call loop's steps, drops it before the last user
-    query)."""
+    query). Read from its content, else its encrypted_content (one this server wrote), else
+    its summary (this server's is the reasoning itself)."""
 
     type: Literal["reasoning"]
     content: list[dict[str, Any]] | None = None  # [{"type": "reasoning_text", "text"}]
+    encrypted_content: str | None = None
+    summary: list[dict[str, Any]] | None = None  # [{"type": "summary_text", "text"}]
 
     def text(self) -> str:
-        return "".join(
-            part["text"] for part in self.content or () if isinstance(part.get("text"), str)
-        )
+        if written := _texts(self.content):
+            return written
+        if self.encrypted_content and (unsealed := unsealed_reasoning(self.encrypted_content)):
+            return unsealed
+        return _texts(self.summary)
+
+
+def _texts(parts: list[dict[str, Any]] | None) -> str:
+    return "".join(part["text"] for part in parts or () if isinstance(part.get("text"), str))
+
+
+class ReasoningShown(NamedTuple):
+    """What a reasoning item carries beside its reasoning_text: the reasoning as its summary
+    (reasoning.summary asked for), sealed as its encrypted_content (include asked for it)."""
+
+    summary: bool = False
+    encrypted: bool = False
+
+
+# A reasoning item's encrypted_content as this server writes it (include
+# ["reasoning.encrypted_content"]): the reasoning, for a client that stores nothing (store
+# false) to send back. Encoded, not encrypted: it holds what the client was shown anyway.
+SEALED_PREFIX = "qvr1."
+
+
+def sealed_reasoning(text: str) -> str:
+    return SEALED_PREFIX + base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def unsealed_reasoning(sealed: str) -> str | None:
+    """The reasoning in an encrypted_content this server wrote; None for another's (another
+    provider's: its reasoning is not readable here, and is left out, logged)."""
+    try:
+        if sealed.startswith(SEALED_PREFIX):
+            return base64.urlsafe_b64decode(sealed[len(SEALED_PREFIX) :]).decode()
+    except (ValueError, UnicodeDecodeError):
+        pass
+    logger.debug("a reasoning item's encrypted_content is not this server's: left out")
+    return None
 
 
 def _item_kind(item: Any) -> str:
@@ -262,8 +305,9 @@ class TextConfig(StrictModel):
 
 class ReasoningConfig(StrictModel):
     """`reasoning`: "effort": "none" turns a -Thinking checkpoint's reasoning off; the other
-    levels and the summary styles change nothing (no Qwen-VL checkpoint has levels or writes
-    summaries: the reasoning comes whole, as reasoning_text)."""
+    levels change nothing (no Qwen-VL checkpoint has levels). A summary (any style) is the
+    reasoning itself, whole: no checkpoint writes summaries, and clients that show only a
+    summary (the Vercel AI SDK's Responses mode) would show nothing."""
 
     effort: ReasoningEffort | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
@@ -279,9 +323,10 @@ class ResponseStreamOptions(StrictModel):
 
 
 LOGPROBS = "message.output_text.logprobs"
-# What `include` may ask for: the answer's logprobs; the reasoning's encrypted content (there
-# is none here: nothing to include).
-INCLUDABLE = frozenset({LOGPROBS, "reasoning.encrypted_content"})
+# What `include` may ask for: the answer's logprobs; the reasoning's encrypted content
+# (sealed_reasoning).
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+INCLUDABLE = frozenset({LOGPROBS, ENCRYPTED_REASONING})
 # Fields that would need what is not here: prompt templates kept by the host, a cap on calls
 # the host runs, other outputs to include.
 RESPONSES_UNSUPPORTED_WHEN = {
@@ -557,6 +602,15 @@ class ResponsesRequest(StrictModel):
     @property
     def wants_logprobs(self) -> bool:
         return LOGPROBS in (self.include or ())
+
+    @property
+    def reasoning_shown(self) -> ReasoningShown:
+        """What the answer's reasoning items carry beside the reasoning_text."""
+        config = self.reasoning or ReasoningConfig()
+        return ReasoningShown(
+            summary=(config.summary or config.generate_summary) is not None,
+            encrypted=ENCRYPTED_REASONING in (self.include or ()),
+        )
 
     def name_error(self, exc: ServerError) -> None:
         """A chat error as this body names things: its field (messages[k] -> the input item
@@ -1050,15 +1104,16 @@ def output_items(
     choice: ChoiceResult,
     num_reasoning: int | None = None,
     namespaced: dict[str, tuple[str, str]] | None = None,
+    shown: ReasoningShown = ReasoningShown(),
 ) -> list[dict[str, Any]]:
-    """A whole answer as response rid's output items: its reasoning, its message (its text's
-    logprobs: past the num_reasoning tokens and their "</think>"), its function calls
+    """A whole answer as response rid's output items: its reasoning (shown), its message (its
+    text's logprobs: past the num_reasoning tokens and their "</think>"), its function calls
     (namespaced: ResponsesRequest.namespaced)."""
     status = _status(choice.finish_reason)  # of the last item: the one a cut-off ends
     calls = choice.tool_calls
     items = []
     if choice.reasoning_content:
-        items.append(reasoning_item(_item_id("rs", rid), choice.reasoning_content))
+        items.append(reasoning_item(_item_id("rs", rid), choice.reasoning_content, shown))
     if choice.content or not (calls or choice.reasoning_content):
         message = message_item(_item_id("msg", rid), choice.content or "", "completed")
         skip = 0 if num_reasoning is None else num_reasoning + 1
@@ -1072,9 +1127,21 @@ def output_items(
     return items
 
 
-def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
-    content = [{"type": "reasoning_text", "text": text}]
-    return {"type": "reasoning", "id": item_id, "summary": [], "content": content}
+def reasoning_item(
+    item_id: str, text: str, shown: ReasoningShown = ReasoningShown()
+) -> dict[str, Any]:
+    item = {"type": "reasoning", "id": item_id, "summary": [], "content": []}
+    return reasoning_done(item, text, shown)
+
+
+def reasoning_done(item: dict[str, Any], text: str, shown: ReasoningShown) -> dict[str, Any]:
+    """A reasoning item with its whole text in it."""
+    item["content"] = [{"type": "reasoning_text", "text": text}]
+    if shown.summary:
+        item["summary"] = [{"type": "summary_text", "text": text}]
+    if shown.encrypted:
+        item["encrypted_content"] = sealed_reasoning(text)
+    return item
 
 
 def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -1124,7 +1191,7 @@ def in_namespace(
 def completed(rid: str, body: ResponsesRequest, result: ChatResult, store: bool) -> ResponseObject:
     choice, num_reasoning = result.choices[0], result.run.usage().num_reasoning
     response = ResponseObject.start(rid, body, result.run.seq.sampling, store)
-    items = output_items(rid, choice, num_reasoning, body.namespaced)
+    items = output_items(rid, choice, num_reasoning, body.namespaced, body.reasoning_shown)
     return response.finish(items, choice.finish_reason, result.run)
 
 
@@ -1147,9 +1214,13 @@ class ResponseEvents:
         logprobs: tuple[Sequence, TokenTexts] | None = None,
         think_close: int | None = None,
         namespaced: dict[str, tuple[str, str]] | None = None,
+        shown: ReasoningShown = ReasoningShown(),
     ):
         self.response = response
         self.namespaced = namespaced  # ResponsesRequest.namespaced
+        # A summary asked for: the reasoning streams as both reasoning_text and summary
+        # events (clients read one or the other: vLLM's the first, OpenAI's the second).
+        self.shown = shown
         self.number = 0
         self.output: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the item the deltas go to
@@ -1223,11 +1294,23 @@ class ResponseEvents:
     def _reasoning(self, text: str) -> list[str]:
         events = []
         if self.open is None or self.open["type"] != "reasoning":
-            events += self._close() + self._add(reasoning_item(self._item_id("rs"), ""))
-            self.open["content"] = []  # type: ignore[index]
+            item = {"type": "reasoning", "id": self._item_id("rs"), "summary": [], "content": []}
+            events += self._close() + self._add(item)
             self._buffer = ""
+            if self.shown.summary:
+                part = {"type": "summary_text", "text": ""}
+                events.append(self._summary_event("part.added", part=part))
         self._buffer += text
-        return events + [self._event("response.reasoning_text.delta", **self._where(), delta=text)]
+        events.append(self._event("response.reasoning_text.delta", **self._where(), delta=text))
+        if self.shown.summary:
+            events.append(self._summary_event("text.delta", delta=text))
+        return events
+
+    def _summary_event(self, kind: str, **fields: Any) -> str:
+        """A reasoning summary's event (response.reasoning_summary_{kind}) of the open item."""
+        where = self._where()
+        del where["content_index"]
+        return self._event(f"response.reasoning_summary_{kind}", **where, summary_index=0, **fields)
 
     def _text(self, text: str) -> list[str]:
         events = []
@@ -1282,9 +1365,16 @@ class ResponseEvents:
         text = self._buffer
         events = []
         if item["type"] == "reasoning":
-            item["content"] = [{"type": "reasoning_text", "text": text}]
+            reasoning_done(item, text, self.shown)
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
             events.append(self._event("response.reasoning_text.done", **where, text=text))
+            if self.shown.summary:
+                where = {"item_id": item["id"], "output_index": index, "summary_index": 0}
+                part = item["summary"][0]
+                events += [
+                    self._event("response.reasoning_summary_text.done", **where, text=text),
+                    self._event("response.reasoning_summary_part.done", **where, part=part),
+                ]
         elif item["type"] == "message":
             # Tokens with no text of their own (the EOS that ended it) are the message's too.
             self._sent, self._pending = self._sent + self._pending, []

@@ -518,6 +518,66 @@ async def test_responses_api_reasoning_items(thinking: httpx.AsyncClient) -> Non
     assert [item["type"] for item in events[-1]["response"]["output"]] == kinds
 
 
+async def test_responses_reasoning_summary_and_encrypted_content(
+    thinking: httpx.AsyncClient,
+) -> None:
+    """reasoning.summary asked for: the reasoning item's summary is the reasoning itself, and
+    it streams as summary events too (the Vercel AI SDK reads only those); include
+    ["reasoning.encrypted_content"]: the item carries it, and an item sent back with only it
+    (store false) puts the reasoning in the prompt as its content would; another provider's
+    is left out."""
+    question = [{"role": "user", "content": "Think."}]
+    body = {"model": "tiny", "input": question, "max_output_tokens": 6, "temperature": 0}
+    plain = (await thinking.post("/v1/responses", json=body)).json()["output"][0]
+    assert plain["summary"] == [] and "encrypted_content" not in plain
+    reasoning = plain["content"][0]["text"]
+    assert reasoning
+    body |= {"reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"]}
+    item = (await thinking.post("/v1/responses", json=body)).json()["output"][0]
+    assert item["summary"] == [{"type": "summary_text", "text": reasoning}]
+    assert item["content"] == plain["content"] and item["encrypted_content"]
+    async with thinking.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+        events = [
+            json.loads(line[6:]) async for line in stream.aiter_lines() if line.startswith("data:")
+        ]
+    kinds = [e["type"].removeprefix("response.") for e in events]
+    first = kinds.index("reasoning_summary_part.added")
+    assert kinds[first - 1] == "output_item.added"
+    last = kinds.index("output_item.done")
+    assert kinds[last - 3 : last] == [
+        "reasoning_text.done",
+        "reasoning_summary_text.done",
+        "reasoning_summary_part.done",
+    ]
+    summary = [e for e in events if e["type"] == "response.reasoning_summary_text.delta"]
+    assert "".join(e["delta"] for e in summary) == reasoning
+    assert {(e["summary_index"], e["output_index"], e["item_id"]) for e in summary} == {
+        (0, 0, events[last]["item"]["id"])
+    }
+    done = events[last]["item"]
+    assert {k: v for k, v in done.items() if k != "id"} == {
+        k: v for k, v in item.items() if k != "id"
+    }
+    assert events[last - 1]["part"] == {"type": "summary_text", "text": reasoning}
+
+    async def counted(reasoning_item: dict | None) -> int:
+        call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+        output = {"type": "function_call_output", "call_id": "c1", "output": "res"}
+        items = [question[0], *([reasoning_item] if reasoning_item else []), call, output]
+        tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+        count = {"model": "tiny", "input": items, "tools": tools}
+        response = await thinking.post("/v1/responses/input_tokens", json=count)
+        assert response.status_code == 200, response.text
+        return response.json()["input_tokens"]
+
+    sealed = {"type": "reasoning", "id": "rs_1", "summary": []}
+    with_content = await counted(sealed | {"content": item["content"]})
+    assert await counted(sealed | {"encrypted_content": item["encrypted_content"]}) == with_content
+    assert await counted(sealed | {"summary": item["summary"]}) == with_content
+    assert await counted(sealed | {"encrypted_content": "gAAAAABo-other"}) == await counted(None)
+    assert with_content > await counted(None)
+
+
 async def test_the_messages_api_sends_thinking_blocks(thinking: httpx.AsyncClient) -> None:
     """Anthropic's Messages API: the reasoning is a thinking block (streamed as thinking
     deltas, then an empty signature); display "omitted" sends the block without its text;

@@ -138,6 +138,7 @@ async def _respond(
         logprobs,
         run.think_close_id if run.seq.inputs.thinks else None,
         body.namespaced,
+        body.reasoning_shown,
     )
     if store:  # visible (in_progress) while it streams; not stored if the store cannot take it
         events.response.store = await asyncio.to_thread(
