@@ -59,6 +59,18 @@ def _stop_count(value: str | list[str] | None) -> str | list[str] | None:
 
 Stop = Annotated[StopString | list[StopString] | None, AfterValidator(_stop_count)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+def _id_digits(value: Any) -> Any:
+    """A token id written as digits ("151645") as the number: evalscope's --stop-token-ids
+    sends its ids so, and vLLM (lax pydantic) reads them."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        return int(value)
+    return value
+
+
+# stop_token_ids: a token id, or its digits.
+StopTokenId = Annotated[int, BeforeValidator(_id_digits), Field(ge=0, lt=2**31)]
 # vLLM's bad_words: bounded as stop strings are (each step compares the answer's tail with
 # the words its last token could be completing, on the engine's thread).
 MAX_BAD_WORDS = 64

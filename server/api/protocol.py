@@ -48,6 +48,7 @@ from server.api.fields import (
     Priority,
     ReasoningEffort,
     Stop,
+    StopTokenId,
     StrictModel,
     Text,
     TokenId,
@@ -362,7 +363,7 @@ class VllmFields(StrictModel):
         return generate_options(llama_cpp_options(data))
 
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: disabled
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: list[StopTokenId] | None = None
     # (also by llama.cpp's name, which Open WebUI sends: LLAMA_CPP_IGNORED)
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=10, validation_alias=REPETITION_PENALTY_NAMES

@@ -41,9 +41,9 @@ from server.api.fields import (
     Priority,
     ReasoningEffort,
     Stop,
+    StopTokenId,
     StrictModel,
     Text,
-    TokenId,
 )
 from server.api.message_params import CallArguments, ContentPart, Turns
 from server.api.protocol import SCHEMA_NAME, ChatCompletionTokenLogprob, StructuredOutputsParam
@@ -432,7 +432,7 @@ class ResponsesRequest(StrictModel):
     logit_bias: LogitBias | None = None
     seed: int | None = None
     stop: Stop = None
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: list[StopTokenId] | None = None
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None

@@ -218,6 +218,23 @@ async def test_include_stop_str_in_output_keeps_an_ending_tokens_text(
     assert await content(client, {**ends, "include_stop_str_in_output": False}) == ""
 
 
+async def test_stop_token_ids_may_be_written_as_digits(
+    client: httpx.AsyncClient, tokenizer
+) -> None:
+    """evalscope's --stop-token-ids sends its ids as strings ("151645"), as vLLM reads them;
+    any other string is still a 400 naming it."""
+    a = tokenizer.convert_tokens_to_ids("a")
+    body = chat(logit_bias={str(a): 100}, include_stop_str_in_output=True)
+    assert await content(client, body | {"stop_token_ids": [str(a)]}) == "a"
+    for bad in ("-1", "1.0", "x", "", "１２"):
+        response = await client.post("/v1/chat/completions", json=body | {"stop_token_ids": [bad]})
+        assert_error(response, 400, "stop_token_ids[0]")
+    completion = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "stop_token_ids": [str(a)]}
+    response = await client.post("/v1/completions", json=completion | {"logit_bias": {str(a): 100}})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] == "stop"
+
+
 async def test_min_p_is_honoured_and_checked(client: httpx.AsyncClient) -> None:
     # min_p 1: only the likeliest token survives, so sampling is greedy
     greedy = await content(client, chat(max_tokens=8))
