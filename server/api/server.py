@@ -40,6 +40,8 @@ class DrainingServer(uvicorn.Server):
         self.app = app
         self.settings = settings
         self.sockets: list[socket.socket] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one serving, once started
+        self.putting_back: asyncio.Future[None] | None = None  # _put_jobs_back's work
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.app.state.draining:
@@ -48,11 +50,22 @@ class DrainingServer(uvicorn.Server):
             contextvars.Context().run(
                 logger.info, "draining: new requests get 503, in-flight ones may finish"
             )
+            if self.loop is not None:  # (a signal handler: the loop's own thread-safe call)
+                self.loop.call_soon_threadsafe(self._put_jobs_back)
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 
+    def _put_jobs_back(self) -> None:
+        """The jobs running here go back to the queue at once, not when the drain ends: another
+        replica starts them now, and they are back before an orchestrator's SIGKILL (whose
+        grace period may be no longer than --shutdown-timeout)."""
+        services = getattr(self.app.state, "services", None)
+        if services is not None:
+            self.putting_back = asyncio.ensure_future(services.job_worker.stop())
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self.sockets = sockets or []
+        self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
             logger.info("%s", startup_summary(self.app, self.settings, self.sockets))

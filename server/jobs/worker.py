@@ -126,6 +126,9 @@ class JobWorker:
         self.held: dict[str, Job] = {}  # job id -> the attempt this process holds
         self.cancelled: set[str] = set()
         self.claim_failures = 0  # in a row: the store is unreachable while this grows
+        self._stopped: asyncio.Future[None] | None = None  # stop()'s work, once begun
+        # Claims whose loop was stopped while the store's thread made them (_claim_in_thread)
+        self.cut_claims: set[asyncio.Future[Job | None]] = set()
 
     def runs_any(self, kinds: tuple[str, ...]) -> bool:
         """Whether a job of these kinds (): of any kind) is running here."""
@@ -157,8 +160,19 @@ class JobWorker:
 
     async def stop(self) -> None:
         """Jobs running here go back to the queue, for another replica or the next start
-        (one that cannot be put back is taken over when its lease expires)."""
+        (one that cannot be put back is taken over when its lease expires); no job is claimed
+        after. Called twice (at SIGTERM, then by the lifespan), it does this once."""
+        if self._stopped is None:
+            self._stopped = asyncio.ensure_future(self._put_back())
+        await asyncio.shield(self._stopped)
+
+    async def _put_back(self) -> None:
         await cancel_and_wait(self.tasks)
+        for claim in self.cut_claims:  # (their threads ran on: what they took goes back too)
+            with contextlib.suppress(Exception):
+                if (job := await claim) is not None:
+                    self.held.setdefault(job.id, job)
+        self.cut_claims.clear()
         for job in list(self.held.values()):
             try:
                 await asyncio.to_thread(self.store.release, job)
@@ -214,7 +228,7 @@ class JobWorker:
         """The next job of these kinds for this worker; None when there is none, or (after a
         wait) when the store is in trouble."""
         try:
-            job = await asyncio.to_thread(self.store.claim, self.lease_s, self.owner, kinds)
+            job = await self._claim_in_thread(kinds)
         except JobStoreUnavailable:
             self.claim_failures += 1
             await self._store_trouble("claiming a job", self.claim_failures)
@@ -224,6 +238,24 @@ class JobWorker:
             await asyncio.sleep(STORE_RETRY_S[-1])
             return None
         self.claim_failures = 0
+        return job
+
+    async def _claim_in_thread(self, kinds: tuple[str, ...]) -> Job | None:
+        """store.claim on a thread, which a stop cannot cut short: a claim whose loop is
+        stopped meanwhile is kept (cut_claims) for stop() to put its job back, not left
+        under a lease no one renews (taken over only when it expires, counted as a takeover)."""
+        claim = asyncio.ensure_future(
+            asyncio.to_thread(self.store.claim, self.lease_s, self.owner, kinds)
+        )
+        self.cut_claims.add(claim)
+        try:
+            job = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            raise  # (kept in cut_claims)
+        except BaseException:
+            self.cut_claims.discard(claim)
+            raise
+        self.cut_claims.discard(claim)
         return job
 
     async def _poll_loop(self) -> None:

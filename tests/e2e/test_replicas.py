@@ -155,10 +155,12 @@ class StalledVideo:
 
     def __init__(self, video: bytes):
         self.release = threading.Event()
+        self.requested = threading.Event()  # its download began
         stalled = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
+                stalled.requested.set()
                 self.send_response(200)
                 self.send_header("Content-Type", "video/mp4")
                 self.send_header("Content-Length", str(len(video)))

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -84,6 +85,59 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
     parts += (f"(jobs: sqlite {tmp_path.resolve()}/",)  # the file, absolute
     for part in (*parts, "decode: fused decoder, reference attention, eager, sync scheduling"):
         assert part in summary, summary
+
+
+def test_sigterm_puts_running_jobs_back_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A job running when SIGTERM comes goes back to the queue at once, while the drain still
+    waits on an in-flight request (not when it ends: an orchestrator's SIGKILL may come
+    first); the request still finishes and the server exits cleanly."""
+    from tests.e2e.test_job_durability import wait_until
+    from tests.e2e.test_replicas import StalledVideo
+
+    data = tmp_path / "data"
+    args = [
+        *("--model", str(tiny_model_dir), "--served-model-name", "tiny"),
+        *("--data-dir", str(data), "--allowed-media-domains", "127.0.0.1"),
+        *("--media-fetch-timeout", "300", "--shutdown-timeout", "120"),
+    ]
+    for_job, for_request = (StalledVideo(make_video()) for _ in range(2))
+    log_path = tmp_path / "server.log"
+
+    def status(job_id: str) -> str:
+        with contextlib.closing(sqlite3.connect(data / "jobs.sqlite3")) as database:
+            return database.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    try:
+        with server_process(log_path, *args) as (url, process):
+            body = {"model": "tiny", "media_url": for_job.url, "async": True}
+            job = httpx.post(f"{url}/v2/media/categories", json=body, timeout=60).json()
+            wait_until(lambda: status(job["id"]) == "processing", 60, "the job to start")
+            video = {"type": "video_url", "video_url": {"url": for_request.url}}
+            chat = {
+                "model": "tiny",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": [video]}],
+            }
+            answers: list[int] = []
+            request = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=120).status_code
+                )
+            )
+            request.start()
+            assert for_request.requested.wait(60)  # the request's download is under way
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: status(job["id"]) == "queued", 20, "the job to be put back")
+            assert process.poll() is None and request.is_alive()  # the drain goes on
+            for_request.release.set()
+            request.join(timeout=120)
+            assert answers == [200]
+            assert_clean_exit(process, log_path)
+        assert "goes back to the queue (this server is stopping)" in log_path.read_text()
+    finally:
+        for stalled in (for_job, for_request):
+            stalled.release.set()
+            stalled.server.shutdown()
 
 
 def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(

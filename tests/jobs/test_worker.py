@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -260,11 +263,49 @@ async def test_a_stopped_engine_puts_the_job_back(tmp_path: Path) -> None:
         raise EngineStopped("The engine is not running.")
 
     store = JobStore(tmp_path / "jobs.sqlite3")
-    job = await run_one(store, handler, until=("queued",))
-    await asyncio.sleep(0.1)
+    job = store.create("test", {"webhook_url": "http://127.0.0.1:9/h"}, None)
+    worker = JobWorker(store, {"test": handler}, concurrency=1)
+    worker.start()
+    try:
+        for _ in range(400):  # (queued before its claim too: until it was tried)
+            current = store.get(job.id)
+            if current is not None and current.attempt == 1 and current.status == "queued":
+                break
+            await asyncio.sleep(0.025)
+    finally:
+        await worker.stop()
     current = store.get(job.id)
-    assert current is not None and current.status == "queued" and current.error is None
+    assert current is not None and current.status == "queued" and current.attempt == 1
+    assert current.error is None
     assert not store.due_deliveries()  # no failure announced
+
+
+async def test_a_claim_cut_short_by_stop_puts_its_job_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop while the store's thread is claiming a job (a SIGTERM as a job is queued): the
+    claim goes on in its thread, and the job it took goes back to the queue, not left under a
+    lease no one renews; stop() twice (SIGTERM, then the lifespan) does it once."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    claiming = threading.Event()
+    claim = store.claim
+
+    def slow_claim(*args: Any) -> Job | None:
+        claiming.set()
+        time.sleep(0.3)
+        return claim(*args)
+
+    monkeypatch.setattr(store, "claim", slow_claim)
+    worker = JobWorker(store, {"test": lambda job, progress: asyncio.sleep(60)}, concurrency=1)
+    worker.start()
+    job = store.create("test", {}, None)
+    worker.notify()
+    assert await asyncio.to_thread(claiming.wait, 5)
+    await asyncio.gather(worker.stop(), worker.stop())
+    await asyncio.sleep(0.5)  # (the claim's thread is done, whatever stop() waited for)
+    current = store.get(job.id)
+    assert current is not None and current.status == "queued", current
+    assert not worker.cut_claims
 
 
 async def test_a_store_outage_under_a_job_puts_it_back_and_the_lane_goes_on(
