@@ -101,7 +101,13 @@ def resolve_model_path(name: str, models_dir: Path) -> Path:
         logger.info("building tiny %s checkpoint under %s", TINY_MODELS[name], path)
         try:
             make_tiny_checkpoint(path, TinySpec(family=TINY_MODELS[name]))  # type: ignore[arg-type]
-        except (ValueError, OSError) as exc:  # (a directory of that name holds other files)
+        except OSError as exc:  # (a read-only or full --models-dir)
+            reason = (exc.strerror or type(exc).__name__).lower()
+            raise ModelLoadError(
+                f"--model {name}: cannot build the tiny checkpoint under --models-dir "
+                f"'{models_dir}' ({reason}); point --models-dir at a writable directory"
+            ) from None
+        except ValueError as exc:  # (a directory of that name holds other files)
             raise ModelLoadError(f"--model {name}: {exc}") from None
         return path
     return _from_hub(name, models_dir)

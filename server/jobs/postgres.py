@@ -355,7 +355,9 @@ def _first_connection(url: str) -> str | None:
         if password := conninfo_password(url):  # as a whole word: a password "p" is not
             # every p of the message (postgresql://...)
             reason = re.sub(rf"(?<!\w){re.escape(password)}(?!\w)", "***", reason)
-        if not text.startswith("connection failed"):  # the client's: the URL itself
+        # (a host name that does not resolve yet, a service DNS adds when it is up, is a
+        # connection that failed: waited for, as one refused)
+        if not text.startswith(("connection failed", "failed to resolve host")):
             reason = reason.removeprefix("connection is bad: ")
             raise JobStoreStartError(f"--job-store: cannot read the URL: {reason}") from None
         return reason

@@ -278,6 +278,10 @@ def test_a_job_store_that_cannot_be_opened_is_one_clear_start_up_error() -> None
 
     with pytest.raises(JobStoreStartError, match="cannot connect .*: Connection refused"):
         PostgresJobStore(f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    # a host name that does not resolve (yet: a service DNS adds once it is up) is waited
+    # for as a refused connection is, and said as one
+    with pytest.raises(JobStoreStartError, match="cannot connect .*failed to resolve host"):
+        PostgresJobStore("postgresql://postgres:pw@nosuchhost.invalid:5432/test")
     missing = with_schema(require_postgres(), f"missing_{uuid.uuid4().hex[:8]}")
     with pytest.raises(JobStoreStartError, match="CREATE SCHEMA"):
         PostgresJobStore(missing)

@@ -58,6 +58,16 @@ def test_the_nginx_configuration_covers_streaming_size_and_timeouts() -> None:
     assert re.search(r"proxy_read_timeout \d+s;", conf)
 
 
+def test_nginx_passes_the_request_ids_the_server_takes() -> None:
+    """nginx keeps a client's X-Request-ID where the server would (else its own replaces it,
+    and the client's trace id is lost), by the server's own rule."""
+    from server.api.middleware import CLIENT_REQUEST_ID
+
+    conf = (DEPLOY / "nginx.conf").read_text()
+    kept = re.search(r'"~\^(.+)\$" \$http_x_request_id;', conf)
+    assert kept is not None and kept.group(1) == CLIENT_REQUEST_ID.pattern
+
+
 def require(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:

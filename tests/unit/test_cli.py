@@ -284,6 +284,13 @@ def test_files_and_directories_are_checked_at_start(
         assert f"{flag} '{a_file}': {words}" in err and "Traceback" not in err, err
     assert main(["serve", "--model", "tiny", "--data-dir", str(a_file / "under")]) == 2
     assert "cannot write there" in capsys.readouterr().err
+    # a tiny model to build where nothing can be written: the flag to change, no errno
+    models = a_file / "models"
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["serve", "--model", "tiny", "--models-dir", str(models), *data]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint under --models-dir '{models}' (not a directory)" in err, err
+    assert "Errno" not in err and "Traceback" not in err, err
 
 
 def test_a_job_store_that_cannot_be_used_is_one_line_before_the_model_loads(
