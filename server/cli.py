@@ -1,5 +1,6 @@
-"""vlm-server serve | make-tiny-model.
+"""vlm-server: serve a Qwen vision-language model over OpenAI's API and the media endpoints.
 
+Commands: serve, make-tiny-model, redeliver-webhooks, webhook-secret.
 `serve` flags are generated from Settings, so each one also works as a VLM_* env var; a flag
 given on the command line wins over the environment.
 """

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     served_model_name: StrList = []
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port (tests)
+    # Proxies whose X-Forwarded-For / -Proto are believed (uvicorn's; the access log's client)
+    forwarded_allow_ips: StrList = ["127.0.0.1"]
     # VLM_API_KEY is the flag's own name (--api-key); VLM_API_KEYS reads better for a list.
     api_keys: StrList = Field(
         default=[], validation_alias=AliasChoices("VLM_API_KEYS", "VLM_API_KEY")
@@ -176,6 +178,7 @@ class Settings(BaseSettings):
         "api_keys",
         "allowed_origins",
         "allowed_media_domains",
+        "forwarded_allow_ips",
         "webhook_retry_delays",
         mode="before",
     )
@@ -208,6 +211,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_hosts(cls, value: list[str]) -> list[str]:
         return [_host_as_matched(host) for host in value]
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for proxy in (p for p in value if p != "*"):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is not an address or network (10.0.0.5, 10.0.0.0/8, fd00::/8) or *"
+                ) from None
+        return value
 
     @field_validator("allowed_origins")
     @classmethod

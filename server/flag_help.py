@@ -192,6 +192,9 @@ HELP = {
     "allowed_local_media_path": "Serve file:// media URLs from below this directory (off when "
     "not set).",
     "media_follow_redirects": "Follow media URL redirects, each hop checked again.",
+    "forwarded_allow_ips": "Proxies (addresses or networks, repeatable or comma-separated; *: "
+    "any) whose X-Forwarded-For and X-Forwarded-Proto are believed: the access log's client is "
+    "then the address the proxy saw. Default: a proxy on this host.",
     "shutdown_timeout": "On SIGTERM or Ctrl-C: new requests get a 503 and in-flight ones this "
     "long to finish.",
     "client_timeout": "A request's headers must arrive within this long of its first byte (or "

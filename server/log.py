@@ -13,6 +13,11 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+# A scope key only the server's own requests to itself carry (a server never takes scope
+# keys from the network): a batch's lines and background responses, which run in the task of
+# their job, and so in its project, and need no API key. Their access lines say so, and they
+# are counted apart from clients' requests (vlm_internal_requests).
+INTERNAL = "vlm.internal"
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -26,6 +31,10 @@ def iso_time(created: float) -> str:
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        # uvicorn's general logger is named uvicorn.error, its INFO lines included ("Started
+        # server process"): an alert on logger names that say error would fire at every start
+        if record.name == "uvicorn.error":
+            record.name = "uvicorn"
         return True
 
 

@@ -26,6 +26,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.sequence import Sequence
+from server.log import INTERNAL
 from server.vllm_metrics import VllmMetrics
 
 if TYPE_CHECKING:
@@ -46,6 +47,13 @@ class Metrics:
         self.requests = Counter(
             "vlm_http_requests",
             "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.internal_requests = Counter(
+            "vlm_internal_requests",
+            "The server's own requests to itself (a batch's lines, background responses) by "
+            "route and status",
             ["route", "status"],
             registry=r,
         )
@@ -238,7 +246,9 @@ def _set_counts(gauge: Gauge, statuses: tuple[str, ...], counts: dict[str, int] 
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request by route template (not raw path) and status, with its latency."""
+    """Counts every HTTP request by route template (not raw path) and status, with its latency;
+    the server's own (a job's lines and background responses) apart, as internal requests: a
+    fleet's request rate counts a client's request once."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -265,8 +275,11 @@ class MetricsMiddleware:
             raise
         finally:
             route = route_label(scope)
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            if scope.get(INTERNAL):
+                self.metrics.internal_requests.labels(route, str(status)).inc()
+            else:
+                self.metrics.requests.labels(route, str(status)).inc()
+                self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
 
 
 def route_label(scope: Scope) -> str:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.errors import ANTHROPIC_OVERLOADED, SENT_PATH, error_body, speaks_anthropic
 from server.api.sse import named_event, wire_json
 from server.jobs.project import project_var
-from server.log import request_id_var
+from server.log import INTERNAL, request_id_var
 from server.metrics import CLIENT_CLOSED_REQUEST
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ class _ResponseRecord:
 
 
 def _log_access(scope: Scope, response: _ResponseRecord, seconds: float) -> None:
+    # (the peer's address, or the client's a trusted proxy forwarded: --forwarded-allow-ips)
     fields: dict[str, object] = {
         "method": scope["method"],
         "path": scope["path"],
@@ -155,6 +156,12 @@ def _log_access(scope: Scope, response: _ResponseRecord, seconds: float) -> None
         "duration_ms": round(seconds * 1000, 1),
     }
     line = f"{scope['method']} {scope['path']} {response.status} {seconds * 1000:.1f} ms"
+    if scope.get(INTERNAL):  # (a job's work, not a client's request: told apart)
+        fields["internal"] = True
+        line += " (internal: a job's)"
+    else:
+        fields["client"] = client = (scope.get("client") or ("-",))[0]
+        line += f" from {client}"
     if response.started and not response.ended:  # (a stream whose client went away)
         fields["cut_short"] = True
         line += " (cut short: the client went away)"
@@ -342,12 +349,6 @@ class HeadMiddleware:
         # A copy: uvicorn frames the answer by the scope it made (a HEAD's has no body; told
         # GET, it wanted the Content-Length's bytes). Metrics label it by matching its path.
         await self.app({**scope, "method": "GET"}, receive, headers_only)
-
-
-# A scope key only the server's own requests to itself carry (a server never takes scope
-# keys from the network): a batch's lines and background responses, which run in the task of
-# their job, and so in its project, and need no API key.
-INTERNAL = "vlm.internal"
 
 
 def internal(app: ASGIApp) -> ASGIApp:

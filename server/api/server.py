@@ -180,6 +180,8 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
         log_config=None,  # server.log configured logging already
         log_level=settings.log_level,
         access_log=False,  # AccessLogMiddleware writes one line per request, with its latency
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=settings.shutdown_timeout,
         lifespan="on",
     )

@@ -219,7 +219,8 @@ async def test_cancel_a_running_batch(sdk: openai.AsyncOpenAI, client: httpx.Asy
     # its aborted lines are requests the caller gave up on (499), not server errors (each
     # counted as its route's call ends, which may come just after the engine is idle)
     async with asyncio.timeout(10):
-        while 'route="/v1/chat/completions",status="499"' not in (metrics := await read_metrics()):
+        line = 'vlm_internal_requests_total{route="/v1/chat/completions",status="499"}'
+        while line not in (metrics := await read_metrics()):
             await asyncio.sleep(0.02)
     assert 'route="/v1/chat/completions",status="500"' not in metrics
     # an ended batch cannot be cancelled

@@ -77,7 +77,9 @@ async def test_a_schema_nested_too_deep_is_refused_before_it_compiles(
         assert (await client.post(URL, json=body)).status_code == 200, choice
     tool["function"]["parameters"]["properties"]["a"] = nested(126)["json_schema"]["schema"]
     error = assert_error(
-        await client.post(URL, json=chat(tools=[tool], tool_choice="required")), 400, "tools"
+        await client.post(URL, json=chat(tools=[tool], tool_choice="required")),
+        400,
+        "tools[0].function.parameters",
     )
     assert "nested 129 levels deep" in error["message"], error
     # nor through a Lark grammar's inline schema (%json)

@@ -89,7 +89,8 @@ async def test_a_4xx_is_logged_once_with_its_reason(
     lines = [r for r in caplog.records if r.name == "server.access"]
     (line,) = [r for r in lines if r.fields["path"] == "/v1/models/nope"]  # type: ignore[attr-defined]
     assert re.fullmatch(
-        r"GET /v1/models/nope 404 \d+\.\d ms model_not_found: .*nope.*", line.getMessage()
+        r"GET /v1/models/nope 404 \d+\.\d ms from 127\.0\.0\.1 model_not_found: .*nope.*",
+        line.getMessage(),
     )
     assert line.fields["status"] == 404  # type: ignore[attr-defined]
 

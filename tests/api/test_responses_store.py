@@ -993,3 +993,27 @@ async def test_a_stored_stream_whose_client_went_away_as_it_ended_is_recorded(
         while (await client.get(f"/v1/responses/{rid}")).json()["status"] == "in_progress":
             await asyncio.sleep(0.05)
     assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "incomplete"
+
+
+async def test_a_background_responses_own_request_is_no_client_request(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request a background response runs as (the server's own, to itself) is logged as
+    internal and left out of the HTTP request metrics: a fleet's request rate counts the
+    client's POST once, not again at the replica that ran it."""
+
+    async def posts() -> float:
+        text = (await client.get("/metrics")).text
+        name = 'vlm_http_requests_total{route="/v1/responses",status="200"} '
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    before = await posts()
+    with caplog.at_level("INFO", logger="server.access"):
+        queued = await sdk.responses.create(background=True, input="Hi", **GREEDY)
+        await until_ended(sdk, queued.id)
+    assert await posts() == before + 1
+    internal = 'vlm_internal_requests_total{route="/v1/responses",status="200"}'
+    assert internal in (await client.get("/metrics")).text
+    internal = [r for r in caplog.records if "(internal: a job's)" in r.getMessage()]
+    assert [r.getMessage().split()[:3] for r in internal] == [["POST", "/v1/responses", "200"]]
+    assert internal[0].fields["internal"] is True  # type: ignore[attr-defined]

@@ -76,6 +76,9 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
     args += ["--enforce-eager", "--no-async-scheduling", "--fused-decoder"]
     log_path = tmp_path / "server.log"
     with server_process(log_path, *args, "--shutdown-timeout", "60") as (url, process):
+        # a proxy on this host (--forwarded-allow-ips' default) names the client it saw
+        forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Request-ID": "via-proxy"}
+        assert httpx.get(f"{url}/health", headers=forwarded).status_code == 200
         reasons = drain_while_streaming(url, lambda: process.send_signal(signal.SIGTERM))
         assert reasons == ["length"]
         assert_clean_exit(process, log_path)
@@ -85,6 +88,8 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir: Path, tmp_path: Path)
     parts += (f"(jobs: sqlite {tmp_path.resolve()}/",)  # the file, absolute
     for part in (*parts, "decode: fused decoder, reference attention, eager, sync scheduling"):
         assert part in summary, summary
+    (access,) = [line for line in log_path.read_text().splitlines() if "[via-proxy]" in line]
+    assert access.endswith(" ms from 203.0.113.7"), access
 
 
 def test_sigterm_puts_running_jobs_back_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -145,7 +150,10 @@ def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(
 ) -> None:
     args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
     log_path = tmp_path / "server.log"
-    with server_process(log_path, *args, new_session=True) as (url, process):
+    proxies = ["--forwarded-allow-ips", "10.0.0.0/8"]  # not this host: its headers are not believed
+    with server_process(log_path, *args, *proxies, new_session=True) as (url, process):
+        forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Request-ID": "not-a-proxy"}
+        assert httpx.get(f"{url}/health", headers=forwarded).status_code == 200
         video = {"type": "video_url", "video_url": {"url": data_uri(make_video(), "video/mp4")}}
         question = {"type": "text", "text": "Describe it."}
         messages = [{"role": "user", "content": [video, question]}]
@@ -155,6 +163,8 @@ def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(
         reasons = drain_while_streaming(url, lambda: os.killpg(process.pid, signal.SIGINT))
         assert reasons == ["length"]
         assert_clean_exit(process, log_path)
+    (access,) = [line for line in log_path.read_text().splitlines() if "[not-a-proxy]" in line]
+    assert access.endswith(" ms from 127.0.0.1"), access
 
 
 def test_requests_past_the_shutdown_timeout_are_cut_off_cleanly(

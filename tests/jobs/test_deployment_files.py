@@ -100,3 +100,67 @@ def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
     command = ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_kubernetes_manifest_probes_and_drains_as_the_server_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """deploy/kubernetes.yaml: every VLM_* variable is one the server reads, and parses; the
+    grace period outlasts the drain; the probes ask /health on the served port and give the
+    model time to load; the Ingress lifts ingress-nginx's defaults as deploy/nginx.conf does."""
+    from server.cli import build_parser, settings_from_args
+    from server.config import Settings
+
+    docs = {
+        doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text())
+    }
+    assert set(docs) == {"Deployment", "Service", "Ingress"}
+    deployment, service, ingress = docs["Deployment"], docs["Service"], docs["Ingress"]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == labels == service["spec"]["selector"]
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+    known = {f"VLM_{name.upper()}" for name in Settings.model_fields}
+    env = {item["name"]: item for item in container["env"]}
+    assert set(env) <= known, set(env) - known
+    for name in [name for name in os.environ if name.startswith("VLM_")]:
+        monkeypatch.delenv(name)
+    secrets = {  # (plausible values for what the Secret holds)
+        "VLM_JOB_STORE": "postgresql://vlm:pw@postgres/vlm",
+        "VLM_WEBHOOK_SECRET": "whsec_c2VjcmV0LWtleS0wMTIzNDU2Nzg5",
+    }
+    for name, item in env.items():
+        monkeypatch.setenv(name, secrets[name] if "valueFrom" in item else item["value"])
+    settings = settings_from_args(build_parser().parse_args(["serve"]))
+    assert settings.device == "cuda:0" and settings.forwarded_allow_ips == ["10.0.0.0/8"]
+
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= pause + settings.shutdown_timeout + 5
+
+    (port,) = container["ports"]
+    assert "VLM_PORT=8000" in (DEPLOY.parent / "Dockerfile.cuda").read_text()
+    assert port["containerPort"] == 8000
+    probes = {kind: container[f"{kind}Probe"] for kind in ("startup", "readiness", "liveness")}
+    for probe in probes.values():
+        assert probe["httpGet"] == {"path": "/health", "port": port["name"]}
+    startup = probes["startup"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a 7B's load
+    assert probes["readiness"]["failureThreshold"] == 1  # a draining replica leaves at once
+
+    annotations = ingress["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    conf = (DEPLOY / "nginx.conf").read_text()
+    body = re.search(r"client_max_body_size (\w+);", conf)
+    assert body is not None and annotations[prefix + "proxy-body-size"] == body.group(1)
+    assert int(annotations[prefix + "proxy-read-timeout"]) >= 600
+    assert annotations[prefix + "proxy-buffering"] == "off"
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {
+        "name": service["metadata"]["name"],
+        "port": {"name": "http"},
+    }
+    assert service["spec"]["ports"][0]["targetPort"] == "http"

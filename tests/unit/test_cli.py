@@ -65,13 +65,17 @@ def test_bad_flag_values_are_refused() -> None:
         ("--allowed-media-domains", "10.0.0.5:99999", "the port must be"),
         ("--allowed-origins", "notaurl", "is not a web origin"),
         ("--allowed-origins", "https://app.example.com/", "is not a web origin"),
+        ("--forwarded-allow-ips", "proxy.internal", "is not an address or network"),
+        ("--forwarded-allow-ips", "10.0.0.0/33", "is not an address or network"),
     ):
         with pytest.raises(ValueError, match=words):
             settings_from_args(build_parser().parse_args(["serve", flag, value]))
     hosts = "Media.Example.com.,10.0.0.5,media_store,fd00::5,Store.internal.:8080,[FD00::5]:0443"
     fine = ["--allowed-media-domains", hosts, "--allowed-media-domains", "10.0.0.6:80"]
     fine += ["--allowed-origins", "http://localhost:3000", "--allowed-origins", "*"]
+    fine += ["--forwarded-allow-ips", "10.0.0.5,10.1.0.0/16", "--forwarded-allow-ips", "fd00::/8"]
     settings = settings_from_args(build_parser().parse_args(["serve", *fine]))
+    assert settings.forwarded_allow_ips == ["10.0.0.5", "10.1.0.0/16", "fd00::/8"]
     assert settings.allowed_media_domains == [
         "media.example.com",
         "10.0.0.5",
@@ -108,6 +112,10 @@ def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture[str]) -> N
         "request_id": "req-42",
         "message": "hello there",
     }
+    # uvicorn's INFO lines come from a logger it names uvicorn.error: named for what they are
+    logging.getLogger("uvicorn.error").info("Started server process")
+    entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert (entry["level"], entry["logger"]) == ("INFO", "uvicorn")
     logging.getLogger().handlers = []
 
 

@@ -16,7 +16,6 @@ from fastapi.responses import StreamingResponse
 
 from server.api.body import ThreadParsedRoute
 from server.api.fields import check_metadata
-from server.api.middleware import INTERNAL
 from server.api.response_events import followed, opening_events
 from server.api.responses import (
     InputItemList,
@@ -55,7 +54,7 @@ from server.jobs.responses import (
     insert_events,
     insert_response,
 )
-from server.log import request_id_var
+from server.log import INTERNAL, request_id_var
 from server.pipelines.background import EVENTS_SAVED, NO_ANSWER
 from server.pipelines.background import KIND as BACKGROUND
 from server.pipelines.chat import ChatRequest, ChatResult
