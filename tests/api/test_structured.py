@@ -217,6 +217,18 @@ async def test_a_strict_schema_the_grammar_cannot_enforce_is_refused(
         assert (await ask(missing, strict)).status_code == 200
 
 
+def call(tools: list[dict], choice: object) -> dict:
+    """A chat body asking for a call of `tools` under `choice`."""
+    messages = [{"role": "user", "content": "Call"}]
+    return {
+        "model": "tiny",
+        "messages": messages,
+        "tools": tools,
+        "tool_choice": choice,
+        "max_tokens": 30,
+    }
+
+
 def tool(name: str, parameters: dict, strict: bool | None = None) -> dict:
     extra = {} if strict is None else {"strict": strict}
     return {"type": "function", "function": {"name": name, "parameters": parameters} | extra}
@@ -229,14 +241,7 @@ async def test_a_strict_tool_is_checked_alone_and_named(client: httpx.AsyncClien
     strict), and a strict tool the choice does not force is not checked."""
 
     def ask(tools: list[dict], choice: object) -> httpx.Response:
-        body = {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": "Call"}],
-            "tools": tools,
-            "tool_choice": choice,
-            "max_tokens": 30,
-        }
-        return client.post("/v1/chat/completions", json=body)
+        return client.post("/v1/chat/completions", json=call(tools, choice))
 
     loose = {"type": "object", "properties": {"ids": {"type": "array", "uniqueItems": True}}}
     bad = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
@@ -349,14 +354,7 @@ async def test_a_forced_tools_schema_error_names_the_tool(client: httpx.AsyncCli
         (broken, "required", "tools"),
     ):
         tools = [tool("plain", plain), tool("bad", parameters)]
-        body = {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": "Call"}],
-            "tools": tools,
-            "tool_choice": choice,
-            "max_tokens": 30,
-        }
-        response = await client.post("/v1/chat/completions", json=body)
+        response = await client.post("/v1/chat/completions", json=call(tools, choice))
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert (error["param"], error["code"]) == (param, "invalid_schema"), error
