@@ -124,22 +124,38 @@ class Metrics:
     def record_finished(self, seq: Sequence) -> None:
         """The engine's on_finish: every sequence that ends, however (a client that went
         away too: what it had computed), in both families of metrics."""
-        self.record_sequence(seq)
+        self.finished.labels(seq.finish_reason or "unknown").inc()
+        if seq.num_completion_tokens == 0:  # ended before a token: its prefill, if it ran
+            self.record_tokens([seq], prompts_only=True)
         self.vllm.record(seq)
 
-    def record_sequence(self, seq: Sequence) -> None:
-        """A finished sequence's engine work, whatever the endpoint (a chat answer, a video
-        frame's caption or categories, a text completion)."""
-        self.finished.labels(seq.finish_reason or "unknown").inc()
-        project = self.project_label(seq.project) if seq.project else "-"
-        # n choices of one prompt: the prompt counts once; one never started (aborted while
-        # queued) was never computed
-        if seq.choice_index == 0 and seq.is_admitted:
-            self.prompt_tokens.inc(seq.inputs.num_prompt_tokens)
-            self.image_tokens.inc(seq.inputs.num_image_tokens)
-            self.project_tokens.labels(project, "prompt").inc(seq.inputs.num_prompt_tokens)
-        self.generated_tokens.inc(seq.num_completion_tokens)
-        self.project_tokens.labels(project, "generated").inc(seq.num_completion_tokens)
+    def record_tokens(self, seqs: list[Sequence], prompts_only: bool = False) -> None:
+        """The engine's on_tokens: the sequences that got a token this step. The counters move
+        as the tokens come (as vLLM's), not when a request ends, so a rate over them is the
+        load now, and an hour-long answer is not one spike. A prompt counts with its first
+        token; n choices of one prompt count it once; one never started (aborted while
+        queued) was never computed."""
+        prompts, images, cached, generated = 0, 0, 0, 0
+        by_project: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            project = self.project_label(seq.project) if seq.project else "-"
+            first = prompts_only or seq.num_completion_tokens == 1
+            if first and seq.choice_index == 0 and seq.is_admitted:
+                prompts += seq.inputs.num_prompt_tokens
+                images += seq.inputs.num_image_tokens
+                cached += seq.num_cached_tokens
+                key = (project, "prompt")
+                by_project[key] = by_project.get(key, 0) + seq.inputs.num_prompt_tokens
+            if not prompts_only:
+                generated += 1
+                key = (project, "generated")
+                by_project[key] = by_project.get(key, 0) + 1
+        self.prompt_tokens.inc(prompts)
+        self.image_tokens.inc(images)
+        self.generated_tokens.inc(generated)
+        for (project, kind), count in by_project.items():
+            self.project_tokens.labels(project, kind).inc(count)
+        self.vllm.record_tokens(prompts, cached, generated)
 
     def watch_engine(
         self,

@@ -129,6 +129,14 @@ class VllmMetrics:
     def record_step(self, num_tokens: int) -> None:
         self.step_tokens.labels(**self.labels).observe(num_tokens)
 
+    def record_tokens(self, prompt: int, cached: int, generated: int) -> None:
+        """A step's tokens (Metrics.record_tokens counts them): prompts computed, read from the
+        prefix cache, and generated."""
+        labels = self.labels
+        self.prompt_tokens.labels(**labels).inc(prompt)
+        self.prompt_tokens_cached.labels(**labels).inc(cached)
+        self.generation_tokens.labels(**labels).inc(generated)
+
     def unwatch(self) -> None:
         if self.engine_collector is not None:
             self.registry.unregister(self.engine_collector)
@@ -139,12 +147,8 @@ class VllmMetrics:
         labels = self.labels
         reason = FINISH_REASONS.get(seq.finish_reason or "", "abort")
         self.success.labels(**labels, finished_reason=reason).inc()
-        if seq.choice_index == 0 and seq.is_admitted:  # (as vLLM: prompt tokens computed)
-            self.prompt_tokens.labels(**labels).inc(seq.inputs.num_prompt_tokens)
-            self.prompt_tokens_cached.labels(**labels).inc(seq.num_cached_tokens)
         if seq.choice_index == 0:
             self.request_prompt_tokens.labels(**labels).observe(seq.inputs.num_prompt_tokens)
-        self.generation_tokens.labels(**labels).inc(seq.num_completion_tokens)
         self.request_generation_tokens.labels(**labels).observe(seq.num_completion_tokens)
         self.max_tokens.labels(**labels).observe(seq.max_tokens)
         if seq.choice_index == 0:

@@ -19,7 +19,7 @@ from server.api.body import check_json_body
 from server.api.errors import install_error_handlers
 from server.api.middleware import (
     ApiKeyMiddleware,
-    BodySizeLimitMiddleware,
+    BodyLimitsMiddleware,
     CorsMiddleware,
     DrainMiddleware,
     HeadMiddleware,
@@ -209,7 +209,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     open_paths = frozenset({"/health", "/metrics"} if settings.metrics_open() else {"/health"})
     app.add_middleware(HeadMiddleware)  # (innermost: the others see the HEAD it was)
     app.add_middleware(JsonBodyMiddleware, allowed_origins=tuple(settings.allowed_origins))
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(BodyLimitsMiddleware, max_bytes=settings.max_request_body_bytes)
     # Keys are checked before any body is buffered: no upload work for unauthenticated callers.
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(DrainMiddleware)
@@ -318,6 +318,7 @@ def _watch_engine(engine: AsyncEngine, settings: Settings, metrics: Metrics) -> 
     )
     # Token and request metrics see every sequence that ends, aborted ones too.
     engine.on_finish = metrics.record_finished
+    engine.on_tokens = metrics.record_tokens
     engine.on_step = metrics.vllm.record_step
 
 

@@ -176,11 +176,21 @@ def _log_access(scope: Scope, response: _ResponseRecord, seconds: float) -> None
     access_logger.log(level, "%s", line, extra={"fields": fields})
 
 
-class BodySizeLimitMiddleware:
-    """Refuses a request body over max_bytes with a 413, before the app reads any of it.
+UPLOAD_PATHS = frozenset({"/v1/files"})  # (multipart/form-data; every other body is JSON)
+MAX_JSON_VALUES = 1_000_000
 
-    With a Content-Length the header decides (the HTTP server never delivers more than it
-    declares); a chunked body is read here up to the limit and then replayed to the app."""
+
+class BodyLimitsMiddleware:
+    """Refuses with a 413, before the app parses it, a request body over max_bytes or one that
+    holds more than MAX_JSON_VALUES JSON values.
+
+    With a Content-Length the header decides the size (the HTTP server never delivers more than
+    it declares); a chunked body is read here up to the limit. The value count bounds what
+    parsing costs, which the size alone does not: 290 MB of `{},` parse into ~7.7 GB of Python
+    objects and hold the event loop for seconds. Values are counted by their commas, brackets
+    and braces (C-speed `bytes.count`; ones inside strings count too, which only makes the
+    bound stricter: a million is ~8x the longest context's worth of token ids). The body is
+    read here, then replayed to the app (which reads all of it anyway)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -191,19 +201,29 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(scope, send)
-                return
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send, self._too_large())
+            return
+        is_json = scope["method"] in ("POST", "PUT", "PATCH") and scope["path"] not in UPLOAD_PATHS
+        if declared is not None and not is_json:
             await self.app(scope, receive, send)
             return
-        messages, size = [], 0
+        messages, size, values = [], 0, 0
         while True:
             message = await receive()
             messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, send)
+            body = message.get("body", b"")
+            size += len(body)
+            if is_json:
+                values += body.count(b",") + body.count(b"[") + body.count(b"{")
+            if size > self.max_bytes or values > MAX_JSON_VALUES:
+                too_many = (
+                    f"The request body holds more than {MAX_JSON_VALUES:,} JSON values "
+                    "(counted by its commas, brackets and braces): the server's limit."
+                )
+                await self._refuse(
+                    scope, send, too_many if size <= self.max_bytes else self._too_large()
+                )
                 return
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
@@ -213,15 +233,11 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        await send_error(
-            scope,
-            send,
-            413,
-            f"The request body is larger than the server's limit of {self.max_bytes} bytes.",
-            "invalid_request_error",
-            "request_too_large",
-        )
+    def _too_large(self) -> str:
+        return f"The request body is larger than the server's limit of {self.max_bytes} bytes."
+
+    async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
+        await send_error(scope, send, 413, message, "invalid_request_error", "request_too_large")
 
 
 class JsonBodyMiddleware:
@@ -239,8 +255,6 @@ class JsonBodyMiddleware:
     taken only from an origin --allowed-origins lists; from any other, whatever its content
     type says, it is not read as an upload (a 400)."""
 
-    UPLOAD_PATHS = frozenset({"/v1/files"})
-
     def __init__(self, app: ASGIApp, allowed_origins: tuple[str, ...] = ()):
         self.app = app
         self.allowed_origins = frozenset(allowed_origins)
@@ -248,7 +262,7 @@ class JsonBodyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             origin = dict(scope["headers"]).get(b"origin")
-            if scope["path"] in self.UPLOAD_PATHS:
+            if scope["path"] in UPLOAD_PATHS:
                 if origin is not None and not self._allowed(origin):
                     _set_content_type(scope, b"text/plain")
             elif origin is None:
@@ -440,12 +454,19 @@ class DrainMiddleware:
     or, mid-stream, an error event in its API's form (so no client reads a cut stream as a
     whole answer), then the end of its body: never a bare 500 and a traceback."""
 
+    # Still answered while draining: Prometheus keeps scraping a replica that drains, so its
+    # last requests' counts and latencies are seen (vLLM serves /metrics until it exits).
+    OPEN_WHILE_DRAINING = frozenset({"/metrics"})
+
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and getattr(scope["app"].state, "draining", False):
-            await _shutting_down(scope, send)
+            if scope["path"] in self.OPEN_WHILE_DRAINING:
+                await self.app(scope, receive, send)
+            else:
+                await _shutting_down(scope, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)

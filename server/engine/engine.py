@@ -97,6 +97,8 @@ class AsyncEngine:
         self.primary_eos_id = runner.eos_token_ids[0] if runner.eos_token_ids else None
         # Called (on the engine thread) with every sequence that ends, however it ends.
         self.on_finish: Callable[[Sequence], object] | None = None
+        # Called (on the engine thread) with the sequences that got a token in a step.
+        self.on_tokens: Callable[[list[Sequence]], object] | None = None
         # Called (on the engine thread) with the number of tokens of every step that runs.
         self.on_step: Callable[[int], object] | None = None
         # New grammars' compiles, off the event loop, a few at a time (compile_grammar below)
@@ -493,6 +495,7 @@ class AsyncEngine:
         sampled, now = in_flight.tokens, time.monotonic()
         tokens = sampled.tokens() if sampled is not None else []
         states = sampled.states if sampled is not None else []
+        arrived: list[Sequence] = []
         for seq, token_id, state in zip(in_flight.seqs, tokens, states, strict=True):
             if seq.is_finished:  # aborted meanwhile: what was computed past its end is dropped
                 continue  # (finishing dropped its pending token)
@@ -503,6 +506,7 @@ class AsyncEngine:
                 self._finish(seq, state.failed_as)
                 continue
             seq.append_token(token_id, state.logprobs)
+            arrived.append(seq)
             params = seq.sampling
             # ignore_eos goes on past EOS, but not past the end of a grammar (what follows
             # a complete JSON answer would be unconstrained)
@@ -515,6 +519,7 @@ class AsyncEngine:
             else:
                 self._add_text(seq, token_id)
         self._in_flight = None
+        _notify(self.on_tokens, arrived)
 
     def _add_text(self, seq: Sequence, token_id: int) -> None:
         """Detokenize one token: stop strings, max_tokens, or stream the new text."""
@@ -570,7 +575,7 @@ class InFlight:
 
 
 def _notify(callback: Callable[[Any], object] | None, value: object) -> None:
-    """Call an on_step / on_finish callback (metrics): its failure is never the engine's."""
+    """Call an on_step / on_tokens / on_finish callback (metrics): never the engine's failure."""
     if callback is None:
         return
     try:

@@ -104,6 +104,31 @@ async def test_oversized_bodies_get_413(tiny_model_dir: Path) -> None:
         assert (await client.get("/health")).status_code == 200
 
 
+async def test_a_body_of_a_million_tiny_json_values_is_refused_before_it_is_parsed(
+    client: httpx.AsyncClient,
+) -> None:
+    # 3 MB of `{}` would parse into ~80 MB of Python objects (290 MB into ~7.7 GB): refused by
+    # the count of values, well under the size limit, however the body arrives.
+    flood = b'{"model": "tiny", "messages": [' + b"{}," * 1_000_000 + b"{}]}"
+    response = await client.post("/v1/chat/completions", content=flood)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and "1,000,000 JSON values" in error["message"]
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+        for start in range(0, len(flood), 65536):
+            yield flood[start : start + 65536]
+
+    response = await client.post("/v1/chat/completions", content=chunks())
+    assert response.status_code == 413
+    # Just under the count is parsed as usual (and refused for what it says, not its size).
+    under = {"model": "tiny", "messages": [{"role": "user", "content": "," * 999_000}]}
+    response = await client.post("/v1/chat/completions", json=under)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert (await client.get("/health")).status_code == 200
+
+
 async def test_80_mb_base64_body_is_refused(client: httpx.AsyncClient) -> None:
     payload = base64.b64encode(b"\0" * (60 * 1024 * 1024)).decode()  # 80 MiB of base64
     response = await client.post(
@@ -115,13 +140,14 @@ async def test_80_mb_base64_body_is_refused(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health")).status_code == 200
 
 
-async def test_a_million_parts_are_counted_before_they_are_read(
+async def test_a_conversations_objects_are_counted_before_they_are_read(
     client: httpx.AsyncClient,
 ) -> None:
     """A conversation's objects (messages or input items, parts, blocks, tool calls and
     results, at any depth): at most 20,000 in all, counted before any is validated (a million
-    empty parts held the event loop 18 s), on each API."""
-    parts = [{"type": "text", "text": ""}] * 1_000_000
+    empty parts held the event loop 18 s; a body of over a million JSON values is now a 413
+    before it is parsed), on each API."""
+    parts = [{"type": "text", "text": ""}] * 300_000
     hi = {"role": "user", "content": "Hi"}
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     result = {"type": "tool_result", "tool_use_id": "t", "content": parts}

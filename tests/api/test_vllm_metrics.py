@@ -202,3 +202,44 @@ def test_job_counts_unknown_are_nan_and_the_store_says_it_is_down() -> None:
     assert 'vlm_webhook_deliveries{status="pending"} 2.0' in text
     up[0] = True
     assert "vlm_job_store_up 1.0" in metrics.render().decode()
+
+
+async def test_token_counters_move_while_an_answer_is_still_generated(tiny_model_dir: Path) -> None:
+    """As vLLM's: the prompt counts with the first token and each token as it comes, so a rate
+    over them is the load now (an hour-long answer is not one spike when it ends)."""
+    import asyncio
+
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Go on and on."}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+    }
+    settings = make_settings(tiny_model_dir)
+    name = settings.served_model_names()[0]
+    async for client in start_client(settings):
+        request = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+        async with asyncio.timeout(60):
+            while True:
+                text = (await client.get("/metrics")).text
+                during = samples(text, name)
+                if during[("vllm:generation_tokens_total", ())] > 0:
+                    break
+                await asyncio.sleep(0.005)
+        answered = not request.done()
+        usage = (await request).json()["usage"]
+        after = samples((await client.get("/metrics")).text, name)
+    own = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vlm_")
+    }
+    assert answered, "the answer had ended before a token was counted"
+    generated = during[("vllm:generation_tokens_total", ())]
+    assert 0 < generated < 1500 and own["vlm_generated_tokens_total"] == generated
+    assert during[("vllm:request_success_total", (("finished_reason", "length"),))] == 0
+    assert during[("vllm:prompt_tokens_total", ())] == usage["prompt_tokens"]
+    assert own["vlm_prompt_tokens_total"] == usage["prompt_tokens"]
+    assert own['vlm_project_tokens_total{kind="generated",project="-"}'] == generated
+    assert after[("vllm:generation_tokens_total", ())] == usage["completion_tokens"] == 1500
+    assert after[("vllm:prompt_tokens_total", ())] == usage["prompt_tokens"]

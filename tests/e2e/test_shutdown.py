@@ -57,6 +57,10 @@ def drain_while_streaming(url: str, stop: Callable[[], None]) -> list[str]:
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "shutting_down"
     assert refused.headers["retry-after"]
+    # Prometheus still scrapes a replica that drains (its last requests are counted).
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 503
+    scraped = httpx.get(f"{url}/metrics", timeout=10)
+    assert scraped.status_code == 200 and "vlm_running_sequences" in scraped.text
     reader.join(timeout=120)
     assert done.is_set()
     return finish_reasons

@@ -119,6 +119,7 @@ def test_the_kubernetes_manifest_probes_and_drains_as_the_server_needs(
     pod = deployment["spec"]["template"]
     labels = pod["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == labels == service["spec"]["selector"]
+    assert service["metadata"]["labels"] == labels  # (what a ServiceMonitor selects)
     (container,) = pod["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
@@ -130,11 +131,13 @@ def test_the_kubernetes_manifest_probes_and_drains_as_the_server_needs(
     secrets = {  # (plausible values for what the Secret holds)
         "VLM_JOB_STORE": "postgresql://vlm:pw@postgres/vlm",
         "VLM_WEBHOOK_SECRET": "whsec_c2VjcmV0LWtleS0wMTIzNDU2Nzg5",
+        "VLM_API_KEYS": "sk-key1,sk-key2",
     }
     for name, item in env.items():
         monkeypatch.setenv(name, secrets[name] if "valueFrom" in item else item["value"])
     settings = settings_from_args(build_parser().parse_args(["serve"]))
     assert settings.device == "cuda:0" and settings.forwarded_allow_ips == ["10.0.0.0/8"]
+    assert len(settings.api_keys) == 2
 
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     grace = pod["spec"]["terminationGracePeriodSeconds"]
