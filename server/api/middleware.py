@@ -178,6 +178,10 @@ def _log_access(scope: Scope, response: _ResponseRecord, seconds: float) -> None
 
 UPLOAD_PATHS = frozenset({"/v1/files"})  # (multipart/form-data; every other body is JSON)
 MAX_JSON_VALUES = 1_000_000
+TOO_MANY_VALUES = (
+    f"The request body holds more than {MAX_JSON_VALUES:,} JSON values "
+    "(counted by its commas, brackets and braces): the server's limit."
+)
 
 
 class BodyLimitsMiddleware:
@@ -217,13 +221,8 @@ class BodyLimitsMiddleware:
             if is_json:
                 values += body.count(b",") + body.count(b"[") + body.count(b"{")
             if size > self.max_bytes or values > MAX_JSON_VALUES:
-                too_many = (
-                    f"The request body holds more than {MAX_JSON_VALUES:,} JSON values "
-                    "(counted by its commas, brackets and braces): the server's limit."
-                )
-                await self._refuse(
-                    scope, send, too_many if size <= self.max_bytes else self._too_large()
-                )
+                too_large = size > self.max_bytes
+                await self._refuse(scope, send, self._too_large() if too_large else TOO_MANY_VALUES)
                 return
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break

@@ -519,7 +519,8 @@ class AsyncEngine:
             else:
                 self._add_text(seq, token_id)
         self._in_flight = None
-        _notify(self.on_tokens, arrived)
+        if arrived:
+            _notify(self.on_tokens, arrived)
 
     def _add_text(self, seq: Sequence, token_id: int) -> None:
         """Detokenize one token: stop strings, max_tokens, or stream the new text."""
