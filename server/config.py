@@ -162,6 +162,7 @@ class Settings(BaseSettings):
     webhook_retry_delays: StrList = ["5", "30", "120", "600", "1800"]  # seconds, per retry
     webhook_timeout: float = Field(default=10.0, gt=0)
     job_retention_hours: float = Field(default=168.0, ge=0)  # finished jobs; 0: keep forever
+    max_file_storage_bytes: int = Field(default=100 * 1024**3, ge=0)  # a project's files; 0: any
     job_store: str | None = None  # sqlite:///PATH | postgresql://...; default: under data_dir
     # Seconds a job stays held without renewal; renewed every third of it, so under 2 s a slow
     # store round trip or a pause of the loop could let a live job be taken over and run twice.

@@ -249,6 +249,21 @@ class JobAlreadyEnded(ServerError):
         )
 
 
+class FileStorageFull(InvalidRequest):
+    """An upload past the project's file storage (--max-file-storage-bytes): a 400 until the
+    project deletes files, so not one a client retries."""
+
+    def __init__(self, used: int, size: int, limit: int):
+        super().__init__(
+            f"This upload ({size} bytes) would take the project's stored files past "
+            f"{limit} bytes (the server's --max-file-storage-bytes; {used} bytes are stored "
+            "now): delete files it no longer needs (DELETE /v1/files/{file_id}) and upload "
+            "it again.",
+            param="file",
+            code="storage_limit_exceeded",
+        )
+
+
 class IdempotencyKeyReused(ServerError):
     """The Idempotency-Key already names a job made from a different request."""
 

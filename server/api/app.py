@@ -155,6 +155,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             served_model_names=tuple(settings.served_model_names()),
             max_n=settings.max_n,
             store_responses=settings.store_responses,
+            max_file_storage_bytes=settings.max_file_storage_bytes,
             sampling_defaults=sampling_defaults(settings, loaded),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))

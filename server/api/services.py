@@ -47,6 +47,7 @@ class Services:
     webhooks: WebhookSender
     max_n: int = 8  # choices per request (n)
     store_responses: bool = True  # the Responses API's answers kept (--no-store-responses)
+    max_file_storage_bytes: int = 0  # what a project's files may hold (0: no bound)
     # What omitted sampling fields take on the OpenAI routes (--generation-config).
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.exceptions import FileStorageFull
 from server.jobs.deliveries import Execute
 from server.jobs.project import VISIBLE, row_seen, seen_by
 from server.jobs.tables import Tables
@@ -48,8 +49,17 @@ class StoredFile:
 class FileStore(Tables):
     """A file is its project's (server/jobs/project.py): another project's is not found."""
 
-    def add_file(self, purpose: str, filename: str, content: bytes, project: str) -> StoredFile:
+    def add_file(
+        self, purpose: str, filename: str, content: bytes, project: str, max_total: int = 0
+    ) -> StoredFile:
+        """An upload; max_total (0: none): what the project's files may hold in all, this one
+        with them, else FileStorageFull. (Checked inside the insert's transaction; uploads of
+        one project landing at the same instant on two replicas can each pass it once.)"""
         with self.transaction() as execute:
+            if max_total:
+                used = stored_bytes(execute, project)
+                if used + len(content) > max_total:
+                    raise FileStorageFull(used, len(content), max_total)
             return insert_file(execute, self.now(), purpose, filename, content, project)
 
     def get_file(self, file_id: str, project: str) -> StoredFile | None:
@@ -192,6 +202,16 @@ def answers_as_files(
             stored = insert_file(execute, now, "batch_output", name, content, job["project"])
             files[key] = (stored.id, len(entries))
     return files
+
+
+def stored_bytes(execute: Execute, project: str) -> int:
+    """What the project's files hold (uploads, batches' outputs, deleted inputs a batch still
+    reads); on a server without API keys (ALL), every file."""
+    row = execute(
+        "SELECT COALESCE(SUM(bytes), 0) AS used FROM files WHERE ? = '' OR project = ?",
+        (project, project),
+    ).fetchone()
+    return int(row["used"])
 
 
 def insert_file(

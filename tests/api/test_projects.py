@@ -73,6 +73,34 @@ async def test_files_are_their_projects(client: httpx.AsyncClient) -> None:
     assert (await client.delete(f"/v1/files/{team}", headers=as_key("sk-c"))).status_code == 200
 
 
+async def test_a_project_uploads_up_to_its_file_storage(tiny_model_dir: Path) -> None:
+    """--max-file-storage-bytes: an upload past what the project's files may hold is a 400
+    naming the bound (the SDK's BadRequestError, not retried), other projects upload on, and
+    a deleted file makes room."""
+    settings = make_settings(
+        tiny_model_dir, api_keys=["sk-a", "sk-b"], max_file_storage_bytes=2 * len(IMAGE)
+    )
+    async for client in start_client(settings):
+        a, b = sdk_of(client, "sk-a"), sdk_of(client, "sk-b")
+        first = await upload(a, IMAGE, "vision")
+        await upload(a, IMAGE, "vision")
+        refused = await client.post(
+            "/v1/files",
+            files={"file": ("photo.png", IMAGE)},
+            data={"purpose": "vision"},
+            headers=as_key("sk-a"),
+        )
+        error = assert_error(refused, 400, "file")
+        assert error["code"] == "storage_limit_exceeded"
+        assert f"past {2 * len(IMAGE)} bytes" in error["message"]
+        with pytest.raises(openai.BadRequestError):
+            await upload(a, b"{}", "batch")
+        await upload(b, IMAGE, "vision")  # (its own project's room)
+        await a.files.delete(first)
+        await upload(a, IMAGE, "vision")
+        assert len([f async for f in a.files.list()]) == 2
+
+
 async def test_batches_run_in_their_project(client: httpx.AsyncClient) -> None:
     """A batch over another project's file is refused; a batch is not seen, cancelled or
     listed by another project; its lines (an image by file id among them) run in its

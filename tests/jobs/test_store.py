@@ -14,10 +14,16 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable, JobStoreUnconfirmed
+from server.exceptions import (
+    FileStorageFull,
+    IdempotencyKeyReused,
+    JobStoreUnavailable,
+    JobStoreUnconfirmed,
+)
 from server.jobs import responses
 from server.jobs import store as store_module
 from server.jobs.deliveries import Execute
+from server.jobs.project import ALL
 from server.jobs.responses import BrokenChain, ConversationTooLong
 from server.jobs.store import JobStore
 
@@ -271,6 +277,31 @@ def test_files_round_trip(store: JobStore) -> None:
         store.get_file(made[0].id, project="") is None
         and store.file_content(made[0].id, project="") is None
     )
+
+
+def test_a_projects_files_are_bounded_together(store: JobStore) -> None:
+    """max_total bounds what one project's files hold, on both backends (another project's
+    files do not count; without keys, ALL, every file does); a deleted file frees its room,
+    one a batch still reads does not."""
+    first = store.add_file("batch", "a.jsonl", b"x" * 60, project="p", max_total=100)
+    store.add_file("batch", "b.jsonl", b"x" * 40, project="p", max_total=100)
+    store.add_file("batch", "c.jsonl", b"x" * 90, project="q", max_total=100)
+    with pytest.raises(FileStorageFull, match="past 100 bytes") as refused:
+        store.add_file("batch", "d.jsonl", b"x", project="p", max_total=100)
+    assert refused.value.code == "storage_limit_exceeded" and "100 bytes are stored" in str(
+        refused.value
+    )
+    assert store.list_files(None, 10, None, True, "p")[0][0].bytes == 40  # (not added)
+    with pytest.raises(FileStorageFull):
+        store.add_file("batch", "e.jsonl", b"x" * 100, project=ALL, max_total=280)
+    store.add_file("batch", "f.jsonl", b"x" * 100, project=ALL, max_total=0)  # (no bound)
+    store.create("batch", {"input_file_id": first.id}, None, "batch_", project="p")
+    assert store.delete_file(first.id, "p")  # (held for its batch: still stored)
+    with pytest.raises(FileStorageFull):
+        store.add_file("batch", "g.jsonl", b"x", project="p", max_total=100)
+    held = store.claim(lease_s=60, kinds=("batch",))
+    assert held is not None and store.cancel(held.id) is not None  # (no batch reads it now)
+    assert store.add_file("batch", "h.jsonl", b"x" * 60, project="p", max_total=100).bytes == 60
 
 
 def test_an_input_file_deleted_under_its_batch_is_kept_for_it(store: JobStore) -> None:

@@ -43,7 +43,8 @@ async def upload_file(
     """A file of batch requests (purpose batch; JSONL: one `{custom_id, method, url, body}` a
     line, checked when a batch runs over it), or an image for requests to name by its id
     (purpose vision or user_data, which Anthropic's SDK gets without asking; checked when a
-    request reads it). The upload is bounded by --max-request-body-bytes."""
+    request reads it). The upload is bounded by --max-request-body-bytes, and the project's files
+    in all by --max-file-storage-bytes."""
     if purpose is None and ANTHROPIC_HEADERS & set(request.headers):
         purpose = "user_data"
     if purpose is None:
@@ -74,7 +75,12 @@ async def upload_file(
         )
     name = (file.filename or ("batch.jsonl" if purpose == "batch" else "file"))[:255]
     stored = await asyncio.to_thread(
-        services.jobs.add_file, purpose, name, content, current_project()
+        services.jobs.add_file,
+        purpose,
+        name,
+        content,
+        current_project(),
+        services.max_file_storage_bytes,
     )
     return FileObject.of(stored)
 
