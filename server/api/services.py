@@ -30,6 +30,7 @@ from server.pipelines.categories import CategoriesPipeline
 from server.pipelines.chat import ChatPipeline
 from server.pipelines.completions import TextCompletions
 
+UPLOADS_AT_ONCE = 2  # (see Services.uploads)
 # The jobs the /v2/media routes show; batches (/v1/batches) are jobs of kind "batch".
 MEDIA_KINDS = ("completions", "categories")
 
@@ -48,6 +49,9 @@ class Services:
     max_n: int = 8  # choices per request (n)
     store_responses: bool = True  # the Responses API's answers kept (--no-store-responses)
     max_file_storage_bytes: int = 0  # what a project's files may hold (0: no bound)
+    # Uploads read into memory and stored at once: each is up to --max-request-body-bytes, held
+    # about twice over while the store takes it; the others wait in their spooled temp files.
+    uploads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(UPLOADS_AT_ONCE))
     # What omitted sampling fields take on the OpenAI routes (--generation-config).
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -6,8 +6,11 @@ part."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -15,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from server.api.services import UPLOADS_AT_ONCE
 from tests.api.test_errors import assert_error
 from tests.api.test_messages import anthropic_sdk
 from tests.helpers import data_uri, make_image, make_settings, make_video, start_client
@@ -188,6 +192,31 @@ async def test_uploads_take_the_media_purposes_and_list_by_purpose(
             "/v1/files", files={"file": (name, content)}, data={"purpose": "vision"}
         )
         assert_error(response, 400, "file", "invalid_file_format")
+
+
+async def test_uploads_are_stored_a_few_at_a_time(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload is read whole only while it is stored, and at most UPLOADS_AT_ONCE are (each
+    may be --max-request-body-bytes): the rest wait in their spooled temp files, then land
+    whole."""
+    jobs = client.app.state.services.jobs  # type: ignore[attr-defined]
+    store, inside, most, lock = jobs.add_file, [0], [0], threading.Lock()
+
+    def slow_add_file(*args: object) -> object:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.3)
+        with lock:
+            inside[0] -= 1
+        return store(*args)
+
+    monkeypatch.setattr(jobs, "add_file", slow_add_file)
+    contents = [make_image(40 + i, 40, fmt="PNG") for i in range(2 * UPLOADS_AT_ONCE + 1)]
+    ids = await asyncio.gather(*(upload(sdk, content) for content in contents))
+    assert most[0] == UPLOADS_AT_ONCE
+    assert [(await sdk.files.content(i)).content for i in ids] == contents
 
 
 async def test_a_file_parts_detail_sets_its_budget(

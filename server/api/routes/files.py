@@ -62,10 +62,10 @@ async def upload_file(
         )
     if expires_after_anchor is not None or expires_after_seconds is not None:
         refuse_unsupported(["expires_after"])
-    content = await file.read()
-    if not content:
+    head = await file.read(16)
+    if not head:
         raise InvalidRequest("The file is empty.", param="file", code="invalid_value")
-    if purpose == "vision" and not looks_like_image(content[:16]):
+    if purpose == "vision" and not looks_like_image(head):
         # (no part reads anything else by id: a video or a PDF would fail every request)
         raise InvalidRequest(
             "A file of purpose 'vision' is an image (jpeg, png, webp, gif or bmp); this "
@@ -74,14 +74,17 @@ async def upload_file(
             code="invalid_file_format",
         )
     name = (file.filename or ("batch.jsonl" if purpose == "batch" else "file"))[:255]
-    stored = await asyncio.to_thread(
-        services.jobs.add_file,
-        purpose,
-        name,
-        content,
-        current_project(),
-        services.max_file_storage_bytes,
-    )
+    async with services.uploads:  # (read whole only here: a few uploads in memory at once)
+        await file.seek(0)
+        content = await file.read()
+        stored = await asyncio.to_thread(
+            services.jobs.add_file,
+            purpose,
+            name,
+            content,
+            current_project(),
+            services.max_file_storage_bytes,
+        )
     return FileObject.of(stored)
 
 
