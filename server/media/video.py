@@ -44,8 +44,10 @@ KEYFRAME_SNAP_MIN_GAP_S = 5.0
 # Containers we read: mp4/mov (H.264, H.265...), matroska/webm (VP8/VP9/AV1...), avi.
 ALLOWED_CONTAINERS = ("mp4", "mov", "matroska", "webm", "avi")
 # A video whose frames are larger (DCI 8K) is refused before a frame is decoded: a 424 KB
-# file of 12000x12000 frames took a decode worker 1.5 GB.
+# file of 12000x12000 frames took a decode worker 1.5 GB. Where each frame carries its own
+# size (MJPEG), PyAV's decoder refuses a larger one (FFmpeg's max_pixels).
 MAX_FRAME_PIXELS = 8192 * 4320
+UNDECODABLE = "the video's frames could not be decoded (corrupt, or a frame above 8K)"
 
 
 class VideoDecodeError(Exception):
@@ -93,7 +95,7 @@ def _probe(data: VideoSource) -> VideoInfo:
                 )
             if not container.streams.video:
                 raise VideoDecodeError("the file has no video stream")
-            stream = container.streams.video[0]
+            stream = _bounded(container.streams.video[0])
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             duration = (
                 float(stream.duration * stream.time_base)
@@ -104,6 +106,7 @@ def _probe(data: VideoSource) -> VideoInfo:
             rotation = _rotation(container, stream)
             duration = _measured_duration(container, stream, duration, fps)
             num_frames = stream.frames or int(duration * fps)
+            intra_only = bool(stream.codec_context.codec.intra_only)
     except VideoDecodeError:
         raise
     except Exception:
@@ -116,7 +119,14 @@ def _probe(data: VideoSource) -> VideoInfo:
         )
     if rotation % 180:
         width, height = height, width
-    return VideoInfo(duration, fps, num_frames, width, height, rotation)
+    return VideoInfo(duration, fps, num_frames, width, height, rotation, intra_only)
+
+
+def _bounded(stream):
+    """The stream, its decoder told to refuse a frame above MAX_FRAME_PIXELS: the frame's own
+    size, which in MJPEG each frame has, not the header's (decord's cannot be told so)."""
+    stream.codec_context.options = {"max_pixels": str(MAX_FRAME_PIXELS)}
+    return stream
 
 
 def _measured_duration(container, stream, claimed: float, fps: float) -> float:
@@ -230,7 +240,7 @@ def _read_pyav(
 
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
-        stream = container.streams.video[0]
+        stream = _bounded(container.streams.video[0])
         start = _start_s(stream)
         for target in timestamps:
             at = start + target  # (the stream's own clock: a recording may start at 10 s)
@@ -275,7 +285,7 @@ def _read_keyframes(
 
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
-        stream = container.streams.video[0]
+        stream = _bounded(container.streams.video[0])
         start = _start_s(stream)
         for target in timestamps:
             at = start + target  # (the stream's own clock)
@@ -325,20 +335,29 @@ def decode_job(
             return DecodedVideo(info, plan, frames, "pyav-keyframes")
         except Exception:
             pass  # an odd stream: read the exact frames below
-    try:
-        # decord scales while decoding: full-size frames never exist in memory.
-        size = (plan.width, plan.height)
-        frames, backend, times = _read_decord(data, list(plan.timestamps), size, info.rotation)
-    except Exception:
-        try:
-            size = (plan.width, plan.height)
-            frames, times = _read_pyav(data, list(plan.timestamps), size, info.rotation)
-            backend = "pyav"
-        except VideoDecodeError:
-            raise
-        except Exception:
-            raise VideoDecodeError("the video's frames could not be decoded") from None
+    size = (plan.width, plan.height)
+    frames, backend, times = _read_frames(data, list(plan.timestamps), size, info)
     return DecodedVideo(info, replace(plan, timestamps=tuple(times)), frames, backend)
+
+
+def _read_frames(
+    data: VideoSource, timestamps: list[float], size: tuple[int, int], info: VideoInfo
+) -> tuple[np.ndarray, str, list[float]]:
+    """(frames, backend, their times): by decord (it scales while decoding: full-size frames
+    never exist in memory), else PyAV; by PyAV alone where each frame carries its own size
+    (intra-only, MJPEG), as only PyAV's decoder can be bounded to 8K frames."""
+    if not info.intra_only:
+        try:
+            return _read_decord(data, timestamps, size, info.rotation)
+        except Exception:
+            pass
+    try:
+        frames, times = _read_pyav(data, timestamps, size, info.rotation)
+    except VideoDecodeError:
+        raise
+    except Exception:
+        raise VideoDecodeError(UNDECODABLE) from None
+    return frames, "pyav", times
 
 
 def _plan_scenes(
@@ -346,10 +365,7 @@ def _plan_scenes(
 ) -> FramePlan:
     """One frame per scene (the middle of it), scenes found on a cheap low-resolution pass."""
     times = scenes.sample_times(info.duration_s)
-    try:
-        low, _, _ = _read_decord(data, times, scenes.SCENE_SAMPLE_SIZE, info.rotation)
-    except Exception:
-        low, _ = _read_pyav(data, times, scenes.SCENE_SAMPLE_SIZE, info.rotation)
+    low, _, _ = _read_frames(data, times, scenes.SCENE_SAMPLE_SIZE, info)
     cuts = scenes.detect_cuts(low, times)
     found = scenes.merge_to_budget(scenes.scenes_from_cuts(cuts, info.duration_s), plan.num_frames)
     return at_timestamps(plan, [s.middle_s for s in found], info, budget, request.mode)

@@ -359,3 +359,54 @@ def test_frames_past_8k_are_refused_before_any_is_decoded(monkeypatch: pytest.Mo
     monkeypatch.setattr(video_module, "MAX_FRAME_PIXELS", 160 * 120 - 1)
     with pytest.raises(VideoDecodeError, match=r"its frames are 160x120, above 19199 pixels"):
         _probe(small)
+
+
+def mjpeg_growing(small: int, large: int, frames: int = 10, grows_at: int = 3) -> bytes:
+    """An MJPEG AVI whose header (from its first frame) says small x small, and whose frames
+    from `grows_at` on are each large x large: in MJPEG each frame carries its own size."""
+    import av
+
+    def encoder(side: int):  # noqa: ANN202
+        codec = av.CodecContext.create("mjpeg", "w")
+        codec.width = codec.height = side
+        codec.pix_fmt, codec.time_base = "yuvj420p", fractions.Fraction(1, 10)
+        return codec
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="avi") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width = stream.height = small
+        stream.pix_fmt = "yuvj420p"
+        for i in range(frames):
+            side = small if i < grows_at else large
+            frame = av.VideoFrame.from_ndarray(
+                np.full((side, side, 3), 40 * (i % 6), np.uint8), format="rgb24"
+            ).reformat(format="yuvj420p")
+            frame.pts, frame.time_base = i, fractions.Fraction(1, 10)
+            for packet in encoder(side).encode(frame):
+                packet.stream, packet.pts, packet.dts = stream, i, i
+                container.mux(packet)
+    return out.getvalue()
+
+
+def test_a_frame_past_8k_by_its_own_size_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MJPEG: a 64x64 header, then frames of their own larger size (a 56 MB file of 12000x12000
+    frames behind a 64x64 header was decoded: 3.5 s and 523 MB in a worker). Read by PyAV,
+    whose decoder refuses a frame above the bound (shown lowered below 320x320); decord,
+    which cannot be bounded so, does not read such a stream."""
+    from server.media import video as video_module
+    from server.media.video import _probe, decode_job
+
+    data = mjpeg_growing(64, 320)
+    info = _probe(data)
+    assert (info.width, info.height, info.intra_only) == (64, 64, True)
+    decoded = decode_job(data, BUDGET, FrameRequest(), 2.0)  # (within the bound: read)
+    assert decoded.backend == "pyav" and len(decoded.frames) == decoded.plan.num_frames
+    monkeypatch.setattr(video_module, "MAX_FRAME_PIXELS", 320 * 320 - 1)
+    with pytest.raises(VideoDecodeError, match="a frame above 8K"):
+        decode_job(data, BUDGET, FrameRequest(), 2.0)
+    with pytest.raises(VideoDecodeError, match="a frame above 8K"):  # (one frame a scene)
+        decode_job(data, BUDGET, FrameRequest(use_scenes=True), 2.0)
+    # frames that all keep within it are read
+    assert len(decode_job(mjpeg_growing(64, 64), BUDGET, FrameRequest(), 2.0).frames) > 0
+    assert not _probe(make_video(seconds=1)).intra_only  # (H.264: decord reads it)
