@@ -126,36 +126,43 @@ class Metrics:
         away too: what it had computed), in both families of metrics."""
         self.finished.labels(seq.finish_reason or "unknown").inc()
         if seq.num_completion_tokens == 0:  # ended before a token: its prefill, if it ran
-            self.record_tokens([seq], prompts_only=True)
+            self._count_tokens(prompted=[seq], generated=[])
         self.vllm.record(seq)
 
-    def record_tokens(self, seqs: list[Sequence], prompts_only: bool = False) -> None:
+    def record_tokens(self, seqs: list[Sequence]) -> None:
         """The engine's on_tokens: the sequences that got a token this step. The counters move
         as the tokens come (as vLLM's), not when a request ends, so a rate over them is the
         load now, and an hour-long answer is not one spike. A prompt counts with its first
-        token; n choices of one prompt count it once; one never started (aborted while
-        queued) was never computed."""
-        prompts, images, cached, generated = 0, 0, 0, 0
+        token."""
+        first = [seq for seq in seqs if seq.num_completion_tokens == 1]
+        self._count_tokens(prompted=first, generated=seqs)
+
+    def _count_tokens(self, prompted: list[Sequence], generated: list[Sequence]) -> None:
+        """The prompts computed (n choices of one prompt count it once; one never started,
+        aborted while queued, was never computed) and one generated token of each of
+        `generated`."""
+        prompts, images, cached = 0, 0, 0
         by_project: dict[tuple[str, str], int] = {}
-        for seq in seqs:
-            project = self.project_label(seq.project) if seq.project else "-"
-            first = prompts_only or seq.num_completion_tokens == 1
-            if first and seq.choice_index == 0 and seq.is_admitted:
+
+        def add(seq: Sequence, kind: str, count: int) -> None:
+            key = (self.project_label(seq.project) if seq.project else "-", kind)
+            by_project[key] = by_project.get(key, 0) + count
+
+        for seq in prompted:
+            if seq.choice_index == 0 and seq.is_admitted:
                 prompts += seq.inputs.num_prompt_tokens
                 images += seq.inputs.num_image_tokens
                 cached += seq.num_cached_tokens
-                key = (project, "prompt")
-                by_project[key] = by_project.get(key, 0) + seq.inputs.num_prompt_tokens
-            if not prompts_only:
-                generated += 1
-                key = (project, "generated")
-                by_project[key] = by_project.get(key, 0) + 1
+                add(seq, "prompt", seq.inputs.num_prompt_tokens)
+        for seq in generated:
+            add(seq, "generated", 1)
+        generated_count = len(generated)
         self.prompt_tokens.inc(prompts)
         self.image_tokens.inc(images)
-        self.generated_tokens.inc(generated)
+        self.generated_tokens.inc(generated_count)
         for (project, kind), count in by_project.items():
             self.project_tokens.labels(project, kind).inc(count)
-        self.vllm.record_tokens(prompts, cached, generated)
+        self.vllm.record_tokens(prompts, cached, generated_count)
 
     def watch_engine(
         self,

@@ -163,6 +163,35 @@ async def test_an_aborted_request_counts_as_aborted(tiny_model_dir: Path) -> Non
     assert own['vlm_sequences_finished_total{reason="abort"}'] == 1
 
 
+def test_a_prompt_counts_once_with_its_first_token_or_at_its_end() -> None:
+    """Per step: a prompt with its first token, each generated token in its step; a sequence
+    that ran and ended before its first token counts its prompt when it ends; a second choice
+    of one prompt counts none."""
+    import torch
+    from prometheus_client import generate_latest
+
+    from server.engine.inputs import ModelInputs
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+    from server.metrics import Metrics
+
+    metrics = Metrics("m")
+    inputs = ModelInputs({"input_ids": torch.zeros(1, 5, dtype=torch.long)}, 5, 0)
+    first, second, cut = (Sequence(f"r{i}", inputs, SamplingParams(), 16) for i in range(3))
+    second.choice_index = 1
+    for seq in (first, second, cut):
+        seq.scheduled_time = seq.arrival_time
+    for _ in range(3):
+        for seq in (first, second):
+            seq.output_token_ids.append(7)
+        metrics.record_tokens([first, second])
+    cut.finish_reason = "abort"
+    metrics.record_finished(cut)
+    found = samples(generate_latest(metrics.registry).decode(), "m")
+    assert found[("vllm:prompt_tokens_total", ())] == 5 + 5
+    assert found[("vllm:generation_tokens_total", ())] == 6
+
+
 def test_a_requests_most_generated_tokens_wait_for_its_last_choice() -> None:
     """request_max_num_generation_tokens is one observation per request: the most any of its
     n choices generated, once the last has ended; request_params_n its n."""
