@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port (tests)
     # Proxies whose X-Forwarded-For / -Proto are believed (uvicorn's; the access log's client)
     forwarded_allow_ips: StrList = ["127.0.0.1"]
+    root_path: str = ""  # the path prefix a proxy serves the API under (vLLM's --root-path)
     # VLM_API_KEY is the flag's own name (--api-key); VLM_API_KEYS reads better for a list.
     api_keys: StrList = Field(
         default=[], validation_alias=AliasChoices("VLM_API_KEYS", "VLM_API_KEY")
@@ -223,6 +224,22 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{proxy!r} is not an address or network (10.0.0.5, 10.0.0.0/8, fd00::/8) or *"
                 ) from None
+        return value
+
+    @field_validator("root_path")
+    @classmethod
+    def _check_root_path(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if value and not ROOT_PATH.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a path prefix: `/` and segments of letters, digits, `_`, "
+                "`.`, `-` (/vlm, /qwen/7b)"
+            )
+        if value and value.split("/")[1] in SERVED_SEGMENTS:
+            raise ValueError(
+                f"{value!r} starts with /{value.split('/')[1]}, a path this server answers "
+                "itself: choose another prefix (/vlm)"
+            )
         return value
 
     @field_validator("allowed_origins")
@@ -377,6 +394,16 @@ PROJECT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HOST_NAME = re.compile(r"[\w.-]+")
 # --allowed-origins: what a browser sends as Origin (any scheme: extensions and app shells
 # have their own; no path, no trailing slash)
+ROOT_PATH = re.compile(r"(/[A-Za-z0-9_.-]+)+")
+# First segments of the paths the server answers (its routes, and OpenAI's resources at the
+# root and under hosted prefixes): a --root-path starting with one would be read as a route.
+SERVED_SEGMENTS = frozenset(
+    {"v1", "v2", "docs", "redoc", "openapi.json", "static-offline-docs", "playground"}
+    | {"health", "metrics", "ping", "version", "invocations", "openai"}
+    | {"tokenize", "detokenize", "tokenizer_info"}
+    | {"models", "chat", "completions", "responses", "conversations", "files", "batches"}
+    | {"embeddings", "audio", "images", "moderations", "fine_tuning", "messages"}
+)
 ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[^/\s:@\[\]]+)(:\d{1,5})?")
 
 

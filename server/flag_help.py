@@ -47,6 +47,7 @@ UNITS = {
 # Defaults that mean something other than their value.
 DEFAULT_TEXT = {
     "served_model_name": "the --model value",
+    "root_path": "none (served at the host's root)",
     "max_model_len": "0 = the model's context length",
     "default_max_tokens": "0 = the rest of the context",
     "kv_cache_memory": "0 = measured (CUDA) or up to 4 GiB (CPU)",
@@ -196,6 +197,9 @@ HELP = {
     "forwarded_allow_ips": "Proxies (addresses or networks, repeatable or comma-separated; *: "
     "any) whose X-Forwarded-For and X-Forwarded-Proto are believed: the access log's client is "
     "then the address the proxy saw. Default: a proxy on this host.",
+    "root_path": "The path prefix a reverse proxy serves the API under (/vlm: clients call "
+    "https://host/vlm/v1/...), whether the proxy strips it or passes it on: job status URLs, "
+    "the playground and /docs name it (vLLM's --root-path).",
     "shutdown_timeout": "On SIGTERM or Ctrl-C: new requests get a 503 and in-flight ones this "
     "long to finish.",
     "client_timeout": "A request's headers must arrive within this long of its first byte (or "

@@ -313,8 +313,8 @@ def route_label(scope: Scope) -> str:
         return route.path
     if "endpoint" not in scope:  # never routed: refused before (a 401, a drain's 503), or a 404
         return _route_matching(scope)
-    if scope.get("app_root_path") is not None:
-        return scope.get("root_path", "") or "unmatched"
+    if scope.get("app_root_path") is not None:  # (a mount's path: its root less the server's)
+        return scope.get("root_path", "")[len(scope["app_root_path"]) :] or "unmatched"
     # A plain Starlette route (FastAPI's /openapi.json) records only its endpoint.
     for candidate in getattr(scope.get("app"), "routes", ()):
         if getattr(candidate, "endpoint", None) is scope["endpoint"]:

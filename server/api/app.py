@@ -95,6 +95,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         engine = AsyncEngine.build(loaded, settings.engine_config())
         engine.start()
         jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
+        jobs.root_path = settings.root_path
         input_builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
         fetcher, decoder, media = await _media_loader(
             settings, jobs, input_builder, loaded, engine, spool, metrics
@@ -156,6 +157,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             max_n=settings.max_n,
             store_responses=settings.store_responses,
             max_file_storage_bytes=settings.max_file_storage_bytes,
+            root_path=settings.root_path,
             sampling_defaults=sampling_defaults(settings, loaded),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))
@@ -225,7 +227,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(PathMiddleware)
+    app.add_middleware(PathMiddleware, root_path=settings.root_path)
     app.state.metrics = metrics
     app.state.metrics_project = settings.metrics_project
     app.state.draining = False

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
+from server.api.paths import route_path
 from server.api.protocol import ErrorInfo, ErrorResponse
 from server.exceptions import ClientDisconnected, ServerError
 from server.log import request_id_var
@@ -67,7 +68,7 @@ def speaks_anthropic(scope: Scope, unknown_route: bool = False) -> bool:
     the routes both APIs share (models, files), or a route this server does not have, when
     Anthropic's SDK calls them (it sends anthropic-version). OpenAI's own routes keep their
     envelope whatever headers a gateway forwards."""
-    path = scope["path"]
+    path = route_path(scope)
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return True
     shared = any(path == p or path.startswith(f"{p}/") for p in SHARED_PATHS)
@@ -301,7 +302,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if status == 404 and message == "Not Found":
             sent = request.scope.get(SENT_PATH, request.url.path)
-            message = _unknown_route(request.method, request.url.path, sent)
+            message = _unknown_route(request.method, route_path(request.scope), sent)
             anthropic = speaks_anthropic(request.scope, unknown_route=True)
             body = error_body(anthropic, 404, message, "invalid_request_error")
             return JSONResponse(body, status_code=404)

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ANTHROPIC_OVERLOADED, SENT_PATH, error_body, speaks_anthropic
+from server.api.paths import route_path
 from server.api.sse import named_event, wire_json
 from server.jobs.project import project_var
 from server.log import INTERNAL, request_id_var
@@ -208,7 +209,8 @@ class BodyLimitsMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, send, self._too_large())
             return
-        is_json = scope["method"] in ("POST", "PUT", "PATCH") and scope["path"] not in UPLOAD_PATHS
+        writes = scope["method"] in ("POST", "PUT", "PATCH")
+        is_json = writes and route_path(scope) not in UPLOAD_PATHS
         if declared is not None and not is_json:
             await self.app(scope, receive, send)
             return
@@ -261,7 +263,7 @@ class JsonBodyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             origin = dict(scope["headers"]).get(b"origin")
-            if scope["path"] in UPLOAD_PATHS:
+            if route_path(scope) in UPLOAD_PATHS:
                 if origin is not None and not self._allowed(origin):
                     _set_content_type(scope, b"text/plain")
             elif origin is None:
@@ -308,16 +310,28 @@ class PathMiddleware:
     Starlette's 307 would make it send its POST body again, to an http:// Location even behind
     a TLS proxy, and many clients do not follow it); an OpenAI resource at the root is its
     /v1 one (`GET /models` is `GET /v1/models`), and so is one under a hosted API's prefix
-    (`/openai/deployments/{deployment}/chat/completions`, `/openai/v1/models`)."""
+    (`/openai/deployments/{deployment}/chat/completions`, `/openai/v1/models`). Behind a
+    proxy serving it under --root-path (`/vlm`), whether the proxy strips the prefix or
+    passes it on, the path is the prefix and the route's path, and root_path the prefix, as
+    ASGI has them (route_path reads the route's back); the URLs the server writes (/docs, a
+    job's status_url, the playground's) name it."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, root_path: str = ""):
         self.app = app
+        self.root = root_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sent = path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        sent = scope.get("path", "")
+        raw = scope.get("raw_path") or sent.encode()  # (as sent: percent-escapes kept)
+        scope = {**scope, "root_path": self.root}
+        path = route_path(scope)
+        if path != sent:  # (the prefix passed on: the ASCII root, a prefix of the raw path too)
+            raw = raw[len(self.root) :] or b"/"
         # (a request target need not start with "/": `GET *x` reaches here too)
         if scope["type"] == "http" and len(path) > 1 and path.startswith("/"):
-            raw = scope.get("raw_path") or path.encode()  # (as sent: percent-escapes kept)
             if path.endswith("/"):
                 path, raw = path.rstrip("/") or "/", raw.rstrip(b"/") or b"/"
             prefix = hosted_prefix(path)
@@ -325,7 +339,9 @@ class PathMiddleware:
                 path, raw = path[prefix:], _raw_tail(raw, path[prefix:])
             if path.split("/", 2)[1] in OPENAI_RESOURCES:
                 path, raw = f"/v1{path}", b"/v1" + raw
-            scope = {**scope, "path": path, "raw_path": raw, SENT_PATH: sent}
+        if self.root or path != sent:
+            root = self.root
+            scope = {**scope, "path": root + path, "raw_path": root.encode() + raw, SENT_PATH: sent}
         await self.app(scope, receive, send)
 
 
@@ -391,7 +407,7 @@ class ApiKeyMiddleware:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or self._is_open(scope["path"]):
+        if scope["type"] != "http" or not self.keys or self._is_open(route_path(scope)):
             await self.app(scope, receive, send)
             return
         if scope.get(INTERNAL):  # a job's own request: in the job's project (its task's)
@@ -462,7 +478,7 @@ class DrainMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and getattr(scope["app"].state, "draining", False):
-            if scope["path"] in self.OPEN_WHILE_DRAINING:
+            if route_path(scope) in self.OPEN_WHILE_DRAINING:
                 await self.app(scope, receive, send)
             else:
                 await _shutting_down(scope, send)
@@ -514,7 +530,7 @@ def cut_off_event(scope: Scope, last: bytes) -> bytes:
     if speaks_anthropic(scope):
         data: dict = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
         return named_event("error", data).encode()
-    if scope["path"].startswith("/v1/responses"):
+    if route_path(scope).startswith("/v1/responses"):
         numbers = SEQUENCE_NUMBER.findall(last)
         data = {
             "type": "error",

@@ -1508,8 +1508,10 @@ class MediaJob(BaseModel):
     webhooks: list[dict[str, Any]] = []
 
     @classmethod
-    def from_job(cls, job: Job, webhooks: list[dict[str, Any]] | None = None) -> MediaJob:
-        return cls.model_validate({**job.as_dict(), "webhooks": webhooks or []})
+    def from_job(
+        cls, job: Job, root_path: str, webhooks: list[dict[str, Any]] | None = None
+    ) -> MediaJob:
+        return cls.model_validate({**job.as_dict(root_path), "webhooks": webhooks or []})
 
 
 JobStatus = Literal["queued", "processing", "completed", "failed", "cancelled"]

@@ -60,8 +60,9 @@ class Job:
     # while running: a replica killed, crashed or cut off), not counting orderly releases.
     takeovers: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        """The job as the status endpoint and webhooks show it."""
+    def as_dict(self, root_path: str = "") -> dict[str, Any]:
+        """The job as the status endpoint and webhooks show it (root_path: --root-path, the
+        prefix its status_url is served under)."""
         return {
             "id": self.id,
             "object": "media.job",
@@ -70,7 +71,7 @@ class Job:
             "progress": self.progress,
             "created_at": int(self.created_at),  # (whole seconds, as every other object's)
             "updated_at": int(self.updated_at),
-            "status_url": f"/v2/media/status/{self.id}",
+            "status_url": f"{root_path}/v2/media/status/{self.id}",
             "result": self.result,
             "error": self.error,
         }
@@ -127,6 +128,8 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
     """Blocking calls: the async side calls them through asyncio.to_thread."""
 
     greatest = "MAX"  # the two-argument maximum
+    # --root-path, set by the server: the prefix a webhook's status_url names.
+    root_path = ""
 
     def watch(self, on_new_job: Callable[[], None]) -> None:
         """Calls on_new_job (from any thread) when another process queues a job. By default
@@ -388,7 +391,11 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
         # Standard Webhooks' payload: type, timestamp (of the event, ISO 8601) and data.
         when = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
         payload = json.dumps(
-            {"type": event, "timestamp": when, "data": Job.from_row(ended, {}).as_dict()},
+            {
+                "type": event,
+                "timestamp": when,
+                "data": Job.from_row(ended, {}).as_dict(self.root_path),
+            },
             separators=(",", ":"),
         )
         execute(

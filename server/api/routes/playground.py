@@ -5,16 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+INDEX = (STATIC_DIR / "index.html").read_text()
+BASE = '<base href="/">'
 
 
 def mount(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
-    async def playground() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    async def playground(request: Request) -> HTMLResponse:
+        # Its paths are relative to its base: the server's root, under --root-path behind a
+        # proxy (whether the page was opened as /vlm or /vlm/).
+        root = request.scope.get("root_path", "")
+        page = INDEX.replace(BASE, f'<base href="{root}/">', 1)
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     app.mount("/playground", StaticFiles(directory=STATIC_DIR), name="playground")

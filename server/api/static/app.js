@@ -50,7 +50,7 @@ function showError(err) {
 
 async function loadModels() {
   try {
-    const response = await fetch("/v1/models", { headers: headers() });
+    const response = await fetch("v1/models", { headers: headers() });
     if (response.status === 401 && !$("api-key").value.trim()) {
       showError("This server needs an API key: enter it above.");
       return;
@@ -241,7 +241,7 @@ async function categories(signal) {
   if (!media.length) throw new Error("Add an image or a video first.");
   const body = { model: $("model").value, media_url: media[0].url, metadata: CATEGORIES };
   if ($("use-scenes").checked) body.use_scenes = true;
-  const result = await (await api("POST", "/v2/media/categories", body, signal)).json();
+  const result = await (await api("POST", "v2/media/categories", body, signal)).json();
   showCategories(result);
 }
 
@@ -254,7 +254,7 @@ function showCategories(result) {
 
 async function job(signal) {
   const body = completionBody({ async: true });
-  const status = await (await api("POST", "/v2/media/completions", body, signal)).json();
+  const status = await (await api("POST", "v2/media/completions", body, signal)).json();
   sessionStorage.setItem("vlm-job", status.id); // a reload follows it on
   await follow(status, signal);
 }
@@ -267,7 +267,7 @@ async function follow(status, signal) {
     await new Promise((resolve) => setTimeout(resolve, JOB_POLL_MS * (1 + failures)));
     if (signal && signal.aborted) return; // Stop: the job goes on; its id is shown
     try {
-      status = await (await api("GET", `/v2/media/status/${status.id}`)).json();
+      status = await (await api("GET", `v2/media/status/${status.id}`)).json();
       failures = 0;
     } catch (err) {
       if (++failures > JOB_RETRIES) throw err;
@@ -342,7 +342,7 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   loadModels();
-  fetch("/version")
+  fetch("version")
     .then((r) => r.json())
     .then((v) => ($("version").textContent = v.version))
     .catch(() => {});
