@@ -230,10 +230,10 @@ class Settings(BaseSettings):
     @classmethod
     def _check_root_path(cls, value: str) -> str:
         value = value.rstrip("/")
-        if value and not ROOT_PATH.fullmatch(value):
+        if value and (not ROOT_PATH.fullmatch(value) or {".", ".."} & set(value.split("/"))):
             raise ValueError(
                 f"{value!r} is not a path prefix: `/` and segments of letters, digits, `_`, "
-                "`.`, `-` (/vlm, /qwen/7b)"
+                "`.`, `-`, not `.` or `..` (/vlm, /qwen/7b)"
             )
         if value and value.split("/")[1] in SERVED_SEGMENTS:
             raise ValueError(

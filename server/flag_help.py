@@ -218,9 +218,10 @@ HELP = {
     "sending, the receiver's status line and headers; its body is not read).",
     "job_retention_hours": "Finished async jobs are deleted this long after they end (0: keep "
     "them forever).",
-    "max_file_storage_bytes": "What one project's files (/v1/files uploads and batches' output "
-    "files) may hold in all; an upload past it is a 400 storage_limit_exceeded until files are "
-    "deleted (0: no bound). Without API keys, every file counts together.",
+    "max_file_storage_bytes": "An upload (/v1/files) that would take what one project's files "
+    "hold in all (its uploads and its batches' output files) past this is a 400 "
+    "storage_limit_exceeded until files are deleted; a batch's output is never refused (0: no "
+    "bound). Without API keys, every file counts together.",
     "job_store": "Where async jobs, pending webhooks and the webhook secret live: "
     "sqlite:///relative/path or sqlite:////absolute/path (one machine; the start-up line shows "
     "the file) or postgresql://USER@HOST/DB, shared by several replicas (docs/DEPLOYMENT.md).",

@@ -328,8 +328,9 @@ class PathMiddleware:
         raw = scope.get("raw_path") or sent.encode()  # (as sent: percent-escapes kept)
         scope = {**scope, "root_path": self.root}
         path = route_path(scope)
-        if path != sent:  # (the prefix passed on: the ASCII root, a prefix of the raw path too)
-            raw = raw[len(self.root) :] or b"/"
+        if path != sent:  # (the prefix passed on; sent escaped, `/%76lm/...`, it is not raw's)
+            root = self.root.encode()
+            raw = (raw[len(root) :] if raw.startswith(root) else _raw_tail(raw, path)) or b"/"
         # (a request target need not start with "/": `GET *x` reaches here too)
         if scope["type"] == "http" and len(path) > 1 and path.startswith("/"):
             if path.endswith("/"):

@@ -53,10 +53,11 @@ class FileStore(Tables):
         self, purpose: str, filename: str, content: bytes, project: str, max_total: int = 0
     ) -> StoredFile:
         """An upload; max_total (0: none): what the project's files may hold in all, this one
-        with them, else FileStorageFull. (Checked inside the insert's transaction; uploads of
-        one project landing at the same instant on two replicas can each pass it once.)"""
+        with them, else FileStorageFull. (The project's uploads are counted and written one at
+        a time, on every replica: two at once cannot both pass the bound.)"""
         with self.transaction() as execute:
             if max_total:
+                self._hold(execute, f"file storage {project}")
                 used = stored_bytes(execute, project)
                 if used + len(content) > max_total:
                     raise FileStorageFull(used, len(content), max_total)

@@ -256,6 +256,9 @@ class PostgresJobStore(JobStore):
         row = execute("SELECT pg_try_advisory_xact_lock(hashtext(?)) AS held", (name,))
         return row.fetchone()["held"]
 
+    def _hold(self, execute: Execute, name: str) -> None:
+        execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,)).fetchone()
+
     def _announce(self, execute: Execute) -> None:
         execute(f"NOTIFY {CHANNEL}", ())
 

@@ -17,3 +17,9 @@ class Tables(ABC):
 
     @abstractmethod
     def now(self) -> float: ...
+
+    def _hold(self, execute: Execute, name: str) -> None:
+        """Inside a write transaction: wait for, then hold until it ends, the lock `name`, so
+        that a check and the write it allows are one step (SQLite's write transactions are
+        one at a time already)."""
+        return None

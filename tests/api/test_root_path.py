@@ -47,7 +47,7 @@ async def test_the_api_answers_under_the_prefix_or_without_it(
     assert (await client.get(f"{prefix}/v1/nope", headers=KEY)).status_code == 404
     upload = await client.post(
         f"{prefix}/v1/files",
-        files={"file": ("in.jsonl", b"{}" * 600_000)},  # (an upload: its values not counted)
+        files={"file": ("in.jsonl", b"," * 1_100_000)},  # (an upload: its values not counted)
         data={"purpose": "batch"},
         headers=KEY,
     )
@@ -75,6 +75,7 @@ async def test_the_playground_and_docs_link_under_the_prefix(client: httpx.Async
         assert page.status_code == 200 and '<base href="/vlm/">' in page.text
     assert 'href="/' not in page.text.replace('<base href="/vlm/">', "")
     assert (await client.get("/vlm/playground/app.js")).status_code == 200
+    assert (await client.get("/vlm/playground/index.html")).status_code == 404  # (no <base>)
     docs = await client.get("/vlm/docs")
     assert docs.status_code == 200 and "/vlm/openapi.json" in docs.text
     assert (await client.get("/vlm/openapi.json")).status_code == 200
@@ -102,6 +103,8 @@ def test_the_prefix_is_a_path_that_names_no_route() -> None:
     for bad, words in (
         ("vlm", "not a path prefix"),
         ("/vlm x", "not a path prefix"),
+        ("/vlm/..", "not a path prefix"),
+        ("/.", "not a path prefix"),
         ("/v1", "a path this server answers"),
         ("/health/x", "a path this server answers"),
     ):

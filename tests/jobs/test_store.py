@@ -304,6 +304,39 @@ def test_a_projects_files_are_bounded_together(store: JobStore) -> None:
     assert store.add_file("batch", "h.jsonl", b"x" * 60, project="p", max_total=100).bytes == 60
 
 
+def test_uploads_landing_together_cannot_both_pass_the_bound(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two uploads of one project at once (each INSERT slow, as a big file's is): one is
+    stored, the other refused, on both backends (PostgreSQL's READ COMMITTED let both count
+    the same total and both land: 160 of 100 bytes)."""
+    from server.jobs import files
+
+    insert = files.insert_file
+
+    def slow_insert(*args: object) -> object:
+        time.sleep(0.3)
+        return insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files, "insert_file", slow_insert)
+    outcomes: list[str] = []
+
+    def upload(name: str) -> None:
+        try:
+            store.add_file("batch", name, b"x" * 80, project="p", max_total=100)
+            outcomes.append("stored")
+        except FileStorageFull:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=upload, args=(f"{i}.jsonl",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused", "stored"]
+    assert [f.bytes for f in store.list_files(None, 10, None, True, "p")[0]] == [80]
+
+
 def test_an_input_file_deleted_under_its_batch_is_kept_for_it(store: JobStore) -> None:
     """Deleted while a batch that reads it is unfinished: gone from the API at once, its
     content kept for the batch (one that runs again after a restart reads it again) until

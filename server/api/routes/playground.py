@@ -10,7 +10,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-INDEX = (STATIC_DIR / "index.html").read_text()
+# (not among the static files: only ever served with its <base> set)
+INDEX = (STATIC_DIR.parent / "playground.html").read_text()
 BASE = '<base href="/">'
 
 
