@@ -3,9 +3,10 @@
     pip install -e '.[bench]'            # qwen-vl-utils, for the comparison
     python scripts/bench_frames.py       # writes clips to models/bench-clips/ on first run
 
-For each generated 720p H.264 clip (10 s, 60 s, 10 min): the time to turn the file into 60
-model-ready (planned, resized) frames, and the peak RSS of the process doing it, for
-- ours: bytes read from disk, then `VideoDecoder` (probe, plan, decord `get_batch` of exactly the
+For each generated 720p H.264 clip (10 s, 60 s, 60 s with a keyframe every second, 10 min):
+the time to turn the file into 60 model-ready (planned, resized) frames, and the peak RSS of
+the process doing it, for
+- ours: bytes read from disk, then `VideoDecoder` (probe, plan, PyAV's one pass over exactly the
   planned frames, resize) in its worker process;
 - qwen-vl-utils: `fetch_video({"video": path, "nframes": 60, ...})` with its decord backend.
 Each measurement runs in a fresh subprocess (peak RSS counts its children too), 3 times; the
@@ -27,14 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CLIPS = {"10s": 10, "60s": 60, "10min": 600}
+# name: (seconds, keyframe interval in frames; None: x264's default, 250)
+CLIPS = {"10s": (10, None), "60s": (60, None), "60s-gop1s": (60, 24), "10min": (600, None)}
 FPS = 24
 WIDTH, HEIGHT = 1280, 720
 NUM_FRAMES = 60
 MAX_PIXELS = 768 * 28 * 28  # the video pixel ceiling both paths resize to
 
 
-def make_clip(path: Path, seconds: int) -> None:
+def make_clip(path: Path, seconds: int, keyint: int | None = None) -> None:
     import av
     import numpy as np
 
@@ -44,6 +46,8 @@ def make_clip(path: Path, seconds: int) -> None:
         stream = video.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         stream.options = {"preset": "ultrafast"}
+        if keyint:
+            stream.options["x264-params"] = f"keyint={keyint}:min-keyint={keyint}"
         for i in range(seconds * FPS):
             frame = base.copy()
             frame[:, :, 0] = (i * 3) % 256
@@ -129,10 +133,10 @@ def main() -> None:
     if not (args.clips_dir / "warmup.mp4").exists():
         make_clip(args.clips_dir / "warmup.mp4", 1)
     rows = []
-    for name, seconds in CLIPS.items():
+    for name, (seconds, keyint) in CLIPS.items():
         path = args.clips_dir / f"{name}-720p-h264.mp4"
         if not path.exists():
-            make_clip(path, seconds)
+            make_clip(path, seconds, keyint)
         ours = measure("ours", path, args.repeats)
         theirs = measure("qwen-vl-utils", path, args.repeats)
         rows.append((name, path.stat().st_size, ours, theirs))

@@ -75,8 +75,6 @@ class VideoInfo:
     width: int  # as displayed: a phone's portrait video, stored sideways, is taller than wide
     height: int
     rotation: int = 0  # degrees counter-clockwise the stored frames are turned for display
-    # Each frame a picture of its own (MJPEG): each may have its own size, not the header's.
-    intra_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,22 @@
 """Video decoding in worker processes: probe, plan, read only the planned frames, resize.
 
-Decoders crash and hang on hostile files (decord#229), so decoding never runs in the server
+FFmpeg's decoders crash and hang on hostile files (decord#229), so decoding never runs in the server
 process: a small pool of spawned worker processes does it, each job with a deadline. A worker
 that dies or overruns is killed and replaced, and only its request gets a 4xx.
 
 Inside a worker: PyAV opens the container first (cheap: headers only) to check the format and
-read duration, fps, frame count and size; the planner picks the frames; decord reads exactly
-those (`get_batch`, seeking, never the whole video) and PyAV is the fallback reader. Peak memory
-is the encoded bytes plus the planned frames, whatever the video's length.
+read duration, fps, frame count and size; the planner picks the frames; PyAV reads those, in one
+pass that seeks past a keyframe only where that saves decoding (as decord's `get_batch` did), and
+scales each as it is converted. Its decoder refuses a frame above 8K by the frame's own size: a
+stream may change size mid-way (a 192 KB H.264 file with a 320x240 header and 8000x8000 frames
+took decord 5-9 s and 374 MB, with 8 reference frames 1.3 GB). Peak memory is the encoded bytes
+plus the planned frames, whatever the video's length.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import io
 import logging
 import multiprocessing
@@ -44,8 +48,9 @@ KEYFRAME_SNAP_MIN_GAP_S = 5.0
 # Containers we read: mp4/mov (H.264, H.265...), matroska/webm (VP8/VP9/AV1...), avi.
 ALLOWED_CONTAINERS = ("mp4", "mov", "matroska", "webm", "avi")
 # A video whose frames are larger (DCI 8K) is refused before a frame is decoded: a 424 KB
-# file of 12000x12000 frames took a decode worker 1.5 GB. Where each frame carries its own
-# size (MJPEG), PyAV's decoder refuses a larger one (FFmpeg's max_pixels).
+# file of 12000x12000 frames took a decode worker 1.5 GB. A frame that is larger by its own
+# size (MJPEG's frames each have one; H.264, VP9... may change size mid-stream) is refused by
+# the decoder (FFmpeg's max_pixels).
 MAX_FRAME_PIXELS = 8192 * 4320
 UNDECODABLE = "the video's frames could not be decoded (corrupt, or a frame above 8K)"
 
@@ -106,7 +111,6 @@ def _probe(data: VideoSource) -> VideoInfo:
             rotation = _rotation(container, stream)
             duration = _measured_duration(container, stream, duration, fps)
             num_frames = stream.frames or int(duration * fps)
-            intra_only = bool(stream.codec_context.codec.intra_only)
     except VideoDecodeError:
         raise
     except Exception:
@@ -119,12 +123,12 @@ def _probe(data: VideoSource) -> VideoInfo:
         )
     if rotation % 180:
         width, height = height, width
-    return VideoInfo(duration, fps, num_frames, width, height, rotation, intra_only)
+    return VideoInfo(duration, fps, num_frames, width, height, rotation)
 
 
 def _bounded(stream):
-    """The stream, its decoder told to refuse a frame above MAX_FRAME_PIXELS: the frame's own
-    size, which in MJPEG each frame has, not the header's (decord's cannot be told so)."""
+    """The stream, its decoder told to refuse a frame above MAX_FRAME_PIXELS by the frame's
+    own size, not the header's."""
     stream.codec_context.options = {"max_pixels": str(MAX_FRAME_PIXELS)}
     return stream
 
@@ -157,7 +161,7 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
 def _rotation(container, stream) -> int:
     """How the frames are turned for display (a phone's portrait video is stored sideways,
     with a display matrix): 0, 90, 180 or 270 degrees counter-clockwise. Read off the first
-    frame (PyAV has it there); decord turns its frames itself, PyAV's are turned here."""
+    frame (PyAV has it there): PyAV's frames come as stored and are turned here (_upright)."""
     try:
         frame = next(container.decode(stream), None)
         degrees = getattr(frame, "rotation", 0) or 0  # (PyAV from 14.1)
@@ -176,87 +180,81 @@ def _upright(frame, size: tuple[int, int] | None, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
-def _decord_reader(data: VideoSource, size: tuple[int, int], gpu: bool = True):
-    """A decord reader on the GPU (NVDEC) when this decord was built with CUDA, a GPU is
-    there and `gpu` allows it, else on the CPU (the PyPI wheel is CPU-only). Returns
-    (reader, "gpu" | "cpu")."""
-    import decord
-
-    if gpu and decord.gpu(0).exist:
-        try:
-            ctx = decord.gpu(0)
-            return decord.VideoReader(_open(data), ctx=ctx, width=size[0], height=size[1]), "gpu"
-        except Exception:
-            pass  # a CPU-only build: fall through
-    reader = decord.VideoReader(
-        _open(data), ctx=decord.cpu(0), num_threads=1, width=size[0], height=size[1]
-    )
-    return reader, "cpu"
-
-
-def _read_decord(
-    data: VideoSource, timestamps: list[float], size: tuple[int, int] = (-1, -1), rotation: int = 0
-) -> tuple[np.ndarray, str, list[float]]:
-    """(frames, "decord-gpu" | "decord-cpu", their times): the frame shown at each timestamp
-    (the last to start at or before it), by the frames' own times, which a variable frame
-    rate spaces unevenly (index = time x average fps was seconds off, and the time reported
-    the planned one); size (width, height, as displayed): decord resizes while decoding (-1:
-    as stored). A rotated video is read on the CPU, whose decoder turns its frames (the CUDA
-    one does not)."""
-    reader, device = _decord_reader(data, size, gpu=rotation == 0)
-    last = len(reader) - 1
-    starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0]  # (from the index)
-    if _in_order(starts):
-        shown = np.searchsorted(starts, np.asarray(timestamps), side="right") - 1
-        indices = np.clip(shown, 0, last).tolist()
-        times = [float(starts[i]) for i in indices]
-    else:  # no frame times in the stream (H.264 in AVI: -9e17 each): by the average rate
-        fps = reader.get_avg_fps()
-        indices = [min(max(int(t * fps), 0), last) for t in timestamps]
-        times = list(timestamps)
-    return reader.get_batch(indices).asnumpy(), f"decord-{device}", times
-
-
-def _in_order(starts: np.ndarray) -> bool:
-    """Whether frame start times are ones to read by: finite, from 0, never going back.
-    (Negative ones are frames an edit list cuts, which decord's index lists but its batch
-    reads skip: by them, every frame read was that many too late.)"""
-    return (
-        len(starts) > 0
-        and bool(np.isfinite(starts).all())
-        and starts[0] >= -1e-3
-        and bool((np.diff(starts) >= 0).all())
-    )
-
-
 def _read_pyav(
     data: VideoSource,
     timestamps: list[float],
     size: tuple[int, int] | None = None,
     rotation: int = 0,
 ) -> tuple[np.ndarray, list[float]]:
-    """(frames, their times): the frame shown at each timestamp, as _read_decord reads it."""
+    """(frames, their times): for each timestamp (in order), the frame shown then, the last to
+    start at or before it (the first frame, where none does), by the frames' own times, which
+    a variable frame rate spaces unevenly; size (width, height, as displayed): each scaled as
+    it is converted. One pass: decoding runs on from one planned frame to the next, and seeks
+    only where a keyframe lies between them (decoding from there is less work)."""
     import av
 
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
         stream = _bounded(container.streams.video[0])
         start = _start_s(stream)
+        keyframes = _keyframe_times(container, stream)
+        walk = _FrameWalk(container, stream)
         for target in timestamps:
             at = start + target  # (the stream's own clock: a recording may start at 10 s)
-            container.seek(int(at / stream.time_base), stream=stream, backward=True)
-            chosen = None
-            for frame in container.decode(stream):
-                if frame.time is not None and frame.time > at and chosen is not None:
-                    break  # (the one before it is on screen at target)
-                chosen = frame
-                if frame.time is None or frame.time > at:
-                    break  # (no times to go by, or the first after the seek is later)
+            shown = walk.current
+            if shown is None or shown.time is None or at < shown.time:
+                walk.seek(at)  # (no times to go by, or back: as the first read)
+            elif bisect.bisect_right(keyframes, at) > bisect.bisect_right(keyframes, shown.time):
+                walk.seek(at)  # (a keyframe after the shown frame, at or before the target)
+            chosen = walk.shown_at(at)
             if chosen is None:
                 raise VideoDecodeError("a planned frame could not be decoded")
             frames.append(_upright(chosen, size, rotation))
             times.append(_time_of(chosen, start, target))
     return np.stack(frames), times
+
+
+def _keyframe_times(container, stream) -> list[float]:
+    """The stream's keyframes' times, in order, from its packets (demuxed, not decoded: the
+    file read once, a few ms for a minute of 720p); [] where its packets have no times."""
+    base = stream.time_base
+    found = [
+        float(packet.pts * base)
+        for packet in container.demux(stream)
+        if packet.is_keyframe and packet.pts is not None
+    ]
+    return sorted(found)
+
+
+class _FrameWalk:
+    """Decoded frames from the last seek on: `current`, the last one taken, and the next one,
+    decoded but not yet taken (it may be the frame a later timestamp shows)."""
+
+    def __init__(self, container, stream):
+        self.container, self.stream = container, stream
+        self.frames = iter(())
+        self.current = self.upcoming = None
+
+    def seek(self, at: float) -> None:
+        """To the keyframe at or before `at` (stream seconds)."""
+        self.container.seek(int(at / self.stream.time_base), stream=self.stream, backward=True)
+        self.frames = self.container.decode(self.stream)
+        self.current = self.upcoming = None
+
+    def shown_at(self, at: float):  # noqa: ANN201 (a PyAV frame, or None)
+        """The frame on screen at `at`: frames are taken while the next starts at or before
+        it; the first one after a seek is taken whatever its time (or if it has none)."""
+        while True:
+            if self.upcoming is None:
+                self.upcoming = next(self.frames, None)
+                if self.upcoming is None:  # (the stream's end: the last frame stays shown)
+                    return self.current
+            later = self.upcoming.time is None or self.upcoming.time > at
+            if self.current is not None and later:
+                return self.current
+            self.current, self.upcoming = self.upcoming, None
+            if later:  # (the first frame after the seek, past `at` or without a time)
+                return self.current
 
 
 def _start_s(stream) -> float:
@@ -343,14 +341,7 @@ def decode_job(
 def _read_frames(
     data: VideoSource, timestamps: list[float], size: tuple[int, int], info: VideoInfo
 ) -> tuple[np.ndarray, str, list[float]]:
-    """(frames, backend, their times): by decord (it scales while decoding: full-size frames
-    never exist in memory), else PyAV; by PyAV alone where each frame carries its own size
-    (intra-only, MJPEG), as only PyAV's decoder can be bounded to 8K frames."""
-    if not info.intra_only:
-        try:
-            return _read_decord(data, timestamps, size, info.rotation)
-        except Exception:
-            pass
+    """(frames, backend, their times), read by PyAV (see _read_pyav)."""
     try:
         frames, times = _read_pyav(data, timestamps, size, info.rotation)
     except VideoDecodeError:
@@ -371,23 +362,10 @@ def _plan_scenes(
     return at_timestamps(plan, [s.middle_s for s in found], info, budget, request.mode)
 
 
-def _quiet_decoders() -> None:
-    """decord's FFmpeg writes its complaints about a broken file straight to stderr (lines
-    with no time or request id in the server's log); the job's error says what matters.
-    PyAV's FFmpeg logging is off by default."""
-    try:
-        import decord.logging
-
-        decord.logging.set_level(decord.logging.QUIET)
-    except ImportError:  # (PyAV alone)
-        pass
-
-
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     # Ctrl-C reaches the terminal's whole process group: the server drains first and then
     # closes its workers itself, so a worker must finish the video it is decoding.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _quiet_decoders()
     conn.send("ready")  # (from here on a Ctrl-C leaves it be: the server waits for this)
     while True:
         try:

@@ -442,7 +442,7 @@ async def test_vllms_sampling_extensions_are_the_chat_completions(
         },
     )
     assert streamed.status_code == 200, streamed.text
-    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[:6] == "data: "]
+    events = [json.loads(line[6:]) for line in streamed.text.split("\n") if line[:6] == "data: "]
     assert events[-1]["type"] == "response.incomplete"  # (max_output_tokens, with ignore_eos)
     assert events[-1]["response"]["usage"]["output_tokens"] == 12
     for field, value in (("top_k", -2), ("stop_token_ids", [10**6]), ("logit_bias", {"x": 1})):
