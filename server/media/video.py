@@ -216,7 +216,8 @@ def _read_pyav(
 
 def _keyframe_times(container, stream) -> list[float]:
     """The stream's keyframes' times, in order, from its packets (demuxed, not decoded: the
-    file read once, a few ms for a minute of 720p); [] where its packets have no times."""
+    file read once, 0.1-0.15 s for a minute of 720p H.264 on the 2-core test machine); []
+    where its packets have no times."""
     base = stream.time_base
     found = [
         float(packet.pts * base)
