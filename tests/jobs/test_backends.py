@@ -268,10 +268,16 @@ def test_a_nul_character_from_a_client_is_a_bad_request_on_postgres() -> None:
             store.close()
 
 
-def test_a_job_store_that_cannot_be_opened_is_one_clear_start_up_error() -> None:
+def test_a_job_store_that_cannot_be_opened_is_one_clear_start_up_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """At start-up an unreachable database, or a search_path schema that does not exist, is
-    the operator's to fix: a StartupError with one line saying so (the CLI exits with 2)."""
+    the operator's to fix: a StartupError with one line saying so (the CLI exits with 2).
+    (Its retries shortened from 10 s to 2 s each: the same errors, 30 s less of CI.)"""
     from server.exceptions import JobStoreStartError
+    from server.jobs import postgres
+
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_S", 1)
     from server.jobs.postgres import PostgresJobStore
     from tests.helpers import free_port
     from tests.jobs.pg import require_postgres, with_schema
