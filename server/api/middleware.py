@@ -328,9 +328,10 @@ class PathMiddleware:
         raw = scope.get("raw_path") or sent.encode()  # (as sent: percent-escapes kept)
         scope = {**scope, "root_path": self.root}
         path = route_path(scope)
+        root, raw_root = self.root, self.root.encode()
         if path != sent:  # (the prefix passed on; sent escaped, `/%76lm/...`, it is not raw's)
-            root = self.root.encode()
-            raw = (raw[len(root) :] if raw.startswith(root) else _raw_tail(raw, path)) or b"/"
+            raw = raw[len(raw_root) :] if raw.startswith(raw_root) else _raw_tail(raw, path)
+            raw = raw or b"/"
         # (a request target need not start with "/": `GET *x` reaches here too)
         if scope["type"] == "http" and len(path) > 1 and path.startswith("/"):
             if path.endswith("/"):
@@ -340,9 +341,8 @@ class PathMiddleware:
                 path, raw = path[prefix:], _raw_tail(raw, path[prefix:])
             if path.split("/", 2)[1] in OPENAI_RESOURCES:
                 path, raw = f"/v1{path}", b"/v1" + raw
-        if self.root or path != sent:
-            root = self.root
-            scope = {**scope, "path": root + path, "raw_path": root.encode() + raw, SENT_PATH: sent}
+        if root or path != sent:
+            scope = {**scope, "path": root + path, "raw_path": raw_root + raw, SENT_PATH: sent}
         await self.app(scope, receive, send)
 
 
