@@ -157,7 +157,6 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             max_n=settings.max_n,
             store_responses=settings.store_responses,
             max_file_storage_bytes=settings.max_file_storage_bytes,
-            root_path=settings.root_path,
             sampling_defaults=sampling_defaults(settings, loaded),
         )
         logger.info("serving %s", ", ".join(settings.served_model_names()))

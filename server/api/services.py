@@ -49,7 +49,6 @@ class Services:
     max_n: int = 8  # choices per request (n)
     store_responses: bool = True  # the Responses API's answers kept (--no-store-responses)
     max_file_storage_bytes: int = 0  # what a project's files may hold (0: no bound)
-    root_path: str = ""  # --root-path: the prefix the URLs the server writes name
     # Uploads read into memory and stored at once: each is up to --max-request-body-bytes, held
     # about twice over while the store takes it; the others wait in their spooled temp files.
     uploads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(UPLOADS_AT_ONCE))
@@ -123,7 +122,7 @@ class Services:
     async def job_views(self, jobs: list[Job]) -> list[MediaJob]:
         """Jobs as the API shows them, each with its webhook deliveries."""
         deliveries = await asyncio.to_thread(self.jobs.deliveries_of_jobs, [j.id for j in jobs])
-        return [MediaJob.from_job(job, self.root_path, deliveries[job.id]) for job in jobs]
+        return [MediaJob.from_job(job, self.jobs.root_path, deliveries[job.id]) for job in jobs]
 
     def check_model(self, name: str) -> None:
         if name not in self.served_model_names:

@@ -53,7 +53,7 @@ async def media_categories(
         job = await services.submit_job(
             "categories", body.model_dump(by_alias=True), idempotency_key
         )
-        return job_accepted(job, services.root_path)
+        return job_accepted(job, services.jobs.root_path)
     job_id = f"mcat-{uuid.uuid4().hex}"
     result = await until_disconnected(
         request, services.categories.run(pipeline_request(job_id, body))
