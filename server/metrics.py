@@ -250,6 +250,8 @@ class EngineCollector:
         "kv_cache_blocks": "KV cache blocks in all",
         "grammar_cache_bytes": "Memory of the cached structured-output grammars (at most 512 MiB; "
         "a running request keeps its own grammar also once the cache lets go of it)",
+        "encoder_cache_bytes": "Memory of the cached vision-tower outputs (at most "
+        "--encoder-cache-memory; on the model's device)",
     }
 
     def __init__(self, stats: Callable[[], dict[str, float]]):

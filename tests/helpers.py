@@ -21,7 +21,6 @@ import uvicorn
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
-from server.api.app import create_app
 from server.config import Settings
 
 
@@ -198,6 +197,8 @@ def make_settings(model_dir: Path, **overrides: object) -> Settings:
 
 
 async def start_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    from server.api.app import create_app  # (here: importing the helpers stays light)
+
     app = create_app(settings)
     # (start-up loads the model: its 5 s default is short on a loaded 2-core machine)
     async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
@@ -217,6 +218,8 @@ def free_port() -> int:
 def serve_in_thread(settings: Settings) -> Iterator[str]:
     """The app under a real uvicorn server on loopback (httpx's ASGITransport buffers whole
     responses, so streaming and disconnects need a real server)."""
+    from server.api.app import create_app
+
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=free_port(), log_config=None
     )

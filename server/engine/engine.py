@@ -214,6 +214,7 @@ class AsyncEngine:
             "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
             "kv_cache_blocks": blocks.num_blocks,
             "grammar_cache_bytes": self.runner.grammars.num_bytes,
+            "encoder_cache_bytes": encoder.num_bytes,
         }
 
     def cache_info(self) -> dict[str, str]:

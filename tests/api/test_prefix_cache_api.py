@@ -3,6 +3,7 @@ same answer either way, hit counters in /metrics, and a flag that turns caching 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -58,6 +59,9 @@ async def test_cached_tokens_and_hit_metrics(tiny_model_dir: Path) -> None:
     assert float(cached.split()[-1]) == hits
     assert metric(metrics, "vlm_prefix_cache_queried_tokens_total") >= 4 * prompt_tokens
     assert metric(metrics, "vlm_encoder_cache_misses_total") == 2  # two distinct images
+    # what the cache holds: the two images' vision-tower outputs, text-width float32 rows
+    hidden = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]["hidden_size"]
+    assert metric(metrics, "vlm_encoder_cache_bytes") == 2 * image_tokens * hidden * 4
     assert 0 <= metric(metrics, "vlm_kv_cache_usage") <= 1
 
 

@@ -5,6 +5,7 @@ and the truncation benchmark runs."""
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -62,6 +63,18 @@ def test_bench_gpu_runs_on_the_cpu_at_test_size(tmp_path: Path) -> None:
     assert [(row["batch"], row["async"]) for row in results["loop"]] == [(4, False), (4, True)]
     assert results["loop"][1]["same_tokens"] is True
     assert "| test | reference | fused | graphs | 4 |" in result.stdout
+
+
+def test_bench_soak_runs_and_leaves_nothing_behind() -> None:
+    """A few seconds of every kind of traffic against a started server: each answer as
+    expected, each job's webhook delivered, and once idle nothing running, nothing in the KV
+    cache and no temporary file left (the script exits 1 otherwise)."""
+    command = [sys.executable, str(ROOT / "scripts" / "bench_soak.py"), "--seconds", "8"]
+    command += ["--every", "4", "--concurrency", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    statuses = result.stdout.split("answers by status: ")[1].split(";")[0]
+    assert set(ast.literal_eval(statuses)) == {200, 202, 400}  # a 400: the unreadable image
 
 
 def test_a_moe_roofline_counts_the_experts_a_step_reads(tiny3moe_model_dir: Path) -> None:
