@@ -114,7 +114,8 @@ HELP = {
     "can no longer tell from cached_tokens or a fast answer that a prompt or image was sent "
     "before; a system prompt all keys share is then computed once per project.",
     "encoder_cache_memory": "Vision-tower outputs kept for images and videos asked about again, "
-    "in GiB; 0 turns it off.",
+    "in GiB; 0 turns it off. On a GPU it is part of --gpu-memory-utilization's share (the KV "
+    "cache gets that much less).",
     "attention_backend": "Decode attention over the paged KV cache: reference (gather + sdpa, "
     "exact everywhere) or triton (reads blocks in place; CUDA, bf16/fp16, --block-size 16, 32, "
     "64 or 128; verify it with scripts/gpu_check.sh first).",

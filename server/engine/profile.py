@@ -9,6 +9,8 @@ lm_head), and the vision tower on an image of that many tokens. The KV cache get
       - the peak torch allocated during that step (weights included; the step's own temporary
         KV cache left out, the real one is what is being sized)
       - memory torch does not manage (CUDA context, other processes)
+      - --encoder-cache-memory (the vision-tower outputs kept for reuse fill it later, on the
+        same card)
 
 `worst_case_step` runs on any device, so CI exercises it on the CPU; only the measurement is
 CUDA's.
@@ -103,15 +105,18 @@ def kv_budget_bytes(loaded: LoadedModel, config: EngineConfig, max_seq_len: int)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     not_torch = total - free - torch.cuda.memory_reserved(device)
-    budget = total * config.gpu_memory_utilization - peak - not_torch
+    encoder_cache = config.encoder_cache_memory_gib * 2**30
+    budget = total * config.gpu_memory_utilization - peak - not_torch - encoder_cache
     logger.info(
         "memory profile: %.2f GiB total x %.2f utilisation - %.2f GiB peak of a %d-token step "
-        "(weights included) - %.2f GiB outside torch = %.2f GiB for the KV cache",
+        "(weights included) - %.2f GiB outside torch - %.2f GiB encoder cache = %.2f GiB for "
+        "the KV cache",
         total / 2**30,
         config.gpu_memory_utilization,
         peak / 2**30,
         config.max_num_batched_tokens,
         not_torch / 2**30,
+        encoder_cache / 2**30,
         budget / 2**30,
     )
     return budget
