@@ -10,20 +10,24 @@ The mix, in turn: chat (whole, streamed, streamed and hung up on after two chunk
 by the client part-way), images by URL and inline (a size drawn per request), a JSON schema,
 n=2 with logprobs, a video inline, categories of a video by URL, an async media job with a
 signed webhook (polled to its end), an upload deleted again, an unreadable image (a 400).
-The server's own answers are counted by status: anything but 200, 202 and the one expected
-400 is printed.
+Each client runs until --seconds and at least one round of every kind. Answers are counted by
+status. It exits 1 (and says why) if any answer is not the one expected (200, 202, the one
+400), a request raised, an accepted job's webhook did not come, or once idle anything still
+runs, waits or holds KV blocks, or the traffic left a temporary file. The "caches" column
+(the encoder and grammar caches' bytes, bounded, expected to fill) is part of the main RSS
+where the model runs on the CPU; on a GPU the encoder cache is device memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
+import itertools
 import json
 import os
 import random
-import socket
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,7 +46,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.helpers import make_video  # noqa: E402  (the test clips' encoder)
+from tests.helpers import data_uri, free_port, make_video  # noqa: E402
 
 VIDEO = make_video(seconds=3.0, cuts=(1.0, 2.0))
 PROMPT = [{"role": "user", "content": "Say something about the sea."}]
@@ -60,7 +64,7 @@ class Host:
 
     def __init__(self) -> None:
         self.files = {"/clip.mp4": (VIDEO, "video/mp4"), "/photo.png": (png(640, 480, 1), "")}
-        self.webhooks = 0
+        self.webhook_ids: set[str] = set()  # (a delivery may be retried: counted once)
         host = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,7 +78,7 @@ class Host:
 
             def do_POST(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers["Content-Length"]))
-                host.webhooks += 1
+                host.webhook_ids.add(self.headers["webhook-id"])
                 self.send_response(204)
                 self.end_headers()
 
@@ -113,10 +117,6 @@ def with_parts(*parts: dict) -> dict:
 
 def image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
-
-
-def data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 class Traffic:
@@ -217,10 +217,18 @@ class Traffic:
         await self.post("bad_image", "/v1/chat/completions", body, expected=400)
 
     async def run(self, until: float) -> None:
+        """Until `until`, and at least one round of every kind (a short run covers them all)."""
         step = self.rng.randrange(len(self.kinds))
-        while time.monotonic() < until:
+        for done in itertools.count():
+            if done >= len(self.kinds) and time.monotonic() >= until:
+                return
             step = (step + 1) % len(self.kinds)
-            await self.kinds[step]()
+            try:
+                await self.kinds[step]()
+            except Exception as exc:  # (a refused connection, a broken stream: counted, not fatal)
+                self.tally.statuses["exception"] += 1
+                if len(self.tally.unexpected) < 5:
+                    self.tally.unexpected.append(f"{self.kinds[step].__name__}: {exc!r}")
 
 
 @dataclass
@@ -233,6 +241,7 @@ class Reading:
     threads: int
     kv_usage: float
     running: float
+    waiting: float
     caches_mib: float  # the encoder and grammar caches: bounded, expected to fill
 
 
@@ -250,11 +259,12 @@ def read(server: psutil.Process, client: httpx.Client, start: float, requests: i
         at_s=time.monotonic() - start,
         requests=requests,
         main_mib=server.memory_info().rss / 2**20,
-        workers_mib=sum(child.memory_info().rss for child in workers) / 2**20,
+        workers_mib=sum(rss(child) for child in workers) / 2**20,
         fds=server.num_fds(),
         threads=server.num_threads(),
         kv_usage=metric(metrics, "vllm:kv_cache_usage_perc"),
         running=metric(metrics, "vllm:num_requests_running"),
+        waiting=metric(metrics, "vllm:num_requests_waiting"),
         caches_mib=(
             metric(metrics, "vlm_encoder_cache_bytes") + metric(metrics, "vlm_grammar_cache_bytes")
         )
@@ -282,7 +292,15 @@ async def drive(port: int, host: Host, args: argparse.Namespace, tallies: list[T
         await asyncio.gather(*(t.run(until) for t in traffic))
 
 
+def rss(process: psutil.Process) -> int:
+    try:
+        return process.memory_info().rss
+    except psutil.NoSuchProcess:  # (a video worker replaced meanwhile)
+        return 0
+
+
 def wait_idle(client: httpx.Client, timeout_s: float = 60.0) -> None:
+    """Until nothing runs or waits (the problems found after it say if that never came)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         metrics = client.get("/metrics").text
@@ -314,22 +332,19 @@ def main() -> None:
         env["TMPDIR"] = tmp  # (what the traffic leaves in temp files is counted at the end)
         command = [sys.executable, "-m", "server", "serve", "--model", "tiny"]
         command += ["--port", str(args.port), "--data-dir", data_dir]
-        command += ["--allowed-media-domains", f"127.0.0.1:{host.port}", *args.args.split()]
+        command += ["--allowed-media-domains", f"127.0.0.1:{host.port}", *shlex.split(args.args)]
         log = args.log.open("w") if args.log else subprocess.DEVNULL
         server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         try:
             problems = soak(server, host, args, Path(tmp))
         finally:
             server.terminate()
-            server.wait(60)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
     if problems:
         sys.exit("problems:\n" + "\n".join(problems))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def soak(server: subprocess.Popen, host: Host, args: argparse.Namespace, tmp: Path) -> list[str]:
@@ -340,7 +355,15 @@ def soak(server: subprocess.Popen, host: Host, args: argparse.Namespace, tmp: Pa
         before = set(tmp.rglob("*"))  # (start-up's own: torch's compile cache directory)
         start = time.monotonic()
         readings = [read(process, client, start, 0)]
-        driver = threading.Thread(target=lambda: asyncio.run(drive(args.port, host, args, tallies)))
+        failures: list[BaseException] = []
+
+        def traffic() -> None:
+            try:
+                asyncio.run(drive(args.port, host, args, tallies))
+            except BaseException as exc:  # (told as a problem, not lost in a thread)
+                failures.append(exc)
+
+        driver = threading.Thread(target=traffic)
         driver.start()
         while driver.is_alive():
             driver.join(args.every)
@@ -348,14 +371,16 @@ def soak(server: subprocess.Popen, host: Host, args: argparse.Namespace, tmp: Pa
         wait_idle(client)
         accepted = sum(t.statuses[202] for t in tallies)
         for _ in range(30):  # the last jobs' webhooks may still be on their way
-            if host.webhooks >= accepted:
+            if len(host.webhook_ids) >= accepted:
                 break
             time.sleep(1)
         time.sleep(2)
         idle = read(process, client, start, readings[-1].requests)
     left = sorted(p.name for p in set(tmp.rglob("*")) - before)
     report(readings, idle, tallies, host, left)
-    return problems(idle, tallies, host, left)
+    return [f"the traffic stopped: {exc!r}" for exc in failures] + problems(
+        idle, tallies, host, left
+    )
 
 
 def wait_started(server: subprocess.Popen, client: httpx.Client) -> None:
@@ -375,10 +400,12 @@ def problems(idle: Reading, tallies: list[Tally], host: Host, left: list[str]) -
     webhook delivered, nothing left running, in the KV cache or in the temporary files."""
     found = [u for t in tallies for u in t.unexpected]
     accepted = sum(t.statuses[202] for t in tallies)
-    if host.webhooks != accepted:
-        found.append(f"{accepted} jobs accepted, {host.webhooks} webhooks received")
-    if idle.kv_usage != 0 or idle.running != 0:
-        found.append(f"idle, yet KV in use {idle.kv_usage} and {idle.running} running")
+    if len(host.webhook_ids) != accepted:
+        found.append(f"{accepted} jobs accepted, {len(host.webhook_ids)} webhooks received")
+    if idle.kv_usage != 0 or idle.running != 0 or idle.waiting != 0:
+        found.append(
+            f"idle, yet KV in use {idle.kv_usage}, {idle.running} running, {idle.waiting} waiting"
+        )
     if left:
         found.append(f"temporary files left: {left[:5]}")
     return found
@@ -398,7 +425,8 @@ def report(
             f"| {r.workers_mib:.0f} | {r.fds} | {r.threads} | {r.kv_usage:.3f} | {r.running:.0f} |"
         )
     statuses = sum((t.statuses for t in tallies), Counter())
-    print(f"\nanswers by status: {dict(sorted(statuses.items()))}; webhooks: {host.webhooks}")
+    by_status = dict(sorted(statuses.items(), key=lambda item: str(item[0])))
+    print(f"\nanswers by status: {by_status}; webhooks: {len(host.webhook_ids)}")
     main_slope = growth_per_1000(readings, lambda r: r.main_mib)
     rest_slope = growth_per_1000(readings, lambda r: r.main_mib - r.caches_mib)
     worker_slope = growth_per_1000(readings, lambda r: r.workers_mib)

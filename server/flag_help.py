@@ -105,7 +105,7 @@ HELP = {
     "kv_cache_memory": "KV cache size in GiB, instead of measuring what "
     "--gpu-memory-utilization leaves.",
     "gpu_memory_utilization": "Share of the GPU's memory (0..1] this server may use: the KV cache "
-    "gets what the weights and the measured worst-case step leave.",
+    "gets what the weights, the measured worst-case step and --encoder-cache-memory leave.",
     "block_size": "Tokens per KV cache block; prefix-cache hits are whole blocks.",
     "enable_prefix_caching": "Reuse the KV blocks of identical prompt prefixes, images and "
     "videos included.",
@@ -114,8 +114,8 @@ HELP = {
     "can no longer tell from cached_tokens or a fast answer that a prompt or image was sent "
     "before; a system prompt all keys share is then computed once per project.",
     "encoder_cache_memory": "Vision-tower outputs kept for images and videos asked about again, "
-    "in GiB; 0 turns it off. On a GPU it is part of --gpu-memory-utilization's share (the KV "
-    "cache gets that much less).",
+    "in GiB; 0 turns it off. On a GPU it is part of --gpu-memory-utilization's share (the "
+    "measured KV cache gets that much less; --kv-cache-memory is taken as given).",
     "attention_backend": "Decode attention over the paged KV cache: reference (gather + sdpa, "
     "exact everywhere) or triton (reads blocks in place; CUDA, bf16/fp16, --block-size 16, 32, "
     "64 or 128; verify it with scripts/gpu_check.sh first).",

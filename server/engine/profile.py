@@ -124,7 +124,8 @@ def kv_budget_bytes(loaded: LoadedModel, config: EngineConfig, max_seq_len: int)
 
 def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> int:
     """How many KV blocks the budget holds: --kv-cache-memory when given; on CUDA what
-    --gpu-memory-utilization leaves after the measured peak of a worst-case step; on a CPU a
+    --gpu-memory-utilization leaves after the measured peak of a worst-case step and the
+    encoder cache; on a CPU a
     fixed amount of RAM, no more than max_num_seqs full contexts."""
     bytes_per_token = kv_cache_shape(loaded.model).bytes_per_token(loaded.dtype)
     bytes_per_block = bytes_per_token * config.block_size
@@ -139,7 +140,8 @@ def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig, max_seq_len: int)
     if num_blocks < 1:
         raise ModelLoadError(
             f"The KV cache budget ({budget / 2**30:.2f} GiB) cannot hold one block of "
-            f"{config.block_size} tokens: raise --gpu-memory-utilization or --kv-cache-memory."
+            f"{config.block_size} tokens: raise --gpu-memory-utilization or --kv-cache-memory "
+            "(or lower --encoder-cache-memory)."
         )
     logger.info(
         "KV cache: %d blocks of %d tokens (%d tokens), %.2f GiB; prefix caching %s",

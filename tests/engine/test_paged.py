@@ -205,11 +205,13 @@ def test_worst_case_step_runs_on_any_device(loaded) -> None:
 
 
 def test_the_measured_kv_budget_leaves_room_for_the_encoder_cache(
-    loaded, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On CUDA the KV cache gets what --gpu-memory-utilization leaves, and the encoder cache,
     which fills later on the same card, comes out of it (else a 1 GiB cache runs the server
     past the share it was given). CUDA's memory readings stubbed: the arithmetic on the CPU."""
+    from types import SimpleNamespace
+
     from server.engine import profile
 
     gib = 2**30
@@ -220,15 +222,18 @@ def test_the_measured_kv_budget_leaves_room_for_the_encoder_cache(
         monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
     monkeypatch.setattr(profile, "worst_case_step", lambda *args: 2 * gib)  # its temporary KV
+    model = SimpleNamespace(device=torch.device("cpu"))
 
-    def budget(**flags: object) -> float:
-        config = Settings(model="unused", gpu_memory_utilization=0.5, **flags).engine_config()
-        return profile.kv_budget_bytes(loaded, config, max_seq_len=300) / gib
+    def budget(encoder_cache: float) -> float:
+        config = Settings(
+            model="unused", gpu_memory_utilization=0.5, encoder_cache_memory=encoder_cache
+        ).engine_config()
+        return profile.kv_budget_bytes(model, config, max_seq_len=300) / gib  # type: ignore[arg-type]
 
     # 140 x 0.5 - (30 - 2) peak - (140 - 100 - 32) outside torch - the encoder cache
-    assert budget(encoder_cache_memory=0) == pytest.approx(34)
-    assert budget() == pytest.approx(33)  # 1 GiB by default
-    assert budget(encoder_cache_memory=4) == pytest.approx(30)
+    assert budget(0) == pytest.approx(34)
+    assert budget(1) == pytest.approx(33)
+    assert budget(4) == pytest.approx(30)
 
 
 @pytest.mark.parametrize("room", ["max_num_seqs", "blocks_for_none", "blocks_for_the_prompt"])
