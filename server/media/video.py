@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 import numpy as np
 
 from server.media import scenes
+from server.media.decode_memory import return_freed_memory
 from server.media.frames import (
     DEFAULT_FPS,
     FramePlan,
@@ -374,13 +375,20 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
         except EOFError:
             return
         try:
-            conn.send(("ok", decode_job(*job)))
+            answer: tuple[str, object] = ("ok", decode_job(*job))
         except VideoNoRoom as exc:
-            conn.send(("no_room", str(exc)))
+            answer = ("no_room", str(exc))
         except VideoDecodeError as exc:
-            conn.send(("error", str(exc)))
+            answer = ("error", str(exc))
         except Exception:
-            conn.send(("error", "the video could not be decoded"))
+            answer = ("error", "the video could not be decoded")
+        conn.send(answer)
+        # The video and its frames are freed now: hand glibc's kept pages back (measured on a
+        # 3 s test clip, 2,000 decodes through a one-worker pool: the worker at 106-109 MiB
+        # without, 96-100 MiB with; in one process, 4,000 decodes: 87 -> 103 MiB without,
+        # 83 -> 88 MiB with; ~2 ms a call).
+        del job, answer
+        return_freed_memory()
 
 
 # -- in the server ---------------------------------------------------------------------------
