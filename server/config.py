@@ -148,6 +148,7 @@ class Settings(BaseSettings):
     max_videos_per_request: int = Field(default=4, ge=0)  # (sharing the context equally)
     video_decode_workers: int = Field(default=2, ge=1)
     video_decode_timeout: float = Field(default=60.0, gt=0)
+    video_decode_worker_max_jobs: int = Field(default=1000, ge=0)
     video_max_fps: float = Field(default=2.0, gt=0)
     caption_tokens: int = Field(default=256, ge=1)
     max_concurrent_preprocessing: int = Field(default=8, ge=1)

@@ -173,6 +173,9 @@ HELP = {
     "video_decode_workers": "Video decode worker processes (a crashing decoder costs one "
     "request, never the server).",
     "video_decode_timeout": "Per video; a decoder that overruns is killed and replaced.",
+    "video_decode_worker_max_jobs": "Videos a decode worker decodes before it is replaced "
+    "by a fresh one (started off the request's path, ~0.15 s of one core), bounding what a "
+    "long-lived decoder process grows by. 0: never.",
     "video_max_fps": "Most frames taken per second of video (at most 60 frames in all).",
     "caption_tokens": "Caption length per frame in captions mode; the planner budgets frames "
     "with it.",

@@ -292,7 +292,10 @@ async def _media_loader(
         uploads=jobs,  # images uploaded to the Files API, named by their ids
     )
     decoder = VideoDecoder(
-        settings.video_decode_workers, settings.video_decode_timeout, settings.video_max_fps
+        settings.video_decode_workers,
+        settings.video_decode_timeout,
+        settings.video_max_fps,
+        max_jobs_per_worker=settings.video_decode_worker_max_jobs,
     )
     await decoder.start()
     media = MediaLoader(

@@ -402,6 +402,7 @@ class _Worker:
         self.conn, child = context.Pipe()
         self.process: BaseProcess = context.Process(target=_worker_main, args=(child,), daemon=True)
         self.process.start()
+        self.jobs = 0  # decoded
         child.close()
 
     def wait_ready(self) -> None:
@@ -439,12 +440,24 @@ def _exchange(worker: _Worker, job: tuple, timeout_s: float) -> tuple[str, objec
 class VideoDecoder:
     """A pool of decode worker processes, each job with a deadline."""
 
-    def __init__(self, num_workers: int, timeout_s: float, max_fps: float = DEFAULT_FPS):
+    def __init__(
+        self,
+        num_workers: int,
+        timeout_s: float,
+        max_fps: float = DEFAULT_FPS,
+        max_jobs_per_worker: int = 0,
+    ):
         self.timeout_s = timeout_s
         self.max_fps = max_fps
+        # A worker is replaced after this many decodes (0: never), as gunicorn's --max-requests
+        # and Celery's max_tasks_per_child do: what a long-lived decoder process keeps growing
+        # by (FFmpeg's and the allocator's leftovers, ~1-2 MiB per 1,000 decodes of a test
+        # clip, more for odd files) is then bounded whatever the uptime.
+        self.max_jobs_per_worker = max_jobs_per_worker
         self.context = multiprocessing.get_context("spawn")  # no torch state, no forked threads
         self.num_workers = num_workers
         self.idle: asyncio.Queue[_Worker] | None = None
+        self.replacing: set[asyncio.Task] = set()
         self.backends_seen: set[str] = set()
 
     async def start(self) -> None:
@@ -461,8 +474,25 @@ class VideoDecoder:
             self.idle.put_nowait(worker)
 
     async def close(self) -> None:
+        await asyncio.gather(*self.replacing, return_exceptions=True)  # (then in the queue)
         while self.idle is not None and not self.idle.empty():
             self.idle.get_nowait().kill()
+
+    def _replace(self, worker: _Worker) -> None:
+        """Stops a worker and starts its successor off the request's path (the answer is not
+        held back for it); until it is ready the pool has one worker fewer."""
+
+        def swap() -> _Worker:  # (in a thread: killing waits for the process to end)
+            worker.kill()
+            return _Worker.started(self.context)
+
+        async def replace() -> None:
+            assert self.idle is not None
+            self.idle.put_nowait(await asyncio.to_thread(swap))
+
+        task = asyncio.create_task(replace())
+        self.replacing.add(task)
+        task.add_done_callback(self.replacing.discard)
 
     async def decode(
         self, data: VideoSource, budget: TokenBudget, request: FrameRequest
@@ -471,12 +501,13 @@ class VideoDecoder:
         worker = await self.idle.get()
         healthy = cancelled = False
         try:
-            if not worker.process.is_alive():  # replaced lazily: the pool never shrinks
+            if not worker.process.is_alive():  # (died while idle: replaced here)
                 worker = await asyncio.to_thread(_Worker.started, self.context)
             job = (data, budget, request, self.max_fps)
             # Sending a big video and receiving 60 frames are pipe copies: off the event loop.
             status, result = await asyncio.to_thread(_exchange, worker, job, self.timeout_s)
             healthy = True
+            worker.jobs += 1
         except asyncio.CancelledError:  # (its client went away: routine, not a fault)
             cancelled = True
             raise
@@ -489,9 +520,12 @@ class VideoDecoder:
                 logger.info("stopping a video decode worker: its request was cancelled")
             elif not healthy:
                 logger.warning("killing a video decode worker (crashed or hung)")
-            if not healthy:
-                worker.kill()
-            self.idle.put_nowait(worker)  # dead or alive: a dead one is respawned when next used
+            elif worker.jobs == self.max_jobs_per_worker:
+                logger.info("replacing a video decode worker after %d decodes", worker.jobs)
+            if healthy and worker.jobs != self.max_jobs_per_worker:
+                self.idle.put_nowait(worker)
+            else:
+                self._replace(worker)
         if status == "no_room":
             raise VideoNoRoom(result)
         if status == "error":

@@ -125,6 +125,48 @@ async def test_a_cancelled_decode_stops_its_worker_quietly(
     assert (await decoder.decode(make_video(), BUDGET, FrameRequest())).plan.num_frames > 0
 
 
+async def test_a_worker_is_replaced_after_its_quota_of_decodes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--video-decode-worker-max-jobs: after that many decodes a worker is stopped and a fresh
+    one started in the background; every decode is answered, and close() leaves no process."""
+    decoder = VideoDecoder(num_workers=1, timeout_s=30, max_jobs_per_worker=2)
+    await decoder.start()
+    assert decoder.idle is not None
+    answered_by = []
+    try:
+        with caplog.at_level("INFO", logger="server.media.video"):
+            for _ in range(5):
+                worker = await decoder.idle.get()  # (the pool's one worker, or its successor)
+                decoder.idle.put_nowait(worker)
+                answered_by.append(worker)
+                assert (await decoder.decode(make_video(), BUDGET, FrameRequest())).frames.size
+    finally:
+        await decoder.close()
+    first, second, third = answered_by[0], answered_by[2], answered_by[4]
+    assert answered_by == [first, first, second, second, third]
+    assert len({first.process.pid, second.process.pid, third.process.pid}) == 3
+    assert not any(worker.process.is_alive() for worker in answered_by)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines.count(("INFO", "replacing a video decode worker after 2 decodes")) == 2, lines
+    assert not [line for line in lines if line[0] == "WARNING"], lines
+
+
+async def test_a_killed_worker_is_replaced_before_the_next_request(
+    decoder: VideoDecoder,
+) -> None:
+    """A worker killed for a hang is replaced in the background: the next request finds a
+    started worker waiting (it does not pay for the start itself)."""
+    assert decoder.idle is not None
+    decoder.timeout_s = 0.001
+    with pytest.raises(VideoDecodeError, match="longer than"):
+        await decoder.decode(make_video(seconds=4), BUDGET, FrameRequest())
+    decoder.timeout_s = 30
+    await asyncio.gather(*decoder.replacing)
+    successor = decoder.idle._queue[0]  # type: ignore[attr-defined]
+    assert successor.process.is_alive() and successor.jobs == 0
+
+
 async def test_sparse_plans_read_keyframes_only(decoder: VideoDecoder) -> None:
     video = make_video(seconds=60, fps=12, keyframe_interval_s=2)
     wish = FrameRequest(max_frames=6)  # one frame per 10 s: far apart
