@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.engine.loader import resolve_device, resolve_dtype
 from tests.api.test_errors import assert_error
 from tests.helpers import data_uri, make_image, make_settings, start_client
 
@@ -59,9 +60,11 @@ async def test_cached_tokens_and_hit_metrics(tiny_model_dir: Path) -> None:
     assert float(cached.split()[-1]) == hits
     assert metric(metrics, "vlm_prefix_cache_queried_tokens_total") >= 4 * prompt_tokens
     assert metric(metrics, "vlm_encoder_cache_misses_total") == 2  # two distinct images
-    # what the cache holds: the two images' vision-tower outputs, text-width float32 rows
+    # what the cache holds: the two images' vision-tower outputs, text-width rows of --dtype
     hidden = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]["hidden_size"]
-    assert metric(metrics, "vlm_encoder_cache_bytes") == 2 * image_tokens * hidden * 4
+    settings = make_settings(tiny_model_dir)
+    width = resolve_dtype(settings.dtype, resolve_device(settings.device)).itemsize
+    assert metric(metrics, "vlm_encoder_cache_bytes") == 2 * image_tokens * hidden * width
     assert 0 <= metric(metrics, "vlm_kv_cache_usage") <= 1
 
 
