@@ -462,6 +462,8 @@ class AsyncEngine:
 
     def _take_inbox(self, block: bool) -> None:
         """Move new requests to the scheduler; when idle, sleep until one (or an abort) comes."""
+        if block:
+            self.runner.idle()
         item = self._inbox.get() if block else self._take_one()
         while item is not False:
             for seq in item or []:

@@ -316,6 +316,11 @@ class ModelRunner:
             scores.store()
         return tokens
 
+    def idle(self) -> None:
+        """Nothing is in flight: let go of the last sample's sequences (finished ones hold
+        their prompts' tensors, an image's pixels, until the next step replaced them)."""
+        self.last_sampled = None
+
     def take_prompt_logprobs(self) -> prompt_logprobs.PromptScores | None:
         """The last forward's prompt logprobs (on their way to the host), once."""
         scores, self.pending_prompt_logprobs = self.pending_prompt_logprobs, None

@@ -4,7 +4,9 @@ abort frees the engine, and context limits are enforced."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,6 +129,26 @@ async def test_abort_stops_within_a_token_and_frees_the_engine(loaded: LoadedMod
     )
     await engine.stop()
     assert after.num_completion_tokens == 3
+
+
+async def test_an_idle_engine_holds_no_finished_sequence(loaded: LoadedModel, prompt) -> None:
+    """Once idle the engine keeps nothing of the requests it answered: a finished sequence
+    holds its prompt's tensors (an image's pixels), which the last step's sample kept alive
+    until the next request came."""
+    engine = make_engine(loaded)
+    engine.start()
+    try:
+        seq, _ = await run(engine, "answered", prompt, SamplingParams(max_tokens=3, temperature=0))
+        gone = weakref.ref(seq)
+        del seq
+        for _ in range(100):  # (the engine thread goes idle just after the answer's last piece)
+            gc.collect()
+            if gone() is None:
+                break
+            await asyncio.sleep(0.05)
+        assert gone() is None, gc.get_referrers(gone())
+    finally:
+        await engine.stop()
 
 
 async def test_bad_word_ids_part_the_answer_where_they_would_complete(
