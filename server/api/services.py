@@ -124,6 +124,13 @@ class Services:
         deliveries = await asyncio.to_thread(self.jobs.deliveries_of_jobs, [j.id for j in jobs])
         return [MediaJob.from_job(job, self.jobs.root_path, deliveries[job.id]) for job in jobs]
 
+    async def job_accepted(self, job: Job) -> JSONResponse:
+        """202 with the job as its status URL shows it (a job an Idempotency-Key finds again
+        may have ended and sent its webhooks); Location points at its status."""
+        (view,) = await self.job_views([job])
+        headers = {"Location": view.status_url}
+        return JSONResponse(view.model_dump(), status_code=202, headers=headers)
+
     def check_model(self, name: str) -> None:
         if name not in self.served_model_names:
             raise ModelNotFound(name)
@@ -139,9 +146,3 @@ class Services:
 
 def get_services(request: Request) -> Services:
     return request.app.state.services
-
-
-def job_accepted(job: Job, root_path: str) -> JSONResponse:
-    """202 with the job; Location points at its status."""
-    view = MediaJob.from_job(job, root_path)
-    return JSONResponse(view.model_dump(), status_code=202, headers={"Location": view.status_url})

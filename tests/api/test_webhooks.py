@@ -157,10 +157,20 @@ async def test_media_completions_job_is_delivered(
         "max_tokens": 8,
         "webhook_url": receiver.url,
     }
+    key = {"Idempotency-Key": "order-17"}
     async for client in start_client(settings(tiny_model_dir, tmp_path)):
-        response = await client.post("/v2/media/completions", json=body)
+        response = await client.post("/v2/media/completions", json=body, headers=key)
         assert response.status_code == 202, response.text
         await wait_for(lambda: len(receiver.received) >= 1)
+        status_url = response.json()["status_url"]
+        while (shown := (await client.get(status_url)).json())["webhooks"][0]["status"] != (
+            "delivered"  # (recorded just after the receiver answered)
+        ):
+            await asyncio.sleep(0.05)
+        # The same request again: the job as its status URL shows it, its delivery included.
+        again = await client.post("/v2/media/completions", json=body, headers=key)
+    assert again.status_code == 202 and again.json() == shown
+    assert [d["status"] for d in again.json()["webhooks"]] == ["delivered"]
     headers, raw = receiver.received[0]
     event = Webhook(SECRET).verify(raw, headers)
     assert event["type"] == "media.completed"

@@ -25,7 +25,7 @@ from server.api.protocol import (
     completion_id,
     usage_wanted,
 )
-from server.api.services import Services, get_services, job_accepted
+from server.api.services import Services, get_services
 from server.api.sse import EventStream, chat_stream
 from server.engine.sampling import SamplingDefaults
 from server.exceptions import (
@@ -111,7 +111,7 @@ async def media_completions(
     await services.chat.check_for_job(to_chat_request(body, services, ANIMUS_DEFAULTS, "captions"))
     request_body = body.model_dump(by_alias=True, exclude_unset=True)
     job = await services.submit_job("completions", request_body, idempotency_key)
-    return job_accepted(job, services.jobs.root_path)
+    return await services.job_accepted(job)
 
 
 def completions_job_handler(pipeline: ChatPipeline, job_priority: int | None = None) -> Handler:

@@ -22,7 +22,7 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.routes.chat import until_disconnected
-from server.api.services import Services, get_services, job_accepted
+from server.api.services import Services, get_services
 from server.exceptions import JobNotFound
 from server.jobs.store import Job
 from server.jobs.worker import Handler, Progress, engine_request_id
@@ -53,7 +53,7 @@ async def media_categories(
         job = await services.submit_job(
             "categories", body.model_dump(by_alias=True), idempotency_key
         )
-        return job_accepted(job, services.jobs.root_path)
+        return await services.job_accepted(job)
     job_id = f"mcat-{uuid.uuid4().hex}"
     result = await until_disconnected(
         request, services.categories.run(pipeline_request(job_id, body))
