@@ -369,18 +369,20 @@ def _serve(args: argparse.Namespace) -> int:
     from server.api.server import serve
     from server.engine.loader import load_model
 
-    warnings = [
-        *unknown_env_warnings(os.environ),
-        *idle_flag_warnings(settings),
-        *exposure_warnings(settings, vars(args)),
-    ]
-    for warning in warnings:
-        logger.warning("%s", warning)
     try:
         check_model_path(settings.model)
         check_directories(settings)
         check_job_store(settings)
         sock = bind_socket(settings.host, settings.port)
+        # Warnings once it can start: a start-up mistake is its one line, not "listening on
+        # HOST" before it cannot listen there.
+        warnings = [
+            *unknown_env_warnings(os.environ),
+            *idle_flag_warnings(settings),
+            *exposure_warnings(settings, vars(args)),
+        ]
+        for warning in warnings:
+            logger.warning("%s", warning)
         # Load before serving, so a missing or broken checkpoint is one clear line, not a trace.
         loaded = load_model(settings.engine_config())
         app = create_app(settings, loaded)

@@ -216,6 +216,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
         return message, param, "invalid_value"
     if first.get("type") == "missing" and param is None:
         return "The request body is missing.", None, "invalid_value"
+    if first.get("type") == "missing":  # (OpenAI's words and code)
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
     where = f" at {param}" if param else ""
     # pydantic prefixes a validator's own words with "Value error, ".
     text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -318,11 +320,17 @@ def install_error_handlers(app: FastAPI) -> None:
                 None,
                 "invalid_json",
             )
+        code = None
+        if status == 405 and message == "Method Not Allowed":  # (Starlette's: name what it takes)
+            sent = request.scope.get(SENT_PATH, request.url.path)
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"Invalid method for URL ({request.method} {sent}); it takes {allowed}."
+            code = "method_not_allowed"
         error_type = HTTP_ERROR_TYPES.get(
             status, "invalid_request_error" if status < 500 else "server_error"
         )
         return error_response(
-            request, status, message, error_type, None, None, dict(exc.headers or {})
+            request, status, message, error_type, None, code, dict(exc.headers or {})
         )
 
     @app.exception_handler(Exception)

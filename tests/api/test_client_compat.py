@@ -382,7 +382,7 @@ async def test_continuous_usage_counts_what_the_stream_has_sent(
 
 async def test_param_has_no_class_names(client: httpx.AsyncClient) -> None:
     response = await client.post(URL, json=chat(tool_choice={"type": "function"}))
-    assert_error(response, 400, "tool_choice.function", "invalid_value")
+    assert_error(response, 400, "tool_choice.function", "missing_required_parameter")
 
 
 async def test_json_body_with_curls_form_content_type(client: httpx.AsyncClient) -> None:

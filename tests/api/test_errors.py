@@ -145,7 +145,7 @@ BAD_BODIES = {
         "unsupported_content",
     ),
     "empty messages": ({"model": "tiny", "messages": []}, "messages", "invalid_value"),
-    "missing messages": ({"model": "tiny"}, "messages", "invalid_value"),
+    "missing messages": ({"model": "tiny"}, "messages", "missing_required_parameter"),
     "messages of the wrong type": ({"model": "tiny", "messages": "hi"}, "messages", None),
     "max_tokens of the wrong type": (
         {"model": "tiny", "messages": user(TEXT), "max_tokens": "many"},
@@ -175,7 +175,7 @@ BAD_BODIES = {
     "a tool without its function": (
         {"model": "tiny", "messages": user(TEXT), "tools": [{"type": "function"}]},
         "tools[0].function",
-        "invalid_value",
+        "missing_required_parameter",
     ),
     "top_logprobs without logprobs": (
         {"model": "tiny", "messages": user(TEXT), "top_logprobs": 2},
@@ -568,7 +568,28 @@ async def test_truncated_jpeg(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v1/nothing-here"), 404)
-    assert_error(await client.get("/v1/completions"), 405)
+    wrong = await client.get("/v1/completions")
+    error = assert_error(wrong, 405, code="method_not_allowed")
+    assert error["message"] == "Invalid method for URL (GET /v1/completions); it takes POST."
+    assert wrong.headers["allow"] == "POST"
+
+
+async def test_a_missing_required_field_is_named_as_openai_names_it(
+    client: httpx.AsyncClient,
+) -> None:
+    for path, body, param in [
+        ("/v1/chat/completions", {"model": "tiny"}, "messages"),
+        ("/v1/completions", {"model": "tiny"}, "prompt"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"content": "hi"}]},
+            "messages[0].role",
+        ),
+        ("/v2/media/categories", {"model": "tiny"}, "media_url"),
+    ]:
+        response = await client.post(path, json=body)
+        error = assert_error(response, 400, param, "missing_required_parameter")
+        assert error["message"] == f"Missing required parameter: '{param}'."
 
 
 async def test_stream_request_errors_before_streaming(client: httpx.AsyncClient) -> None:

@@ -213,6 +213,17 @@ def test_a_port_in_use_is_found_before_the_model_loads(
     logging.getLogger().handlers = []
 
 
+def test_an_address_it_cannot_listen_on_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "no API key, listening on 999.1.1.1" first: the warnings wait until it can start."""
+    argv = ["serve", "--host", "999.1.1.1", "--model", "Qwen/not-here"]
+    assert main([*argv, "--models-dir", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--host 999.1.1.1 --port" in lines[0], lines
+    logging.getLogger().handlers = []
+
+
 def test_a_path_like_model_without_a_checkpoint_is_not_looked_up(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
