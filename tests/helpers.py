@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -240,10 +241,11 @@ def serve_in_thread(settings: Settings) -> Iterator[str]:
 
 @contextlib.contextmanager
 def server_process(
-    log_path: Path, *args: str, new_session: bool = False
+    log_path: Path, *args: str, new_session: bool = False, ignore_sigint: bool = False
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `vlm-server serve ARGS` process on a free port; yields (base URL, process).
-    new_session: in a process group of its own, as a terminal's Ctrl-C would reach it."""
+    new_session: in a process group of its own, as a terminal's Ctrl-C would reach it.
+    ignore_sigint: started with SIGINT ignored, as a script's background job (`cmd &`) is."""
     port = free_port()
     script = Path(sys.executable).with_name("vlm-server")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "server"]
@@ -256,6 +258,9 @@ def server_process(
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         start_new_session=new_session,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if ignore_sigint
+        else None,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

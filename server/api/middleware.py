@@ -504,12 +504,13 @@ class DrainMiddleware:
         try:
             await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
-            # Only the server's own cut-off at --shutdown-timeout (app.state.cut_off, set as
-            # the drain's time runs out), never a client's hang-up or a job's cancel (the
-            # server's requests to itself: their job handles it).
+            # Only the server's own cut-off at --shutdown-timeout or a second Ctrl-C
+            # (app.state.cut_off, which says why, set as the drain's wait ends), never a
+            # client's hang-up or a job's cancel (the server's requests to itself: their job
+            # handles it).
             if not getattr(state, "cut_off", False) or scope.get(INTERNAL):
                 raise
-            logger.warning("request cut off: still running when --shutdown-timeout was up")
+            logger.warning("request cut off: %s", state.cut_off)
             with contextlib.suppress(Exception):  # (the client may be gone too)
                 if started:
                     body = cut_off_event(scope, last) if streams else b""

@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -31,9 +32,9 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT new requests get a 503 `shutting_down` at once (DrainMiddleware) while
-    the listener stays open, so clients are answered rather than refused; in-flight requests get
-    up to the config's timeout_graceful_shutdown to finish; then uvicorn closes the listener and
-    the lifespan stops the engine. A second Ctrl-C ends the wait."""
+    the listener stays open, so clients are answered rather than refused; in-flight requests and
+    webhook attempts get up to the config's timeout_graceful_shutdown to finish; then uvicorn
+    closes the listener and the lifespan stops the engine. A second Ctrl-C ends the wait."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings):
         super().__init__(config)
@@ -42,8 +43,10 @@ class DrainingServer(uvicorn.Server):
         self.sockets: list[socket.socket] = []
         self.loop: asyncio.AbstractEventLoop | None = None  # the one serving, once started
         self.putting_back: asyncio.Future[None] | None = None  # _put_jobs_back's work
+        self.signals: list[int] = []  # those that stopped it, in order
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.signals.append(sig)
         if not self.app.state.draining:
             # (in an empty context: the signal interrupts whichever task runs, whose request
             # id the line is not about)
@@ -51,17 +54,31 @@ class DrainingServer(uvicorn.Server):
                 logger.info, "draining: new requests get 503, in-flight ones may finish"
             )
             if self.loop is not None:  # (a signal handler: the loop's own thread-safe call)
-                self.loop.call_soon_threadsafe(self._put_jobs_back)
+                self.loop.call_soon_threadsafe(self._stop_background_work)
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 
-    def _put_jobs_back(self) -> None:
+    def _stop_background_work(self) -> None:
         """The jobs running here go back to the queue at once, not when the drain ends: another
         replica starts them now, and they are back before an orchestrator's SIGKILL (whose
-        grace period may be no longer than --shutdown-timeout)."""
+        grace period may be no longer than --shutdown-timeout). No webhook attempt starts
+        after; those in flight are waited for like requests (one cut off is sent again after
+        the restart: a duplicate at its receiver)."""
         services = getattr(self.app.state, "services", None)
         if services is not None:
             self.putting_back = asyncio.ensure_future(services.job_worker.stop())
+            services.webhooks.drain()
+
+    def jobs_put_back(self) -> bool:
+        """Whether the jobs running here went back to the queue at the first signal."""
+        done = self.putting_back is not None and self.putting_back.done()
+        return done and not self.putting_back.cancelled() and not self.putting_back.exception()
+
+    def _busy(self) -> bool:
+        """A request or a webhook attempt still in flight."""
+        services = getattr(self.app.state, "services", None)
+        attempts = services.webhooks.in_flight if services is not None else {}
+        return getattr(self.app.state, "num_in_flight", 0) > 0 or bool(attempts)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self.sockets = sockets or []
@@ -74,17 +91,17 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         deadline = time.monotonic() + self.config.timeout_graceful_shutdown
-        while (
-            getattr(self.app.state, "num_in_flight", 0) > 0
-            and not self.force_exit
-            and time.monotonic() < deadline
-        ):
+        while self._busy() and not self.force_exit and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # uvicorn's own wait (connections, then tasks) gets what is left of the one timeout.
         self.config.timeout_graceful_shutdown = max(deadline - time.monotonic(), 0.0)
         if getattr(self.app.state, "num_in_flight", 0) > 0:
             # what still runs is cut off when uvicorn's wait ends (DrainMiddleware answers it)
-            self.app.state.cut_off = True
+            self.app.state.cut_off = (
+                "a second Ctrl-C stopped the server"
+                if self.force_exit
+                else "still running when --shutdown-timeout was up"
+            )
         await super().shutdown(sockets)
 
 
@@ -100,12 +117,13 @@ class CutOffFilter(logging.Filter):
 
 class ForcedStopFilter(logging.Filter):
     """A second Ctrl-C stops at once: uvicorn skips the app's shutdown and logs the lifespan's
-    cancellation as an ERROR with a traceback. It is what the operator asked for: one line."""
+    cancellation as an ERROR with a traceback. It is what the operator asked for: one line,
+    which says where the jobs that were running here are."""
 
     # (Starlette's lifespan sends its traceback as the message; uvicorn's own, as exc_info)
     CANCELLED = ("asyncio.exceptions.CancelledError", "KeyboardInterrupt")
 
-    def __init__(self, server: uvicorn.Server):
+    def __init__(self, server: DrainingServer):
         super().__init__()
         self.server = server
 
@@ -119,16 +137,18 @@ class ForcedStopFilter(logging.Filter):
             message.startswith("Exception in 'lifespan' protocol")
             and isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
         ):
-            record.msg, record.args = FORCED_STOP, ()
+            jobs = FORCED_JOBS_BACK if self.server.jobs_put_back() else FORCED_JOBS_LEASED
+            record.msg, record.args = f"{FORCED_STOP}, and {jobs}", ()
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
-FORCED_STOP = (
-    "stopped at once (a second Ctrl-C): in-flight requests were cut off, and the jobs this "
-    "server was running go back to the queue when their lease ends (at once when it restarts "
-    "on this machine)"
+FORCED_STOP = "stopped at once (a second Ctrl-C): in-flight requests were cut off"
+FORCED_JOBS_BACK = "the jobs this server was running went back to the queue at the first"
+FORCED_JOBS_LEASED = (
+    "the jobs this server was running go back to the queue when their lease ends (at once "
+    "when it restarts on this machine)"
 )
 
 
@@ -200,7 +220,9 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket) -> int:
     finally:
         for each in filters:
             uvicorn_logger.removeFilter(each)
-    return 0
+    # Ctrl-C's 130 also where SIGINT came in ignored (a background job of a script), which
+    # uvicorn's re-raise then leaves ignored: the stop was asked for all the same.
+    return 130 if signal.SIGINT in server.signals else 0
 
 
 def image_budget(auto_image_tokens: int) -> str:

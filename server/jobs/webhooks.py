@@ -169,6 +169,7 @@ class WebhookSender:
         self.attempts_made: dict[str, int] = {}
         self.wakeup = asyncio.Event()
         self.backlogged = False  # the last poll found as many as it had room for
+        self.draining = False  # the server stops: no attempt starts any more
 
     async def check_url(self, url: str) -> None:
         """Refuses now (AddressRefused) a URL no attempt could ever reach, rather than retrying
@@ -194,17 +195,29 @@ class WebhookSender:
         thread only)."""
         self.wakeup.set()
 
+    def drain(self) -> None:
+        """No attempt starts from now on; those in flight go on (the server's drain waits for
+        them, as for requests): one cut off would be sent again after the restart."""
+        self.draining = True
+        self.wake()
+
     async def stop(self) -> None:
         """Attempts cut short are not recorded: they are sent again after the next start."""
         if self.watcher is not None:
             self.store.unwatch_deliveries(self.watcher)
+        if self.in_flight:
+            logger.warning(
+                "%d webhook attempt(s) cut off by the stop: sent again after the next start "
+                "(the same webhook-id: a receiver that got one sees it twice)",
+                len(self.in_flight),
+            )
         tasks = [*self.in_flight.values(), *([self.task] if self.task else [])]
         await cancel_and_wait(tasks)
         await self.client.aclose()
 
     async def _loop(self) -> None:
         store_down = False
-        while True:
+        while not self.draining:
             self.wakeup.clear()  # (before the query: a wake while it runs asks again)
             try:
                 room = MAX_IN_FLIGHT - len(self.in_flight)

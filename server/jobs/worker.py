@@ -321,12 +321,7 @@ class JobWorker:
                 job.takeovers,
             )
         if self.max_attempts and job.takeovers >= self.max_attempts:
-            logger.warning(
-                "job %s failed: its server stopped under it %d times", job.id, job.takeovers
-            )
-            await self._write_end(
-                self.store.fail, job, _error_object(JobInterrupted(job.takeovers))
-            )
+            await self._fail_interrupted(job)
             return True
         progress = ProgressWriter(self.store, job)
         work = asyncio.create_task(self._handle(job, progress.update))
@@ -380,6 +375,18 @@ class JobWorker:
             work.cancel()
             await progress.close()
         return True
+
+    async def _fail_interrupted(self, job: Job) -> None:
+        """Fails a job taken over max_attempts times, without running it again; from then on it
+        is not held here (a held job keeps runs_any() true, which a lane waits out)."""
+        logger.warning("job %s failed: its server stopped under it %d times", job.id, job.takeovers)
+        try:
+            await self._write_end(
+                self.store.fail, job, _error_object(JobInterrupted(job.takeovers))
+            )
+        finally:
+            if not _being_cancelled():  # (a stop before the write puts it back instead)
+                self.held.pop(job.id, None)
 
     async def _log_lost(self, job: Job, dropped: str = "work") -> None:
         """Why this attempt no longer holds its job: cancelled (by a request another replica

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import data_uri, make_video, server_process
+from tests.helpers import data_uri, make_image, make_video, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +149,37 @@ def test_sigterm_puts_running_jobs_back_at_once(tiny_model_dir: Path, tmp_path: 
             stalled.server.shutdown()
 
 
+def test_the_drain_waits_for_webhook_attempts_in_flight(
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver
+) -> None:
+    """A webhook attempt in flight when the stop comes is waited for like a request: its
+    receiver's 200 is recorded (it had been cut off and sent again after the restart, a
+    duplicate). Stopped by Ctrl-C as a script's background job (SIGINT came in ignored),
+    the server still exits 130, not 0."""
+    receiver = webhook_receiver([200], delay_s=3.0)
+    data = tmp_path / "data"
+    args = [
+        *("--model", str(tiny_model_dir), "--served-model-name", "tiny"),
+        *("--data-dir", str(data), "--allowed-media-domains", "127.0.0.1"),
+    ]
+    log_path = tmp_path / "server.log"
+    with server_process(log_path, *args, ignore_sigint=True) as (url, process):
+        body = {"model": "tiny", "media_url": data_uri(make_image()), "webhook_url": receiver.url}
+        assert httpx.post(f"{url}/v2/media/categories", json=body, timeout=60).status_code == 202
+        deadline = time.monotonic() + 60
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.received and not receiver.answered_at  # the attempt is in flight
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+    assert receiver.answered_at
+    with contextlib.closing(sqlite3.connect(data / "jobs.sqlite3")) as database:
+        rows = database.execute("SELECT status, attempts FROM deliveries").fetchall()
+    assert rows == [("delivered", 1)]
+    log = log_path.read_text()
+    assert "cut off" not in log and "Traceback" not in log, log
+
+
 def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -221,7 +252,9 @@ def test_requests_past_the_shutdown_timeout_are_cut_off_cleanly(
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The first Ctrl-C drains; a second stops now (uvicorn skips the app's shutdown): exit
-    130, and the log says so in one warning, not the lifespan's cancelled traceback."""
+    130, and the log says so in one warning, not the lifespan's cancelled traceback. Its lines
+    tell what happened: the request was cut off by the second Ctrl-C (not by a timeout a
+    second in), and the jobs went back to the queue at the first (not at their lease's end)."""
     args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
     log_path = tmp_path / "server.log"
     long = {**BODY, "max_tokens": 3000, "stream": False}
@@ -244,8 +277,11 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tiny_model_dir: Path, tmp_pat
         asker.join(timeout=60)
     log = log_path.read_text()
     assert "Traceback" not in log and "CancelledError" not in log, log
-    (stopped,) = [line for line in log.splitlines() if "a second Ctrl-C" in line]
-    assert "WARNING" in stopped
+    (stopped,) = [line for line in log.splitlines() if "stopped at once" in line]
+    assert "WARNING" in stopped and "went back to the queue at the first" in stopped, stopped
+    assert "--shutdown-timeout was up" not in log, log
+    cut = [line for line in log.splitlines() if "request cut off" in line]
+    assert all("a second Ctrl-C stopped the server" in line for line in cut), cut
 
 
 def _running(url: str) -> str:

@@ -228,7 +228,9 @@ async def test_a_job_its_servers_kept_stopping_under_fails_instead_of_running(
 ) -> None:
     """Taken over max_attempts times (each attempt's lease ran out: its server killed under
     it, say by the host's OOM killer): the job fails `job_interrupted`, with its webhook, and
-    is not run again to take this server down too."""
+    is not run again to take this server down too. Failed, it is no longer held: it had kept
+    runs_any() true for the life of the process (a media lane that waits for an idle engine
+    then never claimed again), and a stop logged it as put back."""
     store = JobStore(tmp_path / "jobs.sqlite3")
     job = store.create("test", {"webhook_url": "http://127.0.0.1:9/h"}, None)
     for _ in range(2):  # two attempts whose servers died (leases that ran out at once)
@@ -247,10 +249,17 @@ async def test_a_job_its_servers_kept_stopping_under_fails_instead_of_running(
                 if (current := store.get(job.id)) is not None and current.status == "failed":
                     break
                 await asyncio.sleep(0.025)
+            for _ in range(40):  # (its task ends just after the write)
+                if not worker.runs_any(()):
+                    break
+                await asyncio.sleep(0.025)
+            assert not worker.runs_any(()) and not worker.held
         finally:
             await worker.stop()
     said = f"job {job.id}: attempt 3 (0 earlier put back, 2 taken over)"
-    assert said in [r.getMessage() for r in caplog.records]
+    messages = [r.getMessage() for r in caplog.records]
+    assert said in messages
+    assert not [m for m in messages if "goes back to the queue" in m]
     assert current is not None and current.status == "failed" and not ran
     assert current.error is not None and current.error["code"] == "job_interrupted"
     assert "stopped while running it 2 times" in current.error["message"]
