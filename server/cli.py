@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_origin
 from pydantic import ValidationError
 
 from server import __version__
-from server.config import PROJECT_NAME, Settings
-from server.engine.tiny import FAMILIES, TinySpec
+from server.config import Settings
+from server.engine.tiny import FAMILIES, SPEC_MINIMUMS, TinySpec, spec_flag
 from server.exceptions import StartupError
 from server.flag_help import ENV_PREFIX, env_names, field_for_flag, flag_name, help_text
-from server.jobs.project import of_key
 
 if TYPE_CHECKING:
     from server.jobs.store import JobStore
@@ -45,7 +44,8 @@ TINY_HELP = {
     "vision_depth": "Vision tower blocks.",
     "vision_embed_dim": "Vision tower width.",
     "vision_heads": "Vision tower heads (width / heads must be divisible by 4).",
-    "bpe_vocab_size": "Byte-level BPE vocabulary trained for the tokenizer.",
+    "bpe_vocab_size": "Byte-level BPE vocabulary trained for the tokenizer (its 256 byte tokens "
+    "included; a bigger one may stop short where the training text runs out of merges).",
     "max_position_embeddings": "Context length in tokens.",
     "seed": "Random seed of the weights (same seed, same checkpoint).",
 }
@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(by default such a directory is refused: it could be a downloaded model).",
     )
     for spec_field in dataclasses.fields(TinySpec):
-        flag = "--" + spec_field.name.replace("_", "-")
-        hint = f"{TINY_HELP[spec_field.name]} Default: {spec_field.default}."
+        flag = spec_flag(spec_field.name)
+        least = SPEC_MINIMUMS.get(spec_field.name)
+        floor = "" if least is None else f" At least {least}."
+        hint = f"{TINY_HELP[spec_field.name]}{floor} Default: {spec_field.default}."
         if spec_field.name == "family":
             tiny.add_argument(flag, choices=FAMILIES, default=spec_field.default, help=hint)
         else:
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     redeliver.add_argument(
         "--since-hours",
-        type=float,
+        type=_positive_number,
         default=None,
         help="Only deliveries made in the last this many hours.",
     )
@@ -163,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_flags(secret)
     whose = secret.add_mutually_exclusive_group()
-    whose.add_argument("--project", help="A project named in the API key file (KEY PROJECT).")
+    whose.add_argument(
+        "--project",
+        help="A project named in the API key file (KEY PROJECT), or a key's own project as "
+        "serve's start-up line and /metrics name it (key-...).",
+    )
     whose.add_argument(
         "--api-key",
         metavar="KEY",
@@ -174,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file",
         type=Path,
         default=None,
-        help="As serve's (or VLM_API_KEY_FILE): --project and --api-key are checked against it.",
+        help="As serve's (or VLM_API_KEY_FILE / VLM_API_KEYS): --project and --api-key are "
+        "checked against serve's keys, and refused without them.",
     )
     return parser
 
@@ -403,8 +410,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
     spec = TinySpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinySpec)})
     try:
         make_tiny_checkpoint(args.directory, spec, force=args.force)
-    except (ValueError, OSError) as exc:  # (an OSError: a read-only or full disk, say)
+    except ValueError as exc:
         logger.error("%s", exc)
+        return 2
+    except OSError as exc:  # a read-only or full disk, say (its path may be a temporary one)
+        logger.error("cannot write %s: %s", args.directory, exc.strerror or exc)
         return 2
     return 0
 
@@ -442,11 +452,47 @@ def _with_serve_store(args: argparse.Namespace, use: typing.Callable[[JobStore],
         store.close()
 
 
+def _positive_number(text: str) -> float:
+    """An argparse type: a number above 0 (a negative --since-hours selected nothing, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number above 0")
+    return value
+
+
 def _redeliver(args: argparse.Namespace, store: JobStore) -> int:
+    missing = [job_id for job_id in args.jobs or () if store.get(job_id) is None]
+    if missing:  # (a typo: say so, rather than "0 queued again")
+        raise ConfigError(f"--job {', '.join(missing)}: no such job in this job store")
     since = None if args.since_hours is None else store.now() - args.since_hours * 3600
     count = store.redeliver(args.jobs, since)
     logger.info("%d failed webhook deliver%s queued again", count, "y" if count == 1 else "ies")
+    if count == 0:
+        logger.info("%s", _deliveries_line(args, store))
     return 0
+
+
+def _deliveries_line(args: argparse.Namespace, store: JobStore) -> str:
+    """Why nothing was queued again: the deliveries asked about, by status."""
+    if args.jobs:
+        deliveries = [d for job_id in args.jobs for d in store.deliveries_of(job_id)]
+        counts: dict[str, int] = {}
+        for delivery in deliveries:
+            counts[delivery["status"]] = counts.get(delivery["status"], 0) + 1
+        whose = "those jobs'" if len(args.jobs) > 1 else "the job's"
+    else:
+        counts = store.count_deliveries_by_status() or {}
+        whose = "the job store's"
+    if not counts:
+        return f"{whose} webhook deliveries: none (no webhook_url, or not ended yet)"
+    by_status = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    within = ""
+    if args.since_hours is not None:
+        within = f" (only failed ones of the last {args.since_hours:g} h are sent again)"
+    return f"{whose} webhook deliveries: {by_status}{within}"
 
 
 def _webhook_secret(args: argparse.Namespace, store: JobStore) -> int:
@@ -455,30 +501,36 @@ def _webhook_secret(args: argparse.Namespace, store: JobStore) -> int:
     secret = store.stored_value("webhook_secret")
     if secret is None:
         raise ConfigError("no webhook secret in the job store yet: start serve with it once")
-    sys.stdout.write(project_secret(secret, _project_asked(args)) + "\n")
+    sys.stdout.write(project_secret(secret, _project_asked(args, store)) + "\n")
     return 0
 
 
-def _project_asked(args: argparse.Namespace) -> str:
-    """The project --project or --api-key names, checked against serve's keys where they can
-    be read (a typo would give a tenant a secret that never verifies)."""
-    from server.jobs.project import ALL
+def _project_asked(args: argparse.Namespace, store: JobStore) -> str:
+    """The project --project or --api-key names, checked against serve's keys (a typo, or keys
+    this command does not see, would give a tenant a secret that never verifies). A key's own
+    project is named as serve's start-up line and /metrics name it."""
+    from server.jobs.project import ALL, ProjectLabels, named_projects
 
-    keys = _serve_keys(args)
-    if args.api_key:
-        if keys and args.api_key not in keys:
-            raise ConfigError("--api-key: not one of serve's API keys")
-        if not keys:
-            logger.warning("serve's API keys not found (--api-key-file): the key's own project")
-        return keys.get(args.api_key) or of_key(args.api_key)
-    if args.project is None:
+    if args.project is None and args.api_key is None:
         return ALL
-    if keys and args.project not in keys.values():
-        known = ", ".join(sorted(set(keys.values())))
+    keys = _serve_keys(args)
+    if not keys:
+        raise ConfigError(
+            f"{'--api-key' if args.api_key else '--project'}: serve's API keys are needed to "
+            "check it against (--api-key-file, or VLM_API_KEY_FILE / VLM_API_KEYS as serve has "
+            "them); without keys every webhook is signed with the shared secret (no flag)"
+        )
+    if args.api_key:
+        if args.api_key not in keys:
+            raise ConfigError("--api-key: not one of serve's API keys")
+        return keys[args.api_key]
+    label_key = store.stored_value("metrics_label_key") or ""
+    label = ProjectLabels(label_key, named_projects(keys))
+    by_name = {label(project): project for project in keys.values()}
+    if args.project not in by_name:
+        known = ", ".join(sorted(by_name))
         raise ConfigError(f"--project {args.project!r}: no API key is in it (projects: {known})")
-    if not PROJECT_NAME.fullmatch(args.project):
-        raise ConfigError(f"--project {args.project!r}: not a project name")
-    return args.project
+    return by_name[args.project]
 
 
 def _serve_keys(args: argparse.Namespace) -> dict[str, str]:

@@ -200,7 +200,7 @@ HELP = {
     "media_follow_redirects": "Follow media URL redirects, each hop checked again.",
     "forwarded_allow_ips": "Proxies (addresses or networks, repeatable or comma-separated; *: "
     "any) whose X-Forwarded-For and X-Forwarded-Proto are believed: the access log's client is "
-    "then the address the proxy saw. Default: a proxy on this host.",
+    "then the address the proxy saw (by default a proxy on this host).",
     "root_path": "The path prefix a reverse proxy serves the API under (/vlm: clients call "
     "https://host/vlm/v1/...), whether the proxy strips it or passes it on: job status URLs, "
     "the playground and /docs name it (vLLM's --root-path).",

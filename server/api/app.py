@@ -78,6 +78,18 @@ logger = logging.getLogger(__name__)
 BLOCKING_THREADS = 64
 
 
+def _warn_of_keyed_objects(tables: list[str]) -> None:
+    """A restart that lost its keys (a variable not passed on) would show every tenant's
+    objects to anyone: say so at start-up."""
+    if tables:
+        logger.warning(
+            "the job store holds %s that API keys' projects made, and this server has no "
+            "--api-key: every client sees all of them (and may delete them); pass the keys "
+            "it was started with",
+            ", ".join(tables),
+        )
+
+
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
     """loaded: a model the caller already loaded (the CLI does, to fail before serving)."""
     keys = settings.all_api_keys()  # (read once: --api-key-file is a file)
@@ -96,6 +108,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         engine.start()
         jobs = await asyncio.to_thread(open_job_store, settings.job_store, settings.data_dir)
         jobs.root_path = settings.root_path
+        if not keys:
+            _warn_of_keyed_objects(await asyncio.to_thread(jobs.keyed_tables))
         input_builder = InputBuilder(loaded.processor, loaded.image_token_id, loaded.video_token_id)
         fetcher, decoder, media = await _media_loader(
             settings, jobs, input_builder, loaded, engine, spool, metrics

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from server.config import EngineConfig
@@ -285,6 +286,18 @@ def _check_checkpoint(path: Path) -> str:
     return SUPPORTED_MODEL_TYPES[model_type]
 
 
+def _check_text_model(path: Path, text_config: Any) -> None:
+    """A config the engine cannot serve (a hand-edited one, say) is one line at start-up, not
+    a traceback from deep inside the engine."""
+    for field in ("num_hidden_layers", "max_position_embeddings"):
+        value = getattr(text_config, field, None)
+        if not isinstance(value, int) or value < 1:
+            raise ModelLoadError(
+                f"{path / 'config.json'}: the text model's {field} is {value!r}; "
+                "it must be a whole number of at least 1"
+            )
+
+
 def load_model(cfg: EngineConfig) -> LoadedModel:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -308,13 +321,15 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
             trust_remote_code=False,
         )
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the checkpoint in {path}: {exc}") from exc
+    except (OSError, ValueError, StrictDataclassError) as exc:  # (the last: config.json's checks)
+        reason = " ".join(str(exc).split())  # (one line: some span several)
+        raise ModelLoadError(f"could not load the checkpoint in {path}: {reason}") from exc
     except SafetensorError as exc:  # a weights file cut short (an interrupted download)
         raise ModelLoadError(
             f"could not load the checkpoint in {path}: a .safetensors file is damaged or "
             f"incomplete ({exc}); download it again"
         ) from exc
+    _check_text_model(path, model.config.text_config)
     model.eval()
     # The engine bounds every prompt by its context (a 400 that names it); the tokenizer's own
     # bound only logged a warning ("Token indices sequence length is longer than the specified

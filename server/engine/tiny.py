@@ -132,23 +132,59 @@ class TinySpec:
     seed: int = 0
 
     def validate(self) -> None:
+        """ValueError naming make-tiny-model's flag for a size no checkpoint can have."""
+        for name, least in SPEC_MINIMUMS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{spec_flag(name)} must be at least {least} (got {value})")
         head_dim, rem = divmod(self.hidden_size, self.num_heads)
         if rem or head_dim % 2:
-            raise ValueError("hidden_size / num_heads must be an even integer")
+            raise ValueError(
+                f"--hidden-size / --num-heads must be an even whole number "
+                f"({self.hidden_size} / {self.num_heads} is not)"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
+            raise ValueError(
+                f"--num-heads must be a multiple of --num-kv-heads "
+                f"({self.num_heads} is not a multiple of {self.num_kv_heads})"
+            )
         if self.family == "qwen3-vl-moe" and self.hidden_size in (
             moe_intermediate_size(self),
             2 * moe_intermediate_size(self),
         ):  # a square expert matrix: its hub layout could not be told apart when loading
             raise ValueError(
-                "the experts' width (3/8 of intermediate_size) and twice it "
-                "must differ from hidden_size"
+                "the experts' width (3/8 of --intermediate-size) and twice it "
+                "must differ from --hidden-size"
             )
         vision_head_dim, rem = divmod(self.vision_embed_dim, self.vision_heads)
         # The vision rotary embedding splits each head into 4 parts (2D rope, cos/sin).
         if rem or vision_head_dim % 4:
-            raise ValueError("vision_embed_dim / vision_heads must be divisible by 4")
+            raise ValueError(
+                f"--vision-embed-dim / --vision-heads must be divisible by 4 "
+                f"({self.vision_embed_dim} / {self.vision_heads} is not)"
+            )
+
+
+# The least each size may be. The BPE vocabulary starts from the 256 byte tokens; the MoE
+# experts are 3/8 of the MLP width, so 8 gives them 3.
+SPEC_MINIMUMS = {
+    "hidden_size": 2,
+    "num_layers": 1,
+    "num_heads": 1,
+    "num_kv_heads": 1,
+    "intermediate_size": 8,
+    "vision_depth": 1,
+    "vision_embed_dim": 4,
+    "vision_heads": 1,
+    "bpe_vocab_size": 256,
+    "max_position_embeddings": 1,
+    "seed": 0,
+}
+
+
+def spec_flag(name: str) -> str:
+    """make-tiny-model's flag for a TinySpec field."""
+    return "--" + name.replace("_", "-")
 
 
 def moe_intermediate_size(spec: TinySpec) -> int:

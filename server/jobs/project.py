@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from server.jobs.deliveries import Execute
 
 ALL = ""
+# The tables whose rows have a project.
+PROJECT_TABLES = ("jobs", "files", "responses", "conversations")
 
 # The project of the request (set by the API key check) or job (set by the worker) this task
 # serves: what a route, or media named by file id deep in a pipeline, may see.

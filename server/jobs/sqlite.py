@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from server.exceptions import JobStoreStartError, JobStoreUnavailable
+from server.jobs.project import PROJECT_TABLES
 from server.jobs.store import Execute, JobStore, request_digest
 
 BUSY_TIMEOUT_S = 10.0  # another process's write transaction is waited for, this long
@@ -124,7 +125,6 @@ CREATE TABLE IF NOT EXISTS response_events (
 """
 # Version 7: whose each job, file, response and conversation is (server/jobs/project.py;
 # '': every project's, as everything was before).
-PROJECT_TABLES = ("jobs", "files", "responses", "conversations")
 PROJECT_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project, created_at);
 CREATE INDEX IF NOT EXISTS files_by_project ON files (project, created_at)

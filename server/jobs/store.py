@@ -27,7 +27,7 @@ from server.exceptions import IdempotencyKeyReused, JobStoreUnavailable, JobStor
 from server.jobs.conversations import ConversationStore
 from server.jobs.deliveries import DeliveryStore, Execute
 from server.jobs.files import FileStore, answers_as_files, drop_unread_held_files
-from server.jobs.project import ALL, VISIBLE, row_seen, scoped_key, seen_by
+from server.jobs.project import ALL, PROJECT_TABLES, VISIBLE, row_seen, scoped_key, seen_by
 from server.jobs.responses import ResponseStore
 
 # Every column but the request, which only the worker (at claim) needs.
@@ -231,6 +231,16 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
 
     def count_by_status(self) -> dict[str, int] | None:
         return self._count_by_status("jobs")
+
+    def keyed_tables(self) -> list[str]:
+        """The tables holding objects an API key's project made: a server started without
+        keys shows them to every client."""
+        with self.transaction(write=False) as execute:
+            return [
+                table
+                for table in PROJECT_TABLES
+                if execute(f"SELECT 1 FROM {table} WHERE project <> '' LIMIT 1", ()).fetchone()
+            ]
 
     def claim(self, lease_s: float, owner: str = "", kinds: tuple[str, ...] = ()) -> Job | None:
         """The oldest queued job (or one whose lease expired: a takeover) of these kinds (any:

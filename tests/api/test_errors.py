@@ -586,6 +586,8 @@ async def test_a_missing_required_field_is_named_as_openai_names_it(
             "messages[0].role",
         ),
         ("/v2/media/categories", {"model": "tiny"}, "media_url"),
+        # (required by the Animus reference here; categories may leave it out)
+        ("/v2/media/completions", {"messages": [{"role": "user", "content": "hi"}]}, "model"),
     ]:
         response = await client.post(path, json=body)
         error = assert_error(response, 400, param, "missing_required_parameter")

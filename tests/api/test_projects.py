@@ -231,6 +231,34 @@ def test_without_keys_everything_is_everyones() -> None:
     assert scoped_key("team", None) is None
 
 
+async def test_a_restart_without_keys_on_keyed_objects_is_warned_of(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys lost in a restart (a variable not passed on) make every tenant's objects
+    everyone's: the start-up log says so; a store of keyless objects only says nothing."""
+    warning = "has no --api-key: every client sees all of them"
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if warning in r.getMessage()]
+
+    async for client in start_client(make_settings(tiny_model_dir, data_dir=tmp_path)):
+        assert (await upload(sdk_of(client, "none"), IMAGE, "vision")).startswith("file-")
+    async for _client in start_client(make_settings(tiny_model_dir, data_dir=tmp_path)):
+        pass
+    assert warned() == []
+    async for client in start_client(
+        make_settings(tiny_model_dir, data_dir=tmp_path, api_keys=["sk-a"])
+    ):
+        await upload(sdk_of(client, "sk-a"), IMAGE, "vision")
+    async for _client in start_client(make_settings(tiny_model_dir, data_dir=tmp_path)):
+        pass
+    assert warned() == [
+        "the job store holds files that API keys' projects made, and this server has no "
+        "--api-key: every client sees all of them (and may delete them); pass the keys it "
+        "was started with"
+    ]
+
+
 @pytest.mark.parametrize("policy", ["fair", "fcfs"])
 async def test_the_fair_policy_lets_another_project_in_first(
     tiny_model_dir: Path, policy: str

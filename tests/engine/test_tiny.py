@@ -137,9 +137,30 @@ def test_bench_sized_checkpoint(tmp_path: Path) -> None:
     assert config["vision_config"]["hidden_size"] == 128  # merger output = text width
 
 
+@pytest.mark.parametrize(
+    "sizes,message",
+    [
+        ({"num_layers": 0}, "--num-layers must be at least 1 (got 0)"),
+        ({"max_position_embeddings": -1}, "--max-position-embeddings must be at least 1"),
+        ({"bpe_vocab_size": 0}, "--bpe-vocab-size must be at least 256"),
+        ({"hidden_size": -4}, "--hidden-size must be at least 2 (got -4)"),
+        ({"num_heads": 3}, "--hidden-size / --num-heads must be an even whole number (64 / 3"),
+        ({"num_kv_heads": 3}, "--num-heads must be a multiple of --num-kv-heads"),
+        ({"vision_embed_dim": 30, "vision_heads": 3}, "--vision-embed-dim / --vision-heads"),
+    ],
+)
+def test_a_size_no_checkpoint_can_have_is_refused_naming_its_flag(
+    tmp_path: Path, sizes: dict[str, int], message: str
+) -> None:
+    """Refused before anything is written (0 layers had made a checkpoint serve crashed on;
+    a context of -1 one it served as "context -1 tokens")."""
+    with pytest.raises(ValueError) as info:
+        make_tiny_checkpoint(tmp_path / "bad", TinySpec(**sizes))
+    assert message in str(info.value)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_invalid_spec_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        make_tiny_checkpoint(tmp_path / "bad", TinySpec(vision_embed_dim=30, vision_heads=3))
     # square experts (2 x 24 = 48): their hub layout could not be told apart when loading
     square = TinySpec(family="qwen3-vl-moe", hidden_size=48, num_heads=4, intermediate_size=64)
     with pytest.raises(ValueError, match="experts"):

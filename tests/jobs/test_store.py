@@ -55,6 +55,15 @@ def test_idempotency_key_returns_the_same_job(store: JobStore) -> None:
         store.create("completions", {"a": 1}, "key-1")
 
 
+def test_the_tables_holding_keyed_objects_are_named(store: JobStore) -> None:
+    """What a server started without keys warns of (every client would see them)."""
+    assert store.keyed_tables() == []
+    store.create("completions", {"a": 1}, None)
+    assert store.keyed_tables() == []  # (made without keys: everyone's anyway)
+    store.create("completions", {"a": 1}, None, project="key-a")
+    assert store.keyed_tables() == ["jobs"]
+
+
 def test_a_key_used_before_projects_finds_its_job_after(store: JobStore) -> None:
     """A job made before the server kept projects (or before it had API keys) is in ALL,
     under the bare key: a project's retry with that key and request finds it (it sees ALL's

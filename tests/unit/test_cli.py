@@ -422,7 +422,7 @@ def test_make_refuses_a_python_older_than_311_in_one_line(tmp_path: Path) -> Non
     )
 
 
-def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path) -> None:
+def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path, capsys) -> None:
     """The operator's way to send webhooks again after a receiver's long outage: the same
     --data-dir (or --job-store) as serve; a directory with no job store is one line, not a new
     empty store."""
@@ -439,6 +439,25 @@ def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path) -> None:
     store = open_job_store(None, tmp_path)
     assert [d["id"] for d in store.due_deliveries()] == [delivery["id"]]
     store.close()
+    # a job that is not there is named (it said "0 ... queued again"); nothing is sent again
+    store = open_job_store(None, tmp_path)
+    assert store.record_attempt(delivery["id"], 1, "failed", 0.0, None, "timed out")
+    store.close()
+    capsys.readouterr()
+    wrong = ["redeliver-webhooks", "--data-dir", str(tmp_path), "--job", job.id, "--job", "job-x"]
+    assert main(wrong) == 2
+    assert "--job job-x: no such job in this job store" in capsys.readouterr().err
+    store = open_job_store(None, tmp_path)
+    assert store.due_deliveries() == []
+    store.close()
+    # nothing to send again says why: the deliveries asked about, by status
+    assert main(["redeliver-webhooks", "--data-dir", str(tmp_path), "--job", job.id]) == 0
+    assert main(["redeliver-webhooks", "--data-dir", str(tmp_path), "--job", job.id]) == 0
+    assert "the job's webhook deliveries: 1 pending" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["redeliver-webhooks", "--data-dir", str(tmp_path), "--since-hours", "-1"])
+    assert exited.value.code == 2
+    assert "'-1': must be a number above 0" in capsys.readouterr().err
     assert main(["redeliver-webhooks", "--data-dir", str(tmp_path / "elsewhere")]) == 2
     assert not (tmp_path / "elsewhere").exists()
     # a store that cannot be used is one line too, as serve's (it was a traceback)
@@ -451,9 +470,10 @@ def test_webhook_secret_prints_the_shared_or_a_projects_secret(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """The secret a receiver checks with, from serve's job store: the shared one, or a
-    project's (--project, or --api-key KEY: the project the key file names for it, else the
-    key's own); one line and exit 2 for a store without one yet or a bad project name."""
-    from server.jobs.project import of_key
+    project's (--project: a name from the key file, or a key's own project as serve's start-up
+    line names it; --api-key KEY: that key's project); one line and exit 2 for a store without
+    one yet, a project or key serve's keys do not hold, or no keys to check against."""
+    from server.jobs.project import ProjectLabels, named_projects, of_key
     from server.jobs.store import open_job_store
     from server.jobs.webhooks import load_or_create_secret, project_secret
 
@@ -465,6 +485,7 @@ def test_webhook_secret_prints_the_shared_or_a_projects_secret(
     assert main(args) == 2  # (no secret yet: serve makes it at its first start)
     store = open_job_store(None, tmp_path)
     shared = load_or_create_secret(None, store, tmp_path)
+    label_key = store.shared_value("metrics_label_key", "z" * 64)  # (as serve's start makes it)
     store.close()
     keys = tmp_path / "keys.txt"
     keys.write_text("# keys\nsk-named team-a\nsk-alone\n")
@@ -475,17 +496,28 @@ def test_webhook_secret_prints_the_shared_or_a_projects_secret(
         return capsys.readouterr().out.strip()
 
     assert printed() == shared == (tmp_path / "webhook_secret").read_text()
-    team_a = printed("--project", "team-a")  # (no keys to check it against: taken)
+    # without serve's keys nothing can be checked: refused, not a secret that may never verify
+    assert main([*args, "--project", "team-a"]) == 2
+    assert main([*args, "--api-key", "sk-alone"]) == 2
+    with_keys = ("--api-key-file", str(keys))
+    team_a = printed("--project", "team-a", *with_keys)
     assert team_a == project_secret(shared, "team-a") != shared
-    assert printed("--api-key", "sk-alone") == project_secret(shared, of_key("sk-alone"))
-    assert main([*args, "--project", "no spaces"]) == 2
-    assert printed("--api-key", "sk-named", "--api-key-file", str(keys)) == team_a
+    assert printed("--api-key", "sk-named", *with_keys) == team_a
+    alone = printed("--api-key", "sk-alone", *with_keys)
+    assert alone == project_secret(shared, of_key("sk-alone"))
+    # the key's own project by the name serve's start-up line and /metrics give it
+    serves_name = ProjectLabels(label_key, named_projects({"sk-named": "team-a"}))(
+        of_key("sk-alone")
+    )
+    assert serves_name != of_key("sk-alone")
+    assert printed("--project", serves_name, *with_keys) == alone
+    assert main([*args, "--project", of_key("sk-alone"), *with_keys]) == 2
+    assert main([*args, "--project", "no spaces", *with_keys]) == 2
     assert main([*args, "--api-key", "k", "--api-key-file", str(tmp_path / "none")]) == 2
-    # serve's keys as serve reads them, from its env vars too; a typo is refused, not a
-    # secret that never verifies
+    # serve's keys as serve reads them, from its env vars too; a typo is refused
     monkeypatch.setenv("VLM_API_KEY_FILE", str(keys))
     assert printed("--api-key", "sk-named") == team_a
-    assert printed("--api-key", "sk-alone") == project_secret(shared, of_key("sk-alone"))
+    assert printed("--api-key", "sk-alone") == alone
     assert main([*args, "--api-key", "sk-unknown"]) == 2
     assert main([*args, "--project", "team-b"]) == 2
     monkeypatch.delenv("VLM_API_KEY_FILE")

@@ -49,5 +49,5 @@ def test_make_tiny_model_help_describes_every_flag(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         build_parser().parse_args(["make-tiny-model", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "Context length in tokens. Default: 8192." in text
+    assert "Context length in tokens. At least 1. Default: 8192." in text
     assert "Directory to write the checkpoint to." in text
