@@ -239,7 +239,9 @@ HELP = {
     "in the job store, for previous_response_id and GET /v1/responses/{id}, as long as "
     "finished jobs (--job-retention-hours, from a conversation's last turn), images as sent "
     "included; --no-store-responses keeps none.",
-    "log_level": "Least severe log level written.",
+    "log_level": "Least severe log level written (debug adds each request's admission to the "
+    "running batch, with its wait and prefix-cache hit, preemptions, and fields accepted but "
+    "ignored).",
     "log_format": "text for people; json: one object per line (time, level, logger, "
     "request_id, message).",
     "playground": "Serve the browser playground at / (--no-playground turns it off).",

@@ -113,6 +113,7 @@ class AsyncEngine:
         self._outbox: list[tuple[Sequence, SequenceOutput]] = []  # delivered once per step
         # The last step's results on their way to the host.
         self._in_flight: InFlight | None = None
+        self._preemptions_logged = 0  # (--log-level debug)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -481,8 +482,31 @@ class AsyncEngine:
         """The step's newly admitted sequences are no longer queued; the metrics count it."""
         with self._lock:
             self._count_queued(batch.admitted, -1)
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log_started(batch)
         if not batch.is_empty:
             _notify(self.on_step, batch.num_tokens)
+
+    def _log_started(self, batch: ScheduledBatch) -> None:
+        """--log-level debug: each sequence's admission (its wait, what the prefix cache had),
+        under its request's id."""
+        for seq in batch.admitted:
+            request_id_var.set(seq.log_id)
+            logger.debug(
+                "admitted: %d prompt tokens (%d from the prefix cache) after %.3fs in the "
+                "queue; %d running",
+                seq.inputs.num_prompt_tokens,
+                seq.num_cached_tokens,
+                (seq.scheduled_time or 0.0) - seq.arrival_time,
+                len(self.scheduler.running),
+            )
+        request_id_var.set("-")
+        if self.scheduler.num_preemptions > self._preemptions_logged:
+            logger.debug(
+                "%d running sequence(s) preempted for KV cache room (recomputed later)",
+                self.scheduler.num_preemptions - self._preemptions_logged,
+            )
+            self._preemptions_logged = self.scheduler.num_preemptions
 
     def _receive(self) -> None:
         """The in-flight step's results, once they are on the host: its prompt logprobs onto

@@ -145,10 +145,13 @@ async def test_same_size_images_share_only_the_text_before_them(loaded) -> None:
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])  # and through the decode graphs
-async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts, enforce_eager) -> None:
+async def test_preemption_recomputes_to_the_same_tokens(
+    loaded, prompts, enforce_eager, caplog
+) -> None:
     """A KV cache that holds the prompts but not what they generate: the newest sequences are
     preempted, recomputed (prompt + what they had generated) and finish as if alone (a graph
-    step's table rows follow each sequence's new blocks)."""
+    step's table rows follow each sequence's new blocks). --log-level debug says so."""
+    caplog.set_level("DEBUG", logger="server.engine.engine")
     requests = {name: prompts[name] for name in ("text", "image", "images")}
     sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     blocks_for_prompts = sum(-(-p.num_prompt_tokens // 16) for p in requests.values())
@@ -170,6 +173,12 @@ async def test_preemption_recomputes_to_the_same_tokens(loaded, prompts, enforce
     assert engine.scheduler.num_preemptions > 0
     for seq, prompt in zip(seqs, requests.values(), strict=True):
         assert seq.output_token_ids == reference(loaded, prompt, 40), seq.request_id
+    lines = [r.getMessage() for r in caplog.records]
+    admitted = [line for line in lines if line.startswith("admitted: ")]
+    assert len(admitted) == 3, lines  # (once each: not again when taken back after preemption)
+    assert f"admitted: {requests['text'].num_prompt_tokens} prompt tokens (0 from" in admitted[0]
+    preempted = [int(line.split()[0]) for line in lines if "preempted for KV cache room" in line]
+    assert sum(preempted) == engine.scheduler.num_preemptions
 
 
 async def test_a_prompt_the_cache_cannot_hold_alone_is_refused_at_submit(loaded, prompts) -> None:
