@@ -458,8 +458,8 @@ def _positive_number(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a number above 0")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number above 0")
     return value
 
 
@@ -517,14 +517,17 @@ def _project_asked(args: argparse.Namespace, store: JobStore) -> str:
     if not keys:
         raise ConfigError(
             f"{'--api-key' if args.api_key else '--project'}: serve's API keys are needed to "
-            "check it against (--api-key-file, or VLM_API_KEY_FILE / VLM_API_KEYS as serve has "
-            "them); without keys every webhook is signed with the shared secret (no flag)"
+            "check it against (--api-key-file, or VLM_API_KEY_FILE / VLM_API_KEYS / "
+            "VLM_API_KEY as serve has them); without keys every webhook is signed with the "
+            "shared secret (no flag)"
         )
     if args.api_key:
         if args.api_key not in keys:
             raise ConfigError("--api-key: not one of serve's API keys")
         return keys[args.api_key]
-    label_key = store.stored_value("metrics_label_key") or ""
+    label_key = store.stored_value("metrics_label_key")
+    if label_key is None:  # (a store an older server made: its key projects had no names)
+        raise ConfigError("the job store has not named its projects yet: start serve with it once")
     label = ProjectLabels(label_key, named_projects(keys))
     by_name = {label(project): project for project in keys.values()}
     if args.project not in by_name:

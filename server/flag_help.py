@@ -204,8 +204,8 @@ HELP = {
     "root_path": "The path prefix a reverse proxy serves the API under (/vlm: clients call "
     "https://host/vlm/v1/...), whether the proxy strips it or passes it on: job status URLs, "
     "the playground and /docs name it (vLLM's --root-path).",
-    "shutdown_timeout": "On SIGTERM or Ctrl-C: new requests get a 503 and in-flight ones this "
-    "long to finish.",
+    "shutdown_timeout": "On SIGTERM or Ctrl-C: new requests get a 503, and in-flight ones and "
+    "webhook attempts this long to finish (running jobs go back to the queue at once).",
     "client_timeout": "A request's headers must arrive within this long of its first byte (or "
     "of the connection), and its body may pause at most this long; then the connection closes "
     "(nginx's client_header_timeout / client_body_timeout; 0: no limit).",

@@ -42,8 +42,11 @@ class DrainingServer(uvicorn.Server):
         self.settings = settings
         self.sockets: list[socket.socket] = []
         self.loop: asyncio.AbstractEventLoop | None = None  # the one serving, once started
-        self.putting_back: asyncio.Future[None] | None = None  # _put_jobs_back's work
-        self.signals: list[int] = []  # those that stopped it, in order
+        # _stop_background_work's put-back: (jobs back in the queue, jobs that could not be)
+        self.putting_back: asyncio.Future[tuple[int, int]] | None = None
+        # The signals that stopped it, in order (uvicorn keeps its own, privately): Ctrl-C's
+        # exit code 130 even where SIGINT came in ignored.
+        self.signals: list[int] = []
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals.append(sig)
@@ -62,17 +65,21 @@ class DrainingServer(uvicorn.Server):
         """The jobs running here go back to the queue at once, not when the drain ends: another
         replica starts them now, and they are back before an orchestrator's SIGKILL (whose
         grace period may be no longer than --shutdown-timeout). No webhook attempt starts
-        after; those in flight are waited for like requests (one cut off is sent again after
-        the restart: a duplicate at its receiver)."""
+        after; those in flight are waited for like requests (one cut off is sent again: a
+        duplicate at its receiver). Once: at the signal, or after the start-up
+        it came during (the services did not exist yet)."""
         services = getattr(self.app.state, "services", None)
-        if services is not None:
+        if services is not None and self.putting_back is None:
             self.putting_back = asyncio.ensure_future(services.job_worker.stop())
             services.webhooks.drain()
 
-    def jobs_put_back(self) -> bool:
-        """Whether the jobs running here went back to the queue at the first signal."""
-        done = self.putting_back is not None and self.putting_back.done()
-        return done and not self.putting_back.cancelled() and not self.putting_back.exception()
+    def jobs_put_back(self) -> tuple[int, int] | None:
+        """The jobs running here that went back to the queue at the first signal, and those
+        that could not (None: that is not over)."""
+        future = self.putting_back
+        if future is None or not future.done() or future.cancelled() or future.exception():
+            return None
+        return future.result()
 
     def _busy(self) -> bool:
         """A request or a webhook attempt still in flight."""
@@ -84,7 +91,9 @@ class DrainingServer(uvicorn.Server):
         self.sockets = sockets or []
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
-        if self.started:
+        if self.app.state.draining:  # a signal during the start-up: stop what it started
+            self._stop_background_work()
+        elif self.started:
             logger.info("%s", startup_summary(self.app, self.settings, self.sockets))
             if keys := self.settings.all_api_keys():
                 logger.info("%s", projects_line(keys, self.app.state.metrics.project_label))
@@ -137,19 +146,28 @@ class ForcedStopFilter(logging.Filter):
             message.startswith("Exception in 'lifespan' protocol")
             and isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
         ):
-            jobs = FORCED_JOBS_BACK if self.server.jobs_put_back() else FORCED_JOBS_LEASED
-            record.msg, record.args = f"{FORCED_STOP}, and {jobs}", ()
+            record.msg, record.args = f"{FORCED_STOP}, and {forced_jobs_line(self.server)}", ()
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
 FORCED_STOP = "stopped at once (a second Ctrl-C): in-flight requests were cut off"
-FORCED_JOBS_BACK = "the jobs this server was running went back to the queue at the first"
 FORCED_JOBS_LEASED = (
     "the jobs this server was running go back to the queue when their lease ends (at once "
     "when it restarts on this machine)"
 )
+
+
+def forced_jobs_line(server: DrainingServer) -> str:
+    """Where the jobs that were running are, after a second Ctrl-C."""
+    put_back = server.jobs_put_back()
+    if put_back is None or put_back[1]:
+        return FORCED_JOBS_LEASED
+    if put_back[0] == 0:
+        return "no job was running here"
+    back = put_back[0]
+    return f"the {back} job(s) this server was running went back to the queue at the first signal"
 
 
 class StartupErrorFilter(logging.Filter):

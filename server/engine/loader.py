@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from server.config import EngineConfig
@@ -286,6 +285,18 @@ def _check_checkpoint(path: Path) -> str:
     return SUPPORTED_MODEL_TYPES[model_type]
 
 
+def _one_line(exc: BaseException, limit: int = 600) -> str:
+    """An exception as a start-up error line: its kind where the text alone would not say
+    (a ZeroDivisionError's "division by zero"), on one line, cut to `limit` characters (a
+    size mismatch lists every weight)."""
+    text = " ".join(str(exc).split())
+    if "ignore_mismatched_sizes" in text:  # (transformers' own words point at its log)
+        return "the weights' shapes do not match config.json (is it another checkpoint's?)"
+    if not isinstance(exc, OSError | ValueError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_text_model(path: Path, text_config: Any) -> None:
     """A config the engine cannot serve (a hand-edited one, say) is one line at start-up, not
     a traceback from deep inside the engine."""
@@ -321,14 +332,18 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
             trust_remote_code=False,
         )
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, StrictDataclassError) as exc:  # (the last: config.json's checks)
-        reason = " ".join(str(exc).split())  # (one line: some span several)
-        raise ModelLoadError(f"could not load the checkpoint in {path}: {reason}") from exc
     except SafetensorError as exc:  # a weights file cut short (an interrupted download)
         raise ModelLoadError(
             f"could not load the checkpoint in {path}: a .safetensors file is damaged or "
             f"incomplete ({exc}); download it again"
         ) from exc
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"the weights of {path} do not fit in {device}'s free memory: free the GPU, or "
+            "serve a smaller checkpoint or one quantised (--quantization bnb-8bit / bnb-4bit)"
+        ) from exc
+    except Exception as exc:  # a config.json edited by hand, weights of another size, ...
+        raise ModelLoadError(f"could not load the checkpoint in {path}: {_one_line(exc)}") from exc
     _check_text_model(path, model.config.text_config)
     model.eval()
     # The engine bounds every prompt by its context (a 400 that names it); the tokenizer's own

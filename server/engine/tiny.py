@@ -148,7 +148,15 @@ class TinySpec:
                 f"--num-heads must be a multiple of --num-kv-heads "
                 f"({self.num_heads} is not a multiple of {self.num_kv_heads})"
             )
-        if self.family == "qwen3-vl-moe" and self.hidden_size in (
+        moe = self.family == "qwen3-vl-moe"
+        if moe and (moe_intermediate_size(self) % 8 or self.hidden_size % 8):
+            # torch's grouped matmul of the experts wants rows of 16-byte multiples (bf16)
+            raise ValueError(
+                f"--family qwen3-vl-moe needs --hidden-size and the experts' width (3/8 of "
+                f"--intermediate-size) to be multiples of 8 ({self.hidden_size} and "
+                f"{moe_intermediate_size(self)} here)"
+            )
+        if moe and self.hidden_size in (
             moe_intermediate_size(self),
             2 * moe_intermediate_size(self),
         ):  # a square expert matrix: its hub layout could not be told apart when loading

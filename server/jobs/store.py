@@ -239,7 +239,8 @@ class JobStore(DeliveryStore, FileStore, ResponseStore, ConversationStore):
             return [
                 table
                 for table in PROJECT_TABLES
-                if execute(f"SELECT 1 FROM {table} WHERE project <> '' LIMIT 1", ()).fetchone()
+                # (`>`, not `<>`: jobs' and files' project index answers it)
+                if execute(f"SELECT 1 FROM {table} WHERE project > '' LIMIT 1", ()).fetchone()
             ]
 
     def claim(self, lease_s: float, owner: str = "", kinds: tuple[str, ...] = ()) -> Job | None:

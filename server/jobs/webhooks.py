@@ -197,19 +197,22 @@ class WebhookSender:
 
     def drain(self) -> None:
         """No attempt starts from now on; those in flight go on (the server's drain waits for
-        them, as for requests): one cut off would be sent again after the restart."""
+        them, as for requests): one cut off would be sent again, a duplicate."""
         self.draining = True
         self.wake()
 
     async def stop(self) -> None:
-        """Attempts cut short are not recorded: they are sent again after the next start."""
+        """Attempts cut short are not recorded: they are sent again once their hold lapses
+        (hold_s), by another replica or the next start."""
         if self.watcher is not None:
             self.store.unwatch_deliveries(self.watcher)
         if self.in_flight:
             logger.warning(
-                "%d webhook attempt(s) cut off by the stop: sent again after the next start "
-                "(the same webhook-id: a receiver that got one sees it twice)",
+                "%d webhook attempt(s) cut off by the stop: sent again in about %.0f s, by "
+                "another replica or this server's next start (the same webhook-id: a "
+                "receiver that got one sees it twice)",
                 len(self.in_flight),
+                self.hold_s,
             )
         tasks = [*self.in_flight.values(), *([self.task] if self.task else [])]
         await cancel_and_wait(tasks)
@@ -241,7 +244,8 @@ class WebhookSender:
         delivery it gave up on and `redeliver-webhooks` queued again, attempts 0, waits out
         FORGET_AFTER_S here: another replica sends it at once)."""
         return (
-            row["id"] not in self.in_flight
+            not self.draining  # (set while the query ran: the rows are due again later)
+            and row["id"] not in self.in_flight
             and row["attempts"] >= self.attempts_made.get(row["id"], 0)
             and len(self.in_flight) < MAX_IN_FLIGHT
         )

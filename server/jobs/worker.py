@@ -126,7 +126,7 @@ class JobWorker:
         self.held: dict[str, Job] = {}  # job id -> the attempt this process holds
         self.cancelled: set[str] = set()
         self.claim_failures = 0  # in a row: the store is unreachable while this grows
-        self._stopped: asyncio.Future[None] | None = None  # stop()'s work, once begun
+        self._stopped: asyncio.Future[tuple[int, int]] | None = None  # stop()'s work, once begun
         # Claims whose loop was stopped while the store's thread made them (_claim_in_thread)
         self.cut_claims: set[asyncio.Future[Job | None]] = set()
 
@@ -158,32 +158,37 @@ class JobWorker:
         if expired:
             logger.info("re-queued %d job(s) left unfinished by a stopped server", expired)
 
-    async def stop(self) -> None:
+    async def stop(self) -> tuple[int, int]:
         """Jobs running here go back to the queue, for another replica or the next start
         (one that cannot be put back is taken over when its lease expires); no job is claimed
-        after. Called twice (at SIGTERM, then by the lifespan), it does this once."""
+        after. Called twice (at SIGTERM, then by the lifespan), it does this once. Returns how
+        many went back and how many could not."""
         if self._stopped is None:
             self._stopped = asyncio.ensure_future(self._put_back())
-        await asyncio.shield(self._stopped)
+        return await asyncio.shield(self._stopped)
 
-    async def _put_back(self) -> None:
+    async def _put_back(self) -> tuple[int, int]:
         await cancel_and_wait(self.tasks)
         for claim in self.cut_claims:  # (their threads ran on: what they took goes back too)
             with contextlib.suppress(Exception):
                 if (job := await claim) is not None:
                     self.held.setdefault(job.id, job)
         self.cut_claims.clear()
+        back = not_back = 0
         for job in list(self.held.values()):
             try:
                 await asyncio.to_thread(self.store.release, job)
                 logger.info("job %s goes back to the queue (this server is stopping)", job.id)
+                back += 1
             except Exception:
                 logger.warning(
                     "job %s could not be put back in the queue; it is taken over when its "
                     "lease expires",
                     job.id,
                 )
+                not_back += 1
         self.held.clear()
+        return back, not_back
 
     def notify(self) -> None:
         """A job was queued here (or may have been): every idle loop tries a claim."""

@@ -91,7 +91,7 @@ async def test_retried_until_delivered_with_the_same_signed_id(
 
 
 async def test_each_projects_webhooks_are_signed_with_its_own_secret(
-    tiny_model_dir: Path, tmp_path: Path, webhook_receiver, capsys
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver, capsys, monkeypatch
 ) -> None:
     """--webhook-secret-per-project: team-b's job pointed at team-a's receiver is signed with
     team-b's secret, which team-a's receiver (holding what `vlm-server webhook-secret
@@ -112,6 +112,7 @@ async def test_each_projects_webhooks_are_signed_with_its_own_secret(
             assert response.status_code == 202, response.text
             await wait_for(lambda n=len(receiver.received): len(receiver.received) > n)
     data_dir = str(tmp_path / "data")
+    monkeypatch.setenv("VLM_API_KEYS", "sk-a team-a,sk-b team-b")  # (serve's keys, as it had them)
     printed = {}
     for project in ("team-a", "team-b", None):
         capsys.readouterr()
@@ -405,6 +406,46 @@ async def test_an_attempts_outcome_is_recorded_once_the_store_is_back(tmp_path: 
     assert len(calls) == 3
     reopened = JobStore(tmp_path / "jobs.sqlite3")
     assert reopened.deliveries_of(claimed.id)[0]["status"] == "delivered"
+    reopened.close()
+
+
+async def test_no_attempt_starts_once_the_drain_began_even_from_a_poll_under_way(
+    tmp_path: Path, webhook_receiver
+) -> None:
+    """drain() while the store's poll for due deliveries runs: what it returns is not sent (it
+    was, then cut off by the stop and sent again after the restart: a duplicate)."""
+    import threading
+
+    from server.jobs import webhooks
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    receiver = webhook_receiver([200])
+    store.create("categories", {"webhook_url": receiver.url}, None)
+    job = store.claim(lease_s=60)
+    assert job is not None and store.complete(job, {})
+    polling, go_on = threading.Event(), threading.Event()
+    poll = store.due_deliveries
+
+    def slow_poll(*args: object) -> list:
+        polling.set()
+        assert go_on.wait(10)
+        return poll(*args)  # type: ignore[arg-type]
+
+    store.due_deliveries = slow_poll  # type: ignore[method-assign]
+    sender = webhooks.WebhookSender(store, SECRET, (5.0,), 5.0, ("127.0.0.1",))
+    sender.start()
+    try:
+        assert await asyncio.to_thread(polling.wait, 10)
+        sender.drain()
+        go_on.set()
+        await asyncio.sleep(0.5)
+        assert sender.in_flight == {} and receiver.received == []
+    finally:
+        go_on.set()
+        await sender.stop()
+        store.close()
+    reopened = JobStore(tmp_path / "jobs.sqlite3")
+    assert [d["status"] for d in reopened.deliveries_of(job.id)] == ["pending"]
     reopened.close()
 
 

@@ -180,6 +180,50 @@ def test_the_drain_waits_for_webhook_attempts_in_flight(
     assert "cut off" not in log and "Traceback" not in log, log
 
 
+def test_a_sigterm_during_start_up_still_waits_for_webhook_attempts(
+    tiny_model_dir: Path, tmp_path: Path, webhook_receiver
+) -> None:
+    """SIGTERM while the app starts (on a GPU: the memory profile, CUDA graphs' capture): the
+    deliveries the store had waiting are either sent and recorded, or left for the next start;
+    none is cut off to be sent twice (three were), and no "ready" line follows "draining"."""
+    import subprocess
+    import sys
+
+    from server.jobs.store import open_job_store
+
+    receiver = webhook_receiver([200] * 3, delay_s=2.0)
+    data = tmp_path / "data"
+    store = open_job_store(None, data)
+    for _ in range(3):
+        store.create("categories", {"webhook_url": receiver.url}, None)
+        job = store.claim(lease_s=60)
+        assert job is not None and store.complete(job, {})
+    store.close()
+    log_path = tmp_path / "server.log"
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(data), "--port", "0"]
+    args += ["--allowed-media-domains", "127.0.0.1"]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        deadline = time.monotonic() + 120
+        while "Waiting for application startup" not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert_clean_exit(process, log_path)
+    with contextlib.closing(sqlite3.connect(data / "jobs.sqlite3")) as database:
+        rows = database.execute("SELECT status, attempts FROM deliveries").fetchall()
+    sent = sorted(rows).count(("delivered", 1))
+    assert sent == len(receiver.answered_at) == len(receiver.received), rows
+    assert sorted(rows) == [("delivered", 1)] * sent + [("pending", 0)] * (3 - sent)
+    log = log_path.read_text()
+    assert "cut off" not in log and "ready:" not in log, log
+
+
 def test_ctrl_c_drains_like_sigterm_and_workers_keep_decoding(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -254,31 +298,52 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tiny_model_dir: Path, tmp_pat
     """The first Ctrl-C drains; a second stops now (uvicorn skips the app's shutdown): exit
     130, and the log says so in one warning, not the lifespan's cancelled traceback. Its lines
     tell what happened: the request was cut off by the second Ctrl-C (not by a timeout a
-    second in), and the jobs went back to the queue at the first (not at their lease's end)."""
-    args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny"]
+    second in), and the job running here went back to the queue at the first (not at its
+    lease's end)."""
+    from tests.e2e.test_job_durability import wait_until
+    from tests.e2e.test_replicas import StalledVideo
+
+    data = tmp_path / "data"
+    args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny", "--data-dir", str(data)]
+    args += ["--allowed-media-domains", "127.0.0.1", "--media-fetch-timeout", "300"]
     log_path = tmp_path / "server.log"
     long = {**BODY, "max_tokens": 3000, "stream": False}
+    stalled = StalledVideo(make_video())
 
     def ask() -> None:
         with contextlib.suppress(httpx.HTTPError):
             httpx.post(f"{url}/v1/chat/completions", json=long, timeout=120)
 
-    with server_process(log_path, *args, "--shutdown-timeout", "60") as (url, process):
-        asker = threading.Thread(target=ask)
-        asker.start()
-        deadline = time.monotonic() + 60
-        while "1.0" not in _running(url) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "1.0" in _running(url)  # (running: 3000 tokens take longer than the second)
-        process.send_signal(signal.SIGINT)
-        time.sleep(1)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 130
-        asker.join(timeout=60)
+    def status(job_id: str) -> str:
+        with contextlib.closing(sqlite3.connect(data / "jobs.sqlite3")) as database:
+            return database.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    try:
+        with server_process(log_path, *args, "--shutdown-timeout", "60") as (url, process):
+            body = {"model": "tiny", "media_url": stalled.url, "async": True}
+            job = httpx.post(f"{url}/v2/media/categories", json=body, timeout=60).json()
+            wait_until(lambda: status(job["id"]) == "processing", 60, "the job to start")
+            asker = threading.Thread(target=ask)
+            asker.start()
+            deadline = time.monotonic() + 60
+            while "1.0" not in _running(url) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "1.0" in _running(url)  # (running: 3000 tokens take longer than the second)
+            process.send_signal(signal.SIGINT)
+            wait_until(lambda: status(job["id"]) == "queued", 20, "the job to be put back")
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 130
+            asker.join(timeout=60)
+    finally:
+        stalled.release.set()
+        stalled.server.shutdown()
     log = log_path.read_text()
     assert "Traceback" not in log and "CancelledError" not in log, log
     (stopped,) = [line for line in log.splitlines() if "stopped at once" in line]
-    assert "WARNING" in stopped and "went back to the queue at the first" in stopped, stopped
+    assert "WARNING" in stopped, stopped
+    assert stopped.endswith(
+        "and the 1 job(s) this server was running went back to the queue at the first signal"
+    ), stopped
     assert "--shutdown-timeout was up" not in log, log
     cut = [line for line in log.splitlines() if "request cut off" in line]
     assert all("a second Ctrl-C stopped the server" in line for line in cut), cut

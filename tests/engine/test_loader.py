@@ -124,19 +124,24 @@ def test_refuses_non_qwen_checkpoints(tiny_model_dir: Path, tmp_path: Path) -> N
         ({"num_hidden_layers": 0, "layer_types": []}, "the text model's num_hidden_layers is 0"),
         ({"max_position_embeddings": 0}, "the text model's max_position_embeddings is 0"),
         ({"num_hidden_layers": 3}, "could not load the checkpoint in .*layer_types"),
+        # weights of another size (a config.json from another checkpoint), heads of 0
+        ({"hidden_size": 32}, "weights' shapes do not match config.json"),
+        ({"num_attention_heads": 0}, "could not load the checkpoint in .*ZeroDivisionError"),
     ],
 )
 def test_refuses_a_text_model_it_cannot_serve_in_one_line(
     tiny_model_dir: Path, tmp_path: Path, edit: dict[str, object], message: str
 ) -> None:
     """A config edited to 0 layers crashed the engine's start with an IndexError traceback;
-    one transformers' own checks refuse was a traceback too."""
+    one transformers' own checks refuse, or whose weights do not match, was a traceback too.
+    Each is one line."""
     edited = shutil.copytree(tiny_model_dir, tmp_path / "edited")
     config = json.loads((edited / "config.json").read_text())
     config["text_config"].update(edit)
     (edited / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=message):
+    with pytest.raises(ModelLoadError, match=message) as info:
         load_model(engine_config(str(edited), tmp_path))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
 
 
 def test_refuses_checkpoints_without_safetensors(tiny_model_dir: Path, tmp_path: Path) -> None:

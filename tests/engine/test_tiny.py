@@ -147,6 +147,12 @@ def test_bench_sized_checkpoint(tmp_path: Path) -> None:
         ({"num_heads": 3}, "--hidden-size / --num-heads must be an even whole number (64 / 3"),
         ({"num_kv_heads": 3}, "--num-heads must be a multiple of --num-kv-heads"),
         ({"vision_embed_dim": 30, "vision_heads": 3}, "--vision-embed-dim / --vision-heads"),
+        # experts 15 wide: built, then every request a 500 (torch's grouped matmul refused it)
+        (
+            {"family": "qwen3-vl-moe", "intermediate_size": 40},
+            "--hidden-size and the experts' width (3/8 of --intermediate-size) to be multiples "
+            "of 8 (64 and 15 here)",
+        ),
     ],
 )
 def test_a_size_no_checkpoint_can_have_is_refused_naming_its_flag(

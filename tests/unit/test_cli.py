@@ -457,7 +457,7 @@ def test_redeliver_webhooks_reads_serves_job_store(tmp_path: Path, capsys) -> No
     with pytest.raises(SystemExit) as exited:
         main(["redeliver-webhooks", "--data-dir", str(tmp_path), "--since-hours", "-1"])
     assert exited.value.code == 2
-    assert "'-1': must be a number above 0" in capsys.readouterr().err
+    assert "'-1': must be a finite number above 0" in capsys.readouterr().err
     assert main(["redeliver-webhooks", "--data-dir", str(tmp_path / "elsewhere")]) == 2
     assert not (tmp_path / "elsewhere").exists()
     # a store that cannot be used is one line too, as serve's (it was a traceback)
@@ -524,3 +524,28 @@ def test_webhook_secret_prints_the_shared_or_a_projects_secret(
     monkeypatch.setenv("VLM_API_KEYS", "sk-x team-x")
     assert printed("--api-key", "sk-x") == printed("--project", "team-x")
     assert main([*args, "--project", "team-a"]) == 2
+
+
+def test_a_second_ctrl_c_says_where_the_running_jobs_are() -> None:
+    """Put back at the first signal (how many), none running, or some that could not be put
+    back (the store was down) or the put-back not over: their lease brings them back."""
+    import asyncio
+
+    from server.api.server import FORCED_JOBS_LEASED, DrainingServer, forced_jobs_line
+
+    def line(result: tuple[int, int] | None) -> str:
+        server = DrainingServer.__new__(DrainingServer)
+        server.putting_back = None
+        if result is not None:
+            loop = asyncio.new_event_loop()
+            server.putting_back = loop.create_future()
+            server.putting_back.set_result(result)
+            loop.close()
+        return forced_jobs_line(server)
+
+    assert (
+        line((2, 0))
+        == "the 2 job(s) this server was running went back to the queue at the first signal"
+    )
+    assert line((0, 0)) == "no job was running here"
+    assert line((1, 1)) == line(None) == FORCED_JOBS_LEASED
