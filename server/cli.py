@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_origin
 
 from pydantic import ValidationError
 
-from server import __version__
+from server import __version__, vllm_flags
 from server.config import Settings
 from server.engine.tiny import FAMILIES, SPEC_MINIMUMS, TinySpec, spec_flag
 from server.exceptions import StartupError
@@ -77,8 +77,17 @@ class ConfigError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     """argparse's errors as one line (not the usage block), exit code 2."""
 
+    commands: Any  # (the top-level parser's subcommands)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def refuse_unrecognized(self, tokens: list[str]) -> NoReturn:
+        """This command's unrecognized arguments, with what to use instead of vLLM's flags
+        and the closest flag to a mistyped one."""
+        known = [flag for action in self._actions for flag in action.option_strings]
+        hints = vllm_flags.unrecognized_hints(tokens, known)
+        self.error(f"unrecognized arguments: {' '.join(tokens)}" + (f" ({hints})" if hints else ""))
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,8 +101,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         hint = hints[name]
         base = get_args(hint)[0] if get_origin(hint) is typing.Annotated else hint
         choices = get_args(hint) if get_origin(hint) is typing.Literal else None
-        if get_origin(base) is list:
+        if name == "served_model_name":  # (vLLM's form, `A B`, as well as the flag repeated)
+            kwargs["action"], kwargs["nargs"] = "extend", "+"
+        elif get_origin(base) is list:
             kwargs["action"] = "append"
+        if name == "dtype":
+            kwargs["type"] = vllm_flags.dtype
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif choices:
@@ -107,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="vlm-server", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vlm-server {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.commands = commands
     serve = commands.add_parser(
         "serve",
         help="run the HTTP server",
@@ -114,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "variable VLM_<FLAG> (e.g. VLM_PORT=8001); a flag given here wins.",
     )
     _add_settings_flags(serve)
+    vllm_flags.add_accepted(serve)
     tiny = commands.add_parser(
         "make-tiny-model",
         help="write a random-weight checkpoint offline",
@@ -189,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-store", default=None, help="As serve's --job-store.")
     parser.add_argument("--data-dir", type=Path, default=None, help="As serve's --data-dir.")
+
+
+def _take_positional_model(args: argparse.Namespace) -> None:
+    """`serve MODEL` (vLLM's form) is --model MODEL. Several served names and no model given
+    anywhere: a name list takes every word after it, so `--served-model-name A MODEL` would
+    serve the default model under the name MODEL; refused."""
+    positional = args.__dict__.pop("model_positional", None)
+    if positional is not None:
+        if "model" in vars(args) and args.model != positional:
+            raise ConfigError(f"two models: {positional!r} and --model {args.model!r}")
+        args.model = positional
+    given = "model" in vars(args) or _getenv(f"{ENV_PREFIX}MODEL")
+    if not given and len(vars(args).get("served_model_name") or ()) > 1:
+        raise ConfigError(
+            "--served-model-name takes every word after it, and no model is given: give the "
+            "model first (serve MODEL --served-model-name A B) or as --model"
+        )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -292,7 +324,7 @@ def unknown_env_warnings(environ: typing.Mapping[str, str]) -> list[str]:
             close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
             hint = f"; did you mean {close[0]}?" if close else ""
             warnings.append(f"{key} is not a vlm-server setting and is ignored{hint}")
-    return warnings
+    return warnings + vllm_flags.env_warnings(environ, known, ENV_PREFIX)
 
 
 def check_model_path(model: str) -> None:
@@ -366,6 +398,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.log import configure_logging
 
     try:
+        _take_positional_model(args)
         settings = load_settings(args)
     except ConfigError as exc:
         sys.stderr.write(f"vlm-server serve: error: {exc}\n")
@@ -377,6 +410,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.engine.loader import load_model
 
     try:
+        if refusal := vllm_flags.api_key_refusal(os.environ, bool(settings.all_api_keys())):
+            raise ConfigError(refusal)
         check_model_path(settings.model)
         check_directories(settings)
         check_job_store(settings)
@@ -547,7 +582,10 @@ def _serve_keys(args: argparse.Namespace) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unrecognized = parser.parse_known_args(argv)
+    if unrecognized:  # (said by the command's own parser: `vlm-server serve: error: ...`)
+        parser.commands.choices[args.command].refuse_unrecognized(unrecognized)
     if args.command == "serve":
         return _serve(args)
     if args.command == "redeliver-webhooks":

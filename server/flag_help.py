@@ -64,7 +64,8 @@ HELP = {
     "the HF cache; downloaded only when online) or 'tiny' / 'tiny-qwen2.5-vl' / 'tiny-qwen3-vl' / "
     "'tiny-qwen3-vl-thinking' / 'tiny-qwen3-vl-moe' (a random-weight test model built offline "
     "under --models-dir, as tiny-qwen2-vl, ...; a checkpoint there by the name given wins).",
-    "served_model_name": "Name clients send as `model` (repeatable); other names get a 404.",
+    "served_model_name": "Name clients send as `model` (repeatable, or several after one flag "
+    "as vLLM takes them); other names get a 404.",
     "host": "Address to listen on (0.0.0.0: every interface).",
     "port": "TCP port to listen on; checked before the model loads.",
     "api_keys": "Bearer key clients must send (repeatable; env VLM_API_KEY or VLM_API_KEYS, "

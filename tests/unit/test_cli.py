@@ -549,3 +549,88 @@ def test_a_second_ctrl_c_says_where_the_running_jobs_are() -> None:
     )
     assert line((0, 0)) == "no job was running here"
     assert line((1, 1)) == line(None) == FORCED_JOBS_LEASED
+
+
+def test_a_vllm_command_line_is_taken_where_it_asks_for_what_this_server_does() -> None:
+    """`vllm serve MODEL --served-model-name A B --dtype half` and the flags whose meaning is
+    what this server always does (auto tool choice, the hermes parser, one GPU, remote code
+    not needed) start it as they would vLLM."""
+    from server.cli import _take_positional_model
+
+    args = build_parser().parse_args(
+        ["serve", "Qwen/Qwen2.5-VL-7B-Instruct", "--served-model-name", "a", "b", "--dtype"]
+        + ["half", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "-tp", "1"]
+        + ["--trust-remote-code", "--served-model-name", "c"]
+    )
+    _take_positional_model(args)
+    settings = settings_from_args(args)
+    assert settings.model == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert settings.served_model_names() == ["a", "b", "c"]
+    assert settings.dtype == "float16"
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (
+            ["--limit-mm-per-prompt", '{"image": 2}'],
+            "unrecognized arguments: --limit-mm-per-prompt (--limit-mm-per-prompt is vLLM's; "
+            "here: --max-images-per-request and --max-videos-per-request) (see --help)",
+        ),
+        (
+            ["tiny", "--uvicorn-log-level", "debug", "--max-modle-len", "9"],
+            "(--uvicorn-log-level is vLLM's; here: --log-level; --max-modle-len: did you mean "
+            "--max-model-len?) (see --help)",
+        ),
+        (["-tp", "2"], "'2': one server runs on one GPU (run replicas sharing --job-store)"),
+        (["--tool-call-parser", "llama3_json"], "invalid choice: 'llama3_json'"),
+    ],
+)
+def test_vllms_other_flags_are_refused_saying_what_to_use_here(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlm-server serve: error: ") and line in err, err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["x", "--model", "y"], "two models: 'x' and --model 'y'"),
+        # (the name list took the model: the default would be served under its name)
+        (
+            ["--served-model-name", "a", "Qwen/Qwen2-VL-2B-Instruct"],
+            "--served-model-name takes every word after it, and no model is given",
+        ),
+    ],
+)
+def test_a_model_given_twice_or_swallowed_by_the_names_is_refused(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.delenv("VLM_MODEL", raising=False)
+    assert main(["serve", *argv]) == 2
+    assert line in capsys.readouterr().err
+
+
+def test_vllms_variables_are_not_read_and_its_api_key_alone_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit carried over from vLLM with VLLM_API_KEY started with no authentication."""
+    from server.cli import unknown_env_warnings
+
+    environ = {"VLLM_MAX_MODEL_LEN": "5", "VLLM_USE_V1": "1", "VLM_PORT": "8000"}
+    assert unknown_env_warnings(environ) == [
+        "VLLM_MAX_MODEL_LEN is vLLM's variable and is ignored: this server reads VLM_MAX_MODEL_LEN"
+    ]
+    for name in ("VLM_API_KEYS", "VLM_API_KEY", "VLM_API_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "sk-1")
+    argv = ["serve", "--model", "Qwen/not-here", "--models-dir", str(tmp_path), "--port", "0"]
+    assert main([*argv, "--data-dir", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "VLLM_API_KEY is vLLM's variable, not read here" in lines[0]
+    logging.getLogger().handlers = []

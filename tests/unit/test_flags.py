@@ -13,10 +13,14 @@ from server.flag_help import HELP, default_text, flag_name, markdown_table
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_readme_flag_table_is_generated_from_the_settings() -> None:
+@pytest.mark.parametrize("name", ["flags", "vllm-flags"])
+def test_readme_flag_tables_are_generated(name: str) -> None:
+    from server import vllm_flags
+
     text = README.read_text()
-    table = text.split("<!-- flags:begin -->\n", 1)[1].split("\n<!-- flags:end -->", 1)[0]
-    assert table == markdown_table(), "run `make readme-flags` and commit README.md"
+    table = text.split(f"<!-- {name}:begin -->\n", 1)[1].split(f"\n<!-- {name}:end -->", 1)[0]
+    expected = markdown_table() if name == "flags" else vllm_flags.markdown_table()
+    assert table == expected, "run `make readme-flags` and commit README.md"
 
 
 @pytest.mark.parametrize("name", list(Settings.model_fields))
