@@ -208,19 +208,32 @@ class InputFileContentPart(FileRef):
 
 class FrameOptions(PixelRange):
     """Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
-    the video pixel range); see media/frames.py. nframes is qwen-vl-utils' name: read as
-    max_frames (at most that many; a short video at 2 a second may have fewer); total_pixels
+    the video pixel range); see media/frames.py. nframes (qwen-vl-utils' name) and num_frames
+    (vLLM's, in media_io_kwargs) are read as max_frames (at most that many; a short video at 2
+    a second may have fewer); total_pixels
     is qwen-vl-utils' too: the frames' pixels together, a ceiling on each frame's."""
 
     fps: float | None = Field(default=None, gt=0)
     max_frames: int | None = Field(default=None, ge=1)
     nframes: int | None = Field(default=None, ge=1)
+    num_frames: int | None = Field(default=None, ge=1)
     total_pixels: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _aliases_are_max_frames(self) -> FrameOptions:
+        given = {v for v in (self.max_frames, self.nframes, self.num_frames) if v is not None}
+        if len(given) > 1:
+            raise ValueError("max_frames, nframes and num_frames are one option: give one")
+        self.max_frames = self.max_frames or self.nframes or self.num_frames
+        return self
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unread_options(cls, data: Any) -> Any:
-        taken = "a video takes fps, max_frames (or nframes), min_pixels, max_pixels, total_pixels"
+        taken = (
+            "a video takes fps, max_frames (or nframes, num_frames), min_pixels, max_pixels, "
+            "total_pixels"
+        )
         return _refused_options(data, QWEN_UTILS_VIDEO_ONLY, taken)
 
     def frames(self, beside: FrameOptions, param: str) -> FrameRequest:
@@ -228,7 +241,7 @@ class FrameOptions(PixelRange):
         least, most = self.pixels(beside, param)
         return FrameRequest(
             fps=self.fps or beside.fps,
-            max_frames=self.max_frames or self.nframes or beside.max_frames or beside.nframes,
+            max_frames=self.max_frames or beside.max_frames,
             min_pixels=least,
             max_pixels=most,
             total_pixels=self.total_pixels or beside.total_pixels,
@@ -272,7 +285,7 @@ DASHSCOPE_ITEM_KEYS = {
     "text": frozenset(),
     "image": frozenset({"min_pixels", "max_pixels", "detail", *QWEN_UTILS_IMAGE_ONLY}),
     "video": frozenset(
-        {"fps", "max_frames", "nframes", "min_pixels", "max_pixels", "total_pixels"}
+        {"fps", "max_frames", "nframes", "num_frames", "min_pixels", "max_pixels", "total_pixels"}
         | set(QWEN_UTILS_VIDEO_ONLY)
     ),
 }

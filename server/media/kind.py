@@ -13,11 +13,12 @@ from server.media.fetch import is_data_uri, undeclared_data_uri
 
 MediaKind = Literal["image", "video"]
 
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
+# (3GP is MP4's container: old phones' videos)
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".3gp", ".3g2"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp"}
 # Video containers this server does not read: refused as such, not taken for a broken image.
 OTHER_VIDEO_EXTENSIONS = {
-    ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".mpg", ".mpeg",
+    ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".mpg", ".mpeg",
     ".ts", ".m2ts", ".mts", ".vob", ".rm", ".rmvb",
 }  # fmt: skip
 

@@ -53,7 +53,11 @@ ALLOWED_CONTAINERS = ("mp4", "mov", "matroska", "webm", "avi")
 # size (MJPEG's frames each have one; H.264, VP9... may change size mid-stream) is refused by
 # the decoder (FFmpeg's max_pixels).
 MAX_FRAME_PIXELS = 8192 * 4320
-UNDECODABLE = "the video's frames could not be decoded (corrupt, or a frame above 8K)"
+ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC: a stream that is cover art
+UNDECODABLE = (
+    "the video's frames could not be decoded: the file is damaged or cut short (or a frame is "
+    "larger than 8K)"
+)
 
 
 class VideoDecodeError(Exception):
@@ -101,7 +105,7 @@ def _probe(data: VideoSource) -> VideoInfo:
                 )
             if not container.streams.video:
                 raise VideoDecodeError("the file has no video stream")
-            stream = _bounded(container.streams.video[0])
+            stream = _main_stream(container)
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             duration = (
                 float(stream.duration * stream.time_base)
@@ -127,6 +131,15 @@ def _probe(data: VideoSource) -> VideoInfo:
     return VideoInfo(duration, fps, num_frames, width, height, rotation)
 
 
+def _main_stream(container):  # noqa: ANN202 (a PyAV stream)
+    """The video stream to read, bounded (_bounded): as ffmpeg picks one, the largest picture,
+    never cover art (a file's first stream may be a 64x64 cover before a 10 s video, a dash
+    camera's a small copy of the full one); the first of equals."""
+    streams = [s for s in container.streams.video if not s.disposition & ATTACHED_PIC]
+    streams = streams or list(container.streams.video)
+    return _bounded(max(streams, key=lambda s: s.codec_context.width * s.codec_context.height))
+
+
 def _bounded(stream):
     """The stream, its decoder told to refuse a frame above MAX_FRAME_PIXELS by the frame's
     own size, not the header's."""
@@ -140,12 +153,14 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     to its end), where the container's header claims more by over a frame and a percent: a
     file claiming 60 s that holds 4 s was sampled at 60 timestamps, 56 of them the last
     frame again. Only ever lowered (a bogus last timestamp must not stretch the plan past
-    the frames); the header's where the packets have no times."""
+    the frames); the header's where the packets have no times. A header with no duration at
+    all (a recording written as it went: a browser's or OBS's webm) is read to its end."""
     if fps <= 0:  # (refused by the caller: no decodable frames)
         return claimed
     try:
         base = stream.time_base
-        container.seek(int((claimed + 3600) / base), stream=stream, backward=True)
+        if claimed > 0:  # (else from where it is: the start)
+            container.seek(int((claimed + 3600) / base), stream=stream, backward=True)
         ends = [
             float((packet.pts + (packet.duration or 0)) * base)
             for packet in container.demux(stream)
@@ -154,6 +169,8 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     except Exception:  # (a stream that cannot seek: the header's word)
         return claimed
     measured = max(ends, default=0.0) - _start_s(stream)
+    if claimed <= 0 < measured:
+        return measured
     if measured <= 0 or claimed - measured <= 1.5 / fps + 0.01 * claimed:
         return claimed
     return measured
@@ -196,11 +213,11 @@ def _read_pyav(
 
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
-        stream = _bounded(container.streams.video[0])
+        stream = _main_stream(container)
         start = _start_s(stream)
         keyframes = _keyframe_times(container, stream)
         walk = _FrameWalk(container, stream)
-        for target in timestamps:
+        for i, target in enumerate(timestamps):
             at = start + target  # (the stream's own clock: a recording may start at 10 s)
             shown = walk.current
             if shown is None or shown.time is None or at < shown.time:
@@ -210,6 +227,12 @@ def _read_pyav(
             chosen = walk.shown_at(at)
             if chosen is None:
                 raise VideoDecodeError("a planned frame could not be decoded")
+            if chosen is shown and i > 0:
+                # A variable frame rate held the last frame past this time too: the next
+                # one instead, where it comes before the next planned time (not the same
+                # frame read, captioned and paid for twice).
+                following = start + timestamps[i + 1] if i + 1 < len(timestamps) else None
+                chosen = walk.take_next(before=following) or chosen
             frames.append(_upright(chosen, size, rotation))
             times.append(_time_of(chosen, start, target))
     return np.stack(frames), times
@@ -258,6 +281,19 @@ class _FrameWalk:
             if later:  # (the first frame after the seek, past `at` or without a time)
                 return self.current
 
+    def take_next(self, before: float | None):  # noqa: ANN201 (a PyAV frame, or None)
+        """The frame after the current one, taken if it starts before `before` (None: any
+        time); None where there is none."""
+        if self.upcoming is None:
+            self.upcoming = next(self.frames, None)
+        following = self.upcoming
+        if following is None:
+            return None
+        if before is not None and following.time is not None and following.time >= before:
+            return None
+        self.current, self.upcoming = following, None
+        return following
+
 
 def _start_s(stream) -> float:
     """When the stream starts on its own clock (0 but for recordings cut from a longer one):
@@ -285,7 +321,7 @@ def _read_keyframes(
 
     frames, times = [], []
     with av.open(_open(data), mode="r") as container:
-        stream = _bounded(container.streams.video[0])
+        stream = _main_stream(container)
         start = _start_s(stream)
         for target in timestamps:
             at = start + target  # (the stream's own clock)

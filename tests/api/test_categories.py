@@ -140,6 +140,14 @@ async def test_a_video_format_the_server_does_not_read_is_named(client: httpx.As
         assert ".flv videos are not supported" in error["message"]
 
 
+def test_a_3gp_name_is_a_video_this_server_reads() -> None:
+    """MP4's container under old phones' name: it was refused by the name."""
+    from server.media.kind import url_kind
+
+    for name in ("clip.3gp", "clip.3G2?sig=1"):
+        assert url_kind(f"https://media.example/{name}", "media_url") == "video"
+
+
 async def test_video_frames_are_not_divided_by_the_context(client: httpx.AsyncClient) -> None:
     """Seed 000: up to 60 frames, as many as the model allows; each frame is its own request,
     so a 5-second clip gets its 2 frames a second (it used to be 7 for any video)."""

@@ -675,7 +675,7 @@ async def test_media_options_reach_a_video_sent_as_an_image_url_part(
 async def test_qwen_vl_utils_options_in_a_part(video_client: httpx.AsyncClient) -> None:
     """A part's own pixel range, as qwen-vl-utils sets one per image (inside image_url or
     beside it; two images of one request may differ; it was ignored: the auto budget),
-    nframes as max_frames; its options this server does not take are 400s naming them
+    nframes and num_frames as max_frames; its options this server does not take are 400s naming them
     (video_start was ignored: the whole video, answered about another part of it)."""
     image = "data:image/jpeg;base64," + base64.b64encode(make_image(1280, 960)).decode()
 
@@ -708,13 +708,17 @@ async def test_qwen_vl_utils_options_in_a_part(video_client: httpx.AsyncClient) 
         assert param in error["message"], error
     video = video_uri(make_video(seconds=4))
     tokens = []
-    for options in ({}, {"nframes": 4}):
+    # (num_frames, vLLM's name, was ignored inside a part)
+    for options in ({}, {"nframes": 4}, {"num_frames": 4}):
         response = await video_client.post(
             "/v1/chat/completions", json=video_body(video, video=options)
         )
         assert response.status_code == 200, response.text
         tokens.append(response.json()["usage"]["prompt_tokens_details"]["video_tokens"])
-    assert tokens[1] * 2 == tokens[0], tokens
+    assert tokens[1] * 2 == tokens[0] and tokens[2] == tokens[1], tokens
+    both = video_body(video, video={"nframes": 4, "max_frames": 6})
+    error = assert_error(await video_client.post("/v1/chat/completions", json=both), 400)
+    assert "max_frames, nframes and num_frames are one option" in error["message"]
     beside = video_body(video)
     beside["messages"][0]["content"][1]["nframes"] = 4  # (beside video_url, as qwen-vl-utils)
     response = await video_client.post("/v1/chat/completions", json=beside)

@@ -464,7 +464,97 @@ def test_a_frame_past_8k_by_its_own_size_is_refused(
     assert decoded.backend == "pyav" and len(decoded.frames) == decoded.plan.num_frames
     monkeypatch.setattr(video_module, "MAX_FRAME_PIXELS", 320 * 320 - 1)
     for request in (FrameRequest(), FrameRequest(use_scenes=True), FrameRequest(max_frames=1)):
-        with pytest.raises(VideoDecodeError, match="a frame above 8K"):
+        with pytest.raises(VideoDecodeError, match="a frame is larger than 8K"):
             decode_job(data, BUDGET, request, 2.0)
     # frames that all keep within it are read
     assert len(decode_job(growing(codec, container, 64, 64), BUDGET, FrameRequest(), 2.0).frames)
+
+
+def _encoded(
+    out: io.IOBase, container: str, codec: str, streams: list[tuple[int, int, int, int]]
+) -> None:
+    """Streams of (width, height, fps, frames) muxed into `out`, in that order."""
+    import av
+
+    with av.open(out, "w", format=container) as video:
+        encoders = []
+        for width, height, fps, count in streams:
+            stream = video.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            encoders.append((stream, count))
+        for stream, count in encoders:
+            for i in range(count):
+                pixels = np.full((stream.height, stream.width, 3), (i * 9) % 256, np.uint8)
+                frame = av.VideoFrame.from_ndarray(pixels, "rgb24")
+                for packet in stream.encode(frame):
+                    video.mux(packet)
+            for packet in stream.encode():
+                video.mux(packet)
+
+
+class _Pipe(io.RawIOBase):
+    """A write-only stream that cannot seek: what a browser's MediaRecorder or OBS writes
+    its webm to (no duration, no cues in the header)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[no-untyped-def, override]
+        self.data += b
+        return len(b)
+
+
+def test_a_webm_recorded_as_it_went_is_read_by_its_packets() -> None:
+    """No duration in the header (a live recording): it was refused, "no decodable frames"."""
+    from server.media.video import _probe, decode_job
+
+    pipe = _Pipe()
+    _encoded(pipe, "webm", "libvpx-vp9", [(96, 64, 10, 40)])
+    info = _probe(bytes(pipe.data))
+    assert info.duration_s == pytest.approx(4.0, abs=0.15) and info.num_frames == 40
+    decoded = decode_job(bytes(pipe.data), BUDGET, FrameRequest(max_frames=8), 2.0)
+    assert len(decoded.frames) == 8 and len(set(decoded.plan.timestamps)) == 8
+
+
+def test_the_main_video_stream_is_read_not_the_first() -> None:
+    """As ffmpeg picks: the largest picture (a 64x64 cover first, or a dash camera's small
+    copy, was read instead of the video)."""
+    from server.media.video import _probe, decode_job
+
+    out = io.BytesIO()
+    _encoded(out, "matroska", "libx264", [(64, 64, 1, 1), (160, 96, 10, 50)])
+    info = _probe(out.getvalue())
+    assert (info.width, info.height, info.num_frames) == (160, 96, 50)
+    decoded = decode_job(out.getvalue(), BUDGET, FrameRequest(max_frames=6), 2.0)
+    assert len(decoded.frames) == 6 and decoded.plan.timestamps[-1] > 3
+
+
+def test_a_frame_held_past_two_planned_times_is_not_read_twice() -> None:
+    """A variable frame rate (frames 33 ms to 1 s apart): the planned time where the last
+    frame is still shown reads the next one, where it comes before the next planned time
+    (7 of 23 frames were repeats, each captioned and paid for again)."""
+    import av
+
+    from server.media.video import decode_job
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as video:
+        stream = video.add_stream("libx264", rate=1000)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        pts = 0
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 6, np.uint8), "rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+            pts += [33, 100, 500, 16, 1000][i % 5]
+            for packet in stream.encode(frame):
+                video.mux(packet)
+        for packet in stream.encode():
+            video.mux(packet)
+    decoded = decode_job(out.getvalue(), BUDGET, FrameRequest(max_frames=22), 2.0)
+    times = decoded.plan.timestamps
+    assert len(times) == 22 and len(set(times)) == 22, times
+    assert list(times) == sorted(times)
