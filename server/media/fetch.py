@@ -273,7 +273,7 @@ class MediaFetcher:
         try:
             return await asyncio.wait_for(fetch, self.policy.timeout_s)
         except TimeoutError:
-            raise _timed_out(kind, param) from None
+            raise _timed_out(kind, param, self.policy.timeout_s) from None
 
     async def _fetch_http(
         self,
@@ -604,9 +604,14 @@ def _no_upload(file_id: str, param: str) -> MediaError:
     )
 
 
-def _timed_out(kind: str, param: str) -> MediaError:
+def _timed_out(kind: str, param: str, limit_s: float | None = None) -> MediaError:
+    """limit_s: the whole download's (a slow host: say what the server allows, which the
+    operator sets with --media-fetch-timeout)."""
+    allowed = "" if limit_s is None else f" (a download may take {limit_s:g} s on this server)"
     return MediaError(
-        f"Timed out fetching the {kind} at {param}.", param=param, code="media_fetch_failed"
+        f"Timed out fetching the {kind} at {param}{allowed}.",
+        param=param,
+        code="media_fetch_failed",
     )
 
 

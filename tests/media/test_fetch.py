@@ -198,3 +198,25 @@ async def test_a_full_disk_is_the_servers_503_and_leaves_no_file(
         assert not list(tmp_path.iterdir())
     finally:
         await fetcher.aclose()
+
+
+async def test_a_download_past_the_time_allowed_says_how_long_that_is() -> None:
+    """A host that never answers: the client's 400 says what the server allows (the
+    operator's --media-fetch-timeout), not only "timed out"."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # (connections wait in the backlog, never answered)
+    fetcher = MediaFetcher(FetchPolicy(timeout_s=0.5, allowed_hosts=("127.0.0.1",)))
+    try:
+        with pytest.raises(MediaError) as info:
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}/slow.mp4"
+            await fetcher.fetch(url, max_bytes=1000, kind="video", param="p")
+        assert info.value.code == "media_fetch_failed"
+        assert info.value.message == (
+            "Timed out fetching the video at p (a download may take 0.5 s on this server)."
+        )
+    finally:
+        await fetcher.aclose()
+        listener.close()
