@@ -53,6 +53,7 @@ TINY_HELP = {
 OTHER_ENV_NAMES = ("VLM_CODE_ROOT",)
 # Values never echoed in an error line: keys, and URLs that may hold a password.
 SECRET_FIELDS = ("api_keys", "webhook_secret")  # (a job store URL: its password hidden)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # A value that starts like this is a local directory, never a hub id.
 PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
@@ -102,12 +103,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         base = get_args(hint)[0] if get_origin(hint) is typing.Annotated else hint
         choices = get_args(hint) if get_origin(hint) is typing.Literal else None
         if name == "served_model_name":  # (vLLM's form, `A B`, as well as the flag repeated)
-            kwargs["action"], kwargs["nargs"] = "extend", "+"
+            kwargs["action"], kwargs["nargs"] = vllm_flags.ExtendNames, "+"
         elif get_origin(base) is list:
             kwargs["action"] = "append"
         if name == "dtype":
-            kwargs["type"] = vllm_flags.dtype
-        elif hint is bool:
+            kwargs["type"] = vllm_flags.dtype  # (choices are checked after it)
+        if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif choices:
             kwargs["choices"] = choices
@@ -207,20 +208,26 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _take_positional_model(args: argparse.Namespace) -> None:
-    """`serve MODEL` (vLLM's form) is --model MODEL. Several served names and no model given
-    anywhere: a name list takes every word after it, so `--served-model-name A MODEL` would
-    serve the default model under the name MODEL; refused."""
+    """`serve MODEL` (vLLM's form) is --model MODEL. A name list takes every word after it:
+    `--served-model-name A MODEL` with no model on the command line would serve the default
+    (VLM_MODEL, or tiny) under the name MODEL; refused where that last word looks like a model
+    (a hub id or a directory)."""
     positional = args.__dict__.pop("model_positional", None)
+    swallowed = args.__dict__.pop("several_names_after_one_flag", None)
     if positional is not None:
         if "model" in vars(args) and args.model != positional:
             raise ConfigError(f"two models: {positional!r} and --model {args.model!r}")
         args.model = positional
-    given = "model" in vars(args) or _getenv(f"{ENV_PREFIX}MODEL")
-    if not given and len(vars(args).get("served_model_name") or ()) > 1:
+    elif swallowed and "model" not in vars(args) and _looks_like_a_model(swallowed[-1]):
         raise ConfigError(
-            "--served-model-name takes every word after it, and no model is given: give the "
-            "model first (serve MODEL --served-model-name A B) or as --model"
+            f"--served-model-name {' '.join(swallowed)}: is {swallowed[-1]!r} the model? A name "
+            "list takes every word after it: give the model first (serve MODEL "
+            "--served-model-name A B) or as --model; or repeat the flag for each name"
         )
+
+
+def _looks_like_a_model(word: str) -> bool:
+    return "/" in word or word.startswith(("tiny", *PATH_PREFIXES)) or Path(word).is_dir()
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -305,7 +312,7 @@ def exposure_warnings(settings: Settings, given: typing.Iterable[str]) -> list[s
         for env in env_names(name)
         if _getenv(env)  # (set empty: nothing is lost)
     ]
-    if not settings.all_api_keys() and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if not settings.all_api_keys() and settings.host not in LOOPBACK_HOSTS:
         warnings.append(
             f"no API key, listening on {settings.host}: whoever reaches port {settings.port} "
             "can use the server and read every stored job, file and response (--api-key)"
@@ -410,8 +417,11 @@ def _serve(args: argparse.Namespace) -> int:
     from server.engine.loader import load_model
 
     try:
-        if refusal := vllm_flags.api_key_refusal(os.environ, bool(settings.all_api_keys())):
-            raise ConfigError(refusal)
+        verdict = vllm_flags.api_key_refusal(
+            os.environ, bool(settings.all_api_keys()), settings.host in LOOPBACK_HOSTS
+        )
+        if verdict is not None and verdict[0] == "refuse":
+            raise ConfigError(verdict[1])
         check_model_path(settings.model)
         check_directories(settings)
         check_job_store(settings)
@@ -422,6 +432,7 @@ def _serve(args: argparse.Namespace) -> int:
             *unknown_env_warnings(os.environ),
             *idle_flag_warnings(settings),
             *exposure_warnings(settings, vars(args)),
+            *([verdict[1]] if verdict is not None else []),
         ]
         for warning in warnings:
             logger.warning("%s", warning)

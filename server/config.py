@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.jobs.project import of_key
 from server.media.netguard import bracketed
+from server.vllm_flags import DTYPE_ALIASES
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -197,6 +198,12 @@ class Settings(BaseSettings):
         elif info.field_name == "api_keys" or not isinstance(value, list):
             return value
         return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _vllms_dtype_names(cls, value: object) -> object:
+        """vLLM's `half` and `float` (VLM_DTYPE=half too, as --dtype half)."""
+        return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("webhook_retry_delays")
     @classmethod

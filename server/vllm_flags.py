@@ -1,13 +1,13 @@
 """vLLM's command line, met where an operator brings it from a vLLM unit or compose file.
 
 - `vlm-server serve MODEL` and `--served-model-name A B`, as `vllm serve` takes them.
-- vLLM flags that ask for what this server always does are accepted (ACCEPTED_HELP).
+- vLLM flags that ask for what this server always does are accepted (ACCEPTED).
 - Every other vLLM flag is refused, as any unknown flag is, and the error says what to use
-  here instead (INSTEAD): a unit fails at once and says how to fix it, never runs on with a
-  flag silently dropped.
-- vLLM's VLLM_* variables are not read (this server's are VLM_*): one that has a VLM_
-  counterpart is warned of, and VLLM_API_KEY as the only key refuses the start: the server
-  would be open to anyone who reaches it.
+  here instead (INSTEAD), or that there is nothing like it (NO_COUNTERPART): a unit fails at
+  once and says how to fix it, never runs on with a flag silently dropped.
+- VLLM_* variables are not read (this server's are VLM_*): one named like a setting of this
+  server's is warned of, and VLLM_API_KEY as the only key refuses a start where others can
+  reach the server: it would answer anyone.
 """
 
 from __future__ import annotations
@@ -16,42 +16,49 @@ import argparse
 import difflib
 import typing
 
-# vLLM's flags with no counterpart here, and what is done or used here instead.
+# vLLM's flags with no counterpart here, and what to use here instead.
 INSTEAD = {
     "--limit-mm-per-prompt": "--max-images-per-request and --max-videos-per-request",
     "--mm-processor-kwargs": "--auto-image-tokens (an image's default token budget), or "
     "mm_processor_kwargs in the request",
+    "--media-io-kwargs": "media_io_kwargs in the request",
     "--uvicorn-log-level": "--log-level",
     "--disable-log-requests": "--log-level warning (each request has one info line)",
-    "--enable-log-requests": "each request has one line at --log-level info (the default)",
-    "--disable-log-stats": "no stats lines are logged (the figures are on /metrics)",
     "--seed": "the request's `seed`",
     "--chat-template": "the checkpoint's own chat template (chat_template_kwargs per request)",
     "--kv-cache-dtype": "the KV cache is kept in --dtype",
     "--max-logprobs": "top_logprobs goes up to 20",
     "--swap-space": "a preempted sequence is computed again (no swap)",
-    "--enable-chunked-prefill": "prompts are always prefilled in chunks of "
-    "--max-num-batched-tokens",
-    "--pipeline-parallel-size": "one server per GPU: replicas sharing --job-store",
-    "--data-parallel-size": "one server per GPU: replicas sharing --job-store",
-    "--reasoning-parser": "a thinking checkpoint's reasoning is always parsed",
     "--guided-decoding-backend": "structured output is always xgrammar's",
     "--tokenizer": "the checkpoint's own tokenizer",
     "--download-dir": "HF_HUB_CACHE (hub downloads), or --models-dir (checkpoints by name)",
     "--enable-lora": "LoRA adapters are not served",
     "--disable-fastapi-docs": "/docs stays (--no-playground turns off the playground)",
 }
+# vLLM's flags that are nothing like one here: said so, never "did you mean" a flag of
+# this server's that a few letters share (--max-log-len is not --max-model-len).
+NO_COUNTERPART = (
+    "--max-log-len",
+    "--load-format",
+    "--model-impl",
+    "--config-format",
+    "--tokenizer-mode",
+    "--revision",
+    "--code-revision",
+    "--max-seq-len-to-capture",
+    "--cuda-graph-sizes",
+    "--compilation-config",
+    "--speculative-config",
+    "--hf-overrides",
+    "--override-generation-config",
+    "--enable-expert-parallel",
+    "--distributed-executor-backend",
+    "--response-role",
+    "--ssl-keyfile",
+    "--ssl-certfile",
+)
 # vLLM's values of --dtype, as this server names them.
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
-ACCEPTED_HELP = {
-    "--enable-auto-tool-choice": "Accepted as vLLM takes it: tool calls are always parsed.",
-    "--tool-call-parser": "Accepted as vLLM takes it: only hermes, the format Qwen's models "
-    "call tools in, which is always parsed.",
-    "--tensor-parallel-size": "Accepted as vLLM takes it: only 1 (one server per GPU; run "
-    "replicas sharing --job-store for more).",
-    "--trust-remote-code": "Accepted as vLLM takes it: Qwen's vision-language models are "
-    "built into transformers, and a checkpoint's own code is never run.",
-}
 
 
 def add_accepted(serve: argparse.ArgumentParser) -> None:
@@ -63,26 +70,11 @@ def add_accepted(serve: argparse.ArgumentParser) -> None:
         help="The model, as `vllm serve MODEL` takes it (the same as --model).",
     )
     group = serve.add_argument_group("vLLM's flags, accepted as they ask for what it does")
-    group.add_argument(
-        "--enable-auto-tool-choice",
-        action="store_true",
-        help=ACCEPTED_HELP["--enable-auto-tool-choice"],
-    )
-    group.add_argument(
-        "--tool-call-parser", choices=["hermes"], help=ACCEPTED_HELP["--tool-call-parser"]
-    )
-    group.add_argument(
-        "--tensor-parallel-size",
-        "-tp",
-        type=_one_gpu,
-        help=ACCEPTED_HELP["--tensor-parallel-size"],
-    )
-    group.add_argument(
-        "--trust-remote-code", action="store_true", help=ACCEPTED_HELP["--trust-remote-code"]
-    )
+    for flags, kwargs in ACCEPTED:
+        group.add_argument(*flags, **kwargs)
 
 
-def _one_gpu(text: str) -> int:
+def _only_one(text: str) -> int:
     if text.strip() != "1":
         raise argparse.ArgumentTypeError(
             f"{text!r}: one server runs on one GPU (run replicas sharing --job-store)"
@@ -90,9 +82,66 @@ def _one_gpu(text: str) -> int:
     return 1
 
 
-def dtype(text: str) -> str:
-    """--dtype's argparse type: vLLM's `half` and `float` taken as float16 and float32."""
-    return DTYPE_ALIASES.get(text, text)
+_SAID = "Accepted as vLLM takes it: "
+ONE_GPU = {"type": _only_one, "help": f"{_SAID}only 1 (one server per GPU; replicas share "
+           "--job-store)."}  # fmt: skip
+ACCEPTED: list[tuple[tuple[str, ...], dict[str, typing.Any]]] = [
+    (
+        ("--enable-auto-tool-choice",),
+        {"action": "store_true", "help": f"{_SAID}tool calls are always parsed."},
+    ),
+    (
+        ("--tool-call-parser",),
+        {
+            "choices": ["hermes"],
+            "help": f"{_SAID}only hermes, the format Qwen's models call tools in, always parsed.",
+        },
+    ),
+    (
+        ("--reasoning-parser",),
+        {
+            "choices": ["qwen3", "deepseek_r1"],
+            "help": f"{_SAID}a thinking checkpoint's <think> is always parsed.",
+        },
+    ),
+    (
+        ("--enable-chunked-prefill",),
+        {
+            "action": "store_true",
+            "help": f"{_SAID}prompts are always prefilled in chunks of --max-num-batched-tokens.",
+        },
+    ),
+    (
+        ("--enable-log-requests",),
+        {"action": "store_true", "help": f"{_SAID}each request has an info line."},
+    ),
+    (
+        ("--disable-log-stats",),
+        {"action": "store_true", "help": f"{_SAID}no stats lines (the figures are on /metrics)."},
+    ),
+    (("--tensor-parallel-size", "-tp"), ONE_GPU),
+    (("--pipeline-parallel-size", "-pp"), ONE_GPU),
+    (("--data-parallel-size", "-dp"), ONE_GPU),
+    (
+        ("--trust-remote-code",),
+        {
+            "action": "store_true",
+            "help": f"{_SAID}Qwen's vision-language models are built into transformers; a "
+            "checkpoint's own code is never run.",
+        },
+    ),
+]
+
+
+class ExtendNames(argparse.Action):
+    """--served-model-name as vLLM takes it (`A B`) and repeated; records whether one flag
+    took several words, which may have swallowed the model (`--served-model-name A MODEL`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def, override]
+        names = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, names + list(values))
+        if len(values) > 1:
+            namespace.several_names_after_one_flag = list(values)
 
 
 def unrecognized_hints(tokens: list[str], known_flags: typing.Iterable[str]) -> str:
@@ -101,36 +150,53 @@ def unrecognized_hints(tokens: list[str], known_flags: typing.Iterable[str]) -> 
     known = sorted(known_flags)
     hints = []
     for token in tokens:
-        flag = token.split("=", 1)[0]
+        # (--limit-mm-per-prompt.video 0, vLLM's dotted form, and --flag=value)
+        flag = token.split("=", 1)[0].split(".", 1)[0]
         if not flag.startswith("--"):
             continue
         if flag in INSTEAD:
             hints.append(f"{flag} is vLLM's; here: {INSTEAD[flag]}")
+        elif flag in NO_COUNTERPART:
+            hints.append(f"{flag} is vLLM's; nothing like it here")
         elif close := difflib.get_close_matches(flag, known, n=1, cutoff=0.75):
             hints.append(f"{flag}: did you mean {close[0]}?")
     return "; ".join(hints)
 
 
+# vLLM's own variables whose names look like a setting here but mean something else
+# (VLLM_PORT is its internal port; Kubernetes sets it in a pod beside a Service named vllm).
+NOT_OURS = frozenset({"VLLM_PORT"})
+
+
 def env_warnings(environ: typing.Mapping[str, str], known: set[str], prefix: str) -> list[str]:
-    """vLLM's variables for settings this server has (VLLM_MAX_MODEL_LEN): not read."""
+    """VLLM_MAX_MODEL_LEN and the like, named as a setting here: not read."""
     warnings = []
     for key in sorted(environ):
         upper = key.upper()
         ours = prefix + upper.removeprefix("VLLM_")
-        if upper.startswith("VLLM_") and ours in known and upper != ours:
-            warnings.append(f"{key} is vLLM's variable and is ignored: this server reads {ours}")
+        if upper.startswith("VLLM_") and ours in known and upper not in NOT_OURS:
+            warnings.append(f"{key} is not read (this server's variables start {prefix}): {ours}")
     return warnings
 
 
-def api_key_refusal(environ: typing.Mapping[str, str], has_keys: bool) -> str | None:
-    """VLLM_API_KEY set and no key of this server's: the start is refused (a unit carried
-    over from vLLM would serve everyone)."""
+def api_key_refusal(
+    environ: typing.Mapping[str, str], has_keys: bool, loopback: bool
+) -> tuple[str, str] | None:
+    """VLLM_API_KEY set and no key of this server's: ("refuse" | "warn", why). A unit carried
+    over from vLLM would serve anyone; on a loopback address only this machine can call it,
+    as without any key (a client tool's VLLM_API_KEY in a developer's shell)."""
     if has_keys or not environ.get("VLLM_API_KEY"):
         return None
-    return (
+    why = (
         "VLLM_API_KEY is vLLM's variable, not read here: without VLM_API_KEY (or --api-key) "
-        "this server would answer anyone; rename it to VLM_API_KEY"
+        "this server answers anyone who reaches it; rename it to VLM_API_KEY"
     )
+    return ("warn" if loopback else "refuse"), why
+
+
+def dtype(text: str) -> str:
+    """--dtype as vLLM also names it: `half` and `float` are float16 and float32."""
+    return DTYPE_ALIASES.get(text, text)
 
 
 def markdown_table() -> str:
@@ -138,14 +204,17 @@ def markdown_table() -> str:
     rows = ["| vLLM | here |", "| --- | --- |"]
     rows.append("| `vllm serve MODEL` | `vlm-server serve MODEL` (or `--model MODEL`) |")
     rows.append("| `--served-model-name A B` | the same (or the flag repeated) |")
-    rows.append("| `--dtype half` / `float` | the same (float16 / float32) |")
-    for flag, help_text in ACCEPTED_HELP.items():
-        rows.append(f"| `{flag}` | {help_text} |")
+    rows.append("| `--dtype half` / `float` | the same (float16 / float32; `VLM_DTYPE` too) |")
+    for flags, kwargs in ACCEPTED:
+        names = " / ".join(f"`{flag}`" for flag in flags)
+        rows.append(f"| {names} | {kwargs['help']} |")
     for flag, instead in INSTEAD.items():
         rows.append(f"| `{flag}` | refused; here: {instead} |")
+    others = ", ".join(f"`{flag}`" for flag in NO_COUNTERPART)
+    rows.append(f"| {others} | refused: nothing like them here |")
     rows.append(
-        "| `VLLM_*` variables | not read (this server's are `VLM_*`): one with a `VLM_` "
-        "counterpart is a warning; `VLLM_API_KEY` with no key of this server's refuses the "
-        "start |"
+        "| `VLLM_*` variables | not read (this server's are `VLM_*`): one named like a setting "
+        "here is a warning; `VLLM_API_KEY` with no key of this server's refuses a start on an "
+        "address others can reach (a warning on loopback) |"
     )
     return "\n".join(rows)

@@ -209,8 +209,8 @@ class InputFileContentPart(FileRef):
 class FrameOptions(PixelRange):
     """Extensions (ours): wishes that can only lower the server's ceilings (60 frames, 2 fps,
     the video pixel range); see media/frames.py. nframes (qwen-vl-utils' name) and num_frames
-    (vLLM's, in media_io_kwargs) are read as max_frames (at most that many; a short video at 2
-    a second may have fewer); total_pixels
+    (vLLM's, in media_io_kwargs) are read as max_frames, the least where several are given (at
+    most that many; a short video at 2 a second may have fewer); total_pixels
     is qwen-vl-utils' too: the frames' pixels together, a ceiling on each frame's."""
 
     fps: float | None = Field(default=None, gt=0)
@@ -219,13 +219,11 @@ class FrameOptions(PixelRange):
     num_frames: int | None = Field(default=None, ge=1)
     total_pixels: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _aliases_are_max_frames(self) -> FrameOptions:
-        given = {v for v in (self.max_frames, self.nframes, self.num_frames) if v is not None}
-        if len(given) > 1:
-            raise ValueError("max_frames, nframes and num_frames are one option: give one")
-        self.max_frames = self.max_frames or self.nframes or self.num_frames
-        return self
+    @property
+    def most_frames(self) -> int | None:
+        """max_frames and its other names: the least of those given (wishes only lower)."""
+        given = [v for v in (self.max_frames, self.nframes, self.num_frames) if v is not None]
+        return min(given, default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -241,7 +239,7 @@ class FrameOptions(PixelRange):
         least, most = self.pixels(beside, param)
         return FrameRequest(
             fps=self.fps or beside.fps,
-            max_frames=self.max_frames or beside.max_frames,
+            max_frames=self.most_frames or beside.most_frames,
             min_pixels=least,
             max_pixels=most,
             total_pixels=self.total_pixels or beside.total_pixels,

@@ -607,7 +607,7 @@ def _no_upload(file_id: str, param: str) -> MediaError:
 def _timed_out(kind: str, param: str, limit_s: float | None = None) -> MediaError:
     """limit_s: the whole download's (a slow host: say what the server allows, which the
     operator sets with --media-fetch-timeout)."""
-    allowed = "" if limit_s is None else f" (a download may take {limit_s:g} s on this server)"
+    allowed = "" if limit_s is None else f" (this server allows {limit_s:g} s per download)"
     return MediaError(
         f"Timed out fetching the {kind} at {param}{allowed}.",
         param=param,

@@ -101,11 +101,14 @@ def _probe(data: VideoSource) -> VideoInfo:
             if not names & set(ALLOWED_CONTAINERS):
                 # (not the demuxer's name: "jpeg_pipe" means nothing to a client)
                 raise VideoDecodeError(
-                    "it is not a video in a container this server reads (mp4, mov, mkv, webm, avi)"
+                    "it is not a video in a container this server reads "
+                    "(mp4, mov, 3gp, mkv, webm, avi)"
                 )
             if not container.streams.video:
                 raise VideoDecodeError("the file has no video stream")
             stream = _main_stream(container)
+            if stream is None:  # (an audio file's cover)
+                raise VideoDecodeError("the file has no video stream (only a cover picture)")
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             duration = (
                 float(stream.duration * stream.time_base)
@@ -131,12 +134,13 @@ def _probe(data: VideoSource) -> VideoInfo:
     return VideoInfo(duration, fps, num_frames, width, height, rotation)
 
 
-def _main_stream(container):  # noqa: ANN202 (a PyAV stream)
+def _main_stream(container):  # noqa: ANN202 (a PyAV stream, or None)
     """The video stream to read, bounded (_bounded): as ffmpeg picks one, the largest picture,
     never cover art (a file's first stream may be a 64x64 cover before a 10 s video, a dash
-    camera's a small copy of the full one); the first of equals."""
+    camera's a small copy of the full one); the first of equals. None: only cover art."""
     streams = [s for s in container.streams.video if not s.disposition & ATTACHED_PIC]
-    streams = streams or list(container.streams.video)
+    if not streams:
+        return None
     return _bounded(max(streams, key=lambda s: s.codec_context.width * s.codec_context.height))
 
 
@@ -161,14 +165,17 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
         base = stream.time_base
         if claimed > 0:  # (else from where it is: the start)
             container.seek(int((claimed + 3600) / base), stream=stream, backward=True)
-        ends = [
-            float((packet.pts + (packet.duration or 0)) * base)
-            for packet in container.demux(stream)
-            if packet.pts is not None
-        ]
+        end = max(
+            (
+                float((packet.pts + (packet.duration or 0)) * base)
+                for packet in container.demux(stream)
+                if packet.pts is not None
+            ),
+            default=0.0,
+        )
     except Exception:  # (a stream that cannot seek: the header's word)
         return claimed
-    measured = max(ends, default=0.0) - _start_s(stream)
+    measured = end - _start_s(stream)
     if claimed <= 0 < measured:
         return measured
     if measured <= 0 or claimed - measured <= 1.5 / fps + 0.01 * claimed:
@@ -206,7 +213,9 @@ def _read_pyav(
 ) -> tuple[np.ndarray, list[float]]:
     """(frames, their times): for each timestamp (in order), the frame shown then, the last to
     start at or before it (the first frame, where none does), by the frames' own times, which
-    a variable frame rate spaces unevenly; size (width, height, as displayed): each scaled as
+    a variable frame rate spaces unevenly; where that is the frame the timestamp before read,
+    the next one if it starts before the next timestamp (a gap's length on, for the last);
+    size (width, height, as displayed): each scaled as
     it is converted. One pass: decoding runs on from one planned frame to the next, and seeks
     only where a keyframe lies between them (decoding from there is less work)."""
     import av
@@ -231,7 +240,8 @@ def _read_pyav(
                 # A variable frame rate held the last frame past this time too: the next
                 # one instead, where it comes before the next planned time (not the same
                 # frame read, captioned and paid for twice).
-                following = start + timestamps[i + 1] if i + 1 < len(timestamps) else None
+                step = timestamps[i + 1] - target if i + 1 < len(timestamps) else None
+                following = at + (step if step is not None else target - timestamps[i - 1])
                 chosen = walk.take_next(before=following) or chosen
             frames.append(_upright(chosen, size, rotation))
             times.append(_time_of(chosen, start, target))
@@ -281,15 +291,13 @@ class _FrameWalk:
             if later:  # (the first frame after the seek, past `at` or without a time)
                 return self.current
 
-    def take_next(self, before: float | None):  # noqa: ANN201 (a PyAV frame, or None)
-        """The frame after the current one, taken if it starts before `before` (None: any
-        time); None where there is none."""
+    def take_next(self, before: float):  # noqa: ANN201 (a PyAV frame, or None)
+        """The frame after the current one, taken if it starts before `before`; None where
+        there is none."""
         if self.upcoming is None:
             self.upcoming = next(self.frames, None)
         following = self.upcoming
-        if following is None:
-            return None
-        if before is not None and following.time is not None and following.time >= before:
+        if following is None or (following.time is not None and following.time >= before):
             return None
         self.current, self.upcoming = following, None
         return following

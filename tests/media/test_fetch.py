@@ -215,7 +215,7 @@ async def test_a_download_past_the_time_allowed_says_how_long_that_is() -> None:
             await fetcher.fetch(url, max_bytes=1000, kind="video", param="p")
         assert info.value.code == "media_fetch_failed"
         assert info.value.message == (
-            "Timed out fetching the video at p (a download may take 0.5 s on this server)."
+            "Timed out fetching the video at p (this server allows 0.5 s per download)."
         )
     finally:
         await fetcher.aclose()

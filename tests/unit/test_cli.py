@@ -560,13 +560,20 @@ def test_a_vllm_command_line_is_taken_where_it_asks_for_what_this_server_does() 
     args = build_parser().parse_args(
         ["serve", "Qwen/Qwen2.5-VL-7B-Instruct", "--served-model-name", "a", "b", "--dtype"]
         + ["half", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "-tp", "1"]
-        + ["--trust-remote-code", "--served-model-name", "c"]
+        + ["--trust-remote-code", "--served-model-name", "c", "--reasoning-parser", "qwen3"]
+        + ["-pp", "1", "-dp", "1", "--enable-chunked-prefill", "--disable-log-stats"]
+        + ["--enable-log-requests"]
     )
     _take_positional_model(args)
     settings = settings_from_args(args)
     assert settings.model == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert settings.served_model_names() == ["a", "b", "c"]
     assert settings.dtype == "float16"
+    assert Settings(dtype="float").dtype == "float32"  # (VLM_DTYPE=float as --dtype float)
+    # the flag repeated is no list that may have taken the model
+    repeated = build_parser().parse_args(["serve", *["--served-model-name", "a"] * 2])
+    _take_positional_model(repeated)
+    assert settings_from_args(repeated).served_model_names() == ["a", "a"]
 
 
 @pytest.mark.parametrize(
@@ -583,6 +590,12 @@ def test_a_vllm_command_line_is_taken_where_it_asks_for_what_this_server_does() 
             "--max-model-len?) (see --help)",
         ),
         (["-tp", "2"], "'2': one server runs on one GPU (run replicas sharing --job-store)"),
+        # nothing like it: not "did you mean --max-model-len?"; vLLM's dotted form
+        (["--max-log-len", "100"], "(--max-log-len is vLLM's; nothing like it here)"),
+        (
+            ["--limit-mm-per-prompt.video", "0"],
+            "(--limit-mm-per-prompt is vLLM's; here: --max-images-per-request",
+        ),
         (["--tool-call-parser", "llama3_json"], "invalid choice: 'llama3_json'"),
     ],
 )
@@ -604,14 +617,15 @@ def test_vllms_other_flags_are_refused_saying_what_to_use_here(
         # (the name list took the model: the default would be served under its name)
         (
             ["--served-model-name", "a", "Qwen/Qwen2-VL-2B-Instruct"],
-            "--served-model-name takes every word after it, and no model is given",
+            "--served-model-name a Qwen/Qwen2-VL-2B-Instruct: is 'Qwen/Qwen2-VL-2B-Instruct' "
+            "the model?",
         ),
     ],
 )
 def test_a_model_given_twice_or_swallowed_by_the_names_is_refused(
     argv: list[str], line: str, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
-    monkeypatch.delenv("VLM_MODEL", raising=False)
+    monkeypatch.setenv("VLM_MODEL", "tiny")  # (as the Docker image sets it)
     assert main(["serve", *argv]) == 2
     assert line in capsys.readouterr().err
 
@@ -622,14 +636,20 @@ def test_vllms_variables_are_not_read_and_its_api_key_alone_is_refused(
     """A unit carried over from vLLM with VLLM_API_KEY started with no authentication."""
     from server.cli import unknown_env_warnings
 
-    environ = {"VLLM_MAX_MODEL_LEN": "5", "VLLM_USE_V1": "1", "VLM_PORT": "8000"}
-    assert unknown_env_warnings(environ) == [
-        "VLLM_MAX_MODEL_LEN is vLLM's variable and is ignored: this server reads VLM_MAX_MODEL_LEN"
+    environ = {"VLLM_MAX_MODEL_LEN": "5", "VLLM_USE_V1": "1", "VLLM_PORT": "tcp://10.0.0.9:80"}
+    assert unknown_env_warnings(environ) == [  # (VLLM_PORT is vLLM's internal port)
+        "VLLM_MAX_MODEL_LEN is not read (this server's variables start VLM_): VLM_MAX_MODEL_LEN"
     ]
+    from server import vllm_flags
+
+    on_loopback = vllm_flags.api_key_refusal({"VLLM_API_KEY": "k"}, False, loopback=True)
+    assert on_loopback is not None and on_loopback[0] == "warn"  # (only this machine calls it)
+    assert vllm_flags.api_key_refusal({"VLLM_API_KEY": "k"}, True, loopback=False) is None
     for name in ("VLM_API_KEYS", "VLM_API_KEY", "VLM_API_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VLLM_API_KEY", "sk-1")
     argv = ["serve", "--model", "Qwen/not-here", "--models-dir", str(tmp_path), "--port", "0"]
+    argv += ["--host", "0.0.0.0"]
     assert main([*argv, "--data-dir", str(tmp_path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "VLLM_API_KEY is vLLM's variable, not read here" in lines[0]
