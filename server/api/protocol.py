@@ -1238,6 +1238,7 @@ class Usage(BaseModel):
 class FrameCaptionOut(BaseModel):
     timestamp: float  # seconds from the start of the video
     caption: str
+    video_index: int = 0  # which of the request's videos, 0 for the first sent
 
 
 class ImageSize(BaseModel):
@@ -1293,7 +1294,10 @@ def frames_out(frames: list | None) -> list[FrameCaptionOut] | None:
     """Captions mode's per-frame captions (extension), in a response or the first chunk."""
     if frames is None:
         return None
-    return [FrameCaptionOut(timestamp=f.timestamp, caption=f.caption) for f in frames]
+    return [
+        FrameCaptionOut(timestamp=f.timestamp, caption=f.caption, video_index=f.video_index)
+        for f in frames
+    ]
 
 
 class DeltaFunctionCall(BaseModel):

@@ -358,7 +358,7 @@ class ChatPipeline:
                 self.caption_tokens,
                 share(request.on_progress, start, frames_stage * len(video.frames) / total),
             )
-            all_captions += captions
+            all_captions += [replace(caption, video_index=k) for caption in captions]
             texts.append(captions_text(captions, video.info.duration_s))
             usage = CaptionUsage(
                 *(a + b for a, b in zip(_fields(usage), _fields(used), strict=True))

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 class FrameCaption:
     timestamp: float
     caption: str
+    video_index: int = 0  # which of the request's videos (in the order they were sent)
 
 
 @dataclass(frozen=True)

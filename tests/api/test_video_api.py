@@ -122,6 +122,22 @@ async def test_media_completions_caption_every_frame_in_one_engine_call(
     assert usage["completion_tokens"] >= len(frames)  # the captions count too
 
 
+async def test_captions_of_several_videos_say_which_video(
+    video_client: httpx.AsyncClient,
+) -> None:
+    body = video_body(video_uri(make_video(seconds=2)), video_mode="captions")
+    second = {"type": "video_url", "video_url": {"url": video_uri(make_video(seconds=3))}}
+    body["messages"][0]["content"].append(second)
+    response = await video_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    frames = response.json()["frames"]
+    indices = [frame["video_index"] for frame in frames]
+    # each video's frames in order, each from its own start (2 s and 3 s at 2 fps)
+    assert indices == [0] * 4 + [1] * 6
+    times = [[f["timestamp"] for f in frames if f["video_index"] == k] for k in (0, 1)]
+    assert times[1][0] == times[0][0] and times[1] == sorted(times[1])
+
+
 async def test_video_mode_can_be_chosen(video_client: httpx.AsyncClient) -> None:
     body = video_body(video_uri(make_video(seconds=2)), video_mode="captions")
     response = await video_client.post("/v1/chat/completions", json=body)
