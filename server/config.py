@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server import vllm_flags
 from server.jobs.project import of_key
 from server.media.netguard import bracketed
-from server.vllm_flags import DTYPE_ALIASES
+from server.vllm_flags import DTYPE_ALIASES, GENERATION_CONFIG_ALIASES
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -128,9 +130,12 @@ class Settings(BaseSettings):
     fused_decoder: bool = True
     # Its layers compiled by torch.compile: GPU-only gain, off until gpu_check passes with it.
     compile_decoder: bool = False
-    # What omitted sampling fields take on the OpenAI routes: OpenAI's defaults, or the
-    # checkpoint's generation_config (vLLM's default, its --generation-config auto).
-    generation_config: Literal["openai", "auto"] = "openai"
+    # What omitted sampling fields take on the OpenAI routes: OpenAI's defaults (`openai`;
+    # vLLM's `vllm`), the checkpoint's generation_config (`auto`, vLLM's default), or the
+    # generation_config.json in a folder (as vLLM takes one).
+    generation_config: str = "openai"
+    # vLLM's --override-generation-config: sampling defaults set over those.
+    override_generation_config: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     max_queued_requests: int = Field(default=256, ge=1)
     queue_timeout: float = Field(default=60.0, gt=0)
     max_grammar_ms_per_token: float = Field(default=20.0, ge=0)
@@ -204,6 +209,46 @@ class Settings(BaseSettings):
     def _vllms_dtype_names(cls, value: object) -> object:
         """vLLM's `half` and `float` (VLM_DTYPE=half too, as --dtype half)."""
         return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("max_model_len", mode="before")
+    @classmethod
+    def _vllms_context_length(cls, value: object) -> object:
+        """vLLM's `32k`, `32K`, `auto` and `-1` (what the KV cache holds: 0 here)."""
+        return vllm_flags.context_length(value)
+
+    @field_validator("max_num_batched_tokens", mode="before")
+    @classmethod
+    def _vllms_token_count(cls, value: object) -> object:
+        return vllm_flags.token_count(value)
+
+    @field_validator("generation_config", mode="before")
+    @classmethod
+    def _generation_config(cls, value: object) -> object:
+        """openai, auto, vLLM's `vllm` (openai), or a folder with a generation_config.json."""
+        if not isinstance(value, str):
+            return value
+        value = GENERATION_CONFIG_ALIASES.get(value, value)
+        if value in ("openai", "auto"):
+            return value
+        file = Path(value) / "generation_config.json"
+        if not file.is_file():
+            where = "a folder without" if Path(value).is_dir() else "no folder holding"
+            raise ValueError(
+                "must be openai (vLLM's vllm), auto, or a folder holding a "
+                f"generation_config.json ({where} one)"
+            )
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"its generation_config.json cannot be read: {exc}") from None
+        return value
+
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _generation_overrides(cls, value: object) -> object:
+        from server.engine.sampling import GENERATION_CONFIG_RANGES  # (torch: only when given)
+
+        return vllm_flags.generation_overrides(value, GENERATION_CONFIG_RANGES)
 
     @field_validator("webhook_retry_delays")
     @classmethod

@@ -50,6 +50,7 @@ DEFAULT_TEXT = {
     "root_path": "none (served at the host's root)",
     "max_model_len": "0 = the model's context length",
     "default_max_tokens": "0 = the rest of the context",
+    "override_generation_config": "none",
     "kv_cache_memory": "0 = measured (CUDA) or up to 4 GiB (CPU)",
     "webhook_secret": "generated once, kept in the job store (a copy in DATA_DIR/webhook_secret)",
     "job_store": "sqlite:///DATA_DIR/jobs.sqlite3",
@@ -99,10 +100,12 @@ HELP = {
     "max_model_len": "Longest sequence, prompt plus answer, in tokens. More than the KV cache "
     "holds does not start (the error says what fits); more than the model's context serves the "
     "model's (its positions go no further), with a warning; left at 0, the model's context is "
-    "capped at what the cache holds, with a warning.",
+    "capped at what the cache holds, with a warning. vLLM's forms too: 32k (32,000), 32K "
+    "(32,768), auto and -1 (0).",
     "max_num_seqs": "Requests running (decoded together) at once; at least 1.",
     "max_num_batched_tokens": "Tokens computed in one engine step: every running decode, then "
-    "prompt chunks (a longer prompt is prefilled in chunks of this size).",
+    "prompt chunks (a longer prompt is prefilled in chunks of this size). 16k and 16K as "
+    "vLLM reads them.",
     "kv_cache_memory": "KV cache size in GiB, instead of measuring what "
     "--gpu-memory-utilization leaves.",
     "gpu_memory_utilization": "Share of the GPU's memory (0..1] this server may use: the KV cache "
@@ -135,9 +138,13 @@ HELP = {
     "the log says why). Off until scripts/gpu_check.sh has passed with it on your GPU.",
     "generation_config": "Defaults for the sampling fields a chat or text completion request "
     "leaves out: `openai` (temperature 1, top_p 1, no top_k/min_p/repetition penalty, as the "
-    "hosted API) or `auto` (the checkpoint's generation_config.json values, as vLLM does by "
-    "default; Qwen's instruct checkpoints ask for near-greedy decoding; the values taken are "
-    "logged at start). /v2/media keeps its own defaults.",
+    "hosted API; vLLM's `vllm` is the same), `auto` (the checkpoint's generation_config.json "
+    "values, as vLLM does by default; Qwen's instruct checkpoints ask for near-greedy decoding), "
+    "or a folder holding a generation_config.json; the values taken are logged at start. "
+    "/v2/media keeps its own defaults.",
+    "override_generation_config": "vLLM's: sampling defaults set over --generation-config's, as "
+    'JSON: \'{"temperature": 0.7, "top_p": 0.8}\' (temperature, top_p, top_k, min_p, '
+    "repetition_penalty).",
     "max_queued_requests": "Requests waiting for a batch slot; beyond it: 503 with Retry-After "
     "(under --scheduling-policy fair, only for projects holding their share of it).",
     "queue_timeout": "A request still waiting for a slot after this (in the engine's queue, or "

@@ -1,7 +1,9 @@
 """vLLM's command line, met where an operator brings it from a vLLM unit or compose file.
 
 - `vlm-server serve MODEL` and `--served-model-name A B`, as `vllm serve` takes them.
-- vLLM flags that ask for what this server always does are accepted (ACCEPTED).
+- vLLM flags that ask for what this server always does are accepted (ACCEPTED), and vLLM's
+  forms of values where a setting here means the same: --dtype half, --max-model-len 32k or
+  auto, --generation-config vllm or a folder, --override-generation-config's JSON.
 - Every other vLLM flag is refused, as any unknown flag is, and the error says what to use
   here instead (INSTEAD), or that there is nothing like it (NO_COUNTERPART): a unit fails at
   once and says how to fix it, never runs on with a flag silently dropped.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import re
 import typing
 
 # vLLM's flags with no counterpart here, and what to use here instead.
@@ -50,7 +54,6 @@ NO_COUNTERPART = (
     "--compilation-config",
     "--speculative-config",
     "--hf-overrides",
-    "--override-generation-config",
     "--enable-expert-parallel",
     "--distributed-executor-backend",
     "--response-role",
@@ -59,6 +62,59 @@ NO_COUNTERPART = (
 )
 # vLLM's values of --dtype, as this server names them.
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+# vLLM's --generation-config vllm: its own defaults, which are OpenAI's.
+GENERATION_CONFIG_ALIASES = {"vllm": "openai"}
+# vLLM's sizes in tokens: 4k is 4,000 (25.6k too), 4K is 4,096 (whole numbers only).
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def token_count(value: object) -> object:
+    """`--max-model-len 32k` / `32K` as vLLM reads them; anything else is left to the
+    setting's own check (a plain number, or a message saying what it must be)."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG])", value.strip())
+    if match is None:
+        return value
+    number, suffix = match.groups()
+    if suffix in _BINARY:
+        if "." in number:
+            raise ValueError(f"{suffix} counts 1,024s: a whole number before it ({number}"
+                             f"{suffix.lower()} counts 1,000s)")  # fmt: skip
+        return int(number) * _BINARY[suffix]
+    return int(float(number) * _DECIMAL[suffix])
+
+
+def context_length(value: object) -> object:
+    """--max-model-len: also vLLM's `auto` and `-1` (what fits in the KV cache, this
+    server's 0) and its sizes (32k)."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "-1"):
+        return 0
+    return 0 if value == -1 else token_count(value)
+
+
+def generation_overrides(value: object, ranges: dict[str, tuple[float, float]]) -> object:
+    """--override-generation-config '{"temperature": 0.7}', as vLLM takes it: the sampling
+    defaults it names (JSON, or a mapping from the environment), each within `ranges`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be a JSON object ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError('must be a JSON object, as {"temperature": 0.7}')
+    overrides = {}
+    for name, number in value.items():
+        if name not in ranges:
+            raise ValueError(f"{name!r} is not one of the sampling defaults: {', '.join(ranges)}")
+        low, high = ranges[name]
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ValueError(f"{name} must be a number")
+        if not low <= number <= high:
+            raise ValueError(f"{name} must be from {low:g} to {high:g}")
+        overrides[name] = number
+    return overrides
 
 
 def add_accepted(serve: argparse.ArgumentParser) -> None:
@@ -205,6 +261,18 @@ def markdown_table() -> str:
     rows.append("| `vllm serve MODEL` | `vlm-server serve MODEL` (or `--model MODEL`) |")
     rows.append("| `--served-model-name A B` | the same (or the flag repeated) |")
     rows.append("| `--dtype half` / `float` | the same (float16 / float32; `VLM_DTYPE` too) |")
+    rows.append(
+        "| `--max-model-len 32k` / `32K` / `auto` / `-1` | the same (32,000 / 32,768 / what "
+        "the KV cache holds, this server's default); `--max-num-batched-tokens 16k` too |"
+    )
+    rows.append(
+        "| `--generation-config auto` / `vllm` / a folder | the same (`vllm` is this server's "
+        "default, `openai`: OpenAI's sampling defaults) |"
+    )
+    rows.append(
+        "| `--override-generation-config '{\"temperature\": 0.7}'` | the same, for "
+        "temperature, top_p, top_k, min_p and repetition_penalty |"
+    )
     for flags, kwargs in ACCEPTED:
         names = " / ".join(f"`{flag}`" for flag in flags)
         rows.append(f"| {names} | {kwargs['help']} |")

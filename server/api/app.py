@@ -13,6 +13,7 @@ import httpx
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
+from transformers import GenerationConfig
 
 from server import __version__
 from server.api.body import check_json_body
@@ -248,16 +249,26 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 
 
 def sampling_defaults(settings: Settings, loaded: LoadedModel) -> SamplingDefaults:
-    """OpenAI's, or with --generation-config auto the checkpoint's (logged, as vLLM does)."""
-    if settings.generation_config != "auto":
-        return OPENAI_DEFAULTS
-    defaults = SamplingDefaults.from_generation_config(
-        loaded.model.generation_config, OPENAI_DEFAULTS
-    )
+    """OpenAI's, or the checkpoint's generation_config (--generation-config auto) or a
+    folder's, then --override-generation-config's; logged unless OpenAI's, as vLLM does."""
+    source = settings.generation_config
+    defaults = OPENAI_DEFAULTS
+    if source != "openai":
+        config = (
+            loaded.model.generation_config
+            if source == "auto"
+            else GenerationConfig.from_pretrained(source)
+        )
+        defaults = SamplingDefaults.from_generation_config(config, OPENAI_DEFAULTS)
+    defaults = defaults.overridden(settings.override_generation_config)
+    if source == "openai" and not settings.override_generation_config:
+        return defaults
     taken = {k: v for k, v in vars(defaults).items() if v != getattr(OPENAI_DEFAULTS, k)}
     logger.info(
-        "--generation-config auto: sampling defaults %s",
-        ", ".join(f"{k} {v}" for k, v in taken.items()) or "OpenAI's (the checkpoint sets none)",
+        "--generation-config %s%s: sampling defaults %s",
+        source,
+        " with --override-generation-config" if settings.override_generation_config else "",
+        ", ".join(f"{k} {v}" for k, v in taken.items()) or "OpenAI's (the config sets none)",
     )
     return defaults
 

@@ -83,8 +83,14 @@ class SamplingDefaults:
             if not low <= value <= high:  # what a request could not ask for either
                 logger.warning("generation_config %s=%r is out of range: not used", name, value)
                 continue
-            values[name] = max(int(value), 0) if name == "top_k" else float(value)
-        return replace(base, **values)
+            values[name] = value
+        return base.overridden(values)
+
+    def overridden(self, values: dict[str, float]) -> SamplingDefaults:
+        """These defaults with some set (names and ranges of GENERATION_CONFIG_RANGES; a top_k
+        of -1 is off, as 0)."""
+        typed = {k: max(int(v), 0) if k == "top_k" else float(v) for k, v in values.items()}
+        return replace(self, **typed)
 
 
 @dataclass(frozen=True)

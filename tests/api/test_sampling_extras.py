@@ -342,7 +342,8 @@ async def test_generation_config_auto_takes_the_checkpoints_defaults(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """--generation-config auto: a checkpoint asking for top_k 1 answers greedily whatever
-    the seed when the request leaves top_k out; the default (openai) samples at temperature 1."""
+    the seed when the request leaves top_k out; so does a folder's generation_config.json, or
+    --override-generation-config over OpenAI's; the default (openai) samples at temperature 1."""
     import json
     import shutil
 
@@ -358,11 +359,20 @@ async def test_generation_config_auto_takes_the_checkpoints_defaults(
         "max_tokens": 8,
         "ignore_eos": True,
     }
-    for mode in ("auto", "openai"):
-        async for client in start_client(make_settings(path, generation_config=mode)):
+    folder = tmp_path / "defaults"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text('{"top_k": 1}')
+    modes = {
+        "auto": {"generation_config": "auto"},
+        "folder": {"model": str(tiny_model_dir), "generation_config": str(folder)},
+        "override": {"override_generation_config": '{"top_k": 1, "temperature": 0.9}'},
+        "openai": {"generation_config": "openai"},
+    }
+    for mode, options in modes.items():
+        async for client in start_client(make_settings(path, **options)):
             answers = {await content(client, {**body, "seed": seed}) for seed in (1, 2, 3)}
             greedy = await content(client, {**body, "temperature": 0})
-            if mode == "auto":
+            if mode != "openai":
                 assert answers == {greedy}
                 # the request's own top_k wins: sampling again
                 assert (

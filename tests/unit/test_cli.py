@@ -562,11 +562,15 @@ def test_a_vllm_command_line_is_taken_where_it_asks_for_what_this_server_does() 
         + ["half", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "-tp", "1"]
         + ["--trust-remote-code", "--served-model-name", "c", "--reasoning-parser", "qwen3"]
         + ["-pp", "1", "-dp", "1", "--enable-chunked-prefill", "--disable-log-stats"]
-        + ["--enable-log-requests"]
+        + ["--enable-log-requests", "--max-model-len", "32k", "--max-num-batched-tokens", "16K"]
+        + ["--generation-config", "vllm", "--override-generation-config", '{"top_k": -1}']
     )
     _take_positional_model(args)
     settings = settings_from_args(args)
     assert settings.model == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert (settings.max_model_len, settings.max_num_batched_tokens) == (32_000, 16_384)
+    assert settings.generation_config == "openai"
+    assert settings.override_generation_config == {"top_k": -1}
     assert settings.served_model_names() == ["a", "b", "c"]
     assert settings.dtype == "float16"
     assert Settings(dtype="float").dtype == "float32"  # (VLM_DTYPE=float as --dtype float)
@@ -608,6 +612,61 @@ def test_vllms_other_flags_are_refused_saying_what_to_use_here(
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlm-server serve: error: ") and line in err, err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "value,tokens", [("auto", 0), ("-1", 0), ("4K", 4096), ("25.6k", 25_600), ("1m", 10**6)]
+)
+def test_vllms_context_lengths(
+    value: str, tokens: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    args = build_parser().parse_args(["serve", "--max-model-len", value])
+    assert settings_from_args(args).max_model_len == tokens
+    monkeypatch.setenv("VLM_MAX_MODEL_LEN", value)
+    assert Settings().max_model_len == tokens
+
+
+def test_generation_config_from_a_folder_and_overridden(tmp_path: Path) -> None:
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.2}')
+    settings = Settings(generation_config=str(tmp_path))
+    assert settings.generation_config == str(tmp_path)
+    overrides = '{"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}'
+    assert Settings(override_generation_config=overrides).override_generation_config == {
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "repetition_penalty": 1.05,
+    }
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["--max-model-len", "1.5K"], "--max-model-len '1.5K': K counts 1,024s: a whole number"),
+        (["--max-model-len", "lots"], "--max-model-len 'lots': must be a whole number"),
+        (
+            ["--generation-config", "greedy"],
+            "--generation-config 'greedy': must be openai (vLLM's vllm), auto, or a folder "
+            "holding a generation_config.json (no folder holding one)",
+        ),
+        (["--generation-config", "."], "(a folder without one)"),
+        (
+            ["--override-generation-config", '{"max_new_tokens": 5}'],
+            "'max_new_tokens' is not one of the sampling defaults: temperature, top_p, top_k, "
+            "min_p, repetition_penalty",
+        ),
+        (["--override-generation-config", '{"temperature": 3}'], "temperature must be from 0 to 2"),
+        (["--override-generation-config", '{"top_p": "x"}'], "top_p must be a number"),
+        (["--override-generation-config", "temperature=1"], "must be a JSON object (Expecting"),
+        (["--override-generation-config", "[1]"], "must be a JSON object, as"),
+    ],
+)
+def test_vllms_value_forms_refused_in_one_line(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["serve", "tiny", "--models-dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert line in err, err
+    assert len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(
