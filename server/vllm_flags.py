@@ -266,8 +266,8 @@ def markdown_table() -> str:
         "the KV cache holds, this server's default); `--max-num-batched-tokens 16k` too |"
     )
     rows.append(
-        "| `--generation-config auto` / `vllm` / a folder | the same (`vllm` is this server's "
-        "default, `openai`: OpenAI's sampling defaults) |"
+        "| `--generation-config auto` / `vllm` / a folder | the same; `vllm` is `openai` "
+        "(OpenAI's sampling defaults), this server's default; vLLM's is `auto` |"
     )
     rows.append(
         "| `--override-generation-config '{\"temperature\": 0.7}'` | the same, for "
