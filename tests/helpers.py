@@ -48,34 +48,40 @@ def make_video(
     codec: str = "libx264",
     cuts: tuple[float, ...] = (),
     keyframe_interval_s: float | None = None,
+    faststart: bool = False,
 ) -> bytes:
     """A small real video encoded with PyAV (no ffmpeg binary needed): a moving bar, on a
-    background whose colour changes abruptly at each time in `cuts` (scene cuts)."""
+    background whose colour changes abruptly at each time in `cuts` (scene cuts). faststart:
+    an MP4 with its index first, as made for the web (the muxer rewrites a real file)."""
     import av
     import numpy as np
 
     palette = [(200, 30, 30), (30, 180, 40), (40, 40, 200), (230, 230, 230), (20, 20, 20)]
-    out = io.BytesIO()
-    with av.open(out, "w", format=container) as video:
-        stream = video.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if keyframe_interval_s is not None:  # exactly this interval: no scene-cut keyframes
-            interval = max(1, int(keyframe_interval_s * fps))
-            stream.options = {"x264-params": f"keyint={interval}:min-keyint={interval}:scenecut=0"}
-        for i in range(int(seconds * fps)):
-            frame = np.zeros((height, width, 3), np.uint8)
-            if cuts:
-                scene = sum(1 for cut in cuts if i / fps >= cut)
-                frame[:, :] = palette[scene % len(palette)]
-            else:
-                frame[:, :, 0] = (i * 7) % 256
-            x = (i * 5) % width
-            frame[:, x : x + 10, 1] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "video"
+        options = {"movflags": "faststart"} if faststart else {}
+        with av.open(str(out), "w", format=container, options=options) as video:
+            stream = video.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            if keyframe_interval_s is not None:  # exactly this interval: no scene-cut keyframes
+                interval = max(1, int(keyframe_interval_s * fps))
+                stream.options = {
+                    "x264-params": f"keyint={interval}:min-keyint={interval}:scenecut=0"
+                }
+            for i in range(int(seconds * fps)):
+                frame = np.zeros((height, width, 3), np.uint8)
+                if cuts:
+                    scene = sum(1 for cut in cuts if i / fps >= cut)
+                    frame[:, :] = palette[scene % len(palette)]
+                else:
+                    frame[:, :, 0] = (i * 7) % 256
+                x = (i * 5) % width
+                frame[:, x : x + 10, 1] = 255
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    video.mux(packet)
+            for packet in stream.encode():
                 video.mux(packet)
-        for packet in stream.encode():
-            video.mux(packet)
-    return out.getvalue()
+        return out.read_bytes()
 
 
 def data_uri(data: bytes, mime: str = "image/jpeg") -> str:

@@ -58,6 +58,10 @@ UNDECODABLE = (
     "the video's frames could not be decoded: the file is damaged or cut short (or a frame is "
     "larger than 8K)"
 )
+# Packets the decoder refuses (bytes damaged in transfer or storage, a file cut mid-packet) are
+# skipped, as players skip them; a video with more than this share of the packets read refused
+# is refused itself (what is left of it would be a few frames shown again and again).
+MAX_REFUSED_SHARE = 0.25
 
 
 class VideoDecodeError(Exception):
@@ -79,6 +83,7 @@ class DecodedVideo:
     plan: FramePlan
     frames: np.ndarray  # [num_frames, height, width, 3] uint8, already resized
     backend: str
+    refused_packets: int = 0  # damaged packets skipped (see MAX_REFUSED_SHARE)
 
 
 # -- in the worker process ------------------------------------------------------------------
@@ -105,7 +110,10 @@ def _probe(data: VideoSource) -> VideoInfo:
                     "(mp4, mov, 3gp, mkv, webm, avi)"
                 )
             if not container.streams.video:
-                raise VideoDecodeError("the file has no video stream")
+                # (moov, an MP4's index, is written at its end unless made for streaming)
+                cut = " (or it was cut short: an MP4 keeps its index at its end)"
+                mp4 = bool(names & {"mp4", "mov"})
+                raise VideoDecodeError("the file has no video stream" + (cut if mp4 else ""))
             stream = _main_stream(container)
             if stream is None:  # (an audio file's cover)
                 raise VideoDecodeError("the file has no video stream (only a cover picture)")
@@ -117,8 +125,11 @@ def _probe(data: VideoSource) -> VideoInfo:
             )
             width, height = stream.codec_context.width, stream.codec_context.height
             rotation = _rotation(container, stream)
+            header = duration
             duration = _measured_duration(container, stream, duration, fps)
             num_frames = stream.frames or int(duration * fps)
+            if duration < header:  # (cut short: its header counts frames it does not hold)
+                num_frames = min(num_frames, max(1, round(duration * fps)))
     except VideoDecodeError:
         raise
     except Exception:
@@ -158,21 +169,17 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     file claiming 60 s that holds 4 s was sampled at 60 timestamps, 56 of them the last
     frame again. Only ever lowered (a bogus last timestamp must not stretch the plan past
     the frames); the header's where the packets have no times. A header with no duration at
-    all (a recording written as it went: a browser's or OBS's webm) is read to its end."""
+    all (a recording written as it went: a browser's or OBS's webm) is read to its end, and so
+    is a file with no packet where its index puts the last keyframe (an MP4 cut short: its
+    index, written first for streaming, lists packets past the file's end)."""
     if fps <= 0:  # (refused by the caller: no decodable frames)
         return claimed
     try:
-        base = stream.time_base
-        if claimed > 0:  # (else from where it is: the start)
-            container.seek(int((claimed + 3600) / base), stream=stream, backward=True)
-        end = max(
-            (
-                float((packet.pts + (packet.duration or 0)) * base)
-                for packet in container.demux(stream)
-                if packet.pts is not None
-            ),
-            default=0.0,
-        )
+        end = 0.0
+        if claimed > 0:
+            end = _last_packet_end(container, stream, from_s=claimed + 3600)
+        if end <= 0:
+            end = _last_packet_end(container, stream, from_s=0.0)
     except Exception:  # (a stream that cannot seek: the header's word)
         return claimed
     measured = end - _start_s(stream)
@@ -183,12 +190,27 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     return measured
 
 
+def _last_packet_end(container, stream, from_s: float) -> float:
+    """When the stream's last timed packet ends, demuxed from the keyframe at or before
+    `from_s` (stream seconds) to the end of the file; 0 where none has a time."""
+    base = stream.time_base
+    container.seek(int(from_s / base), stream=stream, backward=True)
+    return max(
+        (
+            float((packet.pts + (packet.duration or 0)) * base)
+            for packet in container.demux(stream)
+            if packet.pts is not None
+        ),
+        default=0.0,
+    )
+
+
 def _rotation(container, stream) -> int:
     """How the frames are turned for display (a phone's portrait video is stored sideways,
     with a display matrix): 0, 90, 180 or 270 degrees counter-clockwise. Read off the first
     frame (PyAV has it there): PyAV's frames come as stored and are turned here (_upright)."""
     try:
-        frame = next(container.decode(stream), None)
+        frame = next(_decoded(container, stream, _Refusals()), None)
         degrees = getattr(frame, "rotation", 0) or 0  # (PyAV from 14.1)
     except Exception:
         return 0
@@ -210,6 +232,7 @@ def _read_pyav(
     timestamps: list[float],
     size: tuple[int, int] | None = None,
     rotation: int = 0,
+    refusals: _Refusals | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """(frames, their times): for each timestamp (in order), the frame shown then, the last to
     start at or before it (the first frame, where none does), by the frames' own times, which
@@ -225,7 +248,7 @@ def _read_pyav(
         stream = _main_stream(container)
         start = _start_s(stream)
         keyframes = _keyframe_times(container, stream)
-        walk = _FrameWalk(container, stream)
+        walk = _FrameWalk(container, stream, refusals if refusals is not None else _Refusals())
         for i, target in enumerate(timestamps):
             at = start + target  # (the stream's own clock: a recording may start at 10 s)
             shown = walk.current
@@ -235,7 +258,9 @@ def _read_pyav(
                 walk.seek(at)  # (a keyframe after the shown frame, at or before the target)
             chosen = walk.shown_at(at)
             if chosen is None:
-                raise VideoDecodeError("a planned frame could not be decoded")
+                raise VideoDecodeError(
+                    UNDECODABLE if walk.refusals.refused else "a planned frame could not be decoded"
+                )
             if chosen is shown and i > 0:
                 # A variable frame rate held the last frame past this time too: the next
                 # one instead, where it comes before the next planned time (not the same
@@ -261,19 +286,46 @@ def _keyframe_times(container, stream) -> list[float]:
     return sorted(found)
 
 
+@dataclass
+class _Refusals:
+    """Packets demuxed and packets the decoder refused, over one video's reads."""
+
+    read: int = 0
+    refused: int = 0
+
+    def check(self) -> None:
+        if self.refused > self.read * MAX_REFUSED_SHARE:
+            raise VideoDecodeError(UNDECODABLE)
+
+
+def _decoded(container, stream, refusals: _Refusals):  # noqa: ANN202 (PyAV frames)
+    """The stream's frames from the demuxer's place on. A packet the decoder refuses is
+    skipped, as players skip it: the frames after it are decoded (with a glitch up to the next
+    keyframe) and the video is not lost for one bad packet (200 bytes overwritten in the
+    middle of an MP4 lost 2 of its 100 frames this way; the whole video was refused)."""
+    import av
+
+    for packet in container.demux(stream):
+        refusals.read += 1
+        try:
+            yield from packet.decode()
+        except av.error.FFmpegError:
+            refusals.refused += 1
+
+
 class _FrameWalk:
     """Decoded frames from the last seek on: `current`, the last one taken, and the next one,
     decoded but not yet taken (it may be the frame a later timestamp shows)."""
 
-    def __init__(self, container, stream):
-        self.container, self.stream = container, stream
+    def __init__(self, container, stream, refusals: _Refusals):
+        self.container, self.stream, self.refusals = container, stream, refusals
         self.frames = iter(())
         self.current = self.upcoming = None
 
     def seek(self, at: float) -> None:
         """To the keyframe at or before `at` (stream seconds)."""
         self.container.seek(int(at / self.stream.time_base), stream=self.stream, backward=True)
-        self.frames = self.container.decode(self.stream)
+        self.frames = _decoded(self.container, self.stream, self.refusals)
         self.current = self.upcoming = None
 
     def shown_at(self, at: float):  # noqa: ANN201 (a PyAV frame, or None)
@@ -320,6 +372,7 @@ def _read_keyframes(
     size: tuple[int, int],
     max_shift_s: float,
     rotation: int = 0,
+    refusals: _Refusals | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """For each timestamp, the keyframe at or before it, decoding keyframes only (the decoder
     skips every other frame): for sparse plans on long videos, N decodes instead of everything
@@ -328,27 +381,28 @@ def _read_keyframes(
     import av
 
     frames, times = [], []
+    refusals = refusals if refusals is not None else _Refusals()
     with av.open(_open(data), mode="r") as container:
         stream = _main_stream(container)
         start = _start_s(stream)
         for target in timestamps:
             at = start + target  # (the stream's own clock)
-            frame = _first_frame_from(container, stream, at, keyframes_only=True)
+            frame = _first_frame_from(container, stream, at, refusals, keyframes_only=True)
             too_far = frame.time is None or at - frame.time > max_shift_s
             if too_far or (times and _time_of(frame, start, target) <= times[-1]):
-                frame = _first_frame_from(container, stream, at, keyframes_only=False)
+                frame = _first_frame_from(container, stream, at, refusals, keyframes_only=False)
             # Scaled as it is converted: a full-size copy of each frame is never kept.
             frames.append(_upright(frame, size, rotation))
             times.append(_time_of(frame, start, target))
     return np.stack(frames), times
 
 
-def _first_frame_from(container, stream, target: float, keyframes_only: bool):
+def _first_frame_from(container, stream, target: float, refusals: _Refusals, keyframes_only: bool):  # noqa: ANN202 (a PyAV frame)
     """keyframes_only: the keyframe at or before target; else the first frame at or after it."""
     stream.codec_context.skip_frame = "NONKEY" if keyframes_only else "DEFAULT"
     container.seek(int(target / stream.time_base), stream=stream, backward=True)
     chosen = None
-    for frame in container.decode(stream):
+    for frame in _decoded(container, stream, refusals):
         chosen = frame
         if keyframes_only or frame.time is None or frame.time >= target:
             break
@@ -369,27 +423,37 @@ def decode_job(
     if request.use_scenes:
         plan = _plan_scenes(data, info, plan, budget, request)
     gap = info.duration_s / plan.num_frames
+    size = (plan.width, plan.height)
     # (not a scene's frame: a keyframe up to a gap early can lie in the scene before it, and
     # the scene go unseen)
     if gap >= KEYFRAME_SNAP_MIN_GAP_S and not request.use_scenes:
+        refusals = _Refusals()
         try:
-            size = (plan.width, plan.height)
-            frames, times = _read_keyframes(data, list(plan.timestamps), size, gap, info.rotation)
+            frames, times = _read_keyframes(
+                data, list(plan.timestamps), size, gap, info.rotation, refusals
+            )
+            refusals.check()
             plan = replace(plan, timestamps=tuple(times))
-            return DecodedVideo(info, plan, frames, "pyav-keyframes")
+            return DecodedVideo(info, plan, frames, "pyav-keyframes", refusals.refused)
         except Exception:
             pass  # an odd stream: read the exact frames below
-    size = (plan.width, plan.height)
-    frames, backend, times = _read_frames(data, list(plan.timestamps), size, info)
-    return DecodedVideo(info, replace(plan, timestamps=tuple(times)), frames, backend)
+    refusals = _Refusals()
+    frames, backend, times = _read_frames(data, list(plan.timestamps), size, info, refusals)
+    refusals.check()
+    plan = replace(plan, timestamps=tuple(times))
+    return DecodedVideo(info, plan, frames, backend, refusals.refused)
 
 
 def _read_frames(
-    data: VideoSource, timestamps: list[float], size: tuple[int, int], info: VideoInfo
+    data: VideoSource,
+    timestamps: list[float],
+    size: tuple[int, int],
+    info: VideoInfo,
+    refusals: _Refusals | None = None,
 ) -> tuple[np.ndarray, str, list[float]]:
     """(frames, backend, their times), read by PyAV (see _read_pyav)."""
     try:
-        frames, times = _read_pyav(data, timestamps, size, info.rotation)
+        frames, times = _read_pyav(data, timestamps, size, info.rotation, refusals)
     except VideoDecodeError:
         raise
     except Exception:
@@ -574,6 +638,11 @@ class VideoDecoder:
             raise VideoNoRoom(result)
         if status == "error":
             raise VideoDecodeError(result)
+        if result.refused_packets:
+            logger.warning(
+                "the video had %d damaged packets: skipped, as players skip them",
+                result.refused_packets,
+            )
         if result.backend not in self.backends_seen:
             self.backends_seen.add(result.backend)
             logger.info("video frames are decoded with %s", result.backend)

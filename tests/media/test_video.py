@@ -73,6 +73,47 @@ async def test_truncated_video(decoder: VideoDecoder) -> None:
     assert (await decoder.decode(video, BUDGET, FrameRequest())).plan.num_frames > 0
 
 
+def damaged(video: bytes, share: float, seed: int = 1) -> bytes:
+    """The video with `share` of its bytes from the middle on overwritten at random (a
+    transfer or a disk that damaged them), its header and its end kept."""
+    rng = np.random.default_rng(seed)
+    data = bytearray(video)
+    start, count = len(data) // 3, int(len(data) * share)
+    data[start : start + count] = rng.integers(0, 256, count, dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
+@pytest.mark.parametrize("container", ["mp4", "matroska"])
+async def test_a_damaged_packet_costs_its_frames_not_the_video(
+    decoder: VideoDecoder, container: str
+) -> None:
+    """As a player shows it: one packet's bytes overwritten (200 of 19,000) refused every
+    MP4 whole, "could not be decoded"."""
+    video = make_video(seconds=10, fps=10, container=container)
+    decoded = await decoder.decode(damaged(video, 0.01), BUDGET, FrameRequest())
+    assert decoded.refused_packets > 0
+    assert len(decoded.frames) == decoded.plan.num_frames == 20
+    assert decoded.plan.timestamps[-1] > 9  # read past the damage, to the end
+    if container == "mp4":  # (Matroska's demuxer skips bytes it cannot read as packets)
+        # a third of its packets damaged: what is left would be a few frames over and over
+        with pytest.raises(VideoDecodeError, match="damaged or cut short"):
+            await decoder.decode(damaged(video, 0.3), BUDGET, FrameRequest())
+
+
+async def test_a_web_mp4_cut_short_is_read_as_far_as_it_goes(decoder: VideoDecoder) -> None:
+    """Its index comes first and lists every packet, also those past where the file ends (a
+    download or upload cut off): planned over the 10 s it claimed, it was refused."""
+    video = make_video(seconds=10, fps=10, faststart=True)
+    decoded = await decoder.decode(video[: len(video) // 2], BUDGET, FrameRequest())
+    assert 3 < decoded.info.duration_s < 6 and decoded.info.num_frames < 60
+    assert decoded.plan.timestamps[-1] < decoded.info.duration_s
+    assert len({frame.tobytes() for frame in decoded.frames}) == len(decoded.frames)
+    # an MP4 with its index at its end has none when cut: it says it may be cut short
+    with pytest.raises(VideoDecodeError, match="cut short: an MP4 keeps its index at its end"):
+        plain = make_video(seconds=10, fps=10)
+        await decoder.decode(plain[: len(plain) * 9 // 10], BUDGET, FrameRequest())
+
+
 async def test_a_hung_worker_is_killed_and_replaced() -> None:
     decoder = VideoDecoder(num_workers=1, timeout_s=0.001)
     await decoder.start()
