@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fractions
 import io
 import os
 import signal
@@ -49,10 +50,12 @@ def make_video(
     cuts: tuple[float, ...] = (),
     keyframe_interval_s: float | None = None,
     faststart: bool = False,
+    pixel_aspect: fractions.Fraction | None = None,
 ) -> bytes:
     """A small real video encoded with PyAV (no ffmpeg binary needed): a moving bar, on a
     background whose colour changes abruptly at each time in `cuts` (scene cuts). faststart:
-    an MP4 with its index first, as made for the web (the muxer rewrites a real file)."""
+    an MP4 with its index first, as made for the web (the muxer rewrites a real file);
+    pixel_aspect: how wide a stored pixel is shown (a DVD's 32:27)."""
     import av
     import numpy as np
 
@@ -63,6 +66,8 @@ def make_video(
         with av.open(str(out), "w", format=container, options=options) as video:
             stream = video.add_stream(codec, rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            if pixel_aspect is not None:
+                stream.codec_context.sample_aspect_ratio = pixel_aspect
             if keyframe_interval_s is not None:  # exactly this interval: no scene-cut keyframes
                 interval = max(1, int(keyframe_interval_s * fps))
                 stream.options = {

@@ -124,6 +124,7 @@ def _probe(data: VideoSource) -> VideoInfo:
                 else (container.duration or 0) / 1_000_000
             )
             width, height = stream.codec_context.width, stream.codec_context.height
+            pixel_shape = _pixel_aspect(stream)
             rotation = _rotation(container, stream)
             header = duration
             duration = _measured_duration(container, stream, duration, fps)
@@ -140,9 +141,21 @@ def _probe(data: VideoSource) -> VideoInfo:
         raise VideoDecodeError(
             f"its frames are {width}x{height}, above {MAX_FRAME_PIXELS} pixels (8K)"
         )
+    width = max(1, round(width * pixel_shape))  # (as shown: the frames are scaled to it)
     if rotation % 180:
         width, height = height, width
     return VideoInfo(duration, fps, num_frames, width, height, rotation)
+
+
+def _pixel_aspect(stream) -> float:
+    """How wide a stored pixel is shown, for its height, as ffmpeg guesses it (the container's
+    word first, then the codec's): a DVD's 720x480 at 32:27 is shown 853x480, an HDV camera's
+    1440x1080 at 4:3 is 1920x1080. Frames are read at that shape, not squeezed; 1 where none
+    is given, or beyond 4:1 either way (no real video's: a damaged header's)."""
+    for ratio in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if ratio and 0.25 <= ratio <= 4:
+            return float(ratio)
+    return 1.0
 
 
 def _main_stream(container):  # noqa: ANN202 (a PyAV stream, or None)

@@ -114,6 +114,19 @@ async def test_a_web_mp4_cut_short_is_read_as_far_as_it_goes(decoder: VideoDecod
         await decoder.decode(plain[: len(plain) * 9 // 10], BUDGET, FrameRequest())
 
 
+async def test_non_square_pixels_are_read_as_shown(decoder: VideoDecoder) -> None:
+    """A DVD's or an HDV camera's frames are stored narrower than they are shown (720x480 at
+    32:27 is 16:9): they were read squeezed, at the stored shape."""
+    video = make_video(width=320, height=240, pixel_aspect=fractions.Fraction(32, 27))
+    decoded = await decoder.decode(video, BUDGET, FrameRequest())
+    assert (decoded.info.width, decoded.info.height) == (379, 240)
+    assert decoded.plan.width / decoded.plan.height == pytest.approx(379 / 240, rel=0.1)
+    assert decoded.frames.shape[1:3] == (decoded.plan.height, decoded.plan.width)
+    # a header's nonsense (1,000:1) is not taken
+    odd = make_video(width=320, height=240, pixel_aspect=fractions.Fraction(1000, 1))
+    assert (await decoder.decode(odd, BUDGET, FrameRequest())).info.width == 320
+
+
 async def test_a_hung_worker_is_killed_and_replaced() -> None:
     decoder = VideoDecoder(num_workers=1, timeout_s=0.001)
     await decoder.start()
