@@ -13,14 +13,14 @@ from server.media.fetch import is_data_uri, undeclared_data_uri
 
 MediaKind = Literal["image", "video"]
 
-# (3GP is MP4's container: old phones' videos)
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".3gp", ".3g2"}
+# (3GP and F4V are MP4's container: old phones' videos, Flash's later ones)
+VIDEO_EXTENSIONS = {
+    ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".3gp", ".3g2", ".f4v",
+    ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".vob", ".flv", ".wmv", ".asf", ".ogv", ".ogg",
+}  # fmt: skip
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp"}
 # Video containers this server does not read: refused as such, not taken for a broken image.
-OTHER_VIDEO_EXTENSIONS = {
-    ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".mpg", ".mpeg",
-    ".ts", ".m2ts", ".mts", ".vob", ".rm", ".rmvb",
-}  # fmt: skip
+OTHER_VIDEO_EXTENSIONS = {".rm", ".rmvb"}
 
 
 def url_kind(url: str, param: str) -> MediaKind | None:

@@ -46,8 +46,25 @@ logger = logging.getLogger(__name__)
 # Planned frames this far apart (seconds) are read as the keyframe at or before each timestamp
 # (distinct keyframes, each less than one gap early), for a fraction of the decoding work.
 KEYFRAME_SNAP_MIN_GAP_S = 5.0
-# Containers we read: mp4/mov (H.264, H.265...), matroska/webm (VP8/VP9/AV1...), avi.
-ALLOWED_CONTAINERS = ("mp4", "mov", "matroska", "webm", "avi")
+# Containers we read: mp4/mov/3gp (H.264, H.265...), matroska/webm (VP8/VP9/AV1...), avi,
+# MPEG transport and program streams (.ts, .mts/.m2ts from camcorders, .mpg, a DVD's .vob),
+# flv, asf (.wmv) and ogg (.ogv): the ones Gemini takes too. FFmpeg's demuxers run in the
+# decode workers, as its decoders do.
+ALLOWED_CONTAINERS = (
+    "mp4",
+    "mov",
+    "matroska",
+    "webm",
+    "avi",
+    "mpegts",
+    "mpeg",
+    "flv",
+    "asf",
+    "ogg",
+)
+# Containers whose duration FFmpeg estimates (they hold none): see _measured_duration.
+ESTIMATED_DURATIONS = {"mpeg", "mpegts"}
+CONTAINER_NAMES = "mp4, mov, 3gp, mkv, webm, avi, ts/mts/m2ts, mpg, vob, flv, wmv, ogv"
 # A video whose frames are larger (DCI 8K) is refused before a frame is decoded: a 424 KB
 # file of 12000x12000 frames took a decode worker 1.5 GB. A frame that is larger by its own
 # size (MJPEG's frames each have one; H.264, VP9... may change size mid-stream) is refused by
@@ -106,8 +123,7 @@ def _probe(data: VideoSource) -> VideoInfo:
             if not names & set(ALLOWED_CONTAINERS):
                 # (not the demuxer's name: "jpeg_pipe" means nothing to a client)
                 raise VideoDecodeError(
-                    "it is not a video in a container this server reads "
-                    "(mp4, mov, 3gp, mkv, webm, avi)"
+                    f"it is not a video in a container this server reads ({CONTAINER_NAMES})"
                 )
             if not container.streams.video:
                 # (moov, an MP4's index, is written at its end unless made for streaming)
@@ -127,7 +143,9 @@ def _probe(data: VideoSource) -> VideoInfo:
             pixel_shape = _pixel_aspect(stream)
             rotation = _rotation(container, stream)
             header = duration
-            duration = _measured_duration(container, stream, duration, fps)
+            estimated = bool(names & ESTIMATED_DURATIONS)
+            duration = _measured_duration(container, stream, duration, fps, estimated)
+            duration = round(duration, 6)  # (1.9999999999999998 s planned 3 frames, not 4)
             num_frames = stream.frames or int(duration * fps)
             if duration < header:  # (cut short: its header counts frames it does not hold)
                 num_frames = min(num_frames, max(1, round(duration * fps)))
@@ -175,7 +193,9 @@ def _bounded(stream):
     return stream
 
 
-def _measured_duration(container, stream, claimed: float, fps: float) -> float:
+def _measured_duration(
+    container, stream, claimed: float, fps: float, estimated: bool = False
+) -> float:
     """The stream's duration by its last packets' own times (seeked to its last keyframe and
     demuxed, not decoded: a few ms where the file has an index; a webm without cues is read
     to its end), where the container's header claims more by over a frame and a percent: a
@@ -184,7 +204,9 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     the frames); the header's where the packets have no times. A header with no duration at
     all (a recording written as it went: a browser's or OBS's webm) is read to its end, and so
     is a file with no packet where its index puts the last keyframe (an MP4 cut short: its
-    index, written first for streaming, lists packets past the file's end)."""
+    index, written first for streaming, lists packets past the file's end). `estimated`: the
+    header's duration is FFmpeg's guess (MPEG streams have none): the packets' is taken also
+    where it is longer, by up to a quarter and a second (a 2 s .mpg was guessed 1.75 s)."""
     if fps <= 0:  # (refused by the caller: no decodable frames)
         return claimed
     try:
@@ -196,7 +218,7 @@ def _measured_duration(container, stream, claimed: float, fps: float) -> float:
     except Exception:  # (a stream that cannot seek: the header's word)
         return claimed
     measured = end - _start_s(stream)
-    if claimed <= 0 < measured:
+    if claimed <= 0 < measured or (estimated and claimed < measured <= claimed * 1.25 + 1):
         return measured
     if measured <= 0 or claimed - measured <= 1.5 / fps + 0.01 * claimed:
         return claimed
@@ -254,14 +276,11 @@ def _read_pyav(
     size (width, height, as displayed): each scaled as
     it is converted. One pass: decoding runs on from one planned frame to the next, and seeks
     only where a keyframe lies between them (decoding from there is less work)."""
-    import av
-
     frames, times = [], []
-    with av.open(_open(data), mode="r") as container:
-        stream = _main_stream(container)
-        start = _start_s(stream)
-        keyframes = _keyframe_times(container, stream)
-        walk = _FrameWalk(container, stream, refusals if refusals is not None else _Refusals())
+    walk = _FrameWalk(data, refusals if refusals is not None else _Refusals())
+    try:
+        start = _start_s(walk.stream)
+        keyframes = _keyframe_times(walk.container, walk.stream)
         for i, target in enumerate(timestamps):
             at = start + target  # (the stream's own clock: a recording may start at 10 s)
             shown = walk.current
@@ -283,6 +302,8 @@ def _read_pyav(
                 chosen = walk.take_next(before=following) or chosen
             frames.append(_upright(chosen, size, rotation))
             times.append(_time_of(chosen, start, target))
+    finally:
+        walk.close()
     return np.stack(frames), times
 
 
@@ -327,19 +348,47 @@ def _decoded(container, stream, refusals: _Refusals):  # noqa: ANN202 (PyAV fram
 
 
 class _FrameWalk:
-    """Decoded frames from the last seek on: `current`, the last one taken, and the next one,
-    decoded but not yet taken (it may be the frame a later timestamp shows)."""
+    """A video's frames as decoded from the last seek on: `current`, the last one taken, and
+    the next one, decoded but not yet taken (it may be the frame a later timestamp shows)."""
 
-    def __init__(self, container, stream, refusals: _Refusals):
-        self.container, self.stream, self.refusals = container, stream, refusals
-        self.frames = iter(())
-        self.current = self.upcoming = None
+    def __init__(self, data: VideoSource, refusals: _Refusals):
+        self.data, self.refusals = data, refusals
+        self._open()
 
-    def seek(self, at: float) -> None:
-        """To the keyframe at or before `at` (stream seconds)."""
-        self.container.seek(int(at / self.stream.time_base), stream=self.stream, backward=True)
+    def _open(self) -> None:
+        import av
+
+        self.container = av.open(_open(self.data), mode="r")
+        self.stream = _main_stream(self.container)
+        self.start = _start_s(self.stream)
+        rate = float(self.stream.average_rate or self.stream.guessed_rate or 0)
+        self.slack = 1.5 / rate if rate > 0 else 0.1  # (a frame and a half)
         self.frames = _decoded(self.container, self.stream, self.refusals)
         self.current = self.upcoming = None
+
+    def close(self) -> None:
+        self.container.close()
+
+    def seek(self, at: float) -> None:
+        """To a keyframe at or before `at` (stream seconds). Where the container's seek lands
+        past it (MPEG-TS and -PS seek by estimated byte offsets, then on to a keyframe: a seek
+        to 0.2 s gave the frame at 3.7 s; FLV's index put one past the last frame), it seeks
+        again from 1, 2, 4... s earlier until one lands at or before it, and where even the
+        start does not, reads from the first frame."""
+        back = 0.0
+        while True:
+            to = max(at - back, self.start)
+            self.container.seek(int(to / self.stream.time_base), stream=self.stream, backward=True)
+            self.frames = _decoded(self.container, self.stream, self.refusals)
+            self.current, self.upcoming = None, next(self.frames, None)
+            landed = self.upcoming  # (None: past every frame)
+            if landed is not None and (landed.time is None or landed.time <= at + self.slack):
+                return
+            if to <= self.start:
+                self.close()
+                self._open()
+                return
+            back = max(2 * back, 1.0)
 
     def shown_at(self, at: float):  # noqa: ANN201 (a PyAV frame, or None)
         """The frame on screen at `at`: frames are taken while the next starts at or before
@@ -401,6 +450,8 @@ def _read_keyframes(
         for target in timestamps:
             at = start + target  # (the stream's own clock)
             frame = _first_frame_from(container, stream, at, refusals, keyframes_only=True)
+            if frame.time is not None and frame.time - at > max_shift_s / 2:
+                raise _SeekedPast  # (read exactly instead, forward: see _FrameWalk)
             too_far = frame.time is None or at - frame.time > max_shift_s
             if too_far or (times and _time_of(frame, start, target) <= times[-1]):
                 frame = _first_frame_from(container, stream, at, refusals, keyframes_only=False)
@@ -408,6 +459,10 @@ def _read_keyframes(
             frames.append(_upright(frame, size, rotation))
             times.append(_time_of(frame, start, target))
     return np.stack(frames), times
+
+
+class _SeekedPast(Exception):
+    """The container's seek landed well past its target (see _FrameWalk)."""
 
 
 def _first_frame_from(container, stream, target: float, refusals: _Refusals, keyframes_only: bool):  # noqa: ANN202 (a PyAV frame)

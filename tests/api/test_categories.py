@@ -122,29 +122,31 @@ async def test_model_is_optional_as_in_seed_000(client: httpx.AsyncClient) -> No
 
 
 async def test_a_video_format_the_server_does_not_read_is_named(client: httpx.AsyncClient) -> None:
-    body = {"media_url": "https://media.example/clip.ogv?sig=1", "metadata": ["tags"]}
+    body = {"media_url": "https://media.example/clip.rmvb?sig=1", "metadata": ["tags"]}
     response = await client.post("/v2/media/categories", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "unsupported_media_type" and error["param"] == "media_url"
-    assert ".ogv videos are not supported" in error["message"] and "image" not in error["message"]
+    assert ".rmvb videos are not supported" in error["message"] and "image" not in error["message"]
     # every route says so by the name, before any download (/v1's video_url part was a
     # fetch failure, /v2's image_url part this 400)
-    part = {"type": "video_url", "video_url": {"url": "https://media.example/clip.flv"}}
+    part = {"type": "video_url", "video_url": {"url": "https://media.example/clip.rm"}}
     v1 = {"model": "tiny", "messages": [{"role": "user", "content": [part]}]}
-    part = {"type": "image_url", "image_url": {"url": "https://media.example/clip.flv"}}
+    part = {"type": "image_url", "image_url": {"url": "https://media.example/clip.rm"}}
     v2 = {"model": "tiny", "messages": [{"role": "user", "content": [part]}]}
     for path, request in (("/v1/chat/completions", v1), ("/v2/media/completions", v2)):
         response = await client.post(path, json=request)
         error = assert_error(response, 400, "messages[0].content[0]", "unsupported_media_type")
-        assert ".flv videos are not supported" in error["message"]
+        assert ".rm videos are not supported" in error["message"]
 
 
 def test_a_3gp_name_is_a_video_this_server_reads() -> None:
-    """MP4's container under old phones' name: it was refused by the name."""
+    """MP4's container under old phones' name, and the MPEG, Flash, Windows Media and Ogg
+    containers' names: they were refused by the name."""
     from server.media.kind import url_kind
 
-    for name in ("clip.3gp", "clip.3G2?sig=1"):
+    names = ("clip.3gp", "clip.3G2?sig=1", "cam.MTS", "a.m2ts", "b.ts", "c.mpg", "VTS_01_1.VOB")
+    for name in (*names, "d.flv", "e.f4v", "f.wmv", "g.ogv"):
         assert url_kind(f"https://media.example/{name}", "media_url") == "video"
 
 

@@ -29,7 +29,11 @@ async def decoder():
 
 @pytest.mark.parametrize(
     "container,codec",
-    [("mp4", "libx264"), ("webm", "libvpx-vp9"), ("matroska", "libx264"), ("mov", "libx264")],
+    [
+        *(("mp4", "libx264"), ("webm", "libvpx-vp9"), ("matroska", "libx264"), ("mov", "libx264")),
+        *(("mpegts", "libx264"), ("mpeg", "mpeg2video"), ("flv", "libx264"), ("asf", "wmv2")),
+        ("ogg", "libvpx"),
+    ],
 )
 async def test_formats(decoder: VideoDecoder, container: str, codec: str) -> None:
     decoded = await decoder.decode(
@@ -39,6 +43,22 @@ async def test_formats(decoder: VideoDecoder, container: str, codec: str) -> Non
     assert decoded.plan.num_frames == 4  # 2 s at <= 2 fps
     assert decoded.frames.shape == (4, decoded.plan.height, decoded.plan.width, 3)
     assert decoded.frames.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "container,codec", [("mpegts", "libx264"), ("mpeg", "mpeg2video"), ("flv", "libx264")]
+)
+async def test_containers_whose_seeks_land_past_the_target_give_the_planned_frames(
+    decoder: VideoDecoder, container: str, codec: str
+) -> None:
+    """MPEG-TS and -PS seek by estimated byte offsets and land past the target (a seek to
+    0.2 s gave the frame at 3.7 s: 12 of 20 frames were that one); FLV's index put one past
+    the last frame ("could not be decoded"). They seek again from earlier."""
+    video = make_video(seconds=10, fps=10, container=container, codec=codec)
+    decoded = await decoder.decode(video, BUDGET, FrameRequest(max_frames=20))
+    planned = uniform_timestamps(decoded.info.duration_s, 20)
+    assert decoded.plan.timestamps == pytest.approx(planned, abs=0.11)  # (within a frame)
+    assert len({frame.tobytes() for frame in decoded.frames}) == 20
 
 
 async def test_only_planned_frames_are_read(decoder: VideoDecoder) -> None:
