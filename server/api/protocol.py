@@ -1472,6 +1472,10 @@ class MediaCategoriesRequest(JobOptions):
     media_url: str = Field(min_length=1)
     metadata: list[MetadataKey] | None = Field(default=None, min_length=1)
     use_scenes: bool | None = False
+    # Extensions, for a video (as a video part takes them): wishes that only lower the
+    # server's ceilings (60 frames, 2 a second), to analyse fewer frames of a long video.
+    fps: float | None = Field(default=None, gt=0)
+    max_frames: int | None = Field(default=None, ge=1)
 
     def keys(self) -> tuple[str, ...]:
         """The requested keys in the canonical order (all five when none are given)."""

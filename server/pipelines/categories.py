@@ -113,7 +113,7 @@ class CategoriesRequest:
     request_id: str
     media_url: str
     keys: tuple[str, ...]
-    use_scenes: bool = False
+    frames: FrameRequest = FrameRequest("frames")  # a video's (use_scenes, fps, max_frames)
     priority: int = 0  # the scheduler's (async jobs': --job-priority)
 
 
@@ -248,8 +248,7 @@ class CategoriesPipeline:
             token_side=self.input_builder.token_side,
             min_image_pixels=self.input_builder.min_image_pixels,  # (each frame: an image)
         )
-        wishes = FrameRequest("frames", use_scenes=request.use_scenes)
-        video = await self.media.video(part, budget, tokens, wishes, fetched)
+        video = await self.media.video(part, budget, tokens, request.frames, fetched)
 
         def build_all(frames: np.ndarray) -> list[ModelInputs]:
             return [self._inputs(Image.fromarray(f), request.keys, "video frame") for f in frames]

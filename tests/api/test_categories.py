@@ -161,6 +161,17 @@ async def test_video_frames_are_not_divided_by_the_context(client: httpx.AsyncCl
     response = await client.post("/v2/media/categories", json=body)
     assert response.status_code == 200, response.text
     assert len(response.json()["frames"]) == 10
+    # fewer frames asked for (an extension, as a video part takes them): fewer analysed
+    fewer = await client.post("/v2/media/categories", json={**body, "max_frames": 4})
+    assert len(fewer.json()["frames"]) == 4
+    slower = await client.post("/v2/media/categories", json={**body, "fps": 0.5, "async": True})
+    job = slower.json()
+    while job["status"] not in ("completed", "failed"):
+        await asyncio.sleep(0.05)
+        job = (await client.get(f"/v2/media/status/{job['id']}")).json()
+    assert len(job["result"]["frames"]) == 2  # (a job keeps them too)
+    bad = await client.post("/v2/media/categories", json={**body, "max_frames": 0})
+    assert_error(bad, 400, "max_frames")
 
 
 async def test_a_url_that_does_not_say_what_it_is_is_read_by_its_first_bytes(

@@ -315,6 +315,7 @@ async def test_idempotency_key_reused_for_another_request_is_409(client: httpx.A
 async def test_progress_moves_through_every_stage(client: httpx.AsyncClient) -> None:
     """Started, media fetched and decoded (scenes found), then frame by frame: a long video's
     job no longer sits at 0 until its first frame is done."""
+    from server.media.frames import FrameRequest
     from server.pipelines.categories import CategoriesRequest
     from server.pipelines.finish import FRAMES_DONE, MEDIA_READY, STARTED
 
@@ -322,14 +323,15 @@ async def test_progress_moves_through_every_stage(client: httpx.AsyncClient) -> 
     url = "data:video/mp4;base64," + base64.b64encode(video).decode()
     values: list[float] = []
     pipeline = client.app.state.services.categories  # type: ignore[attr-defined]
-    await pipeline.run(CategoriesRequest("progress-1", url, ("tags",), True), values.append)
+    scenes = FrameRequest("frames", use_scenes=True)
+    await pipeline.run(CategoriesRequest("progress-1", url, ("tags",), scenes), values.append)
     assert values[:2] == [STARTED, MEDIA_READY]
     assert values == sorted(values) and MEDIA_READY < values[-1] <= FRAMES_DONE
     assert len(values) == 2 + 2  # two scenes: one frame each
     # an image's job is started too (it sat at 0 until done)
     values.clear()
     image = data_uri(make_image())
-    await pipeline.run(CategoriesRequest("progress-2", image, ("tags",), False), values.append)
+    await pipeline.run(CategoriesRequest("progress-2", image, ("tags",)), values.append)
     assert values == [STARTED]
     handle = completions_job_handler(client.app.state.services.chat)  # type: ignore[attr-defined]
     job = client.app.state.services.jobs.create(  # type: ignore[attr-defined]

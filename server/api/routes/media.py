@@ -26,6 +26,7 @@ from server.api.services import Services, get_services
 from server.exceptions import JobNotFound
 from server.jobs.store import Job
 from server.jobs.worker import Handler, Progress, engine_request_id
+from server.media.frames import FrameRequest
 from server.pipelines.categories import CategoriesPipeline, CategoriesRequest, CategoriesResult
 
 router = APIRouter(
@@ -93,7 +94,10 @@ async def list_jobs(
 
 
 def pipeline_request(request_id: str, body: MediaCategoriesRequest) -> CategoriesRequest:
-    return CategoriesRequest(request_id, body.media_url, body.keys(), bool(body.use_scenes))
+    wishes = FrameRequest(
+        "frames", fps=body.fps, max_frames=body.max_frames, use_scenes=bool(body.use_scenes)
+    )
+    return CategoriesRequest(request_id, body.media_url, body.keys(), wishes)
 
 
 def categories_response(
