@@ -231,16 +231,19 @@ class Settings(BaseSettings):
         if value in ("openai", "auto"):
             return value
         file = Path(value) / "generation_config.json"
-        if not file.is_file():
-            where = "a folder without" if Path(value).is_dir() else "no folder holding"
+        if not value.strip() or not file.is_file():
+            found = "none given" if not value.strip() else "no such folder"
+            if value.strip() and Path(value).is_dir():
+                found = "a folder without one"
             raise ValueError(
                 "must be openai (vLLM's vllm), auto, or a folder holding a "
-                f"generation_config.json ({where} one)"
+                f"generation_config.json ({found})"
             )
         try:
-            json.loads(file.read_text(encoding="utf-8"))
+            config = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ValueError(f"its generation_config.json cannot be read: {exc}") from None
+        vllm_flags.check_generation_config(config)
         return value
 
     @field_validator("override_generation_config", mode="before")

@@ -94,6 +94,30 @@ def context_length(value: object) -> object:
     return 0 if value == -1 else token_count(value)
 
 
+# The sampling defaults a generation_config may set (as vLLM reads them), and their types.
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _not_a_number(name: str, value: object) -> str | None:
+    """Why `value` cannot be the sampling default `name` (top_k's is whole), or None."""
+    whole = name == "top_k"
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and (not whole or float(value).is_integer()):  # type: ignore[arg-type]
+        return None
+    return f"{name} must be {'a whole number' if whole else 'a number'}"
+
+
+def check_generation_config(config: object) -> None:
+    """A folder's generation_config.json: an object whose sampling fields are numbers (null:
+    left out), or ValueError (caught at start, not after the model has loaded)."""
+    if not isinstance(config, dict):
+        raise ValueError("its generation_config.json is not a JSON object")
+    for name in SAMPLING_DEFAULT_FIELDS:
+        value = config.get(name)
+        if value is not None and (why := _not_a_number(name, value)):
+            raise ValueError(f"its generation_config.json's {why} ({value!r})")
+
+
 def generation_overrides(value: object, ranges: dict[str, tuple[float, float]]) -> object:
     """--override-generation-config '{"temperature": 0.7}', as vLLM takes it: the sampling
     defaults it names (JSON, or a mapping from the environment), each within `ranges`."""
@@ -109,8 +133,8 @@ def generation_overrides(value: object, ranges: dict[str, tuple[float, float]]) 
         if name not in ranges:
             raise ValueError(f"{name!r} is not one of the sampling defaults: {', '.join(ranges)}")
         low, high = ranges[name]
-        if isinstance(number, bool) or not isinstance(number, int | float):
-            raise ValueError(f"{name} must be a number")
+        if why := _not_a_number(name, number):
+            raise ValueError(why)
         if not low <= number <= high:
             raise ValueError(f"{name} must be from {low:g} to {high:g}")
         overrides[name] = number
@@ -270,8 +294,9 @@ def markdown_table() -> str:
         "(OpenAI's sampling defaults), this server's default; vLLM's is `auto` |"
     )
     rows.append(
-        "| `--override-generation-config '{\"temperature\": 0.7}'` | the same, for "
-        "temperature, top_p, top_k, min_p and repetition_penalty |"
+        "| `--override-generation-config '{\"temperature\": 0.7}'` | the same for "
+        "temperature, top_p, top_k, min_p and repetition_penalty; vLLM's other keys "
+        "(`max_new_tokens`, ...) are refused |"
     )
     for flags, kwargs in ACCEPTED:
         names = " / ".join(f"`{flag}`" for flag in flags)

@@ -268,7 +268,7 @@ def sampling_defaults(settings: Settings, loaded: LoadedModel) -> SamplingDefaul
         "--generation-config %s%s: sampling defaults %s",
         source,
         " with --override-generation-config" if settings.override_generation_config else "",
-        ", ".join(f"{k} {v}" for k, v in taken.items()) or "OpenAI's (the config sets none)",
+        ", ".join(f"{k} {v}" for k, v in taken.items()) or "OpenAI's",
     )
     return defaults
 

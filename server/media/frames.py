@@ -75,6 +75,7 @@ class VideoInfo:
     width: int  # as displayed: a phone's portrait video, stored sideways, is taller than wide
     height: int
     rotation: int = 0  # degrees counter-clockwise the stored frames are turned for display
+    header_duration_s: float = 0.0  # what the container's header claims (0: nothing)
 
 
 @dataclass(frozen=True)

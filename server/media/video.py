@@ -22,7 +22,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 
 import numpy as np
@@ -162,7 +162,7 @@ def _probe(data: VideoSource) -> VideoInfo:
     width = max(1, round(width * pixel_shape))  # (as shown: the frames are scaled to it)
     if rotation % 180:
         width, height = height, width
-    return VideoInfo(duration, fps, num_frames, width, height, rotation)
+    return VideoInfo(duration, fps, num_frames, width, height, rotation, max(header, 0.0))
 
 
 def _pixel_aspect(stream) -> float:
@@ -180,7 +180,11 @@ def _main_stream(container):  # noqa: ANN202 (a PyAV stream, or None)
     """The video stream to read, bounded (_bounded): as ffmpeg picks one, the largest picture,
     never cover art (a file's first stream may be a 64x64 cover before a 10 s video, a dash
     camera's a small copy of the full one); the first of equals. None: only cover art."""
-    streams = [s for s in container.streams.video if not s.disposition & ATTACHED_PIC]
+    streams = [
+        s  # (a damaged FLV's demuxer may add a stream with no codec at all)
+        for s in container.streams.video
+        if not s.disposition & ATTACHED_PIC and s.codec_context is not None
+    ]
     if not streams:
         return None
     return _bounded(max(streams, key=lambda s: s.codec_context.width * s.codec_context.height))
@@ -245,7 +249,7 @@ def _rotation(container, stream) -> int:
     with a display matrix): 0, 90, 180 or 270 degrees counter-clockwise. Read off the first
     frame (PyAV has it there): PyAV's frames come as stored and are turned here (_upright)."""
     try:
-        frame = next(_decoded(container, stream, _Refusals()), None)
+        frame = next(_decoded(container, stream, _Damage()), None)
         degrees = getattr(frame, "rotation", 0) or 0  # (PyAV from 14.1)
     except Exception:
         return 0
@@ -267,7 +271,7 @@ def _read_pyav(
     timestamps: list[float],
     size: tuple[int, int] | None = None,
     rotation: int = 0,
-    refusals: _Refusals | None = None,
+    damage: _Damage | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """(frames, their times): for each timestamp (in order), the frame shown then, the last to
     start at or before it (the first frame, where none does), by the frames' own times, which
@@ -277,7 +281,7 @@ def _read_pyav(
     it is converted. One pass: decoding runs on from one planned frame to the next, and seeks
     only where a keyframe lies between them (decoding from there is less work)."""
     frames, times = [], []
-    walk = _FrameWalk(data, refusals if refusals is not None else _Refusals())
+    walk = _FrameWalk(data, damage if damage is not None else _Damage())
     try:
         start = _start_s(walk.stream)
         keyframes = _keyframe_times(walk.container, walk.stream)
@@ -291,15 +295,18 @@ def _read_pyav(
             chosen = walk.shown_at(at)
             if chosen is None:
                 raise VideoDecodeError(
-                    UNDECODABLE if walk.refusals.refused else "a planned frame could not be decoded"
+                    UNDECODABLE if walk.damage.refused else "a planned frame could not be decoded"
                 )
-            if chosen is shown and i > 0:
-                # A variable frame rate held the last frame past this time too: the next
-                # one instead, where it comes before the next planned time (not the same
-                # frame read, captioned and paid for twice).
+            if i > 0 and (chosen is shown or _time_of(chosen, start, target) <= times[-1]):
+                # A variable frame rate held the last frame past this time too (or a stream's
+                # first frame comes after it): the next one instead, where it comes before
+                # the next planned time (not the same frame read, captioned and paid for
+                # twice).
                 step = timestamps[i + 1] - target if i + 1 < len(timestamps) else None
                 following = at + (step if step is not None else target - timestamps[i - 1])
-                chosen = walk.take_next(before=following) or chosen
+                following_frame = walk.take_next(before=following)
+                walk.damage.repeats += following_frame is None
+                chosen = following_frame or chosen
             frames.append(_upright(chosen, size, rotation))
             times.append(_time_of(chosen, start, target))
     finally:
@@ -321,18 +328,25 @@ def _keyframe_times(container, stream) -> list[float]:
 
 
 @dataclass
-class _Refusals:
-    """Packets demuxed and packets the decoder refused, over one video's reads."""
+class _Damage:
+    """What one video's reads met: the packets demuxed and those the decoder refused (each
+    once, however often a seek reads it again), and planned frames that were a frame already
+    read, for want of another before the next planned time."""
 
-    read: int = 0
-    refused: int = 0
+    read: set[tuple[int | None, int | None]] = field(default_factory=set)
+    refused: set[tuple[int | None, int | None]] = field(default_factory=set)
+    repeats: int = 0
 
-    def check(self) -> None:
-        if self.refused > self.read * MAX_REFUSED_SHARE:
+    def check(self, planned: int) -> None:
+        """Refuses a video too damaged to be worth reading: a quarter of its packets refused,
+        or, damaged, a quarter of its planned frames repeats (a hole the demuxer skipped: the
+        frame before it shown again and again)."""
+        too_many = len(self.refused) > len(self.read) * MAX_REFUSED_SHARE
+        if too_many or (self.refused and self.repeats > planned * MAX_REFUSED_SHARE):
             raise VideoDecodeError(UNDECODABLE)
 
 
-def _decoded(container, stream, refusals: _Refusals):  # noqa: ANN202 (PyAV frames)
+def _decoded(container, stream, damage: _Damage):  # noqa: ANN202 (PyAV frames)
     """The stream's frames from the demuxer's place on. A packet the decoder refuses is
     skipped, as players skip it: the frames after it are decoded (with a glitch up to the next
     keyframe) and the video is not lost for one bad packet (200 bytes overwritten in the
@@ -340,19 +354,21 @@ def _decoded(container, stream, refusals: _Refusals):  # noqa: ANN202 (PyAV fram
     import av
 
     for packet in container.demux(stream):
-        refusals.read += 1
+        key = (packet.pos, packet.pts)
+        if packet.size:  # (not the empty packet that flushes the decoder at the end)
+            damage.read.add(key)
         try:
             yield from packet.decode()
         except av.error.FFmpegError:
-            refusals.refused += 1
+            damage.refused.add(key)
 
 
 class _FrameWalk:
     """A video's frames as decoded from the last seek on: `current`, the last one taken, and
     the next one, decoded but not yet taken (it may be the frame a later timestamp shows)."""
 
-    def __init__(self, data: VideoSource, refusals: _Refusals):
-        self.data, self.refusals = data, refusals
+    def __init__(self, data: VideoSource, damage: _Damage):
+        self.data, self.damage = data, damage
         self._open()
 
     def _open(self) -> None:
@@ -363,7 +379,7 @@ class _FrameWalk:
         self.start = _start_s(self.stream)
         rate = float(self.stream.average_rate or self.stream.guessed_rate or 0)
         self.slack = 1.5 / rate if rate > 0 else 0.1  # (a frame and a half)
-        self.frames = _decoded(self.container, self.stream, self.refusals)
+        self.frames = _decoded(self.container, self.stream, self.damage)
         self.current = self.upcoming = None
 
     def close(self) -> None:
@@ -379,7 +395,7 @@ class _FrameWalk:
         while True:
             to = max(at - back, self.start)
             self.container.seek(int(to / self.stream.time_base), stream=self.stream, backward=True)
-            self.frames = _decoded(self.container, self.stream, self.refusals)
+            self.frames = _decoded(self.container, self.stream, self.damage)
             self.current, self.upcoming = None, next(self.frames, None)
             landed = self.upcoming  # (None: past every frame)
             if landed is not None and (landed.time is None or landed.time <= at + self.slack):
@@ -434,7 +450,7 @@ def _read_keyframes(
     size: tuple[int, int],
     max_shift_s: float,
     rotation: int = 0,
-    refusals: _Refusals | None = None,
+    damage: _Damage | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """For each timestamp, the keyframe at or before it, decoding keyframes only (the decoder
     skips every other frame): for sparse plans on long videos, N decodes instead of everything
@@ -443,18 +459,18 @@ def _read_keyframes(
     import av
 
     frames, times = [], []
-    refusals = refusals if refusals is not None else _Refusals()
+    damage = damage if damage is not None else _Damage()
     with av.open(_open(data), mode="r") as container:
         stream = _main_stream(container)
         start = _start_s(stream)
         for target in timestamps:
             at = start + target  # (the stream's own clock)
-            frame = _first_frame_from(container, stream, at, refusals, keyframes_only=True)
+            frame = _first_frame_from(container, stream, at, damage, keyframes_only=True)
             if frame.time is not None and frame.time - at > max_shift_s / 2:
                 raise _SeekedPast  # (read exactly instead, forward: see _FrameWalk)
             too_far = frame.time is None or at - frame.time > max_shift_s
             if too_far or (times and _time_of(frame, start, target) <= times[-1]):
-                frame = _first_frame_from(container, stream, at, refusals, keyframes_only=False)
+                frame = _first_frame_from(container, stream, at, damage, keyframes_only=False)
             # Scaled as it is converted: a full-size copy of each frame is never kept.
             frames.append(_upright(frame, size, rotation))
             times.append(_time_of(frame, start, target))
@@ -465,12 +481,12 @@ class _SeekedPast(Exception):
     """The container's seek landed well past its target (see _FrameWalk)."""
 
 
-def _first_frame_from(container, stream, target: float, refusals: _Refusals, keyframes_only: bool):  # noqa: ANN202 (a PyAV frame)
+def _first_frame_from(container, stream, target: float, damage: _Damage, keyframes_only: bool):  # noqa: ANN202 (a PyAV frame)
     """keyframes_only: the keyframe at or before target; else the first frame at or after it."""
     stream.codec_context.skip_frame = "NONKEY" if keyframes_only else "DEFAULT"
     container.seek(int(target / stream.time_base), stream=stream, backward=True)
     chosen = None
-    for frame in _decoded(container, stream, refusals):
+    for frame in _decoded(container, stream, damage):
         chosen = frame
         if keyframes_only or frame.time is None or frame.time >= target:
             break
@@ -495,21 +511,21 @@ def decode_job(
     # (not a scene's frame: a keyframe up to a gap early can lie in the scene before it, and
     # the scene go unseen)
     if gap >= KEYFRAME_SNAP_MIN_GAP_S and not request.use_scenes:
-        refusals = _Refusals()
+        damage = _Damage()
         try:
             frames, times = _read_keyframes(
-                data, list(plan.timestamps), size, gap, info.rotation, refusals
+                data, list(plan.timestamps), size, gap, info.rotation, damage
             )
-            refusals.check()
+            damage.check(plan.num_frames)
             plan = replace(plan, timestamps=tuple(times))
-            return DecodedVideo(info, plan, frames, "pyav-keyframes", refusals.refused)
+            return DecodedVideo(info, plan, frames, "pyav-keyframes", len(damage.refused))
         except Exception:
             pass  # an odd stream: read the exact frames below
-    refusals = _Refusals()
-    frames, backend, times = _read_frames(data, list(plan.timestamps), size, info, refusals)
-    refusals.check()
+    damage = _Damage()
+    frames, backend, times = _read_frames(data, list(plan.timestamps), size, info, damage)
+    damage.check(plan.num_frames)
     plan = replace(plan, timestamps=tuple(times))
-    return DecodedVideo(info, plan, frames, backend, refusals.refused)
+    return DecodedVideo(info, plan, frames, backend, len(damage.refused))
 
 
 def _read_frames(
@@ -517,11 +533,11 @@ def _read_frames(
     timestamps: list[float],
     size: tuple[int, int],
     info: VideoInfo,
-    refusals: _Refusals | None = None,
+    damage: _Damage | None = None,
 ) -> tuple[np.ndarray, str, list[float]]:
     """(frames, backend, their times), read by PyAV (see _read_pyav)."""
     try:
-        frames, times = _read_pyav(data, timestamps, size, info.rotation, refusals)
+        frames, times = _read_pyav(data, timestamps, size, info.rotation, damage)
     except VideoDecodeError:
         raise
     except Exception:
@@ -706,6 +722,14 @@ class VideoDecoder:
             raise VideoNoRoom(result)
         if status == "error":
             raise VideoDecodeError(result)
+        info = result.info
+        if info.header_duration_s > info.duration_s * 1.1 + 1:
+            logger.warning(
+                "the video holds %.1f s of the %.1f s its header claims (cut short, or damaged "
+                "where its container cannot read on): read as far as it goes",
+                info.duration_s,
+                info.header_duration_s,
+            )
         if result.refused_packets:
             logger.warning(
                 "the video had %d damaged packets: skipped, as players skip them",

@@ -627,9 +627,17 @@ def test_vllms_context_lengths(
 
 
 def test_generation_config_from_a_folder_and_overridden(tmp_path: Path) -> None:
-    (tmp_path / "generation_config.json").write_text('{"temperature": 0.2}')
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.2, "top_k": null}')
     settings = Settings(generation_config=str(tmp_path))
     assert settings.generation_config == str(tmp_path)
+    # refused at start, not a traceback once the model has loaded
+    for config, why in (
+        ('{"temperature": "0.7"}', "temperature must be a number"),
+        ("[]", "not a JSON object"),
+    ):
+        (tmp_path / "generation_config.json").write_text(config)
+        with pytest.raises(ValidationError, match=why):
+            Settings(generation_config=str(tmp_path))
     overrides = '{"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}'
     assert Settings(override_generation_config=overrides).override_generation_config == {
         "temperature": 0.7,
@@ -646,7 +654,7 @@ def test_generation_config_from_a_folder_and_overridden(tmp_path: Path) -> None:
         (
             ["--generation-config", "greedy"],
             "--generation-config 'greedy': must be openai (vLLM's vllm), auto, or a folder "
-            "holding a generation_config.json (no folder holding one)",
+            "holding a generation_config.json (no such folder)",
         ),
         (["--generation-config", "."], "(a folder without one)"),
         (
@@ -656,6 +664,8 @@ def test_generation_config_from_a_folder_and_overridden(tmp_path: Path) -> None:
         ),
         (["--override-generation-config", '{"temperature": 3}'], "temperature must be from 0 to 2"),
         (["--override-generation-config", '{"top_p": "x"}'], "top_p must be a number"),
+        (["--override-generation-config", '{"top_k": 2.5}'], "top_k must be a whole number"),
+        (["--generation-config", ""], "a generation_config.json (none given)"),
         (["--override-generation-config", "temperature=1"], "must be a JSON object (Expecting"),
         (["--override-generation-config", "[1]"], "must be a JSON object, as"),
     ],
