@@ -467,7 +467,7 @@ def _read_keyframes(
             at = start + target  # (the stream's own clock)
             frame = _first_frame_from(container, stream, at, damage, keyframes_only=True)
             if frame.time is not None and frame.time - at > max_shift_s / 2:
-                raise _SeekedPast  # (read exactly instead, forward: see _FrameWalk)
+                raise _SeekedPast  # (read exactly instead: see _FrameWalk.seek)
             too_far = frame.time is None or at - frame.time > max_shift_s
             if too_far or (times and _time_of(frame, start, target) <= times[-1]):
                 frame = _first_frame_from(container, stream, at, damage, keyframes_only=False)
@@ -481,7 +481,9 @@ class _SeekedPast(Exception):
     """The container's seek landed well past its target (see _FrameWalk)."""
 
 
-def _first_frame_from(container, stream, target: float, damage: _Damage, keyframes_only: bool):  # noqa: ANN202 (a PyAV frame)
+def _first_frame_from(  # noqa: ANN202 (a PyAV frame)
+    container, stream, target: float, damage: _Damage, keyframes_only: bool
+):
     """keyframes_only: the keyframe at or before target; else the first frame at or after it."""
     stream.codec_context.skip_frame = "NONKEY" if keyframes_only else "DEFAULT"
     container.seek(int(target / stream.time_base), stream=stream, backward=True)
