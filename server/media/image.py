@@ -108,6 +108,17 @@ def target_size(
 # for the EXIF turn and the resize. Measured peaks (a 4096x4096 PNG, max RSS): RGB 12 bytes,
 # RGBA 13, 16-bit gray 9.
 DECODE_BYTES_PER_PIXEL = 16
+# And a row: Pillow keeps an image row by row, a pointer and an allocation each (a strip 1 pixel
+# wide and 16 million tall took 30 bytes a row on top of its pixels; 1x67,108,864, within the
+# pixel limit, took 2.6 GB). Counted along the longer side: the EXIF turn may make it the rows.
+DECODE_BYTES_PER_ROW = 32
+# The most one image's decode may take: what the largest image allowed takes (64 MP).
+MAX_DECODE_BYTES = MAX_DECODED_PIXELS * DECODE_BYTES_PER_PIXEL
+
+
+def decode_cost(width: int, height: int) -> int:
+    """The bytes decoding a width x height image takes, at most."""
+    return width * height * DECODE_BYTES_PER_PIXEL + max(width, height) * DECODE_BYTES_PER_ROW
 
 
 # How the image formats read here begin (WebP: "RIFF", 4 bytes of size, "WEBP").
@@ -133,7 +144,7 @@ def decoded_bytes(size: tuple[int, int] | None) -> int:
     """The bytes decoding an image of this (decoded_size) size will take."""
     if size is None:
         return 0
-    return min(size[0] * size[1], MAX_DECODED_PIXELS) * DECODE_BYTES_PER_PIXEL
+    return min(decode_cost(*size), MAX_DECODE_BYTES)
 
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -246,6 +257,14 @@ def decode_image(data: bytes, *, param: str, keep_side: int = 0) -> Image.Image:
             width, height = probe.size
             if width * height > MAX_DECODED_PIXELS:
                 raise _too_large(param, f"{width}x{height}")
+            if decode_cost(width, height) > MAX_DECODE_BYTES:
+                raise MediaError(
+                    f"The image at {param} is {width}x{height}: too long and thin to decode "
+                    f"here (its rows would take more memory than an image of the server's "
+                    f"limit, {MAX_DECODED_PIXELS} pixels).",
+                    param=param,
+                    code="image_too_large",
+                )
             if keep_side and probe.format in ("JPEG", "MPO"):  # (MPO: a JPEG's kind)
                 probe.draft("RGB", (keep_side, keep_side))
             probe.load()
@@ -351,7 +370,11 @@ def fit_to_budget(
         scale = min(size[0] / padded[0], size[1] / padded[1])  # (one: the strip undistorted)
         inner = [max(1, round(n * scale)) for n in full]
         canvas = Image.new(image.mode, size)
-        strip = image.resize(tuple(inner), Image.Resampling.BICUBIC)
+        # Reduced by whole factors first (box sums, no weights): a bicubic resize precomputes
+        # weights for every source pixel along the long side, 2 GB for a 1x67,108,864 PNG
+        # (Pillow's MemoryError: a 500), 1.7 GB for 1x40,000,000; within 3x of the target,
+        # bicubic then, which Pillow says cannot be told from a straight one.
+        strip = image.resize(tuple(inner), Image.Resampling.BICUBIC, reducing_gap=3.0)
         canvas.paste(strip, ((size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2))
         return canvas
     if size == image.size:
