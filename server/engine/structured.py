@@ -123,6 +123,8 @@ CHARACTER_ESCAPE = f'"u" (([0-9A-Ca-cEeFf] {HEX}) | ([Dd] [0-7])) {HEX} {HEX}'
 # grammar holds basic_integer and basic_number, so an xgrammar that writes neither so is
 # refused (NumberRulesChanged), not left unbounded.
 INTEGER_DIGITS = 15
+# Between a JSON answer's items, and after its keys (see _json_grammar).
+JSON_SEPARATORS = (",", ":")
 FRACTION_DIGITS = 16
 EXPONENT_DIGITS = 2
 MAX_UNROLLED_MULTIPLE = 100  # (see _small_remainders)
@@ -339,8 +341,15 @@ class GrammarCache:
         sent = json.loads(schema)
         written = whole_bounds(prefix_items(sent))
         schema = json.dumps(exact_formats(declared_required(checked_values(written))))
-        # Compact JSON (any_whitespace=False): whitespace runs cannot eat max_tokens.
-        grammar = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+        # Compact JSON, as json.dumps(separators=(",", ":")) writes it: no whitespace run can
+        # eat max_tokens, and none is paid for (67 tokens where json.dumps' default took 73).
+        # (Its default ", " and ": " took 14.5 s to compile an object of 200 optional
+        # properties against a Qwen-sized vocabulary, 29 s for 400, each holding one of the
+        # two compile threads; this: 0.03 s and 0.14 s. Any whitespace up to 2 characters
+        # compiled fast too, but filled a token mask up to 9 times slower.)
+        grammar = self.xgr.Grammar.from_json_schema(
+            schema, any_whitespace=False, separators=JSON_SEPARATORS
+        )
         text = str(grammar)
         mended = text.replace(BOUNDED_CHARACTER, JSON_CHARACTER)
         mended = mended.replace(STRING_CHARACTER, TEXT_CHARACTER)

@@ -559,7 +559,8 @@ async def test_a_namespaces_functions_are_called_by_name_and_namespace(
         ("echo", "mcp__demo")
     ]
     assert done[0]["name"] == "echo"
-    (final,) = [e["response"] for e in events if e["type"] == "response.completed"]
+    ends = ("response.completed", "response.incomplete")  # (the tiny model's string may run on)
+    (final,) = [e["response"] for e in events if e["type"] in ends]
     assert [i for i in final["output"] if i["type"] == "function_call"][0]["arguments"] == call[
         "arguments"
     ]

@@ -60,12 +60,14 @@ async def test_json_schema_batched_with_unconstrained_requests(client: httpx.Asy
         choice = response.json()["choices"][0]
         if fmt is None:
             continue
-        assert choice["finish_reason"] == "stop"  # the grammar let it end: complete JSON
-        value = json.loads(choice["message"]["content"])
-        if fmt["type"] == "json_schema":
-            check_schema(value)
-        else:
-            assert isinstance(value, dict)  # json_object: an object, whatever its keys
+        content = choice["message"]["content"]
+        if fmt["type"] == "json_schema":  # (bounded: it ends well within max_tokens)
+            assert choice["finish_reason"] == "stop"  # the grammar let it end: complete JSON
+            check_schema(json.loads(content))
+        elif choice["finish_reason"] == "stop":  # json_object: an object, whatever its keys
+            assert isinstance(json.loads(content), dict)
+        else:  # (a random model's key or string may run past max_tokens: cut, but begun so)
+            assert content.startswith("{")
 
 
 async def test_min_tokens_does_not_fight_the_grammar(client) -> None:

@@ -177,11 +177,11 @@ def test_a_bounded_string_keeps_raw_control_characters_out() -> None:
     def takes(text: str) -> bool:
         return grammars.matcher(StructuredOutput.json_schema(schema)).accept_string(text)
 
-    assert takes('{"s": "abc", "t": ["x", "héé"]}')
+    assert takes('{"s":"abc","t":["x","héé"]}')  # (compact, as every JSON answer)
     for raw in ("\x00", "\x06", "\t", "\x1f"):
-        assert not takes('{"s": "a' + raw + '"')
-        assert not takes('{"s": "a", "t": ["' + raw)
-    assert not takes('{"s": "abcde"')  # (the bound still holds)
+        assert not takes('{"s":"a' + raw + '"')
+        assert not takes('{"s":"a","t":["' + raw)
+    assert not takes('{"s":"abcde"')  # (the bound still holds)
 
 
 def test_bounded_strings_and_categories_keep_surrogates_out() -> None:
@@ -193,7 +193,7 @@ def test_bounded_strings_and_categories_keep_surrogates_out() -> None:
 
     grammars = GrammarCache(_tokenizer(), VOCAB, (0,))
     bounded = {"type": "string", "maxLength": 4}
-    unbounded = ({"type": "string"}, b""), ({"type": "object"}, b'{"k": ')  # json_object's
+    unbounded = ({"type": "string"}, b""), ({"type": "object"}, b'{"k":')  # json_object's
     for schema, before in ((bounded, b""), (ITEM, b""), *unbounded):
         spec = StructuredOutput.json_schema(schema)
         assert grammars.matcher(spec).accept_string(before + '"a€é"'.encode())

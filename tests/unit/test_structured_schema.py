@@ -172,7 +172,7 @@ def test_date_and_time_formats_take_only_real_ones(tiny_model_dir: Path) -> None
     grammar = grammars.compile(StructuredOutput.json_schema(schema))
 
     def takes(d: str, t: str, dt: str) -> bool:
-        answer = json.dumps({"d": d, "t": t, "dt": dt, "format": "a@b.io"})
+        answer = json.dumps({"d": d, "t": t, "dt": dt, "format": "a@b.io"}, **COMPACT)
         matcher = xgr.GrammarMatcher(grammar)
         ids = tokenizer.encode(answer, add_special_tokens=False)
         return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(end)
@@ -187,6 +187,10 @@ def test_date_and_time_formats_take_only_real_ones(tiny_model_dir: Path) -> None
     }
 
 
+# JSON as the grammars write it (server/engine/structured.py's JSON_SEPARATORS).
+COMPACT = {"separators": (",", ":")}
+
+
 class Grammars(GrammarCache):
     """The tiny checkpoint's grammar cache, and whether a compiled schema takes a value."""
 
@@ -197,7 +201,8 @@ class Grammars(GrammarCache):
 
     def takes(self, schema: dict, value: object) -> bool:
         matcher = xgr.GrammarMatcher(self.compile(StructuredOutput.json_schema(schema)))
-        ids = self.tokenizer.encode(json.dumps(value, ensure_ascii=False), add_special_tokens=False)
+        answer = json.dumps(value, ensure_ascii=False, **COMPACT)
+        ids = self.tokenizer.encode(answer, add_special_tokens=False)
         return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(self.end)
 
     def takes_bytes(self, schema: dict, raw: bytes) -> bool:
@@ -680,10 +685,10 @@ def takes_text(grammars: Grammars, spec: StructuredOutput, text: str) -> bool:
         (StructuredOutput.json_schema({"anyOf": [{"type": "number"}, {"type": "string"}]}), "{}"),
         (StructuredOutput.json_schema({"type": "array", "items": {"type": "number"}}), "[{}]"),
         (StructuredOutput.json_schema({"type": "number", "multipleOf": 0.5}), "{}"),  # (inline)
-        (StructuredOutput.json_schema({"properties": {"x": {"type": "number"}}}), '{{"x": {}}}'),
-        (StructuredOutput.json_schema({"additionalProperties": True}), '{{"x": [{}]}}'),
+        (StructuredOutput.json_schema({"properties": {"x": {"type": "number"}}}), '{{"x":{}}}'),
+        (StructuredOutput.json_schema({"additionalProperties": True}), '{{"x":[{}]}}'),
         (StructuredOutput.json_schema({}), "{}"),  # any JSON value
-        (StructuredOutput("json_object"), '{{"x": {{"y": {}}}}}'),
+        (StructuredOutput("json_object"), '{{"x":{{"y":{}}}}}'),
     ],
 )
 def test_every_number_is_a_finite_double(
