@@ -392,6 +392,24 @@ async def test_a_large_body_is_parsed_off_the_event_loop(
         "/v1/chat/completions", content=broken, headers={"content-type": "application/json"}
     )
     assert_error(response, 400)
+    # the lone-surrogate check too: its regex read a 300 MB body holding one escaped emoji
+    # for 6 s on the event loop
+    checked: list[str] = []
+    real_check = body_module._escapes_surrogate
+
+    def escapes(body: bytes) -> bool:
+        checked.append(threading.current_thread().name)
+        return real_check(body)
+
+    monkeypatch.setattr(body_module, "_escapes_surrogate", escapes)
+    for padding in (1 << 20, 0):
+        raw = b'{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": '
+        raw += rb'"\ud83d\ude00"}], "user": "' + b"x" * padding + b'"}'
+        response = await client.post(
+            "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 200, response.text
+    assert checked[0] != loop_thread and checked[1] == loop_thread
 
 
 @pytest.mark.parametrize("name", LONE_SURROGATES)
