@@ -72,7 +72,7 @@ async def measure(model: Path, context: int, items: list, repeats: int) -> tuple
     body = {"model": "tiny", "input": items, "truncation": "auto", "max_output_tokens": 1}
     async with LifespanManager(app, startup_timeout=120) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             chat = app.state.services.chat
             built = [0]  # attempts to answer and prompts built to measure, for one request
             for name in ("start", "prompt"):

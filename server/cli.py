@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_origin
 from pydantic import ValidationError
 
 from server import __version__, vllm_flags
-from server.config import Settings
+from server.config import LOOPBACK_HOSTS, Settings
 from server.engine.tiny import FAMILIES, SPEC_MINIMUMS, TinySpec, spec_flag
 from server.exceptions import StartupError
 from server.flag_help import ENV_PREFIX, env_names, field_for_flag, flag_name, help_text
@@ -53,7 +53,6 @@ TINY_HELP = {
 OTHER_ENV_NAMES = ("VLM_CODE_ROOT",)
 # Values never echoed in an error line: keys, and URLs that may hold a password.
 SECRET_FIELDS = ("api_keys", "webhook_secret")  # (a job store URL: its password hidden)
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # A value that starts like this is a local directory, never a hub id.
 PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 

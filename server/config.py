@@ -27,6 +27,8 @@ from server.media.netguard import bracketed
 from server.vllm_flags import DTYPE_ALIASES, GENERATION_CONFIG_ALIASES
 
 Quantization = Literal["none", "bnb-4bit", "bnb-8bit"]
+# Addresses only this machine reaches (--host).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 # A comma-separated env var (VLM_API_KEYS=a,b) or a repeated CLI flag both become a list.
@@ -99,6 +101,9 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (CORS); none by default, unlike vLLM's "*", so
     # a web page the user visits cannot drive a server on their machine or network.
     allowed_origins: StrList = []
+    # Host names a server without keys on a loopback address answers besides localhost and IP
+    # addresses (the DNS-rebinding guard: server/api/middleware.py's LocalHostMiddleware).
+    allowed_hosts: StrList = []
     max_request_body_bytes: int = Field(default=300 * 1024 * 1024, ge=1)  # a 200 MiB video
     quantization: Quantization = "none"
     quantize_vision: bool = False
@@ -186,6 +191,7 @@ class Settings(BaseSettings):
         "served_model_name",
         "api_keys",
         "allowed_origins",
+        "allowed_hosts",
         "allowed_media_domains",
         "forwarded_allow_ips",
         "webhook_retry_delays",

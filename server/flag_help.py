@@ -57,6 +57,7 @@ DEFAULT_TEXT = {
     "allowed_media_domains": "any host whose addresses are all public",
     "api_keys": "none: no auth",
     "allowed_origins": "none: browsers refuse cross-origin calls",
+    "allowed_hosts": "none: localhost, this machine's name and IP addresses",
 }
 
 HELP = {
@@ -82,6 +83,10 @@ HELP = {
     "allowed_origins": "Web origins a browser may call the API from (CORS; repeatable or "
     "comma-separated, * for any): for a web app on another origin. Off by default, so a page "
     "you visit cannot drive a server on your machine.",
+    "allowed_hosts": "Host names a server with no API key on a loopback address also answers "
+    "(repeatable or comma-separated; say, the name a proxy on this machine passes on). Without "
+    "keys there it answers only requests addressed to localhost, this machine's name or an IP "
+    "address, as Ollama does: a web page that rebinds its own name to 127.0.0.1 cannot drive it.",
     "max_request_body_bytes": "Largest request body; larger ones get a 413 before they are read.",
     "quantization": "Load the weights with bitsandbytes (CUDA only): bnb-4bit (NF4) or bnb-8bit.",
     "quantize_vision": "Also quantise the vision tower (kept in full precision otherwise).",

@@ -201,6 +201,9 @@ def make_settings(model_dir: Path, **overrides: object) -> Settings:
         "default_max_tokens": 16,
         # The tests' media server is on loopback: allow it as an operator allows an internal store.
         "allowed_media_domains": ["127.0.0.1"],
+        # httpx's in-process clients send Host: testserver (a keyless loopback server answers
+        # only localhost, IP addresses and the names allowed).
+        "allowed_hosts": ["testserver"],
         # Every app gets its own job store and spool, never the repository's data/.
         "data_dir": Path(tempfile.mkdtemp(prefix="vlm-data-")),
     }

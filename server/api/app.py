@@ -25,6 +25,7 @@ from server.api.middleware import (
     DrainMiddleware,
     HeadMiddleware,
     JsonBodyMiddleware,
+    LocalHostMiddleware,
     PathMiddleware,
     RequestIdMiddleware,
     internal,
@@ -47,7 +48,7 @@ from server.api.routes import (
 from server.api.routes.chat import completions_job_handler
 from server.api.routes.media import categories_job_handler
 from server.api.services import MEDIA_KINDS, Services
-from server.config import Settings
+from server.config import LOOPBACK_HOSTS, Settings
 from server.engine.engine import AsyncEngine
 from server.engine.inputs import InputBuilder
 from server.engine.loader import LoadedModel, load_model
@@ -239,6 +240,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After", "Location"],
         )
+    if not keys and settings.host in LOOPBACK_HOSTS:  # (outside CORS: refused whatever asks)
+        app.add_middleware(LocalHostMiddleware, allowed=tuple(settings.allowed_hosts))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(PathMiddleware, root_path=settings.root_path)

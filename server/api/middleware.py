@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 import uuid
 
@@ -458,6 +460,51 @@ async def _unauthorized(scope: Scope, send: Send, reason: str) -> None:
         "invalid_api_key",
         [(b"www-authenticate", b"Bearer")],
     )
+
+
+class LocalHostMiddleware:
+    """A server with no API key on a loopback address answers only requests addressed to this
+    machine: Host localhost (or *.localhost), this machine's name, an IP address, or a name of
+    --allowed-hosts. A web page can rebind its own name to 127.0.0.1 (DNS rebinding) and then
+    call such a server as its own origin, past CORS, and read every answer (a security trial
+    listed files and ran chats so); its requests still carry its name. Ollama refuses them
+    likewise. With keys the page cannot authenticate, and this guard is not installed."""
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...] = ()):
+        self.app = app
+        self.allowed = frozenset(
+            name.lower() for name in ("localhost", socket.gethostname(), *allowed)
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._local(Headers(scope=scope).get("host", "")):
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host", "")[:100]
+        await send_error(
+            scope,
+            send,
+            403,
+            f"This server has no API key and listens on a loopback address, so it answers only "
+            f"requests addressed to localhost, this machine's name or an IP address, not "
+            f"{host!r} (a web page could otherwise reach it by rebinding its name). Call it as "
+            "http://localhost:<port>, or start it with --allowed-hosts naming that host, or "
+            "with --api-key.",
+            "invalid_request_error",
+            "host_not_allowed",
+        )
+
+    def _local(self, host: str) -> bool:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host  # (name:port)
+        name = name.strip().lower().rstrip(".")
+        if not name or name.startswith("["):  # (none sent; [v6]:port is an IP address)
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True  # (a rebinding page's requests carry its name, never an address)
+        except ValueError:
+            pass
+        return name in self.allowed or name.endswith(".localhost")
 
 
 SHUTTING_DOWN = "The server is shutting down; retry on another instance or later."

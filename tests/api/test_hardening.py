@@ -10,6 +10,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from tests.api.test_errors import assert_error
 from tests.helpers import data_uri, make_image, make_settings, start_client
 from tests.media.test_image import png_header_only
 
@@ -57,6 +58,31 @@ async def test_api_key_file_and_protected_routes(tiny_model_dir: Path, tmp_path:
             await client.get("/v1/models", headers={"api-key": "sk-file-key"})
         ).status_code == 200
         assert (await client.get("/v1/models", headers={"api-key": "other"})).status_code == 401
+
+
+async def test_a_keyless_loopback_server_answers_only_requests_addressed_to_this_machine(
+    tiny_model_dir: Path,
+) -> None:
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 called the server as its
+    own origin (past CORS) and read the answers: chats ran, files were listed (a security
+    trial). Its requests carry its name in Host: refused, whatever the route."""
+    import socket
+
+    settings = make_settings(tiny_model_dir, allowed_hosts=["api.internal.example"])
+    async for client in start_client(settings):
+        for host in ("rebind.attacker.example:8000", "attacker.example", "localhost.evil.com"):
+            for path in ("/v1/files", "/health", "/"):
+                response = await client.get(path, headers={"Host": host})
+                error = assert_error(response, 403, None, "host_not_allowed")
+                assert "--allowed-hosts" in error["message"], error
+        local = ("localhost:8000", "LOCALHOST.", "app.localhost", "127.0.0.1:8000", "[::1]:8000")
+        for host in (*local, "10.1.2.3", "api.internal.example", socket.gethostname()):
+            assert (await client.get("/v1/models", headers={"Host": host})).status_code == 200
+    # with a key the page cannot authenticate; on an address others reach, names are the point
+    for options in ({"api_keys": ["sk-1"]}, {"host": "0.0.0.0"}):
+        async for client in start_client(make_settings(tiny_model_dir, **options)):
+            headers = {"Host": "attacker.example", "Authorization": "Bearer sk-1"}
+            assert (await client.get("/v1/models", headers=headers)).status_code == 200
 
 
 async def test_metrics_can_require_the_key(tiny_model_dir: Path) -> None:

@@ -155,4 +155,4 @@ def test_bench_grammar_vocab_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     rows = [line for line in lines if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 5 and "categories" in rows[2], result.stdout  # (a header, 4 constraints)
+    assert len(rows) == 6 and "categories" in rows[2], result.stdout  # (a header, 5 constraints)
