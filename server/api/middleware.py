@@ -477,7 +477,10 @@ class LocalHostMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._local(Headers(scope=scope).get("host", "")):
+        if scope["type"] != "http" or scope.get(INTERNAL):  # (a batch line, a job: ours)
+            await self.app(scope, receive, send)
+            return
+        if self._local(Headers(scope=scope).get("host", "")):
             await self.app(scope, receive, send)
             return
         host = Headers(scope=scope).get("host", "")[:100]

@@ -637,7 +637,7 @@ async def test_stored_chat_completions_and_model_deletion_as_the_sdk_calls_them(
     """The SDK's stored-completions calls (OpenAI keeps a chat completion sent with store:
     true): none is kept here, so the list is empty and an id is a coded 404 saying why;
     deleting the served model is a 403 (both were bare 404s and 405s)."""
-    sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=client)
+    sdk = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
     page = await sdk.chat.completions.list(limit=5)
     assert page.data == [] and not page.has_more
     calls = (
