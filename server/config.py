@@ -238,9 +238,12 @@ class Settings(BaseSettings):
             return value
         file = Path(value) / "generation_config.json"
         if not value.strip() or not file.is_file():
-            found = "none given" if not value.strip() else "no such folder"
-            if value.strip() and Path(value).is_dir():
+            if not value.strip():
+                found = "none given"
+            elif Path(value).is_dir():
                 found = "a folder without one"
+            else:
+                found = "no such folder"
             raise ValueError(
                 "must be openai (vLLM's vllm), auto, or a folder holding a "
                 f"generation_config.json ({found})"
@@ -249,7 +252,9 @@ class Settings(BaseSettings):
             config = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ValueError(f"its generation_config.json cannot be read: {exc}") from None
-        vllm_flags.check_generation_config(config)
+        from server.engine.sampling import GENERATION_CONFIG_RANGES  # (torch: only when given)
+
+        vllm_flags.check_generation_config(config, GENERATION_CONFIG_RANGES)
         return value
 
     @field_validator("override_generation_config", mode="before")

@@ -94,10 +94,6 @@ def context_length(value: object) -> object:
     return 0 if value == -1 else token_count(value)
 
 
-# The sampling defaults a generation_config may set (as vLLM reads them), and their types.
-SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def _not_a_number(name: str, value: object) -> str | None:
     """Why `value` cannot be the sampling default `name` (top_k's is whole), or None."""
     whole = name == "top_k"
@@ -107,12 +103,13 @@ def _not_a_number(name: str, value: object) -> str | None:
     return f"{name} must be {'a whole number' if whole else 'a number'}"
 
 
-def check_generation_config(config: object) -> None:
-    """A folder's generation_config.json: an object whose sampling fields are numbers (null:
-    left out), or ValueError (caught at start, not after the model has loaded)."""
+def check_generation_config(config: object, fields: typing.Iterable[str]) -> None:
+    """A folder's generation_config.json: an object whose sampling fields (`fields`) are
+    numbers (null: left out), or ValueError (caught at start, not after the model has
+    loaded)."""
     if not isinstance(config, dict):
         raise ValueError("its generation_config.json is not a JSON object")
-    for name in SAMPLING_DEFAULT_FIELDS:
+    for name in fields:
         value = config.get(name)
         if value is not None and (why := _not_a_number(name, value)):
             raise ValueError(f"its generation_config.json's {why} ({value!r})")

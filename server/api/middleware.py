@@ -480,19 +480,19 @@ class LocalHostMiddleware:
         if scope["type"] != "http" or scope.get(INTERNAL):  # (a batch line, a job: ours)
             await self.app(scope, receive, send)
             return
-        if self._local(Headers(scope=scope).get("host", "")):
+        host = Headers(scope=scope).get("host", "")
+        if self._local(host):
             await self.app(scope, receive, send)
             return
-        host = Headers(scope=scope).get("host", "")[:100]
         await send_error(
             scope,
             send,
             403,
             f"This server has no API key and listens on a loopback address, so it answers only "
             f"requests addressed to localhost, this machine's name or an IP address, not "
-            f"{host!r} (a web page could otherwise reach it by rebinding its name). Call it as "
-            "http://localhost:<port>, or start it with --allowed-hosts naming that host, or "
-            "with --api-key.",
+            f"{host[:100]!r} (a web page could otherwise reach it by rebinding its name). Call "
+            "it as http://localhost:<port>, or start it with --allowed-hosts naming that host, "
+            "or with --api-key.",
             "invalid_request_error",
             "host_not_allowed",
         )

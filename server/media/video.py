@@ -283,7 +283,7 @@ def _read_pyav(
     frames, times = [], []
     walk = _FrameWalk(data, damage if damage is not None else _Damage())
     try:
-        start = _start_s(walk.stream)
+        start = walk.start
         keyframes = _keyframe_times(walk.container, walk.stream)
         for i, target in enumerate(timestamps):
             at = start + target  # (the stream's own clock: a recording may start at 10 s)
